@@ -1,0 +1,107 @@
+"""Seconds per optimizer step: NTP only, REFINE one-pass, fused and reference, same model and batch.
+
+Prints one JSON object per (length, n) with the medians, the ratios and where the one-pass time goes.
+    python benchmarks/step.py [--lengths 1024 4096] [--samples 1 4] [--repeats 3] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from refine.algorithm.losses import ntp_loss
+from refine.algorithm.rollout import choose_positions, reprefill_rollouts, snapshot_rollouts
+from refine.algorithm.update import advantages_for, fused_refine_step, refine_loss, score_rollouts
+from refine.config import RefineConfig
+from refine.models import build_model
+
+
+def timed(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def run(length: int, samples: int, repeats: int, batch: int) -> dict:
+    torch.manual_seed(0)
+    model = build_model(dict(model_type="delta_net", vocab_size=260, hidden_size=128, num_hidden_layers=2,
+                             num_heads=2, intermediate_size=256, tie_word_embeddings=True))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    cfg = RefineConfig(num_chunks=8, rollout_len=5, num_samples=samples)
+    ids = torch.randint(0, 256, (batch, length))
+    lengths = torch.full((batch,), length)
+    gen = torch.Generator().manual_seed(0)
+    breakdown: dict[str, list[float]] = {"rollout_pass": [], "update_forward": [], "backward": [], "optimizer": []}
+
+    def step(loss):
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    def ntp():
+        step(ntp_loss(model(ids, lengths=lengths, output_state=False).logits, ids, lengths))
+
+    def onepass():
+        t0 = time.perf_counter()
+        rollouts = snapshot_rollouts(model, ids, lengths, cfg, gen)
+        rollouts.rewards = score_rollouts(rollouts, cfg)
+        t1 = time.perf_counter()
+        result = refine_loss("onepass", model, ids, lengths, rollouts, advantages_for(rollouts.rewards, rollouts, cfg), cfg)
+        t2 = time.perf_counter()
+        optimizer.zero_grad()
+        result.loss.backward()
+        t3 = time.perf_counter()
+        optimizer.step()
+        t4 = time.perf_counter()
+        for key, value in zip(breakdown, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            breakdown[key].append(value)
+
+    def fused():
+        step(fused_refine_step(model, ids, lengths, cfg, gen)[0].loss)
+
+    def reference():
+        with torch.no_grad():
+            positions = choose_positions(model(ids, lengths=lengths, output_state=False).logits, lengths, cfg, gen)
+        rollouts = reprefill_rollouts(model, ids, lengths, cfg, positions, gen)
+        rollouts.rewards = score_rollouts(rollouts, cfg)
+        step(refine_loss("reference", model, ids, lengths, rollouts, advantages_for(rollouts.rewards, rollouts, cfg),
+                         cfg).loss)
+
+    results = {}
+    for name, fn in (("ntp", ntp), ("onepass", onepass), ("fused", fused), ("reference", reference)):
+        fn()  # warm-up
+        if name == "onepass":
+            for values in breakdown.values():
+                values.clear()
+        results[name] = statistics.median(timed(fn) for _ in range(repeats if name != "reference" else 1))
+    return {
+        "benchmark": "step", "length": length, "batch": batch, "num_chunks": 8, "rollout_len": 5,
+        "num_samples": samples, "threads": torch.get_num_threads(),
+        "seconds": {k: round(v, 4) for k, v in results.items()},
+        "onepass_over_ntp": round(results["onepass"] / results["ntp"], 3),
+        "fused_over_ntp": round(results["fused"] / results["ntp"], 3),
+        "reference_over_onepass": round(results["reference"] / results["onepass"], 2),
+        "onepass_breakdown_seconds": {k: round(statistics.median(v), 4) for k, v in breakdown.items()},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096])
+    parser.add_argument("--samples", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    for length in args.lengths:
+        for samples in args.samples:
+            print(json.dumps(run(length, samples, args.repeats, args.batch)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

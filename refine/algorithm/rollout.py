@@ -1,0 +1,138 @@
+"""Rollouts: k-token continuations sampled from entropy-selected prefixes.
+
+Two generators with one output type:
+- `snapshot_rollouts` (the product's engine): one no-grad pass over the document batch gives
+  entropies, final-layer hidden states and the states at the selected positions; every
+  position x sample of every document then decodes as one batch of k recurrent steps.
+- `reprefill_rollouts` (the paper code's pattern, kept as a baseline): every prefix is run again
+  from scratch before decoding.
+
+Rollout ordering everywhere: rollout i = (b * c + j) * n + s for document b, position j, sample s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from refine.algorithm.sampling import sample_tokens
+from refine.algorithm.selection import select_positions, token_entropy
+from refine.config import RefineConfig
+from refine.models import FastWeightLM, ModelState
+
+
+@dataclass
+class Rollouts:
+    positions: Tensor  # [B, c] prefix lengths
+    tokens: Tensor  # [N, k] sampled continuation
+    logprobs: Tensor  # [N, k] behaviour log-probs of `tokens`
+    hidden: Tensor  # [N, k, D] final-layer hidden state with rollout token j as input
+    target_tokens: Tensor  # [N, k] ground truth input_ids[b, p : p + k]
+    target_hidden: Tensor  # [N, k, D] teacher-forced hidden states of the ground truth
+    entropies: Tensor  # [B, c] entropy of the first rollout token's distribution
+    num_samples: int
+    policy_version: int = 0
+    rewards: Tensor | None = None  # [N], once scored
+
+    @property
+    def num_rollouts(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def rollout_len(self) -> int:
+        return self.tokens.shape[1]
+
+
+def prefix_rows(positions: Tensor) -> tuple[Tensor, Tensor]:
+    """(document row, position) of every selected prefix, flattened in b * c + j order."""
+    batch, chunks = positions.shape
+    rows = torch.arange(batch, device=positions.device).repeat_interleave(chunks)
+    return rows, positions.reshape(-1)
+
+
+def gather_windows(x: Tensor, rows: Tensor, starts: Tensor, width: int) -> Tensor:
+    """x [B, T, ...] -> [len(rows), width, ...] with x[rows[i], starts[i] + t]."""
+    idx = starts[:, None] + torch.arange(width, device=x.device)
+    return x[rows[:, None], idx]
+
+
+def choose_positions(logits: Tensor, lengths: Tensor, cfg: RefineConfig,
+                     generator: torch.Generator | None) -> Tensor:
+    """Rollout positions [B, c] from the document pass's logits."""
+    return select_positions(
+        token_entropy(logits.detach()), lengths, num_chunks=cfg.num_chunks, rollout_len=cfg.rollout_len,
+        strategy=cfg.selection, temperature=cfg.selection_temperature, margin=cfg.margin, generator=generator,
+    )
+
+
+def first_token_entropy(first_logits: Tensor, positions: Tensor) -> Tensor:
+    """Entropy [B, c] of each rollout's first-token distribution (a monitored quantity)."""
+    return token_entropy(first_logits.detach()[:, None])[:, 0].view_as(positions).float()
+
+
+@torch.no_grad()
+def decode(model: FastWeightLM, states: ModelState, first_logits: Tensor, cfg: RefineConfig,
+           generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Sample n continuations of k tokens from every state, all as one batch.
+
+    states: batch P (one per prefix); first_logits [P, V]: the prediction after each prefix.
+    Returns tokens [P * n, k], behaviour log-probs [P * n, k], hidden [P * n, k, D].
+    """
+    n, k = cfg.num_samples, cfg.rollout_len
+    state = states.expand(n)
+    logits = first_logits.repeat_interleave(n, dim=0)
+    tokens, logprobs, hidden = [], [], []
+    for step in range(k):
+        token, logprob = sample_tokens(logits, cfg.temperature, cfg.top_p, cfg.top_k, generator=generator)
+        tokens.append(token)
+        logprobs.append(logprob)
+        # Feeding the token gives its hidden state (the reward's input) and the next prediction.
+        out = model(token[:, None], state=state, output_state=step < k - 1)
+        hidden.append(out.hidden_states[:, 0])
+        logits, state = out.logits[:, 0], out.state
+    return torch.stack(tokens, 1), torch.stack(logprobs, 1), torch.stack(hidden, 1)
+
+
+def _targets(input_ids: Tensor, hidden: Tensor, positions: Tensor, k: int, n: int) -> tuple[Tensor, Tensor]:
+    rows, starts = prefix_rows(positions)
+    target_tokens = gather_windows(input_ids, rows, starts, k).repeat_interleave(n, dim=0)
+    target_hidden = gather_windows(hidden, rows, starts, k).repeat_interleave(n, dim=0)
+    return target_tokens, target_hidden
+
+
+@torch.no_grad()
+def snapshot_rollouts(model: FastWeightLM, input_ids: Tensor, lengths: Tensor, cfg: RefineConfig,
+                      generator: torch.Generator | None = None, positions: Tensor | None = None) -> Rollouts:
+    """One document pass, then all rollouts decoded together from the states at the chosen positions."""
+    out = model(input_ids, lengths=lengths, output_state=False, defer_states=True)
+    if positions is None:
+        positions = choose_positions(out.logits, lengths, cfg, generator)
+    rows, starts = prefix_rows(positions)
+    first_logits = out.logits[rows, starts - 1]
+    tokens, logprobs, hidden = decode(model, out.states_at(positions), first_logits, cfg, generator)
+    target_tokens, target_hidden = _targets(input_ids, out.hidden_states, positions, cfg.rollout_len,
+                                            cfg.num_samples)
+    return Rollouts(positions, tokens, logprobs, hidden, target_tokens, target_hidden,
+                    first_token_entropy(first_logits, positions), cfg.num_samples)
+
+
+@torch.no_grad()
+def reprefill_rollouts(model: FastWeightLM, input_ids: Tensor, lengths: Tensor, cfg: RefineConfig,
+                       positions: Tensor, generator: torch.Generator | None = None) -> Rollouts:
+    """The paper code's pattern: run every prefix again from the start, then decode its samples."""
+    tokens, logprobs, hidden, first = [], [], [], []
+    rows, starts = prefix_rows(positions)
+    for row, start in zip(rows.tolist(), starts.tolist()):
+        prefix = model(input_ids[row:row + 1, :start])
+        first.append(prefix.logits[0, -1])
+        t, lp, h = decode(model, prefix.state, prefix.logits[:, -1], cfg, generator)
+        tokens.append(t)
+        logprobs.append(lp)
+        hidden.append(h)
+    full = model(input_ids, lengths=lengths, output_state=False)  # ground-truth hidden states
+    target_tokens, target_hidden = _targets(input_ids, full.hidden_states, positions, cfg.rollout_len,
+                                            cfg.num_samples)
+    return Rollouts(positions, torch.cat(tokens), torch.cat(logprobs), torch.cat(hidden), target_tokens,
+                    target_hidden, first_token_entropy(torch.stack(first), positions), cfg.num_samples)

@@ -1,0 +1,170 @@
+"""The REFINE loss: lambda_ntp * NTP + lambda_nsp * clipped policy gradient on k-token rollouts.
+
+Three ways to compute the same loss, one signature (`refine_loss`):
+
+- "onepass": one forward with gradient over each document gives the NTP loss and the states at
+  the rollout positions; rollout tokens are teacher-forced from those states, all at once. The
+  policy loss backpropagates into the document pass through the states (never detached: that
+  gradient is part of the loss).
+- "reference": the paper code's literal pattern, kept as the correctness oracle: every
+  prefix + rollout is run again from scratch to recompute log-probs, separately from the NTP pass.
+- "fused" (`fused_refine_step`): on-policy; the learner's own forward also supplies entropies,
+  positions, states and first-token logits, so no separate rollout pass exists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from refine.algorithm.advantages import group_ids_for, grpo_advantages
+from refine.algorithm.losses import ntp_loss, policy_loss
+from refine.algorithm.rewards import RewardInputs, compute_reward
+from refine.algorithm.rollout import (
+    Rollouts, choose_positions, decode, first_token_entropy, gather_windows, prefix_rows,
+)
+from refine.algorithm.sampling import logprobs_from_logits
+from refine.config import RefineConfig
+from refine.models import FastWeightLM, ModelState
+
+
+@dataclass
+class LossResult:
+    loss: Tensor
+    ntp_loss: Tensor
+    policy_loss: Tensor
+    stats: dict[str, float]
+
+
+def score_rollouts(rollouts: Rollouts, cfg: RefineConfig) -> Tensor:
+    """Self-supervised reward of every rollout [N] (cosine, binary or hybrid)."""
+    inputs = RewardInputs(
+        rollout_tokens=rollouts.tokens, ground_truth_tokens=rollouts.target_tokens,
+        rollout_hidden=rollouts.hidden.float(), ground_truth_hidden=rollouts.target_hidden.float(),
+    )
+    return compute_reward(cfg.reward, inputs)
+
+
+def rollout_stats(rollouts: Rollouts) -> dict[str, float]:
+    stats = {"entropy_selected": float(rollouts.entropies.mean())}
+    if rollouts.rewards is not None:
+        stats.update(reward_mean=float(rollouts.rewards.mean()), reward_std=float(rollouts.rewards.std(unbiased=False)))
+    return stats
+
+
+def advantages_for(rewards: Tensor, rollouts: Rollouts, cfg: RefineConfig) -> Tensor:
+    batch, chunks = rollouts.positions.shape
+    groups = group_ids_for(batch, chunks, rollouts.num_samples, cfg.group_by).to(rewards.device)
+    return grpo_advantages(rewards, groups, norm_by_std=cfg.norm_adv_by_std)
+
+
+def teacher_forced_logprobs(model: FastWeightLM, states: ModelState, first_logits: Tensor, tokens: Tensor,
+                            num_samples: int, temperature: float) -> Tensor:
+    """Log-probs [N, k] of rollout tokens given the states and predictions at their prefixes.
+
+    states and first_logits have one row per prefix; each is repeated for its n samples. Token 0
+    is scored by the prefix's own prediction; tokens 1..k-1 by one batched forward from the states.
+    """
+    temperature = temperature if temperature > 0 else 1.0
+    first = logprobs_from_logits(first_logits.repeat_interleave(num_samples, 0), tokens[:, 0], temperature)
+    if tokens.shape[1] == 1:
+        return first[:, None]
+    out = model(tokens[:, :-1], state=states.expand(num_samples), output_state=False)
+    rest = logprobs_from_logits(out.logits, tokens[:, 1:], temperature)
+    return torch.cat([first[:, None], rest], dim=1)
+
+
+def _combine(ntp: Tensor, new_logprobs: Tensor, ref_logprobs: Tensor | None, rollouts: Rollouts,
+             advantages: Tensor, cfg: RefineConfig) -> LossResult:
+    pg, pg_stats = policy_loss(
+        new_logprobs, rollouts.logprobs.to(new_logprobs.dtype), advantages.to(new_logprobs.dtype),
+        clip_low=cfg.clip_ratio_low, clip_high=cfg.clip_ratio_high, dual_clip=cfg.dual_clip, agg=cfg.loss_agg,
+        ref_logprobs=ref_logprobs, kl_coef=cfg.kl_coef, kl_kind=cfg.kl_type,
+    )
+    loss = cfg.lambda_ntp * ntp + cfg.lambda_nsp * pg
+    stats = {f"pg/{k}": float(v) for k, v in pg_stats.items()}
+    stats.update(ntp_loss=float(ntp.detach()), policy_loss=float(pg.detach()), loss=float(loss.detach()))
+    return LossResult(loss, ntp, pg, stats)
+
+
+def _ref_logprobs(ref_model: FastWeightLM | None, input_ids: Tensor, lengths: Tensor, rollouts: Rollouts,
+                  cfg: RefineConfig) -> Tensor | None:
+    if ref_model is None or cfg.kl_coef == 0:
+        return None
+    with torch.no_grad():
+        out = ref_model(input_ids, lengths=lengths, state_positions=rollouts.positions, output_state=False)
+        rows, starts = prefix_rows(rollouts.positions)
+        return teacher_forced_logprobs(ref_model, out.position_states, out.logits[rows, starts - 1],
+                                       rollouts.tokens, rollouts.num_samples, cfg.temperature)
+
+
+def onepass_loss(model: FastWeightLM, input_ids: Tensor, lengths: Tensor, rollouts: Rollouts, advantages: Tensor,
+                 cfg: RefineConfig, ref_model: FastWeightLM | None = None) -> LossResult:
+    out = model(input_ids, lengths=lengths, state_positions=rollouts.positions, output_state=False)
+    ntp = ntp_loss(out.logits, input_ids, lengths)
+    rows, starts = prefix_rows(rollouts.positions)
+    new_logprobs = teacher_forced_logprobs(model, out.position_states, out.logits[rows, starts - 1],
+                                           rollouts.tokens, rollouts.num_samples, cfg.temperature)
+    ref = _ref_logprobs(ref_model, input_ids, lengths, rollouts, cfg)
+    return _combine(ntp, new_logprobs, ref, rollouts, advantages, cfg)
+
+
+def reference_loss(model: FastWeightLM, input_ids: Tensor, lengths: Tensor, rollouts: Rollouts,
+                   advantages: Tensor, cfg: RefineConfig, ref_model: FastWeightLM | None = None) -> LossResult:
+    """The literal pattern: an NTP forward, then a fresh forward over each prefix + rollout."""
+    out = model(input_ids, lengths=lengths, output_state=False)
+    ntp = ntp_loss(out.logits, input_ids, lengths)
+    k, n = rollouts.rollout_len, rollouts.num_samples
+    temperature = cfg.temperature if cfg.temperature > 0 else 1.0
+    rows, starts = prefix_rows(rollouts.positions)
+    new_logprobs = []
+    for i in range(rollouts.num_rollouts):
+        row, start = int(rows[i // n]), int(starts[i // n])
+        sequence = torch.cat([input_ids[row, :start], rollouts.tokens[i]])[None]
+        logits = model(sequence, output_state=False).logits[0, start - 1:start + k - 1]
+        new_logprobs.append(logprobs_from_logits(logits, rollouts.tokens[i], temperature))
+    ref = _ref_logprobs(ref_model, input_ids, lengths, rollouts, cfg)
+    return _combine(ntp, torch.stack(new_logprobs), ref, rollouts, advantages, cfg)
+
+
+def refine_loss(mode: str, model: FastWeightLM, input_ids: Tensor, lengths: Tensor, rollouts: Rollouts,
+                advantages: Tensor, cfg: RefineConfig, ref_model: FastWeightLM | None = None) -> LossResult:
+    paths: dict[str, Callable[..., LossResult]] = {"onepass": onepass_loss, "reference": reference_loss}
+    if mode not in paths:
+        raise ValueError(f"mode={mode!r} must be one of {sorted(paths)} (fused: use fused_refine_step)")
+    return paths[mode](model, input_ids, lengths, rollouts, advantages, cfg, ref_model)
+
+
+def fused_refine_step(model: FastWeightLM, input_ids: Tensor, lengths: Tensor, cfg: RefineConfig,
+                      generator: torch.Generator | None = None, ref_model: FastWeightLM | None = None,
+                      positions: Tensor | None = None) -> tuple[LossResult, Rollouts]:
+    """On-policy REFINE with a single document pass: it selects, samples, scores and trains.
+
+    `positions` overrides the entropy-based choice (used to compare paths on identical rollouts).
+    """
+    out = model(input_ids, lengths=lengths, output_state=False, defer_states=True)
+    ntp = ntp_loss(out.logits, input_ids, lengths)
+    if positions is None:
+        positions = choose_positions(out.logits, lengths, cfg, generator)
+    rows, starts = prefix_rows(positions)
+    first_logits = out.logits[rows, starts - 1]
+    states = out.states_at(positions)
+    tokens, logprobs, hidden = decode(model, states.detach(), first_logits.detach(), cfg, generator)
+    n, k = cfg.num_samples, cfg.rollout_len
+    rollouts = Rollouts(
+        positions, tokens, logprobs, hidden,
+        gather_windows(input_ids, rows, starts, k).repeat_interleave(n, 0),
+        gather_windows(out.hidden_states.detach(), rows, starts, k).repeat_interleave(n, 0),
+        first_token_entropy(first_logits, positions), n,
+    )
+    rewards = score_rollouts(rollouts, cfg)
+    rollouts.rewards = rewards
+    advantages = advantages_for(rewards, rollouts, cfg)
+    new_logprobs = teacher_forced_logprobs(model, states, first_logits, tokens, n, cfg.temperature)
+    ref = _ref_logprobs(ref_model, input_ids, lengths, rollouts, cfg)
+    result = _combine(ntp, new_logprobs, ref, rollouts, advantages, cfg)
+    result.stats.update(rollout_stats(rollouts))
+    return result, rollouts

@@ -1,0 +1,181 @@
+"""Run configuration: pydantic models, YAML files and `--set a.b=value` overrides.
+
+Every value is validated; a wrong one fails with a message naming the field and the value.
+Defaults are the paper's (REFINE, arXiv 2602.16704) where it states one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
+
+from refine.models import config_from_dict
+from refine.models.config import DeltaNetConfig, ModelConfigBase
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the field and the value."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RefineConfig(Strict):
+    """Next-sequence prediction: selection, rollouts, rewards, GRPO and the combined loss."""
+
+    rollout_len: int = Field(5, ge=1, description="k: tokens per rollout")
+    num_chunks: int = Field(8, ge=1, description="c: one rollout position per chunk of the document")
+    num_samples: int = Field(1, ge=1, description="n: continuations sampled per position")
+    selection: Literal["entropy", "uniform", "argmax", "argmin"] = "entropy"
+    selection_temperature: float = Field(1.0, gt=0, description="tau in softmax(H / tau)")
+    margin: int = Field(20, ge=0, description="rollout starts stay this many tokens away from either end")
+    temperature: float = Field(1.0, ge=0, description="sampling temperature; 0 = greedy")
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0, description="0 disables top-k")
+    reward: str = Field("cosine", description="cosine | binary | hybrid | a registered task reward")
+    group_by: Literal["document", "position"] = "document"
+    norm_adv_by_std: bool = True
+    clip_ratio_low: float = Field(0.2, ge=0)
+    clip_ratio_high: float = Field(0.2, ge=0)
+    dual_clip: float = Field(3.0, gt=1)
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
+    kl_coef: float = Field(0.0, ge=0, description="KL to the frozen initial policy; 0 disables it")
+    kl_type: Literal["k1", "k3", "low_var_kl"] = "low_var_kl"
+    lambda_ntp: float = Field(1.0, ge=0)
+    lambda_nsp: float = Field(0.2, ge=0)
+
+
+class OptimConfig(Strict):
+    lr: float = Field(1e-6, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = Field(1.0, gt=0)
+
+
+class DataSpec(Strict):
+    """Where documents come from: a path (parquet, jsonl, text dir, saved HF dataset) or `synthetic`."""
+
+    source: str = "synthetic"
+    text_column: str = "text"
+    seq_len: int = Field(512, ge=8, description="documents are truncated to this many tokens")
+    min_length: int = Field(64, ge=1)
+    num_documents: int = Field(256, ge=1, description="synthetic corpus size")
+    skip_bad_rows: bool = False
+
+
+class TrainConfig(Strict):
+    mode: Literal["ntp", "onepass", "fused", "reference"] = "fused"
+    steps: int = Field(20, ge=0)
+    batch_size: int = Field(4, ge=1, description="documents per optimizer step")
+    seed: int = 0
+    device: str = "cpu"
+    dtype: Literal["float32", "float64", "bfloat16"] = "float32"
+    threads: int | None = Field(None, ge=1)
+    log_every: int = Field(1, ge=1)
+    checkpoint_every: int = Field(0, ge=0, description="0: only at the end")
+    out_dir: str = "runs/latest"
+    init_from: str | None = Field(None, description="model directory to start from instead of random weights")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value != "cpu" and not value.startswith("cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {value!r}")
+        return value
+
+
+def tiny_delta_net() -> ModelConfigBase:
+    """The embedded default: a DeltaNet small enough to train on a laptop CPU, byte-level vocabulary."""
+    return DeltaNetConfig(vocab_size=260, hidden_size=128, num_hidden_layers=2, num_heads=2, intermediate_size=256,
+                          tie_word_embeddings=True, bos_token_id=257, eos_token_id=258, pad_token_id=256)
+
+
+class RunConfig(Strict):
+    model: SerializeAsAny[ModelConfigBase] = Field(default_factory=tiny_delta_net)
+    tokenizer: str | None = Field(None, description="directory with tokenizer.json; None = byte-level")
+    data: DataSpec = DataSpec()
+    train: TrainConfig = TrainConfig()
+    optim: OptimConfig = OptimConfig()
+    refine: RefineConfig = RefineConfig()
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model(cls, value: Any) -> ModelConfigBase:
+        if isinstance(value, ModelConfigBase):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"model must be a mapping with a model_type, got {value!r}")
+        return config_from_dict(value)
+
+    @model_validator(mode="after")
+    def _margins_fit(self) -> "RunConfig":
+        needed = 2 * self.refine.margin + self.refine.rollout_len + self.refine.num_chunks
+        if self.train.mode != "ntp" and self.data.seq_len < needed:
+            raise ValueError(
+                f"data.seq_len={self.data.seq_len} is too short for refine.num_chunks={self.refine.num_chunks}, "
+                f"rollout_len={self.refine.rollout_len} and margin={self.refine.margin} (needs >= {needed})"
+            )
+        return self
+
+
+def _format_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "config"
+        value = e.get("input")
+        shown = value if not isinstance(value, dict) else "{...}"
+        lines.append(f"{field}: {e['msg']} (got {shown!r})")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def set_path(tree: dict, dotted: str, raw: str) -> None:
+    """Apply one `a.b.c=value` override; the value is parsed as YAML (numbers, bools, lists)."""
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set {dotted}: {key} is {child!r}, not a section")
+        node = child
+    node[keys[-1]] = yaml.safe_load(raw) if raw != "" else ""
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, str]]:
+    pairs = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.field=value")
+        key, value = item.split("=", 1)
+        pairs.append((key.strip(), value))
+    return pairs
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        tree = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {path} must hold a mapping, got {type(tree).__name__}")
+    for key, value in parse_overrides(overrides or []):
+        set_path(tree, key, value)
+    return validate_config(tree)
+
+
+def validate_config(tree: dict[str, Any]) -> RunConfig:
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+    except ValueError as err:  # raised inside the model-config dispatch
+        raise ConfigError(f"invalid configuration: {err}") from None
+
+
+def dump_config(config: RunConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,56 @@
+"""Document batches: right-padded token ids plus each row's length."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class DocumentBatch:
+    input_ids: Tensor  # [B, T] right-padded with pad_id
+    lengths: Tensor  # [B]
+    doc_ids: list[str]
+    cursor: int = 0  # data position after this batch, for exact resume
+
+    @property
+    def size(self) -> int:
+        return self.input_ids.shape[0]
+
+    def to(self, device: torch.device | str) -> "DocumentBatch":
+        return DocumentBatch(self.input_ids.to(device), self.lengths.to(device), self.doc_ids, self.cursor)
+
+
+def pad_documents(docs: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[Tensor, Tensor]:
+    if not docs:
+        raise ValueError("cannot build a batch from zero documents")
+    lengths = torch.tensor([len(d) for d in docs], dtype=torch.long)
+    if (lengths == 0).any():
+        raise ValueError(f"document {int((lengths == 0).nonzero()[0])} of the batch is empty")
+    ids = torch.full((len(docs), int(lengths.max())), pad_id, dtype=torch.long)
+    for row, doc in enumerate(docs):
+        ids[row, : len(doc)] = torch.as_tensor(list(doc), dtype=torch.long)
+    return ids, lengths
+
+
+def batch_documents(
+    documents: Iterable[tuple[str, Sequence[int]]], batch_size: int, pad_id: int = 0, start_cursor: int = 0,
+) -> Iterator[DocumentBatch]:
+    """Group (doc_id, token ids) pairs into batches; the last partial batch is kept."""
+    ids: list[str] = []
+    tokens: list[Sequence[int]] = []
+    cursor = start_cursor
+    for doc_id, doc in documents:
+        ids.append(doc_id)
+        tokens.append(doc)
+        cursor += 1
+        if len(tokens) == batch_size:
+            input_ids, lengths = pad_documents(tokens, pad_id)
+            yield DocumentBatch(input_ids, lengths, ids, cursor)
+            ids, tokens = [], []
+    if tokens:
+        input_ids, lengths = pad_documents(tokens, pad_id)
+        yield DocumentBatch(input_ids, lengths, ids, cursor)

@@ -1,0 +1,59 @@
+"""Endless, resumable document batches for training, from a file source or the synthetic corpus."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from refine.config import RunConfig
+from refine.data.batches import DocumentBatch, batch_documents
+from refine.data.sources import DataConfig, iter_documents
+from refine.tokenizer import Tokenizer
+
+
+def _synthetic_documents(config: RunConfig, tokenizer: Tokenizer) -> list[tuple[str, list[int]]]:
+    from refine.data.synthetic import fact_corpus
+
+    texts = fact_corpus(config.data.num_documents, seed=config.train.seed, min_tokens=config.data.seq_len,
+                        tokenizer=tokenizer)
+    docs = []
+    for i, text in enumerate(texts):
+        ids = tokenizer.encode(text)[: config.data.seq_len]
+        if len(ids) >= config.data.min_length:
+            docs.append((f"synthetic:{i}", ids))
+    if not docs:
+        raise ValueError(f"the synthetic corpus produced no document of data.min_length={config.data.min_length}")
+    return docs
+
+
+def _file_documents(config: RunConfig, tokenizer: Tokenizer, cursor: int) -> Iterator[tuple[str, list[int]]]:
+    spec = config.data
+    data = DataConfig(path=spec.source, text_column=spec.text_column, min_length=spec.min_length,
+                      max_length=spec.seq_len, skip_bad_rows=spec.skip_bad_rows, show_progress=False)
+    for doc in iter_documents(data, tokenizer, cursor=cursor):
+        yield doc.doc_id, doc.token_ids
+
+
+def document_stream(config: RunConfig, tokenizer: Tokenizer, start_cursor: int = 0) -> Iterator[tuple[str, list[int]]]:
+    """(doc_id, token ids) forever, cycling over the source; the cursor counts documents consumed."""
+    if config.data.source == "synthetic":
+        docs = _synthetic_documents(config, tokenizer)
+        index = start_cursor
+        while True:
+            yield docs[index % len(docs)]
+            index += 1
+    epoch_cursor = start_cursor
+    while True:
+        produced = 0
+        for item in _file_documents(config, tokenizer, epoch_cursor):
+            produced += 1
+            yield item
+        if produced == 0:
+            raise ValueError(f"data.source={config.data.source!r} yielded no document of at least "
+                             f"data.min_length={config.data.min_length} tokens")
+        epoch_cursor = 0
+
+
+def document_batches(config: RunConfig, tokenizer: Tokenizer, start_cursor: int = 0) -> Iterator[DocumentBatch]:
+    pad_id = getattr(tokenizer, "pad_id", None) or 0
+    return batch_documents(document_stream(config, tokenizer, start_cursor), config.train.batch_size, pad_id,
+                           start_cursor)

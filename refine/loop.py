@@ -1,0 +1,174 @@
+"""The single-process training loop: NTP or REFINE (one-pass, fused or reference) over a document source.
+
+Used from notebooks, by `refine train --local`, and as the baseline the distributed service is
+measured against. A run directory gets config.yaml, metrics.jsonl, checkpoints/ and PNG curves.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from refine.algorithm.losses import ntp_loss
+from refine.algorithm.rollout import reprefill_rollouts, snapshot_rollouts, choose_positions
+from refine.algorithm.update import (
+    LossResult, advantages_for, fused_refine_step, refine_loss, rollout_stats, score_rollouts,
+)
+from refine.config import RunConfig, dump_config
+from refine.data.batches import DocumentBatch
+from refine.data.stream import document_batches
+from refine.models import FastWeightLM, build_model, load_model, save_model
+from refine.plots import plot_metrics
+from refine.tokenizer import load_tokenizer
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class StepResult:
+    stats: dict[str, float]
+    skipped: bool
+
+
+def make_optimizer(model: FastWeightLM, config: RunConfig) -> torch.optim.Optimizer:
+    """AdamW; norms, biases and the gate parameters fla marks `_no_weight_decay` are not decayed."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.dim() < 2 or getattr(param, "_no_weight_decay", False):
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    groups = [{"params": decay, "weight_decay": config.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.optim.lr, betas=config.optim.betas)
+
+
+def compute_loss(model: FastWeightLM, batch: DocumentBatch, config: RunConfig, generator: torch.Generator,
+                 ref_model: FastWeightLM | None = None) -> LossResult:
+    """The loss of one optimizer step for the configured mode."""
+    mode, cfg = config.train.mode, config.refine
+    ids, lengths = batch.input_ids, batch.lengths
+    if mode == "ntp":
+        ntp = ntp_loss(model(ids, lengths=lengths, output_state=False).logits, ids, lengths)
+        return LossResult(ntp, ntp, ntp.new_zeros(()), {"ntp_loss": float(ntp.detach()), "loss": float(ntp.detach())})
+    if mode == "fused":
+        result, _ = fused_refine_step(model, ids, lengths, cfg, generator, ref_model)
+        return result
+    started = time.perf_counter()
+    if mode == "onepass":
+        rollouts = snapshot_rollouts(model, ids, lengths, cfg, generator)
+    else:
+        with torch.no_grad():
+            positions = choose_positions(model(ids, lengths=lengths, output_state=False).logits, lengths, cfg, generator)
+        rollouts = reprefill_rollouts(model, ids, lengths, cfg, positions, generator)
+    rollouts.rewards = score_rollouts(rollouts, cfg)
+    rollout_seconds = time.perf_counter() - started
+    result = refine_loss(mode, model, ids, lengths, rollouts, advantages_for(rollouts.rewards, rollouts, cfg), cfg,
+                         ref_model)
+    result.stats.update(rollout_stats(rollouts), rollout_seconds=rollout_seconds)
+    return result
+
+
+def optimizer_step(model: FastWeightLM, optimizer: torch.optim.Optimizer, result: LossResult,
+                   grad_clip: float) -> StepResult:
+    """Backward, clip, step; a step whose loss or gradient is not finite is skipped (and reported)."""
+    optimizer.zero_grad(set_to_none=True)
+    stats = dict(result.stats)
+    if not torch.isfinite(result.loss):
+        return StepResult(stats | {"skipped_nonfinite": 1.0}, True)
+    result.loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    stats["grad_norm"] = float(grad_norm)
+    if not math.isfinite(stats["grad_norm"]):
+        optimizer.zero_grad(set_to_none=True)
+        return StepResult(stats | {"skipped_nonfinite": 1.0}, True)
+    optimizer.step()
+    return StepResult(stats, False)
+
+
+def save_checkpoint(path: Path, model: FastWeightLM, optimizer: torch.optim.Optimizer, step: int, cursor: int,
+                    generator: torch.Generator) -> None:
+    """Model directory (fla-loadable) + trainer state (optimizer, RNG, data cursor) for exact resume."""
+    save_model(model, path / "model")
+    torch.save({
+        "step": step, "cursor": cursor, "optimizer": optimizer.state_dict(),
+        "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+    }, path / "trainer.pt")
+
+
+def load_checkpoint(path: Path, model: FastWeightLM, optimizer: torch.optim.Optimizer,
+                    generator: torch.Generator) -> tuple[int, int]:
+    trainer = torch.load(path / "trainer.pt", weights_only=True)  # tensors and numbers only: no code runs
+    model.load_state_dict(load_model(path / "model").state_dict())
+    optimizer.load_state_dict(trainer["optimizer"])
+    generator.set_state(trainer["generator"])
+    torch.set_rng_state(trainer["torch_rng"])
+    return int(trainer["step"]), int(trainer["cursor"])
+
+
+def prepare_model(config: RunConfig) -> FastWeightLM:
+    dtype = DTYPES[config.train.dtype]
+    if config.train.init_from:
+        model = load_model(config.train.init_from, dtype=dtype)
+    else:
+        torch.manual_seed(config.train.seed)
+        model = build_model(config.model, dtype=dtype)
+    return model.to(config.train.device)
+
+
+def train(config: RunConfig, resume: bool = False, progress: bool = True) -> dict[str, float]:
+    """Run `config.train.steps` optimizer steps; returns the last step's stats."""
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
+    out_dir = Path(config.train.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(dump_config(config))
+    tokenizer = load_tokenizer(config.tokenizer)
+    if tokenizer.vocab_size > config.model.vocab_size:
+        raise ValueError(
+            f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}"
+        )
+    model = prepare_model(config)
+    optimizer = make_optimizer(model, config)
+    generator = torch.Generator(device=config.train.device).manual_seed(config.train.seed)
+    ref_model = None
+    if config.refine.kl_coef > 0 and config.train.mode != "ntp":
+        ref_model = prepare_model(config).requires_grad_(False)
+
+    step, cursor = 0, 0
+    latest = out_dir / "checkpoints" / "latest"
+    if resume and latest.exists():
+        step, cursor = load_checkpoint(latest, model, optimizer, generator)
+    batches: Iterator[DocumentBatch] = document_batches(config, tokenizer, start_cursor=cursor)
+    metrics_file = (out_dir / "metrics.jsonl").open("a")
+    last: dict[str, float] = {}
+    bar = tqdm(total=config.train.steps, initial=step, desc=f"train[{config.train.mode}]", disable=not progress)
+    skipped = 0
+    while step < config.train.steps:
+        batch = next(batches).to(config.train.device)
+        started = time.perf_counter()
+        result = compute_loss(model, batch, config, generator, ref_model)
+        outcome = optimizer_step(model, optimizer, result, config.optim.grad_clip)
+        skipped += outcome.skipped
+        step += 1
+        cursor = batch.cursor
+        last = outcome.stats | {"step": step, "step_seconds": time.perf_counter() - started,
+                                "skipped_steps": skipped, "tokens": int(batch.lengths.sum())}
+        if step % config.train.log_every == 0 or step == config.train.steps:
+            metrics_file.write(json.dumps(last) + "\n")
+            metrics_file.flush()
+        bar.set_postfix({k: f"{last[k]:.3f}" for k in ("loss", "reward_mean") if k in last})
+        bar.update(1)
+        if config.train.checkpoint_every and step % config.train.checkpoint_every == 0:
+            save_checkpoint(latest, model, optimizer, step, cursor, generator)
+    bar.close()
+    metrics_file.close()
+    save_checkpoint(latest, model, optimizer, step, cursor, generator)
+    plot_metrics(out_dir / "metrics.jsonl", out_dir)
+    return last

@@ -1,0 +1,142 @@
+"""Models: build from a config, load and save checkpoint directories (config.json + safetensors).
+
+A directory written by flash-linear-attention (or the LaCT release) loads without conversion and a
+directory we write loads back into their classes: same config fields, same parameter names.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from refine.models.base import FastWeightLM, ModelOutput
+from refine.models.config import ModelConfigBase
+from refine.models.state import ModelState
+
+# model_type -> (module, model class, config class, class name the original library uses)
+MODEL_TYPES: dict[str, tuple[str, str, str, str]] = {
+    "delta_net": ("refine.models.delta_net", "DeltaNetForCausalLM", "DeltaNetConfig", "DeltaNetForCausalLM"),
+    "gated_deltanet": (
+        "refine.models.gated_deltanet", "GatedDeltaNetForCausalLM", "GatedDeltaNetConfig", "GatedDeltaNetForCausalLM",
+    ),
+}
+
+__all__ = [
+    "FastWeightLM", "ModelOutput", "ModelState", "MODEL_TYPES",
+    "config_from_dict", "build_model", "load_model", "save_model", "inspect_model",
+]
+
+
+def _lookup(model_type: str) -> tuple[type[FastWeightLM], type[ModelConfigBase], str]:
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"model_type={model_type!r} is not supported; choose one of {sorted(MODEL_TYPES)}")
+    module_name, model_cls, config_cls, original_name = MODEL_TYPES[model_type]
+    module = importlib.import_module(module_name)
+    config_module = importlib.import_module("refine.models.config")
+    config_class = getattr(module, config_cls, None) or getattr(config_module, config_cls)
+    return getattr(module, model_cls), config_class, original_name
+
+
+def config_from_dict(values: dict[str, Any]) -> ModelConfigBase:
+    model_type = values.get("model_type")
+    if model_type is None:
+        raise ValueError("model config has no 'model_type' field")
+    _, config_class, _ = _lookup(model_type)
+    return config_class.model_validate(values)
+
+
+def build_model(config: ModelConfigBase | dict[str, Any], dtype: torch.dtype | None = None) -> FastWeightLM:
+    if isinstance(config, dict):
+        config = config_from_dict(config)
+    model_class, _, _ = _lookup(config.model_type)
+    model = model_class(config)
+    return model.to(dtype) if dtype is not None else model
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    single = path / "model.safetensors"
+    index = path / "model.safetensors.index.json"
+    if single.exists():
+        return load_file(str(single))
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        tensors: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            tensors.update(load_file(str(path / shard)))
+        return tensors
+    found = sorted(p.name for p in path.iterdir())
+    raise FileNotFoundError(
+        f"{path} has no model.safetensors or model.safetensors.index.json (found: {found}); "
+        "pickle-based weight files are not loaded: convert them to safetensors first"
+    )
+
+
+def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> FastWeightLM:
+    """Load a checkpoint directory written by fla, the LaCT release, or `save_model`; every key must match."""
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{config_file} does not exist: a model directory needs config.json")
+    config = config_from_dict(json.loads(config_file.read_text()))
+    model = build_model(config)
+    tensors = _read_state_dict(path)
+    if config.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)
+    expected = model.state_dict()
+    if config.tie_word_embeddings:
+        expected = {k: v for k, v in expected.items() if k != "lm_head.weight"}
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    mismatched = [
+        f"{k}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(expected) & set(tensors)) if tensors[k].shape != expected[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        raise ValueError(
+            f"checkpoint {path} does not match {type(model).__name__}: missing={missing} "
+            f"unexpected={unexpected} shape mismatches={mismatched}"
+        )
+    model.load_state_dict(tensors, strict=not config.tie_word_embeddings)
+    return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+
+
+def save_model(model: FastWeightLM, path: str | Path) -> Path:
+    """Write config.json + model.safetensors in the layout the original library's class loads."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    _, _, original_name = _lookup(model.config.model_type)
+    config = model.config.to_json_dict()
+    config["architectures"] = [original_name]
+    (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        tensors.pop("lm_head.weight")  # shared with the embeddings; safetensors refuses aliases
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
+def inspect_model(model: FastWeightLM) -> dict[str, Any]:
+    """Architecture summary used by `refine model inspect`."""
+    probe = torch.zeros(1, 1, dtype=torch.long, device=model.device)
+    with torch.no_grad():
+        state = model(probe).state
+    state_elements = state.num_elements_per_sequence() if state is not None else 0
+    return {
+        "model_type": model.config.model_type,
+        "architecture": type(model).__name__,
+        "hidden_size": model.config.hidden_size,
+        "num_hidden_layers": model.config.num_hidden_layers,
+        "num_heads": model.config.num_heads,
+        "vocab_size": model.config.vocab_size,
+        "parameters": model.num_parameters(),
+        "recurrent_state_elements_per_sequence": state_elements,
+        "recurrent_state_bytes_per_sequence": state_elements * model.dtype.itemsize,
+        "state_tensors": {
+            f"layer0.{name}": list(t.shape[1:]) for name, t in (state.layers[0].items() if state else [])
+        },
+    }

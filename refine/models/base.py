@@ -1,0 +1,146 @@
+"""The one contract every fast-weight language model in the project follows.
+
+    out = model(input_ids, state=None, lengths=None, state_positions=None, output_state=True,
+                defer_states=False)
+    out.logits          [B, T, V]
+    out.hidden_states   [B, T, D]   final layer, after the final norm (what the cosine reward reads)
+    out.state           ModelState  after each row's `lengths[b]` tokens (right padding never leaks)
+    out.position_states ModelState  batch B * P: the state after `state_positions[b, j]` tokens of
+                                    row b, at index b * P + j; differentiable
+    out.states_at       with defer_states=True: positions [B, P] -> ModelState, usable after the
+                        forward (positions chosen from this very pass's logits), differentiable
+
+A forward over segments with the carried state equals one forward over the whole sequence.
+
+Mixers (the token-mixing layer of each block) implement one method:
+
+    mixer(x [B, T, D], state: dict | None, want_states: bool)
+        -> (y [B, T, D], states_at: Callable[[LongTensor [B, P]], dict] | None)
+
+where `states_at(positions)` returns the layer state after `positions[b, j]` tokens of this call,
+batch B * P. The language model asks for each row's length to obtain the final state, so a mixer
+needs one mechanism only: states at arbitrary positions, computable after its forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from refine.models.common import RMSNorm, SwiGLUMLP, mlp_intermediate_size
+from refine.models.state import ModelState
+
+
+@dataclass
+class ModelOutput:
+    logits: Tensor
+    hidden_states: Tensor
+    state: ModelState | None = None
+    position_states: ModelState | None = None
+    states_at: Callable[[Tensor], ModelState] | None = None
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + mixer(norm(x)), then x + mlp(norm(x)) (fla's layout)."""
+
+    def __init__(self, config: Any, mixer: nn.Module):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.attn = mixer
+        self.mlp_norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
+        size = mlp_intermediate_size(config.hidden_size, config.hidden_ratio, config.intermediate_size)
+        self.mlp = SwiGLUMLP(config.hidden_size, size)
+
+    def forward(self, x: Tensor, state: dict | None, want_states: bool) -> tuple[Tensor, Callable | None]:
+        mixed, states_at = self.attn(self.attn_norm(x), state, want_states)
+        x = x + mixed
+        x = x + self.mlp(self.mlp_norm(x))
+        return x, states_at
+
+
+class FastWeightLM(nn.Module):
+    """Embeddings -> blocks -> final norm -> lm_head, with fla's module names (`model.*`, `lm_head`)."""
+
+    def __init__(self, config: Any):
+        super().__init__()
+        self.config = config
+        self.model = nn.Module()
+        self.model.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.model.layers = nn.ModuleList(
+            [Block(config, self.make_mixer(config, i)) for i in range(config.num_hidden_layers)]
+        )
+        self.model.norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embeddings.weight
+        self.reset_parameters()
+
+    def make_mixer(self, config: Any, layer_idx: int) -> nn.Module:
+        raise NotImplementedError
+
+    def reset_parameters(self) -> None:
+        """Normal(0, initializer_range) for linear and embedding weights, as fla initializes."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        state: ModelState | None = None,
+        lengths: Tensor | None = None,
+        state_positions: Tensor | None = None,
+        output_state: bool = True,
+        defer_states: bool = False,
+    ) -> ModelOutput:
+        batch, seq_len = input_ids.shape
+        if state is not None and state.batch_size != batch:
+            raise ValueError(f"state has batch size {state.batch_size} but input_ids has {batch}")
+        if lengths is None:
+            lengths = torch.full((batch,), seq_len, dtype=torch.long, device=input_ids.device)
+        lengths = lengths.to(input_ids.device)
+        want_states = output_state or defer_states or state_positions is not None
+
+        x = self.model.embeddings(input_ids)
+        layer_states_at: list[Callable | None] = []
+        for i, block in enumerate(self.model.layers):
+            x, states_at = block(x, None if state is None else state.layers[i], want_states)
+            layer_states_at.append(states_at)
+        hidden = self.model.norm(x)
+        out = ModelOutput(logits=self.lm_head(hidden), hidden_states=hidden)
+        if not want_states:
+            return out
+
+        def states_at(positions: Tensor) -> ModelState:
+            positions = positions.to(device=input_ids.device, dtype=torch.long)
+            if positions.dim() != 2 or positions.shape[0] != batch:
+                raise ValueError(f"state positions must be [batch={batch}, P], got {tuple(positions.shape)}")
+            if (positions < 0).any() or (positions > lengths[:, None]).any():
+                raise ValueError("state positions must lie in [0, length] of their row")
+            return ModelState([fn(positions) for fn in layer_states_at])
+
+        if state_positions is not None:
+            out.position_states = states_at(state_positions)
+        if output_state:
+            out.state = states_at(lengths[:, None])
+        if defer_states:
+            out.states_at = states_at
+        return out
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())

@@ -1,0 +1,103 @@
+"""Building blocks shared by every model: RMSNorm, SwiGLU MLP, short causal convolution.
+
+Parameter names and shapes follow flash-linear-attention (`weight` of RMSNorm, `gate_proj` /
+`up_proj` / `down_proj` of GatedMLP, `weight` of shape [D, 1, K] for ShortConvolution) so that
+checkpoints move between the two without conversion.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def gather_positions(x: Tensor, positions: Tensor, width: int) -> Tensor:
+    """x: [B, L, ...]; positions: [B, P] start indices. Returns [B * P, width, ...] windows."""
+    offsets = torch.arange(width, device=x.device)
+    idx = positions[..., None] + offsets  # [B, P, width]
+    batch = torch.arange(x.shape[0], device=x.device)[:, None, None]
+    return x[batch, idx].flatten(0, 1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Low-precision inputs are normalized in float32, as fla's fused kernel does.
+        compute = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        out = compute * torch.rsqrt(compute.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (out * self.weight.to(out.dtype)).to(x.dtype)
+
+
+class GatedRMSNorm(RMSNorm):
+    """RMSNorm(x) * swish(gate): fla's FusedRMSNormGated with its default activation."""
+
+    def forward(self, x: Tensor, gate: Tensor) -> Tensor:
+        return super().forward(x) * F.silu(gate)
+
+
+def mlp_intermediate_size(hidden_size: int, hidden_ratio: int | None, intermediate_size: int | None) -> int:
+    if intermediate_size is not None:
+        return intermediate_size
+    ratio = 4 if hidden_ratio is None else hidden_ratio
+    size = int(hidden_size * ratio * 2 / 3)
+    return 256 * ((size + 255) // 256)  # fla rounds up to a multiple of 256
+
+
+class SwiGLUMLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class ShortConvolution(nn.Module):
+    """Depthwise causal convolution over time with an explicit cache.
+
+    The cache is the last (kernel_size - 1) pre-convolution inputs, [B, K - 1, D]; with it a
+    segment continues exactly where the previous one stopped.
+    """
+
+    def __init__(self, hidden_size: int, kernel_size: int, bias: bool = False, activation: str | None = "silu"):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.kernel_size = kernel_size
+        self.activation = activation
+        self.weight = nn.Parameter(torch.empty(hidden_size, 1, kernel_size))
+        self.bias = nn.Parameter(torch.zeros(hidden_size)) if bias else None
+        nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)
+
+    def empty_cache(self, batch_size: int, like: Tensor) -> Tensor:
+        return like.new_zeros(batch_size, self.kernel_size - 1, self.hidden_size)
+
+    def forward(
+        self,
+        x: Tensor,
+        cache: Tensor | None,
+        state_positions: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """x: [B, T, D]. Returns (y [B, T, D], padded inputs [B, K - 1 + T, D]).
+
+        The padded inputs hold the cache for any position p (tokens consumed in this call):
+        `padded[:, p : p + K - 1]`; see `cache_at`.
+        """
+        if cache is None:
+            cache = self.empty_cache(x.shape[0], x)
+        padded = torch.cat([cache.to(x.dtype), x], dim=1)
+        y = F.conv1d(padded.transpose(1, 2), self.weight.to(x.dtype), self.bias, groups=self.hidden_size)
+        y = y.transpose(1, 2)
+        if self.activation == "silu":
+            y = F.silu(y)
+        return y, padded
+
+    def cache_at(self, padded: Tensor, positions: Tensor) -> Tensor:
+        """Cache after `positions` [B, P] tokens of this call -> [B * P, K - 1, D]."""
+        return gather_positions(padded, positions, self.kernel_size - 1)

@@ -1,0 +1,176 @@
+"""DeltaNet and Gated DeltaNet token mixers (fla's `DeltaNet` / `GatedDeltaNet` layers, same names).
+
+Layer state: `recurrent` [B, H, K, V] plus, with short convolutions, `conv_q`, `conv_k`, `conv_v`
+[B, conv_size - 1, dim]: the last pre-convolution inputs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from refine.kernels.states import delta_rule_with_states
+from refine.models.common import GatedRMSNorm, RMSNorm, ShortConvolution
+from refine.models.config import DeltaNetConfig, GatedDeltaNetConfig
+
+
+def l2_normalize(x: Tensor, eps: float = 1e-6) -> Tensor:
+    """x / sqrt(sum(x^2) + eps), the normalization fla's kernels apply to q and k."""
+    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
+
+
+class _QKVMixer(nn.Module):
+    """Projections, optional short convolutions, the delta rule and the output norm/projection."""
+
+    key_dim: int
+    value_dim: int
+    head_k_dim: int
+    head_v_dim: int
+    num_heads: int  # heads of the recurrent state (value heads)
+
+    def _build_common(self, hidden_size: int, conv_size: int, use_short_conv: bool, use_gate: bool,
+                      norm_eps: float, qk_conv_activation: str | None) -> None:
+        self.q_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
+        self.k_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
+        self.v_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
+        self.use_short_conv = use_short_conv
+        if use_short_conv:
+            self.q_conv1d = ShortConvolution(self.key_dim, conv_size, activation=qk_conv_activation)
+            self.k_conv1d = ShortConvolution(self.key_dim, conv_size, activation=qk_conv_activation)
+            self.v_conv1d = ShortConvolution(self.value_dim, conv_size, activation="silu")
+        self.use_gate = use_gate
+        if use_gate:
+            self.g_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
+            self.o_norm: nn.Module = GatedRMSNorm(self.head_v_dim, eps=norm_eps)
+        else:
+            self.o_norm = RMSNorm(self.head_v_dim, eps=norm_eps)
+        self.o_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
+
+    def _qkv(self, x: Tensor, state: dict | None,
+             no_conv_qk_activation: str | None) -> tuple[Tensor, Tensor, Tensor, Callable[[Tensor], dict]]:
+        """q, k, v after projections and convolutions, and positions -> convolution caches."""
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        padded_inputs: dict[str, tuple[ShortConvolution, Tensor]] = {}
+        if self.use_short_conv:
+            outs = []
+            for name, conv, inp in (("conv_q", self.q_conv1d, q), ("conv_k", self.k_conv1d, k),
+                                    ("conv_v", self.v_conv1d, v)):
+                y, padded = conv(inp, None if state is None else state[name])
+                padded_inputs[name] = (conv, padded)
+                outs.append(y)
+            q, k, v = outs
+        else:
+            if no_conv_qk_activation == "silu":
+                q, k = F.silu(q), F.silu(k)
+            v = F.silu(v)
+
+        def conv_states_at(positions: Tensor) -> dict:
+            return {name: conv.cache_at(padded, positions) for name, (conv, padded) in padded_inputs.items()}
+
+        return q, k, v, conv_states_at
+
+    @staticmethod
+    def _states_at(recurrent_at: Callable, conv_states_at: Callable) -> Callable[[Tensor], dict]:
+        return lambda positions: {"recurrent": recurrent_at(positions), **conv_states_at(positions)}
+
+    def _output(self, o: Tensor, x: Tensor) -> Tensor:
+        if self.use_gate:
+            gate = self.g_proj(x).unflatten(-1, (-1, self.head_v_dim))
+            o = self.o_norm(o, gate)
+        else:
+            o = self.o_norm(o)
+        return self.o_proj(o.flatten(-2))
+
+
+class DeltaNetMixer(_QKVMixer):
+    def __init__(self, config: DeltaNetConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.qk_activation = config.qk_activation
+        self.qk_norm = config.qk_norm
+        self.use_beta = config.use_beta
+        self.allow_neg_eigval = config.allow_neg_eigval
+        self.num_heads = config.num_heads
+        self.key_dim = round(config.hidden_size * config.expand_k)
+        self.value_dim = round(config.hidden_size * config.expand_v)
+        self.head_k_dim = self.key_dim // config.num_heads
+        self.head_v_dim = self.value_dim // config.num_heads
+        if self.use_beta:
+            self.b_proj = nn.Linear(config.hidden_size, config.num_heads, bias=False)
+        self._build_common(
+            config.hidden_size, config.conv_size, config.use_short_conv, config.use_gate, config.norm_eps,
+            qk_conv_activation="silu" if config.qk_activation == "silu" else None,
+        )
+
+    def forward(self, x: Tensor, state: dict | None, want_states: bool) -> tuple[Tensor, Callable | None]:
+        q, k, v, conv_states_at = self._qkv(x, state, self.qk_activation)
+        q, k = (t.unflatten(-1, (-1, self.head_k_dim)) for t in (q, k))
+        v = v.unflatten(-1, (-1, self.head_v_dim))
+        if self.qk_activation == "relu":
+            q, k = q.relu(), k.relu()
+        elif self.qk_activation == "elu":
+            q, k = F.elu(q) + 1, F.elu(k) + 1
+        if self.qk_norm == "l2":
+            q, k = l2_normalize(q), l2_normalize(k)
+        else:  # sum norm: divide by the L1 norm
+            q = q / q.abs().sum(-1, keepdim=True).clamp_min(1e-6)
+            k = k / k.abs().sum(-1, keepdim=True).clamp_min(1e-6)
+        beta = self.b_proj(x).sigmoid() if self.use_beta else x.new_ones(x.shape[:2] + (self.num_heads,))
+        if self.allow_neg_eigval:
+            beta = beta * 2
+        o, recurrent_at = delta_rule_with_states(
+            q, k, v, beta, None,
+            initial_state=None if state is None else state["recurrent"],
+            want_states=want_states,
+        )
+        return self._output(o, x), self._states_at(recurrent_at, conv_states_at) if want_states else None
+
+
+class GatedDeltaNetMixer(_QKVMixer):
+    def __init__(self, config: GatedDeltaNetConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.allow_neg_eigval = config.allow_neg_eigval
+        self.num_qk_heads = config.num_heads
+        self.num_heads = config.num_v_heads or config.num_heads
+        self.head_k_dim = config.head_dim
+        self.head_v_dim = int(config.head_dim * config.expand_v)
+        self.key_dim = self.num_qk_heads * self.head_k_dim
+        self.value_dim = self.num_heads * self.head_v_dim
+        self.a_proj = nn.Linear(config.hidden_size, self.num_heads, bias=False)
+        self.b_proj = nn.Linear(config.hidden_size, self.num_heads, bias=False)
+        # Same initialization as fla: A ~ U(0, 16); dt log-uniform in [1e-3, 0.1] stored as softplus^-1.
+        self.A_log = nn.Parameter(torch.empty(self.num_heads).uniform_(0, 16).log())
+        dt = torch.exp(torch.rand(self.num_heads) * (math.log(0.1) - math.log(0.001)) + math.log(0.001))
+        dt = dt.clamp(min=1e-4)
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+        self.A_log._no_weight_decay = True
+        self.dt_bias._no_weight_decay = True
+        self._build_common(
+            config.hidden_size, config.conv_size, config.use_short_conv, config.use_gate, config.norm_eps,
+            qk_conv_activation="silu",
+        )
+
+    def forward(self, x: Tensor, state: dict | None, want_states: bool) -> tuple[Tensor, Callable | None]:
+        q, k, v, conv_states_at = self._qkv(x, state, "silu")
+        q, k = (l2_normalize(t.unflatten(-1, (-1, self.head_k_dim))) for t in (q, k))
+        v = v.unflatten(-1, (-1, self.head_v_dim))
+        if self.num_heads != self.num_qk_heads:  # grouped value attention: value head i reads qk head i // group
+            group = self.num_heads // self.num_qk_heads
+            q, k = q.repeat_interleave(group, dim=2), k.repeat_interleave(group, dim=2)
+        # The log-decay is computed in at least float32: it is summed over whole chunks in the kernel.
+        gate_dtype = torch.promote_types(x.dtype, torch.float32)
+        gate = -self.A_log.to(gate_dtype).exp() * F.softplus(self.a_proj(x).to(gate_dtype) + self.dt_bias.to(gate_dtype))
+        beta = self.b_proj(x).sigmoid()
+        if self.allow_neg_eigval:
+            beta = beta * 2
+        o, recurrent_at = delta_rule_with_states(
+            q, k, v, beta, gate,
+            initial_state=None if state is None else state["recurrent"],
+            want_states=want_states,
+        )
+        return self._output(o, x), self._states_at(recurrent_at, conv_states_at) if want_states else None

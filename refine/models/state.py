@@ -1,0 +1,61 @@
+"""Recurrent state of a fast-weight language model.
+
+A model's whole past is its state: one dict of tensors per layer, every tensor with the batch
+dimension first. That single rule is what lets a state be carried across segments, repeated per
+sample, indexed by document and detached, whatever the architecture keeps inside it
+(delta-rule matrices, short-convolution buffers, LaCT fast weights and window keys/values).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class ModelState:
+    layers: list[dict[str, Tensor]]
+
+    @property
+    def batch_size(self) -> int:
+        for layer in self.layers:
+            for tensor in layer.values():
+                return tensor.shape[0]
+        raise ValueError("ModelState has no tensors")
+
+    def map(self, fn) -> "ModelState":
+        return ModelState([{name: fn(t) for name, t in layer.items()} for layer in self.layers])
+
+    def expand(self, n: int) -> "ModelState":
+        """Repeat every sequence's state n times (sample i of sequence b lands at b * n + i)."""
+        return self.map(lambda t: t.repeat_interleave(n, dim=0))
+
+    def index(self, idx: Tensor | list[int]) -> "ModelState":
+        idx = torch.as_tensor(idx, dtype=torch.long, device=self.device)
+        return self.map(lambda t: t.index_select(0, idx))
+
+    def detach(self) -> "ModelState":
+        return self.map(Tensor.detach)
+
+    def to(self, *args, **kwargs) -> "ModelState":
+        return self.map(lambda t: t.to(*args, **kwargs))
+
+    @property
+    def device(self) -> torch.device:
+        for layer in self.layers:
+            for tensor in layer.values():
+                return tensor.device
+        return torch.device("cpu")
+
+    @staticmethod
+    def cat(states: list["ModelState"]) -> "ModelState":
+        first = states[0]
+        return ModelState([
+            {name: torch.cat([s.layers[i][name] for s in states], dim=0) for name in layer}
+            for i, layer in enumerate(first.layers)
+        ])
+
+    def num_elements_per_sequence(self) -> int:
+        return sum(t[0].numel() for layer in self.layers for t in layer.values())

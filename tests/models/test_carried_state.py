@@ -1,0 +1,103 @@
+"""The model contract: segments with a carried state equal one pass; padding never leaks."""
+
+import torch
+
+from refine.models import ModelState
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_segments_equal_whole_sequence(tiny_model):
+    model = tiny_model
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, model.config.vocab_size, (2, 150), generator=gen)
+    weights = torch.randn(2, 150, model.config.vocab_size, generator=gen, dtype=torch.float64)
+
+    model.zero_grad()
+    whole = model(ids)
+    (whole.logits * weights).sum().backward()
+    whole_grads = _grads(model)
+
+    cuts = sorted(torch.randperm(148, generator=gen)[:4].add(1).tolist()) + [64, 128]
+    bounds = [0] + sorted(set(cuts)) + [150]
+    model.zero_grad()
+    state, logits, hidden = None, [], []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        out = model(ids[:, a:b], state=state)
+        state = out.state
+        logits.append(out.logits)
+        hidden.append(out.hidden_states)
+    logits = torch.cat(logits, 1)
+    (logits * weights).sum().backward()
+    torch.testing.assert_close(logits, whole.logits, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(torch.cat(hidden, 1), whole.hidden_states, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(state.layers[-1]["recurrent"], whole.state.layers[-1]["recurrent"])
+    for name, grad in _grads(model).items():
+        torch.testing.assert_close(grad, whole_grads[name], rtol=1e-8, atol=1e-10, msg=name)
+
+
+def test_padded_batch_matches_rows_alone(tiny_model):
+    model = tiny_model
+    gen = torch.Generator().manual_seed(2)
+    lengths = torch.tensor([70, 33, 1])
+    ids = torch.randint(0, model.config.vocab_size, (3, 70), generator=gen)
+    ids[1, 33:] = 0
+    ids[2, 1:] = 7
+    batch = model(ids, lengths=lengths)
+    for row, length in enumerate(lengths.tolist()):
+        alone = model(ids[row:row + 1, :length])
+        torch.testing.assert_close(batch.logits[row, :length], alone.logits[0])
+        for name, tensor in alone.state.layers[0].items():
+            torch.testing.assert_close(batch.state.layers[0][name][row], tensor[0], msg=name)
+        # Continuing from the padded batch's state equals continuing the row alone.
+        nxt = torch.randint(0, model.config.vocab_size, (1, 5), generator=gen)
+        cont_batch = model(nxt, state=batch.state.index([row]))
+        cont_alone = model(nxt, state=alone.state)
+        torch.testing.assert_close(cont_batch.logits, cont_alone.logits)
+
+
+def test_position_states_equal_prefix_states_and_continue_exactly(tiny_model):
+    model = tiny_model
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, model.config.vocab_size, (2, 130), generator=gen)
+    positions = torch.tensor([[0, 1, 64, 65, 130], [3, 63, 64, 100, 128]])
+    out = model(ids, state_positions=positions)
+    assert out.position_states.batch_size == 10
+    for b in range(2):
+        for j, p in enumerate(positions[b].tolist()):
+            state = out.position_states.index([b * 5 + j])
+            if p > 0:
+                prefix = model(ids[b:b + 1, :p]).state
+                for name, tensor in prefix.layers[1].items():
+                    torch.testing.assert_close(state.layers[1][name], tensor, msg=f"{name}@{p}")
+            if p < 130:
+                rest = model(ids[b:b + 1, p:], state=state if p > 0 else None)
+                torch.testing.assert_close(rest.logits[0], out.logits[b, p:])
+
+
+def test_step_decoding_equals_full_forward(tiny_model):
+    model = tiny_model
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(4))
+    full = model(ids)
+    state = model(ids[:, :5]).state
+    for t in range(5, 12):
+        out = model(ids[:, t:t + 1], state=state)
+        torch.testing.assert_close(out.logits[:, 0], full.logits[:, t])
+        state = out.state
+
+
+def test_state_expand_index_detach(tiny_model):
+    model = tiny_model
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(5))
+    state = model(ids).state
+    expanded = state.expand(3)
+    assert expanded.batch_size == 6
+    for name, tensor in expanded.layers[0].items():
+        torch.testing.assert_close(tensor[4], state.layers[0][name][1])
+    picked = expanded.index([5, 0])
+    torch.testing.assert_close(picked.layers[1]["recurrent"][0], state.layers[1]["recurrent"][1])
+    assert not any(t.requires_grad for layer in state.detach().layers for t in layer.values())
+    merged = ModelState.cat([state.index([0]), state.index([1])])
+    torch.testing.assert_close(merged.layers[0]["recurrent"], state.layers[0]["recurrent"])
