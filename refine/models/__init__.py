@@ -24,6 +24,7 @@ MODEL_TYPES: dict[str, tuple[str, str, str, str]] = {
     "gated_deltanet": (
         "refine.models.gated_deltanet", "GatedDeltaNetForCausalLM", "GatedDeltaNetConfig", "GatedDeltaNetForCausalLM",
     ),
+    "lact_swiglu": ("refine.models.lact", "LaCTForCausalLM", "LaCTConfig", "LaCTForCausalLM"),
 }
 
 __all__ = [

@@ -108,17 +108,19 @@ class LaCTConfig(ModelConfigBase):
 
     @model_validator(mode="after")
     def _dims_divide(self) -> "LaCTConfig":
-        if self.hidden_size % self.num_attn_heads:
-            raise ValueError(f"hidden_size={self.hidden_size} must be divisible by num_attn_heads={self.num_attn_heads}")
-        if (self.hidden_size // self.num_attn_heads) % 2:
-            raise ValueError(f"hidden_size / num_attn_heads = {self.hidden_size // self.num_attn_heads} must be even "
-                             "(rotary embeddings rotate pairs of channels)")
-        if self.hidden_size % self.num_lact_heads:
-            raise ValueError(f"hidden_size={self.hidden_size} must be divisible by num_lact_heads={self.num_lact_heads}")
-        head_dim = self.hidden_size // self.num_lact_heads
+        hidden, attn_heads, fw_heads = self.hidden_size, self.num_attn_heads, self.num_lact_heads
+        if hidden % attn_heads:
+            raise ValueError(f"hidden_size={hidden} must be divisible by num_attn_heads={attn_heads}")
+        if (hidden // attn_heads) % 2:
+            raise ValueError(f"hidden_size / num_attn_heads = {hidden // attn_heads} must be even "
+                             f"(num_attn_heads={attn_heads}; rotary embeddings rotate pairs of channels)")
+        if hidden % fw_heads:
+            raise ValueError(f"hidden_size={hidden} must be divisible by num_lact_heads={fw_heads}")
+        head_dim = hidden // fw_heads
         inner = int(head_dim * self.inter_multi)
         if inner < 1:
-            raise ValueError(f"inter_multi={self.inter_multi} gives a fast-weight hidden size of {inner}; must be >= 1")
+            raise ValueError(f"inter_multi={self.inter_multi} gives a fast-weight hidden size of {inner}; "
+                             "must be >= 1")
         if self.lr_dim != 1 and not (self.lr_dim == head_dim == inner):
             raise ValueError(f"lr_dim={self.lr_dim} must be 1 or equal the fast-weight head size {head_dim} "
                              f"(with inter_multi=1) so that per-channel learning rates broadcast")

@@ -16,7 +16,7 @@ gradient sums of the first r tokens of that chunk.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -153,18 +153,6 @@ class FastWeightState:
     grad: tuple[Tensor, Tensor, Tensor]
     momentum_sum: Tensor | None
 
-    def map(self, fn) -> "FastWeightState":
-        values = {}
-        for field in fields(self):
-            value = getattr(self, field.name)
-            if value is None:
-                values[field.name] = None
-            elif isinstance(value, tuple):
-                values[field.name] = tuple(fn(t) for t in value)
-            else:
-                values[field.name] = fn(value)
-        return FastWeightState(**values)
-
 
 @dataclass
 class ChunkRule:
@@ -242,6 +230,9 @@ def chunked_swiglu_ttt(
         valid = (idx < stop[:, None]).to(q.dtype)  # tokens of this row inside this chunk
         w0, w1, w2 = current.applied
         outputs.append(swiglu_apply(w0, w1, w2, window(q, idx)).transpose(1, 2))  # [B, w, H, d_out]
+        starts.append(start)
+        if step == num_steps - 1 and not want_states:
+            break  # the last chunk's update only matters to states, which nobody asked for
         mask = valid[:, None, :, None]
         lr0, lr1, lr2 = (window(t, idx) * mask for t in lrs)
         factors = swiglu_gradient_factors(w0, w1, w2, window(k, idx), window(v, idx), lr0, lr1, lr2)
@@ -254,7 +245,6 @@ def chunked_swiglu_ttt(
             momentum_mean = momentum_sum / size
         if step == 0:
             grads = tuple(g + carried for g, carried in zip(grads, state.grad))
-        starts.append(start)
         factor_list.append(factors)
         if step < num_steps - 1:
             current = rule.advance(current, grads, momentum_mean)
@@ -279,7 +269,18 @@ def chunked_swiglu_ttt(
 class FastWeightStatesAt:
     """The fast-weight state after any positions of one call: chunk-start weights + partial gradient sums."""
 
-    def __init__(self, rule, carried, offset, snapshots, last_update, step_starts, local, factor_list, momentum_terms):
+    def __init__(
+        self,
+        rule: ChunkRule,
+        carried: FastWeightState,
+        offset: Tensor,
+        snapshots: list[FastWeightState],
+        last_update: tuple,
+        step_starts: Tensor,
+        local: Tensor,
+        factor_list: list,
+        momentum_terms: list[Tensor],
+    ):
         self.rule = rule
         self.carried = carried
         self.offset = offset

@@ -40,7 +40,9 @@ class ModelState:
         return self.map(Tensor.detach)
 
     def to(self, *args, **kwargs) -> "ModelState":
-        return self.map(lambda t: t.to(*args, **kwargs))
+        # Integer counters (LaCT's tokens_seen) follow the device but keep their dtype.
+        device = torch.empty(0).to(*args, **kwargs).device
+        return self.map(lambda t: t.to(*args, **kwargs) if t.is_floating_point() else t.to(device))
 
     @property
     def device(self) -> torch.device:

@@ -16,6 +16,9 @@ MODELS = {
                       intermediate_size=48, use_short_conv=True, use_gate=True),
     "gated_deltanet": dict(model_type="gated_deltanet", hidden_size=32, num_heads=2, head_dim=16,
                            num_hidden_layers=2, vocab_size=40, intermediate_size=48),
+    "lact": dict(model_type="lact_swiglu", vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attn_heads=4,
+                 num_lact_heads=2, inter_multi=2, lact_chunk_size=16, window_size=8, intermediate_size=24,
+                 use_momentum=True, use_muon=True),
 }
 
 

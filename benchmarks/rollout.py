@@ -1,0 +1,60 @@
+"""Rollout tokens per second: snapshot engine vs re-prefill generation, same model, prefixes and run.
+
+    python benchmarks/rollout.py [--lengths 1024 4096 16384] [--samples 1] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from refine.algorithm.rollout import choose_positions, reprefill_rollouts, snapshot_rollouts
+from refine.config import RefineConfig
+from refine.models import build_model
+
+
+def run(length: int, samples: int, model) -> dict:
+    cfg = RefineConfig(num_chunks=8, rollout_len=5, num_samples=samples)
+    ids = torch.randint(0, 256, (1, length), generator=torch.Generator().manual_seed(length))
+    lengths = torch.tensor([length])
+    with torch.no_grad():
+        positions = choose_positions(model(ids, output_state=False).logits, lengths, cfg, torch.Generator().manual_seed(0))
+    seconds = {}
+    tokens = 0
+    for name, fn in (
+        ("snapshot", lambda: snapshot_rollouts(model, ids, lengths, cfg, torch.Generator().manual_seed(1), positions)),
+        ("reprefill", lambda: reprefill_rollouts(model, ids, lengths, cfg, positions, torch.Generator().manual_seed(1))),
+    ):
+        fn()  # warm-up
+        started = time.perf_counter()
+        rollouts = fn()
+        seconds[name] = time.perf_counter() - started
+        tokens = rollouts.tokens.numel()
+    return {
+        "benchmark": "rollout", "context_length": length, "rollout_tokens": tokens, "num_chunks": 8, "rollout_len": 5,
+        "num_samples": samples, "threads": torch.get_num_threads(),
+        "tokens_per_second": {k: round(tokens / v, 1) for k, v in seconds.items()},
+        "seconds": {k: round(v, 4) for k, v in seconds.items()},
+        "snapshot_over_reprefill": round(seconds["reprefill"] / seconds["snapshot"], 2),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
+    parser.add_argument("--samples", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = build_model(dict(model_type="delta_net", vocab_size=260, hidden_size=128, num_hidden_layers=2,
+                             num_heads=2, intermediate_size=256, tie_word_embeddings=True))
+    for length in args.lengths:
+        print(json.dumps(run(length, args.samples, model)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""Self-supervised rollout rewards and the registry every reward (task rewards too) plugs into.
+
+A reward maps a `RewardInputs` batch of N rollouts to a float tensor [N]. The self-supervised
+rewards compare each k-token rollout with the document's ground-truth continuation:
+
+    cosine  = mean over the k steps of cos(h_rollout, h_ground_truth), final-layer hidden
+              states after the final norm; h at step i is the hidden state at the i-th rollout
+              token's own position (after reading that token), for both sides;
+    binary  = mean over the k steps of [rollout token == ground-truth token];
+    hybrid  = cosine + binary.
+
+Task rewards (QA F1, substring match, ...) register themselves with `@register_reward(name)`
+and read the text fields.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, model_validator
+from torch import Tensor
+
+RewardFn = Callable[["RewardInputs"], Tensor]
+
+_REGISTRY: dict[str, RewardFn] = {}
+
+
+class RewardInputs(BaseModel):
+    """What a reward may read about N rollouts; each reward checks the fields it needs."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
+
+    rollout_tokens: Tensor | None = None  # [N, k] long
+    ground_truth_tokens: Tensor | None = None  # [N, k] long
+    rollout_hidden: Tensor | None = None  # [N, k, D]
+    ground_truth_hidden: Tensor | None = None  # [N, k, D]
+    rollout_texts: list[str] | None = None  # [N] decoded rollouts (task rewards)
+    reference_texts: list[list[str]] | None = None  # [N] acceptable answers per rollout
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RewardInputs:
+        sizes: dict[str, int] = {}
+        for name in ("rollout_tokens", "ground_truth_tokens", "rollout_hidden", "ground_truth_hidden"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not isinstance(value, Tensor):
+                raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+            want = 2 if name.endswith("tokens") else 3
+            if value.dim() != want:
+                raise ValueError(f"{name} must have {want} dimensions, got shape {tuple(value.shape)}")
+            if name.endswith("tokens") and value.is_floating_point():
+                raise ValueError(f"{name} must hold integer token ids, got dtype {value.dtype}")
+            if name.endswith("hidden"):
+                _check_finite(name, value)
+            sizes[name] = value.shape[0]
+        for name in ("rollout_texts", "reference_texts"):
+            value = getattr(self, name)
+            if value is not None:
+                sizes[name] = len(value)
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"all fields must describe the same number of rollouts, got sizes {sizes}")
+        return self
+
+    @property
+    def num_rollouts(self) -> int:
+        for name in ("rollout_tokens", "ground_truth_tokens", "rollout_hidden", "ground_truth_hidden"):
+            value = getattr(self, name)
+            if value is not None:
+                return value.shape[0]
+        for value in (self.rollout_texts, self.reference_texts):
+            if value is not None:
+                return len(value)
+        return 0
+
+    def require(self, *names: str) -> None:
+        missing = [name for name in names if getattr(self, name) is None]
+        if missing:
+            raise ValueError(f"this reward needs the fields {missing}, which are missing")
+
+
+def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
+    """Decorator adding a reward function to the registry under `name` (unique)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"reward name must be a non-empty string, got {name!r}")
+
+    def decorator(fn: RewardFn) -> RewardFn:
+        if name in _REGISTRY and _REGISTRY[name] is not fn:
+            raise ValueError(f"reward {name!r} is already registered")
+        _REGISTRY[name] = fn
+        return fn
+
+    return decorator
+
+
+def unregister_reward(name: str) -> None:
+    """Remove a reward (plugins being reloaded, tests)."""
+    _REGISTRY.pop(name, None)
+
+
+def get_reward(name: str) -> RewardFn:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown reward {name!r}; registered: {sorted(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def available_rewards() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def compute_reward(name: str, inputs: RewardInputs) -> Tensor:
+    """Run the registered reward `name` and check it returned N finite scores."""
+    scores = get_reward(name)(inputs)
+    if not isinstance(scores, Tensor) or scores.shape != (inputs.num_rollouts,):
+        shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
+        raise ValueError(f"reward {name!r} must return a tensor of shape [{inputs.num_rollouts}], got {shape}")
+    _check_finite(f"reward {name!r} output", scores)
+    return scores
+
+
+def cosine_reward(rollout_hidden: Tensor, ground_truth_hidden: Tensor, eps: float = 1e-8) -> Tensor:
+    """Mean over k steps of the cosine similarity of hidden states: [N, k, D] x2 -> [N]."""
+    _check_same_shape("rollout_hidden", rollout_hidden, "ground_truth_hidden", ground_truth_hidden, dims=3)
+    _check_finite("rollout_hidden", rollout_hidden)
+    _check_finite("ground_truth_hidden", ground_truth_hidden)
+    dtype = torch.promote_types(torch.promote_types(rollout_hidden.dtype, ground_truth_hidden.dtype), torch.float32)
+    cos = F.cosine_similarity(rollout_hidden.to(dtype), ground_truth_hidden.to(dtype), dim=-1, eps=eps)
+    return cos.mean(dim=-1)
+
+
+def binary_reward(rollout_tokens: Tensor, ground_truth_tokens: Tensor) -> Tensor:
+    """Fraction of the k rollout tokens equal to the ground truth: [N, k] x2 -> [N] float32."""
+    _check_same_shape("rollout_tokens", rollout_tokens, "ground_truth_tokens", ground_truth_tokens, dims=2)
+    for name, value in (("rollout_tokens", rollout_tokens), ("ground_truth_tokens", ground_truth_tokens)):
+        if value.is_floating_point():
+            raise ValueError(f"{name} must hold integer token ids, got dtype {value.dtype}")
+    return (rollout_tokens == ground_truth_tokens).float().mean(dim=-1)
+
+
+def hybrid_reward(
+    rollout_tokens: Tensor, ground_truth_tokens: Tensor, rollout_hidden: Tensor, ground_truth_hidden: Tensor
+) -> Tensor:
+    """cosine + binary, each a mean over the k steps: in [-1, 2]."""
+    cosine = cosine_reward(rollout_hidden, ground_truth_hidden)
+    return cosine + binary_reward(rollout_tokens, ground_truth_tokens).to(cosine.dtype)
+
+
+@register_reward("cosine")
+def _cosine(inputs: RewardInputs) -> Tensor:
+    inputs.require("rollout_hidden", "ground_truth_hidden")
+    return cosine_reward(inputs.rollout_hidden, inputs.ground_truth_hidden)
+
+
+@register_reward("binary")
+def _binary(inputs: RewardInputs) -> Tensor:
+    inputs.require("rollout_tokens", "ground_truth_tokens")
+    return binary_reward(inputs.rollout_tokens, inputs.ground_truth_tokens)
+
+
+@register_reward("hybrid")
+def _hybrid(inputs: RewardInputs) -> Tensor:
+    inputs.require("rollout_tokens", "ground_truth_tokens", "rollout_hidden", "ground_truth_hidden")
+    return hybrid_reward(
+        inputs.rollout_tokens, inputs.ground_truth_tokens, inputs.rollout_hidden, inputs.ground_truth_hidden
+    )
+
+
+# The paper's code names the cosine reward "cosine_similarity"; accept its configs unchanged.
+register_reward("cosine_similarity")(_cosine)
+
+
+def _check_same_shape(name_a: str, a: Tensor, name_b: str, b: Tensor, dims: int) -> None:
+    for name, value in ((name_a, a), (name_b, b)):
+        if not isinstance(value, Tensor) or value.dim() != dims:
+            shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise ValueError(f"{name} must be a {dims}-D tensor, got {shape}")
+    if a.shape != b.shape:
+        raise ValueError(f"{name_a} {tuple(a.shape)} and {name_b} {tuple(b.shape)} must have the same shape")
+
+
+def _check_finite(name: str, value: Tensor) -> None:
+    if value.is_floating_point() and not torch.isfinite(value).all():
+        raise ValueError(f"{name} contains NaN or Inf")

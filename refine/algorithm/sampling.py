@@ -1,0 +1,122 @@
+"""Token sampling for rollouts, and the one definition of a token's log-probability.
+
+Log-probability convention (the paper's code, i.e. verl): a token's log-probability is
+log_softmax(logits / temperature)[token], with no top-k / top-p / suppressed-token masking,
+even though the token was drawn from the masked distribution. Behaviour log-probs returned by
+`sample_tokens` and the learner's new log-probs (`logprobs_from_logits`) use the same
+definition, so the PPO ratio is exactly 1 on-policy whatever the sampling filters.
+
+Greedy decoding (temperature == 0) picks the argmax; its log-probs are taken at temperature 1
+(the model's own distribution), since the degenerate greedy distribution (log 1 = 0) carries no
+information for a ratio.
+
+Filters follow Hugging Face generate's order, which the paper's code samples with: temperature,
+then top-k (keep logits >= the k-th largest, so ties at the boundary are kept), then top-p on the
+renormalized result (keep the smallest set of most likely tokens whose mass reaches top_p; the
+most likely token is always kept). `suppress_tokens` are never emitted: the paper's code
+generates with min_new_tokens = k, which forbids EOS inside a rollout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def logprobs_from_logits(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
+    """log_softmax(logits / temperature) at `tokens`: logits [..., V], tokens [...] -> [...].
+
+    Differentiable; computed in at least float32. temperature == 0 means greedy and is read as 1.
+    """
+    _check_temperature(temperature)
+    if logits.dim() < 1 or logits.shape[:-1] != tokens.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} must be tokens {tuple(tokens.shape)} plus a vocabulary axis")
+    scaled = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if temperature > 0:
+        scaled = scaled / temperature
+    index = tokens.long().unsqueeze(-1)
+    _check_token_range(index, logits.shape[-1])
+    return torch.log_softmax(scaled, dim=-1).gather(-1, index).squeeze(-1)
+
+
+def filter_logits(
+    logits: Tensor,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    suppress_tokens: Sequence[int] | None = None,
+) -> Tensor:
+    """The logits of the distribution actually sampled from: [N, V] -> [N, V], removed tokens -inf."""
+    _check_temperature(temperature)
+    _check_filters(top_p, top_k)
+    vocab = logits.shape[-1]
+    out = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if temperature > 0:
+        out = out / temperature
+    else:
+        out = out.clone()
+    if suppress_tokens:
+        ids = torch.as_tensor(list(suppress_tokens), dtype=torch.long, device=logits.device)
+        _check_token_range(ids, vocab, field="suppress_tokens")
+        if ids.unique().numel() >= vocab:
+            raise ValueError(f"suppress_tokens removes the whole vocabulary of {vocab} tokens")
+        out[..., ids] = float("-inf")
+    if 0 < top_k < vocab:
+        kth = torch.topk(out, top_k, dim=-1).values[..., -1:]
+        out = out.masked_fill(out < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(out, dim=-1, descending=True)
+        sorted_probs = torch.softmax(sorted_logits, dim=-1)
+        mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+        remove_sorted = mass_before >= top_p
+        remove_sorted[..., 0] = False
+        remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
+        out = out.masked_fill(remove, float("-inf"))
+    return out
+
+
+@torch.no_grad()
+def sample_tokens(
+    logits: Tensor,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    generator: torch.Generator | None = None,
+    suppress_tokens: Sequence[int] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Draw one token per row: logits [N, V] -> (tokens [N] long, logprobs [N]).
+
+    Greedy when temperature == 0. The log-probs follow the module's convention (temperature
+    scaled, unfiltered), identical to `logprobs_from_logits(logits, tokens, temperature)`.
+    """
+    if logits.dim() != 2 or logits.shape[-1] < 1:
+        raise ValueError(f"logits must have shape [N, V], got {tuple(logits.shape)}")
+    if not torch.isfinite(logits).all():
+        raise ValueError("logits must be finite (found NaN or Inf)")
+    filtered = filter_logits(logits, temperature, top_p, top_k, suppress_tokens)
+    if temperature == 0:
+        tokens = filtered.argmax(dim=-1)
+    else:
+        probs = torch.softmax(filtered, dim=-1)
+        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return tokens, logprobs_from_logits(logits, tokens, temperature)
+
+
+def _check_temperature(temperature: float) -> None:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+        raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
+
+
+def _check_filters(top_p: float, top_k: int) -> None:
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be a non-negative integer (0 = off), got {top_k!r}")
+
+
+def _check_token_range(ids: Tensor, vocab: int, field: str = "tokens") -> None:
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        bad = ids[(ids < 0) | (ids >= vocab)].flatten()[0]
+        raise ValueError(f"{field} contains id {int(bad)} outside the vocabulary [0, {vocab})")

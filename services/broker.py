@@ -1,0 +1,408 @@
+"""Message transport between roles on Redis Streams, plus run control.
+
+Delivery is at-least-once: a consumer group hands each entry to one consumer, the entry stays
+pending until acknowledged, and entries a dead consumer held are reclaimed by another after an idle
+time. Acknowledge only after the message has been durably used. Exactly-once training on top of
+that is the consumed-set guard: `mark_consumed` answers atomically whether a message id is new.
+
+Entries that cannot be decoded are moved to `<stream>:dead` (with the error) and acknowledged, so
+one bad message never blocks a group.
+
+Every key lives under `<namespace>:`, so runs sharing one Redis never see each other's data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, TypeVar
+
+import redis
+from pydantic import BaseModel
+
+from services.codec import DEFAULT_LIMITS, CodecError, CodecLimits, decode, encode
+
+__all__ = ["Broker", "DeadLetter"]
+
+M = TypeVar("M", bound=BaseModel)
+
+_PAYLOAD = b"m"
+_TYPE = b"t"
+
+# One round trip, and the server's clock: heartbeats from machines with skewed clocks compare fairly.
+_HEARTBEAT_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+return tostring(now)
+"""
+
+
+class DeadLetter(BaseModel):
+    """An entry that could not be used, as kept in `<stream>:dead`."""
+
+    stream: str
+    entry_id: str
+    error: str
+    payload: bytes
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class Broker:
+    """Redis Streams broker for one run's namespace."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        namespace: str,
+        limits: CodecLimits = DEFAULT_LIMITS,
+    ) -> None:
+        if not isinstance(namespace, str) or not namespace or any(ch.isspace() for ch in namespace):
+            raise ValueError(f"namespace must be a non-empty string without spaces, got {namespace!r}")
+        if client.connection_pool.connection_kwargs.get("decode_responses"):
+            raise ValueError("Broker needs a Redis client with decode_responses=False (payloads are bytes)")
+        self.client = client
+        self.namespace = namespace
+        self.limits = limits
+        self._heartbeat_script = client.register_script(_HEARTBEAT_LUA)
+        self._known_groups: set[tuple[str, str]] = set()
+
+    # -- keys -------------------------------------------------------------------------------------
+
+    def key(self, *parts: str) -> str:
+        """Full Redis key for a name inside this namespace."""
+        for part in parts:
+            if not isinstance(part, str) or not part:
+                raise ValueError(f"key part must be a non-empty string, got {part!r}")
+        return ":".join((self.namespace, *parts))
+
+    def _stream(self, stream: str) -> str:
+        return self.key("stream", stream)
+
+    def dead_letter_stream(self, stream: str) -> str:
+        """Stream name (inside the namespace) that collects `stream`'s unusable entries."""
+        return f"{stream}:dead"
+
+    # -- streams ----------------------------------------------------------------------------------
+
+    def publish(
+        self, stream: str, message: BaseModel, maxlen: int | None = None, approximate: bool = True
+    ) -> str:
+        """Append a message; returns its stream entry id. `maxlen` trims the oldest entries.
+
+        Trimming drops entries whether or not a group has read them: size it well above the
+        largest backlog a run can hold.
+        """
+        if maxlen is not None and maxlen <= 0:
+            raise ValueError(f"maxlen must be positive or None, got {maxlen}")
+        payload = encode(message, self.limits)
+        entry_id = self.client.xadd(
+            self._stream(stream),
+            {_PAYLOAD: payload, _TYPE: type(message).__name__},
+            maxlen=maxlen,
+            approximate=approximate,
+        )
+        return _text(entry_id)
+
+    def ensure_group(self, stream: str, group: str, start_id: str = "0") -> None:
+        """Create the consumer group (and the stream) unless it exists. `start_id="0"`: the group
+        sees everything already in the stream; `"$"`: only what is published from now on."""
+        if (stream, group) in self._known_groups:
+            return
+        try:
+            self.client.xgroup_create(self._stream(stream), group, id=start_id, mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._known_groups.add((stream, group))
+
+    def _with_group(self, stream: str, group: str, command: Any) -> Any:
+        # The group may vanish under us (stream deleted, Redis restarted without persistence):
+        # recreate it once rather than fail the consumer loop.
+        self.ensure_group(stream, group)
+        try:
+            return command()
+        except redis.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            self._known_groups.discard((stream, group))
+            self.ensure_group(stream, group)
+            return command()
+
+    def consume(
+        self,
+        stream: str,
+        group: str,
+        consumer: str,
+        message_type: type[M],
+        count: int = 1,
+        block_ms: int | None = None,
+    ) -> list[tuple[str, M]]:
+        """Up to `count` new entries for `consumer`, decoded as `message_type`.
+
+        `block_ms=None` returns at once; otherwise waits up to that long for an entry (it must stay
+        below the client's socket timeout). Entries stay pending until `ack`.
+        """
+        if count <= 0:
+            raise ValueError(f"count must be positive, got {count}")
+        if block_ms is not None:
+            if block_ms <= 0:
+                raise ValueError(f"block_ms must be positive or None (0 would block forever), got {block_ms}")
+            socket_timeout = self.client.connection_pool.connection_kwargs.get("socket_timeout")
+            if socket_timeout is not None and block_ms >= socket_timeout * 1000:
+                raise ValueError(
+                    f"block_ms={block_ms} must be below the client's socket timeout ({socket_timeout}s)"
+                )
+        response = self._with_group(
+            stream, group,
+            lambda: self.client.xreadgroup(group, consumer, {self._stream(stream): ">"}, count=count, block=block_ms),
+        )
+        entries: list[tuple[bytes, dict[bytes, bytes] | None]] = []
+        for _name, stream_entries in response or []:
+            entries.extend(stream_entries)
+        return self._decode_entries(stream, group, entries, message_type)
+
+    def _decode_entries(
+        self,
+        stream: str,
+        group: str,
+        entries: Iterable[tuple[bytes, dict[bytes, bytes] | None]],
+        message_type: type[M],
+    ) -> list[tuple[str, M]]:
+        out: list[tuple[str, M]] = []
+        for raw_id, fields in entries:
+            entry_id = _text(raw_id)
+            if fields is None:
+                # Trimmed away while pending (Redis 6.2 reports it as an empty entry): nothing to use.
+                self.ack(stream, group, [entry_id])
+                continue
+            payload = fields.get(_PAYLOAD)
+            try:
+                if payload is None:
+                    raise CodecError(f"stream entry {entry_id} has no payload field")
+                message = decode(payload, message_type, self.limits)
+            except CodecError as exc:
+                self._dead_letter(stream, group, entry_id, payload or b"", str(exc))
+                continue
+            out.append((entry_id, message))
+        return out
+
+    def _dead_letter(self, stream: str, group: str, entry_id: str, payload: bytes, error: str) -> None:
+        pipe = self.client.pipeline(transaction=True)
+        pipe.xadd(
+            self._stream(self.dead_letter_stream(stream)),
+            {b"stream": stream, b"entry_id": entry_id, b"group": group, b"error": error[:4000], _PAYLOAD: payload},
+        )
+        pipe.xack(self._stream(stream), group, entry_id)
+        pipe.execute()
+
+    def dead_letters(self, stream: str, count: int = 100) -> list[DeadLetter]:
+        """The oldest `count` entries of `stream` that could not be decoded."""
+        rows = self.client.xrange(self._stream(self.dead_letter_stream(stream)), count=count)
+        return [
+            DeadLetter(
+                stream=_text(fields[b"stream"]),
+                entry_id=_text(fields[b"entry_id"]),
+                error=_text(fields[b"error"]),
+                payload=fields[_PAYLOAD],
+            )
+            for _id, fields in rows
+        ]
+
+    def ack(self, stream: str, group: str, ids: Sequence[str]) -> int:
+        """Acknowledge entries after their use is durable; returns how many were pending."""
+        if not ids:
+            return 0
+        return int(self.client.xack(self._stream(stream), group, *ids))
+
+    def ack_consumed(
+        self, stream: str, group: str, entry_ids: Sequence[str], consumed_key: str, message_ids: Sequence[str]
+    ) -> int:
+        """Record message ids as consumed and acknowledge their entries in one transaction."""
+        pipe = self.client.pipeline(transaction=True)
+        if message_ids:
+            pipe.sadd(self.key("consumed", consumed_key), *message_ids)
+        if entry_ids:
+            pipe.xack(self._stream(stream), group, *entry_ids)
+        results = pipe.execute()
+        return int(results[-1]) if entry_ids else 0
+
+    def reclaim(
+        self,
+        stream: str,
+        group: str,
+        consumer: str,
+        message_type: type[M],
+        min_idle_ms: int,
+        count: int = 100,
+        max_deliveries: int | None = None,
+    ) -> list[tuple[str, M]]:
+        """Take over entries other consumers left pending for at least `min_idle_ms` (XAUTOCLAIM).
+
+        With `max_deliveries`, an entry already delivered more often than that (it keeps crashing
+        its consumers) goes to the dead-letter stream instead of being handed out again.
+        """
+        if min_idle_ms < 0:
+            raise ValueError(f"min_idle_ms must be >= 0, got {min_idle_ms}")
+        if count <= 0:
+            raise ValueError(f"count must be positive, got {count}")
+        key = self._stream(stream)
+        claimed: list[tuple[bytes, dict[bytes, bytes] | None]] = []
+        cursor: bytes | str = "0-0"
+        while len(claimed) < count:
+            start, want = cursor, count - len(claimed)
+            response = self._with_group(
+                stream, group,
+                lambda: self.client.xautoclaim(key, group, consumer, min_idle_ms, start_id=start, count=want),
+            )
+            cursor, entries = response[0], response[1]
+            claimed.extend(entries)
+            if _text(cursor) == "0-0":
+                break
+        if any(raw_id is None for raw_id, _ in claimed):
+            # Redis 6.2 hands back entries deleted (trimmed) while pending without their ids.
+            claimed = [(raw_id, fields) for raw_id, fields in claimed if raw_id is not None]
+            self._release_deleted(stream, group, consumer)
+        if max_deliveries is not None and claimed:
+            claimed = self._drop_redelivered(stream, group, key, claimed, max_deliveries)
+        return self._decode_entries(stream, group, claimed, message_type)
+
+    def _release_deleted(self, stream: str, group: str, consumer: str, batch: int = 1000) -> None:
+        """Acknowledge the entries `consumer` holds that no longer exist in the stream."""
+        key = self._stream(stream)
+        held = [
+            _text(row["message_id"])
+            for row in self.client.xpending_range(key, group, "-", "+", batch, consumername=consumer)
+        ]
+        pipe = self.client.pipeline(transaction=False)
+        for entry_id in held:
+            pipe.xrange(key, min=entry_id, max=entry_id, count=1)
+        gone = [entry_id for entry_id, rows in zip(held, pipe.execute()) if not rows]
+        self.ack(stream, group, gone)
+
+    def _drop_redelivered(
+        self,
+        stream: str,
+        group: str,
+        key: str,
+        claimed: list[tuple[bytes, dict[bytes, bytes] | None]],
+        max_deliveries: int,
+    ) -> list[tuple[bytes, dict[bytes, bytes] | None]]:
+        ids = [_text(raw_id) for raw_id, _ in claimed]
+        pipe = self.client.pipeline(transaction=False)
+        for entry_id in ids:
+            pipe.xpending_range(key, group, min=entry_id, max=entry_id, count=1)
+        deliveries = {
+            _text(rows[0]["message_id"]): int(rows[0]["times_delivered"]) for rows in pipe.execute() if rows
+        }
+        keep = []
+        for raw_id, fields in claimed:
+            entry_id = _text(raw_id)
+            times = deliveries.get(entry_id, 0)
+            if fields is not None and times > max_deliveries:
+                self._dead_letter(
+                    stream, group, entry_id, fields.get(_PAYLOAD, b""),
+                    f"delivered {times} times, over max_deliveries={max_deliveries}",
+                )
+            else:
+                keep.append((raw_id, fields))
+        return keep
+
+    def pending(self, stream: str, group: str) -> int:
+        """Entries delivered to the group's consumers and not yet acknowledged."""
+        try:
+            return int(self.client.xpending(self._stream(stream), group)["pending"])
+        except redis.ResponseError as exc:
+            if "NOGROUP" in str(exc):
+                return 0
+            raise
+
+    def length(self, stream: str) -> int:
+        """Entries in the stream (acknowledged ones included until trimmed)."""
+        return int(self.client.xlen(self._stream(stream)))
+
+    def trim(self, stream: str, maxlen: int, approximate: bool = False) -> int:
+        """Drop the oldest entries beyond `maxlen`; returns how many were removed."""
+        return int(self.client.xtrim(self._stream(stream), maxlen=maxlen, approximate=approximate))
+
+    # -- exactly-once guard ------------------------------------------------------------------------
+
+    def mark_consumed(self, key: str, message_id: str) -> bool:
+        """Atomically record `message_id` as consumed under `key`; False if it already was."""
+        return int(self.client.sadd(self.key("consumed", key), message_id)) == 1
+
+    def already_consumed(self, key: str, message_id: str) -> bool:
+        return bool(self.client.sismember(self.key("consumed", key), message_id))
+
+    def consumed_count(self, key: str) -> int:
+        return int(self.client.scard(self.key("consumed", key)))
+
+    # -- run control --------------------------------------------------------------------------------
+
+    def set_paused(self, paused: bool) -> None:
+        if paused:
+            self.client.set(self.key("control", "paused"), b"1")
+        else:
+            self.client.delete(self.key("control", "paused"))
+
+    def paused(self) -> bool:
+        return bool(self.client.exists(self.key("control", "paused")))
+
+    def request_stop(self, reason: str = "") -> None:
+        self.client.set(self.key("control", "stop"), reason.encode() or b"stop requested")
+
+    def stop_requested(self) -> str | None:
+        """The stop reason if a stop was requested, else None."""
+        value = self.client.get(self.key("control", "stop"))
+        return None if value is None else _text(value)
+
+    def clear_stop(self) -> None:
+        self.client.delete(self.key("control", "stop"))
+
+    def heartbeat(self, role: str, member_id: str) -> float:
+        """Record that `member_id` of `role` is alive now; returns the server time used."""
+        return float(self._heartbeat_script(keys=[self.key("heartbeat", role)], args=[member_id]))
+
+    def heartbeats(self, role: str) -> dict[str, float]:
+        """Seconds since each member of `role` last beat, by member id."""
+        now = self._server_time()
+        rows = self.client.zrange(self.key("heartbeat", role), 0, -1, withscores=True)
+        return {_text(member): max(0.0, now - score) for member, score in rows}
+
+    def alive(self, role: str, max_age_s: float) -> list[str]:
+        """Members of `role` that beat within the last `max_age_s` seconds."""
+        if max_age_s < 0:
+            raise ValueError(f"max_age_s must be >= 0, got {max_age_s}")
+        cutoff = self._server_time() - max_age_s
+        return sorted(_text(m) for m in self.client.zrangebyscore(self.key("heartbeat", role), cutoff, "+inf"))
+
+    def forget(self, role: str, member_id: str) -> None:
+        """Remove a member that left cleanly, so it is not reported as dead."""
+        self.client.zrem(self.key("heartbeat", role), member_id)
+
+    def _server_time(self) -> float:
+        seconds, micros = self.client.time()
+        return seconds + micros / 1e6
+
+    # -- housekeeping ---------------------------------------------------------------------------------
+
+    def delete_namespace(self, batch: int = 500) -> int:
+        """Delete every key of this namespace (end of a run, tests); returns how many."""
+        deleted = 0
+        names: list[Any] = []
+        for name in self.client.scan_iter(match=f"{_escape_glob(self.namespace)}:*", count=batch):
+            names.append(name)
+            if len(names) >= batch:
+                deleted += int(self.client.delete(*names))
+                names = []
+        if names:
+            deleted += int(self.client.delete(*names))
+        self._known_groups.clear()
+        return deleted
+
+
+def _escape_glob(text: str) -> str:
+    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)
+

@@ -1,0 +1,90 @@
+import math
+
+import pytest
+import torch
+
+from refine.algorithm.advantages import broadcast_advantages, group_ids_for, grpo_advantages
+
+EPS = 1e-6
+
+
+def test_hand_computed_groups_use_the_unbiased_std():
+    rewards = torch.tensor([1.0, 2.0, 3.0, 0.0, 4.0, 10.0, 10.0], dtype=torch.float64)
+    groups = torch.tensor([0, 0, 0, 5, 5, 9, 9])
+    adv = grpo_advantages(rewards, groups)
+    # Group 0: mean 2, unbiased std sqrt((1 + 0 + 1) / 2) = 1 -> -1, 0, 1 (over 1 + eps).
+    # Group 5: mean 2, unbiased std sqrt((4 + 4) / 1) = 2.828427 -> -/+ 2 / 2.828427 = -/+ 0.707107
+    #          (the biased std, 2, would give -/+ 1).
+    # Group 9: equal rewards -> exactly 0.
+    expected = [-1 / (1 + EPS), 0.0, 1 / (1 + EPS), -2 / (math.sqrt(8) + EPS), 2 / (math.sqrt(8) + EPS), 0.0, 0.0]
+    assert adv.tolist() == pytest.approx(expected, abs=1e-12)
+    assert adv[5].item() == 0.0 and adv[6].item() == 0.0
+
+
+def test_without_std_normalization_rewards_are_only_centered():
+    rewards = torch.tensor([1.0, 2.0, 6.0, 0.0, 4.0])
+    adv = grpo_advantages(rewards, torch.tensor([1, 1, 1, 2, 2]), norm_by_std=False)
+    # Group 1 mean 3 -> -2, -1, 3; group 2 mean 2 -> -2, 2.
+    assert adv.tolist() == pytest.approx([-2.0, -1.0, 3.0, -2.0, 2.0])
+
+
+def test_constant_group_is_exactly_zero_despite_round_off():
+    # In float64, (7 * 0.7) / 7 differs from 0.7 by ~1e-16; divided by eps that would be ~1e-10.
+    rewards = torch.full((7,), 0.7, dtype=torch.float64)
+    assert rewards.sum() / 7 != rewards[0]
+    adv = grpo_advantages(rewards, torch.zeros(7, dtype=torch.long))
+    assert adv.tolist() == [0.0] * 7
+
+
+def test_singleton_groups_zero_by_default_raw_like_verl_on_request():
+    rewards = torch.tensor([0.7, 1.0, 3.0])
+    groups = torch.tensor([4, 8, 8])
+    assert grpo_advantages(rewards, groups)[0].item() == 0.0
+    raw = grpo_advantages(rewards, groups, singleton="raw")
+    assert raw[0].item() == pytest.approx(0.7 / (1 + EPS))
+    assert grpo_advantages(rewards, groups, norm_by_std=False, singleton="raw")[0].item() == pytest.approx(0.7)
+
+
+def test_matches_a_per_group_loop_on_random_data():
+    gen = torch.Generator().manual_seed(0)
+    rewards = torch.randn(60, generator=gen, dtype=torch.float64)
+    groups = torch.randint(0, 7, (60,), generator=gen)
+    adv = grpo_advantages(rewards, groups)
+    for g in groups.unique():
+        members = groups == g
+        values = rewards[members]
+        if values.numel() < 2:
+            continue
+        expected = (values - values.mean()) / (values.std(unbiased=True) + EPS)
+        assert torch.allclose(adv[members], expected, atol=1e-12)
+
+
+def test_dtype_is_kept():
+    adv = grpo_advantages(torch.tensor([1.0, 2.0], dtype=torch.bfloat16), torch.tensor([0, 0]))
+    assert adv.dtype == torch.bfloat16
+
+
+def test_group_ids_for_document_and_position_modes():
+    # 2 documents x 3 positions x 2 samples, index (d * 3 + j) * 2 + s.
+    assert group_ids_for(2, 3, 2, "document").tolist() == [0] * 6 + [1] * 6
+    assert group_ids_for(2, 3, 2, "position").tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    # The paper's default (n = 1, group = document): all c rollouts of a document share a group.
+    assert group_ids_for(3, 8, 1).tolist() == [d for d in range(3) for _ in range(8)]
+
+
+def test_broadcast_to_tokens():
+    out = broadcast_advantages(torch.tensor([1.0, -2.0]), 3)
+    assert out.tolist() == [[1.0, 1.0, 1.0], [-2.0, -2.0, -2.0]]
+
+
+def test_bad_inputs_are_named():
+    with pytest.raises(ValueError, match=r"rewards\[1\] = nan"):
+        grpo_advantages(torch.tensor([1.0, float("nan")]), torch.tensor([0, 0]))
+    with pytest.raises(ValueError, match="group_ids"):
+        grpo_advantages(torch.tensor([1.0, 2.0]), torch.tensor([0]))
+    with pytest.raises(ValueError, match="group_ids"):
+        grpo_advantages(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match="mode"):
+        group_ids_for(1, 2, 3, "sample")
+    with pytest.raises(ValueError, match="num_samples"):
+        group_ids_for(1, 2, 0)

@@ -1,0 +1,114 @@
+import math
+
+import pytest
+import torch
+
+from refine.algorithm.rewards import (
+    RewardInputs,
+    available_rewards,
+    binary_reward,
+    compute_reward,
+    cosine_reward,
+    get_reward,
+    hybrid_reward,
+    register_reward,
+    unregister_reward,
+)
+
+# Two rollouts, k = 2 steps, D = 2.
+ROLLOUT_HIDDEN = torch.tensor([[[1.0, 0.0], [0.0, 3.0]], [[1.0, 0.0], [-2.0, 0.0]]])
+TRUTH_HIDDEN = torch.tensor([[[5.0, 0.0], [1.0, 1.0]], [[-1.0, 0.0], [-1.0, 0.0]]])
+# Row 0: cos = 1 and 1/sqrt(2) -> mean (1 + 0.70711) / 2 = 0.85355. Row 1: -1 and 1 -> 0.
+COSINE = [(1 + 1 / math.sqrt(2)) / 2, 0.0]
+ROLLOUT_TOKENS = torch.tensor([[4, 7], [1, 1]])
+TRUTH_TOKENS = torch.tensor([[4, 8], [1, 1]])
+# Row 0: 1 of 2 match -> 0.5. Row 1: both -> 1.0.
+BINARY = [0.5, 1.0]
+
+
+def inputs() -> RewardInputs:
+    return RewardInputs(
+        rollout_tokens=ROLLOUT_TOKENS,
+        ground_truth_tokens=TRUTH_TOKENS,
+        rollout_hidden=ROLLOUT_HIDDEN,
+        ground_truth_hidden=TRUTH_HIDDEN,
+    )
+
+
+def test_cosine_binary_hybrid_on_hand_made_vectors():
+    assert cosine_reward(ROLLOUT_HIDDEN, TRUTH_HIDDEN).tolist() == pytest.approx(COSINE)
+    assert binary_reward(ROLLOUT_TOKENS, TRUTH_TOKENS).tolist() == pytest.approx(BINARY)
+    hybrid = hybrid_reward(ROLLOUT_TOKENS, TRUTH_TOKENS, ROLLOUT_HIDDEN, TRUTH_HIDDEN)
+    assert hybrid.tolist() == pytest.approx([c + b for c, b in zip(COSINE, BINARY)])
+
+
+def test_cosine_is_scale_invariant_and_keeps_float64():
+    scaled = cosine_reward(ROLLOUT_HIDDEN.double() * 7.5, TRUTH_HIDDEN.double() * 0.1)
+    assert scaled.dtype == torch.float64
+    assert scaled.tolist() == pytest.approx(COSINE, abs=1e-12)
+
+
+def test_registry_serves_the_builtin_rewards():
+    assert {"cosine", "binary", "hybrid", "cosine_similarity"} <= set(available_rewards())
+    assert compute_reward("cosine", inputs()).tolist() == pytest.approx(COSINE)
+    assert compute_reward("cosine_similarity", inputs()).tolist() == pytest.approx(COSINE)
+    assert compute_reward("binary", inputs()).tolist() == pytest.approx(BINARY)
+    assert get_reward("hybrid")(inputs()).tolist() == pytest.approx([c + b for c, b in zip(COSINE, BINARY)])
+
+
+def test_a_task_reward_plugs_in_and_reads_texts():
+    @register_reward("test_exact_answer")
+    def exact_answer(batch: RewardInputs) -> torch.Tensor:
+        batch.require("rollout_texts", "reference_texts")
+        hits = [float(text.strip() in refs) for text, refs in zip(batch.rollout_texts, batch.reference_texts)]
+        return torch.tensor(hits)
+
+    try:
+        batch = RewardInputs(rollout_texts=["Paris ", "Rome"], reference_texts=[["Paris"], ["Milan", "Turin"]])
+        assert compute_reward("test_exact_answer", batch).tolist() == [1.0, 0.0]
+        with pytest.raises(ValueError, match="already registered"):
+            register_reward("test_exact_answer")(lambda batch: torch.zeros(batch.num_rollouts))
+    finally:
+        unregister_reward("test_exact_answer")
+    assert "test_exact_answer" not in available_rewards()
+
+
+def test_unknown_reward_and_missing_fields_are_named():
+    with pytest.raises(ValueError, match="unknown reward 'f1x'"):
+        get_reward("f1x")
+    with pytest.raises(ValueError, match="rollout_hidden"):
+        compute_reward("cosine", RewardInputs(rollout_tokens=ROLLOUT_TOKENS, ground_truth_tokens=TRUTH_TOKENS))
+
+
+def test_reward_output_is_checked():
+    @register_reward("test_bad_shape")
+    def bad_shape(batch: RewardInputs) -> torch.Tensor:
+        return torch.zeros(batch.num_rollouts + 1)
+
+    @register_reward("test_nan")
+    def nan(batch: RewardInputs) -> torch.Tensor:
+        return torch.full((batch.num_rollouts,), float("nan"))
+
+    try:
+        with pytest.raises(ValueError, match=r"shape \[2\]"):
+            compute_reward("test_bad_shape", inputs())
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            compute_reward("test_nan", inputs())
+    finally:
+        unregister_reward("test_bad_shape")
+        unregister_reward("test_nan")
+
+
+def test_non_finite_and_inconsistent_inputs_are_rejected():
+    bad = ROLLOUT_HIDDEN.clone()
+    bad[1, 0, 1] = float("inf")
+    with pytest.raises(ValueError, match="rollout_hidden contains NaN or Inf"):
+        cosine_reward(bad, TRUTH_HIDDEN)
+    with pytest.raises(ValueError, match="rollout_hidden contains NaN or Inf"):
+        RewardInputs(rollout_hidden=bad, ground_truth_hidden=TRUTH_HIDDEN)
+    with pytest.raises(ValueError, match="same shape"):
+        cosine_reward(ROLLOUT_HIDDEN, TRUTH_HIDDEN[:, :1])
+    with pytest.raises(ValueError, match="same number of rollouts"):
+        RewardInputs(rollout_tokens=ROLLOUT_TOKENS, rollout_texts=["only one"])
+    with pytest.raises(ValueError, match="integer token ids"):
+        binary_reward(ROLLOUT_TOKENS.float(), TRUTH_TOKENS)

