@@ -88,6 +88,26 @@ class TrainConfig(Strict):
         return value
 
 
+class ServiceConfig(Strict):
+    """The distributed service: Ray actors exchanging messages through Redis streams."""
+
+    mode: Literal["disaggregated", "colocated"] = Field(
+        "disaggregated", description="separate rollout workers (async up to max_staleness) or fused on-policy steps"
+    )
+    ray_address: str | None = Field(None, description="None: start a local Ray (or use RAY_ADDRESS when set)")
+    redis_url: str | None = Field(None, description="None: start an embedded Redis for the run (or REFINE_REDIS_URL)")
+    namespace: str | None = Field(None, description="Redis key prefix; None: derived from the run directory")
+    num_rollout_workers: int = Field(2, ge=1)
+    num_reward_replicas: int = Field(1, ge=1)
+    max_staleness: int = Field(0, ge=0, description="drop rollouts more than this many versions old; 0 = on-policy")
+    sync_interval: int = Field(1, ge=1, description="learner publishes weights every this many steps")
+    batches_in_flight: int = Field(2, ge=1, description="document batches published ahead of the learner")
+    worker_cpus: float = Field(1.0, gt=0, description="Ray CPUs reserved per rollout worker")
+    heartbeat_timeout_s: float = Field(30.0, gt=0, description="a role silent this long is restarted")
+    metrics_discovery_dir: str = Field("/tmp/refine/prometheus",
+                                       description="where each role announces its metrics port for Prometheus")
+
+
 def tiny_delta_net() -> ModelConfigBase:
     """The embedded default: a DeltaNet small enough to train on a laptop CPU, byte-level vocabulary."""
     return DeltaNetConfig(vocab_size=260, hidden_size=128, num_hidden_layers=2, num_heads=2, intermediate_size=256,
@@ -101,6 +121,7 @@ class RunConfig(Strict):
     train: TrainConfig = TrainConfig()
     optim: OptimConfig = OptimConfig()
     refine: RefineConfig = RefineConfig()
+    service: ServiceConfig = ServiceConfig()
 
     @field_validator("model", mode="before")
     @classmethod
@@ -169,6 +190,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def validate_config(tree: dict[str, Any]) -> RunConfig:
+    model = tree.get("model")
+    if isinstance(model, dict) and "model_type" not in model:  # overrides of the default model's fields
+        tree = {**tree, "model": {**tiny_delta_net().to_json_dict(), **model}}
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as err:

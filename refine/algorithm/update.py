@@ -28,7 +28,7 @@ from refine.algorithm.rollout import (
 )
 from refine.algorithm.sampling import logprobs_from_logits
 from refine.config import RefineConfig
-from refine.models import FastWeightLM, ModelState
+from refine.models import FastWeightLM, ModelOutput, ModelState
 
 
 @dataclass
@@ -140,12 +140,16 @@ def refine_loss(mode: str, model: FastWeightLM, input_ids: Tensor, lengths: Tens
 
 def fused_refine_step(model: FastWeightLM, input_ids: Tensor, lengths: Tensor, cfg: RefineConfig,
                       generator: torch.Generator | None = None, ref_model: FastWeightLM | None = None,
-                      positions: Tensor | None = None) -> tuple[LossResult, Rollouts]:
+                      positions: Tensor | None = None, output: ModelOutput | None = None) -> tuple[LossResult, Rollouts]:
     """On-policy REFINE with a single document pass: it selects, samples, scores and trains.
 
     `positions` overrides the entropy-based choice (used to compare paths on identical rollouts).
+    `output` is a forward the caller already ran with defer_states=True over input_ids, possibly
+    longer than `lengths` (post-training: context + question + answer, REFINE on the context only).
     """
-    out = model(input_ids, lengths=lengths, output_state=False, defer_states=True)
+    out = output or model(input_ids, lengths=lengths, output_state=False, defer_states=True)
+    if out.states_at is None:
+        raise ValueError("fused_refine_step needs a forward run with defer_states=True")
     ntp = ntp_loss(out.logits, input_ids, lengths)
     if positions is None:
         positions = choose_positions(out.logits, lengths, cfg, generator)
@@ -160,9 +164,8 @@ def fused_refine_step(model: FastWeightLM, input_ids: Tensor, lengths: Tensor, c
         gather_windows(out.hidden_states.detach(), rows, starts, k).repeat_interleave(n, 0),
         first_token_entropy(first_logits, positions), n,
     )
-    rewards = score_rollouts(rollouts, cfg)
-    rollouts.rewards = rewards
-    advantages = advantages_for(rewards, rollouts, cfg)
+    rollouts.rewards = score_rollouts(rollouts, cfg)
+    advantages = advantages_for(rollouts.rewards, rollouts, cfg)
     new_logprobs = teacher_forced_logprobs(model, states, first_logits, tokens, n, cfg.temperature)
     ref = _ref_logprobs(ref_model, input_ids, lengths, rollouts, cfg)
     result = _combine(ntp, new_logprobs, ref, rollouts, advantages, cfg)

@@ -37,16 +37,15 @@ def pad_documents(docs: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[Tenso
 
 
 def batch_documents(
-    documents: Iterable[tuple[str, Sequence[int]]], batch_size: int, pad_id: int = 0, start_cursor: int = 0,
+    documents: Iterable[tuple[str, Sequence[int], int]], batch_size: int, pad_id: int = 0,
 ) -> Iterator[DocumentBatch]:
-    """Group (doc_id, token ids) pairs into batches; the last partial batch is kept."""
+    """Group (doc_id, token ids, cursor after it) into batches; the last partial batch is kept."""
     ids: list[str] = []
     tokens: list[Sequence[int]] = []
-    cursor = start_cursor
-    for doc_id, doc in documents:
+    cursor = 0
+    for doc_id, doc, cursor in documents:
         ids.append(doc_id)
         tokens.append(doc)
-        cursor += 1
         if len(tokens) == batch_size:
             input_ids, lengths = pad_documents(tokens, pad_id)
             yield DocumentBatch(input_ids, lengths, ids, cursor)

@@ -1,0 +1,559 @@
+"""Document sources: parquet, JSON lines, plain-text directories and `datasets.save_to_disk` folders.
+
+Two layers:
+- `RowSource` / `iter_rows` read records (dicts of the asked columns) from any source with one bad-input policy:
+  a malformed or undecodable record raises `BadRowError` naming the file and row, or, with
+  `skip_bad_rows`, is logged with its location, counted and skipped. Never silently.
+- `DocumentStream` turns records into `TokenizedDocument`s: tokenize in batches, add BOS / EOS, drop
+  documents shorter than `min_length` (counted), truncate to `max_length` (counted).
+
+Every record has an index in the whole source (files in sorted order, bad and filtered records included).
+That index is the data cursor: `DocumentStream.iter_from(cursor)` restarts exactly after the last document
+a consumer used (`document.index + 1`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from tqdm.auto import tqdm
+
+from refine.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+SourceFormat = Literal["parquet", "jsonl", "text", "hf"]
+_EXTENSIONS: dict[str, SourceFormat] = {".parquet": "parquet", ".jsonl": "jsonl", ".txt": "text"}
+# Files `datasets.Dataset.save_to_disk` / `DatasetDict.save_to_disk` write at the folder's top level.
+_HF_MARKERS = ("dataset_dict.json", "dataset_info.json", "state.json")
+
+
+class DataSourceError(ValueError):
+    """Bad data input; the message names the source and what is wrong."""
+
+
+class EmptySourceError(DataSourceError):
+    pass
+
+
+class MissingColumnError(DataSourceError):
+    def __init__(self, column: str, present: list[str], where: str) -> None:
+        self.column, self.present, self.where = column, list(present), where
+        super().__init__(f"column {column!r} not found in {where}; columns present: {self.present}")
+
+
+class BadRowError(DataSourceError):
+    def __init__(self, location: str, reason: str) -> None:
+        self.location, self.reason = location, reason
+        super().__init__(f"{location}: {reason} (set skip_bad_rows to skip and count such rows)")
+
+
+class DataConfig(BaseModel):
+    """Where documents come from and how they are filtered."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(min_length=1)
+    format: Literal["auto", "parquet", "jsonl", "text", "hf"] = "auto"
+    text_column: str = Field("text", min_length=1)
+    # Length bounds are in tokens, BOS / EOS included: what the model sees.
+    min_length: int = Field(1, ge=0)
+    max_length: int | None = Field(None, ge=1)
+    add_bos: bool = True
+    add_eos: bool = False
+    skip_bad_rows: bool = False
+    # Read at most this many records (before filtering): keeps the cursor meaning fixed.
+    limit: int | None = Field(None, ge=1)
+    # For a saved DatasetDict; None picks "train", or the only split.
+    split: str | None = None
+    tokenize_batch_size: int = Field(64, ge=1)
+    show_progress: bool = True
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> "DataConfig":
+        if self.max_length is not None and self.min_length > self.max_length:
+            raise ValueError(f"min_length ({self.min_length}) is larger than max_length ({self.max_length})")
+        return self
+
+
+@dataclass(frozen=True, slots=True)
+class TokenizedDocument:
+    doc_id: str  # "<file>:<row>", readable in logs
+    index: int  # record index in the source: resume with cursor index + 1
+    token_ids: list[int]
+    truncated: bool = False
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+class DataStats(BaseModel):
+    records_read: int = 0
+    documents: int = 0
+    tokens: int = 0
+    too_short: int = 0
+    truncated: int = 0
+    bad_rows: int = 0
+
+
+@dataclass(slots=True)
+class Row:
+    index: int
+    location: str  # "file, row N" or "file, line N": for error messages
+    doc_id: str
+    values: dict[str, Any] = field(default_factory=dict)
+    rejected: bool = False  # a skipping policy already logged and counted it
+
+
+class BadRowPolicy:
+    """Raise on a bad row, or log it with its location and count it."""
+
+    def __init__(self, skip_bad_rows: bool) -> None:
+        self.skip_bad_rows = skip_bad_rows
+        self.count = 0
+
+    def reject(self, location: str, reason: str) -> None:
+        if not self.skip_bad_rows:
+            raise BadRowError(location, reason)
+        self.count += 1
+        logger.warning("skipping bad row %s: %s", location, reason)
+
+
+def detect_format(path: str | Path) -> SourceFormat:
+    """Format from a file's extension, or from what a folder holds."""
+    location = Path(path)
+    if not location.exists():
+        raise FileNotFoundError(f"data path {str(path)!r} does not exist")
+    if location.is_file():
+        suffix = location.suffix.lower()
+        if suffix in _EXTENSIONS:
+            return _EXTENSIONS[suffix]
+        raise DataSourceError(
+            f"cannot tell the format of {str(path)!r} from its extension {suffix!r}: "
+            f"expected one of {sorted(_EXTENSIONS)} or set format explicitly"
+        )
+    if any((location / marker).is_file() for marker in _HF_MARKERS):
+        return "hf"
+    found = sorted({fmt for suffix, fmt in _EXTENSIONS.items() if any(location.rglob(f"*{suffix}"))})
+    if not found:
+        raise EmptySourceError(
+            f"data folder {str(path)!r} holds no {sorted(_EXTENSIONS)} files and no save_to_disk dataset"
+        )
+    if len(found) > 1:
+        raise DataSourceError(f"data folder {str(path)!r} mixes formats {found}: set format explicitly")
+    return found[0]
+
+
+def source_files(path: str | Path, fmt: SourceFormat) -> list[Path]:
+    """The files of a file-based source, in the order their records are numbered."""
+    location = Path(path)
+    if location.is_file():
+        return [location]
+    suffix = {"parquet": ".parquet", "jsonl": ".jsonl", "text": ".txt"}[fmt]
+    files = sorted(file for file in location.rglob(f"*{suffix}") if file.is_file())
+    if not files:
+        raise EmptySourceError(f"data folder {str(path)!r} holds no *{suffix} files")
+    return files
+
+
+def _undecodable(raw: bytes, error: UnicodeDecodeError) -> str:
+    return f"undecodable UTF-8 at byte {error.start}: {raw[error.start:error.start + 8]!r}"
+
+
+def _file_label(file: Path, root: Path) -> str:
+    return file.name if root.is_file() else str(file.relative_to(root))
+
+
+# ---------------------------------------------------------------- readers
+# Each reader yields Row objects with start <= index < stop (stop None: to the end), and knows its record
+# count when cheap. Records past `stop` are never parsed, so a bad one there cannot fail a limited read.
+
+
+class _ParquetReader:
+    def __init__(self, path: Path, columns: list[str], optional_columns: list[str]) -> None:
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as error:  # pragma: no cover - pyarrow is a dependency
+            raise ImportError("reading parquet needs pyarrow: pip install pyarrow") from error
+        self.root = path
+        self.files = [(file, pq.ParquetFile(file)) for file in source_files(path, "parquet")]
+        self.columns: list[str] = []
+        for file, parquet in self.files:
+            present = parquet.schema_arrow.names
+            for column in columns:
+                if column not in present:
+                    raise MissingColumnError(column, present, f"parquet file {str(file)!r}")
+        first_names = self.files[0][1].schema_arrow.names
+        present_everywhere = set.intersection(*(set(p.schema_arrow.names) for _, p in self.files))
+        self.present = [name for name in first_names if name in present_everywhere]
+        self.columns = list(columns) + [c for c in optional_columns if c in present_everywhere and c not in columns]
+
+    def count(self) -> int:
+        return sum(parquet.metadata.num_rows for _, parquet in self.files)
+
+    def rows(self, start: int, stop: int | None) -> Iterator[Row]:
+        index = 0
+        for file, parquet in self.files:
+            label = _file_label(file, self.root)
+            file_start = index
+            num_rows = parquet.metadata.num_rows
+            if index + num_rows <= start:  # whole file before the cursor: skip without reading
+                index += num_rows
+                continue
+            for group in range(parquet.num_row_groups):
+                group_rows = parquet.metadata.row_group(group).num_rows
+                if index + group_rows <= start:
+                    index += group_rows
+                    continue
+                row_in_file = index - file_start
+                for batch in parquet.iter_batches(row_groups=[group], columns=self.columns, batch_size=1024):
+                    values = batch.to_pydict()
+                    for offset in range(batch.num_rows):
+                        if stop is not None and index >= stop:
+                            return
+                        if index >= start:
+                            yield Row(
+                                index=index,
+                                location=f"{file}, row {row_in_file}",
+                                doc_id=f"{label}:{row_in_file}",
+                                values={column: values[column][offset] for column in self.columns},
+                            )
+                        index += 1
+                        row_in_file += 1
+
+
+class _JsonlReader:
+    def __init__(self, path: Path, columns: list[str], optional_columns: list[str], policy: BadRowPolicy) -> None:
+        self.root = path
+        self.files = source_files(path, "jsonl")
+        self.columns = list(columns)
+        self.optional_columns = list(optional_columns)
+        self.policy = policy
+
+    def count(self) -> int | None:
+        return None  # would need a full read
+
+    def rows(self, start: int, stop: int | None) -> Iterator[Row]:
+        index = 0
+        for file in self.files:
+            label = _file_label(file, self.root)
+            with open(file, "rb") as handle:
+                for line_number, raw in enumerate(handle, start=1):
+                    if not raw.strip():  # blank lines (e.g. a trailing newline) are not records
+                        continue
+                    if stop is not None and index >= stop:
+                        return
+                    if index < start:
+                        index += 1
+                        continue
+                    location = f"{file}, line {line_number}"
+                    row = Row(index=index, location=location, doc_id=f"{label}:{line_number}")
+                    index += 1
+                    values = self._parse(raw, location)
+                    if values is None:
+                        row.rejected = True
+                    else:
+                        row.values = values
+                    yield row
+
+    def _parse(self, raw: bytes, location: str) -> dict[str, Any] | None:
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            self.policy.reject(location, _undecodable(raw, error))
+            return None
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as error:
+            self.policy.reject(location, f"malformed JSON ({error.msg} at column {error.colno})")
+            return None
+        if not isinstance(record, dict):
+            self.policy.reject(location, f"expected a JSON object, got {type(record).__name__}")
+            return None
+        for column in self.columns:
+            if column not in record:
+                self.policy.reject(location, f"column {column!r} missing; keys present: {sorted(record)}")
+                return None
+        wanted = self.columns + [c for c in self.optional_columns if c in record and c not in self.columns]
+        return {column: record[column] for column in wanted}
+
+
+class _TextReader:
+    """One document per *.txt file, under the column name the consumer asks for."""
+
+    def __init__(self, path: Path, text_column: str, policy: BadRowPolicy) -> None:
+        self.root = path
+        self.files = source_files(path, "text")
+        self.text_column = text_column
+        self.policy = policy
+
+    def count(self) -> int:
+        return len(self.files)
+
+    def rows(self, start: int, stop: int | None) -> Iterator[Row]:
+        for index, file in enumerate(self.files):
+            if stop is not None and index >= stop:
+                return
+            if index < start:
+                continue
+            location = str(file)
+            row = Row(index=index, location=location, doc_id=_file_label(file, self.root))
+            raw = file.read_bytes()
+            try:
+                row.values = {self.text_column: raw.decode("utf-8")}
+            except UnicodeDecodeError as error:
+                self.policy.reject(location, _undecodable(raw, error))
+                row.rejected = True
+            yield row
+
+
+class _HFReader:
+    def __init__(self, path: Path, columns: list[str], optional_columns: list[str], split: str | None) -> None:
+        try:
+            import datasets
+        except ImportError as error:
+            raise ImportError("reading a save_to_disk dataset needs `datasets`: pip install datasets") from error
+        loaded = datasets.load_from_disk(str(path))
+        self.where = f"dataset {str(path)!r}"
+        if isinstance(loaded, datasets.DatasetDict):
+            splits = list(loaded.keys())
+            if split is None:
+                split = "train" if "train" in loaded else (splits[0] if len(splits) == 1 else None)
+                if split is None:
+                    raise DataSourceError(f"{self.where} has splits {splits}: set split to one of them")
+            if split not in loaded:
+                raise DataSourceError(f"split {split!r} not in {self.where}; splits present: {splits}")
+            loaded = loaded[split]
+            self.where = f"dataset {str(path)!r} split {split!r}"
+        elif split is not None:
+            raise DataSourceError(f"split {split!r} given but {self.where} is a single Dataset without splits")
+        present = list(loaded.column_names)
+        self.present = present
+        for column in columns:
+            if column not in present:
+                raise MissingColumnError(column, present, self.where)
+        self.columns = list(columns) + [c for c in optional_columns if c in present and c not in columns]
+        self.dataset = loaded.select_columns(self.columns)
+
+    def count(self) -> int:
+        return len(self.dataset)
+
+    def rows(self, start: int, stop: int | None, batch_size: int = 256) -> Iterator[Row]:
+        total = len(self.dataset) if stop is None else min(len(self.dataset), stop)
+        for begin in range(start, total, batch_size):
+            end = min(begin + batch_size, total)
+            batch = self.dataset[begin:end]
+            for offset in range(end - begin):
+                index = begin + offset
+                yield Row(
+                    index=index,
+                    location=f"{self.where}, row {index}",
+                    doc_id=f"row:{index}",
+                    values={column: batch[column][offset] for column in self.columns},
+                )
+
+
+class RowSource:
+    """A source opened once: its record count (when cheap) and its records from any cursor."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        columns: list[str],
+        optional_columns: list[str] | tuple[str, ...] = (),
+        fmt: str = "auto",
+        policy: BadRowPolicy | None = None,
+        split: str | None = None,
+    ) -> None:
+        self.path = str(path)
+        self.policy = policy or BadRowPolicy(skip_bad_rows=False)
+        location = Path(path).expanduser()
+        if not location.exists():
+            raise FileNotFoundError(f"data path {str(path)!r} does not exist")
+        resolved = detect_format(location) if fmt == "auto" else fmt
+        columns, optional = list(columns), list(optional_columns)
+        self.reader: _ParquetReader | _JsonlReader | _TextReader | _HFReader
+        if resolved == "parquet":
+            self.reader = _ParquetReader(location, columns, optional)
+        elif resolved == "jsonl":
+            self.reader = _JsonlReader(location, columns, optional, self.policy)
+        elif resolved == "text":
+            if len(columns) != 1:
+                raise DataSourceError(f"a plain-text source has one text per file; cannot provide columns {columns}")
+            self.reader = _TextReader(location, columns[0], self.policy)
+        elif resolved == "hf":
+            self.reader = _HFReader(location, columns, optional, split)
+        else:
+            raise DataSourceError(f"unknown data format {fmt!r}: expected auto, parquet, jsonl, text or hf")
+        self.format: SourceFormat = resolved  # type: ignore[assignment]
+
+    def count(self) -> int | None:
+        return self.reader.count()
+
+    def schema_columns(self) -> list[str] | None:
+        """Columns every record has, for sources with a schema (parquet, save_to_disk); None otherwise."""
+        return list(self.reader.present) if isinstance(self.reader, (_ParquetReader, _HFReader)) else None
+
+    def rows(self, start: int = 0, limit: int | None = None) -> Iterator[Row]:
+        """Records from index `start` (rows the skipping policy rejected are left out); indices below
+        `limit` only. Raises EmptySourceError when the source holds no record at all."""
+        if start < 0:
+            raise ValueError(f"start cursor must be >= 0, got {start}")
+        if self.count() == 0:
+            raise EmptySourceError(f"data source {self.path!r} holds no records")
+        seen_any = False
+        for row in self.reader.rows(start, limit):
+            seen_any = True
+            if not row.rejected:
+                yield row
+        if not seen_any and start == 0:
+            raise EmptySourceError(f"data source {self.path!r} holds no records")
+
+
+def iter_rows(
+    path: str | Path,
+    *,
+    columns: list[str],
+    optional_columns: list[str] | tuple[str, ...] = (),
+    fmt: str = "auto",
+    policy: BadRowPolicy | None = None,
+    start: int = 0,
+    limit: int | None = None,
+    split: str | None = None,
+) -> Iterator[Row]:
+    """Records with the required `columns` (and the `optional_columns` present) from index `start`."""
+    source = RowSource(path, columns=columns, optional_columns=optional_columns, fmt=fmt, policy=policy, split=split)
+    return source.rows(start, limit)
+
+
+def require_text(value: Any, column: str, location: str, policy: BadRowPolicy) -> str | None:
+    """The column's value as str, or None after the policy rejected it (null, bytes that are not UTF-8, ...)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError as error:
+            policy.reject(location, f"column {column!r} holds undecodable UTF-8 at byte {error.start}")
+            return None
+    kind = "null" if value is None else type(value).__name__
+    policy.reject(location, f"column {column!r} must hold text, got {kind}: {value!r:.80}")
+    return None
+
+
+class DocumentStream:
+    """Tokenized documents of a source; iterate it, or restart anywhere with `iter_from(cursor)`.
+
+    `cursor` is the record index after the last document handed out; save it with a checkpoint and pass it to
+    `iter_from` to continue. `stats` counts what was read, kept, filtered, truncated and skipped."""
+
+    def __init__(self, config: DataConfig, tokenizer: Tokenizer) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.cursor = 0
+        self.stats = DataStats()
+
+    def __iter__(self) -> Iterator[TokenizedDocument]:
+        return self.iter_from(self.cursor)
+
+    def iter_from(self, cursor: int) -> Iterator[TokenizedDocument]:
+        config = self.config
+        policy = BadRowPolicy(config.skip_bad_rows)
+        source = RowSource(
+            config.path, columns=[config.text_column], fmt=config.format, policy=policy, split=config.split
+        )
+        rows = source.rows(cursor, config.limit)
+        self.cursor = cursor
+        known = source.count()
+        if known is not None and config.limit is not None:
+            known = min(known, config.limit)
+        total = None if known is None else max(known - cursor, 0)
+        progress = tqdm(total=total, desc="tokenizing", unit="doc", disable=not config.show_progress)
+        bad_rows_before = self.stats.bad_rows
+        records_before = self.stats.records_read
+        documents_before = self.stats.documents
+        rows_seen = 0
+        text_rejections = 0  # bad rows found here rather than by the reader
+
+        def account() -> None:
+            # Records read = rows handed over + rows the reader rejected; keeps the bar and stats honest.
+            self.stats.bad_rows = bad_rows_before + policy.count
+            records = rows_seen + policy.count - text_rejections
+            progress.update(records_before + records - self.stats.records_read)
+            self.stats.records_read = records_before + records
+
+        pending: list[tuple[Row, str]] = []
+        try:
+            while True:
+                try:
+                    row = next(rows)
+                except StopIteration:
+                    break
+                except BadRowError:
+                    yield from self._flush(pending)  # hand out what was read before the bad row, then fail
+                    raise
+                finally:
+                    account()
+                rows_seen += 1
+                rejected_before = policy.count
+                text = require_text(row.values[config.text_column], config.text_column, row.location, policy)
+                text_rejections += policy.count - rejected_before
+                account()
+                if text is None:
+                    continue
+                pending.append((row, text))
+                if len(pending) >= config.tokenize_batch_size:
+                    yield from self._flush(pending)
+                    progress.set_postfix(kept=self.stats.documents, short=self.stats.too_short, bad=self.stats.bad_rows)
+            yield from self._flush(pending)
+        finally:
+            progress.close()
+        if cursor == 0 and self.stats.documents == documents_before:
+            raise EmptySourceError(
+                f"no document of {config.path!r} passed the filters (min_length={config.min_length}): "
+                f"{self.stats.model_dump()}"
+            )
+
+    def _flush(self, pending: list[tuple[Row, str]]) -> Iterator[TokenizedDocument]:
+        if not pending:
+            return
+        batch = list(pending)
+        pending.clear()
+        encoded = self.tokenizer.encode_batch([text for _, text in batch])
+        for (row, _), ids in zip(batch, encoded):
+            document = self._finish(row, ids)
+            # This record is used (or filtered): a restart goes on after it.
+            self.cursor = row.index + 1
+            if document is not None:
+                yield document
+
+    def _finish(self, row: Row, ids: list[int]) -> TokenizedDocument | None:
+        config = self.config
+        bos = [self.tokenizer.bos_id] if config.add_bos and self.tokenizer.bos_id is not None else []
+        token_ids = bos + list(ids)
+        truncated = config.max_length is not None and len(token_ids) > config.max_length
+        if truncated:
+            # A cut document did not end here, so it gets no EOS.
+            token_ids = token_ids[: config.max_length]
+            self.stats.truncated += 1
+        elif config.add_eos and (config.max_length is None or len(token_ids) < config.max_length):
+            token_ids.append(self.tokenizer.eos_id)
+        if len(token_ids) < config.min_length:
+            self.stats.too_short += 1
+            return None
+        self.stats.documents += 1
+        self.stats.tokens += len(token_ids)
+        return TokenizedDocument(doc_id=row.doc_id, index=row.index, token_ids=token_ids, truncated=truncated)
+
+
+def iter_documents(config: DataConfig, tokenizer: Tokenizer, cursor: int = 0) -> Iterator[TokenizedDocument]:
+    """Shorthand for `DocumentStream(config, tokenizer).iter_from(cursor)`."""
+    return DocumentStream(config, tokenizer).iter_from(cursor)

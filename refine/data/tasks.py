@@ -1,0 +1,326 @@
+"""Task examples (prompt, gold answers) for post-training, test-time training and evaluation.
+
+Loaders:
+- `load_ruler_qa`: RULER QA as the REFINE release ships it (columns prompt, answer = list of accepted
+  answers, max_answer_length, task), or RULER's own output (input, outputs, answer_prefix).
+- `load_longbench`: LongBench's released rows (input, context, answers, all_classes, dataset, length,
+  _id), or rows with a ready "prompt" and "answers" (the REFINE release's preprocessed LongBench).
+- `load_task_examples` / `save_task_examples`: this module's own JSON-lines format.
+
+Sources are JSON lines, parquet or `save_to_disk` folders, read with refine.data.sources, so bad input
+behaves the same: a malformed row raises naming its file and row, or is logged, counted and skipped
+with `skip_bad_rows`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from refine.data.sources import (
+    BadRowPolicy,
+    DataSourceError,
+    MissingColumnError,
+    Row,
+    RowSource,
+    detect_format,
+    require_text,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class TaskExample(BaseModel):
+    """One task instance. `prompt` is the whole model input; `context` / `question` are its parts when the
+    source keeps them apart (post-training runs REFINE on the context and SFT on the answer)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    example_id: str
+    task: str
+    prompt: str
+    answers: list[str] = Field(min_length=1)
+    context: str | None = None
+    question: str | None = None
+    all_classes: list[str] | None = None
+    max_answer_length: int | None = Field(None, ge=1)  # tokens, when the source gives it
+    length: int | None = Field(None, ge=0)  # the source's own length measure (LongBench: words or characters)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class LoadReport(BaseModel):
+    """What a loader read and skipped."""
+
+    examples: int = 0
+    bad_rows: int = 0
+
+
+# The generic LongBench prompt used when no per-dataset template is given. For LongBench's published
+# prompts pass its config/dataset2prompt.json as `prompt_templates`.
+DEFAULT_LONGBENCH_TEMPLATE = (
+    "Read the text below and answer the request that follows it. Reply with the answer only.\n\n"
+    "{context}\n\nRequest: {input}\nAnswer:"
+)
+
+
+def _answers(value: Any, field: str, row: Row, policy: BadRowPolicy) -> list[str] | None:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) and value and all(isinstance(item, str) for item in value):
+        return list(value)
+    policy.reject(row.location, f"field {field!r} must be a non-empty list of strings, got {value!r:.120}")
+    return None
+
+
+def _optional_int(value: Any, field: str, row: Row, policy: BadRowPolicy) -> tuple[bool, int | None]:
+    if value is None:
+        return True, None
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return True, value
+    policy.reject(row.location, f"field {field!r} must be a non-negative integer, got {value!r:.80}")
+    return False, None
+
+
+def _optional_classes(value: Any, row: Row, policy: BadRowPolicy) -> tuple[bool, list[str] | None]:
+    if value is None:
+        return True, None
+    if isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value):
+        return True, list(value)
+    policy.reject(row.location, f"field 'all_classes' must be a list of strings or null, got {value!r:.120}")
+    return False, None
+
+
+def _check_schema(source: RowSource, alternatives: list[list[str]], where: str) -> None:
+    """For sources with a schema, fail early when no accepted column set is complete."""
+    present = source.schema_columns()
+    if present is None:
+        return
+    if any(all(column in present for column in columns) for columns in alternatives):
+        return
+    best = max(alternatives, key=lambda columns: sum(column in present for column in columns))
+    missing = next(column for column in best if column not in present)
+    raise MissingColumnError(missing, present, where)
+
+
+def _open(path: str | Path, columns: list[str], fmt: str, policy: BadRowPolicy, split: str | None) -> RowSource:
+    if (detect_format(path) if fmt == "auto" else fmt) == "text":
+        raise DataSourceError(f"task data must be JSON lines, parquet or save_to_disk, not text: {str(path)!r}")
+    return RowSource(path, columns=[], optional_columns=columns, fmt=fmt, policy=policy, split=split)
+
+
+def _finish(examples: list[TaskExample], policy: BadRowPolicy, path: str | Path, report: LoadReport | None) -> None:
+    if report is not None:
+        report.examples, report.bad_rows = len(examples), policy.count
+    if policy.count:
+        logger.warning("skipped %d bad rows of %s", policy.count, path)
+    if not examples:
+        raise DataSourceError(f"no task example could be read from {str(path)!r} ({policy.count} bad rows skipped)")
+
+
+RULER_COLUMNS = [
+    "prompt", "answer", "answers", "max_answer_length", "task", "index", "input", "outputs", "answer_prefix", "length",
+]
+
+
+def load_ruler_qa(
+    path: str | Path,
+    *,
+    fmt: str = "auto",
+    skip_bad_rows: bool = False,
+    limit: int | None = None,
+    task: str | None = None,
+    split: str | None = None,
+    report: LoadReport | None = None,
+) -> list[TaskExample]:
+    """RULER QA examples. `task` overrides the rows' task name (default: the row's, else "ruler_qa")."""
+    policy = BadRowPolicy(skip_bad_rows)
+    source = _open(path, RULER_COLUMNS, fmt, policy, split)
+    _check_schema(
+        source, [["prompt", "answer"], ["prompt", "answers"], ["input", "outputs"]], f"RULER QA source {str(path)!r}"
+    )
+    examples: list[TaskExample] = []
+    for row in source.rows(0, limit):
+        values = row.values
+        if "prompt" in values:
+            prompt = require_text(values["prompt"], "prompt", row.location, policy)
+            answer_field = "answer" if "answer" in values else "answers"
+        elif "input" in values:
+            # RULER's own output: the answer prefix is part of what the model is given.
+            prompt = require_text(values["input"], "input", row.location, policy)
+            if prompt is not None and isinstance(values.get("answer_prefix"), str):
+                prompt += values["answer_prefix"]
+            answer_field = "outputs"
+        else:
+            policy.reject(row.location, f"needs 'prompt' (or RULER's 'input'); fields present: {sorted(values)}")
+            continue
+        if prompt is None:
+            continue
+        if answer_field not in values:
+            policy.reject(row.location, f"field {answer_field!r} missing; fields present: {sorted(values)}")
+            continue
+        answers = _answers(values[answer_field], answer_field, row, policy)
+        ok, max_answer_length = _optional_int(values.get("max_answer_length"), "max_answer_length", row, policy)
+        if answers is None or not ok:
+            continue
+        row_task = values.get("task")
+        identifier = values.get("index")
+        examples.append(
+            TaskExample(
+                example_id=str(identifier) if identifier is not None else row.doc_id,
+                task=task or (row_task if isinstance(row_task, str) and row_task else "ruler_qa"),
+                prompt=prompt,
+                answers=answers,
+                max_answer_length=max_answer_length or None,
+                metadata={"source": row.location},
+            )
+        )
+    _finish(examples, policy, path, report)
+    return examples
+
+
+LONGBENCH_COLUMNS = [
+    "input", "context", "answers", "all_classes", "dataset", "length", "_id", "language", "prompt", "task",
+    "max_answer_length",
+]
+
+
+def _read_templates(prompt_templates: Mapping[str, str] | str | Path | None) -> dict[str, str]:
+    if prompt_templates is None:
+        return {}
+    if isinstance(prompt_templates, Mapping):
+        return dict(prompt_templates)
+    file = Path(prompt_templates)
+    try:
+        templates = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DataSourceError(f"cannot read prompt templates {str(file)!r}: {error}") from error
+    if not isinstance(templates, dict) or not all(isinstance(v, str) for v in templates.values()):
+        raise DataSourceError(f"prompt templates {str(file)!r} must be a JSON object of dataset -> template string")
+    return templates
+
+
+def load_longbench(
+    path: str | Path,
+    *,
+    dataset: str | None = None,
+    prompt_template: str | None = None,
+    prompt_templates: Mapping[str, str] | str | Path | None = None,
+    fmt: str = "auto",
+    skip_bad_rows: bool = False,
+    limit: int | None = None,
+    split: str | None = None,
+    report: LoadReport | None = None,
+) -> list[TaskExample]:
+    """LongBench examples. The dataset name is `dataset`, else the row's "dataset" / "task", else the file
+    name (LongBench names its files after the dataset). Rows without a "prompt" get one from
+    `prompt_template`, else `prompt_templates[dataset]` (a dict or a JSON file such as LongBench's
+    dataset2prompt.json), else DEFAULT_LONGBENCH_TEMPLATE; templates use {context} and {input}."""
+    templates = _read_templates(prompt_templates)
+    policy = BadRowPolicy(skip_bad_rows)
+    source = _open(path, LONGBENCH_COLUMNS, fmt, policy, split)
+    _check_schema(source, [["input", "context", "answers"], ["prompt", "answers"]], f"LongBench source {str(path)!r}")
+    fallback_name = Path(path).stem if Path(path).is_file() else None
+    examples: list[TaskExample] = []
+    for row in source.rows(0, limit):
+        values = row.values
+        name = dataset or values.get("dataset") or values.get("task") or fallback_name
+        if not isinstance(name, str) or not name:
+            policy.reject(row.location, "no dataset name: set `dataset`, or give rows a 'dataset' field")
+            continue
+        if "answers" not in values:
+            policy.reject(row.location, f"field 'answers' missing; fields present: {sorted(values)}")
+            continue
+        answers = _answers(values["answers"], "answers", row, policy)
+        if answers is None:
+            continue
+        ok_classes, all_classes = _optional_classes(values.get("all_classes"), row, policy)
+        ok_length, length = _optional_int(values.get("length"), "length", row, policy)
+        ok_max, max_answer_length = _optional_int(values.get("max_answer_length"), "max_answer_length", row, policy)
+        if not (ok_classes and ok_length and ok_max):
+            continue
+        context = question = None
+        if "prompt" in values:
+            prompt = require_text(values["prompt"], "prompt", row.location, policy)
+        else:
+            missing = [field for field in ("input", "context") if field not in values]
+            if missing:
+                policy.reject(
+                    row.location, f"field {missing[0]!r} missing and no 'prompt'; fields present: {sorted(values)}"
+                )
+                continue
+            question = require_text(values["input"], "input", row.location, policy)
+            context = require_text(values["context"], "context", row.location, policy) if question is not None else None
+            if question is None or context is None:
+                continue
+            template = prompt_template or templates.get(name) or templates.get(name.removesuffix("_e"))
+            template = template or DEFAULT_LONGBENCH_TEMPLATE
+            try:
+                text_fields = {key: value for key, value in values.items() if isinstance(value, str)}
+                prompt = template.format_map(text_fields | {"context": context, "input": question})
+            except (KeyError, IndexError, ValueError) as error:
+                raise DataSourceError(
+                    f"prompt template for {name!r} cannot be filled ({error!r}); it may use only {{context}}, "
+                    f"{{input}} and the rows' text fields: {template!r:.200}"
+                ) from error
+        if prompt is None:
+            continue
+        identifier = values.get("_id")
+        examples.append(
+            TaskExample(
+                example_id=str(identifier) if identifier is not None else row.doc_id,
+                task=name,
+                prompt=prompt,
+                answers=answers,
+                context=context,
+                question=question,
+                all_classes=all_classes or None,
+                max_answer_length=max_answer_length or None,
+                length=length,
+                metadata={"source": row.location},
+            )
+        )
+    _finish(examples, policy, path, report)
+    return examples
+
+
+_NATIVE_COLUMNS = list(TaskExample.model_fields)
+
+
+def load_task_examples(
+    path: str | Path,
+    *,
+    fmt: str = "auto",
+    skip_bad_rows: bool = False,
+    limit: int | None = None,
+    report: LoadReport | None = None,
+) -> list[TaskExample]:
+    """Examples written by `save_task_examples` (or any rows with TaskExample's fields)."""
+    policy = BadRowPolicy(skip_bad_rows)
+    source = _open(path, _NATIVE_COLUMNS, fmt, policy, None)
+    _check_schema(source, [["example_id", "task", "prompt", "answers"]], f"task source {str(path)!r}")
+    examples: list[TaskExample] = []
+    for row in source.rows(0, limit):
+        fields = {key: value for key, value in row.values.items() if value is not None}  # null = default
+        try:
+            examples.append(TaskExample.model_validate(fields))
+        except ValueError as error:
+            policy.reject(row.location, f"not a task example: {error}".replace("\n", "; "))
+    _finish(examples, policy, path, report)
+    return examples
+
+
+def save_task_examples(examples: Iterable[TaskExample], path: str | Path) -> int:
+    """Write examples as JSON lines; returns how many."""
+    file = Path(path)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    count = 0
+    with open(file, "w", encoding="utf-8") as handle:
+        for example in examples:
+            handle.write(json.dumps(example.model_dump(), ensure_ascii=False) + "\n")
+            count += 1
+    return count

@@ -1,0 +1,409 @@
+"""Benchmark metrics, scored exactly as LongBench (`LongBench/metrics.py`, `eval.py`) and RULER
+(`scripts/eval/synthetic/constants.py`, `evaluate.py`) score them, quirks included, so numbers compare
+with published ones.
+
+Per-example functions return a value in [0, 1]; a benchmark's task score is `aggregate` of them
+(mean x 100, rounded to 2 decimals, as both benchmarks report).
+
+Notes on fidelity:
+- ROUGE-L is the `rouge` package (1.0.1, which LongBench uses) re-implemented: sentences split on ".",
+  words on " ", word *sets* (not counts), the union-LCS over reference x prediction sentences with that
+  package's LCS back-tracking, and F = 2PR / (P + R + 1e-8). An empty prediction or reference scores 0
+  (the package raises there and LongBench returns 0). The package's recursive back-tracking overflows
+  Python's stack on sentences of about a thousand words (LongBench then scores 0); ours is iterative.
+- code_sim uses fuzzywuzzy's `ratio` as LongBench pins it (fuzzywuzzy without python-Levenshtein, so
+  difflib's SequenceMatcher): int(round(100 * ratio)) / 100, 1 when equal, 0 when either is empty.
+  backend="levenshtein" gives fuzzywuzzy-with-python-Levenshtein scores (rapidfuzz's Indel ratio).
+- classification_score keeps LongBench's removal-while-iterating over the matched class names (it skips
+  the element after each removal), because that decides ties.
+- Chinese metrics segment with jieba, as LongBench does (`pip install jieba`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import string
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+# ---------------------------------------------------------------- normalization
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_ASCII_PUNCTUATION = frozenset(string.punctuation)
+# The CJK / full-width punctuation LongBench strips from Chinese answers. It is LongBench's set exactly:
+# note it holds the closing "》" but not the opening "《", and not the full-width full stop "．".
+_CHINESE_PUNCTUATION = frozenset(
+    "！？｡。＂＃＄％＆＇（）＊＋，－／：；＜＝＞＠［＼］＾＿｀｛｜｝～｟｠｢｣､、〃》「」『』【】〔〕〖〗〘〙〚〛〜〝〞〟〰〾〿–—‘’‛“”„‟…‧﹏."
+)
+_ALL_PUNCTUATION = _ASCII_PUNCTUATION | _CHINESE_PUNCTUATION
+
+
+def normalize_answer(text: str) -> str:
+    """Lowercase, drop ASCII punctuation, drop the articles a / an / the, collapse whitespace."""
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in _ASCII_PUNCTUATION)
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+def normalize_zh_answer(text: str) -> str:
+    """Lowercase, drop ASCII and Chinese punctuation, remove all whitespace."""
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in _ALL_PUNCTUATION)
+    return "".join(text.split())
+
+
+def _jieba_segment(text: str) -> list[str]:
+    try:
+        import jieba
+    except ImportError as error:
+        raise ImportError("Chinese LongBench metrics segment words with jieba: pip install jieba") from error
+    import logging
+
+    jieba.setLogLevel(logging.WARNING)  # it logs its dictionary loading at INFO on first use
+    return list(jieba.cut(text, cut_all=False))
+
+
+Segmenter = Callable[[str], Iterable[str]]
+
+# ---------------------------------------------------------------- token F1
+
+
+def f1_score(prediction_tokens: Sequence[str], ground_truth_tokens: Sequence[str]) -> float:
+    """Bag-of-tokens F1 (multiset overlap)."""
+    common = Counter(prediction_tokens) & Counter(ground_truth_tokens)
+    num_same = sum(common.values())
+    if num_same == 0:
+        return 0.0
+    precision = num_same / len(prediction_tokens)
+    recall = num_same / len(ground_truth_tokens)
+    return (2 * precision * recall) / (precision + recall)
+
+
+def qa_f1_score(prediction: str, ground_truth: str) -> float:
+    return f1_score(normalize_answer(prediction).split(), normalize_answer(ground_truth).split())
+
+
+def qa_f1_zh_score(prediction: str, ground_truth: str, segment: Segmenter | None = None) -> float:
+    segment = segment or _jieba_segment
+
+    def tokens(text: str) -> list[str]:
+        normalized = (normalize_zh_answer(token) for token in segment(text))
+        return [token for token in normalized if token]
+
+    return f1_score(tokens(prediction), tokens(ground_truth))
+
+
+# ---------------------------------------------------------------- ROUGE-L
+
+
+def _rouge_sentences(text: str) -> list[str]:
+    return [" ".join(part.split()) for part in text.split(".") if len(part) > 0]
+
+
+def _lcs_word_set(reference: list[str], candidate: list[str]) -> set[str]:
+    """Words of one longest common subsequence, traced back as the rouge package traces it."""
+    rows, cols = len(reference), len(candidate)
+    table = [[0] * (cols + 1) for _ in range(rows + 1)]
+    for i in range(1, rows + 1):
+        above, current = table[i - 1], table[i]
+        word = reference[i - 1]
+        for j in range(1, cols + 1):
+            current[j] = above[j - 1] + 1 if word == candidate[j - 1] else max(above[j], current[j - 1])
+    words: set[str] = set()
+    i, j = rows, cols
+    while i > 0 and j > 0:
+        if reference[i - 1] == candidate[j - 1]:
+            words.add(reference[i - 1])
+            i, j = i - 1, j - 1
+        elif table[i - 1][j] > table[i][j - 1]:
+            i -= 1
+        else:
+            j -= 1
+    return words
+
+
+def rouge_score(prediction: str, ground_truth: str) -> float:
+    """ROUGE-L F (summary level), as `rouge.Rouge().get_scores(...)["rouge-l"]["f"]`."""
+    predicted, reference = _rouge_sentences(prediction), _rouge_sentences(ground_truth)
+    if not predicted or not reference:
+        return 0.0
+    reference_words = [sentence.split(" ") for sentence in reference]
+    predicted_words = [sentence.split(" ") for sentence in predicted]
+    num_reference = len({word for sentence in reference_words for word in sentence})
+    num_predicted = len({word for sentence in predicted_words for word in sentence})
+    union: set[str] = set()
+    for reference_sentence in reference_words:
+        for predicted_sentence in predicted_words:
+            union |= _lcs_word_set(reference_sentence, predicted_sentence)
+    recall = len(union) / num_reference
+    precision = len(union) / num_predicted
+    return 2.0 * ((precision * recall) / (precision + recall + 1e-8))
+
+
+def rouge_zh_score(prediction: str, ground_truth: str, segment: Segmenter | None = None) -> float:
+    segment = segment or _jieba_segment
+    return rouge_score(" ".join(segment(prediction)), " ".join(segment(ground_truth)))
+
+
+# ---------------------------------------------------------------- classification, retrieval, counting, code
+
+
+def classification_score(prediction: str, ground_truth: str, all_classes: Sequence[str]) -> float:
+    """1 / (number of class names found in the prediction) when the gold class is among them, else 0.
+    Names that are strict substrings of the gold class are dropped from the matches first."""
+    matches = [name for name in all_classes if name in prediction]
+    # LongBench removes from the list it iterates over, which skips the element after each removal;
+    # this loop walks indices the same way.
+    position = 0
+    while position < len(matches):
+        term = matches[position]
+        if term in ground_truth and term != ground_truth:
+            matches.remove(term)
+        position += 1
+    return 1.0 / len(matches) if ground_truth in matches else 0.0
+
+
+def _number_share(prediction: str, target: str) -> float:
+    numbers = re.findall(r"\d+", prediction)
+    if not numbers:
+        return 0.0
+    return sum(1 for number in numbers if number == target) / len(numbers)
+
+
+def retrieval_score(prediction: str, ground_truth: str) -> float:
+    """Share of the numbers in the prediction equal to the gold "Paragraph N" number."""
+    found = re.findall(r"Paragraph (\d+)", ground_truth)
+    if not found:
+        raise ValueError(f"retrieval gold answer must contain 'Paragraph <n>', got {ground_truth!r}")
+    return _number_share(prediction, found[0])
+
+
+def retrieval_zh_score(prediction: str, ground_truth: str) -> float:
+    found = re.findall(r"段落(\d+)", ground_truth)
+    if not found:
+        raise ValueError(f"retrieval gold answer must contain '段落<n>', got {ground_truth!r}")
+    return _number_share(prediction, found[0])
+
+
+def count_score(prediction: str, ground_truth: str) -> float:
+    """Share of the numbers in the prediction equal to the gold count."""
+    return _number_share(prediction, str(ground_truth))
+
+
+FuzzBackend = Literal["difflib", "levenshtein"]
+
+
+def fuzz_ratio(first: str, second: str, backend: FuzzBackend = "difflib") -> int:
+    """fuzzywuzzy's `fuzz.ratio`: 100 when equal, 0 when either is empty, else int(round(100 * ratio))."""
+    if first == second:
+        return 100
+    if not first or not second:
+        return 0
+    if backend == "difflib":
+        ratio = difflib.SequenceMatcher(None, first, second).ratio()
+    elif backend == "levenshtein":
+        from rapidfuzz.distance import Indel
+
+        ratio = Indel.normalized_similarity(first, second)
+    else:
+        raise ValueError(f"fuzz backend must be 'difflib' or 'levenshtein', got {backend!r}")
+    return int(round(100 * ratio))
+
+
+def code_sim_score(prediction: str, ground_truth: str, backend: FuzzBackend = "difflib") -> float:
+    """Similarity of the first prediction line that is not a comment or a code fence to the gold line."""
+    first_code_line = ""
+    for line in prediction.lstrip("\n").split("\n"):
+        if "`" not in line and "#" not in line and "//" not in line:
+            first_code_line = line
+            break
+    return fuzz_ratio(first_code_line, ground_truth, backend) / 100
+
+
+# ---------------------------------------------------------------- RULER
+
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f]")
+
+
+def ruler_postprocess(prediction: str) -> str:
+    """RULER's cleaning: strip, turn control characters into newlines, strip again."""
+    return _CONTROL_CHARACTERS.sub("\n", prediction.strip()).strip()
+
+
+def _require_references(references: Sequence[str]) -> None:
+    if len(references) == 0:
+        raise ValueError("string match needs at least one gold answer, got none")
+
+
+def string_match_part(prediction: str, references: Sequence[str]) -> float:
+    """1 when any gold answer occurs in the prediction (case-insensitive), else 0."""
+    _require_references(references)
+    lowered = prediction.lower()
+    return max(1.0 if reference.lower() in lowered else 0.0 for reference in references)
+
+
+def string_match_all(prediction: str, references: Sequence[str]) -> float:
+    """Share of the gold answers that occur in the prediction (case-insensitive)."""
+    _require_references(references)
+    lowered = prediction.lower()
+    return sum(1.0 if reference.lower() in lowered else 0.0 for reference in references) / len(references)
+
+
+def ruler_qa_score(prediction: str, answers: Sequence[str]) -> float:
+    """RULER QA as the REFINE release scores it: the prediction's first line, cleaned, must contain a gold answer."""
+    return string_match_part(ruler_postprocess(prediction.split("\n")[0]), answers)
+
+
+def ruler_official_qa_score(prediction: str, answers: Sequence[str]) -> float:
+    """RULER's own QA score: the whole cleaned prediction must contain a gold answer."""
+    return string_match_part(ruler_postprocess(prediction), answers)
+
+
+def niah_score(prediction: str, answers: Sequence[str]) -> float:
+    """Needle tasks: the share of all needle values found in the cleaned prediction."""
+    return string_match_all(ruler_postprocess(prediction), answers)
+
+
+# ---------------------------------------------------------------- per-task scoring rules
+
+_LONGBENCH_METRICS: dict[str, str] = {
+    "narrativeqa": "qa_f1_score",
+    "qasper": "qa_f1_score",
+    "multifieldqa_en": "qa_f1_score",
+    "multifieldqa_zh": "qa_f1_zh_score",
+    "hotpotqa": "qa_f1_score",
+    "2wikimqa": "qa_f1_score",
+    "musique": "qa_f1_score",
+    "dureader": "rouge_zh_score",
+    "gov_report": "rouge_score",
+    "qmsum": "rouge_score",
+    "multi_news": "rouge_score",
+    "vcsum": "rouge_zh_score",
+    "trec": "classification_score",
+    "triviaqa": "qa_f1_score",
+    "samsum": "rouge_score",
+    "lsht": "classification_score",
+    "passage_retrieval_en": "retrieval_score",
+    "passage_count": "count_score",
+    "passage_retrieval_zh": "retrieval_zh_score",
+    "lcc": "code_sim_score",
+    "repobench-p": "code_sim_score",
+}
+# Few-shot tasks whose predictions are cut to their first non-empty-leading line before scoring.
+LONGBENCH_FIRST_LINE_TASKS = frozenset({"trec", "triviaqa", "samsum", "lsht"})
+
+_PAIR_METRICS: dict[str, Callable[..., float]] = {
+    "qa_f1_score": qa_f1_score,
+    "qa_f1_zh_score": qa_f1_zh_score,
+    "rouge_score": rouge_score,
+    "rouge_zh_score": rouge_zh_score,
+    "classification_score": classification_score,
+    "retrieval_score": retrieval_score,
+    "retrieval_zh_score": retrieval_zh_score,
+    "count_score": count_score,
+    "code_sim_score": code_sim_score,
+}
+
+LONGBENCH_TASKS = tuple(_LONGBENCH_METRICS)
+RULER_ALL_MATCH_TASKS = frozenset(
+    {"niah", "vt", "cwe", "fwe", "variable_tracking", "common_words_extraction", "freq_words_extraction"}
+)
+# Synthetic tasks of refine.data.synthetic: every gold value must be recalled.
+SYNTHETIC_TASKS = frozenset({"mqar", "fact_recall"})
+
+
+def longbench_task_name(task: str) -> str | None:
+    """The LongBench dataset a task name refers to ("hotpotqa", "hotpotqa_e" -> "hotpotqa"), or None."""
+    base = task[:-2] if task.endswith("_e") else task
+    return base if base in _LONGBENCH_METRICS else None
+
+
+def longbench_score(
+    dataset: str,
+    prediction: str,
+    answers: Sequence[str],
+    all_classes: Sequence[str] | None = None,
+    code_backend: FuzzBackend = "difflib",
+) -> float:
+    """One example scored as LongBench's eval.py does: max of the dataset's metric over the gold answers."""
+    name = longbench_task_name(dataset)
+    if name is None:
+        raise ValueError(f"unknown LongBench dataset {dataset!r}; known: {sorted(_LONGBENCH_METRICS)}")
+    metric_name = _LONGBENCH_METRICS[name]
+    if metric_name == "classification_score" and all_classes is None:
+        raise ValueError(f"LongBench dataset {dataset!r} is a classification task: all_classes is required")
+    if name in LONGBENCH_FIRST_LINE_TASKS:
+        prediction = prediction.lstrip("\n").split("\n")[0]
+    metric = _PAIR_METRICS[metric_name]
+    score = 0.0
+    for ground_truth in answers:
+        if metric_name == "classification_score":
+            value = metric(prediction, ground_truth, all_classes)
+        elif metric_name == "code_sim_score":
+            value = metric(prediction, ground_truth, backend=code_backend)
+        else:
+            value = metric(prediction, ground_truth)
+        score = max(score, value)
+    return score
+
+
+@dataclass(frozen=True)
+class TaskMetric:
+    """How one task's examples are scored."""
+
+    task: str
+    metric: str  # the benchmark's metric name, reported in summaries
+    needs_all_classes: bool
+    score: Callable[[str, Sequence[str], Sequence[str] | None], float]
+
+
+def task_metric(task: str, code_backend: FuzzBackend = "difflib") -> TaskMetric:
+    """The scoring rule for a task name: a LongBench dataset (optionally "_e"), "ruler_qa" (also any
+    "ruler_*qa"), RULER's "qa_1"/"qa_2", "niah" / "niah_*" and RULER's other all-match tasks, "mqar",
+    "fact_recall"."""
+    name = task.strip()
+    longbench = longbench_task_name(name)
+    if longbench is not None:
+        metric_name = _LONGBENCH_METRICS[longbench]
+        return TaskMetric(
+            task=name,
+            metric=metric_name,
+            needs_all_classes=metric_name == "classification_score",
+            score=lambda prediction, answers, all_classes: longbench_score(
+                longbench, prediction, answers, all_classes, code_backend
+            ),
+        )
+    if name == "ruler_qa" or (name.startswith("ruler_") and name.endswith("qa")):
+        return TaskMetric(name, "string_match_part (first line)", False, lambda p, a, _c: ruler_qa_score(p, a))
+    if name in ("qa", "qa_1", "qa_2"):
+        return TaskMetric(name, "string_match_part", False, lambda p, a, _c: ruler_official_qa_score(p, a))
+    if name in RULER_ALL_MATCH_TASKS or name.startswith("niah_") or name in SYNTHETIC_TASKS:
+        return TaskMetric(name, "string_match_all", False, lambda p, a, _c: niah_score(p, a))
+    known = sorted(_LONGBENCH_METRICS) + ["ruler_qa", "qa_1", "qa_2", "niah", "niah_*"]
+    known += sorted(RULER_ALL_MATCH_TASKS - {"niah"}) + sorted(SYNTHETIC_TASKS)
+    raise ValueError(f"unknown task {task!r}; known tasks: {known}")
+
+
+def aggregate(scores: Sequence[float]) -> float:
+    """Task score as both benchmarks report it: mean x 100, rounded to 2 decimals."""
+    if len(scores) == 0:
+        raise ValueError("cannot aggregate an empty list of scores")
+    return round(100 * sum(scores) / len(scores), 2)
+
+
+LENGTH_BUCKETS = (("0-4k", 0, 4000), ("4-8k", 4000, 8000), ("8k+", 8000, None))
+
+
+def aggregate_by_length(scores: Sequence[float], lengths: Sequence[int]) -> dict[str, float | None]:
+    """LongBench-E's report: task score per input-length bucket (None for an empty bucket)."""
+    if len(scores) != len(lengths):
+        raise ValueError(f"{len(scores)} scores but {len(lengths)} lengths")
+    result: dict[str, float | None] = {}
+    for label, low, high in LENGTH_BUCKETS:
+        bucket = [s for s, n in zip(scores, lengths) if n >= low and (high is None or n < high)]
+        result[label] = aggregate(bucket) if bucket else None
+    return result

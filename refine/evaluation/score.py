@@ -1,0 +1,167 @@
+"""Score a file of predictions: `refine score --task NAME --predictions FILE.jsonl [--output PER_EXAMPLE.jsonl]`.
+
+Each input line is a JSON object with the prediction ("prediction", or "pred" as LongBench and RULER write
+it), the gold answers ("answers"; also "outputs" / "answer" as RULER and the REFINE data name them) and, for
+classification tasks, "all_classes". An optional "length" adds LongBench-E's per-length scores.
+The summary (JSON, printed) holds the task score as the benchmark reports it (mean x 100, 2 decimals).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from refine.evaluation.metrics import FuzzBackend, aggregate, aggregate_by_length, task_metric
+
+PREDICTION_FIELDS = ("prediction", "pred")
+ANSWER_FIELDS = ("answers", "outputs", "answer")
+
+
+class PredictionRowError(ValueError):
+    """A prediction row is missing a field or holds a value of the wrong type; names row and field."""
+
+
+def _pick(row: dict[str, Any], names: Sequence[str], row_number: int) -> tuple[str, Any]:
+    for name in names:
+        if name in row:
+            return name, row[name]
+    raise PredictionRowError(f"row {row_number}: none of the fields {list(names)} present; fields: {sorted(row)}")
+
+
+def _as_answers(value: Any, field: str, row_number: int) -> list[str]:
+    if isinstance(value, str):  # a single gold answer
+        return [value]
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        if not value:
+            raise PredictionRowError(f"row {row_number}: field {field!r} is an empty list: give at least one answer")
+        return list(value)
+    raise PredictionRowError(f"row {row_number}: field {field!r} must be a list of strings, got {value!r:.120}")
+
+
+def score_predictions(
+    task: str,
+    rows: list[dict[str, Any]],
+    *,
+    all_classes: list[str] | None = None,
+    code_backend: FuzzBackend = "difflib",
+) -> tuple[dict[str, Any], list[float]]:
+    """Score every row with the task's benchmark rule. Returns (summary, per-example scores in [0, 1]).
+
+    `all_classes` is the fallback class list for classification tasks when a row has none."""
+    metric = task_metric(task, code_backend)
+    if not rows:
+        raise ValueError(f"no predictions to score for task {task!r}")
+    scores: list[float] = []
+    lengths: list[int] = []
+    empty_predictions = 0
+    for row_number, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise PredictionRowError(f"row {row_number}: expected a JSON object, got {type(row).__name__}")
+        prediction_field, prediction = _pick(row, PREDICTION_FIELDS, row_number)
+        if prediction is None:
+            prediction = ""  # a generation that produced nothing
+        if not isinstance(prediction, str):
+            raise PredictionRowError(
+                f"row {row_number}: field {prediction_field!r} must be a string, got {prediction!r:.120}"
+            )
+        answer_field, raw_answers = _pick(row, ANSWER_FIELDS, row_number)
+        answers = _as_answers(raw_answers, answer_field, row_number)
+        classes = row.get("all_classes") or all_classes
+        if metric.needs_all_classes:
+            if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes) or not classes:
+                raise PredictionRowError(
+                    f"row {row_number}: task {task!r} is a classification task and needs 'all_classes' "
+                    f"(a list of class names), got {classes!r:.120}"
+                )
+        empty_predictions += int(not prediction.strip())
+        scores.append(float(metric.score(prediction, answers, classes)))
+        length = row.get("length")
+        if isinstance(length, int) and not isinstance(length, bool):
+            lengths.append(length)
+    summary: dict[str, Any] = {
+        "task": task,
+        "metric": metric.metric,
+        "score": aggregate(scores),
+        "num_examples": len(scores),
+        "empty_predictions": empty_predictions,
+    }
+    if len(lengths) == len(scores):
+        summary["score_by_length"] = aggregate_by_length(scores, lengths)
+    return summary, scores
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a JSON lines file; a malformed line raises with its file and line number."""
+    rows: list[dict[str, Any]] = []
+    with open(path, "rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as error:
+                message = f"{path}, line {line_number}: undecodable UTF-8 at byte {error.start}"
+                raise PredictionRowError(message) from None
+            except json.JSONDecodeError as error:
+                raise PredictionRowError(f"{path}, line {line_number}: malformed JSON ({error.msg})") from None
+            if not isinstance(row, dict):
+                message = f"{path}, line {line_number}: expected a JSON object, got {type(row).__name__}"
+                raise PredictionRowError(message)
+            rows.append(row)
+    return rows
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="refine score", description="Score predictions with a benchmark's own metric (LongBench, RULER)."
+    )
+    parser.add_argument("--task", required=True, help="task name, e.g. hotpotqa, gov_report, trec, ruler_qa, niah")
+    parser.add_argument("--predictions", required=True, help="JSON lines: prediction, answers, optional all_classes")
+    parser.add_argument("--output", help="write per-example scores here (JSON lines)")
+    parser.add_argument("--all-classes", help="JSON file with a list of class names, for rows without all_classes")
+    parser.add_argument(
+        "--code-sim-backend",
+        choices=["difflib", "levenshtein"],
+        default="difflib",
+        help="fuzzy ratio for lcc / repobench-p: difflib as LongBench pins it, or Levenshtein (python-Levenshtein)",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        rows = read_jsonl(args.predictions)
+        all_classes = None
+        if args.all_classes:
+            all_classes = json.loads(Path(args.all_classes).read_text(encoding="utf-8"))
+            if not isinstance(all_classes, list):
+                raise ValueError(f"--all-classes file {args.all_classes!r} must hold a JSON list of class names")
+        summary, scores = score_predictions(
+            args.task, rows, all_classes=all_classes, code_backend=args.code_sim_backend
+        )
+    except (OSError, ValueError) as error:
+        print(f"refine score: error: {error}", file=sys.stderr)
+        return 2
+    summary["predictions"] = str(args.predictions)
+    if args.output:
+        output = Path(args.output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with open(output, "w", encoding="utf-8") as handle:
+            for index, (row, score) in enumerate(zip(rows, scores)):
+                record: dict[str, Any] = {"row": index, "score": score}
+                for key in ("_id", "id", "index"):  # carry the row's own identifier when it has one
+                    if key in row:
+                        record[key] = row[key]
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        summary["per_example"] = str(output)
+    print(json.dumps(summary, ensure_ascii=False))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,284 @@
+"""Chunked (WY / UT-transform) delta rule in pure PyTorch, with states at arbitrary positions.
+
+Conventions are those of refine/kernels/naive.py (fla layouts, S <- exp(g_t) S before the update,
+o_t = scale * S_t^T q_t after it). Within a chunk of C tokens with chunk-start state S0 and
+inclusive cumulative log-decay gamma_i = g_1 + ... + g_i, the state after token i is
+
+    S_i = exp(gamma_i) S0 + sum_{j <= i} exp(gamma_i - gamma_j) k_j u_j^T,
+
+where the corrected values u solve the unit lower-triangular system (I + A) u = beta (v - exp(gamma) K S0)
+with A_ij = beta_i exp(gamma_i - gamma_j) k_i . k_j for j < i. Hence u = U0 - W S0 with
+W = (I + A)^-1 diag(beta exp(gamma)) K and U0 = (I + A)^-1 diag(beta) V, both computed for every chunk
+at once; only u and the chunk-end state need the sequential loop over chunks.
+
+Because the system is lower-triangular, the first r rows of u do not depend on the rest of the chunk,
+so the state after r tokens of a chunk is exp(gamma_r) S0 + sum_{j <= r} exp(gamma_r - gamma_j) k_j u_j^T
+with the very same u: states at any position come out of the one pass, exactly and with gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def compute_dtype_for(dtype: torch.dtype) -> torch.dtype:
+    """Half-precision inputs are computed (and their states kept) in float32, as fla's kernels do."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def validate_delta_rule_inputs(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    beta: Tensor,
+    g: Tensor | None,
+    initial_state: Tensor | None,
+    positions: Tensor | None,
+) -> None:
+    """Raises ValueError naming the offending argument when shapes or values do not fit together."""
+    if k.dim() != 4:
+        raise ValueError(f"k must be [B, T, H, K], got shape {tuple(k.shape)}")
+    batch, seq_len, heads, key_dim = k.shape
+    if q.shape != k.shape:
+        raise ValueError(f"q must have k's shape {tuple(k.shape)}, got {tuple(q.shape)}")
+    if v.dim() != 4 or v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"v must be [B, T, H, V] with B, T, H = {batch, seq_len, heads}, got {tuple(v.shape)}")
+    if beta.shape != k.shape[:3]:
+        raise ValueError(f"beta must be [B, T, H] = {tuple(k.shape[:3])}, got {tuple(beta.shape)}")
+    if g is not None and g.shape != k.shape[:3]:
+        raise ValueError(f"g must be [B, T, H] = {tuple(k.shape[:3])}, got {tuple(g.shape)}")
+    expected_state = (batch, heads, key_dim, v.shape[-1])
+    if initial_state is not None and tuple(initial_state.shape) != expected_state:
+        raise ValueError(f"initial_state must be [B, H, K, V] = {expected_state}, got {tuple(initial_state.shape)}")
+    if positions is not None:
+        if positions.dim() != 2 or positions.shape[0] != batch:
+            raise ValueError(f"positions must be [B, P] with B = {batch}, got shape {tuple(positions.shape)}")
+        if positions.dtype.is_floating_point or positions.dtype == torch.bool:
+            raise ValueError(f"positions must be an integer tensor, got dtype {positions.dtype}")
+        if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) > seq_len):
+            raise ValueError(
+                f"positions must lie in 0..T = 0..{seq_len}, got values from "
+                f"{int(positions.min())} to {int(positions.max())}"
+            )
+
+
+def _to_chunks(x: Tensor, num_chunks: int, chunk_size: int, dtype: torch.dtype) -> Tensor:
+    """[B, T, H, ...] -> [N, B, H, C, ...], zero-padded at the end: chunk-major so the loop reads contiguous slices."""
+    batch, seq_len, heads = x.shape[:3]
+    pad = num_chunks * chunk_size - seq_len
+    x = x.to(dtype)
+    if pad:
+        x = F.pad(x, (0, 0) * (x.dim() - 3) + (0, 0, 0, pad))
+    x = x.reshape(batch, num_chunks, chunk_size, heads, *x.shape[3:])
+    order = (1, 0, 3, 2) + tuple(range(4, x.dim()))
+    return x.permute(order).contiguous()
+
+
+def chunk_delta_rule(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    beta: Tensor,
+    g: Tensor | None = None,
+    *,
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    positions: Tensor | None = None,
+    chunk_size: int = 64,
+) -> tuple[Tensor, Tensor | None]:
+    """Delta rule (gated when g is given) over a whole sequence.
+
+    q, k [B, T, H, K] (already l2-normalized); v [B, T, H, V]; beta, g [B, T, H]; initial_state [B, H, K, V];
+    positions [B, P], integers in 0..T ("tokens consumed").
+    Returns o [B, T, H, V] in q's dtype and, when positions is given, the state after positions[b, j]
+    tokens at row b * P + j of a [B * P, H, K, V] tensor (float32 for half-precision inputs).
+    """
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    validate_delta_rule_inputs(q, k, v, beta, g, initial_state, positions)
+    batch, seq_len, heads, key_dim = k.shape
+    value_dim = v.shape[-1]
+    scale = key_dim ** -0.5 if scale is None else scale
+    dtype = compute_dtype_for(q.dtype)
+    size = chunk_size
+    # At least one chunk, so T = 0 runs the same code; padded tokens have k = v = q = beta = g = 0,
+    # which leaves the state untouched (no write, decay exp(0) = 1).
+    num_chunks = max(1, -(-seq_len // size))
+
+    q_c = _to_chunks(q, num_chunks, size, dtype) * scale  # [N, B, H, C, K]
+    k_c = _to_chunks(k, num_chunks, size, dtype)
+    v_c = _to_chunks(v, num_chunks, size, dtype)
+    beta_c = _to_chunks(beta, num_chunks, size, dtype)  # [N, B, H, C]
+    gamma = None if g is None else _to_chunks(g, num_chunks, size, dtype).cumsum(-1)
+
+    ones = torch.ones(size, size, dtype=torch.bool, device=k.device)
+    causal = torch.tril(ones)  # j <= i
+    decay = None  # exp(gamma_i - gamma_j) on j <= i, 0 above the diagonal
+    if gamma is not None:
+        decay = (gamma[..., :, None] - gamma[..., None, :]).masked_fill(~causal, float("-inf")).exp()
+
+    # UT transform for every chunk at once: T = (I + A)^-1, W = T diag(beta exp(gamma)) K, U0 = T diag(beta) V.
+    lower = (k_c @ k_c.transpose(-1, -2)) * beta_c[..., None]
+    if decay is not None:
+        lower = lower * decay
+    inverse = UnitLowerInverse.apply(lower)
+    k_weight = beta_c if gamma is None else beta_c * gamma.exp()
+    w = inverse @ (k_c * k_weight[..., None])
+    u0 = inverse @ (v_c * beta_c[..., None])
+
+    # Sequential part: u_n = u0_n - W_n S_n, S_{n+1} = exp(gamma_C) S_n + (exp(gamma_C - gamma) k)^T u_n.
+    if gamma is None:
+        k_to_end = k_c.transpose(-1, -2)
+        chunk_decay = None
+    else:
+        k_to_end = (k_c * (gamma[..., -1:] - gamma).exp()[..., None]).transpose(-1, -2)
+        chunk_decay = gamma[..., -1].exp()[..., None, None].flatten(1, 2)  # [N, B * H, 1, 1]
+    state = (
+        q_c.new_zeros(batch * heads, key_dim, value_dim)
+        if initial_state is None
+        else initial_state.to(dtype).flatten(0, 1)
+    )
+    states, u = ChunkRecurrence.apply(
+        u0.flatten(1, 2), w.flatten(1, 2), k_to_end.flatten(1, 2), chunk_decay, state
+    )
+    chunk_states = states[:-1].view(num_chunks, batch, heads, key_dim, value_dim)
+    u = u.view(num_chunks, batch, heads, size, value_dim)
+
+    # Outputs for all chunks at once: inter-chunk (query x chunk-start state) + intra-chunk (masked attention).
+    scores = q_c @ k_c.transpose(-1, -2)
+    scores = scores.masked_fill(~causal, 0) if decay is None else scores * decay
+    q_inter = q_c if gamma is None else q_c * gamma.exp()[..., None]
+    o = q_inter @ chunk_states + scores @ u  # [N, B, H, C, V]
+    o = o.permute(1, 0, 3, 2, 4).reshape(batch, num_chunks * size, heads, value_dim)[:, :seq_len]
+    o = o.to(q.dtype)
+
+    position_states = None
+    if positions is not None:
+        position_states = _states_at(positions, chunk_states, k_c, u, gamma, size)
+    return o, position_states
+
+
+def invert_unit_lower(lower: Tensor) -> Tensor:
+    """(I + tril(lower, -1))^-1 for a batch of square matrices, by recursive doubling of diagonal blocks.
+
+    Each level inverts all 2x2 block-triangular systems of the level with two batched matmuls
+    ([[T11, 0], [-T22 L21 T11, T22]]): much faster on CPU than a batched triangular solve of many
+    small matrices, and as stable (it is the blocked form of forward substitution).
+    """
+    size = lower.shape[-1]
+    padded = 1 << max(size - 1, 0).bit_length()
+    if padded != size:  # the doubling needs a power of two; padding rows/columns invert to identity
+        lower = F.pad(lower, (0, padded - size, 0, padded - size))
+    batch = lower.shape[:-2]
+    blocks = torch.ones(*batch, padded, 1, 1, dtype=lower.dtype, device=lower.device)  # inverse diagonal blocks
+    width = 1
+    while width < padded:
+        pairs = padded // (2 * width)
+        diagonal = torch.diagonal(lower.reshape(*batch, pairs, 2 * width, pairs, 2 * width), dim1=-4, dim2=-2)
+        lower_left = diagonal[..., width:, :width, :].movedim(-1, -3)  # [..., pairs, width, width]
+        first, second = blocks[..., 0::2, :, :], blocks[..., 1::2, :, :]
+        corner = -(second @ lower_left @ first)
+        top = torch.cat([first, torch.zeros_like(first)], dim=-1)
+        blocks = torch.cat([top, torch.cat([corner, second], dim=-1)], dim=-2)
+        width *= 2
+    return blocks[..., 0, :size, :size]
+
+
+class UnitLowerInverse(torch.autograd.Function):
+    """T = (I + tril(A, -1))^-1 with the backward d(A) = tril(-T^T dT T^T, -1)."""
+
+    @staticmethod
+    def forward(ctx, lower):
+        inverse = invert_unit_lower(lower)
+        ctx.save_for_backward(inverse)
+        return inverse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_inverse):
+        (inverse,) = ctx.saved_tensors
+        transposed = inverse.transpose(-1, -2)
+        return torch.tril(-(transposed @ grad_inverse @ transposed), -1)
+
+
+class ChunkRecurrence(torch.autograd.Function):
+    """The loop over chunks, with a hand-written backward: two small matmuls per chunk each way.
+
+    forward(u0 [N, M, C, V], w [N, M, C, K], k_to_end [N, M, K, C], chunk_decay [N, M, 1, 1] or None,
+    state [M, K, V]) -> (states [N + 1, M, K, V]: the state at every chunk start and the final one,
+    u [N, M, C, V]), with u_n = u0_n - w_n S_n and S_{n+1} = chunk_decay_n S_n + k_to_end_n u_n.
+    The parameter gradients (of w, k_to_end, chunk_decay) are batched over chunks after the reverse loop.
+    """
+
+    @staticmethod
+    def forward(ctx, u0, w, k_to_end, chunk_decay, state):
+        num_chunks = u0.shape[0]
+        states = u0.new_empty(num_chunks + 1, *state.shape)
+        u = torch.empty_like(u0)
+        states[0] = state
+        for n in range(num_chunks):
+            torch.baddbmm(u0[n], w[n], states[n], alpha=-1, out=u[n])
+            if chunk_decay is None:
+                torch.baddbmm(states[n], k_to_end[n], u[n], out=states[n + 1])
+            else:
+                torch.mul(states[n], chunk_decay[n], out=states[n + 1])
+                states[n + 1].baddbmm_(k_to_end[n], u[n])
+        ctx.save_for_backward(w, k_to_end, chunk_decay, states, u)
+        return states, u
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_states, grad_u):
+        w, k_to_end, chunk_decay, states, u = ctx.saved_tensors
+        num_chunks = u.shape[0]
+        grad_states = torch.zeros_like(states) if grad_states is None else grad_states
+        grad_u = torch.zeros_like(u) if grad_u is None else grad_u
+        grad_u_total = torch.empty_like(u)  # gradient of u_n including its effect on S_{n+1}
+        grad_next = torch.empty_like(states[1:])  # gradient of S_{n+1}, total
+        running = grad_states[num_chunks].clone()
+        for n in reversed(range(num_chunks)):
+            grad_next[n] = running
+            torch.baddbmm(grad_u[n], k_to_end[n].transpose(-1, -2), running, out=grad_u_total[n])
+            carried = running if chunk_decay is None else running * chunk_decay[n]
+            running = torch.baddbmm(grad_states[n] + carried, w[n].transpose(-1, -2), grad_u_total[n], alpha=-1)
+        needs = ctx.needs_input_grad
+        grad_w = -(grad_u_total @ states[:-1].transpose(-1, -2)) if needs[1] else None
+        grad_k_to_end = grad_next @ u.transpose(-1, -2) if needs[2] else None
+        grad_decay = None
+        if chunk_decay is not None and needs[3]:
+            grad_decay = (grad_next * states[:-1]).sum((-1, -2), keepdim=True)
+        return grad_u_total, grad_w, grad_k_to_end, grad_decay, running
+
+
+def _states_at(
+    positions: Tensor,
+    chunk_states: Tensor,
+    k_c: Tensor,
+    u: Tensor,
+    gamma: Tensor | None,
+    size: int,
+) -> Tensor:
+    """State after positions[b, j] tokens: chunk-start state plus the first r tokens of that chunk."""
+    num_chunks, batch = chunk_states.shape[:2]
+    positions = positions.to(device=k_c.device, dtype=torch.long)
+    # p = T on a chunk boundary is the last chunk with r = C, so every chunk index stays in range.
+    chunk = torch.clamp(positions // size, max=num_chunks - 1)  # [B, P]
+    offset = positions - chunk * size  # r in 0..C
+    rows = torch.arange(batch, device=k_c.device)[:, None]
+    start = chunk_states[chunk, rows]  # [B, P, H, K, V]
+    keys = k_c[chunk, rows]  # [B, P, H, C, K]
+    values = u[chunk, rows]  # [B, P, H, C, V]
+    taken = torch.arange(size, device=k_c.device) < offset[..., None]  # [B, P, C]: j < r
+    taken = taken[:, :, None, :]  # broadcast over heads
+    if gamma is None:
+        weight = taken.to(keys.dtype)
+    else:
+        cumulative = gamma[chunk, rows]  # [B, P, H, C]
+        with_zero = F.pad(cumulative, (1, 0))  # gamma after r tokens is with_zero[r]
+        gamma_r = with_zero.gather(-1, offset[:, :, None, None].expand(-1, -1, cumulative.shape[2], 1))
+        weight = (gamma_r - cumulative).masked_fill(~taken, float("-inf")).exp()
+        start = start * gamma_r.exp()[..., None]
+    state = start + (keys * weight[..., None]).transpose(-1, -2) @ values
+    return state.flatten(0, 1)

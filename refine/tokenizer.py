@@ -1,0 +1,232 @@
+"""Tokenizers: an embedded byte-level tokenizer (no files) and a Hugging Face `tokenizer.json` loaded offline.
+
+Every tokenizer speaks the same small protocol. `encode` never adds special tokens: callers decide where BOS
+and EOS go (the data pipeline does it once per document), so token counts mean the same for both kinds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+logger = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """What the data pipeline, the rollout engines and evaluation need from a tokenizer."""
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def eos_id(self) -> int: ...
+
+    @property
+    def bos_id(self) -> int | None: ...
+
+    @property
+    def pad_id(self) -> int: ...
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes are ids 0..255; four special ids follow. Needs no files, so a model trained with it is
+    self-contained. Decoding drops special ids and replaces invalid UTF-8 (a sampled byte sequence may cut a
+    multi-byte character) with U+FFFD instead of failing."""
+
+    PAD_ID = 256
+    BOS_ID = 257
+    EOS_ID = 258
+    SEP_ID = 259
+    NUM_BYTES = 256
+    SPECIAL_TOKENS = {"<pad>": PAD_ID, "<bos>": BOS_ID, "<eos>": EOS_ID, "<sep>": SEP_ID}
+
+    @property
+    def vocab_size(self) -> int:
+        return self.NUM_BYTES + len(self.SPECIAL_TOKENS)
+
+    @property
+    def eos_id(self) -> int:
+        return self.EOS_ID
+
+    @property
+    def bos_id(self) -> int:
+        return self.BOS_ID
+
+    @property
+    def pad_id(self) -> int:
+        return self.PAD_ID
+
+    @property
+    def sep_id(self) -> int:
+        return self.SEP_ID
+
+    def encode(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"ByteTokenizer.encode expects str, got {type(text).__name__}: {text!r:.80}")
+        return list(text.encode("utf-8"))
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(text) for text in texts]
+
+    def decode(self, ids: list[int]) -> str:
+        data = bytearray()
+        for position, token_id in enumerate(ids):
+            token_id = int(token_id)
+            if 0 <= token_id < self.NUM_BYTES:
+                data.append(token_id)
+            elif not self.NUM_BYTES <= token_id < self.vocab_size:
+                raise ValueError(
+                    f"token id {token_id} at position {position} is outside the byte vocabulary [0, {self.vocab_size})"
+                )
+        return data.decode("utf-8", errors="replace")
+
+    def __repr__(self) -> str:
+        return f"ByteTokenizer(vocab_size={self.vocab_size})"
+
+
+# Names tried, in order, when a checkpoint's files do not say which token is BOS / EOS.
+_FALLBACK_BOS = ("<s>", "<|begin_of_text|>", "<bos>", "[BOS]")
+_FALLBACK_EOS = ("</s>", "<|end_of_text|>", "<|endoftext|>", "<eos>", "[EOS]")
+
+
+class HFTokenizer:
+    """A `tokenizer.json` (the `tokenizers` library's format) loaded from a local directory, never from a hub.
+
+    Special ids come from tokenizer_config.json / special_tokens_map.json (token strings), then config.json
+    (`bos_token_id`, ...), then common token names. PAD falls back to EOS, as causal-LM checkpoints usually
+    have no pad token."""
+
+    def __init__(self, path: str | Path) -> None:
+        from tokenizers import Tokenizer as _RustTokenizer
+
+        path = Path(path)
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(f"tokenizer path {str(path)!r} has no tokenizer.json")
+        self.directory = file.parent
+        try:
+            self._tokenizer = _RustTokenizer.from_file(str(file))
+        except Exception as error:  # the Rust library raises a bare Exception with its parse message
+            raise ValueError(f"cannot read tokenizer file {str(file)!r}: {error}") from error
+        self._vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
+        settings = _read_special_token_settings(self.directory)
+        self._bos_id = self._resolve("bos", settings, _FALLBACK_BOS)
+        eos_id = self._resolve("eos", settings, _FALLBACK_EOS)
+        if eos_id is None:
+            raise ValueError(
+                f"tokenizer in {str(self.directory)!r} names no EOS token: set eos_token in tokenizer_config.json "
+                f"or eos_token_id in config.json"
+            )
+        self._eos_id = eos_id
+        pad_id = self._resolve("pad", settings, ())
+        self._pad_id = eos_id if pad_id is None else pad_id
+
+    def _resolve(self, role: str, settings: dict[str, Any], fallback_names: tuple[str, ...]) -> int | None:
+        token = settings.get(f"{role}_token")
+        if isinstance(token, dict):
+            token = token.get("content")
+        if isinstance(token, str):
+            token_id = self._tokenizer.token_to_id(token)
+            if token_id is None:
+                raise ValueError(
+                    f"{role}_token {token!r} configured in {str(self.directory)!r} is not in the tokenizer vocabulary"
+                )
+            return token_id
+        token_id = settings.get(f"{role}_token_id")
+        if isinstance(token_id, list):  # some configs list several EOS ids; the first is the canonical one
+            token_id = token_id[0] if token_id else None
+        if isinstance(token_id, int):
+            if not 0 <= token_id < self._vocab_size:
+                raise ValueError(
+                    f"{role}_token_id {token_id} in {str(self.directory)!r} is outside the vocabulary "
+                    f"[0, {self._vocab_size})"
+                )
+            return token_id
+        for name in fallback_names:
+            token_id = self._tokenizer.token_to_id(name)
+            if token_id is not None:
+                return token_id
+        return None
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def eos_id(self) -> int:
+        return self._eos_id
+
+    @property
+    def bos_id(self) -> int | None:
+        return self._bos_id
+
+    @property
+    def pad_id(self) -> int:
+        return self._pad_id
+
+    def encode(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"HFTokenizer.encode expects str, got {type(text).__name__}: {text!r:.80}")
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [encoding.ids for encoding in self._tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode([int(token_id) for token_id in ids], skip_special_tokens=True)
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer({str(self.directory)!r}, vocab_size={self.vocab_size})"
+
+
+def _read_special_token_settings(directory: Path) -> dict[str, Any]:
+    """Merge the special-token fields of the usual files; earlier files win."""
+    settings: dict[str, Any] = {}
+    for name in ("tokenizer_config.json", "special_tokens_map.json", "config.json"):
+        file = directory / name
+        if not file.is_file():
+            continue
+        try:
+            content = json.loads(file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"cannot parse {str(file)!r}: {error}") from error
+        if not isinstance(content, dict):
+            continue
+        for role in ("bos", "eos", "pad"):
+            for key in (f"{role}_token", f"{role}_token_id"):
+                if content.get(key) is not None and key not in settings:
+                    settings[key] = content[key]
+    return settings
+
+
+BYTE_TOKENIZER_NAMES = ("byte", "bytes")
+
+
+def load_tokenizer(path: str | Path | None) -> Tokenizer:
+    """None or "byte" -> the embedded ByteTokenizer; a directory (or file) with tokenizer.json -> HFTokenizer."""
+    if path is None or str(path).strip().lower() in BYTE_TOKENIZER_NAMES:
+        return ByteTokenizer()
+    location = Path(path).expanduser()
+    if not location.exists():
+        raise FileNotFoundError(
+            f"tokenizer path {str(path)!r} does not exist (use None or 'byte' for the built-in byte tokenizer)"
+        )
+    if location.is_dir() and not (location / "tokenizer.json").is_file():
+        present = sorted(entry.name for entry in location.iterdir())
+        hint = ""
+        if "tokenizer.model" in present:
+            hint = (
+                "; it holds a sentencepiece tokenizer.model: convert it once with "
+                "transformers (AutoTokenizer.from_pretrained(dir).save_pretrained(dir)) to write tokenizer.json"
+            )
+        raise FileNotFoundError(f"tokenizer directory {str(path)!r} has no tokenizer.json (found {present}){hint}")
+    return HFTokenizer(location)

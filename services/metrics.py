@@ -1,0 +1,99 @@
+"""Prometheus metrics of every role, and how Prometheus finds them.
+
+Every process (orchestrator, each rollout worker, each reward replica, each learner rank) serves its
+own registry on an ephemeral port, so any number of actors share a node without port collisions,
+and announces itself with a file in Prometheus' file service-discovery format:
+`<discovery_dir>/<role>-<instance>.json` = [{"targets": ["host:port"], "labels": {"role": ..., "instance": ...}}].
+deploy/prometheus.yml reads every such file (`file_sd_configs`). Metric names all start with `refine_`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+DEFAULT_DISCOVERY_DIR = os.environ.get("REFINE_METRICS_DISCOVERY_DIR", "/tmp/refine/prometheus")
+
+STEP_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+
+class Metrics:
+    """All metric families; one instance per process, each role updates the ones it owns."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        r = self.registry = registry or CollectorRegistry()
+        # Rollout workers
+        self.rollouts = Counter("refine_rollouts", "Rollouts produced", registry=r)
+        self.rollout_tokens = Counter("refine_rollout_tokens", "Rollout tokens produced", registry=r)
+        self.rollout_batches = Counter("refine_rollout_batches", "Rollout batches published", registry=r)
+        self.selected_entropy = Gauge("refine_selected_entropy", "Mean entropy at selected positions", registry=r)
+        # Reward service
+        self.reward_mean = Gauge("refine_reward_mean", "Mean reward of the last batch", ["reward_type"], registry=r)
+        self.reward_std = Gauge("refine_reward_std", "Reward std of the last batch", ["reward_type"], registry=r)
+        self.reward_latency = Histogram("refine_reward_latency_seconds", "Time to score one batch",
+                                        buckets=LATENCY_BUCKETS, registry=r)
+        self.scored_batches = Counter("refine_scored_batches", "Rollout batches scored", registry=r)
+        # Learner
+        self.learner_steps = Counter("refine_learner_steps", "Optimizer steps taken", registry=r)
+        self.policy_loss = Gauge("refine_policy_loss", "Clipped policy-gradient loss", registry=r)
+        self.ntp_loss = Gauge("refine_ntp_loss", "Next-token cross-entropy", registry=r)
+        self.clip_fraction = Gauge("refine_clip_fraction", "Fraction of clipped rollout tokens", registry=r)
+        self.approx_kl = Gauge("refine_approx_kl", "Approximate KL(behaviour || current)", registry=r)
+        self.grad_norm = Gauge("refine_grad_norm", "Gradient norm before clipping", registry=r)
+        self.step_seconds = Histogram("refine_step_seconds", "Time per phase of a step", ["phase"],
+                                      buckets=STEP_BUCKETS, registry=r)
+        self.skipped_steps = Counter("refine_skipped_steps", "Steps skipped for a non-finite loss or gradient",
+                                     registry=r)
+        # Weights and staleness
+        self.weight_version = Gauge("refine_weight_version", "Policy version this process holds", registry=r)
+        self.staleness = Histogram("refine_rollout_staleness", "Learner version minus rollout version",
+                                   buckets=(0, 1, 2, 3, 4, 8, 16), registry=r)
+        self.stale_dropped = Counter("refine_stale_rollouts_dropped", "Rollout batches dropped as too stale",
+                                     registry=r)
+        # Transport and data
+        self.stream_length = Gauge("refine_stream_length", "Entries in a Redis stream", ["stream"], registry=r)
+        self.stream_pending = Gauge("refine_stream_pending", "Delivered but unacknowledged entries",
+                                    ["stream", "group"], registry=r)
+        self.documents = Counter("refine_documents", "Documents published by the orchestrator", registry=r)
+
+
+@dataclass
+class MetricsEndpoint:
+    host: str
+    port: int
+    discovery_file: Path | None
+
+    def close(self) -> None:
+        if self.discovery_file is not None:
+            self.discovery_file.unlink(missing_ok=True)
+
+
+def _reachable_host() -> str:
+    """An address Prometheus on this node can reach: loopback unless told otherwise."""
+    return os.environ.get("REFINE_METRICS_HOST", "127.0.0.1")
+
+
+def serve_metrics(metrics: Metrics, role: str, instance: str, discovery_dir: str | Path | None = DEFAULT_DISCOVERY_DIR,
+                  bind: str = "0.0.0.0") -> MetricsEndpoint:
+    """Serve `metrics` on a free port and announce it for Prometheus file service discovery."""
+    server, _ = start_http_server(0, addr=bind, registry=metrics.registry)
+    port = server.server_port
+    host = _reachable_host()
+    discovery_file = None
+    if discovery_dir is not None:
+        directory = Path(discovery_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in f"{role}-{instance}")
+        discovery_file = directory / f"{safe}.json"
+        payload = [{"targets": [f"{host}:{port}"],
+                    "labels": {"role": role, "instance_id": instance, "node": socket.gethostname()}}]
+        tmp = discovery_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(payload))
+        tmp.replace(discovery_file)  # atomic: Prometheus never reads half a file
+    return MetricsEndpoint(host, port, discovery_file)

@@ -1,0 +1,252 @@
+import json
+import logging
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from pydantic import ValidationError
+
+from refine.data.sources import (
+    BadRowError,
+    DataConfig,
+    DataSourceError,
+    DocumentStream,
+    EmptySourceError,
+    MissingColumnError,
+    detect_format,
+    iter_documents,
+)
+from refine.tokenizer import ByteTokenizer
+
+TOKENIZER = ByteTokenizer()
+BOS, EOS = TOKENIZER.bos_id, TOKENIZER.eos_id
+
+
+def write_jsonl(path, rows, column="text"):
+    path.write_text("".join(json.dumps({column: row} if isinstance(row, str) else row) + "\n" for row in rows))
+    return path
+
+
+def config(path, **overrides):
+    return DataConfig(path=str(path), show_progress=False, **overrides)
+
+
+def texts_of(documents):
+    return [TOKENIZER.decode(document.token_ids) for document in documents]
+
+
+# ---------------------------------------------------------------- formats
+
+
+def test_jsonl_documents_get_bos_and_keep_source_order(tmp_path):
+    path = write_jsonl(tmp_path / "docs.jsonl", ["first doc", "second", "third one"])
+    documents = list(iter_documents(config(path), TOKENIZER))
+    assert texts_of(documents) == ["first doc", "second", "third one"]
+    assert all(document.token_ids[0] == BOS for document in documents)
+    assert [d.index for d in documents] == [0, 1, 2]
+    assert [d.doc_id for d in documents] == ["docs.jsonl:1", "docs.jsonl:2", "docs.jsonl:3"]
+
+
+def test_min_length_filters_and_max_length_truncates_with_counts(tmp_path):
+    path = write_jsonl(tmp_path / "docs.jsonl", ["abc", "a", "abcdefghij", ""])
+    stream = DocumentStream(config(path, min_length=3, max_length=6, add_eos=True), TOKENIZER)
+    documents = list(stream)
+    # "abc" -> BOS a b c EOS (5); "a" -> BOS a EOS (3 >= 3, kept); long one cut to 6 without EOS; "" -> BOS EOS (2)
+    assert [d.token_ids for d in documents] == [
+        [BOS, *b"abc", EOS],
+        [BOS, *b"a", EOS],
+        [BOS, *b"abcde"],
+    ]
+    assert [d.truncated for d in documents] == [False, False, True]
+    assert stream.stats.too_short == 1 and stream.stats.truncated == 1 and stream.stats.documents == 3
+    assert stream.stats.records_read == 4 and stream.stats.tokens == 5 + 3 + 6
+
+
+def test_parquet_folder_with_row_groups_and_resume(tmp_path):
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    all_texts = [f"document number {i}" for i in range(25)]
+    pq.write_table(pa.table({"body": all_texts[:10], "n": list(range(10))}), folder / "a.parquet", row_group_size=3)
+    pq.write_table(pa.table({"body": all_texts[10:], "n": list(range(10, 25))}), folder / "b.parquet", row_group_size=4)
+    assert detect_format(folder) == "parquet"
+    cfg = config(folder, text_column="body", tokenize_batch_size=4)
+    full = list(iter_documents(cfg, TOKENIZER))
+    assert texts_of(full) == all_texts
+    assert full[12].doc_id == "b.parquet:2" and full[12].index == 12
+
+    stream = DocumentStream(cfg, TOKENIZER)
+    head = []
+    for document in stream:
+        head.append(document)
+        if len(head) == 11:
+            break
+    assert stream.cursor == 11
+    tail = list(DocumentStream(cfg, TOKENIZER).iter_from(stream.cursor))
+    assert [d.token_ids for d in head + tail] == [d.token_ids for d in full]
+    assert [d.index for d in tail] == list(range(11, 25))
+
+
+def test_resume_skips_filtered_records_exactly_once(tmp_path):
+    path = write_jsonl(tmp_path / "docs.jsonl", ["long enough", "x", "y", "also long", "z", "long again"])
+    cfg = config(path, min_length=5, tokenize_batch_size=2)
+    stream = DocumentStream(cfg, TOKENIZER)
+    iterator = iter(stream)
+    first = next(iterator)
+    second = next(iterator)
+    assert texts_of([first, second]) == ["long enough", "also long"]
+    assert stream.cursor == second.index + 1 == 4
+    rest = list(DocumentStream(cfg, TOKENIZER).iter_from(stream.cursor))
+    assert texts_of(rest) == ["long again"]
+
+
+def test_text_folder_one_document_per_file(tmp_path):
+    (tmp_path / "corpus" / "sub").mkdir(parents=True)
+    (tmp_path / "corpus" / "b.txt").write_text("bravo")
+    (tmp_path / "corpus" / "a.txt").write_text("alpha\nwith two lines")
+    (tmp_path / "corpus" / "sub" / "c.txt").write_text("charlie")
+    documents = list(iter_documents(config(tmp_path / "corpus"), TOKENIZER))
+    assert texts_of(documents) == ["alpha\nwith two lines", "bravo", "charlie"]
+    assert documents[2].doc_id == "sub/c.txt"
+
+
+def test_saved_hf_dataset_and_dataset_dict(tmp_path):
+    datasets = pytest.importorskip("datasets", reason="the `datasets` package reads save_to_disk folders")
+    datasets.Dataset.from_dict({"content": ["one", "two", "three"]}).save_to_disk(str(tmp_path / "single"))
+    cfg = config(tmp_path / "single", text_column="content")
+    assert detect_format(tmp_path / "single") == "hf"
+    assert texts_of(iter_documents(cfg, TOKENIZER)) == ["one", "two", "three"]
+    assert texts_of(DocumentStream(cfg, TOKENIZER).iter_from(2)) == ["three"]
+
+    splits = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict({"text": ["t1", "t2"]}),
+            "test": datasets.Dataset.from_dict({"text": ["e1"]}),
+        }
+    )
+    splits.save_to_disk(str(tmp_path / "dict"))
+    assert texts_of(iter_documents(config(tmp_path / "dict"), TOKENIZER)) == ["t1", "t2"]
+    assert texts_of(iter_documents(config(tmp_path / "dict", split="test"), TOKENIZER)) == ["e1"]
+    with pytest.raises(DataSourceError, match="split 'dev' not in .*splits present: \\['train', 'test'\\]"):
+        list(iter_documents(config(tmp_path / "dict", split="dev"), TOKENIZER))
+    with pytest.raises(MissingColumnError, match="column 'text' not found .*columns present: \\['content'\\]"):
+        list(iter_documents(config(tmp_path / "single"), TOKENIZER))
+
+
+def test_limit_reads_only_the_first_records(tmp_path):
+    path = write_jsonl(tmp_path / "docs.jsonl", ["a1", "a2", "a3", "a4"])
+    stream = DocumentStream(config(path, limit=2), TOKENIZER)
+    assert texts_of(stream) == ["a1", "a2"]
+    assert stream.stats.records_read == 2
+    with open(path, "a") as handle:
+        handle.write("{broken\n")  # past the limit: never parsed
+    assert texts_of(iter_documents(config(path, limit=4), TOKENIZER)) == ["a1", "a2", "a3", "a4"]
+    pq.write_table(pa.table({"text": ["p1", "p2", "p3"]}), tmp_path / "d.parquet", row_group_size=2)
+    assert texts_of(iter_documents(config(tmp_path / "d.parquet", limit=2), TOKENIZER)) == ["p1", "p2"]
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_empty_sources_raise(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    with pytest.raises(EmptySourceError, match="holds no records"):
+        list(iter_documents(config(tmp_path / "empty.jsonl"), TOKENIZER))
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(EmptySourceError, match="holds no"):
+        list(iter_documents(config(tmp_path / "nothing"), TOKENIZER))
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp_path / "zero.parquet")
+    with pytest.raises(EmptySourceError, match="holds no records"):
+        list(iter_documents(config(tmp_path / "zero.parquet"), TOKENIZER))
+
+
+def test_everything_filtered_raises_with_counts(tmp_path):
+    path = write_jsonl(tmp_path / "docs.jsonl", ["a", "b"])
+    with pytest.raises(EmptySourceError, match="no document .* passed the filters .*'too_short': 2"):
+        list(iter_documents(config(path, min_length=10), TOKENIZER))
+
+
+def test_missing_parquet_column_names_column_and_columns_present(tmp_path):
+    pq.write_table(pa.table({"body": ["x"], "meta": [1]}), tmp_path / "d.parquet")
+    with pytest.raises(MissingColumnError) as caught:
+        list(iter_documents(config(tmp_path / "d.parquet"), TOKENIZER))
+    assert caught.value.column == "text" and caught.value.present == ["body", "meta"]
+    assert "d.parquet" in str(caught.value)
+
+
+def test_jsonl_row_without_column_is_a_bad_row_naming_keys(tmp_path):
+    path = write_jsonl(tmp_path / "docs.jsonl", ["good", {"body": "wrong key"}])
+    with pytest.raises(BadRowError, match=r"docs.jsonl, line 2: column 'text' missing; keys present: \['body'\]"):
+        list(iter_documents(config(path), TOKENIZER))
+
+
+def test_malformed_jsonl_row_raises_with_line_after_yielding_earlier_documents(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text('{"text": "one"}\n{"text": "two"\n{"text": "three"}\n')
+    received = []
+    with pytest.raises(BadRowError, match=r"docs.jsonl, line 2: malformed JSON"):
+        for document in iter_documents(config(path), TOKENIZER):
+            received.append(document)
+    assert texts_of(received) == ["one"]
+
+
+def test_skip_bad_rows_skips_counts_and_logs_each(tmp_path, caplog):
+    path = tmp_path / "docs.jsonl"
+    path.write_bytes(
+        b'{"text": "one"}\n'
+        b'{"text": "tw\xff\xfeo"}\n'  # undecodable bytes
+        b"[1, 2]\n"  # not an object
+        b'{"text": null}\n'  # not text
+        b'{"text": "five"}\n'
+    )
+    caplog.set_level(logging.WARNING, logger="refine.data.sources")
+    stream = DocumentStream(config(path, skip_bad_rows=True), TOKENIZER)
+    assert texts_of(stream) == ["one", "five"]
+    assert stream.stats.bad_rows == 3 and stream.stats.documents == 2 and stream.stats.records_read == 5
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert "line 2: undecodable UTF-8" in logged
+    assert "line 3: expected a JSON object, got list" in logged
+    assert "line 4: column 'text' must hold text, got null" in logged
+
+
+def test_undecodable_bytes_raise_without_skip(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_bytes(b'{"text": "ok"}\n{"text": "\xc3\x28"}\n')
+    with pytest.raises(BadRowError, match=r"docs.jsonl, line 2: undecodable UTF-8 at byte 10"):
+        list(iter_documents(config(path), TOKENIZER))
+    (tmp_path / "txt").mkdir()
+    (tmp_path / "txt" / "bad.txt").write_bytes(b"caf\xe9")
+    with pytest.raises(BadRowError, match=r"bad.txt: undecodable UTF-8 at byte 3"):
+        list(iter_documents(config(tmp_path / "txt"), TOKENIZER))
+
+
+def test_non_text_parquet_value_is_a_bad_row(tmp_path):
+    pq.write_table(pa.table({"text": ["fine", None, "also fine"]}), tmp_path / "d.parquet")
+    with pytest.raises(BadRowError, match=r"d.parquet, row 1: column 'text' must hold text, got null"):
+        list(iter_documents(config(tmp_path / "d.parquet"), TOKENIZER))
+    stream = DocumentStream(config(tmp_path / "d.parquet", skip_bad_rows=True), TOKENIZER)
+    assert texts_of(stream) == ["fine", "also fine"] and stream.stats.bad_rows == 1
+
+
+def test_format_detection_errors(tmp_path):
+    (tmp_path / "data.csv").write_text("text\nx\n")
+    with pytest.raises(DataSourceError, match="cannot tell the format .*'.csv'"):
+        detect_format(tmp_path / "data.csv")
+    (tmp_path / "mixed").mkdir()
+    (tmp_path / "mixed" / "a.txt").write_text("x")
+    write_jsonl(tmp_path / "mixed" / "b.jsonl", ["y"])
+    with pytest.raises(DataSourceError, match=r"mixes formats \['jsonl', 'text'\]"):
+        detect_format(tmp_path / "mixed")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        list(iter_documents(config(tmp_path / "missing.jsonl"), TOKENIZER))
+    # an explicit format overrides the extension
+    write_jsonl(tmp_path / "rows.data", ["z"])
+    assert texts_of(iter_documents(config(tmp_path / "rows.data", format="jsonl"), TOKENIZER)) == ["z"]
+
+
+def test_data_config_validation():
+    with pytest.raises(ValidationError, match="min_length .* larger than max_length"):
+        DataConfig(path="x", min_length=10, max_length=5)
+    with pytest.raises(ValidationError, match="extra"):
+        DataConfig(path="x", txt_column="text")
+    with pytest.raises(ValidationError, match="limit"):
+        DataConfig(path="x", limit=0)

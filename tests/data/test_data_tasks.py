@@ -1,0 +1,132 @@
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from refine.data.sources import BadRowError, DataSourceError, EmptySourceError, MissingColumnError
+from refine.data.tasks import (
+    DEFAULT_LONGBENCH_TEMPLATE,
+    LoadReport,
+    TaskExample,
+    load_longbench,
+    load_ruler_qa,
+    load_task_examples,
+    save_task_examples,
+)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    return path
+
+
+RULER_ROWS = [
+    {"index": 7, "prompt": "Doc 1: Paris is in France.\nQuestion: Where is Paris?\nAnswer:", "answer": ["France"],
+     "max_answer_length": 3, "task": "ruler_squadqa"},
+    {"index": 8, "prompt": "Doc 1: ...\nQuestion: Who?\nAnswer:", "answer": ["Frank Lowy", "Lowy"],
+     "max_answer_length": 4},
+]
+
+
+def test_ruler_qa_jsonl_and_parquet_give_the_same_examples(tmp_path):
+    from_jsonl = load_ruler_qa(write_jsonl(tmp_path / "ruler.jsonl", RULER_ROWS))
+    pq.write_table(pa.Table.from_pylist(RULER_ROWS), tmp_path / "ruler.parquet")
+    from_parquet = load_ruler_qa(tmp_path / "ruler.parquet")
+    for examples in (from_jsonl, from_parquet):
+        assert [e.example_id for e in examples] == ["7", "8"]
+        assert examples[0].task == "ruler_squadqa"
+        assert examples[1].task == "ruler_qa"  # no task given: the default name
+        assert examples[1].answers == ["Frank Lowy", "Lowy"]
+        assert examples[0].max_answer_length == 3
+        assert examples[0].prompt.endswith("Answer:")
+    assert load_ruler_qa(tmp_path / "ruler.jsonl", task="mine")[0].task == "mine"
+
+
+def test_ruler_own_output_format_appends_the_answer_prefix(tmp_path):
+    rows = [
+        {"index": 0, "input": "Context... Question: Q?", "outputs": ["42"], "answer_prefix": " Answer:", "length": 99}
+    ]
+    example = load_ruler_qa(write_jsonl(tmp_path / "qa_1.jsonl", rows))[0]
+    assert example.prompt == "Context... Question: Q? Answer:" and example.answers == ["42"]
+
+
+def test_longbench_rows_build_prompts_from_templates(tmp_path):
+    rows = [
+        {"input": "Who wrote it?", "context": "A long story by Ann.", "answers": ["Ann"], "length": 12,
+         "dataset": "narrativeqa", "language": "en", "all_classes": None, "_id": "abc"},
+        {"input": "What type?", "context": "Examples...", "answers": ["City"], "length": 5,
+         "dataset": "trec", "language": "en", "all_classes": ["City", "Food"], "_id": "def"},
+    ]
+    path = write_jsonl(tmp_path / "mixed.jsonl", rows)
+    default = load_longbench(path)
+    assert default[0].prompt == DEFAULT_LONGBENCH_TEMPLATE.format(context="A long story by Ann.", input="Who wrote it?")
+    assert (default[0].task, default[0].example_id, default[0].length) == ("narrativeqa", "abc", 12)
+    assert default[0].context == "A long story by Ann." and default[0].question == "Who wrote it?"
+    assert default[1].all_classes == ["City", "Food"] and default[0].all_classes is None
+
+    templates = {"narrativeqa": "Story: {context}\nQ: {input}\nA:", "trec": "{context}\n{input}"}
+    (tmp_path / "dataset2prompt.json").write_text(json.dumps(templates))
+    for source in (templates, tmp_path / "dataset2prompt.json"):
+        examples = load_longbench(path, prompt_templates=source)
+        assert examples[0].prompt == "Story: A long story by Ann.\nQ: Who wrote it?\nA:"
+        assert examples[1].prompt == "Examples...\nWhat type?"
+    with pytest.raises(DataSourceError, match="template for 'narrativeqa' cannot be filled"):
+        load_longbench(path, prompt_template="{context} {missing_field}")
+
+
+def test_longbench_dataset_name_from_file_name_and_preprocessed_prompts(tmp_path):
+    rows = [{"input": "q", "context": "c", "answers": ["a"], "all_classes": None}]
+    assert load_longbench(write_jsonl(tmp_path / "hotpotqa.jsonl", rows))[0].task == "hotpotqa"
+    assert load_longbench(tmp_path / "hotpotqa.jsonl", dataset="2wikimqa")[0].task == "2wikimqa"
+    ready = [{"prompt": "Full prompt\nAnswer:", "answers": ["x"], "task": "musique", "max_answer_length": 5}]
+    pq.write_table(pa.Table.from_pylist(ready), tmp_path / "musique.parquet")
+    example = load_longbench(tmp_path / "musique.parquet")[0]
+    assert (example.prompt, example.task, example.max_answer_length) == ("Full prompt\nAnswer:", "musique", 5)
+
+
+def test_task_loaders_bad_inputs(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(EmptySourceError):
+        load_ruler_qa(tmp_path / "empty.jsonl")
+    (tmp_path / "notes.txt").write_text("free text")
+    with pytest.raises(DataSourceError, match="task data must be JSON lines, parquet or save_to_disk, not text"):
+        load_longbench(tmp_path / "notes.txt")
+    pq.write_table(pa.table({"question": ["q"], "answer": [["a"]]}), tmp_path / "wrong.parquet")
+    with pytest.raises(MissingColumnError, match=r"column 'prompt' not found .*\['question', 'answer'\]"):
+        load_ruler_qa(tmp_path / "wrong.parquet")
+    with pytest.raises(MissingColumnError, match="column 'input' not found"):
+        load_longbench(tmp_path / "wrong.parquet")
+
+    path = tmp_path / "ruler.jsonl"
+    path.write_bytes(
+        json.dumps(RULER_ROWS[0]).encode() + b"\n"
+        + b'{"prompt": "p", "answer": ["a"\n'  # malformed
+        + b'{"prompt": "p", "answer": 5}\n'  # wrong answer type
+        + b'{"prompt": "\xff", "answer": ["a"]}\n'  # undecodable
+        + json.dumps(RULER_ROWS[1]).encode() + b"\n"
+    )
+    with pytest.raises(BadRowError, match=r"ruler.jsonl, line 2: malformed JSON"):
+        load_ruler_qa(path)
+    report = LoadReport()
+    examples = load_ruler_qa(path, skip_bad_rows=True, report=report)
+    assert [e.example_id for e in examples] == ["7", "8"]
+    assert (report.examples, report.bad_rows) == (2, 3)
+
+    bad_answers = write_jsonl(tmp_path / "lb.jsonl", [{"input": "q", "context": "c", "answers": []}])
+    with pytest.raises(BadRowError, match=r"line 1: field 'answers' must be a non-empty list of strings"):
+        load_longbench(bad_answers)
+    with pytest.raises(DataSourceError, match="no task example could be read .*1 bad rows"):
+        load_longbench(bad_answers, skip_bad_rows=True)
+
+
+def test_native_examples_round_trip(tmp_path):
+    examples = [
+        TaskExample(example_id="a", task="niah_single", prompt="p1", answers=["1"], metadata={"depth": 0.5}),
+        TaskExample(example_id="b", task="trec", prompt="p2", answers=["City"], all_classes=["City", "Food"]),
+    ]
+    assert save_task_examples(examples, tmp_path / "out" / "tasks.jsonl") == 2
+    assert load_task_examples(tmp_path / "out" / "tasks.jsonl") == examples
+    (tmp_path / "broken.jsonl").write_text('{"example_id": "x", "task": "t", "prompt": "p", "answers": "not a list"}\n')
+    with pytest.raises(BadRowError, match="line 1: not a task example"):
+        load_task_examples(tmp_path / "broken.jsonl")

@@ -1,0 +1,212 @@
+"""Every metric against values worked out by hand from the benchmarks' definitions."""
+
+import pytest
+
+from refine.evaluation.metrics import (
+    aggregate,
+    aggregate_by_length,
+    classification_score,
+    code_sim_score,
+    count_score,
+    f1_score,
+    fuzz_ratio,
+    longbench_score,
+    niah_score,
+    normalize_answer,
+    normalize_zh_answer,
+    qa_f1_score,
+    qa_f1_zh_score,
+    retrieval_score,
+    retrieval_zh_score,
+    rouge_score,
+    rouge_zh_score,
+    ruler_official_qa_score,
+    ruler_postprocess,
+    ruler_qa_score,
+    string_match_all,
+    string_match_part,
+    task_metric,
+)
+
+approx = pytest.approx
+
+
+def characters(text):
+    return list(text)
+
+
+# ---------------------------------------------------------------- normalization and F1
+
+
+def test_normalize_answer_lowercases_strips_punctuation_articles_and_spaces():
+    assert normalize_answer("The  Cat, sat!  on a MAT.") == "cat sat on mat"
+    assert normalize_answer("An apple-pie; the end") == "applepie end"  # '-' is punctuation: removed, not a space
+    assert normalize_answer("Theatre and anthem") == "theatre and anthem"  # articles only as whole words
+    assert normalize_answer("  ") == ""
+
+
+def test_normalize_zh_answer_removes_chinese_punctuation_and_all_spaces():
+    assert normalize_zh_answer("北京， 是 中国的首都。ABC!") == "北京是中国的首都abc"
+    assert normalize_zh_answer("《书名》") == "《书名"  # LongBench's set has the closing mark only
+
+
+def test_qa_f1_hand_computed():
+    # tokens: [cat, sat] vs [cat, sat, on, mat]: P = 1, R = 1/2, F1 = 2/3
+    assert qa_f1_score("The cat sat", "cat sat on the mat") == approx(2 / 3)
+    assert qa_f1_score("Paris.", "paris") == 1.0  # punctuation and case ignored
+    assert qa_f1_score("the", "a") == 0.0  # both normalize to nothing
+    assert qa_f1_score("", "Paris") == 0.0  # empty prediction
+    # multiset overlap: [x, y, y] vs [y, y, z]: 2 common, P = R = 2/3
+    assert qa_f1_score("x y y", "y y z") == approx(2 / 3)
+    assert f1_score(["a", "a", "b"], ["a"]) == approx(2 * (1 / 3) * 1 / (1 / 3 + 1))
+
+
+def test_qa_f1_zh_with_a_given_segmenter_and_with_jieba():
+    # characters after normalization: [北, 京] vs [北, 京, 天, 安, 门]: P = 1, R = 2/5, F1 = 4/7
+    assert qa_f1_zh_score("北京。", "北京天安门", segment=characters) == approx(4 / 7)
+    assert qa_f1_zh_score("", "北京", segment=characters) == 0.0
+    pytest.importorskip("jieba", reason="LongBench's Chinese metrics segment with jieba")
+    # jieba: [我们, 去, 北京] vs [北京]: P = 1/3, R = 1, F1 = 1/2
+    assert qa_f1_zh_score("我们去北京", "北京") == approx(0.5)
+
+
+# ---------------------------------------------------------------- ROUGE-L
+
+
+def test_rouge_l_uses_word_sets_like_the_rouge_package():
+    # ref words {the, cat, is, on, mat} (m = 5), prediction {the, cat, sat, on, mat} (n = 5);
+    # LCS "the cat on the mat" -> word set {the, cat, on, mat} = 4: R = P = 4/5, F = 0.8 (less 1e-8 smoothing)
+    assert rouge_score("the cat sat on the mat", "the cat is on the mat") == approx(0.8, abs=1e-7)
+
+
+def test_rouge_l_union_over_sentences():
+    # prediction sentences [a b], [c d]; reference [a c], [d]
+    # union LCS words: (a c | a b) -> {a}, (a c | c d) -> {c}, (d | c d) -> {d}: 3 words
+    # m = |{a, c, d}| = 3, n = |{a, b, c, d}| = 4: R = 1, P = 3/4, F = 2 * 0.75 / 1.75
+    assert rouge_score("a b. c d", "a c. d") == approx(2 * 0.75 / 1.75, abs=1e-7)
+
+
+def test_rouge_l_empty_and_identical():
+    assert rouge_score("", "a summary") == 0.0
+    assert rouge_score("...", "a summary") == 0.0  # only sentence separators: no sentence at all
+    assert rouge_score("a summary", "") == 0.0
+    assert rouge_score("One. Two three.", "One. Two three.") == approx(1.0, abs=1e-7)
+    assert rouge_score("Case", "case") == 0.0  # no lowercasing in ROUGE
+
+
+def test_rouge_zh_segments_first():
+    # characters joined by spaces: [北 京 很 大] vs [北 京 大]: LCS {北, 京, 大} = 3, m = 3, n = 4
+    assert rouge_zh_score("北京很大", "北京大", segment=characters) == approx(2 * 0.75 / 1.75, abs=1e-7)
+
+
+# ---------------------------------------------------------------- classification, retrieval, count, code
+
+
+def test_classification_score():
+    classes = ["Food", "Food and drink", "City"]
+    # "Food" is a strict substring of the gold class and is dropped: only the gold remains -> 1
+    assert classification_score("Food and drink", "Food and drink", classes) == 1.0
+    # three names found, none dropped -> 1/3
+    assert classification_score("City or Food and drink", "City", classes) == approx(1 / 3)
+    assert classification_score("Food", "City", classes) == 0.0
+    assert classification_score("", "City", classes) == 0.0
+
+
+def test_classification_score_keeps_longbench_iteration_quirk():
+    # matches [ab, a, b, abc]; removing "ab" makes the loop skip "a", then "b" is removed: [a, abc] -> 1/2
+    assert classification_score("abc", "abc", ["ab", "a", "b", "abc"]) == 0.5
+
+
+def test_retrieval_and_count_scores():
+    assert retrieval_score("Paragraph 3", "Paragraph 3") == 1.0
+    assert retrieval_score("Paragraph 3 or Paragraph 5", "Paragraph 3") == 0.5
+    assert retrieval_score("I do not know", "Paragraph 3") == 0.0
+    assert retrieval_score("Paragraph 13", "Paragraph 3") == 0.0  # whole numbers compared
+    assert retrieval_zh_score("段落7", "段落7") == 1.0
+    with pytest.raises(ValueError, match="must contain 'Paragraph <n>'"):
+        retrieval_score("3", "third one")
+    assert count_score("There are 12 unique paragraphs: 12", "12") == 1.0
+    assert count_score("10 or 12", "12") == 0.5
+    assert count_score("many", "12") == 0.0
+
+
+def test_fuzz_ratio_and_code_similarity():
+    assert fuzz_ratio("abcd", "abce") == 75  # 2 * 3 / 8
+    assert fuzz_ratio("abc", "abd") == 67  # 2 * 2 / 6 = 0.667, rounded
+    assert fuzz_ratio("abc", "abd", backend="levenshtein") == 67
+    assert fuzz_ratio("", "") == 100 and fuzz_ratio("", "x") == 0
+    prediction = "```python\n# add one\nreturn x + 1\nmore"
+    assert code_sim_score(prediction, "return x + 1") == 1.0  # fences and comments skipped
+    assert code_sim_score("\n\nabcd", "abce") == 0.75  # leading newlines stripped
+    assert code_sim_score("# only comments\n// here", "x = 1") == 0.0  # nothing left: empty line
+    with pytest.raises(ValueError, match="fuzz backend"):
+        fuzz_ratio("a", "b", backend="other")
+
+
+# ---------------------------------------------------------------- RULER
+
+
+def test_ruler_string_matches():
+    assert string_match_part("The answer is PARIS", ["paris", "london"]) == 1.0
+    assert string_match_part("Berlin", ["paris", "london"]) == 0.0
+    assert string_match_all("7 and 9", ["7", "9", "11"]) == approx(2 / 3)
+    assert string_match_all("", ["7"]) == 0.0
+    with pytest.raises(ValueError, match="at least one gold answer"):
+        string_match_all("x", [])
+
+
+def test_ruler_postprocess_and_qa_first_line():
+    assert ruler_postprocess("  Par\x01is \t") == "Par\nis"
+    assert ruler_qa_score("Paris\nLondon", ["london"]) == 0.0  # only the first line counts
+    assert ruler_qa_score("Paris\nLondon", ["PARIS"]) == 1.0
+    assert ruler_qa_score("\nParis", ["paris"]) == 0.0  # the first line is empty
+    assert ruler_official_qa_score("\nParis", ["paris"]) == 1.0  # RULER's own rule reads everything
+    assert ruler_qa_score("", ["paris"]) == 0.0
+
+
+def test_niah_needs_every_value():
+    assert niah_score(" 1234567 and 7654321.", ["1234567", "7654321"]) == 1.0
+    assert niah_score("1234567", ["1234567", "7654321"]) == 0.5
+    assert niah_score("", ["1234567"]) == 0.0
+
+
+# ---------------------------------------------------------------- LongBench rules and aggregation
+
+
+def test_longbench_max_over_gold_answers_and_first_line_rule():
+    # qa_f1("Miller", "Gates v Collier") = 0; qa_f1("Miller", "Miller v California"): P = 1, R = 1/3 -> 1/2
+    assert longbench_score("hotpotqa", "Miller", ["Gates v. Collier", "Miller v. California"]) == approx(0.5)
+    # triviaqa keeps only the first line after leading newlines
+    assert longbench_score("triviaqa", "\nParis\nLondon", ["London"]) == 0.0
+    assert longbench_score("triviaqa", "\nParis\nLondon", ["Paris"]) == 1.0
+    # hotpotqa reads all lines: [paris, london] vs [london] -> 2/3
+    assert longbench_score("hotpotqa", "Paris\nLondon", ["London"]) == approx(2 / 3)
+    assert longbench_score("hotpotqa_e", "Paris", ["Paris"]) == 1.0
+    assert longbench_score("trec", "Type: City\nFood", ["City"], all_classes=["City", "Food"]) == 1.0
+    with pytest.raises(ValueError, match="all_classes is required"):
+        longbench_score("trec", "City", ["City"])
+    with pytest.raises(ValueError, match="unknown LongBench dataset 'nope'"):
+        longbench_score("nope", "x", ["x"])
+    assert longbench_score("hotpotqa", "", ["Paris"]) == 0.0
+
+
+def test_task_metric_table():
+    assert task_metric("gov_report").metric == "rouge_score"
+    assert task_metric("lcc").metric == "code_sim_score"
+    assert task_metric("trec").needs_all_classes
+    assert task_metric("ruler_hotpotqa").metric == "string_match_part (first line)"
+    assert task_metric("qa_1").metric == "string_match_part"
+    assert task_metric("niah_multikey_2").metric == "string_match_all"
+    assert task_metric("mqar").score("1 2", ["1", "2"], None) == 1.0
+    with pytest.raises(ValueError, match="unknown task 'summarize'.*known tasks"):
+        task_metric("summarize")
+
+
+def test_aggregation():
+    assert aggregate([1.0, 0.0, 0.5]) == 50.0
+    assert aggregate([1 / 3] * 3) == 33.33
+    with pytest.raises(ValueError, match="empty"):
+        aggregate([])
+    by_length = aggregate_by_length([1.0, 0.0, 1.0], [100, 5000, 9000])
+    assert by_length == {"0-4k": 100.0, "4-8k": 0.0, "8k+": 100.0}
+    assert aggregate_by_length([1.0], [10]) == {"0-4k": 100.0, "4-8k": None, "8k+": None}

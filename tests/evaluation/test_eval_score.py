@@ -1,0 +1,87 @@
+import json
+
+import pytest
+
+from refine.evaluation.score import PredictionRowError, main, score_predictions
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_score_predictions_summary_and_per_example_scores():
+    rows = [
+        {"prediction": "Miller", "answers": ["Gates v. Collier", "Miller v. California"]},  # 0.5
+        {"pred": "Paris", "answers": ["paris"]},  # LongBench's field name: 1.0
+        {"prediction": "", "answers": ["x"]},  # empty: 0
+    ]
+    summary, scores = score_predictions("hotpotqa", rows)
+    assert scores == pytest.approx([0.5, 1.0, 0.0])
+    assert summary["score"] == 50.0 and summary["num_examples"] == 3 and summary["empty_predictions"] == 1
+    assert summary["metric"] == "qa_f1_score" and "score_by_length" not in summary
+
+
+def test_ruler_and_niah_field_names_and_length_buckets():
+    rows = [
+        {"pred": "Frank Lowy\nmore", "answer": ["frank lowy"], "length": 3000},
+        {"pred": "nobody", "answer": ["Frank Lowy"], "length": 9000},
+    ]
+    summary, scores = score_predictions("ruler_qa", rows)
+    assert scores == [1.0, 0.0] and summary["score"] == 50.0
+    assert summary["score_by_length"] == {"0-4k": 100.0, "4-8k": None, "8k+": 0.0}
+    summary, scores = score_predictions("niah_multivalue", [{"pred": "1 and 3", "outputs": ["1", "2", "3", "4"]}])
+    assert scores == [0.5] and summary["score"] == 50.0
+
+
+def test_classification_needs_all_classes():
+    rows = [{"prediction": "City", "answers": ["City"]}]
+    with pytest.raises(PredictionRowError, match="row 0: task 'trec' is a classification task and needs 'all_classes'"):
+        score_predictions("trec", rows)
+    summary, scores = score_predictions("trec", rows, all_classes=["City", "Food"])
+    assert scores == [1.0]
+    summary, scores = score_predictions("trec", [{**rows[0], "all_classes": ["City", "Cit"]}])
+    assert scores == [1.0]  # "Cit" is inside the gold "City": dropped
+
+
+def test_bad_rows_name_row_and_field():
+    with pytest.raises(PredictionRowError, match=r"row 1: none of the fields \['answers', 'outputs', 'answer'\]"):
+        score_predictions("hotpotqa", [{"pred": "a", "answers": ["a"]}, {"pred": "a"}])
+    with pytest.raises(PredictionRowError, match="row 0: field 'answers' must be a list of strings"):
+        score_predictions("hotpotqa", [{"pred": "a", "answers": [1]}])
+    with pytest.raises(PredictionRowError, match="row 0: field 'pred' must be a string"):
+        score_predictions("hotpotqa", [{"pred": 3, "answers": ["a"]}])
+    with pytest.raises(ValueError, match="no predictions"):
+        score_predictions("hotpotqa", [])
+    with pytest.raises(ValueError, match="unknown task"):
+        score_predictions("unknown", [{"pred": "a", "answers": ["a"]}])
+
+
+def test_command_line_prints_summary_and_writes_per_example_scores(tmp_path, capsys):
+    predictions = write_jsonl(
+        tmp_path / "preds.jsonl",
+        [
+            {"_id": "q1", "pred": "the cat sat on the mat", "answers": ["the cat is on the mat"]},
+            {"_id": "q2", "pred": "", "answers": ["anything"]},
+        ],
+    )
+    output = tmp_path / "out" / "scores.jsonl"
+    assert main(["--task", "gov_report", "--predictions", str(predictions), "--output", str(output)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["task"] == "gov_report" and summary["score"] == 40.0  # (0.8 + 0) / 2
+    per_example = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [row["_id"] for row in per_example] == ["q1", "q2"]
+    assert per_example[0]["score"] == pytest.approx(0.8, abs=1e-7) and per_example[1]["score"] == 0.0
+
+
+def test_command_line_reports_bad_input(tmp_path, capsys):
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"pred": "a", "answers": ["a"]}\n{"pred": \n')
+    assert main(["--task", "hotpotqa", "--predictions", str(broken)]) == 2
+    assert "broken.jsonl, line 2: malformed JSON" in capsys.readouterr().err
+    assert main(["--task", "hotpotqa", "--predictions", str(tmp_path / "missing.jsonl")]) == 2
+    classes = tmp_path / "classes.json"
+    classes.write_text(json.dumps(["City", "Food"]))
+    rows = write_jsonl(tmp_path / "trec.jsonl", [{"pred": "Food", "answers": ["Food"]}])
+    assert main(["--task", "trec", "--predictions", str(rows), "--all-classes", str(classes)]) == 0
+    assert json.loads(capsys.readouterr().out)["score"] == 100.0

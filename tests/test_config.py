@@ -1,0 +1,54 @@
+"""Config files, overrides and error messages that name the field and the value."""
+
+import pytest
+
+from refine.config import ConfigError, dump_config, load_config
+
+
+def test_defaults_are_the_paper_defaults():
+    config = load_config()
+    r = config.refine
+    assert (r.rollout_len, r.num_chunks, r.num_samples, r.temperature) == (5, 8, 1, 1.0)
+    assert (r.lambda_ntp, r.lambda_nsp, r.reward) == (1.0, 0.2, "cosine")
+    assert (config.optim.lr, config.optim.weight_decay, config.optim.grad_clip) == (1e-6, 0.01, 1.0)
+    assert config.model.model_type == "delta_net"
+
+
+def test_yaml_file_and_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  model_type: gated_deltanet\n  hidden_size: 64\n  num_heads: 2\n  head_dim: 32\n"
+                    "refine:\n  num_samples: 4\n")
+    config = load_config(path, ["model.hidden_size=128", "refine.reward=hybrid", "train.mode=onepass"])
+    assert config.model.model_type == "gated_deltanet"
+    assert config.model.hidden_size == 128 and config.model.head_dim == 32
+    assert config.refine.num_samples == 4 and config.refine.reward == "hybrid"
+    again = tmp_path / "again.yaml"
+    again.write_text(dump_config(config))
+    assert load_config(again) == config
+
+
+@pytest.mark.parametrize("override,field,value", [
+    ("refine.num_chunks=0", "refine.num_chunks", "0"),
+    ("train.mode=turbo", "train.mode", "turbo"),
+    ("model.hidden_size=abc", "model", "abc"),
+    ("train.device=tpu", "train.device", "tpu"),
+    ("optim.lr=-1", "optim.lr", "-1"),
+    ("refine.unknown=1", "refine.unknown", "1"),
+])
+def test_wrong_values_name_field_and_value(override, field, value):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    message = str(err.value)
+    assert field in message and value in message
+
+
+def test_too_short_documents_for_the_chunks_are_refused():
+    with pytest.raises(ConfigError, match="data.seq_len=40"):
+        load_config(None, ["data.seq_len=40"])
+
+
+def test_malformed_override_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="section.field=value"):
+        load_config(None, ["refine.num_chunks"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")

@@ -1,0 +1,58 @@
+"""The single-process loop: every mode trains, runs write their directory, resume is exact, bad steps skip."""
+
+import json
+
+import pytest
+import torch
+
+from refine.algorithm.update import LossResult
+from refine.config import load_config
+from refine.loop import optimizer_step, train
+from refine.models import build_model
+
+
+def _config(tmp_path, mode, steps=2, extra=()):
+    return load_config(None, [
+        f"train.out_dir={tmp_path}", f"train.mode={mode}", f"train.steps={steps}", "train.batch_size=2",
+        "data.seq_len=256", "data.num_documents=8", "refine.num_chunks=2", "model.hidden_size=32",
+        "model.intermediate_size=64", "optim.lr=1e-3", *extra,
+    ])
+
+
+@pytest.mark.parametrize("mode", ["ntp", "onepass", "fused", "reference"])
+def test_every_mode_writes_a_run_directory(tmp_path, mode):
+    stats = train(_config(tmp_path, mode), progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    assert (tmp_path / "checkpoints/latest/model/model.safetensors").exists()
+    assert (tmp_path / "losses.png").stat().st_size > 1000
+    if mode != "ntp":
+        assert "reward_mean" in stats and (tmp_path / "reward.png").exists()
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight = train(_config(tmp_path / "a", "onepass", steps=4), progress=False)
+    train(_config(tmp_path / "b", "onepass", steps=2), progress=False)
+    resumed = train(_config(tmp_path / "b", "onepass", steps=4), resume=True, progress=False)
+    assert resumed["step"] == 4
+    assert resumed["loss"] == pytest.approx(straight["loss"], rel=1e-6)
+    assert resumed["reward_mean"] == pytest.approx(straight["reward_mean"], rel=1e-6)
+
+
+def test_non_finite_steps_are_skipped_and_counted():
+    model = build_model(dict(model_type="delta_net", hidden_size=16, num_heads=2, num_hidden_layers=1, vocab_size=10))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1.0)
+    bad = model.lm_head.weight.sum() * float("nan")
+    outcome = optimizer_step(model, optimizer, LossResult(bad, bad, bad, {}), grad_clip=1.0)
+    assert outcome.skipped and outcome.stats["skipped_nonfinite"] == 1.0
+    # A finite loss whose gradient is not finite is skipped too.
+    hook = model.lm_head.weight.register_hook(lambda grad: grad * float("inf"))
+    finite = model(torch.tensor([[1, 2, 3]])).logits.square().mean()
+    assert torch.isfinite(finite)
+    outcome = optimizer_step(model, optimizer, LossResult(finite, finite, finite, {}), grad_clip=1.0)
+    hook.remove()
+    assert outcome.skipped and outcome.stats["skipped_nonfinite"] == 1.0
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k

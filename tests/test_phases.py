@@ -1,0 +1,71 @@
+"""Post-training (nested) and test-time training as library calls."""
+
+import torch
+
+from refine.algorithm.update import fused_refine_step
+from refine.config import OptimConfig, RefineConfig
+from refine.generate import generate
+from refine.models import build_model
+from refine.phases import QAExample, adapt_and_answer, answer_loss, posttrain_loss
+
+CFG = RefineConfig(num_chunks=2, rollout_len=3, margin=4, reward="hybrid")
+
+
+def _model():
+    torch.manual_seed(0)
+    return build_model(dict(model_type="delta_net", hidden_size=32, num_heads=2, num_hidden_layers=1, vocab_size=30,
+                            intermediate_size=32), dtype=torch.float64)
+
+
+def test_posttrain_is_refine_on_context_plus_answer_sft():
+    model = _model()
+    gen = torch.Generator().manual_seed(0)
+    examples = [QAExample(context=torch.randint(0, 30, (40,), generator=gen).tolist(), question=[1, 2], answer=[3, 4, 5]),
+                QAExample(context=torch.randint(0, 30, (33,), generator=gen).tolist(), question=[6], answer=[7])]
+    result = posttrain_loss(model, examples, CFG, sft_coef=0.5, generator=torch.Generator().manual_seed(1))
+    # Same value from separate pieces: REFINE on padded contexts alone + the SFT loss of the full sequences.
+    ids = torch.zeros(2, 45, dtype=torch.long)
+    for b, ex in enumerate(examples):
+        seq = ex.context + ex.question + ex.answer
+        ids[b, :len(seq)] = torch.tensor(seq)
+    ctx_lengths = torch.tensor([40, 33])
+    refine_only, _ = fused_refine_step(model, ids, ctx_lengths, CFG, torch.Generator().manual_seed(1))
+    logits = model(ids, output_state=False).logits
+    sft = answer_loss(logits, ids, torch.tensor([42, 34]), torch.tensor([45, 35]))
+    torch.testing.assert_close(result.loss, refine_only.loss + 0.5 * sft)
+    # Rollout positions stay inside the contexts.
+    assert result.stats["sft_loss"] > 0
+
+
+def test_answer_loss_counts_only_answer_tokens():
+    logits = torch.zeros(1, 5, 4)
+    logits[0, 2, 3] = 10.0  # predicts token 3 at index 3 confidently
+    ids = torch.tensor([[0, 1, 2, 3, 0]])
+    loss = answer_loss(logits, ids, torch.tensor([3]), torch.tensor([4]))
+    expected = torch.nn.functional.cross_entropy(logits[0, 2:3], torch.tensor([3]))
+    torch.testing.assert_close(loss, expected)
+
+
+def test_test_time_training_restores_weights_and_accumulates_on_request():
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    prompt = torch.randint(0, 30, (48,), generator=torch.Generator().manual_seed(2)).tolist()
+    optim = OptimConfig(lr=1e-2)
+    answer, history = adapt_and_answer(model, prompt, CFG, optim, steps=2, max_new_tokens=4)
+    assert len(history) == 2 and len(answer) == 4
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k])
+    adapted_answer, _ = adapt_and_answer(model, prompt, CFG, optim, steps=2, max_new_tokens=4, restore=False)
+    changed = any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert changed, "with restore=False the adapted weights are kept"
+
+
+def test_greedy_generation_follows_argmax_of_full_forward():
+    model = _model()
+    prompt = torch.randint(0, 30, (1, 10), generator=torch.Generator().manual_seed(3))
+    out = generate(model, prompt, 5)[0]
+    seq = prompt[0].tolist()
+    for token in out:
+        logits = model(torch.tensor([seq]), output_state=False).logits[0, -1]
+        assert token == int(logits.argmax())
+        seq.append(token)

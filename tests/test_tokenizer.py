@@ -1,0 +1,136 @@
+import json
+from pathlib import Path
+
+import pytest
+from tokenizers import Tokenizer as RustTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from refine.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Fast-weight models keep their whole past in a recurrent state.",
+    "Ünïcödé text, emoji 🚀 and numbers 12345 are fine too.",
+] * 20
+
+
+def write_bpe_tokenizer(directory: Path, special_tokens=("<unk>", "<s>", "</s>", "<pad>")) -> RustTokenizer:
+    """A small byte-level BPE tokenizer.json trained here, offline."""
+    tokenizer = RustTokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=list(special_tokens),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(CORPUS, trainer)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(directory / "tokenizer.json"))
+    return tokenizer
+
+
+# ---------------------------------------------------------------- ByteTokenizer
+
+
+def test_byte_tokenizer_round_trips_unicode_and_has_distinct_specials():
+    tokenizer = ByteTokenizer()
+    text = "héllo wörld 🚀\nline two"
+    ids = tokenizer.encode(text)
+    assert ids == list(text.encode("utf-8"))
+    assert all(0 <= i < 256 for i in ids)
+    assert tokenizer.decode(ids) == text
+    specials = {tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id, tokenizer.sep_id}
+    assert len(specials) == 4 and all(256 <= s < tokenizer.vocab_size for s in specials)
+    assert tokenizer.vocab_size == 260
+
+
+def test_byte_tokenizer_decode_drops_specials_and_replaces_broken_utf8():
+    tokenizer = ByteTokenizer()
+    ids = [tokenizer.bos_id] + tokenizer.encode("ok") + [tokenizer.eos_id]
+    assert tokenizer.decode(ids) == "ok"
+    rocket = tokenizer.encode("🚀")  # 4 bytes: a cut after 2 must not raise
+    assert tokenizer.decode(tokenizer.encode("a") + rocket[:2]) == "a\ufffd"
+
+
+def test_byte_tokenizer_rejects_bad_input():
+    tokenizer = ByteTokenizer()
+    with pytest.raises(ValueError, match="token id 260 at position 1"):
+        tokenizer.decode([65, 260])
+    with pytest.raises(ValueError, match="token id -1"):
+        tokenizer.decode([-1])
+    with pytest.raises(TypeError, match="expects str"):
+        tokenizer.encode(b"bytes")  # type: ignore[arg-type]
+
+
+def test_byte_tokenizer_batch_matches_single_and_satisfies_protocol():
+    tokenizer = ByteTokenizer()
+    texts = ["a", "", "ünï"]
+    assert tokenizer.encode_batch(texts) == [tokenizer.encode(t) for t in texts]
+    assert isinstance(tokenizer, Tokenizer)
+
+
+# ---------------------------------------------------------------- HFTokenizer
+
+
+def test_hf_tokenizer_loads_offline_and_round_trips(tmp_path):
+    rust = write_bpe_tokenizer(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": {"content": "</s>"}, "pad_token": "<pad>"})
+    )
+    tokenizer = load_tokenizer(str(tmp_path / "ckpt"))
+    assert isinstance(tokenizer, HFTokenizer) and isinstance(tokenizer, Tokenizer)
+    assert tokenizer.bos_id == rust.token_to_id("<s>")
+    assert tokenizer.eos_id == rust.token_to_id("</s>")
+    assert tokenizer.pad_id == rust.token_to_id("<pad>")
+    assert tokenizer.vocab_size == rust.get_vocab_size(with_added_tokens=True)
+    for text in CORPUS[:3]:
+        ids = tokenizer.encode(text)
+        assert len(ids) < len(text.encode("utf-8"))  # merges learned: fewer tokens than bytes
+        assert tokenizer.decode(ids) == text
+    # encode never adds specials; decode skips them
+    assert tokenizer.bos_id not in tokenizer.encode("The quick")
+    assert tokenizer.decode([tokenizer.bos_id, *tokenizer.encode("The quick"), tokenizer.eos_id]) == "The quick"
+    assert tokenizer.encode_batch(CORPUS[:3]) == [tokenizer.encode(t) for t in CORPUS[:3]]
+
+
+def test_hf_tokenizer_special_ids_fall_back_to_config_json_then_names(tmp_path):
+    rust = write_bpe_tokenizer(tmp_path / "a")
+    (tmp_path / "a" / "config.json").write_text(json.dumps({"bos_token_id": 3, "eos_token_id": [2, 7]}))
+    from_config = HFTokenizer(tmp_path / "a")
+    assert (from_config.bos_id, from_config.eos_id) == (3, 2)
+    assert from_config.pad_id == 2  # no pad token: EOS
+
+    rust = write_bpe_tokenizer(tmp_path / "b")
+    by_name = HFTokenizer(tmp_path / "b" / "tokenizer.json")  # a file path works too
+    assert by_name.bos_id == rust.token_to_id("<s>") and by_name.eos_id == rust.token_to_id("</s>")
+
+
+def test_hf_tokenizer_without_eos_or_with_unknown_token_fails_clearly(tmp_path):
+    write_bpe_tokenizer(tmp_path / "noeos", special_tokens=("<unk>",))
+    with pytest.raises(ValueError, match="names no EOS token"):
+        HFTokenizer(tmp_path / "noeos")
+    write_bpe_tokenizer(tmp_path / "bad")
+    (tmp_path / "bad" / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|missing|>"}))
+    with pytest.raises(ValueError, match=r"eos_token '<\|missing\|>'.*not in the tokenizer vocabulary"):
+        HFTokenizer(tmp_path / "bad")
+    write_bpe_tokenizer(tmp_path / "range")
+    (tmp_path / "range" / "config.json").write_text(json.dumps({"eos_token_id": 10_000}))
+    with pytest.raises(ValueError, match="eos_token_id 10000.*outside the vocabulary"):
+        HFTokenizer(tmp_path / "range")
+
+
+def test_load_tokenizer_defaults_and_errors(tmp_path):
+    assert isinstance(load_tokenizer(None), ByteTokenizer)
+    assert isinstance(load_tokenizer("byte"), ByteTokenizer)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_tokenizer(str(tmp_path / "nowhere"))
+    (tmp_path / "sp").mkdir()
+    (tmp_path / "sp" / "tokenizer.model").write_bytes(b"\x00")
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json.*tokenizer.model"):
+        load_tokenizer(str(tmp_path / "sp"))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ValueError, match="cannot read tokenizer file"):
+        load_tokenizer(str(tmp_path / "broken"))
