@@ -6,14 +6,36 @@ import argparse
 import json
 import sys
 
-from refine.config import ConfigError, load_config
+from refine.config import ConfigError, RunConfig, load_config
+
+
+def run_training(config: RunConfig, args: argparse.Namespace) -> dict:
+    """One training run: the single-process loop with --local, else the distributed service.
+
+    NTP-only and reference-path runs have no rollouts to distribute: they always use the loop.
+    """
+    if args.local or config.train.mode in ("ntp", "reference"):
+        from refine.loop import train
+
+        return train(config, resume=args.resume, progress=not args.no_progress)
+    from services.orchestrator import run
+
+    return run(config, resume=args.resume, progress=not args.no_progress, ray_address=args.ray_address,
+               redis_url=args.redis_url)
 
 
 def _train(args: argparse.Namespace) -> int:
-    from refine.loop import train
+    overrides = list(args.set)
+    if args.config is None:
+        overrides.insert(0, "demo={}")  # no config file: the main job, on its embedded defaults
+    config = load_config(args.config, overrides)
+    if config.demo is not None:
+        from refine.experiment import run_comparison
 
-    config = load_config(args.config, args.set)
-    stats = train(config, resume=args.resume, progress=not args.no_progress)
+        report = run_comparison(config, lambda stage: run_training(stage, args))
+        print(json.dumps({"out_dir": config.train.out_dir, "wall_seconds": report["wall_seconds"]}))
+        return 0
+    stats = run_training(config, args)
     print(json.dumps({"out_dir": config.train.out_dir, **stats}))
     return 0
 
@@ -31,6 +53,12 @@ def _score(args: argparse.Namespace) -> int:
     return score_main(args.rest)
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from refine.evaluation.runner import main as eval_main
+
+    return eval_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="refine", description="REFINE: next-sequence prediction RL for fast-weight LMs")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -40,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set model.hidden_size=256 (repeatable)")
     train.add_argument("--local", action="store_true", help="single-process loop (no Ray, no Redis)")
+    train.add_argument("--ray-address", default=None,
+                       help="Ray cluster to run on (default: service.ray_address, RAY_ADDRESS, else a local Ray)")
+    train.add_argument("--redis-url", default=None,
+                       help="Redis for the run's streams (default: service.redis_url, REFINE_REDIS_URL, "
+                            "else an embedded server)")
     train.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoints/latest")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(func=_train)
@@ -49,6 +82,22 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = model_sub.add_parser("inspect", help="architecture, parameter count, recurrent state size")
     inspect.add_argument("path", help="checkpoint directory (config.json + safetensors)")
     inspect.set_defaults(func=_model_inspect)
+
+    evaluate = sub.add_parser("eval", help="generate greedy answers on a task, score them, write results JSON")
+    evaluate.add_argument("--model", required=True, help="checkpoint directory")
+    evaluate.add_argument("--task", required=True, choices=["niah", "mqar", "ruler-qa", "longbench"])
+    evaluate.add_argument("--data", default=None, help="task file (ruler-qa, longbench); synthetic tasks generate their own")
+    evaluate.add_argument("--ttt", action="store_true", help="test-time REFINE on each prompt first (weights restored after each)")
+    evaluate.add_argument("--config", default=None, help="run config whose refine/optim sections drive --ttt")
+    evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides")
+    evaluate.add_argument("--num-examples", type=int, default=20)
+    evaluate.add_argument("--length", type=int, default=512, help="synthetic prompt length in tokens")
+    evaluate.add_argument("--ttt-steps", type=int, default=2)
+    evaluate.add_argument("--max-new-tokens", type=int, default=None)
+    evaluate.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's, else bytes)")
+    evaluate.add_argument("--output", default=None, help="results JSON path")
+    evaluate.add_argument("--seed", type=int, default=1234)
+    evaluate.set_defaults(func=_eval)
 
     score = sub.add_parser("score", help="score predictions with a benchmark's metric", add_help=False)
     score.add_argument("rest", nargs=argparse.REMAINDER)

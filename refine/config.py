@@ -108,6 +108,19 @@ class ServiceConfig(Strict):
                                        description="where each role announces its metrics port for Prometheus")
 
 
+class DemoConfig(Strict):
+    """The main job: NTP pre-training, then two copies continued with REFINE and with NTP only, compared."""
+
+    pretrain_steps: int = Field(300, ge=1)
+    branch_steps: int = Field(150, ge=1)
+    pretrain_lr: float = Field(3e-3, gt=0, description="a tiny model from scratch needs far more than the paper's 1e-6")
+    branch_lr: float = Field(1e-3, gt=0)
+    eval_tasks: list[Literal["niah", "mqar"]] = ["niah", "mqar"]
+    eval_examples: int = Field(20, ge=1)
+    eval_length: int = Field(384, ge=64, description="NIAH prompt length in tokens")
+    heldout_documents: int = Field(16, ge=1, description="held-out documents for the NTP loss column")
+
+
 def tiny_delta_net() -> ModelConfigBase:
     """The embedded default: a DeltaNet small enough to train on a laptop CPU, byte-level vocabulary."""
     return DeltaNetConfig(vocab_size=260, hidden_size=128, num_hidden_layers=2, num_heads=2, intermediate_size=256,
@@ -122,6 +135,7 @@ class RunConfig(Strict):
     optim: OptimConfig = OptimConfig()
     refine: RefineConfig = RefineConfig()
     service: ServiceConfig = ServiceConfig()
+    demo: DemoConfig | None = Field(None, description="set: run the REFINE-vs-NTP comparison instead of one run")
 
     @field_validator("model", mode="before")
     @classmethod

@@ -18,6 +18,8 @@ with the very same u: states at any position come out of the one pass, exactly a
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -87,7 +89,8 @@ def chunk_delta_rule(
     initial_state: Tensor | None = None,
     positions: Tensor | None = None,
     chunk_size: int = 64,
-) -> tuple[Tensor, Tensor | None]:
+    state_fn: bool = False,
+) -> tuple[Tensor, Tensor | None] | tuple[Tensor, Callable[[Tensor], Tensor]]:
     """Delta rule (gated when g is given) over a whole sequence.
 
     q, k [B, T, H, K] (already l2-normalized); v [B, T, H, V]; beta, g [B, T, H]; initial_state [B, H, K, V];
@@ -107,57 +110,75 @@ def chunk_delta_rule(
     # which leaves the state untouched (no write, decay exp(0) = 1).
     num_chunks = max(1, -(-seq_len // size))
 
-    q_c = _to_chunks(q, num_chunks, size, dtype) * scale  # [N, B, H, C, K]
-    k_c = _to_chunks(k, num_chunks, size, dtype)
-    v_c = _to_chunks(v, num_chunks, size, dtype)
-    beta_c = _to_chunks(beta, num_chunks, size, dtype)  # [N, B, H, C]
-    gamma = None if g is None else _to_chunks(g, num_chunks, size, dtype).cumsum(-1)
+    # Every chunk of every sequence and head is one matrix of a batch: [G, C, D] with G = N * B * H,
+    # chunk-major so that the loop over chunks reads contiguous slices.
+    shape = (num_chunks, batch, heads, size)
+    q_c = _to_chunks(q, num_chunks, size, dtype).view(-1, size, key_dim) * scale
+    k_c = _to_chunks(k, num_chunks, size, dtype).view(-1, size, key_dim)
+    v_c = _to_chunks(v, num_chunks, size, dtype).view(-1, size, value_dim)
+    beta_c = _to_chunks(beta, num_chunks, size, dtype).view(-1, size, 1)
+    gamma = None if g is None else _to_chunks(g, num_chunks, size, dtype).view(-1, size).cumsum(-1)
 
-    ones = torch.ones(size, size, dtype=torch.bool, device=k.device)
-    causal = torch.tril(ones)  # j <= i
+    causal = torch.tril(torch.ones(size, size, dtype=torch.bool, device=k.device))  # j <= i
     decay = None  # exp(gamma_i - gamma_j) on j <= i, 0 above the diagonal
     if gamma is not None:
-        decay = (gamma[..., :, None] - gamma[..., None, :]).masked_fill(~causal, float("-inf")).exp()
+        decay = (gamma[:, :, None] - gamma[:, None, :]).masked_fill(~causal, float("-inf")).exp()
 
     # UT transform for every chunk at once: T = (I + A)^-1, W = T diag(beta exp(gamma)) K, U0 = T diag(beta) V.
-    lower = (k_c @ k_c.transpose(-1, -2)) * beta_c[..., None]
-    if decay is not None:
+    k_beta = k_c * beta_c
+    lower = torch.bmm(k_beta, k_c.transpose(1, 2))  # A_ij = beta_i k_i . k_j (times the decay) below the diagonal
+    if decay is None:
+        k_weighted = k_beta
+    else:
         lower = lower * decay
-    inverse = UnitLowerInverse.apply(lower)
-    k_weight = beta_c if gamma is None else beta_c * gamma.exp()
-    w = inverse @ (k_c * k_weight[..., None])
-    u0 = inverse @ (v_c * beta_c[..., None])
+        k_weighted = k_beta * gamma.exp()[..., None]
+    w, u0 = UTTransform.apply(lower, k_weighted, v_c * beta_c)
 
     # Sequential part: u_n = u0_n - W_n S_n, S_{n+1} = exp(gamma_C) S_n + (exp(gamma_C - gamma) k)^T u_n.
     if gamma is None:
-        k_to_end = k_c.transpose(-1, -2)
+        k_to_end = k_c.transpose(1, 2)
         chunk_decay = None
     else:
-        k_to_end = (k_c * (gamma[..., -1:] - gamma).exp()[..., None]).transpose(-1, -2)
-        chunk_decay = gamma[..., -1].exp()[..., None, None].flatten(1, 2)  # [N, B * H, 1, 1]
+        k_to_end = (k_c * (gamma[:, -1:] - gamma).exp()[..., None]).transpose(1, 2)
+        chunk_decay = gamma[:, -1].exp().view(num_chunks, batch * heads, 1, 1)
     state = (
         q_c.new_zeros(batch * heads, key_dim, value_dim)
         if initial_state is None
         else initial_state.to(dtype).flatten(0, 1)
     )
+    per_chunk = (num_chunks, batch * heads)
     states, u = ChunkRecurrence.apply(
-        u0.flatten(1, 2), w.flatten(1, 2), k_to_end.flatten(1, 2), chunk_decay, state
+        u0.view(*per_chunk, size, value_dim),
+        w.view(*per_chunk, size, key_dim),
+        k_to_end.view(*per_chunk, key_dim, size),
+        chunk_decay,
+        state,
     )
-    chunk_states = states[:-1].view(num_chunks, batch, heads, key_dim, value_dim)
-    u = u.view(num_chunks, batch, heads, size, value_dim)
+    chunk_states = states[:-1].view(-1, key_dim, value_dim)  # the state at every chunk start
+    u = u.view(-1, size, value_dim)
 
     # Outputs for all chunks at once: inter-chunk (query x chunk-start state) + intra-chunk (masked attention).
-    scores = q_c @ k_c.transpose(-1, -2)
+    scores = torch.bmm(q_c, k_c.transpose(1, 2))
     scores = scores.masked_fill(~causal, 0) if decay is None else scores * decay
     q_inter = q_c if gamma is None else q_c * gamma.exp()[..., None]
-    o = q_inter @ chunk_states + scores @ u  # [N, B, H, C, V]
-    o = o.permute(1, 0, 3, 2, 4).reshape(batch, num_chunks * size, heads, value_dim)[:, :seq_len]
-    o = o.to(q.dtype)
+    o = torch.baddbmm(torch.bmm(scores, u), q_inter, chunk_states)
+    o = o.view(*shape, value_dim).permute(1, 0, 3, 2, 4).reshape(batch, num_chunks * size, heads, value_dim)
+    o = o[:, :seq_len].to(q.dtype)
 
-    position_states = None
-    if positions is not None:
-        position_states = _states_at(positions, chunk_states, k_c, u, gamma, size)
-    return o, position_states
+    def states_at(at: Tensor) -> Tensor:
+        validate_delta_rule_inputs(q, k, v, beta, g, initial_state, at)
+        return _states_at(
+            at,
+            chunk_states.view(*shape[:3], key_dim, value_dim),
+            k_c.view(*shape, key_dim),
+            u.view(*shape, value_dim),
+            None if gamma is None else gamma.view(shape),
+            size,
+        )
+
+    if state_fn:  # positions chosen later, from this very pass (the fused REFINE step)
+        return o, states_at
+    return o, None if positions is None else states_at(positions)
 
 
 def invert_unit_lower(lower: Tensor) -> Tensor:
@@ -186,21 +207,33 @@ def invert_unit_lower(lower: Tensor) -> Tensor:
     return blocks[..., 0, :size, :size]
 
 
-class UnitLowerInverse(torch.autograd.Function):
-    """T = (I + tril(A, -1))^-1 with the backward d(A) = tril(-T^T dT T^T, -1)."""
+class UTTransform(torch.autograd.Function):
+    """(W, U0) = (T K', T V') with T = (I + tril(A, -1))^-1: the WY form of every chunk at once.
+
+    A [G, C, C], K' [G, C, K], V' [G, C, V] (one matrix per chunk).
+
+    Backward: dK' = T^T dW, dV' = T^T dU0 and, because T K' = W and T V' = U0,
+    dA = tril(-T^T (dW K'^T + dU0 V'^T) T^T, -1) = tril(-(dK' W^T + dV' U0^T), -1): four matmuls, not six.
+    """
 
     @staticmethod
-    def forward(ctx, lower):
+    def forward(ctx, lower, keys, values):
         inverse = invert_unit_lower(lower)
-        ctx.save_for_backward(inverse)
-        return inverse
+        w, u0 = inverse @ keys, inverse @ values
+        ctx.save_for_backward(inverse, w, u0)
+        return w, u0
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_inverse):
-        (inverse,) = ctx.saved_tensors
+    def backward(ctx, grad_w, grad_u0):
+        inverse, w, u0 = ctx.saved_tensors
         transposed = inverse.transpose(-1, -2)
-        return torch.tril(-(transposed @ grad_inverse @ transposed), -1)
+        grad_w = torch.zeros_like(w) if grad_w is None else grad_w
+        grad_u0 = torch.zeros_like(u0) if grad_u0 is None else grad_u0
+        grad_keys = torch.bmm(transposed, grad_w)
+        grad_values = torch.bmm(transposed, grad_u0)
+        grad_lower = torch.bmm(grad_keys, w.transpose(1, 2)).baddbmm_(grad_values, u0.transpose(1, 2))
+        return grad_lower.tril_(-1).neg_(), grad_keys, grad_values
 
 
 class ChunkRecurrence(torch.autograd.Function):
@@ -216,10 +249,10 @@ class ChunkRecurrence(torch.autograd.Function):
     def forward(ctx, u0, w, k_to_end, chunk_decay, state):
         num_chunks = u0.shape[0]
         states = u0.new_empty(num_chunks + 1, *state.shape)
-        u = torch.empty_like(u0)
         states[0] = state
+        u = u0.clone()  # updated in place: in-place baddbmm_ spares a copy per chunk
         for n in range(num_chunks):
-            torch.baddbmm(u0[n], w[n], states[n], alpha=-1, out=u[n])
+            u[n].baddbmm_(w[n], states[n], alpha=-1)
             if chunk_decay is None:
                 torch.baddbmm(states[n], k_to_end[n], u[n], out=states[n + 1])
             else:
@@ -233,23 +266,25 @@ class ChunkRecurrence(torch.autograd.Function):
     def backward(ctx, grad_states, grad_u):
         w, k_to_end, chunk_decay, states, u = ctx.saved_tensors
         num_chunks = u.shape[0]
-        grad_states = torch.zeros_like(states) if grad_states is None else grad_states
-        grad_u = torch.zeros_like(u) if grad_u is None else grad_u
-        grad_u_total = torch.empty_like(u)  # gradient of u_n including its effect on S_{n+1}
-        grad_next = torch.empty_like(states[1:])  # gradient of S_{n+1}, total
-        running = grad_states[num_chunks].clone()
+        # Both accumulators start from the outside gradients and are completed in place, chunk by chunk.
+        grad_u_total = torch.zeros_like(u) if grad_u is None else grad_u.clone()  # of u_n, incl. via S_{n+1}
+        grad_states = torch.zeros_like(states) if grad_states is None else grad_states.clone()  # of S_n, total
         for n in reversed(range(num_chunks)):
-            grad_next[n] = running
-            torch.baddbmm(grad_u[n], k_to_end[n].transpose(-1, -2), running, out=grad_u_total[n])
-            carried = running if chunk_decay is None else running * chunk_decay[n]
-            running = torch.baddbmm(grad_states[n] + carried, w[n].transpose(-1, -2), grad_u_total[n], alpha=-1)
+            grad_end = grad_states[n + 1]  # complete: every later chunk has been processed
+            grad_u_total[n].baddbmm_(k_to_end[n].transpose(-1, -2), grad_end)
+            grad_start = grad_states[n]
+            grad_start.baddbmm_(w[n].transpose(-1, -2), grad_u_total[n], alpha=-1)
+            if chunk_decay is None:
+                grad_start.add_(grad_end)
+            else:
+                grad_start.addcmul_(grad_end, chunk_decay[n])
         needs = ctx.needs_input_grad
         grad_w = -(grad_u_total @ states[:-1].transpose(-1, -2)) if needs[1] else None
-        grad_k_to_end = grad_next @ u.transpose(-1, -2) if needs[2] else None
+        grad_k_to_end = grad_states[1:] @ u.transpose(-1, -2) if needs[2] else None
         grad_decay = None
         if chunk_decay is not None and needs[3]:
-            grad_decay = (grad_next * states[:-1]).sum((-1, -2), keepdim=True)
-        return grad_u_total, grad_w, grad_k_to_end, grad_decay, running
+            grad_decay = (grad_states[1:] * states[:-1]).sum((-1, -2), keepdim=True)
+        return grad_u_total, grad_w, grad_k_to_end, grad_decay, grad_states[0]
 
 
 def _states_at(

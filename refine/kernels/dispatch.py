@@ -17,6 +17,8 @@ import logging
 import os
 from types import SimpleNamespace
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -73,12 +75,14 @@ def select_kernel(
     g: Tensor | None,
     positions: Tensor | None,
     needs_grad: bool,
+    state_fn: bool = False,
 ) -> str:
     """Name of the kernel delta_rule runs for these inputs (see the module docstring for the rules)."""
     seq_len = q.shape[1]
     forced = forced_kernel()
     if forced != "torch":
-        fla_reason = _fla_unusable_reason(q, positions, seq_len)
+        fla_reason = "states at positions chosen after the call are requested" if state_fn else \
+            _fla_unusable_reason(q, positions, seq_len)
         if fla_reason is None:
             return _fla_kernel_name(q.dtype, g is not None, seq_len, needs_grad)
         if forced == "fla":
@@ -96,8 +100,12 @@ def delta_rule(
     scale: float | None = None,
     initial_state: Tensor | None = None,
     positions: Tensor | None = None,
-) -> tuple[Tensor, Tensor | None]:
+    state_fn: bool = False,
+) -> tuple[Tensor, Tensor | None] | tuple[Tensor, Callable[[Tensor], Tensor]]:
     """Delta rule (gated when g is given); same contract as refine.kernels.chunk.chunk_delta_rule.
+
+    With state_fn=True the second value is a function positions [B, P] -> states, usable after the
+    call (the torch kernels serve it: fla's kernels keep no per-chunk states).
 
     q, k [B, T, H, K] (already l2-normalized); v [B, T, H, V]; beta, g [B, T, H]; initial_state [B, H, K, V];
     positions [B, P] in 0..T. Returns o [B, T, H, V] and, when positions is given, the states after
@@ -106,12 +114,12 @@ def delta_rule(
     validate_delta_rule_inputs(q, k, v, beta, g, initial_state, positions)
     inputs = (q, k, v, beta, g, initial_state)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
-    kernel = select_kernel(q, g, positions, needs_grad)
+    kernel = select_kernel(q, g, positions, needs_grad, state_fn)
     _log_once(kernel)
     if kernel.startswith("fla"):
         return _fla_delta_rule(kernel, q, k, v, beta, g, scale, initial_state, positions is not None)
     run = recurrent_delta_rule if kernel == "torch recurrent" else chunk_delta_rule
-    return run(q, k, v, beta, g, scale=scale, initial_state=initial_state, positions=positions)
+    return run(q, k, v, beta, g, scale=scale, initial_state=initial_state, positions=positions, state_fn=state_fn)
 
 
 def _fla_unusable_reason(q: Tensor, positions: Tensor | None, seq_len: int) -> str | None:

@@ -6,6 +6,8 @@ inputs (as fla's kernels do); outputs come back in q's dtype.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -58,7 +60,8 @@ def recurrent_delta_rule(
     scale: float | None = None,
     initial_state: Tensor | None = None,
     positions: Tensor | None = None,
-) -> tuple[Tensor, Tensor | None]:
+    state_fn: bool = False,
+) -> tuple[Tensor, Tensor | None] | tuple[Tensor, Callable[[Tensor], Tensor]]:
     """Same contract as chunk_delta_rule, computed one token at a time (meant for short inputs)."""
     validate_delta_rule_inputs(q, k, v, beta, g, initial_state, positions)
     batch, seq_len, heads, key_dim = k.shape
@@ -77,8 +80,15 @@ def recurrent_delta_rule(
         outputs.append(o_t)
         history.append(state)
     o = torch.stack(outputs, dim=1) if outputs else v.new_zeros(batch, 0, heads, value_dim, dtype=q.dtype)
-    if positions is None:
-        return o, None
-    stacked = torch.stack(history, dim=1)  # [B, T + 1, H, K, V]: the state after t tokens at index t
-    rows = torch.arange(batch, device=q.device)[:, None]
-    return o, stacked[rows, positions.to(device=q.device, dtype=torch.long)].flatten(0, 1)
+
+    def states_at(at: Tensor) -> Tensor:
+        validate_delta_rule_inputs(q, k, v, beta, g, initial_state, at)
+        if at.shape[1] == 1 and bool((at == seq_len).all()):
+            return state  # the common decoding case: the final state, no stacking
+        stacked = torch.stack(history, dim=1)  # [B, T + 1, H, K, V]: the state after t tokens at index t
+        rows = torch.arange(batch, device=q.device)[:, None]
+        return stacked[rows, at.to(device=q.device, dtype=torch.long)].flatten(0, 1)
+
+    if state_fn:
+        return o, states_at
+    return o, None if positions is None else states_at(positions)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from refine.kernels.states import delta_rule_with_states
+from refine.kernels.dispatch import delta_rule
 from refine.models.common import GatedRMSNorm, RMSNorm, ShortConvolution
 from refine.models.config import DeltaNetConfig, GatedDeltaNetConfig
 
@@ -122,10 +122,10 @@ class DeltaNetMixer(_QKVMixer):
         beta = self.b_proj(x).sigmoid() if self.use_beta else x.new_ones(x.shape[:2] + (self.num_heads,))
         if self.allow_neg_eigval:
             beta = beta * 2
-        o, recurrent_at = delta_rule_with_states(
+        o, recurrent_at = delta_rule(
             q, k, v, beta, None,
             initial_state=None if state is None else state["recurrent"],
-            want_states=want_states,
+            state_fn=want_states,
         )
         return self._output(o, x), self._states_at(recurrent_at, conv_states_at) if want_states else None
 
@@ -168,9 +168,9 @@ class GatedDeltaNetMixer(_QKVMixer):
         beta = self.b_proj(x).sigmoid()
         if self.allow_neg_eigval:
             beta = beta * 2
-        o, recurrent_at = delta_rule_with_states(
+        o, recurrent_at = delta_rule(
             q, k, v, beta, gate,
             initial_state=None if state is None else state["recurrent"],
-            want_states=want_states,
+            state_fn=want_states,
         )
         return self._output(o, x), self._states_at(recurrent_at, conv_states_at) if want_states else None

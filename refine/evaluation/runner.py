@@ -1,0 +1,420 @@
+"""`refine eval`: greedy answers on a task (optionally after test-time REFINE per prompt), scored with the
+task's own benchmark metric, written to a results JSON.
+
+Library use: `evaluate(model, tokenizer, examples, task, ttt, run_config, ttt_steps, max_new_tokens)`.
+
+Runner options that are not run-config fields travel as `--set eval.<name>=<value>` (see `EvalOptions`),
+e.g. `--set eval.max_prompt_tokens=16352` to cut longer prompts in the middle, as LongBench does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from tqdm.auto import tqdm
+
+from refine.algorithm.selection import min_document_length
+from refine.config import ConfigError, RefineConfig, RunConfig, load_config
+from refine.data.sources import DataSourceError
+from refine.data.synthetic import MqarConfig, NiahConfig, generate_mqar, generate_niah
+from refine.data.tasks import TaskExample, load_longbench, load_ruler_qa
+from refine.evaluation.metrics import LONGBENCH_FIRST_LINE_TASKS, longbench_task_name, task_metric
+from refine.evaluation.score import score_predictions
+from refine.generate import generate
+from refine.models import FastWeightLM, load_model
+from refine.phases import adapt_and_answer
+from refine.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
+
+CLI_TASKS = ("niah", "mqar", "ruler-qa", "longbench")
+DEFAULT_MAX_NEW_TOKENS = 32
+MQAR_MAX_PAIRS = 5000  # MqarConfig's own bound
+# The paper's test-time settings, used wherever the run config does not set the field itself.
+TEST_TIME_DEFAULTS: dict[str, Any] = {"reward": "binary", "lambda_nsp": 0.4}
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+
+
+class EvalOptions(BaseModel):
+    """Runner options given as `--set eval.<field>=<value>`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_prompt_tokens: int | None = Field(
+        None, ge=2, description="cut longer prompts in the middle (start and end kept); None: never cut"
+    )
+    niah_variant: str = Field("single", description="single | multikey | multiquery | multivalue")
+    prompt_templates: str | None = Field(None, description="LongBench dataset2prompt.json for rows without a prompt")
+
+
+# ---------------------------------------------------------------- configuration
+
+
+def split_overrides(items: Sequence[str]) -> tuple[list[str], EvalOptions]:
+    """Separate `eval.*` overrides (runner options) from run-config overrides."""
+    run_overrides: list[str] = []
+    values: dict[str, Any] = {}
+    for item in items:
+        key = item.split("=", 1)[0].strip()
+        if not key.startswith("eval."):
+            run_overrides.append(item)
+            continue
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like eval.field=value")
+        values[key.removeprefix("eval.")] = yaml.safe_load(item.split("=", 1)[1])
+    try:
+        return run_overrides, EvalOptions.model_validate(values)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"eval.{'.'.join(str(p) for p in e['loc'])}: {e['msg']} (got {e.get('input')!r})" for e in err.errors()
+        )
+        raise ConfigError(f"invalid eval option: {problems}; known: {sorted(EvalOptions.model_fields)}") from None
+
+
+def ttt_refine_config(cfg: RefineConfig) -> RefineConfig:
+    """The paper's test-time defaults (binary reward, lambda_nsp 0.4) for every field the config left unset."""
+    updates = {name: value for name, value in TEST_TIME_DEFAULTS.items() if name not in cfg.model_fields_set}
+    return cfg.model_copy(update=updates)
+
+
+def fit_refine_config(cfg: RefineConfig, length: int) -> tuple[RefineConfig | None, str | None]:
+    """Shrink margin and chunk count so a prompt of `length` tokens can host the rollouts.
+
+    Returns (config to use or None when no rollout fits, a note when anything changed)."""
+    needed = min_document_length(cfg.num_chunks, cfg.rollout_len, cfg.margin)
+    if length >= needed:
+        return cfg, None
+    wanted = f"refine.num_chunks={cfg.num_chunks}, rollout_len={cfg.rollout_len}, margin={cfg.margin} need {needed}"
+    if length < cfg.rollout_len + 1:
+        return None, f"prompt of {length} tokens is too short for a rollout ({wanted}): answered without adaptation"
+    margin = cfg.margin
+    while margin > 0 and margin + max(margin, cfg.rollout_len) > length:
+        margin -= 1
+    fitted = cfg.model_copy(update={"margin": margin, "num_chunks": min(cfg.num_chunks, length)})
+    note = (f"prompt of {length} tokens is shorter than {wanted}: using num_chunks={fitted.num_chunks}, "
+            f"margin={fitted.margin} for it")
+    return fitted, note
+
+
+# ---------------------------------------------------------------- prompts and answers
+
+
+def prompt_tokens(tokenizer: Tokenizer, prompt: str, max_tokens: int | None) -> tuple[list[int], int]:
+    """BOS (as training adds it) + the prompt's tokens, cut in the middle to `max_tokens` when longer, so both
+    the instruction at the start and the question at the end survive (LongBench's rule).
+    Returns (tokens, untruncated length)."""
+    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    ids = bos + tokenizer.encode(prompt)
+    if max_tokens is None or len(ids) <= max_tokens:
+        return ids, len(ids)
+    head = max_tokens // 2
+    return ids[:head] + ids[len(ids) - (max_tokens - head):], len(ids)
+
+
+def metric_task_for(task: str, example: TaskExample) -> str:
+    """The task name whose metric scores this example.
+
+    CLI task names pick by source: niah/mqar use the example's own task; ruler-qa keeps RULER QA names
+    (ruler_*qa, qa, qa_1, qa_2) and scores anything else as ruler_qa; longbench requires a LongBench dataset.
+    Any other `task` is a metric task name used for every example."""
+    if task in ("niah", "mqar"):
+        return example.task
+    if task == "ruler-qa":
+        name = example.task
+        ruler_name = name in ("qa", "qa_1", "qa_2") or (name.startswith("ruler_") and name.endswith("qa"))
+        return name if ruler_name else "ruler_qa"
+    if task == "longbench":
+        if longbench_task_name(example.task) is None:
+            raise ValueError(
+                f"example {example.example_id!r}: task {example.task!r} is not a LongBench dataset; give rows a "
+                f"'dataset' field (e.g. hotpotqa) or name the file after the dataset"
+            )
+        return example.task
+    return task
+
+
+def reads_first_line_only(metric_task: str) -> bool:
+    """Whether the task's metric looks only at the prediction's first line (RULER QA as REFINE scores it,
+    LongBench's few-shot tasks)."""
+    name = metric_task.strip()
+    ruler_qa = name == "ruler_qa" or (name.startswith("ruler_") and name.endswith("qa"))
+    return ruler_qa or longbench_task_name(name) in LONGBENCH_FIRST_LINE_TASKS
+
+
+def answer_text(tokenizer: Tokenizer, tokens: Sequence[int], metric_task: str) -> str:
+    """Decode an answer (generation already stopped at EOS) and stop it at the first line break when the
+    metric reads the first line only, exactly where the metric itself would cut it."""
+    text = tokenizer.decode(list(tokens))
+    if not reads_first_line_only(metric_task):
+        return text
+    if longbench_task_name(metric_task) is not None:
+        text = text.lstrip("\n")  # LongBench skips leading newlines before taking the first line
+    return text.split("\n")[0]
+
+
+def score_examples(task: str, examples: Sequence[TaskExample], predictions: Sequence[str]) -> tuple[dict, list[float]]:
+    """Score predictions with each example's benchmark metric. Returns (summary, per-example scores x 100).
+
+    The summary's score is the benchmark's task score (mean x 100); with several tasks (a LongBench file
+    mixing datasets) it is their macro average, as LongBench reports averages, and `by_task` holds each."""
+    if len(examples) != len(predictions):
+        raise ValueError(f"{len(examples)} examples but {len(predictions)} predictions")
+    if not examples:
+        raise ValueError("no examples to score")
+    groups: dict[str, list[int]] = {}
+    for index, example in enumerate(examples):
+        groups.setdefault(metric_task_for(task, example), []).append(index)
+    scores = [0.0] * len(examples)
+    by_task: dict[str, dict[str, Any]] = {}
+    for name, indices in groups.items():
+        rows = []
+        for i in indices:
+            row: dict[str, Any] = {"prediction": predictions[i], "answers": examples[i].answers}
+            if examples[i].all_classes:
+                row["all_classes"] = examples[i].all_classes
+            if examples[i].length is not None:
+                row["length"] = examples[i].length
+            rows.append(row)
+        summary, group_scores = score_predictions(name, rows)
+        by_task[name] = summary
+        for i, value in zip(indices, group_scores):
+            scores[i] = 100.0 * value
+    task_scores = [s["score"] for s in by_task.values()]
+    result: dict[str, Any] = {
+        "score": round(sum(task_scores) / len(task_scores), 2),
+        "metric": sorted({s["metric"] for s in by_task.values()}),
+        "empty_predictions": sum(s["empty_predictions"] for s in by_task.values()),
+    }
+    if len(by_task) > 1:
+        result["by_task"] = {
+            name: {"score": s["score"], "num_examples": s["num_examples"]} for name, s in by_task.items()
+        }
+    return result, scores
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def evaluate(
+    model: FastWeightLM,
+    tokenizer: Tokenizer,
+    examples: Sequence[TaskExample],
+    task: str,
+    ttt: bool = False,
+    run_config: RunConfig | None = None,
+    ttt_steps: int = 2,
+    max_new_tokens: int | None = None,
+    *,
+    max_prompt_tokens: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Answer every example greedily (after `ttt_steps` REFINE steps on its prompt when `ttt`, weights
+    restored after each) and score the answers. Returns {"summary": {...}, "examples": [records]}.
+
+    `task` is a CLI task name (niah, mqar, ruler-qa, longbench) or a metric task name (e.g. hotpotqa).
+    `max_new_tokens` None: each example's max_answer_length, else 32."""
+    if not examples:
+        raise ValueError("no examples to evaluate")
+    if ttt and ttt_steps < 0:
+        raise ValueError(f"ttt_steps must be >= 0, got {ttt_steps}")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(
+            f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {model.config.vocab_size}: "
+            f"wrong tokenizer for this model?"
+        )
+    run_config = run_config or RunConfig()
+    refine_cfg = ttt_refine_config(run_config.refine)
+    metric_tasks = [metric_task_for(task, example) for example in examples]
+    for name in sorted(set(metric_tasks)):
+        task_metric(name)  # an unknown task fails before any generation
+
+    started = time.perf_counter()
+    records: list[dict[str, Any]] = []
+    predictions: list[str] = []
+    truncated = clamped = unadapted = 0
+    bar = tqdm(examples, desc=f"eval[{task}{'+ttt' if ttt else ''}]", unit="ex", disable=not progress)
+    for index, (example, metric_name) in enumerate(zip(bar, metric_tasks)):
+        ids, full_length = prompt_tokens(tokenizer, example.prompt, max_prompt_tokens)
+        if len(ids) < full_length:
+            if not truncated:
+                _note(f"prompt of {full_length} tokens cut in the middle to eval.max_prompt_tokens={len(ids)}")
+            truncated += 1
+        budget = max_new_tokens or example.max_answer_length or DEFAULT_MAX_NEW_TOKENS
+        record: dict[str, Any] = {
+            "id": example.example_id, "task": metric_name, "prompt_tokens": len(ids),
+        }
+        if len(ids) < full_length:
+            record["original_prompt_tokens"] = full_length
+        if ttt:
+            cfg, note = fit_refine_config(refine_cfg, len(ids))
+            if note:
+                if not (clamped or unadapted):
+                    _note(note)
+                clamped += cfg is not None
+                unadapted += cfg is None
+            if cfg is not None:
+                generator = torch.Generator(device=model.device).manual_seed(seed + index)
+                tokens, history = adapt_and_answer(model, ids, cfg, run_config.optim, ttt_steps, budget,
+                                                   eos_id=tokenizer.eos_id, restore=True, generator=generator)
+                record["ttt_history"] = history
+                if cfg is not refine_cfg:
+                    record["ttt_fitted"] = {"num_chunks": cfg.num_chunks, "margin": cfg.margin}
+            else:
+                tokens = _greedy(model, ids, budget, tokenizer.eos_id)
+                record["ttt_history"] = []
+        else:
+            tokens = _greedy(model, ids, budget, tokenizer.eos_id)
+        prediction = answer_text(tokenizer, tokens, metric_name)
+        predictions.append(prediction)
+        record.update(generated_tokens=len(tokens), prediction=prediction, answers=example.answers)
+        records.append(record)
+
+    summary, scores = score_examples(task, examples, predictions)
+    for record, value in zip(records, scores):
+        record["score"] = value
+    summary = {
+        "task": task,
+        "num_examples": len(examples),
+        "score": summary.pop("score"),
+        "ttt": ttt,
+        "seconds": round(time.perf_counter() - started, 3),
+        **summary,
+        "truncated_prompts": truncated,
+    }
+    if ttt:
+        summary["ttt_config"] = {
+            "steps": ttt_steps, "reward": refine_cfg.reward, "lambda_nsp": refine_cfg.lambda_nsp,
+            "lambda_ntp": refine_cfg.lambda_ntp, "num_chunks": refine_cfg.num_chunks,
+            "rollout_len": refine_cfg.rollout_len, "margin": refine_cfg.margin, "lr": run_config.optim.lr,
+            "fitted_prompts": clamped, "unadapted_prompts": unadapted,
+        }
+    return {"summary": summary, "examples": records}
+
+
+def _greedy(model: FastWeightLM, ids: list[int], max_new_tokens: int, eos_id: int) -> list[int]:
+    return generate(model, torch.tensor([ids], device=model.device), max_new_tokens, eos_id=eos_id)[0]
+
+
+def _note(message: str) -> None:
+    tqdm.write(f"refine eval: {message}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------- examples
+
+
+def mqar_for_length(length: int, tokenizer: Tokenizer, num_examples: int, seed: int) -> list[TaskExample]:
+    """MQAR examples with as many key-value pairs as keep the prompt within `length` tokens."""
+
+    def build(pairs: int, count: int) -> list[TaskExample]:
+        digits = next(d for d in range(2, 10) if pairs <= 9 * 10 ** (d - 1))
+        config = MqarConfig(num_pairs=pairs, num_queries=min(4, pairs), value_digits=max(3, digits), seed=seed)
+        return generate_mqar(config, count)
+
+    def fits(pairs: int) -> bool:
+        return len(tokenizer.encode(build(pairs, 1)[0].prompt)) <= length
+
+    if not fits(1):
+        raise ValueError(f"--length {length} is too short for an MQAR prompt with a single key-value pair")
+    low, high = 1, MQAR_MAX_PAIRS
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle - 1)
+    return build(low, num_examples)
+
+
+def build_examples(args: argparse.Namespace, tokenizer: Tokenizer, options: EvalOptions) -> list[TaskExample]:
+    if args.num_examples is not None and args.num_examples < 1:
+        raise ValueError(f"--num-examples must be >= 1, got {args.num_examples}")
+    if args.task == "niah":
+        try:
+            config = NiahConfig(variant=options.niah_variant, length=args.length, seed=args.seed)
+        except ValidationError as err:
+            raise ValueError(f"invalid needle-in-a-haystack settings (--length {args.length}, eval.niah_variant="
+                             f"{options.niah_variant!r}): {err.errors()[0]['msg']}") from None
+        return generate_niah(config, tokenizer, args.num_examples)
+    if args.task == "mqar":
+        return mqar_for_length(args.length, tokenizer, args.num_examples, args.seed)
+    if args.data is None:
+        raise ValueError(f"--data is required for --task {args.task}: a JSON lines, parquet or save_to_disk file")
+    if args.task not in TASK_COLUMNS:
+        raise ValueError(f"--task must be one of {CLI_TASKS}, got {args.task!r}")
+    try:
+        if args.task == "ruler-qa":
+            return load_ruler_qa(args.data, limit=args.num_examples)
+        return load_longbench(args.data, limit=args.num_examples, prompt_templates=options.prompt_templates)
+    except DataSourceError as err:
+        raise DataSourceError(f"{err}{_column_hint(args.data, args.task)}") from None
+
+
+# The column sets each task file may use (any one of them), as the loaders accept them.
+TASK_COLUMNS = {
+    "ruler-qa": [["prompt", "answer"], ["prompt", "answers"], ["input", "outputs"]],
+    "longbench": [["input", "context", "answers"], ["prompt", "answers"]],
+}
+
+
+def _column_hint(path: str, task: str) -> str:
+    """For a JSON lines file whose first row lacks every accepted column set: the fields it does have."""
+    if Path(path).suffix not in (".jsonl", ".json") or not Path(path).is_file():
+        return ""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            first = next((line for line in handle if line.strip()), "")
+        fields = sorted(json.loads(first)) if first else []
+    except (OSError, ValueError, TypeError):
+        return ""
+    alternatives = TASK_COLUMNS[task]
+    if any(all(column in fields for column in columns) for columns in alternatives):
+        return ""
+    accepted = " or ".join("+".join(columns) for columns in alternatives)
+    return f"; its first row has fields {fields}, --task {task} expects {accepted}"
+
+
+def resolve_tokenizer(tokenizer_path: str | None, model_dir: Path) -> Tokenizer:
+    """--tokenizer, else the model directory's tokenizer.json, else the byte tokenizer."""
+    if tokenizer_path is not None:
+        return load_tokenizer(tokenizer_path)
+    if (model_dir / "tokenizer.json").is_file():
+        return load_tokenizer(model_dir)
+    return ByteTokenizer()
+
+
+def default_output(model_dir: Path, task: str, ttt: bool) -> Path:
+    return model_dir / f"eval-{task}{'-ttt' if ttt else ''}.json"
+
+
+def main(args: argparse.Namespace) -> int:
+    """`refine eval`: load, generate, score, print the summary line, write the results JSON."""
+    overrides, options = split_overrides(args.set or [])
+    run_config = load_config(args.config, overrides)
+    if args.ttt_steps < 0:
+        raise ValueError(f"--ttt-steps must be >= 0, got {args.ttt_steps}")
+    if run_config.train.threads:
+        torch.set_num_threads(run_config.train.threads)
+    model_dir = Path(args.model)
+    dtype = _DTYPES[run_config.train.dtype] if "dtype" in run_config.train.model_fields_set else None
+    model = load_model(model_dir, dtype=dtype, device=run_config.train.device)
+    tokenizer = resolve_tokenizer(args.tokenizer, model_dir)
+    examples = build_examples(args, tokenizer, options)
+    results = evaluate(
+        model, tokenizer, examples, args.task, ttt=args.ttt, run_config=run_config, ttt_steps=args.ttt_steps,
+        max_new_tokens=args.max_new_tokens, max_prompt_tokens=options.max_prompt_tokens, seed=args.seed,
+    )
+    summary = results["summary"]
+    summary.update(model=str(model_dir), data=args.data, seed=args.seed, tokenizer=repr(tokenizer))
+    output = Path(args.output) if args.output else default_output(model_dir, args.task, args.ttt)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=1, ensure_ascii=False), encoding="utf-8")
+    line = {key: summary[key] for key in ("task", "num_examples", "score", "ttt", "seconds")}
+    print(json.dumps(line | {"metric": summary["metric"], "output": str(output)}, ensure_ascii=False))
+    return 0

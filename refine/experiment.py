@@ -1,0 +1,132 @@
+"""The main job: does next-sequence prediction help a fast-weight model beyond next-token prediction?
+
+1. pre-train a tiny model with NTP;
+2. continue two copies for the same number of steps: one with REFINE, one with NTP only;
+3. evaluate all three on held-out documents (NTP loss) and held-out synthetic NIAH and MQAR;
+4. print the comparison table and write it (JSON + Markdown) with PNG curves into the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from refine.algorithm.losses import ntp_loss  # noqa: E402
+from refine.config import RunConfig, validate_config  # noqa: E402
+from refine.data.batches import pad_documents  # noqa: E402
+from refine.data.synthetic import NiahConfig, RecallCorpusConfig, generate_niah, generate_recall_documents  # noqa: E402
+from refine.evaluation.runner import evaluate, mqar_for_length  # noqa: E402
+from refine.models import FastWeightLM, load_model  # noqa: E402
+from refine.plots import read_metrics  # noqa: E402
+from refine.tokenizer import Tokenizer, load_tokenizer  # noqa: E402
+
+Trainer = Callable[[RunConfig], dict]
+
+
+def stage_config(config: RunConfig, name: str, mode: str, steps: int, lr: float, init_from: str | None) -> RunConfig:
+    tree = config.model_dump(mode="json")
+    tree["demo"] = None
+    tree["train"].update(mode=mode, steps=steps, out_dir=str(Path(config.train.out_dir) / name), init_from=init_from)
+    tree["optim"]["lr"] = lr
+    return validate_config(tree)
+
+
+@torch.no_grad()
+def heldout_ntp_loss(model: FastWeightLM, tokenizer: Tokenizer, config: RunConfig) -> float:
+    corpus = RecallCorpusConfig(length=config.data.seq_len, num_facts=max(1, min(6, config.data.seq_len // 200)),
+                                seed=config.train.seed + 10_000)  # a seed the training corpus never uses
+    docs = generate_recall_documents(corpus, tokenizer, config.demo.heldout_documents)
+    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    ids, lengths = pad_documents([(bos + tokenizer.encode(d.text))[: config.data.seq_len] for d in docs],
+                                 tokenizer.pad_id or 0)
+    return float(ntp_loss(model(ids, lengths=lengths, output_state=False).logits, ids, lengths))
+
+
+def eval_examples(task: str, tokenizer: Tokenizer, config: RunConfig) -> list:
+    seed = config.train.seed + 20_000
+    if task == "niah":
+        return generate_niah(NiahConfig(variant="single", length=config.demo.eval_length, seed=seed), tokenizer,
+                             config.demo.eval_examples)
+    return mqar_for_length(config.demo.eval_length, tokenizer, config.demo.eval_examples, seed)
+
+
+def evaluate_model(path: Path, tokenizer: Tokenizer, config: RunConfig) -> dict[str, float]:
+    model = load_model(path).eval()
+    row = {"heldout_ntp_loss": round(heldout_ntp_loss(model, tokenizer, config), 4)}
+    for task in config.demo.eval_tasks:
+        result = evaluate(model, tokenizer, eval_examples(task, tokenizer, config), task, ttt=False,
+                          run_config=config, ttt_steps=0, max_new_tokens=None, progress=False)
+        row[task] = result["summary"]["score"]
+    return row
+
+
+def plot_branches(runs: dict[str, Path], out_dir: Path) -> Path:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for name, run in runs.items():
+        rows = read_metrics(run / "metrics.jsonl")
+        axes[0].plot([r["step"] for r in rows], [r["ntp_loss"] for r in rows], label=name)
+        rewards = [(r["step"], r["reward_mean"]) for r in rows if "reward_mean" in r]
+        if rewards:
+            axes[1].plot([s for s, _ in rewards], [v for _, v in rewards], label=name)
+    axes[0].set_title("NTP loss (training batches)")
+    axes[1].set_title("NSP reward (REFINE branch)")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    path = out_dir / "comparison.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def markdown_table(rows: dict[str, dict], tasks: list[str]) -> str:
+    header = "| model | steps | held-out NTP loss | " + " | ".join(t.upper() for t in tasks) + " |"
+    lines = [header, "|" + " --- |" * (3 + len(tasks))]
+    for name, row in rows.items():
+        cells = [name, str(row["steps"]), f"{row['heldout_ntp_loss']:.4f}"] + [f"{row[t]:.1f}" for t in tasks]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run_comparison(config: RunConfig, trainer: Trainer) -> dict:
+    """Run the three stages with `trainer` (local loop or the service), evaluate, and report."""
+    if config.demo is None:
+        raise ValueError("run_comparison needs the demo section of the config")
+    started = time.perf_counter()
+    out_dir = Path(config.train.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    demo = config.demo
+    tokenizer = load_tokenizer(config.tokenizer)
+
+    pretrain = stage_config(config, "pretrain", "ntp", demo.pretrain_steps, demo.pretrain_lr, None)
+    trainer(pretrain)
+    start_model = str(Path(pretrain.train.out_dir) / "checkpoints/latest/model")
+    refine_mode = config.train.mode if config.train.mode != "ntp" else "fused"
+    branches = {
+        "+ REFINE": stage_config(config, "refine", refine_mode, demo.branch_steps, demo.branch_lr, start_model),
+        "+ NTP": stage_config(config, "ntp", "ntp", demo.branch_steps, demo.branch_lr, start_model),
+    }
+    for branch in branches.values():
+        trainer(branch)
+
+    rows = {"NTP pre-training": {"steps": demo.pretrain_steps, **evaluate_model(Path(start_model), tokenizer, config)}}
+    for name, branch in branches.items():
+        model_dir = Path(branch.train.out_dir) / "checkpoints/latest/model"
+        rows[name] = {"steps": demo.pretrain_steps + demo.branch_steps, **evaluate_model(model_dir, tokenizer, config)}
+    table = markdown_table(rows, list(demo.eval_tasks))
+    plot_branches({name: Path(b.train.out_dir) for name, b in branches.items()}, out_dir)
+    report = {"rows": rows, "wall_seconds": round(time.perf_counter() - started, 1), "table": table}
+    (out_dir / "comparison.json").write_text(json.dumps(report, indent=2))
+    (out_dir / "comparison.md").write_text(table + "\n")
+    print(table)
+    return report

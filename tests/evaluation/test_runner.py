@@ -1,0 +1,273 @@
+"""`refine eval` end to end on a tiny model, and the runner's scoring, truncation and test-time pieces."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from refine.cli import main as cli_main
+from refine.config import OptimConfig, RefineConfig, RunConfig
+from refine.data.synthetic import NiahConfig, generate_niah
+from refine.data.tasks import load_longbench, load_ruler_qa
+from refine.evaluation.runner import (
+    answer_text,
+    evaluate,
+    fit_refine_config,
+    metric_task_for,
+    mqar_for_length,
+    prompt_tokens,
+    reads_first_line_only,
+    score_examples,
+    ttt_refine_config,
+)
+from refine.evaluation.score import score_predictions
+from refine.models import build_model, load_model, save_model
+from refine.phases import adapt_and_answer
+from refine.tokenizer import ByteTokenizer
+
+TOKENIZER = ByteTokenizer()
+
+RULER_ROWS = [  # the REFINE release's RULER QA rows, then RULER's own output format
+    {"prompt": "Answer the question based on the documents.\nDocument 1: The capital of Norway is Oslo, a harbor "
+               "city.\nDocument 2: Bergen has rain.\nQuestion: What is the capital of Norway?\nAnswer:",
+     "answer": ["Oslo"], "max_answer_length": 3, "task": "ruler_squadqa"},
+    {"index": 7, "input": "Document 1: The river Tana runs north to the Arctic sea past birch forests.\n"
+                          "Question: Where does the Tana run?", "outputs": ["north", "the Arctic sea"],
+     "answer_prefix": " Answer:", "length": 120},
+]
+LONGBENCH_ROWS = [  # LongBench's released rows: two datasets in one file
+    {"input": "Which city hosts the lighthouse museum?", "context": "Passage 1: The lighthouse museum stands in "
+     "Vardo, near the old fort. Passage 2: The fort was rebuilt twice.", "answers": ["Vardo"], "length": 21,
+     "dataset": "hotpotqa", "language": "en", "all_classes": None, "_id": "hq-1"},
+    {"input": "What is the capital of Peru?", "context": "Question: Who wrote Hamlet?\nType: Human\n"
+     "Question: How far is the Moon?\nType: Number", "answers": ["Location"], "length": 17,
+     "dataset": "trec", "language": "en", "all_classes": ["Human", "Number", "Location", "Entity"], "_id": "tr-1"},
+]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    model = build_model(dict(model_type="delta_net", hidden_size=32, num_heads=2, num_hidden_layers=1,
+                             vocab_size=TOKENIZER.vocab_size, intermediate_size=64, tie_word_embeddings=True,
+                             bos_token_id=257, eos_token_id=258, pad_token_id=256))
+    return save_model(model, tmp_path_factory.mktemp("model") / "tiny")
+
+
+@pytest.fixture
+def task_files(tmp_path) -> dict[str, Path]:
+    return {"ruler-qa": write_jsonl(tmp_path / "ruler_qa.jsonl", RULER_ROWS),
+            "longbench": write_jsonl(tmp_path / "longbench.jsonl", LONGBENCH_ROWS)}
+
+
+def run_eval(capsys, *argv: str) -> tuple[int, dict | None, str]:
+    code = cli_main(["eval", *argv])
+    captured = capsys.readouterr()
+    lines = [line for line in captured.out.splitlines() if line.strip()]
+    return code, (json.loads(lines[-1]) if lines else None), captured.err
+
+
+# ---------------------------------------------------------------- the command
+
+
+@pytest.mark.parametrize("ttt", [False, True], ids=["plain", "ttt"])
+@pytest.mark.parametrize("task", ["niah", "mqar", "ruler-qa", "longbench"])
+def test_eval_command_writes_scored_results(task, ttt, model_dir, task_files, tmp_path, capsys):
+    argv = ["--model", str(model_dir), "--task", task, "--num-examples", "2", "--length", "320", "--ttt-steps", "1"]
+    if task in task_files:
+        argv += ["--data", str(task_files[task])]
+    else:
+        argv += ["--max-new-tokens", "6"]
+    output = tmp_path / "out" / "results.json"
+    code, line, err = run_eval(capsys, *argv, "--output", str(output), *(["--ttt"] if ttt else []))
+    assert code == 0, err
+    assert line["task"] == task and line["num_examples"] == 2 and line["ttt"] is ttt
+    assert 0.0 <= line["score"] <= 100.0 and line["seconds"] >= 0
+    results = json.loads(output.read_text())
+    summary, records = results["summary"], results["examples"]
+    assert summary["score"] == line["score"] and summary["ttt"] is ttt and len(records) == 2
+    for record in records:
+        assert set(record) >= {"id", "prompt_tokens", "prediction", "answers", "score"}
+        assert 0.0 <= record["score"] <= 100.0 and isinstance(record["prediction"], str)
+        assert record["prompt_tokens"] > 0 and record["answers"]
+        if ttt:
+            assert len(record["ttt_history"]) == 1 and record["ttt_history"][0]["grad_norm"] > 0
+    if task == "ruler-qa":  # max_answer_length of the row bounds the answer when --max-new-tokens is not given
+        assert records[0]["generated_tokens"] <= 3 and records[1]["generated_tokens"] <= 32
+        assert [r["task"] for r in records] == ["ruler_squadqa", "ruler_qa"]
+    if task == "longbench":  # two datasets, each with its own metric, averaged as LongBench averages
+        assert set(summary["by_task"]) == {"hotpotqa", "trec"}
+        assert summary["metric"] == ["classification_score", "qa_f1_score"]
+        by_task = [v["score"] for v in summary["by_task"].values()]
+        assert summary["score"] == pytest.approx(sum(by_task) / 2, abs=0.01)
+    if task in ("niah", "mqar"):
+        assert all(r["prompt_tokens"] <= 320 + 1 for r in records)  # + BOS
+
+
+def test_default_output_path_and_paper_test_time_defaults(model_dir, capsys):
+    argv = ["--model", str(model_dir), "--task", "mqar", "--num-examples", "1", "--length", "128",
+            "--max-new-tokens", "4", "--ttt", "--ttt-steps", "1"]
+    code, line, err = run_eval(capsys, *argv)
+    assert code == 0, err
+    assert line["output"] == str(model_dir / "eval-mqar-ttt.json")
+    ttt_config = json.loads((model_dir / "eval-mqar-ttt.json").read_text())["summary"]["ttt_config"]
+    assert ttt_config["reward"] == "binary" and ttt_config["lambda_nsp"] == 0.4
+    code, line, err = run_eval(capsys, *argv, "--set", "refine.reward=cosine", "--output", str(model_dir / "c.json"))
+    assert code == 0, err
+    ttt_config = json.loads((model_dir / "c.json").read_text())["summary"]["ttt_config"]
+    assert ttt_config["reward"] == "cosine" and ttt_config["lambda_nsp"] == 0.4
+
+
+def test_ttt_leaves_the_checkpoint_and_the_weights_unchanged(model_dir, tmp_path, capsys):
+    weights = model_dir / "model.safetensors"
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    code, _, err = run_eval(capsys, "--model", str(model_dir), "--task", "niah", "--num-examples", "1",
+                            "--length", "320", "--ttt", "--ttt-steps", "2", "--max-new-tokens", "4",
+                            "--set", "optim.lr=0.05", "--output", str(tmp_path / "r.json"))
+    assert code == 0, err
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == digest
+
+    model = load_model(model_dir)
+    probe = torch.tensor([TOKENIZER.encode("The secret number is 42.")])
+    before = model(probe).logits.detach().clone()
+    examples = generate_niah(NiahConfig(length=320, seed=3), TOKENIZER, 2)
+    config = RunConfig(optim=OptimConfig(lr=0.05))
+    results = evaluate(model, TOKENIZER, examples, "niah", ttt=True, run_config=config, ttt_steps=2,
+                       max_new_tokens=4, progress=False)
+    steps = [step for record in results["examples"] for step in record["ttt_history"]]
+    assert len(steps) == 4 and all(step["grad_norm"] > 0 and "skipped_nonfinite" not in step for step in steps)
+    assert torch.equal(model(probe).logits, before)  # adapted weights were put back after every example
+
+
+# ---------------------------------------------------------------- scoring path
+
+
+def _task_examples(task: str, task_files) -> list:
+    if task == "niah":
+        return (generate_niah(NiahConfig(length=320, seed=1), TOKENIZER, 2)
+                + generate_niah(NiahConfig(length=600, variant="multivalue", seed=1), TOKENIZER, 2))
+    if task == "mqar":
+        return mqar_for_length(200, TOKENIZER, 3, seed=1)
+    return load_ruler_qa(task_files[task]) if task == "ruler-qa" else load_longbench(task_files[task])
+
+
+@pytest.mark.parametrize("task", ["niah", "mqar", "ruler-qa", "longbench"])
+def test_a_model_that_knows_the_answers_scores_100_and_a_wrong_one_0(task, task_files):
+    examples = _task_examples(task, task_files)
+    metric_tasks = [metric_task_for(task, ex) for ex in examples]
+    # The gold answers as generated text, then EOS; where the metric reads the first line only, the model
+    # rambles on after a line break first (the runner cuts the answer where the metric would).
+    generated = [TOKENIZER.encode(", ".join(ex.answers) + ("\nand then zzz" if reads_first_line_only(name) else ""))
+                 + [TOKENIZER.eos_id] for ex, name in zip(examples, metric_tasks)]
+    assert any(reads_first_line_only(name) for name in metric_tasks) == (task in ("ruler-qa", "longbench"))
+    predictions = [answer_text(TOKENIZER, tokens, name) for tokens, name in zip(generated, metric_tasks)]
+    summary, scores = score_examples(task, examples, predictions)
+    assert summary["score"] == 100.0 and scores == [100.0] * len(examples)
+    summary, scores = score_examples(task, examples, ["Qwxz"] * len(examples))
+    assert summary["score"] == 0.0 and scores == [0.0] * len(examples)
+
+
+@pytest.mark.parametrize("metric_task", ["ruler_qa", "trec", "triviaqa", "hotpotqa", "niah_single", "qa_1"])
+@pytest.mark.parametrize("raw", ["Oslo", "Oslo\nBergen", "\nOslo", "\n\nOslo\n", "Bergen\nOslo", ""])
+def test_cutting_the_answer_never_changes_its_score(metric_task, raw):
+    row = {"answers": ["Oslo"], "all_classes": ["Oslo", "Bergen"]}
+    cut = answer_text(TOKENIZER, TOKENIZER.encode(raw) + [TOKENIZER.eos_id], metric_task)
+    assert "\n" not in cut or metric_task in ("hotpotqa", "niah_single", "qa_1")
+    raw_score = score_predictions(metric_task, [row | {"prediction": raw}])[1]
+    assert score_predictions(metric_task, [row | {"prediction": cut}])[1] == raw_score
+
+
+# ---------------------------------------------------------------- prompts, test-time settings
+
+
+def test_long_prompts_are_cut_in_the_middle_keeping_start_and_question():
+    prompt = "INSTRUCTION " + "filler " * 100 + "QUESTION?"
+    ids, full = prompt_tokens(TOKENIZER, prompt, 40)
+    assert full == len(prompt) + 1 and len(ids) == 40
+    assert ids[0] == TOKENIZER.bos_id and TOKENIZER.decode(ids[1:13]) == "INSTRUCTION "
+    assert TOKENIZER.decode(ids).endswith("QUESTION?")
+    assert prompt_tokens(TOKENIZER, "short", 40) == ([TOKENIZER.bos_id] + TOKENIZER.encode("short"), 6)
+
+
+def test_max_prompt_tokens_option_truncates_and_is_reported(model_dir, tmp_path, capsys):
+    output = tmp_path / "r.json"
+    code, _, err = run_eval(capsys, "--model", str(model_dir), "--task", "niah", "--num-examples", "2",
+                            "--length", "320", "--max-new-tokens", "2", "--set", "eval.max_prompt_tokens=120",
+                            "--output", str(output))
+    assert code == 0, err
+    results = json.loads(output.read_text())
+    assert results["summary"]["truncated_prompts"] == 2 and "cut in the middle" in err
+    assert all(r["prompt_tokens"] == 120 and r["original_prompt_tokens"] > 120 for r in results["examples"])
+
+
+def test_mqar_prompts_fill_the_requested_length():
+    for length in (128, 400):
+        examples = mqar_for_length(length, TOKENIZER, 2, seed=0)
+        sizes = [len(TOKENIZER.encode(ex.prompt)) for ex in examples]
+        assert all(length - 16 < size <= length for size in sizes), sizes
+
+
+def test_ttt_defaults_fill_only_unset_fields():
+    assert ttt_refine_config(RefineConfig()).reward == "binary"
+    assert ttt_refine_config(RefineConfig()).lambda_nsp == 0.4
+    explicit = ttt_refine_config(RefineConfig(reward="hybrid", lambda_nsp=0.1))
+    assert (explicit.reward, explicit.lambda_nsp) == ("hybrid", 0.1)
+
+
+def test_short_prompts_get_fitted_refine_settings_that_run():
+    cfg = RefineConfig(num_chunks=8, rollout_len=5, margin=20)
+    assert fit_refine_config(cfg, 400) == (cfg, None)
+    fitted, note = fit_refine_config(cfg, 24)
+    assert fitted is not None and "24 tokens" in note and "margin=" in note
+    assert fitted.margin < 20 and fitted.margin + max(fitted.margin, 5) <= 24 and fitted.num_chunks == 8
+    torch.manual_seed(0)
+    model = build_model(dict(model_type="delta_net", hidden_size=16, num_heads=2, num_hidden_layers=1,
+                             vocab_size=32, intermediate_size=16))
+    prompt = torch.randint(0, 32, (24,), generator=torch.Generator().manual_seed(0)).tolist()
+    answer, history = adapt_and_answer(model, prompt, ttt_refine_config(fitted), OptimConfig(), 1, 2)
+    assert len(history) == 1 and len(answer) <= 2
+    tiny, note = fit_refine_config(cfg, 5)
+    assert tiny is None and "answered without adaptation" in note
+    few_tokens, _ = fit_refine_config(RefineConfig(num_chunks=8, rollout_len=1, margin=0), 3)
+    assert few_tokens.num_chunks == 3  # one position per token at most
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("task", ["ruler-qa", "longbench"])
+def test_missing_data_is_a_clear_error(task, model_dir, capsys):
+    code, line, err = run_eval(capsys, "--model", str(model_dir), "--task", task)
+    assert code == 2 and line is None
+    assert "--data is required" in err and task in err
+
+
+@pytest.mark.parametrize("task", ["ruler-qa", "longbench"])
+def test_unknown_columns_are_a_clear_error(task, model_dir, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "odd.jsonl", [{"question_text": "Q?", "gold": "A"}])
+    code, _, err = run_eval(capsys, "--model", str(model_dir), "--task", task, "--data", str(data))
+    assert code == 2
+    assert "odd.jsonl" in err and "question_text" in err and "gold" in err  # the fields the file does have
+    assert ("'prompt'" in err) if task == "ruler-qa" else ("'answers'" in err)
+
+
+def test_other_bad_inputs_exit_2_naming_the_value(model_dir, tmp_path, capsys):
+    base = ["--model", str(model_dir)]
+    code, _, err = run_eval(capsys, *base, "--task", "ruler-qa", "--data", str(tmp_path / "absent.jsonl"))
+    assert code == 2 and "absent.jsonl" in err
+    not_longbench = write_jsonl(tmp_path / "lb.jsonl", [LONGBENCH_ROWS[0] | {"dataset": "cooking"}])
+    code, _, err = run_eval(capsys, *base, "--task", "longbench", "--data", str(not_longbench))
+    assert code == 2 and "'cooking' is not a LongBench dataset" in err
+    code, _, err = run_eval(capsys, *base, "--task", "niah", "--set", "eval.max_promt_tokens=5")
+    assert code == 2 and "eval.max_promt_tokens" in err
+    code, _, err = run_eval(capsys, *base, "--task", "niah", "--length", "40")
+    assert code == 2 and "40" in err
+    code, _, err = run_eval(capsys, "--model", str(tmp_path), "--task", "niah")
+    assert code == 2 and "config.json" in err
