@@ -1,0 +1,157 @@
+"""Achieved GFLOP/s of the CPU chunked delta rule against the same run's dense matmul GFLOP/s.
+
+Prints one JSON object per line: first the matmul references, then one line per sequence length with
+the chunked kernel's forward+backward time, its GFLOP/s and the ratio to the matmul references.
+
+FLOP counting ("flop_count" in the output): the exact matmul FLOPs the chunked algorithm performs in
+its forward pass, per (batch, head, chunk) with chunk C (C' = C rounded up to a power of two), key dim
+K and value dim V: gram k k^T 2C^2K; inverse of the UT system by block doubling 2C'(C'^2 - 1)/3;
+W = T K 2C^2K and U0 = T V 2C^2V; u = u0 - W S 2CKV and the state update 2CKV in the loop over
+chunks; inter-chunk output q S 2CKV, scores q k^T 2C^2K, scores u 2C^2V. Elementwise work is not
+counted; the backward pass is counted as 2x the forward. "gflops_solve_count" counts the UT step as
+a triangular solve, C(C-1)(K+V), instead (the least work any WY implementation does for it).
+
+The primary reference ("matmul_batched") multiplies the same number of C x K by K x V matrices as one
+batched torch.matmul, the shape the kernel's work comes in; "matmul_large" is one 1024^3 matmul, the
+machine's best case. Matmul rates are best-of-10 and the kernel's "gflops" uses its median time, so
+the ratios ("ratio_vs_batched" is the goal's) err low when the machine is shared.
+
+Usage: python benchmarks/kernels.py [--quick] [--threads N] [--gated] [--lengths T ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from refine.kernels.chunk import chunk_delta_rule  # noqa: E402
+
+GOAL_RATIO = 0.30
+
+
+def chunk_forward_flops(
+    batch: int, seq_len: int, heads: int, key_dim: int, value_dim: int, chunk: int, *, solve_count: bool = False
+) -> int:
+    """Forward matmul FLOPs of chunk_delta_rule (see the module docstring)."""
+    num_chunks = max(1, -(-seq_len // chunk))
+    c, k, v = chunk, key_dim, value_dim
+    padded = 1 << max(c - 1, 0).bit_length()
+    if solve_count:
+        ut_transform = c * (c - 1) * (k + v)
+    else:
+        ut_transform = 2 * padded * (padded * padded - 1) // 3 + 2 * c * c * (k + v)
+    per_chunk = 2 * c * c * k + ut_transform + 4 * c * k * v + 2 * c * k * v + 2 * c * c * k + 2 * c * c * v
+    return batch * heads * num_chunks * per_chunk
+
+
+def timed(fn, repeats: int, warmup: int = 1) -> tuple[float, float]:
+    """(median, minimum) wall seconds of fn over repeats calls after warmup calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), min(times)
+
+
+def matmul_gflops(batch: int, m: int, k: int, n: int, repeats: int) -> float:
+    """Peak (best-of-repeats) GFLOP/s: the ratios below are conservative on a shared machine."""
+    a = torch.randn(batch, m, k)
+    b = torch.randn(batch, k, n)
+    _, fastest = timed(lambda: torch.matmul(a, b), repeats)
+    return 2 * batch * m * k * n / fastest / 1e9
+
+
+def run_chunk(batch: int, seq_len: int, heads: int, dim: int, chunk: int, gated: bool, repeats: int) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    q = F.normalize(torch.randn(batch, seq_len, heads, dim, generator=gen), dim=-1).requires_grad_()
+    k = F.normalize(torch.randn(batch, seq_len, heads, dim, generator=gen), dim=-1).requires_grad_()
+    v = torch.randn(batch, seq_len, heads, dim, generator=gen).requires_grad_()
+    beta = torch.randn(batch, seq_len, heads, generator=gen).sigmoid().requires_grad_()
+    g = -F.softplus(torch.randn(batch, seq_len, heads, generator=gen)).requires_grad_() if gated else None
+    weight = torch.randn(batch, seq_len, heads, dim, generator=gen)
+
+    def forward_backward():
+        o, _ = chunk_delta_rule(q, k, v, beta, g, chunk_size=chunk)
+        (o * weight).sum().backward()
+
+    def forward_only():
+        with torch.no_grad():
+            chunk_delta_rule(q, k, v, beta, g, chunk_size=chunk)
+
+    median, minimum = timed(forward_backward, repeats)
+    forward_median, _ = timed(forward_only, repeats)
+    flops = 3 * chunk_forward_flops(batch, seq_len, heads, dim, dim, chunk)
+    solve_flops = 3 * chunk_forward_flops(batch, seq_len, heads, dim, dim, chunk, solve_count=True)
+    return dict(
+        seconds_fwd_bwd=round(median, 5),
+        seconds_fwd_bwd_min=round(minimum, 5),
+        seconds_fwd=round(forward_median, 5),
+        gflop_fwd_bwd=round(flops / 1e9, 4),
+        gflops=round(flops / median / 1e9, 2),
+        gflops_best=round(flops / minimum / 1e9, 2),
+        gflops_solve_count=round(solve_flops / median / 1e9, 2),
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="short sequences and one repeat: a smoke run")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--gated", action="store_true", help="gated delta rule (adds the decay g)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--dim", type=int, default=64, help="head dim of q, k and v")
+    parser.add_argument("--chunk", type=int, default=64)
+    parser.add_argument(
+        "--lengths", type=int, nargs="+", default=None, help="sequence lengths (default 1024 4096 16384)"
+    )
+    args = parser.parse_args()
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    lengths = args.lengths or ([256, 1024] if args.quick else [1024, 4096, 16384])
+    repeats = 1 if args.quick else 5
+    common = dict(threads=torch.get_num_threads(), dtype="float32", torch=torch.__version__)
+
+    large = matmul_gflops(1, 1024, 1024, 1024, repeats=10)
+    reference = dict(benchmark="kernels", what="matmul_large", shape=[1024, 1024, 1024], gflops=round(large, 2))
+    print(json.dumps(dict(**reference, **common)))
+    for seq_len in lengths:
+        num_matrices = args.batch * args.heads * max(1, -(-seq_len // args.chunk))
+        batched = matmul_gflops(num_matrices, args.chunk, args.dim, args.dim, repeats=10)
+        result = run_chunk(args.batch, seq_len, args.heads, args.dim, args.chunk, args.gated, repeats)
+        ratio = result["gflops"] / batched
+        print(json.dumps(dict(
+            benchmark="kernels",
+            what="chunk_delta_rule_fwd_bwd",
+            rule="gated_delta" if args.gated else "delta",
+            T=seq_len, B=args.batch, H=args.heads, d=args.dim, chunk=args.chunk,
+            **result,
+            flop_count="exact forward matmul FLOPs, backward counted as 2x forward",
+            matmul_batched_shape=[num_matrices, args.chunk, args.dim, args.dim],
+            matmul_batched_gflops=round(batched, 2),
+            ratio_vs_batched=round(ratio, 3),
+            ratio_vs_large=round(result["gflops"] / large, 3),
+            ratio_solve_count_vs_batched=round(result["gflops_solve_count"] / batched, 3),
+            goal_ratio=GOAL_RATIO,
+            goal_met=ratio >= GOAL_RATIO,
+            **common,
+        )))
+
+
+if __name__ == "__main__":
+    main()

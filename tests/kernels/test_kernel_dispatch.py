@@ -1,0 +1,137 @@
+"""delta_rule: kernel choice, the REFINE_KERNEL override, and agreement of every path with the oracle."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from refine.kernels import dispatch
+from refine.kernels.chunk import chunk_delta_rule
+from refine.kernels.dispatch import delta_rule, select_kernel
+from refine.kernels.naive import naive_delta_rule
+
+GRAD_NAMES = ("q", "k", "v", "beta", "g", "initial_state")
+
+
+def _call(kernel, inputs, positions, **kwargs):
+    q, k, v, beta, g, h0 = (inputs[n] for n in GRAD_NAMES)
+    return kernel(q, k, v, beta, g, initial_state=h0, positions=positions, **kwargs)
+
+
+@pytest.fixture(autouse=True)
+def no_forced_kernel(monkeypatch):
+    monkeypatch.delenv(dispatch.KERNEL_ENV, raising=False)
+
+
+@pytest.mark.parametrize("seq_len,expected", [(0, "torch recurrent"), (16, "torch recurrent"), (17, "torch chunk")])
+def test_cpu_selects_torch_kernels(make_inputs, seq_len, expected):
+    inputs = make_inputs(seq_len=seq_len)
+    assert select_kernel(inputs["q"], None, None, needs_grad=False) == expected
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["delta", "gated"])
+@pytest.mark.parametrize("seq_len", [5, 100])
+def test_dispatch_matches_naive_on_cpu(make_inputs, make_positions, gated, seq_len):
+    inputs = make_inputs(seq_len=seq_len, gated=gated)
+    positions = make_positions(2, seq_len, 64)
+    o, states = _call(delta_rule, inputs, positions)
+    o_ref, _, states_ref = _call(naive_delta_rule, inputs, positions)
+    torch.testing.assert_close(o, o_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(states, states_ref, rtol=1e-10, atol=1e-10)
+
+
+def test_forcing_fla_on_cpu_is_a_clear_error(make_inputs, monkeypatch):
+    monkeypatch.setenv(dispatch.KERNEL_ENV, "fla")
+    with pytest.raises(ValueError, match="REFINE_KERNEL=fla.*need CUDA"):
+        _call(delta_rule, make_inputs(seq_len=20), None)
+
+
+def test_unknown_kernel_name_is_a_clear_error(make_inputs, monkeypatch):
+    monkeypatch.setenv(dispatch.KERNEL_ENV, "triton")
+    with pytest.raises(ValueError, match="REFINE_KERNEL must be 'torch' or 'fla'.*'triton'"):
+        _call(delta_rule, make_inputs(seq_len=20), None)
+
+
+def test_forcing_torch_selects_torch(make_inputs, monkeypatch):
+    monkeypatch.setenv(dispatch.KERNEL_ENV, "torch")
+    assert select_kernel(make_inputs(seq_len=40)["q"], None, None, needs_grad=True) == "torch chunk"
+
+
+def test_choice_is_logged_once(make_inputs, monkeypatch, caplog):
+    monkeypatch.setattr(dispatch, "_logged_choices", set())
+    inputs = make_inputs(seq_len=30)
+    with caplog.at_level(logging.INFO, logger=dispatch.__name__):
+        for _ in range(3):
+            _call(delta_rule, inputs, None)
+    messages = [r.getMessage() for r in caplog.records if r.name == dispatch.__name__]
+    assert messages == ["delta rule kernel: torch chunk"]
+
+
+@pytest.mark.parametrize(
+    "dtype,gated,seq_len,needs_grad,expected",
+    [
+        (torch.float32, False, 4096, True, "fla fused_recurrent_delta_rule"),  # fla's chunk rejects float32
+        (torch.bfloat16, False, 4096, True, "fla chunk_delta_rule"),
+        (torch.bfloat16, False, 8, True, "fla fused_recurrent_delta_rule"),
+        (torch.float32, True, 4096, True, "fla chunk_gated_delta_rule"),
+        (torch.bfloat16, True, 8, False, "fla fused_recurrent_gated_delta_rule"),
+        (torch.bfloat16, True, 8, True, "fla chunk_gated_delta_rule"),  # no backward in the recurrent one
+    ],
+)
+def test_fla_kernel_routing(dtype, gated, seq_len, needs_grad, expected):
+    assert dispatch._fla_kernel_name(dtype, gated, seq_len, needs_grad) == expected
+
+
+def test_fla_is_not_used_for_intermediate_positions():
+    q = torch.zeros(2, 10, 1, 4)
+    assert dispatch._wants_final_state_only(None, 10)
+    assert dispatch._wants_final_state_only(torch.tensor([[10], [10]]), 10)
+    assert not dispatch._wants_final_state_only(torch.tensor([[10], [9]]), 10)
+    assert not dispatch._wants_final_state_only(torch.tensor([[10, 10], [10, 10]]), 10)
+    assert "CUDA" in dispatch._fla_unusable_reason(q, None, 10)
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU: compares fla's Triton kernels with the torch path"
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("gated", [False, True], ids=["delta", "gated"])
+@pytest.mark.parametrize("seq_len", [40, 300])
+def test_fla_path_matches_torch_path_on_cuda(make_inputs, dtype, gated, seq_len):
+    if dispatch._fla_ops() is None:
+        pytest.skip("flash-linear-attention with triton is not importable on this CUDA machine")
+    positions = torch.full((2, 1), seq_len, device="cuda")
+    results = {}
+    for path in ("fla", "torch"):
+        inputs = make_inputs(
+            batch=2, seq_len=seq_len, heads=4, key_dim=64, value_dim=64,
+            gated=gated, dtype=dtype, device="cuda", requires_grad=True,
+        )
+        if path == "fla":
+            kernel = select_kernel(inputs["q"], inputs["g"], positions, needs_grad=True)
+            assert kernel.startswith("fla"), kernel
+            o, final = _call(delta_rule, inputs, positions)
+        else:
+            o, final = _call(chunk_delta_rule, inputs, positions)
+        gen = torch.Generator().manual_seed(5)
+        w_o = torch.randn(o.shape, generator=gen).to("cuda")
+        w_s = torch.randn(final.shape, generator=gen).to("cuda")
+        ((o.float() * w_o).sum() + (final.float() * w_s).sum()).backward()
+        grads = {n: inputs[n].grad for n in GRAD_NAMES if inputs[n] is not None}
+        results[path] = (o, final, grads)
+    (o, final, grads), (o_ref, final_ref, grads_ref) = results["fla"], results["torch"]
+    # fla may use TF32 dots for float32 and rounds intermediates to the input dtype; a wrong convention
+    # (scale, decay order, state layout) would show as an error of order 1.
+    tol = 1e-2 if dtype == torch.float32 else 4e-2
+    assert o.dtype == dtype and final.dtype == torch.float32
+    assert _relative_error(o, o_ref) < tol
+    assert _relative_error(final, final_ref) < tol
+    for n, grad in grads_ref.items():
+        assert _relative_error(grads[n], grad) < 2 * tol, n
