@@ -6,6 +6,7 @@ Defaults are the paper's (REFINE, arXiv 2602.16704) where it states one.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -104,8 +105,10 @@ class ServiceConfig(Strict):
     batches_in_flight: int = Field(2, ge=1, description="document batches published ahead of the learner")
     worker_cpus: float = Field(1.0, gt=0, description="Ray CPUs reserved per rollout worker")
     heartbeat_timeout_s: float = Field(30.0, gt=0, description="a role silent this long is restarted")
-    metrics_discovery_dir: str = Field("/tmp/refine/prometheus",
-                                       description="where each role announces its metrics port for Prometheus")
+    metrics_discovery_dir: str = Field(
+        default_factory=lambda: os.environ.get("REFINE_METRICS_DISCOVERY_DIR", "/tmp/refine/prometheus"),
+        description="where each role announces its metrics port for Prometheus (deploy/prometheus.yml reads it)",
+    )
 
 
 class DemoConfig(Strict):

@@ -1,0 +1,55 @@
+"""The other deployment files: Prometheus config (promtool), Ray cluster example (Ray's schema), Dockerfile."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = REPO_ROOT / "deploy"
+
+
+def test_prometheus_config_passes_promtool() -> None:
+    promtool = shutil.which("promtool") or shutil.which("promtool", path="/usr/bin:/usr/local/bin")
+    if promtool is None:
+        pytest.skip("promtool not found (it ships with the prometheus package: apt-get install -y prometheus)")
+    result = subprocess.run([promtool, "check", "config", str(DEPLOY / "prometheus.yml")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_ray_cluster_example_passes_rays_schema() -> None:
+    config = yaml.safe_load((DEPLOY / "ray" / "local-cluster.yaml").read_text())
+    prepared = prepare_config(config)
+    validate_config(prepared)
+    head = " ".join(prepared["head_start_ray_commands"])
+    workers = " ".join(prepared["worker_start_ray_commands"])
+    gcs_port = re.search(r"ray start --head .*--port=(\d+)", head).group(1)
+    assert gcs_port != "6379"
+    assert f"--address=$RAY_HEAD_IP:{gcs_port}" in workers
+    for commands in (head, workers):
+        assert "REFINE_REDIS_URL=" in commands and "REFINE_METRICS_HOST=" in commands
+
+
+def test_ray_cluster_schema_check_rejects_unknown_fields() -> None:
+    config = yaml.safe_load((DEPLOY / "ray" / "local-cluster.yaml").read_text())
+    config["head_start_commands"] = ["a misspelled field"]
+    with pytest.raises(Exception, match="head_start_commands"):
+        validate_config(prepare_config(config))
+
+
+def test_dockerfile_installs_cpu_torch_then_the_project() -> None:
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11-slim$", dockerfile, re.MULTILINE)
+    torch = re.search(r'pip install "torch==\$\{TORCH_VERSION\}" --index-url (\S+)', dockerfile)
+    assert torch and torch.group(1).endswith("/whl/cpu")
+    assert re.search(r"^ARG TORCH_VERSION=2\.13\.0$", dockerfile, re.MULTILINE)
+    assert torch.start() < dockerfile.index("pip install /opt/refine")
+    ignored = (DEPLOY / "Dockerfile.dockerignore").read_text().split()
+    assert {".venv", ".git", "runs"} <= set(ignored)
