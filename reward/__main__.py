@@ -1,0 +1,30 @@
+"""`python -m reward --port 8000`: serve the reward service's HTTP API (loopback unless --host)."""
+
+from __future__ import annotations
+
+import argparse
+
+from reward.http import ScoreLimits, serve
+
+
+def main(argv: list[str] | None = None) -> None:
+    defaults = ScoreLimits()
+    parser = argparse.ArgumentParser(prog="python -m reward", description="REFINE reward service HTTP API")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    for name, field in ScoreLimits.model_fields.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name),
+                            help=f"{field.description} (default: %(default)s)")
+    args = parser.parse_args(argv)
+    if not 0 < args.port < 65536:
+        parser.error(f"--port must be in 1..65535, got {args.port}")
+    try:
+        limits = ScoreLimits(**{name: getattr(args, name) for name in ScoreLimits.model_fields})
+    except ValueError as exc:
+        parser.error(str(exc))
+    serve(host=args.host, port=args.port, log_level=args.log_level, limits=limits)
+
+
+if __name__ == "__main__":
+    main()

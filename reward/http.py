@@ -1,0 +1,453 @@
+"""HTTP API of the reward service: anyone can score completions with a registered reward.
+
+    POST /v1/score      {reward_type, rollouts: [...]} -> {reward_type, rewards, latency_ms}
+    GET  /v1/rewards    registered reward types
+    GET  /healthz       liveness
+    GET  /metrics       Prometheus text
+    GET  /openapi.json  the schema (also /docs)
+
+Every error is a JSON body {"error": "<field>: <problem>", "detail": [{loc, field, msg, type}]}
+with a 4xx status: 413 for a body over `max_body_bytes` (refused before it is read in full), 415 for
+a body that is not JSON, 422 for a request that does not match the schema (the pydantic error
+locations), 400 when the reward cannot score well-formed rollouts (a field it needs is missing).
+Hidden states must be finite numbers (NaN / Infinity literals are refused), and every rollout of
+one request must give the same fields with the same k and hidden size.
+
+No `from __future__ import annotations` here: FastAPI reads the request model from the endpoint's
+annotations, and that model is built per app (its limits are part of the schema).
+"""
+
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+import reward.functions  # noqa: F401  (registers the task rewards)
+from refine.algorithm.rewards import RewardInputs, available_rewards, compute_reward
+from reward.scoring import rewards_summary
+from services.metrics import Metrics
+
+__all__ = ["ScoreLimits", "ScoreResponse", "create_app", "serve"]
+
+logger = logging.getLogger(__name__)
+
+MAX_TOKEN_ID = 2**31 - 1
+SCORE_PATH = "/v1/score"
+_SEQUENCE_FIELDS = ("rollout_tokens", "ground_truth_tokens", "rollout_hidden", "ground_truth_hidden")
+_ROLLOUT_FIELDS = (*_SEQUENCE_FIELDS, "rollout_text", "reference_texts")
+_MAX_REPORTED_ERRORS = 20
+
+
+class ScoreLimits(BaseModel):
+    """What one request may hold; everything larger is refused with a 4xx."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_batch: int = Field(1024, ge=1, description="rollouts per request")
+    max_rollout_len: int = Field(1024, ge=1, description="k: tokens / hidden vectors per rollout")
+    max_hidden_dim: int = Field(16384, ge=1, description="values per hidden vector")
+    max_text_chars: int = Field(100_000, ge=1, description="characters per text")
+    max_references: int = Field(64, ge=1, description="gold answers per rollout")
+    max_body_bytes: int = Field(32 * 2**20, ge=1024, description="request body size")
+
+
+class ScoreResponse(BaseModel):
+    reward_type: str
+    rewards: list[float] = Field(description="one reward per rollout, in request order")
+    latency_ms: float = Field(description="time spent scoring, validation excluded")
+
+
+class ErrorDetail(BaseModel):
+    loc: list[str | int]
+    field: str
+    msg: str
+    type: str
+
+
+class ErrorResponse(BaseModel):
+    error: str = Field(description="the first problems, as '<field>: <problem>'")
+    detail: list[ErrorDetail] = Field(default_factory=list)
+
+
+def _request_models(limits: ScoreLimits) -> type[BaseModel]:
+    """The request schema with this app's limits built in (so they show in the OpenAPI schema)."""
+    token_id = Annotated[int, Field(strict=True, ge=0, le=MAX_TOKEN_ID)]
+    finite = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+    tokens = Annotated[list[token_id], Field(min_length=1, max_length=limits.max_rollout_len)]
+    vector = Annotated[list[finite], Field(min_length=1, max_length=limits.max_hidden_dim)]
+    hidden = Annotated[list[vector], Field(min_length=1, max_length=limits.max_rollout_len)]
+    text = Annotated[str, Field(strict=True, max_length=limits.max_text_chars)]
+    references = Annotated[list[text], Field(min_length=1, max_length=limits.max_references)]
+
+    class Rollout(BaseModel):
+        """One completion to score; which fields a reward needs depends on the reward."""
+
+        model_config = ConfigDict(extra="forbid")
+
+        rollout_tokens: tokens | None = Field(None, description="k sampled token ids (binary, hybrid)")
+        ground_truth_tokens: tokens | None = Field(None, description="the k true continuation ids")
+        rollout_hidden: hidden | None = Field(None, description="k final-layer hidden vectors (cosine, hybrid)")
+        ground_truth_hidden: hidden | None = Field(None, description="k hidden vectors of the true continuation")
+        rollout_text: text | None = Field(None, description="decoded completion (task rewards)")
+        reference_texts: references | None = Field(None, description="acceptable answers (task rewards)")
+
+    class ScoreRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+        reward_type: str = Field(min_length=1, max_length=128, strict=True, description="see GET /v1/rewards")
+        rollouts: list[Rollout] = Field(min_length=1, max_length=limits.max_batch)
+
+        @field_validator("reward_type")
+        @classmethod
+        def _registered(cls, value: str) -> str:
+            if value not in available_rewards():
+                raise ValueError(f"unknown reward_type {value!r}; registered: {available_rewards()}")
+            return value
+
+    return ScoreRequest
+
+
+# -- errors -------------------------------------------------------------------------------------------
+
+
+def _field_name(loc: tuple[Any, ...] | list[Any]) -> str:
+    parts = list(loc)
+    if len(parts) > 1 and parts[0] == "body":
+        if isinstance(parts[1], int):
+            return "body"  # a character offset of invalid JSON, not a field
+        parts = parts[1:]  # "body" is implied
+    return ".".join(str(part) for part in parts) or "body"
+
+
+def _error_response(status: int, details: list[dict[str, Any]], headers: dict[str, str] | None = None) -> JSONResponse:
+    summary = "; ".join(f"{item['field']}: {item['msg']}" for item in details[:5])
+    if len(details) > 5:
+        summary += f"; and {len(details) - 5} more"
+    return JSONResponse({"error": summary, "detail": details}, status_code=status, headers=headers)
+
+
+def _detail(loc: list[Any], msg: str, kind: str) -> dict[str, Any]:
+    return {"loc": loc, "field": _field_name(loc), "msg": msg, "type": kind}
+
+
+def _validation_details(errors: list[Any]) -> list[dict[str, Any]]:
+    details = []
+    for error in errors[:_MAX_REPORTED_ERRORS]:
+        loc = [part if isinstance(part, int) else str(part) for part in error.get("loc", ())]
+        msg = str(error.get("msg", "invalid"))
+        kind = str(error.get("type", "value_error"))
+        if kind == "json_invalid":
+            reason = (error.get("ctx") or {}).get("error", "")
+            position = f" at character {loc[1]}" if len(loc) > 1 else ""
+            msg = f"invalid JSON{position}: {reason}" if reason else f"invalid JSON{position}"
+        details.append(_detail(loc, msg, kind))
+    if len(errors) > _MAX_REPORTED_ERRORS:
+        details.append(_detail(["body"], f"{len(errors) - _MAX_REPORTED_ERRORS} more errors not shown", "too_many"))
+    return details
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error_response(422, _validation_details(list(exc.errors())))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = str(exc.detail) if exc.detail else "error"
+        loc = ["path"] if exc.status_code in (404, 405) else ["body"]
+        detail = _detail(loc, f"{message} ({request.method} {request.url.path})", f"http_{exc.status_code}")
+        return _error_response(exc.status_code, [detail], headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("reward service: unexpected error")
+        return _error_response(500, [_detail(["server"], f"internal error ({type(exc).__name__})", "internal")])
+
+
+# -- request body guard ---------------------------------------------------------------------------------
+
+
+_Refusal = tuple[int, list[dict[str, Any]]]  # (status, error details)
+
+
+class _BodyGuard:
+    """Refuses oversized and non-JSON bodies before the app parses anything.
+
+    A body is read only up to `max_body_bytes` and never parsed here; what is accepted is handed on
+    to the app unchanged. Before answering a refusal, the rest of the body is read and discarded (up
+    to `drain_bytes`), because closing a connection with unread data resets it and the client would
+    lose the answer. A client that sent `Expect: 100-continue` is answered without sending its body.
+    """
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int, json_paths: frozenset[str],
+                 drain_bytes: int = 64 * 2**20) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.json_paths = json_paths
+        self.drain_bytes = drain_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        refusal, declared = self._refuse_headers(scope, headers)
+        body = b""
+        ended = False  # the whole body has been received
+        if refusal is None:
+            chunks: list[bytes] = []
+            total = 0
+            while not ended:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                chunk = message.get("body", b"")
+                total += len(chunk)
+                ended = not message.get("more_body", False)
+                if total > self.max_body_bytes:
+                    refusal = self._too_large(f"{total} bytes received so far")
+                    break
+                chunks.append(chunk)
+            body = b"".join(chunks)
+        if refusal is not None:
+            status, details = refusal
+            drained = ended
+            wants_continue = headers.get("expect", "").lower() == "100-continue"
+            may_drain = declared is None or declared <= self.max_body_bytes + self.drain_bytes
+            if not drained and not wants_continue and may_drain:
+                drained = await _drain(receive, self.drain_bytes)
+            # An undrained connection cannot carry another request.
+            await _error_response(status, details, headers=None if drained else {"Connection": "close"})(
+                scope, receive, send
+            )
+            return
+        delivered = False
+
+        async def replay() -> Message:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    def _refuse_headers(self, scope: Scope, headers: Headers) -> tuple[_Refusal | None, int | None]:
+        """(refusal as (status, details) or None, the declared Content-Length or None)."""
+        declared = headers.get("content-length")
+        length = int(declared) if declared is not None and declared.strip().isdigit() else None
+        if scope["path"] in self.json_paths:
+            content_type = headers.get("content-type")
+            media_type = (content_type or "").split(";")[0].strip().lower()
+            if media_type != "application/json" and not media_type.endswith("+json"):
+                got = repr(content_type) if content_type is not None else "no Content-Type header"
+                return (415, [_detail(["header", "content-type"], f"must be application/json, got {got}",
+                                      "content_type")]), length
+        if declared is not None and length is None:
+            return (400, [_detail(["header", "content-length"], f"not a byte count: {declared!r}",
+                                  "content_length")]), None
+        if length is not None and length > self.max_body_bytes:
+            return self._too_large(f"Content-Length is {length}"), length
+        return None, length
+
+    def _too_large(self, what: str) -> _Refusal:
+        message = f"request body too large: {what}, max_body_bytes is {self.max_body_bytes}"
+        return 413, [_detail(["body"], message, "too_large")]
+
+
+async def _drain(receive: Receive, budget: int) -> bool:
+    """Read and drop the rest of a request body; True when it ended within `budget` bytes."""
+    while budget >= 0:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return False
+        budget -= len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return budget >= 0
+    return False
+
+
+class _SafeJSONRequest(Request):
+    """Request whose JSON parsing fails as a JSON error (422) on anything json.loads rejects,
+    including nesting deep enough to exhaust the stack and integers with too many digits."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            body = await self.body()
+            try:
+                self._json = json.loads(body)
+            except json.JSONDecodeError:
+                raise
+            except RecursionError:
+                raise json.JSONDecodeError("JSON nested too deeply", "", 0) from None
+            except ValueError as exc:  # invalid UTF-8, integers over Python's digit limit
+                raise json.JSONDecodeError(str(exc)[:200], "", 0) from None
+        return self._json
+
+
+class _SafeJSONRoute(APIRoute):
+    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+        handler = super().get_route_handler()
+
+        async def safe_handler(request: Request) -> Response:
+            return await handler(_SafeJSONRequest(request.scope, request.receive))
+
+        return safe_handler
+
+
+# -- scoring ---------------------------------------------------------------------------------------------
+
+
+def _shape_errors(rollouts: list[Any]) -> list[dict[str, Any]]:
+    """Every rollout must give the same fields, all with the same k; hidden vectors one size."""
+    errors: list[dict[str, Any]] = []
+    present = {name for name in _ROLLOUT_FIELDS if getattr(rollouts[0], name) is not None}
+    steps: tuple[int, str] | None = None  # (k, where it was first seen)
+    width: tuple[int, str] | None = None  # (D, where it was first seen)
+    for row, rollout in enumerate(rollouts):
+        for name in _ROLLOUT_FIELDS:
+            value = getattr(rollout, name)
+            loc = ["body", "rollouts", row, name]
+            if (value is not None) != (name in present):
+                state = "given here but missing in" if value is not None else "missing here but given in"
+                errors.append(_detail(loc, f"{state} rollouts.0: every rollout must give the same fields", "fields"))
+                continue
+            if value is None or name not in _SEQUENCE_FIELDS:
+                continue
+            if steps is None:
+                steps = (len(value), f"rollouts.{row}.{name}")
+            elif len(value) != steps[0]:
+                errors.append(_detail(
+                    loc, f"has {len(value)} steps but {steps[1]} has {steps[0]}: every sequence needs the same k",
+                    "ragged"))
+            if name.endswith("hidden"):
+                for step, vector in enumerate(value):
+                    if width is None:
+                        width = (len(vector), f"rollouts.{row}.{name}.{step}")
+                    elif len(vector) != width[0]:
+                        errors.append(_detail(
+                            [*loc, step], f"ragged hidden states: {len(vector)} values but {width[1]} has {width[0]}",
+                            "ragged"))
+                        break
+        if len(errors) >= _MAX_REPORTED_ERRORS:
+            break
+    return errors
+
+
+def _reward_inputs(rollouts: list[Any]) -> RewardInputs:
+    first = rollouts[0]
+
+    def stacked(name: str, dtype: torch.dtype) -> torch.Tensor | None:
+        if getattr(first, name) is None:
+            return None
+        return torch.tensor([getattr(rollout, name) for rollout in rollouts], dtype=dtype)
+
+    return RewardInputs(
+        rollout_tokens=stacked("rollout_tokens", torch.long),
+        ground_truth_tokens=stacked("ground_truth_tokens", torch.long),
+        rollout_hidden=stacked("rollout_hidden", torch.float64),
+        ground_truth_hidden=stacked("ground_truth_hidden", torch.float64),
+        rollout_texts=None if first.rollout_text is None else [rollout.rollout_text for rollout in rollouts],
+        reference_texts=None if first.reference_texts is None else [rollout.reference_texts for rollout in rollouts],
+    )
+
+
+class _RewardRefused(Exception):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+def create_app(
+    *,
+    max_batch: int = ScoreLimits.model_fields["max_batch"].default,
+    max_rollout_len: int = ScoreLimits.model_fields["max_rollout_len"].default,
+    max_hidden_dim: int = ScoreLimits.model_fields["max_hidden_dim"].default,
+    max_text_chars: int = ScoreLimits.model_fields["max_text_chars"].default,
+    max_references: int = ScoreLimits.model_fields["max_references"].default,
+    max_body_bytes: int = ScoreLimits.model_fields["max_body_bytes"].default,
+    metrics: Metrics | None = None,
+) -> FastAPI:
+    """The reward service's HTTP app with the given request limits."""
+    limits = ScoreLimits(
+        max_batch=max_batch, max_rollout_len=max_rollout_len, max_hidden_dim=max_hidden_dim,
+        max_text_chars=max_text_chars, max_references=max_references, max_body_bytes=max_body_bytes,
+    )
+    metrics = metrics or Metrics()
+    score_request = _request_models(limits)
+    app = FastAPI(
+        title="REFINE reward service",
+        version="1",
+        description="Scores rollouts with the registered rewards (self-supervised and task rewards).",
+    )
+    app.router.route_class = _SafeJSONRoute
+    app.state.limits = limits
+    app.state.metrics = metrics
+    app.add_middleware(_BodyGuard, max_body_bytes=limits.max_body_bytes, json_paths=frozenset({SCORE_PATH}))
+    _install_error_handlers(app)
+    errors = {status: {"model": ErrorResponse} for status in (400, 413, 415, 422)}
+
+    def score(request: score_request) -> ScoreResponse:  # type: ignore[valid-type]
+        shape_errors = _shape_errors(request.rollouts)
+        if shape_errors:
+            raise RequestValidationError(shape_errors)
+        started = time.perf_counter()
+        try:
+            rewards = compute_reward(request.reward_type, _reward_inputs(request.rollouts))
+        except (ValueError, ValidationError) as exc:
+            # RewardInputs calls the texts "rollout_texts"; this API's field is "rollout_text".
+            reason = str(exc).replace("'rollout_texts'", "'rollout_text'")
+            raise _RewardRefused(f"reward {request.reward_type!r} cannot score these rollouts: {reason}") from exc
+        seconds = time.perf_counter() - started
+        mean, std = rewards_summary(rewards)
+        metrics.reward_mean.labels(reward_type=request.reward_type).set(mean)
+        metrics.reward_std.labels(reward_type=request.reward_type).set(std)
+        metrics.reward_latency.observe(seconds)
+        return ScoreResponse(reward_type=request.reward_type, rewards=rewards.tolist(), latency_ms=seconds * 1e3)
+
+    app.post(SCORE_PATH, response_model=ScoreResponse, responses=errors, summary="Score rollouts")(score)
+
+    @app.exception_handler(_RewardRefused)
+    async def _refused(_request: Request, exc: _RewardRefused) -> JSONResponse:
+        return _error_response(400, [_detail(["body", "rollouts"], exc.message, "reward_refused")])
+
+    @app.get("/v1/rewards", summary="Registered reward types")
+    def rewards() -> dict[str, list[str]]:
+        return {"rewards": available_rewards()}
+
+    @app.get("/healthz", summary="Liveness")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def serve(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    log_level: str = "info",
+    limits: ScoreLimits | None = None,
+    metrics: Metrics | None = None,
+) -> None:
+    """Run the HTTP API with uvicorn until interrupted (loopback by default)."""
+    import uvicorn
+
+    limits = limits or ScoreLimits()
+    app = create_app(**limits.model_dump(), metrics=metrics)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -1,0 +1,72 @@
+"""Scoring one rollout batch with a registered reward: RolloutBatch -> ScoredBatch."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from pydantic import ValidationError
+
+import reward.functions  # noqa: F401  (registers the task rewards)
+from refine.algorithm.rewards import RewardInputs, available_rewards, compute_reward
+from services.messages import RolloutBatch, ScoredBatch
+
+__all__ = ["Decode", "ScoringError", "check_reward_type", "rewards_summary", "score_batch"]
+
+Decode = Callable[[list[int]], str]
+
+
+class ScoringError(ValueError):
+    """A batch could not be scored: unknown reward, a field the reward needs is missing, bad values."""
+
+
+def check_reward_type(reward_type: str) -> str:
+    """`reward_type` if it is registered, else ScoringError listing the registered ones."""
+    if not isinstance(reward_type, str) or reward_type not in available_rewards():
+        raise ScoringError(f"unknown reward_type {reward_type!r}; registered: {available_rewards()}")
+    return reward_type
+
+
+def reward_inputs(batch: RolloutBatch, decode: Decode | None = None) -> RewardInputs:
+    """Everything the batch offers a reward. With `decode`, the rollouts and their ground-truth
+    continuations are also given as text (the continuation is the one reference answer)."""
+    rollout_texts = reference_texts = None
+    if decode is not None:
+        rollout_texts = [decode(row) for row in batch.rollout_tokens.tolist()]
+        if batch.ground_truth_tokens is not None:
+            reference_texts = [[decode(row)] for row in batch.ground_truth_tokens.tolist()]
+    return RewardInputs(
+        rollout_tokens=batch.rollout_tokens,
+        ground_truth_tokens=batch.ground_truth_tokens,
+        rollout_hidden=batch.rollout_hidden,
+        ground_truth_hidden=batch.ground_truth_hidden,
+        rollout_texts=rollout_texts,
+        reference_texts=reference_texts,
+    )
+
+
+def score_batch(batch: RolloutBatch, reward_type: str, decode: Decode | None = None) -> ScoredBatch:
+    """Score every rollout of `batch` with the registered reward `reward_type`.
+
+    Text rewards (qa_f1, substring_match, ...) need `decode` (token ids -> text). Raises
+    ScoringError naming the batch, the reward and the missing or invalid field.
+    """
+    if not isinstance(batch, RolloutBatch):
+        raise ScoringError(f"batch must be a RolloutBatch, got {type(batch).__name__}")
+    check_reward_type(reward_type)
+    where = f"rollout batch {batch.rollout_batch_id} (reward {reward_type!r})"
+    try:
+        rewards = compute_reward(reward_type, reward_inputs(batch, decode))
+    except (ValueError, ValidationError) as exc:
+        needs_text = decode is None and "texts" in str(exc)
+        hint = " (text rewards need score_batch(..., decode=tokenizer.decode))" if needs_text else ""
+        raise ScoringError(f"cannot score {where}: {exc}{hint}") from exc
+    return ScoredBatch.from_rollouts(batch, rewards.detach().to(torch.float32).cpu(), reward_type)
+
+
+def rewards_summary(rewards: torch.Tensor) -> tuple[float, float]:
+    """Mean and population std of a reward vector (0 std for one rollout)."""
+    values = rewards.detach().to(torch.float64)
+    if values.numel() == 0:
+        return 0.0, 0.0
+    return float(values.mean()), float(values.std(unbiased=False))

@@ -1,0 +1,335 @@
+"""The HTTP API served for real by uvicorn on a loopback port: hundreds of malformed or oversized
+requests each get a 4xx JSON answer naming the problem, and correct requests still score right."""
+
+import copy
+import json
+import math
+import random
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import pytest
+import torch
+import uvicorn
+
+from refine.algorithm.rewards import RewardInputs, register_reward, unregister_reward
+from reward.__main__ import main
+from reward.http import create_app
+
+MAX_BATCH = 8
+MAX_K = 16
+MAX_DIM = 32
+MAX_TEXT = 2000
+MAX_REFERENCES = 4
+MAX_BODY = 64 * 1024
+JSON = {"content-type": "application/json"}
+
+# The hand-made vectors of the reward-math tests: cosine per rollout = [(1 + 1/sqrt 2) / 2, 0].
+HIDDEN = [[[1.0, 0.0], [0.0, 3.0]], [[1.0, 0.0], [-2.0, 0.0]]]
+TRUTH_HIDDEN = [[[5.0, 0.0], [1.0, 1.0]], [[-1.0, 0.0], [-1.0, 0.0]]]
+COSINE = [(1 + 1 / math.sqrt(2)) / 2, 0.0]
+TOKENS = [[4, 7], [1, 1]]
+TRUTH_TOKENS = [[4, 8], [1, 1]]
+BINARY = [0.5, 1.0]
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[httpx.Client]:
+    app = create_app(max_batch=MAX_BATCH, max_rollout_len=MAX_K, max_hidden_dim=MAX_DIM,
+                     max_text_chars=MAX_TEXT, max_references=MAX_REFERENCES, max_body_bytes=MAX_BODY)
+    # The server keeps this socket: no race for the port. IPPROTO_TCP explicitly, or asyncio does not set
+    # TCP_NODELAY on the accepted connections and every response waits 40 ms for a delayed ACK.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="critical", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.01)
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+        yield http
+    server.should_exit = True
+    thread.join(timeout=10)
+    sock.close()
+
+
+def rollouts(fields: tuple[str, ...] = ("tokens", "hidden")) -> list[dict[str, Any]]:
+    out = []
+    for row in range(2):
+        item: dict[str, Any] = {}
+        if "tokens" in fields:
+            item.update(rollout_tokens=list(TOKENS[row]), ground_truth_tokens=list(TRUTH_TOKENS[row]))
+        if "hidden" in fields:
+            item.update(rollout_hidden=copy.deepcopy(HIDDEN[row]), ground_truth_hidden=copy.deepcopy(TRUTH_HIDDEN[row]))
+        if "text" in fields:
+            item.update(rollout_text="The cat sat on the mat.", reference_texts=["a cat on a mat", "dog"])
+        out.append(item)
+    return out
+
+
+def check_correct_requests(client: httpx.Client) -> None:
+    expected = {"cosine": COSINE, "binary": BINARY, "hybrid": [c + b for c, b in zip(COSINE, BINARY)]}
+    for reward_type, values in expected.items():
+        response = client.post("/v1/score", json={"reward_type": reward_type, "rollouts": rollouts()})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["reward_type"] == reward_type
+        assert body["rewards"] == pytest.approx(values)
+        assert body["latency_ms"] >= 0
+    response = client.post("/v1/score", json={"reward_type": "qa_f1", "rollouts": rollouts(("text",))})
+    assert response.status_code == 200, response.text
+    assert response.json()["rewards"] == pytest.approx([6 / 7, 6 / 7])
+    text_rollouts = [{"rollout_text": "It is Paris.\nNot Rome", "reference_texts": ["paris"]},
+                     {"rollout_text": "It is Paris.\nNot Rome", "reference_texts": ["rome"]}]
+    response = client.post("/v1/score", json={"reward_type": "substring_match", "rollouts": text_rollouts})
+    assert response.status_code == 200, response.text
+    assert response.json()["rewards"] == [1.0, 0.0]
+
+
+def test_endpoints_and_schema(client):
+    check_correct_requests(client)
+    assert client.get("/healthz").json() == {"status": "ok"}
+    rewards = client.get("/v1/rewards").json()["rewards"]
+    assert {"cosine", "binary", "hybrid", "qa_f1", "substring_match"} <= set(rewards)
+    schema = client.get("/openapi.json").json()
+    assert "/v1/score" in schema["paths"]
+    rollout_schema = schema["components"]["schemas"]["Rollout"]["properties"]["rollout_hidden"]["anyOf"][0]
+    assert rollout_schema["maxItems"] == MAX_K and rollout_schema["items"]["maxItems"] == MAX_DIM
+    metrics = client.get("/metrics")
+    assert metrics.status_code == 200
+    assert 'refine_reward_mean{reward_type="cosine"}' in metrics.text
+    assert "refine_reward_latency_seconds_count" in metrics.text
+
+
+# ------------------------------------------------------------------------------------ malformed requests
+
+
+@dataclass
+class Case:
+    name: str
+    status: int
+    words: list[str]  # each must appear (case-insensitively) in the error body
+    body: Any = None  # a JSON value, serialized with json.dumps
+    raw: bytes | None = None  # or raw bytes
+    headers: dict[str, str] = field(default_factory=lambda: dict(JSON))
+    method: str = "POST"
+    path: str = "/v1/score"
+    chunked: bool = False
+
+
+def request_with(reward_type: str = "hybrid", **changes: Any) -> dict[str, Any]:
+    return {"reward_type": reward_type, "rollouts": rollouts(), **changes}
+
+
+WRONG_SCALARS = ["3", 1.5, True, None, [1], {"a": 1}, -1, 2**40]
+WRONG_NUMBERS = ["x", "1.0", None, True, [1.0], {"v": 1}]
+
+
+def malformed_cases(rng: random.Random) -> list[Case]:
+    cases: list[Case] = []
+    add = cases.append
+    # Wrong types at the top level.
+    for value in [1, 2.5, None, True, [], {}, ["cosine"], ""]:
+        add(Case(f"reward_type={value!r}", 422, ["reward_type"], request_with(reward_type=value)))
+    for value in ["x", 1, {}, None, True, [1], [[]], ["rollout"]]:
+        add(Case(f"rollouts={value!r}", 422, ["rollouts"], request_with(rollouts=value)))
+    for value in [[], "text", 1, None, {"reward_type": "cosine"}]:
+        add(Case(f"body={value!r}", 422, ["body" if not isinstance(value, dict) else "rollouts"], value))
+    # Missing fields.
+    add(Case("empty object", 422, ["reward_type", "rollouts", "required"], {}))
+    add(Case("no reward_type", 422, ["reward_type", "required"], {"rollouts": rollouts()}))
+    add(Case("no rollouts", 422, ["rollouts", "required"], {"reward_type": "cosine"}))
+    add(Case("empty rollouts", 422, ["rollouts"], request_with(rollouts=[])))
+    add(Case("empty body", 422, ["body", "required"], raw=b""))
+    # Unknown reward types and unknown fields.
+    for _ in range(40):
+        name = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz_-0123456789") for _ in range(rng.randint(1, 30)))
+        add(Case(f"unknown reward {name}", 422, ["reward_type", "unknown"], request_with(reward_type=name + "_x")))
+    for _ in range(20):
+        name = "extra_" + "".join(rng.choice("abcdefgh") for _ in range(6))
+        body = request_with()
+        if rng.random() < 0.5:
+            body[name] = 1
+            add(Case(f"extra top-level {name}", 422, [name, "extra"], body))
+        else:
+            body["rollouts"][rng.randrange(2)][name] = [1]
+            add(Case(f"extra rollout field {name}", 422, [name, "extra"], body))
+    # Wrong types inside token lists and hidden states.
+    for _ in range(80):
+        body = request_with()
+        row = rng.randrange(2)
+        name = rng.choice(["rollout_tokens", "ground_truth_tokens"])
+        value = rng.choice(WRONG_SCALARS)
+        body["rollouts"][row][name][rng.randrange(2)] = value
+        add(Case(f"{name}[{row}]={value!r}", 422, [f"rollouts.{row}.{name}"], body))
+    for _ in range(80):
+        body = request_with()
+        row, step, index = rng.randrange(2), rng.randrange(2), rng.randrange(2)
+        name = rng.choice(["rollout_hidden", "ground_truth_hidden"])
+        value = rng.choice(WRONG_NUMBERS)
+        body["rollouts"][row][name][step][index] = value
+        add(Case(f"{name} value {value!r}", 422, [f"rollouts.{row}.{name}.{step}.{index}"], body))
+    for value in [[1.0, 2.0], 3.0, "hidden", [[[1.0]]], [[]], []]:
+        body = request_with()
+        body["rollouts"][0]["rollout_hidden"] = value
+        add(Case(f"hidden shaped {value!r}", 422, ["rollouts.0.rollout_hidden"], body))
+    # Text fields of the wrong type.
+    for name, value in [("rollout_text", 5), ("rollout_text", ["a"]), ("rollout_text", None),
+                        ("reference_texts", "paris"), ("reference_texts", []), ("reference_texts", [1]),
+                        ("reference_texts", [None]), ("reference_texts", {"a": "b"})]:
+        body = {"reward_type": "qa_f1", "rollouts": rollouts(("text",))}
+        body["rollouts"][1][name] = value
+        add(Case(f"{name}={value!r}", 422, [f"rollouts.1.{name}"], body))
+    # NaN and infinities, as the JSON literals Python's parser accepts and as overflowing numbers.
+    for _ in range(60):
+        body = request_with()
+        row, step, index = rng.randrange(2), rng.randrange(2), rng.randrange(2)
+        name = rng.choice(["rollout_hidden", "ground_truth_hidden"])
+        literal = rng.choice(["NaN", "Infinity", "-Infinity", "1e999", "-1e400"])
+        body["rollouts"][row][name][step][index] = "@@"
+        raw = json.dumps(body).replace('"@@"', literal).encode()
+        add(Case(f"{name} {literal}", 422, [f"rollouts.{row}.{name}.{step}.{index}", "finite"], raw=raw))
+    # Ragged shapes.
+    for _ in range(40):
+        body = request_with()
+        row, step = rng.randrange(2), rng.randrange(2)
+        name = rng.choice(["rollout_hidden", "ground_truth_hidden"])
+        body["rollouts"][row][name][step] = [0.5] * rng.choice([1, 3, 4])
+        add(Case(f"ragged {name}", 422, ["ragged", f"rollouts.{row}.{name}"], body))
+    for _ in range(20):
+        body = request_with()
+        row = rng.randrange(2)
+        name = rng.choice(["rollout_tokens", "ground_truth_tokens", "rollout_hidden", "ground_truth_hidden"])
+        extra = [3] if name.endswith("tokens") else [[0.5, 0.5]]
+        body["rollouts"][row][name] = body["rollouts"][row][name] + extra * rng.randint(1, 3)
+        add(Case(f"k mismatch in {name}", 422, ["steps", f"rollouts.{row}.{name}"], body))
+    for _ in range(20):
+        body = request_with()
+        name = rng.choice(["rollout_tokens", "ground_truth_tokens", "rollout_hidden", "ground_truth_hidden"])
+        del body["rollouts"][1][name]
+        add(Case(f"{name} missing in one rollout", 422, ["same fields", f"rollouts.1.{name}"], body))
+    # Fields the reward needs but the request lacks.
+    for reward_type, fields, missing in [("cosine", ("tokens",), "rollout_hidden"),
+                                         ("binary", ("hidden",), "rollout_tokens"),
+                                         ("hybrid", ("text",), "ground_truth_hidden"),
+                                         ("qa_f1", ("tokens", "hidden"), "rollout_text"),
+                                         ("substring_match", ("hidden",), "reference_texts")]:
+        for _ in range(4):
+            add(Case(f"{reward_type} without {missing}", 400, [missing, reward_type],
+                     {"reward_type": reward_type, "rollouts": rollouts(fields)}))
+    # Over the limits.
+    for extra in range(1, 6):
+        many = (rollouts() * MAX_BATCH)[: MAX_BATCH + extra]
+        add(Case(f"{MAX_BATCH + extra} rollouts", 422, ["rollouts", f"at most {MAX_BATCH}"],
+                 request_with(rollouts=many)))
+    for extra in range(1, 6):
+        k = MAX_K + extra
+        item = {"rollout_tokens": [1] * k, "ground_truth_tokens": [1] * k}
+        add(Case(f"k = {k}", 422, ["rollouts.0.rollout_tokens", f"at most {MAX_K}"],
+                 {"reward_type": "binary", "rollouts": [item]}))
+    for extra in range(1, 6):
+        dim = MAX_DIM + extra
+        item = {"rollout_hidden": [[0.1] * dim], "ground_truth_hidden": [[0.1] * dim]}
+        add(Case(f"D = {dim}", 422, ["rollouts.0.rollout_hidden.0", f"at most {MAX_DIM}"],
+                 {"reward_type": "cosine", "rollouts": [item]}))
+    add(Case("long text", 422, ["rollouts.0.rollout_text", f"at most {MAX_TEXT}"],
+             {"reward_type": "qa_f1", "rollouts": [{"rollout_text": "a" * (MAX_TEXT + 1), "reference_texts": ["a"]}]}))
+    add(Case("many references", 422, ["rollouts.0.reference_texts", f"at most {MAX_REFERENCES}"],
+             {"reward_type": "qa_f1", "rollouts": [{"rollout_text": "a", "reference_texts": ["a"] * 9}]}))
+    # Huge bodies: declared by Content-Length, and streamed in chunks without one.
+    for _ in range(15):
+        size = rng.randint(MAX_BODY + 1, 4 * MAX_BODY)
+        add(Case(f"{size}-byte body", 413, ["too large", str(MAX_BODY)], raw=b" " * (size - 2) + b"{}"))
+    for _ in range(10):
+        size = rng.randint(MAX_BODY + 1, 3 * MAX_BODY)
+        add(Case(f"{size}-byte chunked body", 413, ["too large"], raw=b" " * size, chunked=True))
+    # Invalid JSON.
+    valid = json.dumps(request_with()).encode()
+    for _ in range(60):
+        cut = rng.randint(1, len(valid) - 1)
+        add(Case(f"JSON cut at {cut}", 422, ["invalid json"], raw=valid[:cut]))
+    for raw in [b"{", b"}", b"{'reward_type': 'cosine'}", b'{"reward_type": "cosine",}', b"nul", b"\xff\xfe\xfd",
+                b'{"reward_type": "cosine", "rollouts": [}', b"[" * 20_000, b'{"a": ' + b"9" * 5000 + b"}",
+                b'{"reward_type": "co\xffsine"}', b"\x00\x01", b'{"a": 1} trailing']:
+        add(Case(f"invalid JSON {raw[:20]!r}", 422, ["invalid json"], raw=raw))
+    # Wrong content types.
+    for content_type in ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
+                         "application/xml", "application/jsonx", "text/json"]:
+        for _ in range(3):
+            add(Case(f"content type {content_type}", 415, ["content-type", "application/json"],
+                     raw=json.dumps(request_with()).encode(), headers={"content-type": content_type}))
+    add(Case("no content type", 415, ["content-type"], raw=json.dumps(request_with()).encode(), headers={}))
+    # Wrong methods and paths.
+    for method in ["GET", "PUT", "DELETE", "PATCH"]:
+        add(Case(f"{method} /v1/score", 405, ["method not allowed"], method=method, body=request_with()))
+    for path in ["/v1/scores", "/score", "/v2/score", "/v1/score/x"]:
+        add(Case(f"POST {path}", 404, ["not found"], path=path, body=request_with()))
+    rng.shuffle(cases)
+    return cases
+
+
+def send(client: httpx.Client, case: Case) -> httpx.Response:
+    content = case.raw if case.raw is not None else json.dumps(case.body).encode()
+    if case.chunked:
+        pieces = [content[i:i + 8192] for i in range(0, len(content), 8192)]
+        return client.request(case.method, case.path, content=iter(pieces), headers=case.headers)
+    return client.request(case.method, case.path, content=content, headers=case.headers)
+
+
+def test_malformed_requests_get_a_4xx_naming_the_problem(client):
+    cases = malformed_cases(random.Random(2602))
+    assert len(cases) >= 500
+    failures = []
+    for case in cases:
+        response = send(client, case)
+        problem = None
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if response.status_code != case.status:
+            problem = f"status {response.status_code}, expected {case.status}"
+        elif not isinstance(body, dict) or not isinstance(body.get("error"), str) or not body.get("detail"):
+            problem = "no JSON error body"
+        else:
+            text = response.text.lower()
+            missing = [word for word in case.words if word.lower() not in text]
+            if missing:
+                problem = f"error does not name {missing}"
+        if problem:
+            failures.append(f"{case.name}: {problem}: {response.text[:300]}")
+    assert not failures, f"{len(failures)} of {len(cases)} cases failed:\n" + "\n".join(failures[:20])
+    # The server is still up and still right.
+    assert client.get("/healthz").status_code == 200
+    check_correct_requests(client)
+
+
+def test_a_failing_reward_plugin_is_a_json_500_and_the_server_keeps_serving(client):
+    def faulty(inputs: RewardInputs) -> torch.Tensor:
+        raise RuntimeError("plugin bug")
+
+    register_reward("test_faulty")(faulty)
+    try:
+        response = client.post("/v1/score", json={"reward_type": "test_faulty", "rollouts": rollouts()})
+    finally:
+        unregister_reward("test_faulty")
+    assert response.status_code == 500
+    assert "internal error (RuntimeError)" in response.json()["error"]
+    check_correct_requests(client)
+
+
+def test_command_line_refuses_bad_limits(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--max-batch", "0"])
+    assert info.value.code == 2
+    assert "max_batch" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--port", "70000"])

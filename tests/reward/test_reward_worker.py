@@ -1,0 +1,166 @@
+"""Reward replicas on a real Redis: split work, ack after publish, reclaim, dead letters."""
+
+import threading
+import time
+from collections import Counter
+
+import pytest
+import redis
+import torch
+
+from refine.algorithm.rewards import cosine_reward
+from reward.worker import HEARTBEAT_ROLE, RewardWorker
+from services.broker import Broker
+from services.codec import decode
+from services.messages import RolloutBatch, ScoredBatch
+from services.metrics import Metrics
+
+
+def publish(broker: Broker, batches: list[RolloutBatch]) -> None:
+    for batch in batches:
+        broker.publish("rollouts", batch)
+
+
+def scored_messages(broker: Broker) -> list[ScoredBatch]:
+    """Everything in the scored stream, read through a group of its own."""
+    messages = broker.consume("scored", "check", "checker", ScoredBatch, count=1000)
+    return [message for _entry, message in messages]
+
+
+def wait_for(condition, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.02)
+
+
+def test_two_replicas_score_every_batch_exactly_once(broker, make_batch):
+    batches = [make_batch(seed=i, docs=2, chunks=2, k=3, dim=5) for i in range(12)]
+    metrics = Metrics()
+    workers = [RewardWorker(broker, "cosine", consumer=f"reward-{i}", metrics=metrics) for i in range(2)]
+    stop = threading.Event()
+    threads = [
+        threading.Thread(target=worker.run, args=(stop,), kwargs={"count": 2, "block_ms": 100}, daemon=True)
+        for worker in workers
+    ]
+    for thread in threads:
+        thread.start()
+    try:
+        publish(broker, batches)
+        wait_for(lambda: broker.length("scored") >= len(batches) and broker.pending("rollouts", "reward") == 0)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=10)
+    assert not any(thread.is_alive() for thread in threads)
+
+    scored = scored_messages(broker)
+    counts = Counter(message.rollout_batch_id for message in scored)
+    assert counts == Counter(batch.rollout_batch_id for batch in batches)  # each exactly once
+    by_id = {batch.rollout_batch_id: batch for batch in batches}
+    for message in scored:
+        source = by_id[message.rollout_batch_id]
+        expected = cosine_reward(source.rollout_hidden, source.ground_truth_hidden).float()
+        torch.testing.assert_close(message.rewards, expected)
+        assert message.reward_type == "cosine"
+    assert sum(worker.scored_count for worker in workers) == len(batches)
+    assert metrics.registry.get_sample_value("refine_scored_batches_total") == len(batches)
+    assert metrics.registry.get_sample_value("refine_reward_latency_seconds_count") == len(batches)
+    # Both replicas left cleanly: no heartbeat remains to be mistaken for a dead replica.
+    assert broker.heartbeats(HEARTBEAT_ROLE) == {}
+
+
+def test_replicas_in_one_group_split_the_work(broker, make_batch):
+    batches = [make_batch(seed=i) for i in range(6)]
+    publish(broker, batches)
+    first = RewardWorker(broker, "binary", consumer="reward-a")
+    second = RewardWorker(broker, "binary", consumer="reward-b")
+    handled = [first.run_once(count=2, block_ms=None), second.run_once(count=2, block_ms=None),
+               first.run_once(count=2, block_ms=None), second.run_once(count=2, block_ms=None)]
+    assert handled == [2, 2, 2, 0]
+    assert (first.scored_count, second.scored_count) == (4, 2)
+    assert sorted(m.rollout_batch_id for m in scored_messages(broker)) == sorted(b.rollout_batch_id for b in batches)
+    assert broker.pending("rollouts", "reward") == 0
+
+
+class FailingPublishBroker(Broker):
+    """A broker whose Redis connection breaks exactly when a scored batch is published."""
+
+    def publish(self, stream, message, maxlen=None, approximate=True):
+        if stream == "scored":
+            raise redis.ConnectionError("connection lost while publishing")
+        return super().publish(stream, message, maxlen=maxlen, approximate=approximate)
+
+
+def test_nothing_is_acknowledged_before_its_scored_batch_is_published(broker, make_batch):
+    batch = make_batch(seed=1)
+    publish(broker, [batch])
+    flaky = RewardWorker(FailingPublishBroker(broker.client, broker.namespace), "cosine", consumer="reward-a")
+    with pytest.raises(redis.ConnectionError):
+        flaky.run_once(block_ms=None)
+    assert broker.pending("rollouts", "reward") == 1  # still held, not acknowledged
+    assert broker.length("scored") == 0
+
+    healthy = RewardWorker(broker, "cosine", consumer="reward-b")
+    assert healthy.reclaim(min_idle_ms=0) == 1
+    assert [m.rollout_batch_id for m in scored_messages(broker)] == [batch.rollout_batch_id]
+    assert broker.pending("rollouts", "reward") == 0
+
+
+def test_a_dead_replicas_batches_are_reclaimed(broker, make_batch):
+    batches = [make_batch(seed=i) for i in range(3)]
+    publish(broker, batches)
+    survivor = RewardWorker(broker, "hybrid", consumer="reward-b")
+    # Replica a receives the batches, then dies before scoring them.
+    delivered = broker.consume("rollouts", "reward", "reward-a", RolloutBatch, count=10)
+    assert len(delivered) == 3
+    assert survivor.run_once(block_ms=None) == 0  # nothing new: the batches belong to reward-a
+    assert survivor.reclaim(min_idle_ms=600_000) == 0  # reward-a might still be alive
+    time.sleep(0.05)
+    assert survivor.reclaim(min_idle_ms=20) == 3
+    assert sorted(m.rollout_batch_id for m in scored_messages(broker)) == sorted(b.rollout_batch_id for b in batches)
+    assert broker.pending("rollouts", "reward") == 0
+    assert survivor.reclaim(min_idle_ms=0) == 0
+
+
+def test_batches_that_cannot_be_scored_go_to_dead_letters(broker, make_batch):
+    good = make_batch(seed=1)
+    no_hidden = make_batch(seed=2, hidden=False)
+    publish(broker, [no_hidden])
+    # An entry that is not a message at all (written by something else).
+    broker.client.xadd(broker.key("stream", "rollouts"), {b"m": b"\x93garbage", b"t": b"RolloutBatch"})
+    publish(broker, [good])
+    worker = RewardWorker(broker, "cosine", consumer="reward-a")
+    assert worker.run_once(count=10, block_ms=None) == 2  # the garbage never decoded into a batch
+    assert (worker.scored_count, worker.dead_count) == (1, 1)
+    assert [m.rollout_batch_id for m in scored_messages(broker)] == [good.rollout_batch_id]
+    assert broker.pending("rollouts", "reward") == 0
+
+    dead = broker.dead_letters("rollouts")
+    assert len(dead) == 2
+    unscorable = [letter for letter in dead if "scoring" in letter.error]
+    assert len(unscorable) == 1
+    assert "rollout_hidden" in unscorable[0].error and no_hidden.rollout_batch_id in unscorable[0].error
+    # The dead letter keeps the whole batch, so it can be inspected or replayed.
+    kept = decode(unscorable[0].payload, RolloutBatch)
+    assert kept.rollout_batch_id == no_hidden.rollout_batch_id
+    assert torch.equal(kept.rollout_tokens, no_hidden.rollout_tokens)
+
+
+def test_run_stops_when_the_run_is_stopped(broker):
+    worker = RewardWorker(broker, "binary", consumer="reward-a")
+    broker.request_stop("test")
+    thread = threading.Thread(target=worker.run, args=(threading.Event(),), daemon=True)
+    thread.start()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+
+
+def test_bad_configuration_is_refused(broker):
+    with pytest.raises(ValueError, match="unknown reward_type 'nope'"):
+        RewardWorker(broker, "nope", consumer="reward-a")
+    with pytest.raises(ValueError, match="consumer"):
+        RewardWorker(broker, "cosine", consumer="")
+    with pytest.raises(ValueError, match="must differ"):
+        RewardWorker(broker, "cosine", rollout_stream="x", scored_stream="x", consumer="reward-a")
