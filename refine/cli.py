@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from refine.config import ConfigError, RunConfig, load_config
+from refine.config import DEMO_DEFAULTS, ConfigError, RunConfig, load_config
 
 
 def run_training(config: RunConfig, args: argparse.Namespace) -> dict:
@@ -25,10 +25,8 @@ def run_training(config: RunConfig, args: argparse.Namespace) -> dict:
 
 
 def _train(args: argparse.Namespace) -> int:
-    overrides = list(args.set)
-    if args.config is None:
-        overrides.insert(0, "demo={}")  # no config file: the main job, on its embedded defaults
-    config = load_config(args.config, overrides)
+    # No config file: the main job (REFINE vs NTP comparison) on its embedded defaults.
+    config = load_config(args.config, args.set, defaults=DEMO_DEFAULTS)
     if config.demo is not None:
         from refine.experiment import run_comparison
 

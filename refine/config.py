@@ -6,6 +6,7 @@ Defaults are the paper's (REFINE, arXiv 2602.16704) where it states one.
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -65,6 +66,10 @@ class DataSpec(Strict):
     seq_len: int = Field(512, ge=8, description="documents are truncated to this many tokens")
     min_length: int = Field(64, ge=1)
     num_documents: int = Field(256, ge=1, description="synthetic corpus size")
+    synthetic_tasks: list[Literal["recall", "niah", "mqar"]] = Field(
+        ["recall"], min_length=1,
+        description="kinds of synthetic documents, in equal shares: fact-recall prose, NIAH and MQAR prompts with answers",
+    )
     skip_bad_rows: bool = False
 
 
@@ -192,8 +197,18 @@ def parse_overrides(items: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    tree: dict[str, Any] = {}
+# The main job's settings when `refine train` gets no config file (configs/demo.yaml spells out the same).
+DEMO_DEFAULTS: dict[str, Any] = {
+    "data": {"num_documents": 384, "synthetic_tasks": ["recall", "niah", "mqar"]},
+    "train": {"out_dir": "runs/demo"},
+    "demo": {},
+}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                defaults: dict[str, Any] | None = None) -> RunConfig:
+    """A config file (or `defaults` when there is none) with `section.field=value` overrides applied."""
+    tree: dict[str, Any] = copy.deepcopy(defaults) if path is None and defaults else {}
     if path is not None:
         path = Path(path)
         if not path.exists():

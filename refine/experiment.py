@@ -22,8 +22,10 @@ import torch  # noqa: E402
 from refine.algorithm.losses import ntp_loss  # noqa: E402
 from refine.config import RunConfig, validate_config  # noqa: E402
 from refine.data.batches import pad_documents  # noqa: E402
-from refine.data.synthetic import NiahConfig, RecallCorpusConfig, generate_niah, generate_recall_documents  # noqa: E402
-from refine.evaluation.runner import evaluate, mqar_for_length  # noqa: E402
+from refine.data.synthetic import (  # noqa: E402
+    NiahConfig, RecallCorpusConfig, generate_niah, generate_recall_documents, mqar_for_length,
+)
+from refine.evaluation.runner import evaluate  # noqa: E402
 from refine.models import FastWeightLM, load_model  # noqa: E402
 from refine.plots import read_metrics  # noqa: E402
 from refine.tokenizer import Tokenizer, load_tokenizer  # noqa: E402

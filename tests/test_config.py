@@ -52,3 +52,12 @@ def test_malformed_override_and_missing_file(tmp_path):
         load_config(None, ["refine.num_chunks"])
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_demo_file_spells_out_the_embedded_main_job():
+    from pathlib import Path
+
+    from refine.config import DEMO_DEFAULTS
+
+    demo_file = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    assert load_config(demo_file) == load_config(None, defaults=DEMO_DEFAULTS)

@@ -13,18 +13,38 @@ from refine.tokenizer import Tokenizer
 Item = tuple[str, list[int], int]  # (doc_id, token ids, cursor to resume after this document)
 
 
-def _synthetic_documents(config: RunConfig, tokenizer: Tokenizer) -> list[tuple[str, list[int]]]:
-    from refine.data.synthetic import RecallCorpusConfig, generate_recall_documents
+def _synthetic_texts(kind: str, config: RunConfig, tokenizer: Tokenizer, count: int) -> list[tuple[str, str]]:
+    """(doc_id, text) of one kind; task documents are prompt + answer, so recall is in the training text."""
+    from refine.data.synthetic import (
+        NiahConfig, RecallCorpusConfig, generate_niah, generate_recall_documents, mqar_for_length,
+    )
 
-    # About one fact per 200 tokens keeps room for the prose that separates statement and recall.
-    num_facts = max(1, min(6, config.data.seq_len // 200))
-    corpus = RecallCorpusConfig(length=config.data.seq_len, num_facts=num_facts, seed=config.train.seed)
+    seq_len, seed = config.data.seq_len, config.train.seed
+    if kind == "recall":
+        # About one fact per 200 tokens keeps room for the prose that separates statement and recall.
+        corpus = RecallCorpusConfig(length=seq_len, num_facts=max(1, min(6, seq_len // 200)), seed=seed)
+        return [(d.doc_id, d.text) for d in generate_recall_documents(corpus, tokenizer, count)]
+    room = seq_len - 32  # leaves room for the answer inside seq_len
+    if kind == "niah":
+        examples = generate_niah(NiahConfig(variant="single", length=room, seed=seed), tokenizer, count)
+    else:
+        examples = mqar_for_length(room, tokenizer, count, seed)
+    gap = lambda prompt: "" if prompt[-1:].isspace() else " "  # noqa: E731
+    return [(f"{kind}:{e.example_id}", f"{e.prompt}{gap(e.prompt)}{' '.join(e.answers)}\n") for e in examples]
+
+
+def _synthetic_documents(config: RunConfig, tokenizer: Tokenizer) -> list[tuple[str, list[int]]]:
+    kinds = config.data.synthetic_tasks
+    per_kind = max(1, config.data.num_documents // len(kinds))
+    texts = [item for kind in kinds for item in _synthetic_texts(kind, config, tokenizer, per_kind)]
+    # Interleave the kinds so every batch mixes them.
+    texts = [texts[k * per_kind + i] for i in range(per_kind) for k in range(len(kinds))]
+    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []  # as file sources do
     docs = []
-    for doc in generate_recall_documents(corpus, tokenizer, config.data.num_documents):
-        bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []  # as file sources do
-        ids = (bos + tokenizer.encode(doc.text))[: config.data.seq_len]
+    for doc_id, text in texts:
+        ids = (bos + tokenizer.encode(text))[: config.data.seq_len]
         if len(ids) >= config.data.min_length:
-            docs.append((doc.doc_id, ids))
+            docs.append((doc_id, ids))
     if not docs:
         raise ValueError(f"the synthetic corpus produced no document of data.min_length={config.data.min_length}")
     return docs

@@ -553,3 +553,23 @@ def write_documents_jsonl(documents: Sequence[SyntheticDocument], path: str | Pa
             record = {text_column: document.text, "doc_id": document.doc_id}
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
     return len(documents)
+
+
+def mqar_for_length(length: int, tokenizer: Tokenizer, num_examples: int, seed: int) -> list[TaskExample]:
+    """MQAR examples with as many key-value pairs as keep the prompt within `length` tokens."""
+
+    def build(pairs: int, count: int) -> list[TaskExample]:
+        digits = next(d for d in range(2, 10) if pairs <= 9 * 10 ** (d - 1))
+        config = MqarConfig(num_pairs=pairs, num_queries=min(4, pairs), value_digits=max(3, digits), seed=seed)
+        return generate_mqar(config, count)
+
+    def fits(pairs: int) -> bool:
+        return len(tokenizer.encode(build(pairs, 1)[0].prompt)) <= length
+
+    if not fits(1):
+        raise ValueError(f"--length {length} is too short for an MQAR prompt with a single key-value pair")
+    low, high = 1, 5000  # MqarConfig's own bound on num_pairs
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle - 1)
+    return build(low, num_examples)

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from refine.algorithm.selection import min_document_length
 from refine.config import ConfigError, RefineConfig, RunConfig, load_config
 from refine.data.sources import DataSourceError
-from refine.data.synthetic import MqarConfig, NiahConfig, generate_mqar, generate_niah
+from refine.data.synthetic import NiahConfig, generate_niah, mqar_for_length
 from refine.data.tasks import TaskExample, load_longbench, load_ruler_qa
 from refine.evaluation.metrics import LONGBENCH_FIRST_LINE_TASKS, longbench_task_name, task_metric
 from refine.evaluation.score import score_predictions
@@ -36,7 +36,6 @@ from refine.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 
 CLI_TASKS = ("niah", "mqar", "ruler-qa", "longbench")
 DEFAULT_MAX_NEW_TOKENS = 32
-MQAR_MAX_PAIRS = 5000  # MqarConfig's own bound
 # The paper's test-time settings, used wherever the run config does not set the field itself.
 TEST_TIME_DEFAULTS: dict[str, Any] = {"reward": "binary", "lambda_nsp": 0.4}
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
@@ -310,26 +309,6 @@ def _note(message: str) -> None:
 
 
 # ---------------------------------------------------------------- examples
-
-
-def mqar_for_length(length: int, tokenizer: Tokenizer, num_examples: int, seed: int) -> list[TaskExample]:
-    """MQAR examples with as many key-value pairs as keep the prompt within `length` tokens."""
-
-    def build(pairs: int, count: int) -> list[TaskExample]:
-        digits = next(d for d in range(2, 10) if pairs <= 9 * 10 ** (d - 1))
-        config = MqarConfig(num_pairs=pairs, num_queries=min(4, pairs), value_digits=max(3, digits), seed=seed)
-        return generate_mqar(config, count)
-
-    def fits(pairs: int) -> bool:
-        return len(tokenizer.encode(build(pairs, 1)[0].prompt)) <= length
-
-    if not fits(1):
-        raise ValueError(f"--length {length} is too short for an MQAR prompt with a single key-value pair")
-    low, high = 1, MQAR_MAX_PAIRS
-    while low < high:
-        middle = (low + high + 1) // 2
-        low, high = (middle, high) if fits(middle) else (low, middle - 1)
-    return build(low, num_examples)
 
 
 def build_examples(args: argparse.Namespace, tokenizer: Tokenizer, options: EvalOptions) -> list[TaskExample]:

@@ -9,14 +9,13 @@ import torch
 
 from refine.cli import main as cli_main
 from refine.config import OptimConfig, RefineConfig, RunConfig
-from refine.data.synthetic import NiahConfig, generate_niah
+from refine.data.synthetic import NiahConfig, generate_niah, mqar_for_length
 from refine.data.tasks import load_longbench, load_ruler_qa
 from refine.evaluation.runner import (
     answer_text,
     evaluate,
     fit_refine_config,
     metric_task_for,
-    mqar_for_length,
     prompt_tokens,
     reads_first_line_only,
     score_examples,
