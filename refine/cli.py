@@ -105,9 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # A failed service run (raised only once services.orchestrator was imported) is reported like bad input.
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except Exception as err:
+        service_error = getattr(sys.modules.get("services.orchestrator"), "ServiceError", ())
+        if not isinstance(err, (ConfigError, FileNotFoundError, ValueError, *((service_error,) if service_error else ()))):
+            raise
         print(f"refine: error: {err}", file=sys.stderr)
         return 2
 

@@ -14,6 +14,7 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -68,10 +69,16 @@ class MetricsEndpoint:
     host: str
     port: int
     discovery_file: Path | None
+    server: Any = None
 
     def close(self) -> None:
+        """Withdraw the discovery file and stop serving (in-process runs leave no thread behind)."""
         if self.discovery_file is not None:
             self.discovery_file.unlink(missing_ok=True)
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
 
 
 def _reachable_host() -> str:
@@ -96,4 +103,4 @@ def serve_metrics(metrics: Metrics, role: str, instance: str, discovery_dir: str
         tmp = discovery_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(payload))
         tmp.replace(discovery_file)  # atomic: Prometheus never reads half a file
-    return MetricsEndpoint(host, port, discovery_file)
+    return MetricsEndpoint(host, port, discovery_file, server)

@@ -73,7 +73,7 @@ def document_stream(config: RunConfig, tokenizer: Tokenizer, start_cursor: int =
         for item in _file_documents(config, tokenizer, epoch_cursor):
             produced += 1
             yield item
-        if produced == 0:
+        if produced == 0 and epoch_cursor == 0:  # a resume at the very end of a pass yields nothing: fine
             raise ValueError(f"data.source={config.data.source!r} yielded no document of at least "
                              f"data.min_length={config.data.min_length} tokens")
         epoch_cursor = 0

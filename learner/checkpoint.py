@@ -1,0 +1,82 @@
+"""Learner checkpoints: `refine.loop.save_checkpoint` (model, optimizer, RNG, data cursor) plus the
+service's own state in `learner_state.json` (weight version, counters, the cursor's epoch).
+
+A checkpoint is written into a fresh directory and then swapped in for `latest`, so a learner
+killed while writing leaves the previous checkpoint intact. The orchestrator reads only the small
+JSON file to know where the data stream resumes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from refine.loop import load_checkpoint, save_checkpoint
+from refine.models import FastWeightLM
+
+__all__ = ["LearnerState", "latest_checkpoint", "load_learner_checkpoint", "read_learner_state",
+           "save_learner_checkpoint"]
+
+STATE_FILE = "learner_state.json"
+
+
+class LearnerState(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    step: int = Field(0, ge=0)
+    cursor: int = Field(0, ge=0, description="documents read up to and including the last trained batch")
+    epoch: int = Field(0, ge=0)
+    weight_version: int = Field(0, ge=0, description="policy version of the saved weights (= step)")
+    dropped_stale: int = Field(0, ge=0)
+    skipped_steps: int = Field(0, ge=0)
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path:
+    """`checkpoints/latest`, or `checkpoints/previous` if a learner died between the two renames
+    of a swap (the path returned may not exist: no checkpoint yet)."""
+    latest = Path(out_dir) / "checkpoints" / "latest"
+    previous = latest.with_name("previous")
+    return previous if not latest.exists() and previous.exists() else latest
+
+
+def save_learner_checkpoint(out_dir: str | Path, model: FastWeightLM, optimizer: torch.optim.Optimizer,
+                            generator: torch.Generator, state: LearnerState) -> Path:
+    latest = Path(out_dir) / "checkpoints" / "latest"
+    staging = latest.with_name(f"step-{state.step:08d}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    save_checkpoint(staging, model, optimizer, state.step, state.cursor, generator)
+    (staging / STATE_FILE).write_text(state.model_dump_json(indent=2))
+    previous = latest.with_name("previous")
+    if latest.exists():
+        shutil.rmtree(previous, ignore_errors=True)
+        os.replace(latest, previous)
+    os.replace(staging, latest)
+    shutil.rmtree(previous, ignore_errors=True)
+    return latest
+
+
+def read_learner_state(path: str | Path) -> LearnerState:
+    """The service state of checkpoint directory `path` (a plain `refine train --local` checkpoint
+    has none: its step and cursor are then read from trainer.pt)."""
+    path = Path(path)
+    state_file = path / STATE_FILE
+    if state_file.exists():
+        return LearnerState.model_validate_json(state_file.read_text())
+    trainer = torch.load(path / "trainer.pt", weights_only=True)
+    step = int(trainer["step"])
+    return LearnerState(step=step, cursor=int(trainer["cursor"]), weight_version=step)
+
+
+def load_learner_checkpoint(path: str | Path, model: FastWeightLM, optimizer: torch.optim.Optimizer,
+                            generator: torch.Generator) -> LearnerState:
+    step, cursor = load_checkpoint(Path(path), model, optimizer, generator)
+    state = read_learner_state(path)
+    if (state.step, state.cursor) != (step, cursor):
+        raise ValueError(f"checkpoint {path}: {STATE_FILE} says step={state.step} cursor={state.cursor}, "
+                         f"trainer.pt says step={step} cursor={cursor}")
+    return state

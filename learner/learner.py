@@ -1,0 +1,262 @@
+"""The learner role: trains on scored rollout batches (or, colocated, on document batches directly).
+
+For each batch:
+- exactly once: a rollout batch id already trained (or dropped) is acknowledged and skipped; after
+  the optimizer step the id is recorded and the stream entry acknowledged in one transaction;
+- staleness: `learner step - policy version` of the rollouts; over `service.max_staleness` the batch
+  is dropped (acknowledged, its id recorded, counted, reported to metrics.jsonl);
+- update: the documents behind the rollouts come from the document store (services/streams.py);
+  GRPO advantages + one-pass loss + clipped AdamW step, skipped when not finite;
+- weights: the policy version is the number of optimizer steps taken; every `sync_interval` steps
+  the weights are published under that version (version = step, so staleness is step arithmetic);
+- checkpoints every `train.checkpoint_every` steps and when the run ends or is stopped: model,
+  optimizer, RNG, data cursor and weight version, enough for an exact resume.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from learner.checkpoint import LearnerState, latest_checkpoint, load_learner_checkpoint, save_learner_checkpoint
+from learner.update import fused_update, onepass_update, rollouts_from_batch
+from refine.config import RunConfig
+from refine.loop import StepResult, make_optimizer, prepare_model
+from services.messages import DocumentBatch, ScoredBatch
+from services.progress import LearnerProgress, StepReport, write_progress
+from services.resilience import TRANSIENT, RedisOutage, retry_redis
+from services.role import RoleRuntime
+from services.streams import (
+    CONSUMED_KEY, DOCUMENTS, DROPPED_KEY, LEARNER_GROUP, LEARNER_REPORTS, SCORED, DocumentStore,
+)
+from services.weight_store import RedisWeightStore, WeightVersionError
+
+__all__ = ["ROLE", "Learner"]
+
+ROLE = "learner"
+
+logger = logging.getLogger(__name__)
+
+
+class Learner:
+    """The single learner rank (a Ray actor in the service)."""
+
+    def __init__(self, config_json: str, redis_url: str, namespace: str, resume: bool = False,
+                 member_id: str = "learner-0") -> None:
+        self.config = config = RunConfig.model_validate_json(config_json)
+        self.member_id = member_id
+        self.runtime = RoleRuntime(ROLE, member_id, redis_url, namespace, config.service.metrics_discovery_dir,
+                                   threads=config.train.threads or 1)
+        self.broker = self.runtime.broker
+        self.metrics = self.runtime.metrics
+        self.weights = RedisWeightStore(self.runtime.client, namespace)
+        self.documents = DocumentStore(self.broker)
+        self.colocated = config.service.mode == "colocated"
+        self.device = config.train.device
+        self.out_dir = Path(config.train.out_dir)
+        self.outage_timeout_s = max(60.0, 4 * config.service.heartbeat_timeout_s)
+        self.reclaim_idle_ms = int(config.service.heartbeat_timeout_s * 1000)
+
+        self.model = prepare_model(config)
+        self.optimizer = make_optimizer(self.model, config)
+        self.generator = torch.Generator(device=self.device).manual_seed(config.train.seed)
+        self.ref_model = None
+        if config.refine.kl_coef > 0:
+            self.ref_model = prepare_model(config).requires_grad_(False)
+        self.state = LearnerState()
+        checkpoint = latest_checkpoint(self.out_dir)
+        if resume and checkpoint.exists():
+            self.state = load_learner_checkpoint(checkpoint, self.model, self.optimizer, self.generator)
+            logger.info("resumed from %s at step %d", checkpoint, self.state.step)
+        self.checkpointed_step = self.state.step if resume and checkpoint.exists() else -1
+        self.finished = 0
+        self.duplicates = 0
+        self.last_stats: dict[str, float | int | str] = {}
+
+    # -- setup ----------------------------------------------------------------------------------
+
+    def setup(self) -> str:
+        """Publish the starting weights (version = step) and the progress record; returns JSON with
+        the step, data cursor and weight version the run continues from."""
+        latest = retry_redis(self.weights.latest_version, "read weight version", self.outage_timeout_s)
+        if latest is not None and latest >= self.state.step:
+            self.weights.clear()  # left over from an earlier run in this namespace
+        self._publish_weights()
+        self._write_progress()
+        return json.dumps({"step": self.state.step, "cursor": self.state.cursor, "epoch": self.state.epoch,
+                           "weight_version": self.state.weight_version})
+
+    def _publish_weights(self) -> None:
+        version = self.state.step
+        started = time.perf_counter()
+        state_dict = self.model.state_dict()
+
+        def publish() -> None:
+            try:
+                self.weights.publish(state_dict, version)
+            except WeightVersionError:
+                if self.weights.latest_version() != version:  # not our own earlier, lost-reply attempt
+                    raise
+
+        retry_redis(publish, f"publish weights v{version}", self.outage_timeout_s)
+        self.state.weight_version = version
+        self.metrics.weight_version.set(version)
+        self.metrics.step_seconds.labels(phase="weight_publish").observe(time.perf_counter() - started)
+
+    def _write_progress(self, done: bool = False) -> None:
+        progress = LearnerProgress(step=self.state.step, finished=self.finished,
+                                   weight_version=self.state.weight_version, done=done)
+        retry_redis(lambda: write_progress(self.broker, progress), "write progress", self.outage_timeout_s)
+
+    def _report(self, kind: str, stats: dict) -> None:
+        report = StepReport(kind=kind, step=self.state.step, stats=stats)
+        retry_redis(lambda: self.broker.publish(LEARNER_REPORTS, report), "report", self.outage_timeout_s)
+
+    # -- one batch ------------------------------------------------------------------------------
+
+    def run_once(self, block_ms: int = 500) -> int:
+        """Handle the batches one read returns; returns how many."""
+        stream, message_type, handle = ((DOCUMENTS, DocumentBatch, self.handle_documents) if self.colocated
+                                        else (SCORED, ScoredBatch, self.handle_scored))
+        entries = self.broker.consume(stream, LEARNER_GROUP, self.member_id, message_type, count=1, block_ms=block_ms)
+        if not entries:
+            # An entry delivered while Redis went down (its reply lost) stays pending for us: take it back.
+            entries = self.broker.reclaim(stream, LEARNER_GROUP, self.member_id, message_type,
+                                          min_idle_ms=self.reclaim_idle_ms, count=1)
+        for entry_id, batch in entries:
+            handle(entry_id, batch)
+        return len(entries)
+
+    def _seen(self, message_id: str) -> bool:
+        return (self.broker.already_consumed(CONSUMED_KEY, message_id)
+                or self.broker.already_consumed(DROPPED_KEY, message_id))
+
+    def handle_scored(self, entry_id: str, batch: ScoredBatch) -> None:
+        rollout_id = batch.rollout_batch_id
+        if self._seen(rollout_id):
+            self.broker.ack(SCORED, LEARNER_GROUP, [entry_id])
+            self.duplicates += 1
+            return
+        staleness = self.state.step - batch.policy_version
+        self.metrics.staleness.observe(max(staleness, 0))
+        if staleness > self.config.service.max_staleness or staleness < 0:
+            self._drop(entry_id, batch, staleness, "stale" if staleness > 0 else "future_version")
+            return
+        documents = self.documents.get(batch.document_batch_id)
+        if documents is None:
+            self._drop(entry_id, batch, staleness, "documents_missing")
+            return
+        ids, lengths = self._tensors(documents)
+        rollouts = rollouts_from_batch(batch, self.device)
+        outcome = onepass_update(self.model, self.optimizer, ids, lengths, rollouts, self.config, self.ref_model)
+        self._finish_step(SCORED, entry_id, rollout_id, documents, outcome, {
+            "staleness": staleness, "policy_version": batch.policy_version, "rollout_batch_id": rollout_id,
+            "worker_id": batch.worker_id, "reward_type": batch.reward_type,
+        })
+
+    def handle_documents(self, entry_id: str, batch: DocumentBatch) -> None:
+        """Colocated: the fused on-policy step on a document batch."""
+        if self._seen(batch.batch_id):
+            self.broker.ack(DOCUMENTS, LEARNER_GROUP, [entry_id])
+            self.duplicates += 1
+            return
+        ids, lengths = self._tensors(batch)
+        outcome = fused_update(self.model, self.optimizer, ids, lengths, self.config, self.generator, self.ref_model)
+        self._finish_step(DOCUMENTS, entry_id, batch.batch_id, batch, outcome,
+                          {"staleness": 0, "policy_version": self.state.step})
+
+    def _tensors(self, batch: DocumentBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        return batch.token_ids.to(self.device, torch.long), batch.lengths.to(self.device, torch.long)
+
+    def _drop(self, entry_id: str, batch: ScoredBatch, staleness: int, reason: str) -> None:
+        rollout_id = batch.rollout_batch_id
+        retry_redis(lambda: self.broker.ack_consumed(SCORED, LEARNER_GROUP, [entry_id], DROPPED_KEY, [rollout_id]),
+                    "ack dropped batch", self.outage_timeout_s)
+        retry_redis(lambda: self.documents.delete(batch.document_batch_id), "delete documents", self.outage_timeout_s)
+        self.state.dropped_stale += reason == "stale"
+        self.metrics.stale_dropped.inc(reason == "stale")
+        self.finished += 1
+        logger.info("dropped rollout batch %s (%s, staleness %d)", rollout_id, reason, staleness)
+        self._write_progress()
+        self._report("dropped", {"event": "dropped", "reason": reason, "rollout_batch_id": rollout_id,
+                                 "policy_version": batch.policy_version, "staleness": staleness,
+                                 "dropped_stale": self.state.dropped_stale})
+
+    def _finish_step(self, stream: str, entry_id: str, message_id: str, documents: DocumentBatch,
+                     outcome: StepResult, extra: dict) -> None:
+        state = self.state
+        state.step += 1
+        state.skipped_steps += outcome.skipped
+        # The step is in memory now; the record that it happened and the acknowledgement go together.
+        retry_redis(lambda: self.broker.ack_consumed(stream, LEARNER_GROUP, [entry_id], CONSUMED_KEY, [message_id]),
+                    "ack trained batch", self.outage_timeout_s)
+        if not self.colocated:
+            retry_redis(lambda: self.documents.delete(documents.batch_id), "delete documents", self.outage_timeout_s)
+        cursor = documents.cursor
+        if (cursor.epoch, cursor.offset) >= (state.epoch, state.cursor):
+            state.epoch, state.cursor = cursor.epoch, cursor.offset
+        if state.step % self.config.service.sync_interval == 0:
+            self._publish_weights()
+        every = self.config.train.checkpoint_every
+        if every and state.step % every == 0:
+            self.checkpoint()
+        self.finished += 1
+        self._write_progress()
+        stats = dict(outcome.stats) | extra | {
+            "step": state.step, "weight_version": state.weight_version, "document_batch_id": documents.batch_id,
+            "cursor": cursor.offset, "data_epoch": cursor.epoch, "tokens": int(documents.lengths.sum()), "skipped_steps": state.skipped_steps,
+            "dropped_stale": state.dropped_stale, "duplicates_skipped": self.duplicates,
+            "wall_time": round(time.time(), 6),
+        }
+        self._record(stats, outcome)
+        self.last_stats = stats
+        self._report("step", stats)
+
+    def _record(self, stats: dict, outcome: StepResult) -> None:
+        m = self.metrics
+        m.learner_steps.inc()
+        m.skipped_steps.inc(int(outcome.skipped))
+        for gauge, key in ((m.policy_loss, "policy_loss"), (m.ntp_loss, "ntp_loss"), (m.grad_norm, "grad_norm"),
+                           (m.clip_fraction, "pg/clip_fraction"), (m.approx_kl, "pg/approx_kl")):
+            if key in stats:
+                gauge.set(float(stats[key]))
+        for phase in ("forward", "backward_step"):
+            if f"{phase}_seconds" in stats:
+                m.step_seconds.labels(phase=phase).observe(float(stats[f"{phase}_seconds"]))
+
+    def checkpoint(self) -> None:
+        started = time.perf_counter()
+        save_learner_checkpoint(self.out_dir, self.model, self.optimizer, self.generator, self.state)
+        self.checkpointed_step = self.state.step
+        self.metrics.step_seconds.labels(phase="checkpoint").observe(time.perf_counter() - started)
+
+    # -- loop -----------------------------------------------------------------------------------
+
+    def run(self, block_ms: int = 500) -> str:
+        """Train until `train.steps` or a stop request; checkpoints on the way out; returns the
+        last step's stats as JSON."""
+        outage_since: float | None = None
+        try:
+            while self.state.step < self.config.train.steps:
+                try:
+                    if self.runtime.stop_requested():
+                        logger.info("stop requested at step %d", self.state.step)
+                        break
+                    self.run_once(block_ms)
+                    outage_since = None
+                except TRANSIENT as exc:
+                    outage_since = outage_since or time.monotonic()
+                    if time.monotonic() - outage_since > self.outage_timeout_s:
+                        raise RedisOutage(f"learner: Redis unreachable for {self.outage_timeout_s:.0f}s") from exc
+                    logger.warning("Redis unavailable (%s); retrying", exc)
+                    time.sleep(0.25)
+            if self.checkpointed_step != self.state.step:
+                self.checkpoint()
+            self._write_progress(done=True)
+        finally:
+            self.runtime.close()
+        return json.dumps(self.last_stats)

@@ -1,0 +1,70 @@
+"""One learner update from a scored rollout batch (disaggregated) or a document batch (colocated).
+
+Disaggregated: the rollouts arrive as a ScoredBatch; the learner rebuilds a `Rollouts` object,
+standardizes the rewards into GRPO advantages, and runs the one-pass loss: one forward with
+gradient over the documents gives the NTP loss and the states at the rollout positions, from which
+the rollout tokens are teacher-forced. Colocated: the fused on-policy step (the learner's own
+forward also selects positions and samples), so no rollout pass exists at all.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from refine.algorithm.rollout import Rollouts
+from refine.algorithm.update import advantages_for, fused_refine_step, refine_loss, rollout_stats
+from refine.config import RunConfig
+from refine.loop import StepResult, optimizer_step
+from refine.models import FastWeightLM
+from services.messages import ScoredBatch
+
+__all__ = ["fused_update", "onepass_update", "rollouts_from_batch"]
+
+
+def rollouts_from_batch(batch: ScoredBatch, device: str | torch.device = "cpu") -> Rollouts:
+    """The learner's view of a scored batch. Hidden states are the reward's input, not the loss's:
+    they are passed through when present and empty otherwise."""
+    empty = torch.zeros(batch.num_rollouts, batch.rollout_len, 0)
+    return Rollouts(
+        positions=batch.positions.to(device, torch.long),
+        tokens=batch.rollout_tokens.to(device, torch.long),
+        logprobs=batch.behaviour_logprobs.to(device),
+        hidden=(batch.rollout_hidden if batch.rollout_hidden is not None else empty).to(device),
+        target_tokens=(batch.ground_truth_tokens if batch.ground_truth_tokens is not None
+                       else torch.zeros_like(batch.rollout_tokens)).to(device, torch.long),
+        target_hidden=(batch.ground_truth_hidden if batch.ground_truth_hidden is not None else empty).to(device),
+        entropies=batch.entropies.to(device),
+        num_samples=batch.num_samples,
+        policy_version=batch.policy_version,
+        rewards=batch.rewards.to(device, torch.float32),
+    )
+
+
+def onepass_update(model: FastWeightLM, optimizer: torch.optim.Optimizer, input_ids: torch.Tensor,
+                   lengths: torch.Tensor, rollouts: Rollouts, config: RunConfig,
+                   ref_model: FastWeightLM | None = None) -> StepResult:
+    """Advantages, one-pass loss, backward, clip, step (skipped when not finite); timed by phase."""
+    assert rollouts.rewards is not None, "the learner trains on scored rollouts only"
+    started = time.perf_counter()
+    advantages = advantages_for(rollouts.rewards, rollouts, config.refine)
+    result = refine_loss("onepass", model, input_ids, lengths, rollouts, advantages, config.refine, ref_model)
+    forward_done = time.perf_counter()
+    outcome = optimizer_step(model, optimizer, result, config.optim.grad_clip)
+    outcome.stats.update(rollout_stats(rollouts), forward_seconds=forward_done - started,
+                         backward_step_seconds=time.perf_counter() - forward_done)
+    return outcome
+
+
+def fused_update(model: FastWeightLM, optimizer: torch.optim.Optimizer, input_ids: torch.Tensor,
+                 lengths: torch.Tensor, config: RunConfig, generator: torch.Generator,
+                 ref_model: FastWeightLM | None = None) -> StepResult:
+    """The colocated on-policy step: select, sample, score and train from one document pass."""
+    started = time.perf_counter()
+    result, _ = fused_refine_step(model, input_ids, lengths, config.refine, generator, ref_model)
+    forward_done = time.perf_counter()
+    outcome = optimizer_step(model, optimizer, result, config.optim.grad_clip)
+    outcome.stats.update(forward_seconds=forward_done - started,
+                         backward_step_seconds=time.perf_counter() - forward_done)
+    return outcome

@@ -1,0 +1,79 @@
+"""Rollout engines: given weights and a document batch, produce REFINE rollouts.
+
+One interface, so a worker does not care which engine serves it. `SnapshotEngine` (the default)
+is the one-pass engine of `refine.algorithm.rollout`: one no-grad document pass, states at the
+selected positions, all position x sample continuations decoded as one batch. `vllm`
+(rollout_workers/vllm_engine.py, an optional extra) serves DeltaNet / Gated DeltaNet through vLLM.
+
+Rollouts are a deterministic function of (weights, documents, seed): each batch gets its own
+generator seeded from the run seed and the batch's place in the data stream, so any worker (a
+restarted one, or the same batch rolled out again after a resume) samples the same tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from typing import Protocol
+
+import torch
+
+from refine.algorithm.rollout import Rollouts, snapshot_rollouts
+from refine.config import RunConfig
+from refine.loop import prepare_model
+
+__all__ = ["ENGINES", "RolloutEngine", "SnapshotEngine", "batch_generator", "build_engine", "engine_name"]
+
+
+def batch_generator(seed: int, epoch: int, offset: int, device: str = "cpu") -> torch.Generator:
+    """A generator for one document batch, from the run seed and the batch's data cursor."""
+    digest = hashlib.blake2b(f"rollouts:{seed}:{epoch}:{offset}".encode(), digest_size=8).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+
+
+class RolloutEngine(Protocol):
+    def load_weights(self, state_dict: Mapping[str, torch.Tensor], version: int | None = None) -> None: ...
+
+    def rollout(self, input_ids: torch.Tensor, lengths: torch.Tensor, generator: torch.Generator) -> Rollouts: ...
+
+
+class SnapshotEngine:
+    """Snapshot rollouts on our own model classes (any architecture, CPU or GPU)."""
+
+    def __init__(self, config: RunConfig) -> None:
+        self.config = config
+        self.device = config.train.device
+        # Architecture and dtype as the learner builds them; the weights come from the store.
+        self.model = prepare_model(config).requires_grad_(False).eval()
+        self.weight_version: int | None = None
+
+    def load_weights(self, state_dict: Mapping[str, torch.Tensor], version: int | None = None) -> None:
+        self.model.load_state_dict(state_dict, strict=True)
+        self.weight_version = version
+
+    def rollout(self, input_ids: torch.Tensor, lengths: torch.Tensor, generator: torch.Generator) -> Rollouts:
+        ids = input_ids.to(self.device, dtype=torch.long)
+        lens = lengths.to(self.device, dtype=torch.long)
+        return snapshot_rollouts(self.model, ids, lens, self.config.refine, generator)
+
+
+def _vllm_engine(config: RunConfig) -> RolloutEngine:
+    from rollout_workers.vllm_engine import VllmEngine  # optional extra: imported only when chosen
+
+    return VllmEngine(config)
+
+
+ENGINES = {"snapshot": SnapshotEngine, "vllm": _vllm_engine}
+
+
+def engine_name(config: RunConfig) -> str:
+    """The configured engine (`rollout.engine` when the config has that section), else "snapshot"."""
+    section = getattr(config, "rollout", None)
+    return str(getattr(section, "engine", "snapshot")) if section is not None else "snapshot"
+
+
+def build_engine(config: RunConfig, name: str | None = None) -> RolloutEngine:
+    name = name or engine_name(config)
+    if name not in ENGINES:
+        raise ValueError(f"rollout engine {name!r} is not available (available: {sorted(ENGINES)})")
+    return ENGINES[name](config)

@@ -1,0 +1,160 @@
+"""Rollout worker: documents in, rollout batches tagged with the policy version out.
+
+Loop: pull the newest weights if the learner published a newer version; take one document batch
+(first any entry a dead worker left behind, via XAUTOCLAIM, then new ones); pull weights again
+(a version may have landed while we waited); roll out; publish the RolloutBatch; only then
+acknowledge the documents. A worker killed anywhere in between leaves the entry pending, and
+another worker reclaims it. Rolling a batch out twice is harmless: the rollout batch id is derived
+from the document batch id and the learner trains on it once.
+
+Weights come from the Redis weight store (safetensors bytes, versioned, see
+services/weight_store.py), not the Ray object store: no live owner is needed (a restarted learner
+or worker finds them), nothing is pickled, and it works the same under any Ray cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import torch
+
+from refine.config import RunConfig
+from rollout_workers.engines import RolloutEngine, batch_generator, build_engine
+from services.messages import DocumentBatch, RolloutBatch
+from services.resilience import TRANSIENT, RedisOutage, retry_redis
+from services.role import RoleRuntime
+from services.streams import DOCUMENTS, ROLLOUT_GROUP, ROLLOUTS, rollout_batch_id_for
+from services.weight_store import RedisWeightStore
+
+__all__ = ["ROLE", "RolloutWorker", "to_message"]
+
+ROLE = "rollout_worker"
+MAX_DELIVERIES = 3
+
+logger = logging.getLogger(__name__)
+
+
+def to_message(batch: DocumentBatch, rollouts, policy_version: int, worker_id: str) -> RolloutBatch:
+    """The wire form of `rollouts` made from `batch` with weights `policy_version`."""
+    return RolloutBatch(
+        rollout_batch_id=rollout_batch_id_for(batch.batch_id),
+        document_batch_id=batch.batch_id,
+        policy_version=policy_version,
+        worker_id=worker_id,
+        num_samples=rollouts.num_samples,
+        rollout_len=rollouts.rollout_len,
+        positions=rollouts.positions.cpu(),
+        entropies=rollouts.entropies.float().cpu(),
+        rollout_tokens=rollouts.tokens.cpu(),
+        behaviour_logprobs=rollouts.logprobs.float().cpu(),
+        rollout_hidden=rollouts.hidden.cpu().contiguous(),
+        ground_truth_hidden=rollouts.target_hidden.cpu().contiguous(),
+        ground_truth_tokens=rollouts.target_tokens.cpu().contiguous(),
+    )
+
+
+class RolloutWorker:
+    """One rollout worker (a Ray actor in the service; a plain object in a notebook)."""
+
+    def __init__(self, config_json: str, worker_id: str, redis_url: str, namespace: str) -> None:
+        self.config = RunConfig.model_validate_json(config_json)
+        service = self.config.service
+        self.worker_id = worker_id
+        # As many intra-op threads as whole CPUs reserved for it (at least one).
+        self.runtime = RoleRuntime(ROLE, worker_id, redis_url, namespace, service.metrics_discovery_dir,
+                                   threads=max(1, int(service.worker_cpus)))
+        self.broker = self.runtime.broker
+        self.metrics = self.runtime.metrics
+        self.weights = RedisWeightStore(self.runtime.client, namespace)
+        self.engine: RolloutEngine = build_engine(self.config)
+        self.version: int | None = None
+        # An entry pending this long belongs to a worker that stopped beating: take it over.
+        self.reclaim_idle_ms = int(service.heartbeat_timeout_s * 1000)
+        self.outage_timeout_s = max(60.0, 4 * service.heartbeat_timeout_s)
+        self.batches = 0
+        self.versions_used: list[int] = []
+
+    # -- steps ----------------------------------------------------------------------------------
+
+    def refresh_weights(self) -> bool:
+        """Load the newest published weights if they differ from ours; True if loaded."""
+        latest = self.weights.latest_version()
+        if latest is None or latest == self.version:
+            return False
+        started = time.perf_counter()
+        version, state_dict = self.weights.fetch()  # the newest, even if `latest` was pruned meanwhile
+        self.engine.load_weights(state_dict, version)
+        self.version = version
+        self.metrics.weight_version.set(version)
+        self.metrics.step_seconds.labels(phase="weight_fetch").observe(time.perf_counter() - started)
+        return True
+
+    def next_batch(self, block_ms: int) -> tuple[str, DocumentBatch] | None:
+        # A batch that keeps killing its workers goes to the dead-letter stream after a few tries.
+        claimed = self.broker.reclaim(DOCUMENTS, ROLLOUT_GROUP, self.worker_id, DocumentBatch,
+                                      min_idle_ms=self.reclaim_idle_ms, count=1, max_deliveries=MAX_DELIVERIES)
+        if claimed:
+            logger.info("reclaimed document batch %s", claimed[0][1].batch_id)
+            return claimed[0]
+        fresh = self.broker.consume(DOCUMENTS, ROLLOUT_GROUP, self.worker_id, DocumentBatch, count=1,
+                                    block_ms=block_ms)
+        return fresh[0] if fresh else None
+
+    def rollout(self, batch: DocumentBatch) -> RolloutBatch:
+        assert self.version is not None
+        started = time.perf_counter()
+        cursor = batch.cursor
+        generator = batch_generator(self.config.train.seed, cursor.epoch, cursor.offset, self.config.train.device)
+        with torch.no_grad():
+            rollouts = self.engine.rollout(batch.token_ids, batch.lengths, generator)
+        message = to_message(batch, rollouts, self.version, self.worker_id)
+        self.metrics.step_seconds.labels(phase="rollout").observe(time.perf_counter() - started)
+        self.metrics.rollouts.inc(message.num_rollouts)
+        self.metrics.rollout_tokens.inc(message.num_rollouts * message.rollout_len)
+        self.metrics.selected_entropy.set(float(rollouts.entropies.mean()))
+        return message
+
+    def run_once(self, block_ms: int = 500) -> bool:
+        """Handle at most one document batch; True if one was rolled out and published."""
+        self.refresh_weights()
+        if self.version is None:
+            time.sleep(min(block_ms, 100) / 1000)  # the learner has not published yet
+            return False
+        item = self.next_batch(block_ms)
+        if item is None:
+            return False
+        entry_id, batch = item
+        self.refresh_weights()
+        message = self.rollout(batch)
+        retry_redis(lambda: self.broker.publish(ROLLOUTS, message), "publish rollouts", self.outage_timeout_s)
+        # Acknowledged only now that the rollouts are in Redis.
+        retry_redis(lambda: self.broker.ack(DOCUMENTS, ROLLOUT_GROUP, [entry_id]), "ack documents",
+                    self.outage_timeout_s)
+        self.metrics.rollout_batches.inc()
+        self.batches += 1
+        self.versions_used.append(message.policy_version)
+        return True
+
+    # -- loop -----------------------------------------------------------------------------------
+
+    def run(self, block_ms: int = 500) -> str:
+        """Work until the run's stop flag is set; returns a JSON summary."""
+        outage_since: float | None = None
+        try:
+            while True:
+                try:
+                    if self.runtime.stop_requested():
+                        break
+                    self.run_once(block_ms)
+                    outage_since = None
+                except TRANSIENT as exc:
+                    outage_since = outage_since or time.monotonic()
+                    if time.monotonic() - outage_since > self.outage_timeout_s:
+                        raise RedisOutage(f"{self.worker_id}: Redis unreachable for {self.outage_timeout_s:.0f}s") from exc
+                    logger.warning("Redis unavailable (%s); retrying", exc)
+                    time.sleep(0.25)
+        finally:
+            self.runtime.close()
+        return json.dumps({"worker_id": self.worker_id, "batches": self.batches, "versions_used": self.versions_used})

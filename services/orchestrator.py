@@ -1,0 +1,539 @@
+"""The job's driver: `refine train` on Ray with Redis streams.
+
+`run(config)` sets up Ray and Redis (services/ray_runtime.py), owns the run directory
+(config.yaml, metrics.jsonl, PNG curves; the learner writes checkpoints/ into it), starts the roles
+as Ray actors, feeds them documents, supervises them and returns the learner's last stats.
+
+Roles (disaggregated): N rollout workers (documents -> rollouts), M reward replicas
+(rollouts -> scored), one learner (scored -> optimizer steps, weights, checkpoints). Colocated: the
+learner alone runs the fused on-policy step on the documents. (`train.mode` belongs to the
+single-process loop; here `service.mode` decides: one-pass update or fused step.)
+
+Pacing. The learner's policy version is its step count, and it publishes weights every
+`sync_interval` steps. A document batch published while the learner has taken `step` steps and
+published version `v`, with `u` batches still unfinished ahead of it, is rolled out with weights
+of version >= v (workers pull the newest weights right before each batch) and trained at a step
+<= step + u. Its staleness is therefore at most `step + u - v`, so the orchestrator publishes only
+while `u <= max_staleness - (step - v)`, and never more than `batches_in_flight` unfinished batches.
+With max_staleness = 0 (and sync_interval = 1) that means: one batch at a time, published only
+after the weights of the current step are out. That is the paper's on-policy loop, exactly; more
+staleness lets rollouts of the next batches overlap the learner's step. (A batch overtaken by
+later ones, which can only happen with several batches in flight, may exceed the bound; the
+learner then drops and counts it.)
+
+Supervision. Every role beats in Redis. A rollout worker or reward replica whose actor died, or
+whose heartbeat is older than `heartbeat_timeout_s`, is killed and replaced by a fresh consumer;
+the entries it held are made reclaimable at once and the survivors take them over with XAUTOCLAIM.
+A failed learner ends the run with its error; `refine train --resume` continues from its last
+checkpoint.
+
+Stopping. Ctrl-C (or SIGTERM, which `ray job stop` sends) sets the run's stop flag in Redis: the
+learner checkpoints and returns, the other roles leave their loops, and the run ends as usual. A
+second Ctrl-C kills the actors at once.
+
+Resume. A run always starts from an empty namespace; everything durable is in the learner's
+checkpoint (weights, optimizer, RNG, data cursor, weight version). Rollouts are seeded per batch
+from the data cursor, so with max_staleness = 0 (or colocated) a resumed run repeats, step for
+step, what the uninterrupted run would have done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+import redis
+import torch
+from tqdm import tqdm
+
+from refine.config import RunConfig, ServiceConfig, dump_config
+from refine.data.batches import DocumentBatch as LocalBatch
+from refine.data.stream import document_batches
+from refine.plots import plot_metrics
+from refine.tokenizer import load_tokenizer
+from services.broker import Broker
+from services.messages import DataCursor, DocumentBatch
+from services.metrics import Metrics, serve_metrics
+from services.progress import LearnerProgress, StepReport, read_progress
+from services.ray_runtime import actor_cpus, ray_for_run, redis_for_run, resolve_addresses
+from services.redis_server import connect
+from services.resilience import TRANSIENT
+from services.streams import (
+    DOCUMENTS, LEARNER_GROUP, LEARNER_REPORTS, ORCHESTRATOR_GROUP, REWARD_GROUP, ROLLOUT_GROUP, ROLLOUTS, SCORED,
+    DocumentStore, release_consumer, trim_acknowledged,
+)
+
+__all__ = ["DataPosition", "ServiceError", "check_service_config", "namespace_for", "run"]
+
+logger = logging.getLogger(__name__)
+
+Stats = dict[str, float | int | str]
+
+ACTOR_START_TIMEOUT_S = 300.0
+MAX_RESTARTS_PER_ROLE = 20
+HOUSEKEEPING_INTERVAL_S = 2.0
+STOP_GRACE_S = 60.0
+
+
+class ServiceError(RuntimeError):
+    """A role of the run failed in a way the orchestrator cannot repair."""
+
+
+def check_service_config(config: RunConfig) -> None:
+    """Reject combinations the service cannot run, naming the fields."""
+    service = config.service
+    if config.train.mode in ("ntp", "reference"):
+        raise ValueError(
+            f"train.mode={config.train.mode!r} runs only in the single-process loop (refine train --local); the "
+            f"service trains REFINE with service.mode='disaggregated' (one-pass) or 'colocated' (fused)"
+        )
+    if service.mode == "disaggregated":
+        from reward.scoring import check_reward_type
+
+        check_reward_type(config.refine.reward)  # names the registered rewards when it is unknown
+    if service.mode == "disaggregated" and service.max_staleness < service.sync_interval - 1:
+        raise ValueError(
+            f"service.max_staleness={service.max_staleness} is below service.sync_interval - 1 = "
+            f"{service.sync_interval - 1}: rollouts made between two weight publishes would always be dropped"
+        )
+
+
+def namespace_for(config: RunConfig, out_dir: Path) -> str:
+    """The Redis key prefix: configured, or derived from the run directory."""
+    if config.service.namespace:
+        return config.service.namespace
+    return "refine-" + hashlib.sha1(str(out_dir).encode()).hexdigest()[:12]
+
+
+def _absolute_paths(config: RunConfig) -> RunConfig:
+    """Actors run in other working directories: give them absolute paths. A deployment's
+    REFINE_METRICS_DISCOVERY_DIR applies when the config leaves the discovery dir at its default."""
+    config = config.model_copy(deep=True)
+    config.train.out_dir = str(Path(config.train.out_dir).expanduser().resolve())
+    discovery_env = os.environ.get("REFINE_METRICS_DISCOVERY_DIR")
+    if discovery_env and config.service.metrics_discovery_dir == ServiceConfig().metrics_discovery_dir:
+        config.service.metrics_discovery_dir = discovery_env
+    config.service.metrics_discovery_dir = str(Path(config.service.metrics_discovery_dir).expanduser().resolve())
+    for section, name in ((config.train, "init_from"), (config, "tokenizer"), (config.data, "source")):
+        value = getattr(section, name)
+        if value and Path(value).expanduser().exists():
+            setattr(section, name, str(Path(value).expanduser().resolve()))
+    return config
+
+
+def run(config: RunConfig, resume: bool = False, progress: bool = True, ray_address: str | None = None,
+        redis_url: str | None = None) -> Stats:
+    """Train with the distributed service; returns the learner's last step stats.
+
+    Ray: `ray_address`, else `config.service.ray_address`, else RAY_ADDRESS, else a local Ray (an
+    already initialized Ray is used as it is). Redis: `redis_url`, else `config.service.redis_url`,
+    else REFINE_REDIS_URL, else an embedded server for this run.
+    """
+    check_service_config(config)
+    config = _absolute_paths(config)
+    out_dir = Path(config.train.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(dump_config(config))
+    plan = resolve_addresses(config, ray_address, redis_url)
+    with ray_for_run(config, plan.address) as multi_node, redis_for_run(plan.redis_url, multi_node) as url:
+        orchestrator = Orchestrator(config, url, namespace_for(config, out_dir), resume=resume, progress=progress)
+        return orchestrator.run()
+
+
+@dataclass
+class DataPosition:
+    """Where the data stream stands, counting passes: the stream's cursor restarts at 0 with every
+    pass over the source, so (epoch, cursor) is what orders batches and seeds their rollouts."""
+
+    epoch: int
+    cursor: int  # -1 before the first batch
+
+    def advance(self, cursor: int, source: str) -> DataCursor:
+        """The DataCursor of the next batch, whose stream cursor (position after it) is `cursor`."""
+        if cursor <= self.cursor:
+            self.epoch += 1  # the batch reached the end of a pass
+        self.cursor = cursor
+        return DataCursor(epoch=self.epoch, offset=cursor, source=source[:200])
+
+
+@dataclass
+class Member:
+    """One supervised actor: its role, consumer id and how to make a replacement."""
+
+    role: str
+    index: int
+    stream: str
+    group: str
+    make: Callable[[str], Any]
+    incarnation: int = 0
+    actor: Any = None
+    future: Any = None
+    started_at: float = field(default_factory=time.monotonic)
+    seen_alive: bool = False  # this incarnation sent a heartbeat
+
+    @property
+    def member_id(self) -> str:
+        return f"{self.role}-{self.index}.{self.incarnation}"
+
+    def start(self) -> None:
+        self.actor = self.make(self.member_id)
+        self.future = self.actor.run.remote()
+        self.started_at = time.monotonic()
+        self.seen_alive = False
+
+
+class Orchestrator:
+    def __init__(self, config: RunConfig, redis_url: str, namespace: str, resume: bool, progress: bool) -> None:
+        self.config = config
+        self.redis_url = redis_url
+        self.namespace = namespace
+        self.resume = resume
+        self.show_progress = progress
+        self.out_dir = Path(config.train.out_dir)
+        self.colocated = config.service.mode == "colocated"
+        self.client = connect(redis_url)
+        self.broker = Broker(self.client, namespace)
+        self.documents = DocumentStore(self.broker)
+        self.metrics = Metrics()
+        self.endpoint = None
+        self.config_json = config.model_dump_json()
+        self.members: list[Member] = []
+        self.restarts: dict[str, int] = {}
+        self.learner: Any = None
+        self.learner_future: Any = None
+        self.published = 0
+        self.stopping = False
+        self.last_stats: Stats = {}
+        self.bar: tqdm | None = None
+        self.metrics_file = None
+        self.events_file = None
+        self.data: Iterator[LocalBatch] | None = None
+        self.unpublished: DocumentBatch | None = None
+        self.data_position = DataPosition(epoch=0, cursor=-1)
+        self.recorded: set[tuple[str, int, str]] = set()
+        self._next_housekeeping = 0.0
+        self._redis_outage_at = float("-inf")
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def run(self) -> Stats:
+        self.broker.delete_namespace()  # durable state lives in the checkpoint, not in Redis
+        for stream, group in self._groups():
+            self.broker.ensure_group(stream, group, start_id="0")
+        self.endpoint = serve_metrics(self.metrics, role="orchestrator", instance=self.namespace,
+                                      discovery_dir=self.config.service.metrics_discovery_dir)
+        previous_handler = self._install_sigterm()
+        try:
+            setup = self._start_learner()
+            if not self.colocated:
+                self._start_members()  # they start while the learner sets up; they wait for its weights
+            start = self._wait_for_learner(setup)
+            self._open_outputs(start["step"])
+            self.data = self._document_batches(start["cursor"])
+            self.data_position = DataPosition(epoch=start["epoch"], cursor=start["cursor"] if start["step"] else -1)
+            self.learner_future = self.learner.run.remote()
+            self._loop()
+            return self._finish()
+        finally:
+            self._shutdown()
+            if previous_handler is not None:
+                signal.signal(signal.SIGTERM, previous_handler)
+
+    def _groups(self) -> list[tuple[str, str]]:
+        groups = [(LEARNER_REPORTS, ORCHESTRATOR_GROUP)]
+        if self.colocated:
+            return groups + [(DOCUMENTS, LEARNER_GROUP)]
+        return groups + [(DOCUMENTS, ROLLOUT_GROUP), (ROLLOUTS, REWARD_GROUP), (SCORED, LEARNER_GROUP)]
+
+    def _install_sigterm(self):
+        # `ray job stop` and container runtimes send SIGTERM: stop as cleanly as on Ctrl-C.
+        if threading.current_thread() is not threading.main_thread():
+            return None
+
+        def interrupt(signum, frame):
+            raise KeyboardInterrupt
+
+        return signal.signal(signal.SIGTERM, interrupt)
+
+    def _remote(self, role: str, cls: type) -> Any:
+        return ray.remote(cls).options(num_cpus=actor_cpus(self.config)[role], max_restarts=0)
+
+    def _start_learner(self) -> Any:
+        """Create the learner actor; returns the future of its setup (starting weights published)."""
+        from learner.learner import Learner
+
+        self.learner = self._remote("learner", Learner).remote(
+            self.config_json, self.redis_url, self.namespace, self.resume)
+        return self.learner.setup.remote()
+
+    def _wait_for_learner(self, setup: Any) -> dict:
+        """The step, data cursor and weight version the run continues from."""
+        try:
+            return json.loads(ray.get(setup, timeout=ACTOR_START_TIMEOUT_S))
+        except ray.exceptions.GetTimeoutError as exc:
+            raise ServiceError(f"the learner did not start within {ACTOR_START_TIMEOUT_S:.0f}s "
+                               f"(cluster resources: {ray.available_resources()})") from exc
+        except ray.exceptions.RayError as exc:
+            raise ServiceError(f"the learner failed to start: {exc}") from exc
+
+    def _start_members(self) -> None:
+        from rollout_workers.worker import ROLE as WORKER_ROLE
+        from rollout_workers.worker import RolloutWorker
+        from services.reward_actor import ROLE as REWARD_ROLE
+        from services.reward_actor import RewardReplica
+
+        service = self.config.service
+        worker_cls = self._remote("rollout_worker", RolloutWorker)
+        reward_cls = self._remote("reward", RewardReplica)
+
+        def make_worker(member_id: str) -> Any:
+            return worker_cls.remote(self.config_json, member_id, self.redis_url, self.namespace)
+
+        def make_reward(member_id: str) -> Any:
+            return reward_cls.remote(self.config_json, member_id, self.redis_url, self.namespace)
+
+        for index in range(service.num_rollout_workers):
+            self.members.append(Member(WORKER_ROLE, index, DOCUMENTS, ROLLOUT_GROUP, make_worker))
+        for index in range(service.num_reward_replicas):
+            self.members.append(Member(REWARD_ROLE, index, ROLLOUTS, REWARD_GROUP, make_reward))
+        for member in self.members:
+            member.start()
+
+    def _open_outputs(self, start_step: int) -> None:
+        mode = "a" if self.resume else "w"
+        self.metrics_file = (self.out_dir / "metrics.jsonl").open(mode)
+        self.events_file = (self.out_dir / "events.jsonl").open(mode)
+        self.bar = tqdm(total=self.config.train.steps, initial=start_step,
+                        desc=f"train[service:{self.config.service.mode}]", disable=not self.show_progress)
+
+    def _document_batches(self, cursor: int) -> Iterator[LocalBatch]:
+        tokenizer = load_tokenizer(self.config.tokenizer)
+        if tokenizer.vocab_size > self.config.model.vocab_size:
+            raise ValueError(f"model.vocab_size={self.config.model.vocab_size} is smaller than the "
+                             f"tokenizer's {tokenizer.vocab_size}")
+        return document_batches(self.config, tokenizer, start_cursor=cursor)
+
+    # -- main loop ------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                self._drain_reports(block_ms=100)
+                ready, _ = ray.wait([self.learner_future], timeout=0)
+                if ready:
+                    return
+                if not self.stopping:
+                    self._feed()
+                    self._supervise()
+                self._housekeeping()
+            except KeyboardInterrupt:
+                if self.stopping:
+                    raise
+                self.stopping = True
+                self._write_line("stopping: the learner checkpoints, then every role exits (Ctrl-C again to kill)")
+                self._stop_flag("interrupted")
+            except TRANSIENT as exc:
+                self._write_line(f"Redis unavailable ({exc}); retrying")
+                self._redis_outage_at = time.monotonic()
+                time.sleep(0.5)
+
+    def _progress(self) -> LearnerProgress:
+        return read_progress(self.broker) or LearnerProgress()
+
+    def _feed(self) -> None:
+        """Publish document batches as far as the pacing rule allows (see the module docstring)."""
+        progress = self._progress()
+        service = self.config.service
+        remaining = self.config.train.steps - progress.step
+        unfinished = self.published - progress.finished
+        allowed = service.batches_in_flight
+        if not self.colocated:
+            unpublished_steps = progress.step - max(progress.weight_version, 0)
+            allowed = min(allowed, service.max_staleness + 1 - unpublished_steps)
+        while unfinished < min(allowed, remaining):
+            self._publish_next()
+            unfinished += 1
+
+    def _publish_next(self) -> None:
+        """Publish the next document batch. A batch whose publish failed (Redis restarting) is kept
+        and published again, under the same id, on the next call: no document is skipped."""
+        if self.unpublished is None:
+            self.unpublished = self._next_message()
+        message = self.unpublished
+        if not self.colocated:
+            self.documents.put(message)  # before the stream entry: the learner reads it by id later
+        self.broker.publish(DOCUMENTS, message)
+        self.unpublished = None
+        self.published += 1
+        self.metrics.documents.inc(message.batch_size)
+
+    def _next_message(self) -> DocumentBatch:
+        assert self.data is not None
+        batch = next(self.data)
+        ids = batch.input_ids
+        if int(ids.max()) < 2**31:
+            ids = ids.to(torch.int32)  # half the bytes on the wire
+        return DocumentBatch(
+            batch_id=f"docs-{self.published}", doc_ids=batch.doc_ids, token_ids=ids, lengths=batch.lengths,
+            cursor=self.data_position.advance(batch.cursor, self.config.data.source),
+        )
+
+    def _drain_reports(self, block_ms: int | None, reclaim: bool = False) -> None:
+        reports = self.broker.consume(LEARNER_REPORTS, ORCHESTRATOR_GROUP, "orchestrator", StepReport, count=100,
+                                      block_ms=block_ms)
+        if reclaim:  # reports delivered while Redis went down, their reply lost
+            reports += self.broker.reclaim(LEARNER_REPORTS, ORCHESTRATOR_GROUP, "orchestrator", StepReport,
+                                           min_idle_ms=5000)
+        for entry_id, report in reports:
+            key = (report.kind, report.step, str(report.stats.get("rollout_batch_id", "")))
+            if key not in self.recorded:  # a report recorded but not acknowledged comes back once
+                self.recorded.add(key)
+                self._record(report)
+            self.broker.ack(LEARNER_REPORTS, ORCHESTRATOR_GROUP, [entry_id])
+
+    def _record(self, report: StepReport) -> None:
+        if report.kind != "step":
+            self._event({"event": report.kind, "step": report.step, **report.stats})
+            return
+        assert self.metrics_file is not None and self.bar is not None
+        row = dict(report.stats)
+        self.metrics_file.write(json.dumps(row) + "\n")
+        self.metrics_file.flush()
+        self.last_stats = report.stats
+        self.bar.update(report.step - self.bar.n)
+        self.bar.set_postfix({key: f"{float(row[key]):.3f}" for key in ("loss", "reward_mean") if key in row})
+
+    def _event(self, event: dict) -> None:
+        """events.jsonl: what happened besides optimizer steps (dropped batches, restarted roles)."""
+        assert self.events_file is not None
+        self.events_file.write(json.dumps({"time": round(time.time(), 3), **event}) + "\n")
+        self.events_file.flush()
+
+    def _supervise(self) -> None:
+        if not self.members:
+            return
+        ages_by_role = {role: self.broker.heartbeats(role) for role in {m.role for m in self.members}}
+        timeout = self.config.service.heartbeat_timeout_s
+        # Nobody could beat while Redis was down: judge heartbeats only once it has been back a while.
+        trust_heartbeats = time.monotonic() - self._redis_outage_at > timeout
+        grace = max(ACTOR_START_TIMEOUT_S, timeout)
+        for member in self.members:
+            reason = None
+            age = ages_by_role[member.role].get(member.member_id)
+            member.seen_alive = member.seen_alive or age is not None
+            ready, _ = ray.wait([member.future], timeout=0)
+            if ready:
+                try:
+                    ray.get(member.future)
+                    reason = "its loop returned before the run ended"
+                except ray.exceptions.RayError as exc:
+                    last_line = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else ""
+                    reason = f"its actor died ({type(exc).__name__}: {last_line})"
+                    if not member.seen_alive:  # it failed while starting: a replacement would too
+                        raise ServiceError(f"{member.member_id} failed to start: {exc}") from exc
+            elif trust_heartbeats and age is not None and age > timeout:
+                reason = f"no heartbeat for {age:.1f}s"
+            elif trust_heartbeats and age is None and time.monotonic() - member.started_at > grace:
+                reason = f"it never sent a heartbeat in {grace:.0f}s"
+            if reason is not None:
+                self._restart(member, reason)
+
+    def _restart(self, member: Member, reason: str) -> None:
+        count = self.restarts.get(member.role, 0) + 1
+        self.restarts[member.role] = count
+        if count > MAX_RESTARTS_PER_ROLE:
+            raise ServiceError(f"{member.member_id} failed ({reason}); {member.role} restarted "
+                               f"{MAX_RESTARTS_PER_ROLE} times already")
+        old = member.member_id
+        ray.kill(member.actor, no_restart=True)
+        self.broker.forget(member.role, old)
+        released = release_consumer(self.broker, member.stream, member.group, old)
+        member.incarnation += 1
+        member.start()
+        self._event({"event": "restart", "member": old, "replacement": member.member_id, "reason": reason,
+                     "released_entries": released})
+        self._write_line(f"{old} restarted as {member.member_id}: {reason}; {released} pending entries released")
+
+    def _housekeeping(self) -> None:
+        now = time.monotonic()
+        if now < self._next_housekeeping:
+            return
+        self._next_housekeeping = now + HOUSEKEEPING_INTERVAL_S
+        self._drain_reports(block_ms=None, reclaim=True)
+        self._check_dead_letters()
+        for stream, group in self._groups():
+            trim_acknowledged(self.broker, stream)
+            self.metrics.stream_length.labels(stream=stream).set(self.broker.length(stream))
+            self.metrics.stream_pending.labels(stream=stream, group=group).set(self.broker.pending(stream, group))
+
+    def _check_dead_letters(self) -> None:
+        """Every message here comes from the run's own roles: one that could not be used is a bug or
+        a configuration error (a reward that cannot score these rollouts, a batch that crashes every
+        worker). Waiting for it would hang the run, so the run ends with its error."""
+        for stream in (DOCUMENTS, ROLLOUTS, SCORED):
+            letters = self.broker.dead_letters(stream, count=1)
+            if letters:
+                raise ServiceError(f"a message of stream {stream!r} could not be used "
+                                   f"(entry {letters[0].entry_id}): {letters[0].error}")
+
+    # -- ending ---------------------------------------------------------------------------------
+
+    def _stop_flag(self, reason: str) -> None:
+        try:
+            self.broker.request_stop(reason)
+        except TRANSIENT as exc:
+            logger.warning("could not set the stop flag: %s", exc)
+
+    def _finish(self) -> Stats:
+        try:
+            result = json.loads(ray.get(self.learner_future))
+        except ray.exceptions.RayError as exc:
+            raise ServiceError(
+                f"the learner failed: {exc}\nresume from its last checkpoint with `refine train --resume`"
+            ) from exc
+        self._stop_flag("finished")
+        self._drain_reports(block_ms=None)
+        futures = [m.future for m in self.members if m.future is not None]
+        if futures:
+            ray.wait(futures, num_returns=len(futures), timeout=STOP_GRACE_S)
+        if self.metrics_file is not None:
+            self.metrics_file.flush()
+            plot_metrics(self.out_dir / "metrics.jsonl", self.out_dir)
+        return result or self.last_stats
+
+    def _shutdown(self) -> None:
+        self._stop_flag("shutdown")
+        for actor in [self.learner, *(m.actor for m in self.members)]:
+            if actor is not None:
+                try:
+                    ray.kill(actor, no_restart=True)
+                except Exception:  # already gone
+                    pass
+        if self.bar is not None:
+            self.bar.close()
+        for handle in (self.metrics_file, self.events_file):
+            if handle is not None:
+                handle.close()
+        try:
+            self.broker.delete_namespace()
+        except (redis.RedisError, OSError) as exc:
+            logger.warning("could not delete namespace %s: %s", self.namespace, exc)
+        if self.endpoint is not None:
+            self.endpoint.close()
+        self.client.close()
+
+    def _write_line(self, text: str) -> None:
+        if self.bar is not None and self.show_progress:
+            self.bar.write(text)
+        else:
+            logger.warning(text)

@@ -1,0 +1,109 @@
+"""Where the run's Ray and Redis come from.
+
+Ray: an already initialized Ray (a notebook, a test session) is used as it is; otherwise an
+address (the `--ray-address` flag, `service.ray_address`, or RAY_ADDRESS, which `ray job submit`
+sets for its entrypoint) is connected to; otherwise a local Ray is started in-process, without the
+dashboard, on ports Ray picks (never Redis' 6379), with enough logical CPUs for the run's actors.
+
+Redis: a URL (`--redis-url`, `service.redis_url`, or REFINE_REDIS_URL), else an embedded
+redis-server for the lifetime of the run.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import ray
+
+from refine.config import RunConfig
+from services.redis_server import EmbeddedRedis, connect
+
+__all__ = ["RayPlan", "actor_cpus", "ray_for_run", "redis_for_run", "resolve_addresses"]
+
+LOCAL_OBJECT_STORE_BYTES = 256 * 1024 * 1024  # weights travel through Redis; the store holds small results
+
+
+@dataclass(frozen=True)
+class RayPlan:
+    address: str | None
+    redis_url: str | None
+
+
+def resolve_addresses(config: RunConfig, ray_address: str | None = None, redis_url: str | None = None) -> RayPlan:
+    """Flag, then config, then environment; None means "start one for this run"."""
+    address = ray_address or config.service.ray_address or os.environ.get("RAY_ADDRESS") or None
+    url = redis_url or config.service.redis_url or os.environ.get("REFINE_REDIS_URL") or None
+    return RayPlan(address=address, redis_url=url)
+
+
+def actor_cpus(config: RunConfig) -> dict[str, float]:
+    """Logical CPUs each role asks Ray for. Roles mostly wait on each other, so small shares are
+    enough; rollout workers take `service.worker_cpus`."""
+    service = config.service
+    if service.mode == "colocated":
+        return {"learner": 1.0}
+    return {
+        "learner": 1.0,
+        "rollout_worker": service.worker_cpus,
+        "reward": 0.25,
+    }
+
+
+def cpus_needed(config: RunConfig) -> float:
+    cpus = actor_cpus(config)
+    total = cpus["learner"]
+    if config.service.mode != "colocated":
+        total += cpus["rollout_worker"] * config.service.num_rollout_workers
+        total += cpus["reward"] * config.service.num_reward_replicas
+    return total
+
+
+@contextmanager
+def ray_for_run(config: RunConfig, address: str | None) -> Iterator[bool]:
+    """Ray for the run; yields whether Ray runs on more than one node. Shuts down (or disconnects
+    from) only a Ray this function started."""
+    needed = cpus_needed(config)
+    started = False
+    if not ray.is_initialized():
+        if address and address != "local":
+            ray.init(address=address, log_to_driver=True)
+        else:
+            ray.init(
+                num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)),
+                include_dashboard=False,
+                object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+                log_to_driver=True,
+            )
+        started = True
+    try:
+        available = float(ray.cluster_resources().get("CPU", 0.0))
+        if available < needed:
+            raise ValueError(
+                f"the Ray cluster has {available:g} CPUs but this run's actors need {needed:g} "
+                f"(service.num_rollout_workers={config.service.num_rollout_workers} x "
+                f"service.worker_cpus={config.service.worker_cpus:g}, learner 1, reward replicas 0.25 each)"
+            )
+        nodes = [node for node in ray.nodes() if node.get("Alive")]
+        yield len(nodes) > 1
+    finally:
+        if started:
+            ray.shutdown()
+
+
+@contextmanager
+def redis_for_run(url: str | None, multi_node: bool) -> Iterator[str]:
+    """The run's Redis URL: checked with PING when given, else an embedded server started here."""
+    if url:
+        connect(url).close()  # fails fast, naming the URL, when it is unreachable
+        yield url
+        return
+    if multi_node:
+        raise ValueError(
+            "the Ray cluster has several nodes: give a Redis every node can reach "
+            "(--redis-url, service.redis_url or REFINE_REDIS_URL); the embedded one listens on 127.0.0.1 only"
+        )
+    with EmbeddedRedis() as server:
+        yield server.url

@@ -1,0 +1,52 @@
+"""Riding out a Redis restart: transient errors are retried until a deadline.
+
+Every role loop catches `TRANSIENT` errors and retries its iteration. Work that is expensive to
+redo (a rollout, an optimizer step) finishes its Redis writes with `retry_redis`, so a restart
+between computing and publishing neither loses the result nor repeats the work. Redis with
+append-only persistence comes back with every acknowledged write (streams, pending entries,
+consumer groups, consumed sets, weights), so retrying the interrupted command is all it takes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import redis
+
+__all__ = ["TRANSIENT", "RedisOutage", "retry_redis"]
+
+T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
+
+TRANSIENT: tuple[type[BaseException], ...] = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.BusyLoadingError,  # still replaying its append-only file after a restart
+    ConnectionError,
+)
+
+
+class RedisOutage(RuntimeError):
+    """Redis stayed unreachable for longer than the configured tolerance."""
+
+
+def retry_redis(fn: Callable[[], T], what: str, timeout_s: float = 120.0, max_backoff_s: float = 2.0) -> T:
+    """`fn()`, retried on transient Redis errors for up to `timeout_s` seconds.
+
+    `fn` must be safe to repeat: a command whose reply was lost may already have run.
+    """
+    deadline = time.monotonic() + timeout_s
+    backoff = 0.05
+    while True:
+        try:
+            return fn()
+        except TRANSIENT as exc:
+            if time.monotonic() + backoff > deadline:
+                raise RedisOutage(f"{what}: Redis unreachable for {timeout_s:.0f}s ({type(exc).__name__}: {exc})") from exc
+            logger.warning("%s: Redis unavailable (%s), retrying in %.2fs", what, exc, backoff)
+            time.sleep(backoff)
+            backoff = min(max_backoff_s, backoff * 2)

@@ -1,0 +1,102 @@
+"""What every role process shares: its Redis connection, heartbeat, metrics endpoint and stop flag.
+
+The heartbeat runs on its own thread, so a member keeps beating through long work (a big batch
+rollout, an optimizer step) and the orchestrator declares it dead only when the process is gone
+or hung. Roles are plain classes; the orchestrator turns them into Ray actors, and nothing here
+needs Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+
+import torch
+
+from services.broker import Broker
+from services.metrics import Metrics, MetricsEndpoint, serve_metrics
+from services.redis_server import connect
+from services.resilience import TRANSIENT, retry_redis
+
+__all__ = ["RoleRuntime", "member_info"]
+
+logger = logging.getLogger(__name__)
+
+
+class RoleRuntime:
+    """Connection, heartbeat thread and Prometheus endpoint of one role member."""
+
+    def __init__(
+        self,
+        role: str,
+        member_id: str,
+        redis_url: str,
+        namespace: str,
+        metrics_dir: str | None,
+        heartbeat_interval_s: float = 1.0,
+        threads: int = 1,
+        outage_timeout_s: float = 120.0,
+    ) -> None:
+        if heartbeat_interval_s <= 0:
+            raise ValueError(f"heartbeat_interval_s must be > 0, got {heartbeat_interval_s}")
+        # Actors share a few cores: one intra-op thread each unless told otherwise.
+        torch.set_num_threads(threads)
+        # Library chatter stays at warnings; the roles' own notes (reclaims, drops, stops) are shown.
+        logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s {member_id} %(levelname)s %(message)s")
+        for name in ("learner", "rollout_workers", "services", "reward"):
+            logging.getLogger(name).setLevel(logging.INFO)
+        self.role = role
+        self.member_id = member_id
+        # A member may start while Redis restarts: wait for it rather than die at birth.
+        self.client = retry_redis(lambda: connect(redis_url), f"{member_id}: connect", outage_timeout_s)
+        self.broker = Broker(self.client, namespace)
+        self.metrics = Metrics()
+        self.endpoint: MetricsEndpoint | None = serve_metrics(
+            self.metrics, role=role, instance=member_id, discovery_dir=metrics_dir
+        )
+        self._interval = heartbeat_interval_s
+        self._closed = threading.Event()
+        # Who is who, for operators (and fault drills): the process behind each member id.
+        record = {"role": role, "pid": os.getpid(), "node": socket.gethostname(), "started_at": f"{time.time():.3f}"}
+        retry_redis(lambda: self.client.hset(self.broker.key("members", member_id), mapping=record),
+                    f"{member_id}: register", outage_timeout_s)
+        self._beat_once()
+        self._thread = threading.Thread(target=self._beat_forever, name=f"heartbeat-{member_id}", daemon=True)
+        self._thread.start()
+
+    def _beat_once(self) -> None:
+        try:
+            self.broker.heartbeat(self.role, self.member_id)
+        except TRANSIENT as exc:
+            logger.warning("heartbeat of %s failed: %s", self.member_id, exc)
+
+    def _beat_forever(self) -> None:
+        while not self._closed.wait(self._interval):
+            self._beat_once()
+
+    def stop_requested(self) -> bool:
+        return self.broker.stop_requested() is not None
+
+    def close(self) -> None:
+        """Stop beating, leave the heartbeat set (a clean exit is not a death), withdraw the endpoint."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self._thread.join(timeout=5)
+        try:
+            self.broker.forget(self.role, self.member_id)
+        except TRANSIENT:
+            pass
+        if self.endpoint is not None:
+            self.endpoint.close()
+            self.endpoint = None
+        self.client.close()
+
+
+def member_info(broker: Broker, member_id: str) -> dict[str, str]:
+    """What a member recorded about itself when it started (role, pid, node, started_at)."""
+    raw = broker.client.hgetall(broker.key("members", member_id))
+    return {key.decode(): value.decode() for key, value in raw.items()}

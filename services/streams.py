@@ -1,0 +1,135 @@
+"""Names every role agrees on, and the shared state that is not a stream message.
+
+Pipeline: documents -> (rollout workers) -> rollouts -> (reward replicas) -> scored -> (learner).
+In colocated mode the learner consumes `documents` itself.
+
+The learner needs the token ids of the documents a rollout batch came from. A RolloutBatch only
+names its DocumentBatch, so the orchestrator also stores every published DocumentBatch under
+`<namespace>:document_batch:<batch_id>` (same codec, never pickle) and the learner deletes it once
+the batch is trained or dropped. Rollout messages stay small, and the documents cross the wire to
+the learner once, not through every hop.
+"""
+
+from __future__ import annotations
+
+import redis
+
+from services.broker import Broker
+from services.codec import decode, encode
+from services.messages import DocumentBatch
+
+__all__ = [
+    "CONSUMED_KEY",
+    "DOCUMENTS",
+    "DROPPED_KEY",
+    "DocumentStore",
+    "LEARNER_GROUP",
+    "LEARNER_REPORTS",
+    "ORCHESTRATOR_GROUP",
+    "REWARD_GROUP",
+    "ROLLOUTS",
+    "ROLLOUT_GROUP",
+    "SCORED",
+    "release_consumer",
+    "rollout_batch_id_for",
+    "trim_acknowledged",
+]
+
+DOCUMENTS = "documents"
+ROLLOUTS = "rollouts"
+SCORED = "scored"
+LEARNER_REPORTS = "learner_reports"
+
+ROLLOUT_GROUP = "rollout"
+REWARD_GROUP = "reward"
+LEARNER_GROUP = "learner"
+ORCHESTRATOR_GROUP = "orchestrator"
+
+# Broker consumed-sets: rollout batches (or, colocated, document batches) the learner trained on,
+# and those it dropped as too stale. A message id is in at most one of them.
+CONSUMED_KEY = "learner"
+DROPPED_KEY = "learner-dropped"
+
+
+def rollout_batch_id_for(document_batch_id: str) -> str:
+    """Rollouts of one document batch always get the same id, whichever worker makes them and how
+    often (a reclaimed batch is rolled out again): the learner's exactly-once guard then covers the
+    documents, not just one message."""
+    return f"{document_batch_id}.rollouts"
+
+
+class DocumentStore:
+    """Document batches by id, for the learner to read the documents behind a rollout batch."""
+
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+
+    def _key(self, batch_id: str) -> str:
+        return self.broker.key("document_batch", batch_id)
+
+    def put(self, batch: DocumentBatch) -> None:
+        self.broker.client.set(self._key(batch.batch_id), encode(batch, self.broker.limits))
+
+    def get(self, batch_id: str) -> DocumentBatch | None:
+        data = self.broker.client.get(self._key(batch_id))
+        return None if data is None else decode(data, DocumentBatch, self.broker.limits)
+
+    def delete(self, batch_id: str) -> None:
+        self.broker.client.delete(self._key(batch_id))
+
+    def count(self) -> int:
+        return sum(1 for _ in self.broker.client.scan_iter(match=self._key("*"), count=500))
+
+
+def release_consumer(broker: Broker, stream: str, group: str, consumer: str, batch: int = 1000) -> int:
+    """Make every entry a dead consumer still holds reclaimable at once; returns how many.
+
+    XAUTOCLAIM hands out entries idle for longer than a threshold, which must exceed the longest
+    time a live consumer can spend on one entry. When the orchestrator *knows* a consumer is dead
+    (its actor died), waiting that long is pointless: this resets the idle time of the dead
+    consumer's entries (XCLAIM ... IDLE, ownership unchanged, delivery count untouched) so the next
+    XAUTOCLAIM of any live consumer takes them over.
+    """
+    key = broker.key("stream", stream)
+    try:
+        rows = broker.client.xpending_range(key, group, "-", "+", batch, consumername=consumer)
+    except redis.ResponseError as exc:
+        if "NOGROUP" in str(exc):
+            return 0
+        raise
+    ids = [row["message_id"] for row in rows]
+    if not ids:
+        return 0
+    ten_days_ms = 10 * 24 * 3600 * 1000
+    broker.client.xclaim(key, group, consumer, 0, ids, idle=ten_days_ms, justid=True)
+    return len(ids)
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    millis, _, seq = entry_id.partition("-")
+    return int(millis), int(seq or 0)
+
+
+def trim_acknowledged(broker: Broker, stream: str) -> int:
+    """Delete the entries every consumer group of `stream` has been given and acknowledged.
+
+    Keeps each group's pending entries (a dead consumer's included, so they can be reclaimed) and
+    everything not yet delivered; returns how many entries were removed. A stream without groups
+    is left alone.
+    """
+    key = broker.key("stream", stream)
+    try:
+        groups = broker.client.xinfo_groups(key)
+    except redis.ResponseError:
+        return 0  # no such stream yet
+    if not groups:
+        return 0
+    keep_from: list[str] = []
+    for group in groups:
+        name = group["name"].decode() if isinstance(group["name"], bytes) else group["name"]
+        last = group["last-delivered-id"]
+        keep_from.append(last.decode() if isinstance(last, bytes) else last)
+        if int(group["pending"]):
+            oldest = broker.client.xpending(key, name)["min"]
+            keep_from.append(oldest.decode() if isinstance(oldest, bytes) else oldest)
+    return int(broker.client.xtrim(key, minid=min(keep_from, key=_id_key), approximate=False))

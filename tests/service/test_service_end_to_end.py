@@ -1,0 +1,121 @@
+"""`refine train` on the distributed service: local Ray, real Redis, tiny model."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from learner.checkpoint import read_learner_state
+from refine.cli import main
+from refine.models import load_model
+from service_helpers import SERVICE_TINY, step_rows, tiny_config, tiny_overrides
+from services.broker import Broker
+from services.orchestrator import ServiceError, check_service_config, run
+from services.redis_server import connect
+from services.streams import DOCUMENTS
+
+pytestmark = pytest.mark.slow
+
+
+def test_refine_train_disaggregated_end_to_end(ray_session, tmp_path: Path, capsys) -> None:
+    steps = 5
+    overrides = [*tiny_overrides(tmp_path), f"train.steps={steps}", "service.num_rollout_workers=2",
+                 "service.num_reward_replicas=1"]
+    args = ["train", str(SERVICE_TINY), "--no-progress"]
+    for item in overrides:
+        args += ["--set", item]
+    scraped: dict[str, str] = {}
+    finished = threading.Event()
+    scraper = threading.Thread(target=scrape_every_role, args=(tmp_path / "prometheus", scraped, finished))
+    scraper.start()
+    try:
+        assert main(args) == 0
+    finally:
+        finished.set()
+        scraper.join()
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    run_dir = tmp_path / "run"
+
+    rows = step_rows(run_dir)
+    assert [row["step"] for row in rows] == list(range(1, steps + 1))
+    # On-policy (max_staleness = 0): step t trains on rollouts made with the weights after t - 1 steps,
+    # so workers did pick up every refreshed version.
+    assert [row["policy_version"] for row in rows] == list(range(steps))
+    assert all(row["staleness"] == 0 for row in rows)
+    assert rows[-1]["weight_version"] == steps
+    assert len({row["rollout_batch_id"] for row in rows}) == steps
+    assert {row["worker_id"].split(".")[0] for row in rows} <= {"rollout_worker-0", "rollout_worker-1"}
+    assert all(torch.isfinite(torch.tensor(row["loss"])) for row in rows)
+    assert printed["step"] == steps and printed["loss"] == rows[-1]["loss"]
+
+    checkpoint = run_dir / "checkpoints" / "latest"
+    state = read_learner_state(checkpoint)
+    assert (state.step, state.weight_version) == (steps, steps)
+    assert state.cursor == rows[-1]["cursor"]
+    model = load_model(checkpoint / "model")
+    assert model.config.hidden_size == 64
+    assert (run_dir / "config.yaml").exists() and (run_dir / "losses.png").exists()
+    # Every role served Prometheus metrics while it ran, and withdrew its discovery file on exit.
+    assert set(scraped) == {"orchestrator", "learner", "rollout_worker", "reward"}
+    for role, name in (("learner", "refine_learner_steps_total"), ("learner", "refine_ntp_loss"),
+                       ("rollout_worker", "refine_rollouts_total"), ("rollout_worker", "refine_weight_version"),
+                       ("reward", "refine_scored_batches_total"), ("orchestrator", "refine_documents_total")):
+        assert f"\n{name} " in scraped[role], (role, name)
+    assert list((tmp_path / "prometheus").glob("*.json")) == []
+
+
+def scrape_every_role(discovery_dir: Path, scraped: dict[str, str], finished: threading.Event) -> None:
+    """Scrape each target announced in the file-discovery directory (as Prometheus would), by role."""
+    while not finished.is_set():
+        for path in discovery_dir.glob("*.json"):
+            try:
+                (target,) = json.loads(path.read_text())
+                url = f"http://{target['targets'][0]}/metrics"
+                scraped[target["labels"]["role"]] = urllib.request.urlopen(url, timeout=2).read().decode()
+            except (OSError, ValueError):
+                continue  # withdrawn between listing and reading
+        time.sleep(0.05)
+
+
+def test_colocated_runs_the_fused_step_without_workers(ray_session, tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, "train.steps=3", "service.mode=colocated")
+    stats = run(config, progress=False)
+    rows = step_rows(tmp_path / "run")
+    assert [row["step"] for row in rows] == [1, 2, 3]
+    assert "worker_id" not in rows[0]  # no rollout workers: the learner sampled its own rollouts
+    assert stats["step"] == 3 and stats["reward_mean"] == rows[-1]["reward_mean"]
+
+
+def test_a_message_no_role_can_use_ends_the_run_with_its_error(ray_session, redis_url: str, tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, "train.steps=1000")
+    broker = Broker(connect(redis_url), config.service.namespace)
+
+    def inject_garbage() -> None:
+        deadline = time.monotonic() + 60
+        while not broker.client.exists(broker.key("learner", "progress")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        broker.client.xadd(broker.key("stream", DOCUMENTS), {b"m": b"not a message", b"t": b"DocumentBatch"})
+
+    injector = threading.Thread(target=inject_garbage)
+    injector.start()
+    try:
+        with pytest.raises(ServiceError, match="stream 'documents' could not be used"):
+            run(config, progress=False, redis_url=redis_url)
+    finally:
+        injector.join()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.mode=ntp"], "train.mode='ntp'"),
+    (["refine.reward=no_such_reward"], "unknown reward_type 'no_such_reward'"),
+    (["service.max_staleness=0", "service.sync_interval=3"], "service.max_staleness=0"),
+])
+def test_configs_the_service_cannot_run_are_rejected(tmp_path: Path, overrides: list[str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        check_service_config(tiny_config(tmp_path, *overrides))

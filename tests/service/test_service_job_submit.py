@@ -1,0 +1,95 @@
+"""`ray job submit -- refine train ...` against a real Ray head started for this test.
+
+The head runs with `--block` in its own process group on free ports and a private temp dir; the
+test ends it by signalling that one process (never `ray stop`, which would stop every Ray on the
+machine). Token authentication uses a token made for this test.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from service_helpers import SERVICE_TINY, step_rows, tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head() -> Iterator[tuple[str, dict[str, str]]]:
+    """(dashboard URL, environment for Ray commands) of a one-node Ray cluster with a dashboard."""
+    temp_dir = tempfile.mkdtemp(prefix="rj-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", RAY_AUTH_MODE="token",
+               RAY_AUTH_TOKEN=secrets.token_hex(32))
+    env.pop("RAY_ADDRESS", None)
+    ports = {name: _free_port() for name in ("port", "dashboard-port", "ray-client-server-port",
+                                             "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                             "metrics-export-port", "runtime-env-agent-port")}
+    command = [str(BIN / "ray"), "start", "--head", "--block", "--include-dashboard", "true",
+               "--dashboard-host", "127.0.0.1", "--num-cpus", "4", "--object-store-memory", str(100 * 1024 * 1024),
+               "--temp-dir", temp_dir, "--disable-usage-stats"]
+    for name, port in ports.items():
+        command += [f"--{name}", str(port)]
+    log = open(Path(temp_dir) / "head.log", "w")
+    head = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{ports['dashboard-port']}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/api/version", timeout=1).read()
+                break
+            except urllib.error.HTTPError:
+                break  # it answers (asking for the token): it is up
+            except OSError:
+                if head.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the Ray head did not start: {(Path(temp_dir) / 'head.log').read_text()[-2000:]}")
+                time.sleep(0.5)
+        yield url, env
+    finally:
+        head.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+            head.wait()
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_ray_job_submit_runs_refine_train(ray_head, redis_url: str, tmp_path: Path) -> None:
+    url, env = ray_head
+    steps = 3
+    entrypoint = ["refine", "train", str(SERVICE_TINY), "--no-progress", "--redis-url", redis_url,
+                  "--set", f"train.steps={steps}"]
+    for item in tiny_overrides(tmp_path):
+        entrypoint += ["--set", item]
+    result = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", url, "--", *entrypoint],
+                            env=env, capture_output=True, text=True, timeout=240)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "succeeded" in output, output[-4000:]
+    rows = step_rows(tmp_path / "run")
+    assert [row["step"] for row in rows] == list(range(1, steps + 1))
+    assert (tmp_path / "run" / "checkpoints" / "latest" / "learner_state.json").exists()
