@@ -71,13 +71,17 @@ def run(length: int, samples: int, repeats: int, batch: int) -> dict:
         step(refine_loss("reference", model, ids, lengths, rollouts, advantages_for(rollouts.rewards, rollouts, cfg),
                          cfg).loss)
 
-    results = {}
-    for name, fn in (("ntp", ntp), ("onepass", onepass), ("fused", fused), ("reference", reference)):
+    # Modes take turns in every round, so a noisy neighbour slows all of them alike.
+    modes = (("ntp", ntp), ("onepass", onepass), ("fused", fused), ("reference", reference))
+    for _, fn in modes:
         fn()  # warm-up
-        if name == "onepass":
-            for values in breakdown.values():
-                values.clear()
-        results[name] = statistics.median(timed(fn) for _ in range(repeats if name != "reference" else 1))
+    for values in breakdown.values():
+        values.clear()
+    timings: dict[str, list[float]] = {name: [] for name, _ in modes}
+    for _ in range(repeats):
+        for name, fn in modes:
+            timings[name].append(timed(fn))
+    results = {name: statistics.median(values) for name, values in timings.items()}
     return {
         "benchmark": "step", "length": length, "batch": batch, "num_chunks": 8, "rollout_len": 5,
         "num_samples": samples, "threads": torch.get_num_threads(),

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationErr
 
 from refine.models import config_from_dict
 from refine.models.config import DeltaNetConfig, ModelConfigBase
+from refine_vllm.settings import VllmEngineConfig  # plain pydantic: importing it needs no vLLM
 
 
 class ConfigError(ValueError):
@@ -94,6 +95,14 @@ class TrainConfig(Strict):
         return value
 
 
+class RolloutConfig(Strict):
+    """Which engine produces rollouts and answers."""
+
+    engine: Literal["snapshot", "vllm"] = Field(
+        "snapshot", description="snapshot: the one-pass engine; vllm: vLLM serves the policy (needs .venv-vllm)")
+    vllm: VllmEngineConfig = Field(default_factory=VllmEngineConfig)
+
+
 class ServiceConfig(Strict):
     """The distributed service: Ray actors exchanging messages through Redis streams."""
 
@@ -143,6 +152,7 @@ class RunConfig(Strict):
     optim: OptimConfig = OptimConfig()
     refine: RefineConfig = RefineConfig()
     service: ServiceConfig = ServiceConfig()
+    rollout: RolloutConfig = RolloutConfig()
     demo: DemoConfig | None = Field(None, description="set: run the REFINE-vs-NTP comparison instead of one run")
 
     @field_validator("model", mode="before")
@@ -153,6 +163,13 @@ class RunConfig(Strict):
         if not isinstance(value, dict):
             raise ValueError(f"model must be a mapping with a model_type, got {value!r}")
         return config_from_dict(value)
+
+    @model_validator(mode="after")
+    def _engine_serves_model(self) -> "RunConfig":
+        if self.rollout.engine == "vllm" and self.model.model_type not in ("delta_net", "gated_deltanet"):
+            raise ValueError(f"rollout.engine='vllm' serves delta_net and gated_deltanet, "
+                             f"not model.model_type={self.model.model_type!r}")
+        return self
 
     @model_validator(mode="after")
     def _margins_fit(self) -> "RunConfig":

@@ -22,7 +22,7 @@ from refine.algorithm.rollout import Rollouts, snapshot_rollouts
 from refine.config import RunConfig
 from refine.loop import prepare_model
 
-__all__ = ["ENGINES", "RolloutEngine", "SnapshotEngine", "batch_generator", "build_engine", "engine_name"]
+__all__ = ["ENGINES", "RolloutEngine", "SnapshotEngine", "batch_generator", "build_engine"]
 
 
 def batch_generator(seed: int, epoch: int, offset: int, device: str = "cpu") -> torch.Generator:
@@ -66,14 +66,8 @@ def _vllm_engine(config: RunConfig) -> RolloutEngine:
 ENGINES = {"snapshot": SnapshotEngine, "vllm": _vllm_engine}
 
 
-def engine_name(config: RunConfig) -> str:
-    """The configured engine (`rollout.engine` when the config has that section), else "snapshot"."""
-    section = getattr(config, "rollout", None)
-    return str(getattr(section, "engine", "snapshot")) if section is not None else "snapshot"
-
-
 def build_engine(config: RunConfig, name: str | None = None) -> RolloutEngine:
-    name = name or engine_name(config)
+    name = name or config.rollout.engine
     if name not in ENGINES:
         raise ValueError(f"rollout engine {name!r} is not available (available: {sorted(ENGINES)})")
     return ENGINES[name](config)

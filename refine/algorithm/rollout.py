@@ -5,7 +5,7 @@ Two generators with one output type:
   entropies, final-layer hidden states and the states at the selected positions; every
   position x sample of every document then decodes as one batch of k recurrent steps.
 - `reprefill_rollouts` (the paper code's pattern, kept as a baseline): every prefix is run again
-  from scratch before decoding.
+  from scratch before decoding, and every prefix + rollout once more for log-probs and hidden states.
 
 Rollout ordering everywhere: rollout i = (b * c + j) * n + s for document b, position j, sample s.
 """
@@ -124,13 +124,19 @@ def reprefill_rollouts(model: FastWeightLM, input_ids: Tensor, lengths: Tensor, 
     """The paper code's pattern: run every prefix again from the start, then decode its samples."""
     tokens, logprobs, hidden, first = [], [], [], []
     rows, starts = prefix_rows(positions)
+    k, n = cfg.rollout_len, cfg.num_samples
+    temperature = cfg.temperature if cfg.temperature > 0 else 1.0
     for row, start in zip(rows.tolist(), starts.tolist()):
         prefix = model(input_ids[row:row + 1, :start])
         first.append(prefix.logits[0, -1])
-        t, lp, h = decode(model, prefix.state, prefix.logits[:, -1], cfg, generator)
+        t, _, _ = decode(model, prefix.state, prefix.logits[:, -1], cfg, generator)
+        # Then, as the paper's code does, one more full forward of prefix + rollout for the old
+        # log-probs and the rollout hidden states.
+        full = model(torch.cat([input_ids[row:row + 1, :start].expand(n, -1), t], dim=1), output_state=False)
+        logits = full.logits[:, start - 1:start + k - 1]
+        logprobs.append(torch.log_softmax(logits.float() / temperature, -1).gather(-1, t[..., None])[..., 0])
         tokens.append(t)
-        logprobs.append(lp)
-        hidden.append(h)
+        hidden.append(full.hidden_states[:, start:start + k])
     full = model(input_ids, lengths=lengths, output_state=False)  # ground-truth hidden states
     target_tokens, target_hidden = _targets(input_ids, full.hidden_states, positions, cfg.rollout_len,
                                             cfg.num_samples)
