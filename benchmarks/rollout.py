@@ -1,6 +1,6 @@
 """Rollout tokens per second: snapshot engine vs re-prefill generation, same model, prefixes and run.
 
-    python benchmarks/rollout.py [--lengths 1024 4096 16384] [--samples 1] [--threads 2]
+    python benchmarks/rollout.py [--lengths 1024 4096 16384] [--samples 1 4] [--threads 2]
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def run(length: int, samples: int, model) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
-    parser.add_argument("--samples", type=int, default=1)
+    parser.add_argument("--samples", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -53,7 +53,8 @@ def main() -> None:
     model = build_model(dict(model_type="delta_net", vocab_size=260, hidden_size=128, num_hidden_layers=2,
                              num_heads=2, intermediate_size=256, tie_word_embeddings=True))
     for length in args.lengths:
-        print(json.dumps(run(length, args.samples, model)), flush=True)
+        for samples in args.samples:
+            print(json.dumps(run(length, samples, model)), flush=True)
 
 
 if __name__ == "__main__":

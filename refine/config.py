@@ -128,9 +128,9 @@ class ServiceConfig(Strict):
 class DemoConfig(Strict):
     """The main job: NTP pre-training, then two copies continued with REFINE and with NTP only, compared."""
 
-    pretrain_steps: int = Field(300, ge=1)
-    branch_steps: int = Field(150, ge=1)
-    pretrain_lr: float = Field(3e-3, gt=0, description="a tiny model from scratch needs far more than the paper's 1e-6")
+    pretrain_steps: int = Field(2000, ge=1)
+    branch_steps: int = Field(1000, ge=1)
+    pretrain_lr: float = Field(4e-3, gt=0, description="a tiny model from scratch needs far more than the paper's 1e-6")
     branch_lr: float = Field(1e-3, gt=0)
     eval_tasks: list[Literal["niah", "mqar"]] = ["niah", "mqar"]
     eval_examples: int = Field(20, ge=1)
@@ -216,7 +216,7 @@ def parse_overrides(items: list[str]) -> list[tuple[str, str]]:
 
 # The main job's settings when `refine train` gets no config file (configs/demo.yaml spells out the same).
 DEMO_DEFAULTS: dict[str, Any] = {
-    "data": {"num_documents": 384, "synthetic_tasks": ["recall", "niah", "mqar"]},
+    "data": {"num_documents": 2048, "synthetic_tasks": ["recall", "niah", "mqar"]},
     "train": {"out_dir": "runs/demo"},
     "demo": {},
 }

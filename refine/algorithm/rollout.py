@@ -126,10 +126,12 @@ def reprefill_rollouts(model: FastWeightLM, input_ids: Tensor, lengths: Tensor, 
     rows, starts = prefix_rows(positions)
     k, n = cfg.rollout_len, cfg.num_samples
     temperature = cfg.temperature if cfg.temperature > 0 else 1.0
+    one_each = cfg.model_copy(update={"num_samples": 1})
     for row, start in zip(rows.tolist(), starts.tolist()):
-        prefix = model(input_ids[row:row + 1, :start])
+        # Every rollout re-prefills its own copy of the prefix, as a batch of n prompts does.
+        prefix = model(input_ids[row:row + 1, :start].expand(n, -1))
         first.append(prefix.logits[0, -1])
-        t, _, _ = decode(model, prefix.state, prefix.logits[:, -1], cfg, generator)
+        t, _, _ = decode(model, prefix.state, prefix.logits[:, -1], one_each, generator)
         # Then, as the paper's code does, one more full forward of prefix + rollout for the old
         # log-probs and the rollout hidden states.
         full = model(torch.cat([input_ids[row:row + 1, :start].expand(n, -1), t], dim=1), output_state=False)
