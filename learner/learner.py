@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from learner.data_parallel import DataParallelGroup, free_address, weights_digest
 from learner.checkpoint import LearnerState, latest_checkpoint, load_learner_checkpoint, save_learner_checkpoint
 from learner.update import fused_update, onepass_update, rollouts_from_batch
 from refine.config import RunConfig
@@ -76,12 +77,22 @@ class Learner:
         self.finished = 0
         self.duplicates = 0
         self.last_stats: dict[str, float | int | str] = {}
+        self.group: DataParallelGroup | None = None  # with service.num_learners > 1, this is rank 0
 
     # -- setup ----------------------------------------------------------------------------------
 
-    def setup(self) -> str:
-        """Publish the starting weights (version = step) and the progress record; returns JSON with
-        the step, data cursor and weight version the run continues from."""
+    def data_parallel_address(self) -> str:
+        """Where ranks 1..R-1 meet this rank (service.num_learners > 1): a free port on its host."""
+        return free_address()
+
+    def setup(self, data_parallel_address: str | None = None) -> str:
+        """Join the learners' process group (when given its address; ranks 1..R-1 must be joining
+        too), publish the starting weights (version = step) and the progress record; returns JSON
+        with the step, data cursor and weight version the run continues from."""
+        if data_parallel_address is not None:
+            self.group = DataParallelGroup(data_parallel_address, 0, self.config.service.num_learners, self.device,
+                                           timeout_s=max(300.0, 10 * self.config.service.heartbeat_timeout_s))
+            self.group.broadcast_parameters(self.model)
         latest = retry_redis(self.weights.latest_version, "read weight version", self.outage_timeout_s)
         if latest is not None and latest >= self.state.step:
             self.weights.clear()  # left over from an earlier run in this namespace
@@ -150,9 +161,13 @@ class Learner:
         if documents is None:
             self._drop(entry_id, batch, staleness, "documents_missing")
             return
-        ids, lengths = self._tensors(documents)
-        rollouts = rollouts_from_batch(batch, self.device)
-        outcome = onepass_update(self.model, self.optimizer, ids, lengths, rollouts, self.config, self.ref_model)
+        if self.group is not None:
+            self.group.send_batch(batch, documents)
+            outcome = self.group.update(self.model, self.optimizer, batch, documents, self.config, self.ref_model)
+        else:
+            ids, lengths = self._tensors(documents)
+            rollouts = rollouts_from_batch(batch, self.device)
+            outcome = onepass_update(self.model, self.optimizer, ids, lengths, rollouts, self.config, self.ref_model)
         self._finish_step(SCORED, entry_id, rollout_id, documents, outcome, {
             "staleness": staleness, "policy_version": batch.policy_version, "rollout_batch_id": rollout_id,
             "worker_id": batch.worker_id, "reward_type": batch.reward_type,
@@ -257,6 +272,11 @@ class Learner:
             if self.checkpointed_step != self.state.step:
                 self.checkpoint()
             self._write_progress(done=True)
+            if self.group is not None:
+                self.group.send_stop()
+                self.last_stats = self.last_stats | {"weights_digest": weights_digest(self.model)}
         finally:
+            if self.group is not None:
+                self.group.close()
             self.runtime.close()
         return json.dumps(self.last_stats)

@@ -113,6 +113,8 @@ class ServiceConfig(Strict):
     redis_url: str | None = Field(None, description="None: start an embedded Redis for the run (or REFINE_REDIS_URL)")
     namespace: str | None = Field(None, description="Redis key prefix; None: derived from the run directory")
     num_rollout_workers: int = Field(2, ge=1)
+    num_learners: int = Field(1, ge=1, description="data-parallel learner ranks (torch.distributed: gloo on CPU, "
+                              "NCCL on CUDA); each step's documents are split across them")
     num_reward_replicas: int = Field(1, ge=1)
     max_staleness: int = Field(0, ge=0, description="drop rollouts more than this many versions old; 0 = on-policy")
     sync_interval: int = Field(1, ge=1, description="learner publishes weights every this many steps")

@@ -101,6 +101,9 @@ def check_service_config(config: RunConfig) -> None:
         from reward.scoring import check_reward_type
 
         check_reward_type(config.refine.reward)  # names the registered rewards when it is unknown
+    if service.mode == "colocated" and service.num_learners > 1:
+        raise ValueError(f"service.num_learners={service.num_learners} needs service.mode='disaggregated': the "
+                         f"colocated fused step samples its own rollouts and is not split across ranks")
     if service.mode == "disaggregated" and service.max_staleness < service.sync_interval - 1:
         raise ValueError(
             f"service.max_staleness={service.max_staleness} is below service.sync_interval - 1 = "
@@ -211,6 +214,8 @@ class Orchestrator:
         self.restarts: dict[str, int] = {}
         self.learner: Any = None
         self.learner_future: Any = None
+        self.replicas: list[Any] = []  # learner ranks 1..R-1 (service.num_learners > 1)
+        self.replica_futures: list[Any] = []
         self.published = 0
         self.stopping = False
         self.last_stats: Stats = {}
@@ -274,7 +279,19 @@ class Orchestrator:
 
         self.learner = self._remote("learner", Learner).remote(
             self.config_json, self.redis_url, self.namespace, self.resume)
-        return self.learner.setup.remote()
+        ranks = self.config.service.num_learners
+        if ranks == 1:
+            return self.learner.setup.remote()
+        from learner.replica import LearnerReplica
+
+        try:
+            address = ray.get(self.learner.data_parallel_address.remote(), timeout=ACTOR_START_TIMEOUT_S)
+        except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as exc:
+            raise ServiceError(f"the learner failed to start: {exc}") from exc
+        replica_cls = self._remote("learner", LearnerReplica)
+        self.replicas = [replica_cls.remote(self.config_json, rank, address, self.resume) for rank in range(1, ranks)]
+        self.replica_futures = [replica.run.remote() for replica in self.replicas]
+        return self.learner.setup.remote(address)
 
     def _wait_for_learner(self, setup: Any) -> dict:
         """The step, data cursor and weight version the run continues from."""
@@ -501,6 +518,7 @@ class Orchestrator:
             raise ServiceError(
                 f"the learner failed: {exc}\nresume from its last checkpoint with `refine train --resume`"
             ) from exc
+        self._check_replicas(result)
         self._stop_flag("finished")
         self._drain_reports(block_ms=None)
         futures = [m.future for m in self.members if m.future is not None]
@@ -511,9 +529,19 @@ class Orchestrator:
             plot_metrics(self.out_dir / "metrics.jsonl", self.out_dir)
         return result or self.last_stats
 
+    def _check_replicas(self, result: Stats) -> None:
+        """Learner ranks 1..R-1 end when rank 0 does, with bit-equal weights."""
+        for rank, future in enumerate(self.replica_futures, start=1):
+            try:
+                replica = json.loads(ray.get(future, timeout=STOP_GRACE_S))
+            except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as exc:
+                raise ServiceError(f"learner rank {rank} failed: {exc}") from exc
+            if replica["weights_digest"] != result.get("weights_digest"):
+                raise ServiceError(f"learner rank {rank} ended with weights that differ from rank 0's")
+
     def _shutdown(self) -> None:
         self._stop_flag("shutdown")
-        for actor in [self.learner, *(m.actor for m in self.members)]:
+        for actor in [self.learner, *self.replicas, *(m.actor for m in self.members)]:
             if actor is not None:
                 try:
                     ray.kill(actor, no_restart=True)

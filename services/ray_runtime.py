@@ -54,7 +54,7 @@ def actor_cpus(config: RunConfig) -> dict[str, float]:
 
 def cpus_needed(config: RunConfig) -> float:
     cpus = actor_cpus(config)
-    total = cpus["learner"]
+    total = cpus["learner"] * config.service.num_learners  # every data-parallel rank is an actor
     if config.service.mode != "colocated":
         total += cpus["rollout_worker"] * config.service.num_rollout_workers
         total += cpus["reward"] * config.service.num_reward_replicas

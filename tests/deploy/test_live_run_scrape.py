@@ -21,9 +21,10 @@ def test_prometheus_finds_every_role_and_dashboard_metric_of_a_live_run(promethe
     discovery = tmp_path / "prometheus"
     discovery.mkdir()
     prometheus = prometheus_server(discovery, scrape_interval="1s")
-    # A run long enough to be scraped several times at 1 s; the scraped series stay queryable after it.
+    # A run long enough (tens of seconds) that even a busy Prometheus discovers and scrapes every role
+    # while it is live; the scraped series stay queryable after it.
     config = load_config(REPO / "configs" / "service_tiny.yaml", [
-        f"train.out_dir={tmp_path / 'run'}", "train.steps=40", "train.checkpoint_every=0",
+        f"train.out_dir={tmp_path / 'run'}", "train.steps=150", "train.checkpoint_every=0",
         f"service.metrics_discovery_dir={discovery}", f"service.namespace=scrape-{uuid.uuid4().hex[:8]}",
     ])
     seen_roles: set[str] = set()
@@ -41,7 +42,7 @@ def test_prometheus_finds_every_role_and_dashboard_metric_of_a_live_run(promethe
     finally:
         finished.set()
         watcher.join()
-    assert stats["step"] == 40
+    assert stats["step"] == 150
     assert ROLES <= seen_roles, f"roles never scraped while live: {sorted(ROLES - seen_roles)}"
     wanted = set()
     for _, _, expr in dashboard_queries():

@@ -1,0 +1,173 @@
+"""Data parallelism over several learner ranks with torch.distributed (gloo on CPU, NCCL on CUDA).
+
+Rank 0 is the learner the orchestrator talks to: it consumes the scored batches, checkpoints and
+publishes weights. Each step it broadcasts the batch (the ScoredBatch and its DocumentBatch, as
+codec bytes: nothing is pickled) to ranks 1..R-1. Every rank computes the GRPO advantages on the
+whole batch (groups stay intact), the loss on its own contiguous slice of documents (and their
+rollouts), weights it by its share of the documents, and the gradients are summed across ranks
+before clipping. So every rank clips and steps the same gradient with an identically initialized
+optimizer, and the ranks' weights stay equal. For a loss that is a mean over documents the summed
+gradient is the single-rank one; the NTP term is a token mean per slice, so there it is close to,
+not bit-equal to, the single-rank gradient when documents differ in length. The loss statistics a
+step reports are rank 0's slice; grad_norm and the rollout statistics are the whole batch's.
+
+Rendezvous: rank 0 picks a free port on its host; the group is formed through a TCP store there.
+A resumed run's ranks all load the same checkpoint (out_dir must be on a shared file system when
+ranks run on different nodes), and the parameters are broadcast from rank 0 at the start anyway.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from learner.update import rollouts_from_batch
+from refine.algorithm.rollout import Rollouts
+from refine.algorithm.update import advantages_for, refine_loss, rollout_stats
+from refine.config import RunConfig
+from refine.loop import StepResult
+from refine.models import FastWeightLM
+from services.codec import decode, encode
+from services.messages import DocumentBatch, ScoredBatch
+
+__all__ = ["DataParallelGroup", "document_slice", "free_address", "slice_rollouts", "weights_digest"]
+
+STOP = -1
+
+
+def free_address() -> str:
+    """`host:port` on this machine that the other ranks can reach (the port is free right now)."""
+    host = socket.gethostbyname(socket.gethostname())
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("", 0))
+        return f"{host}:{probe.getsockname()[1]}"
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of every parameter's bytes in order: equal digests mean bit-equal weights."""
+    digest = hashlib.sha256()
+    for name, parameter in model.named_parameters():
+        digest.update(name.encode())
+        digest.update(parameter.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def document_slice(num_documents: int, rank: int, world_size: int) -> tuple[int, int]:
+    """The contiguous documents [start, end) of `rank` (ranks past the batch get none)."""
+    per_rank = -(-num_documents // world_size)
+    start = min(rank * per_rank, num_documents)
+    return start, min(start + per_rank, num_documents)
+
+
+def slice_rollouts(rollouts: Rollouts, start: int, end: int) -> Rollouts:
+    """Documents [start, end) of the batch and their rollouts (rollout i belongs to document
+    i // (chunks * samples), see refine/algorithm/rollout.py)."""
+    per_document = rollouts.positions.shape[1] * rollouts.num_samples
+    lo, hi = start * per_document, end * per_document
+    return Rollouts(
+        positions=rollouts.positions[start:end], tokens=rollouts.tokens[lo:hi], logprobs=rollouts.logprobs[lo:hi],
+        hidden=rollouts.hidden[lo:hi], target_tokens=rollouts.target_tokens[lo:hi],
+        target_hidden=rollouts.target_hidden[lo:hi], entropies=rollouts.entropies[start:end],
+        num_samples=rollouts.num_samples, policy_version=rollouts.policy_version,
+        rewards=None if rollouts.rewards is None else rollouts.rewards[lo:hi],
+    )
+
+
+class DataParallelGroup:
+    """One rank's membership of the learners' process group."""
+
+    def __init__(self, address: str, rank: int, world_size: int, device: str, timeout_s: float) -> None:
+        if world_size < 2:
+            raise ValueError(f"service.num_learners={world_size}: a data-parallel group needs at least 2 ranks")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"learner rank={rank} is outside 0..{world_size - 1}")
+        self.rank, self.world_size = rank, world_size
+        self.device = torch.device(device)
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://{address}", rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=timeout_s))
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    def broadcast_parameters(self, model: FastWeightLM) -> None:
+        """Every rank starts from rank 0's weights."""
+        for tensor in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(tensor.data, src=0)
+
+    # -- the batch, rank 0 -> all -------------------------------------------------------------
+
+    def send_batch(self, scored: ScoredBatch, documents: DocumentBatch) -> None:
+        payload = [torch.frombuffer(bytearray(encode(m)), dtype=torch.uint8) for m in (scored, documents)]
+        self._broadcast_header(torch.tensor([len(payload[0]), len(payload[1])], dtype=torch.long))
+        dist.broadcast(torch.cat(payload).to(self.device), src=0)
+
+    def send_stop(self) -> None:
+        self._broadcast_header(torch.tensor([STOP, STOP], dtype=torch.long))
+
+    def receive_batch(self) -> tuple[ScoredBatch, DocumentBatch] | None:
+        """The next step's batch from rank 0; None when rank 0 has finished."""
+        header = torch.zeros(2, dtype=torch.long)
+        self._broadcast_header(header)
+        if int(header[0]) == STOP:
+            return None
+        sizes = [int(size) for size in header]
+        data = torch.empty(sum(sizes), dtype=torch.uint8, device=self.device)
+        dist.broadcast(data, src=0)
+        raw = data.cpu().numpy().tobytes()
+        return decode(raw[:sizes[0]], ScoredBatch), decode(raw[sizes[0]:], DocumentBatch)
+
+    def _broadcast_header(self, header: torch.Tensor) -> None:
+        on_device = header.to(self.device)
+        dist.broadcast(on_device, src=0)
+        header.copy_(on_device.cpu())
+
+    # -- one step, on every rank --------------------------------------------------------------
+
+    def update(self, model: FastWeightLM, optimizer: torch.optim.Optimizer, scored: ScoredBatch,
+               documents: DocumentBatch, config: RunConfig, ref_model: FastWeightLM | None = None) -> StepResult:
+        """Advantages on the whole batch, loss on this rank's documents, summed gradients, clip, step.
+        Every rank takes (or skips) the same step."""
+        started = time.perf_counter()
+        rollouts = rollouts_from_batch(scored, self.device)
+        advantages = advantages_for(rollouts.rewards, rollouts, config.refine)
+        input_ids = documents.token_ids.to(self.device, torch.long)
+        lengths = documents.lengths.to(self.device, torch.long)
+        num_documents = input_ids.shape[0]
+        start, end = document_slice(num_documents, self.rank, self.world_size)
+        optimizer.zero_grad(set_to_none=True)
+        stats: dict[str, float] = {}
+        local_finite = True
+        if end > start:
+            part = slice_rollouts(rollouts, start, end)
+            per_document = rollouts.positions.shape[1] * rollouts.num_samples
+            result = refine_loss("onepass", model, input_ids[start:end], lengths[start:end], part,
+                                 advantages[start * per_document:end * per_document], config.refine, ref_model)
+            stats = dict(result.stats)
+            local_finite = bool(torch.isfinite(result.loss))
+            if local_finite:
+                (result.loss * ((end - start) / num_documents)).backward()
+        forward_done = time.perf_counter()
+        for parameter in model.parameters():
+            if parameter.grad is None:
+                parameter.grad = torch.zeros_like(parameter)
+            dist.all_reduce(parameter.grad, op=dist.ReduceOp.SUM)
+        flag = torch.tensor([0.0 if local_finite else 1.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.SUM)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+        stats["grad_norm"] = float(grad_norm)
+        skipped = float(flag) > 0 or not torch.isfinite(grad_norm)
+        if skipped:
+            optimizer.zero_grad(set_to_none=True)
+            stats["skipped_nonfinite"] = 1.0
+        else:
+            optimizer.step()
+        stats.update(rollout_stats(rollouts), forward_seconds=forward_done - started,
+                     backward_step_seconds=time.perf_counter() - forward_done, data_parallel_ranks=self.world_size)
+        return StepResult(stats, skipped)

@@ -1,0 +1,51 @@
+"""Learner ranks 1..R-1 (a Ray actor each): they take rank 0's batches through the process group
+and step the same optimizer on their share of the documents (see learner/data_parallel.py).
+They read and write nothing in Redis: rank 0 owns the streams, checkpoints and weights."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import torch
+
+from learner.checkpoint import latest_checkpoint, load_learner_checkpoint
+from learner.data_parallel import DataParallelGroup, weights_digest
+from refine.config import RunConfig
+from refine.loop import make_optimizer, prepare_model
+
+__all__ = ["LearnerReplica"]
+
+logger = logging.getLogger(__name__)
+
+
+class LearnerReplica:
+    def __init__(self, config_json: str, rank: int, address: str, resume: bool = False) -> None:
+        self.config = config = RunConfig.model_validate_json(config_json)
+        self.rank = rank
+        self.address = address
+        torch.set_num_threads(config.train.threads or 1)
+        self.model = prepare_model(config)
+        self.optimizer = make_optimizer(self.model, config)
+        generator = torch.Generator(device=config.train.device).manual_seed(config.train.seed)
+        self.ref_model = prepare_model(config).requires_grad_(False) if config.refine.kl_coef > 0 else None
+        self.steps = 0
+        checkpoint = latest_checkpoint(config.train.out_dir)
+        if resume and checkpoint.exists():  # the optimizer state is not broadcast: load it as rank 0 does
+            self.steps = load_learner_checkpoint(checkpoint, self.model, self.optimizer, generator).step
+
+    def run(self) -> str:
+        """Join the group, then step with rank 0 until it says stop; returns JSON with the step
+        count and the digest of the weights (equal on every rank)."""
+        service = self.config.service
+        group = DataParallelGroup(self.address, self.rank, service.num_learners, self.config.train.device,
+                                  timeout_s=max(300.0, 10 * service.heartbeat_timeout_s))
+        try:
+            group.broadcast_parameters(self.model)
+            while (received := group.receive_batch()) is not None:
+                scored, documents = received
+                group.update(self.model, self.optimizer, scored, documents, self.config, self.ref_model)
+                self.steps += 1
+        finally:
+            group.close()
+        return json.dumps({"rank": self.rank, "step": self.steps, "weights_digest": weights_digest(self.model)})
