@@ -29,7 +29,7 @@ from refine.config import RunConfig
 from refine.loop import StepResult, make_optimizer, prepare_model
 from services.messages import DocumentBatch, ScoredBatch
 from services.progress import LearnerProgress, StepReport, write_progress
-from services.resilience import TRANSIENT, RedisOutage, retry_redis
+from services.resilience import TRANSIENT, OutageTolerance, retry_redis
 from services.role import RoleRuntime
 from services.streams import (
     CONSUMED_KEY, DOCUMENTS, DROPPED_KEY, LEARNER_GROUP, LEARNER_REPORTS, SCORED, DocumentStore,
@@ -254,7 +254,7 @@ class Learner:
     def run(self, block_ms: int = 500) -> str:
         """Train until `train.steps` or a stop request; checkpoints on the way out; returns the
         last step's stats as JSON."""
-        outage_since: float | None = None
+        outage = OutageTolerance("learner", self.outage_timeout_s)
         try:
             while self.state.step < self.config.train.steps:
                 try:
@@ -262,13 +262,9 @@ class Learner:
                         logger.info("stop requested at step %d", self.state.step)
                         break
                     self.run_once(block_ms)
-                    outage_since = None
+                    outage.succeeded()
                 except TRANSIENT as exc:
-                    outage_since = outage_since or time.monotonic()
-                    if time.monotonic() - outage_since > self.outage_timeout_s:
-                        raise RedisOutage(f"learner: Redis unreachable for {self.outage_timeout_s:.0f}s") from exc
-                    logger.warning("Redis unavailable (%s); retrying", exc)
-                    time.sleep(0.25)
+                    outage.failed(exc)
             if self.checkpointed_step != self.state.step:
                 self.checkpoint()
             self._write_progress(done=True)

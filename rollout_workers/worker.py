@@ -23,7 +23,7 @@ import torch
 from refine.config import RunConfig
 from rollout_workers.engines import RolloutEngine, batch_generator, build_engine
 from services.messages import DocumentBatch, RolloutBatch
-from services.resilience import TRANSIENT, RedisOutage, retry_redis
+from services.resilience import TRANSIENT, OutageTolerance, retry_redis
 from services.role import RoleRuntime
 from services.streams import DOCUMENTS, ROLLOUT_GROUP, ROLLOUTS, rollout_batch_id_for
 from services.weight_store import RedisWeightStore
@@ -141,20 +141,16 @@ class RolloutWorker:
 
     def run(self, block_ms: int = 500) -> str:
         """Work until the run's stop flag is set; returns a JSON summary."""
-        outage_since: float | None = None
+        outage = OutageTolerance(self.worker_id, self.outage_timeout_s)
         try:
             while True:
                 try:
                     if self.runtime.stop_requested():
                         break
                     self.run_once(block_ms)
-                    outage_since = None
+                    outage.succeeded()
                 except TRANSIENT as exc:
-                    outage_since = outage_since or time.monotonic()
-                    if time.monotonic() - outage_since > self.outage_timeout_s:
-                        raise RedisOutage(f"{self.worker_id}: Redis unreachable for {self.outage_timeout_s:.0f}s") from exc
-                    logger.warning("Redis unavailable (%s); retrying", exc)
-                    time.sleep(0.25)
+                    outage.failed(exc)
         finally:
             self.runtime.close()
         return json.dumps({"worker_id": self.worker_id, "batches": self.batches, "versions_used": self.versions_used})

@@ -16,7 +16,7 @@ from typing import TypeVar
 
 import redis
 
-__all__ = ["TRANSIENT", "RedisOutage", "retry_redis"]
+__all__ = ["TRANSIENT", "OutageTolerance", "RedisOutage", "retry_redis"]
 
 T = TypeVar("T")
 
@@ -50,3 +50,22 @@ def retry_redis(fn: Callable[[], T], what: str, timeout_s: float = 120.0, max_ba
             logger.warning("%s: Redis unavailable (%s), retrying in %.2fs", what, exc, backoff)
             time.sleep(backoff)
             backoff = min(max_backoff_s, backoff * 2)
+
+
+class OutageTolerance:
+    """For role loops: how long iterations have kept failing on Redis; past `timeout_s`, give up."""
+
+    def __init__(self, who: str, timeout_s: float, pause_s: float = 0.25):
+        self.who, self.timeout_s, self.pause_s = who, timeout_s, pause_s
+        self.since: float | None = None
+
+    def succeeded(self) -> None:
+        self.since = None
+
+    def failed(self, exc: BaseException) -> None:
+        """Pause before the retry, or raise RedisOutage once Redis has been gone too long."""
+        self.since = self.since or time.monotonic()
+        if time.monotonic() - self.since > self.timeout_s:
+            raise RedisOutage(f"{self.who}: Redis unreachable for {self.timeout_s:.0f}s") from exc
+        logger.warning("%s: Redis unavailable (%s); retrying", self.who, exc)
+        time.sleep(self.pause_s)
