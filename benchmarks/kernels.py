@@ -34,6 +34,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from refine.kernels.chunk import chunk_delta_rule  # noqa: E402
+from refine.runtime import tune_allocator  # noqa: E402
 
 GOAL_RATIO = 0.30
 
@@ -118,6 +119,7 @@ def main() -> None:
         "--lengths", type=int, nargs="+", default=None, help="sequence lengths (default 1024 4096 16384)"
     )
     args = parser.parse_args()
+    tune_allocator()  # as every refine process does
     if args.threads is not None:
         if args.threads < 1:
             parser.error(f"--threads must be at least 1, got {args.threads}")

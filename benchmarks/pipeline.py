@@ -35,6 +35,7 @@ from refine.algorithm.update import LossResult, score_rollouts
 from refine.config import RunConfig, validate_config
 from refine.data.stream import document_batches
 from refine.loop import make_optimizer, optimizer_step, prepare_model, train
+from refine.runtime import tune_allocator
 from refine.tokenizer import load_tokenizer
 from services.orchestrator import run
 from services.redis_server import EmbeddedRedis, connect
@@ -168,6 +169,7 @@ def main() -> None:
     parser.add_argument("--weights-mb", type=int, nargs="*", default=[50, 500])
     parser.add_argument("--skip-throughput", action="store_true")
     args = parser.parse_args()
+    tune_allocator()  # as every refine process does
 
     with tempfile.TemporaryDirectory(prefix="refine-bench-") as tmp, EmbeddedRedis() as redis_server:
         root = Path(tmp)

@@ -14,6 +14,7 @@ import torch
 from refine.algorithm.rollout import choose_positions, reprefill_rollouts, snapshot_rollouts
 from refine.config import RefineConfig
 from refine.models import build_model
+from refine.runtime import tune_allocator
 
 
 def run(length: int, samples: int, model) -> dict:
@@ -48,6 +49,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    tune_allocator()  # as every refine process does
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = build_model(dict(model_type="delta_net", vocab_size=260, hidden_size=128, num_hidden_layers=2,

@@ -13,6 +13,7 @@ from learner.checkpoint import latest_checkpoint, load_learner_checkpoint
 from learner.data_parallel import DataParallelGroup, weights_digest
 from refine.config import RunConfig
 from refine.loop import make_optimizer, prepare_model
+from refine.runtime import tune_allocator
 
 __all__ = ["LearnerReplica"]
 
@@ -24,6 +25,7 @@ class LearnerReplica:
         self.config = config = RunConfig.model_validate_json(config_json)
         self.rank = rank
         self.address = address
+        tune_allocator()
         torch.set_num_threads(config.train.threads or 1)
         self.model = prepare_model(config)
         self.optimizer = make_optimizer(self.model, config)

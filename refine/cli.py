@@ -7,6 +7,7 @@ import json
 import sys
 
 from refine.config import DEMO_DEFAULTS, ConfigError, RunConfig, load_config
+from refine.runtime import tune_allocator
 
 
 def run_training(config: RunConfig, args: argparse.Namespace) -> dict:
@@ -105,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    tune_allocator()
     # A failed service run (raised only once services.orchestrator was imported) is reported like bad input.
     try:
         return args.func(args)

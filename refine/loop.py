@@ -26,6 +26,7 @@ from refine.data.batches import DocumentBatch
 from refine.data.stream import document_batches
 from refine.models import FastWeightLM, build_model, load_model, save_model
 from refine.plots import plot_metrics
+from refine.runtime import tune_allocator
 from refine.tokenizer import load_tokenizer
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
@@ -124,6 +125,7 @@ def prepare_model(config: RunConfig) -> FastWeightLM:
 
 def train(config: RunConfig, resume: bool = False, progress: bool = True) -> dict[str, float]:
     """Run `config.train.steps` optimizer steps; returns the last step's stats."""
+    tune_allocator()
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     out_dir = Path(config.train.out_dir)

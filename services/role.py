@@ -16,6 +16,8 @@ import time
 
 import torch
 
+from refine.runtime import tune_allocator
+
 from services.broker import Broker
 from services.metrics import Metrics, MetricsEndpoint, serve_metrics
 from services.redis_server import connect
@@ -42,6 +44,7 @@ class RoleRuntime:
     ) -> None:
         if heartbeat_interval_s <= 0:
             raise ValueError(f"heartbeat_interval_s must be > 0, got {heartbeat_interval_s}")
+        tune_allocator()
         # Actors share a few cores: one intra-op thread each unless told otherwise.
         torch.set_num_threads(threads)
         # Library chatter stays at warnings; the roles' own notes (reclaims, drops, stops) are shown.

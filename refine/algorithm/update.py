@@ -77,6 +77,16 @@ def teacher_forced_logprobs(model: FastWeightLM, states: ModelState, first_logit
     return torch.cat([first[:, None], rest], dim=1)
 
 
+def prefix_end_logits(model: FastWeightLM, out: ModelOutput, positions: Tensor) -> Tensor:
+    """The prediction after every prefix [B * c, V], recomputed from the document pass's hidden states.
+
+    Equal to out.logits at those rows; recomputing the few rows sends their gradient into the pass
+    through [B, T, D] hidden states instead of a zero-filled [B, T, V] copy of the logits.
+    """
+    rows, starts = prefix_rows(positions)
+    return model.lm_head(out.hidden_states[rows, starts - 1])
+
+
 def _combine(ntp: Tensor, new_logprobs: Tensor, ref_logprobs: Tensor | None, rollouts: Rollouts,
              advantages: Tensor, cfg: RefineConfig) -> LossResult:
     pg, pg_stats = policy_loss(
@@ -105,8 +115,8 @@ def onepass_loss(model: FastWeightLM, input_ids: Tensor, lengths: Tensor, rollou
                  cfg: RefineConfig, ref_model: FastWeightLM | None = None) -> LossResult:
     out = model(input_ids, lengths=lengths, state_positions=rollouts.positions, output_state=False)
     ntp = ntp_loss(out.logits, input_ids, lengths)
-    rows, starts = prefix_rows(rollouts.positions)
-    new_logprobs = teacher_forced_logprobs(model, out.position_states, out.logits[rows, starts - 1],
+    new_logprobs = teacher_forced_logprobs(model, out.position_states,
+                                           prefix_end_logits(model, out, rollouts.positions),
                                            rollouts.tokens, rollouts.num_samples, cfg.temperature)
     ref = _ref_logprobs(ref_model, input_ids, lengths, rollouts, cfg)
     return _combine(ntp, new_logprobs, ref, rollouts, advantages, cfg)
@@ -154,7 +164,7 @@ def fused_refine_step(model: FastWeightLM, input_ids: Tensor, lengths: Tensor, c
     if positions is None:
         positions = choose_positions(out.logits, lengths, cfg, generator)
     rows, starts = prefix_rows(positions)
-    first_logits = out.logits[rows, starts - 1]
+    first_logits = prefix_end_logits(model, out, positions)
     states = out.states_at(positions)
     tokens, logprobs, hidden = decode(model, states.detach(), first_logits.detach(), cfg, generator)
     n, k = cfg.num_samples, cfg.rollout_len

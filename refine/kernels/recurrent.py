@@ -39,14 +39,16 @@ def delta_rule_step(
         raise ValueError(f"state must be [B, H, K, V] = {expected_state}, got {tuple(state.shape)}")
     scale = k.shape[-1] ** -0.5 if scale is None else scale
     dtype = torch.promote_types(compute_dtype_for(q.dtype), state.dtype)
-    q_t, k_t, v_t, b_t = (x.to(dtype) for x in (q, k, v, beta))
-    state = state.to(dtype)
+    batch, heads, key_dim = k.shape
+    # One [B * H] batch of matrix products: a handful of ops per token keeps decoding cheap.
+    q_t, k_t, v_t = (x.to(dtype).reshape(batch * heads, 1, -1) for x in (q, k, v))
+    state = state.to(dtype).reshape(batch * heads, key_dim, -1)
     if g is not None:
-        state = state * g.to(dtype).exp()[..., None, None]
-    predicted = (k_t.unsqueeze(-2) @ state).squeeze(-2)  # S^T k: [B, H, V]
-    delta = (v_t - predicted) * b_t[..., None]
-    state = state + k_t.unsqueeze(-1) * delta.unsqueeze(-2)
-    o = (q_t.unsqueeze(-2) @ state).squeeze(-2) * scale
+        state = state * g.to(dtype).exp().reshape(-1, 1, 1)
+    delta = (v_t - torch.bmm(k_t, state)) * beta.to(dtype).reshape(-1, 1, 1)  # beta (v - S^T k)
+    state = torch.baddbmm(state, k_t.transpose(1, 2), delta)  # S + k delta^T
+    o = torch.bmm(q_t, state).reshape(batch, heads, -1) * scale
+    state = state.reshape(batch, heads, key_dim, -1)
     return o.to(q.dtype), state
 
 
@@ -66,29 +68,114 @@ def recurrent_delta_rule(
     validate_delta_rule_inputs(q, k, v, beta, g, initial_state, positions)
     batch, seq_len, heads, key_dim = k.shape
     value_dim = v.shape[-1]
+    scale = key_dim ** -0.5 if scale is None else scale
     dtype = compute_dtype_for(q.dtype)
     state = (
         torch.zeros(batch, heads, key_dim, value_dim, dtype=dtype, device=q.device)
         if initial_state is None
         else initial_state.to(dtype)
     )
-    history = [state]
-    outputs = []
-    for t in range(seq_len):
-        g_t = None if g is None else g[:, t]
-        o_t, state = delta_rule_step(q[:, t], k[:, t], v[:, t], beta[:, t], g_t, state, scale)
-        outputs.append(o_t)
-        history.append(state)
-    o = torch.stack(outputs, dim=1) if outputs else v.new_zeros(batch, 0, heads, value_dim, dtype=q.dtype)
+    if seq_len == 0:  # nothing to run: the state passes through untouched
+        o, after = v.new_zeros(batch, 0, heads, value_dim, dtype=q.dtype), state.unsqueeze(0)[:0]
+    else:
+        o, after = TokenRecurrence.apply(q, k, v, beta, g, state, scale)  # [T, B, H, K, V]: after token t
 
     def states_at(at: Tensor) -> Tensor:
         validate_delta_rule_inputs(q, k, v, beta, g, initial_state, at)
-        if at.shape[1] == 1 and bool((at == seq_len).all()):
-            return state  # the common decoding case: the final state, no stacking
-        stacked = torch.stack(history, dim=1)  # [B, T + 1, H, K, V]: the state after t tokens at index t
-        rows = torch.arange(batch, device=q.device)[:, None]
-        return stacked[rows, at.to(device=q.device, dtype=torch.long)].flatten(0, 1)
+        at = at.to(device=q.device, dtype=torch.long)
+        if at.shape[1] == 1 and seq_len > 0 and bool((at == seq_len).all()):
+            return after[-1]  # every row's end: the decoding case, no gather
+        history = torch.cat([state[None], after])  # the state after p tokens at index p
+        return history[at, torch.arange(batch, device=q.device)[:, None]].flatten(0, 1)
 
     if state_fn:
         return o, states_at
     return o, None if positions is None else states_at(positions)
+
+
+def _per_step(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """[B, T, H, D] -> [T, B * H, 1, D] (or [B, T, H] -> [T, B * H, 1, 1]) in the compute dtype."""
+    x = x.to(dtype)
+    if x.dim() == 3:
+        x = x.unsqueeze(-1)
+    return x.transpose(0, 1).reshape(x.shape[1], x.shape[0] * x.shape[2], 1, x.shape[-1])
+
+
+class TokenRecurrence(torch.autograd.Function):
+    """The per-token loop as one autograd node, with a hand-written reverse loop.
+
+    Recording every token's small ops in autograd costs more than the arithmetic for the few-token
+    inputs this path serves (teacher-forced rollouts, decoding); here each direction is a handful of
+    batched [B * H] matrix products per token. Per token, with S the state before it and a = exp(g):
+
+        S' = a S;  delta = beta (v - S'^T k);  S_new = S' + k delta^T;  o = scale S_new^T q.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, beta, g, state, scale):
+        batch, seq_len, heads, key_dim = k.shape
+        value_dim = v.shape[-1]
+        dtype = state.dtype
+        q_s, k_s, v_s, b_s = (_per_step(x, dtype) for x in (q, k, v, beta))
+        a_s = None if g is None else _per_step(g, dtype).exp()
+        initial = state.reshape(batch * heads, key_dim, value_dim)
+        after = state.new_empty(seq_len, batch * heads, key_dim, value_dim)
+        outputs = state.new_empty(seq_len, batch * heads, 1, value_dim)
+        for t in range(seq_len):
+            before = initial if t == 0 else after[t - 1]
+            if a_s is not None:
+                before = before * a_s[t]
+            delta = (v_s[t] - torch.bmm(k_s[t], before)) * b_s[t]
+            torch.addcmul(before, k_s[t].transpose(1, 2), delta, out=after[t])  # outer product: elementwise
+            torch.bmm(q_s[t], after[t], out=outputs[t])
+        ctx.set_materialize_grads(False)  # an unused output (often the states) needs no zero gradient
+        ctx.scale, ctx.shapes = scale, (batch, seq_len, heads, key_dim, value_dim)
+        ctx.dtypes = (q.dtype, k.dtype, v.dtype, beta.dtype, None if g is None else g.dtype, state.dtype)
+        ctx.save_for_backward(q_s, k_s, v_s, b_s, a_s, initial, after)
+        o = (outputs * scale).view(seq_len, batch, heads, value_dim).transpose(0, 1).to(q.dtype)
+        return o, after.view(seq_len, batch, heads, key_dim, value_dim)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_o, grad_after):
+        q_s, k_s, v_s, b_s, a_s, initial, after = ctx.saved_tensors
+        batch, seq_len, heads, key_dim, value_dim = ctx.shapes
+        scale, rows = ctx.scale, batch * heads
+        dtype = after.dtype
+        grad_o = (torch.zeros(seq_len, rows, 1, value_dim, dtype=dtype, device=after.device) if grad_o is None
+                  else grad_o.to(dtype).transpose(0, 1).reshape(seq_len, rows, 1, value_dim))
+        if grad_after is not None:
+            grad_after = grad_after.to(dtype).reshape(seq_len, rows, key_dim, value_dim)
+        grads = {name: torch.empty_like(x) for name, x in (("q", q_s), ("k", k_s), ("v", v_s), ("beta", b_s))}
+        grad_a = None if a_s is None else torch.empty_like(a_s)
+        # Gradient of the state after token t, accumulated from the tokens after it.
+        running = after.new_zeros(rows, key_dim, value_dim) if grad_after is None else grad_after[-1].clone()
+        for t in reversed(range(seq_len)):
+            previous = initial if t == 0 else after[t - 1]
+            before = previous if a_s is None else previous * a_s[t]
+            residual = v_s[t] - torch.bmm(k_s[t], before)  # v - S'^T k
+            delta = residual * b_s[t]
+            running.addcmul_(q_s[t].transpose(1, 2), grad_o[t], value=scale)  # o = scale S_new^T q
+            grads["q"][t] = torch.bmm(grad_o[t], after[t].transpose(1, 2)) * scale
+            grad_delta = torch.bmm(k_s[t], running)  # S_new = S' + k delta^T
+            grads["k"][t] = torch.bmm(delta, running.transpose(1, 2))
+            grads["v"][t] = grad_delta * b_s[t]
+            grads["beta"][t] = (residual * grad_delta).sum(-1, keepdim=True)
+            grad_predicted = -grad_delta * b_s[t]  # delta = beta (v - S'^T k)
+            grads["k"][t] += torch.bmm(grad_predicted, before.transpose(1, 2))
+            running.addcmul_(k_s[t].transpose(1, 2), grad_predicted)  # now the gradient of S'
+            if a_s is not None:  # S' = a S
+                grad_a[t] = (running * previous).sum((-1, -2), keepdim=True)
+                running.mul_(a_s[t])
+            if grad_after is not None and t > 0:
+                running += grad_after[t - 1]
+
+        def back(x: Tensor, like_dtype: torch.dtype, per_head_scalar: bool = False) -> Tensor:
+            x = x.view(seq_len, batch, heads, x.shape[-1]).transpose(0, 1)
+            return (x[..., 0] if per_head_scalar else x).to(like_dtype)
+
+        q_dtype, k_dtype, v_dtype, beta_dtype, g_dtype, state_dtype = ctx.dtypes
+        grad_g = None if a_s is None else back(grad_a * a_s, g_dtype, per_head_scalar=True)  # da/dg = a
+        return (back(grads["q"], q_dtype), back(grads["k"], k_dtype), back(grads["v"], v_dtype),
+                back(grads["beta"], beta_dtype, per_head_scalar=True), grad_g,
+                running.view(batch, heads, key_dim, value_dim).to(state_dtype), None)

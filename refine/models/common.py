@@ -59,6 +59,43 @@ class SwiGLUMLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+class CausalDepthwiseConv(torch.autograd.Function):
+    """y_t = sum_i w_i * padded_{t+i} (F.conv1d's cross-correlation, groups = channels) as K shifted
+    multiply-adds, with a hand-written backward.
+
+    padded [B, K - 1 + T, D], weight [D, K] -> y [B, T, D]. On CPU this beats a depthwise conv1d
+    (whose backward is slow) on long inputs and its call overhead on the few-token inputs of decoding;
+    the hand-written backward writes one gradient buffer instead of one zero-filled copy per shift.
+    """
+
+    @staticmethod
+    def forward(ctx, padded, weight):
+        kernel = weight.shape[1]
+        length = padded.shape[1] - kernel + 1
+        y = padded[:, :length] * weight[:, 0]
+        for i in range(1, kernel):
+            y.addcmul_(padded[:, i:i + length], weight[:, i])
+        ctx.save_for_backward(padded, weight)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        padded, weight = ctx.saved_tensors
+        kernel = weight.shape[1]
+        length = grad_y.shape[1]
+        grad_padded = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_padded = padded.new_zeros(padded.shape)
+            for i in range(kernel):
+                grad_padded[:, i:i + length].addcmul_(grad_y, weight[:, i])
+        if ctx.needs_input_grad[1]:
+            grad_weight = torch.stack(
+                [(grad_y * padded[:, i:i + length]).sum((0, 1)) for i in range(kernel)], dim=1
+            )
+        return grad_padded, grad_weight
+
+
 class ShortConvolution(nn.Module):
     """Depthwise causal convolution over time with an explicit cache.
 
@@ -92,12 +129,16 @@ class ShortConvolution(nn.Module):
         if cache is None:
             cache = self.empty_cache(x.shape[0], x)
         padded = torch.cat([cache.to(x.dtype), x], dim=1)
-        y = F.conv1d(padded.transpose(1, 2), self.weight.to(x.dtype), self.bias, groups=self.hidden_size)
-        y = y.transpose(1, 2)
+        y = CausalDepthwiseConv.apply(padded, self.weight[:, 0].to(x.dtype))
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
         if self.activation == "silu":
             y = F.silu(y)
         return y, padded
 
     def cache_at(self, padded: Tensor, positions: Tensor) -> Tensor:
         """Cache after `positions` [B, P] tokens of this call -> [B * P, K - 1, D]."""
+        width = self.kernel_size - 1
+        if positions.shape[1] == 1 and bool((positions == padded.shape[1] - width).all()):
+            return padded[:, padded.shape[1] - width:].clone()  # the end of every row: decoding's case
         return gather_positions(padded, positions, self.kernel_size - 1)

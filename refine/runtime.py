@@ -1,0 +1,54 @@
+"""Process-wide CPU runtime settings for training and rollout processes.
+
+glibc's malloc serves large blocks with fresh mmap'd pages and hands freed heap memory back to the
+kernel, so a CPU training step that allocates and frees the same multi-megabyte activations every
+step pays a page fault per 4 KiB on every touch of them (PyTorch's CPU tuning guide points at the
+same cost when it recommends jemalloc or tcmalloc). Keeping blocks up to 32 MiB on the heap and the
+freed heap mapped removes most of those faults: on a 2-core VM this cut a 4K-token REFINE step's
+page faults by about half and the rollout teacher-forcing pass by a quarter. The trade is that the
+process keeps its peak heap mapped, as caching allocators do.
+
+Entry points (the CLI, the service roles, the benchmarks) call `tune_allocator()` once at start;
+REFINE_MALLOC_TUNING=0 turns it off. A no-op where glibc's mallopt is unavailable.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+
+ENV_SWITCH = "REFINE_MALLOC_TUNING"
+# mallopt parameter numbers from glibc's malloc.h.
+_M_TRIM_THRESHOLD = -1
+_M_TOP_PAD = -2
+_M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_BYTES = 32 << 20  # glibc's upper limit for this setting on 64-bit systems
+TRIM_THRESHOLD_BYTES = 1 << 30
+TOP_PAD_BYTES = 64 << 20
+
+_tuned: bool | None = None
+
+
+def tune_allocator() -> bool:
+    """Keep large CPU tensors' memory mapped between steps; True if the settings were applied."""
+    global _tuned
+    if _tuned is not None:
+        return _tuned
+    _tuned = False
+    if os.environ.get(ENV_SWITCH, "1").strip() == "0" or not sys.platform.startswith("linux"):
+        return _tuned
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc (e.g. musl): leave the allocator alone
+        return _tuned
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    _tuned = all(
+        mallopt(param, value) == 1
+        for param, value in (
+            (_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES),
+            (_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES),
+            (_M_TOP_PAD, TOP_PAD_BYTES),
+        )
+    )
+    return _tuned

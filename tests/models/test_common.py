@@ -1,0 +1,34 @@
+"""Building blocks against their torch definitions: the short convolution's hand-written backward."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from refine.models.common import CausalDepthwiseConv, ShortConvolution
+
+
+@pytest.mark.parametrize("length", [1, 4, 37])
+def test_causal_depthwise_conv_matches_conv1d_with_gradients(length):
+    gen = torch.Generator().manual_seed(length)
+    padded = torch.randn(2, 3 + length, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(5, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    y = CausalDepthwiseConv.apply(padded, weight)
+    reference = F.conv1d(padded.transpose(1, 2), weight[:, None], groups=5).transpose(1, 2)
+    torch.testing.assert_close(y, reference, rtol=1e-12, atol=1e-12)
+    upstream = torch.randn(y.shape, generator=gen, dtype=torch.float64)
+    grads = torch.autograd.grad((y * upstream).sum(), (padded, weight))
+    expected = torch.autograd.grad((reference * upstream).sum(), (padded, weight))
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(CausalDepthwiseConv.apply, (padded, weight))
+
+
+def test_short_convolution_continues_from_its_cache():
+    torch.manual_seed(0)
+    conv = ShortConvolution(6, 4).double()
+    x = torch.randn(2, 10, 6, dtype=torch.float64)
+    whole, padded = conv(x, None)
+    first, first_padded = conv(x[:, :7], None)
+    cache = conv.cache_at(first_padded, torch.full((2, 1), 7))
+    second, _ = conv(x[:, 7:], cache)
+    torch.testing.assert_close(torch.cat([first, second], 1), whole, rtol=1e-12, atol=1e-12)
