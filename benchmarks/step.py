@@ -1,7 +1,7 @@
 """Seconds per optimizer step: NTP only, REFINE one-pass, fused and reference, same model and batch.
 
 Prints one JSON object per (length, n) with the medians, the ratios and where the one-pass time goes.
-    python benchmarks/step.py [--lengths 1024 4096] [--samples 1 4] [--repeats 5] [--batch 1] [--threads 2]
+    python benchmarks/step.py [--lengths 1024 4096] [--samples 1 4] [--repeats 9] [--batch 1] [--threads 2]
 """
 
 from __future__ import annotations
@@ -83,20 +83,18 @@ def run(length: int, samples: int, repeats: int, batch: int) -> dict:
         for name, fn in modes:
             timings[name].append(timed(fn))
     results = {name: statistics.median(values) for name, values in timings.items()}
-    # The fastest round is the least disturbed by other processes on a shared machine (timeit's rule).
-    fastest = {name: min(values) for name, values in timings.items()}
+    # Every round times all modes back to back, so a per-round ratio cancels the slow drifts of a
+    # shared machine; the median over rounds is the headline ratio.
+    def ratio(numerator: str, denominator: str) -> float:
+        return statistics.median(a / b for a, b in zip(timings[numerator], timings[denominator]))
+
     return {
         "benchmark": "step", "length": length, "batch": batch, "num_chunks": 8, "rollout_len": 5,
         "num_samples": samples, "threads": torch.get_num_threads(), "repeats": repeats,
-        "seconds": {k: round(v, 4) for k, v in results.items()},
-        "onepass_over_ntp": round(results["onepass"] / results["ntp"], 3),
-        "fused_over_ntp": round(results["fused"] / results["ntp"], 3),
-        "reference_over_onepass": round(results["reference"] / results["onepass"], 2),
-        "fastest_round_ratios": {
-            "onepass_over_ntp": round(fastest["onepass"] / fastest["ntp"], 3),
-            "fused_over_ntp": round(fastest["fused"] / fastest["ntp"], 3),
-            "reference_over_onepass": round(fastest["reference"] / fastest["onepass"], 2),
-        },
+        "median_seconds": {k: round(v, 4) for k, v in results.items()},
+        "onepass_over_ntp": round(ratio("onepass", "ntp"), 3),
+        "fused_over_ntp": round(ratio("fused", "ntp"), 3),
+        "reference_over_onepass": round(ratio("reference", "onepass"), 2),
         "onepass_breakdown_seconds": {k: round(statistics.median(v), 4) for k, v in breakdown.items()},
     }
 
@@ -105,7 +103,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096])
     parser.add_argument("--samples", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()

@@ -134,28 +134,34 @@ def chunk_delta_rule(
         k_weighted = k_beta * gamma.exp()[..., None]
     w, u0 = UTTransform.apply(lower, k_weighted, v_c * beta_c)
 
-    # Sequential part: u_n = u0_n - W_n S_n, S_{n+1} = exp(gamma_C) S_n + (exp(gamma_C - gamma) k)^T u_n.
-    if gamma is None:
-        k_to_end = k_c.transpose(1, 2)
-        chunk_decay = None
-    else:
-        k_to_end = (k_c * (gamma[:, -1:] - gamma).exp()[..., None]).transpose(1, 2)
-        chunk_decay = gamma[:, -1].exp().view(num_chunks, batch * heads, 1, 1)
     state = (
         q_c.new_zeros(batch * heads, key_dim, value_dim)
         if initial_state is None
         else initial_state.to(dtype).flatten(0, 1)
     )
-    per_chunk = (num_chunks, batch * heads)
-    states, u = ChunkRecurrence.apply(
-        u0.view(*per_chunk, size, value_dim),
-        w.view(*per_chunk, size, key_dim),
-        k_to_end.view(*per_chunk, key_dim, size),
-        chunk_decay,
-        state,
-    )
-    chunk_states = states[:-1].view(-1, key_dim, value_dim)  # the state at every chunk start
-    u = u.view(-1, size, value_dim)
+    if num_chunks == 1:
+        # A single chunk (short inputs: teacher-forced rollouts, decoding) needs no loop, and its
+        # chunk-end state only when a position asks for it: u = u0 - W S0 reads the state once.
+        u = torch.baddbmm(u0, w, state, alpha=-1)
+        chunk_states = state
+    else:
+        # Sequential part: u_n = u0_n - W_n S_n, S_{n+1} = exp(gamma_C) S_n + (exp(gamma_C - gamma) k)^T u_n.
+        if gamma is None:
+            k_to_end = k_c.transpose(1, 2)
+            chunk_decay = None
+        else:
+            k_to_end = (k_c * (gamma[:, -1:] - gamma).exp()[..., None]).transpose(1, 2)
+            chunk_decay = gamma[:, -1].exp().view(num_chunks, batch * heads, 1, 1)
+        per_chunk = (num_chunks, batch * heads)
+        states, u = ChunkRecurrence.apply(
+            u0.view(*per_chunk, size, value_dim),
+            w.view(*per_chunk, size, key_dim),
+            k_to_end.view(*per_chunk, key_dim, size),
+            chunk_decay,
+            state,
+        )
+        chunk_states = states[:-1].view(-1, key_dim, value_dim)  # the state at every chunk start
+        u = u.view(-1, size, value_dim)
 
     # Outputs for all chunks at once: inter-chunk (query x chunk-start state) + intra-chunk (masked attention).
     scores = torch.bmm(q_c, k_c.transpose(1, 2))

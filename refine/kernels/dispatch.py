@@ -4,8 +4,9 @@
   kernels: chunk for longer inputs; fused_recurrent for inputs of at most one chunk (gated rule: only
   without gradients, fla has no backward for it) and for the float32 delta rule, which fla's chunk
   kernel refuses.
-- Otherwise (CPU, float64, states at arbitrary positions): our PyTorch chunked kernel, or the
-  token-by-token loop for inputs of at most SHORT_INPUT_TOKENS tokens.
+- Otherwise (CPU, float64, states at arbitrary positions): our PyTorch chunked kernel, with one
+  chunk of exactly T tokens when T < CHUNK_SIZE (no padding, no loop: the teacher-forced rollouts),
+  or the token-by-token loop for single tokens (decoding), where it does the fewest operations.
 
 REFINE_KERNEL=torch|fla forces one family; forcing fla where it cannot serve the request is an error.
 """
@@ -27,7 +28,8 @@ from refine.kernels.recurrent import recurrent_delta_rule
 
 logger = logging.getLogger(__name__)
 
-SHORT_INPUT_TOKENS = 16  # at or below this length the per-token loop beats chunk padding on CPU
+CHUNK_SIZE = 64  # our chunked kernel's chunk length on CPU
+SHORT_INPUT_TOKENS = 1  # at or below this length the per-token loop does fewer operations than a chunk
 FLA_RECURRENT_TOKENS = 64  # fla's fused_recurrent is preferred for inputs up to one chunk
 KERNEL_ENV = "REFINE_KERNEL"
 _logged_choices: set[str] = set()
@@ -118,8 +120,11 @@ def delta_rule(
     _log_once(kernel)
     if kernel.startswith("fla"):
         return _fla_delta_rule(kernel, q, k, v, beta, g, scale, initial_state, positions is not None)
-    run = recurrent_delta_rule if kernel == "torch recurrent" else chunk_delta_rule
-    return run(q, k, v, beta, g, scale=scale, initial_state=initial_state, positions=positions, state_fn=state_fn)
+    if kernel == "torch recurrent":
+        return recurrent_delta_rule(q, k, v, beta, g, scale=scale, initial_state=initial_state,
+                                    positions=positions, state_fn=state_fn)
+    return chunk_delta_rule(q, k, v, beta, g, scale=scale, initial_state=initial_state, positions=positions,
+                            state_fn=state_fn, chunk_size=min(CHUNK_SIZE, max(q.shape[1], 1)))
 
 
 def _fla_unusable_reason(q: Tensor, positions: Tensor | None, seq_len: int) -> str | None:

@@ -72,11 +72,14 @@ class CausalDepthwiseConv(torch.autograd.Function):
     def forward(ctx, padded, weight):
         kernel = weight.shape[1]
         length = padded.shape[1] - kernel + 1
-        y = padded[:, :length] * weight[:, 0]
+        # Half-precision inputs accumulate in float32 and round once, as a convolution kernel does.
+        compute = torch.promote_types(padded.dtype, torch.float32)
+        inputs, taps = padded.to(compute), weight.to(compute)
+        y = inputs[:, :length] * taps[:, 0]
         for i in range(1, kernel):
-            y.addcmul_(padded[:, i:i + length], weight[:, i])
+            y.addcmul_(inputs[:, i:i + length], taps[:, i])
         ctx.save_for_backward(padded, weight)
-        return y
+        return y.to(padded.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -84,15 +87,18 @@ class CausalDepthwiseConv(torch.autograd.Function):
         padded, weight = ctx.saved_tensors
         kernel = weight.shape[1]
         length = grad_y.shape[1]
+        compute = torch.promote_types(padded.dtype, torch.float32)
+        grad_y, inputs, taps = grad_y.to(compute), padded.to(compute), weight.to(compute)
         grad_padded = grad_weight = None
         if ctx.needs_input_grad[0]:
-            grad_padded = padded.new_zeros(padded.shape)
+            grad_padded = inputs.new_zeros(inputs.shape)
             for i in range(kernel):
-                grad_padded[:, i:i + length].addcmul_(grad_y, weight[:, i])
+                grad_padded[:, i:i + length].addcmul_(grad_y, taps[:, i])
+            grad_padded = grad_padded.to(padded.dtype)
         if ctx.needs_input_grad[1]:
             grad_weight = torch.stack(
-                [(grad_y * padded[:, i:i + length]).sum((0, 1)) for i in range(kernel)], dim=1
-            )
+                [(grad_y * inputs[:, i:i + length]).sum((0, 1)) for i in range(kernel)], dim=1
+            ).to(weight.dtype)
         return grad_padded, grad_weight
 
 

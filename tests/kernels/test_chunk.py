@@ -41,7 +41,7 @@ def test_forward_matches_naive(make_inputs, make_positions, gated, with_initial_
 
 
 @pytest.mark.parametrize("gated", [False, True], ids=["delta", "gated"])
-@pytest.mark.parametrize("seq_len,chunk_size", [(1, 64), (37, 16), (64, 32), (100, 32)])
+@pytest.mark.parametrize("seq_len,chunk_size", [(1, 64), (4, 4), (13, 13), (37, 16), (64, 32), (100, 32)])
 def test_gradients_match_naive(make_inputs, make_positions, gated, seq_len, chunk_size):
     positions = make_positions(2, seq_len, chunk_size, seed=seq_len)
     grads = {}

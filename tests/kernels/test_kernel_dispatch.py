@@ -25,7 +25,8 @@ def no_forced_kernel(monkeypatch):
     monkeypatch.delenv(dispatch.KERNEL_ENV, raising=False)
 
 
-@pytest.mark.parametrize("seq_len,expected", [(0, "torch recurrent"), (16, "torch recurrent"), (17, "torch chunk")])
+@pytest.mark.parametrize("seq_len,expected", [(0, "torch recurrent"), (1, "torch recurrent"), (2, "torch chunk"),
+                                              (100, "torch chunk")])
 def test_cpu_selects_torch_kernels(make_inputs, seq_len, expected):
     inputs = make_inputs(seq_len=seq_len)
     assert select_kernel(inputs["q"], None, None, needs_grad=False) == expected
