@@ -7,6 +7,8 @@ checkpoints move between the two without conversion.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -132,15 +134,7 @@ class ShortConvolution(nn.Module):
         The padded inputs hold the cache for any position p (tokens consumed in this call):
         `padded[:, p : p + K - 1]`; see `cache_at`.
         """
-        if cache is None:
-            cache = self.empty_cache(x.shape[0], x)
-        padded = torch.cat([cache.to(x.dtype), x], dim=1)
-        y = CausalDepthwiseConv.apply(padded, self.weight[:, 0].to(x.dtype))
-        if self.bias is not None:
-            y = y + self.bias.to(x.dtype)
-        if self.activation == "silu":
-            y = F.silu(y)
-        return y, padded
+        return short_convolutions([self], x, cache)
 
     def cache_at(self, padded: Tensor, positions: Tensor) -> Tensor:
         """Cache after `positions` [B, P] tokens of this call -> [B * P, K - 1, D]."""
@@ -148,3 +142,31 @@ class ShortConvolution(nn.Module):
         if positions.shape[1] == 1 and bool((positions == padded.shape[1] - width).all()):
             return padded[:, padded.shape[1] - width:].clone()  # the end of every row: decoding's case
         return gather_positions(padded, positions, self.kernel_size - 1)
+
+
+def short_convolutions(convs: Sequence[ShortConvolution], x: Tensor, cache: Tensor | None) -> tuple[Tensor, Tensor]:
+    """ShortConvolutions of one kernel size applied as one to the channel-wise concatenation of their inputs.
+
+    x [B, T, sum of the convs' channels], cache [B, K - 1, same] or None. Returns (y, padded inputs) as
+    ShortConvolution.forward does; each conv keeps its own weight, bias and activation.
+    """
+    kernel = convs[0].kernel_size
+    if any(conv.kernel_size != kernel for conv in convs):
+        raise ValueError(f"convolutions must share one kernel size, got {[conv.kernel_size for conv in convs]}")
+    if cache is None:
+        cache = x.new_zeros(x.shape[0], kernel - 1, x.shape[-1])
+    padded = torch.cat([cache.to(x.dtype), x], dim=1)
+    weight = torch.cat([conv.weight[:, 0] for conv in convs]).to(x.dtype)
+    y = CausalDepthwiseConv.apply(padded, weight)
+    if any(conv.bias is not None for conv in convs):
+        y = y + torch.cat([conv.bias if conv.bias is not None else conv.weight.new_zeros(conv.hidden_size)
+                           for conv in convs]).to(x.dtype)
+    activations = {conv.activation for conv in convs}
+    if activations == {"silu"}:
+        y = F.silu(y)
+    elif activations != {None}:
+        pieces = y.split([conv.hidden_size for conv in convs], dim=-1)
+        y = torch.cat([F.silu(piece) if conv.activation == "silu" else piece for conv, piece in zip(convs, pieces)],
+                      dim=-1)
+    return y, padded
+

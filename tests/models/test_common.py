@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from refine.models.common import CausalDepthwiseConv, ShortConvolution
+from refine.models.common import CausalDepthwiseConv, ShortConvolution, short_convolutions
 
 
 @pytest.mark.parametrize("length", [1, 4, 37])
@@ -32,3 +32,21 @@ def test_short_convolution_continues_from_its_cache():
     cache = conv.cache_at(first_padded, torch.full((2, 1), 7))
     second, _ = conv(x[:, 7:], cache)
     torch.testing.assert_close(torch.cat([first, second], 1), whole, rtol=1e-12, atol=1e-12)
+
+
+def test_grouped_short_convolutions_equal_separate_ones():
+    torch.manual_seed(1)
+    convs = [ShortConvolution(3, 4, activation=None), ShortConvolution(5, 4, bias=True, activation="silu")]
+    for conv in convs:
+        conv.double()
+        if conv.bias is not None:
+            torch.nn.init.normal_(conv.bias)
+    x = torch.randn(2, 9, 8, dtype=torch.float64)
+    cache = torch.randn(2, 3, 8, dtype=torch.float64)
+    y, padded = short_convolutions(convs, x, cache)
+    pieces = [conv(part, part_cache)[0] for conv, part, part_cache in
+              zip(convs, x.split([3, 5], -1), cache.split([3, 5], -1))]
+    torch.testing.assert_close(y, torch.cat(pieces, -1), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(padded, torch.cat([cache, x], 1))
+    with pytest.raises(ValueError, match="kernel size"):
+        short_convolutions([ShortConvolution(3, 4), ShortConvolution(3, 2)], x[..., :6], None)
