@@ -1,12 +1,13 @@
 """Rollout tokens per second: snapshot engine vs re-prefill generation, same model, prefixes and run.
 
-    python benchmarks/rollout.py [--lengths 1024 4096 16384] [--samples 1 4] [--threads 2]
+    python benchmarks/rollout.py [--lengths 1024 4096 16384] [--samples 1 4] [--repeats 3] [--threads 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
 import torch
@@ -17,29 +18,32 @@ from refine.models import build_model
 from refine.runtime import tune_allocator
 
 
-def run(length: int, samples: int, model) -> dict:
+def run(length: int, samples: int, model, repeats: int) -> dict:
     cfg = RefineConfig(num_chunks=8, rollout_len=5, num_samples=samples)
     ids = torch.randint(0, 256, (1, length), generator=torch.Generator().manual_seed(length))
     lengths = torch.tensor([length])
     with torch.no_grad():
         positions = choose_positions(model(ids, output_state=False).logits, lengths, cfg, torch.Generator().manual_seed(0))
-    seconds = {}
-    tokens = 0
-    for name, fn in (
-        ("snapshot", lambda: snapshot_rollouts(model, ids, lengths, cfg, torch.Generator().manual_seed(1), positions)),
-        ("reprefill", lambda: reprefill_rollouts(model, ids, lengths, cfg, positions, torch.Generator().manual_seed(1))),
-    ):
-        fn()  # warm-up
-        started = time.perf_counter()
-        rollouts = fn()
-        seconds[name] = time.perf_counter() - started
-        tokens = rollouts.tokens.numel()
+    engines = {
+        "snapshot": lambda: snapshot_rollouts(model, ids, lengths, cfg, torch.Generator().manual_seed(1), positions),
+        "reprefill": lambda: reprefill_rollouts(model, ids, lengths, cfg, positions, torch.Generator().manual_seed(1)),
+    }
+    tokens = engines["snapshot"]().tokens.numel()  # also the warm-up
+    engines["reprefill"]()
+    timings: dict[str, list[float]] = {name: [] for name in engines}
+    for _ in range(repeats):  # the engines take turns, so a noisy neighbour slows both alike
+        for name, fn in engines.items():
+            started = time.perf_counter()
+            fn()
+            timings[name].append(time.perf_counter() - started)
+    seconds = {name: statistics.median(values) for name, values in timings.items()}
     return {
         "benchmark": "rollout", "context_length": length, "rollout_tokens": tokens, "num_chunks": 8, "rollout_len": 5,
-        "num_samples": samples, "threads": torch.get_num_threads(),
+        "num_samples": samples, "threads": torch.get_num_threads(), "repeats": repeats,
         "tokens_per_second": {k: round(tokens / v, 1) for k, v in seconds.items()},
         "seconds": {k: round(v, 4) for k, v in seconds.items()},
-        "snapshot_over_reprefill": round(seconds["reprefill"] / seconds["snapshot"], 2),
+        "snapshot_over_reprefill": round(
+            statistics.median(r / s for r, s in zip(timings["reprefill"], timings["snapshot"])), 2),
     }
 
 
@@ -47,6 +51,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
     parser.add_argument("--samples", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     tune_allocator()  # as every refine process does
@@ -56,7 +61,7 @@ def main() -> None:
                              num_heads=2, intermediate_size=256, tie_word_embeddings=True))
     for length in args.lengths:
         for samples in args.samples:
-            print(json.dumps(run(length, samples, model)), flush=True)
+            print(json.dumps(run(length, samples, model, args.repeats)), flush=True)
 
 
 if __name__ == "__main__":

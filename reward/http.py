@@ -370,6 +370,18 @@ class _RewardRefused(Exception):
         self.message = message
 
 
+class _RewardFailed(Exception):
+    """A reward function raised: answered as a JSON 500 by a handler of its own.
+
+    Starlette's catch-all handler re-raises after answering, and uvicorn then closes the connection,
+    which can reset it before the client has read the answer; a specific handler does not re-raise.
+    """
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(f"internal error ({type(error).__name__})")
+        self.message = str(self)
+
+
 def create_app(
     *,
     max_batch: int = ScoreLimits.model_fields["max_batch"].default,
@@ -410,6 +422,9 @@ def create_app(
             # RewardInputs calls the texts "rollout_texts"; this API's field is "rollout_text".
             reason = str(exc).replace("'rollout_texts'", "'rollout_text'")
             raise _RewardRefused(f"reward {request.reward_type!r} cannot score these rollouts: {reason}") from exc
+        except Exception as exc:
+            logger.exception("reward service: reward %r failed", request.reward_type)
+            raise _RewardFailed(exc) from exc
         seconds = time.perf_counter() - started
         mean, std = rewards_summary(rewards)
         metrics.reward_mean.labels(reward_type=request.reward_type).set(mean)
@@ -422,6 +437,10 @@ def create_app(
     @app.exception_handler(_RewardRefused)
     async def _refused(_request: Request, exc: _RewardRefused) -> JSONResponse:
         return _error_response(400, [_detail(["body", "rollouts"], exc.message, "reward_refused")])
+
+    @app.exception_handler(_RewardFailed)
+    async def _failed(_request: Request, exc: _RewardFailed) -> JSONResponse:
+        return _error_response(500, [_detail(["server"], exc.message, "internal")])
 
     @app.get("/v1/rewards", summary="Registered reward types")
     def rewards() -> dict[str, list[str]]:
