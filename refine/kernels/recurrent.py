@@ -37,19 +37,14 @@ def delta_rule_step(
     expected_state = (*k.shape, v.shape[-1])
     if tuple(state.shape) != expected_state:
         raise ValueError(f"state must be [B, H, K, V] = {expected_state}, got {tuple(state.shape)}")
-    scale = k.shape[-1] ** -0.5 if scale is None else scale
+    # One token of the sequence form (its TokenRecurrence does the arithmetic), in the state's precision
+    # when that is wider than the inputs' compute precision.
     dtype = torch.promote_types(compute_dtype_for(q.dtype), state.dtype)
-    batch, heads, key_dim = k.shape
-    # One [B * H] batch of matrix products: a handful of ops per token keeps decoding cheap.
-    q_t, k_t, v_t = (x.to(dtype).reshape(batch * heads, 1, -1) for x in (q, k, v))
-    state = state.to(dtype).reshape(batch * heads, key_dim, -1)
-    if g is not None:
-        state = state * g.to(dtype).exp().reshape(-1, 1, 1)
-    delta = (v_t - torch.bmm(k_t, state)) * beta.to(dtype).reshape(-1, 1, 1)  # beta (v - S^T k)
-    state = torch.baddbmm(state, k_t.transpose(1, 2), delta)  # S + k delta^T
-    o = torch.bmm(q_t, state).reshape(batch, heads, -1) * scale
-    state = state.reshape(batch, heads, key_dim, -1)
-    return o.to(q.dtype), state
+    o, states = recurrent_delta_rule(
+        *(x.to(dtype).unsqueeze(1) for x in (q, k, v, beta)), None if g is None else g.to(dtype).unsqueeze(1),
+        scale=scale, initial_state=state.to(dtype), positions=torch.ones(k.shape[0], 1, dtype=torch.long, device=k.device),
+    )
+    return o[:, 0].to(q.dtype), states
 
 
 def recurrent_delta_rule(

@@ -120,9 +120,6 @@ class ShortConvolution(nn.Module):
         self.bias = nn.Parameter(torch.zeros(hidden_size)) if bias else None
         nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)
 
-    def empty_cache(self, batch_size: int, like: Tensor) -> Tensor:
-        return like.new_zeros(batch_size, self.kernel_size - 1, self.hidden_size)
-
     def forward(
         self,
         x: Tensor,
