@@ -2,6 +2,10 @@
 
 Prints one JSON object per (length, n) with the medians, the ratios and where the one-pass time goes.
     python benchmarks/step.py [--lengths 1024 4096] [--samples 1 4] [--repeats 9] [--batch 1] [--threads 2]
+                              [--hidden-size 128] [--layers 2] [--heads 2]
+
+The default model is the tiny DeltaNet the goals are stated for; --hidden-size/--layers/--heads show
+how the ratios move as per-operation overhead shrinks next to the arithmetic.
 """
 
 from __future__ import annotations
@@ -27,10 +31,11 @@ def timed(fn) -> float:
     return time.perf_counter() - started
 
 
-def run(length: int, samples: int, repeats: int, batch: int) -> dict:
+def run(length: int, samples: int, repeats: int, batch: int, size: dict[str, int]) -> dict:
     torch.manual_seed(0)
-    model = build_model(dict(model_type="delta_net", vocab_size=260, hidden_size=128, num_hidden_layers=2,
-                             num_heads=2, intermediate_size=256, tie_word_embeddings=True))
+    model = build_model(dict(model_type="delta_net", vocab_size=260, hidden_size=size["hidden_size"],
+                             num_hidden_layers=size["layers"], num_heads=size["heads"],
+                             intermediate_size=2 * size["hidden_size"], tie_word_embeddings=True))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
     cfg = RefineConfig(num_chunks=8, rollout_len=5, num_samples=samples)
     ids = torch.randint(0, 256, (batch, length))
@@ -89,7 +94,7 @@ def run(length: int, samples: int, repeats: int, batch: int) -> dict:
         return statistics.median(a / b for a, b in zip(timings[numerator], timings[denominator]))
 
     return {
-        "benchmark": "step", "length": length, "batch": batch, "num_chunks": 8, "rollout_len": 5,
+        "benchmark": "step", "length": length, "batch": batch, "model": size, "num_chunks": 8, "rollout_len": 5,
         "num_samples": samples, "threads": torch.get_num_threads(), "repeats": repeats,
         "median_seconds": {k: round(v, 4) for k, v in results.items()},
         "onepass_over_ntp": round(ratio("onepass", "ntp"), 3),
@@ -106,12 +111,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--hidden-size", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--heads", type=int, default=2)
     args = parser.parse_args()
+    size = {"hidden_size": args.hidden_size, "layers": args.layers, "heads": args.heads}
     tune_allocator()  # as every refine process does
     torch.set_num_threads(args.threads)
     for length in args.lengths:
         for samples in args.samples:
-            print(json.dumps(run(length, samples, args.repeats, args.batch)), flush=True)
+            print(json.dumps(run(length, samples, args.repeats, args.batch, size)), flush=True)
 
 
 if __name__ == "__main__":

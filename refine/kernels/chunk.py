@@ -18,6 +18,7 @@ with the very same u: states at any position come out of the one pass, exactly a
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -28,6 +29,23 @@ from torch import Tensor
 def compute_dtype_for(dtype: torch.dtype) -> torch.dtype:
     """Half-precision inputs are computed (and their states kept) in float32, as fla's kernels do."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def without_autocast(fn: Callable) -> Callable:
+    """Run a kernel with autocast off on its tensors' device.
+
+    The kernels choose their own compute precision (float32 for half-precision inputs, as fla's do);
+    autocast would otherwise recast their matrix products to bfloat16 one by one and mix dtypes
+    inside them. Rollouts under autocast (as the paper's code generates) thus keep float32 states.
+    """
+    @functools.wraps(fn)
+    def wrapper(first: Tensor, *args, **kwargs):
+        device = first.device.type
+        if not torch.is_autocast_enabled(device):
+            return fn(first, *args, **kwargs)
+        with torch.autocast(device, enabled=False):
+            return fn(first, *args, **kwargs)
+    return wrapper
 
 
 def validate_delta_rule_inputs(
@@ -78,6 +96,7 @@ def _to_chunks(x: Tensor, num_chunks: int, chunk_size: int, dtype: torch.dtype) 
     return x.permute(order).contiguous()
 
 
+@without_autocast
 def chunk_delta_rule(
     q: Tensor,
     k: Tensor,
@@ -171,6 +190,7 @@ def chunk_delta_rule(
     o = o.view(*shape, value_dim).permute(1, 0, 3, 2, 4).reshape(batch, num_chunks * size, heads, value_dim)
     o = o[:, :seq_len].to(q.dtype)
 
+    @without_autocast
     def states_at(at: Tensor) -> Tensor:
         validate_delta_rule_inputs(q, k, v, beta, g, initial_state, at)
         return _states_at(

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from refine.kernels.chunk import compute_dtype_for, validate_delta_rule_inputs
+from refine.kernels.chunk import compute_dtype_for, validate_delta_rule_inputs, without_autocast
 
 
 def delta_rule_step(
@@ -47,6 +47,7 @@ def delta_rule_step(
     return o[:, 0].to(q.dtype), states
 
 
+@without_autocast
 def recurrent_delta_rule(
     q: Tensor,
     k: Tensor,
@@ -73,8 +74,13 @@ def recurrent_delta_rule(
     if seq_len == 0:  # nothing to run: the state passes through untouched
         o, after = v.new_zeros(batch, 0, heads, value_dim, dtype=q.dtype), state.unsqueeze(0)[:0]
     else:
-        o, after = TokenRecurrence.apply(q, k, v, beta, g, state, scale)  # [T, B, H, K, V]: after token t
+        inputs = (q, k, v, beta, g, state)
+        if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs):
+            o, after = TokenRecurrence.apply(q, k, v, beta, g, state, scale)  # [T, B, H, K, V]: after token t
+        else:  # decoding: the same loop without the autograd node's bookkeeping
+            o, after, _ = _token_loop(q, k, v, beta, g, state, scale)
 
+    @without_autocast
     def states_at(at: Tensor) -> Tensor:
         validate_delta_rule_inputs(q, k, v, beta, g, initial_state, at)
         at = at.to(device=q.device, dtype=torch.long)
@@ -96,6 +102,28 @@ def _per_step(x: Tensor, dtype: torch.dtype) -> Tensor:
     return x.transpose(0, 1).reshape(x.shape[1], x.shape[0] * x.shape[2], 1, x.shape[-1])
 
 
+def _token_loop(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, state: Tensor,
+                scale: float) -> tuple[Tensor, Tensor, tuple]:
+    """The forward loop: (o [B, T, H, V], states after each token [T, B, H, K, V], what backward needs)."""
+    batch, seq_len, heads, key_dim = k.shape
+    value_dim = v.shape[-1]
+    dtype = state.dtype
+    q_s, k_s, v_s, b_s = (_per_step(x, dtype) for x in (q, k, v, beta))
+    a_s = None if g is None else _per_step(g, dtype).exp()
+    initial = state.reshape(batch * heads, key_dim, value_dim)
+    after = state.new_empty(seq_len, batch * heads, key_dim, value_dim)
+    outputs = state.new_empty(seq_len, batch * heads, 1, value_dim)
+    for t in range(seq_len):
+        before = initial if t == 0 else after[t - 1]
+        if a_s is not None:
+            before = before * a_s[t]
+        delta = (v_s[t] - torch.bmm(k_s[t], before)) * b_s[t]
+        torch.addcmul(before, k_s[t].transpose(1, 2), delta, out=after[t])  # outer product: elementwise
+        torch.bmm(q_s[t], after[t], out=outputs[t])
+    o = (outputs * scale).view(seq_len, batch, heads, value_dim).transpose(0, 1).to(q.dtype)
+    return o, after.view(seq_len, batch, heads, key_dim, value_dim), (q_s, k_s, v_s, b_s, a_s, initial, after)
+
+
 class TokenRecurrence(torch.autograd.Function):
     """The per-token loop as one autograd node, with a hand-written reverse loop.
 
@@ -108,27 +136,12 @@ class TokenRecurrence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, beta, g, state, scale):
-        batch, seq_len, heads, key_dim = k.shape
-        value_dim = v.shape[-1]
-        dtype = state.dtype
-        q_s, k_s, v_s, b_s = (_per_step(x, dtype) for x in (q, k, v, beta))
-        a_s = None if g is None else _per_step(g, dtype).exp()
-        initial = state.reshape(batch * heads, key_dim, value_dim)
-        after = state.new_empty(seq_len, batch * heads, key_dim, value_dim)
-        outputs = state.new_empty(seq_len, batch * heads, 1, value_dim)
-        for t in range(seq_len):
-            before = initial if t == 0 else after[t - 1]
-            if a_s is not None:
-                before = before * a_s[t]
-            delta = (v_s[t] - torch.bmm(k_s[t], before)) * b_s[t]
-            torch.addcmul(before, k_s[t].transpose(1, 2), delta, out=after[t])  # outer product: elementwise
-            torch.bmm(q_s[t], after[t], out=outputs[t])
+        o, after, saved = _token_loop(q, k, v, beta, g, state, scale)
         ctx.set_materialize_grads(False)  # an unused output (often the states) needs no zero gradient
-        ctx.scale, ctx.shapes = scale, (batch, seq_len, heads, key_dim, value_dim)
+        ctx.scale, ctx.shapes = scale, (*k.shape, v.shape[-1])
         ctx.dtypes = (q.dtype, k.dtype, v.dtype, beta.dtype, None if g is None else g.dtype, state.dtype)
-        ctx.save_for_backward(q_s, k_s, v_s, b_s, a_s, initial, after)
-        o = (outputs * scale).view(seq_len, batch, heads, value_dim).transpose(0, 1).to(q.dtype)
-        return o, after.view(seq_len, batch, heads, key_dim, value_dim)
+        ctx.save_for_backward(*saved)
+        return o, after
 
     @staticmethod
     @torch.autograd.function.once_differentiable

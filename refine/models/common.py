@@ -29,10 +29,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
     def forward(self, x: Tensor) -> Tensor:
-        # Low-precision inputs are normalized in float32, as fla's fused kernel does.
+        # Low-precision inputs are normalized in float32, as fla's fused kernel does. F.rms_norm is
+        # x * rsqrt(mean(x^2) + eps) * weight, one call instead of seven on decoding's tiny inputs.
         compute = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-        out = compute * torch.rsqrt(compute.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (out * self.weight.to(out.dtype)).to(x.dtype)
+        out = F.rms_norm(compute, (compute.shape[-1],), self.weight.to(compute.dtype), self.eps)
+        return out.to(x.dtype)
 
 
 class GatedRMSNorm(RMSNorm):
@@ -61,6 +62,20 @@ class SwiGLUMLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+def shifted_sum(padded: Tensor, weight: Tensor) -> Tensor:
+    """The forward of CausalDepthwiseConv, without autograd: y_t = sum_i w_i * padded_{t+i}."""
+    kernel = weight.shape[1]
+    length = padded.shape[1] - kernel + 1
+    # Half-precision inputs accumulate in float32 and round once, as a convolution kernel does.
+    compute = torch.promote_types(padded.dtype, torch.float32)
+    # Taps as contiguous rows [K, D]: broadcasting a strided column is twice as slow on CPU.
+    inputs, taps = padded.to(compute), weight.to(compute).t().contiguous()
+    y = inputs[:, :length] * taps[0]
+    for i in range(1, kernel):
+        y.addcmul_(inputs[:, i:i + length], taps[i])
+    return y.to(padded.dtype)
+
+
 class CausalDepthwiseConv(torch.autograd.Function):
     """y_t = sum_i w_i * padded_{t+i} (F.conv1d's cross-correlation, groups = channels) as K shifted
     multiply-adds, with a hand-written backward.
@@ -72,16 +87,8 @@ class CausalDepthwiseConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, padded, weight):
-        kernel = weight.shape[1]
-        length = padded.shape[1] - kernel + 1
-        # Half-precision inputs accumulate in float32 and round once, as a convolution kernel does.
-        compute = torch.promote_types(padded.dtype, torch.float32)
-        inputs, taps = padded.to(compute), weight.to(compute)
-        y = inputs[:, :length] * taps[:, 0]
-        for i in range(1, kernel):
-            y.addcmul_(inputs[:, i:i + length], taps[:, i])
         ctx.save_for_backward(padded, weight)
-        return y.to(padded.dtype)
+        return shifted_sum(padded, weight)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -90,12 +97,12 @@ class CausalDepthwiseConv(torch.autograd.Function):
         kernel = weight.shape[1]
         length = grad_y.shape[1]
         compute = torch.promote_types(padded.dtype, torch.float32)
-        grad_y, inputs, taps = grad_y.to(compute), padded.to(compute), weight.to(compute)
+        grad_y, inputs, taps = grad_y.to(compute), padded.to(compute), weight.to(compute).t().contiguous()
         grad_padded = grad_weight = None
         if ctx.needs_input_grad[0]:
             grad_padded = inputs.new_zeros(inputs.shape)
             for i in range(kernel):
-                grad_padded[:, i:i + length].addcmul_(grad_y, taps[:, i])
+                grad_padded[:, i:i + length].addcmul_(grad_y, taps[i])
             grad_padded = grad_padded.to(padded.dtype)
         if ctx.needs_input_grad[1]:
             grad_weight = torch.stack(
@@ -154,7 +161,10 @@ def short_convolutions(convs: Sequence[ShortConvolution], x: Tensor, cache: Tens
         cache = x.new_zeros(x.shape[0], kernel - 1, x.shape[-1])
     padded = torch.cat([cache.to(x.dtype), x], dim=1)
     weight = torch.cat([conv.weight[:, 0] for conv in convs]).to(x.dtype)
-    y = CausalDepthwiseConv.apply(padded, weight)
+    if torch.is_grad_enabled() and (padded.requires_grad or weight.requires_grad):
+        y = CausalDepthwiseConv.apply(padded, weight)
+    else:  # decoding and rollout passes: no autograd node to record
+        y = shifted_sum(padded, weight)
     if any(conv.bias is not None for conv in convs):
         y = y + torch.cat([conv.bias if conv.bias is not None else conv.weight.new_zeros(conv.hidden_size)
                            for conv in convs]).to(x.dtype)

@@ -46,6 +46,19 @@ def test_recurrent_matches_naive_with_gradients(make_inputs, make_positions, gat
         torch.testing.assert_close(grads[n], grad, **TOL, msg=lambda m: f"grad of {n}: {m}")
 
 
+@pytest.mark.parametrize("gated", [False, True], ids=["delta", "gated"])
+def test_recurrent_without_gradients_matches_naive(make_inputs, make_positions, gated):
+    # Without gradients the loop runs outside its autograd node (decoding's path): same values.
+    inputs = make_inputs(seq_len=9, gated=gated, with_initial_state=True, requires_grad=True)
+    positions = make_positions(2, 9, 4)
+    with torch.no_grad():
+        o, states = _call(recurrent_delta_rule, inputs, positions)
+    o_ref, states_ref = _call(naive_delta_rule, inputs, positions)[::2]
+    assert not o.requires_grad and not states.requires_grad
+    torch.testing.assert_close(o, o_ref.detach(), **TOL)
+    torch.testing.assert_close(states, states_ref.detach(), **TOL)
+
+
 def test_recurrent_without_positions_returns_no_states(make_inputs):
     inputs = make_inputs(seq_len=5)
     o, states = _call(recurrent_delta_rule, inputs, None)

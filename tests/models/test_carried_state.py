@@ -101,3 +101,22 @@ def test_state_expand_index_detach(tiny_model):
     assert not any(t.requires_grad for layer in state.detach().layers for t in layer.values())
     merged = ModelState.cat([state.index([0]), state.index([1])])
     torch.testing.assert_close(merged.layers[0]["recurrent"], state.layers[0]["recurrent"])
+
+
+def test_forward_under_bfloat16_autocast_keeps_float32_states(tiny_model):
+    # Rollouts may run under autocast, as the paper's code generates. The delta-rule kernels turn it
+    # off inside, so their products never mix dtypes and the carried states stay float32.
+    model = tiny_model.float()
+    ids = torch.randint(0, model.config.vocab_size, (2, 70), generator=torch.Generator().manual_seed(4))
+    positions = torch.tensor([[5, 70], [33, 64]])
+    with torch.no_grad():
+        exact = model(ids, state_positions=positions)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = model(ids, state_positions=positions)
+    assert mixed.logits.dtype == torch.bfloat16
+    for got, want in ((mixed.state, exact.state), (mixed.position_states, exact.position_states)):
+        recurrent = [layer["recurrent"] for layer in got.layers]
+        assert all(state.dtype == torch.float32 for state in recurrent)
+        for state, reference in zip(recurrent, (layer["recurrent"] for layer in want.layers)):
+            torch.testing.assert_close(state, reference, rtol=0.05, atol=0.05)
+    torch.testing.assert_close(mixed.logits.float(), exact.logits, rtol=0.05, atol=0.05)

@@ -23,6 +23,20 @@ def test_causal_depthwise_conv_matches_conv1d_with_gradients(length):
     assert torch.autograd.gradcheck(CausalDepthwiseConv.apply, (padded, weight))
 
 
+def test_short_convolutions_without_gradients_equal_the_autograd_path():
+    # No grad: the shifted sum runs without its autograd node (rollout passes and decoding).
+    torch.manual_seed(2)
+    convs = [ShortConvolution(3, 4), ShortConvolution(5, 4, activation=None)]
+    x = torch.randn(2, 11, 8)
+    cache = torch.randn(2, 3, 8)
+    with_grad, _ = short_convolutions(convs, x, cache)
+    assert with_grad.requires_grad
+    with torch.no_grad():
+        without, _ = short_convolutions(convs, x, cache)
+    assert not without.requires_grad
+    torch.testing.assert_close(without, with_grad.detach(), rtol=0, atol=0)
+
+
 def test_short_convolution_continues_from_its_cache():
     torch.manual_seed(0)
     conv = ShortConvolution(6, 4).double()
