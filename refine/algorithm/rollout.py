@@ -6,6 +6,8 @@ Two generators with one output type:
   position x sample of every document then decodes as one batch of k recurrent steps.
 - `reprefill_rollouts` (the paper code's pattern, kept as a baseline): every prefix is run again
   from scratch before decoding, and every prefix + rollout once more for log-probs and hidden states.
+  With `padded=True` every prefix is padded to the document's width, as the paper's code lays out
+  its batch (its fast-weight layers run over the padding too).
 
 Rollout ordering everywhere: rollout i = (b * c + j) * n + s for document b, position j, sample s.
 """
@@ -120,21 +122,33 @@ def snapshot_rollouts(model: FastWeightLM, input_ids: Tensor, lengths: Tensor, c
 
 @torch.no_grad()
 def reprefill_rollouts(model: FastWeightLM, input_ids: Tensor, lengths: Tensor, cfg: RefineConfig,
-                       positions: Tensor, generator: torch.Generator | None = None) -> Rollouts:
-    """The paper code's pattern: run every prefix again from the start, then decode its samples."""
+                       positions: Tensor, generator: torch.Generator | None = None,
+                       padded: bool = False) -> Rollouts:
+    """The paper code's pattern: run every prefix again from the start, then decode its samples.
+
+    padded=True runs every prefix (and prefix + rollout) right-padded to the batch's width, the
+    work of the paper's layout; the rollouts are the same, since padding never reaches a state.
+    """
     tokens, logprobs, hidden, first = [], [], [], []
     rows, starts = prefix_rows(positions)
     k, n = cfg.rollout_len, cfg.num_samples
     temperature = cfg.temperature if cfg.temperature > 0 else 1.0
     one_each = cfg.model_copy(update={"num_samples": 1})
+    width = input_ids.shape[1]
     for row, start in zip(rows.tolist(), starts.tolist()):
         # Every rollout re-prefills its own copy of the prefix, as a batch of n prompts does.
-        prefix = model(input_ids[row:row + 1, :start].expand(n, -1))
-        first.append(prefix.logits[0, -1])
-        t, _, _ = decode(model, prefix.state, prefix.logits[:, -1], one_each, generator)
+        prefix_ids = input_ids[row:row + 1, :start].expand(n, -1)
+        if padded:
+            prefix_ids = torch.cat([prefix_ids, prefix_ids.new_zeros(n, width - start)], dim=1)
+        prefix = model(prefix_ids, lengths=torch.full((n,), start, device=input_ids.device))
+        first.append(prefix.logits[0, start - 1])
+        t, _, _ = decode(model, prefix.state, prefix.logits[:, start - 1], one_each, generator)
         # Then, as the paper's code does, one more full forward of prefix + rollout for the old
         # log-probs and the rollout hidden states.
-        full = model(torch.cat([input_ids[row:row + 1, :start].expand(n, -1), t], dim=1), output_state=False)
+        sequence = torch.cat([input_ids[row:row + 1, :start].expand(n, -1), t], dim=1)
+        if padded:
+            sequence = torch.cat([sequence, sequence.new_zeros(n, width - start)], dim=1)
+        full = model(sequence, output_state=False)
         logits = full.logits[:, start - 1:start + k - 1]
         logprobs.append(torch.log_softmax(logits.float() / temperature, -1).gather(-1, t[..., None])[..., 0])
         tokens.append(t)

@@ -128,8 +128,11 @@ def test_reprefill_rollouts_equal_snapshot_rollouts():
     ids, lengths, positions = _batch()
     cfg = RefineConfig(num_chunks=6, rollout_len=4, num_samples=1, temperature=0.0)  # greedy: no RNG order issue
     snap = snapshot_rollouts(model, ids, lengths, cfg, positions=positions)
-    ref = reprefill_rollouts(model, ids, lengths, cfg, positions)
-    torch.testing.assert_close(ref.tokens, snap.tokens)
-    torch.testing.assert_close(ref.logprobs.to(snap.logprobs.dtype), snap.logprobs, rtol=1e-6, atol=1e-9)
-    torch.testing.assert_close(ref.hidden, snap.hidden, rtol=1e-6, atol=1e-9)
-    torch.testing.assert_close(ref.target_hidden, snap.target_hidden, rtol=1e-6, atol=1e-9)
+    # padded: every prefix padded to the batch width, the paper code's layout; padding never leaks.
+    for padded in (False, True):
+        ref = reprefill_rollouts(model, ids, lengths, cfg, positions, padded=padded)
+        torch.testing.assert_close(ref.tokens, snap.tokens)
+        torch.testing.assert_close(ref.logprobs.to(snap.logprobs.dtype), snap.logprobs, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(ref.hidden, snap.hidden, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(ref.target_hidden, snap.target_hidden, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(ref.entropies, snap.entropies, rtol=1e-6, atol=1e-9)
