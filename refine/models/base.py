@@ -130,14 +130,14 @@ class FastWeightLM(nn.Module):
             positions = positions.to(device=input_ids.device, dtype=torch.long)
             if positions.dim() != 2 or positions.shape[0] != batch:
                 raise ValueError(f"state positions must be [batch={batch}, P], got {tuple(positions.shape)}")
-            if (positions < 0).any() or (positions > lengths[:, None]).any():
+            if ((positions < 0) | (positions > lengths[:, None])).any():
                 raise ValueError("state positions must lie in [0, length] of their row")
             return ModelState([fn(positions) for fn in layer_states_at])
 
         if state_positions is not None:
             out.position_states = states_at(state_positions)
-        if output_state:
-            out.state = states_at(lengths[:, None])
+        if output_state:  # each row's own length: in range by construction
+            out.state = ModelState([fn(lengths[:, None]) for fn in layer_states_at])
         if defer_states:
             out.states_at = states_at
         return out
