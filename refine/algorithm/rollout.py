@@ -14,7 +14,7 @@ Rollout ordering everywhere: rollout i = (b * c + j) * n + s for document b, pos
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import Tensor
@@ -45,6 +45,11 @@ class Rollouts:
     @property
     def rollout_len(self) -> int:
         return self.tokens.shape[1]
+
+    def ordinary(self) -> "Rollouts":
+        """The same rollouts as ordinary tensors (see `ordinary`): what the engines hand back."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return replace(self, **{name: value.clone() for name, value in values.items() if isinstance(value, Tensor)})
 
 
 def prefix_rows(positions: Tensor) -> tuple[Tensor, Tensor]:
@@ -103,7 +108,8 @@ def decode(model: FastWeightLM, states: ModelState, first_logits: Tensor, cfg: R
             hidden.append(out.hidden_states[:, 0])
             logits, state = out.logits[:, 0], out.state
         result = torch.stack(tokens, 1), torch.stack(logprobs, 1), torch.stack(hidden, 1)
-    return ordinary(*result)
+    # A caller that is itself in inference mode (the rollout engines) copies its whole result once.
+    return result if torch.is_inference_mode_enabled() else ordinary(*result)
 
 
 def _targets(input_ids: Tensor, hidden: Tensor, positions: Tensor, k: int, n: int) -> tuple[Tensor, Tensor]:
@@ -125,9 +131,9 @@ def snapshot_rollouts(model: FastWeightLM, input_ids: Tensor, lengths: Tensor, c
         tokens, logprobs, hidden = decode(model, out.states_at(positions), first_logits, cfg, generator)
         target_tokens, target_hidden = _targets(input_ids, out.hidden_states, positions, cfg.rollout_len,
                                                 cfg.num_samples)
-        entropies = first_token_entropy(first_logits, positions)
-    fields = ordinary(positions, tokens, logprobs, hidden, target_tokens, target_hidden, entropies)
-    return Rollouts(*fields, cfg.num_samples)
+        rollouts = Rollouts(positions, tokens, logprobs, hidden, target_tokens, target_hidden,
+                            first_token_entropy(first_logits, positions), cfg.num_samples)
+    return rollouts.ordinary()
 
 
 @torch.inference_mode()  # as the snapshot engine runs, so the benchmarks compare like with like
@@ -172,6 +178,4 @@ def reprefill_rollouts(model: FastWeightLM, input_ids: Tensor, lengths: Tensor, 
     padded=True runs every prefix (and prefix + rollout) right-padded to the batch's width, the
     work of the paper's layout; the rollouts are the same, since padding never reaches a state.
     """
-    r = _reprefill(model, input_ids, lengths, cfg, positions, generator, padded)
-    fields = ordinary(r.positions, r.tokens, r.logprobs, r.hidden, r.target_tokens, r.target_hidden, r.entropies)
-    return Rollouts(*fields, cfg.num_samples)
+    return _reprefill(model, input_ids, lengths, cfg, positions, generator, padded).ordinary()

@@ -132,12 +132,15 @@ class FastWeightLM(nn.Module):
                 raise ValueError(f"state positions must be [batch={batch}, P], got {tuple(positions.shape)}")
             if ((positions < 0) | (positions > lengths[:, None])).any():
                 raise ValueError("state positions must lie in [0, length] of their row")
+            return collect(positions)
+
+        def collect(positions: Tensor) -> ModelState:
             return ModelState([fn(positions) for fn in layer_states_at])
 
         if state_positions is not None:
             out.position_states = states_at(state_positions)
         if output_state:  # each row's own length: in range by construction
-            out.state = ModelState([fn(lengths[:, None]) for fn in layer_states_at])
+            out.state = collect(lengths[:, None])
         if defer_states:
             out.states_at = states_at
         return out

@@ -145,7 +145,7 @@ class ShortConvolution(nn.Module):
         width = self.kernel_size - 1
         if positions.shape[1] == 1 and bool((positions == padded.shape[1] - width).all()):
             return padded[:, padded.shape[1] - width:].clone()  # the end of every row: decoding's case
-        return gather_positions(padded, positions, self.kernel_size - 1)
+        return gather_positions(padded, positions, width)
 
 
 def short_convolutions(convs: Sequence[ShortConvolution], x: Tensor, cache: Tensor | None) -> tuple[Tensor, Tensor]:

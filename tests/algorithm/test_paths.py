@@ -136,3 +136,7 @@ def test_reprefill_rollouts_equal_snapshot_rollouts():
         torch.testing.assert_close(ref.hidden, snap.hidden, rtol=1e-6, atol=1e-9)
         torch.testing.assert_close(ref.target_hidden, snap.target_hidden, rtol=1e-6, atol=1e-9)
         torch.testing.assert_close(ref.entropies, snap.entropies, rtol=1e-6, atol=1e-9)
+    # Both engines decode in inference mode but hand back tensors autograd may save (the learner
+    # embeds the tokens).
+    for rollouts in (snap, ref):
+        assert not any(value.is_inference() for value in vars(rollouts).values() if isinstance(value, torch.Tensor))
