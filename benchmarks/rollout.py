@@ -5,6 +5,7 @@ pattern can do); "reprefill_padded" pads every prefix to the document's width, t
 paper code's batch layout (its fast-weight layers run over the padding).
 
     python benchmarks/rollout.py [--lengths 1024 4096 16384] [--samples 1 4] [--repeats 3] [--threads 2]
+                                 [--device cpu] [--dtype float32]
 """
 
 from __future__ import annotations
@@ -18,21 +19,32 @@ import torch
 
 from refine.algorithm.rollout import choose_positions, reprefill_rollouts, snapshot_rollouts
 from refine.config import RefineConfig
+from refine.loop import DTYPES
 from refine.models import build_model
 from refine.runtime import tune_allocator
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so a wall-clock interval covers it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def run(length: int, samples: int, model, repeats: int) -> dict:
+    device = model.device
     cfg = RefineConfig(num_chunks=8, rollout_len=5, num_samples=samples)
-    ids = torch.randint(0, 256, (1, length), generator=torch.Generator().manual_seed(length))
-    lengths = torch.tensor([length])
+    ids = torch.randint(0, 256, (1, length), generator=torch.Generator().manual_seed(length)).to(device)
+    lengths = torch.tensor([length], device=device)
+
+    def seeded(seed: int) -> torch.Generator:
+        return torch.Generator(device=device).manual_seed(seed)
+
     with torch.no_grad():
-        positions = choose_positions(model(ids, output_state=False).logits, lengths, cfg, torch.Generator().manual_seed(0))
+        positions = choose_positions(model(ids, output_state=False).logits, lengths, cfg, seeded(0))
     engines = {
-        "snapshot": lambda: snapshot_rollouts(model, ids, lengths, cfg, torch.Generator().manual_seed(1), positions),
-        "reprefill": lambda: reprefill_rollouts(model, ids, lengths, cfg, positions, torch.Generator().manual_seed(1)),
-        "reprefill_padded": lambda: reprefill_rollouts(model, ids, lengths, cfg, positions,
-                                                       torch.Generator().manual_seed(1), padded=True),
+        "snapshot": lambda: snapshot_rollouts(model, ids, lengths, cfg, seeded(1), positions),
+        "reprefill": lambda: reprefill_rollouts(model, ids, lengths, cfg, positions, seeded(1)),
+        "reprefill_padded": lambda: reprefill_rollouts(model, ids, lengths, cfg, positions, seeded(1), padded=True),
     }
     tokens = engines["snapshot"]().tokens.numel()  # also the warm-up
     for name in ("reprefill", "reprefill_padded"):
@@ -40,8 +52,10 @@ def run(length: int, samples: int, model, repeats: int) -> dict:
     timings: dict[str, list[float]] = {name: [] for name in engines}
     for _ in range(repeats):  # the engines take turns, so a noisy neighbour slows both alike
         for name, fn in engines.items():
+            synchronize(device)
             started = time.perf_counter()
             fn()
+            synchronize(device)
             timings[name].append(time.perf_counter() - started)
     seconds = {name: statistics.median(values) for name, values in timings.items()}
 
@@ -50,7 +64,8 @@ def run(length: int, samples: int, model, repeats: int) -> dict:
 
     return {
         "benchmark": "rollout", "context_length": length, "rollout_tokens": tokens, "num_chunks": 8, "rollout_len": 5,
-        "num_samples": samples, "threads": torch.get_num_threads(), "repeats": repeats,
+        "num_samples": samples, "device": str(device), "dtype": str(model.dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(), "repeats": repeats,
         "tokens_per_second": {k: round(tokens / v, 1) for k, v in seconds.items()},
         "seconds": {k: round(v, 4) for k, v in seconds.items()},
         "snapshot_over_reprefill": ratio("reprefill"),
@@ -64,12 +79,15 @@ def main() -> None:
     parser.add_argument("--samples", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     args = parser.parse_args()
     tune_allocator()  # as every refine process does
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = build_model(dict(model_type="delta_net", vocab_size=260, hidden_size=128, num_hidden_layers=2,
-                             num_heads=2, intermediate_size=256, tie_word_embeddings=True))
+                             num_heads=2, intermediate_size=256, tie_word_embeddings=True),
+                        dtype=DTYPES[args.dtype]).to(args.device)
     for length in args.lengths:
         for samples in args.samples:
             print(json.dumps(run(length, samples, model, args.repeats)), flush=True)

@@ -2,10 +2,12 @@
 
 Prints one JSON object per (length, n) with the medians, the ratios and where the one-pass time goes.
     python benchmarks/step.py [--lengths 1024 4096] [--samples 1 4] [--repeats 9] [--batch 1] [--threads 2]
-                              [--hidden-size 128] [--layers 2] [--heads 2]
+                              [--hidden-size 128] [--layers 2] [--heads 2] [--device cpu] [--dtype float32]
 
 The default model is the tiny DeltaNet the goals are stated for; --hidden-size/--layers/--heads show
-how the ratios move as per-operation overhead shrinks next to the arithmetic.
+how the ratios move as per-operation overhead shrinks next to the arithmetic. On --device cuda the
+final-state forwards (NTP, re-prefilled prefixes) run fla's Triton kernels where installed, while
+the one-pass and fused forwards, which need states at positions, run our torch chunk kernel.
 """
 
 from __future__ import annotations
@@ -21,26 +23,35 @@ from refine.algorithm.losses import ntp_loss
 from refine.algorithm.rollout import choose_positions, reprefill_rollouts, snapshot_rollouts
 from refine.algorithm.update import advantages_for, fused_refine_step, refine_loss, score_rollouts
 from refine.config import RefineConfig
+from refine.loop import DTYPES
 from refine.models import build_model
 from refine.runtime import tune_allocator
 
 
-def timed(fn) -> float:
-    started = time.perf_counter()
-    fn()
-    return time.perf_counter() - started
+def synchronize(device: str) -> None:
+    """Wait for queued GPU work, so a wall-clock interval covers it."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
 
 
-def run(length: int, samples: int, repeats: int, batch: int, size: dict[str, int]) -> dict:
+def run(length: int, samples: int, repeats: int, batch: int, size: dict[str, int], device: str, dtype: str) -> dict:
     torch.manual_seed(0)
     model = build_model(dict(model_type="delta_net", vocab_size=260, hidden_size=size["hidden_size"],
                              num_hidden_layers=size["layers"], num_heads=size["heads"],
-                             intermediate_size=2 * size["hidden_size"], tie_word_embeddings=True))
+                             intermediate_size=2 * size["hidden_size"], tie_word_embeddings=True),
+                        dtype=DTYPES[dtype]).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
     cfg = RefineConfig(num_chunks=8, rollout_len=5, num_samples=samples)
-    ids = torch.randint(0, 256, (batch, length))
-    lengths = torch.full((batch,), length)
-    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 256, (batch, length), device=device)
+    lengths = torch.full((batch,), length, device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def timed(fn) -> float:
+        synchronize(device)
+        started = time.perf_counter()
+        fn()
+        synchronize(device)
+        return time.perf_counter() - started
     breakdown: dict[str, list[float]] = {"rollout_pass": [], "update_forward": [], "backward": [], "optimizer": []}
 
     def step(loss):
@@ -51,18 +62,22 @@ def run(length: int, samples: int, repeats: int, batch: int, size: dict[str, int
     def ntp():
         step(ntp_loss(model(ids, lengths=lengths, output_state=False).logits, ids, lengths))
 
+    def now() -> float:
+        synchronize(device)
+        return time.perf_counter()
+
     def onepass():
-        t0 = time.perf_counter()
+        t0 = now()
         rollouts = snapshot_rollouts(model, ids, lengths, cfg, gen)
         rollouts.rewards = score_rollouts(rollouts, cfg)
-        t1 = time.perf_counter()
+        t1 = now()
         result = refine_loss("onepass", model, ids, lengths, rollouts, advantages_for(rollouts.rewards, rollouts, cfg), cfg)
-        t2 = time.perf_counter()
+        t2 = now()
         optimizer.zero_grad()
         result.loss.backward()
-        t3 = time.perf_counter()
+        t3 = now()
         optimizer.step()
-        t4 = time.perf_counter()
+        t4 = now()
         for key, value in zip(breakdown, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
             breakdown[key].append(value)
 
@@ -95,7 +110,8 @@ def run(length: int, samples: int, repeats: int, batch: int, size: dict[str, int
 
     return {
         "benchmark": "step", "length": length, "batch": batch, "model": size, "num_chunks": 8, "rollout_len": 5,
-        "num_samples": samples, "threads": torch.get_num_threads(), "repeats": repeats,
+        "num_samples": samples, "device": device, "dtype": dtype, "threads": torch.get_num_threads(),
+        "repeats": repeats,
         "median_seconds": {k: round(v, 4) for k, v in results.items()},
         "onepass_over_ntp": round(ratio("onepass", "ntp"), 3),
         "fused_over_ntp": round(ratio("fused", "ntp"), 3),
@@ -114,13 +130,16 @@ def main() -> None:
     parser.add_argument("--hidden-size", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--heads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     args = parser.parse_args()
     size = {"hidden_size": args.hidden_size, "layers": args.layers, "heads": args.heads}
     tune_allocator()  # as every refine process does
     torch.set_num_threads(args.threads)
     for length in args.lengths:
         for samples in args.samples:
-            print(json.dumps(run(length, samples, args.repeats, args.batch, size)), flush=True)
+            print(json.dumps(run(length, samples, args.repeats, args.batch, size, args.device, args.dtype)),
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -56,3 +56,17 @@ def test_non_finite_steps_are_skipped_and_counted():
     assert outcome.skipped and outcome.stats["skipped_nonfinite"] == 1.0
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mode,dtype", [("ntp", "float32"), ("onepass", "float32"), ("fused", "float32"),
+                                        ("reference", "float32"), ("fused", "bfloat16")])
+def test_every_mode_trains_on_cuda(tmp_path, mode, dtype):
+    config = _config(tmp_path, mode, steps=3, extra=("train.device=cuda", f"train.dtype={dtype}"))
+    stats = train(config, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    assert stats["skipped_steps"] == 0
+    if mode != "ntp":
+        assert torch.isfinite(torch.tensor(stats["reward_mean"]))

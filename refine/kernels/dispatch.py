@@ -3,7 +3,8 @@
 - CUDA with flash-linear-attention installed, and no state wanted except the final one: fla's Triton
   kernels: chunk for longer inputs; fused_recurrent for inputs of at most one chunk (gated rule: only
   without gradients, fla has no backward for it) and for the float32 delta rule, which fla's chunk
-  kernel refuses.
+  kernel refuses. Gated calls that need gradients stay on our kernel where fla refuses its own gated
+  chunk backward (Hopper GPUs with Triton 3.4.0 to 3.7.0 and no tilelang: fla issue #640).
 - Otherwise (CPU, float64, states at arbitrary positions): our PyTorch chunked kernel, with one
   chunk of exactly T tokens when T < CHUNK_SIZE (no padding, no loop: the teacher-forced rollouts),
   or the token-by-token loop for single tokens (decoding), where it does the fewest operations.
@@ -14,6 +15,7 @@ REFINE_KERNEL=torch|fla forces one family; forcing fla where it cannot serve the
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 import os
 from types import SimpleNamespace
@@ -66,6 +68,21 @@ def _fla_ops() -> SimpleNamespace | None:
     )
 
 
+@functools.lru_cache(maxsize=1)
+def _fla_gated_backward_refused() -> bool:
+    """Whether fla raises in its gated chunk backward on this machine, by fla's own test.
+
+    Triton 3.4.0 to 3.7.0 miscompiles that kernel on Hopper GPUs (fla issue #640); fla then raises
+    unless its tilelang backend is installed to replace the kernel.
+    """
+    try:
+        from fla.utils import IS_NVIDIA_HOPPER, TRITON_ABOVE_3_4_0, TRITON_ABOVE_3_7_1
+    except ImportError:  # an fla without the guard
+        return False
+    broken_triton = IS_NVIDIA_HOPPER and TRITON_ABOVE_3_4_0 and not TRITON_ABOVE_3_7_1
+    return broken_triton and importlib.util.find_spec("tilelang") is None
+
+
 def _wants_final_state_only(positions: Tensor | None, seq_len: int) -> bool:
     if positions is None:
         return True
@@ -85,6 +102,9 @@ def select_kernel(
     if forced != "torch":
         fla_reason = "states at positions chosen after the call are requested" if state_fn else \
             _fla_unusable_reason(q, positions, seq_len)
+        if fla_reason is None and g is not None and needs_grad and _fla_gated_backward_refused():
+            fla_reason = ("fla refuses its gated chunk backward with this Triton on Hopper GPUs "
+                          "(fla issue #640: Triton >= 3.7.1 or the tilelang package lifts it)")
         if fla_reason is None:
             return _fla_kernel_name(q.dtype, g is not None, seq_len, needs_grad)
         if forced == "fla":

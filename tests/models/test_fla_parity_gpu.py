@@ -15,7 +15,9 @@ def test_logits_match_fla_model(tmp_path, model_type):
     torch.manual_seed(0)
     common = dict(hidden_size=256, num_heads=4, num_hidden_layers=2, vocab_size=1000, fuse_cross_entropy=False)
     if model_type == "delta_net":
-        reference = fla_models.DeltaNetForCausalLM(fla_models.DeltaNetConfig(**common, use_gate=True))
+        # fla's chunk delta rule refuses float32; its fused_recurrent mode runs the same rule in float32.
+        reference = fla_models.DeltaNetForCausalLM(
+            fla_models.DeltaNetConfig(**common, use_gate=True, attn_mode="fused_recurrent"))
     else:
         reference = fla_models.GatedDeltaNetForCausalLM(fla_models.GatedDeltaNetConfig(**common, head_dim=64))
     reference = reference.cuda().float().eval()
