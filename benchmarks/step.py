@@ -1,6 +1,8 @@
 """Seconds per optimizer step: NTP only, REFINE one-pass, fused and reference, same model and batch.
 
 Prints one JSON object per (length, n) with the medians, the ratios and where the one-pass time goes.
+"document_pass_over_ntp" is a plain no-grad forward over the same documents against the NTP step: the
+one-pass step runs such a pass for its rollouts, so 1 + that ratio is its floor.
     python benchmarks/step.py [--lengths 1024 4096] [--samples 1 4] [--repeats 9] [--batch 1] [--threads 2]
                               [--hidden-size 128] [--layers 2] [--heads 2] [--device cpu] [--dtype float32]
 
@@ -81,6 +83,10 @@ def run(length: int, samples: int, repeats: int, batch: int, size: dict[str, int
         for key, value in zip(breakdown, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
             breakdown[key].append(value)
 
+    def document_pass():
+        with torch.inference_mode():
+            model(ids, lengths=lengths, output_state=False)
+
     def fused():
         step(fused_refine_step(model, ids, lengths, cfg, gen)[0].loss)
 
@@ -93,7 +99,8 @@ def run(length: int, samples: int, repeats: int, batch: int, size: dict[str, int
                          cfg).loss)
 
     # Modes take turns in every round, so a noisy neighbour slows all of them alike.
-    modes = (("ntp", ntp), ("onepass", onepass), ("fused", fused), ("reference", reference))
+    modes = (("ntp", ntp), ("onepass", onepass), ("fused", fused), ("reference", reference),
+             ("document_pass", document_pass))
     for _, fn in modes:
         fn()  # warm-up
     for values in breakdown.values():
@@ -115,6 +122,7 @@ def run(length: int, samples: int, repeats: int, batch: int, size: dict[str, int
         "median_seconds": {k: round(v, 4) for k, v in results.items()},
         "onepass_over_ntp": round(ratio("onepass", "ntp"), 3),
         "fused_over_ntp": round(ratio("fused", "ntp"), 3),
+        "document_pass_over_ntp": round(ratio("document_pass", "ntp"), 3),
         "reference_over_onepass": round(ratio("reference", "onepass"), 2),
         "onepass_breakdown_seconds": {k: round(statistics.median(v), 4) for k, v in breakdown.items()},
     }
