@@ -18,16 +18,9 @@ import time
 import torch
 
 from refine.algorithm.rollout import choose_positions, reprefill_rollouts, snapshot_rollouts
-from refine.config import RefineConfig
-from refine.loop import DTYPES
+from refine.config import DTYPES, RefineConfig
 from refine.models import build_model
-from refine.runtime import tune_allocator
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for queued GPU work, so a wall-clock interval covers it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from refine.runtime import synchronize, tune_allocator
 
 
 def run(length: int, samples: int, model, repeats: int) -> dict:

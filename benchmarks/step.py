@@ -24,16 +24,9 @@ import torch
 from refine.algorithm.losses import ntp_loss
 from refine.algorithm.rollout import choose_positions, reprefill_rollouts, snapshot_rollouts
 from refine.algorithm.update import advantages_for, fused_refine_step, refine_loss, score_rollouts
-from refine.config import RefineConfig
-from refine.loop import DTYPES
+from refine.config import DTYPES, RefineConfig
 from refine.models import build_model
-from refine.runtime import tune_allocator
-
-
-def synchronize(device: str) -> None:
-    """Wait for queued GPU work, so a wall-clock interval covers it."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
+from refine.runtime import synchronize, tune_allocator
 
 
 def run(length: int, samples: int, repeats: int, batch: int, size: dict[str, int], device: str, dtype: str) -> dict:
@@ -48,12 +41,14 @@ def run(length: int, samples: int, repeats: int, batch: int, size: dict[str, int
     lengths = torch.full((batch,), length, device=device)
     gen = torch.Generator(device=device).manual_seed(0)
 
+    def now() -> float:
+        synchronize(device)
+        return time.perf_counter()
+
     def timed(fn) -> float:
-        synchronize(device)
-        started = time.perf_counter()
+        started = now()
         fn()
-        synchronize(device)
-        return time.perf_counter() - started
+        return now() - started
     breakdown: dict[str, list[float]] = {"rollout_pass": [], "update_forward": [], "backward": [], "optimizer": []}
 
     def step(loss):
@@ -63,10 +58,6 @@ def run(length: int, samples: int, repeats: int, batch: int, size: dict[str, int
 
     def ntp():
         step(ntp_loss(model(ids, lengths=lengths, output_state=False).logits, ids, lengths))
-
-    def now() -> float:
-        synchronize(device)
-        return time.perf_counter()
 
     def onepass():
         t0 = now()

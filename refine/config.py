@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
@@ -72,6 +73,10 @@ class DataSpec(Strict):
         description="kinds of synthetic documents, in equal shares: fact-recall prose, NIAH and MQAR prompts with answers",
     )
     skip_bad_rows: bool = False
+
+
+# The torch dtype of each `train.dtype` name.
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
 
 class TrainConfig(Strict):

@@ -21,15 +21,13 @@ from refine.algorithm.rollout import reprefill_rollouts, snapshot_rollouts, choo
 from refine.algorithm.update import (
     LossResult, advantages_for, fused_refine_step, refine_loss, rollout_stats, score_rollouts,
 )
-from refine.config import RunConfig, dump_config
+from refine.config import DTYPES, RunConfig, dump_config
 from refine.data.batches import DocumentBatch
 from refine.data.stream import document_batches
 from refine.models import FastWeightLM, build_model, load_model, save_model
 from refine.plots import plot_metrics
 from refine.runtime import tune_allocator
 from refine.tokenizer import load_tokenizer
-
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
 
 @dataclass

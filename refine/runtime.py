@@ -1,4 +1,4 @@
-"""Process-wide CPU runtime settings for training and rollout processes.
+"""Process-wide CPU allocator settings for training and rollout processes; a device timing helper.
 
 glibc's malloc serves large blocks with fresh mmap'd pages and hands freed heap memory back to the
 kernel, so a CPU training step that allocates and frees the same multi-megabyte activations every
@@ -10,6 +10,8 @@ process keeps its peak heap mapped, as caching allocators do.
 
 Entry points (the CLI, the service roles, the benchmarks) call `tune_allocator()` once at start;
 REFINE_MALLOC_TUNING=0 turns it off. A no-op where glibc's mallopt is unavailable.
+
+`synchronize(device)` waits for a GPU's queued work, so that a wall-clock interval covers it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+
+import torch
 
 ENV_SWITCH = "REFINE_MALLOC_TUNING"
 # mallopt parameter numbers from glibc's malloc.h.
@@ -52,3 +56,9 @@ def tune_allocator() -> bool:
         )
     )
     return _tuned
+
+
+def synchronize(device: str | torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously); nothing to wait for on CPU."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)

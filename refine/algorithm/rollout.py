@@ -14,6 +14,7 @@ Rollout ordering everywhere: rollout i = (b * c + j) * n + s for document b, pos
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -46,10 +47,14 @@ class Rollouts:
     def rollout_len(self) -> int:
         return self.tokens.shape[1]
 
+    def map(self, fn: Callable[[Tensor], Tensor]) -> "Rollouts":
+        """The same rollouts with fn applied to every tensor field (a copy, a device move)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return replace(self, **{name: fn(value) for name, value in values.items() if isinstance(value, Tensor)})
+
     def ordinary(self) -> "Rollouts":
         """The same rollouts as ordinary tensors (see `ordinary`): what the engines hand back."""
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
-        return replace(self, **{name: value.clone() for name, value in values.items() if isinstance(value, Tensor)})
+        return self.map(Tensor.clone)
 
 
 def prefix_rows(positions: Tensor) -> tuple[Tensor, Tensor]:

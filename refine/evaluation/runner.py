@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tqdm.auto import tqdm
 
 from refine.algorithm.selection import min_document_length
-from refine.config import ConfigError, RefineConfig, RunConfig, load_config
+from refine.config import DTYPES, ConfigError, RefineConfig, RunConfig, load_config
 from refine.data.sources import DataSourceError
 from refine.data.synthetic import NiahConfig, generate_niah, mqar_for_length
 from refine.data.tasks import TaskExample, load_longbench, load_ruler_qa
@@ -38,7 +38,6 @@ CLI_TASKS = ("niah", "mqar", "ruler-qa", "longbench")
 DEFAULT_MAX_NEW_TOKENS = 32
 # The paper's test-time settings, used wherever the run config does not set the field itself.
 TEST_TIME_DEFAULTS: dict[str, Any] = {"reward": "binary", "lambda_nsp": 0.4}
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
 
 class EvalOptions(BaseModel):
@@ -381,7 +380,7 @@ def main(args: argparse.Namespace) -> int:
     if run_config.train.threads:
         torch.set_num_threads(run_config.train.threads)
     model_dir = Path(args.model)
-    dtype = _DTYPES[run_config.train.dtype] if "dtype" in run_config.train.model_fields_set else None
+    dtype = DTYPES[run_config.train.dtype] if "dtype" in run_config.train.model_fields_set else None
     model = load_model(model_dir, dtype=dtype, device=run_config.train.device)
     tokenizer = resolve_tokenizer(args.tokenizer, model_dir)
     examples = build_examples(args, tokenizer, options)

@@ -1,7 +1,5 @@
 """One-pass, fused and reference REFINE paths: same loss and same gradient for every parameter."""
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -147,11 +145,6 @@ def test_reprefill_rollouts_equal_snapshot_rollouts():
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def _to(rollouts, device):
-    values = {f.name: getattr(rollouts, f.name) for f in dataclasses.fields(rollouts)}
-    return dataclasses.replace(rollouts, **{n: v.to(device) for n, v in values.items() if isinstance(v, torch.Tensor)})
-
-
 @needs_cuda
 @pytest.mark.parametrize("name", sorted(MODELS))
 @pytest.mark.parametrize("num_samples", [1, 3])
@@ -178,7 +171,8 @@ def test_paths_agree_on_cuda_and_equal_the_cpu(name, num_samples):
             torch.testing.assert_close(grad, fused_grads[pname], rtol=1e-6, atol=1e-12, msg=f"{mode}: {pname}")
 
     cpu_model.zero_grad()
-    cpu = refine_loss("onepass", cpu_model, ids.cpu(), lengths.cpu(), _to(rollouts, "cpu"), advantages.cpu(), cfg)
+    cpu = refine_loss("onepass", cpu_model, ids.cpu(), lengths.cpu(), rollouts.map(torch.Tensor.cpu),
+                      advantages.cpu(), cfg)
     cpu.loss.backward()
     torch.testing.assert_close(cpu.loss, fused.loss.cpu(), rtol=1e-9, atol=0)
     for pname, grad in _grads(cpu_model).items():
