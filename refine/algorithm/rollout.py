@@ -91,11 +91,13 @@ def ordinary(*tensors: Tensor) -> tuple[Tensor, ...]:
 
 
 def decode(model: FastWeightLM, states: ModelState, first_logits: Tensor, cfg: RefineConfig,
-           generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor]:
+           generator: torch.Generator | None, with_hidden: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
     """Sample n continuations of k tokens from every state, all as one batch.
 
     states: batch P (one per prefix); first_logits [P, V]: the prediction after each prefix.
-    Returns tokens [P * n, k], behaviour log-probs [P * n, k], hidden [P * n, k, D].
+    Returns tokens [P * n, k], behaviour log-probs [P * n, k], hidden [P * n, k, D]. With
+    with_hidden=False the last token is not fed back (k - 1 model steps, as a generate call makes)
+    and hidden is None: for callers that run the rollouts through the model again anyway.
     """
     n, k = cfg.num_samples, cfg.rollout_len
     # Inference mode, not just no_grad: no version counters or view tracking, a sixth less overhead
@@ -108,13 +110,18 @@ def decode(model: FastWeightLM, states: ModelState, first_logits: Tensor, cfg: R
             token, logprob = sample_tokens(logits, cfg.temperature, cfg.top_p, cfg.top_k, generator=generator)
             tokens.append(token)
             logprobs.append(logprob)
+            if step == k - 1 and not with_hidden:
+                break
             # Feeding the token gives its hidden state (the reward's input) and the next prediction.
             out = model(token[:, None], state=state, output_state=step < k - 1)
             hidden.append(out.hidden_states[:, 0])
             logits, state = out.logits[:, 0], out.state
-        result = torch.stack(tokens, 1), torch.stack(logprobs, 1), torch.stack(hidden, 1)
+        result = torch.stack(tokens, 1), torch.stack(logprobs, 1)
+        if with_hidden:
+            result += (torch.stack(hidden, 1),)
     # A caller that is itself in inference mode (the rollout engines) copies its whole result once.
-    return result if torch.is_inference_mode_enabled() else ordinary(*result)
+    result = result if torch.is_inference_mode_enabled() else ordinary(*result)
+    return result if with_hidden else (*result, None)
 
 
 def _targets(input_ids: Tensor, hidden: Tensor, positions: Tensor, k: int, n: int) -> tuple[Tensor, Tensor]:
@@ -157,7 +164,7 @@ def _reprefill(model: FastWeightLM, input_ids: Tensor, lengths: Tensor, cfg: Ref
             prefix_ids = torch.cat([prefix_ids, prefix_ids.new_zeros(n, width - start)], dim=1)
         prefix = model(prefix_ids, lengths=torch.full((n,), start, device=input_ids.device))
         first.append(prefix.logits[0, start - 1])
-        t, _, _ = decode(model, prefix.state, prefix.logits[:, start - 1], one_each, generator)
+        t, _, _ = decode(model, prefix.state, prefix.logits[:, start - 1], one_each, generator, with_hidden=False)
         # Then, as the paper's code does, one more full forward of prefix + rollout for the old
         # log-probs and the rollout hidden states.
         sequence = torch.cat([input_ids[row:row + 1, :start].expand(n, -1), t], dim=1)

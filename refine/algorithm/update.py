@@ -68,12 +68,22 @@ def teacher_forced_logprobs(model: FastWeightLM, states: ModelState, first_logit
     states and first_logits have one row per prefix; each is repeated for its n samples. Token 0
     is scored by the prefix's own prediction; tokens 1..k-1 by one batched forward from the states.
     """
+    if tokens.shape[1] == 1:
+        return rollout_logprobs(first_logits, None, tokens, num_samples, temperature)
+    out = model(tokens[:, :-1], state=states.expand(num_samples), output_state=False)
+    return rollout_logprobs(first_logits, out.logits, tokens, num_samples, temperature)
+
+
+def rollout_logprobs(first_logits: Tensor, later_logits: Tensor | None, tokens: Tensor, num_samples: int,
+                     temperature: float) -> Tensor:
+    """Log-probs [N, k] of rollout tokens: token 0 from its prefix's prediction first_logits [P, V]
+    (repeated for the n samples), tokens 1..k-1 from later_logits [N, >= k-1, V], the predictions
+    after rollout tokens 0..k-2."""
     temperature = temperature if temperature > 0 else 1.0
     first = logprobs_from_logits(first_logits.repeat_interleave(num_samples, 0), tokens[:, 0], temperature)
     if tokens.shape[1] == 1:
         return first[:, None]
-    out = model(tokens[:, :-1], state=states.expand(num_samples), output_state=False)
-    rest = logprobs_from_logits(out.logits, tokens[:, 1:], temperature)
+    rest = logprobs_from_logits(later_logits[:, :tokens.shape[1] - 1], tokens[:, 1:], temperature)
     return torch.cat([first[:, None], rest], dim=1)
 
 
@@ -166,17 +176,20 @@ def fused_refine_step(model: FastWeightLM, input_ids: Tensor, lengths: Tensor, c
     rows, starts = prefix_rows(positions)
     first_logits = prefix_end_logits(model, out, positions)
     states = out.states_at(positions)
-    tokens, logprobs, hidden = decode(model, states.detach(), first_logits.detach(), cfg, generator)
     n, k = cfg.num_samples, cfg.rollout_len
+    # Decoding skips feeding the last token: the teacher-forced forward below runs all k tokens once,
+    # giving both the new log-probs and the rollout hidden states the reward reads.
+    tokens, logprobs, _ = decode(model, states.detach(), first_logits.detach(), cfg, generator, with_hidden=False)
+    forced = model(tokens, state=states.expand(n), output_state=False)
     rollouts = Rollouts(
-        positions, tokens, logprobs, hidden,
+        positions, tokens, logprobs, forced.hidden_states.detach(),
         gather_windows(input_ids, rows, starts, k).repeat_interleave(n, 0),
         gather_windows(out.hidden_states.detach(), rows, starts, k).repeat_interleave(n, 0),
         first_token_entropy(first_logits, positions), n,
     )
     rollouts.rewards = score_rollouts(rollouts, cfg)
     advantages = advantages_for(rollouts.rewards, rollouts, cfg)
-    new_logprobs = teacher_forced_logprobs(model, states, first_logits, tokens, n, cfg.temperature)
+    new_logprobs = rollout_logprobs(first_logits, forced.logits, tokens, n, cfg.temperature)
     ref = _ref_logprobs(ref_model, input_ids, lengths, rollouts, cfg)
     result = _combine(ntp, new_logprobs, ref, rollouts, advantages, cfg)
     result.stats.update(rollout_stats(rollouts))

@@ -120,6 +120,21 @@ def test_snapshot_decode_matches_teacher_forcing(name):
         torch.testing.assert_close(rollouts.target_tokens[i], ids[row, start:start + 4])
 
 
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_fused_step_samples_the_snapshot_engines_rollouts(name):
+    """The fused step decodes k - 1 steps and takes the rollout hidden states from its teacher-forced
+    forward; with the same seed and positions its rollouts equal the snapshot engine's."""
+    model = _model(name)
+    ids, lengths, positions = _batch()
+    cfg = RefineConfig(num_chunks=6, rollout_len=4, num_samples=2, temperature=0.9)
+    snap = snapshot_rollouts(model, ids, lengths, cfg, torch.Generator().manual_seed(4), positions=positions)
+    _, fused = fused_refine_step(model, ids, lengths, cfg, torch.Generator().manual_seed(4), positions=positions)
+    torch.testing.assert_close(fused.tokens, snap.tokens)
+    for field in ("logprobs", "hidden", "target_hidden", "entropies"):
+        torch.testing.assert_close(getattr(fused, field), getattr(snap, field), rtol=1e-6, atol=1e-9, msg=field)
+    assert not fused.hidden.requires_grad
+
+
 def test_reprefill_rollouts_equal_snapshot_rollouts():
     """The paper code's generation pattern and the snapshot engine sample the same rollouts."""
     from refine.algorithm.rollout import reprefill_rollouts
