@@ -116,12 +116,13 @@ def decode(model: FastWeightLM, states: ModelState, first_logits: Tensor, cfg: R
             out = model(token[:, None], state=state, output_state=step < k - 1)
             hidden.append(out.hidden_states[:, 0])
             logits, state = out.logits[:, 0], out.state
-        result = torch.stack(tokens, 1), torch.stack(logprobs, 1)
+        outputs = [torch.stack(tokens, 1), torch.stack(logprobs, 1)]
         if with_hidden:
-            result += (torch.stack(hidden, 1),)
+            outputs.append(torch.stack(hidden, 1))
     # A caller that is itself in inference mode (the rollout engines) copies its whole result once.
-    result = result if torch.is_inference_mode_enabled() else ordinary(*result)
-    return result if with_hidden else (*result, None)
+    if not torch.is_inference_mode_enabled():
+        outputs = list(ordinary(*outputs))
+    return outputs[0], outputs[1], outputs[2] if with_hidden else None
 
 
 def _targets(input_ids: Tensor, hidden: Tensor, positions: Tensor, k: int, n: int) -> tuple[Tensor, Tensor]:

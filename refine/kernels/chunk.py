@@ -211,8 +211,10 @@ def invert_unit_lower(lower: Tensor) -> Tensor:
     """(I + tril(lower, -1))^-1 for a batch of square matrices, by recursive doubling of diagonal blocks.
 
     Each level inverts all 2x2 block-triangular systems of the level with two batched matmuls
-    ([[T11, 0], [-T22 L21 T11, T22]]): much faster on CPU than a batched triangular solve of many
-    small matrices, and as stable (it is the blocked form of forward substitution).
+    ([[T11, 0], [-T22 L21 T11, T22]]), as stable as forward substitution (it is its blocked form) and
+    made of matmuls only, which every device batches well. On CPU with torch 2.13, a batched
+    torch.linalg.solve_triangular takes the same time inside a 4K-token forward of the tiny model
+    and is faster for chunks of a few tokens (13 vs 129 us for 16 blocks of 5 x 5).
     """
     size = lower.shape[-1]
     padded = 1 << max(size - 1, 0).bit_length()
