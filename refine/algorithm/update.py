@@ -68,10 +68,10 @@ def teacher_forced_logprobs(model: FastWeightLM, states: ModelState, first_logit
     states and first_logits have one row per prefix; each is repeated for its n samples. Token 0
     is scored by the prefix's own prediction; tokens 1..k-1 by one batched forward from the states.
     """
-    if tokens.shape[1] == 1:
-        return rollout_logprobs(first_logits, None, tokens, num_samples, temperature)
-    out = model(tokens[:, :-1], state=states.expand(num_samples), output_state=False)
-    return rollout_logprobs(first_logits, out.logits, tokens, num_samples, temperature)
+    later = None
+    if tokens.shape[1] > 1:
+        later = model(tokens[:, :-1], state=states.expand(num_samples), output_state=False).logits
+    return rollout_logprobs(first_logits, later, tokens, num_samples, temperature)
 
 
 def rollout_logprobs(first_logits: Tensor, later_logits: Tensor | None, tokens: Tensor, num_samples: int,
