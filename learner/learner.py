@@ -60,7 +60,6 @@ class Learner:
         self.device = config.train.device
         self.out_dir = Path(config.train.out_dir)
         self.outage_timeout_s = max(60.0, 4 * config.service.heartbeat_timeout_s)
-        self.reclaim_idle_ms = int(config.service.heartbeat_timeout_s * 1000)
 
         self.model = prepare_model(config)
         self.optimizer = make_optimizer(self.model, config)
@@ -137,7 +136,7 @@ class Learner:
         if not entries:
             # An entry delivered while Redis went down (its reply lost) stays pending for us: take it back.
             entries = self.broker.reclaim(stream, LEARNER_GROUP, self.member_id, message_type,
-                                          min_idle_ms=self.reclaim_idle_ms, count=1)
+                                          min_idle_ms=self.config.service.reclaim_idle_ms, count=1)
         for entry_id, batch in entries:
             handle(entry_id, batch)
         return len(entries)

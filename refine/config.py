@@ -131,6 +131,16 @@ class ServiceConfig(Strict):
         description="where each role announces its metrics port for Prometheus (deploy/prometheus.yml reads it)",
     )
 
+    @property
+    def reclaim_idle_ms(self) -> int:
+        """How long an entry stays pending before a live consumer of its group takes it over.
+
+        Twice the heartbeat timeout: the orchestrator releases a silent consumer's entries after one
+        timeout when it replaces that consumer, so the takeover is the fallback for entries nobody
+        released (their consumer died while Redis was down, or the orchestrator itself restarted) and
+        does not race the orchestrator for a hung consumer's batch."""
+        return int(2 * self.heartbeat_timeout_s * 1000)
+
 
 class DemoConfig(Strict):
     """The main job: NTP pre-training, then two copies continued with REFINE and with NTP only, compared."""

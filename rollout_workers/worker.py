@@ -70,8 +70,6 @@ class RolloutWorker:
         self.weights = RedisWeightStore(self.runtime.client, namespace)
         self.engine: RolloutEngine = build_engine(self.config)
         self.version: int | None = None
-        # An entry pending this long belongs to a worker that stopped beating: take it over.
-        self.reclaim_idle_ms = int(service.heartbeat_timeout_s * 1000)
         self.outage_timeout_s = max(60.0, 4 * service.heartbeat_timeout_s)
         self.batches = 0
         self.versions_used: list[int] = []
@@ -94,7 +92,7 @@ class RolloutWorker:
     def next_batch(self, block_ms: int) -> tuple[str, DocumentBatch] | None:
         # A batch that keeps killing its workers goes to the dead-letter stream after a few tries.
         claimed = self.broker.reclaim(DOCUMENTS, ROLLOUT_GROUP, self.worker_id, DocumentBatch,
-                                      min_idle_ms=self.reclaim_idle_ms, count=1, max_deliveries=MAX_DELIVERIES)
+                                      min_idle_ms=self.config.service.reclaim_idle_ms, count=1, max_deliveries=MAX_DELIVERIES)
         if claimed:
             logger.info("reclaimed document batch %s", claimed[0][1].batch_id)
             return claimed[0]

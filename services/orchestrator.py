@@ -24,6 +24,8 @@ learner then drops and counts it.)
 Supervision. Every role beats in Redis. A rollout worker or reward replica whose actor died, or
 whose heartbeat is older than `heartbeat_timeout_s`, is killed and replaced by a fresh consumer;
 the entries it held are made reclaimable at once and the survivors take them over with XAUTOCLAIM.
+Entries nobody released are taken over once idle for twice the heartbeat timeout
+(`ServiceConfig.reclaim_idle_ms`), so that fallback never races the orchestrator for a hung role's batch.
 A failed learner ends the run with its error; `refine train --resume` continues from its last
 checkpoint.
 

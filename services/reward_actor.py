@@ -40,10 +40,9 @@ class RewardReplica:
 
     def run(self, block_ms: int = 500) -> str:
         """Score until the run's stop flag is set; returns a JSON summary."""
-        idle_ms = int(self.config.service.heartbeat_timeout_s * 1000)
         try:
             self.worker.run(threading.Event(), count=1, block_ms=block_ms, reclaim_interval_s=1.0,
-                            reclaim_min_idle_ms=idle_ms)
+                            reclaim_min_idle_ms=self.config.service.reclaim_idle_ms)
         finally:
             self.runtime.close()
         return json.dumps({"replica_id": self.replica_id, "scored": self.worker.scored_count,

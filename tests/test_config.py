@@ -27,6 +27,14 @@ def test_yaml_file_and_overrides(tmp_path):
     assert load_config(again) == config
 
 
+def test_stream_takeover_waits_out_the_orchestrators_restart():
+    # A live consumer takes a silent one's entries over only after the orchestrator, which acts after
+    # one heartbeat timeout, had its chance to replace it and release them (no race for the batch).
+    service = load_config(None, ["service.heartbeat_timeout_s=3"]).service
+    assert service.reclaim_idle_ms == 6000
+    assert "reclaim_idle_ms" not in dump_config(load_config())  # derived, not a setting
+
+
 @pytest.mark.parametrize("override,field,value", [
     ("refine.num_chunks=0", "refine.num_chunks", "0"),
     ("train.mode=turbo", "train.mode", "turbo"),
