@@ -65,8 +65,9 @@ class _QKVMixer(nn.Module):
         weight = torch.cat([projection.weight for projection in projections]).to(x.dtype)
         projected = F.linear(x, weight)
         sizes = [self.key_dim, self.key_dim, self.value_dim]
-        qkv, rest = projected[..., :sum(sizes)], projected[..., sum(sizes):]
-        extra_outputs = list(rest.split([projection.out_features for projection in extra], dim=-1)) if extra else []
+        # One split, not slices: a split's backward concatenates the gradients, while each slice's
+        # backward zero-fills a gradient the size of `projected` (a twentieth of an NTP step at 4K).
+        qkv, *extra_outputs = projected.split([sum(sizes), *(projection.out_features for projection in extra)], dim=-1)
         padded: Tensor | None = None
         if self.use_short_conv:
             cache = None if state is None else torch.cat([state[name] for name in CONV_STATE_NAMES], dim=-1)
