@@ -4,11 +4,10 @@ Rank 0 is the learner the orchestrator talks to: it consumes the scored batches,
 publishes weights. Each step it broadcasts the batch (the ScoredBatch and its DocumentBatch, as
 codec bytes: nothing is pickled) to ranks 1..R-1. Every rank computes the GRPO advantages on the
 whole batch (groups stay intact), the loss on its own contiguous slice of documents (and their
-rollouts), weights it by its share of the documents, and the gradients are summed across ranks
-before clipping. So every rank clips and steps the same gradient with an identically initialized
-optimizer, and the ranks' weights stay equal. For a loss that is a mean over documents the summed
-gradient is the single-rank one; the NTP term is a token mean per slice, so there it is close to,
-not bit-equal to, the single-rank gradient when documents differ in length. The loss statistics a
+rollouts), weights each loss term by its slice's share of what the term averages (`slice_loss`), and
+the gradients are summed across ranks before clipping. The summed gradient is the single-rank
+gradient of the whole batch, also when documents differ in length; every rank clips and steps it
+with an identically initialized optimizer, and the ranks' weights stay equal. The loss statistics a
 step reports are rank 0's slice; grad_norm and the rollout statistics are the whole batch's.
 
 Rendezvous: rank 0 picks a free port on its host; the group is formed through a TCP store there.
@@ -25,17 +24,18 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
 from learner.update import rollouts_from_batch
 from refine.algorithm.rollout import Rollouts
-from refine.algorithm.update import advantages_for, refine_loss, rollout_stats
-from refine.config import RunConfig
+from refine.algorithm.update import LossResult, advantages_for, refine_loss, rollout_stats
+from refine.config import RefineConfig, RunConfig
 from refine.loop import StepResult
 from refine.models import FastWeightLM
 from services.codec import decode, encode
 from services.messages import DocumentBatch, ScoredBatch
 
-__all__ = ["DataParallelGroup", "document_slice", "free_address", "slice_rollouts", "weights_digest"]
+__all__ = ["DataParallelGroup", "document_slice", "free_address", "slice_loss", "slice_rollouts", "weights_digest"]
 
 STOP = -1
 
@@ -62,6 +62,26 @@ def document_slice(num_documents: int, rank: int, world_size: int) -> tuple[int,
     per_rank = -(-num_documents // world_size)
     start = min(rank * per_rank, num_documents)
     return start, min(start + per_rank, num_documents)
+
+
+def slice_loss(model: FastWeightLM, input_ids: Tensor, lengths: Tensor, rollouts: Rollouts, advantages: Tensor,
+               cfg: RefineConfig, start: int, end: int, ref_model: FastWeightLM | None = None) -> LossResult:
+    """The one-pass loss of documents [start, end), weighted so that the sum over all slices of the
+    batch has the whole batch's loss and gradient.
+
+    The policy term is a mean over rollouts (c * n per document, each k tokens), so it is weighted by
+    the slice's share of the documents; the NTP term is a mean over next-token targets (length - 1
+    per document), so by the slice's share of the targets. The returned ntp_loss and policy_loss are
+    the slice's own means."""
+    per_document = rollouts.positions.shape[1] * rollouts.num_samples
+    result = refine_loss("onepass", model, input_ids[start:end], lengths[start:end], slice_rollouts(rollouts, start, end),
+                         advantages[start * per_document:end * per_document], cfg, ref_model)
+    targets = (lengths - 1).clamp(min=0).tolist()
+    target_share = sum(targets[start:end]) / sum(targets)  # Python floats: a tensor ratio would be float32
+    document_share = (end - start) / input_ids.shape[0]
+    weighted = (cfg.lambda_ntp * target_share * result.ntp_loss
+                + cfg.lambda_nsp * document_share * result.policy_loss)
+    return LossResult(weighted, result.ntp_loss, result.policy_loss, result.stats)
 
 
 def slice_rollouts(rollouts: Rollouts, start: int, end: int) -> Rollouts:
@@ -139,20 +159,16 @@ class DataParallelGroup:
         advantages = advantages_for(rollouts.rewards, rollouts, config.refine)
         input_ids = documents.token_ids.to(self.device, torch.long)
         lengths = documents.lengths.to(self.device, torch.long)
-        num_documents = input_ids.shape[0]
-        start, end = document_slice(num_documents, self.rank, self.world_size)
+        start, end = document_slice(input_ids.shape[0], self.rank, self.world_size)
         optimizer.zero_grad(set_to_none=True)
         stats: dict[str, float] = {}
         local_finite = True
         if end > start:
-            part = slice_rollouts(rollouts, start, end)
-            per_document = rollouts.positions.shape[1] * rollouts.num_samples
-            result = refine_loss("onepass", model, input_ids[start:end], lengths[start:end], part,
-                                 advantages[start * per_document:end * per_document], config.refine, ref_model)
+            result = slice_loss(model, input_ids, lengths, rollouts, advantages, config.refine, start, end, ref_model)
             stats = dict(result.stats)
             local_finite = bool(torch.isfinite(result.loss))
             if local_finite:
-                (result.loss * ((end - start) / num_documents)).backward()
+                result.loss.backward()
         forward_done = time.perf_counter()
         for parameter in model.parameters():
             if parameter.grad is None:
