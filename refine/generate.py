@@ -12,15 +12,27 @@ from refine.models import FastWeightLM
 @torch.no_grad()
 def generate(model: FastWeightLM, prompt_ids: Tensor, max_new_tokens: int, eos_id: int | None = None,
              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-             generator: torch.Generator | None = None) -> list[list[int]]:
-    """prompt_ids [B, T] (all rows the same length) -> new tokens per row, stopping at eos (excluded)."""
+             generator: torch.Generator | None = None, lengths: Tensor | None = None) -> list[list[int]]:
+    """prompt_ids [B, T] -> new tokens per row, stopping at eos (excluded).
+
+    Prompts of different lengths are right-padded to T with `lengths` [B] their own lengths: each row
+    continues from the state after its own last token, so its answer is the one it gets alone.
+    """
     if prompt_ids.dim() != 2 or prompt_ids.shape[1] == 0:
         raise ValueError(f"prompt_ids must be a non-empty [B, T] tensor, got shape {tuple(prompt_ids.shape)}")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    out = model(prompt_ids)
-    logits, state = out.logits[:, -1], out.state
-    rows = prompt_ids.shape[0]
+    rows, width = prompt_ids.shape
+    if lengths is None:
+        out = model(prompt_ids)
+        logits, state = out.logits[:, -1], out.state
+    else:
+        lengths = torch.as_tensor(lengths, device=prompt_ids.device)
+        if lengths.shape != (rows,) or lengths.is_floating_point() or bool(((lengths < 1) | (lengths > width)).any()):
+            raise ValueError(f"lengths must be {rows} integers in [1, {width}], got {lengths.tolist()}")
+        lengths = lengths.long()
+        out = model(prompt_ids, lengths=lengths, state_positions=lengths[:, None], output_state=False)
+        logits, state = out.logits[torch.arange(rows, device=prompt_ids.device), lengths - 1], out.position_states
     produced: list[list[int]] = [[] for _ in range(rows)]
     finished = torch.zeros(rows, dtype=torch.bool, device=prompt_ids.device)
     for _ in range(max_new_tokens):

@@ -1,10 +1,11 @@
 """`refine eval`: greedy answers on a task (optionally after test-time REFINE per prompt), scored with the
 task's own benchmark metric, written to a results JSON.
 
-Library use: `evaluate(model, tokenizer, examples, task, ttt, run_config, ttt_steps, max_new_tokens)`.
+Library use: `evaluate(model, tokenizer, examples, task, ttt, run_config, ttt_steps, max_new_tokens, batch_size=8)`.
 
 Runner options that are not run-config fields travel as `--set eval.<name>=<value>` (see `EvalOptions`),
-e.g. `--set eval.max_prompt_tokens=16352` to cut longer prompts in the middle, as LongBench does.
+e.g. `--set eval.max_prompt_tokens=16352` to cut longer prompts in the middle, as LongBench does, or
+`--set eval.batch_size=2` to answer fewer (right-padded) prompts at a time than the default 8.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ class EvalOptions(BaseModel):
     )
     niah_variant: str = Field("single", description="single | multikey | multiquery | multivalue")
     prompt_templates: str | None = Field(None, description="LongBench dataset2prompt.json for rows without a prompt")
+    batch_size: int = Field(8, ge=1, description="prompts answered together, shortest first (not with --ttt, "
+                            "which adapts the weights to each prompt); lower it for very long prompts")
 
 
 # ---------------------------------------------------------------- configuration
@@ -213,9 +216,11 @@ def evaluate(
     max_prompt_tokens: int | None = None,
     seed: int = 0,
     progress: bool = True,
+    batch_size: int = 8,
 ) -> dict[str, Any]:
     """Answer every example greedily (after `ttt_steps` REFINE steps on its prompt when `ttt`, weights
     restored after each) and score the answers. Returns {"summary": {...}, "examples": [records]}.
+    Without `ttt`, prompts are answered `batch_size` at a time (each answer is the one it gets alone).
 
     `task` is a CLI task name (niah, mqar, ruler-qa, longbench) or a metric task name (e.g. hotpotqa).
     `max_new_tokens` None: each example's max_answer_length, else 32."""
@@ -225,6 +230,8 @@ def evaluate(
         raise ValueError(f"ttt_steps must be >= 0, got {ttt_steps}")
     if max_new_tokens is not None and max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(
             f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {model.config.vocab_size}: "
@@ -237,23 +244,26 @@ def evaluate(
         task_metric(name)  # an unknown task fails before any generation
 
     started = time.perf_counter()
+    prompts: list[list[int]] = []
+    budgets: list[int] = []
     records: list[dict[str, Any]] = []
-    predictions: list[str] = []
     truncated = clamped = unadapted = 0
-    bar = tqdm(examples, desc=f"eval[{task}{'+ttt' if ttt else ''}]", unit="ex", disable=not progress)
-    for index, (example, metric_name) in enumerate(zip(bar, metric_tasks)):
+    for example, metric_name in zip(examples, metric_tasks):
         ids, full_length = prompt_tokens(tokenizer, example.prompt, max_prompt_tokens)
+        record: dict[str, Any] = {"id": example.example_id, "task": metric_name, "prompt_tokens": len(ids)}
         if len(ids) < full_length:
             if not truncated:
                 _note(f"prompt of {full_length} tokens cut in the middle to eval.max_prompt_tokens={len(ids)}")
             truncated += 1
-        budget = max_new_tokens or example.max_answer_length or DEFAULT_MAX_NEW_TOKENS
-        record: dict[str, Any] = {
-            "id": example.example_id, "task": metric_name, "prompt_tokens": len(ids),
-        }
-        if len(ids) < full_length:
             record["original_prompt_tokens"] = full_length
-        if ttt:
+        prompts.append(ids)
+        budgets.append(max_new_tokens or example.max_answer_length or DEFAULT_MAX_NEW_TOKENS)
+        records.append(record)
+
+    answers: list[list[int]] = [[] for _ in examples]
+    bar = tqdm(total=len(examples), desc=f"eval[{task}{'+ttt' if ttt else ''}]", unit="ex", disable=not progress)
+    if ttt:
+        for index, (ids, budget, record) in enumerate(zip(prompts, budgets, records)):
             cfg, note = fit_refine_config(refine_cfg, len(ids))
             if note:
                 if not (clamped or unadapted):
@@ -262,20 +272,31 @@ def evaluate(
                 unadapted += cfg is None
             if cfg is not None:
                 generator = torch.Generator(device=model.device).manual_seed(seed + index)
-                tokens, history = adapt_and_answer(model, ids, cfg, run_config.optim, ttt_steps, budget,
-                                                   eos_id=tokenizer.eos_id, restore=True, generator=generator)
+                answers[index], history = adapt_and_answer(model, ids, cfg, run_config.optim, ttt_steps, budget,
+                                                           eos_id=tokenizer.eos_id, restore=True, generator=generator)
                 record["ttt_history"] = history
                 if cfg is not refine_cfg:
                     record["ttt_fitted"] = {"num_chunks": cfg.num_chunks, "margin": cfg.margin}
             else:
-                tokens = _greedy(model, ids, budget, tokenizer.eos_id)
+                answers[index] = _greedy_batch(model, [ids], [budget], tokenizer.eos_id)[0]
                 record["ttt_history"] = []
-        else:
-            tokens = _greedy(model, ids, budget, tokenizer.eos_id)
+            bar.update(1)
+    else:
+        # Shortest first, so that a batch's prompts pad to similar lengths.
+        order = sorted(range(len(examples)), key=lambda i: len(prompts[i]))
+        for batch in (order[i:i + batch_size] for i in range(0, len(order), batch_size)):
+            batch_answers = _greedy_batch(model, [prompts[i] for i in batch], [budgets[i] for i in batch],
+                                          tokenizer.eos_id)
+            for index, tokens in zip(batch, batch_answers):
+                answers[index] = tokens
+            bar.update(len(batch))
+    bar.close()
+
+    predictions: list[str] = []
+    for example, metric_name, tokens, record in zip(examples, metric_tasks, answers, records):
         prediction = answer_text(tokenizer, tokens, metric_name)
         predictions.append(prediction)
         record.update(generated_tokens=len(tokens), prediction=prediction, answers=example.answers)
-        records.append(record)
 
     summary, scores = score_examples(task, examples, predictions)
     for record, value in zip(records, scores):
@@ -299,8 +320,15 @@ def evaluate(
     return {"summary": summary, "examples": records}
 
 
-def _greedy(model: FastWeightLM, ids: list[int], max_new_tokens: int, eos_id: int) -> list[int]:
-    return generate(model, torch.tensor([ids], device=model.device), max_new_tokens, eos_id=eos_id)[0]
+def _greedy_batch(model: FastWeightLM, prompts: list[list[int]], budgets: list[int], eos_id: int) -> list[list[int]]:
+    """Greedy answers of right-padded prompts decoded together, each cut to its own token budget."""
+    lengths = [len(ids) for ids in prompts]
+    padded = torch.zeros(len(prompts), max(lengths), dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        padded[row, :len(ids)] = torch.tensor(ids)
+    answers = generate(model, padded.to(model.device), max(budgets), eos_id=eos_id,
+                       lengths=torch.tensor(lengths, device=model.device))
+    return [tokens[:budget] for tokens, budget in zip(answers, budgets)]
 
 
 def _note(message: str) -> None:
@@ -387,6 +415,7 @@ def main(args: argparse.Namespace) -> int:
     results = evaluate(
         model, tokenizer, examples, args.task, ttt=args.ttt, run_config=run_config, ttt_steps=args.ttt_steps,
         max_new_tokens=args.max_new_tokens, max_prompt_tokens=options.max_prompt_tokens, seed=args.seed,
+        batch_size=options.batch_size,
     )
     summary = results["summary"]
     summary.update(model=str(model_dir), data=args.data, seed=args.seed, tokenizer=repr(tokenizer))

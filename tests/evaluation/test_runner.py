@@ -145,6 +145,19 @@ def test_ttt_leaves_the_checkpoint_and_the_weights_unchanged(model_dir, tmp_path
     assert torch.equal(model(probe).logits, before)  # adapted weights were put back after every example
 
 
+def test_prompts_answered_in_batches_get_the_answers_they_get_alone(model_dir):
+    model = load_model(model_dir, dtype=torch.float64)
+    # Prompts of different lengths and answer budgets, longest first: batches reorder them.
+    examples = (generate_niah(NiahConfig(length=600, variant="multivalue", seed=2), TOKENIZER, 2)
+                + generate_niah(NiahConfig(length=320, seed=2), TOKENIZER, 3))
+    alone, together = (evaluate(model, TOKENIZER, examples, "niah", progress=False, batch_size=size)["examples"]
+                       for size in (1, 3))
+    assert [record["id"] for record in together] == [example.example_id for example in examples]
+    assert together == alone
+    assert len({record["prompt_tokens"] for record in together}) > 1
+    assert all(record["generated_tokens"] > 0 for record in together)
+
+
 # ---------------------------------------------------------------- scoring path
 
 
