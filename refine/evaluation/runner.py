@@ -51,8 +51,9 @@ class EvalOptions(BaseModel):
     )
     niah_variant: str = Field("single", description="single | multikey | multiquery | multivalue")
     prompt_templates: str | None = Field(None, description="LongBench dataset2prompt.json for rows without a prompt")
-    batch_size: int = Field(8, ge=1, description="prompts answered together, shortest first (not with --ttt, "
-                            "which adapts the weights to each prompt); lower it for very long prompts")
+    batch_size: int = Field(8, ge=1, description="prompts answered together, shortest first (on CUDA only prompts "
+                            "of one length; not with --ttt, which adapts the weights to each prompt); lower it "
+                            "for very long prompts")
 
 
 # ---------------------------------------------------------------- configuration
@@ -282,9 +283,7 @@ def evaluate(
                 record["ttt_history"] = []
             bar.update(1)
     else:
-        # Shortest first, so that a batch's prompts pad to similar lengths.
-        order = sorted(range(len(examples)), key=lambda i: len(prompts[i]))
-        for batch in (order[i:i + batch_size] for i in range(0, len(order), batch_size)):
+        for batch in answer_batches([len(ids) for ids in prompts], batch_size, model.device.type == "cuda"):
             batch_answers = _greedy_batch(model, [prompts[i] for i in batch], [budgets[i] for i in batch],
                                           tokenizer.eos_id)
             for index, tokens in zip(batch, batch_answers):
@@ -320,14 +319,33 @@ def evaluate(
     return {"summary": summary, "examples": records}
 
 
+def answer_batches(lengths: Sequence[int], batch_size: int, one_length_per_batch: bool) -> list[list[int]]:
+    """Example indices grouped into batches, shortest prompts first so that a batch pads little.
+
+    one_length_per_batch (on CUDA): a batch holds prompts of one length only, whose prefill then needs
+    final states alone, which flash-linear-attention's kernels serve; prompts of different lengths
+    need each row's state at its own end, which only the PyTorch chunk kernel returns."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches: list[list[int]] = []
+    for index in order:
+        last = batches[-1] if batches else None
+        if (last is None or len(last) == batch_size
+                or (one_length_per_batch and lengths[last[0]] != lengths[index])):
+            batches.append([index])
+        else:
+            last.append(index)
+    return batches
+
+
 def _greedy_batch(model: FastWeightLM, prompts: list[list[int]], budgets: list[int], eos_id: int) -> list[list[int]]:
     """Greedy answers of right-padded prompts decoded together, each cut to its own token budget."""
     lengths = [len(ids) for ids in prompts]
     padded = torch.zeros(len(prompts), max(lengths), dtype=torch.long)
     for row, ids in enumerate(prompts):
         padded[row, :len(ids)] = torch.tensor(ids)
+    same_length = len(set(lengths)) == 1  # then the final states serve, as for a single prompt
     answers = generate(model, padded.to(model.device), max(budgets), eos_id=eos_id,
-                       lengths=torch.tensor(lengths, device=model.device))
+                       lengths=None if same_length else torch.tensor(lengths, device=model.device))
     return [tokens[:budget] for tokens, budget in zip(answers, budgets)]
 
 

@@ -12,6 +12,7 @@ from refine.config import OptimConfig, RefineConfig, RunConfig
 from refine.data.synthetic import NiahConfig, generate_niah, mqar_for_length
 from refine.data.tasks import load_longbench, load_ruler_qa
 from refine.evaluation.runner import (
+    answer_batches,
     answer_text,
     evaluate,
     fit_refine_config,
@@ -156,6 +157,18 @@ def test_prompts_answered_in_batches_get_the_answers_they_get_alone(model_dir):
     assert together == alone
     assert len({record["prompt_tokens"] for record in together}) > 1
     assert all(record["generated_tokens"] > 0 for record in together)
+
+
+@pytest.mark.parametrize("one_length", [False, True])
+def test_answer_batches_cover_every_prompt_once_shortest_first(one_length):
+    lengths = [5, 3, 3, 9, 3, 5, 4]
+    batches = answer_batches(lengths, 2, one_length)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
+    assert all(1 <= len(batch) <= 2 for batch in batches)
+    flat = [lengths[i] for batch in batches for i in batch]
+    assert flat == sorted(flat)
+    mixed = [batch for batch in batches if len({lengths[i] for i in batch}) > 1]
+    assert (mixed == []) == one_length  # on CUDA a batch is one length; on CPU lengths 3 and 4 share one
 
 
 # ---------------------------------------------------------------- scoring path
