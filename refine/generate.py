@@ -24,15 +24,14 @@ def generate(model: FastWeightLM, prompt_ids: Tensor, max_new_tokens: int, eos_i
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     rows, width = prompt_ids.shape
     if lengths is None:
-        out = model(prompt_ids)
-        logits, state = out.logits[:, -1], out.state
-    else:
-        lengths = torch.as_tensor(lengths, device=prompt_ids.device)
-        if lengths.shape != (rows,) or lengths.is_floating_point() or bool(((lengths < 1) | (lengths > width)).any()):
-            raise ValueError(f"lengths must be {rows} integers in [1, {width}], got {lengths.tolist()}")
-        lengths = lengths.long()
-        out = model(prompt_ids, lengths=lengths, state_positions=lengths[:, None], output_state=False)
-        logits, state = out.logits[torch.arange(rows, device=prompt_ids.device), lengths - 1], out.position_states
+        lengths = torch.full((rows,), width, device=prompt_ids.device)
+    lengths = torch.as_tensor(lengths, device=prompt_ids.device)
+    if lengths.shape != (rows,) or lengths.is_floating_point() or bool(((lengths < 1) | (lengths > width)).any()):
+        raise ValueError(f"lengths must be {rows} integers in [1, {width}], got {lengths.tolist()}")
+    lengths = lengths.long()
+    # out.state is each row's state after its own length; only the last prompt token's logits are needed.
+    out = model(prompt_ids, lengths=lengths, logit_positions=(lengths - 1)[:, None])
+    logits, state = out.logits[:, 0], out.state
     produced: list[list[int]] = [[] for _ in range(rows)]
     finished = torch.zeros(rows, dtype=torch.bool, device=prompt_ids.device)
     for _ in range(max_new_tokens):

@@ -343,9 +343,8 @@ def _greedy_batch(model: FastWeightLM, prompts: list[list[int]], budgets: list[i
     padded = torch.zeros(len(prompts), max(lengths), dtype=torch.long)
     for row, ids in enumerate(prompts):
         padded[row, :len(ids)] = torch.tensor(ids)
-    same_length = len(set(lengths)) == 1  # then the final states serve, as for a single prompt
     answers = generate(model, padded.to(model.device), max(budgets), eos_id=eos_id,
-                       lengths=None if same_length else torch.tensor(lengths, device=model.device))
+                       lengths=torch.tensor(lengths, device=model.device))
     return [tokens[:budget] for tokens, budget in zip(answers, budgets)]
 
 

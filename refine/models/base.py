@@ -1,8 +1,8 @@
 """The one contract every fast-weight language model in the project follows.
 
     out = model(input_ids, state=None, lengths=None, state_positions=None, output_state=True,
-                defer_states=False)
-    out.logits          [B, T, V]
+                defer_states=False, logit_positions=None)
+    out.logits          [B, T, V]; with logit_positions [B, P] token indices, [B, P, V] at those only
     out.hidden_states   [B, T, D]   final layer, after the final norm (what the cosine reward reads)
     out.state           ModelState  after each row's `lengths[b]` tokens (right padding never leaks)
     out.position_states ModelState  batch B * P: the state after `state_positions[b, j]` tokens of
@@ -107,6 +107,7 @@ class FastWeightLM(nn.Module):
         state_positions: Tensor | None = None,
         output_state: bool = True,
         defer_states: bool = False,
+        logit_positions: Tensor | None = None,
     ) -> ModelOutput:
         batch, seq_len = input_ids.shape
         if state is not None and state.batch_size != batch:
@@ -122,7 +123,17 @@ class FastWeightLM(nn.Module):
             x, states_at = block(x, None if state is None else state.layers[i], want_states)
             layer_states_at.append(states_at)
         hidden = self.model.norm(x)
-        out = ModelOutput(logits=self.lm_head(hidden), hidden_states=hidden)
+        if logit_positions is None:
+            logits = self.lm_head(hidden)
+        else:  # a prefill reads one row: a long prompt's [B, T, V] logits can take gigabytes
+            logit_positions = logit_positions.to(device=input_ids.device, dtype=torch.long)
+            if logit_positions.dim() != 2 or logit_positions.shape[0] != batch:
+                raise ValueError(f"logit_positions must be [batch={batch}, P], got {tuple(logit_positions.shape)}")
+            if ((logit_positions < 0) | (logit_positions >= seq_len)).any():
+                raise ValueError(f"logit_positions must lie in [0, {seq_len - 1}], got {logit_positions.tolist()}")
+            rows = torch.arange(batch, device=input_ids.device)[:, None]
+            logits = self.lm_head(hidden[rows, logit_positions])
+        out = ModelOutput(logits=logits, hidden_states=hidden)
         if not want_states:
             return out
 

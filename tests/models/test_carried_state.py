@@ -1,5 +1,6 @@
 """The model contract: segments with a carried state equal one pass; padding never leaks."""
 
+import pytest
 import torch
 
 from refine.models import ModelState
@@ -120,3 +121,17 @@ def test_forward_under_bfloat16_autocast_keeps_float32_states(tiny_model):
         for state, reference in zip(recurrent, (layer["recurrent"] for layer in want.layers)):
             torch.testing.assert_close(state, reference, rtol=0.05, atol=0.05)
     torch.testing.assert_close(mixed.logits.float(), exact.logits, rtol=0.05, atol=0.05)
+
+
+def test_logits_at_positions_are_those_rows_of_the_full_logits(tiny_model):
+    model = tiny_model
+    ids = torch.randint(0, model.config.vocab_size, (2, 70), generator=torch.Generator().manual_seed(5))
+    positions = torch.tensor([[69, 0, 33], [5, 64, 5]])
+    full = model(ids, output_state=False).logits
+    some = model(ids, output_state=False, logit_positions=positions).logits
+    assert some.shape == (2, 3, model.config.vocab_size)
+    torch.testing.assert_close(some, full[torch.arange(2)[:, None], positions], rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=r"logit_positions must lie in \[0, 69\]"):
+        model(ids, logit_positions=torch.tensor([[70], [0]]))
+    with pytest.raises(ValueError, match=r"logit_positions must be \[batch=2, P\]"):
+        model(ids, logit_positions=torch.tensor([3, 4]))
