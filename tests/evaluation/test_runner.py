@@ -292,6 +292,8 @@ def test_other_bad_inputs_exit_2_naming_the_value(model_dir, tmp_path, capsys):
     assert code == 2 and "'cooking' is not a LongBench dataset" in err
     code, _, err = run_eval(capsys, *base, "--task", "niah", "--set", "eval.max_promt_tokens=5")
     assert code == 2 and "eval.max_promt_tokens" in err
+    code, _, err = run_eval(capsys, *base, "--task", "niah", "--set", "eval.batch_size=0")
+    assert code == 2 and "eval.batch_size" in err and "(got 0)" in err
     code, _, err = run_eval(capsys, *base, "--task", "niah", "--length", "40")
     assert code == 2 and "40" in err
     code, _, err = run_eval(capsys, "--model", str(tmp_path), "--task", "niah")
