@@ -74,7 +74,8 @@ def slice_loss(model: FastWeightLM, input_ids: Tensor, lengths: Tensor, rollouts
     per document), so by the slice's share of the targets. The returned ntp_loss and policy_loss are
     the slice's own means."""
     per_document = rollouts.positions.shape[1] * rollouts.num_samples
-    result = refine_loss("onepass", model, input_ids[start:end], lengths[start:end], slice_rollouts(rollouts, start, end),
+    part = slice_rollouts(rollouts, start, end)
+    result = refine_loss("onepass", model, input_ids[start:end], lengths[start:end], part,
                          advantages[start * per_document:end * per_document], cfg, ref_model)
     targets = (lengths - 1).clamp(min=0).tolist()
     target_share = sum(targets[start:end]) / sum(targets)  # Python floats: a tensor ratio would be float32

@@ -92,7 +92,8 @@ class RolloutWorker:
     def next_batch(self, block_ms: int) -> tuple[str, DocumentBatch] | None:
         # A batch that keeps killing its workers goes to the dead-letter stream after a few tries.
         claimed = self.broker.reclaim(DOCUMENTS, ROLLOUT_GROUP, self.worker_id, DocumentBatch,
-                                      min_idle_ms=self.config.service.reclaim_idle_ms, count=1, max_deliveries=MAX_DELIVERIES)
+                                      min_idle_ms=self.config.service.reclaim_idle_ms, count=1,
+                                      max_deliveries=MAX_DELIVERIES)
         if claimed:
             logger.info("reclaimed document batch %s", claimed[0][1].batch_id)
             return claimed[0]
