@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from refine.algorithm.selection import min_document_length
 from refine.config import DTYPES, ConfigError, RefineConfig, RunConfig, load_config
+from refine.data.batches import pad_documents
 from refine.data.sources import DataSourceError
 from refine.data.synthetic import NiahConfig, generate_niah, mqar_for_length
 from refine.data.tasks import TaskExample, load_longbench, load_ruler_qa
@@ -339,12 +340,8 @@ def answer_batches(lengths: Sequence[int], batch_size: int, one_length_per_batch
 
 def _greedy_batch(model: FastWeightLM, prompts: list[list[int]], budgets: list[int], eos_id: int) -> list[list[int]]:
     """Greedy answers of right-padded prompts decoded together, each cut to its own token budget."""
-    lengths = [len(ids) for ids in prompts]
-    padded = torch.zeros(len(prompts), max(lengths), dtype=torch.long)
-    for row, ids in enumerate(prompts):
-        padded[row, :len(ids)] = torch.tensor(ids)
-    answers = generate(model, padded.to(model.device), max(budgets), eos_id=eos_id,
-                       lengths=torch.tensor(lengths, device=model.device))
+    padded, lengths = pad_documents(prompts)
+    answers = generate(model, padded.to(model.device), max(budgets), eos_id=eos_id, lengths=lengths.to(model.device))
     return [tokens[:budget] for tokens, budget in zip(answers, budgets)]
 
 
