@@ -5,6 +5,7 @@ import torch
 
 from refine.algorithm.update import fused_refine_step
 from refine.config import OptimConfig, RefineConfig
+from refine.data.batches import pad_documents
 from refine.generate import generate
 from refine.models import build_model
 from refine.phases import QAExample, adapt_and_answer, answer_loss, posttrain_loss
@@ -89,10 +90,8 @@ def test_right_padded_prompts_generate_what_each_prompt_generates_alone(name):
     gen = torch.Generator().manual_seed(4)
     lengths = [37, 80, 5, 64]  # inside, at and across the kernels' 64-token chunks and LaCT's 16-token chunks
     prompts = [torch.randint(0, 30, (n,), generator=gen).tolist() for n in lengths]
-    padded = torch.full((4, 80), 7)  # padding with a real token id: it must not leak into any answer
-    for row, ids in enumerate(prompts):
-        padded[row, :len(ids)] = torch.tensor(ids)
-    together = generate(model, padded, 12, eos_id=3, lengths=torch.tensor(lengths))
+    padded, padded_lengths = pad_documents(prompts, pad_id=7)  # a real token id: it must not leak into any answer
+    together = generate(model, padded, 12, eos_id=3, lengths=padded_lengths)
     alone = [generate(model, torch.tensor([ids]), 12, eos_id=3)[0] for ids in prompts]
     assert together == alone
     assert len(set(map(tuple, alone))) == 4  # distinct answers: rows were not mixed up
