@@ -130,6 +130,9 @@ def trim_acknowledged(broker: Broker, stream: str) -> int:
         last = group["last-delivered-id"]
         keep_from.append(last.decode() if isinstance(last, bytes) else last)
         if int(group["pending"]):
+            # A consumer may acknowledge its last entries between the two calls: then none is pending
+            # (min is None) and the last delivered id alone bounds what may go.
             oldest = broker.client.xpending(key, name)["min"]
-            keep_from.append(oldest.decode() if isinstance(oldest, bytes) else oldest)
+            if oldest is not None:
+                keep_from.append(oldest.decode() if isinstance(oldest, bytes) else oldest)
     return int(broker.client.xtrim(key, minid=min(keep_from, key=_id_key), approximate=False))

@@ -62,6 +62,30 @@ def test_trim_keeps_pending_and_undelivered_entries(broker: Broker) -> None:
     assert trim_acknowledged(broker, "no-such-stream") == 0
 
 
+def test_trim_survives_entries_acknowledged_while_it_reads_the_groups(broker: Broker) -> None:
+    """The orchestrator trims while consumers work: a group reported with pending entries may have
+    acknowledged them all by the time trim asks which is the oldest."""
+    ids = [broker.publish("documents", document_batch(index)) for index in range(3)]
+    broker.consume("documents", "rollout", "worker", DocumentBatch, count=2)
+    client = broker.client
+    read_groups = client.xinfo_groups
+
+    def groups_then_a_consumer_acknowledges(key):
+        groups = read_groups(key)  # still says 2 pending
+        broker.ack("documents", "rollout", ids[:2])  # the real consumer's acknowledgement, on the real server
+        return groups
+
+    client.xinfo_groups = groups_then_a_consumer_acknowledges
+    try:
+        # Acknowledged and older than the last delivered entry (which XTRIM MINID keeps): the first.
+        assert trim_acknowledged(broker, "documents") == 1
+    finally:
+        del client.xinfo_groups  # back to the class's method
+    assert broker.length("documents") == 2
+    remaining = broker.consume("documents", "rollout", "worker", DocumentBatch, count=5)
+    assert [batch.batch_id for _, batch in remaining] == ["docs-2"]
+
+
 def test_document_store_round_trip(broker: Broker) -> None:
     store = DocumentStore(broker)
     batch = document_batch(7)
