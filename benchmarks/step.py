@@ -1,7 +1,8 @@
 """Seconds per optimizer step: NTP only, REFINE one-pass, fused and reference, same model and batch.
 
-Prints one JSON object per (length, n) with the medians, the ratios and where the one-pass time goes.
-"document_pass_over_ntp" is a plain no-grad forward over the same documents against the NTP step: the
+Prints one JSON object per (length, n) with the medians, the ratios and, per stage, where the time of
+the NTP, one-pass and fused steps goes (`*_breakdown_seconds`: a fused step's forward, backward and
+optimizer against an NTP step's show what its rollouts add to them). "document_pass_over_ntp" is a plain no-grad forward over the same documents against the NTP step: the
 one-pass step runs such a pass for its rollouts, so 1 + that ratio is its floor.
     python benchmarks/step.py [--lengths 1024 4096] [--samples 1 4] [--repeats 9] [--batch 1] [--threads 2]
                               [--hidden-size 128] [--layers 2] [--heads 2] [--device cpu] [--dtype float32]
@@ -26,7 +27,7 @@ from refine.algorithm.rollout import choose_positions, reprefill_rollouts, snaps
 from refine.algorithm.update import advantages_for, fused_refine_step, refine_loss, score_rollouts
 from refine.config import DTYPES, RefineConfig
 from refine.models import build_model
-from refine.runtime import synchronize, tune_allocator
+from refine.runtime import StageTimes, synchronize, timed_stage, tune_allocator
 
 
 def run(length: int, samples: int, repeats: int, batch: int, size: dict[str, int], device: str, dtype: str) -> dict:
@@ -49,37 +50,44 @@ def run(length: int, samples: int, repeats: int, batch: int, size: dict[str, int
         started = now()
         fn()
         return now() - started
-    breakdown: dict[str, list[float]] = {"rollout_pass": [], "update_forward": [], "backward": [], "optimizer": []}
 
-    def step(loss):
+    # Seconds per stage of every run of a mode, for the breakdowns.
+    stages: dict[str, list[dict[str, float]]] = {"ntp": [], "onepass": [], "fused": []}
+
+    def step(loss, times: StageTimes | None = None):
         optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        with timed_stage(times, "backward"):
+            loss.backward()
+        with timed_stage(times, "optimizer"):
+            optimizer.step()
 
     def ntp():
-        step(ntp_loss(model(ids, lengths=lengths, output_state=False).logits, ids, lengths))
+        times = StageTimes(device)
+        with times.stage("forward"):
+            loss = ntp_loss(model(ids, lengths=lengths, output_state=False).logits, ids, lengths)
+        step(loss, times)
+        stages["ntp"].append(times.seconds)
 
     def onepass():
-        t0 = now()
-        rollouts = snapshot_rollouts(model, ids, lengths, cfg, gen)
-        rollouts.rewards = score_rollouts(rollouts, cfg)
-        t1 = now()
-        result = refine_loss("onepass", model, ids, lengths, rollouts, advantages_for(rollouts.rewards, rollouts, cfg), cfg)
-        t2 = now()
-        optimizer.zero_grad()
-        result.loss.backward()
-        t3 = now()
-        optimizer.step()
-        t4 = now()
-        for key, value in zip(breakdown, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
-            breakdown[key].append(value)
+        times = StageTimes(device)
+        with times.stage("rollout_pass"):
+            rollouts = snapshot_rollouts(model, ids, lengths, cfg, gen)
+            rollouts.rewards = score_rollouts(rollouts, cfg)
+        with times.stage("update_forward"):
+            result = refine_loss("onepass", model, ids, lengths, rollouts,
+                                 advantages_for(rollouts.rewards, rollouts, cfg), cfg)
+        step(result.loss, times)
+        stages["onepass"].append(times.seconds)
 
     def document_pass():
         with torch.inference_mode():
             model(ids, lengths=lengths, output_state=False)
 
     def fused():
-        step(fused_refine_step(model, ids, lengths, cfg, gen)[0].loss)
+        times = StageTimes(device)
+        result, _ = fused_refine_step(model, ids, lengths, cfg, gen, times=times)
+        step(result.loss, times)
+        stages["fused"].append(times.seconds)
 
     def reference():
         with torch.no_grad():
@@ -114,8 +122,13 @@ def run(length: int, samples: int, repeats: int, batch: int, size: dict[str, int
         "fused_over_ntp": round(ratio("fused", "ntp"), 3),
         "document_pass_over_ntp": round(ratio("document_pass", "ntp"), 3),
         "reference_over_onepass": round(ratio("reference", "onepass"), 2),
-        "onepass_breakdown_seconds": {k: round(statistics.median(v), 4) for k, v in breakdown.items()},
+        **{f"{mode}_breakdown_seconds": breakdown(runs) for mode, runs in stages.items()},
     }
+
+
+def breakdown(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Median seconds of every stage over the runs of one mode."""
+    return {name: round(statistics.median(run[name] for run in runs), 4) for name in runs[0]}
 
 
 def main() -> None:

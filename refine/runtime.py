@@ -11,7 +11,8 @@ process keeps its peak heap mapped, as caching allocators do.
 Entry points (the CLI, the service roles, the benchmarks) call `tune_allocator()` once at start;
 REFINE_MALLOC_TUNING=0 turns it off. A no-op where glibc's mallopt is unavailable.
 
-`synchronize(device)` waits for a GPU's queued work, so that a wall-clock interval covers it.
+`synchronize(device)` waits for a GPU's queued work, so that a wall-clock interval covers it;
+`StageTimes` adds up such intervals per named stage of a step (the benchmarks' breakdowns).
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from typing import ContextManager
 
 import torch
 
@@ -62,3 +67,26 @@ def synchronize(device: str | torch.device) -> None:
     """Wait for the device's queued work (CUDA runs asynchronously); nothing to wait for on CPU."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
+
+
+class StageTimes:
+    """Wall-clock seconds per named stage, added up over calls; device work is waited for at both ends."""
+
+    def __init__(self, device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        synchronize(self.device)
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            synchronize(self.device)
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+
+
+def timed_stage(times: StageTimes | None, name: str) -> ContextManager[None]:
+    """`times.stage(name)`, or nothing at all when no one is timing (no device waits)."""
+    return nullcontext() if times is None else times.stage(name)

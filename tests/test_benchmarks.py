@@ -24,7 +24,12 @@ def test_step_benchmark_prints_every_ratio(dtype):
     assert set(row["median_seconds"]) == {"ntp", "onepass", "fused", "reference", "document_pass"}
     for key in ("onepass_over_ntp", "fused_over_ntp", "document_pass_over_ntp", "reference_over_onepass"):
         assert row[key] > 0, key
+    assert set(row["ntp_breakdown_seconds"]) == {"forward", "backward", "optimizer"}
     assert set(row["onepass_breakdown_seconds"]) == {"rollout_pass", "update_forward", "backward", "optimizer"}
+    fused_stages = row["fused_breakdown_seconds"]
+    assert set(fused_stages) == {"forward", "select", "states", "decode", "teacher_forced", "score", "backward",
+                                 "optimizer"}
+    assert all(seconds > 0 for seconds in fused_stages.values()), fused_stages
 
 
 def test_rollout_benchmark_counts_the_rollout_tokens():

@@ -29,6 +29,7 @@ from refine.algorithm.rollout import (
 from refine.algorithm.sampling import logprobs_from_logits
 from refine.config import RefineConfig
 from refine.models import FastWeightLM, ModelOutput, ModelState
+from refine.runtime import StageTimes, timed_stage
 
 
 @dataclass
@@ -160,37 +161,45 @@ def refine_loss(mode: str, model: FastWeightLM, input_ids: Tensor, lengths: Tens
 
 def fused_refine_step(model: FastWeightLM, input_ids: Tensor, lengths: Tensor, cfg: RefineConfig,
                       generator: torch.Generator | None = None, ref_model: FastWeightLM | None = None,
-                      positions: Tensor | None = None, output: ModelOutput | None = None) -> tuple[LossResult, Rollouts]:
+                      positions: Tensor | None = None, output: ModelOutput | None = None,
+                      times: StageTimes | None = None) -> tuple[LossResult, Rollouts]:
     """On-policy REFINE with a single document pass: it selects, samples, scores and trains.
 
     `positions` overrides the entropy-based choice (used to compare paths on identical rollouts).
     `output` is a forward the caller already ran with defer_states=True over input_ids, possibly
     longer than `lengths` (post-training: context + question + answer, REFINE on the context only).
+    `times` collects seconds per stage (forward, select, states, decode, teacher_forced, score).
     """
-    out = output or model(input_ids, lengths=lengths, output_state=False, defer_states=True)
-    if out.states_at is None:
-        raise ValueError("fused_refine_step needs a forward run with defer_states=True")
-    ntp = ntp_loss(out.logits, input_ids, lengths)
-    if positions is None:
-        positions = choose_positions(out.logits, lengths, cfg, generator)
-    rows, starts = prefix_rows(positions)
-    first_logits = prefix_end_logits(model, out, positions)
-    states = out.states_at(positions)
+    with timed_stage(times, "forward"):
+        out = output or model(input_ids, lengths=lengths, output_state=False, defer_states=True)
+        if out.states_at is None:
+            raise ValueError("fused_refine_step needs a forward run with defer_states=True")
+        ntp = ntp_loss(out.logits, input_ids, lengths)
+    with timed_stage(times, "select"):
+        if positions is None:
+            positions = choose_positions(out.logits, lengths, cfg, generator)
+    with timed_stage(times, "states"):
+        rows, starts = prefix_rows(positions)
+        first_logits = prefix_end_logits(model, out, positions)
+        states = out.states_at(positions)
     n, k = cfg.num_samples, cfg.rollout_len
-    # Decoding skips feeding the last token: the teacher-forced forward below runs all k tokens once,
-    # giving both the new log-probs and the rollout hidden states the reward reads.
-    tokens, logprobs, _ = decode(model, states.detach(), first_logits.detach(), cfg, generator, with_hidden=False)
-    forced = model(tokens, state=states.expand(n), output_state=False)
-    rollouts = Rollouts(
-        positions, tokens, logprobs, forced.hidden_states.detach(),
-        gather_windows(input_ids, rows, starts, k).repeat_interleave(n, 0),
-        gather_windows(out.hidden_states.detach(), rows, starts, k).repeat_interleave(n, 0),
-        first_token_entropy(first_logits, positions), n,
-    )
-    rollouts.rewards = score_rollouts(rollouts, cfg)
-    advantages = advantages_for(rollouts.rewards, rollouts, cfg)
-    new_logprobs = rollout_logprobs(first_logits, forced.logits, tokens, n, cfg.temperature)
-    ref = _ref_logprobs(ref_model, input_ids, lengths, rollouts, cfg)
-    result = _combine(ntp, new_logprobs, ref, rollouts, advantages, cfg)
-    result.stats.update(rollout_stats(rollouts))
+    with timed_stage(times, "decode"):
+        # Decoding skips feeding the last token: the teacher-forced forward below runs all k tokens
+        # once, giving both the new log-probs and the rollout hidden states the reward reads.
+        tokens, logprobs, _ = decode(model, states.detach(), first_logits.detach(), cfg, generator, with_hidden=False)
+    with timed_stage(times, "teacher_forced"):
+        forced = model(tokens, state=states.expand(n), output_state=False)
+    with timed_stage(times, "score"):
+        rollouts = Rollouts(
+            positions, tokens, logprobs, forced.hidden_states.detach(),
+            gather_windows(input_ids, rows, starts, k).repeat_interleave(n, 0),
+            gather_windows(out.hidden_states.detach(), rows, starts, k).repeat_interleave(n, 0),
+            first_token_entropy(first_logits, positions), n,
+        )
+        rollouts.rewards = score_rollouts(rollouts, cfg)
+        advantages = advantages_for(rollouts.rewards, rollouts, cfg)
+        new_logprobs = rollout_logprobs(first_logits, forced.logits, tokens, n, cfg.temperature)
+        ref = _ref_logprobs(ref_model, input_ids, lengths, rollouts, cfg)
+        result = _combine(ntp, new_logprobs, ref, rollouts, advantages, cfg)
+        result.stats.update(rollout_stats(rollouts))
     return result, rollouts
