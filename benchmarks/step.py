@@ -2,8 +2,10 @@
 
 Prints one JSON object per (length, n) with the medians, the ratios and, per stage, where the time of
 the NTP, one-pass and fused steps goes (`*_breakdown_seconds`: a fused step's forward, backward and
-optimizer against an NTP step's show what its rollouts add to them). "document_pass_over_ntp" is a plain no-grad forward over the same documents against the NTP step: the
-one-pass step runs such a pass for its rollouts, so 1 + that ratio is its floor.
+optimizer against an NTP step's show what its rollouts add to them; on a GPU every stage boundary
+waits for the device, a few more waits in a fused step than in an NTP step). "document_pass_over_ntp"
+is a plain no-grad forward over the same documents against the NTP step: the one-pass step runs such a
+pass for its rollouts, so 1 + that ratio is its floor.
     python benchmarks/step.py [--lengths 1024 4096] [--samples 1 4] [--repeats 9] [--batch 1] [--threads 2]
                               [--hidden-size 128] [--layers 2] [--heads 2] [--device cpu] [--dtype float32]
 
