@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import torch
 
@@ -29,7 +28,7 @@ from refine.algorithm.rollout import choose_positions, reprefill_rollouts, snaps
 from refine.algorithm.update import advantages_for, fused_refine_step, refine_loss, score_rollouts
 from refine.config import DTYPES, RefineConfig
 from refine.models import build_model
-from refine.runtime import StageTimes, synchronize, timed_stage, tune_allocator
+from refine.runtime import StageTimes, timed_stage, tune_allocator
 
 
 def run(length: int, samples: int, repeats: int, batch: int, size: dict[str, int], device: str, dtype: str) -> dict:
@@ -44,14 +43,11 @@ def run(length: int, samples: int, repeats: int, batch: int, size: dict[str, int
     lengths = torch.full((batch,), length, device=device)
     gen = torch.Generator(device=device).manual_seed(0)
 
-    def now() -> float:
-        synchronize(device)
-        return time.perf_counter()
-
     def timed(fn) -> float:
-        started = now()
-        fn()
-        return now() - started
+        times = StageTimes(device)
+        with times.stage("step"):
+            fn()
+        return times.seconds["step"]
 
     # Seconds per stage of every run of a mode, for the breakdowns.
     stages: dict[str, list[dict[str, float]]] = {"ntp": [], "onepass": [], "fused": []}
