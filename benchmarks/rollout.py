@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import torch
 
 from refine.algorithm.rollout import choose_positions, reprefill_rollouts, snapshot_rollouts
 from refine.config import DTYPES, RefineConfig
 from refine.models import build_model
-from refine.runtime import synchronize, tune_allocator
+from refine.runtime import StageTimes, tune_allocator
 
 
 def run(length: int, samples: int, model, repeats: int) -> dict:
@@ -44,12 +43,11 @@ def run(length: int, samples: int, model, repeats: int) -> dict:
         engines[name]()
     timings: dict[str, list[float]] = {name: [] for name in engines}
     for _ in range(repeats):  # the engines take turns, so a noisy neighbour slows both alike
+        times = StageTimes(device)
         for name, fn in engines.items():
-            synchronize(device)
-            started = time.perf_counter()
-            fn()
-            synchronize(device)
-            timings[name].append(time.perf_counter() - started)
+            with times.stage(name):
+                fn()
+            timings[name].append(times.seconds[name])
     seconds = {name: statistics.median(values) for name, values in timings.items()}
 
     def ratio(baseline: str) -> float:  # median of per-round ratios: a round's engines share its noise
