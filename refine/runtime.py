@@ -12,7 +12,7 @@ Entry points (the CLI, the service roles, the benchmarks) call `tune_allocator()
 REFINE_MALLOC_TUNING=0 turns it off. A no-op where glibc's mallopt is unavailable.
 
 `synchronize(device)` waits for a GPU's queued work, so that a wall-clock interval covers it;
-`StageTimes` adds up such intervals per named stage of a step (the benchmarks' breakdowns).
+`StageTimes` adds up such intervals per named stage (the benchmarks' timings and breakdowns).
 """
 
 from __future__ import annotations
