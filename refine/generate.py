@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from refine.algorithm.sampling import sample_tokens
+from refine.algorithm.sampling import check_logits_finite, sample_tokens
 from refine.models import FastWeightLM
 
 
@@ -32,18 +32,23 @@ def generate(model: FastWeightLM, prompt_ids: Tensor, max_new_tokens: int, eos_i
     # out.state is each row's state after its own length; only the last prompt token's logits are needed.
     out = model(prompt_ids, lengths=lengths, logit_positions=(lengths - 1)[:, None])
     logits, state = out.logits[:, 0], out.state
-    produced: list[list[int]] = [[] for _ in range(rows)]
+    # Tokens stay on the device until the end: the host reads one flag per token (have all rows hit
+    # eos?) and the finiteness of all logits once, instead of every row's token at every step.
+    finite = torch.isfinite(logits).all()
     finished = torch.zeros(rows, dtype=torch.bool, device=prompt_ids.device)
-    for _ in range(max_new_tokens):
-        token, _ = sample_tokens(logits, temperature, top_p, top_k, generator=generator)
-        for row in range(rows):
-            if not finished[row]:
-                if eos_id is not None and int(token[row]) == eos_id:
-                    finished[row] = True
-                else:
-                    produced[row].append(int(token[row]))
-        if bool(finished.all()):
+    tokens: list[Tensor] = []
+    for step in range(max_new_tokens):
+        token, _ = sample_tokens(logits, temperature, top_p, top_k, generator=generator, check_finite=False)
+        tokens.append(token)
+        if eos_id is not None:
+            finished |= token == eos_id
+            if bool(finished.all()):
+                break
+        if step == max_new_tokens - 1:
             break
         out = model(token[:, None], state=state)
         logits, state = out.logits[:, 0], out.state
-    return produced
+        finite &= torch.isfinite(logits).all()
+    check_logits_finite(finite)
+    produced = torch.stack(tokens, 1).tolist() if tokens else [[] for _ in range(rows)]
+    return [row[:row.index(eos_id)] if eos_id in row else row for row in produced]

@@ -101,3 +101,32 @@ def test_generate_refuses_lengths_outside_the_prompt_width():
     model = _model()
     with pytest.raises(ValueError, match=r"lengths must be 2 integers in \[1, 6\], got \[6, 7\]"):
         generate(model, torch.zeros(2, 6, dtype=torch.long), 3, lengths=torch.tensor([6, 7]))
+
+
+def _host_reads(fn) -> int:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(event.name == "aten::_local_scalar_dense" for event in prof.events())
+
+
+def test_generation_reads_the_device_at_most_once_per_token():
+    """Tokens stay on the device: without eos the host reads nothing per token, with eos one flag."""
+    model = _model()
+    prompts = torch.randint(0, 30, (3, 10), generator=torch.Generator().manual_seed(5))
+    answers = generate(model, prompts, 12)
+    unused = min(set(range(30)) - {token for answer in answers for token in answer})  # an eos never produced
+    short, long = (_host_reads(lambda n=n: generate(model, prompts, n)) for n in (3, 12))
+    assert short == long
+    short, long = (_host_reads(lambda n=n: generate(model, prompts, n, eos_id=unused)) for n in (3, 12))
+    assert long - short == 9
+
+
+def test_each_row_stops_at_its_own_eos():
+    model = _model()
+    prompts = torch.randint(0, 30, (3, 10), generator=torch.Generator().manual_seed(5))
+    free = generate(model, prompts, 12)
+    eos = free[0][4]
+    assert len({full.index(eos) for full in free if eos in full}) > 1, "rows should end at different steps"
+    stopped = generate(model, prompts, 12, eos_id=eos)
+    for answer, full in zip(stopped, free):
+        assert answer == (full[:full.index(eos)] if eos in full else full)

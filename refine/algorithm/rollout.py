@@ -20,7 +20,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch import Tensor
 
-from refine.algorithm.sampling import sample_tokens
+from refine.algorithm.sampling import check_logits_finite, sample_tokens
 from refine.algorithm.selection import select_positions, token_entropy
 from refine.config import RefineConfig
 from refine.models import FastWeightLM, ModelState
@@ -106,8 +106,14 @@ def decode(model: FastWeightLM, states: ModelState, first_logits: Tensor, cfg: R
         state = states.expand(n)
         logits = first_logits.repeat_interleave(n, dim=0)
         tokens, logprobs, hidden = [], [], []
+        # Whether every step's logits are finite, read once after the loop: the steps themselves never
+        # wait for the device (a GPU queues the whole decode).
+        finite = torch.isfinite(logits).all()
         for step in range(k):
-            token, logprob = sample_tokens(logits, cfg.temperature, cfg.top_p, cfg.top_k, generator=generator)
+            if step:
+                finite &= torch.isfinite(logits).all()
+            token, logprob = sample_tokens(logits, cfg.temperature, cfg.top_p, cfg.top_k, generator=generator,
+                                           check_finite=False)
             tokens.append(token)
             logprobs.append(logprob)
             if step == k - 1 and not with_hidden:
@@ -116,6 +122,7 @@ def decode(model: FastWeightLM, states: ModelState, first_logits: Tensor, cfg: R
             out = model(token[:, None], state=state, output_state=step < k - 1)
             hidden.append(out.hidden_states[:, 0])
             logits, state = out.logits[:, 0], out.state
+        check_logits_finite(finite)
         outputs = [torch.stack(tokens, 1), torch.stack(logprobs, 1)]
         if with_hidden:
             outputs.append(torch.stack(hidden, 1))

@@ -33,12 +33,16 @@ def logprobs_from_logits(logits: Tensor, tokens: Tensor, temperature: float = 1.
     _check_temperature(temperature)
     if logits.dim() < 1 or logits.shape[:-1] != tokens.shape:
         raise ValueError(f"logits {tuple(logits.shape)} must be tokens {tuple(tokens.shape)} plus a vocabulary axis")
+    _check_token_range(tokens, logits.shape[-1])
+    return _token_logprobs(logits, tokens, temperature)
+
+
+def _token_logprobs(logits: Tensor, tokens: Tensor, temperature: float) -> Tensor:
+    """logprobs_from_logits without its checks, for tokens in range by construction (sampled ones)."""
     scaled = logits.to(torch.promote_types(logits.dtype, torch.float32))
     if temperature > 0:
         scaled = scaled / temperature
-    index = tokens.long().unsqueeze(-1)
-    _check_token_range(index, logits.shape[-1])
-    return torch.log_softmax(scaled, dim=-1).gather(-1, index).squeeze(-1)
+    return torch.log_softmax(scaled, dim=-1).gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
 
 
 def filter_logits(
@@ -85,16 +89,19 @@ def sample_tokens(
     top_k: int = 0,
     generator: torch.Generator | None = None,
     suppress_tokens: Sequence[int] | None = None,
+    check_finite: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Draw one token per row: logits [N, V] -> (tokens [N] long, logprobs [N]).
 
     Greedy when temperature == 0. The log-probs follow the module's convention (temperature
     scaled, unfiltered), identical to `logprobs_from_logits(logits, tokens, temperature)`.
+    check_finite=False leaves the check that logits are finite, a device sync, to the caller
+    (decoding checks all its steps at once with `check_logits_finite`).
     """
     if logits.dim() != 2 or logits.shape[-1] < 1:
         raise ValueError(f"logits must have shape [N, V], got {tuple(logits.shape)}")
-    if not torch.isfinite(logits).all():
-        raise ValueError("logits must be finite (found NaN or Inf)")
+    if check_finite:
+        check_logits_finite(torch.isfinite(logits).all())
     filtered = filter_logits(logits, temperature, top_p, top_k, suppress_tokens)
     if temperature == 0:
         tokens = filtered.argmax(dim=-1)
@@ -103,7 +110,13 @@ def sample_tokens(
         # uniform noise is several times cheaper than torch.multinomial's exponential draws.
         uniform = torch.rand(filtered.shape, generator=generator, device=filtered.device, dtype=filtered.dtype)
         tokens = (filtered - uniform.log().neg_().log_()).argmax(dim=-1)
-    return tokens, logprobs_from_logits(logits, tokens, temperature)
+    return tokens, _token_logprobs(logits, tokens, temperature)
+
+
+def check_logits_finite(all_finite: Tensor) -> None:
+    """Raise unless all_finite, a boolean tensor (`torch.isfinite(logits).all()`, possibly and-ed over steps)."""
+    if not bool(all_finite):
+        raise ValueError("logits must be finite (found NaN or Inf)")
 
 
 def _check_temperature(temperature: float) -> None:

@@ -190,8 +190,13 @@ def chunk_delta_rule(
     o = o.view(*shape, value_dim).permute(1, 0, 3, 2, 4).reshape(batch, num_chunks * size, heads, value_dim)
     o = o[:, :seq_len].to(q.dtype)
 
+    def states_at(at: Tensor | None) -> Tensor:
+        if at is None:  # every row's end
+            at = torch.full((batch, 1), seq_len, dtype=torch.long, device=q.device)
+        return positioned_states(at)
+
     @without_autocast
-    def states_at(at: Tensor) -> Tensor:
+    def positioned_states(at: Tensor) -> Tensor:
         validate_delta_rule_inputs(q, k, v, beta, g, initial_state, at)
         return _states_at(
             at,

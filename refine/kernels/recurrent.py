@@ -40,11 +40,11 @@ def delta_rule_step(
     # One token of the sequence form (its TokenRecurrence does the arithmetic), in the state's precision
     # when that is wider than the inputs' compute precision.
     dtype = torch.promote_types(compute_dtype_for(q.dtype), state.dtype)
-    o, states = recurrent_delta_rule(
+    o, states_at = recurrent_delta_rule(
         *(x.to(dtype).unsqueeze(1) for x in (q, k, v, beta)), None if g is None else g.to(dtype).unsqueeze(1),
-        scale=scale, initial_state=state.to(dtype), positions=torch.ones(k.shape[0], 1, dtype=torch.long, device=k.device),
+        scale=scale, initial_state=state.to(dtype), state_fn=True,
     )
-    return o[:, 0].to(q.dtype), states
+    return o[:, 0].to(q.dtype), states_at(None)
 
 
 @without_autocast
@@ -80,12 +80,11 @@ def recurrent_delta_rule(
         else:  # decoding: the same loop without the autograd node's bookkeeping
             o, after, _ = _token_loop(q, k, v, beta, g, state, scale)
 
-    @without_autocast
-    def states_at(at: Tensor) -> Tensor:
+    def states_at(at: Tensor | None) -> Tensor:
+        if at is None:  # every row's end (decoding): known without reading any values, so no device sync
+            return after[-1] if seq_len > 0 else state
         validate_delta_rule_inputs(q, k, v, beta, g, initial_state, at)
         at = at.to(device=q.device, dtype=torch.long)
-        if at.shape[1] == 1 and seq_len > 0 and bool((at == seq_len).all()):
-            return after[-1]  # every row's end: the decoding case, no gather
         history = torch.cat([state[None], after])  # the state after p tokens at index p
         return history[at, torch.arange(batch, device=q.device)[:, None]].flatten(0, 1)
 

@@ -18,8 +18,9 @@ Mixers (the token-mixing layer of each block) implement one method:
         -> (y [B, T, D], states_at: Callable[[LongTensor [B, P]], dict] | None)
 
 where `states_at(positions)` returns the layer state after `positions[b, j]` tokens of this call,
-batch B * P. The language model asks for each row's length to obtain the final state, so a mixer
-needs one mechanism only: states at arbitrary positions, computable after its forward.
+batch B * P, and `states_at(None)` the state after all T tokens of every row (batch B). The language
+model asks for each row's length, or None when every row is whole, to obtain the final state, so a
+mixer needs one mechanism only: states at arbitrary positions, computable after its forward.
 """
 
 from __future__ import annotations
@@ -112,6 +113,7 @@ class FastWeightLM(nn.Module):
         batch, seq_len = input_ids.shape
         if state is not None and state.batch_size != batch:
             raise ValueError(f"state has batch size {state.batch_size} but input_ids has {batch}")
+        whole_rows = lengths is None  # every row is seq_len tokens long: its end needs no per-row gather
         if lengths is None:
             lengths = torch.full((batch,), seq_len, dtype=torch.long, device=input_ids.device)
         lengths = lengths.to(input_ids.device)
@@ -145,13 +147,15 @@ class FastWeightLM(nn.Module):
                 raise ValueError("state positions must lie in [0, length] of their row")
             return collect(positions)
 
-        def collect(positions: Tensor) -> ModelState:
+        def collect(positions: Tensor | None) -> ModelState:
             return ModelState([fn(positions) for fn in layer_states_at])
 
         if state_positions is not None:
             out.position_states = states_at(state_positions)
         if output_state:  # each row's own length: in range by construction
-            out.state = collect(lengths[:, None])
+            # None asks the mixers for every row's end without a tensor of positions to inspect: a
+            # decoded token then costs no device sync.
+            out.state = collect(None if whole_rows else lengths[:, None])
         if defer_states:
             out.states_at = states_at
         return out

@@ -140,11 +140,11 @@ class ShortConvolution(nn.Module):
         """
         return short_convolutions([self], x, cache)
 
-    def cache_at(self, padded: Tensor, positions: Tensor) -> Tensor:
-        """Cache after `positions` [B, P] tokens of this call -> [B * P, K - 1, D]."""
+    def cache_at(self, padded: Tensor, positions: Tensor | None) -> Tensor:
+        """Cache after `positions` [B, P] tokens of this call -> [B * P, K - 1, D]; None: after all of them."""
         width = self.kernel_size - 1
-        if positions.shape[1] == 1 and bool((positions == padded.shape[1] - width).all()):
-            return padded[:, padded.shape[1] - width:].clone()  # the end of every row: decoding's case
+        if positions is None:  # every row's end (decoding): a slice, no look at any values
+            return padded[:, padded.shape[1] - width:].clone()
         return gather_positions(padded, positions, width)
 
 

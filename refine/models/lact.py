@@ -278,15 +278,18 @@ class LaCTSWIGLULayer(nn.Module):
     def forward(
         self, x: Tensor, state: dict[str, Tensor] | None, want_states: bool
     ) -> tuple[Tensor, Callable[[Tensor], dict[str, Tensor]] | None]:
-        """x [B, T, D] -> (y [B, T, D], states_at: positions [B, P] -> state dict of batch B * P)."""
+        """x [B, T, D] -> (y [B, T, D], states_at: positions [B, P] -> state dict of batch B * P).
+
+        states_at(None) is the state after every row's last token (batch B)."""
         batch, seq_len, _ = x.shape
         if state is None:
             state = self.initial_state(batch, x)
         # Counters are integers; round in case a dtype cast turned them into floats.
         seen = state["tokens_seen"].to(x.device).round().long()
         if seq_len == 0:
-            def unchanged(positions: Tensor) -> dict[str, Tensor]:
-                return {name: t.repeat_interleave(positions.shape[1], 0) for name, t in state.items()}
+            def unchanged(positions: Tensor | None) -> dict[str, Tensor]:
+                repeats = 1 if positions is None else positions.shape[1]
+                return {name: t.repeat_interleave(repeats, 0) for name, t in state.items()}
             return x, unchanged if want_states else None
 
         q, k, v = self.qkv(x).chunk(3, dim=-1)
@@ -309,7 +312,9 @@ class LaCTSWIGLULayer(nn.Module):
         if not want_states:
             return y, None
 
-        def states_at(positions: Tensor) -> dict[str, Tensor]:
+        def states_at(positions: Tensor | None) -> dict[str, Tensor]:
+            if positions is None:  # every row's end
+                positions = torch.full((batch, 1), seq_len, dtype=torch.long, device=x.device)
             states = self._fast_state_dict(fast_states_at(positions))
             buffered = self.window_size - 1
             states["attn_k"] = gather_positions(keys, positions, buffered)

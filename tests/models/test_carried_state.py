@@ -135,3 +135,28 @@ def test_logits_at_positions_are_those_rows_of_the_full_logits(tiny_model):
         model(ids, logit_positions=torch.tensor([[70], [0]]))
     with pytest.raises(ValueError, match=r"logit_positions must be \[batch=2, P\]"):
         model(ids, logit_positions=torch.tensor([3, 4]))
+
+
+@pytest.mark.parametrize("length", [3, 150])  # the token-loop kernel, then the chunk kernel
+def test_final_state_of_whole_rows_equals_the_state_at_their_length(tiny_model, length):
+    """Without `lengths` the model asks its mixers for every row's end directly (no positions to
+    gather); that state is the one a gather at the full length gives."""
+    ids = torch.randint(0, tiny_model.config.vocab_size, (2, length), generator=torch.Generator().manual_seed(5))
+    whole = tiny_model(ids).state
+    gathered = tiny_model(ids, lengths=torch.full((2,), length)).state
+    for layer_whole, layer_gathered in zip(whole.layers, gathered.layers):
+        assert layer_whole.keys() == layer_gathered.keys()
+        for name in layer_whole:
+            torch.testing.assert_close(layer_whole[name], layer_gathered[name], rtol=0, atol=0, msg=name)
+
+
+def test_a_decoding_step_never_waits_for_the_device(tiny_model):
+    """One token from a carried state reads no tensor value on the host (no .item(), no bool(tensor)):
+    on a GPU each such read would stall the queue once per layer and token."""
+    ids = torch.randint(0, tiny_model.config.vocab_size, (3, 20), generator=torch.Generator().manual_seed(6))
+    state = tiny_model(ids).state
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = tiny_model(ids[:, -1:], state=state)
+    reads = [event.name for event in prof.events() if event.name == "aten::_local_scalar_dense"]
+    assert reads == [], f"a decoding step read {len(reads)} values on the host"
+    assert out.state.batch_size == 3
