@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import socket
-import time
 from datetime import timedelta
 
 import torch
@@ -32,6 +31,7 @@ from refine.algorithm.update import LossResult, advantages_for, refine_loss, rol
 from refine.config import RefineConfig, RunConfig
 from refine.loop import StepResult
 from refine.models import FastWeightLM
+from refine.runtime import StageTimes
 from services.codec import decode, encode
 from services.messages import DocumentBatch, ScoredBatch
 
@@ -155,36 +155,38 @@ class DataParallelGroup:
                documents: DocumentBatch, config: RunConfig, ref_model: FastWeightLM | None = None) -> StepResult:
         """Advantages on the whole batch, loss on this rank's documents, summed gradients, clip, step.
         Every rank takes (or skips) the same step."""
-        started = time.perf_counter()
-        rollouts = rollouts_from_batch(scored, self.device)
-        advantages = advantages_for(rollouts.rewards, rollouts, config.refine)
-        input_ids = documents.token_ids.to(self.device, torch.long)
-        lengths = documents.lengths.to(self.device, torch.long)
-        start, end = document_slice(input_ids.shape[0], self.rank, self.world_size)
-        optimizer.zero_grad(set_to_none=True)
+        times = StageTimes(self.device)
         stats: dict[str, float] = {}
         local_finite = True
-        if end > start:
-            result = slice_loss(model, input_ids, lengths, rollouts, advantages, config.refine, start, end, ref_model)
-            stats = dict(result.stats)
-            local_finite = bool(torch.isfinite(result.loss))
-            if local_finite:
-                result.loss.backward()
-        forward_done = time.perf_counter()
-        for parameter in model.parameters():
-            if parameter.grad is None:
-                parameter.grad = torch.zeros_like(parameter)
-            dist.all_reduce(parameter.grad, op=dist.ReduceOp.SUM)
-        flag = torch.tensor([0.0 if local_finite else 1.0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.SUM)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
-        stats["grad_norm"] = float(grad_norm)
-        skipped = float(flag) > 0 or not torch.isfinite(grad_norm)
-        if skipped:
+        with times.stage("forward"):
+            rollouts = rollouts_from_batch(scored, self.device)
+            advantages = advantages_for(rollouts.rewards, rollouts, config.refine)
+            input_ids = documents.token_ids.to(self.device, torch.long)
+            lengths = documents.lengths.to(self.device, torch.long)
+            start, end = document_slice(input_ids.shape[0], self.rank, self.world_size)
             optimizer.zero_grad(set_to_none=True)
-            stats["skipped_nonfinite"] = 1.0
-        else:
-            optimizer.step()
-        stats.update(rollout_stats(rollouts), forward_seconds=forward_done - started,
-                     backward_step_seconds=time.perf_counter() - forward_done, data_parallel_ranks=self.world_size)
+            result = None
+            if end > start:
+                result = slice_loss(model, input_ids, lengths, rollouts, advantages, config.refine, start, end,
+                                    ref_model)
+                stats = dict(result.stats)
+                local_finite = bool(torch.isfinite(result.loss))
+        with times.stage("backward_step"):
+            if result is not None and local_finite:
+                result.loss.backward()
+            for parameter in model.parameters():
+                if parameter.grad is None:
+                    parameter.grad = torch.zeros_like(parameter)
+                dist.all_reduce(parameter.grad, op=dist.ReduceOp.SUM)
+            flag = torch.tensor([0.0 if local_finite else 1.0], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.SUM)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+            stats["grad_norm"] = float(grad_norm)
+            skipped = float(flag) > 0 or not torch.isfinite(grad_norm)
+            if skipped:
+                optimizer.zero_grad(set_to_none=True)
+                stats["skipped_nonfinite"] = 1.0
+            else:
+                optimizer.step()
+        stats.update(rollout_stats(rollouts), **times.stats(), data_parallel_ranks=self.world_size)
         return StepResult(stats, skipped)

@@ -24,7 +24,7 @@ import torch
 
 from learner.data_parallel import DataParallelGroup, free_address, weights_digest
 from learner.checkpoint import LearnerState, latest_checkpoint, load_learner_checkpoint, save_learner_checkpoint
-from learner.update import fused_update, onepass_update, rollouts_from_batch
+from learner.update import LEARNER_PHASES, fused_update, onepass_update, rollouts_from_batch
 from refine.config import RunConfig
 from refine.loop import StepResult, make_optimizer, prepare_model
 from services.messages import DocumentBatch, ScoredBatch
@@ -238,7 +238,7 @@ class Learner:
                            (m.clip_fraction, "pg/clip_fraction"), (m.approx_kl, "pg/approx_kl")):
             if key in stats:
                 gauge.set(float(stats[key]))
-        for phase in ("forward", "backward_step"):
+        for phase in LEARNER_PHASES:
             if f"{phase}_seconds" in stats:
                 m.step_seconds.labels(phase=phase).observe(float(stats[f"{phase}_seconds"]))
 

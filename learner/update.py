@@ -9,8 +9,6 @@ forward also selects positions and samples), so no rollout pass exists at all.
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from refine.algorithm.rollout import Rollouts
@@ -18,9 +16,15 @@ from refine.algorithm.update import advantages_for, fused_refine_step, refine_lo
 from refine.config import RunConfig
 from refine.loop import StepResult, optimizer_step
 from refine.models import FastWeightLM
+from refine.runtime import StageTimes
 from services.messages import ScoredBatch
 
-__all__ = ["fused_update", "onepass_update", "rollouts_from_batch"]
+__all__ = ["LEARNER_PHASES", "fused_update", "onepass_update", "rollouts_from_batch"]
+
+# What a learner step reports as `<phase>_seconds` (the learner's refine_step_seconds{phase}): the one-pass
+# loss as "forward", or the fused step's own stages; then backward, clipping and the optimizer step. Each
+# is waited for on the device, so on a GPU a phase's queued work counts in that phase.
+LEARNER_PHASES = ("forward", "select", "states", "decode", "teacher_forced", "score", "backward_step")
 
 
 def rollouts_from_batch(batch: ScoredBatch, device: str | torch.device = "cpu") -> Rollouts:
@@ -47,13 +51,13 @@ def onepass_update(model: FastWeightLM, optimizer: torch.optim.Optimizer, input_
                    ref_model: FastWeightLM | None = None) -> StepResult:
     """Advantages, one-pass loss, backward, clip, step (skipped when not finite); timed by phase."""
     assert rollouts.rewards is not None, "the learner trains on scored rollouts only"
-    started = time.perf_counter()
-    advantages = advantages_for(rollouts.rewards, rollouts, config.refine)
-    result = refine_loss("onepass", model, input_ids, lengths, rollouts, advantages, config.refine, ref_model)
-    forward_done = time.perf_counter()
-    outcome = optimizer_step(model, optimizer, result, config.optim.grad_clip)
-    outcome.stats.update(rollout_stats(rollouts), forward_seconds=forward_done - started,
-                         backward_step_seconds=time.perf_counter() - forward_done)
+    times = StageTimes(input_ids.device)
+    with times.stage("forward"):
+        advantages = advantages_for(rollouts.rewards, rollouts, config.refine)
+        result = refine_loss("onepass", model, input_ids, lengths, rollouts, advantages, config.refine, ref_model)
+    with times.stage("backward_step"):
+        outcome = optimizer_step(model, optimizer, result, config.optim.grad_clip)
+    outcome.stats.update(rollout_stats(rollouts), **times.stats())
     return outcome
 
 
@@ -61,10 +65,9 @@ def fused_update(model: FastWeightLM, optimizer: torch.optim.Optimizer, input_id
                  lengths: torch.Tensor, config: RunConfig, generator: torch.Generator,
                  ref_model: FastWeightLM | None = None) -> StepResult:
     """The colocated on-policy step: select, sample, score and train from one document pass."""
-    started = time.perf_counter()
-    result, _ = fused_refine_step(model, input_ids, lengths, config.refine, generator, ref_model)
-    forward_done = time.perf_counter()
-    outcome = optimizer_step(model, optimizer, result, config.optim.grad_clip)
-    outcome.stats.update(forward_seconds=forward_done - started,
-                         backward_step_seconds=time.perf_counter() - forward_done)
+    times = StageTimes(input_ids.device)
+    result, _ = fused_refine_step(model, input_ids, lengths, config.refine, generator, ref_model, times=times)
+    with times.stage("backward_step"):
+        outcome = optimizer_step(model, optimizer, result, config.optim.grad_clip)
+    outcome.stats.update(times.stats())
     return outcome

@@ -26,7 +26,7 @@ from refine.data.batches import DocumentBatch
 from refine.data.stream import document_batches
 from refine.models import FastWeightLM, build_model, load_model, save_model
 from refine.plots import plot_metrics
-from refine.runtime import tune_allocator
+from refine.runtime import StageTimes, timed_stage, tune_allocator
 from refine.tokenizer import load_tokenizer
 
 
@@ -49,28 +49,31 @@ def make_optimizer(model: FastWeightLM, config: RunConfig) -> torch.optim.Optimi
 
 
 def compute_loss(model: FastWeightLM, batch: DocumentBatch, config: RunConfig, generator: torch.Generator,
-                 ref_model: FastWeightLM | None = None) -> LossResult:
-    """The loss of one optimizer step for the configured mode."""
+                 ref_model: FastWeightLM | None = None, times: StageTimes | None = None) -> LossResult:
+    """The loss of one optimizer step for the configured mode; `times` collects seconds per stage
+    (forward; the fused step's own stages; rollout, before the update forward of onepass/reference)."""
     mode, cfg = config.train.mode, config.refine
     ids, lengths = batch.input_ids, batch.lengths
-    if mode == "ntp":
-        ntp = ntp_loss(model(ids, lengths=lengths, output_state=False).logits, ids, lengths)
-        return LossResult(ntp, ntp, ntp.new_zeros(()), {"ntp_loss": float(ntp.detach()), "loss": float(ntp.detach())})
     if mode == "fused":
-        result, _ = fused_refine_step(model, ids, lengths, cfg, generator, ref_model)
+        result, _ = fused_refine_step(model, ids, lengths, cfg, generator, ref_model, times=times)
         return result
-    started = time.perf_counter()
-    if mode == "onepass":
-        rollouts = snapshot_rollouts(model, ids, lengths, cfg, generator)
-    else:
-        with torch.no_grad():
-            positions = choose_positions(model(ids, lengths=lengths, output_state=False).logits, lengths, cfg, generator)
-        rollouts = reprefill_rollouts(model, ids, lengths, cfg, positions, generator)
-    rollouts.rewards = score_rollouts(rollouts, cfg)
-    rollout_seconds = time.perf_counter() - started
-    result = refine_loss(mode, model, ids, lengths, rollouts, advantages_for(rollouts.rewards, rollouts, cfg), cfg,
-                         ref_model)
-    result.stats.update(rollout_stats(rollouts), rollout_seconds=rollout_seconds)
+    if mode == "ntp":
+        with timed_stage(times, "forward"):
+            ntp = ntp_loss(model(ids, lengths=lengths, output_state=False).logits, ids, lengths)
+        return LossResult(ntp, ntp, ntp.new_zeros(()), {"ntp_loss": float(ntp.detach()), "loss": float(ntp.detach())})
+    with timed_stage(times, "rollout"):
+        if mode == "onepass":
+            rollouts = snapshot_rollouts(model, ids, lengths, cfg, generator)
+        else:
+            with torch.no_grad():
+                logits = model(ids, lengths=lengths, output_state=False).logits
+                positions = choose_positions(logits, lengths, cfg, generator)
+            rollouts = reprefill_rollouts(model, ids, lengths, cfg, positions, generator)
+        rollouts.rewards = score_rollouts(rollouts, cfg)
+    with timed_stage(times, "forward"):
+        result = refine_loss(mode, model, ids, lengths, rollouts, advantages_for(rollouts.rewards, rollouts, cfg),
+                             cfg, ref_model)
+    result.stats.update(rollout_stats(rollouts))
     return result
 
 
@@ -153,13 +156,15 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> dic
     while step < config.train.steps:
         batch = next(batches).to(config.train.device)
         started = time.perf_counter()
-        result = compute_loss(model, batch, config, generator, ref_model)
-        outcome = optimizer_step(model, optimizer, result, config.optim.grad_clip)
+        times = StageTimes(config.train.device)
+        result = compute_loss(model, batch, config, generator, ref_model, times)
+        with times.stage("backward_step"):
+            outcome = optimizer_step(model, optimizer, result, config.optim.grad_clip)
         skipped += outcome.skipped
         step += 1
         cursor = batch.cursor
-        last = outcome.stats | {"step": step, "step_seconds": time.perf_counter() - started,
-                                "skipped_steps": skipped, "tokens": int(batch.lengths.sum())}
+        last = outcome.stats | times.stats() | {"step": step, "step_seconds": time.perf_counter() - started,
+                                                "skipped_steps": skipped, "tokens": int(batch.lengths.sum())}
         if step % config.train.log_every == 0 or step == config.train.steps:
             metrics_file.write(json.dumps(last) + "\n")
             metrics_file.flush()

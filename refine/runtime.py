@@ -12,7 +12,8 @@ Entry points (the CLI, the service roles, the benchmarks) call `tune_allocator()
 REFINE_MALLOC_TUNING=0 turns it off. A no-op where glibc's mallopt is unavailable.
 
 `synchronize(device)` waits for a GPU's queued work, so that a wall-clock interval covers it;
-`StageTimes` adds up such intervals per named stage (the benchmarks' timings and breakdowns).
+`StageTimes` adds up such intervals per named stage (the benchmarks' timings and breakdowns, the
+training steps' per-phase seconds).
 """
 
 from __future__ import annotations
@@ -85,6 +86,10 @@ class StageTimes:
         finally:
             synchronize(self.device)
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+
+    def stats(self) -> dict[str, float]:
+        """`<stage>_seconds` entries, as training steps report them (metrics.jsonl, refine_step_seconds)."""
+        return {f"{name}_seconds": seconds for name, seconds in self.seconds.items()}
 
 
 def timed_stage(times: StageTimes | None, name: str) -> ContextManager[None]:

@@ -19,12 +19,26 @@ def _config(tmp_path, mode, steps=2, extra=()):
     ])
 
 
-@pytest.mark.parametrize("mode", ["ntp", "onepass", "fused", "reference"])
+# The seconds each mode's steps report per stage, beside the whole step's.
+STAGES = {
+    "ntp": {"forward", "backward_step"},
+    "onepass": {"rollout", "forward", "backward_step"},
+    "reference": {"rollout", "forward", "backward_step"},
+    "fused": {"forward", "select", "states", "decode", "teacher_forced", "score", "backward_step"},
+}
+
+
+@pytest.mark.parametrize("mode", sorted(STAGES))
 def test_every_mode_writes_a_run_directory(tmp_path, mode):
     stats = train(_config(tmp_path, mode), progress=False)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    for row in rows:
+        stages = {key.removesuffix("_seconds"): value for key, value in row.items()
+                  if key.endswith("_seconds") and key != "step_seconds"}
+        assert set(stages) == STAGES[mode]
+        assert all(value > 0 for value in stages.values()) and sum(stages.values()) <= row["step_seconds"]
     assert (tmp_path / "checkpoints/latest/model/model.safetensors").exists()
     assert (tmp_path / "losses.png").stat().st_size > 1000
     if mode != "ntp":

@@ -38,3 +38,4 @@ def test_stage_times_add_up_per_stage_and_survive_an_error():
         pass
     assert set(times.seconds) == {"work", "failing"}
     assert times.seconds["work"] >= 0.02 and times.seconds["failing"] >= 0
+    assert times.stats() == {"work_seconds": times.seconds["work"], "failing_seconds": times.seconds["failing"]}
