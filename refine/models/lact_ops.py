@@ -209,7 +209,9 @@ def chunked_swiglu_ttt(
     device = q.device
     offset = (tokens_seen % size).to(device)  # tokens of the unfinished chunk per row
     width = min(size, seq_len)
-    num_steps = int(((offset + seq_len + size - 1) // size).max())
+    # One token always falls in one chunk step (offset < size), known without reading the offsets:
+    # decoding then skips a device sync per layer and token.
+    num_steps = 1 if seq_len == 1 else int(((offset + seq_len + size - 1) // size).max())
     rows = torch.arange(batch, device=device)[:, None]
     local = torch.arange(width, device=device)
     q, k, v = (_pad_time(t, width) for t in (q, k, v))

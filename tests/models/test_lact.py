@@ -362,6 +362,18 @@ def test_step_by_step_decoding_equals_whole(model):
     torch.testing.assert_close(torch.cat(steps[0]), whole.logits[0, :T - 3], rtol=1e-9, atol=1e-11)
 
 
+def test_a_decoding_step_reads_the_device_once_per_layer(model, host_reads):
+    """A one-token step knows it spans one chunk step without reading the rows' chunk phases; the one
+    read left per layer asks whether a row completes its chunk, which decides whether the fast-weight
+    update (Muon's iterations included) runs at all."""
+    ids = torch.randint(0, model.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        state = model(ids[:, :5], lengths=torch.tensor([2, 5])).state
+        reads, out = host_reads(lambda: model(ids[:, 5:], state=state))
+    assert reads == model.config.num_hidden_layers
+    assert out.state.batch_size == 2
+
+
 def test_state_dict_names_match_release():
     cfg = LaCTConfig(**CONFIGS["momentum_muon"])
     model = LaCTForCausalLM(cfg)
