@@ -158,3 +158,12 @@ def test_a_decoding_step_never_waits_for_the_device(tiny_model, host_reads):
     reads, out = host_reads(lambda: tiny_model(ids[:, -1:], state=state))
     assert reads == 0, f"a decoding step read {reads} values on the host"
     assert out.state.batch_size == 3
+
+
+def test_a_prefill_of_whole_rows_never_waits_for_the_device(tiny_model, host_reads):
+    """The final state of rows without `lengths` comes from the chunk kernel without checking positions
+    the kernel built itself (each check reads the device twice per layer)."""
+    ids = torch.randint(0, tiny_model.config.vocab_size, (2, 150), generator=torch.Generator().manual_seed(7))
+    reads, out = host_reads(lambda: tiny_model(ids))
+    assert reads == 0, f"a prefill read {reads} values on the host"
+    assert out.state.batch_size == 2
