@@ -62,17 +62,37 @@ class SwiGLUMLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+# On CPU the shifted multiply-adds run over blocks of about a megabyte of float32 (2^18 elements),
+# so each block's rows are read from cache by all K shifts, not from memory K times: the tiny model's
+# 4K-token convolution backward takes 2.1 ms instead of 3.5 (16K: 9 instead of 24), its NTP step 2-4%
+# less. A GPU runs each shift once over the whole input (fewer launches).
+CPU_BLOCK_ELEMENTS = 1 << 18
+
+
+def rows_per_block(x: Tensor) -> int:
+    """Time steps per block of x [B, T, D] for the shifted multiply-adds (see CPU_BLOCK_ELEMENTS)."""
+    batch, length, dim = x.shape
+    if x.device.type != "cpu":
+        return max(length, 1)
+    return max(1, CPU_BLOCK_ELEMENTS // max(batch * dim, 1))
+
+
 def shifted_sum(padded: Tensor, weight: Tensor) -> Tensor:
     """The forward of CausalDepthwiseConv, without autograd: y_t = sum_i w_i * padded_{t+i}."""
     kernel = weight.shape[1]
-    length = padded.shape[1] - kernel + 1
+    batch, length, dim = padded.shape[0], padded.shape[1] - kernel + 1, padded.shape[2]
     # Half-precision inputs accumulate in float32 and round once, as a convolution kernel does.
     compute = torch.promote_types(padded.dtype, torch.float32)
     # Taps as contiguous rows [K, D]: broadcasting a strided column is twice as slow on CPU.
     inputs, taps = padded.to(compute), weight.to(compute).t().contiguous()
-    y = inputs[:, :length] * taps[0]
-    for i in range(1, kernel):
-        y.addcmul_(inputs[:, i:i + length], taps[i])
+    y = inputs.new_empty(batch, length, dim)
+    rows = rows_per_block(y)
+    for start in range(0, length, rows):
+        end = min(start + rows, length)
+        block = y[:, start:end]
+        torch.mul(inputs[:, start:end], taps[0], out=block)
+        for i in range(1, kernel):
+            block.addcmul_(inputs[:, start + i:end + i], taps[i])
     return y.to(padded.dtype)
 
 
@@ -98,16 +118,29 @@ class CausalDepthwiseConv(torch.autograd.Function):
         length = grad_y.shape[1]
         compute = torch.promote_types(padded.dtype, torch.float32)
         grad_y, inputs, taps = grad_y.to(compute), padded.to(compute), weight.to(compute).t().contiguous()
-        grad_padded = grad_weight = None
-        if ctx.needs_input_grad[0]:
-            grad_padded = inputs.new_zeros(inputs.shape)
+        batch, _, dim = grad_y.shape
+        need_padded, need_weight = ctx.needs_input_grad[:2]
+        grad_padded = inputs.new_zeros(inputs.shape) if need_padded else None
+        grad_weight = inputs.new_zeros(kernel, dim) if need_weight else None
+        rows = max(1, min(rows_per_block(grad_y), length))
+        # Per block: the input gradient's K shifted multiply-adds, and each tap's weight gradient as a
+        # product reduced over (batch, time) by a matmul with ones (faster than sum over two axes).
+        products = inputs.new_empty(batch * rows * dim) if need_weight else None
+        ones = inputs.new_ones(1, batch * rows) if need_weight else None
+        for start in range(0, length, rows):
+            end = min(start + rows, length)
+            grad_block = grad_y[:, start:end]
             for i in range(kernel):
-                grad_padded[:, i:i + length].addcmul_(grad_y, taps[i])
+                if grad_padded is not None:
+                    grad_padded[:, start + i:end + i].addcmul_(grad_block, taps[i])
+                if grad_weight is not None:
+                    product = products[:grad_block.numel()].view(grad_block.shape)
+                    torch.mul(grad_block, inputs[:, start + i:end + i], out=product)
+                    grad_weight[i:i + 1].addmm_(ones[:, :batch * (end - start)], product.view(-1, dim))
+        if grad_padded is not None:
             grad_padded = grad_padded.to(padded.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_weight = torch.stack(
-                [(grad_y * inputs[:, i:i + length]).sum((0, 1)) for i in range(kernel)], dim=1
-            ).to(weight.dtype)
+        if grad_weight is not None:
+            grad_weight = grad_weight.t().to(weight.dtype)
         return grad_padded, grad_weight
 
 
