@@ -8,11 +8,14 @@ from refine.models import common
 from refine.models.common import CausalDepthwiseConv, ShortConvolution, short_convolutions
 
 
-@pytest.mark.parametrize("block_elements", [1 << 18, 30])  # one block; blocks of 3 steps (2 rows x 5 channels)
+# (elements, minimum rows) per block: the product's sizes (one block here); blocks of 3 time steps
+# (2 rows x 5 channels x 3 = 30 elements), so 37 steps end in a partial block.
+@pytest.mark.parametrize("block_elements, min_rows", [(1 << 18, 16), (30, 1)])
 @pytest.mark.parametrize("length", [1, 4, 37])
-def test_causal_depthwise_conv_matches_conv1d_with_gradients(length, block_elements, monkeypatch):
+def test_causal_depthwise_conv_matches_conv1d_with_gradients(length, block_elements, min_rows, monkeypatch):
     monkeypatch.setattr(common, "CPU_BLOCK_ELEMENTS", block_elements)
-    assert common.rows_per_block(torch.empty(2, length, 5)) == block_elements // 10
+    monkeypatch.setattr(common, "MIN_BLOCK_ROWS", min_rows)
+    assert common.rows_per_block(torch.empty(2, length, 5)) == max(min_rows, block_elements // 10)
     gen = torch.Generator().manual_seed(length)
     padded = torch.randn(2, 3 + length, 5, generator=gen, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(5, 4, generator=gen, dtype=torch.float64, requires_grad=True)
