@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from refine.kernels.picks import densify, pick
+
 
 def compute_dtype_for(dtype: torch.dtype) -> torch.dtype:
     """Half-precision inputs are computed (and their states kept) in float32, as fla's kernels do."""
@@ -172,7 +174,7 @@ def chunk_delta_rule(
             k_to_end = (k_c * (gamma[:, -1:] - gamma).exp()[..., None]).transpose(1, 2)
             chunk_decay = gamma[:, -1].exp().view(num_chunks, batch * heads, 1, 1)
         per_chunk = (num_chunks, batch * heads)
-        states, u = ChunkRecurrence.apply(
+        states, u_per_chunk = ChunkRecurrence.apply(
             u0.view(*per_chunk, size, value_dim),
             w.view(*per_chunk, size, key_dim),
             k_to_end.view(*per_chunk, key_dim, size),
@@ -180,7 +182,7 @@ def chunk_delta_rule(
             state,
         )
         chunk_states = states[:-1].view(-1, key_dim, value_dim)  # the state at every chunk start
-        u = u.view(-1, size, value_dim)
+        u = u_per_chunk.view(-1, size, value_dim)
 
     # Outputs for all chunks at once: inter-chunk (query x chunk-start state) + intra-chunk (masked attention).
     scores = torch.bmm(q_c, k_c.transpose(1, 2))
@@ -198,14 +200,25 @@ def chunk_delta_rule(
 
     @without_autocast
     def positioned_states(at: Tensor) -> Tensor:
-        return _states_at(
-            at,
-            chunk_states.view(*shape[:3], key_dim, value_dim),
-            k_c.view(*shape, key_dim),
-            u.view(*shape, value_dim),
-            None if gamma is None else gamma.view(shape),
-            size,
-        )
+        at = at.to(device=k_c.device, dtype=torch.long)
+        # p = T on a chunk boundary is the last chunk with r = C, so every chunk index stays in range.
+        chunk = torch.clamp(at // size, max=num_chunks - 1)[..., None]  # [B, P, 1]
+        offset = at - chunk[..., 0] * size  # r in 0..C
+        # Every pick is indexed [B, P, H]: row m = b * H + h of a chunk, g = chunk * B * H + m overall.
+        row = torch.arange(batch * heads, device=k_c.device).view(batch, 1, heads)
+        group = chunk * (batch * heads) + row
+        if num_chunks == 1:  # tiny tensors, whose ops may not take the picks' sparse gradients
+            def take(x: Tensor, index: tuple[Tensor, ...]) -> Tensor:
+                return x[index]
+            start, values = take(chunk_states, (row,)), take(u, (row,))
+        else:  # from ChunkRecurrence's own outputs, whose backward takes sparse gradients
+            take = pick
+            start, values = take(states, (chunk, row)), take(u_per_chunk, (chunk, row))
+        # k_c and gamma always reach the states through the UT transform too, so their gradients
+        # from the picks always meet a dense one (see refine/kernels/picks.py).
+        keys = take(k_c, (group,))
+        cumulative = None if gamma is None else take(gamma, (group,))
+        return _states_at(offset, start, keys, values, cumulative, size)
 
     if state_fn:  # positions chosen later, from this very pass (the fused REFINE step)
         return o, states_at
@@ -299,6 +312,7 @@ class ChunkRecurrence(torch.autograd.Function):
     def backward(ctx, grad_states, grad_u):
         w, k_to_end, chunk_decay, states, u = ctx.saved_tensors
         num_chunks = u.shape[0]
+        grad_states, grad_u = densify(grad_states), densify(grad_u)  # the states at positions pick both
         # Both accumulators start from the outside gradients and are completed in place, chunk by chunk.
         grad_u_total = torch.zeros_like(u) if grad_u is None else grad_u.clone()  # of u_n, incl. via S_{n+1}
         grad_states = torch.zeros_like(states) if grad_states is None else grad_states.clone()  # of S_n, total
@@ -321,34 +335,23 @@ class ChunkRecurrence(torch.autograd.Function):
 
 
 def _states_at(
-    positions: Tensor,
-    chunk_states: Tensor,
-    k_c: Tensor,
-    u: Tensor,
-    gamma: Tensor | None,
+    offset: Tensor,
+    start: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    cumulative: Tensor | None,
     size: int,
 ) -> Tensor:
-    """State after positions[b, j] tokens: chunk-start state plus the first r tokens of that chunk."""
-    num_chunks, batch = chunk_states.shape[:2]
-    positions = positions.to(device=k_c.device, dtype=torch.long)
-    # p = T on a chunk boundary is the last chunk with r = C, so every chunk index stays in range.
-    chunk = torch.clamp(positions // size, max=num_chunks - 1)  # [B, P]
-    offset = positions - chunk * size  # r in 0..C
-    rows = torch.arange(batch, device=k_c.device)[:, None]
-    # index_select over flattened (chunk, row) pairs: its backward adds the few picked gradients into
-    # place, where advanced indexing's accumulating index_put costs about a millisecond a step on CPU.
-    picked = (chunk * batch + rows).flatten()
+    """State after r = offset[b, j] tokens of a chunk: its start state plus the first r tokens' updates.
 
-    def pick(x: Tensor) -> Tensor:
-        return x.flatten(0, 1).index_select(0, picked).view(*positions.shape, *x.shape[2:])
-
-    start, keys, values = pick(chunk_states), pick(k_c), pick(u)  # [B, P, H, K, V], [B, P, H, C, K], [.., V]
-    taken = torch.arange(size, device=k_c.device) < offset[..., None]  # [B, P, C]: j < r
+    offset [B, P]; start [B, P, H, K, V], keys [B, P, H, C, K], values (corrected, u) [B, P, H, C, V]
+    and cumulative log-decays [B, P, H, C] (None: no gate) of each position's chunk. Returns [B * P, H, K, V].
+    """
+    taken = torch.arange(size, device=keys.device) < offset[..., None]  # [B, P, C]: j < r
     taken = taken[:, :, None, :]  # broadcast over heads
-    if gamma is None:
+    if cumulative is None:
         weight = taken.to(keys.dtype)
     else:
-        cumulative = pick(gamma)  # [B, P, H, C]
         with_zero = F.pad(cumulative, (1, 0))  # gamma after r tokens is with_zero[r]
         gamma_r = with_zero.gather(-1, offset[:, :, None, None].expand(-1, -1, cumulative.shape[2], 1))
         weight = (gamma_r - cumulative).masked_fill(~taken, float("-inf")).exp()

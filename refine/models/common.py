@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from refine.kernels.picks import pick
+
 
 def gather_positions(x: Tensor, positions: Tensor, width: int) -> Tensor:
     """x: [B, L, ...]; positions: [B, P] start indices. Returns [B * P, width, ...] windows."""
@@ -102,48 +104,63 @@ class CausalDepthwiseConv(torch.autograd.Function):
     """y_t = sum_i w_i * padded_{t+i} (F.conv1d's cross-correlation, groups = channels) as K shifted
     multiply-adds, with a hand-written backward.
 
-    padded [B, K - 1 + T, D], weight [D, K] -> y [B, T, D]. On CPU this beats a depthwise conv1d
-    (whose backward is slow) on long inputs and its call overhead on the few-token inputs of decoding;
-    the hand-written backward writes one gradient buffer instead of one zero-filled copy per shift.
+    (cache [B, K - 1, D], x [B, T, D], weight [D, K]) -> (y [B, T, D], padded = cat(cache, x) [B, K - 1 + T, D]).
+    On CPU this beats a depthwise conv1d (whose backward is slow) on long inputs and its call overhead
+    on the few-token inputs of decoding; the hand-written backward writes one gradient buffer instead
+    of one zero-filled copy per shift. The padded inputs are an output so that the caches picked from
+    them (`ShortConvolution.cache_at`) hand their gradient, sparse on CPU, to this backward, which adds
+    it into that same buffer.
     """
 
     @staticmethod
-    def forward(ctx, padded, weight):
+    def forward(ctx, cache, x, weight):
+        padded = torch.cat([cache, x], dim=1)
         ctx.save_for_backward(padded, weight)
-        return shifted_sum(padded, weight)
+        ctx.set_materialize_grads(False)  # padded often has no gradient (no caches picked): no zero fill
+        return shifted_sum(padded, weight), padded
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_y):
+    def backward(ctx, grad_y, grad_picked):
         padded, weight = ctx.saved_tensors
         kernel = weight.shape[1]
-        length = grad_y.shape[1]
         compute = torch.promote_types(padded.dtype, torch.float32)
-        grad_y, inputs, taps = grad_y.to(compute), padded.to(compute), weight.to(compute).t().contiguous()
-        batch, _, dim = grad_y.shape
-        need_padded, need_weight = ctx.needs_input_grad[:2]
-        grad_padded = inputs.new_zeros(inputs.shape) if need_padded else None
-        grad_weight = inputs.new_zeros(kernel, dim) if need_weight else None
-        rows = max(1, min(rows_per_block(grad_y), length))
-        # Per block: the input gradient's K shifted multiply-adds, and each tap's weight gradient as a
-        # product reduced over (batch, time) by a matmul with ones (faster than sum over two axes).
-        products = inputs.new_empty(batch * rows * dim) if need_weight else None
-        ones = inputs.new_ones(1, batch * rows) if need_weight else None
-        for start in range(0, length, rows):
-            end = min(start + rows, length)
-            grad_block = grad_y[:, start:end]
-            for i in range(kernel):
-                if grad_padded is not None:
-                    grad_padded[:, start + i:end + i].addcmul_(grad_block, taps[i])
-                if grad_weight is not None:
-                    product = products[:grad_block.numel()].view(grad_block.shape)
-                    torch.mul(grad_block, inputs[:, start + i:end + i], out=product)
-                    grad_weight[i:i + 1].addmm_(ones[:, :batch * (end - start)], product.view(-1, dim))
+        inputs, taps = padded.to(compute), weight.to(compute).t().contiguous()
+        need_cache, need_x, need_weight = ctx.needs_input_grad
+        need_weight = need_weight and grad_y is not None
+        grad_padded = inputs.new_zeros(inputs.shape) if need_cache or need_x else None
+        grad_weight = inputs.new_zeros(kernel, inputs.shape[2]) if need_weight else None
+        if grad_y is not None:
+            _shifted_sum_backward(grad_y.to(compute), inputs, taps, grad_padded, grad_weight)
+        if grad_padded is not None and grad_picked is not None:
+            grad_padded.add_(grad_picked.to(compute))  # in place also when the picks' gradient is sparse
         if grad_padded is not None:
             grad_padded = grad_padded.to(padded.dtype)
-        if grad_weight is not None:
-            grad_weight = grad_weight.t().to(weight.dtype)
-        return grad_padded, grad_weight
+        return (grad_padded[:, :kernel - 1] if need_cache else None, grad_padded[:, kernel - 1:] if need_x else None,
+                grad_weight.t().to(weight.dtype) if need_weight else None)
+
+
+def _shifted_sum_backward(grad_y: Tensor, inputs: Tensor, taps: Tensor, grad_padded: Tensor | None,
+                          grad_weight: Tensor | None) -> None:
+    """Adds the gradients of y = shifted_sum(inputs, taps^T) into grad_padded [B, K - 1 + T, D] and
+    grad_weight [K, D] (either may be None: not wanted)."""
+    kernel = taps.shape[0]
+    batch, length, dim = grad_y.shape
+    rows = max(1, min(rows_per_block(grad_y), length))
+    # Per block: the input gradient's K shifted multiply-adds, and each tap's weight gradient as a
+    # product reduced over (batch, time) by a matmul with ones (faster than sum over two axes).
+    products = inputs.new_empty(batch * rows * dim) if grad_weight is not None else None
+    ones = inputs.new_ones(1, batch * rows) if grad_weight is not None else None
+    for start in range(0, length, rows):
+        end = min(start + rows, length)
+        grad_block = grad_y[:, start:end]
+        for i in range(kernel):
+            if grad_padded is not None:
+                grad_padded[:, start + i:end + i].addcmul_(grad_block, taps[i])
+            if grad_weight is not None:
+                product = products[:grad_block.numel()].view(grad_block.shape)
+                torch.mul(grad_block, inputs[:, start + i:end + i], out=product)
+                grad_weight[i:i + 1].addmm_(ones[:, :batch * (end - start)], product.view(-1, dim))
 
 
 class ShortConvolution(nn.Module):
@@ -180,7 +197,10 @@ class ShortConvolution(nn.Module):
         width = self.kernel_size - 1
         if positions is None:  # every row's end (decoding): a slice, no look at any values
             return padded[:, padded.shape[1] - width:].clone()
-        return gather_positions(padded, positions, width)
+        # padded comes from CausalDepthwiseConv, whose backward takes the pick's sparse gradient.
+        windows = positions[..., None] + torch.arange(width, device=padded.device)  # [B, P, width]
+        rows = torch.arange(padded.shape[0], device=padded.device)[:, None, None]
+        return pick(padded, (rows, windows)).flatten(0, 1)
 
 
 def short_convolutions(convs: Sequence[ShortConvolution], x: Tensor, cache: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -194,11 +214,12 @@ def short_convolutions(convs: Sequence[ShortConvolution], x: Tensor, cache: Tens
         raise ValueError(f"convolutions must share one kernel size, got {[conv.kernel_size for conv in convs]}")
     if cache is None:
         cache = x.new_zeros(x.shape[0], kernel - 1, x.shape[-1])
-    padded = torch.cat([cache.to(x.dtype), x], dim=1)
+    cache = cache.to(x.dtype)
     weight = torch.cat([conv.weight[:, 0] for conv in convs]).to(x.dtype)
-    if torch.is_grad_enabled() and (padded.requires_grad or weight.requires_grad):
-        y = CausalDepthwiseConv.apply(padded, weight)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (cache, x, weight)):
+        y, padded = CausalDepthwiseConv.apply(cache, x, weight)
     else:  # decoding and rollout passes: no autograd node to record
+        padded = torch.cat([cache, x], dim=1)
         y = shifted_sum(padded, weight)
     if any(conv.bias is not None for conv in convs):
         y = y + torch.cat([conv.bias if conv.bias is not None else conv.weight.new_zeros(conv.hidden_size)

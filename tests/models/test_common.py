@@ -17,17 +17,49 @@ def test_causal_depthwise_conv_matches_conv1d_with_gradients(length, block_eleme
     monkeypatch.setattr(common, "MIN_BLOCK_ROWS", min_rows)
     assert common.rows_per_block(torch.empty(2, length, 5)) == max(min_rows, block_elements // 10)
     gen = torch.Generator().manual_seed(length)
-    padded = torch.randn(2, 3 + length, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    cache = torch.randn(2, 3, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, length, 5, generator=gen, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(5, 4, generator=gen, dtype=torch.float64, requires_grad=True)
-    y = CausalDepthwiseConv.apply(padded, weight)
-    reference = F.conv1d(padded.transpose(1, 2), weight[:, None], groups=5).transpose(1, 2)
+    y, padded = CausalDepthwiseConv.apply(cache, x, weight)
+    reference_padded = torch.cat([cache, x], 1)
+    reference = F.conv1d(reference_padded.transpose(1, 2), weight[:, None], groups=5).transpose(1, 2)
     torch.testing.assert_close(y, reference, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(padded, reference_padded, rtol=0, atol=0)
     upstream = torch.randn(y.shape, generator=gen, dtype=torch.float64)
-    grads = torch.autograd.grad((y * upstream).sum(), (padded, weight))
-    expected = torch.autograd.grad((reference * upstream).sum(), (padded, weight))
+    grads = torch.autograd.grad((y * upstream).sum(), (cache, x, weight))
+    expected = torch.autograd.grad((reference * upstream).sum(), (cache, x, weight))
     for got, want in zip(grads, expected):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    assert torch.autograd.gradcheck(CausalDepthwiseConv.apply, (padded, weight))
+    assert torch.autograd.gradcheck(CausalDepthwiseConv.apply, (cache, x, weight))
+
+
+@pytest.mark.parametrize("use_output", [True, False])
+def test_picked_caches_pass_their_gradient_through_the_convolution(use_output):
+    # The caches after two positions (one picked twice) join the convolution's own gradient, on CPU
+    # as a sparse gradient added in place; also when the convolution's output is not used at all.
+    torch.manual_seed(3)
+    conv = ShortConvolution(6, 4).double()
+    x = torch.randn(2, 12, 6, dtype=torch.float64, requires_grad=True)
+    cache = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    positions = torch.tensor([[5, 5], [0, 12]])
+    weights = torch.randn(4, 3, 6, dtype=torch.float64)
+    upstream = torch.randn(2, 12, 6, dtype=torch.float64)
+
+    def loss(y: torch.Tensor, caches: torch.Tensor) -> torch.Tensor:
+        return (caches * weights).sum() + ((y * upstream).sum() if use_output else 0)
+
+    y, padded = conv(x, cache)
+    got = torch.autograd.grad(loss(y, conv.cache_at(padded, positions)), (x, cache, conv.weight), allow_unused=True)
+    reference_padded = torch.cat([cache, x], 1)
+    reference_y = F.silu(F.conv1d(reference_padded.transpose(1, 2), conv.weight, groups=6)).transpose(1, 2)
+    windows = torch.stack([reference_padded[b, p:p + 3] for b, row in enumerate(positions.tolist()) for p in row])
+    want = torch.autograd.grad(loss(reference_y, windows), (x, cache, conv.weight), allow_unused=True)
+    for g, w in zip(got, want):
+        if w is None:  # the weight, when only the caches are used
+            assert g is None or not g.any()
+            continue
+        assert g.layout == torch.strided
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
 
 
 def test_short_convolutions_without_gradients_equal_the_autograd_path():
