@@ -207,17 +207,14 @@ def chunk_delta_rule(
         # Every pick is indexed [B, P, H]: row m = b * H + h of a chunk, g = chunk * B * H + m overall.
         row = torch.arange(batch * heads, device=k_c.device).view(batch, 1, heads)
         group = chunk * (batch * heads) + row
-        if num_chunks == 1:  # tiny tensors, whose ops may not take the picks' sparse gradients
-            def take(x: Tensor, index: tuple[Tensor, ...]) -> Tensor:
-                return x[index]
-            start, values = take(chunk_states, (row,)), take(u, (row,))
+        if num_chunks == 1:  # tiny tensors, made by ops that take no sparse gradient: plain indexing
+            start, values = chunk_states[row], u[row]
         else:  # from ChunkRecurrence's own outputs, whose backward takes sparse gradients
-            take = pick
-            start, values = take(states, (chunk, row)), take(u_per_chunk, (chunk, row))
+            start, values = pick(states, (chunk, row)), pick(u_per_chunk, (chunk, row))
         # k_c and gamma always reach the states through the UT transform too, so their gradients
         # from the picks always meet a dense one (see refine/kernels/picks.py).
-        keys = take(k_c, (group,))
-        cumulative = None if gamma is None else take(gamma, (group,))
+        keys = pick(k_c, (group,))
+        cumulative = None if gamma is None else pick(gamma, (group,))
         return _states_at(offset, start, keys, values, cumulative, size)
 
     if state_fn:  # positions chosen later, from this very pass (the fused REFINE step)

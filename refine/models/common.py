@@ -16,12 +16,16 @@ from torch import Tensor, nn
 from refine.kernels.picks import pick
 
 
-def gather_positions(x: Tensor, positions: Tensor, width: int) -> Tensor:
-    """x: [B, L, ...]; positions: [B, P] start indices. Returns [B * P, width, ...] windows."""
+def gather_positions(x: Tensor, positions: Tensor, width: int, sparse_grad: bool = False) -> Tensor:
+    """x: [B, L, ...]; positions: [B, P] start indices. Returns [B * P, width, ...] windows.
+
+    sparse_grad: pick the windows with refine.kernels.picks.pick, for an x whose maker's backward takes
+    the sparse gradient that pick gives on CPU (see that module's contract).
+    """
     offsets = torch.arange(width, device=x.device)
     idx = positions[..., None] + offsets  # [B, P, width]
     batch = torch.arange(x.shape[0], device=x.device)[:, None, None]
-    return x[batch, idx].flatten(0, 1)
+    return (pick(x, (batch, idx)) if sparse_grad else x[batch, idx]).flatten(0, 1)
 
 
 class RMSNorm(nn.Module):
@@ -198,9 +202,7 @@ class ShortConvolution(nn.Module):
         if positions is None:  # every row's end (decoding): a slice, no look at any values
             return padded[:, padded.shape[1] - width:].clone()
         # padded comes from CausalDepthwiseConv, whose backward takes the pick's sparse gradient.
-        windows = positions[..., None] + torch.arange(width, device=padded.device)  # [B, P, width]
-        rows = torch.arange(padded.shape[0], device=padded.device)[:, None, None]
-        return pick(padded, (rows, windows)).flatten(0, 1)
+        return gather_positions(padded, positions, width, sparse_grad=True)
 
 
 def short_convolutions(convs: Sequence[ShortConvolution], x: Tensor, cache: Tensor | None) -> tuple[Tensor, Tensor]:
