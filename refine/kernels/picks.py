@@ -6,7 +6,9 @@ dense gradient of a pick is a zero-filled copy of the whole tensor, then added t
 the tensor's other uses: two passes over it per pick (with the tiny DeltaNet at 4K tokens on CPU,
 2-2.5 ms of the 10-14 ms a fused step's backward adds to an NTP step's). On CPU the gradient here is
 sparse instead (as nn.Embedding(sparse=True) makes it), and autograd adds its few rows into the other
-uses' dense gradient in place. Other devices get the dense gradient (zero fills are cheap there).
+uses' dense gradient: in place when the first dense gradient to reach the tensor is contiguous and not
+shared, otherwise out of place (one copy; the chunk keys, whose next gradient comes through a transpose).
+Other devices get the dense gradient (zero fills are cheap there).
 
 The contract that comes with it: the picked tensor must also be used where autograd gives it a dense
 gradient whenever the pick's gradient flows, so that the sparse one is only ever added to a dense
