@@ -193,7 +193,8 @@ class VllmEngine:
 
         Generation stops at `max_new_tokens` or a `stop_token_ids` token (kept in the output). No
         `min_tokens`: vLLM implements it by masking the checkpoint's EOS id, which would change the
-        reported log-probs.
+        reported log-probs. So unlike the snapshot engine (`refine.algorithm.rollout.decode`), this
+        engine can sample EOS inside a rollout (ignore_eos keeps it going for the full length).
         """
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt

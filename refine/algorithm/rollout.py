@@ -20,7 +20,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch import Tensor
 
-from refine.algorithm.sampling import check_logits_finite, sample_tokens
+from refine.algorithm.sampling import check_logits_finite, sample_tokens, suppression_ids
 from refine.algorithm.selection import select_positions, token_entropy
 from refine.config import RefineConfig
 from refine.models import FastWeightLM, ModelState
@@ -90,6 +90,16 @@ def ordinary(*tensors: Tensor) -> tuple[Tensor, ...]:
     return tuple(t.clone() for t in tensors)
 
 
+def eos_ids(model: FastWeightLM, vocab: int) -> list[int]:
+    """The model's end-of-sequence id (config.eos_token_id) as a list: empty when it names none."""
+    eos = getattr(model.config, "eos_token_id", None)
+    if eos is None:
+        return []
+    if not 0 <= int(eos) < vocab:
+        raise ValueError(f"model config eos_token_id={eos} is outside the vocabulary [0, {vocab})")
+    return [int(eos)]
+
+
 def decode(model: FastWeightLM, states: ModelState, first_logits: Tensor, cfg: RefineConfig,
            generator: torch.Generator | None, with_hidden: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
     """Sample n continuations of k tokens from every state, all as one batch.
@@ -98,8 +108,11 @@ def decode(model: FastWeightLM, states: ModelState, first_logits: Tensor, cfg: R
     Returns tokens [P * n, k], behaviour log-probs [P * n, k], hidden [P * n, k, D]. With
     with_hidden=False the last token is not fed back (k - 1 model steps, as a generate call makes)
     and hidden is None: for callers that run the rollouts through the model again anyway.
+    The model's EOS token is never sampled: the paper's code generates rollouts with min_new_tokens = k
+    (the log-probs stay those of the unmasked distribution, see `refine.algorithm.sampling`).
     """
     n, k = cfg.num_samples, cfg.rollout_len
+    never = suppression_ids(eos_ids(model, first_logits.shape[-1]), first_logits.shape[-1], first_logits.device)
     # Inference mode, not just no_grad: no version counters or view tracking, a sixth less overhead
     # on decoding's many small operations.
     with torch.inference_mode():
@@ -113,7 +126,7 @@ def decode(model: FastWeightLM, states: ModelState, first_logits: Tensor, cfg: R
             if step:
                 finite &= torch.isfinite(logits).all()
             token, logprob = sample_tokens(logits, cfg.temperature, cfg.top_p, cfg.top_k, generator=generator,
-                                           check_finite=False)
+                                           suppress_tokens=never, check_finite=False)
             tokens.append(token)
             logprobs.append(logprob)
             if step == k - 1 and not with_hidden:

@@ -45,12 +45,29 @@ def _token_logprobs(logits: Tensor, tokens: Tensor, temperature: float) -> Tenso
     return torch.log_softmax(scaled, dim=-1).gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
 
 
+def suppression_ids(suppress_tokens: Sequence[int] | Tensor | None, vocab: int,
+                    device: torch.device | str) -> Tensor | None:
+    """Token ids never to emit, checked against the vocabulary, as a LongTensor on `device`; None when
+    there are none. A tensor is taken as already checked (decoding builds it once, not per step)."""
+    if isinstance(suppress_tokens, Tensor):
+        return suppress_tokens.to(device=device, dtype=torch.long) if suppress_tokens.numel() else None
+    if not suppress_tokens:
+        return None
+    ids = [int(token) for token in suppress_tokens]
+    bad = [token for token in ids if not 0 <= token < vocab]
+    if bad:
+        raise ValueError(f"suppress_tokens contains id {bad[0]} outside the vocabulary [0, {vocab})")
+    if len(set(ids)) >= vocab:
+        raise ValueError(f"suppress_tokens removes the whole vocabulary of {vocab} tokens")
+    return torch.tensor(ids, dtype=torch.long, device=device)
+
+
 def filter_logits(
     logits: Tensor,
     temperature: float = 1.0,
     top_p: float = 1.0,
     top_k: int = 0,
-    suppress_tokens: Sequence[int] | None = None,
+    suppress_tokens: Sequence[int] | Tensor | None = None,
 ) -> Tensor:
     """The logits of the distribution actually sampled from: [N, V] -> [N, V], removed tokens -inf."""
     _check_temperature(temperature)
@@ -61,12 +78,9 @@ def filter_logits(
         out = out / temperature
     else:
         out = out.clone()
-    if suppress_tokens:
-        ids = torch.as_tensor(list(suppress_tokens), dtype=torch.long, device=logits.device)
-        _check_token_range(ids, vocab, field="suppress_tokens")
-        if ids.unique().numel() >= vocab:
-            raise ValueError(f"suppress_tokens removes the whole vocabulary of {vocab} tokens")
-        out[..., ids] = float("-inf")
+    suppressed = suppression_ids(suppress_tokens, vocab, logits.device)
+    if suppressed is not None:
+        out.index_fill_(-1, suppressed, float("-inf"))
     if 0 < top_k < vocab:
         kth = torch.topk(out, top_k, dim=-1).values[..., -1:]
         out = out.masked_fill(out < kth, float("-inf"))
@@ -88,7 +102,7 @@ def sample_tokens(
     top_p: float = 1.0,
     top_k: int = 0,
     generator: torch.Generator | None = None,
-    suppress_tokens: Sequence[int] | None = None,
+    suppress_tokens: Sequence[int] | Tensor | None = None,
     check_finite: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Draw one token per row: logits [N, V] -> (tokens [N] long, logprobs [N]).

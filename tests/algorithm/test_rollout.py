@@ -51,3 +51,28 @@ def test_decode_rejects_logits_that_turn_non_finite_at_a_later_step(name):
         decode(model, states, first_logits, cfg, torch.Generator().manual_seed(2))
     with pytest.raises(ValueError, match="logits must be finite"):
         decode(model, states, first_logits * math.inf, cfg, torch.Generator().manual_seed(2))
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_decode_never_samples_the_models_eos(name):
+    """Rollouts are exactly k tokens, as the paper's code generates them (min_new_tokens = k): the model's
+    EOS is never drawn, even where it is the likeliest token, and the behaviour log-probs stay those of
+    the unmasked distribution."""
+    model, states, first_logits = _prefix_states(name)
+    favourite = int(first_logits[0].argmax())
+    cfg = RefineConfig(num_chunks=2, rollout_len=4, num_samples=50)
+    model.config.eos_token_id = None
+    free, _, _ = decode(model, states, first_logits, cfg, torch.Generator().manual_seed(3))
+    assert (free == favourite).any()
+
+    model.config.eos_token_id = favourite
+    tokens, logprobs, _ = decode(model, states, first_logits, cfg, torch.Generator().manual_seed(3))
+    assert not (tokens == favourite).any()
+    unmasked = torch.log_softmax(first_logits, -1).repeat_interleave(50, 0)
+    torch.testing.assert_close(logprobs[:, 0], unmasked.gather(-1, tokens[:, :1])[:, 0])
+    greedy, _, _ = decode(model, states, first_logits, cfg.model_copy(update={"temperature": 0.0}), None)
+    assert greedy[0, 0] != favourite and not (greedy == favourite).any()
+
+    model.config.eos_token_id = 40
+    with pytest.raises(ValueError, match="eos_token_id=40 is outside the vocabulary"):
+        decode(model, states, first_logits, cfg, None)
