@@ -15,6 +15,7 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
+from refine.algorithm.selection import min_document_length
 from refine.models import config_from_dict
 from refine.models.config import DeltaNetConfig, ModelConfigBase
 from refine_vllm.settings import VllmEngineConfig  # plain pydantic: importing it needs no vLLM
@@ -41,7 +42,9 @@ class RefineConfig(Strict):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0, description="0 disables top-k")
     reward: str = Field("cosine", description="cosine | binary | hybrid | a registered task reward")
-    group_by: Literal["document", "position"] = "document"
+    group_by: Literal["auto", "document", "position"] = Field(
+        "auto", description="GRPO groups: the c * n rollouts of a document, or the n rollouts of a position; "
+                            "auto: position when num_samples > 1, else document (the paper code's choice)")
     norm_adv_by_std: bool = True
     clip_ratio_low: float = Field(0.2, ge=0)
     clip_ratio_high: float = Field(0.2, ge=0)
@@ -51,6 +54,20 @@ class RefineConfig(Strict):
     kl_type: Literal["k1", "k3", "low_var_kl"] = "low_var_kl"
     lambda_ntp: float = Field(1.0, ge=0)
     lambda_nsp: float = Field(0.2, ge=0)
+
+    @model_validator(mode="after")
+    def _groups_have_two_rollouts(self) -> "RefineConfig":
+        if self.group_by == "position" and self.num_samples == 1:
+            raise ValueError("group_by='position' with num_samples=1 puts every rollout in a group of its own, "
+                             "so every advantage would be 0: use group_by='document' or num_samples > 1")
+        return self
+
+    @property
+    def groups(self) -> Literal["document", "position"]:
+        """The GRPO grouping in effect (`group_by` with auto resolved)."""
+        if self.group_by == "auto":
+            return "position" if self.num_samples > 1 else "document"
+        return self.group_by
 
 
 class OptimConfig(Strict):
@@ -125,7 +142,8 @@ class ServiceConfig(Strict):
     sync_interval: int = Field(1, ge=1, description="learner publishes weights every this many steps")
     batches_in_flight: int = Field(2, ge=1, description="document batches published ahead of the learner")
     worker_cpus: float = Field(1.0, gt=0, description="Ray CPUs reserved per rollout worker")
-    heartbeat_timeout_s: float = Field(30.0, gt=0, description="a role silent this long is restarted")
+    # Roles beat once a second (services.role): a timeout of a few beats keeps a busy moment from a restart.
+    heartbeat_timeout_s: float = Field(30.0, ge=3, description="a role silent this long is restarted")
     metrics_discovery_dir: str = Field(
         default_factory=lambda: os.environ.get("REFINE_METRICS_DISCOVERY_DIR", "/tmp/refine/prometheus"),
         description="where each role announces its metrics port for Prometheus (deploy/prometheus.yml reads it)",
@@ -195,6 +213,13 @@ class RunConfig(Strict):
             raise ValueError(
                 f"data.seq_len={self.data.seq_len} is too short for refine.num_chunks={self.refine.num_chunks}, "
                 f"rollout_len={self.refine.rollout_len} and margin={self.refine.margin} (needs >= {needed})"
+            )
+        shortest = min_document_length(self.refine.num_chunks, self.refine.rollout_len, self.refine.margin)
+        if self.train.mode != "ntp" and self.data.min_length < shortest:
+            raise ValueError(
+                f"data.min_length={self.data.min_length} admits documents too short for refine.num_chunks="
+                f"{self.refine.num_chunks}, rollout_len={self.refine.rollout_len} and margin={self.refine.margin} "
+                f"(rollouts need documents of >= {shortest} tokens)"
             )
         return self
 

@@ -42,6 +42,7 @@ def test_stream_takeover_waits_out_the_orchestrators_restart():
     ("train.device=tpu", "train.device", "tpu"),
     ("optim.lr=-1", "optim.lr", "-1"),
     ("refine.unknown=1", "refine.unknown", "1"),
+    ("service.heartbeat_timeout_s=1", "service.heartbeat_timeout_s", "1"),
 ])
 def test_wrong_values_name_field_and_value(override, field, value):
     with pytest.raises(ConfigError) as err:
@@ -53,6 +54,24 @@ def test_wrong_values_name_field_and_value(override, field, value):
 def test_too_short_documents_for_the_chunks_are_refused():
     with pytest.raises(ConfigError, match="data.seq_len=40"):
         load_config(None, ["data.seq_len=40"])
+
+
+def test_a_minimum_document_length_below_what_rollouts_need_is_refused():
+    # margin 40 and k = 5 need documents of 80 tokens; the default data.min_length of 64 would let
+    # shorter ones through to the rollout workers, which would fail on them.
+    with pytest.raises(ConfigError, match="data.min_length=64 .*margin=40 .*>= 80 tokens"):
+        load_config(None, ["refine.margin=40"])
+    assert load_config(None, ["refine.margin=40", "data.min_length=80"]).data.min_length == 80
+    assert load_config(None, ["refine.margin=40", "train.mode=ntp"]).train.mode == "ntp"  # no rollouts
+
+
+def test_grpo_groups_follow_the_paper_code_unless_set():
+    # The paper's code groups a document's c rollouts when n = 1 and each position's n samples when n > 1.
+    assert load_config().refine.groups == "document"
+    assert load_config(None, ["refine.num_samples=4"]).refine.groups == "position"
+    assert load_config(None, ["refine.num_samples=4", "refine.group_by=document"]).refine.groups == "document"
+    with pytest.raises(ConfigError, match="group_by='position' with num_samples=1"):
+        load_config(None, ["refine.group_by=position"])
 
 
 def test_malformed_override_and_missing_file(tmp_path):

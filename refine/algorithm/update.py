@@ -58,7 +58,7 @@ def rollout_stats(rollouts: Rollouts) -> dict[str, float]:
 
 def advantages_for(rewards: Tensor, rollouts: Rollouts, cfg: RefineConfig) -> Tensor:
     batch, chunks = rollouts.positions.shape
-    groups = group_ids_for(batch, chunks, rollouts.num_samples, cfg.group_by).to(rewards.device)
+    groups = group_ids_for(batch, chunks, rollouts.num_samples, cfg.groups).to(rewards.device)
     return grpo_advantages(rewards, groups, norm_by_std=cfg.norm_adv_by_std)
 
 
