@@ -96,7 +96,7 @@ def learner_vs_ntp(args: argparse.Namespace, root: Path) -> dict:
     torch.set_num_threads(args.threads)
     config = bench_config(args, root / "steps")
     model = prepare_model(config)
-    optimizer = make_optimizer(model, config)
+    optimizer = make_optimizer(model, config.optim)
     batch = next(document_batches(config, load_tokenizer(None)))
     ids, lengths = batch.input_ids, batch.lengths
     generator = torch.Generator().manual_seed(0)

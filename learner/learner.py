@@ -62,7 +62,7 @@ class Learner:
         self.outage_timeout_s = max(60.0, 4 * config.service.heartbeat_timeout_s)
 
         self.model = prepare_model(config)
-        self.optimizer = make_optimizer(self.model, config)
+        self.optimizer = make_optimizer(self.model, config.optim)
         self.generator = torch.Generator(device=self.device).manual_seed(config.train.seed)
         self.ref_model = None
         if config.refine.kl_coef > 0:

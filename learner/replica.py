@@ -28,7 +28,7 @@ class LearnerReplica:
         tune_allocator()
         torch.set_num_threads(config.train.threads or 1)
         self.model = prepare_model(config)
-        self.optimizer = make_optimizer(self.model, config)
+        self.optimizer = make_optimizer(self.model, config.optim)
         generator = torch.Generator(device=config.train.device).manual_seed(config.train.seed)
         self.ref_model = prepare_model(config).requires_grad_(False) if config.refine.kl_coef > 0 else None
         self.steps = 0

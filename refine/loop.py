@@ -21,7 +21,7 @@ from refine.algorithm.rollout import reprefill_rollouts, snapshot_rollouts, choo
 from refine.algorithm.update import (
     LossResult, advantages_for, fused_refine_step, refine_loss, rollout_stats, score_rollouts,
 )
-from refine.config import DTYPES, RunConfig, dump_config
+from refine.config import DTYPES, OptimConfig, RunConfig, dump_config
 from refine.data.batches import DocumentBatch
 from refine.data.stream import document_batches
 from refine.models import FastWeightLM, build_model, load_model, save_model
@@ -36,16 +36,9 @@ class StepResult:
     skipped: bool
 
 
-def make_optimizer(model: FastWeightLM, config: RunConfig) -> torch.optim.Optimizer:
-    """AdamW; norms, biases and the gate parameters fla marks `_no_weight_decay` are not decayed."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.dim() < 2 or getattr(param, "_no_weight_decay", False):
-            no_decay.append(param)
-        else:
-            decay.append(param)
-    groups = [{"params": decay, "weight_decay": config.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.optim.lr, betas=config.optim.betas)
+def make_optimizer(model: FastWeightLM, optim: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW over every parameter, weight decay included, as the paper's code (verl's FSDP workers) builds it."""
+    return torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay, betas=optim.betas)
 
 
 def compute_loss(model: FastWeightLM, batch: DocumentBatch, config: RunConfig, generator: torch.Generator,
@@ -138,7 +131,7 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> dic
             f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}"
         )
     model = prepare_model(config)
-    optimizer = make_optimizer(model, config)
+    optimizer = make_optimizer(model, config.optim)
     generator = torch.Generator(device=config.train.device).manual_seed(config.train.seed)
     ref_model = None
     if config.refine.kl_coef > 0 and config.train.mode != "ntp":

@@ -20,7 +20,7 @@ from refine.algorithm.update import LossResult, fused_refine_step
 from refine.config import OptimConfig, RefineConfig
 from refine.data.batches import pad_documents
 from refine.generate import generate
-from refine.loop import optimizer_step
+from refine.loop import make_optimizer, optimizer_step
 from refine.models import FastWeightLM
 
 
@@ -68,7 +68,7 @@ def adapt_and_answer(model: FastWeightLM, prompt: list[int], cfg: RefineConfig, 
                      generator: torch.Generator | None = None) -> tuple[list[int], list[dict[str, float]]]:
     """Adapt on the prompt with `steps` REFINE updates, answer greedily, then restore the weights."""
     saved = _snapshot(model) if restore else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay, betas=optim.betas)
+    optimizer = make_optimizer(model, optim)
     ids = torch.tensor([prompt], device=model.device)
     lengths = torch.tensor([len(prompt)], device=model.device)
     history = []
