@@ -4,13 +4,18 @@ For each batch:
 - exactly once: a rollout batch id already trained (or dropped) is acknowledged and skipped; after
   the optimizer step the id is recorded and the stream entry acknowledged in one transaction;
 - staleness: `learner step - policy version` of the rollouts; over `service.max_staleness` the batch
-  is dropped (acknowledged, its id recorded, counted, reported to metrics.jsonl);
+  is dropped (acknowledged, its id recorded, counted, reported to events.jsonl);
+- fit: a scored batch that does not fit its documents (another batch size, a rollout position
+  outside 1..length - k, a token id past the vocabulary) is dropped the same way, with the reason;
 - update: the documents behind the rollouts come from the document store (services/streams.py);
   GRPO advantages + one-pass loss + clipped AdamW step, skipped when not finite;
 - weights: the policy version is the number of optimizer steps taken; every `sync_interval` steps
   the weights are published under that version (version = step, so staleness is step arithmetic);
 - checkpoints every `train.checkpoint_every` steps and when the run ends or is stopped: model,
-  optimizer, RNG, data cursor and weight version, enough for an exact resume.
+  optimizer, RNG, data cursor and weight version, enough for an exact resume. Batches can finish out
+  of order (several in flight, several workers), so the checkpoint's data cursor is that of the last
+  batch of the unbroken run of finished ones (`ResumePoint`): a resume never skips an untrained
+  batch (it may train again one that finished past a gap).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,20 +33,67 @@ from learner.checkpoint import LearnerState, latest_checkpoint, load_learner_che
 from learner.update import LEARNER_PHASES, fused_update, onepass_update, rollouts_from_batch
 from refine.config import RunConfig
 from refine.loop import StepResult, make_optimizer, prepare_model
-from services.messages import DocumentBatch, ScoredBatch
+from services.messages import DataCursor, DocumentBatch, ScoredBatch
 from services.progress import LearnerProgress, StepReport, write_progress
 from services.resilience import TRANSIENT, OutageTolerance, retry_redis
 from services.role import RoleRuntime
 from services.streams import (
-    CONSUMED_KEY, DOCUMENTS, DROPPED_KEY, LEARNER_GROUP, LEARNER_REPORTS, SCORED, DocumentStore,
+    CONSUMED_KEY, DOCUMENTS, DROPPED_KEY, LEARNER_GROUP, LEARNER_REPORTS, SCORED, DocumentStore, document_batch_index,
 )
 from services.weight_store import RedisWeightStore, WeightVersionError
 
-__all__ = ["ROLE", "Learner"]
+__all__ = ["ROLE", "Learner", "ResumePoint", "misfit"]
 
 ROLE = "learner"
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ResumePoint:
+    """Where a resumed run continues reading data: after the last batch of the unbroken run of
+    finished (trained or dropped) batches, in publish order, since this run started.
+
+    A cursor past a batch that has not finished yet would skip it on resume: with several batches in
+    flight, docs-1 may be trained before docs-0. Batches finished past such a gap wait in `ahead`
+    until the gap closes (at most `service.batches_in_flight` of them)."""
+
+    epoch: int
+    cursor: int
+    next_index: int = 0  # publish index of the first batch not finished yet
+    ahead: dict[int, DataCursor | None] = field(default_factory=dict)
+
+    def finished(self, index: int, cursor: DataCursor | None) -> None:
+        """Batch `index` (0 = the run's first) was trained or dropped; `cursor` is None when its
+        documents are unknown (then the cursor moves on with the next batch)."""
+        if index < self.next_index:
+            return  # counted already
+        self.ahead[index] = cursor
+        while self.next_index in self.ahead:
+            done = self.ahead.pop(self.next_index)
+            if done is not None:
+                self.epoch, self.cursor = done.epoch, done.offset
+            self.next_index += 1
+
+
+def misfit(batch: ScoredBatch, documents: DocumentBatch, vocab_size: int) -> str | None:
+    """Why `batch` cannot be trained on `documents` (naming the field and value), or None if it fits:
+    one row of positions per document, every position p in 1..length - k (a prefix of at least one
+    token, and k document tokens after it to compare against), token ids inside the vocabulary."""
+    if batch.batch_size != documents.batch_size:
+        return (f"positions: {batch.batch_size} rows, but document batch {documents.batch_id!r} has "
+                f"{documents.batch_size} documents")
+    k = batch.rollout_len
+    lengths = documents.lengths.to(torch.long)
+    high = lengths[:, None] - k
+    outside = (batch.positions < 1) | (batch.positions > high)
+    if bool(outside.any()):
+        doc, chunk = outside.nonzero()[0].tolist()
+        return (f"positions[{doc}, {chunk}]={int(batch.positions[doc, chunk])} is outside 1..{int(high[doc, 0])} "
+                f"(document length {int(lengths[doc])}, rollout_len k={k})")
+    if batch.rollout_tokens.numel() and int(batch.rollout_tokens.max()) >= vocab_size:
+        return f"rollout_tokens: token id {int(batch.rollout_tokens.max())} is not below model.vocab_size={vocab_size}"
+    return None
 
 
 class Learner:
@@ -73,7 +126,9 @@ class Learner:
             self.state = load_learner_checkpoint(checkpoint, self.model, self.optimizer, self.generator)
             logger.info("resumed from %s at step %d", checkpoint, self.state.step)
         self.checkpointed_step = self.state.step if resume and checkpoint.exists() else -1
+        self.resume_point = ResumePoint(epoch=self.state.epoch, cursor=self.state.cursor)
         self.finished = 0
+        self.dropped_invalid = 0
         self.duplicates = 0
         self.last_stats: dict[str, float | int | str] = {}
         self.group: DataParallelGroup | None = None  # with service.num_learners > 1, this is rank 0
@@ -160,6 +215,10 @@ class Learner:
         if documents is None:
             self._drop(entry_id, batch, staleness, "documents_missing")
             return
+        problem = misfit(batch, documents, self.config.model.vocab_size)
+        if problem is not None:  # a worker or reward bug: training on it would crash or use wrong rows
+            self._drop(entry_id, batch, staleness, "invalid", documents, problem)
+            return
         if self.group is not None:
             self.group.send_batch(batch, documents)
             outcome = self.group.update(self.model, self.optimizer, batch, documents, self.config, self.ref_model)
@@ -186,19 +245,40 @@ class Learner:
     def _tensors(self, batch: DocumentBatch) -> tuple[torch.Tensor, torch.Tensor]:
         return batch.token_ids.to(self.device, torch.long), batch.lengths.to(self.device, torch.long)
 
-    def _drop(self, entry_id: str, batch: ScoredBatch, staleness: int, reason: str) -> None:
+    def _drop(self, entry_id: str, batch: ScoredBatch, staleness: int, reason: str,
+              documents: DocumentBatch | None = None, error: str = "") -> None:
         rollout_id = batch.rollout_batch_id
+        if documents is None and reason != "documents_missing":
+            # Its documents' cursor: a dropped batch is finished too, and the resume point moves past it.
+            documents = retry_redis(lambda: self.documents.get(batch.document_batch_id), "read documents",
+                                    self.outage_timeout_s)
         retry_redis(lambda: self.broker.ack_consumed(SCORED, LEARNER_GROUP, [entry_id], DROPPED_KEY, [rollout_id]),
                     "ack dropped batch", self.outage_timeout_s)
         retry_redis(lambda: self.documents.delete(batch.document_batch_id), "delete documents", self.outage_timeout_s)
+        self._batch_finished(batch.document_batch_id, documents.cursor if documents is not None else None)
         self.state.dropped_stale += reason == "stale"
         self.metrics.stale_dropped.inc(reason == "stale")
+        self.dropped_invalid += reason == "invalid"
         self.finished += 1
-        logger.info("dropped rollout batch %s (%s, staleness %d)", rollout_id, reason, staleness)
+        if error:
+            logger.warning("dropped rollout batch %s of %s (%s): %s", rollout_id, batch.worker_id, reason, error)
+        else:
+            logger.info("dropped rollout batch %s (%s, staleness %d)", rollout_id, reason, staleness)
         self._write_progress()
-        self._report("dropped", {"event": "dropped", "reason": reason, "rollout_batch_id": rollout_id,
-                                 "policy_version": batch.policy_version, "staleness": staleness,
-                                 "dropped_stale": self.state.dropped_stale})
+        stats = {"event": "dropped", "reason": reason, "rollout_batch_id": rollout_id,
+                 "policy_version": batch.policy_version, "staleness": staleness,
+                 "dropped_stale": self.state.dropped_stale, "dropped_invalid": self.dropped_invalid}
+        if error:
+            stats |= {"error": error, "worker_id": batch.worker_id}
+        self._report("dropped", stats)
+
+    def _batch_finished(self, document_batch_id: str, cursor: DataCursor | None) -> None:
+        """Move the checkpoint's data cursor through the unbroken run of finished batches."""
+        index = document_batch_index(document_batch_id)
+        if index is None:
+            return  # not one of the run's data batches: no place in the data order
+        self.resume_point.finished(index, cursor)
+        self.state.epoch, self.state.cursor = self.resume_point.epoch, self.resume_point.cursor
 
     def _finish_step(self, stream: str, entry_id: str, message_id: str, documents: DocumentBatch,
                      outcome: StepResult, extra: dict) -> None:
@@ -211,8 +291,7 @@ class Learner:
         if not self.colocated:
             retry_redis(lambda: self.documents.delete(documents.batch_id), "delete documents", self.outage_timeout_s)
         cursor = documents.cursor
-        if (cursor.epoch, cursor.offset) >= (state.epoch, state.cursor):
-            state.epoch, state.cursor = cursor.epoch, cursor.offset
+        self._batch_finished(documents.batch_id, cursor)
         if state.step % self.config.service.sync_interval == 0:
             self._publish_weights()
         every = self.config.train.checkpoint_every

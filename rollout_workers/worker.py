@@ -3,9 +3,11 @@
 Loop: pull the newest weights if the learner published a newer version; take one document batch
 (first any entry a dead worker left behind, via XAUTOCLAIM, then new ones); pull weights again
 (a version may have landed while we waited); roll out; publish the RolloutBatch; only then
-acknowledge the documents. A worker killed anywhere in between leaves the entry pending, and
-another worker reclaims it. Rolling a batch out twice is harmless: the rollout batch id is derived
-from the document batch id and the learner trains on it once.
+acknowledge the documents. While it works, the worker's heartbeat thread keeps the entry fresh, so
+a long rollout is not taken over by idle workers. A worker killed anywhere in between leaves the
+entry pending (and, with its heartbeat gone, no longer refreshed), and another worker reclaims it.
+Rolling a batch out twice is harmless: the rollout batch id is derived from the document batch id
+and the learner trains on it once.
 
 Weights come from the Redis weight store (safetensors bytes, versioned, see
 services/weight_store.py), not the Ray object store: no live owner is needed (a restarted learner
@@ -125,12 +127,15 @@ class RolloutWorker:
         if item is None:
             return False
         entry_id, batch = item
-        self.refresh_weights()
-        message = self.rollout(batch)
-        retry_redis(lambda: self.broker.publish(ROLLOUTS, message), "publish rollouts", self.outage_timeout_s)
-        # Acknowledged only now that the rollouts are in Redis.
-        retry_redis(lambda: self.broker.ack(DOCUMENTS, ROLLOUT_GROUP, [entry_id]), "ack documents",
-                    self.outage_timeout_s)
+        # Our heartbeat thread keeps the entry fresh while we work: idle workers must not reclaim a long
+        # rollout (done twice, and with enough workers dead-lettered after MAX_DELIVERIES).
+        with self.runtime.holding(DOCUMENTS, ROLLOUT_GROUP, entry_id):
+            self.refresh_weights()
+            message = self.rollout(batch)
+            retry_redis(lambda: self.broker.publish(ROLLOUTS, message), "publish rollouts", self.outage_timeout_s)
+            # Acknowledged only now that the rollouts are in Redis.
+            retry_redis(lambda: self.broker.ack(DOCUMENTS, ROLLOUT_GROUP, [entry_id]), "ack documents",
+                        self.outage_timeout_s)
         self.metrics.rollout_batches.inc()
         self.batches += 1
         self.versions_used.append(message.policy_version)

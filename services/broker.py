@@ -36,6 +36,20 @@ redis.call('ZADD', KEYS[1], now, ARGV[1])
 return tostring(now)
 """
 
+# Reset the idle time of entries `consumer` still holds, leaving their delivery count alone (XCLAIM
+# JUSTID does not count a delivery). The ownership check and the claim are one atomic step, so an
+# entry another consumer has taken over meanwhile is never pulled back.
+_KEEP_ALIVE_LUA = """
+local refreshed = 0
+for i = 3, #ARGV do
+  if #redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1, ARGV[2]) == 1 then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+    refreshed = refreshed + 1
+  end
+end
+return refreshed
+"""
+
 
 class DeadLetter(BaseModel):
     """An entry that could not be used, as kept in `<stream>:dead`."""
@@ -67,6 +81,7 @@ class Broker:
         self.namespace = namespace
         self.limits = limits
         self._heartbeat_script = client.register_script(_HEARTBEAT_LUA)
+        self._keep_alive_script = client.register_script(_KEEP_ALIVE_LUA)
         self._known_groups: set[tuple[str, str]] = set()
 
     # -- keys -------------------------------------------------------------------------------------
@@ -268,6 +283,16 @@ class Broker:
         if max_deliveries is not None and claimed:
             claimed = self._drop_redelivered(stream, group, key, claimed, max_deliveries)
         return self._decode_entries(stream, group, claimed, message_type)
+
+    def keep_alive(self, stream: str, group: str, consumer: str, entry_ids: Sequence[str]) -> int:
+        """Mark entries `consumer` is still working on as fresh, so `reclaim` (XAUTOCLAIM after an
+        idle time) leaves them to it; their delivery count is unchanged. Entries it no longer holds
+        (acknowledged, or taken over by another consumer) are left alone. Returns how many it holds."""
+        if not entry_ids:
+            return 0
+        key = self._stream(stream)
+        return int(self._with_group(
+            stream, group, lambda: self._keep_alive_script(keys=[key], args=[group, consumer, *entry_ids])))
 
     def _release_deleted(self, stream: str, group: str, consumer: str, batch: int = 1000) -> None:
         """Acknowledge the entries `consumer` holds that no longer exist in the stream."""

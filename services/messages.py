@@ -35,10 +35,8 @@ __all__ = [
 
 TensorKind = Literal["any", "int", "float", "bool"]
 
-_INT_DTYPES = {
-    torch.int8, torch.int16, torch.int32, torch.int64,
-    torch.uint8, torch.uint16, torch.uint32, torch.uint64,
-}
+# uint16/32/64 are left out: torch has no min/max (nor most arithmetic) for them.
+_INT_DTYPES = {torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8}
 
 
 @dataclass(frozen=True)
@@ -206,7 +204,8 @@ class RolloutBatch(Message):
             f"rollout_hidden and ground_truth_hidden disagree on the hidden size: {sorted(hidden_sizes)}",
         )
         if self.positions.numel():
-            _require(int(self.positions.min()) >= 0, f"positions: negative position {int(self.positions.min())}")
+            first = int(self.positions.min())
+            _require(first >= 1, f"positions: a rollout starts after at least one token of its document, got {first}")
         if self.rollout_tokens.numel():
             low = int(self.rollout_tokens.min())
             _require(low >= 0, f"rollout_tokens: negative token id {low}")

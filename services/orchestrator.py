@@ -31,7 +31,9 @@ checkpoint.
 
 Stopping. Ctrl-C (or SIGTERM, which `ray job stop` sends) sets the run's stop flag in Redis: the
 learner checkpoints and returns, the other roles leave their loops, and the run ends as usual. A
-second Ctrl-C kills the actors at once.
+second Ctrl-C kills the actors at once. A run that fails (a bad data row, a dead letter, a role
+restarted too often) sets the stop flag too and gives the learner up to STOP_GRACE_S to
+checkpoint before the actors are killed; the error then ends the run.
 
 Resume. A run always starts from an empty namespace; everything durable is in the learner's
 checkpoint (weights, optimizer, RNG, data cursor, weight version). Rollouts are seeded per batch
@@ -72,7 +74,7 @@ from services.redis_server import connect
 from services.resilience import TRANSIENT
 from services.streams import (
     DOCUMENTS, LEARNER_GROUP, LEARNER_REPORTS, ORCHESTRATOR_GROUP, REWARD_GROUP, ROLLOUT_GROUP, ROLLOUTS, SCORED,
-    DocumentStore, release_consumer, trim_acknowledged,
+    DocumentStore, document_batch_id_for, release_consumer, trim_acknowledged,
 )
 
 __all__ = ["DataPosition", "ServiceError", "check_service_config", "namespace_for", "run"]
@@ -150,6 +152,8 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True, ray_addr
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(dump_config(config))
     plan = resolve_addresses(config, ray_address, redis_url)
+    if plan.redis_url:
+        connect(plan.redis_url).close()  # an unreachable Redis fails before a Ray is started for nothing
     with ray_for_run(config, plan.address) as multi_node, redis_for_run(plan.redis_url, multi_node) as url:
         orchestrator = Orchestrator(config, url, namespace_for(config, out_dir), resume=resume, progress=progress)
         return orchestrator.run()
@@ -240,6 +244,7 @@ class Orchestrator:
         self.endpoint = serve_metrics(self.metrics, role="orchestrator", instance=self.namespace,
                                       discovery_dir=self.config.service.metrics_discovery_dir)
         previous_handler = self._install_sigterm()
+        graceful = True
         try:
             setup = self._start_learner()
             if not self.colocated:
@@ -251,7 +256,12 @@ class Orchestrator:
             self.learner_future = self.learner.run.remote()
             self._loop()
             return self._finish()
+        except KeyboardInterrupt:
+            graceful = False  # the second Ctrl-C (the loop takes the first one gracefully): kill at once
+            raise
         finally:
+            if graceful:
+                self._let_learner_stop()
             self._shutdown()
             if previous_handler is not None:
                 signal.signal(signal.SIGTERM, previous_handler)
@@ -403,7 +413,7 @@ class Orchestrator:
         if int(ids.max()) < 2**31:
             ids = ids.to(torch.int32)  # half the bytes on the wire
         return DocumentBatch(
-            batch_id=f"docs-{self.published}", doc_ids=batch.doc_ids, token_ids=ids, lengths=batch.lengths,
+            batch_id=document_batch_id_for(self.published), doc_ids=batch.doc_ids, token_ids=ids, lengths=batch.lengths,
             cursor=self.data_position.advance(batch.cursor, self.config.data.source),
         )
 
@@ -540,6 +550,30 @@ class Orchestrator:
                 raise ServiceError(f"learner rank {rank} failed: {exc}") from exc
             if replica["weights_digest"] != result.get("weights_digest"):
                 raise ServiceError(f"learner rank {rank} ended with weights that differ from rank 0's")
+
+    def _let_learner_stop(self) -> None:
+        """On an error of the orchestrator (a bad data row, a dead letter, a role restarted too often),
+        let a learner that is still training checkpoint before its actor is killed: set the stop flag
+        and wait up to STOP_GRACE_S for it (and its other ranks) to return. Otherwise every step since
+        the last checkpoint is lost, all of them with the default checkpoint_every=0."""
+        if self.learner_future is None:
+            return  # not training yet: nothing to save
+        ready, _ = ray.wait([self.learner_future], timeout=0)
+        if ready:
+            return  # returned already (finished, stopped or failed): it stopped its other ranks itself
+        futures = [self.learner_future, *self.replica_futures]
+        self._stop_flag("shutdown")
+        self._write_line(f"the run failed: waiting up to {STOP_GRACE_S:.0f}s for the learner to checkpoint "
+                         f"(Ctrl-C to kill it at once)")
+        try:
+            ray.wait(futures, num_returns=len(futures), timeout=STOP_GRACE_S)
+        except KeyboardInterrupt:
+            return
+        try:
+            # The steps it took meanwhile go to metrics.jsonl too: it must match the checkpoint on resume.
+            self._drain_reports(block_ms=None)
+        except (redis.RedisError, OSError) as exc:
+            logger.warning("could not read the learner's last reports: %s", exc)
 
     def _shutdown(self) -> None:
         self._stop_flag("shutdown")

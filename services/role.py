@@ -2,8 +2,9 @@
 
 The heartbeat runs on its own thread, so a member keeps beating through long work (a big batch
 rollout, an optimizer step) and the orchestrator declares it dead only when the process is gone
-or hung. Roles are plain classes; the orchestrator turns them into Ray actors, and nothing here
-needs Ray.
+or hung. The same thread keeps the stream entries the member is working on fresh (`holding`), so
+live consumers of its group do not take over a long job as if its owner had died. Roles are plain
+classes; the orchestrator turns them into Ray actors, and nothing here needs Ray.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -62,6 +65,8 @@ class RoleRuntime:
         )
         self._interval = heartbeat_interval_s
         self._closed = threading.Event()
+        self._held: set[tuple[str, str, str]] = set()  # (stream, group, entry id) being worked on
+        self._held_lock = threading.Lock()
         # Who is who, for operators (and fault drills): the process behind each member id.
         record = {"role": role, "pid": os.getpid(), "node": socket.gethostname(), "started_at": f"{time.time():.3f}"}
         retry_redis(lambda: self.client.hset(self.broker.key("members", member_id), mapping=record),
@@ -79,6 +84,30 @@ class RoleRuntime:
     def _beat_forever(self) -> None:
         while not self._closed.wait(self._interval):
             self._beat_once()
+            self._keep_held_alive()
+
+    def _keep_held_alive(self) -> None:
+        with self._held_lock:
+            held = sorted(self._held)
+        for stream, group, entry_id in held:
+            try:
+                self.broker.keep_alive(stream, group, self.member_id, [entry_id])
+            except TRANSIENT as exc:
+                logger.warning("keep-alive of %s entry %s failed: %s", stream, entry_id, exc)
+
+    @contextmanager
+    def holding(self, stream: str, group: str, entry_id: str) -> Iterator[None]:
+        """While the block runs, every heartbeat resets the idle time of `entry_id`, which this member
+        (its consumer name is the member id) read from `stream` for `group`: other consumers reclaim
+        only entries idle for a while, and a long job must not look like one whose owner died."""
+        item = (stream, group, entry_id)
+        with self._held_lock:
+            self._held.add(item)
+        try:
+            yield
+        finally:
+            with self._held_lock:
+                self._held.discard(item)
 
     def stop_requested(self) -> bool:
         return self.broker.stop_requested() is not None

@@ -30,6 +30,8 @@ __all__ = [
     "ROLLOUTS",
     "ROLLOUT_GROUP",
     "SCORED",
+    "document_batch_id_for",
+    "document_batch_index",
     "release_consumer",
     "rollout_batch_id_for",
     "trim_acknowledged",
@@ -49,6 +51,26 @@ ORCHESTRATOR_GROUP = "orchestrator"
 # and those it dropped as too stale. A message id is in at most one of them.
 CONSUMED_KEY = "learner"
 DROPPED_KEY = "learner-dropped"
+
+
+_DOCUMENT_BATCH_PREFIX = "docs-"
+
+
+def document_batch_id_for(index: int) -> str:
+    """Id of the `index`-th document batch the orchestrator publishes in a run (0 first). The learner
+    reads the index back to know which batches, in data order, it has finished."""
+    if index < 0:
+        raise ValueError(f"document batch index must be >= 0, got {index}")
+    return f"{_DOCUMENT_BATCH_PREFIX}{index}"
+
+
+def document_batch_index(batch_id: str) -> int | None:
+    """The publish index of a document batch id from `document_batch_id_for`; None for any other id
+    (a batch that is not part of the run's data stream)."""
+    digits = batch_id.removeprefix(_DOCUMENT_BATCH_PREFIX)
+    if digits == batch_id or not digits.isdigit() or not digits.isascii():
+        return None
+    return int(digits)
 
 
 def rollout_batch_id_for(document_batch_id: str) -> str:

@@ -13,6 +13,7 @@ import torch
 
 from learner.checkpoint import read_learner_state
 from refine.cli import main
+from refine.data.sources import BadRowError
 from refine.models import load_model
 from service_helpers import SERVICE_TINY, step_rows, tiny_config, tiny_overrides
 from services.broker import Broker
@@ -109,6 +110,23 @@ def test_a_message_no_role_can_use_ends_the_run_with_its_error(ray_session, redi
             run(config, progress=False, redis_url=redis_url)
     finally:
         injector.join()
+
+
+def test_a_bad_data_row_ends_the_run_after_the_learner_checkpoints(ray_session, tmp_path: Path) -> None:
+    """The orchestrator fails on a malformed row (checkpoint_every=0): the learner still saves the steps
+    it trained, metrics.jsonl records exactly those, and the error reaches the caller."""
+    source = tmp_path / "data.jsonl"
+    rows = [json.dumps({"text": f"document {index} " + "alpha beta gamma delta " * 20}) for index in range(12)]
+    source.write_text("\n".join([*rows, "{this is not json", *rows[:4]]) + "\n")
+    config = tiny_config(tmp_path, "service.mode=colocated", "train.steps=1000", "train.checkpoint_every=0",
+                         f"data.source={source}")
+    with pytest.raises(BadRowError, match="line 13: malformed JSON"):
+        run(config, progress=False)
+    trained = step_rows(tmp_path / "run")
+    assert trained, "the learner trained nothing before the bad row: the test proves nothing"
+    state = read_learner_state(tmp_path / "run" / "checkpoints" / "latest")
+    assert state.step == len(trained) == trained[-1]["step"]
+    assert state.cursor == trained[-1]["cursor"]
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -1,21 +1,33 @@
 """The service's stream helpers on a real Redis (no Ray): handing over a dead consumer's entries,
-trimming what every group acknowledged, progress records, the data position across passes."""
+keeping a busy consumer's entries from being taken over, trimming what every group acknowledged,
+progress records, the data position across passes; the learner's resume point over batches that
+finish out of order, and its check of scored batches against their documents."""
 
 from __future__ import annotations
 
+import re
+import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
 
+from learner.checkpoint import read_learner_state
+from learner.learner import Learner, ResumePoint
+from service_helpers import tiny_config
 from services.broker import Broker
 from services.codec import decode, encode
-from services.messages import DocumentBatch
+from services.messages import DataCursor, DocumentBatch, ScoredBatch
 from services.orchestrator import DataPosition
 from services.progress import LearnerProgress, StepReport, read_progress, write_progress
 from services.redis_server import connect
-from services.streams import DocumentStore, release_consumer, rollout_batch_id_for, trim_acknowledged
+from services.role import RoleRuntime
+from services.streams import (
+    DROPPED_KEY, LEARNER_GROUP, LEARNER_REPORTS, SCORED, DocumentStore, document_batch_id_for, document_batch_index,
+    release_consumer, rollout_batch_id_for, trim_acknowledged,
+)
 
 
 @pytest.fixture
@@ -44,6 +56,42 @@ def test_released_entries_of_a_dead_consumer_are_reclaimed_at_once(broker: Broke
     assert alive[0][1].batch_id not in {batch.batch_id for _, batch in taken}
     assert release_consumer(broker, "documents", "rollout", "dead") == 0
     assert release_consumer(broker, "no-such-stream", "rollout", "dead") == 0
+
+
+def _owner_and_deliveries(broker: Broker, entry_id: str) -> tuple[str, int]:
+    (row,) = broker.client.xpending_range(broker.key("stream", "documents"), "rollout", entry_id, entry_id, 1)
+    return row["consumer"].decode(), int(row["times_delivered"])
+
+
+def test_an_entry_its_live_consumer_keeps_alive_is_not_reclaimed(broker: Broker, redis_url: str) -> None:
+    """A busy worker's heartbeat thread keeps its entry fresh: idle workers reclaiming after the idle
+    time take only the silent consumer's entry, and the busy entry's delivery count stays 1."""
+    for index in range(2):
+        broker.publish("documents", document_batch(index))
+    runtime = RoleRuntime("rollout_worker", "busy", redis_url, broker.namespace, None, heartbeat_interval_s=0.1,
+                          threads=torch.get_num_threads())
+    try:
+        ((busy_entry, _),) = broker.consume("documents", "rollout", "busy", DocumentBatch)
+        ((silent_entry, _),) = broker.consume("documents", "rollout", "silent", DocumentBatch)
+        with runtime.holding("documents", "rollout", busy_entry):
+            taken: list[str] = []
+            for worker in ("idle-a", "idle-b", "idle-c", "idle-d"):  # idle workers polling, past the idle time
+                time.sleep(0.6)
+                taken += [entry_id for entry_id, _ in broker.reclaim("documents", "rollout", worker, DocumentBatch,
+                                                                     min_idle_ms=1000, max_deliveries=3)]
+            assert set(taken) == {silent_entry}  # taken over (again and again: nobody keeps it alive)
+            assert _owner_and_deliveries(broker, busy_entry) == ("busy", 1)
+        assert broker.dead_letters("documents") == []
+        broker.ack("documents", "rollout", [silent_entry])  # whoever took it over finished it
+        # Done holding it (as if its worker had died): it is reclaimable again after the idle time ...
+        time.sleep(1.2)
+        reclaimed = broker.reclaim("documents", "rollout", "idle-a", DocumentBatch, min_idle_ms=1000)
+        assert [entry_id for entry_id, _ in reclaimed] == [busy_entry]
+        # ... and a late keep-alive of the old owner does not pull it back.
+        assert broker.keep_alive("documents", "rollout", "busy", [busy_entry]) == 0
+        assert _owner_and_deliveries(broker, busy_entry) == ("idle-a", 2)
+    finally:
+        runtime.close()
 
 
 def test_trim_keeps_pending_and_undelivered_entries(broker: Broker) -> None:
@@ -111,3 +159,126 @@ def test_data_position_counts_passes() -> None:
     assert [(c.epoch, c.offset) for c in cursors] == [(0, 2), (0, 4), (1, 0), (1, 2), (2, 1), (3, 1)]
     resumed = DataPosition(epoch=1, cursor=0)  # a checkpoint taken after the batch that ended pass 0
     assert (resumed.advance(2, "synthetic").epoch, resumed.cursor) == (1, 2)
+
+
+def test_resume_point_moves_only_through_finished_batches_in_order() -> None:
+    """Batches finish out of order with several in flight: the checkpoint's cursor never passes a
+    batch that has not finished, or a resume would skip it."""
+    point = ResumePoint(epoch=0, cursor=6)  # resumed: the run's first batch (docs-0) starts after 6
+    point.finished(1, DataCursor(epoch=0, offset=10))
+    assert (point.epoch, point.cursor) == (0, 6)  # docs-0 not finished: resume must read it again
+    point.finished(0, DataCursor(epoch=0, offset=8))
+    assert (point.epoch, point.cursor) == (0, 10)  # the gap closed: through docs-1
+    point.finished(3, DataCursor(epoch=1, offset=2))
+    point.finished(2, None)  # finished, its documents unknown (dropped as missing)
+    assert (point.epoch, point.cursor, point.next_index) == (1, 2, 4)  # across the end of a pass too
+    point.finished(1, DataCursor(epoch=0, offset=10))  # counted already: changes nothing
+    assert (point.epoch, point.cursor, point.next_index, point.ahead) == (1, 2, 4, {})
+    assert document_batch_index(document_batch_id_for(12)) == 12
+    assert document_batch_index("docs-x") is None and document_batch_index("a1b2c3") is None
+
+
+# -- the learner against a real Redis: out-of-order batches, batches that do not fit their documents --
+
+DOCS_T, ROLLOUT_K, CHUNKS, SAMPLES = 64, 5, 4, 2
+
+
+@pytest.fixture
+def learner(redis_url: str, tmp_path: Path) -> Iterator[Learner]:
+    config = tiny_config(tmp_path, "train.checkpoint_every=0", f"refine.rollout_len={ROLLOUT_K}")
+    learner = Learner(config.model_dump_json(), redis_url, config.service.namespace)
+    yield learner
+    learner.runtime.close()
+    Broker(connect(redis_url), config.service.namespace).delete_namespace()
+
+
+def _documents(index: int, batch_size: int = 2) -> DocumentBatch:
+    generator = torch.Generator().manual_seed(index)
+    return DocumentBatch(batch_id=document_batch_id_for(index), doc_ids=[f"d{index}.{b}" for b in range(batch_size)],
+                         token_ids=torch.randint(0, 256, (batch_size, DOCS_T), generator=generator),
+                         lengths=torch.full((batch_size,), DOCS_T), cursor=DataCursor(epoch=0, offset=2 * (index + 1)))
+
+
+def _scored(documents: DocumentBatch, policy_version: int, positions: torch.Tensor | None = None) -> ScoredBatch:
+    """Rollouts of `documents` as a worker and a reward replica would send them."""
+    if positions is None:
+        positions = torch.tensor([[10, 20, 30, 40]] * documents.batch_size)
+    rows = positions.numel() * SAMPLES
+    generator = torch.Generator().manual_seed(rows)
+    return ScoredBatch(
+        rollout_batch_id=rollout_batch_id_for(documents.batch_id), document_batch_id=documents.batch_id,
+        policy_version=policy_version, worker_id="rollout_worker-0.0", num_samples=SAMPLES, rollout_len=ROLLOUT_K,
+        positions=positions, entropies=torch.ones(positions.shape),
+        rollout_tokens=torch.randint(0, 256, (rows, ROLLOUT_K), generator=generator),
+        behaviour_logprobs=torch.full((rows, ROLLOUT_K), -5.5), rewards=torch.randn(rows, generator=generator),
+        reward_type="cosine",
+    )
+
+
+def _deliver(learner: Learner, documents: DocumentBatch, scored: ScoredBatch) -> None:
+    """The orchestrator stored the documents, the reward replica published the scores: one learner read."""
+    learner.documents.put(documents)
+    learner.broker.publish(SCORED, scored)
+    assert learner.run_once(block_ms=100) == 1
+
+
+def _reports(learner: Learner) -> list[StepReport]:
+    return [report for _, report in learner.broker.consume(LEARNER_REPORTS, "test", "test", StepReport, count=100)]
+
+
+def test_learner_checkpoint_cursor_waits_for_a_batch_trained_out_of_order(learner: Learner) -> None:
+    docs = [_documents(index) for index in range(4)]
+    _deliver(learner, docs[1], _scored(docs[1], policy_version=0))
+    assert (learner.state.step, learner.state.cursor) == (1, 0)  # docs-0 not trained: a resume must read it
+    _deliver(learner, docs[0], _scored(docs[0], policy_version=1))
+    assert (learner.state.step, learner.state.cursor) == (2, docs[1].cursor.offset)
+    _deliver(learner, docs[3], _scored(docs[3], policy_version=0))  # too stale: dropped, and finished
+    _deliver(learner, docs[2], _scored(docs[2], policy_version=2))
+    assert (learner.state.step, learner.state.dropped_stale, learner.state.cursor) == (3, 1, docs[3].cursor.offset)
+    learner.checkpoint()
+    assert read_learner_state(learner.out_dir / "checkpoints" / "latest").cursor == docs[3].cursor.offset
+
+
+def _short_second_document(documents: DocumentBatch) -> DocumentBatch:
+    return documents.model_copy(update={"lengths": torch.tensor([DOCS_T, 30])})
+
+
+def _token_past_vocabulary(scored: ScoredBatch) -> ScoredBatch:
+    tokens = scored.rollout_tokens.clone()
+    tokens[3, 1] = 300
+    return scored.model_copy(update={"rollout_tokens": tokens})
+
+
+# (documents of docs-0 -> the scored batch sent for them, the documents the learner finds, the error)
+MISFITS = [
+    (lambda docs: _scored(docs, 0, torch.tensor([[10, 20, 30, 40], [10, 20, 30, 60]])), lambda docs: docs,
+     r"positions\[1, 3\]=60 is outside 1\.\.59 \(document length 64, rollout_len k=5\)"),
+    (lambda docs: _scored(docs, 0, torch.tensor([[10, 20, 30, 40], [5, 10, 20, 26]])), _short_second_document,
+     r"positions\[1, 3\]=26 is outside 1\.\.25 \(document length 30, rollout_len k=5\)"),
+    (lambda docs: _scored(_documents(0, batch_size=3), 0), lambda docs: docs,
+     r"positions: 3 rows, but document batch 'docs-0' has 2 documents"),
+    (lambda docs: _token_past_vocabulary(_scored(docs, 0)), lambda docs: docs,
+     r"rollout_tokens: token id 300 is not below model.vocab_size=260"),
+]
+
+
+@pytest.mark.parametrize("make_batch, stored, message", MISFITS, ids=[
+    "position-past-length-minus-k", "position-past-a-short-document", "batch-size-mismatch", "token-past-vocabulary"])
+def test_learner_drops_a_scored_batch_that_does_not_fit_its_documents(learner: Learner, make_batch, stored,
+                                                                       message: str) -> None:
+    documents = _documents(0)
+    bad = make_batch(documents)
+    documents = stored(documents)
+    _deliver(learner, documents, bad)
+    assert learner.state.step == 0  # not trained on, and the learner did not crash
+    assert learner.broker.pending(SCORED, LEARNER_GROUP) == 0  # acknowledged: it does not come back
+    assert learner.broker.already_consumed(DROPPED_KEY, bad.rollout_batch_id)
+    assert learner.documents.get(documents.batch_id) is None
+    (report,) = _reports(learner)  # what the orchestrator writes to events.jsonl
+    assert (report.kind, report.stats["reason"], report.stats["dropped_invalid"]) == ("dropped", "invalid", 1)
+    assert re.search(message, str(report.stats["error"])), report.stats["error"]
+    # The resume point moved past it (dropped is finished), and the next batch trains as usual.
+    assert learner.state.cursor == documents.cursor.offset
+    good = _documents(1)
+    _deliver(learner, good, _scored(good, policy_version=0))
+    assert (learner.state.step, learner.state.cursor) == (1, good.cursor.offset)

@@ -117,7 +117,7 @@ def test_undecodable_entries_are_dead_lettered_not_returned(broker: Broker) -> N
     broker.client.xadd(stream_key, {b"other": b"no payload"})
     wrong_type = broker.publish(STREAM, RolloutBatch(
         document_batch_id="x", policy_version=0, worker_id="w", num_samples=1, rollout_len=1,
-        positions=torch.zeros(1, 1, dtype=torch.long), entropies=torch.zeros(1, 1),
+        positions=torch.ones(1, 1, dtype=torch.long), entropies=torch.zeros(1, 1),
         rollout_tokens=torch.zeros(1, 1, dtype=torch.long), behaviour_logprobs=torch.zeros(1, 1),
     ))
     got = broker.consume(STREAM, GROUP, "c", DocumentBatch, count=10)

@@ -103,6 +103,7 @@ def test_json_dump_lists_tensors() -> None:
         ({"token_ids": torch.zeros(B, 4, 2, dtype=torch.long)}, r"token_ids\n.*expected 2 dimensions"),
         ({"token_ids": torch.full((B, 64), -1)}, r"token_ids: negative token id -1"),
         ({"token_ids": [[1, 2]]}, r"token_ids\n.*expected a torch tensor, got list"),
+        ({"token_ids": torch.ones(B, 64, dtype=torch.uint32)}, r"token_ids\n.*expected an integer tensor, got dtype torch.uint32"),
         ({"batch_id": "has space"}, r"batch_id"),
         ({"surprise": 1}, r"surprise"),
     ],
@@ -124,7 +125,8 @@ def test_invalid_document_batches_name_the_field(overrides: dict, pattern: str) 
         ({"rollout_hidden": torch.zeros(N, K + 1, D)}, r"rollout_hidden: shape \[12, 6, 8\], expected \[12, 5, D\]"),
         ({"ground_truth_hidden": torch.zeros(N, K, D + 1)}, r"disagree on the hidden size: \[8, 9\]"),
         ({"ground_truth_tokens": torch.zeros(N, 1, dtype=torch.long)}, r"ground_truth_tokens: shape \[12, 1\]"),
-        ({"positions": torch.full((B, C), -3)}, r"positions: negative position -3"),
+        ({"positions": torch.full((B, C), -3)}, r"positions: a rollout starts after at least one token .*got -3"),
+        ({"positions": torch.zeros(B, C, dtype=torch.long)}, r"positions: .* got 0"),
         ({"positions": torch.zeros(B, C)}, r"positions\n.*expected an integer tensor"),
         ({"behaviour_logprobs": torch.zeros(N, K, dtype=torch.long)}, r"behaviour_logprobs\n.*floating-point"),
         ({"policy_version": -1}, r"policy_version"),
@@ -145,3 +147,14 @@ def test_scored_batch_needs_one_reward_per_rollout() -> None:
         ScoredBatch.from_rollouts(rollouts, torch.rand(N), "")
     with pytest.raises(ValidationError, match=r"rewards\n.*floating-point"):
         ScoredBatch.from_rollouts(rollouts, torch.ones(N, dtype=torch.long), "binary")
+
+
+def test_a_payload_with_an_unusable_integer_dtype_is_a_codec_error() -> None:
+    """uint32 token ids cross the wire (the codec carries the dtype) but are refused with the field named,
+    as a CodecError a consumer dead-letters, not an exception from inside torch that would end it."""
+    from services.codec import CodecError
+
+    documents = make_documents()
+    payload = encode(documents.model_copy(update={"token_ids": documents.token_ids.to(torch.uint32)}))
+    with pytest.raises(CodecError, match="(?s)not a valid DocumentBatch.*token_ids.*torch.uint32"):
+        decode(payload, DocumentBatch)
