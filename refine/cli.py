@@ -46,16 +46,22 @@ def _model_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _score(args: argparse.Namespace) -> int:
+def _score(argv: list[str]) -> int:
     from refine.evaluation.score import main as score_main
 
-    return score_main(args.rest)
+    return score_main(argv)
 
 
 def _eval(args: argparse.Namespace) -> int:
     from refine.evaluation.runner import main as eval_main
 
     return eval_main(args)
+
+
+def _posttrain(args: argparse.Namespace) -> int:
+    from refine.posttrain import main as posttrain_main
+
+    return posttrain_main(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,21 +104,45 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=1234)
     evaluate.set_defaults(func=_eval)
 
-    score = sub.add_parser("score", help="score predictions with a benchmark's metric", add_help=False)
-    score.add_argument("rest", nargs=argparse.REMAINDER)
-    score.set_defaults(func=_score)
+    posttrain = sub.add_parser("posttrain", help="post-train on QA data: REFINE on each context + SFT on its answer")
+    posttrain.add_argument("--data", required=True, help="task file: JSON lines, parquet or save_to_disk")
+    posttrain.add_argument("--task", required=True, choices=["ruler-qa", "longbench"])
+    posttrain.add_argument("--config", default=None,
+                           help="YAML config, e.g. configs/posttrain.yaml (default: built-in defaults, hybrid reward)")
+    posttrain.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                           help="override a config value, e.g. --set train.init_from=DIR (repeatable)")
+    posttrain.add_argument("--sft-coef", type=float, default=1.0, help="weight of the answer's SFT loss")
+    posttrain.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoints/latest")
+    posttrain.add_argument("--no-progress", action="store_true", help="no progress bar")
+    posttrain.set_defaults(func=_posttrain)
+
+    # Listed for --help only: main() hands everything after "score" to refine.evaluation.score, which
+    # parses its own options (argparse.REMAINDER would not pass on ones that start with "-").
+    sub.add_parser("score", help="score predictions with a benchmark's metric (refine score -h)", add_help=False)
     return parser
 
 
+def _reported_errors() -> tuple[type[BaseException], ...]:
+    """Errors of bad input or an unusable setup: one line on stderr, exit code 2, no traceback. Service
+    errors count only once services.orchestrator was imported (a service run)."""
+    errors: list[type[BaseException]] = [ConfigError, FileNotFoundError, ValueError]
+    orchestrator = sys.modules.get("services.orchestrator")
+    if orchestrator is not None:
+        errors.append(orchestrator.ServiceError)
+    redis_server = sys.modules.get("services.redis_server")
+    if redis_server is not None:
+        errors.append(redis_server.RedisUnavailableError)  # a --redis-url nobody answers at
+    return tuple(errors)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = None if argv[:1] == ["score"] else build_parser().parse_args(argv)
     tune_allocator()
-    # A failed service run (raised only once services.orchestrator was imported) is reported like bad input.
     try:
-        return args.func(args)
+        return _score(argv[1:]) if args is None else args.func(args)
     except Exception as err:
-        service_error = getattr(sys.modules.get("services.orchestrator"), "ServiceError", ())
-        if not isinstance(err, (ConfigError, FileNotFoundError, ValueError, *((service_error,) if service_error else ()))):
+        if not isinstance(err, _reported_errors()):
             raise
         print(f"refine: error: {err}", file=sys.stderr)
         return 2

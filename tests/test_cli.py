@@ -27,3 +27,12 @@ def test_errors_exit_2_with_the_field(tmp_path, capsys):
     assert "refine.num_chunks" in capsys.readouterr().err
     assert main(["model", "inspect", str(tmp_path)]) == 2
     assert "config.json" in capsys.readouterr().err
+
+
+def test_an_unreachable_redis_is_one_line_naming_the_url(tmp_path, capsys):
+    """A service run told to use a Redis nobody answers at stops before starting Ray, without a traceback."""
+    url = "redis://127.0.0.1:1/0"  # port 1: nothing listens there
+    argv = ["train", "--set", "demo=null", "--set", f"train.out_dir={tmp_path}", "--redis-url", url]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("refine: error:") and url in err and "Traceback" not in err

@@ -85,3 +85,16 @@ def test_command_line_reports_bad_input(tmp_path, capsys):
     rows = write_jsonl(tmp_path / "trec.jsonl", [{"pred": "Food", "answers": ["Food"]}])
     assert main(["--task", "trec", "--predictions", str(rows), "--all-classes", str(classes)]) == 0
     assert json.loads(capsys.readouterr().out)["score"] == 100.0
+
+
+def test_refine_score_passes_its_options_through_the_refine_command(tmp_path, capsys):
+    """`refine score --task ... --predictions ...`, as the README writes it, reaches the scorer."""
+    from refine.cli import main as refine_main
+
+    rows = write_jsonl(tmp_path / "preds.jsonl", [{"pred": "Paris", "answers": ["Paris"]},
+                                                  {"pred": "Rome", "answers": ["Oslo"]}])
+    assert refine_main(["score", "--task", "hotpotqa", "--predictions", str(rows)]) == 0
+    assert json.loads(capsys.readouterr().out)["score"] == 50.0
+    with pytest.raises(SystemExit) as exit_info:
+        refine_main(["score", "-h"])
+    assert exit_info.value.code == 0 and "--predictions" in capsys.readouterr().out

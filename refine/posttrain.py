@@ -1,0 +1,253 @@
+"""`refine posttrain`: post-training on (context, question, answer) task data, the paper's "nested" phase.
+
+Each optimizer step runs `refine.phases.posttrain_loss` on `train.batch_size` examples: one forward over
+context + question + answer gives REFINE on the context tokens plus SFT (cross-entropy) on the answer.
+
+    refine posttrain --data qa.jsonl --task ruler-qa --config configs/posttrain.yaml [--set ...] [--resume]
+
+How a task example becomes tokens (the same ones `refine eval` feeds the model, see `prompt_tokens`):
+- the prompt is what the model reads. When the example keeps its context apart (LongBench rows with
+  `context` and `input`) and the prompt contains it, REFINE covers the prompt up to the end of the
+  context (BOS, any instruction before it, the context) and the rest of the prompt is the question.
+  Otherwise (RULER QA, whose rows hold one prompt) the whole prompt is the context and the question is
+  empty: REFINE then also rolls out over the question at the prompt's end.
+- the SFT target is the first gold answer followed by the tokenizer's EOS, since evaluation stops each
+  answer at EOS.
+- a sequence longer than `data.seq_len` tokens has its context cut in the middle (start and end kept, as
+  `refine eval` cuts prompts), so the question and the answer survive whole.
+- an example whose context is shorter than REFINE needs (`min_document_length` of refine.num_chunks,
+  rollout_len, margin) is skipped and counted; if none is left, the run fails naming the file and the length.
+
+The model is `train.init_from` (a checkpoint directory); the tokenizer is `tokenizer`, else the model
+directory's, else byte-level. The run directory (`train.out_dir`) gets config.yaml, posttrain.json (the
+data summary and --sft-coef), metrics.jsonl (a row per step) and checkpoints/latest/ (model/, with the
+tokenizer's files copied next to it, and trainer.pt), as `refine train` writes them. One process runs it:
+the service (`service.*`) and `rollout.*` settings do not apply.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel
+from tqdm.auto import tqdm
+
+from refine.algorithm.selection import min_document_length
+from refine.config import RunConfig, dump_config, load_config
+from refine.data.tasks import TaskExample, load_longbench, load_ruler_qa
+from refine.evaluation.runner import prompt_tokens, resolve_tokenizer
+from refine.loop import load_checkpoint, make_optimizer, optimizer_step, prepare_model, save_checkpoint
+from refine.models import FastWeightLM
+from refine.phases import QAExample, posttrain_loss
+from refine.plots import plot_metrics
+from refine.runtime import StageTimes, tune_allocator
+from refine.tokenizer import HFTokenizer, Tokenizer
+
+POSTTRAIN_TASKS = ("ruler-qa", "longbench")
+# Used when no config file is given (a config file states its own): the paper's post-training reward.
+POSTTRAIN_DEFAULTS: dict[str, Any] = {"refine": {"reward": "hybrid"}, "train": {"out_dir": "runs/posttrain"}}
+# Copied next to each checkpoint's model so that `refine eval --model .../model` finds the tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+class DataSummary(BaseModel):
+    """What the run trains on; written to OUT_DIR/posttrain.json and printed when examples were skipped."""
+
+    data: str
+    task: str
+    sft_coef: float
+    examples_read: int
+    examples_used: int
+    skipped_short_context: int
+    truncated: int
+    min_context_tokens: int
+
+
+# ---------------------------------------------------------------- checks
+
+
+def check_config(config: RunConfig, sft_coef: float) -> None:
+    """Refuse settings the nested step cannot honor, rather than silently ignoring them."""
+    if config.train.init_from is None:
+        raise ValueError("train.init_from is not set: post-training starts from a trained model; give its checkpoint "
+                         "directory, e.g. --set train.init_from=checkpoints/delta_net-1.3B-100B")
+    if not Path(config.train.init_from).is_dir():
+        raise FileNotFoundError(f"train.init_from={config.train.init_from!r} is not a model directory")
+    if config.train.mode != "fused":
+        raise ValueError(f"train.mode={config.train.mode!r}: refine posttrain runs the fused nested step only "
+                         f"(REFINE on the context + SFT on the answer); set train.mode=fused")
+    if config.refine.kl_coef > 0:
+        raise ValueError(f"refine.kl_coef={config.refine.kl_coef}: refine posttrain has no reference policy for a "
+                         f"KL term; set refine.kl_coef=0")
+    if not sft_coef >= 0:
+        raise ValueError(f"--sft-coef must be >= 0, got {sft_coef}")
+
+
+# ---------------------------------------------------------------- examples
+
+
+def load_examples(task: str, path: str | Path, skip_bad_rows: bool = False) -> list[TaskExample]:
+    if task == "ruler-qa":
+        return load_ruler_qa(path, skip_bad_rows=skip_bad_rows)
+    if task == "longbench":
+        return load_longbench(path, skip_bad_rows=skip_bad_rows)
+    raise ValueError(f"--task must be one of {POSTTRAIN_TASKS}, got {task!r}")
+
+
+def split_prompt(example: TaskExample) -> tuple[str, str]:
+    """(context text, question text) whose concatenation is the prompt; see the module docstring."""
+    if example.context:
+        start = example.prompt.find(example.context)
+        if start >= 0:
+            end = start + len(example.context)
+            return example.prompt[:end], example.prompt[end:]
+    return example.prompt, ""
+
+
+def encode_example(example: TaskExample, tokenizer: Tokenizer, max_tokens: int) -> tuple[QAExample, bool]:
+    """Token ids of one example, at most `max_tokens` in all (the context cut in the middle to fit).
+    Returns (example, whether its context was cut)."""
+    context_text, question_text = split_prompt(example)
+    question = tokenizer.encode(question_text)
+    answer = tokenizer.encode(example.answers[0]) + [tokenizer.eos_id]
+    room = max(max_tokens - len(question) - len(answer), 0)  # 0 leaves no context: the example is skipped
+    context, full_length = prompt_tokens(tokenizer, context_text, room)
+    return QAExample(context=context, question=question, answer=answer), len(context) < full_length
+
+
+def prepare_examples(examples: Sequence[TaskExample], tokenizer: Tokenizer, config: RunConfig, data: str | Path,
+                     task: str, sft_coef: float) -> tuple[list[QAExample], DataSummary]:
+    """Encode every example and keep those whose context can host REFINE's rollouts."""
+    cfg = config.refine
+    needed = min_document_length(cfg.num_chunks, cfg.rollout_len, cfg.margin)
+    usable: list[QAExample] = []
+    truncated = 0
+    for example in examples:
+        encoded, cut = encode_example(example, tokenizer, config.data.seq_len)
+        truncated += cut
+        if len(encoded.context) >= needed:
+            usable.append(encoded)
+    summary = DataSummary(data=str(data), task=task, sft_coef=sft_coef, examples_read=len(examples),
+                          examples_used=len(usable), skipped_short_context=len(examples) - len(usable),
+                          truncated=truncated, min_context_tokens=needed)
+    wanted = (f"refine.num_chunks={cfg.num_chunks}, rollout_len={cfg.rollout_len} and margin={cfg.margin} need "
+              f"contexts of >= {needed} tokens")
+    if not usable:
+        raise ValueError(f"no example of {str(data)!r} has a context long enough for REFINE ({wanted}; "
+                         f"data.seq_len={config.data.seq_len} bounds context + question + answer)")
+    if summary.skipped_short_context:
+        _note(f"skipped {summary.skipped_short_context} of {len(examples)} examples of {str(data)!r} whose context "
+              f"is too short ({wanted})")
+    if truncated:
+        _note(f"{truncated} examples cut in the middle to data.seq_len={config.data.seq_len} tokens")
+    return usable, summary
+
+
+def batch_indices(num_examples: int, seed: int, cursor: int, batch_size: int) -> list[int]:
+    """Examples cursor .. cursor + batch_size - 1 of an endless stream over the data: every pass is a fresh
+    shuffle seeded by (seed, pass), so a resumed run draws exactly what an uninterrupted one would."""
+    first, last = cursor // num_examples, (cursor + batch_size - 1) // num_examples
+    order: list[int] = []
+    for epoch in range(first, last + 1):
+        shuffled = list(range(num_examples))
+        random.Random(f"{seed}:{epoch}").shuffle(shuffled)
+        order.extend(shuffled)
+    start = cursor - first * num_examples
+    return order[start:start + batch_size]
+
+
+# ---------------------------------------------------------------- training
+
+
+def copy_tokenizer_files(tokenizer: Tokenizer, model_dir: Path) -> None:
+    if isinstance(tokenizer, HFTokenizer):
+        for name in TOKENIZER_FILES:
+            if (tokenizer.directory / name).is_file():
+                shutil.copyfile(tokenizer.directory / name, model_dir / name)
+
+
+def posttrain(config: RunConfig, data: str | Path, task: str, sft_coef: float = 1.0, resume: bool = False,
+              progress: bool = True) -> dict[str, float]:
+    """Run `config.train.steps` nested post-training steps on the task file; returns the last step's stats."""
+    check_config(config, sft_coef)
+    tune_allocator()
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
+    tokenizer = resolve_tokenizer(config.tokenizer, Path(config.train.init_from))
+    examples, summary = prepare_examples(load_examples(task, data, config.data.skip_bad_rows), tokenizer, config,
+                                         data, task, sft_coef)
+    model = prepare_model(config)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                         f"{model.config.vocab_size}: wrong tokenizer for train.init_from={config.train.init_from!r}?")
+    out_dir = Path(config.train.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(dump_config(config))
+    (out_dir / "posttrain.json").write_text(summary.model_dump_json(indent=1))
+    optimizer = make_optimizer(model, config.optim)
+    generator = torch.Generator(device=config.train.device).manual_seed(config.train.seed)
+
+    step, cursor = 0, 0
+    latest = out_dir / "checkpoints" / "latest"
+    if resume and latest.exists():
+        step, cursor = load_checkpoint(latest, model, optimizer, generator)
+    metrics_file = (out_dir / "metrics.jsonl").open("a")
+    last: dict[str, float] = {}
+    bar = tqdm(total=config.train.steps, initial=step, desc="posttrain", disable=not progress)
+    skipped = 0
+    while step < config.train.steps:
+        batch = [examples[i] for i in batch_indices(len(examples), config.train.seed, cursor, config.train.batch_size)]
+        started = time.perf_counter()
+        times = StageTimes(config.train.device)
+        # One stage for the whole nested loss: posttrain_loss takes no timer for its forward/rollout parts.
+        with times.stage("loss"):
+            result = posttrain_loss(model, batch, config.refine, sft_coef, generator, tokenizer.pad_id)
+        with times.stage("backward_step"):
+            outcome = optimizer_step(model, optimizer, result, config.optim.grad_clip)
+        skipped += outcome.skipped
+        step += 1
+        cursor += len(batch)
+        tokens = sum(len(ex.context) + len(ex.question) + len(ex.answer) for ex in batch)
+        last = outcome.stats | times.stats() | {"step": step, "step_seconds": time.perf_counter() - started,
+                                                "skipped_steps": skipped, "tokens": tokens}
+        if step % config.train.log_every == 0 or step == config.train.steps:
+            metrics_file.write(json.dumps(last) + "\n")
+            metrics_file.flush()
+        bar.set_postfix({k: f"{last[k]:.3f}" for k in ("loss", "sft_loss", "reward_mean") if k in last})
+        bar.update(1)
+        if config.train.checkpoint_every and step % config.train.checkpoint_every == 0:
+            _save(latest, model, optimizer, step, cursor, generator, tokenizer)
+    bar.close()
+    metrics_file.close()
+    _save(latest, model, optimizer, step, cursor, generator, tokenizer)
+    plot_metrics(out_dir / "metrics.jsonl", out_dir)
+    return last | {"examples_used": summary.examples_used, "skipped_short_context": summary.skipped_short_context}
+
+
+def _save(path: Path, model: FastWeightLM, optimizer: torch.optim.Optimizer, step: int, cursor: int,
+          generator: torch.Generator, tokenizer: Tokenizer) -> None:
+    save_checkpoint(path, model, optimizer, step, cursor, generator)
+    copy_tokenizer_files(tokenizer, path / "model")
+
+
+def _note(message: str) -> None:
+    tqdm.write(f"refine posttrain: {message}", file=sys.stderr)
+
+
+def main(args: argparse.Namespace) -> int:
+    """`refine posttrain`: load the config (the paper's post-training defaults without a file), train, print
+    the last step's stats as one JSON line."""
+    config = load_config(args.config, args.set, defaults=POSTTRAIN_DEFAULTS)
+    stats = posttrain(config, args.data, args.task, sft_coef=args.sft_coef, resume=args.resume,
+                      progress=not args.no_progress)
+    print(json.dumps({"out_dir": config.train.out_dir, **stats}))
+    return 0

@@ -1,0 +1,123 @@
+"""`refine posttrain`: nested post-training (REFINE on the context + SFT on the answer) from a task file."""
+
+import json
+
+import torch
+
+from refine.cli import main
+from refine.data.tasks import TaskExample
+from refine.models import build_model, load_model, save_model
+from refine.posttrain import batch_indices, encode_example
+from refine.tokenizer import ByteTokenizer
+
+NEEDED = 8  # min_document_length(num_chunks=2, rollout_len=3, margin=4)
+SMALL_REFINE = ["refine.num_chunks=2", "refine.rollout_len=3", "refine.margin=4"]
+
+
+def _init_model(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(dict(model_type="delta_net", hidden_size=32, num_heads=2, num_hidden_layers=1,
+                             vocab_size=260, intermediate_size=32))
+    return save_model(model, tmp_path / "init")
+
+
+def _qa_rows(count, context_chars=110):
+    rows = []
+    for i in range(count):
+        context = (f"Record {i}: the keeper of lighthouse {i} is named Ada{i}. " * 4)[:context_chars]
+        rows.append({"prompt": f"{context}\nQuestion: who keeps lighthouse {i}?\nAnswer:", "answer": [f"Ada{i}"],
+                     "index": i})
+    return rows
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def _argv(data, init, out, steps, *extra):
+    sets = [f"train.init_from={init}", f"train.out_dir={out}", f"train.steps={steps}", "train.batch_size=2",
+            "optim.lr=0.01", *SMALL_REFINE]
+    argv = ["posttrain", "--data", str(data), "--task", "ruler-qa", "--no-progress", *extra]
+    for item in sets:
+        argv += ["--set", item]
+    return argv
+
+
+def _metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_posttrain_trains_writes_metrics_and_a_loadable_checkpoint(tmp_path, capsys):
+    init = _init_model(tmp_path)
+    data = _write(tmp_path / "qa.jsonl", _qa_rows(3))
+    out = tmp_path / "run"
+    assert main(_argv(data, init, out, 3)) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["step"] == 3 and printed["examples_used"] == 3
+    rows = _metrics(out)
+    assert [row["step"] for row in rows] == [1, 2, 3]
+    for row in rows:
+        assert row["sft_loss"] > 0 and "reward_mean" in row and "reward_std" in row and "grad_norm" in row
+    assert (out / "config.yaml").is_file()
+    trained = load_model(out / "checkpoints" / "latest" / "model")
+    initial = load_model(init)
+    assert any(not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), initial.state_dict().values()))
+    assert torch.load(out / "checkpoints" / "latest" / "trainer.pt", weights_only=True)["step"] == 3
+
+
+def test_resume_continues_from_the_checkpoint_step_as_an_uninterrupted_run(tmp_path, capsys):
+    init = _init_model(tmp_path)
+    data = _write(tmp_path / "qa.jsonl", _qa_rows(3))
+    resumed, straight = tmp_path / "resumed", tmp_path / "straight"
+    assert main(_argv(data, init, resumed, 2)) == 0
+    assert main(_argv(data, init, resumed, 4, "--resume")) == 0
+    assert main(_argv(data, init, straight, 4)) == 0
+    capsys.readouterr()
+    assert [row["step"] for row in _metrics(resumed)] == [1, 2, 3, 4]
+    a = load_model(resumed / "checkpoints" / "latest" / "model").state_dict()
+    b = load_model(straight / "checkpoints" / "latest" / "model").state_dict()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
+
+
+def test_only_too_short_contexts_fail_naming_the_file_and_the_length(tmp_path, capsys):
+    init = _init_model(tmp_path)
+    data = _write(tmp_path / "short.jsonl", [{"prompt": "Hi?", "answer": ["yes"]}, {"prompt": "Ok", "answer": "no"}])
+    assert main(_argv(data, init, tmp_path / "run", 1)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("refine: error:") and "short.jsonl" in err and f">= {NEEDED} tokens" in err
+    assert "Traceback" not in err
+
+
+def test_a_too_short_context_among_good_ones_is_skipped_and_counted(tmp_path, capsys):
+    init = _init_model(tmp_path)
+    data = _write(tmp_path / "qa.jsonl", _qa_rows(3) + [{"prompt": "Why?", "answer": ["because"]}])
+    out = tmp_path / "run"
+    assert main(_argv(data, init, out, 1)) == 0
+    captured = capsys.readouterr()
+    assert "skipped 1 of 4 examples" in captured.err and f">= {NEEDED} tokens" in captured.err
+    assert json.loads(captured.out)["skipped_short_context"] == 1
+    summary = json.loads((out / "posttrain.json").read_text())
+    assert summary["examples_used"] == 3 and summary["skipped_short_context"] == 1
+
+
+def test_separate_context_is_what_refine_sees_and_the_answer_ends_with_eos():
+    tokenizer = ByteTokenizer()
+    example = TaskExample(example_id="0", task="hotpotqa", prompt="Read: CONTEXT TEXT\nQ: why?\nA:", answers=["so"],
+                          context="CONTEXT TEXT", question="why?")
+    encoded, cut = encode_example(example, tokenizer, max_tokens=100)
+    assert encoded.context == [tokenizer.bos_id] + tokenizer.encode("Read: CONTEXT TEXT") and not cut
+    assert encoded.question == tokenizer.encode("\nQ: why?\nA:")
+    assert encoded.answer == tokenizer.encode("so") + [tokenizer.eos_id]
+    # Too long: the context is cut in the middle; question and answer stay whole.
+    encoded, cut = encode_example(example, tokenizer, max_tokens=20)
+    assert cut and len(encoded.context) == 20 - len(encoded.question) - len(encoded.answer)
+    assert encoded.context[0] == tokenizer.bos_id and encoded.context[-1] == ord("T")
+
+
+def test_batches_cycle_through_every_example_each_pass():
+    drawn = [batch_indices(5, 0, cursor, 2) for cursor in range(0, 10, 2)]
+    flat = [i for batch in drawn for i in batch]
+    assert sorted(flat[:5]) == sorted(flat[5:]) == list(range(5))
+    assert batch_indices(5, 0, 4, 3) == flat[4:7]  # any cursor reproduces the same stream
