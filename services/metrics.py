@@ -3,7 +3,8 @@
 Every process (orchestrator, each rollout worker, each reward replica, each learner rank) serves its
 own registry on an ephemeral port, so any number of actors share a node without port collisions,
 and announces itself with a file in Prometheus' file service-discovery format:
-`<discovery_dir>/<role>-<instance>.json` = [{"targets": ["host:port"], "labels": {"role": ..., "instance": ...}}].
+`<discovery_dir>/<role>-<instance>.json` =
+[{"targets": ["host:port"], "labels": {"role": ..., "instance_id": ..., "node": ...}}].
 deploy/prometheus.yml reads every such file (`file_sd_configs`). Metric names all start with `refine_`.
 """
 
