@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -141,6 +142,8 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> dic
     latest = out_dir / "checkpoints" / "latest"
     if resume and latest.exists():
         step, cursor = load_checkpoint(latest, model, optimizer, generator)
+    elif resume:
+        tqdm.write(f"refine: no checkpoint at {latest} to resume from: starting at step 0", file=sys.stderr)
     batches: Iterator[DocumentBatch] = document_batches(config, tokenizer, start_cursor=cursor)
     metrics_file = (out_dir / "metrics.jsonl").open("a")
     last: dict[str, float] = {}

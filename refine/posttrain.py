@@ -200,6 +200,8 @@ def posttrain(config: RunConfig, data: str | Path, task: str, sft_coef: float = 
     latest = out_dir / "checkpoints" / "latest"
     if resume and latest.exists():
         step, cursor = load_checkpoint(latest, model, optimizer, generator)
+    elif resume:
+        _note(f"no checkpoint at {latest} to resume from: starting at step 0")
     metrics_file = (out_dir / "metrics.jsonl").open("a")
     last: dict[str, float] = {}
     bar = tqdm(total=config.train.steps, initial=step, desc="posttrain", disable=not progress)

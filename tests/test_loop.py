@@ -54,6 +54,12 @@ def test_resume_continues_exactly(tmp_path):
     assert resumed["reward_mean"] == pytest.approx(straight["reward_mean"], rel=1e-6)
 
 
+def test_resume_without_a_checkpoint_says_it_starts_over(tmp_path, capsys):
+    stats = train(_config(tmp_path, "ntp", steps=1), resume=True, progress=False)
+    assert stats["step"] == 1
+    assert f"no checkpoint at {tmp_path / 'checkpoints' / 'latest'} to resume from" in capsys.readouterr().err
+
+
 def test_non_finite_steps_are_skipped_and_counted():
     model = build_model(dict(model_type="delta_net", hidden_size=16, num_heads=2, num_hidden_layers=1, vocab_size=10))
     before = {k: v.clone() for k, v in model.state_dict().items()}
