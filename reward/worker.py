@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 import redis
 
@@ -44,6 +46,7 @@ class RewardWorker:
         decode: Decode | None = None,
         max_deliveries: int | None = 5,
         scored_maxlen: int | None = None,
+        holding: Callable[[str], AbstractContextManager[None]] | None = None,
     ) -> None:
         check_reward_type(reward_type)
         for name, value in (("rollout_stream", rollout_stream), ("scored_stream", scored_stream),
@@ -64,6 +67,9 @@ class RewardWorker:
         self.decode = decode
         self.max_deliveries = max_deliveries
         self.scored_maxlen = scored_maxlen
+        # Keeps an entry fresh while it is scored, so other replicas do not reclaim a slow batch as a
+        # dead replica's (the service passes its RoleRuntime.holding); none: scoring is quick.
+        self.holding = holding or (lambda entry_id: nullcontext())
         self.scored_count = 0
         self.dead_count = 0
         broker.ensure_group(rollout_stream, group)
@@ -93,6 +99,10 @@ class RewardWorker:
         return len(entries)
 
     def _handle(self, entry_id: str, batch: RolloutBatch) -> None:
+        with self.holding(entry_id):
+            self._score(entry_id, batch)
+
+    def _score(self, entry_id: str, batch: RolloutBatch) -> None:
         started = time.perf_counter()
         try:
             scored = score_batch(batch, self.reward_type, decode=self.decode)

@@ -36,6 +36,7 @@ class RewardReplica:
         self.worker = retry_redis(lambda: RewardWorker(  # it creates its consumer group: Redis may be restarting
             self.runtime.broker, config.refine.reward, rollout_stream=ROLLOUTS, scored_stream=SCORED,
             group=REWARD_GROUP, consumer=replica_id, metrics=self.runtime.metrics, decode=decode,
+            holding=lambda entry_id: self.runtime.holding(ROLLOUTS, REWARD_GROUP, entry_id),
         ), f"{replica_id}: start", 120.0)
 
     def run(self, block_ms: int = 500) -> str:

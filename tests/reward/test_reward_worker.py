@@ -3,6 +3,7 @@
 import threading
 import time
 from collections import Counter
+from contextlib import contextmanager
 
 import pytest
 import redis
@@ -164,3 +165,28 @@ def test_bad_configuration_is_refused(broker):
         RewardWorker(broker, "cosine", consumer="")
     with pytest.raises(ValueError, match="must differ"):
         RewardWorker(broker, "cosine", rollout_stream="x", scored_stream="x", consumer="reward-a")
+
+
+def test_an_entry_is_held_while_it_is_scored(broker, make_batch):
+    """The replica marks the entry it scores as held (the service then keeps it fresh in Redis), and
+    only for that long: a slow task reward is not reclaimed by other replicas as a dead one's."""
+    publish(broker, [make_batch(seed=1)])
+    active: set[str] = set()
+    seen_while_scoring: list[set[str]] = []
+
+    @contextmanager
+    def holding(entry_id):
+        active.add(entry_id)
+        try:
+            yield
+        finally:
+            active.discard(entry_id)
+
+    def decode(tokens):
+        seen_while_scoring.append(set(active))
+        return "text"
+
+    worker = RewardWorker(broker, "substring_match", consumer="reward-a", decode=decode, holding=holding)
+    assert worker.run_once(block_ms=None) == 1
+    assert seen_while_scoring and all(len(held) == 1 for held in seen_while_scoring)
+    assert not active and broker.pending("rollouts", "reward") == 0
