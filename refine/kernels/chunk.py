@@ -309,10 +309,9 @@ class ChunkRecurrence(torch.autograd.Function):
     def backward(ctx, grad_states, grad_u):
         w, k_to_end, chunk_decay, states, u = ctx.saved_tensors
         num_chunks = u.shape[0]
-        grad_states, grad_u = densify(grad_states), densify(grad_u)  # the states at positions pick both
         # Both accumulators start from the outside gradients and are completed in place, chunk by chunk.
-        grad_u_total = torch.zeros_like(u) if grad_u is None else grad_u.clone()  # of u_n, incl. via S_{n+1}
-        grad_states = torch.zeros_like(states) if grad_states is None else grad_states.clone()  # of S_n, total
+        grad_u_total = _accumulator(grad_u, u)  # of u_n, incl. via S_{n+1}
+        grad_states = _accumulator(grad_states, states)  # of S_n, total
         for n in reversed(range(num_chunks)):
             grad_end = grad_states[n + 1]  # complete: every later chunk has been processed
             grad_u_total[n].baddbmm_(k_to_end[n].transpose(-1, -2), grad_end)
@@ -329,6 +328,18 @@ class ChunkRecurrence(torch.autograd.Function):
         if chunk_decay is not None and needs[3]:
             grad_decay = (grad_states[1:] * states[:-1]).sum((-1, -2), keepdim=True)
         return grad_u_total, grad_w, grad_k_to_end, grad_decay, grad_states[0]
+
+
+def _accumulator(grad: Tensor | None, like: Tensor) -> Tensor:
+    """A dense tensor of our own that starts as `grad` (zeros when None), to be completed in place.
+
+    A sparse gradient (the states at positions pick both outputs of ChunkRecurrence) is densified into
+    a fresh tensor already; a dense one is autograd's and is cloned.
+    """
+    if grad is None:
+        return torch.zeros_like(like)
+    dense = densify(grad)
+    return dense if dense is not grad else grad.clone()
 
 
 def _states_at(
