@@ -145,7 +145,7 @@ def _check_filters(top_p: float, top_k: int) -> None:
         raise ValueError(f"top_k must be a non-negative integer (0 = off), got {top_k!r}")
 
 
-def _check_token_range(ids: Tensor, vocab: int, field: str = "tokens") -> None:
+def _check_token_range(ids: Tensor, vocab: int) -> None:
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
         bad = ids[(ids < 0) | (ids >= vocab)].flatten()[0]
-        raise ValueError(f"{field} contains id {int(bad)} outside the vocabulary [0, {vocab})")
+        raise ValueError(f"tokens contains id {int(bad)} outside the vocabulary [0, {vocab})")
