@@ -208,12 +208,13 @@ class Learner:
             return
         staleness = self.state.step - batch.policy_version
         self.metrics.staleness.observe(max(staleness, 0))
-        if staleness > self.config.service.max_staleness or staleness < 0:
-            self._drop(entry_id, batch, staleness, "stale" if staleness > 0 else "future_version")
-            return
+        # Read whatever happens next: a dropped batch is finished too, and its cursor moves the resume point.
         documents = self.documents.get(batch.document_batch_id)
+        if staleness > self.config.service.max_staleness or staleness < 0:
+            self._drop(entry_id, batch, staleness, "stale" if staleness > 0 else "future_version", documents)
+            return
         if documents is None:
-            self._drop(entry_id, batch, staleness, "documents_missing")
+            self._drop(entry_id, batch, staleness, "documents_missing", None)
             return
         problem = misfit(batch, documents, self.config.model.vocab_size)
         if problem is not None:  # a worker or reward bug: training on it would crash or use wrong rows
@@ -246,12 +247,9 @@ class Learner:
         return batch.token_ids.to(self.device, torch.long), batch.lengths.to(self.device, torch.long)
 
     def _drop(self, entry_id: str, batch: ScoredBatch, staleness: int, reason: str,
-              documents: DocumentBatch | None = None, error: str = "") -> None:
+              documents: DocumentBatch | None, error: str = "") -> None:
+        """Acknowledge and record a batch not trained on; `documents` (None: gone) give its cursor."""
         rollout_id = batch.rollout_batch_id
-        if documents is None and reason != "documents_missing":
-            # Its documents' cursor: a dropped batch is finished too, and the resume point moves past it.
-            documents = retry_redis(lambda: self.documents.get(batch.document_batch_id), "read documents",
-                                    self.outage_timeout_s)
         retry_redis(lambda: self.broker.ack_consumed(SCORED, LEARNER_GROUP, [entry_id], DROPPED_KEY, [rollout_id]),
                     "ack dropped batch", self.outage_timeout_s)
         retry_redis(lambda: self.documents.delete(batch.document_batch_id), "delete documents", self.outage_timeout_s)
