@@ -33,6 +33,7 @@ class LearnerState(BaseModel):
     epoch: int = Field(0, ge=0)
     weight_version: int = Field(0, ge=0, description="policy version of the saved weights (= step)")
     dropped_stale: int = Field(0, ge=0)
+    dropped_invalid: int = Field(0, ge=0, description="scored batches that did not fit their documents")
     skipped_steps: int = Field(0, ge=0)
 
 

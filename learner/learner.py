@@ -128,7 +128,6 @@ class Learner:
         self.checkpointed_step = self.state.step if resume and checkpoint.exists() else -1
         self.resume_point = ResumePoint(epoch=self.state.epoch, cursor=self.state.cursor)
         self.finished = 0
-        self.dropped_invalid = 0
         self.duplicates = 0
         self.last_stats: dict[str, float | int | str] = {}
         self.group: DataParallelGroup | None = None  # with service.num_learners > 1, this is rank 0
@@ -256,7 +255,7 @@ class Learner:
         self._batch_finished(batch.document_batch_id, documents.cursor if documents is not None else None)
         self.state.dropped_stale += reason == "stale"
         self.metrics.stale_dropped.inc(reason == "stale")
-        self.dropped_invalid += reason == "invalid"
+        self.state.dropped_invalid += reason == "invalid"
         self.finished += 1
         if error:
             logger.warning("dropped rollout batch %s of %s (%s): %s", rollout_id, batch.worker_id, reason, error)
@@ -265,7 +264,7 @@ class Learner:
         self._write_progress()
         stats = {"event": "dropped", "reason": reason, "rollout_batch_id": rollout_id,
                  "policy_version": batch.policy_version, "staleness": staleness,
-                 "dropped_stale": self.state.dropped_stale, "dropped_invalid": self.dropped_invalid}
+                 "dropped_stale": self.state.dropped_stale, "dropped_invalid": self.state.dropped_invalid}
         if error:
             stats |= {"error": error, "worker_id": batch.worker_id}
         self._report("dropped", stats)
@@ -300,7 +299,8 @@ class Learner:
         stats = dict(outcome.stats) | extra | {
             "step": state.step, "weight_version": state.weight_version, "document_batch_id": documents.batch_id,
             "cursor": cursor.offset, "data_epoch": cursor.epoch, "tokens": int(documents.lengths.sum()), "skipped_steps": state.skipped_steps,
-            "dropped_stale": state.dropped_stale, "duplicates_skipped": self.duplicates,
+            "dropped_stale": state.dropped_stale, "dropped_invalid": state.dropped_invalid,
+            "duplicates_skipped": self.duplicates,
             "wall_time": round(time.time(), 6),
         }
         self._record(stats, outcome)

@@ -282,3 +282,6 @@ def test_learner_drops_a_scored_batch_that_does_not_fit_its_documents(learner: L
     good = _documents(1)
     _deliver(learner, good, _scored(good, policy_version=0))
     assert (learner.state.step, learner.state.cursor) == (1, good.cursor.offset)
+    # The count is part of the checkpoint, so a resumed run keeps reporting it.
+    learner.checkpoint()
+    assert read_learner_state(learner.out_dir / "checkpoints" / "latest").dropped_invalid == 1
