@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from refine.loop import load_checkpoint, save_checkpoint
 from refine.models import FastWeightLM
+from refine.tokenizer import Tokenizer
 
 __all__ = ["LearnerState", "latest_checkpoint", "load_learner_checkpoint", "read_learner_state",
            "save_learner_checkpoint"]
@@ -46,12 +47,12 @@ def latest_checkpoint(out_dir: str | Path) -> Path:
 
 
 def save_learner_checkpoint(out_dir: str | Path, model: FastWeightLM, optimizer: torch.optim.Optimizer,
-                            generator: torch.Generator, state: LearnerState) -> Path:
+                            generator: torch.Generator, tokenizer: Tokenizer, state: LearnerState) -> Path:
     latest = Path(out_dir) / "checkpoints" / "latest"
     staging = latest.with_name(f"step-{state.step:08d}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    save_checkpoint(staging, model, optimizer, state.step, state.cursor, generator)
+    save_checkpoint(staging, model, optimizer, state.step, state.cursor, generator, tokenizer)
     (staging / STATE_FILE).write_text(state.model_dump_json(indent=2))
     previous = latest.with_name("previous")
     if latest.exists():

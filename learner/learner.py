@@ -31,7 +31,7 @@ import torch
 from learner.data_parallel import DataParallelGroup, free_address, weights_digest
 from learner.checkpoint import LearnerState, latest_checkpoint, load_learner_checkpoint, save_learner_checkpoint
 from learner.update import LEARNER_PHASES, fused_update, onepass_update, rollouts_from_batch
-from refine.config import RunConfig
+from refine.config import RunConfig, run_tokenizer
 from refine.loop import StepResult, make_optimizer, prepare_model
 from services.messages import DataCursor, DocumentBatch, ScoredBatch
 from services.progress import LearnerProgress, StepReport, write_progress
@@ -115,6 +115,7 @@ class Learner:
         self.outage_timeout_s = max(60.0, 4 * config.service.heartbeat_timeout_s)
 
         self.model = prepare_model(config)
+        self.tokenizer = run_tokenizer(config)  # its files go into every checkpoint's model directory
         self.optimizer = make_optimizer(self.model, config.optim)
         self.generator = torch.Generator(device=self.device).manual_seed(config.train.seed)
         self.ref_model = None
@@ -321,7 +322,8 @@ class Learner:
 
     def checkpoint(self) -> None:
         started = time.perf_counter()
-        save_learner_checkpoint(self.out_dir, self.model, self.optimizer, self.generator, self.state)
+        save_learner_checkpoint(self.out_dir, self.model, self.optimizer, self.generator, self.tokenizer,
+                                self.state)
         self.checkpointed_step = self.state.step
         self.metrics.step_seconds.labels(phase="checkpoint").observe(time.perf_counter() - started)
 

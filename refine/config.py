@@ -7,6 +7,7 @@ Defaults are the paper's (REFINE, arXiv 2602.16704) where it states one.
 from __future__ import annotations
 
 import copy
+import json
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -18,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationErr
 from refine.algorithm.selection import min_document_length
 from refine.models import config_from_dict
 from refine.models.config import DeltaNetConfig, ModelConfigBase
+from refine.tokenizer import HFTokenizer, Tokenizer, resolve_tokenizer
 from refine_vllm.settings import VllmEngineConfig  # plain pydantic: importing it needs no vLLM
 
 
@@ -107,7 +109,8 @@ class TrainConfig(Strict):
     log_every: int = Field(1, ge=1)
     checkpoint_every: int = Field(0, ge=0, description="0: only at the end")
     out_dir: str = "runs/latest"
-    init_from: str | None = Field(None, description="model directory to start from instead of random weights")
+    init_from: str | None = Field(None, description="model directory to start from instead of random weights; its "
+                                  "config.json then is the model section")
 
     @field_validator("device")
     @classmethod
@@ -181,7 +184,8 @@ def tiny_delta_net() -> ModelConfigBase:
 
 class RunConfig(Strict):
     model: SerializeAsAny[ModelConfigBase] = Field(default_factory=tiny_delta_net)
-    tokenizer: str | None = Field(None, description="directory with tokenizer.json; None = byte-level")
+    tokenizer: str | None = Field(None, description="directory with tokenizer.json; None = train.init_from's if it "
+                                  "has one, else byte-level")
     data: DataSpec = DataSpec()
     train: TrainConfig = TrainConfig()
     optim: OptimConfig = OptimConfig()
@@ -189,6 +193,19 @@ class RunConfig(Strict):
     service: ServiceConfig = ServiceConfig()
     rollout: RolloutConfig = RolloutConfig()
     demo: DemoConfig | None = Field(None, description="set: run the REFINE-vs-NTP comparison instead of one run")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_of_init_from(cls, values: Any) -> Any:
+        """A run that starts from a checkpoint trains that checkpoint's model: its config.json replaces the
+        model section, so that every check and every actor sees the architecture and vocabulary in use."""
+        if not isinstance(values, dict):
+            return values
+        train = values.get("train")
+        init_from = train.get("init_from") if isinstance(train, dict) else getattr(train, "init_from", None)
+        if init_from:
+            values = {**values, "model": _checkpoint_model_config(str(init_from))}
+        return values
 
     @field_validator("model", mode="before")
     @classmethod
@@ -222,6 +239,48 @@ class RunConfig(Strict):
                 f"(rollouts need documents of >= {shortest} tokens)"
             )
         return self
+
+
+def _checkpoint_model_config(init_from: str) -> dict[str, Any]:
+    config_file = Path(init_from).expanduser() / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"train.init_from={init_from!r} has no config.json: give a model directory "
+                         f"(a checkpoint's model/)")
+    try:
+        values = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"train.init_from={init_from!r}: cannot parse its config.json: {error}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"train.init_from={init_from!r}: its config.json holds no mapping")
+    return values
+
+
+def run_tokenizer(config: RunConfig) -> Tokenizer:
+    """The tokenizer of a run: `tokenizer`, else the one saved with `train.init_from`'s model, else bytes."""
+    return resolve_tokenizer(config.tokenizer, config.train.init_from)
+
+
+def fit_to_tokenizer(config: RunConfig, tokenizer: Tokenizer) -> RunConfig:
+    """The config whose model agrees with the tokenizer that encodes the documents.
+
+    A model built from scratch takes the tokenizer's BOS, EOS and PAD ids (rollouts never sample the model's
+    EOS, and a saved checkpoint names its special ids). A checkpoint (`train.init_from`) keeps its own, and must
+    end sequences with the tokenizer's EOS: a mismatch means the wrong tokenizer for that model."""
+    model = config.model
+    name = str(tokenizer.directory) if isinstance(tokenizer, HFTokenizer) else "byte-level"
+    if tokenizer.vocab_size > model.vocab_size:
+        raise ValueError(f"model.vocab_size={model.vocab_size} is smaller than the vocabulary of tokenizer {name!r} "
+                         f"({tokenizer.vocab_size})")
+    if config.train.init_from:
+        if model.eos_token_id != tokenizer.eos_id:
+            raise ValueError(f"train.init_from={config.train.init_from!r} has eos_token_id={model.eos_token_id} but "
+                             f"tokenizer {name!r} ends documents with id {tokenizer.eos_id}: give the checkpoint's own "
+                             f"tokenizer (--set tokenizer=DIR)")
+        return config
+    ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
+    if all(getattr(model, key) == value for key, value in ids.items()):
+        return config
+    return config.model_copy(update={"model": model.model_copy(update=ids)})
 
 
 def _format_error(err: ValidationError) -> str:

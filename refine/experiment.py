@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from refine.algorithm.losses import ntp_loss  # noqa: E402
-from refine.config import RunConfig, validate_config  # noqa: E402
+from refine.config import RunConfig, run_tokenizer, validate_config  # noqa: E402
 from refine.data.batches import pad_documents  # noqa: E402
 from refine.data.synthetic import (  # noqa: E402
     NiahConfig, RecallCorpusConfig, generate_niah, generate_recall_documents, mqar_for_length,
@@ -28,7 +28,7 @@ from refine.data.synthetic import (  # noqa: E402
 from refine.evaluation.runner import evaluate  # noqa: E402
 from refine.models import FastWeightLM, load_model  # noqa: E402
 from refine.plots import read_metrics  # noqa: E402
-from refine.tokenizer import Tokenizer, load_tokenizer  # noqa: E402
+from refine.tokenizer import Tokenizer  # noqa: E402
 
 Trainer = Callable[[RunConfig], dict]
 
@@ -108,7 +108,7 @@ def run_comparison(config: RunConfig, trainer: Trainer) -> dict:
     out_dir = Path(config.train.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     demo = config.demo
-    tokenizer = load_tokenizer(config.tokenizer)
+    tokenizer = run_tokenizer(config)
 
     pretrain = stage_config(config, "pretrain", "ntp", demo.pretrain_steps, demo.pretrain_lr, None)
     trainer(pretrain)

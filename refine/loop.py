@@ -10,7 +10,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,13 +22,13 @@ from refine.algorithm.rollout import reprefill_rollouts, snapshot_rollouts, choo
 from refine.algorithm.update import (
     LossResult, advantages_for, fused_refine_step, refine_loss, rollout_stats, score_rollouts,
 )
-from refine.config import DTYPES, OptimConfig, RunConfig, dump_config
+from refine.config import DTYPES, OptimConfig, RunConfig, dump_config, fit_to_tokenizer, run_tokenizer
 from refine.data.batches import DocumentBatch
 from refine.data.stream import document_batches
 from refine.models import FastWeightLM, build_model, load_model, save_model
 from refine.plots import plot_metrics
 from refine.runtime import StageTimes, timed_stage, tune_allocator
-from refine.tokenizer import load_tokenizer
+from refine.tokenizer import Tokenizer, save_tokenizer_files
 
 
 @dataclass
@@ -89,9 +89,11 @@ def optimizer_step(model: FastWeightLM, optimizer: torch.optim.Optimizer, result
 
 
 def save_checkpoint(path: Path, model: FastWeightLM, optimizer: torch.optim.Optimizer, step: int, cursor: int,
-                    generator: torch.Generator) -> None:
-    """Model directory (fla-loadable) + trainer state (optimizer, RNG, data cursor) for exact resume."""
+                    generator: torch.Generator, tokenizer: Tokenizer) -> None:
+    """Model directory (fla-loadable, with the tokenizer's files so that `refine eval --model` reads text as
+    training did) + trainer state (optimizer, RNG, data cursor) for exact resume."""
     save_model(model, path / "model")
+    save_tokenizer_files(tokenizer, path / "model")
     torch.save({
         "step": step, "cursor": cursor, "optimizer": optimizer.state_dict(),
         "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
@@ -106,6 +108,61 @@ def load_checkpoint(path: Path, model: FastWeightLM, optimizer: torch.optim.Opti
     generator.set_state(trainer["generator"])
     torch.set_rng_state(trainer["torch_rng"])
     return int(trainer["step"]), int(trainer["cursor"])
+
+
+def resume_from(latest: Path, resume: bool, model: FastWeightLM, optimizer: torch.optim.Optimizer,
+                generator: torch.Generator, program: str) -> tuple[int, int]:
+    """(step, data cursor) to start from: the checkpoint's when resuming from one, else (0, 0)."""
+    if resume and latest.exists():
+        return load_checkpoint(latest, model, optimizer, generator)
+    if resume:
+        tqdm.write(f"{program}: no checkpoint at {latest} to resume from: starting at step 0", file=sys.stderr)
+    return 0, 0
+
+
+@dataclass
+class StepBatch:
+    """One optimizer step's data: its loss (given the stage timer), the data cursor once it is trained, its tokens."""
+
+    loss: Callable[[StageTimes], LossResult]
+    cursor: int
+    tokens: int
+
+
+def run_steps(config: RunConfig, model: FastWeightLM, optimizer: torch.optim.Optimizer, generator: torch.Generator,
+              tokenizer: Tokenizer, next_batch: Callable[[int], StepBatch], step: int, cursor: int, desc: str,
+              shown: tuple[str, ...], progress: bool) -> dict[str, float]:
+    """Optimizer steps `step + 1 .. config.train.steps`, each on `next_batch(cursor)`: a metrics.jsonl row every
+    `log_every` steps (and the last), a checkpoint every `checkpoint_every` steps and at the end, then the
+    plots; the progress bar shows the stats named in `shown`. Returns the last step's stats."""
+    out_dir = Path(config.train.out_dir)
+    latest = out_dir / "checkpoints" / "latest"
+    last: dict[str, float] = {}
+    skipped = 0
+    with (out_dir / "metrics.jsonl").open("a") as metrics_file, \
+            tqdm(total=config.train.steps, initial=step, desc=desc, disable=not progress) as bar:
+        while step < config.train.steps:
+            batch = next_batch(cursor)
+            started = time.perf_counter()  # the data's reading is not part of the step
+            times = StageTimes(config.train.device)
+            result = batch.loss(times)
+            with times.stage("backward_step"):
+                outcome = optimizer_step(model, optimizer, result, config.optim.grad_clip)
+            skipped += outcome.skipped
+            step += 1
+            cursor = batch.cursor
+            last = outcome.stats | times.stats() | {"step": step, "step_seconds": time.perf_counter() - started,
+                                                    "skipped_steps": skipped, "tokens": batch.tokens}
+            if step % config.train.log_every == 0 or step == config.train.steps:
+                metrics_file.write(json.dumps(last) + "\n")
+                metrics_file.flush()
+            bar.set_postfix({k: f"{last[k]:.3f}" for k in shown if k in last})
+            bar.update(1)
+            if config.train.checkpoint_every and step % config.train.checkpoint_every == 0:
+                save_checkpoint(latest, model, optimizer, step, cursor, generator, tokenizer)
+    save_checkpoint(latest, model, optimizer, step, cursor, generator, tokenizer)
+    plot_metrics(out_dir / "metrics.jsonl", out_dir)
+    return last
 
 
 def prepare_model(config: RunConfig) -> FastWeightLM:
@@ -123,14 +180,11 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> dic
     tune_allocator()
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
+    tokenizer = run_tokenizer(config)
+    config = fit_to_tokenizer(config, tokenizer)
     out_dir = Path(config.train.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(dump_config(config))
-    tokenizer = load_tokenizer(config.tokenizer)
-    if tokenizer.vocab_size > config.model.vocab_size:
-        raise ValueError(
-            f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}"
-        )
     model = prepare_model(config)
     optimizer = make_optimizer(model, config.optim)
     generator = torch.Generator(device=config.train.device).manual_seed(config.train.seed)
@@ -138,38 +192,13 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> dic
     if config.refine.kl_coef > 0 and config.train.mode != "ntp":
         ref_model = prepare_model(config).requires_grad_(False)
 
-    step, cursor = 0, 0
-    latest = out_dir / "checkpoints" / "latest"
-    if resume and latest.exists():
-        step, cursor = load_checkpoint(latest, model, optimizer, generator)
-    elif resume:
-        tqdm.write(f"refine: no checkpoint at {latest} to resume from: starting at step 0", file=sys.stderr)
+    step, cursor = resume_from(out_dir / "checkpoints" / "latest", resume, model, optimizer, generator, "refine")
     batches: Iterator[DocumentBatch] = document_batches(config, tokenizer, start_cursor=cursor)
-    metrics_file = (out_dir / "metrics.jsonl").open("a")
-    last: dict[str, float] = {}
-    bar = tqdm(total=config.train.steps, initial=step, desc=f"train[{config.train.mode}]", disable=not progress)
-    skipped = 0
-    while step < config.train.steps:
+
+    def next_batch(_: int) -> StepBatch:  # the stream carries its own cursor
         batch = next(batches).to(config.train.device)
-        started = time.perf_counter()
-        times = StageTimes(config.train.device)
-        result = compute_loss(model, batch, config, generator, ref_model, times)
-        with times.stage("backward_step"):
-            outcome = optimizer_step(model, optimizer, result, config.optim.grad_clip)
-        skipped += outcome.skipped
-        step += 1
-        cursor = batch.cursor
-        last = outcome.stats | times.stats() | {"step": step, "step_seconds": time.perf_counter() - started,
-                                                "skipped_steps": skipped, "tokens": int(batch.lengths.sum())}
-        if step % config.train.log_every == 0 or step == config.train.steps:
-            metrics_file.write(json.dumps(last) + "\n")
-            metrics_file.flush()
-        bar.set_postfix({k: f"{last[k]:.3f}" for k in ("loss", "reward_mean") if k in last})
-        bar.update(1)
-        if config.train.checkpoint_every and step % config.train.checkpoint_every == 0:
-            save_checkpoint(latest, model, optimizer, step, cursor, generator)
-    bar.close()
-    metrics_file.close()
-    save_checkpoint(latest, model, optimizer, step, cursor, generator)
-    plot_metrics(out_dir / "metrics.jsonl", out_dir)
-    return last
+        return StepBatch(loss=lambda times: compute_loss(model, batch, config, generator, ref_model, times),
+                         cursor=batch.cursor, tokens=int(batch.lengths.sum()))
+
+    return run_steps(config, model, optimizer, generator, tokenizer, next_batch, step, cursor,
+                     desc=f"train[{config.train.mode}]", shown=("loss", "reward_mean"), progress=progress)

@@ -30,9 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import shutil
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -42,21 +40,18 @@ from pydantic import BaseModel
 from tqdm.auto import tqdm
 
 from refine.algorithm.selection import min_document_length
-from refine.config import RunConfig, dump_config, load_config
+from refine.config import RunConfig, dump_config, fit_to_tokenizer, load_config, run_tokenizer
 from refine.data.tasks import TaskExample, load_longbench, load_ruler_qa
-from refine.evaluation.runner import prompt_tokens, resolve_tokenizer
-from refine.loop import load_checkpoint, make_optimizer, optimizer_step, prepare_model, save_checkpoint
-from refine.models import FastWeightLM
+from refine.evaluation.runner import prompt_tokens
+from refine.algorithm.update import LossResult
+from refine.loop import StepBatch, make_optimizer, prepare_model, resume_from, run_steps
 from refine.phases import QAExample, posttrain_loss
-from refine.plots import plot_metrics
 from refine.runtime import StageTimes, tune_allocator
-from refine.tokenizer import HFTokenizer, Tokenizer
+from refine.tokenizer import Tokenizer
 
 POSTTRAIN_TASKS = ("ruler-qa", "longbench")
 # Used when no config file is given (a config file states its own): the paper's post-training reward.
 POSTTRAIN_DEFAULTS: dict[str, Any] = {"refine": {"reward": "hybrid"}, "train": {"out_dir": "runs/posttrain"}}
-# Copied next to each checkpoint's model so that `refine eval --model .../model` finds the tokenizer.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 class DataSummary(BaseModel):
@@ -80,8 +75,6 @@ def check_config(config: RunConfig, sft_coef: float) -> None:
     if config.train.init_from is None:
         raise ValueError("train.init_from is not set: post-training starts from a trained model; give its checkpoint "
                          "directory, e.g. --set train.init_from=checkpoints/delta_net-1.3B-100B")
-    if not Path(config.train.init_from).is_dir():
-        raise FileNotFoundError(f"train.init_from={config.train.init_from!r} is not a model directory")
     if config.train.mode != "fused":
         raise ValueError(f"train.mode={config.train.mode!r}: refine posttrain runs the fused nested step only "
                          f"(REFINE on the context + SFT on the answer); set train.mode=fused")
@@ -168,13 +161,6 @@ def batch_indices(num_examples: int, seed: int, cursor: int, batch_size: int) ->
 # ---------------------------------------------------------------- training
 
 
-def copy_tokenizer_files(tokenizer: Tokenizer, model_dir: Path) -> None:
-    if isinstance(tokenizer, HFTokenizer):
-        for name in TOKENIZER_FILES:
-            if (tokenizer.directory / name).is_file():
-                shutil.copyfile(tokenizer.directory / name, model_dir / name)
-
-
 def posttrain(config: RunConfig, data: str | Path, task: str, sft_coef: float = 1.0, resume: bool = False,
               progress: bool = True) -> dict[str, float]:
     """Run `config.train.steps` nested post-training steps on the task file; returns the last step's stats."""
@@ -182,13 +168,11 @@ def posttrain(config: RunConfig, data: str | Path, task: str, sft_coef: float = 
     tune_allocator()
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
-    tokenizer = resolve_tokenizer(config.tokenizer, Path(config.train.init_from))
+    tokenizer = run_tokenizer(config)
     examples, summary = prepare_examples(load_examples(task, data, config.data.skip_bad_rows), tokenizer, config,
                                          data, task, sft_coef)
+    config = fit_to_tokenizer(config, tokenizer)
     model = prepare_model(config)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
-                         f"{model.config.vocab_size}: wrong tokenizer for train.init_from={config.train.init_from!r}?")
     out_dir = Path(config.train.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(dump_config(config))
@@ -196,49 +180,23 @@ def posttrain(config: RunConfig, data: str | Path, task: str, sft_coef: float = 
     optimizer = make_optimizer(model, config.optim)
     generator = torch.Generator(device=config.train.device).manual_seed(config.train.seed)
 
-    step, cursor = 0, 0
-    latest = out_dir / "checkpoints" / "latest"
-    if resume and latest.exists():
-        step, cursor = load_checkpoint(latest, model, optimizer, generator)
-    elif resume:
-        _note(f"no checkpoint at {latest} to resume from: starting at step 0")
-    metrics_file = (out_dir / "metrics.jsonl").open("a")
-    last: dict[str, float] = {}
-    bar = tqdm(total=config.train.steps, initial=step, desc="posttrain", disable=not progress)
-    skipped = 0
-    while step < config.train.steps:
+    step, cursor = resume_from(out_dir / "checkpoints" / "latest", resume, model, optimizer, generator,
+                               "refine posttrain")
+
+    def next_batch(cursor: int) -> StepBatch:
         batch = [examples[i] for i in batch_indices(len(examples), config.train.seed, cursor, config.train.batch_size)]
-        started = time.perf_counter()
-        times = StageTimes(config.train.device)
-        # One stage for the whole nested loss: posttrain_loss takes no timer for its forward/rollout parts.
-        with times.stage("loss"):
-            result = posttrain_loss(model, batch, config.refine, sft_coef, generator, tokenizer.pad_id)
-        with times.stage("backward_step"):
-            outcome = optimizer_step(model, optimizer, result, config.optim.grad_clip)
-        skipped += outcome.skipped
-        step += 1
-        cursor += len(batch)
+
+        def loss(times: StageTimes) -> LossResult:
+            # One stage for the whole nested loss: posttrain_loss takes no timer for its forward/rollout parts.
+            with times.stage("loss"):
+                return posttrain_loss(model, batch, config.refine, sft_coef, generator, tokenizer.pad_id)
+
         tokens = sum(len(ex.context) + len(ex.question) + len(ex.answer) for ex in batch)
-        last = outcome.stats | times.stats() | {"step": step, "step_seconds": time.perf_counter() - started,
-                                                "skipped_steps": skipped, "tokens": tokens}
-        if step % config.train.log_every == 0 or step == config.train.steps:
-            metrics_file.write(json.dumps(last) + "\n")
-            metrics_file.flush()
-        bar.set_postfix({k: f"{last[k]:.3f}" for k in ("loss", "sft_loss", "reward_mean") if k in last})
-        bar.update(1)
-        if config.train.checkpoint_every and step % config.train.checkpoint_every == 0:
-            _save(latest, model, optimizer, step, cursor, generator, tokenizer)
-    bar.close()
-    metrics_file.close()
-    _save(latest, model, optimizer, step, cursor, generator, tokenizer)
-    plot_metrics(out_dir / "metrics.jsonl", out_dir)
+        return StepBatch(loss=loss, cursor=cursor + len(batch), tokens=tokens)
+
+    last = run_steps(config, model, optimizer, generator, tokenizer, next_batch, step, cursor, desc="posttrain",
+                     shown=("loss", "sft_loss", "reward_mean"), progress=progress)
     return last | {"examples_used": summary.examples_used, "skipped_short_context": summary.skipped_short_context}
-
-
-def _save(path: Path, model: FastWeightLM, optimizer: torch.optim.Optimizer, step: int, cursor: int,
-          generator: torch.Generator, tokenizer: Tokenizer) -> None:
-    save_checkpoint(path, model, optimizer, step, cursor, generator)
-    copy_tokenizer_files(tokenizer, path / "model")
 
 
 def _note(message: str) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -112,6 +113,7 @@ class HFTokenizer:
         file = path / "tokenizer.json" if path.is_dir() else path
         if not file.is_file():
             raise FileNotFoundError(f"tokenizer path {str(path)!r} has no tokenizer.json")
+        self.file = file
         self.directory = file.parent
         try:
             self._tokenizer = _RustTokenizer.from_file(str(file))
@@ -209,6 +211,22 @@ def _read_special_token_settings(directory: Path) -> dict[str, Any]:
 
 
 BYTE_TOKENIZER_NAMES = ("byte", "bytes")
+# The special-token files that travel with tokenizer.json (a tokenizer directory's config.json is a model's).
+SPECIAL_TOKEN_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+
+
+def save_tokenizer_files(tokenizer: Tokenizer, directory: Path) -> None:
+    """Copy a Hugging Face tokenizer's files into `directory` (a saved model), where `load_tokenizer` and
+    `refine eval --model` find them; the byte tokenizer has none, and is what a directory without them gets."""
+    if not isinstance(tokenizer, HFTokenizer):
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    copies = [(tokenizer.file, directory / "tokenizer.json")]
+    copies += [(tokenizer.directory / name, directory / name) for name in SPECIAL_TOKEN_FILES]
+    for source, target in copies:
+        # A model resumed in place may have been given its own directory as the tokenizer.
+        if source.is_file() and not (target.exists() and target.samefile(source)):
+            shutil.copyfile(source, target)
 
 
 def load_tokenizer(path: str | Path | None) -> Tokenizer:
@@ -230,3 +248,13 @@ def load_tokenizer(path: str | Path | None) -> Tokenizer:
             )
         raise FileNotFoundError(f"tokenizer directory {str(path)!r} has no tokenizer.json (found {present}){hint}")
     return HFTokenizer(location)
+
+
+def resolve_tokenizer(path: str | Path | None, model_dir: str | Path | None = None) -> Tokenizer:
+    """`path` when given; else the tokenizer saved with the model in `model_dir` (every checkpoint's model/
+    holds its run's); else the byte tokenizer."""
+    if path is not None:
+        return load_tokenizer(path)
+    if model_dir is not None and (Path(model_dir) / "tokenizer.json").is_file():
+        return load_tokenizer(model_dir)
+    return ByteTokenizer()

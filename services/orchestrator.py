@@ -60,11 +60,10 @@ import redis
 import torch
 from tqdm import tqdm
 
-from refine.config import RunConfig, ServiceConfig, dump_config
+from refine.config import RunConfig, ServiceConfig, dump_config, fit_to_tokenizer, run_tokenizer
 from refine.data.batches import DocumentBatch as LocalBatch
 from refine.data.stream import document_batches
 from refine.plots import plot_metrics
-from refine.tokenizer import load_tokenizer
 from services.broker import Broker
 from services.messages import DataCursor, DocumentBatch
 from services.metrics import Metrics, serve_metrics
@@ -148,6 +147,7 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True, ray_addr
     """
     check_service_config(config)
     config = _absolute_paths(config)
+    config = fit_to_tokenizer(config, run_tokenizer(config))  # before any actor reads the model section
     out_dir = Path(config.train.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(dump_config(config))
@@ -346,11 +346,7 @@ class Orchestrator:
                         desc=f"train[service:{self.config.service.mode}]", disable=not self.show_progress)
 
     def _document_batches(self, cursor: int) -> Iterator[LocalBatch]:
-        tokenizer = load_tokenizer(self.config.tokenizer)
-        if tokenizer.vocab_size > self.config.model.vocab_size:
-            raise ValueError(f"model.vocab_size={self.config.model.vocab_size} is smaller than the "
-                             f"tokenizer's {tokenizer.vocab_size}")
-        return document_batches(self.config, tokenizer, start_cursor=cursor)
+        return document_batches(self.config, run_tokenizer(self.config), start_cursor=cursor)
 
     # -- main loop ------------------------------------------------------------------------------
 

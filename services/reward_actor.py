@@ -10,8 +10,7 @@ from __future__ import annotations
 import json
 import threading
 
-from refine.config import RunConfig
-from refine.tokenizer import load_tokenizer
+from refine.config import RunConfig, run_tokenizer
 from reward.worker import HEARTBEAT_ROLE, RewardWorker
 from services.resilience import retry_redis
 from services.role import RoleRuntime
@@ -32,7 +31,7 @@ class RewardReplica:
         self.runtime = RoleRuntime(ROLE, replica_id, redis_url, namespace, config.service.metrics_discovery_dir)
         decode = None
         if config.refine.reward not in _SELF_SUPERVISED:
-            decode = load_tokenizer(config.tokenizer).decode
+            decode = run_tokenizer(config).decode
         self.worker = retry_redis(lambda: RewardWorker(  # it creates its consumer group: Redis may be restarting
             self.runtime.broker, config.refine.reward, rollout_stream=ROLLOUTS, scored_stream=SCORED,
             group=REWARD_GROUP, consumer=replica_id, metrics=self.runtime.metrics, decode=decode,

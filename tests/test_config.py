@@ -88,3 +88,41 @@ def test_demo_file_spells_out_the_embedded_main_job():
 
     demo_file = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
     assert load_config(demo_file) == load_config(None, defaults=DEMO_DEFAULTS)
+
+
+def test_a_run_from_a_checkpoint_takes_its_model_section(tmp_path):
+    import torch
+
+    from refine.models import build_model, save_model
+
+    torch.manual_seed(0)
+    save_model(build_model(dict(model_type="gated_deltanet", vocab_size=300, hidden_size=32, num_heads=2,
+                                num_hidden_layers=1, head_dim=16)), tmp_path / "ckpt")
+    config = load_config(None, [f"train.init_from={tmp_path / 'ckpt'}", "model.vocab_size=260"])
+    assert (config.model.model_type, config.model.vocab_size, config.model.hidden_size) == ("gated_deltanet", 300, 32)
+    assert load_config(None, [f"train.init_from={tmp_path / 'ckpt'}"]).model == config.model
+    with pytest.raises(ConfigError, match=r"train\.init_from='.*nowhere' has no config\.json"):
+        load_config(None, [f"train.init_from={tmp_path / 'nowhere'}"])
+
+
+def test_the_model_agrees_with_the_tokenizer(tmp_path):
+    import torch
+
+    from refine.config import fit_to_tokenizer
+    from refine.models import build_model, save_model
+    from refine.tokenizer import ByteTokenizer
+
+    byte = ByteTokenizer()
+    # From scratch: the model takes the tokenizer's special ids (gated_deltanet's own defaults are 1 and 2).
+    scratch = fit_to_tokenizer(load_config(None, ["model.model_type=gated_deltanet"]), byte)
+    assert (scratch.model.bos_token_id, scratch.model.eos_token_id, scratch.model.pad_token_id) == (
+        byte.bos_id, byte.eos_id, byte.pad_id)
+    with pytest.raises(ValueError, match=r"model\.vocab_size=200 is smaller than the vocabulary of tokenizer "
+                                         r"'byte-level' \(260\)"):
+        fit_to_tokenizer(load_config(None, ["model.vocab_size=200"]), byte)
+    # From a checkpoint: its EOS must be the tokenizer's.
+    torch.manual_seed(0)
+    save_model(build_model(dict(model_type="delta_net", vocab_size=260, hidden_size=32, num_heads=2,
+                                num_hidden_layers=1, eos_token_id=2)), tmp_path / "ckpt")
+    with pytest.raises(ValueError, match=r"has eos_token_id=2 but tokenizer 'byte-level' ends documents with id 258"):
+        fit_to_tokenizer(load_config(None, [f"train.init_from={tmp_path / 'ckpt'}"]), byte)

@@ -90,3 +90,19 @@ def test_every_mode_trains_on_cuda(tmp_path, mode, dtype):
     assert stats["skipped_steps"] == 0
     if mode != "ntp":
         assert torch.isfinite(torch.tensor(stats["reward_mean"]))
+
+
+def test_checkpoints_carry_the_runs_tokenizer(tmp_path):
+    from test_tokenizer import write_bpe_tokenizer
+
+    from refine.tokenizer import load_tokenizer, resolve_tokenizer
+
+    write_bpe_tokenizer(tmp_path / "tok")
+    train(_config(tmp_path / "run", "ntp", steps=1, extra=(f"tokenizer={tmp_path / 'tok'}", "model.vocab_size=320")),
+          progress=False)
+    model_dir = tmp_path / "run" / "checkpoints" / "latest" / "model"
+    # What `refine eval --model` picks without --tokenizer: the run's tokenizer, not the byte fallback.
+    found, original = resolve_tokenizer(None, model_dir), load_tokenizer(tmp_path / "tok")
+    text = "a document about fast weights"
+    assert found.vocab_size == original.vocab_size == 320
+    assert found.encode(text) == original.encode(text) and found.eos_id == original.eos_id

@@ -17,7 +17,8 @@ SMALL_REFINE = ["refine.num_chunks=2", "refine.rollout_len=3", "refine.margin=4"
 def _init_model(tmp_path):
     torch.manual_seed(0)
     model = build_model(dict(model_type="delta_net", hidden_size=32, num_heads=2, num_hidden_layers=1,
-                             vocab_size=260, intermediate_size=32))
+                             vocab_size=260, intermediate_size=32, pad_token_id=256, bos_token_id=257,
+                             eos_token_id=258))  # the byte tokenizer's special ids
     return save_model(model, tmp_path / "init")
 
 

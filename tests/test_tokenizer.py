@@ -5,7 +5,7 @@ import pytest
 from tokenizers import Tokenizer as RustTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from refine.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
+from refine.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer, save_tokenizer_files
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -134,3 +134,17 @@ def test_load_tokenizer_defaults_and_errors(tmp_path):
     (tmp_path / "broken" / "tokenizer.json").write_text("{not json")
     with pytest.raises(ValueError, match="cannot read tokenizer file"):
         load_tokenizer(str(tmp_path / "broken"))
+
+
+def test_save_tokenizer_files_copies_what_load_tokenizer_reads(tmp_path):
+    rust = write_bpe_tokenizer(tmp_path / "src")
+    (tmp_path / "src" / "tokenizer.json").rename(tmp_path / "src" / "custom.json")  # a file path, any name
+    (tmp_path / "src" / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<pad>"}))
+    original = load_tokenizer(tmp_path / "src" / "custom.json")
+    save_tokenizer_files(original, tmp_path / "model")
+    copied = load_tokenizer(tmp_path / "model")
+    assert copied.encode("some text") == original.encode("some text")
+    assert copied.eos_id == original.eos_id == rust.token_to_id("<pad>")  # tokenizer_config.json came along
+    save_tokenizer_files(copied, tmp_path / "model")  # into its own directory: nothing to copy, no error
+    save_tokenizer_files(ByteTokenizer(), tmp_path / "bytes")  # the byte tokenizer has no files
+    assert not (tmp_path / "bytes").exists()

@@ -34,7 +34,7 @@ from refine.evaluation.score import score_predictions
 from refine.generate import generate
 from refine.models import FastWeightLM, load_model
 from refine.phases import adapt_and_answer
-from refine.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
+from refine.tokenizer import Tokenizer, resolve_tokenizer
 
 CLI_TASKS = ("niah", "mqar", "ruler-qa", "longbench")
 DEFAULT_MAX_NEW_TOKENS = 32
@@ -398,15 +398,6 @@ def _column_hint(path: str, task: str) -> str:
         return ""
     accepted = " or ".join("+".join(columns) for columns in alternatives)
     return f"; its first row has fields {fields}, --task {task} expects {accepted}"
-
-
-def resolve_tokenizer(tokenizer_path: str | None, model_dir: Path) -> Tokenizer:
-    """--tokenizer, else the model directory's tokenizer.json, else the byte tokenizer."""
-    if tokenizer_path is not None:
-        return load_tokenizer(tokenizer_path)
-    if (model_dir / "tokenizer.json").is_file():
-        return load_tokenizer(model_dir)
-    return ByteTokenizer()
 
 
 def default_output(model_dir: Path, task: str, ttt: bool) -> Path:
