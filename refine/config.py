@@ -104,7 +104,8 @@ class TrainConfig(Strict):
     batch_size: int = Field(4, ge=1, description="documents per optimizer step")
     seed: int = 0
     device: str = "cpu"
-    dtype: Literal["float32", "float64", "bfloat16"] = "float32"
+    dtype: Literal["float32", "float64", "bfloat16"] = Field(
+        "float32", description="the model's weights and compute; with bfloat16 the optimizer keeps float32 masters")
     threads: int | None = Field(None, ge=1)
     log_every: int = Field(1, ge=1)
     checkpoint_every: int = Field(0, ge=0, description="0: only at the end")

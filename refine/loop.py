@@ -26,6 +26,7 @@ from refine.config import DTYPES, OptimConfig, RunConfig, dump_config, fit_to_to
 from refine.data.batches import DocumentBatch
 from refine.data.stream import document_batches
 from refine.models import FastWeightLM, build_model, load_model, save_model
+from refine.optim import MasterWeightAdamW, has_low_precision_weights
 from refine.plots import plot_metrics
 from refine.runtime import StageTimes, timed_stage, tune_allocator
 from refine.tokenizer import Tokenizer, save_tokenizer_files
@@ -38,8 +39,12 @@ class StepResult:
 
 
 def make_optimizer(model: FastWeightLM, optim: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW over every parameter, weight decay included, as the paper's code (verl's FSDP workers) builds it."""
-    return torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay, betas=optim.betas)
+    """AdamW over every parameter, weight decay included, as the paper's code (verl's FSDP workers) builds it;
+    with float32 master weights when the model's are bfloat16 or float16 (see refine.optim)."""
+    options = dict(lr=optim.lr, weight_decay=optim.weight_decay, betas=optim.betas)
+    if has_low_precision_weights(model):
+        return MasterWeightAdamW(model.parameters(), **options)
+    return torch.optim.AdamW(model.parameters(), **options)
 
 
 def compute_loss(model: FastWeightLM, batch: DocumentBatch, config: RunConfig, generator: torch.Generator,

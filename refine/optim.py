@@ -1,0 +1,68 @@
+"""AdamW with float32 master weights, for models whose parameters are bfloat16 or float16.
+
+A bfloat16 weight of magnitude 0.02 moves in steps of about 1e-4, so an AdamW update of lr = 1e-6 (the
+paper's) rounds back to the same value and the model does not train. As in mixed-precision training (the
+paper's FSDP runs keep float32 parameters), the optimizer holds float32 copies of the weights and its
+moments, steps them with the gradients cast to float32, and writes the rounded result into the model.
+The model keeps computing in its own dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+class MasterWeightAdamW(torch.optim.AdamW):
+    """torch.optim.AdamW over float32 masters of `params`; `step` writes the masters back into `params`.
+
+    Its state dict is AdamW's plus the masters ("master_weights"), so a resumed run continues exactly."""
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], **adamw_options: Any) -> None:
+        self.model_params = [param for param in params if param.requires_grad]
+        masters = [param.detach().to(torch.float32).clone().requires_grad_(True) for param in self.model_params]
+        super().__init__(masters, **adamw_options)
+        self.masters = masters
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for param in self.model_params:
+            if set_to_none:
+                param.grad = None
+            elif param.grad is not None:
+                param.grad.zero_()
+        super().zero_grad(set_to_none=set_to_none)
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        if closure is not None:
+            raise ValueError("MasterWeightAdamW.step takes no closure")
+        for param, master in zip(self.model_params, self.masters):
+            master.grad = None if param.grad is None else param.grad.to(torch.float32)
+        super().step()
+        for param, master in zip(self.model_params, self.masters):
+            param.copy_(master)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["master_weights"] = [master.detach().clone() for master in self.masters]
+        return state
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = dict(state_dict)
+        masters = state.pop("master_weights", None)
+        super().load_state_dict(state)
+        if masters is None:  # saved by a plain AdamW (a full-precision run): start from the model's weights
+            masters = [param.detach() for param in self.model_params]
+        if len(masters) != len(self.masters):
+            raise ValueError(f"optimizer state has {len(masters)} master weights, the model {len(self.masters)}")
+        for master, saved in zip(self.masters, masters):
+            master.copy_(saved)
+
+
+def has_low_precision_weights(model: torch.nn.Module) -> bool:
+    return any(param.dtype in LOW_PRECISION for param in model.parameters())

@@ -1,0 +1,74 @@
+"""Float32 master weights for low-precision models: the steps of a float32 AdamW, rounded into the model."""
+
+import pytest
+import torch
+
+from refine.config import OptimConfig
+from refine.loop import make_optimizer
+from refine.models import build_model
+from refine.optim import MasterWeightAdamW
+
+OPTIONS = dict(lr=1e-6, weight_decay=0.01, betas=(0.9, 0.999))
+
+
+def _grads(step: int, shapes: list[torch.Size]) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(step)
+    # bfloat16-representable, so the float32 reference and the bfloat16 model see the same gradient.
+    return [torch.randn(shape, generator=generator).bfloat16().float() for shape in shapes]
+
+
+def _run(steps: int, optimizer: torch.optim.Optimizer, params: list[torch.Tensor], first: int = 0) -> None:
+    for step in range(first, first + steps):
+        optimizer.zero_grad()
+        for param, grad in zip(params, _grads(step, [p.shape for p in params])):
+            param.grad = grad.to(param.dtype)
+        optimizer.step()
+
+
+def test_bfloat16_weights_follow_the_float32_adamw_trajectory():
+    torch.manual_seed(0)
+    reference = [torch.nn.Parameter(torch.randn(16, 8) * 0.02), torch.nn.Parameter(torch.randn(8))]
+    model = [torch.nn.Parameter(p.detach().bfloat16()) for p in reference]
+    reference = [torch.nn.Parameter(p.detach().bfloat16().float()) for p in reference]  # the same start
+    masters = MasterWeightAdamW(model, **OPTIONS)
+    _run(20, torch.optim.AdamW(reference, **OPTIONS), reference)
+    _run(20, masters, model)
+    for master, ref, param in zip(masters.masters, reference, model):
+        assert torch.equal(master, ref.detach())  # exactly float32 AdamW
+        assert torch.equal(param.detach(), ref.detach().bfloat16())  # the model holds it, rounded
+    # A plain bfloat16 AdamW loses these updates: lr 1e-6 is far below a bfloat16 weight's spacing.
+    plain = [torch.nn.Parameter(p.detach().bfloat16().float().bfloat16()) for p in reference]
+    start = [p.detach().clone() for p in plain]
+    _run(20, torch.optim.AdamW(plain, **OPTIONS), plain)
+    moved = sum(int((p.detach() != s).sum()) for p, s in zip(plain, start))
+    moved_master = sum(int((m != s.float()).sum()) for m, s in zip(masters.masters, start))
+    assert moved < moved_master / 4
+
+
+def test_state_dict_resumes_exactly(tmp_path):
+    torch.manual_seed(0)
+    start = [torch.randn(4, 4) * 0.02]
+    straight = [torch.nn.Parameter(start[0].bfloat16())]
+    optimizer = MasterWeightAdamW(straight, **OPTIONS)
+    _run(5, optimizer, straight)
+
+    first = [torch.nn.Parameter(start[0].bfloat16())]
+    optimizer = MasterWeightAdamW(first, **OPTIONS)
+    _run(3, optimizer, first)
+    torch.save({"model": first[0].detach(), "optimizer": optimizer.state_dict()}, tmp_path / "ckpt.pt")
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)  # tensors and numbers only
+    resumed = [torch.nn.Parameter(saved["model"].clone())]
+    optimizer = MasterWeightAdamW(resumed, **OPTIONS)
+    optimizer.load_state_dict(saved["optimizer"])
+    _run(2, optimizer, resumed, first=3)
+    assert torch.equal(resumed[0].detach(), straight[0].detach())
+
+
+def test_make_optimizer_keeps_masters_only_for_low_precision_models():
+    model = build_model(dict(model_type="delta_net", hidden_size=16, num_heads=2, num_hidden_layers=1, vocab_size=10))
+    assert type(make_optimizer(model, OptimConfig())) is torch.optim.AdamW
+    optimizer = make_optimizer(model.to(torch.bfloat16), OptimConfig())
+    assert isinstance(optimizer, MasterWeightAdamW)
+    assert all(m.dtype == torch.float32 for m in optimizer.masters)
+    with pytest.raises(ValueError, match="master weights"):
+        optimizer.load_state_dict(optimizer.state_dict() | {"master_weights": []})
