@@ -278,7 +278,10 @@ def fit_to_tokenizer(config: RunConfig, tokenizer: Tokenizer) -> RunConfig:
                              f"tokenizer {name!r} ends documents with id {tokenizer.eos_id}: give the checkpoint's own "
                              f"tokenizer (--set tokenizer=DIR)")
         return config
-    ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
+    # A tokenizer without a pad token pads with EOS; the model then names none (fla's embedding would
+    # otherwise never train the EOS row, its padding_idx).
+    pad = tokenizer.pad_id if tokenizer.pad_id != tokenizer.eos_id else None
+    ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": pad}
     if all(getattr(model, key) == value for key, value in ids.items()):
         return config
     return config.model_copy(update={"model": model.model_copy(update=ids)})

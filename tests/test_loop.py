@@ -120,3 +120,6 @@ def test_checkpoints_carry_the_runs_tokenizer(tmp_path):
     text = "a document about fast weights"
     assert found.vocab_size == original.vocab_size == 320
     assert found.encode(text) == original.encode(text) and found.eos_id == original.eos_id
+    # The model built from scratch took the tokenizer's special ids (no pad token: the model names none).
+    saved = load_model(model_dir).config
+    assert (saved.bos_token_id, saved.eos_token_id, saved.pad_token_id) == (original.bos_id, original.eos_id, None)
