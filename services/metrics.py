@@ -1,10 +1,12 @@
 """Prometheus metrics of every role, and how Prometheus finds them.
 
-Every process (orchestrator, each rollout worker, each reward replica, each learner rank) serves its
+Every process (orchestrator, each rollout worker, each reward replica, the learner: rank 0) serves its
 own registry on an ephemeral port, so any number of actors share a node without port collisions,
 and announces itself with a file in Prometheus' file service-discovery format:
-`<discovery_dir>/<role>-<instance>.json` =
+`<discovery_dir>/<role>-<instance>-<host>_<port>.json` =
 [{"targets": ["host:port"], "labels": {"role": ..., "instance_id": ..., "node": ...}}].
+The target host:port in the name keeps the files of two runs on one node apart: instance ids such as
+`learner-0` repeat from run to run, and each process removes only its own file.
 deploy/prometheus.yml reads every such file (`file_sd_configs`). Metric names all start with `refine_`.
 """
 
@@ -83,8 +85,10 @@ class MetricsEndpoint:
 
 
 def _reachable_host() -> str:
-    """An address Prometheus on this node can reach: loopback unless told otherwise."""
-    return os.environ.get("REFINE_METRICS_HOST", "127.0.0.1")
+    """An address Prometheus on this node can reach: loopback unless told otherwise (an empty
+    REFINE_METRICS_HOST, as a failed `hostname -i` in a launcher leaves it, counts as unset)."""
+    host = os.environ.get("REFINE_METRICS_HOST", "").strip() or "127.0.0.1"
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host  # an IPv6 address in a target
 
 
 def serve_metrics(metrics: Metrics, role: str, instance: str, discovery_dir: str | Path | None = DEFAULT_DISCOVERY_DIR,
@@ -97,7 +101,8 @@ def serve_metrics(metrics: Metrics, role: str, instance: str, discovery_dir: str
     if discovery_dir is not None:
         directory = Path(discovery_dir)
         directory.mkdir(parents=True, exist_ok=True)
-        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in f"{role}-{instance}")
+        # One file per served target: a same-named member of another run on this node keeps its own.
+        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in f"{role}-{instance}-{host}_{port}")
         discovery_file = directory / f"{safe}.json"
         payload = [{"targets": [f"{host}:{port}"],
                     "labels": {"role": role, "instance_id": instance, "node": socket.gethostname()}}]

@@ -179,11 +179,17 @@ def _file_label(file: Path, root: Path) -> str:
 class _ParquetReader:
     def __init__(self, path: Path, columns: list[str], optional_columns: list[str]) -> None:
         try:
+            import pyarrow as pa
             import pyarrow.parquet as pq
         except ImportError as error:  # pragma: no cover - pyarrow is a dependency
             raise ImportError("reading parquet needs pyarrow: pip install pyarrow") from error
         self.root = path
-        self.files = [(file, pq.ParquetFile(file)) for file in source_files(path, "parquet")]
+        self.files: list[tuple[Path, Any]] = []
+        for file in source_files(path, "parquet"):
+            try:
+                self.files.append((file, pq.ParquetFile(file)))
+            except (pa.ArrowException, OSError) as error:  # not parquet, or a damaged footer
+                raise DataSourceError(f"parquet file {str(file)!r} cannot be opened ({error})") from error
         self.columns: list[str] = []
         for file, parquet in self.files:
             present = parquet.schema_arrow.names
@@ -197,6 +203,23 @@ class _ParquetReader:
 
     def count(self) -> int:
         return sum(parquet.metadata.num_rows for _, parquet in self.files)
+
+    def _batches(self, file: Path, parquet: Any, group: int, first_row: int, num_rows: int) -> Iterator[Any]:
+        """The record batches of one row group; a damaged page fails naming the file, the group and its rows."""
+        import pyarrow as pa
+
+        batches = parquet.iter_batches(row_groups=[group], columns=self.columns, batch_size=1024)
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except (pa.ArrowException, OSError) as error:
+                raise DataSourceError(
+                    f"parquet file {str(file)!r}, row group {group} (rows {first_row}-{first_row + num_rows - 1}): "
+                    f"cannot be read ({error})"
+                ) from error
+            yield batch
 
     def rows(self, start: int, stop: int | None) -> Iterator[Row]:
         index = 0
@@ -213,7 +236,7 @@ class _ParquetReader:
                     index += group_rows
                     continue
                 row_in_file = index - file_start
-                for batch in parquet.iter_batches(row_groups=[group], columns=self.columns, batch_size=1024):
+                for batch in self._batches(file, parquet, group, row_in_file, group_rows):
                     values = batch.to_pydict()
                     for offset in range(batch.num_rows):
                         if stop is not None and index >= stop:
@@ -270,9 +293,14 @@ class _JsonlReader:
             self.policy.reject(location, _undecodable(raw, error))
             return None
         try:
-            record = json.loads(text)
+            # Without its line terminator, so an error at the end of the line reports a column on this line.
+            record = json.loads(text.rstrip("\r\n"))
         except json.JSONDecodeError as error:
             self.policy.reject(location, f"malformed JSON ({error.msg} at column {error.colno})")
+            return None
+        except (ValueError, RecursionError) as error:
+            # Valid JSON that Python cannot hold: an integer past the int-string limit, nesting past the stack.
+            self.policy.reject(location, f"unreadable JSON ({error})")
             return None
         if not isinstance(record, dict):
             self.policy.reject(location, f"expected a JSON object, got {type(record).__name__}")
@@ -437,6 +465,13 @@ def iter_rows(
 def require_text(value: Any, column: str, location: str, policy: BadRowPolicy) -> str | None:
     """The column's value as str, or None after the policy rejected it (null, bytes that are not UTF-8, ...)."""
     if isinstance(value, str):
+        try:
+            # A JSON escape such as "\ud800" decodes to a lone surrogate, which no tokenizer can encode.
+            value.encode("utf-8")
+        except UnicodeEncodeError as error:
+            policy.reject(location, f"column {column!r} holds a lone surrogate {value[error.start]!r} "
+                                    f"at character {error.start}, not encodable as UTF-8")
+            return None
         return value
     if isinstance(value, (bytes, bytearray)):
         try:

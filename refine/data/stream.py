@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 from refine.config import RunConfig
 from refine.data.batches import DocumentBatch, batch_documents
-from refine.data.sources import DataConfig, iter_documents
+from refine.data.sources import DataConfig, DocumentStream
 from refine.tokenizer import Tokenizer
 
+logger = logging.getLogger(__name__)
 
 Item = tuple[str, list[int], int]  # (doc_id, token ids, cursor to resume after this document)
 
@@ -50,12 +52,21 @@ def _synthetic_documents(config: RunConfig, tokenizer: Tokenizer) -> list[tuple[
     return docs
 
 
-def _file_documents(config: RunConfig, tokenizer: Tokenizer, cursor: int) -> Iterator[Item]:
+def _file_documents(config: RunConfig, tokenizer: Tokenizer, cursor: int, warn: bool = True) -> Iterator[Item]:
     spec = config.data
     data = DataConfig(path=spec.source, text_column=spec.text_column, min_length=spec.min_length,
                       max_length=spec.seq_len, skip_bad_rows=spec.skip_bad_rows, show_progress=False)
-    for doc in iter_documents(data, tokenizer, cursor=cursor):
+    stream = DocumentStream(data, tokenizer)
+    for doc in stream.iter_from(cursor):
         yield doc.doc_id, doc.token_ids, doc.index + 1  # record index: filtered and bad rows count too
+    # Dropped and cut documents change what the model trains on: say so once per pass, as a warning when
+    # `warn` (until a whole pass was reported: later passes repeat its counts).
+    stats = stream.stats
+    level = logging.WARNING if warn and (stats.too_short or stats.truncated) else logging.INFO
+    logger.log(level, "pass over data.source=%r from record %d: %d records read, %d documents kept, "
+                      "%d too short for data.min_length=%d, %d truncated to data.seq_len=%d, %d bad rows skipped",
+               spec.source, cursor, stats.records_read, stats.documents, stats.too_short, spec.min_length,
+               stats.truncated, spec.seq_len, stats.bad_rows)
 
 
 def document_stream(config: RunConfig, tokenizer: Tokenizer, start_cursor: int = 0) -> Iterator[Item]:
@@ -68,14 +79,16 @@ def document_stream(config: RunConfig, tokenizer: Tokenizer, start_cursor: int =
             index = (index + 1) % len(docs)
             yield doc_id, ids, index
     epoch_cursor = start_cursor
+    warn = True
     while True:
         produced = 0
-        for item in _file_documents(config, tokenizer, epoch_cursor):
+        for item in _file_documents(config, tokenizer, epoch_cursor, warn=warn):
             produced += 1
             yield item
         if produced == 0 and epoch_cursor == 0:  # a resume at the very end of a pass yields nothing: fine
             raise ValueError(f"data.source={config.data.source!r} yielded no document of at least "
                              f"data.min_length={config.data.min_length} tokens")
+        warn = warn and epoch_cursor != 0  # a resumed pass counted only part of the source
         epoch_cursor = 0
 
 

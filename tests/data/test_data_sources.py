@@ -227,6 +227,67 @@ def test_non_text_parquet_value_is_a_bad_row(tmp_path):
     assert texts_of(stream) == ["fine", "also fine"] and stream.stats.bad_rows == 1
 
 
+def test_json_error_column_is_on_the_row_line(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text('{"text": "one"}\n{"text": "x"\n')
+    # The row ends after 12 characters: the missing brace is at column 13 of line 2, not column 1 of line 3.
+    with pytest.raises(BadRowError, match=r"line 2: malformed JSON \(Expecting ',' delimiter at column 13\)"):
+        list(iter_documents(config(path), TOKENIZER))
+
+
+def test_json_python_cannot_hold_is_a_bad_row(tmp_path, caplog):
+    path = tmp_path / "docs.jsonl"
+    path.write_text(
+        '{"text": "one"}\n'
+        '{"text": "two", "n": ' + "9" * 5000 + "}\n"  # past the int-string conversion limit
+        '{"text": "three", "m": ' + "[" * 100_000 + "]" * 100_000 + "}\n"  # past the recursion limit
+        '{"text": "four"}\n'
+    )
+    with pytest.raises(BadRowError, match=r"docs.jsonl, line 2: unreadable JSON \(Exceeds the limit"):
+        list(iter_documents(config(path), TOKENIZER))
+    caplog.set_level(logging.WARNING, logger="refine.data.sources")
+    stream = DocumentStream(config(path, skip_bad_rows=True), TOKENIZER)
+    assert texts_of(stream) == ["one", "four"]
+    assert stream.stats.bad_rows == 2 and stream.stats.records_read == 4
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert "line 2: unreadable JSON (Exceeds the limit" in logged
+    assert "line 3: unreadable JSON (maximum recursion depth exceeded" in logged
+
+
+def test_lone_surrogate_is_a_bad_row_naming_the_column(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text('{"text": "one"}\n{"text": "ab\\ud800cd"}\n{"text": "three"}\n')
+    with pytest.raises(BadRowError, match=r"docs.jsonl, line 2: column 'text' holds a lone surrogate '\\ud800' "
+                                          r"at character 2, not encodable as UTF-8"):
+        list(iter_documents(config(path), TOKENIZER))
+    stream = DocumentStream(config(path, skip_bad_rows=True), TOKENIZER)
+    assert texts_of(stream) == ["one", "three"] and stream.stats.bad_rows == 1 and stream.stats.records_read == 3
+
+
+def test_a_file_that_is_not_parquet_names_the_file(tmp_path):
+    pq.write_table(pa.table({"text": ["fine"]}), tmp_path / "a.parquet")
+    (tmp_path / "b.parquet").write_bytes(b"not a parquet file at all")
+    with pytest.raises(DataSourceError, match=r"parquet file '.*b.parquet' cannot be opened \(Parquet magic bytes"):
+        list(iter_documents(config(tmp_path), TOKENIZER))
+
+
+def test_a_damaged_parquet_row_group_names_the_file_and_group_after_the_good_ones(tmp_path):
+    path = tmp_path / "d.parquet"
+    texts = [f"document {i} " * 20 for i in range(6)]
+    pq.write_table(pa.table({"text": texts}), path, row_group_size=3, compression="snappy")
+    chunk = pq.ParquetFile(path).metadata.row_group(1).column(0)
+    start = chunk.dictionary_page_offset or chunk.data_page_offset
+    raw = bytearray(path.read_bytes())
+    middle, end = start + chunk.total_compressed_size // 2, start + chunk.total_compressed_size
+    raw[middle:end] = bytes(end - middle)  # zero the second half of row group 1's pages; the footer stays intact
+    path.write_bytes(raw)
+    received = []
+    with pytest.raises(DataSourceError, match=r"parquet file '.*d.parquet', row group 1 \(rows 3-5\): cannot be read"):
+        for document in iter_documents(config(path, tokenize_batch_size=1), TOKENIZER):
+            received.append(document)
+    assert texts_of(received) == texts[:3]
+
+
 def test_format_detection_errors(tmp_path):
     (tmp_path / "data.csv").write_text("text\nx\n")
     with pytest.raises(DataSourceError, match="cannot tell the format .*'.csv'"):

@@ -279,7 +279,9 @@ def scraped_names(prometheus: Any, fake_roles: list[FakeRole]) -> set[str]:
 def test_every_role_is_discovered_and_scraped_with_its_labels(prometheus: Any, fake_roles: list[FakeRole],
                                                               discovery_dir: Path) -> None:
     assert sorted(path.name for path in discovery_dir.glob("*.json")) == sorted(
-        f"{role}-{instance}.json" for role, instance in FAKE_PROCESSES)
+        Path(fake.announced["discovery_file"]).name for fake in fake_roles)
+    assert all(Path(fake.announced["discovery_file"]).name.startswith(f"{fake.role}-{fake.instance}-")
+               for fake in fake_roles)
     targets = prometheus.wait_for_targets(len(FAKE_PROCESSES))
     labels = sorted((t["labels"]["role"], t["labels"]["instance_id"]) for t in targets)
     assert labels == sorted(FAKE_PROCESSES)

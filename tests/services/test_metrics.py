@@ -1,0 +1,50 @@
+"""Prometheus discovery files: one per serving process, withdrawn by that process alone."""
+
+import json
+import urllib.request
+from pathlib import Path
+
+from services.metrics import Metrics, serve_metrics
+
+
+def announced_targets(directory: Path) -> dict[str, list[str]]:
+    return {path.name: json.loads(path.read_text())[0]["targets"] for path in directory.glob("*.json")}
+
+
+def test_same_member_of_two_runs_keeps_its_own_discovery_file(tmp_path: Path) -> None:
+    # Two runs on one node: each has a learner with the member id "learner-0".
+    run_a = serve_metrics(Metrics(), role="learner", instance="learner-0", discovery_dir=tmp_path, bind="127.0.0.1")
+    run_b = serve_metrics(Metrics(), role="learner", instance="learner-0", discovery_dir=tmp_path, bind="127.0.0.1")
+    try:
+        assert run_a.discovery_file != run_b.discovery_file
+        for endpoint in (run_a, run_b):
+            assert endpoint.discovery_file is not None and endpoint.discovery_file.name.startswith("learner-learner-0-")
+            (entry,) = json.loads(endpoint.discovery_file.read_text())
+            assert entry["targets"] == [f"{endpoint.host}:{endpoint.port}"]
+            assert entry["labels"]["role"] == "learner" and entry["labels"]["instance_id"] == "learner-0"
+        assert sorted(t for targets in announced_targets(tmp_path).values() for t in targets) == sorted(
+            [f"{run_a.host}:{run_a.port}", f"{run_b.host}:{run_b.port}"])
+
+        run_b.close()  # run B finishes; run A still serves and stays announced
+        assert announced_targets(tmp_path) == {run_a.discovery_file.name: [f"{run_a.host}:{run_a.port}"]}
+        with urllib.request.urlopen(f"http://127.0.0.1:{run_a.port}/metrics", timeout=5) as response:
+            assert b"refine_learner_steps_total" in response.read()
+    finally:
+        run_a.close()
+        run_b.close()
+    assert announced_targets(tmp_path) == {}
+
+
+def test_an_empty_metrics_host_announces_loopback(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("REFINE_METRICS_HOST", "")  # what `export REFINE_METRICS_HOST="$(hostname -i)"` leaves on failure
+    endpoint = serve_metrics(Metrics(), role="reward", instance="reward-0", discovery_dir=tmp_path, bind="127.0.0.1")
+    try:
+        assert list(announced_targets(tmp_path).values()) == [[f"127.0.0.1:{endpoint.port}"]]
+    finally:
+        endpoint.close()
+    monkeypatch.setenv("REFINE_METRICS_HOST", "fd00::5")
+    endpoint = serve_metrics(Metrics(), role="reward", instance="reward-0", discovery_dir=tmp_path, bind="127.0.0.1")
+    try:
+        assert list(announced_targets(tmp_path).values()) == [[f"[fd00::5]:{endpoint.port}"]]
+    finally:
+        endpoint.close()
