@@ -222,6 +222,9 @@ class RunConfig(Strict):
         if self.rollout.engine == "vllm" and self.model.model_type not in ("delta_net", "gated_deltanet"):
             raise ValueError(f"rollout.engine='vllm' serves delta_net and gated_deltanet, "
                              f"not model.model_type={self.model.model_type!r}")
+        gate = getattr(self.model, "output_gate_activation", "swish")
+        if self.rollout.engine == "vllm" and gate not in ("swish", "silu"):
+            raise ValueError(f"rollout.engine='vllm' gates outputs with swish, not model.output_gate_activation={gate!r}")
         return self
 
     @model_validator(mode="after")

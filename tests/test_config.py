@@ -126,3 +126,10 @@ def test_the_model_agrees_with_the_tokenizer(tmp_path):
                                 num_hidden_layers=1, eos_token_id=2)), tmp_path / "ckpt")
     with pytest.raises(ValueError, match=r"has eos_token_id=2 but tokenizer 'byte-level' ends documents with id 258"):
         fit_to_tokenizer(load_config(None, [f"train.init_from={tmp_path / 'ckpt'}"]), byte)
+
+
+def test_the_vllm_engine_refuses_a_sigmoid_output_gate():
+    sets = ["model.model_type=gated_deltanet", "rollout.engine=vllm"]
+    assert load_config(None, sets + ["model.output_gate_activation=silu"]).model.output_gate_activation == "silu"
+    with pytest.raises(ConfigError, match="not model.output_gate_activation='sigmoid'"):
+        load_config(None, sets + ["model.output_gate_activation=sigmoid"])

@@ -77,6 +77,17 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     )
 
 
+def _checkpoint_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype | None:
+    """The dtype that holds every floating tensor of a checkpoint exactly (the widest of theirs); None: none."""
+    dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
+    if not dtypes:
+        return None
+    widest = dtypes.pop()
+    for other in dtypes:
+        widest = torch.promote_types(widest, other)
+    return widest
+
+
 def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> FastWeightLM:
     """Load a checkpoint directory written by fla, the LaCT release, or `save_model`; every key must match."""
     path = Path(path)
@@ -84,8 +95,9 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
     if not config_file.exists():
         raise FileNotFoundError(f"{config_file} does not exist: a model directory needs config.json")
     config = config_from_dict(json.loads(config_file.read_text()))
-    model = build_model(config)
     tensors = _read_state_dict(path)
+    # Built in its final dtype before the copy, so that a float64 checkpoint never passes through float32.
+    model = build_model(config, dtype=dtype if dtype is not None else _checkpoint_dtype(tensors))
     if config.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)
     expected = model.state_dict()
@@ -103,7 +115,7 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
             f"unexpected={unexpected} shape mismatches={mismatched}"
         )
     model.load_state_dict(tensors, strict=not config.tie_word_embeddings)
-    return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+    return model.to(device)
 
 
 def save_model(model: FastWeightLM, path: str | Path) -> Path:

@@ -43,10 +43,19 @@ class RMSNorm(nn.Module):
 
 
 class GatedRMSNorm(RMSNorm):
-    """RMSNorm(x) * swish(gate): fla's FusedRMSNormGated with its default activation."""
+    """RMSNorm(x) * activation(gate): fla's FusedRMSNormGated, which normalizes first, then gates.
+
+    activation: "swish" or its other name "silu" (gate * sigmoid(gate), fla's default), or "sigmoid".
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, activation: str = "swish"):
+        super().__init__(hidden_size, eps)
+        if activation not in ("swish", "silu", "sigmoid"):
+            raise ValueError(f"activation={activation!r} is not supported; choose 'swish', 'silu' or 'sigmoid'")
+        self.activation = activation
 
     def forward(self, x: Tensor, gate: Tensor) -> Tensor:
-        return super().forward(x) * F.silu(gate)
+        return super().forward(x) * (gate.sigmoid() if self.activation == "sigmoid" else F.silu(gate))
 
 
 def mlp_intermediate_size(hidden_size: int, hidden_ratio: int | None, intermediate_size: int | None) -> int:

@@ -35,7 +35,7 @@ class _QKVMixer(nn.Module):
     num_heads: int  # heads of the recurrent state (value heads)
 
     def _build_common(self, hidden_size: int, conv_size: int, use_short_conv: bool, use_gate: bool,
-                      norm_eps: float, qk_conv_activation: str | None) -> None:
+                      norm_eps: float, qk_conv_activation: str | None, gate_activation: str = "swish") -> None:
         self.q_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
         self.k_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
         self.v_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
@@ -47,7 +47,7 @@ class _QKVMixer(nn.Module):
         self.use_gate = use_gate
         if use_gate:
             self.g_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
-            self.o_norm: nn.Module = GatedRMSNorm(self.head_v_dim, eps=norm_eps)
+            self.o_norm: nn.Module = GatedRMSNorm(self.head_v_dim, eps=norm_eps, activation=gate_activation)
         else:
             self.o_norm = RMSNorm(self.head_v_dim, eps=norm_eps)
         self.o_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
@@ -171,7 +171,7 @@ class GatedDeltaNetMixer(_QKVMixer):
         self.dt_bias._no_weight_decay = True
         self._build_common(
             config.hidden_size, config.conv_size, config.use_short_conv, config.use_gate, config.norm_eps,
-            qk_conv_activation="silu",
+            qk_conv_activation="silu", gate_activation=config.output_gate_activation,
         )
 
     def forward(self, x: Tensor, state: dict | None, want_states: bool) -> tuple[Tensor, Callable | None]:

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from refine.models import build_model, load_model, save_model
 
@@ -16,6 +17,8 @@ CASES = [
     ("gated_deltanet", dict(use_short_conv=True, use_gate=True, head_dim=16)),
     ("gated_deltanet", dict(use_short_conv=False, use_gate=False, head_dim=16)),
     ("gated_deltanet", dict(use_short_conv=True, use_gate=True, head_dim=16, num_v_heads=4)),
+    ("gated_deltanet", dict(use_short_conv=True, use_gate=True, head_dim=16, output_gate_activation="silu")),
+    ("gated_deltanet", dict(use_short_conv=True, use_gate=True, head_dim=16, output_gate_activation="sigmoid")),
 ]
 
 
@@ -37,6 +40,8 @@ def test_fla_checkpoint_loads_with_every_key(tmp_path, model_type, overrides):
     assert set(mine) == set(theirs)
     for name, tensor in theirs.items():
         torch.testing.assert_close(mine[name], tensor, msg=name)
+    for key, value in overrides.items():
+        assert getattr(ours.config, key) == value, key
 
 
 @pytest.mark.parametrize("model_type,overrides", CASES)
@@ -51,7 +56,57 @@ def test_our_checkpoint_loads_into_fla(tmp_path, model_type, overrides):
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     for name, tensor in ours.state_dict().items():
         torch.testing.assert_close(theirs.state_dict()[name], tensor, msg=name)
+    for key, value in overrides.items():
+        assert getattr(theirs.config, key) == value, key
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == model_type
+
+
+def test_fla_checkpoint_with_attention_residuals_is_refused_by_name(tmp_path):
+    _fla_model("delta_net", dict(attnres_block_size=2)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="attnres_block_size=2 is not supported"):
+        load_model(tmp_path)
+
+
+def _perturbed_float64_model() -> torch.nn.Module:
+    torch.manual_seed(2)
+    model = build_model(dict(model_type="gated_deltanet", hidden_size=32, num_heads=2, head_dim=16,
+                             num_hidden_layers=1, vocab_size=60, intermediate_size=48), dtype=torch.float64)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 1e-3)  # values that float32 cannot hold
+    return model
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float64])
+def test_float64_checkpoint_loads_bit_exactly(tmp_path, dtype):
+    model = _perturbed_float64_model()
+    save_model(model, tmp_path)
+    loaded = load_model(tmp_path, dtype=dtype)
+    assert loaded.dtype == torch.float64
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+def test_checkpoint_loads_in_its_own_dtype_or_the_requested_one(tmp_path):
+    model = _perturbed_float64_model().to(torch.bfloat16)
+    save_model(model, tmp_path)
+    assert load_model(tmp_path).dtype == torch.bfloat16
+    widened = load_model(tmp_path, dtype=torch.float32)
+    assert widened.dtype == torch.float32
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(widened.state_dict()[name], tensor.float()), name
+
+
+def test_mixed_dtype_checkpoint_loads_in_the_widest(tmp_path):
+    model = _perturbed_float64_model()
+    save_model(model, tmp_path)
+    tensors = {k: v.to(torch.bfloat16) for k, v in load_file(tmp_path / "model.safetensors").items()}
+    tensors["model.layers.0.attn.A_log"] = model.state_dict()["model.layers.0.attn.A_log"].float()
+    save_file(tensors, tmp_path / "model.safetensors")
+    loaded = load_model(tmp_path)
+    assert loaded.dtype == torch.float32
+    for name, tensor in tensors.items():
+        assert torch.equal(loaded.state_dict()[name], tensor.float()), name
 
 
 def test_mismatched_checkpoint_names_the_keys(tmp_path):

@@ -1,11 +1,11 @@
-"""Building blocks against their torch definitions: the short convolution's hand-written backward."""
+"""Building blocks against their torch definitions: the short convolution's hand-written backward, the gated norm."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from refine.models import common
-from refine.models.common import CausalDepthwiseConv, ShortConvolution, short_convolutions
+from refine.models.common import CausalDepthwiseConv, GatedRMSNorm, ShortConvolution, short_convolutions
 
 
 # (elements, minimum rows) per block: the product's sizes (one block here); blocks of 3 time steps
@@ -103,3 +103,23 @@ def test_grouped_short_convolutions_equal_separate_ones():
     torch.testing.assert_close(padded, torch.cat([cache, x], 1))
     with pytest.raises(ValueError, match="kernel size"):
         short_convolutions([ShortConvolution(3, 4), ShortConvolution(3, 2)], x[..., :6], None)
+
+
+@pytest.mark.parametrize("activation", ["swish", "silu", "sigmoid"])
+def test_gated_rms_norm_normalizes_then_gates(activation):
+    # x has RMS 2.5 (eps 0), so the normalized row is [0.4, 0.8, 0.8, 1.6]; sigmoid(+-ln 3) = 0.75, 0.25.
+    norm = GatedRMSNorm(4, eps=0.0, activation=activation).double()
+    with torch.no_grad():
+        norm.weight.copy_(torch.tensor([1.0, 2.0, 0.5, 1.0]))
+    x = torch.tensor([1.0, 2.0, 2.0, 4.0], dtype=torch.float64)
+    log3 = torch.tensor(3.0, dtype=torch.float64).log().item()
+    gate = torch.tensor([0.0, log3, -log3, 0.0], dtype=torch.float64)
+    gated = {"sigmoid": [0.5, 0.75, 0.25, 0.5], "swish": [0.0, 0.75 * log3, -0.25 * log3, 0.0]}
+    gated["silu"] = gated["swish"]
+    expected = torch.tensor([0.4, 1.6, 0.4, 1.6], dtype=torch.float64) * torch.tensor(gated[activation], dtype=torch.float64)
+    torch.testing.assert_close(norm(x, gate), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_gated_rms_norm_refuses_an_unknown_activation():
+    with pytest.raises(ValueError, match="activation='gelu' is not supported"):
+        GatedRMSNorm(4, activation="gelu")

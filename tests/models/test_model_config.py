@@ -1,0 +1,64 @@
+"""Model configs refuse what the models cannot build, naming the field and the value."""
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from refine.models import build_model, config_from_dict
+
+DELTA_NET = dict(model_type="delta_net", hidden_size=32, num_heads=2, num_hidden_layers=1, vocab_size=50)
+GATED_DELTANET = dict(model_type="gated_deltanet", hidden_size=32, num_heads=2, head_dim=16, num_hidden_layers=1,
+                      vocab_size=50, intermediate_size=48)
+
+
+@pytest.mark.parametrize("base,field,value", [
+    (DELTA_NET, "hidden_ratio", 0),
+    (DELTA_NET, "hidden_ratio", -1),
+    (DELTA_NET, "intermediate_size", 0),
+    (DELTA_NET, "intermediate_size", -8),
+    (DELTA_NET, "expand_k", 0.0),
+    (DELTA_NET, "expand_v", -1.0),
+    (GATED_DELTANET, "expand_v", 0.0),
+    (GATED_DELTANET, "num_v_heads", 0),  # not read as "same as num_heads"
+    (GATED_DELTANET, "num_v_heads", -2),
+])
+def test_non_positive_size_is_refused_by_name(base, field, value):
+    with pytest.raises(ValidationError, match=rf"{field}\n  Input should be greater than 0 .*input_value={value}"):
+        config_from_dict({**base, field: value})
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("attn", {"layers": [0], "num_heads": 2}, r"attn=\{'layers': \[0\], 'num_heads': 2\} is not supported \(hybrid"),
+    ("attnres_block_size", 2, r"attnres_block_size=2 is not supported \(attention residuals"),
+    ("attnres_block_size", 1, r"attnres_block_size=1 is not supported"),
+])
+@pytest.mark.parametrize("base", [DELTA_NET, GATED_DELTANET], ids=["delta_net", "gated_deltanet"])
+def test_fla_field_that_changes_the_network_is_refused(base, field, value, match):
+    with pytest.raises(ValidationError, match=match):
+        config_from_dict({**base, field: value})
+
+
+def test_other_hidden_act_is_refused_by_name():
+    with pytest.raises(ValidationError, match=r"hidden_act\n  Input should be 'swish' .*input_value='powlu'"):
+        config_from_dict({**DELTA_NET, "hidden_act": "powlu"})
+
+
+def test_null_fla_fields_and_bookkeeping_extras_are_kept():
+    extras = dict(attn=None, attnres_block_size=None, fuse_norm=False, fuse_swiglu=True, use_l2warp=False)
+    saved = config_from_dict({**DELTA_NET, **extras}).to_json_dict()
+    assert {name: saved[name] for name in extras} == extras
+
+
+def _logits(output_gate_activation: str) -> torch.Tensor:
+    torch.manual_seed(0)
+    model = build_model({**GATED_DELTANET, "output_gate_activation": output_gate_activation}, dtype=torch.float64)
+    ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_gated_deltanet_runs_with_each_output_gate_activation():
+    swish, silu, sigmoid = (_logits(name) for name in ("swish", "silu", "sigmoid"))
+    assert swish.shape == (2, 7, 50) and sigmoid.isfinite().all()
+    torch.testing.assert_close(silu, swish, rtol=0, atol=0)  # two names of one function
+    assert not torch.allclose(sigmoid, swish)  # same weights: only the gate differs
