@@ -152,6 +152,7 @@ class Learner:
             self.weights.clear()  # left over from an earlier run in this namespace
         self._publish_weights()
         self._write_progress()
+        self.metrics.learner_step.set(self.state.step)
         return json.dumps({"step": self.state.step, "cursor": self.state.cursor, "epoch": self.state.epoch,
                            "weight_version": self.state.weight_version})
 
@@ -311,6 +312,7 @@ class Learner:
     def _record(self, stats: dict, outcome: StepResult) -> None:
         m = self.metrics
         m.learner_steps.inc()
+        m.learner_step.set(self.state.step)
         m.skipped_steps.inc(int(outcome.skipped))
         for gauge, key in ((m.policy_loss, "policy_loss"), (m.ntp_loss, "ntp_loss"), (m.grad_norm, "grad_norm"),
                            (m.clip_fraction, "pg/clip_fraction"), (m.approx_kl, "pg/approx_kl")):

@@ -44,7 +44,9 @@ class Metrics:
                                         buckets=LATENCY_BUCKETS, registry=r)
         self.scored_batches = Counter("refine_scored_batches", "Rollout batches scored", registry=r)
         # Learner
-        self.learner_steps = Counter("refine_learner_steps", "Optimizer steps taken", registry=r)
+        self.learner_steps = Counter("refine_learner_steps", "Optimizer steps taken by this process", registry=r)
+        self.learner_step = Gauge("refine_learner_step", "The run's optimizer step (a resumed run continues it)",
+                                  registry=r)
         self.policy_loss = Gauge("refine_policy_loss", "Clipped policy-gradient loss", registry=r)
         self.ntp_loss = Gauge("refine_ntp_loss", "Next-token cross-entropy", registry=r)
         self.clip_fraction = Gauge("refine_clip_fraction", "Fraction of clipped rollout tokens", registry=r)

@@ -44,6 +44,7 @@ def update_reward(metrics: Metrics) -> None:
 
 def update_learner(metrics: Metrics) -> None:
     metrics.learner_steps.inc(3)
+    metrics.learner_step.set(3)
     metrics.policy_loss.set(-0.01)
     metrics.ntp_loss.set(2.3)
     metrics.clip_fraction.set(0.05)

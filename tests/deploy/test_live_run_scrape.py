@@ -53,3 +53,6 @@ def test_prometheus_finds_every_role_and_dashboard_metric_of_a_live_run(promethe
     # The run is over, so its series are stale now: look back over the run.
     steps = prometheus.query('max(max_over_time(refine_learner_steps_total{role="learner"}[10m]))')
     assert steps and float(steps[0]["value"][1]) >= 1
+    step = prometheus.query('max(max_over_time(refine_learner_step{role="learner"}[10m]))')
+    # The run's step; a fresh run's learner has taken all of them (same scrape as the counter's).
+    assert step and float(step[0]["value"][1]) == float(steps[0]["value"][1])

@@ -235,6 +235,7 @@ def test_learner_checkpoint_cursor_waits_for_a_batch_trained_out_of_order(learne
     _deliver(learner, docs[3], _scored(docs[3], policy_version=0))  # too stale: dropped, and finished
     _deliver(learner, docs[2], _scored(docs[2], policy_version=2))
     assert (learner.state.step, learner.state.dropped_stale, learner.state.cursor) == (3, 1, docs[3].cursor.offset)
+    assert learner.metrics.registry.get_sample_value("refine_learner_step") == 3
     learner.checkpoint()
     assert read_learner_state(learner.out_dir / "checkpoints" / "latest").cursor == docs[3].cursor.offset
 
