@@ -92,12 +92,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", required=True, help="checkpoint directory")
     evaluate.add_argument("--task", required=True, choices=["niah", "mqar", "ruler-qa", "longbench"])
     evaluate.add_argument("--data", default=None, help="task file (ruler-qa, longbench); synthetic tasks generate their own")
-    evaluate.add_argument("--ttt", action="store_true", help="test-time REFINE on each prompt first (weights restored after each)")
+    evaluate.add_argument("--ttt", action="store_true",
+                          help="test-time REFINE on each prompt first (weights restored after each, unless "
+                               "--ttt-accumulate)")
     evaluate.add_argument("--config", default=None, help="run config whose refine/optim sections drive --ttt")
     evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides")
-    evaluate.add_argument("--num-examples", type=int, default=20)
+    evaluate.add_argument("--num-examples", type=int, default=None,
+                          help="evaluate the first N examples (default: every row of --data; 20 for niah / mqar)")
     evaluate.add_argument("--length", type=int, default=512, help="synthetic prompt length in tokens")
     evaluate.add_argument("--ttt-steps", type=int, default=2)
+    evaluate.add_argument("--ttt-accumulate", action="store_true",
+                          help="with --ttt: keep the adapted weights and optimizer state from example to example")
     evaluate.add_argument("--max-new-tokens", type=int, default=None)
     evaluate.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's, else bytes)")
     evaluate.add_argument("--output", default=None, help="results JSON path")

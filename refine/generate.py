@@ -12,11 +12,14 @@ from refine.models import FastWeightLM
 @torch.no_grad()
 def generate(model: FastWeightLM, prompt_ids: Tensor, max_new_tokens: int, eos_id: int | None = None,
              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-             generator: torch.Generator | None = None, lengths: Tensor | None = None) -> list[list[int]]:
+             generator: torch.Generator | None = None, lengths: Tensor | None = None,
+             vocab_limit: int | None = None) -> list[list[int]]:
     """prompt_ids [B, T] -> new tokens per row, stopping at eos (excluded).
 
     Prompts of different lengths are right-padded to T with `lengths` [B] their own lengths: each row
     continues from the state after its own last token, so its answer is the one it gets alone.
+    `vocab_limit`: only ids below it are ever picked, for a model whose vocabulary is padded past its
+    tokenizer's (ids the tokenizer cannot decode).
     """
     if prompt_ids.dim() != 2 or prompt_ids.shape[1] == 0:
         raise ValueError(f"prompt_ids must be a non-empty [B, T] tensor, got shape {tuple(prompt_ids.shape)}")
@@ -29,9 +32,11 @@ def generate(model: FastWeightLM, prompt_ids: Tensor, max_new_tokens: int, eos_i
     if lengths.shape != (rows,) or lengths.is_floating_point() or bool(((lengths < 1) | (lengths > width)).any()):
         raise ValueError(f"lengths must be {rows} integers in [1, {width}], got {lengths.tolist()}")
     lengths = lengths.long()
+    if vocab_limit is not None and vocab_limit < 1:
+        raise ValueError(f"vocab_limit must be >= 1, got {vocab_limit}")
     # out.state is each row's state after its own length; only the last prompt token's logits are needed.
     out = model(prompt_ids, lengths=lengths, logit_positions=(lengths - 1)[:, None])
-    logits, state = out.logits[:, 0], out.state
+    logits, state = out.logits[:, 0, :vocab_limit], out.state  # dropping ids past the limit = masking them
     # Tokens stay on the device until the end: the host reads one flag per token (have all rows hit
     # eos?) and the finiteness of all logits once, instead of every row's token at every step.
     finite = torch.isfinite(logits).all()
@@ -47,7 +52,7 @@ def generate(model: FastWeightLM, prompt_ids: Tensor, max_new_tokens: int, eos_i
         if step == max_new_tokens - 1:
             break
         out = model(token[:, None], state=state)
-        logits, state = out.logits[:, 0], out.state
+        logits, state = out.logits[:, 0, :vocab_limit], out.state
         finite &= torch.isfinite(logits).all()
     check_logits_finite(finite)
     produced = torch.stack(tokens, 1).tolist() if tokens else [[] for _ in range(rows)]

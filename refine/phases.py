@@ -65,10 +65,15 @@ def _snapshot(model: FastWeightLM) -> dict[str, Tensor]:
 
 def adapt_and_answer(model: FastWeightLM, prompt: list[int], cfg: RefineConfig, optim: OptimConfig, steps: int,
                      max_new_tokens: int, eos_id: int | None = None, restore: bool = True,
-                     generator: torch.Generator | None = None) -> tuple[list[int], list[dict[str, float]]]:
-    """Adapt on the prompt with `steps` REFINE updates, answer greedily, then restore the weights."""
+                     generator: torch.Generator | None = None, optimizer: torch.optim.Optimizer | None = None,
+                     vocab_limit: int | None = None) -> tuple[list[int], list[dict[str, float]]]:
+    """Adapt on the prompt with `steps` REFINE updates, answer greedily, then restore the weights.
+
+    Accumulating over prompts: restore=False keeps the adapted weights, and passing the same `optimizer`
+    to every call keeps its state (AdamW moments, step count) too; without one a fresh optimizer is made.
+    `vocab_limit`: answer with ids below it only (see `generate`)."""
     saved = _snapshot(model) if restore else None
-    optimizer = make_optimizer(model, optim)
+    optimizer = optimizer if optimizer is not None else make_optimizer(model, optim)
     ids = torch.tensor([prompt], device=model.device)
     lengths = torch.tensor([len(prompt)], device=model.device)
     history = []
@@ -76,7 +81,7 @@ def adapt_and_answer(model: FastWeightLM, prompt: list[int], cfg: RefineConfig, 
         for _ in range(steps):
             result, _ = fused_refine_step(model, ids, lengths, cfg, generator)
             history.append(optimizer_step(model, optimizer, result, optim.grad_clip).stats)
-        answer = generate(model, ids, max_new_tokens, eos_id=eos_id)[0]
+        answer = generate(model, ids, max_new_tokens, eos_id=eos_id, vocab_limit=vocab_limit)[0]
     finally:
         if saved is not None:
             model.load_state_dict(saved)

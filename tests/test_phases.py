@@ -7,6 +7,7 @@ from refine.algorithm.update import fused_refine_step
 from refine.config import OptimConfig, RefineConfig
 from refine.data.batches import pad_documents
 from refine.generate import generate
+from refine.loop import make_optimizer
 from refine.models import build_model
 from refine.phases import QAExample, adapt_and_answer, answer_loss, posttrain_loss
 
@@ -56,10 +57,46 @@ def test_test_time_training_restores_weights_and_accumulates_on_request():
     answer, history = adapt_and_answer(model, prompt, CFG, optim, steps=2, max_new_tokens=4)
     assert len(history) == 2 and len(answer) == 4
     for k, v in model.state_dict().items():
-        torch.testing.assert_close(v, before[k])
+        assert torch.equal(v, before[k]), k  # restored bit for bit
     adapted_answer, _ = adapt_and_answer(model, prompt, CFG, optim, steps=2, max_new_tokens=4, restore=False)
     changed = any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert changed, "with restore=False the adapted weights are kept"
+
+
+def test_accumulating_with_one_optimizer_continues_the_adaptation():
+    """Two calls of 2 steps sharing weights and an optimizer are one adaptation of 4 steps."""
+    prompt = torch.randint(0, 30, (48,), generator=torch.Generator().manual_seed(2)).tolist()
+    optim = OptimConfig(lr=1e-2)
+    longer = _model()
+    _, longer_history = adapt_and_answer(longer, prompt, CFG, optim, steps=4, max_new_tokens=2, restore=False,
+                                         generator=torch.Generator().manual_seed(0))
+    for shared in (True, False):
+        model, generator = _model(), torch.Generator().manual_seed(0)
+        optimizer = make_optimizer(model, optim) if shared else None
+        history = []
+        for _ in range(2):
+            history += adapt_and_answer(model, prompt, CFG, optim, steps=2, max_new_tokens=2, restore=False,
+                                        generator=generator, optimizer=optimizer)[1]
+        same = all(torch.equal(v, longer.state_dict()[k]) for k, v in model.state_dict().items())
+        assert same == shared and (history == longer_history) == shared  # a fresh optimizer restarts AdamW
+        if shared:
+            assert {int(state["step"]) for state in optimizer.state.values()} == {4}
+
+
+def test_vocab_limit_picks_the_best_id_below_it():
+    model = _model()
+    prompt = torch.randint(0, 30, (1, 10), generator=torch.Generator().manual_seed(3))
+    free = generate(model, prompt, 6)[0]
+    assert free[0] >= 5 and max(free[1:]) >= 5  # unlimited, it picks ids past the limit, first token included
+    out = generate(model, prompt, 6, vocab_limit=5)[0]
+    seq = prompt[0].tolist()
+    for token in out:
+        logits = model(torch.tensor([seq]), output_state=False).logits[0, -1]
+        assert token == int(logits[:5].argmax())
+        seq.append(token)
+    assert generate(model, prompt, 6, vocab_limit=30) == generate(model, prompt, 6)
+    with pytest.raises(ValueError, match="vocab_limit must be >= 1, got 0"):
+        generate(model, prompt, 3, vocab_limit=0)
 
 
 def test_greedy_generation_follows_argmax_of_full_forward():

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from refine.data.sources import (
     BadRowPolicy,
@@ -52,6 +52,15 @@ class TaskExample(BaseModel):
     length: int | None = Field(None, ge=0)  # the source's own length measure (LongBench: words or characters)
     metadata: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("answers")
+    @classmethod
+    def _answers_have_text(cls, answers: list[str]) -> list[str]:
+        # An empty gold answer is a substring of every prediction: it would score any answer as right.
+        blank = next((index for index, answer in enumerate(answers) if not answer.strip()), None)
+        if blank is not None:
+            raise ValueError(f"gold answer {blank} is empty or whitespace ({answers[blank]!r}): give it text")
+        return answers
+
 
 class LoadReport(BaseModel):
     """What a loader read and skipped."""
@@ -69,12 +78,24 @@ DEFAULT_LONGBENCH_TEMPLATE = (
 
 
 def _answers(value: Any, field: str, row: Row, policy: BadRowPolicy) -> list[str] | None:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, (list, tuple)) and value and all(isinstance(item, str) for item in value):
-        return list(value)
-    policy.reject(row.location, f"field {field!r} must be a non-empty list of strings, got {value!r:.120}")
-    return None
+    answers = [value] if isinstance(value, str) else value
+    if not (isinstance(answers, (list, tuple)) and answers and all(isinstance(item, str) for item in answers)):
+        policy.reject(row.location, f"field {field!r} must be a non-empty list of strings, got {value!r:.120}")
+        return None
+    # An empty gold answer is a substring of every prediction: it would score any answer as right.
+    if any(not answer.strip() for answer in answers):
+        policy.reject(row.location, f"field {field!r} holds an empty or whitespace gold answer: {value!r:.120}")
+        return None
+    return list(answers)
+
+
+def _prompt_text(value: Any, field: str, row: Row, policy: BadRowPolicy) -> str | None:
+    """A prompt or context: text with something in it (an empty one is a broken row, not a hard example)."""
+    text = require_text(value, field, row.location, policy)
+    if text is not None and not text.strip():
+        policy.reject(row.location, f"field {field!r} is empty or whitespace: {text!r:.40}")
+        return None
+    return text
 
 
 def _optional_int(value: Any, field: str, row: Row, policy: BadRowPolicy) -> tuple[bool, int | None]:
@@ -147,11 +168,11 @@ def load_ruler_qa(
     for row in source.rows(0, limit):
         values = row.values
         if "prompt" in values:
-            prompt = require_text(values["prompt"], "prompt", row.location, policy)
+            prompt = _prompt_text(values["prompt"], "prompt", row, policy)
             answer_field = "answer" if "answer" in values else "answers"
         elif "input" in values:
             # RULER's own output: the answer prefix is part of what the model is given.
-            prompt = require_text(values["input"], "input", row.location, policy)
+            prompt = _prompt_text(values["input"], "input", row, policy)
             if prompt is not None and isinstance(values.get("answer_prefix"), str):
                 prompt += values["answer_prefix"]
             answer_field = "outputs"
@@ -245,7 +266,7 @@ def load_longbench(
             continue
         context = question = None
         if "prompt" in values:
-            prompt = require_text(values["prompt"], "prompt", row.location, policy)
+            prompt = _prompt_text(values["prompt"], "prompt", row, policy)
         else:
             missing = [field for field in ("input", "context") if field not in values]
             if missing:
@@ -253,8 +274,9 @@ def load_longbench(
                     row.location, f"field {missing[0]!r} missing and no 'prompt'; fields present: {sorted(values)}"
                 )
                 continue
+            # An empty "input" is normal: LongBench's summarization and code datasets have no question.
             question = require_text(values["input"], "input", row.location, policy)
-            context = require_text(values["context"], "context", row.location, policy) if question is not None else None
+            context = _prompt_text(values["context"], "context", row, policy) if question is not None else None
             if question is None or context is None:
                 continue
             template = prompt_template or templates.get(name) or templates.get(name.removesuffix("_e"))

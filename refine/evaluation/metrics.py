@@ -174,19 +174,28 @@ def _number_share(prediction: str, target: str) -> float:
     return sum(1 for number in numbers if number == target) / len(numbers)
 
 
+# The paragraph number LongBench's retrieval tasks read from each gold answer, and how errors name it.
+_RETRIEVAL_GOLD = {
+    "retrieval_score": (r"Paragraph (\d+)", "'Paragraph <n>'"),
+    "retrieval_zh_score": (r"段落(\d+)", "'段落<n>'"),
+}
+
+
+def _paragraph_number(ground_truth: str, metric_name: str) -> str:
+    pattern, shape = _RETRIEVAL_GOLD[metric_name]
+    found = re.findall(pattern, ground_truth)
+    if not found:
+        raise ValueError(f"retrieval gold answer must contain {shape}, got {ground_truth!r}")
+    return found[0]
+
+
 def retrieval_score(prediction: str, ground_truth: str) -> float:
     """Share of the numbers in the prediction equal to the gold "Paragraph N" number."""
-    found = re.findall(r"Paragraph (\d+)", ground_truth)
-    if not found:
-        raise ValueError(f"retrieval gold answer must contain 'Paragraph <n>', got {ground_truth!r}")
-    return _number_share(prediction, found[0])
+    return _number_share(prediction, _paragraph_number(ground_truth, "retrieval_score"))
 
 
 def retrieval_zh_score(prediction: str, ground_truth: str) -> float:
-    found = re.findall(r"段落(\d+)", ground_truth)
-    if not found:
-        raise ValueError(f"retrieval gold answer must contain '段落<n>', got {ground_truth!r}")
-    return _number_share(prediction, found[0])
+    return _number_share(prediction, _paragraph_number(ground_truth, "retrieval_zh_score"))
 
 
 def count_score(prediction: str, ground_truth: str) -> float:
@@ -359,6 +368,21 @@ class TaskMetric:
     metric: str  # the benchmark's metric name, reported in summaries
     needs_all_classes: bool
     score: Callable[[str, Sequence[str], Sequence[str] | None], float]
+
+    def gold_problem(self, answers: Sequence[str], all_classes: Sequence[str] | None) -> str | None:
+        """Why this metric cannot score an example with these gold answers and classes, or None when it can.
+        Callers check every example before generating, and name the example in the error."""
+        if self.needs_all_classes and not (
+            isinstance(all_classes, (list, tuple)) and all_classes and all(isinstance(c, str) for c in all_classes)
+        ):
+            return (f"task {self.task!r} is a classification task and needs 'all_classes' (a list of class names), "
+                    f"got {all_classes!r:.120}")
+        if self.metric in _RETRIEVAL_GOLD:
+            pattern, shape = _RETRIEVAL_GOLD[self.metric]
+            for answer in answers:
+                if not re.search(pattern, answer):
+                    return f"task {self.task!r} needs every gold answer to contain {shape}, got {answer!r:.120}"
+        return None
 
 
 def task_metric(task: str, code_backend: FuzzBackend = "difflib") -> TaskMetric:

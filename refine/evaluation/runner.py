@@ -1,7 +1,8 @@
 """`refine eval`: greedy answers on a task (optionally after test-time REFINE per prompt), scored with the
 task's own benchmark metric, written to a results JSON.
 
-Library use: `evaluate(model, tokenizer, examples, task, ttt, run_config, ttt_steps, max_new_tokens, batch_size=8)`.
+Library use: `evaluate(model, tokenizer, examples, task, ttt, run_config, ttt_steps, max_new_tokens, batch_size=8,
+ttt_accumulate=False)`.
 
 Runner options that are not run-config fields travel as `--set eval.<name>=<value>` (see `EvalOptions`),
 e.g. `--set eval.max_prompt_tokens=16352` to cut longer prompts in the middle, as LongBench does, or
@@ -32,12 +33,14 @@ from refine.data.tasks import TaskExample, load_longbench, load_ruler_qa
 from refine.evaluation.metrics import LONGBENCH_FIRST_LINE_TASKS, longbench_task_name, task_metric
 from refine.evaluation.score import score_predictions
 from refine.generate import generate
+from refine.loop import make_optimizer
 from refine.models import FastWeightLM, load_model
 from refine.phases import adapt_and_answer
 from refine.tokenizer import Tokenizer, resolve_tokenizer
 
 CLI_TASKS = ("niah", "mqar", "ruler-qa", "longbench")
 DEFAULT_MAX_NEW_TOKENS = 32
+DEFAULT_SYNTHETIC_EXAMPLES = 20  # --num-examples for niah / mqar when not given; task files default to every row
 # The paper's test-time settings, used wherever the run config does not set the field itself.
 TEST_TIME_DEFAULTS: dict[str, Any] = {"reward": "binary", "lambda_nsp": 0.4}
 
@@ -121,6 +124,12 @@ def prompt_tokens(tokenizer: Tokenizer, prompt: str, max_tokens: int | None) -> 
     return ids[:head] + ids[len(ids) - (max_tokens - head):], len(ids)
 
 
+def example_name(example: TaskExample) -> str:
+    """How errors name an example: its id and, for one read from a file, the file and line it came from."""
+    source = example.metadata.get("source")
+    return f"example {example.example_id!r}" + (f" ({source})" if isinstance(source, str) else "")
+
+
 def metric_task_for(task: str, example: TaskExample) -> str:
     """The task name whose metric scores this example.
 
@@ -136,7 +145,7 @@ def metric_task_for(task: str, example: TaskExample) -> str:
     if task == "longbench":
         if longbench_task_name(example.task) is None:
             raise ValueError(
-                f"example {example.example_id!r}: task {example.task!r} is not a LongBench dataset; give rows a "
+                f"{example_name(example)}: task {example.task!r} is not a LongBench dataset; give rows a "
                 f"'dataset' field (e.g. hotpotqa) or name the file after the dataset"
             )
         return example.task
@@ -166,7 +175,9 @@ def score_examples(task: str, examples: Sequence[TaskExample], predictions: Sequ
     """Score predictions with each example's benchmark metric. Returns (summary, per-example scores x 100).
 
     The summary's score is the benchmark's task score (mean x 100); with several tasks (a LongBench file
-    mixing datasets) it is their macro average, as LongBench reports averages, and `by_task` holds each."""
+    mixing datasets) it is their macro average, as LongBench reports averages, and `by_task` holds each.
+    When every example has a length, `score_by_length` holds LongBench-E's per-length scores (in `by_task`
+    per task when there are several)."""
     if len(examples) != len(predictions):
         raise ValueError(f"{len(examples)} examples but {len(predictions)} predictions")
     if not examples:
@@ -185,7 +196,7 @@ def score_examples(task: str, examples: Sequence[TaskExample], predictions: Sequ
             if examples[i].length is not None:
                 row["length"] = examples[i].length
             rows.append(row)
-        summary, group_scores = score_predictions(name, rows)
+        summary, group_scores = score_predictions(name, rows, row_names=[example_name(examples[i]) for i in indices])
         by_task[name] = summary
         for i, value in zip(indices, group_scores):
             scores[i] = 100.0 * value
@@ -195,10 +206,15 @@ def score_examples(task: str, examples: Sequence[TaskExample], predictions: Sequ
         "metric": sorted({s["metric"] for s in by_task.values()}),
         "empty_predictions": sum(s["empty_predictions"] for s in by_task.values()),
     }
+    per_length = {name: s["score_by_length"] for name, s in by_task.items() if "score_by_length" in s}
     if len(by_task) > 1:
         result["by_task"] = {
             name: {"score": s["score"], "num_examples": s["num_examples"]} for name, s in by_task.items()
         }
+        for name, buckets in per_length.items():
+            result["by_task"][name]["score_by_length"] = buckets
+    elif per_length:
+        result["score_by_length"] = next(iter(per_length.values()))
     return result, scores
 
 
@@ -219,10 +235,13 @@ def evaluate(
     seed: int = 0,
     progress: bool = True,
     batch_size: int = 8,
+    ttt_accumulate: bool = False,
 ) -> dict[str, Any]:
     """Answer every example greedily (after `ttt_steps` REFINE steps on its prompt when `ttt`, weights
     restored after each) and score the answers. Returns {"summary": {...}, "examples": [records]}.
     Without `ttt`, prompts are answered `batch_size` at a time (each answer is the one it gets alone).
+    `ttt_accumulate`: adaptation carries over from example to example, in order: the weights and one
+    optimizer's state are kept between examples; the model's own weights are put back at the end.
 
     `task` is a CLI task name (niah, mqar, ruler-qa, longbench) or a metric task name (e.g. hotpotqa).
     `max_new_tokens` None: each example's max_answer_length, else 32."""
@@ -230,6 +249,8 @@ def evaluate(
         raise ValueError("no examples to evaluate")
     if ttt and ttt_steps < 0:
         raise ValueError(f"ttt_steps must be >= 0, got {ttt_steps}")
+    if ttt_accumulate and not ttt:
+        raise ValueError("ttt_accumulate=True needs ttt=True: it carries test-time adaptation across examples")
     if max_new_tokens is not None and max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if batch_size < 1:
@@ -242,8 +263,12 @@ def evaluate(
     run_config = run_config or RunConfig()
     refine_cfg = ttt_refine_config(run_config.refine)
     metric_tasks = [metric_task_for(task, example) for example in examples]
-    for name in sorted(set(metric_tasks)):
-        task_metric(name)  # an unknown task fails before any generation
+    # An unknown task, or gold answers its metric cannot score, fail before any generation.
+    metrics = {name: task_metric(name) for name in sorted(set(metric_tasks))}
+    for example, metric_name in zip(examples, metric_tasks):
+        problem = metrics[metric_name].gold_problem(example.answers, example.all_classes)
+        if problem is not None:
+            raise ValueError(f"{example_name(example)}: {problem}")
 
     started = time.perf_counter()
     prompts: list[list[int]] = []
@@ -265,28 +290,38 @@ def evaluate(
     answers: list[list[int]] = [[] for _ in examples]
     bar = tqdm(total=len(examples), desc=f"eval[{task}{'+ttt' if ttt else ''}]", unit="ex", disable=not progress)
     if ttt:
-        for index, (ids, budget, record) in enumerate(zip(prompts, budgets, records)):
-            cfg, note = fit_refine_config(refine_cfg, len(ids))
-            if note:
-                if not (clamped or unadapted):
-                    _note(note)
-                clamped += cfg is not None
-                unadapted += cfg is None
-            if cfg is not None:
-                generator = torch.Generator(device=model.device).manual_seed(seed + index)
-                answers[index], history = adapt_and_answer(model, ids, cfg, run_config.optim, ttt_steps, budget,
-                                                           eos_id=tokenizer.eos_id, restore=True, generator=generator)
-                record["ttt_history"] = history
-                if cfg is not refine_cfg:
-                    record["ttt_fitted"] = {"num_chunks": cfg.num_chunks, "margin": cfg.margin}
-            else:
-                answers[index] = _greedy_batch(model, [ids], [budget], tokenizer.eos_id)[0]
-                record["ttt_history"] = []
-            bar.update(1)
+        # Accumulating: one optimizer for all examples; the caller's weights are put back at the end.
+        optimizer = make_optimizer(model, run_config.optim) if ttt_accumulate else None
+        initial = {name: t.detach().clone() for name, t in model.state_dict().items()} if ttt_accumulate else None
+        try:
+            for index, (ids, budget, record) in enumerate(zip(prompts, budgets, records)):
+                cfg, note = fit_refine_config(refine_cfg, len(ids))
+                if note:
+                    if not (clamped or unadapted):
+                        _note(note)
+                    clamped += cfg is not None
+                    unadapted += cfg is None
+                if cfg is not None:
+                    generator = torch.Generator(device=model.device).manual_seed(seed + index)
+                    answers[index], history = adapt_and_answer(
+                        model, ids, cfg, run_config.optim, ttt_steps, budget, eos_id=tokenizer.eos_id,
+                        restore=not ttt_accumulate, generator=generator, optimizer=optimizer,
+                        vocab_limit=tokenizer.vocab_size,
+                    )
+                    record["ttt_history"] = history
+                    if cfg is not refine_cfg:
+                        record["ttt_fitted"] = {"num_chunks": cfg.num_chunks, "margin": cfg.margin}
+                else:
+                    answers[index] = _greedy_batch(model, [ids], [budget], tokenizer)[0]
+                    record["ttt_history"] = []
+                bar.update(1)
+        finally:
+            if initial is not None:
+                model.load_state_dict(initial)
     else:
         for batch in answer_batches([len(ids) for ids in prompts], batch_size, model.device.type == "cuda"):
             batch_answers = _greedy_batch(model, [prompts[i] for i in batch], [budgets[i] for i in batch],
-                                          tokenizer.eos_id)
+                                          tokenizer)
             for index, tokens in zip(batch, batch_answers):
                 answers[index] = tokens
             bar.update(len(batch))
@@ -315,7 +350,7 @@ def evaluate(
             "steps": ttt_steps, "reward": refine_cfg.reward, "lambda_nsp": refine_cfg.lambda_nsp,
             "lambda_ntp": refine_cfg.lambda_ntp, "num_chunks": refine_cfg.num_chunks,
             "rollout_len": refine_cfg.rollout_len, "margin": refine_cfg.margin, "lr": run_config.optim.lr,
-            "fitted_prompts": clamped, "unadapted_prompts": unadapted,
+            "fitted_prompts": clamped, "unadapted_prompts": unadapted, "accumulate": ttt_accumulate,
         }
     return {"summary": summary, "examples": records}
 
@@ -338,10 +373,13 @@ def answer_batches(lengths: Sequence[int], batch_size: int, one_length_per_batch
     return batches
 
 
-def _greedy_batch(model: FastWeightLM, prompts: list[list[int]], budgets: list[int], eos_id: int) -> list[list[int]]:
-    """Greedy answers of right-padded prompts decoded together, each cut to its own token budget."""
+def _greedy_batch(model: FastWeightLM, prompts: list[list[int]], budgets: list[int],
+                  tokenizer: Tokenizer) -> list[list[int]]:
+    """Greedy answers of right-padded prompts decoded together, each cut to its own token budget. Only ids
+    the tokenizer can decode are picked (a model's vocabulary may be padded past the tokenizer's)."""
     padded, lengths = pad_documents(prompts)
-    answers = generate(model, padded.to(model.device), max(budgets), eos_id=eos_id, lengths=lengths.to(model.device))
+    answers = generate(model, padded.to(model.device), max(budgets), eos_id=tokenizer.eos_id,
+                       lengths=lengths.to(model.device), vocab_limit=tokenizer.vocab_size)
     return [tokens[:budget] for tokens, budget in zip(answers, budgets)]
 
 
@@ -355,15 +393,16 @@ def _note(message: str) -> None:
 def build_examples(args: argparse.Namespace, tokenizer: Tokenizer, options: EvalOptions) -> list[TaskExample]:
     if args.num_examples is not None and args.num_examples < 1:
         raise ValueError(f"--num-examples must be >= 1, got {args.num_examples}")
+    synthetic_count = args.num_examples if args.num_examples is not None else DEFAULT_SYNTHETIC_EXAMPLES
     if args.task == "niah":
         try:
             config = NiahConfig(variant=options.niah_variant, length=args.length, seed=args.seed)
         except ValidationError as err:
             raise ValueError(f"invalid needle-in-a-haystack settings (--length {args.length}, eval.niah_variant="
                              f"{options.niah_variant!r}): {err.errors()[0]['msg']}") from None
-        return generate_niah(config, tokenizer, args.num_examples)
+        return generate_niah(config, tokenizer, synthetic_count)
     if args.task == "mqar":
-        return mqar_for_length(args.length, tokenizer, args.num_examples, args.seed)
+        return mqar_for_length(args.length, tokenizer, synthetic_count, args.seed)
     if args.data is None:
         raise ValueError(f"--data is required for --task {args.task}: a JSON lines, parquet or save_to_disk file")
     if args.task not in TASK_COLUMNS:
@@ -400,8 +439,8 @@ def _column_hint(path: str, task: str) -> str:
     return f"; its first row has fields {fields}, --task {task} expects {accepted}"
 
 
-def default_output(model_dir: Path, task: str, ttt: bool) -> Path:
-    return model_dir / f"eval-{task}{'-ttt' if ttt else ''}.json"
+def default_output(model_dir: Path, task: str, ttt: bool, ttt_accumulate: bool = False) -> Path:
+    return model_dir / f"eval-{task}{'-ttt' if ttt else ''}{'-accumulate' if ttt_accumulate else ''}.json"
 
 
 def main(args: argparse.Namespace) -> int:
@@ -410,6 +449,8 @@ def main(args: argparse.Namespace) -> int:
     run_config = load_config(args.config, overrides)
     if args.ttt_steps < 0:
         raise ValueError(f"--ttt-steps must be >= 0, got {args.ttt_steps}")
+    if args.ttt_accumulate and not args.ttt:
+        raise ValueError("--ttt-accumulate needs --ttt: it carries test-time adaptation across examples")
     if run_config.train.threads:
         torch.set_num_threads(run_config.train.threads)
     model_dir = Path(args.model)
@@ -420,11 +461,11 @@ def main(args: argparse.Namespace) -> int:
     results = evaluate(
         model, tokenizer, examples, args.task, ttt=args.ttt, run_config=run_config, ttt_steps=args.ttt_steps,
         max_new_tokens=args.max_new_tokens, max_prompt_tokens=options.max_prompt_tokens, seed=args.seed,
-        batch_size=options.batch_size,
+        batch_size=options.batch_size, ttt_accumulate=args.ttt_accumulate,
     )
     summary = results["summary"]
     summary.update(model=str(model_dir), data=args.data, seed=args.seed, tokenizer=repr(tokenizer))
-    output = Path(args.output) if args.output else default_output(model_dir, args.task, args.ttt)
+    output = Path(args.output) if args.output else default_output(model_dir, args.task, args.ttt, args.ttt_accumulate)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(results, indent=1, ensure_ascii=False), encoding="utf-8")
     line = {key: summary[key] for key in ("task", "num_examples", "score", "ttt", "seconds")}

@@ -25,21 +25,23 @@ class PredictionRowError(ValueError):
     """A prediction row is missing a field or holds a value of the wrong type; names row and field."""
 
 
-def _pick(row: dict[str, Any], names: Sequence[str], row_number: int) -> tuple[str, Any]:
+def _pick(row: dict[str, Any], names: Sequence[str], where: str) -> tuple[str, Any]:
     for name in names:
         if name in row:
             return name, row[name]
-    raise PredictionRowError(f"row {row_number}: none of the fields {list(names)} present; fields: {sorted(row)}")
+    raise PredictionRowError(f"{where}: none of the fields {list(names)} present; fields: {sorted(row)}")
 
 
-def _as_answers(value: Any, field: str, row_number: int) -> list[str]:
-    if isinstance(value, str):  # a single gold answer
-        return [value]
-    if isinstance(value, list) and all(isinstance(item, str) for item in value):
-        if not value:
-            raise PredictionRowError(f"row {row_number}: field {field!r} is an empty list: give at least one answer")
-        return list(value)
-    raise PredictionRowError(f"row {row_number}: field {field!r} must be a list of strings, got {value!r:.120}")
+def _as_answers(value: Any, field: str, where: str) -> list[str]:
+    answers = [value] if isinstance(value, str) else value  # a string is a single gold answer
+    if not (isinstance(answers, list) and all(isinstance(item, str) for item in answers)):
+        raise PredictionRowError(f"{where}: field {field!r} must be a list of strings, got {value!r:.120}")
+    if not answers:
+        raise PredictionRowError(f"{where}: field {field!r} is an empty list: give at least one answer")
+    # An empty gold answer is a substring of every prediction: it would score any answer as right.
+    if any(not answer.strip() for answer in answers):
+        raise PredictionRowError(f"{where}: field {field!r} holds an empty or whitespace gold answer: {value!r:.120}")
+    return list(answers)
 
 
 def score_predictions(
@@ -48,35 +50,35 @@ def score_predictions(
     *,
     all_classes: list[str] | None = None,
     code_backend: FuzzBackend = "difflib",
+    row_names: Sequence[str] | None = None,
 ) -> tuple[dict[str, Any], list[float]]:
     """Score every row with the task's benchmark rule. Returns (summary, per-example scores in [0, 1]).
 
-    `all_classes` is the fallback class list for classification tasks when a row has none."""
+    `all_classes` is the fallback class list for classification tasks when a row has none.
+    `row_names` name the rows in errors (e.g. "preds.jsonl, line 3"); default "row <index>"."""
     metric = task_metric(task, code_backend)
     if not rows:
         raise ValueError(f"no predictions to score for task {task!r}")
+    if row_names is not None and len(row_names) != len(rows):
+        raise ValueError(f"{len(row_names)} row names for {len(rows)} rows")
     scores: list[float] = []
     lengths: list[int] = []
     empty_predictions = 0
     for row_number, row in enumerate(rows):
+        where = row_names[row_number] if row_names is not None else f"row {row_number}"
         if not isinstance(row, dict):
-            raise PredictionRowError(f"row {row_number}: expected a JSON object, got {type(row).__name__}")
-        prediction_field, prediction = _pick(row, PREDICTION_FIELDS, row_number)
+            raise PredictionRowError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        prediction_field, prediction = _pick(row, PREDICTION_FIELDS, where)
         if prediction is None:
             prediction = ""  # a generation that produced nothing
         if not isinstance(prediction, str):
-            raise PredictionRowError(
-                f"row {row_number}: field {prediction_field!r} must be a string, got {prediction!r:.120}"
-            )
-        answer_field, raw_answers = _pick(row, ANSWER_FIELDS, row_number)
-        answers = _as_answers(raw_answers, answer_field, row_number)
+            raise PredictionRowError(f"{where}: field {prediction_field!r} must be a string, got {prediction!r:.120}")
+        answer_field, raw_answers = _pick(row, ANSWER_FIELDS, where)
+        answers = _as_answers(raw_answers, answer_field, where)
         classes = row.get("all_classes") or all_classes
-        if metric.needs_all_classes:
-            if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes) or not classes:
-                raise PredictionRowError(
-                    f"row {row_number}: task {task!r} is a classification task and needs 'all_classes' "
-                    f"(a list of class names), got {classes!r:.120}"
-                )
+        problem = metric.gold_problem(answers, classes)
+        if problem is not None:
+            raise PredictionRowError(f"{where}: {problem}")
         empty_predictions += int(not prediction.strip())
         scores.append(float(metric.score(prediction, answers, classes)))
         length = row.get("length")
@@ -96,7 +98,12 @@ def score_predictions(
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Rows of a JSON lines file; a malformed line raises with its file and line number."""
-    rows: list[dict[str, Any]] = []
+    return [row for row, _ in read_jsonl_lines(path)]
+
+
+def read_jsonl_lines(path: str | Path) -> list[tuple[dict[str, Any], int]]:
+    """(row, its line number in the file) for each non-blank line, so errors can name the file line."""
+    rows: list[tuple[dict[str, Any], int]] = []
     with open(path, "rb") as handle:
         for line_number, raw in enumerate(handle, start=1):
             if not raw.strip():
@@ -111,7 +118,7 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
             if not isinstance(row, dict):
                 message = f"{path}, line {line_number}: expected a JSON object, got {type(row).__name__}"
                 raise PredictionRowError(message)
-            rows.append(row)
+            rows.append((row, line_number))
     return rows
 
 
@@ -135,14 +142,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        rows = read_jsonl(args.predictions)
+        numbered = read_jsonl_lines(args.predictions)
+        rows = [row for row, _ in numbered]
+        row_names = [f"{args.predictions}, line {line_number}" for _, line_number in numbered]
         all_classes = None
         if args.all_classes:
             all_classes = json.loads(Path(args.all_classes).read_text(encoding="utf-8"))
             if not isinstance(all_classes, list):
                 raise ValueError(f"--all-classes file {args.all_classes!r} must hold a JSON list of class names")
         summary, scores = score_predictions(
-            args.task, rows, all_classes=all_classes, code_backend=args.code_sim_backend
+            args.task, rows, all_classes=all_classes, code_backend=args.code_sim_backend, row_names=row_names
         )
     except (OSError, ValueError) as error:
         print(f"refine score: error: {error}", file=sys.stderr)

@@ -130,3 +130,47 @@ def test_native_examples_round_trip(tmp_path):
     (tmp_path / "broken.jsonl").write_text('{"example_id": "x", "task": "t", "prompt": "p", "answers": "not a list"}\n')
     with pytest.raises(BadRowError, match="line 1: not a task example"):
         load_task_examples(tmp_path / "broken.jsonl")
+
+
+GOOD_RULER = {"prompt": "Doc: Oslo is the capital.\nQ: capital?\nA:", "answer": ["Oslo"]}
+GOOD_LONGBENCH = {"input": "q?", "context": "ctx text", "answers": ["x"], "dataset": "hotpotqa"}
+
+
+@pytest.mark.parametrize(
+    ("loader", "row", "message"),
+    [
+        (load_ruler_qa, GOOD_RULER | {"answer": [""]}, "field 'answer' holds an empty or whitespace gold answer"),
+        (load_ruler_qa, GOOD_RULER | {"answer": " "}, "field 'answer' holds an empty or whitespace gold answer"),
+        (load_ruler_qa, GOOD_RULER | {"answer": ["Oslo", "\n"]}, "field 'answer' holds an empty or whitespace"),
+        (load_ruler_qa, {"input": "Q?", "outputs": [""]}, "field 'outputs' holds an empty or whitespace"),
+        (load_ruler_qa, GOOD_RULER | {"prompt": ""}, "field 'prompt' is empty or whitespace"),
+        (load_ruler_qa, {"input": "  ", "outputs": ["a"]}, "field 'input' is empty or whitespace"),
+        (load_longbench, GOOD_LONGBENCH | {"answers": [""]}, "field 'answers' holds an empty or whitespace"),
+        (load_longbench, GOOD_LONGBENCH | {"context": ""}, "field 'context' is empty or whitespace"),
+        (load_longbench, {"prompt": " \n", "answers": ["x"], "task": "musique"}, "field 'prompt' is empty or"),
+    ],
+    ids=["empty-answer", "blank-answer", "one-blank-answer", "ruler-outputs", "empty-prompt", "blank-input",
+         "longbench-answer", "longbench-context", "longbench-prompt"],
+)
+def test_empty_gold_answers_prompts_and_contexts_are_bad_rows(tmp_path, loader, row, message):
+    good = GOOD_RULER if loader is load_ruler_qa else GOOD_LONGBENCH
+    path = write_jsonl(tmp_path / "rows.jsonl", [good, row])
+    with pytest.raises(BadRowError, match=rf"rows.jsonl, line 2: {message}"):
+        loader(path)
+    report = LoadReport()
+    assert len(loader(path, skip_bad_rows=True, report=report)) == 1 and report.bad_rows == 1
+
+
+def test_longbench_keeps_rows_without_a_question(tmp_path):
+    """Summarization and code datasets (gov_report, lcc, ...) have an empty "input"."""
+    rows = [{"input": "", "context": "A long report.", "answers": ["A summary."], "dataset": "gov_report"}]
+    example = load_longbench(write_jsonl(tmp_path / "gov_report.jsonl", rows))[0]
+    assert example.question == "" and example.context == "A long report." and example.answers == ["A summary."]
+
+
+def test_task_examples_need_text_in_every_gold_answer(tmp_path):
+    with pytest.raises(ValueError, match=r"gold answer 1 is empty or whitespace \(' '\)"):
+        TaskExample(example_id="a", task="niah_single", prompt="p", answers=["1", " "])
+    row = {"example_id": "x", "task": "t", "prompt": "p", "answers": [""]}
+    with pytest.raises(BadRowError, match="line 1: not a task example.*gold answer 0 is empty"):
+        load_task_examples(write_jsonl(tmp_path / "native.jsonl", [row]))

@@ -202,6 +202,22 @@ def test_task_metric_table():
         task_metric("summarize")
 
 
+def test_gold_problem_names_what_a_metric_cannot_score():
+    trec = task_metric("trec")
+    assert trec.gold_problem(["City"], ["City", "Food"]) is None
+    for classes in (None, [], [3]):
+        assert "classification task and needs 'all_classes'" in trec.gold_problem(["City"], classes)
+    retrieval = task_metric("passage_retrieval_en_e")
+    assert retrieval.gold_problem(["Paragraph 3", "Paragraph 12"], None) is None
+    assert retrieval.gold_problem(["Paragraph 3", "3"], None) == (
+        "task 'passage_retrieval_en_e' needs every gold answer to contain 'Paragraph <n>', got '3'"
+    )
+    assert task_metric("passage_retrieval_zh").gold_problem(["段落7"], None) is None
+    assert "'段落<n>'" in task_metric("passage_retrieval_zh").gold_problem(["Paragraph 7"], None)
+    for name in ("hotpotqa", "passage_count", "ruler_qa", "niah_single"):
+        assert task_metric(name).gold_problem(["3"], None) is None
+
+
 def test_aggregation():
     assert aggregate([1.0, 0.0, 0.5]) == 50.0
     assert aggregate([1 / 3] * 3) == 33.33

@@ -57,6 +57,41 @@ def test_bad_rows_name_row_and_field():
         score_predictions("unknown", [{"pred": "a", "answers": ["a"]}])
 
 
+@pytest.mark.parametrize("answers", [[""], " ", ["Oslo", "  "]])
+def test_empty_gold_answers_are_refused(answers):
+    """An empty gold answer is inside every prediction: it would score anything as right."""
+    rows = [{"pred": "a", "answers": ["a"]}, {"pred": "garbage", "answers": answers}]
+    with pytest.raises(PredictionRowError, match="row 1: field 'answers' holds an empty or whitespace gold answer"):
+        score_predictions("niah", rows)
+
+
+def test_retrieval_gold_without_a_paragraph_number_names_the_row():
+    rows = [{"pred": "Paragraph 3", "answers": ["Paragraph 3"]}, {"pred": "3", "answers": ["3"]}]
+    with pytest.raises(PredictionRowError, match="row 1: task 'passage_retrieval_en' needs every gold answer to "
+                                                 "contain 'Paragraph <n>', got '3'"):
+        score_predictions("passage_retrieval_en", rows)
+    with pytest.raises(PredictionRowError, match=r"^q2\.jsonl, line 5: task"):
+        score_predictions("passage_retrieval_en", rows, row_names=["q2.jsonl, line 2", "q2.jsonl, line 5"])
+
+
+@pytest.mark.parametrize(
+    ("task", "bad_row", "message"),
+    [
+        ("trec", {"pred": "City", "answers": ["City"]}, "task 'trec' is a classification task and needs 'all_classes'"),
+        ("passage_retrieval_en", {"pred": "3", "answers": ["3"]}, "task 'passage_retrieval_en' needs every gold"),
+        ("hotpotqa", {"pred": "a", "answers": [""]}, "field 'answers' holds an empty or whitespace gold answer"),
+        ("hotpotqa", {"pred": "a"}, "none of the fields"),
+    ],
+)
+def test_command_line_errors_name_the_file_line(task, bad_row, message, tmp_path, capsys):
+    good = {"pred": "Paragraph 1", "answers": ["Paragraph 1"], "all_classes": ["City", "Paragraph 1"]}
+    path = tmp_path / "preds.jsonl"
+    # Blank lines before the bad row: it is row 1 of the rows but line 4 of the file.
+    path.write_text(json.dumps(good) + "\n\n\n" + json.dumps(bad_row) + "\n")
+    assert main(["--task", task, "--predictions", str(path)]) == 2
+    assert f"preds.jsonl, line 4: {message}" in capsys.readouterr().err
+
+
 def test_command_line_prints_summary_and_writes_per_example_scores(tmp_path, capsys):
     predictions = write_jsonl(
         tmp_path / "preds.jsonl",

@@ -10,7 +10,8 @@ import torch
 from refine.cli import main as cli_main
 from refine.config import OptimConfig, RefineConfig, RunConfig
 from refine.data.synthetic import NiahConfig, generate_niah, mqar_for_length
-from refine.data.tasks import load_longbench, load_ruler_qa
+from refine.data.tasks import TaskExample, load_longbench, load_ruler_qa
+from refine.evaluation import runner
 from refine.evaluation.runner import (
     answer_batches,
     answer_text,
@@ -23,6 +24,8 @@ from refine.evaluation.runner import (
     ttt_refine_config,
 )
 from refine.evaluation.score import score_predictions
+from refine.generate import generate
+from refine.loop import make_optimizer
 from refine.models import build_model, load_model, save_model
 from refine.phases import adapt_and_answer
 from refine.tokenizer import ByteTokenizer
@@ -107,6 +110,8 @@ def test_eval_command_writes_scored_results(task, ttt, model_dir, task_files, tm
         assert summary["metric"] == ["classification_score", "qa_f1_score"]
         by_task = [v["score"] for v in summary["by_task"].values()]
         assert summary["score"] == pytest.approx(sum(by_task) / 2, abs=0.01)
+        hotpotqa = summary["by_task"]["hotpotqa"]  # rows give their length: LongBench-E's per-length scores
+        assert hotpotqa["score_by_length"] == {"0-4k": hotpotqa["score"], "4-8k": None, "8k+": None}
     if task in ("niah", "mqar"):
         assert all(r["prompt_tokens"] <= 320 + 1 for r in records)  # + BOS
 
@@ -159,6 +164,82 @@ def test_prompts_answered_in_batches_get_the_answers_they_get_alone(model_dir):
     assert all(record["generated_tokens"] > 0 for record in together)
 
 
+def test_num_examples_defaults_to_every_row_of_a_task_file(model_dir, tmp_path, capsys):
+    rows = [LONGBENCH_ROWS[0] | {"_id": f"hq-{i}"} for i in range(25)]
+    data = write_jsonl(tmp_path / "hotpotqa.jsonl", rows)
+    argv = ["--model", str(model_dir), "--max-new-tokens", "1", "--output", str(tmp_path / "r.json")]
+    code, line, err = run_eval(capsys, *argv, "--task", "longbench", "--data", str(data))
+    assert code == 0 and line["num_examples"] == 25, err
+    code, line, err = run_eval(capsys, *argv, "--task", "longbench", "--data", str(data), "--num-examples", "3")
+    assert code == 0 and line["num_examples"] == 3, err
+    code, line, err = run_eval(capsys, *argv, "--task", "mqar", "--length", "128")
+    assert code == 0 and line["num_examples"] == 20, err  # synthetic tasks: 20 unless told
+
+
+def test_ttt_accumulate_carries_weights_and_one_optimizer_across_examples(model_dir, monkeypatch):
+    model = load_model(model_dir)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    examples = generate_niah(NiahConfig(length=320, seed=3), TOKENIZER, 2)
+    config = RunConfig(optim=OptimConfig(lr=0.05))
+    optimizers = []
+
+    def counted_optimizer(*args):
+        optimizers.append(make_optimizer(*args))
+        return optimizers[-1]
+
+    monkeypatch.setattr(runner, "make_optimizer", counted_optimizer)
+    run = dict(ttt=True, run_config=config, ttt_steps=2, max_new_tokens=4, progress=False)
+    accumulated = evaluate(model, TOKENIZER, examples, "niah", ttt_accumulate=True, **run)
+    assert len(optimizers) == 1  # made once: its state (step count, moments) runs on over both examples
+    assert {int(state["step"]) for state in optimizers[0].state.values()} == {4}
+    assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
+    assert accumulated["summary"]["ttt_config"]["accumulate"] is True
+
+    # The second example starts from the first's adapted weights and optimizer state.
+    replay = load_model(model_dir)
+    optimizer = make_optimizer(replay, config.optim)
+    for index, (example, record) in enumerate(zip(examples, accumulated["examples"])):
+        ids, _ = prompt_tokens(TOKENIZER, example.prompt, None)
+        cfg, _ = fit_refine_config(ttt_refine_config(config.refine), len(ids))
+        _, history = adapt_and_answer(replay, ids, cfg, config.optim, 2, 4, eos_id=TOKENIZER.eos_id, restore=False,
+                                      generator=torch.Generator().manual_seed(index), optimizer=optimizer)
+        assert history == record["ttt_history"]
+    # Without accumulation each example starts from the original weights with a fresh optimizer.
+    separate = evaluate(model, TOKENIZER, examples, "niah", **run)
+    assert separate["examples"][0]["ttt_history"] == accumulated["examples"][0]["ttt_history"]
+    assert separate["examples"][1]["ttt_history"] != accumulated["examples"][1]["ttt_history"]
+    assert len(optimizers) == 1 and separate["summary"]["ttt_config"]["accumulate"] is False
+
+
+def test_ttt_accumulate_option_of_the_command(model_dir, capsys):
+    argv = ["--model", str(model_dir), "--task", "mqar", "--num-examples", "2", "--length", "128",
+            "--max-new-tokens", "2", "--ttt", "--ttt-steps", "1", "--ttt-accumulate"]
+    code, line, err = run_eval(capsys, *argv)
+    assert code == 0, err
+    assert line["output"] == str(model_dir / "eval-mqar-ttt-accumulate.json")  # not the plain --ttt results file
+    assert json.loads((model_dir / "eval-mqar-ttt-accumulate.json").read_text())["summary"]["ttt_config"]["accumulate"]
+    code, _, err = run_eval(capsys, *[arg for arg in argv if arg != "--ttt"])
+    assert code == 2 and "--ttt-accumulate needs --ttt" in err
+
+
+@pytest.mark.parametrize("ttt", [False, True], ids=["plain", "ttt"])
+def test_a_model_with_a_padded_vocabulary_answers_with_ids_the_tokenizer_decodes(ttt):
+    torch.manual_seed(0)
+    model = build_model(dict(model_type="delta_net", hidden_size=32, num_heads=2, num_hidden_layers=1,
+                             vocab_size=320, intermediate_size=64, bos_token_id=257, eos_token_id=258,
+                             pad_token_id=256))  # vocabulary padded past the byte tokenizer's 260 ids
+    examples = generate_niah(NiahConfig(length=320, seed=0), TOKENIZER, 3)
+    prompts = [torch.tensor([prompt_tokens(TOKENIZER, example.prompt, None)[0]]) for example in examples]
+    free = [generate(model, ids, 16, eos_id=TOKENIZER.eos_id)[0] for ids in prompts]
+    assert any(token >= TOKENIZER.vocab_size for answer in free for token in answer)  # it would pick them
+    results = evaluate(model, TOKENIZER, examples, "niah", ttt=ttt, ttt_steps=1, max_new_tokens=16, progress=False)
+    assert all(record["generated_tokens"] > 0 for record in results["examples"])
+    if not ttt:  # the answers are the best decodable ids
+        limited = [generate(model, ids, 16, eos_id=TOKENIZER.eos_id, vocab_limit=TOKENIZER.vocab_size)[0]
+                   for ids in prompts]
+        assert [record["prediction"] for record in results["examples"]] == [TOKENIZER.decode(a) for a in limited]
+
+
 @pytest.mark.parametrize("one_length", [False, True])
 def test_answer_batches_cover_every_prompt_once_shortest_first(one_length):
     lengths = [5, 3, 3, 9, 3, 5, 4]
@@ -197,6 +278,49 @@ def test_a_model_that_knows_the_answers_scores_100_and_a_wrong_one_0(task, task_
     assert summary["score"] == 100.0 and scores == [100.0] * len(examples)
     summary, scores = score_examples(task, examples, ["Qwxz"] * len(examples))
     assert summary["score"] == 0.0 and scores == [0.0] * len(examples)
+
+
+def test_longbench_e_scores_by_length_reach_the_eval_summary():
+    examples = [TaskExample(example_id=str(i), task="hotpotqa_e", prompt="p", answers=["oslo"], length=n)
+                for i, n in enumerate([1000, 5000, 9000])]
+    summary, _ = score_examples("longbench", examples, ["oslo", "x", "oslo"])
+    assert summary["score_by_length"] == {"0-4k": 100.0, "4-8k": 0.0, "8k+": 100.0}
+    trec = TaskExample(example_id="t", task="trec_e", prompt="p", answers=["City"], all_classes=["City", "Food"],
+                       length=6000)
+    summary, _ = score_examples("longbench", examples + [trec], ["oslo", "x", "oslo", "City"])
+    assert "score_by_length" not in summary  # per task: the buckets of two metrics do not mix
+    assert summary["by_task"]["hotpotqa_e"]["score_by_length"] == {"0-4k": 100.0, "4-8k": 0.0, "8k+": 100.0}
+    assert summary["by_task"]["trec_e"]["score_by_length"] == {"0-4k": None, "4-8k": 100.0, "8k+": None}
+
+
+@pytest.mark.parametrize(
+    ("bad_row", "message"),
+    [
+        ({"dataset": "trec", "all_classes": None, "answers": ["Human"]},
+         "task 'trec' is a classification task and needs 'all_classes'"),
+        ({"dataset": "passage_retrieval_en", "answers": ["3"]},
+         "task 'passage_retrieval_en' needs every gold answer to contain 'Paragraph <n>', got '3'"),
+    ],
+    ids=["trec-without-classes", "retrieval-without-paragraph"],
+)
+def test_gold_answers_a_metric_cannot_score_fail_before_generation(bad_row, message, model_dir, tmp_path, capsys,
+                                                                   monkeypatch):
+    good = {"input": "q?", "context": "c", "answers": ["Paragraph 1"], "dataset": "passage_retrieval_en"}
+    data = write_jsonl(tmp_path / "lb.jsonl", [good, good, good | bad_row])
+    examples = load_longbench(data)
+    expected = f"example 'lb.jsonl:3' ({data}, line 3): {message}"
+    with pytest.raises(ValueError) as error:  # the example's own file line, not its place in a metric group
+        score_examples("longbench", examples, ["Paragraph 1"] * 3)
+    assert str(error.value).startswith(expected)
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("generation started before the examples were checked")
+
+    monkeypatch.setattr(runner, "generate", no_generation)
+    monkeypatch.setattr(runner, "adapt_and_answer", no_generation)
+    for ttt in ([], ["--ttt"]):
+        code, _, err = run_eval(capsys, "--model", str(model_dir), "--task", "longbench", "--data", str(data), *ttt)
+        assert code == 2 and expected in err
 
 
 @pytest.mark.parametrize("metric_task", ["ruler_qa", "trec", "triviaqa", "hotpotqa", "niah_single", "qa_1"])
