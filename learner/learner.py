@@ -42,9 +42,10 @@ from services.streams import (
 )
 from services.weight_store import RedisWeightStore, WeightVersionError
 
-__all__ = ["ROLE", "Learner", "ResumePoint", "misfit"]
+__all__ = ["MEMBER_ID", "ROLE", "Learner", "ResumePoint", "misfit"]
 
 ROLE = "learner"
+MEMBER_ID = "learner-0"  # rank 0's member id: heartbeats, metrics discovery
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ class Learner:
     """The single learner rank (a Ray actor in the service)."""
 
     def __init__(self, config_json: str, redis_url: str, namespace: str, resume: bool = False,
-                 member_id: str = "learner-0") -> None:
+                 member_id: str = MEMBER_ID) -> None:
         self.config = config = RunConfig.model_validate_json(config_json)
         self.member_id = member_id
         self.runtime = RoleRuntime(ROLE, member_id, redis_url, namespace, config.service.metrics_discovery_dir,

@@ -3,10 +3,11 @@
 Every process (orchestrator, each rollout worker, each reward replica, the learner: rank 0) serves its
 own registry on an ephemeral port, so any number of actors share a node without port collisions,
 and announces itself with a file in Prometheus' file service-discovery format:
-`<discovery_dir>/<role>-<instance>-<host>_<port>.json` =
+`<discovery_dir>/<role>-<instance>-<run>-<host>_<port>.json` (run: the service's namespace) =
 [{"targets": ["host:port"], "labels": {"role": ..., "instance_id": ..., "node": ...}}].
-The target host:port in the name keeps the files of two runs on one node apart: instance ids such as
-`learner-0` repeat from run to run, and each process removes only its own file.
+The run and the target host:port in the name keep the files of two runs on one node apart (instance ids
+such as `learner-0` repeat from run to run): each process removes its own file when it stops, and a run
+removes those of the members it killed (`withdraw_announcements`).
 deploy/prometheus.yml reads every such file (`file_sd_configs`). Metric names all start with `refine_`.
 """
 
@@ -93,9 +94,14 @@ def _reachable_host() -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host  # an IPv6 address in a target
 
 
+def _file_stem(*parts: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in "-".join(parts))
+
+
 def serve_metrics(metrics: Metrics, role: str, instance: str, discovery_dir: str | Path | None = DEFAULT_DISCOVERY_DIR,
-                  bind: str = "0.0.0.0") -> MetricsEndpoint:
-    """Serve `metrics` on a free port and announce it for Prometheus file service discovery."""
+                  bind: str = "0.0.0.0", run: str = "") -> MetricsEndpoint:
+    """Serve `metrics` on a free port and announce it for Prometheus file service discovery; `run` (the
+    service's namespace) lets the run withdraw the announcement of a member it killed."""
     server, _ = start_http_server(0, addr=bind, registry=metrics.registry)
     port = server.server_port
     host = _reachable_host()
@@ -104,11 +110,20 @@ def serve_metrics(metrics: Metrics, role: str, instance: str, discovery_dir: str
         directory = Path(discovery_dir)
         directory.mkdir(parents=True, exist_ok=True)
         # One file per served target: a same-named member of another run on this node keeps its own.
-        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in f"{role}-{instance}-{host}_{port}")
-        discovery_file = directory / f"{safe}.json"
+        discovery_file = directory / f"{_file_stem(role, instance, *([run] if run else []), f'{host}_{port}')}.json"
         payload = [{"targets": [f"{host}:{port}"],
                     "labels": {"role": role, "instance_id": instance, "node": socket.gethostname()}}]
         tmp = discovery_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(payload))
         tmp.replace(discovery_file)  # atomic: Prometheus never reads half a file
     return MetricsEndpoint(host, port, discovery_file, server)
+
+
+def withdraw_announcements(discovery_dir: str | Path, role: str, instance: str, run: str) -> int:
+    """Remove the discovery files of member `instance` of run `run` (killed before it could remove its own,
+    it would stay a down target); returns how many there were."""
+    removed = 0
+    for path in Path(discovery_dir).glob(f"{_file_stem(role, instance, run)}-*.json"):
+        path.unlink(missing_ok=True)
+        removed += 1
+    return removed

@@ -66,7 +66,7 @@ from refine.data.stream import document_batches
 from refine.plots import plot_metrics
 from services.broker import Broker
 from services.messages import DataCursor, DocumentBatch
-from services.metrics import Metrics, serve_metrics
+from services.metrics import Metrics, serve_metrics, withdraw_announcements
 from services.progress import LearnerProgress, StepReport, read_progress
 from services.ray_runtime import actor_cpus, ray_for_run, redis_for_run, resolve_addresses
 from services.redis_server import connect
@@ -481,6 +481,7 @@ class Orchestrator:
                                f"{MAX_RESTARTS_PER_ROLE} times already")
         old = member.member_id
         ray.kill(member.actor, no_restart=True)
+        withdraw_announcements(self.config.service.metrics_discovery_dir, member.role, old, self.namespace)
         self.broker.forget(member.role, old)
         released = release_consumer(self.broker, member.stream, member.group, old)
         member.incarnation += 1
@@ -579,6 +580,11 @@ class Orchestrator:
                     ray.kill(actor, no_restart=True)
                 except Exception:  # already gone
                     pass
+        from learner.learner import MEMBER_ID, ROLE
+
+        # Members that finished removed their own discovery files; killed ones could not.
+        for role, member_id in [(ROLE, MEMBER_ID), *((m.role, m.member_id) for m in self.members)]:
+            withdraw_announcements(self.config.service.metrics_discovery_dir, role, member_id, self.namespace)
         if self.bar is not None:
             self.bar.close()
         for handle in (self.metrics_file, self.events_file):

@@ -61,7 +61,7 @@ class RoleRuntime:
         self.broker = Broker(self.client, namespace)
         self.metrics = Metrics()
         self.endpoint: MetricsEndpoint | None = serve_metrics(
-            self.metrics, role=role, instance=member_id, discovery_dir=metrics_dir
+            self.metrics, role=role, instance=member_id, discovery_dir=metrics_dir, run=namespace
         )
         self._interval = heartbeat_interval_s
         self._closed = threading.Event()

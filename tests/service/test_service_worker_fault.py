@@ -92,6 +92,8 @@ def test_killed_rollout_worker_is_replaced_and_its_batch_reclaimed(ray_session, 
     restarts = {event["member"]: event for event in events(tmp_path / "run", "restart")}
     assert sorted(restarts) == sorted(consumer for consumer, _ in killer.signalled)
     assert restarts[killer.caught["consumer"]]["released_entries"] == killer.caught["entries"]
+    # The killed workers' discovery files went with them; every other member removed its own.
+    assert list(Path(config.service.metrics_discovery_dir).glob("*.json")) == []
 
 
 def test_hung_rollout_worker_is_replaced_after_its_heartbeat_stops(ray_session, redis_url: str,

@@ -4,7 +4,7 @@ import json
 import urllib.request
 from pathlib import Path
 
-from services.metrics import Metrics, serve_metrics
+from services.metrics import Metrics, serve_metrics, withdraw_announcements
 
 
 def announced_targets(directory: Path) -> dict[str, list[str]]:
@@ -48,3 +48,20 @@ def test_an_empty_metrics_host_announces_loopback(tmp_path: Path, monkeypatch) -
         assert list(announced_targets(tmp_path).values()) == [[f"[fd00::5]:{endpoint.port}"]]
     finally:
         endpoint.close()
+
+
+def test_a_run_withdraws_only_its_own_members_announcements(tmp_path: Path) -> None:
+    # Two runs on one node with a member of the same id; run B killed its member, whose file stayed.
+    run_a = serve_metrics(Metrics(), role="rollout_worker", instance="rollout_worker-0.0", discovery_dir=tmp_path,
+                          bind="127.0.0.1", run="run-a")
+    run_b = serve_metrics(Metrics(), role="rollout_worker", instance="rollout_worker-0.0", discovery_dir=tmp_path,
+                          bind="127.0.0.1", run="run-b")
+    other = serve_metrics(Metrics(), role="rollout_worker", instance="rollout_worker-0.01", discovery_dir=tmp_path,
+                          bind="127.0.0.1", run="run-b")
+    try:
+        assert withdraw_announcements(tmp_path, "rollout_worker", "rollout_worker-0.0", "run-b") == 1
+        assert sorted(announced_targets(tmp_path)) == sorted([run_a.discovery_file.name, other.discovery_file.name])
+        assert withdraw_announcements(tmp_path, "rollout_worker", "rollout_worker-0.0", "run-b") == 0
+    finally:
+        for endpoint in (run_a, run_b, other):
+            endpoint.close()
