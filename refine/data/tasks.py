@@ -77,6 +77,16 @@ DEFAULT_LONGBENCH_TEMPLATE = (
 )
 
 
+# LongBench's answer budget per dataset (its config/dataset2maxlen.json: long ones for summaries), used for
+# rows that give no max_answer_length. Its ROUGE and F1 scores assume answers may run this long.
+LONGBENCH_MAX_ANSWER_TOKENS = {
+    "narrativeqa": 128, "qasper": 128, "multifieldqa_en": 64, "multifieldqa_zh": 64, "hotpotqa": 32,
+    "2wikimqa": 32, "musique": 32, "dureader": 128, "gov_report": 512, "qmsum": 512, "multi_news": 512,
+    "vcsum": 512, "trec": 64, "triviaqa": 32, "samsum": 128, "lsht": 64, "passage_count": 32,
+    "passage_retrieval_en": 32, "passage_retrieval_zh": 32, "lcc": 64, "repobench-p": 64,
+}
+
+
 def _answers(value: Any, field: str, row: Row, policy: BadRowPolicy) -> list[str] | None:
     answers = [value] if isinstance(value, str) else value
     if not (isinstance(answers, (list, tuple)) and answers and all(isinstance(item, str) for item in answers)):
@@ -240,7 +250,8 @@ def load_longbench(
     """LongBench examples. The dataset name is `dataset`, else the row's "dataset" / "task", else the file
     name (LongBench names its files after the dataset). Rows without a "prompt" get one from
     `prompt_template`, else `prompt_templates[dataset]` (a dict or a JSON file such as LongBench's
-    dataset2prompt.json), else DEFAULT_LONGBENCH_TEMPLATE; templates use {context} and {input}."""
+    dataset2prompt.json), else DEFAULT_LONGBENCH_TEMPLATE; templates use {context} and {input}. A row's answer
+    budget is its max_answer_length, else LongBench's for the dataset (LONGBENCH_MAX_ANSWER_TOKENS)."""
     templates = _read_templates(prompt_templates)
     policy = BadRowPolicy(skip_bad_rows)
     source = _open(path, LONGBENCH_COLUMNS, fmt, policy, split)
@@ -301,7 +312,7 @@ def load_longbench(
                 context=context,
                 question=question,
                 all_classes=all_classes or None,
-                max_answer_length=max_answer_length or None,
+                max_answer_length=max_answer_length or LONGBENCH_MAX_ANSWER_TOKENS.get(name.removesuffix("_e")),
                 length=length,
                 metadata={"source": row.location},
             )

@@ -85,6 +85,14 @@ def test_longbench_dataset_name_from_file_name_and_preprocessed_prompts(tmp_path
     assert (example.prompt, example.task, example.max_answer_length) == ("Full prompt\nAnswer:", "musique", 5)
 
 
+def test_longbench_answer_budgets_are_the_benchmarks_unless_a_row_gives_one(tmp_path):
+    rows = [{"input": "q", "context": "c", "answers": ["a"], "dataset": name}
+            for name in ("gov_report", "qasper_e", "hotpotqa", "my_own_task")]
+    rows.append({"input": "q", "context": "c", "answers": ["a"], "dataset": "gov_report", "max_answer_length": 7})
+    budgets = [example.max_answer_length for example in load_longbench(write_jsonl(tmp_path / "lb.jsonl", rows))]
+    assert budgets == [512, 128, 32, None, 7]  # None: refine eval's default budget
+
+
 def test_task_loaders_bad_inputs(tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(EmptySourceError):
