@@ -168,8 +168,12 @@ def load_ruler_qa(
     split: str | None = None,
     report: LoadReport | None = None,
 ) -> list[TaskExample]:
-    """RULER QA examples. `task` overrides the rows' task name (default: the row's, else "ruler_qa")."""
+    """RULER QA examples. `task` overrides the rows' task name; by default it is the row's, else, for rows in
+    RULER's own format (input, outputs), RULER's task ("qa_1" / "qa_2" when the file or its folder is named
+    so, else "qa": scored with RULER's QA metric), else "ruler_qa" (the paper's first-line scoring)."""
     policy = BadRowPolicy(skip_bad_rows)
+    path_names = {Path(path).stem, Path(path).parent.name} if Path(path).is_file() else {Path(path).name}
+    ruler_task = next((name for name in ("qa_1", "qa_2") if name in path_names), "qa")
     source = _open(path, RULER_COLUMNS, fmt, policy, split)
     _check_schema(
         source, [["prompt", "answer"], ["prompt", "answers"], ["input", "outputs"]], f"RULER QA source {str(path)!r}"
@@ -179,13 +183,13 @@ def load_ruler_qa(
         values = row.values
         if "prompt" in values:
             prompt = _prompt_text(values["prompt"], "prompt", row, policy)
-            answer_field = "answer" if "answer" in values else "answers"
+            answer_field, default_task = ("answer" if "answer" in values else "answers"), "ruler_qa"
         elif "input" in values:
             # RULER's own output: the answer prefix is part of what the model is given.
             prompt = _prompt_text(values["input"], "input", row, policy)
             if prompt is not None and isinstance(values.get("answer_prefix"), str):
                 prompt += values["answer_prefix"]
-            answer_field = "outputs"
+            answer_field, default_task = "outputs", ruler_task
         else:
             policy.reject(row.location, f"needs 'prompt' (or RULER's 'input'); fields present: {sorted(values)}")
             continue
@@ -203,7 +207,7 @@ def load_ruler_qa(
         examples.append(
             TaskExample(
                 example_id=str(identifier) if identifier is not None else row.doc_id,
-                task=task or (row_task if isinstance(row_task, str) and row_task else "ruler_qa"),
+                task=task or (row_task if isinstance(row_task, str) and row_task else default_task),
                 prompt=prompt,
                 answers=answers,
                 max_answer_length=max_answer_length or None,

@@ -49,6 +49,13 @@ def test_ruler_own_output_format_appends_the_answer_prefix(tmp_path):
     ]
     example = load_ruler_qa(write_jsonl(tmp_path / "qa_1.jsonl", rows))[0]
     assert example.prompt == "Context... Question: Q? Answer:" and example.answers == ["42"]
+    # RULER's rows are RULER's QA task, scored with its metric: named by the file, or the folder RULER writes.
+    assert example.task == "qa_1"
+    (tmp_path / "qa_2").mkdir()
+    assert load_ruler_qa(write_jsonl(tmp_path / "qa_2" / "validation.jsonl", rows))[0].task == "qa_2"
+    assert load_ruler_qa(write_jsonl(tmp_path / "mine.jsonl", rows))[0].task == "qa"
+    ours = [{"prompt": "Context... Q?\nAnswer:", "answer": ["42"]}]  # the paper's format: its first-line rule
+    assert load_ruler_qa(write_jsonl(tmp_path / "paper.jsonl", ours))[0].task == "ruler_qa"
 
 
 def test_longbench_rows_build_prompts_from_templates(tmp_path):
