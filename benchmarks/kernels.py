@@ -107,7 +107,7 @@ def run_chunk(batch: int, seq_len: int, heads: int, dim: int, chunk: int, gated:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="short sequences and one repeat: a smoke run")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--gated", action="store_true", help="gated delta rule (adds the decay g)")

@@ -65,7 +65,7 @@ def run(length: int, samples: int, model, repeats: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
     parser.add_argument("--samples", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--repeats", type=int, default=3)

@@ -222,6 +222,7 @@ class Learner:
         if problem is not None:  # a worker or reward bug: training on it would crash or use wrong rows
             self._drop(entry_id, batch, staleness, "invalid", documents, problem)
             return
+        started = time.perf_counter()
         if self.group is not None:
             self.group.send_batch(batch, documents)
             outcome = self.group.update(self.model, self.optimizer, batch, documents, self.config, self.ref_model)
@@ -232,6 +233,7 @@ class Learner:
         self._finish_step(SCORED, entry_id, rollout_id, documents, outcome, {
             "staleness": staleness, "policy_version": batch.policy_version, "rollout_batch_id": rollout_id,
             "worker_id": batch.worker_id, "reward_type": batch.reward_type,
+            "step_seconds": time.perf_counter() - started,  # the update; the rollouts ran in the workers
         })
 
     def handle_documents(self, entry_id: str, batch: DocumentBatch) -> None:
@@ -240,10 +242,12 @@ class Learner:
             self.broker.ack(DOCUMENTS, LEARNER_GROUP, [entry_id])
             self.duplicates += 1
             return
+        started = time.perf_counter()
         ids, lengths = self._tensors(batch)
         outcome = fused_update(self.model, self.optimizer, ids, lengths, self.config, self.generator, self.ref_model)
         self._finish_step(DOCUMENTS, entry_id, batch.batch_id, batch, outcome,
-                          {"staleness": 0, "policy_version": self.state.step})
+                          {"staleness": 0, "policy_version": self.state.step,
+                           "step_seconds": time.perf_counter() - started})
 
     def _tensors(self, batch: DocumentBatch) -> tuple[torch.Tensor, torch.Tensor]:
         return batch.token_ids.to(self.device, torch.long), batch.lengths.to(self.device, torch.long)

@@ -247,6 +247,8 @@ class RunConfig(Strict):
 
 def _checkpoint_model_config(init_from: str) -> dict[str, Any]:
     config_file = Path(init_from).expanduser() / "config.json"
+    if not config_file.parent.exists():
+        raise ValueError(f"train.init_from={init_from!r} does not exist")
     if not config_file.is_file():
         raise ValueError(f"train.init_from={init_from!r} has no config.json: give a model directory "
                          f"(a checkpoint's model/)")
@@ -293,10 +295,14 @@ def fit_to_tokenizer(config: RunConfig, tokenizer: Tokenizer) -> RunConfig:
 def _format_error(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"]) or "config"
+        field = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "value_error":  # our own checks: the message names the fields and values itself
+            message = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{field}: {message}" if field else message)
+            continue
         value = e.get("input")
         shown = value if not isinstance(value, dict) else "{...}"
-        lines.append(f"{field}: {e['msg']} (got {shown!r})")
+        lines.append(f"{field or 'config'}: {e['msg']} (got {shown!r})")
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 

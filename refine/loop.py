@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import torch
 from tqdm import tqdm
@@ -125,6 +126,22 @@ def resume_from(latest: Path, resume: bool, model: FastWeightLM, optimizer: torc
     return 0, 0
 
 
+def open_metrics(path: Path, step: int) -> TextIO:
+    """metrics.jsonl for a run starting at `step`: emptied for a fresh run (0); for a resumed one, the rows
+    of steps up to `step` kept (those logged after its checkpoint are about to be redone), then appended to."""
+    kept: list[str] = []
+    if step > 0 and path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                row_step = json.loads(line).get("step", 0)
+            except (json.JSONDecodeError, AttributeError):
+                continue  # a line cut short by a killed run
+            if isinstance(row_step, int) and row_step <= step:
+                kept.append(line + "\n")
+    path.write_text("".join(kept))
+    return path.open("a")
+
+
 @dataclass
 class StepBatch:
     """One optimizer step's data: its loss (given the stage timer), the data cursor once it is trained, its tokens."""
@@ -144,7 +161,7 @@ def run_steps(config: RunConfig, model: FastWeightLM, optimizer: torch.optim.Opt
     latest = out_dir / "checkpoints" / "latest"
     last: dict[str, float] = {}
     skipped = 0
-    with (out_dir / "metrics.jsonl").open("a") as metrics_file, \
+    with open_metrics(out_dir / "metrics.jsonl", step) as metrics_file, \
             tqdm(total=config.train.steps, initial=step, desc=desc, disable=not progress) as bar:
         while step < config.train.steps:
             batch = next_batch(cursor)
@@ -171,6 +188,11 @@ def run_steps(config: RunConfig, model: FastWeightLM, optimizer: torch.optim.Opt
 
 
 def prepare_model(config: RunConfig) -> FastWeightLM:
+    device = config.train.device
+    # Checked where the model is placed: a Ray driver without a GPU may run a config meant for GPU nodes.
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"train.device={device!r}, but this machine has no CUDA GPU that torch "
+                         f"{torch.__version__} can use: set --set train.device=cpu")
     dtype = DTYPES[config.train.dtype]
     if config.train.init_from:
         model = load_model(config.train.init_from, dtype=dtype)

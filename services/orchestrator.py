@@ -63,6 +63,7 @@ from tqdm import tqdm
 from refine.config import RunConfig, ServiceConfig, dump_config, fit_to_tokenizer, run_tokenizer
 from refine.data.batches import DocumentBatch as LocalBatch
 from refine.data.stream import document_batches
+from refine.loop import open_metrics
 from refine.plots import plot_metrics
 from services.broker import Broker
 from services.messages import DataCursor, DocumentBatch
@@ -339,11 +340,12 @@ class Orchestrator:
             member.start()
 
     def _open_outputs(self, start_step: int) -> None:
-        mode = "a" if self.resume else "w"
-        self.metrics_file = (self.out_dir / "metrics.jsonl").open(mode)
-        self.events_file = (self.out_dir / "events.jsonl").open(mode)
+        self.metrics_file = open_metrics(self.out_dir / "metrics.jsonl", start_step)
+        self.events_file = (self.out_dir / "events.jsonl").open("a" if start_step else "w")
         self.bar = tqdm(total=self.config.train.steps, initial=start_step,
                         desc=f"train[service:{self.config.service.mode}]", disable=not self.show_progress)
+        if self.resume and not start_step:
+            self._write_line(f"no checkpoint in {self.out_dir / 'checkpoints'} to resume from: starting at step 0")
 
     def _document_batches(self, cursor: int) -> Iterator[LocalBatch]:
         return document_batches(self.config, run_tokenizer(self.config), start_cursor=cursor)

@@ -101,8 +101,10 @@ def test_a_run_from_a_checkpoint_takes_its_model_section(tmp_path):
     config = load_config(None, [f"train.init_from={tmp_path / 'ckpt'}", "model.vocab_size=260"])
     assert (config.model.model_type, config.model.vocab_size, config.model.hidden_size) == ("gated_deltanet", 300, 32)
     assert load_config(None, [f"train.init_from={tmp_path / 'ckpt'}"]).model == config.model
-    with pytest.raises(ConfigError, match=r"train\.init_from='.*nowhere' has no config\.json"):
+    with pytest.raises(ConfigError, match=r"train\.init_from='.*nowhere' does not exist"):
         load_config(None, [f"train.init_from={tmp_path / 'nowhere'}"])
+    with pytest.raises(ConfigError, match=r"\n  train\.init_from='.*' has no config\.json: give a model directory"):
+        load_config(None, [f"train.init_from={tmp_path}"])  # the message alone, without pydantic's wrapping
 
 
 def test_the_model_agrees_with_the_tokenizer(tmp_path):

@@ -123,3 +123,22 @@ def test_checkpoints_carry_the_runs_tokenizer(tmp_path):
     # The model built from scratch took the tokenizer's special ids (no pad token: the model names none).
     saved = load_model(model_dir).config
     assert (saved.bos_token_id, saved.eos_token_id, saved.pad_token_id) == (original.bos_id, original.eos_id, None)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without a CUDA GPU")
+def test_a_cuda_device_without_a_gpu_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match=r"train\.device='cuda', but this machine has no CUDA GPU .* train\.device=cpu"):
+        prepare_model(_config(tmp_path, "ntp", extra=("train.device=cuda",)))
+
+
+def test_metrics_rows_are_one_per_step_across_reruns_and_resumes(tmp_path):
+    config = _config(tmp_path, "ntp", steps=2)
+    train(config, progress=False)
+    train(config, progress=False)  # the same command again, without --resume: a fresh run
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    # A run killed after logging step 3 but before a checkpoint there resumes from step 2: step 3's row goes.
+    with (tmp_path / "metrics.jsonl").open("a") as metrics:
+        metrics.write(json.dumps({"step": 3, "loss": 9.9}) + "\n" + '{"step": 4, "lo')
+    train(_config(tmp_path, "ntp", steps=4), resume=True, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2, 3, 4] and rows[2]["loss"] != 9.9

@@ -390,7 +390,8 @@ def _note(message: str) -> None:
 # ---------------------------------------------------------------- examples
 
 
-def build_examples(args: argparse.Namespace, tokenizer: Tokenizer, options: EvalOptions) -> list[TaskExample]:
+def build_examples(args: argparse.Namespace, tokenizer: Tokenizer, options: EvalOptions,
+                   skip_bad_rows: bool = False) -> list[TaskExample]:
     if args.num_examples is not None and args.num_examples < 1:
         raise ValueError(f"--num-examples must be >= 1, got {args.num_examples}")
     synthetic_count = args.num_examples if args.num_examples is not None else DEFAULT_SYNTHETIC_EXAMPLES
@@ -409,8 +410,9 @@ def build_examples(args: argparse.Namespace, tokenizer: Tokenizer, options: Eval
         raise ValueError(f"--task must be one of {CLI_TASKS}, got {args.task!r}")
     try:
         if args.task == "ruler-qa":
-            return load_ruler_qa(args.data, limit=args.num_examples)
-        return load_longbench(args.data, limit=args.num_examples, prompt_templates=options.prompt_templates)
+            return load_ruler_qa(args.data, limit=args.num_examples, skip_bad_rows=skip_bad_rows)
+        return load_longbench(args.data, limit=args.num_examples, prompt_templates=options.prompt_templates,
+                              skip_bad_rows=skip_bad_rows)
     except DataSourceError as err:
         raise DataSourceError(f"{err}{_column_hint(args.data, args.task)}") from None
 
@@ -457,7 +459,7 @@ def main(args: argparse.Namespace) -> int:
     dtype = DTYPES[run_config.train.dtype] if "dtype" in run_config.train.model_fields_set else None
     model = load_model(model_dir, dtype=dtype, device=run_config.train.device)
     tokenizer = resolve_tokenizer(args.tokenizer, model_dir)
-    examples = build_examples(args, tokenizer, options)
+    examples = build_examples(args, tokenizer, options, skip_bad_rows=run_config.data.skip_bad_rows)
     results = evaluate(
         model, tokenizer, examples, args.task, ttt=args.ttt, run_config=run_config, ttt_steps=args.ttt_steps,
         max_new_tokens=args.max_new_tokens, max_prompt_tokens=options.max_prompt_tokens, seed=args.seed,

@@ -422,3 +422,13 @@ def test_other_bad_inputs_exit_2_naming_the_value(model_dir, tmp_path, capsys):
     assert code == 2 and "40" in err
     code, _, err = run_eval(capsys, "--model", str(tmp_path), "--task", "niah")
     assert code == 2 and "config.json" in err
+
+
+def test_data_skip_bad_rows_skips_and_counts_a_bad_task_row(model_dir, tmp_path, capsys, caplog):
+    data = tmp_path / "qa.jsonl"
+    data.write_text(json.dumps(RULER_ROWS[0]) + "\n{not json\n" + json.dumps(RULER_ROWS[1]) + "\n")
+    base = ["--model", str(model_dir), "--task", "ruler-qa", "--data", str(data), "--max-new-tokens", "2"]
+    code, _, err = run_eval(capsys, *base)
+    assert code == 2 and "line 2: malformed JSON" in err
+    code, line, err = run_eval(capsys, *base, "--set", "data.skip_bad_rows=true")
+    assert code == 0 and line["num_examples"] == 2 and "skipped 1 bad rows" in caplog.text

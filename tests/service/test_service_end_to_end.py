@@ -54,6 +54,8 @@ def test_refine_train_disaggregated_end_to_end(ray_session, tmp_path: Path, caps
     assert {row["worker_id"].split(".")[0] for row in rows} <= {"rollout_worker-0", "rollout_worker-1"}
     assert all(torch.isfinite(torch.tensor(row["loss"])) for row in rows)
     assert printed["step"] == steps and printed["loss"] == rows[-1]["loss"]
+    for row in rows:  # the learner's update time, and the stages it was spent in
+        assert row["forward_seconds"] + row["backward_step_seconds"] <= row["step_seconds"]
 
     checkpoint = run_dir / "checkpoints" / "latest"
     state = read_learner_state(checkpoint)
@@ -90,6 +92,8 @@ def test_colocated_runs_the_fused_step_without_workers(ray_session, tmp_path: Pa
     rows = step_rows(tmp_path / "run")
     assert [row["step"] for row in rows] == [1, 2, 3]
     assert "worker_id" not in rows[0]  # no rollout workers: the learner sampled its own rollouts
+    stages = ("forward", "select", "states", "decode", "teacher_forced", "score", "backward_step")
+    assert all(sum(row[f"{stage}_seconds"] for stage in stages) <= row["step_seconds"] for row in rows)
     assert stats["step"] == 3 and stats["reward_mean"] == rows[-1]["reward_mean"]
 
 
