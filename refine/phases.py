@@ -85,4 +85,5 @@ def adapt_and_answer(model: FastWeightLM, prompt: list[int], cfg: RefineConfig, 
     finally:
         if saved is not None:
             model.load_state_dict(saved)
+            model.zero_grad(set_to_none=True)  # the adaptation's gradients: a model-sized copy, no longer of use
     return answer, history

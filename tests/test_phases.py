@@ -58,6 +58,7 @@ def test_test_time_training_restores_weights_and_accumulates_on_request():
     assert len(history) == 2 and len(answer) == 4
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k  # restored bit for bit
+    assert all(p.grad is None for p in model.parameters())  # no gradients of the adaptation kept alive
     adapted_answer, _ = adapt_and_answer(model, prompt, CFG, optim, steps=2, max_new_tokens=4, restore=False)
     changed = any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert changed, "with restore=False the adapted weights are kept"

@@ -108,12 +108,13 @@ def _prompt_text(value: Any, field: str, row: Row, policy: BadRowPolicy) -> str 
     return text
 
 
-def _optional_int(value: Any, field: str, row: Row, policy: BadRowPolicy) -> tuple[bool, int | None]:
+def _optional_int(value: Any, field: str, row: Row, policy: BadRowPolicy,
+                  minimum: int = 0) -> tuple[bool, int | None]:
     if value is None:
         return True, None
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= minimum:
         return True, value
-    policy.reject(row.location, f"field {field!r} must be a non-negative integer, got {value!r:.80}")
+    policy.reject(row.location, f"field {field!r} must be an integer >= {minimum} or null, got {value!r:.80}")
     return False, None
 
 
@@ -199,7 +200,7 @@ def load_ruler_qa(
             policy.reject(row.location, f"field {answer_field!r} missing; fields present: {sorted(values)}")
             continue
         answers = _answers(values[answer_field], answer_field, row, policy)
-        ok, max_answer_length = _optional_int(values.get("max_answer_length"), "max_answer_length", row, policy)
+        ok, max_answer_length = _optional_int(values.get("max_answer_length"), "max_answer_length", row, policy, minimum=1)
         if answers is None or not ok:
             continue
         row_task = values.get("task")
@@ -276,7 +277,7 @@ def load_longbench(
             continue
         ok_classes, all_classes = _optional_classes(values.get("all_classes"), row, policy)
         ok_length, length = _optional_int(values.get("length"), "length", row, policy)
-        ok_max, max_answer_length = _optional_int(values.get("max_answer_length"), "max_answer_length", row, policy)
+        ok_max, max_answer_length = _optional_int(values.get("max_answer_length"), "max_answer_length", row, policy, minimum=1)
         if not (ok_classes and ok_length and ok_max):
             continue
         context = question = None

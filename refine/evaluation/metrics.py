@@ -215,7 +215,11 @@ def fuzz_ratio(first: str, second: str, backend: FuzzBackend = "difflib") -> int
     if backend == "difflib":
         ratio = difflib.SequenceMatcher(None, first, second).ratio()
     elif backend == "levenshtein":
-        from rapidfuzz.distance import Indel
+        try:
+            from rapidfuzz.distance import Indel
+        except ImportError:
+            raise ValueError("the 'levenshtein' code-similarity backend needs rapidfuzz: pip install rapidfuzz, "
+                             "or use the 'difflib' backend") from None
 
         ratio = Indel.normalized_similarity(first, second)
     else:

@@ -189,3 +189,9 @@ def test_task_examples_need_text_in_every_gold_answer(tmp_path):
     row = {"example_id": "x", "task": "t", "prompt": "p", "answers": [""]}
     with pytest.raises(BadRowError, match="line 1: not a task example.*gold answer 0 is empty"):
         load_task_examples(write_jsonl(tmp_path / "native.jsonl", [row]))
+
+
+def test_a_zero_answer_budget_is_a_bad_row(tmp_path):
+    rows = [{"prompt": "P?", "answer": ["a"], "max_answer_length": 0}]
+    with pytest.raises(DataSourceError, match=r"line 1: field 'max_answer_length' must be an integer >= 1 or null, got 0"):
+        load_ruler_qa(write_jsonl(tmp_path / "qa.jsonl", rows))

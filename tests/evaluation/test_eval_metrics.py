@@ -226,3 +226,13 @@ def test_aggregation():
     by_length = aggregate_by_length([1.0, 0.0, 1.0], [100, 5000, 9000])
     assert by_length == {"0-4k": 100.0, "4-8k": 0.0, "8k+": 100.0}
     assert aggregate_by_length([1.0], [10]) == {"0-4k": 100.0, "4-8k": None, "8k+": None}
+
+
+def test_the_levenshtein_backend_without_rapidfuzz_is_a_clear_error(monkeypatch):
+    import sys
+
+    from refine.evaluation.metrics import code_sim_score
+
+    monkeypatch.setitem(sys.modules, "rapidfuzz.distance", None)  # as if rapidfuzz were not installed
+    with pytest.raises(ValueError, match="'levenshtein' code-similarity backend needs rapidfuzz"):
+        code_sim_score("a = 1", "a = 2", backend="levenshtein")
