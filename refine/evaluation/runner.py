@@ -30,7 +30,7 @@ from refine.data.batches import pad_documents
 from refine.data.sources import DataSourceError
 from refine.data.synthetic import NiahConfig, generate_niah, mqar_for_length
 from refine.data.tasks import TaskExample, load_longbench, load_ruler_qa
-from refine.evaluation.metrics import LONGBENCH_FIRST_LINE_TASKS, longbench_task_name, task_metric
+from refine.evaluation.metrics import LONGBENCH_FIRST_LINE_TASKS, LongBenchScoring, longbench_task_name, task_metric
 from refine.evaluation.score import score_predictions
 from refine.generate import generate
 from refine.loop import make_optimizer
@@ -58,6 +58,9 @@ class EvalOptions(BaseModel):
     batch_size: int = Field(8, ge=1, description="prompts answered together, shortest first (on CUDA only prompts "
                             "of one length; not with --ttt, which adapts the weights to each prompt); lower it "
                             "for very long prompts")
+    longbench_scoring: LongBenchScoring = Field(
+        "longbench", description="longbench: LongBench's own rules; refine-release: the paper's (first-line QA "
+        "answers, a fixed trec class list), to compare with its tables")
 
 
 # ---------------------------------------------------------------- configuration
@@ -171,7 +174,8 @@ def answer_text(tokenizer: Tokenizer, tokens: Sequence[int], metric_task: str) -
     return text.split("\n")[0]
 
 
-def score_examples(task: str, examples: Sequence[TaskExample], predictions: Sequence[str]) -> tuple[dict, list[float]]:
+def score_examples(task: str, examples: Sequence[TaskExample], predictions: Sequence[str],
+                   longbench_scoring: LongBenchScoring = "longbench") -> tuple[dict, list[float]]:
     """Score predictions with each example's benchmark metric. Returns (summary, per-example scores x 100).
 
     The summary's score is the benchmark's task score (mean x 100); with several tasks (a LongBench file
@@ -196,7 +200,8 @@ def score_examples(task: str, examples: Sequence[TaskExample], predictions: Sequ
             if examples[i].length is not None:
                 row["length"] = examples[i].length
             rows.append(row)
-        summary, group_scores = score_predictions(name, rows, row_names=[example_name(examples[i]) for i in indices])
+        summary, group_scores = score_predictions(name, rows, row_names=[example_name(examples[i]) for i in indices],
+                                                  longbench_scoring=longbench_scoring)
         by_task[name] = summary
         for i, value in zip(indices, group_scores):
             scores[i] = 100.0 * value
@@ -236,6 +241,7 @@ def evaluate(
     progress: bool = True,
     batch_size: int = 8,
     ttt_accumulate: bool = False,
+    longbench_scoring: LongBenchScoring = "longbench",
 ) -> dict[str, Any]:
     """Answer every example greedily (after `ttt_steps` REFINE steps on its prompt when `ttt`, weights
     restored after each) and score the answers. Returns {"summary": {...}, "examples": [records]}.
@@ -244,7 +250,8 @@ def evaluate(
     optimizer's state are kept between examples; the model's own weights are put back at the end.
 
     `task` is a CLI task name (niah, mqar, ruler-qa, longbench) or a metric task name (e.g. hotpotqa).
-    `max_new_tokens` None: each example's max_answer_length, else 32."""
+    `max_new_tokens` None: each example's max_answer_length, else 32. `longbench_scoring`: LongBench's own
+    rules, or "refine-release" (the paper's, to compare with its tables)."""
     if not examples:
         raise ValueError("no examples to evaluate")
     if ttt and ttt_steps < 0:
@@ -264,7 +271,7 @@ def evaluate(
     refine_cfg = ttt_refine_config(run_config.refine)
     metric_tasks = [metric_task_for(task, example) for example in examples]
     # An unknown task, or gold answers its metric cannot score, fail before any generation.
-    metrics = {name: task_metric(name) for name in sorted(set(metric_tasks))}
+    metrics = {name: task_metric(name, longbench_scoring=longbench_scoring) for name in sorted(set(metric_tasks))}
     for example, metric_name in zip(examples, metric_tasks):
         problem = metrics[metric_name].gold_problem(example.answers, example.all_classes)
         if problem is not None:
@@ -333,7 +340,7 @@ def evaluate(
         predictions.append(prediction)
         record.update(generated_tokens=len(tokens), prediction=prediction, answers=example.answers)
 
-    summary, scores = score_examples(task, examples, predictions)
+    summary, scores = score_examples(task, examples, predictions, longbench_scoring)
     for record, value in zip(records, scores):
         record["score"] = value
     summary = {
@@ -463,7 +470,7 @@ def main(args: argparse.Namespace) -> int:
     results = evaluate(
         model, tokenizer, examples, args.task, ttt=args.ttt, run_config=run_config, ttt_steps=args.ttt_steps,
         max_new_tokens=args.max_new_tokens, max_prompt_tokens=options.max_prompt_tokens, seed=args.seed,
-        batch_size=options.batch_size, ttt_accumulate=args.ttt_accumulate,
+        batch_size=options.batch_size, ttt_accumulate=args.ttt_accumulate, longbench_scoring=options.longbench_scoring,
     )
     summary = results["summary"]
     summary.update(model=str(model_dir), data=args.data, seed=args.seed, tokenizer=repr(tokenizer))

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from refine.evaluation.metrics import FuzzBackend, aggregate, aggregate_by_length, task_metric
+from refine.evaluation.metrics import FuzzBackend, LongBenchScoring, aggregate, aggregate_by_length, task_metric
 
 PREDICTION_FIELDS = ("prediction", "pred")
 ANSWER_FIELDS = ("answers", "outputs", "answer")
@@ -51,12 +51,13 @@ def score_predictions(
     all_classes: list[str] | None = None,
     code_backend: FuzzBackend = "difflib",
     row_names: Sequence[str] | None = None,
+    longbench_scoring: LongBenchScoring = "longbench",
 ) -> tuple[dict[str, Any], list[float]]:
     """Score every row with the task's benchmark rule. Returns (summary, per-example scores in [0, 1]).
 
     `all_classes` is the fallback class list for classification tasks when a row has none.
     `row_names` name the rows in errors (e.g. "preds.jsonl, line 3"); default "row <index>"."""
-    metric = task_metric(task, code_backend)
+    metric = task_metric(task, code_backend, longbench_scoring)
     if not rows:
         raise ValueError(f"no predictions to score for task {task!r}")
     if row_names is not None and len(row_names) != len(rows):
@@ -136,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="difflib",
         help="fuzzy ratio for lcc / repobench-p: difflib as LongBench pins it, or Levenshtein (python-Levenshtein)",
     )
+    parser.add_argument(
+        "--longbench-scoring",
+        choices=["longbench", "refine-release"],
+        default="longbench",
+        help="LongBench's own rules, or the paper release's (first-line QA answers, a fixed trec class list)",
+    )
     return parser
 
 
@@ -151,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
             if not isinstance(all_classes, list):
                 raise ValueError(f"--all-classes file {args.all_classes!r} must hold a JSON list of class names")
         summary, scores = score_predictions(
-            args.task, rows, all_classes=all_classes, code_backend=args.code_sim_backend, row_names=row_names
+            args.task, rows, all_classes=all_classes, code_backend=args.code_sim_backend, row_names=row_names,
+            longbench_scoring=args.longbench_scoring,
         )
     except (OSError, ValueError) as error:
         print(f"refine score: error: {error}", file=sys.stderr)

@@ -236,3 +236,19 @@ def test_the_levenshtein_backend_without_rapidfuzz_is_a_clear_error(monkeypatch)
     monkeypatch.setitem(sys.modules, "rapidfuzz.distance", None)  # as if rapidfuzz were not installed
     with pytest.raises(ValueError, match="'levenshtein' code-similarity backend needs rapidfuzz"):
         code_sim_score("a = 1", "a = 2", backend="levenshtein")
+
+
+def test_refine_release_longbench_scoring_follows_the_papers_rules():
+    from refine.evaluation.metrics import RELEASE_TREC_CLASSES, longbench_score, task_metric
+
+    answer = "Oslo is it\nmore words follow here"
+    # QA answers: LongBench scores the whole answer, the release its first line only.
+    assert longbench_score("hotpotqa", answer, ["Oslo"]) == pytest.approx(2 * (1 / 7) / (1 / 7 + 1))
+    assert longbench_score("hotpotqa", answer, ["Oslo"], scoring="refine-release") == pytest.approx(0.5)
+    # trec: the release matches against its fixed class list whatever the row's classes are.
+    assert longbench_score("trec", "Country or City", ["City"], all_classes=["City", "Food"]) == 1.0
+    assert longbench_score("trec", "Country or City", ["City"], scoring="refine-release") == 0.5
+    assert {"City", "Country"} <= set(RELEASE_TREC_CLASSES) and len(RELEASE_TREC_CLASSES) == 50
+    assert not task_metric("trec", longbench_scoring="refine-release").needs_all_classes
+    with pytest.raises(ValueError, match="refine-release scoring has no rule for LongBench dataset 'passage_count'"):
+        task_metric("passage_count", longbench_scoring="refine-release")

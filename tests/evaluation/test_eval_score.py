@@ -133,3 +133,14 @@ def test_refine_score_passes_its_options_through_the_refine_command(tmp_path, ca
     with pytest.raises(SystemExit) as exit_info:
         refine_main(["score", "-h"])
     assert exit_info.value.code == 0 and "--predictions" in capsys.readouterr().out
+
+
+def test_command_line_scores_with_the_release_rules_on_request(tmp_path, capsys):
+    predictions = tmp_path / "preds.jsonl"
+    predictions.write_text(json.dumps({"prediction": "Oslo\nthen a long tail of words", "answers": ["Oslo"]}) + "\n")
+    assert main(["--task", "hotpotqa", "--predictions", str(predictions)]) == 0
+    longbench = json.loads(capsys.readouterr().out)
+    assert main(["--task", "hotpotqa", "--predictions", str(predictions), "--longbench-scoring", "refine-release"]) == 0
+    release = json.loads(capsys.readouterr().out)
+    assert release["score"] == 100.0 and longbench["score"] < 100.0
+    assert release["metric"] == "qa_f1_score (REFINE release)"

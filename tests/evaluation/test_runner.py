@@ -432,3 +432,10 @@ def test_data_skip_bad_rows_skips_and_counts_a_bad_task_row(model_dir, tmp_path,
     assert code == 2 and "line 2: malformed JSON" in err
     code, line, err = run_eval(capsys, *base, "--set", "data.skip_bad_rows=true")
     assert code == 0 and line["num_examples"] == 2 and "skipped 1 bad rows" in caplog.text
+
+
+def test_eval_scores_longbench_with_the_release_rules_on_request(model_dir, task_files, capsys):
+    argv = ["--model", str(model_dir), "--task", "longbench", "--data", str(task_files["longbench"]),
+            "--max-new-tokens", "2", "--set", "eval.longbench_scoring=refine-release"]
+    code, line, _ = run_eval(capsys, *argv)
+    assert code == 0 and line["metric"] == ["classification_score (REFINE release)", "qa_f1_score (REFINE release)"]
