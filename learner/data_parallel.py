@@ -31,6 +31,7 @@ from refine.algorithm.update import LossResult, advantages_for, refine_loss, rol
 from refine.config import RefineConfig, RunConfig
 from refine.loop import StepResult
 from refine.models import FastWeightLM
+from refine.optim import MasterWeightAdamW
 from refine.runtime import StageTimes
 from services.codec import decode, encode
 from services.messages import DocumentBatch, ScoredBatch
@@ -117,10 +118,12 @@ class DataParallelGroup:
         if dist.is_initialized():
             dist.destroy_process_group()
 
-    def broadcast_parameters(self, model: FastWeightLM) -> None:
-        """Every rank starts from rank 0's weights."""
+    def broadcast_parameters(self, model: FastWeightLM, optimizer: torch.optim.Optimizer) -> None:
+        """Every rank starts from rank 0's weights (and an optimizer keeping master weights, from them too)."""
         for tensor in [*model.parameters(), *model.buffers()]:
             dist.broadcast(tensor.data, src=0)
+        if isinstance(optimizer, MasterWeightAdamW):
+            optimizer.reload_from_model()
 
     # -- the batch, rank 0 -> all -------------------------------------------------------------
 

@@ -147,7 +147,7 @@ class Learner:
         if data_parallel_address is not None:
             self.group = DataParallelGroup(data_parallel_address, 0, self.config.service.num_learners, self.device,
                                            timeout_s=max(300.0, 10 * self.config.service.heartbeat_timeout_s))
-            self.group.broadcast_parameters(self.model)
+            self.group.broadcast_parameters(self.model, self.optimizer)
         latest = retry_redis(self.weights.latest_version, "read weight version", self.outage_timeout_s)
         if latest is not None and latest >= self.state.step:
             self.weights.clear()  # left over from an earlier run in this namespace

@@ -43,7 +43,7 @@ class LearnerReplica:
         group = DataParallelGroup(self.address, self.rank, service.num_learners, self.config.train.device,
                                   timeout_s=max(300.0, 10 * service.heartbeat_timeout_s))
         try:
-            group.broadcast_parameters(self.model)
+            group.broadcast_parameters(self.model, self.optimizer)
             while (received := group.receive_batch()) is not None:
                 scored, documents = received
                 group.update(self.model, self.optimizer, scored, documents, self.config, self.ref_model)

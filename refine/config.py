@@ -120,6 +120,11 @@ class TrainConfig(Strict):
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {value!r}")
         return value
 
+    @field_validator("out_dir", "init_from")
+    @classmethod
+    def _home(cls, value: str | None) -> str | None:
+        return _expand_home(value)
+
 
 class RolloutConfig(Strict):
     """Which engine produces rollouts and answers."""
@@ -195,6 +200,11 @@ class RunConfig(Strict):
     rollout: RolloutConfig = RolloutConfig()
     demo: DemoConfig | None = Field(None, description="set: run the REFINE-vs-NTP comparison instead of one run")
 
+    @field_validator("tokenizer")
+    @classmethod
+    def _home(cls, value: str | None) -> str | None:
+        return _expand_home(value)
+
     @model_validator(mode="before")
     @classmethod
     def _model_of_init_from(cls, values: Any) -> Any:
@@ -243,6 +253,11 @@ class RunConfig(Strict):
                 f"(rollouts need documents of >= {shortest} tokens)"
             )
         return self
+
+
+def _expand_home(path: str | None) -> str | None:
+    """A path as every reader gets it: "~" expanded once here (a YAML file's "~/ckpt" is not a shell's)."""
+    return str(Path(path).expanduser()) if path and path.startswith("~") else path
 
 
 def _checkpoint_model_config(init_from: str) -> dict[str, Any]:

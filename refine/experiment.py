@@ -28,14 +28,17 @@ from refine.data.synthetic import (  # noqa: E402
 from refine.evaluation.runner import evaluate  # noqa: E402
 from refine.models import FastWeightLM, load_model  # noqa: E402
 from refine.plots import read_metrics  # noqa: E402
-from refine.tokenizer import Tokenizer  # noqa: E402
+from refine.tokenizer import HFTokenizer, Tokenizer  # noqa: E402
 
 Trainer = Callable[[RunConfig], dict]
 
 
-def stage_config(config: RunConfig, name: str, mode: str, steps: int, lr: float, init_from: str | None) -> RunConfig:
+def stage_config(config: RunConfig, name: str, mode: str, steps: int, lr: float, init_from: str | None,
+                 tokenizer: Tokenizer) -> RunConfig:
     tree = config.model_dump(mode="json")
     tree["demo"] = None
+    # Every stage, and the evaluation, use the comparison's tokenizer (a stage's own fallback could differ).
+    tree["tokenizer"] = str(tokenizer.file) if isinstance(tokenizer, HFTokenizer) else None
     tree["train"].update(mode=mode, steps=steps, out_dir=str(Path(config.train.out_dir) / name), init_from=init_from)
     tree["optim"]["lr"] = lr
     return validate_config(tree)
@@ -110,13 +113,14 @@ def run_comparison(config: RunConfig, trainer: Trainer) -> dict:
     demo = config.demo
     tokenizer = run_tokenizer(config)
 
-    pretrain = stage_config(config, "pretrain", "ntp", demo.pretrain_steps, demo.pretrain_lr, None)
+    pretrain = stage_config(config, "pretrain", "ntp", demo.pretrain_steps, demo.pretrain_lr, None, tokenizer)
     trainer(pretrain)
     start_model = str(Path(pretrain.train.out_dir) / "checkpoints/latest/model")
     refine_mode = config.train.mode if config.train.mode != "ntp" else "fused"
     branches = {
-        "+ REFINE": stage_config(config, "refine", refine_mode, demo.branch_steps, demo.branch_lr, start_model),
-        "+ NTP": stage_config(config, "ntp", "ntp", demo.branch_steps, demo.branch_lr, start_model),
+        "+ REFINE": stage_config(config, "refine", refine_mode, demo.branch_steps, demo.branch_lr, start_model,
+                                 tokenizer),
+        "+ NTP": stage_config(config, "ntp", "ntp", demo.branch_steps, demo.branch_lr, start_model, tokenizer),
     }
     for branch in branches.values():
         trainer(branch)

@@ -72,6 +72,9 @@ def adapt_and_answer(model: FastWeightLM, prompt: list[int], cfg: RefineConfig, 
     Accumulating over prompts: restore=False keeps the adapted weights, and passing the same `optimizer`
     to every call keeps its state (AdamW moments, step count) too; without one a fresh optimizer is made.
     `vocab_limit`: answer with ids below it only (see `generate`)."""
+    if restore and optimizer is not None:
+        raise ValueError("adapt_and_answer: an optimizer is passed to carry adaptation over prompts (restore=False); "
+                         "restored weights would not match its state")
     saved = _snapshot(model) if restore else None
     optimizer = optimizer if optimizer is not None else make_optimizer(model, optim)
     ids = torch.tensor([prompt], device=model.device)

@@ -3,7 +3,7 @@
 Every process (orchestrator, each rollout worker, each reward replica, the learner: rank 0) serves its
 own registry on an ephemeral port, so any number of actors share a node without port collisions,
 and announces itself with a file in Prometheus' file service-discovery format:
-`<discovery_dir>/<role>-<instance>-<run>-<host>_<port>.json` (run: the service's namespace) =
+`<discovery_dir>/<role>-<instance>-<run>~<host>_<port>.json` (run: the service's namespace) =
 [{"targets": ["host:port"], "labels": {"role": ..., "instance_id": ..., "node": ...}}].
 The run and the target host:port in the name keep the files of two runs on one node apart (instance ids
 such as `learner-0` repeat from run to run): each process removes its own file when it stops, and a run
@@ -98,6 +98,11 @@ def _file_stem(*parts: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in "-".join(parts))
 
 
+def _file_name(member: str, host: str, port: int) -> str:
+    # "~" appears in no stem, so a member's prefix never matches another run whose name extends its own.
+    return f"{member}~{_file_stem(f'{host}_{port}')}.json"
+
+
 def serve_metrics(metrics: Metrics, role: str, instance: str, discovery_dir: str | Path | None = DEFAULT_DISCOVERY_DIR,
                   bind: str = "0.0.0.0", run: str = "") -> MetricsEndpoint:
     """Serve `metrics` on a free port and announce it for Prometheus file service discovery; `run` (the
@@ -110,7 +115,7 @@ def serve_metrics(metrics: Metrics, role: str, instance: str, discovery_dir: str
         directory = Path(discovery_dir)
         directory.mkdir(parents=True, exist_ok=True)
         # One file per served target: a same-named member of another run on this node keeps its own.
-        discovery_file = directory / f"{_file_stem(role, instance, *([run] if run else []), f'{host}_{port}')}.json"
+        discovery_file = directory / _file_name(_file_stem(role, instance, *([run] if run else [])), host, port)
         payload = [{"targets": [f"{host}:{port}"],
                     "labels": {"role": role, "instance_id": instance, "node": socket.gethostname()}}]
         tmp = discovery_file.with_suffix(".tmp")
@@ -123,7 +128,7 @@ def withdraw_announcements(discovery_dir: str | Path, role: str, instance: str, 
     """Remove the discovery files of member `instance` of run `run` (killed before it could remove its own,
     it would stay a down target); returns how many there were."""
     removed = 0
-    for path in Path(discovery_dir).glob(f"{_file_stem(role, instance, run)}-*.json"):
+    for path in Path(discovery_dir).glob(f"{_file_stem(role, instance, run)}~*.json"):
         path.unlink(missing_ok=True)
         removed += 1
     return removed

@@ -135,3 +135,17 @@ def test_the_vllm_engine_refuses_a_sigmoid_output_gate():
     assert load_config(None, sets + ["model.output_gate_activation=silu"]).model.output_gate_activation == "silu"
     with pytest.raises(ConfigError, match="not model.output_gate_activation='sigmoid'"):
         load_config(None, sets + ["model.output_gate_activation=sigmoid"])
+
+
+def test_home_relative_paths_are_expanded_once_for_every_reader(tmp_path, monkeypatch):
+    import torch
+
+    from refine.models import build_model, save_model
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    torch.manual_seed(0)
+    save_model(build_model(dict(model_type="delta_net", vocab_size=300, hidden_size=32, num_heads=2,
+                                num_hidden_layers=1)), tmp_path / "ckpt")
+    config = load_config(None, ["train.init_from=~/ckpt", "train.out_dir=~/runs/x", "tokenizer=~/ckpt"])
+    assert (config.train.init_from, config.tokenizer) == (str(tmp_path / "ckpt"),) * 2
+    assert config.train.out_dir == str(tmp_path / "runs" / "x") and config.model.vocab_size == 300

@@ -162,3 +162,10 @@ def test_each_row_stops_at_its_own_eos():
     stopped = generate(model, prompts, 12, eos_id=eos)
     for answer, full in zip(stopped, free):
         assert answer == (full[:full.index(eos)] if eos in full else full)
+
+
+def test_restoring_weights_refuses_a_carried_optimizer():
+    model = _model()
+    with pytest.raises(ValueError, match="restored weights would not match its state"):
+        adapt_and_answer(model, [1, 2, 3], CFG, OptimConfig(), steps=1, max_new_tokens=1,
+                         optimizer=torch.optim.AdamW(model.parameters()))

@@ -280,7 +280,7 @@ def test_every_role_is_discovered_and_scraped_with_its_labels(prometheus: Any, f
                                                               discovery_dir: Path) -> None:
     assert sorted(path.name for path in discovery_dir.glob("*.json")) == sorted(
         Path(fake.announced["discovery_file"]).name for fake in fake_roles)
-    assert all(Path(fake.announced["discovery_file"]).name.startswith(f"{fake.role}-{fake.instance}-")
+    assert all(Path(fake.announced["discovery_file"]).name.startswith(f"{fake.role}-{fake.instance}~")
                for fake in fake_roles)
     targets = prometheus.wait_for_targets(len(FAKE_PROCESSES))
     labels = sorted((t["labels"]["role"], t["labels"]["instance_id"]) for t in targets)

@@ -18,7 +18,7 @@ def test_same_member_of_two_runs_keeps_its_own_discovery_file(tmp_path: Path) ->
     try:
         assert run_a.discovery_file != run_b.discovery_file
         for endpoint in (run_a, run_b):
-            assert endpoint.discovery_file is not None and endpoint.discovery_file.name.startswith("learner-learner-0-")
+            assert endpoint.discovery_file is not None and endpoint.discovery_file.name.startswith("learner-learner-0~")
             (entry,) = json.loads(endpoint.discovery_file.read_text())
             assert entry["targets"] == [f"{endpoint.host}:{endpoint.port}"]
             assert entry["labels"]["role"] == "learner" and entry["labels"]["instance_id"] == "learner-0"
@@ -58,10 +58,13 @@ def test_a_run_withdraws_only_its_own_members_announcements(tmp_path: Path) -> N
                           bind="127.0.0.1", run="run-b")
     other = serve_metrics(Metrics(), role="rollout_worker", instance="rollout_worker-0.01", discovery_dir=tmp_path,
                           bind="127.0.0.1", run="run-b")
+    longer = serve_metrics(Metrics(), role="rollout_worker", instance="rollout_worker-0.0", discovery_dir=tmp_path,
+                           bind="127.0.0.1", run="run-b-2")  # a run whose name extends run B's
     try:
         assert withdraw_announcements(tmp_path, "rollout_worker", "rollout_worker-0.0", "run-b") == 1
-        assert sorted(announced_targets(tmp_path)) == sorted([run_a.discovery_file.name, other.discovery_file.name])
+        assert sorted(announced_targets(tmp_path)) == sorted(
+            [run_a.discovery_file.name, other.discovery_file.name, longer.discovery_file.name])
         assert withdraw_announcements(tmp_path, "rollout_worker", "rollout_worker-0.0", "run-b") == 0
     finally:
-        for endpoint in (run_a, run_b, other):
+        for endpoint in (run_a, run_b, other, longer):
             endpoint.close()

@@ -1,0 +1,46 @@
+"""The main job (`refine train` on configs/demo.yaml): NTP pre-training, then REFINE and NTP branches, compared."""
+
+import json
+from pathlib import Path
+
+from test_tokenizer import write_bpe_tokenizer
+
+from refine.config import load_config, run_tokenizer
+from refine.experiment import run_comparison, stage_config
+from refine.loop import train
+from refine.models import build_model, save_model
+from refine.tokenizer import HFTokenizer, load_tokenizer, save_tokenizer_files
+
+
+def test_a_shrunk_comparison_trains_three_stages_and_reports_them(tmp_path, capsys):
+    config = load_config(Path(__file__).parents[1] / "configs" / "demo.yaml", [
+        f"train.out_dir={tmp_path}", "demo.pretrain_steps=3", "demo.branch_steps=2", "demo.eval_examples=2",
+        "demo.heldout_documents=2", "data.seq_len=512", "data.num_documents=16", "train.batch_size=2",
+        "model.hidden_size=32", "model.intermediate_size=64", "demo.eval_length=384", "refine.margin=4",
+    ])
+    report = run_comparison(config, lambda stage: train(stage, progress=False))
+    assert list(report["rows"]) == ["NTP pre-training", "+ REFINE", "+ NTP"]
+    assert [row["steps"] for row in report["rows"].values()] == [3, 5, 5]
+    for row in report["rows"].values():
+        assert row["heldout_ntp_loss"] > 0 and 0 <= row["niah"] <= 100 and 0 <= row["mqar"] <= 100
+    refine_rows = [json.loads(line) for line in (tmp_path / "refine" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in refine_rows] == [1, 2] and all("reward_mean" in row for row in refine_rows)
+    assert json.loads((tmp_path / "comparison.json").read_text())["table"] == report["table"]
+    assert (tmp_path / "comparison.png").stat().st_size > 1000 and report["table"] in capsys.readouterr().out
+
+
+def test_every_stage_uses_the_comparisons_tokenizer(tmp_path):
+    write_bpe_tokenizer(tmp_path / "tok")
+    tokenizer = load_tokenizer(tmp_path / "tok")
+    model = build_model(dict(model_type="delta_net", vocab_size=320, hidden_size=32, num_heads=2, num_hidden_layers=1,
+                             eos_token_id=tokenizer.eos_id, bos_token_id=tokenizer.bos_id))
+    save_model(model, tmp_path / "ckpt")
+    save_tokenizer_files(tokenizer, tmp_path / "ckpt")
+    # The comparison's tokenizer comes from train.init_from; its pre-training stage starts from scratch.
+    config = load_config(None, [f"train.init_from={tmp_path / 'ckpt'}"])
+    comparison_tokenizer = run_tokenizer(config)
+    assert isinstance(comparison_tokenizer, HFTokenizer)
+    stage = stage_config(config, "pretrain", "ntp", 3, 1e-3, None, comparison_tokenizer)
+    assert stage.train.init_from is None
+    staged = run_tokenizer(stage)
+    assert isinstance(staged, HFTokenizer) and staged.encode("some text") == comparison_tokenizer.encode("some text")
