@@ -14,6 +14,7 @@ a consumer used (`document.index + 1`).
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 from collections.abc import Iterator
@@ -269,6 +270,8 @@ class _JsonlReader:
             label = _file_label(file, self.root)
             with open(file, "rb") as handle:
                 for line_number, raw in enumerate(handle, start=1):
+                    if line_number == 1:
+                        raw = raw.removeprefix(codecs.BOM_UTF8)  # editors on Windows start files with one
                     if not raw.strip():  # blank lines (e.g. a trailing newline) are not records
                         continue
                     if stop is not None and index >= stop:
@@ -335,7 +338,7 @@ class _TextReader:
             row = Row(index=index, location=location, doc_id=_file_label(file, self.root))
             raw = file.read_bytes()
             try:
-                row.values = {self.text_column: raw.decode("utf-8")}
+                row.values = {self.text_column: raw.decode("utf-8-sig")}  # a leading byte-order mark is not text
             except UnicodeDecodeError as error:
                 self.policy.reject(location, _undecodable(raw, error))
                 row.rejected = True

@@ -311,3 +311,12 @@ def test_data_config_validation():
         DataConfig(path="x", txt_column="text")
     with pytest.raises(ValidationError, match="limit"):
         DataConfig(path="x", limit=0)
+
+
+def test_a_leading_byte_order_mark_is_not_data(tmp_path):
+    jsonl = tmp_path / "bom.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + json.dumps({"text": "first"}).encode() + b"\n" + json.dumps({"text": "second"}).encode())
+    assert texts_of(iter_documents(config(jsonl), TOKENIZER)) == ["first", "second"]  # line 1 was a bad row
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_bytes(b"\xef\xbb\xbfalpha")
+    assert texts_of(iter_documents(config(tmp_path / "corpus"), TOKENIZER)) == ["alpha"]  # not "\ufeffalpha"
