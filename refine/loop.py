@@ -25,7 +25,7 @@ from refine.algorithm.update import (
 )
 from refine.config import DTYPES, OptimConfig, RunConfig, dump_config, fit_to_tokenizer, run_tokenizer
 from refine.data.batches import DocumentBatch
-from refine.data.stream import document_batches
+from refine.data.stream import check_source, document_batches
 from refine.models import FastWeightLM, build_model, load_model, save_model
 from refine.optim import MasterWeightAdamW, has_low_precision_weights
 from refine.plots import plot_metrics
@@ -220,6 +220,9 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> dic
         ref_model = prepare_model(config).requires_grad_(False)
 
     step, cursor = resume_from(out_dir / "checkpoints" / "latest", resume, model, optimizer, generator, "refine")
+    changed = check_source(config, out_dir, resumed=step > 0)
+    if changed:
+        tqdm.write(f"refine: warning: {changed}", file=sys.stderr)
     batches: Iterator[DocumentBatch] = document_batches(config, tokenizer, start_cursor=cursor)
 
     def next_batch(_: int) -> StepBatch:  # the stream carries its own cursor

@@ -62,7 +62,7 @@ from tqdm import tqdm
 
 from refine.config import RunConfig, ServiceConfig, dump_config, fit_to_tokenizer, run_tokenizer
 from refine.data.batches import DocumentBatch as LocalBatch
-from refine.data.stream import document_batches
+from refine.data.stream import check_source, document_batches
 from refine.loop import open_metrics
 from refine.plots import plot_metrics
 from services.broker import Broker
@@ -346,6 +346,9 @@ class Orchestrator:
                         desc=f"train[service:{self.config.service.mode}]", disable=not self.show_progress)
         if self.resume and not start_step:
             self._write_line(f"no checkpoint in {self.out_dir / 'checkpoints'} to resume from: starting at step 0")
+        changed = check_source(self.config, self.out_dir, resumed=start_step > 0)
+        if changed:
+            self._write_line(f"warning: {changed}")
 
     def _document_batches(self, cursor: int) -> Iterator[LocalBatch]:
         return document_batches(self.config, run_tokenizer(self.config), start_cursor=cursor)

@@ -142,3 +142,18 @@ def test_metrics_rows_are_one_per_step_across_reruns_and_resumes(tmp_path):
     train(_config(tmp_path, "ntp", steps=4), resume=True, progress=False)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2, 3, 4] and rows[2]["loss"] != 9.9
+
+
+def test_a_resume_over_a_changed_source_says_so(tmp_path, capsys):
+    source = tmp_path / "docs.jsonl"
+    source.write_text("".join(json.dumps({"text": f"document {i} " * 40}) + "\n" for i in range(6)))
+    config = _config(tmp_path / "run", "ntp", steps=1, extra=(f"data.source={source}",))
+    train(config, progress=False)
+    train(_config(tmp_path / "run", "ntp", steps=2, extra=(f"data.source={source}",)), resume=True, progress=False)
+    assert "changed since this run started" not in capsys.readouterr().err
+    with source.open("a") as handle:  # documents appended: the same cursor now counts other records
+        handle.write(json.dumps({"text": "a late addition " * 20}) + "\n")
+    train(_config(tmp_path / "run", "ntp", steps=3, extra=(f"data.source={source}",)), resume=True, progress=False)
+    err = capsys.readouterr().err
+    assert f"data.source={str(source)!r} changed since this run started (1 files added, removed or resized, " \
+           f"e.g. 'docs.jsonl')" in err

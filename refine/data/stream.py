@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 from refine.config import RunConfig
 from refine.data.batches import DocumentBatch, batch_documents
@@ -90,6 +93,42 @@ def document_stream(config: RunConfig, tokenizer: Tokenizer, start_cursor: int =
                              f"data.min_length={config.data.min_length} tokens")
         warn = warn and epoch_cursor != 0  # a resumed pass counted only part of the source
         epoch_cursor = 0
+
+
+SOURCE_RECORD = "data_source.json"  # in the run directory: what the run's data cursor counts records of
+
+
+def source_identity(config: RunConfig) -> dict[str, Any]:
+    """What the data cursor indexes: a source path's files (relative names and sizes), or the synthetic
+    corpus' settings."""
+    spec = config.data
+    if spec.source == "synthetic":
+        return {"synthetic": {"num_documents": spec.num_documents, "tasks": spec.synthetic_tasks,
+                              "seq_len": spec.seq_len, "seed": config.train.seed}}
+    root = Path(spec.source)
+    files = [root] if root.is_file() else sorted(path for path in root.rglob("*") if path.is_file())
+    return {"files": [[path.name if path == root else str(path.relative_to(root)), path.stat().st_size]
+                      for path in files]}
+
+
+def check_source(config: RunConfig, out_dir: Path, resumed: bool) -> str | None:
+    """Record the source a fresh run reads; for a resumed run, say so when it changed since (files added,
+    removed or resized): the data cursor then counts records of another source, and resumes elsewhere."""
+    record, current = out_dir / SOURCE_RECORD, source_identity(config)
+    if not resumed or not record.exists():
+        record.write_text(json.dumps(current))
+        return None
+    recorded = json.loads(record.read_text())
+    if recorded == current:
+        return None
+    if "files" in recorded and "files" in current:
+        before, now = dict(map(tuple, recorded["files"])), dict(map(tuple, current["files"]))
+        changed = sorted(set(before) ^ set(now) | {name for name in set(before) & set(now) if before[name] != now[name]})
+        what = f"{len(changed)} files added, removed or resized, e.g. {changed[0]!r}"
+    else:
+        what = f"was {recorded}, now {current}"
+    return (f"data.source={config.data.source!r} changed since this run started ({what}): the resumed data "
+            f"cursor counts records of the source as it is now")
 
 
 def document_batches(config: RunConfig, tokenizer: Tokenizer, start_cursor: int = 0) -> Iterator[DocumentBatch]:
