@@ -25,7 +25,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
-from refine.tokenizer import Tokenizer
+from refine.tokenizer import ByteTokenizer, Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -487,6 +487,11 @@ def require_text(value: Any, column: str, location: str, policy: BadRowPolicy) -
     return None
 
 
+# Characters per token that a document's head may hold before it is cut (see DocumentStream._head); tokens
+# average about 4 characters of text, and one byte-level token never covers more than one character.
+HEAD_CHARS_PER_TOKEN = 32
+
+
 class DocumentStream:
     """Tokenized documents of a source; iterate it, or restart anywhere with `iter_from(cursor)`.
 
@@ -565,13 +570,33 @@ class DocumentStream:
             return
         batch = list(pending)
         pending.clear()
-        encoded = self.tokenizer.encode_batch([text for _, text in batch])
+        heads = [self._head(text) for _, text in batch]
+        encoded = self.tokenizer.encode_batch(heads)
+        for index, ((_, text), head) in enumerate(zip(batch, heads)):
+            # A cut text is trusted only when its tokens overflow max_length: the kept tokens then come from
+            # before the cut, and the document is truncated either way. A text of unusually long tokens is
+            # encoded whole.
+            if len(head) < len(text) and len(encoded[index]) <= self.config.max_length:
+                encoded[index] = self.tokenizer.encode(text)
         for (row, _), ids in zip(batch, encoded):
             document = self._finish(row, ids)
             # This record is used (or filtered): a restart goes on after it.
             self.cursor = row.index + 1
             if document is not None:
                 yield document
+
+    def _head(self, text: str) -> str:
+        """The text up to the last whitespace before max_length x HEAD_CHARS_PER_TOKEN characters: a document
+        keeps at most max_length tokens, and tokenizing a multi-megabyte text whole takes some twenty times
+        its size in memory for tokens thrown away. Tokenizers split words at whitespace, so the tokens before
+        a cut there are those of the whole text. Without such whitespace, the whole text."""
+        if self.config.max_length is None or len(text) <= self.config.max_length * HEAD_CHARS_PER_TOKEN:
+            return text
+        limit = self.config.max_length * HEAD_CHARS_PER_TOKEN
+        if isinstance(self.tokenizer, ByteTokenizer):  # each character becomes its own bytes: any cut is exact
+            return text[:limit]
+        cut = max(text.rfind(space, 0, limit) for space in (" ", "\n", "\t"))
+        return text[:cut] if cut > limit // 2 else text
 
     def _finish(self, row: Row, ids: list[int]) -> TokenizedDocument | None:
         config = self.config

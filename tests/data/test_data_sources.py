@@ -320,3 +320,25 @@ def test_a_leading_byte_order_mark_is_not_data(tmp_path):
     (tmp_path / "corpus").mkdir()
     (tmp_path / "corpus" / "a.txt").write_bytes(b"\xef\xbb\xbfalpha")
     assert texts_of(iter_documents(config(tmp_path / "corpus"), TOKENIZER)) == ["alpha"]  # not "\ufeffalpha"
+
+
+def test_a_huge_document_is_tokenized_only_as_far_as_it_is_kept(tmp_path):
+    from test_tokenizer import write_bpe_tokenizer
+
+    from refine.tokenizer import load_tokenizer
+
+    write_bpe_tokenizer(tmp_path / "tok")
+    words = " ".join(f"word{i % 97} and some more text" for i in range(40_000))  # about 1.2 million characters
+    source = write_jsonl(tmp_path / "huge.jsonl", [words, "short text " * 20, "x" * 50_000])
+    for tokenizer in (TOKENIZER, load_tokenizer(tmp_path / "tok")):
+        seen: list[int] = []
+        encode_batch = tokenizer.encode_batch
+        tokenizer.encode_batch = lambda texts: seen.extend(map(len, texts)) or encode_batch(texts)
+        stream = DocumentStream(config(source, max_length=64, min_length=4), tokenizer)
+        documents = list(stream)
+        # The 1.2 MB text was not tokenized whole; a text without whitespace is, unless bytes are its tokens.
+        assert seen[0] <= 64 * 32 and seen[2] == (64 * 32 if tokenizer is TOKENIZER else 50_000)
+        for document, text in zip(documents, [words, "short text " * 20, "x" * 50_000]):
+            whole = [tokenizer.bos_id] + tokenizer.encode(text)
+            assert document.token_ids == (whole[:64] if len(whole) > 64 else whole + [tokenizer.eos_id])
+        assert stream.stats.truncated == 3
