@@ -59,7 +59,8 @@ def posttrain_loss(model: FastWeightLM, examples: Sequence[QAExample], cfg: Refi
 
 
 @torch.no_grad()
-def _snapshot(model: FastWeightLM) -> dict[str, Tensor]:
+def snapshot_weights(model: FastWeightLM) -> dict[str, Tensor]:
+    """A copy of the model's state dict, to load back after adapting its weights."""
     return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
 
 
@@ -75,7 +76,7 @@ def adapt_and_answer(model: FastWeightLM, prompt: list[int], cfg: RefineConfig, 
     if restore and optimizer is not None:
         raise ValueError("adapt_and_answer: an optimizer is passed to carry adaptation over prompts (restore=False); "
                          "restored weights would not match its state")
-    saved = _snapshot(model) if restore else None
+    saved = snapshot_weights(model) if restore else None
     optimizer = optimizer if optimizer is not None else make_optimizer(model, optim)
     ids = torch.tensor([prompt], device=model.device)
     lengths = torch.tensor([len(prompt)], device=model.device)

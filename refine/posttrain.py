@@ -40,10 +40,10 @@ from pydantic import BaseModel
 from tqdm.auto import tqdm
 
 from refine.algorithm.selection import min_document_length
+from refine.algorithm.update import LossResult
 from refine.config import RunConfig, dump_config, fit_to_tokenizer, load_config, run_tokenizer
 from refine.data.tasks import TaskExample, load_longbench, load_ruler_qa
 from refine.evaluation.runner import prompt_tokens
-from refine.algorithm.update import LossResult
 from refine.loop import StepBatch, make_optimizer, prepare_model, resume_from, run_steps
 from refine.phases import QAExample, posttrain_loss
 from refine.runtime import StageTimes, tune_allocator

@@ -65,6 +65,7 @@ from refine.data.batches import DocumentBatch as LocalBatch
 from refine.data.stream import check_source, document_batches
 from refine.loop import open_metrics
 from refine.plots import plot_metrics
+from refine.tokenizer import Tokenizer
 from services.broker import Broker
 from services.messages import DataCursor, DocumentBatch
 from services.metrics import Metrics, serve_metrics, withdraw_announcements
@@ -148,7 +149,8 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True, ray_addr
     """
     check_service_config(config)
     config = _absolute_paths(config)
-    config = fit_to_tokenizer(config, run_tokenizer(config))  # before any actor reads the model section
+    tokenizer = run_tokenizer(config)
+    config = fit_to_tokenizer(config, tokenizer)  # before any actor reads the model section
     out_dir = Path(config.train.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(dump_config(config))
@@ -156,7 +158,8 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True, ray_addr
     if plan.redis_url:
         connect(plan.redis_url).close()  # an unreachable Redis fails before a Ray is started for nothing
     with ray_for_run(config, plan.address) as multi_node, redis_for_run(plan.redis_url, multi_node) as url:
-        orchestrator = Orchestrator(config, url, namespace_for(config, out_dir), resume=resume, progress=progress)
+        orchestrator = Orchestrator(config, tokenizer, url, namespace_for(config, out_dir), resume=resume,
+                                    progress=progress)
         return orchestrator.run()
 
 
@@ -203,8 +206,10 @@ class Member:
 
 
 class Orchestrator:
-    def __init__(self, config: RunConfig, redis_url: str, namespace: str, resume: bool, progress: bool) -> None:
+    def __init__(self, config: RunConfig, tokenizer: Tokenizer, redis_url: str, namespace: str, resume: bool,
+                 progress: bool) -> None:
         self.config = config
+        self.tokenizer = tokenizer  # encodes the documents it publishes
         self.redis_url = redis_url
         self.namespace = namespace
         self.resume = resume
@@ -351,7 +356,7 @@ class Orchestrator:
             self._write_line(f"warning: {changed}")
 
     def _document_batches(self, cursor: int) -> Iterator[LocalBatch]:
-        return document_batches(self.config, run_tokenizer(self.config), start_cursor=cursor)
+        return document_batches(self.config, self.tokenizer, start_cursor=cursor)
 
     # -- main loop ------------------------------------------------------------------------------
 

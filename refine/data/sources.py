@@ -590,9 +590,11 @@ class DocumentStream:
         keeps at most max_length tokens, and tokenizing a multi-megabyte text whole takes some twenty times
         its size in memory for tokens thrown away. Tokenizers split words at whitespace, so the tokens before
         a cut there are those of the whole text. Without such whitespace, the whole text."""
-        if self.config.max_length is None or len(text) <= self.config.max_length * HEAD_CHARS_PER_TOKEN:
+        if self.config.max_length is None:
             return text
         limit = self.config.max_length * HEAD_CHARS_PER_TOKEN
+        if len(text) <= limit:
+            return text
         if isinstance(self.tokenizer, ByteTokenizer):  # each character becomes its own bytes: any cut is exact
             return text[:limit]
         cut = max(text.rfind(space, 0, limit) for space in (" ", "\n", "\t"))

@@ -35,7 +35,7 @@ from refine.evaluation.score import score_predictions
 from refine.generate import generate
 from refine.loop import make_optimizer
 from refine.models import FastWeightLM, load_model
-from refine.phases import adapt_and_answer
+from refine.phases import adapt_and_answer, snapshot_weights
 from refine.tokenizer import Tokenizer, resolve_tokenizer
 
 CLI_TASKS = ("niah", "mqar", "ruler-qa", "longbench")
@@ -299,7 +299,7 @@ def evaluate(
     if ttt:
         # Accumulating: one optimizer for all examples; the caller's weights are put back at the end.
         optimizer = make_optimizer(model, run_config.optim) if ttt_accumulate else None
-        initial = {name: t.detach().clone() for name, t in model.state_dict().items()} if ttt_accumulate else None
+        initial = snapshot_weights(model) if ttt_accumulate else None
         try:
             for index, (ids, budget, record) in enumerate(zip(prompts, budgets, records)):
                 cfg, note = fit_refine_config(refine_cfg, len(ids))
