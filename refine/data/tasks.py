@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import string
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -225,6 +226,14 @@ LONGBENCH_COLUMNS = [
 ]
 
 
+def _check_template_fields(template: str) -> None:
+    """Refuse replacement fields other than plain names: `{context.upper}` or `{context[0]}` would fill
+    the prompt with an attribute or a character instead of the text."""
+    for _literal, field, _spec, _conversion in string.Formatter().parse(template):
+        if field is not None and not field.isidentifier():
+            raise ValueError(f"replacement field {{{field}}} is not a plain field name")
+
+
 def _read_templates(prompt_templates: Mapping[str, str] | str | Path | None) -> dict[str, str]:
     if prompt_templates is None:
         return {}
@@ -299,6 +308,7 @@ def load_longbench(
             template = template or DEFAULT_LONGBENCH_TEMPLATE
             try:
                 text_fields = {key: value for key, value in values.items() if isinstance(value, str)}
+                _check_template_fields(template)
                 prompt = template.format_map(text_fields | {"context": context, "input": question})
             except (KeyError, IndexError, ValueError) as error:
                 raise DataSourceError(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -402,13 +403,19 @@ def build_examples(args: argparse.Namespace, tokenizer: Tokenizer, options: Eval
     if args.num_examples is not None and args.num_examples < 1:
         raise ValueError(f"--num-examples must be >= 1, got {args.num_examples}")
     synthetic_count = args.num_examples if args.num_examples is not None else DEFAULT_SYNTHETIC_EXAMPLES
+    if args.task in ("niah", "mqar") and args.data is not None:
+        raise ValueError(f"--task {args.task} generates its prompts and reads no --data (got {args.data!r}); "
+                         "use --length, --num-examples and --seed")
     if args.task == "niah":
+        settings = f"--length {args.length}, eval.niah_variant={options.niah_variant!r}"
         try:
             config = NiahConfig(variant=options.niah_variant, length=args.length, seed=args.seed)
         except ValidationError as err:
-            raise ValueError(f"invalid needle-in-a-haystack settings (--length {args.length}, eval.niah_variant="
-                             f"{options.niah_variant!r}): {err.errors()[0]['msg']}") from None
-        return generate_niah(config, tokenizer, synthetic_count)
+            raise ValueError(f"invalid needle-in-a-haystack settings ({settings}): {err.errors()[0]['msg']}") from None
+        try:
+            return generate_niah(config, tokenizer, synthetic_count)
+        except ValueError as err:  # e.g. a length the variant's prompt does not fit in
+            raise ValueError(f"invalid needle-in-a-haystack settings ({settings}): {err}") from None
     if args.task == "mqar":
         return mqar_for_length(args.length, tokenizer, synthetic_count, args.seed)
     if args.data is None:
@@ -452,6 +459,19 @@ def default_output(model_dir: Path, task: str, ttt: bool, ttt_accumulate: bool =
     return model_dir / f"eval-{task}{'-ttt' if ttt else ''}{'-accumulate' if ttt_accumulate else ''}.json"
 
 
+def check_output(output: Path, given: bool) -> None:
+    """Refuse, before any generation, a results path that could not be written after it."""
+    name = f"--output {str(output)!r}" if given else f"the results file {str(output)!r} (next to the model; set --output)"
+    if output.is_dir():
+        raise ValueError(f"{name} is a directory; give a file path")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"{name}: cannot create its directory ({error})") from None
+    if not os.access(output.parent, os.W_OK) or (output.exists() and not os.access(output, os.W_OK)):
+        raise ValueError(f"{name} is not writable")
+
+
 def main(args: argparse.Namespace) -> int:
     """`refine eval`: load, generate, score, print the summary line, write the results JSON."""
     overrides, options = split_overrides(args.set or [])
@@ -463,6 +483,8 @@ def main(args: argparse.Namespace) -> int:
     if run_config.train.threads:
         torch.set_num_threads(run_config.train.threads)
     model_dir = Path(args.model)
+    output = Path(args.output) if args.output else default_output(model_dir, args.task, args.ttt, args.ttt_accumulate)
+    check_output(output, given=bool(args.output))
     dtype = DTYPES[run_config.train.dtype] if "dtype" in run_config.train.model_fields_set else None
     model = load_model(model_dir, dtype=dtype, device=run_config.train.device)
     tokenizer = resolve_tokenizer(args.tokenizer, model_dir)
@@ -474,8 +496,6 @@ def main(args: argparse.Namespace) -> int:
     )
     summary = results["summary"]
     summary.update(model=str(model_dir), data=args.data, seed=args.seed, tokenizer=repr(tokenizer))
-    output = Path(args.output) if args.output else default_output(model_dir, args.task, args.ttt, args.ttt_accumulate)
-    output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(results, indent=1, ensure_ascii=False), encoding="utf-8")
     line = {key: summary[key] for key in ("task", "num_examples", "score", "ttt", "seconds")}
     print(json.dumps(line | {"metric": summary["metric"], "output": str(output)}, ensure_ascii=False))

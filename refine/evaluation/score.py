@@ -9,6 +9,7 @@ The summary (JSON, printed) holds the task score as the benchmark reports it (me
 from __future__ import annotations
 
 import argparse
+import codecs
 import json
 import sys
 from collections.abc import Sequence
@@ -76,7 +77,7 @@ def score_predictions(
             raise PredictionRowError(f"{where}: field {prediction_field!r} must be a string, got {prediction!r:.120}")
         answer_field, raw_answers = _pick(row, ANSWER_FIELDS, where)
         answers = _as_answers(raw_answers, answer_field, where)
-        classes = row.get("all_classes") or all_classes
+        classes = row["all_classes"] if "all_classes" in row else all_classes
         problem = metric.gold_problem(answers, classes)
         if problem is not None:
             raise PredictionRowError(f"{where}: {problem}")
@@ -84,6 +85,8 @@ def score_predictions(
         scores.append(float(metric.score(prediction, answers, classes)))
         length = row.get("length")
         if isinstance(length, int) and not isinstance(length, bool):
+            if length < 0:  # LongBench-E's context length in words: a negative one falls in no bucket
+                raise PredictionRowError(f"{where}: field 'length' must be >= 0, got {length}")
             lengths.append(length)
     summary: dict[str, Any] = {
         "task": task,
@@ -107,6 +110,8 @@ def read_jsonl_lines(path: str | Path) -> list[tuple[dict[str, Any], int]]:
     rows: list[tuple[dict[str, Any], int]] = []
     with open(path, "rb") as handle:
         for line_number, raw in enumerate(handle, start=1):
+            if line_number == 1:
+                raw = raw.removeprefix(codecs.BOM_UTF8)  # editors on Windows start files with one
             if not raw.strip():
                 continue
             try:
@@ -116,11 +121,41 @@ def read_jsonl_lines(path: str | Path) -> list[tuple[dict[str, Any], int]]:
                 raise PredictionRowError(message) from None
             except json.JSONDecodeError as error:
                 raise PredictionRowError(f"{path}, line {line_number}: malformed JSON ({error.msg})") from None
+            except (ValueError, RecursionError) as error:
+                # Valid JSON that Python cannot hold: an integer past the int-string limit, nesting past the stack.
+                raise PredictionRowError(f"{path}, line {line_number}: unreadable JSON ({error})") from None
             if not isinstance(row, dict):
                 message = f"{path}, line {line_number}: expected a JSON object, got {type(row).__name__}"
                 raise PredictionRowError(message)
             rows.append((row, line_number))
     return rows
+
+
+def read_class_list(path: str | Path) -> list[Any]:
+    """The --all-classes file: a JSON list of class names."""
+    try:
+        classes = json.loads(Path(path).read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError as error:
+        raise ValueError(f"--all-classes file {str(path)!r}: undecodable UTF-8 at byte {error.start}") from None
+    except (ValueError, RecursionError) as error:
+        raise ValueError(f"--all-classes file {str(path)!r}: unreadable JSON ({error})") from None
+    if not isinstance(classes, list):
+        raise ValueError(f"--all-classes file {str(path)!r} must hold a JSON list of class names")
+    return classes
+
+
+def write_scores(path: str | Path, numbered: list[tuple[dict[str, Any], int]], scores: list[float]) -> None:
+    """Per-example scores as JSON lines: `row` counts the file's rows from 0, `line` is the file line
+    (from 1, blank lines counted) and the row's own identifier is carried when it has one."""
+    output = Path(path)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with open(output, "w", encoding="utf-8") as handle:
+        for index, ((row, line_number), score) in enumerate(zip(numbered, scores)):
+            record: dict[str, Any] = {"row": index, "line": line_number, "score": score}
+            for key in ("_id", "id", "index"):
+                if key in row:
+                    record[key] = row[key]
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,11 +187,11 @@ def main(argv: list[str] | None = None) -> int:
         numbered = read_jsonl_lines(args.predictions)
         rows = [row for row, _ in numbered]
         row_names = [f"{args.predictions}, line {line_number}" for _, line_number in numbered]
+        if args.output and Path(args.output).is_dir():  # refused before scoring, not after
+            raise ValueError(f"--output {args.output!r} is a directory; give a file path")
         all_classes = None
         if args.all_classes:
-            all_classes = json.loads(Path(args.all_classes).read_text(encoding="utf-8"))
-            if not isinstance(all_classes, list):
-                raise ValueError(f"--all-classes file {args.all_classes!r} must hold a JSON list of class names")
+            all_classes = read_class_list(args.all_classes)
         summary, scores = score_predictions(
             args.task, rows, all_classes=all_classes, code_backend=args.code_sim_backend, row_names=row_names,
             longbench_scoring=args.longbench_scoring,
@@ -166,16 +201,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     summary["predictions"] = str(args.predictions)
     if args.output:
-        output = Path(args.output)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        with open(output, "w", encoding="utf-8") as handle:
-            for index, (row, score) in enumerate(zip(rows, scores)):
-                record: dict[str, Any] = {"row": index, "score": score}
-                for key in ("_id", "id", "index"):  # carry the row's own identifier when it has one
-                    if key in row:
-                        record[key] = row[key]
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-        summary["per_example"] = str(output)
+        try:
+            write_scores(args.output, numbered, scores)
+        except OSError as error:  # the summary still reaches stdout: the scoring is not lost
+            print(json.dumps(summary, ensure_ascii=False))
+            print(f"refine score: error: --output {args.output!r}: {error}", file=sys.stderr)
+            return 2
+        summary["per_example"] = str(args.output)
     print(json.dumps(summary, ensure_ascii=False))
     return 0
 

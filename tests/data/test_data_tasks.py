@@ -80,6 +80,10 @@ def test_longbench_rows_build_prompts_from_templates(tmp_path):
         assert examples[1].prompt == "Examples...\nWhat type?"
     with pytest.raises(DataSourceError, match="template for 'narrativeqa' cannot be filled"):
         load_longbench(path, prompt_template="{context} {missing_field}")
+    # Attribute or index access would put a method's repr or one character into the prompt.
+    for template in ("{context.upper} {input}", "{context[0]} {input}", "{} {input}"):
+        with pytest.raises(DataSourceError, match="is not a plain field name"):
+            load_longbench(path, prompt_template=template)
 
 
 def test_longbench_dataset_name_from_file_name_and_preprocessed_prompts(tmp_path):

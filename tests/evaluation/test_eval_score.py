@@ -122,6 +122,49 @@ def test_command_line_reports_bad_input(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["score"] == 100.0
 
 
+def test_command_line_reads_what_python_cannot_hold_as_a_bad_line(tmp_path, capsys):
+    good = json.dumps({"pred": "cat", "answers": ["cat"]})
+    for name, line in (("deep", "[" * 100_000), ("huge", '{"pred": ' + "9" * 5000 + "}")):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text(good + "\n" + line + "\n")
+        assert main(["--task", "hotpotqa", "--predictions", str(path)]) == 2
+        assert f"{name}.jsonl, line 2: unreadable JSON" in capsys.readouterr().err
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + good.encode() + b"\n")  # as editors on Windows save it
+    assert main(["--task", "hotpotqa", "--predictions", str(bom)]) == 0
+    assert json.loads(capsys.readouterr().out)["score"] == 100.0
+
+
+def test_command_line_names_a_bad_class_file_and_a_bad_output_before_scoring(tmp_path, capsys):
+    rows = write_jsonl(tmp_path / "trec.jsonl", [{"pred": "Food", "answers": ["Food"]}])
+    classes = tmp_path / "classes.json"
+    classes.write_text("[\"City\", ")
+    assert main(["--task", "trec", "--predictions", str(rows), "--all-classes", str(classes)]) == 2
+    assert f"--all-classes file {str(classes)!r}: unreadable JSON" in capsys.readouterr().err
+    (tmp_path / "a_dir").mkdir()
+    assert main(["--task", "trec", "--predictions", str(rows), "--all-classes", str(classes),
+                 "--output", str(tmp_path / "a_dir")]) == 2
+    captured = capsys.readouterr()  # the output is checked first: no scoring, no summary
+    assert "--output" in captured.err and "is a directory" in captured.err and captured.out == ""
+
+
+def test_per_example_rows_name_their_file_line(tmp_path, capsys):
+    path = tmp_path / "preds.jsonl"
+    path.write_text("\n" + json.dumps({"pred": "cat", "answers": ["cat"]}) + "\n\n" + json.dumps({"pred": "dog", "answers": ["cat"]}) + "\n")
+    output = tmp_path / "scores.jsonl"
+    assert main(["--task", "hotpotqa", "--predictions", str(path), "--output", str(output)]) == 0
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [(row["row"], row["line"], row["score"]) for row in rows] == [(0, 2, 1.0), (1, 4, 0.0)]
+
+
+def test_row_values_are_reported_as_given():
+    with pytest.raises(PredictionRowError, match=r"row 0: .*got \[\]"):
+        score_predictions("trec", [{"pred": "City", "answers": ["City"], "all_classes": []}], all_classes=["City"])
+    with pytest.raises(PredictionRowError, match="row 1: field 'length' must be >= 0, got -5"):
+        score_predictions("hotpotqa", [{"pred": "a", "answers": ["a"], "length": 3},
+                                       {"pred": "a", "answers": ["a"], "length": -5}])
+
+
 def test_refine_score_passes_its_options_through_the_refine_command(tmp_path, capsys):
     """`refine score --task ... --predictions ...`, as the README writes it, reaches the scorer."""
     from refine.cli import main as refine_main

@@ -424,6 +424,22 @@ def test_other_bad_inputs_exit_2_naming_the_value(model_dir, tmp_path, capsys):
     assert code == 2 and "config.json" in err
 
 
+def test_bad_options_are_refused_before_any_generation(model_dir, tmp_path, capsys):
+    base = ["--model", str(model_dir)]
+    data = write_jsonl(tmp_path / "qa.jsonl", [{"prompt": "Q?", "answer": "A"}])
+    code, line, err = run_eval(capsys, *base, "--task", "niah", "--data", str(data))
+    assert code == 2 and line is None and "--task niah generates its prompts and reads no --data" in err
+    code, _, err = run_eval(capsys, *base, "--task", "niah", "--length", "128", "--set",
+                            "eval.niah_variant=multiquery")
+    assert code == 2 and "--length 128" in err and "too short" in err
+    (tmp_path / "results").mkdir()
+    code, line, err = run_eval(capsys, *base, "--task", "niah", "--output", str(tmp_path / "results"))
+    assert code == 2 and line is None and "--output" in err and "is a directory" in err
+    (tmp_path / "a_file").write_text("")
+    code, line, err = run_eval(capsys, *base, "--task", "niah", "--output", str(tmp_path / "a_file" / "out.json"))
+    assert code == 2 and line is None and "cannot create its directory" in err
+
+
 def test_data_skip_bad_rows_skips_and_counts_a_bad_task_row(model_dir, tmp_path, capsys, caplog):
     data = tmp_path / "qa.jsonl"
     data.write_text(json.dumps(RULER_ROWS[0]) + "\n{not json\n" + json.dumps(RULER_ROWS[1]) + "\n")
