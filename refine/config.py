@@ -9,14 +9,16 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from refine.algorithm.selection import min_document_length
+from refine.data.sources import FormatName
 from refine.models import config_from_dict
 from refine.models.config import DeltaNetConfig, ModelConfigBase
 from refine.tokenizer import HFTokenizer, Tokenizer, resolve_tokenizer
@@ -28,7 +30,14 @@ class ConfigError(ValueError):
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # No field takes inf or NaN: they pass bounds such as ge=0 and fail late, far from the setting.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+# A path setting: "" would mean the current directory, never what was meant.
+PathStr = Annotated[str, Field(min_length=1)]
+# An Adam beta: torch.optim refuses one outside [0, 1), deep inside the first step.
+Beta = Annotated[float, Field(ge=0, lt=1)]
 
 
 class RefineConfig(Strict):
@@ -75,15 +84,16 @@ class RefineConfig(Strict):
 class OptimConfig(Strict):
     lr: float = Field(1e-6, gt=0)
     weight_decay: float = Field(0.01, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[Beta, Beta] = (0.9, 0.999)
     grad_clip: float = Field(1.0, gt=0)
 
 
 class DataSpec(Strict):
     """Where documents come from: a path (parquet, jsonl, text dir, saved HF dataset) or `synthetic`."""
 
-    source: str = "synthetic"
-    text_column: str = "text"
+    source: PathStr = "synthetic"
+    format: FormatName = Field("auto", description="auto: from the file extensions or the folder's contents")
+    text_column: str = Field("text", min_length=1)
     seq_len: int = Field(512, ge=8, description="documents are truncated to this many tokens")
     min_length: int = Field(64, ge=1)
     num_documents: int = Field(256, ge=1, description="synthetic corpus size")
@@ -102,21 +112,21 @@ class TrainConfig(Strict):
     mode: Literal["ntp", "onepass", "fused", "reference"] = "fused"
     steps: int = Field(20, ge=0)
     batch_size: int = Field(4, ge=1, description="documents per optimizer step")
-    seed: int = 0
+    seed: int = Field(0, ge=-2**63, le=2**64 - 1, description="what torch.manual_seed accepts")
     device: str = "cpu"
     dtype: Literal["float32", "float64", "bfloat16"] = Field(
         "float32", description="the model's weights and compute; with bfloat16 the optimizer keeps float32 masters")
     threads: int | None = Field(None, ge=1)
     log_every: int = Field(1, ge=1)
     checkpoint_every: int = Field(0, ge=0, description="0: only at the end")
-    out_dir: str = "runs/latest"
-    init_from: str | None = Field(None, description="model directory to start from instead of random weights; its "
+    out_dir: PathStr = "runs/latest"
+    init_from: PathStr | None = Field(None, description="model directory to start from instead of random weights; its "
                                   "config.json then is the model section")
 
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:
-        if value != "cpu" and not value.startswith("cuda"):
+        if not re.fullmatch(r"cpu|cuda(:[0-9]+)?", value):
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {value!r}")
         return value
 
@@ -153,7 +163,7 @@ class ServiceConfig(Strict):
     worker_cpus: float = Field(1.0, gt=0, description="Ray CPUs reserved per rollout worker")
     # Roles beat once a second (services.role): a timeout of a few beats keeps a busy moment from a restart.
     heartbeat_timeout_s: float = Field(30.0, ge=3, description="a role silent this long is restarted")
-    metrics_discovery_dir: str = Field(
+    metrics_discovery_dir: PathStr = Field(
         default_factory=lambda: os.environ.get("REFINE_METRICS_DISCOVERY_DIR", "/tmp/refine/prometheus"),
         description="where each role announces its metrics port for Prometheus (deploy/prometheus.yml reads it)",
     )
@@ -190,7 +200,7 @@ def tiny_delta_net() -> ModelConfigBase:
 
 class RunConfig(Strict):
     model: SerializeAsAny[ModelConfigBase] = Field(default_factory=tiny_delta_net)
-    tokenizer: str | None = Field(None, description="directory with tokenizer.json; None = train.init_from's if it "
+    tokenizer: PathStr | None = Field(None, description="directory with tokenizer.json; None = train.init_from's if it "
                                   "has one, else byte-level")
     data: DataSpec = DataSpec()
     train: TrainConfig = TrainConfig()
@@ -254,6 +264,15 @@ class RunConfig(Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _documents_fit(self) -> "RunConfig":
+        # Documents are cut to seq_len tokens, so a longer minimum keeps none; the data layer would find
+        # out only after reading the whole source.
+        if self.data.min_length > self.data.seq_len:
+            raise ValueError(f"data.min_length={self.data.min_length} is larger than data.seq_len={self.data.seq_len}"
+                             f" (documents are cut to seq_len tokens): no document would be kept")
+        return self
+
 
 def _expand_home(path: str | None) -> str | None:
     """A path as every reader gets it: "~" expanded once here (a YAML file's "~/ckpt" is not a shell's)."""
@@ -315,10 +334,42 @@ def _format_error(err: ValidationError) -> str:
             message = e["msg"].removeprefix("Value error, ")
             lines.append(f"{field}: {message}" if field else message)
             continue
+        if e["type"] == "extra_forbidden" and len(e["loc"]) == 1:  # a misspelt section: say which exist
+            lines.append(f"{field}: no such section (the run config has {', '.join(RunConfig.model_fields)})")
+            continue
         value = e.get("input")
         shown = value if not isinstance(value, dict) else "{...}"
         lines.append(f"{field or 'config'}: {e['msg']} (got {shown!r})")
     return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader, except that a key given twice in one mapping is an error, not the last one wins."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            # A merge key (<<) may be overridden on purpose; other keys are scalars in a config.
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node)
+            if key in lines:
+                raise yaml.constructor.ConstructorError(
+                    problem=f"duplicate key {key!r} (first on line {lines[key]})", problem_mark=key_node.start_mark)
+            lines[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    """YAML with safe tags only and unique keys; any problem is a one-line ConfigError naming `where`."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{where}: {error.problem or error.context}{at}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{where}: {' '.join(str(error).split())}") from None
 
 
 def set_path(tree: dict, dotted: str, raw: str) -> None:
@@ -330,7 +381,7 @@ def set_path(tree: dict, dotted: str, raw: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"cannot set {dotted}: {key} is {child!r}, not a section")
         node = child
-    node[keys[-1]] = yaml.safe_load(raw) if raw != "" else ""
+    node[keys[-1]] = _parse_yaml(raw, f"--set {dotted}") if raw != "" else ""
 
 
 def parse_overrides(items: list[str]) -> list[tuple[str, str]]:
@@ -339,7 +390,11 @@ def parse_overrides(items: list[str]) -> list[tuple[str, str]]:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.field=value")
         key, value = item.split("=", 1)
-        pairs.append((key.strip(), value))
+        key = key.strip()
+        if not all(key.split(".")):  # "=5", "train.=5", "train..steps=5"
+            raise ConfigError(f"override {item!r} has an empty name in its key {key!r}: "
+                              f"it must look like section.field=value")
+        pairs.append((key, value))
     return pairs
 
 
@@ -359,7 +414,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"config file {path} does not exist")
-        tree = yaml.safe_load(path.read_text()) or {}
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise ConfigError(f"config file {path} is not UTF-8 text (byte {error.start}: "
+                              f"{error.object[error.start:error.start + 4]!r})") from None
+        except OSError as error:  # a directory, no permission
+            raise ConfigError(f"config file {path} cannot be read: {error.strerror}") from None
+        tree = _parse_yaml(text, f"config file {path}")
+        if tree is None:  # running the defaults instead would hide a truncated or wrong file
+            raise ConfigError(f"config file {path} is empty: it holds no settings")
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {path} must hold a mapping, got {type(tree).__name__}")
     for key, value in parse_overrides(overrides or []):

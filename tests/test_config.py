@@ -149,3 +149,160 @@ def test_home_relative_paths_are_expanded_once_for_every_reader(tmp_path, monkey
     config = load_config(None, ["train.init_from=~/ckpt", "train.out_dir=~/runs/x", "tokenizer=~/ckpt"])
     assert (config.train.init_from, config.tokenizer) == (str(tmp_path / "ckpt"),) * 2
     assert config.train.out_dir == str(tmp_path / "runs" / "x") and config.model.vocab_size == 300
+
+
+@pytest.mark.parametrize("override,field", [
+    ("optim.lr=.inf", "optim.lr"),
+    ("optim.weight_decay=.inf", "optim.weight_decay"),
+    ("refine.lambda_nsp=.inf", "refine.lambda_nsp"),
+    ("refine.temperature=.inf", "refine.temperature"),
+    ("refine.kl_coef=.nan", "refine.kl_coef"),
+    ("demo.pretrain_lr=.inf", "demo.pretrain_lr"),
+    ("model.norm_eps=.inf", "model.norm_eps"),
+])
+def test_infinite_and_nan_floats_are_refused(override, field):
+    # inf passes bounds such as ge=0, and then fails late or skips every step.
+    with pytest.raises(ConfigError, match=rf"{field}: Input should be a finite number \(got (inf|nan)\)"):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize("betas,error", [
+    ("[1.5, -1]", r"optim\.betas\.0: Input should be less than 1 \(got 1\.5\)\n"
+                  r"  optim\.betas\.1: Input should be greater than or equal to 0 \(got -1\)"),
+    ("[.nan, .nan]", r"optim\.betas\.0: Input should be a finite number \(got nan\)"),
+    ("[0.9, 1.0]", r"optim\.betas\.1: Input should be less than 1 \(got 1\.0\)"),
+])
+def test_adam_betas_are_in_zero_one(betas, error):
+    with pytest.raises(ConfigError, match=error):
+        load_config(None, [f"optim.betas={betas}"])
+    assert load_config(None, ["optim.betas=[0, 0.95]"]).optim.betas == (0.0, 0.95)
+
+
+@pytest.mark.parametrize("text,error", [
+    ("train: [1\n", r"expected ',' or '\]', but got '<stream end>' at line 2"),
+    ("train: !!python/object:os.system\n  steps: 1\n", r"could not determine a constructor for the tag "
+                                                       r"'tag:yaml.org,2002:python/object:os.system' at line 1"),
+    ("train: {steps: 2, steps: 5}\n", r"duplicate key 'steps' \(first on line 1\) at line 1, column 19"),
+    ("train:\n  steps: 2\nrefine:\n  margin: 3\ntrain:\n  steps: 5\n",
+     r"duplicate key 'train' \(first on line 1\) at line 5, column 1"),
+])
+def test_yaml_problems_in_a_config_file_name_the_file_and_line(tmp_path, text, error):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"^config file {path}: {error}"):
+        load_config(path)
+
+
+def test_a_merge_key_may_still_be_overridden(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train: {<<: {steps: 2, batch_size: 2}, steps: 3}\n")
+    assert (load_config(path).train.steps, load_config(path).train.batch_size) == (3, 2)
+
+
+@pytest.mark.parametrize("override,error", [
+    ("train.steps=[1", r"--set train\.steps: expected ',' or '\]', but got '<stream end>' at line 1, column 3"),
+    ("train.steps=!!python/name:os.system", r"--set train\.steps: could not determine a constructor for the tag "
+                                            r"'tag:yaml.org,2002:python/name:os.system'"),
+    ("train={steps: 1, steps: 2}", r"--set train: duplicate key 'steps'"),
+])
+def test_yaml_problems_in_an_override_name_the_key(override, error):
+    with pytest.raises(ConfigError, match=error):
+        load_config(None, [override])
+
+
+def test_unreadable_and_empty_config_files_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match=rf"^config file {tmp_path} cannot be read: Is a directory$"):
+        load_config(tmp_path)
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(b"train:\n  out_dir: caf\xe9\n")
+    with pytest.raises(ConfigError, match=rf"^config file {latin} is not UTF-8 text \(byte 21"):
+        load_config(latin)
+    for text in ("", "# nothing set yet\n"):  # would run the defaults unnoticed
+        empty = tmp_path / "empty.yaml"
+        empty.write_text(text)
+        with pytest.raises(ConfigError, match=rf"^config file {empty} is empty: it holds no settings$"):
+            load_config(empty)
+
+
+def test_a_misspelt_model_field_is_refused_other_extras_are_kept():
+    with pytest.raises(ConfigError, match=r"model\.hiden_size: not a field of delta_net: did you mean hidden_size\? "
+                                          r"\(got 256\)"):
+        load_config(None, ["model.hiden_size=256"])
+    with pytest.raises(ConfigError, match=r"model\.head_dimm: not a field of gated_deltanet: did you mean head_dim\?"):
+        load_config(None, ["model.model_type=gated_deltanet", "model.head_dimm=64"])
+    with pytest.raises(ConfigError, match=r"model\.window_sise: not a field of lact_swiglu: did you mean window_size\?"):
+        load_config(None, ["model.model_type=lact_swiglu", "model.window_sise=64"])
+    # Keys that are no near miss, and the libraries' own keys that are, stay extras (a config.json round-trips).
+    extras = ["model.fuse_norm=true", "model.fuse_linear_cross_entropy=true", "model.sep_token_id=null",
+              "model.my_note=x"]
+    assert load_config(None, extras).model.model_extra == {
+        "fuse_norm": True, "fuse_linear_cross_entropy": True, "sep_token_id": None, "my_note": "x"}
+
+
+def test_every_config_json_the_libraries_write_still_loads():
+    fla_models = pytest.importorskip("fla.models", reason="flash-linear-attention is a dev dependency")
+    transformers = pytest.importorskip("transformers", reason="a dev dependency")
+
+    from refine.models import config_from_dict
+    from refine.models.lact import LaCTConfig
+
+    bookkeeping = transformers.PretrainedConfig().to_dict()
+    # transformers 4.x wrote its generation defaults too; sep_token_id is a letter from pad_token_id.
+    bookkeeping.update(sep_token_id=None, torch_dtype="float32", decoder_start_token_id=None, top_k=50, top_p=1.0,
+                       max_length=20, min_length=0, num_beams=1, temperature=1.0)
+    written = [fla_models.DeltaNetConfig().to_dict(), fla_models.GatedDeltaNetConfig().to_dict(),
+               LaCTConfig().to_json_dict()]
+    for values in written:
+        values = {**bookkeeping, **values}
+        config = config_from_dict(values)
+        assert set(config.model_dump()) == set(values) | {"num_heads"}  # nothing refused, nothing dropped
+
+
+def test_the_minimum_document_length_fits_the_truncation():
+    # Documents are cut to seq_len tokens: a longer minimum drops all of them, found only after a whole pass.
+    with pytest.raises(ConfigError, match=r"data\.min_length=600 is larger than data\.seq_len=512"):
+        load_config(None, ["data.min_length=600"])
+    with pytest.raises(ConfigError, match=r"data\.min_length=64 is larger than data\.seq_len=48"):
+        load_config(None, ["data.seq_len=48", "train.mode=ntp"])
+    assert load_config(None, ["data.min_length=512"]).data.min_length == 512  # documents cut to 512 are kept
+
+
+def test_the_seed_is_one_torch_accepts():
+    import torch
+
+    for seed in (2**64 - 1, -2**63):
+        torch.Generator().manual_seed(load_config(None, [f"train.seed={seed}"]).train.seed)
+    for seed in (2**64, -2**63 - 1, 99999999999999999999):
+        with pytest.raises(ConfigError, match=rf"train\.seed: .* \(got {seed}\)"):
+            load_config(None, [f"train.seed={seed}"])
+
+
+@pytest.mark.parametrize("field", ["train.out_dir", "train.init_from", "tokenizer", "data.source",
+                                   "service.metrics_discovery_dir", "data.text_column"])
+def test_an_empty_path_or_column_is_refused(field):
+    # "" would be the current directory: a run written into it, or a tokenizer looked for there.
+    with pytest.raises(ConfigError, match=rf"{field}: String should have at least 1 character \(got ''\)"):
+        load_config(None, [f"{field}="])
+
+
+def test_devices_are_cpu_cuda_or_cuda_n():
+    for device in ("cpu", "cuda", "cuda:1"):
+        assert load_config(None, [f"train.device={device}"]).train.device == device
+    for device in ("cudax", "cuda:x", "cuda:-1", "CPU", "mps"):
+        with pytest.raises(ConfigError, match=rf"train\.device: .*got '{device}'"):
+            load_config(None, [f"train.device={device}"])
+
+
+def test_unknown_sections_and_empty_keys_name_what_was_typed():
+    with pytest.raises(ConfigError, match=r"\n  foo: no such section \(the run config has model, tokenizer, data, "):
+        load_config(None, ["foo.bar=1"])
+    for item in ("=5", "train.=5", "train..steps=5"):
+        with pytest.raises(ConfigError, match=rf"override '{item}' has an empty name in its key"):
+            load_config(None, [item])
+
+
+def test_the_data_format_is_a_setting():
+    assert load_config(None, ["data.format=jsonl"]).data.format == "jsonl"
+    with pytest.raises(ConfigError, match=r"data\.format: Input should be 'auto', 'parquet', 'jsonl', 'text' or 'hf' "
+                                          r"\(got 'csv'\)"):
+        load_config(None, ["data.format=csv"])

@@ -30,6 +30,7 @@ from refine.tokenizer import ByteTokenizer, Tokenizer
 logger = logging.getLogger(__name__)
 
 SourceFormat = Literal["parquet", "jsonl", "text", "hf"]
+FormatName = Literal["auto", "parquet", "jsonl", "text", "hf"]  # what a config may name; auto: detect_format
 _EXTENSIONS: dict[str, SourceFormat] = {".parquet": "parquet", ".jsonl": "jsonl", ".txt": "text"}
 # Files `datasets.Dataset.save_to_disk` / `DatasetDict.save_to_disk` write at the folder's top level.
 _HF_MARKERS = ("dataset_dict.json", "dataset_info.json", "state.json")
@@ -61,7 +62,7 @@ class DataConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     path: str = Field(min_length=1)
-    format: Literal["auto", "parquet", "jsonl", "text", "hf"] = "auto"
+    format: FormatName = "auto"
     text_column: str = Field("text", min_length=1)
     # Length bounds are in tokens, BOS / EOS included: what the model sees.
     min_length: int = Field(1, ge=0)

@@ -57,8 +57,9 @@ def _synthetic_documents(config: RunConfig, tokenizer: Tokenizer) -> list[tuple[
 
 def _file_documents(config: RunConfig, tokenizer: Tokenizer, cursor: int, warn: bool = True) -> Iterator[Item]:
     spec = config.data
-    data = DataConfig(path=spec.source, text_column=spec.text_column, min_length=spec.min_length,
-                      max_length=spec.seq_len, skip_bad_rows=spec.skip_bad_rows, show_progress=False)
+    data = DataConfig(path=spec.source, format=spec.format, text_column=spec.text_column,
+                      min_length=spec.min_length, max_length=spec.seq_len, skip_bad_rows=spec.skip_bad_rows,
+                      show_progress=False)
     stream = DocumentStream(data, tokenizer)
     for doc in stream.iter_from(cursor):
         yield doc.doc_id, doc.token_ids, doc.index + 1  # record index: filtered and bad rows count too

@@ -2,14 +2,17 @@
 
 Unknown keys in a config.json (fla's fuse_* switches, transformers' bookkeeping) are kept as extras
 so that a directory loaded and saved again still loads into the original library's class; the
-extras that would change the network (UNSUPPORTED_FLA_FIELDS) are refused instead.
+extras that would change the network (UNSUPPORTED_FLA_FIELDS) are refused instead, and so is an
+unknown key that is a near miss of a field (a typo), unless a library writes it (LIBRARY_KEYS).
 """
 
 from __future__ import annotations
 
+import difflib
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 
 # fla config fields whose non-null value changes the network, which our models do not build.
@@ -19,8 +22,31 @@ UNSUPPORTED_FLA_FIELDS: dict[str, str] = {
 }
 
 
+# Keys that transformers (4.x and 5.x), fla and the LaCT release write into config.json besides our fields.
+# Some are a letter or two from a field (sep_token_id / pad_token_id, fuse_linear_cross_entropy /
+# fuse_cross_entropy), so they are never taken for a typo.
+LIBRARY_KEYS = frozenset({
+    # transformers' PretrainedConfig
+    "_name_or_path", "_commit_hash", "_attn_implementation_autoset", "transformers_version", "architectures",
+    "dtype", "torch_dtype", "use_bfloat16", "tf_legacy_loss", "torchscript", "pruned_heads", "return_dict",
+    "output_hidden_states", "output_attentions", "output_scores", "return_dict_in_generate", "use_cache",
+    "chunk_size_feed_forward", "is_encoder_decoder", "is_decoder", "cross_attention_hidden_size",
+    "add_cross_attention", "tie_encoder_decoder", "finetuning_task", "id2label", "label2id", "problem_type",
+    "tokenizer_class", "prefix", "task_specific_params", "sep_token_id", "decoder_start_token_id",
+    "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups",
+    "diversity_penalty", "temperature", "top_k", "top_p", "typical_p", "repetition_penalty", "length_penalty",
+    "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids", "num_return_sequences",
+    "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty",
+    "suppress_tokens", "begin_suppress_tokens",
+    # fla's kernel switches and other fields not ours (see also UNSUPPORTED_FLA_FIELDS)
+    "fuse_norm", "fuse_swiglu", "fuse_cross_entropy", "fuse_linear_cross_entropy", "use_l2warp", "norm_first",
+    "elementwise_affine",
+})
+
+
 class ModelConfigBase(BaseModel):
-    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    # No inf or NaN: a field such as norm_eps=inf passes gt=0 and turns every activation into NaN.
+    model_config = ConfigDict(extra="allow", validate_assignment=True, allow_inf_nan=False)
 
     model_type: str
     vocab_size: int = Field(32000, gt=0)
@@ -45,6 +71,22 @@ class ModelConfigBase(BaseModel):
             value = (self.model_extra or {}).get(name)
             if value is not None:
                 raise ValueError(f"{name}={value!r} is not supported ({meaning}); only {name}=null is")
+        return self
+
+    @model_validator(mode="after")
+    def _no_misspelt_fields(self) -> "ModelConfigBase":
+        # An extra is kept unread: a misspelt field (hiden_size) would leave the field at its default unnoticed.
+        errors = []
+        for key, value in (self.model_extra or {}).items():
+            if key in LIBRARY_KEYS:
+                continue
+            match = difflib.get_close_matches(key, type(self).model_fields, n=1, cutoff=0.8)
+            if match:
+                problem = PydanticCustomError("misspelt_field", "not a field of {model_type}: did you mean {field}?",
+                                              {"model_type": self.model_type, "field": match[0]})
+                errors.append(InitErrorDetails(type=problem, loc=(key,), input=value))
+        if errors:  # located at the key, so that the message names model.<key> and its value
+            raise ValidationError.from_exception_data(type(self).__name__, errors)
         return self
 
     def to_json_dict(self) -> dict:

@@ -322,7 +322,7 @@ def test_a_leading_byte_order_mark_is_not_data(tmp_path):
     assert texts_of(iter_documents(config(tmp_path / "corpus"), TOKENIZER)) == ["alpha"]  # not "\ufeffalpha"
 
 
-def test_a_huge_document_is_tokenized_only_as_far_as_it_is_kept(tmp_path):
+def test_a_huge_document_is_tokenized_only_as_far_as_it_is_kept(tmp_path, monkeypatch):
     from test_tokenizer import write_bpe_tokenizer
 
     from refine.tokenizer import load_tokenizer
@@ -333,7 +333,10 @@ def test_a_huge_document_is_tokenized_only_as_far_as_it_is_kept(tmp_path):
     for tokenizer in (TOKENIZER, load_tokenizer(tmp_path / "tok")):
         seen: list[int] = []
         encode_batch = tokenizer.encode_batch
-        tokenizer.encode_batch = lambda texts: seen.extend(map(len, texts)) or encode_batch(texts)
+        # monkeypatch restores the shared TOKENIZER for later tests (the lambda would call the BPE tokenizer's).
+        monkeypatch.setattr(tokenizer, "encode_batch",
+                            lambda texts, seen=seen, encode_batch=encode_batch: seen.extend(map(len, texts))
+                            or encode_batch(texts))
         stream = DocumentStream(config(source, max_length=64, min_length=4), tokenizer)
         documents = list(stream)
         # The 1.2 MB text was not tokenized whole; a text without whitespace is, unless bytes are its tokens.
@@ -342,3 +345,17 @@ def test_a_huge_document_is_tokenized_only_as_far_as_it_is_kept(tmp_path):
             whole = [tokenizer.bos_id] + tokenizer.encode(text)
             assert document.token_ids == (whole[:64] if len(whole) > 64 else whole + [tokenizer.eos_id])
         assert stream.stats.truncated == 3
+
+
+def test_a_runs_data_format_reaches_the_reader(tmp_path):
+    from itertools import islice
+
+    from refine.config import load_config
+    from refine.data.stream import document_stream
+
+    # JSON lines under a .txt name: auto-detection would read the file as one plain-text document.
+    path = write_jsonl(tmp_path / "rows.txt", ["a" * 40, "b" * 40])
+    overrides = [f"data.source={path}", "data.seq_len=64", "data.min_length=8", "train.mode=ntp"]
+    read = lambda config: [TOKENIZER.decode(ids) for _, ids, _ in islice(document_stream(config, TOKENIZER), 2)]  # noqa: E731
+    assert read(load_config(None, overrides + ["data.format=jsonl"])) == ["a" * 40, "b" * 40]
+    assert read(load_config(None, overrides))[0].startswith('{"text": "aaa')
