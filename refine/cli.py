@@ -130,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _reported_errors() -> tuple[type[BaseException], ...]:
     """Errors of bad input or an unusable setup: one line on stderr, exit code 2, no traceback. Service
     errors count only once services.orchestrator was imported (a service run)."""
-    errors: list[type[BaseException]] = [ConfigError, FileNotFoundError, ValueError]
+    # OSError: a path that cannot be read or written (missing, a directory, no permission); its message names it.
+    errors: list[type[BaseException]] = [ConfigError, OSError, ValueError]
     orchestrator = sys.modules.get("services.orchestrator")
     if orchestrator is not None:
         errors.append(orchestrator.ServiceError)

@@ -6,8 +6,10 @@ measured against. A run directory gets config.yaml, metrics.jsonl, checkpoints/ 
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -26,7 +28,7 @@ from refine.algorithm.update import (
 from refine.config import DTYPES, OptimConfig, RunConfig, dump_config, fit_to_tokenizer, run_tokenizer
 from refine.data.batches import DocumentBatch
 from refine.data.stream import check_source, document_batches
-from refine.models import FastWeightLM, build_model, load_model, save_model
+from refine.models import FastWeightLM, build_model, load_model, load_model_config, save_model
 from refine.optim import MasterWeightAdamW, has_low_precision_weights
 from refine.plots import plot_metrics
 from refine.runtime import StageTimes, timed_stage, tune_allocator
@@ -106,9 +108,50 @@ def save_checkpoint(path: Path, model: FastWeightLM, optimizer: torch.optim.Opti
     }, path / "trainer.pt")
 
 
+TRAINER_KEYS = ("step", "cursor", "optimizer", "generator", "torch_rng")
+
+
+def read_trainer_state(path: Path) -> dict:
+    """trainer.pt's contents, read with weights_only=True (tensors and numbers only: no code runs). Any failure
+    is one ValueError naming the file: torch's own message would advise weights_only=False, which is unsafe."""
+    try:
+        trainer = torch.load(path, weights_only=True)
+    except Exception as error:  # torch.load fails in many ways (UnpicklingError, EOFError, RuntimeError, OSError)
+        raise ValueError(f"{path}: not a readable training checkpoint ({_load_failure(error)})") from None
+    if not isinstance(trainer, dict) or not all(key in trainer for key in TRAINER_KEYS):
+        raise ValueError(f"{path}: not a readable training checkpoint (it needs the entries {', '.join(TRAINER_KEYS)})")
+    return trainer
+
+
+def _load_failure(error: Exception) -> str:
+    """The reason of a torch.load failure in one line, without torch's advice to load unsafely."""
+    text = str(error)
+    if "WeightsUnpickler error:" in text:  # the actual reason sits between torch's advice and its doc link
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:  # EOFError says nothing
+        return "the file is empty or cut short" if isinstance(error, EOFError) else type(error).__name__
+    return lines[0].split(". ")[0]  # torch's first sentence; the rest is advice
+
+
+def check_same_model(model_dir: Path, model: FastWeightLM) -> None:
+    """A checkpoint resumes only into the model it was saved from; name every field that differs."""
+    saved, current = load_model_config(model_dir), model.config
+    if saved.model_type != current.model_type:
+        fields = ["model_type"]
+    else:  # declared fields only: extras are library bookkeeping (architectures, transformers_version)
+        fields = [name for name in type(current).model_fields if getattr(saved, name) != getattr(current, name)]
+    if fields:
+        differences = "; ".join(f"model.{name}={getattr(saved, name)!r} in the checkpoint, "
+                                f"{getattr(current, name)!r} in this config" for name in fields)
+        raise ValueError(f"checkpoint {model_dir.parent} was saved from another model ({differences}): resume with "
+                         f"the run's own config.yaml, or start a new run in another train.out_dir")
+
+
 def load_checkpoint(path: Path, model: FastWeightLM, optimizer: torch.optim.Optimizer,
                     generator: torch.Generator) -> tuple[int, int]:
-    trainer = torch.load(path / "trainer.pt", weights_only=True)  # tensors and numbers only: no code runs
+    check_same_model(path / "model", model)
+    trainer = read_trainer_state(path / "trainer.pt")
     model.load_state_dict(load_model(path / "model").state_dict())
     optimizer.load_state_dict(trainer["optimizer"])
     generator.set_state(trainer["generator"])
@@ -124,6 +167,25 @@ def resume_from(latest: Path, resume: bool, model: FastWeightLM, optimizer: torc
     if resume:
         tqdm.write(f"{program}: no checkpoint at {latest} to resume from: starting at step 0", file=sys.stderr)
     return 0, 0
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Replace `path` whole or not at all: a run killed mid-write leaves the previous file, never half of one."""
+    temp = path.with_name(f".{path.name}.tmp")
+    temp.write_text(text)
+    os.replace(temp, path)
+
+
+def start_run_directory(config: RunConfig) -> Path:
+    """Create `train.out_dir` and write its config.yaml. Called only once the model, optimizer and any resumed
+    state loaded: a run that cannot start leaves its directory as it was (a later plain --resume still works)."""
+    out_dir = Path(config.train.out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a regular file there, a parent that is one, a path nobody may create
+        raise ValueError(f"train.out_dir={str(out_dir)!r}: cannot create the run directory ({error})") from None
+    write_atomically(out_dir / "config.yaml", dump_config(config))
+    return out_dir
 
 
 def open_metrics(path: Path, step: int) -> TextIO:
@@ -209,9 +271,6 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> dic
         torch.set_num_threads(config.train.threads)
     tokenizer = run_tokenizer(config)
     config = fit_to_tokenizer(config, tokenizer)
-    out_dir = Path(config.train.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(dump_config(config))
     model = prepare_model(config)
     optimizer = make_optimizer(model, config.optim)
     generator = torch.Generator(device=config.train.device).manual_seed(config.train.seed)
@@ -219,11 +278,15 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> dic
     if config.refine.kl_coef > 0 and config.train.mode != "ntp":
         ref_model = prepare_model(config).requires_grad_(False)
 
-    step, cursor = resume_from(out_dir / "checkpoints" / "latest", resume, model, optimizer, generator, "refine")
+    latest = Path(config.train.out_dir) / "checkpoints" / "latest"
+    step, cursor = resume_from(latest, resume, model, optimizer, generator, "refine")
+    batches: Iterator[DocumentBatch] = document_batches(config, tokenizer, start_cursor=cursor)
+    if step < config.train.steps:  # read before anything is written: a source that yields nothing fails here
+        batches = itertools.chain([next(batches)], batches)
+    out_dir = start_run_directory(config)
     changed = check_source(config, out_dir, resumed=step > 0)
     if changed:
         tqdm.write(f"refine: warning: {changed}", file=sys.stderr)
-    batches: Iterator[DocumentBatch] = document_batches(config, tokenizer, start_cursor=cursor)
 
     def next_batch(_: int) -> StepBatch:  # the stream carries its own cursor
         batch = next(batches).to(config.train.device)

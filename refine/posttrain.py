@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import sys
 from collections.abc import Sequence
@@ -41,10 +42,12 @@ from tqdm.auto import tqdm
 
 from refine.algorithm.selection import min_document_length
 from refine.algorithm.update import LossResult
-from refine.config import RunConfig, dump_config, fit_to_tokenizer, load_config, run_tokenizer
+from refine.config import RunConfig, fit_to_tokenizer, load_config, run_tokenizer
 from refine.data.tasks import TaskExample, load_longbench, load_ruler_qa
 from refine.evaluation.runner import prompt_tokens
-from refine.loop import StepBatch, make_optimizer, prepare_model, resume_from, run_steps
+from refine.loop import (
+    StepBatch, make_optimizer, prepare_model, resume_from, run_steps, start_run_directory, write_atomically,
+)
 from refine.phases import QAExample, posttrain_loss
 from refine.runtime import StageTimes, tune_allocator
 from refine.tokenizer import Tokenizer
@@ -81,8 +84,8 @@ def check_config(config: RunConfig, sft_coef: float) -> None:
     if config.refine.kl_coef > 0:
         raise ValueError(f"refine.kl_coef={config.refine.kl_coef}: refine posttrain has no reference policy for a "
                          f"KL term; set refine.kl_coef=0")
-    if not sft_coef >= 0:
-        raise ValueError(f"--sft-coef must be >= 0, got {sft_coef}")
+    if not (math.isfinite(sft_coef) and sft_coef >= 0):  # inf would make every step's loss inf: all skipped
+        raise ValueError(f"--sft-coef must be a finite number >= 0, got {sft_coef}")
 
 
 # ---------------------------------------------------------------- examples
@@ -173,15 +176,13 @@ def posttrain(config: RunConfig, data: str | Path, task: str, sft_coef: float = 
                                          data, task, sft_coef)
     config = fit_to_tokenizer(config, tokenizer)
     model = prepare_model(config)
-    out_dir = Path(config.train.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(dump_config(config))
-    (out_dir / "posttrain.json").write_text(summary.model_dump_json(indent=1))
     optimizer = make_optimizer(model, config.optim)
     generator = torch.Generator(device=config.train.device).manual_seed(config.train.seed)
 
-    step, cursor = resume_from(out_dir / "checkpoints" / "latest", resume, model, optimizer, generator,
-                               "refine posttrain")
+    step, cursor = resume_from(Path(config.train.out_dir) / "checkpoints" / "latest", resume, model, optimizer,
+                               generator, "refine posttrain")
+    out_dir = start_run_directory(config)  # only now: a run that cannot start leaves the directory as it was
+    write_atomically(out_dir / "posttrain.json", summary.model_dump_json(indent=1))
 
     def next_batch(cursor: int) -> StepBatch:
         batch = [examples[i] for i in batch_indices(len(examples), config.train.seed, cursor, config.train.batch_size)]

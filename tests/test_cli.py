@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from refine.cli import main
@@ -36,3 +37,62 @@ def test_an_unreachable_redis_is_one_line_naming_the_url(tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("refine: error:") and url in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("error", [IsADirectoryError, PermissionError, NotADirectoryError, FileExistsError])
+def test_an_os_error_is_one_line_naming_the_path(tmp_path, capsys, monkeypatch, error):
+    """A path that cannot be read or written is bad input or setup, not a crash: no traceback."""
+    def unreadable(path):
+        raise error(13, "cannot use it", str(tmp_path / "model.safetensors"))
+
+    monkeypatch.setattr("refine.models.load_model", unreadable)
+    assert main(["model", "inspect", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"refine: error: [Errno 13] cannot use it: '{tmp_path / 'model.safetensors'}'\n"
+
+
+def _damage_config(text):
+    return lambda model_dir: (model_dir / "config.json").write_text(text)
+
+
+def _hidden_size_abc(model_dir):
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps(config | {"hidden_size": "abc"}))
+
+
+def _config_is_a_directory(model_dir):
+    (model_dir / "config.json").unlink()
+    (model_dir / "config.json").mkdir()
+
+
+def _empty_index(model_dir):
+    (model_dir / "model.safetensors").unlink()
+    (model_dir / "model.safetensors.index.json").write_text("{}")
+
+
+def _truncated_weights(model_dir):
+    weights = model_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+
+
+DAMAGED_MODELS = {  # damage, the file the error names
+    "config not json": (_damage_config("{bad"), "config.json"),
+    "config a list": (_damage_config("[1]"), "config.json"),
+    "config bad value": (_hidden_size_abc, "config.json"),
+    "config a directory": (_config_is_a_directory, "config.json"),
+    "weights garbage": (lambda model_dir: (model_dir / "model.safetensors").write_bytes(b"\x01" * 200),
+                        "model.safetensors"),
+    "weights truncated": (_truncated_weights, "model.safetensors"),
+    "index without weight_map": (_empty_index, "model.safetensors.index.json"),
+}
+
+
+@pytest.mark.parametrize("damage,named", DAMAGED_MODELS.values(), ids=DAMAGED_MODELS.keys())
+def test_model_inspect_of_a_damaged_directory_is_one_line_naming_the_file(tmp_path, capsys, damage, named):
+    save_model(build_model(dict(model_type="delta_net", hidden_size=32, num_heads=2, num_hidden_layers=1,
+                                vocab_size=50)), tmp_path)
+    damage(tmp_path)
+    assert main(["model", "inspect", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"refine: error: {tmp_path / named}") and err.count("\n") == 1, err
+    assert "https://" not in err

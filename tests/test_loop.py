@@ -157,3 +157,74 @@ def test_a_resume_over_a_changed_source_says_so(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"data.source={str(source)!r} changed since this run started (1 files added, removed or resized, " \
            f"e.g. 'docs.jsonl')" in err
+
+
+def _run_files(out_dir):
+    return {path.name: path.read_bytes() for path in out_dir.iterdir() if path.is_file()}
+
+
+BAD_RESUMES = {
+    "architecture": ("model.hidden_size=64",),
+    "data source": ("data.source=/nonexistent/docs.jsonl",),
+    "cuda": pytest.param(("train.device=cuda",), marks=pytest.mark.skipif(torch.cuda.is_available(),
+                                                                          reason="needs a machine without a GPU")),
+}
+
+
+@pytest.mark.parametrize("extra", BAD_RESUMES.values(), ids=BAD_RESUMES.keys())
+def test_a_run_that_cannot_start_leaves_its_directory_as_it_was(tmp_path, extra):
+    train(_config(tmp_path, "ntp", steps=1), progress=False)
+    before = _run_files(tmp_path)
+    assert {"config.yaml", "metrics.jsonl"} <= set(before)
+    with pytest.raises((ValueError, FileNotFoundError)):
+        train(_config(tmp_path, "ntp", steps=2, extra=extra), resume=True, progress=False)
+    assert _run_files(tmp_path) == before
+    # The run's own settings still resume it.
+    assert train(_config(tmp_path, "ntp", steps=2), resume=True, progress=False)["step"] == 2
+
+
+def test_resume_into_another_model_names_the_fields_and_both_values(tmp_path):
+    train(_config(tmp_path, "ntp", steps=1), progress=False)
+    changed = _config(tmp_path, "ntp", steps=2, extra=("model.hidden_size=64", "model.num_hidden_layers=1"))
+    with pytest.raises(ValueError, match=r"was saved from another model \(model\.hidden_size=32 in the checkpoint, "
+                                         r"64 in this config; model\.num_hidden_layers=2 in the checkpoint, 1 in "
+                                         r"this config\)"):
+        train(changed, resume=True, progress=False)
+
+
+DAMAGED_TRAINER = {
+    "garbage": lambda good: bytes(range(256)) * 4,
+    "empty": lambda good: b"",
+    "truncated": lambda good: good[: len(good) // 2],
+    "not a trainer state": lambda good: _saved([1, 2]),
+}
+
+
+def _saved(value) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("damage", DAMAGED_TRAINER.values(), ids=DAMAGED_TRAINER.keys())
+def test_a_damaged_trainer_state_is_one_line_without_torchs_unsafe_advice(tmp_path, damage):
+    train(_config(tmp_path, "ntp", steps=1), progress=False)
+    trainer = tmp_path / "checkpoints" / "latest" / "trainer.pt"
+    trainer.write_bytes(damage(trainer.read_bytes()))
+    before = _run_files(tmp_path)
+    with pytest.raises(ValueError, match=f"^{trainer}: not a readable training checkpoint \\(") as failure:
+        train(_config(tmp_path, "ntp", steps=2), resume=True, progress=False)
+    message = str(failure.value)
+    assert "\n" not in message and "weights_only" not in message and failure.value.__cause__ is None
+    assert _run_files(tmp_path) == before  # config.yaml (steps=1) not replaced by the failed run's (steps=2)
+
+
+@pytest.mark.parametrize("where", ["file", "file/sub"])
+def test_an_out_dir_that_cannot_be_a_directory_names_the_field(tmp_path, where):
+    (tmp_path / "file").write_text("keep me")
+    out_dir = tmp_path / where
+    with pytest.raises(ValueError, match=f"^train.out_dir='{out_dir}': cannot create the run directory"):
+        train(_config(out_dir, "ntp", steps=1), progress=False)
+    assert (tmp_path / "file").read_text() == "keep me"

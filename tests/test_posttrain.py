@@ -122,3 +122,28 @@ def test_batches_cycle_through_every_example_each_pass():
     flat = [i for batch in drawn for i in batch]
     assert sorted(flat[:5]) == sorted(flat[5:]) == list(range(5))
     assert batch_indices(5, 0, 4, 3) == flat[4:7]  # any cursor reproduces the same stream
+
+
+def test_sft_coef_must_be_finite_and_is_checked_before_anything_is_written(tmp_path, capsys):
+    init = _init_model(tmp_path)
+    data = _write(tmp_path / "qa.jsonl", _qa_rows(3))
+    for coef in ("inf", "nan", "-1"):
+        assert main(_argv(data, init, tmp_path / "run", 1, "--sft-coef", coef)) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("refine: error: --sft-coef must be a finite number >= 0") and coef in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_posttrain_that_cannot_start_leaves_its_directory_as_it_was(tmp_path, capsys):
+    init = _init_model(tmp_path)
+    data = _write(tmp_path / "qa.jsonl", _qa_rows(3))
+    out = tmp_path / "run"
+    assert main(_argv(data, init, out, 1)) == 0
+    before = {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()}
+    assert {"config.yaml", "posttrain.json", "metrics.jsonl"} <= set(before)
+    trainer = out / "checkpoints" / "latest" / "trainer.pt"
+    trainer.write_bytes(b"\x01" * 100)  # the resume fails on it
+    more = _write(tmp_path / "more.jsonl", _qa_rows(5))  # another summary in posttrain.json, if it were written
+    assert main(_argv(more, init, out, 2, "--resume")) == 2
+    assert f"{trainer}: not a readable training checkpoint" in capsys.readouterr().err
+    assert {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()} == before

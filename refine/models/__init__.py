@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from refine.models.base import FastWeightLM, ModelOutput
@@ -29,12 +31,12 @@ MODEL_TYPES: dict[str, tuple[str, str, str, str]] = {
 
 __all__ = [
     "FastWeightLM", "ModelOutput", "ModelState", "MODEL_TYPES",
-    "config_from_dict", "build_model", "load_model", "save_model", "inspect_model",
+    "config_from_dict", "build_model", "load_model", "load_model_config", "save_model", "inspect_model",
 ]
 
 
 def _lookup(model_type: str) -> tuple[type[FastWeightLM], type[ModelConfigBase], str]:
-    if model_type not in MODEL_TYPES:
+    if not isinstance(model_type, str) or model_type not in MODEL_TYPES:
         raise ValueError(f"model_type={model_type!r} is not supported; choose one of {sorted(MODEL_TYPES)}")
     module_name, model_cls, config_cls, original_name = MODEL_TYPES[model_type]
     module = importlib.import_module(module_name)
@@ -59,16 +61,78 @@ def build_model(config: ModelConfigBase | dict[str, Any], dtype: torch.dtype | N
     return model.to(dtype) if dtype is not None else model
 
 
+def _read_json(file: Path) -> Any:
+    """A JSON file's value; a directory in its place or text that is not JSON fails naming the file."""
+    if not file.is_file():
+        raise ValueError(f"{file} is not a file")
+    try:
+        return json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{file}: not valid JSON ({error})") from None
+
+
+def _validation_problems(error: ValidationError) -> str:
+    """pydantic's report as `field: message (got value)` items on one line, without its URLs and input dumps."""
+    problems = []
+    for e in error.errors():
+        field = ".".join(str(part) for part in e["loc"])
+        if e["type"] == "value_error":  # our own checks: the message names the fields and values itself
+            message = e["msg"].removeprefix("Value error, ")
+            problems.append(f"{field}: {message}" if field else message)
+            continue
+        value = e.get("input")
+        shown = value if not isinstance(value, dict) else "{...}"
+        problems.append(f"{field or 'config'}: {e['msg']} (got {shown!r})")
+    return "; ".join(problems)
+
+
+def load_model_config(path: str | Path) -> ModelConfigBase:
+    """The model config of checkpoint directory `path` (its config.json); a damaged one fails naming the file."""
+    config_file = Path(path) / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{config_file} does not exist: a model directory needs config.json")
+    values = _read_json(config_file)
+    if not isinstance(values, dict):
+        raise ValueError(f"{config_file} holds a {type(values).__name__}, not a mapping of config fields")
+    try:
+        return config_from_dict(values)
+    except ValidationError as error:  # a ValueError too: caught first for its one-line form
+        raise ValueError(f"{config_file}: {_validation_problems(error)}") from None
+    except ValueError as error:
+        raise ValueError(f"{config_file}: {error}") from None
+
+
+def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
+    """One safetensors file's tensors. A damaged file, or a NaN/Inf weight (which would only surface later as
+    non-finite logits), fails naming the file and the tensor."""
+    if not file.is_file():
+        raise ValueError(f"{file} {'is not a file' if file.exists() else 'does not exist'}")
+    try:
+        tensors = load_file(str(file))
+    except SafetensorError as error:
+        raise ValueError(f"{file}: not a readable safetensors file ({error})") from None
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{file}: tensor {name!r} holds NaN or Inf values: the checkpoint is damaged")
+    return tensors
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     single = path / "model.safetensors"
     index = path / "model.safetensors.index.json"
     if single.exists():
-        return load_file(str(single))
+        return _load_tensors(single)
     if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        values = _read_json(index)
+        weight_map = values.get("weight_map") if isinstance(values, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(shard, str) for shard in weight_map.values()):
+            raise ValueError(f"{index} has no weight_map from tensor names to shard file names")
         tensors: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            tensors.update(load_file(str(path / shard)))
+        for shard in sorted(set(weight_map.values())):
+            if not (path / shard).exists():
+                raise ValueError(f"{index}: its weight_map names {shard!r}, which is not in {path}")
+            tensors.update(_load_tensors(path / shard))
         return tensors
     found = sorted(p.name for p in path.iterdir())
     raise FileNotFoundError(
@@ -91,10 +155,7 @@ def _checkpoint_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype | None:
 def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> FastWeightLM:
     """Load a checkpoint directory written by fla, the LaCT release, or `save_model`; every key must match."""
     path = Path(path)
-    config_file = path / "config.json"
-    if not config_file.exists():
-        raise FileNotFoundError(f"{config_file} does not exist: a model directory needs config.json")
-    config = config_from_dict(json.loads(config_file.read_text()))
+    config = load_model_config(path)
     tensors = _read_state_dict(path)
     # Built in its final dtype before the copy, so that a float64 checkpoint never passes through float32.
     model = build_model(config, dtype=dtype if dtype is not None else _checkpoint_dtype(tensors))

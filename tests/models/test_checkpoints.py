@@ -124,3 +124,84 @@ def test_bad_config_value_names_field():
         build_model(dict(model_type="delta_net", hidden_size=30, num_heads=4, num_hidden_layers=1, vocab_size=10))
     with pytest.raises(ValueError, match="model_type='mamba'"):
         build_model(dict(model_type="mamba"))
+
+
+def _tiny_checkpoint(path):
+    return save_model(build_model(dict(model_type="delta_net", hidden_size=32, num_heads=2, num_hidden_layers=1,
+                                       vocab_size=60)), path)
+
+
+def _write_config(path, values):
+    (path / "config.json").write_text(json.dumps(values))
+
+
+def _shard(path):
+    """The same weights as one shard named by model.safetensors.index.json."""
+    (path / "model.safetensors").rename(path / "model-00001-of-00001.safetensors")
+    names = load_file(path / "model-00001-of-00001.safetensors")
+    (path / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {name: "model-00001-of-00001.safetensors" for name in names}}))
+
+
+def _replace_dir(file):
+    file.unlink()
+    file.mkdir()
+
+
+DAMAGES = {  # damage -> (file the error names, what it says)
+    "config not json": (lambda p: (p / "config.json").write_text("{bad"), "config.json", "not valid JSON"),
+    "config not utf-8": (lambda p: (p / "config.json").write_bytes(b'{"a": "\xff"}'), "config.json",
+                         "not valid JSON"),
+    "config a list": (lambda p: (p / "config.json").write_text("[1]"), "config.json",
+                      "holds a list, not a mapping"),
+    "config bad values": (
+        lambda p: _write_config(p, json.loads((p / "config.json").read_text()) | {"hidden_size": "abc",
+                                                                                   "num_heads": 0}),
+        "config.json", "hidden_size: Input should be a valid integer, unable to parse string as an integer "
+                       "(got 'abc'); num_heads: Input should be greater than 0 (got 0)"),
+    "config model_type a list": (lambda p: _write_config(p, {"model_type": [1]}), "config.json",
+                                 "model_type=[1] is not supported"),
+    "config a directory": (lambda p: _replace_dir(p / "config.json"), "config.json", "is not a file"),
+    "weights garbage": (lambda p: (p / "model.safetensors").write_bytes(b"\x01" * 200), "model.safetensors",
+                        "not a readable safetensors file"),
+    "weights truncated": (lambda p: (p / "model.safetensors").write_bytes((p / "model.safetensors").read_bytes()[:999]),
+                          "model.safetensors", "not a readable safetensors file"),
+    "weights a directory": (lambda p: _replace_dir(p / "model.safetensors"), "model.safetensors", "is not a file"),
+    "index without weight_map": (lambda p: (_shard(p), (p / "model.safetensors.index.json").write_text("{}")),
+                                 "model.safetensors.index.json", "has no weight_map"),
+    "index naming a missing shard": (lambda p: (_shard(p), (p / "model-00001-of-00001.safetensors").unlink()),
+                                     "model.safetensors.index.json", "names 'model-00001-of-00001.safetensors'"),
+}
+
+
+@pytest.mark.parametrize("damage,named,says", DAMAGES.values(), ids=DAMAGES.keys())
+def test_a_damaged_model_directory_is_one_line_naming_the_file(tmp_path, damage, named, says):
+    damage(_tiny_checkpoint(tmp_path))
+    with pytest.raises(ValueError) as failure:
+        load_model(tmp_path)
+    message = str(failure.value)
+    assert message.startswith(str(tmp_path / named)) and says in message and "\n" not in message, message
+    assert "https://" not in message and failure.value.__cause__ is None
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_naming_the_file_and_the_tensor(tmp_path, sharded, bad):
+    _tiny_checkpoint(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["model.norm.weight"][3] = bad
+    tensors["model.layers.0.attn.q_proj.weight"][0, 0] = bad
+    save_file(tensors, tmp_path / "model.safetensors")
+    if sharded:
+        _shard(tmp_path)
+    file = tmp_path / ("model-00001-of-00001.safetensors" if sharded else "model.safetensors")
+    with pytest.raises(ValueError, match=f"^{file}: tensor 'model.layers.0.attn.q_proj.weight' holds NaN or Inf"):
+        load_model(tmp_path)
+
+
+def test_a_sharded_checkpoint_loads(tmp_path):
+    model = _tiny_checkpoint(tmp_path)
+    expected = load_file(model / "model.safetensors")
+    _shard(tmp_path)
+    loaded = load_model(tmp_path).state_dict()
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in expected.items())
