@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from pydantic import ValidationError
+
 from reward.http import ScoreLimits, serve
 
 
@@ -21,8 +23,12 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--port must be in 1..65535, got {args.port}")
     try:
         limits = ScoreLimits(**{name: getattr(args, name) for name in ScoreLimits.model_fields})
-    except ValueError as exc:
-        parser.error(str(exc))
+    except ValidationError as exc:
+        # One line naming the flag, not pydantic's multi-line report naming the field.
+        parser.error("; ".join(
+            f"--{str(error['loc'][0]).replace('_', '-')}: {error['msg']}, got {error['input']!r}"
+            for error in exc.errors()
+        ))
     serve(host=args.host, port=args.port, log_level=args.log_level, limits=limits)
 
 

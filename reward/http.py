@@ -10,8 +10,9 @@ Every error is a JSON body {"error": "<field>: <problem>", "detail": [{loc, fiel
 with a 4xx status: 413 for a body over `max_body_bytes` (refused before it is read in full), 415 for
 a body that is not JSON, 422 for a request that does not match the schema (the pydantic error
 locations), 400 when the reward cannot score well-formed rollouts (a field it needs is missing).
-Hidden states must be finite numbers (NaN / Infinity literals are refused), and every rollout of
-one request must give the same fields with the same k and hidden size.
+Hidden states must be finite numbers (NaN / Infinity literals are refused), gold answers must hold
+text (an empty one is a substring of everything), and every rollout of one request must give the
+same fields with the same k and hidden size.
 
 No `from __future__ import annotations` here: FastAPI reads the request model from the endpoint's
 annotations, and that model is built per app (its limits are part of the schema).
@@ -29,7 +30,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -81,6 +82,13 @@ class ErrorResponse(BaseModel):
     detail: list[ErrorDetail] = Field(default_factory=list)
 
 
+def _not_blank(answer: str) -> str:
+    # An empty gold answer is a substring of every completion: it would score any rollout as right.
+    if not answer.strip():
+        raise ValueError(f"a gold answer must not be empty or whitespace only, got {answer!r:.40}")
+    return answer
+
+
 def _request_models(limits: ScoreLimits) -> type[BaseModel]:
     """The request schema with this app's limits built in (so they show in the OpenAPI schema)."""
     token_id = Annotated[int, Field(strict=True, ge=0, le=MAX_TOKEN_ID)]
@@ -89,7 +97,8 @@ def _request_models(limits: ScoreLimits) -> type[BaseModel]:
     vector = Annotated[list[finite], Field(min_length=1, max_length=limits.max_hidden_dim)]
     hidden = Annotated[list[vector], Field(min_length=1, max_length=limits.max_rollout_len)]
     text = Annotated[str, Field(strict=True, max_length=limits.max_text_chars)]
-    references = Annotated[list[text], Field(min_length=1, max_length=limits.max_references)]
+    answer = Annotated[text, AfterValidator(_not_blank)]
+    references = Annotated[list[answer], Field(min_length=1, max_length=limits.max_references)]
 
     class Rollout(BaseModel):
         """One completion to score; which fields a reward needs depends on the reward."""

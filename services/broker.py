@@ -201,6 +201,9 @@ class Broker:
             except CodecError as exc:
                 self._dead_letter(stream, group, entry_id, payload or b"", str(exc))
                 continue
+            except Exception as exc:  # a decoder bug: still only this entry is lost, not the whole read
+                self._dead_letter(stream, group, entry_id, payload, f"{type(exc).__name__}: {exc}")
+                continue
             out.append((entry_id, message))
         return out
 

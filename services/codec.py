@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import msgpack
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 __all__ = [
     "CodecError",
@@ -174,6 +174,14 @@ def decode_tensor(wire: _WireTensor, field: str, limits: CodecLimits = DEFAULT_L
         )
     if not isinstance(wire.data, bytes):
         raise CodecError(f"field {field}: tensor data must be bytes, got {type(wire.data).__name__}")
+    # Checked per dimension too: a zero anywhere makes the product 0, and torch still refuses (outside
+    # CodecError) to build a tensor whose strides overflow, e.g. shape [0, 2**63].
+    big = next((d for d in shape if d > limits.max_tensor_elements), None)
+    if big is not None:
+        raise CodecError(
+            f"field {field}: shape {shape} has a dimension of {big}, "
+            f"over the limit max_tensor_elements={limits.max_tensor_elements}"
+        )
     numel = math.prod(shape)
     if numel > limits.max_tensor_elements:
         raise CodecError(
@@ -187,11 +195,16 @@ def decode_tensor(wire: _WireTensor, field: str, limits: CodecLimits = DEFAULT_L
             f"field {field}: shape {shape} of {wire.dtype} needs {numel * itemsize} bytes, "
             f"got {len(wire.data)}"
         )
-    if numel == 0:
-        tensor = torch.empty(shape, dtype=dtype)
-    else:
-        # bytearray copies: the tensor owns writable memory independent of the message buffer.
-        tensor = torch.frombuffer(bytearray(wire.data), dtype=dtype).reshape(shape)
+    try:
+        if numel == 0:
+            tensor = torch.empty(shape, dtype=dtype)
+        else:
+            # bytearray copies: the tensor owns writable memory independent of the message buffer.
+            tensor = torch.frombuffer(bytearray(wire.data), dtype=dtype).reshape(shape)
+    except Exception as exc:  # torch refusing a shape the checks above let through
+        raise CodecError(
+            f"field {field}: cannot build a {wire.dtype} tensor of shape {shape} ({type(exc).__name__}: {exc})"
+        ) from exc
     _check_tensor(field, tensor, limits)
     return tensor
 
@@ -310,14 +323,47 @@ def decode(data: bytes | bytearray | memoryview, cls: type[M], limits: CodecLimi
     if not isinstance(envelope, dict) or set(envelope) != {"type", "v", "body"}:
         shown = sorted(envelope) if isinstance(envelope, dict) else type(envelope).__name__
         raise CodecError(f"payload is not a message envelope {{type, v, body}}, got {shown}")
-    if envelope["v"] != WIRE_VERSION:
-        raise CodecError(f"field v: unsupported wire version {envelope['v']!r} (this reader speaks {WIRE_VERSION})")
+    version = envelope["v"]
+    # Python's 1.0 == True == 1: only the integer 1 is version 1.
+    if not isinstance(version, int) or isinstance(version, bool) or version != WIRE_VERSION:
+        raise CodecError(f"field v: unsupported wire version {version!r} (this reader speaks {WIRE_VERSION})")
     if envelope["type"] != cls.__name__:
         raise CodecError(f"field type: payload holds a {envelope['type']!r}, expected {cls.__name__!r}")
     if not isinstance(envelope["body"], dict):
         raise CodecError(f"field body: expected a map, got {type(envelope['body']).__name__}")
-    body = {key: _from_wire(value, key, limits) for key, value in envelope["body"].items()}
+    body = {}
+    for key, value in envelope["body"].items():
+        try:
+            body[key] = _from_wire(value, key, limits)
+        except CodecError:
+            raise
+        except Exception as exc:  # anything else a hostile value provokes must still be a CodecError
+            raise CodecError(f"field {key}: cannot be decoded ({type(exc).__name__}: {exc})") from exc
     try:
         return cls.model_validate(body)
+    except ValidationError as exc:
+        raise CodecError(f"payload is not a valid {cls.__name__}: {_validation_summary(exc)}") from exc
     except Exception as exc:  # a validator's own checks, or torch refusing an operation on odd input
-        raise CodecError(f"payload is not a valid {cls.__name__}: {exc}") from exc
+        raise CodecError(f"payload is not a valid {cls.__name__}: {type(exc).__name__}: {exc}") from exc
+
+
+def _validation_summary(exc: ValidationError) -> str:
+    """Pydantic's multi-line report as one line, `field: message (got value)` per problem, so a
+    dead-letter reason or a log line stays one line."""
+    problems = []
+    for error in exc.errors():
+        field = ".".join(str(part) for part in error["loc"])
+        message = " ".join(str(error["msg"]).removeprefix("Value error, ").split())
+        if field:
+            problems.append(f"{field}: {message} (got {_shown(error.get('input'))})")
+        else:  # a model validator: its message names the fields, the input is the whole message
+            problems.append(message)
+    return "; ".join(problems)
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    """A short one-line picture of a value; tensors by shape and dtype, not by their numbers."""
+    if isinstance(value, torch.Tensor):
+        return f"tensor of shape {list(value.shape)} {value.dtype}"
+    text = " ".join(repr(value).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."

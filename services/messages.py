@@ -97,7 +97,12 @@ class Message(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    created_at: float = Field(default_factory=time.time, description="Unix time the producer built it")
+    # Strict: a lax float would take True, "5", NaN or inf, and a negative or non-finite time
+    # breaks every age computed from it.
+    created_at: float = Field(
+        default_factory=time.time, strict=True, ge=0, allow_inf_nan=False,
+        description="Unix time the producer built it",
+    )
 
 
 def _require(condition: bool, message: str) -> None:

@@ -12,6 +12,7 @@ redis-server for the lifetime of the run.
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,9 +22,10 @@ import ray
 from refine.config import RunConfig
 from services.redis_server import EmbeddedRedis, connect
 
-__all__ = ["RayPlan", "actor_cpus", "ray_for_run", "redis_for_run", "resolve_addresses"]
+__all__ = ["RayPlan", "actor_cpus", "check_ray_address", "ray_for_run", "redis_for_run", "resolve_addresses"]
 
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024 * 1024  # weights travel through Redis; the store holds small results
+RAY_ADDRESS_SOURCES = "--ray-address, service.ray_address or RAY_ADDRESS"
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,26 @@ def cpus_needed(config: RunConfig) -> float:
     return total
 
 
+def check_ray_address(address: str, timeout_s: float = 2.0) -> None:
+    """Fail fast, naming the address, when nothing listens at a `host:port` (or `ray://host:port`)
+    Ray address: ray.init would retry an unreachable one for minutes, printing only GCS timeouts.
+    Other forms ("auto", "local", ...) are left to Ray."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    host = host.strip("[]")  # an IPv6 literal, [::1]:6379
+    if not sep or not host or not (port.isascii() and port.isdigit()):
+        return
+    if not 0 < int(port) < 65536:
+        raise ValueError(f"Ray address {address!r} ({RAY_ADDRESS_SOURCES}): port {port} is not in 1..65535")
+    # The same pattern as the Redis URL check (services.redis_server.connect): one short TCP connect.
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ValueError(
+            f"Ray at {address!r} ({RAY_ADDRESS_SOURCES}) is unreachable within {timeout_s}s: "
+            f"{type(exc).__name__}: {exc}"
+        ) from None
+
+
 @contextmanager
 def ray_for_run(config: RunConfig, address: str | None) -> Iterator[bool]:
     """Ray for the run; yields whether Ray runs on more than one node. Shuts down (or disconnects
@@ -69,7 +91,11 @@ def ray_for_run(config: RunConfig, address: str | None) -> Iterator[bool]:
     started = False
     if not ray.is_initialized():
         if address and address != "local":
-            ray.init(address=address, log_to_driver=True)
+            check_ray_address(address)
+            try:
+                ray.init(address=address, log_to_driver=True)
+            except ConnectionError as exc:  # something listens there, but no Ray cluster answered
+                raise ValueError(f"Ray at {address!r} ({RAY_ADDRESS_SOURCES}): {exc}") from None
         else:
             ray.init(
                 num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)),

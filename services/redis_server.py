@@ -27,6 +27,7 @@ __all__ = [
     "EmbeddedRedis",
     "EmbeddedRedisError",
     "RedisUnavailableError",
+    "URL_SOURCES",
     "connect",
     "redact_url",
     "redis_server_binary",
@@ -55,14 +56,19 @@ def redis_server_binary() -> Path:
     return binary
 
 
+# Where a run's Redis URL comes from, named in every error about it.
+URL_SOURCES = "--redis-url, service.redis_url or REFINE_REDIS_URL"
+# First bytes of any Redis (RESP2/RESP3) reply; anything else answering a PING is not Redis.
+_RESP_FIRST_BYTES = frozenset(b"+-:$*_,#!=(%~>|")
+
+
 def redact_url(url: str) -> str:
     """The URL with any password replaced, safe to put in logs and errors."""
     parts = urllib.parse.urlsplit(url)
     if parts.password is None:
         return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
+    # The host part as written: parsing the port would fail on the out-of-range ones errors report.
+    host = parts.netloc.rpartition("@")[2]
     user = parts.username or ""
     return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
@@ -82,19 +88,28 @@ def connect(
     if timeout_s <= 0:
         raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
     if not isinstance(url, str) or "://" not in url:
-        raise ValueError(f"Redis url must look like redis://host:port/db, got {url!r}")
-    probe = redis.Redis.from_url(
-        url,
-        socket_connect_timeout=timeout_s,
-        socket_timeout=timeout_s,
-        retry=Retry(NoBackoff(), 0),
-    )
+        raise ValueError(f"Redis url must look like redis://host:port/db, got {url!r} ({URL_SOURCES})")
+    try:
+        probe = redis.Redis.from_url(
+            url,
+            socket_connect_timeout=timeout_s,
+            socket_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 0),
+        )
+    except ValueError as exc:  # redis-py names neither the URL nor where it came from
+        raise ValueError(f"invalid Redis URL {redact_url(url)!r} ({URL_SOURCES}): {exc}") from None
     try:
         probe.ping()
     except (redis.RedisError, OSError) as exc:
+        answer = _first_answer(probe, timeout_s)
+        if answer and answer[0] not in _RESP_FIRST_BYTES:
+            raise RedisUnavailableError(
+                f"Redis at {redact_url(url)} ({URL_SOURCES}) answered, but it is not a Redis server: "
+                f"it sent {answer[:32]!r}"
+            ) from exc
         raise RedisUnavailableError(
             f"Redis at {redact_url(url)} is unreachable within {timeout_s}s: "
-            f"{type(exc).__name__}: {exc}"
+            f"{type(exc).__name__}: {exc} ({URL_SOURCES})"
         ) from exc
     finally:
         probe.close()
@@ -106,6 +121,22 @@ def connect(
         retry=Retry(ExponentialWithJitterBackoff(cap=1.0, base=0.05), retries),
         health_check_interval=30,
     )
+
+
+def _first_answer(client: redis.Redis, timeout_s: float) -> bytes:
+    """What a plain-TCP server at the client's address sends back to an inline PING and a blank line
+    (which also ends an HTTP request, so a web server answers too); b"" if nothing answers in time.
+    Only called after a failed PING, to tell "not Redis" from "unreachable"."""
+    pool = client.connection_pool
+    if pool.connection_class is not redis.connection.Connection:  # TLS or a unix socket: not probed
+        return b""
+    address = (pool.connection_kwargs.get("host", "localhost"), pool.connection_kwargs.get("port", 6379))
+    try:
+        with socket.create_connection(address, timeout=timeout_s) as sock:
+            sock.sendall(b"PING\r\n\r\n")
+            return sock.recv(64)
+    except OSError:
+        return b""
 
 
 def _free_port(host: str) -> int:

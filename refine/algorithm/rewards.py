@@ -15,6 +15,7 @@ and read the text fields.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -126,8 +127,25 @@ def cosine_reward(rollout_hidden: Tensor, ground_truth_hidden: Tensor, eps: floa
     _check_finite("rollout_hidden", rollout_hidden)
     _check_finite("ground_truth_hidden", ground_truth_hidden)
     dtype = torch.promote_types(torch.promote_types(rollout_hidden.dtype, ground_truth_hidden.dtype), torch.float32)
-    cos = F.cosine_similarity(rollout_hidden.to(dtype), ground_truth_hidden.to(dtype), dim=-1, eps=eps)
+    rollout, truth = _unit_scaled(rollout_hidden.to(dtype)), _unit_scaled(ground_truth_hidden.to(dtype))
+    cos = F.cosine_similarity(rollout, truth, dim=-1, eps=eps)
     return cos.mean(dim=-1)
+
+
+def _unit_scaled(hidden: Tensor) -> Tensor:
+    """Each vector (last dim) scaled by a power of two that brings its largest |value| into [0.5, 1).
+
+    The norm inside the cosine squares the values, which overflows to inf for large finite ones
+    (1e200 in float64, 1e20 in float32) and turned the cosine into 0. A power of two scales exactly,
+    so ordinary vectors give bit-identical cosines. The scale is a detached factor (torch.ldexp of the
+    input itself has no usable gradient), and as the cosine does not depend on it, gradients stay the
+    true ones. Zero vectors stay zero.
+    """
+    _, exponent = torch.frexp(hidden.detach().abs().amax(dim=-1, keepdim=True))
+    # Capped for subnormal vectors, whose full factor would overflow; they still end up far above eps.
+    largest = math.frexp(torch.finfo(hidden.dtype).max)[1] - 1
+    scale = torch.ldexp(torch.ones_like(exponent, dtype=hidden.dtype), (-exponent).clamp(max=largest))
+    return hidden * scale
 
 
 def binary_reward(rollout_tokens: Tensor, ground_truth_tokens: Tensor) -> Tensor:

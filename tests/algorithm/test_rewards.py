@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from refine.algorithm.rewards import (
     RewardInputs,
@@ -46,6 +47,35 @@ def test_cosine_is_scale_invariant_and_keeps_float64():
     scaled = cosine_reward(ROLLOUT_HIDDEN.double() * 7.5, TRUTH_HIDDEN.double() * 0.1)
     assert scaled.dtype == torch.float64
     assert scaled.tolist() == pytest.approx(COSINE, abs=1e-12)
+
+
+def test_cosine_of_huge_finite_vectors_does_not_overflow_to_zero():
+    # Squaring 1e200 (float64) or 1e20 (float32) overflows the norm; the cosine used to come out 0.
+    huge = torch.tensor([[[1e200, 1e200]]], dtype=torch.float64)
+    assert cosine_reward(huge, huge).tolist() == pytest.approx([1.0], abs=1e-12)
+    assert cosine_reward(huge, -huge).tolist() == pytest.approx([-1.0], abs=1e-12)
+    big = torch.full((2, 3, 8), 1e20)
+    assert cosine_reward(big, big).tolist() == pytest.approx([1.0, 1.0], abs=1e-6)
+    largest = torch.full((1, 1, 4), torch.finfo(torch.float32).max)
+    assert cosine_reward(largest, largest.neg()).tolist() == pytest.approx([-1.0], abs=1e-6)
+    tiny = torch.tensor([[[1e-40, 3e-41]]])  # subnormal: the scale is capped, the cosine still exact
+    assert cosine_reward(tiny, tiny).tolist() == pytest.approx([1.0], abs=1e-6)
+    zero = torch.zeros(1, 1, 4)
+    assert cosine_reward(zero, torch.ones(1, 1, 4)).tolist() == [0.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cosine_values_and_gradients_match_torch_on_ordinary_vectors(dtype: torch.dtype):
+    """The rescaling is by powers of two: on vectors torch handles, values and gradients are bit-identical."""
+    generator = torch.Generator().manual_seed(0)
+    rollout = (torch.randn(16, 4, 64, generator=generator) * 3).to(dtype).requires_grad_(True)
+    truth = (torch.randn(16, 4, 64, generator=generator) * 1e-3).to(dtype).requires_grad_(True)
+    ours = cosine_reward(rollout, truth)
+    reference = F.cosine_similarity(rollout, truth, dim=-1, eps=1e-8).mean(dim=-1)
+    assert torch.equal(ours, reference)
+    ours_grads = torch.autograd.grad(ours.sum(), (rollout, truth))
+    reference_grads = torch.autograd.grad(reference.sum(), (rollout, truth))
+    assert all(torch.equal(a, b) for a, b in zip(ours_grads, reference_grads))
 
 
 def test_registry_serves_the_builtin_rewards():

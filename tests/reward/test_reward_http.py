@@ -188,6 +188,13 @@ def malformed_cases(rng: random.Random) -> list[Case]:
         body = {"reward_type": "qa_f1", "rollouts": rollouts(("text",))}
         body["rollouts"][1][name] = value
         add(Case(f"{name}={value!r}", 422, [f"rollouts.1.{name}"], body))
+    # Blank gold answers: an empty one is a substring of every completion.
+    for reward_type in ("qa_f1", "substring_match"):
+        for references, index in [([""], 0), (["   "], 0), (["paris", "\n\t"], 1)]:
+            body = {"reward_type": reward_type, "rollouts": rollouts(("text",))}
+            body["rollouts"][1]["reference_texts"] = references
+            add(Case(f"{reward_type} reference_texts={references!r}", 422,
+                     [f"rollouts.1.reference_texts.{index}", "empty or whitespace"], body))
     # NaN and infinities, as the JSON literals Python's parser accepts and as overflowing numbers.
     for _ in range(60):
         body = request_with()
@@ -330,10 +337,28 @@ def test_a_failing_reward_plugin_is_a_json_500_and_the_server_keeps_serving(clie
     check_correct_requests(client)
 
 
+def test_cosine_of_huge_finite_hidden_states_is_right(client):
+    huge = [[1e200, 1e200]]
+    for truth, expected in [(huge, 1.0), ([[-1e200, -1e200]], -1.0)]:
+        response = client.post("/v1/score", json={"reward_type": "cosine", "rollouts": [
+            {"rollout_hidden": huge, "ground_truth_hidden": truth}]})
+        assert response.status_code == 200, response.text
+        assert response.json()["rewards"] == pytest.approx([expected])
+
+
+def test_an_empty_gold_answer_is_refused_not_scored_as_correct(client):
+    response = client.post("/v1/score", json={"reward_type": "substring_match", "rollouts": [
+        {"rollout_text": "zzz", "reference_texts": [""]}]})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"] == (
+        "rollouts.0.reference_texts.0: Value error, a gold answer must not be empty or whitespace only, got ''")
+
+
 def test_command_line_refuses_bad_limits(capsys):
     with pytest.raises(SystemExit) as info:
         main(["--max-batch", "0"])
     assert info.value.code == 2
-    assert "max_batch" in capsys.readouterr().err
+    last_line = capsys.readouterr().err.splitlines()[-1]
+    assert last_line == "python -m reward: error: --max-batch: Input should be greater than or equal to 1, got 0"
     with pytest.raises(SystemExit):
         main(["--port", "70000"])

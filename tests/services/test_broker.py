@@ -3,11 +3,13 @@
 import threading
 import time
 
+import msgpack
 import pytest
 import redis
 import torch
 
 from services.broker import Broker
+from services.codec import TENSOR_EXT_CODE, encode
 from services.messages import DocumentBatch, RolloutBatch
 from services.redis_server import connect
 
@@ -128,6 +130,48 @@ def test_undecodable_entries_are_dead_lettered_not_returned(broker: Broker) -> N
     assert dead[0].payload == b"\x80\x04garbage" and "not a valid message" in dead[0].error
     assert "no payload" in dead[1].error
     assert "holds a 'RolloutBatch', expected 'DocumentBatch'" in dead[2].error
+
+
+def test_an_undecodable_tensor_is_dead_lettered_and_the_good_entries_of_the_read_returned(broker: Broker) -> None:
+    """A zero-element tensor with huge dimensions once made torch raise inside decode: the whole read
+    failed, all three entries stayed pending and nothing was dead-lettered."""
+    first = broker.publish(STREAM, documents("first"))
+    envelope = msgpack.unpackb(encode(documents("bad")), raw=False)
+    envelope["body"]["token_ids"] = msgpack.ExtType(
+        TENSOR_EXT_CODE, msgpack.packb(["int64", [0, 2**31, 2**31, 2**31], b""], use_bin_type=True))
+    payload = msgpack.packb(envelope, use_bin_type=True)
+    bad = broker.client.xadd(broker.key("stream", STREAM), {b"m": payload, b"t": b"DocumentBatch"}).decode()
+    last = broker.publish(STREAM, documents("last"))
+    got = broker.consume(STREAM, GROUP, "c", DocumentBatch, count=3)
+    assert [entry_id for entry_id, _ in got] == [first, last]
+    assert [message.doc_ids for _, message in got] == [["first"], ["last"]]
+    assert broker.pending(STREAM, GROUP) == 2  # the bad one was acknowledged with its dead letter
+    [dead] = broker.dead_letters(STREAM)
+    assert dead.entry_id == bad and dead.payload == payload
+    assert "field token_ids: shape [0, 2147483648, 2147483648, 2147483648] has a dimension" in dead.error
+
+
+def test_a_decoder_failure_other_than_codec_error_costs_only_its_entry(
+    broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import services.broker
+
+    first = broker.publish(STREAM, documents("first"))
+    broker.publish(STREAM, documents("crash"))
+    last = broker.publish(STREAM, documents("last"))
+    real_decode = services.broker.decode
+
+    def flaky_decode(payload: bytes, cls: type, limits: object) -> object:
+        message = real_decode(payload, cls, limits)
+        if message.doc_ids == ["crash"]:
+            raise RuntimeError("decoder bug")
+        return message
+
+    monkeypatch.setattr(services.broker, "decode", flaky_decode)
+    got = broker.consume(STREAM, GROUP, "c", DocumentBatch, count=3)
+    assert [entry_id for entry_id, _ in got] == [first, last]
+    [dead] = broker.dead_letters(STREAM)
+    assert dead.error == "RuntimeError: decoder bug"
 
 
 def test_entries_trimmed_while_pending_are_released(broker: Broker) -> None:

@@ -1,11 +1,12 @@
 """Message schemas: valid messages survive the wire, inconsistent ones fail naming the field."""
 
+import msgpack
 import numpy as np
 import pytest
 import torch
 from pydantic import ValidationError
 
-from services.codec import decode, encode
+from services.codec import CodecError, decode, encode
 from services.messages import DataCursor, DocumentBatch, RolloutBatch, ScoredBatch
 
 B, C, N_SAMPLES, K, D = 2, 3, 2, 5, 8
@@ -158,3 +159,15 @@ def test_a_payload_with_an_unusable_integer_dtype_is_a_codec_error() -> None:
     payload = encode(documents.model_copy(update={"token_ids": documents.token_ids.to(torch.uint32)}))
     with pytest.raises(CodecError, match="(?s)not a valid DocumentBatch.*token_ids.*torch.uint32"):
         decode(payload, DocumentBatch)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), -1.0, "5", True])
+def test_created_at_is_a_finite_non_negative_number(value: object) -> None:
+    with pytest.raises(ValidationError, match="created_at"):
+        make_documents(created_at=value)
+    # The same over the wire: the consumer gets a one-line CodecError naming the field and the value.
+    message = msgpack.unpackb(encode(make_documents()), raw=False)
+    message["body"]["created_at"] = value
+    with pytest.raises(CodecError, match=rf"created_at: .* \(got {value!r}\)$"):
+        decode(msgpack.packb(message, use_bin_type=True), DocumentBatch)
+    assert make_documents(created_at=0).created_at == 0.0

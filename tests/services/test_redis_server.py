@@ -129,23 +129,74 @@ def test_silent_server_times_out(silent_listener: int) -> None:
         connect(f"redis://127.0.0.1:{silent_listener}/0", timeout_s=0.3)
 
 
-def test_non_redis_server_is_reported() -> None:
+def test_unreachable_url_names_where_the_url_comes_from(closed_port: int) -> None:
+    with pytest.raises(RedisUnavailableError, match=r"Connection refused.*\(--redis-url, service.redis_url or REFINE_REDIS_URL\)"):
+        connect(f"redis://127.0.0.1:{closed_port}/0", timeout_s=0.5)
+
+
+@pytest.fixture
+def http_server() -> Iterator[int]:
+    """A port where an HTTP server answers: like most, it waits for the end of the request headers,
+    so a Redis PING alone gets no answer and the client used to report a timeout."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        sock.listen(1)
-        port = sock.getsockname()[1]
+        sock.listen(8)
+        sock.settimeout(0.1)
+        done = threading.Event()
 
-        def answer_http() -> None:
-            conn, _ = sock.accept()
-            with conn:
-                conn.recv(1024)
-                conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        def serve() -> None:
+            while not done.is_set():
+                try:
+                    conn, _ = sock.accept()
+                except OSError:
+                    continue
+                with conn:
+                    conn.settimeout(5)
+                    request = b""
+                    try:
+                        while b"\r\n\r\n" not in request:
+                            chunk = conn.recv(1024)
+                            if not chunk:
+                                break
+                            request += chunk
+                        else:
+                            conn.sendall(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+                    except OSError:
+                        pass
 
-        thread = threading.Thread(target=answer_http, daemon=True)
+        thread = threading.Thread(target=serve, daemon=True)
         thread.start()
-        with pytest.raises(RedisUnavailableError, match=rf"Redis at redis://127.0.0.1:{port}/0"):
-            connect(f"redis://127.0.0.1:{port}/0", timeout_s=2.0)
+        yield sock.getsockname()[1]
+        done.set()
         thread.join(timeout=5)
+
+
+def test_non_redis_server_is_reported(http_server: int) -> None:
+    url = f"redis://127.0.0.1:{http_server}/0"
+    with pytest.raises(RedisUnavailableError) as info:
+        connect(url, timeout_s=0.5)
+    assert str(info.value).startswith(
+        f"Redis at {url} (--redis-url, service.redis_url or REFINE_REDIS_URL) answered, "
+        "but it is not a Redis server: it sent b'HTTP/1.1 400 Bad Request"
+    )
+
+
+@pytest.mark.parametrize(
+    "url, problem",
+    [
+        ("http://127.0.0.1:6379/0", "Redis URL must specify one of the following schemes"),
+        ("redis://127.0.0.1:99999", "Port out of range"),
+        ("redis://user:s3cret@127.0.0.1:99999/0", "Port out of range"),
+        ("redis://127.0.0.1:port/0", "Port could not be cast"),
+    ],
+)
+def test_invalid_url_names_the_option_and_the_value(url: str, problem: str) -> None:
+    with pytest.raises(ValueError) as info:
+        connect(url)
+    shown = url.replace("s3cret", "***")
+    assert str(info.value).startswith(
+        f"invalid Redis URL {shown!r} (--redis-url, service.redis_url or REFINE_REDIS_URL): {problem}")
+    assert "s3cret" not in str(info.value)
 
 
 def test_password_is_not_leaked(closed_port: int) -> None:
