@@ -1,5 +1,6 @@
 """Learner checkpoints: `refine.loop.save_checkpoint` (model, optimizer, RNG, data cursor) plus the
-service's own state in `learner_state.json` (weight version, counters, the cursor's epoch).
+service's own state in `learner_state.json` (weight version, counters, the cursor's epoch), and in
+`reports.jsonl` the learner's reports the orchestrator had not confirmed writing yet (services/progress.py).
 
 A checkpoint is written into a fresh directory and then swapped in for `latest`, so a learner
 killed while writing leaves the previous checkpoint intact. The orchestrator reads only the small
@@ -18,11 +19,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from refine.loop import load_checkpoint, save_checkpoint
 from refine.models import FastWeightLM
 from refine.tokenizer import Tokenizer
+from services.progress import StepReport
 
-__all__ = ["LearnerState", "latest_checkpoint", "load_learner_checkpoint", "read_learner_state",
-           "save_learner_checkpoint"]
+__all__ = ["LearnerState", "latest_checkpoint", "load_learner_checkpoint", "read_checkpoint_reports",
+           "read_learner_state", "save_learner_checkpoint"]
 
 STATE_FILE = "learner_state.json"
+REPORTS_FILE = "reports.jsonl"
 
 
 class LearnerState(BaseModel):
@@ -36,6 +39,8 @@ class LearnerState(BaseModel):
     dropped_stale: int = Field(0, ge=0)
     dropped_invalid: int = Field(0, ge=0, description="scored batches that did not fit their documents")
     skipped_steps: int = Field(0, ge=0)
+    reports: int = Field(0, ge=0, description="reports (steps and drops) made up to this checkpoint; the "
+                         "next one is numbered reports + 1")
 
 
 def latest_checkpoint(out_dir: str | Path) -> Path:
@@ -47,13 +52,16 @@ def latest_checkpoint(out_dir: str | Path) -> Path:
 
 
 def save_learner_checkpoint(out_dir: str | Path, model: FastWeightLM, optimizer: torch.optim.Optimizer,
-                            generator: torch.Generator, tokenizer: Tokenizer, state: LearnerState) -> Path:
+                            generator: torch.Generator, tokenizer: Tokenizer, state: LearnerState,
+                            reports: list[StepReport] | None = None) -> Path:
+    """Save a checkpoint; `reports`: those the orchestrator may not have written yet."""
     latest = Path(out_dir) / "checkpoints" / "latest"
     staging = latest.with_name(f"step-{state.step:08d}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     save_checkpoint(staging, model, optimizer, state.step, state.cursor, generator, tokenizer)
     (staging / STATE_FILE).write_text(state.model_dump_json(indent=2))
+    (staging / REPORTS_FILE).write_text("".join(report.model_dump_json() + "\n" for report in reports or []))
     previous = latest.with_name("previous")
     if latest.exists():
         shutil.rmtree(previous, ignore_errors=True)
@@ -73,6 +81,14 @@ def read_learner_state(path: str | Path) -> LearnerState:
     trainer = torch.load(path / "trainer.pt", weights_only=True)
     step = int(trainer["step"])
     return LearnerState(step=step, cursor=int(trainer["cursor"]), weight_version=step)
+
+
+def read_checkpoint_reports(path: str | Path) -> list[StepReport]:
+    """The reports checkpoint directory `path` keeps (none for a checkpoint without the file)."""
+    reports_file = Path(path) / REPORTS_FILE
+    if not reports_file.exists():
+        return []
+    return [StepReport.model_validate_json(line) for line in reports_file.read_text().splitlines() if line.strip()]
 
 
 def load_learner_checkpoint(path: str | Path, model: FastWeightLM, optimizer: torch.optim.Optimizer,

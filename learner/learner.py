@@ -12,7 +12,9 @@ For each batch:
 - weights: the policy version is the number of optimizer steps taken; every `sync_interval` steps
   the weights are published under that version (version = step, so staleness is step arithmetic);
 - checkpoints every `train.checkpoint_every` steps and when the run ends or is stopped: model,
-  optimizer, RNG, data cursor and weight version, enough for an exact resume. Batches can finish out
+  optimizer, RNG, data cursor and weight version, enough for an exact resume, and the reports the
+  orchestrator has not confirmed writing yet (a step's report goes out after its checkpoint: if the
+  driver dies before writing it, the resume finds it in the checkpoint). Batches can finish out
   of order (several in flight, several workers), so the checkpoint's data cursor is that of the last
   batch of the unbroken run of finished ones (`ResumePoint`): a resume never skips an untrained
   batch (it may train again one that finished past a gap).
@@ -34,8 +36,8 @@ from learner.update import LEARNER_PHASES, fused_update, onepass_update, rollout
 from refine.config import RunConfig, run_tokenizer
 from refine.loop import StepResult, make_optimizer, prepare_model
 from services.messages import DataCursor, DocumentBatch, ScoredBatch
-from services.progress import LearnerProgress, StepReport, write_progress
-from services.resilience import TRANSIENT, OutageTolerance, retry_redis
+from services.progress import LearnerProgress, StepReport, read_recorded, write_progress
+from services.resilience import TRANSIENT, OutageTolerance, outage_timeout_s, retry_redis
 from services.role import RoleRuntime
 from services.streams import (
     CONSUMED_KEY, DOCUMENTS, DROPPED_KEY, LEARNER_GROUP, LEARNER_REPORTS, SCORED, DocumentStore, document_batch_index,
@@ -46,6 +48,9 @@ __all__ = ["MEMBER_ID", "ROLE", "Learner", "ResumePoint", "misfit"]
 
 ROLE = "learner"
 MEMBER_ID = "learner-0"  # rank 0's member id: heartbeats, metrics discovery
+# Unconfirmed reports kept in memory before the learner asks the orchestrator what it wrote (besides at
+# every checkpoint): bounds their memory in a long run with train.checkpoint_every=0.
+UNRECORDED_CHECK_EVERY = 256
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +118,7 @@ class Learner:
         self.colocated = config.service.mode == "colocated"
         self.device = config.train.device
         self.out_dir = Path(config.train.out_dir)
-        self.outage_timeout_s = max(60.0, 4 * config.service.heartbeat_timeout_s)
+        self.outage_timeout_s = outage_timeout_s(config.service.heartbeat_timeout_s)
 
         self.model = prepare_model(config)
         self.tokenizer = run_tokenizer(config)  # its files go into every checkpoint's model directory
@@ -131,6 +136,7 @@ class Learner:
         self.resume_point = ResumePoint(epoch=self.state.epoch, cursor=self.state.cursor)
         self.finished = 0
         self.duplicates = 0
+        self.unrecorded: list[StepReport] = []  # reports the orchestrator has not confirmed writing
         self.last_stats: dict[str, float | int | str] = {}
         self.group: DataParallelGroup | None = None  # with service.num_learners > 1, this is rank 0
 
@@ -143,7 +149,7 @@ class Learner:
     def setup(self, data_parallel_address: str | None = None) -> str:
         """Join the learners' process group (when given its address; ranks 1..R-1 must be joining
         too), publish the starting weights (version = step) and the progress record; returns JSON
-        with the step, data cursor and weight version the run continues from."""
+        with the step, data cursor, weight version and report count the run continues from."""
         if data_parallel_address is not None:
             self.group = DataParallelGroup(data_parallel_address, 0, self.config.service.num_learners, self.device,
                                            timeout_s=max(300.0, 10 * self.config.service.heartbeat_timeout_s))
@@ -155,7 +161,7 @@ class Learner:
         self._write_progress()
         self.metrics.learner_step.set(self.state.step)
         return json.dumps({"step": self.state.step, "cursor": self.state.cursor, "epoch": self.state.epoch,
-                           "weight_version": self.state.weight_version})
+                           "weight_version": self.state.weight_version, "reports": self.state.reports})
 
     def _publish_weights(self) -> None:
         version = self.state.step
@@ -179,9 +185,26 @@ class Learner:
                                    weight_version=self.state.weight_version, done=done)
         retry_redis(lambda: write_progress(self.broker, progress), "write progress", self.outage_timeout_s)
 
-    def _report(self, kind: str, stats: dict) -> None:
-        report = StepReport(kind=kind, step=self.state.step, stats=stats)
+    def _new_report(self, kind: str, stats: dict) -> StepReport:
+        """The next report, numbered through the run and kept until the orchestrator confirms writing it."""
+        self.state.reports += 1
+        report = StepReport(kind=kind, step=self.state.step, seq=self.state.reports, stats=stats)
+        self.unrecorded.append(report)
+        if len(self.unrecorded) >= UNRECORDED_CHECK_EVERY:
+            self._forget_recorded()
+        return report
+
+    def _send(self, report: StepReport) -> None:
         retry_redis(lambda: self.broker.publish(LEARNER_REPORTS, report), "report", self.outage_timeout_s)
+
+    def _forget_recorded(self) -> None:
+        """Drop the reports the orchestrator confirmed writing; keep them all while Redis is away."""
+        try:
+            recorded = read_recorded(self.broker)
+        except TRANSIENT as exc:
+            logger.warning("could not read which reports the orchestrator wrote: %s", exc)
+            return
+        self.unrecorded = [report for report in self.unrecorded if report.seq > recorded]
 
     # -- one batch ------------------------------------------------------------------------------
 
@@ -274,7 +297,7 @@ class Learner:
                  "dropped_stale": self.state.dropped_stale, "dropped_invalid": self.state.dropped_invalid}
         if error:
             stats |= {"error": error, "worker_id": batch.worker_id}
-        self._report("dropped", stats)
+        self._send(self._new_report("dropped", stats))
 
     def _batch_finished(self, document_batch_id: str, cursor: DataCursor | None) -> None:
         """Move the checkpoint's data cursor through the unbroken run of finished batches."""
@@ -298,11 +321,7 @@ class Learner:
         self._batch_finished(documents.batch_id, cursor)
         if state.step % self.config.service.sync_interval == 0:
             self._publish_weights()
-        every = self.config.train.checkpoint_every
-        if every and state.step % every == 0:
-            self.checkpoint()
         self.finished += 1
-        self._write_progress()
         stats = dict(outcome.stats) | extra | {
             "step": state.step, "weight_version": state.weight_version, "document_batch_id": documents.batch_id,
             "cursor": cursor.offset, "data_epoch": cursor.epoch, "tokens": int(documents.lengths.sum()), "skipped_steps": state.skipped_steps,
@@ -312,7 +331,12 @@ class Learner:
         }
         self._record(stats, outcome)
         self.last_stats = stats
-        self._report("step", stats)
+        report = self._new_report("step", stats)
+        every = self.config.train.checkpoint_every
+        if every and state.step % every == 0:
+            self.checkpoint()  # with the report: it goes out only after the checkpoint
+        self._write_progress()
+        self._send(report)
 
     def _record(self, stats: dict, outcome: StepResult) -> None:
         m = self.metrics
@@ -329,8 +353,9 @@ class Learner:
 
     def checkpoint(self) -> None:
         started = time.perf_counter()
+        self._forget_recorded()
         save_learner_checkpoint(self.out_dir, self.model, self.optimizer, self.generator, self.tokenizer,
-                                self.state)
+                                self.state, self.unrecorded)
         self.checkpointed_step = self.state.step
         self.metrics.step_seconds.labels(phase="checkpoint").observe(time.perf_counter() - started)
 

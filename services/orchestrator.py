@@ -27,7 +27,9 @@ the entries it held are made reclaimable at once and the survivors take them ove
 Entries nobody released are taken over once idle for twice the heartbeat timeout
 (`ServiceConfig.reclaim_idle_ms`), so that fallback never races the orchestrator for a hung role's batch.
 A failed learner ends the run with its error; `refine train --resume` continues from its last
-checkpoint.
+checkpoint. Restarts count against MAX_RESTARTS_PER_ROLE within RESTART_WINDOW_S. A Redis outage is
+ridden out for as long as the learner does (services/resilience.py `outage_timeout_s`); past that the
+run ends with an error naming the Redis URL.
 
 Stopping. Ctrl-C (or SIGTERM, which `ray job stop` sends) sets the run's stop flag in Redis: the
 learner checkpoints and returns, the other roles leave their loops, and the run ends as usual. A
@@ -38,7 +40,10 @@ checkpoint before the actors are killed; the error then ends the run.
 Resume. A run always starts from an empty namespace; everything durable is in the learner's
 checkpoint (weights, optimizer, RNG, data cursor, weight version). Rollouts are seeded per batch
 from the data cursor, so with max_staleness = 0 (or colocated) a resumed run repeats, step for
-step, what the uninterrupted run would have done.
+step, what the uninterrupted run would have done. metrics.jsonl and events.jsonl keep what happened
+up to the checkpoint, plus the learner's reports the checkpoint kept because this driver had not
+confirmed writing them (services/progress.py). config.yaml is written once the learner accepted the
+checkpoint: a refused resume leaves the run's config as it was.
 """
 
 from __future__ import annotations
@@ -50,35 +55,39 @@ import os
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import ray
 import redis
 import torch
 from tqdm import tqdm
 
-from refine.config import RunConfig, ServiceConfig, dump_config, fit_to_tokenizer, run_tokenizer
+from learner.checkpoint import latest_checkpoint, read_checkpoint_reports, read_learner_state
+from refine.config import ConfigError, RunConfig, ServiceConfig, dump_config, fit_to_tokenizer, run_tokenizer
 from refine.data.batches import DocumentBatch as LocalBatch
+from refine.data.sources import RowSource
 from refine.data.stream import check_source, document_batches
-from refine.loop import open_metrics
+from refine.loop import open_metrics, write_atomically
 from refine.plots import plot_metrics
 from refine.tokenizer import Tokenizer
 from services.broker import Broker
 from services.messages import DataCursor, DocumentBatch
 from services.metrics import Metrics, serve_metrics, withdraw_announcements
-from services.progress import LearnerProgress, StepReport, read_progress
+from services.progress import LearnerProgress, StepReport, read_progress, write_recorded
 from services.ray_runtime import actor_cpus, ray_for_run, redis_for_run, resolve_addresses
-from services.redis_server import connect
-from services.resilience import TRANSIENT
+from services.redis_server import connect, redact_url
+from services.resilience import TRANSIENT, OutageTolerance, RedisOutage, outage_timeout_s
 from services.streams import (
     DOCUMENTS, LEARNER_GROUP, LEARNER_REPORTS, ORCHESTRATOR_GROUP, REWARD_GROUP, ROLLOUT_GROUP, ROLLOUTS, SCORED,
     DocumentStore, document_batch_id_for, release_consumer, trim_acknowledged,
 )
 
-__all__ = ["DataPosition", "ServiceError", "check_service_config", "namespace_for", "run"]
+__all__ = ["DataPosition", "RestartWindow", "ServiceError", "check_data_source", "check_service_config",
+           "describe_failure", "namespace_for", "open_events", "restore_reports", "run"]
 
 logger = logging.getLogger(__name__)
 
@@ -86,8 +95,12 @@ Stats = dict[str, float | int | str]
 
 ACTOR_START_TIMEOUT_S = 300.0
 MAX_RESTARTS_PER_ROLE = 20
+# Restarts count against MAX_RESTARTS_PER_ROLE for this long: a role failing 20 times within an hour is
+# broken, while one preempted now and then over a week-long run is not.
+RESTART_WINDOW_S = 3600.0
 HOUSEKEEPING_INTERVAL_S = 2.0
 STOP_GRACE_S = 60.0
+REDIS_RETRY_PAUSE_S = 0.5
 
 
 class ServiceError(RuntimeError):
@@ -102,10 +115,17 @@ def check_service_config(config: RunConfig) -> None:
             f"train.mode={config.train.mode!r} runs only in the single-process loop (refine train --local); the "
             f"service trains REFINE with service.mode='disaggregated' (one-pass) or 'colocated' (fused)"
         )
-    if service.mode == "disaggregated":
-        from reward.scoring import check_reward_type
+    from reward.functions import TASK_REWARDS
+    from reward.scoring import check_reward_type
 
-        check_reward_type(config.refine.reward)  # names the registered rewards when it is unknown
+    # Both modes, before anything starts: names the registered rewards when it is unknown.
+    check_reward_type(config.refine.reward)
+    if service.mode == "colocated" and config.refine.reward in TASK_REWARDS:
+        raise ValueError(
+            f"refine.reward={config.refine.reward!r} scores decoded text, which only the reward replicas of "
+            f"service.mode='disaggregated' produce; the colocated fused step scores tokens and hidden states "
+            f"(cosine, binary, hybrid)"
+        )
     if service.mode == "colocated" and service.num_learners > 1:
         raise ValueError(f"service.num_learners={service.num_learners} needs service.mode='disaggregated': the "
                          f"colocated fused step samples its own rollouts and is not split across ranks")
@@ -114,6 +134,139 @@ def check_service_config(config: RunConfig) -> None:
             f"service.max_staleness={service.max_staleness} is below service.sync_interval - 1 = "
             f"{service.sync_interval - 1}: rollouts made between two weight publishes would always be dropped"
         )
+
+
+def check_data_source(config: RunConfig) -> None:
+    """Open data.source as the data layer does (a missing path, an unknown format, a missing column
+    fail here), before Ray, Redis and every actor start for nothing."""
+    data = config.data
+    if data.source == "synthetic":
+        return
+    try:
+        RowSource(data.source, columns=[data.text_column], fmt=data.format)
+    except (OSError, ValueError, ImportError) as exc:
+        raise ConfigError(f"data.source={data.source!r}: {exc}") from None
+
+
+def actor_error(exc: BaseException) -> BaseException:
+    """What an actor raised, without Ray's wrapping: RayTaskError.cause, or for an actor whose __init__
+    raised, the creation task's RayTaskError that ActorDiedError carries (ray 2.x keeps it in args only)."""
+    for _ in range(8):  # wrappings nest a few levels at most
+        if isinstance(exc, ray.exceptions.RayTaskError) and isinstance(exc.cause, BaseException):
+            exc = exc.cause
+        elif (isinstance(exc, ray.exceptions.ActorDiedError) and exc.args
+              and isinstance(exc.args[0], ray.exceptions.RayTaskError)):
+            exc = exc.args[0]
+        else:
+            break
+    return exc
+
+
+def describe_failure(exc: BaseException) -> str:
+    """An actor's failure on one line: the message of what it raised, without Ray's remote traceback."""
+    cause = actor_error(exc)
+    if isinstance(cause, ray.exceptions.RayError):  # no Python error: killed, out of memory, node lost
+        lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+        detail = f"{lines[0]} ({lines[-1]})" if len(lines) > 1 else "".join(lines)
+        return f"{type(cause).__name__}: {detail}"
+    message = " ".join(str(cause).split())
+    if message and isinstance(cause, (ValueError, OSError, ServiceError, RedisOutage)):
+        return message  # these name the field, path or address themselves
+    return f"{type(cause).__name__}: {message}" if message else type(cause).__name__
+
+
+class RestartWindow:
+    """When a role was restarted, over the last `window_s` seconds."""
+
+    def __init__(self, window_s: float = RESTART_WINDOW_S) -> None:
+        self.window_s = window_s
+        self.times: deque[float] = deque()
+
+    def add(self, now: float) -> int:
+        """Count a restart at `now` (time.monotonic()); returns the restarts within the window."""
+        self.times.append(now)
+        while self.times[0] <= now - self.window_s:
+            self.times.popleft()
+        return len(self.times)
+
+
+def _jsonl_lines(path: Path) -> list[tuple[str, dict]]:
+    """(line, row) of a JSON-lines file; lines cut short by a killed run are left out."""
+    rows: list[tuple[str, dict]] = []
+    if not path.exists():
+        return rows
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append((line, row))
+    return rows
+
+
+def _event_row(report: StepReport, at: float) -> dict:
+    """The events.jsonl row of a learner report that is no step (a dropped batch)."""
+    return {"time": round(at, 3), "event": report.kind, "step": report.step, "report": report.seq, **report.stats}
+
+
+def open_events(path: Path, step: int, reports: int) -> TextIO:
+    """events.jsonl for a run starting at `step`, from a checkpoint made after `reports` learner reports:
+    emptied for a fresh run (0); for a resumed one, the events of learner reports made after the checkpoint
+    removed (the learner redoes that work: they would appear twice) and the rest (restarts) kept, then
+    appended to. The rule of metrics.jsonl (refine.loop.open_metrics), by report number: a batch dropped
+    at step `step` may come before or after that step's checkpoint."""
+    kept = []
+    if step > 0 or reports > 0:
+        for line, row in _jsonl_lines(path):
+            number = row.get("report")
+            if isinstance(number, int):
+                after = number > reports
+            else:  # written before reports were numbered
+                after = row.get("event") == "dropped" and row.get("step", 0) > step
+            if not after:
+                kept.append(line + "\n")
+    path.write_text("".join(kept))
+    return path.open("a")
+
+
+def restore_reports(checkpoint: Path, out_dir: Path, metrics_file: TextIO, events_file: TextIO) -> int:
+    """Write the learner reports `checkpoint` kept that metrics.jsonl and events.jsonl lack (a driver that
+    died between the learner's checkpoint and writing its reports); returns how many."""
+    reports = read_checkpoint_reports(checkpoint)
+    steps = {row.get("step") for _, row in _jsonl_lines(out_dir / "metrics.jsonl")}
+    numbered = {row.get("report") for _, row in _jsonl_lines(out_dir / "events.jsonl")}
+    restored = 0
+    for report in sorted(reports, key=lambda report: report.seq):
+        if report.kind == "step" and report.step not in steps:
+            metrics_file.write(json.dumps(report.stats) + "\n")
+        elif report.kind != "step" and report.seq not in numbered:
+            events_file.write(json.dumps(_event_row(report, report.created_at)) + "\n")
+        else:
+            continue
+        restored += 1
+    metrics_file.flush()
+    events_file.flush()
+    return restored
+
+
+def _finished_run(config: RunConfig) -> Stats | None:
+    """For a resume: the last step's stats when the checkpoint already reached train.steps (nothing to
+    train, so nothing is started), else None. The reports the checkpoint kept are written first."""
+    out_dir = Path(config.train.out_dir)
+    checkpoint = latest_checkpoint(out_dir)
+    if not checkpoint.exists():
+        return None
+    state = read_learner_state(checkpoint)
+    if state.step < config.train.steps:
+        return None
+    with (open_metrics(out_dir / "metrics.jsonl", state.step) as metrics_file,
+          open_events(out_dir / "events.jsonl", state.step, state.reports) as events_file):
+        restore_reports(checkpoint, out_dir, metrics_file, events_file)
+    logger.warning("nothing to train: the checkpoint in %s is at step %d, train.steps=%d", checkpoint, state.step,
+                   config.train.steps)
+    rows = [row for _, row in _jsonl_lines(out_dir / "metrics.jsonl") if row.get("step") == state.step]
+    return rows[-1] if rows else {"step": state.step}
 
 
 def namespace_for(config: RunConfig, out_dir: Path) -> str:
@@ -149,11 +302,15 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True, ray_addr
     """
     check_service_config(config)
     config = _absolute_paths(config)
+    if resume:
+        finished = _finished_run(config)
+        if finished is not None:
+            return finished
+    check_data_source(config)
     tokenizer = run_tokenizer(config)
     config = fit_to_tokenizer(config, tokenizer)  # before any actor reads the model section
     out_dir = Path(config.train.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(dump_config(config))
+    out_dir.mkdir(parents=True, exist_ok=True)  # config.yaml: once the learner started (Orchestrator.run)
     plan = resolve_addresses(config, ray_address, redis_url)
     if plan.redis_url:
         connect(plan.redis_url).close()  # an unreachable Redis fails before a Ray is started for nothing
@@ -223,7 +380,7 @@ class Orchestrator:
         self.endpoint = None
         self.config_json = config.model_dump_json()
         self.members: list[Member] = []
-        self.restarts: dict[str, int] = {}
+        self.restarts: dict[str, RestartWindow] = {}
         self.learner: Any = None
         self.learner_future: Any = None
         self.replicas: list[Any] = []  # learner ranks 1..R-1 (service.num_learners > 1)
@@ -237,9 +394,11 @@ class Orchestrator:
         self.data: Iterator[LocalBatch] | None = None
         self.unpublished: DocumentBatch | None = None
         self.data_position = DataPosition(epoch=0, cursor=-1)
-        self.recorded: set[tuple[str, int, str]] = set()
+        self.recorded_through = 0  # every learner report numbered up to this one is written
+        self.recorded_ahead: set[int] = set()  # reports written past a gap (redelivered after a Redis restart)
         self._next_housekeeping = 0.0
         self._redis_outage_at = float("-inf")
+        self.outage = OutageTolerance("orchestrator", outage_timeout_s(config.service.heartbeat_timeout_s))
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -247,8 +406,12 @@ class Orchestrator:
         self.broker.delete_namespace()  # durable state lives in the checkpoint, not in Redis
         for stream, group in self._groups():
             self.broker.ensure_group(stream, group, start_id="0")
+        discovery_dir = self.config.service.metrics_discovery_dir
+        # A driver of this run that was killed (SIGKILL) left its announcement behind: a target that
+        # stays down for good. Nothing else serves as this run's orchestrator now.
+        withdraw_announcements(discovery_dir, "orchestrator", self.namespace, self.namespace)
         self.endpoint = serve_metrics(self.metrics, role="orchestrator", instance=self.namespace,
-                                      discovery_dir=self.config.service.metrics_discovery_dir)
+                                      discovery_dir=discovery_dir, run=self.namespace)
         previous_handler = self._install_sigterm()
         graceful = True
         try:
@@ -256,7 +419,8 @@ class Orchestrator:
             if not self.colocated:
                 self._start_members()  # they start while the learner sets up; they wait for its weights
             start = self._wait_for_learner(setup)
-            self._open_outputs(start["step"])
+            self._write_config()  # only now: a resume the learner refused leaves the run's config.yaml as it was
+            self._open_outputs(start)
             self.data = self._document_batches(start["cursor"])
             self.data_position = DataPosition(epoch=start["epoch"], cursor=start["cursor"] if start["step"] else -1)
             self.learner_future = self.learner.run.remote()
@@ -304,8 +468,10 @@ class Orchestrator:
 
         try:
             address = ray.get(self.learner.data_parallel_address.remote(), timeout=ACTOR_START_TIMEOUT_S)
-        except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as exc:
-            raise ServiceError(f"the learner failed to start: {exc}") from exc
+        except ray.exceptions.GetTimeoutError as exc:
+            raise ServiceError(f"the learner did not start within {ACTOR_START_TIMEOUT_S:.0f}s") from exc
+        except ray.exceptions.RayError as exc:
+            raise ServiceError(f"the learner failed to start: {describe_failure(exc)}") from exc
         replica_cls = self._remote("learner", LearnerReplica)
         self.replicas = [replica_cls.remote(self.config_json, rank, address, self.resume) for rank in range(1, ranks)]
         self.replica_futures = [replica.run.remote() for replica in self.replicas]
@@ -319,7 +485,12 @@ class Orchestrator:
             raise ServiceError(f"the learner did not start within {ACTOR_START_TIMEOUT_S:.0f}s "
                                f"(cluster resources: {ray.available_resources()})") from exc
         except ray.exceptions.RayError as exc:
-            raise ServiceError(f"the learner failed to start: {exc}") from exc
+            raise ServiceError(f"the learner failed to start: {describe_failure(exc)}") from exc
+
+    def _write_config(self) -> None:
+        """config.yaml, whole or not at all (temp file + rename): `refine train DIR/config.yaml --resume`
+        must always find a config that fits the checkpoint."""
+        write_atomically(self.out_dir / "config.yaml", dump_config(self.config))
 
     def _start_members(self) -> None:
         from rollout_workers.worker import ROLE as WORKER_ROLE
@@ -344,13 +515,24 @@ class Orchestrator:
         for member in self.members:
             member.start()
 
-    def _open_outputs(self, start_step: int) -> None:
+    def _open_outputs(self, start: dict) -> None:
+        """metrics.jsonl and events.jsonl as of the learner's starting point, with the reports its checkpoint
+        kept that they lack; `start`: what Learner.setup returned."""
+        start_step, reports = start["step"], start["reports"]
+        self.recorded_through = reports  # the learner numbers its next report reports + 1
         self.metrics_file = open_metrics(self.out_dir / "metrics.jsonl", start_step)
-        self.events_file = (self.out_dir / "events.jsonl").open("a" if start_step else "w")
+        self.events_file = open_events(self.out_dir / "events.jsonl", start_step, reports)
+        restored = 0
+        if self.resume and (start_step or reports):
+            restored = restore_reports(latest_checkpoint(self.out_dir), self.out_dir, self.metrics_file,
+                                       self.events_file)
         self.bar = tqdm(total=self.config.train.steps, initial=start_step,
                         desc=f"train[service:{self.config.service.mode}]", disable=not self.show_progress)
         if self.resume and not start_step:
             self._write_line(f"no checkpoint in {self.out_dir / 'checkpoints'} to resume from: starting at step 0")
+        if restored:
+            self._write_line(f"restored {restored} reports of the learner's checkpoint that the last run had not "
+                             f"written to metrics.jsonl / events.jsonl")
         changed = check_source(self.config, self.out_dir, resumed=start_step > 0)
         if changed:
             self._write_line(f"warning: {changed}")
@@ -361,16 +543,23 @@ class Orchestrator:
     # -- main loop ------------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        pause = False
         while True:
             try:
-                self._drain_reports(block_ms=100)
+                if pause:
+                    pause = False
+                    time.sleep(REDIS_RETRY_PAUSE_S)  # here, not in the except clause: Ctrl-C stops gracefully
+                # Before any Redis call: a learner that gave up on Redis (or failed) ends the run during an
+                # outage too.
                 ready, _ = ray.wait([self.learner_future], timeout=0)
                 if ready:
                     return
+                self._drain_reports(block_ms=100)
                 if not self.stopping:
                     self._feed()
                     self._supervise()
                 self._housekeeping()
+                self._redis_back()
             except KeyboardInterrupt:
                 if self.stopping:
                     raise
@@ -378,9 +567,26 @@ class Orchestrator:
                 self._write_line("stopping: the learner checkpoints, then every role exits (Ctrl-C again to kill)")
                 self._stop_flag("interrupted")
             except TRANSIENT as exc:
-                self._write_line(f"Redis unavailable ({exc}); retrying")
-                self._redis_outage_at = time.monotonic()
-                time.sleep(0.5)
+                self._redis_failed(exc)
+                pause = True
+
+    def _redis_failed(self, exc: BaseException) -> None:
+        """Ride out a Redis outage for as long as the learner does (outage_timeout_s), then end the run."""
+        self._redis_outage_at = time.monotonic()
+        url, timeout = redact_url(self.redis_url), self.outage.timeout_s
+        try:
+            first = self.outage.record(exc)
+        except RedisOutage:
+            raise ServiceError(f"Redis at {url} unreachable for {timeout:.0f}s ({type(exc).__name__}: {exc}); "
+                               f"the run stopped{self._resume_hint(None)}") from exc
+        if first:
+            self._write_line(f"Redis at {url} unavailable ({exc}); retrying for up to {timeout:.0f}s")
+
+    def _redis_back(self) -> None:
+        if self.outage.since is not None:
+            self._write_line(f"Redis at {redact_url(self.redis_url)} is back after "
+                             f"{time.monotonic() - self.outage.since:.0f}s")
+            self.outage.succeeded()
 
     def _progress(self) -> LearnerProgress:
         return read_progress(self.broker) or LearnerProgress()
@@ -423,22 +629,30 @@ class Orchestrator:
             cursor=self.data_position.advance(batch.cursor, self.config.data.source),
         )
 
-    def _drain_reports(self, block_ms: int | None, reclaim: bool = False) -> None:
+    def _drain_reports(self, block_ms: int | None, reclaim: bool = False) -> int:
+        """Write the learner's new reports; returns how many were read."""
         reports = self.broker.consume(LEARNER_REPORTS, ORCHESTRATOR_GROUP, "orchestrator", StepReport, count=100,
                                       block_ms=block_ms)
         if reclaim:  # reports delivered while Redis went down, their reply lost
             reports += self.broker.reclaim(LEARNER_REPORTS, ORCHESTRATOR_GROUP, "orchestrator", StepReport,
                                            min_idle_ms=5000)
+        confirmed = self.recorded_through
         for entry_id, report in reports:
-            key = (report.kind, report.step, str(report.stats.get("rollout_batch_id", "")))
-            if key not in self.recorded:  # a report recorded but not acknowledged comes back once
-                self.recorded.add(key)
+            # A report recorded but not acknowledged comes back once.
+            if report.seq > self.recorded_through and report.seq not in self.recorded_ahead:
                 self._record(report)
+                self.recorded_ahead.add(report.seq)
+                while self.recorded_through + 1 in self.recorded_ahead:
+                    self.recorded_through += 1
+                    self.recorded_ahead.remove(self.recorded_through)
             self.broker.ack(LEARNER_REPORTS, ORCHESTRATOR_GROUP, [entry_id])
+        if self.recorded_through > confirmed:  # the learner stops keeping them in its checkpoints
+            write_recorded(self.broker, self.recorded_through)
+        return len(reports)
 
     def _record(self, report: StepReport) -> None:
         if report.kind != "step":
-            self._event({"event": report.kind, "step": report.step, **report.stats})
+            self._write_event(_event_row(report, time.time()))
             return
         assert self.metrics_file is not None and self.bar is not None
         row = dict(report.stats)
@@ -448,10 +662,10 @@ class Orchestrator:
         self.bar.update(report.step - self.bar.n)
         self.bar.set_postfix({key: f"{float(row[key]):.3f}" for key in ("loss", "reward_mean") if key in row})
 
-    def _event(self, event: dict) -> None:
+    def _write_event(self, row: dict) -> None:
         """events.jsonl: what happened besides optimizer steps (dropped batches, restarted roles)."""
         assert self.events_file is not None
-        self.events_file.write(json.dumps({"time": round(time.time(), 3), **event}) + "\n")
+        self.events_file.write(json.dumps(row) + "\n")
         self.events_file.flush()
 
     def _supervise(self) -> None:
@@ -472,10 +686,9 @@ class Orchestrator:
                     ray.get(member.future)
                     reason = "its loop returned before the run ended"
                 except ray.exceptions.RayError as exc:
-                    last_line = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else ""
-                    reason = f"its actor died ({type(exc).__name__}: {last_line})"
+                    reason = f"its actor died ({describe_failure(exc)[:300]})"
                     if not member.seen_alive:  # it failed while starting: a replacement would too
-                        raise ServiceError(f"{member.member_id} failed to start: {exc}") from exc
+                        raise ServiceError(f"{member.member_id} failed to start: {describe_failure(exc)}") from exc
             elif trust_heartbeats and age is not None and age > timeout:
                 reason = f"no heartbeat for {age:.1f}s"
             elif trust_heartbeats and age is None and time.monotonic() - member.started_at > grace:
@@ -484,11 +697,10 @@ class Orchestrator:
                 self._restart(member, reason)
 
     def _restart(self, member: Member, reason: str) -> None:
-        count = self.restarts.get(member.role, 0) + 1
-        self.restarts[member.role] = count
+        count = self.restarts.setdefault(member.role, RestartWindow()).add(time.monotonic())
         if count > MAX_RESTARTS_PER_ROLE:
             raise ServiceError(f"{member.member_id} failed ({reason}); {member.role} restarted "
-                               f"{MAX_RESTARTS_PER_ROLE} times already")
+                               f"{MAX_RESTARTS_PER_ROLE} times already within {RESTART_WINDOW_S / 60:.0f} minutes")
         old = member.member_id
         ray.kill(member.actor, no_restart=True)
         withdraw_announcements(self.config.service.metrics_discovery_dir, member.role, old, self.namespace)
@@ -496,8 +708,8 @@ class Orchestrator:
         released = release_consumer(self.broker, member.stream, member.group, old)
         member.incarnation += 1
         member.start()
-        self._event({"event": "restart", "member": old, "replacement": member.member_id, "reason": reason,
-                     "released_entries": released})
+        self._write_event({"time": round(time.time(), 3), "event": "restart", "member": old,
+                           "replacement": member.member_id, "reason": reason, "released_entries": released})
         self._write_line(f"{old} restarted as {member.member_id}: {reason}; {released} pending entries released")
 
     def _housekeeping(self) -> None:
@@ -524,6 +736,15 @@ class Orchestrator:
 
     # -- ending ---------------------------------------------------------------------------------
 
+    def _resume_hint(self, failure: BaseException | None) -> str:
+        """How to go on after `failure`: only when a resume can get past it (a configuration error would
+        fail again) and there is a checkpoint to resume from."""
+        if failure is not None and isinstance(actor_error(failure), ValueError):
+            return ""
+        if not latest_checkpoint(self.out_dir).exists():
+            return ""
+        return f"; resume from its last checkpoint with `refine train {self.out_dir / 'config.yaml'} --resume`"
+
     def _stop_flag(self, reason: str) -> None:
         try:
             self.broker.request_stop(reason)
@@ -534,12 +755,11 @@ class Orchestrator:
         try:
             result = json.loads(ray.get(self.learner_future))
         except ray.exceptions.RayError as exc:
-            raise ServiceError(
-                f"the learner failed: {exc}\nresume from its last checkpoint with `refine train --resume`"
-            ) from exc
+            raise ServiceError(f"the learner failed: {describe_failure(exc)}{self._resume_hint(exc)}") from exc
         self._check_replicas(result)
         self._stop_flag("finished")
-        self._drain_reports(block_ms=None)
+        while self._drain_reports(block_ms=None):  # every report: there may be more than one read returns
+            pass
         futures = [m.future for m in self.members if m.future is not None]
         if futures:
             ray.wait(futures, num_returns=len(futures), timeout=STOP_GRACE_S)
@@ -553,8 +773,10 @@ class Orchestrator:
         for rank, future in enumerate(self.replica_futures, start=1):
             try:
                 replica = json.loads(ray.get(future, timeout=STOP_GRACE_S))
-            except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as exc:
-                raise ServiceError(f"learner rank {rank} failed: {exc}") from exc
+            except ray.exceptions.GetTimeoutError as exc:
+                raise ServiceError(f"learner rank {rank} did not end within {STOP_GRACE_S:.0f}s") from exc
+            except ray.exceptions.RayError as exc:
+                raise ServiceError(f"learner rank {rank} failed: {describe_failure(exc)}") from exc
             if replica["weights_digest"] != result.get("weights_digest"):
                 raise ServiceError(f"learner rank {rank} ended with weights that differ from rank 0's")
 
@@ -578,7 +800,8 @@ class Orchestrator:
             return
         try:
             # The steps it took meanwhile go to metrics.jsonl too: it must match the checkpoint on resume.
-            self._drain_reports(block_ms=None)
+            while self._drain_reports(block_ms=None):
+                pass
         except (redis.RedisError, OSError) as exc:
             logger.warning("could not read the learner's last reports: %s", exc)
 

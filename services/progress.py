@@ -3,6 +3,11 @@
 Reports go through the `learner_reports` stream (the orchestrator writes them to metrics.jsonl and
 the progress bar), so the learner may run on any node while the orchestrator owns the run
 directory. The progress record is a small hash the orchestrator polls to pace document batches.
+
+Reports are numbered through the whole run (`seq`, continued from the checkpoint on resume). The
+orchestrator confirms, under `recorded`, the number up to which it has written every report; the
+learner keeps the reports after that number in its checkpoints, so a driver that died before writing
+them loses none (services/orchestrator.py restores them on resume).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from services.broker import Broker
 from services.messages import Message
 
-__all__ = ["LearnerProgress", "StepReport", "read_progress", "write_progress"]
+__all__ = ["LearnerProgress", "StepReport", "read_progress", "read_recorded", "write_progress", "write_recorded"]
 
 StatValue = float | int | str
 
@@ -24,6 +29,7 @@ class StepReport(Message):
 
     kind: Literal["step", "dropped"]
     step: int = Field(ge=0, description="optimizer steps taken so far, this one included")
+    seq: int = Field(0, ge=0, description="the report's number in the run: 1, 2, ... (0: unnumbered)")
     stats: dict[str, StatValue] = Field(default_factory=dict)
 
 
@@ -53,3 +59,18 @@ def read_progress(broker: Broker) -> LearnerProgress | None:
         return None
     fields = {key.decode(): int(value) for key, value in raw.items()}
     return LearnerProgress(**fields)
+
+
+def _recorded_key(broker: Broker) -> str:
+    return broker.key("orchestrator", "recorded")
+
+
+def write_recorded(broker: Broker, seq: int) -> None:
+    """The orchestrator has written every report numbered up to `seq`."""
+    broker.client.set(_recorded_key(broker), str(seq))
+
+
+def read_recorded(broker: Broker) -> int:
+    """The number up to which the orchestrator has written every report (0: none confirmed yet)."""
+    raw = broker.client.get(_recorded_key(broker))
+    return int(raw) if raw is not None else 0

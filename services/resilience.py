@@ -16,7 +16,7 @@ from typing import TypeVar
 
 import redis
 
-__all__ = ["TRANSIENT", "OutageTolerance", "RedisOutage", "retry_redis"]
+__all__ = ["TRANSIENT", "OutageTolerance", "RedisOutage", "outage_timeout_s", "retry_redis"]
 
 T = TypeVar("T")
 
@@ -32,6 +32,13 @@ TRANSIENT: tuple[type[BaseException], ...] = (
 
 class RedisOutage(RuntimeError):
     """Redis stayed unreachable for longer than the configured tolerance."""
+
+
+def outage_timeout_s(heartbeat_timeout_s: float) -> float:
+    """How long the run rides out a Redis outage before giving up: the driver and the learner use the
+    same rule, so neither waits for Redis long after the other gave up. At least a minute: a Redis
+    restart replaying its append-only file takes a while."""
+    return max(60.0, 4 * heartbeat_timeout_s)
 
 
 def retry_redis(fn: Callable[[], T], what: str, timeout_s: float = 120.0, max_backoff_s: float = 2.0) -> T:
@@ -62,10 +69,18 @@ class OutageTolerance:
     def succeeded(self) -> None:
         self.since = None
 
-    def failed(self, exc: BaseException) -> None:
-        """Pause before the retry, or raise RedisOutage once Redis has been gone too long."""
-        self.since = self.since or time.monotonic()
+    def record(self, exc: BaseException) -> bool:
+        """Note a failed iteration without pausing; raises RedisOutage once Redis has been gone too long.
+        Returns True for the first failure of an outage (say it once, not on every retry)."""
+        first = self.since is None
+        if self.since is None:
+            self.since = time.monotonic()
         if time.monotonic() - self.since > self.timeout_s:
             raise RedisOutage(f"{self.who}: Redis unreachable for {self.timeout_s:.0f}s") from exc
+        return first
+
+    def failed(self, exc: BaseException) -> None:
+        """Pause before the retry, or raise RedisOutage once Redis has been gone too long."""
+        self.record(exc)
         logger.warning("%s: Redis unavailable (%s); retrying", self.who, exc)
         time.sleep(self.pause_s)

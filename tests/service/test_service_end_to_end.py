@@ -136,8 +136,15 @@ def test_a_bad_data_row_ends_the_run_after_the_learner_checkpoints(ray_session, 
 @pytest.mark.parametrize("overrides, message", [
     (["train.mode=ntp"], "train.mode='ntp'"),
     (["refine.reward=no_such_reward"], "unknown reward_type 'no_such_reward'"),
+    (["service.mode=colocated", "refine.reward=no_such_reward"], "unknown reward_type 'no_such_reward'"),
+    (["service.mode=colocated", "refine.reward=qa_f1"], "refine.reward='qa_f1' scores decoded text"),
     (["service.max_staleness=0", "service.sync_interval=3"], "service.max_staleness=0"),
 ])
 def test_configs_the_service_cannot_run_are_rejected(tmp_path: Path, overrides: list[str], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         check_service_config(tiny_config(tmp_path, *overrides))
+
+
+def test_task_rewards_are_accepted_where_their_text_is_decoded(tmp_path: Path) -> None:
+    check_service_config(tiny_config(tmp_path, "refine.reward=qa_f1"))  # the reward replicas decode rollouts
+    check_service_config(tiny_config(tmp_path, "service.mode=colocated", "refine.reward=hybrid"))

@@ -1,17 +1,21 @@
-"""Fault: Redis (append-only persistence) restarted in the middle of a run."""
+"""Fault: Redis (append-only persistence) restarted in the middle of a run, or gone for good."""
 
 from __future__ import annotations
 
+import re
+import signal
 import socket
 import threading
 import time
 from pathlib import Path
 
 import pytest
+import ray
 
+from refine.config import run_tokenizer
 from service_helpers import assert_every_batch_trained_once, events, step_rows, tiny_config
 from services.broker import Broker
-from services.orchestrator import run
+from services.orchestrator import Orchestrator, ServiceError, run
 from services.progress import read_progress
 from services.redis_server import EmbeddedRedis, connect
 
@@ -68,3 +72,48 @@ def test_redis_restart_with_append_only_file_loses_nothing(ray_session, tmp_path
     assert_every_batch_trained_once(rows, config)
     assert events(tmp_path / "run") == []  # nothing dropped, no role restarted
     assert stats["step"] == steps
+
+
+def _ctrl_c(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def test_driver_gives_up_on_redis_gone_for_good(ray_session, tmp_path: Path) -> None:
+    """Past the outage tolerance the driver ends the run naming the Redis URL; a Ctrl-C during the
+    retries is the graceful stop, not a traceback; a learner that returned ends the loop while Redis is down."""
+    config = tiny_config(tmp_path)
+    port = _free_port()
+    servers = [EmbeddedRedis(port=port).start()]
+    url = servers[0].url
+    orchestrator = Orchestrator(config, run_tokenizer(config), url, config.service.namespace, resume=False,
+                                progress=False)
+    servers[0].stop()
+    # Should the driver retry forever, Redis comes back later: the test fails instead of hanging.
+    rescue = threading.Timer(30, lambda: servers.append(EmbeddedRedis(port=port, die_with_parent=False).start()))
+    rescue.start()
+    # A learner still training (a lambda: Ray's workers cannot import this test module).
+    learner = ray.remote(num_cpus=0)(lambda: time.sleep(60)).remote()
+    orchestrator.learner_future = learner
+    orchestrator.outage.timeout_s = 2.0  # the rule's minute, shortened
+    previous = signal.signal(signal.SIGALRM, _ctrl_c)
+    signal.setitimer(signal.ITIMER_REAL, 0.8)  # Ctrl-C while the driver waits for Redis
+    try:
+        started = time.monotonic()
+        with pytest.raises(ServiceError, match=rf"Redis at {re.escape(url)} unreachable for 2s"):
+            orchestrator._loop()
+        assert time.monotonic() - started < 10
+        assert orchestrator.stopping  # the Ctrl-C was taken as the graceful stop
+        # The learner returned (it gave up on Redis too): the loop ends at once, Redis still down.
+        orchestrator.learner_future = ray.put("{}")
+        orchestrator.outage.succeeded()
+        orchestrator._loop()
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C during the Redis retries escaped the driver's loop")
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        rescue.cancel()
+        ray.cancel(learner, force=True)
+        orchestrator.client.close()
+        for server in servers:
+            server.stop()

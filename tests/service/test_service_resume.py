@@ -1,7 +1,8 @@
-"""Fault: the run is stopped (as on Ctrl-C) and resumed from the learner's checkpoint."""
+"""Fault: the run is stopped (as on Ctrl-C), or its driver dies, and it is resumed from the learner's checkpoint."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 
 from service_helpers import run_in_background, step_rows, tiny_config
 from services.broker import Broker
-from services.orchestrator import run
+from services.orchestrator import ServiceError, run
 from services.progress import read_progress
 from services.redis_server import EmbeddedRedis, connect
 
@@ -52,3 +53,37 @@ def test_stopped_learner_resumes_exactly(ray_session, tmp_path: Path) -> None:
         assert (row["data_epoch"], row["cursor"]) == (same["data_epoch"], same["cursor"])
         assert row["loss"] == same["loss"], f"step {row['step']}"
         assert row["reward_mean"] == same["reward_mean"]
+
+
+def test_resume_after_the_driver_died_loses_nothing_and_keeps_the_run_config(ray_session, tmp_path: Path) -> None:
+    run_dir, base = tmp_path / "run", ["service.mode=colocated", "train.checkpoint_every=1"]
+    config = tiny_config(tmp_path, *base, "train.steps=2")
+    run(config, progress=False)
+    rows = step_rows(run_dir)
+    last_row_lost = json.dumps(rows[0]) + "\n"  # the driver died after the checkpoint, before writing step 2
+
+    # Nothing left to train: nothing starts (this Redis URL answers nowhere), and step 2's row comes back.
+    (run_dir / "metrics.jsonl").write_text(last_row_lost)
+    assert run(config, resume=True, progress=False, redis_url="redis://127.0.0.1:1/0") == rows[-1]
+    assert step_rows(run_dir) == rows
+
+    # A resume the learner refuses (another model): one line, no resume advice, config.yaml untouched.
+    (run_dir / "metrics.jsonl").write_text(last_row_lost)
+    saved_config = (run_dir / "config.yaml").read_text()
+    with pytest.raises(ServiceError) as refused:
+        run(tiny_config(tmp_path, *base, "train.steps=3", "model.hidden_size=32"), resume=True, progress=False)
+    message = str(refused.value)
+    assert "model.hidden_size=64" in message, message
+    assert "\n" not in message and "Traceback" not in message and "--resume" not in message, message
+    assert (run_dir / "config.yaml").read_text() == saved_config
+
+    # The resume with the run's config: step 2's row restored, step 3 trained; the announcement a killed
+    # driver of this run left for Prometheus is gone.
+    resumed = tiny_config(tmp_path, *base, "train.steps=3")
+    namespace = resumed.service.namespace
+    stale = tmp_path / "prometheus" / f"orchestrator-{namespace}-{namespace}~127.0.0.1_1.json"
+    stale.write_text("[]")
+    run(resumed, resume=True, progress=False)
+    assert [row["step"] for row in step_rows(run_dir)] == [1, 2, 3]
+    assert step_rows(run_dir)[:2] == rows
+    assert list((tmp_path / "prometheus").glob("*.json")) == []

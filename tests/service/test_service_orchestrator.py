@@ -1,0 +1,121 @@
+"""The driver's own rules, without actors: failures on one line, restart budget, events and reports on
+resume, and what is checked before Ray and Redis start."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from ray.exceptions import ActorDiedError, RayTaskError
+
+from learner.checkpoint import LearnerState
+from refine.config import ConfigError, run_tokenizer
+from service_helpers import events, step_rows, tiny_config
+from services.orchestrator import Orchestrator, RestartWindow, describe_failure, open_events, restore_reports, run
+from services.progress import StepReport
+
+UNREACHABLE_REDIS = "redis://127.0.0.1:1/0"  # a run that got as far as Redis would fail on it
+
+
+def _task_error(cause: BaseException, function: str = "Learner.__init__") -> RayTaskError:
+    """What ray.get raises for an error in an actor method: a RayTaskError carrying a remote traceback."""
+    traceback = "Traceback (most recent call last):\n  File \"learner.py\", line 1\n" + repr(cause)
+    return RayTaskError(function, traceback, cause, proctitle=f"ray::{function}()", pid=1, ip="10.0.0.1")
+
+
+def test_actor_failures_are_told_on_one_line_without_the_remote_traceback() -> None:
+    config_error = ValueError("train.device='cuda', but this machine has no CUDA GPU\nset train.device=cpu")
+    # __init__ raised: the actor died, its creation task's error inside.
+    assert describe_failure(ActorDiedError(_task_error(config_error))) == (
+        "train.device='cuda', but this machine has no CUDA GPU set train.device=cpu")
+    # A method raised: the type is kept where the message alone does not say what happened.
+    assert describe_failure(_task_error(KeyError("loss"), "Learner.run").as_instanceof_cause()) == "KeyError: 'loss'"
+    # No Python error at all (killed, out of memory): Ray's own first line.
+    died = describe_failure(ActorDiedError())
+    assert died == "ActorDiedError: The actor died unexpectedly before finishing this task."
+
+
+def test_resume_is_advised_only_where_it_can_help(redis_url: str, tmp_path: Path) -> None:
+    config = tiny_config(tmp_path)
+    orchestrator = Orchestrator(config, run_tokenizer(config), redis_url, config.service.namespace, resume=False,
+                                progress=False)
+    crash = _task_error(RuntimeError("CUDA error: an illegal memory access"), "Learner.run").as_instanceof_cause()
+    bad_setting = _task_error(ValueError("refine.reward='bogus' is unknown"), "Learner.run").as_instanceof_cause()
+    try:
+        assert orchestrator._resume_hint(crash) == ""  # no checkpoint to resume from
+        (tmp_path / "run" / "checkpoints" / "latest").mkdir(parents=True)
+        assert orchestrator._resume_hint(crash) == (
+            f"; resume from its last checkpoint with `refine train {tmp_path / 'run' / 'config.yaml'} --resume`")
+        assert orchestrator._resume_hint(bad_setting) == ""  # a resume would fail the same way
+    finally:
+        orchestrator.client.close()
+
+
+def test_restarts_count_within_the_window_only() -> None:
+    window = RestartWindow(window_s=3600)
+    assert [window.add(now) for now in (0, 10, 20)] == [1, 2, 3]
+    assert window.add(3605) == 3  # the restart at 0 left the window
+    assert window.add(3700) == 2  # ... and those at 10 and 20
+    assert window.add(7400) == 1
+
+
+def _event(number: int | None, step: int, event: str = "dropped") -> str:
+    row = {"time": 1.0, "event": event, "step": step} | ({"report": number} if number is not None else {})
+    return json.dumps(row) + "\n"
+
+
+def test_events_of_reports_after_the_checkpoint_are_removed_on_resume(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    restart = json.dumps({"time": 1.0, "event": "restart", "member": "rollout_worker-0.0"}) + "\n"
+    # Checkpoint at step 4 after 5 reports: a batch dropped at step 4 came before (report 5) or after it (6).
+    path.write_text(_event(2, 1) + restart + _event(5, 4) + _event(6, 4) + _event(None, 7) + "{cut sh")
+    with open_events(path, step=4, reports=5) as handle:
+        handle.write(_event(6, 4))  # the resumed learner drops it again
+    assert path.read_text() == _event(2, 1) + restart + _event(5, 4) + _event(6, 4)
+    with open_events(path, step=0, reports=0):  # a fresh run
+        pass
+    assert path.read_text() == ""
+
+
+def _checkpoint_with_reports(run_dir: Path, reports: list[StepReport], step: int) -> Path:
+    checkpoint = run_dir / "checkpoints" / "latest"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "learner_state.json").write_text(LearnerState(step=step, reports=len(reports)).model_dump_json())
+    (checkpoint / "reports.jsonl").write_text("".join(report.model_dump_json() + "\n" for report in reports))
+    return checkpoint
+
+
+def test_reports_the_driver_missed_are_restored_from_the_checkpoint(tmp_path: Path) -> None:
+    """The learner checkpointed steps 2 and 3 (and a drop between them); the driver died after writing
+    step 2's row only: the resume writes the others, once."""
+    reports = [StepReport(kind="step", step=2, seq=3, stats={"step": 2, "loss": 2.0}),
+               StepReport(kind="dropped", step=2, seq=4, stats={"event": "dropped", "reason": "stale"}),
+               StepReport(kind="step", step=3, seq=5, stats={"step": 3, "loss": 1.5})]
+    checkpoint = _checkpoint_with_reports(tmp_path, reports, step=3)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.0}\n')
+    (tmp_path / "events.jsonl").write_text("")
+    for restored in (2, 0):  # a second resume finds nothing missing
+        with (tmp_path / "metrics.jsonl").open("a") as metrics, (tmp_path / "events.jsonl").open("a") as events_file:
+            assert restore_reports(checkpoint, tmp_path, metrics, events_file) == restored
+    assert step_rows(tmp_path) == [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0}, {"step": 3, "loss": 1.5}]
+    (dropped,) = events(tmp_path)
+    assert (dropped["event"], dropped["step"], dropped["report"], dropped["reason"]) == ("dropped", 2, 4, "stale")
+
+
+def test_a_resume_with_nothing_to_train_starts_nothing(tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, "train.steps=3")
+    run_dir = tmp_path / "run"
+    _checkpoint_with_reports(run_dir, [StepReport(kind="step", step=3, seq=3, stats={"step": 3, "loss": 1.5})], 3)
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.0}\n')
+    # It returns before Redis (unreachable here) or Ray is touched, with the row the last driver missed.
+    assert run(config, resume=True, progress=False, redis_url=UNREACHABLE_REDIS) == {"step": 3, "loss": 1.5}
+    assert [row["step"] for row in step_rows(run_dir)] == [1, 2, 3]
+
+
+def test_a_missing_data_source_fails_before_anything_starts(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-data.jsonl"
+    config = tiny_config(tmp_path, f"data.source={missing}")
+    with pytest.raises(ConfigError, match=rf"data.source='{missing}': data path .* does not exist"):
+        run(config, progress=False, redis_url=UNREACHABLE_REDIS)
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "config.yaml").exists()
