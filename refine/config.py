@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationErr
 
 from refine.algorithm.selection import min_document_length
 from refine.data.sources import FormatName
+from refine.errors import validation_problems
 from refine.models import config_from_dict
 from refine.models.config import DeltaNetConfig, ModelConfigBase
 from refine.tokenizer import HFTokenizer, Tokenizer, resolve_tokenizer
@@ -327,19 +328,10 @@ def fit_to_tokenizer(config: RunConfig, tokenizer: Tokenizer) -> RunConfig:
 
 
 def _format_error(err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"])
-        if e["type"] == "value_error":  # our own checks: the message names the fields and values itself
-            message = e["msg"].removeprefix("Value error, ")
-            lines.append(f"{field}: {message}" if field else message)
-            continue
-        if e["type"] == "extra_forbidden" and len(e["loc"]) == 1:  # a misspelt section: say which exist
-            lines.append(f"{field}: no such section (the run config has {', '.join(RunConfig.model_fields)})")
-            continue
-        value = e.get("input")
-        shown = value if not isinstance(value, dict) else "{...}"
-        lines.append(f"{field or 'config'}: {e['msg']} (got {shown!r})")
+    sections = [e for e in err.errors() if e["type"] == "extra_forbidden" and len(e["loc"]) == 1]
+    lines = [f"{e['loc'][0]}: no such section (the run config has {', '.join(RunConfig.model_fields)})"
+             for e in sections]  # a misspelt section: say which exist
+    lines += validation_problems(e for e in err.errors() if e not in sections)
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 

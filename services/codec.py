@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from refine.errors import validation_problems
+
 __all__ = [
     "CodecError",
     "CodecLimits",
@@ -342,28 +344,7 @@ def decode(data: bytes | bytearray | memoryview, cls: type[M], limits: CodecLimi
     try:
         return cls.model_validate(body)
     except ValidationError as exc:
-        raise CodecError(f"payload is not a valid {cls.__name__}: {_validation_summary(exc)}") from exc
+        problems = "; ".join(validation_problems(exc, unnamed="message"))
+        raise CodecError(f"payload is not a valid {cls.__name__}: {problems}") from exc
     except Exception as exc:  # a validator's own checks, or torch refusing an operation on odd input
         raise CodecError(f"payload is not a valid {cls.__name__}: {type(exc).__name__}: {exc}") from exc
-
-
-def _validation_summary(exc: ValidationError) -> str:
-    """Pydantic's multi-line report as one line, `field: message (got value)` per problem, so a
-    dead-letter reason or a log line stays one line."""
-    problems = []
-    for error in exc.errors():
-        field = ".".join(str(part) for part in error["loc"])
-        message = " ".join(str(error["msg"]).removeprefix("Value error, ").split())
-        if field:
-            problems.append(f"{field}: {message} (got {_shown(error.get('input'))})")
-        else:  # a model validator: its message names the fields, the input is the whole message
-            problems.append(message)
-    return "; ".join(problems)
-
-
-def _shown(value: Any, limit: int = 80) -> str:
-    """A short one-line picture of a value; tensors by shape and dtype, not by their numbers."""
-    if isinstance(value, torch.Tensor):
-        return f"tensor of shape {list(value.shape)} {value.dtype}"
-    text = " ".join(repr(value).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from refine.errors import validation_problems
 from refine.models.base import FastWeightLM, ModelOutput
 from refine.models.config import ModelConfigBase
 from refine.models.state import ModelState
@@ -71,21 +72,6 @@ def _read_json(file: Path) -> Any:
         raise ValueError(f"{file}: not valid JSON ({error})") from None
 
 
-def _validation_problems(error: ValidationError) -> str:
-    """pydantic's report as `field: message (got value)` items on one line, without its URLs and input dumps."""
-    problems = []
-    for e in error.errors():
-        field = ".".join(str(part) for part in e["loc"])
-        if e["type"] == "value_error":  # our own checks: the message names the fields and values itself
-            message = e["msg"].removeprefix("Value error, ")
-            problems.append(f"{field}: {message}" if field else message)
-            continue
-        value = e.get("input")
-        shown = value if not isinstance(value, dict) else "{...}"
-        problems.append(f"{field or 'config'}: {e['msg']} (got {shown!r})")
-    return "; ".join(problems)
-
-
 def load_model_config(path: str | Path) -> ModelConfigBase:
     """The model config of checkpoint directory `path` (its config.json); a damaged one fails naming the file."""
     config_file = Path(path) / "config.json"
@@ -97,7 +83,7 @@ def load_model_config(path: str | Path) -> ModelConfigBase:
     try:
         return config_from_dict(values)
     except ValidationError as error:  # a ValueError too: caught first for its one-line form
-        raise ValueError(f"{config_file}: {_validation_problems(error)}") from None
+        raise ValueError(f"{config_file}: {'; '.join(validation_problems(error))}") from None
     except ValueError as error:
         raise ValueError(f"{config_file}: {error}") from None
 

@@ -1,5 +1,6 @@
 """Fixtures for the transport tests: a client and a namespace of its own for every test."""
 
+import socket
 import uuid
 from collections.abc import Iterator
 
@@ -27,3 +28,11 @@ def namespace(redis_client: redis.Redis) -> Iterator[str]:
 @pytest.fixture
 def broker(redis_client: redis.Redis, namespace: str) -> Broker:
     return Broker(redis_client, namespace)
+
+
+@pytest.fixture
+def closed_port() -> int:
+    """A local port nothing listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

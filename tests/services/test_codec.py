@@ -297,7 +297,7 @@ def test_wrong_field_types_fail_validation_naming_the_field() -> None:
     with pytest.raises(CodecError, match=r"not a valid Sample: name: Input should be a valid string \(got 123\)"):
         decode(data, Sample)
     data = _envelope({"name": "x", "values": [1, 2, 3]})
-    with pytest.raises(CodecError, match=r"values: expected a torch tensor, got list \(got \[1, 2, 3\]\)"):
+    with pytest.raises(CodecError, match=r"values: expected a torch tensor, got list$"):
         decode(data, Sample)
     data = _envelope({"name": "x", "values": _tensor_ext("int64", [1], b"\x00" * 8), "intruder": 1})
     with pytest.raises(CodecError, match="intruder"):
@@ -317,7 +317,8 @@ def test_deeply_nested_payloads_are_rejected() -> None:
 
 
 def test_validation_errors_are_one_line_per_field_naming_the_value() -> None:
-    """A dead-letter reason is one line: `field: message (got value)` per problem, tensors by shape."""
+    """A dead-letter reason is one line: `field: message (got value)` per problem, tensors by shape; a check
+    of our own names its value in its message."""
     data = _envelope({"name": ["a\nb"], "values": _tensor_ext("int64", [1], b"\x00" * 8),
                       "maybe": _tensor_ext("int64", [2, 2], b"\x00" * 32), "tags": "x" * 500})
     with pytest.raises(CodecError) as info:
@@ -325,7 +326,7 @@ def test_validation_errors_are_one_line_per_field_naming_the_value() -> None:
     text = str(info.value)
     assert "\n" not in text
     assert "name: Input should be a valid string (got ['a\\nb'])" in text
-    assert "maybe: expected a floating-point tensor, got dtype torch.int64 (got tensor of shape [2, 2] torch.int64)" in text
+    assert "maybe: expected a floating-point tensor, got dtype torch.int64;" in text
     assert "tags: Input should be a valid list (got 'xxx" in text and "x" * 100 not in text
 
 

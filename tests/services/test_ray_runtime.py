@@ -11,13 +11,6 @@ from services.ray_runtime import check_ray_address, ray_for_run
 
 
 @pytest.fixture
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture
 def no_ray(monkeypatch: pytest.MonkeyPatch) -> None:
     """Ray looks uninitialized, and starting it is a test failure."""
     def refuse(*args: object, **kwargs: object) -> None:

@@ -32,13 +32,6 @@ def documents(tag: str) -> DocumentBatch:
 
 
 @pytest.fixture
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture
 def silent_listener() -> Iterator[int]:
     """A port that accepts TCP connections but never answers."""
     with socket.socket() as sock:
