@@ -40,7 +40,8 @@ from services.progress import LearnerProgress, StepReport, read_recorded, write_
 from services.resilience import TRANSIENT, OutageTolerance, outage_timeout_s, retry_redis
 from services.role import RoleRuntime
 from services.streams import (
-    CONSUMED_KEY, DOCUMENTS, DROPPED_KEY, LEARNER_GROUP, LEARNER_REPORTS, SCORED, DocumentStore, document_batch_index,
+    CONSUMED_KEY, DOCUMENTS, DROPPED_KEY, LEARNER_GROUP, LEARNER_REPORTS, SCORED, DocumentStore, document_batch_id_for,
+    document_batch_index, rollout_batch_id_for,
 )
 from services.weight_store import RedisWeightStore, WeightVersionError
 
@@ -221,13 +222,19 @@ class Learner:
             handle(entry_id, batch)
         return len(entries)
 
-    def _seen(self, message_id: str) -> bool:
+    def seen(self, message_id: str, document_batch_id: str) -> bool:
+        """Whether the batch was trained or dropped already: below the unbroken run of finished batches
+        (ResumePoint.next_index), else recorded in the consumed sets, which hold only the batches
+        finished past a gap (the rest are dropped from them as the run closes up, see _batch_finished)."""
+        index = document_batch_index(document_batch_id)
+        if index is not None and index < self.resume_point.next_index:
+            return True
         return (self.broker.already_consumed(CONSUMED_KEY, message_id)
                 or self.broker.already_consumed(DROPPED_KEY, message_id))
 
     def handle_scored(self, entry_id: str, batch: ScoredBatch) -> None:
         rollout_id = batch.rollout_batch_id
-        if self._seen(rollout_id):
+        if self.seen(rollout_id, batch.document_batch_id):
             self.broker.ack(SCORED, LEARNER_GROUP, [entry_id])
             self.duplicates += 1
             return
@@ -261,7 +268,7 @@ class Learner:
 
     def handle_documents(self, entry_id: str, batch: DocumentBatch) -> None:
         """Colocated: the fused on-policy step on a document batch."""
-        if self._seen(batch.batch_id):
+        if self.seen(batch.batch_id, batch.batch_id):
             self.broker.ack(DOCUMENTS, LEARNER_GROUP, [entry_id])
             self.duplicates += 1
             return
@@ -304,8 +311,15 @@ class Learner:
         index = document_batch_index(document_batch_id)
         if index is None:
             return  # not one of the run's data batches: no place in the data order
+        before = self.resume_point.next_index
         self.resume_point.finished(index, cursor)
         self.state.epoch, self.state.cursor = self.resume_point.epoch, self.resume_point.cursor
+        # Batches now below the watermark are recognized by their index (seen()): their records go, or
+        # the consumed sets would grow by one id per step for the whole run.
+        closed = [document_batch_id_for(i) for i in range(before, self.resume_point.next_index)]
+        ids = closed + [rollout_batch_id_for(batch_id) for batch_id in closed]
+        retry_redis(lambda: self.broker.forget_consumed((CONSUMED_KEY, DROPPED_KEY), ids), "forget consumed",
+                    self.outage_timeout_s)
 
     def _finish_step(self, stream: str, entry_id: str, message_id: str, documents: DocumentBatch,
                      outcome: StepResult, extra: dict) -> None:

@@ -74,7 +74,8 @@ class RolloutWorker:
         self.version: int | None = None
         self.outage_timeout_s = max(60.0, 4 * service.heartbeat_timeout_s)
         self.batches = 0
-        self.versions_used: list[int] = []
+        # The first and latest policy version rolled out with (not every one: a long run makes millions).
+        self.versions: tuple[int, int] | None = None
 
     # -- steps ----------------------------------------------------------------------------------
 
@@ -138,7 +139,8 @@ class RolloutWorker:
                         self.outage_timeout_s)
         self.metrics.rollout_batches.inc()
         self.batches += 1
-        self.versions_used.append(message.policy_version)
+        first = message.policy_version if self.versions is None else self.versions[0]
+        self.versions = (first, message.policy_version)
         return True
 
     # -- loop -----------------------------------------------------------------------------------
@@ -157,4 +159,6 @@ class RolloutWorker:
                     outage.failed(exc)
         finally:
             self.runtime.close()
-        return json.dumps({"worker_id": self.worker_id, "batches": self.batches, "versions_used": self.versions_used})
+        return json.dumps({"worker_id": self.worker_id, "batches": self.batches,
+                           "first_version": self.versions[0] if self.versions else None,
+                           "last_version": self.versions[1] if self.versions else None})

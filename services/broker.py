@@ -364,6 +364,16 @@ class Broker:
     def already_consumed(self, key: str, message_id: str) -> bool:
         return bool(self.client.sismember(self.key("consumed", key), message_id))
 
+    def forget_consumed(self, keys: Sequence[str], message_ids: Sequence[str]) -> None:
+        """Drop message ids from the consumed sets `keys`: for ids the consumer recognizes by other means
+        (the learner: batches below its finished watermark), so the sets stay small in a long run."""
+        if not message_ids:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for key in keys:
+            pipe.srem(self.key("consumed", key), *message_ids)
+        pipe.execute()
+
     def consumed_count(self, key: str) -> int:
         return int(self.client.scard(self.key("consumed", key)))
 

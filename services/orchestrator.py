@@ -83,7 +83,7 @@ from services.redis_server import connect, redact_url
 from services.resilience import TRANSIENT, OutageTolerance, RedisOutage, outage_timeout_s
 from services.streams import (
     DOCUMENTS, LEARNER_GROUP, LEARNER_REPORTS, ORCHESTRATOR_GROUP, REWARD_GROUP, ROLLOUT_GROUP, ROLLOUTS, SCORED,
-    DocumentStore, document_batch_id_for, release_consumer, trim_acknowledged,
+    DocumentStore, delete_idle_consumers, document_batch_id_for, release_consumer, trim_acknowledged,
 )
 
 __all__ = ["DataPosition", "RestartWindow", "ServiceError", "check_data_source", "check_service_config",
@@ -706,6 +706,7 @@ class Orchestrator:
         withdraw_announcements(self.config.service.metrics_discovery_dir, member.role, old, self.namespace)
         self.broker.forget(member.role, old)
         released = release_consumer(self.broker, member.stream, member.group, old)
+        self.broker.client.delete(self.broker.key("members", old))  # its record: one more per restart otherwise
         member.incarnation += 1
         member.start()
         self._write_event({"time": round(time.time(), 3), "event": "restart", "member": old,
@@ -719,6 +720,9 @@ class Orchestrator:
         self._next_housekeeping = now + HOUSEKEEPING_INTERVAL_S
         self._drain_reports(block_ms=None, reclaim=True)
         self._check_dead_letters()
+        current = {member.member_id for member in self.members}
+        for stream, group in {(member.stream, member.group) for member in self.members}:
+            delete_idle_consumers(self.broker, stream, group, keep=current)
         for stream, group in self._groups():
             trim_acknowledged(self.broker, stream)
             self.metrics.stream_length.labels(stream=stream).set(self.broker.length(stream))
@@ -728,7 +732,7 @@ class Orchestrator:
         """Every message here comes from the run's own roles: one that could not be used is a bug or
         a configuration error (a reward that cannot score these rollouts, a batch that crashes every
         worker). Waiting for it would hang the run, so the run ends with its error."""
-        for stream in (DOCUMENTS, ROLLOUTS, SCORED):
+        for stream in (DOCUMENTS, ROLLOUTS, SCORED, LEARNER_REPORTS):
             letters = self.broker.dead_letters(stream, count=1)
             if letters:
                 raise ServiceError(f"a message of stream {stream!r} could not be used "

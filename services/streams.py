@@ -127,6 +127,29 @@ def release_consumer(broker: Broker, stream: str, group: str, consumer: str, bat
     return len(ids)
 
 
+def delete_idle_consumers(broker: Broker, stream: str, group: str, keep: set[str]) -> list[str]:
+    """Remove from `group` the consumers not in `keep` that hold no entry; returns their names.
+
+    A replaced member's consumer stays registered after its entries were taken over, one more per
+    restart for the whole run. One that still holds entries stays until a survivor takes them over:
+    XGROUP DELCONSUMER would drop their pending records, and with them any redelivery.
+    """
+    key = broker.key("stream", stream)
+    try:
+        consumers = broker.client.xinfo_consumers(key, group)
+    except redis.ResponseError as exc:
+        if "NOGROUP" in str(exc) or "no such key" in str(exc).lower():
+            return []
+        raise
+    removed = []
+    for consumer in consumers:
+        name = consumer["name"].decode() if isinstance(consumer["name"], bytes) else str(consumer["name"])
+        if name not in keep and int(consumer["pending"]) == 0:
+            broker.client.xgroup_delconsumer(key, group, name)
+            removed.append(name)
+    return removed
+
+
 def _id_key(entry_id: str) -> tuple[int, int]:
     millis, _, seq = entry_id.partition("-")
     return int(millis), int(seq or 0)

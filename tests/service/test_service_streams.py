@@ -25,8 +25,8 @@ from services.progress import LearnerProgress, StepReport, read_progress, write_
 from services.redis_server import connect
 from services.role import RoleRuntime
 from services.streams import (
-    DROPPED_KEY, LEARNER_GROUP, LEARNER_REPORTS, SCORED, DocumentStore, document_batch_id_for, document_batch_index,
-    release_consumer, rollout_batch_id_for, trim_acknowledged,
+    LEARNER_GROUP, LEARNER_REPORTS, SCORED, DocumentStore, document_batch_id_for, document_batch_index,
+    CONSUMED_KEY, DROPPED_KEY, delete_idle_consumers, release_consumer, rollout_batch_id_for, trim_acknowledged,
 )
 
 
@@ -56,6 +56,25 @@ def test_released_entries_of_a_dead_consumer_are_reclaimed_at_once(broker: Broke
     assert alive[0][1].batch_id not in {batch.batch_id for _, batch in taken}
     assert release_consumer(broker, "documents", "rollout", "dead") == 0
     assert release_consumer(broker, "no-such-stream", "rollout", "dead") == 0
+
+
+def test_replaced_consumers_are_deleted_once_they_hold_nothing(broker: Broker) -> None:
+    for index in range(2):
+        broker.publish("documents", document_batch(index))
+    (held,) = broker.consume("documents", "rollout", "worker-0.0", DocumentBatch, count=1)
+    broker.consume("documents", "rollout", "worker-1.0", DocumentBatch, count=1)
+
+    def names() -> set[str]:
+        return {c["name"].decode() for c in broker.client.xinfo_consumers(broker.key("stream", "documents"), "rollout")}
+
+    # worker-0.0 was replaced by worker-0.1 but still holds an entry: deleting it would lose that entry.
+    assert delete_idle_consumers(broker, "documents", "rollout", keep={"worker-0.1", "worker-1.0"}) == []
+    release_consumer(broker, "documents", "rollout", "worker-0.0")
+    taken = broker.reclaim("documents", "rollout", "worker-0.1", DocumentBatch, min_idle_ms=60_000)
+    assert [entry for entry, _ in taken] == [held[0]]
+    assert delete_idle_consumers(broker, "documents", "rollout", keep={"worker-0.1", "worker-1.0"}) == ["worker-0.0"]
+    assert names() == {"worker-0.1", "worker-1.0"}
+    assert delete_idle_consumers(broker, "no-such-stream", "rollout", keep=set()) == []
 
 
 def _owner_and_deliveries(broker: Broker, entry_id: str) -> tuple[str, int]:
@@ -240,6 +259,23 @@ def test_learner_checkpoint_cursor_waits_for_a_batch_trained_out_of_order(learne
     assert read_learner_state(learner.out_dir / "checkpoints" / "latest").cursor == docs[3].cursor.offset
 
 
+def test_learner_exactly_once_records_stay_small_and_redeliveries_are_still_caught(learner: Learner) -> None:
+    """A long run must not keep one consumed-set member per step: batches below the unbroken run of
+    finished ones are recognized by their index, and their records go."""
+    docs = [_documents(index) for index in range(3)]
+    scored = [_scored(doc, policy_version=0) for doc in docs]
+    _deliver(learner, docs[1], scored[1])  # past a gap: kept in the set until docs-0 finishes
+    assert learner.broker.consumed_count(CONSUMED_KEY) == 1
+    _deliver(learner, docs[0], scored[0].model_copy(update={"policy_version": 1}))
+    _deliver(learner, docs[2], scored[2].model_copy(update={"policy_version": 2}))
+    assert learner.state.step == 3
+    assert learner.broker.consumed_count(CONSUMED_KEY) == 0 and learner.broker.consumed_count(DROPPED_KEY) == 0
+    learner.broker.publish(SCORED, scored[1])  # a redelivery, after a reward replica was replaced
+    assert learner.run_once(block_ms=100) == 1
+    assert (learner.state.step, learner.duplicates) == (3, 1)  # acknowledged, not trained again
+    assert learner.broker.pending(SCORED, LEARNER_GROUP) == 0
+
+
 def _short_second_document(documents: DocumentBatch) -> DocumentBatch:
     return documents.model_copy(update={"lengths": torch.tensor([DOCS_T, 30])})
 
@@ -273,7 +309,7 @@ def test_learner_drops_a_scored_batch_that_does_not_fit_its_documents(learner: L
     _deliver(learner, documents, bad)
     assert learner.state.step == 0  # not trained on, and the learner did not crash
     assert learner.broker.pending(SCORED, LEARNER_GROUP) == 0  # acknowledged: it does not come back
-    assert learner.broker.already_consumed(DROPPED_KEY, bad.rollout_batch_id)
+    assert learner.seen(bad.rollout_batch_id, documents.batch_id)  # a redelivery would be acknowledged, not used
     assert learner.documents.get(documents.batch_id) is None
     (report,) = _reports(learner)  # what the orchestrator writes to events.jsonl
     assert (report.kind, report.stats["reason"], report.stats["dropped_invalid"]) == ("dropped", "invalid", 1)
