@@ -30,10 +30,17 @@ pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _free_ports(count: int) -> list[int]:
+    """`count` distinct free ports: every socket stays bound until all are picked (one at a time, the
+    kernel may hand the same port out twice, and Ray refuses a port given to two of its components)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 @pytest.fixture
@@ -43,9 +50,11 @@ def ray_head() -> Iterator[tuple[str, dict[str, str]]]:
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", RAY_AUTH_MODE="token",
                RAY_AUTH_TOKEN=secrets.token_hex(32))
     env.pop("RAY_ADDRESS", None)
-    ports = {name: _free_port() for name in ("port", "dashboard-port", "ray-client-server-port",
-                                             "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                             "metrics-export-port", "runtime-env-agent-port")}
+    # Every port Ray would otherwise pick itself is named too, so none of them lands on one of these.
+    names = ("port", "dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port",
+             "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port", "node-manager-port",
+             "object-manager-port")
+    ports = dict(zip(names, _free_ports(len(names))))
     command = [str(BIN / "ray"), "start", "--head", "--block", "--include-dashboard", "true",
                "--dashboard-host", "127.0.0.1", "--num-cpus", "4", "--object-store-memory", str(100 * 1024 * 1024),
                "--temp-dir", temp_dir, "--disable-usage-stats"]
