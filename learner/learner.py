@@ -317,9 +317,10 @@ class Learner:
         # Batches now below the watermark are recognized by their index (seen()): their records go, or
         # the consumed sets would grow by one id per step for the whole run.
         closed = [document_batch_id_for(i) for i in range(before, self.resume_point.next_index)]
-        ids = closed + [rollout_batch_id_for(batch_id) for batch_id in closed]
-        retry_redis(lambda: self.broker.forget_consumed((CONSUMED_KEY, DROPPED_KEY), ids), "forget consumed",
-                    self.outage_timeout_s)
+        if closed:
+            ids = closed + [rollout_batch_id_for(batch_id) for batch_id in closed]
+            retry_redis(lambda: self.broker.forget_consumed((CONSUMED_KEY, DROPPED_KEY), ids), "forget consumed",
+                        self.outage_timeout_s)
 
     def _finish_step(self, stream: str, entry_id: str, message_id: str, documents: DocumentBatch,
                      outcome: StepResult, extra: dict) -> None:

@@ -188,16 +188,29 @@ def start_run_directory(config: RunConfig) -> Path:
     return out_dir
 
 
+def jsonl_rows(path: Path) -> list[tuple[str, dict]]:
+    """(line, row) of a run's JSON-lines output (metrics.jsonl, events.jsonl); lines cut short by a killed run
+    and lines that hold no object are left out, as is a file not written yet."""
+    rows: list[tuple[str, dict]] = []
+    if not path.exists():
+        return rows
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append((line, row))
+    return rows
+
+
 def open_metrics(path: Path, step: int) -> TextIO:
     """metrics.jsonl for a run starting at `step`: emptied for a fresh run (0); for a resumed one, the rows
     of steps up to `step` kept (those logged after its checkpoint are about to be redone), then appended to."""
     kept: list[str] = []
-    if step > 0 and path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                row_step = json.loads(line).get("step", 0)
-            except (json.JSONDecodeError, AttributeError):
-                continue  # a line cut short by a killed run
+    if step > 0:
+        for line, row in jsonl_rows(path):
+            row_step = row.get("step", 0)
             if isinstance(row_step, int) and row_step <= step:
                 kept.append(line + "\n")
     path.write_text("".join(kept))

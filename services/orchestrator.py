@@ -71,7 +71,7 @@ from refine.config import ConfigError, RunConfig, ServiceConfig, dump_config, fi
 from refine.data.batches import DocumentBatch as LocalBatch
 from refine.data.sources import RowSource
 from refine.data.stream import check_source, document_batches
-from refine.loop import open_metrics, write_atomically
+from refine.loop import jsonl_rows, open_metrics, write_atomically
 from refine.plots import plot_metrics
 from refine.tokenizer import Tokenizer
 from services.broker import Broker
@@ -190,21 +190,6 @@ class RestartWindow:
         return len(self.times)
 
 
-def _jsonl_lines(path: Path) -> list[tuple[str, dict]]:
-    """(line, row) of a JSON-lines file; lines cut short by a killed run are left out."""
-    rows: list[tuple[str, dict]] = []
-    if not path.exists():
-        return rows
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict):
-            rows.append((line, row))
-    return rows
-
-
 def _event_row(report: StepReport, at: float) -> dict:
     """The events.jsonl row of a learner report that is no step (a dropped batch)."""
     return {"time": round(at, 3), "event": report.kind, "step": report.step, "report": report.seq, **report.stats}
@@ -218,7 +203,7 @@ def open_events(path: Path, step: int, reports: int) -> TextIO:
     at step `step` may come before or after that step's checkpoint."""
     kept = []
     if step > 0 or reports > 0:
-        for line, row in _jsonl_lines(path):
+        for line, row in jsonl_rows(path):
             number = row.get("report")
             if isinstance(number, int):
                 after = number > reports
@@ -234,8 +219,8 @@ def restore_reports(checkpoint: Path, out_dir: Path, metrics_file: TextIO, event
     """Write the learner reports `checkpoint` kept that metrics.jsonl and events.jsonl lack (a driver that
     died between the learner's checkpoint and writing its reports); returns how many."""
     reports = read_checkpoint_reports(checkpoint)
-    steps = {row.get("step") for _, row in _jsonl_lines(out_dir / "metrics.jsonl")}
-    numbered = {row.get("report") for _, row in _jsonl_lines(out_dir / "events.jsonl")}
+    steps = {row.get("step") for _, row in jsonl_rows(out_dir / "metrics.jsonl")}
+    numbered = {row.get("report") for _, row in jsonl_rows(out_dir / "events.jsonl")}
     restored = 0
     for report in sorted(reports, key=lambda report: report.seq):
         if report.kind == "step" and report.step not in steps:
@@ -265,7 +250,7 @@ def _finished_run(config: RunConfig) -> Stats | None:
         restore_reports(checkpoint, out_dir, metrics_file, events_file)
     logger.warning("nothing to train: the checkpoint in %s is at step %d, train.steps=%d", checkpoint, state.step,
                    config.train.steps)
-    rows = [row for _, row in _jsonl_lines(out_dir / "metrics.jsonl") if row.get("step") == state.step]
+    rows = [row for _, row in jsonl_rows(out_dir / "metrics.jsonl") if row.get("step") == state.step]
     return rows[-1] if rows else {"step": state.step}
 
 
