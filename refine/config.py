@@ -15,13 +15,15 @@ from typing import Annotated, Any, Literal
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, ValidationInfo, field_validator, model_validator,
+)
 
 from refine.algorithm.selection import min_document_length
 from refine.data.sources import FormatName
 from refine.errors import validation_problems
 from refine.models import config_from_dict
-from refine.models.config import DeltaNetConfig, ModelConfigBase
+from refine.models.config import DeltaNetConfig, ModelConfigBase, refuse_bool_for_number
 from refine.tokenizer import HFTokenizer, Tokenizer, resolve_tokenizer
 from refine_vllm.settings import VllmEngineConfig  # plain pydantic: importing it needs no vLLM
 
@@ -33,6 +35,11 @@ class ConfigError(ValueError):
 class Strict(BaseModel):
     # No field takes inf or NaN: they pass bounds such as ge=0 and fail late, far from the setting.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        return refuse_bool_for_number(value, cls.model_fields[info.field_name].annotation)
 
 
 # A path setting: "" would mean the current directory, never what was meant.

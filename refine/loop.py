@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -28,6 +27,7 @@ from refine.algorithm.update import (
 from refine.config import DTYPES, OptimConfig, RunConfig, dump_config, fit_to_tokenizer, run_tokenizer
 from refine.data.batches import DocumentBatch
 from refine.data.stream import check_source, document_batches
+from refine.files import write_atomically
 from refine.models import FastWeightLM, build_model, load_model, load_model_config, save_model
 from refine.optim import MasterWeightAdamW, has_low_precision_weights
 from refine.plots import plot_metrics
@@ -167,13 +167,6 @@ def resume_from(latest: Path, resume: bool, model: FastWeightLM, optimizer: torc
     if resume:
         tqdm.write(f"{program}: no checkpoint at {latest} to resume from: starting at step 0", file=sys.stderr)
     return 0, 0
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Replace `path` whole or not at all: a run killed mid-write leaves the previous file, never half of one."""
-    temp = path.with_name(f".{path.name}.tmp")
-    temp.write_text(text)
-    os.replace(temp, path)
 
 
 def start_run_directory(config: RunConfig) -> Path:

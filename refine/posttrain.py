@@ -45,9 +45,8 @@ from refine.algorithm.update import LossResult
 from refine.config import RunConfig, fit_to_tokenizer, load_config, run_tokenizer
 from refine.data.tasks import TaskExample, load_longbench, load_ruler_qa
 from refine.evaluation.runner import prompt_tokens
-from refine.loop import (
-    StepBatch, make_optimizer, prepare_model, resume_from, run_steps, start_run_directory, write_atomically,
-)
+from refine.files import write_atomically
+from refine.loop import StepBatch, make_optimizer, prepare_model, resume_from, run_steps, start_run_directory
 from refine.phases import QAExample, posttrain_loss
 from refine.runtime import StageTimes, tune_allocator
 from refine.tokenizer import Tokenizer

@@ -71,7 +71,8 @@ from refine.config import ConfigError, RunConfig, ServiceConfig, dump_config, fi
 from refine.data.batches import DocumentBatch as LocalBatch
 from refine.data.sources import RowSource
 from refine.data.stream import check_source, document_batches
-from refine.loop import jsonl_rows, open_metrics, write_atomically
+from refine.files import write_atomically
+from refine.loop import jsonl_rows, open_metrics
 from refine.plots import plot_metrics
 from refine.tokenizer import Tokenizer
 from services.broker import Broker

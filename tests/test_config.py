@@ -166,6 +166,24 @@ def test_infinite_and_nan_floats_are_refused(override, field):
         load_config(None, [override])
 
 
+@pytest.mark.parametrize("override,field", [
+    ("train.steps=true", "train.steps"),
+    ("optim.lr=false", "optim.lr"),
+    ("data.seq_len=true", "data.seq_len"),
+    ("model.num_hidden_layers=true", "model.num_hidden_layers"),
+    ("model.hidden_ratio=true", "model.hidden_ratio"),  # int | None
+])
+def test_booleans_are_refused_for_numbers(override, field):
+    # pydantic's lax mode would read true as 1 and false as 0.0: a run of one step, a zero learning rate.
+    with pytest.raises(ConfigError, match=rf"{field}: must be a number, got the boolean (True|False)"):
+        load_config(None, [override])
+
+
+def test_booleans_stay_booleans():
+    config = load_config(None, ["refine.norm_adv_by_std=false", "model.tie_word_embeddings=false"])
+    assert config.refine.norm_adv_by_std is False and config.model.tie_word_embeddings is False
+
+
 @pytest.mark.parametrize("betas,error", [
     ("[1.5, -1]", r"optim\.betas\.0: Input should be less than 1 \(got 1\.5\)\n"
                   r"  optim\.betas\.1: Input should be greater than or equal to 0 \(got -1\)"),

@@ -11,6 +11,7 @@ from typing import Any
 from refine.config import RunConfig
 from refine.data.batches import DocumentBatch, batch_documents
 from refine.data.sources import DataConfig, DocumentStream
+from refine.files import write_atomically
 from refine.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -117,9 +118,16 @@ def check_source(config: RunConfig, out_dir: Path, resumed: bool) -> str | None:
     removed or resized): the data cursor then counts records of another source, and resumes elsewhere."""
     record, current = out_dir / SOURCE_RECORD, source_identity(config)
     if not resumed or not record.exists():
-        record.write_text(json.dumps(current))
+        write_atomically(record, json.dumps(current))
         return None
-    recorded = json.loads(record.read_text())
+    try:
+        recorded = json.loads(record.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        write_atomically(record, json.dumps(current))
+        return (f"{record} could not be read ({type(err).__name__}: {err}), so whether data.source="
+                f"{config.data.source!r} changed since this run started is unknown; it is recorded anew")
+    if not isinstance(recorded, dict):
+        recorded = {"record": recorded}
     if recorded == current:
         return None
     if "files" in recorded and "files" in current:

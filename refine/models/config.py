@@ -9,9 +9,9 @@ unknown key that is a near miss of a field (a typo), unless a library writes it 
 from __future__ import annotations
 
 import difflib
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 
@@ -44,9 +44,22 @@ LIBRARY_KEYS = frozenset({
 })
 
 
+def refuse_bool_for_number(value: Any, annotation: Any) -> Any:
+    """value, unless it is a boolean given for an int or float field: pydantic's lax mode reads
+    `steps: true` as 1 and `lr: false` as 0.0, a slip rather than a setting."""
+    if isinstance(value, bool) and annotation in (int, float, int | None, float | None):
+        raise ValueError(f"must be a number, got the boolean {value}")
+    return value
+
+
 class ModelConfigBase(BaseModel):
     # No inf or NaN: a field such as norm_eps=inf passes gt=0 and turns every activation into NaN.
     model_config = ConfigDict(extra="allow", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        return refuse_bool_for_number(value, cls.model_fields[info.field_name].annotation)
 
     model_type: str
     vocab_size: int = Field(32000, gt=0)

@@ -3,7 +3,7 @@ import logging
 from itertools import islice
 
 from refine.config import load_config
-from refine.data.stream import document_stream
+from refine.data.stream import SOURCE_RECORD, check_source, document_stream
 from refine.tokenizer import ByteTokenizer
 
 TOKENIZER = ByteTokenizer()
@@ -55,3 +55,17 @@ def test_a_pass_that_keeps_every_document_whole_logs_at_info(tmp_path, caplog):
     ((level, message),) = pass_records(caplog)
     assert level == logging.INFO
     assert "2 records read, 2 documents kept, 0 too short for data.min_length=40, 0 truncated" in message
+
+
+def test_the_source_record_is_kept_and_a_damaged_one_is_recorded_anew(tmp_path):
+    config = run_config(tmp_path, TEXTS)
+    out_dir = tmp_path / "run"
+    out_dir.mkdir()
+    assert check_source(config, out_dir, resumed=False) is None
+    assert check_source(config, out_dir, resumed=True) is None  # same files: nothing to say
+    assert not list(out_dir.glob(".*.tmp"))  # written whole, through a temporary file
+    record = out_dir / SOURCE_RECORD
+    record.write_text('{"files": [["docs.jsonl", 1')  # a write cut short
+    message = check_source(config, out_dir, resumed=True)
+    assert message.startswith(f"{record} could not be read (JSONDecodeError") and "recorded anew" in message
+    assert check_source(config, out_dir, resumed=True) is None  # the record is whole again
