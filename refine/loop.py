@@ -212,9 +212,10 @@ def open_metrics(path: Path, step: int) -> TextIO:
 
 @dataclass
 class StepBatch:
-    """One optimizer step's data: its loss (given the stage timer), the data cursor once it is trained, its tokens."""
+    """One training step's data: its update (given the stage timer: backward and optimizer step or steps), the
+    data cursor once it is trained, its tokens."""
 
-    loss: Callable[[StageTimes], LossResult]
+    update: Callable[[StageTimes], StepResult]
     cursor: int
     tokens: int
 
@@ -235,9 +236,7 @@ def run_steps(config: RunConfig, model: FastWeightLM, optimizer: torch.optim.Opt
             batch = next_batch(cursor)
             started = time.perf_counter()  # the data's reading is not part of the step
             times = StageTimes(config.train.device)
-            result = batch.loss(times)
-            with times.stage("backward_step"):
-                outcome = optimizer_step(model, optimizer, result, config.optim.grad_clip)
+            outcome = batch.update(times)
             skipped += outcome.skipped
             step += 1
             cursor = batch.cursor
@@ -296,8 +295,13 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> dic
 
     def next_batch(_: int) -> StepBatch:  # the stream carries its own cursor
         batch = next(batches).to(config.train.device)
-        return StepBatch(loss=lambda times: compute_loss(model, batch, config, generator, ref_model, times),
-                         cursor=batch.cursor, tokens=int(batch.lengths.sum()))
+
+        def update(times: StageTimes) -> StepResult:
+            result = compute_loss(model, batch, config, generator, ref_model, times)
+            with times.stage("backward_step"):
+                return optimizer_step(model, optimizer, result, config.optim.grad_clip)
+
+        return StepBatch(update=update, cursor=batch.cursor, tokens=int(batch.lengths.sum()))
 
     return run_steps(config, model, optimizer, generator, tokenizer, next_batch, step, cursor,
                      desc=f"train[{config.train.mode}]", shown=("loss", "reward_mean"), progress=progress)

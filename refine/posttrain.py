@@ -1,7 +1,8 @@
 """`refine posttrain`: post-training on (context, question, answer) task data, the paper's "nested" phase.
 
-Each optimizer step runs `refine.phases.posttrain_loss` on `train.batch_size` examples: one forward over
-context + question + answer gives REFINE on the context tokens plus SFT (cross-entropy) on the answer.
+Each training step runs `refine.phases.posttrain_step` on `train.batch_size` examples, in the paper code's
+order: an optimizer step on REFINE (rollouts and NTP) over the context tokens, then one on SFT (cross-entropy)
+of the answer given context and question, at the weights the first produced.
 
     refine posttrain --data qa.jsonl --task ruler-qa --config configs/posttrain.yaml [--set ...] [--resume]
 
@@ -41,13 +42,14 @@ from pydantic import BaseModel
 from tqdm.auto import tqdm
 
 from refine.algorithm.selection import min_document_length
-from refine.algorithm.update import LossResult
 from refine.config import RunConfig, fit_to_tokenizer, load_config, run_tokenizer
 from refine.data.tasks import TaskExample, load_longbench, load_ruler_qa
 from refine.evaluation.runner import prompt_tokens
 from refine.files import write_atomically
-from refine.loop import StepBatch, make_optimizer, prepare_model, resume_from, run_steps, start_run_directory
-from refine.phases import QAExample, posttrain_loss
+from refine.loop import (
+    StepBatch, StepResult, make_optimizer, prepare_model, resume_from, run_steps, start_run_directory,
+)
+from refine.phases import QAExample, posttrain_step
 from refine.runtime import StageTimes, tune_allocator
 from refine.tokenizer import Tokenizer
 
@@ -186,13 +188,14 @@ def posttrain(config: RunConfig, data: str | Path, task: str, sft_coef: float = 
     def next_batch(cursor: int) -> StepBatch:
         batch = [examples[i] for i in batch_indices(len(examples), config.train.seed, cursor, config.train.batch_size)]
 
-        def loss(times: StageTimes) -> LossResult:
-            # One stage for the whole nested loss: posttrain_loss takes no timer for its forward/rollout parts.
-            with times.stage("loss"):
-                return posttrain_loss(model, batch, config.refine, sft_coef, generator, tokenizer.pad_id)
+        def update(times: StageTimes) -> StepResult:
+            # One stage for the whole nested step: posttrain_step takes no timer for its parts.
+            with times.stage("nested_step"):
+                return posttrain_step(model, optimizer, batch, config.refine, config.optim.grad_clip, sft_coef,
+                                      generator, tokenizer.pad_id)
 
         tokens = sum(len(ex.context) + len(ex.question) + len(ex.answer) for ex in batch)
-        return StepBatch(loss=loss, cursor=cursor + len(batch), tokens=tokens)
+        return StepBatch(update=update, cursor=cursor + len(batch), tokens=tokens)
 
     last = run_steps(config, model, optimizer, generator, tokenizer, next_batch, step, cursor, desc="posttrain",
                      shown=("loss", "sft_loss", "reward_mean"), progress=progress)

@@ -16,8 +16,10 @@ of version >= v (workers pull the newest weights right before each batch) and tr
 <= step + u. Its staleness is therefore at most `step + u - v`, so the orchestrator publishes only
 while `u <= max_staleness - (step - v)`, and never more than `batches_in_flight` unfinished batches.
 With max_staleness = 0 (and sync_interval = 1) that means: one batch at a time, published only
-after the weights of the current step are out. That is the paper's on-policy loop, exactly; more
-staleness lets rollouts of the next batches overlap the learner's step. (A batch overtaken by
+after the weights of the current step are out: strictly on-policy, one optimizer step per rollout batch
+(the paper's code takes several mini-batch steps per rollout batch, so its later mini-batches train on
+rollouts a few versions old, which is where its ratio clip acts). More staleness lets rollouts of the
+next batches overlap the learner's step. (A batch overtaken by
 later ones, which can only happen with several batches in flight, may exceed the bound; the
 learner then drops and counts it.)
 

@@ -3,13 +3,15 @@
 import pytest
 import torch
 
-from refine.algorithm.update import fused_refine_step
+from refine.algorithm.update import LossResult, fused_refine_step
 from refine.config import OptimConfig, RefineConfig
 from refine.data.batches import pad_documents
 from refine.generate import generate
-from refine.loop import make_optimizer
+from refine.loop import make_optimizer, optimizer_step
 from refine.models import build_model
-from refine.phases import QAExample, adapt_and_answer, answer_loss, posttrain_loss
+from refine.phases import (
+    QAExample, adapt_and_answer, answer_loss, answer_sft_loss, context_refine_loss, posttrain_step,
+)
 
 CFG = RefineConfig(num_chunks=2, rollout_len=3, margin=4, reward="hybrid")
 
@@ -20,24 +22,57 @@ def _model():
                             intermediate_size=32), dtype=torch.float64)
 
 
-def test_posttrain_is_refine_on_context_plus_answer_sft():
-    model = _model()
+def _qa_examples():
     gen = torch.Generator().manual_seed(0)
-    examples = [QAExample(context=torch.randint(0, 30, (40,), generator=gen).tolist(), question=[1, 2], answer=[3, 4, 5]),
-                QAExample(context=torch.randint(0, 30, (33,), generator=gen).tolist(), question=[6], answer=[7])]
-    result = posttrain_loss(model, examples, CFG, sft_coef=0.5, generator=torch.Generator().manual_seed(1))
-    # Same value from separate pieces: REFINE on padded contexts alone + the SFT loss of the full sequences.
-    ids = torch.zeros(2, 45, dtype=torch.long)
-    for b, ex in enumerate(examples):
-        seq = ex.context + ex.question + ex.answer
+    return [QAExample(context=torch.randint(0, 30, (40,), generator=gen).tolist(), question=[1, 2], answer=[3, 4, 5]),
+            QAExample(context=torch.randint(0, 30, (33,), generator=gen).tolist(), question=[6], answer=[7])]
+
+
+def _padded(sequences):
+    ids = torch.zeros(len(sequences), max(map(len, sequences)), dtype=torch.long)
+    for b, seq in enumerate(sequences):
         ids[b, :len(seq)] = torch.tensor(seq)
-    ctx_lengths = torch.tensor([40, 33])
-    refine_only, _ = fused_refine_step(model, ids, ctx_lengths, CFG, torch.Generator().manual_seed(1))
-    logits = model(ids, output_state=False).logits
-    sft = answer_loss(logits, ids, torch.tensor([42, 34]), torch.tensor([45, 35]))
-    torch.testing.assert_close(result.loss, refine_only.loss + 0.5 * sft)
-    # Rollout positions stay inside the contexts.
-    assert result.stats["sft_loss"] > 0
+    return ids
+
+
+def test_posttrain_step_is_a_refine_step_on_contexts_then_an_sft_step_at_the_updated_weights():
+    examples, optim = _qa_examples(), OptimConfig(lr=1e-2)
+    model = _model()
+    optimizer = make_optimizer(model, optim)
+    outcome = posttrain_step(model, optimizer, examples, CFG, optim.grad_clip, sft_coef=0.5,
+                             generator=torch.Generator().manual_seed(1))
+
+    # The same two steps by hand: REFINE on the padded contexts alone, then SFT of the full sequences.
+    expected = _model()
+    by_hand = make_optimizer(expected, optim)
+    refine_only, _ = fused_refine_step(expected, _padded([ex.context for ex in examples]), torch.tensor([40, 33]),
+                                       CFG, torch.Generator().manual_seed(1))
+    inner = optimizer_step(expected, by_hand, refine_only, optim.grad_clip)
+    full = _padded([ex.context + ex.question + ex.answer for ex in examples])
+    sft = answer_loss(expected(full, output_state=False).logits, full, torch.tensor([42, 34]), torch.tensor([45, 35]))
+    outer = optimizer_step(expected, by_hand, LossResult(0.5 * sft, sft, sft, {}), optim.grad_clip)
+
+    assert not outcome.skipped and outcome.stats["loss"] == pytest.approx(refine_only.stats["loss"])
+    assert outcome.stats["sft_loss"] == pytest.approx(float(sft))  # the answer's loss after the REFINE step
+    assert outcome.stats["sft_grad_norm"] == pytest.approx(outer.stats["grad_norm"])
+    assert outcome.stats["grad_norm"] == pytest.approx(inner.stats["grad_norm"])
+    for (name, got), want in zip(model.state_dict().items(), expected.state_dict().values()):
+        torch.testing.assert_close(got, want, msg=name)
+    # Both steps moved the weights: the SFT loss at the start differs from the one after the REFINE step.
+    assert float(answer_sft_loss(_model(), examples).loss) != pytest.approx(outcome.stats["sft_loss"])
+
+
+def test_posttrain_step_without_sft_is_the_refine_step_alone():
+    examples, optim = _qa_examples(), OptimConfig(lr=1e-2)
+    model, expected = _model(), _model()
+    optimizer, by_hand = make_optimizer(model, optim), make_optimizer(expected, optim)
+    outcome = posttrain_step(model, optimizer, examples, CFG, optim.grad_clip, sft_coef=0.0,
+                             generator=torch.Generator().manual_seed(1))
+    optimizer_step(expected, by_hand, context_refine_loss(expected, examples, CFG, torch.Generator().manual_seed(1)),
+                   optim.grad_clip)
+    assert "sft_loss" not in outcome.stats
+    for got, want in zip(model.state_dict().values(), expected.state_dict().values()):
+        torch.testing.assert_close(got, want)
 
 
 def test_answer_loss_counts_only_answer_tokens():

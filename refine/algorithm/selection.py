@@ -23,10 +23,11 @@ Selection, per document of valid length L (matching the paper's code):
      entropies, as the paper's code does.
   4. p = t + 1, clamped to [max(margin, 1), L - max(margin, k)].
 
-Deliberate differences from the paper's code: the upper clamp uses the document's own end
-(L - margin) rather than the padded width, and is tightened to L - k when k > margin so that k
-ground-truth tokens always exist; documents too short for the chunks and margins are refused
-instead of producing an out-of-range prefix; `tau` generalizes the code's fixed tau = 1.
+Deliberate differences from the paper's code (whose batches are left-padded, so its clamp at the
+width minus the margin is the document's own L - margin, as here): the upper clamp is tightened to
+L - k when k > margin so that k ground-truth tokens always exist; documents too short for the chunks
+and margins are refused instead of producing an out-of-range prefix; `tau` generalizes the code's
+fixed tau = 1.
 """
 
 from __future__ import annotations

@@ -42,9 +42,11 @@ class LossResult:
 
 def score_rollouts(rollouts: Rollouts, cfg: RefineConfig) -> Tensor:
     """Self-supervised reward of every rollout [N] (cosine, binary or hybrid)."""
+    # Half-precision hidden states are compared in float32; float64 ones keep their precision.
+    dtype = torch.promote_types(rollouts.hidden.dtype, torch.float32)
     inputs = RewardInputs(
         rollout_tokens=rollouts.tokens, ground_truth_tokens=rollouts.target_tokens,
-        rollout_hidden=rollouts.hidden.float(), ground_truth_hidden=rollouts.target_hidden.float(),
+        rollout_hidden=rollouts.hidden.to(dtype), ground_truth_hidden=rollouts.target_hidden.to(dtype),
     )
     return compute_reward(cfg.reward, inputs)
 
@@ -161,19 +163,14 @@ def refine_loss(mode: str, model: FastWeightLM, input_ids: Tensor, lengths: Tens
 
 def fused_refine_step(model: FastWeightLM, input_ids: Tensor, lengths: Tensor, cfg: RefineConfig,
                       generator: torch.Generator | None = None, ref_model: FastWeightLM | None = None,
-                      positions: Tensor | None = None, output: ModelOutput | None = None,
-                      times: StageTimes | None = None) -> tuple[LossResult, Rollouts]:
+                      positions: Tensor | None = None, times: StageTimes | None = None) -> tuple[LossResult, Rollouts]:
     """On-policy REFINE with a single document pass: it selects, samples, scores and trains.
 
     `positions` overrides the entropy-based choice (used to compare paths on identical rollouts).
-    `output` is a forward the caller already ran with defer_states=True over input_ids, possibly
-    longer than `lengths` (post-training: context + question + answer, REFINE on the context only).
     `times` collects seconds per stage (forward, select, states, decode, teacher_forced, score).
     """
     with timed_stage(times, "forward"):
-        out = output or model(input_ids, lengths=lengths, output_state=False, defer_states=True)
-        if out.states_at is None:
-            raise ValueError("fused_refine_step needs a forward run with defer_states=True")
+        out = model(input_ids, lengths=lengths, output_state=False, defer_states=True)
         ntp = ntp_loss(out.logits, input_ids, lengths)
     with timed_stage(times, "select"):
         if positions is None:

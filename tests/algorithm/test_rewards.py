@@ -15,6 +15,9 @@ from refine.algorithm.rewards import (
     register_reward,
     unregister_reward,
 )
+from refine.algorithm.rollout import Rollouts
+from refine.algorithm.update import score_rollouts
+from refine.config import RefineConfig
 
 # Two rollouts, k = 2 steps, D = 2.
 ROLLOUT_HIDDEN = torch.tensor([[[1.0, 0.0], [0.0, 3.0]], [[1.0, 0.0], [-2.0, 0.0]]])
@@ -47,6 +50,19 @@ def test_cosine_is_scale_invariant_and_keeps_float64():
     scaled = cosine_reward(ROLLOUT_HIDDEN.double() * 7.5, TRUTH_HIDDEN.double() * 0.1)
     assert scaled.dtype == torch.float64
     assert scaled.tolist() == pytest.approx(COSINE, abs=1e-12)
+
+
+@pytest.mark.parametrize("dtype,expected", [(torch.float64, torch.float64), (torch.float32, torch.float32),
+                                            (torch.bfloat16, torch.float32)])
+def test_training_scores_rollouts_in_their_own_precision_at_least_float32(dtype, expected):
+    # A float64 run (the paths' correctness oracle) keeps float64 rewards; half precision is scored in float32.
+    hidden = torch.randn(4, 3, 8, dtype=torch.float64)
+    target = hidden + 1e-9 * torch.randn_like(hidden)  # a difference float32 cannot hold
+    rollouts = Rollouts(torch.tensor([[5, 9]]), torch.zeros(4, 3, dtype=torch.long), torch.zeros(4, 3),
+                        hidden.to(dtype), torch.zeros(4, 3, dtype=torch.long), target.to(dtype), torch.zeros(1, 2), 2)
+    rewards = score_rollouts(rollouts, RefineConfig(reward="cosine"))
+    assert rewards.dtype == expected
+    assert torch.equal(rewards, cosine_reward(hidden.to(dtype).to(expected), target.to(dtype).to(expected)))
 
 
 def test_cosine_of_huge_finite_vectors_does_not_overflow_to_zero():
