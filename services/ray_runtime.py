@@ -63,9 +63,17 @@ def cpus_needed(config: RunConfig) -> float:
     return total
 
 
+# A gRPC server (Ray's GCS, the Ray Client server) answers an HTTP/2 client preface with a SETTINGS frame.
+HTTP2_CLIENT_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])  # + empty SETTINGS
+HTTP2_FRAME_HEADER_BYTES = 9
+HTTP2_SETTINGS = 4
+
+
 def check_ray_address(address: str, timeout_s: float = 2.0) -> None:
-    """Fail fast, naming the address, when nothing listens at a `host:port` (or `ray://host:port`)
-    Ray address: ray.init would retry an unreachable one for minutes, printing only GCS timeouts.
+    """Fail fast, naming the address, when nothing at a `host:port` (or `ray://host:port`) Ray address
+    answers as Ray does: ray.init would retry an unreachable one for minutes, and wait without end on
+    a listener that is not Ray (another server, a proxy), printing only GCS timeouts. Ray's endpoints
+    speak gRPC, so the probe sends an HTTP/2 preface and expects the server's SETTINGS frame back.
     Other forms ("auto", "local", ...) are left to Ray."""
     host, sep, port = address.removeprefix("ray://").rpartition(":")
     host = host.strip("[]")  # an IPv6 literal, [::1]:6379
@@ -73,14 +81,26 @@ def check_ray_address(address: str, timeout_s: float = 2.0) -> None:
         return
     if not 0 < int(port) < 65536:
         raise ValueError(f"Ray address {address!r} ({RAY_ADDRESS_SOURCES}): port {port} is not in 1..65535")
+    where = f"Ray at {address!r} ({RAY_ADDRESS_SOURCES})"
     # The same pattern as the Redis URL check (services.redis_server.connect): one short TCP connect.
     try:
-        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+        connection = socket.create_connection((host, int(port)), timeout=timeout_s)
     except OSError as exc:
-        raise ValueError(
-            f"Ray at {address!r} ({RAY_ADDRESS_SOURCES}) is unreachable within {timeout_s}s: "
-            f"{type(exc).__name__}: {exc}"
-        ) from None
+        raise ValueError(f"{where} is unreachable within {timeout_s}s: {type(exc).__name__}: {exc}") from None
+    with connection:
+        header = b""
+        try:
+            connection.sendall(HTTP2_CLIENT_PREFACE)
+            while len(header) < HTTP2_FRAME_HEADER_BYTES:
+                chunk = connection.recv(HTTP2_FRAME_HEADER_BYTES - len(header))
+                if not chunk:
+                    break
+                header += chunk
+        except OSError:  # a timeout or a reset: what was read so far decides
+            pass
+    if len(header) < HTTP2_FRAME_HEADER_BYTES or header[3] != HTTP2_SETTINGS:
+        answer = f"it answered {header[:16]!r}" if header else f"no answer within {timeout_s}s"
+        raise ValueError(f"{where}: something listens there but does not answer as a Ray cluster (gRPC): {answer}")
 
 
 @contextmanager

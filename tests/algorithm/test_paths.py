@@ -46,12 +46,13 @@ def _grads(model):
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
-@pytest.mark.parametrize("num_samples", [1, 3])
-def test_paths_agree(name, num_samples):
+@pytest.mark.parametrize("num_samples,temperature,top_p", [(1, 1.0, 1.0), (3, 1.0, 1.0), (3, 0.8, 0.9)])
+def test_paths_agree(name, num_samples, temperature, top_p):
+    # At temperature 1 a path that forgot the temperature would agree anyway: one case samples at 0.8.
     model = _model(name)
     ids, lengths, positions = _batch()
-    cfg = RefineConfig(num_chunks=6, rollout_len=5, num_samples=num_samples, lambda_nsp=0.7, temperature=1.0,
-                       clip_ratio_low=0.2, clip_ratio_high=0.3)
+    cfg = RefineConfig(num_chunks=6, rollout_len=5, num_samples=num_samples, lambda_nsp=0.7, temperature=temperature,
+                       top_p=top_p, clip_ratio_low=0.2, clip_ratio_high=0.3)
 
     model.zero_grad()
     fused, rollouts = fused_refine_step(model, ids, lengths, cfg, torch.Generator().manual_seed(5),
@@ -73,6 +74,42 @@ def test_paths_agree(name, num_samples):
         torch.testing.assert_close(result.policy_loss, fused.policy_loss, rtol=1e-6, atol=1e-12, msg=mode)
         for pname, grad in grads.items():
             torch.testing.assert_close(grad, fused_grads[pname], rtol=1e-6, atol=1e-12, msg=f"{mode}: {pname}")
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_the_kl_term_reads_the_reference_policy_of_each_prefix_and_rollout(name):
+    """With kl_coef > 0 every path adds kl_coef * the token-mean low-variance KL between the policy and
+    a frozen reference, both read literally here from full forwards over prefix + rollout."""
+    model, reference = _model(name), _model(name)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.mul_(0.9)
+    ids, lengths, positions = _batch()
+    k, n, temperature = 5, 2, 0.8
+    cfg = RefineConfig(num_chunks=6, rollout_len=k, num_samples=n, temperature=temperature, kl_coef=0.1)
+    fused, rollouts = fused_refine_step(model, ids, lengths, cfg, torch.Generator().manual_seed(5),
+                                        ref_model=reference, positions=positions)
+    advantages = advantages_for(rollouts.rewards, rollouts, cfg)
+    without_kl = refine_loss("onepass", model, ids, lengths, rollouts, advantages, cfg.model_copy(update={"kl_coef": 0}))
+
+    rows, starts = prefix_rows(positions)
+    policy, frozen = [], []
+    for i in range(rollouts.num_rollouts):
+        row, start = int(rows[i // n]), int(starts[i // n])
+        sequence = torch.cat([ids[row, :start], rollouts.tokens[i]])[None]
+        for net, out in ((model, policy), (reference, frozen)):
+            logits = net(sequence, output_state=False).logits[0, start - 1:start + k - 1].detach()
+            out.append(torch.log_softmax(logits / temperature, -1).gather(-1, rollouts.tokens[i][:, None])[:, 0])
+    log_ratio = torch.stack(frozen) - torch.stack(policy)
+    expected_kl = (log_ratio.exp() - log_ratio - 1).clamp(-10, 10).mean()  # low_var_kl, token-mean
+    assert expected_kl > 1e-4  # the two policies differ: the term is not trivially zero
+
+    for mode in ("onepass", "reference"):
+        result = refine_loss(mode, model, ids, lengths, rollouts, advantages, cfg, ref_model=reference)
+        assert result.stats["pg/kl_loss"] == pytest.approx(float(expected_kl), rel=1e-6), mode
+        torch.testing.assert_close(result.loss, fused.loss, rtol=1e-6, atol=0, msg=mode)
+    assert fused.stats["pg/kl_loss"] == pytest.approx(float(expected_kl), rel=1e-6)
+    torch.testing.assert_close(fused.loss - without_kl.loss, cfg.lambda_nsp * 0.1 * expected_kl, rtol=1e-6, atol=0)
 
 
 def test_detached_states_would_be_caught():

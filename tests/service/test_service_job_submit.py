@@ -81,7 +81,7 @@ def ray_head() -> Iterator[tuple[str, dict[str, str]]]:
         try:
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            head.kill()
+            os.killpg(head.pid, signal.SIGKILL)  # its session: raylet, GCS and the dashboard, not just `ray start`
             head.wait()
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)

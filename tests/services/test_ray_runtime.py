@@ -1,7 +1,10 @@
 """Where a run's Ray comes from: an unreachable --ray-address fails fast, without starting Ray."""
 
+import http.server
 import socket
+import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 import ray
@@ -41,29 +44,49 @@ def test_an_out_of_range_port_is_refused(no_ray: None) -> None:
         check_ray_address("127.0.0.1:99999")
 
 
-def test_a_listening_address_and_forms_without_a_port_are_left_to_ray() -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(1)
-        check_ray_address(f"127.0.0.1:{sock.getsockname()[1]}")
+def test_forms_without_a_port_are_left_to_ray() -> None:
     for address in ("auto", "local", "ray://head", "head"):
         check_ray_address(address)  # no port to probe: Ray resolves these itself
 
 
-def test_a_ray_that_does_not_answer_is_one_line_naming_the_flag(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Something listens (a proxy, another server) but no Ray cluster answers: ray.init's
-    ConnectionError, after its own retries, becomes the one-line error."""
-    def no_cluster(*args: object, **kwargs: object) -> None:
-        raise ConnectionError("Failed to connect to Ray cluster at 127.0.0.1:1234")
+class _Http1Handler(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:  # keep the test output clean
+        pass
 
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", no_cluster)
+
+@pytest.fixture
+def http1_address() -> Iterator[str]:
+    """A real HTTP/1 server: something listens and answers, but not as Ray."""
+    server = http.server.HTTPServer(("127.0.0.1", 0), _Http1Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def silent_address() -> Iterator[str]:
+    """A listener that accepts connections (the kernel completes them) and never says a word."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        sock.listen(1)
-        address = f"127.0.0.1:{sock.getsockname()[1]}"
-        with pytest.raises(ValueError) as info:
-            with ray_for_run(RunConfig(), address):
-                pass
-    assert str(info.value).startswith(f"Ray at {address!r} (--ray-address, service.ray_address or RAY_ADDRESS): ")
-    assert "Failed to connect" in str(info.value)
+        sock.listen(8)
+        yield f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+@pytest.mark.parametrize("listener,answer", [("silent_address", "no answer within 2.0s"),
+                                             ("http1_address", "it answered b'<!DOCTYPE")])
+def test_a_listener_that_is_not_ray_fails_fast_naming_the_flag_and_what_answered(
+    listener: str, answer: str, no_ray: None, request: pytest.FixtureRequest
+) -> None:
+    # ray.init would wait on such an address without end (over 5 minutes, printing only GCS timeouts).
+    address = request.getfixturevalue(listener)
+    started = time.monotonic()
+    with pytest.raises(ValueError) as info:
+        with ray_for_run(RunConfig(), address):
+            pass
+    assert time.monotonic() - started < 5
+    prefix = (f"Ray at {address!r} (--ray-address, service.ray_address or RAY_ADDRESS): something listens there "
+              f"but does not answer as a Ray cluster (gRPC): ")
+    message = str(info.value)
+    assert message.startswith(prefix + answer) and "\n" not in message
