@@ -29,14 +29,14 @@ from learner.update import rollouts_from_batch
 from refine.algorithm.rollout import Rollouts
 from refine.algorithm.update import LossResult, advantages_for, refine_loss, rollout_stats
 from refine.config import RefineConfig, RunConfig
-from refine.loop import StepResult
+from refine.loop import StepResult, merge_steps, mini_batch_bounds
 from refine.models import FastWeightLM
 from refine.optim import MasterWeightAdamW
 from refine.runtime import StageTimes
 from services.codec import decode, encode
 from services.messages import DocumentBatch, ScoredBatch
 
-__all__ = ["DataParallelGroup", "document_slice", "free_address", "slice_loss", "slice_rollouts", "weights_digest"]
+__all__ = ["DataParallelGroup", "document_slice", "free_address", "slice_loss", "weights_digest"]
 
 STOP = -1
 
@@ -75,7 +75,7 @@ def slice_loss(model: FastWeightLM, input_ids: Tensor, lengths: Tensor, rollouts
     per document), so by the slice's share of the targets. The returned ntp_loss and policy_loss are
     the slice's own means."""
     per_document = rollouts.positions.shape[1] * rollouts.num_samples
-    part = slice_rollouts(rollouts, start, end)
+    part = rollouts.documents(start, end)
     result = refine_loss("onepass", model, input_ids[start:end], lengths[start:end], part,
                          advantages[start * per_document:end * per_document], cfg, ref_model)
     targets = (lengths - 1).clamp(min=0).tolist()
@@ -84,20 +84,6 @@ def slice_loss(model: FastWeightLM, input_ids: Tensor, lengths: Tensor, rollouts
     weighted = (cfg.lambda_ntp * target_share * result.ntp_loss
                 + cfg.lambda_nsp * document_share * result.policy_loss)
     return LossResult(weighted, result.ntp_loss, result.policy_loss, result.stats)
-
-
-def slice_rollouts(rollouts: Rollouts, start: int, end: int) -> Rollouts:
-    """Documents [start, end) of the batch and their rollouts (rollout i belongs to document
-    i // (chunks * samples), see refine/algorithm/rollout.py)."""
-    per_document = rollouts.positions.shape[1] * rollouts.num_samples
-    lo, hi = start * per_document, end * per_document
-    return Rollouts(
-        positions=rollouts.positions[start:end], tokens=rollouts.tokens[lo:hi], logprobs=rollouts.logprobs[lo:hi],
-        hidden=rollouts.hidden[lo:hi], target_tokens=rollouts.target_tokens[lo:hi],
-        target_hidden=rollouts.target_hidden[lo:hi], entropies=rollouts.entropies[start:end],
-        num_samples=rollouts.num_samples, policy_version=rollouts.policy_version,
-        rewards=None if rollouts.rewards is None else rollouts.rewards[lo:hi],
-    )
 
 
 class DataParallelGroup:
@@ -156,16 +142,32 @@ class DataParallelGroup:
 
     def update(self, model: FastWeightLM, optimizer: torch.optim.Optimizer, scored: ScoredBatch,
                documents: DocumentBatch, config: RunConfig, ref_model: FastWeightLM | None = None) -> StepResult:
-        """Advantages on the whole batch, loss on this rank's documents, summed gradients, clip, step.
-        Every rank takes (or skips) the same step."""
+        """Advantages on the whole batch, then per mini-batch (`train.mini_batches`): the loss on this rank's
+        documents of it, summed gradients, clip, step. Every rank takes (or skips) the same steps. Stats are
+        the mini-batches' means (see refine.loop.rollout_batch_update)."""
         times = StageTimes(self.device)
-        stats: dict[str, float] = {}
-        local_finite = True
         with times.stage("forward"):
             rollouts = rollouts_from_batch(scored, self.device)
             advantages = advantages_for(rollouts.rewards, rollouts, config.refine)
             input_ids = documents.token_ids.to(self.device, torch.long)
             lengths = documents.lengths.to(self.device, torch.long)
+        per_document = rollouts.positions.shape[1] * rollouts.num_samples
+        outcomes = [
+            self._step(model, optimizer, input_ids[start:end], lengths[start:end], rollouts.documents(start, end),
+                       advantages[start * per_document:end * per_document], config, ref_model, times)
+            for start, end in mini_batch_bounds(input_ids.shape[0], config.train.mini_batches)
+        ]
+        merged = merge_steps(outcomes)
+        merged.stats.update(rollout_stats(rollouts), **times.stats(), data_parallel_ranks=self.world_size)
+        return merged
+
+    def _step(self, model: FastWeightLM, optimizer: torch.optim.Optimizer, input_ids: Tensor, lengths: Tensor,
+              rollouts: Rollouts, advantages: Tensor, config: RunConfig, ref_model: FastWeightLM | None,
+              times: StageTimes) -> StepResult:
+        """One optimizer step on a (mini-)batch: this rank's slice of its documents, gradients summed over ranks."""
+        stats: dict[str, float] = {}
+        local_finite = True
+        with times.stage("forward"):
             start, end = document_slice(input_ids.shape[0], self.rank, self.world_size)
             optimizer.zero_grad(set_to_none=True)
             result = None
@@ -191,5 +193,4 @@ class DataParallelGroup:
                 stats["skipped_nonfinite"] = 1.0
             else:
                 optimizer.step()
-        stats.update(rollout_stats(rollouts), **times.stats(), data_parallel_ranks=self.world_size)
         return StepResult(stats, skipped)

@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 
 from refine.algorithm.rollout import Rollouts
-from refine.algorithm.update import advantages_for, fused_refine_step, refine_loss, rollout_stats
+from refine.algorithm.update import fused_refine_step
 from refine.config import RunConfig
-from refine.loop import StepResult, optimizer_step
+from refine.loop import StepResult, optimizer_step, rollout_batch_update
 from refine.models import FastWeightLM
 from refine.runtime import StageTimes
 from services.messages import ScoredBatch
@@ -49,15 +49,12 @@ def rollouts_from_batch(batch: ScoredBatch, device: str | torch.device = "cpu") 
 def onepass_update(model: FastWeightLM, optimizer: torch.optim.Optimizer, input_ids: torch.Tensor,
                    lengths: torch.Tensor, rollouts: Rollouts, config: RunConfig,
                    ref_model: FastWeightLM | None = None) -> StepResult:
-    """Advantages, one-pass loss, backward, clip, step (skipped when not finite); timed by phase."""
+    """Advantages, then per mini-batch (`train.mini_batches`) the one-pass loss, backward, clip, step (skipped
+    when not finite); timed by phase."""
     assert rollouts.rewards is not None, "the learner trains on scored rollouts only"
     times = StageTimes(input_ids.device)
-    with times.stage("forward"):
-        advantages = advantages_for(rollouts.rewards, rollouts, config.refine)
-        result = refine_loss("onepass", model, input_ids, lengths, rollouts, advantages, config.refine, ref_model)
-    with times.stage("backward_step"):
-        outcome = optimizer_step(model, optimizer, result, config.optim.grad_clip)
-    outcome.stats.update(rollout_stats(rollouts), **times.stats())
+    outcome = rollout_batch_update("onepass", model, optimizer, input_ids, lengths, rollouts, config, ref_model, times)
+    outcome.stats.update(times.stats())
     return outcome
 
 

@@ -119,7 +119,12 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.
 class TrainConfig(Strict):
     mode: Literal["ntp", "onepass", "fused", "reference"] = "fused"
     steps: int = Field(20, ge=0)
-    batch_size: int = Field(4, ge=1, description="documents per optimizer step")
+    batch_size: int = Field(4, ge=1, description="documents per step (rolled out together)")
+    mini_batches: int = Field(
+        1, ge=1, description="optimizer steps per step: its documents split into this many mini-batches, each "
+                             "trained on the rollouts sampled before the first, as the paper's code does (the later "
+                             "mini-batches are off-policy, where the ratio clip acts); one-pass and reference "
+                             "modes, and the service's disaggregated learner")
     seed: int = Field(0, ge=-2**63, le=2**64 - 1, description="what torch.manual_seed accepts")
     device: str = "cpu"
     dtype: Literal["float32", "float64", "bfloat16"] = Field(
@@ -142,6 +147,13 @@ class TrainConfig(Strict):
     @classmethod
     def _home(cls, value: str | None) -> str | None:
         return _expand_home(value)
+
+    @model_validator(mode="after")
+    def _mini_batches_hold_documents(self) -> "TrainConfig":
+        if self.mini_batches > self.batch_size:
+            raise ValueError(f"train.mini_batches={self.mini_batches} is more than train.batch_size={self.batch_size}:"
+                             f" every mini-batch needs at least one document")
+        return self
 
 
 class RolloutConfig(Strict):

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from refine.algorithm.losses import ntp_loss
-from refine.algorithm.rollout import reprefill_rollouts, snapshot_rollouts, choose_positions
+from refine.algorithm.rollout import Rollouts, choose_positions, reprefill_rollouts, snapshot_rollouts
 from refine.algorithm.update import (
     LossResult, advantages_for, fused_refine_step, refine_loss, rollout_stats, score_rollouts,
 )
@@ -50,33 +50,72 @@ def make_optimizer(model: FastWeightLM, optim: OptimConfig) -> torch.optim.Optim
     return torch.optim.AdamW(model.parameters(), **options)
 
 
-def compute_loss(model: FastWeightLM, batch: DocumentBatch, config: RunConfig, generator: torch.Generator,
-                 ref_model: FastWeightLM | None = None, times: StageTimes | None = None) -> LossResult:
-    """The loss of one optimizer step for the configured mode; `times` collects seconds per stage
-    (forward; the fused step's own stages; rollout, before the update forward of onepass/reference)."""
+def train_step(model: FastWeightLM, optimizer: torch.optim.Optimizer, batch: DocumentBatch, config: RunConfig,
+               generator: torch.Generator, ref_model: FastWeightLM | None = None,
+               times: StageTimes | None = None) -> StepResult:
+    """One step of the configured mode on a document batch: its optimizer step, or for onepass/reference one
+    per mini-batch (`train.mini_batches`). `times` collects seconds per stage (forward; the fused step's own
+    stages; rollout, before the update forwards of onepass/reference; backward_step)."""
     mode, cfg = config.train.mode, config.refine
     ids, lengths = batch.input_ids, batch.lengths
+    if mode in ("onepass", "reference"):
+        with timed_stage(times, "rollout"):
+            if mode == "onepass":
+                rollouts = snapshot_rollouts(model, ids, lengths, cfg, generator)
+            else:
+                with torch.no_grad():
+                    logits = model(ids, lengths=lengths, output_state=False).logits
+                    positions = choose_positions(logits, lengths, cfg, generator)
+                rollouts = reprefill_rollouts(model, ids, lengths, cfg, positions, generator)
+            rollouts.rewards = score_rollouts(rollouts, cfg)
+        return rollout_batch_update(mode, model, optimizer, ids, lengths, rollouts, config, ref_model, times)
     if mode == "fused":
         result, _ = fused_refine_step(model, ids, lengths, cfg, generator, ref_model, times=times)
-        return result
-    if mode == "ntp":
+    else:
         with timed_stage(times, "forward"):
             ntp = ntp_loss(model(ids, lengths=lengths, output_state=False).logits, ids, lengths)
-        return LossResult(ntp, ntp, ntp.new_zeros(()), {"ntp_loss": float(ntp.detach()), "loss": float(ntp.detach())})
-    with timed_stage(times, "rollout"):
-        if mode == "onepass":
-            rollouts = snapshot_rollouts(model, ids, lengths, cfg, generator)
-        else:
-            with torch.no_grad():
-                logits = model(ids, lengths=lengths, output_state=False).logits
-                positions = choose_positions(logits, lengths, cfg, generator)
-            rollouts = reprefill_rollouts(model, ids, lengths, cfg, positions, generator)
-        rollouts.rewards = score_rollouts(rollouts, cfg)
-    with timed_stage(times, "forward"):
-        result = refine_loss(mode, model, ids, lengths, rollouts, advantages_for(rollouts.rewards, rollouts, cfg),
-                             cfg, ref_model)
-    result.stats.update(rollout_stats(rollouts))
-    return result
+        result = LossResult(ntp, ntp, ntp.new_zeros(()), {"ntp_loss": float(ntp.detach()), "loss": float(ntp.detach())})
+    with timed_stage(times, "backward_step"):
+        return optimizer_step(model, optimizer, result, config.optim.grad_clip)
+
+
+def mini_batch_bounds(num_documents: int, mini_batches: int) -> list[tuple[int, int]]:
+    """[start, end) of `mini_batches` contiguous runs of documents covering the batch, sizes differing by at most one."""
+    if not 1 <= mini_batches <= num_documents:
+        raise ValueError(f"train.mini_batches={mini_batches} must be between 1 and the batch's {num_documents} documents")
+    cuts = [round(i * num_documents / mini_batches) for i in range(mini_batches + 1)]
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def rollout_batch_update(mode: str, model: FastWeightLM, optimizer: torch.optim.Optimizer, input_ids: torch.Tensor,
+                         lengths: torch.Tensor, rollouts: Rollouts, config: RunConfig,
+                         ref_model: FastWeightLM | None = None, times: StageTimes | None = None) -> StepResult:
+    """Train on a batch of scored rollouts: GRPO advantages over the whole batch (its groups never span two
+    documents), then an optimizer step per mini-batch of documents with the `mode` loss ("onepass" or
+    "reference"). From the second mini-batch on, the policy has moved since the rollouts were sampled: the
+    ratio differs from 1 and the clip acts, as in the paper's code. Stats are the mini-batches' means;
+    skipped: any mini-batch's step was skipped."""
+    cfg = config.refine
+    advantages = advantages_for(rollouts.rewards, rollouts, cfg)
+    per_document = rollouts.positions.shape[1] * rollouts.num_samples
+    outcomes = []
+    for start, end in mini_batch_bounds(input_ids.shape[0], config.train.mini_batches):
+        with timed_stage(times, "forward"):
+            result = refine_loss(mode, model, input_ids[start:end], lengths[start:end], rollouts.documents(start, end),
+                                 advantages[start * per_document:end * per_document], cfg, ref_model)
+        with timed_stage(times, "backward_step"):
+            outcomes.append(optimizer_step(model, optimizer, result, config.optim.grad_clip))
+    merged = merge_steps(outcomes)
+    merged.stats.update(rollout_stats(rollouts))
+    return merged
+
+
+def merge_steps(outcomes: list[StepResult]) -> StepResult:
+    """The optimizer steps of one batch reported as one: each stat's mean (a stat missing from a step, such as
+    skipped_nonfinite, counts as 0 there), skipped when any step was."""
+    keys = dict.fromkeys(key for outcome in outcomes for key in outcome.stats)
+    stats = {key: sum(outcome.stats.get(key, 0.0) for outcome in outcomes) / len(outcomes) for key in keys}
+    return StepResult(stats, any(outcome.skipped for outcome in outcomes))
 
 
 def optimizer_step(model: FastWeightLM, optimizer: torch.optim.Optimizer, result: LossResult,
@@ -270,7 +309,12 @@ def prepare_model(config: RunConfig) -> FastWeightLM:
 
 
 def train(config: RunConfig, resume: bool = False, progress: bool = True) -> dict[str, float]:
-    """Run `config.train.steps` optimizer steps; returns the last step's stats."""
+    """Run `config.train.steps` steps; returns the last step's stats."""
+    if config.train.mini_batches > 1 and config.train.mode not in ("onepass", "reference"):
+        raise ValueError(f"train.mini_batches={config.train.mini_batches} needs train.mode 'onepass' or 'reference', "
+                         f"which sample rollouts once per step; train.mode={config.train.mode!r} "
+                         + ("samples them in every update (on-policy)" if config.train.mode == "fused"
+                            else "has no rollouts") + ": lower train.batch_size instead")
     tune_allocator()
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
@@ -296,12 +340,8 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> dic
     def next_batch(_: int) -> StepBatch:  # the stream carries its own cursor
         batch = next(batches).to(config.train.device)
 
-        def update(times: StageTimes) -> StepResult:
-            result = compute_loss(model, batch, config, generator, ref_model, times)
-            with times.stage("backward_step"):
-                return optimizer_step(model, optimizer, result, config.optim.grad_clip)
-
-        return StepBatch(update=update, cursor=batch.cursor, tokens=int(batch.lengths.sum()))
+        return StepBatch(update=lambda times: train_step(model, optimizer, batch, config, generator, ref_model, times),
+                         cursor=batch.cursor, tokens=int(batch.lengths.sum()))
 
     return run_steps(config, model, optimizer, generator, tokenizer, next_batch, step, cursor,
                      desc=f"train[{config.train.mode}]", shown=("loss", "reward_mean"), progress=progress)

@@ -1,6 +1,6 @@
 """The three phases as library calls, all on the same one-pass machinery.
 
-- mid-training: `refine.loop.compute_loss` + `optimizer_step` on long documents;
+- mid-training: `refine.loop.train_step` on long documents;
 - post-training (`posttrain_step`): "nested", in the paper code's order: an optimizer step on REFINE over
   the contexts, then one on SFT of the answers at the weights that step produced;
 - test-time training (`adapt_and_answer`): s REFINE steps on one unlabeled prompt, then a greedy

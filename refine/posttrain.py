@@ -82,6 +82,9 @@ def check_config(config: RunConfig, sft_coef: float) -> None:
     if config.train.mode != "fused":
         raise ValueError(f"train.mode={config.train.mode!r}: refine posttrain runs the fused nested step only "
                          f"(REFINE on the context + SFT on the answer); set train.mode=fused")
+    if config.train.mini_batches > 1:
+        raise ValueError(f"train.mini_batches={config.train.mini_batches}: refine posttrain's fused steps sample their "
+                         f"rollouts in every update (on-policy); lower train.batch_size instead")
     if config.refine.kl_coef > 0:
         raise ValueError(f"refine.kl_coef={config.refine.kl_coef}: refine posttrain has no reference policy for a "
                          f"KL term; set refine.kl_coef=0")

@@ -16,10 +16,9 @@ of version >= v (workers pull the newest weights right before each batch) and tr
 <= step + u. Its staleness is therefore at most `step + u - v`, so the orchestrator publishes only
 while `u <= max_staleness - (step - v)`, and never more than `batches_in_flight` unfinished batches.
 With max_staleness = 0 (and sync_interval = 1) that means: one batch at a time, published only
-after the weights of the current step are out: strictly on-policy, one optimizer step per rollout batch
-(the paper's code takes several mini-batch steps per rollout batch, so its later mini-batches train on
-rollouts a few versions old, which is where its ratio clip acts). More staleness lets rollouts of the
-next batches overlap the learner's step. (A batch overtaken by
+after the weights of the current step are out: strictly on-policy, one rollout batch per learner step
+(`train.mini_batches` > 1 then splits that step into optimizer steps on the same rollouts, as the paper's
+code does). More staleness lets rollouts of the next batches overlap the learner's step. (A batch overtaken by
 later ones, which can only happen with several batches in flight, may exceed the bound; the
 learner then drops and counts it.)
 
@@ -129,6 +128,9 @@ def check_service_config(config: RunConfig) -> None:
             f"service.mode='disaggregated' produce; the colocated fused step scores tokens and hidden states "
             f"(cosine, binary, hybrid)"
         )
+    if service.mode == "colocated" and config.train.mini_batches > 1:
+        raise ValueError(f"train.mini_batches={config.train.mini_batches} needs service.mode='disaggregated': the "
+                         f"colocated fused step samples its rollouts in every update (on-policy)")
     if service.mode == "colocated" and service.num_learners > 1:
         raise ValueError(f"service.num_learners={service.num_learners} needs service.mode='disaggregated': the "
                          f"colocated fused step samples its own rollouts and is not split across ranks")

@@ -5,9 +5,12 @@ import json
 import pytest
 import torch
 
-from refine.algorithm.update import LossResult
+from refine.algorithm.rollout import snapshot_rollouts
+from refine.algorithm.update import LossResult, advantages_for, refine_loss, score_rollouts
 from refine.config import load_config
-from refine.loop import optimizer_step, prepare_model, train
+from refine.loop import (
+    make_optimizer, mini_batch_bounds, optimizer_step, prepare_model, rollout_batch_update, train,
+)
 from refine.models import build_model, load_model
 
 
@@ -236,3 +239,58 @@ def test_an_out_dir_that_cannot_be_a_directory_names_the_field(tmp_path, where):
     with pytest.raises(ValueError, match=f"^train.out_dir='{out_dir}': cannot create the run directory"):
         train(_config(out_dir, "ntp", steps=1), progress=False)
     assert (tmp_path / "file").read_text() == "keep me"
+
+
+def test_mini_batch_bounds_cover_the_batch_in_near_equal_contiguous_runs():
+    for documents in range(1, 9):
+        for count in range(1, documents + 1):
+            bounds = mini_batch_bounds(documents, count)
+            assert [i for start, end in bounds for i in range(start, end)] == list(range(documents))
+            sizes = [end - start for start, end in bounds]
+            assert len(sizes) == count and min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
+    with pytest.raises(ValueError, match=r"train.mini_batches=3 must be between 1 and the batch's 2 documents"):
+        mini_batch_bounds(2, 3)
+
+
+def _scored_batch():
+    torch.manual_seed(0)
+    model = build_model(dict(model_type="delta_net", vocab_size=40, hidden_size=32, num_hidden_layers=1, num_heads=2,
+                             intermediate_size=32), dtype=torch.float64)
+    config = load_config(None, ["train.batch_size=3", "train.mini_batches=2", "optim.lr=0.05", "refine.num_chunks=2",
+                                "refine.margin=4", "refine.num_samples=2", "data.min_length=30"])
+    ids = torch.randint(0, 40, (3, 90), generator=torch.Generator().manual_seed(1))
+    lengths = torch.tensor([90, 60, 75])
+    rollouts = snapshot_rollouts(model, ids, lengths, config.refine, torch.Generator().manual_seed(2))
+    rollouts.rewards = score_rollouts(rollouts, config.refine)
+    return model, config, ids, lengths, rollouts
+
+
+@pytest.mark.parametrize("mode", ["onepass", "reference"])
+def test_mini_batches_are_optimizer_steps_in_turn_on_the_rollouts_sampled_before_the_first(mode):
+    model, config, ids, lengths, rollouts = _scored_batch()
+    outcome = rollout_batch_update(mode, model, make_optimizer(model, config.optim), ids, lengths, rollouts, config)
+
+    expected, _, _, _, _ = _scored_batch()
+    optimizer = make_optimizer(expected, config.optim)
+    advantages = advantages_for(rollouts.rewards, rollouts, config.refine)  # over the whole batch
+    by_hand = []
+    for (start, end), (lo, hi) in zip([(0, 2), (2, 3)], [(0, 8), (8, 12)]):  # 2 chunks x 2 samples per document
+        result = refine_loss(mode, expected, ids[start:end], lengths[start:end], rollouts.documents(start, end),
+                             advantages[lo:hi], config.refine)
+        by_hand.append(optimizer_step(expected, optimizer, result, config.optim.grad_clip))
+    for got, want in zip(model.state_dict().values(), expected.state_dict().values()):
+        torch.testing.assert_close(got, want)
+    assert outcome.stats["loss"] == pytest.approx((by_hand[0].stats["loss"] + by_hand[1].stats["loss"]) / 2)
+    # The first mini-batch is on-policy; the second trains on rollouts of the weights before the first step.
+    assert by_hand[0].stats["pg/approx_kl"] == pytest.approx(0.0, abs=1e-12)
+    assert abs(by_hand[1].stats["pg/approx_kl"]) > 1e-6
+    assert outcome.stats["pg/approx_kl"] == pytest.approx(by_hand[1].stats["pg/approx_kl"] / 2)
+
+
+def test_a_run_with_mini_batches_trains_and_fused_or_ntp_runs_refuse_them(tmp_path):
+    stats = train(_config(tmp_path / "a", "onepass", extra=("train.mini_batches=2",)), progress=False)
+    assert stats["step"] == 2 and "pg/approx_kl" in stats
+    for mode, why in (("fused", "samples them in every update"), ("ntp", "has no rollouts")):
+        with pytest.raises(ValueError, match=rf"train.mini_batches=2 needs train.mode 'onepass' or 'reference'.*{why}"):
+            train(_config(tmp_path / mode, mode, extra=("train.mini_batches=2",)), progress=False)
+        assert not (tmp_path / mode).exists()  # refused before anything is written

@@ -147,3 +147,11 @@ def test_a_posttrain_that_cannot_start_leaves_its_directory_as_it_was(tmp_path, 
     assert main(_argv(more, init, out, 2, "--resume")) == 2
     assert f"{trainer}: not a readable training checkpoint" in capsys.readouterr().err
     assert {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()} == before
+
+
+def test_mini_batches_are_refused_before_anything_is_written(tmp_path, capsys):
+    init = _init_model(tmp_path)
+    data = _write(tmp_path / "qa.jsonl", _qa_rows(3))
+    assert main(_argv(data, init, tmp_path / "run", 1, "--set", "train.mini_batches=2")) == 2
+    assert capsys.readouterr().err.startswith("refine: error: train.mini_batches=2: refine posttrain's fused steps")
+    assert not (tmp_path / "run").exists()

@@ -1,11 +1,11 @@
-"""Snapshot decoding (refine.algorithm.rollout.decode): host reads and bad logits."""
+"""Snapshot decoding (refine.algorithm.rollout.decode): host reads and bad logits; a batch's rollouts by document."""
 
 import math
 
 import pytest
 import torch
 
-from refine.algorithm.rollout import decode
+from refine.algorithm.rollout import Rollouts, decode
 from refine.config import RefineConfig
 from refine.models import build_model
 
@@ -76,3 +76,18 @@ def test_decode_never_samples_the_models_eos(name):
     model.config.eos_token_id = 40
     with pytest.raises(ValueError, match="eos_token_id=40 is outside the vocabulary"):
         decode(model, states, first_logits, cfg, None)
+
+
+def test_documents_of_a_batch_keep_their_rollouts() -> None:
+    batch, chunks, samples, k = 3, 2, 2, 4
+    n = batch * chunks * samples
+    rollouts = Rollouts(positions=torch.arange(batch * chunks).reshape(batch, chunks),
+                        tokens=torch.arange(n)[:, None].expand(n, k), logprobs=torch.zeros(n, k),
+                        hidden=torch.zeros(n, k, 0), target_tokens=torch.zeros(n, k, dtype=torch.long),
+                        target_hidden=torch.zeros(n, k, 0), entropies=torch.zeros(batch, chunks),
+                        num_samples=samples, rewards=torch.arange(n, dtype=torch.float32))
+    part = rollouts.documents(1, 3)  # rollout i belongs to document i // (chunks * samples)
+    assert part.positions.tolist() == [[2, 3], [4, 5]]
+    assert part.tokens[:, 0].tolist() == list(range(4, 12))
+    assert part.rewards.tolist() == [float(i) for i in range(4, 12)]
+    assert part.num_samples == samples and part.entropies.shape == (2, chunks)

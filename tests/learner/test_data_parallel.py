@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from learner.data_parallel import document_slice, slice_loss, slice_rollouts
-from refine.algorithm.rollout import Rollouts, snapshot_rollouts
+from learner.data_parallel import document_slice, slice_loss
+from refine.algorithm.rollout import snapshot_rollouts
 from refine.algorithm.update import advantages_for, refine_loss, score_rollouts
 from refine.config import RefineConfig
 from refine.models import build_model
@@ -18,20 +18,6 @@ def test_documents_are_split_into_contiguous_slices_covering_the_batch() -> None
             slices = [document_slice(documents, rank, ranks) for rank in range(ranks)]
             covered = [i for start, end in slices for i in range(start, end)]
             assert covered == list(range(documents)), (documents, ranks)
-
-
-def test_a_slice_keeps_the_rollouts_of_its_documents() -> None:
-    batch, chunks, samples, k = 3, 2, 2, 4
-    n = batch * chunks * samples
-    rollouts = Rollouts(positions=torch.arange(batch * chunks).reshape(batch, chunks),
-                        tokens=torch.arange(n)[:, None].expand(n, k), logprobs=torch.zeros(n, k),
-                        hidden=torch.zeros(n, k, 0), target_tokens=torch.zeros(n, k, dtype=torch.long),
-                        target_hidden=torch.zeros(n, k, 0), entropies=torch.zeros(batch, chunks),
-                        num_samples=samples, rewards=torch.arange(n, dtype=torch.float32))
-    part = slice_rollouts(rollouts, 1, 3)
-    assert part.positions.tolist() == [[2, 3], [4, 5]]
-    assert part.tokens[:, 0].tolist() == list(range(4, 12))
-    assert part.rewards.tolist() == [float(i) for i in range(4, 12)]
 
 
 def test_slice_gradients_sum_to_the_whole_batch_gradient_with_unequal_lengths() -> None:

@@ -47,3 +47,14 @@ def test_onepass_update_times_the_loss_and_the_backward_step():
     phases = _phases(outcome.stats)
     assert set(phases) == {"forward", "backward_step"} and set(phases) <= set(LEARNER_PHASES)
     assert all(seconds > 0 for seconds in phases.values()) and sum(phases.values()) <= wall
+
+
+def test_onepass_update_takes_an_optimizer_step_per_mini_batch():
+    config, model, optimizer, ids, lengths = _setup()
+    config.train.batch_size, config.train.mini_batches = 2, 2
+    rollouts = snapshot_rollouts(model, ids, lengths, config.refine, torch.Generator().manual_seed(2))
+    rollouts.rewards = score_rollouts(rollouts, config.refine)
+    outcome = onepass_update(model, optimizer, ids, lengths, rollouts, config)
+    assert not outcome.skipped
+    assert all(int(state["step"]) == 2 for state in optimizer.state.values())  # AdamW stepped twice
+    assert set(_phases(outcome.stats)) == {"forward", "backward_step"}  # both steps' time in the same phases

@@ -18,8 +18,9 @@ pytestmark = pytest.mark.slow
 
 def test_two_learner_ranks_train_and_end_with_equal_weights(ray_session, tmp_path: Path) -> None:
     steps = 3
-    config = tiny_config(tmp_path, f"train.steps={steps}", "service.num_learners=2",
-                         "service.num_rollout_workers=1", "train.checkpoint_every=0")
+    # Two mini-batches of two documents: each optimizer step splits its mini-batch over the ranks.
+    config = tiny_config(tmp_path, f"train.steps={steps}", "service.num_learners=2", "train.batch_size=4",
+                         "train.mini_batches=2", "service.num_rollout_workers=1", "train.checkpoint_every=0")
     stats = run(config, progress=False)  # raises if rank 1 fails or its weights differ from rank 0's
     rows = step_rows(tmp_path / "run")
     assert [row["step"] for row in rows] == list(range(1, steps + 1))

@@ -139,6 +139,7 @@ def test_a_bad_data_row_ends_the_run_after_the_learner_checkpoints(ray_session, 
     (["service.mode=colocated", "refine.reward=no_such_reward"], "unknown reward_type 'no_such_reward'"),
     (["service.mode=colocated", "refine.reward=qa_f1"], "refine.reward='qa_f1' scores decoded text"),
     (["service.max_staleness=0", "service.sync_interval=3"], "service.max_staleness=0"),
+    (["service.mode=colocated", "train.mini_batches=2"], "train.mini_batches=2 needs service.mode='disaggregated'"),
 ])
 def test_configs_the_service_cannot_run_are_rejected(tmp_path: Path, overrides: list[str], message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -148,3 +149,4 @@ def test_configs_the_service_cannot_run_are_rejected(tmp_path: Path, overrides: 
 def test_task_rewards_are_accepted_where_their_text_is_decoded(tmp_path: Path) -> None:
     check_service_config(tiny_config(tmp_path, "refine.reward=qa_f1"))  # the reward replicas decode rollouts
     check_service_config(tiny_config(tmp_path, "service.mode=colocated", "refine.reward=hybrid"))
+    check_service_config(tiny_config(tmp_path, "train.mini_batches=2"))  # the disaggregated learner takes them
