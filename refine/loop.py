@@ -80,10 +80,12 @@ def train_step(model: FastWeightLM, optimizer: torch.optim.Optimizer, batch: Doc
 
 
 def mini_batch_bounds(num_documents: int, mini_batches: int) -> list[tuple[int, int]]:
-    """[start, end) of `mini_batches` contiguous runs of documents covering the batch, sizes differing by at most one."""
-    if not 1 <= mini_batches <= num_documents:
-        raise ValueError(f"train.mini_batches={mini_batches} must be between 1 and the batch's {num_documents} documents")
-    cuts = [round(i * num_documents / mini_batches) for i in range(mini_batches + 1)]
+    """[start, end) of `mini_batches` contiguous runs of documents covering the batch, sizes differing by at most
+    one; a batch of fewer documents (a finite source's last, partial batch) gets one run per document."""
+    if num_documents < 1 or mini_batches < 1:
+        raise ValueError(f"cannot split {num_documents} documents into train.mini_batches={mini_batches}")
+    count = min(mini_batches, num_documents)
+    cuts = [round(i * num_documents / count) for i in range(count + 1)]
     return list(zip(cuts[:-1], cuts[1:]))
 
 

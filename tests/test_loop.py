@@ -248,8 +248,9 @@ def test_mini_batch_bounds_cover_the_batch_in_near_equal_contiguous_runs():
             assert [i for start, end in bounds for i in range(start, end)] == list(range(documents))
             sizes = [end - start for start, end in bounds]
             assert len(sizes) == count and min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
-    with pytest.raises(ValueError, match=r"train.mini_batches=3 must be between 1 and the batch's 2 documents"):
-        mini_batch_bounds(2, 3)
+    assert mini_batch_bounds(2, 3) == [(0, 1), (1, 2)]  # a short last batch: one document per mini-batch
+    with pytest.raises(ValueError, match=r"cannot split 0 documents into train.mini_batches=2"):
+        mini_batch_bounds(0, 2)
 
 
 def _scored_batch():
