@@ -259,12 +259,35 @@ class RunConfig(Strict):
 
     @model_validator(mode="after")
     def _engine_serves_model(self) -> "RunConfig":
-        if self.rollout.engine == "vllm" and self.model.model_type not in ("delta_net", "gated_deltanet"):
+        # What the vLLM engine would refuse only once a worker starts it (or fail on every rollout),
+        # refused here with the checks that need no vLLM.
+        if self.rollout.engine != "vllm":
+            return self
+        from refine_vllm.servable import cpu_head_dim_problems, servable_problems  # plain Python: no vLLM import
+
+        model, vllm, cfg = self.model, self.rollout.vllm, self.refine
+        if model.model_type not in ("delta_net", "gated_deltanet"):
             raise ValueError(f"rollout.engine='vllm' serves delta_net and gated_deltanet, "
-                             f"not model.model_type={self.model.model_type!r}")
-        gate = getattr(self.model, "output_gate_activation", "swish")
-        if self.rollout.engine == "vllm" and gate not in ("swish", "silu"):
-            raise ValueError(f"rollout.engine='vllm' gates outputs with swish, not model.output_gate_activation={gate!r}")
+                             f"not model.model_type={model.model_type!r}")
+        problems = [f"model.{problem}" for problem in servable_problems(model)]
+        if problems:
+            raise ValueError("rollout.engine='vllm' cannot serve " + "; ".join(problems))
+        if self.train.device == "cpu":
+            problems = cpu_head_dim_problems(model, prefix="model.")
+            if vllm.dtype != "bfloat16":
+                problems.append(f"rollout.vllm.dtype={vllm.dtype!r}")
+            if problems:
+                raise ValueError("rollout.engine='vllm' with train.device='cpu': vLLM's CPU delta-rule kernels need "
+                                 "bfloat16 and equal key and value head dims of 64 or 128, got " + "; ".join(problems))
+        if vllm.behaviour_logprobs == "sampler" and (cfg.top_p < 1.0 or cfg.top_k > 0):
+            raise ValueError(f"rollout.vllm.behaviour_logprobs='sampler' with refine.top_p={cfg.top_p} / "
+                             f"refine.top_k={cfg.top_k}: vLLM would report the filtered distribution's log-probs; "
+                             "use rollout.vllm.behaviour_logprobs='policy'")
+        longest = self.data.seq_len + cfg.rollout_len
+        if longest > vllm.max_model_len:
+            raise ValueError(f"data.seq_len={self.data.seq_len} + refine.rollout_len={cfg.rollout_len} = {longest} "
+                             f"tokens exceeds rollout.vllm.max_model_len={vllm.max_model_len} (a prefix plus its "
+                             "rollout must fit)")
         return self
 
     @model_validator(mode="after")

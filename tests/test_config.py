@@ -130,11 +130,12 @@ def test_the_model_agrees_with_the_tokenizer(tmp_path):
         fit_to_tokenizer(load_config(None, [f"train.init_from={tmp_path / 'ckpt'}"]), byte)
 
 
-def test_the_vllm_engine_refuses_a_sigmoid_output_gate():
-    sets = ["model.model_type=gated_deltanet", "rollout.engine=vllm"]
-    assert load_config(None, sets + ["model.output_gate_activation=silu"]).model.output_gate_activation == "silu"
-    with pytest.raises(ConfigError, match="not model.output_gate_activation='sigmoid'"):
-        load_config(None, sets + ["model.output_gate_activation=sigmoid"])
+def test_the_vllm_engine_serves_every_output_gate():
+    # vLLM's gated norm has sigmoid as well as silu (swish); the plugin passes the activation through.
+    sets = ["model.model_type=gated_deltanet", "model.head_dim=64", "model.expand_v=1", "rollout.engine=vllm"]
+    for gate in ("swish", "silu", "sigmoid"):
+        config = load_config(None, sets + [f"model.output_gate_activation={gate}"])
+        assert config.model.output_gate_activation == gate
 
 
 def test_home_relative_paths_are_expanded_once_for_every_reader(tmp_path, monkeypatch):
@@ -324,3 +325,39 @@ def test_the_data_format_is_a_setting():
     with pytest.raises(ConfigError, match=r"data\.format: Input should be 'auto', 'parquet', 'jsonl', 'text' or 'hf' "
                                           r"\(got 'csv'\)"):
         load_config(None, ["data.format=csv"])
+
+
+GATED_64 = ["model.model_type=gated_deltanet", "model.head_dim=64", "model.expand_v=1"]
+
+
+@pytest.mark.parametrize("sets, error", [
+    # check_servable's model checks
+    (["model.use_short_conv=false"], r"rollout.engine='vllm' cannot serve model.use_short_conv=False \(vLLM's layer"),
+    (["model.qk_norm=sum"], r"cannot serve model.qk_norm='sum'"),
+    (GATED_64 + ["model.allow_neg_eigval=true"], r"cannot serve model.allow_neg_eigval=True"),
+    # vLLM's CPU kernels: equal key and value head dims of 64 or 128, bfloat16
+    (["model.model_type=gated_deltanet", "model.head_dim=64"],
+     r"train.device='cpu'.* head_k_dim=64 != head_v_dim=128 \(from model.head_dim=64, model.expand_v=2.0\)"),
+    (["model.num_heads=4"], r"head_k_dim=32, head_v_dim=32 \(from model.hidden_size=128, model.num_heads=4, "),
+    (["rollout.vllm.dtype=float32"], r"train.device='cpu'.* rollout.vllm.dtype='float32'"),
+    # log-probs vLLM would report of the filtered distribution
+    (["refine.top_p=0.9"], r"rollout.vllm.behaviour_logprobs='sampler' with refine.top_p=0.9 / refine.top_k=0"),
+    (["refine.top_k=50"], r"rollout.vllm.behaviour_logprobs='sampler' with refine.top_p=1.0 / refine.top_k=50"),
+    # a prefix plus its rollout must fit
+    (["data.seq_len=4096", "rollout.vllm.max_model_len=4100"],
+     r"data.seq_len=4096 \+ refine.rollout_len=5 = 4101 tokens exceeds rollout.vllm.max_model_len=4100"),
+])
+def test_the_vllm_engine_refuses_up_front_what_it_would_refuse_later(sets, error):
+    assert load_config(None, sets).rollout.engine == "snapshot"  # the snapshot engine serves them all
+    with pytest.raises(ConfigError, match=error):
+        load_config(None, sets + ["rollout.engine=vllm"])
+
+
+def test_what_the_vllm_engine_refuses_only_where_it_applies():
+    vllm = ["rollout.engine=vllm"]
+    assert load_config(None, vllm).rollout.engine == "vllm"  # the default model runs on vLLM's CPU kernels
+    # CPU kernel limits bind only CPU runs; filters only vLLM's own log-probs.
+    load_config(None, vllm + ["train.device=cuda", "model.model_type=gated_deltanet", "rollout.vllm.dtype=float32"])
+    load_config(None, vllm + ["refine.top_p=0.9", "refine.top_k=50", "rollout.vllm.behaviour_logprobs=policy"])
+    load_config(None, vllm + ["data.seq_len=4091", "rollout.vllm.max_model_len=4096"])
+    load_config(None, vllm + GATED_64 + ["model.head_dim=128"])

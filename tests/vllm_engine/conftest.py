@@ -21,7 +21,8 @@ def engine(request):
 
     settings = VllmEngineConfig(max_model_len=2048, max_num_seqs=CHUNK_TOKENS, max_num_batched_tokens=CHUNK_TOKENS,
                                 state_cache_bytes=64 << 20)
-    eng = VllmEngine(run_config(request.param), settings)
+    # A fixed worker id: on CPU sampled rollouts draw from vLLM's generator, seeded from it, the same every run.
+    eng = VllmEngine(run_config(request.param), settings, worker_id="tests")
     yield eng
     eng.close()
 

@@ -123,3 +123,26 @@ def test_sampled_rollouts_are_a_function_of_the_generator_seed(engine, documents
     _, (first, again, other) = _sampled_rollouts(engine, documents, [5, 5, 6])
     torch.testing.assert_close(again.tokens, first.tokens, rtol=0, atol=0)
     assert not torch.equal(other.tokens, first.tokens)
+
+
+def test_a_sigmoid_output_gate_is_served_with_sigmoid(documents):
+    """fla's Gated DeltaNet with output_gate_activation='sigmoid': vLLM gates with sigmoid too (not silu)."""
+    from rollout_workers.vllm_engine import VllmEngine, VllmEngineConfig
+
+    ids, lengths = documents
+    config = run_config("gated_deltanet", num_chunks=2)
+    config = config.model_copy(update={"model": config.model.model_copy(update={"output_gate_activation": "sigmoid"})})
+    settings = VllmEngineConfig(max_model_len=1024, max_num_seqs=CHUNK_TOKENS, max_num_batched_tokens=CHUNK_TOKENS,
+                                state_cache_bytes=32 << 20)
+    engine = VllmEngine(config, settings)
+    try:
+        out = engine.rollout(ids, lengths, torch.Generator().manual_seed(0))
+        cfg = engine.config.refine
+        snap = snapshot_rollouts(engine.policy, ids, lengths, cfg, None, positions=out.positions)
+        args = (ids, lengths, out.positions, out.tokens, cfg.num_samples)
+        reference32 = teacher_forced_logprobs(float32_copy(engine.policy), *args)
+        assert_greedy_parity(out.tokens, snap.tokens, reference32)
+        assert_bf16_accurate(out.logprobs, chosen(reference32, out.tokens),
+                             chosen(teacher_forced_logprobs(engine.policy, *args), out.tokens), "sigmoid gate")
+    finally:
+        engine.close()

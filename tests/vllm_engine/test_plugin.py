@@ -61,3 +61,40 @@ def test_engine_refuses_what_it_cannot_serve():
             VllmEngine(run_config("delta_net"), VllmEngineConfig(dtype="float32"))
     with pytest.raises(ValueError, match="max_num_batched_tokens=32"):
         VllmEngineConfig(max_num_batched_tokens=32, max_num_seqs=64)
+    # Documents of data.seq_len tokens plus a rollout must fit: refused at the start, not on every rollout.
+    with pytest.raises(ValueError, match=r"data.seq_len=512 \+ refine.rollout_len=6 = 518 tokens exceeds "
+                                         r"rollout.vllm.max_model_len=256"):
+        VllmEngine(run_config("delta_net"), VllmEngineConfig(max_model_len=256))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a limit of vLLM's CPU kernels")
+def test_cpu_kernels_refuse_unequal_key_and_value_head_dims():
+    from refine_vllm.layers import check_platform
+    from rollout_workers.vllm_engine import VllmEngine
+
+    # fla's Gated DeltaNet default expand_v=2: value heads twice as wide as key heads.
+    model = {k: v for k, v in MODELS["gated_deltanet"].items() if k != "expand_v"}
+    message = r"head_k_dim=64 != head_v_dim=128 \(from model.head_dim=64, model.expand_v=2.0\)"
+    with pytest.raises(ValueError, match=message.replace("model.", "")):
+        check_platform(build_model(model).config, torch.bfloat16)
+    config = run_config("gated_deltanet")
+    config = config.model_copy(update={"model": build_model(model).config})
+    with pytest.raises(ValueError, match=message):
+        VllmEngine(config)  # before vLLM starts
+
+
+def test_sigmoid_output_gate_reaches_vllms_layer():
+    from refine_vllm.layers import layer_config
+
+    config = build_model({**MODELS["gated_deltanet"], "output_gate_activation": "sigmoid"}).config
+    assert layer_config(config).output_gate_type == "sigmoid"
+    assert layer_config(build_model(MODELS["gated_deltanet"]).config).output_gate_type in ("swish", "silu")
+
+
+def test_every_worker_seeds_vllm_differently():
+    from rollout_workers.vllm_engine import _engine_seed
+
+    assert _engine_seed(0, "rollout-0") == _engine_seed(0, "rollout-0")
+    assert len({_engine_seed(0, "rollout-0"), _engine_seed(0, "rollout-1"), _engine_seed(1, "rollout-0"),
+                _engine_seed(0, None)}) == 4
+    assert 0 <= _engine_seed(2**64 - 1, None) < 2**31

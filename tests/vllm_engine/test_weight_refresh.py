@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from vllm_parity import (
     assert_bf16_accurate,
@@ -78,3 +79,53 @@ def test_refresh_across_the_process_boundary(documents):
         assert_greedy_parity(after.tokens, snap.tokens, reference)
     finally:
         engine.close()
+
+
+def test_workers_sharing_a_weights_dir_keep_to_their_own_checkpoints(tmp_path, documents, monkeypatch):
+    """rollout.vllm.weights_dir is one setting for all of a run's workers: each engine stages in a folder of
+    its own and deletes only its own checkpoints; a failed reload leaves our model as it was and the engine
+    refusing all work."""
+    from vllm_parity import run_config
+
+    from rollout_workers.vllm_engine import VllmEngine, VllmEngineConfig
+
+    ids, lengths = documents
+    settings = VllmEngineConfig(max_model_len=1024, max_num_seqs=64, max_num_batched_tokens=64,
+                                state_cache_bytes=32 << 20, multiprocessing=True, weights_dir=str(tmp_path))
+    config = run_config("gated_deltanet", num_chunks=2)
+    a = VllmEngine(config, settings)
+    try:
+        b = VllmEngine(config, settings)
+        try:
+            assert a._staging.parent == b._staging.parent == tmp_path and a._staging != b._staging
+            torch.manual_seed(1)
+            new = build_model(a.policy.config, dtype=torch.bfloat16).state_dict()
+            a.load_weights(new, version=5)
+            served_by_a = sorted(a._staging.iterdir())
+            b.load_weights(new, version=2)  # B lags behind A: the staged names of old would collide
+            assert all(path.exists() for path in served_by_a), "B deleted A's checkpoint"
+            a.load_weights(new, version=6)
+            assert [p.name for p in a._staging.iterdir()] == ["v2"]  # its second refresh; v1 deleted
+            assert [p.name for p in b._staging.iterdir()] == ["v1"]
+            before = a.rollout(ids, lengths, torch.Generator().manual_seed(0))
+            assert before.policy_version == 6
+        finally:
+            b.close()
+        assert [p.name for p in tmp_path.iterdir()] == [a._staging.name], "B leaves only A's folder behind"
+
+        # vLLM fails to reload (here: its checkpoint is missing, which kills its engine process).
+        served = {name: tensor.clone() for name, tensor in a.policy.state_dict().items()}
+        monkeypatch.setattr(a, "_stage", lambda state_dict: tmp_path / "missing")
+        torch.manual_seed(2)
+        with pytest.raises(RuntimeError, match="(?s)loading weights version 7 failed.*the engine is unusable now"):
+            a.load_weights(build_model(a.policy.config, dtype=torch.bfloat16).state_dict(), version=7)
+        assert a.weight_version == 6
+        for name, tensor in a.policy.state_dict().items():
+            assert torch.equal(tensor, served[name]), f"our model took {name} that vLLM does not serve"
+        for call in (lambda: a.rollout(ids, lengths, torch.Generator().manual_seed(0)),
+                     lambda: a.load_weights(served), lambda: a.generate(ids[:1, :50], 4)):
+            with pytest.raises(RuntimeError, match="this vLLM engine is unusable: loading weights version 7 failed"):
+                call()
+    finally:
+        a.close()
+    assert list(tmp_path.iterdir()) == []

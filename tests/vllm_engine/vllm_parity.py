@@ -15,8 +15,8 @@ requires_vllm = pytest.mark.skipif(not vllm_available(), reason=SKIP_REASON)
 
 # Tiny models at the limits vLLM's CPU delta-rule kernels accept: bfloat16, head dim 64 (one with
 # tied embeddings, one without). A wide initialization gives peaked next-token distributions, so
-# greedy choices are rarely bf16 ties. No EOS id: the snapshot engine never samples EOS inside a
-# rollout, vLLM's engine can (see VllmEngine.sample), so without one both sample the same distribution.
+# greedy choices are rarely bf16 ties. No EOS id (neither engine samples EOS inside a rollout;
+# test_eos gives them one).
 MODELS = {
     "delta_net": dict(model_type="delta_net", vocab_size=260, hidden_size=128, num_hidden_layers=2, num_heads=2,
                       intermediate_size=256, initializer_range=0.5, tie_word_embeddings=True, eos_token_id=None),

@@ -1,0 +1,67 @@
+"""What the vLLM plugin can serve, checked without vLLM (run configs validate these anywhere).
+
+`refine.config` refuses a `rollout.engine=vllm` run up front with these checks; the plugin's layers and
+the engine apply the same ones before vLLM starts.
+"""
+
+from __future__ import annotations
+
+from refine.models.config import DeltaNetConfig, GatedDeltaNetConfig
+
+# The head dims vLLM's CPU delta-rule kernels are built for.
+CPU_HEAD_DIMS = (64, 128)
+
+
+def servable_problems(config: DeltaNetConfig | GatedDeltaNetConfig) -> list[str]:
+    """The fields vLLM's gated delta-rule layer cannot compute, each as 'field=value (why)'."""
+    problems = []
+    if not config.use_short_conv:
+        problems.append("use_short_conv=False (vLLM's layer always convolves q, k and v)")
+    if config.allow_neg_eigval:
+        problems.append("allow_neg_eigval=True (vLLM's kernels compute beta = sigmoid(b) without the factor 2)")
+    if isinstance(config, DeltaNetConfig):
+        if config.qk_activation != "silu":
+            problems.append(f"qk_activation={config.qk_activation!r} (only 'silu' is served)")
+        if config.qk_norm != "l2":
+            problems.append(f"qk_norm={config.qk_norm!r} (only 'l2' is served)")
+        if not config.use_beta:
+            problems.append("use_beta=False (only learned beta is served)")
+    return problems
+
+
+def check_servable(config: DeltaNetConfig | GatedDeltaNetConfig) -> None:
+    """Reject the variants vLLM's gated delta-rule layer cannot compute, naming the field and value."""
+    problems = servable_problems(config)
+    if problems:
+        raise ValueError(f"{config.model_type} model cannot be served by vLLM: " + "; ".join(problems))
+
+
+def mixer_dims(config: DeltaNetConfig | GatedDeltaNetConfig) -> dict[str, int]:
+    """Head counts and dims of the delta-rule state, as our mixers define them."""
+    if isinstance(config, GatedDeltaNetConfig):
+        head_k = config.head_dim
+        return dict(num_k_heads=config.num_heads, num_v_heads=config.num_v_heads or config.num_heads,
+                    head_k_dim=head_k, head_v_dim=int(head_k * config.expand_v))
+    key_dim = round(config.hidden_size * config.expand_k)
+    value_dim = round(config.hidden_size * config.expand_v)
+    return dict(num_k_heads=config.num_heads, num_v_heads=config.num_heads,
+                head_k_dim=key_dim // config.num_heads, head_v_dim=value_dim // config.num_heads)
+
+
+def cpu_head_dim_problems(config: DeltaNetConfig | GatedDeltaNetConfig, prefix: str = "") -> list[str]:
+    """Why vLLM's CPU delta-rule kernels cannot run this model's heads (they need equal key and value
+    head dims of 64 or 128); the config fields the dims come from are named with `prefix`."""
+    dims = mixer_dims(config)
+    head_k, head_v = dims["head_k_dim"], dims["head_v_dim"]
+    problems = [f"{name}={dims[name]}" for name in ("head_k_dim", "head_v_dim") if dims[name] not in CPU_HEAD_DIMS]
+    if head_k != head_v:
+        problems.append(f"head_k_dim={head_k} != head_v_dim={head_v}")
+    if not problems:
+        return []
+    if isinstance(config, GatedDeltaNetConfig):
+        fields = dict(head_dim=config.head_dim, expand_v=config.expand_v)
+    else:
+        fields = dict(hidden_size=config.hidden_size, num_heads=config.num_heads, expand_k=config.expand_k,
+                      expand_v=config.expand_v)
+    source = ", ".join(f"{prefix}{name}={value}" for name, value in fields.items())
+    return [f"{', '.join(problems)} (from {source})"]
