@@ -44,3 +44,11 @@ def test_every_stage_uses_the_comparisons_tokenizer(tmp_path):
     assert stage.train.init_from is None
     staged = run_tokenizer(stage)
     assert isinstance(staged, HFTokenizer) and staged.encode("some text") == comparison_tokenizer.encode("some text")
+
+
+def test_mini_batches_split_the_refine_stage_only():
+    # The NTP stages have no rollouts to share between optimizer steps: they would refuse the setting.
+    config = load_config(None, ["train.mode=onepass", "train.mini_batches=2"])
+    tokenizer = run_tokenizer(config)
+    assert stage_config(config, "pretrain", "ntp", 3, 1e-3, None, tokenizer).train.mini_batches == 1
+    assert stage_config(config, "refine", "onepass", 3, 1e-3, None, tokenizer).train.mini_batches == 2
