@@ -91,19 +91,27 @@ class PrometheusServer:
         self.config_path = work_dir / "prometheus.yml"
         self.config_path.write_text(yaml.safe_dump(prometheus_config_for(self.discovery_dir, scrape_interval)))
         self.log_path = work_dir / "prometheus.log"
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(
-                [binary, f"--config.file={self.config_path}", f"--storage.tsdb.path={work_dir / 'data'}",
-                 f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            )
-        try:
-            self._wait_ready(timeout_s=30.0)
-        except BaseException:
-            self.stop()
-            raise
+        # The port is free when picked, but another process may take it before Prometheus binds it: then
+        # Prometheus exits at once, and a fresh port is tried.
+        for attempt in range(3):
+            self.port = _free_port()
+            self.url = f"http://127.0.0.1:{self.port}"
+            with self.log_path.open("wb") as log:
+                self.process = subprocess.Popen(
+                    [binary, f"--config.file={self.config_path}", f"--storage.tsdb.path={work_dir / 'data'}",
+                     f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
+                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                )
+            try:
+                self._wait_ready(timeout_s=30.0)
+                return
+            except RuntimeError as exited:
+                self.stop()
+                if "address already in use" not in str(exited) or attempt == 2:
+                    raise
+            except BaseException:
+                self.stop()
+                raise
 
     def _log_tail(self) -> str:
         return self.log_path.read_text(errors="replace")[-2000:]
