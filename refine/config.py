@@ -25,7 +25,8 @@ from refine.errors import validation_problems
 from refine.models import config_from_dict
 from refine.models.config import DeltaNetConfig, ModelConfigBase, refuse_bool_for_number
 from refine.tokenizer import HFTokenizer, Tokenizer, resolve_tokenizer
-from refine_vllm.settings import VllmEngineConfig  # plain pydantic: importing it needs no vLLM
+from refine_vllm.servable import check_engine  # plain Python: importing it needs no vLLM
+from refine_vllm.settings import VllmEngineConfig
 
 
 class ConfigError(ValueError):
@@ -263,31 +264,8 @@ class RunConfig(Strict):
         # refused here with the checks that need no vLLM.
         if self.rollout.engine != "vllm":
             return self
-        from refine_vllm.servable import cpu_head_dim_problems, servable_problems  # plain Python: no vLLM import
-
-        model, vllm, cfg = self.model, self.rollout.vllm, self.refine
-        if model.model_type not in ("delta_net", "gated_deltanet"):
-            raise ValueError(f"rollout.engine='vllm' serves delta_net and gated_deltanet, "
-                             f"not model.model_type={model.model_type!r}")
-        problems = [f"model.{problem}" for problem in servable_problems(model)]
-        if problems:
-            raise ValueError("rollout.engine='vllm' cannot serve " + "; ".join(problems))
-        if self.train.device == "cpu":
-            problems = cpu_head_dim_problems(model, prefix="model.")
-            if vllm.dtype != "bfloat16":
-                problems.append(f"rollout.vllm.dtype={vllm.dtype!r}")
-            if problems:
-                raise ValueError("rollout.engine='vllm' with train.device='cpu': vLLM's CPU delta-rule kernels need "
-                                 "bfloat16 and equal key and value head dims of 64 or 128, got " + "; ".join(problems))
-        if vllm.behaviour_logprobs == "sampler" and (cfg.top_p < 1.0 or cfg.top_k > 0):
-            raise ValueError(f"rollout.vllm.behaviour_logprobs='sampler' with refine.top_p={cfg.top_p} / "
-                             f"refine.top_k={cfg.top_k}: vLLM would report the filtered distribution's log-probs; "
-                             "use rollout.vllm.behaviour_logprobs='policy'")
-        longest = self.data.seq_len + cfg.rollout_len
-        if longest > vllm.max_model_len:
-            raise ValueError(f"data.seq_len={self.data.seq_len} + refine.rollout_len={cfg.rollout_len} = {longest} "
-                             f"tokens exceeds rollout.vllm.max_model_len={vllm.max_model_len} (a prefix plus its "
-                             "rollout must fit)")
+        check_engine(self.model, self.rollout.vllm, self.refine, self.data.seq_len,
+                     cpu="train.device='cpu'" if self.train.device == "cpu" else None)
         return self
 
     @model_validator(mode="after")

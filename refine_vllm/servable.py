@@ -1,12 +1,20 @@
 """What the vLLM plugin can serve, checked without vLLM (run configs validate these anywhere).
 
-`refine.config` refuses a `rollout.engine=vllm` run up front with these checks; the plugin's layers and
-the engine apply the same ones before vLLM starts.
+`refine.config` refuses a `rollout.engine=vllm` run up front with `check_engine`; the engine applies the
+same check before vLLM starts, and the plugin's layers the model checks.
 """
 
 from __future__ import annotations
 
-from refine.models.config import DeltaNetConfig, GatedDeltaNetConfig
+from typing import TYPE_CHECKING
+
+from refine.models.config import DeltaNetConfig, GatedDeltaNetConfig, ModelConfigBase
+from refine_vllm.settings import VllmEngineConfig
+
+if TYPE_CHECKING:  # refine.config imports this module: a runtime import would be circular
+    from refine.config import RefineConfig
+
+SERVED_MODEL_TYPES = ("delta_net", "gated_deltanet")
 
 # The head dims vLLM's CPU delta-rule kernels are built for.
 CPU_HEAD_DIMS = (64, 128)
@@ -65,3 +73,31 @@ def cpu_head_dim_problems(config: DeltaNetConfig | GatedDeltaNetConfig, prefix: 
                       expand_v=config.expand_v)
     source = ", ".join(f"{prefix}{name}={value}" for name, value in fields.items())
     return [f"{', '.join(problems)} (from {source})"]
+
+
+def check_engine(model: ModelConfigBase, settings: VllmEngineConfig, refine: RefineConfig, seq_len: int,
+                 cpu: str | None) -> None:
+    """Refuse, naming the fields and values, a run the vLLM engine would refuse once started or fail on every
+    rollout. `cpu` says why vLLM's CPU kernels will run (e.g. "train.device='cpu'"), None on a GPU."""
+    if model.model_type not in SERVED_MODEL_TYPES:
+        raise ValueError(f"rollout.engine='vllm' serves {' and '.join(SERVED_MODEL_TYPES)}, "
+                         f"not model.model_type={model.model_type!r}")
+    problems = [f"model.{problem}" for problem in servable_problems(model)]
+    if problems:
+        raise ValueError("rollout.engine='vllm' cannot serve " + "; ".join(problems))
+    if cpu is not None:
+        problems = cpu_head_dim_problems(model, prefix="model.")
+        if settings.dtype != "bfloat16":
+            problems.append(f"rollout.vllm.dtype={settings.dtype!r}")
+        if problems:
+            raise ValueError(f"rollout.engine='vllm' with {cpu}: vLLM's CPU delta-rule kernels need bfloat16 and "
+                             "equal key and value head dims of 64 or 128, got " + "; ".join(problems))
+    if settings.behaviour_logprobs == "sampler" and (refine.top_p < 1.0 or refine.top_k > 0):
+        raise ValueError(f"rollout.vllm.behaviour_logprobs='sampler' with refine.top_p={refine.top_p} / "
+                         f"refine.top_k={refine.top_k}: vLLM would report the filtered distribution's log-probs; "
+                         "use rollout.vllm.behaviour_logprobs='policy'")
+    longest = seq_len + refine.rollout_len
+    if longest > settings.max_model_len:
+        raise ValueError(f"data.seq_len={seq_len} + refine.rollout_len={refine.rollout_len} = {longest} tokens "
+                         f"exceeds rollout.vllm.max_model_len={settings.max_model_len} (a prefix plus its rollout "
+                         "must fit)")

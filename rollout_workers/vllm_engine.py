@@ -63,12 +63,11 @@ from refine.algorithm.rollout import (
 from refine.algorithm.sampling import logprobs_from_logits
 from refine.config import RunConfig
 from refine.models import FastWeightLM, build_model, load_model, save_model
-from refine_vllm.servable import check_servable, cpu_head_dim_problems
+from refine_vllm.servable import check_engine
 from refine_vllm.settings import VllmEngineConfig
 
 __all__ = ["Completion", "VllmEngine", "VllmEngineConfig", "vllm_available"]
 
-SERVED_MODEL_TYPES = ("delta_net", "gated_deltanet")
 VLLM_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -91,30 +90,12 @@ class VllmEngine:
 
     def __init__(self, config: RunConfig, settings: VllmEngineConfig | None = None, *,
                  worker_id: str | None = None) -> None:
-        if config.model.model_type not in SERVED_MODEL_TYPES:
-            raise ValueError(f"rollout.engine=vllm serves model_type in {SERVED_MODEL_TYPES}, "
-                             f"got model.model_type={config.model.model_type!r}")
         self.config = config
         self.settings = settings or _settings_from(config)
-        cfg = config.refine
-        if self.settings.behaviour_logprobs == "sampler" and (cfg.top_p < 1.0 or cfg.top_k > 0):
-            raise ValueError(
-                f"rollout.vllm.behaviour_logprobs='sampler' with refine.top_p={cfg.top_p} / refine.top_k={cfg.top_k}: "
-                "vLLM would report the filtered distribution's log-probs; use behaviour_logprobs='policy'")
-        # Refused here, before vLLM starts (its own refusal would come from inside its engine process).
-        check_servable(config.model)
-        if not torch.cuda.is_available():
-            if self.settings.dtype != "bfloat16":
-                raise ValueError(f"rollout.vllm.dtype={self.settings.dtype!r}: vLLM's CPU delta-rule kernels compute "
-                                 "in bfloat16 only")
-            problems = cpu_head_dim_problems(config.model, prefix="model.")
-            if problems:
-                raise ValueError("vLLM's CPU delta-rule kernels need equal key and value head dims of 64 or 128, got "
-                                 + "; ".join(problems))
-        longest = config.data.seq_len + cfg.rollout_len
-        if longest > self.settings.max_model_len:
-            raise ValueError(f"data.seq_len={config.data.seq_len} + refine.rollout_len={cfg.rollout_len} = {longest} "
-                             f"tokens exceeds rollout.vllm.max_model_len={self.settings.max_model_len}")
+        # Refused here, before vLLM starts (its own refusal would come from inside its engine process). The
+        # settings may be other than the config's, so the run config's own check is not enough.
+        check_engine(config.model, self.settings, config.refine, config.data.seq_len,
+                     cpu=None if torch.cuda.is_available() else "this machine's CPU (no CUDA GPU)")
         self.device = config.train.device
         self.policy = self._initial_policy()
         self.weight_version = 0
@@ -172,11 +153,15 @@ class VllmEngine:
         path = self._staging / f"v{self._staged}"
         path.mkdir()
         (path / "config.json").write_text(self._config_json)
-        tied = self.policy.config.tie_word_embeddings  # the head is the embeddings: safetensors refuses aliases
-        tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in state_dict.items()
-                   if not (tied and name == "lm_head.weight")}
+        tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in self._served(state_dict)}
         save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
         return path
+
+    def _served(self, state_dict: Mapping[str, Tensor]) -> list[tuple[str, Tensor]]:
+        """The tensors vLLM loads: with tied embeddings the head is the embedding table, sent once (safetensors
+        also refuses the alias)."""
+        tied = self.policy.config.tie_word_embeddings
+        return [(name, tensor) for name, tensor in state_dict.items() if not (tied and name == "lm_head.weight")]
 
     def _drop_staged(self, keep: Path) -> None:
         """Delete this engine's other checkpoints (its folder holds nothing else)."""
@@ -253,9 +238,7 @@ class VllmEngine:
                                         kwargs={"weights_path": str(staged), "is_checkpoint_format": True})
             else:
                 dtype = VLLM_DTYPES[self.settings.dtype]
-                tied = self.policy.config.tie_word_embeddings
-                weights = [(name, tensor.detach().to(dtype=dtype)) for name, tensor in state_dict.items()
-                           if not (tied and name == "lm_head.weight")]
+                weights = [(name, tensor.detach().to(dtype=dtype)) for name, tensor in self._served(state_dict)]
                 self.llm.collective_rpc("reload_weights",
                                         kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
             # Cached states were computed with the old weights: serving one would be silently wrong.
