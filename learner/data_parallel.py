@@ -74,10 +74,8 @@ def slice_loss(model: FastWeightLM, input_ids: Tensor, lengths: Tensor, rollouts
     the slice's share of the documents; the NTP term is a mean over next-token targets (length - 1
     per document), so by the slice's share of the targets. The returned ntp_loss and policy_loss are
     the slice's own means."""
-    per_document = rollouts.positions.shape[1] * rollouts.num_samples
-    part = rollouts.documents(start, end)
-    result = refine_loss("onepass", model, input_ids[start:end], lengths[start:end], part,
-                         advantages[start * per_document:end * per_document], cfg, ref_model)
+    result = refine_loss("onepass", model, input_ids[start:end], lengths[start:end], rollouts.documents(start, end),
+                         advantages[rollouts.rows_of(start, end)], cfg, ref_model)
     targets = (lengths - 1).clamp(min=0).tolist()
     target_share = sum(targets[start:end]) / sum(targets)  # Python floats: a tensor ratio would be float32
     document_share = (end - start) / input_ids.shape[0]
@@ -151,10 +149,9 @@ class DataParallelGroup:
             advantages = advantages_for(rollouts.rewards, rollouts, config.refine)
             input_ids = documents.token_ids.to(self.device, torch.long)
             lengths = documents.lengths.to(self.device, torch.long)
-        per_document = rollouts.positions.shape[1] * rollouts.num_samples
         outcomes = [
             self._step(model, optimizer, input_ids[start:end], lengths[start:end], rollouts.documents(start, end),
-                       advantages[start * per_document:end * per_document], config, ref_model, times)
+                       advantages[rollouts.rows_of(start, end)], config, ref_model, times)
             for start, end in mini_batch_bounds(input_ids.shape[0], config.train.mini_batches)
         ]
         merged = merge_steps(outcomes)

@@ -99,12 +99,11 @@ def rollout_batch_update(mode: str, model: FastWeightLM, optimizer: torch.optim.
     skipped: any mini-batch's step was skipped."""
     cfg = config.refine
     advantages = advantages_for(rollouts.rewards, rollouts, cfg)
-    per_document = rollouts.positions.shape[1] * rollouts.num_samples
     outcomes = []
     for start, end in mini_batch_bounds(input_ids.shape[0], config.train.mini_batches):
         with timed_stage(times, "forward"):
             result = refine_loss(mode, model, input_ids[start:end], lengths[start:end], rollouts.documents(start, end),
-                                 advantages[start * per_document:end * per_document], cfg, ref_model)
+                                 advantages[rollouts.rows_of(start, end)], cfg, ref_model)
         with timed_stage(times, "backward_step"):
             outcomes.append(optimizer_step(model, optimizer, result, config.optim.grad_clip))
     merged = merge_steps(outcomes)

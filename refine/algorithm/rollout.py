@@ -47,14 +47,18 @@ class Rollouts:
     def rollout_len(self) -> int:
         return self.tokens.shape[1]
 
-    def documents(self, start: int, end: int) -> "Rollouts":
-        """The rollouts of documents [start, end) of the batch (rollout i belongs to document i // (c * n))."""
+    def rows_of(self, start: int, end: int) -> slice:
+        """The rollout rows of documents [start, end) of the batch (rollout i belongs to document i // (c * n))."""
         per_document = self.positions.shape[1] * self.num_samples
-        lo, hi = start * per_document, end * per_document
+        return slice(start * per_document, end * per_document)
+
+    def documents(self, start: int, end: int) -> "Rollouts":
+        """The rollouts of documents [start, end) of the batch."""
+        rows = self.rows_of(start, end)
         return replace(
-            self, positions=self.positions[start:end], tokens=self.tokens[lo:hi], logprobs=self.logprobs[lo:hi],
-            hidden=self.hidden[lo:hi], target_tokens=self.target_tokens[lo:hi], target_hidden=self.target_hidden[lo:hi],
-            entropies=self.entropies[start:end], rewards=None if self.rewards is None else self.rewards[lo:hi],
+            self, positions=self.positions[start:end], tokens=self.tokens[rows], logprobs=self.logprobs[rows],
+            hidden=self.hidden[rows], target_tokens=self.target_tokens[rows], target_hidden=self.target_hidden[rows],
+            entropies=self.entropies[start:end], rewards=None if self.rewards is None else self.rewards[rows],
         )
 
     def map(self, fn: Callable[[Tensor], Tensor]) -> "Rollouts":
