@@ -22,6 +22,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from refine.files import write_atomically
+
 DEFAULT_DISCOVERY_DIR = os.environ.get("REFINE_METRICS_DISCOVERY_DIR", "/tmp/refine/prometheus")
 
 STEP_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -118,9 +120,7 @@ def serve_metrics(metrics: Metrics, role: str, instance: str, discovery_dir: str
         discovery_file = directory / _file_name(_file_stem(role, instance, *([run] if run else [])), host, port)
         payload = [{"targets": [f"{host}:{port}"],
                     "labels": {"role": role, "instance_id": instance, "node": socket.gethostname()}}]
-        tmp = discovery_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(payload))
-        tmp.replace(discovery_file)  # atomic: Prometheus never reads half a file
+        write_atomically(discovery_file, json.dumps(payload))  # Prometheus never reads half a file
     return MetricsEndpoint(host, port, discovery_file, server)
 
 
