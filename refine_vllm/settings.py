@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -28,8 +30,9 @@ class VllmEngineConfig(BaseModel):
                                "'sampler' gives for a model with an EOS id: vLLM's exclude the suppressed EOS)")
     multiprocessing: bool = Field(False, description="run vLLM's engine core in its own process")
     weights_dir: str | None = Field(
-        None, description="directory the engine owns for the checkpoints vLLM reads (start; refreshes across "
-                          "processes); None: a temporary directory")
+        None, description="directory for the checkpoints vLLM reads (start; refreshes across processes), "
+                          "shared by a run's workers, a folder each, removed when a worker stops or the run "
+                          "kills it; None: a temporary directory per engine")
     extra_args: dict[str, Any] = Field(default_factory=dict, description="passed to vllm.LLM as is")
 
     @model_validator(mode="after")
@@ -38,3 +41,19 @@ class VllmEngineConfig(BaseModel):
         if budget is not None and budget < self.max_num_seqs:
             raise ValueError(f"max_num_batched_tokens={budget} must be >= max_num_seqs={self.max_num_seqs}")
         return self
+
+
+def staging_prefix(owner: str) -> str:
+    """How the names of engine `owner`'s staging folders inside `weights_dir` begin. "~" ends the owner
+    (it appears in no sanitized owner), so one owner's prefix never matches another owner's folders."""
+    return "engine-" + "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in owner) + "~"
+
+
+def remove_staging(weights_dir: str | Path, owner: str) -> int:
+    """Delete the staging folders that engine `owner` left in `weights_dir` (its process was killed before
+    it could); returns how many there were."""
+    removed = 0
+    for path in Path(weights_dir).glob(f"{staging_prefix(owner)}*"):
+        shutil.rmtree(path, ignore_errors=True)
+        removed += 1
+    return removed

@@ -22,7 +22,7 @@ from refine.algorithm.rollout import Rollouts, snapshot_rollouts
 from refine.config import RunConfig
 from refine.loop import prepare_model
 
-__all__ = ["ENGINES", "RolloutEngine", "SnapshotEngine", "batch_generator", "build_engine"]
+__all__ = ["ENGINES", "RolloutEngine", "SnapshotEngine", "batch_generator", "build_engine", "engine_owner"]
 
 
 def batch_generator(seed: int, epoch: int, offset: int, device: str = "cpu") -> torch.Generator:
@@ -57,17 +57,27 @@ class SnapshotEngine:
         return snapshot_rollouts(self.model, ids, lens, self.config.refine, generator)
 
 
-def _vllm_engine(config: RunConfig) -> RolloutEngine:
+def engine_owner(namespace: str, worker_id: str) -> str:
+    """Who an engine belongs to: a worker of one run (what names its vLLM staging folder and seeds vLLM)."""
+    return f"{namespace}-{worker_id}"
+
+
+def _snapshot_engine(config: RunConfig, owner: str | None) -> RolloutEngine:
+    return SnapshotEngine(config)  # its randomness is the batch's generator alone; it keeps no files
+
+
+def _vllm_engine(config: RunConfig, owner: str | None) -> RolloutEngine:
     from rollout_workers.vllm_engine import VllmEngine  # optional extra: imported only when chosen
 
-    return VllmEngine(config)
+    return VllmEngine(config, worker_id=owner)
 
 
-ENGINES = {"snapshot": SnapshotEngine, "vllm": _vllm_engine}
+ENGINES = {"snapshot": _snapshot_engine, "vllm": _vllm_engine}
 
 
-def build_engine(config: RunConfig, name: str | None = None) -> RolloutEngine:
+def build_engine(config: RunConfig, name: str | None = None, *, owner: str | None = None) -> RolloutEngine:
+    """The engine `name` (default: rollout.engine) for `owner` (see `engine_owner`; None outside a service)."""
     name = name or config.rollout.engine
     if name not in ENGINES:
         raise ValueError(f"rollout engine {name!r} is not available (available: {sorted(ENGINES)})")
-    return ENGINES[name](config)
+    return ENGINES[name](config, owner)

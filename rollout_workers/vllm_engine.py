@@ -64,7 +64,7 @@ from refine.algorithm.sampling import logprobs_from_logits
 from refine.config import RunConfig
 from refine.models import FastWeightLM, build_model, load_model, save_model
 from refine_vllm.servable import check_engine
-from refine_vllm.settings import VllmEngineConfig
+from refine_vllm.settings import VllmEngineConfig, staging_prefix
 
 __all__ = ["Completion", "VllmEngine", "VllmEngineConfig", "vllm_available"]
 
@@ -101,7 +101,9 @@ class VllmEngine:
         self.weight_version = 0
         self.last_cached_tokens: list[int] = []  # prefix-cache hits (tokens) of each request of the last call
         self.failure: str | None = None  # set when vLLM's state is unknown: the engine then refuses all work
-        self.vllm_seed = _engine_seed(config.train.seed, worker_id)
+        # Who owns this engine's staging folder and random stream: the worker, else this host and process.
+        self.owner = worker_id if worker_id is not None else f"{socket.gethostname()}-{os.getpid()}"
+        self.vllm_seed = _engine_seed(config.train.seed, self.owner)
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._staging: Path | None = self._staging_dir()
         self._staged = 0  # checkpoints staged so far: v0 (start), v1, ... (never a name in use)
@@ -138,8 +140,9 @@ class VllmEngine:
             return Path(self._tmp.name)
         root = Path(self.settings.weights_dir)
         root.mkdir(parents=True, exist_ok=True)
-        # Host and pid say whose it is; mkdtemp makes it unique even for two engines of one process.
-        return Path(tempfile.mkdtemp(prefix=f"engine-{socket.gethostname()}-{os.getpid()}-", dir=root))
+        # The owner says whose it is (so a run can remove the folder of a worker it killed); mkdtemp makes
+        # it unique even for two engines of one owner.
+        return Path(tempfile.mkdtemp(prefix=staging_prefix(self.owner), dir=root))
 
     def _write_checkpoint(self, model: FastWeightLM) -> Path:
         """The first checkpoint (v0: config.json + safetensors, our layout) in the staging folder."""
@@ -360,10 +363,9 @@ def _settings_from(config: RunConfig) -> VllmEngineConfig:
         section.model_dump() if isinstance(section, BaseModel) else section)
 
 
-def _engine_seed(seed: int, worker_id: str | None) -> int:
-    """vLLM's own seed: the run seed and the worker (its id, else its host and process) in 31 bits."""
-    who = worker_id if worker_id is not None else f"{socket.gethostname()}:{os.getpid()}"
-    digest = hashlib.blake2b(f"vllm-engine:{seed}:{who}".encode(), digest_size=8).digest()
+def _engine_seed(seed: int, owner: str) -> int:
+    """vLLM's own seed: the run seed and the engine's owner in 31 bits."""
+    digest = hashlib.blake2b(f"vllm-engine:{seed}:{owner}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**31 - 1)
 
 

@@ -23,7 +23,7 @@ import time
 import torch
 
 from refine.config import RunConfig
-from rollout_workers.engines import RolloutEngine, batch_generator, build_engine
+from rollout_workers.engines import RolloutEngine, batch_generator, build_engine, engine_owner
 from services.messages import DocumentBatch, RolloutBatch
 from services.resilience import TRANSIENT, OutageTolerance, retry_redis
 from services.role import RoleRuntime
@@ -70,7 +70,7 @@ class RolloutWorker:
         self.broker = self.runtime.broker
         self.metrics = self.runtime.metrics
         self.weights = RedisWeightStore(self.runtime.client, namespace)
-        self.engine: RolloutEngine = build_engine(self.config)
+        self.engine: RolloutEngine = build_engine(self.config, owner=engine_owner(namespace, worker_id))
         self.version: int | None = None
         self.outage_timeout_s = max(60.0, 4 * service.heartbeat_timeout_s)
         self.batches = 0

@@ -76,6 +76,8 @@ from refine.files import write_atomically
 from refine.loop import jsonl_rows, open_metrics
 from refine.plots import plot_metrics
 from refine.tokenizer import Tokenizer
+from refine_vllm.settings import remove_staging
+from rollout_workers.engines import engine_owner
 from services.broker import Broker
 from services.messages import DataCursor, DocumentBatch
 from services.metrics import Metrics, serve_metrics, withdraw_announcements
@@ -324,6 +326,18 @@ class DataPosition:
             self.epoch += 1  # the batch reached the end of a pass
         self.cursor = cursor
         return DataCursor(epoch=self.epoch, offset=cursor, source=source[:200])
+
+
+def remove_member_files(config: RunConfig, namespace: str, role: str, member_id: str) -> None:
+    """What a killed member of run `namespace` could not remove itself: its metrics discovery files and, for a
+    rollout worker on the vLLM engine, its staged checkpoints in rollout.vllm.weights_dir (where this host
+    sees them)."""
+    from rollout_workers.worker import ROLE as WORKER_ROLE
+
+    withdraw_announcements(config.service.metrics_discovery_dir, role, member_id, namespace)
+    rollout = config.rollout
+    if role == WORKER_ROLE and rollout.engine == "vllm" and rollout.vllm.weights_dir is not None:
+        remove_staging(rollout.vllm.weights_dir, engine_owner(namespace, member_id))
 
 
 @dataclass
@@ -693,7 +707,7 @@ class Orchestrator:
                                f"{MAX_RESTARTS_PER_ROLE} times already within {RESTART_WINDOW_S / 60:.0f} minutes")
         old = member.member_id
         ray.kill(member.actor, no_restart=True)
-        withdraw_announcements(self.config.service.metrics_discovery_dir, member.role, old, self.namespace)
+        remove_member_files(self.config, self.namespace, member.role, old)
         self.broker.forget(member.role, old)
         released = release_consumer(self.broker, member.stream, member.group, old)
         self.broker.client.delete(self.broker.key("members", old))  # its record: one more per restart otherwise
@@ -809,9 +823,9 @@ class Orchestrator:
                     pass
         from learner.learner import MEMBER_ID, ROLE
 
-        # Members that finished removed their own discovery files; killed ones could not.
+        # Members that finished removed their own files; killed ones could not.
         for role, member_id in [(ROLE, MEMBER_ID), *((m.role, m.member_id) for m in self.members)]:
-            withdraw_announcements(self.config.service.metrics_discovery_dir, role, member_id, self.namespace)
+            remove_member_files(self.config, self.namespace, role, member_id)
         if self.bar is not None:
             self.bar.close()
         for handle in (self.metrics_file, self.events_file):

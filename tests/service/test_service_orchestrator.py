@@ -4,6 +4,7 @@ resume, and what is checked before Ray and Redis start."""
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,12 @@ from ray.exceptions import ActorDiedError, RayTaskError
 
 from learner.checkpoint import LearnerState
 from refine.config import ConfigError, run_tokenizer
+from refine_vllm.settings import staging_prefix
+from rollout_workers.engines import engine_owner
 from service_helpers import events, step_rows, tiny_config
-from services.orchestrator import Orchestrator, RestartWindow, describe_failure, open_events, restore_reports, run
+from services.orchestrator import (
+    Orchestrator, RestartWindow, describe_failure, open_events, remove_member_files, restore_reports, run,
+)
 from services.progress import StepReport
 
 UNREACHABLE_REDIS = "redis://127.0.0.1:1/0"  # a run that got as far as Redis would fail on it
@@ -119,3 +124,27 @@ def test_a_missing_data_source_fails_before_anything_starts(tmp_path: Path) -> N
     with pytest.raises(ConfigError, match=rf"data.source='{missing}': data path .* does not exist"):
         run(config, progress=False, redis_url=UNREACHABLE_REDIS)
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_a_killed_workers_staged_vllm_checkpoints_are_removed_and_no_one_elses(tmp_path: Path) -> None:
+    """Workers of a run share rollout.vllm.weights_dir, each staging checkpoints in a folder of its own; a worker
+    the run killed (restart, shutdown) could not remove its folder, so the run does."""
+    weights = tmp_path / "weights"
+    config = tiny_config(tmp_path, "model.num_heads=1", "rollout.engine=vllm", f"rollout.vllm.weights_dir={weights}")
+    owners = {"killed": engine_owner("run-a", "rollout_worker-0.0"),
+              "alive": engine_owner("run-a", "rollout_worker-0.1"),
+              "other run": engine_owner("run-b", "rollout_worker-0.0"),
+              "longer id": engine_owner("run-a", "rollout_worker-0.01")}
+    weights.mkdir()
+    folders = {who: Path(tempfile.mkdtemp(prefix=staging_prefix(owner), dir=weights)) for who, owner in owners.items()}
+    (folders["killed"] / "v3").mkdir()
+    (folders["killed"] / "v3" / "model.safetensors").write_bytes(b"weights")
+
+    remove_member_files(config, "run-a", "rollout_worker", "rollout_worker-0.0")
+    assert not folders["killed"].exists()
+    assert all(folders[who].is_dir() for who in ("alive", "other run", "longer id"))
+    # The learner and reward replicas stage nothing; nor does a worker on the snapshot engine.
+    remove_member_files(config, "run-a", "reward", "rollout_worker-0.1")
+    snapshot = tiny_config(tmp_path, f"rollout.vllm.weights_dir={weights}")
+    remove_member_files(snapshot, "run-a", "rollout_worker", "rollout_worker-0.1")
+    assert folders["alive"].is_dir()
