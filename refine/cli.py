@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=1234)
     evaluate.set_defaults(func=_eval)
 
-    posttrain = sub.add_parser("posttrain", help="post-train on QA data: REFINE on each context + SFT on its answer")
+    posttrain = sub.add_parser("posttrain", help="post-train on QA data: REFINE on each prompt + SFT on its answer")
     posttrain.add_argument("--data", required=True, help="task file: JSON lines, parquet or save_to_disk")
     posttrain.add_argument("--task", required=True, choices=["ruler-qa", "longbench"])
     posttrain.add_argument("--config", default=None,

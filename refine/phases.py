@@ -2,7 +2,8 @@
 
 - mid-training: `refine.loop.train_step` on long documents;
 - post-training (`posttrain_step`): "nested", in the paper code's order: an optimizer step on REFINE over
-  the contexts, then one on SFT of the answers at the weights that step produced;
+  the prompts (context and question, what test-time training adapts on), then one on SFT of the answers at
+  the weights that step produced;
 - test-time training (`adapt_and_answer`): s REFINE steps on one unlabeled prompt, then a greedy
   answer; the weights are restored afterwards unless accumulation is asked for.
 """
@@ -26,8 +27,7 @@ from refine.models import FastWeightLM
 
 @dataclass
 class QAExample:
-    context: list[int]  # REFINE runs on these tokens
-    question: list[int]
+    prompt: list[int]  # context and question: REFINE runs on these tokens
     answer: list[int]  # SFT targets
 
 
@@ -42,20 +42,21 @@ def answer_loss(logits: Tensor, input_ids: Tensor, answer_starts: Tensor, length
     return (losses * mask).sum() / mask.sum()
 
 
-def context_refine_loss(model: FastWeightLM, examples: Sequence[QAExample], cfg: RefineConfig,
-                        generator: torch.Generator | None = None, pad_id: int = 0) -> LossResult:
-    """REFINE (rollouts and NTP) on each example's context: the inner step of nested post-training."""
-    ids, lengths = pad_documents([ex.context for ex in examples], pad_id)
+def prompt_refine_loss(model: FastWeightLM, examples: Sequence[QAExample], cfg: RefineConfig,
+                       generator: torch.Generator | None = None, pad_id: int = 0) -> LossResult:
+    """REFINE (rollouts and NTP) on each example's prompt: the inner step of nested post-training, the same
+    update test-time training (`adapt_and_answer`) takes on an unlabeled prompt."""
+    ids, lengths = pad_documents([ex.prompt for ex in examples], pad_id)
     result, _ = fused_refine_step(model, ids.to(model.device), lengths.to(model.device), cfg, generator)
     return result
 
 
 def answer_sft_loss(model: FastWeightLM, examples: Sequence[QAExample], sft_coef: float = 1.0,
                     pad_id: int = 0) -> LossResult:
-    """sft_coef * the cross-entropy of each answer given its context and question: the outer step."""
-    ids, lengths = pad_documents([ex.context + ex.question + ex.answer for ex in examples], pad_id)
+    """sft_coef * the cross-entropy of each answer given its prompt: the outer step."""
+    ids, lengths = pad_documents([ex.prompt + ex.answer for ex in examples], pad_id)
     ids, lengths = ids.to(model.device), lengths.to(model.device)
-    answer_starts = torch.tensor([len(ex.context) + len(ex.question) for ex in examples], device=model.device)
+    answer_starts = torch.tensor([len(ex.prompt) for ex in examples], device=model.device)
     sft = answer_loss(model(ids, lengths=lengths, output_state=False).logits, ids, answer_starts, lengths)
     zero = sft.new_zeros(())
     return LossResult(sft_coef * sft, zero, zero, {"sft_loss": float(sft.detach())})
@@ -65,13 +66,13 @@ def posttrain_step(model: FastWeightLM, optimizer: torch.optim.Optimizer, exampl
                    cfg: RefineConfig, grad_clip: float, sft_coef: float = 1.0,
                    generator: torch.Generator | None = None, pad_id: int = 0) -> StepResult:
     """One nested post-training step on a batch of examples, as the paper's code runs it: an optimizer step on
-    REFINE over the contexts, then one on the answers' SFT loss computed at the weights that step produced,
+    REFINE over the prompts, then one on the answers' SFT loss computed at the weights that step produced,
     each with its own gradient clip. sft_coef = 0 leaves out the second step (AdamW would still move the
     weights on a zero gradient, by momentum and weight decay).
 
     Stats: the REFINE step's (loss, ntp_loss, policy_loss, reward_mean, grad_norm, ...), then sft_loss and the
     SFT step's sft_grad_norm. skipped: either step was skipped for a non-finite loss or gradient."""
-    inner = optimizer_step(model, optimizer, context_refine_loss(model, examples, cfg, generator, pad_id), grad_clip)
+    inner = optimizer_step(model, optimizer, prompt_refine_loss(model, examples, cfg, generator, pad_id), grad_clip)
     if sft_coef == 0:
         return inner
     outer = optimizer_step(model, optimizer, answer_sft_loss(model, examples, sft_coef, pad_id), grad_clip)

@@ -1,22 +1,22 @@
 """`refine posttrain`: post-training on (context, question, answer) task data, the paper's "nested" phase.
 
 Each training step runs `refine.phases.posttrain_step` on `train.batch_size` examples, in the paper code's
-order: an optimizer step on REFINE (rollouts and NTP) over the context tokens, then one on SFT (cross-entropy)
-of the answer given context and question, at the weights the first produced.
+order: an optimizer step on REFINE (rollouts and NTP) over the prompt (context and question, as the paper's
+code and as test-time training in `refine eval --ttt-steps` adapt on it), then one on SFT (cross-entropy) of
+the answer given the prompt, at the weights the first produced.
 
     refine posttrain --data qa.jsonl --task ruler-qa --config configs/posttrain.yaml [--set ...] [--resume]
 
 How a task example becomes tokens (the same ones `refine eval` feeds the model, see `prompt_tokens`):
-- the prompt is what the model reads. When the example keeps its context apart (LongBench rows with
-  `context` and `input`) and the prompt contains it, REFINE covers the prompt up to the end of the
-  context (BOS, any instruction before it, the context) and the rest of the prompt is the question.
-  Otherwise (RULER QA, whose rows hold one prompt) the whole prompt is the context and the question is
-  empty: REFINE then also rolls out over the question at the prompt's end.
+- the prompt is what the model reads: BOS and the example's prompt text.
 - the SFT target is the first gold answer followed by the tokenizer's EOS, since evaluation stops each
   answer at EOS.
-- a sequence longer than `data.seq_len` tokens has its context cut in the middle (start and end kept, as
-  `refine eval` cuts prompts), so the question and the answer survive whole.
-- an example whose context is shorter than REFINE needs (`min_document_length` of refine.num_chunks,
+- a sequence longer than `data.seq_len` tokens is cut in the context's middle (start and end kept, as
+  `refine eval` cuts prompts), so the question and the answer survive whole. The context is the example's
+  own when it keeps one apart (LongBench rows with `context` and `input`) and the prompt contains it: the
+  prompt up to its end (BOS, any instruction, the context); otherwise (RULER QA, whose rows hold one
+  prompt) the whole prompt.
+- an example whose prompt is shorter than REFINE needs (`min_document_length` of refine.num_chunks,
   rollout_len, margin) is skipped and counted; if none is left, the run fails naming the file and the length.
 
 The model is `train.init_from` (a checkpoint directory); the tokenizer is `tokenizer`, else the model
@@ -66,9 +66,10 @@ class DataSummary(BaseModel):
     sft_coef: float
     examples_read: int
     examples_used: int
-    skipped_short_context: int
+    skipped_short_prompt: int
+    skipped_long_question: int  # question and answer alone fill data.seq_len: no room for the context
     truncated: int
-    min_context_tokens: int
+    min_prompt_tokens: int
 
 
 # ---------------------------------------------------------------- checks
@@ -81,7 +82,7 @@ def check_config(config: RunConfig, sft_coef: float) -> None:
                          "directory, e.g. --set train.init_from=checkpoints/delta_net-1.3B-100B")
     if config.train.mode != "fused":
         raise ValueError(f"train.mode={config.train.mode!r}: refine posttrain runs the fused nested step only "
-                         f"(REFINE on the context + SFT on the answer); set train.mode=fused")
+                         f"(REFINE on the prompt + SFT on the answer); set train.mode=fused")
     if config.train.mini_batches > 1:
         raise ValueError(f"train.mini_batches={config.train.mini_batches}: refine posttrain's fused steps sample their "
                          f"rollouts in every update (on-policy); lower train.batch_size instead")
@@ -104,7 +105,8 @@ def load_examples(task: str, path: str | Path, skip_bad_rows: bool = False) -> l
 
 
 def split_prompt(example: TaskExample) -> tuple[str, str]:
-    """(context text, question text) whose concatenation is the prompt; see the module docstring."""
+    """(context text, question text) whose concatenation is the prompt: where a long prompt is cut (see the
+    module docstring)."""
     if example.context:
         start = example.prompt.find(example.context)
         if start >= 0:
@@ -113,40 +115,49 @@ def split_prompt(example: TaskExample) -> tuple[str, str]:
     return example.prompt, ""
 
 
-def encode_example(example: TaskExample, tokenizer: Tokenizer, max_tokens: int) -> tuple[QAExample, bool]:
+def encode_example(example: TaskExample, tokenizer: Tokenizer, max_tokens: int) -> tuple[QAExample | None, bool]:
     """Token ids of one example, at most `max_tokens` in all (the context cut in the middle to fit).
-    Returns (example, whether its context was cut)."""
+    Returns (example, whether its prompt was cut); (None, True) when the question and the answer alone
+    take `max_tokens`, leaving no room for the context."""
     context_text, question_text = split_prompt(example)
     question = tokenizer.encode(question_text)
     answer = tokenizer.encode(example.answers[0]) + [tokenizer.eos_id]
-    room = max(max_tokens - len(question) - len(answer), 0)  # 0 leaves no context: the example is skipped
+    room = max_tokens - len(question) - len(answer)
+    if room <= 0:
+        return None, True
     context, full_length = prompt_tokens(tokenizer, context_text, room)
-    return QAExample(context=context, question=question, answer=answer), len(context) < full_length
+    return QAExample(prompt=context + question, answer=answer), len(context) < full_length
 
 
 def prepare_examples(examples: Sequence[TaskExample], tokenizer: Tokenizer, config: RunConfig, data: str | Path,
                      task: str, sft_coef: float) -> tuple[list[QAExample], DataSummary]:
-    """Encode every example and keep those whose context can host REFINE's rollouts."""
+    """Encode every example and keep those whose prompt can host REFINE's rollouts."""
     cfg = config.refine
     needed = min_document_length(cfg.num_chunks, cfg.rollout_len, cfg.margin)
     usable: list[QAExample] = []
-    truncated = 0
+    truncated = long_question = 0
     for example in examples:
         encoded, cut = encode_example(example, tokenizer, config.data.seq_len)
+        if encoded is None:
+            long_question += 1
+            continue
         truncated += cut
-        if len(encoded.context) >= needed:
+        if len(encoded.prompt) >= needed:
             usable.append(encoded)
     summary = DataSummary(data=str(data), task=task, sft_coef=sft_coef, examples_read=len(examples),
-                          examples_used=len(usable), skipped_short_context=len(examples) - len(usable),
-                          truncated=truncated, min_context_tokens=needed)
+                          examples_used=len(usable), skipped_short_prompt=len(examples) - len(usable) - long_question,
+                          skipped_long_question=long_question, truncated=truncated, min_prompt_tokens=needed)
     wanted = (f"refine.num_chunks={cfg.num_chunks}, rollout_len={cfg.rollout_len} and margin={cfg.margin} need "
-              f"contexts of >= {needed} tokens")
+              f"prompts of >= {needed} tokens")
     if not usable:
-        raise ValueError(f"no example of {str(data)!r} has a context long enough for REFINE ({wanted}; "
+        raise ValueError(f"no example of {str(data)!r} has a prompt long enough for REFINE ({wanted}; "
                          f"data.seq_len={config.data.seq_len} bounds context + question + answer)")
-    if summary.skipped_short_context:
-        _note(f"skipped {summary.skipped_short_context} of {len(examples)} examples of {str(data)!r} whose context "
+    if summary.skipped_short_prompt:
+        _note(f"skipped {summary.skipped_short_prompt} of {len(examples)} examples of {str(data)!r} whose prompt "
               f"is too short ({wanted})")
+    if long_question:
+        _note(f"skipped {long_question} of {len(examples)} examples of {str(data)!r} whose question and answer "
+              f"alone fill data.seq_len={config.data.seq_len} tokens")
     if truncated:
         _note(f"{truncated} examples cut in the middle to data.seq_len={config.data.seq_len} tokens")
     return usable, summary
@@ -197,12 +208,12 @@ def posttrain(config: RunConfig, data: str | Path, task: str, sft_coef: float = 
                 return posttrain_step(model, optimizer, batch, config.refine, config.optim.grad_clip, sft_coef,
                                       generator, tokenizer.pad_id)
 
-        tokens = sum(len(ex.context) + len(ex.question) + len(ex.answer) for ex in batch)
+        tokens = sum(len(ex.prompt) + len(ex.answer) for ex in batch)
         return StepBatch(update=update, cursor=cursor + len(batch), tokens=tokens)
 
     last = run_steps(config, model, optimizer, generator, tokenizer, next_batch, step, cursor, desc="posttrain",
                      shown=("loss", "sft_loss", "reward_mean"), progress=progress)
-    return last | {"examples_used": summary.examples_used, "skipped_short_context": summary.skipped_short_context}
+    return last | {"examples_used": summary.examples_used, "skipped_short_prompt": summary.skipped_short_prompt}
 
 
 def _note(message: str) -> None:

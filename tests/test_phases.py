@@ -10,7 +10,7 @@ from refine.generate import generate
 from refine.loop import make_optimizer, optimizer_step
 from refine.models import build_model
 from refine.phases import (
-    QAExample, adapt_and_answer, answer_loss, answer_sft_loss, context_refine_loss, posttrain_step,
+    QAExample, adapt_and_answer, answer_loss, answer_sft_loss, posttrain_step, prompt_refine_loss,
 )
 
 CFG = RefineConfig(num_chunks=2, rollout_len=3, margin=4, reward="hybrid")
@@ -23,9 +23,10 @@ def _model():
 
 
 def _qa_examples():
+    """Prompts (context then question) of 42 and 34 tokens, answers of 3 and 1."""
     gen = torch.Generator().manual_seed(0)
-    return [QAExample(context=torch.randint(0, 30, (40,), generator=gen).tolist(), question=[1, 2], answer=[3, 4, 5]),
-            QAExample(context=torch.randint(0, 30, (33,), generator=gen).tolist(), question=[6], answer=[7])]
+    return [QAExample(prompt=torch.randint(0, 30, (40,), generator=gen).tolist() + [1, 2], answer=[3, 4, 5]),
+            QAExample(prompt=torch.randint(0, 30, (33,), generator=gen).tolist() + [6], answer=[7])]
 
 
 def _padded(sequences):
@@ -35,25 +36,25 @@ def _padded(sequences):
     return ids
 
 
-def test_posttrain_step_is_a_refine_step_on_contexts_then_an_sft_step_at_the_updated_weights():
+def test_posttrain_step_is_a_refine_step_on_prompts_then_an_sft_step_at_the_updated_weights():
     examples, optim = _qa_examples(), OptimConfig(lr=1e-2)
     model = _model()
     optimizer = make_optimizer(model, optim)
     outcome = posttrain_step(model, optimizer, examples, CFG, optim.grad_clip, sft_coef=0.5,
                              generator=torch.Generator().manual_seed(1))
 
-    # The same two steps by hand: REFINE on the padded contexts alone, then SFT of the full sequences.
+    # The same two steps by hand: REFINE on the padded prompts alone, then SFT of the full sequences.
     expected = _model()
     by_hand = make_optimizer(expected, optim)
-    refine_only, _ = fused_refine_step(expected, _padded([ex.context for ex in examples]), torch.tensor([40, 33]),
+    refine_only, _ = fused_refine_step(expected, _padded([ex.prompt for ex in examples]), torch.tensor([42, 34]),
                                        CFG, torch.Generator().manual_seed(1))
     inner = optimizer_step(expected, by_hand, refine_only, optim.grad_clip)
-    full = _padded([ex.context + ex.question + ex.answer for ex in examples])
+    full = _padded([ex.prompt + ex.answer for ex in examples])
     sft = answer_loss(expected(full, output_state=False).logits, full, torch.tensor([42, 34]), torch.tensor([45, 35]))
     outer = optimizer_step(expected, by_hand, LossResult(0.5 * sft, sft, sft, {}), optim.grad_clip)
 
     assert not outcome.skipped and outcome.stats["loss"] == pytest.approx(refine_only.stats["loss"])
-    assert outcome.stats["sft_loss"] == pytest.approx(float(sft))  # the answer's loss after the REFINE step
+    assert outcome.stats["sft_loss"] == pytest.approx(float(sft.detach()))  # the answer's loss after the REFINE step
     assert outcome.stats["sft_grad_norm"] == pytest.approx(outer.stats["grad_norm"])
     assert outcome.stats["grad_norm"] == pytest.approx(inner.stats["grad_norm"])
     for (name, got), want in zip(model.state_dict().items(), expected.state_dict().values()):
@@ -68,11 +69,23 @@ def test_posttrain_step_without_sft_is_the_refine_step_alone():
     optimizer, by_hand = make_optimizer(model, optim), make_optimizer(expected, optim)
     outcome = posttrain_step(model, optimizer, examples, CFG, optim.grad_clip, sft_coef=0.0,
                              generator=torch.Generator().manual_seed(1))
-    optimizer_step(expected, by_hand, context_refine_loss(expected, examples, CFG, torch.Generator().manual_seed(1)),
+    optimizer_step(expected, by_hand, prompt_refine_loss(expected, examples, CFG, torch.Generator().manual_seed(1)),
                    optim.grad_clip)
     assert "sft_loss" not in outcome.stats
     for got, want in zip(model.state_dict().values(), expected.state_dict().values()):
         torch.testing.assert_close(got, want)
+
+
+def test_post_trainings_inner_step_is_the_update_test_time_training_takes_on_the_prompt():
+    """Nested post-training trains the inner loop that test-time training runs: REFINE on the whole prompt."""
+    (example,), optim = _qa_examples()[:1], OptimConfig(lr=1e-2)
+    trained, adapted = _model(), _model()
+    posttrain_step(trained, make_optimizer(trained, optim), [example], CFG, optim.grad_clip, sft_coef=0.0,
+                   generator=torch.Generator().manual_seed(1))
+    adapt_and_answer(adapted, example.prompt, CFG, optim, steps=1, max_new_tokens=1, restore=False,
+                     generator=torch.Generator().manual_seed(1))
+    for (name, got), want in zip(trained.state_dict().items(), adapted.state_dict().values()):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)
 
 
 def test_answer_loss_counts_only_answer_tokens():

@@ -1,4 +1,4 @@
-"""`refine posttrain`: nested post-training (REFINE on the context + SFT on the answer) from a task file."""
+"""`refine posttrain`: nested post-training (REFINE on the prompt + SFT on the answer) from a task file."""
 
 import json
 
@@ -82,7 +82,7 @@ def test_resume_continues_from_the_checkpoint_step_as_an_uninterrupted_run(tmp_p
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
 
 
-def test_only_too_short_contexts_fail_naming_the_file_and_the_length(tmp_path, capsys):
+def test_only_too_short_prompts_fail_naming_the_file_and_the_length(tmp_path, capsys):
     init = _init_model(tmp_path)
     data = _write(tmp_path / "short.jsonl", [{"prompt": "Hi?", "answer": ["yes"]}, {"prompt": "Ok", "answer": "no"}])
     assert main(_argv(data, init, tmp_path / "run", 1)) == 2
@@ -91,30 +91,50 @@ def test_only_too_short_contexts_fail_naming_the_file_and_the_length(tmp_path, c
     assert "Traceback" not in err
 
 
-def test_a_too_short_context_among_good_ones_is_skipped_and_counted(tmp_path, capsys):
+def test_a_too_short_prompt_among_good_ones_is_skipped_and_counted(tmp_path, capsys):
     init = _init_model(tmp_path)
     data = _write(tmp_path / "qa.jsonl", _qa_rows(3) + [{"prompt": "Why?", "answer": ["because"]}])
     out = tmp_path / "run"
     assert main(_argv(data, init, out, 1)) == 0
     captured = capsys.readouterr()
     assert "skipped 1 of 4 examples" in captured.err and f">= {NEEDED} tokens" in captured.err
-    assert json.loads(captured.out)["skipped_short_context"] == 1
+    assert json.loads(captured.out)["skipped_short_prompt"] == 1
     summary = json.loads((out / "posttrain.json").read_text())
-    assert summary["examples_used"] == 3 and summary["skipped_short_context"] == 1
+    assert summary["examples_used"] == 3 and summary["skipped_short_prompt"] == 1
+    assert summary["skipped_long_question"] == 0
 
 
-def test_separate_context_is_what_refine_sees_and_the_answer_ends_with_eos():
+def test_refine_sees_the_whole_prompt_a_long_one_is_cut_in_its_context_and_the_answer_ends_with_eos():
     tokenizer = ByteTokenizer()
     example = TaskExample(example_id="0", task="hotpotqa", prompt="Read: CONTEXT TEXT\nQ: why?\nA:", answers=["so"],
                           context="CONTEXT TEXT", question="why?")
     encoded, cut = encode_example(example, tokenizer, max_tokens=100)
-    assert encoded.context == [tokenizer.bos_id] + tokenizer.encode("Read: CONTEXT TEXT") and not cut
-    assert encoded.question == tokenizer.encode("\nQ: why?\nA:")
+    assert encoded.prompt == [tokenizer.bos_id] + tokenizer.encode("Read: CONTEXT TEXT\nQ: why?\nA:") and not cut
     assert encoded.answer == tokenizer.encode("so") + [tokenizer.eos_id]
     # Too long: the context is cut in the middle; question and answer stay whole.
     encoded, cut = encode_example(example, tokenizer, max_tokens=20)
-    assert cut and len(encoded.context) == 20 - len(encoded.question) - len(encoded.answer)
-    assert encoded.context[0] == tokenizer.bos_id and encoded.context[-1] == ord("T")
+    question = tokenizer.encode("\nQ: why?\nA:")
+    assert cut and len(encoded.prompt) + len(encoded.answer) == 20 and encoded.prompt[-len(question):] == question
+    assert encoded.prompt[0] == tokenizer.bos_id and encoded.prompt[-len(question) - 1] == ord("T")
+    # Question and answer alone fill the budget: no room for the context.
+    assert encode_example(example, tokenizer, max_tokens=len(question) + len(encoded.answer)) == (None, True)
+
+
+def test_examples_whose_question_and_answer_fill_the_sequence_are_skipped_and_counted(tmp_path, capsys):
+    init = _init_model(tmp_path)
+    rows = [{"context": f"The keeper of lighthouse {i} is named Ada{i}. " * 3, "input": f"Who keeps lighthouse {i}?",
+             "answers": [f"Ada{i}"], "dataset": "hotpotqa"} for i in range(2)]
+    rows.append({"context": "Short.", "input": "Why " * 40 + "?", "answers": ["because"], "dataset": "hotpotqa"})
+    data = _write(tmp_path / "hotpotqa.jsonl", rows)
+    out = tmp_path / "run"
+    argv = _argv(data, init, out, 1, "--set", "data.seq_len=150")
+    argv[argv.index("ruler-qa")] = "longbench"
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "skipped 1 of 3 examples" in captured.err
+    assert "question and answer alone fill data.seq_len=150" in captured.err
+    summary = json.loads((out / "posttrain.json").read_text())
+    assert (summary["examples_used"], summary["skipped_long_question"], summary["skipped_short_prompt"]) == (2, 1, 0)
 
 
 def test_batches_cycle_through_every_example_each_pass():

@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 class TaskExample(BaseModel):
     """One task instance. `prompt` is the whole model input; `context` / `question` are its parts when the
-    source keeps them apart (post-training runs REFINE on the context and SFT on the answer)."""
+    source keeps them apart (post-training cuts a long prompt in the context's middle)."""
 
     model_config = ConfigDict(extra="forbid")
 
