@@ -2,8 +2,9 @@
 (`scripts/eval/synthetic/constants.py`, `evaluate.py`) score them, quirks included, so numbers compare
 with published ones.
 
-Per-example functions return a value in [0, 1]; a benchmark's task score is `aggregate` of them
-(mean x 100, rounded to 2 decimals, as both benchmarks report).
+Per-example functions return a value in [0, 1]; a task's score is their mean x 100, rounded to 2 decimals
+in each benchmark's own order of operations (`aggregate`: LongBench's; `ruler_aggregate`: RULER's), which
+`TaskMetric.task_score` picks.
 
 Notes on fidelity:
 - ROUGE-L is the `rouge` package (1.0.1, which LongBench uses) re-implemented: sentences split on ".",
@@ -227,9 +228,12 @@ def fuzz_ratio(first: str, second: str, backend: FuzzBackend = "difflib") -> int
     return int(round(100 * ratio))
 
 
-def code_sim_score(prediction: str, ground_truth: str, backend: FuzzBackend = "difflib") -> float:
-    """Similarity of the first prediction line that is not a comment or a code fence to the gold line."""
-    first_code_line = ""
+def code_sim_score(prediction: str, ground_truth: str, backend: FuzzBackend = "difflib",
+                   whole_without_code_line: bool = False) -> float:
+    """Similarity of the first prediction line that is not a comment or a code fence to the gold line. When
+    no line qualifies LongBench compares an empty string; the paper's release (`whole_without_code_line`)
+    compares the whole prediction, as its loop stores the line it finds under another name."""
+    first_code_line = prediction if whole_without_code_line else ""
     for line in prediction.lstrip("\n").split("\n"):
         if "`" not in line and "#" not in line and "//" not in line:
             first_code_line = line
@@ -392,11 +396,26 @@ def longbench_score(
         if metric_name == "classification_score":
             value = metric(prediction, ground_truth, all_classes)
         elif metric_name == "code_sim_score":
-            value = metric(prediction, ground_truth, backend=code_backend)
+            value = metric(prediction, ground_truth, backend=code_backend, whole_without_code_line=release)
         else:
             value = metric(prediction, ground_truth)
         score = max(score, value)
     return score
+
+
+def aggregate(scores: Sequence[float]) -> float:
+    """Task score as LongBench reports it: round(100 * sum / n, 2)."""
+    if len(scores) == 0:
+        raise ValueError("cannot aggregate an empty list of scores")
+    return round(100 * sum(scores) / len(scores), 2)
+
+
+def ruler_aggregate(scores: Sequence[float]) -> float:
+    """Task score as RULER reports it: round(sum / n * 100, 2). The same number as `aggregate` but for
+    floating-point rounding, which can move the second decimal (23 of 160: 14.37 here, 14.38 there)."""
+    if len(scores) == 0:
+        raise ValueError("cannot aggregate an empty list of scores")
+    return round(sum(scores) / len(scores) * 100, 2)
 
 
 @dataclass(frozen=True)
@@ -407,6 +426,7 @@ class TaskMetric:
     metric: str  # the benchmark's metric name, reported in summaries
     needs_all_classes: bool
     score: Callable[[str, Sequence[str], Sequence[str] | None], float]
+    task_score: Callable[[Sequence[float]], float] = aggregate  # mean x 100, as its benchmark rounds it
 
     def gold_problem(self, answers: Sequence[str], all_classes: Sequence[str] | None) -> str | None:
         """Why this metric cannot score an example with these gold answers and classes, or None when it can.
@@ -446,21 +466,16 @@ def task_metric(task: str, code_backend: FuzzBackend = "difflib",
             ),
         )
     if name == "ruler_qa" or (name.startswith("ruler_") and name.endswith("qa")):
-        return TaskMetric(name, "string_match_part (first line)", False, lambda p, a, _c: ruler_qa_score(p, a))
+        return TaskMetric(name, "string_match_part (first line)", False, lambda p, a, _c: ruler_qa_score(p, a),
+                          ruler_aggregate)
     if name in ("qa", "qa_1", "qa_2"):
-        return TaskMetric(name, "string_match_part", False, lambda p, a, _c: ruler_official_qa_score(p, a))
+        return TaskMetric(name, "string_match_part", False, lambda p, a, _c: ruler_official_qa_score(p, a),
+                          ruler_aggregate)
     if name in RULER_ALL_MATCH_TASKS or name.startswith("niah_") or name in SYNTHETIC_TASKS:
-        return TaskMetric(name, "string_match_all", False, lambda p, a, _c: niah_score(p, a))
+        return TaskMetric(name, "string_match_all", False, lambda p, a, _c: niah_score(p, a), ruler_aggregate)
     known = sorted(_LONGBENCH_METRICS) + ["ruler_qa", "qa_1", "qa_2", "niah", "niah_*"]
     known += sorted(RULER_ALL_MATCH_TASKS - {"niah"}) + sorted(SYNTHETIC_TASKS)
     raise ValueError(f"unknown task {task!r}; known tasks: {known}")
-
-
-def aggregate(scores: Sequence[float]) -> float:
-    """Task score as both benchmarks report it: mean x 100, rounded to 2 decimals."""
-    if len(scores) == 0:
-        raise ValueError("cannot aggregate an empty list of scores")
-    return round(100 * sum(scores) / len(scores), 2)
 
 
 LENGTH_BUCKETS = (("0-4k", 0, 4000), ("4-8k", 4000, 8000), ("8k+", 8000, None))

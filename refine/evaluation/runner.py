@@ -182,7 +182,7 @@ def score_examples(task: str, examples: Sequence[TaskExample], predictions: Sequ
     The summary's score is the benchmark's task score (mean x 100); with several tasks (a LongBench file
     mixing datasets) it is their macro average, as LongBench reports averages, and `by_task` holds each.
     When every example has a length, `score_by_length` holds LongBench-E's per-length scores (in `by_task`
-    per task when there are several)."""
+    per task when there are several); when only some have one, `rows_without_length` counts the others."""
     if len(examples) != len(predictions):
         raise ValueError(f"{len(examples)} examples but {len(predictions)} predictions")
     if not examples:
@@ -212,15 +212,15 @@ def score_examples(task: str, examples: Sequence[TaskExample], predictions: Sequ
         "metric": sorted({s["metric"] for s in by_task.values()}),
         "empty_predictions": sum(s["empty_predictions"] for s in by_task.values()),
     }
-    per_length = {name: s["score_by_length"] for name, s in by_task.items() if "score_by_length" in s}
+    by_length = ("score_by_length", "rows_without_length")  # LongBench-E's buckets, or why they are missing
     if len(by_task) > 1:
         result["by_task"] = {
-            name: {"score": s["score"], "num_examples": s["num_examples"]} for name, s in by_task.items()
+            name: {"score": s["score"], "num_examples": s["num_examples"]} | {k: s[k] for k in by_length if k in s}
+            for name, s in by_task.items()
         }
-        for name, buckets in per_length.items():
-            result["by_task"][name]["score_by_length"] = buckets
-    elif per_length:
-        result["score_by_length"] = next(iter(per_length.values()))
+    else:
+        (only,) = by_task.values()
+        result |= {k: only[k] for k in by_length if k in only}
     return result, scores
 
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from refine.evaluation.metrics import FuzzBackend, LongBenchScoring, aggregate, aggregate_by_length, task_metric
+from refine.evaluation.metrics import FuzzBackend, LongBenchScoring, aggregate_by_length, task_metric
 
 PREDICTION_FIELDS = ("prediction", "pred")
 ANSWER_FIELDS = ("answers", "outputs", "answer")
@@ -77,27 +77,39 @@ def score_predictions(
             raise PredictionRowError(f"{where}: field {prediction_field!r} must be a string, got {prediction!r:.120}")
         answer_field, raw_answers = _pick(row, ANSWER_FIELDS, where)
         answers = _as_answers(raw_answers, answer_field, where)
-        classes = row["all_classes"] if "all_classes" in row else all_classes
+        classes = row.get("all_classes") if row.get("all_classes") is not None else all_classes
         problem = metric.gold_problem(answers, classes)
         if problem is not None:
             raise PredictionRowError(f"{where}: {problem}")
         empty_predictions += int(not prediction.strip())
         scores.append(float(metric.score(prediction, answers, classes)))
-        length = row.get("length")
-        if isinstance(length, int) and not isinstance(length, bool):
-            if length < 0:  # LongBench-E's context length in words: a negative one falls in no bucket
-                raise PredictionRowError(f"{where}: field 'length' must be >= 0, got {length}")
+        length = _length(row.get("length"), where)
+        if length is not None:
             lengths.append(length)
     summary: dict[str, Any] = {
         "task": task,
         "metric": metric.metric,
-        "score": aggregate(scores),
+        "score": metric.task_score(scores),
         "num_examples": len(scores),
         "empty_predictions": empty_predictions,
     }
     if len(lengths) == len(scores):
         summary["score_by_length"] = aggregate_by_length(scores, lengths)
+    elif lengths:  # LongBench-E's buckets need every row's length: say why they are missing
+        summary["rows_without_length"] = len(scores) - len(lengths)
     return summary, scores
+
+
+def _length(value: Any, where: str) -> int | None:
+    """A row's LongBench-E context length (words): an integer >= 0 (an integral float, as a dataframe export
+    writes it, too), or None when the row has none."""
+    if value is None:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:  # a negative one falls in no bucket
+        raise PredictionRowError(f"{where}: field 'length' must be an integer >= 0, got {value!r:.60}")
+    return value
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

@@ -22,6 +22,7 @@ from refine.evaluation.metrics import (
     rouge_zh_score,
     ruler_official_qa_score,
     ruler_postprocess,
+    ruler_aggregate,
     ruler_qa_score,
     string_match_all,
     string_match_part,
@@ -139,6 +140,19 @@ def test_fuzz_ratio_and_code_similarity():
     assert code_sim_score(prediction, "return x + 1") == 1.0  # fences and comments skipped
     assert code_sim_score("\n\nabcd", "abce") == 0.75  # leading newlines stripped
     assert code_sim_score("# only comments\n// here", "x = 1") == 0.0  # nothing left: empty line
+
+
+def test_release_code_similarity_compares_the_whole_prediction_when_no_line_is_code():
+    """The paper's release falls back to the whole prediction where LongBench compares an empty line."""
+    prediction, gold = "        self.x = x  # store x", "self.x = x"
+    whole = fuzz_ratio(prediction, gold) / 100
+    assert whole > 0.5
+    assert longbench_score("lcc", prediction, [gold]) == 0.0
+    assert longbench_score("lcc", prediction, [gold], scoring="refine-release") == whole
+    assert longbench_score("repobench-p", "```python", ["import os"], scoring="refine-release") == (
+        fuzz_ratio("```python", "import os") / 100)
+    # A line without comment marks is what both compare.
+    assert longbench_score("lcc", "# a\nreturn x", ["return x"], scoring="refine-release") == 1.0
     with pytest.raises(ValueError, match="fuzz backend"):
         fuzz_ratio("a", "b", backend="other")
 
@@ -223,6 +237,12 @@ def test_aggregation():
     assert aggregate([1 / 3] * 3) == 33.33
     with pytest.raises(ValueError, match="empty"):
         aggregate([])
+    # Each benchmark's order of operations: LongBench round(100 * sum / n), RULER round(sum / n * 100).
+    hits = [1.0] * 23 + [0.0] * 137
+    assert (aggregate(hits), ruler_aggregate(hits)) == (14.38, 14.37)
+    assert task_metric("hotpotqa").task_score(hits) == 14.38
+    for ruler_task in ("niah_single_1", "qa_1", "ruler_qa", "mqar"):
+        assert task_metric(ruler_task).task_score(hits) == 14.37, ruler_task
     by_length = aggregate_by_length([1.0, 0.0, 1.0], [100, 5000, 9000])
     assert by_length == {"0-4k": 100.0, "4-8k": 0.0, "8k+": 100.0}
     assert aggregate_by_length([1.0], [10]) == {"0-4k": 100.0, "4-8k": None, "8k+": None}

@@ -160,9 +160,26 @@ def test_per_example_rows_name_their_file_line(tmp_path, capsys):
 def test_row_values_are_reported_as_given():
     with pytest.raises(PredictionRowError, match=r"row 0: .*got \[\]"):
         score_predictions("trec", [{"pred": "City", "answers": ["City"], "all_classes": []}], all_classes=["City"])
-    with pytest.raises(PredictionRowError, match="row 1: field 'length' must be >= 0, got -5"):
-        score_predictions("hotpotqa", [{"pred": "a", "answers": ["a"], "length": 3},
-                                       {"pred": "a", "answers": ["a"], "length": -5}])
+    for bad in (-5, "3500", 35.5, True):
+        with pytest.raises(PredictionRowError, match=f"row 1: field 'length' must be an integer >= 0, got {bad!r}"):
+            score_predictions("hotpotqa", [{"pred": "a", "answers": ["a"], "length": 3},
+                                           {"pred": "a", "answers": ["a"], "length": bad}])
+
+
+def test_length_buckets_take_integral_floats_and_say_when_rows_lack_a_length():
+    rows = [{"pred": "Oslo", "answers": ["Oslo"], "length": 3500.0},
+            {"pred": "Rome", "answers": ["Oslo"], "length": 9000}]
+    summary, _ = score_predictions("hotpotqa", rows)
+    assert summary["score_by_length"] == {"0-4k": 100.0, "4-8k": None, "8k+": 0.0}
+    summary, _ = score_predictions("hotpotqa", [*rows, {"pred": "Oslo", "answers": ["Oslo"], "length": None}])
+    assert "score_by_length" not in summary and summary["rows_without_length"] == 1
+
+
+def test_a_row_without_classes_takes_the_fallback_classes():
+    """A null all_classes is "none given": the --all-classes list applies, as to a row without the field."""
+    row = {"pred": "Type: City", "answers": ["City"], "all_classes": None}
+    summary, _ = score_predictions("trec", [row], all_classes=["City", "Town"])
+    assert summary["score"] == 100.0
 
 
 def test_refine_score_passes_its_options_through_the_refine_command(tmp_path, capsys):
