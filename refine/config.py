@@ -104,13 +104,30 @@ class DataSpec(Strict):
     format: FormatName = Field("auto", description="auto: from the file extensions or the folder's contents")
     text_column: str = Field("text", min_length=1)
     seq_len: int = Field(512, ge=8, description="documents are truncated to this many tokens")
-    min_length: int = Field(64, ge=1)
+    min_length: int = Field(64, description="shorter documents (in tokens, BOS included) are dropped and counted")
     num_documents: int = Field(256, ge=1, description="synthetic corpus size")
     synthetic_tasks: list[Literal["recall", "niah", "mqar"]] = Field(
         ["recall"], min_length=1,
         description="kinds of synthetic documents, in equal shares: fact-recall prose, NIAH and MQAR prompts with answers",
     )
     skip_bad_rows: bool = False
+
+    @field_validator("min_length")
+    @classmethod
+    def _trainable_length(cls, value: int) -> int:
+        # A document of one token (an empty text's BOS) has nothing to predict: NTP would fail on it much later.
+        if value < 2:
+            raise ValueError(f"data.min_length={value} keeps documents with nothing to train on: next-token "
+                             f"prediction needs at least 2 tokens (one to predict from, one to predict), so "
+                             f"data.min_length must be >= 2")
+        return value
+
+    @model_validator(mode="after")
+    def _every_task_has_documents(self) -> "DataSpec":
+        if self.source == "synthetic" and self.num_documents < len(self.synthetic_tasks):
+            raise ValueError(f"data.num_documents={self.num_documents} is fewer than the {len(self.synthetic_tasks)} "
+                             f"data.synthetic_tasks={self.synthetic_tasks}: each task needs at least one document")
+        return self
 
 
 # The torch dtype of each `train.dtype` name.

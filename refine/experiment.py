@@ -48,10 +48,12 @@ def stage_config(config: RunConfig, name: str, mode: str, steps: int, lr: float,
 
 @torch.no_grad()
 def heldout_ntp_loss(model: FastWeightLM, tokenizer: Tokenizer, config: RunConfig) -> float:
-    corpus = RecallCorpusConfig(length=config.data.seq_len, num_facts=max(1, min(6, config.data.seq_len // 200)),
+    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    # Documents of data.seq_len tokens with their BOS, as the training corpus makes them.
+    corpus = RecallCorpusConfig(length=config.data.seq_len - len(bos),
+                                num_facts=max(1, min(6, config.data.seq_len // 200)),
                                 seed=config.train.seed + 10_000)  # a seed the training corpus never uses
     docs = generate_recall_documents(corpus, tokenizer, config.demo.heldout_documents)
-    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
     ids, lengths = pad_documents([(bos + tokenizer.encode(d.text))[: config.data.seq_len] for d in docs],
                                  tokenizer.pad_id or 0)
     return float(ntp_loss(model(ids, lengths=lengths, output_state=False).logits, ids, lengths))

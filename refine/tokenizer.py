@@ -1,7 +1,8 @@
 """Tokenizers: an embedded byte-level tokenizer (no files) and a Hugging Face `tokenizer.json` loaded offline.
 
-Every tokenizer speaks the same small protocol. `encode` never adds special tokens: callers decide where BOS
-and EOS go (the data pipeline does it once per document), so token counts mean the same for both kinds.
+Every tokenizer speaks the same small protocol. `encode` never adds special tokens, nor reads them in the text
+(a literal "</s>" is encoded as the characters it is): callers decide where BOS and EOS go, by id (the data
+pipeline does it once per document), so token counts mean the same for both kinds.
 """
 
 from __future__ import annotations
@@ -119,6 +120,9 @@ class HFTokenizer:
             self._tokenizer = _RustTokenizer.from_file(str(file))
         except Exception as error:  # the Rust library raises a bare Exception with its parse message
             raise ValueError(f"cannot read tokenizer file {str(file)!r}: {error}") from error
+        # Text is text: a document that writes "</s>" or "<pad>" must not turn into control tokens (an EOS in
+        # the middle of a document, a pad the loss would treat as padding). The pipeline adds BOS / EOS by id.
+        self._tokenizer.encode_special_tokens = True
         self._vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
         settings = _read_special_token_settings(self.directory)
         self._bos_id = self._resolve("bos", settings, _FALLBACK_BOS)

@@ -115,8 +115,11 @@ class DataCursor(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    epoch: int = Field(default=0, ge=0)
-    offset: int = Field(default=0, ge=0, description="documents of this epoch read, this batch included")
+    epoch: int = Field(default=0, ge=0, description="times the data stream restarted its pass over the source, "
+                       "through this batch (the offset counts within the pass)")
+    offset: int = Field(default=0, ge=0, description="the data stream's cursor after this batch: for a file "
+                        "source, the index of the record after its last document (bad and filtered records "
+                        "count too); for the synthetic corpus, that of the next document")
     source: str = Field(default="", description="dataset or shard the offset counts in")
 
 

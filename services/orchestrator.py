@@ -71,7 +71,7 @@ from learner.checkpoint import latest_checkpoint, read_checkpoint_reports, read_
 from refine.config import ConfigError, RunConfig, ServiceConfig, dump_config, fit_to_tokenizer, run_tokenizer
 from refine.data.batches import DocumentBatch as LocalBatch
 from refine.data.sources import RowSource
-from refine.data.stream import check_source, document_batches
+from refine.data.stream import check_source, document_batches, synthetic_documents
 from refine.files import write_atomically
 from refine.loop import jsonl_rows, open_metrics
 from refine.plots import plot_metrics
@@ -145,9 +145,16 @@ def check_service_config(config: RunConfig) -> None:
 
 def check_data_source(config: RunConfig) -> None:
     """Open data.source as the data layer does (a missing path, an unknown format, a missing column
-    fail here), before Ray, Redis and every actor start for nothing."""
+    fail here), before Ray, Redis and every actor start for nothing. The synthetic corpus is generated
+    (a second or so): a data.seq_len too short for data.synthetic_tasks, or a data.min_length that keeps
+    no document, fails here too."""
     data = config.data
     if data.source == "synthetic":
+        tokenizer = run_tokenizer(config)  # outside the try: its own errors name the tokenizer setting
+        try:
+            synthetic_documents(config, tokenizer)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         return
     try:
         RowSource(data.source, columns=[data.text_column], fmt=data.format)
@@ -314,17 +321,23 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True, ray_addr
 
 @dataclass
 class DataPosition:
-    """Where the data stream stands, counting passes: the stream's cursor restarts at 0 with every
-    pass over the source, so (epoch, cursor) is what orders batches and seeds their rollouts."""
+    """Where the data stream stands, counting passes: the stream's cursor restarts with every pass over
+    the source, so (epoch, cursor) is what orders batches and seeds their rollouts (unique per batch)."""
 
     epoch: int
     cursor: int  # -1 before the first batch
 
-    def advance(self, cursor: int, source: str) -> DataCursor:
-        """The DataCursor of the next batch, whose stream cursor (position after it) is `cursor`."""
-        if cursor <= self.cursor:
-            self.epoch += 1  # the batch reached the end of a pass
-        self.cursor = cursor
+    def advance(self, cursor: int, source: str, document_cursors: list[int] | tuple[int, ...] = ()) -> DataCursor:
+        """The DataCursor of the next batch, whose stream cursor (position after it) is `cursor`.
+
+        `document_cursors`, the position after each of its documents, counts every pass the batch starts:
+        a batch of more documents than a pass holds starts several. Without them only the batch's end is
+        compared with the last one's, which counts at most one. Both count the same for batches smaller
+        than a pass (the usual run), so their epochs, and the rollout seeds drawn from them, stay as they were."""
+        for position in document_cursors or (cursor,):
+            if position <= self.cursor:
+                self.epoch += 1  # the stream restarted a pass
+            self.cursor = position
         return DataCursor(epoch=self.epoch, offset=cursor, source=source[:200])
 
 
@@ -630,7 +643,7 @@ class Orchestrator:
             ids = ids.to(torch.int32)  # half the bytes on the wire
         return DocumentBatch(
             batch_id=document_batch_id_for(self.published), doc_ids=batch.doc_ids, token_ids=ids, lengths=batch.lengths,
-            cursor=self.data_position.advance(batch.cursor, self.config.data.source),
+            cursor=self.data_position.advance(batch.cursor, self.config.data.source, batch.cursors),
         )
 
     def _drain_reports(self, block_ms: int | None, reclaim: bool = False) -> int:

@@ -286,6 +286,15 @@ def test_the_minimum_document_length_fits_the_truncation():
     assert load_config(None, ["data.min_length=512"]).data.min_length == 512  # documents cut to 512 are kept
 
 
+def test_a_minimum_document_length_below_two_is_refused():
+    # One token (an empty text's BOS) has nothing to predict: NTP would fail on it far from the setting.
+    for value in (0, 1):
+        with pytest.raises(ConfigError, match=rf"data\.min_length: data\.min_length={value} keeps documents with "
+                                              rf"nothing to train on: .* must be >= 2"):
+            load_config(None, [f"data.min_length={value}", "train.mode=ntp"])
+    assert load_config(None, ["data.min_length=2", "train.mode=ntp"]).data.min_length == 2
+
+
 def test_the_seed_is_one_torch_accepts():
     import torch
 

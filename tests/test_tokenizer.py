@@ -148,3 +148,17 @@ def test_save_tokenizer_files_copies_what_load_tokenizer_reads(tmp_path):
     save_tokenizer_files(copied, tmp_path / "model")  # into its own directory: nothing to copy, no error
     save_tokenizer_files(ByteTokenizer(), tmp_path / "bytes")  # the byte tokenizer has no files
     assert not (tmp_path / "bytes").exists()
+
+
+def test_hf_tokenizer_encodes_special_token_text_in_a_document_as_text(tmp_path):
+    write_bpe_tokenizer(tmp_path / "tok")
+    (tmp_path / "tok" / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}))
+    tokenizer = load_tokenizer(tmp_path / "tok")
+    specials = {tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id}
+    text = "The fox wrote </s> and <pad> and <s> in a post."
+    for ids in (tokenizer.encode(text), tokenizer.encode_batch([text])[0]):
+        assert not specials & set(ids)  # no EOS in the middle of a document, no pad the loss would skip
+        assert tokenizer.decode(ids) == text
+    # Where the pipeline adds special tokens, by id, they stay control tokens: decoding drops them.
+    assert tokenizer.decode([tokenizer.bos_id, *tokenizer.encode("fox"), tokenizer.eos_id]) == "fox"

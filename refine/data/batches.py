@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -15,13 +15,17 @@ class DocumentBatch:
     lengths: Tensor  # [B]
     doc_ids: list[str]
     cursor: int = 0  # data position after this batch, for exact resume
+    # The data position after each document: where the stream restarted a pass (a position that does not
+    # move forward), which `cursor` alone cannot show when a batch holds more than a pass.
+    cursors: list[int] = field(default_factory=list)
 
     @property
     def size(self) -> int:
         return self.input_ids.shape[0]
 
     def to(self, device: torch.device | str) -> "DocumentBatch":
-        return DocumentBatch(self.input_ids.to(device), self.lengths.to(device), self.doc_ids, self.cursor)
+        return DocumentBatch(self.input_ids.to(device), self.lengths.to(device), self.doc_ids, self.cursor,
+                             self.cursors)
 
 
 def pad_documents(docs: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[Tensor, Tensor]:
@@ -42,14 +46,16 @@ def batch_documents(
     """Group (doc_id, token ids, cursor after it) into batches; the last partial batch is kept."""
     ids: list[str] = []
     tokens: list[Sequence[int]] = []
+    cursors: list[int] = []
     cursor = 0
     for doc_id, doc, cursor in documents:
         ids.append(doc_id)
         tokens.append(doc)
+        cursors.append(cursor)
         if len(tokens) == batch_size:
             input_ids, lengths = pad_documents(tokens, pad_id)
-            yield DocumentBatch(input_ids, lengths, ids, cursor)
-            ids, tokens = [], []
+            yield DocumentBatch(input_ids, lengths, ids, cursor, cursors)
+            ids, tokens, cursors = [], [], []
     if tokens:
         input_ids, lengths = pad_documents(tokens, pad_id)
-        yield DocumentBatch(input_ids, lengths, ids, cursor)
+        yield DocumentBatch(input_ids, lengths, ids, cursor, cursors)

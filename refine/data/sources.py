@@ -17,12 +17,13 @@ from __future__ import annotations
 import codecs
 import json
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from tqdm.auto import tqdm
 
 from refine.tokenizer import ByteTokenizer, Tokenizer
@@ -32,6 +33,7 @@ logger = logging.getLogger(__name__)
 SourceFormat = Literal["parquet", "jsonl", "text", "hf"]
 FormatName = Literal["auto", "parquet", "jsonl", "text", "hf"]  # what a config may name; auto: detect_format
 _EXTENSIONS: dict[str, SourceFormat] = {".parquet": "parquet", ".jsonl": "jsonl", ".txt": "text"}
+_COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".lz4", ".zip", ".7z", ".br", ".snappy")
 # Files `datasets.Dataset.save_to_disk` / `DatasetDict.save_to_disk` write at the folder's top level.
 _HF_MARKERS = ("dataset_dict.json", "dataset_info.json", "state.json")
 
@@ -65,7 +67,7 @@ class DataConfig(BaseModel):
     format: FormatName = "auto"
     text_column: str = Field("text", min_length=1)
     # Length bounds are in tokens, BOS / EOS included: what the model sees.
-    min_length: int = Field(1, ge=0)
+    min_length: int = 2
     max_length: int | None = Field(None, ge=1)
     add_bos: bool = True
     add_eos: bool = False
@@ -76,6 +78,15 @@ class DataConfig(BaseModel):
     split: str | None = None
     tokenize_batch_size: int = Field(64, ge=1)
     show_progress: bool = True
+
+    @field_validator("min_length")
+    @classmethod
+    def _trainable_length(cls, value: int) -> int:
+        # A document of one token (an empty text's BOS) has nothing to predict: training would fail on it later.
+        if value < 2:
+            raise ValueError(f"min_length={value} keeps documents with nothing to train on: next-token prediction "
+                             f"needs at least 2 tokens (one to predict from, one to predict)")
+        return value
 
     @model_validator(mode="after")
     def _check_bounds(self) -> "DataConfig":
@@ -128,6 +139,38 @@ class BadRowPolicy:
         logger.warning("skipping bad row %s: %s", location, reason)
 
 
+def _compressed(name: str) -> bool:
+    """Whether a file name is a data file's compressed form, e.g. part-0.jsonl.gz."""
+    parts = name.lower().rsplit(".", 2)
+    return len(parts) == 3 and f".{parts[1]}" in _EXTENSIONS and f".{parts[2]}" in _COMPRESSED
+
+
+def _folder_files(folder: Path) -> list[Path]:
+    """The data files under a folder, each read with the format of its extension (in any case: B.JSONL as
+    a single file is read too), in sorted order: the order that numbers their records.
+
+    Hidden files and folders (names starting with ".") are left out: .ipynb_checkpoints and the like hold
+    copies, whose documents would be read twice. A compressed data file (part-0.jsonl.gz) fails naming it:
+    a run that silently left it out would train on part of the data the user pointed at."""
+    files: list[Path] = []
+    for directory, folders, names in os.walk(folder):
+        folders[:] = [name for name in folders if not name.startswith(".")]
+        for name in names:
+            if name.startswith("."):
+                continue
+            if _compressed(name):
+                raise DataSourceError(
+                    f"data folder {str(folder)!r} holds {str(Path(directory, name))!r}, a compressed file, which "
+                    f"cannot be read: decompress it, or move it out of the folder"
+                )
+            file = Path(directory, name)
+            if Path(name).suffix.lower() in _EXTENSIONS and file.is_file():
+                files.append(file)
+    # Plain sorted order (shard-10 before shard-2), as runs recorded their sources in: a resumed run's data
+    # cursor counts records in this order, so another order would make it resume elsewhere.
+    return sorted(files)
+
+
 def detect_format(path: str | Path) -> SourceFormat:
     """Format from a file's extension, or from what a folder holds."""
     location = Path(path)
@@ -137,13 +180,15 @@ def detect_format(path: str | Path) -> SourceFormat:
         suffix = location.suffix.lower()
         if suffix in _EXTENSIONS:
             return _EXTENSIONS[suffix]
+        if _compressed(location.name):
+            raise DataSourceError(f"{str(path)!r} is a compressed file, which cannot be read: decompress it")
         raise DataSourceError(
             f"cannot tell the format of {str(path)!r} from its extension {suffix!r}: "
             f"expected one of {sorted(_EXTENSIONS)} or set format explicitly"
         )
     if any((location / marker).is_file() for marker in _HF_MARKERS):
         return "hf"
-    found = sorted({fmt for suffix, fmt in _EXTENSIONS.items() if any(location.rglob(f"*{suffix}"))})
+    found = sorted({_EXTENSIONS[file.suffix.lower()] for file in _folder_files(location)})
     if not found:
         raise EmptySourceError(
             f"data folder {str(path)!r} holds no {sorted(_EXTENSIONS)} files and no save_to_disk dataset"
@@ -159,7 +204,7 @@ def source_files(path: str | Path, fmt: SourceFormat) -> list[Path]:
     if location.is_file():
         return [location]
     suffix = {"parquet": ".parquet", "jsonl": ".jsonl", "text": ".txt"}[fmt]
-    files = sorted(file for file in location.rglob(f"*{suffix}") if file.is_file())
+    files = [file for file in _folder_files(location) if file.suffix.lower() == suffix]
     if not files:
         raise EmptySourceError(f"data folder {str(path)!r} holds no *{suffix} files")
     return files
@@ -179,6 +224,10 @@ def _file_label(file: Path, root: Path) -> str:
 
 
 class _ParquetReader:
+    """Parquet files, each opened only while its rows are read: a folder of thousands of shards must not
+    hold one open file per shard (past the open-files limit). Their footers, read once here, give the
+    columns and the row counts."""
+
     def __init__(self, path: Path, columns: list[str], optional_columns: list[str]) -> None:
         try:
             import pyarrow as pa
@@ -186,25 +235,26 @@ class _ParquetReader:
         except ImportError as error:  # pragma: no cover - pyarrow is a dependency
             raise ImportError("reading parquet needs pyarrow: pip install pyarrow") from error
         self.root = path
-        self.files: list[tuple[Path, Any]] = []
+        # (file, rows of each row group); read_metadata / read_schema close the file they open.
+        self.files: list[tuple[Path, list[int]]] = []
+        names: list[list[str]] = []
         for file in source_files(path, "parquet"):
             try:
-                self.files.append((file, pq.ParquetFile(file)))
+                metadata = pq.read_metadata(file)
+                present = pq.read_schema(file).names
             except (pa.ArrowException, OSError) as error:  # not parquet, or a damaged footer
                 raise DataSourceError(f"parquet file {str(file)!r} cannot be opened ({error})") from error
-        self.columns: list[str] = []
-        for file, parquet in self.files:
-            present = parquet.schema_arrow.names
             for column in columns:
                 if column not in present:
                     raise MissingColumnError(column, present, f"parquet file {str(file)!r}")
-        first_names = self.files[0][1].schema_arrow.names
-        present_everywhere = set.intersection(*(set(p.schema_arrow.names) for _, p in self.files))
-        self.present = [name for name in first_names if name in present_everywhere]
+            self.files.append((file, [metadata.row_group(group).num_rows for group in range(metadata.num_row_groups)]))
+            names.append(present)
+        present_everywhere = set.intersection(*(set(present) for present in names))
+        self.present = [name for name in names[0] if name in present_everywhere]
         self.columns = list(columns) + [c for c in optional_columns if c in present_everywhere and c not in columns]
 
     def count(self) -> int:
-        return sum(parquet.metadata.num_rows for _, parquet in self.files)
+        return sum(sum(groups) for _, groups in self.files)
 
     def _batches(self, file: Path, parquet: Any, group: int, first_row: int, num_rows: int) -> Iterator[Any]:
         """The record batches of one row group; a damaged page fails naming the file, the group and its rows."""
@@ -224,34 +274,42 @@ class _ParquetReader:
             yield batch
 
     def rows(self, start: int, stop: int | None) -> Iterator[Row]:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
         index = 0
-        for file, parquet in self.files:
+        for file, groups in self.files:
+            if stop is not None and index >= stop:
+                return
+            if index + sum(groups) <= start:  # whole file before the cursor: skip without opening it
+                index += sum(groups)
+                continue
             label = _file_label(file, self.root)
             file_start = index
-            num_rows = parquet.metadata.num_rows
-            if index + num_rows <= start:  # whole file before the cursor: skip without reading
-                index += num_rows
-                continue
-            for group in range(parquet.num_row_groups):
-                group_rows = parquet.metadata.row_group(group).num_rows
-                if index + group_rows <= start:
-                    index += group_rows
-                    continue
-                row_in_file = index - file_start
-                for batch in self._batches(file, parquet, group, row_in_file, group_rows):
-                    values = batch.to_pydict()
-                    for offset in range(batch.num_rows):
-                        if stop is not None and index >= stop:
-                            return
-                        if index >= start:
-                            yield Row(
-                                index=index,
-                                location=f"{file}, row {row_in_file}",
-                                doc_id=f"{label}:{row_in_file}",
-                                values={column: values[column][offset] for column in self.columns},
-                            )
-                        index += 1
-                        row_in_file += 1
+            try:
+                parquet = pq.ParquetFile(file)
+            except (pa.ArrowException, OSError) as error:  # replaced or damaged since it was listed
+                raise DataSourceError(f"parquet file {str(file)!r} cannot be opened ({error})") from error
+            with parquet:
+                for group, group_rows in enumerate(groups):
+                    if index + group_rows <= start:
+                        index += group_rows
+                        continue
+                    row_in_file = index - file_start
+                    for batch in self._batches(file, parquet, group, row_in_file, group_rows):
+                        values = batch.to_pydict()
+                        for offset in range(batch.num_rows):
+                            if stop is not None and index >= stop:
+                                return
+                            if index >= start:
+                                yield Row(
+                                    index=index,
+                                    location=f"{file}, row {row_in_file}",
+                                    doc_id=f"{label}:{row_in_file}",
+                                    values={column: values[column][offset] for column in self.columns},
+                                )
+                            index += 1
+                            row_in_file += 1
 
 
 class _JsonlReader:
@@ -359,7 +417,9 @@ class _HFReader:
             if split is None:
                 split = "train" if "train" in loaded else (splits[0] if len(splits) == 1 else None)
                 if split is None:
-                    raise DataSourceError(f"{self.where} has splits {splits}: set split to one of them")
+                    # save_to_disk writes each split to a folder of its own, which reads as a single Dataset.
+                    raise DataSourceError(f"{self.where} has splits {splits} and none named 'train': read one "
+                                          f"by pointing at its folder, e.g. {str(path / splits[0])!r}")
             if split not in loaded:
                 raise DataSourceError(f"split {split!r} not in {self.where}; splits present: {splits}")
             loaded = loaded[split]
@@ -538,19 +598,21 @@ class DocumentStream:
         try:
             while True:
                 try:
-                    row = next(rows)
-                except StopIteration:
-                    break
-                except BadRowError:
-                    yield from self._flush(pending)  # hand out what was read before the bad row, then fail
+                    try:
+                        row = next(rows)
+                    except StopIteration:
+                        break
+                    rows_seen += 1
+                    rejected_before = policy.count
+                    text = require_text(row.values[config.text_column], config.text_column, row.location, policy)
+                    text_rejections += policy.count - rejected_before
+                except DataSourceError:
+                    # A malformed row, one without text, a damaged part of a file: hand out what was read
+                    # before it (the cursor then points at it), then fail.
+                    yield from self._flush(pending)
                     raise
                 finally:
                     account()
-                rows_seen += 1
-                rejected_before = policy.count
-                text = require_text(row.values[config.text_column], config.text_column, row.location, policy)
-                text_rejections += policy.count - rejected_before
-                account()
                 if text is None:
                     continue
                 pending.append((row, text))

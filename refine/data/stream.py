@@ -19,40 +19,78 @@ logger = logging.getLogger(__name__)
 Item = tuple[str, list[int], int]  # (doc_id, token ids, cursor to resume after this document)
 
 
+# Tokens a task document (NIAH, MQAR) keeps after its prompt, within data.seq_len: the answers, the space
+# before them, the closing newline and the BOS the document starts with.
+ANSWER_ROOM = 32
+
+
 def _synthetic_texts(kind: str, config: RunConfig, tokenizer: Tokenizer, count: int) -> list[tuple[str, str]]:
-    """(doc_id, text) of one kind; task documents are prompt + answer, so recall is in the training text."""
+    """(doc_id, text) of one kind; task documents are prompt + answer, so recall is in the training text.
+    Every text fits data.seq_len tokens with the BOS the corpus adds; a data.seq_len too short for a kind's
+    fixed text fails naming the settings and the least data.seq_len that works."""
     from refine.data.synthetic import (
-        NiahConfig, RecallCorpusConfig, generate_niah, generate_recall_documents, mqar_for_length,
+        LengthTooShortError, NiahConfig, RecallCorpusConfig, generate_niah, generate_recall_documents,
+        mqar_for_length,
     )
 
     seq_len, seed = config.data.seq_len, config.train.seed
+    bos = 1 if tokenizer.bos_id is not None else 0
+    # What a length given to the generator leaves of data.seq_len, and the least length the generator accepts.
+    reserved, least = (bos, 64) if kind == "recall" else (ANSWER_ROOM, 32 if kind == "niah" else 1)
+    length = seq_len - reserved
+    fitted = max(length, least)
+    try:
+        if kind == "recall":
+            # About one fact per 200 tokens keeps room for the prose that separates statement and recall.
+            corpus = RecallCorpusConfig(length=fitted, num_facts=max(1, min(6, seq_len // 200)), seed=seed)
+            texts = [(d.doc_id, d.text) for d in generate_recall_documents(corpus, tokenizer, count)]
+        elif kind == "niah":
+            examples = generate_niah(NiahConfig(variant="single", length=fitted, seed=seed), tokenizer, count)
+        else:
+            examples = mqar_for_length(fitted, tokenizer, count, seed)
+        if length < least:  # fitted the generator's least length, which is more than data.seq_len leaves
+            raise LengthTooShortError(f"length {length} is below {least}", least)
+    except LengthTooShortError as error:
+        raise ValueError(
+            f"data.seq_len={seq_len} is too short for the {kind} documents of data.synthetic_tasks="
+            f"{config.data.synthetic_tasks}: their text without filler takes up to {error.needed} tokens, so they "
+            f"need data.seq_len >= {error.needed + reserved}"
+        ) from None
     if kind == "recall":
-        # About one fact per 200 tokens keeps room for the prose that separates statement and recall.
-        corpus = RecallCorpusConfig(length=seq_len, num_facts=max(1, min(6, seq_len // 200)), seed=seed)
-        return [(d.doc_id, d.text) for d in generate_recall_documents(corpus, tokenizer, count)]
-    room = seq_len - 32  # leaves room for the answer inside seq_len
-    if kind == "niah":
-        examples = generate_niah(NiahConfig(variant="single", length=room, seed=seed), tokenizer, count)
-    else:
-        examples = mqar_for_length(room, tokenizer, count, seed)
+        return texts
     gap = lambda prompt: "" if prompt[-1:].isspace() else " "  # noqa: E731
     return [(f"{kind}:{e.example_id}", f"{e.prompt}{gap(e.prompt)}{' '.join(e.answers)}\n") for e in examples]
 
 
-def _synthetic_documents(config: RunConfig, tokenizer: Tokenizer) -> list[tuple[str, list[int]]]:
-    kinds = config.data.synthetic_tasks
-    per_kind = max(1, config.data.num_documents // len(kinds))
-    texts = [item for kind in kinds for item in _synthetic_texts(kind, config, tokenizer, per_kind)]
+def synthetic_documents(config: RunConfig, tokenizer: Tokenizer) -> list[tuple[str, list[int]]]:
+    """The synthetic corpus: data.num_documents documents, the kinds interleaved (the first kinds get one more
+    when they do not divide evenly), less those shorter than data.min_length (counted and logged)."""
+    spec = config.data
+    kinds = spec.synthetic_tasks
+    counts = [spec.num_documents // len(kinds) + (k < spec.num_documents % len(kinds)) for k in range(len(kinds))]
+    by_kind = [_synthetic_texts(kind, config, tokenizer, count) for kind, count in zip(kinds, counts)]
     # Interleave the kinds so every batch mixes them.
-    texts = [texts[k * per_kind + i] for i in range(per_kind) for k in range(len(kinds))]
+    texts = [texts[i] for i in range(max(counts)) for texts in by_kind if i < len(texts)]
     bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []  # as file sources do
     docs = []
+    too_short = truncated = 0
     for doc_id, text in texts:
-        ids = (bos + tokenizer.encode(text))[: config.data.seq_len]
-        if len(ids) >= config.data.min_length:
+        ids = bos + tokenizer.encode(text)
+        if len(ids) > spec.seq_len:  # a text the generator fitted, that this tokenizer splits differently
+            ids = ids[: spec.seq_len]
+            truncated += 1
+        if len(ids) >= spec.min_length:
             docs.append((doc_id, ids))
+        else:
+            too_short += 1
+    # Dropped and cut documents change what the model trains on: say so, as file sources do for each pass.
+    level = logging.WARNING if too_short or truncated else logging.INFO
+    logger.log(level, "synthetic corpus of data.synthetic_tasks=%s: %d documents generated, %d kept, %d too short "
+                      "for data.min_length=%d, %d truncated to data.seq_len=%d",
+               kinds, len(texts), len(docs), too_short, spec.min_length, truncated, spec.seq_len)
     if not docs:
-        raise ValueError(f"the synthetic corpus produced no document of data.min_length={config.data.min_length}")
+        raise ValueError(f"the synthetic corpus produced no document of data.min_length={spec.min_length}: all "
+                         f"{len(texts)} are shorter (data.seq_len={spec.seq_len})")
     return docs
 
 
@@ -77,7 +115,7 @@ def _file_documents(config: RunConfig, tokenizer: Tokenizer, cursor: int, warn: 
 def document_stream(config: RunConfig, tokenizer: Tokenizer, start_cursor: int = 0) -> Iterator[Item]:
     """Documents forever, cycling over the source (the cursor restarts at 0 with each pass)."""
     if config.data.source == "synthetic":
-        docs = _synthetic_documents(config, tokenizer)
+        docs = synthetic_documents(config, tokenizer)
         index = start_cursor % len(docs)
         while True:
             doc_id, ids = docs[index]
@@ -98,17 +136,24 @@ def document_stream(config: RunConfig, tokenizer: Tokenizer, start_cursor: int =
 
 
 SOURCE_RECORD = "data_source.json"  # in the run directory: what the run's data cursor counts records of
+# Raised whenever the same settings generate other synthetic documents, so that a resumed run says its cursor
+# now counts in another corpus. 2: recall documents leave room for BOS; data.num_documents is met exactly.
+SYNTHETIC_GENERATOR = 2
 
 
 def source_identity(config: RunConfig) -> dict[str, Any]:
     """What the data cursor indexes: a source path's files (relative names and sizes), or the synthetic
-    corpus' settings."""
+    corpus' settings: every one that changes its list of kept documents, which the cursor counts in."""
     spec = config.data
     if spec.source == "synthetic":
         return {"synthetic": {"num_documents": spec.num_documents, "tasks": spec.synthetic_tasks,
-                              "seq_len": spec.seq_len, "seed": config.train.seed}}
+                              "seq_len": spec.seq_len, "min_length": spec.min_length, "seed": config.train.seed,
+                              "generator": SYNTHETIC_GENERATOR}}
     root = Path(spec.source)
-    files = [root] if root.is_file() else sorted(path for path in root.rglob("*") if path.is_file())
+    # Hidden files and folders are not read (see refine.data.sources), so they are not part of the source.
+    files = [root] if root.is_file() else sorted(
+        path for path in root.rglob("*")
+        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(root).parts))
     return {"files": [[path.name if path == root else str(path.relative_to(root)), path.stat().st_size]
                       for path in files]}
 

@@ -18,12 +18,14 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from refine.data.tasks import TaskExample
 from refine.tokenizer import Tokenizer
+
+_T = TypeVar("_T")
 
 # ---------------------------------------------------------------- vocabulary
 
@@ -157,11 +159,37 @@ class _Layout:
         return "".join(parts), offsets
 
 
+class LengthTooShortError(ValueError):
+    """A length leaves no room for a text's fixed part (all but its filler); `needed` is the most tokens that
+    part takes, over every example asked for, so that a caller can name the least length that works."""
+
+    def __init__(self, message: str, needed: int) -> None:
+        super().__init__(message)
+        self.needed = needed
+
+
+def _every_example(make: Callable[[int], _T], count: int, length: int) -> list[_T]:
+    """make(i) for i < count. When some examples do not fit `length`, one error for all of them, naming the
+    most tokens any needs: stopping at the first would name a length that the next example refuses."""
+    made: list[_T] = []
+    needed = 0
+    for index in range(count):
+        try:
+            made.append(make(index))
+        except LengthTooShortError as error:
+            needed = max(needed, error.needed)
+    if needed:
+        raise LengthTooShortError(
+            f"length {length} tokens is too short: the prompt without filler already takes {needed}", needed)
+    return made
+
+
 def _largest_fitting(build: Callable[[int], str], tokenizer: Tokenizer, upper: int, length: int) -> int:
     """The largest n in [0, upper] with len(encode(build(n))) <= length (token counts grow with n)."""
     if len(tokenizer.encode(build(0))) > length:
         needed = len(tokenizer.encode(build(0)))
-        raise ValueError(f"length {length} tokens is too short: the prompt without filler already takes {needed}")
+        raise LengthTooShortError(
+            f"length {length} tokens is too short: the prompt without filler already takes {needed}", needed)
     low, high = 0, upper
     while low < high:
         middle = (low + high + 1) // 2
@@ -245,7 +273,7 @@ def generate_niah(config: NiahConfig, tokenizer: Tokenizer, num_examples: int) -
     """Needle-in-a-haystack examples; answers are every value of every queried key (string_match_all)."""
     if num_examples < 1:
         raise ValueError(f"num_examples must be >= 1, got {num_examples}")
-    return [_niah_example(config, tokenizer, index) for index in range(num_examples)]
+    return _every_example(lambda index: _niah_example(config, tokenizer, index), num_examples, config.length)
 
 
 def _niah_example(config: NiahConfig, tokenizer: Tokenizer, index: int) -> TaskExample:
@@ -472,7 +500,7 @@ def generate_recall_documents(
 ) -> list[SyntheticDocument]:
     if num_documents < 1:
         raise ValueError(f"num_documents must be >= 1, got {num_documents}")
-    return [_recall_document(config, tokenizer, index) for index in range(num_documents)]
+    return _every_example(lambda index: _recall_document(config, tokenizer, index), num_documents, config.length)
 
 
 def _recall_document(config: RecallCorpusConfig, tokenizer: Tokenizer, index: int) -> SyntheticDocument:
@@ -567,7 +595,9 @@ def mqar_for_length(length: int, tokenizer: Tokenizer, num_examples: int, seed: 
         return len(tokenizer.encode(build(pairs, 1)[0].prompt)) <= length
 
     if not fits(1):
-        raise ValueError(f"--length {length} is too short for an MQAR prompt with a single key-value pair")
+        needed = len(tokenizer.encode(build(1, 1)[0].prompt))
+        raise LengthTooShortError(
+            f"--length {length} is too short for an MQAR prompt with a single key-value pair ({needed} tokens)", needed)
     low, high = 1, 5000  # MqarConfig's own bound on num_pairs
     while low < high:
         middle = (low + high + 1) // 2

@@ -1,5 +1,6 @@
 import json
 import logging
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -359,3 +360,82 @@ def test_a_runs_data_format_reaches_the_reader(tmp_path):
     read = lambda config: [TOKENIZER.decode(ids) for _, ids, _ in islice(document_stream(config, TOKENIZER), 2)]  # noqa: E731
     assert read(load_config(None, overrides + ["data.format=jsonl"])) == ["a" * 40, "b" * 40]
     assert read(load_config(None, overrides))[0].startswith('{"text": "aaa')
+
+
+# ---------------------------------------------------------------- review fixes
+
+
+def test_min_length_below_two_is_refused_naming_the_value():
+    for value in (0, 1):
+        with pytest.raises(ValidationError, match=rf"min_length={value} keeps documents with nothing to train on"):
+            DataConfig(path="x", min_length=value)
+    assert DataConfig(path="x").min_length == 2
+
+
+def test_an_empty_text_is_too_short_not_a_one_token_document(tmp_path):
+    path = write_jsonl(tmp_path / "docs.jsonl", ["", "hello"])
+    stream = DocumentStream(config(path), TOKENIZER)
+    assert texts_of(stream) == ["hello"] and stream.stats.too_short == 1
+
+
+def test_a_row_without_text_hands_out_the_documents_read_before_it_like_a_malformed_row(tmp_path):
+    for name, bad_line in [("malformed", b'{"text": oops}'), ("null", b'{"text": null}'), ("number", b'{"text": 5}')]:
+        path = tmp_path / f"{name}.jsonl"
+        path.write_bytes(b'{"text": "aa"}\n{"text": "bb"}\n' + bad_line + b'\n{"text": "dd"}\n')
+        stream = DocumentStream(config(path), TOKENIZER)  # tokenize_batch_size 64: both wait in one batch
+        received = []
+        with pytest.raises(BadRowError, match=rf"{name}.jsonl, line 3"):
+            for document in stream:
+                received.append(document)
+        assert texts_of(received) == ["aa", "bb"], name
+        assert stream.cursor == 2, name  # a restart reads the bad row again, and fails on it again
+
+
+def test_a_parquet_folder_keeps_open_only_the_shard_it_reads(tmp_path):
+    descriptors = Path("/proc/self/fd")
+    if not descriptors.is_dir():
+        pytest.skip("counts open files through /proc")
+    for shard in range(40):
+        pq.write_table(pa.table({"text": [f"shard {shard} doc {row}" for row in range(2)]}),
+                       tmp_path / f"part-{shard:03d}.parquet")
+    before = len(list(descriptors.iterdir()))
+    documents = iter_documents(config(tmp_path), TOKENIZER)
+    first = next(documents)
+    assert first.doc_id == "part-000.parquet:0"
+    assert len(list(descriptors.iterdir())) - before <= 2  # one shard (and pyarrow's own), not forty
+    assert 1 + sum(1 for _ in documents) == 80
+    assert DocumentStream(config(tmp_path), TOKENIZER).iter_from(75).__next__().doc_id == "part-037.parquet:1"
+
+
+def test_folder_sources_read_any_case_skip_hidden_files_and_refuse_compressed_ones(tmp_path):
+    folder = tmp_path / "corpus"
+    (folder / ".ipynb_checkpoints").mkdir(parents=True)
+    write_jsonl(folder / "a.jsonl", ["from a"])
+    write_jsonl(folder / "B.JSONL", ["from B"])
+    write_jsonl(folder / ".ipynb_checkpoints" / "a-checkpoint.jsonl", ["a copy"])
+    write_jsonl(folder / ".partial.jsonl", ["half written"])
+    assert detect_format(folder) == "jsonl"
+    assert [d.doc_id for d in iter_documents(config(folder), TOKENIZER)] == ["B.JSONL:1", "a.jsonl:1"]
+    (folder / "c.jsonl.GZ").write_bytes(b"\x1f\x8b compressed")
+    with pytest.raises(DataSourceError, match=r"holds '.*c\.jsonl\.GZ', a compressed file, which cannot be read"):
+        list(iter_documents(config(folder), TOKENIZER))
+    with pytest.raises(DataSourceError, match=r"c\.jsonl\.GZ' is a compressed file"):
+        detect_format(folder / "c.jsonl.GZ")
+
+
+def test_folder_shards_keep_the_sorted_order_that_resumed_runs_count_records_in(tmp_path):
+    # Plain sorted order, shard-10 before shard-2: a natural order would move a resumed run's cursor.
+    for shard in (1, 2, 10):
+        write_jsonl(tmp_path / f"shard-{shard}.jsonl", [f"s{shard}"])
+    assert texts_of(iter_documents(config(tmp_path), TOKENIZER)) == ["s1", "s10", "s2"]
+
+
+def test_a_dataset_dict_without_train_says_to_point_at_a_splits_folder(tmp_path):
+    datasets = pytest.importorskip("datasets", reason="the `datasets` package reads save_to_disk folders")
+    splits = {"validation": ["v1", "v2"], "test": ["e1"]}
+    datasets.DatasetDict({name: datasets.Dataset.from_dict({"text": texts}) for name, texts in splits.items()}
+                         ).save_to_disk(str(tmp_path / "dict"))
+    with pytest.raises(DataSourceError, match=r"splits \['validation', 'test'\] and none named 'train': read one "
+                                              rf"by pointing at its folder, e.g. '{tmp_path / 'dict' / 'validation'}'"):
+        list(iter_documents(config(tmp_path / "dict"), TOKENIZER))
+    assert texts_of(iter_documents(config(tmp_path / "dict" / "validation"), TOKENIZER)) == ["v1", "v2"]

@@ -1,9 +1,12 @@
 import json
 import logging
+import re
 from itertools import islice
 
-from refine.config import load_config
-from refine.data.stream import SOURCE_RECORD, check_source, document_stream
+import pytest
+
+from refine.config import ConfigError, load_config
+from refine.data.stream import SOURCE_RECORD, _synthetic_texts, check_source, document_stream, synthetic_documents
 from refine.tokenizer import ByteTokenizer
 
 TOKENIZER = ByteTokenizer()
@@ -69,3 +72,99 @@ def test_the_source_record_is_kept_and_a_damaged_one_is_recorded_anew(tmp_path):
     message = check_source(config, out_dir, resumed=True)
     assert message.startswith(f"{record} could not be read (JSONDecodeError") and "recorded anew" in message
     assert check_source(config, out_dir, resumed=True) is None  # the record is whole again
+
+
+def test_a_folders_source_record_leaves_out_the_hidden_files_it_does_not_read(tmp_path):
+    folder = tmp_path / "corpus"
+    (folder / ".ipynb_checkpoints").mkdir(parents=True)
+    (folder / "part-0.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in TEXTS))
+    config = load_config(None, [f"data.source={folder}", "data.seq_len=64", "data.min_length=40", "train.mode=ntp"])
+    out_dir = tmp_path / "run"
+    out_dir.mkdir()
+    assert check_source(config, out_dir, resumed=False) is None
+    (folder / ".ipynb_checkpoints" / "part-0-checkpoint.jsonl").write_text('{"text": "a copy"}\n')
+    (folder / ".notes.jsonl").write_text('{"text": "hidden"}\n')
+    assert check_source(config, out_dir, resumed=True) is None  # what the run reads did not change
+    (folder / "part-1.jsonl").write_text('{"text": "more"}\n')
+    assert "1 files added, removed or resized, e.g. 'part-1.jsonl'" in check_source(config, out_dir, resumed=True)
+
+
+# ---------------------------------------------------------------- the synthetic corpus
+
+
+def synthetic_config(*overrides):
+    return load_config(None, ["train.mode=ntp", "data.min_length=16", *overrides])
+
+
+def test_the_synthetic_corpus_counts_and_logs_what_min_length_drops(caplog):
+    caplog.set_level(logging.INFO, logger="refine.data.stream")
+    config = synthetic_config("data.synthetic_tasks=[recall,niah,mqar]", "data.num_documents=30", "data.seq_len=512",
+                              "data.min_length=500")
+    docs = synthetic_documents(config, TOKENIZER)
+    assert 0 < len(docs) < 30 and all(len(ids) >= 500 for _, ids in docs)
+    ((level, message),) = pass_records(caplog)
+    assert level == logging.WARNING
+    assert f"30 documents generated, {len(docs)} kept, {30 - len(docs)} too short for data.min_length=500" in message
+    caplog.clear()
+    synthetic_documents(synthetic_config("data.num_documents=4"), TOKENIZER)
+    ((level, message),) = pass_records(caplog)
+    assert level == logging.INFO and "4 documents generated, 4 kept, 0 too short" in message
+
+
+@pytest.mark.parametrize("kind, seq_len", [("niah", 300), ("mqar", 64), ("recall", 100)])
+def test_a_seq_len_too_short_for_a_synthetic_task_names_the_settings_and_the_least_that_works(kind, seq_len):
+    overrides = [f"data.synthetic_tasks=[{kind}]", "data.num_documents=12"]
+    with pytest.raises(ValueError, match=rf"data\.seq_len={seq_len} is too short for the {kind} documents of "
+                                         rf"data\.synthetic_tasks=\['{kind}'\]") as caught:
+        synthetic_documents(synthetic_config(*overrides, f"data.seq_len={seq_len}"), TOKENIZER)
+    least = int(re.search(r"need data\.seq_len >= (\d+)", str(caught.value)).group(1))
+    # The least length named is exact: every document fits it, one token less fails.
+    docs = synthetic_documents(synthetic_config(*overrides, f"data.seq_len={least}"), TOKENIZER)
+    assert len(docs) == 12 and max(len(ids) for _, ids in docs) <= least
+    with pytest.raises(ValueError, match=rf"need data\.seq_len >= {least}\b"):
+        synthetic_documents(synthetic_config(*overrides, f"data.seq_len={least - 1}"), TOKENIZER)
+
+
+def test_a_synthetic_seq_len_too_short_fails_before_the_service_starts_anything(tmp_path):
+    from services.orchestrator import run
+
+    config = load_config(None, [f"train.out_dir={tmp_path / 'run'}", "data.synthetic_tasks=[niah]", "data.seq_len=300",
+                                f"service.metrics_discovery_dir={tmp_path / 'prometheus'}"])
+    # An unreachable Redis: a check made only once the service started would fail on it instead.
+    with pytest.raises(ConfigError, match=r"data\.seq_len=300 is too short for the niah documents"):
+        run(config, progress=False, redis_url="redis://127.0.0.1:1/0")
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("seq_len", [200, 512])
+def test_synthetic_documents_keep_every_token_with_their_bos(seq_len, caplog):
+    caplog.set_level(logging.INFO, logger="refine.data.stream")
+    config = synthetic_config("data.synthetic_tasks=[recall,mqar]", "data.num_documents=512", f"data.seq_len={seq_len}")
+    texts = dict(text for kind in ("recall", "mqar") for text in _synthetic_texts(kind, config, TOKENIZER, 256))
+    docs = synthetic_documents(config, TOKENIZER)
+    # Each document is BOS + its whole text: a text that overflowed seq_len would have lost its end.
+    assert all(ids == [TOKENIZER.bos_id, *TOKENIZER.encode(texts[doc_id])] for doc_id, ids in docs)
+    assert max(len(ids) for _, ids in docs) <= seq_len
+    assert "0 truncated" in pass_records(caplog)[0][1]
+
+
+def test_the_synthetic_corpus_has_exactly_num_documents_in_mixed_order():
+    docs = synthetic_documents(synthetic_config("data.synthetic_tasks=[recall,niah,mqar]", "data.num_documents=7"),
+                               TOKENIZER)
+    assert [doc_id for doc_id, _ in docs] == [
+        "recall_0_0", "niah:niah_single_0_0", "mqar:mqar_0_0", "recall_0_1", "niah:niah_single_0_1", "mqar:mqar_0_1",
+        "recall_0_2"]
+    # Shares that divide evenly keep the order runs were started with.
+    even = synthetic_documents(synthetic_config("data.synthetic_tasks=[recall,mqar]", "data.num_documents=4"),
+                               TOKENIZER)
+    assert [doc_id for doc_id, _ in even] == ["recall_0_0", "mqar:mqar_0_0", "recall_0_1", "mqar:mqar_0_1"]
+    with pytest.raises(ConfigError, match=r"data\.num_documents=2 is fewer than the 3 data\.synthetic_tasks"):
+        synthetic_config("data.synthetic_tasks=[recall,niah,mqar]", "data.num_documents=2")
+
+
+def test_a_resumed_synthetic_run_says_when_min_length_changed_the_corpus(tmp_path):
+    before = synthetic_config("data.min_length=16")
+    assert check_source(before, tmp_path, resumed=False) is None
+    assert check_source(before, tmp_path, resumed=True) is None
+    message = check_source(synthetic_config("data.min_length=200"), tmp_path, resumed=True)
+    assert message is not None and "'min_length': 16" in message and "'min_length': 200" in message

@@ -3,6 +3,7 @@ resume, and what is checked before Ray and Redis start."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import tempfile
 from pathlib import Path
@@ -11,12 +12,14 @@ import pytest
 from ray.exceptions import ActorDiedError, RayTaskError
 
 from learner.checkpoint import LearnerState
-from refine.config import ConfigError, run_tokenizer
+from refine.config import ConfigError, load_config, run_tokenizer
+from refine.data.stream import document_batches
 from refine_vllm.settings import staging_prefix
 from rollout_workers.engines import engine_owner
 from service_helpers import events, step_rows, tiny_config
+from refine.tokenizer import load_tokenizer
 from services.orchestrator import (
-    Orchestrator, RestartWindow, describe_failure, open_events, remove_member_files, restore_reports, run,
+    DataPosition, Orchestrator, RestartWindow, describe_failure, open_events, remove_member_files, restore_reports, run,
 )
 from services.progress import StepReport
 
@@ -148,3 +151,43 @@ def test_a_killed_workers_staged_vllm_checkpoints_are_removed_and_no_one_elses(t
     snapshot = tiny_config(tmp_path, f"rollout.vllm.weights_dir={weights}")
     remove_member_files(snapshot, "run-a", "rollout_worker", "rollout_worker-0.1")
     assert folders["alive"].is_dir()
+
+
+def _epochs_and_offsets(config, batches: int, document_cursors: bool) -> list[tuple[int, int]]:
+    position = DataPosition(epoch=0, cursor=-1)
+    stream = document_batches(config, load_tokenizer(config.tokenizer))
+    cursors = []
+    for batch in itertools.islice(stream, batches):
+        cursor = position.advance(batch.cursor, config.data.source, batch.cursors if document_cursors else ())
+        cursors.append((cursor.epoch, cursor.offset))
+    return cursors
+
+
+def test_data_position_counts_every_pass_a_batch_larger_than_the_source_starts(tmp_path: Path) -> None:
+    source = tmp_path / "docs.jsonl"
+    source.write_text("".join(json.dumps({"text": f"doc{i}" + "x" * 40}) + "\n" for i in range(3)))
+    config = load_config(None, [f"data.source={source}", "data.seq_len=64", "data.min_length=8", "train.mode=ntp",
+                                "train.batch_size=4"])
+    # Documents 1-4 end in pass 1 (0-based), 5-8 in pass 2, 9-12 in pass 3, 13-16 in pass 5.
+    positions = _epochs_and_offsets(config, 4, document_cursors=True)
+    assert positions == [(1, 1), (2, 2), (3, 3), (5, 1)]
+    assert len(set(positions)) == len(positions)  # each batch its own rollout seed
+
+
+@pytest.mark.parametrize("source, batch_size", [("file", 2), ("file", 4), ("synthetic", 2), ("synthetic", 4)])
+def test_data_positions_of_batches_smaller_than_a_pass_are_as_before(tmp_path: Path, source: str,
+                                                                     batch_size: int) -> None:
+    """They seed the rollouts: counting passes per document must not change a usual run's seeds."""
+    overrides = ["data.seq_len=192", "data.min_length=16", "train.mode=ntp", f"train.batch_size={batch_size}"]
+    if source == "file":
+        path = tmp_path / "docs.jsonl"  # 7 records, 5 of them documents
+        path.write_text("".join(json.dumps({"text": text}) + "\n" for text in ["a" * 40, "b", "c" * 40, "d" * 40,
+                                                                                 "e", "f" * 40, "g" * 40]))
+        overrides.append(f"data.source={path}")
+    else:
+        overrides.append("data.num_documents=5")
+    config = load_config(None, overrides)
+    assert _epochs_and_offsets(config, 12, document_cursors=True) == _epochs_and_offsets(config, 12, False)
+    if (source, batch_size) == ("file", 2):
+        assert _epochs_and_offsets(config, 6, document_cursors=True) == [(0, 3), (0, 6), (1, 1), (1, 4), (1, 7),
+                                                                          (2, 3)]
