@@ -362,7 +362,7 @@ def _niah_example(config: NiahConfig, tokenizer: Tokenizer, index: int) -> TaskE
         answers=answers,
         context=prompt[context_start:context_end],
         question=suffix.strip(),
-        max_answer_length=None,
+        max_new_tokens=None,
         metadata={
             "keys": query_keys,
             "needle_char_offsets": [offsets[s] for s in sorted(needle_slots)],

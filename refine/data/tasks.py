@@ -2,10 +2,15 @@
 
 Loaders:
 - `load_ruler_qa`: RULER QA as the REFINE release ships it (columns prompt, answer = list of accepted
-  answers, max_answer_length, task), or RULER's own output (input, outputs, answer_prefix).
+  answers, task), or RULER's own output (input, outputs, answer_prefix).
 - `load_longbench`: LongBench's released rows (input, context, answers, all_classes, dataset, length,
   _id), or rows with a ready "prompt" and "answers" (the REFINE release's preprocessed LongBench).
 - `load_task_examples` / `save_task_examples`: this module's own JSON-lines format.
+
+Answer budgets (`TaskExample.max_new_tokens`): a row's `max_gen_tokens` (the REFINE release's column), else
+LongBench's per-dataset budget, else none (the evaluation default, 32 tokens, RULER QA's and the paper's).
+The release's `max_answer_length` column is the gold answer's own length in tokens: generating up to it
+would tell the model how long the right answer is, so it is not read.
 
 Sources are JSON lines, parquet or `save_to_disk` folders, read with refine.data.sources, so bad input
 behaves the same: a malformed row raises naming its file and row, or is logged, counted and skipped
@@ -49,7 +54,7 @@ class TaskExample(BaseModel):
     context: str | None = None
     question: str | None = None
     all_classes: list[str] | None = None
-    max_answer_length: int | None = Field(None, ge=1)  # tokens, when the source gives it
+    max_new_tokens: int | None = Field(None, ge=1)  # answer budget in tokens, when the source gives one
     length: int | None = Field(None, ge=0)  # the source's own length measure (LongBench: words or characters)
     metadata: dict[str, Any] = Field(default_factory=dict)
 
@@ -79,8 +84,8 @@ DEFAULT_LONGBENCH_TEMPLATE = (
 
 
 # LongBench's answer budget per dataset (its config/dataset2maxlen.json: long ones for summaries), used for
-# rows that give no max_answer_length. Its ROUGE and F1 scores assume answers may run this long.
-LONGBENCH_MAX_ANSWER_TOKENS = {
+# rows that give no max_gen_tokens. Its ROUGE and F1 scores assume answers may run this long.
+LONGBENCH_MAX_NEW_TOKENS = {
     "narrativeqa": 128, "qasper": 128, "multifieldqa_en": 64, "multifieldqa_zh": 64, "hotpotqa": 32,
     "2wikimqa": 32, "musique": 32, "dureader": 128, "gov_report": 512, "qmsum": 512, "multi_news": 512,
     "vcsum": 512, "trec": 64, "triviaqa": 32, "samsum": 128, "lsht": 64, "passage_count": 32,
@@ -156,7 +161,7 @@ def _finish(examples: list[TaskExample], policy: BadRowPolicy, path: str | Path,
 
 
 RULER_COLUMNS = [
-    "prompt", "answer", "answers", "max_answer_length", "task", "index", "input", "outputs", "answer_prefix", "length",
+    "prompt", "answer", "answers", "max_gen_tokens", "task", "index", "input", "outputs", "answer_prefix", "length",
 ]
 
 
@@ -201,7 +206,7 @@ def load_ruler_qa(
             policy.reject(row.location, f"field {answer_field!r} missing; fields present: {sorted(values)}")
             continue
         answers = _answers(values[answer_field], answer_field, row, policy)
-        ok, max_answer_length = _optional_int(values.get("max_answer_length"), "max_answer_length", row, policy, minimum=1)
+        ok, max_new_tokens = _optional_int(values.get("max_gen_tokens"), "max_gen_tokens", row, policy, minimum=1)
         if answers is None or not ok:
             continue
         row_task = values.get("task")
@@ -212,7 +217,7 @@ def load_ruler_qa(
                 task=task or (row_task if isinstance(row_task, str) and row_task else default_task),
                 prompt=prompt,
                 answers=answers,
-                max_answer_length=max_answer_length or None,
+                max_new_tokens=max_new_tokens or None,
                 metadata={"source": row.location},
             )
         )
@@ -222,7 +227,7 @@ def load_ruler_qa(
 
 LONGBENCH_COLUMNS = [
     "input", "context", "answers", "all_classes", "dataset", "length", "_id", "language", "prompt", "task",
-    "max_answer_length",
+    "max_gen_tokens",
 ]
 
 
@@ -265,7 +270,7 @@ def load_longbench(
     name (LongBench names its files after the dataset). Rows without a "prompt" get one from
     `prompt_template`, else `prompt_templates[dataset]` (a dict or a JSON file such as LongBench's
     dataset2prompt.json), else DEFAULT_LONGBENCH_TEMPLATE; templates use {context} and {input}. A row's answer
-    budget is its max_answer_length, else LongBench's for the dataset (LONGBENCH_MAX_ANSWER_TOKENS)."""
+    budget is its max_gen_tokens, else LongBench's for the dataset (LONGBENCH_MAX_NEW_TOKENS)."""
     templates = _read_templates(prompt_templates)
     policy = BadRowPolicy(skip_bad_rows)
     source = _open(path, LONGBENCH_COLUMNS, fmt, policy, split)
@@ -286,7 +291,7 @@ def load_longbench(
             continue
         ok_classes, all_classes = _optional_classes(values.get("all_classes"), row, policy)
         ok_length, length = _optional_int(values.get("length"), "length", row, policy)
-        ok_max, max_answer_length = _optional_int(values.get("max_answer_length"), "max_answer_length", row, policy, minimum=1)
+        ok_max, max_new_tokens = _optional_int(values.get("max_gen_tokens"), "max_gen_tokens", row, policy, minimum=1)
         if not (ok_classes and ok_length and ok_max):
             continue
         context = question = None
@@ -327,7 +332,7 @@ def load_longbench(
                 context=context,
                 question=question,
                 all_classes=all_classes or None,
-                max_answer_length=max_answer_length or LONGBENCH_MAX_ANSWER_TOKENS.get(name.removesuffix("_e")),
+                max_new_tokens=max_new_tokens or LONGBENCH_MAX_NEW_TOKENS.get(name.removesuffix("_e")),
                 length=length,
                 metadata={"source": row.location},
             )

@@ -251,8 +251,8 @@ def evaluate(
     optimizer's state are kept between examples; the model's own weights are put back at the end.
 
     `task` is a CLI task name (niah, mqar, ruler-qa, longbench) or a metric task name (e.g. hotpotqa).
-    `max_new_tokens` None: each example's max_answer_length, else 32. `longbench_scoring`: LongBench's own
-    rules, or "refine-release" (the paper's, to compare with its tables)."""
+    `max_new_tokens` None: each example's own budget (see refine.data.tasks), else 32. `longbench_scoring`:
+    LongBench's own rules, or "refine-release" (the paper's, to compare with its tables)."""
     if not examples:
         raise ValueError("no examples to evaluate")
     if ttt and ttt_steps < 0:
@@ -292,7 +292,7 @@ def evaluate(
             truncated += 1
             record["original_prompt_tokens"] = full_length
         prompts.append(ids)
-        budgets.append(max_new_tokens or example.max_answer_length or DEFAULT_MAX_NEW_TOKENS)
+        budgets.append(max_new_tokens or example.max_new_tokens or DEFAULT_MAX_NEW_TOKENS)
         records.append(record)
 
     answers: list[list[int]] = [[] for _ in examples]

@@ -23,9 +23,9 @@ def write_jsonl(path, rows):
 
 RULER_ROWS = [
     {"index": 7, "prompt": "Doc 1: Paris is in France.\nQuestion: Where is Paris?\nAnswer:", "answer": ["France"],
-     "max_answer_length": 3, "task": "ruler_squadqa"},
+     "max_gen_tokens": 3, "task": "ruler_squadqa"},
     {"index": 8, "prompt": "Doc 1: ...\nQuestion: Who?\nAnswer:", "answer": ["Frank Lowy", "Lowy"],
-     "max_answer_length": 4},
+     "max_answer_length": 4},  # the release's gold-answer length: not a budget
 ]
 
 
@@ -38,7 +38,7 @@ def test_ruler_qa_jsonl_and_parquet_give_the_same_examples(tmp_path):
         assert examples[0].task == "ruler_squadqa"
         assert examples[1].task == "ruler_qa"  # no task given: the default name
         assert examples[1].answers == ["Frank Lowy", "Lowy"]
-        assert examples[0].max_answer_length == 3
+        assert [e.max_new_tokens for e in examples] == [3, None]  # None: refine eval's default budget
         assert examples[0].prompt.endswith("Answer:")
     assert load_ruler_qa(tmp_path / "ruler.jsonl", task="mine")[0].task == "mine"
 
@@ -90,18 +90,20 @@ def test_longbench_dataset_name_from_file_name_and_preprocessed_prompts(tmp_path
     rows = [{"input": "q", "context": "c", "answers": ["a"], "all_classes": None}]
     assert load_longbench(write_jsonl(tmp_path / "hotpotqa.jsonl", rows))[0].task == "hotpotqa"
     assert load_longbench(tmp_path / "hotpotqa.jsonl", dataset="2wikimqa")[0].task == "2wikimqa"
-    ready = [{"prompt": "Full prompt\nAnswer:", "answers": ["x"], "task": "musique", "max_answer_length": 5}]
+    ready = [{"prompt": "Full prompt\nAnswer:", "answers": ["x"], "task": "musique", "max_gen_tokens": 5}]
     pq.write_table(pa.Table.from_pylist(ready), tmp_path / "musique.parquet")
     example = load_longbench(tmp_path / "musique.parquet")[0]
-    assert (example.prompt, example.task, example.max_answer_length) == ("Full prompt\nAnswer:", "musique", 5)
+    assert (example.prompt, example.task, example.max_new_tokens) == ("Full prompt\nAnswer:", "musique", 5)
 
 
 def test_longbench_answer_budgets_are_the_benchmarks_unless_a_row_gives_one(tmp_path):
     rows = [{"input": "q", "context": "c", "answers": ["a"], "dataset": name}
             for name in ("gov_report", "qasper_e", "hotpotqa", "my_own_task")]
-    rows.append({"input": "q", "context": "c", "answers": ["a"], "dataset": "gov_report", "max_answer_length": 7})
-    budgets = [example.max_answer_length for example in load_longbench(write_jsonl(tmp_path / "lb.jsonl", rows))]
-    assert budgets == [512, 128, 32, None, 7]  # None: refine eval's default budget
+    rows.append({"input": "q", "context": "c", "answers": ["a"], "dataset": "gov_report", "max_gen_tokens": 7})
+    # The release's max_answer_length is the gold answer's length: generating up to it would leak the answer.
+    rows.append({"input": "q", "context": "c", "answers": ["a"], "dataset": "hotpotqa", "max_answer_length": 2})
+    budgets = [example.max_new_tokens for example in load_longbench(write_jsonl(tmp_path / "lb.jsonl", rows))]
+    assert budgets == [512, 128, 32, None, 7, 32]  # None: refine eval's default budget
 
 
 def test_task_loaders_bad_inputs(tmp_path):
@@ -196,6 +198,6 @@ def test_task_examples_need_text_in_every_gold_answer(tmp_path):
 
 
 def test_a_zero_answer_budget_is_a_bad_row(tmp_path):
-    rows = [{"prompt": "P?", "answer": ["a"], "max_answer_length": 0}]
-    with pytest.raises(DataSourceError, match=r"line 1: field 'max_answer_length' must be an integer >= 1 or null, got 0"):
+    rows = [{"prompt": "P?", "answer": ["a"], "max_gen_tokens": 0}]
+    with pytest.raises(DataSourceError, match=r"line 1: field 'max_gen_tokens' must be an integer >= 1 or null, got 0"):
         load_ruler_qa(write_jsonl(tmp_path / "qa.jsonl", rows))

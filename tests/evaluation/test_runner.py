@@ -35,7 +35,7 @@ TOKENIZER = ByteTokenizer()
 RULER_ROWS = [  # the REFINE release's RULER QA rows, then RULER's own output format
     {"prompt": "Answer the question based on the documents.\nDocument 1: The capital of Norway is Oslo, a harbor "
                "city.\nDocument 2: Bergen has rain.\nQuestion: What is the capital of Norway?\nAnswer:",
-     "answer": ["Oslo"], "max_answer_length": 3, "task": "ruler_squadqa"},
+     "answer": ["Oslo"], "max_gen_tokens": 3, "max_answer_length": 1, "task": "ruler_squadqa"},
     {"index": 7, "input": "Document 1: The river Tana runs north to the Arctic sea past birch forests.\n"
                           "Question: Where does the Tana run?", "outputs": ["north", "the Arctic sea"],
      "answer_prefix": " Answer:", "length": 120},
@@ -102,7 +102,7 @@ def test_eval_command_writes_scored_results(task, ttt, model_dir, task_files, tm
         assert record["prompt_tokens"] > 0 and record["answers"]
         if ttt:
             assert len(record["ttt_history"]) == 1 and record["ttt_history"][0]["grad_norm"] > 0
-    if task == "ruler-qa":  # max_answer_length of the row bounds the answer when --max-new-tokens is not given
+    if task == "ruler-qa":  # max_gen_tokens of the row bounds the answer when --max-new-tokens is not given
         assert records[0]["generated_tokens"] <= 3 and records[1]["generated_tokens"] <= 32
         assert [r["task"] for r in records] == ["ruler_squadqa", "qa"]  # the second row is RULER's own task
     if task == "longbench":  # two datasets, each with its own metric, averaged as LongBench averages
