@@ -5,7 +5,8 @@
 - large-chunk test-time training of SwiGLU fast weights f(x) = w1 (silu(w0 x) * (w2 x)):
   every chunk of `chunk_size` tokens is first read with the current fast weights, then its keys and
   values update them (dot-product loss, per-token learning rates, optional momentum and Muon, then
-  per-row renormalization to the initial weights' row norms).
+  per-row renormalization to the initial weights' row norms). Muon's Newton-Schulz iterations run in
+  bfloat16 as in the release, except for float64 fast weights (see `newton_schulz_dtype`).
 
 Chunks are aligned to each sequence's absolute token count, so a row that carries a state with r
 tokens of an unfinished chunk finishes that chunk after C - r more tokens. The partial chunk is kept
@@ -98,15 +99,38 @@ def sliding_window_attention(
     return torch.cat(outputs, dim=1)
 
 
+def newton_schulz_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The precision of Muon's iterations for fast weights of `dtype`.
+
+    float32 (or narrower) weights follow the LaCT release, which orthogonalizes in bfloat16 (about 2%
+    away from float32 iterations: visible in the logits). The iterations scale small singular values
+    up about 500-fold, so the bfloat16 rounding of the input shapes the update's near-null directions:
+    float32 paths that sum a chunk's gradients in another order (token-by-token decoding vs the full
+    forward) agree only up to that noise, as the release does with itself. float64 keeps full
+    precision: it is our exactness check (model vs a naive recurrence, decoding vs the full forward,
+    gradients), not the paper's arithmetic."""
+    return torch.float64 if dtype == torch.float64 else torch.bfloat16
+
+
 def newton_schulz5(g: Tensor) -> Tensor:
-    """Muon: approximately orthogonalize each matrix of g [..., m, n] (five quintic iterations)."""
+    """Muon: approximately orthogonalize each matrix of g [..., m, n] (five quintic iterations).
+
+    Every step runs in `newton_schulz_dtype(g.dtype)`, as in the release: cast, transpose (tall
+    matrices), divide by the Frobenius norm, iterate, transpose back. The result is returned in g's
+    dtype; the release instead adds its bfloat16 result to the float32 weights, which promotes it
+    to float32 exactly the same way, so the sums are identical."""
+    x = g.to(newton_schulz_dtype(g.dtype))
     transpose = g.shape[-2] > g.shape[-1]
-    x = g.mT if transpose else g
+    if transpose:
+        x = x.mT
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
     for a, b, c in _NEWTON_SCHULZ_COEFFICIENTS:
         gram = x @ x.mT
+        # `c * gram @ gram` is (c * gram) @ gram, as in the release; in bfloat16 the order shows.
         x = a * x + (b * gram + c * gram @ gram) @ x
-    return x.mT if transpose else x
+    if transpose:
+        x = x.mT
+    return x.to(g.dtype)
 
 
 def renormalize_rows(w: Tensor, row_norms: Tensor) -> Tensor:

@@ -40,8 +40,11 @@ class ModelState:
         return self.map(Tensor.detach)
 
     def to(self, *args, **kwargs) -> "ModelState":
-        # Integer counters (LaCT's tokens_seen) follow the device but keep their dtype.
-        device = torch.empty(0).to(*args, **kwargs).device
+        """Tensor.to on every floating tensor. Integer counters (LaCT's tokens_seen) keep their dtype and
+        follow only a device the arguments name: `.to(torch.float64)` leaves them where the state is."""
+        # Tensor.to parses the arguments; a probe that starts on the state's device keeps that device
+        # when the arguments give none (a probe made on the CPU sent the counters to the CPU).
+        device = torch.empty(0, device=self.device).to(*args, **kwargs).device
         return self.map(lambda t: t.to(*args, **kwargs) if t.is_floating_point() else t.to(device))
 
     @property

@@ -1,4 +1,5 @@
-"""Checkpoint directories move between flash-linear-attention's classes and ours without conversion."""
+"""Checkpoint directories move between flash-linear-attention's classes (and the LaCT release's layout)
+and ours without conversion."""
 
 import json
 
@@ -8,7 +9,11 @@ from safetensors.torch import load_file, save_file
 
 from refine.models import build_model, load_model, save_model
 
-fla_models = pytest.importorskip("fla.models", reason="flash-linear-attention is a dev dependency")
+
+
+def _fla():
+    # Only the fla comparisons need fla; the LaCT layout test below writes the release's files itself.
+    return pytest.importorskip("fla.models", reason="flash-linear-attention is a dev dependency")
 
 CASES = [
     ("delta_net", dict(use_short_conv=True, use_gate=False)),
@@ -23,6 +28,7 @@ CASES = [
 
 
 def _fla_model(model_type, overrides):
+    fla_models = _fla()
     common = dict(hidden_size=32, num_heads=2, num_hidden_layers=2, vocab_size=60, intermediate_size=48)
     if model_type == "delta_net":
         return fla_models.DeltaNetForCausalLM(fla_models.DeltaNetConfig(**common, **overrides))
@@ -46,6 +52,7 @@ def test_fla_checkpoint_loads_with_every_key(tmp_path, model_type, overrides):
 
 @pytest.mark.parametrize("model_type,overrides", CASES)
 def test_our_checkpoint_loads_into_fla(tmp_path, model_type, overrides):
+    fla_models = _fla()
     torch.manual_seed(1)
     config = dict(model_type=model_type, hidden_size=32, num_heads=2, num_hidden_layers=2, vocab_size=60,
                   intermediate_size=48, **overrides)
@@ -59,6 +66,92 @@ def test_our_checkpoint_loads_into_fla(tmp_path, model_type, overrides):
     for key, value in overrides.items():
         assert getattr(theirs.config, key) == value, key
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == model_type
+
+
+# The LaCT release's config.json (760M layout, tiny sizes) as transformers writes it: the release's keys,
+# attention_bias included, plus transformers' bookkeeping.
+LACT_RELEASE_CONFIG = {
+    "architectures": ["LaCTForCausalLM"], "attention_bias": False, "bos_token_id": 1, "eos_token_id": 2,
+    "fuse_cross_entropy": True, "fuse_norm": True, "hidden_act": "swish", "hidden_size": 16, "num_attn_heads": 4,
+    "num_hidden_layers": 2, "initializer_range": 0.02, "max_position_embeddings": 32768,
+    "model_type": "lact_swiglu", "num_lact_heads": 2, "inter_multi": 2, "qkv_bias": False, "attn_qk_norm": False,
+    "qkv_silu": True, "lact_chunk_size": 4, "window_size": 4, "use_muon": True, "lr_dim": 1,
+    "lr_parameterization": "mamba", "learnable_ttt_scale": True, "w0_w2_low_rank": 3, "fw_init_gain": 0.5,
+    "use_momentum": True, "rope_theta": 1000000, "norm_eps": 1e-06, "tie_word_embeddings": False,
+    "use_cache": True, "vocab_size": 40, "torch_dtype": "bfloat16", "transformers_version": "4.51.3",
+}
+LACT_VARIANTS = {
+    "low_rank_momentum": {},
+    # every optional parameter the other way round
+    "full_rank_qk_norm_bias": dict(w0_w2_low_rank=-1, inter_multi=1, lr_dim=8, attn_qk_norm=True, qkv_bias=True,
+                                   use_momentum=False, learnable_ttt_scale=False, ttt_prenorm=True),
+}
+
+
+def _lact_release_layout(config: dict) -> dict[str, tuple[int, ...]]:
+    """The release's LaCTForCausalLM parameter names and shapes, written out from its modules."""
+    d, vocab, heads = config["hidden_size"], config["vocab_size"], config["num_lact_heads"]
+    rank = config["w0_w2_low_rank"]
+    fw = d // heads
+    inner = int(fw * config["inter_multi"])
+    lrs = 3 * heads * config["lr_dim"]
+    mlp = 256  # fla's GatedMLP with hidden_ratio 4: int(4 * d * 2 / 3) rounded up to a multiple of 256
+    layer = {
+        "attn_norm.weight": (d,), "mlp_norm.weight": (d,), "attn.qkv.weight": (3 * d, d), "attn.o_proj.weight": (d, d),
+        "attn.w1": (heads, fw, inner), "attn.lr_proj.weight": (lrs, d), "attn.lr_proj.bias": (lrs,),
+        "attn.qk_scale": (d, 2), "attn.qk_offset": (d, 2), "attn.ttt_norm.weight": (fw,),
+        "mlp.gate_proj.weight": (mlp, d), "mlp.up_proj.weight": (mlp, d), "mlp.down_proj.weight": (d, mlp),
+    }
+    for w in ("w0", "w2"):
+        if rank > 0:
+            layer.update({f"attn.{w}.w_left": (heads, inner, rank), f"attn.{w}.w_right": (heads, rank, fw)})
+        else:
+            layer[f"attn.{w}"] = (heads, inner, fw)
+    if config["qkv_bias"]:
+        layer["attn.qkv.bias"] = (3 * d,)
+    if config["attn_qk_norm"]:
+        layer.update({"attn.q_norm.weight": (d,), "attn.k_norm.weight": (d,)})
+    if config["learnable_ttt_scale"]:
+        layer.update({"attn.ttt_scale_proj.weight": (heads, d), "attn.ttt_scale_proj.bias": (heads,)})
+    if config["use_momentum"]:
+        layer.update({"attn.momentum_proj.0.weight": (heads, d), "attn.momentum_proj.0.bias": (heads,)})
+    names = {"model.embeddings.weight": (vocab, d), "model.norm.weight": (d,), "lm_head.weight": (vocab, d)}
+    for i in range(config["num_hidden_layers"]):
+        names.update({f"model.layers.{i}.{name}": shape for name, shape in layer.items()})
+    return names
+
+
+@pytest.mark.parametrize("variant", sorted(LACT_VARIANTS))
+def test_lact_release_checkpoint_loads_and_saves_in_the_release_layout(tmp_path, variant):
+    config = {**LACT_RELEASE_CONFIG, **LACT_VARIANTS[variant]}
+    layout = _lact_release_layout(config)
+    gen = torch.Generator().manual_seed(4)
+    tensors = {name: torch.randn(shape, generator=gen).to(torch.bfloat16) for name, shape in layout.items()}
+    release = tmp_path / "release"
+    release.mkdir()
+    (release / "config.json").write_text(json.dumps(config, indent=2))
+    save_file(tensors, str(release / "model.safetensors"), metadata={"format": "pt"})
+
+    model = load_model(release)
+    assert type(model).__name__ == "LaCTForCausalLM" and model.dtype == torch.bfloat16
+    loaded = model.state_dict()
+    assert set(loaded) == set(tensors)
+    for name, tensor in tensors.items():
+        assert torch.equal(loaded[name], tensor), name
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.arange(10)[None] % 40).logits).all()
+
+    ours = save_model(model, tmp_path / "ours")
+    written = load_file(ours / "model.safetensors")
+    assert {name: tuple(t.shape) for name, t in written.items()} == layout
+    for name, tensor in tensors.items():
+        assert torch.equal(written[name], tensor), name
+    saved = json.loads((ours / "config.json").read_text())
+    for key, value in config.items():  # the release's fields and transformers' bookkeeping, unchanged
+        assert key in saved and saved[key] == value, (key, saved.get(key), value)
+    assert "num_heads" not in saved  # our alias of num_attn_heads; the release has no such field
+    reloaded = load_model(ours).state_dict()
+    assert all(torch.equal(reloaded[name], tensor) for name, tensor in tensors.items())
 
 
 def test_fla_checkpoint_with_attention_residuals_is_refused_by_name(tmp_path):

@@ -1,6 +1,7 @@
 """LaCT: the release's algorithm, and the model contract (carried state, position states, padding,
-decoding) in float64 on tiny configs."""
+decoding) in float64 on tiny configs; float32 where the release's bfloat16 Muon iterations matter."""
 
+import functools
 import math
 
 import pytest
@@ -10,6 +11,7 @@ from pydantic import ValidationError
 
 from refine.models import ModelState
 from refine.models.lact import LaCTConfig, LaCTForCausalLM
+from refine.models.lact_ops import newton_schulz5
 
 CONFIGS = {
     # momentum + Muon, low-rank initial weights, rotary on the fast weights, d_h != d_in
@@ -28,9 +30,9 @@ CONFIGS = {
 }
 
 
-def make_model(name: str) -> LaCTForCausalLM:
+def make_model(name: str, **overrides) -> LaCTForCausalLM:
     torch.manual_seed(0)
-    model = LaCTForCausalLM(LaCTConfig(**CONFIGS[name])).double()
+    model = LaCTForCausalLM(LaCTConfig(**{**CONFIGS[name], **overrides})).double()
     # Larger random weights so that every path (and the test-time updates) visibly matters.
     with torch.no_grad():
         for pname, p in model.named_parameters():
@@ -86,13 +88,18 @@ def _rope(x, theta):  # x [B, T, H, d], positions 0..T-1, rotate halves
     d = x.shape[-1]
     inv = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
     ang = torch.arange(x.shape[1], dtype=torch.float64)[:, None] * inv
-    cos, sin = ang.cos()[None, :, None], ang.sin()[None, :, None]
+    cos, sin = ang.cos()[None, :, None].to(x.dtype), ang.sin()[None, :, None].to(x.dtype)
     x1, x2 = x[..., : d // 2], x[..., d // 2:]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
 
 
-def _zeropower(g):
-    x = g.transpose(1, 2) if g.size(1) > g.size(2) else g
+def _zeropower(g, work_dtype=None):
+    # The release iterates in bfloat16 (`X = G.bfloat16()`) and returns bfloat16, which `w + dw` then
+    # promotes to float32. float64 stays float64: our exactness extension, not the release's.
+    if work_dtype is None:
+        work_dtype = torch.float64 if g.dtype == torch.float64 else torch.bfloat16
+    x = g.to(work_dtype)
+    x = x.transpose(1, 2) if g.size(1) > g.size(2) else x
     x = x / (x.norm(dim=(1, 2), keepdim=True) + 1e-7)
     for a, b, c in [(4.0848, -6.8946, 2.9270), (3.9505, -6.3029, 2.6377), (3.7418, -5.5913, 2.3037),
                     (2.8769, -3.1427, 1.2046), (2.8366, -3.0525, 1.2012)]:
@@ -212,6 +219,34 @@ def test_forward_matches_release_algorithm(model):
         for block in model.model.layers:
             block.attn.lr_proj.bias.fill_(-60.0)
     assert (model(ids).logits - expected).abs().max() > 1e-3
+
+
+def test_muon_iterates_in_bfloat16_like_the_release_except_in_float64():
+    gen = torch.Generator().manual_seed(11)
+    for shape in [(2, 3, 16, 8), (2, 3, 8, 16), (1, 2, 12, 12)]:  # tall (iterated transposed), wide, square
+        g = torch.randn(shape, generator=gen)
+        release = _zeropower(g.flatten(0, 1)).view(shape)
+        assert release.dtype == torch.bfloat16
+        ours = newton_schulz5(g)
+        assert ours.dtype == torch.float32 and torch.equal(ours, release.float())
+        exact = newton_schulz5(g.double())
+        assert exact.dtype == torch.float64
+        torch.testing.assert_close(exact, _zeropower(g.double().flatten(0, 1)).view(shape), rtol=1e-12, atol=1e-12)
+        # bfloat16 iterations are not float32 ones plus noise: the update moves by about 2%
+        assert (ours.double() - exact).norm() > 0.01 * exact.norm()
+
+
+def test_float32_model_matches_release_with_bfloat16_muon(monkeypatch):
+    model = make_model("momentum_muon").float()
+    ids = torch.randint(0, model.config.vocab_size, (2, 19), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        logits = model(ids).logits
+        expected = _release_logits(model, ids)
+        torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+        # The check has teeth: float32 iterations land far outside the tolerance.
+        monkeypatch.setitem(globals(), "_zeropower", functools.partial(_zeropower, work_dtype=torch.float32))
+        float32_iterations = _release_logits(model, ids)
+    assert (float32_iterations - expected).abs().max() > 0.1
 
 
 # ---- the model contract -------------------------------------------------------------------------
@@ -360,6 +395,24 @@ def test_step_by_step_decoding_equals_whole(model):
             steps[1].append(out.logits[1])
     torch.testing.assert_close(torch.cat(steps[1]), whole.logits[1], rtol=1e-9, atol=1e-11)
     torch.testing.assert_close(torch.cat(steps[0]), whole.logits[0, :T - 3], rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_float32_decoding_equals_whole_without_muon(name):
+    """float32 decoding tracks the full pass to rounding. With Muon it only does so up to the noise of the
+    release's bfloat16 iterations (see newton_schulz_dtype), so Muon is switched off here; float64 (the
+    tests above) covers Muon exactly."""
+    model = make_model(name, use_muon=False).float()
+    T = 3 * model.config.lact_chunk_size + 5
+    ids = torch.randint(0, model.config.vocab_size, (2, T), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        whole = model(ids)
+        state, steps = None, []
+        for t in range(T):
+            out = model(ids[:, t:t + 1], state=state)
+            state = out.state
+            steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, 1), whole.logits, rtol=1e-5, atol=1e-5)
 
 
 def test_a_decoding_step_reads_the_device_once_per_layer(model, host_reads):

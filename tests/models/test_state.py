@@ -1,0 +1,49 @@
+"""ModelState.to: floating tensors take every argument; integer counters keep their dtype and follow only
+a device that the arguments name."""
+
+import pytest
+import torch
+
+from refine.models import ModelState
+from refine.models.lact import LaCTConfig, LaCTForCausalLM
+
+
+def _lact_state() -> ModelState:
+    torch.manual_seed(0)
+    config = LaCTConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attn_heads=2, num_lact_heads=2,
+                        lact_chunk_size=4, window_size=3, intermediate_size=24)
+    model = LaCTForCausalLM(config)
+    with torch.no_grad():
+        return model(torch.randint(0, 40, (2, 6))).state
+
+
+def _devices_and_dtypes(state: ModelState) -> set[tuple[str, torch.device, torch.dtype]]:
+    return {(name, t.device, t.dtype) for layer in state.layers for name, t in layer.items()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_a_dtype_alone_keeps_every_tensor_on_the_states_device(dtype):
+    # meta stands for any device but the CPU: a dtype-only cast once sent the counters to the CPU
+    # (which, from meta, raises).
+    state = _lact_state().to("meta")
+    assert {device.type for _, device, _ in _devices_and_dtypes(state)} == {"meta"}
+    cast = state.to(dtype)
+    for layer in cast.layers:
+        for name, tensor in layer.items():
+            assert tensor.device.type == "meta", name
+            assert tensor.dtype == (torch.long if name == "tokens_seen" else dtype), name
+
+
+def test_counters_follow_a_named_device_and_keep_their_dtype():
+    state = _lact_state()
+    for moved in (state.to("meta"), state.to(device="meta", dtype=torch.float64),
+                  state.to(torch.empty(0, device="meta", dtype=torch.float64)), state.to("meta", torch.float16)):
+        for layer in moved.layers:
+            assert layer["tokens_seen"].device.type == "meta" and layer["tokens_seen"].dtype == torch.long
+            assert all(t.device.type == "meta" for t in layer.values())
+    # back to the CPU with a dtype only: the values survive, the counters stay integers
+    cast = state.to(torch.float64)
+    for layer, original in zip(cast.layers, state.layers):
+        assert torch.equal(layer["tokens_seen"], original["tokens_seen"])
+        assert layer["tokens_seen"].dtype == torch.long and layer["fw_w0"].dtype == torch.float64
+        torch.testing.assert_close(layer["fw_w0"], original["fw_w0"].double(), rtol=0, atol=0)
