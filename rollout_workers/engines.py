@@ -22,13 +22,26 @@ from refine.algorithm.rollout import Rollouts, snapshot_rollouts
 from refine.config import RunConfig
 from refine.loop import prepare_model
 
-__all__ = ["ENGINES", "RolloutEngine", "SnapshotEngine", "batch_generator", "build_engine", "engine_owner"]
+__all__ = ["ENGINES", "RolloutEngine", "SnapshotEngine", "batch_generator", "build_engine", "check_state_dict",
+           "engine_owner"]
 
 
 def batch_generator(seed: int, epoch: int, offset: int, device: str = "cpu") -> torch.Generator:
     """A generator for one document batch, from the run seed and the batch's data cursor."""
     digest = hashlib.blake2b(f"rollouts:{seed}:{epoch}:{offset}".encode(), digest_size=8).digest()
     return torch.Generator(device=device).manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+
+
+def check_state_dict(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> None:
+    """Refuse weights whose tensor names or shapes differ from `expected`'s, with a ValueError naming the first
+    differences."""
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    shapes = [f"{name} {tuple(state_dict[name].shape)} != {tuple(expected[name].shape)}"
+              for name in sorted(set(state_dict) & set(expected)) if state_dict[name].shape != expected[name].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"weights do not fit the served model: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+                         f"shapes {shapes[:5]}")
 
 
 class RolloutEngine(Protocol):
@@ -48,6 +61,8 @@ class SnapshotEngine:
         self.weight_version: int | None = None
 
     def load_weights(self, state_dict: Mapping[str, torch.Tensor], version: int | None = None) -> None:
+        # Checked first: load_state_dict copies every tensor that fits before it raises on one that does not.
+        check_state_dict(state_dict, self.model.state_dict())
         self.model.load_state_dict(state_dict, strict=True)
         self.weight_version = version
 

@@ -64,6 +64,7 @@ from refine.algorithm.sampling import logprobs_from_logits
 from refine.config import RunConfig
 from refine.models import FastWeightLM, build_model, load_model, save_model
 from refine_vllm.servable import check_engine
+from rollout_workers.engines import check_state_dict
 from refine_vllm.settings import VllmEngineConfig, staging_prefix
 
 __all__ = ["Completion", "VllmEngine", "VllmEngineConfig", "vllm_available"]
@@ -232,7 +233,7 @@ class VllmEngine:
         """
         self._check_usable()
         target = self.weight_version + 1 if version is None else int(version)
-        _check_state_dict(state_dict, self.policy.state_dict())  # a wrong dict is refused before vLLM sees it
+        check_state_dict(state_dict, self.policy.state_dict())  # a wrong dict is refused before vLLM sees it
         # Across the process boundary only a path travels: vLLM's worker reads safetensors.
         staged = self._stage(state_dict) if self.settings.multiprocessing else None
         try:
@@ -367,17 +368,6 @@ def _engine_seed(seed: int, owner: str) -> int:
     """vLLM's own seed: the run seed and the engine's owner in 31 bits."""
     digest = hashlib.blake2b(f"vllm-engine:{seed}:{owner}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**31 - 1)
-
-
-def _check_state_dict(state_dict: Mapping[str, Tensor], expected: Mapping[str, Tensor]) -> None:
-    """The names and shapes of our model's parameters, or a ValueError naming the first differences."""
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    shapes = [f"{name} {tuple(state_dict[name].shape)} != {tuple(expected[name].shape)}"
-              for name in sorted(set(state_dict) & set(expected)) if state_dict[name].shape != expected[name].shape]
-    if missing or unexpected or shapes:
-        raise ValueError(f"weights do not fit the served model: missing {missing[:5]}, unexpected {unexpected[:5]}, "
-                         f"shapes {shapes[:5]}")
 
 
 def _seeds(generator: torch.Generator, count: int) -> list[int]:

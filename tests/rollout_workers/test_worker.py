@@ -1,0 +1,275 @@
+"""The rollout worker as a plain object (no Ray) on a real Redis: it waits for weights, rolls a document
+batch out with the newest weights, publishes the RolloutBatch and only then acknowledges the documents,
+takes over batches a dead worker left behind, and stops on the run's stop flag."""
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import redis
+import torch
+
+from refine.loop import prepare_model
+from rollout_helpers import moved_weights, orchestrator_batches
+from rollout_workers.engines import SnapshotEngine, batch_generator
+from rollout_workers.worker import MAX_DELIVERIES, ROLE, RolloutWorker
+from services.broker import Broker
+from services.messages import DocumentBatch, RolloutBatch
+from services.redis_server import connect
+from services.streams import DOCUMENTS, REWARD_GROUP, ROLLOUT_GROUP, ROLLOUTS, rollout_batch_id_for
+from services.weight_store import RedisWeightStore
+
+
+@pytest.fixture
+def config(tiny_config):
+    return tiny_config()
+
+
+@pytest.fixture
+def store(redis_client: redis.Redis, namespace: str) -> RedisWeightStore:
+    return RedisWeightStore(redis_client, namespace)
+
+
+@pytest.fixture
+def make_worker(config, redis_url: str, namespace: str):
+    """Workers of this test's run; each one's runtime (heartbeat thread, metrics endpoint) is closed at the end."""
+    workers = []
+
+    def make(worker_id: str = "worker-0") -> RolloutWorker:
+        worker = RolloutWorker(config.model_dump_json(), worker_id, redis_url, namespace)
+        workers.append(worker)
+        return worker
+
+    yield make
+    for worker in workers:
+        worker.runtime.close()
+
+
+def start_run(broker: Broker, batches: list[DocumentBatch]) -> list[str]:
+    """What the orchestrator does: create the consumer groups from the stream start, publish documents."""
+    broker.ensure_group(DOCUMENTS, ROLLOUT_GROUP, start_id="0")
+    broker.ensure_group(ROLLOUTS, REWARD_GROUP, start_id="0")
+    return [broker.publish(DOCUMENTS, batch) for batch in batches]
+
+
+def initial_weights(config, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The learner's starting weights, moved by `seed` so versions differ."""
+    return moved_weights(prepare_model(config).state_dict(), seed)
+
+
+def published_rollouts(broker: Broker) -> list[RolloutBatch]:
+    return [message for _, message in broker.consume(ROLLOUTS, REWARD_GROUP, "reward-0", RolloutBatch, count=100)]
+
+
+def delivered(broker: Broker) -> str:
+    """The last documents entry the rollout group handed to any consumer."""
+    groups = broker.client.xinfo_groups(broker.key("stream", DOCUMENTS))
+    group = next(g for g in groups if g["name"] == ROLLOUT_GROUP.encode())
+    return group["last-delivered-id"].decode()
+
+
+def test_run_once_waits_for_weights_without_taking_a_batch(config, broker, store, make_worker) -> None:
+    """Before the learner published weights, run_once returns False and leaves the batch in the stream,
+    undelivered; once weights exist the same batch is rolled out."""
+    [batch] = orchestrator_batches(config, 1)
+    start_run(broker, [batch])
+    worker = make_worker()
+    assert worker.run_once(block_ms=100) is False
+    assert worker.version is None
+    assert delivered(broker) == "0-0" and broker.pending(DOCUMENTS, ROLLOUT_GROUP) == 0
+    assert broker.length(ROLLOUTS) == 0
+
+    store.publish(initial_weights(config), 0)
+    assert worker.run_once(block_ms=100) is True
+    assert [m.document_batch_id for m in published_rollouts(broker)] == [batch.batch_id]
+
+
+def test_run_once_publishes_the_rollouts_then_acknowledges_the_documents(config, broker, store, make_worker) -> None:
+    """One RolloutBatch per document batch, tagged with its id and the worker's weight version, holding
+    B * c * n rollouts of k tokens sampled with the batch's own generator; the documents entry is
+    acknowledged and nothing is left pending."""
+    [batch] = orchestrator_batches(config, 1)
+    weights = initial_weights(config, seed=3)
+    store.publish(weights, 3)
+    start_run(broker, [batch])
+    worker = make_worker("worker-7")
+    assert worker.run_once(block_ms=100) is True
+    assert worker.version == 3 and worker.engine.weight_version == 3
+
+    [message] = published_rollouts(broker)
+    refine = config.refine
+    rows = batch.batch_size * refine.num_chunks * refine.num_samples
+    assert message.rollout_batch_id == rollout_batch_id_for(batch.batch_id) == "docs-0.rollouts"
+    assert message.document_batch_id == batch.batch_id
+    assert message.policy_version == 3
+    assert message.worker_id == "worker-7"
+    assert message.num_rollouts == rows == 16
+    assert (message.num_samples, message.rollout_len) == (refine.num_samples, refine.rollout_len)
+    assert message.rollout_tokens.shape == message.behaviour_logprobs.shape == (rows, refine.rollout_len)
+    assert message.positions.shape == (batch.batch_size, refine.num_chunks)
+    assert message.rollout_hidden.shape == (rows, refine.rollout_len, config.model.hidden_size)
+
+    # The same rollouts as the snapshot engine makes from these weights and the batch's data cursor.
+    engine = SnapshotEngine(config)
+    engine.load_weights(weights, 3)
+    expected = engine.rollout(batch.token_ids, batch.lengths,
+                              batch_generator(config.train.seed, batch.cursor.epoch, batch.cursor.offset))
+    assert torch.equal(message.rollout_tokens, expected.tokens)
+    assert torch.equal(message.positions, expected.positions)
+    assert torch.equal(message.ground_truth_tokens, expected.target_tokens)
+
+    assert broker.pending(DOCUMENTS, ROLLOUT_GROUP) == 0
+    assert delivered(broker) != "0-0"  # delivered, then acknowledged
+    assert (worker.batches, worker.versions) == (1, (3, 3))
+    assert worker.run_once(block_ms=100) is False  # nothing left to do
+    assert broker.length(ROLLOUTS) == 1
+
+
+def test_a_newer_weight_version_is_loaded_before_the_next_batch(config, broker, store, make_worker) -> None:
+    """refresh_weights loads only a version it does not have; run_once rolls each batch out with the
+    newest version published before it."""
+    first, second = orchestrator_batches(config, 2)
+    start_run(broker, [first])
+    worker = make_worker()
+    assert worker.refresh_weights() is False  # nothing published yet
+    store.publish(initial_weights(config, seed=1), 1)
+    assert worker.run_once(block_ms=100) is True
+    assert worker.refresh_weights() is False  # still the newest
+
+    newer = initial_weights(config, seed=2)
+    store.publish(newer, 2)
+    broker.publish(DOCUMENTS, second)
+    assert worker.run_once(block_ms=100) is True
+    assert worker.version == 2
+    loaded = worker.engine.model.state_dict()
+    assert all(torch.equal(loaded[name], value) for name, value in newer.items())
+    assert [(m.document_batch_id, m.policy_version) for m in published_rollouts(broker)] == [
+        (first.batch_id, 1), (second.batch_id, 2)]
+    assert worker.versions == (1, 2) and worker.batches == 2
+
+    store.publish(initial_weights(config, seed=3), 3)
+    assert worker.refresh_weights() is True and worker.version == 3
+
+
+def test_weights_published_while_waiting_for_a_batch_are_used_for_it(config, broker, store, redis_url, namespace,
+                                                                       make_worker) -> None:
+    """A version that lands while run_once blocks waiting for documents is loaded before the rollout."""
+    [batch] = orchestrator_batches(config, 1)
+    start_run(broker, [])
+    store.publish(initial_weights(config, seed=1), 1)
+    worker = make_worker()
+    worker.refresh_weights()
+    # Another client, as the learner and the orchestrator are: new weights, then the batch they pace.
+    learner = Broker(connect(redis_url), namespace)
+
+    def learner_then_orchestrator() -> None:
+        RedisWeightStore(learner.client, namespace).publish(initial_weights(config, seed=2), 2)
+        learner.publish(DOCUMENTS, batch)
+
+    timer = threading.Timer(0.5, learner_then_orchestrator)
+    timer.start()
+    try:
+        assert worker.run_once(block_ms=10_000) is True
+    finally:
+        timer.join()
+        learner.client.close()
+    assert [(m.document_batch_id, m.policy_version) for m in published_rollouts(broker)] == [(batch.batch_id, 2)]
+
+
+def age(broker: Broker, consumer: str, entry_id: str, idle_ms: int, deliveries: int | None = None) -> None:
+    """Make `consumer`'s pending entry look idle for `idle_ms` (and delivered `deliveries` times), as if
+    it had died that long ago holding it: XCLAIM to the same owner with IDLE (and RETRYCOUNT)."""
+    broker.client.xclaim(broker.key("stream", DOCUMENTS), ROLLOUT_GROUP, consumer, 0, [entry_id],
+                         idle=idle_ms, retrycount=deliveries, justid=True)
+
+
+def test_an_entry_a_dead_worker_held_too_long_is_reclaimed(config, broker, store, make_worker) -> None:
+    """An entry pending for a consumer that stopped working is left alone while it is younger than
+    service.reclaim_idle_ms, then taken over by next_batch, rolled out and acknowledged."""
+    [batch] = orchestrator_batches(config, 1)
+    store.publish(initial_weights(config), 0)
+    [entry_id] = start_run(broker, [batch])
+    [(taken_id, _)] = broker.consume(DOCUMENTS, ROLLOUT_GROUP, "dead-worker", DocumentBatch, count=1)
+    assert taken_id == entry_id
+    worker = make_worker()
+    idle_ms = config.service.reclaim_idle_ms  # 2 heartbeat timeouts (at least 6 s): aged, not waited for
+
+    assert worker.next_batch(block_ms=100) is None  # fresh: its owner may still be working on it
+    age(broker, "dead-worker", entry_id, idle_ms - 2000)
+    assert worker.next_batch(block_ms=100) is None  # not idle long enough yet
+
+    age(broker, "dead-worker", entry_id, idle_ms + 1000)
+    assert worker.run_once(block_ms=100) is True
+    [message] = published_rollouts(broker)
+    assert (message.document_batch_id, message.worker_id) == (batch.batch_id, "worker-0")
+    assert broker.pending(DOCUMENTS, ROLLOUT_GROUP) == 0
+
+
+def test_reclaim_hands_out_an_entry_until_max_deliveries(config, broker, make_worker) -> None:
+    """next_batch reclaims an idle entry delivered up to MAX_DELIVERIES times (returning its entry id),
+    and dead-letters one delivered more often: a batch that keeps killing workers stops being retried."""
+    batches = orchestrator_batches(config, 2)
+    ids = start_run(broker, batches)
+    broker.consume(DOCUMENTS, ROLLOUT_GROUP, "dead-worker", DocumentBatch, count=2)
+    worker = make_worker()
+    idle_ms = config.service.reclaim_idle_ms + 1000
+    age(broker, "dead-worker", ids[0], idle_ms, deliveries=MAX_DELIVERIES)  # the claim makes it one more
+    age(broker, "dead-worker", ids[1], idle_ms, deliveries=MAX_DELIVERIES - 1)
+
+    # One entry per call, oldest first: the first is dead-lettered (and nothing new is in the stream) ...
+    assert worker.next_batch(block_ms=100) is None
+    [dead] = broker.dead_letters(DOCUMENTS)
+    assert dead.entry_id == ids[0] and f"max_deliveries={MAX_DELIVERIES}" in dead.error
+    # ... the next call hands out the other one.
+    claimed = worker.next_batch(block_ms=100)
+    assert claimed is not None
+    assert (claimed[0], claimed[1].batch_id) == (ids[1], batches[1].batch_id)
+    [row] = broker.client.xpending_range(broker.key("stream", DOCUMENTS), ROLLOUT_GROUP, ids[1], ids[1], 1)
+    assert (row["consumer"].decode(), row["times_delivered"]) == ("worker-0", MAX_DELIVERIES)
+
+    assert len(broker.dead_letters(DOCUMENTS)) == 1
+    assert worker.next_batch(block_ms=100) is None
+    assert broker.pending(DOCUMENTS, ROLLOUT_GROUP) == 1  # only the batch the worker now holds
+
+
+def test_run_returns_its_summary_once_the_stop_flag_is_set(config, broker, store, make_worker, tmp_path: Path) -> None:
+    """run() works through the published batches until the run's stop flag is set, then closes its
+    runtime (heartbeat withdrawn, metrics announcement removed) and returns a JSON summary."""
+    batches = orchestrator_batches(config, 2)
+    store.publish(initial_weights(config), 4)
+    start_run(broker, batches)
+    worker = make_worker("worker-3")
+    assert "worker-3" in broker.heartbeats(ROLE)
+    announcements = tmp_path / "prometheus"
+    assert any("worker-3" in path.read_text() for path in announcements.iterdir())
+
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.update(summary=worker.run(block_ms=100)), name="worker-3")
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while broker.length(ROLLOUTS) < 2 and time.monotonic() < deadline and thread.is_alive():
+            time.sleep(0.05)
+        assert broker.length(ROLLOUTS) == 2
+    finally:
+        broker.request_stop("test over")
+        thread.join(timeout=30)
+    assert not thread.is_alive()
+    assert json.loads(outcome["summary"]) == {"worker_id": "worker-3", "batches": 2, "first_version": 4,
+                                              "last_version": 4}
+    assert "worker-3" not in broker.heartbeats(ROLE)
+    assert not any("worker-3" in path.read_text() for path in announcements.iterdir())
+    assert broker.pending(DOCUMENTS, ROLLOUT_GROUP) == 0
+
+
+def test_run_stops_at_once_when_the_stop_flag_is_already_set(config, broker, store, make_worker) -> None:
+    """A worker started after the stop was requested rolls nothing out and reports no versions."""
+    store.publish(initial_weights(config), 0)
+    start_run(broker, orchestrator_batches(config, 1))
+    broker.request_stop("done")
+    worker = make_worker()
+    assert json.loads(worker.run(block_ms=100)) == {"worker_id": "worker-0", "batches": 0, "first_version": None,
+                                                    "last_version": None}
+    assert broker.length(ROLLOUTS) == 0 and delivered(broker) == "0-0"
