@@ -100,7 +100,14 @@ def _file_documents(config: RunConfig, tokenizer: Tokenizer, cursor: int, warn: 
                       min_length=spec.min_length, max_length=spec.seq_len, skip_bad_rows=spec.skip_bad_rows,
                       show_progress=False)
     stream = DocumentStream(data, tokenizer)
+    early = warn  # a pass over a large source takes long: say at once that documents are dropped or cut
     for doc in stream.iter_from(cursor):
+        if early and (stream.stats.too_short or stream.stats.truncated):
+            early = False
+            logger.warning("data.source=%r drops documents shorter than data.min_length=%d and cuts those longer "
+                           "than data.seq_len=%d tokens (by record %d: %d dropped, %d cut); the end of this pass "
+                           "reports the counts", spec.source, spec.min_length, spec.seq_len, doc.index + 1,
+                           stream.stats.too_short, stream.stats.truncated)
         yield doc.doc_id, doc.token_ids, doc.index + 1  # record index: filtered and bad rows count too
     # Dropped and cut documents change what the model trains on: say so once per pass, as a warning when
     # `warn` (until a whole pass was reported: later passes repeat its counts).

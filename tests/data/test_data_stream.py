@@ -21,8 +21,29 @@ def run_config(tmp_path, texts):
     return load_config(None, overrides)
 
 
+EARLY = "the end of this pass reports the counts"
+
+
 def pass_records(caplog):
-    return [(record.levelno, record.getMessage()) for record in caplog.records if record.name == "refine.data.stream"]
+    """The corpus reports (a pass over a file source, the synthetic corpus), not the early warnings."""
+    return [(record.levelno, record.getMessage()) for record in caplog.records
+            if record.name == "refine.data.stream" and EARLY not in record.getMessage()]
+
+
+def early_warnings(caplog):
+    return [record.getMessage() for record in caplog.records
+            if record.name == "refine.data.stream" and EARLY in record.getMessage()]
+
+
+def test_dropped_and_cut_documents_are_told_at_once_not_only_at_the_end_of_a_pass(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="refine.data.stream")
+    stream = document_stream(run_config(tmp_path, ["a" * 50, "short", "b" * 60] + ["c" * 50] * 20), TOKENIZER)
+    list(islice(stream, 2))  # a long way from the end of the pass
+    assert pass_records(caplog) == []
+    (message,) = early_warnings(caplog)
+    assert "docs.jsonl" in message and "data.min_length=40" in message and "by record 3: 1 dropped, 0 cut" in message
+    list(islice(stream, 30))  # the rest of the pass, and the next whole one: no second early warning
+    assert len(early_warnings(caplog)) == 1 and len(pass_records(caplog)) == 1
 
 
 def test_each_pass_logs_what_was_read_kept_dropped_and_truncated(tmp_path, caplog):
