@@ -172,6 +172,12 @@ def save_model(model: FastWeightLM, path: str | Path) -> Path:
     _, _, original_name = _lookup(model.config.model_type)
     config = model.config.to_json_dict()
     config["architectures"] = [original_name]
+    # What the tensors are now (a checkpoint loaded in another dtype keeps its old torch_dtype otherwise):
+    # transformers' torch_dtype="auto" builds the model in this dtype.
+    dtype_name = str(model.dtype).removeprefix("torch.")
+    config["torch_dtype"] = dtype_name
+    if "dtype" in config:  # transformers 5's name for it
+        config["dtype"] = dtype_name
     (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:

@@ -188,6 +188,11 @@ def test_checkpoint_loads_in_its_own_dtype_or_the_requested_one(tmp_path):
     assert widened.dtype == torch.float32
     for name, tensor in model.state_dict().items():
         assert torch.equal(widened.state_dict()[name], tensor.float()), name
+    # Saved again, its config.json tells other libraries (torch_dtype="auto") the dtype its tensors have now.
+    assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    save_model(widened, tmp_path / "widened")
+    assert json.loads((tmp_path / "widened" / "config.json").read_text())["torch_dtype"] == "float32"
+    assert {t.dtype for t in load_file(tmp_path / "widened" / "model.safetensors").values()} == {torch.float32}
 
 
 def test_mixed_dtype_checkpoint_loads_in_the_widest(tmp_path):
