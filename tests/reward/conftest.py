@@ -1,30 +1,11 @@
-"""Fixtures for the reward service tests: a broker in a namespace of its own, rollout batches."""
+"""Fixtures for the reward service tests: rollout batches (the broker comes from tests/conftest.py)."""
 
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
-import redis
 import torch
 
-from services.broker import Broker
 from services.messages import RolloutBatch
-from services.redis_server import connect
-
-
-@pytest.fixture
-def redis_client(redis_url: str) -> Iterator[redis.Redis]:
-    client = connect(redis_url)
-    yield client
-    client.close()
-
-
-@pytest.fixture
-def broker(redis_client: redis.Redis) -> Iterator[Broker]:
-    broker = Broker(redis_client, f"test-reward-{uuid.uuid4().hex[:12]}")
-    yield broker
-    broker.delete_namespace()
-
 
 MakeBatch = Callable[..., RolloutBatch]
 
