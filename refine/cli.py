@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a model (NTP or REFINE) from a config file")
-    train.add_argument("config", nargs="?", default=None, help="YAML config (default: built-in defaults)")
+    train.add_argument("config", nargs="?", default=None,
+                       help="YAML config (default: the main job: NTP, then REFINE vs NTP, compared on NIAH / MQAR)")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set model.hidden_size=256 (repeatable)")
     train.add_argument("--local", action="store_true", help="single-process loop (no Ray, no Redis)")
@@ -100,13 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--num-examples", type=int, default=None,
                           help="evaluate the first N examples (default: every row of --data; 20 for niah / mqar)")
     evaluate.add_argument("--length", type=int, default=512, help="synthetic prompt length in tokens")
-    evaluate.add_argument("--ttt-steps", type=int, default=2)
+    evaluate.add_argument("--ttt-steps", type=int, default=2,
+                          help="REFINE updates per prompt with --ttt (the paper's demo takes 2 per batch of prompts)")
     evaluate.add_argument("--ttt-accumulate", action="store_true",
                           help="with --ttt: keep the adapted weights and optimizer state from example to example")
     evaluate.add_argument("--max-new-tokens", type=int, default=None)
     evaluate.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's, else bytes)")
     evaluate.add_argument("--output", default=None, help="results JSON path")
     evaluate.add_argument("--seed", type=int, default=1234)
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
     evaluate.set_defaults(func=_eval)
 
     posttrain = sub.add_parser("posttrain", help="post-train on QA data: REFINE on each prompt + SFT on its answer")

@@ -493,6 +493,7 @@ def main(args: argparse.Namespace) -> int:
         model, tokenizer, examples, args.task, ttt=args.ttt, run_config=run_config, ttt_steps=args.ttt_steps,
         max_new_tokens=args.max_new_tokens, max_prompt_tokens=options.max_prompt_tokens, seed=args.seed,
         batch_size=options.batch_size, ttt_accumulate=args.ttt_accumulate, longbench_scoring=options.longbench_scoring,
+        progress=not args.no_progress,
     )
     summary = results["summary"]
     summary.update(model=str(model_dir), data=args.data, seed=args.seed, tokenizer=repr(tokenizer))

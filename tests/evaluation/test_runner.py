@@ -80,6 +80,15 @@ def run_eval(capsys, *argv: str) -> tuple[int, dict | None, str]:
 # ---------------------------------------------------------------- the command
 
 
+def test_eval_shows_its_progress_bar_unless_told_not_to(model_dir, tmp_path, capsys):
+    argv = ["--model", str(model_dir), "--task", "niah", "--num-examples", "1", "--length", "320",
+            "--max-new-tokens", "2", "--output", str(tmp_path / "results.json")]
+    code, _, err = run_eval(capsys, *argv)
+    assert code == 0 and "eval[niah]" in err
+    code, _, err = run_eval(capsys, *argv, "--no-progress")
+    assert code == 0 and "eval[niah]" not in err
+
+
 @pytest.mark.parametrize("ttt", [False, True], ids=["plain", "ttt"])
 @pytest.mark.parametrize("task", ["niah", "mqar", "ruler-qa", "longbench"])
 def test_eval_command_writes_scored_results(task, ttt, model_dir, task_files, tmp_path, capsys):
