@@ -1,6 +1,7 @@
 """The `refine` command line: model inspection and clear errors."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -21,6 +22,8 @@ def test_model_inspect_reports_architecture_parameters_and_state(tmp_path, capsy
     per_layer = 2 * 16 * 32 + 3 * (32 + 32 + 64)
     assert info["recurrent_state_elements_per_sequence"] == 2 * per_layer
     assert info["recurrent_state_bytes_per_sequence"] == 2 * per_layer * torch.float32.itemsize
+    shapes = info["state_tensors_per_layer"]
+    assert sum(math.prod(shape) for shape in shapes.values()) == per_layer
 
 
 def test_errors_exit_2_with_the_field(tmp_path, capsys):

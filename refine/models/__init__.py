@@ -202,7 +202,8 @@ def inspect_model(model: FastWeightLM) -> dict[str, Any]:
         "parameters": model.num_parameters(),
         "recurrent_state_elements_per_sequence": state_elements,
         "recurrent_state_bytes_per_sequence": state_elements * model.dtype.itemsize,
-        "state_tensors": {
-            f"layer0.{name}": list(t.shape[1:]) for name, t in (state.layers[0].items() if state else [])
+        # Every layer holds the same tensors; the shapes are per sequence (the batch dimension dropped).
+        "state_tensors_per_layer": {
+            name: list(t.shape[1:]) for name, t in (state.layers[0].items() if state else [])
         },
     }
