@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import logging
 import os
 import shutil
 import socket
@@ -64,8 +65,8 @@ from refine.algorithm.sampling import logprobs_from_logits
 from refine.config import RunConfig
 from refine.models import FastWeightLM, build_model, load_model, save_model
 from refine_vllm.servable import check_engine
-from rollout_workers.engines import check_state_dict
 from refine_vllm.settings import VllmEngineConfig, staging_prefix
+from rollout_workers.engines import check_state_dict
 
 __all__ = ["Completion", "VllmEngine", "VllmEngineConfig", "vllm_available"]
 
@@ -175,6 +176,7 @@ class VllmEngine:
 
     def _start(self, model_dir: Path):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if self.settings.multiprocessing else "0"
+        _quiet_chat_template_warmup()
         import refine_vllm
         from vllm import LLM
 
@@ -362,6 +364,21 @@ def _settings_from(config: RunConfig) -> VllmEngineConfig:
         return VllmEngineConfig()
     return section if isinstance(section, VllmEngineConfig) else VllmEngineConfig.model_validate(
         section.model_dump() if isinstance(section, BaseModel) else section)
+
+
+class _NoChatTemplateWarmup(logging.Filter):
+    """Drops vLLM's "Chat template warmup failed" warning: prompts here are token ids and vLLM is started
+    without a tokenizer (skip_tokenizer_init), so its chat-template warmup always fails, with a traceback
+    that reads like an error of the run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "Chat template warmup failed"
+
+
+def _quiet_chat_template_warmup() -> None:
+    renderer_logger = logging.getLogger("vllm.renderers.base")
+    if not any(isinstance(f, _NoChatTemplateWarmup) for f in renderer_logger.filters):
+        renderer_logger.addFilter(_NoChatTemplateWarmup())
 
 
 def _engine_seed(seed: int, owner: str) -> int:

@@ -98,3 +98,17 @@ def test_every_worker_seeds_vllm_differently():
     assert len({_engine_seed(0, "rollout-0"), _engine_seed(0, "rollout-1"), _engine_seed(1, "rollout-0"),
                 _engine_seed(0, None)}) == 4
     assert 0 <= _engine_seed(2**64 - 1, None) < 2**31
+
+
+def test_the_chat_template_warmup_warning_is_dropped_once_an_engine_started(engine):
+    """vLLM, started without a tokenizer, always fails its chat-template warmup and logs the traceback as a
+    warning; the engine drops that one record from vLLM's renderer logger (the name must be vLLM's own)."""
+    import logging
+
+    import vllm.renderers.base as renderers
+
+    warmup = logging.LogRecord(renderers.logger.name, logging.WARNING, __file__, 1, "Chat template warmup failed",
+                               None, None)
+    other = logging.LogRecord(renderers.logger.name, logging.WARNING, __file__, 1, "something else", None, None)
+    assert renderers.logger.filter(warmup) is False
+    assert renderers.logger.filter(other)
