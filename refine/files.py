@@ -9,5 +9,8 @@ from pathlib import Path
 def write_atomically(path: Path, text: str) -> None:
     """Replace `path` whole or not at all: a run killed mid-write leaves the previous file, never half of one."""
     temp = path.with_name(f".{path.name}.tmp")
-    temp.write_text(text)
+    with open(temp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())  # on disk before the rename, so that a machine crash cannot leave it empty
     os.replace(temp, path)

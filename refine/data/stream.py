@@ -10,7 +10,7 @@ from typing import Any
 
 from refine.config import RunConfig
 from refine.data.batches import DocumentBatch, batch_documents
-from refine.data.sources import DataConfig, DocumentStream
+from refine.data.sources import DataConfig, DocumentStream, detect_format, source_files
 from refine.files import write_atomically
 from refine.tokenizer import Tokenizer
 
@@ -157,10 +157,14 @@ def source_identity(config: RunConfig) -> dict[str, Any]:
                               "seq_len": spec.seq_len, "min_length": spec.min_length, "seed": config.train.seed,
                               "generator": SYNTHETIC_GENERATOR}}
     root = Path(spec.source)
-    # Hidden files and folders are not read (see refine.data.sources), so they are not part of the source.
-    files = [root] if root.is_file() else sorted(
-        path for path in root.rglob("*")
-        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(root).parts))
+    fmt = detect_format(root) if spec.format == "auto" else spec.format
+    if root.is_file():
+        files = [root]
+    elif fmt == "hf":  # a save_to_disk folder: its arrow files and the JSON files that describe them
+        files = sorted(path for path in root.rglob("*")
+                       if path.is_file() and not any(part.startswith(".") for part in path.relative_to(root).parts))
+    else:  # the files the source reads (not a README beside them, nor hidden copies)
+        files = source_files(root, fmt)
     return {"files": [[path.name if path == root else str(path.relative_to(root)), path.stat().st_size]
                       for path in files]}
 

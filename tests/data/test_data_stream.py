@@ -95,7 +95,7 @@ def test_the_source_record_is_kept_and_a_damaged_one_is_recorded_anew(tmp_path):
     assert check_source(config, out_dir, resumed=True) is None  # the record is whole again
 
 
-def test_a_folders_source_record_leaves_out_the_hidden_files_it_does_not_read(tmp_path):
+def test_a_folders_source_record_leaves_out_the_files_it_does_not_read(tmp_path):
     folder = tmp_path / "corpus"
     (folder / ".ipynb_checkpoints").mkdir(parents=True)
     (folder / "part-0.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in TEXTS))
@@ -105,6 +105,7 @@ def test_a_folders_source_record_leaves_out_the_hidden_files_it_does_not_read(tm
     assert check_source(config, out_dir, resumed=False) is None
     (folder / ".ipynb_checkpoints" / "part-0-checkpoint.jsonl").write_text('{"text": "a copy"}\n')
     (folder / ".notes.jsonl").write_text('{"text": "hidden"}\n')
+    (folder / "README.md").write_text("where these documents come from")
     assert check_source(config, out_dir, resumed=True) is None  # what the run reads did not change
     (folder / "part-1.jsonl").write_text('{"text": "more"}\n')
     assert "1 files added, removed or resized, e.g. 'part-1.jsonl'" in check_source(config, out_dir, resumed=True)
