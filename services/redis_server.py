@@ -29,6 +29,7 @@ __all__ = [
     "RedisUnavailableError",
     "URL_SOURCES",
     "connect",
+    "parent_death_hook",
     "redact_url",
     "redis_server_binary",
 ]
@@ -145,7 +146,7 @@ def _free_port(host: str) -> int:
         return int(sock.getsockname()[1])
 
 
-def _parent_death_hook() -> Callable[[], None] | None:
+def parent_death_hook() -> Callable[[], None] | None:
     """A pre-exec hook (Linux) that makes the server get SIGTERM when its parent dies, so a
     crashed run leaves no orphan server. prctl is resolved here, before the fork, so the child
     only makes one system call between fork and exec."""
@@ -271,7 +272,7 @@ class EmbeddedRedis:
         if self.maxmemory is not None:
             args += ["--maxmemory", self.maxmemory]
         log_offset = log_path.stat().st_size if log_path.exists() else 0
-        preexec = _parent_death_hook() if self.die_with_parent else None
+        preexec = parent_death_hook() if self.die_with_parent else None
         process = subprocess.Popen(
             args,
             stdin=subprocess.DEVNULL,

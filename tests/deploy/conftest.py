@@ -27,6 +27,8 @@ from typing import Any
 import pytest
 import yaml
 
+from services.redis_server import parent_death_hook
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEPLOYED_PROMETHEUS_CONFIG = REPO_ROOT / "deploy" / "prometheus.yml"
 DEPLOYED_DISCOVERY_DIR = "/tmp/refine/prometheus"
@@ -101,6 +103,7 @@ class PrometheusServer:
                     [binary, f"--config.file={self.config_path}", f"--storage.tsdb.path={work_dir / 'data'}",
                      f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    preexec_fn=parent_death_hook(),  # a killed test session leaves no Prometheus behind
                 )
             try:
                 self._wait_ready(timeout_s=30.0)
