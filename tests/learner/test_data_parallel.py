@@ -1,5 +1,5 @@
 """Data parallelism's arithmetic (learner/data_parallel.py): document slices and loss weights whose
-gradients sum to the whole batch's. The 2-rank run itself is in tests/service/test_service_data_parallel.py."""
+gradients sum to the whole batch's. The 2-rank run itself is in tests/integration/test_service_data_parallel.py."""
 
 from __future__ import annotations
 
