@@ -2,21 +2,19 @@
 service's own state in `learner_state.json` (weight version, counters, the cursor's epoch), and in
 `reports.jsonl` the learner's reports the orchestrator had not confirmed writing yet (services/progress.py).
 
-A checkpoint is written into a fresh directory and then swapped in for `latest`, so a learner
-killed while writing leaves the previous checkpoint intact. The orchestrator reads only the small
+A checkpoint is written into a fresh directory and then swapped in for `latest`
+(`refine.loop.save_run_checkpoint`), so a learner killed while writing leaves the previous checkpoint intact. The orchestrator reads only the small
 JSON file to know where the data stream resumes.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from refine.loop import load_checkpoint, save_checkpoint
+from refine.loop import RunPosition, latest_checkpoint, load_checkpoint, save_run_checkpoint
 from refine.models import FastWeightLM
 from refine.tokenizer import Tokenizer
 from services.progress import StepReport
@@ -43,32 +41,14 @@ class LearnerState(BaseModel):
                          "next one is numbered reports + 1")
 
 
-def latest_checkpoint(out_dir: str | Path) -> Path:
-    """`checkpoints/latest`, or `checkpoints/previous` if a learner died between the two renames
-    of a swap (the path returned may not exist: no checkpoint yet)."""
-    latest = Path(out_dir) / "checkpoints" / "latest"
-    previous = latest.with_name("previous")
-    return previous if not latest.exists() and previous.exists() else latest
-
-
 def save_learner_checkpoint(out_dir: str | Path, model: FastWeightLM, optimizer: torch.optim.Optimizer,
                             generator: torch.Generator, tokenizer: Tokenizer, state: LearnerState,
                             reports: list[StepReport] | None = None) -> Path:
     """Save a checkpoint; `reports`: those the orchestrator may not have written yet."""
-    latest = Path(out_dir) / "checkpoints" / "latest"
-    staging = latest.with_name(f"step-{state.step:08d}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    save_checkpoint(staging, model, optimizer, state.step, state.cursor, generator, tokenizer)
-    (staging / STATE_FILE).write_text(state.model_dump_json(indent=2))
-    (staging / REPORTS_FILE).write_text("".join(report.model_dump_json() + "\n" for report in reports or []))
-    previous = latest.with_name("previous")
-    if latest.exists():
-        shutil.rmtree(previous, ignore_errors=True)
-        os.replace(latest, previous)
-    os.replace(staging, latest)
-    shutil.rmtree(previous, ignore_errors=True)
-    return latest
+    position = RunPosition(state.step, state.cursor, state.skipped_steps)
+    extra = {STATE_FILE: state.model_dump_json(indent=2),
+             REPORTS_FILE: "".join(report.model_dump_json() + "\n" for report in reports or [])}
+    return save_run_checkpoint(out_dir, model, optimizer, position, generator, tokenizer, extra_files=extra)
 
 
 def read_learner_state(path: str | Path) -> LearnerState:
@@ -93,9 +73,9 @@ def read_checkpoint_reports(path: str | Path) -> list[StepReport]:
 
 def load_learner_checkpoint(path: str | Path, model: FastWeightLM, optimizer: torch.optim.Optimizer,
                             generator: torch.Generator) -> LearnerState:
-    step, cursor = load_checkpoint(Path(path), model, optimizer, generator)
+    position = load_checkpoint(Path(path), model, optimizer, generator)
     state = read_learner_state(path)
-    if (state.step, state.cursor) != (step, cursor):
+    if (state.step, state.cursor) != (position.step, position.cursor):
         raise ValueError(f"checkpoint {path}: {STATE_FILE} says step={state.step} cursor={state.cursor}, "
-                         f"trainer.pt says step={step} cursor={cursor}")
+                         f"trainer.pt says step={position.step} cursor={position.cursor}")
     return state

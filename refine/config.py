@@ -141,8 +141,9 @@ class TrainConfig(Strict):
     mini_batches: int = Field(
         1, ge=1, description="optimizer steps per step: its documents split into this many mini-batches, each "
                              "trained on the rollouts sampled before the first, as the paper's code does (the later "
-                             "mini-batches are off-policy, where the ratio clip acts); one-pass and reference "
-                             "modes, and the service's disaggregated learner")
+                             "mini-batches are off-policy, where the ratio clip acts); one-pass, reference and "
+                             "ntp modes (ntp: as many updates on smaller batches), and the service's "
+                             "disaggregated learner")
     seed: int = Field(0, ge=-2**63, le=2**64 - 1, description="what torch.manual_seed accepts")
     device: str = "cpu"
     dtype: Literal["float32", "float64", "bfloat16"] = Field(

@@ -40,8 +40,6 @@ def stage_config(config: RunConfig, name: str, mode: str, steps: int, lr: float,
     # Every stage, and the evaluation, use the comparison's tokenizer (a stage's own fallback could differ).
     tree["tokenizer"] = str(tokenizer.file) if isinstance(tokenizer, HFTokenizer) else None
     tree["train"].update(mode=mode, steps=steps, out_dir=str(Path(config.train.out_dir) / name), init_from=init_from)
-    if mode == "ntp":  # train.mini_batches splits the REFINE stage's steps; NTP stages have no rollouts to share
-        tree["train"]["mini_batches"] = 1
     tree["optim"]["lr"] = lr
     return validate_config(tree)
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -71,12 +73,19 @@ def train_step(model: FastWeightLM, optimizer: torch.optim.Optimizer, batch: Doc
         return rollout_batch_update(mode, model, optimizer, ids, lengths, rollouts, config, ref_model, times)
     if mode == "fused":
         result, _ = fused_refine_step(model, ids, lengths, cfg, generator, ref_model, times=times)
-    else:
+        with timed_stage(times, "backward_step"):
+            return optimizer_step(model, optimizer, result, config.optim.grad_clip)
+    # ntp: train.mini_batches optimizer steps on runs of the batch's documents, as REFINE's mini-batches take
+    # them, so that a comparison gives both the same number of updates.
+    outcomes = []
+    for start, end in mini_batch_bounds(ids.shape[0], config.train.mini_batches):
         with timed_stage(times, "forward"):
-            ntp = ntp_loss(model(ids, lengths=lengths, output_state=False).logits, ids, lengths)
+            ntp = ntp_loss(model(ids[start:end], lengths=lengths[start:end], output_state=False).logits,
+                           ids[start:end], lengths[start:end])
         result = LossResult(ntp, ntp, ntp.new_zeros(()), {"ntp_loss": float(ntp.detach()), "loss": float(ntp.detach())})
-    with timed_stage(times, "backward_step"):
-        return optimizer_step(model, optimizer, result, config.optim.grad_clip)
+        with timed_stage(times, "backward_step"):
+            outcomes.append(optimizer_step(model, optimizer, result, config.optim.grad_clip))
+    return merge_steps(outcomes)
 
 
 def mini_batch_bounds(num_documents: int, mini_batches: int) -> list[tuple[int, int]]:
@@ -112,10 +121,15 @@ def rollout_batch_update(mode: str, model: FastWeightLM, optimizer: torch.optim.
 
 
 def merge_steps(outcomes: list[StepResult]) -> StepResult:
-    """The optimizer steps of one batch reported as one: each stat's mean (a stat missing from a step, such as
-    skipped_nonfinite, counts as 0 there), skipped when any step was."""
+    """The optimizer steps of one batch reported as one: each stat's mean over the steps that report it (a
+    skipped step has no grad_norm), skipped_nonfinite the fraction of steps skipped; skipped when any step was."""
+    if len(outcomes) == 1:
+        return outcomes[0]
     keys = dict.fromkeys(key for outcome in outcomes for key in outcome.stats)
-    stats = {key: sum(outcome.stats.get(key, 0.0) for outcome in outcomes) / len(outcomes) for key in keys}
+    stats = {}
+    for key in keys:
+        values = [outcome.stats[key] for outcome in outcomes if key in outcome.stats]
+        stats[key] = sum(values) / (len(outcomes) if key == "skipped_nonfinite" else len(values))
     return StepResult(stats, any(outcome.skipped for outcome in outcomes))
 
 
@@ -136,19 +150,71 @@ def optimizer_step(model: FastWeightLM, optimizer: torch.optim.Optimizer, result
     return StepResult(stats, False)
 
 
-def save_checkpoint(path: Path, model: FastWeightLM, optimizer: torch.optim.Optimizer, step: int, cursor: int,
+@dataclass
+class RunPosition:
+    """Where a run stands: the optimizer steps taken, the data cursor after them, and how many of those steps
+    were skipped for a non-finite loss or gradient."""
+
+    step: int = 0
+    cursor: int = 0
+    skipped_steps: int = 0
+
+
+def save_checkpoint(path: Path, model: FastWeightLM, optimizer: torch.optim.Optimizer, position: RunPosition,
                     generator: torch.Generator, tokenizer: Tokenizer) -> None:
     """Model directory (fla-loadable, with the tokenizer's files so that `refine eval --model` reads text as
-    training did) + trainer state (optimizer, RNG, data cursor) for exact resume."""
+    training did) + trainer state (optimizer, RNG, data cursor, skipped steps) for exact resume, written into
+    directory `path` (see `save_run_checkpoint` for a run's checkpoints/latest)."""
     save_model(model, path / "model")
     save_tokenizer_files(tokenizer, path / "model")
     torch.save({
-        "step": step, "cursor": cursor, "optimizer": optimizer.state_dict(),
-        "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+        "step": position.step, "cursor": position.cursor, "skipped_steps": position.skipped_steps,
+        "optimizer": optimizer.state_dict(), "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
     }, path / "trainer.pt")
 
 
-TRAINER_KEYS = ("step", "cursor", "optimizer", "generator", "torch_rng")
+def latest_checkpoint(out_dir: str | Path) -> Path:
+    """`checkpoints/latest` of a run directory, or `checkpoints/previous` if the run died between the two renames
+    of a swap (the path returned may not exist: no checkpoint yet)."""
+    latest = Path(out_dir) / "checkpoints" / "latest"
+    previous = latest.with_name("previous")
+    return previous if not latest.exists() and previous.exists() else latest
+
+
+def save_run_checkpoint(out_dir: str | Path, model: FastWeightLM, optimizer: torch.optim.Optimizer,
+                        position: RunPosition, generator: torch.Generator, tokenizer: Tokenizer,
+                        extra_files: dict[str, str] | None = None) -> Path:
+    """The run's checkpoints/latest, whole or not at all: written into a fresh directory (with `extra_files`,
+    name -> text), then swapped in, so a run killed while writing keeps its previous checkpoint (a torn one
+    would resume new weights with an old optimizer, step and data cursor)."""
+    latest = Path(out_dir) / "checkpoints" / "latest"
+    staging = latest.with_name(f"step-{position.step:08d}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    save_checkpoint(staging, model, optimizer, position, generator, tokenizer)
+    for name, text in (extra_files or {}).items():
+        (staging / name).write_text(text)
+    previous = latest.with_name("previous")
+    if latest.exists():
+        shutil.rmtree(previous, ignore_errors=True)
+        os.replace(latest, previous)
+    os.replace(staging, latest)
+    shutil.rmtree(previous, ignore_errors=True)
+    return latest
+
+
+def clear_checkpoints(out_dir: str | Path) -> bool:
+    """Remove an earlier run's checkpoint from a run directory that a fresh run starts over (as it starts
+    metrics.jsonl over): else a `--resume` after the fresh run died before its first checkpoint would continue
+    the earlier run's weights. Returns whether there was one."""
+    folder = Path(out_dir) / "checkpoints"
+    found = [path for path in (folder / "latest", folder / "previous") if path.exists()]
+    for path in found:
+        shutil.rmtree(path)
+    return bool(found)
+
+
+TRAINER_KEYS = ("step", "cursor", "optimizer", "generator", "torch_rng")  # skipped_steps: absent in older ones
 
 
 def read_trainer_state(path: Path) -> dict:
@@ -189,34 +255,45 @@ def check_same_model(model_dir: Path, model: FastWeightLM) -> None:
 
 
 def load_checkpoint(path: Path, model: FastWeightLM, optimizer: torch.optim.Optimizer,
-                    generator: torch.Generator) -> tuple[int, int]:
+                    generator: torch.Generator) -> RunPosition:
+    """Weights, optimizer state and RNGs of checkpoint directory `path`. The optimizer keeps the settings it was
+    made with (the run config's lr, betas, weight decay): a resume with other settings trains with those, as
+    its config.yaml says; the moments and step counts come from the checkpoint."""
     check_same_model(path / "model", model)
     trainer = read_trainer_state(path / "trainer.pt")
     model.load_state_dict(load_model(path / "model").state_dict())
+    configured = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
     optimizer.load_state_dict(trainer["optimizer"])
+    for group, settings in zip(optimizer.param_groups, configured):
+        group.update(settings)
     generator.set_state(trainer["generator"])
     torch.set_rng_state(trainer["torch_rng"])
-    return int(trainer["step"]), int(trainer["cursor"])
+    return RunPosition(int(trainer["step"]), int(trainer["cursor"]), int(trainer.get("skipped_steps", 0)))
 
 
-def resume_from(latest: Path, resume: bool, model: FastWeightLM, optimizer: torch.optim.Optimizer,
-                generator: torch.Generator, program: str) -> tuple[int, int]:
-    """(step, data cursor) to start from: the checkpoint's when resuming from one, else (0, 0)."""
-    if resume and latest.exists():
-        return load_checkpoint(latest, model, optimizer, generator)
+def resume_from(out_dir: Path, resume: bool, model: FastWeightLM, optimizer: torch.optim.Optimizer,
+                generator: torch.Generator, program: str) -> RunPosition:
+    """Where to start: the checkpoint's position when resuming from one, else the start."""
+    checkpoint = latest_checkpoint(out_dir)
+    if resume and checkpoint.exists():
+        return load_checkpoint(checkpoint, model, optimizer, generator)
     if resume:
-        tqdm.write(f"{program}: no checkpoint at {latest} to resume from: starting at step 0", file=sys.stderr)
-    return 0, 0
+        tqdm.write(f"{program}: no checkpoint at {checkpoint} to resume from: starting at step 0", file=sys.stderr)
+    return RunPosition()
 
 
-def start_run_directory(config: RunConfig) -> Path:
-    """Create `train.out_dir` and write its config.yaml. Called only once the model, optimizer and any resumed
-    state loaded: a run that cannot start leaves its directory as it was (a later plain --resume still works)."""
+def start_run_directory(config: RunConfig, fresh: bool, program: str) -> Path:
+    """Create `train.out_dir` and write its config.yaml; a `fresh` run (not resumed from a checkpoint) also
+    removes an earlier run's checkpoint there. Called only once the model, optimizer and any resumed state
+    loaded: a run that cannot start leaves its directory as it was (a later plain --resume still works)."""
     out_dir = Path(config.train.out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:  # a regular file there, a parent that is one, a path nobody may create
         raise ValueError(f"train.out_dir={str(out_dir)!r}: cannot create the run directory ({error})") from None
+    if fresh and clear_checkpoints(out_dir):
+        tqdm.write(f"{program}: a fresh run in {out_dir}: removed the earlier run's checkpoint (--resume continues "
+                   f"a run)", file=sys.stderr)
     write_atomically(out_dir / "config.yaml", dump_config(config))
     return out_dir
 
@@ -261,35 +338,36 @@ class StepBatch:
 
 
 def run_steps(config: RunConfig, model: FastWeightLM, optimizer: torch.optim.Optimizer, generator: torch.Generator,
-              tokenizer: Tokenizer, next_batch: Callable[[int], StepBatch], step: int, cursor: int, desc: str,
+              tokenizer: Tokenizer, next_batch: Callable[[int], StepBatch], start: RunPosition, desc: str,
               shown: tuple[str, ...], progress: bool) -> dict[str, float]:
-    """Optimizer steps `step + 1 .. config.train.steps`, each on `next_batch(cursor)`: a metrics.jsonl row every
-    `log_every` steps (and the last), a checkpoint every `checkpoint_every` steps and at the end, then the
+    """Optimizer steps `start.step + 1 .. config.train.steps`, each on `next_batch(cursor)`: a metrics.jsonl row
+    every `log_every` steps (and the last), a checkpoint every `checkpoint_every` steps and at the end, then the
     plots; the progress bar shows the stats named in `shown`. Returns the last step's stats."""
     out_dir = Path(config.train.out_dir)
-    latest = out_dir / "checkpoints" / "latest"
+    position = RunPosition(start.step, start.cursor, start.skipped_steps)
+    saved_at = -1
     last: dict[str, float] = {}
-    skipped = 0
-    with open_metrics(out_dir / "metrics.jsonl", step) as metrics_file, \
-            tqdm(total=config.train.steps, initial=step, desc=desc, disable=not progress) as bar:
-        while step < config.train.steps:
-            batch = next_batch(cursor)
+    with open_metrics(out_dir / "metrics.jsonl", position.step) as metrics_file, \
+            tqdm(total=config.train.steps, initial=position.step, desc=desc, disable=not progress) as bar:
+        while position.step < config.train.steps:
+            batch = next_batch(position.cursor)
             started = time.perf_counter()  # the data's reading is not part of the step
             times = StageTimes(config.train.device)
             outcome = batch.update(times)
-            skipped += outcome.skipped
-            step += 1
-            cursor = batch.cursor
-            last = outcome.stats | times.stats() | {"step": step, "step_seconds": time.perf_counter() - started,
-                                                    "skipped_steps": skipped, "tokens": batch.tokens}
-            if step % config.train.log_every == 0 or step == config.train.steps:
+            position = RunPosition(position.step + 1, batch.cursor, position.skipped_steps + outcome.skipped)
+            last = outcome.stats | times.stats() | {"step": position.step,
+                                                    "step_seconds": time.perf_counter() - started,
+                                                    "skipped_steps": position.skipped_steps, "tokens": batch.tokens}
+            if position.step % config.train.log_every == 0 or position.step == config.train.steps:
                 metrics_file.write(json.dumps(last) + "\n")
                 metrics_file.flush()
             bar.set_postfix({k: f"{last[k]:.3f}" for k in shown if k in last})
             bar.update(1)
-            if config.train.checkpoint_every and step % config.train.checkpoint_every == 0:
-                save_checkpoint(latest, model, optimizer, step, cursor, generator, tokenizer)
-    save_checkpoint(latest, model, optimizer, step, cursor, generator, tokenizer)
+            if config.train.checkpoint_every and position.step % config.train.checkpoint_every == 0:
+                save_run_checkpoint(out_dir, model, optimizer, position, generator, tokenizer)
+                saved_at = position.step
+    if saved_at != position.step:
+        save_run_checkpoint(out_dir, model, optimizer, position, generator, tokenizer)
     plot_metrics(out_dir / "metrics.jsonl", out_dir)
     return last
 
@@ -311,11 +389,10 @@ def prepare_model(config: RunConfig) -> FastWeightLM:
 
 def train(config: RunConfig, resume: bool = False, progress: bool = True) -> dict[str, float]:
     """Run `config.train.steps` steps; returns the last step's stats."""
-    if config.train.mini_batches > 1 and config.train.mode not in ("onepass", "reference"):
+    if config.train.mini_batches > 1 and config.train.mode == "fused":
         raise ValueError(f"train.mini_batches={config.train.mini_batches} needs train.mode 'onepass' or 'reference', "
-                         f"which sample rollouts once per step; train.mode={config.train.mode!r} "
-                         + ("samples them in every update (on-policy)" if config.train.mode == "fused"
-                            else "has no rollouts") + ": lower train.batch_size instead")
+                         f"which sample rollouts once per step (or 'ntp'); train.mode='fused' samples them in every "
+                         f"update (on-policy): lower train.batch_size instead")
     tune_allocator()
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
@@ -328,13 +405,12 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> dic
     if config.refine.kl_coef > 0 and config.train.mode != "ntp":
         ref_model = prepare_model(config).requires_grad_(False)
 
-    latest = Path(config.train.out_dir) / "checkpoints" / "latest"
-    step, cursor = resume_from(latest, resume, model, optimizer, generator, "refine")
-    batches: Iterator[DocumentBatch] = document_batches(config, tokenizer, start_cursor=cursor)
-    if step < config.train.steps:  # read before anything is written: a source that yields nothing fails here
+    start = resume_from(Path(config.train.out_dir), resume, model, optimizer, generator, "refine")
+    batches: Iterator[DocumentBatch] = document_batches(config, tokenizer, start_cursor=start.cursor)
+    if start.step < config.train.steps:  # read before anything is written: a source that yields nothing fails here
         batches = itertools.chain([next(batches)], batches)
-    out_dir = start_run_directory(config)
-    changed = check_source(config, out_dir, resumed=step > 0)
+    out_dir = start_run_directory(config, fresh=start.step == 0, program="refine")
+    changed = check_source(config, out_dir, resumed=start.step > 0)
     if changed:
         tqdm.write(f"refine: warning: {changed}", file=sys.stderr)
 
@@ -344,5 +420,5 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> dic
         return StepBatch(update=lambda times: train_step(model, optimizer, batch, config, generator, ref_model, times),
                          cursor=batch.cursor, tokens=int(batch.lengths.sum()))
 
-    return run_steps(config, model, optimizer, generator, tokenizer, next_batch, step, cursor,
+    return run_steps(config, model, optimizer, generator, tokenizer, next_batch, start,
                      desc=f"train[{config.train.mode}]", shown=("loss", "reward_mean"), progress=progress)

@@ -194,9 +194,9 @@ def posttrain(config: RunConfig, data: str | Path, task: str, sft_coef: float = 
     optimizer = make_optimizer(model, config.optim)
     generator = torch.Generator(device=config.train.device).manual_seed(config.train.seed)
 
-    step, cursor = resume_from(Path(config.train.out_dir) / "checkpoints" / "latest", resume, model, optimizer,
-                               generator, "refine posttrain")
-    out_dir = start_run_directory(config)  # only now: a run that cannot start leaves the directory as it was
+    start = resume_from(Path(config.train.out_dir), resume, model, optimizer, generator, "refine posttrain")
+    # Only now: a run that cannot start leaves the directory as it was.
+    out_dir = start_run_directory(config, fresh=start.step == 0, program="refine posttrain")
     write_atomically(out_dir / "posttrain.json", summary.model_dump_json(indent=1))
 
     def next_batch(cursor: int) -> StepBatch:
@@ -211,7 +211,7 @@ def posttrain(config: RunConfig, data: str | Path, task: str, sft_coef: float = 
         tokens = sum(len(ex.prompt) + len(ex.answer) for ex in batch)
         return StepBatch(update=update, cursor=cursor + len(batch), tokens=tokens)
 
-    last = run_steps(config, model, optimizer, generator, tokenizer, next_batch, step, cursor, desc="posttrain",
+    last = run_steps(config, model, optimizer, generator, tokenizer, next_batch, start, desc="posttrain",
                      shown=("loss", "sft_loss", "reward_mean"), progress=progress)
     return last | {"examples_used": summary.examples_used, "skipped_short_prompt": summary.skipped_short_prompt}
 

@@ -73,7 +73,7 @@ from refine.data.batches import DocumentBatch as LocalBatch
 from refine.data.sources import RowSource
 from refine.data.stream import check_source, document_batches, synthetic_documents
 from refine.files import write_atomically
-from refine.loop import jsonl_rows, open_metrics
+from refine.loop import clear_checkpoints, jsonl_rows, open_metrics
 from refine.plots import plot_metrics
 from refine.tokenizer import Tokenizer
 from refine_vllm.settings import remove_staging
@@ -438,6 +438,9 @@ class Orchestrator:
             start = self._wait_for_learner(setup)
             self._write_config()  # only now: a resume the learner refused leaves the run's config.yaml as it was
             self._open_outputs(start)
+            if start["step"] == 0 and clear_checkpoints(self.out_dir):  # before the learner's first step
+                self._write_line(f"a fresh run in {self.out_dir}: removed the earlier run's checkpoint (--resume "
+                                 f"continues a run)")
             self.data = self._document_batches(start["cursor"])
             self.data_position = DataPosition(epoch=start["epoch"], cursor=start["cursor"] if start["step"] else -1)
             self.learner_future = self.learner.run.remote()

@@ -46,9 +46,9 @@ def test_every_stage_uses_the_comparisons_tokenizer(tmp_path):
     assert isinstance(staged, HFTokenizer) and staged.encode("some text") == comparison_tokenizer.encode("some text")
 
 
-def test_mini_batches_split_the_refine_stage_only():
-    # The NTP stages have no rollouts to share between optimizer steps: they would refuse the setting.
+def test_every_stage_takes_the_same_mini_batches():
+    # The branches must take as many optimizer steps: NTP splits its steps as REFINE does.
     config = load_config(None, ["train.mode=onepass", "train.mini_batches=2"])
     tokenizer = run_tokenizer(config)
-    assert stage_config(config, "pretrain", "ntp", 3, 1e-3, None, tokenizer).train.mini_batches == 1
-    assert stage_config(config, "refine", "onepass", 3, 1e-3, None, tokenizer).train.mini_batches == 2
+    for name, mode in (("pretrain", "ntp"), ("refine", "onepass"), ("ntp", "ntp")):
+        assert stage_config(config, name, mode, 3, 1e-3, None, tokenizer).train.mini_batches == 2

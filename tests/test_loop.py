@@ -8,8 +8,12 @@ import torch
 from refine.algorithm.rollout import snapshot_rollouts
 from refine.algorithm.update import LossResult, advantages_for, refine_loss, score_rollouts
 from refine.config import load_config
+from refine.algorithm.losses import ntp_loss
+from refine.config import run_tokenizer
+from refine.data.batches import DocumentBatch
 from refine.loop import (
-    make_optimizer, mini_batch_bounds, optimizer_step, prepare_model, rollout_batch_update, train,
+    RunPosition, StepResult, make_optimizer, merge_steps, mini_batch_bounds, optimizer_step, prepare_model,
+    resume_from, rollout_batch_update, save_run_checkpoint, start_run_directory, train, train_step,
 )
 from refine.models import build_model, load_model
 
@@ -288,10 +292,83 @@ def test_mini_batches_are_optimizer_steps_in_turn_on_the_rollouts_sampled_before
     assert outcome.stats["pg/approx_kl"] == pytest.approx(by_hand[1].stats["pg/approx_kl"] / 2)
 
 
-def test_a_run_with_mini_batches_trains_and_fused_or_ntp_runs_refuse_them(tmp_path):
+def test_a_run_with_mini_batches_trains_and_a_fused_run_refuses_them(tmp_path):
     stats = train(_config(tmp_path / "a", "onepass", extra=("train.mini_batches=2",)), progress=False)
     assert stats["step"] == 2 and "pg/approx_kl" in stats
-    for mode, why in (("fused", "samples them in every update"), ("ntp", "has no rollouts")):
-        with pytest.raises(ValueError, match=rf"train.mini_batches=2 needs train.mode 'onepass' or 'reference'.*{why}"):
-            train(_config(tmp_path / mode, mode, extra=("train.mini_batches=2",)), progress=False)
-        assert not (tmp_path / mode).exists()  # refused before anything is written
+    with pytest.raises(ValueError, match=r"train.mini_batches=2 needs train.mode 'onepass' or 'reference'.*samples "
+                                         r"them in every update"):
+        train(_config(tmp_path / "fused", "fused", extra=("train.mini_batches=2",)), progress=False)
+    assert not (tmp_path / "fused").exists()  # refused before anything is written
+
+
+def test_ntp_mini_batches_are_as_many_optimizer_steps_on_runs_of_the_documents(tmp_path):
+    """So that the main job's NTP branch takes as many updates as its REFINE branch."""
+    config = _config(tmp_path, "ntp", extra=("train.mini_batches=2", "train.batch_size=3"))
+    model = prepare_model(config)
+    expected = prepare_model(config)
+    optimizer, by_hand = make_optimizer(model, config.optim), make_optimizer(expected, config.optim)
+    ids = torch.randint(0, 256, (3, 40), generator=torch.Generator().manual_seed(0))
+    batch = DocumentBatch(ids, torch.tensor([40, 30, 35]), ["a", "b", "c"])
+    outcome = train_step(model, optimizer, batch, config, torch.Generator())
+    losses = []
+    for start, end in [(0, 2), (2, 3)]:  # mini_batch_bounds(3, 2)
+        loss = ntp_loss(expected(ids[start:end], lengths=batch.lengths[start:end], output_state=False).logits,
+                        ids[start:end], batch.lengths[start:end])
+        losses.append(float(loss.detach()))
+        optimizer_step(expected, by_hand, LossResult(loss, loss, loss.new_zeros(()), {}), config.optim.grad_clip)
+    assert outcome.stats["ntp_loss"] == pytest.approx(sum(losses) / 2)
+    for (name, got), want in zip(model.state_dict().items(), expected.state_dict().values()):
+        torch.testing.assert_close(got, want, msg=name)
+    assert optimizer.state_dict()["state"][0]["step"] == 2
+
+
+def test_merged_steps_average_each_stat_over_the_steps_that_report_it():
+    skipped = StepResult({"loss": 5.0, "skipped_nonfinite": 1.0}, True)
+    taken = StepResult({"loss": 3.0, "grad_norm": 2.0}, False)
+    merged = merge_steps([skipped, taken])
+    assert merged.skipped and merged.stats == {"loss": 4.0, "skipped_nonfinite": 0.5, "grad_norm": 2.0}
+
+
+def test_a_checkpoint_is_replaced_whole_or_not_at_all(tmp_path):
+    """A run killed while writing its checkpoint keeps the previous one: new weights beside the old optimizer,
+    step and data cursor would resume wrongly without a word."""
+    config = _config(tmp_path, "ntp")
+    model, tokenizer = prepare_model(config), run_tokenizer(config)
+    optimizer, generator = make_optimizer(model, config.optim), torch.Generator()
+    save_run_checkpoint(tmp_path, model, optimizer, RunPosition(2, 4, 1), generator, tokenizer)
+    at_step_2 = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(1.0)
+    with pytest.raises(FileNotFoundError):  # fails after the weights and trainer state of step 3 are written
+        save_run_checkpoint(tmp_path, model, optimizer, RunPosition(3, 6, 1), generator, tokenizer,
+                            extra_files={"no-such-folder/file": ""})
+    resumed = prepare_model(config)
+    position = resume_from(tmp_path, True, resumed, make_optimizer(resumed, config.optim), torch.Generator(), "t")
+    assert position == RunPosition(2, 4, 1)  # the step-2 checkpoint, skipped-step count included
+    for name, saved in resumed.state_dict().items():
+        assert torch.equal(saved, at_step_2[name]), name
+
+
+def test_a_resume_trains_with_the_configs_optimizer_settings_and_the_checkpoints_moments(tmp_path):
+    """config.yaml says what the resumed run trains with: a lower lr given at resume is the one used."""
+    train(_config(tmp_path, "ntp", steps=2, extra=("optim.lr=0.01",)), progress=False)
+    config = _config(tmp_path, "ntp", steps=3, extra=("optim.lr=1e-5", "optim.weight_decay=0.5"))
+    model = prepare_model(config)
+    optimizer = make_optimizer(model, config.optim)
+    assert resume_from(tmp_path, True, model, optimizer, torch.Generator(), "t").step == 2
+    assert {(group["lr"], group["weight_decay"]) for group in optimizer.param_groups} == {(1e-5, 0.5)}
+    saved = torch.load(tmp_path / "checkpoints" / "latest" / "trainer.pt", weights_only=True)["optimizer"]
+    assert torch.equal(optimizer.state_dict()["state"][0]["exp_avg"], saved["state"][0]["exp_avg"])
+
+
+def test_a_fresh_run_removes_the_earlier_runs_checkpoint(tmp_path, capsys):
+    """Else a --resume after the fresh run died before its first checkpoint would continue the earlier run."""
+    train(_config(tmp_path, "ntp", steps=2), progress=False)
+    capsys.readouterr()
+    config = _config(tmp_path, "ntp", steps=1)
+    start_run_directory(config, fresh=False, program="refine")
+    assert (tmp_path / "checkpoints" / "latest").is_dir()  # a resumed run keeps it
+    start_run_directory(config, fresh=True, program="refine")
+    assert not (tmp_path / "checkpoints" / "latest").exists()
+    assert "removed the earlier run's checkpoint" in capsys.readouterr().err
