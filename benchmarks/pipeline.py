@@ -142,8 +142,10 @@ print(json.dumps({"fetched_at": fetched_at, "fetch_s": time.perf_counter() - sta
 def weight_sync(megabytes: int, redis_url: str) -> dict:
     namespace = f"bench-weights-{uuid.uuid4().hex[:8]}"
     store = RedisWeightStore(connect(redis_url, socket_timeout_s=None), namespace)
-    elements = 2_500_000  # 10 MB float32 tensors, a model's worth of them
-    state_dict = {f"layer{i}.weight": torch.randn(elements) for i in range(max(1, round(megabytes / 10)))}
+    # `megabytes` of float32 in tensors of about 10 MB, a model's worth of them.
+    count = max(1, round(megabytes / 10))
+    elements = round(megabytes * 250_000 / count)
+    state_dict = {f"layer{i}.weight": torch.randn(elements) for i in range(count)}
     fetcher = subprocess.Popen([sys.executable, "-c", _FETCHER, redis_url, namespace, "1"],
                                stdout=subprocess.PIPE, text=True)
     assert fetcher.stdout is not None and fetcher.stdout.readline().strip() == "ready"
