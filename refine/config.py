@@ -20,7 +20,7 @@ from pydantic import (
 )
 
 from refine.algorithm.selection import min_document_length
-from refine.data.sources import FormatName
+from refine.data.sources import FormatName, check_min_length
 from refine.errors import validation_problems
 from refine.models import config_from_dict
 from refine.models.config import DeltaNetConfig, ModelConfigBase, refuse_bool_for_number
@@ -115,12 +115,7 @@ class DataSpec(Strict):
     @field_validator("min_length")
     @classmethod
     def _trainable_length(cls, value: int) -> int:
-        # A document of one token (an empty text's BOS) has nothing to predict: NTP would fail on it much later.
-        if value < 2:
-            raise ValueError(f"data.min_length={value} keeps documents with nothing to train on: next-token "
-                             f"prediction needs at least 2 tokens (one to predict from, one to predict), so "
-                             f"data.min_length must be >= 2")
-        return value
+        return check_min_length(value, "data.min_length")
 
     @model_validator(mode="after")
     def _every_task_has_documents(self) -> "DataSpec":

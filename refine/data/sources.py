@@ -58,6 +58,15 @@ class BadRowError(DataSourceError):
         super().__init__(f"{location}: {reason} (set skip_bad_rows to skip and count such rows)")
 
 
+def check_min_length(value: int, field: str) -> int:
+    """`value`, a minimum document length named `field`, or a ValueError: a document of one token (an empty
+    text's BOS) has nothing to predict, and training would fail on it far from the setting."""
+    if value < 2:
+        raise ValueError(f"{field}={value} keeps documents with nothing to train on: next-token prediction needs "
+                         f"at least 2 tokens (one to predict from, one to predict), so {field} must be >= 2")
+    return value
+
+
 class DataConfig(BaseModel):
     """Where documents come from and how they are filtered."""
 
@@ -82,11 +91,7 @@ class DataConfig(BaseModel):
     @field_validator("min_length")
     @classmethod
     def _trainable_length(cls, value: int) -> int:
-        # A document of one token (an empty text's BOS) has nothing to predict: training would fail on it later.
-        if value < 2:
-            raise ValueError(f"min_length={value} keeps documents with nothing to train on: next-token prediction "
-                             f"needs at least 2 tokens (one to predict from, one to predict)")
-        return value
+        return check_min_length(value, "min_length")
 
     @model_validator(mode="after")
     def _check_bounds(self) -> "DataConfig":
