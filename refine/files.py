@@ -14,3 +14,9 @@ def write_atomically(path: Path, text: str) -> None:
         handle.flush()
         os.fsync(handle.fileno())  # on disk before the rename, so that a machine crash cannot leave it empty
     os.replace(temp, path)
+
+
+def file_name_part(text: str) -> str:
+    """`text` as part of a file name: letters, digits, "-", "_" and "." kept, anything else "_" (so never "~",
+    which the callers put after such a part: one name's part is then never a prefix of another's match)."""
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in text)

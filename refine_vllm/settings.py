@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from refine.files import file_name_part
+
 
 class VllmEngineConfig(BaseModel):
     """Settings of the vLLM engine (`rollout.vllm` in a run config)."""
@@ -46,7 +48,7 @@ class VllmEngineConfig(BaseModel):
 def staging_prefix(owner: str) -> str:
     """How the names of engine `owner`'s staging folders inside `weights_dir` begin. "~" ends the owner
     (it appears in no sanitized owner), so one owner's prefix never matches another owner's folders."""
-    return "engine-" + "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in owner) + "~"
+    return f"engine-{file_name_part(owner)}~"
 
 
 def remove_staging(weights_dir: str | Path, owner: str) -> int:

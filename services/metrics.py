@@ -22,7 +22,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from refine.files import write_atomically
+from refine.files import file_name_part, write_atomically
 
 DEFAULT_DISCOVERY_DIR = os.environ.get("REFINE_METRICS_DISCOVERY_DIR", "/tmp/refine/prometheus")
 
@@ -97,7 +97,7 @@ def _reachable_host() -> str:
 
 
 def _file_stem(*parts: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in "-".join(parts))
+    return file_name_part("-".join(parts))
 
 
 def _file_name(member: str, host: str, port: int) -> str:
