@@ -3,8 +3,8 @@ service's own state in `learner_state.json` (weight version, counters, the curso
 `reports.jsonl` the learner's reports the orchestrator had not confirmed writing yet (services/progress.py).
 
 A checkpoint is written into a fresh directory and then swapped in for `latest`
-(`refine.loop.save_run_checkpoint`), so a learner killed while writing leaves the previous checkpoint intact. The orchestrator reads only the small
-JSON file to know where the data stream resumes.
+(`refine.loop.save_run_checkpoint`), so a learner killed while writing leaves the previous checkpoint
+intact. The orchestrator reads only the small JSON file to know where the data stream resumes.
 """
 
 from __future__ import annotations

@@ -344,7 +344,7 @@ def run_steps(config: RunConfig, model: FastWeightLM, optimizer: torch.optim.Opt
     every `log_every` steps (and the last), a checkpoint every `checkpoint_every` steps and at the end, then the
     plots; the progress bar shows the stats named in `shown`. Returns the last step's stats."""
     out_dir = Path(config.train.out_dir)
-    position = RunPosition(start.step, start.cursor, start.skipped_steps)
+    position = start  # replaced, not changed, after each step
     saved_at = -1
     last: dict[str, float] = {}
     with open_metrics(out_dir / "metrics.jsonl", position.step) as metrics_file, \

@@ -77,7 +77,9 @@ def score_predictions(
             raise PredictionRowError(f"{where}: field {prediction_field!r} must be a string, got {prediction!r:.120}")
         answer_field, raw_answers = _pick(row, ANSWER_FIELDS, where)
         answers = _as_answers(raw_answers, answer_field, where)
-        classes = row.get("all_classes") if row.get("all_classes") is not None else all_classes
+        classes = row.get("all_classes")
+        if classes is None:  # no field, or null: none given
+            classes = all_classes
         problem = metric.gold_problem(answers, classes)
         if problem is not None:
             raise PredictionRowError(f"{where}: {problem}")

@@ -65,7 +65,8 @@ def stream_positions(config: RunConfig, count: int) -> list[tuple[int, int]]:
     batches = document_batches(config, load_tokenizer(config.tokenizer))
     positions = []
     for _ in range(count):
-        cursor = position.advance(next(batches).cursor, config.data.source)
+        batch = next(batches)
+        cursor = position.advance(batch.cursor, config.data.source, batch.cursors)  # as the orchestrator does
         positions.append((cursor.epoch, cursor.offset))
     return positions
 

@@ -22,7 +22,7 @@ def orchestrator_batches(config: RunConfig, count: int) -> list[DocumentBatch]:
         batch = next(stream)
         batches.append(DocumentBatch(
             batch_id=document_batch_id_for(index), doc_ids=batch.doc_ids, token_ids=batch.input_ids.to(torch.int32),
-            lengths=batch.lengths, cursor=position.advance(batch.cursor, config.data.source),
+            lengths=batch.lengths, cursor=position.advance(batch.cursor, config.data.source, batch.cursors),
         ))
     return batches
 
