@@ -188,8 +188,8 @@ def save_run_checkpoint(out_dir: str | Path, model: FastWeightLM, optimizer: tor
     name -> text), then swapped in, so a run killed while writing keeps its previous checkpoint (a torn one
     would resume new weights with an old optimizer, step and data cursor)."""
     latest = Path(out_dir) / "checkpoints" / "latest"
+    _remove_partial_checkpoints(latest.parent)
     staging = latest.with_name(f"step-{position.step:08d}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     save_checkpoint(staging, model, optimizer, position, generator, tokenizer)
     for name, text in (extra_files or {}).items():
@@ -211,7 +211,15 @@ def clear_checkpoints(out_dir: str | Path) -> bool:
     found = [path for path in (folder / "latest", folder / "previous") if path.exists()]
     for path in found:
         shutil.rmtree(path)
+    _remove_partial_checkpoints(folder)
     return bool(found)
+
+
+def _remove_partial_checkpoints(folder: Path) -> None:
+    """Remove the half-written checkpoints (`step-*.partial`) that runs killed while saving left behind: each
+    is as large as a checkpoint and none is ever read."""
+    for path in folder.glob("step-*.partial"):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 TRAINER_KEYS = ("step", "cursor", "optimizer", "generator", "torch_rng")  # skipped_steps: absent in older ones

@@ -348,6 +348,9 @@ def test_a_checkpoint_is_replaced_whole_or_not_at_all(tmp_path):
     assert position == RunPosition(2, 4, 1)  # the step-2 checkpoint, skipped-step count included
     for name, saved in resumed.state_dict().items():
         assert torch.equal(saved, at_step_2[name]), name
+    assert (tmp_path / "checkpoints" / "step-00000003.partial").is_dir()  # what the killed save left
+    save_run_checkpoint(tmp_path, model, optimizer, RunPosition(4, 8, 1), generator, tokenizer)
+    assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["latest"]
 
 
 def test_a_resume_trains_with_the_configs_optimizer_settings_and_the_checkpoints_moments(tmp_path):
@@ -369,6 +372,7 @@ def test_a_fresh_run_removes_the_earlier_runs_checkpoint(tmp_path, capsys):
     config = _config(tmp_path, "ntp", steps=1)
     start_run_directory(config, fresh=False, program="refine")
     assert (tmp_path / "checkpoints" / "latest").is_dir()  # a resumed run keeps it
+    (tmp_path / "checkpoints" / "step-00000009.partial").mkdir()  # a save the earlier run did not finish
     start_run_directory(config, fresh=True, program="refine")
-    assert not (tmp_path / "checkpoints" / "latest").exists()
+    assert list((tmp_path / "checkpoints").iterdir()) == []
     assert "removed the earlier run's checkpoint" in capsys.readouterr().err
