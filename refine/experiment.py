@@ -22,8 +22,9 @@ import torch  # noqa: E402
 from refine.algorithm.losses import ntp_loss  # noqa: E402
 from refine.config import RunConfig, run_tokenizer, validate_config  # noqa: E402
 from refine.data.batches import pad_documents  # noqa: E402
+from refine.data.stream import recall_corpus_config  # noqa: E402
 from refine.data.synthetic import (  # noqa: E402
-    NiahConfig, RecallCorpusConfig, generate_niah, generate_recall_documents, mqar_for_length,
+    NiahConfig, generate_niah, generate_recall_documents, mqar_for_length,
 )
 from refine.evaluation.runner import evaluate  # noqa: E402
 from refine.models import FastWeightLM, load_model  # noqa: E402
@@ -48,9 +49,8 @@ def stage_config(config: RunConfig, name: str, mode: str, steps: int, lr: float,
 def heldout_ntp_loss(model: FastWeightLM, tokenizer: Tokenizer, config: RunConfig) -> float:
     bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
     # Documents of data.seq_len tokens with their BOS, as the training corpus makes them.
-    corpus = RecallCorpusConfig(length=config.data.seq_len - len(bos),
-                                num_facts=max(1, min(6, config.data.seq_len // 200)),
-                                seed=config.train.seed + 10_000)  # a seed the training corpus never uses
+    corpus = recall_corpus_config(config.data.seq_len - len(bos), config.data.seq_len,
+                                  seed=config.train.seed + 10_000)  # a seed the training corpus never uses
     docs = generate_recall_documents(corpus, tokenizer, config.demo.heldout_documents)
     ids, lengths = pad_documents([(bos + tokenizer.encode(d.text))[: config.data.seq_len] for d in docs],
                                  tokenizer.pad_id or 0)

@@ -11,6 +11,9 @@ from typing import Any
 from refine.config import RunConfig
 from refine.data.batches import DocumentBatch, batch_documents
 from refine.data.sources import DataConfig, DocumentStream, detect_format, source_files
+from refine.data.synthetic import (
+    LengthTooShortError, NiahConfig, RecallCorpusConfig, generate_niah, generate_recall_documents, mqar_for_length,
+)
 from refine.files import write_atomically
 from refine.tokenizer import Tokenizer
 
@@ -24,15 +27,16 @@ Item = tuple[str, list[int], int]  # (doc_id, token ids, cursor to resume after 
 ANSWER_ROOM = 32
 
 
+def recall_corpus_config(length: int, seq_len: int, seed: int) -> RecallCorpusConfig:
+    """The recall documents of a data.seq_len: `length` tokens of text (data.seq_len less the BOS), about one
+    fact per 200 tokens, which keeps room for the prose that separates statement and recall."""
+    return RecallCorpusConfig(length=length, num_facts=max(1, min(6, seq_len // 200)), seed=seed)
+
+
 def _synthetic_texts(kind: str, config: RunConfig, tokenizer: Tokenizer, count: int) -> list[tuple[str, str]]:
     """(doc_id, text) of one kind; task documents are prompt + answer, so recall is in the training text.
     Every text fits data.seq_len tokens with the BOS the corpus adds; a data.seq_len too short for a kind's
     fixed text fails naming the settings and the least data.seq_len that works."""
-    from refine.data.synthetic import (
-        LengthTooShortError, NiahConfig, RecallCorpusConfig, generate_niah, generate_recall_documents,
-        mqar_for_length,
-    )
-
     seq_len, seed = config.data.seq_len, config.train.seed
     bos = 1 if tokenizer.bos_id is not None else 0
     # What a length given to the generator leaves of data.seq_len, and the least length the generator accepts.
@@ -41,8 +45,7 @@ def _synthetic_texts(kind: str, config: RunConfig, tokenizer: Tokenizer, count: 
     fitted = max(length, least)
     try:
         if kind == "recall":
-            # About one fact per 200 tokens keeps room for the prose that separates statement and recall.
-            corpus = RecallCorpusConfig(length=fitted, num_facts=max(1, min(6, seq_len // 200)), seed=seed)
+            corpus = recall_corpus_config(fitted, seq_len, seed)
             texts = [(d.doc_id, d.text) for d in generate_recall_documents(corpus, tokenizer, count)]
         elif kind == "niah":
             examples = generate_niah(NiahConfig(variant="single", length=fitted, seed=seed), tokenizer, count)
