@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor
 
@@ -23,8 +25,9 @@ def generate(model: FastWeightLM, prompt_ids: Tensor, max_new_tokens: int, eos_i
     """
     if prompt_ids.dim() != 2 or prompt_ids.shape[1] == 0:
         raise ValueError(f"prompt_ids must be a non-empty [B, T] tensor, got shape {tuple(prompt_ids.shape)}")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    # range() raises a TypeError for 2.5 and counts True as 1: refuse both, by name.
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     rows, width = prompt_ids.shape
     if lengths is None:
         lengths = torch.full((rows,), width, device=prompt_ids.device)

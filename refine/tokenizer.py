@@ -150,6 +150,9 @@ class HFTokenizer:
         token_id = settings.get(f"{role}_token_id")
         if isinstance(token_id, list):  # some configs list several EOS ids; the first is the canonical one
             token_id = token_id[0] if token_id else None
+        if token_id is not None and (isinstance(token_id, bool) or not isinstance(token_id, int)):
+            # true, 2.0 or "2" is a broken config, not "no id given": say so rather than fall back silently.
+            raise ValueError(f"{role}_token_id in {str(self.directory)!r} must be an integer token id, got {token_id!r}")
         if isinstance(token_id, int):
             if not 0 <= token_id < self._vocab_size:
                 raise ValueError(

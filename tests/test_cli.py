@@ -11,8 +11,9 @@ from refine.models import build_model, save_model
 
 
 def test_model_inspect_reports_architecture_parameters_and_state(tmp_path, capsys):
+    # bfloat16 weights: the recurrent states stay float32, so bytes are not elements x the weights' size.
     model = build_model(dict(model_type="gated_deltanet", hidden_size=32, num_heads=2, head_dim=16,
-                             num_hidden_layers=2, vocab_size=50, intermediate_size=48))
+                             num_hidden_layers=2, vocab_size=50, intermediate_size=48), dtype=torch.bfloat16)
     save_model(model, tmp_path)
     assert main(["model", "inspect", str(tmp_path)]) == 0
     info = json.loads(capsys.readouterr().out)
@@ -21,7 +22,10 @@ def test_model_inspect_reports_architecture_parameters_and_state(tmp_path, capsy
     # Per layer: recurrent state H x K x V = 2 x 16 x 32, three conv caches (conv_size - 1) x dim.
     per_layer = 2 * 16 * 32 + 3 * (32 + 32 + 64)
     assert info["recurrent_state_elements_per_sequence"] == 2 * per_layer
-    assert info["recurrent_state_bytes_per_sequence"] == 2 * per_layer * torch.float32.itemsize
+    state = model(torch.zeros(1, 1, dtype=torch.long)).state
+    assert info["recurrent_state_bytes_per_sequence"] == sum(
+        t.numel() * t.element_size() for layer in state.layers for t in layer.values())
+    assert info["recurrent_state_bytes_per_sequence"] > 2 * per_layer * torch.bfloat16.itemsize
     shapes = info["state_tensors_per_layer"]
     assert sum(math.prod(shape) for shape in shapes.values()) == per_layer
 
@@ -99,3 +103,46 @@ def test_model_inspect_of_a_damaged_directory_is_one_line_naming_the_file(tmp_pa
     err = capsys.readouterr().err
     assert err.startswith(f"refine: error: {tmp_path / named}") and err.count("\n") == 1, err
     assert "https://" not in err
+
+
+# The main job shrunk, so that a run that did train first (the defect) would show it within seconds.
+SHRUNK_DEMO = ["demo.pretrain_steps=1", "demo.branch_steps=1", "demo.eval_examples=2", "demo.heldout_documents=2",
+               "data.seq_len=512", "data.num_documents=16", "train.batch_size=2", "model.hidden_size=32",
+               "model.intermediate_size=64", "demo.eval_length=384", "refine.margin=4"]
+
+
+@pytest.mark.parametrize("reward, words", [
+    ("nope", ["refine.reward='nope' is not a registered reward", "'cosine'"]),
+    ("qa_f1", ["refine.reward='qa_f1' scores decoded text", "service.mode='disaggregated'"]),
+])
+def test_the_main_job_refuses_a_reward_it_cannot_score_before_training(tmp_path, capsys, reward, words):
+    """Not after the NTP pre-training stage (minutes), at the REFINE branch's first step."""
+    argv = ["train", "--local", "--no-progress", "--set", f"train.out_dir={tmp_path / 'run'}",
+            "--set", f"refine.reward={reward}"]
+    for item in SHRUNK_DEMO:
+        argv += ["--set", item]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("refine: error:") and all(word in err for word in words), err
+    assert not list(tmp_path.rglob("metrics.jsonl"))
+
+
+def test_a_service_run_refuses_an_unknown_reward_before_ray_starts(tmp_path, capsys):
+    argv = ["train", "--no-progress", "--set", "demo=null", "--set", f"train.out_dir={tmp_path}",
+            "--set", "refine.reward=nope", "--redis-url", "redis://127.0.0.1:1/0"]  # never reached
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "refine.reward='nope' is not a registered reward" in err and "127.0.0.1:1" not in err
+
+
+def test_posttrain_refuses_a_text_reward_before_reading_anything(tmp_path, capsys):
+    model = build_model(dict(model_type="delta_net", hidden_size=32, num_heads=2, num_hidden_layers=1,
+                             vocab_size=260, intermediate_size=32))
+    save_model(model, tmp_path / "init")
+    argv = ["posttrain", "--data", str(tmp_path / "qa.jsonl"), "--task", "ruler-qa", "--no-progress",
+            "--set", f"train.init_from={tmp_path / 'init'}", "--set", f"train.out_dir={tmp_path / 'run'}",
+            "--set", "refine.reward=substring_match"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "refine.reward='substring_match' scores decoded text" in err and "qa.jsonl" not in err
+    assert not (tmp_path / "run").exists()

@@ -119,6 +119,11 @@ def test_hf_tokenizer_without_eos_or_with_unknown_token_fails_clearly(tmp_path):
     (tmp_path / "range" / "config.json").write_text(json.dumps({"eos_token_id": 10_000}))
     with pytest.raises(ValueError, match="eos_token_id 10000.*outside the vocabulary"):
         HFTokenizer(tmp_path / "range")
+    for name, value in (("true", True), ("float", 2.0), ("text", "2")):
+        write_bpe_tokenizer(tmp_path / name)
+        (tmp_path / name / "config.json").write_text(json.dumps({"eos_token_id": value}))
+        with pytest.raises(ValueError, match=f"eos_token_id .* must be an integer token id, got {value!r}"):
+            HFTokenizer(tmp_path / name)
 
 
 def test_load_tokenizer_defaults_and_errors(tmp_path):

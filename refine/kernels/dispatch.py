@@ -1,13 +1,16 @@
 """The one delta-rule entry point models call, choosing a kernel by device and request.
 
-- CUDA with flash-linear-attention installed, and no state wanted except the final one: fla's Triton
-  kernels: chunk for longer inputs; fused_recurrent for inputs of at most one chunk (gated rule: only
-  without gradients, fla has no backward for it) and for the float32 delta rule, which fla's chunk
-  kernel refuses. Gated calls that need gradients stay on our kernel where fla refuses its own gated
-  chunk backward (Hopper GPUs with Triton 3.4.0 to 3.7.0 and no tilelang: fla issue #640).
-- Otherwise (CPU, float64, states at arbitrary positions): our PyTorch chunked kernel, with one
-  chunk of exactly T tokens when T < CHUNK_SIZE (no padding, no loop: the teacher-forced rollouts),
-  or the token-by-token loop for single tokens (decoding), where it does the fewest operations.
+- CUDA with flash-linear-attention installed, and no state wanted except the final one (none at all,
+  output_final_state=True, or positions all equal to T; never with state_fn): fla's Triton kernels,
+  given the initial state and asked for the final one, so prefill and decoding run them: chunk for
+  longer inputs; fused_recurrent for inputs of at most one chunk (gated rule: only without
+  gradients, fla has no backward for it) and for the float32 delta rule, which fla's chunk kernel
+  refuses. Gated calls that need gradients stay on our kernel where fla refuses its own gated chunk
+  backward (Hopper GPUs with Triton 3.4.0 to 3.7.0 and no tilelang: fla issue #640).
+- Otherwise (CPU, float64, states at positions before T, state_fn=True: positions chosen after the
+  call): our PyTorch chunked kernel, with one chunk of exactly T tokens when T < CHUNK_SIZE (no
+  padding, no loop: the teacher-forced rollouts), or the token-by-token loop for single tokens
+  (decoding), where it does the fewest operations.
 
 REFINE_KERNEL=torch|fla forces one family; forcing fla where it cannot serve the request is an error.
 """
@@ -100,8 +103,7 @@ def select_kernel(
     seq_len = q.shape[1]
     forced = forced_kernel()
     if forced != "torch":
-        fla_reason = "states at positions chosen after the call are requested" if state_fn else \
-            _fla_unusable_reason(q, positions, seq_len)
+        fla_reason = _request_unservable_reason(positions, seq_len, state_fn) or _fla_unusable_reason(q, seq_len)
         if fla_reason is None and g is not None and needs_grad and _fla_gated_backward_refused():
             fla_reason = ("fla refuses its gated chunk backward with this Triton on Hopper GPUs "
                           "(fla issue #640: Triton >= 3.7.1 or the tilelang package lifts it)")
@@ -123,23 +125,49 @@ def delta_rule(
     initial_state: Tensor | None = None,
     positions: Tensor | None = None,
     state_fn: bool = False,
+    output_final_state: bool = False,
 ) -> tuple[Tensor, Tensor | None] | tuple[Tensor, Callable[[Tensor], Tensor]]:
     """Delta rule (gated when g is given); same contract as refine.kernels.chunk.chunk_delta_rule.
 
     With state_fn=True the second value is a function positions [B, P] -> states, usable after the
     call (the torch kernels serve it: fla's kernels keep no per-chunk states).
+    With output_final_state=True (no positions, no state_fn) the second value is the state after all
+    T tokens, [B, H, K, V] (float32 for half-precision inputs): fla's kernels serve it on CUDA, so the
+    forwards that carry a state on (prefill, decoding) run them.
 
     q, k [B, T, H, K] (already l2-normalized); v [B, T, H, V]; beta, g [B, T, H]; initial_state [B, H, K, V];
     positions [B, P] in 0..T. Returns o [B, T, H, V] and, when positions is given, the states after
     positions[b, j] tokens as rows b * P + j of [B * P, H, K, V] (float32 for half-precision inputs).
     """
     validate_delta_rule_inputs(q, k, v, beta, g, initial_state, positions)
+    if output_final_state and (positions is not None or state_fn):
+        raise ValueError("output_final_state=True returns the final state alone: pass neither positions "
+                         f"(got shape {None if positions is None else tuple(positions.shape)}) nor state_fn=True")
     inputs = (q, k, v, beta, g, initial_state)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
     kernel = select_kernel(q, g, positions, needs_grad, state_fn)
     _log_once(kernel)
     if kernel.startswith("fla"):
-        return _fla_delta_rule(kernel, q, k, v, beta, g, scale, initial_state, positions is not None)
+        return _fla_delta_rule(kernel, q, k, v, beta, g, scale, initial_state,
+                               output_final_state or positions is not None)
+    if output_final_state:  # the torch kernels' state function, asked for every row's end: no host sync
+        o, states_at = _torch_delta_rule(kernel, q, k, v, beta, g, scale, initial_state, None, True)
+        return o, states_at(None)
+    return _torch_delta_rule(kernel, q, k, v, beta, g, scale, initial_state, positions, state_fn)
+
+
+def _torch_delta_rule(
+    kernel: str,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    beta: Tensor,
+    g: Tensor | None,
+    scale: float | None,
+    initial_state: Tensor | None,
+    positions: Tensor | None,
+    state_fn: bool,
+) -> tuple[Tensor, Tensor | None] | tuple[Tensor, Callable[[Tensor], Tensor]]:
     if kernel == "torch recurrent":
         return recurrent_delta_rule(q, k, v, beta, g, scale=scale, initial_state=initial_state,
                                     positions=positions, state_fn=state_fn)
@@ -147,15 +175,23 @@ def delta_rule(
                             state_fn=state_fn, chunk_size=min(CHUNK_SIZE, max(q.shape[1], 1)))
 
 
-def _fla_unusable_reason(q: Tensor, positions: Tensor | None, seq_len: int) -> str | None:
+def _request_unservable_reason(positions: Tensor | None, seq_len: int, state_fn: bool) -> str | None:
+    """Why fla's kernels, which return the final state only, cannot answer this request; None: they can."""
+    if state_fn:
+        return "states at positions chosen after the call are requested"
+    if not _wants_final_state_only(positions, seq_len):
+        return "states at positions other than T are requested"
+    return None
+
+
+def _fla_unusable_reason(q: Tensor, seq_len: int) -> str | None:
+    """Why fla's kernels cannot run on these inputs here (device, dtype, installation); None: they can."""
     if q.device.type != "cuda":
         return f"tensors are on {q.device.type}, fla's kernels need CUDA"
     if seq_len == 0:
         return "the sequence is empty"
     if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return f"dtype {q.dtype} is not supported by fla's kernels"
-    if not _wants_final_state_only(positions, seq_len):
-        return "states at positions other than T are requested"
     if _fla_ops() is None:
         return "flash-linear-attention (with triton) is not importable"
     return None

@@ -192,6 +192,7 @@ def inspect_model(model: FastWeightLM) -> dict[str, Any]:
     with torch.no_grad():
         state = model(probe).state
     state_elements = state.num_elements_per_sequence() if state is not None else 0
+    state_bytes = state.num_bytes_per_sequence() if state is not None else 0
     return {
         "model_type": model.config.model_type,
         "architecture": type(model).__name__,
@@ -201,7 +202,7 @@ def inspect_model(model: FastWeightLM) -> dict[str, Any]:
         "vocab_size": model.config.vocab_size,
         "parameters": model.num_parameters(),
         "recurrent_state_elements_per_sequence": state_elements,
-        "recurrent_state_bytes_per_sequence": state_elements * model.dtype.itemsize,
+        "recurrent_state_bytes_per_sequence": state_bytes,
         # Every layer holds the same tensors; the shapes are per sequence (the batch dimension dropped).
         "state_tensors_per_layer": {
             name: list(t.shape[1:]) for name, t in (state.layers[0].items() if state else [])

@@ -14,13 +14,15 @@ A forward over segments with the carried state equals one forward over the whole
 
 Mixers (the token-mixing layer of each block) implement one method:
 
-    mixer(x [B, T, D], state: dict | None, want_states: bool)
+    mixer(x [B, T, D], state: dict | None, want_states: bool, final_only: bool = False)
         -> (y [B, T, D], states_at: Callable[[LongTensor [B, P]], dict] | None)
 
 where `states_at(positions)` returns the layer state after `positions[b, j]` tokens of this call,
 batch B * P, and `states_at(None)` the state after all T tokens of every row (batch B). The language
 model asks for each row's length, or None when every row is whole, to obtain the final state, so a
 mixer needs one mechanism only: states at arbitrary positions, computable after its forward.
+With final_only=True the caller promises to ask states_at(None) only (every row whole, no positions,
+no deferred states): a mixer may then use a kernel that returns just the final state (fla's).
 """
 
 from __future__ import annotations
@@ -56,11 +58,41 @@ class Block(nn.Module):
         size = mlp_intermediate_size(config.hidden_size, config.hidden_ratio, config.intermediate_size)
         self.mlp = SwiGLUMLP(config.hidden_size, size)
 
-    def forward(self, x: Tensor, state: dict | None, want_states: bool) -> tuple[Tensor, Callable | None]:
-        mixed, states_at = self.attn(self.attn_norm(x), state, want_states)
+    def forward(self, x: Tensor, state: dict | None, want_states: bool,
+                final_only: bool = False) -> tuple[Tensor, Callable | None]:
+        mixed, states_at = self.attn(self.attn_norm(x), state, want_states, final_only)
         x = x + mixed
         x = x + self.mlp(self.mlp_norm(x))
         return x, states_at
+
+
+def check_integer_tensor(name: str, value: Any) -> None:
+    """Raises ValueError naming `name` unless value is an integer tensor: a cast to long would
+    silently truncate 1.5 to 1 (and read True as 1)."""
+    if not isinstance(value, Tensor):
+        raise ValueError(f"{name} must be an integer tensor, got {type(value).__name__} {value!r}")
+    if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer tensor, got dtype {value.dtype}: {value.tolist()}")
+
+
+def check_lengths(lengths: Any, batch: int, seq_len: int, read_values: bool = True) -> bool:
+    """Raises ValueError naming `lengths` unless it is an integer tensor [batch] (read_values: with
+    values in [0, seq_len]). Returns whether every row is whole (all lengths seq_len); False when the
+    values are not read.
+
+    The values cost one host sync (their min and max together), as the positions' check does.
+    """
+    check_integer_tensor("lengths", lengths)
+    if tuple(lengths.shape) != (batch,):
+        raise ValueError(f"lengths must have shape [batch={batch}], got {tuple(lengths.shape)}: {lengths.tolist()}")
+    if not read_values:
+        return False
+    if batch == 0:
+        return True
+    low, high = torch.stack(torch.aminmax(lengths)).tolist()
+    if low < 0 or high > seq_len:
+        raise ValueError(f"lengths must lie in [0, {seq_len}] (the input's length), got {lengths.tolist()}")
+    return low == seq_len
 
 
 class FastWeightLM(nn.Module):
@@ -113,16 +145,25 @@ class FastWeightLM(nn.Module):
         batch, seq_len = input_ids.shape
         if state is not None and state.batch_size != batch:
             raise ValueError(f"state has batch size {state.batch_size} but input_ids has {batch}")
-        whole_rows = lengths is None  # every row is seq_len tokens long: its end needs no per-row gather
-        if lengths is None:
-            lengths = torch.full((batch,), seq_len, dtype=torch.long, device=input_ids.device)
-        lengths = lengths.to(input_ids.device)
         want_states = output_state or defer_states or state_positions is not None
+        whole_rows = True  # every row is seq_len tokens long: its end needs no per-row gather
+        if lengths is not None:
+            # The values are read (one host sync, as positions are checked) only where states are
+            # wanted: nothing else reads lengths, and a training forward then stays sync-free.
+            whole_rows = check_lengths(lengths, batch, seq_len, read_values=want_states)
+            lengths = lengths.to(device=input_ids.device, dtype=torch.long)
+        else:
+            lengths = torch.full((batch,), seq_len, dtype=torch.long, device=input_ids.device)
+        for name, positions in (("state_positions", state_positions), ("logit_positions", logit_positions)):
+            if positions is not None:
+                check_integer_tensor(name, positions)
+        # Only the state after every whole row: a mixer may use a kernel that returns just that (fla's).
+        final_only = output_state and whole_rows and not defer_states and state_positions is None
 
         x = self.model.embeddings(input_ids)
         layer_states_at: list[Callable | None] = []
         for i, block in enumerate(self.model.layers):
-            x, states_at = block(x, None if state is None else state.layers[i], want_states)
+            x, states_at = block(x, None if state is None else state.layers[i], want_states, final_only)
             layer_states_at.append(states_at)
         hidden = self.model.norm(x)
         if logit_positions is None:
@@ -139,19 +180,21 @@ class FastWeightLM(nn.Module):
         if not want_states:
             return out
 
-        def states_at(positions: Tensor) -> ModelState:
+        def states_at(positions: Tensor, name: str = "positions") -> ModelState:
+            check_integer_tensor(name, positions)
             positions = positions.to(device=input_ids.device, dtype=torch.long)
             if positions.dim() != 2 or positions.shape[0] != batch:
-                raise ValueError(f"state positions must be [batch={batch}, P], got {tuple(positions.shape)}")
+                raise ValueError(f"{name} must be [batch={batch}, P], got {tuple(positions.shape)}")
             if ((positions < 0) | (positions > lengths[:, None])).any():
-                raise ValueError("state positions must lie in [0, length] of their row")
+                raise ValueError(f"{name} must lie in [0, length] of their row (lengths {lengths.tolist()}), "
+                                 f"got {positions.tolist()}")
             return collect(positions)
 
         def collect(positions: Tensor | None) -> ModelState:
             return ModelState([fn(positions) for fn in layer_states_at])
 
         if state_positions is not None:
-            out.position_states = states_at(state_positions)
+            out.position_states = states_at(state_positions, "state_positions")
         if output_state:  # each row's own length: in range by construction
             # None asks the mixers for every row's end without a tensor of positions to inspect: a
             # decoded token then costs no device sync.

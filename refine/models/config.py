@@ -9,6 +9,7 @@ unknown key that is a near miss of a field (a typo), unless a library writes it 
 from __future__ import annotations
 
 import difflib
+import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -126,7 +127,9 @@ class DeltaNetConfig(ModelConfigBase):
     def _dims_divide(self) -> "DeltaNetConfig":
         for name, ratio in (("expand_k", self.expand_k), ("expand_v", self.expand_v)):
             dim = self.hidden_size * ratio
-            if dim != int(dim) or int(dim) % self.num_heads:
+            # fla's DeltaNet layer rounds and accepts what math.isclose calls an integer (100 * 1.1 is
+            # 110.00000000000001): the same test here, and the same round() in DeltaNetMixer.
+            if not math.isclose(dim, round(dim)) or round(dim) % self.num_heads:
                 raise ValueError(
                     f"hidden_size * {name} = {dim} must be an integer divisible by num_heads={self.num_heads}"
                 )
@@ -145,6 +148,7 @@ class GatedDeltaNetConfig(ModelConfigBase):
     conv_size: int = Field(4, ge=2)
     head_dim: int = Field(256, gt=0)
     num_heads: int = Field(6, gt=0)
+    num_hidden_layers: int = Field(21, gt=0)  # fla's GatedDeltaNetConfig default (DeltaNet's is 24)
     num_v_heads: int | None = Field(None, gt=0)
     allow_neg_eigval: bool = False
 
@@ -153,7 +157,10 @@ class GatedDeltaNetConfig(ModelConfigBase):
         v_heads = self.num_v_heads or self.num_heads
         if v_heads % self.num_heads:
             raise ValueError(f"num_v_heads={v_heads} must be a multiple of num_heads={self.num_heads}")
+        # fla's GatedDeltaNet layer truncates with int() and accepts what math.isclose(rel_tol=1e-5)
+        # calls an integer (its second test, on num_v_heads times this, follows from this one): the
+        # same test here, and the same int() in GatedDeltaNetMixer.
         head_v = self.head_dim * self.expand_v
-        if head_v != int(head_v):
+        if not math.isclose(head_v, int(head_v), rel_tol=1e-5):
             raise ValueError(f"head_dim * expand_v = {head_v} must be an integer")
         return self

@@ -91,6 +91,27 @@ class _QKVMixer(nn.Module):
     def _states_at(recurrent_at: Callable, conv_states_at: Callable) -> Callable[[Tensor], dict]:
         return lambda positions: {"recurrent": recurrent_at(positions), **conv_states_at(positions)}
 
+    @staticmethod
+    def _delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, state: dict | None,
+                    want_states: bool, final_only: bool) -> tuple[Tensor, Callable[[Tensor | None], Tensor] | None]:
+        """o and, when states are wanted, a function positions -> recurrent states.
+
+        final_only: only states_at(None) will be asked, so the kernel is asked for the final state
+        alone, which fla's kernels return (the torch kernels serve every request).
+        """
+        initial_state = None if state is None else state["recurrent"]
+        if not (want_states and final_only):
+            return delta_rule(q, k, v, beta, g, initial_state=initial_state, state_fn=want_states)
+        o, final = delta_rule(q, k, v, beta, g, initial_state=initial_state, output_final_state=True)
+
+        def final_state(positions: Tensor | None) -> Tensor:
+            if positions is not None:
+                raise ValueError("this forward ran with final_only=True: only the final state (positions=None) "
+                                 f"is kept, got positions of shape {tuple(positions.shape)}")
+            return final
+
+        return o, final_state
+
     def _gate_projection(self) -> tuple[nn.Linear, ...]:
         return (self.g_proj,) if self.use_gate else ()
 
@@ -122,7 +143,8 @@ class DeltaNetMixer(_QKVMixer):
             qk_conv_activation="silu" if config.qk_activation == "silu" else None,
         )
 
-    def forward(self, x: Tensor, state: dict | None, want_states: bool) -> tuple[Tensor, Callable | None]:
+    def forward(self, x: Tensor, state: dict | None, want_states: bool,
+                final_only: bool = False) -> tuple[Tensor, Callable | None]:
         extra = ((self.b_proj,) if self.use_beta else ()) + self._gate_projection()
         q, k, v, extra_outputs, conv_states_at = self._qkv(x, state, self.qk_activation, extra)
         beta_logits = extra_outputs.pop(0) if self.use_beta else None
@@ -141,11 +163,7 @@ class DeltaNetMixer(_QKVMixer):
         beta = beta_logits.sigmoid() if beta_logits is not None else x.new_ones(x.shape[:2] + (self.num_heads,))
         if self.allow_neg_eigval:
             beta = beta * 2
-        o, recurrent_at = delta_rule(
-            q, k, v, beta, None,
-            initial_state=None if state is None else state["recurrent"],
-            state_fn=want_states,
-        )
+        o, recurrent_at = self._delta_rule(q, k, v, beta, None, state, want_states, final_only)
         return self._output(o, gate), self._states_at(recurrent_at, conv_states_at) if want_states else None
 
 
@@ -174,7 +192,8 @@ class GatedDeltaNetMixer(_QKVMixer):
             qk_conv_activation="silu", gate_activation=config.output_gate_activation,
         )
 
-    def forward(self, x: Tensor, state: dict | None, want_states: bool) -> tuple[Tensor, Callable | None]:
+    def forward(self, x: Tensor, state: dict | None, want_states: bool,
+                final_only: bool = False) -> tuple[Tensor, Callable | None]:
         q, k, v, extra_outputs, conv_states_at = self._qkv(x, state, "silu",
                                                            (self.a_proj, self.b_proj) + self._gate_projection())
         decay_logits, beta_logits = extra_outputs[:2]
@@ -190,9 +209,5 @@ class GatedDeltaNetMixer(_QKVMixer):
         beta = beta_logits.sigmoid()
         if self.allow_neg_eigval:
             beta = beta * 2
-        o, recurrent_at = delta_rule(
-            q, k, v, beta, log_decay,
-            initial_state=None if state is None else state["recurrent"],
-            state_fn=want_states,
-        )
+        o, recurrent_at = self._delta_rule(q, k, v, beta, log_decay, state, want_states, final_only)
         return self._output(o, gate), self._states_at(recurrent_at, conv_states_at) if want_states else None

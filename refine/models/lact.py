@@ -276,11 +276,12 @@ class LaCTSWIGLULayer(nn.Module):
     # ---- forward -----------------------------------------------------------------------------
 
     def forward(
-        self, x: Tensor, state: dict[str, Tensor] | None, want_states: bool
+        self, x: Tensor, state: dict[str, Tensor] | None, want_states: bool, final_only: bool = False
     ) -> tuple[Tensor, Callable[[Tensor], dict[str, Tensor]] | None]:
         """x [B, T, D] -> (y [B, T, D], states_at: positions [B, P] -> state dict of batch B * P).
 
-        states_at(None) is the state after every row's last token (batch B)."""
+        states_at(None) is the state after every row's last token (batch B). final_only is not read:
+        LaCT has one kernel, which serves every request."""
         batch, seq_len, _ = x.shape
         if state is None:
             state = self.initial_state(batch, x)

@@ -64,3 +64,7 @@ class ModelState:
 
     def num_elements_per_sequence(self) -> int:
         return sum(t[0].numel() for layer in self.layers for t in layer.values())
+
+    def num_bytes_per_sequence(self) -> int:
+        # Each tensor's own element size: a bf16 model keeps float32 recurrent states, LaCT int64 counts.
+        return sum(t[0].numel() * t.element_size() for layer in self.layers for t in layer.values())

@@ -105,7 +105,10 @@ def test_fla_is_not_used_for_intermediate_positions():
     assert dispatch._wants_final_state_only(torch.tensor([[10], [10]]), 10)
     assert not dispatch._wants_final_state_only(torch.tensor([[10], [9]]), 10)
     assert not dispatch._wants_final_state_only(torch.tensor([[10, 10], [10, 10]]), 10)
-    assert "CUDA" in dispatch._fla_unusable_reason(q, None, 10)
+    assert "CUDA" in dispatch._fla_unusable_reason(q, 10)
+    assert "other than T" in dispatch._request_unservable_reason(torch.tensor([[10], [9]]), 10, state_fn=False)
+    assert "chosen after the call" in dispatch._request_unservable_reason(None, 10, state_fn=True)
+    assert dispatch._request_unservable_reason(None, 10, state_fn=False) is None
 
 
 def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -156,3 +159,109 @@ def test_fla_path_matches_torch_path_on_cuda(make_inputs, dtype, gated, seq_len)
     assert _relative_error(final, final_ref) < tol
     for n, grad in grads_ref.items():
         assert _relative_error(grads[n], grad) < 2 * tol, n
+
+
+def _fla_stand_in(calls: list[str]):
+    """A stand-in for fla's kernels on CPU: records the kernel dispatch chose and answers with ours."""
+    def run(kernel, q, k, v, beta, g, scale, initial_state, want_final_state):
+        calls.append(kernel)
+        o, states_at = chunk_delta_rule(q, k, v, beta, g, scale=scale, initial_state=initial_state, state_fn=True)
+        return o, states_at(None) if want_final_state else None
+    return run
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["delta", "gated"])
+@pytest.mark.parametrize("seq_len", [1, 100])
+def test_final_state_only_calls_go_to_fla_and_positions_calls_to_torch(make_inputs, monkeypatch, gated, seq_len):
+    """fla returns a final state from an initial one: prefill and decoding need nothing else."""
+    monkeypatch.setattr(dispatch, "_fla_unusable_reason", lambda *args: None)  # as on CUDA with fla
+    calls: list[str] = []
+    monkeypatch.setattr(dispatch, "_fla_delta_rule", _fla_stand_in(calls))
+    inputs = make_inputs(seq_len=seq_len, gated=gated, dtype=torch.bfloat16)
+    o, final = _call(delta_rule, inputs, None, output_final_state=True)
+    assert len(calls) == 1 and calls[0].startswith("fla"), calls
+    assert final.shape == inputs["initial_state"].shape and final.dtype == torch.float32
+    _call(delta_rule, inputs, None, state_fn=True)  # positions chosen after the call: only ours keep them
+    _call(delta_rule, inputs, torch.tensor([[0], [seq_len]]))  # a position before T
+    assert len(calls) == 1, calls
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["delta", "gated"])
+@pytest.mark.parametrize("with_initial_state", [False, True], ids=["zero", "h0"])
+@pytest.mark.parametrize("seq_len", [0, 1, 5, 100])
+def test_output_final_state_matches_naive_on_cpu(make_inputs, gated, with_initial_state, seq_len):
+    inputs = make_inputs(seq_len=seq_len, gated=gated, with_initial_state=with_initial_state)
+    o, final = _call(delta_rule, inputs, None, output_final_state=True)
+    o_ref, final_ref, _ = _call(naive_delta_rule, inputs, None)
+    torch.testing.assert_close(o, o_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(final, final_ref, rtol=1e-10, atol=1e-10)
+
+
+def test_output_final_state_with_positions_is_a_clear_error(make_inputs):
+    inputs = make_inputs(seq_len=5)
+    with pytest.raises(ValueError, match="output_final_state=True.*neither positions"):
+        _call(delta_rule, inputs, torch.tensor([[5], [5]]), output_final_state=True)
+    with pytest.raises(ValueError, match="output_final_state=True.*nor state_fn"):
+        _call(delta_rule, inputs, None, output_final_state=True, state_fn=True)
+
+
+def test_generate_and_carried_forwards_use_fla_where_only_the_final_state_is_wanted(monkeypatch):
+    """generate()'s prefill (lengths all T) and decoding steps, and a prefix re-prefilled for its state,
+    go to fla; forwards that want states at positions (or rows shorter than T) stay on ours."""
+    from refine.generate import generate
+    from refine.models import build_model
+
+    monkeypatch.setattr(dispatch, "_fla_unusable_reason", lambda *args: None)  # as on CUDA with fla
+    calls: list[str] = []
+    monkeypatch.setattr(dispatch, "_fla_delta_rule", _fla_stand_in(calls))
+    chosen: list[tuple[int, str]] = []
+    select = dispatch.select_kernel
+
+    def spy(q, *args, **kwargs):
+        chosen.append((q.shape[1], select(q, *args, **kwargs)))
+        return chosen[-1][1]
+
+    monkeypatch.setattr(dispatch, "select_kernel", spy)
+    for config in (dict(model_type="delta_net", hidden_size=32, num_heads=2),
+                   dict(model_type="gated_deltanet", hidden_size=32, num_heads=2, head_dim=16)):
+        torch.manual_seed(0)
+        model = build_model(dict(config, num_hidden_layers=2, vocab_size=50, intermediate_size=48),
+                            dtype=torch.bfloat16)
+        ids = torch.randint(0, 50, (2, 100))
+        chosen.clear()
+        generate(model, ids, 3)
+        assert {length for length, _ in chosen} == {100, 1}
+        assert all(kernel.startswith("fla") for _, kernel in chosen), chosen
+        chosen.clear()
+        model(ids[:, :40], lengths=torch.full((2,), 40))  # a rollout's prefix, re-prefilled for its state
+        assert chosen and all(kernel.startswith("fla") for _, kernel in chosen), chosen
+        for kwargs in (dict(state_positions=torch.tensor([[3], [100]])), dict(lengths=torch.tensor([100, 60])),
+                       dict(defer_states=True)):
+            chosen.clear()
+            model(ids, **kwargs)
+            assert chosen and all(kernel.startswith("torch") for _, kernel in chosen), (kwargs, chosen)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU: compares fla's Triton kernels with the torch path"
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("gated", [False, True], ids=["delta", "gated"])
+@pytest.mark.parametrize("with_initial_state", [False, True], ids=["zero", "h0"])
+@pytest.mark.parametrize("seq_len", [1, 40, 300])  # a decoding step, fused_recurrent, chunk
+def test_fla_final_state_matches_torch_path_on_cuda(make_inputs, dtype, gated, with_initial_state, seq_len):
+    """output_final_state=True (prefill, decoding) on fla: the output and final state of our kernels."""
+    if dispatch._fla_ops() is None:
+        pytest.skip("flash-linear-attention with triton is not importable on this CUDA machine")
+    inputs = make_inputs(batch=2, seq_len=seq_len, heads=4, key_dim=64, value_dim=64, gated=gated,
+                         with_initial_state=with_initial_state, dtype=dtype, device="cuda")
+    with torch.no_grad():
+        assert select_kernel(inputs["q"], inputs["g"], None, needs_grad=False).startswith("fla")
+        o, final = _call(delta_rule, inputs, None, output_final_state=True)
+        o_ref, states_at = _call(chunk_delta_rule, inputs, None, state_fn=True)
+        final_ref = states_at(None)
+    assert o.dtype == dtype and final.dtype == torch.float32 and final.shape == final_ref.shape
+    tol = 1e-2 if dtype == torch.float32 else 4e-2
+    assert _relative_error(o, o_ref) < tol
+    assert _relative_error(final, final_ref) < tol

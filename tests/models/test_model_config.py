@@ -62,3 +62,48 @@ def test_gated_deltanet_runs_with_each_output_gate_activation():
     assert swish.shape == (2, 7, 50) and sigmoid.isfinite().all()
     torch.testing.assert_close(silu, swish, rtol=0, atol=0)  # two names of one function
     assert not torch.allclose(sigmoid, swish)  # same weights: only the gate differs
+
+
+def _fla_or_skip(module: str):
+    return pytest.importorskip(module, reason="flash-linear-attention is a dev dependency")
+
+
+@pytest.mark.parametrize("config", [
+    dict(model_type="delta_net", hidden_size=100, num_heads=2, expand_k=1.1),  # 110.00000000000001
+    dict(model_type="delta_net", hidden_size=100, num_heads=2, expand_v=1.1),
+    dict(model_type="gated_deltanet", hidden_size=32, num_heads=1, head_dim=100, expand_v=1.1),
+    dict(model_type="gated_deltanet", hidden_size=32, num_heads=1, num_v_heads=2, head_dim=100, expand_v=1.1),
+])
+def test_head_sizes_fla_rounds_build_with_fla_shapes(config):
+    """fla accepts a product that math.isclose calls an integer (and rounds it): so do we, to the same shapes."""
+    fla_layers = _fla_or_skip("fla.layers")
+    fields = {k: v for k, v in config.items() if k != "model_type"}
+    if config["model_type"] == "delta_net":
+        reference = fla_layers.DeltaNet(**fields)
+    else:
+        reference = fla_layers.GatedDeltaNet(**fields)
+    ours = build_model(dict(config, num_hidden_layers=1, vocab_size=10, intermediate_size=16)).model.layers[0].attn
+    assert {n: tuple(p.shape) for n, p in ours.named_parameters()} == \
+        {n: tuple(p.shape) for n, p in reference.named_parameters()}
+
+
+@pytest.mark.parametrize("config,field", [
+    (dict(DELTA_NET, hidden_size=20, expand_k=0.58), "expand_k"),  # 11.6
+    (dict(GATED_DELTANET, head_dim=20, expand_v=0.58), "expand_v"),
+])
+def test_head_sizes_fla_refuses_are_refused(config, field):
+    with pytest.raises(ValidationError, match=f"{field} = 11.6"):
+        config_from_dict(config)
+
+
+def test_defaults_equal_fla_defaults():
+    """Every field both configs have defaults to fla's value (a config.json without it means fla's default)."""
+    fla_models = _fla_or_skip("fla.models")
+    for ours, theirs in ((config_from_dict(dict(model_type="delta_net")), fla_models.DeltaNetConfig()),
+                         (config_from_dict(dict(model_type="gated_deltanet")), fla_models.GatedDeltaNetConfig())):
+        fla_values = theirs.to_dict()
+        shared = [name for name in type(ours).model_fields if name in fla_values]
+        assert len(shared) > 20, shared  # the comparison reads the fields, not an empty overlap
+        differing = {name: (getattr(ours, name), fla_values[name]) for name in shared
+                     if getattr(ours, name) != fla_values[name]}
+        assert differing == {}, f"{ours.model_type}: ours vs fla's {differing}"

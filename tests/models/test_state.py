@@ -47,3 +47,20 @@ def test_counters_follow_a_named_device_and_keep_their_dtype():
         assert torch.equal(layer["tokens_seen"], original["tokens_seen"])
         assert layer["tokens_seen"].dtype == torch.long and layer["fw_w0"].dtype == torch.float64
         torch.testing.assert_close(layer["fw_w0"], original["fw_w0"].double(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("config", [
+    dict(model_type="lact_swiglu", vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attn_heads=2,
+         num_lact_heads=2, lact_chunk_size=4, window_size=3, intermediate_size=24),  # int64 tokens_seen
+    dict(model_type="delta_net", hidden_size=32, num_heads=2, num_hidden_layers=2, vocab_size=50),
+])
+def test_inspect_counts_each_state_tensors_own_bytes(config):
+    """A bfloat16 model keeps float32 recurrent states and int64 counters: bytes are not elements x 2."""
+    from refine.models import build_model, inspect_model
+
+    model = build_model(config, dtype=torch.bfloat16)
+    state = model(torch.zeros(1, 1, dtype=torch.long)).state
+    expected = sum(t.numel() * t.element_size() for layer in state.layers for t in layer.values())
+    info = inspect_model(model)
+    assert info["recurrent_state_bytes_per_sequence"] == expected
+    assert expected > info["recurrent_state_elements_per_sequence"] * torch.bfloat16.itemsize
