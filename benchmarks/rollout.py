@@ -2,7 +2,10 @@
 
 Two re-prefill baselines: "reprefill" runs every prefix at its own length (the least work the
 pattern can do); "reprefill_padded" pads every prefix to the document's width, the work of the
-paper code's batch layout (its fast-weight layers run over the padding).
+paper code's batch layout: embeddings, norms, MLPs and lm_head run over the padding, the token mixers
+(projections, short convolutions, delta-rule kernel) over the real tokens only, as fla's DeltaNet
+layer unpads its input by the attention mask. Both prefill the logits of the last prefix token only,
+as a generate call does.
 
     python benchmarks/rollout.py [--lengths 1024 4096 16384] [--samples 1 4] [--repeats 3] [--threads 2]
                                  [--device cpu] [--dtype float32]
@@ -61,6 +64,7 @@ def run(length: int, samples: int, model, repeats: int) -> dict:
         "seconds": {k: round(v, 4) for k, v in seconds.items()},
         "snapshot_over_reprefill": ratio("reprefill"),
         "snapshot_over_reprefill_padded": ratio("reprefill_padded"),
+        "reprefill_padded_layout": "prefixes padded to the document width; token mixers over the real tokens only",
     }
 
 

@@ -1,11 +1,19 @@
 """Seconds per optimizer step: NTP only, REFINE one-pass, fused and reference, same model and batch.
 
 Prints one JSON object per (length, n) with the medians, the ratios and, per stage, where the time of
-the NTP, one-pass and fused steps goes (`*_breakdown_seconds`: a fused step's forward, backward and
+the NTP, one-pass and fused steps goes (`*_breakdown_seconds`: medians over the timed steps only,
+zero_grad included, so a mode's stages add up to its step; a fused step's forward, backward and
 optimizer against an NTP step's show what its rollouts add to them; on a GPU every stage boundary
 waits for the device, a few more waits in a fused step than in an NTP step). "document_pass_over_ntp"
-is a plain no-grad forward over the same documents against the NTP step: the one-pass step runs such a
-pass for its rollouts, so 1 + that ratio is its floor.
+is the one-pass step's no-grad document pass (exactly the pass `snapshot_rollouts` runs) against the
+NTP step, so 1 + that ratio is the one-pass step's floor.
+
+The reference step is the paper's method done literally (re-prefill each prefix, recompute the
+log-probs, a separate forward per prefix in the update; entropies and ground-truth hidden states from
+one document pass), but every prefix runs at its own length ("reference_prefix_layout"): the least
+work that pattern can do. The paper's code left-pads every prefix to the document's width, which costs
+more, so "reference_over_onepass" understates the paper's cost (benchmarks/rollout.py times the
+padded layout's rollouts).
     python benchmarks/step.py [--lengths 1024 4096] [--samples 1 4] [--repeats 9] [--batch 1] [--threads 2]
                               [--hidden-size 128] [--layers 2] [--heads 2] [--device cpu] [--dtype float32]
 
@@ -20,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from collections.abc import Callable
 
 import torch
 
@@ -43,68 +52,51 @@ def run(length: int, samples: int, repeats: int, batch: int, size: dict[str, int
     lengths = torch.full((batch,), length, device=device)
     gen = torch.Generator(device=device).manual_seed(0)
 
-    def timed(fn) -> float:
-        times = StageTimes(device)
-        with times.stage("step"):
-            fn()
-        return times.seconds["step"]
-
-    # Seconds per stage of every run of a mode, for the breakdowns.
-    stages: dict[str, list[dict[str, float]]] = {"ntp": [], "onepass": [], "fused": []}
-
-    def step(loss, times: StageTimes | None = None):
-        optimizer.zero_grad()
+    def step(loss, times: StageTimes | None):
+        with timed_stage(times, "zero_grad"):
+            optimizer.zero_grad()
         with timed_stage(times, "backward"):
             loss.backward()
         with timed_stage(times, "optimizer"):
             optimizer.step()
 
-    def ntp():
-        times = StageTimes(device)
-        with times.stage("forward"):
+    def ntp(times: StageTimes | None):
+        with timed_stage(times, "forward"):
             loss = ntp_loss(model(ids, lengths=lengths, output_state=False).logits, ids, lengths)
         step(loss, times)
-        stages["ntp"].append(times.seconds)
 
-    def onepass():
-        times = StageTimes(device)
-        with times.stage("rollout_pass"):
+    def onepass(times: StageTimes | None):
+        with timed_stage(times, "rollout_pass"):
             rollouts = snapshot_rollouts(model, ids, lengths, cfg, gen)
             rollouts.rewards = score_rollouts(rollouts, cfg)
-        with times.stage("update_forward"):
+        with timed_stage(times, "update_forward"):
             result = refine_loss("onepass", model, ids, lengths, rollouts,
                                  advantages_for(rollouts.rewards, rollouts, cfg), cfg)
         step(result.loss, times)
-        stages["onepass"].append(times.seconds)
 
-    def document_pass():
-        with torch.inference_mode():
-            model(ids, lengths=lengths, output_state=False)
+    def document_pass(times: StageTimes | None):
+        with torch.inference_mode():  # the very pass snapshot_rollouts runs (defer_states picks its kernel)
+            model(ids, lengths=lengths, output_state=False, defer_states=True)
 
-    def fused():
-        times = StageTimes(device)
+    def fused(times: StageTimes | None):
         result, _ = fused_refine_step(model, ids, lengths, cfg, gen, times=times)
         step(result.loss, times)
-        stages["fused"].append(times.seconds)
 
-    def reference():
-        with torch.no_grad():
-            positions = choose_positions(model(ids, lengths=lengths, output_state=False).logits, lengths, cfg, gen)
-        rollouts = reprefill_rollouts(model, ids, lengths, cfg, positions, gen)
+    def reference(times: StageTimes | None):
+        # One document pass gives both the entropies that choose the positions and the ground truth's
+        # hidden states, as in the paper's code.
+        with torch.inference_mode():
+            document = model(ids, lengths=lengths, output_state=False)
+            positions = choose_positions(document.logits, lengths, cfg, gen)
+        rollouts = reprefill_rollouts(model, ids, lengths, cfg, positions, gen,
+                                      document_hidden=document.hidden_states)
         rollouts.rewards = score_rollouts(rollouts, cfg)
         step(refine_loss("reference", model, ids, lengths, rollouts, advantages_for(rollouts.rewards, rollouts, cfg),
-                         cfg).loss)
+                         cfg).loss, None)
 
-    # Modes take turns in every round, so a noisy neighbour slows all of them alike. Each timed step
-    # follows an untimed step of its own mode, as in a training loop: a step right after another
-    # mode's runs on memory and caches laid out for that mode, which moved fused/NTP by up to 0.07.
-    modes = (("ntp", ntp), ("onepass", onepass), ("fused", fused), ("reference", reference),
-             ("document_pass", document_pass))
-    timings: dict[str, list[float]] = {name: [] for name, _ in modes}
-    for _ in range(repeats):
-        for name, fn in modes:
-            fn()
-            timings[name].append(timed(fn))
+    modes = {"ntp": ntp, "onepass": onepass, "fused": fused, "reference": reference,
+             "document_pass": document_pass}
+    timings, stages = time_rounds(modes, repeats, device)
     results = {name: statistics.median(values) for name, values in timings.items()}
     # Every round times all modes back to back, so a per-round ratio cancels the slow drifts of a
     # shared machine; the median over rounds is the headline ratio.
@@ -120,8 +112,34 @@ def run(length: int, samples: int, repeats: int, batch: int, size: dict[str, int
         "fused_over_ntp": round(ratio("fused", "ntp"), 3),
         "document_pass_over_ntp": round(ratio("document_pass", "ntp"), 3),
         "reference_over_onepass": round(ratio("reference", "onepass"), 2),
-        **{f"{mode}_breakdown_seconds": breakdown(runs) for mode, runs in stages.items()},
+        "reference_prefix_layout": "own_length",  # each prefix at its own length, not padded as the paper's
+        **{f"{mode}_breakdown_seconds": breakdown(stages[mode]) for mode in ("ntp", "onepass", "fused")},
     }
+
+
+Mode = Callable[[StageTimes | None], None]
+
+
+def time_rounds(modes: dict[str, Mode], repeats: int,
+                device: str) -> tuple[dict[str, list[float]], dict[str, list[dict[str, float]]]]:
+    """Seconds of every timed step of every mode, and the seconds per stage of those same steps.
+
+    Modes take turns in every round, so a noisy neighbour slows all of them alike. Each timed step
+    follows an untimed step of its own mode (called with times=None: no stages recorded), as in a
+    training loop: a step right after another mode's runs on memory and caches laid out for that
+    mode, which moved fused/NTP by up to 0.07.
+    """
+    seconds: dict[str, list[float]] = {name: [] for name in modes}
+    stages: dict[str, list[dict[str, float]]] = {name: [] for name in modes}
+    for _ in range(repeats):
+        for name, fn in modes.items():
+            fn(None)
+            total, parts = StageTimes(device), StageTimes(device)
+            with total.stage("step"):
+                fn(parts)
+            seconds[name].append(total.seconds["step"])
+            stages[name].append(parts.seconds)
+    return seconds, stages
 
 
 def breakdown(runs: list[dict[str, float]]) -> dict[str, float]:

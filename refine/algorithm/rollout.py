@@ -7,7 +7,9 @@ Two generators with one output type:
 - `reprefill_rollouts` (the paper code's pattern, kept as a baseline): every prefix is run again
   from scratch before decoding, and every prefix + rollout once more for log-probs and hidden states.
   With `padded=True` every prefix is padded to the document's width, as the paper's code lays out
-  its batch (its fast-weight layers run over the padding too).
+  its batch: embeddings, norms, MLPs and lm_head run over the padding, while the token mixers run
+  over the real tokens only, as fla's DeltaNet layer unpads its input by the attention mask before
+  its projections, convolutions and kernel (fla 0.3.1, the version the paper pins, and 0.6).
 
 Rollout ordering everywhere: rollout i = (b * c + j) * n + s for document b, position j, sample s.
 """
@@ -183,9 +185,25 @@ def snapshot_rollouts(model: FastWeightLM, input_ids: Tensor, lengths: Tensor, c
     return rollouts.ordinary()
 
 
+def _padding_work(model: FastWeightLM, rows: int, padding: int, logits: bool) -> None:
+    """The work a padded layout adds over `padding` pad tokens per row, outputs unused: fla's layers
+    unpad their input by the attention mask before the token mixer (projections, short convolutions,
+    kernel), so the padding goes through embeddings, norms, MLPs, the final norm and (for a forward
+    that keeps every position's logits) lm_head only."""
+    if padding == 0:
+        return
+    x = model.model.embeddings(torch.zeros(rows, padding, dtype=torch.long, device=model.device))
+    for block in model.model.layers:
+        block.attn_norm(x)  # the norm runs before the layer unpads; the mixer adds nothing to a pad
+        x = x + block.mlp(block.mlp_norm(x))
+    hidden = model.model.norm(x)
+    if logits:
+        model.lm_head(hidden)
+
+
 @torch.inference_mode()  # as the snapshot engine runs, so the benchmarks compare like with like
 def _reprefill(model: FastWeightLM, input_ids: Tensor, lengths: Tensor, cfg: RefineConfig, positions: Tensor,
-               generator: torch.Generator | None, padded: bool) -> Rollouts:
+               generator: torch.Generator | None, padded: bool, document_hidden: Tensor | None) -> Rollouts:
     tokens, logprobs, hidden, first = [], [], [], []
     rows, starts = prefix_rows(positions)
     k, n = cfg.rollout_len, cfg.num_samples
@@ -193,25 +211,29 @@ def _reprefill(model: FastWeightLM, input_ids: Tensor, lengths: Tensor, cfg: Ref
     one_each = cfg.model_copy(update={"num_samples": 1})
     width = input_ids.shape[1]
     for row, start in zip(rows.tolist(), starts.tolist()):
-        # Every rollout re-prefills its own copy of the prefix, as a batch of n prompts does.
+        # Every rollout re-prefills its own copy of the prefix, as a batch of n prompts does. Like a
+        # generate call (logits_to_keep=1), the prefill computes the logits of its last token only.
+        # With padded=True each forward also runs the padding's share of the paper layout's work
+        # (`_padding_work`); the real tokens' results are the unpadded ones.
         prefix_ids = input_ids[row:row + 1, :start].expand(n, -1)
+        prefix = model(prefix_ids, logit_positions=torch.full((n, 1), start - 1, device=input_ids.device))
         if padded:
-            prefix_ids = torch.cat([prefix_ids, prefix_ids.new_zeros(n, width - start)], dim=1)
-        prefix = model(prefix_ids, lengths=torch.full((n,), start, device=input_ids.device))
-        first.append(prefix.logits[0, start - 1])
-        t, _, _ = decode(model, prefix.state, prefix.logits[:, start - 1], one_each, generator, with_hidden=False)
+            _padding_work(model, n, width - start, logits=False)
+        first.append(prefix.logits[0, 0])
+        t, _, _ = decode(model, prefix.state, prefix.logits[:, 0], one_each, generator, with_hidden=False)
         # Then, as the paper's code does, one more full forward of prefix + rollout for the old
         # log-probs and the rollout hidden states.
         sequence = torch.cat([input_ids[row:row + 1, :start].expand(n, -1), t], dim=1)
-        if padded:
-            sequence = torch.cat([sequence, sequence.new_zeros(n, width - start)], dim=1)
         full = model(sequence, output_state=False)
+        if padded:
+            _padding_work(model, n, width - start, logits=True)
         logits = full.logits[:, start - 1:start + k - 1]
         logprobs.append(torch.log_softmax(logits.float() / temperature, -1).gather(-1, t[..., None])[..., 0])
         tokens.append(t)
         hidden.append(full.hidden_states[:, start:start + k])
-    full = model(input_ids, lengths=lengths, output_state=False)  # ground-truth hidden states
-    target_tokens, target_hidden = _targets(input_ids, full.hidden_states, positions, cfg.rollout_len,
+    if document_hidden is None:  # the ground truth's hidden states, unless the caller's pass has them
+        document_hidden = model(input_ids, lengths=lengths, output_state=False).hidden_states
+    target_tokens, target_hidden = _targets(input_ids, document_hidden, positions, cfg.rollout_len,
                                             cfg.num_samples)
     return Rollouts(positions, torch.cat(tokens), torch.cat(logprobs), torch.cat(hidden), target_tokens,
                     target_hidden, first_token_entropy(torch.stack(first), positions), cfg.num_samples)
@@ -219,10 +241,15 @@ def _reprefill(model: FastWeightLM, input_ids: Tensor, lengths: Tensor, cfg: Ref
 
 def reprefill_rollouts(model: FastWeightLM, input_ids: Tensor, lengths: Tensor, cfg: RefineConfig,
                        positions: Tensor, generator: torch.Generator | None = None,
-                       padded: bool = False) -> Rollouts:
+                       padded: bool = False, document_hidden: Tensor | None = None) -> Rollouts:
     """The paper code's pattern: run every prefix again from the start, then decode its samples.
 
-    padded=True runs every prefix (and prefix + rollout) right-padded to the batch's width, the
-    work of the paper's layout; the rollouts are the same, since padding never reaches a state.
+    padded=True does the work of the paper's layout, every prefix (and prefix + rollout) padded to
+    the batch's width: the token mixers over the real tokens only (fla's layers unpad by the
+    attention mask), embeddings, norms, MLPs and lm_head over the full width. The real tokens run as
+    in the unpadded layout and the padding's share runs separately, so the rollouts are the same.
+    document_hidden: the final-layer hidden states [B, T, D] of the no-grad document pass the
+    positions were chosen from; given, the ground truth's hidden states come from it (the paper
+    takes entropies and hidden states from one pass) instead of one more document forward.
     """
-    return _reprefill(model, input_ids, lengths, cfg, positions, generator, padded).ordinary()
+    return _reprefill(model, input_ids, lengths, cfg, positions, generator, padded, document_hidden).ordinary()

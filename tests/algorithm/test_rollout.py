@@ -1,11 +1,12 @@
-"""Snapshot decoding (refine.algorithm.rollout.decode): host reads and bad logits; a batch's rollouts by document."""
+"""Snapshot decoding (refine.algorithm.rollout.decode): host reads and bad logits; a batch's rollouts by document;
+the re-prefill baseline's padded layout and its document pass."""
 
 import math
 
 import pytest
 import torch
 
-from refine.algorithm.rollout import Rollouts, decode
+from refine.algorithm.rollout import Rollouts, decode, reprefill_rollouts
 from refine.config import RefineConfig
 from refine.models import build_model
 
@@ -91,3 +92,73 @@ def test_documents_of_a_batch_keep_their_rollouts() -> None:
     assert part.tokens[:, 0].tolist() == list(range(4, 12))
     assert part.rewards.tolist() == [float(i) for i in range(4, 12)]
     assert part.num_samples == samples and part.entropies.shape == (2, chunks)
+
+
+def _reprefill_batch():
+    torch.manual_seed(0)
+    model = build_model(MODELS["delta_net"], dtype=torch.float64)
+    ids = torch.randint(0, 40, (2, 40), generator=torch.Generator().manual_seed(2))
+    lengths = torch.tensor([40, 31])
+    positions = torch.tensor([[3, 20], [9, 26]])
+    return model, ids, lengths, positions
+
+
+def _tokens_through(model, run) -> dict[str, int]:
+    """Tokens (rows x width) the first block's mixer and MLP see while `run()` runs."""
+    seen = {"mixer": 0, "mlp": 0}
+    block = model.model.layers[0]
+
+    def counter(name):
+        def hook(module, args, output):
+            seen[name] += args[0].shape[0] * args[0].shape[1]
+        return hook
+
+    hooks = [block.attn.register_forward_hook(counter("mixer")), block.mlp.register_forward_hook(counter("mlp"))]
+    try:
+        run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
+def test_padded_reprefill_runs_the_mixers_over_the_real_tokens_only() -> None:
+    """The paper's layout pads every prefix to the batch width, but fla's DeltaNet layer unpads by the
+    attention mask: only embeddings, norms, MLPs and lm_head see the padding. The rollouts are those
+    of the unpadded layout."""
+    model, ids, lengths, positions = _reprefill_batch()
+    cfg = RefineConfig(num_chunks=2, rollout_len=3, num_samples=2, temperature=0.8)
+    results = {}
+
+    def run(padded):
+        results[padded] = reprefill_rollouts(model, ids, lengths, cfg, positions, torch.Generator().manual_seed(1),
+                                             padded=padded)
+
+    plain = _tokens_through(model, lambda: run(False))
+    padded = _tokens_through(model, lambda: run(True))
+    assert padded["mixer"] == plain["mixer"]
+    # Each prefix's prefill and prefix + rollout forward carry (width - prefix) pad tokens per sample.
+    padding = sum(2 * cfg.num_samples * (ids.shape[1] - p) for p in positions.flatten().tolist())
+    assert padded["mlp"] == plain["mlp"] + padding
+    torch.testing.assert_close(results[True].tokens, results[False].tokens, rtol=0, atol=0)
+    for field in ("logprobs", "hidden", "target_hidden", "entropies"):
+        torch.testing.assert_close(getattr(results[True], field), getattr(results[False], field), rtol=0, atol=0,
+                                   msg=field)
+
+
+def test_reprefill_takes_the_ground_truth_from_the_callers_document_pass() -> None:
+    """Given the hidden states of the pass that chose the positions, re-prefill runs no second document
+    forward, and its rollouts are bit-identical."""
+    model, ids, lengths, positions = _reprefill_batch()
+    cfg = RefineConfig(num_chunks=2, rollout_len=3, num_samples=2, temperature=0.8)
+    with torch.inference_mode():
+        document = model(ids, lengths=lengths, output_state=False)
+    widths = []
+    hook = model.register_forward_hook(lambda m, args, out: widths.append(args[0].shape[1]))
+    given = reprefill_rollouts(model, ids, lengths, cfg, positions, torch.Generator().manual_seed(1),
+                               document_hidden=document.hidden_states)
+    hook.remove()
+    assert ids.shape[1] not in widths  # no full-document forward of its own
+    own = reprefill_rollouts(model, ids, lengths, cfg, positions, torch.Generator().manual_seed(1))
+    for field in ("tokens", "logprobs", "hidden", "target_tokens", "target_hidden", "entropies"):
+        assert torch.equal(getattr(given, field), getattr(own, field)), field
