@@ -9,6 +9,7 @@ intact. The orchestrator reads only the small JSON file to know where the data s
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -68,7 +69,18 @@ def read_checkpoint_reports(path: str | Path) -> list[StepReport]:
     reports_file = Path(path) / REPORTS_FILE
     if not reports_file.exists():
         return []
-    return [StepReport.model_validate_json(line) for line in reports_file.read_text().splitlines() if line.strip()]
+    return [_read_report(line) for line in reports_file.read_text().splitlines() if line.strip()]
+
+
+def _read_report(line: str) -> StepReport:
+    """One reports.jsonl line. Learners before finite_stats (learner/learner.py) wrote a skipped step's inf or
+    nan stats as null, which StepReport refuses: those stats are left out, as the learner now leaves them."""
+    row = json.loads(line)
+    stats = row.get("stats")
+    if isinstance(stats, dict) and None in stats.values():
+        row["stats"] = {key: value for key, value in stats.items() if value is not None}
+        line = json.dumps(row)
+    return StepReport.model_validate_json(line)
 
 
 def load_learner_checkpoint(path: str | Path, model: FastWeightLM, optimizer: torch.optim.Optimizer,

@@ -10,22 +10,29 @@ gradient of the whole batch, also when documents differ in length; every rank cl
 with an identically initialized optimizer, and the ranks' weights stay equal. The loss statistics a
 step reports are rank 0's slice; grad_norm and the rollout statistics are the whole batch's.
 
-Rendezvous: rank 0 picks a free port on its host; the group is formed through a TCP store there.
-A resumed run's ranks all load the same checkpoint (out_dir must be on a shared file system when
-ranks run on different nodes), and the parameters are broadcast from rank 0 at the start anyway.
+Rendezvous: rank 0 picks a free port on its host (its Ray node address, which the other nodes can
+reach); the group is formed through a TCP store there. A resumed run's ranks all load the same
+checkpoint (out_dir must be on a shared file system when ranks run on different nodes), and the
+parameters (and an optimizer's float32 master weights) are broadcast from rank 0 at the start anyway.
+
+Devices: on CUDA every rank is a Ray actor holding one GPU (`num_gpus=1`, services/ray_runtime.py
+`actor_options`); Ray makes only that GPU visible to it, and `learner_device` names it for torch.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import socket
 from datetime import timedelta
 
+import ray
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from learner.update import rollouts_from_batch
+from refine.algorithm.losses import MASKED_MEAN_EPS
 from refine.algorithm.rollout import Rollouts
 from refine.algorithm.update import LossResult, advantages_for, refine_loss, rollout_stats
 from refine.config import RefineConfig, RunConfig
@@ -36,17 +43,49 @@ from refine.runtime import StageTimes
 from services.codec import decode, encode
 from services.messages import DocumentBatch, ScoredBatch
 
-__all__ = ["DataParallelGroup", "document_slice", "free_address", "slice_loss", "weights_digest"]
+__all__ = ["DataParallelGroup", "cuda_ordinal", "document_slice", "free_address", "learner_device", "slice_loss",
+           "weights_digest"]
 
 STOP = -1
+LOOPBACK = "127.0.0.1"
 
 
 def free_address() -> str:
-    """`host:port` on this machine that the other ranks can reach (the port is free right now)."""
-    host = socket.gethostbyname(socket.gethostname())
+    """`host:port` on this machine that the other ranks can reach (the port is free right now).
+
+    Inside Ray, the node's address as Ray knows it (the one other nodes reach it by); the host name's
+    address is often 127.0.0.1 / 127.0.1.1 (/etc/hosts), which a rank on another node cannot reach.
+    Outside Ray every rank runs on this machine: loopback."""
+    host = ray.util.get_node_ip_address() if ray.is_initialized() else LOOPBACK
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("", 0))
         return f"{host}:{probe.getsockname()[1]}"
+
+
+def cuda_ordinal(gpu_id: str, visible_devices: str | None) -> int:
+    """torch's ordinal of the GPU Ray assigned (`gpu_id`, from ray.get_gpu_ids()), given the process's
+    CUDA_VISIBLE_DEVICES: Ray sets it to the assigned GPUs, which torch then numbers from 0; unset
+    (RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES), every GPU is visible under its own id."""
+    if visible_devices is None:
+        return int(gpu_id)
+    visible = [device.strip() for device in visible_devices.split(",") if device.strip()]
+    if gpu_id not in visible:
+        raise ValueError(f"Ray assigned GPU {gpu_id!r}, but CUDA_VISIBLE_DEVICES={visible_devices!r} hides it")
+    return visible.index(gpu_id)
+
+
+def learner_device(configured: str) -> str:
+    """The device a learner rank computes on: with `train.device` cuda and a GPU that Ray assigned to this
+    actor, that GPU (made current, as NCCL expects); otherwise `configured` as it is. Without this every
+    rank would use cuda:0 of all GPUs, and NCCL refuses two ranks on one device."""
+    if not configured.startswith("cuda") or not ray.is_initialized():
+        return configured
+    gpu_ids = [str(gpu_id) for gpu_id in ray.get_gpu_ids()]
+    if not gpu_ids:  # not an actor holding a GPU (the driver, a test): the configured device
+        return configured
+    device = f"cuda:{cuda_ordinal(gpu_ids[0], os.environ.get('CUDA_VISIBLE_DEVICES'))}"
+    torch.cuda.set_device(device)
+    return device
 
 
 def weights_digest(model: torch.nn.Module) -> str:
@@ -70,18 +109,31 @@ def slice_loss(model: FastWeightLM, input_ids: Tensor, lengths: Tensor, rollouts
     """The one-pass loss of documents [start, end), weighted so that the sum over all slices of the
     batch has the whole batch's loss and gradient.
 
-    The policy term is a mean over rollouts (c * n per document, each k tokens), so it is weighted by
-    the slice's share of the documents; the NTP term is a mean over next-token targets (length - 1
-    per document), so by the slice's share of the targets. The returned ntp_loss and policy_loss are
-    the slice's own means."""
+    The NTP term is a mean over next-token targets (length - 1 per document), so it is weighted by the
+    slice's share of the targets. The policy term (and its KL) is a mean over rollouts (c * n per
+    document, each k tokens): weighted by `policy_share`. The returned ntp_loss and policy_loss are the
+    slice's own means."""
     result = refine_loss("onepass", model, input_ids[start:end], lengths[start:end], rollouts.documents(start, end),
                          advantages[rollouts.rows_of(start, end)], cfg, ref_model)
     targets = (lengths - 1).clamp(min=0).tolist()
     target_share = sum(targets[start:end]) / sum(targets)  # Python floats: a tensor ratio would be float32
-    document_share = (end - start) / input_ids.shape[0]
-    weighted = (cfg.lambda_ntp * target_share * result.ntp_loss
-                + cfg.lambda_nsp * document_share * result.policy_loss)
+    share = policy_share(rollouts, start, end, input_ids.shape[0], cfg.loss_agg)
+    weighted = cfg.lambda_ntp * target_share * result.ntp_loss + cfg.lambda_nsp * share * result.policy_loss
     return LossResult(weighted, result.ntp_loss, result.policy_loss, result.stats)
+
+
+def policy_share(rollouts: Rollouts, start: int, end: int, num_documents: int, loss_agg: str) -> float:
+    """The factor that turns the policy term of documents [start, end) into their part of the whole batch's.
+
+    The sequence means divide by the rollout count: the slice's share of the documents. token-mean divides
+    by (tokens + MASKED_MEAN_EPS) (refine.algorithm.losses.masked_mean): the slice's mean times
+    (slice tokens + eps) / (batch tokens + eps) is its sum over the batch's divisor, so the slices add up
+    to the whole batch's loss to rounding; the plain token share would differ by eps / tokens."""
+    if loss_agg != "token-mean":
+        return (end - start) / num_documents
+    # The policy loss masks no rollout token: its mask sum is the token count.
+    slice_tokens = rollouts.tokens[rollouts.rows_of(start, end)].numel()
+    return (slice_tokens + MASKED_MEAN_EPS) / (rollouts.tokens.numel() + MASKED_MEAN_EPS)
 
 
 class DataParallelGroup:
@@ -103,11 +155,14 @@ class DataParallelGroup:
             dist.destroy_process_group()
 
     def broadcast_parameters(self, model: FastWeightLM, optimizer: torch.optim.Optimizer) -> None:
-        """Every rank starts from rank 0's weights (and an optimizer keeping master weights, from them too)."""
+        """Every rank starts from rank 0's weights, and an optimizer keeping float32 master weights from rank
+        0's masters: a resumed bfloat16 run's masters hold what the rounded weights lost (rebuilding them
+        from the weights would throw away every update below bfloat16's resolution)."""
         for tensor in [*model.parameters(), *model.buffers()]:
             dist.broadcast(tensor.data, src=0)
         if isinstance(optimizer, MasterWeightAdamW):
-            optimizer.reload_from_model()
+            for master in optimizer.masters:
+                dist.broadcast(master.data, src=0)
 
     # -- the batch, rank 0 -> all -------------------------------------------------------------
 

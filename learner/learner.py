@@ -24,15 +24,17 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from learner.data_parallel import DataParallelGroup, free_address, weights_digest
+from learner.data_parallel import DataParallelGroup, free_address, learner_device, weights_digest
 from learner.checkpoint import LearnerState, latest_checkpoint, load_learner_checkpoint, save_learner_checkpoint
 from learner.update import LEARNER_PHASES, fused_update, onepass_update, rollouts_from_batch
+from refine.algorithm.rewards import check_run_reward
 from refine.config import RunConfig, run_tokenizer
 from refine.loop import StepResult, make_optimizer, prepare_model
 from services.messages import DataCursor, DocumentBatch, ScoredBatch
@@ -45,13 +47,14 @@ from services.streams import (
 )
 from services.weight_store import RedisWeightStore, WeightVersionError
 
-__all__ = ["MEMBER_ID", "ROLE", "Learner", "ResumePoint", "misfit"]
+__all__ = ["MEMBER_ID", "NONFINITE_KEY", "ROLE", "Learner", "ResumePoint", "finite_stats", "misfit"]
 
 ROLE = "learner"
 MEMBER_ID = "learner-0"  # rank 0's member id: heartbeats, metrics discovery
 # Unconfirmed reports kept in memory before the learner asks the orchestrator what it wrote (besides at
 # every checkpoint): bounds their memory in a long run with train.checkpoint_every=0.
 UNRECORDED_CHECK_EVERY = 256
+NONFINITE_KEY = "nonfinite_stats"  # names the stats a report left out because they were inf or nan
 
 logger = logging.getLogger(__name__)
 
@@ -103,12 +106,26 @@ def misfit(batch: ScoredBatch, documents: DocumentBatch, vocab_size: int) -> str
     return None
 
 
+def finite_stats(stats: dict) -> dict:
+    """`stats` without the float values that are inf or nan (a skipped step's loss, grad_norm), their names
+    listed under NONFINITE_KEY. JSON has no such numbers: pydantic writes them as null, which the report's
+    own schema then refuses on resume; the skipped_nonfinite flag and skipped_steps say what happened."""
+    left_out = [key for key, value in stats.items() if isinstance(value, float) and not math.isfinite(value)]
+    if not left_out:
+        return stats
+    kept = {key: value for key, value in stats.items() if key not in left_out}
+    return kept | {NONFINITE_KEY: ",".join(left_out)}
+
+
 class Learner:
-    """The single learner rank (a Ray actor in the service)."""
+    """Learner rank 0 (a Ray actor in the service): with service.num_learners > 1 it leads ranks 1..R-1."""
 
     def __init__(self, config_json: str, redis_url: str, namespace: str, resume: bool = False,
                  member_id: str = MEMBER_ID) -> None:
         self.config = config = RunConfig.model_validate_json(config_json)
+        if config.service.mode == "colocated":  # the fused step scores here: import refine.reward_modules
+            check_run_reward(config.refine.reward, config.refine.reward_modules, decodes_text=False)
+        config.train.device = learner_device(config.train.device)  # the GPU Ray gave this actor, if any
         self.member_id = member_id
         self.runtime = RoleRuntime(ROLE, member_id, redis_url, namespace, config.service.metrics_discovery_dir,
                                    threads=config.train.threads or 1)
@@ -337,13 +354,14 @@ class Learner:
         if state.step % self.config.service.sync_interval == 0:
             self._publish_weights()
         self.finished += 1
-        stats = dict(outcome.stats) | extra | {
+        # One set of stats for Prometheus, the report (metrics.jsonl, the checkpoint) and the run's result.
+        stats = finite_stats(dict(outcome.stats) | extra | {
             "step": state.step, "weight_version": state.weight_version, "document_batch_id": documents.batch_id,
             "cursor": cursor.offset, "data_epoch": cursor.epoch, "tokens": int(documents.lengths.sum()), "skipped_steps": state.skipped_steps,
             "dropped_stale": state.dropped_stale, "dropped_invalid": state.dropped_invalid,
             "duplicates_skipped": self.duplicates,
             "wall_time": round(time.time(), 6),
-        }
+        })
         self._record(stats, outcome)
         self.last_stats = stats
         report = self._new_report("step", stats)
@@ -365,6 +383,19 @@ class Learner:
         for phase in LEARNER_PHASES:
             if f"{phase}_seconds" in stats:
                 m.step_seconds.labels(phase=phase).observe(float(stats[f"{phase}_seconds"]))
+        if self.colocated:
+            self._record_rollouts(stats)
+
+    def _record_rollouts(self, stats: dict) -> None:
+        """Colocated: the fused step samples and scores the rollouts itself, so the gauges the rollout workers
+        and reward replicas set in the disaggregated mode are this learner's to set."""
+        m = self.metrics
+        reward_type = self.config.refine.reward
+        for gauge, key in ((m.reward_mean, "reward_mean"), (m.reward_std, "reward_std")):
+            if key in stats:
+                gauge.labels(reward_type=reward_type).set(float(stats[key]))
+        if "entropy_selected" in stats:
+            m.selected_entropy.set(float(stats["entropy_selected"]))
 
     def checkpoint(self) -> None:
         started = time.perf_counter()

@@ -10,7 +10,7 @@ import logging
 import torch
 
 from learner.checkpoint import latest_checkpoint, load_learner_checkpoint
-from learner.data_parallel import DataParallelGroup, weights_digest
+from learner.data_parallel import DataParallelGroup, learner_device, weights_digest
 from refine.config import RunConfig
 from refine.loop import make_optimizer, prepare_model
 from refine.runtime import tune_allocator
@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 class LearnerReplica:
     def __init__(self, config_json: str, rank: int, address: str, resume: bool = False) -> None:
         self.config = config = RunConfig.model_validate_json(config_json)
+        config.train.device = learner_device(config.train.device)  # the GPU Ray gave this rank, not cuda:0 of all
         self.rank = rank
         self.address = address
         tune_allocator()

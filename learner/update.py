@@ -42,7 +42,9 @@ def rollouts_from_batch(batch: ScoredBatch, device: str | torch.device = "cpu") 
         entropies=batch.entropies.to(device),
         num_samples=batch.num_samples,
         policy_version=batch.policy_version,
-        rewards=batch.rewards.to(device, torch.float32),
+        # The rewards keep their dtype (float64 from the reward service): the advantages are computed in
+        # float64 and cast to the policy's log-prob dtype in the loss, as in the single-process loop.
+        rewards=batch.rewards.to(device),
     )
 
 

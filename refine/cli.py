@@ -10,16 +10,19 @@ from refine.config import DEMO_DEFAULTS, ConfigError, RunConfig, load_config
 from refine.runtime import tune_allocator
 
 
-def run_training(config: RunConfig, args: argparse.Namespace) -> dict:
-    """One training run: the single-process loop with --local, else the distributed service.
+def runs_locally(mode: str, args: argparse.Namespace) -> bool:
+    """Whether a run of train.mode `mode` uses the single-process loop: with --local, and always for
+    NTP-only and reference-path runs, which have no rollouts to distribute."""
+    return args.local or mode in ("ntp", "reference")
 
-    NTP-only and reference-path runs have no rollouts to distribute: they always use the loop.
-    """
-    if args.local or config.train.mode in ("ntp", "reference"):
+
+def run_training(config: RunConfig, args: argparse.Namespace) -> dict:
+    """One training run: the single-process loop with --local, else the distributed service."""
+    if runs_locally(config.train.mode, args):
         from refine.loop import train
 
         return train(config, resume=args.resume, progress=not args.no_progress)
-    from services.orchestrator import run
+    from services.orchestrator import run  # whose first check, before Ray and Redis start, is the reward's
 
     return run(config, resume=args.resume, progress=not args.no_progress, ray_address=args.ray_address,
                redis_url=args.redis_url)
@@ -29,9 +32,11 @@ def _train(args: argparse.Namespace) -> int:
     # No config file: the main job (REFINE vs NTP comparison) on its embedded defaults.
     config = load_config(args.config, args.set, defaults=DEMO_DEFAULTS)
     if config.demo is not None:
-        from refine.experiment import run_comparison
+        from refine.experiment import refine_stage_mode, run_comparison
 
-        report = run_comparison(config, lambda stage: run_training(stage, args))
+        # Only the service's disaggregated reward replicas decode text for a text reward.
+        decodes_text = not runs_locally(refine_stage_mode(config), args) and config.service.mode == "disaggregated"
+        report = run_comparison(config, lambda stage: run_training(stage, args), decodes_text=decodes_text)
         print(json.dumps({"out_dir": config.train.out_dir, "wall_seconds": report["wall_seconds"]}))
         return 0
     stats = run_training(config, args)

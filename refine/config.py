@@ -62,6 +62,9 @@ class RefineConfig(Strict):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0, description="0 disables top-k")
     reward: str = Field("cosine", description="cosine | binary | hybrid | a registered task reward")
+    reward_modules: list[Annotated[str, Field(min_length=1)]] = Field(
+        [], description="Python modules imported before the reward is looked up, each registering rewards with "
+                        "refine.algorithm.rewards.register_reward")
     group_by: Literal["auto", "document", "position"] = Field(
         "auto", description="GRPO groups: the c * n rollouts of a document, or the n rollouts of a position; "
                             "auto: position when num_samples > 1, else document (the paper code's choice)")

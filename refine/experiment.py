@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from refine.algorithm.losses import ntp_loss  # noqa: E402
+from refine.algorithm.rewards import check_run_reward  # noqa: E402
 from refine.config import RunConfig, run_tokenizer, validate_config  # noqa: E402
 from refine.data.batches import pad_documents  # noqa: E402
 from refine.data.stream import recall_corpus_config  # noqa: E402
@@ -105,10 +106,21 @@ def markdown_table(rows: dict[str, dict], tasks: list[str]) -> str:
     return "\n".join(lines)
 
 
-def run_comparison(config: RunConfig, trainer: Trainer) -> dict:
-    """Run the three stages with `trainer` (local loop or the service), evaluate, and report."""
+def refine_stage_mode(config: RunConfig) -> str:
+    """train.mode of the REFINE branch: the config's, fused where the config says ntp."""
+    return config.train.mode if config.train.mode != "ntp" else "fused"
+
+
+def run_comparison(config: RunConfig, trainer: Trainer, decodes_text: bool = False) -> dict:
+    """Run the three stages with `trainer` (local loop or the service), evaluate, and report.
+
+    `decodes_text`: the trainer runs the REFINE branch with reward replicas that decode text (the
+    service with service.mode='disaggregated'); else a text reward is refused before anything trains.
+    """
     if config.demo is None:
         raise ValueError("run_comparison needs the demo section of the config")
+    # Before the NTP pre-training (minutes): a reward the REFINE branch cannot score fails now.
+    check_run_reward(config.refine.reward, config.refine.reward_modules, decodes_text=decodes_text)
     started = time.perf_counter()
     out_dir = Path(config.train.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -118,7 +130,7 @@ def run_comparison(config: RunConfig, trainer: Trainer) -> dict:
     pretrain = stage_config(config, "pretrain", "ntp", demo.pretrain_steps, demo.pretrain_lr, None, tokenizer)
     trainer(pretrain)
     start_model = str(Path(pretrain.train.out_dir) / "checkpoints/latest/model")
-    refine_mode = config.train.mode if config.train.mode != "ntp" else "fused"
+    refine_mode = refine_stage_mode(config)
     branches = {
         "+ REFINE": stage_config(config, "refine", refine_mode, demo.branch_steps, demo.branch_lr, start_model,
                                  tokenizer),

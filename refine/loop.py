@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from refine.algorithm.losses import ntp_loss
+from refine.algorithm.rewards import check_run_reward
 from refine.algorithm.rollout import Rollouts, choose_positions, reprefill_rollouts, snapshot_rollouts
 from refine.algorithm.update import (
     LossResult, advantages_for, fused_refine_step, refine_loss, rollout_stats, score_rollouts,
@@ -65,10 +66,11 @@ def train_step(model: FastWeightLM, optimizer: torch.optim.Optimizer, batch: Doc
             if mode == "onepass":
                 rollouts = snapshot_rollouts(model, ids, lengths, cfg, generator)
             else:
-                with torch.no_grad():
-                    logits = model(ids, lengths=lengths, output_state=False).logits
-                    positions = choose_positions(logits, lengths, cfg, generator)
-                rollouts = reprefill_rollouts(model, ids, lengths, cfg, positions, generator)
+                with torch.no_grad():  # one pass gives the entropies and the ground truth's hidden states
+                    document = model(ids, lengths=lengths, output_state=False)
+                    positions = choose_positions(document.logits, lengths, cfg, generator)
+                rollouts = reprefill_rollouts(model, ids, lengths, cfg, positions, generator,
+                                              document_hidden=document.hidden_states)
             rollouts.rewards = score_rollouts(rollouts, cfg)
         return rollout_batch_update(mode, model, optimizer, ids, lengths, rollouts, config, ref_model, times)
     if mode == "fused":
@@ -395,12 +397,21 @@ def prepare_model(config: RunConfig) -> FastWeightLM:
     return model.to(config.train.device)
 
 
+def check_loop_reward(config: RunConfig) -> None:
+    """Before anything trains: the reward of a REFINE run must be registered (after importing
+    refine.reward_modules) and score tokens or hidden states, as this process has no text decoding.
+    An NTP run has no rollouts to score (the main job's NTP stages inherit any reward)."""
+    if config.train.mode != "ntp":
+        check_run_reward(config.refine.reward, config.refine.reward_modules, decodes_text=False)
+
+
 def train(config: RunConfig, resume: bool = False, progress: bool = True) -> dict[str, float]:
     """Run `config.train.steps` steps; returns the last step's stats."""
     if config.train.mini_batches > 1 and config.train.mode == "fused":
         raise ValueError(f"train.mini_batches={config.train.mini_batches} needs train.mode 'onepass' or 'reference', "
                          f"which sample rollouts once per step (or 'ntp'); train.mode='fused' samples them in every "
                          f"update (on-policy): lower train.batch_size instead")
+    check_loop_reward(config)
     tune_allocator()
     if config.train.threads:
         torch.set_num_threads(config.train.threads)

@@ -41,6 +41,7 @@ import torch
 from pydantic import BaseModel
 from tqdm.auto import tqdm
 
+from refine.algorithm.rewards import check_run_reward
 from refine.algorithm.selection import min_document_length
 from refine.config import RunConfig, fit_to_tokenizer, load_config, run_tokenizer
 from refine.data.tasks import TaskExample, load_longbench, load_ruler_qa
@@ -91,6 +92,8 @@ def check_config(config: RunConfig, sft_coef: float) -> None:
                          f"KL term; set refine.kl_coef=0")
     if not (math.isfinite(sft_coef) and sft_coef >= 0):  # inf would make every step's loss inf: all skipped
         raise ValueError(f"--sft-coef must be a finite number >= 0, got {sft_coef}")
+    # The nested step scores its rollouts in this process, from tokens and hidden states: no text.
+    check_run_reward(config.refine.reward, config.refine.reward_modules, decodes_text=False)
 
 
 # ---------------------------------------------------------------- examples

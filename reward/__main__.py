@@ -1,4 +1,8 @@
-"""`python -m reward --port 8000`: serve the reward service's HTTP API (loopback unless --host)."""
+"""`python -m reward --port 8000`: serve the reward service's HTTP API (loopback unless --host).
+
+`--reward-module MODULE` (repeatable) imports a module that registers custom rewards with
+`refine.algorithm.rewards.register_reward` before the API starts, as `refine.reward_modules` does for a run.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import argparse
 
 from pydantic import ValidationError
 
+from refine.algorithm.rewards import import_reward_modules
 from reward.http import ScoreLimits, serve
 
 
@@ -15,6 +20,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    parser.add_argument("--reward-module", action="append", default=[], metavar="MODULE",
+                        help="import MODULE first: it registers custom rewards with register_reward (repeatable)")
     for name, field in ScoreLimits.model_fields.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name),
                             help=f"{field.description} (default: %(default)s)")
@@ -29,6 +36,10 @@ def main(argv: list[str] | None = None) -> None:
             f"--{str(error['loc'][0]).replace('_', '-')}: {error['msg']}, got {error['input']!r}"
             for error in exc.errors()
         ))
+    try:
+        import_reward_modules(args.reward_module, setting="--reward-module")
+    except ValueError as exc:
+        parser.error(str(exc))
     serve(host=args.host, port=args.port, log_level=args.log_level, limits=limits)
 
 

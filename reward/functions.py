@@ -5,7 +5,8 @@
     substring_match  RULER QA: 1 when any gold answer occurs (case-insensitively) in the cleaned
                      first line of the rollout, else 0.
 
-Both read `RewardInputs.rollout_texts` and `reference_texts`. Importing this module registers them;
+Both read `RewardInputs.rollout_texts` and `reference_texts` (registered with reads_text=True), and
+refuse a blank gold answer, which is a substring of everything. Importing this module registers them;
 importing (or reloading) it again is harmless.
 """
 
@@ -30,6 +31,11 @@ def _score_texts(inputs: RewardInputs, reward_name: str, score: TextScore) -> Te
     for row, (prediction, references) in enumerate(zip(inputs.rollout_texts, inputs.reference_texts)):
         if not references:
             raise ValueError(f"reward {reward_name!r}: reference_texts[{row}] is empty; give at least one gold answer")
+        # The HTTP API refuses these too; here they come from ground-truth tokens that decode to nothing.
+        blank = [answer for answer in references if not answer.strip()]
+        if blank:
+            raise ValueError(f"reward {reward_name!r}: reference_texts[{row}] holds a gold answer that is empty or "
+                             f"whitespace only ({blank[0]!r:.40}), which would score any rollout as right")
         values.append(score(prediction, references))
     return torch.tensor(values, dtype=torch.float32)
 
@@ -68,7 +74,7 @@ def _register(name: str, fn: RewardFn) -> None:
     # A reload of this module brings new function objects: replace our own, never someone else's.
     if existing is not None and existing.__module__ == fn.__module__ and existing.__qualname__ == fn.__qualname__:
         unregister_reward(name)
-    register_reward(name)(fn)
+    register_reward(name, reads_text=True)(fn)
 
 
 for _name, _fn in TASK_REWARDS.items():

@@ -1,6 +1,6 @@
 """HTTP API of the reward service: anyone can score completions with a registered reward.
 
-    POST /v1/score      {reward_type, rollouts: [...]} -> {reward_type, rewards, latency_ms}
+    POST /v1/score      {reward_type, rollouts: [...], dtype} -> {reward_type, rewards, latency_ms}
     GET  /v1/rewards    registered reward types
     GET  /healthz       liveness
     GET  /metrics       Prometheus text
@@ -14,6 +14,13 @@ Hidden states must be finite numbers (NaN / Infinity literals are refused), gold
 text (an empty one is a substring of everything), and every rollout of one request must give the
 same fields with the same k and hidden size.
 
+`dtype` ("float32", the default, or "float64") is the precision the hidden states are scored in. The
+service's models run in float32 (or bfloat16, which float32 holds exactly), and the reward replicas
+score those hidden states as they are: with the default, a request gives bit for bit the rewards a
+replica gives the same rollouts. "float64" scores
+the JSON numbers at full precision (rewards differ from float32 scoring by about 1e-8); a hidden value
+beyond float32's range (|x| > 3.4e38) is refused with 422 unless the request says "float64".
+
 No `from __future__ import annotations` here: FastAPI reads the request model from the endpoint's
 annotations, and that model is built per app (its limits are part of the schema).
 """
@@ -22,7 +29,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import torch
 from fastapi import FastAPI, Request
@@ -49,6 +56,8 @@ SCORE_PATH = "/v1/score"
 _SEQUENCE_FIELDS = ("rollout_tokens", "ground_truth_tokens", "rollout_hidden", "ground_truth_hidden")
 _ROLLOUT_FIELDS = (*_SEQUENCE_FIELDS, "rollout_text", "reference_texts")
 _MAX_REPORTED_ERRORS = 20
+HiddenDtype = Literal["float32", "float64"]
+_HIDDEN_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
 
 
 class ScoreLimits(BaseModel):
@@ -117,6 +126,9 @@ def _request_models(limits: ScoreLimits) -> type[BaseModel]:
 
         reward_type: str = Field(min_length=1, max_length=128, strict=True, description="see GET /v1/rewards")
         rollouts: list[Rollout] = Field(min_length=1, max_length=limits.max_batch)
+        dtype: HiddenDtype = Field(
+            "float32", description="precision the hidden states are scored in: float32 (the default) scores as the "
+                                   "reward replicas score float32 models, bit for bit; float64 at full precision")
 
         @field_validator("reward_type")
         @classmethod
@@ -355,19 +367,36 @@ def _shape_errors(rollouts: list[Any]) -> list[dict[str, Any]]:
     return errors
 
 
-def _reward_inputs(rollouts: list[Any]) -> RewardInputs:
+def _stacked_hidden(rollouts: list[Any], name: str, dtype: torch.dtype) -> torch.Tensor | None:
+    """The rollouts' `name` hidden states as one [N, k, D] tensor of `dtype`; a value beyond the dtype's
+    range (finite in JSON, infinite in float32) is a 422 naming it."""
+    if getattr(rollouts[0], name) is None:
+        return None
+    values = torch.tensor([getattr(rollout, name) for rollout in rollouts], dtype=dtype)
+    finite = torch.isfinite(values)
+    if not bool(finite.all()):
+        row, step, index = (int(i) for i in (~finite).nonzero()[0])
+        value = getattr(rollouts[row], name)[step][index]
+        raise RequestValidationError([_detail(
+            ["body", "rollouts", row, name, step, index],
+            f"{value!r} is outside the range of dtype {str(dtype).removeprefix('torch.')!r}: send \"dtype\": "
+            f"\"float64\"", "dtype_range")])
+    return values
+
+
+def _reward_inputs(rollouts: list[Any], hidden: dict[str, torch.Tensor | None]) -> RewardInputs:
     first = rollouts[0]
 
-    def stacked(name: str, dtype: torch.dtype) -> torch.Tensor | None:
+    def tokens(name: str) -> torch.Tensor | None:
         if getattr(first, name) is None:
             return None
-        return torch.tensor([getattr(rollout, name) for rollout in rollouts], dtype=dtype)
+        return torch.tensor([getattr(rollout, name) for rollout in rollouts], dtype=torch.long)
 
     return RewardInputs(
-        rollout_tokens=stacked("rollout_tokens", torch.long),
-        ground_truth_tokens=stacked("ground_truth_tokens", torch.long),
-        rollout_hidden=stacked("rollout_hidden", torch.float64),
-        ground_truth_hidden=stacked("ground_truth_hidden", torch.float64),
+        rollout_tokens=tokens("rollout_tokens"),
+        ground_truth_tokens=tokens("ground_truth_tokens"),
+        rollout_hidden=hidden["rollout_hidden"],
+        ground_truth_hidden=hidden["ground_truth_hidden"],
         rollout_texts=None if first.rollout_text is None else [rollout.rollout_text for rollout in rollouts],
         reference_texts=None if first.reference_texts is None else [rollout.reference_texts for rollout in rollouts],
     )
@@ -411,7 +440,12 @@ def create_app(
     app = FastAPI(
         title="REFINE reward service",
         version="1",
-        description="Scores rollouts with the registered rewards (self-supervised and task rewards).",
+        description=(
+            "Scores rollouts with the registered rewards (self-supervised and task rewards). `dtype` (float32, "
+            "the default, or float64) is the precision the hidden states are scored in: float32 gives the rewards "
+            "the service's reward replicas give float32 models, bit for bit; float64 scores the JSON numbers at "
+            "full precision."
+        ),
     )
     app.router.route_class = _SafeJSONRoute
     app.state.limits = limits
@@ -424,9 +458,12 @@ def create_app(
         shape_errors = _shape_errors(request.rollouts)
         if shape_errors:
             raise RequestValidationError(shape_errors)
+        dtype = _HIDDEN_DTYPES[request.dtype]
+        hidden = {name: _stacked_hidden(request.rollouts, name, dtype)
+                  for name in ("rollout_hidden", "ground_truth_hidden")}
         started = time.perf_counter()
         try:
-            rewards = compute_reward(request.reward_type, _reward_inputs(request.rollouts))
+            rewards = compute_reward(request.reward_type, _reward_inputs(request.rollouts, hidden))
         except (ValueError, ValidationError) as exc:
             # RewardInputs calls the texts "rollout_texts"; this API's field is "rollout_text".
             reason = str(exc).replace("'rollout_texts'", "'rollout_text'")
@@ -439,6 +476,7 @@ def create_app(
         metrics.reward_mean.labels(reward_type=request.reward_type).set(mean)
         metrics.reward_std.labels(reward_type=request.reward_type).set(std)
         metrics.reward_latency.observe(seconds)
+        metrics.scored_batches.inc()  # one request is one batch, as a replica counts them
         return ScoreResponse(reward_type=request.reward_type, rewards=rewards.tolist(), latency_ms=seconds * 1e3)
 
     app.post(SCORE_PATH, response_model=ScoreResponse, responses=errors, summary="Score rollouts")(score)

@@ -8,7 +8,7 @@ import torch
 from pydantic import ValidationError
 
 import reward.functions  # noqa: F401  (registers the task rewards)
-from refine.algorithm.rewards import RewardInputs, available_rewards, compute_reward
+from refine.algorithm.rewards import RewardInputs, available_rewards, compute_reward, reward_reads_text
 from services.messages import RolloutBatch, ScoredBatch
 
 __all__ = ["Decode", "ScoringError", "check_reward_type", "rewards_summary", "score_batch"]
@@ -48,20 +48,34 @@ def reward_inputs(batch: RolloutBatch, decode: Decode | None = None) -> RewardIn
 def score_batch(batch: RolloutBatch, reward_type: str, decode: Decode | None = None) -> ScoredBatch:
     """Score every rollout of `batch` with the registered reward `reward_type`.
 
-    Text rewards (qa_f1, substring_match, ...) need `decode` (token ids -> text). Raises
-    ScoringError naming the batch, the reward and the missing or invalid field.
+    Text rewards (registered with reads_text=True: qa_f1, substring_match, ...) need `decode` (token
+    ids -> text); the others never decode, so ids outside the tokenizer's vocabulary cannot fail them.
+    The rewards keep their dtype, at least float32 (float64 hidden states give float64 rewards, as
+    in-process scoring does). Raises ScoringError naming the batch, the reward and the missing or
+    invalid field.
     """
     if not isinstance(batch, RolloutBatch):
         raise ScoringError(f"batch must be a RolloutBatch, got {type(batch).__name__}")
     check_reward_type(reward_type)
     where = f"rollout batch {batch.rollout_batch_id} (reward {reward_type!r})"
+    reads_text = reward_reads_text(reward_type)
     try:
-        rewards = compute_reward(reward_type, reward_inputs(batch, decode))
+        rewards = compute_reward(reward_type, reward_inputs(batch, decode if reads_text else None))
+        rewards = rewards.detach().to(torch.promote_types(rewards.dtype, torch.float32)).cpu()
+        # Inside the try: a reward's output the message refuses is this batch's error, not a crash.
+        return ScoredBatch.from_rollouts(batch, rewards, reward_type)
     except (ValueError, ValidationError) as exc:
-        needs_text = decode is None and "texts" in str(exc)
-        hint = " (text rewards need score_batch(..., decode=tokenizer.decode))" if needs_text else ""
-        raise ScoringError(f"cannot score {where}: {exc}{hint}") from exc
-    return ScoredBatch.from_rollouts(batch, rewards.detach().to(torch.float32).cpu(), reward_type)
+        raise ScoringError(f"cannot score {where}: {exc}{_text_hint(exc, reads_text, decode)}") from exc
+
+
+def _text_hint(exc: Exception, reads_text: bool, decode: Decode | None) -> str:
+    if "texts" not in str(exc):
+        return ""
+    if not reads_text:
+        return " (a reward that reads text must be registered with register_reward(name, reads_text=True))"
+    if decode is None:
+        return " (text rewards need score_batch(..., decode=tokenizer.decode))"
+    return ""
 
 
 def rewards_summary(rewards: torch.Tensor) -> tuple[float, float]:

@@ -112,11 +112,13 @@ class RewardWorker:
             self._dead_letter(entry_id, batch, error)
             self.dead_count += 1
             return
+        # The latency metric is the scoring alone, as the HTTP API measures it; publishing is Redis's time.
+        seconds = time.perf_counter() - started
         self.broker.publish(self.scored_stream, scored, maxlen=self.scored_maxlen)
         # Only now is the scored batch durable in Redis: acknowledging earlier could lose it.
         self.broker.ack(self.rollout_stream, self.group, [entry_id])
         self.scored_count += 1
-        self._record(scored.rewards, time.perf_counter() - started)
+        self._record(scored.rewards, seconds)
 
     def _dead_letter(self, entry_id: str, batch: RolloutBatch, error: str) -> None:
         # The broker's own dead-letter path: the entry is recorded and acknowledged in one transaction,

@@ -43,7 +43,9 @@ class Metrics:
         # Reward service
         self.reward_mean = Gauge("refine_reward_mean", "Mean reward of the last batch", ["reward_type"], registry=r)
         self.reward_std = Gauge("refine_reward_std", "Reward std of the last batch", ["reward_type"], registry=r)
-        self.reward_latency = Histogram("refine_reward_latency_seconds", "Time to score one batch",
+        self.reward_latency = Histogram("refine_reward_latency_seconds",
+                                        "Seconds a reward takes to score one batch (the scoring alone: not "
+                                        "request parsing, publishing or acknowledging)",
                                         buckets=LATENCY_BUCKETS, registry=r)
         self.scored_batches = Counter("refine_scored_batches", "Rollout batches scored", registry=r)
         # Learner

@@ -82,7 +82,7 @@ from services.broker import Broker
 from services.messages import DataCursor, DocumentBatch
 from services.metrics import Metrics, serve_metrics, withdraw_announcements
 from services.progress import LearnerProgress, StepReport, read_progress, write_recorded
-from services.ray_runtime import actor_cpus, ray_for_run, redis_for_run, resolve_addresses
+from services.ray_runtime import actor_options, ray_for_run, redis_for_run, resolve_addresses
 from services.redis_server import connect, redact_url
 from services.resilience import TRANSIENT, OutageTolerance, RedisOutage, outage_timeout_s
 from services.streams import (
@@ -119,17 +119,11 @@ def check_service_config(config: RunConfig) -> None:
             f"train.mode={config.train.mode!r} runs only in the single-process loop (refine train --local); the "
             f"service trains REFINE with service.mode='disaggregated' (one-pass) or 'colocated' (fused)"
         )
-    from reward.functions import TASK_REWARDS
-    from reward.scoring import check_reward_type
+    from refine.algorithm.rewards import check_run_reward
 
-    # Both modes, before anything starts: names the registered rewards when it is unknown.
-    check_reward_type(config.refine.reward)
-    if service.mode == "colocated" and config.refine.reward in TASK_REWARDS:
-        raise ValueError(
-            f"refine.reward={config.refine.reward!r} scores decoded text, which only the reward replicas of "
-            f"service.mode='disaggregated' produce; the colocated fused step scores tokens and hidden states "
-            f"(cosine, binary, hybrid)"
-        )
+    # Both modes, before anything starts: imports refine.reward_modules, names the registered rewards, and
+    # refuses a text reward where no reward replica decodes text.
+    check_run_reward(config.refine.reward, config.refine.reward_modules, decodes_text=service.mode == "disaggregated")
     if service.mode == "colocated" and config.train.mini_batches > 1:
         raise ValueError(f"train.mini_batches={config.train.mini_batches} needs service.mode='disaggregated': the "
                          f"colocated fused step samples its rollouts in every update (on-policy)")
@@ -473,7 +467,7 @@ class Orchestrator:
         return signal.signal(signal.SIGTERM, interrupt)
 
     def _remote(self, role: str, cls: type) -> Any:
-        return ray.remote(cls).options(num_cpus=actor_cpus(self.config)[role], max_restarts=0)
+        return ray.remote(cls).options(**actor_options(self.config, role), max_restarts=0)
 
     def _start_learner(self) -> Any:
         """Create the learner actor; returns the future of its setup (starting weights published)."""

@@ -4,6 +4,8 @@ Ray: an already initialized Ray (a notebook, a test session) is used as it is; o
 address (the `--ray-address` flag, `service.ray_address`, or RAY_ADDRESS, which `ray job submit`
 sets for its entrypoint) is connected to; otherwise a local Ray is started in-process, without the
 dashboard, on ports Ray picks (never Redis' 6379), with enough logical CPUs for the run's actors.
+With train.device cuda every learner rank holds one GPU (`actor_options`), so the cluster needs
+service.num_learners of them.
 
 Redis: a URL (`--redis-url`, `service.redis_url`, or REFINE_REDIS_URL), else an embedded
 redis-server for the lifetime of the run.
@@ -22,7 +24,8 @@ import ray
 from refine.config import RunConfig
 from services.redis_server import EmbeddedRedis, connect
 
-__all__ = ["RayPlan", "actor_cpus", "check_ray_address", "ray_for_run", "redis_for_run", "resolve_addresses"]
+__all__ = ["RayPlan", "actor_cpus", "actor_options", "check_ray_address", "gpus_needed", "ray_for_run", "redis_for_run",
+           "resolve_addresses"]
 
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024 * 1024  # weights travel through Redis; the store holds small results
 RAY_ADDRESS_SOURCES = "--ray-address, service.ray_address or RAY_ADDRESS"
@@ -52,6 +55,20 @@ def actor_cpus(config: RunConfig) -> dict[str, float]:
         "rollout_worker": service.worker_cpus,
         "reward": 0.25,
     }
+
+
+def actor_options(config: RunConfig, role: str) -> dict[str, float]:
+    """The resources `role`'s actor asks Ray for: its CPUs (`actor_cpus`) and, for a learner rank training on
+    CUDA, one GPU of its own: Ray then shows the actor only that GPU (CUDA_VISIBLE_DEVICES), where every rank
+    would otherwise take cuda:0, and NCCL refuses two ranks on one device."""
+    options = {"num_cpus": actor_cpus(config)[role]}
+    if role == "learner" and config.train.device.startswith("cuda"):
+        options["num_gpus"] = 1.0
+    return options
+
+
+def gpus_needed(config: RunConfig) -> float:
+    return actor_options(config, "learner").get("num_gpus", 0.0) * config.service.num_learners
 
 
 def cpus_needed(config: RunConfig) -> float:
@@ -132,11 +149,23 @@ def ray_for_run(config: RunConfig, address: str | None) -> Iterator[bool]:
                 f"(service.num_rollout_workers={config.service.num_rollout_workers} x "
                 f"service.worker_cpus={config.service.worker_cpus:g}, learner 1, reward replicas 0.25 each)"
             )
+        check_gpus(config, float(ray.cluster_resources().get("GPU", 0.0)))
         nodes = [node for node in ray.nodes() if node.get("Alive")]
         yield len(nodes) > 1
     finally:
         if started:
             ray.shutdown()
+
+
+def check_gpus(config: RunConfig, available: float) -> None:
+    """Fail before starting anything when the cluster has fewer GPUs than the learner ranks need (their
+    actors would wait for them until the start timeout)."""
+    needed = gpus_needed(config)
+    if available < needed:
+        raise ValueError(
+            f"the Ray cluster has {available:g} GPUs but train.device={config.train.device!r} gives each of the "
+            f"service.num_learners={config.service.num_learners} learner ranks one: {needed:g} needed"
+        )
 
 
 @contextmanager

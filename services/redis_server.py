@@ -118,10 +118,17 @@ def connect(
         url,
         socket_connect_timeout=timeout_s,
         socket_timeout=socket_timeout_s,
-        socket_keepalive=True,
         retry=Retry(ExponentialWithJitterBackoff(cap=1.0, base=0.05), retries),
         health_check_interval=30,
+        **_tcp_options(url),
     )
+
+
+def _tcp_options(url: str) -> dict[str, bool]:
+    """Client options only a TCP connection takes: redis-py's unix socket connection refuses them."""
+    if urllib.parse.urlsplit(url).scheme == "unix":
+        return {}
+    return {"socket_keepalive": True}  # a peer that vanished (a dead node) is noticed, not waited on forever
 
 
 def _first_answer(client: redis.Redis, timeout_s: float) -> bytes:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import threading
 
+from refine.algorithm.rewards import check_run_reward, reward_reads_text
 from refine.config import RunConfig, run_tokenizer
 from reward.worker import HEARTBEAT_ROLE, RewardWorker
 from services.resilience import retry_redis
@@ -20,18 +21,17 @@ __all__ = ["ROLE", "RewardReplica"]
 
 ROLE = HEARTBEAT_ROLE
 
-# Rewards computed from tokens and hidden states; every other (task) reward reads text.
-_SELF_SUPERVISED = {"cosine", "binary", "hybrid"}
-
 
 class RewardReplica:
     def __init__(self, config_json: str, replica_id: str, redis_url: str, namespace: str) -> None:
         self.config = config = RunConfig.model_validate_json(config_json)
         self.replica_id = replica_id
+        # This process's registry, before anything starts: the run's reward modules (a custom reward
+        # lives in one), then the reward itself.
+        check_run_reward(config.refine.reward, config.refine.reward_modules, decodes_text=True)
         self.runtime = RoleRuntime(ROLE, replica_id, redis_url, namespace, config.service.metrics_discovery_dir)
-        decode = None
-        if config.refine.reward not in _SELF_SUPERVISED:
-            decode = run_tokenizer(config).decode
+        # Only a reward that reads text needs the tokenizer (and ids it can decode).
+        decode = run_tokenizer(config).decode if reward_reads_text(config.refine.reward) else None
         self.worker = retry_redis(lambda: RewardWorker(  # it creates its consumer group: Redis may be restarting
             self.runtime.broker, config.refine.reward, rollout_stream=ROLLOUTS, scored_stream=SCORED,
             group=REWARD_GROUP, consumer=replica_id, metrics=self.runtime.metrics, decode=decode,

@@ -370,3 +370,13 @@ def test_what_the_vllm_engine_refuses_only_where_it_applies():
     load_config(None, vllm + ["refine.top_p=0.9", "refine.top_k=50", "rollout.vllm.behaviour_logprobs=policy"])
     load_config(None, vllm + ["data.seq_len=4091", "rollout.vllm.max_model_len=4096"])
     load_config(None, vllm + GATED_64 + ["model.head_dim=128"])
+
+
+def test_reward_modules_are_a_list_of_module_names():
+    assert load_config().refine.reward_modules == []
+    config = load_config(None, ["refine.reward_modules=[my_rewards, lab.rewards]"])
+    assert config.refine.reward_modules == ["my_rewards", "lab.rewards"]
+    with pytest.raises(ConfigError, match="refine.reward_modules.0"):
+        load_config(None, ["refine.reward_modules=['']"])
+    with pytest.raises(ConfigError, match="refine.reward_modules: Input should be a valid list"):
+        load_config(None, ["refine.reward_modules=my_rewards"])

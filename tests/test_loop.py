@@ -376,3 +376,40 @@ def test_a_fresh_run_removes_the_earlier_runs_checkpoint(tmp_path, capsys):
     start_run_directory(config, fresh=True, program="refine")
     assert list((tmp_path / "checkpoints").iterdir()) == []
     assert "removed the earlier run's checkpoint" in capsys.readouterr().err
+
+
+def _write_reward_module(directory, module, reward, value):
+    (directory / f"{module}.py").write_text(
+        "import torch\n"
+        "from refine.algorithm.rewards import register_reward\n\n"
+        f"register_reward({reward!r})(lambda inputs: torch.full((inputs.num_rollouts,), {value!r}))\n"
+    )
+
+
+@pytest.mark.parametrize("reward, error", [
+    ("nope", r"refine.reward='nope' is not a registered reward; registered: \[.*'cosine'"),
+    ("qa_f1", r"refine.reward='qa_f1' scores decoded text, which only the reward replicas of "
+              r"service.mode='disaggregated' produce"),
+])
+def test_a_reward_the_loop_cannot_score_fails_before_anything_trains(tmp_path, reward, error):
+    with pytest.raises(ValueError, match=error):
+        train(_config(tmp_path / "run", "onepass", extra=(f"refine.reward={reward}",)), progress=False)
+    assert not (tmp_path / "run").exists()
+    # An NTP run scores nothing: the main job's NTP stages inherit the REFINE branch's reward.
+    train(_config(tmp_path / "ntp", "ntp", steps=1, extra=("refine.reward=qa_f1",)), progress=False)
+
+
+def test_a_custom_reward_from_the_runs_reward_modules_trains(tmp_path, monkeypatch):
+    import sys
+
+    from refine.algorithm.rewards import unregister_reward
+
+    _write_reward_module(tmp_path, "scratch_loop_rewards", "test_loop_plugin", 0.25)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        stats = train(_config(tmp_path / "run", "onepass", steps=1, extra=(
+            "refine.reward=test_loop_plugin", "refine.reward_modules=[scratch_loop_rewards]")), progress=False)
+        assert stats["reward_mean"] == 0.25 and stats["reward_std"] == 0.0
+    finally:
+        unregister_reward("test_loop_plugin")
+        sys.modules.pop("scratch_loop_rewards", None)

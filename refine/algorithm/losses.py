@@ -33,10 +33,13 @@ _LOG_RATIO_BOUND = 20.0  # verl clamps log-ratios here before exp
 _LOW_VAR_KL_BOUND = 10.0  # verl clamps the k3 estimate here
 
 
+MASKED_MEAN_EPS = 1e-8  # verl's: keeps an empty mask's mean at 0 (the data-parallel slices scale by it too)
+
+
 def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     """Mean of values where mask is set; verl's 1e-8 keeps an empty mask at 0."""
     mask = mask.to(values.dtype)
-    return (values * mask).sum() / (mask.sum() + 1e-8)
+    return (values * mask).sum() / (mask.sum() + MASKED_MEAN_EPS)
 
 
 def aggregate_loss(loss_mat: Tensor, mask: Tensor, agg: AggMode = "token-mean") -> Tensor:

@@ -9,14 +9,18 @@ rewards compare each k-token rollout with the document's ground-truth continuati
     binary  = mean over the k steps of [rollout token == ground-truth token];
     hybrid  = cosine + binary.
 
-Task rewards (QA F1, substring match, ...) register themselves with `@register_reward(name)`
-and read the text fields.
+Task rewards (QA F1, substring match, ...) register themselves with
+`@register_reward(name, reads_text=True)` and read the text fields; only the service's reward
+replicas (service.mode='disaggregated') decode rollouts into text. A run imports the modules named in
+`refine.reward_modules` (`import_reward_modules`) before it looks its reward up, so a custom reward
+is one such module away; `check_run_reward` is the one up-front check of `refine.reward`.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +30,13 @@ from torch import Tensor
 RewardFn = Callable[["RewardInputs"], Tensor]
 
 _REGISTRY: dict[str, RewardFn] = {}
+_READS_TEXT: set[str] = set()  # registered rewards that score decoded text
+
+# The limit of every consumer of a reward name (ScoredBatch.reward_type, the HTTP API's reward_type).
+MAX_REWARD_NAME_LENGTH = 128
+# The task rewards shipped with the project, imported by name: the core library has no import-time
+# dependency on the reward service, yet every run knows which of its rewards read text.
+TASK_REWARD_MODULE = "reward.functions"
 
 
 class RewardInputs(BaseModel):
@@ -82,15 +93,31 @@ class RewardInputs(BaseModel):
             raise ValueError(f"this reward needs the fields {missing}, which are missing")
 
 
-def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
-    """Decorator adding a reward function to the registry under `name` (unique)."""
+def register_reward(name: str, *, reads_text: bool = False) -> Callable[[RewardFn], RewardFn]:
+    """Decorator adding a reward function to the registry under `name` (unique).
+
+    `reads_text`: the reward scores `rollout_texts` / `reference_texts`, which only a reward replica
+    with a tokenizer (service.mode='disaggregated') provides; the others read tokens and hidden states.
+    """
     if not isinstance(name, str) or not name:
         raise ValueError(f"reward name must be a non-empty string, got {name!r}")
+    # Checked here: a longer name registers but every scored batch and HTTP request would refuse it.
+    if len(name) > MAX_REWARD_NAME_LENGTH:
+        raise ValueError(f"reward name must be at most {MAX_REWARD_NAME_LENGTH} characters, got {len(name)}: "
+                         f"{name[:40]!r}...")
+    if not isinstance(reads_text, bool):
+        raise ValueError(f"reads_text of reward {name!r} must be a bool, got {reads_text!r}")
 
     def decorator(fn: RewardFn) -> RewardFn:
+        if not callable(fn):
+            raise ValueError(f"reward {name!r} must be a callable (RewardInputs -> Tensor), got {type(fn).__name__}")
         if name in _REGISTRY and _REGISTRY[name] is not fn:
             raise ValueError(f"reward {name!r} is already registered")
         _REGISTRY[name] = fn
+        if reads_text:
+            _READS_TEXT.add(name)
+        else:
+            _READS_TEXT.discard(name)
         return fn
 
     return decorator
@@ -99,6 +126,45 @@ def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
 def unregister_reward(name: str) -> None:
     """Remove a reward (plugins being reloaded, tests)."""
     _REGISTRY.pop(name, None)
+    _READS_TEXT.discard(name)
+
+
+def reward_reads_text(name: str) -> bool:
+    """Whether the registered reward `name` scores decoded text; ValueError for an unknown name."""
+    get_reward(name)
+    return name in _READS_TEXT
+
+
+def import_reward_modules(modules: Sequence[str], setting: str = "refine.reward_modules") -> None:
+    """Import each module of `refine.reward_modules`, which registers its rewards with `register_reward`.
+
+    Importing a module twice is harmless (Python keeps it); one that fails is a ValueError naming
+    `setting` (where the module was named) and the module.
+    """
+    for module in modules:
+        if not isinstance(module, str) or not module:
+            raise ValueError(f"{setting}: a module name must be a non-empty string, got {module!r}")
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # a plugin may fail in any way: say which one, and where it was named
+            raise ValueError(f"{setting}: cannot import {module!r}: {type(exc).__name__}: {exc}") from exc
+
+
+def check_run_reward(reward: str, modules: Sequence[str] = (), *, decodes_text: bool) -> None:
+    """The up-front check of a run's reward, before any training: import `refine.reward_modules`, then
+    refuse an unknown `refine.reward` (listing the registered ones) and, where the run has no text
+    decoding (`decodes_text` False: the local loop, posttrain, the colocated fused step), a text reward."""
+    importlib.import_module(TASK_REWARD_MODULE)
+    import_reward_modules(modules)
+    if reward not in _REGISTRY:
+        raise ValueError(f"refine.reward={reward!r} is not a registered reward; registered: {available_rewards()} "
+                         f"(a custom reward's module goes in refine.reward_modules)")
+    if reward_reads_text(reward) and not decodes_text:
+        raise ValueError(
+            f"refine.reward={reward!r} scores decoded text, which only the reward replicas of "
+            f"service.mode='disaggregated' produce; the local loop, posttrain and the colocated fused step score "
+            f"tokens and hidden states: {[name for name in available_rewards() if name not in _READS_TEXT]}"
+        )
 
 
 def get_reward(name: str) -> RewardFn:

@@ -25,6 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tqdm.auto import tqdm
 
+from refine.algorithm.rewards import check_run_reward
 from refine.algorithm.selection import min_document_length
 from refine.config import DTYPES, ConfigError, RefineConfig, RunConfig, load_config
 from refine.data.batches import pad_documents
@@ -270,6 +271,8 @@ def evaluate(
         )
     run_config = run_config or RunConfig()
     refine_cfg = ttt_refine_config(run_config.refine)
+    if ttt:  # test-time training scores its rollouts in-process: tokens and hidden states, no text
+        check_run_reward(refine_cfg.reward, refine_cfg.reward_modules, decodes_text=False)
     metric_tasks = [metric_task_for(task, example) for example in examples]
     # An unknown task, or gold answers its metric cannot score, fail before any generation.
     metrics = {name: task_metric(name, longbench_scoring=longbench_scoring) for name in sorted(set(metric_tasks))}

@@ -1,4 +1,6 @@
 import math
+import sys
+import uuid
 
 import pytest
 import torch
@@ -8,11 +10,14 @@ from refine.algorithm.rewards import (
     RewardInputs,
     available_rewards,
     binary_reward,
+    check_run_reward,
     compute_reward,
     cosine_reward,
     get_reward,
     hybrid_reward,
+    import_reward_modules,
     register_reward,
+    reward_reads_text,
     unregister_reward,
 )
 from refine.algorithm.rollout import Rollouts
@@ -158,3 +163,78 @@ def test_non_finite_and_inconsistent_inputs_are_rejected():
         RewardInputs(rollout_tokens=ROLLOUT_TOKENS, rollout_texts=["only one"])
     with pytest.raises(ValueError, match="integer token ids"):
         binary_reward(ROLLOUT_TOKENS.float(), TRUTH_TOKENS)
+
+
+# ------------------------------------------------------------------------------ plugging rewards in
+
+
+@pytest.fixture
+def reward_module(tmp_path, monkeypatch):
+    """A scratch module on sys.path that registers one reward when imported: (module, reward) names."""
+    module, reward = f"scratch_rewards_{uuid.uuid4().hex[:8]}", f"test_plugin_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{module}.py").write_text(
+        "import torch\n"
+        "from refine.algorithm.rewards import register_reward\n\n\n"
+        f"@register_reward({reward!r}, reads_text=True)\n"
+        "def reward(inputs):\n"
+        "    inputs.require('rollout_texts')\n"
+        "    return torch.tensor([float(len(text)) for text in inputs.rollout_texts])\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield module, reward
+    unregister_reward(reward)
+    sys.modules.pop(module, None)
+
+
+def test_reward_modules_are_imported_and_register_their_rewards(reward_module, tmp_path, monkeypatch):
+    module, reward = reward_module
+    assert reward not in available_rewards()
+    import_reward_modules([module])
+    import_reward_modules([module])  # a second import is harmless
+    assert reward in available_rewards() and reward_reads_text(reward)
+    assert compute_reward(reward, RewardInputs(rollout_texts=["ab", ""])).tolist() == [2.0, 0.0]
+    (tmp_path / "broken_rewards.py").write_text("raise RuntimeError('no GPU here')\n")
+    monkeypatch.delitem(sys.modules, "broken_rewards", raising=False)
+    for name, why in [("no_such_rewards_module", "ModuleNotFoundError"), ("broken_rewards", "no GPU here")]:
+        with pytest.raises(ValueError, match=f"refine.reward_modules: cannot import '{name}': .*{why}"):
+            import_reward_modules([name])
+
+
+def test_the_registry_knows_which_rewards_read_text():
+    import reward.functions  # noqa: F401  (the task rewards)
+
+    assert not any(reward_reads_text(name) for name in ("cosine", "cosine_similarity", "binary", "hybrid"))
+    assert reward_reads_text("qa_f1") and reward_reads_text("substring_match")
+    with pytest.raises(ValueError, match="unknown reward 'f1x'"):
+        reward_reads_text("f1x")
+
+
+def test_registration_refuses_what_every_consumer_would_refuse():
+    with pytest.raises(ValueError, match="at most 128 characters, got 129"):
+        register_reward("x" * 129)
+    with pytest.raises(ValueError, match="'test_none' must be a callable .* got NoneType"):
+        register_reward("test_none")(None)
+    with pytest.raises(ValueError, match="reads_text of reward 'test_flag' must be a bool"):
+        register_reward("test_flag", reads_text="yes")
+    assert "test_none" not in available_rewards()
+    name = "x" * 128  # the limit itself is fine
+    register_reward(name)(lambda batch: torch.zeros(batch.num_rollouts))
+    unregister_reward(name)
+
+
+def test_the_run_check_names_the_field_and_where_text_is_scored(reward_module):
+    module, reward = reward_module
+    with pytest.raises(ValueError, match=r"refine.reward='nope' is not a registered reward; registered: \[.*'cosine'"):
+        check_run_reward("nope", decodes_text=True)
+    for name in ("qa_f1", "substring_match"):
+        with pytest.raises(ValueError, match=f"refine.reward='{name}' scores decoded text, which only the reward "
+                                             f"replicas of service.mode='disaggregated' produce"):
+            check_run_reward(name, decodes_text=False)
+        check_run_reward(name, decodes_text=True)
+    check_run_reward("cosine_similarity", decodes_text=False)
+    # A custom reward is known once its module, named in refine.reward_modules, is imported.
+    with pytest.raises(ValueError, match="is not a registered reward"):
+        check_run_reward(reward, decodes_text=True)
+    check_run_reward(reward, [module], decodes_text=True)
+    with pytest.raises(ValueError, match="scores decoded text"):
+        check_run_reward(reward, [module], decodes_text=False)

@@ -160,6 +160,18 @@ def test_ttt_leaves_the_checkpoint_and_the_weights_unchanged(model_dir, tmp_path
     assert torch.equal(model(probe).logits, before)  # adapted weights were put back after every example
 
 
+@pytest.mark.parametrize("reward, problem", [("nope", "is not a registered reward"),
+                                             ("qa_f1", "scores decoded text")])
+def test_test_time_training_refuses_a_reward_it_cannot_score_before_answering(model_dir, reward, problem):
+    """Test-time training scores its rollouts in-process from tokens and hidden states: an unknown or a text
+    reward fails up front, naming refine.reward, instead of at the first example's first step."""
+    model = load_model(model_dir)
+    examples = generate_niah(NiahConfig(length=320, seed=3), TOKENIZER, 1)
+    config = RunConfig(refine=RefineConfig(reward=reward))
+    with pytest.raises(ValueError, match=f"refine.reward={reward!r} {problem}"):
+        evaluate(model, TOKENIZER, examples, "niah", ttt=True, run_config=config, progress=False)
+
+
 def test_prompts_answered_in_batches_get_the_answers_they_get_alone(model_dir):
     model = load_model(model_dir, dtype=torch.float64)
     # Prompts of different lengths and answer budgets, longest first: batches reorder them.

@@ -135,8 +135,9 @@ def test_a_bad_data_row_ends_the_run_after_the_learner_checkpoints(ray_session, 
 
 @pytest.mark.parametrize("overrides, message", [
     (["train.mode=ntp"], "train.mode='ntp'"),
-    (["refine.reward=no_such_reward"], "unknown reward_type 'no_such_reward'"),
-    (["service.mode=colocated", "refine.reward=no_such_reward"], "unknown reward_type 'no_such_reward'"),
+    (["refine.reward=no_such_reward"], "refine.reward='no_such_reward' is not a registered reward"),
+    (["service.mode=colocated", "refine.reward=no_such_reward"],
+     "refine.reward='no_such_reward' is not a registered reward"),
     (["service.mode=colocated", "refine.reward=qa_f1"], "refine.reward='qa_f1' scores decoded text"),
     (["service.max_staleness=0", "service.sync_interval=3"], "service.max_staleness=0"),
     (["service.mode=colocated", "train.mini_batches=2"], "train.mini_batches=2 needs service.mode='disaggregated'"),

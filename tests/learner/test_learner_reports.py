@@ -1,18 +1,24 @@
-"""The learner keeps in its checkpoints the reports the orchestrator has not confirmed writing (real Redis)."""
+"""The learner keeps in its checkpoints the reports the orchestrator has not confirmed writing, a skipped step's
+included, and exports its metrics (real Redis)."""
 
 from __future__ import annotations
 
+import json
+import math
 import uuid
 from pathlib import Path
 
 import torch
 
 from learner.checkpoint import latest_checkpoint, read_checkpoint_reports, read_learner_state
-from learner.learner import Learner
-from refine.config import load_config
-from services.messages import DataCursor, DocumentBatch
-from services.progress import write_recorded
-from services.streams import DOCUMENTS, LEARNER_GROUP, document_batch_id_for
+from learner.learner import NONFINITE_KEY, Learner
+from refine.algorithm.rollout import snapshot_rollouts
+from refine.algorithm.update import score_rollouts
+from refine.config import RunConfig, load_config
+from services.messages import DataCursor, DocumentBatch, ScoredBatch
+from services.orchestrator import restore_reports
+from services.progress import StepReport, write_recorded
+from services.streams import DOCUMENTS, LEARNER_GROUP, SCORED, document_batch_id_for, rollout_batch_id_for
 
 SERVICE_TINY = Path(__file__).resolve().parents[2] / "configs" / "service_tiny.yaml"
 
@@ -40,6 +46,85 @@ def test_checkpoint_keeps_the_reports_the_orchestrator_has_not_written(redis_url
         assert [(report.seq, report.kind, report.step) for report in kept] == [(2, "step", 2), (3, "step", 3)]
         assert kept[-1].stats["loss"] == learner.last_stats["loss"]
         assert read_learner_state(checkpoint).reports == 3  # a resumed learner numbers on from 4
+    finally:
+        learner.runtime.close()
+        learner.broker.delete_namespace()
+
+
+def _config(tmp_path: Path, *overrides: str) -> RunConfig:
+    return load_config(SERVICE_TINY, [f"train.out_dir={tmp_path / 'run'}", f"service.namespace=test-{uuid.uuid4().hex[:10]}",
+                                      f"service.metrics_discovery_dir={tmp_path / 'prometheus'}", *overrides])
+
+
+def _scored(learner: Learner, documents: DocumentBatch) -> ScoredBatch:
+    """The batch a rollout worker and reward replica would make of `documents` with the learner's weights."""
+    cfg = learner.config.refine
+    rollouts = snapshot_rollouts(learner.model, documents.token_ids, documents.lengths, cfg,
+                                 torch.Generator().manual_seed(0))
+    return ScoredBatch(rollout_batch_id=rollout_batch_id_for(documents.batch_id),
+                       document_batch_id=documents.batch_id, policy_version=0, worker_id="w0",
+                       num_samples=rollouts.num_samples, rollout_len=rollouts.rollout_len,
+                       positions=rollouts.positions, entropies=rollouts.entropies, rollout_tokens=rollouts.tokens,
+                       behaviour_logprobs=rollouts.logprobs, rewards=score_rollouts(rollouts, cfg),
+                       reward_type=cfg.reward)
+
+
+def test_a_checkpointed_skipped_step_resumes_with_the_stats_it_reported(redis_url: str, tmp_path: Path) -> None:
+    # lambda_ntp=1e300 makes the loss infinite: the step is skipped, and checkpointed with its report.
+    config = _config(tmp_path, "train.checkpoint_every=1", "refine.lambda_ntp=1e300")
+    learner = Learner(config.model_dump_json(), redis_url, config.service.namespace)
+    try:
+        learner.setup()
+        learner.broker.ensure_group(SCORED, LEARNER_GROUP, start_id="0")
+        documents = _documents(0)
+        learner.documents.put(documents)
+        learner.broker.publish(SCORED, _scored(learner, documents))
+        assert learner.run_once(block_ms=100) == 1
+        assert (learner.state.step, learner.state.skipped_steps) == (1, 1)
+
+        [report] = read_checkpoint_reports(latest_checkpoint(learner.out_dir))  # what `refine train --resume` reads
+        assert report.stats == learner.last_stats
+        assert report.stats["skipped_nonfinite"] == 1.0 and report.stats["skipped_steps"] == 1
+        assert "loss" not in report.stats and "loss" in report.stats[NONFINITE_KEY].split(",")
+        assert all(math.isfinite(value) for value in report.stats.values() if isinstance(value, float))
+        assert learner.metrics.registry.get_sample_value("refine_skipped_steps_total") == 1.0  # Prometheus: the skip
+
+        # The orchestrator of the resumed run writes the report into metrics.jsonl, as strict JSON.
+        with (tmp_path / "metrics.jsonl").open("a") as metrics, (tmp_path / "events.jsonl").open("a") as events:
+            assert restore_reports(latest_checkpoint(learner.out_dir), tmp_path, metrics, events) == 1
+        row = json.loads((tmp_path / "metrics.jsonl").read_text(), parse_constant=_refuse)
+        assert row["step"] == 1 and "loss" not in row
+    finally:
+        learner.runtime.close()
+        learner.broker.delete_namespace()
+
+
+def _refuse(constant: str) -> float:
+    raise AssertionError(f"metrics.jsonl holds {constant}, which JSON does not have")
+
+
+def test_reports_an_earlier_learner_wrote_with_null_stats_are_read_without_them(tmp_path: Path) -> None:
+    report = StepReport(kind="step", step=3, seq=3, stats={"step": 3, "skipped_nonfinite": 1.0, "loss": math.inf})
+    line = report.model_dump_json()
+    assert '"loss":null' in line  # how pydantic writes inf: StepReport refuses it when read back
+    (tmp_path / "reports.jsonl").write_text(line + "\n")
+    [read] = read_checkpoint_reports(tmp_path)
+    assert read.stats == {"step": 3, "skipped_nonfinite": 1.0} and read.seq == 3
+
+
+def test_a_colocated_learner_exports_the_reward_and_entropy_of_its_rollouts(redis_url: str, tmp_path: Path) -> None:
+    # No rollout workers or reward replicas run in this mode: nobody else sets these gauges.
+    config = _config(tmp_path, "service.mode=colocated", "train.checkpoint_every=0")
+    learner = Learner(config.model_dump_json(), redis_url, config.service.namespace)
+    try:
+        learner.broker.ensure_group(DOCUMENTS, LEARNER_GROUP, start_id="0")
+        learner.broker.publish(DOCUMENTS, _documents(0))
+        assert learner.run_once(block_ms=100) == 1
+        registry, stats = learner.metrics.registry, learner.last_stats
+        labels = {"reward_type": "cosine"}
+        assert registry.get_sample_value("refine_reward_mean", labels) == stats["reward_mean"]
+        assert registry.get_sample_value("refine_reward_std", labels) == stats["reward_std"]
+        assert registry.get_sample_value("refine_selected_entropy") == stats["entropy_selected"]
     finally:
         learner.runtime.close()
         learner.broker.delete_namespace()

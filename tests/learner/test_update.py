@@ -1,14 +1,19 @@
-"""The learner's update steps report the time of every phase they run (refine_step_seconds{phase})."""
+"""The learner's update steps report the time of every phase they run (refine_step_seconds{phase}), and train
+on the rewards they were sent as the single-process loop would."""
 
+import copy
 import time
 
+import pytest
 import torch
 
-from learner.update import LEARNER_PHASES, fused_update, onepass_update
+from learner.update import LEARNER_PHASES, fused_update, onepass_update, rollouts_from_batch
 from refine.algorithm.rollout import snapshot_rollouts
-from refine.algorithm.update import score_rollouts
+from refine.algorithm.update import advantages_for, score_rollouts
 from refine.config import RunConfig
+from refine.loop import rollout_batch_update
 from refine.models import build_model
+from services.messages import DocumentBatch, ScoredBatch
 
 
 def _setup():
@@ -58,3 +63,34 @@ def test_onepass_update_takes_an_optimizer_step_per_mini_batch():
     assert not outcome.skipped
     assert all(int(state["step"]) == 2 for state in optimizer.state.values())  # AdamW stepped twice
     assert set(_phases(outcome.stats)) == {"forward", "backward_step"}  # both steps' time in the same phases
+
+
+@pytest.mark.parametrize("model_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("reward_dtype", [torch.float32, torch.float64])
+def test_the_learner_trains_on_the_rewards_it_was_sent_as_the_single_process_loop_does(
+    model_dtype: torch.dtype, reward_dtype: torch.dtype
+) -> None:
+    config, model, _, ids, lengths = _setup()
+    model = model.to(model_dtype)
+    rollouts = snapshot_rollouts(model, ids, lengths, config.refine, torch.Generator().manual_seed(2))
+    # Rewards that differ only below float32's resolution around 0.5: cut to float32, every group would be
+    # constant (advantage 0); in float64 they rank the rollouts.
+    spread = torch.randn(rollouts.num_rollouts, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    rewards = (0.5 + 1e-9 * spread if reward_dtype == torch.float64 else score_rollouts(rollouts, config.refine))
+    rewards = rewards.to(reward_dtype)
+    documents = DocumentBatch(doc_ids=["a", "b"], token_ids=ids, lengths=lengths)
+    scored = ScoredBatch(document_batch_id=documents.batch_id, policy_version=0, worker_id="w",
+                         num_samples=rollouts.num_samples, rollout_len=rollouts.rollout_len,
+                         positions=rollouts.positions, entropies=rollouts.entropies, rollout_tokens=rollouts.tokens,
+                         behaviour_logprobs=rollouts.logprobs, rewards=rewards, reward_type="cosine")
+    received = rollouts_from_batch(scored)
+    assert received.rewards.dtype == reward_dtype
+
+    single = copy.deepcopy(model)
+    learner = onepass_update(model, torch.optim.AdamW(model.parameters(), lr=1e-3), ids, lengths, received, config)
+    rollouts.rewards = rewards  # the single-process loop scores its rollouts itself and keeps their dtype
+    loop = rollout_batch_update("onepass", single, torch.optim.AdamW(single.parameters(), lr=1e-3), ids, lengths,
+                                rollouts, config)
+    assert not learner.skipped and learner.stats["policy_loss"] == loop.stats["policy_loss"]
+    assert bool(advantages_for(received.rewards, received, config.refine).any())  # not cut to constant groups
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), single.parameters()))

@@ -6,6 +6,7 @@ import json
 import math
 import random
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -17,9 +18,10 @@ import pytest
 import torch
 import uvicorn
 
-from refine.algorithm.rewards import RewardInputs, register_reward, unregister_reward
+from refine.algorithm.rewards import RewardInputs, available_rewards, register_reward, unregister_reward
 from reward.__main__ import main
 from reward.http import create_app
+from reward.scoring import score_batch
 
 MAX_BATCH = 8
 MAX_K = 16
@@ -337,13 +339,57 @@ def test_a_failing_reward_plugin_is_a_json_500_and_the_server_keeps_serving(clie
     check_correct_requests(client)
 
 
-def test_cosine_of_huge_finite_hidden_states_is_right(client):
-    huge = [[1e200, 1e200]]
-    for truth, expected in [(huge, 1.0), ([[-1e200, -1e200]], -1.0)]:
-        response = client.post("/v1/score", json={"reward_type": "cosine", "rollouts": [
+@pytest.mark.parametrize("dtype, value", [("float64", 1e200), ("float32", 1e30)])
+def test_cosine_of_huge_finite_hidden_states_is_right(client, dtype, value):
+    huge = [[value, value]]
+    for truth, expected in [(huge, 1.0), ([[-value, -value]], -1.0)]:
+        response = client.post("/v1/score", json={"reward_type": "cosine", "dtype": dtype, "rollouts": [
             {"rollout_hidden": huge, "ground_truth_hidden": truth}]})
         assert response.status_code == 200, response.text
         assert response.json()["rewards"] == pytest.approx([expected])
+
+
+def test_hidden_states_are_scored_in_the_requests_dtype(client, make_batch):
+    """float32 (the default) gives the reward replicas' rewards of float32 hidden states bit for bit;
+    float64 the float64 ones. Either way a batch counts as scored."""
+    source = make_batch(seed=3, docs=2, chunks=2, samples=2, k=5, dim=MAX_DIM)
+    as_float64 = source.model_copy(update={"rollout_hidden": source.rollout_hidden.double(),
+                                           "ground_truth_hidden": source.ground_truth_hidden.double()})
+    rows = [{name: getattr(source, name)[row].tolist() for name in
+             ("rollout_tokens", "ground_truth_tokens", "rollout_hidden", "ground_truth_hidden")}
+            for row in range(source.num_rollouts)]
+    before = _scored_batches(client)
+    for reward_type in ("cosine", "hybrid"):
+        for dtype, batch, extra in [("float32", source, {}), ("float32", source, {"dtype": "float32"}),
+                                    ("float64", as_float64, {"dtype": "float64"})]:
+            response = client.post("/v1/score", json={"reward_type": reward_type, "rollouts": rows, **extra})
+            assert response.status_code == 200, response.text
+            served = torch.tensor(response.json()["rewards"], dtype=torch.float64)
+            replica = score_batch(batch, reward_type).rewards
+            assert replica.dtype == getattr(torch, dtype)
+            assert torch.equal(served, replica.double()), (reward_type, dtype)
+    assert _scored_batches(client) == before + 6
+
+
+def _scored_batches(client: httpx.Client) -> float:
+    lines = [line for line in client.get("/metrics").text.splitlines()
+             if line.startswith("refine_scored_batches_total")]
+    return float(lines[0].split()[-1])
+
+
+def test_a_dtype_other_than_float32_or_float64_or_a_value_beyond_it_is_refused(client):
+    response = client.post("/v1/score", json=request_with(dtype="float16"))
+    assert response.status_code == 422 and response.json()["detail"][0]["field"] == "dtype", response.text
+    huge = {"rollout_hidden": [[1.0, 2.0]], "ground_truth_hidden": [[1.0, -1e300]]}
+    response = client.post("/v1/score", json={"reward_type": "cosine", "rollouts": [huge]})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"] == ("rollouts.0.ground_truth_hidden.0.1: -1e+300 is outside the range of dtype "
+                                        "'float32': send \"dtype\": \"float64\"")
+    schema = client.get("/openapi.json").json()
+    request = next(value for key, value in schema["components"]["schemas"].items() if "ScoreRequest" in key)
+    assert request["properties"]["dtype"]["enum"] == ["float32", "float64"]
+    assert request["properties"]["dtype"]["default"] == "float32"
+    assert "dtype" in schema["info"]["description"]
 
 
 def test_an_empty_gold_answer_is_refused_not_scored_as_correct(client):
@@ -362,3 +408,27 @@ def test_command_line_refuses_bad_limits(capsys):
     assert last_line == "python -m reward: error: --max-batch: Input should be greater than or equal to 1, got 0"
     with pytest.raises(SystemExit):
         main(["--port", "70000"])
+
+
+def test_command_line_imports_reward_modules_first(capsys, tmp_path, monkeypatch):
+    (tmp_path / "scratch_http_rewards.py").write_text(
+        "import torch\n"
+        "from refine.algorithm.rewards import register_reward\n\n"
+        "register_reward('test_http_plugin')(lambda inputs: torch.ones(inputs.num_rollouts))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "scratch_http_rewards", raising=False)
+    with pytest.raises(SystemExit) as info:
+        main(["--reward-module", "no_such_rewards_module"])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "python -m reward: error: --reward-module: cannot import 'no_such_rewards_module': ModuleNotFoundError: "
+        "No module named 'no_such_rewards_module'")
+    served = []
+    monkeypatch.setattr("reward.__main__.serve", lambda **options: served.append(available_rewards()))
+    try:
+        main(["--reward-module", "scratch_http_rewards", "--port", "8123"])
+        assert "test_http_plugin" in served[0]
+    finally:
+        unregister_reward("test_http_plugin")
+        sys.modules.pop("scratch_http_rewards", None)

@@ -5,9 +5,17 @@ import math
 import pytest
 import torch
 
-from refine.algorithm.rewards import cosine_reward
+from refine.algorithm.rewards import RewardInputs, cosine_reward, register_reward, unregister_reward
+from refine.algorithm.rollout import snapshot_rollouts
+from refine.algorithm.update import score_rollouts
+from refine.config import RefineConfig, tiny_delta_net
+from refine.models import build_model
+from refine.tokenizer import ByteTokenizer
 from reward.scoring import ScoringError, score_batch
-from services.messages import RolloutBatch, ScoredBatch
+from rollout_workers.worker import to_message
+from services.codec import decode as decode_message
+from services.codec import encode
+from services.messages import DocumentBatch, RolloutBatch, ScoredBatch
 
 # Two rollouts (B = 1, c = 2, n = 1), k = 2, D = 2: the hand-made vectors of the reward-math tests.
 ROLLOUT_HIDDEN = torch.tensor([[[1.0, 0.0], [0.0, 3.0]], [[1.0, 0.0], [-2.0, 0.0]]])
@@ -92,3 +100,62 @@ def test_unknown_reward_and_wrong_input():
         score_batch(batch(), "nope")
     with pytest.raises(ScoringError, match="RolloutBatch"):
         score_batch({"rollout_tokens": [[1]]}, "binary")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reward", ["cosine", "hybrid", "binary"])
+def test_the_service_path_scores_as_the_loop_does_bit_for_bit(dtype, reward):
+    """Rollout worker message -> wire -> score_batch -> wire gives the rewards `score_rollouts` gives in
+    process, dtype included: a float64 run (the paths' correctness oracle) keeps float64 rewards."""
+    torch.manual_seed(0)
+    model = build_model(tiny_delta_net(), dtype=dtype).eval()
+    ids = torch.randint(0, 256, (2, 128))
+    lengths = torch.tensor([128, 100])
+    cfg = RefineConfig(reward=reward, num_samples=2, num_chunks=2)
+    rollouts = snapshot_rollouts(model, ids, lengths, cfg, torch.Generator().manual_seed(1))
+    in_process = score_rollouts(rollouts, cfg)
+    message = decode_message(encode(to_message(DocumentBatch(doc_ids=["a", "b"], token_ids=ids, lengths=lengths),
+                                               rollouts, 0, "rollout-0")), RolloutBatch)
+    served = decode_message(encode(score_batch(message, reward)), ScoredBatch).rewards
+    assert served.dtype == in_process.dtype == (torch.float64 if dtype == torch.float64 and reward != "binary"
+                                                else torch.float32)
+    assert torch.equal(served, in_process)
+
+
+def test_rewards_that_read_no_text_never_decode():
+    """cosine_similarity (the paper's name for cosine) scores ids a tokenizer cannot decode."""
+    source = batch().model_copy(update={"rollout_tokens": ROLLOUT_TOKENS + 10**6})
+    scored = score_batch(source, "cosine_similarity", decode=ByteTokenizer().decode)
+    assert scored.rewards.tolist() == pytest.approx(COSINE)
+
+
+def test_a_blank_gold_answer_is_refused_not_scored_as_correct():
+    """Ground-truth tokens that decode to nothing would make every rollout contain the gold answer."""
+    blank = {8: " ", 1: ""}  # the row-1 truth ids [1, 1] decode to ""; row 0 keeps words
+    for reward in ("substring_match", "qa_f1"):
+        with pytest.raises(ScoringError, match=rf"reward '{reward}': reference_texts\[1\] holds a gold answer that "
+                                               r"is empty or whitespace only \(''\)"):
+            score_batch(batch(), reward, decode=lambda ids: " ".join(blank.get(i, WORDS[i]) for i in ids).strip())
+
+
+def test_a_reward_output_the_scored_batch_refuses_is_a_scoring_error():
+    register_reward("test_complex")(lambda inputs: torch.zeros(inputs.num_rollouts, dtype=torch.complex64))
+    try:
+        refused = r"(?s)cannot score rollout batch .*\(reward 'test_complex'\): .*rewards.*floating-point"
+        with pytest.raises(ScoringError, match=refused):
+            score_batch(batch(), "test_complex")
+    finally:
+        unregister_reward("test_complex")
+
+
+def test_a_text_reward_registered_without_reads_text_is_told_so():
+    def texts_length(inputs: RewardInputs) -> torch.Tensor:
+        inputs.require("rollout_texts")
+        return torch.tensor([float(len(text)) for text in inputs.rollout_texts])
+
+    register_reward("test_undeclared_text")(texts_length)
+    try:
+        with pytest.raises(ScoringError, match=r"register_reward\(name, reads_text=True\)"):
+            score_batch(batch(), "test_undeclared_text", decode=decode)
+    finally:
+        unregister_reward("test_undeclared_text")

@@ -190,3 +190,39 @@ def test_an_entry_is_held_while_it_is_scored(broker, make_batch):
     assert worker.run_once(block_ms=None) == 1
     assert seen_while_scoring and all(len(held) == 1 for held in seen_while_scoring)
     assert not active and broker.pending("rollouts", "reward") == 0
+
+
+class SlowPublishBroker(Broker):
+    """A real broker whose publishing takes a known time (a busy Redis), to tell it from scoring time."""
+
+    PUBLISH_S = 0.3
+
+    def publish(self, stream, message, maxlen=None, approximate=True):
+        time.sleep(self.PUBLISH_S)
+        return super().publish(stream, message, maxlen=maxlen, approximate=approximate)
+
+
+def test_the_latency_metric_times_the_scoring_alone(broker, make_batch):
+    """As the HTTP API measures it: publishing and acknowledging are Redis's time, not the reward's."""
+    slow = SlowPublishBroker(broker.client, broker.namespace)
+    publish(broker, [make_batch(seed=1), make_batch(seed=2)])
+    metrics = Metrics()
+    worker = RewardWorker(slow, "cosine", consumer="reward-a", metrics=metrics)
+    assert worker.run_once(count=2, block_ms=None) == 2
+    sample = metrics.registry.get_sample_value
+    assert sample("refine_reward_latency_seconds_count") == 2
+    assert sample("refine_reward_latency_seconds_sum") < SlowPublishBroker.PUBLISH_S
+    assert sample("refine_scored_batches_total") == 2
+
+
+def test_a_ground_truth_that_decodes_to_nothing_is_a_dead_letter_not_a_full_score(broker, make_batch):
+    """The replica's text comes from tokens: a ground truth of special ids decodes to '', which every
+    rollout contains; the batch is refused as the HTTP API refuses a blank gold answer."""
+    source = make_batch(seed=1)
+    publish(broker, [source])
+    decode = lambda ids: "" if ids == source.ground_truth_tokens[0].tolist() else "some answer"  # noqa: E731
+    worker = RewardWorker(broker, "substring_match", consumer="reward-a", decode=decode)
+    assert worker.run_once(block_ms=None) == 1
+    assert (worker.scored_count, worker.dead_count) == (0, 1)
+    [letter] = broker.dead_letters("rollouts")
+    assert "reference_texts[0] holds a gold answer that is empty or whitespace only" in letter.error

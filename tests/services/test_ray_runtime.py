@@ -10,7 +10,7 @@ import pytest
 import ray
 
 from refine.config import RunConfig
-from services.ray_runtime import check_ray_address, ray_for_run
+from services.ray_runtime import actor_options, check_gpus, check_ray_address, ray_for_run
 
 
 @pytest.fixture
@@ -90,3 +90,29 @@ def test_a_listener_that_is_not_ray_fails_fast_naming_the_flag_and_what_answered
               f"but does not answer as a Ray cluster (gRPC): ")
     message = str(info.value)
     assert message.startswith(prefix + answer) and "\n" not in message
+
+
+@pytest.mark.parametrize("mode", ["disaggregated", "colocated"])
+def test_every_learner_rank_on_cuda_asks_ray_for_a_gpu_of_its_own(mode: str) -> None:
+    config = RunConfig()
+    config.service.mode = mode
+    config.train.device = "cuda"
+    assert actor_options(config, "learner") == {"num_cpus": 1.0, "num_gpus": 1.0}
+    config.train.device = "cpu"
+    assert actor_options(config, "learner") == {"num_cpus": 1.0}
+    if mode == "disaggregated":  # the other roles' devices are not the learner's train.device
+        config.train.device = "cuda:0"
+        assert "num_gpus" not in actor_options(config, "rollout_worker")
+        assert "num_gpus" not in actor_options(config, "reward")
+
+
+def test_a_cluster_with_fewer_gpus_than_cuda_learner_ranks_is_refused_naming_the_fields() -> None:
+    config = RunConfig()
+    config.train.device = "cuda"
+    config.service.num_learners = 2
+    check_gpus(config, 2.0)
+    with pytest.raises(ValueError, match=r"the Ray cluster has 1 GPUs but train.device='cuda' gives each of the "
+                                         r"service.num_learners=2 learner ranks one: 2 needed"):
+        check_gpus(config, 1.0)
+    config.train.device = "cpu"
+    check_gpus(config, 0.0)

@@ -206,6 +206,40 @@ def test_malformed_url_is_refused(url: object) -> None:
         connect(url)  # type: ignore[arg-type]
 
 
+@pytest.fixture
+def unix_socket_redis(tmp_path: Path) -> Iterator[Path]:
+    """A real redis-server listening only on a unix socket (--port 0: no TCP at all), stopped after the test."""
+    socket_path = tmp_path / "redis.sock"
+    server = subprocess.Popen(
+        [str(redis_server_binary()), "--port", "0", "--unixsocket", str(socket_path), "--save", "",
+         "--appendonly", "no", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while not socket_path.exists():
+            assert server.poll() is None, f"redis-server exited with {server.returncode}"
+            assert time.monotonic() < deadline, "redis-server did not create its unix socket within 15s"
+            time.sleep(0.02)
+        yield socket_path
+    finally:
+        server.terminate()
+        server.wait(timeout=15)
+
+
+def test_a_unix_socket_url_connects(unix_socket_redis: Path) -> None:
+    client = connect(f"unix://{unix_socket_redis}?db=0")
+    try:
+        assert client.ping()
+        broker = Broker(client, "unix-test")
+        broker.ensure_group(STREAM, GROUP)
+        broker.publish(STREAM, documents("over the socket"))
+        [(_, batch)] = broker.consume(STREAM, GROUP, "w0", DocumentBatch, count=1, block_ms=100)
+        assert batch.doc_ids == ["over the socket"]
+    finally:
+        client.close()
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="parent-death signal is Linux-only")
 def test_server_stops_when_its_owner_is_killed() -> None:
     owner = subprocess.Popen(
