@@ -9,8 +9,10 @@ For each batch:
   outside 1..length - k, a token id past the vocabulary) is dropped the same way, with the reason;
 - update: the documents behind the rollouts come from the document store (services/streams.py);
   GRPO advantages + one-pass loss + clipped AdamW step, skipped when not finite;
-- weights: the policy version is the number of optimizer steps taken; every `sync_interval` steps
-  the weights are published under that version (version = step, so staleness is step arithmetic);
+- weights: the policy version is the number of learner steps taken (rollout batches trained, each
+  `train.mini_batches` optimizer steps; a step skipped as not finite counts too); every
+  `sync_interval` steps the weights are published under that version (version = step, so staleness
+  is step arithmetic and `service.max_staleness` counts rollout batches);
 - checkpoints every `train.checkpoint_every` steps and when the run ends or is stopped: model,
   optimizer, RNG, data cursor and weight version, enough for an exact resume, and the reports the
   orchestrator has not confirmed writing yet (a step's report goes out after its checkpoint: if the

@@ -194,7 +194,7 @@ class ServiceConfig(Strict):
     num_learners: int = Field(1, ge=1, description="data-parallel learner ranks (torch.distributed: gloo on CPU, "
                               "NCCL on CUDA); each step's documents are split across them")
     num_reward_replicas: int = Field(1, ge=1)
-    max_staleness: int = Field(0, ge=0, description="drop rollouts more than this many versions old; 0 = on-policy")
+    max_staleness: int = Field(0, ge=0, description="drop rollouts more than this many versions (learner steps, each train.mini_batches optimizer steps) old; 0 = on-policy")
     sync_interval: int = Field(1, ge=1, description="learner publishes weights every this many steps")
     batches_in_flight: int = Field(2, ge=1, description="document batches published ahead of the learner")
     worker_cpus: float = Field(1.0, gt=0, description="Ray CPUs reserved per rollout worker")

@@ -22,7 +22,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch import Tensor
 
-from refine.algorithm.sampling import check_logits_finite, sample_tokens, suppression_ids
+from refine.algorithm.sampling import check_logits_finite, logprobs_from_logits, sample_tokens, suppression_ids
 from refine.algorithm.selection import select_positions, token_entropy
 from refine.config import RefineConfig
 from refine.models import FastWeightLM, ModelState
@@ -207,7 +207,6 @@ def _reprefill(model: FastWeightLM, input_ids: Tensor, lengths: Tensor, cfg: Ref
     tokens, logprobs, hidden, first = [], [], [], []
     rows, starts = prefix_rows(positions)
     k, n = cfg.rollout_len, cfg.num_samples
-    temperature = cfg.temperature if cfg.temperature > 0 else 1.0
     one_each = cfg.model_copy(update={"num_samples": 1})
     width = input_ids.shape[1]
     for row, start in zip(rows.tolist(), starts.tolist()):
@@ -228,7 +227,7 @@ def _reprefill(model: FastWeightLM, input_ids: Tensor, lengths: Tensor, cfg: Ref
         if padded:
             _padding_work(model, n, width - start, logits=True)
         logits = full.logits[:, start - 1:start + k - 1]
-        logprobs.append(torch.log_softmax(logits.float() / temperature, -1).gather(-1, t[..., None])[..., 0])
+        logprobs.append(logprobs_from_logits(logits, t, cfg.temperature))  # in the model dtype, at least float32
         tokens.append(t)
         hidden.append(full.hidden_states[:, start:start + k])
     if document_hidden is None:  # the ground truth's hidden states, unless the caller's pass has them

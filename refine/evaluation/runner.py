@@ -273,6 +273,9 @@ def evaluate(
     refine_cfg = ttt_refine_config(run_config.refine)
     if ttt:  # test-time training scores its rollouts in-process: tokens and hidden states, no text
         check_run_reward(refine_cfg.reward, refine_cfg.reward_modules, decodes_text=False)
+        if refine_cfg.kl_coef > 0:  # else ignored without a word: adaptation keeps no frozen reference policy
+            raise ValueError(f"refine.kl_coef={refine_cfg.kl_coef}: test-time training has no reference policy for "
+                             f"a KL term (nor has the paper's); set refine.kl_coef=0")
     metric_tasks = [metric_task_for(task, example) for example in examples]
     # An unknown task, or gold answers its metric cannot score, fail before any generation.
     metrics = {name: task_metric(name, longbench_scoring=longbench_scoring) for name in sorted(set(metric_tasks))}

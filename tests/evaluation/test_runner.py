@@ -172,6 +172,14 @@ def test_test_time_training_refuses_a_reward_it_cannot_score_before_answering(mo
         evaluate(model, TOKENIZER, examples, "niah", ttt=True, run_config=config, progress=False)
 
 
+def test_test_time_training_refuses_a_kl_term_it_has_no_reference_for(model_dir):
+    model = load_model(model_dir)
+    examples = generate_niah(NiahConfig(length=320, seed=3), TOKENIZER, 1)
+    with pytest.raises(ValueError, match="refine.kl_coef=0.1: test-time training has no reference policy"):
+        evaluate(model, TOKENIZER, examples, "niah", ttt=True, run_config=RunConfig(refine=RefineConfig(kl_coef=0.1)),
+                 progress=False)
+
+
 def test_prompts_answered_in_batches_get_the_answers_they_get_alone(model_dir):
     model = load_model(model_dir, dtype=torch.float64)
     # Prompts of different lengths and answer budgets, longest first: batches reorder them.
