@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from refine.loop import RunPosition, latest_checkpoint, load_checkpoint, save_run_checkpoint
+from refine.loop import RunPosition, latest_checkpoint, load_checkpoint, read_trainer_state, save_run_checkpoint
 from refine.models import FastWeightLM
 from refine.tokenizer import Tokenizer
 from services.progress import StepReport
@@ -59,7 +59,7 @@ def read_learner_state(path: str | Path) -> LearnerState:
     state_file = path / STATE_FILE
     if state_file.exists():
         return LearnerState.model_validate_json(state_file.read_text())
-    trainer = torch.load(path / "trainer.pt", weights_only=True)
+    trainer = read_trainer_state(path / "trainer.pt")  # a damaged file: one error naming it, no unsafe advice
     step = int(trainer["step"])
     return LearnerState(step=step, cursor=int(trainer["cursor"]), weight_version=step)
 

@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="evaluate the first N examples (default: every row of --data; 20 for niah / mqar)")
     evaluate.add_argument("--length", type=int, default=512, help="synthetic prompt length in tokens")
     evaluate.add_argument("--ttt-steps", type=int, default=2,
-                          help="REFINE updates per prompt with --ttt (the paper's demo takes 2 per batch of prompts)")
+                          help="REFINE updates on each prompt with --ttt, weights restored after it (the paper's demo instead "
+                               "takes 2 updates of 4 prompts on each batch of 8, keeping the weights)")
     evaluate.add_argument("--ttt-accumulate", action="store_true",
                           help="with --ttt: keep the adapted weights and optimizer state from example to example")
     evaluate.add_argument("--max-new-tokens", type=int, default=None)

@@ -23,7 +23,9 @@ from refine.algorithm.selection import min_document_length
 from refine.data.sources import FormatName, check_min_length
 from refine.errors import validation_problems
 from refine.models import config_from_dict
-from refine.models.config import DeltaNetConfig, ModelConfigBase, refuse_bool_for_number
+from refine.models.config import (
+    LIBRARY_KEYS, UNSUPPORTED_FLA_FIELDS, DeltaNetConfig, ModelConfigBase, refuse_bool_for_number,
+)
 from refine.tokenizer import HFTokenizer, Tokenizer, resolve_tokenizer
 from refine_vllm.servable import check_engine  # plain Python: importing it needs no vLLM
 from refine_vllm.settings import VllmEngineConfig
@@ -275,6 +277,18 @@ class RunConfig(Strict):
         return config_from_dict(value)
 
     @model_validator(mode="after")
+    def _model_keys_are_fields(self) -> "RunConfig":
+        # A model section written by hand (no train.init_from, whose config.json may carry any library's keys)
+        # holds fields only: model.num_layers would be kept as an unread extra and train the default depth.
+        if self.train.init_from is None:
+            unknown = sorted(set(self.model.model_extra or {}) - LIBRARY_KEYS - set(UNSUPPORTED_FLA_FIELDS))
+            if unknown:
+                key = unknown[0]
+                raise ValueError(f"model.{key}={self.model.model_extra[key]!r} is not a field of "
+                                 f"{self.model.model_type}; its fields: {sorted(type(self.model).model_fields)}")
+        return self
+
+    @model_validator(mode="after")
     def _engine_serves_model(self) -> "RunConfig":
         # What the vLLM engine would refuse only once a worker starts it (or fail on every rollout),
         # refused here with the checks that need no vLLM.
@@ -388,7 +402,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def _parse_yaml(text: str, where: str) -> Any:
+def parse_yaml(text: str, where: str) -> Any:
     """YAML with safe tags only and unique keys; any problem is a one-line ConfigError naming `where`."""
     try:
         return yaml.load(text, Loader=_UniqueKeyLoader)
@@ -409,7 +423,7 @@ def set_path(tree: dict, dotted: str, raw: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"cannot set {dotted}: {key} is {child!r}, not a section")
         node = child
-    node[keys[-1]] = _parse_yaml(raw, f"--set {dotted}") if raw != "" else ""
+    node[keys[-1]] = parse_yaml(raw, f"--set {dotted}") if raw != "" else ""
 
 
 def parse_overrides(items: list[str]) -> list[tuple[str, str]]:
@@ -449,7 +463,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                               f"{error.object[error.start:error.start + 4]!r})") from None
         except OSError as error:  # a directory, no permission
             raise ConfigError(f"config file {path} cannot be read: {error.strerror}") from None
-        tree = _parse_yaml(text, f"config file {path}")
+        tree = parse_yaml(text, f"config file {path}")
         if tree is None:  # running the defaults instead would hide a truncated or wrong file
             raise ConfigError(f"config file {path} is empty: it holds no settings")
         if not isinstance(tree, dict):

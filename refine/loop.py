@@ -286,10 +286,27 @@ def resume_from(out_dir: Path, resume: bool, model: FastWeightLM, optimizer: tor
     """Where to start: the checkpoint's position when resuming from one, else the start."""
     checkpoint = latest_checkpoint(out_dir)
     if resume and checkpoint.exists():
+        check_resumed_program(out_dir, program)
         return load_checkpoint(checkpoint, model, optimizer, generator)
     if resume:
         tqdm.write(f"{program}: no checkpoint at {checkpoint} to resume from: starting at step 0", file=sys.stderr)
     return RunPosition()
+
+
+# What each program writes into its run directory, which says whose run a directory holds: `refine train`
+# (local or service) counts documents of data.source, `refine posttrain` examples of its task file.
+RUN_RECORDS = {"refine": "data_source.json", "refine posttrain": "posttrain.json"}
+
+
+def check_resumed_program(out_dir: Path, program: str) -> None:
+    """Refuse a --resume of another program's run: its checkpoint's data cursor counts other records (documents
+    against task examples), and the resumed run would splice its rows into the other's metrics.jsonl."""
+    if (out_dir / RUN_RECORDS[program]).exists():
+        return
+    for other, record in RUN_RECORDS.items():
+        if other != program and (out_dir / record).exists():
+            raise ValueError(f"train.out_dir={str(out_dir)!r} holds a `{other}` run ({record}): `{program} --resume` "
+                             f"continues only its own runs; give it another train.out_dir")
 
 
 def start_run_directory(config: RunConfig, fresh: bool, program: str) -> Path:

@@ -73,7 +73,7 @@ from refine.data.batches import DocumentBatch as LocalBatch
 from refine.data.sources import RowSource
 from refine.data.stream import check_source, document_batches, synthetic_documents
 from refine.files import write_atomically
-from refine.loop import clear_checkpoints, jsonl_rows, open_metrics
+from refine.loop import check_resumed_program, clear_checkpoints, jsonl_rows, open_metrics
 from refine.plots import plot_metrics
 from refine.tokenizer import Tokenizer
 from refine_vllm.settings import remove_staging
@@ -296,6 +296,7 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True, ray_addr
     check_service_config(config)
     config = _absolute_paths(config)
     if resume:
+        check_resumed_program(Path(config.train.out_dir), "refine")  # not a `refine posttrain` run
         finished = _finished_run(config)
         if finished is not None:
             return finished

@@ -344,7 +344,7 @@ def test_a_checkpoint_is_replaced_whole_or_not_at_all(tmp_path):
         save_run_checkpoint(tmp_path, model, optimizer, RunPosition(3, 6, 1), generator, tokenizer,
                             extra_files={"no-such-folder/file": ""})
     resumed = prepare_model(config)
-    position = resume_from(tmp_path, True, resumed, make_optimizer(resumed, config.optim), torch.Generator(), "t")
+    position = resume_from(tmp_path, True, resumed, make_optimizer(resumed, config.optim), torch.Generator(), "refine")
     assert position == RunPosition(2, 4, 1)  # the step-2 checkpoint, skipped-step count included
     for name, saved in resumed.state_dict().items():
         assert torch.equal(saved, at_step_2[name]), name
@@ -359,7 +359,7 @@ def test_a_resume_trains_with_the_configs_optimizer_settings_and_the_checkpoints
     config = _config(tmp_path, "ntp", steps=3, extra=("optim.lr=1e-5", "optim.weight_decay=0.5"))
     model = prepare_model(config)
     optimizer = make_optimizer(model, config.optim)
-    assert resume_from(tmp_path, True, model, optimizer, torch.Generator(), "t").step == 2
+    assert resume_from(tmp_path, True, model, optimizer, torch.Generator(), "refine").step == 2
     assert {(group["lr"], group["weight_decay"]) for group in optimizer.param_groups} == {(1e-5, 0.5)}
     saved = torch.load(tmp_path / "checkpoints" / "latest" / "trainer.pt", weights_only=True)["optimizer"]
     assert torch.equal(optimizer.state_dict()["state"][0]["exp_avg"], saved["state"][0]["exp_avg"])
@@ -413,3 +413,17 @@ def test_a_custom_reward_from_the_runs_reward_modules_trains(tmp_path, monkeypat
     finally:
         unregister_reward("test_loop_plugin")
         sys.modules.pop("scratch_loop_rewards", None)
+
+
+def test_a_resume_refuses_another_programs_run(tmp_path):
+    """`refine posttrain --resume` over a `refine train` run (or the reverse) would count its data cursor in other
+    records and splice its rows into the other run's metrics.jsonl."""
+    train(_config(tmp_path, "ntp", steps=1), progress=False)
+    config = _config(tmp_path, "ntp", steps=2)
+    model = prepare_model(config)
+    with pytest.raises(ValueError, match="holds a `refine` run \\(data_source.json\\): `refine posttrain --resume`"):
+        resume_from(tmp_path, True, model, make_optimizer(model, config.optim), torch.Generator(), "refine posttrain")
+    assert resume_from(tmp_path, True, model, make_optimizer(model, config.optim), torch.Generator(), "refine").step == 1
+    (tmp_path / "data_source.json").rename(tmp_path / "posttrain.json")  # as a posttrain run's directory
+    with pytest.raises(ValueError, match="holds a `refine posttrain` run"):
+        resume_from(tmp_path, True, model, make_optimizer(model, config.optim), torch.Generator(), "refine")

@@ -21,13 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tqdm.auto import tqdm
 
 from refine.algorithm.rewards import check_run_reward
 from refine.algorithm.selection import min_document_length
-from refine.config import DTYPES, ConfigError, RefineConfig, RunConfig, load_config
+from refine.config import DTYPES, ConfigError, RefineConfig, RunConfig, load_config, parse_yaml
 from refine.data.batches import pad_documents
 from refine.data.sources import DataSourceError
 from refine.data.synthetic import NiahConfig, generate_niah, mqar_for_length
@@ -79,7 +78,7 @@ def split_overrides(items: Sequence[str]) -> tuple[list[str], EvalOptions]:
             continue
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like eval.field=value")
-        values[key.removeprefix("eval.")] = yaml.safe_load(item.split("=", 1)[1])
+        values[key.removeprefix("eval.")] = parse_yaml(item.split("=", 1)[1], f"--set {key}")
     try:
         return run_overrides, EvalOptions.model_validate(values)
     except ValidationError as err:
@@ -462,12 +461,16 @@ def _column_hint(path: str, task: str) -> str:
 
 
 def default_output(model_dir: Path, task: str, ttt: bool, ttt_accumulate: bool = False) -> Path:
-    return model_dir / f"eval-{task}{'-ttt' if ttt else ''}{'-accumulate' if ttt_accumulate else ''}.json"
+    """eval-TASK[-ttt[-accumulate]].json in the model's directory, or in the run directory for a model inside a
+    run's checkpoints (RUN/checkpoints/latest/model): the run's next checkpoint replaces that folder whole."""
+    name = f"eval-{task}{'-ttt' if ttt else ''}{'-accumulate' if ttt_accumulate else ''}.json"
+    checkpoints = next((parent for parent in model_dir.resolve().parents if parent.name == "checkpoints"), None)
+    return (model_dir if checkpoints is None else checkpoints.parent) / name
 
 
 def check_output(output: Path, given: bool) -> None:
     """Refuse, before any generation, a results path that could not be written after it."""
-    name = f"--output {str(output)!r}" if given else f"the results file {str(output)!r} (next to the model; set --output)"
+    name = f"--output {str(output)!r}" if given else f"the results file {str(output)!r} (the default; set --output)"
     if output.is_dir():
         raise ValueError(f"{name} is a directory; give a file path")
     try:

@@ -15,6 +15,7 @@ from refine.evaluation import runner
 from refine.evaluation.runner import (
     answer_batches,
     answer_text,
+    default_output,
     evaluate,
     fit_refine_config,
     metric_task_for,
@@ -178,6 +179,13 @@ def test_test_time_training_refuses_a_kl_term_it_has_no_reference_for(model_dir)
     with pytest.raises(ValueError, match="refine.kl_coef=0.1: test-time training has no reference policy"):
         evaluate(model, TOKENIZER, examples, "niah", ttt=True, run_config=RunConfig(refine=RefineConfig(kl_coef=0.1)),
                  progress=False)
+
+
+def test_results_of_a_model_in_a_runs_checkpoints_go_to_the_run_directory(tmp_path):
+    """The run's next checkpoint replaces checkpoints/latest whole: results written into it would be lost."""
+    model = tmp_path / "run" / "checkpoints" / "latest" / "model"
+    assert default_output(model, "niah", ttt=True) == (tmp_path / "run" / "eval-niah-ttt.json").resolve()
+    assert default_output(tmp_path / "exported", "niah", ttt=False) == tmp_path / "exported" / "eval-niah.json"
 
 
 def test_prompts_answered_in_batches_get_the_answers_they_get_alone(model_dir):
@@ -447,6 +455,8 @@ def test_other_bad_inputs_exit_2_naming_the_value(model_dir, tmp_path, capsys):
     assert code == 2 and "eval.max_promt_tokens" in err
     code, _, err = run_eval(capsys, *base, "--task", "niah", "--set", "eval.batch_size=0")
     assert code == 2 and "eval.batch_size" in err and "(got 0)" in err
+    code, _, err = run_eval(capsys, *base, "--task", "niah", "--set", "eval.batch_size=[")
+    assert code == 2 and "--set eval.batch_size:" in err and "Traceback" not in err
     code, _, err = run_eval(capsys, *base, "--task", "niah", "--length", "40")
     assert code == 2 and "40" in err
     code, _, err = run_eval(capsys, "--model", str(tmp_path), "--task", "niah")

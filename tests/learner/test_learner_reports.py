@@ -8,6 +8,7 @@ import math
 import uuid
 from pathlib import Path
 
+import pytest
 import torch
 
 from learner.checkpoint import latest_checkpoint, read_checkpoint_reports, read_learner_state
@@ -128,3 +129,12 @@ def test_a_colocated_learner_exports_the_reward_and_entropy_of_its_rollouts(redi
     finally:
         learner.runtime.close()
         learner.broker.delete_namespace()
+
+
+def test_a_damaged_local_checkpoint_is_one_error_naming_its_file(tmp_path):
+    """A service --resume over a `refine train --local` checkpoint reads its trainer.pt: garbage there is the
+    same one-line refusal the local loop gives, not torch's traceback advising an unsafe load."""
+    (tmp_path / "trainer.pt").write_text("garbage")
+    with pytest.raises(ValueError, match="trainer.pt: not a readable training checkpoint") as error:
+        read_learner_state(tmp_path)
+    assert "weights_only" not in str(error.value)
