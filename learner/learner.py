@@ -364,7 +364,7 @@ class Learner:
             "duplicates_skipped": self.duplicates,
             "wall_time": round(time.time(), 6),
         })
-        self._record(stats, outcome)
+        self._record(stats, outcome, num_documents=documents.lengths.shape[0])
         self.last_stats = stats
         report = self._new_report("step", stats)
         every = self.config.train.checkpoint_every
@@ -373,7 +373,7 @@ class Learner:
         self._write_progress()
         self._send(report)
 
-    def _record(self, stats: dict, outcome: StepResult) -> None:
+    def _record(self, stats: dict, outcome: StepResult, num_documents: int) -> None:
         m = self.metrics
         m.learner_steps.inc()
         m.learner_step.set(self.state.step)
@@ -386,12 +386,16 @@ class Learner:
             if f"{phase}_seconds" in stats:
                 m.step_seconds.labels(phase=phase).observe(float(stats[f"{phase}_seconds"]))
         if self.colocated:
-            self._record_rollouts(stats)
+            self._record_rollouts(stats, num_documents)
 
-    def _record_rollouts(self, stats: dict) -> None:
-        """Colocated: the fused step samples and scores the rollouts itself, so the gauges the rollout workers
-        and reward replicas set in the disaggregated mode are this learner's to set."""
+    def _record_rollouts(self, stats: dict, num_documents: int) -> None:
+        """Colocated: the fused step samples and scores the rollouts itself, so the counters and gauges the
+        rollout workers and reward replicas set in the disaggregated mode are this learner's to set."""
         m = self.metrics
+        cfg = self.config.refine
+        rollouts = num_documents * cfg.num_chunks * cfg.num_samples  # c positions x n samples per document
+        m.rollouts.inc(rollouts)
+        m.rollout_tokens.inc(rollouts * cfg.rollout_len)
         reward_type = self.config.refine.reward
         for gauge, key in ((m.reward_mean, "reward_mean"), (m.reward_std, "reward_std")):
             if key in stats:

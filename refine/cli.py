@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from refine.config import DEMO_DEFAULTS, ConfigError, RunConfig, load_config
 from refine.runtime import tune_allocator
@@ -37,11 +38,17 @@ def _train(args: argparse.Namespace) -> int:
         # Only the service's disaggregated reward replicas decode text for a text reward.
         decodes_text = not runs_locally(refine_stage_mode(config), args) and config.service.mode == "disaggregated"
         report = run_comparison(config, lambda stage: run_training(stage, args), decodes_text=decodes_text)
-        print(json.dumps({"out_dir": config.train.out_dir, "wall_seconds": report["wall_seconds"]}))
+        print(json.dumps({"out_dir": _where(config), "wall_seconds": report["wall_seconds"]}))
         return 0
     stats = run_training(config, args)
-    print(json.dumps({"out_dir": config.train.out_dir, **stats}))
+    print(json.dumps({"out_dir": _where(config), **stats}))
     return 0
+
+
+def _where(config: RunConfig) -> str:
+    """The run directory as an absolute path: under `ray job submit` a relative one lies in Ray's copy of the
+    working directory, not where the command was typed."""
+    return str(Path(config.train.out_dir).expanduser().resolve())
 
 
 def _model_inspect(args: argparse.Namespace) -> int:

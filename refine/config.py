@@ -183,6 +183,10 @@ class RolloutConfig(Strict):
     vllm: VllmEngineConfig = Field(default_factory=VllmEngineConfig)
 
 
+# Where roles announce their metrics ports unless REFINE_METRICS_DISCOVERY_DIR (a deployment's) says otherwise.
+BUILT_IN_DISCOVERY_DIR = "/tmp/refine/prometheus"
+
+
 class ServiceConfig(Strict):
     """The distributed service: Ray actors exchanging messages through Redis streams."""
 
@@ -203,7 +207,7 @@ class ServiceConfig(Strict):
     # Roles beat once a second (services.role): a timeout of a few beats keeps a busy moment from a restart.
     heartbeat_timeout_s: float = Field(30.0, ge=3, description="a role silent this long is restarted")
     metrics_discovery_dir: PathStr = Field(
-        default_factory=lambda: os.environ.get("REFINE_METRICS_DISCOVERY_DIR", "/tmp/refine/prometheus"),
+        default_factory=lambda: os.environ.get("REFINE_METRICS_DISCOVERY_DIR", BUILT_IN_DISCOVERY_DIR),
         description="where each role announces its metrics port for Prometheus (deploy/prometheus.yml reads it)",
     )
 

@@ -4,10 +4,12 @@ Every process (orchestrator, each rollout worker, each reward replica, the learn
 own registry on an ephemeral port, so any number of actors share a node without port collisions,
 and announces itself with a file in Prometheus' file service-discovery format:
 `<discovery_dir>/<role>-<instance>-<run>~<host>_<port>.json` (run: the service's namespace) =
-[{"targets": ["host:port"], "labels": {"role": ..., "instance_id": ..., "node": ...}}].
+[{"targets": ["host:port"], "labels": {"role": ..., "instance_id": ..., "node": ..., "run": ...}}].
 The run and the target host:port in the name keep the files of two runs on one node apart (instance ids
-such as `learner-0` repeat from run to run): each process removes its own file when it stops, and a run
-removes those of the members it killed (`withdraw_announcements`).
+such as `learner-0` repeat from run to run; the `run` label tells their series apart): each process
+removes its own file when it stops, a run removes those of the members it killed
+(`withdraw_announcements`), and a run starting removes every file its namespace's earlier driver left
+when it was killed (`withdraw_run_announcements`).
 deploy/prometheus.yml reads every such file (`file_sd_configs`). Metric names all start with `refine_`.
 """
 
@@ -120,10 +122,26 @@ def serve_metrics(metrics: Metrics, role: str, instance: str, discovery_dir: str
         directory.mkdir(parents=True, exist_ok=True)
         # One file per served target: a same-named member of another run on this node keeps its own.
         discovery_file = directory / _file_name(_file_stem(role, instance, *([run] if run else [])), host, port)
-        payload = [{"targets": [f"{host}:{port}"],
-                    "labels": {"role": role, "instance_id": instance, "node": socket.gethostname()}}]
+        labels = {"role": role, "instance_id": instance, "node": socket.gethostname()} | ({"run": run} if run else {})
+        payload = [{"targets": [f"{host}:{port}"], "labels": labels}]
         write_atomically(discovery_file, json.dumps(payload))  # Prometheus never reads half a file
     return MetricsEndpoint(host, port, discovery_file, server)
+
+
+def withdraw_run_announcements(discovery_dir: str | Path, run: str) -> int:
+    """Remove every discovery file of run `run` (its `run` label); returns how many there were. Called as a run
+    starts, before any member of it serves: a driver killed with SIGKILL left its members' files behind, and
+    each would stay a target that is down for good."""
+    removed = 0
+    for path in Path(discovery_dir).glob("*.json"):
+        try:
+            labels = json.loads(path.read_text())[0]["labels"]
+        except (OSError, ValueError, LookupError, TypeError):  # not a file of ours, or gone meanwhile
+            continue
+        if isinstance(labels, dict) and labels.get("run") == run:
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 def withdraw_announcements(discovery_dir: str | Path, role: str, instance: str, run: str) -> int:

@@ -68,7 +68,7 @@ import torch
 from tqdm import tqdm
 
 from learner.checkpoint import latest_checkpoint, read_checkpoint_reports, read_learner_state
-from refine.config import ConfigError, RunConfig, ServiceConfig, dump_config, fit_to_tokenizer, run_tokenizer
+from refine.config import BUILT_IN_DISCOVERY_DIR, ConfigError, RunConfig, dump_config, fit_to_tokenizer, run_tokenizer
 from refine.data.batches import DocumentBatch as LocalBatch
 from refine.data.sources import RowSource
 from refine.data.stream import check_source, document_batches, synthetic_documents
@@ -80,7 +80,7 @@ from refine_vllm.settings import remove_staging
 from rollout_workers.engines import engine_owner
 from services.broker import Broker
 from services.messages import DataCursor, DocumentBatch
-from services.metrics import Metrics, serve_metrics, withdraw_announcements
+from services.metrics import Metrics, serve_metrics, withdraw_announcements, withdraw_run_announcements
 from services.progress import LearnerProgress, StepReport, read_progress, write_recorded
 from services.ray_runtime import actor_options, ray_for_run, redis_for_run, resolve_addresses
 from services.redis_server import connect, redact_url
@@ -275,7 +275,8 @@ def _absolute_paths(config: RunConfig) -> RunConfig:
     config = config.model_copy(deep=True)
     config.train.out_dir = str(Path(config.train.out_dir).expanduser().resolve())
     discovery_env = os.environ.get("REFINE_METRICS_DISCOVERY_DIR")
-    if discovery_env and config.service.metrics_discovery_dir == ServiceConfig().metrics_discovery_dir:
+    # The built-in path, given or defaulted (configs/service_tiny.yaml names it), gives way to the deployment's.
+    if discovery_env and config.service.metrics_discovery_dir == BUILT_IN_DISCOVERY_DIR:
         config.service.metrics_discovery_dir = discovery_env
     config.service.metrics_discovery_dir = str(Path(config.service.metrics_discovery_dir).expanduser().resolve())
     for section, name in ((config.train, "init_from"), (config, "tokenizer"), (config.data, "source")):
@@ -419,9 +420,9 @@ class Orchestrator:
         for stream, group in self._groups():
             self.broker.ensure_group(stream, group, start_id="0")
         discovery_dir = self.config.service.metrics_discovery_dir
-        # A driver of this run that was killed (SIGKILL) left its announcement behind: a target that
-        # stays down for good. Nothing else serves as this run's orchestrator now.
-        withdraw_announcements(discovery_dir, "orchestrator", self.namespace, self.namespace)
+        # A driver of this run that was killed (SIGKILL) left its members' announcements behind: targets that
+        # stay down for good. No member of this run serves yet.
+        withdraw_run_announcements(discovery_dir, self.namespace)
         self.endpoint = serve_metrics(self.metrics, role="orchestrator", instance=self.namespace,
                                       discovery_dir=discovery_dir, run=self.namespace)
         previous_handler = self._install_sigterm()

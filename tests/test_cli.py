@@ -146,3 +146,14 @@ def test_posttrain_refuses_a_text_reward_before_reading_anything(tmp_path, capsy
     err = capsys.readouterr().err
     assert "refine.reward='substring_match' scores decoded text" in err and "qa.jsonl" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_the_printed_run_directory_is_absolute(tmp_path, capsys, monkeypatch):
+    """Under `ray job submit` a relative train.out_dir lies in Ray's copy of the working directory: the line a
+    run prints says where its files are."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["train", "--local", "--no-progress", "--set", "demo=null", "--set", "train.mode=ntp", "--set",
+            "train.steps=1", "--set", "data.num_documents=4", "--set", "train.out_dir=runs/rel"]
+    assert main(argv) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["out_dir"] == str(tmp_path / "runs" / "rel") and (tmp_path / "runs" / "rel" / "metrics.jsonl").exists()

@@ -113,7 +113,7 @@ def test_reports_an_earlier_learner_wrote_with_null_stats_are_read_without_them(
     assert read.stats == {"step": 3, "skipped_nonfinite": 1.0} and read.seq == 3
 
 
-def test_a_colocated_learner_exports_the_reward_and_entropy_of_its_rollouts(redis_url: str, tmp_path: Path) -> None:
+def test_a_colocated_learner_exports_its_rollouts_their_reward_and_entropy(redis_url: str, tmp_path: Path) -> None:
     # No rollout workers or reward replicas run in this mode: nobody else sets these gauges.
     config = _config(tmp_path, "service.mode=colocated", "train.checkpoint_every=0")
     learner = Learner(config.model_dump_json(), redis_url, config.service.namespace)
@@ -126,6 +126,10 @@ def test_a_colocated_learner_exports_the_reward_and_entropy_of_its_rollouts(redi
         assert registry.get_sample_value("refine_reward_mean", labels) == stats["reward_mean"]
         assert registry.get_sample_value("refine_reward_std", labels) == stats["reward_std"]
         assert registry.get_sample_value("refine_selected_entropy") == stats["entropy_selected"]
+        refine = config.refine  # the dashboard's rollouts/s and rollout tokens/s
+        rollouts = len(_documents(0).lengths) * refine.num_chunks * refine.num_samples
+        assert registry.get_sample_value("refine_rollouts_total") == rollouts
+        assert registry.get_sample_value("refine_rollout_tokens_total") == rollouts * refine.rollout_len
     finally:
         learner.runtime.close()
         learner.broker.delete_namespace()

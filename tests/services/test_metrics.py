@@ -4,7 +4,7 @@ import json
 import urllib.request
 from pathlib import Path
 
-from services.metrics import Metrics, serve_metrics, withdraw_announcements
+from services.metrics import Metrics, serve_metrics, withdraw_announcements, withdraw_run_announcements
 
 
 def announced_targets(directory: Path) -> dict[str, list[str]]:
@@ -67,4 +67,22 @@ def test_a_run_withdraws_only_its_own_members_announcements(tmp_path: Path) -> N
         assert withdraw_announcements(tmp_path, "rollout_worker", "rollout_worker-0.0", "run-b") == 0
     finally:
         for endpoint in (run_a, run_b, other, longer):
+            endpoint.close()
+
+
+def test_a_starting_run_withdraws_every_announcement_its_killed_driver_left(tmp_path: Path) -> None:
+    """A driver killed with SIGKILL leaves its members' files (down targets); the run started again in the same
+    namespace removes them all, and no other run's, whatever their names."""
+    left = [serve_metrics(Metrics(), role=role, instance=instance, discovery_dir=tmp_path, bind="127.0.0.1",
+                          run="run-b") for role, instance in (("learner", "learner-0"), ("reward", "reward-0.0"))]
+    kept = [serve_metrics(Metrics(), role="learner", instance="learner-0", discovery_dir=tmp_path, bind="127.0.0.1",
+                          run=run) for run in ("run-a", "run-b-2")]
+    (tmp_path / "notes.json").write_text("not a discovery file")
+    try:
+        assert all(json.loads(e.discovery_file.read_text())[0]["labels"]["run"] == "run-b" for e in left)
+        assert withdraw_run_announcements(tmp_path, "run-b") == 2
+        assert sorted(path.name for path in tmp_path.glob("*.json")) == sorted(
+            [e.discovery_file.name for e in kept] + ["notes.json"])
+    finally:
+        for endpoint in left + kept:
             endpoint.close()

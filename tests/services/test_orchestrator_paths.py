@@ -1,0 +1,21 @@
+"""The paths a service run hands its actors (services.orchestrator._absolute_paths)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from refine.config import BUILT_IN_DISCOVERY_DIR, load_config
+from services.orchestrator import _absolute_paths
+
+
+def test_a_deployments_discovery_dir_replaces_the_built_in_one_named_or_defaulted(tmp_path, monkeypatch):
+    """configs/service_tiny.yaml names the built-in path, as a saved config.yaml does: the deployment's
+    REFINE_METRICS_DISCOVERY_DIR (docker-compose, a cluster's nodes) must still apply to it."""
+    deployed = tmp_path / "shared-discovery"
+    monkeypatch.setenv("REFINE_METRICS_DISCOVERY_DIR", str(deployed))
+    named = load_config(None, [f"service.metrics_discovery_dir={BUILT_IN_DISCOVERY_DIR}"])
+    assert _absolute_paths(named).service.metrics_discovery_dir == str(deployed)
+    assert _absolute_paths(load_config(None, [])).service.metrics_discovery_dir == str(deployed)
+    own = tmp_path / "my-discovery"  # a path of the config's own is kept
+    chosen = load_config(None, [f"service.metrics_discovery_dir={own}"])
+    assert Path(_absolute_paths(chosen).service.metrics_discovery_dir) == own
