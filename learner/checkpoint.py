@@ -73,7 +73,7 @@ def read_checkpoint_reports(path: str | Path) -> list[StepReport]:
 
 
 def _read_report(line: str) -> StepReport:
-    """One reports.jsonl line. Learners before finite_stats (learner/learner.py) wrote a skipped step's inf or
+    """One reports.jsonl line. Learners before finite_stats (refine/loop.py) wrote a skipped step's inf or
     nan stats as null, which StepReport refuses: those stats are left out, as the learner now leaves them."""
     row = json.loads(line)
     stats = row.get("stats")

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +37,7 @@ from learner.checkpoint import LearnerState, latest_checkpoint, load_learner_che
 from learner.update import LEARNER_PHASES, fused_update, onepass_update, rollouts_from_batch
 from refine.algorithm.rewards import check_run_reward
 from refine.config import RunConfig, run_tokenizer
-from refine.loop import StepResult, make_optimizer, prepare_model
+from refine.loop import StepResult, finite_stats, make_optimizer, prepare_model
 from services.messages import DataCursor, DocumentBatch, ScoredBatch
 from services.progress import LearnerProgress, StepReport, read_recorded, write_progress
 from services.resilience import TRANSIENT, OutageTolerance, outage_timeout_s, retry_redis
@@ -49,14 +48,13 @@ from services.streams import (
 )
 from services.weight_store import RedisWeightStore, WeightVersionError
 
-__all__ = ["MEMBER_ID", "NONFINITE_KEY", "ROLE", "Learner", "ResumePoint", "finite_stats", "misfit"]
+__all__ = ["MEMBER_ID", "ROLE", "Learner", "ResumePoint", "misfit"]
 
 ROLE = "learner"
 MEMBER_ID = "learner-0"  # rank 0's member id: heartbeats, metrics discovery
 # Unconfirmed reports kept in memory before the learner asks the orchestrator what it wrote (besides at
 # every checkpoint): bounds their memory in a long run with train.checkpoint_every=0.
 UNRECORDED_CHECK_EVERY = 256
-NONFINITE_KEY = "nonfinite_stats"  # names the stats a report left out because they were inf or nan
 
 logger = logging.getLogger(__name__)
 
@@ -106,17 +104,6 @@ def misfit(batch: ScoredBatch, documents: DocumentBatch, vocab_size: int) -> str
     if batch.rollout_tokens.numel() and int(batch.rollout_tokens.max()) >= vocab_size:
         return f"rollout_tokens: token id {int(batch.rollout_tokens.max())} is not below model.vocab_size={vocab_size}"
     return None
-
-
-def finite_stats(stats: dict) -> dict:
-    """`stats` without the float values that are inf or nan (a skipped step's loss, grad_norm), their names
-    listed under NONFINITE_KEY. JSON has no such numbers: pydantic writes them as null, which the report's
-    own schema then refuses on resume; the skipped_nonfinite flag and skipped_steps say what happened."""
-    left_out = [key for key, value in stats.items() if isinstance(value, float) and not math.isfinite(value)]
-    if not left_out:
-        return stats
-    kept = {key: value for key, value in stats.items() if key not in left_out}
-    return kept | {NONFINITE_KEY: ",".join(left_out)}
 
 
 class Learner:

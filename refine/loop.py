@@ -364,6 +364,21 @@ class StepBatch:
     tokens: int
 
 
+NONFINITE_KEY = "nonfinite_stats"  # names the stats a row left out because they were inf or nan
+
+
+def finite_stats(stats: dict) -> dict:
+    """`stats` without the float values that are inf or nan (a skipped step's loss, grad_norm), their names
+    listed under NONFINITE_KEY. JSON has no such numbers (json.dumps writes Infinity, which strict readers
+    refuse; pydantic writes null, which the service's report schema then refuses on resume); the
+    skipped_nonfinite flag and skipped_steps say what happened."""
+    left_out = [key for key, value in stats.items() if isinstance(value, float) and not math.isfinite(value)]
+    if not left_out:
+        return stats
+    kept = {key: value for key, value in stats.items() if key not in left_out}
+    return kept | {NONFINITE_KEY: ",".join(left_out)}
+
+
 def run_steps(config: RunConfig, model: FastWeightLM, optimizer: torch.optim.Optimizer, generator: torch.Generator,
               tokenizer: Tokenizer, next_batch: Callable[[int], StepBatch], start: RunPosition, desc: str,
               shown: tuple[str, ...], progress: bool) -> dict[str, float]:
@@ -382,9 +397,10 @@ def run_steps(config: RunConfig, model: FastWeightLM, optimizer: torch.optim.Opt
             times = StageTimes(config.train.device)
             outcome = batch.update(times)
             position = RunPosition(position.step + 1, batch.cursor, position.skipped_steps + outcome.skipped)
-            last = outcome.stats | times.stats() | {"step": position.step,
-                                                    "step_seconds": time.perf_counter() - started,
-                                                    "skipped_steps": position.skipped_steps, "tokens": batch.tokens}
+            last = finite_stats(outcome.stats | times.stats() | {"step": position.step,
+                                                                 "step_seconds": time.perf_counter() - started,
+                                                                 "skipped_steps": position.skipped_steps,
+                                                                 "tokens": batch.tokens})
             if position.step % config.train.log_every == 0 or position.step == config.train.steps:
                 metrics_file.write(json.dumps(last) + "\n")
                 metrics_file.flush()

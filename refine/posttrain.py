@@ -229,5 +229,5 @@ def main(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.set, defaults=POSTTRAIN_DEFAULTS)
     stats = posttrain(config, args.data, args.task, sft_coef=args.sft_coef, resume=args.resume,
                       progress=not args.no_progress)
-    print(json.dumps({"out_dir": config.train.out_dir, **stats}))
+    print(json.dumps({"out_dir": str(Path(config.train.out_dir).expanduser().resolve()), **stats}))
     return 0

@@ -12,7 +12,7 @@ from refine.algorithm.losses import ntp_loss
 from refine.config import run_tokenizer
 from refine.data.batches import DocumentBatch
 from refine.loop import (
-    RunPosition, StepResult, make_optimizer, merge_steps, mini_batch_bounds, optimizer_step, prepare_model,
+    NONFINITE_KEY, RunPosition, StepResult, make_optimizer, merge_steps, mini_batch_bounds, optimizer_step, prepare_model,
     resume_from, rollout_batch_update, save_run_checkpoint, start_run_directory, train, train_step,
 )
 from refine.models import build_model, load_model
@@ -427,3 +427,16 @@ def test_a_resume_refuses_another_programs_run(tmp_path):
     (tmp_path / "data_source.json").rename(tmp_path / "posttrain.json")  # as a posttrain run's directory
     with pytest.raises(ValueError, match="holds a `refine posttrain` run"):
         resume_from(tmp_path, True, model, make_optimizer(model, config.optim), torch.Generator(), "refine")
+
+
+def test_a_skipped_steps_metrics_row_is_strict_json(tmp_path):
+    """An infinite loss was written as Infinity, which strict JSON readers (jq, browsers, pandas' default) refuse:
+    the row leaves such stats out and names them, as the service's learner does."""
+    stats = train(_config(tmp_path, "onepass", steps=1, extra=("refine.lambda_ntp=1e300",)), progress=False)
+    assert stats["skipped_nonfinite"] == 1.0 and "loss" in stats[NONFINITE_KEY].split(",")
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"not JSON: {constant}")
+
+    row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1], parse_constant=refuse)
+    assert row["skipped_steps"] == 1 and "loss" not in row

@@ -77,12 +77,14 @@ def test_resume_after_the_driver_died_loses_nothing_and_keeps_the_run_config(ray
     assert "\n" not in message and "Traceback" not in message and "--resume" not in message, message
     assert (run_dir / "config.yaml").read_text() == saved_config
 
-    # The resume with the run's config: step 2's row restored, step 3 trained; the announcement a killed
-    # driver of this run left for Prometheus is gone.
+    # The resume with the run's config: step 2's row restored, step 3 trained; the announcements a killed
+    # driver of this run and its learner left for Prometheus are gone.
     resumed = tiny_config(tmp_path, *base, "train.steps=3")
     namespace = resumed.service.namespace
-    stale = tmp_path / "prometheus" / f"orchestrator-{namespace}-{namespace}~127.0.0.1_1.json"
-    stale.write_text("[]")
+    for role, instance, port in (("orchestrator", namespace, 1), ("learner", "learner-0", 2)):
+        stale = tmp_path / "prometheus" / f"{role}-{instance}-{namespace}~127.0.0.1_{port}.json"
+        labels = {"role": role, "instance_id": instance, "node": "gone", "run": namespace}
+        stale.write_text(json.dumps([{"targets": [f"127.0.0.1:{port}"], "labels": labels}]))
     run(resumed, resume=True, progress=False)
     assert [row["step"] for row in step_rows(run_dir)] == [1, 2, 3]
     assert step_rows(run_dir)[:2] == rows

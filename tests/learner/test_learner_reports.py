@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from learner.checkpoint import latest_checkpoint, read_checkpoint_reports, read_learner_state
-from learner.learner import NONFINITE_KEY, Learner
+from learner.learner import Learner
 from refine.algorithm.rollout import snapshot_rollouts
 from refine.algorithm.update import score_rollouts
 from refine.config import RunConfig, load_config
+from refine.loop import NONFINITE_KEY
 from services.messages import DataCursor, DocumentBatch, ScoredBatch
 from services.orchestrator import restore_reports
 from services.progress import StepReport, write_recorded
