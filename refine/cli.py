@@ -32,6 +32,10 @@ def run_training(config: RunConfig, args: argparse.Namespace) -> dict:
 def _train(args: argparse.Namespace) -> int:
     # No config file: the main job (REFINE vs NTP comparison) on its embedded defaults.
     config = load_config(args.config, args.set, defaults=DEMO_DEFAULTS)
+    unused = [flag for flag, value in (("--ray-address", args.ray_address), ("--redis-url", args.redis_url)) if value]
+    if args.local and unused:  # the single-process loop starts neither
+        print(f"refine: {' and '.join(unused)} unused: --local trains in this process, without Ray or Redis",
+              file=sys.stderr)
     if config.demo is not None:
         from refine.experiment import refine_stage_mode, run_comparison
 

@@ -157,3 +157,11 @@ def test_the_printed_run_directory_is_absolute(tmp_path, capsys, monkeypatch):
     assert main(argv) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["out_dir"] == str(tmp_path / "runs" / "rel") and (tmp_path / "runs" / "rel" / "metrics.jsonl").exists()
+
+
+def test_local_says_the_service_addresses_it_was_given_go_unused(tmp_path, capsys):
+    argv = ["train", "--local", "--no-progress", "--set", "demo=null", "--set", "train.mode=ntp", "--set",
+            "train.steps=1", "--set", "data.num_documents=4", "--set", f"train.out_dir={tmp_path}",
+            "--redis-url", "redis://127.0.0.1:1/0"]
+    assert main(argv) == 0
+    assert "--redis-url unused: --local trains in this process" in capsys.readouterr().err
