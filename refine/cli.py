@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from refine.config import DEMO_DEFAULTS, ConfigError, RunConfig, load_config
 from refine.runtime import tune_allocator
@@ -30,6 +29,8 @@ def run_training(config: RunConfig, args: argparse.Namespace) -> dict:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from refine.loop import absolute_out_dir
+
     # No config file: the main job (REFINE vs NTP comparison) on its embedded defaults.
     config = load_config(args.config, args.set, defaults=DEMO_DEFAULTS)
     unused = [flag for flag, value in (("--ray-address", args.ray_address), ("--redis-url", args.redis_url)) if value]
@@ -42,17 +43,11 @@ def _train(args: argparse.Namespace) -> int:
         # Only the service's disaggregated reward replicas decode text for a text reward.
         decodes_text = not runs_locally(refine_stage_mode(config), args) and config.service.mode == "disaggregated"
         report = run_comparison(config, lambda stage: run_training(stage, args), decodes_text=decodes_text)
-        print(json.dumps({"out_dir": _where(config), "wall_seconds": report["wall_seconds"]}))
+        print(json.dumps({"out_dir": absolute_out_dir(config), "wall_seconds": report["wall_seconds"]}))
         return 0
     stats = run_training(config, args)
-    print(json.dumps({"out_dir": _where(config), **stats}))
+    print(json.dumps({"out_dir": absolute_out_dir(config), **stats}))
     return 0
-
-
-def _where(config: RunConfig) -> str:
-    """The run directory as an absolute path: under `ray job submit` a relative one lies in Ray's copy of the
-    working directory, not where the command was typed."""
-    return str(Path(config.train.out_dir).expanduser().resolve())
 
 
 def _model_inspect(args: argparse.Namespace) -> int:

@@ -309,6 +309,12 @@ def check_resumed_program(out_dir: Path, program: str) -> None:
                              f"continues only its own runs; give it another train.out_dir")
 
 
+def absolute_out_dir(config: RunConfig) -> str:
+    """train.out_dir as an absolute path: actors run in other working directories, and under `ray job submit`
+    a relative one lies in Ray's copy of the working directory, not where the command was typed."""
+    return str(Path(config.train.out_dir).expanduser().resolve())
+
+
 def start_run_directory(config: RunConfig, fresh: bool, program: str) -> Path:
     """Create `train.out_dir` and write its config.yaml; a `fresh` run (not resumed from a checkpoint) also
     removes an earlier run's checkpoint there. Called only once the model, optimizer and any resumed state

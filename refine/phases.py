@@ -31,6 +31,14 @@ class QAExample:
     answer: list[int]  # SFT targets
 
 
+def check_no_kl_term(cfg: RefineConfig, program: str) -> None:
+    """Post-training and test-time training run the fused step without a frozen reference policy (as the
+    paper's code does): a KL coefficient there would be ignored without a word, so it is refused."""
+    if cfg.kl_coef > 0:
+        raise ValueError(f"refine.kl_coef={cfg.kl_coef}: {program} has no reference policy for a KL term; "
+                         f"set refine.kl_coef=0")
+
+
 def answer_loss(logits: Tensor, input_ids: Tensor, answer_starts: Tensor, lengths: Tensor) -> Tensor:
     """Mean cross-entropy of the answer tokens input_ids[b, answer_starts[b] : lengths[b]]."""
     targets = input_ids[:, 1:]

@@ -48,9 +48,9 @@ from refine.data.tasks import TaskExample, load_longbench, load_ruler_qa
 from refine.evaluation.runner import prompt_tokens
 from refine.files import write_atomically
 from refine.loop import (
-    StepBatch, StepResult, make_optimizer, prepare_model, resume_from, run_steps, start_run_directory,
+    StepBatch, StepResult, absolute_out_dir, make_optimizer, prepare_model, resume_from, run_steps, start_run_directory,
 )
-from refine.phases import QAExample, posttrain_step
+from refine.phases import QAExample, check_no_kl_term, posttrain_step
 from refine.runtime import StageTimes, tune_allocator
 from refine.tokenizer import Tokenizer
 
@@ -87,9 +87,7 @@ def check_config(config: RunConfig, sft_coef: float) -> None:
     if config.train.mini_batches > 1:
         raise ValueError(f"train.mini_batches={config.train.mini_batches}: refine posttrain's fused steps sample their "
                          f"rollouts in every update (on-policy); lower train.batch_size instead")
-    if config.refine.kl_coef > 0:
-        raise ValueError(f"refine.kl_coef={config.refine.kl_coef}: refine posttrain has no reference policy for a "
-                         f"KL term; set refine.kl_coef=0")
+    check_no_kl_term(config.refine, "refine posttrain")
     if not (math.isfinite(sft_coef) and sft_coef >= 0):  # inf would make every step's loss inf: all skipped
         raise ValueError(f"--sft-coef must be a finite number >= 0, got {sft_coef}")
     # The nested step scores its rollouts in this process, from tokens and hidden states: no text.
@@ -229,5 +227,5 @@ def main(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.set, defaults=POSTTRAIN_DEFAULTS)
     stats = posttrain(config, args.data, args.task, sft_coef=args.sft_coef, resume=args.resume,
                       progress=not args.no_progress)
-    print(json.dumps({"out_dir": str(Path(config.train.out_dir).expanduser().resolve()), **stats}))
+    print(json.dumps({"out_dir": absolute_out_dir(config), **stats}))
     return 0

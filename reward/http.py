@@ -44,7 +44,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import reward.functions  # noqa: F401  (registers the task rewards)
 from refine.algorithm.rewards import RewardInputs, available_rewards, compute_reward
-from reward.scoring import rewards_summary
+from reward.scoring import record_scored
 from services.metrics import Metrics
 
 __all__ = ["ScoreLimits", "ScoreResponse", "create_app", "serve"]
@@ -472,11 +472,7 @@ def create_app(
             logger.exception("reward service: reward %r failed", request.reward_type)
             raise _RewardFailed(exc) from exc
         seconds = time.perf_counter() - started
-        mean, std = rewards_summary(rewards)
-        metrics.reward_mean.labels(reward_type=request.reward_type).set(mean)
-        metrics.reward_std.labels(reward_type=request.reward_type).set(std)
-        metrics.reward_latency.observe(seconds)
-        metrics.scored_batches.inc()  # one request is one batch, as a replica counts them
+        record_scored(metrics, request.reward_type, rewards, seconds)  # one request is one batch, as a replica's
         return ScoreResponse(reward_type=request.reward_type, rewards=rewards.tolist(), latency_ms=seconds * 1e3)
 
     app.post(SCORE_PATH, response_model=ScoreResponse, responses=errors, summary="Score rollouts")(score)

@@ -10,8 +10,9 @@ from pydantic import ValidationError
 import reward.functions  # noqa: F401  (registers the task rewards)
 from refine.algorithm.rewards import RewardInputs, available_rewards, compute_reward, reward_reads_text
 from services.messages import RolloutBatch, ScoredBatch
+from services.metrics import Metrics
 
-__all__ = ["Decode", "ScoringError", "check_reward_type", "rewards_summary", "score_batch"]
+__all__ = ["Decode", "ScoringError", "check_reward_type", "record_scored", "rewards_summary", "score_batch"]
 
 Decode = Callable[[list[int]], str]
 
@@ -84,3 +85,13 @@ def rewards_summary(rewards: torch.Tensor) -> tuple[float, float]:
     if values.numel() == 0:
         return 0.0, 0.0
     return float(values.mean()), float(values.std(unbiased=False))
+
+
+def record_scored(metrics: Metrics, reward_type: str, rewards: torch.Tensor, seconds: float) -> None:
+    """The metrics of one scored batch, alike for a reward replica and the HTTP API: the batch's reward mean and
+    std under its reward type, the seconds the scoring took, one more scored batch."""
+    mean, std = rewards_summary(rewards)
+    metrics.reward_mean.labels(reward_type=reward_type).set(mean)
+    metrics.reward_std.labels(reward_type=reward_type).set(std)
+    metrics.reward_latency.observe(seconds)
+    metrics.scored_batches.inc()

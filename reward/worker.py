@@ -17,7 +17,7 @@ from contextlib import AbstractContextManager, nullcontext
 
 import redis
 
-from reward.scoring import Decode, check_reward_type, rewards_summary, score_batch
+from reward.scoring import Decode, check_reward_type, record_scored, score_batch
 from services.broker import Broker
 from services.codec import encode
 from services.messages import RolloutBatch
@@ -131,11 +131,7 @@ class RewardWorker:
     def _record(self, rewards, seconds: float) -> None:
         if self.metrics is None:
             return
-        mean, std = rewards_summary(rewards)
-        self.metrics.reward_mean.labels(reward_type=self.reward_type).set(mean)
-        self.metrics.reward_std.labels(reward_type=self.reward_type).set(std)
-        self.metrics.reward_latency.observe(seconds)
-        self.metrics.scored_batches.inc()
+        record_scored(self.metrics, self.reward_type, rewards, seconds)
 
     # -- loop -------------------------------------------------------------------------------------
 

@@ -73,7 +73,7 @@ from refine.data.batches import DocumentBatch as LocalBatch
 from refine.data.sources import RowSource
 from refine.data.stream import check_source, document_batches, synthetic_documents
 from refine.files import write_atomically
-from refine.loop import check_resumed_program, clear_checkpoints, jsonl_rows, open_metrics
+from refine.loop import absolute_out_dir, check_resumed_program, clear_checkpoints, jsonl_rows, open_metrics
 from refine.plots import plot_metrics
 from refine.tokenizer import Tokenizer
 from refine_vllm.settings import remove_staging
@@ -273,7 +273,7 @@ def _absolute_paths(config: RunConfig) -> RunConfig:
     """Actors run in other working directories: give them absolute paths. A deployment's
     REFINE_METRICS_DISCOVERY_DIR applies when the config leaves the discovery dir at its default."""
     config = config.model_copy(deep=True)
-    config.train.out_dir = str(Path(config.train.out_dir).expanduser().resolve())
+    config.train.out_dir = absolute_out_dir(config)
     discovery_env = os.environ.get("REFINE_METRICS_DISCOVERY_DIR")
     # The built-in path, given or defaulted (configs/service_tiny.yaml names it), gives way to the deployment's.
     if discovery_env and config.service.metrics_discovery_dir == BUILT_IN_DISCOVERY_DIR:

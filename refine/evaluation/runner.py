@@ -36,7 +36,7 @@ from refine.evaluation.score import score_predictions
 from refine.generate import generate
 from refine.loop import make_optimizer
 from refine.models import FastWeightLM, load_model
-from refine.phases import adapt_and_answer, snapshot_weights
+from refine.phases import adapt_and_answer, check_no_kl_term, snapshot_weights
 from refine.tokenizer import Tokenizer, resolve_tokenizer
 
 CLI_TASKS = ("niah", "mqar", "ruler-qa", "longbench")
@@ -272,9 +272,7 @@ def evaluate(
     refine_cfg = ttt_refine_config(run_config.refine)
     if ttt:  # test-time training scores its rollouts in-process: tokens and hidden states, no text
         check_run_reward(refine_cfg.reward, refine_cfg.reward_modules, decodes_text=False)
-        if refine_cfg.kl_coef > 0:  # else ignored without a word: adaptation keeps no frozen reference policy
-            raise ValueError(f"refine.kl_coef={refine_cfg.kl_coef}: test-time training has no reference policy for "
-                             f"a KL term (nor has the paper's); set refine.kl_coef=0")
+        check_no_kl_term(refine_cfg, "test-time training")
     metric_tasks = [metric_task_for(task, example) for example in examples]
     # An unknown task, or gold answers its metric cannot score, fail before any generation.
     metrics = {name: task_metric(name, longbench_scoring=longbench_scoring) for name in sorted(set(metric_tasks))}
