@@ -1,6 +1,6 @@
 """A stand-in for one role process: serves services.metrics with plausible values, announced for Prometheus.
 
-Run as `python tests/deploy/fake_role.py --role learner --instance 0 --discovery-dir DIR`. It prints
+Run as `python tests/deploy/fake_role.py --role learner --instance 0 --discovery-dir DIR --run RUN`. It prints
 one JSON line {"host", "port", "discovery_file"} once it is served and announced, then serves until
 its standard input closes, and removes its discovery file on the way out.
 """
@@ -71,11 +71,13 @@ def main() -> None:
     parser.add_argument("--role", required=True, choices=sorted(UPDATES))
     parser.add_argument("--instance", required=True)
     parser.add_argument("--discovery-dir", required=True)
+    parser.add_argument("--run", required=True, help="the run label every role of one service run shares")
     args = parser.parse_args()
 
     metrics = Metrics()
     UPDATES[args.role](metrics)
-    endpoint = serve_metrics(metrics, args.role, args.instance, args.discovery_dir, bind="127.0.0.1")
+    endpoint = serve_metrics(metrics, args.role, args.instance, args.discovery_dir, bind="127.0.0.1",
+                             run=args.run)
     try:
         print(json.dumps({"host": endpoint.host, "port": endpoint.port,
                           "discovery_file": str(endpoint.discovery_file)}), flush=True)

@@ -1,8 +1,9 @@
 """The Grafana dashboard uses only metrics, labels and label values that a real Prometheus scrape shows.
 
-Fake role processes serve services.metrics exactly as the real roles do (ephemeral port, discovery
-file); a real Prometheus configured from deploy/prometheus.yml discovers and scrapes them; every PromQL
-expression of deploy/grafana/dashboards/refine.json is then checked against what it scraped.
+Fake role processes of two concurrent runs serve services.metrics exactly as the real roles do (ephemeral
+port, discovery file with the run's label); a real Prometheus configured from deploy/prometheus.yml
+discovers and scrapes them; every PromQL expression of deploy/grafana/dashboards/refine.json is then
+checked against what it scraped, with the dashboard's run selector on All and on each run.
 """
 
 from __future__ import annotations
@@ -30,9 +31,14 @@ FAKE_ROLE = Path(__file__).with_name("fake_role.py")
 ROLES = ("orchestrator", "rollout_worker", "reward", "learner")
 FAKE_PROCESSES = (("orchestrator", "0"), ("rollout_worker", "0"), ("rollout_worker", "1"), ("reward", "0"),
                   ("learner", "0"))
+# Two runs share the Prometheus, as concurrent runs do; each has every process above.
+RUNS = ("refine-run-a", "refine-run-b")
+FAKE_TARGETS = tuple((run, role, instance) for run in RUNS for role, instance in FAKE_PROCESSES)
+# What the run selector's All stands for (the dashboard's allValue): any run.
+ALL_RUNS = ".+"
 
 
-# --- a small PromQL reader: enough to find metric names, label matchers and grouping labels ---------------
+# --- a small PromQL reader: enough to find metric names, label matchers, grouping labels and selectors ----
 
 _TOKEN = re.compile(r"""
     (?P<space>\s+|\#[^\n]*)
@@ -49,10 +55,18 @@ _KEYWORDS = _AGGREGATIONS | _GROUPING | {"and", "or", "unless", "offset", "bool"
 
 
 @dataclass
+class Selector:
+    """One vector selector: its metric name ("" if it names none) and its own label matchers."""
+    name: str
+    matchers: list[tuple[str, str, str]] = field(default_factory=list)  # (label, op, value)
+
+
+@dataclass
 class ParsedQuery:
     metric_names: set[str] = field(default_factory=set)
-    matchers: list[tuple[str, str, str]] = field(default_factory=list)  # (label, op, value)
+    matchers: list[tuple[str, str, str]] = field(default_factory=list)  # (label, op, value), all selectors'
     grouping_labels: set[str] = field(default_factory=set)
+    selectors: list[Selector] = field(default_factory=list)
 
 
 def _tokens(expr: str) -> list[tuple[str, str]]:
@@ -78,13 +92,17 @@ def _unquote(literal: str) -> str:
 
 
 def parse_promql(expr: str) -> ParsedQuery:
-    """Metric names, label matchers and grouping labels of a PromQL expression."""
+    """Metric names, label matchers, grouping labels and vector selectors of a PromQL expression."""
     tokens = _tokens(expr)
     parsed = ParsedQuery()
+    named_selector_at = -1  # token index of the last metric name, whose braces (if any) follow it
     i = 0
     while i < len(tokens):
         kind, text = tokens[i]
         if text == "{":
+            if named_selector_at != i - 1:  # braces alone: {__name__="m", ...}
+                parsed.selectors.append(Selector(""))
+            selector = parsed.selectors[-1]
             i += 1
             while tokens[i][1] != "}":
                 if tokens[i][1] == ",":
@@ -92,8 +110,10 @@ def parse_promql(expr: str) -> ParsedQuery:
                     continue
                 label, op, value = tokens[i][1], tokens[i + 1][1], _unquote(tokens[i + 2][1])
                 parsed.matchers.append((label, op, value))
+                selector.matchers.append((label, op, value))
                 if label == "__name__" and op == "=":
                     parsed.metric_names.add(value)
+                    selector.name = value
                 i += 3
         elif text == "[":
             while tokens[i][1] != "]":
@@ -109,6 +129,8 @@ def parse_promql(expr: str) -> ParsedQuery:
             is_call = i + 1 < len(tokens) and tokens[i + 1][1] == "("
             if not is_call and text.lower() not in _KEYWORDS:
                 parsed.metric_names.add(text)
+                parsed.selectors.append(Selector(text))
+                named_selector_at = i
         i += 1
     return parsed
 
@@ -116,11 +138,14 @@ def parse_promql(expr: str) -> ParsedQuery:
 _GRAFANA_VARIABLE = re.compile(r"\$\{?(\w+)\}?")
 
 
-def with_grafana_variables(expr: str) -> str:
-    """Replace Grafana's built-in interval variables by a concrete range; any other variable is an error."""
+def with_grafana_variables(expr: str, run: str = ALL_RUNS) -> str:
+    """Replace Grafana's built-in interval variables by a concrete range and the run selector `$run` by `run`:
+    by default its All (a regex of any run), else the one run picked; any other variable is an error."""
     def replace(match: re.Match[str]) -> str:
         if match.group(1) in ("__rate_interval", "__interval", "__range"):
             return "1m"
+        if match.group(1) == "run":
+            return run
         raise ValueError(f"dashboard query uses template variable ${match.group(1)}, which the dashboard does not "
                          f"define: {expr!r}")
     return _GRAFANA_VARIABLE.sub(replace, expr)
@@ -138,6 +163,22 @@ def dashboard_queries() -> list[tuple[str, str, str]]:
     dashboard = json.loads(DASHBOARD.read_text())
     return [(panel["title"], target["refId"], target["expr"])
             for panel in panels(dashboard["panels"]) for target in panel.get("targets", [])]
+
+
+def dashboard_variable(name: str) -> dict[str, Any]:
+    variables = json.loads(DASHBOARD.read_text())["templating"]["list"]
+    found = [variable for variable in variables if variable["name"] == name]
+    assert len(found) == 1, f"the dashboard defines {len(found)} variables named {name!r}: {variables}"
+    return found[0]
+
+
+def label_values_query(variable: dict[str, Any]) -> tuple[str, str]:
+    """(metric, label) of a query variable `label_values(metric, label)` (Grafana stores the query as a
+    string or, in newer versions, as an object holding it)."""
+    query = variable["query"]["query"] if isinstance(variable["query"], dict) else variable["query"]
+    match = re.fullmatch(r"\s*label_values\(\s*([a-zA-Z_:][a-zA-Z0-9_:]*)\s*,\s*(\w+)\s*\)\s*", query)
+    assert match, f"variable {variable['name']!r}: {query!r} is not label_values(<metric>, <label>)"
+    return match.group(1), match.group(2)
 
 
 def exposed_metric_names() -> set[str]:
@@ -168,6 +209,10 @@ def test_promql_reader_finds_metrics_labels_and_grouping() -> None:
     assert ("job", "!=", "x") in parsed.matchers
 
     assert parse_promql('label_replace(m, "dst", "$1", "src", "(.*)")').metric_names == {"m"}
+
+    parsed = parse_promql('sum by (run) (rate(a{run=~"r", role="x"}[1m])) / b + {__name__="c", run="s"}')
+    assert [(s.name, s.matchers) for s in parsed.selectors] == [
+        ("a", [("run", "=~", "r"), ("role", "=", "x")]), ("b", []), ("c", [("__name__", "=", "c"), ("run", "=", "s")])]
     with pytest.raises(ValueError, match="unexpected character"):
         parse_promql("rate(m[5m]) ; drop")
 
@@ -205,10 +250,35 @@ def test_dashboard_uses_only_metrics_that_services_metrics_defines() -> None:
         assert not unknown, f"panel {title!r} query {ref_id}: {sorted(unknown)} not defined in services/metrics.py"
 
 
+def test_dashboard_has_a_run_selector_defaulting_to_every_run() -> None:
+    variable = dashboard_variable("run")
+    datasource_uid = yaml.safe_load(DATASOURCES.read_text())["datasources"][0]["uid"]
+    assert variable["type"] == "query"
+    assert variable["datasource"] == {"type": "prometheus", "uid": datasource_uid}
+    metric, label = label_values_query(variable)
+    assert label == "run"
+    assert metric in exposed_metric_names()
+    assert variable["multi"] is True and variable["includeAll"] is True
+    assert variable["allValue"] == ALL_RUNS  # what with_grafana_variables puts for All
+    assert variable["current"]["value"] in ("$__all", ["$__all"])
+    assert variable["refresh"] in (1, 2)  # runs started later are listed (on load / on time range change)
+
+
+def test_every_dashboard_query_filters_every_selector_on_the_run_selector() -> None:
+    """`=~` (not `=`): Grafana writes several picked runs, and All, as a regex."""
+    for title, ref_id, expr in QUERIES:
+        parsed = parse_promql(with_grafana_variables(expr, run="$run"))  # $run left as written
+        assert parsed.selectors, (title, ref_id, expr)
+        for selector in parsed.selectors:
+            assert ("run", "=~", "$run") in selector.matchers, \
+                f'panel {title!r} query {ref_id}: {selector.name} has no run=~"$run": {expr}'
+
+
 # --- against a real scrape ---------------------------------------------------------------------------------
 
 @dataclass
 class FakeRole:
+    run: str
     role: str
     instance: str
     process: subprocess.Popen[str]
@@ -225,21 +295,22 @@ class FakeRole:
                 self.process.wait(timeout=5)
 
 
-def start_fake_role(role: str, instance: str, discovery_dir: Path, log_dir: Path) -> FakeRole:
+def start_fake_role(run: str, role: str, instance: str, discovery_dir: Path, log_dir: Path) -> FakeRole:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
                REFINE_METRICS_HOST="127.0.0.1")
-    log = log_dir / f"{role}-{instance}.log"
+    log = log_dir / f"{run}-{role}-{instance}.log"
     with log.open("w") as stderr:
         process = subprocess.Popen([sys.executable, str(FAKE_ROLE), "--role", role, "--instance", instance,
-                                    "--discovery-dir", str(discovery_dir)],
+                                    "--discovery-dir", str(discovery_dir), "--run", run],
                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True,
                                    cwd=REPO_ROOT, env=env)
     assert process.stdout is not None
     line = process.stdout.readline()
     if not line:
         process.wait(timeout=10)
-        raise RuntimeError(f"fake {role} {instance} exited with {process.returncode}: {log.read_text()[-2000:]}")
-    return FakeRole(role, instance, process, json.loads(line))
+        raise RuntimeError(f"fake {role} {instance} of {run} exited with {process.returncode}: "
+                           f"{log.read_text()[-2000:]}")
+    return FakeRole(run, role, instance, process, json.loads(line))
 
 
 @pytest.fixture(scope="module")
@@ -258,9 +329,9 @@ def fake_roles(prometheus: Any, discovery_dir: Path, tmp_path_factory: pytest.Te
     log_dir = tmp_path_factory.mktemp("fake-roles")
     roles: list[FakeRole] = []
     try:
-        for role, instance in FAKE_PROCESSES:
-            roles.append(start_fake_role(role, instance, discovery_dir, log_dir))
-        prometheus.wait_for_targets(len(FAKE_PROCESSES))
+        for run, role, instance in FAKE_TARGETS:
+            roles.append(start_fake_role(run, role, instance, discovery_dir, log_dir))
+        prometheus.wait_for_targets(len(FAKE_TARGETS))
         yield roles
     finally:
         for fake in roles:
@@ -280,11 +351,11 @@ def test_every_role_is_discovered_and_scraped_with_its_labels(prometheus: Any, f
                                                               discovery_dir: Path) -> None:
     assert sorted(path.name for path in discovery_dir.glob("*.json")) == sorted(
         Path(fake.announced["discovery_file"]).name for fake in fake_roles)
-    assert all(Path(fake.announced["discovery_file"]).name.startswith(f"{fake.role}-{fake.instance}~")
+    assert all(Path(fake.announced["discovery_file"]).name.startswith(f"{fake.role}-{fake.instance}-{fake.run}~")
                for fake in fake_roles)
-    targets = prometheus.wait_for_targets(len(FAKE_PROCESSES))
-    labels = sorted((t["labels"]["role"], t["labels"]["instance_id"]) for t in targets)
-    assert labels == sorted(FAKE_PROCESSES)
+    targets = prometheus.wait_for_targets(len(FAKE_TARGETS))
+    labels = sorted((t["labels"]["run"], t["labels"]["role"], t["labels"]["instance_id"]) for t in targets)
+    assert labels == sorted(FAKE_TARGETS)
     for target in targets:
         assert target["labels"]["job"] == "refine"
         assert target["labels"]["node"], target
@@ -314,33 +385,88 @@ def test_dashboard_labels_and_role_values_exist_in_the_scrape(prometheus: Any, s
             if op == "=":
                 assert value in prometheus.label_values(label), (title, ref_id, label, value)
             elif op == "=~":
-                # Every alternative of a regex matcher names a value that exists.
+                # Every alternative of a regex matcher matches a value that exists (a plain one: names it).
                 for alternative in value.split("|"):
-                    assert alternative in prometheus.label_values(label), (title, ref_id, label, alternative)
+                    assert any(re.fullmatch(alternative, existing) for existing in prometheus.label_values(label)), \
+                        (title, ref_id, label, alternative)
+
+
+def assert_queries_show_runs(prometheus: Any, queries: list[tuple[str, str, str]], runs: set[str]) -> None:
+    """Prometheus itself parses each query (an invalid one raises); once every target has been scraped twice
+    (rates need two samples) each must return series, and those of exactly `runs`: every series keeps its run
+    label, so no aggregation mixes runs."""
+    wrong: list[tuple[str, str, set[str | None]]] = []
+
+    def all_show_runs() -> bool:
+        wrong[:] = []
+        for title, ref_id, expr in queries:
+            shown = {series["metric"].get("run") for series in prometheus.query(expr)}
+            if shown != runs:
+                wrong.append((title, ref_id, shown))
+        return not wrong
+
+    try:
+        prometheus.wait_until(all_show_runs, f"every dashboard query returns series of runs {sorted(runs)}",
+                              timeout_s=20.0)
+    except TimeoutError:
+        pass
+    assert wrong == [], f"dashboard queries whose series are not those of runs {sorted(runs)}: {wrong}"
 
 
 def test_every_dashboard_query_is_valid_promql_with_data(prometheus: Any, scraped_names: set[str]) -> None:
-    """Prometheus itself parses each query (an invalid one raises); each must return series once
-    every target has been scraped twice (rates need two samples)."""
+    """With the run selector on All (its default), each query shows every run, each apart."""
     queries = [(title, ref_id, with_grafana_variables(expr)) for title, ref_id, expr in QUERIES]
-    empty: list[tuple[str, str, str]] = []
+    assert_queries_show_runs(prometheus, queries, set(RUNS))
 
-    def all_have_data() -> bool:
-        empty[:] = [query for query in queries if not prometheus.query(query[2])]
-        return not empty
+
+def test_run_selector_lists_every_run_from_a_metric_every_process_exports(prometheus: Any,
+                                                                          scraped_names: set[str]) -> None:
+    metric, label = label_values_query(dashboard_variable("run"))
+    assert metric in scraped_names
+
+    def offered() -> set[str]:  # what Grafana's label_values(metric, label) asks Prometheus
+        return set(prometheus.api(f"label/{label}/values", **{"match[]": metric}))
+
+    def exporters() -> set[tuple[str, str, str]]:
+        return {(s["metric"].get("run", ""), s["metric"]["role"], s["metric"]["instance_id"])
+                for s in prometheus.query(metric)}
 
     try:
-        prometheus.wait_until(all_have_data, "every dashboard query returns series", timeout_s=20.0)
+        prometheus.wait_until(lambda: offered() == set(RUNS) and exporters() == set(FAKE_TARGETS),
+                              f"{metric} scraped from every process of every run")
     except TimeoutError:
         pass
-    assert empty == [], f"dashboard queries without data: {empty}"
+    assert offered() == set(RUNS)
+    # Every process exports it, so a run is listed whichever of its roles are up.
+    assert exporters() == set(FAKE_TARGETS)
+
+
+def test_dashboard_queries_on_one_run_name_scraped_series_of_that_run_alone(prometheus: Any,
+                                                                            scraped_names: set[str]) -> None:
+    metric, label = label_values_query(dashboard_variable("run"))
+    offered = sorted(prometheus.api(f"label/{label}/values", **{"match[]": metric}))
+    assert offered == sorted(RUNS)
+    label_names = prometheus.label_names()
+    for run in offered:  # each value the selector offers, picked alone
+        queries = [(title, ref_id, with_grafana_variables(expr, run=run)) for title, ref_id, expr in QUERIES]
+        for title, ref_id, expr in queries:
+            parsed = parse_promql(expr)
+            assert parsed.metric_names <= scraped_names, (title, ref_id, parsed.metric_names - scraped_names)
+            assert parsed.grouping_labels <= label_names, (title, ref_id, parsed.grouping_labels - label_names)
+            assert all(("run", "=~", run) in selector.matchers for selector in parsed.selectors), (title, ref_id)
+        assert_queries_show_runs(prometheus, queries, {run})
+    # The dashboard's process count, on one run, counts that run's processes alone.
+    [count] = [expr for title, _, expr in QUERIES if title == "Processes by role"]
+    processes = prometheus.query(with_grafana_variables(count, run=RUNS[0]))
+    assert {s["metric"]["role"]: int(s["value"][1]) for s in processes} == {
+        role: sum(r == role for r, _ in FAKE_PROCESSES) for role in ROLES}
 
 
 def test_a_stopped_role_leaves_discovery_and_scraping(prometheus: Any, fake_roles: list[FakeRole],
                                                       discovery_dir: Path, tmp_path: Path) -> None:
-    extra = start_fake_role("rollout_worker", "extra", discovery_dir, tmp_path)
+    extra = start_fake_role(RUNS[0], "rollout_worker", "extra", discovery_dir, tmp_path)
     try:
-        prometheus.wait_for_targets(len(FAKE_PROCESSES) + 1)
+        prometheus.wait_for_targets(len(FAKE_TARGETS) + 1)
     finally:
         extra.stop()
     assert not Path(extra.announced["discovery_file"]).exists()

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import re
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -53,3 +56,22 @@ def test_dockerfile_installs_cpu_torch_then_the_project() -> None:
     assert torch.start() < dockerfile.index("pip install /opt/refine")
     ignored = (DEPLOY / "Dockerfile.dockerignore").read_text().split()
     assert {".venv", ".git", "runs"} <= set(ignored)
+
+
+def test_dockerfile_pins_the_ray_of_the_project() -> None:
+    """`ray job submit` needs the client's Ray (this venv's) to be the image's: the pin is the installed Ray,
+    within pyproject.toml's bound, and the image installs exactly it."""
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    pin = re.search(r"^ARG RAY_VERSION=(\S+)$", dockerfile, re.MULTILINE)
+    assert pin, "deploy/Dockerfile pins no Ray (ARG RAY_VERSION=...)"
+    assert pin.group(1) == importlib.metadata.version("ray")
+    dependencies = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    declared = [requirement for requirement in map(Requirement, dependencies) if requirement.name == "ray"]
+    assert len(declared) == 1 and "default" in declared[0].extras
+    assert declared[0].specifier.contains(pin.group(1)), (str(declared[0]), pin.group(1))
+    # Ray before the project, and again with it: pip then keeps the pinned version.
+    ray_alone = dockerfile.index('RUN pip install "ray[default]==${RAY_VERSION}"')
+    assert ray_alone < dockerfile.index('RUN pip install /opt/refine "ray[default]==${RAY_VERSION}"')
+    # The Ray cluster launcher's nodes install the same Ray with the project.
+    setup = yaml.safe_load((DEPLOY / "ray" / "local-cluster.yaml").read_text())["setup_commands"]
+    assert any(command.endswith(f'pip install -q -e ~/refine "ray[default]=={pin.group(1)}"') for command in setup), setup
