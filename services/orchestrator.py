@@ -28,7 +28,10 @@ the entries it held are made reclaimable at once and the survivors take them ove
 Entries nobody released are taken over once idle for twice the heartbeat timeout
 (`ServiceConfig.reclaim_idle_ms`), so that fallback never races the orchestrator for a hung role's batch.
 A failed learner ends the run with its error; `refine train --resume` continues from its last
-checkpoint. Restarts count against MAX_RESTARTS_PER_ROLE within RESTART_WINDOW_S. A Redis outage is
+checkpoint. Restarts count against MAX_RESTARTS_PER_ROLE within RESTART_WINDOW_S. An actor Ray has not placed
+yet (no node has room for its resources; services/ray_runtime.py `Placement`) is no failure: it is said so
+once, after PLACEMENT_GRACE_S, with what it asks for and what each node has free, and waited for (a replacement
+would wait the same); its start timeouts count from its placement. A Redis outage is
 ridden out for as long as the learner does (services/resilience.py `outage_timeout_s`); past that the
 run ends with an error naming the Redis URL.
 
@@ -58,7 +61,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -82,7 +85,7 @@ from services.broker import Broker
 from services.messages import DataCursor, DocumentBatch
 from services.metrics import Metrics, serve_metrics, withdraw_announcements, withdraw_run_announcements
 from services.progress import LearnerProgress, StepReport, read_progress, write_recorded
-from services.ray_runtime import actor_options, ray_for_run, redis_for_run, resolve_addresses
+from services.ray_runtime import Placement, actor_options, ray_for_run, redis_for_run, resolve_addresses
 from services.redis_server import connect, redact_url
 from services.resilience import TRANSIENT, OutageTolerance, RedisOutage, outage_timeout_s
 from services.streams import (
@@ -97,7 +100,10 @@ logger = logging.getLogger(__name__)
 
 Stats = dict[str, float | int | str]
 
-ACTOR_START_TIMEOUT_S = 300.0
+ACTOR_START_TIMEOUT_S = 300.0  # from the actor's placement: waiting for room on a node is not starting
+# An actor Ray has not placed after this long is said to wait (placing takes milliseconds when a node has room).
+PLACEMENT_GRACE_S = 30.0
+START_POLL_S = 1.0
 MAX_RESTARTS_PER_ROLE = 20
 # Restarts count against MAX_RESTARTS_PER_ROLE for this long: a role failing 20 times within an hour is
 # broken, while one preempted now and then over a week-long run is not.
@@ -357,11 +363,11 @@ class Member:
     index: int
     stream: str
     group: str
-    make: Callable[[str], Any]
+    make: Callable[[str, Placement], Any]
+    placement: Placement  # kept across incarnations: a replacement takes its predecessor's room
     incarnation: int = 0
     actor: Any = None
     future: Any = None
-    started_at: float = field(default_factory=time.monotonic)
     seen_alive: bool = False  # this incarnation sent a heartbeat
 
     @property
@@ -369,9 +375,9 @@ class Member:
         return f"{self.role}-{self.index}.{self.incarnation}"
 
     def start(self) -> None:
-        self.actor = self.make(self.member_id)
+        self.placement.renew(self.member_id)
+        self.actor = self.make(self.member_id, self.placement)
         self.future = self.actor.run.remote()
-        self.started_at = time.monotonic()
         self.seen_alive = False
 
 
@@ -393,6 +399,8 @@ class Orchestrator:
         self.endpoint = None
         self.config_json = config.model_dump_json()
         self.members: list[Member] = []
+        self.learner_placements: list[Placement] = []  # rank 0's, then the other ranks'
+        self.placement_grace_s = PLACEMENT_GRACE_S
         self.restarts: dict[str, RestartWindow] = {}
         self.learner: Any = None
         self.learner_future: Any = None
@@ -468,40 +476,66 @@ class Orchestrator:
 
         return signal.signal(signal.SIGTERM, interrupt)
 
-    def _remote(self, role: str, cls: type) -> Any:
-        return ray.remote(cls).options(**actor_options(self.config, role), max_restarts=0)
+    def _remote(self, role: str, cls: type) -> Callable[[Placement], Any]:
+        """`cls` as `role`'s actor class, created in a given placement: call .remote(...) on what it returns."""
+        actor_cls = ray.remote(cls)
+        options = actor_options(self.config, role)
+        return lambda placement: actor_cls.options(**options, max_restarts=0, scheduling_strategy=placement.strategy())
+
+    def _place_learner(self, name: str) -> Placement:
+        placement = Placement(name, actor_options(self.config, "learner"))
+        self.learner_placements.append(placement)
+        return placement
+
+    def _placements(self) -> list[Placement]:
+        """Every actor's placement, the members' included."""
+        return [*self.learner_placements, *(member.placement for member in self.members)]
 
     def _start_learner(self) -> Any:
         """Create the learner actor; returns the future of its setup (starting weights published)."""
         from learner.learner import Learner
 
-        self.learner = self._remote("learner", Learner).remote(
+        self.learner = self._remote("learner", Learner)(self._place_learner("learner")).remote(
             self.config_json, self.redis_url, self.namespace, self.resume)
         ranks = self.config.service.num_learners
         if ranks == 1:
             return self.learner.setup.remote()
         from learner.replica import LearnerReplica
 
-        try:
-            address = ray.get(self.learner.data_parallel_address.remote(), timeout=ACTOR_START_TIMEOUT_S)
-        except ray.exceptions.GetTimeoutError as exc:
-            raise ServiceError(f"the learner did not start within {ACTOR_START_TIMEOUT_S:.0f}s") from exc
-        except ray.exceptions.RayError as exc:
-            raise ServiceError(f"the learner failed to start: {describe_failure(exc)}") from exc
+        address = self._await_start(self.learner.data_parallel_address.remote(), self.learner_placements)
         replica_cls = self._remote("learner", LearnerReplica)
-        self.replicas = [replica_cls.remote(self.config_json, rank, address, self.resume) for rank in range(1, ranks)]
+        self.replicas = [replica_cls(self._place_learner(f"learner rank {rank}")).remote(
+            self.config_json, rank, address, self.resume) for rank in range(1, ranks)]
         self.replica_futures = [replica.run.remote() for replica in self.replicas]
         return self.learner.setup.remote(address)
 
     def _wait_for_learner(self, setup: Any) -> dict:
         """The step, data cursor and weight version the run continues from."""
-        try:
-            return json.loads(ray.get(setup, timeout=ACTOR_START_TIMEOUT_S))
-        except ray.exceptions.GetTimeoutError as exc:
-            raise ServiceError(f"the learner did not start within {ACTOR_START_TIMEOUT_S:.0f}s "
-                               f"(cluster resources: {ray.available_resources()})") from exc
-        except ray.exceptions.RayError as exc:
-            raise ServiceError(f"the learner failed to start: {describe_failure(exc)}") from exc
+        return json.loads(self._await_start(setup, self.learner_placements))
+
+    def _await_start(self, future: Any, placements: list[Placement]) -> Any:
+        """ray.get(future), a call that needs the learner's actors (`placements`) started: it may take
+        ACTOR_START_TIMEOUT_S from when Ray placed the last of them. Time spent waiting for room on a node does not
+        count: Ray places them once a node has room (one frees up or joins), and each waiting actor is said so."""
+        while True:
+            ready, _ = ray.wait([future], timeout=START_POLL_S)
+            if ready:
+                try:
+                    return ray.get(future)
+                except ray.exceptions.RayError as exc:
+                    raise ServiceError(f"the learner failed to start: {describe_failure(exc)}") from exc
+            self._note_unplaced()
+            if (all(placement.placed() for placement in placements)
+                    and min(placement.since_placed() for placement in placements) > ACTOR_START_TIMEOUT_S):
+                raise ServiceError(f"the learner did not start within {ACTOR_START_TIMEOUT_S:.0f}s of its placement "
+                                   f"(cluster resources: {ray.available_resources()})")
+
+    def _note_unplaced(self) -> None:
+        """Say once of every actor Ray has not placed after the grace what it asks for and what nodes have free."""
+        for placement in self._placements():
+            note = placement.waiting_note(self.placement_grace_s)
+            if note is not None:
+                self._write_line(note)
 
     def _write_config(self) -> None:
         """config.yaml, whole or not at all (temp file + rename): `refine train DIR/config.yaml --resume`
@@ -518,16 +552,18 @@ class Orchestrator:
         worker_cls = self._remote("rollout_worker", RolloutWorker)
         reward_cls = self._remote("reward", RewardReplica)
 
-        def make_worker(member_id: str) -> Any:
-            return worker_cls.remote(self.config_json, member_id, self.redis_url, self.namespace)
+        def make_worker(member_id: str, placement: Placement) -> Any:
+            return worker_cls(placement).remote(self.config_json, member_id, self.redis_url, self.namespace)
 
-        def make_reward(member_id: str) -> Any:
-            return reward_cls.remote(self.config_json, member_id, self.redis_url, self.namespace)
+        def make_reward(member_id: str, placement: Placement) -> Any:
+            return reward_cls(placement).remote(self.config_json, member_id, self.redis_url, self.namespace)
 
         for index in range(service.num_rollout_workers):
-            self.members.append(Member(WORKER_ROLE, index, DOCUMENTS, ROLLOUT_GROUP, make_worker))
+            placement = Placement(f"{WORKER_ROLE}-{index}", actor_options(self.config, "rollout_worker"))
+            self.members.append(Member(WORKER_ROLE, index, DOCUMENTS, ROLLOUT_GROUP, make_worker, placement))
         for index in range(service.num_reward_replicas):
-            self.members.append(Member(REWARD_ROLE, index, ROLLOUTS, REWARD_GROUP, make_reward))
+            placement = Placement(f"{REWARD_ROLE}-{index}", actor_options(self.config, "reward"))
+            self.members.append(Member(REWARD_ROLE, index, ROLLOUTS, REWARD_GROUP, make_reward, placement))
         for member in self.members:
             member.start()
 
@@ -692,6 +728,7 @@ class Orchestrator:
         # Nobody could beat while Redis was down: judge heartbeats only once it has been back a while.
         trust_heartbeats = time.monotonic() - self._redis_outage_at > timeout
         grace = max(ACTOR_START_TIMEOUT_S, timeout)
+        self._note_unplaced()
         for member in self.members:
             reason = None
             age = ages_by_role[member.role].get(member.member_id)
@@ -705,9 +742,11 @@ class Orchestrator:
                     reason = f"its actor died ({describe_failure(exc)[:300]})"
                     if not member.seen_alive:  # it failed while starting: a replacement would too
                         raise ServiceError(f"{member.member_id} failed to start: {describe_failure(exc)}") from exc
+            elif not member.placement.placed():
+                continue  # waiting for room on a node (said by _note_unplaced): a replacement would wait the same
             elif trust_heartbeats and age is not None and age > timeout:
                 reason = f"no heartbeat for {age:.1f}s"
-            elif trust_heartbeats and age is None and time.monotonic() - member.started_at > grace:
+            elif trust_heartbeats and age is None and member.placement.since_placed() > grace:
                 reason = f"it never sent a heartbeat in {grace:.0f}s"
             if reason is not None:
                 self._restart(member, reason)
@@ -833,6 +872,11 @@ class Orchestrator:
                     ray.kill(actor, no_restart=True)
                 except Exception:  # already gone
                     pass
+        for placement in self._placements():
+            try:
+                placement.release()
+            except Exception as exc:  # Ray went away: it took the groups with it
+                logger.warning("could not release the placement of %s: %s", placement.name, exc)
         from learner.learner import MEMBER_ID, ROLE
 
         # Members that finished removed their own files; killed ones could not.

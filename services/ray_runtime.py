@@ -5,7 +5,11 @@ address (the `--ray-address` flag, `service.ray_address`, or RAY_ADDRESS, which 
 sets for its entrypoint) is connected to; otherwise a local Ray is started in-process, without the
 dashboard, on ports Ray picks (never Redis' 6379), with enough logical CPUs for the run's actors.
 With train.device cuda every learner rank holds one GPU (`actor_options`), so the cluster needs
-service.num_learners of them.
+service.num_learners of them, and every actor's request must fit one node (`check_placement`).
+
+Placement: each actor is created in a placement group of one bundle holding its resources (`Placement`). Ray
+tells through its public API whether a group is placed, where it says nothing of a single actor's (its state API
+needs the dashboard): the orchestrator can so tell an actor waiting for room on a node from one that started.
 
 Redis: a URL (`--redis-url`, `service.redis_url`, or REFINE_REDIS_URL), else an embedded
 redis-server for the lifetime of the run.
@@ -15,20 +19,26 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import ray
+from ray.util import placement_group, placement_group_table, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from refine.config import RunConfig
 from services.redis_server import EmbeddedRedis, connect
 
-__all__ = ["RayPlan", "actor_cpus", "actor_options", "check_ray_address", "gpus_needed", "ray_for_run", "redis_for_run",
-           "resolve_addresses"]
+__all__ = ["Placement", "RayPlan", "actor_cpus", "actor_options", "check_placement", "check_ray_address",
+           "free_per_node", "gpus_needed", "ray_for_run", "redis_for_run", "resolve_addresses", "resource_request"]
 
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024 * 1024  # weights travel through Redis; the store holds small results
 RAY_ADDRESS_SOURCES = "--ray-address, service.ray_address or RAY_ADDRESS"
+# Ray accounts resources in units of 1e-4; a request equal to a node's total fits it.
+RESOURCE_EPSILON = 1e-6
 
 
 @dataclass(frozen=True)
@@ -151,6 +161,7 @@ def ray_for_run(config: RunConfig, address: str | None) -> Iterator[bool]:
             )
         check_gpus(config, float(ray.cluster_resources().get("GPU", 0.0)))
         nodes = [node for node in ray.nodes() if node.get("Alive")]
+        check_placement(config, nodes)
         yield len(nodes) > 1
     finally:
         if started:
@@ -166,6 +177,129 @@ def check_gpus(config: RunConfig, available: float) -> None:
             f"the Ray cluster has {available:g} GPUs but train.device={config.train.device!r} gives each of the "
             f"service.num_learners={config.service.num_learners} learner ranks one: {needed:g} needed"
         )
+
+
+def resource_request(options: dict[str, float]) -> dict[str, float]:
+    """An actor's options (`actor_options`) in Ray's resource names, as a node lists them."""
+    request = {"CPU": options["num_cpus"]}
+    if options.get("num_gpus"):
+        request["GPU"] = options["num_gpus"]
+    return request
+
+
+def describe_resources(resources: dict[str, float], kinds: Iterable[str], of: dict[str, float] | None = None) -> str:
+    """"1.5 CPUs, 1 GPU" (or with `of`, "0.5 of 2 CPUs, 0 of 1 GPU"): the amounts of `resources` of `kinds`."""
+    parts = []
+    for kind in kinds:
+        amount, total = resources.get(kind, 0.0), None if of is None else of.get(kind, 0.0)
+        unit = kind if (amount if total is None else total) == 1 else f"{kind}s"
+        parts.append(f"{amount:g} {unit}" if total is None else f"{amount:g} of {total:g} {unit}")
+    return ", ".join(parts)
+
+
+def fits(request: dict[str, float], resources: dict[str, float]) -> bool:
+    return all(resources.get(kind, 0.0) + RESOURCE_EPSILON >= amount for kind, amount in request.items())
+
+
+def asked_by(config: RunConfig, role: str) -> str:
+    """What `role`'s actor asks Ray for, naming the setting behind it."""
+    request = resource_request(actor_options(config, role))
+    if role == "rollout_worker":
+        return f"a rollout worker: service.worker_cpus={config.service.worker_cpus} asks for that many CPUs"
+    if role == "learner" and "GPU" in request:
+        return (f"a learner rank: {describe_resources(request, request)} (train.device={config.train.device!r} "
+                f"gives each rank a GPU)")
+    return f"a {'learner rank' if role == 'learner' else 'reward replica'}: {describe_resources(request, request)}"
+
+
+def check_placement(config: RunConfig, nodes: list[dict[str, Any]]) -> None:
+    """Fail before starting anything when an actor asks for more than any alive node has in all (`nodes` shaped as
+    ray.nodes() gives them). Ray places an actor's resources on one node: a request no node can hold is infeasible,
+    and its actor would wait without end, though the cluster's totals suffice."""
+    alive = [node.get("Resources", {}) for node in nodes if node.get("Alive")]
+    for role in actor_cpus(config):
+        request = resource_request(actor_options(config, role))
+        if any(fits(request, resources) for resources in alive):
+            continue
+        kinds = sorted(request, key=lambda kind: kind != "GPU")  # a GPU request ranks nodes by GPUs first
+        largest = max(alive, key=lambda resources: [resources.get(kind, 0.0) for kind in kinds], default={})
+        raise ValueError(f"no node of the Ray cluster can hold {asked_by(config, role)}; Ray places an actor on one "
+                         f"node, and the largest has {describe_resources(largest, request)}")
+
+
+def free_per_node(nodes: list[dict[str, Any]], groups: dict[str, dict[str, Any]],
+                  available: dict[str, float]) -> list[tuple[str, dict[str, float], dict[str, float]]]:
+    """(address, free, total) of every alive node: its total (ray.nodes()) less the placement group bundles Ray
+    placed on it (placement_group_table()), and never more than the whole cluster has free
+    (ray.available_resources()). Ray's public API gives no node's free resources; every actor of a run sits in a
+    placement group, so only work started outside them (another job's tasks) goes uncounted per node."""
+    reserved: dict[str, dict[str, float]] = {}
+    for group in groups.values():
+        if group.get("state") != "CREATED":
+            continue
+        for index, bundle in group.get("bundles", {}).items():
+            held = reserved.setdefault(group.get("bundles_to_node_id", {}).get(index, ""), {})
+            for kind, amount in bundle.items():
+                held[kind] = held.get(kind, 0.0) + amount
+    result = []
+    for node in nodes:
+        if not node.get("Alive"):
+            continue
+        total = node.get("Resources", {})
+        held = reserved.get(node.get("NodeID", ""), {})
+        free = {kind: max(0.0, min(total.get(kind, 0.0) - held.get(kind, 0.0), available.get(kind, 0.0)))
+                for kind in ("CPU", "GPU")}
+        result.append((str(node.get("NodeManagerAddress", node.get("NodeID", "?"))), free, total))
+    return result
+
+
+class Placement:
+    """One actor's resources reserved on one node: a placement group of one bundle, created at once. The actor is
+    created in it (`strategy`); the group outlives the actor, so a replacement takes the same reserved room."""
+
+    def __init__(self, name: str, options: dict[str, float]) -> None:
+        self.request = resource_request(options)
+        self.group = placement_group([self.request])
+        self.renew(name)
+
+    def renew(self, name: str) -> None:
+        """A new actor, `name`, goes into the group: whether it is placed is asked afresh (a group whose node died
+        waits for Ray to place it again)."""
+        self.name = name
+        self.asked_at = time.monotonic()
+        self.placed_at: float | None = None
+        self.reported = False
+
+    def strategy(self) -> PlacementGroupSchedulingStrategy:
+        return PlacementGroupSchedulingStrategy(placement_group=self.group, placement_group_bundle_index=0)
+
+    def placed(self) -> bool:
+        """Whether Ray holds the resources on a node (asked once placed: the answer is kept)."""
+        if self.placed_at is None and placement_group_table(self.group).get("state") == "CREATED":
+            self.placed_at = time.monotonic()
+        return self.placed_at is not None
+
+    def since_placed(self) -> float:
+        """Seconds since this actor was found placed; 0 until then."""
+        return 0.0 if self.placed_at is None else time.monotonic() - self.placed_at
+
+    def waiting_note(self, grace_s: float) -> str | None:
+        """One line saying what the actor waits for and what each node has free, the first time it is found
+        unplaced `grace_s` after it asked; None otherwise."""
+        waited = time.monotonic() - self.asked_at
+        if self.placed() or self.reported or waited < grace_s:
+            return None
+        self.reported = True
+        nodes = free_per_node(ray.nodes(), placement_group_table(), ray.available_resources())
+        rooms = "; ".join(f"{address} {describe_resources(free, self.request, of=total)}"
+                          for address, free, total in nodes)
+        return (f"{self.name} is waiting for Ray to place it ({waited:.0f}s so far): it asks for "
+                f"{describe_resources(self.request, self.request)} on one node; free now: {rooms or 'no alive node'}. "
+                f"It starts once a node has room")
+
+    def release(self) -> None:
+        """Give the resources back (an actor still in the group is killed)."""
+        remove_placement_group(self.group)
 
 
 @contextmanager
