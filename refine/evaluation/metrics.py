@@ -450,6 +450,11 @@ def task_metric(task: str, code_backend: FuzzBackend = "difflib",
     LongBench's rules or the paper release's), "ruler_qa" (also any "ruler_*qa"), RULER's "qa_1"/"qa_2",
     "niah" / "niah_*" and RULER's other all-match tasks, "mqar", "fact_recall"."""
     name = task.strip()
+    if name == "ruler-qa":  # `refine eval --task`'s spelling of the same rule
+        name = "ruler_qa"
+    if name == "longbench":
+        raise ValueError("task 'longbench' names the suite, whose datasets score by different rules: name the "
+                         f"dataset (one of {sorted(_LONGBENCH_METRICS)})")
     longbench = longbench_task_name(name)
     if longbench is not None:
         metric_name = _LONGBENCH_METRICS[longbench]

@@ -89,7 +89,7 @@ def score_predictions(
         if length is not None:
             lengths.append(length)
     summary: dict[str, Any] = {
-        "task": task,
+        "task": metric.task,
         "metric": metric.metric,
         "score": metric.task_score(scores),
         "num_examples": len(scores),

@@ -57,6 +57,15 @@ def test_bad_rows_name_row_and_field():
         score_predictions("unknown", [{"pred": "a", "answers": ["a"]}])
 
 
+def test_eval_cli_task_names_score_as_eval_does():
+    """`refine eval --task ruler-qa` writes predictions that `refine score --task ruler-qa` must take."""
+    rows = [{"pred": "Oslo\nmore text", "answers": ["Oslo"]}, {"pred": "Bergen", "answers": ["Oslo"]}]
+    summary, scores = score_predictions("ruler-qa", rows)
+    assert (summary["task"], summary["metric"], scores) == ("ruler_qa", "string_match_part (first line)", [1.0, 0.0])
+    with pytest.raises(ValueError, match="task 'longbench' names the suite.*'hotpotqa'"):
+        score_predictions("longbench", rows)
+
+
 @pytest.mark.parametrize("answers", [[""], " ", ["Oslo", "  "]])
 def test_empty_gold_answers_are_refused(answers):
     """An empty gold answer is inside every prediction: it would score anything as right."""
