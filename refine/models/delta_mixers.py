@@ -21,8 +21,10 @@ CONV_STATE_NAMES = ("conv_q", "conv_k", "conv_v")
 
 
 def l2_normalize(x: Tensor, eps: float = 1e-6) -> Tensor:
-    """x / sqrt(sum(x^2) + eps), the normalization fla's kernels apply to q and k."""
-    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
+    """x / sqrt(sum(x^2) + eps), the normalization fla's kernels apply to q and k: computed in at least
+    float32, as fla's kernels compute it for half-precision inputs, and returned in x's dtype."""
+    wide = x.to(torch.promote_types(x.dtype, torch.float32))
+    return (wide * torch.rsqrt(wide.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 class _QKVMixer(nn.Module):

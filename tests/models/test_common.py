@@ -123,3 +123,20 @@ def test_gated_rms_norm_normalizes_then_gates(activation):
 def test_gated_rms_norm_refuses_an_unknown_activation():
     with pytest.raises(ValueError, match="activation='gelu' is not supported"):
         GatedRMSNorm(4, activation="gelu")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_l2_normalize_computes_in_at_least_float32_as_fla_kernels_do(dtype):
+    """fla normalizes half-precision q and k in float32 inside its kernels and rounds the result once;
+    normalizing in the half dtype itself rounds the sum of squares and the scale too."""
+    from refine.models.delta_mixers import l2_normalize
+
+    x = torch.randn(64, 2, 48, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(dtype)
+    wide = x.to(torch.promote_types(dtype, torch.float32))
+    expected = (wide * torch.rsqrt(wide.pow(2).sum(-1, keepdim=True) + 1e-6)).to(dtype)  # fla: x * rstd
+    out = l2_normalize(x)
+    assert out.dtype == dtype
+    assert torch.equal(out, expected)
+    if dtype == torch.bfloat16:  # normalizing in bfloat16 itself is what this guards against
+        narrow = x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + 1e-6)
+        assert not torch.equal(narrow, expected)
