@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.metadata
 import re
 import shutil
 import subprocess
@@ -59,12 +58,12 @@ def test_dockerfile_installs_cpu_torch_then_the_project() -> None:
 
 
 def test_dockerfile_pins_the_ray_of_the_project() -> None:
-    """`ray job submit` needs the client's Ray (this venv's) to be the image's: the pin is the installed Ray,
-    within pyproject.toml's bound, and the image installs exactly it."""
+    """`ray job submit` needs the client's Ray to be the cluster's: the image and the cluster example pin one Ray,
+    within pyproject.toml's bound, and install exactly it. (Not compared with this venv's Ray: a fresh install may
+    resolve a newer one, which README tells users to match.)"""
     dockerfile = (DEPLOY / "Dockerfile").read_text()
     pin = re.search(r"^ARG RAY_VERSION=(\S+)$", dockerfile, re.MULTILINE)
     assert pin, "deploy/Dockerfile pins no Ray (ARG RAY_VERSION=...)"
-    assert pin.group(1) == importlib.metadata.version("ray")
     dependencies = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     declared = [requirement for requirement in map(Requirement, dependencies) if requirement.name == "ray"]
     assert len(declared) == 1 and "default" in declared[0].extras
