@@ -107,6 +107,7 @@ def test_non_finite_steps_are_skipped_and_counted():
         assert torch.equal(v, before[k]), k
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("mode,dtype", [("ntp", "float32"), ("onepass", "float32"), ("fused", "float32"),
                                         ("reference", "float32"), ("fused", "bfloat16")])

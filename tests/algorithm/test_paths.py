@@ -198,6 +198,7 @@ def test_reprefill_rollouts_equal_snapshot_rollouts():
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+@pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("name", sorted(MODELS))
 @pytest.mark.parametrize("num_samples", [1, 3])
@@ -232,6 +233,7 @@ def test_paths_agree_on_cuda_and_equal_the_cpu(name, num_samples):
         torch.testing.assert_close(grad, fused_grads[pname].cpu(), rtol=1e-7, atol=1e-12, msg=pname)
 
 
+@pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("name", ["delta_net", "gated_deltanet"])
 def test_reference_path_through_fla_kernels_matches_onepass(name):

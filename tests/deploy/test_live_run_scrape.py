@@ -7,12 +7,15 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import pytest
 from test_dashboard import dashboard_queries, parse_promql, with_grafana_variables
 
 from refine.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 ROLES = {"orchestrator", "rollout_worker", "reward", "learner"}
+
+pytestmark = pytest.mark.slow  # starts Ray, Redis and Prometheus around a 150-step service run
 
 
 def test_prometheus_finds_every_role_and_dashboard_metric_of_a_live_run(prometheus_server: Any, tmp_path: Path):

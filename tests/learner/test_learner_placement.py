@@ -44,6 +44,7 @@ class _Rank:
         return device, torch.cuda.current_device(), [str(gpu) for gpu in ray.get_gpu_ids()]
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the learner actor asks Ray for one")
 def test_a_cuda_learner_actor_holds_a_gpu_of_its_own_and_computes_on_it(local_ray: None) -> None:
     config = RunConfig()

@@ -5,8 +5,11 @@ import torch
 
 from refine.models import load_model
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
-                                reason="needs a CUDA GPU: fla's model forward runs only through its Triton kernels")
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(),
+                       reason="needs a CUDA GPU: fla's model forward runs only through its Triton kernels"),
+]
 
 
 @pytest.mark.parametrize("model_type", ["delta_net", "gated_deltanet"])

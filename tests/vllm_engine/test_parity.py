@@ -117,6 +117,7 @@ def test_sampled_rollouts_follow_the_logprob_convention(engine, documents):
     assert_bf16_accurate(out.logprobs, chosen(reference32, out.tokens), chosen(reference16, out.tokens), "sampled")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(),
                     reason="vLLM's CPU backend cannot seed requests that are prefilled in chunks (vLLM 0.32)")
 def test_sampled_rollouts_are_a_function_of_the_generator_seed(engine, documents):
