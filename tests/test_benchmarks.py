@@ -4,8 +4,8 @@ import importlib.util
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -75,18 +75,45 @@ def test_rollout_benchmark_labels_the_padded_layout():
     assert "mixers over the real tokens only" in row["reprefill_padded_layout"]
 
 
-def test_kernel_reference_rate_spans_many_calls():
-    """A matmul reference rate is measured over a span of back-to-back calls, not one call."""
+class CallClock:
+    """A perf_counter that moves only when the fake call runs, by that call's known duration: the loop's
+    arithmetic can then be checked exactly. The durations differ, so the rate over the span (total calls
+    over total time) differs from any one call's rate."""
+
+    DURATIONS = (0.5, 0.25, 0.125, 0.125, 0.5, 0.25)  # seconds; ends at 0.5, 0.75, 0.875, 1.0, 1.5, 1.75
+
+    def __init__(self) -> None:
+        self.now = 50.0
+        self.durations = iter(self.DURATIONS)
+
+    def __call__(self) -> float:
+        return self.now
+
+    def call(self) -> None:
+        self.now += next(self.durations)
+
+
+@pytest.mark.parametrize("span, calls_needed, elapsed", [
+    (1.0, 4, 1.0),  # the span ends exactly after call 4: the loop stops on reaching it (elapsed >= span)
+    (1.2, 5, 1.5),  # it ends inside call 5: that call counts, and so does its whole time
+    (0.1, 1, 0.5),  # a span shorter than one call: that one call is the measurement
+])
+def test_kernel_reference_rate_spans_many_calls(monkeypatch, span, calls_needed, elapsed):
+    """A matmul reference rate is measured over a span of back-to-back calls, not one call: calls repeat
+    until `span` seconds have passed, and the rate is flops x calls over the time they took."""
     kernels = _module("kernels.py")
-    calls = []
+    clock = CallClock()
+    monkeypatch.setattr(kernels, "time", SimpleNamespace(perf_counter=clock))  # this module's clock only
+    starts = []
 
     def fn():
-        calls.append(1)
-        time.sleep(0.002)
+        starts.append(clock())
+        clock.call()
 
-    rate = kernels.span_gflops(fn, 10**9, span=0.03)
-    assert len(calls) >= 5  # not a single call
-    assert 0 < rate <= len(calls) / 0.03  # 1 GFLOP per call over at least the span
+    flops = 3 * 10**9
+    rate = kernels.span_gflops(fn, flops, span=span)
+    assert len(starts) == calls_needed
+    assert rate == pytest.approx(flops * calls_needed / elapsed / 1e9, rel=1e-12)
 
 
 def test_kernels_benchmark_interleaves_its_reference():

@@ -7,32 +7,53 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import ray
 
+import services.orchestrator as orchestrator_module
+import services.resilience as resilience_module
 from refine.config import run_tokenizer
 from service_helpers import assert_every_batch_trained_once, events, step_rows, tiny_config
 from services.broker import Broker
-from services.orchestrator import Orchestrator, ServiceError, run
+from services.orchestrator import REDIS_RETRY_PAUSE_S, Orchestrator, ServiceError, run
 from services.progress import read_progress
 from services.redis_server import EmbeddedRedis, connect
 
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
+@contextmanager
+def _reserved_port() -> Iterator[int]:
+    """A port on 127.0.0.1 kept ours while the block runs, with or without a Redis server on it.
+
+    A socket bound to it (SO_REUSEADDR, never listening) holds it: redis-server, which binds with
+    SO_REUSEADDR, can listen on it (again and again: a restart rebinds the same port), while no other
+    process can bind it and the kernel never hands it out as the local port of an outgoing connection
+    (a client reconnecting to the stopped server could otherwise connect to itself on that very port).
+    Picking a free port and releasing it before the server binds it, or between a stop and a restart,
+    leaves it to whoever asks first."""
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        yield sock.getsockname()[1]
 
 
-def test_redis_restart_with_append_only_file_loses_nothing(ray_session, tmp_path: Path) -> None:
+@pytest.fixture
+def reserved_port() -> Iterator[int]:
+    """A port reserved for the whole test (`_reserved_port`)."""
+    with _reserved_port() as port:
+        yield port
+
+
+def test_redis_restart_with_append_only_file_loses_nothing(ray_session, tmp_path: Path, reserved_port: int) -> None:
     steps, batch = 8, 2
     # A corpus smaller than the run: the data stream wraps around mid-run too.
     config = tiny_config(tmp_path, f"train.steps={steps}", f"train.batch_size={batch}", "data.num_documents=12")
-    data_dir, port = tmp_path / "redis", _free_port()
+    data_dir, port = tmp_path / "redis", reserved_port  # the restarted server must get the same port back
 
     def server() -> EmbeddedRedis:
         # Not tied to the thread that starts it: the restart happens on a helper thread.
@@ -78,31 +99,78 @@ def _ctrl_c(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def test_driver_gives_up_on_redis_gone_for_good(ray_session, tmp_path: Path) -> None:
+class OutageClock:
+    """The outage tolerance's clock (services.resilience's `time`): it moves only when a pause of the
+    driver runs to its end, by that pause, so when the driver gives up is a matter of counting pauses."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+        self.now += seconds
+
+
+class RetryPauses:
+    """The driver module's `time`, watching its sleeps (its one sleep is the pause between Redis retries):
+    the first pause gets a real Ctrl-C (SIGALRM to the main thread, raising KeyboardInterrupt as SIGINT
+    does), so the interrupt arrives exactly while the driver waits for Redis, however slow the machine.
+    The pauses that run to their end are counted and move the outage clock; all else is the real `time`."""
+
+    def __init__(self, orchestrator: Orchestrator, clock: OutageClock) -> None:
+        self.orchestrator, self.clock = orchestrator, clock
+        self.interrupted_in_outage: bool | None = None
+        self.completed: list[float] = []
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
+
+    def sleep(self, seconds: float) -> None:
+        if self.interrupted_in_outage is None:
+            self.interrupted_in_outage = self.orchestrator.outage.since is not None
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGALRM)
+        self.clock.sleep(seconds)
+        self.completed.append(seconds)
+
+
+def test_driver_gives_up_on_redis_gone_for_good(ray_session, tmp_path: Path, reserved_port: int,
+                                                 monkeypatch) -> None:
     """Past the outage tolerance the driver ends the run naming the Redis URL; a Ctrl-C during the
     retries is the graceful stop, not a traceback; a learner that returned ends the loop while Redis is down."""
     config = tiny_config(tmp_path)
-    port = _free_port()
+    port = reserved_port  # Redis is gone for good: no other server may appear at its URL meanwhile
     servers = [EmbeddedRedis(port=port).start()]
     url = servers[0].url
     orchestrator = Orchestrator(config, run_tokenizer(config), url, config.service.namespace, resume=False,
                                 progress=False)
     servers[0].stop()
-    # Should the driver retry forever, Redis comes back later: the test fails instead of hanging.
-    rescue = threading.Timer(30, lambda: servers.append(EmbeddedRedis(port=port, die_with_parent=False).start()))
-    rescue.start()
     # A learner still training (a lambda: Ray's workers cannot import this test module).
-    learner = ray.remote(num_cpus=0)(lambda: time.sleep(60)).remote()
+    learner = ray.remote(num_cpus=0)(lambda: time.sleep(600)).remote()
     orchestrator.learner_future = learner
     orchestrator.outage.timeout_s = 2.0  # the rule's minute, shortened
+    # Should the driver retry forever, the learner "returns" after a minute: the loop ends without the error
+    # and the test fails instead of hanging (a guard against hanging only, not a speed limit).
+    rescue = threading.Timer(60, lambda: ray.cancel(learner, force=True))
+    rescue.start()
+    clock = OutageClock()
+    pauses = RetryPauses(orchestrator, clock)
+    monkeypatch.setattr(orchestrator_module, "time", pauses)
+    monkeypatch.setattr(resilience_module, "time", clock)
     previous = signal.signal(signal.SIGALRM, _ctrl_c)
-    signal.setitimer(signal.ITIMER_REAL, 0.8)  # Ctrl-C while the driver waits for Redis
     try:
-        started = time.monotonic()
         with pytest.raises(ServiceError, match=rf"Redis at {re.escape(url)} unreachable for 2s"):
             orchestrator._loop()
-        assert time.monotonic() - started < 10
-        assert orchestrator.stopping  # the Ctrl-C was taken as the graceful stop
+        assert pauses.interrupted_in_outage  # the Ctrl-C came during a retry pause of the outage ...
+        assert orchestrator.stopping  # ... and was taken as the graceful stop
+        # It gave up on the first retry more than the 2 s tolerance into the outage, not sooner or later: the
+        # outage clock moves by the completed pauses alone (the interrupted one is not one of them).
+        needed, waited = 0, 0.0
+        while waited <= 2.0:
+            needed, waited = needed + 1, waited + REDIS_RETRY_PAUSE_S
+        assert pauses.completed == [REDIS_RETRY_PAUSE_S] * needed  # 5 pauses of 0.5 s: 2.5 s
         # The learner returned (it gave up on Redis too): the loop ends at once, Redis still down.
         orchestrator.learner_future = ray.put("{}")
         orchestrator.outage.succeeded()
@@ -110,7 +178,6 @@ def test_driver_gives_up_on_redis_gone_for_good(ray_session, tmp_path: Path) -> 
     except KeyboardInterrupt:
         pytest.fail("Ctrl-C during the Redis retries escaped the driver's loop")
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
         rescue.cancel()
         ray.cancel(learner, force=True)

@@ -10,42 +10,65 @@ import pytest
 
 from service_helpers import run_in_background, step_rows, tiny_config
 from services.broker import Broker
-from services.orchestrator import ServiceError, run
+from services.orchestrator import Orchestrator, ServiceError, run
 from services.progress import read_progress
 from services.redis_server import EmbeddedRedis, connect
 
 pytestmark = pytest.mark.slow
 
 
-def test_stopped_learner_resumes_exactly(ray_session, tmp_path: Path) -> None:
-    steps = 5
+def _wait_for(condition, what: str, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout_s}s: {what}")
+        time.sleep(0.02)
+
+
+def test_stopped_learner_resumes_exactly(ray_session, tmp_path: Path, monkeypatch) -> None:
+    steps, stop_at = 5, 2
     # Six documents: the stream wraps around, so the resumed run must also count passes right.
     reference = tiny_config(tmp_path / "a", f"train.steps={steps}", "train.checkpoint_every=0", "data.num_documents=6")
     run(reference, progress=False)
     uninterrupted = {row["step"]: row for row in step_rows(tmp_path / "a" / "run")}
 
     config = tiny_config(tmp_path / "b", f"train.steps={steps}", "train.checkpoint_every=0", "data.num_documents=6")
+    # The driver (in this process) publishes only the first `stop_at` document batches until the stop: the
+    # learner cannot run ahead of the test, however fast it trains, and stops with steps left to resume.
+    publish_next = Orchestrator._publish_next
+
+    def publish_first_batches_only(self: Orchestrator) -> None:
+        if self.published < stop_at:
+            publish_next(self)
+
+    monkeypatch.setattr(Orchestrator, "_publish_next", publish_first_batches_only)
     redis_server = EmbeddedRedis().start()
     try:
         broker = Broker(connect(redis_server.url), config.service.namespace)
         thread, outcome = run_in_background(config, redis_url=redis_server.url)
-        while thread.is_alive():  # stop the run (as Ctrl-C does) once the learner took two steps
+
+        def finished_published_batches() -> bool:
+            assert thread.is_alive(), outcome.get("error")
             progress = read_progress(broker)
-            if progress is not None and progress.step >= 2:
-                broker.request_stop("test")
-                break
-            time.sleep(0.005)
+            return progress is not None and progress.finished >= stop_at
+
+        _wait_for(finished_published_batches, f"the learner finishing the {stop_at} batches published")
+        broker.request_stop("test")  # as Ctrl-C does: the learner checkpoints and every role exits
         thread.join(timeout=120)
+        assert not thread.is_alive(), "the stopped run did not end"
         assert "error" not in outcome, outcome.get("error")
     finally:
         redis_server.stop()
+        monkeypatch.undo()  # the resumed run publishes as usual
     stopped_at = outcome["stats"]["step"]
-    assert 2 <= stopped_at < steps, "the stop landed after the last step: nothing left to resume"
-    assert len(step_rows(tmp_path / "b" / "run")) == stopped_at
+    assert stopped_at == stop_at  # every published batch trained (none dropped), and nothing after the stop
+    stopped_rows = step_rows(tmp_path / "b" / "run")
+    assert len(stopped_rows) == stopped_at
 
     stats = run(config, resume=True, progress=False)
     rows = step_rows(tmp_path / "b" / "run")
     assert [row["step"] for row in rows] == list(range(1, steps + 1))
+    assert rows[:stopped_at] == stopped_rows  # resumed after them (a run started over would write them anew)
     assert stats["step"] == steps
     for row in rows:
         # Same documents, same rollouts (seeded per batch), same weights and optimizer state.

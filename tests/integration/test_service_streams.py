@@ -82,6 +82,41 @@ def _owner_and_deliveries(broker: Broker, entry_id: str) -> tuple[str, int]:
     return row["consumer"].decode(), int(row["times_delivered"])
 
 
+def _idle_ms(broker: Broker, entry_id: str) -> int:
+    (row,) = broker.client.xpending_range(broker.key("stream", "documents"), "rollout", entry_id, entry_id, 1)
+    return int(row["time_since_delivered"])
+
+
+def _age(broker: Broker, entry_id: str, idle_ms: int) -> None:
+    """Make a pending entry look idle for `idle_ms`, as if its owner had gone silent that long ago: XCLAIM
+    to its own owner with IDLE (JUSTID leaves its delivery count alone). No waiting for the clock."""
+    owner, _ = _owner_and_deliveries(broker, entry_id)
+    broker.client.xclaim(broker.key("stream", "documents"), "rollout", owner, 0, [entry_id], idle=idle_ms,
+                         justid=True)
+
+
+def _wait_for(condition, what: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout_s}s: {what}")
+        time.sleep(0.01)
+
+
+def _beats_passed(broker: Broker, role: str, member_id: str, beats: int) -> None:
+    """Wait until `member_id` has heartbeat `beats` more times: a beat is followed by that round's keep-alives,
+    so after two new beats a whole round of keep-alives began (and ended) after this call started."""
+    key = broker.key("heartbeat", role)
+    last = broker.client.zscore(key, member_id)
+    for _ in range(beats):
+        seen = last
+        _wait_for(lambda: (broker.client.zscore(key, member_id) or 0) > seen, f"a heartbeat of {member_id}")
+        last = broker.client.zscore(key, member_id)
+
+
+IDLE_MS = 60_000  # the reclaim threshold: entries are aged past it, never waited for
+
+
 def test_an_entry_its_live_consumer_keeps_alive_is_not_reclaimed(broker: Broker, redis_url: str) -> None:
     """A busy worker's heartbeat thread keeps its entry fresh: idle workers reclaiming after the idle
     time take only the silent consumer's entry, and the busy entry's delivery count stays 1."""
@@ -95,16 +130,26 @@ def test_an_entry_its_live_consumer_keeps_alive_is_not_reclaimed(broker: Broker,
         with runtime.holding("documents", "rollout", busy_entry):
             taken: list[str] = []
             for worker in ("idle-a", "idle-b", "idle-c", "idle-d"):  # idle workers polling, past the idle time
-                time.sleep(0.6)
+                # Both entries last touched long past the idle time: the silent one stays so, the held one is
+                # brought back by its worker's next heartbeat (the keep-alive under test) before the poll.
+                _age(broker, silent_entry, 2 * IDLE_MS)
+                _age(broker, busy_entry, 2 * IDLE_MS)
+                _wait_for(lambda: _idle_ms(broker, busy_entry) < IDLE_MS, "the held entry kept alive")
                 taken += [entry_id for entry_id, _ in broker.reclaim("documents", "rollout", worker, DocumentBatch,
-                                                                     min_idle_ms=1000, max_deliveries=3)]
-            assert set(taken) == {silent_entry}  # taken over (again and again: nobody keeps it alive)
+                                                                     min_idle_ms=IDLE_MS, max_deliveries=5)]
+            assert taken == [silent_entry] * 4  # taken over again and again: nobody keeps it alive
+            assert _owner_and_deliveries(broker, silent_entry) == ("idle-d", 5)
             assert _owner_and_deliveries(broker, busy_entry) == ("busy", 1)
         assert broker.dead_letters("documents") == []
         broker.ack("documents", "rollout", [silent_entry])  # whoever took it over finished it
-        # Done holding it (as if its worker had died): it is reclaimable again after the idle time ...
-        time.sleep(1.2)
-        reclaimed = broker.reclaim("documents", "rollout", "idle-a", DocumentBatch, min_idle_ms=1000)
+        # Done holding it (as if its worker had died): once a keep-alive round that may have started before
+        # the release is over, the entry ages like any other and the heartbeats no longer refresh it ...
+        _beats_passed(broker, "rollout_worker", "busy", beats=2)
+        _age(broker, busy_entry, 2 * IDLE_MS)
+        _beats_passed(broker, "rollout_worker", "busy", beats=2)
+        assert _idle_ms(broker, busy_entry) >= 2 * IDLE_MS
+        # ... so it is reclaimable again ...
+        reclaimed = broker.reclaim("documents", "rollout", "idle-a", DocumentBatch, min_idle_ms=IDLE_MS)
         assert [entry_id for entry_id, _ in reclaimed] == [busy_entry]
         # ... and a late keep-alive of the old owner does not pull it back.
         assert broker.keep_alive("documents", "rollout", "busy", [busy_entry]) == 0

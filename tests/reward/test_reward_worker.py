@@ -4,11 +4,13 @@ import threading
 import time
 from collections import Counter
 from contextlib import contextmanager
+from types import SimpleNamespace
 
 import pytest
 import redis
 import torch
 
+import reward.worker as reward_worker
 from refine.algorithm.rewards import cosine_reward
 from reward.worker import HEARTBEAT_ROLE, RewardWorker
 from services.broker import Broker
@@ -192,27 +194,68 @@ def test_an_entry_is_held_while_it_is_scored(broker, make_batch):
     assert not active and broker.pending("rollouts", "reward") == 0
 
 
-class SlowPublishBroker(Broker):
-    """A real broker whose publishing takes a known time (a busy Redis), to tell it from scoring time."""
+class FakeClock:
+    """A perf_counter that moves only when told to: every duration in the test is a known number."""
 
-    PUBLISH_S = 0.3
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class SlowPublishBroker(Broker):
+    """A real broker whose publishing and acknowledging take known (fake-clock) time: a busy Redis."""
+
+    PUBLISH_S = 8.0
+    ACK_S = 16.0
+
+    def __init__(self, *args, clock: FakeClock, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.clock = clock
 
     def publish(self, stream, message, maxlen=None, approximate=True):
-        time.sleep(self.PUBLISH_S)
+        self.clock.advance(self.PUBLISH_S)
         return super().publish(stream, message, maxlen=maxlen, approximate=approximate)
 
+    def ack(self, stream, group, ids):
+        self.clock.advance(self.ACK_S)
+        return super().ack(stream, group, ids)
 
-def test_the_latency_metric_times_the_scoring_alone(broker, make_batch):
+
+def test_the_latency_metric_times_the_scoring_alone(broker, make_batch, monkeypatch):
     """As the HTTP API measures it: publishing and acknowledging are Redis's time, not the reward's."""
-    slow = SlowPublishBroker(broker.client, broker.namespace)
+    clock = FakeClock()
+    # Only the reward worker's clock is fake (its run loop's monotonic stays real; run_once does not use it).
+    monkeypatch.setattr(reward_worker, "time", SimpleNamespace(perf_counter=clock, monotonic=time.monotonic))
+    scoring_s = iter([0.25, 0.5])  # what scoring each batch takes (exact in binary floating point)
+    real_score_batch = reward_worker.score_batch
+
+    def timed_score_batch(*args, **kwargs):
+        scored = real_score_batch(*args, **kwargs)
+        clock.advance(next(scoring_s))
+        return scored
+
+    monkeypatch.setattr(reward_worker, "score_batch", timed_score_batch)
+    slow = SlowPublishBroker(broker.client, broker.namespace, clock=clock)
     publish(broker, [make_batch(seed=1), make_batch(seed=2)])
     metrics = Metrics()
     worker = RewardWorker(slow, "cosine", consumer="reward-a", metrics=metrics)
+    started = clock()
     assert worker.run_once(count=2, block_ms=None) == 2
     sample = metrics.registry.get_sample_value
     assert sample("refine_reward_latency_seconds_count") == 2
-    assert sample("refine_reward_latency_seconds_sum") < SlowPublishBroker.PUBLISH_S
+    # Exactly the two scorings (0.25 s + 0.5 s); any publish (8 s) or ack (16 s) inside would show.
+    assert sample("refine_reward_latency_seconds_sum") == 0.75
+    assert sample("refine_reward_latency_seconds_bucket", {"le": "0.25"}) == 1  # one observation each, not
+    assert sample("refine_reward_latency_seconds_bucket", {"le": "0.5"}) == 2  # a total split in two
+    # The slow publish and ack did run (and advanced the clock) for both batches.
+    assert clock() - started == 0.75 + 2 * (SlowPublishBroker.PUBLISH_S + SlowPublishBroker.ACK_S)
     assert sample("refine_scored_batches_total") == 2
+    assert broker.pending("rollouts", "reward") == 0
 
 
 def test_a_ground_truth_that_decodes_to_nothing_is_a_dead_letter_not_a_full_score(broker, make_batch):
