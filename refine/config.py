@@ -149,7 +149,7 @@ class TrainConfig(Strict):
     dtype: Literal["float32", "float64", "bfloat16"] = Field(
         "float32", description="the model's weights and compute; with bfloat16 the optimizer keeps float32 masters")
     threads: int | None = Field(None, ge=1)
-    log_every: int = Field(1, ge=1)
+    log_every: int = Field(1, ge=1, description="a metrics.jsonl row every this many steps, and the last step's")
     checkpoint_every: int = Field(0, ge=0, description="0: only at the end")
     out_dir: PathStr = "runs/latest"
     init_from: PathStr | None = Field(None, description="model directory to start from instead of random weights; its "
@@ -166,6 +166,10 @@ class TrainConfig(Strict):
     @classmethod
     def _home(cls, value: str | None) -> str | None:
         return _expand_home(value)
+
+    def logs_step(self, step: int) -> bool:
+        """Whether step `step` gets a metrics.jsonl row (every `log_every` steps, and the last)."""
+        return step % self.log_every == 0 or step == self.steps
 
     @model_validator(mode="after")
     def _mini_batches_hold_documents(self) -> "TrainConfig":

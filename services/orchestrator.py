@@ -71,7 +71,9 @@ import torch
 from tqdm import tqdm
 
 from learner.checkpoint import latest_checkpoint, read_checkpoint_reports, read_learner_state
-from refine.config import BUILT_IN_DISCOVERY_DIR, ConfigError, RunConfig, dump_config, fit_to_tokenizer, run_tokenizer
+from refine.config import (
+    BUILT_IN_DISCOVERY_DIR, ConfigError, RunConfig, TrainConfig, dump_config, fit_to_tokenizer, run_tokenizer,
+)
 from refine.data.batches import DocumentBatch as LocalBatch
 from refine.data.sources import RowSource
 from refine.data.stream import check_source, document_batches, synthetic_documents
@@ -229,15 +231,16 @@ def open_events(path: Path, step: int, reports: int) -> TextIO:
     return path.open("a")
 
 
-def restore_reports(checkpoint: Path, out_dir: Path, metrics_file: TextIO, events_file: TextIO) -> int:
-    """Write the learner reports `checkpoint` kept that metrics.jsonl and events.jsonl lack (a driver that
-    died between the learner's checkpoint and writing its reports); returns how many."""
+def restore_reports(checkpoint: Path, out_dir: Path, metrics_file: TextIO, events_file: TextIO,
+                    train: TrainConfig) -> int:
+    """Write the learner reports `checkpoint` kept that metrics.jsonl (the steps `train` logs) and events.jsonl
+    lack (a driver that died between the learner's checkpoint and writing its reports); returns how many."""
     reports = read_checkpoint_reports(checkpoint)
     steps = {row.get("step") for _, row in jsonl_rows(out_dir / "metrics.jsonl")}
     numbered = {row.get("report") for _, row in jsonl_rows(out_dir / "events.jsonl")}
     restored = 0
     for report in sorted(reports, key=lambda report: report.seq):
-        if report.kind == "step" and report.step not in steps:
+        if report.kind == "step" and report.step not in steps and train.logs_step(report.step):
             metrics_file.write(json.dumps(report.stats) + "\n")
         elif report.kind != "step" and report.seq not in numbered:
             events_file.write(json.dumps(_event_row(report, report.created_at)) + "\n")
@@ -261,7 +264,7 @@ def _finished_run(config: RunConfig) -> Stats | None:
         return None
     with (open_metrics(out_dir / "metrics.jsonl", state.step) as metrics_file,
           open_events(out_dir / "events.jsonl", state.step, state.reports) as events_file):
-        restore_reports(checkpoint, out_dir, metrics_file, events_file)
+        restore_reports(checkpoint, out_dir, metrics_file, events_file, config.train)
     logger.warning("nothing to train: the checkpoint in %s is at step %d, train.steps=%d", checkpoint, state.step,
                    config.train.steps)
     rows = [row for _, row in jsonl_rows(out_dir / "metrics.jsonl") if row.get("step") == state.step]
@@ -577,7 +580,7 @@ class Orchestrator:
         restored = 0
         if self.resume and (start_step or reports):
             restored = restore_reports(latest_checkpoint(self.out_dir), self.out_dir, self.metrics_file,
-                                       self.events_file)
+                                       self.events_file, self.config.train)
         self.bar = tqdm(total=self.config.train.steps, initial=start_step,
                         desc=f"train[service:{self.config.service.mode}]", disable=not self.show_progress)
         if self.resume and not start_step:
@@ -708,8 +711,9 @@ class Orchestrator:
             return
         assert self.metrics_file is not None and self.bar is not None
         row = dict(report.stats)
-        self.metrics_file.write(json.dumps(row) + "\n")
-        self.metrics_file.flush()
+        if self.config.train.logs_step(report.step):
+            self.metrics_file.write(json.dumps(row) + "\n")
+            self.metrics_file.flush()
         self.last_stats = report.stats
         self.bar.update(report.step - self.bar.n)
         self.bar.set_postfix({key: f"{float(row[key]):.3f}" for key in ("loss", "reward_mean") if key in row})

@@ -87,10 +87,10 @@ def scrape_every_role(discovery_dir: Path, scraped: dict[str, str], finished: th
 
 
 def test_colocated_runs_the_fused_step_without_workers(ray_session, tmp_path: Path) -> None:
-    config = tiny_config(tmp_path, "train.steps=3", "service.mode=colocated")
+    config = tiny_config(tmp_path, "train.steps=3", "service.mode=colocated", "train.log_every=2")
     stats = run(config, progress=False)
     rows = step_rows(tmp_path / "run")
-    assert [row["step"] for row in rows] == [1, 2, 3]
+    assert [row["step"] for row in rows] == [2, 3]  # every train.log_every steps, and the last
     assert "worker_id" not in rows[0]  # no rollout workers: the learner sampled its own rollouts
     stages = ("forward", "select", "states", "decode", "teacher_forced", "score", "backward_step")
     assert all(sum(row[f"{stage}_seconds"] for stage in stages) <= row["step_seconds"] for row in rows)

@@ -12,7 +12,7 @@ import pytest
 from ray.exceptions import ActorDiedError, RayTaskError
 
 from learner.checkpoint import LearnerState
-from refine.config import ConfigError, load_config, run_tokenizer
+from refine.config import ConfigError, TrainConfig, load_config, run_tokenizer
 from refine.data.stream import document_batches
 from refine_vllm.settings import staging_prefix
 from rollout_workers.engines import engine_owner
@@ -105,10 +105,21 @@ def test_reports_the_driver_missed_are_restored_from_the_checkpoint(tmp_path: Pa
     (tmp_path / "events.jsonl").write_text("")
     for restored in (2, 0):  # a second resume finds nothing missing
         with (tmp_path / "metrics.jsonl").open("a") as metrics, (tmp_path / "events.jsonl").open("a") as events_file:
-            assert restore_reports(checkpoint, tmp_path, metrics, events_file) == restored
+            assert restore_reports(checkpoint, tmp_path, metrics, events_file, TrainConfig(steps=3)) == restored
     assert step_rows(tmp_path) == [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0}, {"step": 3, "loss": 1.5}]
     (dropped,) = events(tmp_path)
     assert (dropped["event"], dropped["step"], dropped["report"], dropped["reason"]) == ("dropped", 2, 4, "stale")
+
+
+def test_restored_reports_keep_train_log_every(tmp_path: Path) -> None:
+    """A metrics.jsonl row every train.log_every steps and the last, in the service as in the local loop."""
+    reports = [StepReport(kind="step", step=step, seq=step, stats={"step": step}) for step in range(1, 6)]
+    checkpoint = _checkpoint_with_reports(tmp_path, reports, step=5)
+    (tmp_path / "metrics.jsonl").write_text("")
+    (tmp_path / "events.jsonl").write_text("")
+    with (tmp_path / "metrics.jsonl").open("a") as metrics, (tmp_path / "events.jsonl").open("a") as events_file:
+        assert restore_reports(checkpoint, tmp_path, metrics, events_file, TrainConfig(steps=5, log_every=2)) == 3
+    assert [row["step"] for row in step_rows(tmp_path)] == [2, 4, 5]
 
 
 def test_a_resume_with_nothing_to_train_starts_nothing(tmp_path: Path) -> None:

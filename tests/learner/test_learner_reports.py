@@ -93,7 +93,8 @@ def test_a_checkpointed_skipped_step_resumes_with_the_stats_it_reported(redis_ur
 
         # The orchestrator of the resumed run writes the report into metrics.jsonl, as strict JSON.
         with (tmp_path / "metrics.jsonl").open("a") as metrics, (tmp_path / "events.jsonl").open("a") as events:
-            assert restore_reports(latest_checkpoint(learner.out_dir), tmp_path, metrics, events) == 1
+            assert restore_reports(latest_checkpoint(learner.out_dir), tmp_path, metrics, events,
+                                   RunConfig().train) == 1
         row = json.loads((tmp_path / "metrics.jsonl").read_text(), parse_constant=_refuse)
         assert row["step"] == 1 and "loss" not in row
     finally:
