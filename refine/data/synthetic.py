@@ -6,7 +6,10 @@
 - `generate_recall_documents` / `generate_recall_examples`: a procedural corpus whose documents state
   facts early and restate them later, so predicting the later text needs memory of the earlier text.
 
-Example i depends only on (seed, i), never on how many examples are asked for.
+Example i depends only on (purpose, seed, i), never on how many examples are asked for. The purpose ("train",
+"heldout", "eval") salts every random stream, so that held-out and evaluation sets never come from a stream the
+training corpus drew from, whatever the two seeds: they share a question and answer with it only by the chance of
+two unrelated draws (the training streams are those this module always drew, so training corpora are unchanged).
 All text is generated here from small word lists; nothing is downloaded.
 """
 
@@ -92,9 +95,29 @@ _NOISE_SENTENCES = (
 )
 
 
-def _example_rng(seed: int, index: int, salt: str) -> random.Random:
+Purpose = Literal["train", "heldout", "eval"]
+
+
+def stream_salt(kind: str, purpose: Purpose) -> str:
+    """The salt of a generator's random streams, `Random(f"{salt}:{seed}:{index}")`: the generator's own name
+    for training (the streams training corpora were always drawn from), `{purpose}/{kind}` otherwise. A salt
+    holds no ':' and seeds are integers, so streams of different salts differ for every pair of seeds and
+    indices; `random` seeds with the whole string (its bytes and their SHA-512), so different strings give
+    different streams."""
+    if purpose not in ("train", "heldout", "eval"):
+        raise ValueError(f"purpose must be train, heldout or eval, got {purpose!r}")
+    return kind if purpose == "train" else f"{purpose}/{kind}"
+
+
+def _example_rng(seed: int, index: int, salt: str, purpose: Purpose = "train") -> random.Random:
     # A string seed is hashed with SHA-512 by `random`, so streams are stable across runs and processes.
-    return random.Random(f"{salt}:{seed}:{index}")
+    return random.Random(f"{stream_salt(salt, purpose)}:{seed}:{index}")
+
+
+def _set_name(seed: int, purpose: Purpose) -> str:
+    """The seed part of example ids: the seed alone for training (the ids training documents always had), the
+    purpose and seed otherwise, so that an evaluation example's id never names a training document."""
+    return str(seed) if purpose == "train" else f"{purpose}_{seed}"
 
 
 def prose_sentence(rng: random.Random) -> str:
@@ -248,6 +271,8 @@ class NiahConfig(BaseModel):
     num_values: int | None = Field(None, ge=1)
     num_queries: int | None = Field(None, ge=1)
     seed: int = 0
+    purpose: Purpose = Field("train", description="what the examples are for; it salts their random streams, so "
+                             "heldout and eval sets never repeat training documents, whatever the seeds")
 
     @model_validator(mode="after")
     def _fill_variant_defaults(self) -> "NiahConfig":
@@ -277,7 +302,7 @@ def generate_niah(config: NiahConfig, tokenizer: Tokenizer, num_examples: int) -
 
 
 def _niah_example(config: NiahConfig, tokenizer: Tokenizer, index: int) -> TaskExample:
-    rng = _example_rng(config.seed, index, "niah")
+    rng = _example_rng(config.seed, index, "niah", config.purpose)
     kind = _KIND_NOUN[config.value_type]
     taken: set[str] = set()
     keys = _distinct(config.key_type, config.num_keys, rng, taken)
@@ -356,7 +381,7 @@ def _niah_example(config: NiahConfig, tokenizer: Tokenizer, index: int) -> TaskE
     block_tokens = len(tokenizer.encode(prompt[:block_end_char])) - needle_start
     rest = max(token_end - token_start - block_tokens, 1)
     return TaskExample(
-        example_id=f"niah_{config.variant}_{config.seed}_{index}",
+        example_id=f"niah_{config.variant}_{_set_name(config.seed, config.purpose)}_{index}",
         task=f"niah_{config.variant}",
         prompt=prompt,
         answers=answers,
@@ -388,6 +413,7 @@ class MqarConfig(BaseModel):
     key_letters: int = Field(3, ge=2, le=8)
     value_digits: int = Field(3, ge=2, le=9)
     seed: int = 0
+    purpose: Purpose = Field("train", description="salts the random streams (see NiahConfig.purpose)")
 
     @model_validator(mode="after")
     def _check_sizes(self) -> "MqarConfig":
@@ -406,7 +432,7 @@ def generate_mqar(config: MqarConfig, num_examples: int) -> list[TaskExample]:
         raise ValueError(f"num_examples must be >= 1, got {num_examples}")
     examples = []
     for index in range(num_examples):
-        rng = _example_rng(config.seed, index, "mqar")
+        rng = _example_rng(config.seed, index, "mqar", config.purpose)
         keys: list[str] = []
         seen: set[str] = set()
         while len(keys) < config.num_pairs:
@@ -425,7 +451,7 @@ def generate_mqar(config: MqarConfig, num_examples: int) -> list[TaskExample]:
         )
         examples.append(
             TaskExample(
-                example_id=f"mqar_{config.seed}_{index}",
+                example_id=f"mqar_{_set_name(config.seed, config.purpose)}_{index}",
                 task="mqar",
                 prompt=prompt,
                 answers=[values[q] for q in queried],
@@ -450,6 +476,7 @@ class RecallCorpusConfig(BaseModel):
     num_facts: int = Field(6, ge=1, le=40)
     statement_zone: float = Field(0.15, gt=0.0, le=0.5)
     seed: int = 0
+    purpose: Purpose = Field("train", description="salts the random streams (see NiahConfig.purpose)")
 
 
 @dataclass
@@ -504,7 +531,7 @@ def generate_recall_documents(
 
 
 def _recall_document(config: RecallCorpusConfig, tokenizer: Tokenizer, index: int) -> SyntheticDocument:
-    rng = _example_rng(config.seed, index, "recall")
+    rng = _example_rng(config.seed, index, "recall", config.purpose)
     facts = _draw_facts(rng, config.num_facts)
     title = f"Ledger of the town of {rng.choice(FAMILY_NAMES)}ville, volume {rng.randint(1, 40)}."
     statements = [f"{_capitalize(fact.subject)} {fact.value}." for fact in facts]
@@ -548,7 +575,7 @@ def _recall_document(config: RecallCorpusConfig, tokenizer: Tokenizer, index: in
         else:
             fact.recall_offset = offsets[number]
             fact.recall_value_offset = offsets[number] + len(items[number]) - len(fact.value) - 1
-    return SyntheticDocument(doc_id=f"recall_{config.seed}_{index}", text=text, facts=facts)
+    return SyntheticDocument(doc_id=f"recall_{_set_name(config.seed, config.purpose)}_{index}", text=text, facts=facts)
 
 
 def generate_recall_examples(
@@ -557,7 +584,7 @@ def generate_recall_examples(
     """One example per document: the text up to a restated fact's value; the answer is that value."""
     examples = []
     for document in generate_recall_documents(config, tokenizer, num_examples):
-        rng = _example_rng(config.seed, int(document.doc_id.rsplit("_", 1)[1]), "recall-pick")
+        rng = _example_rng(config.seed, int(document.doc_id.rsplit("_", 1)[1]), "recall-pick", config.purpose)
         fact = rng.choice(document.facts)
         prompt = document.text[: fact.recall_value_offset].rstrip(" ")
         examples.append(
@@ -583,12 +610,15 @@ def write_documents_jsonl(documents: Sequence[SyntheticDocument], path: str | Pa
     return len(documents)
 
 
-def mqar_for_length(length: int, tokenizer: Tokenizer, num_examples: int, seed: int) -> list[TaskExample]:
-    """MQAR examples with as many key-value pairs as keep the prompt within `length` tokens."""
+def mqar_for_length(length: int, tokenizer: Tokenizer, num_examples: int, seed: int,
+                    purpose: Purpose = "train") -> list[TaskExample]:
+    """MQAR examples with as many key-value pairs as keep the prompt within `length` tokens; `purpose` salts
+    their random streams (see NiahConfig.purpose)."""
 
     def build(pairs: int, count: int) -> list[TaskExample]:
         digits = next(d for d in range(2, 10) if pairs <= 9 * 10 ** (d - 1))
-        config = MqarConfig(num_pairs=pairs, num_queries=min(4, pairs), value_digits=max(3, digits), seed=seed)
+        config = MqarConfig(num_pairs=pairs, num_queries=min(4, pairs), value_digits=max(3, digits), seed=seed,
+                            purpose=purpose)
         return generate_mqar(config, count)
 
     def fits(pairs: int) -> bool:

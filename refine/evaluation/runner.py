@@ -29,7 +29,7 @@ from refine.algorithm.selection import min_document_length
 from refine.config import DTYPES, ConfigError, RefineConfig, RunConfig, load_config, parse_yaml
 from refine.data.batches import pad_documents
 from refine.data.sources import DataSourceError
-from refine.data.synthetic import NiahConfig, generate_niah, mqar_for_length
+from refine.data.synthetic import NiahConfig, Purpose, generate_niah, mqar_for_length, stream_salt
 from refine.data.tasks import TaskExample, load_longbench, load_ruler_qa
 from refine.evaluation.metrics import LONGBENCH_FIRST_LINE_TASKS, LongBenchScoring, longbench_task_name, task_metric
 from refine.evaluation.score import score_predictions
@@ -42,6 +42,9 @@ from refine.tokenizer import Tokenizer, resolve_tokenizer
 CLI_TASKS = ("niah", "mqar", "ruler-qa", "longbench")
 DEFAULT_MAX_NEW_TOKENS = 32
 DEFAULT_SYNTHETIC_EXAMPLES = 20  # --num-examples for niah / mqar when not given; task files default to every row
+# niah / mqar prompts come from the generators' evaluation streams: salted apart from the training corpus's, so
+# that no --seed (the default 1234 included) reproduces the documents a run trained on, whatever its train.seed.
+SYNTHETIC_PURPOSE: Purpose = "eval"
 # The paper's test-time settings, used wherever the run config does not set the field itself.
 TEST_TIME_DEFAULTS: dict[str, Any] = {"reward": "binary", "lambda_nsp": 0.4}
 
@@ -412,7 +415,8 @@ def build_examples(args: argparse.Namespace, tokenizer: Tokenizer, options: Eval
     if args.task == "niah":
         settings = f"--length {args.length}, eval.niah_variant={options.niah_variant!r}"
         try:
-            config = NiahConfig(variant=options.niah_variant, length=args.length, seed=args.seed)
+            config = NiahConfig(variant=options.niah_variant, length=args.length, seed=args.seed,
+                                purpose=SYNTHETIC_PURPOSE)
         except ValidationError as err:
             raise ValueError(f"invalid needle-in-a-haystack settings ({settings}): {err.errors()[0]['msg']}") from None
         try:
@@ -420,7 +424,7 @@ def build_examples(args: argparse.Namespace, tokenizer: Tokenizer, options: Eval
         except ValueError as err:  # e.g. a length the variant's prompt does not fit in
             raise ValueError(f"invalid needle-in-a-haystack settings ({settings}): {err}") from None
     if args.task == "mqar":
-        return mqar_for_length(args.length, tokenizer, synthetic_count, args.seed)
+        return mqar_for_length(args.length, tokenizer, synthetic_count, args.seed, purpose=SYNTHETIC_PURPOSE)
     if args.data is None:
         raise ValueError(f"--data is required for --task {args.task}: a JSON lines, parquet or save_to_disk file")
     if args.task not in TASK_COLUMNS:
@@ -432,6 +436,16 @@ def build_examples(args: argparse.Namespace, tokenizer: Tokenizer, options: Eval
                               skip_bad_rows=skip_bad_rows)
     except DataSourceError as err:
         raise DataSourceError(f"{err}{_column_hint(args.data, args.task)}") from None
+
+
+def synthetic_set(task: str, seed: int) -> dict[str, Any] | None:
+    """For --task niah / mqar: which random streams produced the prompts (example i from
+    `random.Random(f"{salt}:{seed}:{i}")`), as the results record it; None for tasks read from files."""
+    if task not in ("niah", "mqar"):
+        return None
+    salt = stream_salt(task, SYNTHETIC_PURPOSE)
+    return {"purpose": SYNTHETIC_PURPOSE, "seed": seed, "salt": salt, "streams": f"{salt}:{seed}:<index>",
+            "training_salt": stream_salt(task, "train")}
 
 
 # The column sets each task file may use (any one of them), as the loaders accept them.
@@ -504,6 +518,9 @@ def main(args: argparse.Namespace) -> int:
     )
     summary = results["summary"]
     summary.update(model=str(model_dir), data=args.data, seed=args.seed, tokenizer=repr(tokenizer))
+    generated = synthetic_set(args.task, args.seed)
+    if generated is not None:
+        summary["synthetic_set"] = generated
     output.write_text(json.dumps(results, indent=1, ensure_ascii=False), encoding="utf-8")
     line = {key: summary[key] for key in ("task", "num_examples", "score", "ttt", "seconds")}
     print(json.dumps(line | {"metric": summary["metric"], "output": str(output)}, ensure_ascii=False))
