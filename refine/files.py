@@ -16,6 +16,30 @@ def write_atomically(path: Path, text: str) -> None:
     os.replace(temp, path)
 
 
+def sync_tree(path: Path) -> None:
+    """fsync every file under directory `path`, then every directory, its subdirectories first and `path` last:
+    the files' contents and names are on disk before a rename publishes `path`, which a machine crash could
+    otherwise leave holding empty or missing files. Call `sync_directory` on the parent after that rename."""
+    for root, _, files in os.walk(path, topdown=False):
+        for name in files:
+            _sync(os.path.join(root, name), os.O_RDONLY)
+        sync_directory(root)
+
+
+def sync_directory(path: str | Path) -> None:
+    """fsync directory `path` itself: the names created, renamed or removed in it are on disk (POSIX makes a
+    rename durable only once its directory is synced)."""
+    _sync(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+
+
+def _sync(path: str | Path, flags: int) -> None:
+    descriptor = os.open(path, flags)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 def file_name_part(text: str) -> str:
     """`text` as part of a file name: letters, digits, "-", "_" and "." kept, anything else "_" (so never "~",
     which the callers put after such a part: one name's part is then never a prefix of another's match)."""

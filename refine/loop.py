@@ -14,7 +14,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TextIO
 
@@ -30,7 +30,7 @@ from refine.algorithm.update import (
 from refine.config import DTYPES, OptimConfig, RunConfig, dump_config, fit_to_tokenizer, run_tokenizer
 from refine.data.batches import DocumentBatch
 from refine.data.stream import check_source, document_batches
-from refine.files import write_atomically
+from refine.files import sync_directory, sync_tree, write_atomically
 from refine.models import FastWeightLM, build_model, load_model, load_model_config, save_model
 from refine.optim import MasterWeightAdamW, has_low_precision_weights
 from refine.plots import plot_metrics
@@ -152,27 +152,57 @@ def optimizer_step(model: FastWeightLM, optimizer: torch.optim.Optimizer, result
     return StepResult(stats, False)
 
 
+# The programs that write run directories: `refine train` (local or service; "refine" in messages) counts
+# documents of data.source, `refine posttrain` examples of its task file. Each writes the record named here into
+# its run directory; a fresh run removes the others' (clear_checkpoints).
+RUN_RECORDS = {"refine": "data_source.json", "refine posttrain": "posttrain.json"}
+PROGRAM_FILE = "program.json"  # in each checkpoint: {"program": the RUN_RECORDS key of the run that wrote it}
+
+
 @dataclass
 class RunPosition:
-    """Where a run stands: the optimizer steps taken, the data cursor after them, and how many of those steps
-    were skipped for a non-finite loss or gradient."""
+    """Where a run stands: the steps taken (a step is one batch and one metrics.jsonl row: `train.mini_batches`
+    optimizer steps for `refine train`, two for `refine posttrain`), the data cursor after them, how many of
+    those steps were skipped for a non-finite loss or gradient, and the program whose run it is (a RUN_RECORDS
+    key, saved in each checkpoint so that another program's --resume refuses it; the service's learner leaves
+    the default)."""
 
     step: int = 0
     cursor: int = 0
     skipped_steps: int = 0
+    program: str = "refine"
 
 
 def save_checkpoint(path: Path, model: FastWeightLM, optimizer: torch.optim.Optimizer, position: RunPosition,
                     generator: torch.Generator, tokenizer: Tokenizer) -> None:
     """Model directory (fla-loadable, with the tokenizer's files so that `refine eval --model` reads text as
-    training did) + trainer state (optimizer, RNG, data cursor, skipped steps) for exact resume, written into
-    directory `path` (see `save_run_checkpoint` for a run's checkpoints/latest)."""
+    training did) + trainer state (optimizer, RNG, data cursor, skipped steps) for exact resume + the program
+    that wrote it (PROGRAM_FILE), written into directory `path` (see `save_run_checkpoint` for a run's
+    checkpoints/latest, which also puts them on disk)."""
+    if position.program not in RUN_RECORDS:
+        raise ValueError(f"program={position.program!r} is not one of {sorted(RUN_RECORDS)}")
     save_model(model, path / "model")
     save_tokenizer_files(tokenizer, path / "model")
     torch.save({
         "step": position.step, "cursor": position.cursor, "skipped_steps": position.skipped_steps,
         "optimizer": optimizer.state_dict(), "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
     }, path / "trainer.pt")
+    (path / PROGRAM_FILE).write_text(json.dumps({"program": position.program}))
+
+
+def checkpoint_program(path: Path) -> str | None:
+    """The program that wrote checkpoint directory `path` (its PROGRAM_FILE); None for a checkpoint written
+    before checkpoints said so. A damaged file fails naming it."""
+    file = path / PROGRAM_FILE
+    if not file.exists():
+        return None
+    try:
+        program = json.loads(file.read_text()).get("program")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as error:
+        raise ValueError(f"{file}: not readable ({type(error).__name__}: {error})") from None
+    if program not in RUN_RECORDS:
+        raise ValueError(f"{file}: program={program!r} is not one of {sorted(RUN_RECORDS)}")
+    return program
 
 
 def latest_checkpoint(out_dir: str | Path) -> Path:
@@ -188,32 +218,44 @@ def save_run_checkpoint(out_dir: str | Path, model: FastWeightLM, optimizer: tor
                         extra_files: dict[str, str] | None = None) -> Path:
     """The run's checkpoints/latest, whole or not at all: written into a fresh directory (with `extra_files`,
     name -> text), then swapped in, so a run killed while writing keeps its previous checkpoint (a torn one
-    would resume new weights with an old optimizer, step and data cursor)."""
+    would resume new weights with an old optimizer, step and data cursor). Durable across a machine crash too:
+    every file and directory written is fsynced before the swap, and checkpoints/ after it, before the
+    previous checkpoint is removed."""
     latest = Path(out_dir) / "checkpoints" / "latest"
+    created = not latest.parent.exists()
     _remove_partial_checkpoints(latest.parent)
     staging = latest.with_name(f"step-{position.step:08d}.partial")
     staging.mkdir(parents=True)
     save_checkpoint(staging, model, optimizer, position, generator, tokenizer)
     for name, text in (extra_files or {}).items():
         (staging / name).write_text(text)
+    sync_tree(staging)
     previous = latest.with_name("previous")
     if latest.exists():
         shutil.rmtree(previous, ignore_errors=True)
         os.replace(latest, previous)
     os.replace(staging, latest)
+    sync_directory(latest.parent)  # the renames on disk: only then may the previous checkpoint go
+    if created:
+        sync_directory(latest.parent.parent)
     shutil.rmtree(previous, ignore_errors=True)
     return latest
 
 
-def clear_checkpoints(out_dir: str | Path) -> bool:
-    """Remove an earlier run's checkpoint from a run directory that a fresh run starts over (as it starts
-    metrics.jsonl over): else a `--resume` after the fresh run died before its first checkpoint would continue
-    the earlier run's weights. Returns whether there was one."""
+def clear_checkpoints(out_dir: str | Path, program: str = "refine") -> bool:
+    """Remove an earlier run's checkpoint from a run directory that a fresh run of `program` (a RUN_RECORDS key;
+    the service's `refine train` by default) starts over, as it starts metrics.jsonl over: else a `--resume`
+    after the fresh run died before its first checkpoint would continue the earlier run's weights. The other
+    programs' run records go too (the fresh run writes its own): the directory then says whose run it holds.
+    Returns whether there was a checkpoint."""
     folder = Path(out_dir) / "checkpoints"
     found = [path for path in (folder / "latest", folder / "previous") if path.exists()]
     for path in found:
         shutil.rmtree(path)
     _remove_partial_checkpoints(folder)
+    for other, record in RUN_RECORDS.items():
+        if other != program:
+            (Path(out_dir) / record).unlink(missing_ok=True)
     return bool(found)
 
 
@@ -283,30 +325,46 @@ def load_checkpoint(path: Path, model: FastWeightLM, optimizer: torch.optim.Opti
 
 def resume_from(out_dir: Path, resume: bool, model: FastWeightLM, optimizer: torch.optim.Optimizer,
                 generator: torch.Generator, program: str) -> RunPosition:
-    """Where to start: the checkpoint's position when resuming from one, else the start."""
+    """Where to start: the checkpoint's position when resuming from one, else the start; either is `program`'s."""
     checkpoint = latest_checkpoint(out_dir)
     if resume and checkpoint.exists():
         check_resumed_program(out_dir, program)
-        return load_checkpoint(checkpoint, model, optimizer, generator)
+        return replace(load_checkpoint(checkpoint, model, optimizer, generator), program=program)
     if resume:
         tqdm.write(f"{program}: no checkpoint at {checkpoint} to resume from: starting at step 0", file=sys.stderr)
-    return RunPosition()
+    return RunPosition(program=program)
 
 
-# What each program writes into its run directory, which says whose run a directory holds: `refine train`
-# (local or service) counts documents of data.source, `refine posttrain` examples of its task file.
-RUN_RECORDS = {"refine": "data_source.json", "refine posttrain": "posttrain.json"}
+def _command(program: str) -> str:
+    return "refine train" if program == "refine" else program
 
 
 def check_resumed_program(out_dir: Path, program: str) -> None:
     """Refuse a --resume of another program's run: its checkpoint's data cursor counts other records (documents
-    against task examples), and the resumed run would splice its rows into the other's metrics.jsonl."""
-    if (out_dir / RUN_RECORDS[program]).exists():
+    against task examples), and the resumed run would splice its rows into the other's metrics.jsonl. The latest
+    checkpoint says which program wrote it (PROGRAM_FILE); only one written before checkpoints said so is judged
+    by the run records in the directory, and refused when they do not name `program` alone."""
+    checkpoint = latest_checkpoint(out_dir)
+    if not checkpoint.exists():
         return
-    for other, record in RUN_RECORDS.items():
-        if other != program and (out_dir / record).exists():
-            raise ValueError(f"train.out_dir={str(out_dir)!r} holds a `{other}` run ({record}): `{program} --resume` "
-                             f"continues only its own runs; give it another train.out_dir")
+    refusal = (f"`{_command(program)} --resume` continues only runs of `{_command(program)}` (the checkpoint's "
+               f"data cursor counts other records); start a fresh run there (without --resume) or give it another "
+               f"train.out_dir")
+    written_by = checkpoint_program(checkpoint)
+    if written_by is not None:
+        if written_by != program:
+            raise ValueError(f"train.out_dir={str(out_dir)!r} holds a `{_command(written_by)}` run (its checkpoint "
+                             f"{checkpoint} was written by `{_command(written_by)}`): {refusal}")
+        return
+    # A checkpoint from before checkpoints named their program: the run records say whose run it is.
+    records = [other for other, record in RUN_RECORDS.items() if (out_dir / record).exists()]
+    if records in ([], [program]):
+        return
+    named = " and ".join(f"`{_command(other)}` ({RUN_RECORDS[other]})" for other in records)
+    others = " and ".join(RUN_RECORDS[other] for other in records if other != program)
+    raise ValueError(f"train.out_dir={str(out_dir)!r} holds the run record of {named}, and its checkpoint "
+                     f"{checkpoint} does not name the program that wrote it: {refusal} (if it is a "
+                     f"`{_command(program)}` run, remove {others} and resume again)")
 
 
 def absolute_out_dir(config: RunConfig) -> str:
@@ -317,14 +375,15 @@ def absolute_out_dir(config: RunConfig) -> str:
 
 def start_run_directory(config: RunConfig, fresh: bool, program: str) -> Path:
     """Create `train.out_dir` and write its config.yaml; a `fresh` run (not resumed from a checkpoint) also
-    removes an earlier run's checkpoint there. Called only once the model, optimizer and any resumed state
-    loaded: a run that cannot start leaves its directory as it was (a later plain --resume still works)."""
+    removes an earlier run's checkpoint there and the other programs' run records (see clear_checkpoints).
+    Called only once the model, optimizer and any resumed state loaded: a run that cannot start leaves its
+    directory as it was (a later plain --resume still works)."""
     out_dir = Path(config.train.out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:  # a regular file there, a parent that is one, a path nobody may create
         raise ValueError(f"train.out_dir={str(out_dir)!r}: cannot create the run directory ({error})") from None
-    if fresh and clear_checkpoints(out_dir):
+    if fresh and clear_checkpoints(out_dir, program):
         tqdm.write(f"{program}: a fresh run in {out_dir}: removed the earlier run's checkpoint (--resume continues "
                    f"a run)", file=sys.stderr)
     write_atomically(out_dir / "config.yaml", dump_config(config))
@@ -388,9 +447,10 @@ def finite_stats(stats: dict) -> dict:
 def run_steps(config: RunConfig, model: FastWeightLM, optimizer: torch.optim.Optimizer, generator: torch.Generator,
               tokenizer: Tokenizer, next_batch: Callable[[int], StepBatch], start: RunPosition, desc: str,
               shown: tuple[str, ...], progress: bool) -> dict[str, float]:
-    """Optimizer steps `start.step + 1 .. config.train.steps`, each on `next_batch(cursor)`: a metrics.jsonl row
-    every `log_every` steps (and the last), a checkpoint every `checkpoint_every` steps and at the end, then the
-    plots; the progress bar shows the stats named in `shown`. Returns the last step's stats."""
+    """Steps `start.step + 1 .. config.train.steps`, each one batch, `next_batch(cursor)`, trained by its
+    `update` (one or more optimizer steps: see RunPosition): a metrics.jsonl row every `log_every` steps (and
+    the last), a checkpoint every `checkpoint_every` steps and at the end, then the plots; the progress bar
+    shows the stats named in `shown`. Returns the last step's stats."""
     out_dir = Path(config.train.out_dir)
     position = start  # replaced, not changed, after each step
     saved_at = -1
@@ -402,12 +462,13 @@ def run_steps(config: RunConfig, model: FastWeightLM, optimizer: torch.optim.Opt
             started = time.perf_counter()  # the data's reading is not part of the step
             times = StageTimes(config.train.device)
             outcome = batch.update(times)
-            position = RunPosition(position.step + 1, batch.cursor, position.skipped_steps + outcome.skipped)
+            position = replace(position, step=position.step + 1, cursor=batch.cursor,
+                               skipped_steps=position.skipped_steps + outcome.skipped)
             last = finite_stats(outcome.stats | times.stats() | {"step": position.step,
                                                                  "step_seconds": time.perf_counter() - started,
                                                                  "skipped_steps": position.skipped_steps,
                                                                  "tokens": batch.tokens})
-            if position.step % config.train.log_every == 0 or position.step == config.train.steps:
+            if config.train.logs_step(position.step):
                 metrics_file.write(json.dumps(last) + "\n")
                 metrics_file.flush()
             bar.set_postfix({k: f"{last[k]:.3f}" for k in shown if k in last})

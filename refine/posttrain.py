@@ -22,7 +22,7 @@ How a task example becomes tokens (the same ones `refine eval` feeds the model, 
 The model is `train.init_from` (a checkpoint directory); the tokenizer is `tokenizer`, else the model
 directory's, else byte-level. The run directory (`train.out_dir`) gets config.yaml, posttrain.json (the
 data summary and --sft-coef), metrics.jsonl (a row per step) and checkpoints/latest/ (model/, with the
-tokenizer's files copied next to it, and trainer.pt), as `refine train` writes them. One process runs it:
+tokenizer's files copied next to it, trainer.pt and program.json), as `refine train` writes them. One process runs it:
 the service (`service.*`) and `rollout.*` settings do not apply.
 """
 

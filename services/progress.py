@@ -28,7 +28,8 @@ class StepReport(Message):
     """The learner finished a batch: trained on it ("step") or dropped it ("dropped")."""
 
     kind: Literal["step", "dropped"]
-    step: int = Field(ge=0, description="optimizer steps taken so far, this one included")
+    step: int = Field(ge=0, description="learner steps taken so far, this one included: a step trains one batch "
+                      "(`train.mini_batches` optimizer steps) and is one metrics.jsonl row")
     seq: int = Field(0, ge=0, description="the report's number in the run: 1, 2, ... (0: unnumbered)")
     stats: dict[str, StatValue] = Field(default_factory=dict)
 
@@ -38,7 +39,8 @@ class LearnerProgress(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    step: int = Field(0, ge=0, description="optimizer steps taken")
+    step: int = Field(0, ge=0, description="learner steps taken: rollout batches trained, each "
+                      "`train.mini_batches` optimizer steps")
     finished: int = Field(0, ge=0, description="batches trained, dropped or rejected since the learner started")
     weight_version: int = Field(-1, ge=-1, description="last published weight version; -1 before the first")
     done: bool = False

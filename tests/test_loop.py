@@ -1,6 +1,8 @@
 """The single-process loop: every mode trains, runs write their directory, resume is exact, bad steps skip."""
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -416,18 +418,108 @@ def test_a_custom_reward_from_the_runs_reward_modules_trains(tmp_path, monkeypat
         sys.modules.pop("scratch_loop_rewards", None)
 
 
-def test_a_resume_refuses_another_programs_run(tmp_path):
+def test_a_resume_refuses_a_checkpoint_another_program_wrote(tmp_path):
     """`refine posttrain --resume` over a `refine train` run (or the reverse) would count its data cursor in other
-    records and splice its rows into the other run's metrics.jsonl."""
+    records and splice its rows into the other run's metrics.jsonl. The checkpoint says which program wrote it:
+    a run record left behind in the directory does not decide."""
     train(_config(tmp_path, "ntp", steps=1), progress=False)
     config = _config(tmp_path, "ntp", steps=2)
     model = prepare_model(config)
-    with pytest.raises(ValueError, match="holds a `refine` run \\(data_source.json\\): `refine posttrain --resume`"):
-        resume_from(tmp_path, True, model, make_optimizer(model, config.optim), torch.Generator(), "refine posttrain")
-    assert resume_from(tmp_path, True, model, make_optimizer(model, config.optim), torch.Generator(), "refine").step == 1
-    (tmp_path / "data_source.json").rename(tmp_path / "posttrain.json")  # as a posttrain run's directory
-    with pytest.raises(ValueError, match="holds a `refine posttrain` run"):
-        resume_from(tmp_path, True, model, make_optimizer(model, config.optim), torch.Generator(), "refine")
+
+    def resume(program):
+        return resume_from(tmp_path, True, model, make_optimizer(model, config.optim), torch.Generator(), program)
+
+    checkpoint = tmp_path / "checkpoints" / "latest"
+    (tmp_path / "posttrain.json").write_text("{}")  # a stale record beside the train run's own
+    with pytest.raises(ValueError) as refused:
+        resume("refine posttrain")
+    assert str(refused.value).startswith(
+        f"train.out_dir={str(tmp_path)!r} holds a `refine train` run (its checkpoint {checkpoint} was written by "
+        f"`refine train`): `refine posttrain --resume` continues only runs of `refine posttrain`")
+    assert resume("refine") == RunPosition(1, 2, 0, "refine")
+
+    tokenizer, generator = run_tokenizer(config), torch.Generator()
+    save_run_checkpoint(tmp_path, model, make_optimizer(model, config.optim), RunPosition(3, 6, 0, "refine posttrain"),
+                        generator, tokenizer)
+    (tmp_path / "posttrain.json").unlink()  # only the train run's record is left: still a posttrain checkpoint
+    with pytest.raises(ValueError, match="holds a `refine posttrain` run .*: `refine train --resume` continues only "
+                                         "runs of `refine train`"):
+        resume("refine")
+    assert resume("refine posttrain") == RunPosition(3, 6, 0, "refine posttrain")
+
+
+def test_a_checkpoint_that_names_no_program_is_judged_by_the_run_records(tmp_path):
+    """Checkpoints written before they named their program: the directory's run records decide, and a directory
+    that holds both programs' records (a fresh run left the other's behind) resumes neither."""
+    train(_config(tmp_path, "ntp", steps=1), progress=False)
+    (tmp_path / "checkpoints" / "latest" / "program.json").unlink(missing_ok=True)  # as such a checkpoint
+    config = _config(tmp_path, "ntp", steps=2)
+    model = prepare_model(config)
+
+    def resume(program):
+        return resume_from(tmp_path, True, model, make_optimizer(model, config.optim), torch.Generator(), program)
+
+    with pytest.raises(ValueError, match="holds the run record of `refine train` \\(data_source.json\\)"):
+        resume("refine posttrain")
+    assert resume("refine").step == 1
+    (tmp_path / "posttrain.json").write_text("{}")
+    for program in ("refine", "refine posttrain"):
+        with pytest.raises(ValueError, match="holds the run record of `refine train` \\(data_source.json\\) and "
+                                             "`refine posttrain` \\(posttrain.json\\), and its checkpoint .* does "
+                                             "not name the program that wrote it"):
+            resume(program)
+
+
+def test_a_fresh_run_removes_the_other_programs_run_record(tmp_path):
+    """A fresh run's directory says whose run it holds: the other program's record goes with the checkpoint."""
+    config = _config(tmp_path, "ntp", steps=1)
+    for record in ("data_source.json", "posttrain.json"):
+        (tmp_path / record).write_text("{}")
+    start_run_directory(config, fresh=False, program="refine")  # a resumed run touches neither
+    assert (tmp_path / "data_source.json").exists() and (tmp_path / "posttrain.json").exists()
+    start_run_directory(config, fresh=True, program="refine")
+    assert (tmp_path / "data_source.json").exists() and not (tmp_path / "posttrain.json").exists()
+    (tmp_path / "posttrain.json").write_text("{}")
+    start_run_directory(config, fresh=True, program="refine posttrain")
+    assert not (tmp_path / "data_source.json").exists() and (tmp_path / "posttrain.json").exists()
+
+
+def test_a_checkpoint_is_on_disk_before_it_is_published_and_before_the_previous_one_goes(tmp_path, monkeypatch):
+    """A machine crash (not only a killed process) must leave a whole checkpoint: every file and directory of the
+    new one is fsynced before the rename that publishes it, and checkpoints/ after that rename, while the
+    previous checkpoint still exists."""
+    config = _config(tmp_path, "ntp")
+    model, tokenizer = prepare_model(config), run_tokenizer(config)
+    optimizer, generator = make_optimizer(model, config.optim), torch.Generator()
+    folder = tmp_path / "checkpoints"
+    save_run_checkpoint(tmp_path, model, optimizer, RunPosition(1, 2, 0), generator, tokenizer)
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        path = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        events.append(("fsync", path, (folder / "previous").exists()))
+        real_fsync(fd)
+
+    def replace(source, target):
+        events.append(("replace", Path(source), Path(target)))
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    save_run_checkpoint(tmp_path, model, optimizer, RunPosition(2, 4, 0), generator, tokenizer,
+                        extra_files={"learner_state.json": "{}"})
+    staging = folder / "step-00000002.partial"
+    publish = events.index(("replace", staging, folder / "latest"))
+    synced_before = {event[1] for event in events[:publish] if event[0] == "fsync"}
+    latest = folder / "latest"
+    written = {staging / path.relative_to(latest) for path in latest.rglob("*")} | {staging}
+    assert {"trainer.pt", "learner_state.json", "model/model.safetensors", "model/config.json"} <= {
+        str(path.relative_to(latest)) for path in latest.rglob("*")}
+    assert written <= synced_before, sorted(written - synced_before)
+    after = [event for event in events[publish + 1:] if event[0] == "fsync"]
+    assert ("fsync", folder, True) in after  # the rename on disk while the previous checkpoint is still there
+    assert not (folder / "previous").exists()
 
 
 def test_a_skipped_steps_metrics_row_is_strict_json(tmp_path):

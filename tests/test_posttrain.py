@@ -1,6 +1,8 @@
 """`refine posttrain`: nested post-training (REFINE on the prompt + SFT on the answer) from a task file."""
 
 import json
+import shutil
+from pathlib import Path
 
 import torch
 
@@ -175,3 +177,53 @@ def test_mini_batches_are_refused_before_anything_is_written(tmp_path, capsys):
     assert main(_argv(data, init, tmp_path / "run", 1, "--set", "train.mini_batches=2")) == 2
     assert capsys.readouterr().err.startswith("refine: error: train.mini_batches=2: refine posttrain's fused steps")
     assert not (tmp_path / "run").exists()
+
+
+def _train_argv(out, steps, *extra):
+    """A tiny `refine train --local` run (NTP on the synthetic corpus) in directory `out`."""
+    sets = ["demo=null", "train.mode=ntp", f"train.steps={steps}", f"train.out_dir={out}", "train.batch_size=2",
+            "data.seq_len=256", "data.num_documents=8", "data.synthetic_tasks=[recall]", "model.hidden_size=32",
+            "model.intermediate_size=64",
+            "model.num_hidden_layers=1"]
+    argv = ["train", "configs/demo.yaml", "--local", "--no-progress", *extra]
+    for item in sets:
+        argv += ["--set", item]
+    return argv
+
+
+def test_a_resume_refuses_a_directory_whose_latest_run_another_program_made(tmp_path, capsys, monkeypatch):
+    """The review's case: a posttrain run, then a fresh `refine train` run in the same directory (which left
+    posttrain.json behind), then `refine posttrain --resume` with that run's config: it resumed at the train
+    run's step 3, read its document cursor as an example cursor and spliced its rows into metrics.jsonl."""
+    monkeypatch.chdir(Path(__file__).parents[1])  # configs/demo.yaml
+    init = _init_model(tmp_path)
+    data = _write(tmp_path / "qa.jsonl", _qa_rows(3))
+    mix = tmp_path / "mix"
+    assert main(_argv(data, init, mix, 2)) == 0
+    assert main(_train_argv(mix, 3)) == 0
+    assert not (mix / "posttrain.json").exists()  # the fresh run removed the posttrain run's record
+    capsys.readouterr()
+    before = (mix / "metrics.jsonl").read_bytes()
+    trained = shutil.copytree(mix / "checkpoints" / "latest" / "model", tmp_path / "trained")
+    resume = ["posttrain", "--config", str(mix / "config.yaml"), "--data", str(data), "--task", "ruler-qa",
+              "--resume", "--no-progress"]
+    for item in ["train.steps=5", "train.mode=fused", f"train.init_from={trained}", *SMALL_REFINE]:
+        resume += ["--set", item]
+    assert main(resume) == 2
+    err = capsys.readouterr().err
+    assert f"train.out_dir={str(mix)!r} holds a `refine train` run" in err
+    assert "`refine posttrain --resume` continues only runs of `refine posttrain`" in err
+    assert (mix / "metrics.jsonl").read_bytes() == before
+    # A stale record is no guide: with posttrain.json put back, the checkpoint still says whose run it is.
+    (mix / "posttrain.json").write_text("{}")
+    assert main(resume) == 2
+    assert "holds a `refine train` run" in capsys.readouterr().err
+
+    # The reverse: a fresh posttrain run over it, then `refine train --resume`.
+    assert main(_argv(data, init, mix, 1)) == 0
+    assert not (mix / "data_source.json").exists()
+    capsys.readouterr()
+    assert main(_train_argv(mix, 4, "--resume")) == 2
+    err = capsys.readouterr().err
+    assert f"train.out_dir={str(mix)!r} holds a `refine posttrain` run" in err
+    assert "`refine train --resume` continues only runs of `refine train`" in err

@@ -17,6 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from refine.errors import validation_problems
+from refine.files import sync_tree
 from refine.models.base import FastWeightLM, ModelOutput
 from refine.models.config import ModelConfigBase
 from refine.models.state import ModelState
@@ -166,7 +167,7 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
 
 
 def save_model(model: FastWeightLM, path: str | Path) -> Path:
-    """Write config.json + model.safetensors in the layout the original library's class loads."""
+    """Write config.json + model.safetensors in the layout the original library's class loads, fsynced."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     _, _, original_name = _lookup(model.config.model_type)
@@ -183,6 +184,7 @@ def save_model(model: FastWeightLM, path: str | Path) -> Path:
     if model.config.tie_word_embeddings:
         tensors.pop("lm_head.weight")  # shared with the embeddings; safetensors refuses aliases
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    sync_tree(path)  # on disk, not only in the page cache: a machine crash leaves no empty weight file
     return path
 
 

@@ -2,6 +2,8 @@
 and ours without conversion."""
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -303,3 +305,21 @@ def test_a_sharded_checkpoint_loads(tmp_path):
     _shard(tmp_path)
     loaded = load_model(tmp_path).state_dict()
     assert all(torch.equal(loaded[name], tensor) for name, tensor in expected.items())
+
+
+def test_save_model_puts_its_files_on_disk(tmp_path, monkeypatch):
+    """A model directory outlives a machine crash, not only a killed process: its files and the directory
+    itself are fsynced before save_model returns."""
+    synced = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    model = build_model(dict(model_type="delta_net", hidden_size=32, num_heads=2, num_hidden_layers=1,
+                             vocab_size=60, intermediate_size=48))
+    path = save_model(model, tmp_path / "model")
+    assert {path / "config.json", path / "model.safetensors", path} <= set(synced)
+    assert synced.index(path) > max(synced.index(path / "config.json"), synced.index(path / "model.safetensors"))
