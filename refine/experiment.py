@@ -25,7 +25,7 @@ from refine.config import RunConfig, run_tokenizer, validate_config  # noqa: E40
 from refine.data.batches import pad_documents  # noqa: E402
 from refine.data.stream import recall_corpus_config  # noqa: E402
 from refine.data.synthetic import (  # noqa: E402
-    NiahConfig, generate_niah, generate_recall_documents, mqar_for_length,
+    LengthTooShortError, NiahConfig, generate_niah, generate_recall_documents, mqar_for_length,
 )
 from refine.evaluation.runner import evaluate  # noqa: E402
 from refine.models import FastWeightLM, load_model  # noqa: E402
@@ -64,6 +64,17 @@ def eval_examples(task: str, tokenizer: Tokenizer, config: RunConfig) -> list:
         return generate_niah(NiahConfig(variant="single", length=config.demo.eval_length, seed=seed), tokenizer,
                              config.demo.eval_examples)
     return mqar_for_length(config.demo.eval_length, tokenizer, config.demo.eval_examples, seed)
+
+
+def check_eval_sets(tokenizer: Tokenizer, config: RunConfig) -> None:
+    """Build the evaluation sets once before anything trains: a demo.eval_length too short for a task's prompt
+    fails now, naming the setting, instead of after every stage has trained."""
+    for task in config.demo.eval_tasks:
+        try:
+            eval_examples(task, tokenizer, config)
+        except LengthTooShortError as error:
+            raise ValueError(f"demo.eval_length={config.demo.eval_length} is too short for the {task} evaluation "
+                             f"set: its prompt without filler takes up to {error.needed} tokens") from None
 
 
 def evaluate_model(path: Path, tokenizer: Tokenizer, config: RunConfig) -> dict[str, float]:
@@ -126,6 +137,7 @@ def run_comparison(config: RunConfig, trainer: Trainer, decodes_text: bool = Fal
     out_dir.mkdir(parents=True, exist_ok=True)
     demo = config.demo
     tokenizer = run_tokenizer(config)
+    check_eval_sets(tokenizer, config)
 
     pretrain = stage_config(config, "pretrain", "ntp", demo.pretrain_steps, demo.pretrain_lr, None, tokenizer)
     trainer(pretrain)

@@ -135,6 +135,28 @@ def merge_steps(outcomes: list[StepResult]) -> StepResult:
     return StepResult(stats, any(outcome.skipped for outcome in outcomes))
 
 
+# This many steps in a row with every optimizer step skipped (non-finite loss or gradient) end a run: its weights
+# have diverged, and further steps only burn compute.
+MAX_SKIPPED_IN_A_ROW = 10
+
+
+class Divergence:
+    """Counts steps in a row whose every optimizer step was skipped as not finite; says when a run has diverged."""
+
+    def __init__(self, config: RunConfig) -> None:
+        self.config = config
+        self.in_a_row = 0
+
+    def add(self, step: int, stats: dict) -> None:
+        """Record step `step`'s stats; raises ValueError after MAX_SKIPPED_IN_A_ROW fully skipped steps in a row."""
+        self.in_a_row = self.in_a_row + 1 if stats.get("skipped_nonfinite", 0.0) >= 1.0 else 0
+        if self.in_a_row >= MAX_SKIPPED_IN_A_ROW:
+            raise ValueError(
+                f"steps {step - self.in_a_row + 1}..{step} were all skipped for a non-finite loss or gradient: the "
+                f"weights have diverged (optim.lr={self.config.optim.lr}, optim.grad_clip={self.config.optim.grad_clip}"
+                f", train.dtype={self.config.train.dtype}); the run stops, its last checkpoint is kept")
+
+
 def optimizer_step(model: FastWeightLM, optimizer: torch.optim.Optimizer, result: LossResult,
                    grad_clip: float) -> StepResult:
     """Backward, clip, step; a step whose loss or gradient is not finite is skipped (and reported)."""
@@ -455,6 +477,7 @@ def run_steps(config: RunConfig, model: FastWeightLM, optimizer: torch.optim.Opt
     position = start  # replaced, not changed, after each step
     saved_at = -1
     last: dict[str, float] = {}
+    divergence = Divergence(config)
     with open_metrics(out_dir / "metrics.jsonl", position.step) as metrics_file, \
             tqdm(total=config.train.steps, initial=position.step, desc=desc, disable=not progress) as bar:
         while position.step < config.train.steps:
@@ -471,6 +494,7 @@ def run_steps(config: RunConfig, model: FastWeightLM, optimizer: torch.optim.Opt
             if config.train.logs_step(position.step):
                 metrics_file.write(json.dumps(last) + "\n")
                 metrics_file.flush()
+            divergence.add(position.step, outcome.stats)
             bar.set_postfix({k: f"{last[k]:.3f}" for k in shown if k in last})
             bar.update(1)
             if config.train.checkpoint_every and position.step % config.train.checkpoint_every == 0:
@@ -478,6 +502,10 @@ def run_steps(config: RunConfig, model: FastWeightLM, optimizer: torch.optim.Opt
                 saved_at = position.step
     if saved_at != position.step:
         save_run_checkpoint(out_dir, model, optimizer, position, generator, tokenizer)
+    if position.skipped_steps > start.skipped_steps:
+        tqdm.write(f"{desc}: warning: {position.skipped_steps - start.skipped_steps} of steps {start.step + 1}.."
+                   f"{position.step} skipped an update for a non-finite loss or gradient (skipped_nonfinite in "
+                   f"metrics.jsonl; optim.lr={config.optim.lr})", file=sys.stderr)
     plot_metrics(out_dir / "metrics.jsonl", out_dir)
     return last
 

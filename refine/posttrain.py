@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from refine.algorithm.rewards import check_run_reward
 from refine.algorithm.selection import min_document_length
 from refine.config import RunConfig, fit_to_tokenizer, load_config, run_tokenizer
-from refine.data.tasks import TaskExample, load_longbench, load_ruler_qa
+from refine.data.tasks import LoadReport, TaskExample, load_longbench, load_ruler_qa
 from refine.evaluation.runner import prompt_tokens
 from refine.files import write_atomically
 from refine.loop import (
@@ -71,6 +71,7 @@ class DataSummary(BaseModel):
     skipped_long_question: int  # question and answer alone fill data.seq_len: no room for the context
     truncated: int
     min_prompt_tokens: int
+    skipped_bad_rows: int = 0  # rows of the task file skipped as malformed (data.skip_bad_rows)
 
 
 # ---------------------------------------------------------------- checks
@@ -97,11 +98,13 @@ def check_config(config: RunConfig, sft_coef: float) -> None:
 # ---------------------------------------------------------------- examples
 
 
-def load_examples(task: str, path: str | Path, skip_bad_rows: bool = False) -> list[TaskExample]:
+def load_examples(task: str, path: str | Path, skip_bad_rows: bool = False,
+                  report: LoadReport | None = None) -> list[TaskExample]:
+    """The task file's examples; `report` receives how many were read and how many bad rows were skipped."""
     if task == "ruler-qa":
-        return load_ruler_qa(path, skip_bad_rows=skip_bad_rows)
+        return load_ruler_qa(path, skip_bad_rows=skip_bad_rows, report=report)
     if task == "longbench":
-        return load_longbench(path, skip_bad_rows=skip_bad_rows)
+        return load_longbench(path, skip_bad_rows=skip_bad_rows, report=report)
     raise ValueError(f"--task must be one of {POSTTRAIN_TASKS}, got {task!r}")
 
 
@@ -131,7 +134,7 @@ def encode_example(example: TaskExample, tokenizer: Tokenizer, max_tokens: int) 
 
 
 def prepare_examples(examples: Sequence[TaskExample], tokenizer: Tokenizer, config: RunConfig, data: str | Path,
-                     task: str, sft_coef: float) -> tuple[list[QAExample], DataSummary]:
+                     task: str, sft_coef: float, bad_rows: int = 0) -> tuple[list[QAExample], DataSummary]:
     """Encode every example and keep those whose prompt can host REFINE's rollouts."""
     cfg = config.refine
     needed = min_document_length(cfg.num_chunks, cfg.rollout_len, cfg.margin)
@@ -147,7 +150,8 @@ def prepare_examples(examples: Sequence[TaskExample], tokenizer: Tokenizer, conf
             usable.append(encoded)
     summary = DataSummary(data=str(data), task=task, sft_coef=sft_coef, examples_read=len(examples),
                           examples_used=len(usable), skipped_short_prompt=len(examples) - len(usable) - long_question,
-                          skipped_long_question=long_question, truncated=truncated, min_prompt_tokens=needed)
+                          skipped_long_question=long_question, truncated=truncated, min_prompt_tokens=needed,
+                          skipped_bad_rows=bad_rows)
     wanted = (f"refine.num_chunks={cfg.num_chunks}, rollout_len={cfg.rollout_len} and margin={cfg.margin} need "
               f"prompts of >= {needed} tokens")
     if not usable:
@@ -188,8 +192,9 @@ def posttrain(config: RunConfig, data: str | Path, task: str, sft_coef: float = 
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     tokenizer = run_tokenizer(config)
-    examples, summary = prepare_examples(load_examples(task, data, config.data.skip_bad_rows), tokenizer, config,
-                                         data, task, sft_coef)
+    loaded = LoadReport()
+    examples, summary = prepare_examples(load_examples(task, data, config.data.skip_bad_rows, loaded), tokenizer,
+                                         config, data, task, sft_coef, bad_rows=loaded.bad_rows)
     config = fit_to_tokenizer(config, tokenizer)
     model = prepare_model(config)
     optimizer = make_optimizer(model, config.optim)

@@ -3,6 +3,8 @@
 import json
 from pathlib import Path
 
+import pytest
+
 from test_tokenizer import write_bpe_tokenizer
 
 from refine.config import load_config, run_tokenizer
@@ -52,3 +54,13 @@ def test_every_stage_takes_the_same_mini_batches():
     tokenizer = run_tokenizer(config)
     for name, mode in (("pretrain", "ntp"), ("refine", "onepass"), ("ntp", "ntp")):
         assert stage_config(config, name, mode, 3, 1e-3, None, tokenizer).train.mini_batches == 2
+
+
+def test_an_eval_length_too_short_for_the_eval_sets_fails_before_anything_trains(tmp_path):
+    config = load_config(Path(__file__).parents[1] / "configs" / "demo.yaml", [
+        f"train.out_dir={tmp_path}", "demo.eval_length=100", "demo.pretrain_steps=1", "demo.branch_steps=1"])
+    stages = []
+    with pytest.raises(ValueError, match=r"demo.eval_length=100 is too short for the niah evaluation set: its prompt "
+                                         r"without filler takes up to \d+ tokens"):
+        run_comparison(config, stages.append)
+    assert stages == []  # no stage was trained

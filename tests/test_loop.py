@@ -14,8 +14,8 @@ from refine.algorithm.losses import ntp_loss
 from refine.config import run_tokenizer
 from refine.data.batches import DocumentBatch
 from refine.loop import (
-    NONFINITE_KEY, RunPosition, StepResult, make_optimizer, merge_steps, mini_batch_bounds, optimizer_step, prepare_model,
-    resume_from, rollout_batch_update, save_run_checkpoint, start_run_directory, train, train_step,
+    MAX_SKIPPED_IN_A_ROW, NONFINITE_KEY, RunPosition, StepResult, make_optimizer, merge_steps, mini_batch_bounds,
+    optimizer_step, prepare_model, latest_checkpoint, resume_from, rollout_batch_update, save_run_checkpoint, start_run_directory, train, train_step,
 )
 from refine.models import build_model, load_model
 
@@ -533,3 +533,20 @@ def test_a_skipped_steps_metrics_row_is_strict_json(tmp_path):
 
     row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1], parse_constant=refuse)
     assert row["skipped_steps"] == 1 and "loss" not in row
+
+
+def test_a_diverged_run_stops_naming_its_settings_and_keeps_its_last_checkpoint(tmp_path, capsys):
+    """Every step skipped for a non-finite loss: after MAX_SKIPPED_IN_A_ROW of them the run ends with an error,
+    instead of finishing as a success whose weights never moved."""
+    config = _config(tmp_path, "onepass", steps=MAX_SKIPPED_IN_A_ROW + 5, extra=("refine.lambda_ntp=1e300",))
+    with pytest.raises(ValueError, match=rf"steps 1..{MAX_SKIPPED_IN_A_ROW} were all skipped for a non-finite loss "
+                                         r"or gradient: the weights have diverged \(optim.lr="):
+        train(config, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == list(range(1, MAX_SKIPPED_IN_A_ROW + 1))
+    assert not latest_checkpoint(tmp_path).exists()  # nothing worth keeping was written
+
+
+def test_a_run_with_skipped_steps_warns_when_it_ends(tmp_path, capsys):
+    train(_config(tmp_path, "onepass", steps=2, extra=("refine.lambda_ntp=1e300",)), progress=False)
+    assert "warning: 2 of steps 1..2 skipped an update for a non-finite loss or gradient" in capsys.readouterr().err

@@ -106,6 +106,16 @@ def test_a_too_short_prompt_among_good_ones_is_skipped_and_counted(tmp_path, cap
     assert summary["skipped_long_question"] == 0
 
 
+def test_skipped_bad_rows_are_counted_in_the_run_summary(tmp_path):
+    init = _init_model(tmp_path)
+    data = _write(tmp_path / "qa.jsonl", _qa_rows(3))
+    data.write_text(data.read_text() + "{not json\n")
+    out = tmp_path / "run"
+    assert main(_argv(data, init, out, 1, "--set", "data.skip_bad_rows=true")) == 0
+    summary = json.loads((out / "posttrain.json").read_text())
+    assert summary["skipped_bad_rows"] == 1 and summary["examples_read"] == 3
+
+
 def test_refine_sees_the_whole_prompt_a_long_one_is_cut_in_its_context_and_the_answer_ends_with_eos():
     tokenizer = ByteTokenizer()
     example = TaskExample(example_id="0", task="hotpotqa", prompt="Read: CONTEXT TEXT\nQ: why?\nA:", answers=["so"],

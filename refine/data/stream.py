@@ -112,10 +112,10 @@ def _file_documents(config: RunConfig, tokenizer: Tokenizer, cursor: int, warn: 
                            "reports the counts", spec.source, spec.min_length, spec.seq_len, doc.index + 1,
                            stream.stats.too_short, stream.stats.truncated)
         yield doc.doc_id, doc.token_ids, doc.index + 1  # record index: filtered and bad rows count too
-    # Dropped and cut documents change what the model trains on: say so once per pass, as a warning when
-    # `warn` (until a whole pass was reported: later passes repeat its counts).
+    # Dropped, cut and skipped documents change what the model trains on: say so once per pass, as a warning
+    # when `warn` (until a whole pass was reported: later passes repeat its counts).
     stats = stream.stats
-    level = logging.WARNING if warn and (stats.too_short or stats.truncated) else logging.INFO
+    level = logging.WARNING if warn and (stats.too_short or stats.truncated or stats.bad_rows) else logging.INFO
     logger.log(level, "pass over data.source=%r from record %d: %d records read, %d documents kept, "
                       "%d too short for data.min_length=%d, %d truncated to data.seq_len=%d, %d bad rows skipped",
                spec.source, cursor, stats.records_read, stats.documents, stats.too_short, spec.min_length,

@@ -190,3 +190,15 @@ def test_a_resumed_synthetic_run_says_when_min_length_changed_the_corpus(tmp_pat
     assert check_source(before, tmp_path, resumed=True) is None
     message = check_source(synthetic_config("data.min_length=200"), tmp_path, resumed=True)
     assert message is not None and "'min_length': 16" in message and "'min_length': 200" in message
+
+
+def test_a_pass_that_skipped_bad_rows_ends_with_a_warning(tmp_path, caplog):
+    """Skipped rows are trained on by nobody: the pass's summary is a warning even when no document was cut."""
+    caplog.set_level(logging.INFO, logger="refine.data.stream")
+    path = tmp_path / "docs.jsonl"
+    path.write_text(json.dumps({"text": "x" * 50}) + "\n{not json\n" + json.dumps({"text": "z" * 45}) + "\n")
+    config = load_config(None, [f"data.source={path}", "data.seq_len=64", "data.min_length=40", "train.mode=ntp",
+                                "data.skip_bad_rows=true"])
+    list(islice(document_stream(config, TOKENIZER), 3))  # the whole first pass and the next one's start
+    ((level, message),) = pass_records(caplog)
+    assert level == logging.WARNING and "1 bad rows skipped" in message
