@@ -123,7 +123,11 @@ class HFTokenizer:
         # Text is text: a document that writes "</s>" or "<pad>" must not turn into control tokens (an EOS in
         # the middle of a document, a pad the loss would treat as padding). The pipeline adds BOS / EOS by id.
         self._tokenizer.encode_special_tokens = True
-        self._vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
+        # The size a model's embedding needs: one past the highest id the tokenizer can produce. The library's
+        # get_vocab_size counts tokens, which falls short when ids have gaps (a WordLevel vocab with "dog" -> 500
+        # counts 12): such a tokenizer would pass the vocabulary checks, then fail the embedding lookup.
+        ids = self._tokenizer.get_vocab(with_added_tokens=True).values()
+        self._vocab_size = max(ids, default=-1) + 1
         settings = _read_special_token_settings(self.directory)
         self._bos_id = self._resolve("bos", settings, _FALLBACK_BOS)
         eos_id = self._resolve("eos", settings, _FALLBACK_EOS)
@@ -234,6 +238,20 @@ def save_tokenizer_files(tokenizer: Tokenizer, directory: Path) -> None:
         # A model resumed in place may have been given its own directory as the tokenizer.
         if source.is_file() and not (target.exists() and target.samefile(source)):
             shutil.copyfile(source, target)
+
+
+def tokenizer_name(tokenizer: Tokenizer) -> str:
+    """How messages name a tokenizer: its directory, or "byte-level"."""
+    return str(tokenizer.directory) if isinstance(tokenizer, HFTokenizer) else "byte-level"
+
+
+def check_eos_matches(model_eos_id: int | None, tokenizer: Tokenizer, model: str, remedy: str) -> None:
+    """Refuse a tokenizer whose EOS is not the model's: the model learned to end sequences with its own id, and
+    generation stops on the tokenizer's (a byte tokenizer's EOS 258 against a model's 2 stops on byte 0x02).
+    `model` names the model in the message (e.g. "--model 'DIR'"), `remedy` says where to give the right one."""
+    if model_eos_id != tokenizer.eos_id:
+        raise ValueError(f"{model} has eos_token_id={model_eos_id} but tokenizer {tokenizer_name(tokenizer)!r} ends "
+                         f"documents with id {tokenizer.eos_id}: {remedy}")
 
 
 def load_tokenizer(path: str | Path | None) -> Tokenizer:

@@ -2,9 +2,12 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from tokenizers import Tokenizer as RustTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from refine.config import RunConfig, fit_to_tokenizer
+from refine.models import build_model
 from refine.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer, save_tokenizer_files
 
 CORPUS = [
@@ -167,3 +170,37 @@ def test_hf_tokenizer_encodes_special_token_text_in_a_document_as_text(tmp_path)
         assert tokenizer.decode(ids) == text
     # Where the pipeline adds special tokens, by id, they stay control tokens: decoding drops them.
     assert tokenizer.decode([tokenizer.bos_id, *tokenizer.encode("fox"), tokenizer.eos_id]) == "fox"
+
+
+def write_gapped_tokenizer(directory: Path, top_id: int = 500) -> RustTokenizer:
+    """A WordLevel tokenizer.json whose ids have a gap: 12 tokens, "dog" is id `top_id`; EOS is "</s>" (id 2)."""
+    words = ["<unk>", "<s>", "</s>", "<pad>", "the", "a", "cat", "sat", "on", "mat", "and"]
+    tokenizer = RustTokenizer(models.WordLevel({word: i for i, word in enumerate(words)} | {"dog": top_id},
+                                               unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}))
+    return tokenizer
+
+
+def test_hf_tokenizer_vocab_size_covers_every_id_of_a_vocabulary_with_gaps(tmp_path):
+    rust = write_gapped_tokenizer(tmp_path / "tok")
+    assert rust.get_vocab_size(with_added_tokens=True) == 12  # the library counts tokens
+    tokenizer = load_tokenizer(tmp_path / "tok")
+    assert tokenizer.vocab_size == 501  # one past the highest id
+    ids = tokenizer.encode("the dog sat on a mat")
+    assert 500 in ids
+    # A model fitted to the tokenizer embeds every id it produces.
+    small = dict(model_type="delta_net", hidden_size=32, num_heads=2, num_hidden_layers=1, intermediate_size=64,
+                 tie_word_embeddings=True)
+    config = fit_to_tokenizer(RunConfig(model=small | {"vocab_size": tokenizer.vocab_size}), tokenizer)
+    model = build_model(config.model)
+    logits = model(torch.tensor([[tokenizer.bos_id, *ids, tokenizer.eos_id]])).logits
+    assert logits.shape == (1, len(ids) + 2, 501) and torch.isfinite(logits).all()
+    # One too small for the highest id is refused before any lookup (the byte default's 260 held the 12 counted).
+    for vocab_size in (260, 500):
+        with pytest.raises(ValueError, match=rf"model\.vocab_size={vocab_size} is smaller than the vocabulary of "
+                                             rf"tokenizer '.*tok' \(501\)"):
+            fit_to_tokenizer(RunConfig(model=small | {"vocab_size": vocab_size}), tokenizer)

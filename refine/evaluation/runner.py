@@ -35,9 +35,10 @@ from refine.evaluation.metrics import LONGBENCH_FIRST_LINE_TASKS, LongBenchScori
 from refine.evaluation.score import score_predictions
 from refine.generate import generate
 from refine.loop import make_optimizer
-from refine.models import FastWeightLM, load_model
+from refine.models import FastWeightLM, load_model, load_model_config
+from refine.models.config import ModelConfigBase
 from refine.phases import adapt_and_answer, check_no_kl_term, snapshot_weights
-from refine.tokenizer import Tokenizer, resolve_tokenizer
+from refine.tokenizer import Tokenizer, check_eos_matches, resolve_tokenizer, tokenizer_name
 
 CLI_TASKS = ("niah", "mqar", "ruler-qa", "longbench")
 DEFAULT_MAX_NEW_TOKENS = 32
@@ -266,11 +267,7 @@ def evaluate(
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(
-            f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {model.config.vocab_size}: "
-            f"wrong tokenizer for this model?"
-        )
+    check_tokenizer_fits(model.config, tokenizer)
     run_config = run_config or RunConfig()
     refine_cfg = ttt_refine_config(run_config.refine)
     if ttt:  # test-time training scores its rollouts in-process: tokens and hidden states, no text
@@ -472,6 +469,28 @@ def _column_hint(path: str, task: str) -> str:
     return f"; its first row has fields {fields}, --task {task} expects {accepted}"
 
 
+def check_tokenizer_fits(model_config: ModelConfigBase, tokenizer: Tokenizer, model: str = "the model") -> None:
+    """Refuse a tokenizer that is not the model's: one with ids past the model's embedding, or another EOS
+    (the rule `train.init_from` follows). `model` names the model in the message."""
+    if tokenizer.vocab_size > model_config.vocab_size:
+        raise ValueError(
+            f"{model} has vocab_size={model_config.vocab_size}, smaller than the vocabulary of tokenizer "
+            f"{tokenizer_name(tokenizer)!r} ({tokenizer.vocab_size}): wrong tokenizer for this model?"
+        )
+    check_eos_matches(model_config.eos_token_id, tokenizer, model, "give the model's own tokenizer (--tokenizer DIR)")
+
+
+def check_model_dir(model_dir: Path) -> None:
+    """Refuse, before anything is written next to it, a --model that is not a model directory."""
+    name = f"--model {str(model_dir)!r}"
+    if not model_dir.exists():
+        raise ValueError(f"{name} does not exist")
+    if not model_dir.is_dir():
+        raise ValueError(f"{name} is a file, not a model directory (one with config.json)")
+    if not (model_dir / "config.json").is_file():
+        raise ValueError(f"{name} is not a model directory: it has no config.json")
+
+
 def default_output(model_dir: Path, task: str, ttt: bool, ttt_accumulate: bool = False) -> Path:
     """eval-TASK[-ttt[-accumulate]].json in the model's directory, or in the run directory for a model inside a
     run's checkpoints (RUN/checkpoints/latest/model): the run's next checkpoint replaces that folder whole."""
@@ -504,11 +523,13 @@ def main(args: argparse.Namespace) -> int:
     if run_config.train.threads:
         torch.set_num_threads(run_config.train.threads)
     model_dir = Path(args.model)
+    check_model_dir(model_dir)  # first: the default results path lies in it
     output = Path(args.output) if args.output else default_output(model_dir, args.task, args.ttt, args.ttt_accumulate)
     check_output(output, given=bool(args.output))
+    tokenizer = resolve_tokenizer(args.tokenizer, model_dir)
+    check_tokenizer_fits(load_model_config(model_dir), tokenizer, f"--model {str(model_dir)!r}")  # before the weights
     dtype = DTYPES[run_config.train.dtype] if "dtype" in run_config.train.model_fields_set else None
     model = load_model(model_dir, dtype=dtype, device=run_config.train.device)
-    tokenizer = resolve_tokenizer(args.tokenizer, model_dir)
     examples = build_examples(args, tokenizer, options, skip_bad_rows=run_config.data.skip_bad_rows)
     results = evaluate(
         model, tokenizer, examples, args.task, ttt=args.ttt, run_config=run_config, ttt_steps=args.ttt_steps,

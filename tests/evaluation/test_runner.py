@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from tokenizers import Tokenizer as RustTokenizer
+from tokenizers import models, pre_tokenizers
 
 from refine.cli import main as cli_main
 from refine.config import OptimConfig, RefineConfig, RunConfig
@@ -29,7 +31,7 @@ from refine.generate import generate
 from refine.loop import make_optimizer
 from refine.models import build_model, load_model, save_model
 from refine.phases import adapt_and_answer
-from refine.tokenizer import ByteTokenizer
+from refine.tokenizer import ByteTokenizer, load_tokenizer
 
 TOKENIZER = ByteTokenizer()
 
@@ -494,3 +496,60 @@ def test_eval_scores_longbench_with_the_release_rules_on_request(model_dir, task
             "--max-new-tokens", "2", "--set", "eval.longbench_scoring=refine-release"]
     code, line, _ = run_eval(capsys, *argv)
     assert code == 0 and line["metric"] == ["classification_score (REFINE release)", "qa_f1_score (REFINE release)"]
+
+
+# ---------------------------------------------------------------- the model's own tokenizer
+
+
+def write_word_tokenizer(directory: Path, top_id: int) -> Path:
+    """A WordLevel tokenizer.json with a gap in its ids ("dog" is `top_id`), EOS "</s>" = 2, not the model's 258."""
+    words = ["<unk>", "<s>", "</s>", "<pad>", "the", "a", "cat", "sat", "on", "mat", "and"]
+    tokenizer = RustTokenizer(models.WordLevel({word: i for i, word in enumerate(words)} | {"dog": top_id},
+                                               unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    return directory
+
+
+def test_eval_refuses_a_tokenizer_whose_eos_is_not_the_models(model_dir, tmp_path, capsys):
+    tokenizer_dir = write_word_tokenizer(tmp_path / "tok", top_id=200)  # fits the model's 260 ids
+    output = tmp_path / "results.json"
+    code, line, err = run_eval(capsys, "--model", str(model_dir), "--tokenizer", str(tokenizer_dir), "--task", "niah",
+                               "--num-examples", "1", "--max-new-tokens", "2", "--output", str(output))
+    assert code == 2 and line is None and not output.exists()
+    assert (f"--model {str(model_dir)!r} has eos_token_id=258 but tokenizer {str(tokenizer_dir)!r} ends documents "
+            f"with id 2: give the model's own tokenizer (--tokenizer DIR)") in err
+    model = load_model(model_dir)
+    examples = [TaskExample(example_id="q", task="niah", prompt="the cat sat on", answers=["mat"])]
+    with pytest.raises(ValueError, match="the model has eos_token_id=258 but tokenizer .* ends documents with id 2"):
+        evaluate(model, load_tokenizer(tokenizer_dir), examples, "niah", progress=False)
+
+
+def test_eval_refuses_a_tokenizer_with_ids_past_the_models_vocabulary(model_dir, tmp_path, capsys):
+    tokenizer_dir = write_word_tokenizer(tmp_path / "tok", top_id=500)  # 12 tokens, but ids up to 500
+    code, _, err = run_eval(capsys, "--model", str(model_dir), "--tokenizer", str(tokenizer_dir), "--task", "niah",
+                            "--num-examples", "1", "--max-new-tokens", "2", "--output", str(tmp_path / "r.json"))
+    assert code == 2 and "Traceback" not in err
+    assert (f"--model {str(model_dir)!r} has vocab_size=260, smaller than the vocabulary of tokenizer "
+            f"{str(tokenizer_dir)!r} (501)") in err
+    examples = [TaskExample(example_id="q", task="niah", prompt="the dog sat on", answers=["mat"])]
+    with pytest.raises(ValueError, match=r"the model has vocab_size=260, smaller .* \(501\)"):
+        evaluate(load_model(model_dir), load_tokenizer(tokenizer_dir), examples, "niah", progress=False)
+
+
+def test_a_model_path_that_is_not_a_model_directory_is_named_before_the_results_path(tmp_path, capsys):
+    readme = tmp_path / "README.md"
+    readme.write_text("# not a model\n")
+    code, line, err = run_eval(capsys, "--model", str(readme), "--task", "niah")
+    assert code == 2 and line is None
+    assert f"--model {str(readme)!r} is a file, not a model directory (one with config.json)" in err
+    assert "results file" not in err and "cannot create its directory" not in err
+    absent = tmp_path / "no_such_model"
+    code, _, err = run_eval(capsys, "--model", str(absent), "--task", "niah")
+    assert code == 2 and f"--model {str(absent)!r} does not exist" in err
+    assert not absent.exists()  # the default results path did not create it
+    code, _, err = run_eval(capsys, "--model", str(tmp_path), "--task", "niah")
+    assert code == 2 and f"--model {str(tmp_path)!r} is not a model directory: it has no config.json" in err
+    assert not (tmp_path / "eval-niah.json").exists()
