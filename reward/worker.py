@@ -4,7 +4,8 @@ Several replicas share one consumer group (each with its own consumer name), so 
 rollout batch to one of them. A batch is acknowledged only after its scored batch was published;
 if a replica dies in between, another one reclaims the entry and scores it again (the learner's
 exactly-once guard keys on `rollout_batch_id`, which the scored batch keeps). A batch that cannot be
-scored goes to the dead-letter stream `<rollout_stream>:dead` with the error, and is acknowledged.
+scored, or whose scored batch can never be published (over the codec's max_message_bytes), goes to the
+dead-letter stream `<rollout_stream>:dead` with the error, and is acknowledged: the replica goes on.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ import redis
 
 from reward.scoring import Decode, check_reward_type, record_scored, score_batch
 from services.broker import Broker
-from services.codec import encode
+from services.codec import CodecError, encode
 from services.messages import RolloutBatch
 from services.metrics import Metrics
+from services.streams import unpublishable_reason
 
 __all__ = ["HEARTBEAT_ROLE", "RewardWorker"]
 
@@ -109,24 +111,33 @@ class RewardWorker:
         except Exception as exc:  # a reward plugin may raise anything: the batch must not be lost
             error = f"{type(exc).__name__}: {exc}"
             logger.warning("rollout batch %s (entry %s) cannot be scored: %s", batch.rollout_batch_id, entry_id, error)
-            self._dead_letter(entry_id, batch, error)
+            self._dead_letter(entry_id, batch, f"scoring with reward {self.reward_type!r} failed: {error}")
             self.dead_count += 1
             return
         # The latency metric is the scoring alone, as the HTTP API measures it; publishing is Redis's time.
         seconds = time.perf_counter() - started
-        self.broker.publish(self.scored_stream, scored, maxlen=self.scored_maxlen)
+        try:
+            self.broker.publish(self.scored_stream, scored, maxlen=self.scored_maxlen)
+        except CodecError as exc:  # too large (or unsendable) for the codec: every replica would fail the same
+            error = (f"reward replica {self.consumer} could not publish the ScoredBatch of rollout batch "
+                     f"{batch.rollout_batch_id}: {unpublishable_reason(scored, exc)}")
+            logger.error("rollout batch %s (entry %s) dead-lettered: %s", batch.rollout_batch_id, entry_id, error)
+            self._dead_letter(entry_id, batch, error)
+            self.dead_count += 1
+            return
         # Only now is the scored batch durable in Redis: acknowledging earlier could lose it.
         self.broker.ack(self.rollout_stream, self.group, [entry_id])
         self.scored_count += 1
         self._record(scored.rewards, seconds)
 
-    def _dead_letter(self, entry_id: str, batch: RolloutBatch, error: str) -> None:
+    def _dead_letter(self, entry_id: str, batch: RolloutBatch, reason: str) -> None:
         # The broker's own dead-letter path: the entry is recorded and acknowledged in one transaction,
         # and `broker.dead_letters(rollout_stream)` lists it next to entries that failed to decode.
-        self.broker._dead_letter(
-            self.rollout_stream, self.group, entry_id, encode(batch, self.broker.limits),
-            f"scoring with reward {self.reward_type!r} failed: {error}",
-        )
+        try:
+            payload = encode(batch, self.broker.limits)
+        except CodecError:  # it was decoded under these limits, so this does not happen; keep the reason anyway
+            payload = b""
+        self.broker.dead_letter(self.rollout_stream, self.group, entry_id, payload, reason)
 
     def _record(self, rewards, seconds: float) -> None:
         if self.metrics is None:

@@ -7,7 +7,9 @@ acknowledge the documents. While it works, the worker's heartbeat thread keeps t
 a long rollout is not taken over by idle workers. A worker killed anywhere in between leaves the
 entry pending (and, with its heartbeat gone, no longer refreshed), and another worker reclaims it.
 Rolling a batch out twice is harmless: the rollout batch id is derived from the document batch id
-and the learner trains on it once.
+and the learner trains on it once. Rollouts that can never be published (over the codec's
+max_message_bytes: a configuration error) are not retried: the documents entry goes to the dead-letter
+stream with the reason, acknowledged, the worker goes on, and the orchestrator ends the run with it.
 
 Weights come from the Redis weight store (safetensors bytes, versioned, see
 services/weight_store.py), not the Ray object store: no live owner is needed (a restarted learner
@@ -24,10 +26,11 @@ import torch
 
 from refine.config import RunConfig
 from rollout_workers.engines import RolloutEngine, batch_generator, build_engine, engine_owner
+from services.codec import CodecError, encode
 from services.messages import DocumentBatch, RolloutBatch
 from services.resilience import TRANSIENT, OutageTolerance, retry_redis
 from services.role import RoleRuntime
-from services.streams import DOCUMENTS, ROLLOUT_GROUP, ROLLOUTS, rollout_batch_id_for
+from services.streams import DOCUMENTS, ROLLOUT_GROUP, ROLLOUTS, rollout_batch_id_for, unpublishable_reason
 from services.weight_store import RedisWeightStore
 
 __all__ = ["ROLE", "RolloutWorker", "to_message"]
@@ -74,6 +77,7 @@ class RolloutWorker:
         self.version: int | None = None
         self.outage_timeout_s = max(60.0, 4 * service.heartbeat_timeout_s)
         self.batches = 0
+        self.dead_lettered = 0  # document batches whose rollouts could never be published
         # The first and latest policy version rolled out with (not every one: a long run makes millions).
         self.versions: tuple[int, int] | None = None
 
@@ -119,7 +123,8 @@ class RolloutWorker:
         return message
 
     def run_once(self, block_ms: int = 500) -> bool:
-        """Handle at most one document batch; True if one was rolled out and published."""
+        """Handle at most one document batch; True if one was rolled out and published (False also for
+        one dead-lettered because its rollouts cannot be published)."""
         self.refresh_weights()
         if self.version is None:
             time.sleep(min(block_ms, 100) / 1000)  # the learner has not published yet
@@ -133,7 +138,11 @@ class RolloutWorker:
         with self.runtime.holding(DOCUMENTS, ROLLOUT_GROUP, entry_id):
             self.refresh_weights()
             message = self.rollout(batch)
-            retry_redis(lambda: self.broker.publish(ROLLOUTS, message), "publish rollouts", self.outage_timeout_s)
+            try:
+                retry_redis(lambda: self.broker.publish(ROLLOUTS, message), "publish rollouts", self.outage_timeout_s)
+            except CodecError as exc:  # too large (or unsendable) for the codec: every retry would fail the same
+                self.dead_letter(entry_id, batch, message, exc)
+                return False
             # Acknowledged only now that the rollouts are in Redis.
             retry_redis(lambda: self.broker.ack(DOCUMENTS, ROLLOUT_GROUP, [entry_id]), "ack documents",
                         self.outage_timeout_s)
@@ -142,6 +151,21 @@ class RolloutWorker:
         first = message.policy_version if self.versions is None else self.versions[0]
         self.versions = (first, message.policy_version)
         return True
+
+    def dead_letter(self, entry_id: str, batch: DocumentBatch, message: RolloutBatch, error: CodecError) -> None:
+        """The rollouts of `batch` can never be published (`error`): dead-letter its documents entry with
+        the reason, acknowledged, rather than die and have it redelivered to worker after worker until
+        MAX_DELIVERIES. The orchestrator ends the run with the reason."""
+        reason = (f"rollout worker {self.worker_id} could not publish the rollouts of document batch {batch.batch_id}: "
+                  f"{unpublishable_reason(message, error)}")
+        logger.error("dead-lettering document batch %s (entry %s): %s", batch.batch_id, entry_id, reason)
+        try:
+            payload = encode(batch, self.broker.limits)
+        except CodecError:  # it was decoded under these limits, so this does not happen; keep the reason anyway
+            payload = b""
+        retry_redis(lambda: self.broker.dead_letter(DOCUMENTS, ROLLOUT_GROUP, entry_id, payload, reason),
+                    "dead-letter documents", self.outage_timeout_s)
+        self.dead_lettered += 1
 
     # -- loop -----------------------------------------------------------------------------------
 

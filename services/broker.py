@@ -207,6 +207,13 @@ class Broker:
             out.append((entry_id, message))
         return out
 
+    def dead_letter(self, stream: str, group: str, entry_id: str, payload: bytes, error: str) -> None:
+        """Move an entry `group` read from `stream` but cannot use to `<stream>:dead` with `error` (and
+        `payload`, its message) and acknowledge it, in one transaction: it is never delivered again.
+        For consumers whose failure is not a crash: a batch that cannot be scored, a result that can
+        never be published (over the codec's limits); the orchestrator ends the run with `error`."""
+        self._dead_letter(stream, group, entry_id, payload, error)
+
     def _dead_letter(self, stream: str, group: str, entry_id: str, payload: bytes, error: str) -> None:
         pipe = self.client.pipeline(transaction=True)
         pipe.xadd(
@@ -217,7 +224,8 @@ class Broker:
         pipe.execute()
 
     def dead_letters(self, stream: str, count: int = 100) -> list[DeadLetter]:
-        """The oldest `count` entries of `stream` that could not be decoded."""
+        """The oldest `count` entries of `stream` that could not be used (not decoded, redelivered too
+        often, or dead-lettered by their consumer with `dead_letter`)."""
         rows = self.client.xrange(self._stream(self.dead_letter_stream(stream)), count=count)
         return [
             DeadLetter(

@@ -790,7 +790,9 @@ class Orchestrator:
     def _check_dead_letters(self) -> None:
         """Every message here comes from the run's own roles: one that could not be used is a bug or
         a configuration error (a reward that cannot score these rollouts, a batch that crashes every
-        worker). Waiting for it would hang the run, so the run ends with its error."""
+        worker, rollouts or a scored batch over the codec's max_message_bytes: its reason names the
+        message, its size, the limit and the settings that size it). Waiting for it would hang the run,
+        so the run ends with its error, quoted."""
         for stream in (DOCUMENTS, ROLLOUTS, SCORED, LEARNER_REPORTS):
             letters = self.broker.dead_letters(stream, count=1)
             if letters:

@@ -13,10 +13,11 @@ the learner once, not through every hop.
 from __future__ import annotations
 
 import redis
+from pydantic import BaseModel
 
 from services.broker import Broker
-from services.codec import decode, encode
-from services.messages import DocumentBatch
+from services.codec import DEFAULT_LIMITS, decode, dtype_name, encode
+from services.messages import DocumentBatch, RolloutBatch
 
 __all__ = [
     "CONSUMED_KEY",
@@ -35,6 +36,7 @@ __all__ = [
     "release_consumer",
     "rollout_batch_id_for",
     "trim_acknowledged",
+    "unpublishable_reason",
 ]
 
 DOCUMENTS = "documents"
@@ -101,6 +103,37 @@ class DocumentStore:
 
     def count(self) -> int:
         return sum(1 for _ in self.broker.client.scan_iter(match=self._key("*"), count=500))
+
+
+def unpublishable_reason(message: BaseModel, error: Exception) -> str:
+    """Why a role's result `message` can never go onto its stream (`error`: the CodecError encoding it
+    raised), for the dead letter of the input it was made from. A message over the codec's size limits
+    names the limit's setting and the run settings that size the message: publishing again fails the
+    same way, until one of them changes."""
+    reason = " ".join(str(error).split())
+    limit = next((name for name in ("max_message_bytes", "max_tensor_elements") if f"{name}=" in reason), None)
+    if limit is None:
+        return reason  # not about size (NaN/Inf values, say): the codec's text names the field
+    default = getattr(DEFAULT_LIMITS, limit)
+    shown = f"{default} = {default / 2**20:g} MiB" if limit == "max_message_bytes" else f"{default}"
+    reason += f" (the limit services.codec.CodecLimits.{limit}, {shown} by default; not a run setting)"
+    if not isinstance(message, RolloutBatch):
+        return reason
+    batch, chunks = message.positions.shape
+    n, k = message.num_samples, message.rollout_len
+    rows = batch * chunks * n
+    reason += (f"; {type(message).__name__} {message.rollout_batch_id} holds train.batch_size={batch} x "
+               f"refine.num_chunks={chunks} x refine.num_samples={n} = {rows} rollouts of refine.rollout_len={k} "
+               f"tokens")
+    hidden = {name: getattr(message, name) for name in ("rollout_hidden", "ground_truth_hidden")
+              if getattr(message, name) is not None}
+    if hidden:
+        first = next(iter(hidden.values()))
+        size, dtype, itemsize = int(first.shape[2]), dtype_name(first.dtype), first.element_size()
+        total = sum(tensor.numel() * tensor.element_size() for tensor in hidden.values())
+        reason += (f", each token with {len(hidden)} hidden states ({', '.join(hidden)}) of model.hidden_size={size} "
+                   f"{dtype} values: {len(hidden)} x {rows} x {k} x {size} x {itemsize} bytes = {total} bytes of it")
+    return reason + "; lower one of these settings so that it fits"
 
 
 def release_consumer(broker: Broker, stream: str, group: str, consumer: str, batch: int = 1000) -> int:

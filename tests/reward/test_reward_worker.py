@@ -1,5 +1,6 @@
 """Reward replicas on a real Redis: split work, ack after publish, reclaim, dead letters."""
 
+import re
 import threading
 import time
 from collections import Counter
@@ -12,11 +13,13 @@ import torch
 
 import reward.worker as reward_worker
 from refine.algorithm.rewards import cosine_reward
+from refine.config import load_config
 from reward.worker import HEARTBEAT_ROLE, RewardWorker
 from services.broker import Broker
-from services.codec import decode
+from services.codec import CodecLimits, decode, encode
 from services.messages import RolloutBatch, ScoredBatch
 from services.metrics import Metrics
+from services.orchestrator import Orchestrator, ServiceError
 
 
 def publish(broker: Broker, batches: list[RolloutBatch]) -> None:
@@ -269,3 +272,74 @@ def test_a_ground_truth_that_decodes_to_nothing_is_a_dead_letter_not_a_full_scor
     assert (worker.scored_count, worker.dead_count) == (0, 1)
     [letter] = broker.dead_letters("rollouts")
     assert "reference_texts[0] holds a gold answer that is empty or whitespace only" in letter.error
+
+
+# B=2 documents x c=2 positions x n=2 samples = 8 rollouts of k=3 tokens, hidden size D=4 (float32).
+OVERSIZE_SETTINGS = ("train.batch_size=2 x refine.num_chunks=2 x refine.num_samples=2 = 8 rollouts of "
+                     "refine.rollout_len=3 tokens, each token with 2 hidden states (rollout_hidden, "
+                     "ground_truth_hidden) of model.hidden_size=4 float32 values: 2 x 8 x 3 x 4 x 4 bytes = 768 bytes")
+
+
+def over_the_limit(broker: Broker, batch: RolloutBatch) -> Broker:
+    """The run's broker with a codec limit (services.codec.CodecLimits) that `batch` fits and its scored
+    batch (the same plus one reward per rollout) does not."""
+    return Broker(broker.client, broker.namespace, limits=CodecLimits(max_message_bytes=len(encode(batch)) + 16))
+
+
+def test_a_scored_batch_over_the_message_limit_dead_letters_its_rollouts_at_once(broker, make_batch):
+    """A scored batch the codec refuses can never be published: the replica does not fail (its actor would
+    be restarted and the batch reclaimed until max_deliveries), it dead-letters the rollouts entry once,
+    with the reason naming the message, its size, the limit and the settings that size it, acknowledged;
+    its loop goes on."""
+    batch = make_batch(seed=1, docs=2, chunks=2, samples=2, k=3, dim=4)
+    publish(broker, [batch])
+    small = over_the_limit(broker, batch)
+    limit = small.limits.max_message_bytes
+    worker = RewardWorker(small, "cosine", consumer="reward-a")
+    assert worker.run_once(block_ms=None) == 1  # no CodecError escapes
+    [dead] = broker.dead_letters("rollouts")
+    assert decode(dead.payload, RolloutBatch).rollout_batch_id == batch.rollout_batch_id  # the input
+    assert dead.error.startswith(f"reward replica reward-a could not publish the ScoredBatch of rollout batch "
+                                 f"{batch.rollout_batch_id}: ")
+    size = int(re.search(rf"message ScoredBatch is (\d+) bytes, over the limit max_message_bytes={limit} ",
+                         dead.error).group(1))
+    assert size > limit
+    assert "services.codec.CodecLimits.max_message_bytes, 268435456 = 256 MiB by default" in dead.error
+    assert OVERSIZE_SETTINGS in dead.error
+    assert broker.pending("rollouts", "reward") == 0 and broker.length("scored") == 0
+    assert worker.reclaim(min_idle_ms=0) == 0  # acknowledged: nothing to take over
+    assert (worker.scored_count, worker.dead_count) == (0, 1)
+
+    # The replica's loop (what the Ray actor runs) stays up through the next such batch.
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,), kwargs={"block_ms": 100}, daemon=True)
+    thread.start()
+    try:
+        publish(broker, [make_batch(seed=2, docs=2, chunks=2, samples=2, k=3, dim=4)])
+        wait_for(lambda: len(broker.dead_letters("rollouts")) == 2 or not thread.is_alive())
+        assert thread.is_alive()
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+    assert worker.dead_count == 2 and broker.pending("rollouts", "reward") == 0
+
+
+def test_the_run_ends_with_the_reason_of_a_scored_batch_over_the_message_limit(broker, make_batch, redis_url,
+                                                                               tmp_path):
+    """The orchestrator ends the run on that dead letter with an error quoting it: the message type, its
+    size, the limit and its setting, and the run settings that size it."""
+    batch = make_batch(seed=1, docs=2, chunks=2, samples=2, k=3, dim=4)
+    publish(broker, [batch])
+    assert RewardWorker(over_the_limit(broker, batch), "cosine", consumer="reward-a").run_once(block_ms=None) == 1
+    config = load_config(None, [f"train.out_dir={tmp_path / 'run'}"])
+    orchestrator = Orchestrator(config, None, redis_url, broker.namespace, resume=False, progress=False)
+    try:
+        with pytest.raises(ServiceError) as failure:
+            orchestrator._check_dead_letters()
+    finally:
+        orchestrator.client.close()
+    text = str(failure.value)
+    assert text.startswith("a message of stream 'rollouts' could not be used (entry ")
+    assert re.search(r"message ScoredBatch is \d+ bytes, over the limit max_message_bytes=\d+ ", text)
+    assert "services.codec.CodecLimits.max_message_bytes" in text
+    assert OVERSIZE_SETTINGS in text

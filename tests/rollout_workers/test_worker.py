@@ -3,6 +3,7 @@ batch out with the newest weights, publishes the RolloutBatch and only then ackn
 takes over batches a dead worker left behind, and stops on the run's stop flag."""
 
 import json
+import re
 import threading
 import time
 from pathlib import Path
@@ -16,7 +17,9 @@ from rollout_helpers import moved_weights, orchestrator_batches
 from rollout_workers.engines import SnapshotEngine, batch_generator
 from rollout_workers.worker import MAX_DELIVERIES, ROLE, RolloutWorker
 from services.broker import Broker
+from services.codec import CodecLimits, decode
 from services.messages import DocumentBatch, RolloutBatch
+from services.orchestrator import Orchestrator, ServiceError
 from services.redis_server import connect
 from services.streams import DOCUMENTS, REWARD_GROUP, ROLLOUT_GROUP, ROLLOUTS, rollout_batch_id_for
 from services.weight_store import RedisWeightStore
@@ -273,3 +276,112 @@ def test_run_stops_at_once_when_the_stop_flag_is_already_set(config, broker, sto
     assert json.loads(worker.run(block_ms=100)) == {"worker_id": "worker-0", "batches": 0, "first_version": None,
                                                     "last_version": None}
     assert broker.length(ROLLOUTS) == 0 and delivered(broker) == "0-0"
+
+
+# A document batch of the tiny config (about 1.5 kB) fits; its rollouts (about 43 kB, 40960 bytes of them
+# hidden states) do not: the over-limit case of a real config (hundreds of MB) without building one.
+SMALL_LIMIT = 20_000
+
+
+def over_the_limit(worker: RolloutWorker) -> None:
+    """The worker's codec limit (services.codec.CodecLimits on its broker, not a run setting) set low."""
+    worker.broker.limits = CodecLimits(max_message_bytes=SMALL_LIMIT)
+
+
+def settings_text(config) -> str:
+    """How the dead letter names the settings that size a RolloutBatch of `config`."""
+    train, refine, hidden = config.train, config.refine, config.model.hidden_size
+    rows = train.batch_size * refine.num_chunks * refine.num_samples
+    return (f"train.batch_size={train.batch_size} x refine.num_chunks={refine.num_chunks} x refine.num_samples="
+            f"{refine.num_samples} = {rows} rollouts of refine.rollout_len={refine.rollout_len} tokens, each token "
+            f"with 2 hidden states (rollout_hidden, ground_truth_hidden) of model.hidden_size={hidden} float32 "
+            f"values: 2 x {rows} x {refine.rollout_len} x {hidden} x 4 bytes = "
+            f"{2 * rows * refine.rollout_len * hidden * 4} bytes")
+
+
+def test_rollouts_over_the_message_limit_dead_letter_their_documents_at_once(config, broker, store,
+                                                                             make_worker) -> None:
+    """Rollouts the codec refuses (over max_message_bytes) can never be published: the worker does not die
+    (the actor would be restarted and the batch redelivered to worker after worker until MAX_DELIVERIES),
+    it dead-letters the documents entry once, with the reason naming the message, its size, the limit and
+    the settings that size it, acknowledged, so no worker rolls it out again."""
+    batches = orchestrator_batches(config, 2)
+    store.publish(initial_weights(config), 0)
+    ids = start_run(broker, batches)
+    worker = make_worker()
+    over_the_limit(worker)
+
+    assert worker.run_once(block_ms=100) is False  # no CodecError escapes
+    [dead] = broker.dead_letters(DOCUMENTS)
+    assert dead.entry_id == ids[0]
+    assert decode(dead.payload, DocumentBatch).batch_id == batches[0].batch_id  # the input, kept for a look
+    size = int(re.search(r"message RolloutBatch is (\d+) bytes, over the limit max_message_bytes=(\d+)",
+                         dead.error).group(1))
+    assert size > SMALL_LIMIT and f"max_message_bytes={SMALL_LIMIT} " in dead.error
+    assert dead.error.startswith("rollout worker worker-0 could not publish the rollouts of document batch docs-0: ")
+    assert "services.codec.CodecLimits.max_message_bytes, 268435456 = 256 MiB by default" in dead.error
+    assert settings_text(config) in dead.error
+    # Acknowledged: nothing pending, nothing published, nothing for another worker to take over.
+    assert broker.pending(DOCUMENTS, ROLLOUT_GROUP) == 0 and broker.length(ROLLOUTS) == 0
+    assert broker.reclaim(DOCUMENTS, ROLLOUT_GROUP, "worker-1", DocumentBatch, min_idle_ms=0) == []
+    assert (worker.batches, worker.dead_lettered) == (0, 1)
+
+    # The worker's loop goes on with the next batch (dead-lettered too: same settings, same size) and
+    # ends on the stop flag with its summary, as a Ray actor's run() must.
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.update(summary=worker.run(block_ms=100)), name="worker-0")
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while len(broker.dead_letters(DOCUMENTS)) < 2 and time.monotonic() < deadline and thread.is_alive():
+            time.sleep(0.05)
+        assert thread.is_alive()
+        assert [d.entry_id for d in broker.dead_letters(DOCUMENTS)] == ids  # each once
+    finally:
+        broker.request_stop("test over")
+        thread.join(timeout=30)
+    assert json.loads(outcome["summary"])["batches"] == 0
+    assert worker.dead_lettered == 2 and broker.pending(DOCUMENTS, ROLLOUT_GROUP) == 0
+
+
+def test_the_run_ends_with_the_reason_of_rollouts_over_the_message_limit(config, broker, store, make_worker,
+                                                                          redis_url: str, namespace: str) -> None:
+    """The orchestrator ends the run on that dead letter with an error quoting it: the message type, its
+    size, the limit and its setting, and the run settings that size the rollouts."""
+    store.publish(initial_weights(config), 0)
+    start_run(broker, orchestrator_batches(config, 1))
+    worker = make_worker()
+    over_the_limit(worker)
+    assert worker.run_once(block_ms=100) is False
+    orchestrator = Orchestrator(config, None, redis_url, namespace, resume=False, progress=False)
+    try:
+        with pytest.raises(ServiceError) as failure:
+            orchestrator._check_dead_letters()
+    finally:
+        orchestrator.client.close()
+    text = str(failure.value)
+    assert text.startswith("a message of stream 'documents' could not be used (entry ")
+    assert re.search(rf"message RolloutBatch is \d+ bytes, over the limit max_message_bytes={SMALL_LIMIT} ", text)
+    assert "services.codec.CodecLimits.max_message_bytes" in text
+    assert settings_text(config) in text
+
+
+def test_a_transient_redis_error_while_publishing_is_retried_not_dead_lettered(config, broker, store,
+                                                                                make_worker) -> None:
+    """Only a message the codec refuses is dead-lettered: a connection lost while publishing is retried
+    (retry_redis) and the rollouts are published as before."""
+    store.publish(initial_weights(config), 0)
+    start_run(broker, orchestrator_batches(config, 1))
+    worker = make_worker()
+    publish, failures = worker.broker.publish, []
+
+    def flaky_publish(stream, message, *args, **kwargs):
+        if stream == ROLLOUTS and not failures:
+            failures.append(stream)
+            raise redis.ConnectionError("connection lost while publishing")
+        return publish(stream, message, *args, **kwargs)
+
+    worker.broker.publish = flaky_publish
+    assert worker.run_once(block_ms=100) is True
+    assert failures == [ROLLOUTS] and broker.length(ROLLOUTS) == 1
+    assert broker.dead_letters(DOCUMENTS) == [] and broker.pending(DOCUMENTS, ROLLOUT_GROUP) == 0
