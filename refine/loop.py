@@ -154,7 +154,7 @@ class Divergence:
             raise ValueError(
                 f"steps {step - self.in_a_row + 1}..{step} were all skipped for a non-finite loss or gradient: the "
                 f"weights have diverged (optim.lr={self.config.optim.lr}, optim.grad_clip={self.config.optim.grad_clip}"
-                f", train.dtype={self.config.train.dtype}); the run stops, its last checkpoint is kept")
+                f", train.dtype={self.config.train.dtype}); the run stops")
 
 
 def optimizer_step(model: FastWeightLM, optimizer: torch.optim.Optimizer, result: LossResult,

@@ -78,7 +78,9 @@ from refine.data.batches import DocumentBatch as LocalBatch
 from refine.data.sources import RowSource
 from refine.data.stream import check_source, document_batches, synthetic_documents
 from refine.files import write_atomically
-from refine.loop import absolute_out_dir, check_resumed_program, clear_checkpoints, jsonl_rows, open_metrics
+from refine.loop import (
+    Divergence, absolute_out_dir, check_resumed_program, clear_checkpoints, jsonl_rows, open_metrics,
+)
 from refine.plots import plot_metrics
 from refine.tokenizer import Tokenizer
 from refine_vllm.settings import remove_staging
@@ -92,7 +94,8 @@ from services.redis_server import connect, redact_url
 from services.resilience import TRANSIENT, OutageTolerance, RedisOutage, outage_timeout_s
 from services.streams import (
     DOCUMENTS, LEARNER_GROUP, LEARNER_REPORTS, ORCHESTRATOR_GROUP, REWARD_GROUP, ROLLOUT_GROUP, ROLLOUTS, SCORED,
-    DocumentStore, delete_idle_consumers, document_batch_id_for, release_consumer, trim_acknowledged,
+    DocumentStore, check_rollout_message_size, delete_idle_consumers, document_batch_id_for, release_consumer,
+    trim_acknowledged,
 )
 
 __all__ = ["DataPosition", "RestartWindow", "ServiceError", "check_data_source", "check_service_config",
@@ -313,6 +316,7 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True, ray_addr
     check_data_source(config)
     tokenizer = run_tokenizer(config)
     config = fit_to_tokenizer(config, tokenizer)  # before any actor reads the model section
+    check_rollout_message_size(config)  # the model section is final only now (train.init_from)
     out_dir = Path(config.train.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)  # config.yaml: once the learner started (Orchestrator.run)
     plan = resolve_addresses(config, ray_address, redis_url)
@@ -420,6 +424,8 @@ class Orchestrator:
         self.data_position = DataPosition(epoch=0, cursor=-1)
         self.recorded_through = 0  # every learner report numbered up to this one is written
         self.recorded_ahead: set[int] = set()  # reports written past a gap (redelivered after a Redis restart)
+        self.divergence = Divergence(config)  # ends a run whose every step is skipped as not finite
+        self.diverged: ValueError | None = None  # raised by the loop once the reports that told it are recorded
         self._next_housekeeping = 0.0
         self._redis_outage_at = float("-inf")
         self.outage = OutageTolerance("orchestrator", outage_timeout_s(config.service.heartbeat_timeout_s))
@@ -610,6 +616,8 @@ class Orchestrator:
                 if ready:
                     return
                 self._drain_reports(block_ms=100)
+                if self.diverged is not None:
+                    raise self.diverged
                 if not self.stopping:
                     self._feed()
                     self._supervise()
@@ -714,6 +722,10 @@ class Orchestrator:
         if self.config.train.logs_step(report.step):
             self.metrics_file.write(json.dumps(row) + "\n")
             self.metrics_file.flush()
+        try:
+            self.divergence.add(report.step, report.stats)
+        except ValueError as error:
+            self.diverged = self.diverged or error
         self.last_stats = report.stats
         self.bar.update(report.step - self.bar.n)
         self.bar.set_postfix({key: f"{float(row[key]):.3f}" for key in ("loss", "reward_mean") if key in row})
@@ -831,6 +843,10 @@ class Orchestrator:
         if self.metrics_file is not None:
             self.metrics_file.flush()
             plot_metrics(self.out_dir / "metrics.jsonl", self.out_dir)
+        skipped = int(self.last_stats.get("skipped_steps", 0) or 0)
+        if skipped:
+            self._write_line(f"warning: {skipped} steps of this run so far skipped an update for a non-finite loss or "
+                             f"gradient (skipped_nonfinite in metrics.jsonl; optim.lr={self.config.optim.lr})")
         return result or self.last_stats
 
     def _check_replicas(self, result: Stats) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import redis
 from pydantic import BaseModel
 
+from refine.config import DTYPES, RunConfig
 from services.broker import Broker
 from services.codec import DEFAULT_LIMITS, decode, dtype_name, encode
 from services.messages import DocumentBatch, RolloutBatch
@@ -134,6 +135,27 @@ def unpublishable_reason(message: BaseModel, error: Exception) -> str:
         reason += (f", each token with {len(hidden)} hidden states ({', '.join(hidden)}) of model.hidden_size={size} "
                    f"{dtype} values: {len(hidden)} x {rows} x {k} x {size} x {itemsize} bytes = {total} bytes of it")
     return reason + "; lower one of these settings so that it fits"
+
+
+def check_rollout_message_size(config: RunConfig) -> None:
+    """Refuse, before anything starts, a disaggregated run whose rollout batches cannot fit one message: their
+    two hidden states per rollout token (the rollouts' and the ground truth's) alone exceed the codec's
+    max_message_bytes, so every batch would be rolled out and then dead-lettered (`unpublishable_reason`)."""
+    hidden_size = getattr(config.model, "hidden_size", None)
+    if config.service.mode != "disaggregated" or not isinstance(hidden_size, int):
+        return
+    train, refine = config.train, config.refine
+    rows = train.batch_size * refine.num_chunks * refine.num_samples
+    itemsize = DTYPES[train.dtype].itemsize
+    hidden_bytes = 2 * rows * refine.rollout_len * hidden_size * itemsize
+    limit = DEFAULT_LIMITS.max_message_bytes
+    if hidden_bytes > limit:
+        raise ValueError(
+            f"a rollout batch would not fit one message: train.batch_size={train.batch_size} x refine.num_chunks="
+            f"{refine.num_chunks} x refine.num_samples={refine.num_samples} = {rows} rollouts of refine.rollout_len="
+            f"{refine.rollout_len} tokens, each token with 2 hidden states of model.hidden_size={hidden_size} "
+            f"({train.dtype}) take {hidden_bytes} bytes, over the codec's max_message_bytes={limit}: lower one of "
+            f"these settings")
 
 
 def release_consumer(broker: Broker, stream: str, group: str, consumer: str, batch: int = 1000) -> int:

@@ -14,6 +14,7 @@ import torch
 from learner.checkpoint import read_learner_state
 from refine.cli import main
 from refine.data.sources import BadRowError
+from refine.loop import MAX_SKIPPED_IN_A_ROW
 from refine.models import load_model
 from service_helpers import SERVICE_TINY, step_rows, tiny_config, tiny_overrides
 from services.broker import Broker
@@ -95,6 +96,17 @@ def test_colocated_runs_the_fused_step_without_workers(ray_session, tmp_path: Pa
     stages = ("forward", "select", "states", "decode", "teacher_forced", "score", "backward_step")
     assert all(sum(row[f"{stage}_seconds"] for stage in stages) <= row["step_seconds"] for row in rows)
     assert stats["step"] == 3 and stats["reward_mean"] == rows[-1]["reward_mean"]
+
+
+def test_a_diverged_run_stops_with_an_error_naming_its_settings(ray_session, tmp_path: Path) -> None:
+    """Every step skipped as not finite: the service ends the run, as the local loop does, instead of a success."""
+    steps = MAX_SKIPPED_IN_A_ROW + 3
+    config = tiny_config(tmp_path, f"train.steps={steps}", "service.mode=colocated", "refine.lambda_ntp=1e300")
+    with pytest.raises(ValueError, match=rf"steps 1..{MAX_SKIPPED_IN_A_ROW} were all skipped for a non-finite loss "
+                                         r"or gradient: the weights have diverged \(optim.lr="):
+        run(config, progress=False)
+    rows = step_rows(tmp_path / "run")
+    assert len(rows) < steps and all(row["skipped_nonfinite"] == 1.0 for row in rows)
 
 
 def test_a_message_no_role_can_use_ends_the_run_with_its_error(ray_session, redis_url: str, tmp_path: Path) -> None:

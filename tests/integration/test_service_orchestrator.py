@@ -22,6 +22,7 @@ from services.orchestrator import (
     DataPosition, Orchestrator, RestartWindow, describe_failure, open_events, remove_member_files, restore_reports, run,
 )
 from services.progress import StepReport
+from services.streams import check_rollout_message_size
 
 UNREACHABLE_REDIS = "redis://127.0.0.1:1/0"  # a run that got as far as Redis would fail on it
 
@@ -138,6 +139,21 @@ def test_a_missing_data_source_fails_before_anything_starts(tmp_path: Path) -> N
     with pytest.raises(ConfigError, match=rf"data.source='{missing}': data path .* does not exist"):
         run(config, progress=False, redis_url=UNREACHABLE_REDIS)
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_rollout_batches_too_large_for_a_message_fail_before_anything_starts(tmp_path: Path) -> None:
+    """Found only after every worker had rolled out a batch (minutes at this size) and dead-lettered it."""
+    config = tiny_config(tmp_path, "model.hidden_size=2048", "model.num_heads=4", "train.batch_size=64",
+                         "refine.num_chunks=8", "refine.num_samples=8")
+    with pytest.raises(ValueError, match=r"a rollout batch would not fit one message: train.batch_size=64 x "
+                                         r"refine.num_chunks=8 x refine.num_samples=8 = 4096 rollouts .* "
+                                         r"model.hidden_size=2048 \(float32\) take 335544320 bytes, over the "
+                                         r"codec's max_message_bytes=268435456"):
+        run(config, progress=False, redis_url=UNREACHABLE_REDIS)
+    assert not (tmp_path / "run" / "config.yaml").exists()
+    run_config = tiny_config(tmp_path, "model.hidden_size=2048", "model.num_heads=4", "train.batch_size=64",
+                             "refine.num_chunks=8", "refine.num_samples=8", "service.mode=colocated")
+    check_rollout_message_size(run_config)  # colocated: rollouts never travel as messages
 
 
 def test_a_killed_workers_staged_vllm_checkpoints_are_removed_and_no_one_elses(tmp_path: Path) -> None:
