@@ -24,6 +24,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from refine.config import discovery_dir_problem, discovery_dir_setting
 from refine.files import file_name_part, write_atomically
 
 DEFAULT_DISCOVERY_DIR = os.environ.get("REFINE_METRICS_DISCOVERY_DIR", "/tmp/refine/prometheus")
@@ -109,17 +110,34 @@ def _file_name(member: str, host: str, port: int) -> str:
     return f"{member}~{_file_stem(f'{host}_{port}')}.json"
 
 
+def prepare_discovery_dir(discovery_dir: str | Path) -> Path:
+    """The metrics discovery directory, created (with its parents) if missing; a ValueError naming
+    service.metrics_discovery_dir and the OS's reason when it cannot be (a file there, no permission, a
+    read-only or virtual file system such as /proc). The service calls it before it starts Ray, and every
+    role before it announces itself."""
+    directory = Path(discovery_dir)
+    problem = discovery_dir_problem(directory)
+    if problem is None:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            return directory
+        except OSError as error:
+            at = f" ({error.filename})" if error.filename and str(error.filename) != str(directory) else ""
+            problem = f"cannot create the directory: {error.strerror or error}{at}"
+    raise ValueError(f"{discovery_dir_setting(directory)}: {problem}")
+
+
 def serve_metrics(metrics: Metrics, role: str, instance: str, discovery_dir: str | Path | None = DEFAULT_DISCOVERY_DIR,
                   bind: str = "0.0.0.0", run: str = "") -> MetricsEndpoint:
     """Serve `metrics` on a free port and announce it for Prometheus file service discovery; `run` (the
     service's namespace) lets the run withdraw the announcement of a member it killed."""
+    # Before the server starts: a directory that cannot be created leaves no server thread behind.
+    directory = None if discovery_dir is None else prepare_discovery_dir(discovery_dir)
     server, _ = start_http_server(0, addr=bind, registry=metrics.registry)
     port = server.server_port
     host = _reachable_host()
     discovery_file = None
-    if discovery_dir is not None:
-        directory = Path(discovery_dir)
-        directory.mkdir(parents=True, exist_ok=True)
+    if directory is not None:
         # One file per served target: a same-named member of another run on this node keeps its own.
         discovery_file = directory / _file_name(_file_stem(role, instance, *([run] if run else [])), host, port)
         labels = {"role": role, "instance_id": instance, "node": socket.gethostname()} | ({"run": run} if run else {})

@@ -28,10 +28,11 @@ the entries it held are made reclaimable at once and the survivors take them ove
 Entries nobody released are taken over once idle for twice the heartbeat timeout
 (`ServiceConfig.reclaim_idle_ms`), so that fallback never races the orchestrator for a hung role's batch.
 A failed learner ends the run with its error; `refine train --resume` continues from its last
-checkpoint. Restarts count against MAX_RESTARTS_PER_ROLE within RESTART_WINDOW_S. An actor Ray has not placed
-yet (no node has room for its resources; services/ray_runtime.py `Placement`) is no failure: it is said so
-once, after PLACEMENT_GRACE_S, with what it asks for and what each node has free, and waited for (a replacement
-would wait the same); its start timeouts count from its placement. A Redis outage is
+checkpoint. Restarts count against MAX_RESTARTS_PER_ROLE within RESTART_WINDOW_S. Every actor's resources are
+reserved at once, before any actor is created, in one placement group that Ray places all or nothing
+(services/ray_runtime.py `Reservation`): a run whose actors do not fit the nodes together right now is no failure:
+it is said so once, after PLACEMENT_GRACE_S, with what each actor asks for and what each node has free, and waited
+for; a replacement takes its predecessor's bundle, and start timeouts count from the placement. A Redis outage is
 ridden out for as long as the learner does (services/resilience.py `outage_timeout_s`); past that the
 run ends with an error naming the Redis URL.
 
@@ -89,7 +90,9 @@ from services.broker import Broker
 from services.messages import DataCursor, DocumentBatch
 from services.metrics import Metrics, serve_metrics, withdraw_announcements, withdraw_run_announcements
 from services.progress import LearnerProgress, StepReport, read_progress, write_recorded
-from services.ray_runtime import Placement, actor_options, ray_for_run, redis_for_run, resolve_addresses
+from services.ray_runtime import (
+    Placement, Reservation, actor_options, actor_requests, ray_for_run, redis_for_run, resolve_addresses,
+)
 from services.redis_server import connect, redact_url
 from services.resilience import TRANSIENT, OutageTolerance, RedisOutage, outage_timeout_s
 from services.streams import (
@@ -106,7 +109,7 @@ logger = logging.getLogger(__name__)
 Stats = dict[str, float | int | str]
 
 ACTOR_START_TIMEOUT_S = 300.0  # from the actor's placement: waiting for room on a node is not starting
-# An actor Ray has not placed after this long is said to wait (placing takes milliseconds when a node has room).
+# A run whose actors Ray has not placed after this long is said to wait (placing takes milliseconds when they fit).
 PLACEMENT_GRACE_S = 30.0
 START_POLL_S = 1.0
 MAX_RESTARTS_PER_ROLE = 20
@@ -371,7 +374,7 @@ class Member:
     stream: str
     group: str
     make: Callable[[str, Placement], Any]
-    placement: Placement  # kept across incarnations: a replacement takes its predecessor's room
+    placement: Placement  # its bundle, kept across incarnations: a replacement takes its predecessor's room
     incarnation: int = 0
     actor: Any = None
     future: Any = None
@@ -406,6 +409,7 @@ class Orchestrator:
         self.endpoint = None
         self.config_json = config.model_dump_json()
         self.members: list[Member] = []
+        self.reservation: Reservation | None = None  # every actor's bundle (`_reserve`)
         self.learner_placements: list[Placement] = []  # rank 0's, then the other ranks'
         self.placement_grace_s = PLACEMENT_GRACE_S
         self.restarts: dict[str, RestartWindow] = {}
@@ -486,25 +490,32 @@ class Orchestrator:
         return signal.signal(signal.SIGTERM, interrupt)
 
     def _remote(self, role: str, cls: type) -> Callable[[Placement], Any]:
-        """`cls` as `role`'s actor class, created in a given placement: call .remote(...) on what it returns."""
+        """`cls` as `role`'s actor class, created in a given bundle: call .remote(...) on what it returns."""
         actor_cls = ray.remote(cls)
         options = actor_options(self.config, role)
         return lambda placement: actor_cls.options(**options, max_restarts=0, scheduling_strategy=placement.strategy())
 
-    def _place_learner(self, name: str) -> Placement:
-        placement = Placement(name, actor_options(self.config, "learner"))
+    def _reserve(self) -> Reservation:
+        """Every actor's resources in one placement group (once, before any actor is created): Ray places the run's
+        actors together or not at all, so none takes the room another needs."""
+        if self.reservation is None:
+            self.reservation = Reservation(actor_requests(self.config))
+        return self.reservation
+
+    def _place_learner(self) -> Placement:
+        """The next learner rank's bundle: rank 0's first."""
+        rank = len(self.learner_placements)
+        placement = self._reserve().placement("learner" if rank == 0 else f"learner rank {rank}")
         self.learner_placements.append(placement)
         return placement
 
-    def _placements(self) -> list[Placement]:
-        """Every actor's placement, the members' included."""
-        return [*self.learner_placements, *(member.placement for member in self.members)]
-
     def _start_learner(self) -> Any:
-        """Create the learner actor; returns the future of its setup (starting weights published)."""
+        """Reserve every actor's resources and create the learner actor; returns the future of its setup (starting
+        weights published)."""
         from learner.learner import Learner
 
-        self.learner = self._remote("learner", Learner)(self._place_learner("learner")).remote(
+        self._reserve()
+        self.learner = self._remote("learner", Learner)(self._place_learner()).remote(
             self.config_json, self.redis_url, self.namespace, self.resume)
         ranks = self.config.service.num_learners
         if ranks == 1:
@@ -513,8 +524,8 @@ class Orchestrator:
 
         address = self._await_start(self.learner.data_parallel_address.remote(), self.learner_placements)
         replica_cls = self._remote("learner", LearnerReplica)
-        self.replicas = [replica_cls(self._place_learner(f"learner rank {rank}")).remote(
-            self.config_json, rank, address, self.resume) for rank in range(1, ranks)]
+        self.replicas = [replica_cls(self._place_learner()).remote(self.config_json, rank, address, self.resume)
+                         for rank in range(1, ranks)]
         self.replica_futures = [replica.run.remote() for replica in self.replicas]
         return self.learner.setup.remote(address)
 
@@ -524,8 +535,8 @@ class Orchestrator:
 
     def _await_start(self, future: Any, placements: list[Placement]) -> Any:
         """ray.get(future), a call that needs the learner's actors (`placements`) started: it may take
-        ACTOR_START_TIMEOUT_S from when Ray placed the last of them. Time spent waiting for room on a node does not
-        count: Ray places them once a node has room (one frees up or joins), and each waiting actor is said so."""
+        ACTOR_START_TIMEOUT_S from when Ray placed them. Time spent waiting for room does not count: Ray places the
+        run's actors once they fit the nodes together (one frees up or joins), and the wait is said so."""
         while True:
             ready, _ = ray.wait([future], timeout=START_POLL_S)
             if ready:
@@ -540,11 +551,11 @@ class Orchestrator:
                                    f"(cluster resources: {ray.available_resources()})")
 
     def _note_unplaced(self) -> None:
-        """Say once of every actor Ray has not placed after the grace what it asks for and what nodes have free."""
-        for placement in self._placements():
-            note = placement.waiting_note(self.placement_grace_s)
-            if note is not None:
-                self._write_line(note)
+        """Say once, when Ray has not placed the run's actors after the grace, what each asks for and what nodes have
+        free."""
+        note = None if self.reservation is None else self.reservation.waiting_note(self.placement_grace_s)
+        if note is not None:
+            self._write_line(note)
 
     def _write_config(self) -> None:
         """config.yaml, whole or not at all (temp file + rename): `refine train DIR/config.yaml --resume`
@@ -567,11 +578,12 @@ class Orchestrator:
         def make_reward(member_id: str, placement: Placement) -> Any:
             return reward_cls(placement).remote(self.config_json, member_id, self.redis_url, self.namespace)
 
+        reservation = self._reserve()
         for index in range(service.num_rollout_workers):
-            placement = Placement(f"{WORKER_ROLE}-{index}", actor_options(self.config, "rollout_worker"))
+            placement = reservation.placement(f"{WORKER_ROLE}-{index}")
             self.members.append(Member(WORKER_ROLE, index, DOCUMENTS, ROLLOUT_GROUP, make_worker, placement))
         for index in range(service.num_reward_replicas):
-            placement = Placement(f"{REWARD_ROLE}-{index}", actor_options(self.config, "reward"))
+            placement = reservation.placement(f"{REWARD_ROLE}-{index}")
             self.members.append(Member(REWARD_ROLE, index, ROLLOUTS, REWARD_GROUP, make_reward, placement))
         for member in self.members:
             member.start()
@@ -759,7 +771,7 @@ class Orchestrator:
                     if not member.seen_alive:  # it failed while starting: a replacement would too
                         raise ServiceError(f"{member.member_id} failed to start: {describe_failure(exc)}") from exc
             elif not member.placement.placed():
-                continue  # waiting for room on a node (said by _note_unplaced): a replacement would wait the same
+                continue  # the run's actors wait for room (said by _note_unplaced): a replacement would wait the same
             elif trust_heartbeats and age is not None and age > timeout:
                 reason = f"no heartbeat for {age:.1f}s"
             elif trust_heartbeats and age is None and member.placement.since_placed() > grace:
@@ -837,7 +849,9 @@ class Orchestrator:
         self._stop_flag("finished")
         while self._drain_reports(block_ms=None):  # every report: there may be more than one read returns
             pass
-        futures = [m.future for m in self.members if m.future is not None]
+        # Only members Ray placed: an actor still waiting for its bundle never returns, and would hold the run's end
+        # for STOP_GRACE_S.
+        futures = [m.future for m in self.members if m.future is not None and m.placement.placed()]
         if futures:
             ray.wait(futures, num_returns=len(futures), timeout=STOP_GRACE_S)
         if self.metrics_file is not None:
@@ -894,11 +908,11 @@ class Orchestrator:
                     ray.kill(actor, no_restart=True)
                 except Exception:  # already gone
                     pass
-        for placement in self._placements():
+        if self.reservation is not None:
             try:
-                placement.release()
-            except Exception as exc:  # Ray went away: it took the groups with it
-                logger.warning("could not release the placement of %s: %s", placement.name, exc)
+                self.reservation.release()  # every actor's bundle, once
+            except Exception as exc:  # Ray went away: it took the group with it
+                logger.warning("could not release the run's placement group: %s", exc)
         from learner.learner import MEMBER_ID, ROLE
 
         # Members that finished removed their own files; killed ones could not.

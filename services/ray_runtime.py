@@ -7,9 +7,13 @@ dashboard, on ports Ray picks (never Redis' 6379), with enough logical CPUs for 
 With train.device cuda every learner rank holds one GPU (`actor_options`), so the cluster needs
 service.num_learners of them, and every actor's request must fit one node (`check_placement`).
 
-Placement: each actor is created in a placement group of one bundle holding its resources (`Placement`). Ray
-tells through its public API whether a group is placed, where it says nothing of a single actor's (its state API
-needs the dashboard): the orchestrator can so tell an actor waiting for room on a node from one that started.
+Placement: every actor's resources are reserved at once, before any actor is created, in one placement group of
+the run (`Reservation`): one bundle per actor (`actor_requests`), strategy PACK. Ray places a group all or nothing,
+so it finds the run's actors a joint fit on the cluster's nodes where one actor's group at a time could take the
+room another needs and leave it waiting for good. Each actor is created in its own bundle (`Placement`), and a
+replacement takes its predecessor's. Ray tells through its public API whether a group is placed, where it says
+nothing of a single actor's (its state API needs the dashboard): the orchestrator can so tell a run waiting for room
+from one that started. `check_placement` refuses at start a run whose actors no packing fits into the nodes' totals.
 
 Redis: a URL (`--redis-url`, `service.redis_url`, or REFINE_REDIS_URL), else an embedded
 redis-server for the lifetime of the run.
@@ -17,6 +21,8 @@ redis-server for the lifetime of the run.
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import os
 import socket
 import time
@@ -30,15 +36,36 @@ from ray.util import placement_group, placement_group_table, remove_placement_gr
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from refine.config import RunConfig
+from services.metrics import prepare_discovery_dir
 from services.redis_server import EmbeddedRedis, connect
 
-__all__ = ["Placement", "RayPlan", "actor_cpus", "actor_options", "check_placement", "check_ray_address",
-           "free_per_node", "gpus_needed", "ray_for_run", "redis_for_run", "resolve_addresses", "resource_request"]
+__all__ = ["ActorRequest", "Placement", "RayPlan", "Reservation", "actor_cpus", "actor_options", "actor_requests",
+           "check_placement", "check_ray_address", "fit_together", "free_per_node", "gpus_needed", "ray_for_run",
+           "redis_for_run", "resolve_addresses", "resource_request"]
+
+logger = logging.getLogger(__name__)
 
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024 * 1024  # weights travel through Redis; the store holds small results
 RAY_ADDRESS_SOURCES = "--ray-address, service.ray_address or RAY_ADDRESS"
 # Ray accounts resources in units of 1e-4; a request equal to a node's total fits it.
 RESOURCE_EPSILON = 1e-6
+
+
+class RayAddress(str):
+    """A Ray address that knows which setting gave it (`source`: --ray-address, service.ray_address or
+    RAY_ADDRESS), so that an error about it names that one. A plain str everywhere else."""
+
+    source: str
+
+    def __new__(cls, address: str, source: str) -> "RayAddress":
+        value = super().__new__(cls, address)
+        value.source = source
+        return value
+
+
+def address_source(address: str) -> str:
+    """The setting `address` came from, or all three when it is a plain str (not from `resolve_addresses`)."""
+    return getattr(address, "source", RAY_ADDRESS_SOURCES)
 
 
 @dataclass(frozen=True)
@@ -49,7 +76,12 @@ class RayPlan:
 
 def resolve_addresses(config: RunConfig, ray_address: str | None = None, redis_url: str | None = None) -> RayPlan:
     """Flag, then config, then environment; None means "start one for this run"."""
-    address = ray_address or config.service.ray_address or os.environ.get("RAY_ADDRESS") or None
+    address = None
+    for value, source in ((ray_address, "--ray-address"), (config.service.ray_address, "service.ray_address"),
+                          (os.environ.get("RAY_ADDRESS"), "RAY_ADDRESS")):
+        if value:
+            address = RayAddress(value, source)
+            break
     url = redis_url or config.service.redis_url or os.environ.get("REFINE_REDIS_URL") or None
     return RayPlan(address=address, redis_url=url)
 
@@ -96,19 +128,35 @@ HTTP2_FRAME_HEADER_BYTES = 9
 HTTP2_SETTINGS = 4
 
 
+# What --ray-address takes, for the messages that refuse something else.
+RAY_ADDRESS_FORMS = ("HOST:PORT of the head's GCS (`ray start --head --port`, 6379 unless set; deploy/ uses 6380), "
+                     "`auto` on a node of the cluster (inside `ray job submit`), or ray://HOST:10001 for Ray Client")
+
+
 def check_ray_address(address: str, timeout_s: float = 2.0) -> None:
     """Fail fast, naming the address, when nothing at a `host:port` (or `ray://host:port`) Ray address
     answers as Ray does: ray.init would retry an unreachable one for minutes, and wait without end on
     a listener that is not Ray (another server, a proxy), printing only GCS timeouts. Ray's endpoints
     speak gRPC, so the probe sends an HTTP/2 preface and expects the server's SETTINGS frame back.
-    Other forms ("auto", "local", ...) are left to Ray."""
+    An http(s):// address is the dashboard's (what `ray job submit --address` takes), refused with what to
+    give instead. Other forms ("auto", "local", ...) are left to Ray."""
+    source = address_source(address)
+    scheme = address.split("://", 1)[0].lower() if "://" in address else ""
+    if scheme in ("http", "https"):
+        raise ValueError(f"Ray address {str(address)!r} ({source}) is an HTTP address: that is the dashboard's, "
+                         f"where `ray job submit --address` sends jobs; a run connects to the cluster itself: give "
+                         f"{RAY_ADDRESS_FORMS}")
+    if scheme and scheme != "ray" and (not scheme.isidentifier() or importlib.util.find_spec(scheme) is None):
+        # Ray reads SCHEME://... as a Ray Client protocol served by the Python module SCHEME (a traceback else).
+        raise ValueError(f"Ray address {str(address)!r} ({source}): Ray takes {scheme}:// for a Ray Client protocol "
+                         f"of a Python module {scheme!r}, and there is none; give {RAY_ADDRESS_FORMS}")
     host, sep, port = address.removeprefix("ray://").rpartition(":")
     host = host.strip("[]")  # an IPv6 literal, [::1]:6379
     if not sep or not host or not (port.isascii() and port.isdigit()):
         return
     if not 0 < int(port) < 65536:
-        raise ValueError(f"Ray address {address!r} ({RAY_ADDRESS_SOURCES}): port {port} is not in 1..65535")
-    where = f"Ray at {address!r} ({RAY_ADDRESS_SOURCES})"
+        raise ValueError(f"Ray address {str(address)!r} ({source}): port {port} is not in 1..65535")
+    where = f"Ray at {str(address)!r} ({source})"
     # The same pattern as the Redis URL check (services.redis_server.connect): one short TCP connect.
     try:
         connection = socket.create_connection((host, int(port)), timeout=timeout_s)
@@ -136,13 +184,21 @@ def ray_for_run(config: RunConfig, address: str | None) -> Iterator[bool]:
     from) only a Ray this function started."""
     needed = cpus_needed(config)
     started = False
+    connects = not ray.is_initialized() and bool(address) and address != "local"
+    if connects:
+        check_ray_address(address)
+    # Where the roles announce their metrics ports: a file there, or no permission, fails before Ray starts.
+    prepare_discovery_dir(config.service.metrics_discovery_dir)
     if not ray.is_initialized():
-        if address and address != "local":
-            check_ray_address(address)
+        if connects:
             try:
-                ray.init(address=address, log_to_driver=True)
+                ray.init(address=str(address), log_to_driver=True)
             except ConnectionError as exc:  # something listens there, but no Ray cluster answered
-                raise ValueError(f"Ray at {address!r} ({RAY_ADDRESS_SOURCES}): {exc}") from None
+                raise ValueError(f"Ray at {str(address)!r} ({address_source(address)}): {exc}") from None
+            except ValueError as exc:  # Ray's own refusal of the form: "Invalid address format: garbage"
+                reason = " ".join(str(exc).split())
+                hint = f"; give {RAY_ADDRESS_FORMS}" if "address" in reason.lower() else ""
+                raise ValueError(f"Ray address {str(address)!r} ({address_source(address)}): {reason}{hint}") from None
         else:
             ray.init(
                 num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)),
@@ -212,25 +268,199 @@ def asked_by(config: RunConfig, role: str) -> str:
     return f"a {'learner rank' if role == 'learner' else 'reward replica'}: {describe_resources(request, request)}"
 
 
+@dataclass(frozen=True)
+class ActorRequest:
+    """One actor's bundle of the run's placement group: its name ("learner", "learner rank 1", "rollout_worker-0",
+    "reward-0": a member's id less its incarnation), its role (a key of `actor_cpus`) and its resources, which Ray
+    holds on one node."""
+
+    name: str
+    role: str
+    resources: dict[str, float]
+
+
+def actor_requests(config: RunConfig) -> list[ActorRequest]:
+    """Every actor of the run, in the order of their bundles: learner rank 0, ranks 1..R-1, then (disaggregated) each
+    rollout worker and each reward replica."""
+    service = config.service
+    learner = resource_request(actor_options(config, "learner"))
+    requests = [ActorRequest("learner" if rank == 0 else f"learner rank {rank}", "learner", learner)
+                for rank in range(service.num_learners)]
+    if service.mode != "colocated":
+        for role, count in (("rollout_worker", service.num_rollout_workers), ("reward", service.num_reward_replicas)):
+            request = resource_request(actor_options(config, role))
+            requests += [ActorRequest(f"{role}-{index}", role, request) for index in range(count)]
+    return requests
+
+
+def describe_requests(requests: list[ActorRequest]) -> str:
+    """"learner (1 CPU), rollout_worker-0..3 (1.5 CPUs each), reward-0 (0.25 CPUs)": every actor's request, a role's
+    (all alike) together."""
+    parts = []
+    for role in dict.fromkeys(request.role for request in requests):
+        group = [request for request in requests if request.role == role]
+        amount = describe_resources(group[0].resources, group[0].resources)
+        if len(group) == 1:
+            parts.append(f"{group[0].name} ({amount})")
+        elif len(group) == 2:
+            parts.append(f"{group[0].name} and {group[1].name} ({amount} each)")
+        else:
+            names = f"learner ranks 0..{len(group) - 1}" if role == "learner" else f"{role}-0..{len(group) - 1}"
+            parts.append(f"{names} ({amount} each)")
+    return ", ".join(parts)
+
+
+def describe_settings(config: RunConfig) -> str:
+    """The run's actors with the settings that ask for them."""
+    service = config.service
+
+    def amount(role: str) -> str:
+        request = resource_request(actor_options(config, role))
+        return describe_resources(request, request)
+
+    parts = [f"learner ranks: service.num_learners={service.num_learners} of {amount('learner')} each "
+             f"(train.device={config.train.device!r})"]
+    if service.mode != "colocated":
+        parts.append(f"rollout workers: service.num_rollout_workers={service.num_rollout_workers} of "
+                     f"service.worker_cpus={service.worker_cpus:g} CPUs each")
+        parts.append(f"reward replicas: service.num_reward_replicas={service.num_reward_replicas} of "
+                     f"{amount('reward')} each")
+    return ", ".join(parts)
+
+
+def alive_nodes(nodes: list[dict[str, Any]]) -> list[tuple[dict[str, Any], str]]:
+    """Every alive node (shaped as ray.nodes() gives them) with how messages name it: its address, and a short node id
+    beside it where alive nodes share an address (several Ray nodes started on one machine)."""
+    alive = [node for node in nodes if node.get("Alive")]
+    addresses = [str(node.get("NodeManagerAddress") or node.get("NodeID", "?")) for node in alive]
+    return [(node, f"{address} (node {str(node.get('NodeID', '?'))[:8]})" if addresses.count(address) > 1 else address)
+            for node, address in zip(alive, addresses)]
+
+
+def request_kinds(requests: Iterable[dict[str, float]]) -> list[str]:
+    """The resource kinds `requests` ask for, GPUs first (the scarce kind ranks requests and nodes)."""
+    return sorted({kind for request in requests for kind in request}, key=lambda kind: (kind != "GPU", kind))
+
+
+def first_fit_decreasing(requests: list[dict[str, float]], capacities: list[dict[str, float]]) -> bool:
+    """Whether first-fit decreasing packs `requests` (largest first, GPUs before CPUs) onto the nodes' `capacities`,
+    each request on one node. A heuristic: True proves a packing exists, False does not prove none does."""
+    kinds = request_kinds(requests)
+    rooms = [dict(capacity) for capacity in capacities]
+    for request in sorted(requests, key=lambda request: [request.get(kind, 0.0) for kind in kinds], reverse=True):
+        room = next((room for room in rooms if fits(request, room)), None)
+        if room is None:
+            return False
+        for kind, amount in request.items():
+            room[kind] = room.get(kind, 0.0) - amount
+    return True
+
+
+# How many node assignments the exhaustive packing search (`fit_together`) tries before it gives up undecided.
+PACKING_SEARCH_STEPS = 200_000
+
+
+class _Undecided(Exception):
+    pass
+
+
+def fit_together(requests: list[dict[str, float]], capacities: list[dict[str, float]],
+                 steps: int | None = None) -> bool | None:
+    """Whether `requests`, each on one node, fit the nodes' `capacities` all together. True when first-fit decreasing
+    packs them; otherwise a search of every assignment decides (alike requests counted together, node by node):
+    False when none fits, None when it gave up undecided after `steps` (PACKING_SEARCH_STEPS) assignments."""
+    if first_fit_decreasing(requests, capacities):
+        return True
+    kinds = request_kinds(requests)
+    types: list[tuple[float, ...]] = []
+    counts: list[int] = []
+    for request in requests:
+        key = tuple(request.get(kind, 0.0) for kind in kinds)
+        if key in types:
+            counts[types.index(key)] += 1
+        else:
+            types.append(key)
+            counts.append(1)
+    rooms = sorted((tuple(capacity.get(kind, 0.0) for kind in kinds) for capacity in capacities), reverse=True)
+    # What the nodes from each one on hold in all: a remainder over it cannot fit them.
+    beyond = [tuple(sum(room[i] for room in rooms[start:]) for i in range(len(kinds)))
+              for start in range(len(rooms) + 1)]
+    budget = [PACKING_SEARCH_STEPS if steps is None else steps]
+    hopeless: set[tuple[int, tuple[int, ...]]] = set()
+
+    def takes(room: tuple[float, ...], left: tuple[int, ...], first: int = 0) -> Iterator[tuple[int, ...]]:
+        """How many of each type (from `first` on) one node of `room` can take, the most first."""
+        if first == len(types):
+            yield ()
+            return
+        for count in range(left[first], -1, -1):
+            rest = tuple(room[i] - count * types[first][i] for i in range(len(kinds)))
+            if all(value >= -RESOURCE_EPSILON for value in rest):
+                for more in takes(rest, left, first + 1):
+                    yield (count, *more)
+
+    def search(node: int, left: tuple[int, ...]) -> bool:
+        if not any(left):
+            return True
+        needed = [sum(count * kind_amounts[i] for count, kind_amounts in zip(left, types)) for i in range(len(kinds))]
+        if (node, left) in hopeless or any(amount > held + RESOURCE_EPSILON
+                                           for amount, held in zip(needed, beyond[node])):
+            return False
+        for take in takes(rooms[node], left):
+            budget[0] -= 1
+            if budget[0] < 0:
+                raise _Undecided
+            if search(node + 1, tuple(count - taken for count, taken in zip(left, take))):
+                return True
+        hopeless.add((node, left))
+        return False
+
+    try:
+        return search(0, tuple(counts))
+    except _Undecided:
+        return None
+
+
 def check_placement(config: RunConfig, nodes: list[dict[str, Any]]) -> None:
-    """Fail before starting anything when an actor asks for more than any alive node has in all (`nodes` shaped as
-    ray.nodes() gives them). Ray places an actor's resources on one node: a request no node can hold is infeasible,
-    and its actor would wait without end, though the cluster's totals suffice."""
-    alive = [node.get("Resources", {}) for node in nodes if node.get("Alive")]
+    """Fail before starting anything when the run's actors cannot be placed on the alive nodes (`nodes` shaped as
+    ray.nodes() gives them), each actor's resources on one node: Ray would wait for room without end, though the
+    cluster's totals suffice. First an actor that asks for more than any node has in all; then the actors together,
+    which Ray places all or nothing (one placement group, `Reservation`), on the nodes' totals: refused when no packing
+    fits them, a warning when the search for one gave up undecided (Ray may still find one)."""
+    alive = alive_nodes(nodes)
     for role in actor_cpus(config):
         request = resource_request(actor_options(config, role))
-        if any(fits(request, resources) for resources in alive):
+        if any(fits(request, node.get("Resources", {})) for node, _ in alive):
             continue
         kinds = sorted(request, key=lambda kind: kind != "GPU")  # a GPU request ranks nodes by GPUs first
-        largest = max(alive, key=lambda resources: [resources.get(kind, 0.0) for kind in kinds], default={})
+        largest = max((node.get("Resources", {}) for node, _ in alive),
+                      key=lambda resources: [resources.get(kind, 0.0) for kind in kinds], default={})
         raise ValueError(f"no node of the Ray cluster can hold {asked_by(config, role)}; Ray places an actor on one "
                          f"node, and the largest has {describe_resources(largest, request)}")
+    requests = [request.resources for request in actor_requests(config)]
+    fit = fit_together(requests, [node.get("Resources", {}) for node, _ in alive])
+    if fit:
+        return
+    kinds = request_kinds(requests)
+    totals = "; ".join(f"{label} {describe_resources(node.get('Resources', {}), kinds)}" for node, label in alive)
+    if fit is False:
+        raise ValueError(
+            f"the Ray cluster's nodes cannot hold this run's actors together: {describe_settings(config)}; each "
+            f"actor's resources go on one node, and no assignment of them fits the nodes' totals ({totals}): "
+            f"first-fit decreasing found none, and neither did a search of every assignment. Ray places them all or "
+            f"nothing, so the run would wait for room without end: lower service.worker_cpus or "
+            f"service.num_rollout_workers, or add a node")
+    logger.warning(
+        "first-fit decreasing found no way to fit this run's actors together on the Ray cluster's nodes "
+        "(%s; nodes' totals: %s), and a search of every assignment gave up undecided after %d tries: Ray may still "
+        "place them; if it cannot, the run says so and waits for room", describe_settings(config), totals,
+        PACKING_SEARCH_STEPS)
 
 
 def free_per_node(nodes: list[dict[str, Any]], groups: dict[str, dict[str, Any]],
                   available: dict[str, float]) -> list[tuple[str, dict[str, float], dict[str, float]]]:
-    """(address, free, total) of every alive node: its total (ray.nodes()) less the placement group bundles Ray
-    placed on it (placement_group_table()), and never more than the whole cluster has free
+    """(label, free, total) of every alive node (label: `alive_nodes`): its total (ray.nodes()) less the placement
+    group bundles Ray placed on it (placement_group_table()), and never more than the whole cluster has free
     (ray.available_resources()). Ray's public API gives no node's free resources; every actor of a run sits in a
     placement group, so only work started outside them (another job's tasks) goes uncounted per node."""
     reserved: dict[str, dict[str, float]] = {}
@@ -242,64 +472,104 @@ def free_per_node(nodes: list[dict[str, Any]], groups: dict[str, dict[str, Any]]
             for kind, amount in bundle.items():
                 held[kind] = held.get(kind, 0.0) + amount
     result = []
-    for node in nodes:
-        if not node.get("Alive"):
-            continue
+    for node, label in alive_nodes(nodes):
         total = node.get("Resources", {})
         held = reserved.get(node.get("NodeID", ""), {})
         free = {kind: max(0.0, min(total.get(kind, 0.0) - held.get(kind, 0.0), available.get(kind, 0.0)))
                 for kind in ("CPU", "GPU")}
-        result.append((str(node.get("NodeManagerAddress", node.get("NodeID", "?"))), free, total))
+        result.append((label, free, total))
     return result
 
 
-class Placement:
-    """One actor's resources reserved on one node: a placement group of one bundle, created at once. The actor is
-    created in it (`strategy`); the group outlives the actor, so a replacement takes the same reserved room."""
+# A placed group is asked again after this long (Ray places a node's bundles anew when the node dies).
+PLACED_RECHECK_S = 1.0
 
-    def __init__(self, name: str, options: dict[str, float]) -> None:
-        self.request = resource_request(options)
-        self.group = placement_group([self.request])
-        self.renew(name)
 
-    def renew(self, name: str) -> None:
-        """A new actor, `name`, goes into the group: whether it is placed is asked afresh (a group whose node died
-        waits for Ray to place it again)."""
-        self.name = name
+class Reservation:
+    """The resources of every actor of a run, reserved at once before any actor is created: one placement group with
+    a bundle per actor (`actor_requests`), strategy PACK. Ray places a group all or nothing, so it either finds every
+    actor its room (a joint fit: a 1.5-CPU worker on the node with 2 CPUs, the learner on the one with 1) or none;
+    actors placed one at a time could take the room another needs and leave it waiting for good. Each actor takes
+    its own bundle (`placement`), a replacement its predecessor's; `release` gives all back at the run's end."""
+
+    def __init__(self, requests: list[ActorRequest]) -> None:
+        self.requests = list(requests)
+        self.group = placement_group([dict(request.resources) for request in self.requests], strategy="PACK")
         self.asked_at = time.monotonic()
-        self.placed_at: float | None = None
         self.reported = False
+        self._placed = False
+        self._checked_at = float("-inf")
 
-    def strategy(self) -> PlacementGroupSchedulingStrategy:
-        return PlacementGroupSchedulingStrategy(placement_group=self.group, placement_group_bundle_index=0)
+    def placement(self, name: str) -> "Placement":
+        """The bundle of the actor `name` (an ActorRequest's name)."""
+        for index, request in enumerate(self.requests):
+            if request.name == name:
+                return Placement(self, index)
+        raise KeyError(f"no bundle of the run's placement group is for {name!r}: "
+                       f"{[request.name for request in self.requests]}")
 
     def placed(self) -> bool:
-        """Whether Ray holds the resources on a node (asked once placed: the answer is kept)."""
-        if self.placed_at is None and placement_group_table(self.group).get("state") == "CREATED":
+        """Whether Ray holds every bundle on a node. A group that loses bundles (their node died) waits for Ray to
+        place them again: it is then said to wait again, after the grace."""
+        now = time.monotonic()
+        if self._placed and now - self._checked_at < PLACED_RECHECK_S:
+            return True
+        placed = placement_group_table(self.group).get("state") == "CREATED"
+        self._checked_at = now
+        if self._placed and not placed:
+            self.asked_at, self.reported = now, False
+        self._placed = placed
+        return placed
+
+    def waiting_note(self, grace_s: float) -> str | None:
+        """One line saying that the run's actors wait to be placed together, what each asks for and what each node
+        has free, the first time the group is found unplaced `grace_s` after it was asked for; None otherwise."""
+        if self.reported or time.monotonic() - self.asked_at < grace_s or self.placed():
+            return None
+        self.reported = True
+        waited = time.monotonic() - self.asked_at
+        kinds = request_kinds(request.resources for request in self.requests)
+        nodes = free_per_node(ray.nodes(), placement_group_table(), ray.available_resources())
+        rooms = "; ".join(f"{label} {describe_resources(free, kinds, of=total)}" for label, free, total in nodes)
+        return (f"the run's actors cannot all be placed together on the Ray cluster's nodes right now ({waited:.0f}s "
+                f"so far): Ray reserves them in one placement group, all or nothing, each actor's resources on one "
+                f"node: {describe_requests(self.requests)}; free now: {rooms or 'no alive node'}. The run starts once "
+                f"they fit (a node joins or frees up)")
+
+    def release(self) -> None:
+        """Give every actor's resources back (actors still in the group are killed)."""
+        remove_placement_group(self.group)
+
+
+class Placement:
+    """One actor's bundle of the run's `Reservation`. The actor is created in it (`strategy`); the group outlives the
+    actor, so a replacement takes the same reserved room."""
+
+    def __init__(self, reservation: Reservation, index: int) -> None:
+        self.reservation = reservation
+        self.index = index
+        self.request = reservation.requests[index].resources
+        self.renew(reservation.requests[index].name)
+
+    def renew(self, name: str) -> None:
+        """A new actor, `name`, goes into the bundle: whether it is placed is asked afresh (a group whose node died
+        waits for Ray to place it again)."""
+        self.name = name
+        self.placed_at: float | None = None
+
+    def strategy(self) -> PlacementGroupSchedulingStrategy:
+        return PlacementGroupSchedulingStrategy(placement_group=self.reservation.group,
+                                                placement_group_bundle_index=self.index)
+
+    def placed(self) -> bool:
+        """Whether Ray holds the bundle on a node (the whole group; asked once placed: the answer is kept)."""
+        if self.placed_at is None and self.reservation.placed():
             self.placed_at = time.monotonic()
         return self.placed_at is not None
 
     def since_placed(self) -> float:
         """Seconds since this actor was found placed; 0 until then."""
         return 0.0 if self.placed_at is None else time.monotonic() - self.placed_at
-
-    def waiting_note(self, grace_s: float) -> str | None:
-        """One line saying what the actor waits for and what each node has free, the first time it is found
-        unplaced `grace_s` after it asked; None otherwise."""
-        waited = time.monotonic() - self.asked_at
-        if self.placed() or self.reported or waited < grace_s:
-            return None
-        self.reported = True
-        nodes = free_per_node(ray.nodes(), placement_group_table(), ray.available_resources())
-        rooms = "; ".join(f"{address} {describe_resources(free, self.request, of=total)}"
-                          for address, free, total in nodes)
-        return (f"{self.name} is waiting for Ray to place it ({waited:.0f}s so far): it asks for "
-                f"{describe_resources(self.request, self.request)} on one node; free now: {rooms or 'no alive node'}. "
-                f"It starts once a node has room")
-
-    def release(self) -> None:
-        """Give the resources back (an actor still in the group is killed)."""
-        remove_placement_group(self.group)
 
 
 @contextmanager

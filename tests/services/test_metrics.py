@@ -4,7 +4,11 @@ import json
 import urllib.request
 from pathlib import Path
 
-from services.metrics import Metrics, serve_metrics, withdraw_announcements, withdraw_run_announcements
+import pytest
+
+from services.metrics import (
+    Metrics, prepare_discovery_dir, serve_metrics, withdraw_announcements, withdraw_run_announcements,
+)
 
 
 def announced_targets(directory: Path) -> dict[str, list[str]]:
@@ -86,3 +90,25 @@ def test_a_starting_run_withdraws_every_announcement_its_killed_driver_left(tmp_
     finally:
         for endpoint in left + kept:
             endpoint.close()
+
+
+def test_a_discovery_dir_that_cannot_be_created_names_the_setting_and_the_reason(tmp_path: Path, monkeypatch) -> None:
+    """Was `[Errno 17] File exists: ...` (or the like) from a role, naming no setting; and the metrics server had
+    started already, its thread left behind."""
+    import threading
+
+    monkeypatch.delenv("REFINE_METRICS_DISCOVERY_DIR", raising=False)
+    blocker = tmp_path / "taken"
+    blocker.write_text("")
+    threads = threading.active_count()
+    with pytest.raises(ValueError, match=rf"^service.metrics_discovery_dir='{blocker}': it is a file, not a "
+                                         rf"directory"):
+        serve_metrics(Metrics(), role="learner", instance="learner-0", discovery_dir=blocker, bind="127.0.0.1")
+    assert threading.active_count() == threads
+    with pytest.raises(ValueError, match=rf"^service.metrics_discovery_dir='{blocker}/a/b': {blocker} is a file"):
+        prepare_discovery_dir(blocker / "a" / "b")
+    if Path("/proc/self").exists():  # a virtual file system: no directory can be made in it
+        with pytest.raises(ValueError, match=r"^service.metrics_discovery_dir='/proc/refine-test/x': cannot create "
+                                             r"the directory: \S.*\(/proc/refine-test\)$"):
+            prepare_discovery_dir("/proc/refine-test/x")
+    assert prepare_discovery_dir(tmp_path / "a" / "b") == tmp_path / "a" / "b" and (tmp_path / "a" / "b").is_dir()

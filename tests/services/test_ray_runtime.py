@@ -10,7 +10,9 @@ import pytest
 import ray
 
 from refine.config import RunConfig
-from services.ray_runtime import actor_options, check_gpus, check_ray_address, ray_for_run
+from services.ray_runtime import (
+    actor_options, address_source, check_gpus, check_ray_address, ray_for_run, resolve_addresses,
+)
 
 
 @pytest.fixture
@@ -116,3 +118,103 @@ def test_a_cluster_with_fewer_gpus_than_cuda_learner_ranks_is_refused_naming_the
         check_gpus(config, 1.0)
     config.train.device = "cpu"
     check_gpus(config, 0.0)
+
+
+@pytest.fixture
+def rays_parser(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray looks uninitialized; ray.init reads its address as Ray does (the ValueError of a malformed one), and
+    connecting to a well-formed one is a test failure."""
+    from ray._private.services import canonicalize_bootstrap_address
+
+    def parse_only(address: str | None = None, **kwargs: object) -> None:
+        canonicalize_bootstrap_address(address)
+        raise AssertionError(f"ray.init would connect to {address!r}")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", parse_only)
+
+
+@pytest.mark.parametrize("source", ["--ray-address", "service.ray_address", "RAY_ADDRESS"])
+def test_a_malformed_ray_address_is_refused_naming_the_setting_it_came_from(
+    source: str, rays_parser: None, monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    """Was `refine: error: Invalid address format: garbage`, naming neither the flag nor what it takes."""
+    config = RunConfig()
+    config.service.metrics_discovery_dir = str(tmp_path / "prometheus")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    flag = None
+    if source == "--ray-address":
+        flag = "garbage"
+    elif source == "service.ray_address":
+        config.service.ray_address = "garbage"
+    else:
+        monkeypatch.setenv("RAY_ADDRESS", "garbage")
+    plan = resolve_addresses(config, flag)
+    with pytest.raises(ValueError) as info:
+        with ray_for_run(config, plan.address):
+            pass
+    message = str(info.value)
+    assert message.startswith(f"Ray address 'garbage' ({source}): Invalid address format: garbage; give HOST:PORT "
+                              f"of the head's GCS"), message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("address", ["http://127.0.0.1:8265", "https://head.example:8265/", "HTTP://head:8265"])
+def test_the_dashboard_address_is_refused_saying_what_the_flag_takes(address: str, no_ray: None) -> None:
+    """README's `ray job submit --address http://HEAD:8265` is the dashboard's: given to --ray-address it was probed
+    as a host named `http://127.0.0.1` (gaierror after the probe's timeout)."""
+    started = time.monotonic()
+    with pytest.raises(ValueError) as info:
+        with ray_for_run(RunConfig(), resolve_addresses(RunConfig(), address).address):
+            pass
+    assert time.monotonic() - started < 1
+    message = str(info.value)
+    assert message.startswith(f"Ray address {address!r} (--ray-address) is an HTTP address: that is the dashboard's, "
+                              f"where `ray job submit --address` sends jobs")
+    assert "HOST:PORT of the head's GCS" in message and "ray://HOST:10001" in message and "gaierror" not in message
+
+
+def test_an_address_of_an_unknown_client_protocol_is_refused(no_ray: None) -> None:
+    # Ray reads foo://... as a Ray Client protocol of a module foo: a RuntimeError traceback when there is none.
+    with pytest.raises(ValueError, match=r"Ray address 'nosuchmodule://head:1' \(--ray-address, service.ray_address "
+                                         r"or RAY_ADDRESS\): Ray takes nosuchmodule:// for a Ray Client protocol"):
+        check_ray_address("nosuchmodule://head:1")
+
+
+def test_the_setting_an_address_came_from_follows_the_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RAY_ADDRESS", "env:1")
+    config = RunConfig()
+    assert address_source(resolve_addresses(config).address) == "RAY_ADDRESS"
+    config.service.ray_address = "config:1"
+    plan = resolve_addresses(config)
+    assert (plan.address, address_source(plan.address)) == ("config:1", "service.ray_address")
+    plan = resolve_addresses(config, "flag:1")
+    assert (plan.address, address_source(plan.address)) == ("flag:1", "--ray-address")
+    assert address_source("plain:1") == "--ray-address, service.ray_address or RAY_ADDRESS"
+
+
+def test_an_unusable_metrics_discovery_dir_fails_before_ray_starts(
+    no_ray: None, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file where the discovery directory should be failed after Ray started, with `[Errno 17] File exists`
+    naming no setting. The directory the run uses may come from REFINE_METRICS_DISCOVERY_DIR, applied after the
+    config was validated (services.orchestrator._absolute_paths): it is checked, and created, before Ray."""
+    blocker = tmp_path / "taken"
+    blocker.write_text("")
+    config = RunConfig()
+    config.service.metrics_discovery_dir = str(blocker)  # assigned as the deployment's directory is
+    with pytest.raises(ValueError, match=rf"^service.metrics_discovery_dir='{blocker}': it is a file, not a "
+                                         rf"directory"):
+        with ray_for_run(config, None):
+            pass
+    monkeypatch.setenv("REFINE_METRICS_DISCOVERY_DIR", str(blocker / "sub"))
+    config.service.metrics_discovery_dir = str(blocker / "sub")
+    with pytest.raises(ValueError, match=rf"^service.metrics_discovery_dir='{blocker}/sub' \(from "
+                                         rf"REFINE_METRICS_DISCOVERY_DIR\): {blocker} is a file, not a directory"):
+        with ray_for_run(config, None):
+            pass
+    config.service.metrics_discovery_dir = str(tmp_path / "new" / "prometheus")
+    with pytest.raises(AssertionError, match="ray.init was called"):  # a usable one: created, then Ray starts
+        with ray_for_run(config, None):
+            pass
+    assert (tmp_path / "new" / "prometheus").is_dir()
