@@ -162,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     tune_allocator()
     try:
         return _score(argv[1:]) if args is None else args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C: what was running already said how it stopped; no traceback
+        print("refine: interrupted", file=sys.stderr)
+        return 130
     except Exception as err:
         if not isinstance(err, _reported_errors()):
             raise

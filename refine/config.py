@@ -21,12 +21,12 @@ from pydantic import (
 
 from refine.algorithm.selection import min_document_length
 from refine.data.sources import FormatName, check_min_length
-from refine.errors import validation_problems
+from refine.errors import shown, validation_problems
 from refine.models import config_from_dict
 from refine.models.config import (
     LIBRARY_KEYS, UNSUPPORTED_FLA_FIELDS, DeltaNetConfig, ModelConfigBase, refuse_bool_for_number,
 )
-from refine.tokenizer import HFTokenizer, Tokenizer, resolve_tokenizer
+from refine.tokenizer import Tokenizer, check_eos_matches, resolve_tokenizer, tokenizer_name
 from refine_vllm.servable import check_engine  # plain Python: importing it needs no vLLM
 from refine_vllm.settings import VllmEngineConfig
 
@@ -50,6 +50,26 @@ PathStr = Annotated[str, Field(min_length=1)]
 # An Adam beta: torch.optim refuses one outside [0, 1), deep inside the first step.
 Beta = Annotated[float, Field(ge=0, lt=1)]
 
+# Bounds on finite floats that would still fail far from the setting. Rollouts, log-probs and the loss run in
+# float32 at least, whose largest value is 3.4e38: logits / temperature overflows to inf (and softmax to NaN)
+# once the temperature is below |logit| / 3.4e38 (about 3e-38 for a logit of 10; entropies, at most
+# ln(vocabulary) ~ 12, likewise), and torch refuses outright a Python number beyond that range as a clamp bound
+# or an optimizer step. At 1e-4, |logit| would have to pass 3.4e34 to overflow, and sampling is greedy in all
+# but name already: a token whose logit is 0.01 below the best one is e^-100 times as likely.
+MIN_TEMPERATURE = 1e-4
+# Adam moves every weight by about lr per step; the model's weights are initialised at ~0.02 and the paper
+# trains at 1e-6. Far below float32's range, and AdamW's decay factor 1 - lr * weight_decay stays in [0, 1].
+MAX_LR = 1.0
+# The policy ratio is exp(log-ratio clamped to +-20) (refine.algorithm.losses), at most 4.9e8: an upper
+# clip of 1e9 already clips nothing, and torch refuses a clamp bound beyond float32's range.
+MAX_CLIP_RATIO_HIGH = 1e9
+# Roles beat once a second: a role silent for a day is gone. Twice the timeout, in milliseconds, is Redis'
+# XAUTOCLAIM min-idle-time (a 64-bit integer), ten times it the learners' torch.distributed timeout.
+MAX_HEARTBEAT_TIMEOUT_S = 86_400.0
+# Ray accounts resources in units of 1e-4 (it refuses a finer fraction) in 64-bit integers; no node has a
+# million CPUs, and a local Ray is started with as many logical CPUs as the actors ask for.
+MIN_WORKER_CPUS, MAX_WORKER_CPUS = 1e-4, 1e6
+
 
 class RefineConfig(Strict):
     """Next-sequence prediction: selection, rollouts, rewards, GRPO and the combined loss."""
@@ -58,9 +78,12 @@ class RefineConfig(Strict):
     num_chunks: int = Field(8, ge=1, description="c: one rollout position per chunk of the document")
     num_samples: int = Field(1, ge=1, description="n: continuations sampled per position")
     selection: Literal["entropy", "uniform", "argmax", "argmin"] = "entropy"
-    selection_temperature: float = Field(1.0, gt=0, description="tau in softmax(H / tau)")
+    selection_temperature: float = Field(
+        1.0, ge=MIN_TEMPERATURE, description="tau in softmax(H / tau); at least 1e-4, where the softmax is argmax "
+        "already (selection='argmax' is that exactly) and H / tau stays far inside float32's range")
     margin: int = Field(20, ge=0, description="rollout starts stay this many tokens away from either end")
-    temperature: float = Field(1.0, ge=0, description="sampling temperature; 0 = greedy")
+    temperature: float = Field(1.0, ge=0, description="sampling temperature; 0 = greedy, else at least 1e-4 "
+                               "(below it sampling is greedy anyway, and logits / temperature overflows float32)")
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0, description="0 disables top-k")
     reward: str = Field("cosine", description="cosine | binary | hybrid | a registered task reward")
@@ -71,14 +94,27 @@ class RefineConfig(Strict):
         "auto", description="GRPO groups: the c * n rollouts of a document, or the n rollouts of a position; "
                             "auto: position when num_samples > 1, else document (the paper code's choice)")
     norm_adv_by_std: bool = True
-    clip_ratio_low: float = Field(0.2, ge=0)
-    clip_ratio_high: float = Field(0.2, ge=0)
+    clip_ratio_low: float = Field(0.2, ge=0, lt=1, description="the ratio's lower clip 1 - clip_ratio_low must stay "
+                                  "positive")
+    clip_ratio_high: float = Field(0.2, ge=0, le=MAX_CLIP_RATIO_HIGH, description="at most 1e9: the policy ratio "
+                                   "(exp of a log-ratio clamped to +-20) never exceeds 4.9e8")
     dual_clip: float = Field(3.0, gt=1)
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
+    # kl_coef, lambda_ntp and lambda_nsp have no upper bound: too large a coefficient makes the loss infinite,
+    # a step the loop skips and counts (and a run whose every step is skipped stops, naming the settings).
     kl_coef: float = Field(0.0, ge=0, description="KL to the frozen initial policy; 0 disables it")
     kl_type: Literal["k1", "k3", "low_var_kl"] = "low_var_kl"
     lambda_ntp: float = Field(1.0, ge=0)
     lambda_nsp: float = Field(0.2, ge=0)
+
+    @field_validator("temperature")
+    @classmethod
+    def _greedy_or_sampled(cls, value: float) -> float:
+        if 0 < value < MIN_TEMPERATURE:
+            raise ValueError(f"refine.temperature={value!r} is below {MIN_TEMPERATURE:g}: logits / temperature "
+                             f"overflows float32 near 1e-38, and below {MIN_TEMPERATURE:g} sampling is greedy "
+                             f"anyway: use 0 for greedy decoding")
+        return value
 
     @model_validator(mode="after")
     def _groups_have_two_rollouts(self) -> "RefineConfig":
@@ -96,8 +132,10 @@ class RefineConfig(Strict):
 
 
 class OptimConfig(Strict):
-    lr: float = Field(1e-6, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
+    lr: float = Field(1e-6, gt=0, le=MAX_LR, description="AdamW's; at most 1 (Adam moves each weight by about lr "
+                      "per step, and torch refuses a step beyond float32's range)")
+    weight_decay: float = Field(0.01, ge=0, le=1, description="AdamW's decoupled decay: each step multiplies the "
+                                "weights by 1 - lr * weight_decay, which stays in [0, 1] (larger overflows)")
     betas: tuple[Beta, Beta] = (0.9, 0.999)
     grad_clip: float = Field(1.0, gt=0)
 
@@ -159,7 +197,7 @@ class TrainConfig(Strict):
     @classmethod
     def _device(cls, value: str) -> str:
         if not re.fullmatch(r"cpu|cuda(:[0-9]+)?", value):
-            raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {value!r}")
+            raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {shown(value)}")
         return value
 
     @field_validator("out_dir", "init_from")
@@ -191,6 +229,33 @@ class RolloutConfig(Strict):
 BUILT_IN_DISCOVERY_DIR = "/tmp/refine/prometheus"
 
 
+def discovery_dir_setting(path: str | Path) -> str:
+    """`service.metrics_discovery_dir=PATH` as an error message names it, and the environment variable when the
+    value came from there (the default, and a config left at BUILT_IN_DISCOVERY_DIR, take it)."""
+    setting = f"service.metrics_discovery_dir={str(path)!r}"
+    deployed = os.environ.get("REFINE_METRICS_DISCOVERY_DIR")
+    if deployed and Path(deployed).expanduser().absolute() == Path(path).expanduser().absolute():
+        setting += " (from REFINE_METRICS_DISCOVERY_DIR)"
+    return setting
+
+
+def discovery_dir_problem(path: str | Path) -> str | None:
+    """Why `path` cannot be the metrics discovery directory, as far as can be told without creating it: it,
+    or the nearest of its parents that exists, is not a directory. None when nothing is wrong so far."""
+    path = Path(path).expanduser()
+    for candidate in (path, *path.parents):
+        try:
+            if not candidate.exists():
+                continue
+        except OSError as error:  # a name too long, a loop of links
+            return f"cannot look at {candidate}: {error.strerror or error}"
+        if candidate.is_dir():
+            return None
+        what = "it is" if candidate == path else f"{candidate} is"
+        return f"{what} a file, not a directory: the roles announce their metrics ports in files inside it"
+    return None
+
+
 class ServiceConfig(Strict):
     """The distributed service: Ray actors exchanging messages through Redis streams."""
 
@@ -207,9 +272,13 @@ class ServiceConfig(Strict):
     max_staleness: int = Field(0, ge=0, description="drop rollouts more than this many versions (learner steps, each train.mini_batches optimizer steps) old; 0 = on-policy")
     sync_interval: int = Field(1, ge=1, description="learner publishes weights every this many steps")
     batches_in_flight: int = Field(2, ge=1, description="document batches published ahead of the learner")
-    worker_cpus: float = Field(1.0, gt=0, description="Ray CPUs reserved per rollout worker")
+    worker_cpus: float = Field(1.0, ge=MIN_WORKER_CPUS, le=MAX_WORKER_CPUS,
+                               description="Ray CPUs reserved per rollout worker; Ray counts them in units of 1e-4")
     # Roles beat once a second (services.role): a timeout of a few beats keeps a busy moment from a restart.
-    heartbeat_timeout_s: float = Field(30.0, ge=3, description="a role silent this long is restarted")
+    heartbeat_timeout_s: float = Field(
+        30.0, ge=3, le=MAX_HEARTBEAT_TIMEOUT_S,
+        description="a role silent this long is restarted; at most a day (twice it, in ms, is Redis' XAUTOCLAIM "
+                    "min-idle-time, a 64-bit integer)")
     metrics_discovery_dir: PathStr = Field(
         default_factory=lambda: os.environ.get("REFINE_METRICS_DISCOVERY_DIR", BUILT_IN_DISCOVERY_DIR),
         description="where each role announces its metrics port for Prometheus (deploy/prometheus.yml reads it)",
@@ -231,8 +300,9 @@ class DemoConfig(Strict):
 
     pretrain_steps: int = Field(2000, ge=1)
     branch_steps: int = Field(1000, ge=1)
-    pretrain_lr: float = Field(4e-3, gt=0, description="a tiny model from scratch needs far more than the paper's 1e-6")
-    branch_lr: float = Field(1e-3, gt=0)
+    pretrain_lr: float = Field(4e-3, gt=0, le=MAX_LR,
+                               description="a tiny model from scratch needs far more than the paper's 1e-6")
+    branch_lr: float = Field(1e-3, gt=0, le=MAX_LR)
     eval_tasks: list[Literal["niah", "mqar"]] = ["niah", "mqar"]
     eval_examples: int = Field(20, ge=1)
     eval_length: int = Field(384, ge=64, description="NIAH prompt length in tokens")
@@ -281,7 +351,7 @@ class RunConfig(Strict):
         if isinstance(value, ModelConfigBase):
             return value
         if not isinstance(value, dict):
-            raise ValueError(f"model must be a mapping with a model_type, got {value!r}")
+            raise ValueError(f"model must be a mapping with a model_type, got {shown(value)}")
         return config_from_dict(value)
 
     @model_validator(mode="after")
@@ -292,7 +362,7 @@ class RunConfig(Strict):
             unknown = sorted(set(self.model.model_extra or {}) - LIBRARY_KEYS - set(UNSUPPORTED_FLA_FIELDS))
             if unknown:
                 key = unknown[0]
-                raise ValueError(f"model.{key}={self.model.model_extra[key]!r} is not a field of "
+                raise ValueError(f"model.{key}={shown(self.model.model_extra[key])} is not a field of "
                                  f"{self.model.model_type}; its fields: {sorted(type(self.model).model_fields)}")
         return self
 
@@ -321,6 +391,17 @@ class RunConfig(Strict):
                 f"{self.refine.num_chunks}, rollout_len={self.refine.rollout_len} and margin={self.refine.margin} "
                 f"(rollouts need documents of >= {shortest} tokens)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _discovery_dir_is_a_directory(self) -> "RunConfig":
+        # Checked here, before any Ray or Redis starts; the service creates it before starting Ray
+        # (services.metrics.prepare_discovery_dir), where a directory it cannot create (no permission) fails.
+        # Not on ServiceConfig: the orchestrator assigns the deployment's directory to it (validate_assignment),
+        # and that directory is checked where it is created, with one-line messages.
+        problem = discovery_dir_problem(self.service.metrics_discovery_dir)
+        if problem is not None:
+            raise ValueError(f"{discovery_dir_setting(self.service.metrics_discovery_dir)}: {problem}")
         return self
 
     @model_validator(mode="after")
@@ -366,15 +447,12 @@ def fit_to_tokenizer(config: RunConfig, tokenizer: Tokenizer) -> RunConfig:
     EOS, and a saved checkpoint names its special ids). A checkpoint (`train.init_from`) keeps its own, and must
     end sequences with the tokenizer's EOS: a mismatch means the wrong tokenizer for that model."""
     model = config.model
-    name = str(tokenizer.directory) if isinstance(tokenizer, HFTokenizer) else "byte-level"
     if tokenizer.vocab_size > model.vocab_size:
-        raise ValueError(f"model.vocab_size={model.vocab_size} is smaller than the vocabulary of tokenizer {name!r} "
-                         f"({tokenizer.vocab_size})")
+        raise ValueError(f"model.vocab_size={model.vocab_size} is smaller than the vocabulary of tokenizer "
+                         f"{tokenizer_name(tokenizer)!r} ({tokenizer.vocab_size})")
     if config.train.init_from:
-        if model.eos_token_id != tokenizer.eos_id:
-            raise ValueError(f"train.init_from={config.train.init_from!r} has eos_token_id={model.eos_token_id} but "
-                             f"tokenizer {name!r} ends documents with id {tokenizer.eos_id}: give the checkpoint's own "
-                             f"tokenizer (--set tokenizer=DIR)")
+        check_eos_matches(model.eos_token_id, tokenizer, f"train.init_from={config.train.init_from!r}",
+                          "give the checkpoint's own tokenizer (--set tokenizer=DIR)")
         return config
     # A tokenizer without a pad token pads with EOS; the model then names none (fla's embedding would
     # otherwise never train the EOS row, its padding_idx).
@@ -393,8 +471,62 @@ def _format_error(err: ValidationError) -> str:
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 
+# How many values YAML aliases may add to one document. An alias stands for its anchor's whole value, and
+# PyYAML shares that value rather than copying it, so a 600-byte file of aliases to aliases (an "alias bomb")
+# loads as a few kilobytes, yet stands for millions of values: whatever walks it (validation, an error
+# message's repr, a dump) walks every copy. A config repeats a section or a list a few times at most.
+MAX_ALIAS_VALUES = 10_000
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """PyYAML's SafeLoader, except that a key given twice in one mapping is an error, not the last one wins."""
+    """PyYAML's SafeLoader, except that a key given twice in one mapping is an error, not the last one wins,
+    and that aliases may stand for MAX_ALIAS_VALUES values in all (counted as the document is composed, before
+    anything is built from it), and never for a value that contains them (a recursive document)."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._alias_values = 0  # values the document's aliases stand for so far
+        self._values_of: dict[int, int] = {}  # id(node) -> values in it, its aliases expanded
+        self._open_anchors: set[str] = set()  # anchors whose value is being composed
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            if event.anchor in self._open_anchors:
+                raise yaml.composer.ComposerError(
+                    None, None, f"alias *{event.anchor} stands for a value that contains it (a recursive "
+                    f"document): a config holds no such value", event.start_mark)
+            target = self.anchors.get(event.anchor)
+            if target is not None:  # else PyYAML names the undefined alias
+                self._alias_values += self._values(target)
+                if self._alias_values > MAX_ALIAS_VALUES:
+                    raise yaml.composer.ComposerError(
+                        None, None, f"YAML aliases stand for more than {MAX_ALIAS_VALUES} values by alias "
+                        f"*{event.anchor} (each alias repeats its anchor's whole value, so aliases of aliases "
+                        f"multiply): refused as an alias bomb", event.start_mark)
+            return super().compose_node(parent, index)
+        anchor = getattr(event, "anchor", None)
+        if anchor is None:
+            return super().compose_node(parent, index)
+        self._open_anchors.add(anchor)
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._open_anchors.discard(anchor)
+
+    def _values(self, node: yaml.Node) -> int:
+        """Values in `node` with every alias in it expanded (a scalar, a sequence, a mapping count one each, plus
+        their items, keys and values); remembered per node, so a value shared by many aliases is counted once."""
+        known = self._values_of.get(id(node))
+        if known is not None:
+            return known
+        count = 1
+        if isinstance(node, yaml.SequenceNode):
+            count += sum(self._values(item) for item in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            count += sum(self._values(key) + self._values(value) for key, value in node.value)
+        self._values_of[id(node)] = count
+        return count
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         lines: dict[Any, int] = {}
@@ -429,7 +561,7 @@ def set_path(tree: dict, dotted: str, raw: str) -> None:
     for key in keys[:-1]:
         child = node.setdefault(key, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"cannot set {dotted}: {key} is {child!r}, not a section")
+            raise ConfigError(f"cannot set {dotted}: {key} is {shown(child)}, not a section")
         node = child
     node[keys[-1]] = parse_yaml(raw, f"--set {dotted}") if raw != "" else ""
 

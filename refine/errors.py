@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Iterable
 from typing import Any
 
@@ -26,11 +27,33 @@ def validation_problems(errors: ValidationError | Iterable[Any], unnamed: str = 
     return problems
 
 
+class _ShortRepr(reprlib.Repr):
+    """reprlib's bounded repr: a few items of each container, a few levels deep, long strings and numbers cut in
+    the middle. Its cost depends on those limits alone, never on the size of the value: a YAML document whose
+    aliases share one list at many places is small in memory, but its full repr would spell out every copy."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.maxlevel = 3
+        self.maxdict = self.maxlist = self.maxtuple = self.maxset = self.maxfrozenset = self.maxdeque = 6
+        self.maxarray = 6
+        self.maxstring = self.maxother = max(limit, 8)
+        self.maxlong = 40
+
+    def repr_instance(self, x: Any, level: int) -> str:
+        if isinstance(x, torch.Tensor):  # its own repr prints every element (up to torch's summary threshold)
+            return f"tensor of shape {list(x.shape)} {x.dtype}"
+        return super().repr_instance(x, level)
+
+
 def shown(value: Any, limit: int = 80) -> str:
-    """A short one-line picture of a value: tensors by shape and dtype, mappings as {...}, long reprs cut."""
+    """A short one-line picture of a value: tensors by shape and dtype, mappings as {...}, long reprs cut.
+
+    Bounded in time and memory whatever the value (a bounded `reprlib` repr, never the full one), so that
+    an error message about a huge or alias-expanded input costs no more than one about a small one."""
     if isinstance(value, torch.Tensor):
         return f"tensor of shape {list(value.shape)} {value.dtype}"
     if isinstance(value, dict):
         return "{...}"
-    text = " ".join(repr(value).split())
+    text = " ".join(_ShortRepr(limit).repr(value).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -165,3 +165,90 @@ def test_local_says_the_service_addresses_it_was_given_go_unused(tmp_path, capsy
             "--redis-url", "redis://127.0.0.1:1/0"]
     assert main(argv) == 0
     assert "--redis-url unused: --local trains in this process" in capsys.readouterr().err
+
+
+@pytest.fixture
+def no_ray_start(monkeypatch):
+    """Ray looks uninitialized; ray.init reads its address as Ray does, and starting or connecting fails the test."""
+    import ray
+    from ray._private.services import canonicalize_bootstrap_address
+
+    def parse_only(address=None, **kwargs):
+        if address is not None:
+            canonicalize_bootstrap_address(address)
+        raise AssertionError("ray.init would start or connect to a Ray")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", parse_only)
+
+
+SMALL_SERVICE_RUN = ["--no-progress", "--set", "demo=null", "--set", "data.num_documents=4"]
+
+
+@pytest.mark.parametrize("address,words", [
+    ("garbage", ["Ray address 'garbage' (--ray-address): Invalid address format: garbage; give HOST:PORT of the "
+                 "head's GCS"]),
+    ("http://127.0.0.1:8265", ["Ray address 'http://127.0.0.1:8265' (--ray-address) is an HTTP address: that is the "
+                               "dashboard's", "HOST:PORT of the head's GCS"]),
+])
+def test_a_wrong_ray_address_is_one_line_naming_the_flag(tmp_path, capsys, no_ray_start, address, words):
+    argv = ["train", *SMALL_SERVICE_RUN, "--set", f"train.out_dir={tmp_path}",
+            "--set", f"service.metrics_discovery_dir={tmp_path / 'prometheus'}", "--ray-address", address]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("refine: error:") and err.count("\n") == 1 and all(word in err for word in words), err
+
+
+def test_a_metrics_discovery_dir_that_is_a_file_fails_before_ray_starts(tmp_path, capsys, no_ray_start):
+    blocker = tmp_path / "taken"
+    blocker.write_text("")
+    argv = ["train", *SMALL_SERVICE_RUN, "--set", f"train.out_dir={tmp_path / 'run'}",
+            "--set", f"service.metrics_discovery_dir={blocker}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"service.metrics_discovery_dir='{blocker}': it is a file, not a directory" in err and "Errno" not in err
+
+
+@pytest.mark.parametrize("setting", ["refine.selection_temperature=1e-38", "refine.temperature=1e-45",
+                                     "service.heartbeat_timeout_s=1e300"])
+def test_extreme_finite_floats_fail_at_the_config_naming_the_field(tmp_path, capsys, setting):
+    """Were a traceback from torch.multinomial, `new_logprobs contains NaN or Inf` and Redis' `Invalid
+    min-idle-time argument for XAUTOCLAIM`, each after training had started."""
+    argv = ["train", "--local", "--no-progress", "--set", "demo=null", "--set", f"train.out_dir={tmp_path}",
+            "--set", "train.steps=1", "--set", "data.num_documents=4", "--set", setting]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    field, value = setting.split("=")
+    assert err.startswith("refine: error: invalid configuration:") and field in err and value in err, err
+    assert "Traceback" not in err and not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_a_yaml_alias_bomb_is_one_line_naming_the_limit(tmp_path, capsys, monkeypatch):
+    from refine import config as configs
+    from refine.config import RunConfig
+
+    lines = ["data:", "  l0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines += [f"  l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 8)]
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\n")
+
+    def validate(*args, **kwargs):
+        raise AssertionError("the alias bomb reached validation")
+
+    monkeypatch.setattr(RunConfig, "model_validate", validate)  # the old code walked all 9 ** 8 strings there
+    assert main(["train", str(path), "--local"]) == 2
+    err = capsys.readouterr().err
+    limit = configs.MAX_ALIAS_VALUES
+    assert err.startswith(f"refine: error: config file {path}: YAML aliases stand for more than {limit} values")
+    assert err.count("\n") == 1 and len(err) < 400, err
+
+
+def test_ctrl_c_exits_130_without_a_traceback(monkeypatch, capsys):
+    import refine.cli
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(refine.cli, "_score", interrupted)
+    assert refine.cli.main(["score", "--task", "niah"]) == 130
+    assert capsys.readouterr().err == "refine: interrupted\n"

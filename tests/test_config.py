@@ -1,6 +1,9 @@
 """Config files, overrides and error messages that name the field and the value."""
 
+import math
+
 import pytest
+import torch
 
 from refine.config import ConfigError, dump_config, load_config
 
@@ -391,3 +394,173 @@ def test_a_hand_written_model_section_holds_fields_only():
             load_config(None, [f"model.{key}=4"])
     config = load_config(None, ["model.fuse_norm=true", "model.transformers_version=4.51.0", "model.attn=null"])
     assert config.model.model_extra["fuse_norm"] is True
+
+
+def _alias_bomb(levels: int, width: int = 9) -> str:
+    """A YAML document of a few hundred bytes under unknown keys of `data:` whose aliases stand for
+    width ** levels strings: PyYAML shares the anchored list, so it loads small and expands when walked."""
+    lines = ["data:", f"  l0: &l0 [{', '.join(['lol'] * width)}]"]
+    lines += [f"  l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * width)}]" for i in range(1, levels + 1)]
+    return "\n".join(lines) + "\n"
+
+
+def test_a_yaml_alias_bomb_is_refused_before_anything_walks_it(tmp_path, monkeypatch):
+    """The review's file: 7 levels of 9 aliases (9 ** 8 strings) took 8 GB and 28 s to report an unknown key,
+    its whole expansion walked by validation and repr'd for the message. It is refused as the YAML is composed,
+    naming the limit and the alias, and nothing validates or formats the expansion."""
+    from refine import config as configs
+    from refine.config import RunConfig
+
+    path = tmp_path / "bomb.yaml"
+    path.write_text(_alias_bomb(7))
+    assert len(path.read_bytes()) < 600
+
+    def validate(*args, **kwargs):
+        raise AssertionError("the alias bomb reached validation")
+
+    monkeypatch.setattr(RunConfig, "model_validate", validate)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    limit = configs.MAX_ALIAS_VALUES
+    assert message.startswith(f"config file {path}: YAML aliases stand for more than {limit} values by alias *l")
+    assert "alias bomb" in message and "at line" in message and "\n" not in message and len(message) < 400
+
+
+def test_aliases_of_a_merge_key_multiply_too(tmp_path):
+    # flatten_mapping copies every merged mapping's items into the node: nested merges of merges multiply as
+    # aliases of aliases do, during construction.
+    lines = ["data:", "  m0: &m0 {a: 1, b: 2, c: 3, d: 4}"]
+    lines += [f"  m{i}: &m{i} {{<<: [{', '.join([f'*m{i - 1}'] * 9)}]}}" for i in range(1, 8)]
+    path = tmp_path / "merge.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match=r"YAML aliases stand for more than \d+ values by alias \*m\d"):
+        load_config(path)
+
+
+def test_a_recursive_alias_is_refused(tmp_path):
+    path = tmp_path / "loop.yaml"
+    path.write_text("data:\n  loop: &loop [1, *loop]\n")
+    with pytest.raises(ConfigError, match=rf"^config file {path}: alias \*loop stands for a value that contains it "
+                                          r"\(a recursive document\).* at line 2, column 19$"):
+        load_config(path)
+
+
+def test_small_anchors_and_aliases_still_load(tmp_path):
+    path = tmp_path / "anchors.yaml"
+    path.write_text("data:\n  synthetic_tasks: &tasks [niah, mqar]\n  num_documents: 64\n"
+                    "train: {<<: &small {steps: 2, batch_size: 2}, steps: 3}\n"
+                    "demo:\n  eval_tasks: *tasks\n")
+    config = load_config(path)
+    assert config.data.synthetic_tasks == config.demo.eval_tasks == ["niah", "mqar"]
+    assert (config.train.steps, config.train.batch_size) == (3, 2)
+    # Within the limit, many aliases of one value are fine: 100 aliases of a list of 40 strings.
+    from refine.config import MAX_ALIAS_VALUES, parse_yaml
+
+    many = "words: &w [" + ", ".join(["w"] * 40) + "]\nlists: [" + ", ".join(["*w"] * 100) + "]\n"
+    assert 100 * 41 <= MAX_ALIAS_VALUES
+    assert len(parse_yaml(many, "many")["lists"]) == 100
+
+
+def test_a_value_in_a_message_is_bounded_whatever_its_size():
+    """The full repr of a value that shares one list at many places (an alias bomb within the limit, a wire
+    message) costs its whole expansion; a message shows a bounded part of it, never calling the rest's repr."""
+    from refine.errors import shown
+
+    class Unreachable:
+        def __repr__(self):
+            raise AssertionError("repr of a part the message does not show")
+
+    wide = [0] * 10 + [Unreachable()]  # past the items shown
+    deep = [[[[[Unreachable()]]]]]  # past the levels shown
+    for value in (wide, deep, {"a": Unreachable()}, (1, wide)):
+        text = shown(value)
+        assert len(text) <= 80 and "\n" not in text
+    level = ["lol"] * 9
+    for _ in range(7):
+        level = [level] * 9  # 9 ** 8 strings, 8 lists in memory
+    assert shown(level).startswith("[[[[") and len(shown(level)) <= 80
+    assert shown("x" * 10**7).startswith("'xxx") and len(shown("x" * 10**7)) <= 80
+    assert shown([1, 2, 3]) == "[1, 2, 3]" and shown("abc") == "'abc'" and shown(1e-38) == "1e-38"
+
+
+def test_a_long_value_of_an_unknown_model_key_is_shown_short():
+    numbers = "[" + ", ".join(str(i) for i in range(1000)) + "]"
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"model.num_layers={numbers}"])
+    message = str(err.value)
+    assert "model.num_layers=[0, 1, 2, 3, 4, 5, ...] is not a field of delta_net" in message
+    assert len(message) < 600
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"data={numbers}", "data.seq_len=64"])
+    assert str(err.value).startswith("cannot set data.seq_len: data is [0, 1, 2,") and len(str(err.value)) < 200
+
+
+@pytest.mark.parametrize("override,field,value", [
+    ("refine.selection_temperature=1e-38", "refine.selection_temperature", "1e-38"),
+    ("refine.selection_temperature=0", "refine.selection_temperature", "0"),
+    ("refine.temperature=1e-45", "refine.temperature", "1e-45"),
+    ("refine.temperature=0.00009", "refine.temperature", "9e-05"),
+    ("service.heartbeat_timeout_s=1e300", "service.heartbeat_timeout_s", "1e300"),
+    ("service.heartbeat_timeout_s=86401", "service.heartbeat_timeout_s", "86401"),
+    ("optim.lr=1e300", "optim.lr", "1e300"),
+    ("optim.weight_decay=1e300", "optim.weight_decay", "1e300"),
+    ("demo.pretrain_lr=1e300", "demo.pretrain_lr", "1e300"),
+    ("demo.branch_lr=2", "demo.branch_lr", "2"),
+    ("refine.clip_ratio_low=1", "refine.clip_ratio_low", "1"),
+    ("refine.clip_ratio_high=1e300", "refine.clip_ratio_high", "1e300"),
+    ("service.worker_cpus=1e300", "service.worker_cpus", "1e300"),
+    ("service.worker_cpus=1e-5", "service.worker_cpus", "1e-5"),
+])
+def test_extreme_finite_floats_are_refused_naming_field_and_value(override, field, value):
+    """Finite, so allow_inf_nan lets them through, yet each failed far from the setting: selection's multinomial
+    on inf/NaN probabilities, `new_logprobs contains NaN or Inf`, Redis' `Invalid min-idle-time argument for
+    XAUTOCLAIM`, torch's `value cannot be converted to type float without overflow` in AdamW or the ratio clamp,
+    policy_loss's `clip_low must be < 1`, Ray's resource precision."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    message = str(err.value)
+    assert f"{field}" in message and value in message, message
+
+
+def test_the_float_bounds_keep_what_is_sane():
+    config = load_config(None, [
+        "refine.selection_temperature=1e-4", "refine.temperature=1e-4", "service.heartbeat_timeout_s=86400",
+        "optim.lr=1", "optim.weight_decay=1", "refine.clip_ratio_low=0.99", "refine.clip_ratio_high=1e9",
+        "service.worker_cpus=1e-4", "refine.lambda_ntp=1e300", "refine.dual_clip=1e300"])
+    assert config.service.reclaim_idle_ms == 2 * 86_400_000 < 2**63
+    assert load_config(None, ["refine.temperature=0"]).refine.temperature == 0.0  # greedy
+
+
+def test_the_temperature_bounds_keep_the_math_finite_in_float32():
+    """At the lowest temperatures allowed, the logits (and entropies) a model gives stay far from float32's
+    overflow once divided: sampling and selection give finite log-probs and valid positions."""
+    from refine.algorithm.sampling import logprobs_from_logits, sample_tokens
+    from refine.algorithm.selection import select_positions
+    from refine.config import MIN_TEMPERATURE
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 262_144, generator=generator) * 100  # large logits over a large vocabulary
+    tokens, logprobs = sample_tokens(logits, MIN_TEMPERATURE, 1.0, 0, generator=generator)
+    assert torch.isfinite(logprobs).all()
+    assert torch.isfinite(logprobs_from_logits(logits, tokens, MIN_TEMPERATURE)).all()
+    entropy = torch.rand(2, 200, generator=generator) * math.log(262_144)
+    positions = select_positions(entropy, num_chunks=4, rollout_len=5, temperature=MIN_TEMPERATURE, generator=generator)
+    assert positions.shape == (2, 4)
+
+
+def test_a_metrics_discovery_dir_that_is_a_file_is_refused_when_the_config_is_checked(tmp_path, monkeypatch):
+    monkeypatch.delenv("REFINE_METRICS_DISCOVERY_DIR", raising=False)
+    blocker = tmp_path / "taken"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match=rf"service.metrics_discovery_dir='{blocker}': it is a file, not a "
+                                          rf"directory"):
+        load_config(None, [f"service.metrics_discovery_dir={blocker}"])
+    with pytest.raises(ConfigError, match=rf"service.metrics_discovery_dir='{blocker}/sub': {blocker} is a file"):
+        load_config(None, [f"service.metrics_discovery_dir={blocker}/sub"])
+    monkeypatch.setenv("REFINE_METRICS_DISCOVERY_DIR", str(blocker))  # the default takes the deployment's
+    with pytest.raises(ConfigError, match=r"\(from REFINE_METRICS_DISCOVERY_DIR\): it is a file"):
+        load_config(None, ["service.num_rollout_workers=2"])  # a service section: its default read now
+    fresh = tmp_path / "not" / "yet"
+    assert load_config(None, [f"service.metrics_discovery_dir={fresh}"]).service.metrics_discovery_dir == str(fresh)
+    assert not fresh.exists()  # checking creates nothing: the service creates it before Ray starts
