@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer as RustTokenizer
-from tokenizers import models, pre_tokenizers
+from test_tokenizer import write_gapped_tokenizer
 
 from refine.cli import main as cli_main
 from refine.config import OptimConfig, RefineConfig, RunConfig
@@ -501,20 +500,9 @@ def test_eval_scores_longbench_with_the_release_rules_on_request(model_dir, task
 # ---------------------------------------------------------------- the model's own tokenizer
 
 
-def write_word_tokenizer(directory: Path, top_id: int) -> Path:
-    """A WordLevel tokenizer.json with a gap in its ids ("dog" is `top_id`), EOS "</s>" = 2, not the model's 258."""
-    words = ["<unk>", "<s>", "</s>", "<pad>", "the", "a", "cat", "sat", "on", "mat", "and"]
-    tokenizer = RustTokenizer(models.WordLevel({word: i for i, word in enumerate(words)} | {"dog": top_id},
-                                               unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    directory.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(directory / "tokenizer.json"))
-    (directory / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
-    return directory
-
-
 def test_eval_refuses_a_tokenizer_whose_eos_is_not_the_models(model_dir, tmp_path, capsys):
-    tokenizer_dir = write_word_tokenizer(tmp_path / "tok", top_id=200)  # fits the model's 260 ids
+    tokenizer_dir = tmp_path / "tok"
+    write_gapped_tokenizer(tokenizer_dir, top_id=200)  # fits the model's 260 ids; EOS 2, not 258
     output = tmp_path / "results.json"
     code, line, err = run_eval(capsys, "--model", str(model_dir), "--tokenizer", str(tokenizer_dir), "--task", "niah",
                                "--num-examples", "1", "--max-new-tokens", "2", "--output", str(output))
@@ -528,7 +516,8 @@ def test_eval_refuses_a_tokenizer_whose_eos_is_not_the_models(model_dir, tmp_pat
 
 
 def test_eval_refuses_a_tokenizer_with_ids_past_the_models_vocabulary(model_dir, tmp_path, capsys):
-    tokenizer_dir = write_word_tokenizer(tmp_path / "tok", top_id=500)  # 12 tokens, but ids up to 500
+    tokenizer_dir = tmp_path / "tok"
+    write_gapped_tokenizer(tokenizer_dir, top_id=500)  # 12 tokens, but ids up to 500
     code, _, err = run_eval(capsys, "--model", str(model_dir), "--tokenizer", str(tokenizer_dir), "--task", "niah",
                             "--num-examples", "1", "--max-new-tokens", "2", "--output", str(tmp_path / "r.json"))
     assert code == 2 and "Traceback" not in err
