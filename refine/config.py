@@ -7,11 +7,12 @@ Defaults are the paper's (REFINE, arXiv 2602.16704) where it states one.
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import torch
 import yaml
@@ -463,11 +464,35 @@ def fit_to_tokenizer(config: RunConfig, tokenizer: Tokenizer) -> RunConfig:
     return config.model_copy(update={"model": model.model_copy(update=ids)})
 
 
+def _section_fields(section: str) -> list[str]:
+    """The field names of run config section `section` (its pydantic model, also when optional); [] if none."""
+    info = RunConfig.model_fields.get(section)
+    annotation = info.annotation if info is not None else None
+    models = [t for t in (annotation, *get_args(annotation)) if isinstance(t, type) and issubclass(t, BaseModel)]
+    return list(models[0].model_fields) if models else []
+
+
+def _no_such_key(error: dict) -> str | None:
+    """A misspelt section or `section.field`: which exist, and the closest name."""
+    if error["type"] != "extra_forbidden" or len(error["loc"]) > 2:
+        return None
+    names = list(RunConfig.model_fields) if len(error["loc"]) == 1 else _section_fields(str(error["loc"][0]))
+    if not names:
+        return None
+    key = str(error["loc"][-1])
+    where = "the run config" if len(error["loc"]) == 1 else str(error["loc"][0])
+    close = difflib.get_close_matches(key, names, n=1)
+    guess = f"did you mean {'.'.join([*map(str, error['loc'][:-1]), close[0]])}? " if close else ""
+    if len(error["loc"]) == 1:
+        return f"{key}: no such section ({guess}{where} has {', '.join(names)})"
+    return f"{where}.{key}={shown(error.get('input'))}: no such field ({guess}{where} has {', '.join(names)})"
+
+
 def _format_error(err: ValidationError) -> str:
-    sections = [e for e in err.errors() if e["type"] == "extra_forbidden" and len(e["loc"]) == 1]
-    lines = [f"{e['loc'][0]}: no such section (the run config has {', '.join(RunConfig.model_fields)})"
-             for e in sections]  # a misspelt section: say which exist
-    lines += validation_problems(e for e in err.errors() if e not in sections)
+    errors = err.errors()
+    named = {index: _no_such_key(e) for index, e in enumerate(errors)}
+    lines = [line for line in named.values() if line is not None]
+    lines += validation_problems(e for index, e in enumerate(errors) if named[index] is None)
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 
@@ -608,8 +633,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file {path} is empty: it holds no settings")
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {path} must hold a mapping, got {type(tree).__name__}")
-    for key, value in parse_overrides(overrides or []):
+    parsed = parse_overrides(overrides or [])
+    for key, value in parsed:
         set_path(tree, key, value)
+    train = tree.get("train")
+    init_from = train.get("init_from") if isinstance(train, dict) else None
+    model_keys = [key for key, _ in parsed if key == "model" or key.startswith("model.")]
+    if init_from and model_keys:  # they would be dropped without a word: the checkpoint's config.json is the model
+        raise ConfigError(f"--set {', '.join(model_keys)}: train.init_from={str(init_from)!r} supplies the model (its "
+                          f"config.json replaces the model section), so model settings do not apply")
     return validate_config(tree)
 
 

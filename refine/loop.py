@@ -533,6 +533,15 @@ def check_loop_reward(config: RunConfig) -> None:
         check_run_reward(config.refine.reward, config.refine.reward_modules, decodes_text=False)
 
 
+def finished_run(out_dir: Path, step: int, steps: int) -> dict:
+    """A resume whose checkpoint already reached train.steps trains nothing: it says so and returns the last
+    step's metrics row, as the service does."""
+    tqdm.write(f"refine: nothing to train: the checkpoint in {out_dir} is at step {step}, train.steps={steps}",
+               file=sys.stderr)
+    rows = [row for _, row in jsonl_rows(out_dir / "metrics.jsonl") if row.get("step") == step]
+    return rows[-1] if rows else {"step": step}
+
+
 def train(config: RunConfig, resume: bool = False, progress: bool = True) -> dict[str, float]:
     """Run `config.train.steps` steps; returns the last step's stats."""
     if config.train.mini_batches > 1 and config.train.mode == "fused":
@@ -553,6 +562,8 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> dic
         ref_model = prepare_model(config).requires_grad_(False)
 
     start = resume_from(Path(config.train.out_dir), resume, model, optimizer, generator, "refine")
+    if start.step and start.step >= config.train.steps:  # the run directory (config.yaml too) stays as it is
+        return finished_run(Path(config.train.out_dir), start.step, config.train.steps)
     batches: Iterator[DocumentBatch] = document_batches(config, tokenizer, start_cursor=start.cursor)
     if start.step < config.train.steps:  # read before anything is written: a source that yields nothing fails here
         batches = itertools.chain([next(batches)], batches)

@@ -58,6 +58,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections import deque
@@ -80,7 +81,7 @@ from refine.data.sources import RowSource
 from refine.data.stream import check_source, document_batches, synthetic_documents
 from refine.files import write_atomically
 from refine.loop import (
-    Divergence, absolute_out_dir, check_resumed_program, clear_checkpoints, jsonl_rows, open_metrics,
+    Divergence, absolute_out_dir, check_resumed_program, clear_checkpoints, finished_run, jsonl_rows, open_metrics,
 )
 from refine.plots import plot_metrics
 from refine.tokenizer import Tokenizer
@@ -133,6 +134,13 @@ def check_service_config(config: RunConfig) -> None:
             f"train.mode={config.train.mode!r} runs only in the single-process loop (refine train --local); the "
             f"service trains REFINE with service.mode='disaggregated' (one-pass) or 'colocated' (fused)"
         )
+    if config.rollout.engine == "vllm":
+        from rollout_workers.vllm_engine import vllm_available
+
+        if not vllm_available():  # else every rollout worker dies on import, restarted until the run gives up
+            raise ValueError(f"rollout.engine='vllm' needs vLLM, which this Python ({sys.executable}) does not have: "
+                             f"create its environment with `bash scripts/setup_vllm_env.sh` and run "
+                             f"`.venv-vllm/bin/refine`")
     from refine.algorithm.rewards import check_run_reward
 
     # Both modes, before anything starts: imports refine.reward_modules, names the registered rewards, and
@@ -271,10 +279,7 @@ def _finished_run(config: RunConfig) -> Stats | None:
     with (open_metrics(out_dir / "metrics.jsonl", state.step) as metrics_file,
           open_events(out_dir / "events.jsonl", state.step, state.reports) as events_file):
         restore_reports(checkpoint, out_dir, metrics_file, events_file, config.train)
-    logger.warning("nothing to train: the checkpoint in %s is at step %d, train.steps=%d", checkpoint, state.step,
-                   config.train.steps)
-    rows = [row for _, row in jsonl_rows(out_dir / "metrics.jsonl") if row.get("step") == state.step]
-    return rows[-1] if rows else {"step": state.step}
+    return finished_run(out_dir, state.step, config.train.steps)
 
 
 def namespace_for(config: RunConfig, out_dir: Path) -> str:

@@ -101,9 +101,11 @@ def test_a_run_from_a_checkpoint_takes_its_model_section(tmp_path):
     torch.manual_seed(0)
     save_model(build_model(dict(model_type="gated_deltanet", vocab_size=300, hidden_size=32, num_heads=2,
                                 num_hidden_layers=1, head_dim=16)), tmp_path / "ckpt")
-    config = load_config(None, [f"train.init_from={tmp_path / 'ckpt'}", "model.vocab_size=260"])
+    config = load_config(None, [f"train.init_from={tmp_path / 'ckpt'}"])
     assert (config.model.model_type, config.model.vocab_size, config.model.hidden_size) == ("gated_deltanet", 300, 32)
-    assert load_config(None, [f"train.init_from={tmp_path / 'ckpt'}"]).model == config.model
+    # A model setting beside it would be dropped without a word: refused, naming both.
+    with pytest.raises(ConfigError, match=r"--set model.vocab_size: train.init_from='.*ckpt' supplies the model"):
+        load_config(None, [f"train.init_from={tmp_path / 'ckpt'}", "model.vocab_size=260"])
     with pytest.raises(ConfigError, match=r"train\.init_from='.*nowhere' does not exist"):
         load_config(None, [f"train.init_from={tmp_path / 'nowhere'}"])
     with pytest.raises(ConfigError, match=r"\n  train\.init_from='.*' has no config\.json: give a model directory"):
@@ -322,6 +324,21 @@ def test_devices_are_cpu_cuda_or_cuda_n():
     for device in ("cudax", "cuda:x", "cuda:-1", "CPU", "mps"):
         with pytest.raises(ConfigError, match=rf"train\.device: .*got '{device}'"):
             load_config(None, [f"train.device={device}"])
+
+
+def test_a_misspelt_field_or_section_names_the_closest_and_lists_what_exists():
+    with pytest.raises(ConfigError, match=r"\n  train.step=5: no such field \(did you mean train.steps\? train has mode, "
+                                          r"steps, batch_size, "):
+        load_config(None, ["train.step=5"])
+    with pytest.raises(ConfigError, match=r"\n  service.num_workers=2: no such field \(did you mean "
+                                          r"service.num_rollout_workers\? service has mode, "):
+        load_config(None, ["service.num_workers=2"])
+    with pytest.raises(ConfigError, match=r"\n  demo.pretrain_step=2: no such field \(did you mean demo.pretrain_steps\?"):
+        load_config(None, ["demo.pretrain_step=2"])  # an optional section
+    with pytest.raises(ConfigError, match=r"\n  trian: no such section \(did you mean train\? the run config has "):
+        load_config(None, ["trian.steps=5"])
+    with pytest.raises(ConfigError, match=r"\n  train.zzz=5: no such field \(train has mode, steps, "):
+        load_config(None, ["train.zzz=5"])  # nothing close: the list alone
 
 
 def test_unknown_sections_and_empty_keys_name_what_was_typed():

@@ -91,6 +91,15 @@ def test_resume_without_a_checkpoint_says_it_starts_over(tmp_path, capsys):
     assert f"no checkpoint at {tmp_path / 'checkpoints' / 'latest'} to resume from" in capsys.readouterr().err
 
 
+def test_a_resume_with_nothing_left_to_train_says_so_and_leaves_the_run_as_it_was(tmp_path, capsys):
+    train(_config(tmp_path, "ntp", steps=2), progress=False)
+    before = {name: (tmp_path / name).read_text() for name in ("config.yaml", "metrics.jsonl")}
+    stats = train(_config(tmp_path, "ntp", steps=1), resume=True, progress=False)
+    assert stats["step"] == 2 and stats == json.loads(before["metrics.jsonl"].splitlines()[-1])
+    assert f"nothing to train: the checkpoint in {tmp_path} is at step 2, train.steps=1" in capsys.readouterr().err
+    assert {name: (tmp_path / name).read_text() for name in before} == before  # config.yaml still says 2 steps
+
+
 def test_non_finite_steps_are_skipped_and_counted():
     model = build_model(dict(model_type="delta_net", hidden_size=16, num_heads=2, num_hidden_layers=1, vocab_size=10))
     before = {k: v.clone() for k, v in model.state_dict().items()}

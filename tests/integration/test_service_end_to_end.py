@@ -21,6 +21,7 @@ from services.broker import Broker
 from services.orchestrator import ServiceError, check_service_config, run
 from services.redis_server import connect
 from services.streams import DOCUMENTS
+from rollout_workers.vllm_engine import vllm_available
 
 pytestmark = pytest.mark.slow
 
@@ -163,3 +164,11 @@ def test_task_rewards_are_accepted_where_their_text_is_decoded(tmp_path: Path) -
     check_service_config(tiny_config(tmp_path, "refine.reward=qa_f1"))  # the reward replicas decode rollouts
     check_service_config(tiny_config(tmp_path, "service.mode=colocated", "refine.reward=hybrid"))
     check_service_config(tiny_config(tmp_path, "train.mini_batches=2"))  # the disaggregated learner takes them
+
+
+@pytest.mark.skipif(vllm_available(), reason="vLLM is installed here: the refusal is for a Python without it")
+def test_the_vllm_engine_without_vllm_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    """Else every rollout worker died on import and was restarted until the run gave up (two minutes)."""
+    with pytest.raises(ValueError, match=r"rollout.engine='vllm' needs vLLM, which this Python .* does not have: "
+                                         r"create its environment with `bash scripts/setup_vllm_env.sh`"):
+        check_service_config(tiny_config(tmp_path, "rollout.engine=vllm", "model.hidden_size=128"))
