@@ -167,7 +167,8 @@ def _validation_details(errors: list[Any]) -> list[dict[str, Any]]:
     details = []
     for error in errors[:_MAX_REPORTED_ERRORS]:
         loc = [part if isinstance(part, int) else str(part) for part in error.get("loc", ())]
-        msg = str(error.get("msg", "invalid"))
+        # Our own checks' words without pydantic's "Value error, " prefix, as the CLI shows them.
+        msg = str(error.get("msg", "invalid")).removeprefix("Value error, ")
         kind = str(error.get("type", "value_error"))
         if kind == "json_invalid":
             reason = (error.get("ctx") or {}).get("error", "")

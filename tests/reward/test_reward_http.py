@@ -397,7 +397,7 @@ def test_an_empty_gold_answer_is_refused_not_scored_as_correct(client):
         {"rollout_text": "zzz", "reference_texts": [""]}]})
     assert response.status_code == 422, response.text
     assert response.json()["error"] == (
-        "rollouts.0.reference_texts.0: Value error, a gold answer must not be empty or whitespace only, got ''")
+        "rollouts.0.reference_texts.0: a gold answer must not be empty or whitespace only, got ''")
 
 
 def test_command_line_refuses_bad_limits(capsys):
