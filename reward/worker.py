@@ -20,7 +20,7 @@ import redis
 
 from reward.scoring import Decode, check_reward_type, record_scored, score_batch
 from services.broker import Broker
-from services.codec import CodecError, encode
+from services.codec import CodecError
 from services.messages import RolloutBatch
 from services.metrics import Metrics
 from services.streams import unpublishable_reason
@@ -133,11 +133,7 @@ class RewardWorker:
     def _dead_letter(self, entry_id: str, batch: RolloutBatch, reason: str) -> None:
         # The broker's own dead-letter path: the entry is recorded and acknowledged in one transaction,
         # and `broker.dead_letters(rollout_stream)` lists it next to entries that failed to decode.
-        try:
-            payload = encode(batch, self.broker.limits)
-        except CodecError:  # it was decoded under these limits, so this does not happen; keep the reason anyway
-            payload = b""
-        self.broker.dead_letter(self.rollout_stream, self.group, entry_id, payload, reason)
+        self.broker.dead_letter(self.rollout_stream, self.group, entry_id, batch, reason)
 
     def _record(self, rewards, seconds: float) -> None:
         if self.metrics is None:

@@ -26,7 +26,7 @@ import torch
 
 from refine.config import RunConfig
 from rollout_workers.engines import RolloutEngine, batch_generator, build_engine, engine_owner
-from services.codec import CodecError, encode
+from services.codec import CodecError
 from services.messages import DocumentBatch, RolloutBatch
 from services.resilience import TRANSIENT, OutageTolerance, retry_redis
 from services.role import RoleRuntime
@@ -159,11 +159,7 @@ class RolloutWorker:
         reason = (f"rollout worker {self.worker_id} could not publish the rollouts of document batch {batch.batch_id}: "
                   f"{unpublishable_reason(message, error)}")
         logger.error("dead-lettering document batch %s (entry %s): %s", batch.batch_id, entry_id, reason)
-        try:
-            payload = encode(batch, self.broker.limits)
-        except CodecError:  # it was decoded under these limits, so this does not happen; keep the reason anyway
-            payload = b""
-        retry_redis(lambda: self.broker.dead_letter(DOCUMENTS, ROLLOUT_GROUP, entry_id, payload, reason),
+        retry_redis(lambda: self.broker.dead_letter(DOCUMENTS, ROLLOUT_GROUP, entry_id, batch, reason),
                     "dead-letter documents", self.outage_timeout_s)
         self.dead_lettered += 1
 

@@ -199,22 +199,25 @@ class Broker:
                     raise CodecError(f"stream entry {entry_id} has no payload field")
                 message = decode(payload, message_type, self.limits)
             except CodecError as exc:
-                self._dead_letter(stream, group, entry_id, payload or b"", str(exc))
+                self.dead_letter(stream, group, entry_id, payload or b"", str(exc))
                 continue
             except Exception as exc:  # a decoder bug: still only this entry is lost, not the whole read
-                self._dead_letter(stream, group, entry_id, payload, f"{type(exc).__name__}: {exc}")
+                self.dead_letter(stream, group, entry_id, payload, f"{type(exc).__name__}: {exc}")
                 continue
             out.append((entry_id, message))
         return out
 
-    def dead_letter(self, stream: str, group: str, entry_id: str, payload: bytes, error: str) -> None:
+    def dead_letter(self, stream: str, group: str, entry_id: str, payload: bytes | BaseModel, error: str) -> None:
         """Move an entry `group` read from `stream` but cannot use to `<stream>:dead` with `error` (and
-        `payload`, its message) and acknowledge it, in one transaction: it is never delivered again.
-        For consumers whose failure is not a crash: a batch that cannot be scored, a result that can
-        never be published (over the codec's limits); the orchestrator ends the run with `error`."""
-        self._dead_letter(stream, group, entry_id, payload, error)
-
-    def _dead_letter(self, stream: str, group: str, entry_id: str, payload: bytes, error: str) -> None:
+        `payload`, its bytes or its decoded message) and acknowledge it, in one transaction: it is never
+        delivered again. Entries that fail to decode or are redelivered too often come here, and so do those
+        of consumers whose failure is not a crash: a batch that cannot be scored, a result that can never be
+        published (over the codec's limits); the orchestrator ends the run with `error`."""
+        if isinstance(payload, BaseModel):
+            try:
+                payload = encode(payload, self.limits)
+            except CodecError:  # it was decoded under these limits, so this does not happen; keep the reason
+                payload = b""
         pipe = self.client.pipeline(transaction=True)
         pipe.xadd(
             self._stream(self.dead_letter_stream(stream)),
@@ -338,7 +341,7 @@ class Broker:
             entry_id = _text(raw_id)
             times = deliveries.get(entry_id, 0)
             if fields is not None and times > max_deliveries:
-                self._dead_letter(
+                self.dead_letter(
                     stream, group, entry_id, fields.get(_PAYLOAD, b""),
                     f"delivered {times} times, over max_deliveries={max_deliveries}",
                 )
