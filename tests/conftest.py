@@ -44,6 +44,24 @@ def broker(redis_client: redis.Redis, namespace: str) -> Broker:
     return Broker(redis_client, namespace)
 
 
+@pytest.fixture
+def dead_letter_error(redis_url: str) -> Callable[[Any, str], str]:
+    """The error a run ends with on the dead letters of Redis namespace `namespace`: (config, namespace) -> the
+    orchestrator's ServiceError text (a real Orchestrator on the test Redis; nothing of Ray is started)."""
+    from services.orchestrator import Orchestrator, ServiceError
+
+    def error(config: Any, namespace: str) -> str:
+        orchestrator = Orchestrator(config, None, redis_url, namespace, resume=False, progress=False)
+        try:
+            with pytest.raises(ServiceError) as failure:
+                orchestrator._check_dead_letters()
+        finally:
+            orchestrator.client.close()
+        return str(failure.value)
+
+    return error
+
+
 # Operators whose result depends on tensor values the host must read back first: on a GPU each one waits
 # for the queued work. _local_scalar_dense is .item(), bool(t), int(t), float(t) (and torch.allclose, a
 # masked_select's size, ...); nonzero is also boolean-mask indexing x[mask], torch.where(cond), argwhere;

@@ -19,7 +19,6 @@ from services.broker import Broker
 from services.codec import CodecLimits, decode, encode
 from services.messages import RolloutBatch, ScoredBatch
 from services.metrics import Metrics
-from services.orchestrator import Orchestrator, ServiceError
 
 
 def publish(broker: Broker, batches: list[RolloutBatch]) -> None:
@@ -324,21 +323,14 @@ def test_a_scored_batch_over_the_message_limit_dead_letters_its_rollouts_at_once
     assert worker.dead_count == 2 and broker.pending("rollouts", "reward") == 0
 
 
-def test_the_run_ends_with_the_reason_of_a_scored_batch_over_the_message_limit(broker, make_batch, redis_url,
-                                                                               tmp_path):
+def test_the_run_ends_with_the_reason_of_a_scored_batch_over_the_message_limit(broker, make_batch,
+                                                                               dead_letter_error, tmp_path):
     """The orchestrator ends the run on that dead letter with an error quoting it: the message type, its
     size, the limit and its setting, and the run settings that size it."""
     batch = make_batch(seed=1, docs=2, chunks=2, samples=2, k=3, dim=4)
     publish(broker, [batch])
     assert RewardWorker(over_the_limit(broker, batch), "cosine", consumer="reward-a").run_once(block_ms=None) == 1
-    config = load_config(None, [f"train.out_dir={tmp_path / 'run'}"])
-    orchestrator = Orchestrator(config, None, redis_url, broker.namespace, resume=False, progress=False)
-    try:
-        with pytest.raises(ServiceError) as failure:
-            orchestrator._check_dead_letters()
-    finally:
-        orchestrator.client.close()
-    text = str(failure.value)
+    text = dead_letter_error(load_config(None, [f"train.out_dir={tmp_path / 'run'}"]), broker.namespace)
     assert text.startswith("a message of stream 'rollouts' could not be used (entry ")
     assert re.search(r"message ScoredBatch is \d+ bytes, over the limit max_message_bytes=\d+ ", text)
     assert "services.codec.CodecLimits.max_message_bytes" in text

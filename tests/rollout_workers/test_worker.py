@@ -19,7 +19,6 @@ from rollout_workers.worker import MAX_DELIVERIES, ROLE, RolloutWorker
 from services.broker import Broker
 from services.codec import CodecLimits, decode
 from services.messages import DocumentBatch, RolloutBatch
-from services.orchestrator import Orchestrator, ServiceError
 from services.redis_server import connect
 from services.streams import DOCUMENTS, REWARD_GROUP, ROLLOUT_GROUP, ROLLOUTS, rollout_batch_id_for
 from services.weight_store import RedisWeightStore
@@ -345,7 +344,7 @@ def test_rollouts_over_the_message_limit_dead_letter_their_documents_at_once(con
 
 
 def test_the_run_ends_with_the_reason_of_rollouts_over_the_message_limit(config, broker, store, make_worker,
-                                                                          redis_url: str, namespace: str) -> None:
+                                                                          dead_letter_error, namespace: str) -> None:
     """The orchestrator ends the run on that dead letter with an error quoting it: the message type, its
     size, the limit and its setting, and the run settings that size the rollouts."""
     store.publish(initial_weights(config), 0)
@@ -353,13 +352,7 @@ def test_the_run_ends_with_the_reason_of_rollouts_over_the_message_limit(config,
     worker = make_worker()
     over_the_limit(worker)
     assert worker.run_once(block_ms=100) is False
-    orchestrator = Orchestrator(config, None, redis_url, namespace, resume=False, progress=False)
-    try:
-        with pytest.raises(ServiceError) as failure:
-            orchestrator._check_dead_letters()
-    finally:
-        orchestrator.client.close()
-    text = str(failure.value)
+    text = dead_letter_error(config, namespace)
     assert text.startswith("a message of stream 'documents' could not be used (entry ")
     assert re.search(rf"message RolloutBatch is \d+ bytes, over the limit max_message_bytes={SMALL_LIMIT} ", text)
     assert "services.codec.CodecLimits.max_message_bytes" in text
