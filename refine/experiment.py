@@ -66,22 +66,25 @@ def eval_examples(task: str, tokenizer: Tokenizer, config: RunConfig) -> list:
     return mqar_for_length(config.demo.eval_length, tokenizer, config.demo.eval_examples, seed)
 
 
-def check_eval_sets(tokenizer: Tokenizer, config: RunConfig) -> None:
-    """Build the evaluation sets once before anything trains: a demo.eval_length too short for a task's prompt
-    fails now, naming the setting, instead of after every stage has trained."""
+def eval_sets(tokenizer: Tokenizer, config: RunConfig) -> dict[str, list]:
+    """Every evaluation task's examples, built once before anything trains and shared by every model's evaluation:
+    a demo.eval_length too short for a task's prompt fails now, naming the setting, instead of after every stage
+    has trained."""
+    sets = {}
     for task in config.demo.eval_tasks:
         try:
-            eval_examples(task, tokenizer, config)
+            sets[task] = eval_examples(task, tokenizer, config)
         except LengthTooShortError as error:
             raise ValueError(f"demo.eval_length={config.demo.eval_length} is too short for the {task} evaluation "
                              f"set: its prompt without filler takes up to {error.needed} tokens") from None
+    return sets
 
 
-def evaluate_model(path: Path, tokenizer: Tokenizer, config: RunConfig) -> dict[str, float]:
+def evaluate_model(path: Path, tokenizer: Tokenizer, config: RunConfig, sets: dict[str, list]) -> dict[str, float]:
     model = load_model(path).eval()
     row = {"heldout_ntp_loss": round(heldout_ntp_loss(model, tokenizer, config), 4)}
-    for task in config.demo.eval_tasks:
-        result = evaluate(model, tokenizer, eval_examples(task, tokenizer, config), task, ttt=False,
+    for task, examples in sets.items():
+        result = evaluate(model, tokenizer, examples, task, ttt=False,
                           run_config=config, ttt_steps=0, max_new_tokens=None, progress=False)
         row[task] = result["summary"]["score"]
     return row
@@ -137,7 +140,7 @@ def run_comparison(config: RunConfig, trainer: Trainer, decodes_text: bool = Fal
     out_dir.mkdir(parents=True, exist_ok=True)
     demo = config.demo
     tokenizer = run_tokenizer(config)
-    check_eval_sets(tokenizer, config)
+    sets = eval_sets(tokenizer, config)
 
     pretrain = stage_config(config, "pretrain", "ntp", demo.pretrain_steps, demo.pretrain_lr, None, tokenizer)
     trainer(pretrain)
@@ -151,10 +154,12 @@ def run_comparison(config: RunConfig, trainer: Trainer, decodes_text: bool = Fal
     for branch in branches.values():
         trainer(branch)
 
-    rows = {"NTP pre-training": {"steps": demo.pretrain_steps, **evaluate_model(Path(start_model), tokenizer, config)}}
+    rows = {"NTP pre-training": {"steps": demo.pretrain_steps,
+                                 **evaluate_model(Path(start_model), tokenizer, config, sets)}}
     for name, branch in branches.items():
         model_dir = Path(branch.train.out_dir) / "checkpoints/latest/model"
-        rows[name] = {"steps": demo.pretrain_steps + demo.branch_steps, **evaluate_model(model_dir, tokenizer, config)}
+        rows[name] = {"steps": demo.pretrain_steps + demo.branch_steps,
+                      **evaluate_model(model_dir, tokenizer, config, sets)}
     table = markdown_table(rows, list(demo.eval_tasks))
     plot_branches({name: Path(b.train.out_dir) for name, b in branches.items()}, out_dir)
     report = {"rows": rows, "wall_seconds": round(time.perf_counter() - started, 1), "table": table}
