@@ -147,14 +147,16 @@ class Divergence:
         self.config = config
         self.in_a_row = 0
 
-    def add(self, step: int, stats: dict) -> None:
-        """Record step `step`'s stats; raises ValueError after MAX_SKIPPED_IN_A_ROW fully skipped steps in a row."""
+    def add(self, step: int, stats: dict) -> ValueError | None:
+        """Record step `step`'s stats; after MAX_SKIPPED_IN_A_ROW fully skipped steps in a row, the error that ends
+        the run (returned: the caller raises it where its own bookkeeping is done), else None."""
         self.in_a_row = self.in_a_row + 1 if stats.get("skipped_nonfinite", 0.0) >= 1.0 else 0
-        if self.in_a_row >= MAX_SKIPPED_IN_A_ROW:
-            raise ValueError(
-                f"steps {step - self.in_a_row + 1}..{step} were all skipped for a non-finite loss or gradient: the "
-                f"weights have diverged (optim.lr={self.config.optim.lr}, optim.grad_clip={self.config.optim.grad_clip}"
-                f", train.dtype={self.config.train.dtype}); the run stops")
+        if self.in_a_row < MAX_SKIPPED_IN_A_ROW:
+            return None
+        return ValueError(
+            f"steps {step - self.in_a_row + 1}..{step} were all skipped for a non-finite loss or gradient: the "
+            f"weights have diverged (optim.lr={self.config.optim.lr}, optim.grad_clip={self.config.optim.grad_clip}"
+            f", train.dtype={self.config.train.dtype}); the run stops")
 
 
 def optimizer_step(model: FastWeightLM, optimizer: torch.optim.Optimizer, result: LossResult,
@@ -494,7 +496,9 @@ def run_steps(config: RunConfig, model: FastWeightLM, optimizer: torch.optim.Opt
             if config.train.logs_step(position.step):
                 metrics_file.write(json.dumps(last) + "\n")
                 metrics_file.flush()
-            divergence.add(position.step, outcome.stats)
+            diverged = divergence.add(position.step, outcome.stats)
+            if diverged is not None:
+                raise diverged
             bar.set_postfix({k: f"{last[k]:.3f}" for k in shown if k in last})
             bar.update(1)
             if config.train.checkpoint_every and position.step % config.train.checkpoint_every == 0:

@@ -739,10 +739,8 @@ class Orchestrator:
         if self.config.train.logs_step(report.step):
             self.metrics_file.write(json.dumps(row) + "\n")
             self.metrics_file.flush()
-        try:
-            self.divergence.add(report.step, report.stats)
-        except ValueError as error:
-            self.diverged = self.diverged or error
+        # Raised by the loop, once every report it read is recorded and acknowledged.
+        self.diverged = self.diverged or self.divergence.add(report.step, report.stats)
         self.last_stats = report.stats
         self.bar.update(report.step - self.bar.n)
         self.bar.set_postfix({key: f"{float(row[key]):.3f}" for key in ("loss", "reward_mean") if key in row})
