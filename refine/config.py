@@ -553,6 +553,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         self._values_of[id(node)] = count
         return count
 
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        _refuse_yaml11_number(self.construct_scalar(node), node, octal=True)
+        return super().construct_yaml_int(node)
+
+    def construct_yaml_float(self, node: yaml.ScalarNode) -> float:
+        _refuse_yaml11_number(self.construct_scalar(node), node, octal=False)
+        return super().construct_yaml_float(node)
+
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         lines: dict[Any, int] = {}
         for key_node, _ in node.value:
@@ -565,6 +573,25 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                     problem=f"duplicate key {key!r} (first on line {lines[key]})", problem_mark=key_node.start_mark)
             lines[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep)
+
+
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _UniqueKeyLoader.construct_yaml_int)
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:float", _UniqueKeyLoader.construct_yaml_float)
+
+
+def _refuse_yaml11_number(text: str, node: yaml.ScalarNode, octal: bool) -> None:
+    """Refuse the two YAML 1.1 number forms that read as another number than the one written: a leading
+    zero (`010` is octal 8) and colons (`1:30` is base 60, 90). PyYAML follows YAML 1.1; YAML 1.2, most
+    other tools and every reader of a config take both as written."""
+    digits = text.replace("_", "").lstrip("+-")
+    if ":" in digits:
+        raise yaml.constructor.ConstructorError(
+            None, None, f"{text!r} is a base-60 number in YAML 1.1 (1:30 reads as 90): write the number "
+            f"itself, or quote it for a string", node.start_mark)
+    if octal and len(digits) > 1 and digits[0] == "0" and digits.isdigit() and int(digits, 8) != int(digits):
+        raise yaml.constructor.ConstructorError(
+            None, None, f"{text!r} is octal in YAML 1.1 (it reads as {int(digits, 8)}): write "
+            f"{int(digits)} without the leading zero, or {int(digits, 8)} if octal was meant", node.start_mark)
 
 
 def parse_yaml(text: str, where: str) -> Any:

@@ -217,6 +217,28 @@ def test_yaml_problems_in_a_config_file_name_the_file_and_line(tmp_path, text, e
         load_config(path)
 
 
+@pytest.mark.parametrize("text,error", [
+    ("train:\n  seed: 010\n", r"'010' is octal in YAML 1\.1 \(it reads as 8\): write 10 without the leading zero, "
+                              r"or 8 if octal was meant at line 2, column 9"),
+    ("train:\n  steps: 1:30\n", r"'1:30' is a base-60 number in YAML 1\.1 \(1:30 reads as 90\)"),
+    ("optim:\n  lr: 1:0.5\n", r"'1:0\.5' is a base-60 number in YAML 1\.1"),
+])
+def test_yaml_11_numbers_that_read_as_other_numbers_are_refused(tmp_path, text, error):
+    """PyYAML follows YAML 1.1, where 010 is 8 and 1:30 is 90: taken silently, a seed or a step count
+    would differ from the one written."""
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"^config file {path}: {error}"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"^--set train\.seed: '010' is octal"):
+        load_config(None, ["train.seed=010"])
+
+
+@pytest.mark.parametrize("value,expected", [("10", 10), ("007", 7), ("0", 0), ("0x10", 16), ("-3", -3)])
+def test_numbers_that_read_as_written_are_kept(value, expected):
+    assert load_config(None, [f"train.seed={value}"]).train.seed == expected
+
+
 def test_a_merge_key_may_still_be_overridden(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("train: {<<: {steps: 2, batch_size: 2}, steps: 3}\n")
