@@ -90,6 +90,14 @@ def train_step(model: FastWeightLM, optimizer: torch.optim.Optimizer, batch: Doc
     return merge_steps(outcomes)
 
 
+def check_mini_batches(config: RunConfig) -> None:
+    """train_step's fused mode takes one optimizer step per batch: refuse mini-batches it would ignore."""
+    if config.train.mini_batches > 1 and config.train.mode == "fused":
+        raise ValueError(f"train.mini_batches={config.train.mini_batches} needs train.mode 'onepass' or 'reference', "
+                         f"which sample rollouts once per step (or 'ntp'); train.mode='fused' samples them in every "
+                         f"update (on-policy): lower train.batch_size instead")
+
+
 def mini_batch_bounds(num_documents: int, mini_batches: int) -> list[tuple[int, int]]:
     """[start, end) of `mini_batches` contiguous runs of documents covering the batch, sizes differing by at most
     one; a batch of fewer documents (a finite source's last, partial batch) gets one run per document."""
@@ -548,10 +556,7 @@ def finished_run(out_dir: Path, step: int, steps: int) -> dict:
 
 def train(config: RunConfig, resume: bool = False, progress: bool = True) -> dict[str, float]:
     """Run `config.train.steps` steps; returns the last step's stats."""
-    if config.train.mini_batches > 1 and config.train.mode == "fused":
-        raise ValueError(f"train.mini_batches={config.train.mini_batches} needs train.mode 'onepass' or 'reference', "
-                         f"which sample rollouts once per step (or 'ntp'); train.mode='fused' samples them in every "
-                         f"update (on-policy): lower train.batch_size instead")
+    check_mini_batches(config)
     check_loop_reward(config)
     tune_allocator()
     if config.train.threads:

@@ -1,9 +1,10 @@
 """The three phases as library calls, all on the same one-pass machinery.
 
 - mid-training: `refine.loop.train_step` on long documents;
-- post-training (`posttrain_step`): "nested", in the paper code's order: an optimizer step on REFINE over
-  the prompts (context and question, what test-time training adapts on), then one on SFT of the answers at
-  the weights that step produced;
+- post-training (`posttrain_step`): "nested", in the paper code's order: REFINE over the prompts (context
+  and question, what test-time training adapts on) as `train_step` takes it on documents (one fused
+  optimizer step, or rollouts sampled once and an optimizer step per mini-batch), then one optimizer step
+  on SFT of the answers at the weights those steps produced;
 - test-time training (`adapt_and_answer`): s REFINE steps on one unlabeled prompt, then a greedy
   answer; the weights are restored afterwards unless accumulation is asked for.
 """
@@ -18,10 +19,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from refine.algorithm.update import LossResult, fused_refine_step
-from refine.config import OptimConfig, RefineConfig
-from refine.data.batches import pad_documents
+from refine.config import OptimConfig, RefineConfig, RunConfig
+from refine.data.batches import DocumentBatch, pad_documents
 from refine.generate import generate
-from refine.loop import StepResult, make_optimizer, optimizer_step
+from refine.loop import StepResult, make_optimizer, optimizer_step, train_step
 from refine.models import FastWeightLM
 
 
@@ -50,15 +51,6 @@ def answer_loss(logits: Tensor, input_ids: Tensor, answer_starts: Tensor, length
     return (losses * mask).sum() / mask.sum()
 
 
-def prompt_refine_loss(model: FastWeightLM, examples: Sequence[QAExample], cfg: RefineConfig,
-                       generator: torch.Generator | None = None, pad_id: int = 0) -> LossResult:
-    """REFINE (rollouts and NTP) on each example's prompt: the inner step of nested post-training, the same
-    update test-time training (`adapt_and_answer`) takes on an unlabeled prompt."""
-    ids, lengths = pad_documents([ex.prompt for ex in examples], pad_id)
-    result, _ = fused_refine_step(model, ids.to(model.device), lengths.to(model.device), cfg, generator)
-    return result
-
-
 def answer_sft_loss(model: FastWeightLM, examples: Sequence[QAExample], sft_coef: float = 1.0,
                     pad_id: int = 0) -> LossResult:
     """sft_coef * the cross-entropy of each answer given its prompt: the outer step."""
@@ -71,18 +63,25 @@ def answer_sft_loss(model: FastWeightLM, examples: Sequence[QAExample], sft_coef
 
 
 def posttrain_step(model: FastWeightLM, optimizer: torch.optim.Optimizer, examples: Sequence[QAExample],
-                   cfg: RefineConfig, grad_clip: float, sft_coef: float = 1.0,
-                   generator: torch.Generator | None = None, pad_id: int = 0) -> StepResult:
-    """One nested post-training step on a batch of examples, as the paper's code runs it: an optimizer step on
-    REFINE over the prompts, then one on the answers' SFT loss computed at the weights that step produced,
-    each with its own gradient clip. sft_coef = 0 leaves out the second step (AdamW would still move the
+                   config: RunConfig, sft_coef: float = 1.0, generator: torch.Generator | None = None,
+                   pad_id: int = 0) -> StepResult:
+    """One nested post-training step on a batch of examples, as the paper's code runs it: REFINE over the
+    prompts in `train.mode` (`refine.loop.train_step` on the prompts as documents: fused, one on-policy
+    optimizer step; onepass, rollouts sampled once for the batch, then an optimizer step per
+    `train.mini_batches` run of prompts, as the paper's code takes `ttt_ppo_mini_batch_size` prompts per
+    update), then one optimizer step on the whole batch's SFT loss computed at the weights those produced,
+    each step with its own gradient clip. sft_coef = 0 leaves out the SFT step (AdamW would still move the
     weights on a zero gradient, by momentum and weight decay).
 
-    Stats: the REFINE step's (loss, ntp_loss, policy_loss, reward_mean, grad_norm, ...), then sft_loss and the
-    SFT step's sft_grad_norm. skipped: either step was skipped for a non-finite loss or gradient."""
-    inner = optimizer_step(model, optimizer, prompt_refine_loss(model, examples, cfg, generator, pad_id), grad_clip)
+    Stats: the REFINE steps' (loss, ntp_loss, policy_loss, reward_mean, grad_norm, ...; means over the
+    mini-batches), then sft_loss and the SFT step's sft_grad_norm. skipped: any step was skipped for a
+    non-finite loss or gradient."""
+    ids, lengths = pad_documents([ex.prompt for ex in examples], pad_id)
+    prompts = DocumentBatch(ids.to(model.device), lengths.to(model.device), [f"example-{i}" for i in range(len(ids))])
+    inner = train_step(model, optimizer, prompts, config, generator)
     if sft_coef == 0:
         return inner
+    grad_clip = config.optim.grad_clip
     outer = optimizer_step(model, optimizer, answer_sft_loss(model, examples, sft_coef, pad_id), grad_clip)
     stats = inner.stats | {f"sft_{key}" if key != "sft_loss" else key: value for key, value in outer.stats.items()}
     return StepResult(stats, inner.skipped or outer.skipped)

@@ -1,9 +1,13 @@
 """`refine posttrain`: post-training on (context, question, answer) task data, the paper's "nested" phase.
 
 Each training step runs `refine.phases.posttrain_step` on `train.batch_size` examples, in the paper code's
-order: an optimizer step on REFINE (rollouts and NTP) over the prompt (context and question, as the paper's
-code and as test-time training in `refine eval --ttt-steps` adapt on it), then one on SFT (cross-entropy) of
-the answer given the prompt, at the weights the first produced.
+order: REFINE (rollouts and NTP) over the prompts (context and question, as the paper's code and as
+test-time training in `refine eval --ttt-steps` adapt on them), then one optimizer step on SFT
+(cross-entropy) of the answers given the prompts, at the weights REFINE produced. REFINE takes one fused
+optimizer step (`train.mode=fused`, the default), or, as the paper's code, samples the batch's rollouts
+once and takes an optimizer step per mini-batch of prompts (`train.mode=onepass`,
+`train.mini_batches`: its demo takes 1,024 examples per batch in mini-batches of 16, so 64 REFINE steps
+per SFT step); `train.mode=ntp` gives the NTP + SFT baseline.
 
     refine posttrain --data qa.jsonl --task ruler-qa --config configs/posttrain.yaml [--set ...] [--resume]
 
@@ -48,7 +52,8 @@ from refine.data.tasks import LoadReport, TaskExample, load_longbench, load_rule
 from refine.evaluation.runner import prompt_tokens
 from refine.files import write_atomically
 from refine.loop import (
-    StepBatch, StepResult, absolute_out_dir, make_optimizer, prepare_model, resume_from, run_steps, start_run_directory,
+    StepBatch, StepResult, absolute_out_dir, check_mini_batches, make_optimizer, prepare_model, resume_from, run_steps,
+    start_run_directory,
 )
 from refine.phases import QAExample, check_no_kl_term, posttrain_step
 from refine.runtime import StageTimes, tune_allocator
@@ -82,12 +87,7 @@ def check_config(config: RunConfig, sft_coef: float) -> None:
     if config.train.init_from is None:
         raise ValueError("train.init_from is not set: post-training starts from a trained model; give its checkpoint "
                          "directory, e.g. --set train.init_from=checkpoints/delta_net-1.3B-100B")
-    if config.train.mode != "fused":
-        raise ValueError(f"train.mode={config.train.mode!r}: refine posttrain runs the fused nested step only "
-                         f"(REFINE on the prompt + SFT on the answer); set train.mode=fused")
-    if config.train.mini_batches > 1:
-        raise ValueError(f"train.mini_batches={config.train.mini_batches}: refine posttrain's fused steps sample their "
-                         f"rollouts in every update (on-policy); lower train.batch_size instead")
+    check_mini_batches(config)
     check_no_kl_term(config.refine, "refine posttrain")
     if not (math.isfinite(sft_coef) and sft_coef >= 0):  # inf would make every step's loss inf: all skipped
         raise ValueError(f"--sft-coef must be a finite number >= 0, got {sft_coef}")
@@ -211,8 +211,7 @@ def posttrain(config: RunConfig, data: str | Path, task: str, sft_coef: float = 
         def update(times: StageTimes) -> StepResult:
             # One stage for the whole nested step: posttrain_step takes no timer for its parts.
             with times.stage("nested_step"):
-                return posttrain_step(model, optimizer, batch, config.refine, config.optim.grad_clip, sft_coef,
-                                      generator, tokenizer.pad_id)
+                return posttrain_step(model, optimizer, batch, config, sft_coef, generator, tokenizer.pad_id)
 
         tokens = sum(len(ex.prompt) + len(ex.answer) for ex in batch)
         return StepBatch(update=update, cursor=cursor + len(batch), tokens=tokens)

@@ -4,16 +4,22 @@ import pytest
 import torch
 
 from refine.algorithm.update import LossResult, fused_refine_step
-from refine.config import OptimConfig, RefineConfig
+from refine.algorithm.rollout import snapshot_rollouts
+from refine.algorithm.update import score_rollouts
+from refine.config import OptimConfig, RefineConfig, RunConfig
 from refine.data.batches import pad_documents
 from refine.generate import generate
-from refine.loop import make_optimizer, optimizer_step
+from refine.loop import make_optimizer, optimizer_step, rollout_batch_update
 from refine.models import build_model
 from refine.phases import (
-    QAExample, adapt_and_answer, answer_loss, answer_sft_loss, posttrain_step, prompt_refine_loss,
+    QAExample, adapt_and_answer, answer_loss, answer_sft_loss, posttrain_step,
 )
 
 CFG = RefineConfig(num_chunks=2, rollout_len=3, margin=4, reward="hybrid")
+
+
+def _run_config(optim: OptimConfig, **train) -> RunConfig:
+    return RunConfig(refine=CFG.model_dump(), optim=optim.model_dump(), train={"batch_size": 2, **train})
 
 
 def _model():
@@ -40,7 +46,7 @@ def test_posttrain_step_is_a_refine_step_on_prompts_then_an_sft_step_at_the_upda
     examples, optim = _qa_examples(), OptimConfig(lr=1e-2)
     model = _model()
     optimizer = make_optimizer(model, optim)
-    outcome = posttrain_step(model, optimizer, examples, CFG, optim.grad_clip, sft_coef=0.5,
+    outcome = posttrain_step(model, optimizer, examples, _run_config(optim), sft_coef=0.5,
                              generator=torch.Generator().manual_seed(1))
 
     # The same two steps by hand: REFINE on the padded prompts alone, then SFT of the full sequences.
@@ -60,17 +66,18 @@ def test_posttrain_step_is_a_refine_step_on_prompts_then_an_sft_step_at_the_upda
     for (name, got), want in zip(model.state_dict().items(), expected.state_dict().values()):
         torch.testing.assert_close(got, want, msg=name)
     # Both steps moved the weights: the SFT loss at the start differs from the one after the REFINE step.
-    assert float(answer_sft_loss(_model(), examples).loss) != pytest.approx(outcome.stats["sft_loss"])
+    assert float(answer_sft_loss(_model(), examples).loss.detach()) != pytest.approx(outcome.stats["sft_loss"])
 
 
 def test_posttrain_step_without_sft_is_the_refine_step_alone():
     examples, optim = _qa_examples(), OptimConfig(lr=1e-2)
     model, expected = _model(), _model()
     optimizer, by_hand = make_optimizer(model, optim), make_optimizer(expected, optim)
-    outcome = posttrain_step(model, optimizer, examples, CFG, optim.grad_clip, sft_coef=0.0,
+    outcome = posttrain_step(model, optimizer, examples, _run_config(optim), sft_coef=0.0,
                              generator=torch.Generator().manual_seed(1))
-    optimizer_step(expected, by_hand, prompt_refine_loss(expected, examples, CFG, torch.Generator().manual_seed(1)),
-                   optim.grad_clip)
+    refine_only, _ = fused_refine_step(expected, _padded([ex.prompt for ex in examples]), torch.tensor([42, 34]),
+                                       CFG, torch.Generator().manual_seed(1))
+    optimizer_step(expected, by_hand, refine_only, optim.grad_clip)
     assert "sft_loss" not in outcome.stats
     for got, want in zip(model.state_dict().values(), expected.state_dict().values()):
         torch.testing.assert_close(got, want)
@@ -80,12 +87,38 @@ def test_post_trainings_inner_step_is_the_update_test_time_training_takes_on_the
     """Nested post-training trains the inner loop that test-time training runs: REFINE on the whole prompt."""
     (example,), optim = _qa_examples()[:1], OptimConfig(lr=1e-2)
     trained, adapted = _model(), _model()
-    posttrain_step(trained, make_optimizer(trained, optim), [example], CFG, optim.grad_clip, sft_coef=0.0,
+    posttrain_step(trained, make_optimizer(trained, optim), [example], _run_config(optim), sft_coef=0.0,
                    generator=torch.Generator().manual_seed(1))
     adapt_and_answer(adapted, example.prompt, CFG, optim, steps=1, max_new_tokens=1, restore=False,
                      generator=torch.Generator().manual_seed(1))
     for (name, got), want in zip(trained.state_dict().items(), adapted.state_dict().values()):
         torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)
+
+
+def test_onepass_posttrain_samples_once_then_steps_per_mini_batch_then_sfts_the_whole_batch():
+    """The paper code's nested step with mini-batches: the batch's rollouts come from the weights before any
+    update, each mini-batch of prompts takes an optimizer step on them, and the SFT step follows."""
+    examples, optim = _qa_examples(), OptimConfig(lr=1e-2)
+    config = _run_config(optim, mode="onepass", mini_batches=2)
+    model = _model()
+    optimizer = make_optimizer(model, optim)
+    outcome = posttrain_step(model, optimizer, examples, config, sft_coef=0.5, generator=torch.Generator().manual_seed(1))
+
+    expected = _model()
+    by_hand = make_optimizer(expected, optim)
+    prompts, lengths = _padded([ex.prompt for ex in examples]), torch.tensor([42, 34])
+    rollouts = snapshot_rollouts(expected, prompts, lengths, CFG, torch.Generator().manual_seed(1))
+    rollouts.rewards = score_rollouts(rollouts, CFG)
+    inner = rollout_batch_update("onepass", expected, by_hand, prompts, lengths, rollouts, config)
+    full = _padded([ex.prompt + ex.answer for ex in examples])
+    sft = answer_loss(expected(full, output_state=False).logits, full, torch.tensor([42, 34]), torch.tensor([45, 35]))
+    optimizer_step(expected, by_hand, LossResult(0.5 * sft, sft, sft, {}), optim.grad_clip)
+
+    assert outcome.stats["loss"] == pytest.approx(inner.stats["loss"])
+    assert outcome.stats["sft_loss"] == pytest.approx(float(sft.detach()))
+    assert {float(state["step"]) for state in optimizer.state.values()} == {3.0}  # 2 REFINE + 1 SFT
+    for (name, got), want in zip(model.state_dict().items(), expected.state_dict().values()):
+        torch.testing.assert_close(got, want, msg=name)
 
 
 def test_answer_loss_counts_only_answer_tokens():

@@ -181,12 +181,28 @@ def test_a_posttrain_that_cannot_start_leaves_its_directory_as_it_was(tmp_path, 
     assert {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()} == before
 
 
-def test_mini_batches_are_refused_before_anything_is_written(tmp_path, capsys):
+def test_fused_mini_batches_are_refused_before_anything_is_written(tmp_path, capsys):
     init = _init_model(tmp_path)
     data = _write(tmp_path / "qa.jsonl", _qa_rows(3))
     assert main(_argv(data, init, tmp_path / "run", 1, "--set", "train.mini_batches=2")) == 2
-    assert capsys.readouterr().err.startswith("refine: error: train.mini_batches=2: refine posttrain's fused steps")
+    assert capsys.readouterr().err.startswith("refine: error: train.mini_batches=2 needs train.mode 'onepass' or "
+                                              "'reference'")
     assert not (tmp_path / "run").exists()
+
+
+def test_onepass_mini_batches_take_a_refine_step_per_mini_batch_then_one_sft_step(tmp_path, capsys):
+    """The paper's code's post-training: rollouts sampled once per batch, an optimizer step per mini-batch of
+    prompts, then one SFT step over the batch: 2 + 1 optimizer steps per training step here."""
+    init = _init_model(tmp_path)
+    data = _write(tmp_path / "qa.jsonl", _qa_rows(4))
+    out = tmp_path / "run"
+    assert main(_argv(data, init, out, 2, "--set", "train.mode=onepass", "--set", "train.mini_batches=2")) == 0
+    rows = _metrics(out)
+    assert [row["step"] for row in rows] == [1, 2]
+    assert all(row["sft_loss"] > 0 and row["reward_mean"] == row["reward_mean"] for row in rows)
+    trainer = torch.load(out / "checkpoints" / "latest" / "trainer.pt", weights_only=True)
+    steps = {float(state["step"]) for state in trainer["optimizer"]["state"].values()}
+    assert steps == {6.0}  # 2 training steps x (2 REFINE mini-batches + 1 SFT)
 
 
 def _train_argv(out, steps, *extra):
