@@ -111,13 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides")
     evaluate.add_argument("--num-examples", type=int, default=None,
                           help="evaluate the first N examples (default: every row of --data; 20 for niah / mqar)")
-    evaluate.add_argument("--length", type=int, default=512, help="synthetic prompt length in tokens")
+    evaluate.add_argument("--length", type=int, default=512,
+                          help="synthetic prompt length in tokens (niah, mqar), at most 131072: RULER's longest")
     evaluate.add_argument("--ttt-steps", type=int, default=2,
                           help="REFINE updates on each prompt with --ttt, weights restored after it (the paper's demo instead "
                                "takes 2 updates of 4 prompts on each batch of 8, keeping the weights)")
     evaluate.add_argument("--ttt-accumulate", action="store_true",
                           help="with --ttt: keep the adapted weights and optimizer state from example to example")
-    evaluate.add_argument("--max-new-tokens", type=int, default=None)
+    evaluate.add_argument("--max-new-tokens", type=int, default=None,
+                          help="tokens per answer, at most 65536 (default: the row's max_gen_tokens, else "
+                               "LongBench's budget for the dataset, else 32)")
     evaluate.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's, else bytes)")
     evaluate.add_argument("--output", default=None, help="results JSON path")
     evaluate.add_argument("--seed", type=int, default=1234)

@@ -210,10 +210,12 @@ def test_a_metrics_discovery_dir_that_is_a_file_fails_before_ray_starts(tmp_path
 
 
 @pytest.mark.parametrize("setting", ["refine.selection_temperature=1e-38", "refine.temperature=1e-45",
-                                     "service.heartbeat_timeout_s=1e300"])
+                                     "service.heartbeat_timeout_s=1e300", "model.initializer_range=1e300",
+                                     "model.norm_eps=1e300", "model.expand_k=1e306"])
 def test_extreme_finite_floats_fail_at_the_config_naming_the_field(tmp_path, capsys, setting):
     """Were a traceback from torch.multinomial, `new_logprobs contains NaN or Inf` and Redis' `Invalid
-    min-idle-time argument for XAUTOCLAIM`, each after training had started."""
+    min-idle-time argument for XAUTOCLAIM`, each after training had started; NaN weights (initializer_range),
+    norms that output zeros (norm_eps) and an OverflowError traceback (expand_k)."""
     argv = ["train", "--local", "--no-progress", "--set", "demo=null", "--set", f"train.out_dir={tmp_path}",
             "--set", "train.steps=1", "--set", "data.num_documents=4", "--set", setting]
     assert main(argv) == 2
@@ -252,3 +254,14 @@ def test_ctrl_c_exits_130_without_a_traceback(monkeypatch, capsys):
     monkeypatch.setattr(refine.cli, "_score", interrupted)
     assert refine.cli.main(["score", "--task", "niah"]) == 130
     assert capsys.readouterr().err == "refine: interrupted\n"
+
+
+def test_eval_help_states_the_length_and_answer_limits(capsys):
+    from refine.data.tasks import MAX_GEN_TOKENS
+    from refine.evaluation.runner import MAX_SYNTHETIC_LENGTH
+
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert f"--length LENGTH synthetic prompt length in tokens (niah, mqar), at most {MAX_SYNTHETIC_LENGTH}" in text
+    assert f"--max-new-tokens MAX_NEW_TOKENS tokens per answer, at most {MAX_GEN_TOKENS}" in text

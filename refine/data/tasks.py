@@ -7,8 +7,9 @@ Loaders:
   _id), or rows with a ready "prompt" and "answers" (the REFINE release's preprocessed LongBench).
 - `load_task_examples` / `save_task_examples`: this module's own JSON-lines format.
 
-Answer budgets (`TaskExample.max_new_tokens`): a row's `max_gen_tokens` (the REFINE release's column), else
-LongBench's per-dataset budget, else none (the evaluation default, 32 tokens, RULER QA's and the paper's).
+Answer budgets (`TaskExample.max_new_tokens`): a row's `max_gen_tokens` (the REFINE release's column; one
+past MAX_GEN_TOKENS makes a bad row), else LongBench's per-dataset budget, else none (the evaluation default,
+32 tokens, RULER QA's and the paper's).
 The release's `max_answer_length` column is the gold answer's own length in tokens: generating up to it
 would tell the model how long the right answer is, so it is not read.
 
@@ -40,6 +41,11 @@ from refine.data.sources import (
 
 logger = logging.getLogger(__name__)
 
+# The longest answer budget a row may give (max_gen_tokens). Answers are decoded one model step per token, and
+# budgets run to LongBench's 512 (its summaries); 128 times that still covers long-form writing, while a slip
+# such as a character count or 10**12 would keep the decode loop going for hours or forever.
+MAX_GEN_TOKENS = 65_536
+
 
 class TaskExample(BaseModel):
     """One task instance. `prompt` is the whole model input; `context` / `question` are its parts when the
@@ -54,7 +60,7 @@ class TaskExample(BaseModel):
     context: str | None = None
     question: str | None = None
     all_classes: list[str] | None = None
-    max_new_tokens: int | None = Field(None, ge=1)  # answer budget in tokens, when the source gives one
+    max_new_tokens: int | None = Field(None, ge=1, le=MAX_GEN_TOKENS)  # answer budget in tokens, when given
     length: int | None = Field(None, ge=0)  # the source's own length measure (LongBench: words or characters)
     metadata: dict[str, Any] = Field(default_factory=dict)
 
@@ -115,13 +121,21 @@ def _prompt_text(value: Any, field: str, row: Row, policy: BadRowPolicy) -> str 
 
 
 def _optional_int(value: Any, field: str, row: Row, policy: BadRowPolicy,
-                  minimum: int = 0) -> tuple[bool, int | None]:
+                  minimum: int = 0, maximum: int | None = None) -> tuple[bool, int | None]:
     if value is None:
         return True, None
-    if isinstance(value, int) and not isinstance(value, bool) and value >= minimum:
+    if (isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+            and (maximum is None or value <= maximum)):
         return True, value
-    policy.reject(row.location, f"field {field!r} must be an integer >= {minimum} or null, got {value!r:.80}")
+    bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+    policy.reject(row.location, f"field {field!r} must be an integer {bounds} or null, got {value!r:.80}")
     return False, None
+
+
+def _answer_budget(values: Mapping[str, Any], row: Row, policy: BadRowPolicy) -> tuple[bool, int | None]:
+    """A row's max_gen_tokens: None when it gives none; refused past MAX_GEN_TOKENS (see there)."""
+    return _optional_int(values.get("max_gen_tokens"), "max_gen_tokens", row, policy, minimum=1,
+                         maximum=MAX_GEN_TOKENS)
 
 
 def _optional_classes(value: Any, row: Row, policy: BadRowPolicy) -> tuple[bool, list[str] | None]:
@@ -206,7 +220,7 @@ def load_ruler_qa(
             policy.reject(row.location, f"field {answer_field!r} missing; fields present: {sorted(values)}")
             continue
         answers = _answers(values[answer_field], answer_field, row, policy)
-        ok, max_new_tokens = _optional_int(values.get("max_gen_tokens"), "max_gen_tokens", row, policy, minimum=1)
+        ok, max_new_tokens = _answer_budget(values, row, policy)
         if answers is None or not ok:
             continue
         row_task = values.get("task")
@@ -291,7 +305,7 @@ def load_longbench(
             continue
         ok_classes, all_classes = _optional_classes(values.get("all_classes"), row, policy)
         ok_length, length = _optional_int(values.get("length"), "length", row, policy)
-        ok_max, max_new_tokens = _optional_int(values.get("max_gen_tokens"), "max_gen_tokens", row, policy, minimum=1)
+        ok_max, max_new_tokens = _answer_budget(values, row, policy)
         if not (ok_classes and ok_length and ok_max):
             continue
         context = question = None

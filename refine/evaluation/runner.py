@@ -30,7 +30,7 @@ from refine.config import DTYPES, ConfigError, RefineConfig, RunConfig, load_con
 from refine.data.batches import pad_documents
 from refine.data.sources import DataSourceError
 from refine.data.synthetic import NiahConfig, Purpose, generate_niah, mqar_for_length, stream_salt
-from refine.data.tasks import TaskExample, load_longbench, load_ruler_qa
+from refine.data.tasks import MAX_GEN_TOKENS, TaskExample, load_longbench, load_ruler_qa
 from refine.evaluation.metrics import LONGBENCH_FIRST_LINE_TASKS, LongBenchScoring, longbench_task_name, task_metric
 from refine.evaluation.score import score_predictions
 from refine.generate import generate
@@ -43,6 +43,11 @@ from refine.tokenizer import Tokenizer, check_eos_matches, resolve_tokenizer, to
 CLI_TASKS = ("niah", "mqar", "ruler-qa", "longbench")
 DEFAULT_MAX_NEW_TOKENS = 32
 DEFAULT_SYNTHETIC_EXAMPLES = 20  # --num-examples for niah / mqar when not given; task files default to every row
+# The longest --length of a niah / mqar prompt: RULER's longest standard context, 128K tokens, which these tasks
+# stand in for. Each prompt is built whole as text and prefilled in one pass whose activations grow with
+# batch x length x hidden_size: on CPU the tiny model's prefill takes ~2.5 GB for each 128K prompt (lower
+# eval.batch_size there), and at 100M tokens the embeddings of one prompt alone would take 51 GB.
+MAX_SYNTHETIC_LENGTH = 131_072
 # niah / mqar prompts come from the generators' evaluation streams: salted apart from the training corpus's, so
 # that no --seed (the default 1234 included) reproduces the documents a run trained on, whatever its train.seed.
 SYNTHETIC_PURPOSE: Purpose = "eval"
@@ -263,8 +268,7 @@ def evaluate(
         raise ValueError(f"ttt_steps must be >= 0, got {ttt_steps}")
     if ttt_accumulate and not ttt:
         raise ValueError("ttt_accumulate=True needs ttt=True: it carries test-time adaptation across examples")
-    if max_new_tokens is not None and max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    check_answer_budget(max_new_tokens, "max_new_tokens")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     check_tokenizer_fits(model.config, tokenizer)
@@ -401,10 +405,28 @@ def _note(message: str) -> None:
 # ---------------------------------------------------------------- examples
 
 
+def check_answer_budget(value: int | None, name: str = "--max-new-tokens") -> None:
+    """Refuse a token budget for every answer outside [1, MAX_GEN_TOKENS] (refine.data.tasks says why)."""
+    if value is not None and not 1 <= value <= MAX_GEN_TOKENS:
+        raise ValueError(f"{name} must be in [1, {MAX_GEN_TOKENS}] tokens, got {value}: answers are decoded one "
+                         f"model step per token, and LongBench's longest budget is 512")
+
+
+def check_synthetic_length(task: str, length: int) -> None:
+    """Refuse, before any prompt is built, a niah / mqar --length past MAX_SYNTHETIC_LENGTH (see there)."""
+    if task in ("niah", "mqar") and length > MAX_SYNTHETIC_LENGTH:
+        raise ValueError(
+            f"--length {length} is more than {MAX_SYNTHETIC_LENGTH} tokens, the longest --task {task} prompt: "
+            f"RULER's longest context (128K), and each prompt is built whole and prefilled in one pass, whose "
+            f"activations grow with length x eval.batch_size; for longer prompts evaluate a task file (--data)"
+        )
+
+
 def build_examples(args: argparse.Namespace, tokenizer: Tokenizer, options: EvalOptions,
                    skip_bad_rows: bool = False) -> list[TaskExample]:
     if args.num_examples is not None and args.num_examples < 1:
         raise ValueError(f"--num-examples must be >= 1, got {args.num_examples}")
+    check_synthetic_length(args.task, args.length)
     synthetic_count = args.num_examples if args.num_examples is not None else DEFAULT_SYNTHETIC_EXAMPLES
     if args.task in ("niah", "mqar") and args.data is not None:
         raise ValueError(f"--task {args.task} generates its prompts and reads no --data (got {args.data!r}); "
@@ -520,6 +542,8 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError(f"--ttt-steps must be >= 0, got {args.ttt_steps}")
     if args.ttt_accumulate and not args.ttt:
         raise ValueError("--ttt-accumulate needs --ttt: it carries test-time adaptation across examples")
+    check_answer_budget(args.max_new_tokens)  # both before the model loads
+    check_synthetic_length(args.task, args.length)
     if run_config.train.threads:
         torch.set_num_threads(run_config.train.threads)
     model_dir = Path(args.model)

@@ -45,6 +45,23 @@ LIBRARY_KEYS = frozenset({
 })
 
 
+# Upper bounds of the float fields: far past every released config (fla: initializer_range 0.02, norm_eps 1e-6
+# or 1e-5, expand_k 0.5 or 1, expand_v 1 or 2; the LaCT release: initializer_range 0.006) and short of what
+# breaks float32 / bfloat16 work (both top out at 3.4e38).
+# initializer_range, the std of every linear and embedding weight: a layer of width D scales its input by about
+# std * sqrt(D), so at 1 a 256-wide model starts with logits of ~70 (a loss of ~45 nats), and at 1e10 the
+# squares inside RMSNorm overflow: every norm outputs 0 and the gradients are NaN.
+MAX_INITIALIZER_RANGE = 1.0
+# norm_eps is added to each activation vector's mean square before rsqrt, only to keep a zero vector finite: at 1
+# it outweighs the mean square of unit-scale activations, so the norm shrinks them instead of normalising them
+# (a 256-wide model's first logits are 50 times smaller than at 1e-6), and past 3.4e38 (inf in float32) every
+# norm outputs zeros.
+MAX_NORM_EPS = 1.0
+# expand_k / expand_v: key and value widths as multiples of hidden_size (head_dim). 16, 8 times fla's largest,
+# already gives a 2048-wide layer projections of 2048 x 32768 weights; hidden_size * 1e306 is inf, no width.
+MAX_EXPAND = 16.0
+
+
 def refuse_bool_for_number(value: Any, annotation: Any) -> Any:
     """value, unless it is a boolean given for an int or float field: pydantic's lax mode reads
     `steps: true` as 1 and `lr: false` as 0.0, a slip rather than a setting."""
@@ -70,9 +87,9 @@ class ModelConfigBase(BaseModel):
     hidden_ratio: int | None = Field(4, gt=0)
     intermediate_size: int | None = Field(None, gt=0)
     hidden_act: Literal["swish"] = "swish"
-    norm_eps: float = Field(1e-6, gt=0)
+    norm_eps: float = Field(1e-6, gt=0, le=MAX_NORM_EPS)
     tie_word_embeddings: bool = False
-    initializer_range: float = Field(0.02, gt=0)
+    initializer_range: float = Field(0.02, gt=0, le=MAX_INITIALIZER_RANGE)
     max_position_embeddings: int = 2048
     pad_token_id: int | None = None
     bos_token_id: int | None = 1
@@ -112,8 +129,8 @@ class DeltaNetConfig(ModelConfigBase):
 
     model_type: Literal["delta_net"] = "delta_net"
     attn_mode: Literal["chunk", "fused_recurrent"] = "chunk"
-    expand_k: float = Field(1.0, gt=0)
-    expand_v: float = Field(1.0, gt=0)
+    expand_k: float = Field(1.0, gt=0, le=MAX_EXPAND)
+    expand_v: float = Field(1.0, gt=0, le=MAX_EXPAND)
     use_gate: bool = False
     use_short_conv: bool = True
     allow_neg_eigval: bool = False
@@ -141,7 +158,7 @@ class GatedDeltaNetConfig(ModelConfigBase):
 
     model_type: Literal["gated_deltanet"] = "gated_deltanet"
     attn_mode: Literal["chunk", "fused_recurrent"] = "chunk"
-    expand_v: float = Field(2.0, gt=0)
+    expand_v: float = Field(2.0, gt=0, le=MAX_EXPAND)
     use_gate: bool = True
     output_gate_activation: Literal["swish", "silu", "sigmoid"] = "swish"  # silu is swish's other name
     use_short_conv: bool = True

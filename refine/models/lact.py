@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from refine.models.base import FastWeightLM
 from refine.models.common import RMSNorm, gather_positions
-from refine.models.config import ModelConfigBase
+from refine.models.config import MAX_EXPAND, MAX_INITIALIZER_RANGE, ModelConfigBase
 from refine.models.lact_ops import (
     ChunkRule,
     FastWeightState,
@@ -41,6 +41,9 @@ from refine.models.lact_ops import (
 _BASE_LR = 0.001  # the release's initial per-token learning rate before softplus
 _NORM_EPS = 1e-5  # the release's q/k/ttt norms use fla's default eps, not config.norm_eps
 _WEIGHTS = ("w0", "w1", "w2")
+# fw_init_gain scales the low-rank fast weights' initial std (gain / sqrt(dim)): 1 already keeps unit-scale
+# inputs at unit scale; 20 times the release's 0.5 is far past any use and short of overflowing float32.
+MAX_FW_INIT_GAIN = 10.0
 
 
 class LaCTConfig(ModelConfigBase):
@@ -56,7 +59,7 @@ class LaCTConfig(ModelConfigBase):
     num_hidden_layers: int = Field(24, gt=0)
     num_attn_heads: int = Field(32, gt=0)
     num_lact_heads: int = Field(4, gt=0)
-    inter_multi: int | float = Field(1, gt=0)
+    inter_multi: int | float = Field(1, gt=0, le=MAX_EXPAND)  # a width multiple, as expand_k / expand_v
     qkv_bias: bool = False
     attn_qk_norm: bool = False
     lact_chunk_size: int = Field(2048, gt=0)
@@ -74,14 +77,14 @@ class LaCTConfig(ModelConfigBase):
     window_size: int = Field(2048, gt=0)
     rope_theta: float = Field(10000.0, gt=0)
     max_position_embeddings: int = 2048
-    initializer_range: float = Field(0.006, gt=0)
+    initializer_range: float = Field(0.006, gt=0, le=MAX_INITIALIZER_RANGE)
     elementwise_affine: bool | None = True
     use_cache: bool = True
     fuse_norm: bool = True
     last_layer_fuse_norm: bool = True
     fuse_swiglu: bool = True
     fuse_cross_entropy: bool = True
-    fw_init_gain: float = 0.5
+    fw_init_gain: float = Field(0.5, gt=0, le=MAX_FW_INIT_GAIN)
     use_fused_kernel: bool = False
     fp32_states: bool = False
 

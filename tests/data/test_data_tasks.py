@@ -7,6 +7,7 @@ import pytest
 from refine.data.sources import BadRowError, DataSourceError, EmptySourceError, MissingColumnError
 from refine.data.tasks import (
     DEFAULT_LONGBENCH_TEMPLATE,
+    MAX_GEN_TOKENS,
     LoadReport,
     TaskExample,
     load_longbench,
@@ -199,5 +200,26 @@ def test_task_examples_need_text_in_every_gold_answer(tmp_path):
 
 def test_a_zero_answer_budget_is_a_bad_row(tmp_path):
     rows = [{"prompt": "P?", "answer": ["a"], "max_gen_tokens": 0}]
-    with pytest.raises(DataSourceError, match=r"line 1: field 'max_gen_tokens' must be an integer >= 1 or null, got 0"):
+    with pytest.raises(DataSourceError, match=r"line 1: field 'max_gen_tokens' must be an integer in \[1, 65536\] or "
+                                              r"null, got 0"):
         load_ruler_qa(write_jsonl(tmp_path / "qa.jsonl", rows))
+
+
+@pytest.mark.parametrize(("loader", "good"), [(load_ruler_qa, GOOD_RULER), (load_longbench, GOOD_LONGBENCH)],
+                         ids=["ruler-qa", "longbench"])
+def test_an_answer_budget_past_the_limit_is_a_bad_row(tmp_path, loader, good):
+    """10**12 was taken as the answer's budget: its greedy decode ran until the model happened to emit EOS."""
+    rows = [good | {"max_gen_tokens": MAX_GEN_TOKENS}, good | {"max_gen_tokens": 10**12}]
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)
+    with pytest.raises(BadRowError, match=rf"rows.jsonl, line 2: field 'max_gen_tokens' must be an integer in "
+                                          rf"\[1, {MAX_GEN_TOKENS}\] or null, got 1000000000000"):
+        loader(path)
+    report = LoadReport()
+    assert [e.max_new_tokens for e in loader(path, skip_bad_rows=True, report=report)] == [MAX_GEN_TOKENS]
+    assert report.bad_rows == 1
+
+
+def test_a_native_example_past_the_answer_budget_limit_is_a_bad_row(tmp_path):
+    row = {"example_id": "x", "task": "t", "prompt": "p", "answers": ["a"], "max_new_tokens": MAX_GEN_TOKENS + 1}
+    with pytest.raises(BadRowError, match=rf"line 1: not a task example.*max_new_tokens.*{MAX_GEN_TOKENS}"):
+        load_task_examples(write_jsonl(tmp_path / "native.jsonl", [row]))

@@ -1,5 +1,6 @@
 """`refine eval` end to end on a tiny model, and the runner's scoring, truncation and test-time pieces."""
 
+import argparse
 import hashlib
 import json
 from pathlib import Path
@@ -11,7 +12,7 @@ from test_tokenizer import write_gapped_tokenizer
 from refine.cli import main as cli_main
 from refine.config import OptimConfig, RefineConfig, RunConfig
 from refine.data.synthetic import NiahConfig, generate_niah, mqar_for_length
-from refine.data.tasks import TaskExample, load_longbench, load_ruler_qa
+from refine.data.tasks import MAX_GEN_TOKENS, TaskExample, load_longbench, load_ruler_qa
 from refine.evaluation import runner
 from refine.evaluation.runner import (
     answer_batches,
@@ -542,3 +543,48 @@ def test_a_model_path_that_is_not_a_model_directory_is_named_before_the_results_
     code, _, err = run_eval(capsys, "--model", str(tmp_path), "--task", "niah")
     assert code == 2 and f"--model {str(tmp_path)!r} is not a model directory: it has no config.json" in err
     assert not (tmp_path / "eval-niah.json").exists()
+
+
+@pytest.fixture
+def nothing_expensive(monkeypatch):
+    """Loading the weights or building a prompt fails the test: a refused option must come first."""
+    def expensive(*args, **kwargs):
+        raise AssertionError("reached the model or the prompts")
+
+    for name in ("load_model", "generate_niah", "mqar_for_length"):
+        monkeypatch.setattr(runner, name, expensive)
+
+
+@pytest.mark.parametrize("task", ["niah", "mqar"])
+def test_a_length_past_the_limit_is_refused_before_the_model_loads(model_dir, tmp_path, capsys, nothing_expensive,
+                                                                    task):
+    """--length 100000000 was a traceback: `DefaultCPUAllocator: can't allocate memory: you tried to allocate
+    51199997952 bytes`, after about a minute and 4 GB of building prompts."""
+    output = tmp_path / "r.json"
+    code, line, err = run_eval(capsys, "--model", str(model_dir), "--task", task, "--length", "100000000",
+                               "--output", str(output))
+    assert code == 2 and line is None and not output.exists() and "Traceback" not in err
+    limit = runner.MAX_SYNTHETIC_LENGTH
+    assert err.startswith(f"refine: error: --length 100000000 is more than {limit} tokens, the longest --task {task} "
+                          f"prompt: RULER's longest context (128K)")
+    assert err.count("\n") == 1
+
+
+def test_a_length_at_the_limit_is_taken(monkeypatch):
+    built = []
+    monkeypatch.setattr(runner, "mqar_for_length", lambda length, *args, **kwargs: built.append(length) or [])
+    args = argparse.Namespace(task="mqar", data=None, seed=0, length=runner.MAX_SYNTHETIC_LENGTH, num_examples=1)
+    runner.build_examples(args, TOKENIZER, runner.EvalOptions())
+    assert built == [runner.MAX_SYNTHETIC_LENGTH]
+
+
+def test_an_answer_budget_past_the_limit_is_refused_before_the_model_loads(model_dir, task_files, tmp_path, capsys,
+                                                                            nothing_expensive):
+    output = tmp_path / "r.json"
+    code, line, err = run_eval(capsys, "--model", str(model_dir), "--task", "ruler-qa", "--data",
+                               str(task_files["ruler-qa"]), "--max-new-tokens", str(10**12), "--output", str(output))
+    assert code == 2 and line is None and not output.exists()
+    assert err.startswith(f"refine: error: --max-new-tokens must be in [1, {MAX_GEN_TOKENS}] tokens, got {10**12}")
+    examples = [TaskExample(example_id="q", task="niah", prompt="the cat sat on", answers=["mat"])]
+    with pytest.raises(ValueError, match=rf"max_new_tokens must be in \[1, {MAX_GEN_TOKENS}\] tokens, got 0"):
+        evaluate(load_model(model_dir), TOKENIZER, examples, "niah", max_new_tokens=0, progress=False)

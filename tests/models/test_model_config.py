@@ -1,10 +1,14 @@
 """Model configs refuse what the models cannot build, naming the field and the value."""
 
+import re
+
 import pytest
 import torch
 from pydantic import ValidationError
 
 from refine.models import build_model, config_from_dict
+from refine.models.config import MAX_EXPAND, MAX_INITIALIZER_RANGE, MAX_NORM_EPS
+from refine.models.lact import MAX_FW_INIT_GAIN
 
 DELTA_NET = dict(model_type="delta_net", hidden_size=32, num_heads=2, num_hidden_layers=1, vocab_size=50)
 GATED_DELTANET = dict(model_type="gated_deltanet", hidden_size=32, num_heads=2, head_dim=16, num_hidden_layers=1,
@@ -107,3 +111,50 @@ def test_defaults_equal_fla_defaults():
         differing = {name: (getattr(ours, name), fla_values[name]) for name in shared
                      if getattr(ours, name) != fla_values[name]}
         assert differing == {}, f"{ours.model_type}: ours vs fla's {differing}"
+
+
+LACT = dict(model_type="lact_swiglu", hidden_size=32, num_attn_heads=2, num_lact_heads=2, num_hidden_layers=1,
+            vocab_size=50, lact_chunk_size=8, window_size=8)
+
+
+@pytest.mark.parametrize("base,field,limit", [
+    (DELTA_NET, "initializer_range", MAX_INITIALIZER_RANGE),
+    (DELTA_NET, "norm_eps", MAX_NORM_EPS),
+    (DELTA_NET, "expand_k", MAX_EXPAND),
+    (DELTA_NET, "expand_v", MAX_EXPAND),
+    (GATED_DELTANET, "initializer_range", MAX_INITIALIZER_RANGE),
+    (GATED_DELTANET, "norm_eps", MAX_NORM_EPS),
+    (GATED_DELTANET, "expand_v", MAX_EXPAND),
+    (LACT, "norm_eps", MAX_NORM_EPS),
+    (LACT, "initializer_range", MAX_INITIALIZER_RANGE),  # LaCT declares its own default
+    (LACT, "inter_multi", MAX_EXPAND),
+    (LACT, "fw_init_gain", MAX_FW_INIT_GAIN),
+])
+@pytest.mark.parametrize("value", [1e300, 1e306])  # 1e306 was an OverflowError from round(hidden_size * expand)
+def test_huge_floats_are_refused_by_name(base, field, limit, value):
+    """1e300 passed gt=0 alone: NaN weights (initializer_range), zeroed norms (norm_eps), no width (expand_*)."""
+    with pytest.raises(ValidationError, match=rf"{field}\n  Input should be less than or equal to {limit:g} "
+                                              rf".*input_value={re.escape(str(value))}"):
+        config_from_dict({**base, field: value})
+
+
+@pytest.mark.parametrize("base", [DELTA_NET, GATED_DELTANET], ids=["delta_net", "gated_deltanet"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_float_fields_at_their_limits_build_models_with_finite_outputs(base, dtype):
+    limits = dict(initializer_range=MAX_INITIALIZER_RANGE, norm_eps=MAX_NORM_EPS, expand_v=MAX_EXPAND)
+    if base is DELTA_NET:
+        limits["expand_k"] = MAX_EXPAND
+    torch.manual_seed(0)
+    model = build_model({**base, **limits}, dtype=dtype)
+    ids = torch.randint(0, 50, (2, 70), generator=torch.Generator().manual_seed(1))  # past one 64-token chunk
+    logits = model(ids).logits
+    logits.float().logsumexp(-1).sum().backward()
+    assert logits.isfinite().all()
+    assert all(p.grad.isfinite().all() for p in model.parameters() if p.grad is not None)
+
+
+def test_the_limits_keep_every_fla_default():
+    fla_models = _fla_or_skip("fla.models")
+    for config in (fla_models.DeltaNetConfig(), fla_models.GatedDeltaNetConfig()):
+        ours = config_from_dict({k: v for k, v in config.to_dict().items() if k != "transformers_version"})
+        assert ours.initializer_range == config.initializer_range and ours.norm_eps == config.norm_eps
