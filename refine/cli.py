@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("path", help="checkpoint directory (config.json + safetensors)")
     inspect.set_defaults(func=_model_inspect)
 
-    evaluate = sub.add_parser("eval", help="generate greedy answers on a task, score them, write results JSON")
+    evaluate = sub.add_parser("eval", help="generate answers on a task (greedy, or sampled: "
+                                           "eval.answer_temperature), score them, write results JSON")
     evaluate.add_argument("--model", required=True, help="checkpoint directory")
     evaluate.add_argument("--task", required=True, choices=["niah", "mqar", "ruler-qa", "longbench"])
     evaluate.add_argument("--data", default=None, help="task file (ruler-qa, longbench); synthetic tasks generate their own")

@@ -5,8 +5,8 @@
   and question, what test-time training adapts on) as `train_step` takes it on documents (one fused
   optimizer step, or rollouts sampled once and an optimizer step per mini-batch), then one optimizer step
   on SFT of the answers at the weights those steps produced;
-- test-time training (`adapt_and_answer`): s REFINE steps on one unlabeled prompt, then a greedy
-  answer; the weights are restored afterwards unless accumulation is asked for.
+- test-time training (`adapt_and_answer`): s REFINE steps on one unlabeled prompt, then an answer
+  (greedy by default); the weights are restored afterwards unless accumulation is asked for.
 """
 
 from __future__ import annotations
@@ -96,8 +96,10 @@ def snapshot_weights(model: FastWeightLM) -> dict[str, Tensor]:
 def adapt_and_answer(model: FastWeightLM, prompt: list[int], cfg: RefineConfig, optim: OptimConfig, steps: int,
                      max_new_tokens: int, eos_id: int | None = None, restore: bool = True,
                      generator: torch.Generator | None = None, optimizer: torch.optim.Optimizer | None = None,
-                     vocab_limit: int | None = None) -> tuple[list[int], list[dict[str, float]]]:
-    """Adapt on the prompt with `steps` REFINE updates, answer greedily, then restore the weights.
+                     vocab_limit: int | None = None, temperature: float = 0.0,
+                     top_k: int = 0) -> tuple[list[int], list[dict[str, float]]]:
+    """Adapt on the prompt with `steps` REFINE updates, answer (greedily at temperature 0, else sampled with
+    `generator`, among the `top_k` most likely tokens when > 0), then restore the weights.
 
     Accumulating over prompts: restore=False keeps the adapted weights, and passing the same `optimizer`
     to every call keeps its state (AdamW moments, step count) too; without one a fresh optimizer is made.
@@ -114,7 +116,8 @@ def adapt_and_answer(model: FastWeightLM, prompt: list[int], cfg: RefineConfig, 
         for _ in range(steps):
             result, _ = fused_refine_step(model, ids, lengths, cfg, generator)
             history.append(optimizer_step(model, optimizer, result, optim.grad_clip).stats)
-        answer = generate(model, ids, max_new_tokens, eos_id=eos_id, vocab_limit=vocab_limit)[0]
+        answer = generate(model, ids, max_new_tokens, eos_id=eos_id, temperature=temperature, top_k=top_k,
+                          generator=generator, vocab_limit=vocab_limit)[0]
     finally:
         if saved is not None:
             model.load_state_dict(saved)

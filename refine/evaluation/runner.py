@@ -1,4 +1,4 @@
-"""`refine eval`: greedy answers on a task (optionally after test-time REFINE per prompt), scored with the
+"""`refine eval`: greedy (or sampled) answers on a task (optionally after test-time REFINE per prompt), scored with the
 task's own benchmark metric, written to a results JSON.
 
 Library use: `evaluate(model, tokenizer, examples, task, ttt, run_config, ttt_steps, max_new_tokens, batch_size=8,
@@ -6,7 +6,8 @@ ttt_accumulate=False)`.
 
 Runner options that are not run-config fields travel as `--set eval.<name>=<value>` (see `EvalOptions`),
 e.g. `--set eval.max_prompt_tokens=16352` to cut longer prompts in the middle, as LongBench does, or
-`--set eval.batch_size=2` to answer fewer (right-padded) prompts at a time than the default 8.
+`--set eval.batch_size=2` to answer fewer (right-padded) prompts at a time than the default 8, or
+`--set eval.answer_temperature=1 --set eval.answer_top_k=50` to sample answers as the paper's released scripts do.
 """
 
 from __future__ import annotations
@@ -17,16 +18,17 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from tqdm.auto import tqdm
 
 from refine.algorithm.rewards import check_run_reward
 from refine.algorithm.selection import min_document_length
-from refine.config import DTYPES, ConfigError, RefineConfig, RunConfig, load_config, parse_yaml
+from refine.config import DTYPES, MIN_TEMPERATURE, ConfigError, RefineConfig, RunConfig, load_config, parse_yaml
 from refine.data.batches import pad_documents
 from refine.data.sources import DataSourceError
 from refine.data.synthetic import NiahConfig, Purpose, generate_niah, mqar_for_length, stream_salt
@@ -71,6 +73,19 @@ class EvalOptions(BaseModel):
     longbench_scoring: LongBenchScoring = Field(
         "longbench", description="longbench: LongBench's own rules; refine-release: the paper's (first-line QA "
         "answers, a fixed trec class list), to compare with its tables")
+    answer_temperature: float = Field(
+        0.0, ge=0, description="0: greedy answers; else sampled at this temperature, seeded by --seed (the paper's "
+        "released scripts sample at 1 with answer_top_k=50, Hugging Face generate's defaults)")
+    answer_top_k: int = Field(0, ge=0, description="with answer_temperature > 0, sample among the k most likely "
+                              "tokens; 0: all")
+
+    @field_validator("answer_temperature")
+    @classmethod
+    def _greedy_or_sampled(cls, value: float) -> float:
+        if 0 < value < MIN_TEMPERATURE:
+            raise ValueError(f"eval.answer_temperature={value!r} is below {MIN_TEMPERATURE:g}, where sampling is "
+                             f"greedy anyway and logits / temperature overflows float32: use 0 for greedy answers")
+        return value
 
 
 # ---------------------------------------------------------------- configuration
@@ -252,9 +267,13 @@ def evaluate(
     batch_size: int = 8,
     ttt_accumulate: bool = False,
     longbench_scoring: LongBenchScoring = "longbench",
+    answer_temperature: float = 0.0,
+    answer_top_k: int = 0,
 ) -> dict[str, Any]:
-    """Answer every example greedily (after `ttt_steps` REFINE steps on its prompt when `ttt`, weights
-    restored after each) and score the answers. Returns {"summary": {...}, "examples": [records]}.
+    """Answer every example (after `ttt_steps` REFINE steps on its prompt when `ttt`, weights restored after
+    each) and score the answers. Returns {"summary": {...}, "examples": [records]}. Answers are greedy, or
+    sampled at `answer_temperature` > 0 (among the `answer_top_k` most likely tokens when > 0), seeded by
+    `seed`: a prompt's draw then depends on the prompts answered with it (`batch_size`).
     Without `ttt`, prompts are answered `batch_size` at a time (each answer is the one it gets alone).
     `ttt_accumulate`: adaptation carries over from example to example, in order: the weights and one
     optimizer's state are kept between examples; the model's own weights are put back at the end.
@@ -303,6 +322,7 @@ def evaluate(
         records.append(record)
 
     answers: list[list[int]] = [[] for _ in examples]
+    sampling = AnswerSampling(answer_temperature, answer_top_k)
     bar = tqdm(total=len(examples), desc=f"eval[{task}{'+ttt' if ttt else ''}]", unit="ex", disable=not progress)
     if ttt:
         # Accumulating: one optimizer for all examples; the caller's weights are put back at the end.
@@ -321,22 +341,24 @@ def evaluate(
                     answers[index], history = adapt_and_answer(
                         model, ids, cfg, run_config.optim, ttt_steps, budget, eos_id=tokenizer.eos_id,
                         restore=not ttt_accumulate, generator=generator, optimizer=optimizer,
-                        vocab_limit=tokenizer.vocab_size,
+                        vocab_limit=tokenizer.vocab_size, temperature=sampling.temperature, top_k=sampling.top_k,
                     )
                     record["ttt_history"] = history
                     if cfg is not refine_cfg:
                         record["ttt_fitted"] = {"num_chunks": cfg.num_chunks, "margin": cfg.margin}
                 else:
-                    answers[index] = _greedy_batch(model, [ids], [budget], tokenizer)[0]
+                    generator = torch.Generator(device=model.device).manual_seed(seed + index)
+                    answers[index] = _answer_batch(model, [ids], [budget], tokenizer, sampling, generator)[0]
                     record["ttt_history"] = []
                 bar.update(1)
         finally:
             if initial is not None:
                 model.load_state_dict(initial)
     else:
+        generator = torch.Generator(device=model.device).manual_seed(seed)
         for batch in answer_batches([len(ids) for ids in prompts], batch_size, model.device.type == "cuda"):
-            batch_answers = _greedy_batch(model, [prompts[i] for i in batch], [budgets[i] for i in batch],
-                                          tokenizer)
+            batch_answers = _answer_batch(model, [prompts[i] for i in batch], [budgets[i] for i in batch],
+                                          tokenizer, sampling, generator)
             for index, tokens in zip(batch, batch_answers):
                 answers[index] = tokens
             bar.update(len(batch))
@@ -359,6 +381,8 @@ def evaluate(
         "seconds": round(time.perf_counter() - started, 3),
         **summary,
         "truncated_prompts": truncated,
+        "answer_decoding": "greedy" if sampling.temperature == 0 else
+        {"temperature": sampling.temperature, "top_k": sampling.top_k, "seed": seed},
     }
     if ttt:
         summary["ttt_config"] = {
@@ -388,12 +412,21 @@ def answer_batches(lengths: Sequence[int], batch_size: int, one_length_per_batch
     return batches
 
 
-def _greedy_batch(model: FastWeightLM, prompts: list[list[int]], budgets: list[int],
-                  tokenizer: Tokenizer) -> list[list[int]]:
-    """Greedy answers of right-padded prompts decoded together, each cut to its own token budget. Only ids
-    the tokenizer can decode are picked (a model's vocabulary may be padded past the tokenizer's)."""
+@dataclass(frozen=True)
+class AnswerSampling:
+    """How answers are decoded: greedy at temperature 0, else sampled (top_k 0: from every token)."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+
+
+def _answer_batch(model: FastWeightLM, prompts: list[list[int]], budgets: list[int], tokenizer: Tokenizer,
+                  sampling: AnswerSampling, generator: torch.Generator) -> list[list[int]]:
+    """Answers of right-padded prompts decoded together, each cut to its own token budget. Only ids the
+    tokenizer can decode are picked (a model's vocabulary may be padded past the tokenizer's)."""
     padded, lengths = pad_documents(prompts)
     answers = generate(model, padded.to(model.device), max(budgets), eos_id=tokenizer.eos_id,
+                       temperature=sampling.temperature, top_k=sampling.top_k, generator=generator,
                        lengths=lengths.to(model.device), vocab_limit=tokenizer.vocab_size)
     return [tokens[:budget] for tokens, budget in zip(answers, budgets)]
 
@@ -559,6 +592,7 @@ def main(args: argparse.Namespace) -> int:
         model, tokenizer, examples, args.task, ttt=args.ttt, run_config=run_config, ttt_steps=args.ttt_steps,
         max_new_tokens=args.max_new_tokens, max_prompt_tokens=options.max_prompt_tokens, seed=args.seed,
         batch_size=options.batch_size, ttt_accumulate=args.ttt_accumulate, longbench_scoring=options.longbench_scoring,
+        answer_temperature=options.answer_temperature, answer_top_k=options.answer_top_k,
         progress=not args.no_progress,
     )
     summary = results["summary"]

@@ -203,6 +203,34 @@ def test_prompts_answered_in_batches_get_the_answers_they_get_alone(model_dir):
     assert all(record["generated_tokens"] > 0 for record in together)
 
 
+@pytest.mark.parametrize("ttt", [False, True], ids=["plain", "ttt"])
+def test_sampled_answers_follow_the_seed_and_top_1_sampling_is_greedy(model_dir, ttt):
+    """eval.answer_temperature / answer_top_k reach the decoding of plain and test-time-trained answers alike."""
+    model = load_model(model_dir, dtype=torch.float64)
+    examples = generate_niah(NiahConfig(length=320, seed=2), TOKENIZER, 3)
+    options = dict(progress=False, ttt=ttt, ttt_steps=1, max_new_tokens=12)
+
+    def answers(**kwargs) -> list[str]:
+        result = evaluate(model, TOKENIZER, examples, "niah", **options, **kwargs)
+        return [record["prediction"] for record in result["examples"]]
+
+    greedy = answers()
+    sampled = answers(answer_temperature=1.0, seed=5)
+    assert sampled == answers(answer_temperature=1.0, seed=5)  # seeded
+    assert sampled != greedy and sampled != answers(answer_temperature=1.0, seed=6)
+    assert answers(answer_temperature=1.0, answer_top_k=1, seed=5) == greedy  # the one most likely token
+    summary = evaluate(model, TOKENIZER, examples[:1], "niah", **options, answer_temperature=0.5, answer_top_k=50,
+                       seed=5)["summary"]
+    assert summary["answer_decoding"] == {"temperature": 0.5, "top_k": 50, "seed": 5}
+
+
+def test_answer_temperatures_that_sample_nothing_are_refused_by_name(model_dir, capsys):
+    code, line, err = run_eval(capsys, "--model", str(model_dir), "--task", "niah", "--set",
+                               "eval.answer_temperature=1e-6")
+    assert code == 2 and line is None
+    assert "eval.answer_temperature=1e-06 is below 0.0001" in err and "use 0 for greedy answers" in err
+
+
 def test_num_examples_defaults_to_every_row_of_a_task_file(model_dir, tmp_path, capsys):
     rows = [LONGBENCH_ROWS[0] | {"_id": f"hq-{i}"} for i in range(25)]
     data = write_jsonl(tmp_path / "hotpotqa.jsonl", rows)
