@@ -114,11 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
                           help="evaluate the first N examples (default: every row of --data; 20 for niah / mqar)")
     evaluate.add_argument("--length", type=int, default=512,
                           help="synthetic prompt length in tokens (niah, mqar), at most 131072: RULER's longest")
-    evaluate.add_argument("--ttt-steps", type=int, default=2,
-                          help="REFINE updates on each prompt with --ttt, weights restored after it (the paper's demo instead "
-                               "takes 2 updates of 4 prompts on each batch of 8, keeping the weights)")
+    evaluate.add_argument("--ttt-steps", type=int, default=None,
+                          help="REFINE updates on each prompt with --ttt (default 2), weights restored after it")
     evaluate.add_argument("--ttt-accumulate", action="store_true",
                           help="with --ttt: keep the adapted weights and optimizer state from example to example")
+    evaluate.add_argument("--ttt-batch", type=int, default=None, metavar="N",
+                          help="with --ttt: adapt on N prompts at a time, as the paper's released scripts do (N = 8, "
+                               "--set train.mini_batches=2): rollouts sampled once per batch, a REFINE update per "
+                               "mini-batch of its prompts, then the batch's answers; weights and optimizer state "
+                               "carry over from batch to batch")
     evaluate.add_argument("--max-new-tokens", type=int, default=None,
                           help="tokens per answer, at most 65536 (default: the row's max_gen_tokens, else "
                                "LongBench's budget for the dataset, else 32)")

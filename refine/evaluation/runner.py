@@ -2,7 +2,7 @@
 task's own benchmark metric, written to a results JSON.
 
 Library use: `evaluate(model, tokenizer, examples, task, ttt, run_config, ttt_steps, max_new_tokens, batch_size=8,
-ttt_accumulate=False)`.
+ttt_accumulate=False, ttt_batch=None)`.
 
 Runner options that are not run-config fields travel as `--set eval.<name>=<value>` (see `EvalOptions`),
 e.g. `--set eval.max_prompt_tokens=16352` to cut longer prompts in the middle, as LongBench does, or
@@ -29,14 +29,14 @@ from tqdm.auto import tqdm
 from refine.algorithm.rewards import check_run_reward
 from refine.algorithm.selection import min_document_length
 from refine.config import DTYPES, MIN_TEMPERATURE, ConfigError, RefineConfig, RunConfig, load_config, parse_yaml
-from refine.data.batches import pad_documents
+from refine.data.batches import DocumentBatch, pad_documents
 from refine.data.sources import DataSourceError
 from refine.data.synthetic import NiahConfig, Purpose, generate_niah, mqar_for_length, stream_salt
 from refine.data.tasks import MAX_GEN_TOKENS, TaskExample, load_longbench, load_ruler_qa
 from refine.evaluation.metrics import LONGBENCH_FIRST_LINE_TASKS, LongBenchScoring, longbench_task_name, task_metric
 from refine.evaluation.score import score_predictions
 from refine.generate import generate
-from refine.loop import make_optimizer
+from refine.loop import make_optimizer, train_step
 from refine.models import FastWeightLM, load_model, load_model_config
 from refine.models.config import ModelConfigBase
 from refine.phases import adapt_and_answer, check_no_kl_term, snapshot_weights
@@ -44,6 +44,7 @@ from refine.tokenizer import Tokenizer, check_eos_matches, resolve_tokenizer, to
 
 CLI_TASKS = ("niah", "mqar", "ruler-qa", "longbench")
 DEFAULT_MAX_NEW_TOKENS = 32
+DEFAULT_TTT_STEPS = 2  # --ttt-steps: the REFINE updates on each prompt
 DEFAULT_SYNTHETIC_EXAMPLES = 20  # --num-examples for niah / mqar when not given; task files default to every row
 # The longest --length of a niah / mqar prompt: RULER's longest standard context, 128K tokens, which these tasks
 # stand in for. Each prompt is built whole as text and prefilled in one pass whose activations grow with
@@ -269,11 +270,14 @@ def evaluate(
     longbench_scoring: LongBenchScoring = "longbench",
     answer_temperature: float = 0.0,
     answer_top_k: int = 0,
+    ttt_batch: int | None = None,
 ) -> dict[str, Any]:
     """Answer every example (after `ttt_steps` REFINE steps on its prompt when `ttt`, weights restored after
     each) and score the answers. Returns {"summary": {...}, "examples": [records]}. Answers are greedy, or
     sampled at `answer_temperature` > 0 (among the `answer_top_k` most likely tokens when > 0), seeded by
     `seed`: a prompt's draw then depends on the prompts answered with it (`batch_size`).
+    `ttt_batch`: test-time training on that many prompts at a time instead, the paper's released schedule
+    (see `_ttt_in_batches`; `ttt_steps` and `ttt_accumulate` do not apply).
     Without `ttt`, prompts are answered `batch_size` at a time (each answer is the one it gets alone).
     `ttt_accumulate`: adaptation carries over from example to example, in order: the weights and one
     optimizer's state are kept between examples; the model's own weights are put back at the end.
@@ -287,6 +291,7 @@ def evaluate(
         raise ValueError(f"ttt_steps must be >= 0, got {ttt_steps}")
     if ttt_accumulate and not ttt:
         raise ValueError("ttt_accumulate=True needs ttt=True: it carries test-time adaptation across examples")
+    check_ttt_batch(ttt_batch, ttt, ttt_accumulate, "ttt_batch")
     check_answer_budget(max_new_tokens, "max_new_tokens")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -324,7 +329,10 @@ def evaluate(
     answers: list[list[int]] = [[] for _ in examples]
     sampling = AnswerSampling(answer_temperature, answer_top_k)
     bar = tqdm(total=len(examples), desc=f"eval[{task}{'+ttt' if ttt else ''}]", unit="ex", disable=not progress)
-    if ttt:
+    if ttt and ttt_batch is not None:
+        clamped, unadapted = _ttt_in_batches(model, tokenizer, prompts, budgets, records, answers, refine_cfg,
+                                             run_config, ttt_batch, seed, sampling, bar)
+    elif ttt:
         # Accumulating: one optimizer for all examples; the caller's weights are put back at the end.
         optimizer = make_optimizer(model, run_config.optim) if ttt_accumulate else None
         initial = snapshot_weights(model) if ttt_accumulate else None
@@ -391,7 +399,67 @@ def evaluate(
             "rollout_len": refine_cfg.rollout_len, "margin": refine_cfg.margin, "lr": run_config.optim.lr,
             "fitted_prompts": clamped, "unadapted_prompts": unadapted, "accumulate": ttt_accumulate,
         }
+        if ttt_batch is not None:
+            summary["ttt_config"].update(steps=None, accumulate=True, batch=ttt_batch,
+                                         mini_batches=run_config.train.mini_batches)
     return {"summary": summary, "examples": records}
+
+
+def check_ttt_batch(ttt_batch: int | None, ttt: bool, ttt_accumulate: bool, name: str = "--ttt-batch") -> None:
+    """Refuse a test-time batch that is not a positive count, or that comes without --ttt or with
+    --ttt-accumulate, which batches imply."""
+    if ttt_batch is None:
+        return
+    if ttt_batch < 1:
+        raise ValueError(f"{name} must be >= 1, got {ttt_batch}")
+    if not ttt:
+        raise ValueError(f"{name}={ttt_batch} needs --ttt: it sets how test-time training takes its prompts")
+    if ttt_accumulate:
+        raise ValueError(f"{name}={ttt_batch} always carries the adaptation from batch to batch: drop --ttt-accumulate")
+
+
+def _ttt_in_batches(model: FastWeightLM, tokenizer: Tokenizer, prompts: list[list[int]], budgets: list[int],
+                    records: list[dict[str, Any]], answers: list[list[int]], refine_cfg: RefineConfig,
+                    run_config: RunConfig, batch_size: int, seed: int, sampling: "AnswerSampling",
+                    bar: tqdm) -> tuple[int, int]:
+    """Test-time training as the paper's released scripts schedule it: prompts `batch_size` at a time, in order;
+    for each batch, rollouts sampled once (onepass), then an optimizer step on each of `train.mini_batches`
+    runs of its prompts, then every prompt of the batch answered. The weights and one optimizer carry over from
+    batch to batch; the model's own weights are put back at the end. Fills `answers` and each record's
+    ttt_history (the batch update's stats); returns (prompts adapted with fitted settings, prompts too short
+    to adapt). Settings are fitted to a batch's shortest prompt that can host rollouts."""
+    optimizer = make_optimizer(model, run_config.optim)
+    initial = snapshot_weights(model)
+    clamped = unadapted = 0
+    try:
+        for number, start in enumerate(range(0, len(prompts), batch_size)):
+            batch = list(range(start, min(start + batch_size, len(prompts))))
+            generator = torch.Generator(device=model.device).manual_seed(seed + number)
+            adapted = [i for i in batch if fit_refine_config(refine_cfg, len(prompts[i]))[0] is not None]
+            unadapted += len(batch) - len(adapted)
+            stats: list[dict[str, float]] = []
+            if adapted:
+                cfg, note = fit_refine_config(refine_cfg, min(len(prompts[i]) for i in adapted))
+                if note and not (clamped or unadapted):
+                    _note(note)
+                clamped += len(adapted) if cfg is not refine_cfg else 0
+                ids, lengths = pad_documents([prompts[i] for i in adapted])
+                documents = DocumentBatch(ids.to(model.device), lengths.to(model.device),
+                                          [str(records[i]["id"]) for i in adapted])
+                config = run_config.model_copy(update={
+                    "refine": cfg, "train": run_config.train.model_copy(update={"mode": "onepass"})})
+                stats = [train_step(model, optimizer, documents, config, generator).stats]
+            for index, tokens in zip(batch, _answer_batch(model, [prompts[i] for i in batch],
+                                                          [budgets[i] for i in batch], tokenizer, sampling,
+                                                          generator)):
+                answers[index] = tokens
+                records[index]["ttt_history"] = stats if index in adapted else []
+                records[index]["ttt_batch"] = number
+            bar.update(len(batch))
+    finally:
+        model.load_state_dict(initial)
+        model.zero_grad(set_to_none=True)
+    return clamped, unadapted
 
 
 def answer_batches(lengths: Sequence[int], batch_size: int, one_length_per_batch: bool) -> list[list[int]]:
@@ -546,10 +614,12 @@ def check_model_dir(model_dir: Path) -> None:
         raise ValueError(f"{name} is not a model directory: it has no config.json")
 
 
-def default_output(model_dir: Path, task: str, ttt: bool, ttt_accumulate: bool = False) -> Path:
-    """eval-TASK[-ttt[-accumulate]].json in the model's directory, or in the run directory for a model inside a
-    run's checkpoints (RUN/checkpoints/latest/model): the run's next checkpoint replaces that folder whole."""
-    name = f"eval-{task}{'-ttt' if ttt else ''}{'-accumulate' if ttt_accumulate else ''}.json"
+def default_output(model_dir: Path, task: str, ttt: bool, ttt_accumulate: bool = False,
+                   ttt_batch: int | None = None) -> Path:
+    """eval-TASK[-ttt[-accumulate | -batchN]].json in the model's directory, or in the run directory for a model
+    inside a run's checkpoints (RUN/checkpoints/latest/model): the run's next checkpoint replaces that folder whole."""
+    mode = "-accumulate" if ttt_accumulate else f"-batch{ttt_batch}" if ttt_batch is not None else ""
+    name = f"eval-{task}{'-ttt' if ttt else ''}{mode}.json"
     checkpoints = next((parent for parent in model_dir.resolve().parents if parent.name == "checkpoints"), None)
     return (model_dir if checkpoints is None else checkpoints.parent) / name
 
@@ -571,17 +641,22 @@ def main(args: argparse.Namespace) -> int:
     """`refine eval`: load, generate, score, print the summary line, write the results JSON."""
     overrides, options = split_overrides(args.set or [])
     run_config = load_config(args.config, overrides)
-    if args.ttt_steps < 0:
+    if args.ttt_steps is not None and args.ttt_steps < 0:
         raise ValueError(f"--ttt-steps must be >= 0, got {args.ttt_steps}")
     if args.ttt_accumulate and not args.ttt:
         raise ValueError("--ttt-accumulate needs --ttt: it carries test-time adaptation across examples")
+    check_ttt_batch(args.ttt_batch, args.ttt, args.ttt_accumulate)
+    if args.ttt_batch is not None and args.ttt_steps is not None:
+        raise ValueError(f"--ttt-steps={args.ttt_steps} and --ttt-batch={args.ttt_batch}: a batch takes "
+                         f"train.mini_batches updates (one pass over its prompts), not --ttt-steps")
     check_answer_budget(args.max_new_tokens)  # both before the model loads
     check_synthetic_length(args.task, args.length)
     if run_config.train.threads:
         torch.set_num_threads(run_config.train.threads)
     model_dir = Path(args.model)
     check_model_dir(model_dir)  # first: the default results path lies in it
-    output = Path(args.output) if args.output else default_output(model_dir, args.task, args.ttt, args.ttt_accumulate)
+    output = (Path(args.output) if args.output
+              else default_output(model_dir, args.task, args.ttt, args.ttt_accumulate, args.ttt_batch))
     check_output(output, given=bool(args.output))
     tokenizer = resolve_tokenizer(args.tokenizer, model_dir)
     check_tokenizer_fits(load_model_config(model_dir), tokenizer, f"--model {str(model_dir)!r}")  # before the weights
@@ -589,7 +664,8 @@ def main(args: argparse.Namespace) -> int:
     model = load_model(model_dir, dtype=dtype, device=run_config.train.device)
     examples = build_examples(args, tokenizer, options, skip_bad_rows=run_config.data.skip_bad_rows)
     results = evaluate(
-        model, tokenizer, examples, args.task, ttt=args.ttt, run_config=run_config, ttt_steps=args.ttt_steps,
+        model, tokenizer, examples, args.task, ttt=args.ttt, run_config=run_config,
+        ttt_steps=DEFAULT_TTT_STEPS if args.ttt_steps is None else args.ttt_steps, ttt_batch=args.ttt_batch,
         max_new_tokens=args.max_new_tokens, max_prompt_tokens=options.max_prompt_tokens, seed=args.seed,
         batch_size=options.batch_size, ttt_accumulate=args.ttt_accumulate, longbench_scoring=options.longbench_scoring,
         answer_temperature=options.answer_temperature, answer_top_k=options.answer_top_k,

@@ -289,6 +289,69 @@ def test_ttt_accumulate_option_of_the_command(model_dir, capsys):
     assert code == 2 and "--ttt-accumulate needs --ttt" in err
 
 
+def test_ttt_batches_update_once_per_mini_batch_answer_after_the_batch_and_carry_over(model_dir, monkeypatch):
+    """The paper's released schedule: per batch of prompts, rollouts sampled once, an update per mini-batch,
+    then the batch's answers; weights and one optimizer carry over to the next batch."""
+    model = load_model(model_dir)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    examples = generate_niah(NiahConfig(length=320, seed=3), TOKENIZER, 3)
+    config = RunConfig(optim=OptimConfig(lr=0.05), train={"mini_batches": 2})
+    optimizers = []
+
+    def counted_optimizer(*args):
+        optimizers.append(make_optimizer(*args))
+        return optimizers[-1]
+
+    monkeypatch.setattr(runner, "make_optimizer", counted_optimizer)
+    run = dict(ttt=True, run_config=config, max_new_tokens=6, progress=False, seed=11)
+    batched = evaluate(model, TOKENIZER, examples, "niah", ttt_batch=2, **run)
+    # Batches [0, 1] and [2]: 2 updates, then 1 (one prompt makes one mini-batch), on one optimizer.
+    assert len(optimizers) == 1 and {int(state["step"]) for state in optimizers[0].state.values()} == {3}
+    assert [record["ttt_batch"] for record in batched["examples"]] == [0, 0, 1]
+    assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
+    ttt_config = batched["summary"]["ttt_config"]
+    assert (ttt_config["batch"], ttt_config["mini_batches"], ttt_config["accumulate"]) == (2, 2, True)
+
+    # The first batch's answers come after both of its updates: replayed by hand on a copy of the model.
+    replay = load_model(model_dir)
+    prompts = [prompt_tokens(TOKENIZER, example.prompt, None)[0] for example in examples]
+    ids, lengths = runner.pad_documents(prompts[:2])
+    generator = torch.Generator().manual_seed(11)
+    onepass = config.model_copy(update={"refine": ttt_refine_config(config.refine),
+                                        "train": config.train.model_copy(update={"mode": "onepass"})})
+    stats = runner.train_step(replay, make_optimizer(replay, config.optim),
+                              runner.DocumentBatch(ids, lengths, ["a", "b"]), onepass, generator).stats
+    assert batched["examples"][0]["ttt_history"] == [stats]
+    expected = generate(replay, ids, 6, eos_id=TOKENIZER.eos_id, lengths=lengths, generator=generator,
+                        vocab_limit=TOKENIZER.vocab_size)
+    assert [record["generated_tokens"] for record in batched["examples"][:2]] == [len(tokens) for tokens in expected]
+    assert [record["prediction"] for record in batched["examples"][:2]] == [
+        answer_text(TOKENIZER, tokens, "niah") for tokens in expected]
+    assert expected != generate(load_model(model_dir), ids, 6, eos_id=TOKENIZER.eos_id, lengths=lengths,
+                                vocab_limit=TOKENIZER.vocab_size)  # the updates changed the answers
+    # The last batch starts from the first's weights: its prompt's NTP loss (before its update, rollouts aside)
+    # differs from the one it has as the only batch.
+    alone = evaluate(model, TOKENIZER, examples[2:], "niah", ttt_batch=2, **run)
+    assert alone["examples"][0]["ttt_history"][0]["ntp_loss"] != batched["examples"][2]["ttt_history"][0]["ntp_loss"]
+
+
+def test_ttt_batch_option_of_the_command(model_dir, capsys):
+    argv = ["--model", str(model_dir), "--task", "mqar", "--num-examples", "3", "--length", "128",
+            "--max-new-tokens", "2", "--ttt", "--ttt-batch", "2", "--set", "train.mini_batches=2"]
+    code, line, err = run_eval(capsys, *argv)
+    assert code == 0, err
+    assert line["output"] == str(model_dir / "eval-mqar-ttt-batch2.json")
+    summary = json.loads((model_dir / "eval-mqar-ttt-batch2.json").read_text())["summary"]
+    assert summary["ttt_config"]["batch"] == 2 and summary["ttt_config"]["mini_batches"] == 2
+    for extra, message in [(["--ttt-accumulate"], "--ttt-batch=2 always carries the adaptation from batch to batch"),
+                           (["--ttt-steps", "1"], "--ttt-steps=1 and --ttt-batch=2: a batch takes train.mini_batches"),
+                           (["--ttt-batch", "0"], "--ttt-batch must be >= 1, got 0")]:
+        code, _, err = run_eval(capsys, *argv, *extra)
+        assert code == 2 and message in err, err
+    code, _, err = run_eval(capsys, *[arg for arg in argv if arg != "--ttt"])
+    assert code == 2 and "--ttt-batch=2 needs --ttt" in err
+
+
 @pytest.mark.parametrize("ttt", [False, True], ids=["plain", "ttt"])
 def test_a_model_with_a_padded_vocabulary_answers_with_ids_the_tokenizer_decodes(ttt):
     torch.manual_seed(0)
