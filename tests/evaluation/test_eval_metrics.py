@@ -5,6 +5,7 @@ import pytest
 from refine.evaluation.metrics import (
     aggregate,
     aggregate_by_length,
+    longbench_task_name,
     classification_score,
     code_sim_score,
     count_score,
@@ -246,6 +247,22 @@ def test_aggregation():
     by_length = aggregate_by_length([1.0, 0.0, 1.0], [100, 5000, 9000])
     assert by_length == {"0-4k": 100.0, "4-8k": 0.0, "8k+": 100.0}
     assert aggregate_by_length([1.0], [10]) == {"0-4k": 100.0, "4-8k": None, "8k+": None}
+
+
+def test_aggregates_add_up_as_longbench_does():
+    """eval.py's scorer adds scores one at a time (Python 3.12's sum() compensates: 46.87 there) and its
+    scorer_e takes np.mean (pairwise) and np.round; both cases differed from the official code in review."""
+    scores = [0.7777777777777777, 0.4999999999999999, 0.22222222222222224, 0.375]
+    assert aggregate(scores) == task_metric("hotpotqa").task_score(scores) == 46.88
+    code = [0.24, 0.3, 1.0, 0.75, 0.53, 0.2, 0.14, 0.57]  # one bucket: round(100 * sum / n, 2) gives 46.63
+    assert aggregate_by_length(code, [9000] * 8) == {"0-4k": None, "4-8k": None, "8k+": 46.62}
+
+
+def test_only_longbench_e_datasets_take_the_e_suffix():
+    assert longbench_task_name("hotpotqa_e") == "hotpotqa" and longbench_task_name("lcc_e") == "lcc"
+    assert longbench_task_name("narrativeqa_e") is None  # in LongBench, not in LongBench-E
+    with pytest.raises(ValueError, match="unknown task 'narrativeqa_e'; known tasks: .*'hotpotqa_e'"):
+        task_metric("narrativeqa_e")
 
 
 def test_the_levenshtein_backend_without_rapidfuzz_is_a_clear_error(monkeypatch):
