@@ -102,7 +102,8 @@ def test_onepass_posttrain_samples_once_then_steps_per_mini_batch_then_sfts_the_
     config = _run_config(optim, mode="onepass", mini_batches=2)
     model = _model()
     optimizer = make_optimizer(model, optim)
-    outcome = posttrain_step(model, optimizer, examples, config, sft_coef=0.5, generator=torch.Generator().manual_seed(1))
+    outcome = posttrain_step(model, optimizer, examples, config, sft_coef=0.5,
+                             generator=torch.Generator().manual_seed(1))
 
     expected = _model()
     by_hand = make_optimizer(expected, optim)

@@ -1,5 +1,5 @@
-"""`refine eval`: greedy (or sampled) answers on a task (optionally after test-time REFINE per prompt), scored with the
-task's own benchmark metric, written to a results JSON.
+"""`refine eval`: greedy (or sampled) answers on a task (optionally after test-time REFINE per prompt), scored
+with the task's own benchmark metric, written to a results JSON.
 
 Library use: `evaluate(model, tokenizer, examples, task, ttt, run_config, ttt_steps, max_new_tokens, batch_size=8,
 ttt_accumulate=False, ttt_batch=None)`.
@@ -431,17 +431,20 @@ def _ttt_in_batches(model: FastWeightLM, tokenizer: Tokenizer, prompts: list[lis
     optimizer = make_optimizer(model, run_config.optim)
     initial = snapshot_weights(model)
     clamped = unadapted = 0
+    noted = False  # the first fitted or unadapted prompt is noted, the rest counted in the summary
     try:
         for number, start in enumerate(range(0, len(prompts), batch_size)):
             batch = list(range(start, min(start + batch_size, len(prompts))))
             generator = torch.Generator(device=model.device).manual_seed(seed + number)
-            adapted = [i for i in batch if fit_refine_config(refine_cfg, len(prompts[i]))[0] is not None]
-            unadapted += len(batch) - len(adapted)
+            fits = {i: fit_refine_config(refine_cfg, len(prompts[i])) for i in batch}
+            adapted = [i for i in batch if fits[i][0] is not None]
+            notes = [fits[i][1] for i in batch if fits[i][0] is None]
+            unadapted += len(notes)
             stats: list[dict[str, float]] = []
+            cfg = refine_cfg
             if adapted:
                 cfg, note = fit_refine_config(refine_cfg, min(len(prompts[i]) for i in adapted))
-                if note and not (clamped or unadapted):
-                    _note(note)
+                notes += [note] if note else []
                 clamped += len(adapted) if cfg is not refine_cfg else 0
                 ids, lengths = pad_documents([prompts[i] for i in adapted])
                 documents = DocumentBatch(ids.to(model.device), lengths.to(model.device),
@@ -449,12 +452,17 @@ def _ttt_in_batches(model: FastWeightLM, tokenizer: Tokenizer, prompts: list[lis
                 config = run_config.model_copy(update={
                     "refine": cfg, "train": run_config.train.model_copy(update={"mode": "onepass"})})
                 stats = [train_step(model, optimizer, documents, config, generator).stats]
+            if notes and not noted:
+                _note(notes[0])
+                noted = True
             for index, tokens in zip(batch, _answer_batch(model, [prompts[i] for i in batch],
                                                           [budgets[i] for i in batch], tokenizer, sampling,
                                                           generator)):
                 answers[index] = tokens
                 records[index]["ttt_history"] = stats if index in adapted else []
                 records[index]["ttt_batch"] = number
+                if index in adapted and cfg is not refine_cfg:
+                    records[index]["ttt_fitted"] = {"num_chunks": cfg.num_chunks, "margin": cfg.margin}
             bar.update(len(batch))
     finally:
         model.load_state_dict(initial)

@@ -335,6 +335,25 @@ def test_ttt_batches_update_once_per_mini_batch_answer_after_the_batch_and_carry
     assert alone["examples"][0]["ttt_history"][0]["ntp_loss"] != batched["examples"][2]["ttt_history"][0]["ntp_loss"]
 
 
+def test_ttt_batches_fit_settings_to_their_shortest_prompt_and_answer_unadaptable_ones_as_they_are(model_dir,
+                                                                                                     capsys):
+    model = load_model(model_dir)
+    def example(name: str, prompt: str) -> TaskExample:
+        return TaskExample(example_id=name, task="ruler_qa", prompt=prompt, answers=["Ada"])
+
+    examples = [example("long", "The lighthouse keeper is Ada. " * 12 + "Keeper?"),
+                example("short", "Keeper of the light?"),  # 21 tokens: settings fitted to it
+                example("tiny", "Hi")]  # 3 tokens: no rollout fits
+    result = evaluate(model, TOKENIZER, examples, "ruler_qa", ttt=True, ttt_batch=3, max_new_tokens=2,
+                      progress=False)
+    long, short, tiny = result["examples"]
+    assert long["ttt_history"] == short["ttt_history"] != [] and tiny["ttt_history"] == []
+    assert long["ttt_fitted"] == short["ttt_fitted"] and "ttt_fitted" not in tiny
+    ttt_config = result["summary"]["ttt_config"]
+    assert (ttt_config["fitted_prompts"], ttt_config["unadapted_prompts"]) == (2, 1)
+    assert "prompt of 3 tokens is too short for a rollout" in capsys.readouterr().err
+
+
 def test_ttt_batch_option_of_the_command(model_dir, capsys):
     argv = ["--model", str(model_dir), "--task", "mqar", "--num-examples", "3", "--length", "128",
             "--max-new-tokens", "2", "--ttt", "--ttt-batch", "2", "--set", "train.mini_batches=2"]
