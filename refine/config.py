@@ -27,7 +27,7 @@ from refine.models import config_from_dict
 from refine.models.config import (
     LIBRARY_KEYS, UNSUPPORTED_FLA_FIELDS, DeltaNetConfig, ModelConfigBase, refuse_bool_for_number,
 )
-from refine.tokenizer import Tokenizer, check_eos_matches, resolve_tokenizer, tokenizer_name
+from refine.tokenizer import Tokenizer, check_eos_matches, check_vocab_fits, resolve_tokenizer
 from refine_vllm.servable import check_engine  # plain Python: importing it needs no vLLM
 from refine_vllm.settings import VllmEngineConfig
 
@@ -448,13 +448,13 @@ def fit_to_tokenizer(config: RunConfig, tokenizer: Tokenizer) -> RunConfig:
     EOS, and a saved checkpoint names its special ids). A checkpoint (`train.init_from`) keeps its own, and must
     end sequences with the tokenizer's EOS: a mismatch means the wrong tokenizer for that model."""
     model = config.model
-    if tokenizer.vocab_size > model.vocab_size:
-        raise ValueError(f"model.vocab_size={model.vocab_size} is smaller than the vocabulary of tokenizer "
-                         f"{tokenizer_name(tokenizer)!r} ({tokenizer.vocab_size})")
     if config.train.init_from:
-        check_eos_matches(model.eos_token_id, tokenizer, f"train.init_from={config.train.init_from!r}",
-                          "give the checkpoint's own tokenizer (--set tokenizer=DIR)")
+        checkpoint = f"train.init_from={config.train.init_from!r}"
+        remedy = "give the checkpoint's own tokenizer (--set tokenizer=DIR)"
+        check_vocab_fits(model.vocab_size, tokenizer, checkpoint, remedy)
+        check_eos_matches(model.eos_token_id, tokenizer, checkpoint, remedy)
         return config
+    check_vocab_fits(model.vocab_size, tokenizer, "model", f"set model.vocab_size to at least {tokenizer.vocab_size}")
     # A tokenizer without a pad token pads with EOS; the model then names none (fla's embedding would
     # otherwise never train the EOS row, its padding_idx).
     pad = tokenizer.pad_id if tokenizer.pad_id != tokenizer.eos_id else None

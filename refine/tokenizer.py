@@ -245,6 +245,14 @@ def tokenizer_name(tokenizer: Tokenizer) -> str:
     return str(tokenizer.directory) if isinstance(tokenizer, HFTokenizer) else "byte-level"
 
 
+def check_vocab_fits(vocab_size: int, tokenizer: Tokenizer, model: str, remedy: str) -> None:
+    """Refuse a tokenizer with ids past the model's embedding (`vocab_size` rows), before any lookup fails on one.
+    `model` names the model in the message, `remedy` says what to change."""
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(f"{model} has vocab_size={vocab_size}, smaller than the vocabulary of tokenizer "
+                         f"{tokenizer_name(tokenizer)!r} ({tokenizer.vocab_size}): {remedy}")
+
+
 def check_eos_matches(model_eos_id: int | None, tokenizer: Tokenizer, model: str, remedy: str) -> None:
     """Refuse a tokenizer whose EOS is not the model's: the model learned to end sequences with its own id, and
     generation stops on the tokenizer's (a byte tokenizer's EOS 258 against a model's 2 stops on byte 0x02).

@@ -124,8 +124,8 @@ def test_the_model_agrees_with_the_tokenizer(tmp_path):
     scratch = fit_to_tokenizer(load_config(None, ["model.model_type=gated_deltanet"]), byte)
     assert (scratch.model.bos_token_id, scratch.model.eos_token_id, scratch.model.pad_token_id) == (
         byte.bos_id, byte.eos_id, byte.pad_id)
-    with pytest.raises(ValueError, match=r"model\.vocab_size=200 is smaller than the vocabulary of tokenizer "
-                                         r"'byte-level' \(260\)"):
+    with pytest.raises(ValueError, match=r"model has vocab_size=200, smaller than the vocabulary of tokenizer "
+                                         r"'byte-level' \(260\): set model\.vocab_size to at least 260"):
         fit_to_tokenizer(load_config(None, ["model.vocab_size=200"]), byte)
     # From a checkpoint: its EOS must be the tokenizer's.
     torch.manual_seed(0)
@@ -133,6 +133,12 @@ def test_the_model_agrees_with_the_tokenizer(tmp_path):
                                 num_hidden_layers=1, eos_token_id=2)), tmp_path / "ckpt")
     with pytest.raises(ValueError, match=r"has eos_token_id=2 but tokenizer 'byte-level' ends documents with id 258"):
         fit_to_tokenizer(load_config(None, [f"train.init_from={tmp_path / 'ckpt'}"]), byte)
+    save_model(build_model(dict(model_type="delta_net", vocab_size=200, hidden_size=32, num_heads=2,
+                                num_hidden_layers=1, eos_token_id=258)), tmp_path / "small")
+    with pytest.raises(ValueError, match=rf"^train\.init_from='{tmp_path / 'small'}' has vocab_size=200, smaller than "
+                                         r"the vocabulary of tokenizer 'byte-level' \(260\): give the checkpoint's own "
+                                         r"tokenizer \(--set tokenizer=DIR\)$"):
+        fit_to_tokenizer(load_config(None, [f"train.init_from={tmp_path / 'small'}"]), byte)
 
 
 def test_the_vllm_engine_serves_every_output_gate():

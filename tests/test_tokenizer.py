@@ -201,6 +201,6 @@ def test_hf_tokenizer_vocab_size_covers_every_id_of_a_vocabulary_with_gaps(tmp_p
     assert logits.shape == (1, len(ids) + 2, 501) and torch.isfinite(logits).all()
     # One too small for the highest id is refused before any lookup (the byte default's 260 held the 12 counted).
     for vocab_size in (260, 500):
-        with pytest.raises(ValueError, match=rf"model\.vocab_size={vocab_size} is smaller than the vocabulary of "
-                                             rf"tokenizer '.*tok' \(501\)"):
+        with pytest.raises(ValueError, match=rf"^model has vocab_size={vocab_size}, smaller than the vocabulary of "
+                                             rf"tokenizer '.*tok' \(501\): set model\.vocab_size to at least 501$"):
             fit_to_tokenizer(RunConfig(model=small | {"vocab_size": vocab_size}), tokenizer)

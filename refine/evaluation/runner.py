@@ -40,7 +40,7 @@ from refine.loop import make_optimizer, train_step
 from refine.models import FastWeightLM, load_model, load_model_config
 from refine.models.config import ModelConfigBase
 from refine.phases import adapt_and_answer, check_no_kl_term, snapshot_weights
-from refine.tokenizer import Tokenizer, check_eos_matches, resolve_tokenizer, tokenizer_name
+from refine.tokenizer import Tokenizer, check_eos_matches, check_vocab_fits, resolve_tokenizer
 
 CLI_TASKS = ("niah", "mqar", "ruler-qa", "longbench")
 DEFAULT_MAX_NEW_TOKENS = 32
@@ -603,12 +603,9 @@ def _column_hint(path: str, task: str) -> str:
 def check_tokenizer_fits(model_config: ModelConfigBase, tokenizer: Tokenizer, model: str = "the model") -> None:
     """Refuse a tokenizer that is not the model's: one with ids past the model's embedding, or another EOS
     (the rule `train.init_from` follows). `model` names the model in the message."""
-    if tokenizer.vocab_size > model_config.vocab_size:
-        raise ValueError(
-            f"{model} has vocab_size={model_config.vocab_size}, smaller than the vocabulary of tokenizer "
-            f"{tokenizer_name(tokenizer)!r} ({tokenizer.vocab_size}): wrong tokenizer for this model?"
-        )
-    check_eos_matches(model_config.eos_token_id, tokenizer, model, "give the model's own tokenizer (--tokenizer DIR)")
+    remedy = "give the model's own tokenizer (--tokenizer DIR)"
+    check_vocab_fits(model_config.vocab_size, tokenizer, model, remedy)
+    check_eos_matches(model_config.eos_token_id, tokenizer, model, remedy)
 
 
 def check_model_dir(model_dir: Path) -> None:
