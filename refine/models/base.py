@@ -102,7 +102,9 @@ class FastWeightLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = nn.Module()
-        self.model.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        # The pad token's row is the embedding's padding_idx, as in fla's models and the LaCT release: a lookup
+        # of it passes no gradient to that row (initialized like every row, as fla's _init_weights does).
+        self.model.embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
         self.model.layers = nn.ModuleList(
             [Block(config, self.make_mixer(config, i)) for i in range(config.num_hidden_layers)]
         )

@@ -50,8 +50,13 @@ class LaCTConfig(ModelConfigBase):
     """The LaCT release's LaCTSWIGLUConfig fields and defaults (model_type "lact_swiglu").
 
     fuse_norm, last_layer_fuse_norm, fuse_swiglu, fuse_cross_entropy, use_fused_kernel, fp32_states,
-    elementwise_affine and use_cache select kernels in the release and do not change the function;
-    they are kept so that config.json round-trips. Fast weights always update in at least float32.
+    elementwise_affine and use_cache select kernels in the release and are kept so that config.json
+    round-trips; we compute the release's plain PyTorch path. Its fused kernel (use_fused_kernel, GPU only)
+    is not quite that function with use_muon: it orthogonalizes dw0 and dw2 stacked together. Fast weights
+    always update in at least float32; the release's GPU path runs them under bfloat16 autocast.
+    Checked against the release's own code (lact_llm at 1f84d47, float64, its Triton pieces swapped for fla's
+    references): logits and carried states agree to 1e-13, gradients to 1e-11, Muon and low-rank fast weights
+    included.
     """
 
     model_type: Literal["lact_swiglu"] = "lact_swiglu"

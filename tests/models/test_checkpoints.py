@@ -156,6 +156,33 @@ def test_lact_release_checkpoint_loads_and_saves_in_the_release_layout(tmp_path,
     assert all(torch.equal(reloaded[name], tensor) for name, tensor in tensors.items())
 
 
+@pytest.mark.parametrize("model_type", ["delta_net", "gated_deltanet", "lact_swiglu"])
+def test_the_pad_token_is_the_embeddings_padding_row_as_in_fla(model_type):
+    """fla's models (and the LaCT release) build nn.Embedding(padding_idx=pad_token_id): a lookup of the pad token
+    passes no gradient to its row. Ours passed one (the LaCT review: 1.16e-2 against 0 for pad_token_id=0)."""
+    torch.manual_seed(0)
+    sizes = dict(hidden_size=32, num_hidden_layers=1, vocab_size=60, pad_token_id=0, tie_word_embeddings=False)
+    if model_type == "lact_swiglu":
+        sizes |= dict(num_attn_heads=2, num_lact_heads=2, lact_chunk_size=8, window_size=8)
+    else:
+        sizes |= dict(num_heads=2, intermediate_size=48)
+    model = build_model(dict(model_type=model_type, **sizes))
+    if model_type != "lact_swiglu":
+        fla_embeddings = _fla_model(model_type, {"pad_token_id": 0}).model.embeddings
+        assert model.model.embeddings.padding_idx == fla_embeddings.padding_idx == 0
+    ids = torch.tensor([[5, 0, 7, 0, 9, 11, 0, 3]])  # the pad id inside the text too
+    model(ids).logits.square().mean().backward()
+    grad = model.model.embeddings.weight.grad
+    assert torch.count_nonzero(grad[0]) == 0 and all(torch.count_nonzero(grad[i]) > 0 for i in (3, 5, 7, 9, 11))
+    assert torch.count_nonzero(model.model.embeddings.weight[0]) > 0  # initialized like every row, as fla does
+
+
+def test_a_pad_token_outside_the_vocabulary_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"pad_token_id=60 is outside the vocabulary \(vocab_size=60\)"):
+        build_model(dict(model_type="delta_net", hidden_size=32, num_heads=2, num_hidden_layers=1, vocab_size=60,
+                         pad_token_id=60))
+
+
 def test_fla_checkpoint_with_attention_residuals_is_refused_by_name(tmp_path):
     _fla_model("delta_net", dict(attnres_block_size=2)).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="attnres_block_size=2 is not supported"):
