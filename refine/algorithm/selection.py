@@ -27,7 +27,10 @@ Deliberate differences from the paper's code (whose batches are left-padded, so 
 width minus the margin is the document's own L - margin, as here): the upper clamp is tightened to
 L - k when k > margin so that k ground-truth tokens always exist; documents too short for the chunks
 and margins are refused instead of producing an out-of-range prefix; `tau` generalizes the code's
-fixed tau = 1.
+fixed tau = 1. In a left-padded batch the paper's code pools over the whole row, so the first kernel // 2
+smoothed values of a shorter document average in the entropies computed at its pad positions; here they
+average in zeros, as for an unpadded document (where both agree exactly: checked against the code's own
+`prepare_ppo_batch_for_ttt` with forced draws).
 """
 
 from __future__ import annotations
