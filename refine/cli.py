@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--config", default=None, help="run config whose refine/optim sections drive --ttt")
     evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides")
     evaluate.add_argument("--num-examples", type=int, default=None,
-                          help="evaluate the first N examples (default: every row of --data; 20 for niah / mqar)")
+                          help="evaluate the first N examples (default: every row of --data; 20 for niah / mqar, "
+                               "whose N x --length may not pass 67108864 tokens)")
     evaluate.add_argument("--length", type=int, default=512,
                           help="synthetic prompt length in tokens (niah, mqar), at most 131072: RULER's longest")
     evaluate.add_argument("--ttt-steps", type=int, default=None,

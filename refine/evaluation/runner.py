@@ -51,6 +51,9 @@ DEFAULT_SYNTHETIC_EXAMPLES = 20  # --num-examples for niah / mqar when not given
 # batch x length x hidden_size: on CPU the tiny model's prefill takes ~2.5 GB for each 128K prompt (lower
 # eval.batch_size there), and at 100M tokens the embeddings of one prompt alone would take 51 GB.
 MAX_SYNTHETIC_LENGTH = 131_072
+# The most tokens a niah / mqar set may hold (--num-examples x --length): every prompt is generated up front and
+# kept as a list of Python ints (~36 bytes a token), so this is ~2.4 GB; it holds RULER's 500 examples at 128K.
+MAX_SYNTHETIC_TOKENS = 1 << 26
 # niah / mqar prompts come from the generators' evaluation streams: salted apart from the training corpus's, so
 # that no --seed (the default 1234 included) reproduces the documents a run trained on, whatever its train.seed.
 SYNTHETIC_PURPOSE: Purpose = "eval"
@@ -521,13 +524,23 @@ def check_answer_budget(value: int | None, name: str = "--max-new-tokens") -> No
                          f"model step per token, and LongBench's longest budget is 512")
 
 
-def check_synthetic_length(task: str, length: int) -> None:
-    """Refuse, before any prompt is built, a niah / mqar --length past MAX_SYNTHETIC_LENGTH (see there)."""
-    if task in ("niah", "mqar") and length > MAX_SYNTHETIC_LENGTH:
+def check_synthetic_length(task: str, length: int, num_examples: int | None = None) -> None:
+    """Refuse, before any prompt is built, a niah / mqar --length past MAX_SYNTHETIC_LENGTH, or a set of more
+    than MAX_SYNTHETIC_TOKENS tokens (see there; num_examples None: the default count)."""
+    if task not in ("niah", "mqar"):
+        return
+    if length > MAX_SYNTHETIC_LENGTH:
         raise ValueError(
             f"--length {length} is more than {MAX_SYNTHETIC_LENGTH} tokens, the longest --task {task} prompt: "
             f"RULER's longest context (128K), and each prompt is built whole and prefilled in one pass, whose "
             f"activations grow with length x eval.batch_size; for longer prompts evaluate a task file (--data)"
+        )
+    count = DEFAULT_SYNTHETIC_EXAMPLES if num_examples is None else num_examples
+    if count * length > MAX_SYNTHETIC_TOKENS:
+        raise ValueError(
+            f"--num-examples {count} x --length {length} = {count * length} tokens, more than the "
+            f"{MAX_SYNTHETIC_TOKENS} a --task {task} set may hold: every prompt is generated before the first is "
+            f"answered; evaluate fewer examples per call (at most {MAX_SYNTHETIC_TOKENS // length} at this length)"
         )
 
 
@@ -535,7 +548,7 @@ def build_examples(args: argparse.Namespace, tokenizer: Tokenizer, options: Eval
                    skip_bad_rows: bool = False) -> list[TaskExample]:
     if args.num_examples is not None and args.num_examples < 1:
         raise ValueError(f"--num-examples must be >= 1, got {args.num_examples}")
-    check_synthetic_length(args.task, args.length)
+    check_synthetic_length(args.task, args.length, args.num_examples)
     synthetic_count = args.num_examples if args.num_examples is not None else DEFAULT_SYNTHETIC_EXAMPLES
     if args.task in ("niah", "mqar") and args.data is not None:
         raise ValueError(f"--task {args.task} generates its prompts and reads no --data (got {args.data!r}); "
@@ -655,7 +668,7 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError(f"--ttt-steps={args.ttt_steps} and --ttt-batch={args.ttt_batch}: a batch takes "
                          f"train.mini_batches updates (one pass over its prompts), not --ttt-steps")
     check_answer_budget(args.max_new_tokens)  # both before the model loads
-    check_synthetic_length(args.task, args.length)
+    check_synthetic_length(args.task, args.length, args.num_examples)
     if run_config.train.threads:
         torch.set_num_threads(run_config.train.threads)
     model_dir = Path(args.model)

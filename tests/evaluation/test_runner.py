@@ -680,6 +680,23 @@ def test_a_length_past_the_limit_is_refused_before_the_model_loads(model_dir, tm
     assert err.count("\n") == 1
 
 
+@pytest.mark.parametrize("task", ["niah", "mqar"])
+def test_a_synthetic_set_past_its_token_budget_is_refused_before_the_model_loads(model_dir, tmp_path, capsys,
+                                                                                   nothing_expensive, task):
+    """--num-examples 10**9 would generate a billion prompts before answering the first."""
+    output = tmp_path / "r.json"
+    code, line, err = run_eval(capsys, "--model", str(model_dir), "--task", task, "--length", "512",
+                               "--num-examples", "1000000000", "--output", str(output))
+    assert code == 2 and line is None and not output.exists() and "Traceback" not in err
+    budget = runner.MAX_SYNTHETIC_TOKENS
+    assert err.startswith(f"refine: error: --num-examples 1000000000 x --length 512 = 512000000000 tokens, more "
+                          f"than the {budget} a --task {task} set may hold")
+    assert f"at most {budget // 512} at this length" in err
+    # The budget holds RULER's 500 examples at 128K; the defaults (20 examples) hold at every length.
+    runner.check_synthetic_length(task, runner.MAX_SYNTHETIC_LENGTH, 500)
+    runner.check_synthetic_length(task, runner.MAX_SYNTHETIC_LENGTH, None)
+
+
 def test_a_length_at_the_limit_is_taken(monkeypatch):
     built = []
     monkeypatch.setattr(runner, "mqar_for_length", lambda length, *args, **kwargs: built.append(length) or [])
