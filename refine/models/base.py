@@ -103,8 +103,13 @@ class FastWeightLM(nn.Module):
         self.config = config
         self.model = nn.Module()
         # The pad token's row is the embedding's padding_idx, as in fla's models and the LaCT release: a lookup
-        # of it passes no gradient to that row (initialized like every row, as fla's _init_weights does).
-        self.model.embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        # of it passes no gradient to that row (initialized like every row, as fla's _init_weights does). Checked
+        # here, not in the config, so that a run's too small model.vocab_size is named as such first.
+        pad = config.pad_token_id
+        if pad is not None and not -config.vocab_size <= pad < config.vocab_size:  # nn.Embedding's own rule
+            raise ValueError(f"model pad_token_id={pad} is outside the vocabulary (vocab_size={config.vocab_size}): "
+                             f"the embedding has no such row")
+        self.model.embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=pad)
         self.model.layers = nn.ModuleList(
             [Block(config, self.make_mixer(config, i)) for i in range(config.num_hidden_layers)]
         )

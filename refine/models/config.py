@@ -105,15 +105,6 @@ class ModelConfigBase(BaseModel):
         return self
 
     @model_validator(mode="after")
-    def _pad_token_in_vocabulary(self) -> "ModelConfigBase":
-        # The pad token is the embedding's padding_idx (as in fla's models): a row that must exist, counted from
-        # the end when negative, as torch's nn.Embedding reads it.
-        if self.pad_token_id is not None and not -self.vocab_size <= self.pad_token_id < self.vocab_size:
-            raise ValueError(f"pad_token_id={self.pad_token_id} is outside the vocabulary (vocab_size="
-                             f"{self.vocab_size}): the embedding has no such row")
-        return self
-
-    @model_validator(mode="after")
     def _no_misspelt_fields(self) -> "ModelConfigBase":
         # An extra is kept unread: a misspelt field (hiden_size) would leave the field at its default unnoticed.
         errors = []
