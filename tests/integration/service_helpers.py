@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from refine.config import RunConfig, load_config
@@ -79,3 +81,12 @@ def assert_every_batch_trained_once(rows: list[dict], config: RunConfig) -> None
     ids = [row["rollout_batch_id"] for row in rows]
     assert len(set(ids)) == len(ids) == steps
     assert [(row["data_epoch"], row["cursor"]) for row in rows] == stream_positions(config, steps)
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout_s: float, poll_s: float = 0.01) -> None:
+    """Poll `condition` every `poll_s` seconds until it holds; AssertionError naming `what` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout_s}s: {what}")
+        time.sleep(poll_s)

@@ -3,26 +3,17 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
 
-from service_helpers import run_in_background, step_rows, tiny_config
+from service_helpers import run_in_background, step_rows, tiny_config, wait_for
 from services.broker import Broker
 from services.orchestrator import Orchestrator, ServiceError, run
 from services.progress import read_progress
 from services.redis_server import EmbeddedRedis, connect
 
 pytestmark = pytest.mark.slow
-
-
-def _wait_for(condition, what: str, timeout_s: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout_s}s: {what}")
-        time.sleep(0.02)
 
 
 def test_stopped_learner_resumes_exactly(ray_session, tmp_path: Path, monkeypatch) -> None:
@@ -52,7 +43,8 @@ def test_stopped_learner_resumes_exactly(ray_session, tmp_path: Path, monkeypatc
             progress = read_progress(broker)
             return progress is not None and progress.finished >= stop_at
 
-        _wait_for(finished_published_batches, f"the learner finishing the {stop_at} batches published")
+        wait_for(finished_published_batches, f"the learner finishing the {stop_at} batches published",
+                 timeout_s=120.0, poll_s=0.02)
         broker.request_stop("test")  # as Ctrl-C does: the learner checkpoints and every role exits
         thread.join(timeout=120)
         assert not thread.is_alive(), "the stopped run did not end"

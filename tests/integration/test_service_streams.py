@@ -6,7 +6,6 @@ finish out of order, and its check of scored batches against their documents."""
 from __future__ import annotations
 
 import re
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +15,7 @@ import torch
 
 from learner.checkpoint import read_learner_state
 from learner.learner import Learner, ResumePoint
-from service_helpers import tiny_config
+from service_helpers import tiny_config, wait_for
 from services.broker import Broker
 from services.codec import decode, encode
 from services.messages import DataCursor, DocumentBatch, ScoredBatch
@@ -95,14 +94,6 @@ def _age(broker: Broker, entry_id: str, idle_ms: int) -> None:
                          justid=True)
 
 
-def _wait_for(condition, what: str, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout_s}s: {what}")
-        time.sleep(0.01)
-
-
 def _beats_passed(broker: Broker, role: str, member_id: str, beats: int) -> None:
     """Wait until `member_id` has heartbeat `beats` more times: a beat is followed by that round's keep-alives,
     so after two new beats a whole round of keep-alives began (and ended) after this call started."""
@@ -110,7 +101,8 @@ def _beats_passed(broker: Broker, role: str, member_id: str, beats: int) -> None
     last = broker.client.zscore(key, member_id)
     for _ in range(beats):
         seen = last
-        _wait_for(lambda: (broker.client.zscore(key, member_id) or 0) > seen, f"a heartbeat of {member_id}")
+        wait_for(lambda: (broker.client.zscore(key, member_id) or 0) > seen, f"a heartbeat of {member_id}",
+                 timeout_s=30.0)
         last = broker.client.zscore(key, member_id)
 
 
@@ -134,7 +126,7 @@ def test_an_entry_its_live_consumer_keeps_alive_is_not_reclaimed(broker: Broker,
                 # brought back by its worker's next heartbeat (the keep-alive under test) before the poll.
                 _age(broker, silent_entry, 2 * IDLE_MS)
                 _age(broker, busy_entry, 2 * IDLE_MS)
-                _wait_for(lambda: _idle_ms(broker, busy_entry) < IDLE_MS, "the held entry kept alive")
+                wait_for(lambda: _idle_ms(broker, busy_entry) < IDLE_MS, "the held entry kept alive", timeout_s=30.0)
                 taken += [entry_id for entry_id, _ in broker.reclaim("documents", "rollout", worker, DocumentBatch,
                                                                      min_idle_ms=IDLE_MS, max_deliveries=5)]
             assert taken == [silent_entry] * 4  # taken over again and again: nobody keeps it alive
