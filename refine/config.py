@@ -58,6 +58,17 @@ Beta = Annotated[float, Field(ge=0, lt=1)]
 # or an optimizer step. At 1e-4, |logit| would have to pass 3.4e34 to overflow, and sampling is greedy in all
 # but name already: a token whose logit is 0.01 below the best one is e^-100 times as likely.
 MIN_TEMPERATURE = 1e-4
+
+
+def greedy_or_sampled(value: float, name: str, what: str) -> float:
+    """`value`, a sampling temperature named `name`: 0 (greedy) or at least MIN_TEMPERATURE (see there)."""
+    if 0 < value < MIN_TEMPERATURE:
+        raise ValueError(f"{name}={value!r} is below {MIN_TEMPERATURE:g}: logits / temperature overflows float32 "
+                         f"near 1e-38, and below {MIN_TEMPERATURE:g} sampling is greedy anyway: use 0 for greedy "
+                         f"{what}")
+    return value
+
+
 # Adam moves every weight by about lr per step; the model's weights are initialised at ~0.02 and the paper
 # trains at 1e-6. Far below float32's range, and AdamW's decay factor 1 - lr * weight_decay stays in [0, 1].
 MAX_LR = 1.0
@@ -111,11 +122,7 @@ class RefineConfig(Strict):
     @field_validator("temperature")
     @classmethod
     def _greedy_or_sampled(cls, value: float) -> float:
-        if 0 < value < MIN_TEMPERATURE:
-            raise ValueError(f"refine.temperature={value!r} is below {MIN_TEMPERATURE:g}: logits / temperature "
-                             f"overflows float32 near 1e-38, and below {MIN_TEMPERATURE:g} sampling is greedy "
-                             f"anyway: use 0 for greedy decoding")
-        return value
+        return greedy_or_sampled(value, "refine.temperature", "decoding")
 
     @model_validator(mode="after")
     def _groups_have_two_rollouts(self) -> "RefineConfig":

@@ -28,7 +28,9 @@ from tqdm.auto import tqdm
 
 from refine.algorithm.rewards import check_run_reward
 from refine.algorithm.selection import min_document_length
-from refine.config import DTYPES, MIN_TEMPERATURE, ConfigError, RefineConfig, RunConfig, load_config, parse_yaml
+from refine.config import (
+    DTYPES, ConfigError, RefineConfig, RunConfig, greedy_or_sampled, load_config, parse_yaml,
+)
 from refine.data.batches import DocumentBatch, pad_documents
 from refine.data.sources import DataSourceError
 from refine.data.synthetic import NiahConfig, Purpose, generate_niah, mqar_for_length, stream_salt
@@ -86,10 +88,7 @@ class EvalOptions(BaseModel):
     @field_validator("answer_temperature")
     @classmethod
     def _greedy_or_sampled(cls, value: float) -> float:
-        if 0 < value < MIN_TEMPERATURE:
-            raise ValueError(f"eval.answer_temperature={value!r} is below {MIN_TEMPERATURE:g}, where sampling is "
-                             f"greedy anyway and logits / temperature overflows float32: use 0 for greedy answers")
-        return value
+        return greedy_or_sampled(value, "eval.answer_temperature", "answers")
 
 
 # ---------------------------------------------------------------- configuration
