@@ -194,10 +194,10 @@ PROGRAM_FILE = "program.json"  # in each checkpoint: {"program": the RUN_RECORDS
 @dataclass
 class RunPosition:
     """Where a run stands: the steps taken (a step is one batch and one metrics.jsonl row: `train.mini_batches`
-    optimizer steps for `refine train`, two for `refine posttrain`), the data cursor after them, how many of
-    those steps were skipped for a non-finite loss or gradient, and the program whose run it is (a RUN_RECORDS
-    key, saved in each checkpoint so that another program's --resume refuses it; the service's learner leaves
-    the default)."""
+    optimizer steps for `refine train`, those of the REFINE update plus one SFT step for `refine posttrain`),
+    the data cursor after them, how many of those steps were skipped for a non-finite loss or gradient, and the
+    program whose run it is (a RUN_RECORDS key, saved in each checkpoint so that another program's --resume
+    refuses it; the service's learner leaves the default)."""
 
     step: int = 0
     cursor: int = 0
