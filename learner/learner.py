@@ -133,7 +133,7 @@ class Learner:
         self.generator = torch.Generator(device=self.device).manual_seed(config.train.seed)
         self.ref_model = None
         if config.refine.kl_coef > 0:
-            self.ref_model = prepare_model(config).requires_grad_(False)
+            self.ref_model = prepare_model(config, training=False).requires_grad_(False)
         self.state = LearnerState()
         checkpoint = latest_checkpoint(self.out_dir)
         if resume and checkpoint.exists():

@@ -31,7 +31,9 @@ class LearnerReplica:
         self.model = prepare_model(config)
         self.optimizer = make_optimizer(self.model, config.optim)
         generator = torch.Generator(device=config.train.device).manual_seed(config.train.seed)
-        self.ref_model = prepare_model(config).requires_grad_(False) if config.refine.kl_coef > 0 else None
+        self.ref_model = None
+        if config.refine.kl_coef > 0:
+            self.ref_model = prepare_model(config, training=False).requires_grad_(False)
         self.steps = 0
         checkpoint = latest_checkpoint(config.train.out_dir)
         if resume and checkpoint.exists():  # the optimizer state is not broadcast: load it as rank 0 does

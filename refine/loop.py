@@ -32,6 +32,7 @@ from refine.data.batches import DocumentBatch
 from refine.data.stream import check_source, document_batches
 from refine.files import sync_directory, sync_tree, write_atomically
 from refine.models import FastWeightLM, build_model, load_model, load_model_config, save_model
+from refine.models.size import check_model_fits
 from refine.optim import MasterWeightAdamW, has_low_precision_weights
 from refine.plots import plot_metrics
 from refine.runtime import StageTimes, timed_stage, tune_allocator
@@ -522,13 +523,20 @@ def run_steps(config: RunConfig, model: FastWeightLM, optimizer: torch.optim.Opt
     return last
 
 
-def prepare_model(config: RunConfig) -> FastWeightLM:
+def prepare_model(config: RunConfig, training: bool = True) -> FastWeightLM:
+    """The run's model on train.device: train.init_from's weights, else new ones seeded by train.seed;
+    refused before anything is allocated when it cannot fit there (with its gradients and AdamW's moments
+    when `training`)."""
     device = config.train.device
     # Checked where the model is placed: a Ray driver without a GPU may run a config meant for GPU nodes.
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"train.device={device!r}, but this machine has no CUDA GPU that torch "
                          f"{torch.__version__} can use: set --set train.device=cpu")
     dtype = DTYPES[config.train.dtype]
+    init_from = config.train.init_from
+    model_config = load_model_config(init_from) if init_from else config.model
+    check_model_fits(model_config, dtype, device, training=training,
+                     config_file=str(Path(init_from) / "config.json") if init_from else None)
     if config.train.init_from:
         model = load_model(config.train.init_from, dtype=dtype)
     else:
@@ -568,7 +576,7 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> dic
     generator = torch.Generator(device=config.train.device).manual_seed(config.train.seed)
     ref_model = None
     if config.refine.kl_coef > 0 and config.train.mode != "ntp":
-        ref_model = prepare_model(config).requires_grad_(False)
+        ref_model = prepare_model(config, training=False).requires_grad_(False)
 
     start = resume_from(Path(config.train.out_dir), resume, model, optimizer, generator, "refine")
     if start.step and start.step >= config.train.steps:  # the run directory (config.yaml too) stays as it is

@@ -57,7 +57,7 @@ class SnapshotEngine:
         self.config = config
         self.device = config.train.device
         # Architecture and dtype as the learner builds them; the weights come from the store.
-        self.model = prepare_model(config).requires_grad_(False).eval()
+        self.model = prepare_model(config, training=False).requires_grad_(False).eval()
         self.weight_version: int | None = None
 
     def load_weights(self, state_dict: Mapping[str, torch.Tensor], version: int | None = None) -> None:

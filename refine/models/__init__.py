@@ -20,6 +20,7 @@ from refine.errors import validation_problems
 from refine.files import sync_tree
 from refine.models.base import FastWeightLM, ModelOutput
 from refine.models.config import ModelConfigBase
+from refine.models.size import check_model_fits
 from refine.models.state import ModelState
 
 # model_type -> (module, model class, config class, class name the original library uses)
@@ -55,10 +56,16 @@ def config_from_dict(values: dict[str, Any]) -> ModelConfigBase:
     return config_class.model_validate(values)
 
 
-def build_model(config: ModelConfigBase | dict[str, Any], dtype: torch.dtype | None = None) -> FastWeightLM:
+def build_model(config: ModelConfigBase | dict[str, Any], dtype: torch.dtype | None = None,
+                config_file: str | None = None) -> FastWeightLM:
+    """A new model of `config` with freshly initialised weights, refused first when its weights cannot fit this
+    machine's memory (naming `config_file`'s fields where the config came from one)."""
     if isinstance(config, dict):
         config = config_from_dict(config)
     model_class, _, _ = _lookup(config.model_type)
+    # Built in the default dtype, then cast: the wider of the two bounds the weights' memory.
+    widest = torch.promote_types(torch.get_default_dtype(), dtype or torch.get_default_dtype())
+    check_model_fits(config, widest, "cpu", training=False, config_file=config_file)
     model = model_class(config)
     return model.to(dtype) if dtype is not None else model
 
@@ -145,7 +152,8 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
     config = load_model_config(path)
     tensors = _read_state_dict(path)
     # Built in its final dtype before the copy, so that a float64 checkpoint never passes through float32.
-    model = build_model(config, dtype=dtype if dtype is not None else _checkpoint_dtype(tensors))
+    model = build_model(config, dtype=dtype if dtype is not None else _checkpoint_dtype(tensors),
+                        config_file=str(path / "config.json"))
     if config.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)
     expected = model.state_dict()
