@@ -52,14 +52,15 @@ from refine.data.tasks import LoadReport, TaskExample, load_longbench, load_rule
 from refine.evaluation.runner import prompt_tokens
 from refine.files import write_atomically
 from refine.loop import (
-    StepBatch, StepResult, absolute_out_dir, check_mini_batches, make_optimizer, prepare_model, resume_from, run_steps,
-    start_run_directory,
+    RUN_RECORDS, StepBatch, StepResult, absolute_out_dir, check_mini_batches, make_optimizer, prepare_model,
+    resume_from, run_steps, start_run_directory,
 )
 from refine.phases import QAExample, check_no_kl_term, posttrain_step
 from refine.runtime import StageTimes, tune_allocator
 from refine.tokenizer import Tokenizer
 
 POSTTRAIN_TASKS = ("ruler-qa", "longbench")
+MAX_SFT_COEF = torch.finfo(torch.float32).max
 # Used when no config file is given (a config file states its own): the paper's post-training reward.
 POSTTRAIN_DEFAULTS: dict[str, Any] = {"refine": {"reward": "hybrid"}, "train": {"out_dir": "runs/posttrain"}}
 
@@ -89,8 +90,10 @@ def check_config(config: RunConfig, sft_coef: float) -> None:
                          "directory, e.g. --set train.init_from=checkpoints/delta_net-1.3B-100B")
     check_mini_batches(config)
     check_no_kl_term(config.refine, "refine posttrain")
-    if not (math.isfinite(sft_coef) and sft_coef >= 0):  # inf would make every step's loss inf: all skipped
-        raise ValueError(f"--sft-coef must be a finite number >= 0, got {sft_coef}")
+    # Beyond float32's largest number the coefficient is inf in the float32 loss: every SFT update is skipped.
+    if not (math.isfinite(sft_coef) and 0 <= sft_coef <= MAX_SFT_COEF):
+        raise ValueError(f"--sft-coef must be a number from 0 to {MAX_SFT_COEF:.4g} (float32's largest: the loss "
+                         f"is computed in float32 at least), got {sft_coef}")
     # The nested step scores its rollouts in this process, from tokens and hidden states: no text.
     check_run_reward(config.refine.reward, config.refine.reward_modules, decodes_text=False)
 
@@ -155,8 +158,15 @@ def prepare_examples(examples: Sequence[TaskExample], tokenizer: Tokenizer, conf
     wanted = (f"refine.num_chunks={cfg.num_chunks}, rollout_len={cfg.rollout_len} and margin={cfg.margin} need "
               f"prompts of >= {needed} tokens")
     if not usable:
-        raise ValueError(f"no example of {str(data)!r} has a prompt long enough for REFINE ({wanted}; "
-                         f"data.seq_len={config.data.seq_len} bounds context + question + answer)")
+        reasons = []
+        if summary.skipped_short_prompt:
+            reasons.append(f"{summary.skipped_short_prompt} have a prompt too short for REFINE ({wanted}; "
+                           f"data.seq_len={config.data.seq_len} bounds context + question + answer)")
+        if long_question:
+            reasons.append(f"{long_question} have a question and answer that alone fill data.seq_len="
+                           f"{config.data.seq_len} tokens, leaving no room for the context")
+        raise ValueError(f"no example of {str(data)!r} can be trained on: of its {len(examples)} examples, "
+                         f"{' and '.join(reasons)}")
     if summary.skipped_short_prompt:
         _note(f"skipped {summary.skipped_short_prompt} of {len(examples)} examples of {str(data)!r} whose prompt "
               f"is too short ({wanted})")
@@ -166,6 +176,28 @@ def prepare_examples(examples: Sequence[TaskExample], tokenizer: Tokenizer, conf
     if truncated:
         _note(f"{truncated} examples cut in the middle to data.seq_len={config.data.seq_len} tokens")
     return usable, summary
+
+
+def record_data(out_dir: Path, summary: DataSummary, resumed: bool) -> None:
+    """Write what the run trains on to OUT_DIR/posttrain.json. A resumed run keeps the record of the data its
+    run started on and says what differs now: its data cursor then counts examples of other data."""
+    record = out_dir / RUN_RECORDS["refine posttrain"]
+    if resumed and record.exists():
+        try:
+            recorded = DataSummary.model_validate_json(record.read_text())
+        except (OSError, ValueError) as error:
+            _note(f"{record} could not be read ({error}): it is written anew")
+        else:
+            changed = {key: (before, after) for key, before, after in
+                       ((key, getattr(recorded, key), getattr(summary, key)) for key in ("data", "task", "sft_coef",
+                                                                                          "examples_used"))
+                       if before != after}
+            if changed:
+                what = ", ".join(f"{key} was {before!r}, now {after!r}" for key, (before, after) in changed.items())
+                _note(f"warning: this run started on other data or settings ({what}): the resumed data cursor "
+                      f"counts the examples of the data as they are now; {record} keeps the run's first record")
+            return
+    write_atomically(record, summary.model_dump_json(indent=1))
 
 
 def batch_indices(num_examples: int, seed: int, cursor: int, batch_size: int) -> list[int]:
@@ -203,7 +235,7 @@ def posttrain(config: RunConfig, data: str | Path, task: str, sft_coef: float = 
     start = resume_from(Path(config.train.out_dir), resume, model, optimizer, generator, "refine posttrain")
     # Only now: a run that cannot start leaves the directory as it was.
     out_dir = start_run_directory(config, fresh=start.step == 0, program="refine posttrain")
-    write_atomically(out_dir / "posttrain.json", summary.model_dump_json(indent=1))
+    record_data(out_dir, summary, resumed=start.step > 0)
 
     def next_batch(cursor: int) -> StepBatch:
         batch = [examples[i] for i in batch_indices(len(examples), config.train.seed, cursor, config.train.batch_size)]

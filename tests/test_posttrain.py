@@ -90,7 +90,34 @@ def test_only_too_short_prompts_fail_naming_the_file_and_the_length(tmp_path, ca
     assert main(_argv(data, init, tmp_path / "run", 1)) == 2
     err = capsys.readouterr().err
     assert err.startswith("refine: error:") and "short.jsonl" in err and f">= {NEEDED} tokens" in err
+    assert "of its 2 examples, 2 have a prompt too short" in err and "question and answer" not in err
     assert "Traceback" not in err
+
+
+def test_only_answers_that_fill_the_sequence_fail_naming_that_cause(tmp_path, capsys):
+    """Question and answer alone fill data.seq_len: the refusal says so, not that the prompts are short."""
+    init = _init_model(tmp_path)
+    rows = [{**row, "answer": ["long answer " * 20]} for row in _qa_rows(2)]
+    assert main(_argv(_write(tmp_path / "qa.jsonl", rows), init, tmp_path / "run", 1, "--set", "data.seq_len=150")) == 2
+    err = capsys.readouterr().err
+    assert "of its 2 examples, 2 have a question and answer that alone fill data.seq_len=150" in err
+    assert "prompt too short" not in err
+
+
+def test_a_resume_on_other_data_warns_and_keeps_the_runs_first_record(tmp_path, capsys):
+    init = _init_model(tmp_path)
+    first, other = _write(tmp_path / "qa.jsonl", _qa_rows(3)), _write(tmp_path / "other.jsonl", _qa_rows(4))
+    out = tmp_path / "run"
+    assert main(_argv(first, init, out, 1)) == 0
+    record = (out / "posttrain.json").read_text()
+    capsys.readouterr()
+    assert main(_argv(first, init, out, 2, "--resume")) == 0  # the same data: no warning
+    assert "warning" not in capsys.readouterr().err
+    assert main(_argv(other, init, out, 3, "--resume", "--sft-coef", "0.5")) == 0
+    err = capsys.readouterr().err
+    assert f"data was {str(first)!r}, now {str(other)!r}" in err and "sft_coef was 1.0, now 0.5" in err
+    assert "examples_used was 3, now 4" in err
+    assert (out / "posttrain.json").read_text() == record
 
 
 def test_a_too_short_prompt_among_good_ones_is_skipped_and_counted(tmp_path, capsys):
@@ -159,10 +186,12 @@ def test_batches_cycle_through_every_example_each_pass():
 def test_sft_coef_must_be_finite_and_is_checked_before_anything_is_written(tmp_path, capsys):
     init = _init_model(tmp_path)
     data = _write(tmp_path / "qa.jsonl", _qa_rows(3))
-    for coef in ("inf", "nan", "-1"):
+    # 1e39 is inf in the float32 loss, as inf is: every SFT update would be skipped.
+    for coef in ("inf", "nan", "-1", "1e39"):
         assert main(_argv(data, init, tmp_path / "run", 1, "--sft-coef", coef)) == 2
         err = capsys.readouterr().err
-        assert err.startswith("refine: error: --sft-coef must be a finite number >= 0") and coef in err
+        assert err.startswith("refine: error: --sft-coef must be a number from 0 to 3.403e+38")
+        assert err.endswith(f"got {float(coef)}\n")
     assert not (tmp_path / "run").exists()
 
 
