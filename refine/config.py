@@ -81,6 +81,14 @@ MAX_HEARTBEAT_TIMEOUT_S = 86_400.0
 # Ray accounts resources in units of 1e-4 (it refuses a finer fraction) in 64-bit integers; no node has a
 # million CPUs, and a local Ray is started with as many logical CPUs as the actors ask for.
 MIN_WORKER_CPUS, MAX_WORKER_CPUS = 1e-4, 1e6
+# torch starts one OS thread per intra-op thread: far past any machine's cores, 100000 of them fails with "can't
+# start new thread" and a segmentation fault; 5000 already runs a tiny step 40 s.
+MAX_THREADS = 1024
+# Documents are cut to data.seq_len tokens: 16M is far past the longest context these models train on.
+MAX_SEQ_LEN = 1 << 24
+# The synthetic corpus is generated in full before the first step (data.num_documents texts of about
+# data.seq_len tokens each, as lists of Python ints): 2^26 tokens take a few GB.
+MAX_SYNTHETIC_TOKENS = 1 << 26
 
 
 class RefineConfig(Strict):
@@ -154,7 +162,7 @@ class DataSpec(Strict):
     source: PathStr = "synthetic"
     format: FormatName = Field("auto", description="auto: from the file extensions or the folder's contents")
     text_column: str = Field("text", min_length=1)
-    seq_len: int = Field(512, ge=8, description="documents are truncated to this many tokens")
+    seq_len: int = Field(512, ge=8, le=MAX_SEQ_LEN, description="documents are truncated to this many tokens")
     min_length: int = Field(64, description="shorter documents (in tokens, BOS included) are dropped and counted")
     num_documents: int = Field(256, ge=1, description="synthetic corpus size")
     synthetic_tasks: list[Literal["recall", "niah", "mqar"]] = Field(
@@ -173,6 +181,11 @@ class DataSpec(Strict):
         if self.source == "synthetic" and self.num_documents < len(self.synthetic_tasks):
             raise ValueError(f"data.num_documents={self.num_documents} is fewer than the {len(self.synthetic_tasks)} "
                              f"data.synthetic_tasks={self.synthetic_tasks}: each task needs at least one document")
+        if self.source == "synthetic" and self.num_documents * self.seq_len > MAX_SYNTHETIC_TOKENS:
+            raise ValueError(f"data.num_documents={self.num_documents} x data.seq_len={self.seq_len} is more than the "
+                             f"{MAX_SYNTHETIC_TOKENS} tokens a synthetic corpus may hold (it is generated in full "
+                             f"before the first step): at most {MAX_SYNTHETIC_TOKENS // self.seq_len} documents at "
+                             f"this data.seq_len")
         return self
 
 
@@ -194,7 +207,7 @@ class TrainConfig(Strict):
     device: str = "cpu"
     dtype: Literal["float32", "float64", "bfloat16"] = Field(
         "float32", description="the model's weights and compute; with bfloat16 the optimizer keeps float32 masters")
-    threads: int | None = Field(None, ge=1)
+    threads: int | None = Field(None, ge=1, le=MAX_THREADS)
     log_every: int = Field(1, ge=1, description="a metrics.jsonl row every this many steps, and the last step's")
     checkpoint_every: int = Field(0, ge=0, description="0: only at the end")
     out_dir: PathStr = "runs/latest"

@@ -1,6 +1,7 @@
 """Config files, overrides and error messages that name the field and the value."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -566,6 +567,26 @@ def test_extreme_finite_floats_are_refused_naming_field_and_value(override, fiel
         load_config(None, [override])
     message = str(err.value)
     assert f"{field}" in message and value in message, message
+
+
+@pytest.mark.parametrize("overrides,error", [
+    # "can't start new thread", then a segmentation fault, after the earlier run's checkpoint was removed
+    (["train.threads=100000"], "train.threads: Input should be less than or equal to 1024 (got 100000)"),
+    (["data.seq_len=99999999999999999999999"], "data.seq_len: Input should be less than or equal to 16777216"),
+    # generated in full before the first step: minutes, then the out-of-memory killer
+    (["data.seq_len=1000000", "data.num_documents=256"],
+     "data.num_documents=256 x data.seq_len=1000000 is more than the 67108864 tokens a synthetic corpus may hold"),
+])
+def test_sizes_that_would_exhaust_the_machine_are_refused(overrides, error):
+    with pytest.raises(ConfigError, match=re.escape(error)):
+        load_config(None, overrides)
+
+
+def test_the_size_bounds_keep_what_is_sane():
+    config = load_config(None, ["train.threads=1024", "data.seq_len=16777216", "data.source=docs.jsonl",
+                                "data.num_documents=100000"])  # a file source: documents are read, not generated
+    assert (config.train.threads, config.data.seq_len) == (1024, 16777216)
+    assert load_config(None, ["data.seq_len=262144", "data.num_documents=256"]).data.seq_len == 262144
 
 
 def test_the_float_bounds_keep_what_is_sane():
