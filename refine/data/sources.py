@@ -18,6 +18,7 @@ import codecs
 import json
 import logging
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,6 +118,7 @@ class DataStats(BaseModel):
     documents: int = 0
     tokens: int = 0
     too_short: int = 0
+    blank: int = 0  # texts of nothing but whitespace and control characters (see is_blank)
     truncated: int = 0
     bad_rows: int = 0
 
@@ -553,6 +555,15 @@ def require_text(value: Any, column: str, location: str, policy: BadRowPolicy) -
     return None
 
 
+# Whitespace and control characters (NUL, C1 controls): a text of only these has nothing to learn from.
+_BLANK = re.compile(r"[\s\x00-\x1f\x7f-\x9f]*")
+
+
+def is_blank(text: str) -> bool:
+    """Whether `text` holds nothing but whitespace and control characters (an empty text included)."""
+    return _BLANK.fullmatch(text) is not None
+
+
 # Characters per token that a document's head may hold before it is cut (see DocumentStream._head); tokens
 # average about 4 characters of text, and one byte-level token never covers more than one character.
 HEAD_CHARS_PER_TOKEN = 32
@@ -646,8 +657,8 @@ class DocumentStream:
             # encoded whole.
             if len(head) < len(text) and len(encoded[index]) <= self.config.max_length:
                 encoded[index] = self.tokenizer.encode(text)
-        for (row, _), ids in zip(batch, encoded):
-            document = self._finish(row, ids)
+        for (row, text), ids in zip(batch, encoded):
+            document = None if self._blank(text) else self._finish(row, ids)
             # This record is used (or filtered): a restart goes on after it.
             self.cursor = row.index + 1
             if document is not None:
@@ -667,6 +678,14 @@ class DocumentStream:
             return text[:limit]
         cut = max(text.rfind(space, 0, limit) for space in (" ", "\n", "\t"))
         return text[:cut] if cut > limit // 2 else text
+
+    def _blank(self, text: str) -> bool:
+        """Count and drop a blank text (is_blank): its tokens would be padding-like noise, trained on as text.
+        An empty text stays a too-short document, as it always was."""
+        if text and is_blank(text):
+            self.stats.blank += 1
+            return True
+        return False
 
     def _finish(self, row: Row, ids: list[int]) -> TokenizedDocument | None:
         config = self.config

@@ -105,21 +105,24 @@ def _file_documents(config: RunConfig, tokenizer: Tokenizer, cursor: int, warn: 
     stream = DocumentStream(data, tokenizer)
     early = warn  # a pass over a large source takes long: say at once that documents are dropped or cut
     for doc in stream.iter_from(cursor):
-        if early and (stream.stats.too_short or stream.stats.truncated):
+        if early and (stream.stats.too_short or stream.stats.blank or stream.stats.truncated):
             early = False
-            logger.warning("data.source=%r drops documents shorter than data.min_length=%d and cuts those longer "
-                           "than data.seq_len=%d tokens (by record %d: %d dropped, %d cut); the end of this pass "
-                           "reports the counts", spec.source, spec.min_length, spec.seq_len, doc.index + 1,
-                           stream.stats.too_short, stream.stats.truncated)
+            logger.warning("data.source=%r drops documents shorter than data.min_length=%d or blank (only whitespace "
+                           "and control characters) and cuts those longer than data.seq_len=%d tokens (by record %d: "
+                           "%d dropped as too short, %d as blank, %d cut); the end of this pass reports the counts",
+                           spec.source, spec.min_length, spec.seq_len, doc.index + 1, stream.stats.too_short,
+                           stream.stats.blank, stream.stats.truncated)
         yield doc.doc_id, doc.token_ids, doc.index + 1  # record index: filtered and bad rows count too
     # Dropped, cut and skipped documents change what the model trains on: say so once per pass, as a warning
     # when `warn` (until a whole pass was reported: later passes repeat its counts).
     stats = stream.stats
-    level = logging.WARNING if warn and (stats.too_short or stats.truncated or stats.bad_rows) else logging.INFO
+    dropped = stats.too_short or stats.blank or stats.truncated or stats.bad_rows
+    level = logging.WARNING if warn and dropped else logging.INFO
     logger.log(level, "pass over data.source=%r from record %d: %d records read, %d documents kept, "
-                      "%d too short for data.min_length=%d, %d truncated to data.seq_len=%d, %d bad rows skipped",
+                      "%d too short for data.min_length=%d, %d blank, %d truncated to data.seq_len=%d, "
+                      "%d bad rows skipped",
                spec.source, cursor, stats.records_read, stats.documents, stats.too_short, spec.min_length,
-               stats.truncated, spec.seq_len, stats.bad_rows)
+               stats.blank, stats.truncated, spec.seq_len, stats.bad_rows)
 
 
 def document_stream(config: RunConfig, tokenizer: Tokenizer, start_cursor: int = 0) -> Iterator[Item]:

@@ -41,7 +41,7 @@ def test_dropped_and_cut_documents_are_told_at_once_not_only_at_the_end_of_a_pas
     list(islice(stream, 2))  # a long way from the end of the pass
     assert pass_records(caplog) == []
     (message,) = early_warnings(caplog)
-    assert "docs.jsonl" in message and "data.min_length=40" in message and "by record 3: 1 dropped, 0 cut" in message
+    assert "docs.jsonl" in message and "data.min_length=40" in message and "by record 3: 1 dropped as too short, 0 as blank, 0 cut" in message
     list(islice(stream, 30))  # the rest of the pass, and the next whole one: no second early warning
     assert len(early_warnings(caplog)) == 1 and len(pass_records(caplog)) == 1
 
@@ -52,7 +52,8 @@ def test_each_pass_logs_what_was_read_kept_dropped_and_truncated(tmp_path, caplo
     first = list(islice(stream, 4))  # the fourth document starts the second pass
     assert [(doc_id, cursor) for doc_id, _, cursor in first] == [
         ("docs.jsonl:1", 1), ("docs.jsonl:3", 3), ("docs.jsonl:5", 5), ("docs.jsonl:1", 1)]
-    counts = "5 records read, 3 documents kept, 2 too short for data.min_length=40, 1 truncated to data.seq_len=64"
+    counts = ("5 records read, 3 documents kept, 2 too short for data.min_length=40, 0 blank, 1 truncated to "
+              "data.seq_len=64")
     ((level, message),) = pass_records(caplog)
     assert level == logging.WARNING
     assert "docs.jsonl" in message and "from record 0" in message and counts in message
@@ -68,8 +69,23 @@ def test_a_resumed_pass_logs_its_part_and_the_next_whole_pass_still_warns(tmp_pa
     list(islice(stream, 6))  # two documents left in the resumed pass, three in the next, one more after
     (resumed_level, resumed), (whole_level, whole) = pass_records(caplog)
     assert resumed_level == logging.WARNING and "from record 2: 3 records read, 2 documents kept" in resumed
-    assert "1 too short for data.min_length=40, 1 truncated" in resumed
+    assert "1 too short for data.min_length=40, 0 blank, 1 truncated" in resumed
     assert whole_level == logging.WARNING and "from record 0: 5 records read, 3 documents kept" in whole
+
+
+def test_blank_documents_are_dropped_counted_and_warned_about(tmp_path, caplog):
+    """Texts of only whitespace or control characters (NUL included) are long enough in tokens, but nothing to
+    learn from: dropped and counted as blank, and the cursor moves past them."""
+    caplog.set_level(logging.INFO, logger="refine.data.stream")
+    texts = ["a" * 50, " \n\t " * 20, "\x00" * 60, "b" * 60, "\u3000\x85\x7f" * 20]
+    stream = document_stream(run_config(tmp_path, texts), TOKENIZER)
+    first = list(islice(stream, 3))
+    assert [(doc_id, cursor) for doc_id, _, cursor in first] == [
+        ("docs.jsonl:1", 1), ("docs.jsonl:4", 4), ("docs.jsonl:1", 1)]
+    (warning,) = early_warnings(caplog)
+    assert "by record 4: 0 dropped as too short, 2 as blank, 0 cut" in warning
+    ((level, message),) = pass_records(caplog)
+    assert level == logging.WARNING and "5 records read, 2 documents kept" in message and "3 blank" in message
 
 
 def test_a_pass_that_keeps_every_document_whole_logs_at_info(tmp_path, caplog):
@@ -78,7 +94,7 @@ def test_a_pass_that_keeps_every_document_whole_logs_at_info(tmp_path, caplog):
     list(islice(stream, 3))
     ((level, message),) = pass_records(caplog)
     assert level == logging.INFO
-    assert "2 records read, 2 documents kept, 0 too short for data.min_length=40, 0 truncated" in message
+    assert "2 records read, 2 documents kept, 0 too short for data.min_length=40, 0 blank, 0 truncated" in message
 
 
 def test_the_source_record_is_kept_and_a_damaged_one_is_recorded_anew(tmp_path):
