@@ -170,6 +170,13 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
             f"checkpoint {path} does not match {type(model).__name__}: missing={missing} "
             f"unexpected={unexpected} shape mismatches={mismatched}"
         )
+    # load_state_dict would cast integer weights (a quantized checkpoint's) to float silently: scales lost.
+    not_float = [f"{k} ({str(tensors[k].dtype).removeprefix('torch.')})" for k in sorted(expected)
+                 if expected[k].is_floating_point() and not tensors[k].is_floating_point()]
+    if not_float:
+        raise ValueError(f"checkpoint {path} holds {len(not_float)} non-floating tensors where {type(model).__name__} "
+                         f"has floating weights, e.g. {not_float[0]}: a quantized checkpoint loads only "
+                         f"dequantized (float32, bfloat16 or float16)")
     model.load_state_dict(tensors, strict=not config.tie_word_embeddings)
     return model.to(device)
 

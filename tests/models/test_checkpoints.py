@@ -246,6 +246,21 @@ def test_mismatched_checkpoint_names_the_keys(tmp_path):
         load_model(tmp_path)
 
 
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int32])
+@pytest.mark.parametrize("every_tensor", [True, False])
+def test_integer_weights_are_refused_not_cast(tmp_path, dtype, every_tensor):
+    """A quantized checkpoint's integer weights would load as floats of their raw values (without their scales);
+    with every tensor integer, as an all-zero model."""
+    save_model(build_model(dict(model_type="delta_net", hidden_size=32, num_heads=2, num_hidden_layers=1,
+                                vocab_size=60)), tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    names = sorted(tensors) if every_tensor else ["model.layers.0.attn.q_proj.weight"]
+    save_file({k: v.to(dtype) if k in names else v for k, v in tensors.items()}, tmp_path / "model.safetensors")
+    shown = str(dtype).removeprefix("torch.")
+    with pytest.raises(ValueError, match=rf"holds {len(names)} non-floating tensors .* e.g. {names[0]} \({shown}\)"):
+        load_model(tmp_path)
+
+
 def test_bad_config_value_names_field():
     with pytest.raises(ValueError, match="num_heads"):
         build_model(dict(model_type="delta_net", hidden_size=30, num_heads=4, num_hidden_layers=1, vocab_size=10))
