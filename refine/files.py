@@ -9,11 +9,15 @@ from pathlib import Path
 def write_atomically(path: Path, text: str) -> None:
     """Replace `path` whole or not at all: a run killed mid-write leaves the previous file, never half of one."""
     temp = path.with_name(f".{path.name}.tmp")
-    with open(temp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())  # on disk before the rename, so that a machine crash cannot leave it empty
-    os.replace(temp, path)
+    try:
+        with open(temp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())  # on disk before the rename, so that a machine crash cannot leave it empty
+        os.replace(temp, path)
+    except BaseException:  # text that cannot be encoded, a full disk: no half-written temporary file stays
+        temp.unlink(missing_ok=True)
+        raise
 
 
 def sync_tree(path: Path) -> None:
