@@ -104,6 +104,9 @@ def _answers(value: Any, field: str, row: Row, policy: BadRowPolicy) -> list[str
     if not (isinstance(answers, (list, tuple)) and answers and all(isinstance(item, str) for item in answers)):
         policy.reject(row.location, f"field {field!r} must be a non-empty list of strings, got {value!r:.120}")
         return None
+    # A lone surrogate ("\ud800" in JSON) is not UTF-8: eval would fail writing its results, every answer generated.
+    if any(require_text(answer, field, row.location, policy) is None for answer in answers):
+        return None
     # An empty gold answer is a substring of every prediction: it would score any answer as right.
     if any(not answer.strip() for answer in answers):
         policy.reject(row.location, f"field {field!r} holds an empty or whitespace gold answer: {value!r:.120}")
@@ -118,6 +121,23 @@ def _prompt_text(value: Any, field: str, row: Row, policy: BadRowPolicy) -> str 
         policy.reject(row.location, f"field {field!r} is empty or whitespace: {text!r:.40}")
         return None
     return text
+
+
+def _example_id(value: Any, field: str, row: Row, policy: BadRowPolicy) -> tuple[bool, str]:
+    """A row's id as text, else its place in the source; a text id must be writable to the results (UTF-8)."""
+    if value is None:
+        return True, row.doc_id
+    if isinstance(value, str) and require_text(value, field, row.location, policy) is None:
+        return False, ""
+    return True, str(value)
+
+
+def _optional_text(value: Any, field: str, row: Row, policy: BadRowPolicy) -> tuple[bool, str | None]:
+    """An optional text field: None when absent or null; any other non-text value makes a bad row."""
+    if value is None:
+        return True, None
+    text = require_text(value, field, row.location, policy)
+    return text is not None, text
 
 
 def _optional_int(value: Any, field: str, row: Row, policy: BadRowPolicy,
@@ -208,8 +228,9 @@ def load_ruler_qa(
         elif "input" in values:
             # RULER's own output: the answer prefix is part of what the model is given.
             prompt = _prompt_text(values["input"], "input", row, policy)
-            if prompt is not None and isinstance(values.get("answer_prefix"), str):
-                prompt += values["answer_prefix"]
+            if prompt is not None:
+                ok, prefix = _optional_text(values.get("answer_prefix"), "answer_prefix", row, policy)
+                prompt = (prompt + (prefix or "")) if ok else None
             answer_field, default_task = "outputs", ruler_task
         else:
             policy.reject(row.location, f"needs 'prompt' (or RULER's 'input'); fields present: {sorted(values)}")
@@ -220,15 +241,15 @@ def load_ruler_qa(
             policy.reject(row.location, f"field {answer_field!r} missing; fields present: {sorted(values)}")
             continue
         answers = _answers(values[answer_field], answer_field, row, policy)
-        ok, max_new_tokens = _answer_budget(values, row, policy)
-        if answers is None or not ok:
+        ok_max, max_new_tokens = _answer_budget(values, row, policy)
+        ok_task, row_task = _optional_text(values.get("task"), "task", row, policy)
+        ok_id, example_id = _example_id(values.get("index"), "index", row, policy)
+        if answers is None or not (ok_max and ok_task and ok_id):
             continue
-        row_task = values.get("task")
-        identifier = values.get("index")
         examples.append(
             TaskExample(
-                example_id=str(identifier) if identifier is not None else row.doc_id,
-                task=task or (row_task if isinstance(row_task, str) and row_task else default_task),
+                example_id=example_id,
+                task=task or row_task or default_task,
                 prompt=prompt,
                 answers=answers,
                 max_new_tokens=max_new_tokens or None,
@@ -245,12 +266,16 @@ LONGBENCH_COLUMNS = [
 ]
 
 
-def _check_template_fields(template: str) -> None:
-    """Refuse replacement fields other than plain names: `{context.upper}` or `{context[0]}` would fill
-    the prompt with an attribute or a character instead of the text."""
+def _template_fields(template: str) -> set[str]:
+    """The template's replacement fields; refuses fields other than plain names: `{context.upper}` or
+    `{context[0]}` would fill the prompt with an attribute or a character instead of the text."""
+    fields = set()
     for _literal, field, _spec, _conversion in string.Formatter().parse(template):
         if field is not None and not field.isidentifier():
             raise ValueError(f"replacement field {{{field}}} is not a plain field name")
+        if field is not None:
+            fields.add(field)
+    return fields
 
 
 def _read_templates(prompt_templates: Mapping[str, str] | str | Path | None) -> dict[str, str]:
@@ -286,6 +311,7 @@ def load_longbench(
     dataset2prompt.json), else DEFAULT_LONGBENCH_TEMPLATE; templates use {context} and {input}. A row's answer
     budget is its max_gen_tokens, else LongBench's for the dataset (LONGBENCH_MAX_NEW_TOKENS)."""
     templates = _read_templates(prompt_templates)
+    templates_name = repr(str(prompt_templates)) if isinstance(prompt_templates, (str, Path)) else "prompt_templates"
     policy = BadRowPolicy(skip_bad_rows)
     source = _open(path, LONGBENCH_COLUMNS, fmt, policy, split)
     _check_schema(source, [["input", "context", "answers"], ["prompt", "answers"]], f"LongBench source {str(path)!r}")
@@ -306,7 +332,8 @@ def load_longbench(
         ok_classes, all_classes = _optional_classes(values.get("all_classes"), row, policy)
         ok_length, length = _optional_int(values.get("length"), "length", row, policy)
         ok_max, max_new_tokens = _answer_budget(values, row, policy)
-        if not (ok_classes and ok_length and ok_max):
+        ok_id, example_id = _example_id(values.get("_id"), "_id", row, policy)
+        if not (ok_classes and ok_length and ok_max and ok_id):
             continue
         context = question = None
         if "prompt" in values:
@@ -324,28 +351,35 @@ def load_longbench(
             if question is None or context is None:
                 continue
             template = prompt_template or templates.get(name) or templates.get(name.removesuffix("_e"))
+            origin = "prompt_template" if prompt_template else templates_name  # the default template is sound
             template = template or DEFAULT_LONGBENCH_TEMPLATE
             try:
                 text_fields = {key: value for key, value in values.items() if isinstance(value, str)}
-                _check_template_fields(template)
+                fields = _template_fields(template)
                 prompt = template.format_map(text_fields | {"context": context, "input": question})
             except (KeyError, IndexError, ValueError) as error:
                 raise DataSourceError(
                     f"prompt template for {name!r} cannot be filled ({error!r}); it may use only {{context}}, "
                     f"{{input}} and the rows' text fields: {template!r:.200}"
                 ) from error
+            # LongBench's templates all hold {context} (some, as lcc's, no {input}): without it, the model would
+            # answer without the text the row is about.
+            if "context" not in fields:
+                raise DataSourceError(
+                    f"prompt template for {name!r} in {origin} has no {{context}}, so every prompt would leave out "
+                    f"the row's context: {template!r:.200}"
+                )
         if prompt is None:
             continue
-        identifier = values.get("_id")
         examples.append(
             TaskExample(
-                example_id=str(identifier) if identifier is not None else row.doc_id,
+                example_id=example_id,
                 task=name,
                 prompt=prompt,
                 answers=answers,
                 context=context,
                 question=question,
-                all_classes=all_classes or None,
+                all_classes=all_classes,  # [] kept: a classification task refuses it showing the value given
                 max_new_tokens=max_new_tokens or LONGBENCH_MAX_NEW_TOKENS.get(name.removesuffix("_e")),
                 length=length,
                 metadata={"source": row.location},

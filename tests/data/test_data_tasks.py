@@ -223,3 +223,64 @@ def test_a_native_example_past_the_answer_budget_limit_is_a_bad_row(tmp_path):
     row = {"example_id": "x", "task": "t", "prompt": "p", "answers": ["a"], "max_new_tokens": MAX_GEN_TOKENS + 1}
     with pytest.raises(BadRowError, match=rf"line 1: not a task example.*max_new_tokens.*{MAX_GEN_TOKENS}"):
         load_task_examples(write_jsonl(tmp_path / "native.jsonl", [row]))
+
+
+@pytest.mark.parametrize(
+    ("loader", "row", "field"),
+    [
+        (load_ruler_qa, GOOD_RULER | {"answer": ["Oslo", "\ud800"]}, "answer"),
+        (load_ruler_qa, GOOD_RULER | {"answer": "Os\ud800lo"}, "answer"),
+        (load_ruler_qa, {"input": "Q?", "outputs": ["\udfff"]}, "outputs"),
+        (load_ruler_qa, GOOD_RULER | {"index": "id-\ud800"}, "index"),
+        (load_longbench, GOOD_LONGBENCH | {"answers": ["\ud800"]}, "answers"),
+        (load_longbench, GOOD_LONGBENCH | {"_id": "\ud800"}, "_id"),
+    ],
+    ids=["ruler-answer", "ruler-answer-string", "ruler-outputs", "ruler-index", "longbench-answers", "longbench-id"],
+)
+def test_lone_surrogates_in_gold_answers_and_ids_are_bad_rows(tmp_path, loader, row, field):
+    """They were taken: `refine eval` answered every prompt, then failed writing the results ('utf-8' codec can't
+    encode) after truncating the earlier results file."""
+    good = GOOD_RULER if loader is load_ruler_qa else GOOD_LONGBENCH
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")  # ASCII JSON: "\ud800" escapes
+    with pytest.raises(BadRowError, match=rf"rows.jsonl, line 2: column '{field}' holds a lone surrogate"):
+        loader(path)
+    report = LoadReport()
+    assert len(loader(path, skip_bad_rows=True, report=report)) == 1 and report.bad_rows == 1
+
+
+@pytest.mark.parametrize("field", ["answer_prefix", "task"])
+def test_ruler_text_fields_of_another_type_are_bad_rows(tmp_path, field):
+    """answer_prefix: 5 was dropped from the prompt and task: 5 replaced by the default name, silently."""
+    good = {"input": "Doc: Oslo.\nQ: capital?", "outputs": ["Oslo"], "answer_prefix": " Answer:", "task": "qa_1"}
+    path = write_jsonl(tmp_path / "rows.jsonl", [good, good | {field: 5}])
+    with pytest.raises(BadRowError, match=rf"rows.jsonl, line 2: column '{field}' must hold text, got int: 5"):
+        load_ruler_qa(path)
+    report = LoadReport()
+    examples = load_ruler_qa(path, skip_bad_rows=True, report=report)
+    assert len(examples) == 1 and report.bad_rows == 1
+    assert examples[0].prompt.endswith("Q: capital? Answer:") and examples[0].task == "qa_1"
+    # null, or no field, is still no prefix / the default task
+    loose = load_ruler_qa(write_jsonl(tmp_path / "qa.jsonl", [good | {"answer_prefix": None, "task": None}]))[0]
+    assert loose.prompt == good["input"] and loose.task == "qa"
+
+
+def test_a_longbench_template_without_its_context_is_refused_naming_dataset_and_file(tmp_path):
+    """'Answer: {input}' was taken and every prompt lost its context (16 tokens instead of 378)."""
+    path = write_jsonl(tmp_path / "rows.jsonl", [GOOD_LONGBENCH])
+    templates = tmp_path / "dataset2prompt.json"
+    templates.write_text(json.dumps({"hotpotqa": "Answer: {input}\nA:"}))
+    with pytest.raises(DataSourceError, match=rf"prompt template for 'hotpotqa' in {str(templates)!r} has no "
+                                              r"\{context\}"):
+        load_longbench(path, prompt_templates=templates)
+    with pytest.raises(DataSourceError, match=r"'hotpotqa' in prompt_template has no \{context\}"):
+        load_longbench(path, prompt_template="{{context}} {input}")  # an escaped brace is text, not the field
+    # lcc's and passage_count's templates have no {input}: a template needs only {context}.
+    templates.write_text(json.dumps({"hotpotqa": "Code:\n{context}Next line:"}))
+    assert load_longbench(path, prompt_templates=templates)[0].prompt == "Code:\nctx textNext line:"
+
+
+def test_an_empty_class_list_is_kept_as_given(tmp_path):
+    """all_classes: [] became None, so a classification task refused it as 'got None'."""
+    row = GOOD_LONGBENCH | {"dataset": "trec", "all_classes": []}
+    assert load_longbench(write_jsonl(tmp_path / "trec.jsonl", [row]))[0].all_classes == []
