@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from refine.evaluation.metrics import FuzzBackend, LongBenchScoring, aggregate_by_length, task_metric
+from refine.files import write_atomically
 
 PREDICTION_FIELDS = ("prediction", "pred")
 ANSWER_FIELDS = ("answers", "outputs", "answer")
+ID_FIELDS = ("_id", "id", "index")  # a row's own identifier, carried into the per-example scores
 
 
 class PredictionRowError(ValueError):
@@ -158,18 +160,33 @@ def read_class_list(path: str | Path) -> list[Any]:
     return classes
 
 
+def check_ids(row: dict[str, Any], where: str) -> None:
+    """Refuse an identifier the per-example scores could not write: one holding a lone surrogate ("\\ud800" in
+    JSON), which is not UTF-8."""
+    for key in ID_FIELDS:
+        if key in row:
+            try:
+                json.dumps(row[key], ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError as error:
+                surrogate = error.object[error.start]
+                raise PredictionRowError(f"{where}: field {key!r} holds a lone surrogate {surrogate!r}, not encodable "
+                                         f"as UTF-8: {row[key]!r:.80}") from None
+
+
 def write_scores(path: str | Path, numbered: list[tuple[dict[str, Any], int]], scores: list[float]) -> None:
     """Per-example scores as JSON lines: `row` counts the file's rows from 0, `line` is the file line
-    (from 1, blank lines counted) and the row's own identifier is carried when it has one."""
+    (from 1, blank lines counted) and the row's own identifier is carried when it has one. Written whole or not at
+    all: a failure leaves an earlier file as it was."""
     output = Path(path)
     output.parent.mkdir(parents=True, exist_ok=True)
-    with open(output, "w", encoding="utf-8") as handle:
-        for index, ((row, line_number), score) in enumerate(zip(numbered, scores)):
-            record: dict[str, Any] = {"row": index, "line": line_number, "score": score}
-            for key in ("_id", "id", "index"):
-                if key in row:
-                    record[key] = row[key]
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    lines = []
+    for index, ((row, line_number), score) in enumerate(zip(numbered, scores)):
+        record: dict[str, Any] = {"row": index, "line": line_number, "score": score}
+        for key in ID_FIELDS:
+            if key in row:
+                record[key] = row[key]
+        lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+    write_atomically(output, "".join(lines))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -201,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
         numbered = read_jsonl_lines(args.predictions)
         rows = [row for row, _ in numbered]
         row_names = [f"{args.predictions}, line {line_number}" for _, line_number in numbered]
+        if args.output:  # before scoring: a row the per-example scores cannot hold fails naming its line
+            for row, name in zip(rows, row_names):
+                check_ids(row, name)
         if args.output and Path(args.output).is_dir():  # refused before scoring, not after
             raise ValueError(f"--output {args.output!r} is a directory; give a file path")
         all_classes = None

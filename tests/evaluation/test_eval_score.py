@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from refine.evaluation.score import PredictionRowError, main, score_predictions
+from refine.evaluation.score import PredictionRowError, main, score_predictions, write_scores
 
 
 def write_jsonl(path, rows):
@@ -213,3 +213,28 @@ def test_command_line_scores_with_the_release_rules_on_request(tmp_path, capsys)
     release = json.loads(capsys.readouterr().out)
     assert release["score"] == 100.0 and longbench["score"] < 100.0
     assert release["metric"] == "qa_f1_score (REFINE release)"
+
+
+@pytest.mark.parametrize("field", ["_id", "id", "index"])
+def test_an_id_the_per_example_scores_cannot_hold_is_refused_and_the_earlier_file_kept(tmp_path, capsys, field):
+    """_id: "\\ud800" failed writing --output ('utf-8' codec can't encode) after truncating it."""
+    predictions = tmp_path / "preds.jsonl"
+    good = json.dumps({"pred": "cat", "answers": ["cat"], field: "q1"})
+    predictions.write_text(good + "\n\n" + json.dumps({"pred": "cat", "answers": ["cat"], field: ["x\ud800"]}) + "\n")
+    output = tmp_path / "scores.jsonl"
+    output.write_text("earlier scores\n")
+    assert main(["--task", "hotpotqa", "--predictions", str(predictions), "--output", str(output)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"refine score: error: {predictions}, line 3: field {field!r} holds a lone surrogate "
+                          f"'\\ud800'")
+    assert output.read_text() == "earlier scores\n"
+    assert main(["--task", "hotpotqa", "--predictions", str(predictions)]) == 0  # no --output: the id is not written
+
+
+def test_per_example_scores_are_written_whole_or_not_at_all(tmp_path):
+    output = tmp_path / "scores.jsonl"
+    output.write_text("earlier scores\n")
+    numbered = [({"_id": "q1"}, 1), ({"_id": "\ud800"}, 2)]
+    with pytest.raises(UnicodeEncodeError):
+        write_scores(output, numbered, [1.0, 0.0])
+    assert output.read_text() == "earlier scores\n"
