@@ -113,10 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--num-examples", type=int, default=None,
                           help="evaluate the first N examples (default: every row of --data; 20 for niah / mqar, "
                                "whose N x --length may not pass 67108864 tokens)")
-    evaluate.add_argument("--length", type=int, default=512,
-                          help="synthetic prompt length in tokens (niah, mqar), at most 131072: RULER's longest")
+    evaluate.add_argument("--length", type=int, default=None,
+                          help="synthetic prompt length in tokens (niah, mqar; default 512), at most 131072: "
+                               "RULER's longest")
     evaluate.add_argument("--ttt-steps", type=int, default=None,
-                          help="REFINE updates on each prompt with --ttt (default 2), weights restored after it")
+                          help="REFINE updates on each prompt with --ttt (default 2, at most 1000), weights "
+                               "restored after it")
     evaluate.add_argument("--ttt-accumulate", action="store_true",
                           help="with --ttt: keep the adapted weights and optimizer state from example to example")
     evaluate.add_argument("--ttt-batch", type=int, default=None, metavar="N",

@@ -86,8 +86,16 @@ MIN_WORKER_CPUS, MAX_WORKER_CPUS = 1e-4, 1e6
 MAX_THREADS = 1024
 # Documents are cut to data.seq_len tokens: 16M is far past the longest context these models train on.
 MAX_SEQ_LEN = 1 << 24
-# The synthetic corpus is generated in full before the first step (data.num_documents texts of about
-# data.seq_len tokens each, as lists of Python ints): 2^26 tokens take a few GB.
+# The longest synthetic niah / mqar evaluation prompt (`refine eval --length`, demo.eval_length): RULER's longest
+# standard context, 128K tokens, which these tasks stand in for. Each prompt is built whole as text and prefilled
+# in one pass whose activations grow with batch x length x hidden_size: on CPU the tiny model's prefill takes
+# ~2.5 GB for each 128K prompt (lower eval.batch_size there), and at 100M tokens the embeddings of one prompt
+# alone would take 51 GB.
+MAX_SYNTHETIC_LENGTH = 131_072
+# The most tokens a synthetic set may hold: a training corpus (data.num_documents x data.seq_len), an evaluation
+# set (--num-examples x --length, demo.eval_examples x demo.eval_length) or the demo's held-out documents. Each is
+# generated in full before it is used and kept as lists of Python ints (~36 bytes a token), so this is ~2.4 GB;
+# it holds RULER's 500 examples at 128K.
 MAX_SYNTHETIC_TOKENS = 1 << 26
 
 
@@ -326,8 +334,16 @@ class DemoConfig(Strict):
     branch_lr: float = Field(1e-3, gt=0, le=MAX_LR)
     eval_tasks: list[Literal["niah", "mqar"]] = ["niah", "mqar"]
     eval_examples: int = Field(20, ge=1)
-    eval_length: int = Field(384, ge=64, description="NIAH prompt length in tokens")
+    eval_length: int = Field(384, ge=64, le=MAX_SYNTHETIC_LENGTH, description="NIAH prompt length in tokens")
     heldout_documents: int = Field(16, ge=1, description="held-out documents for the NTP loss column")
+
+    @model_validator(mode="after")
+    def _eval_set_fits(self) -> "DemoConfig":
+        if self.eval_examples * self.eval_length > MAX_SYNTHETIC_TOKENS:
+            raise ValueError(f"demo.eval_examples={self.eval_examples} x demo.eval_length={self.eval_length} is more "
+                             f"than the {MAX_SYNTHETIC_TOKENS} tokens an evaluation set may hold (it is generated "
+                             f"in full before anything trains)")
+        return self
 
 
 def tiny_delta_net() -> ModelConfigBase:
@@ -423,6 +439,14 @@ class RunConfig(Strict):
         problem = discovery_dir_problem(self.service.metrics_discovery_dir)
         if problem is not None:
             raise ValueError(f"{discovery_dir_setting(self.service.metrics_discovery_dir)}: {problem}")
+        return self
+
+    @model_validator(mode="after")
+    def _heldout_documents_fit(self) -> "RunConfig":
+        if self.demo is not None and self.demo.heldout_documents * self.data.seq_len > MAX_SYNTHETIC_TOKENS:
+            raise ValueError(f"demo.heldout_documents={self.demo.heldout_documents} x data.seq_len="
+                             f"{self.data.seq_len} is more than the {MAX_SYNTHETIC_TOKENS} tokens the held-out "
+                             f"documents may hold (they are generated in full before anything trains)")
         return self
 
     @model_validator(mode="after")

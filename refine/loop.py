@@ -523,15 +523,20 @@ def run_steps(config: RunConfig, model: FastWeightLM, optimizer: torch.optim.Opt
     return last
 
 
+def check_device(device: str) -> None:
+    """Refuse a `train.device` this machine cannot use (a CUDA device without a GPU that torch can use)."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"train.device={device!r}, but this machine has no CUDA GPU that torch "
+                         f"{torch.__version__} can use: set --set train.device=cpu")
+
+
 def prepare_model(config: RunConfig, training: bool = True) -> FastWeightLM:
     """The run's model on train.device: train.init_from's weights, else new ones seeded by train.seed;
     refused before anything is allocated when it cannot fit there (with its gradients and AdamW's moments
     when `training`)."""
     device = config.train.device
     # Checked where the model is placed: a Ray driver without a GPU may run a config meant for GPU nodes.
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"train.device={device!r}, but this machine has no CUDA GPU that torch "
-                         f"{torch.__version__} can use: set --set train.device=cpu")
+    check_device(device)
     dtype = DTYPES[config.train.dtype]
     init_from = config.train.init_from
     model_config = load_model_config(init_from) if init_from else config.model

@@ -258,10 +258,11 @@ def test_ctrl_c_exits_130_without_a_traceback(monkeypatch, capsys):
 
 def test_eval_help_states_the_length_and_answer_limits(capsys):
     from refine.data.tasks import MAX_GEN_TOKENS
-    from refine.evaluation.runner import MAX_SYNTHETIC_LENGTH
+    from refine.config import MAX_SYNTHETIC_LENGTH
 
     with pytest.raises(SystemExit):
         main(["eval", "--help"])
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
-    assert f"--length LENGTH synthetic prompt length in tokens (niah, mqar), at most {MAX_SYNTHETIC_LENGTH}" in text
+    length = f"--length LENGTH synthetic prompt length in tokens (niah, mqar; default 512), at most {MAX_SYNTHETIC_LENGTH}"
+    assert length in text
     assert f"--max-new-tokens MAX_NEW_TOKENS tokens per answer, at most {MAX_GEN_TOKENS}" in text

@@ -576,6 +576,11 @@ def test_extreme_finite_floats_are_refused_naming_field_and_value(override, fiel
     # generated in full before the first step: minutes, then the out-of-memory killer
     (["data.seq_len=1000000", "data.num_documents=256"],
      "data.num_documents=256 x data.seq_len=1000000 is more than the 67108864 tokens a synthetic corpus may hold"),
+    (["demo.eval_length=131073"], "demo.eval_length: Input should be less than or equal to 131072"),
+    (["demo.eval_examples=1000", "demo.eval_length=131072"],
+     "demo.eval_examples=1000 x demo.eval_length=131072 is more than the 67108864 tokens an evaluation set may hold"),
+    (["demo.heldout_documents=1000000", "data.seq_len=512"],
+     "demo.heldout_documents=1000000 x data.seq_len=512 is more than the 67108864 tokens the held-out documents"),
 ])
 def test_sizes_that_would_exhaust_the_machine_are_refused(overrides, error):
     with pytest.raises(ConfigError, match=re.escape(error)):

@@ -23,13 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from tqdm.auto import tqdm
 
 from refine.algorithm.rewards import check_run_reward
 from refine.algorithm.selection import min_document_length
 from refine.config import (
-    DTYPES, ConfigError, RefineConfig, RunConfig, greedy_or_sampled, load_config, parse_yaml,
+    DTYPES, MAX_SYNTHETIC_LENGTH, MAX_SYNTHETIC_TOKENS, ConfigError, RefineConfig, RunConfig, greedy_or_sampled,
+    load_config, parse_yaml,
 )
 from refine.data.batches import DocumentBatch, pad_documents
 from refine.data.sources import DataSourceError
@@ -37,25 +38,25 @@ from refine.data.synthetic import NiahConfig, Purpose, generate_niah, mqar_for_l
 from refine.data.tasks import MAX_GEN_TOKENS, TaskExample, load_longbench, load_ruler_qa
 from refine.evaluation.metrics import LONGBENCH_FIRST_LINE_TASKS, LongBenchScoring, longbench_task_name, task_metric
 from refine.evaluation.score import score_predictions
+from refine.files import write_atomically
 from refine.generate import generate
-from refine.loop import make_optimizer, train_step
+from refine.loop import check_device, make_optimizer, train_step
 from refine.models import FastWeightLM, load_model, load_model_config
-from refine.models.config import ModelConfigBase
+from refine.models.config import ModelConfigBase, refuse_bool_for_number
 from refine.phases import adapt_and_answer, check_no_kl_term, snapshot_weights
 from refine.tokenizer import Tokenizer, check_eos_matches, check_vocab_fits, resolve_tokenizer
 
 CLI_TASKS = ("niah", "mqar", "ruler-qa", "longbench")
 DEFAULT_MAX_NEW_TOKENS = 32
 DEFAULT_TTT_STEPS = 2  # --ttt-steps: the REFINE updates on each prompt
+# The most --ttt-steps: each step samples rollouts over the whole prompt and updates the weights, for every
+# example. The paper's released scripts take 1 or 2; a slip such as 10**11 would keep one prompt going for ever.
+MAX_TTT_STEPS = 1_000
+# The --seed range: train.seed's lower bound (torch seeds with 64 bits, from -2**63), but at most 2**63 - 1, well
+# under torch's 2**64 - 1: test-time training seeds example (or --ttt-batch batch) i with --seed + i.
+SEED_RANGE = (-2**63, 2**63 - 1)
+DEFAULT_SYNTHETIC_LENGTH = 512  # --length for niah / mqar when not given
 DEFAULT_SYNTHETIC_EXAMPLES = 20  # --num-examples for niah / mqar when not given; task files default to every row
-# The longest --length of a niah / mqar prompt: RULER's longest standard context, 128K tokens, which these tasks
-# stand in for. Each prompt is built whole as text and prefilled in one pass whose activations grow with
-# batch x length x hidden_size: on CPU the tiny model's prefill takes ~2.5 GB for each 128K prompt (lower
-# eval.batch_size there), and at 100M tokens the embeddings of one prompt alone would take 51 GB.
-MAX_SYNTHETIC_LENGTH = 131_072
-# The most tokens a niah / mqar set may hold (--num-examples x --length): every prompt is generated up front and
-# kept as a list of Python ints (~36 bytes a token), so this is ~2.4 GB; it holds RULER's 500 examples at 128K.
-MAX_SYNTHETIC_TOKENS = 1 << 26
 # niah / mqar prompts come from the generators' evaluation streams: salted apart from the training corpus's, so
 # that no --seed (the default 1234 included) reproduces the documents a run trained on, whatever its train.seed.
 SYNTHETIC_PURPOSE: Purpose = "eval"
@@ -66,7 +67,13 @@ TEST_TIME_DEFAULTS: dict[str, Any] = {"reward": "binary", "lambda_nsp": 0.4}
 class EvalOptions(BaseModel):
     """Runner options given as `--set eval.<field>=<value>`."""
 
-    model_config = ConfigDict(extra="forbid")
+    # No inf or NaN (answer_temperature=.inf would reach the results JSON as Infinity), as in the run config.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        return refuse_bool_for_number(value, cls.model_fields[info.field_name].annotation)
 
     max_prompt_tokens: int | None = Field(
         None, ge=2, description="cut longer prompts in the middle (start and end kept); None: never cut"
@@ -223,7 +230,7 @@ def score_examples(task: str, examples: Sequence[TaskExample], predictions: Sequ
         rows = []
         for i in indices:
             row: dict[str, Any] = {"prediction": predictions[i], "answers": examples[i].answers}
-            if examples[i].all_classes:
+            if examples[i].all_classes is not None:  # [] too: a classification task refuses it showing []
                 row["all_classes"] = examples[i].all_classes
             if examples[i].length is not None:
                 row["length"] = examples[i].length
@@ -289,16 +296,17 @@ def evaluate(
     LongBench's own rules, or "refine-release" (the paper's, to compare with its tables)."""
     if not examples:
         raise ValueError("no examples to evaluate")
-    if ttt and ttt_steps < 0:
-        raise ValueError(f"ttt_steps must be >= 0, got {ttt_steps}")
+    if ttt:
+        check_ttt_steps(ttt_steps, "ttt_steps")
     if ttt_accumulate and not ttt:
         raise ValueError("ttt_accumulate=True needs ttt=True: it carries test-time adaptation across examples")
-    check_ttt_batch(ttt_batch, ttt, ttt_accumulate, "ttt_batch")
+    run_config = run_config or RunConfig()
+    check_ttt_batch(ttt_batch, ttt, ttt_accumulate, run_config.train.mini_batches, "ttt_batch")
     check_answer_budget(max_new_tokens, "max_new_tokens")
+    check_seed(seed, "seed")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     check_tokenizer_fits(model.config, tokenizer)
-    run_config = run_config or RunConfig()
     refine_cfg = ttt_refine_config(run_config.refine)
     if ttt:  # test-time training scores its rollouts in-process: tokens and hidden states, no text
         check_run_reward(refine_cfg.reward, refine_cfg.reward_modules, decodes_text=False)
@@ -407,9 +415,10 @@ def evaluate(
     return {"summary": summary, "examples": records}
 
 
-def check_ttt_batch(ttt_batch: int | None, ttt: bool, ttt_accumulate: bool, name: str = "--ttt-batch") -> None:
-    """Refuse a test-time batch that is not a positive count, or that comes without --ttt or with
-    --ttt-accumulate, which batches imply."""
+def check_ttt_batch(ttt_batch: int | None, ttt: bool, ttt_accumulate: bool, mini_batches: int = 1,
+                    name: str = "--ttt-batch") -> None:
+    """Refuse a test-time batch that is not a positive count, that comes without --ttt or with
+    --ttt-accumulate, which batches imply, or that is too small to split into train.mini_batches updates."""
     if ttt_batch is None:
         return
     if ttt_batch < 1:
@@ -418,6 +427,25 @@ def check_ttt_batch(ttt_batch: int | None, ttt: bool, ttt_accumulate: bool, name
         raise ValueError(f"{name}={ttt_batch} needs --ttt: it sets how test-time training takes its prompts")
     if ttt_accumulate:
         raise ValueError(f"{name}={ttt_batch} always carries the adaptation from batch to batch: drop --ttt-accumulate")
+    if ttt_batch < mini_batches:  # a batch of fewer prompts would get fewer updates than asked for
+        raise ValueError(f"{name}={ttt_batch} is smaller than train.mini_batches={mini_batches}: each batch's "
+                         f"prompts are split into train.mini_batches runs, one update each; give {name} >= "
+                         f"{mini_batches} or lower train.mini_batches")
+
+
+def check_ttt_steps(value: int, name: str = "--ttt-steps") -> None:
+    """Refuse a count of REFINE updates on each prompt outside [0, MAX_TTT_STEPS] (see there)."""
+    if not 0 <= value <= MAX_TTT_STEPS:
+        raise ValueError(f"{name} must be in [0, {MAX_TTT_STEPS}], got {value}: each step samples rollouts over "
+                         f"the whole prompt, for every example (the paper's scripts take 1 or 2)")
+
+
+def check_seed(value: int, name: str = "--seed") -> None:
+    """Refuse a seed outside SEED_RANGE (see there), so that every seed the run derives from it is one torch takes."""
+    low, high = SEED_RANGE
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value}: torch takes 64-bit seeds, and "
+                         f"test-time training seeds example i with {name} + i")
 
 
 def _ttt_in_batches(model: FastWeightLM, tokenizer: Tokenizer, prompts: list[list[int]], budgets: list[int],
@@ -523,11 +551,17 @@ def check_answer_budget(value: int | None, name: str = "--max-new-tokens") -> No
                          f"model step per token, and LongBench's longest budget is 512")
 
 
-def check_synthetic_length(task: str, length: int, num_examples: int | None = None) -> None:
+def check_synthetic_length(task: str, length: int | None, num_examples: int | None = None) -> None:
     """Refuse, before any prompt is built, a niah / mqar --length past MAX_SYNTHETIC_LENGTH, or a set of more
-    than MAX_SYNTHETIC_TOKENS tokens (see there; num_examples None: the default count)."""
+    than MAX_SYNTHETIC_TOKENS tokens (see there; None: the default length or count), and a --length for a task
+    read from a file."""
     if task not in ("niah", "mqar"):
+        if length is not None:  # a file's prompts are as long as they are
+            raise ValueError(f"--length {length} applies only to --task niah and mqar, which generate their "
+                             f"prompts; --task {task} reads them from --data (cut long ones with "
+                             f"--set eval.max_prompt_tokens=N)")
         return
+    length = DEFAULT_SYNTHETIC_LENGTH if length is None else length
     if length > MAX_SYNTHETIC_LENGTH:
         raise ValueError(
             f"--length {length} is more than {MAX_SYNTHETIC_LENGTH} tokens, the longest --task {task} prompt: "
@@ -549,13 +583,14 @@ def build_examples(args: argparse.Namespace, tokenizer: Tokenizer, options: Eval
         raise ValueError(f"--num-examples must be >= 1, got {args.num_examples}")
     check_synthetic_length(args.task, args.length, args.num_examples)
     synthetic_count = args.num_examples if args.num_examples is not None else DEFAULT_SYNTHETIC_EXAMPLES
+    length = args.length if args.length is not None else DEFAULT_SYNTHETIC_LENGTH
     if args.task in ("niah", "mqar") and args.data is not None:
         raise ValueError(f"--task {args.task} generates its prompts and reads no --data (got {args.data!r}); "
                          "use --length, --num-examples and --seed")
     if args.task == "niah":
-        settings = f"--length {args.length}, eval.niah_variant={options.niah_variant!r}"
+        settings = f"--length {length}, eval.niah_variant={options.niah_variant!r}"
         try:
-            config = NiahConfig(variant=options.niah_variant, length=args.length, seed=args.seed,
+            config = NiahConfig(variant=options.niah_variant, length=length, seed=args.seed,
                                 purpose=SYNTHETIC_PURPOSE)
         except ValidationError as err:
             raise ValueError(f"invalid needle-in-a-haystack settings ({settings}): {err.errors()[0]['msg']}") from None
@@ -564,7 +599,7 @@ def build_examples(args: argparse.Namespace, tokenizer: Tokenizer, options: Eval
         except ValueError as err:  # e.g. a length the variant's prompt does not fit in
             raise ValueError(f"invalid needle-in-a-haystack settings ({settings}): {err}") from None
     if args.task == "mqar":
-        return mqar_for_length(args.length, tokenizer, synthetic_count, args.seed, purpose=SYNTHETIC_PURPOSE)
+        return mqar_for_length(length, tokenizer, synthetic_count, args.seed, purpose=SYNTHETIC_PURPOSE)
     if args.data is None:
         raise ValueError(f"--data is required for --task {args.task}: a JSON lines, parquet or save_to_disk file")
     if args.task not in TASK_COLUMNS:
@@ -595,21 +630,30 @@ TASK_COLUMNS = {
 }
 
 
+HINT_FIELDS = 20  # the most field names a column hint lists (a row may have thousands)
+
+
 def _column_hint(path: str, task: str) -> str:
-    """For a JSON lines file whose first row lacks every accepted column set: the fields it does have."""
+    """For a JSON lines file whose first row is an object lacking every accepted column set: the fields it does
+    have. Anything else gets no hint (the loader's error already says what is wrong); the hint never fails."""
     if Path(path).suffix not in (".jsonl", ".json") or not Path(path).is_file():
         return ""
     try:
         with open(path, encoding="utf-8") as handle:
             first = next((line for line in handle if line.strip()), "")
-        fields = sorted(json.loads(first)) if first else []
-    except (OSError, ValueError, TypeError):
+        row = json.loads(first) if first else None
+    except (OSError, ValueError, RecursionError):  # RecursionError: JSON nested past Python's stack
+        return ""
+    if not isinstance(row, dict):
         return ""
     alternatives = TASK_COLUMNS[task]
-    if any(all(column in fields for column in columns) for columns in alternatives):
+    if any(all(column in row for column in columns) for columns in alternatives):
         return ""
+    fields = sorted(row)
+    shown = ", ".join(f"{name!r:.60}" for name in fields[:HINT_FIELDS])
+    more = f", ... ({len(fields)} in all)" if len(fields) > HINT_FIELDS else ""
     accepted = " or ".join("+".join(columns) for columns in alternatives)
-    return f"; its first row has fields {fields}, --task {task} expects {accepted}"
+    return f"; its first row has fields [{shown}{more}], --task {task} expects {accepted}"
 
 
 def check_tokenizer_fits(model_config: ModelConfigBase, tokenizer: Tokenizer, model: str = "the model") -> None:
@@ -658,16 +702,23 @@ def main(args: argparse.Namespace) -> int:
     """`refine eval`: load, generate, score, print the summary line, write the results JSON."""
     overrides, options = split_overrides(args.set or [])
     run_config = load_config(args.config, overrides)
-    if args.ttt_steps is not None and args.ttt_steps < 0:
-        raise ValueError(f"--ttt-steps must be >= 0, got {args.ttt_steps}")
     if args.ttt_accumulate and not args.ttt:
         raise ValueError("--ttt-accumulate needs --ttt: it carries test-time adaptation across examples")
-    check_ttt_batch(args.ttt_batch, args.ttt, args.ttt_accumulate)
+    if args.ttt_steps is not None:
+        check_ttt_steps(args.ttt_steps)
+        if not args.ttt:
+            raise ValueError(f"--ttt-steps={args.ttt_steps} needs --ttt: it counts test-time updates on each prompt")
+    check_ttt_batch(args.ttt_batch, args.ttt, args.ttt_accumulate, run_config.train.mini_batches)
     if args.ttt_batch is not None and args.ttt_steps is not None:
         raise ValueError(f"--ttt-steps={args.ttt_steps} and --ttt-batch={args.ttt_batch}: a batch takes "
                          f"train.mini_batches updates (one pass over its prompts), not --ttt-steps")
-    check_answer_budget(args.max_new_tokens)  # both before the model loads
+    check_seed(args.seed)  # all of these before the model loads
+    check_answer_budget(args.max_new_tokens)
     check_synthetic_length(args.task, args.length, args.num_examples)
+    if options.prompt_templates is not None and not Path(options.prompt_templates).is_file():
+        raise ValueError(f"eval.prompt_templates={options.prompt_templates!r} is not a file (LongBench's "
+                         f"dataset2prompt.json, or one like it)")
+    check_device(run_config.train.device)
     if run_config.train.threads:
         torch.set_num_threads(run_config.train.threads)
     model_dir = Path(args.model)
@@ -693,7 +744,7 @@ def main(args: argparse.Namespace) -> int:
     generated = synthetic_set(args.task, args.seed)
     if generated is not None:
         summary["synthetic_set"] = generated
-    output.write_text(json.dumps(results, indent=1, ensure_ascii=False), encoding="utf-8")
+    write_atomically(output, json.dumps(results, indent=1, ensure_ascii=False))  # an earlier file survives a failure
     line = {key: summary[key] for key in ("task", "num_examples", "score", "ttt", "seconds")}
     print(json.dumps(line | {"metric": summary["metric"], "output": str(output)}, ensure_ascii=False))
     return 0

@@ -95,13 +95,13 @@ def test_eval_shows_its_progress_bar_unless_told_not_to(model_dir, tmp_path, cap
 @pytest.mark.parametrize("ttt", [False, True], ids=["plain", "ttt"])
 @pytest.mark.parametrize("task", ["niah", "mqar", "ruler-qa", "longbench"])
 def test_eval_command_writes_scored_results(task, ttt, model_dir, task_files, tmp_path, capsys):
-    argv = ["--model", str(model_dir), "--task", task, "--num-examples", "2", "--length", "320", "--ttt-steps", "1"]
+    argv = ["--model", str(model_dir), "--task", task, "--num-examples", "2"]
     if task in task_files:
         argv += ["--data", str(task_files[task])]
     else:
-        argv += ["--max-new-tokens", "6"]
+        argv += ["--length", "320", "--max-new-tokens", "6"]
     output = tmp_path / "out" / "results.json"
-    code, line, err = run_eval(capsys, *argv, "--output", str(output), *(["--ttt"] if ttt else []))
+    code, line, err = run_eval(capsys, *argv, "--output", str(output), *(["--ttt", "--ttt-steps", "1"] if ttt else []))
     assert code == 0, err
     assert line["task"] == task and line["num_examples"] == 2 and line["ttt"] is ttt
     assert 0.0 <= line["score"] <= 100.0 and line["seconds"] >= 0
@@ -715,3 +715,173 @@ def test_an_answer_budget_past_the_limit_is_refused_before_the_model_loads(model
     examples = [TaskExample(example_id="q", task="niah", prompt="the cat sat on", answers=["mat"])]
     with pytest.raises(ValueError, match=rf"max_new_tokens must be in \[1, {MAX_GEN_TOKENS}\] tokens, got 0"):
         evaluate(load_model(model_dir), TOKENIZER, examples, "niah", max_new_tokens=0, progress=False)
+
+
+# ---------------------------------------------------------------- bad input: hints, options, rows
+
+
+def test_the_column_hint_never_fails_and_lists_only_an_objects_field_names(tmp_path):
+    """A line nested 100,000 deep raised RecursionError from the hint; a first line holding a list of a 1 MB
+    object was printed whole (a 1,000,258-byte error message)."""
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    big = tmp_path / "big.jsonl"
+    big.write_text(json.dumps([{"k" * 1_000_000: 1}]) + "\n")
+    for path in (deep, big):
+        assert runner._column_hint(str(path), "ruler-qa") == ""
+    wide = write_jsonl(tmp_path / "wide.jsonl", [{f"f{i:03}": 1 for i in range(500)} | {"x" * 10_000: 1}])
+    hint = runner._column_hint(str(wide), "longbench")
+    assert hint.startswith("; its first row has fields ['f000', 'f001',") and "... (501 in all)" in hint
+    assert len(hint) < 1000 and "expects input+context+answers or prompt+answers" in hint
+
+
+def test_a_deeply_nested_first_line_is_a_one_line_error(model_dir, tmp_path, capsys):
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    code, line, err = run_eval(capsys, "--model", str(model_dir), "--task", "ruler-qa", "--data", str(deep))
+    assert code == 2 and line is None and "Traceback" not in err and "deep.jsonl, line 1" in err
+
+
+def test_a_cuda_device_without_a_gpu_is_refused_before_the_model_loads(model_dir, tmp_path, capsys, monkeypatch,
+                                                                       nothing_expensive):
+    """It was an AssertionError traceback from moving the loaded weights."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, line, err = run_eval(capsys, "--model", str(model_dir), "--task", "niah", "--set", "train.device=cuda",
+                               "--output", str(tmp_path / "r.json"))
+    assert code == 2 and line is None and "Traceback" not in err
+    assert err.startswith("refine: error: train.device='cuda', but this machine has no CUDA GPU")
+
+
+@pytest.mark.parametrize(("rows", "message"), [
+    ([RULER_ROWS[0], RULER_ROWS[0] | {"answer": ["Oslo", "\ud800"]}], "line 2: column 'answer' holds a lone surrogate"),
+    ([RULER_ROWS[1] | {"index": "\ud800"}], "line 1: column 'index' holds a lone surrogate"),
+], ids=["answer", "index"])
+def test_rows_the_results_cannot_hold_are_refused_before_answering_and_keep_earlier_results(
+        model_dir, tmp_path, capsys, rows, message):
+    """Every answer was generated, then writing failed ('utf-8' codec can't encode) and the earlier results file
+    was left empty."""
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))  # ASCII JSON: "\ud800" escapes
+    output = tmp_path / "r.json"
+    output.write_text('{"earlier": "results"}')
+    code, line, err = run_eval(capsys, "--model", str(model_dir), "--task", "ruler-qa", "--data", str(data),
+                               "--max-new-tokens", "2", "--output", str(output))
+    assert code == 2 and line is None and f"qa.jsonl, {message}" in err
+    assert output.read_text() == '{"earlier": "results"}'
+
+
+def test_results_that_fail_to_write_leave_the_earlier_file_whole(model_dir, tmp_path, capsys, monkeypatch):
+    output = tmp_path / "r.json"
+    output.write_text('{"earlier": "results"}')
+    summary = {"task": "niah", "num_examples": 1, "score": 0.0, "ttt": False, "seconds": 0.0, "metric": ["m"],
+               "note": "\ud800"}  # what a write cannot encode
+    monkeypatch.setattr(runner, "evaluate", lambda *args, **kwargs: {"summary": summary, "examples": []})
+    monkeypatch.setattr(runner, "build_examples", lambda *args, **kwargs: [])
+    code, _, err = run_eval(capsys, "--model", str(model_dir), "--task", "niah", "--output", str(output))
+    assert code == 2 and "can't encode" in err
+    assert output.read_text() == '{"earlier": "results"}'
+
+
+@pytest.mark.parametrize(("seed", "ttt"), [(2**64 - 1, ["--ttt"]), (2**64, []), (-2**63 - 1, []), (2**63, [])])
+def test_a_seed_outside_its_range_is_refused_by_name_before_the_model_loads(model_dir, tmp_path, capsys,
+                                                                          nothing_expensive, seed, ttt):
+    """'Overflow when unpacking long long', without naming --seed; with --ttt, 2**64 - 1 failed only at the second
+    example (--seed + 1)."""
+    code, line, err = run_eval(capsys, "--model", str(model_dir), "--task", "niah", "--seed", str(seed), *ttt,
+                               "--output", str(tmp_path / "r.json"))
+    low, high = runner.SEED_RANGE
+    assert code == 2 and line is None and err.startswith(f"refine: error: --seed must be in [{low}, {high}], "
+                                                         f"got {seed}")
+    examples = [TaskExample(example_id="q", task="niah", prompt="the cat sat on", answers=["mat"])]
+    with pytest.raises(ValueError, match=rf"^seed must be in \[{low}, {high}\], got {seed}"):
+        evaluate(load_model(model_dir), TOKENIZER, examples, "niah", ttt=bool(ttt), seed=seed, progress=False)
+
+
+@pytest.mark.parametrize("seed", runner.SEED_RANGE)
+def test_every_seed_a_run_derives_from_a_seed_in_range_is_valid(model_dir, tmp_path, capsys, seed):
+    for mode in (["--ttt-steps", "1"], ["--ttt-batch", "1"]):
+        code, line, err = run_eval(capsys, "--model", str(model_dir), "--task", "mqar", "--num-examples", "2",
+                                   "--length", "128", "--max-new-tokens", "1", "--seed", str(seed), "--ttt", *mode,
+                                   "--output", str(tmp_path / "r.json"))
+        assert code == 0, err
+
+
+@pytest.mark.parametrize(("setting", "problem"), [
+    ("eval.answer_temperature=.inf", "eval.answer_temperature: Input should be a finite number"),
+    ("eval.answer_temperature=.nan", "eval.answer_temperature: Input should be a finite number"),
+    ("eval.answer_temperature=true", "eval.answer_temperature: Value error, must be a number, got the boolean True"),
+    ("eval.answer_top_k=true", "eval.answer_top_k: Value error, must be a number, got the boolean True"),
+    ("eval.batch_size=true", "eval.batch_size: Value error, must be a number, got the boolean True"),
+    ("eval.max_prompt_tokens=false", "eval.max_prompt_tokens: Value error, must be a number, got the boolean False"),
+])
+def test_eval_options_refuse_infinities_and_booleans_for_numbers(setting, problem):
+    """.inf reached the results JSON as Infinity; true was taken as 1."""
+    with pytest.raises(runner.ConfigError, match=f"invalid eval option: {problem}"):
+        runner.split_overrides([setting])
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--ttt", "--ttt-batch", "1", "--set", "train.mini_batches=2"],
+     "--ttt-batch=1 is smaller than train.mini_batches=2"),
+    (["--ttt-steps", "3"], "--ttt-steps=3 needs --ttt"),
+    (["--ttt", "--ttt-steps", "100000000000"], f"--ttt-steps must be in [0, {runner.MAX_TTT_STEPS}], got 100000000000"),
+    (["--ttt", "--ttt-steps", "-1"], f"--ttt-steps must be in [0, {runner.MAX_TTT_STEPS}], got -1"),
+], ids=["batch-below-mini-batches", "steps-without-ttt", "steps-past-limit", "negative-steps"])
+def test_test_time_options_that_would_be_ignored_clamped_or_endless_are_refused(model_dir, tmp_path, capsys,
+                                                                               nothing_expensive, extra, message):
+    code, line, err = run_eval(capsys, "--model", str(model_dir), "--task", "niah", *extra,
+                               "--output", str(tmp_path / "r.json"))
+    assert code == 2 and line is None and err.startswith(f"refine: error: {message}")
+
+
+def test_evaluate_refuses_the_same_test_time_settings(model_dir):
+    model = load_model(model_dir)
+    examples = [TaskExample(example_id="q", task="niah", prompt="the cat sat on the mat " * 20, answers=["mat"])]
+    config = RunConfig.model_validate({"train": {"mini_batches": 2}})
+    with pytest.raises(ValueError, match="ttt_batch=1 is smaller than train.mini_batches=2"):
+        evaluate(model, TOKENIZER, examples, "niah", ttt=True, run_config=config, ttt_batch=1, progress=False)
+    with pytest.raises(ValueError, match=rf"ttt_steps must be in \[0, {runner.MAX_TTT_STEPS}\]"):
+        evaluate(model, TOKENIZER, examples, "niah", ttt=True, ttt_steps=runner.MAX_TTT_STEPS + 1, progress=False)
+
+
+@pytest.mark.parametrize("task", ["ruler-qa", "longbench"])
+def test_a_length_for_a_task_read_from_a_file_is_refused(model_dir, task_files, tmp_path, capsys, nothing_expensive,
+                                                         task):
+    for length in ("4096", "512"):  # 512, niah's and mqar's default, too: any --length given is refused
+        code, line, err = run_eval(capsys, "--model", str(model_dir), "--task", task, "--data",
+                                   str(task_files[task]), "--length", length, "--output", str(tmp_path / "r.json"))
+        assert code == 2 and line is None
+        assert err.startswith(f"refine: error: --length {length} applies only to --task niah and mqar, which "
+                              f"generate their prompts; --task {task} reads them from --data")
+
+
+@pytest.mark.parametrize("task", ["niah", "ruler-qa"])
+def test_a_prompt_templates_file_that_does_not_exist_is_refused_whatever_the_task(model_dir, task_files, tmp_path,
+                                                                                 capsys, nothing_expensive, task):
+    data = ["--data", str(task_files[task])] if task in task_files else []
+    code, line, err = run_eval(capsys, "--model", str(model_dir), "--task", task, *data, "--set",
+                               "eval.prompt_templates=nope.json", "--output", str(tmp_path / "r.json"))
+    assert code == 2 and line is None
+    assert err.startswith("refine: error: eval.prompt_templates='nope.json' is not a file")
+
+
+def test_a_longbench_template_without_the_context_is_refused(model_dir, task_files, tmp_path, capsys):
+    templates = tmp_path / "dataset2prompt.json"
+    templates.write_text(json.dumps({"hotpotqa": "Answer the question: {input}\nAnswer:"}))
+    code, line, err = run_eval(capsys, "--model", str(model_dir), "--task", "longbench", "--data",
+                               str(task_files["longbench"]), "--set", f"eval.prompt_templates={templates}",
+                               "--output", str(tmp_path / "r.json"))
+    assert code == 2 and line is None
+    assert f"prompt template for 'hotpotqa' in {str(templates)!r} has no {{context}}" in err
+
+
+def test_an_empty_class_list_is_refused_showing_it(model_dir, tmp_path, capsys):
+    """'needs all_classes ..., got None' for a row that gave []."""
+    data = write_jsonl(tmp_path / "trec.jsonl", [LONGBENCH_ROWS[1] | {"all_classes": []}])
+    code, line, err = run_eval(capsys, "--model", str(model_dir), "--task", "longbench", "--data", str(data),
+                               "--output", str(tmp_path / "r.json"))
+    assert code == 2 and line is None
+    assert "task 'trec' is a classification task and needs 'all_classes' (a list of class names), got []" in err
+    examples = [TaskExample(example_id="t", task="trec", prompt="p", answers=["Human"], all_classes=[])]
+    with pytest.raises(ValueError, match=r"needs 'all_classes' .*got \[\]"):
+        score_examples("longbench", examples, ["Human"])
