@@ -193,6 +193,8 @@ def detect_format(path: str | Path) -> SourceFormat:
             f"cannot tell the format of {str(path)!r} from its extension {suffix!r}: "
             f"expected one of {sorted(_EXTENSIONS)} or set format explicitly"
         )
+    if not location.is_dir():  # a FIFO, a device (a link to /dev/zero): no records to count or resume in
+        raise DataSourceError(f"data path {str(path)!r} is neither a regular file nor a folder")
     if any((location / marker).is_file() for marker in _HF_MARKERS):
         return "hf"
     found = sorted({_EXTENSIONS[file.suffix.lower()] for file in _folder_files(location)})

@@ -1,5 +1,6 @@
 import json
 import logging
+import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -405,6 +406,15 @@ def test_a_parquet_folder_keeps_open_only_the_shard_it_reads(tmp_path):
     assert len(list(descriptors.iterdir())) - before <= 2  # one shard (and pyarrow's own), not forty
     assert 1 + sum(1 for _ in documents) == 80
     assert DocumentStream(config(tmp_path), TOKENIZER).iter_from(75).__next__().doc_id == "part-037.parquet:1"
+
+
+def test_a_fifo_or_a_device_is_refused_as_neither_file_nor_folder(tmp_path):
+    fifo, device = tmp_path / "pipe.jsonl", tmp_path / "zero.jsonl"
+    os.mkfifo(fifo)
+    device.symlink_to("/dev/zero")
+    for path in (fifo, device):
+        with pytest.raises(DataSourceError, match=f"data path '{path}' is neither a regular file nor a folder"):
+            detect_format(path)
 
 
 def test_folder_sources_read_any_case_skip_hidden_files_and_refuse_compressed_ones(tmp_path):
