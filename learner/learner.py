@@ -40,7 +40,7 @@ from refine.config import RunConfig, run_tokenizer
 from refine.loop import StepResult, finite_stats, make_optimizer, prepare_model
 from services.messages import DataCursor, DocumentBatch, ScoredBatch
 from services.progress import LearnerProgress, StepReport, read_recorded, write_progress
-from services.resilience import TRANSIENT, OutageTolerance, outage_timeout_s, retry_redis
+from services.resilience import TRANSIENT, OutageTolerance, RedisOutage, outage_timeout_s, retry_redis
 from services.role import RoleRuntime
 from services.streams import (
     CONSUMED_KEY, DOCUMENTS, DROPPED_KEY, LEARNER_GROUP, LEARNER_REPORTS, SCORED, DocumentStore, document_batch_id_for,
@@ -405,15 +405,22 @@ class Learner:
         last step's stats as JSON."""
         outage = OutageTolerance("learner", self.outage_timeout_s)
         try:
-            while self.state.step < self.config.train.steps:
-                try:
-                    if self.runtime.stop_requested():
-                        logger.info("stop requested at step %d", self.state.step)
-                        break
-                    self.run_once(block_ms)
-                    outage.succeeded()
-                except TRANSIENT as exc:
-                    outage.failed(exc)
+            try:
+                while self.state.step < self.config.train.steps:
+                    try:
+                        if self.runtime.stop_requested():
+                            logger.info("stop requested at step %d", self.state.step)
+                            break
+                        self.run_once(block_ms)
+                        outage.succeeded()
+                    except TRANSIENT as exc:
+                        outage.failed(exc)
+            except RedisOutage:
+                # Redis is gone for good, the steps trained since the last checkpoint are not: a checkpoint
+                # needs only the disk, and keeps the reports the orchestrator could not write (--resume).
+                if self.checkpointed_step != self.state.step:
+                    self.checkpoint()
+                raise
             if self.checkpointed_step != self.state.step:
                 self.checkpoint()
             self._write_progress(done=True)

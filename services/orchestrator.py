@@ -119,6 +119,9 @@ MAX_RESTARTS_PER_ROLE = 20
 RESTART_WINDOW_S = 3600.0
 HOUSEKEEPING_INTERVAL_S = 2.0
 STOP_GRACE_S = 60.0
+# Reports delivered to the orchestrator this long ago and never acknowledged (their reply lost in a Redis outage)
+# are read again by the housekeeping.
+REPORT_RECLAIM_IDLE_MS = 5000
 REDIS_RETRY_PAUSE_S = 0.5
 
 
@@ -709,13 +712,16 @@ class Orchestrator:
             cursor=self.data_position.advance(batch.cursor, self.config.data.source, batch.cursors),
         )
 
-    def _drain_reports(self, block_ms: int | None, reclaim: bool = False) -> int:
-        """Write the learner's new reports; returns how many were read."""
-        reports = self.broker.consume(LEARNER_REPORTS, ORCHESTRATOR_GROUP, "orchestrator", StepReport, count=100,
-                                      block_ms=block_ms)
-        if reclaim:  # reports delivered while Redis went down, their reply lost
-            reports += self.broker.reclaim(LEARNER_REPORTS, ORCHESTRATOR_GROUP, "orchestrator", StepReport,
-                                           min_idle_ms=5000)
+    def _drain_reports(self, block_ms: int | None, reclaim_idle_ms: int | None = None) -> int:
+        """Write the learner's new reports, and with `reclaim_idle_ms` those delivered to this orchestrator at
+        least that long ago but never acknowledged; returns how many were read."""
+        reports = []
+        if reclaim_idle_ms is not None:  # delivered while Redis went down (the reply lost), or before a Ctrl-C;
+            # read first: they are older than any new report, and metrics.jsonl keeps the steps in order
+            reports = self.broker.reclaim(LEARNER_REPORTS, ORCHESTRATOR_GROUP, "orchestrator", StepReport,
+                                          min_idle_ms=reclaim_idle_ms)
+        reports += self.broker.consume(LEARNER_REPORTS, ORCHESTRATOR_GROUP, "orchestrator", StepReport, count=100,
+                                       block_ms=block_ms)
         confirmed = self.recorded_through
         for entry_id, report in reports:
             # A report recorded but not acknowledged comes back once.
@@ -804,7 +810,7 @@ class Orchestrator:
         if now < self._next_housekeeping:
             return
         self._next_housekeeping = now + HOUSEKEEPING_INTERVAL_S
-        self._drain_reports(block_ms=None, reclaim=True)
+        self._drain_reports(block_ms=None, reclaim_idle_ms=REPORT_RECLAIM_IDLE_MS)
         self._check_dead_letters()
         current = {member.member_id for member in self.members}
         for stream, group in {(member.stream, member.group) for member in self.members}:
@@ -850,7 +856,9 @@ class Orchestrator:
             raise ServiceError(f"the learner failed: {describe_failure(exc)}{self._resume_hint(exc)}") from exc
         self._check_replicas(result)
         self._stop_flag("finished")
-        while self._drain_reports(block_ms=None):  # every report: there may be more than one read returns
+        # Every report, those a Ctrl-C left delivered but unwritten too (the orchestrator is their only reader):
+        # there may be more than one read returns.
+        while self._drain_reports(block_ms=None, reclaim_idle_ms=0):
             pass
         # Only members Ray placed: an actor still waiting for its bundle never returns, and would hold the run's end
         # for STOP_GRACE_S.
@@ -898,7 +906,7 @@ class Orchestrator:
             return
         try:
             # The steps it took meanwhile go to metrics.jsonl too: it must match the checkpoint on resume.
-            while self._drain_reports(block_ms=None):
+            while self._drain_reports(block_ms=None, reclaim_idle_ms=0):
                 pass
         except (redis.RedisError, OSError) as exc:
             logger.warning("could not read the learner's last reports: %s", exc)

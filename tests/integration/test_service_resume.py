@@ -7,11 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from learner.checkpoint import latest_checkpoint, read_learner_state
 from service_helpers import run_in_background, step_rows, tiny_config, wait_for
 from services.broker import Broker
 from services.orchestrator import Orchestrator, ServiceError, run
 from services.progress import read_progress
 from services.redis_server import EmbeddedRedis, connect
+from services.streams import LEARNER_REPORTS
 
 pytestmark = pytest.mark.slow
 
@@ -104,3 +106,41 @@ def test_resume_after_the_driver_died_loses_nothing_and_keeps_the_run_config(ray
     assert [row["step"] for row in step_rows(run_dir)] == [1, 2, 3]
     assert step_rows(run_dir)[:2] == rows
     assert list((tmp_path / "prometheus").glob("*.json")) == []
+
+
+def test_a_ctrl_c_during_a_report_read_still_writes_that_report(ray_session, tmp_path: Path, monkeypatch) -> None:
+    """The signal lands after Redis delivered a learner report to the driver, before the driver wrote it: the
+    graceful stop that follows still writes it, so metrics.jsonl holds every step the checkpoint holds (the entry
+    stays pending for the driver's consumer, which reads only new entries)."""
+    config = tiny_config(tmp_path, "train.steps=200", "train.checkpoint_every=0")
+    armed: dict = {"on": False, "interrupted": None}
+    consume = Broker.consume
+
+    def interrupted_once(self: Broker, stream: str, *args, **kwargs):
+        entries = consume(self, stream, *args, **kwargs)
+        if stream == LEARNER_REPORTS and armed["on"] and entries:
+            armed["on"], armed["interrupted"] = False, [report.step for _, report in entries]
+            raise KeyboardInterrupt
+        return entries
+
+    monkeypatch.setattr(Broker, "consume", interrupted_once)
+    redis_server = EmbeddedRedis().start()
+    try:
+        broker = Broker(connect(redis_server.url), config.service.namespace)
+        thread, outcome = run_in_background(config, redis_url=redis_server.url)
+
+        def trained_three_steps() -> bool:
+            assert thread.is_alive(), outcome.get("error")
+            return (getattr(read_progress(broker), "step", 0) or 0) >= 3
+
+        wait_for(trained_three_steps, "three steps", timeout_s=120.0, poll_s=0.02)
+        armed["on"] = True
+        thread.join(timeout=180)
+        assert not thread.is_alive(), "the interrupted run did not end"
+    finally:
+        redis_server.stop()
+    assert "error" not in outcome, outcome.get("error")
+    assert armed["interrupted"], "no report read was interrupted"
+    checkpoint = read_learner_state(latest_checkpoint(tmp_path / "run"))
+    assert [row["step"] for row in step_rows(tmp_path / "run")] == list(range(1, checkpoint.step + 1))
+    assert set(armed["interrupted"]) <= set(range(1, checkpoint.step + 1))

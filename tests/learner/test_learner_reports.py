@@ -20,6 +20,8 @@ from refine.loop import NONFINITE_KEY
 from services.messages import DataCursor, DocumentBatch, ScoredBatch
 from services.orchestrator import restore_reports
 from services.progress import StepReport, write_recorded
+from services.redis_server import EmbeddedRedis
+from services.resilience import RedisOutage
 from services.streams import DOCUMENTS, LEARNER_GROUP, SCORED, document_batch_id_for, rollout_batch_id_for
 
 SERVICE_TINY = Path(__file__).resolve().parents[2] / "configs" / "service_tiny.yaml"
@@ -144,3 +146,29 @@ def test_a_damaged_local_checkpoint_is_one_error_naming_its_file(tmp_path):
     with pytest.raises(ValueError, match="trainer.pt: not a readable training checkpoint") as error:
         read_learner_state(tmp_path)
     assert "weights_only" not in str(error.value)
+
+
+def test_a_learner_whose_redis_is_gone_for_good_checkpoints_the_steps_it_trained(tmp_path: Path) -> None:
+    """Redis stays away past the outage tolerance: the run ends, but the steps trained since the last checkpoint
+    (and their reports, which the orchestrator could not write) are saved on the way out, for --resume."""
+    server = EmbeddedRedis().start()  # this test's own server: it is stopped halfway
+    config = load_config(SERVICE_TINY, [f"train.out_dir={tmp_path / 'run'}", "service.mode=colocated",
+                                        f"service.metrics_discovery_dir={tmp_path / 'prometheus'}",
+                                        f"service.namespace=test-{uuid.uuid4().hex[:10]}", "train.checkpoint_every=0",
+                                        "train.steps=10"])
+    learner = Learner(config.model_dump_json(), server.url, config.service.namespace)
+    try:
+        learner.broker.ensure_group(DOCUMENTS, LEARNER_GROUP, start_id="0")
+        for index in range(3):
+            learner.broker.publish(DOCUMENTS, _documents(index))
+            assert learner.run_once(block_ms=100) == 1
+        server.stop()
+        learner.outage_timeout_s = 1.0  # the run's tolerance is at least a minute
+        with pytest.raises(RedisOutage):
+            learner.run(block_ms=100)
+        checkpoint = latest_checkpoint(learner.out_dir)
+        assert read_learner_state(checkpoint).step == 3
+        assert [report.step for report in read_checkpoint_reports(checkpoint)] == [1, 2, 3]
+    finally:
+        learner.runtime.close()
+        server.stop()
