@@ -660,6 +660,9 @@ class Orchestrator:
         try:
             first = self.outage.record(exc)
         except RedisOutage:
+            # The learner gives up on Redis after as long, and checkpoints first: wait for it, so that the
+            # message can point at that checkpoint.
+            self._let_learner_stop()
             raise ServiceError(f"Redis at {url} unreachable for {timeout:.0f}s ({type(exc).__name__}: {exc}); "
                                f"the run stopped{self._resume_hint(None)}") from exc
         if first:
