@@ -78,9 +78,12 @@ MAX_CLIP_RATIO_HIGH = 1e9
 # Roles beat once a second: a role silent for a day is gone. Twice the timeout, in milliseconds, is Redis'
 # XAUTOCLAIM min-idle-time (a 64-bit integer), ten times it the learners' torch.distributed timeout.
 MAX_HEARTBEAT_TIMEOUT_S = 86_400.0
-# Ray accounts resources in units of 1e-4 (it refuses a finer fraction) in 64-bit integers; no node has a
-# million CPUs, and a local Ray is started with as many logical CPUs as the actors ask for.
-MIN_WORKER_CPUS, MAX_WORKER_CPUS = 1e-4, 1e6
+# Ray accounts resources in units of 1e-4 (it refuses a finer fraction). A local Ray is started with as many
+# logical CPUs as the actors ask for, and at 100000 of them its actors fail to start threads
+# ("pthread_create failed") and die unnamed; the largest nodes have a few hundred cores.
+MIN_WORKER_CPUS, MAX_WORKER_CPUS = 1e-4, 1024.0
+# Actors per role: each is a process holding a model copy; far past any cluster's useful count.
+MAX_ROLE_ACTORS = 1024
 # torch starts one OS thread per intra-op thread: far past any machine's cores, 100000 of them fails with "can't
 # start new thread" and a segmentation fault; 5000 already runs a tiny step 40 s.
 MAX_THREADS = 1024
@@ -179,6 +182,12 @@ class DataSpec(Strict):
     )
     skip_bad_rows: bool = False
 
+    @field_validator("source")
+    @classmethod
+    def _home_exists(cls, value: str) -> str:
+        _expand_home(value)  # "~nobody/...": refused naming the field, not a traceback when the source is read
+        return value
+
     @field_validator("min_length")
     @classmethod
     def _trainable_length(cls, value: int) -> int:
@@ -271,7 +280,10 @@ def discovery_dir_setting(path: str | Path) -> str:
 def discovery_dir_problem(path: str | Path) -> str | None:
     """Why `path` cannot be the metrics discovery directory, as far as can be told without creating it: it,
     or the nearest of its parents that exists, is not a directory. None when nothing is wrong so far."""
-    path = Path(path).expanduser()
+    try:
+        path = Path(path).expanduser()
+    except RuntimeError:  # "~nobody/...": no such user
+        return f"{str(path)!r} starts with a home directory that cannot be found (no such user)"
     for candidate in (path, *path.parents):
         try:
             if not candidate.exists():
@@ -285,6 +297,19 @@ def discovery_dir_problem(path: str | Path) -> str | None:
     return None
 
 
+# A run's Redis keys are "<namespace>:<kind>:...": a namespace with ":" would own another run's keys (a run
+# namespaced "team" deletes "team:run2:..." at its end), and whitespace breaks key patterns.
+NAMESPACE_PATTERN = re.compile(r"[A-Za-z0-9_.\-]+")
+
+
+def check_namespace(namespace: object, name: str = "namespace") -> str:
+    """`namespace` if it is a usable Redis key prefix (NAMESPACE_PATTERN), else a ValueError naming `name`."""
+    if not isinstance(namespace, str) or NAMESPACE_PATTERN.fullmatch(namespace) is None:
+        raise ValueError(f"{name} must be letters, digits, '_', '-' or '.' (a ':' would reach into other runs' "
+                         f"keys), got {namespace!r}")
+    return namespace
+
+
 class ServiceConfig(Strict):
     """The distributed service: Ray actors exchanging messages through Redis streams."""
 
@@ -293,11 +318,12 @@ class ServiceConfig(Strict):
     )
     ray_address: str | None = Field(None, description="None: start a local Ray (or use RAY_ADDRESS when set)")
     redis_url: str | None = Field(None, description="None: start an embedded Redis for the run (or REFINE_REDIS_URL)")
-    namespace: str | None = Field(None, description="Redis key prefix; None: derived from the run directory")
-    num_rollout_workers: int = Field(2, ge=1)
+    namespace: str | None = Field(None, description="Redis key prefix (letters, digits, '_', '-', '.'); None: "
+                                                     "derived from the run directory")
+    num_rollout_workers: int = Field(2, ge=1, le=MAX_ROLE_ACTORS)
     num_learners: int = Field(1, ge=1, description="data-parallel learner ranks (torch.distributed: gloo on CPU, "
                               "NCCL on CUDA); each step's documents are split across them")
-    num_reward_replicas: int = Field(1, ge=1)
+    num_reward_replicas: int = Field(1, ge=1, le=MAX_ROLE_ACTORS)
     max_staleness: int = Field(0, ge=0, description="drop rollouts more than this many versions (learner steps, each train.mini_batches optimizer steps) old; 0 = on-policy")
     sync_interval: int = Field(1, ge=1, description="learner publishes weights every this many steps")
     batches_in_flight: int = Field(2, ge=1, description="document batches published ahead of the learner")
@@ -312,6 +338,11 @@ class ServiceConfig(Strict):
         default_factory=lambda: os.environ.get("REFINE_METRICS_DISCOVERY_DIR", BUILT_IN_DISCOVERY_DIR),
         description="where each role announces its metrics port for Prometheus (deploy/prometheus.yml reads it)",
     )
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, value: str | None) -> str | None:
+        return value if value is None else check_namespace(value, "service.namespace")
 
     @property
     def reclaim_idle_ms(self) -> int:
@@ -461,7 +492,12 @@ class RunConfig(Strict):
 
 def _expand_home(path: str | None) -> str | None:
     """A path as every reader gets it: "~" expanded once here (a YAML file's "~/ckpt" is not a shell's)."""
-    return str(Path(path).expanduser()) if path and path.startswith("~") else path
+    if not (path and path.startswith("~")):
+        return path
+    try:
+        return str(Path(path).expanduser())
+    except RuntimeError:  # "~nobody/...": no such user, so no home directory
+        raise ValueError(f"{path!r} starts with a home directory that cannot be found (no such user)") from None
 
 
 def _checkpoint_model_config(init_from: str) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import redis
 from pydantic import BaseModel
 
+from refine.config import check_namespace
 from services.codec import DEFAULT_LIMITS, CodecError, CodecLimits, decode, encode
 
 __all__ = ["Broker", "DeadLetter"]
@@ -73,8 +74,7 @@ class Broker:
         namespace: str,
         limits: CodecLimits = DEFAULT_LIMITS,
     ) -> None:
-        if not isinstance(namespace, str) or not namespace or any(ch.isspace() for ch in namespace):
-            raise ValueError(f"namespace must be a non-empty string without spaces, got {namespace!r}")
+        check_namespace(namespace)
         if client.connection_pool.connection_kwargs.get("decode_responses"):
             raise ValueError("Broker needs a Redis client with decode_responses=False (payloads are bytes)")
         self.client = client

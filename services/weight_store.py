@@ -20,6 +20,8 @@ import torch
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
+from refine.config import check_namespace
+
 __all__ = [
     "RedisWeightStore",
     "WeightStore",
@@ -144,8 +146,7 @@ class RedisWeightStore(WeightStore):
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         upload_ttl_s: int = 3600,
     ) -> None:
-        if not namespace or any(ch.isspace() for ch in namespace):
-            raise ValueError(f"namespace must be a non-empty string without spaces, got {namespace!r}")
+        check_namespace(namespace)
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
         if not 0 < chunk_bytes <= _REDIS_MAX_VALUE_BYTES:

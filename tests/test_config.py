@@ -587,6 +587,28 @@ def test_sizes_that_would_exhaust_the_machine_are_refused(overrides, error):
         load_config(None, overrides)
 
 
+@pytest.mark.parametrize("overrides,error", [
+    # "team" would delete another run's "team:run2:..." keys at its end
+    (["service.namespace=team:run2"], "service.namespace must be letters, digits, '_', '-' or '.'"),
+    (["service.namespace=a b"], "service.namespace must be letters, digits"),
+    (["service.namespace=''"], "service.namespace must be letters, digits"),
+    # a local Ray of 200000 logical CPUs: its actors fail to start threads and die unnamed
+    (["service.worker_cpus=100000"], "service.worker_cpus: Input should be less than or equal to 1024"),
+    (["service.num_reward_replicas=100000"], "service.num_reward_replicas: Input should be less than or equal to 1024"),
+    (["service.num_rollout_workers=100000"], "service.num_rollout_workers: Input should be less than or equal to 1024"),
+])
+def test_service_settings_that_reach_other_runs_or_exhaust_the_machine_are_refused(overrides, error):
+    with pytest.raises(ConfigError, match=re.escape(error)):
+        load_config(None, overrides)
+
+
+@pytest.mark.parametrize("field", ["train.out_dir", "data.source", "service.metrics_discovery_dir"])
+def test_a_home_directory_of_no_such_user_is_one_error_naming_the_field(field):
+    with pytest.raises(ConfigError, match=re.escape(f"{field}")) as error:
+        load_config(None, [f"{field}=~no-such-user-x7/run"])
+    assert "'~no-such-user-x7/run' starts with a home directory that cannot be found" in str(error.value)
+
+
 def test_the_size_bounds_keep_what_is_sane():
     config = load_config(None, ["train.threads=1024", "data.seq_len=16777216", "data.source=docs.jsonl",
                                 "data.num_documents=100000"])  # a file source: documents are read, not generated

@@ -304,5 +304,7 @@ def test_namespaces_are_isolated(broker: Broker, redis_client: redis.Redis, name
 def test_bad_arguments_are_refused(redis_client: redis.Redis) -> None:
     with pytest.raises(ValueError, match="namespace"):
         Broker(redis_client, "has space")
+    with pytest.raises(ValueError, match="a ':' would reach into other runs' keys"):
+        Broker(redis_client, "team:run2")
     with pytest.raises(ValueError, match="decode_responses=False"):
         Broker(redis.Redis(decode_responses=True), "ns")
