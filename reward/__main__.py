@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not 0 < args.port < 65536:
         parser.error(f"--port must be in 1..65535, got {args.port}")
+    if not args.host.strip():  # uvicorn binds every interface for an empty host: only an explicit 0.0.0.0 does
+        parser.error(f"--host must name an address (0.0.0.0 for every interface), got {args.host!r}")
     try:
         limits = ScoreLimits(**{name: getattr(args, name) for name in ScoreLimits.model_fields})
     except ValidationError as exc:

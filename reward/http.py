@@ -65,12 +65,14 @@ class ScoreLimits(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_batch: int = Field(1024, ge=1, description="rollouts per request")
-    max_rollout_len: int = Field(1024, ge=1, description="k: tokens / hidden vectors per rollout")
-    max_hidden_dim: int = Field(16384, ge=1, description="values per hidden vector")
-    max_text_chars: int = Field(100_000, ge=1, description="characters per text")
-    max_references: int = Field(64, ge=1, description="gold answers per rollout")
-    max_body_bytes: int = Field(32 * 2**20, ge=1024, description="request body size")
+    # Upper bounds far past any use, so that the request schema built from them holds 64-bit integers (a flag
+    # of 10**23 failed building it, with a traceback).
+    max_batch: int = Field(1024, ge=1, le=2**20, description="rollouts per request")
+    max_rollout_len: int = Field(1024, ge=1, le=2**16, description="k: tokens / hidden vectors per rollout")
+    max_hidden_dim: int = Field(16384, ge=1, le=2**20, description="values per hidden vector")
+    max_text_chars: int = Field(100_000, ge=1, le=2**30, description="characters per text")
+    max_references: int = Field(64, ge=1, le=2**16, description="gold answers per rollout")
+    max_body_bytes: int = Field(32 * 2**20, ge=1024, le=2**31, description="request body size")
 
 
 class ScoreResponse(BaseModel):

@@ -410,6 +410,25 @@ def test_command_line_refuses_bad_limits(capsys):
         main(["--port", "70000"])
 
 
+@pytest.mark.parametrize("flag", ["--max-batch", "--max-rollout-len", "--max-hidden-dim", "--max-text-chars",
+                                  "--max-references", "--max-body-bytes"])
+def test_command_line_refuses_limits_past_their_bound_naming_the_flag(capsys, flag):
+    """10**23 failed building the request schema (64-bit integers) with a traceback."""
+    with pytest.raises(SystemExit) as info:
+        main([flag, str(10**23)])
+    assert info.value.code == 2
+    last_line = capsys.readouterr().err.splitlines()[-1]
+    assert last_line.startswith(f"python -m reward: error: {flag}: Input should be less than or equal to ")
+
+
+def test_command_line_refuses_an_empty_host(capsys):
+    """uvicorn would bind every interface for it, where the server stays on loopback unless told otherwise."""
+    with pytest.raises(SystemExit) as info:
+        main(["--host", ""])
+    assert info.value.code == 2
+    assert "--host must name an address (0.0.0.0 for every interface), got ''" in capsys.readouterr().err
+
+
 def test_command_line_imports_reward_modules_first(capsys, tmp_path, monkeypatch):
     (tmp_path / "scratch_http_rewards.py").write_text(
         "import torch\n"
