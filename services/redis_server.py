@@ -65,7 +65,12 @@ _RESP_FIRST_BYTES = frozenset(b"+-:$*_,#!=(%~>|")
 
 def redact_url(url: str) -> str:
     """The URL with any password replaced, safe to put in logs and errors."""
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:  # e.g. an unclosed IPv6 bracket: hide whatever stands before an "@"
+        scheme, _, rest = url.partition("://")
+        credentials, at, host = rest.rpartition("@")
+        return f"{scheme}://***@{host}" if at else url
     if parts.password is None:
         return url
     # The host part as written: parsing the port would fail on the out-of-range ones errors report.
@@ -90,6 +95,11 @@ def connect(
         raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
     if not isinstance(url, str) or "://" not in url:
         raise ValueError(f"Redis url must look like redis://host:port/db, got {url!r} ({URL_SOURCES})")
+    scheme, _, rest = url.partition("://")
+    database = rest.partition("/")[2].partition("?")[0]
+    if scheme in ("redis", "rediss") and database and not database.isdigit():  # redis-py would use db 0
+        raise ValueError(f"invalid Redis URL {redact_url(url)!r} ({URL_SOURCES}): the database after the '/' must be "
+                         f"a number (0, 1, ...), got {database!r}")
     try:
         probe = redis.Redis.from_url(
             url,
@@ -108,6 +118,9 @@ def connect(
                 f"Redis at {redact_url(url)} ({URL_SOURCES}) answered, but it is not a Redis server: "
                 f"it sent {answer[:32]!r}"
             ) from exc
+        if isinstance(exc, (redis.ResponseError, redis.AuthenticationError)):  # it answered: the URL is wrong
+            raise ValueError(f"Redis at {redact_url(url)} ({URL_SOURCES}) refused the URL's settings: "
+                             f"{type(exc).__name__}: {exc}") from None
         raise RedisUnavailableError(
             f"Redis at {redact_url(url)} is unreachable within {timeout_s}s: "
             f"{type(exc).__name__}: {exc} ({URL_SOURCES})"

@@ -200,6 +200,30 @@ def test_password_is_not_leaked(closed_port: int) -> None:
     assert redact_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
 
 
+@pytest.mark.parametrize("database", ["abc", "-1"])
+def test_a_database_that_is_not_a_number_is_refused(redis_url: str, database: str) -> None:
+    """redis-py reads "/abc" as no database at all, and would use database 0 without a word."""
+    refusal = rf"the database after the '/' must be a number \(0, 1, ...\), got '{database}'"
+    with pytest.raises(ValueError, match=refusal):
+        connect(redis_url.rpartition("/")[0] + f"/{database}")
+
+
+@pytest.mark.parametrize("database", ["99"])
+def test_a_database_the_server_refuses_is_a_wrong_setting_not_an_outage(redis_url: str, database: str) -> None:
+    url = redis_url.rpartition("/")[0] + f"/{database}"
+    with pytest.raises(ValueError) as info:
+        connect(url)
+    assert not isinstance(info.value, RedisUnavailableError)
+    assert str(info.value).startswith(f"Redis at {url} (--redis-url, service.redis_url or REFINE_REDIS_URL) refused "
+                                      f"the URL's settings: ")
+
+
+def test_an_unparsable_url_is_redacted_and_named() -> None:
+    with pytest.raises(ValueError) as info:
+        connect("redis://user:s3cret@[::1:6379/0")
+    assert "s3cret" not in str(info.value) and "redis://***@[::1:6379/0" in str(info.value)
+
+
 @pytest.mark.parametrize("url", ["localhost:6379", "", None])
 def test_malformed_url_is_refused(url: object) -> None:
     with pytest.raises(ValueError, match="Redis url must look like"):
