@@ -441,6 +441,9 @@ class Orchestrator:
         self._next_housekeeping = 0.0
         self._redis_outage_at = float("-inf")
         self.outage = OutageTolerance("orchestrator", outage_timeout_s(config.service.heartbeat_timeout_s))
+        # Set once Redis was gone past the tolerance: the run's ending then skips its Redis commands, each of which
+        # would wait out a socket timeout of a Redis that stopped answering.
+        self.redis_lost = False
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -659,11 +662,13 @@ class Orchestrator:
         url, timeout = redact_url(self.redis_url), self.outage.timeout_s
         try:
             first = self.outage.record(exc)
-        except RedisOutage:
+        except RedisOutage as outage:
+            self.redis_lost = True
             # The learner gives up on Redis after as long, and checkpoints first: wait for it, so that the
             # message can point at that checkpoint.
             self._let_learner_stop()
-            raise ServiceError(f"Redis at {url} unreachable for {timeout:.0f}s ({type(exc).__name__}: {exc}); "
+            raise ServiceError(f"Redis at {url} unreachable for {outage.elapsed_s:.0f}s, longer than the "
+                               f"{timeout:.0f}s tolerated ({type(exc).__name__}: {exc}); "
                                f"the run stopped{self._resume_hint(None)}") from exc
         if first:
             self._write_line(f"Redis at {url} unavailable ({exc}); retrying for up to {timeout:.0f}s")
@@ -847,6 +852,8 @@ class Orchestrator:
         return f"; resume from its last checkpoint with `refine train {self.out_dir / 'config.yaml'} --resume`"
 
     def _stop_flag(self, reason: str) -> None:
+        if self.redis_lost:
+            return  # the roles give up on Redis by themselves
         try:
             self.broker.request_stop(reason)
         except TRANSIENT as exc:
@@ -907,6 +914,8 @@ class Orchestrator:
             ray.wait(futures, num_returns=len(futures), timeout=STOP_GRACE_S)
         except KeyboardInterrupt:
             return
+        if self.redis_lost:
+            return  # its checkpoint keeps the reports of the steps it took meanwhile: a resume writes them
         try:
             # The steps it took meanwhile go to metrics.jsonl too: it must match the checkpoint on resume.
             while self._drain_reports(block_ms=None, reclaim_idle_ms=0):
@@ -937,10 +946,13 @@ class Orchestrator:
         for handle in (self.metrics_file, self.events_file):
             if handle is not None:
                 handle.close()
-        try:
-            self.broker.delete_namespace()
-        except (redis.RedisError, OSError) as exc:
-            logger.warning("could not delete namespace %s: %s", self.namespace, exc)
+        if self.redis_lost:
+            logger.warning("Redis is unreachable: the run's keys (namespace %s) stay in it", self.namespace)
+        else:
+            try:
+                self.broker.delete_namespace()
+            except (redis.RedisError, OSError) as exc:
+                logger.warning("could not delete namespace %s: %s", self.namespace, exc)
         if self.endpoint is not None:
             self.endpoint.close()
         self.client.close()

@@ -79,17 +79,25 @@ def redact_url(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
+# Longer than any command of the service takes (its blocking reads wait at most 500 ms, a weight chunk is
+# 64 MB), short enough that a Redis that stopped answering is noticed within the outage tolerance.
+SOCKET_TIMEOUT_S = 10.0
+
+
 def connect(
     url: str,
     timeout_s: float = 2.0,
-    socket_timeout_s: float | None = 30.0,
+    socket_timeout_s: float | None = SOCKET_TIMEOUT_S,
     retries: int = 3,
 ) -> redis.Redis:
     """A client for `url`, checked with PING; raises RedisUnavailableError naming the URL.
 
     The check uses its own client without retries so that an unreachable URL fails within about
-    `timeout_s`. The returned client retries transient errors `retries` times. Blocking stream
-    reads must use a block time below `socket_timeout_s` (None: no read timeout).
+    `timeout_s`. The returned client retries a lost connection `retries` times, but not a command that
+    timed out: a Redis that stopped answering (a hung host, a network that drops packets) then fails
+    each command after one `socket_timeout_s`, and the callers' own retries (services.resilience) decide
+    how long to wait for it. Blocking stream reads must use a block time below `socket_timeout_s` (None:
+    no read timeout).
     """
     if timeout_s <= 0:
         raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
@@ -131,7 +139,8 @@ def connect(
         url,
         socket_connect_timeout=timeout_s,
         socket_timeout=socket_timeout_s,
-        retry=Retry(ExponentialWithJitterBackoff(cap=1.0, base=0.05), retries),
+        retry=Retry(ExponentialWithJitterBackoff(cap=1.0, base=0.05), retries,
+                    supported_errors=(redis.ConnectionError,)),
         health_check_interval=30,
         **_tcp_options(url),
     )

