@@ -5,8 +5,15 @@ For each batch:
   the optimizer step the id is recorded and the stream entry acknowledged in one transaction;
 - staleness: `learner step - policy version` of the rollouts; over `service.max_staleness` the batch
   is dropped (acknowledged, its id recorded, counted, reported to events.jsonl);
-- fit: a scored batch that does not fit its documents (another batch size, a rollout position
-  outside 1..length - k, a token id past the vocabulary) is dropped the same way, with the reason;
+- fit: a scored batch that does not fit the run (another reward, number of samples, rollout length or of
+  positions per document) or its documents (another batch size, a rollout position outside 1..length - k,
+  a token id past the vocabulary, a ground truth that is not the documents' tokens) is dropped the same way,
+  with the reason;
+- foreign: a batch of a document batch id the orchestrator never published (not `docs-<index>`) is
+  acknowledged and reported, never trained and not counted as finished: the orchestrator paces itself by
+  `published - finished`, and a foreign batch counted would let it run one batch further ahead for good.
+  Colocated, a document batch the model cannot read (`unusable_documents`) is dead-lettered, as a rollout
+  worker does;
 - update: the documents behind the rollouts come from the document store (services/streams.py);
   GRPO advantages + one-pass loss + clipped AdamW step, skipped when not finite;
 - weights: the policy version is the number of learner steps taken (rollout batches trained, each
@@ -44,11 +51,11 @@ from services.resilience import TRANSIENT, OutageTolerance, RedisOutage, outage_
 from services.role import RoleRuntime
 from services.streams import (
     CONSUMED_KEY, DOCUMENTS, DROPPED_KEY, LEARNER_GROUP, LEARNER_REPORTS, SCORED, DocumentStore, document_batch_id_for,
-    document_batch_index, rollout_batch_id_for,
+    document_batch_index, rollout_batch_id_for, unusable_documents,
 )
 from services.weight_store import RedisWeightStore, WeightVersionError
 
-__all__ = ["MEMBER_ID", "ROLE", "Learner", "ResumePoint", "misfit"]
+__all__ = ["MEMBER_ID", "ROLE", "Learner", "ResumePoint", "misfit", "unlike_run"]
 
 ROLE = "learner"
 MEMBER_ID = "learner-0"  # rank 0's member id: heartbeats, metrics discovery
@@ -86,13 +93,36 @@ class ResumePoint:
             self.next_index += 1
 
 
+def unlike_run(batch: ScoredBatch, config: RunConfig) -> str | None:
+    """Why `batch` is not what this run's roles make (naming the field, its value and the setting), or None: the
+    reward it was scored with, and the n samples of k tokens at c positions per document that size its advantage
+    groups and its loss."""
+    refine = config.refine
+    if batch.reward_type != refine.reward:
+        return f"reward_type: {batch.reward_type!r}, but the run scores with refine.reward={refine.reward!r}"
+    if batch.num_samples != refine.num_samples:
+        return (f"num_samples: {batch.num_samples}, but the run samples refine.num_samples={refine.num_samples} "
+                f"per position")
+    if batch.rollout_len != refine.rollout_len:
+        return (f"rollout_len: {batch.rollout_len}, but the run's rollouts have "
+                f"refine.rollout_len={refine.rollout_len} tokens")
+    if batch.num_chunks != refine.num_chunks:
+        return f"positions: {batch.num_chunks} per document, but the run takes refine.num_chunks={refine.num_chunks}"
+    return None
+
+
 def misfit(batch: ScoredBatch, documents: DocumentBatch, vocab_size: int) -> str | None:
     """Why `batch` cannot be trained on `documents` (naming the field and value), or None if it fits:
     one row of positions per document, every position p in 1..length - k (a prefix of at least one
-    token, and k document tokens after it to compare against), token ids inside the vocabulary."""
+    token, and k document tokens after it to compare against), token ids inside the vocabulary (the
+    documents' too: they come from Redis as well), the ground truth (what the reward compared the rollouts
+    with) the documents' own tokens."""
     if batch.batch_size != documents.batch_size:
         return (f"positions: {batch.batch_size} rows, but document batch {documents.batch_id!r} has "
                 f"{documents.batch_size} documents")
+    problem = documents.vocabulary_misfit(vocab_size)
+    if problem is not None:
+        return f"documents: {problem} (document batch {documents.batch_id!r})"
     k = batch.rollout_len
     lengths = documents.lengths.to(torch.long)
     high = lengths[:, None] - k
@@ -103,6 +133,18 @@ def misfit(batch: ScoredBatch, documents: DocumentBatch, vocab_size: int) -> str
                 f"(document length {int(lengths[doc])}, rollout_len k={k})")
     if batch.rollout_tokens.numel() and int(batch.rollout_tokens.max()) >= vocab_size:
         return f"rollout_tokens: token id {int(batch.rollout_tokens.max())} is not below model.vocab_size={vocab_size}"
+    if batch.ground_truth_tokens is not None:
+        # Row r = (b * c + j) * n + s holds the k document tokens from positions[b, j] on.
+        n, chunks = batch.num_samples, batch.num_chunks
+        docs = torch.arange(batch.num_rollouts) // (chunks * n)
+        columns = batch.positions.reshape(-1).repeat_interleave(n)[:, None] + torch.arange(k)
+        expected = documents.token_ids.to(torch.long)[docs[:, None], columns]
+        wrong = expected != batch.ground_truth_tokens.to(torch.long)
+        if bool(wrong.any()):
+            row, i = wrong.nonzero()[0].tolist()
+            return (f"ground_truth_tokens[{row}, {i}]={int(batch.ground_truth_tokens[row, i])}, but document batch "
+                    f"{documents.batch_id!r} has {int(expected[row, i])} there "
+                    f"(token_ids[{int(docs[row])}, {int(columns[row, i])}])")
     return None
 
 
@@ -240,6 +282,10 @@ class Learner:
 
     def handle_scored(self, entry_id: str, batch: ScoredBatch) -> None:
         rollout_id = batch.rollout_batch_id
+        if document_batch_index(batch.document_batch_id) is None:
+            self._ignore_foreign(SCORED, entry_id, rollout_id, "document_batch_id", batch.document_batch_id,
+                                 batch.worker_id)
+            return
         if self.seen(rollout_id, batch.document_batch_id):
             self.broker.ack(SCORED, LEARNER_GROUP, [entry_id])
             self.duplicates += 1
@@ -254,7 +300,7 @@ class Learner:
         if documents is None:
             self._drop(entry_id, batch, staleness, "documents_missing", None)
             return
-        problem = misfit(batch, documents, self.config.model.vocab_size)
+        problem = unlike_run(batch, self.config) or misfit(batch, documents, self.config.model.vocab_size)
         if problem is not None:  # a worker or reward bug: training on it would crash or use wrong rows
             self._drop(entry_id, batch, staleness, "invalid", documents, problem)
             return
@@ -274,9 +320,19 @@ class Learner:
 
     def handle_documents(self, entry_id: str, batch: DocumentBatch) -> None:
         """Colocated: the fused on-policy step on a document batch."""
+        if document_batch_index(batch.batch_id) is None:
+            self._ignore_foreign(DOCUMENTS, entry_id, batch.batch_id, "batch_id", batch.batch_id, None)
+            return
         if self.seen(batch.batch_id, batch.batch_id):
             self.broker.ack(DOCUMENTS, LEARNER_GROUP, [entry_id])
             self.duplicates += 1
+            return
+        problem = unusable_documents(batch, self.config)
+        if problem is not None:  # as a rollout worker does: the orchestrator ends the run with the reason
+            reason = f"learner {self.member_id} cannot train on document batch {batch.batch_id}: {problem}"
+            logger.error("dead-lettering document batch %s (entry %s): %s", batch.batch_id, entry_id, reason)
+            retry_redis(lambda: self.broker.dead_letter(DOCUMENTS, LEARNER_GROUP, entry_id, batch, reason),
+                        "dead-letter documents", self.outage_timeout_s)
             return
         started = time.perf_counter()
         ids, lengths = self._tensors(batch)
@@ -310,6 +366,22 @@ class Learner:
                  "dropped_stale": self.state.dropped_stale, "dropped_invalid": self.state.dropped_invalid}
         if error:
             stats |= {"error": error, "worker_id": batch.worker_id}
+        self._send(self._new_report("dropped", stats))
+
+    def _ignore_foreign(self, stream: str, entry_id: str, message_id: str, field: str, document_batch_id: str,
+                        worker_id: str | None) -> None:
+        """Acknowledge a batch whose document batch (`field` = `document_batch_id`) the orchestrator never
+        published (forged, or a producer bug): not trained, not recorded as consumed (nothing to recognize later),
+        and not counted as finished, which would move the orchestrator's pacing (`published - finished`) one batch
+        ahead for the rest of the run. Reported, for events.jsonl."""
+        error = (f"{field}: {document_batch_id!r} is not a document batch the orchestrator published "
+                 f"(those are {document_batch_id_for(0)!r}, {document_batch_id_for(1)!r}, ...)")
+        retry_redis(lambda: self.broker.ack(stream, LEARNER_GROUP, [entry_id]), "ack foreign batch",
+                    self.outage_timeout_s)
+        logger.warning("ignored %s entry %s (%s, from %s): %s", stream, entry_id, message_id, worker_id, error)
+        stats = {"event": "dropped", "reason": "foreign", "message_id": message_id, "error": error}
+        if worker_id is not None:
+            stats["worker_id"] = worker_id
         self._send(self._new_report("dropped", stats))
 
     def _batch_finished(self, document_batch_id: str, cursor: DataCursor | None) -> None:

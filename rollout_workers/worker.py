@@ -10,6 +10,9 @@ Rolling a batch out twice is harmless: the rollout batch id is derived from the 
 and the learner trains on it once. Rollouts that can never be published (over the codec's
 max_message_bytes: a configuration error) are not retried: the documents entry goes to the dead-letter
 stream with the reason, acknowledged, the worker goes on, and the orchestrator ends the run with it.
+So do documents the model cannot roll out (`unusable_documents`: a token id past its vocabulary, a
+document too short for rollouts), checked before the rollout: an entry the orchestrator did not produce
+(forged, corrupt) would otherwise kill worker after worker until MAX_DELIVERIES.
 
 Weights come from the Redis weight store (safetensors bytes, versioned, see
 services/weight_store.py), not the Ray object store: no live owner is needed (a restarted learner
@@ -30,7 +33,9 @@ from services.codec import CodecError
 from services.messages import DocumentBatch, RolloutBatch
 from services.resilience import TRANSIENT, OutageTolerance, retry_redis
 from services.role import RoleRuntime
-from services.streams import DOCUMENTS, ROLLOUT_GROUP, ROLLOUTS, rollout_batch_id_for, unpublishable_reason
+from services.streams import (
+    DOCUMENTS, ROLLOUT_GROUP, ROLLOUTS, rollout_batch_id_for, unpublishable_reason, unusable_documents,
+)
 from services.weight_store import RedisWeightStore
 
 __all__ = ["ROLE", "RolloutWorker", "to_message"]
@@ -77,7 +82,7 @@ class RolloutWorker:
         self.version: int | None = None
         self.outage_timeout_s = max(60.0, 4 * service.heartbeat_timeout_s)
         self.batches = 0
-        self.dead_lettered = 0  # document batches whose rollouts could never be published
+        self.dead_lettered = 0  # document batches that could never be rolled out, or their rollouts published
         # The first and latest policy version rolled out with (not every one: a long run makes millions).
         self.versions: tuple[int, int] | None = None
 
@@ -124,7 +129,7 @@ class RolloutWorker:
 
     def run_once(self, block_ms: int = 500) -> bool:
         """Handle at most one document batch; True if one was rolled out and published (False also for
-        one dead-lettered because its rollouts cannot be published)."""
+        one dead-lettered because it cannot be rolled out or its rollouts cannot be published)."""
         self.refresh_weights()
         if self.version is None:
             time.sleep(min(block_ms, 100) / 1000)  # the learner has not published yet
@@ -133,6 +138,11 @@ class RolloutWorker:
         if item is None:
             return False
         entry_id, batch = item
+        problem = unusable_documents(batch, self.config)
+        if problem is not None:  # every worker would fail on it the same way: not retried
+            self.dead_letter(entry_id, batch, f"rollout worker {self.worker_id} cannot roll out document batch "
+                                              f"{batch.batch_id}: {problem}")
+            return False
         # Our heartbeat thread keeps the entry fresh while we work: idle workers must not reclaim a long
         # rollout (done twice, and with enough workers dead-lettered after MAX_DELIVERIES).
         with self.runtime.holding(DOCUMENTS, ROLLOUT_GROUP, entry_id):
@@ -141,7 +151,9 @@ class RolloutWorker:
             try:
                 retry_redis(lambda: self.broker.publish(ROLLOUTS, message), "publish rollouts", self.outage_timeout_s)
             except CodecError as exc:  # too large (or unsendable) for the codec: every retry would fail the same
-                self.dead_letter(entry_id, batch, message, exc)
+                reason = unpublishable_reason(message, exc)
+                self.dead_letter(entry_id, batch, f"rollout worker {self.worker_id} could not publish the rollouts of "
+                                                  f"document batch {batch.batch_id}: {reason}")
                 return False
             # Acknowledged only now that the rollouts are in Redis.
             retry_redis(lambda: self.broker.ack(DOCUMENTS, ROLLOUT_GROUP, [entry_id]), "ack documents",
@@ -152,12 +164,10 @@ class RolloutWorker:
         self.versions = (first, message.policy_version)
         return True
 
-    def dead_letter(self, entry_id: str, batch: DocumentBatch, message: RolloutBatch, error: CodecError) -> None:
-        """The rollouts of `batch` can never be published (`error`): dead-letter its documents entry with
-        the reason, acknowledged, rather than die and have it redelivered to worker after worker until
+    def dead_letter(self, entry_id: str, batch: DocumentBatch, reason: str) -> None:
+        """`batch` can never be rolled out, or its rollouts never published (`reason`): dead-letter its documents
+        entry with the reason, acknowledged, rather than die and have it redelivered to worker after worker until
         MAX_DELIVERIES. The orchestrator ends the run with the reason."""
-        reason = (f"rollout worker {self.worker_id} could not publish the rollouts of document batch {batch.batch_id}: "
-                  f"{unpublishable_reason(message, error)}")
         logger.error("dead-lettering document batch %s (entry %s): %s", batch.batch_id, entry_id, reason)
         retry_redis(lambda: self.broker.dead_letter(DOCUMENTS, ROLLOUT_GROUP, entry_id, batch, reason),
                     "dead-letter documents", self.outage_timeout_s)

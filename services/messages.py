@@ -155,6 +155,15 @@ class DocumentBatch(Message):
     def batch_size(self) -> int:
         return int(self.token_ids.shape[0])
 
+    def vocabulary_misfit(self, vocab_size: int) -> str | None:
+        """Why a model of `vocab_size` token ids cannot read these documents (the first id at or past it, the
+        padding included: it is embedded too), naming the field and value; None if every id fits."""
+        if not self.token_ids.numel() or int(self.token_ids.max()) < vocab_size:  # one host read when they fit
+            return None
+        doc, index = (self.token_ids >= vocab_size).nonzero()[0].tolist()
+        return (f"token_ids[{doc}, {index}]={int(self.token_ids[doc, index])} is not below "
+                f"model.vocab_size={vocab_size}")
+
 
 class RolloutBatch(Message):
     """Continuations sampled from c positions of each of B documents, n samples of k tokens each."""
@@ -178,6 +187,11 @@ class RolloutBatch(Message):
         batch, chunks = self.positions.shape
         n, k = self.num_samples, self.rollout_len
         rows = batch * chunks * n
+        # An empty batch has no advantage groups: the learner's update would fail on it, not drop it.
+        _require(
+            batch >= 1 and chunks >= 1,
+            f"positions: shape {[batch, chunks]}, a rollout batch needs at least one document and one position each",
+        )
         _require(
             tuple(self.entropies.shape) == (batch, chunks),
             f"entropies: shape {list(self.entropies.shape)}, expected [{batch}, {chunks}] like positions",
@@ -214,9 +228,20 @@ class RolloutBatch(Message):
         if self.positions.numel():
             first = int(self.positions.min())
             _require(first >= 1, f"positions: a rollout starts after at least one token of its document, got {first}")
-        if self.rollout_tokens.numel():
-            low = int(self.rollout_tokens.min())
-            _require(low >= 0, f"rollout_tokens: negative token id {low}")
+        for name in ("rollout_tokens", "ground_truth_tokens"):
+            tokens = getattr(self, name)
+            if tokens is not None and tokens.numel():
+                low = int(tokens.min())
+                _require(low >= 0, f"{name}: negative token id {low}")
+        if self.behaviour_logprobs.numel():
+            # A positive (or NaN, or infinite) log-prob is no probability: its importance ratio in the loss
+            # would be wrong or not finite. One pass, one host read when they are fine.
+            fine = torch.isfinite(self.behaviour_logprobs) & (self.behaviour_logprobs <= 0)
+            if not bool(fine.all()):
+                row, index = (~fine).nonzero()[0].tolist()
+                value = float(self.behaviour_logprobs[row, index])
+                raise ValueError(f"behaviour_logprobs: a log-probability is finite and <= 0, got {value} "
+                                 f"at [{row}, {index}]")
         return self
 
     @property

@@ -15,6 +15,7 @@ from __future__ import annotations
 import redis
 from pydantic import BaseModel
 
+from refine.algorithm.selection import min_document_length
 from refine.config import DTYPES, RunConfig
 from services.broker import Broker
 from services.codec import DEFAULT_LIMITS, decode, dtype_name, encode
@@ -38,6 +39,7 @@ __all__ = [
     "rollout_batch_id_for",
     "trim_acknowledged",
     "unpublishable_reason",
+    "unusable_documents",
 ]
 
 DOCUMENTS = "documents"
@@ -135,6 +137,23 @@ def unpublishable_reason(message: BaseModel, error: Exception) -> str:
         reason += (f", each token with {len(hidden)} hidden states ({', '.join(hidden)}) of model.hidden_size={size} "
                    f"{dtype} values: {len(hidden)} x {rows} x {k} x {size} x {itemsize} bytes = {total} bytes of it")
     return reason + "; lower one of these settings so that it fits"
+
+
+def unusable_documents(batch: DocumentBatch, config: RunConfig) -> str | None:
+    """Why the run's model cannot roll `batch` out (naming the field, the value and the limit), or None: a
+    token id at or past model.vocab_size (an IndexError inside the embedding; on a GPU, a device-side assert
+    that breaks the process), a document shorter than rollouts need. Vectorised: two host reads when it fits."""
+    problem = batch.vocabulary_misfit(config.model.vocab_size)
+    if problem is not None:
+        return problem
+    refine = config.refine
+    need = min_document_length(refine.num_chunks, refine.rollout_len, refine.margin)
+    if int(batch.lengths.min()) >= need:
+        return None
+    doc = int((batch.lengths < need).nonzero()[0, 0])
+    return (f"lengths[{doc}]={int(batch.lengths[doc])} is too short: rollouts need documents of at least {need} "
+            f"tokens (refine.num_chunks={refine.num_chunks}, refine.rollout_len={refine.rollout_len}, "
+            f"refine.margin={refine.margin})")
 
 
 def check_rollout_message_size(config: RunConfig) -> None:

@@ -173,7 +173,7 @@ def test_weights_published_while_waiting_for_a_batch_are_used_for_it(config, bro
     timer = threading.Timer(0.5, learner_then_orchestrator)
     timer.start()
     try:
-        assert worker.run_once(block_ms=10_000) is True
+        assert worker.run_once(block_ms=5_000) is True  # below the client's socket timeout (10 s)
     finally:
         timer.join()
         learner.client.close()
@@ -378,3 +378,68 @@ def test_a_transient_redis_error_while_publishing_is_retried_not_dead_lettered(c
     assert worker.run_once(block_ms=100) is True
     assert failures == [ROLLOUTS] and broker.length(ROLLOUTS) == 1
     assert broker.dead_letters(DOCUMENTS) == [] and broker.pending(DOCUMENTS, ROLLOUT_GROUP) == 0
+
+
+def _token_past_vocabulary(batch: DocumentBatch) -> DocumentBatch:
+    ids = batch.token_ids.clone()
+    ids[1, 5] = 300  # model.vocab_size=260
+    return batch.model_copy(update={"token_ids": ids})
+
+
+def _token_in_the_padding_past_vocabulary(batch: DocumentBatch) -> DocumentBatch:
+    ids = batch.token_ids.clone()
+    ids[0, -1] = 260  # the padding is embedded too
+    return batch.model_copy(update={"token_ids": ids, "lengths": torch.tensor([ids.shape[1] - 1, 100])})
+
+
+def _short_document(batch: DocumentBatch) -> DocumentBatch:
+    return batch.model_copy(update={"lengths": torch.tensor([100, 30])})
+
+
+# (how a forged or corrupt entry differs from the orchestrator's batch, the reason it is dead-lettered with)
+UNUSABLE_DOCUMENTS = [
+    (_token_past_vocabulary, r"token_ids\[1, 5\]=300 is not below model.vocab_size=260"),
+    (_token_in_the_padding_past_vocabulary, r"token_ids\[0, \d+\]=260 is not below model.vocab_size=260"),
+    (_short_document, r"lengths\[1\]=30 is too short: rollouts need documents of at least 40 tokens "
+                      r"\(refine.num_chunks=4, refine.rollout_len=5, refine.margin=20\)"),
+]
+
+
+@pytest.mark.parametrize("change, reason", UNUSABLE_DOCUMENTS, ids=["token-past-vocabulary", "padding-past-vocabulary",
+                                                                    "short-document"])
+def test_documents_the_model_cannot_roll_out_are_dead_lettered_at_once_and_the_worker_goes_on(
+        config, broker, store, make_worker, change, reason: str) -> None:
+    """A document batch the service did not produce (a forged or corrupt entry) with a token id past the model's
+    vocabulary (an IndexError inside the embedding) or a document too short for rollouts would kill worker after
+    worker until MAX_DELIVERIES: it is checked before the rollout and dead-lettered at once, acknowledged, with a
+    reason naming the field, the value and the limit; the worker goes on with the next batch."""
+    first, second = orchestrator_batches(config, 2)
+    bad = change(first)
+    store.publish(initial_weights(config), 0)
+    ids = start_run(broker, [bad, second])
+    worker = make_worker()
+
+    assert worker.run_once(block_ms=100) is False  # nothing escapes
+    [dead] = broker.dead_letters(DOCUMENTS)
+    assert dead.entry_id == ids[0]
+    assert dead.error.startswith(f"rollout worker worker-0 cannot roll out document batch {first.batch_id}: ")
+    assert re.search(reason, dead.error), dead.error
+    assert broker.pending(DOCUMENTS, ROLLOUT_GROUP) == 0 and broker.length(ROLLOUTS) == 0
+    assert (worker.batches, worker.dead_lettered) == (0, 1)
+
+    assert worker.run_once(block_ms=100) is True
+    assert [message.document_batch_id for message in published_rollouts(broker)] == [second.batch_id]
+    assert len(broker.dead_letters(DOCUMENTS)) == 1
+
+
+def test_the_run_ends_with_the_reason_of_documents_the_model_cannot_roll_out(config, broker, store, make_worker,
+                                                                              dead_letter_error, namespace) -> None:
+    """The orchestrator ends the run on that dead letter, quoting the field, the value and the vocabulary size."""
+    [batch] = orchestrator_batches(config, 1)
+    store.publish(initial_weights(config), 0)
+    start_run(broker, [_token_past_vocabulary(batch)])
+    assert make_worker().run_once(block_ms=100) is False
+    text = dead_letter_error(config, namespace)
+    assert text.startswith("a message of stream 'documents' could not be used (entry ")
+    assert text.endswith("): rollout worker worker-0 cannot roll out document batch docs-0: token_ids[1, 5]=300 "
+                         "is not below model.vocab_size=260")

@@ -130,6 +130,24 @@ def test_invalid_document_batches_name_the_field(overrides: dict, pattern: str) 
         ({"positions": torch.zeros(B, C, dtype=torch.long)}, r"positions: .* got 0"),
         ({"positions": torch.zeros(B, C)}, r"positions\n.*expected an integer tensor"),
         ({"behaviour_logprobs": torch.zeros(N, K, dtype=torch.long)}, r"behaviour_logprobs\n.*floating-point"),
+        ({"behaviour_logprobs": torch.full((N, K), 0.5)},
+         r"behaviour_logprobs: a log-probability is finite and <= 0, got 0.5 at \[0, 0\]"),
+        ({"behaviour_logprobs": torch.zeros(N, K).index_put_((torch.tensor(4), torch.tensor(1)),
+                                                             torch.tensor(2.0**-20))},
+         r"behaviour_logprobs: .* got 9.5367431640625e-07 at \[4, 1\]"),
+        ({"behaviour_logprobs": torch.zeros(N, K).index_fill_(1, torch.tensor([3]), float("nan"))},
+         r"behaviour_logprobs: .* got nan at \[0, 3\]"),
+        ({"behaviour_logprobs": torch.zeros(N, K).index_fill_(0, torch.tensor([7]), -float("inf"))},
+         r"behaviour_logprobs: .* got -inf at \[7, 0\]"),
+        ({"ground_truth_tokens": torch.full((N, K), -2)}, r"ground_truth_tokens: negative token id -2"),
+        ({"positions": torch.zeros(B, 0, dtype=torch.long), "entropies": torch.zeros(B, 0),
+          "rollout_tokens": torch.zeros(0, K, dtype=torch.long), "behaviour_logprobs": torch.zeros(0, K),
+          "rollout_hidden": None, "ground_truth_hidden": None, "ground_truth_tokens": None},
+         r"positions: shape \[2, 0\], a rollout batch needs at least one document and one position each"),
+        ({"positions": torch.zeros(0, C, dtype=torch.long), "entropies": torch.zeros(0, C),
+          "rollout_tokens": torch.zeros(0, K, dtype=torch.long), "behaviour_logprobs": torch.zeros(0, K),
+          "rollout_hidden": None, "ground_truth_hidden": None, "ground_truth_tokens": None},
+         r"positions: shape \[0, 3\], a rollout batch needs"),
         ({"policy_version": -1}, r"policy_version"),
         ({"num_samples": 0}, r"num_samples"),
         ({"worker_id": ""}, r"worker_id"),
@@ -138,6 +156,21 @@ def test_invalid_document_batches_name_the_field(overrides: dict, pattern: str) 
 def test_inconsistent_rollout_batches_name_the_field(overrides: dict, pattern: str) -> None:
     with pytest.raises(ValidationError, match=pattern):
         RolloutBatch(**rollout_fields(**overrides))
+
+
+def test_log_probabilities_of_zero_are_accepted() -> None:
+    """A token the policy was certain of has log-prob 0 (and -0.0 after a negation): still a log-probability."""
+    batch = RolloutBatch(**rollout_fields(behaviour_logprobs=-torch.zeros(N, K)))
+    assert float(batch.behaviour_logprobs.max()) == 0.0
+
+
+def test_vocabulary_misfit_names_the_first_token_id_past_the_vocabulary() -> None:
+    ids = torch.randint(0, 100, (B, 64))
+    batch = make_documents(token_ids=ids)
+    assert batch.vocabulary_misfit(100) is None
+    ids[1, 9], ids[1, 20] = 100, 5000
+    assert batch.vocabulary_misfit(100) == "token_ids[1, 9]=100 is not below model.vocab_size=100"
+    assert batch.vocabulary_misfit(5001) is None
 
 
 def test_scored_batch_needs_one_reward_per_rollout() -> None:

@@ -1,0 +1,250 @@
+"""The learner refuses batches the service did not produce (forged or corrupt entries, a producer bug) instead of
+training on them or crashing on them, with a reason naming the field and the value (real Redis, no Ray): scored
+batches that break an intrinsic rule are dead-lettered when decoded, those that do not match the run's settings
+or their documents are dropped and counted, and batches of document batches the orchestrator never published
+are ignored without counting towards the orchestrator's pacing."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from learner.learner import Learner
+from refine.config import load_config
+from services.messages import DataCursor, DocumentBatch, ScoredBatch
+from services.progress import StepReport, read_progress
+from services.streams import (
+    DOCUMENTS, LEARNER_GROUP, LEARNER_REPORTS, SCORED, document_batch_id_for, rollout_batch_id_for,
+)
+
+SERVICE_TINY = Path(__file__).resolve().parents[2] / "configs" / "service_tiny.yaml"
+# configs/service_tiny.yaml: model.vocab_size=260, refine.num_chunks=4, num_samples=2, rollout_len=5, reward cosine.
+T, K, CHUNKS, SAMPLES = 64, 5, 4, 2
+
+
+def _make_learner(redis_url: str, tmp_path: Path, *overrides: str) -> Learner:
+    config = load_config(SERVICE_TINY, [f"train.out_dir={tmp_path / 'run'}", "train.checkpoint_every=0",
+                                        f"service.namespace=test-{uuid.uuid4().hex[:10]}",
+                                        f"service.metrics_discovery_dir={tmp_path / 'prometheus'}", *overrides])
+    return Learner(config.model_dump_json(), redis_url, config.service.namespace)
+
+
+@pytest.fixture
+def make_learner(redis_url: str, tmp_path: Path) -> Iterator[Callable[..., Learner]]:
+    learners: list[Learner] = []
+
+    def make(*overrides: str) -> Learner:
+        learner = _make_learner(redis_url, tmp_path, *overrides)
+        learners.append(learner)
+        return learner
+
+    yield make
+    for learner in learners:
+        learner.runtime.close()
+        learner.broker.delete_namespace()
+
+
+@pytest.fixture
+def learner(make_learner) -> Learner:
+    learner = make_learner()
+    learner.broker.ensure_group(SCORED, LEARNER_GROUP, start_id="0")
+    return learner
+
+
+def _documents(index: int, batch_id: str | None = None) -> DocumentBatch:
+    ids = torch.randint(0, 256, (2, T), generator=torch.Generator().manual_seed(index))
+    return DocumentBatch(batch_id=batch_id or document_batch_id_for(index), doc_ids=[f"d{index}.0", f"d{index}.1"],
+                         token_ids=ids, lengths=torch.full((2,), T), cursor=DataCursor(epoch=0, offset=2 * (index + 1)))
+
+
+def _scored(documents: DocumentBatch, samples: int = SAMPLES, k: int = K, chunks: int = CHUNKS,
+            reward_type: str = "cosine") -> ScoredBatch:
+    """Rollouts of `documents` as a worker and a reward replica would send them, ground truth included."""
+    positions = torch.tensor([[10, 20, 30, 40, 50][:chunks]] * documents.batch_size)
+    rows = positions.numel() * samples
+    generator = torch.Generator().manual_seed(rows)
+    starts = positions.reshape(-1)
+    doc_rows = torch.arange(documents.batch_size).repeat_interleave(chunks)
+    truth = documents.token_ids[doc_rows[:, None], starts[:, None] + torch.arange(k)].repeat_interleave(samples, 0)
+    return ScoredBatch(
+        rollout_batch_id=rollout_batch_id_for(documents.batch_id), document_batch_id=documents.batch_id,
+        policy_version=0, worker_id="rollout_worker-0.0", num_samples=samples, rollout_len=k,
+        positions=positions, entropies=torch.ones(positions.shape),
+        rollout_tokens=torch.randint(0, 256, (rows, k), generator=generator),
+        behaviour_logprobs=torch.full((rows, k), -5.5), rewards=torch.randn(rows, generator=generator),
+        reward_type=reward_type, ground_truth_tokens=truth.to(torch.long),
+    )
+
+
+def _reports(learner: Learner) -> list[StepReport]:
+    return [report for _, report in learner.broker.consume(LEARNER_REPORTS, "test", "test", StepReport, count=100)]
+
+
+def _finished(learner: Learner) -> int:
+    """What the orchestrator paces itself by: the batches the learner says it finished."""
+    progress = read_progress(learner.broker)
+    return 0 if progress is None else progress.finished
+
+
+def _positive_logprob(scored: ScoredBatch) -> ScoredBatch:
+    logprobs = scored.behaviour_logprobs.clone()
+    logprobs[3, 2] = 0.75
+    return scored.model_copy(update={"behaviour_logprobs": logprobs})  # model_copy does not validate
+
+
+def _no_positions(scored: ScoredBatch) -> ScoredBatch:
+    empty = {"positions": torch.zeros(2, 0, dtype=torch.long), "entropies": torch.zeros(2, 0),
+             "rollout_tokens": torch.zeros(0, K, dtype=torch.long), "behaviour_logprobs": torch.zeros(0, K),
+             "ground_truth_tokens": torch.zeros(0, K, dtype=torch.long), "rewards": torch.zeros(0)}
+    return scored.model_copy(update=empty)
+
+
+# (a scored batch no producer of the service makes, the reason it is dead-lettered with)
+NOT_SCORED_BATCHES = [
+    (_positive_logprob, r"behaviour_logprobs: a log-probability is finite and <= 0, got 0\.75 at \[3, 2\]"),
+    (_no_positions, r"positions: shape \[2, 0\], a rollout batch needs at least one document and one position"),
+]
+
+
+@pytest.mark.parametrize("forge, reason", NOT_SCORED_BATCHES, ids=["positive-logprob", "no-positions"])
+def test_a_scored_batch_no_producer_makes_is_dead_lettered_not_trained(learner: Learner, forge, reason: str) -> None:
+    """A log-probability is <= 0: behaviour log-probs that are not would train with a wrong importance ratio. A
+    batch without positions has no advantage groups: the update raised and ended the learner. Both are refused
+    when decoded and dead-lettered with the field and the value; the learner goes on."""
+    documents = _documents(0)
+    good = _scored(documents)
+    learner.documents.put(documents)
+    learner.broker.publish(SCORED, forge(good))
+    assert learner.run_once(block_ms=100) == 0
+    assert learner.state.step == 0 and learner.broker.pending(SCORED, LEARNER_GROUP) == 0
+    [dead] = learner.broker.dead_letters(SCORED)
+    assert re.search(reason, dead.error), dead.error
+
+    learner.broker.publish(SCORED, good)
+    assert learner.run_once(block_ms=100) == 1
+    assert learner.state.step == 1
+
+
+def _past_vocabulary(documents: DocumentBatch) -> DocumentBatch:
+    ids = documents.token_ids.clone()
+    ids[1, 7] = 999
+    return documents.model_copy(update={"token_ids": ids})
+
+
+def _wrong_ground_truth(scored: ScoredBatch) -> ScoredBatch:
+    truth = scored.ground_truth_tokens.clone()
+    truth[5, 3] = (truth[5, 3] + 1) % 256
+    return scored.model_copy(update={"ground_truth_tokens": truth})
+
+
+# (the scored batch sent for docs-0, the documents the learner finds for it, the reason it is dropped with)
+UNLIKE_THE_RUN = [
+    (lambda docs: _scored(docs, reward_type="binary"), lambda docs: docs,
+     r"reward_type: 'binary', but the run scores with refine.reward='cosine'"),
+    (lambda docs: _scored(docs, samples=1), lambda docs: docs,
+     r"num_samples: 1, but the run samples refine.num_samples=2 per position"),
+    (lambda docs: _scored(docs, samples=3), lambda docs: docs,
+     r"num_samples: 3, but the run samples refine.num_samples=2 per position"),
+    (lambda docs: _scored(docs, k=4), lambda docs: docs,
+     r"rollout_len: 4, but the run's rollouts have refine.rollout_len=5 tokens"),
+    (lambda docs: _scored(docs, chunks=3), lambda docs: docs,
+     r"positions: 3 per document, but the run takes refine.num_chunks=4"),
+    (lambda docs: _scored(docs), _past_vocabulary,
+     r"documents: token_ids\[1, 7\]=999 is not below model.vocab_size=260"),
+    (lambda docs: _wrong_ground_truth(_scored(docs)), lambda docs: docs,
+     r"ground_truth_tokens\[5, 3\]=\d+, but document batch 'docs-0' has \d+ there \(token_ids\[0, 33\]\)"),
+]
+
+
+@pytest.mark.parametrize("make_batch, stored, message", UNLIKE_THE_RUN, ids=[
+    "reward-type", "fewer-samples", "more-samples", "rollout-len", "num-chunks", "documents-past-vocabulary",
+    "ground-truth"])
+def test_a_scored_batch_unlike_the_run_or_its_documents_is_dropped_not_trained(learner: Learner, make_batch, stored,
+                                                                                message: str) -> None:
+    documents = _documents(0)
+    bad = make_batch(documents)
+    learner.documents.put(stored(documents))
+    learner.broker.publish(SCORED, bad)
+    assert learner.run_once(block_ms=100) == 1
+    assert learner.state.step == 0 and learner.state.dropped_invalid == 1  # not trained on; the learner lives
+    assert learner.broker.pending(SCORED, LEARNER_GROUP) == 0
+    (report,) = _reports(learner)  # what the orchestrator writes to events.jsonl
+    assert (report.kind, report.stats["reason"]) == ("dropped", "invalid")
+    assert re.search(message, str(report.stats["error"])), report.stats["error"]
+    assert _finished(learner) == 1  # a batch the orchestrator published: finished
+
+    good = _documents(1)
+    learner.documents.put(good)
+    learner.broker.publish(SCORED, _scored(good))
+    assert learner.run_once(block_ms=100) == 1
+    assert learner.state.step == 1
+
+
+@pytest.mark.parametrize("stored", [False, True], ids=["no-documents", "documents-stored-too"])
+def test_a_scored_batch_of_documents_the_orchestrator_never_published_is_ignored_and_not_counted(
+        learner: Learner, stored: bool) -> None:
+    """The orchestrator publishes while `published - finished` batches are unfinished: a foreign batch counted as
+    finished (it was dropped as documents_missing, or trained when its documents were stored too) let it run one
+    batch further ahead for the rest of the run (with max_staleness=0, rollouts that arrive stale and are
+    dropped). It is acknowledged and reported, not trained, not counted."""
+    foreign = _documents(0, batch_id="not-a-run-batch")
+    if stored:
+        learner.documents.put(foreign)
+    learner.broker.publish(SCORED, _scored(foreign))
+    assert learner.run_once(block_ms=100) == 1
+    assert learner.state.step == 0 and learner.broker.pending(SCORED, LEARNER_GROUP) == 0
+    assert _finished(learner) == 0 and learner.finished == 0
+    (report,) = _reports(learner)
+    assert (report.kind, report.stats["reason"]) == ("dropped", "foreign")
+    assert "document_batch_id: 'not-a-run-batch' is not a document batch the orchestrator published" in str(
+        report.stats["error"])
+
+    documents = _documents(0)
+    learner.documents.put(documents)
+    learner.broker.publish(SCORED, _scored(documents))
+    assert learner.run_once(block_ms=100) == 1
+    assert learner.state.step == 1 and _finished(learner) == 1
+
+
+@pytest.fixture
+def colocated(make_learner) -> Learner:
+    learner = make_learner("service.mode=colocated")
+    learner.broker.ensure_group(DOCUMENTS, LEARNER_GROUP, start_id="0")
+    return learner
+
+
+def test_a_colocated_learner_ignores_a_document_batch_the_orchestrator_never_published(colocated: Learner) -> None:
+    colocated.broker.publish(DOCUMENTS, _documents(0, batch_id="not-a-run-batch"))
+    assert colocated.run_once(block_ms=100) == 1
+    assert colocated.state.step == 0 and _finished(colocated) == 0
+    assert colocated.broker.pending(DOCUMENTS, LEARNER_GROUP) == 0
+    (report,) = _reports(colocated)
+    assert (report.kind, report.stats["reason"]) == ("dropped", "foreign")
+    assert str(report.stats["error"]).startswith("batch_id: 'not-a-run-batch' is not a document batch the "
+                                                 "orchestrator published (those are 'docs-0', 'docs-1', ...)")
+
+    colocated.broker.publish(DOCUMENTS, _documents(0))
+    assert colocated.run_once(block_ms=100) == 1
+    assert colocated.state.step == 1 and _finished(colocated) == 1
+
+
+def test_a_colocated_learner_dead_letters_documents_its_model_cannot_read(colocated: Learner) -> None:
+    """The fused step embeds the documents: an id past the vocabulary was an IndexError that ended the learner,
+    and with it the run, unnamed. The entry is dead-lettered with the field and the value, as a rollout worker
+    does; the learner goes on."""
+    colocated.broker.publish(DOCUMENTS, _past_vocabulary(_documents(0)))
+    assert colocated.run_once(block_ms=100) == 1
+    assert colocated.state.step == 0 and _finished(colocated) == 0
+    [dead] = colocated.broker.dead_letters(DOCUMENTS)
+    assert dead.error == "learner learner-0 cannot train on document batch docs-0: token_ids[1, 7]=999 is not below " \
+                         "model.vocab_size=260"
+    assert colocated.broker.pending(DOCUMENTS, LEARNER_GROUP) == 0
+
+    colocated.broker.publish(DOCUMENTS, _documents(1))
+    assert colocated.run_once(block_ms=100) == 1
+    assert colocated.state.step == 1
