@@ -201,6 +201,25 @@ def release_consumer(broker: Broker, stream: str, group: str, consumer: str, bat
     return len(ids)
 
 
+# Check and delete in one atomic step: between a separate XINFO and DELCONSUMER, a consumer whose process still
+# runs (killed, not yet gone) could read an entry, and DELCONSUMER would drop that entry's pending record with it.
+# KEYS: the stream. ARGV: the group, then the consumers to keep.
+_DELETE_IDLE_CONSUMERS_LUA = """
+local keep = {}
+for i = 2, #ARGV do keep[ARGV[i]] = true end
+local removed = {}
+for _, consumer in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local fields = {}
+  for i = 1, #consumer, 2 do fields[consumer[i]] = consumer[i + 1] end
+  if not keep[fields['name']] and fields['pending'] == 0 then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], fields['name'])
+    table.insert(removed, fields['name'])
+  end
+end
+return removed
+"""
+
+
 def delete_idle_consumers(broker: Broker, stream: str, group: str, keep: set[str]) -> list[str]:
     """Remove from `group` the consumers not in `keep` that hold no entry; returns their names.
 
@@ -210,18 +229,12 @@ def delete_idle_consumers(broker: Broker, stream: str, group: str, keep: set[str
     """
     key = broker.key("stream", stream)
     try:
-        consumers = broker.client.xinfo_consumers(key, group)
+        removed = broker.client.eval(_DELETE_IDLE_CONSUMERS_LUA, 1, key, group, *sorted(keep))
     except redis.ResponseError as exc:
         if "NOGROUP" in str(exc) or "no such key" in str(exc).lower():
             return []
         raise
-    removed = []
-    for consumer in consumers:
-        name = consumer["name"].decode() if isinstance(consumer["name"], bytes) else str(consumer["name"])
-        if name not in keep and int(consumer["pending"]) == 0:
-            broker.client.xgroup_delconsumer(key, group, name)
-            removed.append(name)
-    return removed
+    return [name.decode() if isinstance(name, bytes) else str(name) for name in removed]
 
 
 def _id_key(entry_id: str) -> tuple[int, int]:

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 import torch
 
 from learner.checkpoint import read_learner_state
@@ -74,6 +75,38 @@ def test_replaced_consumers_are_deleted_once_they_hold_nothing(broker: Broker) -
     assert delete_idle_consumers(broker, "documents", "rollout", keep={"worker-0.1", "worker-1.0"}) == ["worker-0.0"]
     assert names() == {"worker-0.1", "worker-1.0"}
     assert delete_idle_consumers(broker, "no-such-stream", "rollout", keep=set()) == []
+
+
+def test_a_replaced_consumer_that_reads_while_it_is_deleted_keeps_its_entry(broker: Broker, redis_url: str) -> None:
+    """A replaced worker, killed but still running, can read an entry just as the orchestrator deletes its idle
+    consumer. Checking that it holds nothing and deleting it are one step, so the entry it read stays pending
+    (a survivor takes it over) instead of being dropped with the consumer, never to be redelivered."""
+    stream, group = "documents", "rollout"
+    broker.publish(stream, document_batch(0))
+    ((done, _),) = broker.consume(stream, group, "worker-0.0", DocumentBatch, count=1)
+    broker.ack(stream, group, [done])  # a consumer of the group that holds nothing
+    broker.publish(stream, document_batch(1))
+    read: list[str] = []
+
+    def late_read() -> None:
+        if not read:
+            read.extend(entry for entry, _ in broker.consume(stream, group, "worker-0.0", DocumentBatch, count=1))
+
+    class ReadsRightAfterTheCheck(redis.Redis):
+        def xinfo_consumers(self, *args, **kwargs):  # a check made apart from the deletion lets the read in between
+            consumers = super().xinfo_consumers(*args, **kwargs)
+            late_read()
+            return consumers
+
+    cleaner = Broker(ReadsRightAfterTheCheck.from_url(redis_url), broker.namespace)
+    delete_idle_consumers(cleaner, stream, group, keep={"worker-0.1"})
+    late_read()  # the read comes after the deletion instead: it registers the consumer anew
+    assert len(read) == 1
+    pending = broker.client.xpending_range(broker.key("stream", stream), group, "-", "+", 10)
+    assert [row["message_id"].decode() for row in pending] == read
+    release_consumer(broker, stream, group, "worker-0.0")
+    taken = broker.reclaim(stream, group, "worker-0.1", DocumentBatch, min_idle_ms=60_000)
+    assert [entry for entry, _ in taken] == read
 
 
 def _owner_and_deliveries(broker: Broker, entry_id: str) -> tuple[str, int]:
