@@ -15,8 +15,10 @@ deploy/prometheus.yml reads every such file (`file_sd_configs`). Metric names al
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +26,11 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from refine.config import discovery_dir_problem, discovery_dir_setting
+from refine.config import BUILT_IN_DISCOVERY_DIR, discovery_dir_problem, discovery_dir_setting
 from refine.files import file_name_part, write_atomically
 
-DEFAULT_DISCOVERY_DIR = os.environ.get("REFINE_METRICS_DISCOVERY_DIR", "/tmp/refine/prometheus")
+# An empty REFINE_METRICS_DISCOVERY_DIR counts as unset, as for the service (it was the working directory).
+DEFAULT_DISCOVERY_DIR = os.environ.get("REFINE_METRICS_DISCOVERY_DIR") or BUILT_IN_DISCOVERY_DIR
 
 STEP_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
@@ -94,10 +97,44 @@ class MetricsEndpoint:
             self.server = None
 
 
-def _reachable_host() -> str:
-    """An address Prometheus on this node can reach: loopback unless told otherwise (an empty
-    REFINE_METRICS_HOST, as a failed `hostname -i` in a launcher leaves it, counts as unset)."""
-    host = os.environ.get("REFINE_METRICS_HOST", "").strip() or "127.0.0.1"
+# One label of a host name: letters, digits and '-' inside (and '_', which container networks' names use).
+_HOST_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+
+
+def _host_problem(host: str) -> str | None:
+    """Why `host` is neither an IP address nor a host name Prometheus can put in a target; None when it is one."""
+    bracketed = host.startswith("[") and host.endswith("]")  # an IPv6 address as a target writes it
+    try:
+        address = ipaddress.ip_address(host[1:-1] if bracketed else host)
+    except ValueError:
+        address = None
+    if address is not None and not (bracketed and address.version == 4):
+        if address.is_unspecified:
+            return "that is the address a server binds to listen on every interface; no scraper reaches it there"
+        return None
+    name, colon, port = host.rpartition(":")
+    if colon and port.isascii() and port.isdigit() and name and _host_problem(name) is None:
+        return (f"it holds a port (:{port}); give the host alone: every process serves on a port of its own, "
+                f"which it announces")
+    labels = host.removesuffix(".").split(".")
+    if len(host) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels):
+        return "not an IP address or a host name (letters, digits, '-' and '.')"
+    if labels[-1].isdigit():  # dotted numbers are meant as an IPv4 address, and this is none
+        return "not an IPv4 address (four numbers in 0..255, such as 10.0.0.5)"
+    return None
+
+
+def metrics_host() -> str:
+    """The host of this process' metrics targets, as Prometheus writes it ([...] around an IPv6 address):
+    REFINE_METRICS_HOST, the address Prometheus reaches this node at, else loopback (an empty value, as a failed
+    `hostname -i` in a launcher leaves it, counts as unset). A ValueError naming the variable and its value when
+    it is no IP address or host name: Prometheus would only show the target down, or drop the whole file."""
+    raw = os.environ.get("REFINE_METRICS_HOST", "")
+    host = raw.strip() or "127.0.0.1"
+    problem = _host_problem(host)
+    if problem is not None:
+        raise ValueError(f"REFINE_METRICS_HOST={raw!r} (the address Prometheus reaches this node's metrics at): "
+                         f"{problem}")
     return f"[{host}]" if ":" in host and not host.startswith("[") else host  # an IPv6 address in a target
 
 
@@ -131,11 +168,12 @@ def serve_metrics(metrics: Metrics, role: str, instance: str, discovery_dir: str
                   bind: str = "0.0.0.0", run: str = "") -> MetricsEndpoint:
     """Serve `metrics` on a free port and announce it for Prometheus file service discovery; `run` (the
     service's namespace) lets the run withdraw the announcement of a member it killed."""
-    # Before the server starts: a directory that cannot be created leaves no server thread behind.
+    # Before the server starts: a directory that cannot be created, or a host that is none, leaves no server
+    # thread behind.
     directory = None if discovery_dir is None else prepare_discovery_dir(discovery_dir)
+    host = metrics_host()
     server, _ = start_http_server(0, addr=bind, registry=metrics.registry)
     port = server.server_port
-    host = _reachable_host()
     discovery_file = None
     if directory is not None:
         # One file per served target: a same-named member of another run on this node keeps its own.

@@ -2,8 +2,10 @@
 
 Ray: an already initialized Ray (a notebook, a test session) is used as it is; otherwise an
 address (the `--ray-address` flag, `service.ray_address`, or RAY_ADDRESS, which `ray job submit`
-sets for its entrypoint) is connected to; otherwise a local Ray is started in-process, without the
-dashboard, on ports Ray picks (never Redis' 6379), with enough logical CPUs for the run's actors.
+sets for its entrypoint) is connected to: HOST:PORT of the head's GCS, `auto`, or ray://HOST:PORT
+(Ray Client; any other scheme is refused, `check_ray_address`); otherwise (or with `local`) a local
+Ray is started in-process, without the dashboard, on ports Ray picks (never Redis' 6379), with enough
+logical CPUs for the run's actors.
 With train.device cuda every learner rank holds one GPU (`actor_options`), so the cluster needs
 service.num_learners of them, and every actor's request must fit one node (`check_placement`).
 
@@ -21,7 +23,6 @@ redis-server for the lifetime of the run.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import socket
@@ -36,8 +37,8 @@ from ray.util import placement_group, placement_group_table, remove_placement_gr
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from refine.config import RunConfig
-from services.metrics import prepare_discovery_dir
-from services.redis_server import EmbeddedRedis, connect
+from services.metrics import metrics_host, prepare_discovery_dir
+from services.redis_server import URL_SOURCES, EmbeddedRedis, connect, redact_url
 
 __all__ = ["ActorRequest", "Placement", "RayPlan", "Reservation", "actor_cpus", "actor_options", "actor_requests",
            "check_placement", "check_ray_address", "fit_together", "free_per_node", "gpus_needed", "ray_for_run",
@@ -139,18 +140,28 @@ def check_ray_address(address: str, timeout_s: float = 2.0) -> None:
     a listener that is not Ray (another server, a proxy), printing only GCS timeouts. Ray's endpoints
     speak gRPC, so the probe sends an HTTP/2 preface and expects the server's SETTINGS frame back.
     An http(s):// address is the dashboard's (what `ray job submit --address` takes), refused with what to
-    give instead. Other forms ("auto", "local", ...) are left to Ray."""
+    give instead; so is any other scheme but ray:// (Ray Client's, the only one a run supports). Other
+    forms ("auto", "local", ...) are left to Ray."""
     source = address_source(address)
-    scheme = address.split("://", 1)[0].lower() if "://" in address else ""
-    if scheme in ("http", "https"):
+    scheme, sep, rest = str(address).partition("://")
+    if sep and scheme.lower() in ("http", "https"):
         raise ValueError(f"Ray address {str(address)!r} ({source}) is an HTTP address: that is the dashboard's, "
                          f"where `ray job submit --address` sends jobs; a run connects to the cluster itself: give "
                          f"{RAY_ADDRESS_FORMS}")
-    if scheme and scheme != "ray" and (not scheme.isidentifier() or importlib.util.find_spec(scheme) is None):
-        # Ray reads SCHEME://... as a Ray Client protocol served by the Python module SCHEME (a traceback else).
-        raise ValueError(f"Ray address {str(address)!r} ({source}): Ray takes {scheme}:// for a Ray Client protocol "
-                         f"of a Python module {scheme!r}, and there is none; give {RAY_ADDRESS_FORMS}")
-    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if sep and scheme != "ray":
+        # Ray takes SCHEME:// for a Ray Client protocol of a Python module SCHEME (a traceback for grpc://, which has
+        # none), and the probe read grpc://host as a host name: only Ray's own, ray://, is one a run supports.
+        shown = str(address)
+        if scheme in ("redis", "rediss"):
+            shown = redact_url(shown)  # its password stays out of the message
+            why = f"that is a Redis URL's, which the run takes from {URL_SOURCES}"
+        elif scheme.lower() == "ray":
+            why = "Ray reads the scheme as written, and Ray Client's is ray://, in lower case"
+        else:
+            why = "the only scheme a run connects with is ray://, Ray Client's"
+        raise ValueError(f"Ray address {shown!r} ({source}): {scheme}:// is not a Ray address scheme: {why}; "
+                         f"give {RAY_ADDRESS_FORMS}")
+    host, sep, port = (rest if sep else str(address)).rpartition(":")
     host = host.strip("[]")  # an IPv6 literal, [::1]:6379
     if not sep or not host or not (port.isascii() and port.isdigit()):
         return
@@ -187,8 +198,10 @@ def ray_for_run(config: RunConfig, address: str | None) -> Iterator[bool]:
     connects = not ray.is_initialized() and bool(address) and address != "local"
     if connects:
         check_ray_address(address)
-    # Where the roles announce their metrics ports: a file there, or no permission, fails before Ray starts.
+    # Where the roles announce their metrics ports: a file there, or no permission, fails before Ray starts; so does
+    # a REFINE_METRICS_HOST that is no host (a local Ray's actors inherit it, and the orchestrator reads it).
     prepare_discovery_dir(config.service.metrics_discovery_dir)
+    metrics_host()
     if not ray.is_initialized():
         if connects:
             try:

@@ -13,10 +13,12 @@ from __future__ import annotations
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import TypeVar
 
 import redis
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
@@ -31,6 +33,8 @@ __all__ = [
     "state_dict_to_bytes",
     "state_dict_from_bytes",
 ]
+
+T = TypeVar("T")
 
 DEFAULT_CHUNK_BYTES = 64 * 1024 * 1024
 _REDIS_MAX_VALUE_BYTES = 512 * 1024 * 1024
@@ -73,6 +77,14 @@ def state_dict_to_bytes(state_dict: Mapping[str, torch.Tensor]) -> bytes:
 
 def state_dict_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
     return safetensors_load(data)
+
+
+def _number(value: bytes, what: str) -> int:
+    """A non-negative integer Redis holds (a version, a chunk count, a size); a WeightStoreError naming `what`
+    (the key, and the field) when it is not one: something other than publish wrote there."""
+    if not (value.isascii() and value.isdigit()):
+        raise WeightStoreError(f"{what} is {value!r}, not a non-negative integer")
+    return int(value)
 
 
 class WeightStore(ABC):
@@ -208,63 +220,112 @@ class RedisWeightStore(WeightStore):
         self._prune()
 
     def latest_version(self) -> int | None:
-        value = self.client.get(self._latest_key)
-        return None if value is None else int(value)
+        value = self._redis(self.client.get, self._latest_key, "string")
+        return None if value is None else _number(value, f"the latest version pointer {self._latest_key!r}")
 
     def versions(self) -> list[int]:
-        return [int(v) for v in self.client.zrange(self._versions_key, 0, -1)]
+        members = self._redis(lambda key: self.client.zrange(key, 0, -1), self._versions_key, "sorted set")
+        return [_number(member, f"a member of the version index {self._versions_key!r}") for member in members]
 
     def fetch(self, version: int | None = None) -> tuple[int, dict[str, torch.Tensor]]:
         if version is not None:
-            return version, state_dict_from_bytes(self._read(version))
+            return version, self._load(version)
         # The latest version can be pruned between reading its number and its chunks when the
         # learner publishes fast; try the new latest a few times.
+        seen = []
         for _ in range(5):
             latest = self.latest_version()
             if latest is None:
                 raise WeightVersionMissing(f"no weights published under namespace {self.namespace!r} yet")
+            seen.append(latest)
             try:
-                return latest, state_dict_from_bytes(self._read(latest))
+                return latest, self._load(latest)
             except WeightVersionMissing:
                 continue
+        if len(set(seen)) == 1:  # never replaced: the pointer names a version that has no record
+            raise WeightStoreError(f"the latest version pointer {self._latest_key!r} says {seen[0]}, but its record "
+                                   f"{self._meta_key(seen[0])!r} is missing (available: {self.versions()})")
         raise WeightStoreError("the latest weight version kept being replaced while it was read")
 
+    def _load(self, version: int) -> dict[str, torch.Tensor]:
+        data = self._read(version)
+        try:
+            return state_dict_from_bytes(data)
+        except SafetensorError as exc:
+            raise WeightStoreError(f"weight version {version} (record {self._meta_key(version)!r}): its chunks do not "
+                                   f"make safetensors bytes: {exc}") from None
+
     def _read(self, version: int) -> bytes:
-        meta = self.client.hgetall(self._meta_key(version))
-        if not meta:
+        meta_key = self._meta_key(version)
+        record = self._record(version)
+        if record is None:
             available = self.versions()
             raise WeightVersionMissing(f"weight version {version} is not available (available: {available})")
-        blob = meta[b"blob"].decode()
-        chunks = int(meta[b"chunks"])
-        total = int(meta[b"bytes"])
+        blob, chunks, total = record
         parts = []
         for index in range(chunks):
-            part = self.client.get(self._chunk_key(blob, index))
+            chunk_key = self._chunk_key(blob, index)
+            part = self._redis(self.client.get, chunk_key, "string")
             if part is None:
-                raise WeightVersionMissing(f"weight version {version} was pruned while it was read")
+                # Pruning deletes a version's record and chunks together: a record still there lost a chunk.
+                if self._record(version) != record:
+                    raise WeightVersionMissing(f"weight version {version} was pruned while it was read")
+                raise WeightStoreError(f"weight version {version}: chunk {chunk_key!r} ({index + 1} of {chunks}) is "
+                                       f"missing, though its record {meta_key!r} lists it")
             parts.append(part)
         data = b"".join(parts)
         if len(data) != total:
-            raise WeightStoreError(f"weight version {version} has {len(data)} bytes, its record says {total}")
+            raise WeightStoreError(f"weight version {version} has {len(data)} bytes in its chunks "
+                                   f"{self._chunk_key(blob, 0)!r}.., its record {meta_key!r} says {total}")
         return data
+
+    def _record(self, version: int) -> tuple[str, int, int] | None:
+        """(blob id, chunk count, total bytes) of `version`'s record, None when there is none; a WeightStoreError
+        naming the key when a field is missing or malformed."""
+        key = self._meta_key(version)
+        meta = self._redis(self.client.hgetall, key, "hash")
+        if not meta:
+            return None
+        missing = [field for field in ("blob", "chunks", "bytes") if field.encode() not in meta]
+        if missing:
+            raise WeightStoreError(f"weight version {version}'s record {key!r} has no field {', '.join(missing)} "
+                                   f"(it has {sorted(field.decode(errors='replace') for field in meta)})")
+        blob = meta[b"blob"]
+        # publish writes a uuid4 hex id: anything else would name other keys (or none).
+        if not (blob.isascii() and blob.isalnum()):
+            raise WeightStoreError(f"weight version {version}'s record {key!r}: blob {blob!r} is not a blob id "
+                                   f"(letters and digits)")
+        chunks = _number(meta[b"chunks"], f"the field chunks of weight version {version}'s record {key!r}")
+        if chunks < 1:  # publish writes at least one chunk, an empty one for no bytes
+            raise WeightStoreError(f"weight version {version}'s record {key!r}: chunks is 0, at least 1 expected")
+        total = _number(meta[b"bytes"], f"the field bytes of weight version {version}'s record {key!r}")
+        return blob.decode(), chunks, total
+
+    def _redis(self, command: Callable[[str], T], key: str, kind: str) -> T:
+        """`command(key)`, with Redis' WRONGTYPE refusal named by the key (something else wrote there)."""
+        try:
+            return command(key)
+        except redis.ResponseError as exc:
+            if not str(exc).startswith("WRONGTYPE"):
+                raise
+            actual = self.client.type(key)
+            actual = actual.decode() if isinstance(actual, bytes) else actual
+            raise WeightStoreError(f"weight store key {key!r} holds a Redis {actual}, not a {kind}") from None
 
     # -- housekeeping ---------------------------------------------------------------------------------
 
     def _prune(self) -> None:
-        old = self.client.zrange(self._versions_key, 0, -(self.keep_last + 1))
-        for raw in old:
-            self._delete_version(int(raw))
+        for version in self.versions()[: -self.keep_last]:
+            self._delete_version(version)
 
     def _delete_version(self, version: int) -> None:
-        meta = self.client.hgetall(self._meta_key(version))
+        record = self._record(version)
         pipe = self.client.pipeline(transaction=True)
         pipe.zrem(self._versions_key, str(version))
         pipe.delete(self._meta_key(version))
-        if meta:
-            blob = meta[b"blob"].decode()
-            chunk_keys = [self._chunk_key(blob, i) for i in range(int(meta[b"chunks"]))]
-            if chunk_keys:
-                pipe.delete(*chunk_keys)
+        if record is not None:
+            blob, chunks, _ = record
+            pipe.delete(*[self._chunk_key(blob, i) for i in range(chunks)])
         pipe.execute()
 
     def clear(self) -> None:

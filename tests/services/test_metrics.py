@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from services.metrics import (
-    Metrics, prepare_discovery_dir, serve_metrics, withdraw_announcements, withdraw_run_announcements,
+    Metrics, metrics_host, prepare_discovery_dir, serve_metrics, withdraw_announcements, withdraw_run_announcements,
 )
 
 
@@ -112,3 +112,58 @@ def test_a_discovery_dir_that_cannot_be_created_names_the_setting_and_the_reason
                                              r"the directory: \S.*\(/proc/refine-test\)$"):
             prepare_discovery_dir("/proc/refine-test/x")
     assert prepare_discovery_dir(tmp_path / "a" / "b") == tmp_path / "a" / "b" and (tmp_path / "a" / "b").is_dir()
+
+
+@pytest.mark.parametrize("value,problem", [
+    ("999.1.1.1", "not an IPv4 address (four numbers in 0..255, such as 10.0.0.5)"),
+    ("1.2.3", "not an IPv4 address"),
+    ("not a host!", "not an IP address or a host name (letters, digits, '-' and '.')"),
+    ("http://node-1", "not an IP address or a host name"),
+    ("[10.0.0.5]", "not an IP address or a host name"),
+    ("10.0.0.5:9100", "it holds a port (:9100); give the host alone: every process serves on a port of its own"),
+    ("node-1:9100", "it holds a port (:9100)"),
+    ("[fd00::5]:9100", "it holds a port (:9100)"),
+    ("0.0.0.0", "that is the address a server binds to listen on every interface; no scraper reaches it there"),
+])
+def test_a_metrics_host_that_is_no_host_is_refused_naming_the_variable_before_serving(
+    tmp_path: Path, monkeypatch, value: str, problem: str
+) -> None:
+    """Was announced as it came ('999.1.1.1:PORT', 'not a host!:PORT', '[10.0.0.5:9100]:PORT'): Prometheus showed
+    the target down, or dropped the discovery file, and nothing named REFINE_METRICS_HOST."""
+    import threading
+
+    monkeypatch.setenv("REFINE_METRICS_HOST", value)
+    threads = threading.active_count()
+    with pytest.raises(ValueError) as info:
+        serve_metrics(Metrics(), role="learner", instance="learner-0", discovery_dir=tmp_path, bind="127.0.0.1")
+    assert str(info.value).startswith(
+        f"REFINE_METRICS_HOST={value!r} (the address Prometheus reaches this node's metrics at): {problem}")
+    assert threading.active_count() == threads and announced_targets(tmp_path) == {}  # nothing served or announced
+
+
+@pytest.mark.parametrize("value,target", [
+    ("node-1.cluster.local", "node-1.cluster.local"), (" 10.0.0.5 ", "10.0.0.5"), ("fd00::5", "[fd00::5]"),
+    ("[fd00::5]", "[fd00::5]"), ("refine_ray-head_1", "refine_ray-head_1"), ("", "127.0.0.1"),
+])
+def test_a_metrics_host_that_is_a_host_or_address_is_announced(tmp_path: Path, monkeypatch, value: str,
+                                                                target: str) -> None:
+    monkeypatch.setenv("REFINE_METRICS_HOST", value)
+    assert metrics_host() == target
+    endpoint = serve_metrics(Metrics(), role="learner", instance="learner-0", discovery_dir=tmp_path, bind="127.0.0.1")
+    try:
+        assert list(announced_targets(tmp_path).values()) == [[f"{target}:{endpoint.port}"]]
+    finally:
+        endpoint.close()
+
+
+def test_an_empty_discovery_dir_variable_counts_as_unset(tmp_path: Path) -> None:
+    """An empty REFINE_METRICS_DISCOVERY_DIR made the default discovery directory '' (the working directory)."""
+    import os
+    import subprocess
+    import sys
+
+    env = os.environ | {"REFINE_METRICS_DISCOVERY_DIR": ""}
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", "from services.metrics import DEFAULT_DISCOVERY_DIR as d; print(d)"],
+                         env=env, cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "/tmp/refine/prometheus"

@@ -177,8 +177,69 @@ def test_the_dashboard_address_is_refused_saying_what_the_flag_takes(address: st
 def test_an_address_of_an_unknown_client_protocol_is_refused(no_ray: None) -> None:
     # Ray reads foo://... as a Ray Client protocol of a module foo: a RuntimeError traceback when there is none.
     with pytest.raises(ValueError, match=r"Ray address 'nosuchmodule://head:1' \(--ray-address, service.ray_address "
-                                         r"or RAY_ADDRESS\): Ray takes nosuchmodule:// for a Ray Client protocol"):
+                                         r"or RAY_ADDRESS\): nosuchmodule:// is not a Ray address scheme: the only "
+                                         r"scheme a run connects with is ray://"):
         check_ray_address("nosuchmodule://head:1")
+
+
+@pytest.mark.parametrize("source", ["--ray-address", "service.ray_address", "RAY_ADDRESS"])
+@pytest.mark.parametrize("address,why", [
+    ("grpc://{host}", "grpc:// is not a Ray address scheme: the only scheme a run connects with is ray://, Ray "
+                      "Client's"),
+    ("os://{host}", "os:// is not a Ray address scheme: the only scheme a run connects with is ray://, Ray Client's"),
+    ("RAY://{host}", "RAY:// is not a Ray address scheme: Ray reads the scheme as written, and Ray Client's is "
+                     "ray://, in lower case"),
+    ("redis://{host}/0", "redis:// is not a Ray address scheme: that is a Redis URL's, which the run takes from "
+                         "--redis-url, service.redis_url or REFINE_REDIS_URL"),
+], ids=["grpc", "module-without-client", "upper-case-ray", "redis-url"])
+def test_a_scheme_other_than_ray_client_is_refused_naming_the_setting_and_what_works(
+    address: str, why: str, source: str, silent_address: str, no_ray: None, monkeypatch: pytest.MonkeyPatch,
+    tmp_path
+) -> None:
+    """grpc://HOST:PORT (its module exists, so it passed the check) was probed as a host named 'grpc://HOST':
+    'unreachable ... gaierror', though something listens there; Ray itself fails on it with a traceback ('Module:
+    grpc does not have ClientBuilder')."""
+    address = address.format(host=silent_address)
+    config = RunConfig()
+    config.service.metrics_discovery_dir = str(tmp_path / "prometheus")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    flag = None
+    if source == "--ray-address":
+        flag = address
+    elif source == "service.ray_address":
+        config.service.ray_address = address
+    else:
+        monkeypatch.setenv("RAY_ADDRESS", address)
+    started = time.monotonic()
+    with pytest.raises(ValueError) as info:
+        with ray_for_run(config, resolve_addresses(config, flag).address):
+            pass
+    assert time.monotonic() - started < 1  # refused as written: nothing probed
+    message = str(info.value)
+    assert message.startswith(f"Ray address {address!r} ({source}): {why}; give HOST:PORT of the head's GCS"), message
+    assert "ray://HOST:10001 for Ray Client" in message and "unreachable" not in message and "\n" not in message
+
+
+def test_a_redis_url_given_as_the_ray_address_keeps_its_password_out_of_the_message(no_ray: None) -> None:
+    with pytest.raises(ValueError) as info:
+        check_ray_address("redis://:hunter2@head:6379/0")
+    assert "hunter2" not in str(info.value) and "redis:// is not a Ray address scheme" in str(info.value)
+
+
+def test_a_metrics_host_that_is_no_host_fails_before_ray_starts(
+    no_ray: None, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = RunConfig()
+    config.service.metrics_discovery_dir = str(tmp_path / "prometheus")
+    monkeypatch.setenv("REFINE_METRICS_HOST", "10.0.0.5:9100")
+    with pytest.raises(ValueError, match=r"^REFINE_METRICS_HOST='10.0.0.5:9100' \(the address Prometheus reaches this "
+                                         r"node's metrics at\): it holds a port \(:9100\)"):
+        with ray_for_run(config, None):
+            pass
+    monkeypatch.setenv("REFINE_METRICS_HOST", "10.0.0.5")
+    with pytest.raises(AssertionError, match="ray.init was called"):
+        with ray_for_run(config, None):
+            pass
 
 
 def test_the_setting_an_address_came_from_follows_the_precedence(monkeypatch: pytest.MonkeyPatch) -> None:

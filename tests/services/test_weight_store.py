@@ -1,6 +1,7 @@
 """Versioned weights in a real Redis: chunked round trips, version order, pruning."""
 
 import threading
+from typing import Any
 
 import pytest
 import redis
@@ -134,3 +135,113 @@ def test_bad_inputs_are_refused(redis_client: redis.Redis, namespace: str) -> No
     with pytest.raises(WeightStoreError, match=r"state_dict\['w'\] must be a torch tensor, got list"):
         store.publish({"w": [1.0]}, 1)  # type: ignore[dict-item]
     assert store.latest_version() is None
+
+
+def corrupt_store(redis_client: redis.Redis, namespace: str) -> RedisWeightStore:
+    """A store holding version 1 in several chunks, for a test to damage."""
+    store = RedisWeightStore(redis_client, namespace, chunk_bytes=64)
+    store.publish(small_state(1), 1)
+    return store
+
+
+def chunk_keys(redis_client: redis.Redis, namespace: str) -> list[bytes]:
+    return sorted(redis_client.keys(f"{namespace}:weights:blob:*"), key=lambda key: int(key.rsplit(b":", 1)[1]))
+
+
+@pytest.mark.parametrize("damage,error", [
+    (lambda c, ns: c.hdel(f"{ns}:weights:meta:1", "chunks"),
+     r"weight version 1's record '{ns}:weights:meta:1' has no field chunks \(it has \['blob', 'bytes', "
+     r"'published_at'\]\)"),
+    (lambda c, ns: c.hdel(f"{ns}:weights:meta:1", "blob"),
+     r"weight version 1's record '{ns}:weights:meta:1' has no field blob"),
+    (lambda c, ns: c.hset(f"{ns}:weights:meta:1", "chunks", "three"),
+     r"the field chunks of weight version 1's record '{ns}:weights:meta:1' is b'three', not a non-negative integer"),
+    (lambda c, ns: c.hset(f"{ns}:weights:meta:1", "bytes", "-5"),
+     r"the field bytes of weight version 1's record '{ns}:weights:meta:1' is b'-5', not a non-negative integer"),
+    (lambda c, ns: c.hset(f"{ns}:weights:meta:1", "chunks", "0"),
+     r"weight version 1's record '{ns}:weights:meta:1': chunks is 0, at least 1 expected"),
+    (lambda c, ns: c.hset(f"{ns}:weights:meta:1", "blob", b"\xff:x"),
+     r"weight version 1's record '{ns}:weights:meta:1': blob b'\\xff:x' is not a blob id"),
+    (lambda c, ns: c.delete(chunk_keys(c, ns)[2]),
+     r"weight version 1: chunk '{ns}:weights:blob:\w+:2' \(3 of \d+\) is missing, though its record "
+     r"'{ns}:weights:meta:1' lists it"),
+    (lambda c, ns: [c.set(key, b"x" * len(c.get(key))) for key in chunk_keys(c, ns)],
+     r"weight version 1 \(record '{ns}:weights:meta:1'\): its chunks do not make safetensors bytes: Error while "
+     r"deserializing"),
+    (lambda c, ns: c.set(chunk_keys(c, ns)[-1], b""),
+     r"weight version 1 has \d+ bytes in its chunks '{ns}:weights:blob:\w+:0'.., its record '{ns}:weights:meta:1' "
+     r"says \d+"),
+    (lambda c, ns: (c.delete(f"{ns}:weights:meta:1"), c.set(f"{ns}:weights:meta:1", "x")),
+     r"weight store key '{ns}:weights:meta:1' holds a Redis string, not a hash"),
+], ids=["no-chunks-field", "no-blob-field", "chunks-not-a-number", "negative-bytes", "zero-chunks", "bad-blob-id",
+        "missing-chunk", "not-safetensors", "short-chunk", "record-not-a-hash"])
+def test_a_corrupt_version_record_or_chunk_names_the_key(
+    redis_client: redis.Redis, namespace: str, damage, error: str
+) -> None:
+    """Was a bare KeyError: b'chunks', `invalid literal for int()`, SafetensorError or 'the latest weight version kept
+    being replaced' (a missing chunk) in the worker reading the weights, naming no key."""
+    store = corrupt_store(redis_client, namespace)
+    damage(redis_client, namespace)
+    for fetch in (store.fetch, lambda: store.fetch(1)):
+        with pytest.raises(WeightStoreError, match="^" + error.format(ns=namespace)) as info:
+            fetch()
+        # Not a version that went missing (fetch would retry it, a worker would take it for a pruning race).
+        assert not isinstance(info.value, WeightVersionMissing)
+
+
+@pytest.mark.parametrize("value,error", [
+    (b"abc", r"the latest version pointer '{ns}:weights:latest' is b'abc', not a non-negative integer"),
+    (b"-1", r"the latest version pointer '{ns}:weights:latest' is b'-1', not a non-negative integer"),
+    (b"7", r"the latest version pointer '{ns}:weights:latest' says 7, but its record '{ns}:weights:meta:7' is "
+           r"missing \(available: \[1\]\)"),
+], ids=["not-a-number", "negative", "no-such-version"])
+def test_a_latest_pointer_that_is_not_a_published_version_names_the_key(
+    redis_client: redis.Redis, namespace: str, value: bytes, error: str
+) -> None:
+    store = corrupt_store(redis_client, namespace)
+    redis_client.set(f"{namespace}:weights:latest", value)
+    with pytest.raises(WeightStoreError, match="^" + error.format(ns=namespace)):
+        store.fetch()
+    if value != b"7":
+        with pytest.raises(WeightStoreError, match="^" + error.format(ns=namespace)):
+            store.latest_version()  # what the learner reads at setup and the workers before every fetch
+
+
+def test_a_version_index_member_or_key_of_another_type_names_the_key(redis_client: redis.Redis, namespace: str) -> None:
+    store = corrupt_store(redis_client, namespace)
+    redis_client.zadd(f"{namespace}:weights:versions", {"v2": 2})
+    with pytest.raises(WeightStoreError, match=rf"^a member of the version index '{namespace}:weights:versions' is "
+                                               rf"b'v2', not a non-negative integer"):
+        store.versions()
+    redis_client.delete(f"{namespace}:weights:latest")
+    redis_client.rpush(f"{namespace}:weights:latest", "1")
+    with pytest.raises(WeightStoreError, match=rf"^weight store key '{namespace}:weights:latest' holds a Redis list, "
+                                               rf"not a string"):
+        store.latest_version()
+
+
+class PruningClient(redis.Redis):
+    """A real client to the test Redis whose first read of a chunk lets `prune` run first: a version pruned by
+    the learner between a worker reading its record and its chunks."""
+
+    prune: Any = None
+
+    def get(self, name: Any) -> Any:
+        if b":weights:blob:" in (name if isinstance(name, bytes) else str(name).encode()) and self.prune is not None:
+            prune, self.prune = self.prune, None
+            prune()
+        return super().get(name)
+
+
+def test_a_version_pruned_while_read_is_still_told_apart_from_a_lost_chunk(redis_url: str, namespace: str) -> None:
+    client = PruningClient.from_url(redis_url)
+    reader = RedisWeightStore(client, namespace)
+    writer = RedisWeightStore(redis.Redis.from_url(redis_url), namespace, keep_last=1)
+    writer.publish(small_state(1), 1)
+    client.prune = lambda: writer.publish(small_state(2), 2)  # keep_last=1: version 1 goes
+    with pytest.raises(WeightVersionMissing, match="weight version 1 was pruned while it was read"):
+        reader.fetch(1)
+    client.prune = lambda: writer.publish(small_state(3), 3)
+    version, state = reader.fetch()  # the latest: read again once replaced
+    assert version == 3
+    assert_same(state, small_state(3))
