@@ -7,11 +7,37 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import socket
 
 from pydantic import ValidationError
 
 from refine.algorithm.rewards import import_reward_modules
 from reward.http import ScoreLimits, serve
+
+
+def address_problem(host: str, port: int) -> str | None:
+    """Why the server could not listen on host:port, naming the flag, or None when it can.
+
+    uvicorn binds only after the app is built and said "[Errno -2] Name or service not known" for a
+    host that is not an address, naming neither the flag nor the value. Bound as asyncio does (every
+    address the host resolves to, SO_REUSEADDR) and closed again at once.
+    """
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, ValueError) as exc:  # socket.gaierror; an IDNA label over 63 characters, a NUL character
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        return f"--host must be an IP address or a host name that resolves, got {host!r} ({reason})"
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRNOTAVAIL:
+                    return f"--host {host!r} is not an address of this machine ({exc.strerror})"
+                return f"--port: cannot listen on port {port} of {host!r} ({exc.strerror})"
+    return None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -35,13 +61,17 @@ def main(argv: list[str] | None = None) -> None:
     except ValidationError as exc:
         # One line naming the flag, not pydantic's multi-line report naming the field.
         parser.error("; ".join(
-            f"--{str(error['loc'][0]).replace('_', '-')}: {error['msg']}, got {error['input']!r}"
+            f"--{str(error['loc'][0]).replace('_', '-')}: {error['msg'].removeprefix('Value error, ')}, "
+            f"got {error['input']!r}"
             for error in exc.errors()
         ))
     try:
         import_reward_modules(args.reward_module, setting="--reward-module")
     except ValueError as exc:
         parser.error(str(exc))
+    problem = address_problem(args.host, args.port)
+    if problem:
+        parser.error(problem)
     serve(host=args.host, port=args.port, log_level=args.log_level, limits=limits)
 
 

@@ -1,15 +1,17 @@
 """The HTTP API served for real by uvicorn on a loopback port: hundreds of malformed or oversized
 requests each get a 4xx JSON answer naming the problem, and correct requests still score right."""
 
+import contextlib
 import copy
 import json
 import math
 import random
 import socket
+import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,9 +20,9 @@ import pytest
 import torch
 import uvicorn
 
-from refine.algorithm.rewards import RewardInputs, available_rewards, register_reward, unregister_reward
+from refine.algorithm.rewards import RewardInputs, available_rewards, cosine_reward, register_reward, unregister_reward
 from reward.__main__ import main
-from reward.http import create_app
+from reward.http import JSONErrorH11Protocol, create_app
 from reward.scoring import score_batch
 
 MAX_BATCH = 8
@@ -40,27 +42,36 @@ TRUTH_TOKENS = [[4, 8], [1, 1]]
 BINARY = [0.5, 1.0]
 
 
-@pytest.fixture(scope="module")
-def client() -> Iterator[httpx.Client]:
-    app = create_app(max_batch=MAX_BATCH, max_rollout_len=MAX_K, max_hidden_dim=MAX_DIM,
-                     max_text_chars=MAX_TEXT, max_references=MAX_REFERENCES, max_body_bytes=MAX_BODY)
+@contextlib.contextmanager
+def serving(app: Any) -> Iterator[httpx.Client]:
+    """`app` served by uvicorn with the HTTP protocol `serve` uses, on a loopback port, and a client of it."""
     # The server keeps this socket: no race for the port. IPPROTO_TCP explicitly, or asyncio does not set
     # TCP_NODELAY on the accepted connections and every response waits 40 ms for a delayed ACK.
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="critical", lifespan="off"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="critical", lifespan="off", http=JSONErrorH11Protocol))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
     while not server.started:
         assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.01)
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+            yield http
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[httpx.Client]:
+    app = create_app(max_batch=MAX_BATCH, max_rollout_len=MAX_K, max_hidden_dim=MAX_DIM,
+                     max_text_chars=MAX_TEXT, max_references=MAX_REFERENCES, max_body_bytes=MAX_BODY)
+    with serving(app) as http:
         yield http
-    server.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
 
 
 def rollouts(fields: tuple[str, ...] = ("tokens", "hidden")) -> list[dict[str, Any]]:
@@ -411,7 +422,8 @@ def test_command_line_refuses_bad_limits(capsys):
 
 
 @pytest.mark.parametrize("flag", ["--max-batch", "--max-rollout-len", "--max-hidden-dim", "--max-text-chars",
-                                  "--max-references", "--max-body-bytes"])
+                                  "--max-references", "--max-body-bytes", "--max-inflight-bytes",
+                                  "--max-body-seconds"])
 def test_command_line_refuses_limits_past_their_bound_naming_the_flag(capsys, flag):
     """10**23 failed building the request schema (64-bit integers) with a traceback."""
     with pytest.raises(SystemExit) as info:
@@ -451,3 +463,312 @@ def test_command_line_imports_reward_modules_first(capsys, tmp_path, monkeypatch
     finally:
         unregister_reward("test_http_plugin")
         sys.modules.pop("scratch_http_rewards", None)
+
+
+# ------------------------------------------------------------------------ what a client can make the server hold
+
+
+@pytest.fixture(scope="module")
+def tight() -> Iterator[httpx.Client]:
+    """A server whose bodies in flight may hold one full-size body together, and that waits 1 s for a body."""
+    app = create_app(max_body_bytes=MAX_BODY, max_inflight_bytes=MAX_BODY, max_body_seconds=1)
+    with serving(app) as http:
+        yield http
+
+
+def padded(body: Any, size: int) -> bytes:
+    """`body` as JSON of exactly `size` bytes (trailing whitespace)."""
+    raw = json.dumps(body).encode()
+    assert len(raw) <= size
+    return raw + b" " * (size - len(raw))
+
+
+FULL_SIZE = padded(request_with("cosine"), MAX_BODY)
+
+
+def head(length: int | None, *, expect: bool = False) -> bytes:
+    lines = ["POST /v1/score HTTP/1.1", "Host: test", "Content-Type: application/json"]
+    lines += [f"Content-Length: {length}"] if length is not None else []
+    lines += ["Expect: 100-continue"] if expect else []
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def connect(client: httpx.Client) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", client.base_url.port), timeout=10)
+
+
+def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """The first response on `sock` (an interim 100 Continue included): status, headers, body."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed before a response: {data!r}"
+        data += chunk
+    head_bytes, _, body = data.partition(b"\r\n\r\n")
+    status_line, *lines = head_bytes.decode("latin-1").split("\r\n")
+    headers = {name.strip().lower(): value.strip() for name, value in (line.split(":", 1) for line in lines)}
+    length = int(headers.get("content-length", 0))
+    while len(body) < length and (chunk := sock.recv(65536)):
+        body += chunk
+    return int(status_line.split()[1]), headers, body[:length]
+
+
+def scores_full_size(client: httpx.Client, seconds: float = 5) -> httpx.Response:
+    """A request of the whole budget, retried while it is answered 503: it is scored once every earlier
+    request has given its bytes back (a client's disconnect reaches the server a moment later)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        response = client.post("/v1/score", content=FULL_SIZE, headers=JSON)
+        if response.status_code != 503 or time.monotonic() > deadline:
+            return response
+        time.sleep(0.05)
+
+
+def test_requests_past_max_inflight_bytes_are_answered_503_with_retry_after(tight):
+    """Four 32 MB bodies at once took 4.6 GB: nothing bounded the requests in flight."""
+    holder = connect(tight)  # declares a full-size body and sends half of it
+    try:
+        holder.sendall(head(MAX_BODY) + b" " * (MAX_BODY // 2))
+        second = padded(request_with("cosine"), MAX_BODY // 2 + 1024)
+        deadline = time.monotonic() + 5
+        while True:  # until the server has received the holder's bytes
+            response = tight.post("/v1/score", content=second, headers=JSON)
+            if response.status_code != 200 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert response.status_code == 503, response.text
+        assert response.headers["retry-after"] == "1"
+        detail = response.json()["detail"]
+        assert len(detail) == 1 and detail[0]["type"] == "busy"
+        assert response.json()["error"].startswith(f"body: server busy: its Content-Length {len(second)} on top of ")
+        assert f"would pass max_inflight_bytes ({MAX_BODY}); retry later" in response.json()["error"]
+        # Refused from its Content-Length before any of its body is sent: no 100 Continue comes first.
+        asker = connect(tight)
+        with asker:
+            asker.sendall(head(len(second), expect=True))
+            status, headers, body = read_response(asker)
+        assert status == 503 and headers["retry-after"] == "1", body
+        assert json.loads(body)["detail"][0]["type"] == "busy"
+        # A body sent without a Content-Length is refused once its bytes pass the bound.
+        pieces = [second[i:i + 4096] for i in range(0, len(second), 4096)]
+        response = tight.post("/v1/score", content=iter(pieces), headers=JSON)
+        assert response.status_code == 503 and "received so far" in response.json()["error"], response.text
+        # A small request still fits beside the held bytes.
+        response = tight.post("/v1/score", json=request_with("cosine"))
+        assert response.status_code == 200, response.text
+    finally:
+        holder.close()
+    response = scores_full_size(tight)
+    assert response.status_code == 200, response.text
+    assert response.json()["rewards"] == pytest.approx(COSINE)
+
+
+def test_the_bytes_in_flight_are_given_back_however_a_request_ends(tight):
+    """The budget holds one full-size body: after each way a request can end, a full-size request is scored."""
+
+    def failing(inputs: RewardInputs) -> torch.Tensor:
+        raise RuntimeError("plugin bug")
+
+    scoring = threading.Event()
+
+    def slow(inputs: RewardInputs) -> torch.Tensor:
+        scoring.set()
+        time.sleep(1.0)
+        return torch.zeros(inputs.num_rollouts)
+
+    def post(content: bytes, status: int, path: str = "/v1/score", chunked: bool = False) -> None:
+        sent: Any = iter([content[i:i + 8192] for i in range(0, len(content), 8192)]) if chunked else content
+        response = tight.post(path, content=sent, headers=JSON)
+        assert response.status_code == status, response.text
+
+    def disconnect_mid_body() -> None:
+        with connect(tight) as sock:
+            sock.sendall(head(MAX_BODY) + FULL_SIZE[: MAX_BODY // 2])
+
+    def disconnect_while_scored() -> None:
+        with connect(tight) as sock:
+            sock.sendall(head(MAX_BODY) + padded({"reward_type": "test_slow", "rollouts": rollouts()}, MAX_BODY))
+            assert scoring.wait(timeout=10)
+        # The bytes stay counted while the request is scored, answered to no one.
+        assert tight.post("/v1/score", content=FULL_SIZE, headers=JSON).status_code == 503
+
+    def stall() -> None:
+        with connect(tight) as sock:
+            sock.sendall(head(MAX_BODY) + b"{")
+            status, headers, body = read_response(sock)
+        assert status == 408 and headers["connection"] == "close", body
+        assert json.loads(body)["error"] == ("body: request body not received within max_body_seconds (1): "
+                                             "1 bytes came")
+
+    ways: list[tuple[str, Callable[[], None]]] = [
+        ("scored", lambda: post(FULL_SIZE, 200)),
+        ("scored, chunked", lambda: post(FULL_SIZE, 200, chunked=True)),
+        ("invalid JSON", lambda: post(b"{" + b" " * (MAX_BODY - 1), 422)),
+        ("duplicate key", lambda: post(padded({"rollouts": 1}, MAX_BODY).replace(b"{", b'{"rollouts": 2, ', 1)[
+            :MAX_BODY], 422)),
+        ("schema error", lambda: post(padded(request_with("cosine", dtype="float16"), MAX_BODY), 422)),
+        ("reward refused", lambda: post(padded({"reward_type": "binary", "rollouts": rollouts(("hidden",))},
+                                               MAX_BODY), 400)),
+        ("reward failed", lambda: post(padded({"reward_type": "test_failing", "rollouts": rollouts()}, MAX_BODY),
+                                       500)),
+        ("too large", lambda: post(FULL_SIZE + b" ", 413)),
+        ("too large, chunked", lambda: post(FULL_SIZE + b" ", 413, chunked=True)),
+        ("not found", lambda: post(FULL_SIZE, 404, path="/v1/nothing")),
+        ("client gone mid-body", disconnect_mid_body),
+        ("client gone while scored", disconnect_while_scored),
+        ("body stalled", stall),
+    ]
+    register_reward("test_failing")(failing)
+    register_reward("test_slow")(slow)
+    try:
+        for name, end in ways:
+            end()
+            response = scores_full_size(tight)
+            assert response.status_code == 200, (name, response.text)
+    finally:
+        unregister_reward("test_failing")
+        unregister_reward("test_slow")
+
+
+def test_a_body_of_many_bad_values_or_keys_is_refused_with_few_errors(client):
+    """Pydantic reported every bad value and every unknown key: 30 MB of them took 10 GB and two minutes."""
+    bad = {"rollout_hidden": [["x"] * MAX_DIM] * MAX_K, "ground_truth_hidden": [["x"] * MAX_DIM] * MAX_K}
+    response = client.post("/v1/score", json={"reward_type": "cosine", "rollouts": [bad] * MAX_BATCH})
+    assert response.status_code == 422, response.text
+    assert [item["field"] for item in response.json()["detail"]] == [
+        "rollouts.0.rollout_hidden.0.0", "rollouts.0.ground_truth_hidden.0.0"]
+    many = {f"k{i}": 0 for i in range(5000)}
+    for body, where in [({"reward_type": "cosine", "rollouts": [many]}, "rollouts.0"),
+                        ({"reward_type": "cosine", "rollouts": rollouts(), **many}, "body")]:
+        response = client.post("/v1/score", json=body)
+        assert response.status_code == 422, response.text
+        assert response.json()["error"] == (f"{where}: a JSON object of {len(body) if where == 'body' else 5000} "
+                                            f"keys, more than the 64 any object of this API may hold")
+    check_correct_requests(client)
+
+
+def test_a_key_given_twice_is_refused_naming_it(client):
+    """The last of two equal keys won silently."""
+    cases = [
+        ('{"reward_type": "binary", "reward_type": "cosine", "rollouts": @}', rollouts(),
+         "reward_type: duplicate key 'reward_type': given 2 times in one JSON object, each key may appear once"),
+        ('{"reward_type": "cosine", "rollouts": @}', [rollouts()[0], {**rollouts()[1], "@": 0}],
+         "rollouts.1.rollout_hidden: duplicate key 'rollout_hidden': given 2 times in one JSON object, each key "
+         "may appear once"),
+    ]
+    for template, items, error in cases:
+        raw = template.replace("@", json.dumps(items))
+        raw = raw.replace('"@": 0', '"rollout_hidden": [[1.0, 1.0], [1.0, 1.0]]')
+        response = client.post("/v1/score", content=raw.encode(), headers=JSON)
+        assert response.status_code == 422, response.text
+        assert response.json()["error"] == error
+    nested = '{"reward_type": "cosine", "rollouts": [{"extra": [{"a": 1, "a": 2, "a": 3}]}]}'
+    response = client.post("/v1/score", content=nested.encode(), headers=JSON)
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"][0]["field"] == "rollouts.0.extra.0.a"
+    assert "given 3 times" in response.json()["error"]
+    check_correct_requests(client)
+
+
+def test_hidden_values_float32_cannot_hold_are_refused_and_float64_scores_them(client):
+    """1e-46 is 0 in float32: its cosine came out 0 silently. Subnormal float32 keeps too few bits to score
+    [1e-45, 2e-45] against [2e-45, 1e-45] (both become [1.4e-45, 1.4e-45]: cosine 1, not 0.8)."""
+    tiny = {"rollout_hidden": [[1e-46, 1e-46]], "ground_truth_hidden": [[1e-46, 1e-46]]}
+    coarse = {"rollout_hidden": [[1e-45, 2e-45]], "ground_truth_hidden": [[2e-45, 1e-45]]}
+    for item, error in [(tiny, "rollouts.0.rollout_hidden.0.0: 1e-46 is below the precision of dtype 'float32' "
+                               "(it becomes 0.0): send \"dtype\": \"float64\""),
+                        (coarse, "rollouts.0.rollout_hidden.0.0: 1e-45 is below the precision of dtype 'float32' "
+                                 "(it becomes 1.401298464324817e-45): send \"dtype\": \"float64\"")]:
+        response = client.post("/v1/score", json={"reward_type": "cosine", "rollouts": [item]})
+        assert response.status_code == 422, response.text
+        assert response.json()["error"] == error
+
+    def in_process(item: dict[str, Any], dtype: torch.dtype) -> list[float]:
+        return cosine_reward(torch.tensor([item["rollout_hidden"]], dtype=dtype),
+                             torch.tensor([item["ground_truth_hidden"]], dtype=dtype)).tolist()
+
+    for item, expected in [(tiny, 1.0), (coarse, 0.8)]:
+        response = client.post("/v1/score", json={"reward_type": "cosine", "dtype": "float64", "rollouts": [item]})
+        assert response.status_code == 200, response.text
+        assert response.json()["rewards"] == in_process(item, torch.float64) == pytest.approx([expected])
+    # What float32 holds is scored as the replicas score it, subnormals included; a value too small to matter
+    # beside the largest of its vector may round away.
+    sub = float(torch.tensor(1e-40, dtype=torch.float32))
+    held = {"rollout_hidden": [[sub, 3 * sub]], "ground_truth_hidden": [[3 * sub, sub]]}
+    negligible = {"rollout_hidden": [[1.0, 1e-46]], "ground_truth_hidden": [[1.0, -1e-46]]}
+    for item, expected in [(held, 0.6), (negligible, 1.0)]:
+        response = client.post("/v1/score", json={"reward_type": "cosine", "rollouts": [item]})
+        assert response.status_code == 200, response.text
+        assert response.json()["rewards"] == in_process(item, torch.float32) == pytest.approx([expected])
+
+
+def test_a_request_http_cannot_parse_gets_a_json_400_naming_the_header():
+    """uvicorn answered `Content-Length: -1` in plain text, not in the JSON of every other error."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "reward", "--port", str(port), "--log-level", "critical"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
+                break
+            except httpx.TransportError:
+                assert server.poll() is None and time.monotonic() < deadline, "python -m reward did not start"
+                time.sleep(0.1)
+        cases = [
+            ("Content-Length: -1", "header.content-length", "invalid HTTP request: bad Content-Length, got '-1'"),
+            ("Content-Length: 5\r\nContent-Length: 6", "header.content-length",
+             "invalid HTTP request: conflicting Content-Length headers, got '5', '6'"),
+            ("Transfer-Encoding: gzip", "header.transfer-encoding",
+             "invalid HTTP request: Only Transfer-Encoding: chunked is supported, got 'gzip'"),
+        ]
+        for header, where, msg in cases:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                sock.sendall(head(None)[:-2] + header.encode() + b"\r\n\r\n{}")
+                status, headers, body = read_response(sock)
+            assert status == 400 and headers["content-type"] == "application/json", body
+            assert json.loads(body) == {"error": f"{where}: {msg}", "detail": [
+                {"loc": where.split("."), "field": where, "msg": msg, "type": "http_invalid"}]}
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"NOT HTTP\r\n\r\n")
+            status, headers, body = read_response(sock)
+        error = json.loads(body)["error"]
+        assert status == 400 and error.startswith("request: invalid HTTP request: illegal request line") and \
+            "NOT HTTP" in error, body
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_command_line_names_a_host_or_port_it_cannot_listen_on(capsys, monkeypatch):
+    """uvicorn said "[Errno -2] Name or service not known", naming neither the flag nor the value."""
+    monkeypatch.setattr("reward.__main__.serve", lambda **options: pytest.fail(f"served {options}"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for argv, error in [
+            (["--host", "999.1.1.1"], "--host must be an IP address or a host name that resolves, got '999.1.1.1' "
+                                      "(Name or service not known)"),
+            (["--host", "192.0.2.1"], "--host '192.0.2.1' is not an address of this machine (Cannot assign "
+                                      "requested address)"),
+            (["--port", str(port)], f"--port: cannot listen on port {port} of '127.0.0.1' (Address already in "
+                                    f"use)"),
+        ]:
+            with pytest.raises(SystemExit) as info:
+                main(argv)
+            assert info.value.code == 2
+            assert capsys.readouterr().err.splitlines()[-1] == f"python -m reward: error: {error}"
+
+
+def test_command_line_refuses_an_inflight_bound_below_one_body(capsys):
+    """Every request of max_body_bytes would be answered 503, "retry later", for ever."""
+    with pytest.raises(SystemExit) as info:
+        main(["--max-body-bytes", "4096", "--max-inflight-bytes", "2048"])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "python -m reward: error: --max-inflight-bytes: must be at least max_body_bytes (4096), the size of one "
+        "request, got 2048")
