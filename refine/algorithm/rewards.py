@@ -208,10 +208,13 @@ def _unit_scaled(hidden: Tensor) -> Tensor:
     true ones. Zero vectors stay zero.
     """
     _, exponent = torch.frexp(hidden.detach().abs().amax(dim=-1, keepdim=True))
-    # Capped for subnormal vectors, whose full factor would overflow; they still end up far above eps.
+    # A subnormal vector's factor is past the dtype's range (2**1074 for float64): it is applied as two factors.
+    # A capped single factor left float64 vectors below ~1e-300 under the cosine's eps, and their cosine wrong.
     largest = math.frexp(torch.finfo(hidden.dtype).max)[1] - 1
-    scale = torch.ldexp(torch.ones_like(exponent, dtype=hidden.dtype), (-exponent).clamp(max=largest))
-    return hidden * scale
+    shift = -exponent
+    first = shift.clamp(max=largest)
+    one = torch.ones_like(exponent, dtype=hidden.dtype)
+    return hidden * torch.ldexp(one, first) * torch.ldexp(one, shift - first)
 
 
 def binary_reward(rollout_tokens: Tensor, ground_truth_tokens: Tensor) -> Tensor:

@@ -79,8 +79,12 @@ def test_cosine_of_huge_finite_vectors_does_not_overflow_to_zero():
     assert cosine_reward(big, big).tolist() == pytest.approx([1.0, 1.0], abs=1e-6)
     largest = torch.full((1, 1, 4), torch.finfo(torch.float32).max)
     assert cosine_reward(largest, largest.neg()).tolist() == pytest.approx([-1.0], abs=1e-6)
-    tiny = torch.tensor([[[1e-40, 3e-41]]])  # subnormal: the scale is capped, the cosine still exact
+    tiny = torch.tensor([[[1e-40, 3e-41]]])  # subnormal: scaled in two factors, the cosine still exact
     assert cosine_reward(tiny, tiny).tolist() == pytest.approx([1.0], abs=1e-6)
+    # Far below the cosine's eps even after 2**1023: [1e-320, 0] was 9e-5 against [1, 0].
+    tiniest = torch.tensor([[[1e-320, 0.0]], [[3e-320, 4e-320]]], dtype=torch.float64)
+    unit = torch.tensor([[[1.0, 0.0]], [[4.0, 3.0]]], dtype=torch.float64)
+    assert cosine_reward(tiniest, unit).tolist() == pytest.approx([1.0, 0.96], abs=1e-3)
     zero = torch.zeros(1, 1, 4)
     assert cosine_reward(zero, torch.ones(1, 1, 4)).tolist() == [0.0]
 
