@@ -1,6 +1,7 @@
 """Task rewards in the registry, against hand-computed scores."""
 
 import importlib
+import random
 
 import pytest
 import torch
@@ -39,6 +40,19 @@ def test_qa_f1_is_longbench_f1_max_over_gold_answers():
     # Row 3: {blue, green} vs {green, blue, blue}: 2 common, P = 1, R = 2/3 -> 0.8.
     assert scores.tolist() == pytest.approx([6 / 7, 1.0, 0.0, 0.8])
     assert scores.dtype == torch.float32
+
+
+def test_qa_f1_equals_the_longbench_metric_on_random_texts():
+    """The reward normalizes a rollout once for all its gold answers: the same numbers as the metric per answer."""
+    from refine.evaluation.metrics import qa_f1_score
+
+    rng = random.Random(0)
+    words = ["The", "a", "an", "cat", "Cat.", "mat,", "on", "blue!", "green", "  ", "don't", "x-ray"]
+    predictions = [" ".join(rng.choices(words, k=rng.randint(0, 12))) for _ in range(200)]
+    golds = [[" ".join(rng.choices(words, k=rng.randint(1, 6))) for _ in range(rng.randint(1, 4))] for _ in range(200)]
+    golds = [[g if g.strip() else "cat" for g in gold] for gold in golds]  # blank gold answers are refused
+    expected = [max(qa_f1_score(p, g) for g in gold) for p, gold in zip(predictions, golds)]
+    assert compute_reward("qa_f1", texts(predictions, golds)).tolist() == pytest.approx(expected)
 
 
 def test_substring_match_reads_the_first_line_case_insensitively():
