@@ -358,6 +358,16 @@ class Broker:
                 return 0
             raise
 
+    def holders(self, stream: str, group: str) -> dict[str, int]:
+        """How many delivered, unacknowledged entries each consumer of the group holds (those holding none left out)."""
+        try:
+            summary = self.client.xpending(self._stream(stream), group)
+        except redis.ResponseError as exc:
+            if "NOGROUP" in str(exc):
+                return {}
+            raise
+        return {_text(row["name"]): int(row["pending"]) for row in summary.get("consumers") or []}
+
     def length(self, stream: str) -> int:
         """Entries in the stream (acknowledged ones included until trimmed)."""
         return int(self.client.xlen(self._stream(stream)))

@@ -118,6 +118,9 @@ MAX_RESTARTS_PER_ROLE = 20
 # broken, while one preempted now and then over a week-long run is not.
 RESTART_WINDOW_S = 3600.0
 HOUSEKEEPING_INTERVAL_S = 2.0
+# A run whose learner takes no step for this long is said to stall, once per such interval, with what each stream
+# holds and which consumer holds it: a role whose loop hangs keeps beating, and nothing else would say which it is.
+STALL_WARNING_S = 600.0
 STOP_GRACE_S = 60.0
 # Reports delivered to the orchestrator this long ago and never acknowledged (their reply lost in a Redis outage)
 # are read again by the housekeeping.
@@ -444,6 +447,10 @@ class Orchestrator:
         # Set once Redis was gone past the tolerance: the run's ending then skips its Redis commands, each of which
         # would wait out a socket timeout of a Redis that stopped answering.
         self.redis_lost = False
+        self.stall_warning_s = STALL_WARNING_S
+        self._last_step: int | None = None  # the learner's step when it last changed, and when that was
+        self._step_changed_at = 0.0
+        self._stall_said_at: float | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -827,6 +834,40 @@ class Orchestrator:
             trim_acknowledged(self.broker, stream)
             self.metrics.stream_length.labels(stream=stream).set(self.broker.length(stream))
             self.metrics.stream_pending.labels(stream=stream, group=group).set(self.broker.pending(stream, group))
+        self._check_stall(self._progress().step)
+
+    def _check_stall(self, step: int, now: float | None = None) -> None:
+        """Say so when the learner's step has not moved for stall_warning_s, and again every stall_warning_s
+        (`now`: time.monotonic() by default)."""
+        now = time.monotonic() if now is None else now
+        if step != self._last_step:
+            self._last_step, self._step_changed_at, self._stall_said_at = step, now, None
+            return
+        quiet = now - self._step_changed_at
+        said = self._stall_said_at
+        if quiet < self.stall_warning_s or (said is not None and now - said < self.stall_warning_s):
+            return
+        self._stall_said_at = now
+        self._write_line(f"warning: the learner has taken no step for {quiet:.0f}s (it is at step {step}); "
+                         f"{self._stall_report()}")
+
+    def _stall_report(self) -> str:
+        """Where the run's work waits: each stream's entries not yet taken and who holds the others, and how long ago
+        each role last beat (a fresh heartbeat with entries held for long: a loop that hangs)."""
+        parts = []
+        for stream, group in self._groups():
+            if stream == LEARNER_REPORTS:
+                continue
+            holders = self.broker.holders(stream, group)
+            held = ", ".join(f"{count} by {name}" for name, count in sorted(holders.items())) or "none held"
+            parts.append(f"{stream}: {self.broker.length(stream) - sum(holders.values())} waiting, {held}")
+        from learner.learner import ROLE as LEARNER_ROLE
+
+        ages = {}
+        for role in sorted({LEARNER_ROLE, *(member.role for member in self.members)}):
+            ages |= self.broker.heartbeats(role)
+        beats = ", ".join(f"{name} {age:.0f}s ago" for name, age in sorted(ages.items())) or "none"
+        return "; ".join(parts) + f"; last heartbeats: {beats}"
 
     def _check_dead_letters(self) -> None:
         """Every message here comes from the run's own roles: one that could not be used is a bug or

@@ -19,3 +19,4 @@ def test_a_deployments_discovery_dir_replaces_the_built_in_one_named_or_defaulte
     own = tmp_path / "my-discovery"  # a path of the config's own is kept
     chosen = load_config(None, [f"service.metrics_discovery_dir={own}"])
     assert Path(_absolute_paths(chosen).service.metrics_discovery_dir) == own
+
