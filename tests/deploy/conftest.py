@@ -71,6 +71,8 @@ def prometheus_config_for(discovery_dir: Path, scrape_interval: str = "1s") -> d
             job["scrape_interval"] = scrape_interval
     if moved == 0:
         raise ValueError(f"{DEPLOYED_PROMETHEUS_CONFIG} has no file_sd_configs under {DEPLOYED_DISCOVERY_DIR}")
+    # Rule files are named relative to the deployed config; this one is written elsewhere.
+    config["rule_files"] = [str(DEPLOYED_PROMETHEUS_CONFIG.parent / path) for path in config.get("rule_files", [])]
     config.setdefault("global", {})
     config["global"]["scrape_interval"] = scrape_interval
     config["global"]["evaluation_interval"] = scrape_interval

@@ -473,3 +473,23 @@ def test_a_stopped_role_leaves_discovery_and_scraping(prometheus: Any, fake_role
     address = f"{extra.announced['host']}:{extra.announced['port']}"
     prometheus.wait_until(lambda: address not in {t["labels"]["instance"] for t in prometheus.active_targets()},
                           f"target {address} dropped after its discovery file was removed")
+
+
+def test_alert_rules_are_loaded_and_evaluate_on_the_scrape(prometheus: Any, scraped_names: set[str]) -> None:
+    """deploy/prometheus.yml's rule_files: the real Prometheus loads every alert of deploy/prometheus-alerts.yml and
+    evaluates it without error on what it scraped, whose metrics they all use."""
+    defined = {rule["alert"]: rule["expr"] for group in yaml.safe_load(
+        (REPO_ROOT / "deploy" / "prometheus-alerts.yml").read_text())["groups"] for rule in group["rules"]}
+    for name, expr in defined.items():
+        missing = parse_promql(expr).metric_names - scraped_names - {"up"}
+        assert not missing, f"alert {name}: {sorted(missing)} not in a real scrape"
+
+    def evaluated() -> list[dict[str, Any]]:
+        return [rule for group in prometheus.api("rules")["groups"] for rule in group["rules"]
+                if rule["type"] == "alerting" and rule.get("lastEvaluation", "").startswith("2")]
+
+    prometheus.wait_until(lambda: {rule["name"] for rule in evaluated()} == set(defined),
+                          "every alert of deploy/prometheus-alerts.yml loaded and evaluated")
+    for rule in evaluated():
+        assert rule["health"] == "ok", (rule["name"], rule.get("lastError"))
+        assert rule["query"] == defined[rule["name"]], rule["name"]
