@@ -13,8 +13,9 @@ import json
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from refine.errors import validation_problems
 from refine.loop import RunPosition, latest_checkpoint, load_checkpoint, read_trainer_state, save_run_checkpoint
 from refine.models import FastWeightLM
 from refine.tokenizer import Tokenizer
@@ -58,7 +59,11 @@ def read_learner_state(path: str | Path) -> LearnerState:
     path = Path(path)
     state_file = path / STATE_FILE
     if state_file.exists():
-        return LearnerState.model_validate_json(state_file.read_text())
+        try:
+            return LearnerState.model_validate_json(state_file.read_bytes())
+        except ValidationError as error:  # pydantic's report is many lines and names no file
+            raise ValueError(f"{state_file}: not a readable learner state "
+                             f"({'; '.join(validation_problems(error, 'the file'))})") from None
     trainer = read_trainer_state(path / "trainer.pt")  # a damaged file: one error naming it, no unsafe advice
     step = int(trainer["step"])
     return LearnerState(step=step, cursor=int(trainer["cursor"]), weight_version=step)
@@ -69,14 +74,24 @@ def read_checkpoint_reports(path: str | Path) -> list[StepReport]:
     reports_file = Path(path) / REPORTS_FILE
     if not reports_file.exists():
         return []
-    return [_read_report(line) for line in reports_file.read_text().splitlines() if line.strip()]
+    reports = []
+    for number, line in enumerate(reports_file.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            reports.append(_read_report(line))
+        except ValueError as error:  # bad JSON or a report StepReport refuses: name the file and the line
+            problems = (validation_problems(error, "the line") if isinstance(error, ValidationError)
+                        else [str(error)])
+            raise ValueError(f"{reports_file} line {number}: not a readable report ({'; '.join(problems)})") from None
+    return reports
 
 
 def _read_report(line: str) -> StepReport:
     """One reports.jsonl line. Learners before finite_stats (refine/loop.py) wrote a skipped step's inf or
     nan stats as null, which StepReport refuses: those stats are left out, as the learner now leaves them."""
     row = json.loads(line)
-    stats = row.get("stats")
+    stats = row.get("stats") if isinstance(row, dict) else None
     if isinstance(stats, dict) and None in stats.values():
         row["stats"] = {key: value for key, value in stats.items() if value is not None}
         line = json.dumps(row)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 
@@ -15,9 +16,41 @@ def write_atomically(path: Path, text: str) -> None:
             handle.flush()
             os.fsync(handle.fileno())  # on disk before the rename, so that a machine crash cannot leave it empty
         os.replace(temp, path)
-    except BaseException:  # text that cannot be encoded, a full disk: no half-written temporary file stays
+    except BaseException as error:  # text that cannot be encoded, a full disk: no half-written temporary file stays
         temp.unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise naming(error, path) from None
         raise
+
+
+def naming(error: OSError, path: str | Path) -> OSError:
+    """`error` as one that names `path`: a failed write() or fsync() names no file, so that a full disk would
+    read as a bare "[Errno 28] No space left on device"."""
+    if error.errno is None:
+        return OSError(f"{path}: {error}")
+    return OSError(error.errno, error.strerror, str(path))
+
+
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def file_system_error(error: BaseException) -> OSError | None:
+    """The file system's refusal (a full disk, a file too large, a directory gone) behind a failed write: `error`
+    itself, the OSError that torch.save met writing to a Python file (its RuntimeError only says "unexpected
+    pos"; the OSError is in its context), or the one that safetensors' Rust code puts in its message
+    ("I/O error: ... (os error 28)"). None for a failure of another kind."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError):
+            return current
+        match = _RUST_OS_ERROR.search(str(current))
+        if match:
+            number = int(match.group(1))
+            return OSError(number, os.strerror(number))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def sync_tree(path: Path) -> None:

@@ -30,7 +30,7 @@ from refine.algorithm.update import (
 from refine.config import DTYPES, OptimConfig, RunConfig, dump_config, fit_to_tokenizer, run_tokenizer
 from refine.data.batches import DocumentBatch
 from refine.data.stream import check_source, document_batches
-from refine.files import sync_directory, sync_tree, write_atomically
+from refine.files import file_system_error, sync_directory, sync_tree, write_atomically
 from refine.models import FastWeightLM, build_model, load_model, load_model_config, save_model
 from refine.models.size import check_model_fits
 from refine.optim import MasterWeightAdamW, has_low_precision_weights
@@ -216,10 +216,13 @@ def save_checkpoint(path: Path, model: FastWeightLM, optimizer: torch.optim.Opti
         raise ValueError(f"program={position.program!r} is not one of {sorted(RUN_RECORDS)}")
     save_model(model, path / "model")
     save_tokenizer_files(tokenizer, path / "model")
-    torch.save({
-        "step": position.step, "cursor": position.cursor, "skipped_steps": position.skipped_steps,
-        "optimizer": optimizer.state_dict(), "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
-    }, path / "trainer.pt")
+    # Through a Python file: torch writing to a path reports a full disk as "unexpected pos"; writing to a file
+    # object, the OSError is kept in its error's context (see refine.files.file_system_error).
+    with open(path / "trainer.pt", "wb") as handle:
+        torch.save({
+            "step": position.step, "cursor": position.cursor, "skipped_steps": position.skipped_steps,
+            "optimizer": optimizer.state_dict(), "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+        }, handle)
     (path / PROGRAM_FILE).write_text(json.dumps({"program": position.program}))
 
 
@@ -253,16 +256,26 @@ def save_run_checkpoint(out_dir: str | Path, model: FastWeightLM, optimizer: tor
     name -> text), then swapped in, so a run killed while writing keeps its previous checkpoint (a torn one
     would resume new weights with an old optimizer, step and data cursor). Durable across a machine crash too:
     every file and directory written is fsynced before the swap, and checkpoints/ after it, before the
-    previous checkpoint is removed."""
+    previous checkpoint is removed. A write that fails removes what it wrote (on a full disk, a partial
+    checkpoint as large as a whole one would keep even a --resume from starting); one the file system refused
+    (a full disk, a file too large) is one OSError naming the checkpoint, the cause and the checkpoint kept."""
     latest = Path(out_dir) / "checkpoints" / "latest"
     created = not latest.parent.exists()
     _remove_partial_checkpoints(latest.parent)
     staging = latest.with_name(f"step-{position.step:08d}.partial")
-    staging.mkdir(parents=True)
-    save_checkpoint(staging, model, optimizer, position, generator, tokenizer)
-    for name, text in (extra_files or {}).items():
-        (staging / name).write_text(text)
-    sync_tree(staging)
+    try:
+        staging.mkdir(parents=True)
+        save_checkpoint(staging, model, optimizer, position, generator, tokenizer)
+        for name, text in (extra_files or {}).items():
+            (staging / name).write_text(text)
+        sync_tree(staging)
+    except BaseException as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        cause = file_system_error(error)
+        if cause is None:
+            raise
+        raise OSError(f"cannot save the step-{position.step} checkpoint in {latest.parent} ({_reason(cause)}): its "
+                      f"partial files are removed; {kept_checkpoint(out_dir, position.program)}") from None
     previous = latest.with_name("previous")
     if latest.exists():
         shutil.rmtree(previous, ignore_errors=True)
@@ -273,6 +286,21 @@ def save_run_checkpoint(out_dir: str | Path, model: FastWeightLM, optimizer: tor
         sync_directory(latest.parent.parent)
     shutil.rmtree(previous, ignore_errors=True)
     return latest
+
+
+def kept_checkpoint(out_dir: str | Path, program: str) -> str:
+    """What a run stopped by a failed write can resume from, for the end of its error message."""
+    checkpoint = latest_checkpoint(out_dir)
+    if checkpoint.exists():
+        return f"the earlier checkpoint {checkpoint} is intact: `{_command(program)} --resume` continues from it"
+    return f"the run has no earlier checkpoint: `{_command(program)}` starts it over"
+
+
+def _reason(error: OSError) -> str:
+    """An OSError's cause, with the file it names: "No space left on device", "File too large: '/x'"."""
+    if error.strerror is None:
+        return str(error)
+    return error.strerror if error.filename is None else f"{error.strerror}: {str(error.filename)!r}"
 
 
 def clear_checkpoints(out_dir: str | Path, program: str = "refine") -> bool:
@@ -440,16 +468,41 @@ def jsonl_rows(path: Path) -> list[tuple[str, dict]]:
 
 
 def open_metrics(path: Path, step: int) -> TextIO:
-    """metrics.jsonl for a run starting at `step`: emptied for a fresh run (0); for a resumed one, the rows
-    of steps up to `step` kept (those logged after its checkpoint are about to be redone), then appended to."""
+    """metrics.jsonl for a run starting at `step` (see restart_metrics), opened to be appended to."""
+    restart_metrics(path, step)
+    return path.open("a")
+
+
+def restart_metrics(path: Path, step: int) -> None:
+    """metrics.jsonl for a run starting at `step`: emptied for a fresh run (0); for a resumed one, the rows of
+    steps up to `step` kept (those logged after its checkpoint are about to be redone). Replaced whole: a
+    rewrite that a full disk cuts short keeps every row (a plain rewrite would have emptied the file first)."""
     kept: list[str] = []
     if step > 0:
         for line, row in jsonl_rows(path):
             row_step = row.get("step", 0)
             if isinstance(row_step, int) and row_step <= step:
                 kept.append(line + "\n")
-    path.write_text("".join(kept))
-    return path.open("a")
+    write_atomically(path, "".join(kept))
+
+
+def append_row(path: Path, row: dict) -> None:
+    """One JSON line appended to `path` (metrics.jsonl), whole or not at all: what a write the file system refused
+    (a full disk) got in is cut off again, so no half row stays. Opened for each row and never created: a run
+    directory removed or moved during the run fails here (rows written to a deleted file would be lost)."""
+    data = (json.dumps(row) + "\n").encode()
+    descriptor = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        size = os.fstat(descriptor).st_size
+        try:
+            written = 0
+            while written < len(data):  # a write to a regular file may stop short (a file size limit)
+                written += os.write(descriptor, data[written:])
+        except OSError:
+            os.ftruncate(descriptor, size)
+            raise
+    finally:
+        os.close(descriptor)
 
 
 @dataclass
@@ -485,12 +538,13 @@ def run_steps(config: RunConfig, model: FastWeightLM, optimizer: torch.optim.Opt
     the last), a checkpoint every `checkpoint_every` steps and at the end, then the plots; the progress bar
     shows the stats named in `shown`. Returns the last step's stats."""
     out_dir = Path(config.train.out_dir)
+    metrics_path = out_dir / "metrics.jsonl"
     position = start  # replaced, not changed, after each step
     saved_at = -1
     last: dict[str, float] = {}
     divergence = Divergence(config)
-    with open_metrics(out_dir / "metrics.jsonl", position.step) as metrics_file, \
-            tqdm(total=config.train.steps, initial=position.step, desc=desc, disable=not progress) as bar:
+    restart_metrics(metrics_path, position.step)
+    with tqdm(total=config.train.steps, initial=position.step, desc=desc, disable=not progress) as bar:
         while position.step < config.train.steps:
             batch = next_batch(position.cursor)
             started = time.perf_counter()  # the data's reading is not part of the step
@@ -503,24 +557,51 @@ def run_steps(config: RunConfig, model: FastWeightLM, optimizer: torch.optim.Opt
                                                                  "skipped_steps": position.skipped_steps,
                                                                  "tokens": batch.tokens})
             if config.train.logs_step(position.step):
-                metrics_file.write(json.dumps(last) + "\n")
-                metrics_file.flush()
+                write_row(metrics_path, last, start.program)
             diverged = divergence.add(position.step, outcome.stats)
             if diverged is not None:
                 raise diverged
             bar.set_postfix({k: f"{last[k]:.3f}" for k in shown if k in last})
             bar.update(1)
             if config.train.checkpoint_every and position.step % config.train.checkpoint_every == 0:
+                check_run_directory(metrics_path, start.program)
                 save_run_checkpoint(out_dir, model, optimizer, position, generator, tokenizer)
                 saved_at = position.step
     if saved_at != position.step:
+        check_run_directory(metrics_path, start.program)
         save_run_checkpoint(out_dir, model, optimizer, position, generator, tokenizer)
     if position.skipped_steps > start.skipped_steps:
         tqdm.write(f"{desc}: warning: {position.skipped_steps - start.skipped_steps} of steps {start.step + 1}.."
                    f"{position.step} skipped an update for a non-finite loss or gradient (skipped_nonfinite in "
                    f"metrics.jsonl; optim.lr={config.optim.lr})", file=sys.stderr)
-    plot_metrics(out_dir / "metrics.jsonl", out_dir)
+    try:
+        plot_metrics(metrics_path, out_dir)
+    except OSError as error:  # the run is complete; the curves can be drawn again from metrics.jsonl
+        tqdm.write(f"{desc}: warning: the plots were not written ({error}); the run's checkpoint and metrics.jsonl "
+                   f"are complete", file=sys.stderr)
     return last
+
+
+def write_row(metrics_path: Path, row: dict, program: str) -> None:
+    """A step's metrics row; a row that cannot be written stops the run, naming the file, the cause and the
+    checkpoint it resumes from."""
+    try:
+        append_row(metrics_path, row)
+    except FileNotFoundError:
+        check_run_directory(metrics_path, program)
+        raise
+    except OSError as error:
+        raise OSError(f"cannot write step {row.get('step')}'s row to {metrics_path} ({error.strerror or error}): the "
+                      f"run stops; {kept_checkpoint(metrics_path.parent, program)}") from None
+
+
+def check_run_directory(metrics_path: Path, program: str) -> None:
+    """The run directory is still there, holding the metrics.jsonl the run started: a directory removed or moved
+    during a run would otherwise be made anew by its next checkpoint, without its config and earlier rows."""
+    if not metrics_path.is_file():
+        raise OSError(f"train.out_dir={str(metrics_path.parent)!r}: its metrics.jsonl is gone (the run directory was "
+                      f"removed or moved during the run): `{_command(program)}` stops rather than write its "
+                      f"checkpoint into a new directory")
 
 
 def check_device(device: str) -> None:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import matplotlib
 
+from refine.files import naming
+
 matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -41,7 +43,11 @@ def plot_metrics(metrics_path: Path, out_dir: Path) -> list[Path]:
         ax.grid(alpha=0.3)
         fig.tight_layout()
         path = out_dir / f"{name}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+        try:
+            fig.savefig(path, dpi=100)
+        except OSError as error:  # a full disk: the write names no file
+            raise naming(error, path) from None
+        finally:
+            plt.close(fig)
         written.append(path)
     return written

@@ -247,7 +247,7 @@ def open_events(path: Path, step: int, reports: int) -> TextIO:
                 after = row.get("event") == "dropped" and row.get("step", 0) > step
             if not after:
                 kept.append(line + "\n")
-    path.write_text("".join(kept))
+    write_atomically(path, "".join(kept))  # replaced whole: a rewrite a full disk cuts short keeps every event
     return path.open("a")
 
 

@@ -352,15 +352,19 @@ def test_a_checkpoint_is_replaced_whole_or_not_at_all(tmp_path):
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(1.0)
-    with pytest.raises(FileNotFoundError):  # fails after the weights and trainer state of step 3 are written
+    # Fails after the weights and trainer state of step 3 are written.
+    with pytest.raises(OSError, match=r"^cannot save the step-3 checkpoint in .*checkpoints \(No such file or "
+                                      r"directory: .*no-such-folder/file'\): its partial files are removed; the earlier "
+                                      r"checkpoint .*checkpoints/latest is intact: `refine train --resume` continues"):
         save_run_checkpoint(tmp_path, model, optimizer, RunPosition(3, 6, 1), generator, tokenizer,
                             extra_files={"no-such-folder/file": ""})
+    assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["latest"]
     resumed = prepare_model(config)
     position = resume_from(tmp_path, True, resumed, make_optimizer(resumed, config.optim), torch.Generator(), "refine")
     assert position == RunPosition(2, 4, 1)  # the step-2 checkpoint, skipped-step count included
     for name, saved in resumed.state_dict().items():
         assert torch.equal(saved, at_step_2[name]), name
-    assert (tmp_path / "checkpoints" / "step-00000003.partial").is_dir()  # what the killed save left
+    (tmp_path / "checkpoints" / "step-00000003.partial" / "model").mkdir(parents=True)  # what a killed save leaves
     save_run_checkpoint(tmp_path, model, optimizer, RunPosition(4, 8, 1), generator, tokenizer)
     assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["latest"]
 

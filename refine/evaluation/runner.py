@@ -744,7 +744,14 @@ def main(args: argparse.Namespace) -> int:
     generated = synthetic_set(args.task, args.seed)
     if generated is not None:
         summary["synthetic_set"] = generated
-    write_atomically(output, json.dumps(results, indent=1, ensure_ascii=False))  # an earlier file survives a failure
     line = {key: summary[key] for key in ("task", "num_examples", "score", "ttt", "seconds")}
+    try:
+        write_atomically(output, json.dumps(results, indent=1, ensure_ascii=False))  # an earlier file survives a failure
+    except OSError as error:
+        # A full disk after the whole evaluation: the summary line still gives its score (output null).
+        print(json.dumps(line | {"metric": summary["metric"], "output": None}, ensure_ascii=False))
+        raise OSError(f"{error}: the results of {summary['num_examples']} examples were not written (the summary "
+                      f"line above has their score); rerun once the file can be written, or with another --output"
+                      ) from None
     print(json.dumps(line | {"metric": summary["metric"], "output": str(output)}, ensure_ascii=False))
     return 0
