@@ -16,7 +16,6 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TextIO
 
 import torch
 from tqdm import tqdm
@@ -467,12 +466,6 @@ def jsonl_rows(path: Path) -> list[tuple[str, dict]]:
     return rows
 
 
-def open_metrics(path: Path, step: int) -> TextIO:
-    """metrics.jsonl for a run starting at `step` (see restart_metrics), opened to be appended to."""
-    restart_metrics(path, step)
-    return path.open("a")
-
-
 def restart_metrics(path: Path, step: int) -> None:
     """metrics.jsonl for a run starting at `step`: emptied for a fresh run (0); for a resumed one, the rows of
     steps up to `step` kept (those logged after its checkpoint are about to be redone). Replaced whole: a
@@ -582,24 +575,26 @@ def run_steps(config: RunConfig, model: FastWeightLM, optimizer: torch.optim.Opt
     return last
 
 
-def write_row(metrics_path: Path, row: dict, program: str) -> None:
-    """A step's metrics row; a row that cannot be written stops the run, naming the file, the cause and the
-    checkpoint it resumes from."""
+def write_row(path: Path, row: dict, program: str) -> None:
+    """A row of a run's JSON-lines output (metrics.jsonl, events.jsonl); a row that cannot be written stops the
+    run, naming the file, the cause and the checkpoint it resumes from."""
     try:
-        append_row(metrics_path, row)
+        append_row(path, row)
     except FileNotFoundError:
-        check_run_directory(metrics_path, program)
+        check_run_directory(path, program)
         raise
     except OSError as error:
-        raise OSError(f"cannot write step {row.get('step')}'s row to {metrics_path} ({error.strerror or error}): the "
-                      f"run stops; {kept_checkpoint(metrics_path.parent, program)}") from None
+        step = f"step {row['step']}'s row" if "step" in row else "a row"
+        raise OSError(f"cannot write {step} to {path} ({error.strerror or error}): the run stops; "
+                      f"{kept_checkpoint(path.parent, program)}") from None
 
 
-def check_run_directory(metrics_path: Path, program: str) -> None:
-    """The run directory is still there, holding the metrics.jsonl the run started: a directory removed or moved
-    during a run would otherwise be made anew by its next checkpoint, without its config and earlier rows."""
-    if not metrics_path.is_file():
-        raise OSError(f"train.out_dir={str(metrics_path.parent)!r}: its metrics.jsonl is gone (the run directory was "
+def check_run_directory(path: Path, program: str) -> None:
+    """The run directory is still there, holding the output file `path` the run started (metrics.jsonl): a
+    directory removed or moved during a run would otherwise be made anew by its next checkpoint, without its
+    config and earlier rows."""
+    if not path.is_file():
+        raise OSError(f"train.out_dir={str(path.parent)!r}: its {path.name} is gone (the run directory was "
                       f"removed or moved during the run): `{_command(program)}` stops rather than write its "
                       f"checkpoint into a new directory")
 

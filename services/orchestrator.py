@@ -65,7 +65,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import ray
 import redis
@@ -81,7 +81,8 @@ from refine.data.sources import RowSource
 from refine.data.stream import check_source, document_batches, synthetic_documents
 from refine.files import write_atomically
 from refine.loop import (
-    Divergence, absolute_out_dir, check_resumed_program, clear_checkpoints, finished_run, jsonl_rows, open_metrics,
+    Divergence, absolute_out_dir, check_resumed_program, clear_checkpoints, finished_run, jsonl_rows, restart_metrics,
+    write_row,
 )
 from refine.plots import plot_metrics
 from refine.tokenizer import Tokenizer
@@ -103,7 +104,7 @@ from services.streams import (
 )
 
 __all__ = ["DataPosition", "RestartWindow", "ServiceError", "check_data_source", "check_service_config",
-           "describe_failure", "namespace_for", "open_events", "restore_reports", "run"]
+           "describe_failure", "namespace_for", "restart_events", "restore_reports", "run"]
 
 logger = logging.getLogger(__name__)
 
@@ -231,12 +232,12 @@ def _event_row(report: StepReport, at: float) -> dict:
     return {"time": round(at, 3), "event": report.kind, "step": report.step, "report": report.seq, **report.stats}
 
 
-def open_events(path: Path, step: int, reports: int) -> TextIO:
+def restart_events(path: Path, step: int, reports: int) -> None:
     """events.jsonl for a run starting at `step`, from a checkpoint made after `reports` learner reports:
     emptied for a fresh run (0); for a resumed one, the events of learner reports made after the checkpoint
-    removed (the learner redoes that work: they would appear twice) and the rest (restarts) kept, then
-    appended to. The rule of metrics.jsonl (refine.loop.open_metrics), by report number: a batch dropped
-    at step `step` may come before or after that step's checkpoint."""
+    removed (the learner redoes that work: they would appear twice) and the rest (restarts) kept. The rule of
+    metrics.jsonl (refine.loop.restart_metrics), by report number: a batch dropped at step `step` may come
+    before or after that step's checkpoint."""
     kept = []
     if step > 0 or reports > 0:
         for line, row in jsonl_rows(path):
@@ -248,12 +249,10 @@ def open_events(path: Path, step: int, reports: int) -> TextIO:
             if not after:
                 kept.append(line + "\n")
     write_atomically(path, "".join(kept))  # replaced whole: a rewrite a full disk cuts short keeps every event
-    return path.open("a")
 
 
-def restore_reports(checkpoint: Path, out_dir: Path, metrics_file: TextIO, events_file: TextIO,
-                    train: TrainConfig) -> int:
-    """Write the learner reports `checkpoint` kept that metrics.jsonl (the steps `train` logs) and events.jsonl
+def restore_reports(checkpoint: Path, out_dir: Path, train: TrainConfig) -> int:
+    """Append the learner reports `checkpoint` kept that metrics.jsonl (the steps `train` logs) and events.jsonl
     lack (a driver that died between the learner's checkpoint and writing its reports); returns how many."""
     reports = read_checkpoint_reports(checkpoint)
     steps = {row.get("step") for _, row in jsonl_rows(out_dir / "metrics.jsonl")}
@@ -261,14 +260,12 @@ def restore_reports(checkpoint: Path, out_dir: Path, metrics_file: TextIO, event
     restored = 0
     for report in sorted(reports, key=lambda report: report.seq):
         if report.kind == "step" and report.step not in steps and train.logs_step(report.step):
-            metrics_file.write(json.dumps(report.stats) + "\n")
+            write_row(out_dir / "metrics.jsonl", report.stats, "refine")
         elif report.kind != "step" and report.seq not in numbered:
-            events_file.write(json.dumps(_event_row(report, report.created_at)) + "\n")
+            write_row(out_dir / "events.jsonl", _event_row(report, report.created_at), "refine")
         else:
             continue
         restored += 1
-    metrics_file.flush()
-    events_file.flush()
     return restored
 
 
@@ -282,9 +279,9 @@ def _finished_run(config: RunConfig) -> Stats | None:
     state = read_learner_state(checkpoint)
     if state.step < config.train.steps:
         return None
-    with (open_metrics(out_dir / "metrics.jsonl", state.step) as metrics_file,
-          open_events(out_dir / "events.jsonl", state.step, state.reports) as events_file):
-        restore_reports(checkpoint, out_dir, metrics_file, events_file, config.train)
+    restart_metrics(out_dir / "metrics.jsonl", state.step)
+    restart_events(out_dir / "events.jsonl", state.step, state.reports)
+    restore_reports(checkpoint, out_dir, config.train)
     return finished_run(out_dir, state.step, config.train.steps)
 
 
@@ -432,8 +429,8 @@ class Orchestrator:
         self.stopping = False
         self.last_stats: Stats = {}
         self.bar: tqdm | None = None
-        self.metrics_file = None
-        self.events_file = None
+        self.metrics_path: Path | None = None  # metrics.jsonl and events.jsonl, once restarted for this run
+        self.events_path: Path | None = None
         self.data: Iterator[LocalBatch] | None = None
         self.unpublished: DocumentBatch | None = None
         self.data_position = DataPosition(epoch=0, cursor=-1)
@@ -611,12 +608,12 @@ class Orchestrator:
         kept that they lack; `start`: what Learner.setup returned."""
         start_step, reports = start["step"], start["reports"]
         self.recorded_through = reports  # the learner numbers its next report reports + 1
-        self.metrics_file = open_metrics(self.out_dir / "metrics.jsonl", start_step)
-        self.events_file = open_events(self.out_dir / "events.jsonl", start_step, reports)
+        self.metrics_path, self.events_path = self.out_dir / "metrics.jsonl", self.out_dir / "events.jsonl"
+        restart_metrics(self.metrics_path, start_step)
+        restart_events(self.events_path, start_step, reports)
         restored = 0
         if self.resume and (start_step or reports):
-            restored = restore_reports(latest_checkpoint(self.out_dir), self.out_dir, self.metrics_file,
-                                       self.events_file, self.config.train)
+            restored = restore_reports(latest_checkpoint(self.out_dir), self.out_dir, self.config.train)
         self.bar = tqdm(total=self.config.train.steps, initial=start_step,
                         desc=f"train[service:{self.config.service.mode}]", disable=not self.show_progress)
         if self.resume and not start_step:
@@ -755,11 +752,11 @@ class Orchestrator:
         if report.kind != "step":
             self._write_event(_event_row(report, time.time()))
             return
-        assert self.metrics_file is not None and self.bar is not None
+        assert self.metrics_path is not None and self.bar is not None
         row = dict(report.stats)
         if self.config.train.logs_step(report.step):
-            self.metrics_file.write(json.dumps(row) + "\n")
-            self.metrics_file.flush()
+            # A row the disk refuses ends the run, naming the file; the learner's checkpoint keeps the report.
+            write_row(self.metrics_path, row, "refine")
         # Raised by the loop, once every report it read is recorded and acknowledged.
         self.diverged = self.diverged or self.divergence.add(report.step, report.stats)
         self.last_stats = report.stats
@@ -768,9 +765,8 @@ class Orchestrator:
 
     def _write_event(self, row: dict) -> None:
         """events.jsonl: what happened besides optimizer steps (dropped batches, restarted roles)."""
-        assert self.events_file is not None
-        self.events_file.write(json.dumps(row) + "\n")
-        self.events_file.flush()
+        assert self.events_path is not None
+        write_row(self.events_path, row, "refine")
 
     def _supervise(self) -> None:
         if not self.members:
@@ -916,9 +912,12 @@ class Orchestrator:
         futures = [m.future for m in self.members if m.future is not None and m.placement.placed()]
         if futures:
             ray.wait(futures, num_returns=len(futures), timeout=STOP_GRACE_S)
-        if self.metrics_file is not None:
-            self.metrics_file.flush()
-            plot_metrics(self.out_dir / "metrics.jsonl", self.out_dir)
+        if self.metrics_path is not None:
+            try:
+                plot_metrics(self.metrics_path, self.out_dir)
+            except OSError as error:  # the run is complete; the curves can be drawn again from metrics.jsonl
+                self._write_line(f"warning: the plots were not written ({error}); the run's checkpoint and "
+                                 f"metrics.jsonl are complete")
         skipped = int(self.last_stats.get("skipped_steps", 0) or 0)
         if skipped:
             self._write_line(f"warning: {skipped} steps of this run so far skipped an update for a non-finite loss or "
@@ -984,9 +983,6 @@ class Orchestrator:
             remove_member_files(self.config, self.namespace, role, member_id)
         if self.bar is not None:
             self.bar.close()
-        for handle in (self.metrics_file, self.events_file):
-            if handle is not None:
-                handle.close()
         if self.redis_lost:
             logger.warning("Redis is unreachable: the run's keys (namespace %s) stay in it", self.namespace)
         else:

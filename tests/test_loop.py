@@ -563,3 +563,21 @@ def test_a_diverged_run_stops_naming_its_settings_and_keeps_its_last_checkpoint(
 def test_a_run_with_skipped_steps_warns_when_it_ends(tmp_path, capsys):
     train(_config(tmp_path, "onepass", steps=2, extra=("refine.lambda_ntp=1e300",)), progress=False)
     assert "warning: 2 of steps 1..2 skipped an update for a non-finite loss or gradient" in capsys.readouterr().err
+
+
+def test_a_row_that_cannot_be_written_names_its_file(tmp_path: Path) -> None:
+    """metrics.jsonl and events.jsonl (the service's driver writes both the same way): a refused row names the
+    file and the cause, and a file gone with its run directory says so."""
+    from refine.loop import write_row
+
+    events = tmp_path / "events.jsonl"
+    events.mkdir()  # any write refused by the file system
+    with pytest.raises(OSError, match=r"^cannot write a row to .*events\.jsonl \(Is a directory\): the run stops; "
+                                      r"the run has no earlier checkpoint: `refine train` starts it over$"):
+        write_row(events, {"event": "restart"}, "refine")
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.mkdir()
+    with pytest.raises(OSError, match=r"^cannot write step 7's row to .*metrics\.jsonl"):
+        write_row(metrics, {"step": 7}, "refine")
+    with pytest.raises(OSError, match=r"its events\.jsonl is gone \(the run directory was removed or moved"):
+        write_row(tmp_path / "removed" / "events.jsonl", {"event": "restart"}, "refine")

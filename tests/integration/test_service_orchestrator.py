@@ -19,7 +19,8 @@ from rollout_workers.engines import engine_owner
 from service_helpers import events, step_rows, tiny_config
 from refine.tokenizer import load_tokenizer
 from services.orchestrator import (
-    DataPosition, Orchestrator, RestartWindow, describe_failure, open_events, remove_member_files, restore_reports, run,
+    DataPosition, Orchestrator, RestartWindow, describe_failure, remove_member_files, restart_events, restore_reports,
+    run,
 )
 from services.progress import StepReport
 from services.streams import check_rollout_message_size
@@ -79,11 +80,9 @@ def test_events_of_reports_after_the_checkpoint_are_removed_on_resume(tmp_path: 
     restart = json.dumps({"time": 1.0, "event": "restart", "member": "rollout_worker-0.0"}) + "\n"
     # Checkpoint at step 4 after 5 reports: a batch dropped at step 4 came before (report 5) or after it (6).
     path.write_text(_event(2, 1) + restart + _event(5, 4) + _event(6, 4) + _event(None, 7) + "{cut sh")
-    with open_events(path, step=4, reports=5) as handle:
-        handle.write(_event(6, 4))  # the resumed learner drops it again
-    assert path.read_text() == _event(2, 1) + restart + _event(5, 4) + _event(6, 4)
-    with open_events(path, step=0, reports=0):  # a fresh run
-        pass
+    restart_events(path, step=4, reports=5)
+    assert path.read_text() == _event(2, 1) + restart + _event(5, 4)
+    restart_events(path, step=0, reports=0)  # a fresh run
     assert path.read_text() == ""
 
 
@@ -105,8 +104,7 @@ def test_reports_the_driver_missed_are_restored_from_the_checkpoint(tmp_path: Pa
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.0}\n')
     (tmp_path / "events.jsonl").write_text("")
     for restored in (2, 0):  # a second resume finds nothing missing
-        with (tmp_path / "metrics.jsonl").open("a") as metrics, (tmp_path / "events.jsonl").open("a") as events_file:
-            assert restore_reports(checkpoint, tmp_path, metrics, events_file, TrainConfig(steps=3)) == restored
+        assert restore_reports(checkpoint, tmp_path, TrainConfig(steps=3)) == restored
     assert step_rows(tmp_path) == [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0}, {"step": 3, "loss": 1.5}]
     (dropped,) = events(tmp_path)
     assert (dropped["event"], dropped["step"], dropped["report"], dropped["reason"]) == ("dropped", 2, 4, "stale")
@@ -118,8 +116,7 @@ def test_restored_reports_keep_train_log_every(tmp_path: Path) -> None:
     checkpoint = _checkpoint_with_reports(tmp_path, reports, step=5)
     (tmp_path / "metrics.jsonl").write_text("")
     (tmp_path / "events.jsonl").write_text("")
-    with (tmp_path / "metrics.jsonl").open("a") as metrics, (tmp_path / "events.jsonl").open("a") as events_file:
-        assert restore_reports(checkpoint, tmp_path, metrics, events_file, TrainConfig(steps=5, log_every=2)) == 3
+    assert restore_reports(checkpoint, tmp_path, TrainConfig(steps=5, log_every=2)) == 3
     assert [row["step"] for row in step_rows(tmp_path)] == [2, 4, 5]
 
 

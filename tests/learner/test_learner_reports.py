@@ -94,9 +94,9 @@ def test_a_checkpointed_skipped_step_resumes_with_the_stats_it_reported(redis_ur
         assert learner.metrics.registry.get_sample_value("refine_skipped_steps_total") == 1.0  # Prometheus: the skip
 
         # The orchestrator of the resumed run writes the report into metrics.jsonl, as strict JSON.
-        with (tmp_path / "metrics.jsonl").open("a") as metrics, (tmp_path / "events.jsonl").open("a") as events:
-            assert restore_reports(latest_checkpoint(learner.out_dir), tmp_path, metrics, events,
-                                   RunConfig().train) == 1
+        (tmp_path / "metrics.jsonl").write_text("")
+        (tmp_path / "events.jsonl").write_text("")
+        assert restore_reports(latest_checkpoint(learner.out_dir), tmp_path, RunConfig().train) == 1
         row = json.loads((tmp_path / "metrics.jsonl").read_text(), parse_constant=_refuse)
         assert row["step"] == 1 and "loss" not in row
     finally:

@@ -273,7 +273,8 @@ def orchestrator(redis_url: str, tmp_path: Path, local_ray: None) -> Iterator[Or
     orchestrator.placement_grace_s = 0.5
     orchestrator.broker.ensure_group(DOCUMENTS, ROLLOUT_GROUP, start_id="0")
     orchestrator.broker.ensure_group(LEARNER_REPORTS, ORCHESTRATOR_GROUP, start_id="0")
-    orchestrator.events_file = (tmp_path / "events.jsonl").open("w")
+    orchestrator.events_path = tmp_path / "events.jsonl"
+    orchestrator.events_path.write_text("")
     yield orchestrator
     orchestrator._shutdown()  # kills the actors and gives the run's placement group back
 
