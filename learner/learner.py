@@ -5,15 +5,15 @@ For each batch:
   the optimizer step the id is recorded and the stream entry acknowledged in one transaction;
 - staleness: `learner step - policy version` of the rollouts; over `service.max_staleness` the batch
   is dropped (acknowledged, its id recorded, counted, reported to events.jsonl);
-- fit: a scored batch that does not fit the run (another reward, number of samples, rollout length or of
-  positions per document) or its documents (another batch size, a rollout position outside 1..length - k,
-  a token id past the vocabulary, a ground truth that is not the documents' tokens) is dropped the same way,
-  with the reason;
-- foreign: a batch of a document batch id the orchestrator never published (not `docs-<index>`) is
-  acknowledged and reported, never trained and not counted as finished: the orchestrator paces itself by
-  `published - finished`, and a foreign batch counted would let it run one batch further ahead for good.
-  Colocated, a document batch the model cannot read (`unusable_documents`) is dead-lettered, as a rollout
-  worker does;
+- fit: a scored batch that does not fit its documents (another batch size, a rollout position outside
+  1..length - k, a token id past the vocabulary) is dropped the same way, with the reason;
+- foreign: a batch this run did not produce (of a document batch id the orchestrator never published, not
+  `docs-<index>`; unlike the run: another reward, number of samples, rollout length or of positions per
+  document; a ground truth that is not its documents' tokens) is acknowledged and reported, never trained,
+  not recorded and not counted as finished, its documents kept: the orchestrator paces itself by
+  `published - finished`, a foreign batch counted would let it run one batch further ahead for good, and the
+  run's own rollouts of those documents are still to come. Colocated, a document batch the model cannot read
+  (`unusable_documents`) is dead-lettered, as a rollout worker does;
 - update: the documents behind the rollouts come from the document store (services/streams.py);
   GRPO advantages + one-pass loss + clipped AdamW step, skipped when not finite;
 - weights: the policy version is the number of learner steps taken (rollout batches trained, each
@@ -55,7 +55,7 @@ from services.streams import (
 )
 from services.weight_store import RedisWeightStore, WeightVersionError
 
-__all__ = ["MEMBER_ID", "ROLE", "Learner", "ResumePoint", "misfit", "unlike_run"]
+__all__ = ["MEMBER_ID", "ROLE", "Learner", "ResumePoint", "ground_truth_mismatch", "misfit", "unlike_run"]
 
 ROLE = "learner"
 MEMBER_ID = "learner-0"  # rank 0's member id: heartbeats, metrics discovery
@@ -115,8 +115,7 @@ def misfit(batch: ScoredBatch, documents: DocumentBatch, vocab_size: int) -> str
     """Why `batch` cannot be trained on `documents` (naming the field and value), or None if it fits:
     one row of positions per document, every position p in 1..length - k (a prefix of at least one
     token, and k document tokens after it to compare against), token ids inside the vocabulary (the
-    documents' too: they come from Redis as well), the ground truth (what the reward compared the rollouts
-    with) the documents' own tokens."""
+    documents' too: they come from Redis as well)."""
     if batch.batch_size != documents.batch_size:
         return (f"positions: {batch.batch_size} rows, but document batch {documents.batch_id!r} has "
                 f"{documents.batch_size} documents")
@@ -133,19 +132,26 @@ def misfit(batch: ScoredBatch, documents: DocumentBatch, vocab_size: int) -> str
                 f"(document length {int(lengths[doc])}, rollout_len k={k})")
     if batch.rollout_tokens.numel() and int(batch.rollout_tokens.max()) >= vocab_size:
         return f"rollout_tokens: token id {int(batch.rollout_tokens.max())} is not below model.vocab_size={vocab_size}"
-    if batch.ground_truth_tokens is not None:
-        # Row r = (b * c + j) * n + s holds the k document tokens from positions[b, j] on.
-        n, chunks = batch.num_samples, batch.num_chunks
-        docs = torch.arange(batch.num_rollouts) // (chunks * n)
-        columns = batch.positions.reshape(-1).repeat_interleave(n)[:, None] + torch.arange(k)
-        expected = documents.token_ids.to(torch.long)[docs[:, None], columns]
-        wrong = expected != batch.ground_truth_tokens.to(torch.long)
-        if bool(wrong.any()):
-            row, i = wrong.nonzero()[0].tolist()
-            return (f"ground_truth_tokens[{row}, {i}]={int(batch.ground_truth_tokens[row, i])}, but document batch "
-                    f"{documents.batch_id!r} has {int(expected[row, i])} there "
-                    f"(token_ids[{int(docs[row])}, {int(columns[row, i])}])")
     return None
+
+
+def ground_truth_mismatch(batch: ScoredBatch, documents: DocumentBatch) -> str | None:
+    """Why `batch` was not rolled out from `documents`, or None: its ground truth (what the reward compared the
+    rollouts with) is not the documents' own tokens at its positions. Only for a batch that fits them (misfit)."""
+    if batch.ground_truth_tokens is None:
+        return None
+    # Row r = (b * c + j) * n + s holds the k document tokens from positions[b, j] on.
+    k, n, chunks = batch.rollout_len, batch.num_samples, batch.num_chunks
+    docs = torch.arange(batch.num_rollouts) // (chunks * n)
+    columns = batch.positions.reshape(-1).repeat_interleave(n)[:, None] + torch.arange(k)
+    expected = documents.token_ids.to(torch.long)[docs[:, None], columns]
+    wrong = expected != batch.ground_truth_tokens.to(torch.long)
+    if not bool(wrong.any()):
+        return None
+    row, i = wrong.nonzero()[0].tolist()
+    return (f"ground_truth_tokens[{row}, {i}]={int(batch.ground_truth_tokens[row, i])}, but document batch "
+            f"{documents.batch_id!r} has {int(expected[row, i])} there (token_ids[{int(docs[row])}, "
+            f"{int(columns[row, i])}])")
 
 
 class Learner:
@@ -283,8 +289,8 @@ class Learner:
     def handle_scored(self, entry_id: str, batch: ScoredBatch) -> None:
         rollout_id = batch.rollout_batch_id
         if document_batch_index(batch.document_batch_id) is None:
-            self._ignore_foreign(SCORED, entry_id, rollout_id, "document_batch_id", batch.document_batch_id,
-                                 batch.worker_id)
+            self._ignore_foreign(SCORED, entry_id, rollout_id,
+                                 self._unpublished("document_batch_id", batch.document_batch_id), batch.worker_id)
             return
         if self.seen(rollout_id, batch.document_batch_id):
             self.broker.ack(SCORED, LEARNER_GROUP, [entry_id])
@@ -294,13 +300,21 @@ class Learner:
         self.metrics.staleness.observe(max(staleness, 0))
         # Read whatever happens next: a dropped batch is finished too, and its cursor moves the resume point.
         documents = self.documents.get(batch.document_batch_id)
+        problem = None if documents is None else misfit(batch, documents, self.config.model.vocab_size)
+        # Not this run's rollouts of these documents (another run's, forged): dropping it would delete the documents
+        # and count their batch finished, and the run's own rollouts of them would then be skipped as duplicates.
+        foreign = unlike_run(batch, self.config) or (
+            ground_truth_mismatch(batch, documents) if documents is not None and problem is None else None)
+        if foreign is not None:
+            self._ignore_foreign(SCORED, entry_id, rollout_id, f"{foreign}: not this run's rollouts of document "
+                                                              f"batch {batch.document_batch_id!r}", batch.worker_id)
+            return
         if staleness > self.config.service.max_staleness or staleness < 0:
             self._drop(entry_id, batch, staleness, "stale" if staleness > 0 else "future_version", documents)
             return
         if documents is None:
             self._drop(entry_id, batch, staleness, "documents_missing", None)
             return
-        problem = unlike_run(batch, self.config) or misfit(batch, documents, self.config.model.vocab_size)
         if problem is not None:  # a worker or reward bug: training on it would crash or use wrong rows
             self._drop(entry_id, batch, staleness, "invalid", documents, problem)
             return
@@ -321,7 +335,8 @@ class Learner:
     def handle_documents(self, entry_id: str, batch: DocumentBatch) -> None:
         """Colocated: the fused on-policy step on a document batch."""
         if document_batch_index(batch.batch_id) is None:
-            self._ignore_foreign(DOCUMENTS, entry_id, batch.batch_id, "batch_id", batch.batch_id, None)
+            self._ignore_foreign(DOCUMENTS, entry_id, batch.batch_id, self._unpublished("batch_id", batch.batch_id),
+                                 None)
             return
         if self.seen(batch.batch_id, batch.batch_id):
             self.broker.ack(DOCUMENTS, LEARNER_GROUP, [entry_id])
@@ -368,14 +383,17 @@ class Learner:
             stats |= {"error": error, "worker_id": batch.worker_id}
         self._send(self._new_report("dropped", stats))
 
-    def _ignore_foreign(self, stream: str, entry_id: str, message_id: str, field: str, document_batch_id: str,
-                        worker_id: str | None) -> None:
-        """Acknowledge a batch whose document batch (`field` = `document_batch_id`) the orchestrator never
-        published (forged, or a producer bug): not trained, not recorded as consumed (nothing to recognize later),
-        and not counted as finished, which would move the orchestrator's pacing (`published - finished`) one batch
-        ahead for the rest of the run. Reported, for events.jsonl."""
-        error = (f"{field}: {document_batch_id!r} is not a document batch the orchestrator published "
-                 f"(those are {document_batch_id_for(0)!r}, {document_batch_id_for(1)!r}, ...)")
+    @staticmethod
+    def _unpublished(field: str, document_batch_id: str) -> str:
+        return (f"{field}: {document_batch_id!r} is not a document batch the orchestrator published "
+                f"(those are {document_batch_id_for(0)!r}, {document_batch_id_for(1)!r}, ...)")
+
+    def _ignore_foreign(self, stream: str, entry_id: str, message_id: str, error: str, worker_id: str | None) -> None:
+        """Acknowledge a batch this run did not produce (`error` says why: a document batch the orchestrator never
+        published, another run's settings or documents): not trained, not recorded as consumed (the run's own
+        batch of the same id is still to come), its documents kept, and not counted as finished, which would move
+        the orchestrator's pacing (`published - finished`) one batch ahead for the rest of the run. Reported, for
+        events.jsonl."""
         retry_redis(lambda: self.broker.ack(stream, LEARNER_GROUP, [entry_id]), "ack foreign batch",
                     self.outage_timeout_s)
         logger.warning("ignored %s entry %s (%s, from %s): %s", stream, entry_id, message_id, worker_id, error)

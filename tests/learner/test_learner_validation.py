@@ -142,40 +142,52 @@ def _wrong_ground_truth(scored: ScoredBatch) -> ScoredBatch:
     return scored.model_copy(update={"ground_truth_tokens": truth})
 
 
-# (the scored batch sent for docs-0, the documents the learner finds for it, the reason it is dropped with)
-UNLIKE_THE_RUN = [
-    (lambda docs: _scored(docs, reward_type="binary"), lambda docs: docs,
+# (the scored batch sent for docs-0, the reason it is ignored with): not rollouts this run made of docs-0
+NOT_THE_RUNS = [
+    (lambda docs: _scored(docs, reward_type="binary"),
      r"reward_type: 'binary', but the run scores with refine.reward='cosine'"),
-    (lambda docs: _scored(docs, samples=1), lambda docs: docs,
-     r"num_samples: 1, but the run samples refine.num_samples=2 per position"),
-    (lambda docs: _scored(docs, samples=3), lambda docs: docs,
-     r"num_samples: 3, but the run samples refine.num_samples=2 per position"),
-    (lambda docs: _scored(docs, k=4), lambda docs: docs,
-     r"rollout_len: 4, but the run's rollouts have refine.rollout_len=5 tokens"),
-    (lambda docs: _scored(docs, chunks=3), lambda docs: docs,
-     r"positions: 3 per document, but the run takes refine.num_chunks=4"),
-    (lambda docs: _scored(docs), _past_vocabulary,
-     r"documents: token_ids\[1, 7\]=999 is not below model.vocab_size=260"),
-    (lambda docs: _wrong_ground_truth(_scored(docs)), lambda docs: docs,
+    (lambda docs: _scored(docs, samples=1), r"num_samples: 1, but the run samples refine.num_samples=2 per position"),
+    (lambda docs: _scored(docs, samples=3), r"num_samples: 3, but the run samples refine.num_samples=2 per position"),
+    (lambda docs: _scored(docs, k=4), r"rollout_len: 4, but the run's rollouts have refine.rollout_len=5 tokens"),
+    (lambda docs: _scored(docs, chunks=3), r"positions: 3 per document, but the run takes refine.num_chunks=4"),
+    (lambda docs: _wrong_ground_truth(_scored(docs)),
      r"ground_truth_tokens\[5, 3\]=\d+, but document batch 'docs-0' has \d+ there \(token_ids\[0, 33\]\)"),
 ]
 
 
-@pytest.mark.parametrize("make_batch, stored, message", UNLIKE_THE_RUN, ids=[
-    "reward-type", "fewer-samples", "more-samples", "rollout-len", "num-chunks", "documents-past-vocabulary",
-    "ground-truth"])
-def test_a_scored_batch_unlike_the_run_or_its_documents_is_dropped_not_trained(learner: Learner, make_batch, stored,
-                                                                                message: str) -> None:
+@pytest.mark.parametrize("make_batch, message", NOT_THE_RUNS, ids=[
+    "reward-type", "fewer-samples", "more-samples", "rollout-len", "num-chunks", "ground-truth"])
+def test_a_scored_batch_unlike_the_run_or_its_documents_is_ignored_and_the_runs_own_is_trained(
+        learner: Learner, make_batch, message: str) -> None:
+    """Another run's (or a forged) batch of a real document batch id is not trained, and leaves that batch alone:
+    dropping it deleted the documents and counted the batch finished, and the run's own rollouts of them, coming
+    later, were then skipped as duplicates."""
     documents = _documents(0)
-    bad = make_batch(documents)
-    learner.documents.put(stored(documents))
-    learner.broker.publish(SCORED, bad)
+    learner.documents.put(documents)
+    learner.broker.publish(SCORED, make_batch(documents))
     assert learner.run_once(block_ms=100) == 1
-    assert learner.state.step == 0 and learner.state.dropped_invalid == 1  # not trained on; the learner lives
+    assert learner.state.step == 0 and learner.state.dropped_invalid == 0  # not trained on; the learner lives
     assert learner.broker.pending(SCORED, LEARNER_GROUP) == 0
     (report,) = _reports(learner)  # what the orchestrator writes to events.jsonl
-    assert (report.kind, report.stats["reason"]) == ("dropped", "invalid")
+    assert (report.kind, report.stats["reason"]) == ("dropped", "foreign")
     assert re.search(message, str(report.stats["error"])), report.stats["error"]
+    assert "not this run's rollouts of document batch 'docs-0'" in str(report.stats["error"])
+    assert _finished(learner) == 0 and learner.finished == 0
+
+    learner.broker.publish(SCORED, _scored(documents))  # the run's own rollouts of docs-0
+    assert learner.run_once(block_ms=100) == 1
+    assert learner.state.step == 1 and _finished(learner) == 1 and learner.duplicates == 0
+
+
+def test_a_scored_batch_whose_stored_documents_the_model_cannot_read_is_dropped(learner: Learner) -> None:
+    documents = _documents(0)
+    learner.documents.put(_past_vocabulary(documents))
+    learner.broker.publish(SCORED, _scored(documents))
+    assert learner.run_once(block_ms=100) == 1
+    assert learner.state.step == 0 and learner.state.dropped_invalid == 1
+    (report,) = _reports(learner)
+    assert (report.kind, report.stats["reason"]) == ("dropped", "invalid")
+    assert re.search(r"documents: token_ids\[1, 7\]=999 is not below model.vocab_size=260", report.stats["error"])
     assert _finished(learner) == 1  # a batch the orchestrator published: finished
 
     good = _documents(1)
