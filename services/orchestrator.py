@@ -671,8 +671,8 @@ class Orchestrator:
             # The learner gives up on Redis after as long, and checkpoints first: wait for it, so that the
             # message can point at that checkpoint.
             self._let_learner_stop()
-            raise ServiceError(f"Redis at {url} unreachable for {outage.elapsed_s:.0f}s, longer than the "
-                               f"{timeout:.0f}s tolerated ({type(exc).__name__}: {exc}); "
+            raise ServiceError(f"Redis at {url} unreachable for {outage.elapsed_s:.0f}s ({timeout:.0f}s tolerated; "
+                               f"{type(exc).__name__}: {exc}); "
                                f"the run stopped{self._resume_hint(None)}") from exc
         if first:
             self._write_line(f"Redis at {url} unavailable ({exc}); retrying for up to {timeout:.0f}s")
@@ -856,7 +856,7 @@ class Orchestrator:
                 continue
             holders = self.broker.holders(stream, group)
             held = ", ".join(f"{count} by {name}" for name, count in sorted(holders.items())) or "none held"
-            parts.append(f"{stream}: {self.broker.length(stream) - sum(holders.values())} waiting, {held}")
+            parts.append(f"{stream}: {self.broker.undelivered(stream, group)} waiting, {held}")
         from learner.learner import ROLE as LEARNER_ROLE
 
         ages = {}

@@ -61,12 +61,13 @@ def retry_redis(fn: Callable[[], T], what: str, timeout_s: float = 120.0, max_ba
             return fn()
         except TRANSIENT as exc:
             now = time.monotonic()
-            if now + backoff > deadline:
+            if now >= deadline:
                 # The time it took: a command that hangs until its socket timeout can overrun the tolerance.
-                raise RedisOutage(f"{what}: Redis unreachable for {now - start:.0f}s, longer than the "
-                                  f"{timeout_s:.0f}s tolerated ({type(exc).__name__}: {exc})", now - start) from exc
-            logger.warning("%s: Redis unavailable (%s), retrying in %.2fs", what, exc, backoff)
-            time.sleep(backoff)
+                raise RedisOutage(f"{what}: Redis unreachable for {now - start:.0f}s ({timeout_s:.0f}s tolerated; "
+                                  f"{type(exc).__name__}: {exc})", now - start) from exc
+            pause = min(backoff, deadline - now)  # the last try comes at the deadline, not before it
+            logger.warning("%s: Redis unavailable (%s), retrying in %.2fs", what, exc, pause)
+            time.sleep(pause)
             backoff = min(max_backoff_s, backoff * 2)
 
 
@@ -88,8 +89,8 @@ class OutageTolerance:
             self.since = time.monotonic()
         elapsed = time.monotonic() - self.since
         if elapsed > self.timeout_s:
-            raise RedisOutage(f"{self.who}: Redis unreachable for {elapsed:.0f}s, longer than the "
-                              f"{self.timeout_s:.0f}s tolerated", elapsed) from exc
+            raise RedisOutage(f"{self.who}: Redis unreachable for {elapsed:.0f}s ({self.timeout_s:.0f}s tolerated)",
+                              elapsed) from exc
         return first
 
     def failed(self, exc: BaseException) -> None:

@@ -30,7 +30,11 @@ def test_a_run_whose_learner_takes_no_step_is_said_to_stall_naming_who_holds_wha
             broker.publish(DOCUMENTS, DocumentBatch(batch_id=f"docs-{index}", doc_ids=["d"],
                                                     token_ids=torch.ones(1, 8, dtype=torch.long),
                                                     lengths=torch.tensor([8])))
-        broker.consume(DOCUMENTS, ROLLOUT_GROUP, "rollout_worker-1.0", DocumentBatch, count=1)  # hangs on it
+        # One taken and acknowledged (trimming keeps it: it comes after one still held), one taken by a worker
+        # that hangs on it, one waiting.
+        ((done, _),) = broker.consume(DOCUMENTS, ROLLOUT_GROUP, "rollout_worker-0.0", DocumentBatch, count=1)
+        broker.consume(DOCUMENTS, ROLLOUT_GROUP, "rollout_worker-1.0", DocumentBatch, count=1)
+        broker.ack(DOCUMENTS, ROLLOUT_GROUP, [done])
         broker.heartbeat("learner", "learner-0")  # the roles Ray runs add theirs (no Ray here)
         orchestrator.stall_warning_s = 600.0
         orchestrator._check_stall(4, clock[0])
@@ -41,7 +45,7 @@ def test_a_run_whose_learner_takes_no_step_is_said_to_stall_naming_who_holds_wha
         orchestrator._check_stall(4, clock[0])
         assert len(said) == 1
         assert re.fullmatch(r"warning: the learner has taken no step for 601s \(it is at step 4\); "
-                            r"documents: 2 waiting, 1 by rollout_worker-1\.0; rollouts: 0 waiting, none held; "
+                            r"documents: 1 waiting, 1 by rollout_worker-1\.0; rollouts: 0 waiting, none held; "
                             r"scored: 0 waiting, none held; last heartbeats: learner-0 \d+s ago", said[0]), said[0]
         clock[0] += 300
         orchestrator._check_stall(4, clock[0])
