@@ -29,7 +29,11 @@ def address_problem(host: str, port: int) -> str | None:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         return f"--host must be an IP address or a host name that resolves, got {host!r} ({reason})"
     for family, kind, proto, _, address in addresses:
-        with socket.socket(family, kind, proto) as sock:
+        try:
+            sock = socket.socket(family, kind, proto)
+        except OSError:  # an address family this machine has no sockets for (IPv6 off): asyncio skips it too
+            continue
+        with sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 sock.bind(address)

@@ -214,7 +214,8 @@ def _unit_scaled(hidden: Tensor) -> Tensor:
     shift = -exponent
     first = shift.clamp(max=largest)
     one = torch.ones_like(exponent, dtype=hidden.dtype)
-    return hidden * torch.ldexp(one, first) * torch.ldexp(one, shift - first)
+    # In place on the first product: one temporary of the vectors' size, as with a single factor.
+    return (hidden * torch.ldexp(one, first)).mul_(torch.ldexp(one, shift - first))
 
 
 def binary_reward(rollout_tokens: Tensor, ground_truth_tokens: Tensor) -> Tensor:
