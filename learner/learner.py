@@ -46,7 +46,7 @@ from refine.algorithm.rewards import check_run_reward
 from refine.config import RunConfig, run_tokenizer
 from refine.loop import StepResult, finite_stats, make_optimizer, prepare_model
 from services.messages import DataCursor, DocumentBatch, ScoredBatch
-from services.progress import LearnerProgress, StepReport, read_recorded, write_progress
+from services.progress import LearnerProgress, StepReport, read_published, read_recorded, write_progress
 from services.resilience import TRANSIENT, OutageTolerance, RedisOutage, outage_timeout_s, retry_redis
 from services.role import RoleRuntime
 from services.streams import (
@@ -288,9 +288,9 @@ class Learner:
 
     def handle_scored(self, entry_id: str, batch: ScoredBatch) -> None:
         rollout_id = batch.rollout_batch_id
-        if document_batch_index(batch.document_batch_id) is None:
-            self._ignore_foreign(SCORED, entry_id, rollout_id,
-                                 self._unpublished("document_batch_id", batch.document_batch_id), batch.worker_id)
+        unpublished = self._never_published("document_batch_id", batch.document_batch_id)
+        if unpublished is not None:
+            self._ignore_foreign(SCORED, entry_id, rollout_id, unpublished, batch.worker_id)
             return
         if self.seen(rollout_id, batch.document_batch_id):
             self.broker.ack(SCORED, LEARNER_GROUP, [entry_id])
@@ -334,9 +334,9 @@ class Learner:
 
     def handle_documents(self, entry_id: str, batch: DocumentBatch) -> None:
         """Colocated: the fused on-policy step on a document batch."""
-        if document_batch_index(batch.batch_id) is None:
-            self._ignore_foreign(DOCUMENTS, entry_id, batch.batch_id, self._unpublished("batch_id", batch.batch_id),
-                                 None)
+        unpublished = self._never_published("batch_id", batch.batch_id)
+        if unpublished is not None:
+            self._ignore_foreign(DOCUMENTS, entry_id, batch.batch_id, unpublished, None)
             return
         if self.seen(batch.batch_id, batch.batch_id):
             self.broker.ack(DOCUMENTS, LEARNER_GROUP, [entry_id])
@@ -383,10 +383,18 @@ class Learner:
             stats |= {"error": error, "worker_id": batch.worker_id}
         self._send(self._new_report("dropped", stats))
 
-    @staticmethod
-    def _unpublished(field: str, document_batch_id: str) -> str:
-        return (f"{field}: {document_batch_id!r} is not a document batch the orchestrator published "
-                f"(those are {document_batch_id_for(0)!r}, {document_batch_id_for(1)!r}, ...)")
+    def _never_published(self, field: str, document_batch_id: str) -> str | None:
+        """Why the orchestrator never published document batch `document_batch_id` (`field` names where the id came
+        from), or None: an id not of its form, or one past the count it has issued (when an orchestrator runs)."""
+        index = document_batch_index(document_batch_id)
+        if index is None:
+            return (f"{field}: {document_batch_id!r} is not a document batch the orchestrator published "
+                    f"(those are {document_batch_id_for(0)!r}, {document_batch_id_for(1)!r}, ...)")
+        published = read_published(self.broker)
+        if published is not None and index >= published:
+            return (f"{field}: {document_batch_id!r} is past the {published} document batches the orchestrator has "
+                    f"published")
+        return None
 
     def _ignore_foreign(self, stream: str, entry_id: str, message_id: str, error: str, worker_id: str | None) -> None:
         """Acknowledge a batch this run did not produce (`error` says why: a document batch the orchestrator never

@@ -91,7 +91,7 @@ from rollout_workers.engines import engine_owner
 from services.broker import Broker
 from services.messages import DataCursor, DocumentBatch
 from services.metrics import Metrics, serve_metrics, withdraw_announcements, withdraw_run_announcements
-from services.progress import LearnerProgress, StepReport, read_progress, write_recorded
+from services.progress import LearnerProgress, StepReport, read_progress, write_published, write_recorded
 from services.ray_runtime import (
     Placement, Reservation, actor_options, actor_requests, ray_for_run, redis_for_run, resolve_addresses,
 )
@@ -708,6 +708,8 @@ class Orchestrator:
         message = self.unpublished
         if not self.colocated:
             self.documents.put(message)  # before the stream entry: the learner reads it by id later
+        # Before the stream entry too: the learner ignores batches of ids past this count (another run's, forged).
+        write_published(self.broker, self.published + 1)
         self.broker.publish(DOCUMENTS, message)
         self.unpublished = None
         self.published += 1

@@ -63,6 +63,22 @@ def read_progress(broker: Broker) -> LearnerProgress | None:
     return LearnerProgress(**fields)
 
 
+def _published_key(broker: Broker) -> str:
+    return broker.key("orchestrator", "published")
+
+
+def write_published(broker: Broker, count: int) -> None:
+    """The orchestrator has issued document batches docs-0 .. docs-(count - 1) (written before each is published)."""
+    broker.client.set(_published_key(broker), str(count))
+
+
+def read_published(broker: Broker) -> int | None:
+    """How many document batches the orchestrator has issued; None without an orchestrator (a learner driven by
+    hand, in a notebook or a test)."""
+    raw = broker.client.get(_published_key(broker))
+    return int(raw) if raw is not None else None
+
+
 def _recorded_key(broker: Broker) -> str:
     return broker.key("orchestrator", "recorded")
 

@@ -17,7 +17,7 @@ import torch
 from learner.learner import Learner
 from refine.config import load_config
 from services.messages import DataCursor, DocumentBatch, ScoredBatch
-from services.progress import StepReport, read_progress
+from services.progress import StepReport, read_progress, write_published
 from services.streams import (
     DOCUMENTS, LEARNER_GROUP, LEARNER_REPORTS, SCORED, document_batch_id_for, rollout_batch_id_for,
 )
@@ -260,3 +260,29 @@ def test_a_colocated_learner_dead_letters_documents_its_model_cannot_read(coloca
     colocated.broker.publish(DOCUMENTS, _documents(1))
     assert colocated.run_once(block_ms=100) == 1
     assert colocated.state.step == 1
+
+
+@pytest.mark.parametrize("stored", [False, True], ids=["no-documents", "documents-stored-too"])
+def test_a_scored_batch_of_an_id_past_what_the_orchestrator_published_is_ignored(learner: Learner,
+                                                                                  stored: bool) -> None:
+    """The orchestrator records how many document batches it has issued before publishing each: a batch of docs-N
+    at or past that count is not one of them (dropped as documents_missing it was counted finished and moved the
+    pacing ahead for good; with documents stored under its id too, it was trained). Ignored and not counted; the
+    real docs-N, once published, is trained."""
+    write_published(learner.broker, 1)  # docs-0 only
+    ahead = _documents(3)
+    if stored:
+        learner.documents.put(ahead)
+    learner.broker.publish(SCORED, _scored(ahead))
+    assert learner.run_once(block_ms=100) == 1
+    assert learner.state.step == 0 and _finished(learner) == 0 and learner.finished == 0
+    (report,) = _reports(learner)
+    assert (report.kind, report.stats["reason"]) == ("dropped", "foreign")
+    assert ("document_batch_id: 'docs-3' is past the 1 document batches the orchestrator has published"
+            in str(report.stats["error"]))
+
+    documents = _documents(0)
+    learner.documents.put(documents)
+    learner.broker.publish(SCORED, _scored(documents))
+    assert learner.run_once(block_ms=100) == 1
+    assert learner.state.step == 1 and _finished(learner) == 1
