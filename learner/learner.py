@@ -7,8 +7,8 @@ For each batch:
   is dropped (acknowledged, its id recorded, counted, reported to events.jsonl);
 - fit: a scored batch that does not fit its documents (another batch size, a rollout position outside
   1..length - k, a token id past the vocabulary) is dropped the same way, with the reason;
-- foreign: a batch this run did not produce (of a document batch id the orchestrator never published, not
-  `docs-<index>`; unlike the run: another reward, number of samples, rollout length or of positions per
+- foreign: a batch this run did not produce (of a document batch id the orchestrator never published: not
+  `docs-<index>`, or past the count it has issued; unlike the run: another reward, number of samples, rollout length or of positions per
   document; a ground truth that is not its documents' tokens) is acknowledged and reported, never trained,
   not recorded and not counted as finished, its documents kept: the orchestrator paces itself by
   `published - finished`, a foreign batch counted would let it run one batch further ahead for good, and the
