@@ -567,12 +567,20 @@ def run_steps(config: RunConfig, model: FastWeightLM, optimizer: torch.optim.Opt
         tqdm.write(f"{desc}: warning: {position.skipped_steps - start.skipped_steps} of steps {start.step + 1}.."
                    f"{position.step} skipped an update for a non-finite loss or gradient (skipped_nonfinite in "
                    f"metrics.jsonl; optim.lr={config.optim.lr})", file=sys.stderr)
-    try:
-        plot_metrics(metrics_path, out_dir)
-    except OSError as error:  # the run is complete; the curves can be drawn again from metrics.jsonl
-        tqdm.write(f"{desc}: warning: the plots were not written ({error}); the run's checkpoint and metrics.jsonl "
-                   f"are complete", file=sys.stderr)
+    unplotted = plot_run(out_dir)
+    if unplotted is not None:
+        tqdm.write(f"{desc}: {unplotted}", file=sys.stderr)
     return last
+
+
+def plot_run(out_dir: Path) -> str | None:
+    """Draw a finished run's curves from its metrics.jsonl; a warning to show when the file system refused them
+    (the run is complete, and the curves can be drawn again from metrics.jsonl), else None."""
+    try:
+        plot_metrics(out_dir / "metrics.jsonl", out_dir)
+    except OSError as error:
+        return f"warning: the plots were not written ({error}); the run's checkpoint and metrics.jsonl are complete"
+    return None
 
 
 def write_row(path: Path, row: dict, program: str) -> None:

@@ -81,10 +81,9 @@ from refine.data.sources import RowSource
 from refine.data.stream import check_source, document_batches, synthetic_documents
 from refine.files import write_atomically
 from refine.loop import (
-    Divergence, absolute_out_dir, check_resumed_program, clear_checkpoints, finished_run, jsonl_rows, restart_metrics,
-    write_row,
+    Divergence, absolute_out_dir, check_resumed_program, clear_checkpoints, finished_run, jsonl_rows, plot_run,
+    restart_metrics, write_row,
 )
-from refine.plots import plot_metrics
 from refine.tokenizer import Tokenizer
 from refine_vllm.settings import remove_staging
 from rollout_workers.engines import engine_owner
@@ -915,11 +914,9 @@ class Orchestrator:
         if futures:
             ray.wait(futures, num_returns=len(futures), timeout=STOP_GRACE_S)
         if self.metrics_path is not None:
-            try:
-                plot_metrics(self.metrics_path, self.out_dir)
-            except OSError as error:  # the run is complete; the curves can be drawn again from metrics.jsonl
-                self._write_line(f"warning: the plots were not written ({error}); the run's checkpoint and "
-                                 f"metrics.jsonl are complete")
+            unplotted = plot_run(self.out_dir)
+            if unplotted is not None:
+                self._write_line(unplotted)
         skipped = int(self.last_stats.get("skipped_steps", 0) or 0)
         if skipped:
             self._write_line(f"warning: {skipped} steps of this run so far skipped an update for a non-finite loss or "
