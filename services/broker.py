@@ -351,12 +351,7 @@ class Broker:
 
     def pending(self, stream: str, group: str) -> int:
         """Entries delivered to the group's consumers and not yet acknowledged."""
-        try:
-            return int(self.client.xpending(self._stream(stream), group)["pending"])
-        except redis.ResponseError as exc:
-            if "NOGROUP" in str(exc):
-                return 0
-            raise
+        return sum(self.holders(stream, group).values())
 
     def holders(self, stream: str, group: str) -> dict[str, int]:
         """How many delivered, unacknowledged entries each consumer of the group holds (those holding none left out)."""
