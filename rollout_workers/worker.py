@@ -31,7 +31,7 @@ from refine.config import RunConfig
 from rollout_workers.engines import RolloutEngine, batch_generator, build_engine, engine_owner
 from services.codec import CodecError
 from services.messages import DocumentBatch, RolloutBatch
-from services.resilience import TRANSIENT, OutageTolerance, retry_redis
+from services.resilience import TRANSIENT, OutageTolerance, outage_timeout_s, retry_redis
 from services.role import RoleRuntime
 from services.streams import (
     DOCUMENTS, ROLLOUT_GROUP, ROLLOUTS, rollout_batch_id_for, unpublishable_reason, unusable_documents,
@@ -80,7 +80,7 @@ class RolloutWorker:
         self.weights = RedisWeightStore(self.runtime.client, namespace)
         self.engine: RolloutEngine = build_engine(self.config, owner=engine_owner(namespace, worker_id))
         self.version: int | None = None
-        self.outage_timeout_s = max(60.0, 4 * service.heartbeat_timeout_s)
+        self.outage_timeout_s = outage_timeout_s(service.heartbeat_timeout_s)
         self.batches = 0
         self.dead_lettered = 0  # document batches that could never be rolled out, or their rollouts published
         # The first and latest policy version rolled out with (not every one: a long run makes millions).
