@@ -8,12 +8,12 @@ For each batch:
 - fit: a scored batch that does not fit its documents (another batch size, a rollout position outside
   1..length - k, a token id past the vocabulary) is dropped the same way, with the reason;
 - foreign: a batch this run did not produce (of a document batch id the orchestrator never published: not
-  `docs-<index>`, or past the count it has issued; unlike the run: another reward, number of samples, rollout length or of positions per
-  document; a ground truth that is not its documents' tokens) is acknowledged and reported, never trained,
-  not recorded and not counted as finished, its documents kept: the orchestrator paces itself by
-  `published - finished`, a foreign batch counted would let it run one batch further ahead for good, and the
-  run's own rollouts of those documents are still to come. Colocated, a document batch the model cannot read
-  (`unusable_documents`) is dead-lettered, as a rollout worker does;
+  `docs-<index>`, or past the count it has issued; unlike the run: another reward, number of samples, rollout
+  length or of positions per document; a ground truth that is not its documents' tokens) is acknowledged and
+  reported, never trained, not recorded and not counted as finished, its documents kept: the orchestrator
+  paces itself by `published - finished`, a foreign batch counted would let it run one batch further ahead for
+  good, and the run's own rollouts of those documents are still to come. Colocated, a document batch the model
+  cannot read (`unusable_documents`) is dead-lettered, as a rollout worker does;
 - update: the documents behind the rollouts come from the document store (services/streams.py);
   GRPO advantages + one-pass loss + clipped AdamW step, skipped when not finite;
 - weights: the policy version is the number of learner steps taken (rollout batches trained, each

@@ -60,6 +60,15 @@ def _train(config: Path, out: Path, steps: int, limit: int | None = None,
     return _refine(argv + (["--resume"] if resume else []), limit)
 
 
+def _trained_run(tmp_path: Path, steps: int) -> tuple[Path, Path]:
+    """(config, run directory) of a fresh run of SMALL trained `steps` steps, with nothing limited."""
+    config = tmp_path / "small.yaml"
+    config.write_text(SMALL)
+    out = tmp_path / "run"
+    assert _train(config, out, steps, resume=False).returncode == 0
+    return config, out
+
+
 def _one_line_error(result: subprocess.CompletedProcess) -> str:
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
@@ -79,10 +88,7 @@ def test_a_checkpoint_the_disk_refuses_is_one_line_and_the_earlier_one_resumes(t
     """safetensors said "Error while serializing: I/O error" in a traceback, torch.save "unexpected pos 8383424 vs
     8383316"; the half-written checkpoint stayed, as large as a whole one, and on a full disk kept even the
     --resume from starting."""
-    config = tmp_path / "small.yaml"
-    config.write_text(SMALL)
-    out = tmp_path / "run"
-    assert _train(config, out, 1, resume=False).returncode == 0
+    config, out = _trained_run(tmp_path, 1)
     latest = out / "checkpoints" / "latest"
     before = {path.name: path.read_bytes() for path in latest.rglob("*") if path.is_file()}
     # Room for config.yaml and the rows, not for this one file of the checkpoint.
@@ -100,10 +106,7 @@ def test_a_checkpoint_the_disk_refuses_is_one_line_and_the_earlier_one_resumes(t
 @needs_file_size_limit
 def test_a_metrics_row_the_disk_refuses_stops_the_run_without_a_half_row(tmp_path):
     """It was a bare "[Errno 27] File too large" and a half row at the end of metrics.jsonl."""
-    config = tmp_path / "small.yaml"
-    config.write_text(SMALL)
-    out = tmp_path / "run"
-    assert _train(config, out, 1, resume=False).returncode == 0
+    config, out = _trained_run(tmp_path, 1)
     limit = (out / "config.yaml").stat().st_size + 200  # room for config.yaml and a few rows
     error = _one_line_error(_train(config, out, 30, limit=limit))
     assert error.startswith("refine: error: cannot write step ")
@@ -120,10 +123,7 @@ def test_a_metrics_row_the_disk_refuses_stops_the_run_without_a_half_row(tmp_pat
 def test_a_resume_whose_metrics_rewrite_the_disk_refuses_keeps_every_row(tmp_path):
     """A resume rewrites metrics.jsonl (the rows up to its checkpoint): the plain rewrite emptied the file first,
     so a full disk lost the run's rows."""
-    config = tmp_path / "small.yaml"
-    config.write_text(SMALL)
-    out = tmp_path / "run"
-    assert _train(config, out, 12, resume=False).returncode == 0
+    config, out = _trained_run(tmp_path, 12)
     metrics = (out / "metrics.jsonl").read_text()
     limit = (out / "config.yaml").stat().st_size + 100
     assert len(metrics) > limit
@@ -135,10 +135,7 @@ def test_a_resume_whose_metrics_rewrite_the_disk_refuses_keeps_every_row(tmp_pat
 
 @needs_file_size_limit
 def test_a_config_the_disk_refuses_names_the_file(tmp_path):
-    config = tmp_path / "small.yaml"
-    config.write_text(SMALL)
-    out = tmp_path / "run"
-    assert _train(config, out, 1, resume=False).returncode == 0
+    config, out = _trained_run(tmp_path, 1)
     written = (out / "config.yaml").read_text()
     error = _one_line_error(_train(config, out, 2, limit=1000))
     assert error == f"refine: error: [Errno 27] File too large: '{out / 'config.yaml'}'"
