@@ -21,7 +21,7 @@ from pydantic import (
 )
 
 from refine.algorithm.selection import min_document_length
-from refine.data.sources import FormatName, check_min_length
+from refine.data.sources import MAX_WINDOWS, FormatName, check_min_length
 from refine.errors import shown, validation_problems
 from refine.models import config_from_dict
 from refine.models.config import (
@@ -173,7 +173,10 @@ class DataSpec(Strict):
     source: PathStr = "synthetic"
     format: FormatName = Field("auto", description="auto: from the file extensions or the folder's contents")
     text_column: str = Field("text", min_length=1)
-    seq_len: int = Field(512, ge=8, le=MAX_SEQ_LEN, description="documents are truncated to this many tokens")
+    seq_len: int = Field(512, ge=8, le=MAX_SEQ_LEN, description="the most tokens of a training document")
+    max_windows: int = Field(1, ge=1, le=MAX_WINDOWS, description=(
+        "a file source's document longer than seq_len becomes up to this many documents of seq_len tokens, "
+        "its consecutive windows; the rest is cut (1: only its first seq_len tokens are trained on)"))
     min_length: int = Field(64, description="shorter documents (in tokens, BOS included) are dropped and counted")
     num_documents: int = Field(256, ge=1, description="synthetic corpus size")
     synthetic_tasks: list[Literal["recall", "niah", "mqar"]] = Field(
@@ -198,6 +201,9 @@ class DataSpec(Strict):
         if self.source == "synthetic" and self.num_documents < len(self.synthetic_tasks):
             raise ValueError(f"data.num_documents={self.num_documents} is fewer than the {len(self.synthetic_tasks)} "
                              f"data.synthetic_tasks={self.synthetic_tasks}: each task needs at least one document")
+        if self.source == "synthetic" and self.max_windows > 1:
+            raise ValueError(f"data.max_windows={self.max_windows} splits long documents of a file source; the "
+                             f"synthetic corpus' documents are made to fit data.seq_len, so leave it at 1")
         if self.source == "synthetic" and self.num_documents * self.seq_len > MAX_SYNTHETIC_TOKENS:
             raise ValueError(f"data.num_documents={self.num_documents} x data.seq_len={self.seq_len} is more than the "
                              f"{MAX_SYNTHETIC_TOKENS} tokens a synthetic corpus may hold (it is generated in full "

@@ -118,8 +118,8 @@ class DataCursor(BaseModel):
     epoch: int = Field(default=0, ge=0, description="times the data stream restarted its pass over the source, "
                        "through this batch (the offset counts within the pass)")
     offset: int = Field(default=0, ge=0, description="the data stream's cursor after this batch: for a file "
-                        "source, the index of the record after its last document (bad and filtered records "
-                        "count too); for the synthetic corpus, that of the next document")
+                        "source, record index x data.max_windows + windows of it used, after its last document "
+                        "(bad and filtered records count too); for the synthetic corpus, the next document's index")
     source: str = Field(default="", description="dataset or shard the offset counts in")
 
 

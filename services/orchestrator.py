@@ -78,7 +78,7 @@ from refine.config import (
 )
 from refine.data.batches import DocumentBatch as LocalBatch
 from refine.data.sources import RowSource
-from refine.data.stream import check_source, document_batches, synthetic_documents
+from refine.data.stream import check_resumed_windows, check_source, document_batches, synthetic_documents
 from refine.files import write_atomically
 from refine.loop import (
     Divergence, absolute_out_dir, check_resumed_program, clear_checkpoints, finished_run, jsonl_rows, plot_run,
@@ -323,6 +323,8 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True, ray_addr
         finished = _finished_run(config)
         if finished is not None:
             return finished
+        if latest_checkpoint(config.train.out_dir).exists():
+            check_resumed_windows(config, Path(config.train.out_dir))
     check_data_source(config)
     tokenizer = run_tokenizer(config)
     config = fit_to_tokenizer(config, tokenizer)  # before any actor reads the model section

@@ -186,6 +186,40 @@ def test_a_resume_over_a_changed_source_says_so(tmp_path, capsys):
            f"e.g. 'docs.jsonl')" in err
 
 
+def _long_documents(tmp_path):
+    """Three documents of 600 to 800 byte tokens: three windows each at data.seq_len=256, the first batch of
+    two ending inside the first document."""
+    source = tmp_path / "long.jsonl"
+    source.write_text("".join(json.dumps({"text": f"record {i}: " + "lorem ipsum dolor sit amet " * (22 + 3 * i)})
+                              + "\n" for i in range(3)))
+    return source
+
+
+def test_a_run_over_long_documents_trains_every_window_and_resumes_exactly_inside_a_document(tmp_path):
+    windows = (f"data.source={_long_documents(tmp_path)}", "data.max_windows=3", "data.min_length=64")
+    straight = train(_config(tmp_path / "a", "onepass", steps=4, extra=windows), progress=False)
+    train(_config(tmp_path / "b", "onepass", steps=1, extra=windows), progress=False)  # stops inside a document
+    resumed = train(_config(tmp_path / "b", "onepass", steps=4, extra=windows), resume=True, progress=False)
+    rows = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+            for name in ("a", "b")}
+    assert [row["loss"] for row in rows["b"]] == pytest.approx([row["loss"] for row in rows["a"]], rel=1e-6)
+    # With BOS the documents are 605, 686 and 767 tokens: windows 256 256 93 | 256 256 174 | 256 256 255.
+    assert [row["tokens"] for row in rows["a"]] == [256 + 256, 93 + 256, 256 + 174, 256 + 256]
+    assert resumed["loss"] == pytest.approx(straight["loss"], rel=1e-6)
+
+
+def test_a_resume_with_other_windows_than_the_run_counts_in_is_refused_before_anything_changes(tmp_path):
+    source = _long_documents(tmp_path)
+    run = tmp_path / "run"
+    train(_config(run, "ntp", steps=1, extra=(f"data.source={source}", "data.max_windows=3")), progress=False)
+    before = _run_files(run)
+    with pytest.raises(ValueError, match="data.max_windows=2 data.seq_len=256 differs from data.seq_len=256 "
+                                         "data.max_windows=3"):
+        train(_config(run, "ntp", steps=2, extra=(f"data.source={source}", "data.max_windows=2")), resume=True,
+              progress=False)
+    assert _run_files(run) == before
+
+
 def _run_files(out_dir):
     return {path.name: path.read_bytes() for path in out_dir.iterdir() if path.is_file()}
 

@@ -5,11 +5,13 @@ Two layers:
   a malformed or undecodable record raises `BadRowError` naming the file and row, or, with
   `skip_bad_rows`, is logged with its location, counted and skipped. Never silently.
 - `DocumentStream` turns records into `TokenizedDocument`s: tokenize in batches, add BOS / EOS, drop
-  documents shorter than `min_length` (counted), truncate to `max_length` (counted).
+  documents shorter than `min_length` (counted), split a longer one into windows of `max_length` tokens,
+  at most `max_windows` of them, and drop the rest (counted as truncated).
 
 Every record has an index in the whole source (files in sorted order, bad and filtered records included).
-That index is the data cursor: `DocumentStream.iter_from(cursor)` restarts exactly after the last document
-a consumer used (`document.index + 1`).
+The data cursor counts windows inside records: `record index x max_windows + windows of it used`, so with
+the default `max_windows=1` it is the record index. `DocumentStream.iter_from(cursor)` restarts exactly
+after the last document a consumer used (`document.next_cursor`), even inside a record.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ _EXTENSIONS: dict[str, SourceFormat] = {".parquet": "parquet", ".jsonl": "jsonl"
 _COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".lz4", ".zip", ".7z", ".br", ".snappy")
 # Files `datasets.Dataset.save_to_disk` / `DatasetDict.save_to_disk` write at the folder's top level.
 _HF_MARKERS = ("dataset_dict.json", "dataset_info.json", "state.json")
+# The most windows a document may be split into. The data cursor is record index x max_windows + window,
+# and this keeps it an int64 (checkpoints, stream messages) for sources of up to 2^43 records.
+MAX_WINDOWS = 1 << 20
 
 
 class DataSourceError(ValueError):
@@ -79,6 +84,9 @@ class DataConfig(BaseModel):
     # Length bounds are in tokens, BOS / EOS included: what the model sees.
     min_length: int = 2
     max_length: int | None = Field(None, ge=1)
+    # A document longer than max_length becomes up to this many windows of max_length tokens (the last one
+    # kept if it has min_length tokens); what is past them is cut. 1: the first window only.
+    max_windows: int = Field(1, ge=1, le=MAX_WINDOWS)
     add_bos: bool = True
     add_eos: bool = False
     skip_bad_rows: bool = False
@@ -98,15 +106,19 @@ class DataConfig(BaseModel):
     def _check_bounds(self) -> "DataConfig":
         if self.max_length is not None and self.min_length > self.max_length:
             raise ValueError(f"min_length ({self.min_length}) is larger than max_length ({self.max_length})")
+        if self.max_windows > 1 and self.max_length is None:
+            raise ValueError(f"max_windows={self.max_windows} needs a max_length: windows are max_length tokens")
         return self
 
 
 @dataclass(frozen=True, slots=True)
 class TokenizedDocument:
-    doc_id: str  # "<file>:<row>", readable in logs
-    index: int  # record index in the source: resume with cursor index + 1
+    doc_id: str  # "<file>:<row>", then "#<window>" for a long document's later windows: readable in logs
+    index: int  # record index in the source
     token_ids: list[int]
-    truncated: bool = False
+    next_cursor: int  # the data cursor after this document: resume with iter_from(next_cursor)
+    truncated: bool = False  # tokens of its record past this document's windows were dropped
+    window: int = 0  # which window of its record (0: the record's start, with its BOS)
 
     @property
     def num_tokens(self) -> int:
@@ -119,7 +131,9 @@ class DataStats(BaseModel):
     tokens: int = 0
     too_short: int = 0
     blank: int = 0  # texts of nothing but whitespace and control characters (see is_blank)
-    truncated: int = 0
+    truncated: int = 0  # records whose tokens past max_windows x max_length were dropped
+    split: int = 0  # records that became more than one document (max_windows > 1)
+    short_tails: int = 0  # last windows shorter than min_length, dropped
     bad_rows: int = 0
 
 
@@ -582,22 +596,28 @@ class DocumentStream:
         self.tokenizer = tokenizer
         self.cursor = 0
         self.stats = DataStats()
+        self._resume_record = self._windows_used = 0
 
     def __iter__(self) -> Iterator[TokenizedDocument]:
         return self.iter_from(self.cursor)
 
     def iter_from(self, cursor: int) -> Iterator[TokenizedDocument]:
         config = self.config
+        if cursor < 0:
+            raise ValueError(f"start cursor must be >= 0, got {cursor}")
+        # A cursor inside a record: that record's first windows were used already.
+        self._resume_record, self._windows_used = divmod(cursor, config.max_windows)
+        record = self._resume_record
         policy = BadRowPolicy(config.skip_bad_rows)
         source = RowSource(
             config.path, columns=[config.text_column], fmt=config.format, policy=policy, split=config.split
         )
-        rows = source.rows(cursor, config.limit)
+        rows = source.rows(record, config.limit)
         self.cursor = cursor
         known = source.count()
         if known is not None and config.limit is not None:
             known = min(known, config.limit)
-        total = None if known is None else max(known - cursor, 0)
+        total = None if known is None else max(known - record, 0)
         progress = tqdm(total=total, desc="tokenizing", unit="doc", disable=not config.show_progress)
         bad_rows_before = self.stats.bad_rows
         records_before = self.stats.records_read
@@ -654,26 +674,27 @@ class DocumentStream:
         heads = [self._head(text) for _, text in batch]
         encoded = self.tokenizer.encode_batch(heads)
         for index, ((_, text), head) in enumerate(zip(batch, heads)):
-            # A cut text is trusted only when its tokens overflow max_length: the kept tokens then come from
+            # A cut text is trusted only when its tokens overflow the windows: the kept tokens then come from
             # before the cut, and the document is truncated either way. A text of unusually long tokens is
             # encoded whole.
-            if len(head) < len(text) and len(encoded[index]) <= self.config.max_length:
+            if len(head) < len(text) and len(encoded[index]) <= self.config.max_length * self.config.max_windows:
                 encoded[index] = self.tokenizer.encode(text)
         for (row, text), ids in zip(batch, encoded):
-            document = None if self._blank(text) else self._finish(row, ids)
-            # This record is used (or filtered): a restart goes on after it.
-            self.cursor = row.index + 1
-            if document is not None:
+            documents = [] if self._blank(text) else self._finish(row, ids)
+            for document in documents:
+                self.cursor = document.next_cursor  # a restart goes on after it
                 yield document
+            self.cursor = (row.index + 1) * self.config.max_windows  # used, or filtered
 
     def _head(self, text: str) -> str:
-        """The text up to the last whitespace before max_length x HEAD_CHARS_PER_TOKEN characters: a document
-        keeps at most max_length tokens, and tokenizing a multi-megabyte text whole takes some twenty times
-        its size in memory for tokens thrown away. Tokenizers split words at whitespace, so the tokens before
-        a cut there are those of the whole text. Without such whitespace, the whole text."""
+        """The text up to the last whitespace before max_length x max_windows x HEAD_CHARS_PER_TOKEN
+        characters: a document keeps at most max_length x max_windows tokens, and tokenizing a multi-megabyte
+        text whole takes some twenty times its size in memory for tokens thrown away. Tokenizers split words
+        at whitespace, so the tokens before a cut there are those of the whole text. Without such whitespace,
+        the whole text."""
         if self.config.max_length is None:
             return text
-        limit = self.config.max_length * HEAD_CHARS_PER_TOKEN
+        limit = self.config.max_length * self.config.max_windows * HEAD_CHARS_PER_TOKEN
         if len(text) <= limit:
             return text
         if isinstance(self.tokenizer, ByteTokenizer):  # each character becomes its own bytes: any cut is exact
@@ -689,23 +710,46 @@ class DocumentStream:
             return True
         return False
 
-    def _finish(self, row: Row, ids: list[int]) -> TokenizedDocument | None:
+    def _finish(self, row: Row, ids: list[int]) -> list[TokenizedDocument]:
+        """The documents of one record: its tokens (BOS first) in windows of max_length, at most max_windows
+        of them, less those a resumed stream used already. A record shorter than min_length gives none, and a
+        last window shorter than min_length is dropped (both counted). Later windows get no BOS of their own:
+        they continue the record's text."""
         config = self.config
         bos = [self.tokenizer.bos_id] if config.add_bos and self.tokenizer.bos_id is not None else []
         token_ids = bos + list(ids)
-        truncated = config.max_length is not None and len(token_ids) > config.max_length
+        size = config.max_length
+        truncated = size is not None and len(token_ids) > size * config.max_windows
         if truncated:
             # A cut document did not end here, so it gets no EOS.
-            token_ids = token_ids[: config.max_length]
+            token_ids = token_ids[: size * config.max_windows]
             self.stats.truncated += 1
-        elif config.add_eos and (config.max_length is None or len(token_ids) < config.max_length):
-            token_ids.append(self.tokenizer.eos_id)
-        if len(token_ids) < config.min_length:
+        elif config.add_eos and (size is None or len(token_ids) % size or not token_ids):
+            token_ids.append(self.tokenizer.eos_id)  # where the last window has room for it
+        if size is None or not token_ids:
+            windows = [token_ids]
+        else:
+            windows = [token_ids[start: start + size] for start in range(0, len(token_ids), size)]
+        if len(windows[0]) < config.min_length:
             self.stats.too_short += 1
-            return None
-        self.stats.documents += 1
-        self.stats.tokens += len(token_ids)
-        return TokenizedDocument(doc_id=row.doc_id, index=row.index, token_ids=token_ids, truncated=truncated)
+            return []
+        if len(windows[-1]) < config.min_length:
+            windows.pop()
+            self.stats.short_tails += 1
+        if len(windows) > 1:
+            self.stats.split += 1
+        used = self._windows_used if row.index == self._resume_record else 0
+        start = row.index * config.max_windows  # the cursor at this record
+        documents = []
+        for window, tokens in enumerate(windows[used:], start=used):
+            last = window == len(windows) - 1
+            self.stats.documents += 1
+            self.stats.tokens += len(tokens)
+            documents.append(TokenizedDocument(
+                doc_id=row.doc_id if window == 0 else f"{row.doc_id}#{window}", index=row.index, token_ids=tokens,
+                next_cursor=start + config.max_windows if last else start + window + 1,
+                truncated=truncated and last, window=window))
+        return documents
 
 
 def iter_documents(config: DataConfig, tokenizer: Tokenizer, cursor: int = 0) -> Iterator[TokenizedDocument]:

@@ -100,29 +100,34 @@ def synthetic_documents(config: RunConfig, tokenizer: Tokenizer) -> list[tuple[s
 def _file_documents(config: RunConfig, tokenizer: Tokenizer, cursor: int, warn: bool = True) -> Iterator[Item]:
     spec = config.data
     data = DataConfig(path=spec.source, format=spec.format, text_column=spec.text_column,
-                      min_length=spec.min_length, max_length=spec.seq_len, skip_bad_rows=spec.skip_bad_rows,
-                      show_progress=False)
+                      min_length=spec.min_length, max_length=spec.seq_len, max_windows=spec.max_windows,
+                      skip_bad_rows=spec.skip_bad_rows, show_progress=False)
     stream = DocumentStream(data, tokenizer)
+    # What a document keeps: data.seq_len tokens, or data.max_windows windows of them.
+    kept = (f"data.seq_len={spec.seq_len} tokens" if spec.max_windows == 1 else f"{spec.seq_len * spec.max_windows} "
+            f"tokens (data.max_windows={spec.max_windows} x data.seq_len={spec.seq_len})")
     early = warn  # a pass over a large source takes long: say at once that documents are dropped or cut
     for doc in stream.iter_from(cursor):
-        if early and (stream.stats.too_short or stream.stats.blank or stream.stats.truncated):
+        stats = stream.stats
+        if early and (stats.too_short or stats.blank or stats.truncated or stats.short_tails):
             early = False
+            tails = f", {stats.short_tails} last windows dropped as too short" if spec.max_windows > 1 else ""
             logger.warning("data.source=%r drops documents shorter than data.min_length=%d or blank (only whitespace "
-                           "and control characters) and cuts those longer than data.seq_len=%d tokens (by record %d: "
-                           "%d dropped as too short, %d as blank, %d cut); the end of this pass reports the counts",
-                           spec.source, spec.min_length, spec.seq_len, doc.index + 1, stream.stats.too_short,
-                           stream.stats.blank, stream.stats.truncated)
-        yield doc.doc_id, doc.token_ids, doc.index + 1  # record index: filtered and bad rows count too
+                           "and control characters) and cuts those longer than %s (by record %d: %d dropped as too "
+                           "short, %d as blank, %d cut%s); the end of this pass reports the counts", spec.source,
+                           spec.min_length, kept, doc.index + 1, stats.too_short, stats.blank, stats.truncated, tails)
+        yield doc.doc_id, doc.token_ids, doc.next_cursor  # filtered and bad rows count too
     # Dropped, cut and skipped documents change what the model trains on: say so once per pass, as a warning
     # when `warn` (until a whole pass was reported: later passes repeat its counts).
     stats = stream.stats
-    dropped = stats.too_short or stats.blank or stats.truncated or stats.bad_rows
+    dropped = stats.too_short or stats.blank or stats.truncated or stats.short_tails or stats.bad_rows
     level = logging.WARNING if warn and dropped else logging.INFO
-    logger.log(level, "pass over data.source=%r from record %d: %d records read, %d documents kept, "
-                      "%d too short for data.min_length=%d, %d blank, %d truncated to data.seq_len=%d, "
-                      "%d bad rows skipped",
-               spec.source, cursor, stats.records_read, stats.documents, stats.too_short, spec.min_length,
-               stats.blank, stats.truncated, spec.seq_len, stats.bad_rows)
+    windows = (f"{stats.split} split into windows of data.seq_len (and {stats.short_tails} last windows shorter "
+               f"than data.min_length dropped), " if spec.max_windows > 1 else "")
+    logger.log(level, "pass over data.source=%r from record %d: %d records read, %d documents kept, %s"
+                      "%d too short for data.min_length=%d, %d blank, %d truncated to %s, %d bad rows skipped",
+               spec.source, cursor // spec.max_windows, stats.records_read, stats.documents, windows,
+               stats.too_short, spec.min_length, stats.blank, stats.truncated, kept, stats.bad_rows)
 
 
 def document_stream(config: RunConfig, tokenizer: Tokenizer, start_cursor: int = 0) -> Iterator[Item]:
@@ -171,8 +176,38 @@ def source_identity(config: RunConfig) -> dict[str, Any]:
                        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(root).parts))
     else:  # the files the source reads (not a README beside them, nor hidden copies)
         files = source_files(root, fmt)
-    return {"files": [[path.name if path == root else str(path.relative_to(root)), path.stat().st_size]
-                      for path in files]}
+    identity: dict[str, Any] = {"files": [[path.name if path == root else str(path.relative_to(root)),
+                                           path.stat().st_size] for path in files]}
+    if _windows(config):
+        identity["windows"] = _windows(config)
+    return identity
+
+
+def _windows(config: RunConfig) -> dict[str, int] | None:
+    """What the data cursor counts inside a record: windows of data.seq_len tokens, at most data.max_windows."""
+    spec = config.data
+    return {"seq_len": spec.seq_len, "max_windows": spec.max_windows} if spec.max_windows > 1 else None
+
+
+def check_resumed_windows(config: RunConfig, out_dir: Path) -> None:
+    """Refuse to resume a run whose data cursor counts other windows: the cursor is record x data.max_windows
+    + window, so another data.max_windows would resume at another record altogether (and another data.seq_len
+    inside another part of one). A run directory without a readable source record has nothing to compare."""
+    record = out_dir / SOURCE_RECORD
+    try:
+        recorded = json.loads(record.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return  # check_source says so
+    if config.data.source == "synthetic" or not isinstance(recorded, dict) or "files" not in recorded:
+        return
+    before, now = recorded.get("windows"), _windows(config)
+    if before == now:
+        return
+    was = "data.max_windows=1" if before is None else (f"data.seq_len={before['seq_len']} data.max_windows="
+                                                         f"{before['max_windows']}")
+    raise ValueError(f"data.max_windows={config.data.max_windows} data.seq_len={config.data.seq_len} differs from "
+                     f"{was}, which this run's data cursor counts windows of ({record}): resume with {was}, or "
+                     f"start a fresh run")
 
 
 def check_source(config: RunConfig, out_dir: Path, resumed: bool) -> str | None:
@@ -192,7 +227,7 @@ def check_source(config: RunConfig, out_dir: Path, resumed: bool) -> str | None:
         recorded = {"record": recorded}
     if recorded == current:
         return None
-    if "files" in recorded and "files" in current:
+    if "files" in recorded and "files" in current and recorded["files"] != current["files"]:
         before, now = dict(map(tuple, recorded["files"])), dict(map(tuple, current["files"]))
         changed = sorted(set(before) ^ set(now) | {name for name in set(before) & set(now) if before[name] != now[name]})
         what = f"{len(changed)} files added, removed or resized, e.g. {changed[0]!r}"

@@ -349,6 +349,77 @@ def test_a_huge_document_is_tokenized_only_as_far_as_it_is_kept(tmp_path, monkey
         assert stream.stats.truncated == 3
 
 
+# ---------------------------------------------------------------- windows of long documents
+
+
+def test_a_long_document_becomes_consecutive_windows_and_past_max_windows_is_cut(tmp_path):
+    # With BOS: 26 tokens -> 10 + 10 + 6; 3 tokens (too short); 41 -> three windows of 10, the rest cut;
+    # 10 tokens -> one whole window; 23 -> 10 + 10 + a last window of 3, under min_length=4.
+    path = write_jsonl(tmp_path / "docs.jsonl", ["a" * 25, "bb", "c" * 40, "d" * 9, "e" * 22])
+    stream = DocumentStream(config(path, min_length=4, max_length=10, max_windows=3), TOKENIZER)
+    documents = list(stream)
+    assert [d.doc_id for d in documents] == [
+        "docs.jsonl:1", "docs.jsonl:1#1", "docs.jsonl:1#2", "docs.jsonl:3", "docs.jsonl:3#1", "docs.jsonl:3#2",
+        "docs.jsonl:4", "docs.jsonl:5", "docs.jsonl:5#1"]
+    # The windows are the record's tokens in order, BOS only at its start; nothing between them is lost.
+    assert documents[0].token_ids + documents[1].token_ids + documents[2].token_ids == [BOS, *b"a" * 25]
+    assert documents[3].token_ids + documents[4].token_ids + documents[5].token_ids == [BOS, *b"c" * 29]
+    assert documents[7].token_ids + documents[8].token_ids == [BOS, *b"e" * 19]
+    assert all(len(d.token_ids) <= 10 for d in documents)
+    assert [d.window for d in documents] == [0, 1, 2, 0, 1, 2, 0, 0, 1]
+    assert [d.truncated for d in documents] == [False, False, False, False, False, True, False, False, False]
+    assert stream.stats.model_dump() == {
+        "records_read": 5, "documents": 9, "tokens": 26 + 30 + 10 + 20, "too_short": 1, "blank": 0, "truncated": 1,
+        "split": 3, "short_tails": 1, "bad_rows": 0}
+
+
+def test_windows_get_eos_only_where_the_record_ends_inside_them(tmp_path):
+    path = write_jsonl(tmp_path / "docs.jsonl", ["a" * 12, "b" * 9, "c" * 40])
+    documents = list(iter_documents(config(path, min_length=2, max_length=5, max_windows=3, add_eos=True), TOKENIZER))
+    # 13 tokens + EOS -> 5, 5, 4; 10 tokens fill two windows (no room for EOS); 41 are cut to 15, no EOS.
+    assert [d.token_ids for d in documents] == [
+        [BOS, *b"aaaa"], [*b"aaaaa"], [*b"aaa", EOS], [BOS, *b"bbbb"], [*b"bbbbb"],
+        [BOS, *b"cccc"], [*b"ccccc"], [*b"ccccc"]]
+
+
+@pytest.mark.parametrize("max_windows", [1, 2, 4])
+def test_a_stream_resumes_exactly_after_every_document_even_inside_a_record(tmp_path, max_windows):
+    rows = ["a" * 33, "", "b" * 7, "c" * 70, "   ", "d" * 15, "e" * 8]
+    path = write_jsonl(tmp_path / "docs.jsonl", rows)
+    settings = config(path, min_length=6, max_length=8, max_windows=max_windows)
+    documents = list(iter_documents(settings, TOKENIZER))
+    whole = [(d.doc_id, d.token_ids) for d in documents]
+    assert len(whole) == {1: 5, 2: 8, 4: 12}[max_windows]
+    for position, document in enumerate(documents):
+        rest = [(d.doc_id, d.token_ids) for d in iter_documents(settings, TOKENIZER, cursor=document.next_cursor)]
+        assert rest == whole[position + 1:]
+    # The cursor counts windows inside records: with one window it is the record index, as it always was.
+    cursors = [d.next_cursor for d in documents]
+    assert cursors == sorted(cursors) and len(set(cursors)) == len(cursors)
+    if max_windows == 1:
+        assert cursors == [d.index + 1 for d in documents]
+
+
+def test_a_huge_document_is_tokenized_only_as_far_as_its_windows_keep(tmp_path, monkeypatch):
+    text = " ".join(f"word{i}" for i in range(200_000))  # about 1.3 million characters
+    source = write_jsonl(tmp_path / "huge.jsonl", [text])
+    seen: list[int] = []
+    encode_batch = TOKENIZER.encode_batch
+    monkeypatch.setattr(TOKENIZER, "encode_batch", lambda texts: seen.extend(map(len, texts)) or encode_batch(texts))
+    documents = list(iter_documents(config(source, max_length=64, max_windows=4), TOKENIZER))
+    assert seen == [64 * 4 * 32]
+    assert [token for d in documents for token in d.token_ids] == [BOS, *text.encode()[:64 * 4 - 1]]
+
+
+def test_max_windows_needs_a_max_length_and_a_bound():
+    with pytest.raises(ValidationError, match="max_windows=2 needs a max_length"):
+        DataConfig(path="x", max_windows=2)
+    with pytest.raises(ValidationError, match="max_windows"):
+        DataConfig(path="x", max_length=8, max_windows=0)
+    with pytest.raises(ValidationError, match="max_windows"):
+        DataConfig(path="x", max_length=8, max_windows=(1 << 20) + 1)
+
+
 def test_a_runs_data_format_reaches_the_reader(tmp_path):
     from itertools import islice
 

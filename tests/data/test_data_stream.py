@@ -6,7 +6,9 @@ from itertools import islice
 import pytest
 
 from refine.config import ConfigError, load_config
-from refine.data.stream import SOURCE_RECORD, _synthetic_texts, check_source, document_stream, synthetic_documents
+from refine.data.stream import (
+    SOURCE_RECORD, _synthetic_texts, check_resumed_windows, check_source, document_stream, synthetic_documents,
+)
 from refine.tokenizer import ByteTokenizer
 
 TOKENIZER = ByteTokenizer()
@@ -14,10 +16,10 @@ TOKENIZER = ByteTokenizer()
 TEXTS = ["x" * 50, "short", "y" * 100, "tiny", "z" * 45]
 
 
-def run_config(tmp_path, texts):
+def run_config(tmp_path, texts, *extra):
     path = tmp_path / "docs.jsonl"
     path.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
-    overrides = [f"data.source={path}", "data.seq_len=64", "data.min_length=40", "train.mode=ntp"]
+    overrides = [f"data.source={path}", "data.seq_len=64", "data.min_length=40", "train.mode=ntp", *extra]
     return load_config(None, overrides)
 
 
@@ -125,6 +127,56 @@ def test_a_folders_source_record_leaves_out_the_files_it_does_not_read(tmp_path)
     assert check_source(config, out_dir, resumed=True) is None  # what the run reads did not change
     (folder / "part-1.jsonl").write_text('{"text": "more"}\n')
     assert "1 files added, removed or resized, e.g. 'part-1.jsonl'" in check_source(config, out_dir, resumed=True)
+
+
+def test_long_documents_train_as_windows_and_the_pass_says_how_many_were_split(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="refine.data.stream")
+    # With BOS: 151 tokens -> 64, 64 and a last 23 (under min_length=40, dropped); 51 -> one; 300 -> 64 x 3, cut.
+    config = run_config(tmp_path, ["y" * 150, "x" * 50, "z" * 299], "data.max_windows=3")
+    stream = document_stream(config, TOKENIZER)
+    first = list(islice(stream, 3))
+    assert [(doc_id, len(ids), cursor) for doc_id, ids, cursor in first] == [
+        ("docs.jsonl:1", 64, 1), ("docs.jsonl:1#1", 64, 3), ("docs.jsonl:2", 51, 6)]
+    (warning,) = early_warnings(caplog)  # the dropped last window, at once
+    assert "by record 1: 0 dropped as too short, 0 as blank, 0 cut, 1 last windows dropped as too short" in warning
+    assert [(doc_id, cursor) for doc_id, _, cursor in islice(stream, 4)] == [
+        ("docs.jsonl:3", 7), ("docs.jsonl:3#1", 8), ("docs.jsonl:3#2", 9), ("docs.jsonl:1", 1)]
+    ((level, message),) = pass_records(caplog)
+    assert level == logging.WARNING
+    assert ("3 records read, 6 documents kept, 2 split into windows of data.seq_len (and 1 last windows shorter than "
+            "data.min_length dropped), 0 too short for data.min_length=40, 0 blank, 1 truncated to 192 tokens "
+            "(data.max_windows=3 x data.seq_len=64)") in message
+    # A resume inside a record goes on with its next window.
+    resumed = document_stream(config, TOKENIZER, start_cursor=7)
+    assert [doc_id for doc_id, _, _ in islice(resumed, 3)] == ["docs.jsonl:3#1", "docs.jsonl:3#2", "docs.jsonl:1"]
+
+
+def test_a_resume_with_other_windows_than_the_cursor_counts_is_refused_naming_both(tmp_path):
+    out_dir = tmp_path / "run"
+    out_dir.mkdir()
+    one = run_config(tmp_path, TEXTS)
+    four = run_config(tmp_path, TEXTS, "data.max_windows=4")
+    check_source(one, out_dir, resumed=False)  # a run recorded before windows existed reads the same way
+    check_resumed_windows(one, out_dir)
+    with pytest.raises(ValueError, match=re.escape(
+            f"data.max_windows=4 data.seq_len=64 differs from data.max_windows=1, which this run's data cursor "
+            f"counts windows of ({out_dir / SOURCE_RECORD}): resume with data.max_windows=1, or start a fresh run")):
+        check_resumed_windows(four, out_dir)
+    check_source(four, out_dir, resumed=False)
+    check_resumed_windows(four, out_dir)
+    longer = run_config(tmp_path, TEXTS, "data.max_windows=4", "data.seq_len=128")
+    with pytest.raises(ValueError, match="resume with data.seq_len=64 data.max_windows=4"):
+        check_resumed_windows(longer, out_dir)
+    with pytest.raises(ValueError, match="resume with data.seq_len=64 data.max_windows=4"):
+        check_resumed_windows(one, out_dir)
+    # With one window a document is cut at data.seq_len whatever it is: the cursor is the record index.
+    check_source(one, out_dir, resumed=False)
+    check_resumed_windows(run_config(tmp_path, TEXTS, "data.seq_len=128"), out_dir)
+
+
+def test_max_windows_is_refused_for_the_synthetic_corpus():
+    with pytest.raises(ConfigError, match=r"data.max_windows=2 splits long documents of a file source"):
+        load_config(None, ["data.max_windows=2"])
 
 
 # ---------------------------------------------------------------- the synthetic corpus

@@ -130,6 +130,20 @@ def test_a_resume_with_nothing_to_train_starts_nothing(tmp_path: Path) -> None:
     assert [row["step"] for row in step_rows(run_dir)] == [1, 2, 3]
 
 
+def test_a_resume_with_other_windows_than_the_cursor_counts_fails_before_anything_starts(tmp_path: Path) -> None:
+    source = tmp_path / "docs.jsonl"
+    source.write_text(json.dumps({"text": "a long document " * 40}) + "\n")
+    run_dir = tmp_path / "run"
+    _checkpoint_with_reports(run_dir, [], 1)
+    (run_dir / "data_source.json").write_text(json.dumps(
+        {"files": [["docs.jsonl", source.stat().st_size]], "windows": {"seq_len": 192, "max_windows": 4}}))
+    config = tiny_config(tmp_path, f"data.source={source}", "data.max_windows=2")
+    with pytest.raises(ValueError, match=r"data.max_windows=2 data.seq_len=192 differs from data.seq_len=192 "
+                                         r"data.max_windows=4, .*: resume with data.seq_len=192 data.max_windows=4"):
+        run(config, resume=True, progress=False, redis_url=UNREACHABLE_REDIS)
+    assert not (run_dir / "config.yaml").exists()
+
+
 def test_a_missing_data_source_fails_before_anything_starts(tmp_path: Path) -> None:
     missing = tmp_path / "no-such-data.jsonl"
     config = tiny_config(tmp_path, f"data.source={missing}")

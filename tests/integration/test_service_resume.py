@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
 import pytest
 
 from learner.checkpoint import latest_checkpoint, read_learner_state
+from refine.config import run_tokenizer
+from refine.data.stream import document_batches
 from service_helpers import run_in_background, step_rows, tiny_config, wait_for
 from services.broker import Broker
 from services.orchestrator import Orchestrator, ServiceError, run
@@ -70,6 +73,28 @@ def test_stopped_learner_resumes_exactly(ray_session, tmp_path: Path, monkeypatc
         assert (row["data_epoch"], row["cursor"]) == (same["data_epoch"], same["cursor"])
         assert row["loss"] == same["loss"], f"step {row['step']}"
         assert row["reward_mean"] == same["reward_mean"]
+
+
+def test_a_service_run_over_long_documents_trains_their_windows_and_resumes_inside_one(ray_session,
+                                                                                      tmp_path: Path) -> None:
+    """The service carries the data cursor as the local loop does, windows inside documents included: a run
+    resumed after step 1, inside the first document, trains the same batches as the local stream."""
+    source = tmp_path / "long.jsonl"
+    # With BOS 497, 551 and 605 tokens: three windows of data.seq_len=192 each (the last one's rest cut).
+    source.write_text("".join(json.dumps({"text": f"record {i}: " + "lorem ipsum dolor sit amet " * (18 + 2 * i)})
+                              + "\n" for i in range(3)))
+    windows = (f"data.source={source}", "data.max_windows=3", "train.checkpoint_every=1")
+    config = tiny_config(tmp_path, "train.steps=1", *windows)
+    run(config, progress=False)
+    assert [row["cursor"] for row in step_rows(tmp_path / "run")] == [2]  # two windows of record 0 of 3
+    stats = run(tiny_config(tmp_path, "train.steps=5", *windows), resume=True, progress=False)
+    assert stats["step"] == 5
+    rows = step_rows(tmp_path / "run")
+    batches = list(itertools.islice(document_batches(config, run_tokenizer(config)), 5))
+    assert [(row["cursor"], row["tokens"]) for row in rows] == [
+        (batch.cursor, int(batch.lengths.sum())) for batch in batches]
+    assert [row["tokens"] for row in rows] == [384, 113 + 192, 192 + 167, 384, 192 + 192]
+    assert [row["data_epoch"] for row in rows] == [0, 0, 0, 0, 1]  # the fifth batch wraps around the source
 
 
 def test_resume_after_the_driver_died_loses_nothing_and_keeps_the_run_config(ray_session, tmp_path: Path) -> None:
