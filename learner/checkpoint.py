@@ -32,8 +32,8 @@ class LearnerState(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     step: int = Field(0, ge=0)
-    cursor: int = Field(0, ge=0, description="documents read up to and including the last batch of the "
-                        "unbroken run of finished (trained or dropped) batches")
+    cursor: int = Field(0, ge=0, description="the data cursor after the last batch of the unbroken run of "
+                        "finished (trained or dropped) batches (see services.messages.DataCursor.offset)")
     epoch: int = Field(0, ge=0)
     weight_version: int = Field(0, ge=0, description="policy version of the saved weights (= step)")
     dropped_stale: int = Field(0, ge=0)

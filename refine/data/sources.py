@@ -588,7 +588,8 @@ HEAD_CHARS_PER_TOKEN = 32
 class DocumentStream:
     """Tokenized documents of a source; iterate it, or restart anywhere with `iter_from(cursor)`.
 
-    `cursor` is the record index after the last document handed out; save it with a checkpoint and pass it to
+    `cursor` is the data cursor after the last document handed out (record index x max_windows + windows of
+    that record used; the record index when max_windows is 1); save it with a checkpoint and pass it to
     `iter_from` to continue. `stats` counts what was read, kept, filtered, truncated and skipped."""
 
     def __init__(self, config: DataConfig, tokenizer: Tokenizer) -> None:

@@ -104,8 +104,8 @@ def _file_documents(config: RunConfig, tokenizer: Tokenizer, cursor: int, warn: 
                       skip_bad_rows=spec.skip_bad_rows, show_progress=False)
     stream = DocumentStream(data, tokenizer)
     # What a document keeps: data.seq_len tokens, or data.max_windows windows of them.
-    kept = (f"data.seq_len={spec.seq_len} tokens" if spec.max_windows == 1 else f"{spec.seq_len * spec.max_windows} "
-            f"tokens (data.max_windows={spec.max_windows} x data.seq_len={spec.seq_len})")
+    kept = (f"data.seq_len={spec.seq_len} tokens" if spec.max_windows == 1 else
+            f"{_describe_windows(_windows(config))} = {spec.seq_len * spec.max_windows} tokens")
     early = warn  # a pass over a large source takes long: say at once that documents are dropped or cut
     for doc in stream.iter_from(cursor):
         stats = stream.stats
@@ -189,25 +189,39 @@ def _windows(config: RunConfig) -> dict[str, int] | None:
     return {"seq_len": spec.seq_len, "max_windows": spec.max_windows} if spec.max_windows > 1 else None
 
 
+def _describe_windows(windows: dict[str, int] | None) -> str:
+    if windows is None:
+        return "data.max_windows=1"
+    if not isinstance(windows, dict) or not {"max_windows", "seq_len"} <= windows.keys():
+        return f"the windows {windows!r}"  # a damaged record
+    return f"data.max_windows={windows['max_windows']} x data.seq_len={windows['seq_len']}"
+
+
 def check_resumed_windows(config: RunConfig, out_dir: Path) -> None:
     """Refuse to resume a run whose data cursor counts other windows: the cursor is record x data.max_windows
     + window, so another data.max_windows would resume at another record altogether (and another data.seq_len
-    inside another part of one). A run directory without a readable source record has nothing to compare."""
+    inside another part of one). Without a readable source record the run's windows are unknown: a resume
+    with windows is refused then, and one without them goes on (check_source says the record was lost)."""
+    if config.data.source == "synthetic":
+        return
     record = out_dir / SOURCE_RECORD
+    now = _windows(config)
     try:
         recorded = json.loads(record.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return  # check_source says so
-    if config.data.source == "synthetic" or not isinstance(recorded, dict) or "files" not in recorded:
-        return
-    before, now = recorded.get("windows"), _windows(config)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        if now is None:
+            return
+        raise ValueError(f"data.max_windows={config.data.max_windows}: {record} cannot be read ({type(error).__name__}"
+                         f"), so which windows this run's data cursor counts is unknown (runs started before "
+                         f"data.max_windows existed have no such record, and count none): resume with "
+                         f"data.max_windows=1, or start a fresh run") from None
+    if not isinstance(recorded, dict) or "files" not in recorded:
+        return  # another source then (the synthetic corpus): check_source says the source changed
+    before = recorded.get("windows")
     if before == now:
         return
-    was = "data.max_windows=1" if before is None else (f"data.seq_len={before['seq_len']} data.max_windows="
-                                                         f"{before['max_windows']}")
-    raise ValueError(f"data.max_windows={config.data.max_windows} data.seq_len={config.data.seq_len} differs from "
-                     f"{was}, which this run's data cursor counts windows of ({record}): resume with {was}, or "
-                     f"start a fresh run")
+    raise ValueError(f"this run's data cursor counts windows of {_describe_windows(before)} ({record}), this resume "
+                     f"has {_describe_windows(now)}: resume with {_describe_windows(before)}, or start a fresh run")
 
 
 def check_source(config: RunConfig, out_dir: Path, resumed: bool) -> str | None:

@@ -144,8 +144,8 @@ def test_long_documents_train_as_windows_and_the_pass_says_how_many_were_split(t
     ((level, message),) = pass_records(caplog)
     assert level == logging.WARNING
     assert ("3 records read, 6 documents kept, 2 split into windows of data.seq_len (and 1 last windows shorter than "
-            "data.min_length dropped), 0 too short for data.min_length=40, 0 blank, 1 truncated to 192 tokens "
-            "(data.max_windows=3 x data.seq_len=64)") in message
+            "data.min_length dropped), 0 too short for data.min_length=40, 0 blank, 1 truncated to data.max_windows=3 "
+            "x data.seq_len=64 = 192 tokens") in message
     # A resume inside a record goes on with its next window.
     resumed = document_stream(config, TOKENIZER, start_cursor=7)
     assert [doc_id for doc_id, _, _ in islice(resumed, 3)] == ["docs.jsonl:3#1", "docs.jsonl:3#2", "docs.jsonl:1"]
@@ -159,19 +159,35 @@ def test_a_resume_with_other_windows_than_the_cursor_counts_is_refused_naming_bo
     check_source(one, out_dir, resumed=False)  # a run recorded before windows existed reads the same way
     check_resumed_windows(one, out_dir)
     with pytest.raises(ValueError, match=re.escape(
-            f"data.max_windows=4 data.seq_len=64 differs from data.max_windows=1, which this run's data cursor "
-            f"counts windows of ({out_dir / SOURCE_RECORD}): resume with data.max_windows=1, or start a fresh run")):
+            f"this run's data cursor counts windows of data.max_windows=1 ({out_dir / SOURCE_RECORD}), this resume "
+            f"has data.max_windows=4 x data.seq_len=64: resume with data.max_windows=1, or start a fresh run")):
         check_resumed_windows(four, out_dir)
     check_source(four, out_dir, resumed=False)
     check_resumed_windows(four, out_dir)
     longer = run_config(tmp_path, TEXTS, "data.max_windows=4", "data.seq_len=128")
-    with pytest.raises(ValueError, match="resume with data.seq_len=64 data.max_windows=4"):
+    with pytest.raises(ValueError, match="resume with data.max_windows=4 x data.seq_len=64, or start a fresh run"):
         check_resumed_windows(longer, out_dir)
-    with pytest.raises(ValueError, match="resume with data.seq_len=64 data.max_windows=4"):
+    with pytest.raises(ValueError, match="this resume has data.max_windows=1: resume with data.max_windows=4 x "
+                                         "data.seq_len=64"):
         check_resumed_windows(one, out_dir)
     # With one window a document is cut at data.seq_len whatever it is: the cursor is the record index.
     check_source(one, out_dir, resumed=False)
     check_resumed_windows(run_config(tmp_path, TEXTS, "data.seq_len=128"), out_dir)
+
+
+def test_a_lost_source_record_lets_only_a_resume_without_windows_through(tmp_path):
+    """A run directory without its record (a run from before windows existed, or a deleted file): the cursor
+    could count windows or records, so windows would be a guess; without them the run goes on as before."""
+    out_dir = tmp_path / "run"
+    out_dir.mkdir()
+    check_resumed_windows(run_config(tmp_path, TEXTS), out_dir)
+    for damage in (None, "{not json"):
+        if damage is not None:
+            (out_dir / SOURCE_RECORD).write_text(damage)
+        with pytest.raises(ValueError, match=re.escape(f"data.max_windows=3: {out_dir / SOURCE_RECORD} cannot be read")
+                           + ".*resume with data.max_windows=1, or start a fresh run"):
+            check_resumed_windows(run_config(tmp_path, TEXTS, "data.max_windows=3"), out_dir)
+        check_resumed_windows(run_config(tmp_path, TEXTS), out_dir)
 
 
 def test_max_windows_is_refused_for_the_synthetic_corpus():

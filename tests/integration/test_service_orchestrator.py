@@ -138,8 +138,8 @@ def test_a_resume_with_other_windows_than_the_cursor_counts_fails_before_anythin
     (run_dir / "data_source.json").write_text(json.dumps(
         {"files": [["docs.jsonl", source.stat().st_size]], "windows": {"seq_len": 192, "max_windows": 4}}))
     config = tiny_config(tmp_path, f"data.source={source}", "data.max_windows=2")
-    with pytest.raises(ValueError, match=r"data.max_windows=2 data.seq_len=192 differs from data.seq_len=192 "
-                                         r"data.max_windows=4, .*: resume with data.seq_len=192 data.max_windows=4"):
+    with pytest.raises(ValueError, match=r"this resume has data.max_windows=2 x data.seq_len=192: resume with "
+                                         r"data.max_windows=4 x data.seq_len=192, or start a fresh run"):
         run(config, resume=True, progress=False, redis_url=UNREACHABLE_REDIS)
     assert not (run_dir / "config.yaml").exists()
 
