@@ -45,6 +45,7 @@ from learner.update import LEARNER_PHASES, fused_update, onepass_update, rollout
 from refine.algorithm.rewards import check_run_reward
 from refine.config import RunConfig, run_tokenizer
 from refine.loop import StepResult, finite_stats, make_optimizer, prepare_model
+from refine.optim import learning_rate, set_learning_rate
 from services.messages import DataCursor, DocumentBatch, ScoredBatch
 from services.progress import LearnerProgress, StepReport, read_published, read_recorded, write_progress
 from services.resilience import TRANSIENT, OutageTolerance, RedisOutage, outage_timeout_s, retry_redis
@@ -319,6 +320,7 @@ class Learner:
             self._drop(entry_id, batch, staleness, "invalid", documents, problem)
             return
         started = time.perf_counter()
+        lr = self._scheduled_learning_rate()
         if self.group is not None:
             self.group.send_batch(batch, documents)
             outcome = self.group.update(self.model, self.optimizer, batch, documents, self.config, self.ref_model)
@@ -328,7 +330,7 @@ class Learner:
             outcome = onepass_update(self.model, self.optimizer, ids, lengths, rollouts, self.config, self.ref_model)
         self._finish_step(SCORED, entry_id, rollout_id, documents, outcome, {
             "staleness": staleness, "policy_version": batch.policy_version, "rollout_batch_id": rollout_id,
-            "worker_id": batch.worker_id, "reward_type": batch.reward_type,
+            "worker_id": batch.worker_id, "reward_type": batch.reward_type, "lr": lr,
             "step_seconds": time.perf_counter() - started,  # the update; the rollouts ran in the workers
         })
 
@@ -350,11 +352,19 @@ class Learner:
                         "dead-letter documents", self.outage_timeout_s)
             return
         started = time.perf_counter()
+        lr = self._scheduled_learning_rate()
         ids, lengths = self._tensors(batch)
         outcome = fused_update(self.model, self.optimizer, ids, lengths, self.config, self.generator, self.ref_model)
         self._finish_step(DOCUMENTS, entry_id, batch.batch_id, batch, outcome,
-                          {"staleness": 0, "policy_version": self.state.step,
+                          {"staleness": 0, "policy_version": self.state.step, "lr": lr,
                            "step_seconds": time.perf_counter() - started})
+
+    def _scheduled_learning_rate(self) -> float:
+        """Set the optimizer to the learning rate of the step about to be taken (optim.schedule); returns it.
+        Data-parallel replicas set the same rate from their own step count (LearnerReplica.run)."""
+        lr = learning_rate(self.config.optim, self.state.step + 1, self.config.train.steps)
+        set_learning_rate(self.optimizer, lr)
+        return lr
 
     def _tensors(self, batch: DocumentBatch) -> tuple[torch.Tensor, torch.Tensor]:
         return batch.token_ids.to(self.device, torch.long), batch.lengths.to(self.device, torch.long)
@@ -464,7 +474,8 @@ class Learner:
         m.learner_step.set(self.state.step)
         m.skipped_steps.inc(int(outcome.skipped))
         for gauge, key in ((m.policy_loss, "policy_loss"), (m.ntp_loss, "ntp_loss"), (m.grad_norm, "grad_norm"),
-                           (m.clip_fraction, "pg/clip_fraction"), (m.approx_kl, "pg/approx_kl")):
+                           (m.clip_fraction, "pg/clip_fraction"), (m.approx_kl, "pg/approx_kl"),
+                           (m.learning_rate, "lr")):
             if key in stats:
                 gauge.set(float(stats[key]))
         for phase in LEARNER_PHASES:

@@ -13,6 +13,7 @@ from learner.checkpoint import latest_checkpoint, load_learner_checkpoint
 from learner.data_parallel import DataParallelGroup, learner_device, weights_digest
 from refine.config import RunConfig
 from refine.loop import make_optimizer, prepare_model
+from refine.optim import learning_rate, set_learning_rate
 from refine.runtime import tune_allocator
 
 __all__ = ["LearnerReplica"]
@@ -49,6 +50,9 @@ class LearnerReplica:
             group.broadcast_parameters(self.model, self.optimizer)
             while (received := group.receive_batch()) is not None:
                 scored, documents = received
+                # The step rank 0 takes: it and every replica count the same steps from the same checkpoint.
+                set_learning_rate(self.optimizer, learning_rate(self.config.optim, self.steps + 1,
+                                                                self.config.train.steps))
                 group.update(self.model, self.optimizer, scored, documents, self.config, self.ref_model)
                 self.steps += 1
         finally:

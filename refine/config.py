@@ -165,6 +165,20 @@ class OptimConfig(Strict):
                                 "weights by 1 - lr * weight_decay, which stays in [0, 1] (larger overflows)")
     betas: tuple[Beta, Beta] = (0.9, 0.999)
     grad_clip: float = Field(1.0, gt=0)
+    schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="the learning rate over the run's steps, after the warm-up: lr throughout (the "
+                                "paper's), or a half cosine from lr down to lr x min_lr_ratio at train.steps")
+    warmup_steps: int = Field(0, ge=0, description="steps 1..warmup_steps ramp the learning rate linearly up to lr "
+                                                   "(step s trains at lr x s / warmup_steps)")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="the cosine schedule's last learning rate, as a "
+                                                             "fraction of lr")
+
+    @model_validator(mode="after")
+    def _min_lr_ratio_decays(self) -> "OptimConfig":
+        if self.min_lr_ratio and self.schedule != "cosine":
+            raise ValueError(f"optim.min_lr_ratio={self.min_lr_ratio} is the cosine schedule's last learning rate, "
+                             f"but optim.schedule={self.schedule!r} does not decay: set optim.schedule=cosine")
+        return self
 
 
 class DataSpec(Strict):

@@ -32,7 +32,7 @@ from refine.data.stream import check_resumed_windows, check_source, document_bat
 from refine.files import file_system_error, sync_directory, sync_tree, write_atomically
 from refine.models import FastWeightLM, build_model, load_model, load_model_config, save_model
 from refine.models.size import check_model_fits
-from refine.optim import MasterWeightAdamW, has_low_precision_weights
+from refine.optim import MasterWeightAdamW, has_low_precision_weights, learning_rate, set_learning_rate
 from refine.plots import plot_metrics
 from refine.runtime import StageTimes, timed_stage, tune_allocator
 from refine.tokenizer import Tokenizer, save_tokenizer_files
@@ -542,13 +542,15 @@ def run_steps(config: RunConfig, model: FastWeightLM, optimizer: torch.optim.Opt
             batch = next_batch(position.cursor)
             started = time.perf_counter()  # the data's reading is not part of the step
             times = StageTimes(config.train.device)
+            lr = learning_rate(config.optim, position.step + 1, config.train.steps)
+            set_learning_rate(optimizer, lr)
             outcome = batch.update(times)
             position = replace(position, step=position.step + 1, cursor=batch.cursor,
                                skipped_steps=position.skipped_steps + outcome.skipped)
             last = finite_stats(outcome.stats | times.stats() | {"step": position.step,
                                                                  "step_seconds": time.perf_counter() - started,
                                                                  "skipped_steps": position.skipped_steps,
-                                                                 "tokens": batch.tokens})
+                                                                 "tokens": batch.tokens, "lr": lr})
             if config.train.logs_step(position.step):
                 write_row(metrics_path, last, start.program)
             diverged = divergence.add(position.step, outcome.stats)

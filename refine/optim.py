@@ -1,4 +1,4 @@
-"""AdamW with float32 master weights, for models whose parameters are bfloat16 or float16.
+"""The learning-rate schedule, and AdamW with float32 master weights for bfloat16 or float16 models.
 
 A bfloat16 weight of magnitude 0.02 moves in steps of about 1e-4, so an AdamW update of lr = 1e-6 (the
 paper's) rounds back to the same value and the model does not train. As in mixed-precision training (the
@@ -9,10 +9,14 @@ The model keeps computing in its own dtype.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from refine.config import OptimConfig
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -74,3 +78,22 @@ class MasterWeightAdamW(torch.optim.AdamW):
 
 def has_low_precision_weights(model: torch.nn.Module) -> bool:
     return any(param.dtype in LOW_PRECISION for param in model.parameters())
+
+
+def learning_rate(optim: OptimConfig, step: int, steps: int) -> float:
+    """The learning rate of a run's step `step` (1-based) of `steps`: a linear warm-up over optim.warmup_steps
+    (step s at lr x s / warmup_steps, so the first step already trains), then optim.lr (constant), or a half
+    cosine from optim.lr at the first step after the warm-up down to lr x min_lr_ratio at step `steps`. A
+    function of the step alone: a resumed run trains at the rates of the run it continues, with no scheduler
+    state to save."""
+    if step <= optim.warmup_steps:
+        return optim.lr * step / optim.warmup_steps
+    if optim.schedule == "constant":
+        return optim.lr
+    progress = min((step - optim.warmup_steps - 1) / max(steps - optim.warmup_steps - 1, 1), 1.0)
+    return optim.lr * (optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

@@ -63,6 +63,8 @@ class Metrics:
         self.clip_fraction = Gauge("refine_clip_fraction", "Fraction of clipped rollout tokens", registry=r)
         self.approx_kl = Gauge("refine_approx_kl", "Approximate KL(behaviour || current)", registry=r)
         self.grad_norm = Gauge("refine_grad_norm", "Gradient norm before clipping", registry=r)
+        self.learning_rate = Gauge("refine_learning_rate", "Learning rate of the last step (optim.schedule)",
+                                   registry=r)
         self.step_seconds = Histogram("refine_step_seconds", "Time per phase of a step", ["phase"],
                                       buckets=STEP_BUCKETS, registry=r)
         self.skipped_steps = Counter("refine_skipped_steps", "Steps skipped for a non-finite loss or gradient",

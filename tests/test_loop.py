@@ -186,6 +186,42 @@ def test_a_resume_over_a_changed_source_says_so(tmp_path, capsys):
            f"e.g. 'docs.jsonl')" in err
 
 
+def _rows(out_dir):
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_steps_train_at_the_scheduled_learning_rate_and_a_resume_continues_the_schedule(tmp_path, monkeypatch):
+    schedule = ("optim.lr=1e-3", "optim.warmup_steps=2", "optim.schedule=cosine", "optim.min_lr_ratio=0.1")
+    train(_config(tmp_path / "a", "onepass", steps=5, extra=schedule), progress=False)
+    rows = _rows(tmp_path / "a")
+    assert [row["lr"] for row in rows] == pytest.approx([5e-4, 1e-3, 1e-3, 5.5e-4, 1e-4])
+    # Step 1 trained at 5e-4: step 2's loss (before its own update) is that of a run at a constant 5e-4, not 1e-3.
+    for name, lr in (("half", 5e-4), ("full", 1e-3)):
+        train(_config(tmp_path / name, "onepass", steps=2, extra=(f"optim.lr={lr}",)), progress=False)
+    assert _rows(tmp_path / "half")[1]["loss"] == pytest.approx(rows[1]["loss"], rel=1e-9)
+    assert _rows(tmp_path / "full")[1]["loss"] != pytest.approx(rows[1]["loss"], rel=1e-6)
+    # A run of the same settings stopped after step 3 (its checkpoint) resumes at step 4's rate: the rate is a
+    # function of the step, with no scheduler state to save.
+    steps_taken = []
+    original = train_step
+
+    def stop_at_step_4(*args, **kwargs):
+        steps_taken.append(1)
+        if len(steps_taken) == 4:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    config = _config(tmp_path / "b", "onepass", steps=5, extra=(*schedule, "train.checkpoint_every=3"))
+    monkeypatch.setattr("refine.loop.train_step", stop_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, progress=False)
+    monkeypatch.undo()
+    train(config, resume=True, progress=False)
+    resumed = _rows(tmp_path / "b")
+    assert [row["lr"] for row in resumed] == [row["lr"] for row in rows]
+    assert [row["loss"] for row in resumed] == pytest.approx([row["loss"] for row in rows], rel=1e-6)
+
+
 def _long_documents(tmp_path):
     """Three documents of 600 to 800 byte tokens: three windows each at data.seq_len=256, the first batch of
     two ending inside the first document."""

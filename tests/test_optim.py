@@ -1,4 +1,7 @@
-"""Float32 master weights for low-precision models: the steps of a float32 AdamW, rounded into the model."""
+"""The learning-rate schedule; float32 master weights for low-precision models: the steps of a float32 AdamW,
+rounded into the model."""
+
+import math
 
 import pytest
 import torch
@@ -6,7 +9,9 @@ import torch
 from refine.config import OptimConfig
 from refine.loop import make_optimizer
 from refine.models import build_model
-from refine.optim import MasterWeightAdamW
+from pydantic import ValidationError
+
+from refine.optim import MasterWeightAdamW, learning_rate, set_learning_rate
 
 OPTIONS = dict(lr=1e-6, weight_decay=0.01, betas=(0.9, 0.999))
 
@@ -84,3 +89,41 @@ def test_masters_follow_weights_set_from_outside_and_hold_no_gradients_between_s
     optimizer.reload_from_model()
     _run(1, optimizer, [param], first=1)
     assert torch.allclose(param.detach().float(), torch.full((4,), 0.5), atol=1e-2)  # not back near 0.02
+
+
+# ---------------------------------------------------------------- learning-rate schedule
+
+
+def test_the_constant_schedule_is_lr_after_a_linear_warm_up():
+    assert [learning_rate(OptimConfig(lr=0.1), step, 5) for step in range(1, 6)] == [0.1] * 5
+    warm = OptimConfig(lr=0.1, warmup_steps=4)
+    assert [learning_rate(warm, step, 6) for step in range(1, 7)] == pytest.approx([0.025, 0.05, 0.075, 0.1, 0.1, 0.1])
+
+
+def test_the_cosine_schedule_runs_from_lr_after_the_warm_up_to_min_lr_at_the_last_step():
+    cosine = OptimConfig(lr=0.1, schedule="cosine", warmup_steps=2, min_lr_ratio=0.2)
+    # Steps 3..7 are the cosine's five points: progress 0, 1/4, 1/2, 3/4, 1.
+    expected = [0.05, 0.1] + [0.02 + 0.08 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(5)]
+    assert [learning_rate(cosine, step, 7) for step in range(1, 8)] == pytest.approx(expected)
+    assert expected[2:] == pytest.approx([0.1, 0.02 + 0.08 * (2 + 2 ** 0.5) / 4, 0.06, 0.02 + 0.08 * (2 - 2 ** 0.5) / 4,
+                                          0.02])
+    # Past train.steps (a resume that lowered it) the rate stays at its end; one step after the warm-up is lr.
+    assert learning_rate(cosine, 9, 7) == pytest.approx(0.02)
+    assert learning_rate(OptimConfig(lr=0.1, schedule="cosine"), 1, 1) == 0.1
+
+
+def test_set_learning_rate_sets_every_group():
+    model = build_model(dict(model_type="delta_net", vocab_size=32, hidden_size=16, num_hidden_layers=1,
+                             num_heads=2, intermediate_size=32))
+    optimizer = make_optimizer(model, OptimConfig(lr=1e-3))
+    set_learning_rate(optimizer, 2.5e-4)
+    assert [group["lr"] for group in optimizer.param_groups] == [2.5e-4] * len(optimizer.param_groups)
+
+
+def test_schedule_settings_are_checked_naming_the_field():
+    with pytest.raises(ValidationError, match="optim.min_lr_ratio=0.1 is the cosine schedule's last learning rate, "
+                                              "but optim.schedule='constant' does not decay"):
+        OptimConfig(min_lr_ratio=0.1)
+    for bad in (dict(warmup_steps=-1), dict(schedule="linear"), dict(schedule="cosine", min_lr_ratio=1.5)):
+        with pytest.raises(ValidationError):
+            OptimConfig(**bad)

@@ -4,6 +4,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 
 from refine.cli import main
@@ -55,11 +56,12 @@ def test_posttrain_trains_writes_metrics_and_a_loadable_checkpoint(tmp_path, cap
     init = _init_model(tmp_path)
     data = _write(tmp_path / "qa.jsonl", _qa_rows(3))
     out = tmp_path / "run"
-    assert main(_argv(data, init, out, 3)) == 0
+    assert main(_argv(data, init, out, 3, "--set", "optim.warmup_steps=2")) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["step"] == 3 and printed["examples_used"] == 3
     rows = _metrics(out)
     assert [row["step"] for row in rows] == [1, 2, 3]
+    assert [row["lr"] for row in rows] == pytest.approx([0.005, 0.01, 0.01])  # optim.lr=0.01 after the warm-up
     for row in rows:
         assert row["sft_loss"] > 0 and "reward_mean" in row and "reward_std" in row and "grad_norm" in row
     assert (out / "config.yaml").is_file()

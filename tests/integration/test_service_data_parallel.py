@@ -18,12 +18,15 @@ pytestmark = pytest.mark.slow
 
 def test_two_learner_ranks_train_and_end_with_equal_weights(ray_session, tmp_path: Path) -> None:
     steps = 3
-    # Two mini-batches of two documents: each optimizer step splits its mini-batch over the ranks.
+    # Two mini-batches of two documents: each optimizer step splits its mini-batch over the ranks. Every rank
+    # sets the scheduled learning rate itself: one that did not would end with other weights.
     config = tiny_config(tmp_path, f"train.steps={steps}", "service.num_learners=2", "train.batch_size=4",
-                         "train.mini_batches=2", "service.num_rollout_workers=1", "train.checkpoint_every=0")
+                         "train.mini_batches=2", "service.num_rollout_workers=1", "train.checkpoint_every=0",
+                         "optim.lr=1e-3", "optim.warmup_steps=1", "optim.schedule=cosine", "optim.min_lr_ratio=0.1")
     stats = run(config, progress=False)  # raises if rank 1 fails or its weights differ from rank 0's
     rows = step_rows(tmp_path / "run")
     assert [row["step"] for row in rows] == list(range(1, steps + 1))
+    assert [row["lr"] for row in rows] == pytest.approx([1e-3, 1e-3, 1e-4])  # the cosine's two ends
     assert all(row["data_parallel_ranks"] == 2 for row in rows)
     assert all(torch.isfinite(torch.tensor(row["grad_norm"])) for row in rows)
     # Rank 0's final weights (reported, and checked against rank 1's by the orchestrator) are the

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 import urllib.request
@@ -29,7 +30,7 @@ pytestmark = pytest.mark.slow
 def test_refine_train_disaggregated_end_to_end(ray_session, tmp_path: Path, capsys) -> None:
     steps = 5
     overrides = [*tiny_overrides(tmp_path), f"train.steps={steps}", "service.num_rollout_workers=2",
-                 "service.num_reward_replicas=1"]
+                 "service.num_reward_replicas=1", "optim.schedule=cosine"]
     args = ["train", str(SERVICE_TINY), "--no-progress"]
     for item in overrides:
         args += ["--set", item]
@@ -47,6 +48,7 @@ def test_refine_train_disaggregated_end_to_end(ray_session, tmp_path: Path, caps
 
     rows = step_rows(run_dir)
     assert [row["step"] for row in rows] == list(range(1, steps + 1))
+    assert [row["lr"] for row in rows] == pytest.approx([1e-4 * (1 + math.cos(math.pi * k / 4)) / 2 for k in range(5)])
     # On-policy (max_staleness = 0): step t trains on rollouts made with the weights after t - 1 steps,
     # so workers did pick up every refreshed version.
     assert [row["policy_version"] for row in rows] == list(range(steps))
@@ -89,10 +91,12 @@ def scrape_every_role(discovery_dir: Path, scraped: dict[str, str], finished: th
 
 
 def test_colocated_runs_the_fused_step_without_workers(ray_session, tmp_path: Path) -> None:
-    config = tiny_config(tmp_path, "train.steps=3", "service.mode=colocated", "train.log_every=2")
+    config = tiny_config(tmp_path, "train.steps=3", "service.mode=colocated", "train.log_every=2",
+                         "optim.warmup_steps=4")
     stats = run(config, progress=False)
     rows = step_rows(tmp_path / "run")
     assert [row["step"] for row in rows] == [2, 3]  # every train.log_every steps, and the last
+    assert [row["lr"] for row in rows] == pytest.approx([1e-4 * 2 / 4, 1e-4 * 3 / 4])  # still warming up
     assert "worker_id" not in rows[0]  # no rollout workers: the learner sampled its own rollouts
     stages = ("forward", "select", "states", "decode", "teacher_forced", "score", "backward_step")
     assert all(sum(row[f"{stage}_seconds"] for stage in stages) <= row["step_seconds"] for row in rows)
