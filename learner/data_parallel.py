@@ -4,11 +4,12 @@ Rank 0 is the learner the orchestrator talks to: it consumes the scored batches,
 publishes weights. Each step it broadcasts the batch (the ScoredBatch and its DocumentBatch, as
 codec bytes: nothing is pickled) to ranks 1..R-1. Every rank computes the GRPO advantages on the
 whole batch (groups stay intact), the loss on its own contiguous slice of documents (and their
-rollouts), weights each loss term by its slice's share of what the term averages (`slice_loss`), and
-the gradients are summed across ranks before clipping. The summed gradient is the single-rank
-gradient of the whole batch, also when documents differ in length; every rank clips and steps it
-with an identically initialized optimizer, and the ranks' weights stay equal. The loss statistics a
-step reports are rank 0's slice; grad_norm and the rollout statistics are the whole batch's.
+rollouts), weights each loss term by its slice's share of what the term averages
+(`refine.algorithm.update.slice_loss`), and the gradients are summed across ranks before clipping. The
+summed gradient is the single-rank gradient of the whole batch, also when documents differ in length;
+every rank clips and steps it with an identically initialized optimizer, and the ranks' weights stay
+equal. The loss statistics a step reports are rank 0's slice; grad_norm and the rollout statistics are
+the whole batch's.
 
 Rendezvous: rank 0 picks a free port on its host (its Ray node address, which the other nodes can
 reach); the group is formed through a TCP store there. A resumed run's ranks all load the same
@@ -32,19 +33,17 @@ import torch.distributed as dist
 from torch import Tensor
 
 from learner.update import rollouts_from_batch
-from refine.algorithm.losses import MASKED_MEAN_EPS
 from refine.algorithm.rollout import Rollouts
-from refine.algorithm.update import LossResult, advantages_for, refine_loss, rollout_stats
-from refine.config import RefineConfig, RunConfig
-from refine.loop import StepResult, merge_steps, mini_batch_bounds
+from refine.algorithm.update import LossResult, SliceShares, advantages_for, rollout_stats, slice_loss
+from refine.config import RunConfig
+from refine.loop import StepResult, backward_slices, merge_steps, mini_batch_bounds
 from refine.models import FastWeightLM
 from refine.optim import MasterWeightAdamW
 from refine.runtime import StageTimes
 from services.codec import decode, encode
 from services.messages import DocumentBatch, ScoredBatch
 
-__all__ = ["DataParallelGroup", "cuda_ordinal", "document_slice", "free_address", "learner_device", "slice_loss",
-           "weights_digest"]
+__all__ = ["DataParallelGroup", "cuda_ordinal", "document_slice", "free_address", "learner_device", "weights_digest"]
 
 STOP = -1
 LOOPBACK = "127.0.0.1"
@@ -102,38 +101,6 @@ def document_slice(num_documents: int, rank: int, world_size: int) -> tuple[int,
     per_rank = -(-num_documents // world_size)
     start = min(rank * per_rank, num_documents)
     return start, min(start + per_rank, num_documents)
-
-
-def slice_loss(model: FastWeightLM, input_ids: Tensor, lengths: Tensor, rollouts: Rollouts, advantages: Tensor,
-               cfg: RefineConfig, start: int, end: int, ref_model: FastWeightLM | None = None) -> LossResult:
-    """The one-pass loss of documents [start, end), weighted so that the sum over all slices of the
-    batch has the whole batch's loss and gradient.
-
-    The NTP term is a mean over next-token targets (length - 1 per document), so it is weighted by the
-    slice's share of the targets. The policy term (and its KL) is a mean over rollouts (c * n per
-    document, each k tokens): weighted by `policy_share`. The returned ntp_loss and policy_loss are the
-    slice's own means."""
-    result = refine_loss("onepass", model, input_ids[start:end], lengths[start:end], rollouts.documents(start, end),
-                         advantages[rollouts.rows_of(start, end)], cfg, ref_model)
-    targets = (lengths - 1).clamp(min=0).tolist()
-    target_share = sum(targets[start:end]) / sum(targets)  # Python floats: a tensor ratio would be float32
-    share = policy_share(rollouts, start, end, input_ids.shape[0], cfg.loss_agg)
-    weighted = cfg.lambda_ntp * target_share * result.ntp_loss + cfg.lambda_nsp * share * result.policy_loss
-    return LossResult(weighted, result.ntp_loss, result.policy_loss, result.stats)
-
-
-def policy_share(rollouts: Rollouts, start: int, end: int, num_documents: int, loss_agg: str) -> float:
-    """The factor that turns the policy term of documents [start, end) into their part of the whole batch's.
-
-    The sequence means divide by the rollout count: the slice's share of the documents. token-mean divides
-    by (tokens + MASKED_MEAN_EPS) (refine.algorithm.losses.masked_mean): the slice's mean times
-    (slice tokens + eps) / (batch tokens + eps) is its sum over the batch's divisor, so the slices add up
-    to the whole batch's loss to rounding; the plain token share would differ by eps / tokens."""
-    if loss_agg != "token-mean":
-        return (end - start) / num_documents
-    # The policy loss masks no rollout token: its mask sum is the token count.
-    slice_tokens = rollouts.tokens[rollouts.rows_of(start, end)].numel()
-    return (slice_tokens + MASKED_MEAN_EPS) / (rollouts.tokens.numel() + MASKED_MEAN_EPS)
 
 
 class DataParallelGroup:
@@ -216,21 +183,22 @@ class DataParallelGroup:
     def _step(self, model: FastWeightLM, optimizer: torch.optim.Optimizer, input_ids: Tensor, lengths: Tensor,
               rollouts: Rollouts, advantages: Tensor, config: RunConfig, ref_model: FastWeightLM | None,
               times: StageTimes) -> StepResult:
-        """One optimizer step on a (mini-)batch: this rank's slice of its documents, gradients summed over ranks."""
+        """One optimizer step on a (mini-)batch: this rank's slice of its documents (forward and backward in
+        `train.micro_batches` parts of it), gradients summed over ranks."""
         stats: dict[str, float] = {}
         local_finite = True
-        with times.stage("forward"):
-            start, end = document_slice(input_ids.shape[0], self.rank, self.world_size)
-            optimizer.zero_grad(set_to_none=True)
-            result = None
-            if end > start:
-                result = slice_loss(model, input_ids, lengths, rollouts, advantages, config.refine, start, end,
-                                    ref_model)
-                stats = dict(result.stats)
-                local_finite = bool(torch.isfinite(result.loss))
+        start, end = document_slice(input_ids.shape[0], self.rank, self.world_size)
+        optimizer.zero_grad(set_to_none=True)
+        if end > start:
+            def loss_of(a: int, b: int) -> tuple[LossResult, SliceShares]:
+                return slice_loss("onepass", model, input_ids, lengths, rollouts, advantages, config.refine, a, b,
+                                  ref_model)
+
+            parts = [(start + a, start + b) for a, b in mini_batch_bounds(end - start, config.train.micro_batches)]
+            stats, local_finite = backward_slices(parts, loss_of, config.refine, times)
+            if not local_finite:
+                optimizer.zero_grad(set_to_none=True)  # this rank adds nothing; the flag skips every rank's step
         with times.stage("backward_step"):
-            if result is not None and local_finite:
-                result.loss.backward()
             for parameter in model.parameters():
                 if parameter.grad is None:
                     parameter.grad = torch.zeros_like(parameter)

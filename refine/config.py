@@ -240,6 +240,11 @@ class TrainConfig(Strict):
                              "mini-batches are off-policy, where the ratio clip acts); one-pass, reference and "
                              "ntp modes (ntp: as many updates on smaller batches), and the service's "
                              "disaggregated learner")
+    micro_batches: int = Field(
+        1, ge=1, description="gradient accumulation: each optimizer step's documents run forward and backward in "
+                             "this many slices, their weighted gradients summed, for the same update (to rounding) "
+                             "with one slice's activations in memory; one-pass, reference and ntp modes, and the "
+                             "service's disaggregated learner (on each data-parallel rank's documents)")
     seed: int = Field(0, ge=-2**63, le=2**64 - 1, description="what torch.manual_seed accepts")
     device: str = "cpu"
     dtype: Literal["float32", "float64", "bfloat16"] = Field(
@@ -272,6 +277,10 @@ class TrainConfig(Strict):
         if self.mini_batches > self.batch_size:
             raise ValueError(f"train.mini_batches={self.mini_batches} is more than train.batch_size={self.batch_size}:"
                              f" every mini-batch needs at least one document")
+        if self.mini_batches * self.micro_batches > self.batch_size:
+            raise ValueError(f"train.micro_batches={self.micro_batches} x train.mini_batches={self.mini_batches} is "
+                             f"more than train.batch_size={self.batch_size}: every micro-batch needs at least one "
+                             f"document")
         return self
 
 

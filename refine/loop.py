@@ -24,9 +24,10 @@ from refine.algorithm.losses import ntp_loss
 from refine.algorithm.rewards import check_run_reward
 from refine.algorithm.rollout import Rollouts, choose_positions, reprefill_rollouts, snapshot_rollouts
 from refine.algorithm.update import (
-    LossResult, advantages_for, fused_refine_step, refine_loss, rollout_stats, score_rollouts,
+    LossResult, SliceShares, advantages_for, fused_refine_step, refine_loss, rollout_stats, score_rollouts,
+    slice_loss, target_share,
 )
-from refine.config import DTYPES, OptimConfig, RunConfig, dump_config, fit_to_tokenizer, run_tokenizer
+from refine.config import DTYPES, OptimConfig, RefineConfig, RunConfig, dump_config, fit_to_tokenizer, run_tokenizer
 from refine.data.batches import DocumentBatch
 from refine.data.stream import check_resumed_windows, check_source, document_batches
 from refine.files import file_system_error, sync_directory, sync_tree, write_atomically
@@ -81,21 +82,44 @@ def train_step(model: FastWeightLM, optimizer: torch.optim.Optimizer, batch: Doc
     # them, so that a comparison gives both the same number of updates.
     outcomes = []
     for start, end in mini_batch_bounds(ids.shape[0], config.train.mini_batches):
+        mini_ids, mini_lengths = ids[start:end], lengths[start:end]
+        if config.train.micro_batches > 1:
+            def loss_of(a: int, b: int) -> tuple[LossResult, SliceShares]:
+                return ntp_slice_loss(model, mini_ids, mini_lengths, a, b)
+
+            outcomes.append(micro_batch_step(model, optimizer, end - start, config.train.micro_batches, loss_of,
+                                             config, times))
+            continue
         with timed_stage(times, "forward"):
-            ntp = ntp_loss(model(ids[start:end], lengths=lengths[start:end], output_state=False).logits,
-                           ids[start:end], lengths[start:end])
-        result = LossResult(ntp, ntp, ntp.new_zeros(()), {"ntp_loss": float(ntp.detach()), "loss": float(ntp.detach())})
+            result, _ = ntp_slice_loss(model, mini_ids, mini_lengths, 0, end - start)
         with timed_stage(times, "backward_step"):
             outcomes.append(optimizer_step(model, optimizer, result, config.optim.grad_clip))
     return merge_steps(outcomes)
 
 
+def ntp_slice_loss(model: FastWeightLM, input_ids: torch.Tensor, lengths: torch.Tensor, start: int,
+                   end: int) -> tuple[LossResult, SliceShares]:
+    """The NTP loss of documents [start, end) of a batch, weighted by their share of its next-token targets (the
+    whole batch: weight 1); its stats are the slice's own mean."""
+    ntp = ntp_loss(model(input_ids[start:end], lengths=lengths[start:end], output_state=False).logits,
+                   input_ids[start:end], lengths[start:end])
+    share = target_share(lengths, start, end)
+    weighted = ntp if share == 1 else share * ntp
+    stats = {"ntp_loss": float(ntp.detach()), "loss": float(ntp.detach())}
+    return LossResult(weighted, ntp, ntp.new_zeros(()), stats), SliceShares(ntp=share, policy=0.0)
+
+
 def check_mini_batches(config: RunConfig) -> None:
-    """train_step's fused mode takes one optimizer step per batch: refuse mini-batches it would ignore."""
+    """train_step's fused mode takes one optimizer step per batch, from one forward: refuse mini-batches and
+    micro-batches it would ignore."""
     if config.train.mini_batches > 1 and config.train.mode == "fused":
         raise ValueError(f"train.mini_batches={config.train.mini_batches} needs train.mode 'onepass' or 'reference', "
                          f"which sample rollouts once per step (or 'ntp'); train.mode='fused' samples them in every "
                          f"update (on-policy): lower train.batch_size instead")
+    if config.train.micro_batches > 1 and config.train.mode == "fused":
+        raise ValueError(f"train.micro_batches={config.train.micro_batches} needs train.mode 'onepass', 'reference' or "
+                         f"'ntp': train.mode='fused' samples its rollouts from the forward it trains, one per step; "
+                         f"train.mode=onepass takes the same on-policy update with micro-batches")
 
 
 def mini_batch_bounds(num_documents: int, mini_batches: int) -> list[tuple[int, int]]:
@@ -120,9 +144,17 @@ def rollout_batch_update(mode: str, model: FastWeightLM, optimizer: torch.optim.
     advantages = advantages_for(rollouts.rewards, rollouts, cfg)
     outcomes = []
     for start, end in mini_batch_bounds(input_ids.shape[0], config.train.mini_batches):
+        ids, lens, mini = input_ids[start:end], lengths[start:end], rollouts.documents(start, end)
+        mini_advantages = advantages[rollouts.rows_of(start, end)]
+        if config.train.micro_batches > 1:
+            def loss_of(a: int, b: int) -> tuple[LossResult, SliceShares]:
+                return slice_loss(mode, model, ids, lens, mini, mini_advantages, cfg, a, b, ref_model)
+
+            outcomes.append(micro_batch_step(model, optimizer, end - start, config.train.micro_batches, loss_of,
+                                             config, times))
+            continue
         with timed_stage(times, "forward"):
-            result = refine_loss(mode, model, input_ids[start:end], lengths[start:end], rollouts.documents(start, end),
-                                 advantages[rollouts.rows_of(start, end)], cfg, ref_model)
+            result = refine_loss(mode, model, ids, lens, mini, mini_advantages, cfg, ref_model)
         with timed_stage(times, "backward_step"):
             outcomes.append(optimizer_step(model, optimizer, result, config.optim.grad_clip))
     merged = merge_steps(outcomes)
@@ -175,13 +207,71 @@ def optimizer_step(model: FastWeightLM, optimizer: torch.optim.Optimizer, result
     if not torch.isfinite(result.loss):
         return StepResult(stats | {"skipped_nonfinite": 1.0}, True)
     result.loss.backward()
+    return clip_and_step(model, optimizer, stats, grad_clip)
+
+
+def clip_and_step(model: FastWeightLM, optimizer: torch.optim.Optimizer, stats: dict[str, float],
+                  grad_clip: float) -> StepResult:
+    """Clip the gradients in .grad and step; a non-finite gradient skips the step (and is reported)."""
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    stats["grad_norm"] = float(grad_norm)
+    stats = stats | {"grad_norm": float(grad_norm)}
     if not math.isfinite(stats["grad_norm"]):
         optimizer.zero_grad(set_to_none=True)
         return StepResult(stats | {"skipped_nonfinite": 1.0}, True)
     optimizer.step()
     return StepResult(stats, False)
+
+
+SliceLoss = Callable[[int, int], tuple[LossResult, SliceShares]]  # documents [start, end) -> weighted loss, shares
+
+
+def backward_slices(slices: list[tuple[int, int]], loss_of: SliceLoss, cfg: RefineConfig,
+                    times: StageTimes | None = None) -> tuple[dict[str, float], bool]:
+    """Forward and backward each slice of documents in turn, their gradients adding up in .grad: with slice losses
+    weighted by their shares (slice_loss), the sum is the gradient of all the slices' documents as one batch, with
+    one slice's activations in memory at a time. Returns the slices' stats merged (merge_slice_stats) and whether
+    every loss was finite (a non-finite one stops the pass: the step is to be skipped)."""
+    parts: list[tuple[dict[str, float], SliceShares]] = []
+    for start, end in slices:
+        with timed_stage(times, "forward"):
+            result, shares = loss_of(start, end)
+        parts.append((result.stats, shares))
+        if not torch.isfinite(result.loss):
+            return merge_slice_stats(parts, cfg), False
+        with timed_stage(times, "backward_step"):
+            result.loss.backward()
+    return merge_slice_stats(parts, cfg), True
+
+
+def merge_slice_stats(parts: list[tuple[dict[str, float], SliceShares]], cfg: RefineConfig) -> dict[str, float]:
+    """The stats of slices of documents as those of the slices together: each a share-weighted mean (ntp_loss by
+    the NTP shares, the policy's by the policy shares), and loss recombined from them as the loss is."""
+    if len(parts) == 1:
+        return dict(parts[0][0])
+    merged: dict[str, float] = {}
+    for key in dict.fromkeys(key for stats, _ in parts for key in stats):
+        weighted = [(shares.ntp if key == "ntp_loss" else shares.policy, stats[key])
+                    for stats, shares in parts if key in stats]
+        total = sum(weight for weight, _ in weighted)
+        merged[key] = sum(weight * value for weight, value in weighted) / total if total else weighted[0][1]
+    if "policy_loss" in merged:
+        merged["loss"] = cfg.lambda_ntp * merged["ntp_loss"] + cfg.lambda_nsp * merged["policy_loss"]
+    else:  # ntp mode: the loss is the NTP loss
+        merged["loss"] = merged["ntp_loss"]
+    return merged
+
+
+def micro_batch_step(model: FastWeightLM, optimizer: torch.optim.Optimizer, num_documents: int, micro_batches: int,
+                     loss_of: SliceLoss, config: RunConfig, times: StageTimes | None = None) -> StepResult:
+    """One optimizer step on `num_documents` documents, run forward and backward in `micro_batches` slices
+    (`train.micro_batches`, gradient accumulation): the update of the whole batch to rounding, in less memory."""
+    optimizer.zero_grad(set_to_none=True)
+    stats, finite = backward_slices(mini_batch_bounds(num_documents, micro_batches), loss_of, config.refine, times)
+    with timed_stage(times, "backward_step"):
+        if not finite:
+            optimizer.zero_grad(set_to_none=True)
+            return StepResult(stats | {"skipped_nonfinite": 1.0}, True)
+        return clip_and_step(model, optimizer, stats, config.optim.grad_clip)
 
 
 # The programs that write run directories: `refine train` (local or service; "refine" in messages) counts

@@ -155,6 +155,9 @@ def check_service_config(config: RunConfig) -> None:
     if service.mode == "colocated" and config.train.mini_batches > 1:
         raise ValueError(f"train.mini_batches={config.train.mini_batches} needs service.mode='disaggregated': the "
                          f"colocated fused step samples its rollouts in every update (on-policy)")
+    if service.mode == "colocated" and config.train.micro_batches > 1:
+        raise ValueError(f"train.micro_batches={config.train.micro_batches} needs service.mode='disaggregated': the "
+                         f"colocated fused step samples its rollouts from the forward it trains, one per step")
     if service.mode == "colocated" and service.num_learners > 1:
         raise ValueError(f"service.num_learners={service.num_learners} needs service.mode='disaggregated': the "
                          f"colocated fused step samples its own rollouts and is not split across ranks")

@@ -52,6 +52,18 @@ def test_rollout_benchmark_counts_the_rollout_tokens():
     assert row["snapshot_over_reprefill"] > 0 and row["snapshot_over_reprefill_padded"] > 0
 
 
+def test_micro_batches_benchmark_measures_each_count_in_its_own_process_with_the_same_step():
+    rows = _run("micro_batches.py", "--length", "128", "--batch", "2", "--micro-batches", "1", "2",
+                "--hidden-size", "32")
+    assert [row["micro_batches"] for row in rows] == [1, 2]
+    assert all(row["memory_measured_as"] == "ru_maxrss_growth" and row["process_peak_rss_bytes"] > 0 for row in rows)
+    assert rows[0]["peak_memory_over_first"] == (1.0 if rows[0]["peak_memory_bytes"] else None)
+    assert rows[1]["median_update_seconds"] > 0
+    # Gradient accumulation takes the same step: the first update's loss and gradient norm agree to rounding.
+    assert rows[1]["first_step_loss"] == pytest.approx(rows[0]["first_step_loss"], rel=1e-5)
+    assert rows[1]["first_step_grad_norm"] == pytest.approx(rows[0]["first_step_grad_norm"], rel=1e-5)
+
+
 def test_step_breakdown_covers_the_timed_steps_only():
     """Every round runs each mode twice, an untimed warm-up then the timed step; the stages come from
     the timed steps only, one record per round, never added up over both."""

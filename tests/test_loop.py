@@ -9,7 +9,7 @@ import torch
 
 from refine.algorithm.rollout import snapshot_rollouts
 from refine.algorithm.update import LossResult, advantages_for, refine_loss, score_rollouts
-from refine.config import load_config
+from refine.config import ConfigError, load_config
 from refine.algorithm.losses import ntp_loss
 from refine.config import run_tokenizer
 from refine.data.batches import DocumentBatch
@@ -184,6 +184,40 @@ def test_a_resume_over_a_changed_source_says_so(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"data.source={str(source)!r} changed since this run started (1 files added, removed or resized, " \
            f"e.g. 'docs.jsonl')" in err
+
+
+def _uneven_documents(tmp_path):
+    source = tmp_path / "uneven.jsonl"
+    source.write_text("".join(json.dumps({"text": f"document {i}: " + "words of text " * (8 + 5 * i)}) + "\n"
+                              for i in range(8)))
+    return source
+
+
+@pytest.mark.parametrize("mode,mini_batches", [("onepass", 1), ("onepass", 2), ("reference", 1), ("ntp", 2)])
+def test_micro_batches_take_the_whole_batchs_update(tmp_path, mode, mini_batches):
+    """Gradient accumulation is exact: the same steps (float64, to rounding) as the whole (mini-)batch at once,
+    with documents of unequal lengths; the stats are the whole batch's too."""
+    common = (f"data.source={_uneven_documents(tmp_path)}", "data.min_length=64", "train.dtype=float64",
+              "train.batch_size=4", f"train.mini_batches={mini_batches}")
+    for name, micro in (("whole", 1), ("micro", 4 // mini_batches)):
+        train(_config(tmp_path / name, mode, steps=3, extra=(*common, f"train.micro_batches={micro}")), progress=False)
+    whole, micro = _rows(tmp_path / "whole"), _rows(tmp_path / "micro")
+    keys = [key for key in whole[0] if not key.endswith("_seconds") and key in micro[0]]
+    assert {"loss", "ntp_loss", "grad_norm"} <= set(keys) and set(whole[0]) - set(micro[0]) == set()
+    for before, after in zip(whole, micro):
+        assert {key: after[key] for key in keys} == pytest.approx({key: before[key] for key in keys}, rel=1e-9,
+                                                                     abs=1e-12)
+    a = load_model(tmp_path / "whole" / "checkpoints/latest/model").state_dict()
+    b = load_model(tmp_path / "micro" / "checkpoints/latest/model").state_dict()
+    assert max(float((a[name] - b[name]).abs().max()) for name in a) < 1e-12
+
+
+def test_micro_batches_are_refused_where_the_step_cannot_take_them(tmp_path):
+    with pytest.raises(ValueError, match="train.micro_batches=2 needs train.mode 'onepass', 'reference' or 'ntp'"):
+        train(_config(tmp_path, "fused", extra=("train.micro_batches=2",)), progress=False)
+    with pytest.raises(ConfigError, match=r"train.micro_batches=2 x train.mini_batches=2 is more than "
+                                          r"train.batch_size=2"):
+        _config(tmp_path, "onepass", extra=("train.micro_batches=2", "train.mini_batches=2"))
 
 
 def _rows(out_dir):

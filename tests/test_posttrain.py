@@ -212,6 +212,16 @@ def test_a_posttrain_that_cannot_start_leaves_its_directory_as_it_was(tmp_path, 
     assert {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()} == before
 
 
+def test_micro_batches_are_refused_before_anything_is_written(tmp_path, capsys):
+    init = _init_model(tmp_path)
+    data = _write(tmp_path / "qa.jsonl", _qa_rows(3))
+    argv = _argv(data, init, tmp_path / "run", 1, "--set", "train.micro_batches=2", "--set", "train.mode=onepass")
+    assert main(argv) == 2
+    assert capsys.readouterr().err.startswith("refine: error: train.micro_batches=2: post-training's SFT step trains "
+                                              "on the whole batch at once")
+    assert not (tmp_path / "run").exists()
+
+
 def test_fused_mini_batches_are_refused_before_anything_is_written(tmp_path, capsys):
     init = _init_model(tmp_path)
     data = _write(tmp_path / "qa.jsonl", _qa_rows(3))

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from refine.algorithm.advantages import group_ids_for, grpo_advantages
-from refine.algorithm.losses import ntp_loss, policy_loss
+from refine.algorithm.losses import MASKED_MEAN_EPS, ntp_loss, policy_loss
 from refine.algorithm.rewards import RewardInputs, compute_reward
 from refine.algorithm.rollout import (
     Rollouts, choose_positions, decode, first_token_entropy, gather_windows, prefix_rows,
@@ -159,6 +159,50 @@ def refine_loss(mode: str, model: FastWeightLM, input_ids: Tensor, lengths: Tens
     if mode not in paths:
         raise ValueError(f"mode={mode!r} must be one of {sorted(paths)} (fused: use fused_refine_step)")
     return paths[mode](model, input_ids, lengths, rollouts, advantages, cfg, ref_model)
+
+
+@dataclass(frozen=True)
+class SliceShares:
+    """What documents [start, end) of a batch add to each loss term's mean over the whole batch."""
+
+    ntp: float  # of the NTP mean over next-token targets: the slice's share of the targets
+    policy: float  # of the policy term (and its KL): see slice_shares
+
+
+def target_share(lengths: Tensor, start: int, end: int) -> float:
+    """Documents [start, end)'s share of a batch's next-token targets (length - 1 per document)."""
+    targets = (lengths - 1).clamp(min=0).tolist()
+    return sum(targets[start:end]) / sum(targets)  # Python floats: a tensor ratio would be float32
+
+
+def slice_shares(lengths: Tensor, rollouts: Rollouts, start: int, end: int, loss_agg: str) -> SliceShares:
+    """The shares of documents [start, end) of a batch (`lengths`, `rollouts`) in its loss terms.
+
+    The NTP term is a mean over next-token targets (length - 1 per document). The policy term's sequence
+    means divide by the rollout count (c * n per document): the slice's share of the documents. token-mean
+    divides by (tokens + MASKED_MEAN_EPS) (refine.algorithm.losses.masked_mean): the slice's mean times
+    (slice tokens + eps) / (batch tokens + eps) is its sum over the batch's divisor, so the slices add up to the
+    whole batch's loss to rounding; the plain token share would differ by eps / tokens."""
+    ntp = target_share(lengths, start, end)
+    if loss_agg != "token-mean":
+        return SliceShares(ntp, (end - start) / lengths.shape[0])
+    # The policy loss masks no rollout token: its mask sum is the token count.
+    slice_tokens = rollouts.tokens[rollouts.rows_of(start, end)].numel()
+    return SliceShares(ntp, (slice_tokens + MASKED_MEAN_EPS) / (rollouts.tokens.numel() + MASKED_MEAN_EPS))
+
+
+def slice_loss(mode: str, model: FastWeightLM, input_ids: Tensor, lengths: Tensor, rollouts: Rollouts,
+               advantages: Tensor, cfg: RefineConfig, start: int, end: int,
+               ref_model: FastWeightLM | None = None) -> tuple[LossResult, SliceShares]:
+    """The `mode` loss ("onepass" or "reference") of documents [start, end) of a batch, each term weighted by the
+    slice's share of it (slice_shares), so that the slices of any partition of the batch add up to the whole
+    batch's loss and gradient: what data-parallel ranks and gradient accumulation (`train.micro_batches`) sum.
+    The returned ntp_loss, policy_loss and stats are the slice's own means."""
+    result = refine_loss(mode, model, input_ids[start:end], lengths[start:end], rollouts.documents(start, end),
+                         advantages[rollouts.rows_of(start, end)], cfg, ref_model)
+    shares = slice_shares(lengths, rollouts, start, end, cfg.loss_agg)
+    weighted = cfg.lambda_ntp * shares.ntp * result.ntp_loss + cfg.lambda_nsp * shares.policy * result.policy_loss
+    return LossResult(weighted, result.ntp_loss, result.policy_loss, result.stats), shares
 
 
 def fused_refine_step(model: FastWeightLM, input_ids: Tensor, lengths: Tensor, cfg: RefineConfig,

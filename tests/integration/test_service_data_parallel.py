@@ -36,6 +36,23 @@ def test_two_learner_ranks_train_and_end_with_equal_weights(ray_session, tmp_pat
     assert weights_digest(prepare_model(config)) != stats["weights_digest"]
 
 
+def test_micro_batches_on_two_ranks_take_the_step_of_one_learner_on_the_whole_batch(ray_session,
+                                                                                    tmp_path: Path) -> None:
+    """Gradient accumulation in the service: each rank's two documents run as two micro-batches, and the step
+    equals a single learner's on all four at once (float32 rounding)."""
+    common = ("train.steps=1", "train.batch_size=4", "service.num_rollout_workers=1", "train.checkpoint_every=0")
+    run(tiny_config(tmp_path / "one", *common), progress=False)
+    run(tiny_config(tmp_path / "micro", *common, "service.num_learners=2", "train.micro_batches=2"), progress=False)
+    (one,), (micro,) = step_rows(tmp_path / "one" / "run"), step_rows(tmp_path / "micro" / "run")
+    assert micro["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-5)  # the whole batch's, summed over ranks
+    a = load_model(tmp_path / "one" / "run" / "checkpoints" / "latest" / "model").state_dict()
+    b = load_model(tmp_path / "micro" / "run" / "checkpoints" / "latest" / "model").state_dict()
+    initial = prepare_model(tiny_config(tmp_path / "one", *common)).state_dict()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-7)
+    assert any(not torch.equal(a[name], initial[name]) for name in a)
+
+
 def test_several_learners_need_the_disaggregated_mode(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="service.num_learners=2"):
         check_service_config(tiny_config(tmp_path, "service.mode=colocated", "service.num_learners=2"))

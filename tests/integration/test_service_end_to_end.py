@@ -158,6 +158,7 @@ def test_a_bad_data_row_ends_the_run_after_the_learner_checkpoints(ray_session, 
     (["service.mode=colocated", "refine.reward=qa_f1"], "refine.reward='qa_f1' scores decoded text"),
     (["service.max_staleness=0", "service.sync_interval=3"], "service.max_staleness=0"),
     (["service.mode=colocated", "train.mini_batches=2"], "train.mini_batches=2 needs service.mode='disaggregated'"),
+    (["service.mode=colocated", "train.micro_batches=2"], "train.micro_batches=2 needs service.mode='disaggregated'"),
 ])
 def test_configs_the_service_cannot_run_are_rejected(tmp_path: Path, overrides: list[str], message: str) -> None:
     with pytest.raises(ValueError, match=message):

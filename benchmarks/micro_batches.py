@@ -1,0 +1,111 @@
+"""Gradient accumulation (`train.micro_batches`): peak memory and seconds of a one-pass REFINE step.
+
+The same model, batch and rollouts, an optimizer step with the update forward and backward run in 1, 2, 4 ...
+slices of the batch. Prints one JSON object per micro-batch count, each measured in a fresh process: on CUDA
+the peak of torch's allocator over the first update; on CPU the growth of the process's peak resident memory
+(ru_maxrss) over it, past the peak the no-grad rollout pass before it had set (so a small update shows as
+nearly nothing: `process_peak_rss_bytes` is the whole process's). Then the median seconds of `--repeats` warm
+updates, and the first update's loss and gradient norm, equal across counts to rounding.
+
+    python benchmarks/micro_batches.py [--length 4096] [--batch 4] [--micro-batches 1 2 4] [--repeats 3]
+                                       [--threads 2] [--hidden-size 128] [--layers 2] [--heads 2] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from refine.algorithm.rollout import snapshot_rollouts
+from refine.algorithm.update import score_rollouts
+from refine.config import load_config
+from refine.loop import make_optimizer, rollout_batch_update
+from refine.models import build_model
+from refine.runtime import tune_allocator
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def measure(args: argparse.Namespace, micro_batches: int) -> dict:
+    """One step in this process: the seconds and peak memory of the update with `micro_batches` slices."""
+    tune_allocator()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    device = args.device
+    config = load_config(None, [
+        "train.mode=onepass", f"train.batch_size={args.batch}", f"train.micro_batches={micro_batches}",
+        f"data.seq_len={args.length}", "refine.num_chunks=8", "refine.rollout_len=5", f"train.device={device}",
+    ])
+    model = build_model(dict(model_type="delta_net", vocab_size=260, hidden_size=args.hidden_size,
+                             num_hidden_layers=args.layers, num_heads=args.heads,
+                             intermediate_size=2 * args.hidden_size, tie_word_embeddings=True)).to(device)
+    optimizer = make_optimizer(model, config.optim)
+    ids = torch.randint(0, 256, (args.batch, args.length), device=device)
+    lengths = torch.full((args.batch,), args.length, device=device)
+    rollouts = snapshot_rollouts(model, ids, lengths, config.refine, torch.Generator(device=device).manual_seed(0))
+    rollouts.rewards = score_rollouts(rollouts, config.refine)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    before = peak_rss_bytes()
+    outcome = rollout_batch_update("onepass", model, optimizer, ids, lengths, rollouts, config)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        measured = "cuda_max_memory_allocated"
+    else:
+        peak = peak_rss_bytes() - before
+        measured = "ru_maxrss_growth"
+    seconds = []
+    for _ in range(args.repeats):  # warm steps, on the memory the first one took
+        started = time.perf_counter()
+        rollout_batch_update("onepass", model, optimizer, ids, lengths, rollouts, config)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - started)
+    return {"benchmark": "micro_batches", "micro_batches": micro_batches, "batch": args.batch,
+            "context_length": args.length, "device": device,
+            "median_update_seconds": round(statistics.median(seconds), 4),
+            "peak_memory_bytes": peak, "memory_measured_as": measured, "process_peak_rss_bytes": peak_rss_bytes(),
+            "first_step_loss": outcome.stats["loss"], "first_step_grad_norm": outcome.stats["grad_norm"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--length", type=int, default=4096)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--micro-batches", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="warm update steps timed after the measured one")
+    parser.add_argument("--hidden-size", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--heads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # the child process: measure this count
+    args = parser.parse_args()
+    if args.one is not None:
+        print(json.dumps(measure(args, args.one)))
+        return
+    rows = []
+    for count in args.micro_batches:  # a fresh process each: a peak never goes down within one
+        child = [arg for arg in sys.argv[1:] if arg]
+        done = subprocess.run([sys.executable, __file__, *child, "--one", str(count)], capture_output=True,
+                              text=True, check=True)
+        rows.append(json.loads(done.stdout.splitlines()[-1]))
+    baseline = rows[0]["peak_memory_bytes"]
+    for row in rows:
+        row["peak_memory_over_first"] = round(row["peak_memory_bytes"] / baseline, 3) if baseline else None
+        print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()
