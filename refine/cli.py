@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--ttt", action="store_true",
                           help="test-time REFINE on each prompt first (weights restored after each, unless "
                                "--ttt-accumulate)")
-    evaluate.add_argument("--config", default=None, help="run config whose refine/optim sections drive --ttt")
+    evaluate.add_argument("--config", default=None, help="run config whose refine/optim sections drive --ttt (at optim.lr: the schedule is training's)")
     evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides")
     evaluate.add_argument("--num-examples", type=int, default=None,
                           help="evaluate the first N examples (default: every row of --data; 20 for niah / mqar, "

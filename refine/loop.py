@@ -33,7 +33,9 @@ from refine.data.stream import check_resumed_windows, check_source, document_bat
 from refine.files import file_system_error, sync_directory, sync_tree, write_atomically
 from refine.models import FastWeightLM, build_model, load_model, load_model_config, save_model
 from refine.models.size import check_model_fits
-from refine.optim import MasterWeightAdamW, has_low_precision_weights, learning_rate, set_learning_rate
+from refine.optim import (
+    MasterWeightAdamW, describe_rates, has_low_precision_weights, learning_rate, set_learning_rate,
+)
 from refine.plots import plot_metrics
 from refine.runtime import StageTimes, timed_stage, tune_allocator
 from refine.tokenizer import Tokenizer, save_tokenizer_files
@@ -195,8 +197,9 @@ class Divergence:
             return None
         return ValueError(
             f"steps {step - self.in_a_row + 1}..{step} were all skipped for a non-finite loss or gradient: the "
-            f"weights have diverged (optim.lr={self.config.optim.lr}, optim.grad_clip={self.config.optim.grad_clip}"
-            f", train.dtype={self.config.train.dtype}); the run stops")
+            f"weights have diverged (learning rate {learning_rate(self.config.optim, step, self.config.train.steps):g}"
+            f" at step {step}, {describe_rates(self.config.optim)}; optim.grad_clip={self.config.optim.grad_clip}, "
+            f"train.dtype={self.config.train.dtype}); the run stops")
 
 
 def optimizer_step(model: FastWeightLM, optimizer: torch.optim.Optimizer, result: LossResult,
@@ -208,6 +211,15 @@ def optimizer_step(model: FastWeightLM, optimizer: torch.optim.Optimizer, result
         return StepResult(stats | {"skipped_nonfinite": 1.0}, True)
     result.loss.backward()
     return clip_and_step(model, optimizer, stats, grad_clip)
+
+
+def warmup_warning(config: RunConfig) -> str | None:
+    """A warm-up longer than the run never reaches optim.lr: say so (a run shortened to try a config, say)."""
+    optim, steps = config.optim, config.train.steps
+    if optim.warmup_steps <= steps or steps == 0:
+        return None
+    return (f"warning: optim.warmup_steps={optim.warmup_steps} is more than train.steps={steps}: the learning rate "
+            f"rises to {learning_rate(optim, steps, steps):g} only, never optim.lr={optim.lr}")
 
 
 def clip_and_step(model: FastWeightLM, optimizer: torch.optim.Optimizer, stats: dict[str, float],
@@ -627,6 +639,9 @@ def run_steps(config: RunConfig, model: FastWeightLM, optimizer: torch.optim.Opt
     last: dict[str, float] = {}
     divergence = Divergence(config)
     restart_metrics(metrics_path, position.step)
+    warning = warmup_warning(config)
+    if warning is not None:
+        tqdm.write(f"{desc}: {warning}", file=sys.stderr)
     with tqdm(total=config.train.steps, initial=position.step, desc=desc, disable=not progress) as bar:
         while position.step < config.train.steps:
             batch = next_batch(position.cursor)
@@ -658,7 +673,7 @@ def run_steps(config: RunConfig, model: FastWeightLM, optimizer: torch.optim.Opt
     if position.skipped_steps > start.skipped_steps:
         tqdm.write(f"{desc}: warning: {position.skipped_steps - start.skipped_steps} of steps {start.step + 1}.."
                    f"{position.step} skipped an update for a non-finite loss or gradient (skipped_nonfinite in "
-                   f"metrics.jsonl; optim.lr={config.optim.lr})", file=sys.stderr)
+                   f"metrics.jsonl; {describe_rates(config.optim)})", file=sys.stderr)
     unplotted = plot_run(out_dir)
     if unplotted is not None:
         tqdm.write(f"{desc}: {unplotted}", file=sys.stderr)

@@ -83,15 +83,24 @@ def has_low_precision_weights(model: torch.nn.Module) -> bool:
 def learning_rate(optim: OptimConfig, step: int, steps: int) -> float:
     """The learning rate of a run's step `step` (1-based) of `steps`: a linear warm-up over optim.warmup_steps
     (step s at lr x s / warmup_steps, so the first step already trains), then optim.lr (constant), or a half
-    cosine from optim.lr at the first step after the warm-up down to lr x min_lr_ratio at step `steps`. A
-    function of the step alone: a resumed run trains at the rates of the run it continues, with no scheduler
-    state to save."""
+    cosine from optim.lr at the first step after the warm-up towards lr x min_lr_ratio, which it would reach one
+    step after `steps` (as verl's cosine does: the last step still trains, also with min_lr_ratio 0). A function
+    of the step alone: a resumed run trains at the rates of the run it continues, with no scheduler state."""
     if step <= optim.warmup_steps:
-        return optim.lr * step / optim.warmup_steps
+        return optim.lr * (step / optim.warmup_steps)  # exactly lr at the warm-up's last step
     if optim.schedule == "constant":
         return optim.lr
-    progress = min((step - optim.warmup_steps - 1) / max(steps - optim.warmup_steps - 1, 1), 1.0)
+    progress = min((step - optim.warmup_steps - 1) / max(steps - optim.warmup_steps, 1), 1.0)
     return optim.lr * (optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def describe_rates(optim: OptimConfig) -> str:
+    """The settings that give a run's learning rates, for messages about its steps."""
+    if optim.schedule == "constant" and not optim.warmup_steps:
+        return f"optim.lr={optim.lr}"
+    return (f"optim.lr={optim.lr} with optim.warmup_steps={optim.warmup_steps}, optim.schedule={optim.schedule!r}"
+            f"{f', optim.min_lr_ratio={optim.min_lr_ratio}' if optim.schedule == 'cosine' else ''}: each step's "
+            f"rate is its lr in metrics.jsonl")
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -82,8 +82,9 @@ from refine.data.stream import check_resumed_windows, check_source, document_bat
 from refine.files import write_atomically
 from refine.loop import (
     Divergence, absolute_out_dir, check_resumed_program, clear_checkpoints, finished_run, jsonl_rows, plot_run,
-    restart_metrics, write_row,
+    restart_metrics, warmup_warning, write_row,
 )
+from refine.optim import describe_rates
 from refine.tokenizer import Tokenizer
 from refine_vllm.settings import remove_staging
 from rollout_workers.engines import engine_owner
@@ -628,6 +629,9 @@ class Orchestrator:
         changed = check_source(self.config, self.out_dir, resumed=start_step > 0)
         if changed:
             self._write_line(f"warning: {changed}")
+        warning = warmup_warning(self.config)
+        if warning is not None:
+            self._write_line(warning)
 
     def _document_batches(self, cursor: int) -> Iterator[LocalBatch]:
         return document_batches(self.config, self.tokenizer, start_cursor=cursor)
@@ -925,7 +929,7 @@ class Orchestrator:
         skipped = int(self.last_stats.get("skipped_steps", 0) or 0)
         if skipped:
             self._write_line(f"warning: {skipped} steps of this run so far skipped an update for a non-finite loss or "
-                             f"gradient (skipped_nonfinite in metrics.jsonl; optim.lr={self.config.optim.lr})")
+                             f"gradient (skipped_nonfinite in metrics.jsonl; {describe_rates(self.config.optim)})")
         return result or self.last_stats
 
     def _check_replicas(self, result: Stats) -> None:

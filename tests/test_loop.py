@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -228,7 +229,7 @@ def test_steps_train_at_the_scheduled_learning_rate_and_a_resume_continues_the_s
     schedule = ("optim.lr=1e-3", "optim.warmup_steps=2", "optim.schedule=cosine", "optim.min_lr_ratio=0.1")
     train(_config(tmp_path / "a", "onepass", steps=5, extra=schedule), progress=False)
     rows = _rows(tmp_path / "a")
-    assert [row["lr"] for row in rows] == pytest.approx([5e-4, 1e-3, 1e-3, 5.5e-4, 1e-4])
+    assert [row["lr"] for row in rows] == pytest.approx([5e-4, 1e-3, 1e-3, 7.75e-4, 3.25e-4])
     # Step 1 trained at 5e-4: step 2's loss (before its own update) is that of a run at a constant 5e-4, not 1e-3.
     for name, lr in (("half", 5e-4), ("full", 1e-3)):
         train(_config(tmp_path / name, "onepass", steps=2, extra=(f"optim.lr={lr}",)), progress=False)
@@ -655,9 +656,12 @@ def test_a_skipped_steps_metrics_row_is_strict_json(tmp_path):
 def test_a_diverged_run_stops_naming_its_settings_and_keeps_its_last_checkpoint(tmp_path, capsys):
     """Every step skipped for a non-finite loss: after MAX_SKIPPED_IN_A_ROW of them the run ends with an error,
     instead of finishing as a success whose weights never moved."""
-    config = _config(tmp_path, "onepass", steps=MAX_SKIPPED_IN_A_ROW + 5, extra=("refine.lambda_ntp=1e300",))
-    with pytest.raises(ValueError, match=rf"steps 1..{MAX_SKIPPED_IN_A_ROW} were all skipped for a non-finite loss "
-                                         r"or gradient: the weights have diverged \(optim.lr="):
+    config = _config(tmp_path, "onepass", steps=MAX_SKIPPED_IN_A_ROW + 5,
+                     extra=("refine.lambda_ntp=1e300", "optim.warmup_steps=20"))
+    with pytest.raises(ValueError, match=re.escape(
+            f"steps 1..{MAX_SKIPPED_IN_A_ROW} were all skipped for a non-finite loss or gradient: the weights have "
+            f"diverged (learning rate 0.0005 at step 10, optim.lr=0.001 with optim.warmup_steps=20, "
+            f"optim.schedule='constant': each step's rate is its lr in metrics.jsonl; optim.grad_clip=1.0")):
         train(config, progress=False)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == list(range(1, MAX_SKIPPED_IN_A_ROW + 1))
@@ -666,7 +670,16 @@ def test_a_diverged_run_stops_naming_its_settings_and_keeps_its_last_checkpoint(
 
 def test_a_run_with_skipped_steps_warns_when_it_ends(tmp_path, capsys):
     train(_config(tmp_path, "onepass", steps=2, extra=("refine.lambda_ntp=1e300",)), progress=False)
-    assert "warning: 2 of steps 1..2 skipped an update for a non-finite loss or gradient" in capsys.readouterr().err
+    assert ("warning: 2 of steps 1..2 skipped an update for a non-finite loss or gradient (skipped_nonfinite in "
+            "metrics.jsonl; optim.lr=0.001)") in capsys.readouterr().err
+
+
+def test_a_warm_up_longer_than_the_run_is_warned_about(tmp_path, capsys):
+    train(_config(tmp_path, "ntp", steps=2, extra=("optim.warmup_steps=8",)), progress=False)
+    assert ("warning: optim.warmup_steps=8 is more than train.steps=2: the learning rate rises to 0.00025 only, "
+            "never optim.lr=0.001") in capsys.readouterr().err
+    train(_config(tmp_path, "ntp", steps=2, extra=("optim.warmup_steps=2",)), progress=False)
+    assert "warmup_steps" not in capsys.readouterr().err
 
 
 def test_a_row_that_cannot_be_written_names_its_file(tmp_path: Path) -> None:

@@ -102,11 +102,13 @@ def test_the_constant_schedule_is_lr_after_a_linear_warm_up():
 
 def test_the_cosine_schedule_runs_from_lr_after_the_warm_up_to_min_lr_at_the_last_step():
     cosine = OptimConfig(lr=0.1, schedule="cosine", warmup_steps=2, min_lr_ratio=0.2)
-    # Steps 3..7 are the cosine's five points: progress 0, 1/4, 1/2, 3/4, 1.
-    expected = [0.05, 0.1] + [0.02 + 0.08 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(5)]
+    # Steps 3..7 are at progress 0, 1/5 .. 4/5: the minimum would come at step 8, so no step trains at it.
+    expected = [0.05, 0.1] + [0.02 + 0.08 * 0.5 * (1 + math.cos(math.pi * k / 5)) for k in range(5)]
     assert [learning_rate(cosine, step, 7) for step in range(1, 8)] == pytest.approx(expected)
-    assert expected[2:] == pytest.approx([0.1, 0.02 + 0.08 * (2 + 2 ** 0.5) / 4, 0.06, 0.02 + 0.08 * (2 - 2 ** 0.5) / 4,
-                                          0.02])
+    assert expected[2] == 0.1 and expected[4] == pytest.approx(0.02 + 0.08 * 0.5 * (1 + (5 ** 0.5 - 1) / 4))
+    assert learning_rate(OptimConfig(lr=0.1, schedule="cosine"), 2, 2) == pytest.approx(0.05)  # min 0: not 0
+    # The warm-up's last step is exactly lr (lr x 3 / 3 in floats is not).
+    assert learning_rate(OptimConfig(lr=0.1, warmup_steps=3), 3, 5) == 0.1
     # Past train.steps (a resume that lowered it) the rate stays at its end; one step after the warm-up is lr.
     assert learning_rate(cosine, 9, 7) == pytest.approx(0.02)
     assert learning_rate(OptimConfig(lr=0.1, schedule="cosine"), 1, 1) == 0.1

@@ -48,7 +48,7 @@ def test_refine_train_disaggregated_end_to_end(ray_session, tmp_path: Path, caps
 
     rows = step_rows(run_dir)
     assert [row["step"] for row in rows] == list(range(1, steps + 1))
-    assert [row["lr"] for row in rows] == pytest.approx([1e-4 * (1 + math.cos(math.pi * k / 4)) / 2 for k in range(5)])
+    assert [row["lr"] for row in rows] == pytest.approx([1e-4 * (1 + math.cos(math.pi * k / 5)) / 2 for k in range(5)])
     # On-policy (max_staleness = 0): step t trains on rollouts made with the weights after t - 1 steps,
     # so workers did pick up every refreshed version.
     assert [row["policy_version"] for row in rows] == list(range(steps))
@@ -108,7 +108,8 @@ def test_a_diverged_run_stops_with_an_error_naming_its_settings(ray_session, tmp
     steps = MAX_SKIPPED_IN_A_ROW + 3
     config = tiny_config(tmp_path, f"train.steps={steps}", "service.mode=colocated", "refine.lambda_ntp=1e300")
     with pytest.raises(ValueError, match=rf"steps 1..{MAX_SKIPPED_IN_A_ROW} were all skipped for a non-finite loss "
-                                         r"or gradient: the weights have diverged \(optim.lr="):
+                                         r"or gradient: the weights have diverged \(learning rate 0.0001 at step "
+                                         r"\d+, optim.lr=0.0001; "):
         run(config, progress=False)
     rows = step_rows(tmp_path / "run")
     assert len(rows) < steps and all(row["skipped_nonfinite"] == 1.0 for row in rows)
