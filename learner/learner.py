@@ -44,6 +44,7 @@ from learner.checkpoint import LearnerState, latest_checkpoint, load_learner_che
 from learner.update import LEARNER_PHASES, fused_update, onepass_update, rollouts_from_batch
 from refine.algorithm.rewards import check_run_reward
 from refine.config import RunConfig, run_tokenizer
+from refine.evaluation.heldout import heldout_evaluator
 from refine.loop import StepResult, finite_stats, make_optimizer, prepare_model
 from refine.optim import learning_rate, set_learning_rate
 from services.messages import DataCursor, DocumentBatch, ScoredBatch
@@ -178,6 +179,9 @@ class Learner:
 
         self.model = prepare_model(config)
         self.tokenizer = run_tokenizer(config)  # its files go into every checkpoint's model directory
+        # Read here, where the learner runs (data.eval_source must be readable on its node, as train.out_dir is).
+        self.evaluate = None if config.data.eval_source is None else heldout_evaluator(config, self.model,
+                                                                                        self.tokenizer)
         self.optimizer = make_optimizer(self.model, config.optim)
         self.generator = torch.Generator(device=self.device).manual_seed(config.train.seed)
         self.ref_model = None
@@ -459,6 +463,8 @@ class Learner:
             "duplicates_skipped": self.duplicates,
             "wall_time": round(time.time(), 6),
         })
+        if self.evaluate is not None and self.config.train.evaluates_step(state.step):
+            stats |= self.evaluate()
         self._record(stats, outcome, num_documents=documents.lengths.shape[0])
         self.last_stats = stats
         report = self._new_report("step", stats)
@@ -475,7 +481,7 @@ class Learner:
         m.skipped_steps.inc(int(outcome.skipped))
         for gauge, key in ((m.policy_loss, "policy_loss"), (m.ntp_loss, "ntp_loss"), (m.grad_norm, "grad_norm"),
                            (m.clip_fraction, "pg/clip_fraction"), (m.approx_kl, "pg/approx_kl"),
-                           (m.learning_rate, "lr")):
+                           (m.learning_rate, "lr"), (m.eval_ntp_loss, "eval_ntp_loss")):
             if key in stats:
                 gauge.set(float(stats[key]))
         for phase in LEARNER_PHASES:

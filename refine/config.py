@@ -198,11 +198,16 @@ class DataSpec(Strict):
         description="kinds of synthetic documents, in equal shares: fact-recall prose, NIAH and MQAR prompts with answers",
     )
     skip_bad_rows: bool = False
+    eval_source: PathStr | None = Field(None, description=(
+        "held-out documents whose NTP loss is measured during training (eval_ntp_loss, see train.eval_every): a "
+        "source as `source` is, read the same way, or `synthetic` (the corpus generated from another seed)"))
+    eval_documents: int = Field(64, ge=1, description="how many of data.eval_source's first documents")
 
-    @field_validator("source")
+    @field_validator("source", "eval_source")
     @classmethod
-    def _home_exists(cls, value: str) -> str:
-        _expand_home(value)  # "~nobody/...": refused naming the field, not a traceback when the source is read
+    def _home_exists(cls, value: str | None) -> str | None:
+        if value is not None:
+            _expand_home(value)  # "~nobody/...": refused naming the field, not a traceback when the source is read
         return value
 
     @field_validator("min_length")
@@ -218,6 +223,9 @@ class DataSpec(Strict):
         if self.source == "synthetic" and self.max_windows > 1:
             raise ValueError(f"data.max_windows={self.max_windows} splits long documents of a file source; the "
                              f"synthetic corpus' documents are made to fit data.seq_len, so leave it at 1")
+        if self.eval_source == "synthetic" and self.eval_documents * self.seq_len > MAX_SYNTHETIC_TOKENS:
+            raise ValueError(f"data.eval_documents={self.eval_documents} x data.seq_len={self.seq_len} is more than "
+                             f"the {MAX_SYNTHETIC_TOKENS} tokens a synthetic corpus may hold")
         if self.source == "synthetic" and self.num_documents * self.seq_len > MAX_SYNTHETIC_TOKENS:
             raise ValueError(f"data.num_documents={self.num_documents} x data.seq_len={self.seq_len} is more than the "
                              f"{MAX_SYNTHETIC_TOKENS} tokens a synthetic corpus may hold (it is generated in full "
@@ -252,6 +260,8 @@ class TrainConfig(Strict):
     threads: int | None = Field(None, ge=1, le=MAX_THREADS)
     log_every: int = Field(1, ge=1, description="a metrics.jsonl row every this many steps, and the last step's")
     checkpoint_every: int = Field(0, ge=0, description="0: only at the end")
+    eval_every: int = Field(0, ge=0, description="steps between measures of data.eval_source's held-out NTP loss "
+                                                 "(eval_ntp_loss in metrics.jsonl); 0: at the last step only")
     out_dir: PathStr = "runs/latest"
     init_from: PathStr | None = Field(None, description="model directory to start from instead of random weights; its "
                                   "config.json then is the model section")
@@ -271,6 +281,11 @@ class TrainConfig(Strict):
     def logs_step(self, step: int) -> bool:
         """Whether step `step` gets a metrics.jsonl row (every `log_every` steps, and the last)."""
         return step % self.log_every == 0 or step == self.steps
+
+    def evaluates_step(self, step: int) -> bool:
+        """Whether step `step` measures the held-out loss, when there is a data.eval_source (every `eval_every`
+        steps, and the last); such a step gets a metrics.jsonl row."""
+        return (self.eval_every > 0 and step % self.eval_every == 0) or step == self.steps
 
     @model_validator(mode="after")
     def _mini_batches_hold_documents(self) -> "TrainConfig":
@@ -499,6 +514,13 @@ class RunConfig(Strict):
         problem = discovery_dir_problem(self.service.metrics_discovery_dir)
         if problem is not None:
             raise ValueError(f"{discovery_dir_setting(self.service.metrics_discovery_dir)}: {problem}")
+        return self
+
+    @model_validator(mode="after")
+    def _eval_every_has_a_source(self) -> "RunConfig":
+        if self.train.eval_every and self.data.eval_source is None:
+            raise ValueError(f"train.eval_every={self.train.eval_every} measures the held-out loss of data.eval_source,"
+                             f" which is not set: give it a source of held-out documents (or synthetic)")
         return self
 
     @model_validator(mode="after")

@@ -30,6 +30,7 @@ from refine.algorithm.update import (
 from refine.config import DTYPES, OptimConfig, RefineConfig, RunConfig, dump_config, fit_to_tokenizer, run_tokenizer
 from refine.data.batches import DocumentBatch
 from refine.data.stream import check_resumed_windows, check_source, document_batches
+from refine.evaluation.heldout import heldout_evaluator
 from refine.files import file_system_error, sync_directory, sync_tree, write_atomically
 from refine.models import FastWeightLM, build_model, load_model, load_model_config, save_model
 from refine.models.size import check_model_fits
@@ -627,11 +628,13 @@ def finite_stats(stats: dict) -> dict:
 
 def run_steps(config: RunConfig, model: FastWeightLM, optimizer: torch.optim.Optimizer, generator: torch.Generator,
               tokenizer: Tokenizer, next_batch: Callable[[int], StepBatch], start: RunPosition, desc: str,
-              shown: tuple[str, ...], progress: bool) -> dict[str, float]:
+              shown: tuple[str, ...], progress: bool,
+              evaluate: Callable[[], dict[str, float]] | None = None) -> dict[str, float]:
     """Steps `start.step + 1 .. config.train.steps`, each one batch, `next_batch(cursor)`, trained by its
     `update` (one or more optimizer steps: see RunPosition): a metrics.jsonl row every `log_every` steps (and
     the last), a checkpoint every `checkpoint_every` steps and at the end, then the plots; the progress bar
-    shows the stats named in `shown`. Returns the last step's stats."""
+    shows the stats named in `shown`. `evaluate` (the held-out loss) adds its stats to the rows of the steps
+    `train.evaluates_step` names, which are always written. Returns the last step's stats."""
     out_dir = Path(config.train.out_dir)
     metrics_path = out_dir / "metrics.jsonl"
     position = start  # replaced, not changed, after each step
@@ -656,7 +659,10 @@ def run_steps(config: RunConfig, model: FastWeightLM, optimizer: torch.optim.Opt
                                                                  "step_seconds": time.perf_counter() - started,
                                                                  "skipped_steps": position.skipped_steps,
                                                                  "tokens": batch.tokens, "lr": lr})
-            if config.train.logs_step(position.step):
+            evaluated = evaluate is not None and config.train.evaluates_step(position.step)
+            if evaluated:
+                last |= evaluate()
+            if config.train.logs_step(position.step) or evaluated:
                 write_row(metrics_path, last, start.program)
             diverged = divergence.add(position.step, outcome.stats)
             if diverged is not None:
@@ -782,6 +788,7 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> dic
     batches: Iterator[DocumentBatch] = document_batches(config, tokenizer, start_cursor=start.cursor)
     if start.step < config.train.steps:  # read before anything is written: a source that yields nothing fails here
         batches = itertools.chain([next(batches)], batches)
+    evaluate = None if config.data.eval_source is None else heldout_evaluator(config, model, tokenizer)
     out_dir = start_run_directory(config, fresh=start.step == 0, program="refine")
     changed = check_source(config, out_dir, resumed=start.step > 0)
     if changed:
@@ -794,4 +801,5 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> dic
                          cursor=batch.cursor, tokens=int(batch.lengths.sum()))
 
     return run_steps(config, model, optimizer, generator, tokenizer, next_batch, start,
-                     desc=f"train[{config.train.mode}]", shown=("loss", "reward_mean"), progress=progress)
+                     desc=f"train[{config.train.mode}]", shown=("loss", "reward_mean"), progress=progress,
+                     evaluate=evaluate)

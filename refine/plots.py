@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 CURVES = {
     "reward": ["reward_mean"],
-    "losses": ["ntp_loss", "policy_loss"],
+    "losses": ["ntp_loss", "policy_loss", "eval_ntp_loss"],
     "entropy": ["entropy_selected"],
     "staleness": ["staleness"],
 }

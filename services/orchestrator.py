@@ -169,12 +169,23 @@ def check_service_config(config: RunConfig) -> None:
         )
 
 
+def logged(train: TrainConfig, report: StepReport) -> bool:
+    """Whether a step's report gets a metrics.jsonl row: every train.log_every steps, the last, and those that
+    measured the held-out loss."""
+    return train.logs_step(report.step) or "eval_ntp_loss" in report.stats
+
+
 def check_data_source(config: RunConfig) -> None:
-    """Open data.source as the data layer does (a missing path, an unknown format, a missing column
-    fail here), before Ray, Redis and every actor start for nothing. The synthetic corpus is generated
+    """Open data.source and data.eval_source as the data layer does (a missing path, an unknown format, a
+    missing column fail here), before Ray, Redis and every actor start for nothing. The synthetic corpus is generated
     (a second or so): a data.seq_len too short for data.synthetic_tasks, or a data.min_length that keeps
     no document, fails here too."""
     data = config.data
+    if data.eval_source not in (None, "synthetic"):  # read by the learner: a bad one would fail it after Ray started
+        try:
+            RowSource(data.eval_source, columns=[data.text_column], fmt=data.format)
+        except (OSError, ValueError, ImportError) as exc:
+            raise ConfigError(f"data.eval_source={data.eval_source!r}: {exc}") from None
     if data.source == "synthetic":
         tokenizer = run_tokenizer(config)  # outside the try: its own errors name the tokenizer setting
         try:
@@ -262,7 +273,7 @@ def restore_reports(checkpoint: Path, out_dir: Path, train: TrainConfig) -> int:
     numbered = {row.get("report") for _, row in jsonl_rows(out_dir / "events.jsonl")}
     restored = 0
     for report in sorted(reports, key=lambda report: report.seq):
-        if report.kind == "step" and report.step not in steps and train.logs_step(report.step):
+        if report.kind == "step" and report.step not in steps and logged(train, report):
             write_row(out_dir / "metrics.jsonl", report.stats, "refine")
         elif report.kind != "step" and report.seq not in numbered:
             write_row(out_dir / "events.jsonl", _event_row(report, report.created_at), "refine")
@@ -764,7 +775,7 @@ class Orchestrator:
             return
         assert self.metrics_path is not None and self.bar is not None
         row = dict(report.stats)
-        if self.config.train.logs_step(report.step):
+        if logged(self.config.train, report):
             # A row the disk refuses ends the run, naming the file; the learner's checkpoint keeps the report.
             write_row(self.metrics_path, row, "refine")
         # Raised by the loop, once every report it read is recorded and acknowledged.

@@ -187,6 +187,29 @@ def test_a_resume_over_a_changed_source_says_so(tmp_path, capsys):
            f"e.g. 'docs.jsonl')" in err
 
 
+def test_the_heldout_loss_is_measured_every_eval_every_steps_and_at_the_last(tmp_path):
+    from refine.evaluation.heldout import heldout_documents, heldout_ntp_loss
+
+    config = _config(tmp_path, "onepass", steps=5, extra=("data.eval_source=synthetic", "data.eval_documents=3",
+                                                          "train.eval_every=2", "train.log_every=3"))
+    train(config, progress=False)
+    rows = _rows(tmp_path)
+    # Rows every 3 steps and at the last, and at the steps that measured the held-out loss (2, 4, 5).
+    assert [row["step"] for row in rows] == [2, 3, 4, 5]
+    assert [row["step"] for row in rows if "eval_ntp_loss" in row] == [2, 4, 5]
+    model = load_model(tmp_path / "checkpoints/latest/model")
+    documents = heldout_documents(config, run_tokenizer(config))
+    assert rows[-1]["eval_ntp_loss"] == pytest.approx(heldout_ntp_loss(model, documents, 2), rel=1e-6)
+    assert (tmp_path / "losses.png").exists()
+
+
+def test_a_bad_eval_source_fails_before_the_run_directory_is_written(tmp_path):
+    with pytest.raises(ValueError, match="data.eval_source="):
+        train(_config(tmp_path / "run", "ntp", extra=(f"data.eval_source={tmp_path / 'missing.jsonl'}",)),
+              progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 def _uneven_documents(tmp_path):
     source = tmp_path / "uneven.jsonl"
     source.write_text("".join(json.dumps({"text": f"document {i}: " + "words of text " * (8 + 5 * i)}) + "\n"

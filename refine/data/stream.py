@@ -97,7 +97,9 @@ def synthetic_documents(config: RunConfig, tokenizer: Tokenizer) -> list[tuple[s
     return docs
 
 
-def _file_documents(config: RunConfig, tokenizer: Tokenizer, cursor: int, warn: bool = True) -> Iterator[Item]:
+def file_documents(config: RunConfig, tokenizer: Tokenizer, cursor: int, warn: bool = True) -> Iterator[Item]:
+    """One pass over data.source from `cursor`: (doc_id, token ids, cursor after it); dropped and cut documents
+    are logged."""
     spec = config.data
     data = DataConfig(path=spec.source, format=spec.format, text_column=spec.text_column,
                       min_length=spec.min_length, max_length=spec.seq_len, max_windows=spec.max_windows,
@@ -143,7 +145,7 @@ def document_stream(config: RunConfig, tokenizer: Tokenizer, start_cursor: int =
     warn = True
     while True:
         produced = 0
-        for item in _file_documents(config, tokenizer, epoch_cursor, warn=warn):
+        for item in file_documents(config, tokenizer, epoch_cursor, warn=warn):
             produced += 1
             yield item
         if produced == 0 and epoch_cursor == 0:  # a resume at the very end of a pass yields nothing: fine

@@ -47,6 +47,7 @@ def update_learner(metrics: Metrics) -> None:
     metrics.learner_step.set(3)
     metrics.policy_loss.set(-0.01)
     metrics.ntp_loss.set(2.3)
+    metrics.eval_ntp_loss.set(2.4)
     metrics.clip_fraction.set(0.05)
     metrics.approx_kl.set(0.002)
     metrics.grad_norm.set(1.7)

@@ -14,6 +14,7 @@ import torch
 
 from learner.checkpoint import read_learner_state
 from refine.cli import main
+from refine.config import ConfigError
 from refine.data.sources import BadRowError
 from refine.loop import MAX_SKIPPED_IN_A_ROW
 from refine.models import load_model
@@ -101,6 +102,22 @@ def test_colocated_runs_the_fused_step_without_workers(ray_session, tmp_path: Pa
     stages = ("forward", "select", "states", "decode", "teacher_forced", "score", "backward_step")
     assert all(sum(row[f"{stage}_seconds"] for stage in stages) <= row["step_seconds"] for row in rows)
     assert stats["step"] == 3 and stats["reward_mean"] == rows[-1]["reward_mean"]
+
+
+def test_the_learner_measures_the_heldout_loss_and_the_driver_writes_those_rows(ray_session, tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, "train.steps=3", "service.mode=colocated", "train.log_every=3",
+                         "data.eval_source=synthetic", "data.eval_documents=2", "train.eval_every=2")
+    run(config, progress=False)
+    rows = step_rows(tmp_path / "run")
+    assert [row["step"] for row in rows] == [2, 3]  # step 2: only for its held-out loss
+    assert all(row["eval_ntp_loss"] > 0 for row in rows)
+
+
+def test_a_missing_eval_source_fails_before_anything_starts(tmp_path: Path) -> None:
+    missing = tmp_path / "heldout.jsonl"
+    with pytest.raises(ConfigError, match=f"data.eval_source='{missing}': data path .* does not exist"):
+        run(tiny_config(tmp_path, f"data.eval_source={missing}"), progress=False, redis_url="redis://127.0.0.1:1/0")
+    assert not (tmp_path / "run" / "config.yaml").exists()
 
 
 def test_a_diverged_run_stops_with_an_error_naming_its_settings(ray_session, tmp_path: Path) -> None:
