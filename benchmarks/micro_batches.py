@@ -1,11 +1,14 @@
 """Gradient accumulation (`train.micro_batches`): peak memory and seconds of a one-pass REFINE step.
 
 The same model, batch and rollouts, an optimizer step with the update forward and backward run in 1, 2, 4 ...
-slices of the batch. Prints one JSON object per micro-batch count, each measured in a fresh process: on CUDA
-the peak of torch's allocator over the first update; on CPU the growth of the process's peak resident memory
-(ru_maxrss) over it, past the peak the no-grad rollout pass before it had set (so a small update shows as
-nearly nothing: `process_peak_rss_bytes` is the whole process's). Then the median seconds of `--repeats` warm
-updates, and the first update's loss and gradient norm, equal across counts to rounding.
+slices of the batch. Prints one JSON object per micro-batch count, each measured in a fresh process:
+`saved_for_backward_peak_bytes`, the most activation memory autograd held at once over the first update (what
+micro-batches divide), and its ratio to the first count's; `peak_memory_bytes`, on CUDA the peak of torch's
+allocator over that update, on CPU the growth of the process's peak resident memory (ru_maxrss) over it, which
+only counts what goes past the peak the no-grad rollout pass set before, and what the allocator kept from it
+(`process_peak_rss_bytes`: the whole process's; the rollout pass runs on the whole batch whatever the count).
+Then the median seconds of `--repeats` warm updates, and the first update's loss and gradient norm, equal
+across counts to rounding.
 
     python benchmarks/micro_batches.py [--length 4096] [--batch 4] [--micro-batches 1 2 4] [--repeats 3]
                                        [--threads 2] [--hidden-size 128] [--layers 2] [--heads 2] [--device cpu]
@@ -35,6 +38,37 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+class SavedForBackward:
+    """The bytes of the tensors autograd keeps for backward (activations: parameters excluded), counted as they
+    are saved by a forward and released as the backward reads them; `peak` is the most held at once. Unlike a
+    process's resident memory it does not depend on what the allocator keeps for reuse."""
+
+    def __init__(self) -> None:
+        self.held: dict[int, tuple[int, int]] = {}  # storage address -> (tensors saved from it, its bytes)
+        self.current = self.peak = 0
+
+    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        if not (tensor.is_leaf and tensor.requires_grad):
+            storage = tensor.untyped_storage()
+            count, size = self.held.get(storage.data_ptr(), (0, storage.nbytes()))
+            if count == 0:
+                self.current += size
+                self.peak = max(self.peak, self.current)
+            self.held[storage.data_ptr()] = (count + 1, size)
+        return tensor
+
+    def unpack(self, tensor: torch.Tensor) -> torch.Tensor:
+        key = tensor.untyped_storage().data_ptr()
+        if key in self.held:
+            count, size = self.held[key]
+            if count == 1:
+                del self.held[key]
+                self.current -= size
+            else:
+                self.held[key] = (count - 1, size)
+        return tensor
+
+
 def measure(args: argparse.Namespace, micro_batches: int) -> dict:
     """One step in this process: the seconds and peak memory of the update with `micro_batches` slices."""
     tune_allocator()
@@ -57,7 +91,9 @@ def measure(args: argparse.Namespace, micro_batches: int) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     before = peak_rss_bytes()
-    outcome = rollout_batch_update("onepass", model, optimizer, ids, lengths, rollouts, config)
+    saved = SavedForBackward()
+    with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+        outcome = rollout_batch_update("onepass", model, optimizer, ids, lengths, rollouts, config)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
@@ -75,7 +111,8 @@ def measure(args: argparse.Namespace, micro_batches: int) -> dict:
     return {"benchmark": "micro_batches", "micro_batches": micro_batches, "batch": args.batch,
             "context_length": args.length, "device": device,
             "median_update_seconds": round(statistics.median(seconds), 4),
-            "peak_memory_bytes": peak, "memory_measured_as": measured, "process_peak_rss_bytes": peak_rss_bytes(),
+            "saved_for_backward_peak_bytes": saved.peak, "peak_memory_bytes": peak, "memory_measured_as": measured,
+            "process_peak_rss_bytes": peak_rss_bytes(),
             "first_step_loss": outcome.stats["loss"], "first_step_grad_norm": outcome.stats["grad_norm"]}
 
 
@@ -101,9 +138,9 @@ def main() -> None:
         done = subprocess.run([sys.executable, __file__, *child, "--one", str(count)], capture_output=True,
                               text=True, check=True)
         rows.append(json.loads(done.stdout.splitlines()[-1]))
-    baseline = rows[0]["peak_memory_bytes"]
+    baseline = rows[0]["saved_for_backward_peak_bytes"]
     for row in rows:
-        row["peak_memory_over_first"] = round(row["peak_memory_bytes"] / baseline, 3) if baseline else None
+        row["saved_for_backward_over_first"] = round(row["saved_for_backward_peak_bytes"] / baseline, 3)
         print(json.dumps(row))
 
 

@@ -243,17 +243,19 @@ def backward_slices(slices: list[tuple[int, int]], loss_of: SliceLoss, cfg: Refi
     """Forward and backward each slice of documents in turn, their gradients adding up in .grad: with slice losses
     weighted by their shares (slice_loss), the sum is the gradient of all the slices' documents as one batch, with
     one slice's activations in memory at a time. Returns the slices' stats merged (merge_slice_stats) and whether
-    every loss was finite (a non-finite one stops the pass: the step is to be skipped)."""
+    every loss was finite. After a non-finite one (the step is to be skipped) the other slices only run forward,
+    without gradient, so that the skipped step reports the whole batch's stats as an undivided one does."""
     parts: list[tuple[dict[str, float], SliceShares]] = []
+    finite = True
     for start, end in slices:
-        with timed_stage(times, "forward"):
+        with timed_stage(times, "forward"), torch.set_grad_enabled(finite):
             result, shares = loss_of(start, end)
         parts.append((result.stats, shares))
-        if not torch.isfinite(result.loss):
-            return merge_slice_stats(parts, cfg), False
-        with timed_stage(times, "backward_step"):
-            result.loss.backward()
-    return merge_slice_stats(parts, cfg), True
+        finite = finite and bool(torch.isfinite(result.loss))
+        if finite:
+            with timed_stage(times, "backward_step"):
+                result.loss.backward()
+    return merge_slice_stats(parts, cfg), finite
 
 
 def merge_slice_stats(parts: list[tuple[dict[str, float], SliceShares]], cfg: RefineConfig) -> dict[str, float]:

@@ -88,10 +88,10 @@ def check_config(config: RunConfig, sft_coef: float) -> None:
     if config.train.init_from is None:
         raise ValueError("train.init_from is not set: post-training starts from a trained model; give its checkpoint "
                          "directory, e.g. --set train.init_from=checkpoints/delta_net-1.3B-100B")
-    check_mini_batches(config)
-    if config.train.micro_batches > 1:
+    if config.train.micro_batches > 1:  # first: check_mini_batches would advise onepass, which refuses them too
         raise ValueError(f"train.micro_batches={config.train.micro_batches}: post-training's SFT step trains on the "
                          f"whole batch at once, so micro-batches would not bound its memory; lower train.batch_size")
+    check_mini_batches(config)
     check_no_kl_term(config.refine, "refine posttrain")
     # Beyond float32's largest number the coefficient is inf in the float32 loss: every SFT update is skipped.
     if not (math.isfinite(sft_coef) and 0 <= sft_coef <= MAX_SFT_COEF):

@@ -236,6 +236,27 @@ def test_micro_batches_take_the_whole_batchs_update(tmp_path, mode, mini_batches
     assert max(float((a[name] - b[name]).abs().max()) for name in a) < 1e-12
 
 
+def test_a_non_finite_slice_stops_the_backward_passes_but_not_the_stats():
+    """A non-finite slice skips the step; the slices after it still run forward (without gradient), so the row's
+    stats are the whole batch's, as an undivided step reports them, not those of the slices before the bad one."""
+    from refine.algorithm.update import SliceShares
+    from refine.loop import backward_slices
+
+    weight = torch.nn.Parameter(torch.tensor(2.0, dtype=torch.float64))
+    graphs = []
+
+    def loss_of(start: int, end: int):
+        loss = weight * start if start != 1 else weight * float("nan")
+        graphs.append(torch.is_grad_enabled())
+        stats = {"ntp_loss": float(start), "policy_loss": 10.0 * start}
+        return LossResult(loss, loss.detach(), loss.detach(), stats), SliceShares(ntp=1 / 3, policy=1 / 3)
+
+    stats, finite = backward_slices([(0, 1), (1, 2), (2, 3)], loss_of, load_config(None, []).refine)
+    assert not finite and graphs == [True, True, False]  # the slice after the bad one: forward only
+    assert stats["ntp_loss"] == pytest.approx(1.0) and stats["policy_loss"] == pytest.approx(10.0)
+    assert float(weight.grad) == 0.0  # slice 0's gradient (0); slice 1 was not backpropagated
+
+
 def test_micro_batches_are_refused_where_the_step_cannot_take_them(tmp_path):
     with pytest.raises(ValueError, match="train.micro_batches=2 needs train.mode 'onepass', 'reference' or 'ntp'"):
         train(_config(tmp_path, "fused", extra=("train.micro_batches=2",)), progress=False)
