@@ -17,18 +17,16 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
 
-from refine.algorithm.losses import ntp_loss  # noqa: E402
 from refine.algorithm.rewards import check_run_reward  # noqa: E402
 from refine.config import RunConfig, run_tokenizer, validate_config  # noqa: E402
-from refine.data.batches import pad_documents  # noqa: E402
 from refine.data.stream import recall_corpus_config  # noqa: E402
 from refine.data.synthetic import (  # noqa: E402
     LengthTooShortError, NiahConfig, generate_niah, generate_recall_documents, mqar_for_length,
 )
+from refine.evaluation.heldout import HELDOUT_SEED_OFFSET, heldout_ntp_loss  # noqa: E402
 from refine.evaluation.runner import evaluate  # noqa: E402
-from refine.models import FastWeightLM, load_model  # noqa: E402
+from refine.models import load_model  # noqa: E402
 from refine.plots import read_metrics  # noqa: E402
 from refine.tokenizer import HFTokenizer, Tokenizer  # noqa: E402
 
@@ -46,16 +44,14 @@ def stage_config(config: RunConfig, name: str, mode: str, steps: int, lr: float,
     return validate_config(tree)
 
 
-@torch.no_grad()
-def heldout_ntp_loss(model: FastWeightLM, tokenizer: Tokenizer, config: RunConfig) -> float:
+def demo_heldout_documents(tokenizer: Tokenizer, config: RunConfig) -> list[list[int]]:
+    """demo.heldout_documents recall documents of data.seq_len tokens with their BOS, as the training corpus makes
+    them, from a seed the training corpus never uses."""
     bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
-    # Documents of data.seq_len tokens with their BOS, as the training corpus makes them.
     corpus = recall_corpus_config(config.data.seq_len - len(bos), config.data.seq_len,
-                                  seed=config.train.seed + 10_000)  # a seed the training corpus never uses
+                                  seed=config.train.seed + HELDOUT_SEED_OFFSET)
     docs = generate_recall_documents(corpus, tokenizer, config.demo.heldout_documents)
-    ids, lengths = pad_documents([(bos + tokenizer.encode(d.text))[: config.data.seq_len] for d in docs],
-                                 tokenizer.pad_id or 0)
-    return float(ntp_loss(model(ids, lengths=lengths, output_state=False).logits, ids, lengths))
+    return [(bos + tokenizer.encode(d.text))[: config.data.seq_len] for d in docs]
 
 
 def eval_examples(task: str, tokenizer: Tokenizer, config: RunConfig) -> list:
@@ -82,7 +78,8 @@ def eval_sets(tokenizer: Tokenizer, config: RunConfig) -> dict[str, list]:
 
 def evaluate_model(path: Path, tokenizer: Tokenizer, config: RunConfig, sets: dict[str, list]) -> dict[str, float]:
     model = load_model(path).eval()
-    row = {"heldout_ntp_loss": round(heldout_ntp_loss(model, tokenizer, config), 4)}
+    documents = demo_heldout_documents(tokenizer, config)
+    row = {"heldout_ntp_loss": round(heldout_ntp_loss(model, documents, len(documents), tokenizer.pad_id or 0), 4)}
     for task, examples in sets.items():
         result = evaluate(model, tokenizer, examples, task, ttt=False,
                           run_config=config, ttt_steps=0, max_new_tokens=None, progress=False)
