@@ -456,15 +456,15 @@ class Learner:
             self._publish_weights()
         self.finished += 1
         # One set of stats for Prometheus, the report (metrics.jsonl, the checkpoint) and the run's result.
-        stats = finite_stats(dict(outcome.stats) | extra | {
+        evaluated = self.evaluate is not None and self.config.train.evaluates_step(state.step)
+        held_out = self.evaluate() if evaluated else {}
+        stats = finite_stats(dict(outcome.stats) | extra | held_out | {
             "step": state.step, "weight_version": state.weight_version, "document_batch_id": documents.batch_id,
             "cursor": cursor.offset, "data_epoch": cursor.epoch, "tokens": int(documents.lengths.sum()), "skipped_steps": state.skipped_steps,
             "dropped_stale": state.dropped_stale, "dropped_invalid": state.dropped_invalid,
             "duplicates_skipped": self.duplicates,
             "wall_time": round(time.time(), 6),
         })
-        if self.evaluate is not None and self.config.train.evaluates_step(state.step):
-            stats |= self.evaluate()
         self._record(stats, outcome, num_documents=documents.lengths.shape[0])
         self.last_stats = stats
         report = self._new_report("step", stats)

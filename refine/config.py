@@ -223,6 +223,10 @@ class DataSpec(Strict):
         if self.source == "synthetic" and self.max_windows > 1:
             raise ValueError(f"data.max_windows={self.max_windows} splits long documents of a file source; the "
                              f"synthetic corpus' documents are made to fit data.seq_len, so leave it at 1")
+        if self.eval_source == "synthetic" and self.eval_documents < len(self.synthetic_tasks):
+            raise ValueError(f"data.eval_documents={self.eval_documents} is fewer than the {len(self.synthetic_tasks)} "
+                             f"data.synthetic_tasks={self.synthetic_tasks} of the synthetic held-out corpus: each "
+                             f"task needs at least one document")
         if self.eval_source == "synthetic" and self.eval_documents * self.seq_len > MAX_SYNTHETIC_TOKENS:
             raise ValueError(f"data.eval_documents={self.eval_documents} x data.seq_len={self.seq_len} is more than "
                              f"the {MAX_SYNTHETIC_TOKENS} tokens a synthetic corpus may hold")

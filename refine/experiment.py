@@ -24,7 +24,7 @@ from refine.data.stream import recall_corpus_config  # noqa: E402
 from refine.data.synthetic import (  # noqa: E402
     LengthTooShortError, NiahConfig, generate_niah, generate_recall_documents, mqar_for_length,
 )
-from refine.evaluation.heldout import HELDOUT_SEED_OFFSET, heldout_ntp_loss  # noqa: E402
+from refine.evaluation.heldout import heldout_ntp_loss  # noqa: E402
 from refine.evaluation.runner import evaluate  # noqa: E402
 from refine.models import load_model  # noqa: E402
 from refine.plots import read_metrics  # noqa: E402
@@ -49,7 +49,7 @@ def demo_heldout_documents(tokenizer: Tokenizer, config: RunConfig) -> list[list
     them, from a seed the training corpus never uses."""
     bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
     corpus = recall_corpus_config(config.data.seq_len - len(bos), config.data.seq_len,
-                                  seed=config.train.seed + HELDOUT_SEED_OFFSET)
+                                  seed=config.train.seed + 10_000)
     docs = generate_recall_documents(corpus, tokenizer, config.demo.heldout_documents)
     return [(bos + tokenizer.encode(d.text))[: config.data.seq_len] for d in docs]
 

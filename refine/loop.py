@@ -657,13 +657,14 @@ def run_steps(config: RunConfig, model: FastWeightLM, optimizer: torch.optim.Opt
             outcome = batch.update(times)
             position = replace(position, step=position.step + 1, cursor=batch.cursor,
                                skipped_steps=position.skipped_steps + outcome.skipped)
-            last = finite_stats(outcome.stats | times.stats() | {"step": position.step,
-                                                                 "step_seconds": time.perf_counter() - started,
-                                                                 "skipped_steps": position.skipped_steps,
-                                                                 "tokens": batch.tokens, "lr": lr})
+            stats = outcome.stats | times.stats() | {"step": position.step,
+                                                     "step_seconds": time.perf_counter() - started,
+                                                     "skipped_steps": position.skipped_steps, "tokens": batch.tokens,
+                                                     "lr": lr}
             evaluated = evaluate is not None and config.train.evaluates_step(position.step)
             if evaluated:
-                last |= evaluate()
+                stats |= evaluate()
+            last = finite_stats(stats)
             if config.train.logs_step(position.step) or evaluated:
                 write_row(metrics_path, last, start.program)
             diverged = divergence.add(position.step, outcome.stats)

@@ -36,7 +36,9 @@ def plot_metrics(metrics_path: Path, out_dir: Path) -> list[Path]:
             continue
         fig, ax = plt.subplots(figsize=(6, 3.5))
         for key, points in series.items():
-            ax.plot([p[0] for p in points], [p[1] for p in points], label=key)
+            # A series of few points (a held-out loss measured rarely) gets markers: one point is no line.
+            ax.plot([p[0] for p in points], [p[1] for p in points], label=key,
+                    marker="o" if len(points) < 20 else None)
         ax.set_xlabel("step")
         ax.set_title(name)
         ax.legend()

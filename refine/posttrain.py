@@ -92,6 +92,9 @@ def check_config(config: RunConfig, sft_coef: float) -> None:
         raise ValueError(f"train.micro_batches={config.train.micro_batches}: post-training's SFT step trains on the "
                          f"whole batch at once, so micro-batches would not bound its memory; lower train.batch_size")
     check_mini_batches(config)
+    if config.data.eval_source is not None:
+        raise ValueError(f"data.eval_source={config.data.eval_source!r}: refine posttrain measures no held-out loss "
+                         f"(refine eval scores a post-trained model); leave it unset")
     check_no_kl_term(config.refine, "refine posttrain")
     # Beyond float32's largest number the coefficient is inf in the float32 loss: every SFT update is skipped.
     if not (math.isfinite(sft_coef) and 0 <= sft_coef <= MAX_SFT_COEF):

@@ -61,7 +61,7 @@ class Metrics:
         self.policy_loss = Gauge("refine_policy_loss", "Clipped policy-gradient loss", registry=r)
         self.ntp_loss = Gauge("refine_ntp_loss", "Next-token cross-entropy", registry=r)
         self.eval_ntp_loss = Gauge("refine_eval_ntp_loss", "Next-token cross-entropy on data.eval_source's held-out "
-                                   "documents, at the last step that measured it", registry=r)
+                                   "documents, at the last step that measured it (0 before)", registry=r)
         self.clip_fraction = Gauge("refine_clip_fraction", "Fraction of clipped rollout tokens", registry=r)
         self.approx_kl = Gauge("refine_approx_kl", "Approximate KL(behaviour || current)", registry=r)
         self.grad_norm = Gauge("refine_grad_norm", "Gradient norm before clipping", registry=r)

@@ -79,6 +79,7 @@ from refine.config import (
 from refine.data.batches import DocumentBatch as LocalBatch
 from refine.data.sources import RowSource
 from refine.data.stream import check_resumed_windows, check_source, document_batches, synthetic_documents
+from refine.evaluation.heldout import heldout_documents
 from refine.files import write_atomically
 from refine.loop import (
     Divergence, absolute_out_dir, check_resumed_program, clear_checkpoints, finished_run, jsonl_rows, plot_run,
@@ -181,11 +182,11 @@ def check_data_source(config: RunConfig) -> None:
     (a second or so): a data.seq_len too short for data.synthetic_tasks, or a data.min_length that keeps
     no document, fails here too."""
     data = config.data
-    if data.eval_source not in (None, "synthetic"):  # read by the learner: a bad one would fail it after Ray started
+    if data.eval_source is not None:  # the learner reads them: a bad source would fail it after Ray started
         try:
-            RowSource(data.eval_source, columns=[data.text_column], fmt=data.format)
+            heldout_documents(config, run_tokenizer(config))
         except (OSError, ValueError, ImportError) as exc:
-            raise ConfigError(f"data.eval_source={data.eval_source!r}: {exc}") from None
+            raise ConfigError(str(exc)) from None
     if data.source == "synthetic":
         tokenizer = run_tokenizer(config)  # outside the try: its own errors name the tokenizer setting
         try:

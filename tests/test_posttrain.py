@@ -212,6 +212,14 @@ def test_a_posttrain_that_cannot_start_leaves_its_directory_as_it_was(tmp_path, 
     assert {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()} == before
 
 
+def test_an_eval_source_is_refused_before_anything_is_written(tmp_path, capsys):
+    init = _init_model(tmp_path)
+    data = _write(tmp_path / "qa.jsonl", _qa_rows(3))
+    assert main(_argv(data, init, tmp_path / "run", 1, "--set", "data.eval_source=synthetic")) == 2
+    assert "data.eval_source='synthetic': refine posttrain measures no held-out loss" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_micro_batches_are_refused_before_anything_is_written(tmp_path, capsys):
     init = _init_model(tmp_path)
     data = _write(tmp_path / "qa.jsonl", _qa_rows(3))

@@ -12,7 +12,8 @@ from refine.config import RunConfig
 from refine.data.batches import DocumentBatch, batch_documents
 from refine.data.sources import DataConfig, DocumentStream, detect_format, source_files
 from refine.data.synthetic import (
-    LengthTooShortError, NiahConfig, RecallCorpusConfig, generate_niah, generate_recall_documents, mqar_for_length,
+    LengthTooShortError, NiahConfig, Purpose, RecallCorpusConfig, generate_niah, generate_recall_documents,
+    mqar_for_length,
 )
 from refine.files import write_atomically
 from refine.tokenizer import Tokenizer
@@ -27,16 +28,19 @@ Item = tuple[str, list[int], int]  # (doc_id, token ids, cursor to resume after 
 ANSWER_ROOM = 32
 
 
-def recall_corpus_config(length: int, seq_len: int, seed: int) -> RecallCorpusConfig:
+def recall_corpus_config(length: int, seq_len: int, seed: int, purpose: Purpose = "train") -> RecallCorpusConfig:
     """The recall documents of a data.seq_len: `length` tokens of text (data.seq_len less the BOS), about one
     fact per 200 tokens, which keeps room for the prose that separates statement and recall."""
-    return RecallCorpusConfig(length=length, num_facts=max(1, min(6, seq_len // 200)), seed=seed)
+    return RecallCorpusConfig(length=length, num_facts=max(1, min(6, seq_len // 200)), seed=seed,
+                              purpose=purpose)
 
 
-def _synthetic_texts(kind: str, config: RunConfig, tokenizer: Tokenizer, count: int) -> list[tuple[str, str]]:
+def _synthetic_texts(kind: str, config: RunConfig, tokenizer: Tokenizer, count: int,
+                     purpose: Purpose = "train") -> list[tuple[str, str]]:
     """(doc_id, text) of one kind; task documents are prompt + answer, so recall is in the training text.
     Every text fits data.seq_len tokens with the BOS the corpus adds; a data.seq_len too short for a kind's
-    fixed text fails naming the settings and the least data.seq_len that works."""
+    fixed text fails naming the settings and the least data.seq_len that works. `purpose` salts the random
+    streams (refine.data.synthetic): "heldout" documents never come from a stream a training corpus drew."""
     seq_len, seed = config.data.seq_len, config.train.seed
     bos = 1 if tokenizer.bos_id is not None else 0
     # What a length given to the generator leaves of data.seq_len, and the least length the generator accepts.
@@ -45,12 +49,13 @@ def _synthetic_texts(kind: str, config: RunConfig, tokenizer: Tokenizer, count: 
     fitted = max(length, least)
     try:
         if kind == "recall":
-            corpus = recall_corpus_config(fitted, seq_len, seed)
+            corpus = recall_corpus_config(fitted, seq_len, seed, purpose)
             texts = [(d.doc_id, d.text) for d in generate_recall_documents(corpus, tokenizer, count)]
         elif kind == "niah":
-            examples = generate_niah(NiahConfig(variant="single", length=fitted, seed=seed), tokenizer, count)
+            examples = generate_niah(NiahConfig(variant="single", length=fitted, seed=seed, purpose=purpose),
+                                     tokenizer, count)
         else:
-            examples = mqar_for_length(fitted, tokenizer, count, seed)
+            examples = mqar_for_length(fitted, tokenizer, count, seed, purpose)
         if length < least:  # fitted the generator's least length, which is more than data.seq_len leaves
             raise LengthTooShortError(f"length {length} is below {least}", least)
     except LengthTooShortError as error:
@@ -65,13 +70,14 @@ def _synthetic_texts(kind: str, config: RunConfig, tokenizer: Tokenizer, count: 
     return [(f"{kind}:{e.example_id}", f"{e.prompt}{gap(e.prompt)}{' '.join(e.answers)}\n") for e in examples]
 
 
-def synthetic_documents(config: RunConfig, tokenizer: Tokenizer) -> list[tuple[str, list[int]]]:
+def synthetic_documents(config: RunConfig, tokenizer: Tokenizer,
+                        purpose: Purpose = "train") -> list[tuple[str, list[int]]]:
     """The synthetic corpus: data.num_documents documents, the kinds interleaved (the first kinds get one more
     when they do not divide evenly), less those shorter than data.min_length (counted and logged)."""
     spec = config.data
     kinds = spec.synthetic_tasks
     counts = [spec.num_documents // len(kinds) + (k < spec.num_documents % len(kinds)) for k in range(len(kinds))]
-    by_kind = [_synthetic_texts(kind, config, tokenizer, count) for kind, count in zip(kinds, counts)]
+    by_kind = [_synthetic_texts(kind, config, tokenizer, count, purpose) for kind, count in zip(kinds, counts)]
     # Interleave the kinds so every batch mixes them.
     texts = [texts[i] for i in range(max(counts)) for texts in by_kind if i < len(texts)]
     bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []  # as file sources do

@@ -2,13 +2,17 @@
 documents, every `train.eval_every` steps and at the last step (`eval_ntp_loss` in metrics.jsonl).
 
 The documents are read once, as the training stream reads its source (BOS, `data.seq_len`, `data.min_length`,
-`data.max_windows`), or, for `synthetic`, generated like the training corpus from another seed: documents the
-run never trains on. The loss is the mean over every next-token target of all of them, as `ntp_loss` is over a
-batch, computed `train.batch_size` documents at a time without gradient.
+`data.max_windows`), or, for `synthetic`, generated like the training corpus from the random streams held-out
+sets draw (refine.data.synthetic's purpose "heldout"), which no training corpus draws from, whatever its seed.
+The loss is the mean over every next-token target of all of them, as `ntp_loss` is over a batch, computed
+without gradient as many documents at a time as one training forward takes (`eval_batch_size`), so that it
+needs no more memory than a step. A measure that fails (out of memory, say) is a warning: training goes on.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Callable
 from itertools import islice
 
@@ -21,9 +25,7 @@ from refine.data.stream import file_documents, synthetic_documents
 from refine.models import FastWeightLM
 from refine.tokenizer import Tokenizer
 
-# The synthetic held-out corpus' seed is the run's plus this: the training corpus is generated from the run's own.
-HELDOUT_SEED_OFFSET = 10_000
-
+logger = logging.getLogger(__name__)
 
 def heldout_documents(config: RunConfig, tokenizer: Tokenizer) -> list[list[int]]:
     """The token ids of the held-out documents; a source that yields none fails naming data.eval_source."""
@@ -32,10 +34,8 @@ def heldout_documents(config: RunConfig, tokenizer: Tokenizer) -> list[list[int]
     try:
         if spec.eval_source == "synthetic":
             heldout = config.model_copy(update={
-                "data": spec.model_copy(update={"source": "synthetic", "num_documents": spec.eval_documents}),
-                "train": config.train.model_copy(update={"seed": config.train.seed + HELDOUT_SEED_OFFSET}),
-            })
-            documents = [ids for _, ids in synthetic_documents(heldout, tokenizer)]
+                "data": spec.model_copy(update={"source": "synthetic", "num_documents": spec.eval_documents})})
+            documents = [ids for _, ids in synthetic_documents(heldout, tokenizer, purpose="heldout")]
         else:
             heldout = config.model_copy(update={"data": spec.model_copy(update={"source": spec.eval_source})})
             documents = [ids for _, ids, _ in islice(file_documents(heldout, tokenizer, 0, warn=False),
@@ -45,7 +45,18 @@ def heldout_documents(config: RunConfig, tokenizer: Tokenizer) -> list[list[int]
     if not documents:
         raise ValueError(f"data.eval_source={spec.eval_source!r} holds no document of at least data.min_length="
                          f"{spec.min_length} tokens")
+    if len(documents) < spec.eval_documents:
+        logger.warning("data.eval_source=%r holds %d documents of at least data.min_length=%d tokens, fewer than "
+                       "data.eval_documents=%d: the held-out loss is measured on those", spec.eval_source,
+                       len(documents), spec.min_length, spec.eval_documents)
     return documents
+
+
+def eval_batch_size(config: RunConfig) -> int:
+    """Documents per held-out forward: as many as one training forward takes (a rank's micro-batch)."""
+    train = config.train
+    learners = config.service.num_learners if config.service.mode == "disaggregated" else 1
+    return max(1, math.ceil(train.batch_size / (train.mini_batches * train.micro_batches * learners)))
 
 
 @torch.no_grad()
@@ -65,9 +76,14 @@ def heldout_evaluator(config: RunConfig, model: FastWeightLM, tokenizer: Tokeniz
     """Read the held-out documents now (a bad data.eval_source fails before the first step); the function that
     measures `model` on them, as a metrics.jsonl row's `eval_ntp_loss`."""
     documents = heldout_documents(config, tokenizer)
-    pad_id = tokenizer.pad_id or 0
+    pad_id, batch_size = tokenizer.pad_id or 0, eval_batch_size(config)
 
     def evaluate() -> dict[str, float]:
-        return {"eval_ntp_loss": heldout_ntp_loss(model, documents, config.train.batch_size, pad_id)}
+        try:
+            return {"eval_ntp_loss": heldout_ntp_loss(model, documents, batch_size, pad_id)}
+        except Exception as error:  # noqa: BLE001 - a lost measure must not lose the run's training
+            logger.warning("the held-out loss of data.eval_source=%r was not measured (%s: %s); training goes on",
+                           config.data.eval_source, type(error).__name__, error)
+            return {}
 
     return evaluate

@@ -9,7 +9,7 @@ from refine.algorithm.losses import ntp_loss
 from refine.config import ConfigError, load_config, run_tokenizer
 from refine.data.batches import pad_documents
 from refine.data.stream import synthetic_documents
-from refine.evaluation.heldout import heldout_documents, heldout_ntp_loss
+from refine.evaluation.heldout import eval_batch_size, heldout_documents, heldout_evaluator, heldout_ntp_loss
 from refine.models import build_model
 
 
@@ -43,12 +43,37 @@ def test_a_file_source_gives_its_first_documents_read_as_training_reads_them(tmp
     assert documents == [[tokenizer.bos_id, *b"a" * 127], [tokenizer.bos_id, *b"b" * 40]]
 
 
-def test_the_synthetic_heldout_corpus_is_not_the_training_corpus():
+def test_the_synthetic_heldout_corpus_is_no_training_corpus_whatever_the_seeds():
     config = _config("data.eval_source=synthetic", "data.eval_documents=4", "data.seq_len=256")
     tokenizer = run_tokenizer(config)
     heldout = heldout_documents(config, tokenizer)
-    training = [ids for _, ids in synthetic_documents(config, tokenizer)]
-    assert len(heldout) == 4 and not any(document in training for document in heldout)
+    assert len(heldout) == 4
+    for seed in (0, 1, 10_000):  # an offset seed would be another run's training corpus
+        other = _config("data.seq_len=256", f"train.seed={seed}")
+        training = [ids for _, ids in synthetic_documents(other, tokenizer)]
+        assert not any(document in training for document in heldout), seed
+
+
+def test_the_heldout_forward_takes_as_many_documents_as_a_training_forward():
+    assert eval_batch_size(_config("train.batch_size=8")) == 8
+    assert eval_batch_size(_config("train.batch_size=8", "train.mini_batches=2", "train.micro_batches=2")) == 2
+    assert eval_batch_size(_config("train.batch_size=8", "train.mini_batches=3")) == 3
+    assert eval_batch_size(_config("train.batch_size=8", "service.num_learners=4")) == 2
+
+
+def test_a_measure_that_fails_is_a_warning_not_an_error(caplog):
+    config = _config("data.eval_source=synthetic", "data.eval_documents=2", "data.seq_len=256")
+    model = build_model(dict(model_type="delta_net", vocab_size=260, hidden_size=16, num_hidden_layers=1,
+                             num_heads=2))
+    evaluate = heldout_evaluator(config, model, run_tokenizer(config))
+    assert evaluate()["eval_ntp_loss"] > 0
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    model.forward = out_of_memory
+    assert evaluate() == {}
+    assert "was not measured (OutOfMemoryError: CUDA out of memory); training goes on" in caplog.text
 
 
 def test_bad_eval_sources_are_named(tmp_path):
@@ -62,3 +87,13 @@ def test_bad_eval_sources_are_named(tmp_path):
     with pytest.raises(ConfigError, match="train.eval_every=5 measures the held-out loss of data.eval_source, which "
                                           "is not set"):
         _config("train.eval_every=5")
+    with pytest.raises(ConfigError, match=r"data.eval_documents=1 is fewer than the 2 data.synthetic_tasks"):
+        _config("data.eval_source=synthetic", "data.eval_documents=1", "data.synthetic_tasks=[recall,mqar]")
+
+
+def test_a_source_with_fewer_documents_than_asked_is_measured_on_those_with_a_warning(tmp_path, caplog):
+    source = tmp_path / "heldout.jsonl"
+    source.write_text("".join(json.dumps({"text": "x" * 60}) + "\n" for _ in range(3)))
+    config = _config(f"data.eval_source={source}", "data.eval_documents=50")
+    assert len(heldout_documents(config, run_tokenizer(config))) == 3
+    assert "holds 3 documents of at least data.min_length=16 tokens, fewer than data.eval_documents=50" in caplog.text
