@@ -167,17 +167,19 @@ class OptimConfig(Strict):
     grad_clip: float = Field(1.0, gt=0)
     schedule: Literal["constant", "cosine"] = Field(
         "constant", description="the learning rate over the run's steps, after the warm-up: lr throughout (the "
-                                "paper's), or a half cosine from lr down to lr x min_lr_ratio at train.steps")
+                                "paper's), or a half cosine from lr towards lr x min_lr_ratio, which it would reach "
+                                "one step after train.steps (see refine.optim.learning_rate)")
     warmup_steps: int = Field(0, ge=0, description="steps 1..warmup_steps ramp the learning rate linearly up to lr "
                                                    "(step s trains at lr x s / warmup_steps)")
-    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="the cosine schedule's last learning rate, as a "
-                                                             "fraction of lr")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="the learning rate the cosine schedule decays "
+                                                             "towards, as a fraction of lr")
 
     @model_validator(mode="after")
     def _min_lr_ratio_decays(self) -> "OptimConfig":
         if self.min_lr_ratio and self.schedule != "cosine":
-            raise ValueError(f"optim.min_lr_ratio={self.min_lr_ratio} is the cosine schedule's last learning rate, "
-                             f"but optim.schedule={self.schedule!r} does not decay: set optim.schedule=cosine")
+            raise ValueError(f"optim.min_lr_ratio={self.min_lr_ratio} is the learning rate the cosine schedule "
+                             f"decays towards, but optim.schedule={self.schedule!r} does not decay: set "
+                             f"optim.schedule=cosine")
         return self
 
 
@@ -200,7 +202,8 @@ class DataSpec(Strict):
     skip_bad_rows: bool = False
     eval_source: PathStr | None = Field(None, description=(
         "held-out documents whose NTP loss is measured during training (eval_ntp_loss, see train.eval_every): a "
-        "source as `source` is, read the same way, or `synthetic` (the corpus generated from another seed)"))
+        "source as `source` is, read the same way, or `synthetic` (the corpus generated from the random streams "
+        "of held-out sets, which no training corpus draws)"))
     eval_documents: int = Field(64, ge=1, description="how many of data.eval_source's first documents")
 
     @field_validator("source", "eval_source")

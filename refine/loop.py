@@ -214,15 +214,6 @@ def optimizer_step(model: FastWeightLM, optimizer: torch.optim.Optimizer, result
     return clip_and_step(model, optimizer, stats, grad_clip)
 
 
-def warmup_warning(config: RunConfig) -> str | None:
-    """A warm-up longer than the run never reaches optim.lr: say so (a run shortened to try a config, say)."""
-    optim, steps = config.optim, config.train.steps
-    if optim.warmup_steps <= steps or steps == 0:
-        return None
-    return (f"warning: optim.warmup_steps={optim.warmup_steps} is more than train.steps={steps}: the learning rate "
-            f"rises to {learning_rate(optim, steps, steps):g} only, never optim.lr={optim.lr}")
-
-
 def clip_and_step(model: FastWeightLM, optimizer: torch.optim.Optimizer, stats: dict[str, float],
                   grad_clip: float) -> StepResult:
     """Clip the gradients in .grad and step; a non-finite gradient skips the step (and is reported)."""
@@ -626,6 +617,15 @@ def finite_stats(stats: dict) -> dict:
         return stats
     kept = {key: value for key, value in stats.items() if key not in left_out}
     return kept | {NONFINITE_KEY: ",".join(left_out)}
+
+
+def warmup_warning(config: RunConfig) -> str | None:
+    """A warm-up longer than the run never reaches optim.lr: say so (a run shortened to try a config, say)."""
+    optim, steps = config.optim, config.train.steps
+    if optim.warmup_steps <= steps or steps == 0:
+        return None
+    return (f"warning: optim.warmup_steps={optim.warmup_steps} is more than train.steps={steps}: the learning rate "
+            f"rises to {learning_rate(optim, steps, steps):g} only, never optim.lr={optim.lr}")
 
 
 def run_steps(config: RunConfig, model: FastWeightLM, optimizer: torch.optim.Optimizer, generator: torch.Generator,

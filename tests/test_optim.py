@@ -123,8 +123,8 @@ def test_set_learning_rate_sets_every_group():
 
 
 def test_schedule_settings_are_checked_naming_the_field():
-    with pytest.raises(ValidationError, match="optim.min_lr_ratio=0.1 is the cosine schedule's last learning rate, "
-                                              "but optim.schedule='constant' does not decay"):
+    with pytest.raises(ValidationError, match="optim.min_lr_ratio=0.1 is the learning rate the cosine schedule "
+                                              "decays towards, but optim.schedule='constant' does not decay"):
         OptimConfig(min_lr_ratio=0.1)
     for bad in (dict(warmup_steps=-1), dict(schedule="linear"), dict(schedule="cosine", min_lr_ratio=1.5)):
         with pytest.raises(ValidationError):

@@ -27,6 +27,7 @@ from refine.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
+
 def heldout_documents(config: RunConfig, tokenizer: Tokenizer) -> list[list[int]]:
     """The token ids of the held-out documents; a source that yields none fails naming data.eval_source."""
     spec = config.data
