@@ -453,6 +453,7 @@ class Orchestrator:
         self.data_position = DataPosition(epoch=0, cursor=-1)
         self.recorded_through = 0  # every learner report numbered up to this one is written
         self.recorded_ahead: set[int] = set()  # reports written past a gap (redelivered after a Redis restart)
+        self.read_interrupted = False  # a Ctrl-C landed in a report read: entries delivered to us, not yet written
         self.divergence = Divergence(config)  # ends a run whose every step is skipped as not finite
         self.diverged: ValueError | None = None  # raised by the loop once the reports that told it are recorded
         self._next_housekeeping = 0.0
@@ -750,12 +751,18 @@ class Orchestrator:
         """Write the learner's new reports, and with `reclaim_idle_ms` those delivered to this orchestrator at
         least that long ago but never acknowledged; returns how many were read."""
         reports = []
+        if self.read_interrupted:  # the graceful stop's reads take back what the interrupted one was handed
+            reclaim_idle_ms, self.read_interrupted = 0, False
         if reclaim_idle_ms is not None:  # delivered while Redis went down (the reply lost), or before a Ctrl-C;
             # read first: they are older than any new report, and metrics.jsonl keeps the steps in order
             reports = self.broker.reclaim(LEARNER_REPORTS, ORCHESTRATOR_GROUP, "orchestrator", StepReport,
                                           min_idle_ms=reclaim_idle_ms)
-        reports += self.broker.consume(LEARNER_REPORTS, ORCHESTRATOR_GROUP, "orchestrator", StepReport, count=100,
-                                       block_ms=block_ms)
+        try:
+            reports += self.broker.consume(LEARNER_REPORTS, ORCHESTRATOR_GROUP, "orchestrator", StepReport,
+                                           count=100, block_ms=block_ms)
+        except KeyboardInterrupt:
+            self.read_interrupted = True
+            raise
         confirmed = self.recorded_through
         for entry_id, report in reports:
             # A report recorded but not acknowledged comes back once.
