@@ -194,6 +194,9 @@ class DataSpec(Strict):
         "a file source's document longer than seq_len becomes up to this many documents of seq_len tokens, "
         "its consecutive windows; the rest is cut (1: only its first seq_len tokens are trained on)"))
     min_length: int = Field(64, description="shorter documents (in tokens, BOS included) are dropped and counted")
+    shuffle: bool = Field(False, description=(
+        "a file source's records in a random order, another every pass, drawn from train.seed (parquet: row "
+        "groups in a random order, each one's rows in a random order); false: the source's order"))
     num_documents: int = Field(256, ge=1, description="synthetic corpus size")
     synthetic_tasks: list[Literal["recall", "niah", "mqar"]] = Field(
         ["recall"], min_length=1,
@@ -226,6 +229,9 @@ class DataSpec(Strict):
         if self.source == "synthetic" and self.max_windows > 1:
             raise ValueError(f"data.max_windows={self.max_windows} splits long documents of a file source; the "
                              f"synthetic corpus' documents are made to fit data.seq_len, so leave it at 1")
+        if self.source == "synthetic" and self.shuffle:
+            raise ValueError("data.shuffle=true orders the records of a file source; the synthetic corpus is drawn "
+                             "at random already, so leave it false")
         if self.eval_source == "synthetic" and self.eval_documents < len(self.synthetic_tasks):
             raise ValueError(f"data.eval_documents={self.eval_documents} is fewer than the {len(self.synthetic_tasks)} "
                              f"data.synthetic_tasks={self.synthetic_tasks} of the synthetic held-out corpus: each "

@@ -29,7 +29,7 @@ from refine.algorithm.update import (
 )
 from refine.config import DTYPES, OptimConfig, RefineConfig, RunConfig, dump_config, fit_to_tokenizer, run_tokenizer
 from refine.data.batches import DocumentBatch
-from refine.data.stream import check_resumed_windows, check_source, document_batches
+from refine.data.stream import check_resumed_cursor, check_source, document_batches
 from refine.evaluation.heldout import heldout_evaluator
 from refine.files import file_system_error, sync_directory, sync_tree, write_atomically
 from refine.models import FastWeightLM, build_model, load_model, load_model_config, save_model
@@ -787,7 +787,7 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> dic
     if start.step and start.step >= config.train.steps:  # the run directory (config.yaml too) stays as it is
         return finished_run(Path(config.train.out_dir), start.step, config.train.steps)
     if start.step:
-        check_resumed_windows(config, Path(config.train.out_dir))
+        check_resumed_cursor(config, Path(config.train.out_dir))
     batches: Iterator[DocumentBatch] = document_batches(config, tokenizer, start_cursor=start.cursor)
     if start.step < config.train.steps:  # read before anything is written: a source that yields nothing fails here
         batches = itertools.chain([next(batches)], batches)

@@ -116,10 +116,13 @@ class DataCursor(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     epoch: int = Field(default=0, ge=0, description="times the data stream restarted its pass over the source, "
-                       "through this batch (the offset counts within the pass)")
+                       "through this batch (the offset counts within the pass, or with data.shuffle on across "
+                       "passes)")
     offset: int = Field(default=0, ge=0, description="the data stream's cursor after this batch: for a file "
-                        "source, record index x data.max_windows + windows of it used, after its last document "
-                        "(bad and filtered records count too); for the synthetic corpus, the next document's index")
+                        "source, record position x data.max_windows + windows of it used, after its last document "
+                        "(bad and filtered records count too; the position is the record index, or with "
+                        "data.shuffle its place in the pass's order plus passes x records); for the synthetic "
+                        "corpus, the next document's index")
     source: str = Field(default="", description="dataset or shard the offset counts in")
 
 

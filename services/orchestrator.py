@@ -78,7 +78,9 @@ from refine.config import (
 )
 from refine.data.batches import DocumentBatch as LocalBatch
 from refine.data.sources import RowSource
-from refine.data.stream import check_resumed_windows, check_source, document_batches, synthetic_documents
+from refine.data.stream import (
+    check_resumed_cursor, check_source, document_batches, shuffled_pass_span, synthetic_documents,
+)
 from refine.evaluation.heldout import heldout_documents
 from refine.files import write_atomically
 from refine.loop import (
@@ -340,7 +342,7 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True, ray_addr
         if finished is not None:
             return finished
         if latest_checkpoint(config.train.out_dir).exists():
-            check_resumed_windows(config, Path(config.train.out_dir))
+            check_resumed_cursor(config, Path(config.train.out_dir))
     check_data_source(config)
     tokenizer = run_tokenizer(config)
     config = fit_to_tokenizer(config, tokenizer)  # before any actor reads the model section
@@ -363,6 +365,7 @@ class DataPosition:
 
     epoch: int
     cursor: int  # -1 before the first batch
+    span: int = 0  # with data.shuffle, the cursor counts on across passes, this much a pass (shuffled_pass_span)
 
     def advance(self, cursor: int, source: str, document_cursors: list[int] | tuple[int, ...] = ()) -> DataCursor:
         """The DataCursor of the next batch, whose stream cursor (position after it) is `cursor`.
@@ -372,7 +375,9 @@ class DataPosition:
         compared with the last one's, which counts at most one. Both count the same for batches smaller
         than a pass (the usual run), so their epochs, and the rollout seeds drawn from them, stay as they were."""
         for position in document_cursors or (cursor,):
-            if position <= self.cursor:
+            if self.span:
+                self.epoch = (position - 1) // self.span  # a cursor in a pass is past its first record
+            elif position <= self.cursor:
                 self.epoch += 1  # the stream restarted a pass
             self.cursor = position
         return DataCursor(epoch=self.epoch, offset=cursor, source=source[:200])
@@ -492,7 +497,9 @@ class Orchestrator:
                 self._write_line(f"a fresh run in {self.out_dir}: removed the earlier run's checkpoint (--resume "
                                  f"continues a run)")
             self.data = self._document_batches(start["cursor"])
-            self.data_position = DataPosition(epoch=start["epoch"], cursor=start["cursor"] if start["step"] else -1)
+            span = shuffled_pass_span(self.config, self.tokenizer) if self.config.data.shuffle else 0
+            self.data_position = DataPosition(epoch=start["epoch"], cursor=start["cursor"] if start["step"] else -1,
+                                              span=span)
             self.learner_future = self.learner.run.remote()
             self._loop()
             return self._finish()

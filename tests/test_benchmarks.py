@@ -138,3 +138,14 @@ def test_kernels_benchmark_interleaves_its_reference():
     large, row = [json.loads(line) for line in done.stdout.splitlines()]
     assert large["what"] == "matmul_large" and large["gflops"] > 0
     assert row["span_seconds"] == 0.02 and row["matmul_batched_gflops"] > 0 and row["ratio_vs_batched"] > 0
+
+
+def test_data_order_benchmark_reads_every_record_both_ways_for_each_format():
+    rows = _run("data_order.py", "--records", "300", "--chars", "200", "--row-group", "40")
+    assert [row["format"] for row in rows] == ["jsonl", "parquet"]
+    for row in rows:
+        assert row["records"] == 300 and row["file_bytes"] > 300 * 200 and row["index_seconds"] >= 0
+        assert all(row[f"{kind}_{order}_per_second"] > 0 for kind in ("records", "documents")
+                   for order in ("in_order", "shuffled"))
+        assert row["records_shuffled_over_in_order"] == pytest.approx(
+            row["records_shuffled_per_second"] / row["records_in_order_per_second"], rel=0.5)

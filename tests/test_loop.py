@@ -335,6 +335,27 @@ def test_a_resume_with_other_windows_than_the_run_counts_in_is_refused_before_an
     assert _run_files(run) == before
 
 
+def test_a_shuffled_run_resumes_exactly_across_passes_and_refuses_a_resume_in_source_order(tmp_path):
+    shuffled = (f"data.source={_long_documents(tmp_path)}", "data.max_windows=3", "data.min_length=64",
+                "data.shuffle=true")
+    straight = tmp_path / "a"
+    train(_config(straight, "ntp", steps=6, extra=shuffled), progress=False)  # 9 windows a pass: two passes
+    in_order = tmp_path / "in_order"
+    train(_config(in_order, "ntp", steps=6, extra=shuffled[:-1]), progress=False)
+    chained = tmp_path / "b"
+    for steps in (1, 5, 6):  # stops inside a document, then in the second pass (step 5 ends at its 10th window)
+        train(_config(chained, "ntp", steps=steps, extra=shuffled), resume=steps > 1, progress=False)
+    rows = {run.name: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+            for run in (straight, in_order, chained)}
+    assert [row["tokens"] for row in rows["b"]] == [row["tokens"] for row in rows["a"]]
+    assert [row["loss"] for row in rows["b"]] == pytest.approx([row["loss"] for row in rows["a"]], rel=1e-6)
+    assert [row["tokens"] for row in rows["a"]] != [row["tokens"] for row in rows["in_order"]]
+    before = _run_files(chained)
+    with pytest.raises(ValueError, match="counts records in the order of data.shuffle=true with train.seed=0"):
+        train(_config(chained, "ntp", steps=8, extra=shuffled[:-1]), resume=True, progress=False)
+    assert _run_files(chained) == before
+
+
 def _run_files(out_dir):
     return {path.name: path.read_bytes() for path in out_dir.iterdir() if path.is_file()}
 

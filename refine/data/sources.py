@@ -9,23 +9,29 @@ Two layers:
   at most `max_windows` of them, and drop the rest (counted as truncated).
 
 Every record has an index in the whole source (files in sorted order, bad and filtered records included).
-The data cursor counts windows inside records: `record index x max_windows + windows of it used`, so with
-the default `max_windows=1` it is the record index. `DocumentStream.iter_from(cursor)` restarts exactly
+A stream reads records in that order, or, with `shuffle_seed`, in a random order drawn from the seed (every
+record once; see `RowSource.shuffled_rows`); a record's position in the order read is its `Row.index`.
+The data cursor counts windows inside records: `position x max_windows + windows of it used`, so with
+the default `max_windows=1` it is the position. `DocumentStream.iter_from(cursor)` restarts exactly
 after the last document a consumer used (`document.next_cursor`), even inside a record.
 """
 
 from __future__ import annotations
 
+import bisect
 import codecs
 import json
 import logging
 import os
 import re
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from tqdm.auto import tqdm
 
@@ -92,6 +98,8 @@ class DataConfig(BaseModel):
     skip_bad_rows: bool = False
     # Read at most this many records (before filtering): keeps the cursor meaning fixed.
     limit: int | None = Field(None, ge=1)
+    # None: records in the source's order; else in a random order drawn from this seed (RowSource.shuffled_rows).
+    shuffle_seed: int | None = Field(None, ge=0)
     # For a saved DatasetDict; None picks "train", or the only split.
     split: str | None = None
     tokenize_batch_size: int = Field(64, ge=1)
@@ -114,7 +122,7 @@ class DataConfig(BaseModel):
 @dataclass(frozen=True, slots=True)
 class TokenizedDocument:
     doc_id: str  # "<file>:<row>", then "#<window>" for a long document's later windows: readable in logs
-    index: int  # record index in the source
+    index: int  # its record's position in the order read (the record index in the source, unless shuffled)
     token_ids: list[int]
     next_cursor: int  # the data cursor after this document: resume with iter_from(next_cursor)
     truncated: bool = False  # tokens of its record past this document's windows were dropped
@@ -139,7 +147,7 @@ class DataStats(BaseModel):
 
 @dataclass(slots=True)
 class Row:
-    index: int
+    index: int  # the record's position in the order read: its index in the source, unless shuffled
     location: str  # "file, row N" or "file, line N": for error messages
     doc_id: str
     values: dict[str, Any] = field(default_factory=dict)
@@ -244,6 +252,7 @@ def _file_label(file: Path, root: Path) -> str:
 # ---------------------------------------------------------------- readers
 # Each reader yields Row objects with start <= index < stop (stop None: to the end), and knows its record
 # count when cheap. Records past `stop` are never parsed, so a bad one there cannot fail a limited read.
+# For a shuffled read, `rows_at` reads records by their index in the source, in the order given.
 
 
 class _ParquetReader:
@@ -278,6 +287,56 @@ class _ParquetReader:
 
     def count(self) -> int:
         return sum(sum(groups) for _, groups in self.files)
+
+    def _row_groups(self) -> list[tuple[int, int, int, int, int]]:
+        """Every row group: (index of its first record, file number, group, its first row in the file, rows)."""
+        table, index = [], 0
+        for number, (_, groups) in enumerate(self.files):
+            row_in_file = 0
+            for group, rows in enumerate(groups):
+                table.append((index, number, group, row_in_file, rows))
+                index += rows
+                row_in_file += rows
+        return table
+
+    def shuffled_order(self, rng: np.random.Generator, count: int) -> np.ndarray:
+        """Row groups in a random order, each one's rows in a random order: a parquet row is read by decoding
+        its whole row group, so a permutation of all records would decode a group per record."""
+        parts = []
+        groups = [(start, min(rows, count - start)) for start, _, _, _, rows in self._row_groups() if start < count]
+        for group in rng.permutation(len(groups)):
+            start, rows = groups[group]
+            parts.append(start + rng.permutation(rows))
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+    def rows_at(self, records: np.ndarray, first: int) -> Iterator[Row]:
+        table = self._row_groups()
+        starts = [start for start, *_ in table]
+        decoded: tuple[int, dict[str, list[Any]]] | None = None  # the last row group read, by its slot
+        for position, record in enumerate(map(int, records), start=first):
+            slot = bisect.bisect_right(starts, record) - 1
+            start, number, group, first_row, rows = table[slot]
+            if decoded is None or decoded[0] != slot:
+                decoded = (slot, self._read_group(self.files[number][0], group, first_row, rows))
+            file, offset = self.files[number][0], record - start
+            yield Row(index=position, location=f"{file}, row {first_row + offset}",
+                      doc_id=f"{_file_label(file, self.root)}:{first_row + offset}",
+                      values={column: decoded[1][column][offset] for column in self.columns})
+
+    def _read_group(self, file: Path, group: int, first_row: int, rows: int) -> dict[str, list[Any]]:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            parquet = pq.ParquetFile(file)
+        except (pa.ArrowException, OSError) as error:  # replaced or damaged since it was listed
+            raise DataSourceError(f"parquet file {str(file)!r} cannot be opened ({error})") from error
+        values: dict[str, list[Any]] = {column: [] for column in self.columns}
+        with parquet:
+            for batch in self._batches(file, parquet, group, first_row, rows):
+                for column, column_values in batch.to_pydict().items():
+                    values[column].extend(column_values)
+        return values
 
     def _batches(self, file: Path, parquet: Any, group: int, first_row: int, num_rows: int) -> Iterator[Any]:
         """The record batches of one row group; a damaged page fails naming the file, the group and its rows."""
@@ -335,6 +394,21 @@ class _ParquetReader:
                             row_in_file += 1
 
 
+@lru_cache(maxsize=1 << 16)  # a folder of shards: every file's index, so a pass does not scan them twice
+def _jsonl_records(path: str, size: int, mtime_ns: int) -> tuple[array, array]:
+    """Where each record of a JSON-lines file starts: byte offsets and line numbers (blank lines are not
+    records). Kept per file version (size and modification time), so later passes do not scan again."""
+    offsets, line_numbers = array("q"), array("q")
+    offset = 0
+    with open(path, "rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            if (raw.removeprefix(codecs.BOM_UTF8) if line_number == 1 else raw).strip():
+                offsets.append(offset)
+                line_numbers.append(line_number)
+            offset += len(raw)
+    return offsets, line_numbers
+
+
 class _JsonlReader:
     def __init__(self, path: Path, columns: list[str], optional_columns: list[str], policy: BadRowPolicy) -> None:
         self.root = path
@@ -345,6 +419,16 @@ class _JsonlReader:
 
     def count(self) -> int | None:
         return None  # would need a full read
+
+    def indexed_count(self) -> int:
+        return sum(len(offsets) for offsets, _ in self._index())
+
+    def _index(self) -> list[tuple[array, array]]:
+        indexes = []
+        for file in self.files:
+            status = file.stat()
+            indexes.append(_jsonl_records(str(file), status.st_size, status.st_mtime_ns))
+        return indexes
 
     def rows(self, start: int, stop: int | None) -> Iterator[Row]:
         index = 0
@@ -361,15 +445,42 @@ class _JsonlReader:
                     if index < start:
                         index += 1
                         continue
-                    location = f"{file}, line {line_number}"
-                    row = Row(index=index, location=location, doc_id=f"{label}:{line_number}")
+                    yield self._row(index, raw, file, label, line_number)
                     index += 1
-                    values = self._parse(raw, location)
-                    if values is None:
-                        row.rejected = True
-                    else:
-                        row.values = values
-                    yield row
+
+    def rows_at(self, records: np.ndarray, first: int) -> Iterator[Row]:
+        indexes = self._index()
+        ends = np.cumsum([len(offsets) for offsets, _ in indexes]).tolist()  # records before each file's end
+        open_file: tuple[int, Any] | None = None  # one file open at a time: a folder may hold thousands
+        try:
+            for position, record in enumerate(map(int, records), start=first):
+                number = bisect.bisect_right(ends, record)
+                offsets, line_numbers = indexes[number]
+                within = record - (ends[number - 1] if number else 0)
+                if open_file is None or open_file[0] != number:
+                    if open_file is not None:
+                        open_file[1].close()
+                    open_file = (number, open(self.files[number], "rb"))
+                handle = open_file[1]
+                handle.seek(offsets[within])
+                raw, line_number = handle.readline(), line_numbers[within]
+                if line_number == 1:
+                    raw = raw.removeprefix(codecs.BOM_UTF8)
+                file = self.files[number]
+                yield self._row(position, raw, file, _file_label(file, self.root), line_number)
+        finally:
+            if open_file is not None:
+                open_file[1].close()
+
+    def _row(self, index: int, raw: bytes, file: Path, label: str, line_number: int) -> Row:
+        location = f"{file}, line {line_number}"
+        row = Row(index=index, location=location, doc_id=f"{label}:{line_number}")
+        values = self._parse(raw, location)
+        if values is None:
+            row.rejected = True
+        else:
+            row.values = values
+        return row
 
     def _parse(self, raw: bytes, location: str) -> dict[str, Any] | None:
         try:
@@ -411,11 +522,12 @@ class _TextReader:
         return len(self.files)
 
     def rows(self, start: int, stop: int | None) -> Iterator[Row]:
-        for index, file in enumerate(self.files):
-            if stop is not None and index >= stop:
-                return
-            if index < start:
-                continue
+        end = len(self.files) if stop is None else min(stop, len(self.files))
+        return self.rows_at(np.arange(start, end), start) if start < end else iter(())
+
+    def rows_at(self, records: np.ndarray, first: int) -> Iterator[Row]:
+        for index, record in enumerate(map(int, records), start=first):
+            file = self.files[record]
             location = str(file)
             row = Row(index=index, location=location, doc_id=_file_label(file, self.root))
             raw = file.read_bytes()
@@ -459,6 +571,12 @@ class _HFReader:
 
     def count(self) -> int:
         return len(self.dataset)
+
+    def rows_at(self, records: np.ndarray, first: int) -> Iterator[Row]:
+        for index, record in enumerate(map(int, records), start=first):
+            values = self.dataset[record]
+            yield Row(index=index, location=f"{self.where}, row {record}", doc_id=f"row:{record}",
+                      values={column: values[column] for column in self.columns})
 
     def rows(self, start: int, stop: int | None, batch_size: int = 256) -> Iterator[Row]:
         total = len(self.dataset) if stop is None else min(len(self.dataset), stop)
@@ -513,6 +631,11 @@ class RowSource:
     def count(self) -> int | None:
         return self.reader.count()
 
+    def record_count(self) -> int:
+        """How many records the source holds; a JSON-lines source is indexed to know (see _jsonl_records)."""
+        known = self.reader.count()
+        return self.reader.indexed_count() if known is None else known  # type: ignore[union-attr]
+
     def schema_columns(self) -> list[str] | None:
         """Columns every record has, for sources with a schema (parquet, save_to_disk); None otherwise."""
         return list(self.reader.present) if isinstance(self.reader, (_ParquetReader, _HFReader)) else None
@@ -531,6 +654,24 @@ class RowSource:
                 yield row
         if not seen_any and start == 0:
             raise EmptySourceError(f"data source {self.path!r} holds no records")
+
+
+    def shuffled_rows(self, seed: int, start: int = 0, limit: int | None = None) -> Iterator[Row]:
+        """Every record with an index below `limit` once, in a random order drawn from `seed`, from position
+        `start` of that order; a row's `index` is its position. Parquet keeps each row group's rows together
+        (row groups in a random order, each one's rows in a random order): a row is read by decoding its row
+        group. Raises EmptySourceError when the source holds no record at all."""
+        if start < 0:
+            raise ValueError(f"start cursor must be >= 0, got {start}")
+        count = self.record_count()
+        if count == 0:
+            raise EmptySourceError(f"data source {self.path!r} holds no records")
+        rng, count = np.random.default_rng(seed), count if limit is None else min(count, limit)
+        order = (self.reader.shuffled_order(rng, count) if isinstance(self.reader, _ParquetReader)
+                 else rng.permutation(count))
+        for row in self.reader.rows_at(order[start:], start):
+            if not row.rejected:
+                yield row
 
 
 def iter_rows(
@@ -588,9 +729,10 @@ HEAD_CHARS_PER_TOKEN = 32
 class DocumentStream:
     """Tokenized documents of a source; iterate it, or restart anywhere with `iter_from(cursor)`.
 
-    `cursor` is the data cursor after the last document handed out (record index x max_windows + windows of
-    that record used; the record index when max_windows is 1); save it with a checkpoint and pass it to
-    `iter_from` to continue. `stats` counts what was read, kept, filtered, truncated and skipped."""
+    `cursor` is the data cursor after the last document handed out (record position x max_windows + windows
+    of that record used; the position when max_windows is 1: the record index, unless shuffled); save it with
+    a checkpoint and pass it to `iter_from` to continue. `stats` counts what was read, kept, filtered,
+    truncated and skipped."""
 
     def __init__(self, config: DataConfig, tokenizer: Tokenizer) -> None:
         self.config = config
@@ -610,12 +752,12 @@ class DocumentStream:
         self._resume_record, self._windows_used = divmod(cursor, config.max_windows)
         record = self._resume_record
         policy = BadRowPolicy(config.skip_bad_rows)
-        source = RowSource(
-            config.path, columns=[config.text_column], fmt=config.format, policy=policy, split=config.split
-        )
-        rows = source.rows(record, config.limit)
+        source = self.row_source(policy)
+        if config.shuffle_seed is None:
+            rows, known = source.rows(record, config.limit), source.count()
+        else:
+            rows, known = source.shuffled_rows(config.shuffle_seed, record, config.limit), source.record_count()
         self.cursor = cursor
-        known = source.count()
         if known is not None and config.limit is not None:
             known = min(known, config.limit)
         total = None if known is None else max(known - record, 0)
@@ -666,6 +808,11 @@ class DocumentStream:
                 f"no document of {config.path!r} passed the filters (min_length={config.min_length}): "
                 f"{self.stats.model_dump()}"
             )
+
+    def row_source(self, policy: BadRowPolicy | None = None) -> RowSource:
+        config = self.config
+        return RowSource(config.path, columns=[config.text_column], fmt=config.format, policy=policy,
+                         split=config.split)
 
     def _flush(self, pending: list[tuple[Row, str]]) -> Iterator[TokenizedDocument]:
         if not pending:
@@ -740,7 +887,7 @@ class DocumentStream:
         if len(windows) > 1:
             self.stats.split += 1
         used = self._windows_used if row.index == self._resume_record else 0
-        start = row.index * config.max_windows  # the cursor at this record
+        start = row.index * config.max_windows  # the cursor at this record's position
         documents = []
         for window, tokens in enumerate(windows[used:], start=used):
             last = window == len(windows) - 1

@@ -8,6 +8,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from refine.config import RunConfig
 from refine.data.batches import DocumentBatch, batch_documents
 from refine.data.sources import DataConfig, DocumentStream, detect_format, source_files
@@ -103,14 +105,26 @@ def synthetic_documents(config: RunConfig, tokenizer: Tokenizer,
     return docs
 
 
-def file_documents(config: RunConfig, tokenizer: Tokenizer, cursor: int, warn: bool = True) -> Iterator[Item]:
-    """One pass over data.source from `cursor`: (doc_id, token ids, cursor after it); dropped and cut documents
-    are logged."""
+def pass_shuffle_seed(seed: int, pass_number: int) -> int:
+    """The seed of a shuffled pass's order: every pass of a run has its own, drawn from train.seed."""
+    return int(np.random.SeedSequence([seed % 2**64, pass_number]).generate_state(1, np.uint64)[0])
+
+
+def _source_stream(config: RunConfig, tokenizer: Tokenizer, pass_number: int = 0) -> DocumentStream:
     spec = config.data
+    shuffle_seed = pass_shuffle_seed(config.train.seed, pass_number) if spec.shuffle else None
     data = DataConfig(path=spec.source, format=spec.format, text_column=spec.text_column,
                       min_length=spec.min_length, max_length=spec.seq_len, max_windows=spec.max_windows,
-                      skip_bad_rows=spec.skip_bad_rows, show_progress=False)
-    stream = DocumentStream(data, tokenizer)
+                      skip_bad_rows=spec.skip_bad_rows, shuffle_seed=shuffle_seed, show_progress=False)
+    return DocumentStream(data, tokenizer)
+
+
+def file_documents(config: RunConfig, tokenizer: Tokenizer, cursor: int, warn: bool = True,
+                   pass_number: int = 0) -> Iterator[Item]:
+    """One pass over data.source from `cursor`: (doc_id, token ids, cursor after it); dropped and cut documents
+    are logged. With data.shuffle, the pass reads records in its own random order (see pass_shuffle_seed)."""
+    spec = config.data
+    stream = _source_stream(config, tokenizer, pass_number)
     # What a document keeps: data.seq_len tokens, or data.max_windows windows of them.
     kept = (f"data.seq_len={spec.seq_len} tokens" if spec.max_windows == 1 else
             f"{_describe_windows(_windows(config))} = {spec.seq_len * spec.max_windows} tokens")
@@ -132,14 +146,23 @@ def file_documents(config: RunConfig, tokenizer: Tokenizer, cursor: int, warn: b
     level = logging.WARNING if warn and dropped else logging.INFO
     windows = (f"{stats.split} split into windows of data.seq_len (and {stats.short_tails} last windows shorter "
                f"than data.min_length dropped), " if spec.max_windows > 1 else "")
-    logger.log(level, "pass over data.source=%r from record %d: %d records read, %d documents kept, %s"
+    where = (f"pass {pass_number + 1} over data.source={spec.source!r} (shuffled) from position" if spec.shuffle
+             else f"pass over data.source={spec.source!r} from record")
+    logger.log(level, "%s %d: %d records read, %d documents kept, %s"
                       "%d too short for data.min_length=%d, %d blank, %d truncated to %s, %d bad rows skipped",
-               spec.source, cursor // spec.max_windows, stats.records_read, stats.documents, windows,
+               where, cursor // spec.max_windows, stats.records_read, stats.documents, windows,
                stats.too_short, spec.min_length, stats.blank, stats.truncated, kept, stats.bad_rows)
 
 
+def shuffled_pass_span(config: RunConfig, tokenizer: Tokenizer) -> int:
+    """How far the data cursor moves in one shuffled pass: the source's records x data.max_windows."""
+    return _source_stream(config, tokenizer).row_source().record_count() * config.data.max_windows
+
+
 def document_stream(config: RunConfig, tokenizer: Tokenizer, start_cursor: int = 0) -> Iterator[Item]:
-    """Documents forever, cycling over the source (the cursor restarts at 0 with each pass)."""
+    """Documents forever, cycling over the source. The cursor restarts at 0 with each pass; with data.shuffle
+    it counts on instead (pass x shuffled_pass_span + the cursor in the pass), since a resume needs the pass
+    to draw its order."""
     if config.data.source == "synthetic":
         docs = synthetic_documents(config, tokenizer)
         index = start_cursor % len(docs)
@@ -147,18 +170,20 @@ def document_stream(config: RunConfig, tokenizer: Tokenizer, start_cursor: int =
             doc_id, ids = docs[index]
             index = (index + 1) % len(docs)
             yield doc_id, ids, index
-    epoch_cursor = start_cursor
+    span = shuffled_pass_span(config, tokenizer) if config.data.shuffle else 0
+    pass_number, epoch_cursor = divmod(start_cursor, span) if span else (0, start_cursor)
     warn = True
     while True:
         produced = 0
-        for item in file_documents(config, tokenizer, epoch_cursor, warn=warn):
+        for doc_id, ids, cursor in file_documents(config, tokenizer, epoch_cursor, warn=warn, pass_number=pass_number):
             produced += 1
-            yield item
+            yield doc_id, ids, pass_number * span + cursor
         if produced == 0 and epoch_cursor == 0:  # a resume at the very end of a pass yields nothing: fine
             raise ValueError(f"data.source={config.data.source!r} yielded no document of at least "
                              f"data.min_length={config.data.min_length} tokens")
         warn = warn and epoch_cursor != 0  # a resumed pass counted only part of the source
         epoch_cursor = 0
+        pass_number += 1
 
 
 SOURCE_RECORD = "data_source.json"  # in the run directory: what the run's data cursor counts records of
@@ -188,7 +213,22 @@ def source_identity(config: RunConfig) -> dict[str, Any]:
                                            path.stat().st_size] for path in files]}
     if _windows(config):
         identity["windows"] = _windows(config)
+    if _shuffle(config):
+        identity["shuffle"] = _shuffle(config)
     return identity
+
+
+def _shuffle(config: RunConfig) -> dict[str, int] | None:
+    """What a shuffled run's data cursor counts in: the orders drawn from train.seed."""
+    return {"seed": config.train.seed} if config.data.shuffle else None
+
+
+def _describe_shuffle(shuffle: dict[str, int] | None) -> str:
+    if shuffle is None:
+        return "data.shuffle=false"
+    if not isinstance(shuffle, dict) or "seed" not in shuffle:
+        return f"the shuffle {shuffle!r}"  # a damaged record
+    return f"data.shuffle=true with train.seed={shuffle['seed']}"
 
 
 def _windows(config: RunConfig) -> dict[str, int] | None:
@@ -205,31 +245,38 @@ def _describe_windows(windows: dict[str, int] | None) -> str:
     return f"data.max_windows={windows['max_windows']} x data.seq_len={windows['seq_len']}"
 
 
-def check_resumed_windows(config: RunConfig, out_dir: Path) -> None:
-    """Refuse to resume a run whose data cursor counts other windows: the cursor is record x data.max_windows
-    + window, so another data.max_windows would resume at another record altogether (and another data.seq_len
-    inside another part of one). Without a readable source record the run's windows are unknown: a resume
-    with windows is refused then, and one without them goes on (check_source says the record was lost)."""
+def check_resumed_cursor(config: RunConfig, out_dir: Path) -> None:
+    """Refuse to resume a run whose data cursor counts other windows or another order of records. The cursor
+    is position x data.max_windows + window: another data.max_windows would resume at another record
+    altogether (and another data.seq_len inside another part of one); with data.shuffle the position is in
+    an order drawn from train.seed, so shuffling on or off, or another seed, resumes elsewhere too. Without
+    a readable source record, which the cursor counts is unknown: a resume with windows or shuffling is
+    refused then, and one without them goes on (check_source says the record was lost)."""
     if config.data.source == "synthetic":
         return
     record = out_dir / SOURCE_RECORD
-    now = _windows(config)
+    now = {"windows": _windows(config), "shuffle": _shuffle(config)}
     try:
         recorded = json.loads(record.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        if now is None:
+        if now == {"windows": None, "shuffle": None}:
             return
-        raise ValueError(f"data.max_windows={config.data.max_windows}: {record} cannot be read ({type(error).__name__}"
-                         f"), so which windows this run's data cursor counts is unknown (runs started before "
-                         f"data.max_windows existed have no such record, and count none): resume with "
-                         f"data.max_windows=1, or start a fresh run") from None
+        settings = f"data.max_windows={config.data.max_windows}" if now["windows"] else "data.shuffle=true"
+        raise ValueError(f"{settings}: {record} cannot be read ({type(error).__name__}), so what this run's data "
+                         f"cursor counts is unknown (runs started before data.max_windows and data.shuffle existed "
+                         f"have no such record, and count neither): resume with data.max_windows=1 and "
+                         f"data.shuffle=false, or start a fresh run") from None
     if not isinstance(recorded, dict) or "files" not in recorded:
         return  # another source then (the synthetic corpus): check_source says the source changed
-    before = recorded.get("windows")
-    if before == now:
-        return
-    raise ValueError(f"this run's data cursor counts windows of {_describe_windows(before)} ({record}), this resume "
-                     f"has {_describe_windows(now)}: resume with {_describe_windows(before)}, or start a fresh run")
+    before = {"windows": recorded.get("windows"), "shuffle": recorded.get("shuffle")}
+    if before["windows"] != now["windows"]:
+        raise ValueError(f"this run's data cursor counts windows of {_describe_windows(before['windows'])} ({record}), "
+                         f"this resume has {_describe_windows(now['windows'])}: resume with "
+                         f"{_describe_windows(before['windows'])}, or start a fresh run")
+    if before["shuffle"] != now["shuffle"]:
+        raise ValueError(f"this run's data cursor counts records in the order of {_describe_shuffle(before['shuffle'])} "
+                         f"({record}), this resume has {_describe_shuffle(now['shuffle'])}: resume with "
+                         f"{_describe_shuffle(before['shuffle'])}, or start a fresh run")
 
 
 def check_source(config: RunConfig, out_dir: Path, resumed: bool) -> str | None:

@@ -38,7 +38,9 @@ def heldout_documents(config: RunConfig, tokenizer: Tokenizer) -> list[list[int]
                 "data": spec.model_copy(update={"source": "synthetic", "num_documents": spec.eval_documents})})
             documents = [ids for _, ids in synthetic_documents(heldout, tokenizer, purpose="heldout")]
         else:
-            heldout = config.model_copy(update={"data": spec.model_copy(update={"source": spec.eval_source})})
+            # The first documents in the source's order, whatever data.shuffle does to the training source.
+            heldout = config.model_copy(update={"data": spec.model_copy(update={"source": spec.eval_source,
+                                                                                "shuffle": False})})
             documents = [ids for _, ids, _ in islice(file_documents(heldout, tokenizer, 0, warn=False),
                                                       spec.eval_documents)]
     except (OSError, ValueError) as error:

@@ -15,6 +15,7 @@ from refine.data.sources import (
     DocumentStream,
     EmptySourceError,
     MissingColumnError,
+    RowSource,
     detect_format,
     iter_documents,
 )
@@ -520,3 +521,132 @@ def test_a_dataset_dict_without_train_says_to_point_at_a_splits_folder(tmp_path)
                                               rf"by pointing at its folder, e.g. '{tmp_path / 'dict' / 'validation'}'"):
         list(iter_documents(config(tmp_path / "dict"), TOKENIZER))
     assert texts_of(iter_documents(config(tmp_path / "dict" / "validation"), TOKENIZER)) == ["v1", "v2"]
+
+
+# ---------------------------------------------------------------- shuffled reads
+
+SHUFFLE_TEXTS = [f"record {i:02d} " + "w" * (i % 7) for i in range(40)]
+
+
+def shuffle_source(tmp_path, fmt):
+    """The same 40 texts in each format, spread over files, row groups or splits as a real source is."""
+    if fmt == "jsonl":  # two files, a byte-order mark, blank lines between records
+        folder = tmp_path / "jsonl"
+        folder.mkdir()
+        (folder / "a.jsonl").write_text("\ufeff" + "\n\n".join(json.dumps({"text": t}) for t in SHUFFLE_TEXTS[:25]) + "\n")
+        write_jsonl(folder / "b.jsonl", SHUFFLE_TEXTS[25:])
+        return folder
+    if fmt == "parquet":
+        folder = tmp_path / "parquet"
+        folder.mkdir()
+        pq.write_table(pa.table({"text": SHUFFLE_TEXTS[:24]}), folder / "a.parquet", row_group_size=5)
+        pq.write_table(pa.table({"text": SHUFFLE_TEXTS[24:]}), folder / "b.parquet", row_group_size=7)
+        return folder
+    if fmt == "text":
+        folder = tmp_path / "text"
+        folder.mkdir()
+        for i, text in enumerate(SHUFFLE_TEXTS):
+            (folder / f"{i:03d}.txt").write_text(text)
+        return folder
+    import datasets
+
+    datasets.Dataset.from_dict({"text": SHUFFLE_TEXTS}).save_to_disk(str(tmp_path / "hf"))
+    return tmp_path / "hf"
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet", "text", "hf"])
+def test_a_shuffled_read_visits_every_record_once_in_an_order_its_seed_draws(tmp_path, fmt):
+    source = RowSource(shuffle_source(tmp_path, fmt), columns=["text"])
+    assert source.record_count() == len(SHUFFLE_TEXTS)
+    rows = list(source.shuffled_rows(seed=7))
+    texts = [row.values["text"] for row in rows]
+    assert sorted(texts) == SHUFFLE_TEXTS and texts != SHUFFLE_TEXTS
+    assert [row.index for row in rows] == list(range(len(SHUFFLE_TEXTS)))  # positions: what the cursor counts
+    assert [row.values["text"] for row in source.shuffled_rows(seed=7)] == texts
+    assert [row.values["text"] for row in source.shuffled_rows(seed=8)] != texts
+    # Rows still name the record they came from, e.g. "a.jsonl:3" is the text on line 3 of a.jsonl.
+    unshuffled = {row.doc_id: row.values["text"] for row in source.rows()}
+    assert all(unshuffled[row.doc_id] == row.values["text"] for row in rows)
+    # Starting at a position reads the rest of the same order.
+    assert [row.values["text"] for row in source.shuffled_rows(seed=7, start=13)] == texts[13:]
+    # A limit shuffles the first records only.
+    limited = [row.values["text"] for row in source.shuffled_rows(seed=7, limit=12)]
+    assert sorted(limited) == SHUFFLE_TEXTS[:12]
+
+
+def test_a_shuffled_parquet_read_decodes_each_row_group_once(tmp_path, monkeypatch):
+    source = RowSource(shuffle_source(tmp_path, "parquet"), columns=["text"])
+    reads = []
+    read_group = source.reader._read_group
+    monkeypatch.setattr(source.reader, "_read_group",
+                        lambda file, group, *rest: reads.append((file.name, group)) or read_group(file, group, *rest))
+    texts = [row.values["text"] for row in source.shuffled_rows(seed=3)]
+    assert sorted(texts) == SHUFFLE_TEXTS
+    # Groups (a.parquet: 5 5 5 5 4 rows; b.parquet: 7 7 2) in a random order, each one's rows together.
+    assert sorted(reads) == [("a.parquet", g) for g in range(5)] + [("b.parquet", g) for g in range(3)]
+    assert reads != sorted(reads)
+    sizes = [5, 5, 5, 5, 4, 7, 7, 2]  # a.parquet's row groups, then b.parquet's
+    group_of = [group for group, size in enumerate(sizes) for _ in range(size)]
+    records = [SHUFFLE_TEXTS.index(text) for text in texts]
+    blocks, lengths = _runs([group_of[record] for record in records])
+    assert sorted(blocks) == list(range(8)) and lengths == [sizes[block] for block in blocks]  # each group together
+    assert blocks == [group if name == "a.parquet" else 5 + group for name, group in reads]
+    assert records != sorted(records) and any(a > b for a, b in zip(records, records[1:]) if group_of[a] == group_of[b])
+
+
+def _runs(values):
+    """Consecutive equal values as (values, lengths)."""
+    keys, lengths = [], []
+    for value in values:
+        if keys and keys[-1] == value:
+            lengths[-1] += 1
+        else:
+            keys.append(value)
+            lengths.append(1)
+    return keys, lengths
+
+
+@pytest.mark.parametrize("max_windows", [1, 3])
+def test_a_shuffled_stream_resumes_exactly_after_every_document(tmp_path, max_windows, caplog):
+    rows = [f"{letter}" * length for letter, length in zip("abcdefghij", [33, 3, 7, 70, 15, 8, 40, 2, 25, 12])]
+    rows[4] = "   "  # blank
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": row}) + "\n" for row in rows[:6]) + "{broken\n"
+                    + "".join(json.dumps({"text": row}) + "\n" for row in rows[6:]))
+    settings = config(path, min_length=6, max_length=8, max_windows=max_windows, shuffle_seed=11, skip_bad_rows=True)
+    stream = DocumentStream(settings, TOKENIZER)
+    documents = list(stream.iter_from(0))
+    assert stream.stats.bad_rows == 1 and stream.stats.records_read == 11
+    in_order = list(iter_documents(settings.model_copy(update={"shuffle_seed": None}), TOKENIZER))
+    assert sorted(d.token_ids for d in documents) == sorted(d.token_ids for d in in_order)
+    assert [d.doc_id for d in documents if d.window == 0] != [d.doc_id for d in in_order if d.window == 0]
+    whole = [(d.doc_id, d.token_ids) for d in documents]
+    for position, document in enumerate(documents):
+        rest = [(d.doc_id, d.token_ids) for d in iter_documents(settings, TOKENIZER, cursor=document.next_cursor)]
+        assert rest == whole[position + 1:]
+    cursors = [d.next_cursor for d in documents]
+    assert cursors == sorted(cursors) and len(set(cursors)) == len(cursors)
+
+
+def test_a_bad_row_in_a_shuffled_read_names_its_line(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": f"document {i} " * 3}) + "\n" for i in range(8)) + "{broken\n")
+    with pytest.raises(BadRowError, match=r"docs.jsonl, line 9: malformed JSON"):
+        list(iter_documents(config(path, shuffle_seed=0), TOKENIZER))
+
+
+def test_a_jsonl_file_changed_since_it_was_indexed_is_indexed_again(tmp_path):
+    path = write_jsonl(tmp_path / "docs.jsonl", [f"document {i}" for i in range(5)])
+    assert RowSource(path, columns=["text"]).record_count() == 5
+    with path.open("a") as handle:
+        handle.write(json.dumps({"text": "a sixth document, longer than the others"}) + "\n")
+    source = RowSource(path, columns=["text"])
+    assert source.record_count() == 6
+    assert "a sixth document, longer than the others" in [row.values["text"] for row in source.shuffled_rows(seed=1)]
+
+
+def test_a_shuffled_read_of_an_empty_source_says_so(tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("\n\n")
+    with pytest.raises(EmptySourceError, match="holds no records"):
+        list(RowSource(path, columns=["text"]).shuffled_rows(seed=0))

@@ -7,7 +7,7 @@ import pytest
 
 from refine.config import ConfigError, load_config
 from refine.data.stream import (
-    SOURCE_RECORD, _synthetic_texts, check_resumed_windows, check_source, document_stream, synthetic_documents,
+    SOURCE_RECORD, _synthetic_texts, check_resumed_cursor, check_source, document_stream, synthetic_documents,
 )
 from refine.tokenizer import ByteTokenizer
 
@@ -157,22 +157,22 @@ def test_a_resume_with_other_windows_than_the_cursor_counts_is_refused_naming_bo
     one = run_config(tmp_path, TEXTS)
     four = run_config(tmp_path, TEXTS, "data.max_windows=4")
     check_source(one, out_dir, resumed=False)  # a run recorded before windows existed reads the same way
-    check_resumed_windows(one, out_dir)
+    check_resumed_cursor(one, out_dir)
     with pytest.raises(ValueError, match=re.escape(
             f"this run's data cursor counts windows of data.max_windows=1 ({out_dir / SOURCE_RECORD}), this resume "
             f"has data.max_windows=4 x data.seq_len=64: resume with data.max_windows=1, or start a fresh run")):
-        check_resumed_windows(four, out_dir)
+        check_resumed_cursor(four, out_dir)
     check_source(four, out_dir, resumed=False)
-    check_resumed_windows(four, out_dir)
+    check_resumed_cursor(four, out_dir)
     longer = run_config(tmp_path, TEXTS, "data.max_windows=4", "data.seq_len=128")
     with pytest.raises(ValueError, match="resume with data.max_windows=4 x data.seq_len=64, or start a fresh run"):
-        check_resumed_windows(longer, out_dir)
+        check_resumed_cursor(longer, out_dir)
     with pytest.raises(ValueError, match="this resume has data.max_windows=1: resume with data.max_windows=4 x "
                                          "data.seq_len=64"):
-        check_resumed_windows(one, out_dir)
+        check_resumed_cursor(one, out_dir)
     # With one window a document is cut at data.seq_len whatever it is: the cursor is the record index.
     check_source(one, out_dir, resumed=False)
-    check_resumed_windows(run_config(tmp_path, TEXTS, "data.seq_len=128"), out_dir)
+    check_resumed_cursor(run_config(tmp_path, TEXTS, "data.seq_len=128"), out_dir)
 
 
 def test_a_lost_source_record_lets_only_a_resume_without_windows_through(tmp_path):
@@ -180,14 +180,64 @@ def test_a_lost_source_record_lets_only_a_resume_without_windows_through(tmp_pat
     could count windows or records, so windows would be a guess; without them the run goes on as before."""
     out_dir = tmp_path / "run"
     out_dir.mkdir()
-    check_resumed_windows(run_config(tmp_path, TEXTS), out_dir)
+    check_resumed_cursor(run_config(tmp_path, TEXTS), out_dir)
     for damage in (None, "{not json"):
         if damage is not None:
             (out_dir / SOURCE_RECORD).write_text(damage)
         with pytest.raises(ValueError, match=re.escape(f"data.max_windows=3: {out_dir / SOURCE_RECORD} cannot be read")
-                           + ".*resume with data.max_windows=1, or start a fresh run"):
-            check_resumed_windows(run_config(tmp_path, TEXTS, "data.max_windows=3"), out_dir)
-        check_resumed_windows(run_config(tmp_path, TEXTS), out_dir)
+                           + ".*resume with data.max_windows=1 and data.shuffle=false, or start a fresh run"):
+            check_resumed_cursor(run_config(tmp_path, TEXTS, "data.max_windows=3"), out_dir)
+        check_resumed_cursor(run_config(tmp_path, TEXTS), out_dir)
+
+
+SHUFFLED = [f"document {i:02d} " + "x" * 40 for i in range(12)] + ["short"]
+
+
+def test_a_shuffled_source_reads_every_pass_in_its_own_order_and_resumes_anywhere(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="refine.data.stream")
+    config = run_config(tmp_path, SHUFFLED, "data.shuffle=true")
+    items = list(islice(document_stream(config, TOKENIZER), 36))  # three passes of 12 documents
+    passes = [[doc_id for doc_id, _, _ in items[k:k + 12]] for k in (0, 12, 24)]
+    in_order = [f"docs.jsonl:{line}" for line in range(1, 13)]
+    assert all(sorted(ids) == sorted(in_order) for ids in passes)
+    assert len({tuple(ids) for ids in passes + [in_order]}) == 4
+    # The cursor counts on across passes (13 records a pass, the short one included), so a resume draws its
+    # pass's order again: resuming after any document goes on exactly.
+    cursors = [cursor for _, _, cursor in items]
+    assert cursors == sorted(cursors) and cursors[11] <= 13 < cursors[12] and cursors[23] <= 26 < cursors[24]
+    for position in range(0, 35, 5):
+        resumed = islice(document_stream(config, TOKENIZER, start_cursor=cursors[position]), 36 - position - 1)
+        assert [item[:2] for item in resumed] == [item[:2] for item in items[position + 1:]]
+    assert "pass 2 over data.source=" in "\n".join(message for _, message in pass_records(caplog))
+    # Another train.seed draws other orders.
+    other = run_config(tmp_path, SHUFFLED, "data.shuffle=true", "train.seed=1")
+    assert [doc_id for doc_id, _, _ in islice(document_stream(other, TOKENIZER), 12)] != passes[0]
+
+
+def test_a_resume_with_another_order_than_the_cursor_counts_in_is_refused_naming_both(tmp_path):
+    out_dir = tmp_path / "run"
+    out_dir.mkdir()
+    shuffled = run_config(tmp_path, TEXTS, "data.shuffle=true")
+    check_source(shuffled, out_dir, resumed=False)
+    check_resumed_cursor(shuffled, out_dir)
+    record = re.escape(f"({out_dir / SOURCE_RECORD})")
+    with pytest.raises(ValueError, match=f"counts records in the order of data.shuffle=true with train.seed=0 {record}, "
+                                         "this resume has data.shuffle=false: resume with data.shuffle=true with "
+                                         "train.seed=0, or start a fresh run"):
+        check_resumed_cursor(run_config(tmp_path, TEXTS), out_dir)
+    with pytest.raises(ValueError, match="this resume has data.shuffle=true with train.seed=5"):
+        check_resumed_cursor(run_config(tmp_path, TEXTS, "data.shuffle=true", "train.seed=5"), out_dir)
+    check_source(run_config(tmp_path, TEXTS), out_dir, resumed=False)
+    with pytest.raises(ValueError, match="counts records in the order of data.shuffle=false"):
+        check_resumed_cursor(shuffled, out_dir)
+    (out_dir / SOURCE_RECORD).unlink()  # lost: the order the cursor counts in is unknown
+    with pytest.raises(ValueError, match="data.shuffle=true: .* cannot be read"):
+        check_resumed_cursor(shuffled, out_dir)
+
+
+def test_shuffle_is_refused_for_the_synthetic_corpus():
+    with pytest.raises(ConfigError, match=r"data.shuffle=true orders the records of a file source"):
+        load_config(None, ["data.shuffle=true"])
 
 
 def test_max_windows_is_refused_for_the_synthetic_corpus():

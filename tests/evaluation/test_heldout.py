@@ -41,6 +41,10 @@ def test_a_file_source_gives_its_first_documents_read_as_training_reads_them(tmp
     documents = heldout_documents(config, tokenizer)
     # BOS first, cut to data.seq_len, shorter than data.min_length dropped.
     assert documents == [[tokenizer.bos_id, *b"a" * 127], [tokenizer.bos_id, *b"b" * 40]]
+    # A shuffled training source leaves them the first documents.
+    shuffled = _config(f"data.source={source}", "data.shuffle=true", f"data.eval_source={source}",
+                       "data.eval_documents=2")
+    assert heldout_documents(shuffled, tokenizer) == documents
 
 
 def test_the_synthetic_heldout_corpus_is_no_training_corpus_whatever_the_seeds():

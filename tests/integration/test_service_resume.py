@@ -75,25 +75,30 @@ def test_stopped_learner_resumes_exactly(ray_session, tmp_path: Path, monkeypatc
         assert row["reward_mean"] == same["reward_mean"]
 
 
-def test_a_service_run_over_long_documents_trains_their_windows_and_resumes_inside_one(ray_session,
-                                                                                      tmp_path: Path) -> None:
-    """The service carries the data cursor as the local loop does, windows inside documents included: a run
-    resumed after step 1, inside the first document, trains the same batches as the local stream."""
+@pytest.mark.parametrize("shuffle", [False, True], ids=["source_order", "shuffled"])
+def test_a_service_run_over_long_documents_trains_their_windows_and_resumes_inside_one(ray_session, tmp_path: Path,
+                                                                                      shuffle: bool) -> None:
+    """The service carries the data cursor as the local loop does, windows inside documents and shuffled
+    passes included: a run resumed after step 1, inside the first document, trains the same batches as the
+    local stream."""
     source = tmp_path / "long.jsonl"
     # With BOS 497, 551 and 605 tokens: three windows of data.seq_len=192 each (the last one's rest cut).
     source.write_text("".join(json.dumps({"text": f"record {i}: " + "lorem ipsum dolor sit amet " * (18 + 2 * i)})
                               + "\n" for i in range(3)))
-    windows = (f"data.source={source}", "data.max_windows=3", "train.checkpoint_every=1")
+    windows = (f"data.source={source}", "data.max_windows=3", "train.checkpoint_every=1", f"data.shuffle={shuffle}")
     config = tiny_config(tmp_path, "train.steps=1", *windows)
     run(config, progress=False)
-    assert [row["cursor"] for row in step_rows(tmp_path / "run")] == [2]  # two windows of record 0 of 3
+    assert [row["cursor"] for row in step_rows(tmp_path / "run")] == [2]  # two windows of the first record read
     stats = run(tiny_config(tmp_path, "train.steps=5", *windows), resume=True, progress=False)
     assert stats["step"] == 5
     rows = step_rows(tmp_path / "run")
     batches = list(itertools.islice(document_batches(config, run_tokenizer(config)), 5))
     assert [(row["cursor"], row["tokens"]) for row in rows] == [
         (batch.cursor, int(batch.lengths.sum())) for batch in batches]
-    assert [row["tokens"] for row in rows] == [384, 113 + 192, 192 + 167, 384, 192 + 192]
+    if not shuffle:
+        assert [row["tokens"] for row in rows] == [384, 113 + 192, 192 + 167, 384, 192 + 192]
+    else:  # the records in another order (a shuffled pass keeps each record's windows together)
+        assert [row["tokens"] for row in rows] != [384, 113 + 192, 192 + 167, 384, 192 + 192]
     assert [row["data_epoch"] for row in rows] == [0, 0, 0, 0, 1]  # the fifth batch wraps around the source
 
 
