@@ -628,6 +628,29 @@ def warmup_warning(config: RunConfig) -> str | None:
             f"rises to {learning_rate(optim, steps, steps):g} only, never optim.lr={optim.lr}")
 
 
+def rate_change_warning(config: RunConfig, metrics_path: Path, step: int) -> str | None:
+    """A resume whose schedule settings (optim.*, train.steps) give another learning rate than the run trained
+    at: compared at the last step up to `step` that metrics.jsonl logged. Extending a cosine run's train.steps
+    raises the rate, say, which the user should know before the loss curve shows it."""
+    if step == 0:
+        return None
+    logged = [row for _, row in jsonl_rows(metrics_path) if isinstance(row.get("step"), int) and 0 < row["step"] <= step
+              and isinstance(row.get("lr"), (int, float)) and not isinstance(row.get("lr"), bool)]
+    if not logged:
+        return None  # rows from before the schedule existed, or none logged
+    row = max(logged, key=lambda row: row["step"])
+    optim, steps = config.optim, config.train.steps
+    now = learning_rate(optim, row["step"], steps)
+    if math.isclose(now, row["lr"], rel_tol=1e-6):
+        return None
+    settings = (f"optim.lr={optim.lr}, optim.warmup_steps={optim.warmup_steps}, optim.schedule={optim.schedule!r}"
+                f"{f', optim.min_lr_ratio={optim.min_lr_ratio}' if optim.schedule == 'cosine' else ''}, "
+                f"train.steps={steps}")
+    return (f"warning: the learning rate changes at this resume: step {row['step']} trained at {row['lr']:.6g}, where "
+            f"this resume's settings ({settings}) give {now:.6g}; step {step + 1} trains at "
+            f"{learning_rate(optim, step + 1, steps):.6g}")
+
+
 def run_steps(config: RunConfig, model: FastWeightLM, optimizer: torch.optim.Optimizer, generator: torch.Generator,
               tokenizer: Tokenizer, next_batch: Callable[[int], StepBatch], start: RunPosition, desc: str,
               shown: tuple[str, ...], progress: bool,
@@ -644,9 +667,9 @@ def run_steps(config: RunConfig, model: FastWeightLM, optimizer: torch.optim.Opt
     last: dict[str, float] = {}
     divergence = Divergence(config)
     restart_metrics(metrics_path, position.step)
-    warning = warmup_warning(config)
-    if warning is not None:
-        tqdm.write(f"{desc}: {warning}", file=sys.stderr)
+    for warning in (warmup_warning(config), rate_change_warning(config, metrics_path, position.step)):
+        if warning is not None:
+            tqdm.write(f"{desc}: {warning}", file=sys.stderr)
     with tqdm(total=config.train.steps, initial=position.step, desc=desc, disable=not progress) as bar:
         while position.step < config.train.steps:
             batch = next_batch(position.cursor)

@@ -85,7 +85,7 @@ from refine.evaluation.heldout import heldout_documents
 from refine.files import write_atomically
 from refine.loop import (
     Divergence, absolute_out_dir, check_resumed_program, clear_checkpoints, finished_run, jsonl_rows, plot_run,
-    restart_metrics, warmup_warning, write_row,
+    rate_change_warning, restart_metrics, warmup_warning, write_row,
 )
 from refine.optim import describe_rates
 from refine.tokenizer import Tokenizer
@@ -649,9 +649,9 @@ class Orchestrator:
         changed = check_source(self.config, self.out_dir, resumed=start_step > 0)
         if changed:
             self._write_line(f"warning: {changed}")
-        warning = warmup_warning(self.config)
-        if warning is not None:
-            self._write_line(warning)
+        for warning in (warmup_warning(self.config), rate_change_warning(self.config, self.metrics_path, start_step)):
+            if warning is not None:
+                self._write_line(warning)
 
     def _document_batches(self, cursor: int) -> Iterator[LocalBatch]:
         return document_batches(self.config, self.tokenizer, start_cursor=cursor)

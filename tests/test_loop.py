@@ -197,6 +197,7 @@ def test_the_heldout_loss_is_measured_every_eval_every_steps_and_at_the_last(tmp
     # Rows every 3 steps and at the last, and at the steps that measured the held-out loss (2, 4, 5).
     assert [row["step"] for row in rows] == [2, 3, 4, 5]
     assert [row["step"] for row in rows if "eval_ntp_loss" in row] == [2, 4, 5]
+    assert [row["step"] for row in rows if row.get("eval_seconds", 0) > 0] == [2, 4, 5]  # the measure's own time
     model = load_model(tmp_path / "checkpoints/latest/model")
     documents = heldout_documents(config, run_tokenizer(config))
     assert rows[-1]["eval_ntp_loss"] == pytest.approx(heldout_ntp_loss(model, documents, 2), rel=1e-6)
@@ -745,6 +746,30 @@ def test_a_warm_up_longer_than_the_run_is_warned_about(tmp_path, capsys):
             "never optim.lr=0.001") in capsys.readouterr().err
     train(_config(tmp_path, "ntp", steps=2, extra=("optim.warmup_steps=2",)), progress=False)
     assert "warmup_steps" not in capsys.readouterr().err
+
+
+def test_a_resume_whose_settings_change_the_learning_rate_says_so(tmp_path, capsys):
+    cosine = ("optim.schedule=cosine", "optim.min_lr_ratio=0.1")
+    train(_config(tmp_path, "ntp", steps=2, extra=cosine), progress=False)
+    capsys.readouterr()
+    train(_config(tmp_path, "ntp", steps=3, extra=cosine), resume=True, progress=False)  # the rate at step 2 rises
+    err = capsys.readouterr().err
+    assert ("warning: the learning rate changes at this resume: step 2 trained at 0.00055, where this resume's settings "
+            "(optim.lr=0.001, optim.warmup_steps=0, optim.schedule='cosine', optim.min_lr_ratio=0.1, train.steps=3) "
+            "give 0.000775; step 3 trains at 0.000325") in err
+    # The same settings continue the schedule (a run stopped at any step): nothing to say.
+    from refine.loop import rate_change_warning
+
+    whole = tmp_path / "whole"
+    train(_config(whole, "ntp", steps=4, extra=cosine), progress=False)
+    for step in range(5):
+        assert rate_change_warning(_config(whole, "ntp", steps=4, extra=cosine), whole / "metrics.jsonl", step) is None
+    assert "step 4 trained at 0.000231802, where this resume's settings" in rate_change_warning(
+        _config(whole, "ntp", steps=6, extra=cosine), whole / "metrics.jsonl", 4)  # a longer run: higher
+    # Nor for a constant rate over a longer run.
+    train(_config(tmp_path / "constant", "ntp", steps=1), progress=False)
+    train(_config(tmp_path / "constant", "ntp", steps=2), resume=True, progress=False)
+    assert "learning rate changes" not in capsys.readouterr().err
 
 
 def test_a_row_that_cannot_be_written_names_its_file(tmp_path: Path) -> None:

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable
 from itertools import islice
+from pathlib import Path
 
 import torch
 
@@ -48,11 +50,22 @@ def heldout_documents(config: RunConfig, tokenizer: Tokenizer) -> list[list[int]
     if not documents:
         raise ValueError(f"data.eval_source={spec.eval_source!r} holds no document of at least data.min_length="
                          f"{spec.min_length} tokens")
+    if spec.eval_source != "synthetic" and _same_path(spec.eval_source, spec.source):
+        logger.warning("data.eval_source=%r is data.source: the held-out loss is measured on documents the run "
+                       "trains on (its first %d), so it does not show how the model does on unseen text",
+                       spec.eval_source, len(documents))
     if len(documents) < spec.eval_documents:
         logger.warning("data.eval_source=%r holds %d documents of at least data.min_length=%d tokens, fewer than "
                        "data.eval_documents=%d: the held-out loss is measured on those", spec.eval_source,
                        len(documents), spec.min_length, spec.eval_documents)
     return documents
+
+
+def _same_path(first: str, second: str) -> bool:
+    try:
+        return Path(first).expanduser().resolve() == Path(second).expanduser().resolve()
+    except (OSError, RuntimeError):  # a symlink loop: not worth a failure here
+        return False
 
 
 def eval_batch_size(config: RunConfig) -> int:
@@ -77,13 +90,16 @@ def heldout_ntp_loss(model: FastWeightLM, documents: list[list[int]], batch_size
 
 def heldout_evaluator(config: RunConfig, model: FastWeightLM, tokenizer: Tokenizer) -> Callable[[], dict[str, float]]:
     """Read the held-out documents now (a bad data.eval_source fails before the first step); the function that
-    measures `model` on them, as a metrics.jsonl row's `eval_ntp_loss`."""
+    measures `model` on them, as a metrics.jsonl row's `eval_ntp_loss` and the seconds it took, `eval_seconds`
+    (not part of `step_seconds`)."""
     documents = heldout_documents(config, tokenizer)
     pad_id, batch_size = tokenizer.pad_id or 0, eval_batch_size(config)
 
     def evaluate() -> dict[str, float]:
+        started = time.perf_counter()
         try:
-            return {"eval_ntp_loss": heldout_ntp_loss(model, documents, batch_size, pad_id)}
+            loss = heldout_ntp_loss(model, documents, batch_size, pad_id)  # a float: the device is waited for
+            return {"eval_ntp_loss": loss, "eval_seconds": time.perf_counter() - started}
         except Exception as error:  # noqa: BLE001 - a lost measure must not lose the run's training
             logger.warning("the held-out loss of data.eval_source=%r was not measured (%s: %s); training goes on",
                            config.data.eval_source, type(error).__name__, error)

@@ -47,6 +47,20 @@ def test_a_file_source_gives_its_first_documents_read_as_training_reads_them(tmp
     assert heldout_documents(shuffled, tokenizer) == documents
 
 
+def test_held_out_documents_that_are_the_training_source_are_warned_about(tmp_path, caplog, monkeypatch):
+    source = tmp_path / "docs.jsonl"
+    source.write_text("".join(json.dumps({"text": "words " * 20}) + "\n" for _ in range(3)))
+    other = tmp_path / "other.jsonl"
+    other.write_text(source.read_text())
+    monkeypatch.chdir(tmp_path)
+    tokenizer = run_tokenizer(_config())
+    heldout_documents(_config(f"data.source={source}", f"data.eval_source={other}"), tokenizer)
+    assert "is data.source" not in caplog.text
+    heldout_documents(_config(f"data.source={source}", "data.eval_source=./docs.jsonl"), tokenizer)  # the same file
+    assert "data.eval_source='./docs.jsonl' is data.source: the held-out loss is measured on documents the run " \
+           "trains on (its first 3)" in caplog.text
+
+
 def test_the_synthetic_heldout_corpus_is_no_training_corpus_whatever_the_seeds():
     config = _config("data.eval_source=synthetic", "data.eval_documents=4", "data.seq_len=256")
     tokenizer = run_tokenizer(config)

@@ -110,7 +110,7 @@ def test_the_learner_measures_the_heldout_loss_and_the_driver_writes_those_rows(
     run(config, progress=False)
     rows = step_rows(tmp_path / "run")
     assert [row["step"] for row in rows] == [2, 3]  # step 2: only for its held-out loss
-    assert all(row["eval_ntp_loss"] > 0 for row in rows)
+    assert all(row["eval_ntp_loss"] > 0 and row["eval_seconds"] > 0 for row in rows)
 
 
 def test_a_missing_eval_source_fails_before_anything_starts(tmp_path: Path) -> None:
