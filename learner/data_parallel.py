@@ -158,6 +158,12 @@ class DataParallelGroup:
         dist.broadcast(on_device, src=0)
         header.copy_(on_device.cpu())
 
+    def sum(self, values: list[float]) -> list[float]:
+        """`values` added up over every rank (each rank calls it with its own)."""
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor.cpu().tolist()
+
     # -- one step, on every rank --------------------------------------------------------------
 
     def update(self, model: FastWeightLM, optimizer: torch.optim.Optimizer, scored: ScoredBatch,

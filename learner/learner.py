@@ -180,8 +180,10 @@ class Learner:
         self.model = prepare_model(config)
         self.tokenizer = run_tokenizer(config)  # its files go into every checkpoint's model directory
         # Read here, where the learner runs (data.eval_source must be readable on its node, as train.out_dir is).
-        self.evaluate = None if config.data.eval_source is None else heldout_evaluator(config, self.model,
-                                                                                        self.tokenizer)
+        # With data-parallel ranks each measures its share of the documents (learner/replica.py).
+        self.evaluate = None if config.data.eval_source is None else heldout_evaluator(
+            config, self.model, self.tokenizer, rank=0, world_size=config.service.num_learners,
+            sum_over_ranks=self._sum_over_ranks)
         self.optimizer = make_optimizer(self.model, config.optim)
         self.generator = torch.Generator(device=self.device).manual_seed(config.train.seed)
         self.ref_model = None
@@ -199,6 +201,9 @@ class Learner:
         self.unrecorded: list[StepReport] = []  # reports the orchestrator has not confirmed writing
         self.last_stats: dict[str, float | int | str] = {}
         self.group: DataParallelGroup | None = None  # with service.num_learners > 1, this is rank 0
+
+    def _sum_over_ranks(self, values: list[float]) -> list[float]:
+        return values if self.group is None else self.group.sum(values)
 
     # -- setup ----------------------------------------------------------------------------------
 

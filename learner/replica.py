@@ -11,7 +11,8 @@ import torch
 
 from learner.checkpoint import latest_checkpoint, load_learner_checkpoint
 from learner.data_parallel import DataParallelGroup, learner_device, weights_digest
-from refine.config import RunConfig
+from refine.config import RunConfig, run_tokenizer
+from refine.evaluation.heldout import heldout_evaluator
 from refine.loop import make_optimizer, prepare_model
 from refine.optim import learning_rate, set_learning_rate
 from refine.runtime import tune_allocator
@@ -36,6 +37,11 @@ class LearnerReplica:
         if config.refine.kl_coef > 0:
             self.ref_model = prepare_model(config, training=False).requires_grad_(False)
         self.steps = 0
+        self.group: DataParallelGroup | None = None
+        # Rank 0 measures the held-out loss after a step with every rank, each on its share of the documents.
+        self.evaluate = None if config.data.eval_source is None else heldout_evaluator(
+            config, self.model, run_tokenizer(config), rank=rank, world_size=config.service.num_learners,
+            sum_over_ranks=lambda values: self.group.sum(values))
         checkpoint = latest_checkpoint(config.train.out_dir)
         if resume and checkpoint.exists():  # the optimizer state is not broadcast: load it as rank 0 does
             self.steps = load_learner_checkpoint(checkpoint, self.model, self.optimizer, generator).step
@@ -44,8 +50,9 @@ class LearnerReplica:
         """Join the group, then step with rank 0 until it says stop; returns JSON with the step
         count and the digest of the weights (equal on every rank)."""
         service = self.config.service
-        group = DataParallelGroup(self.address, self.rank, service.num_learners, self.config.train.device,
-                                  timeout_s=max(300.0, 10 * service.heartbeat_timeout_s))
+        self.group = group = DataParallelGroup(self.address, self.rank, service.num_learners,
+                                               self.config.train.device,
+                                               timeout_s=max(300.0, 10 * service.heartbeat_timeout_s))
         try:
             group.broadcast_parameters(self.model, self.optimizer)
             while (received := group.receive_batch()) is not None:
@@ -55,6 +62,8 @@ class LearnerReplica:
                                                                 self.config.train.steps))
                 group.update(self.model, self.optimizer, scored, documents, self.config, self.ref_model)
                 self.steps += 1
+                if self.evaluate is not None and self.config.train.evaluates_step(self.steps):
+                    self.evaluate()  # rank 0 reports it
         finally:
             group.close()
         return json.dumps({"rank": self.rank, "step": self.steps, "weights_digest": weights_digest(self.model)})

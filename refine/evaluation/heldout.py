@@ -76,8 +76,10 @@ def eval_batch_size(config: RunConfig) -> int:
 
 
 @torch.no_grad()
-def heldout_ntp_loss(model: FastWeightLM, documents: list[list[int]], batch_size: int, pad_id: int = 0) -> float:
-    """The mean next-token loss over every target of `documents`, `batch_size` documents at a time."""
+def heldout_sums(model: FastWeightLM, documents: list[list[int]], batch_size: int,
+                 pad_id: int = 0) -> tuple[float, int]:
+    """The next-token loss summed over every target of `documents`, and the number of targets, `batch_size`
+    documents at a time."""
     total, targets = 0.0, 0
     for start in range(0, len(documents), batch_size):
         ids, lengths = pad_documents(documents[start:start + batch_size], pad_id)
@@ -85,24 +87,44 @@ def heldout_ntp_loss(model: FastWeightLM, documents: list[list[int]], batch_size
         count = int((lengths - 1).clamp(min=0).sum())
         total += float(ntp_loss(model(ids, lengths=lengths, output_state=False).logits, ids, lengths)) * count
         targets += count
+    return total, targets
+
+
+def heldout_ntp_loss(model: FastWeightLM, documents: list[list[int]], batch_size: int, pad_id: int = 0) -> float:
+    """The mean next-token loss over every target of `documents`, `batch_size` documents at a time."""
+    total, targets = heldout_sums(model, documents, batch_size, pad_id)
     return total / targets
 
 
-def heldout_evaluator(config: RunConfig, model: FastWeightLM, tokenizer: Tokenizer) -> Callable[[], dict[str, float]]:
+# Sums a list of numbers over the data-parallel learners (every rank calls it at the same step).
+SumOverRanks = Callable[[list[float]], list[float]]
+
+
+def heldout_evaluator(config: RunConfig, model: FastWeightLM, tokenizer: Tokenizer, rank: int = 0,
+                      world_size: int = 1, sum_over_ranks: SumOverRanks | None = None) -> Callable[[], dict[str, float]]:
     """Read the held-out documents now (a bad data.eval_source fails before the first step); the function that
     measures `model` on them, as a metrics.jsonl row's `eval_ntp_loss` and the seconds it took, `eval_seconds`
-    (not part of `step_seconds`)."""
-    documents = heldout_documents(config, tokenizer)
+    (not part of `step_seconds`). With data-parallel learners every rank measures every `world_size`-th
+    document from its `rank`, and `sum_over_ranks` adds up the ranks' sums: each rank calls the function."""
+    documents = heldout_documents(config, tokenizer)[rank::world_size]
     pad_id, batch_size = tokenizer.pad_id or 0, eval_batch_size(config)
 
     def evaluate() -> dict[str, float]:
         started = time.perf_counter()
+        failure: Exception | None = None
         try:
-            loss = heldout_ntp_loss(model, documents, batch_size, pad_id)  # a float: the device is waited for
-            return {"eval_ntp_loss": loss, "eval_seconds": time.perf_counter() - started}
+            total, targets = heldout_sums(model, documents, batch_size, pad_id)  # floats: the device is waited for
         except Exception as error:  # noqa: BLE001 - a lost measure must not lose the run's training
-            logger.warning("the held-out loss of data.eval_source=%r was not measured (%s: %s); training goes on",
-                           config.data.eval_source, type(error).__name__, error)
+            total, targets, failure = 0.0, 0, error
+        failed_ranks = float(failure is not None)
+        if sum_over_ranks is not None:  # every rank joins, the one that failed too, or the others would wait
+            total, targets, failed_ranks = sum_over_ranks([total, float(targets), failed_ranks])
+        if failed_ranks:
+            cause = (f"{type(failure).__name__}: {failure}" if failure is not None
+                     else f"{int(failed_ranks)} other learner ranks failed to measure theirs")
+            logger.warning("the held-out loss of data.eval_source=%r was not measured (%s); training goes on",
+                           config.data.eval_source, cause)
             return {}
+        return {"eval_ntp_loss": total / targets, "eval_seconds": time.perf_counter() - started}
 
     return evaluate

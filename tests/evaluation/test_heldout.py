@@ -115,3 +115,29 @@ def test_a_source_with_fewer_documents_than_asked_is_measured_on_those_with_a_wa
     config = _config(f"data.eval_source={source}", "data.eval_documents=50")
     assert len(heldout_documents(config, run_tokenizer(config))) == 3
     assert "holds 3 documents of at least data.min_length=16 tokens, fewer than data.eval_documents=50" in caplog.text
+
+
+def test_data_parallel_ranks_each_measure_their_share_and_a_failed_rank_fails_every_ranks_measure(caplog):
+    config = _config("data.eval_source=synthetic", "data.eval_documents=5", "data.seq_len=256")
+    tokenizer = run_tokenizer(config)
+    model = build_model(dict(model_type="delta_net", vocab_size=260, hidden_size=16, num_hidden_layers=1,
+                             num_heads=2))
+    documents = heldout_documents(config, tokenizer)
+    whole = heldout_ntp_loss(model, documents, 1)
+    shares = []  # what each rank adds to the all-reduce: its loss sum, targets and whether it failed
+
+    def recorded(values):
+        shares.append(values)
+        return values
+
+    for rank in (0, 1):
+        heldout_evaluator(config, model, tokenizer, rank=rank, world_size=2, sum_over_ranks=recorded)()
+    assert shares[0][1] + shares[1][1] == sum(len(document) - 1 for document in documents)  # every target once
+    total = [a + b for a, b in zip(*shares)]
+    rank0 = heldout_evaluator(config, model, tokenizer, rank=0, world_size=2, sum_over_ranks=lambda _: total)
+    assert rank0()["eval_ntp_loss"] == pytest.approx(whole, rel=1e-6)
+    # Rank 1 failed (out of memory): rank 0 reports nothing, and says why.
+    failed = heldout_evaluator(config, model, tokenizer, rank=0, world_size=2,
+                               sum_over_ranks=lambda values: [values[0], values[1] + 100, values[2] + 1])
+    assert failed() == {}
+    assert "was not measured (1 other learner ranks failed to measure theirs); training goes on" in caplog.text

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from learner.data_parallel import weights_digest
+from refine.config import run_tokenizer
+from refine.evaluation.heldout import heldout_documents, heldout_ntp_loss
 from refine.loop import prepare_model
 from refine.models import load_model
 from service_helpers import step_rows, tiny_config
@@ -39,12 +41,19 @@ def test_two_learner_ranks_train_and_end_with_equal_weights(ray_session, tmp_pat
 def test_micro_batches_on_two_ranks_take_the_step_of_one_learner_on_the_whole_batch(ray_session,
                                                                                     tmp_path: Path) -> None:
     """Gradient accumulation in the service: each rank's two documents run as two micro-batches, and the step
-    equals a single learner's on all four at once (float32 rounding)."""
-    common = ("train.steps=1", "train.batch_size=4", "service.num_rollout_workers=1", "train.checkpoint_every=0")
+    equals a single learner's on all four at once (float32 rounding). The held-out loss, each rank measuring
+    its share of the documents, is the one learner's too."""
+    common = ("train.steps=1", "train.batch_size=4", "service.num_rollout_workers=1", "train.checkpoint_every=0",
+              "data.eval_source=synthetic", "data.eval_documents=3")
     run(tiny_config(tmp_path / "one", *common), progress=False)
     run(tiny_config(tmp_path / "micro", *common, "service.num_learners=2", "train.micro_batches=2"), progress=False)
     (one,), (micro,) = step_rows(tmp_path / "one" / "run"), step_rows(tmp_path / "micro" / "run")
     assert micro["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-5)  # the whole batch's, summed over ranks
+    config = tiny_config(tmp_path / "micro", *common)
+    whole = heldout_ntp_loss(load_model(tmp_path / "micro" / "run" / "checkpoints" / "latest" / "model"),
+                             heldout_documents(config, run_tokenizer(config)), 1)
+    assert micro["eval_ntp_loss"] == pytest.approx(whole, rel=1e-6)  # both ranks' documents, rank 1's too
+    assert micro["eval_ntp_loss"] == pytest.approx(one["eval_ntp_loss"], rel=1e-5)
     a = load_model(tmp_path / "one" / "run" / "checkpoints" / "latest" / "model").state_dict()
     b = load_model(tmp_path / "micro" / "run" / "checkpoints" / "latest" / "model").state_dict()
     initial = prepare_model(tiny_config(tmp_path / "one", *common)).state_dict()
