@@ -95,6 +95,9 @@ def check_config(config: RunConfig, sft_coef: float) -> None:
     if config.data.eval_source is not None:
         raise ValueError(f"data.eval_source={config.data.eval_source!r}: refine posttrain measures no held-out loss "
                          f"(refine eval scores a post-trained model); leave it unset")
+    if config.data.shuffle:
+        raise ValueError("data.shuffle=true: refine posttrain reads --data, not data.source, and draws its examples "
+                         "in a new order every pass already (from train.seed); leave it unset")
     check_no_kl_term(config.refine, "refine posttrain")
     # Beyond float32's largest number the coefficient is inf in the float32 loss: every SFT update is skipped.
     if not (math.isfinite(sft_coef) and 0 <= sft_coef <= MAX_SFT_COEF):
