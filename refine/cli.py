@@ -50,6 +50,17 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_inspect(args: argparse.Namespace) -> int:
+    from refine.config import run_tokenizer
+    from refine.data.inspect import inspect_data
+
+    if args.documents < 0:
+        raise ValueError(f"--documents must be >= 0 (0: one whole pass), got {args.documents}")
+    config = load_config(args.config, args.set, defaults=DEMO_DEFAULTS)  # what `refine train` would read
+    print(json.dumps(inspect_data(config, run_tokenizer(config), args.documents or None), indent=2))
+    return 0
+
+
 def _model_inspect(args: argparse.Namespace) -> int:
     from refine.models import inspect_model, load_model
 
@@ -99,6 +110,18 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = model_sub.add_parser("inspect", help="architecture, parameter count, recurrent state size")
     inspect.add_argument("path", help="checkpoint directory (config.json + safetensors)")
     inspect.set_defaults(func=_model_inspect)
+
+    data = sub.add_parser("data", help="data utilities")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    data_inspect = data_sub.add_parser("inspect", help="what the run's data settings make of data.source: documents, "
+                                                       "tokens, what is dropped or cut, lengths, steps per pass")
+    data_inspect.add_argument("config", nargs="?", default=None,
+                              help="YAML config (default: the main job's, as `refine train` without one)")
+    data_inspect.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                              help="override a config value, e.g. --set data.source=docs.jsonl (repeatable)")
+    data_inspect.add_argument("--documents", type=int, default=10_000, metavar="N",
+                              help="read the first N documents (default 10000); 0: one whole pass")
+    data_inspect.set_defaults(func=_data_inspect)
 
     evaluate = sub.add_parser("eval", help="generate answers on a task (greedy, or sampled: "
                                            "eval.answer_temperature), score them, write results JSON")
