@@ -255,6 +255,13 @@ def _file_label(file: Path, root: Path) -> str:
 # For a shuffled read, `rows_at` reads records by their index in the source, in the order given.
 
 
+def random_order(bits: np.random.PCG64, count: int) -> np.ndarray:
+    """A random permutation of range(count): indices sorted by random 64-bit keys. The keys are the bit
+    generator's raw stream, which NumPy keeps the same across versions (Generator.permutation's algorithm may
+    change), so a run resumed after an upgrade still reads its pass in the order it started."""
+    return np.argsort(bits.random_raw(count), kind="stable")
+
+
 class _ParquetReader:
     """Parquet files, each opened only while its rows are read: a folder of thousands of shards must not
     hold one open file per shard (past the open-files limit). Their footers, read once here, give the
@@ -299,14 +306,14 @@ class _ParquetReader:
                 row_in_file += rows
         return table
 
-    def shuffled_order(self, rng: np.random.Generator, count: int) -> np.ndarray:
+    def shuffled_order(self, bits: np.random.PCG64, count: int) -> np.ndarray:
         """Row groups in a random order, each one's rows in a random order: a parquet row is read by decoding
         its whole row group, so a permutation of all records would decode a group per record."""
         parts = []
         groups = [(start, min(rows, count - start)) for start, _, _, _, rows in self._row_groups() if start < count]
-        for group in rng.permutation(len(groups)):
+        for group in random_order(bits, len(groups)):
             start, rows = groups[group]
-            parts.append(start + rng.permutation(rows))
+            parts.append(start + random_order(bits, rows))
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
     def rows_at(self, records: np.ndarray, first: int) -> Iterator[Row]:
@@ -336,6 +343,9 @@ class _ParquetReader:
             for batch in self._batches(file, parquet, group, first_row, rows):
                 for column, column_values in batch.to_pydict().items():
                     values[column].extend(column_values)
+        if len(values[self.columns[0]]) != rows:  # the file was replaced since its footer was read
+            raise DataSourceError(f"parquet file {str(file)!r}, row group {group}: {len(values[self.columns[0]])} rows, "
+                                  f"where the file had {rows} when this pass started: it changed during the run")
         return values
 
     def _batches(self, file: Path, parquet: Any, group: int, first_row: int, num_rows: int) -> Iterator[Any]:
@@ -394,6 +404,11 @@ class _ParquetReader:
                             row_in_file += 1
 
 
+def _version(status: os.stat_result) -> tuple[int, int]:
+    """What tells a file's versions apart, cheaply: its size and modification time."""
+    return status.st_size, status.st_mtime_ns
+
+
 @lru_cache(maxsize=1 << 16)  # a folder of shards: every file's index, so a pass does not scan them twice
 def _jsonl_records(path: str, size: int, mtime_ns: int) -> tuple[array, array]:
     """Where each record of a JSON-lines file starts: byte offsets and line numbers (blank lines are not
@@ -424,11 +439,7 @@ class _JsonlReader:
         return sum(len(offsets) for offsets, _ in self._index())
 
     def _index(self) -> list[tuple[array, array]]:
-        indexes = []
-        for file in self.files:
-            status = file.stat()
-            indexes.append(_jsonl_records(str(file), status.st_size, status.st_mtime_ns))
-        return indexes
+        return [_jsonl_records(str(file), *_version(file.stat())) for file in self.files]
 
     def rows(self, start: int, stop: int | None) -> Iterator[Row]:
         index = 0
@@ -449,7 +460,8 @@ class _JsonlReader:
                     index += 1
 
     def rows_at(self, records: np.ndarray, first: int) -> Iterator[Row]:
-        indexes = self._index()
+        versions = [_version(file.stat()) for file in self.files]
+        indexes = [_jsonl_records(str(file), *version) for file, version in zip(self.files, versions)]
         ends = np.cumsum([len(offsets) for offsets, _ in indexes]).tolist()  # records before each file's end
         open_file: tuple[int, Any] | None = None  # one file open at a time: a folder may hold thousands
         try:
@@ -462,6 +474,9 @@ class _JsonlReader:
                         open_file[1].close()
                     open_file = (number, open(self.files[number], "rb"))
                 handle = open_file[1]
+                if _version(os.fstat(handle.fileno())) != versions[number]:  # the offsets are another version's
+                    raise DataSourceError(f"JSON-lines file {str(self.files[number])!r} changed during the run "
+                                          f"(its size or modification time): its records were indexed before")
                 handle.seek(offsets[within])
                 raw, line_number = handle.readline(), line_numbers[within]
                 if line_number == 1:
@@ -666,9 +681,9 @@ class RowSource:
         count = self.record_count()
         if count == 0:
             raise EmptySourceError(f"data source {self.path!r} holds no records")
-        rng, count = np.random.default_rng(seed), count if limit is None else min(count, limit)
-        order = (self.reader.shuffled_order(rng, count) if isinstance(self.reader, _ParquetReader)
-                 else rng.permutation(count))
+        bits, count = np.random.PCG64(seed), count if limit is None else min(count, limit)
+        order = (self.reader.shuffled_order(bits, count) if isinstance(self.reader, _ParquetReader)
+                 else random_order(bits, count))
         for row in self.reader.rows_at(order[start:], start):
             if not row.rejected:
                 yield row

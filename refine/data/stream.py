@@ -135,9 +135,10 @@ def file_documents(config: RunConfig, tokenizer: Tokenizer, cursor: int, warn: b
             early = False
             tails = f", {stats.short_tails} last windows dropped as too short" if spec.max_windows > 1 else ""
             logger.warning("data.source=%r drops documents shorter than data.min_length=%d or blank (only whitespace "
-                           "and control characters) and cuts those longer than %s (by record %d: %d dropped as too "
+                           "and control characters) and cuts those longer than %s (by %s %d: %d dropped as too "
                            "short, %d as blank, %d cut%s); the end of this pass reports the counts", spec.source,
-                           spec.min_length, kept, doc.index + 1, stats.too_short, stats.blank, stats.truncated, tails)
+                           spec.min_length, kept, "position" if spec.shuffle else "record", doc.index + 1,
+                           stats.too_short, stats.blank, stats.truncated, tails)
         yield doc.doc_id, doc.token_ids, doc.next_cursor  # filtered and bad rows count too
     # Dropped, cut and skipped documents change what the model trains on: say so once per pass, as a warning
     # when `warn` (until a whole pass was reported: later passes repeat its counts).
@@ -184,6 +185,11 @@ def document_stream(config: RunConfig, tokenizer: Tokenizer, start_cursor: int =
         warn = warn and epoch_cursor != 0  # a resumed pass counted only part of the source
         epoch_cursor = 0
         pass_number += 1
+        if span and shuffled_pass_span(config, tokenizer) != span:
+            records = shuffled_pass_span(config, tokenizer) // config.data.max_windows
+            raise ValueError(f"data.source={config.data.source!r} changed during the run: a shuffled run's data "
+                             f"cursor counts passes of {span // config.data.max_windows} records, and it holds "
+                             f"{records} now; resume with --resume to count in the source as it is now")
 
 
 SOURCE_RECORD = "data_source.json"  # in the run directory: what the run's data cursor counts records of

@@ -214,6 +214,18 @@ def test_a_shuffled_source_reads_every_pass_in_its_own_order_and_resumes_anywher
     assert [doc_id for doc_id, _, _ in islice(document_stream(other, TOKENIZER), 12)] != passes[0]
 
 
+def test_a_shuffled_source_that_grows_during_the_run_stops_it_at_the_next_pass(tmp_path):
+    """Its cursor counts passes of the source's records: a pass of more would count into the next pass's."""
+    config = run_config(tmp_path, SHUFFLED, "data.shuffle=true")
+    stream = document_stream(config, TOKENIZER)
+    list(islice(stream, 12))  # the first pass
+    with (tmp_path / "docs.jsonl").open("a") as handle:
+        handle.write(json.dumps({"text": "one more document " * 4}) + "\n")
+    with pytest.raises(ValueError, match=r"docs.jsonl' changed during the run: a shuffled run's data cursor counts "
+                                         r"passes of 13 records, and it holds 14 now; resume with --resume"):
+        next(stream)
+
+
 def test_a_resume_with_another_order_than_the_cursor_counts_in_is_refused_naming_both(tmp_path):
     out_dir = tmp_path / "run"
     out_dir.mkdir()
