@@ -486,7 +486,7 @@ class Learner:
         m.skipped_steps.inc(int(outcome.skipped))
         for gauge, key in ((m.policy_loss, "policy_loss"), (m.ntp_loss, "ntp_loss"), (m.grad_norm, "grad_norm"),
                            (m.clip_fraction, "pg/clip_fraction"), (m.approx_kl, "pg/approx_kl"),
-                           (m.learning_rate, "lr"), (m.eval_ntp_loss, "eval_ntp_loss")):
+                           (m.learning_rate, "lr"), (m.eval_ntp_loss, "eval_ntp_loss"), (m.data_epoch, "data_epoch")):
             if key in stats:
                 gauge.set(float(stats[key]))
         for phase in LEARNER_PHASES:

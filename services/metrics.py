@@ -67,6 +67,8 @@ class Metrics:
         self.grad_norm = Gauge("refine_grad_norm", "Gradient norm before clipping", registry=r)
         self.learning_rate = Gauge("refine_learning_rate", "Learning rate of the last step (optim.schedule)",
                                    registry=r)
+        self.data_epoch = Gauge("refine_data_epoch", "Passes over data.source the data stream had completed "
+                                "when it read the last step's batch", registry=r)
         self.step_seconds = Histogram("refine_step_seconds", "Time per phase of a step", ["phase"],
                                       buckets=STEP_BUCKETS, registry=r)
         self.skipped_steps = Counter("refine_skipped_steps", "Steps skipped for a non-finite loss or gradient",

@@ -52,6 +52,7 @@ def update_learner(metrics: Metrics) -> None:
     metrics.approx_kl.set(0.002)
     metrics.grad_norm.set(1.7)
     metrics.learning_rate.set(1e-6)
+    metrics.data_epoch.set(1)
     for phase, seconds in (("forward", 0.5), ("backward", 0.9), ("optimizer", 0.05)):
         metrics.step_seconds.labels(phase=phase).observe(seconds)
     metrics.skipped_steps.inc(1)

@@ -237,7 +237,7 @@ def test_dashboard_covers_every_observability_signal() -> None:
     used = set().union(*(parse_promql(with_grafana_variables(expr)).metric_names for _, _, expr in QUERIES))
     required = {"refine_rollouts_total", "refine_rollout_tokens_total", "refine_reward_mean", "refine_reward_std",
                 "refine_selected_entropy", "refine_policy_loss", "refine_ntp_loss", "refine_clip_fraction",
-                "refine_approx_kl", "refine_grad_norm", "refine_learning_rate", "refine_eval_ntp_loss",
+                "refine_approx_kl", "refine_grad_norm", "refine_learning_rate", "refine_eval_ntp_loss", "refine_data_epoch",
                 "refine_step_seconds_bucket",
                 "refine_weight_version",
                 "refine_rollout_staleness_bucket", "refine_stale_rollouts_dropped_total", "refine_stream_length",

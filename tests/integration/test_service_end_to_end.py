@@ -72,6 +72,7 @@ def test_refine_train_disaggregated_end_to_end(ray_session, tmp_path: Path, caps
     # Every role served Prometheus metrics while it ran, and withdrew its discovery file on exit.
     assert set(scraped) == {"orchestrator", "learner", "rollout_worker", "reward"}
     for role, name in (("learner", "refine_learner_steps_total"), ("learner", "refine_ntp_loss"),
+                       ("learner", "refine_data_epoch"),
                        ("rollout_worker", "refine_rollouts_total"), ("rollout_worker", "refine_weight_version"),
                        ("reward", "refine_scored_batches_total"), ("orchestrator", "refine_documents_total")):
         assert f"\n{name} " in scraped[role], (role, name)
