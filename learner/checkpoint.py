@@ -45,12 +45,14 @@ class LearnerState(BaseModel):
 
 def save_learner_checkpoint(out_dir: str | Path, model: FastWeightLM, optimizer: torch.optim.Optimizer,
                             generator: torch.Generator, tokenizer: Tokenizer, state: LearnerState,
-                            reports: list[StepReport] | None = None) -> Path:
-    """Save a checkpoint; `reports`: those the orchestrator may not have written yet."""
+                            reports: list[StepReport] | None = None, keep: int = 0) -> Path:
+    """Save a checkpoint; `reports`: those the orchestrator may not have written yet; `keep`:
+    train.keep_checkpoints (see refine.loop.save_run_checkpoint)."""
     position = RunPosition(state.step, state.cursor, state.skipped_steps)
     extra = {STATE_FILE: state.model_dump_json(indent=2),
              REPORTS_FILE: "".join(report.model_dump_json() + "\n" for report in reports or [])}
-    return save_run_checkpoint(out_dir, model, optimizer, position, generator, tokenizer, extra_files=extra)
+    return save_run_checkpoint(out_dir, model, optimizer, position, generator, tokenizer, extra_files=extra,
+                               keep=keep)
 
 
 def read_learner_state(path: str | Path) -> LearnerState:

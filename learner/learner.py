@@ -514,7 +514,7 @@ class Learner:
         started = time.perf_counter()
         self._forget_recorded()
         save_learner_checkpoint(self.out_dir, self.model, self.optimizer, self.generator, self.tokenizer,
-                                self.state, self.unrecorded)
+                                self.state, self.unrecorded, keep=self.config.train.keep_checkpoints)
         self.checkpointed_step = self.state.step
         self.metrics.step_seconds.labels(phase="checkpoint").observe(time.perf_counter() - started)
 

@@ -273,6 +273,9 @@ class TrainConfig(Strict):
     threads: int | None = Field(None, ge=1, le=MAX_THREADS)
     log_every: int = Field(1, ge=1, description="a metrics.jsonl row every this many steps, and the last step's")
     checkpoint_every: int = Field(0, ge=0, description="0: only at the end")
+    keep_checkpoints: int = Field(0, ge=0, le=100_000, description=(
+        "besides checkpoints/latest, keep the newest this many checkpoints as checkpoints/step-NNNNNNNN/ (hard links "
+        "of latest's files where the file system has them: no extra disk until latest moves on); 0: latest only"))
     eval_every: int = Field(0, ge=0, description="steps between measures of data.eval_source's held-out NTP loss "
                                                  "(eval_ntp_loss in metrics.jsonl); 0: at the last step only")
     out_dir: PathStr = "runs/latest"

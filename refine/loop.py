@@ -346,14 +346,16 @@ def latest_checkpoint(out_dir: str | Path) -> Path:
 
 def save_run_checkpoint(out_dir: str | Path, model: FastWeightLM, optimizer: torch.optim.Optimizer,
                         position: RunPosition, generator: torch.Generator, tokenizer: Tokenizer,
-                        extra_files: dict[str, str] | None = None) -> Path:
+                        extra_files: dict[str, str] | None = None, keep: int = 0) -> Path:
     """The run's checkpoints/latest, whole or not at all: written into a fresh directory (with `extra_files`,
     name -> text), then swapped in, so a run killed while writing keeps its previous checkpoint (a torn one
     would resume new weights with an old optimizer, step and data cursor). Durable across a machine crash too:
     every file and directory written is fsynced before the swap, and checkpoints/ after it, before the
     previous checkpoint is removed. A write that fails removes what it wrote (on a full disk, a partial
     checkpoint as large as a whole one would keep even a --resume from starting); one the file system refused
-    (a full disk, a file too large) is one OSError naming the checkpoint, the cause and the checkpoint kept."""
+    (a full disk, a file too large) is one OSError naming the checkpoint, the cause and the checkpoint kept.
+    `keep` > 0 (train.keep_checkpoints) then keeps this checkpoint as checkpoints/step-NNNNNNNN too, and the
+    newest `keep` of those (see keep_step_checkpoint)."""
     latest = Path(out_dir) / "checkpoints" / "latest"
     created = not latest.parent.exists()
     _remove_partial_checkpoints(latest.parent)
@@ -380,7 +382,51 @@ def save_run_checkpoint(out_dir: str | Path, model: FastWeightLM, optimizer: tor
     if created:
         sync_directory(latest.parent.parent)
     shutil.rmtree(previous, ignore_errors=True)
+    if keep:
+        keep_step_checkpoint(latest, position, keep)
     return latest
+
+
+def step_checkpoints(folder: Path) -> list[Path]:
+    """The kept checkpoints (checkpoints/step-NNNNNNNN) of a run's checkpoints folder, oldest first."""
+    return sorted(path for path in folder.glob("step-*") if path.is_dir() and not path.name.endswith(".partial"))
+
+
+def keep_step_checkpoint(latest: Path, position: RunPosition, keep: int) -> None:
+    """checkpoints/latest (just written, at `position.step`) kept as checkpoints/step-NNNNNNNN, its files hard
+    links (copies where the file system has none; staged and renamed, so whole or not at all), then the older
+    kept checkpoints past the newest `keep` removed. A write the disk refuses is an OSError naming it, as for
+    latest; latest stays intact."""
+    kept = latest.with_name(f"step-{position.step:08d}")
+    staging = kept.with_name(f"{kept.name}.partial")
+    try:
+        shutil.rmtree(kept, ignore_errors=True)  # a resumed run's step again: the newer checkpoint replaces it
+        for file in sorted(latest.rglob("*")):  # not copytree: it gathers errors into one unreadable shutil.Error
+            target = staging / file.relative_to(latest)
+            if file.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                _link_or_copy(str(file), str(target))
+        sync_tree(staging)
+        os.replace(staging, kept)
+        sync_directory(kept.parent)
+    except BaseException as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        cause = file_system_error(error)
+        if cause is None:
+            raise
+        raise OSError(f"cannot keep the step-{position.step} checkpoint as {kept} ({_reason(cause)}): "
+                      f"{latest} is intact: `{_command(position.program)} --resume` continues from it") from None
+    for old in step_checkpoints(latest.parent)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _link_or_copy(source: str, destination: str) -> None:
+    try:
+        os.link(source, destination)
+    except OSError:  # no hard links on this file system (or across devices): a copy
+        shutil.copy2(source, destination)
 
 
 def kept_checkpoint(out_dir: str | Path, program: str) -> str:
@@ -405,7 +451,7 @@ def clear_checkpoints(out_dir: str | Path, program: str = "refine") -> bool:
     programs' run records go too (the fresh run writes its own): the directory then says whose run it holds.
     Returns whether there was a checkpoint."""
     folder = Path(out_dir) / "checkpoints"
-    found = [path for path in (folder / "latest", folder / "previous") if path.exists()]
+    found = [path for path in (folder / "latest", folder / "previous") if path.exists()] + step_checkpoints(folder)
     for path in found:
         shutil.rmtree(path)
     _remove_partial_checkpoints(folder)
@@ -697,11 +743,13 @@ def run_steps(config: RunConfig, model: FastWeightLM, optimizer: torch.optim.Opt
             bar.update(1)
             if config.train.checkpoint_every and position.step % config.train.checkpoint_every == 0:
                 check_run_directory(metrics_path, start.program)
-                save_run_checkpoint(out_dir, model, optimizer, position, generator, tokenizer)
+                save_run_checkpoint(out_dir, model, optimizer, position, generator, tokenizer,
+                                    keep=config.train.keep_checkpoints)
                 saved_at = position.step
     if saved_at != position.step:
         check_run_directory(metrics_path, start.program)
-        save_run_checkpoint(out_dir, model, optimizer, position, generator, tokenizer)
+        save_run_checkpoint(out_dir, model, optimizer, position, generator, tokenizer,
+                            keep=config.train.keep_checkpoints)
     if position.skipped_steps > start.skipped_steps:
         tqdm.write(f"{desc}: warning: {position.skipped_steps - start.skipped_steps} of steps {start.step + 1}.."
                    f"{position.step} skipped an update for a non-finite loss or gradient (skipped_nonfinite in "

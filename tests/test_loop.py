@@ -16,7 +16,8 @@ from refine.config import run_tokenizer
 from refine.data.batches import DocumentBatch
 from refine.loop import (
     MAX_SKIPPED_IN_A_ROW, NONFINITE_KEY, RunPosition, StepResult, make_optimizer, merge_steps, mini_batch_bounds,
-    optimizer_step, prepare_model, latest_checkpoint, resume_from, rollout_batch_update, save_run_checkpoint, start_run_directory, train, train_step,
+    optimizer_step, prepare_model, latest_checkpoint, read_trainer_state, resume_from, rollout_batch_update,
+    save_run_checkpoint, start_run_directory, train, train_step,
 )
 from refine.models import build_model, load_model
 
@@ -355,6 +356,44 @@ def test_a_shuffled_run_resumes_exactly_across_passes_and_refuses_a_resume_in_so
     with pytest.raises(ValueError, match="counts records in the order of data.shuffle=true with train.seed=0"):
         train(_config(chained, "ntp", steps=8, extra=shuffled[:-1]), resume=True, progress=False)
     assert _run_files(chained) == before
+
+
+def test_kept_checkpoints_are_the_newest_ones_hard_linked_and_a_fresh_run_removes_them(tmp_path):
+    run = tmp_path / "run"
+    keep = ("train.checkpoint_every=1", "train.keep_checkpoints=2")
+    train(_config(run, "ntp", steps=3, extra=keep), progress=False)
+    folder = run / "checkpoints"
+    assert sorted(path.name for path in folder.iterdir()) == ["latest", "step-00000002", "step-00000003"]
+    newest = folder / "step-00000003"
+    for file in (folder / "latest").rglob("*"):  # the same files as latest, not copies
+        if file.is_file():
+            assert (newest / file.relative_to(folder / "latest")).stat().st_ino == file.stat().st_ino
+    assert read_trainer_state(folder / "step-00000002" / "trainer.pt")["step"] == 2
+    older = load_model(folder / "step-00000002" / "model").state_dict()
+    assert any(not torch.equal(older[name], tensor) for name, tensor in load_model(newest / "model").state_dict().items())
+    # A resume keeps going; a kept checkpoint keeps its step's files after latest moved on.
+    train(_config(run, "ntp", steps=5, extra=keep), resume=True, progress=False)
+    assert sorted(path.name for path in folder.iterdir()) == ["latest", "step-00000004", "step-00000005"]
+    assert read_trainer_state(folder / "step-00000004" / "trainer.pt")["step"] == 4
+    assert read_trainer_state(folder / "latest" / "trainer.pt")["step"] == 5
+    train(_config(run, "ntp", steps=4, extra=("train.checkpoint_every=4", "train.keep_checkpoints=0")), progress=False)
+    assert sorted(path.name for path in folder.iterdir()) == ["latest"]  # a fresh run: the earlier run's are gone
+
+
+def test_a_kept_checkpoint_the_disk_refuses_names_it_and_leaves_latest_whole(tmp_path, monkeypatch):
+    import errno
+
+    import refine.loop
+
+    def full_disk(source, destination):
+        raise OSError(errno.ENOSPC, "No space left on device", destination)
+
+    monkeypatch.setattr(refine.loop, "_link_or_copy", full_disk)
+    with pytest.raises(OSError, match=r"cannot keep the step-2 checkpoint as .*step-00000002 \(No space left on "
+                                      r"device: .*\): .*latest is intact: `refine train --resume` continues from it"):
+        train(_config(tmp_path, "ntp", steps=2, extra=("train.keep_checkpoints=1",)), progress=False)
+    assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["latest"]
+    assert read_trainer_state(tmp_path / "checkpoints" / "latest" / "trainer.pt")["step"] == 2
 
 
 def _run_files(out_dir):

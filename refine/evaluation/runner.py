@@ -678,11 +678,16 @@ def check_model_dir(model_dir: Path) -> None:
 def default_output(model_dir: Path, task: str, ttt: bool, ttt_accumulate: bool = False,
                    ttt_batch: int | None = None) -> Path:
     """eval-TASK[-ttt[-accumulate | -batchN]].json in the model's directory, or in the run directory for a model
-    inside a run's checkpoints (RUN/checkpoints/latest/model): the run's next checkpoint replaces that folder whole."""
+    inside a run's checkpoints (RUN/checkpoints/latest/model): the run's next checkpoint replaces that folder
+    whole. A kept checkpoint's (RUN/checkpoints/step-NNNNNNNN/model) name ends in its folder's: -step-NNNNNNNN."""
     mode = "-accumulate" if ttt_accumulate else f"-batch{ttt_batch}" if ttt_batch is not None else ""
-    name = f"eval-{task}{'-ttt' if ttt else ''}{mode}.json"
-    checkpoints = next((parent for parent in model_dir.resolve().parents if parent.name == "checkpoints"), None)
-    return (model_dir if checkpoints is None else checkpoints.parent) / name
+    resolved = model_dir.resolve()
+    checkpoints = next((parent for parent in resolved.parents if parent.name == "checkpoints"), None)
+    if checkpoints is None:
+        return model_dir / f"eval-{task}{'-ttt' if ttt else ''}{mode}.json"
+    folder = resolved.relative_to(checkpoints).parts[0]  # latest, previous or a kept step-NNNNNNNN
+    kept = f"-{folder}" if folder.startswith("step-") else ""
+    return checkpoints.parent / f"eval-{task}{'-ttt' if ttt else ''}{mode}{kept}.json"
 
 
 def check_output(output: Path, given: bool) -> None:

@@ -188,6 +188,9 @@ def test_results_of_a_model_in_a_runs_checkpoints_go_to_the_run_directory(tmp_pa
     model = tmp_path / "run" / "checkpoints" / "latest" / "model"
     assert default_output(model, "niah", ttt=True) == (tmp_path / "run" / "eval-niah-ttt.json").resolve()
     assert default_output(tmp_path / "exported", "niah", ttt=False) == tmp_path / "exported" / "eval-niah.json"
+    # A kept checkpoint's results are named after it: each kept checkpoint has its own.
+    kept = tmp_path / "run" / "checkpoints" / "step-00000040" / "model"
+    assert default_output(kept, "niah", ttt=False) == (tmp_path / "run" / "eval-niah-step-00000040.json").resolve()
 
 
 def test_prompts_answered_in_batches_get_the_answers_they_get_alone(model_dir):

@@ -85,7 +85,8 @@ def test_a_service_run_over_long_documents_trains_their_windows_and_resumes_insi
     # With BOS 497, 551 and 605 tokens: three windows of data.seq_len=192 each (the last one's rest cut).
     source.write_text("".join(json.dumps({"text": f"record {i}: " + "lorem ipsum dolor sit amet " * (18 + 2 * i)})
                               + "\n" for i in range(3)))
-    windows = (f"data.source={source}", "data.max_windows=3", "train.checkpoint_every=1", f"data.shuffle={shuffle}")
+    windows = (f"data.source={source}", "data.max_windows=3", "train.checkpoint_every=1", f"data.shuffle={shuffle}",
+               "train.keep_checkpoints=2")
     config = tiny_config(tmp_path, "train.steps=1", *windows)
     run(config, progress=False)
     assert [row["cursor"] for row in step_rows(tmp_path / "run")] == [2]  # two windows of the first record read
@@ -100,6 +101,9 @@ def test_a_service_run_over_long_documents_trains_their_windows_and_resumes_insi
     else:  # the records in another order (a shuffled pass keeps each record's windows together)
         assert [row["tokens"] for row in rows] != [384, 113 + 192, 192 + 167, 384, 192 + 192]
     assert [row["data_epoch"] for row in rows] == [0, 0, 0, 0, 1]  # the fifth batch wraps around the source
+    # The learner keeps its newest two checkpoints beside latest (train.keep_checkpoints).
+    assert sorted(path.name for path in (tmp_path / "run" / "checkpoints").iterdir()) == [
+        "latest", "step-00000004", "step-00000005"]
 
 
 def test_resume_after_the_driver_died_loses_nothing_and_keeps_the_run_config(ray_session, tmp_path: Path) -> None:
