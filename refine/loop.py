@@ -676,19 +676,20 @@ def warmup_warning(config: RunConfig) -> str | None:
 
 def rate_change_warning(config: RunConfig, metrics_path: Path, step: int) -> str | None:
     """A resume whose schedule settings (optim.*, train.steps) give another learning rate than the run trained
-    at: compared at the last step up to `step` that metrics.jsonl logged. Extending a cosine run's train.steps
-    raises the rate, say, which the user should know before the loss curve shows it."""
+    at, at any step up to `step` that metrics.jsonl logged (the last such step is named). Extending a cosine
+    run's train.steps raises the rate, say, which the user should know before the loss curve shows it. Settings
+    that agree with every logged rate and differ only after it (constant to cosine, resumed at step 1) go unsaid."""
     if step == 0:
         return None
-    logged = [row for _, row in jsonl_rows(metrics_path) if isinstance(row.get("step"), int) and 0 < row["step"] <= step
-              and isinstance(row.get("lr"), (int, float)) and not isinstance(row.get("lr"), bool)]
-    if not logged:
-        return None  # rows from before the schedule existed, or none logged
-    row = max(logged, key=lambda row: row["step"])
     optim, steps = config.optim, config.train.steps
+    differing = [row for _, row in jsonl_rows(metrics_path)
+                 if isinstance(row.get("step"), int) and 0 < row["step"] <= step
+                 and isinstance(row.get("lr"), (int, float)) and not isinstance(row.get("lr"), bool)
+                 and not math.isclose(learning_rate(optim, row["step"], steps), row["lr"], rel_tol=1e-6)]
+    if not differing:
+        return None  # the same rates (or rows from before the schedule existed, or none logged)
+    row = max(differing, key=lambda row: row["step"])
     now = learning_rate(optim, row["step"], steps)
-    if math.isclose(now, row["lr"], rel_tol=1e-6):
-        return None
     settings = (f"optim.lr={optim.lr}, optim.warmup_steps={optim.warmup_steps}, optim.schedule={optim.schedule!r}"
                 f"{f', optim.min_lr_ratio={optim.min_lr_ratio}' if optim.schedule == 'cosine' else ''}, "
                 f"train.steps={steps}")

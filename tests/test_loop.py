@@ -805,6 +805,12 @@ def test_a_resume_whose_settings_change_the_learning_rate_says_so(tmp_path, caps
         assert rate_change_warning(_config(whole, "ntp", steps=4, extra=cosine), whole / "metrics.jsonl", step) is None
     assert "step 4 trained at 0.000231802, where this resume's settings" in rate_change_warning(
         _config(whole, "ntp", steps=6, extra=cosine), whole / "metrics.jsonl", 4)  # a longer run: higher
+    # A warm-up added afterwards changes only the first steps' rates: still said, naming the last that differs.
+    flat = tmp_path / "flat"
+    train(_config(flat, "ntp", steps=4), progress=False)
+    assert "step 1 trained at 0.001, where this resume's settings (optim.lr=0.001, optim.warmup_steps=2, " \
+           "optim.schedule='constant', train.steps=6) give 0.0005; step 5 trains at 0.001" in \
+        rate_change_warning(_config(flat, "ntp", steps=6, extra=("optim.warmup_steps=2",)), flat / "metrics.jsonl", 4)
     # Nor for a constant rate over a longer run.
     train(_config(tmp_path / "constant", "ntp", steps=1), progress=False)
     train(_config(tmp_path / "constant", "ntp", steps=2), resume=True, progress=False)

@@ -50,10 +50,10 @@ def heldout_documents(config: RunConfig, tokenizer: Tokenizer) -> list[list[int]
     if not documents:
         raise ValueError(f"data.eval_source={spec.eval_source!r} holds no document of at least data.min_length="
                          f"{spec.min_length} tokens")
-    if spec.eval_source != "synthetic" and _same_path(spec.eval_source, spec.source):
-        logger.warning("data.eval_source=%r is data.source: the held-out loss is measured on documents the run "
-                       "trains on (its first %d), so it does not show how the model does on unseen text",
-                       spec.eval_source, len(documents))
+    if "synthetic" not in (spec.eval_source, spec.source) and _within(spec.eval_source, spec.source):
+        logger.warning("data.eval_source=%r is data.source=%r or part of it: the held-out loss is measured on "
+                       "documents the run trains on (%d of them), so it does not show how the model does on unseen "
+                       "text", spec.eval_source, spec.source, len(documents))
     if len(documents) < spec.eval_documents:
         logger.warning("data.eval_source=%r holds %d documents of at least data.min_length=%d tokens, fewer than "
                        "data.eval_documents=%d: the held-out loss is measured on those", spec.eval_source,
@@ -61,10 +61,14 @@ def heldout_documents(config: RunConfig, tokenizer: Tokenizer) -> list[list[int]
     return documents
 
 
-def _same_path(first: str, second: str) -> bool:
+def _within(path: str, source: str) -> bool:
+    """Whether `path` is the file or folder `source` (a link to it included), or inside folder `source`."""
     try:
-        return Path(first).expanduser().resolve() == Path(second).expanduser().resolve()
-    except (OSError, RuntimeError):  # a symlink loop: not worth a failure here
+        inner, outer = Path(path).expanduser(), Path(source).expanduser()
+        if inner.exists() and outer.exists() and inner.samefile(outer):
+            return True
+        return outer.is_dir() and outer.resolve() in inner.resolve().parents
+    except (OSError, RuntimeError):  # a symlink loop, a path too long: not worth a failure here
         return False
 
 

@@ -30,7 +30,7 @@ def test_a_whole_pass_is_summarized_as_training_reads_it(tmp_path):
     summary = inspect_data(config, run_tokenizer(config), max_documents=None)
     # 31 | 40 40 21 (101 tokens in windows of 40) | 40 21 (61): the blank and the short record dropped.
     assert summary["whole_pass"] and summary["documents"] == 6 and summary["tokens"] == 31 + 40 + 40 + 21 + 40 + 21
-    assert summary["document_tokens"] == {"min": 21, "median": 40, "p90": 40, "max": 40, "mean": 32.2}
+    assert summary["document_tokens"] == {"min": 21, "median": 35.5, "p90": 40, "max": 40, "mean": 32.2}
     assert summary["full_length_share"] == pytest.approx(3 / 6)
     assert summary["read"] == {"records_read": 5, "too_short": 1, "blank": 1, "truncated": 0, "split": 2,
                                "short_tails": 0, "bad_rows": 0}
@@ -60,3 +60,24 @@ def test_the_command_prints_json_and_refuses_a_negative_count(tmp_path, capsys):
     assert "--documents must be >= 0 (0: one whole pass), got -1" in capsys.readouterr().err
     assert main(["data", "inspect", "--set", "data.min_length=1000000"]) == 2  # a source that keeps nothing
     assert "refine: error:" in capsys.readouterr().err
+
+
+def test_a_limited_read_counts_only_the_records_up_to_its_last_document(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": f"document {i} " * 4}) + "\n" for i in range(4)) + "{broken\n"
+                    + "".join(json.dumps({"text": f"document {i} " * 4}) + "\n" for i in range(4, 70)))
+    config = load_config(None, [f"data.source={path}", "data.seq_len=64", "data.min_length=40", "train.mode=ntp"])
+    # The bad row (line 5) is past the first 4 documents: neither counted nor failing the read.
+    summary = inspect_data(config, run_tokenizer(config), max_documents=4)
+    assert summary["read"]["records_read"] == 4 and summary["read"]["bad_rows"] == 0 and not summary["whole_pass"]
+    skipping = load_config(None, [f"data.source={path}", "data.seq_len=64", "data.min_length=40", "train.mode=ntp",
+                                  "data.skip_bad_rows=true"])
+    summary = inspect_data(skipping, run_tokenizer(skipping), max_documents=10)
+    assert summary["read"]["records_read"] == 11 and summary["read"]["bad_rows"] == 1
+
+
+def test_the_synthetic_corpus_says_what_min_length_dropped():
+    config = load_config(None, ["data.num_documents=12", "data.min_length=490", "train.mode=ntp"])
+    summary = inspect_data(config, run_tokenizer(config), max_documents=None)
+    assert summary["read"]["generated"] == 12
+    assert summary["read"]["too_short"] == 12 - summary["documents"] > 0

@@ -57,8 +57,21 @@ def test_held_out_documents_that_are_the_training_source_are_warned_about(tmp_pa
     heldout_documents(_config(f"data.source={source}", f"data.eval_source={other}"), tokenizer)
     assert "is data.source" not in caplog.text
     heldout_documents(_config(f"data.source={source}", "data.eval_source=./docs.jsonl"), tokenizer)  # the same file
-    assert "data.eval_source='./docs.jsonl' is data.source: the held-out loss is measured on documents the run " \
-           "trains on (its first 3)" in caplog.text
+    assert f"data.eval_source='./docs.jsonl' is data.source={str(source)!r} or part of it: the held-out loss is " \
+           f"measured on documents the run trains on (3 of them)" in caplog.text
+    caplog.clear()
+    (tmp_path / "linked.jsonl").hardlink_to(source)
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text(source.read_text())
+    for training, held_out in ((tmp_path / "linked.jsonl", source), (folder, folder / "a.jsonl")):
+        heldout_documents(_config(f"data.source={training}", f"data.eval_source={held_out}"), tokenizer)
+        assert f"data.eval_source={str(held_out)!r} is data.source={str(training)!r} or part of it" in caplog.text
+    caplog.clear()
+    (tmp_path / "synthetic").mkdir()  # a folder named like the built-in corpus, which data.source is
+    (tmp_path / "synthetic" / "a.jsonl").write_text(source.read_text())
+    heldout_documents(_config("data.eval_source=./synthetic"), tokenizer)
+    assert "or part of it" not in caplog.text
 
 
 def test_the_synthetic_heldout_corpus_is_no_training_corpus_whatever_the_seeds():
