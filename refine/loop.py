@@ -461,6 +461,19 @@ def clear_checkpoints(out_dir: str | Path, program: str = "refine") -> bool:
     return bool(found)
 
 
+def fresh_run_message(out_dir: Path, cleared: bool) -> str | None:
+    """What a fresh run in `out_dir` says about the earlier run's files: its checkpoints removed (`cleared`),
+    and its eval results (eval-*.json, which score its checkpoints) left where they are, named."""
+    results = sorted(path.name for path in Path(out_dir).glob("eval-*.json"))
+    if not cleared and not results:
+        return None
+    parts = ["removed the earlier run's checkpoints (--resume continues a run)"] if cleared else []
+    if results:
+        shown = ", ".join(results[:5]) + (f" and {len(results) - 5} more" if len(results) > 5 else "")
+        parts.append(f"the earlier run's eval results stay ({shown}): they score its checkpoints, not this run's")
+    return f"a fresh run in {out_dir}: " + "; ".join(parts)
+
+
 def _remove_partial_checkpoints(folder: Path) -> None:
     """Remove the half-written checkpoints (`step-*.partial`) that runs killed while saving left behind: each
     is as large as a checkpoint and none is ever read."""
@@ -585,9 +598,10 @@ def start_run_directory(config: RunConfig, fresh: bool, program: str) -> Path:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:  # a regular file there, a parent that is one, a path nobody may create
         raise ValueError(f"train.out_dir={str(out_dir)!r}: cannot create the run directory ({error})") from None
-    if fresh and clear_checkpoints(out_dir, program):
-        tqdm.write(f"{program}: a fresh run in {out_dir}: removed the earlier run's checkpoint (--resume continues "
-                   f"a run)", file=sys.stderr)
+    if fresh:
+        message = fresh_run_message(out_dir, clear_checkpoints(out_dir, program))
+        if message is not None:
+            tqdm.write(f"{program}: {message}", file=sys.stderr)
     write_atomically(out_dir / "config.yaml", dump_config(config))
     return out_dir
 

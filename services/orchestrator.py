@@ -84,7 +84,8 @@ from refine.data.stream import (
 from refine.evaluation.heldout import heldout_documents
 from refine.files import write_atomically
 from refine.loop import (
-    Divergence, absolute_out_dir, check_resumed_program, clear_checkpoints, finished_run, jsonl_rows, plot_run,
+    Divergence, absolute_out_dir, check_resumed_program, clear_checkpoints, finished_run, fresh_run_message,
+    jsonl_rows, plot_run,
     rate_change_warning, restart_metrics, warmup_warning, write_row,
 )
 from refine.optim import describe_rates
@@ -493,9 +494,10 @@ class Orchestrator:
             start = self._wait_for_learner(setup)
             self._write_config()  # only now: a resume the learner refused leaves the run's config.yaml as it was
             self._open_outputs(start)
-            if start["step"] == 0 and clear_checkpoints(self.out_dir):  # before the learner's first step
-                self._write_line(f"a fresh run in {self.out_dir}: removed the earlier run's checkpoint (--resume "
-                                 f"continues a run)")
+            if start["step"] == 0:  # before the learner's first step
+                message = fresh_run_message(self.out_dir, clear_checkpoints(self.out_dir))
+                if message is not None:
+                    self._write_line(message)
             self.data = self._document_batches(start["cursor"])
             span = shuffled_pass_span(self.config, self.tokenizer) if self.config.data.shuffle else 0
             self.data_position = DataPosition(epoch=start["epoch"], cursor=start["cursor"] if start["step"] else -1,

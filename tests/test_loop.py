@@ -599,9 +599,13 @@ def test_a_fresh_run_removes_the_earlier_runs_checkpoint(tmp_path, capsys):
     start_run_directory(config, fresh=False, program="refine")
     assert (tmp_path / "checkpoints" / "latest").is_dir()  # a resumed run keeps it
     (tmp_path / "checkpoints" / "step-00000009.partial").mkdir()  # a save the earlier run did not finish
+    (tmp_path / "eval-niah.json").write_text("{}")  # refine eval's results for the earlier run's checkpoint
     start_run_directory(config, fresh=True, program="refine")
     assert list((tmp_path / "checkpoints").iterdir()) == []
-    assert "removed the earlier run's checkpoint" in capsys.readouterr().err
+    assert (f"a fresh run in {tmp_path}: removed the earlier run's checkpoints (--resume continues a run); the "
+            f"earlier run's eval results stay (eval-niah.json): they score its checkpoints, not this run's"
+            ) in capsys.readouterr().err
+    assert (tmp_path / "eval-niah.json").exists()
 
 
 def _write_reward_module(directory, module, reward, value):
