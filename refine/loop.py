@@ -10,6 +10,7 @@ import itertools
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -318,7 +319,7 @@ def save_checkpoint(path: Path, model: FastWeightLM, optimizer: torch.optim.Opti
             "step": position.step, "cursor": position.cursor, "skipped_steps": position.skipped_steps,
             "optimizer": optimizer.state_dict(), "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
         }, handle)
-    (path / PROGRAM_FILE).write_text(json.dumps({"program": position.program}))
+    (path / PROGRAM_FILE).write_text(json.dumps({"program": position.program, "step": position.step}))
 
 
 def checkpoint_program(path: Path) -> str | None:
@@ -359,6 +360,8 @@ def save_run_checkpoint(out_dir: str | Path, model: FastWeightLM, optimizer: tor
     latest = Path(out_dir) / "checkpoints" / "latest"
     created = not latest.parent.exists()
     _remove_partial_checkpoints(latest.parent)
+    if keep:  # a run killed (or refused by the disk) between its last swap and keeping that step keeps it now
+        _keep_latest_if_missing(latest, position.program, keep)
     staging = latest.with_name(f"step-{position.step:08d}.partial")
     try:
         staging.mkdir(parents=True)
@@ -387,9 +390,38 @@ def save_run_checkpoint(out_dir: str | Path, model: FastWeightLM, optimizer: tor
     return latest
 
 
+KEPT_NAME = re.compile(r"step-(\d{8,})")  # checkpoints/step-NNNNNNNN: a kept checkpoint (keep_step_checkpoint)
+
+
 def step_checkpoints(folder: Path) -> list[Path]:
-    """The kept checkpoints (checkpoints/step-NNNNNNNN) of a run's checkpoints folder, oldest first."""
-    return sorted(path for path in folder.glob("step-*") if path.is_dir() and not path.name.endswith(".partial"))
+    """The kept checkpoints (checkpoints/step-NNNNNNNN) of a run's checkpoints folder, oldest step first; other
+    folders (a user's copy named step-best, say) are not the run's to prune."""
+    kept = [(int(match.group(1)), path) for path in folder.glob("step-*")
+            if (match := KEPT_NAME.fullmatch(path.name)) and path.is_dir()]
+    return [path for _, path in sorted(kept)]
+
+
+def _remove_whole(folder: Path) -> None:
+    """Remove a checkpoint folder so that a kill partway leaves no half of it under its name: renamed to a
+    .partial name first, which the next save removes (_remove_partial_checkpoints)."""
+    if not folder.exists():
+        return
+    doomed = folder.with_name(f"{folder.name}.removed.partial")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(folder, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _keep_latest_if_missing(latest: Path, program: str, keep: int) -> None:
+    """checkpoints/latest kept as its step's folder when it has none (its step from PROGRAM_FILE; checkpoints
+    written before it said their step are left as they are)."""
+    try:
+        step = json.loads((latest / PROGRAM_FILE).read_text()).get("step")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return
+    if isinstance(step, int) and not isinstance(step, bool) and step > 0 \
+            and not latest.with_name(f"step-{step:08d}").exists():
+        keep_step_checkpoint(latest, RunPosition(step=step, program=program), keep)
 
 
 def keep_step_checkpoint(latest: Path, position: RunPosition, keep: int) -> None:
@@ -400,7 +432,7 @@ def keep_step_checkpoint(latest: Path, position: RunPosition, keep: int) -> None
     kept = latest.with_name(f"step-{position.step:08d}")
     staging = kept.with_name(f"{kept.name}.partial")
     try:
-        shutil.rmtree(kept, ignore_errors=True)  # a resumed run's step again: the newer checkpoint replaces it
+        _remove_whole(kept)  # a resumed run's step again: the newer checkpoint replaces it
         for file in sorted(latest.rglob("*")):  # not copytree: it gathers errors into one unreadable shutil.Error
             target = staging / file.relative_to(latest)
             if file.is_dir():
@@ -419,7 +451,7 @@ def keep_step_checkpoint(latest: Path, position: RunPosition, keep: int) -> None
         raise OSError(f"cannot keep the step-{position.step} checkpoint as {kept} ({_reason(cause)}): "
                       f"{latest} is intact: `{_command(position.program)} --resume` continues from it") from None
     for old in step_checkpoints(latest.parent)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove_whole(old)
 
 
 def _link_or_copy(source: str, destination: str) -> None:
@@ -546,8 +578,19 @@ def resume_from(out_dir: Path, resume: bool, model: FastWeightLM, optimizer: tor
         check_resumed_program(out_dir, program)
         return replace(load_checkpoint(checkpoint, model, optimizer, generator), program=program)
     if resume:
+        check_kept_without_latest(out_dir)
         tqdm.write(f"{program}: no checkpoint at {checkpoint} to resume from: starting at step 0", file=sys.stderr)
     return RunPosition(program=program)
+
+
+def check_kept_without_latest(out_dir: str | Path) -> None:
+    """Refuse a --resume that finds no checkpoints/latest but kept checkpoints (latest moved or deleted): it would
+    start over as a fresh run, which removes them."""
+    kept = step_checkpoints(Path(out_dir) / "checkpoints")
+    if kept:
+        raise ValueError(f"--resume: {latest_checkpoint(out_dir)} does not exist, but the kept checkpoints "
+                         f"{', '.join(path.name for path in kept[-3:])} do; a run starting over would remove them: "
+                         f"to continue from one, rename it to {Path(out_dir) / 'checkpoints' / 'latest'}")
 
 
 def _command(program: str) -> str:

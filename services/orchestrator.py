@@ -84,7 +84,8 @@ from refine.data.stream import (
 from refine.evaluation.heldout import heldout_documents
 from refine.files import write_atomically
 from refine.loop import (
-    Divergence, absolute_out_dir, check_resumed_program, clear_checkpoints, finished_run, fresh_run_message,
+    Divergence, absolute_out_dir, check_kept_without_latest, check_resumed_program, clear_checkpoints, finished_run,
+    fresh_run_message,
     jsonl_rows, plot_run,
     rate_change_warning, restart_metrics, warmup_warning, write_row,
 )
@@ -344,6 +345,8 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True, ray_addr
             return finished
         if latest_checkpoint(config.train.out_dir).exists():
             check_resumed_cursor(config, Path(config.train.out_dir))
+        else:
+            check_kept_without_latest(config.train.out_dir)
     check_data_source(config)
     tokenizer = run_tokenizer(config)
     config = fit_to_tokenizer(config, tokenizer)  # before any actor reads the model section

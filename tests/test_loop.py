@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from refine.data.batches import DocumentBatch
 from refine.loop import (
     MAX_SKIPPED_IN_A_ROW, NONFINITE_KEY, RunPosition, StepResult, make_optimizer, merge_steps, mini_batch_bounds,
     optimizer_step, prepare_model, latest_checkpoint, read_trainer_state, resume_from, rollout_batch_update,
-    save_run_checkpoint, start_run_directory, train, train_step,
+    save_run_checkpoint, start_run_directory, step_checkpoints, train, train_step,
 )
 from refine.models import build_model, load_model
 
@@ -394,6 +395,67 @@ def test_a_kept_checkpoint_the_disk_refuses_names_it_and_leaves_latest_whole(tmp
         train(_config(tmp_path, "ntp", steps=2, extra=("train.keep_checkpoints=1",)), progress=False)
     assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["latest"]
     assert read_trainer_state(tmp_path / "checkpoints" / "latest" / "trainer.pt")["step"] == 2
+
+
+def test_kept_checkpoints_survive_kills_while_keeping_or_pruning_them(tmp_path, monkeypatch):
+    import refine.loop
+
+    keep = ("train.checkpoint_every=1", "train.keep_checkpoints=2")
+    # Killed after latest moved to step 2, before step 2 was kept: the resumed run's next save keeps it first.
+    real_keep = refine.loop.keep_step_checkpoint
+
+    def killed_at_step_2(latest, position, count):
+        if position.step == 2:
+            raise KeyboardInterrupt
+        real_keep(latest, position, count)
+
+    monkeypatch.setattr(refine.loop, "keep_step_checkpoint", killed_at_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(tmp_path, "ntp", steps=3, extra=keep), progress=False)
+    monkeypatch.setattr(refine.loop, "keep_step_checkpoint", real_keep)
+    folder = tmp_path / "checkpoints"
+    assert sorted(path.name for path in folder.iterdir()) == ["latest", "step-00000001"]
+    train(_config(tmp_path, "ntp", steps=3, extra=("train.checkpoint_every=1", "train.keep_checkpoints=3")),
+          resume=True, progress=False)
+    assert [path.name for path in step_checkpoints(folder)] == ["step-00000001", "step-00000002", "step-00000003"]
+    assert read_trainer_state(folder / "step-00000002" / "trainer.pt")["step"] == 2
+    # Killed halfway through removing an old one: what is left is no longer under a kept checkpoint's name.
+    real_rmtree = shutil.rmtree
+
+    def killed_halfway(path, *args, **kwargs):
+        if Path(path).name == "step-00000001.removed.partial" and Path(path).exists():
+            next(Path(path).rglob("*.safetensors")).unlink()
+            raise KeyboardInterrupt
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", killed_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(tmp_path, "ntp", steps=4, extra=("train.checkpoint_every=1", "train.keep_checkpoints=3")),
+              resume=True, progress=False)
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    assert [path.name for path in step_checkpoints(folder)] == ["step-00000002", "step-00000003", "step-00000004"]
+    train(_config(tmp_path, "ntp", steps=5, extra=("train.checkpoint_every=1", "train.keep_checkpoints=3")),
+          resume=True, progress=False)
+    assert sorted(path.name for path in folder.iterdir()) == [
+        "latest", "step-00000003", "step-00000004", "step-00000005"]  # the .partial leftover removed too
+
+
+def test_only_the_runs_own_step_folders_are_kept_checkpoints_in_step_order(tmp_path):
+    folder = tmp_path / "checkpoints"
+    for name in ("step-best", "step-00000002-best", "step-123456789", "step-00000007", "step-00000003.partial"):
+        (folder / name).mkdir(parents=True)
+    assert [path.name for path in step_checkpoints(folder)] == ["step-00000007", "step-123456789"]
+
+
+def test_a_resume_that_finds_kept_checkpoints_but_no_latest_removes_nothing(tmp_path):
+    train(_config(tmp_path, "ntp", steps=2, extra=("train.checkpoint_every=1", "train.keep_checkpoints=2")),
+          progress=False)
+    shutil.rmtree(tmp_path / "checkpoints" / "latest")
+    with pytest.raises(ValueError, match=r"--resume: .*latest does not exist, but the kept checkpoints step-00000001, "
+                                         r"step-00000002 do; a run starting over would remove them: to continue "
+                                         r"from one, rename it to .*checkpoints/latest"):
+        train(_config(tmp_path, "ntp", steps=3), resume=True, progress=False)
+    assert [path.name for path in step_checkpoints(tmp_path / "checkpoints")] == ["step-00000001", "step-00000002"]
 
 
 def _run_files(out_dir):
