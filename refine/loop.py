@@ -370,8 +370,7 @@ def save_run_checkpoint(out_dir: str | Path, model: FastWeightLM, optimizer: tor
             (staging / name).write_text(text)
         sync_tree(staging)
     except BaseException as error:
-        shutil.rmtree(staging, ignore_errors=True)
-        cause = file_system_error(error)
+        cause = _discard_staging(staging, error)
         if cause is None:
             raise
         raise OSError(f"cannot save the step-{position.step} checkpoint in {latest.parent} ({_reason(cause)}): its "
@@ -391,6 +390,12 @@ def save_run_checkpoint(out_dir: str | Path, model: FastWeightLM, optimizer: tor
 
 
 KEPT_NAME = re.compile(r"step-(\d{8,})")  # checkpoints/step-NNNNNNNN: a kept checkpoint (keep_step_checkpoint)
+
+
+def _discard_staging(staging: Path, error: BaseException) -> OSError | None:
+    """Remove what a failed checkpoint write staged; the file system's refusal behind `error`, if it was one."""
+    shutil.rmtree(staging, ignore_errors=True)
+    return file_system_error(error)
 
 
 def step_checkpoints(folder: Path) -> list[Path]:
@@ -444,8 +449,7 @@ def keep_step_checkpoint(latest: Path, position: RunPosition, keep: int) -> None
         os.replace(staging, kept)
         sync_directory(kept.parent)
     except BaseException as error:
-        shutil.rmtree(staging, ignore_errors=True)
-        cause = file_system_error(error)
+        cause = _discard_staging(staging, error)
         if cause is None:
             raise
         raise OSError(f"cannot keep the step-{position.step} checkpoint as {kept} ({_reason(cause)}): "
