@@ -15,6 +15,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -363,18 +364,14 @@ def save_run_checkpoint(out_dir: str | Path, model: FastWeightLM, optimizer: tor
     if keep:  # a run killed (or refused by the disk) between its last swap and keeping that step keeps it now
         _keep_latest_if_missing(latest, position.program, keep)
     staging = latest.with_name(f"step-{position.step:08d}.partial")
-    try:
+    with _staged(staging, lambda reason: f"cannot save the step-{position.step} checkpoint in {latest.parent} "
+                                         f"({reason}): its partial files are removed; "
+                                         f"{kept_checkpoint(out_dir, position.program)}"):
         staging.mkdir(parents=True)
         save_checkpoint(staging, model, optimizer, position, generator, tokenizer)
         for name, text in (extra_files or {}).items():
             (staging / name).write_text(text)
         sync_tree(staging)
-    except BaseException as error:
-        cause = _discard_staging(staging, error)
-        if cause is None:
-            raise
-        raise OSError(f"cannot save the step-{position.step} checkpoint in {latest.parent} ({_reason(cause)}): its "
-                      f"partial files are removed; {kept_checkpoint(out_dir, position.program)}") from None
     previous = latest.with_name("previous")
     if latest.exists():
         shutil.rmtree(previous, ignore_errors=True)
@@ -392,10 +389,18 @@ def save_run_checkpoint(out_dir: str | Path, model: FastWeightLM, optimizer: tor
 KEPT_NAME = re.compile(r"step-(\d{8,})")  # checkpoints/step-NNNNNNNN: a kept checkpoint (keep_step_checkpoint)
 
 
-def _discard_staging(staging: Path, error: BaseException) -> OSError | None:
-    """Remove what a failed checkpoint write staged; the file system's refusal behind `error`, if it was one."""
-    shutil.rmtree(staging, ignore_errors=True)
-    return file_system_error(error)
+@contextmanager
+def _staged(staging: Path, failure: Callable[[str], str]) -> Iterator[None]:
+    """A checkpoint written into folder `staging`: a failure removes what it staged, and a write the file system
+    refused (a full disk, a file too large) becomes one OSError, `failure(the refusal's reason)`."""
+    try:
+        yield
+    except BaseException as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        cause = file_system_error(error)
+        if cause is None:
+            raise
+        raise OSError(failure(_reason(cause))) from None
 
 
 def step_checkpoints(folder: Path) -> list[Path]:
@@ -436,7 +441,9 @@ def keep_step_checkpoint(latest: Path, position: RunPosition, keep: int) -> None
     latest; latest stays intact."""
     kept = latest.with_name(f"step-{position.step:08d}")
     staging = kept.with_name(f"{kept.name}.partial")
-    try:
+    with _staged(staging, lambda reason: f"cannot keep the step-{position.step} checkpoint as {kept} ({reason}): "
+                                         f"{latest} is intact: `{_command(position.program)} --resume` continues "
+                                         f"from it"):
         _remove_whole(kept)  # a resumed run's step again: the newer checkpoint replaces it
         for file in sorted(latest.rglob("*")):  # not copytree: it gathers errors into one unreadable shutil.Error
             target = staging / file.relative_to(latest)
@@ -448,12 +455,6 @@ def keep_step_checkpoint(latest: Path, position: RunPosition, keep: int) -> None
         sync_tree(staging)
         os.replace(staging, kept)
         sync_directory(kept.parent)
-    except BaseException as error:
-        cause = _discard_staging(staging, error)
-        if cause is None:
-            raise
-        raise OSError(f"cannot keep the step-{position.step} checkpoint as {kept} ({_reason(cause)}): "
-                      f"{latest} is intact: `{_command(position.program)} --resume` continues from it") from None
     for old in step_checkpoints(latest.parent)[:-keep]:
         _remove_whole(old)
 

@@ -436,10 +436,12 @@ class _JsonlReader:
         return None  # would need a full read
 
     def indexed_count(self) -> int:
-        return sum(len(offsets) for offsets, _ in self._index())
+        return sum(len(offsets) for offsets, _ in self._index()[1])
 
-    def _index(self) -> list[tuple[array, array]]:
-        return [_jsonl_records(str(file), *_version(file.stat())) for file in self.files]
+    def _index(self) -> tuple[list[tuple[int, int]], list[tuple[array, array]]]:
+        """Each file's version now, and where its records start in that version."""
+        versions = [_version(file.stat()) for file in self.files]
+        return versions, [_jsonl_records(str(file), *version) for file, version in zip(self.files, versions)]
 
     def rows(self, start: int, stop: int | None) -> Iterator[Row]:
         index = 0
@@ -460,8 +462,7 @@ class _JsonlReader:
                     index += 1
 
     def rows_at(self, records: np.ndarray, first: int) -> Iterator[Row]:
-        versions = [_version(file.stat()) for file in self.files]
-        indexes = [_jsonl_records(str(file), *version) for file, version in zip(self.files, versions)]
+        versions, indexes = self._index()
         ends = np.cumsum([len(offsets) for offsets, _ in indexes]).tolist()  # records before each file's end
         open_file: tuple[int, Any] | None = None  # one file open at a time: a folder may hold thousands
         try:

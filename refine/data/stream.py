@@ -185,11 +185,11 @@ def document_stream(config: RunConfig, tokenizer: Tokenizer, start_cursor: int =
         warn = warn and epoch_cursor != 0  # a resumed pass counted only part of the source
         epoch_cursor = 0
         pass_number += 1
-        if span and shuffled_pass_span(config, tokenizer) != span:
-            records = shuffled_pass_span(config, tokenizer) // config.data.max_windows
+        if span and (now := shuffled_pass_span(config, tokenizer)) != span:
             raise ValueError(f"data.source={config.data.source!r} changed during the run: a shuffled run's data "
                              f"cursor counts passes of {span // config.data.max_windows} records, and it holds "
-                             f"{records} now; resume with --resume to count in the source as it is now")
+                             f"{now // config.data.max_windows} now; resume with --resume to count in the source "
+                             f"as it is now")
 
 
 SOURCE_RECORD = "data_source.json"  # in the run directory: what the run's data cursor counts records of
