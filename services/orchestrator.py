@@ -85,9 +85,7 @@ from refine.evaluation.heldout import heldout_documents
 from refine.files import write_atomically
 from refine.loop import (
     Divergence, absolute_out_dir, check_kept_without_latest, check_resumed_program, clear_checkpoints, finished_run,
-    fresh_run_message,
-    jsonl_rows, plot_run,
-    rate_change_warning, restart_metrics, warmup_warning, write_row,
+    fresh_run_message, jsonl_rows, plot_run, rate_change_warning, restart_metrics, warmup_warning, write_row,
 )
 from refine.optim import describe_rates
 from refine.tokenizer import Tokenizer

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Iterator
+from collections.abc import Iterable
 from itertools import islice
 from typing import Any
 
@@ -31,21 +31,16 @@ def inspect_data(config: RunConfig, tokenizer: Tokenizer, max_documents: int | N
     spec = config.data
     if spec.source == "synthetic":
         corpus = synthetic_documents(config, tokenizer)
+        lengths, first_ids = _lengths_and_first_ids(corpus[:max_documents])
         complete = max_documents is None or len(corpus) <= max_documents
-        documents: Iterator[tuple[str, list[int]]] = iter(corpus[:max_documents])
         # The corpus is generated whole: what data.min_length dropped of it.
         read: dict[str, Any] = {"generated": spec.num_documents, "too_short": spec.num_documents - len(corpus)}
     else:
         stream = _source_stream(config, tokenizer)
         if max_documents is not None:  # read record by record, so the counts stop with the last document
             stream.config = stream.config.model_copy(update={"tokenize_batch_size": 1})
-        documents = ((doc.doc_id, doc.token_ids) for doc in islice(stream.iter_from(0), max_documents))
-    first_ids, lengths = [], []
-    for doc_id, ids in documents:
-        lengths.append(len(ids))
-        if len(first_ids) < 5:
-            first_ids.append(doc_id)
-    if spec.source != "synthetic":
+        lengths, first_ids = _lengths_and_first_ids(
+            (doc.doc_id, doc.token_ids) for doc in islice(stream.iter_from(0), max_documents))
         read = stream.stats.model_dump(exclude={"documents", "tokens"})  # those are the summary's own
         complete = max_documents is None or len(lengths) < max_documents or _ends_here(stream)
     if not lengths:
@@ -70,6 +65,16 @@ def inspect_data(config: RunConfig, tokenizer: Tokenizer, max_documents: int | N
     if complete:
         summary["steps_per_pass"] = -(-len(lengths) // config.train.batch_size)
     return summary
+
+
+def _lengths_and_first_ids(documents: Iterable[tuple[str, list[int]]]) -> tuple[list[int], list[str]]:
+    """The documents' lengths and their first five ids: all a summary keeps of them."""
+    lengths, first_ids = [], []
+    for doc_id, ids in documents:
+        lengths.append(len(ids))
+        if len(first_ids) < 5:
+            first_ids.append(doc_id)
+    return lengths, first_ids
 
 
 def _ends_here(stream: DocumentStream) -> bool:
