@@ -180,10 +180,11 @@ class Learner:
         self.model = prepare_model(config)
         self.tokenizer = run_tokenizer(config)  # its files go into every checkpoint's model directory
         # Read here, where the learner runs (data.eval_source must be readable on its node, as train.out_dir is).
-        # With data-parallel ranks each measures its share of the documents (learner/replica.py).
+        # With data-parallel ranks each measures its share of the documents (learner/replica.py). The driver's
+        # check_data_source already warned about them, once.
         self.evaluate = None if config.data.eval_source is None else heldout_evaluator(
             config, self.model, self.tokenizer, rank=0, world_size=config.service.num_learners,
-            sum_over_ranks=self._sum_over_ranks)
+            sum_over_ranks=self._sum_over_ranks, warn=False)
         self.optimizer = make_optimizer(self.model, config.optim)
         self.generator = torch.Generator(device=self.device).manual_seed(config.train.seed)
         self.ref_model = None

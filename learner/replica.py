@@ -41,7 +41,7 @@ class LearnerReplica:
         # Rank 0 measures the held-out loss after a step with every rank, each on its share of the documents.
         self.evaluate = None if config.data.eval_source is None else heldout_evaluator(
             config, self.model, run_tokenizer(config), rank=rank, world_size=config.service.num_learners,
-            sum_over_ranks=lambda values: self.group.sum(values))
+            sum_over_ranks=lambda values: self.group.sum(values), warn=False)
         checkpoint = latest_checkpoint(config.train.out_dir)
         if resume and checkpoint.exists():  # the optimizer state is not broadcast: load it as rank 0 does
             self.steps = load_learner_checkpoint(checkpoint, self.model, self.optimizer, generator).step

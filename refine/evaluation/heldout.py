@@ -30,8 +30,10 @@ from refine.tokenizer import Tokenizer
 logger = logging.getLogger(__name__)
 
 
-def heldout_documents(config: RunConfig, tokenizer: Tokenizer) -> list[list[int]]:
-    """The token ids of the held-out documents; a source that yields none fails naming data.eval_source."""
+def heldout_documents(config: RunConfig, tokenizer: Tokenizer, warn: bool = True) -> list[list[int]]:
+    """The token ids of the held-out documents; a source that yields none fails naming data.eval_source. `warn`:
+    say when they are part of data.source, or fewer than data.eval_documents (once a run: the service's driver
+    says it, its learners do not)."""
     spec = config.data
     assert spec.eval_source is not None, "no data.eval_source"
     try:
@@ -50,6 +52,8 @@ def heldout_documents(config: RunConfig, tokenizer: Tokenizer) -> list[list[int]
     if not documents:
         raise ValueError(f"data.eval_source={spec.eval_source!r} holds no document of at least data.min_length="
                          f"{spec.min_length} tokens")
+    if not warn:
+        return documents
     if "synthetic" not in (spec.eval_source, spec.source) and _within(spec.eval_source, spec.source):
         logger.warning("data.eval_source=%r is data.source=%r or part of it: the held-out loss is measured on "
                        "documents the run trains on (%d of them), so it does not show how the model does on unseen "
@@ -105,12 +109,14 @@ SumOverRanks = Callable[[list[float]], list[float]]
 
 
 def heldout_evaluator(config: RunConfig, model: FastWeightLM, tokenizer: Tokenizer, rank: int = 0,
-                      world_size: int = 1, sum_over_ranks: SumOverRanks | None = None) -> Callable[[], dict[str, float]]:
+                      world_size: int = 1, sum_over_ranks: SumOverRanks | None = None,
+                      warn: bool = True) -> Callable[[], dict[str, float]]:
     """Read the held-out documents now (a bad data.eval_source fails before the first step); the function that
     measures `model` on them, as a metrics.jsonl row's `eval_ntp_loss` and the seconds it took, `eval_seconds`
     (not part of `step_seconds`). With data-parallel learners every rank measures every `world_size`-th
-    document from its `rank`, and `sum_over_ranks` adds up the ranks' sums: each rank calls the function."""
-    documents = heldout_documents(config, tokenizer)[rank::world_size]
+    document from its `rank`, and `sum_over_ranks` adds up the ranks' sums: each rank calls the function.
+    `warn` as heldout_documents'."""
+    documents = heldout_documents(config, tokenizer, warn)[rank::world_size]
     pad_id, batch_size = tokenizer.pad_id or 0, eval_batch_size(config)
 
     def evaluate() -> dict[str, float]:

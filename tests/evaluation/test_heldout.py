@@ -72,6 +72,15 @@ def test_held_out_documents_that_are_the_training_source_are_warned_about(tmp_pa
     (tmp_path / "synthetic" / "a.jsonl").write_text(source.read_text())
     heldout_documents(_config("data.eval_source=./synthetic"), tokenizer)
     assert "or part of it" not in caplog.text
+    # The service's learners (every data-parallel rank) leave it to the driver, which says it once.
+    same = _config(f"data.source={source}", f"data.eval_source={source}", "data.eval_documents=50")
+    assert heldout_documents(same, tokenizer, warn=False) == heldout_documents(same, tokenizer)
+    assert "or part of it" in caplog.text and "fewer than data.eval_documents=50" in caplog.text
+    caplog.clear()
+    model = build_model(dict(model_type="delta_net", vocab_size=260, hidden_size=16, num_hidden_layers=1,
+                             num_heads=2))
+    heldout_evaluator(same, model, tokenizer, rank=1, world_size=2, warn=False)
+    assert caplog.text == ""
 
 
 def test_the_synthetic_heldout_corpus_is_no_training_corpus_whatever_the_seeds():
