@@ -5,9 +5,11 @@
     substring_match  RULER QA: 1 when any gold answer occurs (case-insensitively) in the cleaned
                      first line of the rollout, else 0.
 
-Both read `RewardInputs.rollout_texts` and `reference_texts` (registered with reads_text=True), and
-refuse a blank gold answer, which is a substring of everything. Importing this module registers them;
-importing (or reloading) it again is harmless.
+Both read `RewardInputs.rollout_texts` and `reference_texts` (registered with reads_text=True). A blank
+gold answer (empty or whitespace only) matches nothing: it is left out, and a rollout whose gold answers are
+all blank scores 0. In the service the gold answer is the document's own continuation, decoded, which can be
+blank lines or indentation; a substring match would score every rollout as right against it. Importing this
+module registers them; importing (or reloading) it again is harmless.
 """
 
 from __future__ import annotations
@@ -31,23 +33,19 @@ def _score_texts(inputs: RewardInputs, reward_name: str, score: TextScore) -> Te
     for row, (prediction, references) in enumerate(zip(inputs.rollout_texts, inputs.reference_texts)):
         if not references:
             raise ValueError(f"reward {reward_name!r}: reference_texts[{row}] is empty; give at least one gold answer")
-        # The HTTP API refuses these too; here they come from ground-truth tokens that decode to nothing.
-        blank = [answer for answer in references if not answer.strip()]
-        if blank:
-            raise ValueError(f"reward {reward_name!r}: reference_texts[{row}] holds a gold answer that is empty or "
-                             f"whitespace only ({blank[0]!r:.40}), which would score any rollout as right")
-        values.append(score(prediction, references))
+        # The HTTP API refuses blank ones; here they come from ground-truth tokens that decode to whitespace.
+        answers = [answer for answer in references if answer.strip()]
+        values.append(score(prediction, answers) if answers else 0.0)
     return torch.tensor(values, dtype=torch.float32)
 
 
 def _best_qa_f1(prediction: str, references: Sequence[str]) -> float:
-    """qa_f1_score's maximum over the gold answers, the prediction normalized once (not once per answer: a long
-    rollout text with 64 gold answers took seconds)."""
+    """qa_f1_score's maximum over the gold answers, the prediction normalized and counted once (not once per
+    answer: a long rollout text with 64 gold answers took seconds)."""
     # Imported here so that registering the rewards never depends on the evaluation package.
-    from refine.evaluation.metrics import f1_score, normalize_answer
+    from refine.evaluation.metrics import best_f1_score, normalize_answer
 
-    predicted = normalize_answer(prediction).split()
-    return max(f1_score(predicted, normalize_answer(reference).split()) for reference in references)
+    return best_f1_score(normalize_answer(prediction).split(), [normalize_answer(answer).split() for answer in references])
 
 
 def _ruler_substring(prediction: str, references: Sequence[str]) -> float:

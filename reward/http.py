@@ -58,6 +58,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 import reward.functions  # noqa: F401  (registers the task rewards)
 from refine.algorithm.rewards import RewardInputs, available_rewards, compute_reward
+from refine.errors import shown
 from reward.scoring import record_scored
 from services.metrics import Metrics
 
@@ -213,6 +214,9 @@ def _validation_details(errors: list[Any]) -> list[dict[str, Any]]:
             reason = (error.get("ctx") or {}).get("error", "")
             position = f" at character {loc[1]}" if len(loc) > 1 else ""
             msg = f"invalid JSON{position}: {reason}" if reason else f"invalid JSON{position}"
+        elif "input" in error and kind != "missing":  # (a missing field's input is its parent object)
+            value = shown(error["input"])
+            msg = msg if value in msg else f"{msg} (got {value})"  # our own checks' words name it already; as the CLI
         details.append(_detail(loc, msg, kind))
     if len(errors) > _MAX_REPORTED_ERRORS:
         details.append(_detail(["body"], f"{len(errors) - _MAX_REPORTED_ERRORS} more errors not shown", "too_many"))
@@ -238,7 +242,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
         logger.exception("reward service: unexpected error")
-        return _error_response(500, [_detail(["server"], f"internal error ({type(exc).__name__})", "internal")])
+        # Starlette raises the exception again once this answer is sent, and uvicorn then drops the connection:
+        # the client must not send its next request on it.
+        return _error_response(500, [_detail(["server"], f"internal error ({type(exc).__name__})", "internal")],
+                               headers={"Connection": "close"})
 
 
 # -- request body guard ---------------------------------------------------------------------------------
@@ -638,8 +645,9 @@ def create_app(
             logger.exception("reward service: reward %r failed", request.reward_type)
             raise _RewardFailed(exc) from exc
         seconds = time.perf_counter() - started
+        response = ScoreResponse(reward_type=request.reward_type, rewards=rewards.tolist(), latency_ms=seconds * 1e3)
         record_scored(metrics, request.reward_type, rewards, seconds)  # one request is one batch, as a replica's
-        return ScoreResponse(reward_type=request.reward_type, rewards=rewards.tolist(), latency_ms=seconds * 1e3)
+        return response
 
     app.post(SCORE_PATH, response_model=ScoreResponse, responses=errors, summary="Score rollouts")(score)
 
@@ -651,16 +659,18 @@ def create_app(
     async def _failed(_request: Request, exc: _RewardFailed) -> JSONResponse:
         return _error_response(500, [_detail(["server"], exc.message, "internal")])
 
+    # These answer on the event loop (async def), never queued behind scoring in the worker threads: a liveness
+    # probe must not time out while every thread scores a slow batch.
     @app.get("/v1/rewards", summary="Registered reward types")
-    def rewards() -> dict[str, list[str]]:
+    async def rewards() -> dict[str, list[str]]:
         return {"rewards": available_rewards()}
 
     @app.get("/healthz", summary="Liveness")
-    def healthz() -> dict[str, str]:
+    async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
-    def prometheus() -> Response:
+    async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -183,6 +183,8 @@ def compute_reward(name: str, inputs: RewardInputs) -> Tensor:
     if not isinstance(scores, Tensor) or scores.shape != (inputs.num_rollouts,):
         shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
         raise ValueError(f"reward {name!r} must return a tensor of shape [{inputs.num_rollouts}], got {shape}")
+    if scores.is_complex():
+        raise ValueError(f"reward {name!r} must return real scores, got dtype {scores.dtype}")
     _check_finite(f"reward {name!r} output", scores)
     return scores
 
@@ -218,13 +220,13 @@ def _unit_scaled(hidden: Tensor) -> Tensor:
     return (hidden * torch.ldexp(one, first)).mul_(torch.ldexp(one, shift - first))
 
 
-def binary_reward(rollout_tokens: Tensor, ground_truth_tokens: Tensor) -> Tensor:
-    """Fraction of the k rollout tokens equal to the ground truth: [N, k] x2 -> [N] float32."""
+def binary_reward(rollout_tokens: Tensor, ground_truth_tokens: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Fraction of the k rollout tokens equal to the ground truth: [N, k] x2 -> [N] of `dtype`."""
     _check_same_shape("rollout_tokens", rollout_tokens, "ground_truth_tokens", ground_truth_tokens, dims=2)
     for name, value in (("rollout_tokens", rollout_tokens), ("ground_truth_tokens", ground_truth_tokens)):
         if value.is_floating_point():
             raise ValueError(f"{name} must hold integer token ids, got dtype {value.dtype}")
-    return (rollout_tokens == ground_truth_tokens).float().mean(dim=-1)
+    return (rollout_tokens == ground_truth_tokens).to(dtype).mean(dim=-1)
 
 
 def hybrid_reward(
@@ -232,7 +234,7 @@ def hybrid_reward(
 ) -> Tensor:
     """cosine + binary, each a mean over the k steps: in [-1, 2]."""
     cosine = cosine_reward(rollout_hidden, ground_truth_hidden)
-    return cosine + binary_reward(rollout_tokens, ground_truth_tokens).to(cosine.dtype)
+    return cosine + binary_reward(rollout_tokens, ground_truth_tokens, cosine.dtype)  # float64 hidden: 1/3 exactly
 
 
 @register_reward("cosine")

@@ -82,11 +82,20 @@ Segmenter = Callable[[str], Iterable[str]]
 
 def f1_score(prediction_tokens: Sequence[str], ground_truth_tokens: Sequence[str]) -> float:
     """Bag-of-tokens F1 (multiset overlap)."""
-    common = Counter(prediction_tokens) & Counter(ground_truth_tokens)
-    num_same = sum(common.values())
+    return _counted_f1(Counter(prediction_tokens), len(prediction_tokens), ground_truth_tokens)
+
+
+def best_f1_score(prediction_tokens: Sequence[str], answers_tokens: Sequence[Sequence[str]]) -> float:
+    """The largest f1_score of the prediction against each answer, the prediction's tokens counted once."""
+    counts = Counter(prediction_tokens)
+    return max(_counted_f1(counts, len(prediction_tokens), answer) for answer in answers_tokens)
+
+
+def _counted_f1(prediction_counts: Counter[str], num_predicted: int, ground_truth_tokens: Sequence[str]) -> float:
+    num_same = sum((prediction_counts & Counter(ground_truth_tokens)).values())
     if num_same == 0:
         return 0.0
-    precision = num_same / len(prediction_tokens)
+    precision = num_same / num_predicted
     recall = num_same / len(ground_truth_tokens)
     return (2 * precision * recall) / (precision + recall)
 

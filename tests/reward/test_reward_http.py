@@ -350,6 +350,100 @@ def test_a_failing_reward_plugin_is_a_json_500_and_the_server_keeps_serving(clie
     check_correct_requests(client)
 
 
+def test_a_refused_value_is_named_with_its_field(client):
+    cases = [
+        ({"rollout_tokens": [-1, 2], "ground_truth_tokens": [1, 2]},
+         "rollouts.0.rollout_tokens.0: Input should be greater than or equal to 0 (got -1)"),
+        ({"rollout_tokens": ["x", 2], "ground_truth_tokens": [1, 2]},
+         "rollouts.0.rollout_tokens.0: Input should be a valid integer (got 'x')"),
+    ]
+    for row, error in cases:
+        response = client.post("/v1/score", json={"reward_type": "binary", "rollouts": [row]})
+        assert response.status_code == 422 and response.json()["error"] == error, response.text
+    response = client.post("/v1/score", json={"reward_type": "binary", "rollouts": "abc", "dtype": "float16"})
+    assert response.json()["error"] == ("rollouts: Input should be a valid list (got 'abc'); "
+                                        "dtype: Input should be 'float32' or 'float64' (got 'float16')"), response.text
+    # A missing field is named alone (its input would be the whole object), a value our checks name only once.
+    response = client.post("/v1/score", json={"rollouts": rollouts()})
+    assert response.json()["error"] == "reward_type: Field required", response.text
+    response = client.post("/v1/score", json=request_with("nope"))
+    assert response.json()["error"].count("'nope'") == 1, response.text
+
+
+def test_a_reward_plugin_returning_complex_scores_is_refused_naming_the_dtype(client):
+    register_reward("test_complex")(lambda inputs: torch.zeros(inputs.num_rollouts, dtype=torch.complex64))
+    try:
+        before = _scored_batches(client)
+        response = client.post("/v1/score", json={"reward_type": "test_complex", "rollouts": rollouts()})
+        assert response.status_code == 400, response.text
+        assert "reward 'test_complex' must return real scores, got dtype torch.complex64" in response.json()["error"]
+        assert _scored_batches(client) == before  # not counted as scored
+    finally:
+        unregister_reward("test_complex")
+    check_correct_requests(client)
+
+
+def test_an_unexpected_error_is_a_json_500_that_closes_its_connection(client, monkeypatch):
+    """Starlette raises an unexpected error again after its 500 is sent, and uvicorn drops the connection: the
+    answer says so (Connection: close), or the client's next request on it would fail."""
+    import reward.http
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(reward.http, "record_scored", broken)
+    response = client.post("/v1/score", json={"reward_type": "cosine", "rollouts": rollouts(("hidden",))})
+    assert response.status_code == 500 and response.headers["connection"] == "close"
+    assert response.json()["error"] == "server: internal error (RuntimeError)"
+    monkeypatch.undo()
+    check_correct_requests(client)
+
+
+def test_liveness_metrics_and_reward_list_answer_while_every_scoring_thread_is_busy():
+    """Scoring runs in a pool of 40 threads; /healthz, /metrics and /v1/rewards answer on the event loop, so a
+    probe gets its answer at once even when every thread is busy with a slow reward."""
+    release, entered, lock = threading.Event(), [0], threading.Lock()
+
+    def stuck(inputs: RewardInputs) -> torch.Tensor:
+        with lock:
+            entered[0] += 1
+        release.wait(60)
+        return torch.zeros(inputs.num_rollouts)
+
+    register_reward("test_stuck")(stuck)
+    try:
+        with serving(create_app()) as http:
+            body = {"reward_type": "test_stuck", "rollouts": rollouts(("tokens",))}
+            with httpx.Client(base_url=http.base_url, timeout=60,
+                              limits=httpx.Limits(max_connections=64)) as busy:
+                threads = [threading.Thread(target=busy.post, args=("/v1/score",), kwargs={"json": body})
+                           for _ in range(48)]
+                for thread in threads:
+                    thread.start()
+                deadline = time.monotonic() + 30
+                while entered[0] < 40:  # the pool is full; 8 requests wait for a thread
+                    assert time.monotonic() < deadline, f"only {entered[0]} requests reached the reward"
+                    time.sleep(0.01)
+                try:
+                    for path in ("/healthz", "/metrics", "/v1/rewards"):
+                        assert http.get(path, timeout=5).status_code == 200, path
+                finally:
+                    release.set()
+                    for thread in threads:
+                        thread.join(timeout=60)
+            assert entered[0] == 48
+    finally:
+        release.set()
+        unregister_reward("test_stuck")
+
+
+def test_hybrid_in_float64_adds_the_token_match_at_full_precision(client):
+    row = {"rollout_tokens": [1, 2, 3], "ground_truth_tokens": [1, 5, 6],
+           "rollout_hidden": [[1.0, 2.0]] * 3, "ground_truth_hidden": [[1.0, 2.0]] * 3}
+    response = client.post("/v1/score", json={"reward_type": "hybrid", "dtype": "float64", "rollouts": [row]})
+    assert response.json()["rewards"] == [1 + 1 / 3]
+
+
 @pytest.mark.parametrize("dtype, value", [("float64", 1e200), ("float32", 1e30)])
 def test_cosine_of_huge_finite_hidden_states_is_right(client, dtype, value):
     huge = [[value, value]]

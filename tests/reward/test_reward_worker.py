@@ -260,17 +260,19 @@ def test_the_latency_metric_times_the_scoring_alone(broker, make_batch, monkeypa
     assert broker.pending("rollouts", "reward") == 0
 
 
-def test_a_ground_truth_that_decodes_to_nothing_is_a_dead_letter_not_a_full_score(broker, make_batch):
-    """The replica's text comes from tokens: a ground truth of special ids decodes to '', which every
-    rollout contains; the batch is refused as the HTTP API refuses a blank gold answer."""
+def test_a_ground_truth_that_decodes_to_nothing_scores_zero_not_a_full_score(broker, make_batch):
+    """The replica's text comes from tokens: a ground truth of blank lines or special ids decodes to blank text,
+    which every rollout contains. Such a rollout scores 0 and the batch is scored: a dead letter would end the
+    run on ordinary document text."""
     source = make_batch(seed=1)
     publish(broker, [source])
-    decode = lambda ids: "" if ids == source.ground_truth_tokens[0].tolist() else "some answer"  # noqa: E731
+    decode = lambda ids: "\n\n" if ids == source.ground_truth_tokens[0].tolist() else "some answer"  # noqa: E731
     worker = RewardWorker(broker, "substring_match", consumer="reward-a", decode=decode)
     assert worker.run_once(block_ms=None) == 1
-    assert (worker.scored_count, worker.dead_count) == (0, 1)
-    [letter] = broker.dead_letters("rollouts")
-    assert "reference_texts[0] holds a gold answer that is empty or whitespace only" in letter.error
+    assert (worker.scored_count, worker.dead_count) == (1, 0)
+    [scored] = scored_messages(broker)
+    rewards = scored.rewards.tolist()
+    assert rewards[0] == 0.0 and rewards[1:] == [1.0] * (len(rewards) - 1)
 
 
 # B=2 documents x c=2 positions x n=2 samples = 8 rollouts of k=3 tokens, hidden size D=4 (float32).
