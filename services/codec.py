@@ -321,7 +321,8 @@ def decode(data: bytes | bytearray | memoryview, cls: type[M], limits: CodecLimi
     except CodecError:
         raise
     except Exception as exc:  # msgpack raises several types for malformed input
-        raise CodecError(f"payload is not a valid message ({type(exc).__name__}: {exc})") from exc
+        reason = str(exc) or "malformed or truncated msgpack data"  # msgpack's FormatError can say nothing
+        raise CodecError(f"payload is not a valid message ({type(exc).__name__}: {reason})") from exc
     if not isinstance(envelope, dict) or set(envelope) != {"type", "v", "body"}:
         shown = sorted(envelope) if isinstance(envelope, dict) else type(envelope).__name__
         raise CodecError(f"payload is not a message envelope {{type, v, body}}, got {shown}")

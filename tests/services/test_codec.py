@@ -185,6 +185,14 @@ def test_unknown_extension_type_is_rejected() -> None:
         decode(data, Sample)
 
 
+def test_a_tensor_extension_msgpack_cannot_read_says_why() -> None:
+    # msgpack's FormatError for a reserved byte carries no message of its own.
+    data = _envelope({"name": "x", "values": msgpack.ExtType(TENSOR_EXT_CODE, b"\xc1")})
+    with pytest.raises(CodecError, match=r"^payload is not a valid message \(FormatError: malformed or truncated "
+                                         r"msgpack data\)$"):
+        decode(data, Sample)
+
+
 def test_unknown_dtype_names_field_and_value() -> None:
     data = _envelope({"name": "x", "values": _tensor_ext("object", [2], b"\x00" * 16)})
     with pytest.raises(CodecError, match=r"field values: unknown dtype 'object'"):
