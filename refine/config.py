@@ -202,7 +202,9 @@ class DataSpec(Strict):
         ["recall"], min_length=1,
         description="kinds of synthetic documents, in equal shares: fact-recall prose, NIAH and MQAR prompts with answers",
     )
-    skip_bad_rows: bool = False
+    skip_bad_rows: bool = Field(False, description=(
+        "skip and count malformed rows (not JSON, a text field missing or not text) of data.source and of task "
+        "files, instead of stopping at the first, naming it"))
     eval_source: PathStr | None = Field(None, description=(
         "held-out documents whose NTP loss is measured during training (eval_ntp_loss, see train.eval_every): a "
         "source as `source` is, read the same way, or `synthetic` (the corpus generated from the random streams "
@@ -230,8 +232,9 @@ class DataSpec(Strict):
             raise ValueError(f"data.max_windows={self.max_windows} splits long documents of a file source; the "
                              f"synthetic corpus' documents are made to fit data.seq_len, so leave it at 1")
         if self.source == "synthetic" and self.shuffle:
-            raise ValueError("data.shuffle=true orders the records of a file source; the synthetic corpus is drawn "
-                             "at random already, so leave it false")
+            raise ValueError("data.shuffle=true orders the records of data.source when it is a file source; the "
+                             "synthetic corpus is drawn at random already (and refine posttrain draws its --data in "
+                             "a new order every pass), so leave it false")
         if self.eval_source == "synthetic" and self.eval_documents < len(self.synthetic_tasks):
             raise ValueError(f"data.eval_documents={self.eval_documents} is fewer than the {len(self.synthetic_tasks)} "
                              f"data.synthetic_tasks={self.synthetic_tasks} of the synthetic held-out corpus: each "

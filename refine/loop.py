@@ -892,10 +892,10 @@ def check_loop_reward(config: RunConfig) -> None:
         check_run_reward(config.refine.reward, config.refine.reward_modules, decodes_text=False)
 
 
-def finished_run(out_dir: Path, step: int, steps: int) -> dict:
+def finished_run(out_dir: Path, step: int, steps: int, program: str = "refine") -> dict:
     """A resume whose checkpoint already reached train.steps trains nothing: it says so and returns the last
-    step's metrics row, as the service does."""
-    tqdm.write(f"refine: nothing to train: the checkpoint in {out_dir} is at step {step}, train.steps={steps}",
+    step's metrics row, as the service does. `program` (a RUN_RECORDS key) names who says it."""
+    tqdm.write(f"{program}: nothing to train: the checkpoint in {out_dir} is at step {step}, train.steps={steps}",
                file=sys.stderr)
     rows = [row for _, row in jsonl_rows(out_dir / "metrics.jsonl") if row.get("step") == step]
     return rows[-1] if rows else {"step": step}

@@ -52,8 +52,8 @@ from refine.data.tasks import LoadReport, TaskExample, load_longbench, load_rule
 from refine.evaluation.runner import prompt_tokens
 from refine.files import write_atomically
 from refine.loop import (
-    RUN_RECORDS, StepBatch, StepResult, absolute_out_dir, check_mini_batches, make_optimizer, prepare_model,
-    resume_from, run_steps, start_run_directory,
+    RUN_RECORDS, StepBatch, StepResult, absolute_out_dir, check_mini_batches, finished_run, make_optimizer,
+    prepare_model, resume_from, run_steps, start_run_directory,
 )
 from refine.phases import QAExample, check_no_kl_term, posttrain_step
 from refine.runtime import StageTimes, tune_allocator
@@ -151,16 +151,18 @@ def prepare_examples(examples: Sequence[TaskExample], tokenizer: Tokenizer, conf
     cfg = config.refine
     needed = min_document_length(cfg.num_chunks, cfg.rollout_len, cfg.margin)
     usable: list[QAExample] = []
-    truncated = long_question = 0
+    truncated = long_question = short_after_cut = 0
     for example in examples:
         encoded, cut = encode_example(example, tokenizer, config.data.seq_len)
         if encoded is None:
             long_question += 1
-            continue
-        truncated += cut
-        if len(encoded.prompt) >= needed:
+        elif len(encoded.prompt) >= needed:
             usable.append(encoded)
-    summary = DataSummary(data=str(data), task=task, sft_coef=sft_coef, examples_read=len(examples),
+            truncated += cut  # of the examples trained on: a cut one left too short is counted as that
+        else:
+            short_after_cut += cut
+    # The file's absolute path: the record names it wherever a resume runs from, however the path is spelled.
+    summary = DataSummary(data=str(Path(data).resolve()), task=task, sft_coef=sft_coef, examples_read=len(examples),
                           examples_used=len(usable), skipped_short_prompt=len(examples) - len(usable) - long_question,
                           skipped_long_question=long_question, truncated=truncated, min_prompt_tokens=needed,
                           skipped_bad_rows=bad_rows)
@@ -177,8 +179,10 @@ def prepare_examples(examples: Sequence[TaskExample], tokenizer: Tokenizer, conf
         raise ValueError(f"no example of {str(data)!r} can be trained on: of its {len(examples)} examples, "
                          f"{' and '.join(reasons)}")
     if summary.skipped_short_prompt:
+        cut_note = (f"; {short_after_cut} of them were cut to fit data.seq_len={config.data.seq_len}, where their "
+                    f"question and answer leave too little room" if short_after_cut else "")
         _note(f"skipped {summary.skipped_short_prompt} of {len(examples)} examples of {str(data)!r} whose prompt "
-              f"is too short ({wanted})")
+              f"is too short ({wanted}{cut_note})")
     if long_question:
         _note(f"skipped {long_question} of {len(examples)} examples of {str(data)!r} whose question and answer "
               f"alone fill data.seq_len={config.data.seq_len} tokens")
@@ -200,13 +204,22 @@ def record_data(out_dir: Path, summary: DataSummary, resumed: bool) -> None:
             changed = {key: (before, after) for key, before, after in
                        ((key, getattr(recorded, key), getattr(summary, key)) for key in ("data", "task", "sft_coef",
                                                                                           "examples_used"))
-                       if before != after}
+                       if before != after and not (key == "data" and _same_path(before, after))}
             if changed:
                 what = ", ".join(f"{key} was {before!r}, now {after!r}" for key, (before, after) in changed.items())
                 _note(f"warning: this run started on other data or settings ({what}): the resumed data cursor "
                       f"counts the examples of the data as they are now; {record} keeps the run's first record")
             return
     write_atomically(record, summary.model_dump_json(indent=1))
+
+
+def _same_path(recorded: str, now: str) -> bool:
+    """Whether two spellings of the task file name the same one (a record written before records held absolute
+    paths is relative to where the run started, taken here as the working directory)."""
+    try:
+        return Path(recorded).resolve() == Path(now).resolve()
+    except (OSError, RuntimeError):
+        return False
 
 
 def batch_indices(num_examples: int, seed: int, cursor: int, batch_size: int) -> list[int]:
@@ -242,6 +255,9 @@ def posttrain(config: RunConfig, data: str | Path, task: str, sft_coef: float = 
     generator = torch.Generator(device=config.train.device).manual_seed(config.train.seed)
 
     start = resume_from(Path(config.train.out_dir), resume, model, optimizer, generator, "refine posttrain")
+    data_counts = {"examples_used": summary.examples_used, "skipped_short_prompt": summary.skipped_short_prompt}
+    if start.step and start.step >= config.train.steps:  # the run directory (config.yaml too) stays as it is
+        return finished_run(Path(config.train.out_dir), start.step, config.train.steps, "refine posttrain") | data_counts
     # Only now: a run that cannot start leaves the directory as it was.
     out_dir = start_run_directory(config, fresh=start.step == 0, program="refine posttrain")
     record_data(out_dir, summary, resumed=start.step > 0)
@@ -259,7 +275,7 @@ def posttrain(config: RunConfig, data: str | Path, task: str, sft_coef: float = 
 
     last = run_steps(config, model, optimizer, generator, tokenizer, next_batch, start, desc="posttrain",
                      shown=("loss", "sft_loss", "reward_mean"), progress=progress)
-    return last | {"examples_used": summary.examples_used, "skipped_short_prompt": summary.skipped_short_prompt}
+    return last | data_counts
 
 
 def _note(message: str) -> None:

@@ -106,20 +106,40 @@ def test_only_answers_that_fill_the_sequence_fail_naming_that_cause(tmp_path, ca
     assert "prompt too short" not in err
 
 
-def test_a_resume_on_other_data_warns_and_keeps_the_runs_first_record(tmp_path, capsys):
+def test_a_resume_on_other_data_warns_and_keeps_the_runs_first_record(tmp_path, capsys, monkeypatch):
     init = _init_model(tmp_path)
     first, other = _write(tmp_path / "qa.jsonl", _qa_rows(3)), _write(tmp_path / "other.jsonl", _qa_rows(4))
     out = tmp_path / "run"
-    assert main(_argv(first, init, out, 1)) == 0
+    monkeypatch.chdir(tmp_path)
+    assert main(_argv("qa.jsonl", init, out, 1)) == 0
     record = (out / "posttrain.json").read_text()
+    assert json.loads(record)["data"] == str(first)  # the absolute path, valid wherever a resume runs
     capsys.readouterr()
-    assert main(_argv(first, init, out, 2, "--resume")) == 0  # the same data: no warning
+    assert main(_argv(first, init, out, 2, "--resume")) == 0  # the same data, spelled otherwise: no warning
     assert "warning" not in capsys.readouterr().err
     assert main(_argv(other, init, out, 3, "--resume", "--sft-coef", "0.5")) == 0
     err = capsys.readouterr().err
     assert f"data was {str(first)!r}, now {str(other)!r}" in err and "sft_coef was 1.0, now 0.5" in err
     assert "examples_used was 3, now 4" in err
     assert (out / "posttrain.json").read_text() == record
+
+
+def test_a_resume_of_a_finished_run_trains_nothing_and_changes_nothing(tmp_path, capsys):
+    init = _init_model(tmp_path)
+    data = _write(tmp_path / "qa.jsonl", _qa_rows(3))
+    out = tmp_path / "run"
+    assert main(_argv(data, init, out, 2)) == 0
+    last = json.loads(capsys.readouterr().out)
+    files = {path: (path.read_bytes(), path.stat().st_mtime_ns) for path in out.rglob("*") if path.is_file()}
+    for steps in (2, 1):
+        assert main(_argv(data, init, out, steps, "--resume")) == 0
+        captured = capsys.readouterr()
+        assert f"refine posttrain: nothing to train: the checkpoint in {out} is at step 2, train.steps={steps}" \
+            in captured.err
+        printed = json.loads(captured.out)
+        assert printed["step"] == 2 and printed["loss"] == last["loss"] and printed["examples_used"] == 3
+        assert {path: (path.read_bytes(), path.stat().st_mtime_ns)
+                for path in out.rglob("*") if path.is_file()} == files
 
 
 def test_a_too_short_prompt_among_good_ones_is_skipped_and_counted(tmp_path, capsys):
@@ -133,6 +153,22 @@ def test_a_too_short_prompt_among_good_ones_is_skipped_and_counted(tmp_path, cap
     summary = json.loads((out / "posttrain.json").read_text())
     assert summary["examples_used"] == 3 and summary["skipped_short_prompt"] == 1
     assert summary["skipped_long_question"] == 0
+
+
+def test_examples_cut_to_fit_are_counted_as_truncated_only_when_trained_on(tmp_path, capsys):
+    """With data.seq_len=20 every prompt is cut; a 14-character answer leaves it 5 tokens, too short for REFINE:
+    that example counts as skipped, and the skip says it was cut, not as truncated."""
+    init = _init_model(tmp_path)
+    rows = _qa_rows(3)
+    rows[2]["answer"] = ["A" * 14]
+    out = tmp_path / "run"
+    assert main(_argv(_write(tmp_path / "qa.jsonl", rows), init, out, 1, "--set", "data.seq_len=20",
+                      "--set", "data.min_length=8")) == 0
+    summary = json.loads((out / "posttrain.json").read_text())
+    assert (summary["examples_used"], summary["skipped_short_prompt"], summary["truncated"]) == (2, 1, 2)
+    err = capsys.readouterr().err
+    assert "skipped 1 of 3 examples" in err and "1 of them were cut to fit data.seq_len=20" in err
+    assert "2 examples cut in the middle to data.seq_len=20 tokens" in err
 
 
 def test_skipped_bad_rows_are_counted_in_the_run_summary(tmp_path):

@@ -67,7 +67,7 @@ class MissingColumnError(DataSourceError):
 class BadRowError(DataSourceError):
     def __init__(self, location: str, reason: str) -> None:
         self.location, self.reason = location, reason
-        super().__init__(f"{location}: {reason} (set skip_bad_rows to skip and count such rows)")
+        super().__init__(f"{location}: {reason} (--set data.skip_bad_rows=true skips and counts such rows)")
 
 
 def check_min_length(value: int, field: str) -> int:

@@ -238,7 +238,8 @@ def load_ruler_qa(
         if prompt is None:
             continue
         if answer_field not in values:
-            policy.reject(row.location, f"field {answer_field!r} missing; fields present: {sorted(values)}")
+            wanted = "'answer' (or 'answers')" if answer_field == "answers" else repr(answer_field)
+            policy.reject(row.location, f"field {wanted} missing; fields present: {sorted(values)}")
             continue
         answers = _answers(values[answer_field], answer_field, row, policy)
         ok_max, max_new_tokens = _answer_budget(values, row, policy)

@@ -248,7 +248,7 @@ def test_a_resume_with_another_order_than_the_cursor_counts_in_is_refused_naming
 
 
 def test_shuffle_is_refused_for_the_synthetic_corpus():
-    with pytest.raises(ConfigError, match=r"data.shuffle=true orders the records of a file source"):
+    with pytest.raises(ConfigError, match=r"data.shuffle=true orders the records of data.source when it is a file source"):
         load_config(None, ["data.shuffle=true"])
 
 
