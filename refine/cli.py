@@ -154,7 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
                                "LongBench's budget for the dataset, else 32)")
     evaluate.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's, else bytes)")
     evaluate.add_argument("--output", default=None, help="results JSON path")
-    evaluate.add_argument("--seed", type=int, default=1234)
+    evaluate.add_argument("--seed", type=int, default=1234,
+                          help="seeds the synthetic tasks' prompts, sampled answers and --ttt's rollouts. With "
+                               "--ttt the example at position i (0 first) draws from seed + i (batch i with "
+                               "--ttt-batch); without, sampled answers draw from one generator in file order. So "
+                               "removing or reordering rows changes the draws of the rows after them")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
     evaluate.set_defaults(func=_eval)
 

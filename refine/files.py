@@ -23,6 +23,29 @@ def write_atomically(path: Path, text: str) -> None:
         raise
 
 
+def check_output_spares_inputs(output: str | Path, inputs: dict[str, str | Path | None], flag: str = "--output",
+                               model_dir: str | Path | None = None) -> None:
+    """Refuse an output path that is one of a command's input files (`inputs`: flag -> path), or a file of the model
+    directory other than a results file (eval-*.json): writing the output would destroy it."""
+    target = Path(output)
+    if not target.exists():
+        return
+    candidates = [(name, Path(path)) for name, path in inputs.items() if path is not None]
+    if model_dir is not None and Path(model_dir).is_dir():
+        candidates += [(f"--model {str(model_dir)!r}", file) for file in Path(model_dir).iterdir()
+                       if file.is_file() and not file.name.startswith("eval-")]
+    for name, path in candidates:
+        try:
+            same = path.exists() and target.samefile(path)
+        except OSError:
+            continue
+        if same:
+            shown = name if name.startswith("--model") else f"{name} {str(path)!r}"
+            what = f"the file {path.name!r} of {shown}" if name.startswith("--model") else shown
+            raise ValueError(f"{flag} {str(output)!r} is {what}: writing the results would replace it; give "
+                             f"another path")
+
+
 def naming(error: OSError, path: str | Path) -> OSError:
     """`error` as one that names `path`: a failed write() or fsync() names no file, so that a full disk would
     read as a bare "[Errno 28] No space left on device"."""

@@ -144,12 +144,31 @@ def _optional_int(value: Any, field: str, row: Row, policy: BadRowPolicy,
                   minimum: int = 0, maximum: int | None = None) -> tuple[bool, int | None]:
     if value is None:
         return True, None
+    if isinstance(value, float) and value.is_integer():  # a dataframe export writes a column with nulls as floats
+        value = int(value)
     if (isinstance(value, int) and not isinstance(value, bool) and value >= minimum
             and (maximum is None or value <= maximum)):
         return True, value
     bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
     policy.reject(row.location, f"field {field!r} must be an integer {bounds} or null, got {value!r:.80}")
     return False, None
+
+
+def _dataset_name(values: Mapping[str, Any], row: Row, policy: BadRowPolicy, fallback: str | None) -> str | None:
+    """A LongBench row's dataset: its 'dataset' field, else its 'task', else `fallback` (the file's name). A field
+    that is there must name one: an empty or non-text one is refused, not passed over for the file's name."""
+    for field in ("dataset", "task"):
+        value = values.get(field)
+        if value is None:
+            continue
+        if isinstance(value, str) and value.strip():
+            return value
+        policy.reject(row.location, f"field {field!r} must name the LongBench dataset (e.g. 'hotpotqa'), got "
+                                    f"{value!r:.60}")
+        return None
+    if fallback is None:
+        policy.reject(row.location, "no dataset name: set `dataset`, or give rows a 'dataset' field")
+    return fallback
 
 
 def _answer_budget(values: Mapping[str, Any], row: Row, policy: BadRowPolicy) -> tuple[bool, int | None]:
@@ -320,9 +339,8 @@ def load_longbench(
     examples: list[TaskExample] = []
     for row in source.rows(0, limit):
         values = row.values
-        name = dataset or values.get("dataset") or values.get("task") or fallback_name
-        if not isinstance(name, str) or not name:
-            policy.reject(row.location, "no dataset name: set `dataset`, or give rows a 'dataset' field")
+        name = dataset or _dataset_name(values, row, policy, fallback_name)
+        if name is None:
             continue
         if "answers" not in values:
             policy.reject(row.location, f"field 'answers' missing; fields present: {sorted(values)}")

@@ -34,13 +34,13 @@ from refine.config import (
 )
 from refine.data.batches import DocumentBatch, pad_documents
 from refine.data.sources import DataSourceError
-from refine.data.synthetic import NiahConfig, Purpose, generate_niah, mqar_for_length, stream_salt
+from refine.data.synthetic import NiahConfig, NiahVariant, Purpose, generate_niah, mqar_for_length, stream_salt
 from refine.data.tasks import MAX_GEN_TOKENS, TaskExample, load_longbench, load_ruler_qa
 from refine.evaluation.metrics import LONGBENCH_FIRST_LINE_TASKS, LongBenchScoring, longbench_task_name, task_metric
 from refine.evaluation.score import score_predictions
-from refine.files import write_atomically
+from refine.files import check_output_spares_inputs, write_atomically
 from refine.generate import generate
-from refine.loop import check_device, make_optimizer, train_step
+from refine.loop import check_device, finite_stats, make_optimizer, train_step
 from refine.models import FastWeightLM, load_model, load_model_config
 from refine.models.config import ModelConfigBase, refuse_bool_for_number
 from refine.phases import adapt_and_answer, check_no_kl_term, snapshot_weights
@@ -78,7 +78,7 @@ class EvalOptions(BaseModel):
     max_prompt_tokens: int | None = Field(
         None, ge=2, description="cut longer prompts in the middle (start and end kept); None: never cut"
     )
-    niah_variant: str = Field("single", description="single | multikey | multiquery | multivalue")
+    niah_variant: NiahVariant = Field("single", description="--task niah's kind of needle")
     prompt_templates: str | None = Field(None, description="LongBench dataset2prompt.json for rows without a prompt")
     batch_size: int = Field(8, ge=1, description="prompts answered together, shortest first (on CUDA only prompts "
                             "of one length; not with --ttt, which adapts the weights to each prompt); lower it "
@@ -361,7 +361,7 @@ def evaluate(
                         restore=not ttt_accumulate, generator=generator, optimizer=optimizer,
                         vocab_limit=tokenizer.vocab_size, temperature=sampling.temperature, top_k=sampling.top_k,
                     )
-                    record["ttt_history"] = history
+                    record["ttt_history"] = [finite_stats(stats) for stats in history]  # JSON has no inf or nan
                     if cfg is not refine_cfg:
                         record["ttt_fitted"] = {"num_chunks": cfg.num_chunks, "margin": cfg.margin}
                 else:
@@ -372,6 +372,7 @@ def evaluate(
         finally:
             if initial is not None:
                 model.load_state_dict(initial)
+                model.zero_grad(set_to_none=True)  # as the other modes leave it: no gradient of the last update
     else:
         generator = torch.Generator(device=model.device).manual_seed(seed)
         for batch in answer_batches([len(ids) for ids in prompts], batch_size, model.device.type == "cuda"):
@@ -412,7 +413,20 @@ def evaluate(
         if ttt_batch is not None:
             summary["ttt_config"].update(steps=None, accumulate=True, batch=ttt_batch,
                                          mini_batches=run_config.train.mini_batches)
+        skipped = skipped_updates(records)
+        summary["ttt_config"]["skipped_updates"] = skipped
+        if skipped:
+            _note(f"warning: {skipped} test-time updates were skipped, their loss or gradient not finite (each "
+                  f"example's ttt_history marks them skipped_nonfinite): they left the weights as they were")
     return {"summary": summary, "examples": records}
+
+
+def skipped_updates(records: list[dict[str, Any]]) -> int:
+    """Test-time updates skipped as not finite: each example's own, or each --ttt-batch batch's once (its examples
+    share its history)."""
+    histories = {record.get("ttt_batch", index): record.get("ttt_history", [])
+                 for index, record in enumerate(records)}
+    return sum(1 for history in histories.values() for stats in history if stats.get("skipped_nonfinite"))
 
 
 def check_ttt_batch(ttt_batch: int | None, ttt: bool, ttt_accumulate: bool, mini_batches: int = 1,
@@ -481,7 +495,7 @@ def _ttt_in_batches(model: FastWeightLM, tokenizer: Tokenizer, prompts: list[lis
                                           [str(records[i]["id"]) for i in adapted])
                 config = run_config.model_copy(update={
                     "refine": cfg, "train": run_config.train.model_copy(update={"mode": "onepass"})})
-                stats = [train_step(model, optimizer, documents, config, generator).stats]
+                stats = [finite_stats(train_step(model, optimizer, documents, config, generator).stats)]
             if notes and not noted:
                 _note(notes[0])
                 noted = True
@@ -703,6 +717,22 @@ def check_output(output: Path, given: bool) -> None:
         raise ValueError(f"{name} is not writable")
 
 
+def check_options_apply(options: EvalOptions, task: str, ttt: bool) -> None:
+    """Refuse an eval option given for a run that would ignore it (as --length for a task file is refused)."""
+    given = options.model_fields_set
+    if "niah_variant" in given and task != "niah":
+        raise ValueError(f"eval.niah_variant={options.niah_variant!r} is an option of --task niah, not {task}")
+    if "prompt_templates" in given and task != "longbench":
+        raise ValueError(f"eval.prompt_templates={options.prompt_templates!r} is an option of --task longbench, not "
+                         f"{task}")
+    if "batch_size" in given and ttt:
+        raise ValueError(f"eval.batch_size={options.batch_size}: --ttt answers each prompt after adapting the weights "
+                         f"to it (or each --ttt-batch after its updates), not eval.batch_size prompts together")
+    if "answer_top_k" in given and options.answer_top_k and options.answer_temperature == 0:
+        raise ValueError(f"eval.answer_top_k={options.answer_top_k} samples among the most likely tokens, but answers "
+                         f"are greedy (eval.answer_temperature=0): set eval.answer_temperature too")
+
+
 def main(args: argparse.Namespace) -> int:
     """`refine eval`: load, generate, score, print the summary line, write the results JSON."""
     overrides, options = split_overrides(args.set or [])
@@ -717,6 +747,7 @@ def main(args: argparse.Namespace) -> int:
     if args.ttt_batch is not None and args.ttt_steps is not None:
         raise ValueError(f"--ttt-steps={args.ttt_steps} and --ttt-batch={args.ttt_batch}: a batch takes "
                          f"train.mini_batches updates (one pass over its prompts), not --ttt-steps")
+    check_options_apply(options, args.task, args.ttt)
     check_seed(args.seed)  # all of these before the model loads
     check_answer_budget(args.max_new_tokens)
     check_synthetic_length(args.task, args.length, args.num_examples)
@@ -731,6 +762,9 @@ def main(args: argparse.Namespace) -> int:
     output = (Path(args.output) if args.output
               else default_output(model_dir, args.task, args.ttt, args.ttt_accumulate, args.ttt_batch))
     check_output(output, given=bool(args.output))
+    check_output_spares_inputs(output, {"--data": args.data, "--tokenizer": args.tokenizer, "--config": args.config,
+                                        "eval.prompt_templates": options.prompt_templates},
+                               flag="--output" if args.output else "the results file", model_dir=model_dir)
     tokenizer = resolve_tokenizer(args.tokenizer, model_dir)
     check_tokenizer_fits(load_model_config(model_dir), tokenizer, f"--model {str(model_dir)!r}")  # before the weights
     dtype = DTYPES[run_config.train.dtype] if "dtype" in run_config.train.model_fields_set else None

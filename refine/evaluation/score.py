@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from refine.evaluation.metrics import FuzzBackend, LongBenchScoring, aggregate_by_length, task_metric
-from refine.files import write_atomically
+from refine.files import check_output_spares_inputs, write_atomically
 
 PREDICTION_FIELDS = ("prediction", "pred")
 ANSWER_FIELDS = ("answers", "outputs", "answer")
@@ -223,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
                 check_ids(row, name)
         if args.output and Path(args.output).is_dir():  # refused before scoring, not after
             raise ValueError(f"--output {args.output!r} is a directory; give a file path")
+        if args.output:
+            check_output_spares_inputs(args.output, {"--predictions": args.predictions,
+                                                     "--all-classes": args.all_classes})
         all_classes = None
         if args.all_classes:
             all_classes = read_class_list(args.all_classes)

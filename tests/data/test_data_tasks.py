@@ -170,9 +170,14 @@ GOOD_LONGBENCH = {"input": "q?", "context": "ctx text", "answers": ["x"], "datas
         (load_longbench, GOOD_LONGBENCH | {"answers": [""]}, "field 'answers' holds an empty or whitespace"),
         (load_longbench, GOOD_LONGBENCH | {"context": ""}, "field 'context' is empty or whitespace"),
         (load_longbench, {"prompt": " \n", "answers": ["x"], "task": "musique"}, "field 'prompt' is empty or"),
+        # A dataset field that is there but names none is refused, not passed over for the file's name.
+        (load_longbench, GOOD_LONGBENCH | {"dataset": ""}, "field 'dataset' must name the LongBench dataset "
+                                                           r"\(e.g. 'hotpotqa'\), got ''"),
+        (load_longbench, GOOD_LONGBENCH | {"dataset": 5}, "field 'dataset' must name the LongBench dataset .*got 5"),
     ],
     ids=["empty-answer", "blank-answer", "one-blank-answer", "ruler-outputs", "empty-prompt", "blank-input",
-         "longbench-answer", "longbench-context", "longbench-prompt"],
+         "longbench-answer", "longbench-context", "longbench-prompt", "longbench-empty-dataset",
+         "longbench-numeric-dataset"],
 )
 def test_empty_gold_answers_prompts_and_contexts_are_bad_rows(tmp_path, loader, row, message):
     good = GOOD_RULER if loader is load_ruler_qa else GOOD_LONGBENCH
@@ -181,6 +186,15 @@ def test_empty_gold_answers_prompts_and_contexts_are_bad_rows(tmp_path, loader, 
         loader(path)
     report = LoadReport()
     assert len(loader(path, skip_bad_rows=True, report=report)) == 1 and report.bad_rows == 1
+
+
+def test_integral_floats_are_the_integers_a_dataframe_export_writes(tmp_path):
+    rows = [GOOD_LONGBENCH | {"length": 12.0, "max_gen_tokens": 5.0}, GOOD_LONGBENCH | {"length": 12.5}]
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)
+    with pytest.raises(BadRowError, match=r"line 2: field 'length' must be an integer >= 0 or null, got 12.5"):
+        load_longbench(path)
+    [example] = load_longbench(path, skip_bad_rows=True)
+    assert example.max_new_tokens == 5 and type(example.max_new_tokens) is int
 
 
 def test_longbench_keeps_rows_without_a_question(tmp_path):

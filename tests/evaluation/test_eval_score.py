@@ -155,6 +155,15 @@ def test_command_line_names_a_bad_class_file_and_a_bad_output_before_scoring(tmp
                  "--output", str(tmp_path / "a_dir")]) == 2
     captured = capsys.readouterr()  # the output is checked first: no scoring, no summary
     assert "--output" in captured.err and "is a directory" in captured.err and captured.out == ""
+    classes.write_text('["City", "Food"]')
+    for output, flag in ((rows, "--predictions"), (classes, "--all-classes")):
+        before = output.read_bytes()
+        assert main(["--task", "trec", "--predictions", str(rows), "--all-classes", str(classes),
+                     "--output", str(output)]) == 2
+        captured = capsys.readouterr()
+        assert f"--output {str(output)!r} is {flag} {str(output)!r}: writing the results would replace it" \
+            in captured.err and captured.out == ""
+        assert output.read_bytes() == before
 
 
 def test_per_example_rows_name_their_file_line(tmp_path, capsys):

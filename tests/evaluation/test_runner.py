@@ -263,6 +263,7 @@ def test_ttt_accumulate_carries_weights_and_one_optimizer_across_examples(model_
     assert len(optimizers) == 1  # made once: its state (step count, moments) runs on over both examples
     assert {int(state["step"]) for state in optimizers[0].state.values()} == {4}
     assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
+    assert all(parameter.grad is None for parameter in model.parameters())  # as the other modes leave it
     assert accumulated["summary"]["ttt_config"]["accumulate"] is True
 
     # The second example starts from the first's adapted weights and optimizer state.
@@ -279,6 +280,30 @@ def test_ttt_accumulate_carries_weights_and_one_optimizer_across_examples(model_
     assert separate["examples"][0]["ttt_history"] == accumulated["examples"][0]["ttt_history"]
     assert separate["examples"][1]["ttt_history"] != accumulated["examples"][1]["ttt_history"]
     assert len(optimizers) == 1 and separate["summary"]["ttt_config"]["accumulate"] is False
+
+
+@pytest.mark.parametrize("ttt_batch", [None, 1])
+def test_ttt_updates_skipped_as_not_finite_are_counted_and_the_results_stay_json(ttt_batch):
+    """A model whose logits are finite but whose gradient is not (its output layer scaled by 1e20): every test-time
+    update is skipped. The results hold no Infinity (which strict JSON readers refuse), each skipped update is
+    marked in its example's history, and the summary counts them."""
+    torch.manual_seed(0)
+    model = build_model(dict(model_type="delta_net", hidden_size=32, num_heads=2, num_hidden_layers=1,
+                             vocab_size=TOKENIZER.vocab_size, intermediate_size=64, tie_word_embeddings=False,
+                             bos_token_id=257, eos_token_id=258, pad_token_id=256))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1e20)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    examples = [TaskExample(example_id=str(i), task="ruler_qa", prompt="The capital of Norway is Oslo. " * 6,
+                            answers=["Oslo"], max_new_tokens=2) for i in range(2)]
+    results = evaluate(model, TOKENIZER, examples, "ruler-qa", ttt=True, ttt_steps=2, ttt_batch=ttt_batch,
+                       run_config=RunConfig(optim=OptimConfig(lr=1.0)), progress=False)
+    json.dumps(results, allow_nan=False)
+    histories = [record["ttt_history"] for record in results["examples"]]
+    assert all(stats["skipped_nonfinite"] == 1.0 and "grad_norm" in stats["nonfinite_stats"]
+               for history in histories for stats in history)
+    assert results["summary"]["ttt_config"]["skipped_updates"] == (4 if ttt_batch is None else 2)  # 2 batches of 1
+    assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
 
 
 def test_ttt_accumulate_option_of_the_command(model_dir, capsys):
@@ -594,6 +619,22 @@ def test_bad_options_are_refused_before_any_generation(model_dir, tmp_path, caps
     assert code == 2 and line is None and "cannot create its directory" in err
 
 
+def test_an_output_that_is_an_input_file_or_a_model_file_is_refused(model_dir, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "qa.jsonl", [{"prompt": "Q?", "answer": "A"}])
+    files = {path: path.read_bytes() for path in [data, *model_dir.iterdir()] if path.is_file()}
+    base = ["--model", str(model_dir), "--task", "ruler-qa", "--data", str(data), "--max-new-tokens", "1"]
+    (tmp_path / "linked.jsonl").hardlink_to(data)
+    for output, named in [(data, f"is --data {str(data)!r}"), (tmp_path / "linked.jsonl", "is --data"),
+                          (model_dir / "config.json", f"is the file 'config.json' of --model {str(model_dir)!r}")]:
+        code, line, err = run_eval(capsys, *base, "--output", str(output))
+        assert code == 2 and line is None and f"--output {str(output)!r} {named}" in err, err
+    assert {path: path.read_bytes() for path in files} == files
+    # A results file beside the model is the default output, and is replaced.
+    (model_dir / "eval-ruler-qa.json").write_text("{}")
+    code, line, err = run_eval(capsys, *base, "--output", str(model_dir / "eval-ruler-qa.json"))
+    assert code == 0 and json.loads((model_dir / "eval-ruler-qa.json").read_text())["summary"]
+
+
 def test_data_skip_bad_rows_skips_and_counts_a_bad_task_row(model_dir, tmp_path, capsys, caplog):
     data = tmp_path / "qa.jsonl"
     data.write_text(json.dumps(RULER_ROWS[0]) + "\n{not json\n" + json.dumps(RULER_ROWS[1]) + "\n")
@@ -858,14 +899,32 @@ def test_a_length_for_a_task_read_from_a_file_is_refused(model_dir, task_files, 
                               f"generate their prompts; --task {task} reads them from --data")
 
 
-@pytest.mark.parametrize("task", ["niah", "ruler-qa"])
-def test_a_prompt_templates_file_that_does_not_exist_is_refused_whatever_the_task(model_dir, task_files, tmp_path,
-                                                                                 capsys, nothing_expensive, task):
+@pytest.mark.parametrize("task", ["niah", "ruler-qa", "longbench"])
+def test_a_prompt_templates_file_is_refused_when_missing_or_for_another_task(model_dir, task_files, tmp_path,
+                                                                            capsys, nothing_expensive, task):
     data = ["--data", str(task_files[task])] if task in task_files else []
     code, line, err = run_eval(capsys, "--model", str(model_dir), "--task", task, *data, "--set",
                                "eval.prompt_templates=nope.json", "--output", str(tmp_path / "r.json"))
     assert code == 2 and line is None
-    assert err.startswith("refine: error: eval.prompt_templates='nope.json' is not a file")
+    assert err.startswith("refine: error: eval.prompt_templates='nope.json' " +
+                          ("is not a file" if task == "longbench" else f"is an option of --task longbench, not {task}"))
+
+
+@pytest.mark.parametrize(("task", "options", "error"), [
+    ("ruler-qa", ["eval.niah_variant=multikey"], "eval.niah_variant='multikey' is an option of --task niah, not "
+                                                 "ruler-qa"),
+    ("niah", ["eval.niah_variant=bogus"], "invalid eval option: eval.niah_variant: Input should be 'single', "),
+    ("ruler-qa", ["eval.batch_size=4", "--ttt"], "eval.batch_size=4: --ttt answers each prompt after adapting"),
+    ("ruler-qa", ["eval.answer_top_k=5"], "eval.answer_top_k=5 samples among the most likely tokens, but answers "
+                                          "are greedy (eval.answer_temperature=0)"),
+])
+def test_an_eval_option_the_run_would_ignore_is_refused(model_dir, task_files, tmp_path, capsys, nothing_expensive,
+                                                       task, options, error):
+    data = ["--data", str(task_files[task])] if task in task_files else []
+    flags = [flag for option in options for flag in (["--set", option] if "=" in option else [option])]
+    code, line, err = run_eval(capsys, "--model", str(model_dir), "--task", task, *data, *flags,
+                               "--output", str(tmp_path / "r.json"))
+    assert code == 2 and line is None and err.startswith(f"refine: error: {error}"), err
 
 
 def test_a_longbench_template_without_the_context_is_refused(model_dir, task_files, tmp_path, capsys):
