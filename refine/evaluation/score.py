@@ -162,12 +162,15 @@ def read_class_list(path: str | Path) -> list[Any]:
 
 def check_ids(row: dict[str, Any], where: str) -> None:
     """Refuse an identifier the per-example scores could not write: one holding a lone surrogate ("\\ud800" in
-    JSON), which is not UTF-8."""
+    JSON), which is not UTF-8, or NaN or Infinity, which strict JSON has not."""
     for key in ID_FIELDS:
         if key in row:
             try:
-                json.dumps(row[key], ensure_ascii=False).encode("utf-8")
-            except UnicodeEncodeError as error:
+                json.dumps(row[key], ensure_ascii=False, allow_nan=False).encode("utf-8")
+            except ValueError as error:
+                if not isinstance(error, UnicodeEncodeError):
+                    raise PredictionRowError(f"{where}: field {key!r} holds NaN or Infinity, which JSON has not: "
+                                             f"{row[key]!r:.80}") from None
                 surrogate = error.object[error.start]
                 raise PredictionRowError(f"{where}: field {key!r} holds a lone surrogate {surrogate!r}, not encodable "
                                          f"as UTF-8: {row[key]!r:.80}") from None

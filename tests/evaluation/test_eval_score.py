@@ -238,6 +238,12 @@ def test_an_id_the_per_example_scores_cannot_hold_is_refused_and_the_earlier_fil
                           f"'\\ud800'")
     assert output.read_text() == "earlier scores\n"
     assert main(["--task", "hotpotqa", "--predictions", str(predictions)]) == 0  # no --output: the id is not written
+    capsys.readouterr()
+    predictions.write_text(good + "\n" + json.dumps({"pred": "cat", "answers": ["cat"], field: float("nan")}) + "\n")
+    assert main(["--task", "hotpotqa", "--predictions", str(predictions), "--output", str(output)]) == 2
+    assert capsys.readouterr().err.startswith(f"refine score: error: {predictions}, line 2: field {field!r} holds NaN "
+                                              f"or Infinity, which JSON has not: nan")
+    assert output.read_text() == "earlier scores\n"
 
 
 def test_per_example_scores_are_written_whole_or_not_at_all(tmp_path):
