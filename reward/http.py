@@ -57,7 +57,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 import reward.functions  # noqa: F401  (registers the task rewards)
-from refine.algorithm.rewards import RewardInputs, available_rewards, compute_reward
+from refine.algorithm.rewards import RewardInputs, RewardOutputError, available_rewards, compute_reward
 from refine.errors import shown
 from reward.scoring import record_scored
 from services.metrics import Metrics
@@ -584,8 +584,8 @@ class _RewardFailed(Exception):
     which can reset it before the client has read the answer; a specific handler does not re-raise.
     """
 
-    def __init__(self, error: Exception) -> None:
-        super().__init__(f"internal error ({type(error).__name__})")
+    def __init__(self, error: Exception, message: str | None = None) -> None:
+        super().__init__(message or f"internal error ({type(error).__name__})")
         self.message = str(self)
 
 
@@ -637,6 +637,9 @@ def create_app(
         started = time.perf_counter()
         try:
             rewards = compute_reward(request.reward_type, _reward_inputs(request.rollouts, hidden))
+        except RewardOutputError as exc:  # the reward function's fault, not the request's
+            logger.error("reward service: %s", exc)
+            raise _RewardFailed(exc, str(exc)) from exc
         except (ValueError, ValidationError) as exc:
             # RewardInputs calls the texts "rollout_texts"; this API's field is "rollout_text".
             reason = str(exc).replace("'rollout_texts'", "'rollout_text'")

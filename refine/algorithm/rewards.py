@@ -177,15 +177,21 @@ def available_rewards() -> list[str]:
     return sorted(_REGISTRY)
 
 
+class RewardOutputError(ValueError):
+    """A reward function returned something other than N finite real scores: a fault of the function, not of the
+    rollouts it was given."""
+
+
 def compute_reward(name: str, inputs: RewardInputs) -> Tensor:
-    """Run the registered reward `name` and check it returned N finite scores."""
+    """Run the registered reward `name` and check it returned N finite scores (RewardOutputError otherwise)."""
     scores = get_reward(name)(inputs)
     if not isinstance(scores, Tensor) or scores.shape != (inputs.num_rollouts,):
         shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
-        raise ValueError(f"reward {name!r} must return a tensor of shape [{inputs.num_rollouts}], got {shape}")
+        raise RewardOutputError(f"reward {name!r} must return a tensor of shape [{inputs.num_rollouts}], got {shape}")
     if scores.is_complex():
-        raise ValueError(f"reward {name!r} must return real scores, got dtype {scores.dtype}")
-    _check_finite(f"reward {name!r} output", scores)
+        raise RewardOutputError(f"reward {name!r} must return real scores, got dtype {scores.dtype}")
+    if scores.is_floating_point() and not torch.isfinite(scores).all():
+        raise RewardOutputError(f"reward {name!r} output contains NaN or Inf")
     return scores
 
 

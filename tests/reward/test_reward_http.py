@@ -370,16 +370,23 @@ def test_a_refused_value_is_named_with_its_field(client):
     assert response.json()["error"].count("'nope'") == 1, response.text
 
 
-def test_a_reward_plugin_returning_complex_scores_is_refused_naming_the_dtype(client):
-    register_reward("test_complex")(lambda inputs: torch.zeros(inputs.num_rollouts, dtype=torch.complex64))
+@pytest.mark.parametrize(("output", "error"), [
+    (lambda count: torch.zeros(count, dtype=torch.complex64),
+     "reward 'test_bad_output' must return real scores, got dtype torch.complex64"),
+    (lambda count: torch.full((count,), float("nan")), "reward 'test_bad_output' output contains NaN or Inf"),
+    (lambda count: torch.zeros(count + 1), "reward 'test_bad_output' must return a tensor of shape [2], got (3,)"),
+    (lambda count: [0.0] * count, "reward 'test_bad_output' must return a tensor of shape [2], got list"),
+], ids=["complex", "nan", "count", "list"])
+def test_a_reward_plugin_returning_no_scores_is_a_500_naming_what_it_returned(client, output, error):
+    """The reward function's fault, not the request's: a 500 that says what it returned, not a 400."""
+    register_reward("test_bad_output")(lambda inputs: output(inputs.num_rollouts))
     try:
         before = _scored_batches(client)
-        response = client.post("/v1/score", json={"reward_type": "test_complex", "rollouts": rollouts()})
-        assert response.status_code == 400, response.text
-        assert "reward 'test_complex' must return real scores, got dtype torch.complex64" in response.json()["error"]
+        response = client.post("/v1/score", json={"reward_type": "test_bad_output", "rollouts": rollouts()})
+        assert response.status_code == 500 and response.json()["error"] == f"server: {error}", response.text
         assert _scored_batches(client) == before  # not counted as scored
     finally:
-        unregister_reward("test_complex")
+        unregister_reward("test_bad_output")
     check_correct_requests(client)
 
 
