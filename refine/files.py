@@ -30,19 +30,17 @@ def check_output_spares_inputs(output: str | Path, inputs: dict[str, str | Path 
     target = Path(output)
     if not target.exists():
         return
-    candidates = [(name, Path(path)) for name, path in inputs.items() if path is not None]
+    candidates = [(f"{name} {str(path)!r}", Path(path)) for name, path in inputs.items() if path is not None]
     if model_dir is not None and Path(model_dir).is_dir():
-        candidates += [(f"--model {str(model_dir)!r}", file) for file in Path(model_dir).iterdir()
-                       if file.is_file() and not file.name.startswith("eval-")]
-    for name, path in candidates:
+        candidates += [(f"the file {file.name!r} of --model {str(model_dir)!r}", file)
+                       for file in Path(model_dir).iterdir() if file.is_file() and not file.name.startswith("eval-")]
+    for described, path in candidates:
         try:
             same = path.exists() and target.samefile(path)
         except OSError:
             continue
         if same:
-            shown = name if name.startswith("--model") else f"{name} {str(path)!r}"
-            what = f"the file {path.name!r} of {shown}" if name.startswith("--model") else shown
-            raise ValueError(f"{flag} {str(output)!r} is {what}: writing the results would replace it; give "
+            raise ValueError(f"{flag} {str(output)!r} is {described}: writing the results would replace it; give "
                              f"another path")
 
 

@@ -257,7 +257,8 @@ def posttrain(config: RunConfig, data: str | Path, task: str, sft_coef: float = 
     start = resume_from(Path(config.train.out_dir), resume, model, optimizer, generator, "refine posttrain")
     data_counts = {"examples_used": summary.examples_used, "skipped_short_prompt": summary.skipped_short_prompt}
     if start.step and start.step >= config.train.steps:  # the run directory (config.yaml too) stays as it is
-        return finished_run(Path(config.train.out_dir), start.step, config.train.steps, "refine posttrain") | data_counts
+        finished = finished_run(Path(config.train.out_dir), start.step, config.train.steps, "refine posttrain")
+        return finished | data_counts
     # Only now: a run that cannot start leaves the directory as it was.
     out_dir = start_run_directory(config, fresh=start.step == 0, program="refine posttrain")
     record_data(out_dir, summary, resumed=start.step > 0)

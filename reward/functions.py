@@ -45,7 +45,8 @@ def _best_qa_f1(prediction: str, references: Sequence[str]) -> float:
     # Imported here so that registering the rewards never depends on the evaluation package.
     from refine.evaluation.metrics import best_f1_score, normalize_answer
 
-    return best_f1_score(normalize_answer(prediction).split(), [normalize_answer(answer).split() for answer in references])
+    answers = [normalize_answer(answer).split() for answer in references]
+    return best_f1_score(normalize_answer(prediction).split(), answers)
 
 
 def _ruler_substring(prediction: str, references: Sequence[str]) -> float:
