@@ -93,9 +93,10 @@ MessageId = Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[A-Za-
 
 
 class Message(BaseModel):
-    """Base of every message: unknown fields are an error, not silently dropped."""
+    """Base of every message: unknown fields are an error, not silently dropped, and a value of another type is
+    refused, not converted (strict: "7" or True is no policy version; only a role's bug sends one)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     # Strict: a lax float would take True, "5", NaN or inf, and a negative or non-finite time
     # breaks every age computed from it.

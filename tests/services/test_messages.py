@@ -204,3 +204,16 @@ def test_created_at_is_a_finite_non_negative_number(value: object) -> None:
     with pytest.raises(CodecError, match=rf"created_at: .* \(got {value!r}\)$"):
         decode(msgpack.packb(message, use_bin_type=True), DocumentBatch)
     assert make_documents(created_at=0).created_at == 0.0
+
+
+@pytest.mark.parametrize(("field", "value"), [("policy_version", "7"), ("policy_version", True),
+                                              ("policy_version", 7.0), ("num_samples", "2"), ("worker_id", 5)])
+def test_a_value_of_another_type_is_refused_not_converted(field: str, value: object) -> None:
+    """Every message comes from the run's own roles: a version sent as text or a flag is a bug to be named, not a
+    value to be guessed (lax validation took "7" and True as 7 and 1)."""
+    with pytest.raises(ValidationError, match=field):
+        RolloutBatch(**rollout_fields(**{field: value}))
+    message = msgpack.unpackb(encode(RolloutBatch(**rollout_fields())), raw=False)
+    message["body"][field] = value
+    with pytest.raises(CodecError, match=rf"{field}: .* \(got {value!r}\)$"):
+        decode(msgpack.packb(message, use_bin_type=True), RolloutBatch)
