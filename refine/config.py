@@ -125,10 +125,13 @@ class RefineConfig(Strict):
         "auto", description="GRPO groups: the c * n rollouts of a document, or the n rollouts of a position; "
                             "auto: position when num_samples > 1, else document (the paper code's choice)")
     norm_adv_by_std: bool = True
-    clip_ratio_low: float = Field(0.2, ge=0, lt=1, description="the ratio's lower clip 1 - clip_ratio_low must stay "
-                                  "positive")
-    clip_ratio_high: float = Field(0.2, ge=0, le=MAX_CLIP_RATIO_HIGH, description="at most 1e9: the policy ratio "
-                                   "(exp of a log-ratio clamped to +-20) never exceeds 4.9e8")
+    # Not 0: on-policy the ratio is 1 up to rounding, and a clip bound at exactly 1 would let the sign of that
+    # rounding decide whether each token's gradient counts (fused, one-pass and reference paths then disagree).
+    clip_ratio_low: float = Field(0.2, gt=0, lt=1, description="above 0 (a bound at ratio 1 makes the gradient "
+                                  "rounding noise); the ratio's lower clip 1 - clip_ratio_low must stay positive")
+    clip_ratio_high: float = Field(0.2, gt=0, le=MAX_CLIP_RATIO_HIGH, description="above 0 (a bound at ratio 1 makes "
+                                   "the gradient rounding noise), at most 1e9: the policy ratio (exp of a log-ratio "
+                                   "clamped to +-20) never exceeds 4.9e8")
     dual_clip: float = Field(3.0, gt=1)
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
     # kl_coef, lambda_ntp and lambda_nsp have no upper bound: too large a coefficient makes the loss infinite,
