@@ -34,8 +34,10 @@ def _train(args: argparse.Namespace) -> int:
     # No config file: the main job (REFINE vs NTP comparison) on its embedded defaults.
     config = load_config(args.config, args.set, defaults=DEMO_DEFAULTS)
     unused = [flag for flag, value in (("--ray-address", args.ray_address), ("--redis-url", args.redis_url)) if value]
-    if args.local and unused:  # the single-process loop starts neither
-        print(f"refine: {' and '.join(unused)} unused: --local trains in this process, without Ray or Redis",
+    # The single-process loop uses neither (the main job's REFINE stage runs on the service unless --local).
+    if unused and (args.local or (config.demo is None and runs_locally(config.train.mode, args))):
+        why = "--local" if args.local else f"train.mode={config.train.mode} (no rollouts to distribute)"
+        print(f"refine: {' and '.join(unused)} unused: {why} trains in this process, without Ray or Redis",
               file=sys.stderr)
     if config.demo is not None:
         from refine.experiment import refine_stage_mode, run_comparison

@@ -106,8 +106,8 @@ from services.streams import (
     trim_acknowledged,
 )
 
-__all__ = ["DataPosition", "RestartWindow", "ServiceError", "check_data_source", "check_service_config",
-           "describe_failure", "namespace_for", "restart_events", "restore_reports", "run"]
+__all__ = ["DataPosition", "RestartWindow", "RunInterrupted", "ServiceError", "check_data_source",
+           "check_service_config", "describe_failure", "namespace_for", "restart_events", "restore_reports", "run"]
 
 logger = logging.getLogger(__name__)
 
@@ -360,6 +360,11 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True, ray_addr
         return orchestrator.run()
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """A run that Ctrl-C or SIGTERM stopped cleanly before train.steps (its learner checkpointed): the command ends
+    as an interrupted one (exit 130), not as a finished run."""
+
+
 @dataclass
 class DataPosition:
     """Where the data stream stands, counting passes: the stream's cursor restarts with every pass over
@@ -505,7 +510,16 @@ class Orchestrator:
                                               span=span)
             self.learner_future = self.learner.run.remote()
             self._loop()
-            return self._finish()
+            result = self._finish()
+            if self.stopping and int(result.get("step", 0) or 0) < self.config.train.steps:
+                # Ctrl-C or SIGTERM: it stopped cleanly, but did not finish; the command must not say it did.
+                self._write_line(f"interrupted at step {result.get('step', 0)} of train.steps="
+                                 f"{self.config.train.steps}; resume with `refine train "
+                                 f"{self.out_dir / 'config.yaml'} --resume`")
+                raise RunInterrupted
+            return result
+        except RunInterrupted:
+            raise
         except KeyboardInterrupt:
             graceful = False  # the second Ctrl-C (the loop takes the first one gracefully): kill at once
             raise

@@ -165,6 +165,11 @@ def test_local_says_the_service_addresses_it_was_given_go_unused(tmp_path, capsy
             "--redis-url", "redis://127.0.0.1:1/0"]
     assert main(argv) == 0
     assert "--redis-url unused: --local trains in this process" in capsys.readouterr().err
+    # Without --local too: an NTP-only run has no rollouts to distribute, so it trains in this process.
+    argv = [arg for arg in argv if arg != "--local"] + ["--ray-address", "127.0.0.1:1"]
+    assert main(argv) == 0
+    assert ("--ray-address and --redis-url unused: train.mode=ntp (no rollouts to distribute) trains in this "
+            "process, without Ray or Redis") in capsys.readouterr().err
 
 
 @pytest.fixture

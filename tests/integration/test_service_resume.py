@@ -13,7 +13,7 @@ from refine.config import run_tokenizer
 from refine.data.stream import document_batches
 from service_helpers import run_in_background, step_rows, tiny_config, wait_for
 from services.broker import Broker
-from services.orchestrator import Orchestrator, ServiceError, run
+from services.orchestrator import Orchestrator, RunInterrupted, ServiceError, run
 from services.progress import read_progress
 from services.redis_server import EmbeddedRedis, connect
 from services.streams import LEARNER_REPORTS
@@ -142,7 +142,8 @@ def test_resume_after_the_driver_died_loses_nothing_and_keeps_the_run_config(ray
     assert list((tmp_path / "prometheus").glob("*.json")) == []
 
 
-def test_a_ctrl_c_during_a_report_read_still_writes_that_report(ray_session, tmp_path: Path, monkeypatch) -> None:
+def test_a_ctrl_c_during_a_report_read_still_writes_that_report(ray_session, tmp_path: Path, monkeypatch,
+                                                                caplog) -> None:
     """The signal lands after Redis delivered a learner report to the driver, before the driver wrote it: the
     graceful stop that follows still writes it, so metrics.jsonl holds every step the checkpoint holds (the entry
     stays pending for the driver's consumer, which reads only new entries)."""
@@ -173,7 +174,9 @@ def test_a_ctrl_c_during_a_report_read_still_writes_that_report(ray_session, tmp
         assert not thread.is_alive(), "the interrupted run did not end"
     finally:
         redis_server.stop()
-    assert "error" not in outcome, outcome.get("error")
+    # A clean stop that did not reach train.steps ends as an interrupted run (exit 130), not as a finished one.
+    assert isinstance(outcome.get("error"), RunInterrupted), outcome.get("error")
+    assert f"resume with `refine train {tmp_path / 'run' / 'config.yaml'} --resume`" in caplog.text
     assert armed["interrupted"], "no report read was interrupted"
     checkpoint = read_learner_state(latest_checkpoint(tmp_path / "run"))
     assert [row["step"] for row in step_rows(tmp_path / "run")] == list(range(1, checkpoint.step + 1))
