@@ -8,8 +8,8 @@ rollouts), weights each loss term by its slice's share of what the term averages
 (`refine.algorithm.update.slice_loss`), and the gradients are summed across ranks before clipping. The
 summed gradient is the single-rank gradient of the whole batch, also when documents differ in length;
 every rank clips and steps it with an identically initialized optimizer, and the ranks' weights stay
-equal. The loss statistics a step reports are rank 0's slice; grad_norm and the rollout statistics are
-the whole batch's.
+equal. Every statistic a step reports is the whole batch's: the loss statistics are the ranks' own, weighted
+by their shares and added up over the ranks (as micro-batches' are), grad_norm is that of the summed gradient.
 
 Rendezvous: rank 0 picks a free port on its host (its Ray node address, which the other nodes can
 reach); the group is formed through a TCP store there. A resumed run's ranks all load the same
@@ -158,6 +158,38 @@ class DataParallelGroup:
         dist.broadcast(on_device, src=0)
         header.copy_(on_device.cpu())
 
+    def _whole_batch_stats(self, stats: dict[str, float], shares: list[SliceShares],
+                           config: RunConfig) -> dict[str, float]:
+        """This rank's loss statistics (its slices' share-weighted means) as the whole (mini-)batch's: each weighted
+        by the rank's share of its term and added up over the ranks, as refine.loop.merge_slice_stats merges
+        micro-batches. The keys are rank 0's (it always has documents; a rank past the batch has none)."""
+        keys = self._keys_of_rank_0(sorted(stats))
+        ntp_share, policy_share = sum(share.ntp for share in shares), sum(share.policy for share in shares)
+        weights = [ntp_share if key == "ntp_loss" else policy_share for key in keys]
+        summed = self.sum([weight * stats[key] if weight else 0.0 for key, weight in zip(keys, weights)]
+                          + [ntp_share, policy_share])
+        ntp_total, policy_total = summed[-2:]
+        merged = {}
+        for key, value in zip(keys, summed):
+            total = ntp_total if key == "ntp_loss" else policy_total
+            merged[key] = value / total if total else stats.get(key, 0.0)
+        if "policy_loss" in merged:
+            cfg = config.refine
+            merged["loss"] = cfg.lambda_ntp * merged["ntp_loss"] + cfg.lambda_nsp * merged["policy_loss"]
+        return merged
+
+    def _keys_of_rank_0(self, keys: list[str]) -> list[str]:
+        """Rank 0's `keys`, on every rank (as UTF-8 bytes: nothing is pickled)."""
+        data = "\n".join(keys).encode() if self.rank == 0 else b""
+        header = torch.tensor([len(data), 0], dtype=torch.long)
+        self._broadcast_header(header)
+        if not int(header[0]):
+            return []
+        buffer = (torch.frombuffer(bytearray(data), dtype=torch.uint8) if self.rank == 0
+                  else torch.empty(int(header[0]), dtype=torch.uint8)).to(self.device)
+        dist.broadcast(buffer, src=0)
+        return buffer.cpu().numpy().tobytes().decode().split("\n")
+
     def sum(self, values: list[float]) -> list[float]:
         """`values` added up over every rank (each rank calls it with its own)."""
         tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
@@ -192,18 +224,22 @@ class DataParallelGroup:
         """One optimizer step on a (mini-)batch: this rank's slice of its documents (forward and backward in
         `train.micro_batches` parts of it), gradients summed over ranks."""
         stats: dict[str, float] = {}
+        shares: list[SliceShares] = []
         local_finite = True
         start, end = document_slice(input_ids.shape[0], self.rank, self.world_size)
         optimizer.zero_grad(set_to_none=True)
         if end > start:
             def loss_of(a: int, b: int) -> tuple[LossResult, SliceShares]:
-                return slice_loss("onepass", model, input_ids, lengths, rollouts, advantages, config.refine, a, b,
-                                  ref_model)
+                result, share = slice_loss("onepass", model, input_ids, lengths, rollouts, advantages, config.refine,
+                                           a, b, ref_model)
+                shares.append(share)
+                return result, share
 
             parts = [(start + a, start + b) for a, b in mini_batch_bounds(end - start, config.train.micro_batches)]
             stats, local_finite = backward_slices(parts, loss_of, config.refine, times)
             if not local_finite:
                 optimizer.zero_grad(set_to_none=True)  # this rank adds nothing; the flag skips every rank's step
+        stats = self._whole_batch_stats(stats, shares, config)
         with times.stage("backward_step"):
             for parameter in model.parameters():
                 if parameter.grad is None:

@@ -49,6 +49,8 @@ def test_micro_batches_on_two_ranks_take_the_step_of_one_learner_on_the_whole_ba
     run(tiny_config(tmp_path / "micro", *common, "service.num_learners=2", "train.micro_batches=2"), progress=False)
     (one,), (micro,) = step_rows(tmp_path / "one" / "run"), step_rows(tmp_path / "micro" / "run")
     assert micro["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-5)  # the whole batch's, summed over ranks
+    for key in ("ntp_loss", "policy_loss", "loss"):  # the whole batch's too, not rank 0's documents alone
+        assert micro[key] == pytest.approx(one[key], rel=1e-5, abs=1e-7), key
     config = tiny_config(tmp_path / "micro", *common)
     whole = heldout_ntp_loss(load_model(tmp_path / "micro" / "run" / "checkpoints" / "latest" / "model"),
                              heldout_documents(config, run_tokenizer(config)), 1)

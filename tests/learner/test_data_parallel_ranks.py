@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -67,14 +68,17 @@ def _gradient_rank(rank: int, address: str, out: str) -> None:
     try:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
         group.broadcast_parameters(model, optimizer)
-        group.update(model, optimizer, scored, documents, config)
+        stats = group.update(model, optimizer, scored, documents, config).stats
     finally:
         group.close()
+    torch.save({key: value for key, value in stats.items() if not key.endswith("_seconds")}, f"{out}.stats{rank}")
     if rank == 0:
         optimizer = torch.optim.AdamW(single.parameters(), lr=1e-2)
-        rollout_batch_update("onepass", single, optimizer, documents.token_ids.long(), documents.lengths.long(),
-                             rollouts_from_batch(scored), config)
-        torch.save({"ranks": _gradient(model), "single": _gradient(single)}, out)
+        single_stats = rollout_batch_update("onepass", single, optimizer, documents.token_ids.long(),
+                                            documents.lengths.long(), rollouts_from_batch(scored), config).stats
+        torch.save({"ranks": _gradient(model), "single": _gradient(single),
+                    "single_stats": {key: value for key, value in single_stats.items()
+                                     if not key.endswith("_seconds")}}, out)
 
 
 def test_two_gloo_ranks_sum_to_the_single_process_gradient_under_token_mean(tmp_path: Path) -> None:
@@ -85,6 +89,14 @@ def test_two_gloo_ranks_sum_to_the_single_process_gradient_under_token_mean(tmp_
     assert ranks.dtype == torch.float64
     # float64 rounding only; slices weighted by their plain token share were 2e-10 off (masked_mean's 1e-8).
     assert float((ranks - single).norm() / single.norm()) < 1e-14
+    # Every statistic is the whole batch's on every rank (the loss statistics were rank 0's slice alone).
+    single_stats = gradients["single_stats"]
+    for rank in (0, 1):
+        stats = torch.load(f"{out}.stats{rank}", weights_only=True)
+        stats.pop("data_parallel_ranks")
+        assert set(stats) ^ set(single_stats) == set() and "pg/clip_fraction" in stats, set(stats) ^ set(single_stats)
+        for key, value in single_stats.items():
+            assert stats[key] == pytest.approx(value, rel=1e-12, abs=1e-15), key
 
 
 # -- a resumed bfloat16 run's master weights ----------------------------------------------------------------------
