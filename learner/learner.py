@@ -247,7 +247,7 @@ class Learner:
         self.metrics.step_seconds.labels(phase="weight_publish").observe(time.perf_counter() - started)
 
     def _write_progress(self, done: bool = False) -> None:
-        progress = LearnerProgress(step=self.state.step, finished=self.finished,
+        progress = LearnerProgress(step=self.state.step, finished=self.finished, unbroken=self.resume_point.next_index,
                                    weight_version=self.state.weight_version, done=done)
         retry_redis(lambda: write_progress(self.broker, progress), "write progress", self.outage_timeout_s)
 

@@ -15,6 +15,9 @@ published version `v`, with `u` batches still unfinished ahead of it, is rolled 
 of version >= v (workers pull the newest weights right before each batch) and trained at a step
 <= step + u. Its staleness is therefore at most `step + u - v`, so the orchestrator publishes only
 while `u <= max_staleness - (step - v)`, and never more than `batches_in_flight` unfinished batches.
+`u` counts every batch from the first one not finished yet, in publish order (LearnerProgress.unbroken):
+a batch that hangs holds publishing back, so at most `batches_in_flight` batches finish past it, and the
+checkpoint's data cursor, which stands before it, stays that close (a resume trains those again).
 With max_staleness = 0 (and sync_interval = 1) that means: one batch at a time, published only
 after the weights of the current step are out: strictly on-policy, one rollout batch per learner step
 (`train.mini_batches` > 1 then splits that step into optimizer steps on the same rollouts, as the paper's
@@ -736,7 +739,7 @@ class Orchestrator:
         progress = self._progress()
         service = self.config.service
         remaining = self.config.train.steps - progress.step
-        unfinished = self.published - progress.finished
+        unfinished = self.published - progress.unbroken  # those finished past a batch still unfinished count too
         allowed = service.batches_in_flight
         if not self.colocated:
             unpublished_steps = progress.step - max(progress.weight_version, 0)

@@ -42,6 +42,8 @@ class LearnerProgress(BaseModel):
     step: int = Field(0, ge=0, description="learner steps taken: rollout batches trained, each "
                       "`train.mini_batches` optimizer steps")
     finished: int = Field(0, ge=0, description="batches trained, dropped or rejected since the learner started")
+    unbroken: int = Field(0, ge=0, description="the run's batches finished (trained or dropped) in an unbroken run "
+                          "from its first, in publish order: the checkpoint's data cursor stands after the last")
     weight_version: int = Field(-1, ge=-1, description="last published weight version; -1 before the first")
     done: bool = False
 

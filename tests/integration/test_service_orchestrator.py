@@ -22,7 +22,7 @@ from services.orchestrator import (
     DataPosition, Orchestrator, RestartWindow, describe_failure, remove_member_files, restart_events, restore_reports,
     run,
 )
-from services.progress import StepReport
+from services.progress import LearnerProgress, StepReport, write_progress
 from services.streams import check_rollout_message_size
 
 UNREACHABLE_REDIS = "redis://127.0.0.1:1/0"  # a run that got as far as Redis would fail on it
@@ -58,6 +58,29 @@ def test_resume_is_advised_only_where_it_can_help(redis_url: str, tmp_path: Path
         assert orchestrator._resume_hint(crash) == (
             f"; resume from its last checkpoint with `refine train {tmp_path / 'run' / 'config.yaml'} --resume`")
         assert orchestrator._resume_hint(bad_setting) == ""  # a resume would fail the same way
+    finally:
+        orchestrator.client.close()
+
+
+def test_a_batch_that_hangs_holds_publishing_back(redis_url: str, tmp_path: Path, monkeypatch) -> None:
+    """Batches finished past one still unfinished count as in flight: the checkpoint's data cursor stands before
+    the unfinished one, so publishing on would let a resume train ever more batches again (31 and 50 with
+    batches_in_flight=4 and max_staleness=1, when the learner's count of finished batches paced it)."""
+    config = tiny_config(tmp_path, "service.batches_in_flight=4", "service.max_staleness=100", "train.steps=1000")
+    orchestrator = Orchestrator(config, run_tokenizer(config), redis_url, config.service.namespace, resume=False,
+                                progress=False)
+    published = []
+    monkeypatch.setattr(orchestrator, "_publish_next", lambda: published.append(orchestrator.published))
+    try:
+        # 10 published, 9 finished, but batch 2 still out: 7 finished past it, 8 in flight (from batch 2 on).
+        orchestrator.published = 10
+        write_progress(orchestrator.broker, LearnerProgress(step=9, finished=9, unbroken=2, weight_version=9))
+        orchestrator._feed()
+        assert published == []
+        # It finished: the unbroken run reaches all 10, and 4 more go out.
+        write_progress(orchestrator.broker, LearnerProgress(step=10, finished=10, unbroken=10, weight_version=10))
+        orchestrator._feed()
+        assert len(published) == 4
     finally:
         orchestrator.client.close()
 
