@@ -97,7 +97,9 @@ from rollout_workers.engines import engine_owner
 from services.broker import Broker
 from services.messages import DataCursor, DocumentBatch
 from services.metrics import Metrics, serve_metrics, withdraw_announcements, withdraw_run_announcements
-from services.progress import LearnerProgress, StepReport, read_progress, write_published, write_recorded
+from services.progress import (
+    LearnerProgress, StepReport, read_progress, read_published, write_published, write_recorded,
+)
 from services.ray_runtime import (
     Placement, Reservation, actor_options, actor_requests, ray_for_run, redis_for_run, resolve_addresses,
 )
@@ -878,6 +880,7 @@ class Orchestrator:
             return
         self._next_housekeeping = now + HOUSEKEEPING_INTERVAL_S
         self._drain_reports(block_ms=None, reclaim_idle_ms=REPORT_RECLAIM_IDLE_MS)
+        self._check_redis_kept_the_run()
         self._check_dead_letters()
         current = {member.member_id for member in self.members}
         for stream, group in {(member.stream, member.group) for member in self.members}:
@@ -920,6 +923,16 @@ class Orchestrator:
             ages |= self.broker.heartbeats(role)
         beats = ", ".join(f"{name} {age:.0f}s ago" for name, age in sorted(ages.items())) or "none"
         return "; ".join(parts) + f"; last heartbeats: {beats}"
+
+    def _check_redis_kept_the_run(self) -> None:
+        """A Redis that came back empty (restarted without persistence, or flushed) lost the streams, the batches in
+        flight and the weights: the run would wait for them for ever, or drop every batch as stale. The count of
+        published batches, written before each publish, tells: it is gone, or behind."""
+        recorded = read_published(self.broker)
+        if self.published and (recorded is None or recorded < self.published):
+            raise ServiceError(f"Redis at {redact_url(self.redis_url)} lost this run's state (its streams and records "
+                               f"are gone: restarted without persistence, or flushed); the run stopped"
+                               f"{self._resume_hint(None)}")
 
     def _check_dead_letters(self) -> None:
         """Every message here comes from the run's own roles: one that could not be used is a bug or

@@ -19,10 +19,10 @@ from rollout_workers.engines import engine_owner
 from service_helpers import events, step_rows, tiny_config
 from refine.tokenizer import load_tokenizer
 from services.orchestrator import (
-    DataPosition, Orchestrator, RestartWindow, describe_failure, remove_member_files, restart_events, restore_reports,
-    run,
+    DataPosition, Orchestrator, RestartWindow, ServiceError, describe_failure, remove_member_files, restart_events,
+    restore_reports, run,
 )
-from services.progress import LearnerProgress, StepReport, write_progress
+from services.progress import LearnerProgress, StepReport, write_progress, write_published
 from services.streams import check_rollout_message_size
 
 UNREACHABLE_REDIS = "redis://127.0.0.1:1/0"  # a run that got as far as Redis would fail on it
@@ -81,6 +81,25 @@ def test_a_batch_that_hangs_holds_publishing_back(redis_url: str, tmp_path: Path
         write_progress(orchestrator.broker, LearnerProgress(step=10, finished=10, unbroken=10, weight_version=10))
         orchestrator._feed()
         assert len(published) == 4
+    finally:
+        orchestrator.client.close()
+
+
+def test_a_redis_that_comes_back_empty_ends_the_run_naming_it(redis_url: str, tmp_path: Path) -> None:
+    """Restarted without persistence, Redis lost the streams, the batches in flight and the weights: the run hung, or
+    dropped every batch as stale, for ever."""
+    config = tiny_config(tmp_path)
+    orchestrator = Orchestrator(config, run_tokenizer(config), redis_url, config.service.namespace, resume=False,
+                                progress=False)
+    try:
+        orchestrator._check_redis_kept_the_run()  # nothing published yet: nothing to lose
+        orchestrator.published = 3
+        write_published(orchestrator.broker, 3)
+        orchestrator._check_redis_kept_the_run()
+        orchestrator.broker.delete_namespace()  # what a restart without persistence leaves: nothing
+        with pytest.raises(ServiceError, match=r"^Redis at redis://\S+ lost this run's state \(its streams and records "
+                                               r"are gone: restarted without persistence, or flushed\); the run stopped$"):
+            orchestrator._check_redis_kept_the_run()
     finally:
         orchestrator.client.close()
 
