@@ -354,11 +354,11 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True, ray_addr
     tokenizer = run_tokenizer(config)
     config = fit_to_tokenizer(config, tokenizer)  # before any actor reads the model section
     check_rollout_message_size(config)  # the model section is final only now (train.init_from)
-    out_dir = Path(config.train.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)  # config.yaml: once the learner started (Orchestrator.run)
     plan = resolve_addresses(config, ray_address, redis_url)
     if plan.redis_url:
-        connect(plan.redis_url).close()  # an unreachable Redis fails before a Ray is started for nothing
+        connect(plan.redis_url).close()  # an unreachable Redis fails before a Ray is started (or a directory made)
+    out_dir = Path(config.train.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)  # config.yaml: once the learner started (Orchestrator.run)
     with ray_for_run(config, plan.address) as multi_node, redis_for_run(plan.redis_url, multi_node) as url:
         orchestrator = Orchestrator(config, tokenizer, url, namespace_for(config, out_dir), resume=resume,
                                     progress=progress)
@@ -969,7 +969,9 @@ class Orchestrator:
         try:
             result = json.loads(ray.get(self.learner_future))
         except ray.exceptions.RayError as exc:
-            raise ServiceError(f"the learner failed: {describe_failure(exc)}{self._resume_hint(exc)}") from exc
+            ranks = self._failed_ranks()  # rank 0's own error is then often only the connection the rank lost
+            cause = f" ({ranks})" if ranks else ""
+            raise ServiceError(f"the learner failed: {describe_failure(exc)}{cause}{self._resume_hint(exc)}") from exc
         self._check_replicas(result)
         self._stop_flag("finished")
         # Every report, those a Ctrl-C left delivered but unwritten too (the orchestrator is their only reader):
@@ -990,6 +992,21 @@ class Orchestrator:
             self._write_line(f"warning: {skipped} steps of this run so far skipped an update for a non-finite loss or "
                              f"gradient (skipped_nonfinite in metrics.jsonl; {describe_rates(self.config.optim)})")
         return result or self.last_stats
+
+    def _failed_ranks(self, wait_s: float = 5.0) -> str:
+        """Which of the learner's ranks 1..R-1 failed, and how (waiting up to `wait_s` for Ray to tell); "" if none."""
+        if not self.replica_futures:
+            return ""
+        ready, _ = ray.wait(self.replica_futures, num_returns=len(self.replica_futures), timeout=wait_s)
+        failures = []
+        for rank, future in enumerate(self.replica_futures, start=1):
+            if future not in ready:
+                continue
+            try:
+                ray.get(future)
+            except ray.exceptions.RayError as error:
+                failures.append(f"learner rank {rank} failed: {describe_failure(error)}")
+        return "; ".join(failures)
 
     def _check_replicas(self, result: Stats) -> None:
         """Learner ranks 1..R-1 end when rank 0 does, with bit-equal weights."""

@@ -40,10 +40,11 @@ def test_errors_exit_2_with_the_field(tmp_path, capsys):
 def test_an_unreachable_redis_is_one_line_naming_the_url(tmp_path, capsys):
     """A service run told to use a Redis nobody answers at stops before starting Ray, without a traceback."""
     url = "redis://127.0.0.1:1/0"  # port 1: nothing listens there
-    argv = ["train", "--set", "demo=null", "--set", f"train.out_dir={tmp_path}", "--redis-url", url]
+    argv = ["train", "--set", "demo=null", "--set", f"train.out_dir={tmp_path / 'run'}", "--redis-url", url]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("refine: error:") and url in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()  # nothing made before the check
 
 
 @pytest.mark.parametrize("error", [IsADirectoryError, PermissionError, NotADirectoryError, FileExistsError])

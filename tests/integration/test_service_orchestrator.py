@@ -104,6 +104,24 @@ def test_a_redis_that_comes_back_empty_ends_the_run_naming_it(redis_url: str, tm
         orchestrator.client.close()
 
 
+def test_a_learner_failure_names_the_data_parallel_rank_that_failed(ray_session, redis_url: str,
+                                                                     tmp_path: Path) -> None:
+    """Rank 0's own error, when another rank dies, is the connection it lost ("gloo ... Connection reset by
+    peer"): the failed rank is named beside it."""
+    import ray
+
+    config = tiny_config(tmp_path)
+    orchestrator = Orchestrator(config, run_tokenizer(config), redis_url, config.service.namespace, resume=False,
+                                progress=False)
+    try:
+        assert orchestrator._failed_ranks() == ""  # no other ranks
+        orchestrator.replica_futures = [ray.remote(num_cpus=0)(lambda: "{}").remote(),
+                                        ray.remote(num_cpus=0, max_retries=0)(lambda: 1 / 0).remote()]
+        assert orchestrator._failed_ranks(wait_s=60) == "learner rank 2 failed: ZeroDivisionError: division by zero"
+    finally:
+        orchestrator.client.close()
+
+
 def test_restarts_count_within_the_window_only() -> None:
     window = RestartWindow(window_s=3600)
     assert [window.add(now) for now in (0, 10, 20)] == [1, 2, 3]
