@@ -926,13 +926,14 @@ class Orchestrator:
 
     def _check_redis_kept_the_run(self) -> None:
         """A Redis that came back empty (restarted without persistence, or flushed) lost the streams, the batches in
-        flight and the weights: the run would wait for them for ever, or drop every batch as stale. The count of
-        published batches, written before each publish, tells: it is gone, or behind."""
+        flight and the weights: the run would wait for them for ever, or drop every batch as stale; one that lost
+        its last writes (killed with appendfsync everysec) can have lost a published batch, which the run would wait
+        for. The count of published batches, written before each publish, tells: it is gone, or behind."""
         recorded = read_published(self.broker)
         if self.published and (recorded is None or recorded < self.published):
             raise ServiceError(f"Redis at {redact_url(self.redis_url)} lost this run's state (its streams and records "
-                               f"are gone: restarted without persistence, or flushed); the run stopped"
-                               f"{self._resume_hint(None)}")
+                               f"are gone, or its last writes: restarted without persistence, flushed, or killed "
+                               f"before its append-only file had them); the run stopped{self._resume_hint(None)}")
 
     def _check_dead_letters(self) -> None:
         """Every message here comes from the run's own roles: one that could not be used is a bug or
