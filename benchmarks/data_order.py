@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from refine.cli import positive_int
 from refine.data.sources import DataConfig, DocumentStream, RowSource, _jsonl_records
 from refine.tokenizer import ByteTokenizer
 
@@ -83,11 +84,11 @@ def measure(fmt: str, path: Path, repeats: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--records", type=int, default=50_000)
-    parser.add_argument("--chars", type=int, default=2000)
-    parser.add_argument("--row-group", type=int, default=1000)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--records", type=positive_int, default=50_000)
+    parser.add_argument("--chars", type=positive_int, default=2000)
+    parser.add_argument("--row-group", type=positive_int, default=1000)
+    parser.add_argument("--repeats", type=positive_int, default=3)
+    parser.add_argument("--threads", type=positive_int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="refine-data-order-") as folder:

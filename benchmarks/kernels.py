@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from refine.cli import positive_int  # noqa: E402
 from refine.kernels.chunk import chunk_delta_rule  # noqa: E402
 from refine.runtime import tune_allocator  # noqa: E402
 
@@ -139,14 +140,14 @@ def run_chunk(batch: int, seq_len: int, heads: int, dim: int, chunk: int, gated:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="short sequences and one repeat: a smoke run")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--gated", action="store_true", help="gated delta rule (adds the decay g)")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--dim", type=int, default=64, help="head dim of q, k and v")
-    parser.add_argument("--chunk", type=int, default=64)
+    parser.add_argument("--batch", type=positive_int, default=1)
+    parser.add_argument("--heads", type=positive_int, default=4)
+    parser.add_argument("--dim", type=positive_int, default=64, help="head dim of q, k and v")
+    parser.add_argument("--chunk", type=positive_int, default=64)
     parser.add_argument(
-        "--lengths", type=int, nargs="+", default=None, help="sequence lengths (default 1024 4096 16384)"
+        "--lengths", type=positive_int, nargs="+", default=None, help="sequence lengths (default 1024 4096 16384)"
     )
     parser.add_argument("--span-seconds", type=float, default=0.5,
                         help="seconds of back-to-back matmuls per reference measurement")

@@ -26,6 +26,7 @@ import time
 
 import torch
 
+from refine.cli import positive_int
 from refine.algorithm.rollout import snapshot_rollouts
 from refine.algorithm.update import score_rollouts
 from refine.config import load_config
@@ -118,16 +119,16 @@ def measure(args: argparse.Namespace, micro_batches: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--length", type=int, default=4096)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--micro-batches", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3, help="warm update steps timed after the measured one")
-    parser.add_argument("--hidden-size", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--heads", type=int, default=2)
+    parser.add_argument("--length", type=positive_int, default=4096)
+    parser.add_argument("--batch", type=positive_int, default=4)
+    parser.add_argument("--micro-batches", type=positive_int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--repeats", type=positive_int, default=3, help="warm update steps timed after the measured one")
+    parser.add_argument("--hidden-size", type=positive_int, default=128)
+    parser.add_argument("--layers", type=positive_int, default=2)
+    parser.add_argument("--heads", type=positive_int, default=2)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # the child process: measure this count
+    parser.add_argument("--one", type=positive_int, help=argparse.SUPPRESS)  # the child process: measure this count
     args = parser.parse_args()
     if args.one is not None:
         print(json.dumps(measure(args, args.one)))
@@ -136,7 +137,9 @@ def main() -> None:
     for count in args.micro_batches:  # a fresh process each: a peak never goes down within one
         child = [arg for arg in sys.argv[1:] if arg]
         done = subprocess.run([sys.executable, __file__, *child, "--one", str(count)], capture_output=True,
-                              text=True, check=True)
+                              text=True)
+        if done.returncode:  # the child's own error (a count past --batch, ...), not a bare CalledProcessError
+            sys.exit(f"micro_batches.py: --micro-batches {count} failed:\n{done.stderr.strip()}")
         rows.append(json.loads(done.stdout.splitlines()[-1]))
     baseline = rows[0]["saved_for_backward_peak_bytes"]
     for row in rows:

@@ -29,6 +29,7 @@ import ray
 import torch
 
 from learner.update import onepass_update
+from refine.cli import positive_int
 from refine.algorithm.losses import ntp_loss
 from refine.algorithm.rollout import snapshot_rollouts
 from refine.algorithm.update import LossResult, score_rollouts
@@ -162,15 +163,17 @@ def weight_sync(megabytes: int, redis_url: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the throughput runs")
-    parser.add_argument("--threads", type=int, default=1, help="intra-op threads of the loop, the learner and the worker")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--weights-mb", type=int, nargs="*", default=[50, 500])
+    parser.add_argument("--seq-len", type=positive_int, default=2048)
+    parser.add_argument("--batch-size", type=positive_int, default=4)
+    parser.add_argument("--steps", type=positive_int, default=10)
+    parser.add_argument("--rounds", type=positive_int, default=3, help="interleaved rounds of the throughput runs")
+    parser.add_argument("--threads", type=positive_int, default=1, help="intra-op threads of the loop, the learner and the worker")
+    parser.add_argument("--repeats", type=positive_int, default=5)
+    parser.add_argument("--weights-mb", type=positive_int, nargs="*", default=[50, 500])
     parser.add_argument("--skip-throughput", action="store_true")
     args = parser.parse_args()
+    if args.steps < 2:  # the rates leave the first step out: its compile and warm-up
+        parser.error(f"--steps must be at least 2, got {args.steps}")
     tune_allocator()  # as every refine process does
 
     with tempfile.TemporaryDirectory(prefix="refine-bench-") as tmp, EmbeddedRedis() as redis_server:

@@ -19,6 +19,7 @@ import statistics
 
 import torch
 
+from refine.cli import positive_int
 from refine.algorithm.rollout import choose_positions, reprefill_rollouts, snapshot_rollouts
 from refine.config import DTYPES, RefineConfig
 from refine.models import build_model
@@ -70,10 +71,10 @@ def run(length: int, samples: int, model, repeats: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
-    parser.add_argument("--samples", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--lengths", type=positive_int, nargs="+", default=[1024, 4096, 16384])
+    parser.add_argument("--samples", type=positive_int, nargs="+", default=[1, 4])
+    parser.add_argument("--repeats", type=positive_int, default=3)
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     args = parser.parse_args()

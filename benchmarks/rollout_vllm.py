@@ -27,6 +27,7 @@ import time
 
 import torch
 
+from refine.cli import positive_int
 from refine.algorithm.rollout import snapshot_rollouts
 from refine.config import RunConfig
 from refine.generate import generate
@@ -130,14 +131,14 @@ def bench_answers(engine: VllmEngine, prompts: int, length: int, new_tokens: int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(MODELS), default="delta_net")
-    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096])
-    parser.add_argument("--documents", type=int, default=1)
-    parser.add_argument("--samples", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--answer-prompts", type=int, default=8)
-    parser.add_argument("--answer-length", type=int, default=1024)
-    parser.add_argument("--answer-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=5, help="measured calls per engine; the fastest is reported")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--lengths", type=positive_int, nargs="+", default=[1024, 4096])
+    parser.add_argument("--documents", type=positive_int, default=1)
+    parser.add_argument("--samples", type=positive_int, nargs="+", default=[1, 4])
+    parser.add_argument("--answer-prompts", type=positive_int, default=8)
+    parser.add_argument("--answer-length", type=positive_int, default=1024)
+    parser.add_argument("--answer-tokens", type=positive_int, default=32)
+    parser.add_argument("--repeats", type=positive_int, default=5, help="measured calls per engine; the fastest is reported")
+    parser.add_argument("--threads", type=positive_int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     longest = max(max(args.lengths), args.answer_length + args.answer_tokens)

@@ -32,6 +32,7 @@ from collections.abc import Callable
 
 import torch
 
+from refine.cli import positive_int
 from refine.algorithm.losses import ntp_loss
 from refine.algorithm.rollout import choose_positions, reprefill_rollouts, snapshot_rollouts
 from refine.algorithm.update import advantages_for, fused_refine_step, refine_loss, score_rollouts
@@ -149,14 +150,14 @@ def breakdown(runs: list[dict[str, float]]) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096])
-    parser.add_argument("--samples", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--hidden-size", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--heads", type=int, default=2)
+    parser.add_argument("--lengths", type=positive_int, nargs="+", default=[1024, 4096])
+    parser.add_argument("--samples", type=positive_int, nargs="+", default=[1, 4])
+    parser.add_argument("--repeats", type=positive_int, default=9)
+    parser.add_argument("--batch", type=positive_int, default=1)
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--hidden-size", type=positive_int, default=128)
+    parser.add_argument("--layers", type=positive_int, default=2)
+    parser.add_argument("--heads", type=positive_int, default=2)
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     args = parser.parse_args()

@@ -10,6 +10,17 @@ from refine.config import DEMO_DEFAULTS, ConfigError, RunConfig, load_config
 from refine.runtime import tune_allocator
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (a count of steps, repeats, threads, tokens)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def runs_locally(mode: str, args: argparse.Namespace) -> bool:
     """Whether a run of train.mode `mode` uses the single-process loop: with --local, and always for
     NTP-only and reference-path runs, which have no rollouts to distribute."""

@@ -401,7 +401,7 @@ class ServiceConfig(Strict):
         description="a role silent this long is restarted; at most a day (twice it, in ms, is Redis' XAUTOCLAIM "
                     "min-idle-time, a 64-bit integer)")
     metrics_discovery_dir: PathStr = Field(
-        default_factory=lambda: os.environ.get("REFINE_METRICS_DISCOVERY_DIR", BUILT_IN_DISCOVERY_DIR),
+        default_factory=lambda: os.environ.get("REFINE_METRICS_DISCOVERY_DIR") or BUILT_IN_DISCOVERY_DIR,  # "": unset
         description="where each role announces its metrics port for Prometheus (deploy/prometheus.yml reads it)",
     )
 

@@ -167,3 +167,14 @@ def test_an_empty_discovery_dir_variable_counts_as_unset(tmp_path: Path) -> None
     out = subprocess.run([sys.executable, "-c", "from services.metrics import DEFAULT_DISCOVERY_DIR as d; print(d)"],
                          env=env, cwd=root, capture_output=True, text=True, check=True).stdout.strip()
     assert out == "/tmp/refine/prometheus"
+
+
+def test_an_empty_discovery_dir_variable_leaves_the_run_config_its_default(monkeypatch) -> None:
+    """The run config's service.metrics_discovery_dir read the variable too: "" became the driver's working
+    directory, where Prometheus never looks."""
+    from refine.config import BUILT_IN_DISCOVERY_DIR, ServiceConfig
+
+    monkeypatch.setenv("REFINE_METRICS_DISCOVERY_DIR", "")
+    assert ServiceConfig().metrics_discovery_dir == BUILT_IN_DISCOVERY_DIR
+    monkeypatch.setenv("REFINE_METRICS_DISCOVERY_DIR", "/srv/discovery")
+    assert ServiceConfig().metrics_discovery_dir == "/srv/discovery"
