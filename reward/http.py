@@ -216,7 +216,8 @@ def _validation_details(errors: list[Any]) -> list[dict[str, Any]]:
             msg = f"invalid JSON{position}: {reason}" if reason else f"invalid JSON{position}"
         elif "input" in error and kind != "missing":  # (a missing field's input is its parent object)
             value = shown(error["input"])
-            msg = msg if value in msg else f"{msg} (got {value})"  # our own checks' words name it already; as the CLI
+            # Our own checks' words name the value already ("got ..."); else as the CLI does.
+            msg = msg if value in msg or "got " in msg else f"{msg} (got {value})"
         details.append(_detail(loc, msg, kind))
     if len(errors) > _MAX_REPORTED_ERRORS:
         details.append(_detail(["body"], f"{len(errors) - _MAX_REPORTED_ERRORS} more errors not shown", "too_many"))

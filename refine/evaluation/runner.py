@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -696,10 +697,11 @@ def default_output(model_dir: Path, task: str, ttt: bool, ttt_accumulate: bool =
     whole. A kept checkpoint's (RUN/checkpoints/step-NNNNNNNN/model) name ends in its folder's: -step-NNNNNNNN."""
     mode = "-accumulate" if ttt_accumulate else f"-batch{ttt_batch}" if ttt_batch is not None else ""
     resolved = model_dir.resolve()
-    checkpoints = next((parent for parent in resolved.parents if parent.name == "checkpoints"), None)
-    if checkpoints is None:
+    folder, checkpoints = resolved.parent.name, resolved.parent.parent  # a run's: checkpoints/FOLDER/model
+    in_run = (resolved.name == "model" and checkpoints.name == "checkpoints"
+              and (folder in ("latest", "previous") or re.fullmatch(r"step-\d{8,}", folder) is not None))
+    if not in_run:  # any other model directory, one in a folder named checkpoints/ too (an fla download's)
         return model_dir / f"eval-{task}{'-ttt' if ttt else ''}{mode}.json"
-    folder = resolved.relative_to(checkpoints).parts[0]  # latest, previous or a kept step-NNNNNNNN
     kept = f"-{folder}" if folder.startswith("step-") else ""
     return checkpoints.parent / f"eval-{task}{'-ttt' if ttt else ''}{mode}{kept}.json"
 

@@ -191,6 +191,10 @@ def test_results_of_a_model_in_a_runs_checkpoints_go_to_the_run_directory(tmp_pa
     # A kept checkpoint's results are named after it: each kept checkpoint has its own.
     kept = tmp_path / "run" / "checkpoints" / "step-00000040" / "model"
     assert default_output(kept, "niah", ttt=False) == (tmp_path / "run" / "eval-niah-step-00000040.json").resolve()
+    # Models kept in a folder named checkpoints/ (an fla download's) are no run's: each gets its own results file.
+    for name in ("delta_net-1.3B-100B", "other"):
+        download = tmp_path / "checkpoints" / name
+        assert default_output(download, "niah", ttt=False) == download / "eval-niah.json"
 
 
 def test_prompts_answered_in_batches_get_the_answers_they_get_alone(model_dir):

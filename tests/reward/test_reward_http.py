@@ -368,6 +368,10 @@ def test_a_refused_value_is_named_with_its_field(client):
     assert response.json()["error"] == "reward_type: Field required", response.text
     response = client.post("/v1/score", json=request_with("nope"))
     assert response.json()["error"].count("'nope'") == 1, response.text
+    response = client.post("/v1/score", json={"reward_type": "qa_f1", "rollouts": [
+        {"rollout_text": "a", "reference_texts": ["  "]}]})
+    assert response.json()["error"] == ("rollouts.0.reference_texts.0: a gold answer must not be empty or whitespace "
+                                        "only, got '  '"), response.text
 
 
 @pytest.mark.parametrize(("output", "error"), [
