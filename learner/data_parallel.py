@@ -36,7 +36,7 @@ from learner.update import rollouts_from_batch
 from refine.algorithm.rollout import Rollouts
 from refine.algorithm.update import LossResult, SliceShares, advantages_for, rollout_stats, slice_loss
 from refine.config import RunConfig
-from refine.loop import StepResult, backward_slices, merge_steps, mini_batch_bounds
+from refine.loop import StepResult, backward_slices, merge_steps, mini_batch_bounds, recombine_loss
 from refine.models import FastWeightLM
 from refine.optim import MasterWeightAdamW
 from refine.runtime import StageTimes
@@ -164,29 +164,24 @@ class DataParallelGroup:
         by the rank's share of its term and added up over the ranks, as refine.loop.merge_slice_stats merges
         micro-batches. The keys are rank 0's (it always has documents; a rank past the batch has none)."""
         keys = self._keys_of_rank_0(sorted(stats))
-        ntp_share, policy_share = sum(share.ntp for share in shares), sum(share.policy for share in shares)
-        weights = [ntp_share if key == "ntp_loss" else policy_share for key in keys]
+        share = SliceShares(sum(part.ntp for part in shares), sum(part.policy for part in shares))
+        weights = [share.of_stat(key) for key in keys]
         summed = self.sum([weight * stats[key] if weight else 0.0 for key, weight in zip(keys, weights)]
-                          + [ntp_share, policy_share])
-        ntp_total, policy_total = summed[-2:]
-        merged = {}
-        for key, value in zip(keys, summed):
-            total = ntp_total if key == "ntp_loss" else policy_total
-            merged[key] = value / total if total else stats.get(key, 0.0)
-        if "policy_loss" in merged:
-            cfg = config.refine
-            merged["loss"] = cfg.lambda_ntp * merged["ntp_loss"] + cfg.lambda_nsp * merged["policy_loss"]
-        return merged
+                          + [share.ntp, share.policy])
+        total = SliceShares(*summed[-2:])
+        merged = {key: value / total.of_stat(key) if total.of_stat(key) else stats.get(key, 0.0)
+                  for key, value in zip(keys, summed)}
+        return recombine_loss(merged, config.refine) if merged else merged
 
     def _keys_of_rank_0(self, keys: list[str]) -> list[str]:
         """Rank 0's `keys`, on every rank (as UTF-8 bytes: nothing is pickled)."""
         data = "\n".join(keys).encode() if self.rank == 0 else b""
-        header = torch.tensor([len(data), 0], dtype=torch.long)
-        self._broadcast_header(header)
-        if not int(header[0]):
+        size = torch.tensor([len(data)], dtype=torch.long)
+        self._broadcast_header(size)
+        if not int(size):
             return []
         buffer = (torch.frombuffer(bytearray(data), dtype=torch.uint8) if self.rank == 0
-                  else torch.empty(int(header[0]), dtype=torch.uint8)).to(self.device)
+                  else torch.empty(int(size), dtype=torch.uint8)).to(self.device)
         dist.broadcast(buffer, src=0)
         return buffer.cpu().numpy().tobytes().decode().split("\n")
 

@@ -11,8 +11,11 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -252,16 +255,21 @@ def backward_slices(slices: list[tuple[int, int]], loss_of: SliceLoss, cfg: Refi
 
 
 def merge_slice_stats(parts: list[tuple[dict[str, float], SliceShares]], cfg: RefineConfig) -> dict[str, float]:
-    """The stats of slices of documents as those of the slices together: each a share-weighted mean (ntp_loss by
-    the NTP shares, the policy's by the policy shares), and loss recombined from them as the loss is."""
+    """The stats of slices of documents as those of the slices together: each a share-weighted mean
+    (SliceShares.of_stat), and loss recombined from them as the loss is."""
     if len(parts) == 1:
         return dict(parts[0][0])
     merged: dict[str, float] = {}
     for key in dict.fromkeys(key for stats, _ in parts for key in stats):
-        weighted = [(shares.ntp if key == "ntp_loss" else shares.policy, stats[key])
-                    for stats, shares in parts if key in stats]
+        weighted = [(shares.of_stat(key), stats[key]) for stats, shares in parts if key in stats]
         total = sum(weight for weight, _ in weighted)
         merged[key] = sum(weight * value for weight, value in weighted) / total if total else weighted[0][1]
+    return recombine_loss(merged, cfg)
+
+
+def recombine_loss(merged: dict[str, float], cfg: RefineConfig) -> dict[str, float]:
+    """`merged` with its loss made from its merged terms, as the loss is (a mean of the losses would weight
+    each by the wrong share)."""
     if "policy_loss" in merged:
         merged["loss"] = cfg.lambda_ntp * merged["ntp_loss"] + cfg.lambda_nsp * merged["policy_loss"]
     else:  # ntp mode: the loss is the NTP loss
@@ -760,27 +768,71 @@ def rate_change_warning(config: RunConfig, metrics_path: Path, step: int) -> str
             f"{learning_rate(optim, step + 1, steps):.6g}")
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """A run that Ctrl-C or SIGTERM stopped cleanly before train.steps, after its checkpoint: the command ends as an
+    interrupted one (exit 130), not as a finished run."""
+
+
+def interrupted_message(step: int, steps: int, resume_command: list[str]) -> str:
+    """What a run stopped by Ctrl-C or SIGTERM before train.steps says: where it stopped and how to go on."""
+    return f"interrupted at step {step} of train.steps={steps}; resume with `{shlex.join(resume_command)}`"
+
+
+@contextmanager
+def stop_requests(desc: str) -> Iterator[Callable[[], bool]]:
+    """While a run's steps run in the main thread: the first Ctrl-C or SIGTERM (`kill`, container runtimes) asks
+    the run to stop after the step under way, which it then checkpoints; a second stops at once
+    (KeyboardInterrupt). Yields whether a stop was asked. Off the main thread, and for a signal this process
+    ignores, the handlers stay as they are."""
+    requested = threading.Event()
+
+    def ask_to_stop(signum: int, frame: object) -> None:
+        if requested.is_set():
+            raise KeyboardInterrupt
+        requested.set()
+        try:  # os.write: the code the signal interrupted may be inside the buffered stderr's own write
+            os.write(2, f"\n{desc}: stopping after the step under way, with a checkpoint (Ctrl-C again to stop "
+                        f"at once)\n".encode())
+        except OSError:
+            pass
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for number in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(number) is not signal.SIG_IGN:
+                previous[number] = signal.signal(number, ask_to_stop)
+    try:
+        yield requested.is_set
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)
+
+
 def run_steps(config: RunConfig, model: FastWeightLM, optimizer: torch.optim.Optimizer, generator: torch.Generator,
               tokenizer: Tokenizer, next_batch: Callable[[int], StepBatch], start: RunPosition, desc: str,
-              shown: tuple[str, ...], progress: bool,
+              shown: tuple[str, ...], progress: bool, resume_command: list[str],
               evaluate: Callable[[], dict[str, float]] | None = None) -> dict[str, float]:
     """Steps `start.step + 1 .. config.train.steps`, each one batch, `next_batch(cursor)`, trained by its
     `update` (one or more optimizer steps: see RunPosition): a metrics.jsonl row every `log_every` steps (and
     the last), a checkpoint every `checkpoint_every` steps and at the end, then the plots; the progress bar
     shows the stats named in `shown`. `evaluate` (the held-out loss) adds its stats to the rows of the steps
-    `train.evaluates_step` names, which are always written. Returns the last step's stats."""
+    `train.evaluates_step` names, which are always written. Returns the last step's stats.
+
+    Ctrl-C or SIGTERM ends the run after the step under way (see stop_requests) as it ends at train.steps, then
+    raises RunInterrupted, having said that `resume_command` (the run's command line, with --resume) goes on."""
     out_dir = Path(config.train.out_dir)
     metrics_path = out_dir / "metrics.jsonl"
     position = start  # replaced, not changed, after each step
-    saved_at = -1
+    saved_at = start.step  # a resumed run's checkpoint is there already
     last: dict[str, float] = {}
     divergence = Divergence(config)
     restart_metrics(metrics_path, position.step)
     for warning in (warmup_warning(config), rate_change_warning(config, metrics_path, position.step)):
         if warning is not None:
             tqdm.write(f"{desc}: {warning}", file=sys.stderr)
-    with tqdm(total=config.train.steps, initial=position.step, desc=desc, disable=not progress) as bar:
-        while position.step < config.train.steps:
+    with (tqdm(total=config.train.steps, initial=position.step, desc=desc, disable=not progress) as bar,
+          stop_requests(desc) as stop_requested):
+        while position.step < config.train.steps and not stop_requested():
             batch = next_batch(position.cursor)
             started = time.perf_counter()  # the data's reading is not part of the step
             times = StageTimes(config.train.device)
@@ -820,6 +872,10 @@ def run_steps(config: RunConfig, model: FastWeightLM, optimizer: torch.optim.Opt
     unplotted = plot_run(out_dir)
     if unplotted is not None:
         tqdm.write(f"{desc}: {unplotted}", file=sys.stderr)
+    if position.step < config.train.steps:
+        tqdm.write(f"{desc}: {interrupted_message(position.step, config.train.steps, resume_command)}",
+                   file=sys.stderr)
+        raise RunInterrupted
     return last
 
 
@@ -937,6 +993,8 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> dic
         return StepBatch(update=lambda times: train_step(model, optimizer, batch, config, generator, ref_model, times),
                          cursor=batch.cursor, tokens=int(batch.lengths.sum()))
 
+    # --local: the command runs the loop whatever train.mode is (an NTP-only or reference run does without it).
+    resume_command = ["refine", "train", str(out_dir.resolve() / "config.yaml"), "--local", "--resume"]
     return run_steps(config, model, optimizer, generator, tokenizer, next_batch, start,
                      desc=f"train[{config.train.mode}]", shown=("loss", "reward_mean"), progress=progress,
-                     evaluate=evaluate)
+                     resume_command=resume_command, evaluate=evaluate)

@@ -274,8 +274,12 @@ def posttrain(config: RunConfig, data: str | Path, task: str, sft_coef: float = 
         tokens = sum(len(ex.prompt) + len(ex.answer) for ex in batch)
         return StepBatch(update=update, cursor=cursor + len(batch), tokens=tokens)
 
+    resume_command = ["refine", "posttrain", "--data", summary.data, "--task", task,
+                      "--config", str(out_dir.resolve() / "config.yaml"), "--resume"]
+    if sft_coef != 1.0:
+        resume_command[-1:-1] = ["--sft-coef", repr(sft_coef)]
     last = run_steps(config, model, optimizer, generator, tokenizer, next_batch, start, desc="posttrain",
-                     shown=("loss", "sft_loss", "reward_mean"), progress=progress)
+                     shown=("loss", "sft_loss", "reward_mean"), progress=progress, resume_command=resume_command)
     return last | data_counts
 
 

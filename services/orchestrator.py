@@ -87,8 +87,9 @@ from refine.data.stream import (
 from refine.evaluation.heldout import heldout_documents
 from refine.files import write_atomically
 from refine.loop import (
-    Divergence, absolute_out_dir, check_kept_without_latest, check_resumed_program, clear_checkpoints, finished_run,
-    fresh_run_message, jsonl_rows, plot_run, rate_change_warning, restart_metrics, warmup_warning, write_row,
+    Divergence, RunInterrupted, absolute_out_dir, check_kept_without_latest, check_resumed_program, clear_checkpoints,
+    finished_run, fresh_run_message, interrupted_message, jsonl_rows, plot_run, rate_change_warning, restart_metrics,
+    warmup_warning, write_row,
 )
 from refine.optim import describe_rates
 from refine.tokenizer import Tokenizer
@@ -365,11 +366,6 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True, ray_addr
         return orchestrator.run()
 
 
-class RunInterrupted(KeyboardInterrupt):
-    """A run that Ctrl-C or SIGTERM stopped cleanly before train.steps (its learner checkpointed): the command ends
-    as an interrupted one (exit 130), not as a finished run."""
-
-
 @dataclass
 class DataPosition:
     """Where the data stream stands, counting passes: the stream's cursor restarts with every pass over
@@ -518,9 +514,8 @@ class Orchestrator:
             result = self._finish()
             if self.stopping and int(result.get("step", 0) or 0) < self.config.train.steps:
                 # Ctrl-C or SIGTERM: it stopped cleanly, but did not finish; the command must not say it did.
-                self._write_line(f"interrupted at step {result.get('step', 0)} of train.steps="
-                                 f"{self.config.train.steps}; resume with `refine train "
-                                 f"{self.out_dir / 'config.yaml'} --resume`")
+                self._write_line(interrupted_message(int(result.get("step", 0) or 0), self.config.train.steps,
+                                                     ["refine", "train", str(self.out_dir / "config.yaml"), "--resume"]))
                 raise RunInterrupted
             return result
         except RunInterrupted:

@@ -272,3 +272,36 @@ def test_eval_help_states_the_length_and_answer_limits(capsys):
     length = f"--length LENGTH synthetic prompt length in tokens (niah, mqar; default 512), at most {MAX_SYNTHETIC_LENGTH}"
     assert length in text
     assert f"--max-new-tokens MAX_NEW_TOKENS tokens per answer, at most {MAX_GEN_TOKENS}" in text
+
+
+def test_a_local_run_that_kill_stops_exits_130_with_a_checkpoint_at_its_last_step(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from refine.config import dump_config, load_config
+
+    out = tmp_path / "run"
+    config = load_config(None, [f"train.out_dir={out}", "train.mode=ntp", "train.steps=100000", "train.batch_size=1",
+                                "data.seq_len=256", "model.hidden_size=16", "model.intermediate_size=32"])
+    (tmp_path / "config.yaml").write_text(dump_config(config))
+    argv = [sys.executable, "-m", "refine.cli", "train", str(tmp_path / "config.yaml"), "--local", "--no-progress"]
+    run = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text():
+            assert run.poll() is None and time.monotonic() < deadline, run.stderr.read() if run.poll() else "slow"
+            time.sleep(0.2)
+        run.send_signal(signal.SIGTERM)  # what `kill`, a scheduler or a container runtime sends
+        _, err = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            os.kill(run.pid, signal.SIGKILL)
+    assert run.returncode == 130, err
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    trainer = torch.load(out / "checkpoints" / "latest" / "trainer.pt", weights_only=True)
+    assert trainer["step"] == steps[-1] >= 1
+    assert f"interrupted at step {steps[-1]} of train.steps=100000; resume with `refine train " in err
+    assert "Traceback" not in err

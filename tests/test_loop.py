@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -899,3 +900,82 @@ def test_a_row_that_cannot_be_written_names_its_file(tmp_path: Path) -> None:
         write_row(metrics, {"step": 7}, "refine")
     with pytest.raises(OSError, match=r"its events\.jsonl is gone \(the run directory was removed or moved"):
         write_row(tmp_path / "removed" / "events.jsonl", {"event": "restart"}, "refine")
+
+
+def _signalled_at(monkeypatch, step, signals):
+    """train_step, sending this process `signals` during step `step` (as Ctrl-C or `kill` would, mid-step)."""
+    import refine.loop as loop
+
+    real, taken = loop.train_step, []
+
+    def step_and_signal(*args, **kwargs):
+        taken.append(1)
+        result = real(*args, **kwargs)
+        if len(taken) == step:
+            for number in signals:
+                os.kill(os.getpid(), number)
+        return result
+
+    monkeypatch.setattr(loop, "train_step", step_and_signal)
+
+
+@pytest.mark.parametrize("number", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_stops_after_the_step_with_a_checkpoint_and_the_printed_command_resumes_it(
+        tmp_path, monkeypatch, capfd, number):
+    from refine.cli import main
+    from refine.loop import RunInterrupted
+
+    straight = train(_config(tmp_path / "straight", "onepass", steps=4), progress=False)
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    _signalled_at(monkeypatch, 2, [number])
+    with pytest.raises(RunInterrupted):
+        train(_config(tmp_path / "run", "onepass", steps=4), progress=False)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
+    assert read_trainer_state(tmp_path / "run" / "checkpoints" / "latest" / "trainer.pt")["step"] == 2
+    assert [row["step"] for row in _rows(tmp_path / "run")] == [1, 2]
+    err = capfd.readouterr().err  # the signal handler writes to file descriptor 2 (see stop_requests)
+    assert "stopping after the step under way, with a checkpoint (Ctrl-C again to stop at once)" in err
+    command = re.search(r"interrupted at step 2 of train\.steps=4; resume with `(.+)`", err).group(1)
+    assert command.split()[:2] == ["refine", "train"] and command.split()[-2:] == ["--local", "--resume"]
+    monkeypatch.undo()
+    assert main(command.split()[1:] + ["--no-progress"]) == 0
+    assert [row["step"] for row in _rows(tmp_path / "run")] == [1, 2, 3, 4]
+    assert _rows(tmp_path / "run")[-1]["loss"] == pytest.approx(straight["loss"], rel=1e-6)
+
+
+def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tmp_path, monkeypatch):
+    from refine.loop import RunInterrupted
+
+    _signalled_at(monkeypatch, 2, [signal.SIGINT, signal.SIGINT])
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        train(_config(tmp_path, "ntp", steps=4, extra=("train.checkpoint_every=1",)), progress=False)
+    assert not isinstance(stopped.value, RunInterrupted)
+    assert read_trainer_state(tmp_path / "checkpoints" / "latest" / "trainer.pt")["step"] == 1  # step 2 wrote none
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_stop_requests_leave_ignored_signals_and_other_threads_alone():
+    import threading
+
+    from refine.loop import stop_requests
+
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as `nohup` or a supervisor may set it
+    try:
+        with stop_requests("test") as stop_requested:
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+            os.kill(os.getpid(), signal.SIGINT)
+            assert stop_requested()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    seen = []
+
+    def in_a_thread():
+        with stop_requests("test") as stop_requested:
+            seen.append((signal.getsignal(signal.SIGINT), stop_requested()))
+
+    thread = threading.Thread(target=in_a_thread)
+    thread.start()
+    thread.join()
+    assert seen == [(signal.default_int_handler, False)]

@@ -342,3 +342,40 @@ def test_a_resume_refuses_a_directory_whose_latest_run_another_program_made(tmp_
     err = capsys.readouterr().err
     assert f"train.out_dir={str(mix)!r} holds a `refine posttrain` run" in err
     assert "`refine train --resume` continues only runs of `refine train`" in err
+
+
+def test_ctrl_c_stops_after_the_step_with_a_checkpoint_and_the_printed_command_resumes_it(tmp_path, capsys,
+                                                                                          monkeypatch):
+    import os
+    import re
+    import shlex
+    import signal
+
+    import refine.posttrain as posttrain
+
+    init = _init_model(tmp_path)
+    data = _write(tmp_path / "qa.jsonl", _qa_rows(3))
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert main(_argv(data, init, straight, 4, "--sft-coef", "0.5")) == 0
+    real, taken = posttrain.posttrain_step, []
+
+    def step_then_ctrl_c(*args, **kwargs):
+        taken.append(1)
+        result = real(*args, **kwargs)
+        if len(taken) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(posttrain, "posttrain_step", step_then_ctrl_c)
+    assert main(_argv(data, init, stopped, 4, "--sft-coef", "0.5")) == 130
+    assert torch.load(stopped / "checkpoints" / "latest" / "trainer.pt", weights_only=True)["step"] == 2
+    err = capsys.readouterr().err
+    command = re.search(r"interrupted at step 2 of train\.steps=4; resume with `(.+)`", err).group(1)
+    assert "--sft-coef 0.5" in command and command.endswith("--resume")
+    monkeypatch.undo()
+    assert main(shlex.split(command)[1:] + ["--no-progress"]) == 0
+    assert [row["step"] for row in _metrics(stopped)] == [1, 2, 3, 4]
+    a = load_model(stopped / "checkpoints" / "latest" / "model").state_dict()
+    b = load_model(straight / "checkpoints" / "latest" / "model").state_dict()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)

@@ -190,8 +190,7 @@ def compute_reward(name: str, inputs: RewardInputs) -> Tensor:
         raise RewardOutputError(f"reward {name!r} must return a tensor of shape [{inputs.num_rollouts}], got {shape}")
     if scores.is_complex():
         raise RewardOutputError(f"reward {name!r} must return real scores, got dtype {scores.dtype}")
-    if scores.is_floating_point() and not torch.isfinite(scores).all():
-        raise RewardOutputError(f"reward {name!r} output contains NaN or Inf")
+    _check_finite(f"reward {name!r} output", scores, RewardOutputError)
     return scores
 
 
@@ -276,6 +275,6 @@ def _check_same_shape(name_a: str, a: Tensor, name_b: str, b: Tensor, dims: int)
         raise ValueError(f"{name_a} {tuple(a.shape)} and {name_b} {tuple(b.shape)} must have the same shape")
 
 
-def _check_finite(name: str, value: Tensor) -> None:
+def _check_finite(name: str, value: Tensor, error: type[ValueError] = ValueError) -> None:
     if value.is_floating_point() and not torch.isfinite(value).all():
-        raise ValueError(f"{name} contains NaN or Inf")
+        raise error(f"{name} contains NaN or Inf")

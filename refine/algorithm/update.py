@@ -168,6 +168,11 @@ class SliceShares:
     ntp: float  # of the NTP mean over next-token targets: the slice's share of the targets
     policy: float  # of the policy term (and its KL): see slice_shares
 
+    def of_stat(self, key: str) -> float:
+        """The share a loss statistic is weighted by when slices merge: ntp_loss the NTP share, the rest the
+        policy's (every other statistic is of the rollouts)."""
+        return self.ntp if key == "ntp_loss" else self.policy
+
 
 def target_share(lengths: Tensor, start: int, end: int) -> float:
     """Documents [start, end)'s share of a batch's next-token targets (length - 1 per document)."""
