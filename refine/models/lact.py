@@ -290,7 +290,7 @@ class LaCTSWIGLULayer(nn.Module):
 
         states_at(None) is the state after every row's last token (batch B). final_only is not read:
         LaCT has one kernel, which serves every request."""
-        batch, seq_len, _ = x.shape
+        batch, seq_len, hidden = x.shape
         if state is None:
             state = self.initial_state(batch, x)
         # Counters are integers; round in case a dtype cast turned them into floats.
@@ -317,7 +317,7 @@ class LaCTSWIGLULayer(nn.Module):
         attended = sliding_window_attention(q, keys, values, seen.clamp(max=self.window_size - 1))
 
         ttt, fast_states_at = self._test_time_training(x, fast_q, fast_k, v, cos, sin, state, seen, want_states)
-        y = self.o_proj(attended.reshape(batch, seq_len, -1) + ttt.to(x.dtype))
+        y = self.o_proj(attended.reshape(batch, seq_len, hidden) + ttt.to(x.dtype))
         if not want_states:
             return y, None
 
@@ -369,7 +369,7 @@ class LaCTSWIGLULayer(nn.Module):
         out = self.ttt_norm(out)
         if self.learnable_ttt_scale:
             out = out * F.silu(self.ttt_scale_proj(x).to(dtype))[..., None]
-        return out.reshape(batch, seq_len, -1), fast_states
+        return out.reshape(x.shape), fast_states  # x.shape, not -1: a batch of no rows has no size to infer
 
 
 class LaCTForCausalLM(FastWeightLM):

@@ -234,8 +234,8 @@ def chunked_swiglu_ttt(
     offset = (tokens_seen % size).to(device)  # tokens of the unfinished chunk per row
     width = min(size, seq_len)
     # One token always falls in one chunk step (offset < size), known without reading the offsets:
-    # decoding then skips a device sync per layer and token.
-    num_steps = 1 if seq_len == 1 else int(((offset + seq_len + size - 1) // size).max())
+    # decoding then skips a device sync per layer and token. A batch of no rows has no offsets to read.
+    num_steps = 1 if seq_len == 1 or batch == 0 else int(((offset + seq_len + size - 1) // size).max())
     rows = torch.arange(batch, device=device)[:, None]
     local = torch.arange(width, device=device)
     q, k, v = (_pad_time(t, width) for t in (q, k, v))

@@ -185,3 +185,11 @@ def test_a_prefill_of_whole_rows_never_waits_for_the_device(tiny_model, host_rea
     reads, out = host_reads(lambda: tiny_model(ids))
     assert reads == 0, f"a prefill read {reads} values on the host"
     assert out.state.batch_size == 2
+
+
+def test_a_batch_of_no_rows_gives_no_logits_and_no_gradient(tiny_model):
+    # As LaCT's (tests/models/test_lact.py): a data-parallel rank past the batch's documents runs zero rows.
+    out = tiny_model(torch.zeros(0, 12, dtype=torch.long))
+    assert out.logits.shape == (0, 12, tiny_model.config.vocab_size)
+    out.logits.sum().backward()
+    assert all(p.grad is None or not p.grad.any() for p in tiny_model.parameters())

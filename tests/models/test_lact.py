@@ -354,6 +354,15 @@ def test_padded_batch_matches_rows_alone(model):
     _assert_grads_close(batch_grads, _grads(model))
 
 
+def test_a_batch_of_no_rows_gives_no_logits_and_no_gradient(model):
+    # A data-parallel rank past the batch's documents, or an empty slice, runs the model on zero rows
+    # (the delta models already did: tests/models/test_carried_state.py).
+    out = model(torch.zeros(0, 12, dtype=torch.long))
+    assert out.logits.shape == (0, 12, model.config.vocab_size)
+    out.logits.sum().backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+
+
 def test_state_expand_index_detach(model):
     ids = torch.randint(0, model.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(6))
     state = model(ids).state
