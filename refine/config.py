@@ -333,6 +333,13 @@ class RolloutConfig(Strict):
 BUILT_IN_DISCOVERY_DIR = "/tmp/refine/prometheus"
 
 
+def default_discovery_dir() -> str:
+    """service.metrics_discovery_dir's default: REFINE_METRICS_DISCOVERY_DIR as it is now (read at each config's
+    making, not once at import), else BUILT_IN_DISCOVERY_DIR. Empty counts as unset (it was the working
+    directory, where Prometheus never looks)."""
+    return os.environ.get("REFINE_METRICS_DISCOVERY_DIR") or BUILT_IN_DISCOVERY_DIR
+
+
 def discovery_dir_setting(path: str | Path) -> str:
     """`service.metrics_discovery_dir=PATH` as an error message names it, and the environment variable when the
     value came from there (the default, and a config left at BUILT_IN_DISCOVERY_DIR, take it)."""
@@ -401,7 +408,7 @@ class ServiceConfig(Strict):
         description="a role silent this long is restarted; at most a day (twice it, in ms, is Redis' XAUTOCLAIM "
                     "min-idle-time, a 64-bit integer)")
     metrics_discovery_dir: PathStr = Field(
-        default_factory=lambda: os.environ.get("REFINE_METRICS_DISCOVERY_DIR") or BUILT_IN_DISCOVERY_DIR,  # "": unset
+        default_factory=default_discovery_dir,
         description="where each role announces its metrics port for Prometheus (deploy/prometheus.yml reads it)",
     )
 

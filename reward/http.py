@@ -585,7 +585,7 @@ class _RewardFailed(Exception):
     which can reset it before the client has read the answer; a specific handler does not re-raise.
     """
 
-    def __init__(self, error: Exception, message: str | None = None) -> None:
+    def __init__(self, error: BaseException, message: str | None = None) -> None:
         super().__init__(message or f"internal error ({type(error).__name__})")
         self.message = str(self)
 
@@ -645,7 +645,7 @@ def create_app(
             # RewardInputs calls the texts "rollout_texts"; this API's field is "rollout_text".
             reason = str(exc).replace("'rollout_texts'", "'rollout_text'")
             raise _RewardRefused(f"reward {request.reward_type!r} cannot score these rollouts: {reason}") from exc
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # a plugin's sys.exit() would end no server, only this answer
             logger.exception("reward service: reward %r failed", request.reward_type)
             raise _RewardFailed(exc) from exc
         seconds = time.perf_counter() - started

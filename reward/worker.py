@@ -108,7 +108,7 @@ class RewardWorker:
         started = time.perf_counter()
         try:
             scored = score_batch(batch, self.reward_type, decode=self.decode)
-        except Exception as exc:  # a reward plugin may raise anything: the batch must not be lost
+        except (Exception, SystemExit) as exc:  # a reward plugin may raise anything (sys.exit too): keep the batch
             error = f"{type(exc).__name__}: {exc}"
             logger.warning("rollout batch %s (entry %s) cannot be scored: %s", batch.rollout_batch_id, entry_id, error)
             self._dead_letter(entry_id, batch, f"scoring with reward {self.reward_type!r} failed: {error}")

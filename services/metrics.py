@@ -26,11 +26,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from refine.config import BUILT_IN_DISCOVERY_DIR, discovery_dir_problem, discovery_dir_setting
+from refine.config import discovery_dir_problem, discovery_dir_setting
 from refine.files import file_name_part, write_atomically
-
-# An empty REFINE_METRICS_DISCOVERY_DIR counts as unset, as for the service (it was the working directory).
-DEFAULT_DISCOVERY_DIR = os.environ.get("REFINE_METRICS_DISCOVERY_DIR") or BUILT_IN_DISCOVERY_DIR
 
 STEP_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
@@ -170,9 +167,10 @@ def prepare_discovery_dir(discovery_dir: str | Path) -> Path:
     raise ValueError(f"{discovery_dir_setting(directory)}: {problem}")
 
 
-def serve_metrics(metrics: Metrics, role: str, instance: str, discovery_dir: str | Path | None = DEFAULT_DISCOVERY_DIR,
+def serve_metrics(metrics: Metrics, role: str, instance: str, discovery_dir: str | Path | None,
                   bind: str = "0.0.0.0", run: str = "") -> MetricsEndpoint:
-    """Serve `metrics` on a free port and announce it for Prometheus file service discovery; `run` (the
+    """Serve `metrics` on a free port and announce it in `discovery_dir` (the run's
+    service.metrics_discovery_dir; None: no announcement) for Prometheus file service discovery; `run` (the
     service's namespace) lets the run withdraw the announcement of a member it killed."""
     # Before the server starts: a directory that cannot be created, or a host that is none, leaves no server
     # thread behind.

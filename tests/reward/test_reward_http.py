@@ -332,9 +332,10 @@ def test_malformed_requests_get_a_4xx_naming_the_problem(client):
     check_correct_requests(client)
 
 
-def test_a_failing_reward_plugin_is_a_json_500_and_the_server_keeps_serving(client):
+@pytest.mark.parametrize("error", [RuntimeError, SystemExit])  # sys.exit() in a plugin ends no server
+def test_a_failing_reward_plugin_is_a_json_500_and_the_server_keeps_serving(client, error):
     def faulty(inputs: RewardInputs) -> torch.Tensor:
-        raise RuntimeError("plugin bug")
+        raise error("plugin bug")
 
     register_reward("test_faulty")(faulty)
     try:
@@ -343,7 +344,7 @@ def test_a_failing_reward_plugin_is_a_json_500_and_the_server_keeps_serving(clie
         for _ in range(50):
             response = client.post("/v1/score", json={"reward_type": "test_faulty", "rollouts": rollouts()})
             assert response.status_code == 500
-            assert "internal error (RuntimeError)" in response.json()["error"]
+            assert f"internal error ({error.__name__})" in response.json()["error"]
             assert client.get("/healthz").status_code == 200
     finally:
         unregister_reward("test_faulty")

@@ -12,7 +12,7 @@ import redis
 import torch
 
 import reward.worker as reward_worker
-from refine.algorithm.rewards import cosine_reward
+from refine.algorithm.rewards import cosine_reward, register_reward, unregister_reward
 from refine.config import load_config
 from reward.worker import HEARTBEAT_ROLE, RewardWorker
 from services.broker import Broker
@@ -151,6 +151,28 @@ def test_batches_that_cannot_be_scored_go_to_dead_letters(broker, make_batch):
     kept = decode(unscorable[0].payload, RolloutBatch)
     assert kept.rollout_batch_id == no_hidden.rollout_batch_id
     assert torch.equal(kept.rollout_tokens, no_hidden.rollout_tokens)
+
+
+@pytest.mark.parametrize("error", [RuntimeError, SystemExit])
+def test_a_reward_plugin_that_raises_dead_letters_the_batch_and_the_replica_goes_on(broker, make_batch, error):
+    def faulty(inputs):
+        raise error("plugin bug")
+
+    register_reward("test_faulty_replica")(faulty)
+    try:
+        publish(broker, [make_batch(seed=1)])
+        worker = RewardWorker(broker, "test_faulty_replica", consumer="reward-a")
+        assert worker.run_once(count=10, block_ms=None) == 1
+    finally:
+        unregister_reward("test_faulty_replica")
+    assert (worker.scored_count, worker.dead_count) == (0, 1)
+    [dead] = broker.dead_letters("rollouts")
+    assert f"{error.__name__}: plugin bug" in dead.error
+    assert broker.pending("rollouts", "reward") == 0
+    good = make_batch(seed=2)
+    publish(broker, [good])
+    assert RewardWorker(broker, "cosine", consumer="reward-a").run_once(count=10, block_ms=None) == 1
+    assert [m.rollout_batch_id for m in scored_messages(broker)] == [good.rollout_batch_id]
 
 
 def test_run_stops_when_the_run_is_stopped(broker):

@@ -156,19 +156,6 @@ def test_a_metrics_host_that_is_a_host_or_address_is_announced(tmp_path: Path, m
         endpoint.close()
 
 
-def test_an_empty_discovery_dir_variable_counts_as_unset(tmp_path: Path) -> None:
-    """An empty REFINE_METRICS_DISCOVERY_DIR made the default discovery directory '' (the working directory)."""
-    import os
-    import subprocess
-    import sys
-
-    env = os.environ | {"REFINE_METRICS_DISCOVERY_DIR": ""}
-    root = Path(__file__).resolve().parents[2]
-    out = subprocess.run([sys.executable, "-c", "from services.metrics import DEFAULT_DISCOVERY_DIR as d; print(d)"],
-                         env=env, cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-    assert out == "/tmp/refine/prometheus"
-
-
 def test_an_empty_discovery_dir_variable_leaves_the_run_config_its_default(monkeypatch) -> None:
     """The run config's service.metrics_discovery_dir read the variable too: "" became the driver's working
     directory, where Prometheus never looks."""
@@ -176,5 +163,5 @@ def test_an_empty_discovery_dir_variable_leaves_the_run_config_its_default(monke
 
     monkeypatch.setenv("REFINE_METRICS_DISCOVERY_DIR", "")
     assert ServiceConfig().metrics_discovery_dir == BUILT_IN_DISCOVERY_DIR
-    monkeypatch.setenv("REFINE_METRICS_DISCOVERY_DIR", "/srv/discovery")
+    monkeypatch.setenv("REFINE_METRICS_DISCOVERY_DIR", "/srv/discovery")  # set after the import: read per config
     assert ServiceConfig().metrics_discovery_dir == "/srv/discovery"
