@@ -818,8 +818,9 @@ def run_steps(config: RunConfig, model: FastWeightLM, optimizer: torch.optim.Opt
     shows the stats named in `shown`. `evaluate` (the held-out loss) adds its stats to the rows of the steps
     `train.evaluates_step` names, which are always written. Returns the last step's stats.
 
-    Ctrl-C or SIGTERM ends the run after the step under way (see stop_requests) as it ends at train.steps, then
-    raises RunInterrupted, having said that `resume_command` (the run's command line, with --resume) goes on."""
+    Ctrl-C or SIGTERM ends the run after the step under way (see stop_requests) as it ends at train.steps (that
+    step's row and a checkpoint), then raises RunInterrupted, having said that `resume_command` (the run's command
+    line, with --resume) goes on."""
     out_dir = Path(config.train.out_dir)
     metrics_path = out_dir / "metrics.jsonl"
     position = start  # replaced, not changed, after each step
@@ -849,7 +850,7 @@ def run_steps(config: RunConfig, model: FastWeightLM, optimizer: torch.optim.Opt
             if evaluated:
                 stats |= evaluate()
             last = finite_stats(stats)
-            if config.train.logs_step(position.step) or evaluated:
+            if config.train.logs_step(position.step) or evaluated or stop_requested():  # a stop's step: its last
                 write_row(metrics_path, last, start.program)
             diverged = divergence.add(position.step, outcome.stats)
             if diverged is not None:

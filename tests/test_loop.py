@@ -929,17 +929,17 @@ def test_ctrl_c_or_sigterm_stops_after_the_step_with_a_checkpoint_and_the_printe
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     _signalled_at(monkeypatch, 2, [number])
     with pytest.raises(RunInterrupted):
-        train(_config(tmp_path / "run", "onepass", steps=4), progress=False)
+        train(_config(tmp_path / "run", "onepass", steps=4, extra=("train.log_every=3",)), progress=False)
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
     assert read_trainer_state(tmp_path / "run" / "checkpoints" / "latest" / "trainer.pt")["step"] == 2
-    assert [row["step"] for row in _rows(tmp_path / "run")] == [1, 2]
+    assert [row["step"] for row in _rows(tmp_path / "run")] == [2]  # log_every=3, but the stop's step is a last
     err = capfd.readouterr().err  # the signal handler writes to file descriptor 2 (see stop_requests)
     assert "stopping after the step under way, with a checkpoint (Ctrl-C again to stop at once)" in err
     command = re.search(r"interrupted at step 2 of train\.steps=4; resume with `(.+)`", err).group(1)
     assert command.split()[:2] == ["refine", "train"] and command.split()[-2:] == ["--local", "--resume"]
     monkeypatch.undo()
     assert main(command.split()[1:] + ["--no-progress"]) == 0
-    assert [row["step"] for row in _rows(tmp_path / "run")] == [1, 2, 3, 4]
+    assert [row["step"] for row in _rows(tmp_path / "run")] == [2, 3, 4]
     assert _rows(tmp_path / "run")[-1]["loss"] == pytest.approx(straight["loss"], rel=1e-6)
 
 
