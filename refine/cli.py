@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
+from pathlib import Path
 
 from refine.config import DEMO_DEFAULTS, ConfigError, RunConfig, load_config
 from refine.runtime import tune_allocator
@@ -27,16 +30,37 @@ def runs_locally(mode: str, args: argparse.Namespace) -> bool:
     return args.local or mode in ("ntp", "reference")
 
 
-def run_training(config: RunConfig, args: argparse.Namespace) -> dict:
-    """One training run: the single-process loop with --local, else the distributed service."""
+def run_training(config: RunConfig, args: argparse.Namespace, resume_command: list[str] | None = None) -> dict:
+    """One training run: the single-process loop with --local, else the distributed service. `resume_command`:
+    what a stop (Ctrl-C, SIGTERM) says goes on (default: the run's own `refine train CONFIG --resume`)."""
     if runs_locally(config.train.mode, args):
         from refine.loop import train
 
-        return train(config, resume=args.resume, progress=not args.no_progress)
+        return train(config, resume=args.resume, progress=not args.no_progress, resume_command=resume_command)
     from services.orchestrator import run  # whose first check, before Ray and Redis start, is the reward's
 
     return run(config, resume=args.resume, progress=not args.no_progress, ray_address=args.ray_address,
-               redis_url=args.redis_url)
+               redis_url=args.redis_url, resume_command=resume_command)
+
+
+def main_job_resume_command(args: argparse.Namespace, config: RunConfig) -> list[str]:
+    """The main job's own command line with --resume: each stage goes on from its checkpoint (a finished one
+    says so and trains nothing). The run directory is pinned, so that it resumes from anywhere; a Redis
+    URL's password is not printed."""
+    from refine.loop import absolute_out_dir
+
+    command = ["refine", "train"] + ([str(Path(args.config).resolve())] if args.config else [])
+    for item in [*args.set, f"train.out_dir={absolute_out_dir(config)}"]:
+        command += ["--set", item]
+    if args.local:
+        command.append("--local")
+    if args.ray_address:
+        command += ["--ray-address", args.ray_address]
+    if args.redis_url:
+        from services.redis_server import redact_url
+
+        command += ["--redis-url", redact_url(args.redis_url)]
+    return command + ["--resume"]
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -55,7 +79,9 @@ def _train(args: argparse.Namespace) -> int:
 
         # Only the service's disaggregated reward replicas decode text for a text reward.
         decodes_text = not runs_locally(refine_stage_mode(config), args) and config.service.mode == "disaggregated"
-        report = run_comparison(config, lambda stage: run_training(stage, args), decodes_text=decodes_text)
+        resume_command = main_job_resume_command(args, config)
+        report = run_comparison(config, lambda stage: run_training(stage, args, resume_command),
+                                decodes_text=decodes_text)
         print(json.dumps({"out_dir": absolute_out_dir(config), "wall_seconds": report["wall_seconds"]}))
         return 0
     stats = run_training(config, args)
@@ -207,10 +233,19 @@ def _reported_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def _sigterm_as_ctrl_c(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = None if argv[:1] == ["score"] else build_parser().parse_args(argv)
     tune_allocator()
+    # SIGTERM (`kill`, schedulers, container runtimes) ends every command as Ctrl-C does; a run's steps take both
+    # more gently (refine.loop.stop_requests, the service's orchestrator). An ignored SIGTERM stays ignored.
+    takes_sigterm = (threading.current_thread() is threading.main_thread()
+                     and signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN)
+    previous = signal.signal(signal.SIGTERM, _sigterm_as_ctrl_c) if takes_sigterm else None
     try:
         return _score(argv[1:]) if args is None else args.func(args)
     except KeyboardInterrupt:  # Ctrl-C: what was running already said how it stopped; no traceback
@@ -221,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"refine: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        if takes_sigterm:  # main() called in-process (tests, notebooks) leaves the caller's handler
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 if __name__ == "__main__":

@@ -773,9 +773,22 @@ class RunInterrupted(KeyboardInterrupt):
     interrupted one (exit 130), not as a finished run."""
 
 
-def interrupted_message(step: int, steps: int, resume_command: list[str]) -> str:
-    """What a run stopped by Ctrl-C or SIGTERM before train.steps says: where it stopped and how to go on."""
-    return f"interrupted at step {step} of train.steps={steps}; resume with `{shlex.join(resume_command)}`"
+def interrupted_message(step: int, steps: int, resume_command: list[str], config: RunConfig | None = None) -> str:
+    """What a run stopped by Ctrl-C or SIGTERM before train.steps says: where it stopped and how to go on. When
+    `config` (the config.yaml the command reads) holds paths relative to this working directory, the command
+    starts there: from elsewhere it would start a new run in another train.out_dir."""
+    command = shlex.join(resume_command)
+    if config is not None and relative_paths(config):
+        command = f"cd {shlex.quote(os.getcwd())} && {command}"
+    return f"interrupted at step {step} of train.steps={steps}; resume with `{command}`"
+
+
+def relative_paths(config: RunConfig) -> list[str]:
+    """The paths of `config` that are relative to the working directory: train.out_dir, and train.init_from,
+    tokenizer, data.source or data.eval_source where one names a file here (they may name no file: synthetic)."""
+    paths = [config.train.out_dir] if not Path(config.train.out_dir).is_absolute() else []
+    named = (config.train.init_from, config.tokenizer, config.data.source, config.data.eval_source)
+    return paths + [path for path in named if path and not Path(path).is_absolute() and Path(path).exists()]
 
 
 @contextmanager
@@ -862,19 +875,20 @@ def run_steps(config: RunConfig, model: FastWeightLM, optimizer: torch.optim.Opt
                 save_run_checkpoint(out_dir, model, optimizer, position, generator, tokenizer,
                                     keep=config.train.keep_checkpoints)
                 saved_at = position.step
-    if saved_at != position.step:
-        check_run_directory(metrics_path, start.program)
-        save_run_checkpoint(out_dir, model, optimizer, position, generator, tokenizer,
-                            keep=config.train.keep_checkpoints)
-    if position.skipped_steps > start.skipped_steps:
-        tqdm.write(f"{desc}: warning: {position.skipped_steps - start.skipped_steps} of steps {start.step + 1}.."
-                   f"{position.step} skipped an update for a non-finite loss or gradient (skipped_nonfinite in "
-                   f"metrics.jsonl; {describe_rates(config.optim)})", file=sys.stderr)
-    unplotted = plot_run(out_dir)
-    if unplotted is not None:
-        tqdm.write(f"{desc}: {unplotted}", file=sys.stderr)
+        # Still under stop_requests: a first Ctrl-C now lets the last checkpoint (often the only one) be written.
+        if saved_at != position.step:
+            check_run_directory(metrics_path, start.program)
+            save_run_checkpoint(out_dir, model, optimizer, position, generator, tokenizer,
+                                keep=config.train.keep_checkpoints)
+        if position.skipped_steps > start.skipped_steps:
+            tqdm.write(f"{desc}: warning: {position.skipped_steps - start.skipped_steps} of steps {start.step + 1}.."
+                       f"{position.step} skipped an update for a non-finite loss or gradient (skipped_nonfinite in "
+                       f"metrics.jsonl; {describe_rates(config.optim)})", file=sys.stderr)
+        unplotted = plot_run(out_dir)
+        if unplotted is not None:
+            tqdm.write(f"{desc}: {unplotted}", file=sys.stderr)
     if position.step < config.train.steps:
-        tqdm.write(f"{desc}: {interrupted_message(position.step, config.train.steps, resume_command)}",
+        tqdm.write(f"{desc}: {interrupted_message(position.step, config.train.steps, resume_command, config)}",
                    file=sys.stderr)
         raise RunInterrupted
     return last
@@ -958,8 +972,10 @@ def finished_run(out_dir: Path, step: int, steps: int, program: str = "refine") 
     return rows[-1] if rows else {"step": step}
 
 
-def train(config: RunConfig, resume: bool = False, progress: bool = True) -> dict[str, float]:
-    """Run `config.train.steps` steps; returns the last step's stats."""
+def train(config: RunConfig, resume: bool = False, progress: bool = True,
+          resume_command: list[str] | None = None) -> dict[str, float]:
+    """Run `config.train.steps` steps; returns the last step's stats. A stop (Ctrl-C, SIGTERM) says that
+    `resume_command` goes on (default: `refine train OUT_DIR/config.yaml --local --resume`)."""
     check_mini_batches(config)
     check_loop_reward(config)
     tune_allocator()
@@ -995,7 +1011,8 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> dic
                          cursor=batch.cursor, tokens=int(batch.lengths.sum()))
 
     # --local: the command runs the loop whatever train.mode is (an NTP-only or reference run does without it).
-    resume_command = ["refine", "train", str(out_dir.resolve() / "config.yaml"), "--local", "--resume"]
+    resume_command = resume_command or ["refine", "train", str(out_dir.resolve() / "config.yaml"), "--local",
+                                        "--resume"]
     return run_steps(config, model, optimizer, generator, tokenizer, next_batch, start,
                      desc=f"train[{config.train.mode}]", shown=("loss", "reward_mean"), progress=progress,
                      resume_command=resume_command, evaluate=evaluate)

@@ -333,12 +333,13 @@ def _absolute_paths(config: RunConfig) -> RunConfig:
 
 
 def run(config: RunConfig, resume: bool = False, progress: bool = True, ray_address: str | None = None,
-        redis_url: str | None = None) -> Stats:
+        redis_url: str | None = None, resume_command: list[str] | None = None) -> Stats:
     """Train with the distributed service; returns the learner's last step stats.
 
     Ray: `ray_address`, else `config.service.ray_address`, else RAY_ADDRESS, else a local Ray (an
     already initialized Ray is used as it is). Redis: `redis_url`, else `config.service.redis_url`,
-    else REFINE_REDIS_URL, else an embedded server for this run.
+    else REFINE_REDIS_URL, else an embedded server for this run. A stop (Ctrl-C, SIGTERM) says that
+    `resume_command` goes on (default: `refine train OUT_DIR/config.yaml --resume`).
     """
     check_service_config(config)
     config = _absolute_paths(config)
@@ -362,7 +363,7 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True, ray_addr
     out_dir.mkdir(parents=True, exist_ok=True)  # config.yaml: once the learner started (Orchestrator.run)
     with ray_for_run(config, plan.address) as multi_node, redis_for_run(plan.redis_url, multi_node) as url:
         orchestrator = Orchestrator(config, tokenizer, url, namespace_for(config, out_dir), resume=resume,
-                                    progress=progress)
+                                    progress=progress, resume_command=resume_command)
         return orchestrator.run()
 
 
@@ -431,7 +432,7 @@ class Member:
 
 class Orchestrator:
     def __init__(self, config: RunConfig, tokenizer: Tokenizer, redis_url: str, namespace: str, resume: bool,
-                 progress: bool) -> None:
+                 progress: bool, resume_command: list[str] | None = None) -> None:
         self.config = config
         self.tokenizer = tokenizer  # encodes the documents it publishes
         self.redis_url = redis_url
@@ -439,6 +440,8 @@ class Orchestrator:
         self.resume = resume
         self.show_progress = progress
         self.out_dir = Path(config.train.out_dir)
+        # What a stop (Ctrl-C, SIGTERM) says goes on (see run).
+        self.resume_command = resume_command or ["refine", "train", str(self.out_dir / "config.yaml"), "--resume"]
         self.colocated = config.service.mode == "colocated"
         self.client = connect(redis_url)
         self.broker = Broker(self.client, namespace)
@@ -515,7 +518,7 @@ class Orchestrator:
             if self.stopping and int(result.get("step", 0) or 0) < self.config.train.steps:
                 # Ctrl-C or SIGTERM: it stopped cleanly, but did not finish; the command must not say it did.
                 self._write_line(interrupted_message(int(result.get("step", 0) or 0), self.config.train.steps,
-                                                     ["refine", "train", str(self.out_dir / "config.yaml"), "--resume"]))
+                                                     self.resume_command))
                 raise RunInterrupted
             return result
         except RunInterrupted:

@@ -305,3 +305,24 @@ def test_a_local_run_that_kill_stops_exits_130_with_a_checkpoint_at_its_last_ste
     assert trainer["step"] == steps[-1] >= 1
     assert f"interrupted at step {steps[-1]} of train.steps=100000; resume with `refine train " in err
     assert "Traceback" not in err
+
+
+def test_sigterm_before_a_runs_steps_exits_130_as_ctrl_c_does(tmp_path, capsys, monkeypatch):
+    import os
+    import signal
+
+    import refine.loop as loop
+
+    real = loop.prepare_model
+
+    def sigterm_while_loading(*args, **kwargs):  # as a scheduler's `kill` during the start-up
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "prepare_model", sigterm_while_loading)
+    handler = signal.getsignal(signal.SIGTERM)
+    argv = ["train", "--local", "--no-progress", "--set", f"train.out_dir={tmp_path}", "--set", "train.mode=ntp",
+            "--set", "train.steps=2", "--set", "demo=null"]
+    assert main(argv) == 130
+    assert "refine: interrupted" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is handler

@@ -64,3 +64,42 @@ def test_an_eval_length_too_short_for_the_eval_sets_fails_before_anything_trains
                                          r"without filler takes up to \d+ tokens"):
         run_comparison(config, stages.append)
     assert stages == []  # no stage was trained
+
+
+def test_a_stopped_main_job_prints_its_own_command_which_goes_on_from_each_stages_checkpoint(tmp_path, capsys,
+                                                                                             monkeypatch):
+    import os
+    import re
+    import shlex
+    import signal
+
+    import refine.loop as loop
+    from refine.cli import main
+
+    demo = Path(__file__).parents[1] / "configs" / "demo.yaml"
+    sets = ["demo.pretrain_steps=3", "demo.branch_steps=2", "demo.eval_examples=2", "demo.heldout_documents=2",
+            "data.seq_len=512", "data.num_documents=16", "train.batch_size=2", "model.hidden_size=32",
+            "model.intermediate_size=64", "demo.eval_length=384", "refine.margin=4", f"train.out_dir={tmp_path}"]
+    real, taken = loop.train_step, []
+
+    def step_then_ctrl_c(*args, **kwargs):
+        taken.append(1)
+        result = real(*args, **kwargs)
+        if len(taken) == 4:  # the REFINE branch's first step, after 3 of pre-training
+            os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(loop, "train_step", step_then_ctrl_c)
+    argv = ["train", str(demo), *[arg for item in sets for arg in ("--set", item)], "--local", "--no-progress"]
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    command = shlex.split(re.search(r"interrupted at step 1 of train\.steps=2; resume with `(.+)`", err).group(1))
+    assert command == ["refine", "train", str(demo), *argv[2:-2], "--set", f"train.out_dir={tmp_path}", "--local",
+                       "--resume"]
+    monkeypatch.undo()
+    assert main(command[1:] + ["--no-progress"]) == 0
+    assert "nothing to train" in capsys.readouterr().err  # the pre-training had finished: it is not trained again
+    steps = {stage: [json.loads(line)["step"] for line in (tmp_path / stage / "metrics.jsonl").read_text().splitlines()]
+             for stage in ("pretrain", "refine", "ntp")}
+    assert steps == {"pretrain": [1, 2, 3], "refine": [1, 2], "ntp": [1, 2]}
+    assert (tmp_path / "comparison.json").exists()

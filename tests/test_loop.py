@@ -979,3 +979,39 @@ def test_stop_requests_leave_ignored_signals_and_other_threads_alone():
     thread.start()
     thread.join()
     assert seen == [(signal.default_int_handler, False)]
+
+
+def test_a_ctrl_c_during_the_last_checkpoint_lets_it_be_written_and_the_run_finish(tmp_path, monkeypatch):
+    # With train.checkpoint_every=0 the last checkpoint is the run's only one: a stop must not lose it.
+    import refine.loop as loop
+
+    real = loop.save_run_checkpoint
+
+    def ctrl_c_then_save(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "save_run_checkpoint", ctrl_c_then_save)
+    stats = train(_config(tmp_path, "ntp", steps=3), progress=False)
+    assert stats["step"] == 3
+    assert read_trainer_state(tmp_path / "checkpoints" / "latest" / "trainer.pt")["step"] == 3
+    assert (tmp_path / "losses.png").exists()
+
+
+def test_a_run_in_a_relative_out_dir_says_where_its_resume_command_runs(tmp_path, monkeypatch, capfd):
+    from refine.cli import main
+    from refine.loop import RunInterrupted
+
+    monkeypatch.chdir(tmp_path)
+    _signalled_at(monkeypatch, 2, [signal.SIGINT])
+    with pytest.raises(RunInterrupted):
+        train(_config(Path("runs/r"), "ntp", steps=3), progress=False)
+    command = re.search(r"resume with `(.+)`", capfd.readouterr().err).group(1)
+    # config.yaml says train.out_dir=runs/r: from another directory the command would start a new run there.
+    prefix = f"cd {tmp_path} && "
+    assert command.startswith(prefix), command
+    monkeypatch.undo()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path)  # as the shell's `cd` would
+    assert main(command.removeprefix(prefix).split()[1:] + ["--no-progress"]) == 0
+    assert [row["step"] for row in _rows(tmp_path / "runs" / "r")] == [1, 2, 3]
