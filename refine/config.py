@@ -151,6 +151,12 @@ class RefineConfig(Strict):
         if self.group_by == "position" and self.num_samples == 1:
             raise ValueError("group_by='position' with num_samples=1 puts every rollout in a group of its own, "
                              "so every advantage would be 0: use group_by='document' or num_samples > 1")
+        greedy = "temperature=0" if self.temperature == 0 else "top_k=1" if self.top_k == 1 else None
+        if greedy and self.num_samples > 1 and self.groups == "position":
+            raise ValueError(f"{greedy} decodes greedily, so the num_samples={self.num_samples} rollouts of a "
+                             f"position are one rollout repeated and per-position groups (group_by="
+                             f"{self.group_by!r}) give every advantage 0: sample (temperature > 0, top_k not 1), or "
+                             f"use num_samples=1 or group_by='document'")
         return self
 
     @property
@@ -553,6 +559,23 @@ class RunConfig(Strict):
         return self
 
     @model_validator(mode="after")
+    def _main_job_reads_its_own_steps_and_rates(self) -> "RunConfig":
+        # The main job's stages train demo.*_steps at demo.*_lr: a train.steps or optim.lr given would go unread.
+        if self.demo is None:
+            return self
+        unread = []
+        if "steps" in self.train.model_fields_set:
+            unread.append((f"train.steps={self.train.steps}", "demo.pretrain_steps and demo.branch_steps"))
+        if "lr" in self.optim.model_fields_set:
+            unread.append((f"optim.lr={self.optim.lr}", "demo.pretrain_lr and demo.branch_lr"))
+        if unread:
+            setting, instead = unread[0]
+            raise ValueError(f"{setting} is not read by the main job (a config with a demo section, as `refine train` "
+                             f"without a config file runs): its stages take {instead}; set those, or train one run "
+                             f"with --set demo=null")
+        return self
+
+    @model_validator(mode="after")
     def _heldout_documents_fit(self) -> "RunConfig":
         if self.demo is not None and self.demo.heldout_documents * self.data.seq_len > MAX_SYNTHETIC_TOKENS:
             raise ValueError(f"demo.heldout_documents={self.demo.heldout_documents} x data.seq_len="
@@ -581,7 +604,10 @@ def _expand_home(path: str | None) -> str | None:
 
 
 def _checkpoint_model_config(init_from: str) -> dict[str, Any]:
-    config_file = Path(init_from).expanduser() / "config.json"
+    try:
+        config_file = Path(_expand_home(init_from)) / "config.json"
+    except ValueError as error:  # read before the field's own check, which names it the same way
+        raise ValueError(f"train.init_from={init_from!r}: {error}") from None
     if not config_file.parent.exists():
         raise ValueError(f"train.init_from={init_from!r} does not exist")
     if not config_file.is_file():

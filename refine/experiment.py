@@ -26,6 +26,7 @@ from refine.data.synthetic import (  # noqa: E402
 )
 from refine.evaluation.heldout import heldout_ntp_loss  # noqa: E402
 from refine.evaluation.runner import evaluate  # noqa: E402
+from refine.loop import check_mini_batches  # noqa: E402
 from refine.models import load_model  # noqa: E402
 from refine.plots import read_metrics  # noqa: E402
 from refine.tokenizer import HFTokenizer, Tokenizer  # noqa: E402
@@ -122,6 +123,18 @@ def refine_stage_mode(config: RunConfig) -> str:
     return config.train.mode if config.train.mode != "ntp" else "fused"
 
 
+def check_refine_branch(config: RunConfig, tokenizer: Tokenizer) -> None:
+    """Before the NTP pre-training (minutes): the REFINE branch's own config is valid. With train.mode=ntp the
+    config's REFINE checks (margins, mini-batches) were skipped at load, but the branch still runs, fused."""
+    mode = refine_stage_mode(config)
+    try:
+        check_mini_batches(stage_config(config, "refine", mode, config.demo.branch_steps, config.demo.branch_lr, None,
+                                        tokenizer))
+    except ValueError as error:
+        given = "" if mode == config.train.mode else f", as train.mode={config.train.mode} makes it"
+        raise ValueError(f"the main job's REFINE branch (train.mode={mode}{given}) cannot run: {error}") from None
+
+
 def run_comparison(config: RunConfig, trainer: Trainer, decodes_text: bool = False) -> dict:
     """Run the three stages with `trainer` (local loop or the service), evaluate, and report.
 
@@ -138,6 +151,7 @@ def run_comparison(config: RunConfig, trainer: Trainer, decodes_text: bool = Fal
     demo = config.demo
     tokenizer = run_tokenizer(config)
     sets = eval_sets(tokenizer, config)
+    check_refine_branch(config, tokenizer)
 
     pretrain = stage_config(config, "pretrain", "ntp", demo.pretrain_steps, demo.pretrain_lr, None, tokenizer)
     trainer(pretrain)

@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from refine.algorithm.rewards import check_run_reward
 from refine.algorithm.selection import min_document_length
-from refine.config import RunConfig, fit_to_tokenizer, load_config, run_tokenizer
+from refine.config import DataSpec, RunConfig, fit_to_tokenizer, load_config, run_tokenizer
 from refine.data.tasks import LoadReport, TaskExample, load_longbench, load_ruler_qa
 from refine.evaluation.runner import prompt_tokens
 from refine.files import write_atomically
@@ -98,6 +98,9 @@ def check_config(config: RunConfig, sft_coef: float) -> None:
     if config.data.shuffle:
         raise ValueError("data.shuffle=true: refine posttrain reads --data, not data.source, and draws its examples "
                          "in a new order every pass already (from train.seed); leave it unset")
+    if config.data.source != DataSpec.model_fields["source"].default:
+        raise ValueError(f"data.source={config.data.source!r}: refine posttrain reads its examples from --data; leave "
+                         f"data.source unset")
     check_no_kl_term(config.refine, "refine posttrain")
     # Beyond float32's largest number the coefficient is inf in the float32 loss: every SFT update is skipped.
     if not (math.isfinite(sft_coef) and 0 <= sft_coef <= MAX_SFT_COEF):

@@ -78,6 +78,27 @@ def test_grpo_groups_follow_the_paper_code_unless_set():
         load_config(None, ["refine.group_by=position"])
 
 
+@pytest.mark.parametrize("greedy", ["refine.temperature=0", "refine.top_k=1"])
+def test_greedy_samples_of_a_position_in_groups_of_their_own_are_refused(greedy):
+    # The n greedy rollouts of a position are one rollout repeated: per-position advantages would all be 0.
+    setting = greedy.removeprefix("refine.")
+    with pytest.raises(ConfigError, match=re.escape(f"{setting} decodes greedily, so the num_samples=4 rollouts")):
+        load_config(None, [greedy, "refine.num_samples=4"])
+    assert load_config(None, [greedy, "refine.num_samples=4", "refine.group_by=document"]).refine.groups == "document"
+    assert load_config(None, [greedy]).refine.num_samples == 1
+
+
+@pytest.mark.parametrize("setting, instead", [("train.steps=5", "demo.pretrain_steps and demo.branch_steps"),
+                                              ("optim.lr=0.1", "demo.pretrain_lr and demo.branch_lr")])
+def test_the_main_job_refuses_a_step_count_or_rate_its_stages_would_not_read(setting, instead):
+    from refine.config import DEMO_DEFAULTS
+
+    with pytest.raises(ConfigError, match=re.escape(f"{setting} is not read by the main job")) as refusal:
+        load_config(None, [setting], defaults=DEMO_DEFAULTS)
+    assert instead in str(refusal.value) and "--set demo=null" in str(refusal.value)
+    assert load_config(None, [setting, "demo=null"], defaults=DEMO_DEFAULTS).demo is None
+
+
 def test_malformed_override_and_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="section.field=value"):
         load_config(None, ["refine.num_chunks"])
@@ -495,11 +516,11 @@ def test_a_recursive_alias_is_refused(tmp_path):
 def test_small_anchors_and_aliases_still_load(tmp_path):
     path = tmp_path / "anchors.yaml"
     path.write_text("data:\n  synthetic_tasks: &tasks [niah, mqar]\n  num_documents: 64\n"
-                    "train: {<<: &small {steps: 2, batch_size: 2}, steps: 3}\n"
+                    "train: {<<: &small {seed: 2, batch_size: 2}, seed: 3}\n"
                     "demo:\n  eval_tasks: *tasks\n")
     config = load_config(path)
     assert config.data.synthetic_tasks == config.demo.eval_tasks == ["niah", "mqar"]
-    assert (config.train.steps, config.train.batch_size) == (3, 2)
+    assert (config.train.seed, config.train.batch_size) == (3, 2)
     # Within the limit, many aliases of one value are fine: 100 aliases of a list of 40 strings.
     from refine.config import MAX_ALIAS_VALUES, parse_yaml
 
@@ -611,7 +632,7 @@ def test_service_settings_that_reach_other_runs_or_exhaust_the_machine_are_refus
         load_config(None, overrides)
 
 
-@pytest.mark.parametrize("field", ["train.out_dir", "data.source", "service.metrics_discovery_dir"])
+@pytest.mark.parametrize("field", ["train.out_dir", "data.source", "service.metrics_discovery_dir", "train.init_from"])
 def test_a_home_directory_of_no_such_user_is_one_error_naming_the_field(field):
     with pytest.raises(ConfigError, match=re.escape(f"{field}")) as error:
         load_config(None, [f"{field}=~no-such-user-x7/run"])

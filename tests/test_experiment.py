@@ -103,3 +103,18 @@ def test_a_stopped_main_job_prints_its_own_command_which_goes_on_from_each_stage
              for stage in ("pretrain", "refine", "ntp")}
     assert steps == {"pretrain": [1, 2, 3], "refine": [1, 2], "ntp": [1, 2]}
     assert (tmp_path / "comparison.json").exists()
+
+
+@pytest.mark.parametrize("sets, words", [
+    (["refine.margin=300"], "data.seq_len=512 is too short for refine.num_chunks=8"),
+    (["train.mini_batches=2"], "train.mini_batches=2 needs train.mode 'onepass' or 'reference'"),
+])
+def test_a_refine_branch_that_cannot_run_fails_before_the_pre_training(tmp_path, sets, words):
+    # train.mode=ntp skips the REFINE checks at load, but the branch still runs (fused).
+    config = load_config(Path(__file__).parents[1] / "configs" / "demo.yaml", [
+        f"train.out_dir={tmp_path}", "train.mode=ntp", "demo.pretrain_steps=1", "demo.branch_steps=1", *sets])
+    with pytest.raises(ValueError, match=r"the main job's REFINE branch \(train.mode=fused, as train.mode=ntp makes "
+                                         r"it\) cannot run") as refusal:
+        run_comparison(config, lambda stage: train(stage, progress=False))
+    assert words in str(refusal.value)
+    assert not (tmp_path / "pretrain").exists()

@@ -248,7 +248,7 @@ def test_a_posttrain_that_cannot_start_leaves_its_directory_as_it_was(tmp_path, 
     assert {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()} == before
 
 
-def test_an_eval_source_or_shuffling_is_refused_before_anything_is_written(tmp_path, capsys):
+def test_an_eval_source_shuffling_or_a_data_source_is_refused_before_anything_is_written(tmp_path, capsys):
     init = _init_model(tmp_path)
     data = _write(tmp_path / "qa.jsonl", _qa_rows(3))
     assert main(_argv(data, init, tmp_path / "run", 1, "--set", "data.eval_source=synthetic")) == 2
@@ -256,6 +256,9 @@ def test_an_eval_source_or_shuffling_is_refused_before_anything_is_written(tmp_p
     assert not (tmp_path / "run").exists()
     assert main(_argv(data, init, tmp_path / "run", 1, "--set", f"data.source={data}", "--set", "data.shuffle=true")) == 2
     assert "data.shuffle=true: refine posttrain reads --data, not data.source" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    assert main(_argv(data, init, tmp_path / "run", 1, "--set", f"data.source={data}")) == 2
+    assert f"data.source={str(data)!r}: refine posttrain reads its examples from --data" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 

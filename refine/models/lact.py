@@ -96,9 +96,18 @@ class LaCTConfig(ModelConfigBase):
     @model_validator(mode="before")
     @classmethod
     def _heads_alias(cls, values: Any) -> Any:
-        # The release has no num_heads; the shared field mirrors the attention heads.
-        if isinstance(values, dict) and "num_heads" not in values:
-            values = {**values, "num_heads": values.get("num_attn_heads", 32)}
+        # The release has no num_heads; the shared field mirrors the attention heads, and names them when
+        # num_attn_heads is not given. Given both, they must agree: one of them would go unread.
+        if not isinstance(values, dict):
+            return values
+        if "num_heads" not in values:
+            return {**values, "num_heads": values.get("num_attn_heads", 32)}
+        if "num_attn_heads" not in values:
+            return {**values, "num_attn_heads": values["num_heads"]}
+        if values["num_heads"] != values["num_attn_heads"]:
+            raise ValueError(f"num_heads={values['num_heads']!r} and num_attn_heads={values['num_attn_heads']!r} "
+                             f"differ: a LaCT model's heads are its attention heads (num_heads mirrors "
+                             f"num_attn_heads); give one of them")
         return values
 
     @field_validator("lr_parameterization", mode="before")

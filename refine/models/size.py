@@ -59,14 +59,19 @@ def check_model_fits(config: ModelConfigBase, dtype: torch.dtype, device: str | 
     total = device_memory_bytes(device)
     if total is None:
         return
-    parameters = count_parameters(config)
+    prefix = f"{config_file}: " if config_file else ""
+    fields = prefix + ", ".join(f"{'' if config_file else 'model.'}{name}={getattr(config, name)}"
+                                for name in SIZE_FIELDS if getattr(config, name, None) is not None)
+    try:
+        parameters = count_parameters(config)
+    except (RuntimeError, TypeError, OverflowError) as error:  # sizes whose tensors torch cannot even describe
+        reason = (str(error).splitlines() or [type(error).__name__])[0]  # torch may append its C++ stack
+        raise ValueError(f"{fields}: a model of these sizes cannot be built even without memory ({reason}): lower "
+                         f"one of them") from None
     copies = TRAINING_COPIES if training else 1
     needed = parameters * torch.empty((), dtype=dtype).element_size() * copies
     if needed <= total:
         return
-    prefix = f"{config_file}: " if config_file else ""
-    fields = prefix + ", ".join(f"{'' if config_file else 'model.'}{name}={getattr(config, name)}"
-                                for name in SIZE_FIELDS if getattr(config, name, None) is not None)
     held = "its weights, their gradients and AdamW's two moments" if training else "its weights"
     raise ValueError(f"{fields}: a model of {parameters:,} parameters needs at least {needed / 2**30:,.1f} GiB "
                      f"for {held} in {str(dtype).removeprefix('torch.')}, more than the {total / 2**30:,.1f} GiB "

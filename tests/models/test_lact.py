@@ -501,3 +501,13 @@ def test_release_config_round_trip():
 def test_config_errors_name_the_field(changes, field):
     with pytest.raises(ValidationError, match=field):
         LaCTConfig(**changes)
+
+
+def test_num_heads_names_the_attention_heads_and_may_not_contradict_them():
+    from refine.models import config_from_dict
+
+    base = dict(model_type="lact_swiglu", hidden_size=32, num_lact_heads=2)
+    assert config_from_dict({**base, "num_heads": 4}).num_attn_heads == 4
+    assert config_from_dict({**base, "num_attn_heads": 4}).num_heads == 4
+    with pytest.raises(ValueError, match=r"num_heads=4 and num_attn_heads=2 differ"):
+        config_from_dict({**base, "num_heads": 4, "num_attn_heads": 2})

@@ -95,3 +95,15 @@ def test_a_checkpoint_whose_config_is_too_large_is_refused_naming_its_file(tmp_p
             "--set", f"train.out_dir={tmp_path / 'run'}"]
     assert main(argv) == 2
     assert f"{config_file}: vocab_size=1000000000000" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("size", [10**12, 10**20])
+def test_sizes_torch_cannot_describe_are_refused_naming_the_fields(tmp_path, capsys, size):
+    # Past 2**63 elements (or past int64 itself) even the meta device cannot make the tensors.
+    argv = ["train", "--local", "--set", "demo=null", "--set", f"model.hidden_size={size}",
+            "--set", f"train.out_dir={tmp_path / 'run'}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("refine: error: model.vocab_size=") and f"model.hidden_size={size}" in err
+    assert "cannot be built even without memory" in err and "Traceback" not in err and "frame #" not in err
+    assert not (tmp_path / "run").exists()
