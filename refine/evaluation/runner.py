@@ -730,9 +730,42 @@ def check_options_apply(options: EvalOptions, task: str, ttt: bool) -> None:
     if "batch_size" in given and ttt:
         raise ValueError(f"eval.batch_size={options.batch_size}: --ttt answers each prompt after adapting the weights "
                          f"to it (or each --ttt-batch after its updates), not eval.batch_size prompts together")
+    if "longbench_scoring" in given and task != "longbench":
+        raise ValueError(f"eval.longbench_scoring={options.longbench_scoring!r} is an option of --task longbench, not "
+                         f"{task}")
     if "answer_top_k" in given and options.answer_top_k and options.answer_temperature == 0:
         raise ValueError(f"eval.answer_top_k={options.answer_top_k} samples among the most likely tokens, but answers "
                          f"are greedy (eval.answer_temperature=0): set eval.answer_temperature too")
+
+
+# What `refine eval` reads of a run config: where and how the model runs, how bad task rows are met, and, with
+# --ttt, how it adapts (the refine and optim sections, and --ttt-batch's mini- and micro-batches).
+EVAL_READS = {"train.device", "train.threads", "train.dtype", "data.skip_bad_rows"}
+TTT_READS = {"train.mini_batches", "train.micro_batches"}
+TTT_SECTIONS = {"refine", "optim"}
+# The flags that say what a run config's field says for a training run.
+FLAGS_INSTEAD = {"tokenizer": "--tokenizer", "train.init_from": "--model", "train.steps": "--ttt-steps",
+                 "train.seed": "--seed", "model": "--model (the model is the checkpoint's)"}
+
+
+def check_overrides_apply(overrides: Sequence[str], config_file: str | None, ttt: bool) -> None:
+    """Refuse run-config settings `refine eval` would not read (it reads EVAL_READS, and with --ttt the refine and
+    optim sections and TTT_READS): a --set train.steps=50 meant as --ttt-steps would otherwise change nothing."""
+    if config_file is not None and not ttt:
+        raise ValueError(f"--config {config_file}: its refine and optim sections drive --ttt, which is not given; "
+                         f"without --ttt, set what eval reads ({', '.join(sorted(EVAL_READS))}) with --set")
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if key in EVAL_READS or (ttt and (key in TTT_READS or key.split(".")[0] in TTT_SECTIONS)):
+            continue
+        flag = FLAGS_INSTEAD.get(key) or FLAGS_INSTEAD.get(key.split(".")[0])
+        if flag:
+            why = f"give {flag}"
+        elif key.split(".")[0] in TTT_SECTIONS or key in TTT_READS:
+            why = "it drives --ttt, which is not given"
+        else:
+            why = f"eval reads {', '.join(sorted(EVAL_READS))}, and with --ttt the refine and optim sections"
+        raise ValueError(f"--set {item}: refine eval does not read {key}; {why}")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -749,6 +782,7 @@ def main(args: argparse.Namespace) -> int:
     if args.ttt_batch is not None and args.ttt_steps is not None:
         raise ValueError(f"--ttt-steps={args.ttt_steps} and --ttt-batch={args.ttt_batch}: a batch takes "
                          f"train.mini_batches updates (one pass over its prompts), not --ttt-steps")
+    check_overrides_apply(overrides, args.config, args.ttt)
     check_options_apply(options, args.task, args.ttt)
     check_seed(args.seed)  # all of these before the model loads
     check_answer_budget(args.max_new_tokens)

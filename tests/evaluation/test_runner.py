@@ -951,3 +951,34 @@ def test_an_empty_class_list_is_refused_showing_it(model_dir, tmp_path, capsys):
     examples = [TaskExample(example_id="t", task="trec", prompt="p", answers=["Human"], all_classes=[])]
     with pytest.raises(ValueError, match=r"needs 'all_classes' .*got \[\]"):
         score_examples("longbench", examples, ["Human"])
+
+
+@pytest.mark.parametrize("options, words", [
+    (["--set", "train.steps=50", "--ttt"], "--set train.steps=50: refine eval does not read train.steps; give --ttt-steps"),
+    (["--set", "tokenizer=/elsewhere"], "does not read tokenizer; give --tokenizer"),
+    (["--set", "model.hidden_size=32"], "does not read model.hidden_size; give --model"),
+    (["--set", "train.seed=3"], "does not read train.seed; give --seed"),
+    (["--set", "refine.rollout_len=3"], "does not read refine.rollout_len; it drives --ttt, which is not given"),
+    (["--set", "train.micro_batches=2"], "it drives --ttt, which is not given"),
+    (["--set", "data.source=docs.jsonl"], "does not read data.source; eval reads data.skip_bad_rows, train.device"),
+    (["--config", "configs/ttt.yaml"], "--config configs/ttt.yaml: its refine and optim sections drive --ttt"),
+    (["--set", "eval.longbench_scoring=refine-release"], "eval.longbench_scoring='refine-release' is an option of "
+                                                         "--task longbench, not niah"),
+])
+def test_settings_eval_would_not_read_are_refused_naming_what_to_give(model_dir, capsys, monkeypatch, options, words):
+    # They changed nothing: a --set train.steps=50 meant as --ttt-steps ran the default 2 updates.
+    monkeypatch.chdir(Path(__file__).parents[2])  # configs/ttt.yaml
+    code, line, err = run_eval(capsys, "--model", str(model_dir), "--task", "niah", *options)
+    assert code == 2 and line is None and words in err, err
+
+
+def test_what_eval_reads_of_a_run_config_is_accepted(model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(Path(__file__).parents[2])
+    base = ["--model", str(model_dir), "--task", "niah", "--num-examples", "1", "--length", "320",
+            "--max-new-tokens", "2"]
+    code, _, err = run_eval(capsys, *base, "--set", "train.threads=1", "--set", "train.dtype=float32",
+                            "--output", str(tmp_path / "a.json"))
+    assert code == 0, err
+    code, _, err = run_eval(capsys, *base, "--ttt", "--ttt-steps", "1", "--config", "configs/ttt.yaml", "--set",
+                            "optim.lr=1e-5", "--set", "refine.rollout_len=3", "--output", str(tmp_path / "b.json"))
+    assert code == 0, err
