@@ -6,15 +6,21 @@ import shutil
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from refine.files import file_name_part
+from refine.models.config import refuse_bool_for_number
 
 
 class VllmEngineConfig(BaseModel):
     """Settings of the vLLM engine (`rollout.vllm` in a run config)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        return refuse_bool_for_number(value, cls.model_fields[info.field_name].annotation)
 
     dtype: Literal["bfloat16", "float16", "float32"] = Field(
         "bfloat16", description="vLLM's compute dtype; its CPU delta-rule kernels need bfloat16")
@@ -32,7 +38,7 @@ class VllmEngineConfig(BaseModel):
                                "'sampler' gives for a model with an EOS id: vLLM's exclude the suppressed EOS)")
     multiprocessing: bool = Field(False, description="run vLLM's engine core in its own process")
     weights_dir: str | None = Field(
-        None, description="directory for the checkpoints vLLM reads (start; refreshes across processes), "
+        None, min_length=1, description="directory for the checkpoints vLLM reads (start; refreshes across processes), "
                           "shared by a run's workers, a folder each, removed when a worker stops or the run "
                           "kills it; None: a temporary directory per engine")
     extra_args: dict[str, Any] = Field(default_factory=dict, description="passed to vllm.LLM as is")

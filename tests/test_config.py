@@ -206,11 +206,14 @@ def test_infinite_and_nan_floats_are_refused(override, field):
     ("data.seq_len=true", "data.seq_len"),
     ("model.num_hidden_layers=true", "model.num_hidden_layers"),
     ("model.hidden_ratio=true", "model.hidden_ratio"),  # int | None
+    ("rollout.vllm.max_num_seqs=true", "rollout.vllm.max_num_seqs"),
+    ("model.inter_multi=true", "model.inter_multi"),  # LaCT's int | float
 ])
 def test_booleans_are_refused_for_numbers(override, field):
     # pydantic's lax mode would read true as 1 and false as 0.0: a run of one step, a zero learning rate.
+    lact = ["model.model_type=lact_swiglu", "model.hidden_size=32", "model.num_lact_heads=2", "model.num_heads=2"]
     with pytest.raises(ConfigError, match=rf"{field}: must be a number, got the boolean (True|False)"):
-        load_config(None, [override])
+        load_config(None, [*(lact if "inter_multi" in field else []), override])
 
 
 def test_booleans_stay_booleans():

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
@@ -65,7 +65,8 @@ MAX_EXPAND = 16.0
 def refuse_bool_for_number(value: Any, annotation: Any) -> Any:
     """value, unless it is a boolean given for an int or float field: pydantic's lax mode reads
     `steps: true` as 1 and `lr: false` as 0.0, a slip rather than a setting."""
-    if isinstance(value, bool) and annotation in (int, float, int | None, float | None):
+    options = set(get_args(annotation) or (annotation,))  # int | float | None -> {int, float, NoneType}
+    if isinstance(value, bool) and options & {int, float} and bool not in options:
         raise ValueError(f"must be a number, got the boolean {value}")
     return value
 
