@@ -43,24 +43,25 @@ def run_training(config: RunConfig, args: argparse.Namespace, resume_command: li
                redis_url=args.redis_url, resume_command=resume_command)
 
 
+def service_flags(args: argparse.Namespace) -> list[str]:
+    """--ray-address and --redis-url as given (a Redis URL's password not printed), for a resume command: they
+    are nowhere in a run's config.yaml."""
+    from services.redis_server import redact_url
+
+    flags = ["--ray-address", args.ray_address] if args.ray_address else []
+    return flags + (["--redis-url", redact_url(args.redis_url)] if args.redis_url else [])
+
+
 def main_job_resume_command(args: argparse.Namespace, config: RunConfig) -> list[str]:
     """The main job's own command line with --resume: each stage goes on from its checkpoint (a finished one
-    says so and trains nothing). The run directory is pinned, so that it resumes from anywhere; a Redis
-    URL's password is not printed."""
+    says so and trains nothing). A relative run directory is pinned, so that it resumes from anywhere."""
     from refine.loop import absolute_out_dir
 
     command = ["refine", "train"] + ([str(Path(args.config).resolve())] if args.config else [])
-    for item in [*args.set, f"train.out_dir={absolute_out_dir(config)}"]:
+    pinned = [] if Path(config.train.out_dir).is_absolute() else [f"train.out_dir={absolute_out_dir(config)}"]
+    for item in [*args.set, *pinned]:
         command += ["--set", item]
-    if args.local:
-        command.append("--local")
-    if args.ray_address:
-        command += ["--ray-address", args.ray_address]
-    if args.redis_url:
-        from services.redis_server import redact_url
-
-        command += ["--redis-url", redact_url(args.redis_url)]
-    return command + ["--resume"]
+    return command + (["--local"] if args.local else service_flags(args)) + ["--resume"]
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -84,7 +85,11 @@ def _train(args: argparse.Namespace) -> int:
                                 decodes_text=decodes_text)
         print(json.dumps({"out_dir": absolute_out_dir(config), "wall_seconds": report["wall_seconds"]}))
         return 0
-    stats = run_training(config, args)
+    flags = [] if runs_locally(config.train.mode, args) else service_flags(args)
+    # A service run's config.yaml holds absolute paths; the addresses given here it does not hold.
+    resume_command = ["refine", "train", str(Path(absolute_out_dir(config)) / "config.yaml"), *flags,
+                      "--resume"] if flags else None
+    stats = run_training(config, args, resume_command)
     print(json.dumps({"out_dir": absolute_out_dir(config), **stats}))
     return 0
 

@@ -325,7 +325,8 @@ def _absolute_paths(config: RunConfig) -> RunConfig:
     if discovery_env and config.service.metrics_discovery_dir == BUILT_IN_DISCOVERY_DIR:
         config.service.metrics_discovery_dir = discovery_env
     config.service.metrics_discovery_dir = str(Path(config.service.metrics_discovery_dir).expanduser().resolve())
-    for section, name in ((config.train, "init_from"), (config, "tokenizer"), (config.data, "source")):
+    for section, name in ((config.train, "init_from"), (config, "tokenizer"), (config.data, "source"),
+                          (config.data, "eval_source")):
         value = getattr(section, name)
         if value and Path(value).expanduser().exists():
             setattr(section, name, str(Path(value).expanduser().resolve()))

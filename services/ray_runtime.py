@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -202,24 +204,29 @@ def ray_for_run(config: RunConfig, address: str | None) -> Iterator[bool]:
     # a REFINE_METRICS_HOST that is no host (a local Ray's actors inherit it, and the orchestrator reads it).
     prepare_discovery_dir(config.service.metrics_discovery_dir)
     metrics_host()
-    if not ray.is_initialized():
-        if connects:
-            try:
-                ray.init(address=str(address), log_to_driver=True)
-            except ConnectionError as exc:  # something listens there, but no Ray cluster answered
-                raise ValueError(f"Ray at {str(address)!r} ({address_source(address)}): {exc}") from None
-            except ValueError as exc:  # Ray's own refusal of the form: "Invalid address format: garbage"
-                reason = " ".join(str(exc).split())
-                hint = f"; give {RAY_ADDRESS_FORMS}" if "address" in reason.lower() else ""
-                raise ValueError(f"Ray address {str(address)!r} ({address_source(address)}): {reason}{hint}") from None
-        else:
-            ray.init(
-                num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)),
-                include_dashboard=False,
-                object_store_memory=LOCAL_OBJECT_STORE_BYTES,
-                log_to_driver=True,
-            )
-        started = True
+    keep_sigterm = _sigterm_keeper()
+    try:
+        if not ray.is_initialized():
+            if connects:
+                try:
+                    ray.init(address=str(address), log_to_driver=True)
+                except ConnectionError as exc:  # something listens there, but no Ray cluster answered
+                    raise ValueError(f"Ray at {str(address)!r} ({address_source(address)}): {exc}") from None
+                except ValueError as exc:  # Ray's own refusal of the form: "Invalid address format: garbage"
+                    reason = " ".join(str(exc).split())
+                    hint = f"; give {RAY_ADDRESS_FORMS}" if "address" in reason.lower() else ""
+                    raise ValueError(f"Ray address {str(address)!r} ({address_source(address)}): "
+                                     f"{reason}{hint}") from None
+            else:
+                ray.init(
+                    num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)),
+                    include_dashboard=False,
+                    object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+                    log_to_driver=True,
+                )
+            started = True
+    finally:  # a failed ray.init may have replaced it too
+        keep_sigterm()
     try:
         available = float(ray.cluster_resources().get("CPU", 0.0))
         if available < needed:
@@ -235,6 +242,19 @@ def ray_for_run(config: RunConfig, address: str | None) -> Iterator[bool]:
     finally:
         if started:
             ray.shutdown()
+        keep_sigterm()
+
+
+def _sigterm_keeper() -> Callable[[], None]:
+    """What puts back this process's SIGTERM handler as it is now: ray.init replaces it (Python's with sys.exit,
+    then its C++ core's own, which dumps a stack), and a driver must go on stopping on SIGTERM as on Ctrl-C (the
+    CLI's handler) before and after its service run, not die at once. A no-op off the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    handler = signal.getsignal(signal.SIGTERM)
+    if handler is None:  # set outside Python: nothing Python can put back
+        return lambda: None
+    return lambda: signal.signal(signal.SIGTERM, handler)
 
 
 def check_gpus(config: RunConfig, available: float) -> None:

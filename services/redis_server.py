@@ -308,6 +308,9 @@ class EmbeddedRedis:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             preexec_fn=preexec,
+            # Its own session: a terminal's Ctrl-C (SIGINT to the whole foreground group) must not kill the server
+            # while the run stops gracefully through it; the run stops it, and it dies with its parent.
+            start_new_session=True,
         )
         deadline = time.monotonic() + self.startup_timeout_s
         client = redis.Redis(

@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -326,3 +327,22 @@ def test_sigterm_before_a_runs_steps_exits_130_as_ctrl_c_does(tmp_path, capsys, 
     assert main(argv) == 130
     assert "refine: interrupted" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) is handler
+
+
+def test_resume_commands_carry_the_service_addresses_given_but_no_password(tmp_path):
+    import argparse
+
+    from refine.cli import main_job_resume_command, service_flags
+    from refine.config import DEMO_DEFAULTS, load_config
+
+    args = argparse.Namespace(config=None, set=["train.out_dir=runs/d"], local=False, ray_address="10.0.0.1:6380",
+                              redis_url="redis://:hunter2@10.0.0.2:6379/0", resume=False)
+    assert service_flags(args) == ["--ray-address", "10.0.0.1:6380", "--redis-url", "redis://:***@10.0.0.2:6379/0"]
+    config = load_config(None, args.set, defaults=DEMO_DEFAULTS)
+    command = main_job_resume_command(args, config)
+    # A relative run directory is pinned after the user's own setting, which it overrides.
+    assert command[:6] == ["refine", "train", "--set", "train.out_dir=runs/d", "--set",
+                           f"train.out_dir={Path('runs/d').resolve()}"]
+    assert command[6:] == [*service_flags(args), "--resume"]
+    args.local = True
+    assert main_job_resume_command(args, config)[-2:] == ["--local", "--resume"]

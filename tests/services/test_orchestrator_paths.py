@@ -20,3 +20,15 @@ def test_a_deployments_discovery_dir_replaces_the_built_in_one_named_or_defaulte
     chosen = load_config(None, [f"service.metrics_discovery_dir={own}"])
     assert Path(_absolute_paths(chosen).service.metrics_discovery_dir) == own
 
+
+
+def test_every_path_a_resume_reads_is_made_absolute(tmp_path, monkeypatch):
+    # config.yaml is written from these: a resume from another directory must find the same files.
+    monkeypatch.chdir(tmp_path)
+    for name in ("docs.jsonl", "heldout.jsonl"):
+        (tmp_path / name).write_text('{"text": "a"}\n')
+    config = _absolute_paths(load_config(None, ["data.source=docs.jsonl", "data.eval_source=heldout.jsonl",
+                                                "train.out_dir=runs/r"]))
+    assert (config.data.source, config.data.eval_source, config.train.out_dir) == (
+        str(tmp_path / "docs.jsonl"), str(tmp_path / "heldout.jsonl"), str(tmp_path / "runs" / "r"))
+    assert _absolute_paths(load_config(None, ["data.eval_source=synthetic"])).data.eval_source == "synthetic"

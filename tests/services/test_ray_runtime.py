@@ -1,10 +1,13 @@
 """Where a run's Ray comes from: an unreachable --ray-address fails fast, without starting Ray."""
 
 import http.server
+import subprocess
+import sys
 import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import ray
@@ -285,3 +288,23 @@ def test_an_unusable_metrics_discovery_dir_fails_before_ray_starts(
         with ray_for_run(config, None):
             pass
     assert (tmp_path / "new" / "prometheus").is_dir()
+
+
+def test_a_run_keeps_the_drivers_sigterm_handler_through_ray_start_and_shutdown(tmp_path) -> None:
+    """ray.init replaces the SIGTERM handler (sys.exit, then its C++ core's, which dumps a stack): a driver that
+    stops on SIGTERM as on Ctrl-C (refine's CLI) died at once in the start-up window and after a service stage."""
+    script = (
+        "import signal, sys\n"
+        "from refine.config import RunConfig\n"
+        "from services.ray_runtime import ray_for_run\n"
+        "def mine(signum, frame): pass\n"
+        "signal.signal(signal.SIGTERM, mine)\n"
+        "config = RunConfig()\n"
+        "config.service.metrics_discovery_dir = sys.argv[1]\n"
+        "with ray_for_run(config, None):\n"
+        "    inside = signal.getsignal(signal.SIGTERM) is mine\n"
+        "print('handler', inside, signal.getsignal(signal.SIGTERM) is mine)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert "handler True True" in out.stdout, out.stdout + out.stderr

@@ -66,6 +66,15 @@ def test_start_answers_and_stop_cleans_up() -> None:
         server.url
 
 
+def test_the_server_is_out_of_reach_of_a_terminals_ctrl_c() -> None:
+    # A terminal sends SIGINT to its whole foreground process group: the server, in a session of its own, must
+    # outlive it while the run stops gracefully through it.
+    with EmbeddedRedis() as server:
+        pid = server._process.pid
+        assert os.getsid(pid) == pid and os.getpgid(pid) != os.getpgid(0)
+        assert connect(server.url).ping()
+
+
 def test_two_servers_run_side_by_side() -> None:
     with EmbeddedRedis() as first, EmbeddedRedis() as second:
         assert first.port != second.port
