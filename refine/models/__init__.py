@@ -31,6 +31,7 @@ MODEL_TYPES: dict[str, tuple[str, str, str, str]] = {
     ),
     "lact_swiglu": ("refine.models.lact", "LaCTForCausalLM", "LaCTConfig", "LaCTForCausalLM"),
 }
+EMBEDDINGS_KEY = "model.embeddings.weight"  # every model's input embeddings (FastWeightLM), which lm_head may share
 
 __all__ = [
     "FastWeightLM", "ModelOutput", "ModelState", "MODEL_TYPES",
@@ -155,7 +156,12 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
     model = build_model(config, dtype=dtype if dtype is not None else _checkpoint_dtype(tensors),
                         config_file=str(path / "config.json"))
     if config.tie_word_embeddings:
-        tensors.pop("lm_head.weight", None)
+        # A copy of the embeddings is dropped; an output layer of its own would be lost (fla keeps it, untied).
+        head, embeddings = tensors.pop("lm_head.weight", None), tensors.get(EMBEDDINGS_KEY)
+        if head is not None and embeddings is not None and not torch.equal(head, embeddings):
+            raise ValueError(f"{path / 'config.json'}: tie_word_embeddings=true, but the checkpoint's lm_head.weight "
+                             f"differs from its {EMBEDDINGS_KEY}: the output layer it stores would be lost; set "
+                             f"tie_word_embeddings to false in config.json to load it as it is")
     expected = model.state_dict()
     if config.tie_word_embeddings:
         expected = {k: v for k, v in expected.items() if k != "lm_head.weight"}

@@ -52,7 +52,8 @@ class LaCTConfig(ModelConfigBase):
     fuse_norm, last_layer_fuse_norm, fuse_swiglu, fuse_cross_entropy, use_fused_kernel, fp32_states,
     elementwise_affine and use_cache select kernels in the release and are kept so that config.json
     round-trips; we compute the release's plain PyTorch path. Its fused kernel (use_fused_kernel, GPU only)
-    is not quite that function with use_muon: it orthogonalizes dw0 and dw2 stacked together. Fast weights
+    is not quite that function with use_muon: it orthogonalizes dw0 and dw2 stacked together (so that pair is
+    refused). Fast weights
     always update in at least float32; the release's GPU path runs them under bfloat16 autocast.
     Checked against the release's own code (lact_llm at 1f84d47, float64, its Triton pieces swapped for fla's
     references): logits and carried states agree to 1e-13, gradients to 1e-11, Muon and low-rank fast weights
@@ -141,6 +142,16 @@ class LaCTConfig(ModelConfigBase):
         if self.lr_dim != 1 and not (self.lr_dim == head_dim == inner):
             raise ValueError(f"lr_dim={self.lr_dim} must be 1 or equal the fast-weight head size {head_dim} "
                              f"(with inter_multi=1) so that per-channel learning rates broadcast")
+        return self
+
+    @model_validator(mode="after")
+    def _fused_muon_is_not_ours(self) -> "LaCTConfig":
+        # The release's fused kernel orthogonalizes dw0 and dw2 stacked together; we compute its plain path, which
+        # orthogonalizes each: a checkpoint trained with both flags would run as another function here.
+        if self.use_fused_kernel and self.use_muon:
+            raise ValueError("use_fused_kernel=true with use_muon=true is the release's fused kernel, whose Muon step "
+                             "orthogonalizes dw0 and dw2 together; this library computes the plain path (each apart), "
+                             "another function: set use_fused_kernel to false to run the plain path")
         return self
 
     @property

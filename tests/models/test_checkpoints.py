@@ -365,3 +365,21 @@ def test_save_model_puts_its_files_on_disk(tmp_path, monkeypatch):
     path = save_model(model, tmp_path / "model")
     assert {path / "config.json", path / "model.safetensors", path} <= set(synced)
     assert synced.index(path) > max(synced.index(path / "config.json"), synced.index(path / "model.safetensors"))
+
+
+def test_a_tied_config_whose_checkpoint_stores_its_own_output_layer_is_refused(tmp_path):
+    # fla keeps such a file's lm_head (untied); dropping it would train and save another model, silently.
+    model = build_model(dict(model_type="delta_net", hidden_size=32, num_heads=2, num_hidden_layers=1, vocab_size=60,
+                             tie_word_embeddings=False))
+    save_model(model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    with pytest.raises(ValueError, match=r"tie_word_embeddings=true, but the checkpoint's lm_head.weight differs from "
+                                         r"its model.embeddings.weight"):
+        load_model(tmp_path)
+    # A stored copy of the embeddings is what tying means: it loads.
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["lm_head.weight"] = tensors["model.embeddings.weight"].clone()
+    save_file(tensors, tmp_path / "model.safetensors")
+    loaded = load_model(tmp_path)
+    assert torch.equal(loaded.lm_head.weight, tensors["model.embeddings.weight"])

@@ -511,3 +511,12 @@ def test_num_heads_names_the_attention_heads_and_may_not_contradict_them():
     assert config_from_dict({**base, "num_attn_heads": 4}).num_heads == 4
     with pytest.raises(ValueError, match=r"num_heads=4 and num_attn_heads=2 differ"):
         config_from_dict({**base, "num_heads": 4, "num_attn_heads": 2})
+
+
+def test_the_release_fused_kernel_with_muon_is_refused_as_another_function():
+    from refine.models import config_from_dict
+
+    base = dict(model_type="lact_swiglu", hidden_size=32, num_lact_heads=2, num_heads=2, use_fused_kernel=True)
+    with pytest.raises(ValueError, match=r"use_fused_kernel=true with use_muon=true is the release's fused kernel"):
+        config_from_dict({**base, "use_muon": True})
+    assert config_from_dict({**base, "use_muon": False}).use_fused_kernel  # the same function: kept, round-trips
