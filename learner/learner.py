@@ -231,6 +231,10 @@ class Learner:
 
     def _publish_weights(self) -> None:
         version = self.state.step
+        if self.colocated:  # no rollout worker reads them: the fused step samples from these very weights
+            self.state.weight_version = version
+            self.metrics.weight_version.set(version)
+            return
         started = time.perf_counter()
         state_dict = self.model.state_dict()
 

@@ -52,8 +52,9 @@ class Metrics:
                                         buckets=LATENCY_BUCKETS, registry=r)
         self.scored_batches = Counter("refine_scored_batches", "Rollout batches scored", registry=r)
         # Learner
-        self.learner_steps = Counter("refine_learner_steps", "Optimizer steps taken by this process", registry=r)
-        self.learner_step = Gauge("refine_learner_step", "The run's optimizer step (a resumed run continues it)",
+        self.learner_steps = Counter("refine_learner_steps", "Learner steps taken by this process (batches: "
+                                     "train.mini_batches optimizer steps each)", registry=r)
+        self.learner_step = Gauge("refine_learner_step", "The run's learner step (a resumed run continues it)",
                                   registry=r)
         self.policy_loss = Gauge("refine_policy_loss", "Clipped policy-gradient loss", registry=r)
         self.ntp_loss = Gauge("refine_ntp_loss", "Next-token cross-entropy", registry=r)

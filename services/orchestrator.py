@@ -1049,6 +1049,18 @@ class Orchestrator:
 
     def _shutdown(self) -> None:
         self._stop_flag("shutdown")
+        # Prometheus's targets first, before any call to Ray: a SIGTERM to the whole process group (timeout,
+        # systemd, Slurm) also ends a local Ray, whose next call aborts this process, and a target left announced
+        # stays down for good (RefineRoleDown fires). Members that finished withdrew their own; killed ones could
+        # not.
+        from learner.learner import MEMBER_ID, ROLE
+
+        members = [(ROLE, MEMBER_ID), *((m.role, m.member_id) for m in self.members)]
+        if self.endpoint is not None:
+            self.endpoint.close()
+            self.endpoint = None
+        for role, member_id in members:
+            withdraw_announcements(self.config.service.metrics_discovery_dir, role, member_id, self.namespace)
         for actor in [self.learner, *self.replicas, *(m.actor for m in self.members)]:
             if actor is not None:
                 try:
@@ -1060,10 +1072,7 @@ class Orchestrator:
                 self.reservation.release()  # every actor's bundle, once
             except Exception as exc:  # Ray went away: it took the group with it
                 logger.warning("could not release the run's placement group: %s", exc)
-        from learner.learner import MEMBER_ID, ROLE
-
-        # Members that finished removed their own files; killed ones could not.
-        for role, member_id in [(ROLE, MEMBER_ID), *((m.role, m.member_id) for m in self.members)]:
+        for role, member_id in members:  # the rest of what killed members leave (vLLM's staged checkpoints)
             remove_member_files(self.config, self.namespace, role, member_id)
         if self.bar is not None:
             self.bar.close()
@@ -1074,8 +1083,6 @@ class Orchestrator:
                 self.broker.delete_namespace()
             except (redis.RedisError, OSError) as exc:
                 logger.warning("could not delete namespace %s: %s", self.namespace, exc)
-        if self.endpoint is not None:
-            self.endpoint.close()
         self.client.close()
 
     def _write_line(self, text: str) -> None:

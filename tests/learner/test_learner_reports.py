@@ -134,6 +134,10 @@ def test_a_colocated_learner_exports_its_rollouts_their_reward_and_entropy(redis
         rollouts = len(_documents(0).lengths) * refine.num_chunks * refine.num_samples
         assert registry.get_sample_value("refine_rollouts_total") == rollouts
         assert registry.get_sample_value("refine_rollout_tokens_total") == rollouts * refine.rollout_len
+        # No rollout worker reads published weights here: the learner publishes none (for a 1.3B model, seconds
+        # per step and gigabytes of Redis), but its weight version still follows its steps.
+        assert learner.weights.latest_version() is None
+        assert registry.get_sample_value("refine_weight_version") == learner.state.weight_version == 1
     finally:
         learner.runtime.close()
         learner.broker.delete_namespace()
