@@ -265,7 +265,8 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.
 
 class TrainConfig(Strict):
     mode: Literal["ntp", "onepass", "fused", "reference"] = "fused"
-    steps: int = Field(20, ge=0)
+    steps: int = Field(20, ge=1, description="batches to train (each train.mini_batches optimizer steps); a run of "
+                       "none would write a run directory without a checkpoint")
     batch_size: int = Field(4, ge=1, description="documents per step (rolled out together)")
     mini_batches: int = Field(
         1, ge=1, description="optimizer steps per step: its documents split into this many mini-batches, each "

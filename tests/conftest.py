@@ -2,6 +2,7 @@
 
 import contextlib
 import functools
+import signal
 import traceback
 import uuid
 from collections import Counter
@@ -133,3 +134,15 @@ def _inside_a_host_read(event: Any) -> bool:
             return True
         parent = parent.cpu_parent
     return False
+
+
+@pytest.fixture
+def ctrl_c() -> Iterator[None]:
+    """SIGINT raises KeyboardInterrupt, as in a terminal. A process started in the background (`cmd &`, a CI job
+    runner) inherits SIGINT ignored, and a run rightly leaves an ignored signal ignored (refine.loop.stop_requests):
+    tests that press Ctrl-C must not depend on how pytest was started."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

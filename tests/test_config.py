@@ -690,3 +690,9 @@ def test_a_metrics_discovery_dir_that_is_a_file_is_refused_when_the_config_is_ch
     fresh = tmp_path / "not" / "yet"
     assert load_config(None, [f"service.metrics_discovery_dir={fresh}"]).service.metrics_discovery_dir == str(fresh)
     assert not fresh.exists()  # checking creates nothing: the service creates it before Ray starts
+
+
+def test_a_run_of_no_steps_is_refused():
+    # It wrote config.yaml and an empty metrics.jsonl, no checkpoint, and exited 0.
+    with pytest.raises(ConfigError, match=r"train.steps: Input should be greater than or equal to 1 \(got 0\)"):
+        load_config(None, ["train.steps=0"])

@@ -67,7 +67,7 @@ def test_an_eval_length_too_short_for_the_eval_sets_fails_before_anything_trains
 
 
 def test_a_stopped_main_job_prints_its_own_command_which_goes_on_from_each_stages_checkpoint(tmp_path, capsys,
-                                                                                             monkeypatch):
+                                                                                             monkeypatch, ctrl_c):
     import os
     import re
     import shlex

@@ -921,7 +921,7 @@ def _signalled_at(monkeypatch, step, signals):
 
 @pytest.mark.parametrize("number", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_or_sigterm_stops_after_the_step_with_a_checkpoint_and_the_printed_command_resumes_it(
-        tmp_path, monkeypatch, capfd, number):
+        tmp_path, monkeypatch, capfd, ctrl_c, number):
     from refine.cli import main
     from refine.loop import RunInterrupted
 
@@ -943,7 +943,7 @@ def test_ctrl_c_or_sigterm_stops_after_the_step_with_a_checkpoint_and_the_printe
     assert _rows(tmp_path / "run")[-1]["loss"] == pytest.approx(straight["loss"], rel=1e-6)
 
 
-def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tmp_path, monkeypatch):
+def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tmp_path, monkeypatch, ctrl_c):
     from refine.loop import RunInterrupted
 
     _signalled_at(monkeypatch, 2, [signal.SIGINT, signal.SIGINT])
@@ -954,7 +954,7 @@ def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tmp_path, monkeypatc
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def test_stop_requests_leave_ignored_signals_and_other_threads_alone():
+def test_stop_requests_leave_ignored_signals_and_other_threads_alone(ctrl_c):
     import threading
 
     from refine.loop import stop_requests
@@ -981,7 +981,7 @@ def test_stop_requests_leave_ignored_signals_and_other_threads_alone():
     assert seen == [(signal.default_int_handler, False)]
 
 
-def test_a_ctrl_c_during_the_last_checkpoint_lets_it_be_written_and_the_run_finish(tmp_path, monkeypatch):
+def test_a_ctrl_c_during_the_last_checkpoint_lets_it_be_written_and_the_run_finish(tmp_path, monkeypatch, ctrl_c):
     # With train.checkpoint_every=0 the last checkpoint is the run's only one: a stop must not lose it.
     import refine.loop as loop
 
@@ -998,7 +998,7 @@ def test_a_ctrl_c_during_the_last_checkpoint_lets_it_be_written_and_the_run_fini
     assert (tmp_path / "losses.png").exists()
 
 
-def test_a_run_in_a_relative_out_dir_says_where_its_resume_command_runs(tmp_path, monkeypatch, capfd):
+def test_a_run_in_a_relative_out_dir_says_where_its_resume_command_runs(tmp_path, monkeypatch, capfd, ctrl_c):
     from refine.cli import main
     from refine.loop import RunInterrupted
 

@@ -348,7 +348,7 @@ def test_a_resume_refuses_a_directory_whose_latest_run_another_program_made(tmp_
 
 
 def test_ctrl_c_stops_after_the_step_with_a_checkpoint_and_the_printed_command_resumes_it(tmp_path, capsys,
-                                                                                          monkeypatch):
+                                                                                          monkeypatch, ctrl_c):
     import os
     import re
     import shlex
