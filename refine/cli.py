@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
-import threading
 from pathlib import Path
 
 from refine.config import DEMO_DEFAULTS, ConfigError, RunConfig, load_config
-from refine.runtime import tune_allocator
+from refine.runtime import sigterm_as_ctrl_c, tune_allocator
 
 
 def positive_int(text: str) -> int:
@@ -238,32 +236,23 @@ def _reported_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def _sigterm_as_ctrl_c(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = None if argv[:1] == ["score"] else build_parser().parse_args(argv)
     tune_allocator()
-    # SIGTERM (`kill`, schedulers, container runtimes) ends every command as Ctrl-C does; a run's steps take both
-    # more gently (refine.loop.stop_requests, the service's orchestrator). An ignored SIGTERM stays ignored.
-    takes_sigterm = (threading.current_thread() is threading.main_thread()
-                     and signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN)
-    previous = signal.signal(signal.SIGTERM, _sigterm_as_ctrl_c) if takes_sigterm else None
-    try:
-        return _score(argv[1:]) if args is None else args.func(args)
-    except KeyboardInterrupt:  # Ctrl-C: what was running already said how it stopped; no traceback
-        print("refine: interrupted", file=sys.stderr)
-        return 130
-    except Exception as err:
-        if not isinstance(err, _reported_errors()):
-            raise
-        print(f"refine: error: {err}", file=sys.stderr)
-        return 2
-    finally:
-        if takes_sigterm:  # main() called in-process (tests, notebooks) leaves the caller's handler
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+    # SIGTERM ends every command as Ctrl-C does; a run's steps take both more gently (refine.loop.stop_requests,
+    # the service's orchestrator).
+    with sigterm_as_ctrl_c():
+        try:
+            return _score(argv[1:]) if args is None else args.func(args)
+        except KeyboardInterrupt:  # Ctrl-C: what was running already said how it stopped; no traceback
+            print("refine: interrupted", file=sys.stderr)
+            return 130
+        except Exception as err:
+            if not isinstance(err, _reported_errors()):
+                raise
+            print(f"refine: error: {err}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

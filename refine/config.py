@@ -594,6 +594,13 @@ class RunConfig(Strict):
         return self
 
 
+def input_path_fields(config: RunConfig) -> tuple[tuple[BaseModel, str], ...]:
+    """The fields of `config` that may name a file or directory the run reads, each as (the section that holds
+    it, the field's name), to read or rewrite: train.init_from, tokenizer, data.source and data.eval_source. Each
+    may also name no file (`synthetic`, unset). train.out_dir, which the run writes, is apart."""
+    return ((config.train, "init_from"), (config, "tokenizer"), (config.data, "source"), (config.data, "eval_source"))
+
+
 def _expand_home(path: str | None) -> str | None:
     """A path as every reader gets it: "~" expanded once here (a YAML file's "~/ckpt" is not a shell's)."""
     if not (path and path.startswith("~")):

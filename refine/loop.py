@@ -32,7 +32,9 @@ from refine.algorithm.update import (
     LossResult, SliceShares, advantages_for, fused_refine_step, refine_loss, rollout_stats, score_rollouts,
     slice_loss, target_share,
 )
-from refine.config import DTYPES, OptimConfig, RefineConfig, RunConfig, dump_config, fit_to_tokenizer, run_tokenizer
+from refine.config import (
+    DTYPES, OptimConfig, RefineConfig, RunConfig, dump_config, fit_to_tokenizer, input_path_fields, run_tokenizer,
+)
 from refine.data.batches import DocumentBatch
 from refine.data.stream import check_resumed_cursor, check_source, document_batches
 from refine.evaluation.heldout import heldout_evaluator
@@ -787,7 +789,7 @@ def relative_paths(config: RunConfig) -> list[str]:
     """The paths of `config` that are relative to the working directory: train.out_dir, and train.init_from,
     tokenizer, data.source or data.eval_source where one names a file here (they may name no file: synthetic)."""
     paths = [config.train.out_dir] if not Path(config.train.out_dir).is_absolute() else []
-    named = (config.train.init_from, config.tokenizer, config.data.source, config.data.eval_source)
+    named = [getattr(section, name) for section, name in input_path_fields(config)]
     return paths + [path for path in named if path and not Path(path).is_absolute() and Path(path).exists()]
 
 

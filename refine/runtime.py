@@ -1,4 +1,4 @@
-"""Process-wide CPU allocator settings for training and rollout processes; a device timing helper.
+"""Process-wide settings for training and rollout processes (the CPU allocator, SIGTERM); a device timing helper.
 
 glibc's malloc serves large blocks with fresh mmap'd pages and hands freed heap memory back to the
 kernel, so a CPU training step that allocates and frees the same multi-megabyte activations every
@@ -11,6 +11,9 @@ process keeps its peak heap mapped, as caching allocators do.
 Entry points (the CLI, the service roles, the benchmarks) call `tune_allocator()` once at start;
 REFINE_MALLOC_TUNING=0 turns it off. A no-op where glibc's mallopt is unavailable.
 
+`sigterm_as_ctrl_c()` makes SIGTERM (`kill`, `ray job stop`, schedulers, container runtimes) stop what runs
+as Ctrl-C does, for the CLI's commands and a service run's driver.
+
 `synchronize(device)` waits for a GPU's queued work, so that a wall-clock interval covers it;
 `StageTimes` adds up such intervals per named stage (the benchmarks' timings and breakdowns, the
 training steps' per-phase seconds).
@@ -20,7 +23,9 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -62,6 +67,25 @@ def tune_allocator() -> bool:
         )
     )
     return _tuned
+
+
+def _raise_ctrl_c(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def sigterm_as_ctrl_c() -> Iterator[None]:
+    """While open, SIGTERM raises KeyboardInterrupt, as Ctrl-C does; the handler before is put back on exit (a
+    command called in-process, from tests or notebooks, leaves its caller's). Off the main thread, and where this
+    process ignores SIGTERM, the handler stays as it is."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_ctrl_c)
+    try:
+        yield
+    finally:  # None: a handler set outside Python, which Python cannot put back
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def synchronize(device: str | torch.device) -> None:

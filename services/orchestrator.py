@@ -60,9 +60,7 @@ import hashlib
 import json
 import logging
 import os
-import signal
 import sys
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -77,7 +75,8 @@ from tqdm import tqdm
 
 from learner.checkpoint import latest_checkpoint, read_checkpoint_reports, read_learner_state
 from refine.config import (
-    BUILT_IN_DISCOVERY_DIR, ConfigError, RunConfig, TrainConfig, dump_config, fit_to_tokenizer, run_tokenizer,
+    BUILT_IN_DISCOVERY_DIR, ConfigError, RunConfig, TrainConfig, dump_config, fit_to_tokenizer, input_path_fields,
+    run_tokenizer,
 )
 from refine.data.batches import DocumentBatch as LocalBatch
 from refine.data.sources import RowSource
@@ -92,6 +91,7 @@ from refine.loop import (
     warmup_warning, write_row,
 )
 from refine.optim import describe_rates
+from refine.runtime import sigterm_as_ctrl_c
 from refine.tokenizer import Tokenizer
 from refine_vllm.settings import remove_staging
 from rollout_workers.engines import engine_owner
@@ -325,8 +325,7 @@ def _absolute_paths(config: RunConfig) -> RunConfig:
     if discovery_env and config.service.metrics_discovery_dir == BUILT_IN_DISCOVERY_DIR:
         config.service.metrics_discovery_dir = discovery_env
     config.service.metrics_discovery_dir = str(Path(config.service.metrics_discovery_dir).expanduser().resolve())
-    for section, name in ((config.train, "init_from"), (config, "tokenizer"), (config.data, "source"),
-                          (config.data, "eval_source")):
+    for section, name in input_path_fields(config):
         value = getattr(section, name)
         if value and Path(value).expanduser().exists():
             setattr(section, name, str(Path(value).expanduser().resolve()))
@@ -496,59 +495,49 @@ class Orchestrator:
         withdraw_run_announcements(discovery_dir, self.namespace)
         self.endpoint = serve_metrics(self.metrics, role="orchestrator", instance=self.namespace,
                                       discovery_dir=discovery_dir, run=self.namespace)
-        previous_handler = self._install_sigterm()
-        graceful = True
-        try:
-            setup = self._start_learner()
-            if not self.colocated:
-                self._start_members()  # they start while the learner sets up; they wait for its weights
-            start = self._wait_for_learner(setup)
-            self._write_config()  # only now: a resume the learner refused leaves the run's config.yaml as it was
-            self._open_outputs(start)
-            if start["step"] == 0:  # before the learner's first step
-                message = fresh_run_message(self.out_dir, clear_checkpoints(self.out_dir))
-                if message is not None:
-                    self._write_line(message)
-            self.data = self._document_batches(start["cursor"])
-            span = shuffled_pass_span(self.config, self.tokenizer) if self.config.data.shuffle else 0
-            self.data_position = DataPosition(epoch=start["epoch"], cursor=start["cursor"] if start["step"] else -1,
-                                              span=span)
-            self.learner_future = self.learner.run.remote()
-            self._loop()
-            result = self._finish()
-            if self.stopping and int(result.get("step", 0) or 0) < self.config.train.steps:
-                # Ctrl-C or SIGTERM: it stopped cleanly, but did not finish; the command must not say it did.
-                self._write_line(interrupted_message(int(result.get("step", 0) or 0), self.config.train.steps,
-                                                     self.resume_command))
-                raise RunInterrupted
-            return result
-        except RunInterrupted:
-            raise
-        except KeyboardInterrupt:
-            graceful = False  # the second Ctrl-C (the loop takes the first one gracefully): kill at once
-            raise
-        finally:
-            if graceful:
-                self._let_learner_stop()
-            self._shutdown()
-            if previous_handler is not None:
-                signal.signal(signal.SIGTERM, previous_handler)
+        # `ray job stop` and container runtimes send SIGTERM: stop as cleanly as on Ctrl-C (also when the run is
+        # called in-process, without the CLI, which does the same).
+        with sigterm_as_ctrl_c():
+            graceful = True
+            try:
+                setup = self._start_learner()
+                if not self.colocated:
+                    self._start_members()  # they start while the learner sets up; they wait for its weights
+                start = self._wait_for_learner(setup)
+                self._write_config()  # only now: a resume the learner refused leaves the run's config.yaml as it was
+                self._open_outputs(start)
+                if start["step"] == 0:  # before the learner's first step
+                    message = fresh_run_message(self.out_dir, clear_checkpoints(self.out_dir))
+                    if message is not None:
+                        self._write_line(message)
+                self.data = self._document_batches(start["cursor"])
+                span = shuffled_pass_span(self.config, self.tokenizer) if self.config.data.shuffle else 0
+                self.data_position = DataPosition(epoch=start["epoch"], cursor=start["cursor"] if start["step"] else -1,
+                                                  span=span)
+                self.learner_future = self.learner.run.remote()
+                self._loop()
+                result = self._finish()
+                if self.stopping and int(result.get("step", 0) or 0) < self.config.train.steps:
+                    # Ctrl-C or SIGTERM: it stopped cleanly, but did not finish; the command must not say it did.
+                    self._write_line(interrupted_message(int(result.get("step", 0) or 0), self.config.train.steps,
+                                                         self.resume_command))
+                    raise RunInterrupted
+                return result
+            except RunInterrupted:
+                raise
+            except KeyboardInterrupt:
+                graceful = False  # the second Ctrl-C (the loop takes the first one gracefully): kill at once
+                raise
+            finally:
+                if graceful:
+                    self._let_learner_stop()
+                self._shutdown()
 
     def _groups(self) -> list[tuple[str, str]]:
         groups = [(LEARNER_REPORTS, ORCHESTRATOR_GROUP)]
         if self.colocated:
             return groups + [(DOCUMENTS, LEARNER_GROUP)]
         return groups + [(DOCUMENTS, ROLLOUT_GROUP), (ROLLOUTS, REWARD_GROUP), (SCORED, LEARNER_GROUP)]
-
-    def _install_sigterm(self):
-        # `ray job stop` and container runtimes send SIGTERM: stop as cleanly as on Ctrl-C.
-        if threading.current_thread() is not threading.main_thread():
-            return None
-
-        def interrupt(signum, frame):
-            raise KeyboardInterrupt
-
-        return signal.signal(signal.SIGTERM, interrupt)
 
     def _remote(self, role: str, cls: type) -> Callable[[Placement], Any]:
         """`cls` as `role`'s actor class, created in a given bundle: call .remote(...) on what it returns."""

@@ -1,13 +1,16 @@
-"""refine.runtime: the allocator settings every entry point applies, and their switch; stage timing."""
+"""refine.runtime: the allocator settings every entry point applies, and their switch; SIGTERM as Ctrl-C; stage
+timing."""
 
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 
-from refine.runtime import StageTimes, timed_stage
+from refine.runtime import StageTimes, sigterm_as_ctrl_c, timed_stage
 
 PROBE = "from refine.runtime import tune_allocator; print(tune_allocator(), tune_allocator())"
 
@@ -39,3 +42,38 @@ def test_stage_times_add_up_per_stage_and_survive_an_error():
     assert set(times.seconds) == {"work", "failing"}
     assert times.seconds["work"] >= 0.02 and times.seconds["failing"] >= 0
     assert times.stats() == {"work_seconds": times.seconds["work"], "failing_seconds": times.seconds["failing"]}
+
+
+def test_sigterm_raises_ctrl_c_inside_and_the_handler_before_is_put_back():
+    def before(signum, frame):
+        raise AssertionError("the handler before ran inside")
+
+    previous = signal.signal(signal.SIGTERM, before)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with sigterm_as_ctrl_c():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)  # the handler runs at the next bytecode; never slept through
+        assert signal.getsignal(signal.SIGTERM) is before
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_an_ignored_sigterm_stays_ignored_and_other_threads_change_nothing():
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        with sigterm_as_ctrl_c():
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    seen: list[object] = []
+
+    def off_the_main_thread() -> None:
+        with sigterm_as_ctrl_c():  # signal.signal would raise ValueError here
+            seen.append(signal.getsignal(signal.SIGTERM))
+
+    thread = threading.Thread(target=off_the_main_thread)
+    thread.start()
+    thread.join()
+    assert seen == [previous]
