@@ -41,7 +41,7 @@ class Tokenizer(Protocol):
 
 class ByteTokenizer:
     """UTF-8 bytes are ids 0..255; four special ids follow. Needs no files, so a model trained with it is
-    self-contained. Decoding drops special ids and replaces invalid UTF-8 (a sampled byte sequence may cut a
+    self-contained. Decoding drops special ids and ids past the vocabulary, and replaces invalid UTF-8 (a sampled byte sequence may cut a
     multi-byte character) with U+FFFD instead of failing."""
 
     PAD_ID = 256
@@ -85,10 +85,10 @@ class ByteTokenizer:
             token_id = int(token_id)
             if 0 <= token_id < self.NUM_BYTES:
                 data.append(token_id)
-            elif not self.NUM_BYTES <= token_id < self.vocab_size:
-                raise ValueError(
-                    f"token id {token_id} at position {position} is outside the byte vocabulary [0, {self.vocab_size})"
-                )
+            elif token_id < 0:
+                raise ValueError(f"token id {token_id} at position {position} is negative")
+            # Else a special id, or one past the vocabulary that a model with a larger one may sample: both name no
+            # text, and are dropped (as the tokenizers library drops ids its vocabulary lacks).
         return data.decode("utf-8", errors="replace")
 
     def __repr__(self) -> str:

@@ -57,7 +57,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 import reward.functions  # noqa: F401  (registers the task rewards)
-from refine.algorithm.rewards import RewardInputs, RewardOutputError, available_rewards, compute_reward
+from refine.algorithm.rewards import (
+    MissingRewardInput, RewardInputs, RewardOutputError, available_rewards, compute_reward,
+)
 from refine.errors import shown
 from reward.scoring import record_scored
 from services.metrics import Metrics
@@ -569,6 +571,7 @@ def _reward_inputs(rollouts: list[Any], hidden: dict[str, torch.Tensor | None]) 
         ground_truth_hidden=hidden["ground_truth_hidden"],
         rollout_texts=None if first.rollout_text is None else [rollout.rollout_text for rollout in rollouts],
         reference_texts=None if first.reference_texts is None else [rollout.reference_texts for rollout in rollouts],
+        count=len(rollouts),
     )
 
 
@@ -641,11 +644,12 @@ def create_app(
         except RewardOutputError as exc:  # the reward function's fault, not the request's
             logger.error("reward service: %s", exc)
             raise _RewardFailed(exc, str(exc)) from exc
-        except (ValueError, ValidationError) as exc:
+        except (MissingRewardInput, ValidationError) as exc:  # rollouts without a field it reads, or inconsistent
             # RewardInputs calls the texts "rollout_texts"; this API's field is "rollout_text".
             reason = str(exc).replace("'rollout_texts'", "'rollout_text'")
             raise _RewardRefused(f"reward {request.reward_type!r} cannot score these rollouts: {reason}") from exc
-        except (Exception, SystemExit) as exc:  # a plugin's sys.exit() would end no server, only this answer
+        # Any other error is the reward's (a ValueError inside torch too); a plugin's sys.exit() ends no server.
+        except (Exception, SystemExit) as exc:
             logger.exception("reward service: reward %r failed", request.reward_type)
             raise _RewardFailed(exc) from exc
         seconds = time.perf_counter() - started

@@ -57,10 +57,17 @@ def test_byte_tokenizer_decode_drops_specials_and_replaces_broken_utf8():
     assert tokenizer.decode(tokenizer.encode("a") + rocket[:2]) == "a\ufffd"
 
 
+def test_byte_tokenizer_decode_drops_ids_past_its_vocabulary():
+    """A model's vocabulary may be larger than the tokenizer's (check_vocab_fits allows it), so its samples may hold
+    ids that name no token: decoding drops them, as the tokenizers library does, instead of failing a whole batch."""
+    tokenizer = ByteTokenizer()
+    assert tokenizer.decode([104, tokenizer.vocab_size, 105, 50_000]) == "hi"
+
+
 def test_byte_tokenizer_rejects_bad_input():
     tokenizer = ByteTokenizer()
-    with pytest.raises(ValueError, match="token id 260 at position 1"):
-        tokenizer.decode([65, 260])
+    with pytest.raises(ValueError, match="token id -1 at position 1 is negative"):
+        tokenizer.decode([65, -1])
     with pytest.raises(ValueError, match="token id -1"):
         tokenizer.decode([-1])
     with pytest.raises(TypeError, match="expects str"):

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
 RewardFn = Callable[["RewardInputs"], Tensor]
@@ -39,6 +39,10 @@ MAX_REWARD_NAME_LENGTH = 128
 TASK_REWARD_MODULE = "reward.functions"
 
 
+class MissingRewardInput(ValueError):
+    """The rollouts lack a field the reward reads (RewardInputs.require): the caller's fault, not the reward's."""
+
+
 class RewardInputs(BaseModel):
     """What a reward may read about N rollouts; each reward checks the fields it needs."""
 
@@ -50,10 +54,12 @@ class RewardInputs(BaseModel):
     ground_truth_hidden: Tensor | None = None  # [N, k, D]
     rollout_texts: list[str] | None = None  # [N] decoded rollouts (task rewards)
     reference_texts: list[list[str]] | None = None  # [N] acceptable answers per rollout
+    # N itself, for rollouts given without any field (a reward that reads none, such as a constant baseline).
+    count: int | None = Field(None, ge=0)
 
     @model_validator(mode="after")
     def _consistent(self) -> RewardInputs:
-        sizes: dict[str, int] = {}
+        sizes: dict[str, int] = {} if self.count is None else {"count": self.count}
         for name in ("rollout_tokens", "ground_truth_tokens", "rollout_hidden", "ground_truth_hidden"):
             value = getattr(self, name)
             if value is None:
@@ -78,6 +84,8 @@ class RewardInputs(BaseModel):
 
     @property
     def num_rollouts(self) -> int:
+        if self.count is not None:
+            return self.count
         for name in ("rollout_tokens", "ground_truth_tokens", "rollout_hidden", "ground_truth_hidden"):
             value = getattr(self, name)
             if value is not None:
@@ -90,7 +98,7 @@ class RewardInputs(BaseModel):
     def require(self, *names: str) -> None:
         missing = [name for name in names if getattr(self, name) is None]
         if missing:
-            raise ValueError(f"this reward needs the fields {missing}, which are missing")
+            raise MissingRewardInput(f"this reward needs the fields {missing}, which are missing")
 
 
 def register_reward(name: str, *, reads_text: bool = False) -> Callable[[RewardFn], RewardFn]:

@@ -332,7 +332,8 @@ def test_malformed_requests_get_a_4xx_naming_the_problem(client):
     check_correct_requests(client)
 
 
-@pytest.mark.parametrize("error", [RuntimeError, SystemExit])  # sys.exit() in a plugin ends no server
+# sys.exit() in a plugin ends no server; a ValueError (torch raises many) is the plugin's fault, not the request's.
+@pytest.mark.parametrize("error", [RuntimeError, ValueError, SystemExit])
 def test_a_failing_reward_plugin_is_a_json_500_and_the_server_keeps_serving(client, error):
     def faulty(inputs: RewardInputs) -> torch.Tensor:
         raise error("plugin bug")
@@ -349,6 +350,16 @@ def test_a_failing_reward_plugin_is_a_json_500_and_the_server_keeps_serving(clie
     finally:
         unregister_reward("test_faulty")
     check_correct_requests(client)
+
+
+def test_a_reward_that_reads_no_field_scores_every_rollout(client):
+    """A reward may read nothing (a constant baseline): rollouts that give no field still count, one score each."""
+    register_reward("test_constant")(lambda inputs: torch.full((inputs.num_rollouts,), 0.25))
+    try:
+        response = client.post("/v1/score", json={"reward_type": "test_constant", "rollouts": [{}, {}, {}]})
+        assert response.status_code == 200 and response.json()["rewards"] == [0.25] * 3, response.text
+    finally:
+        unregister_reward("test_constant")
 
 
 def test_a_refused_value_is_named_with_its_field(client):

@@ -129,6 +129,17 @@ def test_rewards_that_read_no_text_never_decode():
     assert scored.rewards.tolist() == pytest.approx(COSINE)
 
 
+def test_text_rewards_score_ids_past_the_tokenizers_vocabulary():
+    """A model's vocabulary may be larger than its tokenizer's: a sampled id that names no token is dropped from the
+    text, not the end of the whole batch (a dead letter, which ends the run)."""
+    tokenizer = ByteTokenizer()
+    word = tokenizer.encode("x")
+    source = batch().model_copy(update={"rollout_tokens": torch.tensor([[*word, tokenizer.vocab_size + 7]] * 2),
+                                        "ground_truth_tokens": torch.tensor([[*word, 32]] * 2)})
+    scored = score_batch(source, "qa_f1", decode=tokenizer.decode)
+    assert scored.rewards.tolist() == [1.0, 1.0]
+
+
 def test_a_blank_gold_answer_matches_nothing():
     """Ground-truth tokens that decode to blank text (a document's blank lines) would make every rollout contain
     the gold answer: such a rollout scores 0, and the batch's other rollouts are scored as usual."""
