@@ -25,7 +25,7 @@ from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from refine.data.tasks import TaskExample
+from refine.data.tasks import DEFAULT_MAX_NEW_TOKENS, TaskExample
 from refine.tokenizer import Tokenizer
 
 _T = TypeVar("_T")
@@ -380,6 +380,9 @@ def _niah_example(config: NiahConfig, tokenizer: Tokenizer, index: int) -> TaskE
     block_end_char = offsets[max(needle_slots)] + len(final.items[max(needle_slots)])
     block_tokens = len(tokenizer.encode(prompt[:block_end_char])) - needle_start
     rest = max(token_end - token_start - block_tokens, 1)
+    # Room for every gold value in a sentence that lists them ("A, and B."), and some to spare: 4 values of 7
+    # digits did not fit the default 32 tokens, capping a perfect answer at 75. (RULER gives its NIAH 128.)
+    answer_tokens = len(tokenizer.encode(" " + ", and ".join(answers) + "."))
     return TaskExample(
         example_id=f"niah_{config.variant}_{_set_name(config.seed, config.purpose)}_{index}",
         task=f"niah_{config.variant}",
@@ -387,7 +390,7 @@ def _niah_example(config: NiahConfig, tokenizer: Tokenizer, index: int) -> TaskE
         answers=answers,
         context=prompt[context_start:context_end],
         question=suffix.strip(),
-        max_new_tokens=None,
+        max_new_tokens=max(DEFAULT_MAX_NEW_TOKENS, answer_tokens + 16),
         metadata={
             "keys": query_keys,
             "needle_char_offsets": [offsets[s] for s in sorted(needle_slots)],

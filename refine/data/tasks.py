@@ -47,6 +47,10 @@ logger = logging.getLogger(__name__)
 MAX_GEN_TOKENS = 65_536
 
 
+# The answer budget of an example that gives none (refine eval's default; --max-new-tokens overrides every budget).
+DEFAULT_MAX_NEW_TOKENS = 32
+
+
 class TaskExample(BaseModel):
     """One task instance. `prompt` is the whole model input; `context` / `question` are its parts when the
     source keeps them apart (post-training cuts a long prompt in the context's middle)."""

@@ -301,6 +301,22 @@ def niah_score(prediction: str, answers: Sequence[str]) -> float:
     return string_match_all(ruler_postprocess(prediction), answers)
 
 
+def ordered_recall_score(prediction: str, answers: Sequence[str]) -> float:
+    """Synthetic recall (MQAR, fact recall), whose prompts ask for the gold values in order: the share of them the
+    prediction gives in their place. Words (runs of letters and digits, case-insensitive) are compared: the i-th
+    value must be the prediction's words at its place after the values before it, so a value inside a longer
+    number or out of order does not count (a substring test counted "482" in "4821"), and words past the last
+    value are not read."""
+    _require_references(answers)
+    words = re.findall(r"\w+", prediction.lower())
+    place, found = 0, 0
+    for answer in answers:
+        expected = re.findall(r"\w+", answer.lower())
+        found += words[place:place + len(expected)] == expected
+        place += len(expected)
+    return found / len(answers)
+
+
 # ---------------------------------------------------------------- per-task scoring rules
 
 _LONGBENCH_METRICS: dict[str, str] = {
@@ -367,7 +383,7 @@ LONGBENCH_TASKS = tuple(_LONGBENCH_METRICS)
 RULER_ALL_MATCH_TASKS = frozenset(
     {"niah", "vt", "cwe", "fwe", "variable_tracking", "common_words_extraction", "freq_words_extraction"}
 )
-# Synthetic tasks of refine.data.synthetic: every gold value must be recalled.
+# Synthetic tasks of refine.data.synthetic whose prompts ask for the gold values in order (ordered_recall_score).
 SYNTHETIC_TASKS = frozenset({"mqar", "fact_recall"})
 
 
@@ -505,8 +521,10 @@ def task_metric(task: str, code_backend: FuzzBackend = "difflib",
     if name in ("qa", "qa_1", "qa_2"):
         return TaskMetric(name, "string_match_part", False, lambda p, a, _c: ruler_official_qa_score(p, a),
                           ruler_aggregate)
-    if name in RULER_ALL_MATCH_TASKS or name.startswith("niah_") or name in SYNTHETIC_TASKS:
+    if name in RULER_ALL_MATCH_TASKS or name.startswith("niah_"):
         return TaskMetric(name, "string_match_all", False, lambda p, a, _c: niah_score(p, a), ruler_aggregate)
+    if name in SYNTHETIC_TASKS:
+        return TaskMetric(name, "ordered_recall", False, lambda p, a, _c: ordered_recall_score(p, a), ruler_aggregate)
     known = sorted(_LONGBENCH_METRICS) + [f"{name}_e" for name in sorted(LONGBENCH_E_DATASETS)]
     known += ["ruler_qa", "qa_1", "qa_2", "niah", "niah_*"]
     known += sorted(RULER_ALL_MATCH_TASKS - {"niah"}) + sorted(SYNTHETIC_TASKS)

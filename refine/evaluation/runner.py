@@ -36,7 +36,7 @@ from refine.config import (
 from refine.data.batches import DocumentBatch, pad_documents
 from refine.data.sources import DataSourceError
 from refine.data.synthetic import NiahConfig, NiahVariant, Purpose, generate_niah, mqar_for_length, stream_salt
-from refine.data.tasks import MAX_GEN_TOKENS, TaskExample, load_longbench, load_ruler_qa
+from refine.data.tasks import DEFAULT_MAX_NEW_TOKENS, MAX_GEN_TOKENS, TaskExample, load_longbench, load_ruler_qa
 from refine.evaluation.metrics import LONGBENCH_FIRST_LINE_TASKS, LongBenchScoring, longbench_task_name, task_metric
 from refine.evaluation.score import score_predictions
 from refine.files import check_output_spares_inputs, write_atomically
@@ -48,7 +48,6 @@ from refine.phases import adapt_and_answer, check_no_kl_term, snapshot_weights
 from refine.tokenizer import Tokenizer, check_eos_matches, check_vocab_fits, resolve_tokenizer
 
 CLI_TASKS = ("niah", "mqar", "ruler-qa", "longbench")
-DEFAULT_MAX_NEW_TOKENS = 32
 DEFAULT_TTT_STEPS = 2  # --ttt-steps: the REFINE updates on each prompt
 # The most --ttt-steps: each step samples rollouts over the whole prompt and updates the weights, for every
 # example. The paper's released scripts take 1 or 2; a slip such as 10**11 would keep one prompt going for ever.

@@ -16,7 +16,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from refine.evaluation.metrics import FuzzBackend, LongBenchScoring, aggregate_by_length, task_metric
+from refine.evaluation.metrics import (
+    FuzzBackend, LongBenchScoring, aggregate_by_length, longbench_task_name, task_metric,
+)
 from refine.files import check_output_spares_inputs, write_atomically
 
 PREDICTION_FIELDS = ("prediction", "pred")
@@ -97,6 +99,8 @@ def score_predictions(
         "num_examples": len(scores),
         "empty_predictions": empty_predictions,
     }
+    if longbench_task_name(metric.task) is None:  # LongBench-E's word-count buckets mean nothing for RULER's tokens
+        return summary, scores
     if len(lengths) == len(scores):
         summary["score_by_length"] = aggregate_by_length(scores, lengths)
     elif lengths:  # LongBench-E's buckets need every row's length: say why they are missing

@@ -73,6 +73,11 @@ def test_niah_answers_are_recoverable_from_the_prompt(variant, haystack):
         assert all(key in example.question for key in keys)
         assert niah_score(" ".join(recovered), example.answers) == 1.0
         assert niah_score("", example.answers) == 0.0
+        # The answer budget holds every value in a sentence that lists them (4 values of 7 digits did not fit
+        # the default 32 tokens, capping a perfect answer at 75).
+        listed = " " + ", ".join(example.answers[:-1]) + (", and " if len(example.answers) > 1 else "") + example.answers[-1]
+        ideal = BYTES.decode(BYTES.encode(listed + ".")[: example.max_new_tokens])
+        assert niah_score(ideal, example.answers) == 1.0 and example.max_new_tokens >= 32
         if variant == "multikey":  # distractors: other keys, other values
             assert len({key for _, key, _ in needles_of(example.context)}) >= 4
 

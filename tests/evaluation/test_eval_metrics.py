@@ -15,6 +15,7 @@ from refine.evaluation.metrics import (
     niah_score,
     normalize_answer,
     normalize_zh_answer,
+    ordered_recall_score,
     qa_f1_score,
     qa_f1_zh_score,
     retrieval_score,
@@ -177,6 +178,18 @@ def test_ruler_postprocess_and_qa_first_line():
     assert ruler_qa_score("\nParis", ["paris"]) == 0.0  # the first line is empty
     assert ruler_official_qa_score("\nParis", ["paris"]) == 1.0  # RULER's own rule reads everything
     assert ruler_qa_score("", ["paris"]) == 0.0
+
+
+def test_ordered_recall_compares_whole_values_in_their_places():
+    assert ordered_recall_score(" 482 193 557 610", ["482", "193", "557", "610"]) == 1.0
+    assert ordered_recall_score("482, 193 then", ["482", "193", "557", "610"]) == 0.5  # punctuation is no word
+    assert ordered_recall_score("4821 193", ["482", "193"]) == 0.5  # a longer number is another value
+    assert ordered_recall_score("193 482", ["482", "193"]) == 0.0  # out of order
+    assert ordered_recall_score(" Ada Lovelace. The rest", ["ada lovelace"]) == 1.0  # fact recall: several words
+    assert ordered_recall_score(" Adam Lovelace", ["ada lovelace"]) == 0.0
+    assert ordered_recall_score("", ["1"]) == 0.0
+    with pytest.raises(ValueError):
+        ordered_recall_score("x", [])
 
 
 def test_niah_needs_every_value():

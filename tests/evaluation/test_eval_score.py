@@ -29,9 +29,24 @@ def test_ruler_and_niah_field_names_and_length_buckets():
     ]
     summary, scores = score_predictions("ruler_qa", rows)
     assert scores == [1.0, 0.0] and summary["score"] == 50.0
+    # A RULER row's length counts tokens, and RULER reports each length apart: LongBench-E's word-count buckets
+    # are LongBench's alone.
+    assert "score_by_length" not in summary and "rows_without_length" not in summary
+    summary, _ = score_predictions("hotpotqa", [{"pred": "Lowy", "answers": ["lowy"], "length": 3000},
+                                                {"pred": "nobody", "answers": ["lowy"], "length": 9000}])
     assert summary["score_by_length"] == {"0-4k": 100.0, "4-8k": None, "8k+": 0.0}
     summary, scores = score_predictions("niah_multivalue", [{"pred": "1 and 3", "outputs": ["1", "2", "3", "4"]}])
     assert scores == [0.5] and summary["score"] == 50.0
+
+
+def test_mqar_takes_the_values_in_order_and_whole():
+    """MQAR's prompt asks for the queried values in order: a value inside a longer number, or in another place,
+    is not recalled (a substring test scored both rows 100)."""
+    answers = ["482", "193", "557", "610"]
+    summary, scores = score_predictions("mqar", [{"pred": " 4821 9193 1557 6104", "answers": answers},
+                                                 {"pred": "610 557 193 482", "answers": answers},
+                                                 {"pred": " 482 193 999 610 and more", "answers": answers}])
+    assert scores == [0.0, 0.0, 0.75] and summary["metric"] == "ordered_recall" and summary["score"] == 25.0
 
 
 def test_classification_needs_all_classes():
