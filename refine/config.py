@@ -222,10 +222,10 @@ class DataSpec(Strict):
 
     @field_validator("source", "eval_source")
     @classmethod
-    def _home_exists(cls, value: str | None) -> str | None:
-        if value is not None:
-            _expand_home(value)  # "~nobody/...": refused naming the field, not a traceback when the source is read
-        return value
+    def _home_expanded(cls, value: str | None) -> str | None:
+        # As every path field: every reader (the run's source record too) gets "~" expanded; "~nobody/..." is
+        # refused naming the field, not a traceback when the source is read.
+        return _expand_home(value)
 
     @field_validator("min_length")
     @classmethod

@@ -180,9 +180,13 @@ def test_home_relative_paths_are_expanded_once_for_every_reader(tmp_path, monkey
     torch.manual_seed(0)
     save_model(build_model(dict(model_type="delta_net", vocab_size=300, hidden_size=32, num_heads=2,
                                 num_hidden_layers=1)), tmp_path / "ckpt")
-    config = load_config(None, ["train.init_from=~/ckpt", "train.out_dir=~/runs/x", "tokenizer=~/ckpt"])
+    config = load_config(None, ["train.init_from=~/ckpt", "train.out_dir=~/runs/x", "tokenizer=~/ckpt",
+                                "data.source=~/docs.jsonl", "data.eval_source=~/heldout.jsonl"])
     assert (config.train.init_from, config.tokenizer) == (str(tmp_path / "ckpt"),) * 2
     assert config.train.out_dir == str(tmp_path / "runs" / "x") and config.model.vocab_size == 300
+    # The data sources too: a run's source record read "~/docs.jsonl" as a relative path, and failed.
+    assert (config.data.source, config.data.eval_source) == (str(tmp_path / "docs.jsonl"),
+                                                             str(tmp_path / "heldout.jsonl"))
 
 
 @pytest.mark.parametrize("override,field", [

@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 SourceFormat = Literal["parquet", "jsonl", "text", "hf"]
 FormatName = Literal["auto", "parquet", "jsonl", "text", "hf"]  # what a config may name; auto: detect_format
-_EXTENSIONS: dict[str, SourceFormat] = {".parquet": "parquet", ".jsonl": "jsonl", ".txt": "text"}
+_EXTENSIONS: dict[str, SourceFormat] = {".parquet": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl", ".txt": "text"}
 _COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".lz4", ".zip", ".7z", ".br", ".snappy")
 # Files `datasets.Dataset.save_to_disk` / `DatasetDict.save_to_disk` write at the folder's top level.
 _HF_MARKERS = ("dataset_dict.json", "dataset_info.json", "state.json")
@@ -174,16 +174,29 @@ def _compressed(name: str) -> bool:
     return len(parts) == 3 and f".{parts[1]}" in _EXTENSIONS and f".{parts[2]}" in _COMPRESSED
 
 
+_warned_folders: set[str] = set()
+
+
 def _folder_files(folder: Path) -> list[Path]:
     """The data files under a folder, each read with the format of its extension (in any case: B.JSONL as
     a single file is read too), in sorted order: the order that numbers their records.
 
     Hidden files and folders (names starting with ".") are left out: .ipynb_checkpoints and the like hold
-    copies, whose documents would be read twice. A compressed data file (part-0.jsonl.gz) fails naming it:
-    a run that silently left it out would train on part of the data the user pointed at."""
+    copies, whose documents would be read twice. Linked folders are followed (shared storage is often linked
+    in), each real folder once: the first path to it in sorted order names its files. A compressed data file
+    (part-0.jsonl.gz) fails naming it: a run that silently left it out would train on part of the data the user
+    pointed at. Other files are left out (README.md, a hub repository's dataset_infos.json), .json ones with a
+    warning, since JSON lines are sometimes named so (they must end in .jsonl or .ndjson)."""
     files: list[Path] = []
-    for directory, folders, names in os.walk(folder):
-        folders[:] = [name for name in folders if not name.startswith(".")]
+    walked: set[Path] = set()  # real folders: a link to a folder walked already (or to an ancestor) is not walked
+    left_out_json: list[str] = []
+    for directory, folders, names in os.walk(folder, followlinks=True):
+        real = Path(directory).resolve()
+        if real in walked:
+            folders[:] = []
+            continue
+        walked.add(real)
+        folders[:] = sorted(name for name in folders if not name.startswith("."))  # sorted: the walk's order
         for name in names:
             if name.startswith("."):
                 continue
@@ -195,6 +208,12 @@ def _folder_files(folder: Path) -> list[Path]:
             file = Path(directory, name)
             if Path(name).suffix.lower() in _EXTENSIONS and file.is_file():
                 files.append(file)
+            elif name.lower().endswith(".json"):
+                left_out_json.append(str(file))
+    if left_out_json and files and str(folder) not in _warned_folders:  # once: a run lists its folders often
+        _warned_folders.add(str(folder))
+        logger.warning("data folder %r: %d .json file(s) left out (%s): JSON-lines files must end in .jsonl or "
+                       ".ndjson to be read", str(folder), len(left_out_json), ", ".join(sorted(left_out_json)[:3]))
     # Plain sorted order (shard-10 before shard-2), as runs recorded their sources in: a resumed run's data
     # cursor counts records in this order, so another order would make it resume elsewhere.
     return sorted(files)
@@ -234,10 +253,10 @@ def source_files(path: str | Path, fmt: SourceFormat) -> list[Path]:
     location = Path(path)
     if location.is_file():
         return [location]
-    suffix = {"parquet": ".parquet", "jsonl": ".jsonl", "text": ".txt"}[fmt]
-    files = [file for file in _folder_files(location) if file.suffix.lower() == suffix]
+    files = [file for file in _folder_files(location) if _EXTENSIONS[file.suffix.lower()] == fmt]
     if not files:
-        raise EmptySourceError(f"data folder {str(path)!r} holds no *{suffix} files")
+        suffixes = " or ".join(f"*{suffix}" for suffix, of in _EXTENSIONS.items() if of == fmt)
+        raise EmptySourceError(f"data folder {str(path)!r} holds no {suffixes} files")
     return files
 
 
@@ -276,6 +295,9 @@ class _ParquetReader:
         self.root = path
         # (file, rows of each row group); read_metadata / read_schema close the file they open.
         self.files: list[tuple[Path, list[int]]] = []
+        # Each file's columns to read: the required ones and the optional ones it has (a folder's files may differ,
+        # as JSON-lines records may: an optional column one file lacks is still read from the others).
+        self.file_columns: list[list[str]] = []
         names: list[list[str]] = []
         for file in source_files(path, "parquet"):
             try:
@@ -287,10 +309,10 @@ class _ParquetReader:
                 if column not in present:
                     raise MissingColumnError(column, present, f"parquet file {str(file)!r}")
             self.files.append((file, [metadata.row_group(group).num_rows for group in range(metadata.num_row_groups)]))
+            self.file_columns.append(list(columns) + [c for c in optional_columns if c in present and c not in columns])
             names.append(present)
         present_everywhere = set.intersection(*(set(present) for present in names))
         self.present = [name for name in names[0] if name in present_everywhere]
-        self.columns = list(columns) + [c for c in optional_columns if c in present_everywhere and c not in columns]
 
     def count(self) -> int:
         return sum(sum(groups) for _, groups in self.files)
@@ -324,35 +346,39 @@ class _ParquetReader:
             slot = bisect.bisect_right(starts, record) - 1
             start, number, group, first_row, rows = table[slot]
             if decoded is None or decoded[0] != slot:
-                decoded = (slot, self._read_group(self.files[number][0], group, first_row, rows))
+                decoded = (slot, self._read_group(number, group, first_row, rows))
             file, offset = self.files[number][0], record - start
             yield Row(index=position, location=f"{file}, row {first_row + offset}",
                       doc_id=f"{_file_label(file, self.root)}:{first_row + offset}",
-                      values={column: decoded[1][column][offset] for column in self.columns})
+                      values={column: column_values[offset] for column, column_values in decoded[1].items()})
 
-    def _read_group(self, file: Path, group: int, first_row: int, rows: int) -> dict[str, list[Any]]:
+    def _read_group(self, number: int, group: int, first_row: int, rows: int) -> dict[str, list[Any]]:
+        """The values of row group `group` of file `number`, by column."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
+        file, columns = self.files[number][0], self.file_columns[number]
         try:
             parquet = pq.ParquetFile(file)
         except (pa.ArrowException, OSError) as error:  # replaced or damaged since it was listed
             raise DataSourceError(f"parquet file {str(file)!r} cannot be opened ({error})") from error
-        values: dict[str, list[Any]] = {column: [] for column in self.columns}
+        values: dict[str, list[Any]] = {column: [] for column in columns}
         with parquet:
-            for batch in self._batches(file, parquet, group, first_row, rows):
+            for batch in self._batches(number, parquet, group, first_row, rows):
                 for column, column_values in batch.to_pydict().items():
                     values[column].extend(column_values)
-        if len(values[self.columns[0]]) != rows:  # the file was replaced since its footer was read
-            raise DataSourceError(f"parquet file {str(file)!r}, row group {group}: {len(values[self.columns[0]])} rows, "
+        if len(values[columns[0]]) != rows:  # the file was replaced since its footer was read
+            raise DataSourceError(f"parquet file {str(file)!r}, row group {group}: {len(values[columns[0]])} rows, "
                                   f"where the file had {rows} when this pass started: it changed during the run")
         return values
 
-    def _batches(self, file: Path, parquet: Any, group: int, first_row: int, num_rows: int) -> Iterator[Any]:
-        """The record batches of one row group; a damaged page fails naming the file, the group and its rows."""
+    def _batches(self, number: int, parquet: Any, group: int, first_row: int, num_rows: int) -> Iterator[Any]:
+        """The record batches of one row group of file `number`; a damaged page fails naming the file, the group
+        and its rows."""
         import pyarrow as pa
 
-        batches = parquet.iter_batches(row_groups=[group], columns=self.columns, batch_size=1024)
+        file = self.files[number][0]
+        batches = parquet.iter_batches(row_groups=[group], columns=self.file_columns[number], batch_size=1024)
         while True:
             try:
                 batch = next(batches)
@@ -370,7 +396,7 @@ class _ParquetReader:
         import pyarrow.parquet as pq
 
         index = 0
-        for file, groups in self.files:
+        for number, (file, groups) in enumerate(self.files):
             if stop is not None and index >= stop:
                 return
             if index + sum(groups) <= start:  # whole file before the cursor: skip without opening it
@@ -388,7 +414,7 @@ class _ParquetReader:
                         index += group_rows
                         continue
                     row_in_file = index - file_start
-                    for batch in self._batches(file, parquet, group, row_in_file, group_rows):
+                    for batch in self._batches(number, parquet, group, row_in_file, group_rows):
                         values = batch.to_pydict()
                         for offset in range(batch.num_rows):
                             if stop is not None and index >= stop:
@@ -398,7 +424,7 @@ class _ParquetReader:
                                     index=index,
                                     location=f"{file}, row {row_in_file}",
                                     doc_id=f"{label}:{row_in_file}",
-                                    values={column: values[column][offset] for column in self.columns},
+                                    values={column: column_values[offset] for column, column_values in values.items()},
                                 )
                             index += 1
                             row_in_file += 1

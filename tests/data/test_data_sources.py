@@ -509,6 +509,28 @@ def test_folder_sources_read_any_case_skip_hidden_files_and_refuse_compressed_on
         detect_format(folder / "c.jsonl.GZ")
 
 
+def test_folder_sources_follow_linked_folders_once_and_read_ndjson(tmp_path, caplog):
+    """Shared storage is often linked in: a linked folder's files are read (they were left out silently), a
+    folder linked twice or a link back to an ancestor only once. .ndjson is JSON lines; a .json file is left out
+    with a warning."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    write_jsonl(shared / "b.jsonl", ["from the linked folder"])
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    write_jsonl(folder / "a.ndjson", ["from ndjson"])
+    (folder / "more").symlink_to(shared, target_is_directory=True)
+    (folder / "same").symlink_to(shared, target_is_directory=True)
+    (folder / "loop").symlink_to(folder, target_is_directory=True)
+    with caplog.at_level(logging.WARNING, logger="refine.data.sources"):
+        assert [d.doc_id for d in iter_documents(config(folder), TOKENIZER)] == ["a.ndjson:1", "more/b.jsonl:1"]
+    assert not caplog.records
+    write_jsonl(folder / "c.json", ["JSON lines, misnamed"])
+    with caplog.at_level(logging.WARNING, logger="refine.data.sources"):
+        assert len(list(iter_documents(config(folder), TOKENIZER))) == 2
+    assert "c.json" in caplog.text and "must end in .jsonl or .ndjson" in caplog.text
+
+
 def test_folder_shards_keep_the_sorted_order_that_resumed_runs_count_records_in(tmp_path):
     # Plain sorted order, shard-10 before shard-2: a natural order would move a resumed run's cursor.
     for shard in (1, 2, 10):
@@ -583,7 +605,8 @@ def test_a_shuffled_parquet_read_decodes_each_row_group_once(tmp_path, monkeypat
     reads = []
     read_group = source.reader._read_group
     monkeypatch.setattr(source.reader, "_read_group",
-                        lambda file, group, *rest: reads.append((file.name, group)) or read_group(file, group, *rest))
+                        lambda number, group, *rest: reads.append((source.reader.files[number][0].name, group))
+                        or read_group(number, group, *rest))
     texts = [row.values["text"] for row in source.shuffled_rows(seed=3)]
     assert sorted(texts) == SHUFFLE_TEXTS
     # Groups (a.parquet: 5 5 5 5 4 rows; b.parquet: 7 7 2) in a random order, each one's rows together.

@@ -44,6 +44,20 @@ def test_ruler_qa_jsonl_and_parquet_give_the_same_examples(tmp_path):
     assert load_ruler_qa(tmp_path / "ruler.jsonl", task="mine")[0].task == "mine"
 
 
+def test_a_parquet_folder_reads_each_files_own_optional_columns(tmp_path):
+    """A folder's files may differ in optional columns, as JSON-lines records may: one file's all_classes and
+    max_gen_tokens are read though another file lacks them (they were dropped for every file)."""
+    folder = tmp_path / "longbench"
+    folder.mkdir()
+    pq.write_table(pa.table({"input": ["q1"], "context": ["c"], "answers": [["a"]], "dataset": ["trec"],
+                             "all_classes": [["a", "b"]], "max_gen_tokens": [7]}), folder / "trec.parquet")
+    pq.write_table(pa.table({"input": ["q2"], "context": ["c"], "answers": [["b"]], "dataset": ["hotpotqa"]}),
+                   folder / "zhotpot.parquet")
+    trec, hotpot = load_longbench(folder)
+    assert (trec.all_classes, trec.max_new_tokens) == (["a", "b"], 7)
+    assert (hotpot.all_classes, hotpot.max_new_tokens) == (None, 32)  # LongBench's budget for hotpotqa
+
+
 def test_ruler_own_output_format_appends_the_answer_prefix(tmp_path):
     rows = [
         {"index": 0, "input": "Context... Question: Q?", "outputs": ["42"], "answer_prefix": " Answer:", "length": 99}
