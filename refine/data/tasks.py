@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import string
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -208,6 +208,15 @@ def _open(path: str | Path, columns: list[str], fmt: str, policy: BadRowPolicy, 
     return RowSource(path, columns=[], optional_columns=columns, fmt=fmt, policy=policy, split=split)
 
 
+def _rows_until(source: RowSource, examples: list[TaskExample], limit: int | None) -> Iterator[Row]:
+    """The source's rows until `examples` holds `limit` of them (None: every row): a loader's limit counts
+    examples, so a bad row it skips takes no place among the first `limit`."""
+    for row in source.rows():
+        if limit is not None and len(examples) >= limit:
+            return
+        yield row
+
+
 def _finish(examples: list[TaskExample], policy: BadRowPolicy, path: str | Path, report: LoadReport | None) -> None:
     if report is not None:
         report.examples, report.bad_rows = len(examples), policy.count
@@ -243,7 +252,7 @@ def load_ruler_qa(
         source, [["prompt", "answer"], ["prompt", "answers"], ["input", "outputs"]], f"RULER QA source {str(path)!r}"
     )
     examples: list[TaskExample] = []
-    for row in source.rows(0, limit):
+    for row in _rows_until(source, examples, limit):
         values = row.values
         if "prompt" in values:
             prompt = _prompt_text(values["prompt"], "prompt", row, policy)
@@ -341,7 +350,7 @@ def load_longbench(
     _check_schema(source, [["input", "context", "answers"], ["prompt", "answers"]], f"LongBench source {str(path)!r}")
     fallback_name = Path(path).stem if Path(path).is_file() else None
     examples: list[TaskExample] = []
-    for row in source.rows(0, limit):
+    for row in _rows_until(source, examples, limit):
         values = row.values
         name = dataset or _dataset_name(values, row, policy, fallback_name)
         if name is None:
@@ -428,7 +437,7 @@ def load_task_examples(
     source = _open(path, _NATIVE_COLUMNS, fmt, policy, None)
     _check_schema(source, [["example_id", "task", "prompt", "answers"]], f"task source {str(path)!r}")
     examples: list[TaskExample] = []
-    for row in source.rows(0, limit):
+    for row in _rows_until(source, examples, limit):
         fields = {key: value for key, value in row.values.items() if value is not None}  # null = default
         try:
             examples.append(TaskExample.model_validate(fields))

@@ -36,7 +36,9 @@ from refine.config import (
 from refine.data.batches import DocumentBatch, pad_documents
 from refine.data.sources import DataSourceError
 from refine.data.synthetic import NiahConfig, NiahVariant, Purpose, generate_niah, mqar_for_length, stream_salt
-from refine.data.tasks import DEFAULT_MAX_NEW_TOKENS, MAX_GEN_TOKENS, TaskExample, load_longbench, load_ruler_qa
+from refine.data.tasks import (
+    DEFAULT_MAX_NEW_TOKENS, MAX_GEN_TOKENS, LoadReport, TaskExample, load_longbench, load_ruler_qa,
+)
 from refine.evaluation.metrics import LONGBENCH_FIRST_LINE_TASKS, LongBenchScoring, longbench_task_name, task_metric
 from refine.evaluation.score import score_predictions
 from refine.files import check_output_spares_inputs, write_atomically
@@ -592,7 +594,9 @@ def check_synthetic_length(task: str, length: int | None, num_examples: int | No
 
 
 def build_examples(args: argparse.Namespace, tokenizer: Tokenizer, options: EvalOptions,
-                   skip_bad_rows: bool = False) -> list[TaskExample]:
+                   skip_bad_rows: bool = False, report: LoadReport | None = None) -> list[TaskExample]:
+    """The examples `refine eval` answers: generated (niah, mqar) or read from --data; `report` receives how many
+    rows of a task file were read and skipped as bad."""
     if args.num_examples is not None and args.num_examples < 1:
         raise ValueError(f"--num-examples must be >= 1, got {args.num_examples}")
     check_synthetic_length(args.task, args.length, args.num_examples)
@@ -620,9 +624,9 @@ def build_examples(args: argparse.Namespace, tokenizer: Tokenizer, options: Eval
         raise ValueError(f"--task must be one of {CLI_TASKS}, got {args.task!r}")
     try:
         if args.task == "ruler-qa":
-            return load_ruler_qa(args.data, limit=args.num_examples, skip_bad_rows=skip_bad_rows)
+            return load_ruler_qa(args.data, limit=args.num_examples, skip_bad_rows=skip_bad_rows, report=report)
         return load_longbench(args.data, limit=args.num_examples, prompt_templates=options.prompt_templates,
-                              skip_bad_rows=skip_bad_rows)
+                              skip_bad_rows=skip_bad_rows, report=report)
     except DataSourceError as err:
         raise DataSourceError(f"{err}{_column_hint(args.data, args.task)}") from None
 
@@ -804,7 +808,8 @@ def main(args: argparse.Namespace) -> int:
     check_tokenizer_fits(load_model_config(model_dir), tokenizer, f"--model {str(model_dir)!r}")  # before the weights
     dtype = DTYPES[run_config.train.dtype] if "dtype" in run_config.train.model_fields_set else None
     model = load_model(model_dir, dtype=dtype, device=run_config.train.device)
-    examples = build_examples(args, tokenizer, options, skip_bad_rows=run_config.data.skip_bad_rows)
+    loaded = LoadReport()
+    examples = build_examples(args, tokenizer, options, skip_bad_rows=run_config.data.skip_bad_rows, report=loaded)
     results = evaluate(
         model, tokenizer, examples, args.task, ttt=args.ttt, run_config=run_config,
         ttt_steps=DEFAULT_TTT_STEPS if args.ttt_steps is None else args.ttt_steps, ttt_batch=args.ttt_batch,
@@ -815,6 +820,8 @@ def main(args: argparse.Namespace) -> int:
     )
     summary = results["summary"]
     summary.update(model=str(model_dir), data=args.data, seed=args.seed, tokenizer=repr(tokenizer))
+    if args.data is not None:  # rows of the task file skipped as malformed (data.skip_bad_rows), as posttrain.json
+        summary["skipped_bad_rows"] = loaded.bad_rows
     generated = synthetic_set(args.task, args.seed)
     if generated is not None:
         summary["synthetic_set"] = generated

@@ -645,8 +645,14 @@ def test_data_skip_bad_rows_skips_and_counts_a_bad_task_row(model_dir, tmp_path,
     base = ["--model", str(model_dir), "--task", "ruler-qa", "--data", str(data), "--max-new-tokens", "2"]
     code, _, err = run_eval(capsys, *base)
     assert code == 2 and "line 2: malformed JSON" in err
-    code, line, err = run_eval(capsys, *base, "--set", "data.skip_bad_rows=true")
+    results = tmp_path / "results.json"
+    code, line, err = run_eval(capsys, *base, "--set", "data.skip_bad_rows=true", "--output", str(results))
     assert code == 0 and line["num_examples"] == 2 and "skipped 1 bad rows" in caplog.text
+    assert json.loads(results.read_text())["summary"]["skipped_bad_rows"] == 1  # recorded, as posttrain.json does
+    # --num-examples counts examples: the bad row takes no place among the first 2 (it evaluated 1).
+    code, line, err = run_eval(capsys, *base, "--set", "data.skip_bad_rows=true", "--num-examples", "2",
+                               "--output", str(results))
+    assert code == 0 and line["num_examples"] == 2
 
 
 def test_eval_scores_longbench_with_the_release_rules_on_request(model_dir, task_files, capsys):
