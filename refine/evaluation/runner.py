@@ -43,7 +43,7 @@ from refine.evaluation.metrics import LONGBENCH_FIRST_LINE_TASKS, LongBenchScori
 from refine.evaluation.score import score_predictions
 from refine.files import check_output_spares_inputs, write_atomically
 from refine.generate import generate
-from refine.loop import check_device, finite_stats, make_optimizer, train_step
+from refine.loop import check_device, finite_stats, make_optimizer, mini_batch_bounds, train_step
 from refine.models import FastWeightLM, load_model, load_model_config
 from refine.models.config import ModelConfigBase, refuse_bool_for_number
 from refine.phases import adapt_and_answer, check_no_kl_term, snapshot_weights
@@ -425,10 +425,11 @@ def evaluate(
 
 def skipped_updates(records: list[dict[str, Any]]) -> int:
     """Test-time updates skipped as not finite: each example's own, or each --ttt-batch batch's once (its examples
-    share its history)."""
+    share its history; its entry's skipped_nonfinite is the share of its optimizer_steps skipped)."""
     histories = {record.get("ttt_batch", index): record.get("ttt_history", [])
                  for index, record in enumerate(records)}
-    return sum(1 for history in histories.values() for stats in history if stats.get("skipped_nonfinite"))
+    return sum(round(stats.get("skipped_nonfinite", 0.0) * stats.get("optimizer_steps", 1.0))
+               for history in histories.values() for stats in history)
 
 
 def check_ttt_batch(ttt_batch: int | None, ttt: bool, ttt_accumulate: bool, mini_batches: int = 1,
@@ -497,7 +498,10 @@ def _ttt_in_batches(model: FastWeightLM, tokenizer: Tokenizer, prompts: list[lis
                                           [str(records[i]["id"]) for i in adapted])
                 config = run_config.model_copy(update={
                     "refine": cfg, "train": run_config.train.model_copy(update={"mode": "onepass"})})
-                stats = [finite_stats(train_step(model, optimizer, documents, config, generator).stats)]
+                # One entry for the batch, whose skipped_nonfinite is the share of its optimizer_steps skipped.
+                steps = len(mini_batch_bounds(len(adapted), config.train.mini_batches))
+                stats = [finite_stats(train_step(model, optimizer, documents, config, generator).stats)
+                         | {"optimizer_steps": float(steps)}]
             if notes and not noted:
                 _note(notes[0])
                 noted = True
@@ -744,21 +748,31 @@ def check_options_apply(options: EvalOptions, task: str, ttt: bool) -> None:
 # What `refine eval` reads of a run config: where and how the model runs, how bad task rows are met, and, with
 # --ttt, how it adapts (the refine and optim sections, and --ttt-batch's mini- and micro-batches).
 EVAL_READS = {"train.device", "train.threads", "train.dtype", "data.skip_bad_rows"}
-TTT_READS = {"train.mini_batches", "train.micro_batches"}
+TTT_READS = {"train.mini_batches", "train.micro_batches"}  # with --ttt-batch: they split its batches
+# Test-time updates take optim.lr as it is: no schedule (per prompt, a schedule over --ttt-steps would restart).
+TTT_UNSCHEDULED = {"optim.schedule", "optim.warmup_steps", "optim.min_lr_ratio"}
 TTT_SECTIONS = {"refine", "optim"}
 # The flags that say what a run config's field says for a training run.
 FLAGS_INSTEAD = {"tokenizer": "--tokenizer", "train.init_from": "--model", "train.steps": "--ttt-steps",
                  "train.seed": "--seed", "model": "--model (the model is the checkpoint's)"}
 
 
-def check_overrides_apply(overrides: Sequence[str], config_file: str | None, ttt: bool) -> None:
-    """Refuse run-config settings `refine eval` would not read (it reads EVAL_READS, and with --ttt the refine and
-    optim sections and TTT_READS): a --set train.steps=50 meant as --ttt-steps would otherwise change nothing."""
+def check_overrides_apply(overrides: Sequence[str], config_file: str | None, ttt: bool,
+                          ttt_batch: int | None = None) -> None:
+    """Refuse run-config settings `refine eval` would not read (it reads EVAL_READS, with --ttt the refine and
+    optim sections but for TTT_UNSCHEDULED, and with --ttt-batch TTT_READS): a --set train.steps=50 meant as
+    --ttt-steps would otherwise change nothing."""
     if config_file is not None and not ttt:
         raise ValueError(f"--config {config_file}: its refine and optim sections drive --ttt, which is not given; "
                          f"without --ttt, set what eval reads ({', '.join(sorted(EVAL_READS))}) with --set")
     for item in overrides:
         key = item.split("=", 1)[0].strip()
+        if ttt and key in TTT_UNSCHEDULED:
+            raise ValueError(f"--set {item}: test-time training takes no learning-rate schedule; its updates use "
+                             f"optim.lr as it is")
+        if ttt and ttt_batch is None and key in TTT_READS:
+            raise ValueError(f"--set {item}: {key} splits the batches of --ttt-batch N (the released scripts' "
+                             f"schedule), which is not given; --ttt alone adapts on each prompt, --ttt-steps times")
         if key in EVAL_READS or (ttt and (key in TTT_READS or key.split(".")[0] in TTT_SECTIONS)):
             continue
         flag = FLAGS_INSTEAD.get(key) or FLAGS_INSTEAD.get(key.split(".")[0])
@@ -785,7 +799,7 @@ def main(args: argparse.Namespace) -> int:
     if args.ttt_batch is not None and args.ttt_steps is not None:
         raise ValueError(f"--ttt-steps={args.ttt_steps} and --ttt-batch={args.ttt_batch}: a batch takes "
                          f"train.mini_batches updates (one pass over its prompts), not --ttt-steps")
-    check_overrides_apply(overrides, args.config, args.ttt)
+    check_overrides_apply(overrides, args.config, args.ttt, args.ttt_batch)
     check_options_apply(options, args.task, args.ttt)
     check_seed(args.seed)  # all of these before the model loads
     check_answer_budget(args.max_new_tokens)

@@ -286,8 +286,10 @@ def test_ttt_accumulate_carries_weights_and_one_optimizer_across_examples(model_
     assert len(optimizers) == 1 and separate["summary"]["ttt_config"]["accumulate"] is False
 
 
-@pytest.mark.parametrize("ttt_batch", [None, 1])
-def test_ttt_updates_skipped_as_not_finite_are_counted_and_the_results_stay_json(ttt_batch):
+# Per prompt: 2 examples x 2 steps; 2 batches of 1 prompt, 1 update each; 1 batch of 2 prompts, 2 updates (counted
+# once as a batch before).
+@pytest.mark.parametrize("ttt_batch, mini_batches, skipped", [(None, 1, 4), (1, 1, 2), (2, 2, 2)])
+def test_ttt_updates_skipped_as_not_finite_are_counted_and_the_results_stay_json(ttt_batch, mini_batches, skipped):
     """A model whose logits are finite but whose gradient is not (its output layer scaled by 1e20): every test-time
     update is skipped. The results hold no Infinity (which strict JSON readers refuse), each skipped update is
     marked in its example's history, and the summary counts them."""
@@ -301,12 +303,13 @@ def test_ttt_updates_skipped_as_not_finite_are_counted_and_the_results_stay_json
     examples = [TaskExample(example_id=str(i), task="ruler_qa", prompt="The capital of Norway is Oslo. " * 6,
                             answers=["Oslo"], max_new_tokens=2) for i in range(2)]
     results = evaluate(model, TOKENIZER, examples, "ruler-qa", ttt=True, ttt_steps=2, ttt_batch=ttt_batch,
-                       run_config=RunConfig(optim=OptimConfig(lr=1.0)), progress=False)
+                       run_config=RunConfig(optim=OptimConfig(lr=1.0), train={"mini_batches": mini_batches}),
+                       progress=False)
     json.dumps(results, allow_nan=False)
     histories = [record["ttt_history"] for record in results["examples"]]
     assert all(stats["skipped_nonfinite"] == 1.0 and "grad_norm" in stats["nonfinite_stats"]
                for history in histories for stats in history)
-    assert results["summary"]["ttt_config"]["skipped_updates"] == (4 if ttt_batch is None else 2)  # 2 batches of 1
+    assert results["summary"]["ttt_config"]["skipped_updates"] == skipped
     assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
 
 
@@ -966,6 +969,12 @@ def test_an_empty_class_list_is_refused_showing_it(model_dir, tmp_path, capsys):
     (["--set", "train.seed=3"], "does not read train.seed; give --seed"),
     (["--set", "refine.rollout_len=3"], "does not read refine.rollout_len; it drives --ttt, which is not given"),
     (["--set", "train.micro_batches=2"], "it drives --ttt, which is not given"),
+    # With --ttt they were taken and changed nothing: per-prompt updates read neither, nor any schedule.
+    (["--ttt", "--set", "train.mini_batches=2"], "--set train.mini_batches=2: train.mini_batches splits the batches "
+                                                 "of --ttt-batch N"),
+    (["--ttt", "--set", "optim.warmup_steps=5"], "--set optim.warmup_steps=5: test-time training takes no "
+                                                 "learning-rate schedule"),
+    (["--ttt", "--ttt-batch", "2", "--set", "optim.schedule=cosine"], "takes no learning-rate schedule"),
     (["--set", "data.source=docs.jsonl"], "does not read data.source; eval reads data.skip_bad_rows, train.device"),
     (["--config", "configs/ttt.yaml"], "--config configs/ttt.yaml: its refine and optim sections drive --ttt"),
     (["--set", "eval.longbench_scoring=refine-release"], "eval.longbench_scoring='refine-release' is an option of "
