@@ -151,6 +151,10 @@ class RefineConfig(Strict):
         if self.group_by == "position" and self.num_samples == 1:
             raise ValueError("group_by='position' with num_samples=1 puts every rollout in a group of its own, "
                              "so every advantage would be 0: use group_by='document' or num_samples > 1")
+        if self.groups == "document" and self.num_chunks * self.num_samples == 1:
+            raise ValueError("num_chunks=1 with num_samples=1 gives each document one rollout, a group of its own "
+                             "(group_by='document'), so every advantage would be 0: use num_chunks > 1 or "
+                             "num_samples > 1")
         greedy = "temperature=0" if self.temperature == 0 else "top_k=1" if self.top_k == 1 else None
         if greedy and self.num_samples > 1 and self.groups == "position":
             raise ValueError(f"{greedy} decodes greedily, so the num_samples={self.num_samples} rollouts of a "

@@ -76,6 +76,10 @@ def test_grpo_groups_follow_the_paper_code_unless_set():
     assert load_config(None, ["refine.num_samples=4", "refine.group_by=document"]).refine.groups == "document"
     with pytest.raises(ConfigError, match="group_by='position' with num_samples=1"):
         load_config(None, ["refine.group_by=position"])
+    # One chunk and one sample: a document's group is its one rollout, whose advantage is 0 (a silent NTP-only run).
+    with pytest.raises(ConfigError, match="num_chunks=1 with num_samples=1 gives each document one rollout"):
+        load_config(None, ["refine.num_chunks=1"])
+    assert load_config(None, ["refine.num_chunks=1", "refine.num_samples=2"]).refine.groups == "position"
 
 
 @pytest.mark.parametrize("greedy", ["refine.temperature=0", "refine.top_k=1"])
