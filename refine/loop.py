@@ -27,7 +27,9 @@ from tqdm import tqdm
 
 from refine.algorithm.losses import ntp_loss
 from refine.algorithm.rewards import check_run_reward
-from refine.algorithm.rollout import Rollouts, choose_positions, reprefill_rollouts, snapshot_rollouts
+from refine.algorithm.rollout import (
+    Rollouts, batch_generator, choose_positions, reprefill_rollouts, snapshot_rollouts,
+)
 from refine.algorithm.update import (
     LossResult, SliceShares, advantages_for, fused_refine_step, refine_loss, rollout_stats, score_rollouts,
     slice_loss, target_share,
@@ -36,7 +38,7 @@ from refine.config import (
     DTYPES, OptimConfig, RefineConfig, RunConfig, dump_config, fit_to_tokenizer, input_path_fields, run_tokenizer,
 )
 from refine.data.batches import DocumentBatch
-from refine.data.stream import check_resumed_cursor, check_source, document_batches
+from refine.data.stream import DataPosition, check_resumed_cursor, check_source, document_batches, shuffled_pass_span
 from refine.evaluation.heldout import heldout_evaluator
 from refine.files import file_system_error, sync_directory, sync_tree, write_atomically
 from refine.models import FastWeightLM, build_model, load_model, load_model_config, save_model
@@ -311,6 +313,7 @@ class RunPosition:
     cursor: int = 0
     skipped_steps: int = 0
     program: str = "refine"
+    epoch: int = 0  # the data stream's passes through the last batch (DataPosition), which seed its rollouts
 
 
 def save_checkpoint(path: Path, model: FastWeightLM, optimizer: torch.optim.Optimizer, position: RunPosition,
@@ -328,7 +331,8 @@ def save_checkpoint(path: Path, model: FastWeightLM, optimizer: torch.optim.Opti
     with open(path / "trainer.pt", "wb") as handle:
         torch.save({
             "step": position.step, "cursor": position.cursor, "skipped_steps": position.skipped_steps,
-            "optimizer": optimizer.state_dict(), "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+            "epoch": position.epoch, "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
         }, handle)
     (path / PROGRAM_FILE).write_text(json.dumps({"program": position.program, "step": position.step}))
 
@@ -582,7 +586,8 @@ def load_checkpoint(path: Path, model: FastWeightLM, optimizer: torch.optim.Opti
         group.update(settings)
     generator.set_state(trainer["generator"])
     torch.set_rng_state(trainer["torch_rng"])
-    return RunPosition(int(trainer["step"]), int(trainer["cursor"]), int(trainer.get("skipped_steps", 0)))
+    return RunPosition(int(trainer["step"]), int(trainer["cursor"]), int(trainer.get("skipped_steps", 0)),
+                       epoch=int(trainer.get("epoch", 0)))
 
 
 def resume_from(out_dir: Path, resume: bool, model: FastWeightLM, optimizer: torch.optim.Optimizer,
@@ -720,6 +725,7 @@ class StepBatch:
     update: Callable[[StageTimes], StepResult]
     cursor: int
     tokens: int
+    epoch: int | None = None  # the data stream's passes through this batch (see RunPosition); None: not counted
 
 
 NONFINITE_KEY = "nonfinite_stats"  # names the stats a row left out because they were inf or nan
@@ -855,9 +861,11 @@ def run_steps(config: RunConfig, model: FastWeightLM, optimizer: torch.optim.Opt
             lr = learning_rate(config.optim, position.step + 1, config.train.steps)
             set_learning_rate(optimizer, lr)
             outcome = batch.update(times)
-            position = replace(position, step=position.step + 1, cursor=batch.cursor,
+            position = replace(position, step=position.step + 1, cursor=batch.cursor, epoch=batch.epoch or 0,
                                skipped_steps=position.skipped_steps + outcome.skipped)
-            stats = outcome.stats | times.stats() | {"step": position.step,
+            # Where the data stream stands after the batch, as a service run's rows say it.
+            counted = {} if batch.epoch is None else {"cursor": batch.cursor, "data_epoch": batch.epoch}
+            stats = outcome.stats | times.stats() | counted | {"step": position.step,
                                                      "step_seconds": time.perf_counter() - started,
                                                      "skipped_steps": position.skipped_steps, "tokens": batch.tokens,
                                                      "lr": lr}
@@ -1006,11 +1014,20 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True,
     if changed:
         tqdm.write(f"refine: warning: {changed}", file=sys.stderr)
 
+    # The stream's passes, counted as the service's orchestrator counts them: onepass and reference runs sample
+    # each batch's rollouts from its own stream (batch_generator), as the service's rollout workers do, so that
+    # a service run at max_staleness=0 trains as this loop does. A fused run samples in the learner's forward,
+    # from the run's generator, as a colocated service run does.
+    passes = DataPosition(epoch=start.epoch, cursor=start.cursor if start.step else -1,
+                          span=shuffled_pass_span(config, tokenizer) if config.data.shuffle else 0)
+
     def next_batch(_: int) -> StepBatch:  # the stream carries its own cursor
         batch = next(batches).to(config.train.device)
-
-        return StepBatch(update=lambda times: train_step(model, optimizer, batch, config, generator, ref_model, times),
-                         cursor=batch.cursor, tokens=int(batch.lengths.sum()))
+        epoch = passes.advance(batch.cursor, batch.cursors)
+        sampling = (batch_generator(config.train.seed, epoch, batch.cursor, config.train.device)
+                    if config.train.mode in ("onepass", "reference") else generator)
+        return StepBatch(update=lambda times: train_step(model, optimizer, batch, config, sampling, ref_model, times),
+                         cursor=batch.cursor, tokens=int(batch.lengths.sum()), epoch=epoch)
 
     # --local: the command runs the loop whatever train.mode is (an NTP-only or reference run does without it).
     resume_command = resume_command or ["refine", "train", str(out_dir.resolve() / "config.yaml"), "--local",

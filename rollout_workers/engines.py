@@ -12,7 +12,6 @@ restarted one, or the same batch rolled out again after a resume) samples the sa
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from typing import Protocol
 
@@ -22,14 +21,8 @@ from refine.algorithm.rollout import Rollouts, snapshot_rollouts
 from refine.config import RunConfig
 from refine.loop import prepare_model
 
-__all__ = ["ENGINES", "RolloutEngine", "SnapshotEngine", "batch_generator", "build_engine", "check_state_dict",
+__all__ = ["ENGINES", "RolloutEngine", "SnapshotEngine", "build_engine", "check_state_dict",
            "engine_owner"]
-
-
-def batch_generator(seed: int, epoch: int, offset: int, device: str = "cpu") -> torch.Generator:
-    """A generator for one document batch, from the run seed and the batch's data cursor."""
-    digest = hashlib.blake2b(f"rollouts:{seed}:{epoch}:{offset}".encode(), digest_size=8).digest()
-    return torch.Generator(device=device).manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
 
 
 def check_state_dict(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> None:

@@ -28,7 +28,8 @@ import time
 import torch
 
 from refine.config import RunConfig
-from rollout_workers.engines import RolloutEngine, batch_generator, build_engine, engine_owner
+from refine.algorithm.rollout import batch_generator
+from rollout_workers.engines import RolloutEngine, build_engine, engine_owner
 from services.codec import CodecError
 from services.messages import DocumentBatch, RolloutBatch
 from services.resilience import TRANSIENT, OutageTolerance, outage_timeout_s, retry_redis

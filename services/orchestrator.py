@@ -81,7 +81,7 @@ from refine.config import (
 from refine.data.batches import DocumentBatch as LocalBatch
 from refine.data.sources import RowSource
 from refine.data.stream import (
-    check_resumed_cursor, check_source, document_batches, shuffled_pass_span, synthetic_documents,
+    DataPosition, check_resumed_cursor, check_source, document_batches, shuffled_pass_span, synthetic_documents,
 )
 from refine.evaluation.heldout import heldout_documents
 from refine.files import write_atomically
@@ -112,7 +112,7 @@ from services.streams import (
     trim_acknowledged,
 )
 
-__all__ = ["DataPosition", "RestartWindow", "RunInterrupted", "ServiceError", "check_data_source",
+__all__ = ["RestartWindow", "RunInterrupted", "ServiceError", "check_data_source", "data_cursor",
            "check_service_config", "describe_failure", "namespace_for", "restart_events", "restore_reports", "run"]
 
 logger = logging.getLogger(__name__)
@@ -367,29 +367,9 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True, ray_addr
         return orchestrator.run()
 
 
-@dataclass
-class DataPosition:
-    """Where the data stream stands, counting passes: the stream's cursor restarts with every pass over
-    the source, so (epoch, cursor) is what orders batches and seeds their rollouts (unique per batch)."""
-
-    epoch: int
-    cursor: int  # -1 before the first batch
-    span: int = 0  # with data.shuffle, the cursor counts on across passes, this much a pass (shuffled_pass_span)
-
-    def advance(self, cursor: int, source: str, document_cursors: list[int] | tuple[int, ...] = ()) -> DataCursor:
-        """The DataCursor of the next batch, whose stream cursor (position after it) is `cursor`.
-
-        `document_cursors`, the position after each of its documents, counts every pass the batch starts:
-        a batch of more documents than a pass holds starts several. Without them only the batch's end is
-        compared with the last one's, which counts at most one. Both count the same for batches smaller
-        than a pass (the usual run), so their epochs, and the rollout seeds drawn from them, stay as they were."""
-        for position in document_cursors or (cursor,):
-            if self.span:
-                self.epoch = (position - 1) // self.span  # a cursor in a pass is past its first record
-            elif position <= self.cursor:
-                self.epoch += 1  # the stream restarted a pass
-            self.cursor = position
-        return DataCursor(epoch=self.epoch, offset=cursor, source=source[:200])
+def data_cursor(position: DataPosition, batch: LocalBatch, source: str) -> DataCursor:
+    """The DataCursor of the stream's next batch: its epoch (which `position` counts) and offset, and the source."""
+    return DataCursor(epoch=position.advance(batch.cursor, batch.cursors), offset=batch.cursor, source=source[:200])
 
 
 def remove_member_files(config: RunConfig, namespace: str, role: str, member_id: str) -> None:
@@ -761,7 +741,7 @@ class Orchestrator:
             ids = ids.to(torch.int32)  # half the bytes on the wire
         return DocumentBatch(
             batch_id=document_batch_id_for(self.published), doc_ids=batch.doc_ids, token_ids=ids, lengths=batch.lengths,
-            cursor=self.data_position.advance(batch.cursor, self.config.data.source, batch.cursors),
+            cursor=data_cursor(self.data_position, batch, self.config.data.source),
         )
 
     def _drain_reports(self, block_ms: int | None, reclaim_idle_ms: int | None = None) -> int:

@@ -75,6 +75,20 @@ def test_resume_continues_exactly(tmp_path):
     assert resumed["reward_mean"] == pytest.approx(straight["reward_mean"], rel=1e-6)
 
 
+def test_a_resume_across_passes_samples_each_batch_from_its_own_stream(tmp_path):
+    """Onepass rollouts come from each batch's stream (its seed, pass and cursor), as a service's workers draw
+    them: a resume after the stream wrapped counts its passes from the checkpoint and goes on exactly."""
+    wraps = ("data.num_documents=4",)  # two batches a pass
+    train(_config(tmp_path / "a", "onepass", steps=5, extra=wraps), progress=False)
+    train(_config(tmp_path / "b", "onepass", steps=3, extra=wraps), progress=False)  # stops in the second pass
+    train(_config(tmp_path / "b", "onepass", steps=5, extra=wraps), resume=True, progress=False)
+    rows = {run: [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+            for run in ("a", "b")}
+    assert [row["data_epoch"] for row in rows["a"]] == [0, 1, 1, 2, 2]
+    assert rows["b"] == [row | {key: rows["b"][i][key] for key in row if key.endswith("seconds")}
+                         for i, row in enumerate(rows["a"])]
+
+
 def test_bfloat16_runs_train_on_float32_masters_and_resume_exactly(tmp_path):
     bf16 = ("train.dtype=bfloat16", "optim.lr=1e-5")
     straight = train(_config(tmp_path / "a", "ntp", steps=4, extra=bf16), progress=False)

@@ -16,6 +16,7 @@ Rollout ordering everywhere: rollout i = (b * c + j) * n + s for document b, pos
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 
@@ -166,6 +167,14 @@ def _targets(input_ids: Tensor, hidden: Tensor, positions: Tensor, k: int, n: in
     target_tokens = gather_windows(input_ids, rows, starts, k).repeat_interleave(n, dim=0)
     target_hidden = gather_windows(hidden, rows, starts, k).repeat_interleave(n, dim=0)
     return target_tokens, target_hidden
+
+
+def batch_generator(seed: int, epoch: int, offset: int, device: str | torch.device = "cpu") -> torch.Generator:
+    """The random stream of one document batch's rollouts, from the run seed and the batch's data cursor (its
+    epoch and offset): a service's workers, sampling batches in any order, and a single-process run draw the same
+    rollouts for the same batch."""
+    digest = hashlib.blake2b(f"rollouts:{seed}:{epoch}:{offset}".encode(), digest_size=8).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
 
 
 def snapshot_rollouts(model: FastWeightLM, input_ids: Tensor, lengths: Tensor, cfg: RefineConfig,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +154,31 @@ def file_documents(config: RunConfig, tokenizer: Tokenizer, cursor: int, warn: b
                       "%d too short for data.min_length=%d, %d blank, %d truncated to %s, %d bad rows skipped",
                where, cursor // spec.max_windows, stats.records_read, stats.documents, windows,
                stats.too_short, spec.min_length, stats.blank, stats.truncated, kept, stats.bad_rows)
+
+
+@dataclass
+class DataPosition:
+    """Where the data stream stands, counting passes: the stream's cursor restarts with every pass over
+    the source, so (epoch, cursor) is what orders batches and seeds their rollouts (unique per batch)."""
+
+    epoch: int
+    cursor: int  # -1 before the first batch
+    span: int = 0  # with data.shuffle, the cursor counts on across passes, this much a pass (shuffled_pass_span)
+
+    def advance(self, cursor: int, document_cursors: list[int] | tuple[int, ...] = ()) -> int:
+        """The epoch of the next batch, whose stream cursor (position after it) is `cursor`.
+
+        `document_cursors`, the position after each of its documents, counts every pass the batch starts:
+        a batch of more documents than a pass holds starts several. Without them only the batch's end is
+        compared with the last one's, which counts at most one. Both count the same for batches smaller
+        than a pass (the usual run), so their epochs, and the rollout seeds drawn from them, stay as they were."""
+        for position in document_cursors or (cursor,):
+            if self.span:
+                self.epoch = (position - 1) // self.span  # a cursor in a pass is past its first record
+            elif position <= self.cursor:
+                self.epoch += 1  # the stream restarted a pass
+            self.cursor = position
+        return self.epoch
 
 
 def shuffled_pass_span(config: RunConfig, tokenizer: Tokenizer) -> int:

@@ -7,7 +7,7 @@ import pytest
 
 from refine.config import ConfigError, load_config
 from refine.data.stream import (
-    SOURCE_RECORD, _synthetic_texts, check_resumed_cursor, check_source, document_stream, synthetic_documents,
+    SOURCE_RECORD, DataPosition, _synthetic_texts, check_resumed_cursor, check_source, document_stream, synthetic_documents,
 )
 from refine.tokenizer import ByteTokenizer
 
@@ -348,3 +348,10 @@ def test_a_pass_that_skipped_bad_rows_ends_with_a_warning(tmp_path, caplog):
     list(islice(document_stream(config, TOKENIZER), 3))  # the whole first pass and the next one's start
     ((level, message),) = pass_records(caplog)
     assert level == logging.WARNING and "1 bad rows skipped" in message
+
+
+def test_data_position_counts_passes() -> None:
+    position = DataPosition(epoch=0, cursor=-1)
+    assert [position.advance(cursor) for cursor in (2, 4, 0, 2, 1, 1)] == [0, 0, 1, 1, 2, 3]
+    resumed = DataPosition(epoch=1, cursor=0)  # a checkpoint taken after the batch that ended pass 0
+    assert (resumed.advance(2), resumed.cursor) == (1, 2)

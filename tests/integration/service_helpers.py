@@ -10,9 +10,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from refine.config import RunConfig, load_config
-from refine.data.stream import document_batches
+from refine.data.stream import DataPosition, document_batches
 from refine.tokenizer import load_tokenizer
-from services.orchestrator import DataPosition, run
+from services.orchestrator import run
 
 REPO = Path(__file__).resolve().parents[2]
 SERVICE_TINY = REPO / "configs" / "service_tiny.yaml"
@@ -68,8 +68,7 @@ def stream_positions(config: RunConfig, count: int) -> list[tuple[int, int]]:
     positions = []
     for _ in range(count):
         batch = next(batches)
-        cursor = position.advance(batch.cursor, config.data.source, batch.cursors)  # as the orchestrator does
-        positions.append((cursor.epoch, cursor.offset))
+        positions.append((position.advance(batch.cursor, batch.cursors), batch.cursor))  # as the orchestrator does
     return positions
 
 

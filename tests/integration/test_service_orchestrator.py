@@ -13,13 +13,13 @@ from ray.exceptions import ActorDiedError, RayTaskError
 
 from learner.checkpoint import LearnerState
 from refine.config import ConfigError, TrainConfig, load_config, run_tokenizer
-from refine.data.stream import document_batches
+from refine.data.stream import DataPosition, document_batches
 from refine_vllm.settings import staging_prefix
 from rollout_workers.engines import engine_owner
 from service_helpers import events, step_rows, tiny_config
 from refine.tokenizer import load_tokenizer
 from services.orchestrator import (
-    DataPosition, Orchestrator, RestartWindow, ServiceError, describe_failure, remove_member_files, restart_events,
+    Orchestrator, RestartWindow, ServiceError, describe_failure, remove_member_files, restart_events,
     restore_reports, run,
 )
 from services.progress import LearnerProgress, StepReport, write_progress, write_published
@@ -256,8 +256,7 @@ def _epochs_and_offsets(config, batches: int, document_cursors: bool) -> list[tu
     stream = document_batches(config, load_tokenizer(config.tokenizer))
     cursors = []
     for batch in itertools.islice(stream, batches):
-        cursor = position.advance(batch.cursor, config.data.source, batch.cursors if document_cursors else ())
-        cursors.append((cursor.epoch, cursor.offset))
+        cursors.append((position.advance(batch.cursor, batch.cursors if document_cursors else ()), batch.cursor))
     return cursors
 
 

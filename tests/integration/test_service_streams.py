@@ -20,7 +20,6 @@ from service_helpers import tiny_config, wait_for
 from services.broker import Broker
 from services.codec import decode, encode
 from services.messages import DataCursor, DocumentBatch, ScoredBatch
-from services.orchestrator import DataPosition
 from services.progress import LearnerProgress, StepReport, read_progress, write_progress
 from services.redis_server import connect
 from services.role import RoleRuntime
@@ -240,14 +239,6 @@ def test_progress_and_reports_round_trip(broker: Broker) -> None:
     assert read_progress(broker) == LearnerProgress(step=3, finished=4, weight_version=3, done=True)
     report = StepReport(kind="step", step=3, stats={"loss": 1.5, "step": 3, "worker_id": "rollout_worker-0.0"})
     assert decode(encode(report), StepReport).stats == report.stats
-
-
-def test_data_position_counts_passes() -> None:
-    position = DataPosition(epoch=0, cursor=-1)
-    cursors = [position.advance(cursor, "synthetic") for cursor in (2, 4, 0, 2, 1, 1)]
-    assert [(c.epoch, c.offset) for c in cursors] == [(0, 2), (0, 4), (1, 0), (1, 2), (2, 1), (3, 1)]
-    resumed = DataPosition(epoch=1, cursor=0)  # a checkpoint taken after the batch that ended pass 0
-    assert (resumed.advance(2, "synthetic").epoch, resumed.cursor) == (1, 2)
 
 
 def test_resume_point_moves_only_through_finished_batches_in_order() -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 
 from refine.config import RunConfig
-from refine.data.stream import document_batches
+from refine.data.stream import DataPosition, document_batches
 from refine.tokenizer import load_tokenizer
 from services.messages import DocumentBatch
-from services.orchestrator import DataPosition
+from services.orchestrator import data_cursor
 from services.streams import document_batch_id_for
 
 
@@ -22,7 +22,7 @@ def orchestrator_batches(config: RunConfig, count: int) -> list[DocumentBatch]:
         batch = next(stream)
         batches.append(DocumentBatch(
             batch_id=document_batch_id_for(index), doc_ids=batch.doc_ids, token_ids=batch.input_ids.to(torch.int32),
-            lengths=batch.lengths, cursor=position.advance(batch.cursor, config.data.source, batch.cursors),
+            lengths=batch.lengths, cursor=data_cursor(position, batch, config.data.source),
         ))
     return batches
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from rollout_helpers import moved_weights, orchestrator_batches
-from rollout_workers.engines import ENGINES, SnapshotEngine, batch_generator, build_engine, engine_owner
+from refine.algorithm.rollout import batch_generator
+from rollout_workers.engines import ENGINES, SnapshotEngine, build_engine, engine_owner
 
 
 def draws(generator: torch.Generator) -> torch.Tensor:

@@ -14,7 +14,8 @@ import torch
 
 from refine.loop import prepare_model
 from rollout_helpers import moved_weights, orchestrator_batches
-from rollout_workers.engines import SnapshotEngine, batch_generator
+from refine.algorithm.rollout import batch_generator
+from rollout_workers.engines import SnapshotEngine
 from rollout_workers.worker import MAX_DELIVERIES, ROLE, RolloutWorker
 from services.broker import Broker
 from services.codec import CodecLimits, decode

@@ -369,10 +369,11 @@ def test_the_learner_start_waits_for_room_without_counting_it(
     orchestrator: Orchestrator, full_cluster: Callable[[], None], monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    monkeypatch.setattr(orchestrator_module, "ACTOR_START_TIMEOUT_S", 2.5)
+    # Room enough for a loaded machine to start the actor's process once it is placed (2.5 s was too little).
+    monkeypatch.setattr(orchestrator_module, "ACTOR_START_TIMEOUT_S", 6.0)
     placement = orchestrator._place_learner()
     learner = _silent_actor()("learner", placement)
-    threading.Timer(3.0, full_cluster).start()  # unplaced for longer than the start timeout
+    threading.Timer(7.0, full_cluster).start()  # unplaced for longer than the start timeout
     assert json.loads(orchestrator._await_start(learner.answer.remote(), [placement])) == {"answer": 42}
     notes = [record.message for record in caplog.records if WAITING in record.message]
     assert len(notes) == 1 and RUN_REQUESTS in notes[0]
