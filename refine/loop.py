@@ -38,6 +38,7 @@ from refine.config import (
     DTYPES, OptimConfig, RefineConfig, RunConfig, dump_config, fit_to_tokenizer, input_path_fields, run_tokenizer,
 )
 from refine.data.batches import DocumentBatch
+from refine.data.sources import DataSourceError
 from refine.data.stream import DataPosition, check_resumed_cursor, check_source, document_batches, shuffled_pass_span
 from refine.evaluation.heldout import heldout_evaluator
 from refine.files import file_system_error, sync_directory, sync_tree, write_atomically
@@ -1007,7 +1008,13 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True,
         check_resumed_cursor(config, Path(config.train.out_dir))
     batches: Iterator[DocumentBatch] = document_batches(config, tokenizer, start_cursor=start.cursor)
     if start.step < config.train.steps:  # read before anything is written: a source that yields nothing fails here
-        batches = itertools.chain([next(batches)], batches)
+        try:
+            first = next(batches)
+        except (FileNotFoundError, DataSourceError) as error:  # the service's check names the field alike
+            if config.data.source == "synthetic":
+                raise
+            raise DataSourceError(f"data.source={config.data.source!r}: {error}") from None
+        batches = itertools.chain([first], batches)
     evaluate = None if config.data.eval_source is None else heldout_evaluator(config, model, tokenizer)
     out_dir = start_run_directory(config, fresh=start.step == 0, program="refine")
     changed = check_source(config, out_dir, resumed=start.step > 0)

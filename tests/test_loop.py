@@ -497,6 +497,15 @@ def test_a_run_that_cannot_start_leaves_its_directory_as_it_was(tmp_path, extra)
     assert train(_config(tmp_path, "ntp", steps=2), resume=True, progress=False)["step"] == 2
 
 
+def test_a_missing_or_unreadable_source_is_named_by_its_field(tmp_path):
+    missing = tmp_path / "missing.jsonl"
+    with pytest.raises(ValueError, match=rf"^data.source='{missing}': data path '{missing}' does not exist"):
+        train(_config(tmp_path / "run", "ntp", extra=(f"data.source={missing}",)), progress=False)
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match=r"^data.source='.*empty.jsonl': "):
+        train(_config(tmp_path / "run", "ntp", extra=(f"data.source={tmp_path / 'empty.jsonl'}",)), progress=False)
+
+
 def test_resume_into_another_model_names_the_fields_and_both_values(tmp_path):
     train(_config(tmp_path, "ntp", steps=1), progress=False)
     changed = _config(tmp_path, "ntp", steps=2, extra=("model.hidden_size=64", "model.num_hidden_layers=1"))
