@@ -19,11 +19,17 @@ import statistics
 
 import torch
 
-from refine.cli import positive_int
+from refine.cli import int_at_least, positive_int
 from refine.algorithm.rollout import choose_positions, reprefill_rollouts, snapshot_rollouts
+from refine.algorithm.selection import min_document_length
 from refine.config import DTYPES, RefineConfig
 from refine.models import build_model
 from refine.runtime import StageTimes, tune_allocator
+
+
+# c = 8 chunks and k = 5-token rollouts, as this benchmark fixes them, need documents at least this long.
+DOCUMENT_LENGTH = int_at_least(min_document_length(8, 5, RefineConfig().margin),
+                               " (c = 8 chunks of k = 5-token rollouts, with the default margin)")
 
 
 def run(length: int, samples: int, model, repeats: int) -> dict:
@@ -71,7 +77,7 @@ def run(length: int, samples: int, model, repeats: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lengths", type=positive_int, nargs="+", default=[1024, 4096, 16384])
+    parser.add_argument("--lengths", type=DOCUMENT_LENGTH, nargs="+", default=[1024, 4096, 16384])
     parser.add_argument("--samples", type=positive_int, nargs="+", default=[1, 4])
     parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--threads", type=positive_int, default=2)

@@ -32,13 +32,19 @@ from collections.abc import Callable
 
 import torch
 
-from refine.cli import positive_int
+from refine.cli import int_at_least, positive_int
 from refine.algorithm.losses import ntp_loss
 from refine.algorithm.rollout import choose_positions, reprefill_rollouts, snapshot_rollouts
 from refine.algorithm.update import advantages_for, fused_refine_step, refine_loss, score_rollouts
+from refine.algorithm.selection import min_document_length
 from refine.config import DTYPES, RefineConfig
 from refine.models import build_model
 from refine.runtime import StageTimes, timed_stage, tune_allocator
+
+
+# c = 8 chunks and k = 5-token rollouts, as this benchmark fixes them, need documents at least this long.
+DOCUMENT_LENGTH = int_at_least(min_document_length(8, 5, RefineConfig().margin),
+                               " (c = 8 chunks of k = 5-token rollouts, with the default margin)")
 
 
 def run(length: int, samples: int, repeats: int, batch: int, size: dict[str, int], device: str, dtype: str) -> dict:
@@ -150,7 +156,7 @@ def breakdown(runs: list[dict[str, float]]) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lengths", type=positive_int, nargs="+", default=[1024, 4096])
+    parser.add_argument("--lengths", type=DOCUMENT_LENGTH, nargs="+", default=[1024, 4096])
     parser.add_argument("--samples", type=positive_int, nargs="+", default=[1, 4])
     parser.add_argument("--repeats", type=positive_int, default=9)
     parser.add_argument("--batch", type=positive_int, default=1)
@@ -161,6 +167,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     args = parser.parse_args()
+    if args.hidden_size % args.heads:
+        parser.error(f"--heads {args.heads} must divide --hidden-size {args.hidden_size}")
     size = {"hidden_size": args.hidden_size, "layers": args.layers, "heads": args.heads}
     tune_allocator()  # as every refine process does
     torch.set_num_threads(args.threads)

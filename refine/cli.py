@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from refine.config import DEMO_DEFAULTS, ConfigError, RunConfig, load_config
@@ -13,13 +14,21 @@ from refine.runtime import sigterm_as_ctrl_c, tune_allocator
 
 def positive_int(text: str) -> int:
     """An argparse type: a whole number of at least 1 (a count of steps, repeats, threads, tokens)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+    return int_at_least(1)(text)
+
+
+def int_at_least(least: int, why: str = "") -> Callable[[str], int]:
+    """An argparse type: a whole number of at least `least`; `why` says why, in the error."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}{why}, got {value}")
+        return value
+
+    return parse
 
 
 def runs_locally(mode: str, args: argparse.Namespace) -> bool:

@@ -27,6 +27,17 @@ def _run(script: str, *args: str) -> list[dict]:
     return [json.loads(line) for line in done.stdout.splitlines()]
 
 
+@pytest.mark.parametrize("script, args, error", [
+    ("step.py", ["--lengths", "10"], "argument --lengths: must be at least 40 (c = 8 chunks of k = 5-token rollouts"),
+    ("rollout.py", ["--lengths", "39"], "argument --lengths: must be at least 40"),
+    ("step.py", ["--heads", "3"], "--heads 3 must divide --hidden-size 128"),
+])
+def test_settings_a_benchmark_cannot_run_are_one_line_errors(script, args, error):
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    assert done.returncode == 2 and error in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_step_benchmark_prints_every_ratio(dtype):
     (row,) = _run("step.py", "--lengths", "128", "--samples", "2", "--dtype", dtype)
