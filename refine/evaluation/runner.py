@@ -788,7 +788,9 @@ def check_overrides_apply(overrides: Sequence[str], config_file: str | None, ttt
 def main(args: argparse.Namespace) -> int:
     """`refine eval`: load, generate, score, print the summary line, write the results JSON."""
     overrides, options = split_overrides(args.set or [])
-    run_config = load_config(args.config, overrides)
+    # Eval reads --model: a run config's starting checkpoint (train.init_from, which supplies the model section it
+    # does not read either) need not exist any more.
+    run_config = load_config(args.config, [*overrides, "train.init_from=null"])
     if args.ttt_accumulate and not args.ttt:
         raise ValueError("--ttt-accumulate needs --ttt: it carries test-time adaptation across examples")
     if args.ttt_steps is not None:

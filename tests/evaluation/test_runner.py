@@ -997,3 +997,9 @@ def test_what_eval_reads_of_a_run_config_is_accepted(model_dir, tmp_path, capsys
     code, _, err = run_eval(capsys, *base, "--ttt", "--ttt-steps", "1", "--config", "configs/ttt.yaml", "--set",
                             "optim.lr=1e-5", "--set", "refine.rollout_len=3", "--output", str(tmp_path / "b.json"))
     assert code == 0, err
+    # A run's config whose starting checkpoint is gone: eval reads --model, not train.init_from (it was refused).
+    moved = tmp_path / "config.yaml"
+    moved.write_text(f"train:\n  init_from: {tmp_path / 'moved-away'}\noptim:\n  lr: 1.0e-5\n")
+    code, _, err = run_eval(capsys, *base, "--ttt", "--ttt-steps", "1", "--config", str(moved),
+                            "--output", str(tmp_path / "c.json"))
+    assert code == 0, err
