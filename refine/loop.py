@@ -866,10 +866,9 @@ def run_steps(config: RunConfig, model: FastWeightLM, optimizer: torch.optim.Opt
                                skipped_steps=position.skipped_steps + outcome.skipped)
             # Where the data stream stands after the batch, as a service run's rows say it.
             counted = {} if batch.epoch is None else {"cursor": batch.cursor, "data_epoch": batch.epoch}
-            stats = outcome.stats | times.stats() | counted | {"step": position.step,
-                                                     "step_seconds": time.perf_counter() - started,
-                                                     "skipped_steps": position.skipped_steps, "tokens": batch.tokens,
-                                                     "lr": lr}
+            stats = outcome.stats | times.stats() | counted | {
+                "step": position.step, "step_seconds": time.perf_counter() - started,
+                "skipped_steps": position.skipped_steps, "tokens": batch.tokens, "lr": lr}
             evaluated = evaluate is not None and config.train.evaluates_step(position.step)
             if evaluated:
                 stats |= evaluate()

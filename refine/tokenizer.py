@@ -41,8 +41,8 @@ class Tokenizer(Protocol):
 
 class ByteTokenizer:
     """UTF-8 bytes are ids 0..255; four special ids follow. Needs no files, so a model trained with it is
-    self-contained. Decoding drops special ids and ids past the vocabulary, and replaces invalid UTF-8 (a sampled byte sequence may cut a
-    multi-byte character) with U+FFFD instead of failing."""
+    self-contained. Decoding drops special ids and ids past the vocabulary, and replaces invalid UTF-8 (a sampled
+    byte sequence may cut a multi-byte character) with U+FFFD instead of failing."""
 
     PAD_ID = 256
     BOS_ID = 257

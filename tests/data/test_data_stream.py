@@ -7,7 +7,8 @@ import pytest
 
 from refine.config import ConfigError, load_config
 from refine.data.stream import (
-    SOURCE_RECORD, DataPosition, _synthetic_texts, check_resumed_cursor, check_source, document_stream, synthetic_documents,
+    SOURCE_RECORD, DataPosition, _synthetic_texts, check_resumed_cursor, check_source, document_stream,
+    synthetic_documents,
 )
 from refine.tokenizer import ByteTokenizer
 

@@ -75,7 +75,8 @@ def test_niah_answers_are_recoverable_from_the_prompt(variant, haystack):
         assert niah_score("", example.answers) == 0.0
         # The answer budget holds every value in a sentence that lists them (4 values of 7 digits did not fit
         # the default 32 tokens, capping a perfect answer at 75).
-        listed = " " + ", ".join(example.answers[:-1]) + (", and " if len(example.answers) > 1 else "") + example.answers[-1]
+        *others, last = example.answers
+        listed = " " + ", ".join(others) + (", and " if others else "") + last
         ideal = BYTES.decode(BYTES.encode(listed + ".")[: example.max_new_tokens])
         assert niah_score(ideal, example.answers) == 1.0 and example.max_new_tokens >= 32
         if variant == "multikey":  # distractors: other keys, other values
