@@ -89,7 +89,7 @@ def _train(args: argparse.Namespace) -> int:
         decodes_text = not runs_locally(refine_stage_mode(config), args) and config.service.mode == "disaggregated"
         resume_command = main_job_resume_command(args, config)
         report = run_comparison(config, lambda stage: run_training(stage, args, resume_command),
-                                decodes_text=decodes_text)
+                                decodes_text=decodes_text, resume=args.resume)
         print(json.dumps({"out_dir": absolute_out_dir(config), "wall_seconds": report["wall_seconds"]}))
         return 0
     flags = [] if runs_locally(config.train.mode, args) else service_flags(args)

@@ -447,7 +447,14 @@ class DemoConfig(Strict):
     pretrain_lr: float = Field(4e-3, gt=0, le=MAX_LR,
                                description="a tiny model from scratch needs far more than the paper's 1e-6")
     branch_lr: float = Field(1e-3, gt=0, le=MAX_LR)
-    eval_tasks: list[Literal["niah", "mqar"]] = ["niah", "mqar"]
+    eval_tasks: list[Literal["niah", "mqar"]] = Field(["niah", "mqar"], min_length=1)
+
+    @field_validator("eval_tasks")
+    @classmethod
+    def _each_task_once(cls, tasks: list[str]) -> list[str]:
+        if len(set(tasks)) < len(tasks):
+            raise ValueError(f"names a task twice ({tasks}): each is one column of the comparison")
+        return tasks
     eval_examples: int = Field(20, ge=1)
     eval_length: int = Field(384, ge=64, le=MAX_SYNTHETIC_LENGTH, description="NIAH prompt length in tokens")
     heldout_documents: int = Field(16, ge=1, description="held-out documents for the NTP loss column")

@@ -9,11 +9,13 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
+from pydantic import ValidationError
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -26,12 +28,19 @@ from refine.data.synthetic import (  # noqa: E402
 )
 from refine.evaluation.heldout import heldout_ntp_loss  # noqa: E402
 from refine.evaluation.runner import evaluate  # noqa: E402
-from refine.loop import check_mini_batches  # noqa: E402
+from refine.loop import (  # noqa: E402
+    check_mini_batches, checkpoint_step, clear_checkpoints, latest_checkpoint,
+)
 from refine.models import load_model  # noqa: E402
 from refine.plots import read_metrics  # noqa: E402
 from refine.tokenizer import HFTokenizer, Tokenizer  # noqa: E402
 
 Trainer = Callable[[RunConfig], dict]
+
+
+# The main job's stages (each a run directory under train.out_dir, the branches after "pretrain") and reports.
+STAGES = ("pretrain", "refine", "ntp")
+REPORTS = ("comparison.json", "comparison.md", "comparison.png")
 
 
 def stage_config(config: RunConfig, name: str, mode: str, steps: int, lr: float, init_from: str | None,
@@ -77,9 +86,22 @@ def eval_sets(tokenizer: Tokenizer, config: RunConfig) -> dict[str, list]:
     return sets
 
 
-def evaluate_model(path: Path, tokenizer: Tokenizer, config: RunConfig, sets: dict[str, list]) -> dict[str, float]:
+def heldout_set(tokenizer: Tokenizer, config: RunConfig) -> list[list[int]]:
+    """demo_heldout_documents, built before anything trains: a data.seq_len too short for them fails now, naming
+    the setting, instead of after every stage has trained."""
+    try:
+        return demo_heldout_documents(tokenizer, config)
+    except ValidationError as error:
+        reason = error.errors()[0]["msg"]
+    except ValueError as error:
+        reason = str(error)
+    raise ValueError(f"data.seq_len={config.data.seq_len} is too short for the main job's held-out recall "
+                     f"documents ({reason})")
+
+
+def evaluate_model(path: Path, tokenizer: Tokenizer, config: RunConfig, sets: dict[str, list],
+                   documents: list[list[int]]) -> dict[str, float]:
     model = load_model(path).eval()
-    documents = demo_heldout_documents(tokenizer, config)
     row = {"heldout_ntp_loss": round(heldout_ntp_loss(model, documents, len(documents), tokenizer.pad_id or 0), 4)}
     for task, examples in sets.items():
         result = evaluate(model, tokenizer, examples, task, ttt=False,
@@ -135,8 +157,34 @@ def check_refine_branch(config: RunConfig, tokenizer: Tokenizer) -> None:
         raise ValueError(f"the main job's REFINE branch (train.mode={mode}{given}) cannot run: {error}") from None
 
 
-def run_comparison(config: RunConfig, trainer: Trainer, decodes_text: bool = False) -> dict:
-    """Run the three stages with `trainer` (local loop or the service), evaluate, and report.
+def start_over(out_dir: Path) -> str | None:
+    """A fresh main job in `out_dir` (no --resume) removes the earlier run's stage checkpoints and comparison:
+    else a --resume after this run stopped early would take a branch from the earlier run, trained from another
+    pre-trained model. Returns what it says about them, if anything was there."""
+    cleared = [stage for stage in STAGES if (out_dir / stage).is_dir() and clear_checkpoints(out_dir / stage)]
+    reports = [name for name in REPORTS if (out_dir / name).exists()]
+    for name in reports:
+        (out_dir / name).unlink()
+    if not cleared and not reports:
+        return None
+    removed = ([f"checkpoints of {', '.join(cleared)}"] if cleared else []) + ([", ".join(reports)] if reports else [])
+    return f"a fresh main job in {out_dir}: removed the earlier run's {' and '.join(removed)} (--resume continues a run)"
+
+
+def check_branches_descend(out_dir: Path, pretrain_steps: int) -> None:
+    """Refuse a --resume that would train the pre-trained model further under branches already started from it."""
+    pretrained = latest_checkpoint(out_dir / "pretrain")
+    step = checkpoint_step(pretrained) if pretrained.exists() else 0
+    branched = [stage for stage in STAGES[1:] if latest_checkpoint(out_dir / stage).exists()]
+    if branched and step < pretrain_steps:
+        raise ValueError(f"--resume: the {' and '.join(branched)} branch in {out_dir} started from the pre-trained "
+                         f"model at step {step}, which demo.pretrain_steps={pretrain_steps} would train further: "
+                         f"resume with demo.pretrain_steps={step}, or start a fresh run (without --resume)")
+
+
+def run_comparison(config: RunConfig, trainer: Trainer, decodes_text: bool = False, resume: bool = False) -> dict:
+    """Run the three stages with `trainer` (local loop or the service), evaluate, and report. `resume`: the stages
+    go on from their checkpoints (the trainer resumes them); else the earlier run's are removed first.
 
     `decodes_text`: the trainer runs the REFINE branch with reward replicas that decode text (the
     service with service.mode='disaggregated'); else a text reward is refused before anything trains.
@@ -151,7 +199,14 @@ def run_comparison(config: RunConfig, trainer: Trainer, decodes_text: bool = Fal
     demo = config.demo
     tokenizer = run_tokenizer(config)
     sets = eval_sets(tokenizer, config)
+    heldout = heldout_set(tokenizer, config)
     check_refine_branch(config, tokenizer)
+    if resume:
+        check_branches_descend(out_dir, demo.pretrain_steps)
+    else:
+        message = start_over(out_dir)
+        if message is not None:
+            print(f"refine: {message}", file=sys.stderr)
 
     pretrain = stage_config(config, "pretrain", "ntp", demo.pretrain_steps, demo.pretrain_lr, None, tokenizer)
     trainer(pretrain)
@@ -165,12 +220,14 @@ def run_comparison(config: RunConfig, trainer: Trainer, decodes_text: bool = Fal
     for branch in branches.values():
         trainer(branch)
 
-    rows = {"NTP pre-training": {"steps": demo.pretrain_steps,
-                                 **evaluate_model(Path(start_model), tokenizer, config, sets)}}
+    # The steps of the checkpoints evaluated (a resume with fewer demo.*_steps than a stage took trains nothing).
+    pretrained = checkpoint_step(Path(start_model).parent)
+    rows = {"NTP pre-training": {"steps": pretrained, **evaluate_model(Path(start_model), tokenizer, config, sets,
+                                                                      heldout)}}
     for name, branch in branches.items():
         model_dir = Path(branch.train.out_dir) / "checkpoints/latest/model"
-        rows[name] = {"steps": demo.pretrain_steps + demo.branch_steps,
-                      **evaluate_model(model_dir, tokenizer, config, sets)}
+        rows[name] = {"steps": pretrained + checkpoint_step(model_dir.parent),
+                      **evaluate_model(model_dir, tokenizer, config, sets, heldout)}
     table = markdown_table(rows, list(demo.eval_tasks))
     plot_branches({name: Path(b.train.out_dir) for name, b in branches.items()}, out_dir)
     report = {"rows": rows, "wall_seconds": round(time.perf_counter() - started, 1), "table": table}

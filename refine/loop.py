@@ -353,6 +353,17 @@ def checkpoint_program(path: Path) -> str | None:
     return program
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step at which checkpoint directory `path` was written (its PROGRAM_FILE, else its trainer state)."""
+    file = path / PROGRAM_FILE
+    if file.exists():
+        try:
+            return int(json.loads(file.read_text())["step"])
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+            pass  # an older checkpoint's file, without the step: the trainer state has it
+    return int(read_trainer_state(path / "trainer.pt")["step"])
+
+
 def latest_checkpoint(out_dir: str | Path) -> Path:
     """`checkpoints/latest` of a run directory, or `checkpoints/previous` if the run died between the two renames
     of a swap (the path returned may not exist: no checkpoint yet)."""

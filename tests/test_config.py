@@ -69,6 +69,12 @@ def test_a_minimum_document_length_below_what_rollouts_need_is_refused():
     assert load_config(None, ["refine.margin=40", "train.mode=ntp"]).train.mode == "ntp"  # no rollouts
 
 
+@pytest.mark.parametrize("tasks, words", [("[]", "at least 1 item"), ("[niah,niah]", "names a task twice")])
+def test_the_main_jobs_eval_tasks_are_each_named_once(tasks, words):
+    with pytest.raises(ConfigError, match=rf"demo.eval_tasks: .*{words}"):
+        load_config(None, [f"demo.eval_tasks={tasks}"])
+
+
 def test_grpo_groups_follow_the_paper_code_unless_set():
     # The paper's code groups a document's c rollouts when n = 1 and each position's n samples when n > 1.
     assert load_config().refine.groups == "document"

@@ -31,6 +31,41 @@ def test_a_shrunk_comparison_trains_three_stages_and_reports_them(tmp_path, caps
     assert (tmp_path / "comparison.png").stat().st_size > 1000 and report["table"] in capsys.readouterr().out
 
 
+SHRUNK = ["demo.pretrain_steps=3", "demo.branch_steps=2", "demo.eval_examples=2", "demo.heldout_documents=2",
+          "data.seq_len=512", "data.num_documents=16", "train.batch_size=2", "model.hidden_size=32",
+          "model.intermediate_size=64", "demo.eval_length=384", "refine.margin=4"]
+
+
+def test_a_fresh_main_job_starts_every_stage_over_and_a_resume_keeps_the_branches_on_their_model(tmp_path, capsys):
+    demo = Path(__file__).parents[1] / "configs" / "demo.yaml"
+
+    def shrunk(*sets: str):
+        return load_config(demo, [f"train.out_dir={tmp_path}", *SHRUNK, *sets])
+
+    def resumed(stage):
+        return train(stage, resume=True, progress=False)
+
+    run_comparison(shrunk(), lambda stage: train(stage, progress=False))
+    # A resume that asks for fewer branch steps trains nothing: the table says the steps of the models evaluated.
+    report = run_comparison(shrunk("demo.branch_steps=1"), resumed, resume=True)
+    assert [row["steps"] for row in report["rows"].values()] == [3, 5, 5]
+    # Training the pre-trained model further would leave the branches on the model they started from: refused.
+    with pytest.raises(ValueError, match=r"--resume: the refine and ntp branch in .* started from the pre-trained "
+                                         r"model at step 3, which demo.pretrain_steps=5 would train further"):
+        run_comparison(shrunk("demo.pretrain_steps=5"), resumed, resume=True)
+
+    def stopped(stage):
+        raise KeyboardInterrupt  # a fresh run stopped in its pre-training
+
+    capsys.readouterr()
+    with pytest.raises(KeyboardInterrupt):
+        run_comparison(shrunk("demo.pretrain_steps=5"), stopped)
+    # Its --resume would otherwise have taken the earlier run's branches, trained from the 3-step model.
+    assert not any((tmp_path / stage / "checkpoints" / "latest").exists() for stage in ("pretrain", "refine", "ntp"))
+    assert not (tmp_path / "comparison.json").exists()
+    assert "removed the earlier run's checkpoints of pretrain, refine, ntp and comparison.json" in capsys.readouterr().err
+
+
 def test_every_stage_uses_the_comparisons_tokenizer(tmp_path):
     write_bpe_tokenizer(tmp_path / "tok")
     tokenizer = load_tokenizer(tmp_path / "tok")
@@ -64,6 +99,16 @@ def test_an_eval_length_too_short_for_the_eval_sets_fails_before_anything_trains
                                          r"without filler takes up to \d+ tokens"):
         run_comparison(config, stages.append)
     assert stages == []  # no stage was trained
+
+
+def test_held_out_documents_too_long_for_data_seq_len_fail_before_anything_trains(tmp_path):
+    config = load_config(Path(__file__).parents[1] / "configs" / "demo.yaml", [
+        f"train.out_dir={tmp_path}", "data.synthetic_tasks=[mqar]", "data.seq_len=160", "demo.pretrain_steps=1",
+        "demo.branch_steps=1", "demo.eval_examples=2"])
+    stages = []
+    with pytest.raises(ValueError, match=r"^data.seq_len=160 is too short for the main job's held-out recall "):
+        run_comparison(config, stages.append)
+    assert stages == []
 
 
 def test_a_stopped_main_job_prints_its_own_command_which_goes_on_from_each_stages_checkpoint(tmp_path, capsys,
