@@ -356,7 +356,7 @@ def test_ttt_batches_update_once_per_mini_batch_answer_after_the_batch_and_carry
                                         "train": config.train.model_copy(update={"mode": "onepass"})})
     stats = runner.train_step(replay, make_optimizer(replay, config.optim),
                               runner.DocumentBatch(ids, lengths, ["a", "b"]), onepass, generator).stats
-    assert batched["examples"][0]["ttt_history"] == [stats]
+    assert batched["examples"][0]["ttt_history"] == [stats | {"optimizer_steps": 2.0}]  # 2 mini-batches
     expected = generate(replay, ids, 6, eos_id=TOKENIZER.eos_id, lengths=lengths, generator=generator,
                         vocab_limit=TOKENIZER.vocab_size)
     assert [record["generated_tokens"] for record in batched["examples"][:2]] == [len(tokens) for tokens in expected]
