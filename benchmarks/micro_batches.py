@@ -29,7 +29,7 @@ import torch
 from refine.cli import positive_int
 from refine.algorithm.rollout import snapshot_rollouts
 from refine.algorithm.update import score_rollouts
-from refine.config import load_config
+from refine.config import ConfigError, RunConfig, load_config
 from refine.loop import make_optimizer, rollout_batch_update
 from refine.models import build_model
 from refine.runtime import tune_allocator
@@ -70,16 +70,20 @@ class SavedForBackward:
         return tensor
 
 
+def run_config(args: argparse.Namespace, micro_batches: int) -> RunConfig:
+    return load_config(None, [
+        "train.mode=onepass", f"train.batch_size={args.batch}", f"train.micro_batches={micro_batches}",
+        f"data.seq_len={args.length}", "refine.num_chunks=8", "refine.rollout_len=5", f"train.device={args.device}",
+    ])
+
+
 def measure(args: argparse.Namespace, micro_batches: int) -> dict:
     """One step in this process: the seconds and peak memory of the update with `micro_batches` slices."""
     tune_allocator()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = args.device
-    config = load_config(None, [
-        "train.mode=onepass", f"train.batch_size={args.batch}", f"train.micro_batches={micro_batches}",
-        f"data.seq_len={args.length}", "refine.num_chunks=8", "refine.rollout_len=5", f"train.device={device}",
-    ])
+    config = run_config(args, micro_batches)
     model = build_model(dict(model_type="delta_net", vocab_size=260, hidden_size=args.hidden_size,
                              num_hidden_layers=args.layers, num_heads=args.heads,
                              intermediate_size=2 * args.hidden_size, tie_word_embeddings=True)).to(device)
@@ -130,6 +134,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--one", type=positive_int, help=argparse.SUPPRESS)  # the child process: measure this count
     args = parser.parse_args()
+    for count in args.micro_batches:  # settings the run config refuses: one line, before any process starts
+        try:
+            run_config(args, count)
+        except ConfigError as error:
+            parser.error(" ".join(str(error).split()))
     if args.one is not None:
         print(json.dumps(measure(args, args.one)))
         return

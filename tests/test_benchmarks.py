@@ -31,6 +31,8 @@ def _run(script: str, *args: str) -> list[dict]:
     ("step.py", ["--lengths", "10"], "argument --lengths: must be at least 40 (c = 8 chunks of k = 5-token rollouts"),
     ("rollout.py", ["--lengths", "39"], "argument --lengths: must be at least 40"),
     ("step.py", ["--heads", "3"], "--heads 3 must divide --hidden-size 128"),
+    ("micro_batches.py", ["--length", "10"], "data.seq_len=10 is too short for refine.num_chunks=8"),
+    ("pipeline.py", ["--seq-len", "10", "--steps", "2"], "data.seq_len=10 is too short for refine.num_chunks=8"),
 ])
 def test_settings_a_benchmark_cannot_run_are_one_line_errors(script, args, error):
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True, text=True,
