@@ -341,32 +341,43 @@ class _ParquetReader:
     def rows_at(self, records: np.ndarray, first: int) -> Iterator[Row]:
         table = self._row_groups()
         starts = [start for start, *_ in table]
+        versions = [_version(file.stat()) for file, _ in self.files]  # a file rewritten during this pass stops it
         decoded: tuple[int, dict[str, list[Any]]] | None = None  # the last row group read, by its slot
         for position, record in enumerate(map(int, records), start=first):
             slot = bisect.bisect_right(starts, record) - 1
             start, number, group, first_row, rows = table[slot]
             if decoded is None or decoded[0] != slot:
-                decoded = (slot, self._read_group(number, group, first_row, rows))
+                decoded = (slot, self._read_group(number, group, first_row, rows, versions[number]))
             file, offset = self.files[number][0], record - start
             yield Row(index=position, location=f"{file}, row {first_row + offset}",
                       doc_id=f"{_file_label(file, self.root)}:{first_row + offset}",
                       values={column: column_values[offset] for column, column_values in decoded[1].items()})
 
-    def _read_group(self, number: int, group: int, first_row: int, rows: int) -> dict[str, list[Any]]:
-        """The values of row group `group` of file `number`, by column."""
+    def _read_group(self, number: int, group: int, first_row: int, rows: int,
+                    version: tuple[int, int]) -> dict[str, list[Any]]:
+        """The values of row group `group` of file `number`, by column; the file must still be at `version` (its
+        size and modification time when the pass started), as the pass's order counts its rows then."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         file, columns = self.files[number][0], self.file_columns[number]
-        try:
-            parquet = pq.ParquetFile(file)
-        except (pa.ArrowException, OSError) as error:  # replaced or damaged since it was listed
-            raise DataSourceError(f"parquet file {str(file)!r} cannot be opened ({error})") from error
         values: dict[str, list[Any]] = {column: [] for column in columns}
-        with parquet:
-            for batch in self._batches(number, parquet, group, first_row, rows):
-                for column, column_values in batch.to_pydict().items():
-                    values[column].extend(column_values)
+        try:
+            handle = open(file, "rb")
+        except OSError as error:  # removed since it was listed
+            raise DataSourceError(f"parquet file {str(file)!r} cannot be opened ({error})") from error
+        with handle:
+            if _version(os.fstat(handle.fileno())) != version:
+                raise DataSourceError(f"parquet file {str(file)!r} changed during the run (its size or modification "
+                                      f"time): this pass's order counts the rows it held when the pass started")
+            try:
+                parquet = pq.ParquetFile(handle)
+            except (pa.ArrowException, OSError) as error:  # damaged
+                raise DataSourceError(f"parquet file {str(file)!r} cannot be opened ({error})") from error
+            with parquet:
+                for batch in self._batches(number, parquet, group, first_row, rows):
+                    for column, column_values in batch.to_pydict().items():
+                        values[column].extend(column_values)
         if len(values[columns[0]]) != rows:  # the file was replaced since its footer was read
             raise DataSourceError(f"parquet file {str(file)!r}, row group {group}: {len(values[columns[0]])} rows, "
                                   f"where the file had {rows} when this pass started: it changed during the run")
