@@ -536,6 +536,19 @@ class RunConfig(Strict):
         return self
 
     @model_validator(mode="after")
+    def _top_p_samples(self) -> "RunConfig":
+        # The likeliest of vocab_size tokens has probability at least 1/vocab_size: a top_p at most that keeps it
+        # alone, which is greedy decoding, refused with per-position groups as temperature=0 and top_k=1 are.
+        refine, vocab_size = self.refine, self.model.vocab_size
+        if refine.num_samples > 1 and refine.groups == "position" and refine.top_p * vocab_size <= 1:
+            raise ValueError(f"refine.top_p={refine.top_p} keeps only the likeliest of model.vocab_size={vocab_size} "
+                             f"tokens (it has probability at least 1/{vocab_size}), so it decodes greedily: the "
+                             f"num_samples={refine.num_samples} rollouts of a position are one rollout repeated and "
+                             f"per-position groups give every advantage 0: raise top_p above 1/{vocab_size}, or use "
+                             f"num_samples=1 or group_by='document'")
+        return self
+
+    @model_validator(mode="after")
     def _margins_fit(self) -> "RunConfig":
         needed = 2 * self.refine.margin + self.refine.rollout_len + self.refine.num_chunks
         if self.train.mode != "ntp" and self.data.seq_len < needed:

@@ -88,6 +88,14 @@ def test_grpo_groups_follow_the_paper_code_unless_set():
     assert load_config(None, ["refine.num_chunks=1", "refine.num_samples=2"]).refine.groups == "position"
 
 
+def test_a_top_p_that_keeps_only_the_likeliest_token_is_greedy_and_refused_with_position_groups():
+    # The likeliest of 260 tokens has probability at least 1/260: top_p=1e-3 keeps it alone, whatever the logits.
+    with pytest.raises(ConfigError, match=r"refine.top_p=0.001 keeps only the likeliest of model.vocab_size=260 "):
+        load_config(None, ["refine.num_samples=4", "refine.top_p=1e-3"])
+    assert load_config(None, ["refine.num_samples=4", "refine.top_p=0.01"]).refine.top_p == 0.01
+    assert load_config(None, ["refine.top_p=1e-3"]).refine.groups == "document"  # n = 1: groups span positions
+
+
 @pytest.mark.parametrize("greedy", ["refine.temperature=0", "refine.top_k=1"])
 def test_greedy_samples_of_a_position_in_groups_of_their_own_are_refused(greedy):
     # The n greedy rollouts of a position are one rollout repeated: per-position advantages would all be 0.
