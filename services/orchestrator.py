@@ -376,9 +376,14 @@ def remove_member_files(config: RunConfig, namespace: str, role: str, member_id:
     """What a killed member of run `namespace` could not remove itself: its metrics discovery files and, for a
     rollout worker on the vLLM engine, its staged checkpoints in rollout.vllm.weights_dir (where this host
     sees them)."""
+    withdraw_announcements(config.service.metrics_discovery_dir, role, member_id, namespace)
+    remove_staged_checkpoints(config, namespace, role, member_id)
+
+
+def remove_staged_checkpoints(config: RunConfig, namespace: str, role: str, member_id: str) -> None:
+    """A rollout worker's staged checkpoints on the vLLM engine (see remove_member_files); nothing for others."""
     from rollout_workers.worker import ROLE as WORKER_ROLE
 
-    withdraw_announcements(config.service.metrics_discovery_dir, role, member_id, namespace)
     rollout = config.rollout
     if role == WORKER_ROLE and rollout.engine == "vllm" and rollout.vllm.weights_dir is not None:
         remove_staging(rollout.vllm.weights_dir, engine_owner(namespace, member_id))
@@ -1041,8 +1046,8 @@ class Orchestrator:
                 self.reservation.release()  # every actor's bundle, once
             except Exception as exc:  # Ray went away: it took the group with it
                 logger.warning("could not release the run's placement group: %s", exc)
-        for role, member_id in members:  # the rest of what killed members leave (vLLM's staged checkpoints)
-            remove_member_files(self.config, self.namespace, role, member_id)
+        for role, member_id in members:  # the rest of what killed members leave (their targets went above)
+            remove_staged_checkpoints(self.config, self.namespace, role, member_id)
         if self.bar is not None:
             self.bar.close()
         if self.redis_lost:
