@@ -47,7 +47,9 @@ def answer_loss(logits: Tensor, input_ids: Tensor, answer_starts: Tensor, length
     mask = (index >= answer_starts[:, None]) & (index < lengths[:, None])
     if not bool(mask.any()):
         raise ValueError("every answer is empty: nothing to train on")
-    losses = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), targets, reduction="none")
+    # At least float32 (bfloat16 logits), float64 kept for the float64 checks.
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets, reduction="none")
     return (losses * mask).sum() / mask.sum()
 
 

@@ -138,9 +138,14 @@ def encode_example(example: TaskExample, tokenizer: Tokenizer, max_tokens: int) 
     """Token ids of one example, at most `max_tokens` in all (the context cut in the middle to fit).
     Returns (example, whether its prompt was cut); (None, True) when the question and the answer alone
     take `max_tokens`, leaving no room for the context."""
+    answer = tokenizer.encode(example.answers[0]) + [tokenizer.eos_id]
+    # A prompt that fits is encoded whole, as `refine eval` encodes it: encoding context and question apart
+    # would split a subword tokenizer's merges across their boundary (a context's closing "\n" and "\n\n").
+    prompt, full_length = prompt_tokens(tokenizer, example.prompt, None)
+    if full_length + len(answer) <= max_tokens:
+        return QAExample(prompt=prompt, answer=answer), False
     context_text, question_text = split_prompt(example)
     question = tokenizer.encode(question_text)
-    answer = tokenizer.encode(example.answers[0]) + [tokenizer.eos_id]
     room = max_tokens - len(question) - len(answer)
     if room <= 0:
         return None, True

@@ -28,12 +28,16 @@ class _FastWeightHFConfig(PretrainedConfig):
         super().__init__(**{**fields, **kwargs})
 
 
+# Each class names its __init__ in its own body: transformers 5 turns every config class into a dataclass
+# and gives one without an __init__ of its own a generated one, which would skip the checks and defaults.
 class DeltaNetHFConfig(_FastWeightHFConfig):
     model_type = "delta_net"
+    __init__ = _FastWeightHFConfig.__init__
 
 
 class GatedDeltaNetHFConfig(_FastWeightHFConfig):
     model_type = "gated_deltanet"
+    __init__ = _FastWeightHFConfig.__init__
 
 
 def refine_config(hf_config: PretrainedConfig) -> DeltaNetConfig | GatedDeltaNetConfig:

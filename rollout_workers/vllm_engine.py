@@ -59,7 +59,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from refine.algorithm.rollout import (
-    Rollouts, choose_positions, eos_ids, first_token_entropy, gather_windows, prefix_rows,
+    Rollouts, check_positions, choose_positions, eos_ids, first_token_entropy, gather_windows, prefix_rows,
 )
 from refine.algorithm.sampling import logprobs_from_logits
 from refine.config import RunConfig
@@ -331,6 +331,8 @@ class VllmEngine:
         doc = self.policy(ids, lengths=lens, output_state=False, defer_states=True)
         if positions is None:
             positions = choose_positions(doc.logits, lens, cfg, generator)
+        else:
+            check_positions(positions, lens, cfg.rollout_len)
         positions = positions.to(self.device, dtype=torch.long)
         rows, starts = prefix_rows(positions)
         first_logits = doc.logits[rows, starts - 1]

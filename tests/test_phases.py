@@ -131,6 +131,18 @@ def test_answer_loss_counts_only_answer_tokens():
     torch.testing.assert_close(loss, expected)
 
 
+def test_answer_loss_keeps_float64_logits_in_float64_and_lifts_bfloat16_to_float32():
+    logits = torch.randn(2, 6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 3
+    ids = torch.tensor([[0, 1, 2, 3, 4, 1], [4, 3, 2, 1, 0, 0]])
+    loss = answer_loss(logits, ids, torch.tensor([2, 4]), torch.tensor([6, 5]))
+    # Answer tokens: ids[0, 2:6] (predicted at 1..4) and ids[1, 4:5] (predicted at 3), all weighted alike.
+    expected = torch.nn.functional.cross_entropy(torch.cat([logits[0, 1:5], logits[1, 3:4]]),
+                                                 torch.cat([ids[0, 2:6], ids[1, 4:5]]))
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, expected, rtol=1e-15, atol=0)
+    assert answer_loss(logits.bfloat16(), ids, torch.tensor([2, 4]), torch.tensor([6, 5])).dtype == torch.float32
+
+
 def test_test_time_training_restores_weights_and_accumulates_on_request():
     model = _model()
     before = {k: v.clone() for k, v in model.state_dict().items()}

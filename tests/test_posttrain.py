@@ -9,9 +9,10 @@ import torch
 
 from refine.cli import main
 from refine.data.tasks import TaskExample
+from refine.evaluation.runner import prompt_tokens
 from refine.models import build_model, load_model, save_model
 from refine.posttrain import batch_indices, encode_example
-from refine.tokenizer import ByteTokenizer
+from refine.tokenizer import ByteTokenizer, HFTokenizer
 
 NEEDED = 8  # min_document_length(num_chunks=2, rollout_len=3, margin=4)
 SMALL_REFINE = ["refine.num_chunks=2", "refine.rollout_len=3", "refine.margin=4"]
@@ -195,6 +196,29 @@ def test_refine_sees_the_whole_prompt_a_long_one_is_cut_in_its_context_and_the_a
     assert encoded.prompt[0] == tokenizer.bos_id and encoded.prompt[-len(question) - 1] == ord("T")
     # Question and answer alone fill the budget: no room for the context.
     assert encode_example(example, tokenizer, max_tokens=len(question) + len(encoded.answer)) == (None, True)
+
+
+def test_a_prompt_that_fits_gets_the_tokens_refine_eval_feeds_a_subword_tokenizer_merging_across_the_context_end(
+        tmp_path):
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    rust = RustTokenizer(models.BPE(unk_token="<unk>"))
+    rust.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    rust.decoder = decoders.ByteLevel()
+    rust.train_from_iterator(["The fox sleeps.\n\n\nRequest: Which fox?\nAnswer: brown\n\n"] * 50, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    rust.save(str(tmp_path / "tokenizer.json"))
+    tokenizer = HFTokenizer(tmp_path)
+    # A LongBench-style prompt whose context ends in "\n" before the template's "\n\nRequest:".
+    context = "The fox sleeps.\n"
+    example = TaskExample(example_id="0", task="hotpotqa", prompt=f"{context}\n\nRequest: Which fox?\nAnswer:",
+                          answers=["brown"], context=context, question="Which fox?")
+    assert tokenizer.encode(context) + tokenizer.encode(example.prompt[len(context):]) != tokenizer.encode(
+        example.prompt)  # the merge this test is about
+    encoded, cut = encode_example(example, tokenizer, max_tokens=1000)
+    assert not cut and encoded.prompt == prompt_tokens(tokenizer, example.prompt, None)[0]
 
 
 def test_examples_whose_question_and_answer_fill_the_sequence_are_skipped_and_counted(tmp_path, capsys):

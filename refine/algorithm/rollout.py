@@ -96,6 +96,20 @@ def choose_positions(logits: Tensor, lengths: Tensor, cfg: RefineConfig,
     )
 
 
+def check_positions(positions: Tensor, lengths: Tensor, rollout_len: int) -> None:
+    """Refuse given rollout positions that a rollout cannot start at: each needs a prefix of at least one token
+    (its first logits) and rollout_len ground-truth tokens after it, 1 <= p <= length - rollout_len."""
+    if positions.dim() != 2 or positions.shape[0] != lengths.shape[0]:
+        raise ValueError(f"positions must be [batch={lengths.shape[0]}, chunks], got shape {tuple(positions.shape)}")
+    last = lengths.to(positions.device)[:, None] - rollout_len
+    bad = ((positions < 1) | (positions > last)).nonzero()
+    if len(bad):
+        row, column = bad[0].tolist()
+        raise ValueError(f"positions[{row}, {column}]={int(positions[row, column])} is outside [1, "
+                         f"{int(last[row, 0])}]: document {row} has {int(lengths[row])} tokens and a rollout needs a "
+                         f"prefix of at least 1 and refine.rollout_len={rollout_len} tokens after it")
+
+
 def first_token_entropy(first_logits: Tensor, positions: Tensor) -> Tensor:
     """Entropy [B, c] of each rollout's first-token distribution (a monitored quantity)."""
     return token_entropy(first_logits.detach()[:, None])[:, 0].view_as(positions).float()
@@ -184,6 +198,8 @@ def snapshot_rollouts(model: FastWeightLM, input_ids: Tensor, lengths: Tensor, c
         out = model(input_ids, lengths=lengths, output_state=False, defer_states=True)
         if positions is None:
             positions = choose_positions(out.logits, lengths, cfg, generator)
+        else:
+            check_positions(positions, lengths, cfg.rollout_len)
         rows, starts = prefix_rows(positions)
         first_logits = out.logits[rows, starts - 1]
         tokens, logprobs, hidden = decode(model, out.states_at(positions), first_logits, cfg, generator)
@@ -260,4 +276,5 @@ def reprefill_rollouts(model: FastWeightLM, input_ids: Tensor, lengths: Tensor, 
     positions were chosen from; given, the ground truth's hidden states come from it (the paper
     takes entropies and hidden states from one pass) instead of one more document forward.
     """
+    check_positions(positions, lengths, cfg.rollout_len)
     return _reprefill(model, input_ids, lengths, cfg, positions, generator, padded, document_hidden).ordinary()

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from refine.algorithm.rollout import Rollouts, decode, reprefill_rollouts
+from refine.algorithm.rollout import Rollouts, decode, reprefill_rollouts, snapshot_rollouts
 from refine.config import RefineConfig
 from refine.models import build_model
 
@@ -162,3 +162,17 @@ def test_reprefill_takes_the_ground_truth_from_the_callers_document_pass() -> No
     own = reprefill_rollouts(model, ids, lengths, cfg, positions, torch.Generator().manual_seed(1))
     for field in ("tokens", "logprobs", "hidden", "target_tokens", "target_hidden", "entropies"):
         assert torch.equal(getattr(given, field), getattr(own, field)), field
+
+
+@pytest.mark.parametrize("rollouts", [snapshot_rollouts, reprefill_rollouts])
+@pytest.mark.parametrize("bad, named", [([[0, 20], [9, 26]], r"positions\[0, 0\]=0 is outside \[1, 37\]"),
+                                        ([[3, 20], [9, 29]], r"positions\[1, 1\]=29 is outside \[1, 28\]")])
+def test_given_positions_a_rollout_cannot_start_at_are_refused_naming_the_entry(rollouts, bad, named) -> None:
+    # Position 0 has no prefix (its first logits would wrap to the row's end); past length - k the ground
+    # truth would read padding.
+    model, ids, lengths, positions = _reprefill_batch()
+    cfg = RefineConfig(num_chunks=2, rollout_len=3, margin=4, num_samples=2)
+    with pytest.raises(ValueError, match=named):
+        rollouts(model, ids, lengths, cfg, positions=torch.tensor(bad))
+    edges = torch.tensor([[1, 37], [1, 28]])  # the first and last allowed
+    assert rollouts(model, ids, lengths, cfg, positions=edges).tokens.shape == (8, 3)
