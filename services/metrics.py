@@ -169,14 +169,17 @@ def prepare_discovery_dir(discovery_dir: str | Path) -> Path:
 
 
 def serve_metrics(metrics: Metrics, role: str, instance: str, discovery_dir: str | Path | None,
-                  bind: str = "0.0.0.0", run: str = "") -> MetricsEndpoint:
+                  bind: str | None = None, run: str = "") -> MetricsEndpoint:
     """Serve `metrics` on a free port and announce it in `discovery_dir` (the run's
     service.metrics_discovery_dir; None: no announcement) for Prometheus file service discovery; `run` (the
-    service's namespace) lets the run withdraw the announcement of a member it killed."""
+    service's namespace) lets the run withdraw the announcement of a member it killed. `bind`: every address
+    of the announced host's family by default ("::" for an IPv6 REFINE_METRICS_HOST, else "0.0.0.0")."""
     # Before the server starts: a directory that cannot be created, or a host that is none, leaves no server
     # thread behind.
     directory = None if discovery_dir is None else prepare_discovery_dir(discovery_dir)
     host = metrics_host()
+    if bind is None:  # an IPv4-only server refuses an announced IPv6 target: Prometheus would see it down
+        bind = "::" if host.startswith("[") else "0.0.0.0"
     server, _ = start_http_server(0, addr=bind, registry=metrics.registry)
     port = server.server_port
     discovery_file = None

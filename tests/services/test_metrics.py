@@ -1,6 +1,7 @@
 """Prometheus discovery files: one per serving process, withdrawn by that process alone."""
 
 import json
+import socket
 import urllib.request
 from pathlib import Path
 
@@ -50,6 +51,28 @@ def test_an_empty_metrics_host_announces_loopback(tmp_path: Path, monkeypatch) -
     endpoint = serve_metrics(Metrics(), role="reward", instance="reward-0", discovery_dir=tmp_path, bind="127.0.0.1")
     try:
         assert list(announced_targets(tmp_path).values()) == [[f"[fd00::5]:{endpoint.port}"]]
+    finally:
+        endpoint.close()
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="this machine has no IPv6 loopback (::1) to serve on")
+def test_an_ipv6_metrics_host_is_served_at_the_announced_target(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("REFINE_METRICS_HOST", "::1")
+    endpoint = serve_metrics(Metrics(), role="learner", instance="learner-0", discovery_dir=tmp_path)
+    try:
+        [[target]] = announced_targets(tmp_path).values()
+        assert target == f"[::1]:{endpoint.port}"
+        with urllib.request.urlopen(f"http://{target}/metrics", timeout=10) as response:
+            assert response.status == 200 and b"refine_learner_steps_total" in response.read()
     finally:
         endpoint.close()
 
