@@ -38,7 +38,7 @@ from refine.algorithm.update import LossResult, SliceShares, advantages_for, rol
 from refine.config import RunConfig
 from refine.loop import StepResult, backward_slices, merge_steps, mini_batch_bounds, recombine_loss
 from refine.models import FastWeightLM
-from refine.optim import MasterWeightAdamW
+from refine.optim import MasterWeightAdamW, clip_gradients
 from refine.runtime import StageTimes
 from services.codec import decode, encode
 from services.messages import DocumentBatch, ScoredBatch
@@ -242,7 +242,7 @@ class DataParallelGroup:
                 dist.all_reduce(parameter.grad, op=dist.ReduceOp.SUM)
             flag = torch.tensor([0.0 if local_finite else 1.0], device=self.device)
             dist.all_reduce(flag, op=dist.ReduceOp.SUM)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+            grad_norm = clip_gradients(model.parameters(), config.optim.grad_clip)
             stats["grad_norm"] = float(grad_norm)
             skipped = float(flag) > 0 or not torch.isfinite(grad_norm)
             if skipped:

@@ -45,11 +45,11 @@ from refine.files import file_system_error, sync_directory, sync_tree, write_ato
 from refine.models import FastWeightLM, build_model, load_model, load_model_config, save_model
 from refine.models.size import check_model_fits
 from refine.optim import (
-    MasterWeightAdamW, describe_rates, has_low_precision_weights, learning_rate, set_learning_rate,
+    MasterWeightAdamW, clip_gradients, describe_rates, has_low_precision_weights, learning_rate, set_learning_rate,
 )
 from refine.plots import plot_metrics
 from refine.runtime import StageTimes, timed_stage, tune_allocator
-from refine.tokenizer import Tokenizer, save_tokenizer_files
+from refine.tokenizer import Tokenizer, same_tokenizer, save_tokenizer_files, tokenizer_name
 
 
 @dataclass
@@ -227,7 +227,7 @@ def optimizer_step(model: FastWeightLM, optimizer: torch.optim.Optimizer, result
 def clip_and_step(model: FastWeightLM, optimizer: torch.optim.Optimizer, stats: dict[str, float],
                   grad_clip: float) -> StepResult:
     """Clip the gradients in .grad and step; a non-finite gradient skips the step (and is reported)."""
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    grad_norm = clip_gradients(model.parameters(), grad_clip)
     stats = stats | {"grad_norm": float(grad_norm)}
     if not math.isfinite(stats["grad_norm"]):
         optimizer.zero_grad(set_to_none=True)
@@ -603,11 +603,13 @@ def load_checkpoint(path: Path, model: FastWeightLM, optimizer: torch.optim.Opti
 
 
 def resume_from(out_dir: Path, resume: bool, model: FastWeightLM, optimizer: torch.optim.Optimizer,
-                generator: torch.Generator, program: str) -> RunPosition:
-    """Where to start: the checkpoint's position when resuming from one, else the start; either is `program`'s."""
+                generator: torch.Generator, program: str, tokenizer: Tokenizer) -> RunPosition:
+    """Where to start: the checkpoint's position when resuming from one, else the start; either is `program`'s.
+    `tokenizer`, the run's, must be the one the checkpoint was trained with."""
     checkpoint = latest_checkpoint(out_dir)
     if resume and checkpoint.exists():
         check_resumed_program(out_dir, program)
+        check_resumed_tokenizer(out_dir, tokenizer)
         return replace(load_checkpoint(checkpoint, model, optimizer, generator), program=program)
     if resume:
         check_kept_without_latest(out_dir)
@@ -623,6 +625,19 @@ def check_kept_without_latest(out_dir: str | Path) -> None:
         raise ValueError(f"--resume: {latest_checkpoint(out_dir)} does not exist, but the kept checkpoints "
                          f"{', '.join(path.name for path in kept[-3:])} do; a run starting over would remove them: "
                          f"to continue from one, rename it to {Path(out_dir) / 'checkpoints' / 'latest'}")
+
+
+def check_resumed_tokenizer(out_dir: str | Path, tokenizer: Tokenizer) -> None:
+    """Refuse a --resume whose tokenizer is not the one saved with the latest checkpoint's model (its file rewritten
+    since, or another `tokenizer` given): the model's token ids would change meaning in the middle of the run."""
+    model_dir = latest_checkpoint(out_dir) / "model"
+    if not model_dir.is_dir() or same_tokenizer(tokenizer, model_dir):
+        return
+    saved = (f"the tokenizer saved there (--set tokenizer={model_dir})" if (model_dir / "tokenizer.json").exists()
+             else "the byte-level tokenizer (--set tokenizer=byte)")
+    raise ValueError(f"--resume: tokenizer {tokenizer_name(tokenizer)!r} is not the one checkpoint {model_dir.parent} "
+                     f"was trained with: resume with {saved}, or start a new run from the checkpoint "
+                     f"(train.init_from={model_dir}) to change tokenizers")
 
 
 def _command(program: str) -> str:
@@ -1011,7 +1026,7 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True,
     if config.refine.kl_coef > 0 and config.train.mode != "ntp":
         ref_model = prepare_model(config, training=False).requires_grad_(False)
 
-    start = resume_from(Path(config.train.out_dir), resume, model, optimizer, generator, "refine")
+    start = resume_from(Path(config.train.out_dir), resume, model, optimizer, generator, "refine", tokenizer)
     if start.step and start.step >= config.train.steps:  # the run directory (config.yaml too) stays as it is
         return finished_run(Path(config.train.out_dir), start.step, config.train.steps)
     if start.step:

@@ -76,6 +76,26 @@ class MasterWeightAdamW(torch.optim.AdamW):
             master.copy_(saved)
 
 
+@torch.no_grad()
+def clip_gradients(parameters: Iterable[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_ with the norm taken in float32 at least: in a bfloat16 model's own dtype the
+    logged norm keeps 3 significant digits and the clip factor is off by as much. Returns the total norm before
+    clipping (inf or NaN for a non-finite gradient, which is then left as it is)."""
+    grads = [param.grad for param in parameters if param.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    dtype = torch.float32
+    for grad in grads:
+        dtype = torch.promote_types(dtype, grad.dtype)  # float64 stays float64
+    norms = [torch.linalg.vector_norm(grad, dtype=dtype) for grad in grads]
+    total = torch.linalg.vector_norm(torch.stack([norm.to(norms[0].device) for norm in norms]))
+    if torch.isfinite(total):
+        factor = (max_norm / (total + 1e-6)).clamp(max=1.0)  # torch's clip_grad_norm_ rule
+        for grad in grads:
+            grad.mul_(factor.to(grad.device))
+    return total
+
+
 def has_low_precision_weights(model: torch.nn.Module) -> bool:
     return any(param.dtype in LOW_PRECISION for param in model.parameters())
 

@@ -262,7 +262,8 @@ def posttrain(config: RunConfig, data: str | Path, task: str, sft_coef: float = 
     optimizer = make_optimizer(model, config.optim)
     generator = torch.Generator(device=config.train.device).manual_seed(config.train.seed)
 
-    start = resume_from(Path(config.train.out_dir), resume, model, optimizer, generator, "refine posttrain")
+    start = resume_from(Path(config.train.out_dir), resume, model, optimizer, generator, "refine posttrain",
+                        tokenizer)
     data_counts = {"examples_used": summary.examples_used, "skipped_short_prompt": summary.skipped_short_prompt}
     if start.step and start.step >= config.train.steps:  # the run directory (config.yaml too) stays as it is
         finished = finished_run(Path(config.train.out_dir), start.step, config.train.steps, "refine posttrain")

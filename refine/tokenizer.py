@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
+
+from refine.files import write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -117,9 +118,19 @@ class HFTokenizer:
         self.file = file
         self.directory = file.parent
         try:
-            self._tokenizer = _RustTokenizer.from_file(str(file))
+            text = file.read_text(encoding="utf-8")
+            self._tokenizer = _RustTokenizer.from_str(text)
         except Exception as error:  # the Rust library raises a bare Exception with its parse message
             raise ValueError(f"cannot read tokenizer file {str(file)!r}: {error}") from error
+        # The files checkpoints save, as read now: a tokenizer directory moved or rewritten during a run must not
+        # leave later checkpoints without them, or with another tokenizer than the one the run encodes with.
+        self.files: dict[str, str] = {"tokenizer.json": text}
+        for name in SPECIAL_TOKEN_FILES:
+            if (self.directory / name).is_file():
+                try:
+                    self.files[name] = (self.directory / name).read_text(encoding="utf-8")
+                except (OSError, UnicodeDecodeError) as error:
+                    raise ValueError(f"cannot read {str(self.directory / name)!r}: {error}") from error
         # Text is text: a document that writes "</s>" or "<pad>" must not turn into control tokens (an EOS in
         # the middle of a document, a pad the loss would treat as padding). The pipeline adds BOS / EOS by id.
         self._tokenizer.encode_special_tokens = True
@@ -227,17 +238,26 @@ SPECIAL_TOKEN_FILES = ("tokenizer_config.json", "special_tokens_map.json")
 
 
 def save_tokenizer_files(tokenizer: Tokenizer, directory: Path) -> None:
-    """Copy a Hugging Face tokenizer's files into `directory` (a saved model), where `load_tokenizer` and
-    `refine eval --model` find them; the byte tokenizer has none, and is what a directory without them gets."""
+    """Write a Hugging Face tokenizer's files, as it read them, into `directory` (a saved model), where
+    `load_tokenizer` and `refine eval --model` find them; the byte tokenizer has none, and is what a directory
+    without them gets."""
     if not isinstance(tokenizer, HFTokenizer):
         return
     directory.mkdir(parents=True, exist_ok=True)
-    copies = [(tokenizer.file, directory / "tokenizer.json")]
-    copies += [(tokenizer.directory / name, directory / name) for name in SPECIAL_TOKEN_FILES]
-    for source, target in copies:
-        # A model resumed in place may have been given its own directory as the tokenizer.
-        if source.is_file() and not (target.exists() and target.samefile(source)):
-            shutil.copyfile(source, target)
+    for name, text in tokenizer.files.items():
+        write_atomically(directory / name, text)  # whole or not at all: it may be the tokenizer's own directory
+
+
+def same_tokenizer(tokenizer: Tokenizer, directory: Path) -> bool:
+    """Whether `tokenizer` is the one saved with the model in `directory` (by save_tokenizer_files): the same
+    tokenizer.json, or none for the byte tokenizer."""
+    saved = directory / "tokenizer.json"
+    if not isinstance(tokenizer, HFTokenizer):
+        return not saved.exists()
+    try:
+        return json.loads(saved.read_text(encoding="utf-8")) == json.loads(tokenizer.files["tokenizer.json"])
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
 
 
 def tokenizer_name(tokenizer: Tokenizer) -> str:

@@ -86,9 +86,9 @@ from refine.data.stream import (
 from refine.evaluation.heldout import heldout_documents
 from refine.files import write_atomically
 from refine.loop import (
-    Divergence, RunInterrupted, absolute_out_dir, check_kept_without_latest, check_resumed_program, clear_checkpoints,
-    finished_run, fresh_run_message, interrupted_message, jsonl_rows, plot_run, rate_change_warning, restart_metrics,
-    warmup_warning, write_row,
+    Divergence, RunInterrupted, absolute_out_dir, check_kept_without_latest, check_resumed_program,
+    check_resumed_tokenizer, clear_checkpoints, finished_run, fresh_run_message, interrupted_message, jsonl_rows,
+    plot_run, rate_change_warning, restart_metrics, warmup_warning, write_row,
 )
 from refine.optim import describe_rates
 from refine.runtime import sigterm_as_ctrl_c
@@ -354,6 +354,8 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True, ray_addr
             check_kept_without_latest(config.train.out_dir)
     check_data_source(config)
     tokenizer = run_tokenizer(config)
+    if resume:
+        check_resumed_tokenizer(config.train.out_dir, tokenizer)
     config = fit_to_tokenizer(config, tokenizer)  # before any actor reads the model section
     check_rollout_message_size(config)  # the model section is final only now (train.init_from)
     plan = resolve_addresses(config, ray_address, redis_url)

@@ -170,6 +170,32 @@ def test_checkpoints_carry_the_runs_tokenizer(tmp_path):
     assert (saved.bos_token_id, saved.eos_token_id, saved.pad_token_id) == (original.bos_id, original.eos_id, None)
 
 
+def test_a_resume_refuses_a_tokenizer_other_than_the_checkpoints(tmp_path):
+    from test_tokenizer import write_bpe_tokenizer
+
+    write_bpe_tokenizer(tmp_path / "tok")
+    config = _config(tmp_path / "run", "ntp", steps=1, extra=(f"tokenizer={tmp_path / 'tok'}", "model.vocab_size=320"))
+    train(config, progress=False)
+    # The tokenizer file rewritten since, its size and special tokens unchanged: two tokens trade ids.
+    tree = json.loads((tmp_path / "tok" / "tokenizer.json").read_text())
+    vocab = tree["model"]["vocab"]
+    vocab["a"], vocab["b"] = vocab["b"], vocab["a"]
+    (tmp_path / "tok" / "tokenizer.json").write_text(json.dumps(tree))
+    model_dir = tmp_path / "run" / "checkpoints" / "latest" / "model"
+    longer = config.model_copy(update={"train": config.train.model_copy(update={"steps": 2})})
+    with pytest.raises(ValueError, match=f"--resume: tokenizer '{tmp_path / 'tok'}' is not the one checkpoint "
+                                         f"{model_dir.parent} was trained with: resume with the tokenizer saved there "
+                                         f"\\(--set tokenizer={model_dir}\\)"):
+        train(longer, resume=True, progress=False)
+    assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 1
+    train(longer.model_copy(update={"tokenizer": str(model_dir)}), resume=True, progress=False)  # the remedy
+    # A byte-level run resumed with a tokenizer file is refused alike.
+    byte_run = _config(tmp_path / "bytes", "ntp", steps=1, extra=("model.vocab_size=320",))
+    train(byte_run, progress=False)
+    with pytest.raises(ValueError, match=r"resume with the byte-level tokenizer \(--set tokenizer=byte\)"):
+        train(byte_run.model_copy(update={"tokenizer": str(model_dir)}), resume=True, progress=False)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without a CUDA GPU")
 def test_a_cuda_device_without_a_gpu_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"train\.device='cuda', but this machine has no CUDA GPU .* train\.device=cpu"):
@@ -656,7 +682,8 @@ def test_a_checkpoint_is_replaced_whole_or_not_at_all(tmp_path):
                             extra_files={"no-such-folder/file": ""})
     assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["latest"]
     resumed = prepare_model(config)
-    position = resume_from(tmp_path, True, resumed, make_optimizer(resumed, config.optim), torch.Generator(), "refine")
+    position = resume_from(tmp_path, True, resumed, make_optimizer(resumed, config.optim), torch.Generator(), "refine",
+                           tokenizer)
     assert position == RunPosition(2, 4, 1)  # the step-2 checkpoint, skipped-step count included
     for name, saved in resumed.state_dict().items():
         assert torch.equal(saved, at_step_2[name]), name
@@ -671,7 +698,7 @@ def test_a_resume_trains_with_the_configs_optimizer_settings_and_the_checkpoints
     config = _config(tmp_path, "ntp", steps=3, extra=("optim.lr=1e-5", "optim.weight_decay=0.5"))
     model = prepare_model(config)
     optimizer = make_optimizer(model, config.optim)
-    assert resume_from(tmp_path, True, model, optimizer, torch.Generator(), "refine").step == 2
+    assert resume_from(tmp_path, True, model, optimizer, torch.Generator(), "refine", run_tokenizer(config)).step == 2
     assert {(group["lr"], group["weight_decay"]) for group in optimizer.param_groups} == {(1e-5, 0.5)}
     saved = torch.load(tmp_path / "checkpoints" / "latest" / "trainer.pt", weights_only=True)["optimizer"]
     assert torch.equal(optimizer.state_dict()["state"][0]["exp_avg"], saved["state"][0]["exp_avg"])
@@ -740,7 +767,8 @@ def test_a_resume_refuses_a_checkpoint_another_program_wrote(tmp_path):
     model = prepare_model(config)
 
     def resume(program):
-        return resume_from(tmp_path, True, model, make_optimizer(model, config.optim), torch.Generator(), program)
+        return resume_from(tmp_path, True, model, make_optimizer(model, config.optim), torch.Generator(), program,
+                           run_tokenizer(config))
 
     checkpoint = tmp_path / "checkpoints" / "latest"
     (tmp_path / "posttrain.json").write_text("{}")  # a stale record beside the train run's own
@@ -770,7 +798,8 @@ def test_a_checkpoint_that_names_no_program_is_judged_by_the_run_records(tmp_pat
     model = prepare_model(config)
 
     def resume(program):
-        return resume_from(tmp_path, True, model, make_optimizer(model, config.optim), torch.Generator(), program)
+        return resume_from(tmp_path, True, model, make_optimizer(model, config.optim), torch.Generator(), program,
+                           run_tokenizer(config))
 
     with pytest.raises(ValueError, match="holds the run record of `refine train` \\(data_source.json\\)"):
         resume("refine posttrain")

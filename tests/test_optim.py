@@ -11,7 +11,7 @@ from refine.loop import make_optimizer
 from refine.models import build_model
 from pydantic import ValidationError
 
-from refine.optim import MasterWeightAdamW, learning_rate, set_learning_rate
+from refine.optim import MasterWeightAdamW, clip_gradients, learning_rate, set_learning_rate
 
 OPTIONS = dict(lr=1e-6, weight_decay=0.01, betas=(0.9, 0.999))
 
@@ -129,3 +129,38 @@ def test_schedule_settings_are_checked_naming_the_field():
     for bad in (dict(warmup_steps=-1), dict(schedule="linear"), dict(schedule="cosine", min_lr_ratio=1.5)):
         with pytest.raises(ValidationError):
             OptimConfig(**bad)
+
+
+def _gradients(dtype):
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.zeros(shape, dtype=dtype)) for shape in [(64, 48), (48,), (300,)]]
+    for param in params:
+        param.grad = (torch.randn(param.shape, dtype=torch.float64) * 3).to(dtype)
+    return params
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_clip_gradients_takes_the_norm_in_float32_at_least_and_scales_to_max_norm(dtype):
+    params = _gradients(dtype)
+    exact = torch.linalg.vector_norm(torch.cat([p.grad.double().flatten() for p in params]))
+    before = [p.grad.clone() for p in params]
+    norm = clip_gradients(params, max_norm=1.0)
+    assert norm.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    torch.testing.assert_close(norm.double(), exact, rtol=1e-12 if dtype == torch.float64 else 1e-6, atol=0)
+    for param, grad in zip(params, before):  # each scaled by max_norm / norm, then rounded to its dtype
+        torch.testing.assert_close(param.grad, (grad.double() / (exact + 1e-6)).to(dtype))
+    if dtype != torch.bfloat16:  # torch's own clip agrees where the dtype holds the norm
+        reference = _gradients(dtype)
+        torch.testing.assert_close(torch.nn.utils.clip_grad_norm_(reference, 1.0), norm, rtol=1e-12, atol=0)
+        for param, want in zip(params, reference):
+            torch.testing.assert_close(param.grad, want.grad, rtol=1e-12, atol=0)
+
+
+def test_clip_gradients_leaves_gradients_under_max_norm_and_non_finite_ones_alone():
+    params = _gradients(torch.float32)
+    before = [p.grad.clone() for p in params]
+    norm = clip_gradients(params, max_norm=1e6)
+    assert all(torch.equal(p.grad, g) for p, g in zip(params, before)) and 0 < float(norm) < 1e6
+    params[1].grad[3] = float("nan")
+    assert math.isnan(float(clip_gradients(params, max_norm=1.0)))
+    assert torch.equal(params[0].grad, before[0])

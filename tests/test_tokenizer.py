@@ -1,4 +1,5 @@
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -160,9 +161,23 @@ def test_save_tokenizer_files_copies_what_load_tokenizer_reads(tmp_path):
     copied = load_tokenizer(tmp_path / "model")
     assert copied.encode("some text") == original.encode("some text")
     assert copied.eos_id == original.eos_id == rust.token_to_id("<pad>")  # tokenizer_config.json came along
-    save_tokenizer_files(copied, tmp_path / "model")  # into its own directory: nothing to copy, no error
+    save_tokenizer_files(copied, tmp_path / "model")  # into its own directory: the same files, no error
+    assert load_tokenizer(tmp_path / "model").encode("some text") == original.encode("some text")
     save_tokenizer_files(ByteTokenizer(), tmp_path / "bytes")  # the byte tokenizer has no files
     assert not (tmp_path / "bytes").exists()
+
+
+def test_saved_tokenizer_files_are_those_read_though_the_directory_changed_or_went_since(tmp_path):
+    write_bpe_tokenizer(tmp_path / "src")
+    (tmp_path / "src" / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<pad>"}))
+    original = load_tokenizer(tmp_path / "src")
+    (tmp_path / "src" / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    save_tokenizer_files(original, tmp_path / "changed")
+    assert load_tokenizer(tmp_path / "changed").eos_id == original.eos_id  # the <pad> the run ends documents with
+    shutil.rmtree(tmp_path / "src")  # a cleaned cache, a renamed folder
+    save_tokenizer_files(original, tmp_path / "gone")
+    assert sorted(path.name for path in (tmp_path / "gone").iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
+    assert load_tokenizer(tmp_path / "gone").encode("some text") == original.encode("some text")
 
 
 def test_hf_tokenizer_encodes_special_token_text_in_a_document_as_text(tmp_path):
