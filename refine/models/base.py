@@ -139,6 +139,20 @@ class FastWeightLM(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
 
+    def _check_state(self, state: ModelState, batch: int) -> None:
+        """Refuse a carried state this model did not make (another model's: other layers or state keys); its
+        layers would be dropped or misread without a word."""
+        if state.batch_size != batch:
+            raise ValueError(f"state has batch size {state.batch_size} but input_ids has {batch}")
+        if len(state.layers) != len(self.model.layers):
+            raise ValueError(f"state has {len(state.layers)} layers but the model has {len(self.model.layers)}: a "
+                             f"state carries over only to a model of the config that made it")
+        for i, (layer, block) in enumerate(zip(state.layers, self.model.layers)):
+            if set(layer) != block.attn.state_names:
+                raise ValueError(f"state layer {i} holds {sorted(layer)} but the model's layer {i} keeps "
+                                 f"{sorted(block.attn.state_names)}: a state carries over only to a model of the "
+                                 f"config that made it")
+
     def forward(
         self,
         input_ids: Tensor,
@@ -150,8 +164,8 @@ class FastWeightLM(nn.Module):
         logit_positions: Tensor | None = None,
     ) -> ModelOutput:
         batch, seq_len = input_ids.shape
-        if state is not None and state.batch_size != batch:
-            raise ValueError(f"state has batch size {state.batch_size} but input_ids has {batch}")
+        if state is not None:
+            self._check_state(state, batch)
         want_states = output_state or defer_states or state_positions is not None
         whole_rows = True  # every row is seq_len tokens long: its end needs no per-row gather
         if lengths is not None:

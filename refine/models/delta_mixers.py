@@ -36,6 +36,11 @@ class _QKVMixer(nn.Module):
     head_v_dim: int
     num_heads: int  # heads of the recurrent state (value heads)
 
+    @property
+    def state_names(self) -> frozenset[str]:
+        """The keys of this mixer's layer state."""
+        return frozenset(("recurrent", *(CONV_STATE_NAMES if self.use_short_conv else ())))
+
     def _build_common(self, hidden_size: int, conv_size: int, use_short_conv: bool, use_gate: bool,
                       norm_eps: float, qk_conv_activation: str | None, gate_activation: str = "swish") -> None:
         self.q_proj = nn.Linear(hidden_size, self.key_dim, bias=False)

@@ -263,6 +263,16 @@ class LaCTSWIGLULayer(nn.Module):
 
     # ---- state -------------------------------------------------------------------------------
 
+    @property
+    def state_names(self) -> frozenset[str]:
+        """The keys of this layer's state (those initial_state makes)."""
+        names = {f"fw_{n}" for n in _WEIGHTS} | {f"grad_{n}" for n in _WEIGHTS}
+        if self.ttt_prenorm:
+            names |= {f"fw_main_{n}" for n in _WEIGHTS}
+        if self.use_momentum:
+            names |= {f"momentum_{n}" for n in _WEIGHTS} | {"momentum_sum"}
+        return frozenset(names | {"attn_k", "attn_v", "tokens_seen"})
+
     def initial_state(self, batch_size: int, like: Tensor) -> dict[str, Tensor]:
         dtype = compute_dtype(like.dtype)
         weights = [w.to(dtype).unsqueeze(0).expand(batch_size, *w.shape) for w in self.initial_fast_weights()]

@@ -15,7 +15,7 @@ from refine.models.config import ModelConfigBase
 
 # The fields that set a model's size, named in the refusal.
 SIZE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_heads", "head_dim", "expand_k", "expand_v",
-               "hidden_ratio", "intermediate_size", "num_v_heads", "inter_multi", "num_lact_heads")
+               "hidden_ratio", "intermediate_size", "num_v_heads", "inter_multi", "num_lact_heads", "w0_w2_low_rank")
 # Bytes per parameter held while training, as multiples of the weights': the weights, their gradients and
 # AdamW's two moments (activations come on top: the check is a floor, not an estimate).
 TRAINING_COPIES = 4

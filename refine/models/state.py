@@ -33,8 +33,12 @@ class ModelState:
         return self.map(lambda t: t.repeat_interleave(n, dim=0))
 
     def index(self, idx: Tensor | list[int]) -> "ModelState":
-        idx = torch.as_tensor(idx, dtype=torch.long, device=self.device)
-        return self.map(lambda t: t.index_select(0, idx))
+        """The states of rows `idx` (integers; a cast would read a bool mask as rows 0/1 and truncate 2.7 to 2)."""
+        rows = torch.as_tensor(idx, device=self.device)
+        if rows.numel() and (rows.dtype.is_floating_point or rows.dtype.is_complex or rows.dtype == torch.bool):
+            raise ValueError(f"idx must hold integer row numbers, got dtype {rows.dtype}: {rows.tolist()}")
+        rows = rows.long()
+        return self.map(lambda t: t.index_select(0, rows))
 
     def detach(self) -> "ModelState":
         return self.map(Tensor.detach)

@@ -94,3 +94,29 @@ def test_generate_refuses_a_token_count_that_is_not_a_count(count):
     model = build_model(CONFIGS["delta_net"])
     with pytest.raises(ValueError, match=rf"max_new_tokens must be an integer >= 0, got {count!r}"):
         generate(model, IDS, count)
+
+
+def test_a_state_of_another_models_config_is_refused_naming_what_differs(model):
+    config = next(config for config in CONFIGS.values() if config["model_type"] == model.config.model_type)
+    deeper = build_model({**config, "num_hidden_layers": 2}, dtype=torch.float64)
+    with torch.no_grad():
+        two_layers = deeper(IDS).state
+        with pytest.raises(ValueError, match="state has 2 layers but the model has 1"):
+            model(IDS, state=two_layers)
+        own = model(IDS).state
+        other_keys = own.map(lambda t: t)
+        other_keys.layers[0]["extra"] = own.layers[0][sorted(own.layers[0])[0]]
+        with pytest.raises(ValueError, match=r"state layer 0 holds \[.*'extra'.*\] but the model's layer 0 keeps"):
+            model(IDS, state=other_keys)
+        model(IDS, state=own)  # its own state carries over
+
+
+def test_a_short_convolution_state_does_not_fit_a_model_without_one():
+    with_conv = build_model({**CONFIGS["delta_net"], "use_short_conv": True})
+    without = build_model({**CONFIGS["delta_net"], "use_short_conv": False})
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"holds \['conv_k', 'conv_q', 'conv_v', 'recurrent'\] but the model's "
+                                             r"layer 0 keeps \['recurrent'\]"):
+            without(IDS, state=with_conv(IDS).state)
+        with pytest.raises(ValueError, match=r"holds \['recurrent'\] but the model's layer 0 keeps \['conv_k'"):
+            with_conv(IDS, state=without(IDS).state)

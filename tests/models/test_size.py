@@ -70,6 +70,15 @@ def test_the_refusal_names_the_size_fields_and_the_device(monkeypatch):
         check_model_fits(config, torch.float32, "cpu", training=False, config_file="/x/config.json")
 
 
+def test_a_lact_low_rank_too_large_is_named_in_the_refusal(monkeypatch):
+    config = config_from_dict(dict(model_type="lact_swiglu", hidden_size=32, num_attn_heads=2, num_lact_heads=2,
+                                   num_hidden_layers=1, vocab_size=50, lact_chunk_size=8, window_size=8,
+                                   w0_w2_low_rank=10**9))
+    _memory(monkeypatch, 10**9)
+    with pytest.raises(ValueError, match="model.w0_w2_low_rank=1000000000"):
+        check_model_fits(config, torch.float32, "cpu", training=True)
+
+
 def test_a_run_of_a_model_too_large_for_this_machine_stops_before_building_it(tmp_path, capsys):
     """A million layers would allocate until the out-of-memory killer ends the process; the run is refused at
     once, naming the field, and leaves no run directory."""

@@ -64,3 +64,15 @@ def test_inspect_counts_each_state_tensors_own_bytes(config):
     info = inspect_model(model)
     assert info["recurrent_state_bytes_per_sequence"] == expected
     assert expected > info["recurrent_state_elements_per_sequence"] * torch.bfloat16.itemsize
+
+
+def test_index_takes_integer_rows_and_refuses_masks_and_fractions():
+    state = _lact_state()
+    picked = state.index(torch.tensor([1, 1, 0]))
+    assert picked.batch_size == 3
+    assert torch.equal(picked.layers[0]["attn_k"][2], state.layers[0]["attn_k"][0])
+    assert state.index([]).batch_size == 0
+    with pytest.raises(ValueError, match=r"idx must hold integer row numbers, got dtype torch.bool: \[True, False\]"):
+        state.index(torch.tensor([True, False]))  # as rows it would read [1, 0]
+    with pytest.raises(ValueError, match="got dtype torch.float32"):
+        state.index(torch.tensor([0.9, 1.7]))
