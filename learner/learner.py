@@ -49,7 +49,9 @@ from refine.loop import StepResult, finite_stats, make_optimizer, prepare_model
 from refine.optim import learning_rate, set_learning_rate
 from services.messages import DataCursor, DocumentBatch, ScoredBatch
 from services.progress import LearnerProgress, StepReport, read_published, read_recorded, write_progress
-from services.resilience import TRANSIENT, OutageTolerance, RedisOutage, outage_timeout_s, retry_redis
+from services.resilience import (
+    TRANSIENT, OutageTolerance, RedisOutage, RedisStateLost, outage_timeout_s, retry_redis,
+)
 from services.role import RoleRuntime
 from services.streams import (
     CONSUMED_KEY, DOCUMENTS, DROPPED_KEY, LEARNER_GROUP, LEARNER_REPORTS, SCORED, DocumentStore, document_batch_id_for,
@@ -324,11 +326,14 @@ class Learner:
             self._ignore_foreign(SCORED, entry_id, rollout_id, f"{foreign}: not this run's rollouts of document "
                                                               f"batch {batch.document_batch_id!r}", batch.worker_id)
             return
+        if documents is None:
+            # Published (not foreign, above), not finished (not seen), and its documents are stored before it is
+            # published: only a Redis that lost the run's state has none. Dropping it would count it finished and
+            # skip its documents without a word.
+            raise RedisStateLost(f"the documents of batch {batch.document_batch_id!r}, published and not yet trained, "
+                                 f"are gone from Redis")
         if staleness > self.config.service.max_staleness or staleness < 0:
             self._drop(entry_id, batch, staleness, "stale" if staleness > 0 else "future_version", documents)
-            return
-        if documents is None:
-            self._drop(entry_id, batch, staleness, "documents_missing", None)
             return
         if problem is not None:  # a worker or reward bug: training on it would crash or use wrong rows
             self._drop(entry_id, batch, staleness, "invalid", documents, problem)
@@ -540,9 +545,9 @@ class Learner:
                         outage.succeeded()
                     except TRANSIENT as exc:
                         outage.failed(exc)
-            except RedisOutage:
-                # Redis is gone for good, the steps trained since the last checkpoint are not: a checkpoint
-                # needs only the disk, and keeps the reports the orchestrator could not write (--resume).
+            except (RedisOutage, RedisStateLost):
+                # Redis is gone for good (or lost the run's state), the steps trained since the last checkpoint are
+                # not: a checkpoint needs only the disk, and keeps the reports the orchestrator could not write.
                 if self.checkpointed_step != self.state.step:
                     self.checkpoint()
                 raise

@@ -135,12 +135,14 @@ class Broker:
 
     def _with_group(self, stream: str, group: str, command: Any) -> Any:
         # The group may vanish under us (stream deleted, Redis restarted without persistence):
-        # recreate it once rather than fail the consumer loop.
+        # recreate it once rather than fail the consumer loop. A read blocked on a stream that is deleted
+        # meanwhile (FLUSHALL) gets UNBLOCKED from Redis 7 on: the same case. The run's lost-state check
+        # (services.orchestrator) then stops the run, naming it.
         self.ensure_group(stream, group)
         try:
             return command()
         except redis.ResponseError as exc:
-            if "NOGROUP" not in str(exc):
+            if "NOGROUP" not in str(exc) and "UNBLOCKED" not in str(exc):
                 raise
             self._known_groups.discard((stream, group))
             self.ensure_group(stream, group)

@@ -60,6 +60,7 @@ import hashlib
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 from collections import deque
@@ -105,7 +106,7 @@ from services.ray_runtime import (
     Placement, Reservation, actor_options, actor_requests, ray_for_run, redis_for_run, resolve_addresses,
 )
 from services.redis_server import connect, redact_url
-from services.resilience import TRANSIENT, OutageTolerance, RedisOutage, outage_timeout_s
+from services.resilience import TRANSIENT, OutageTolerance, RedisOutage, RedisStateLost, outage_timeout_s
 from services.streams import (
     DOCUMENTS, LEARNER_GROUP, LEARNER_REPORTS, ORCHESTRATOR_GROUP, REWARD_GROUP, ROLLOUT_GROUP, ROLLOUTS, SCORED,
     DocumentStore, check_rollout_message_size, delete_idle_consumers, document_batch_id_for, release_consumer,
@@ -731,6 +732,9 @@ class Orchestrator:
         if self.unpublished is None:
             self.unpublished = self._next_message()
         message = self.unpublished
+        # Checked at each publish, not only every few seconds: a Redis that came back empty would otherwise get a
+        # new count from this publish and pass every later check.
+        self._check_redis_kept_the_run()
         if not self.colocated:
             self.documents.put(message)  # before the stream entry: the learner reads it by id later
         # Before the stream entry too: the learner ignores batches of ids past this count (another run's, forged).
@@ -906,9 +910,12 @@ class Orchestrator:
         for. The count of published batches, written before each publish, tells: it is gone, or behind."""
         recorded = read_published(self.broker)
         if self.published and (recorded is None or recorded < self.published):
-            raise ServiceError(f"Redis at {redact_url(self.redis_url)} lost this run's state (its streams and records "
-                               f"are gone, or its last writes: restarted without persistence, flushed, or killed "
-                               f"before its append-only file had them); the run stopped{self._resume_hint(None)}")
+            raise self._state_lost()
+
+    def _state_lost(self, detail: str = "") -> ServiceError:
+        return ServiceError(f"Redis at {redact_url(self.redis_url)} lost this run's state ({detail}its streams and "
+                            f"records are gone, or its last writes: restarted without persistence, flushed, or killed "
+                            f"before its append-only file had them); the run stopped{self._resume_hint(None)}")
 
     def _check_dead_letters(self) -> None:
         """Every message here comes from the run's own roles: one that could not be used is a bug or
@@ -931,7 +938,8 @@ class Orchestrator:
             return ""
         if not latest_checkpoint(self.out_dir).exists():
             return ""
-        return f"; resume from its last checkpoint with `refine train {self.out_dir / 'config.yaml'} --resume`"
+        # The command a stop prints too: with the run's --redis-url and --ray-address (password hidden).
+        return f"; resume from its last checkpoint with `{shlex.join(self.resume_command)}`"
 
     def _stop_flag(self, reason: str) -> None:
         if self.redis_lost:
@@ -945,6 +953,8 @@ class Orchestrator:
         try:
             result = json.loads(ray.get(self.learner_future))
         except ray.exceptions.RayError as exc:
+            if isinstance(actor_error(exc), RedisStateLost):  # the learner saw it first, and checkpointed
+                raise self._state_lost(f"{actor_error(exc)}: ") from exc
             ranks = self._failed_ranks()  # rank 0's own error is then often only the connection the rank lost
             cause = f" ({ranks})" if ranks else ""
             raise ServiceError(f"the learner failed: {describe_failure(exc)}{cause}{self._resume_hint(exc)}") from exc

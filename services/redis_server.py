@@ -71,12 +71,17 @@ def redact_url(url: str) -> str:
         scheme, _, rest = url.partition("://")
         credentials, at, host = rest.rpartition("@")
         return f"{scheme}://***@{host}" if at else url
+    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    if any(key.lower() == "password" for key, _ in query):  # redis-py takes `?password=` as well
+        hidden = [(key, "***" if key.lower() == "password" else value) for key, value in query]
+        # Only the query is rewritten: urlunsplit would turn "unix:///path" into "unix:/path".
+        url = url.replace(f"?{parts.query}", f"?{urllib.parse.urlencode(hidden, safe='*')}", 1)
     if parts.password is None:
         return url
     # The host part as written: parsing the port would fail on the out-of-range ones errors report.
     host = parts.netloc.rpartition("@")[2]
     user = parts.username or ""
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    return urllib.parse.urlunsplit(urllib.parse.urlsplit(url)._replace(netloc=f"{user}:***@{host}"))
 
 
 # Longer than any command of the service takes (its blocking reads wait at most 500 ms, a weight chunk is

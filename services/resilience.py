@@ -41,6 +41,11 @@ class RedisOutage(RuntimeError):
         return type(self), (str(self), self.elapsed_s)
 
 
+class RedisStateLost(RuntimeError):
+    """Redis answers but no longer holds state of this run that it held (restarted without persistence, flushed,
+    or killed before its append-only file had its last writes): the run cannot go on from it."""
+
+
 def outage_timeout_s(heartbeat_timeout_s: float) -> float:
     """How long the run rides out a Redis outage before giving up: the driver and the learner use the
     same rule, so neither waits for Redis long after the other gave up. At least a minute: a Redis

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import itertools
 import json
+import shlex
 import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 from ray.exceptions import ActorDiedError, RayTaskError
 
 from learner.checkpoint import LearnerState
@@ -22,8 +24,9 @@ from services.orchestrator import (
     Orchestrator, RestartWindow, ServiceError, describe_failure, remove_member_files, restart_events,
     restore_reports, run,
 )
-from services.progress import LearnerProgress, StepReport, write_progress, write_published
-from services.streams import check_rollout_message_size
+from services.messages import DataCursor, DocumentBatch
+from services.progress import LearnerProgress, StepReport, read_published, write_progress, write_published
+from services.streams import DOCUMENTS, check_rollout_message_size
 
 UNREACHABLE_REDIS = "redis://127.0.0.1:1/0"  # a run that got as far as Redis would fail on it
 
@@ -58,6 +61,14 @@ def test_resume_is_advised_only_where_it_can_help(redis_url: str, tmp_path: Path
         assert orchestrator._resume_hint(crash) == (
             f"; resume from its last checkpoint with `refine train {tmp_path / 'run' / 'config.yaml'} --resume`")
         assert orchestrator._resume_hint(bad_setting) == ""  # a resume would fail the same way
+    finally:
+        orchestrator.client.close()
+    # The run's own command, as a stop prints it: with the addresses it was given.
+    command = ["refine", "train", str(tmp_path / "run" / "config.yaml"), "--redis-url", "redis://:***@h:1/0", "--resume"]
+    orchestrator = Orchestrator(config, run_tokenizer(config), redis_url, config.service.namespace, resume=False,
+                                progress=False, resume_command=command)
+    try:
+        assert orchestrator._resume_hint(crash) == f"; resume from its last checkpoint with `{shlex.join(command)}`"
     finally:
         orchestrator.client.close()
 
@@ -100,6 +111,13 @@ def test_a_redis_that_comes_back_empty_ends_the_run_naming_it(redis_url: str, tm
         with pytest.raises(ServiceError, match=r"^Redis at redis://\S+ lost this run's state \(its streams and records "
                                                r"are gone, or its last writes: .*\); the run stopped$"):
             orchestrator._check_redis_kept_the_run()
+        # The next publish checks too: it wrote a new count, and every later check passed (batches skipped, exit 0).
+        orchestrator.unpublished = DocumentBatch(batch_id="docs-3", doc_ids=["d"], token_ids=torch.zeros(1, 8,
+                                                 dtype=torch.long), lengths=torch.tensor([8]),
+                                                 cursor=DataCursor(epoch=0, offset=4))
+        with pytest.raises(ServiceError, match="lost this run's state"):
+            orchestrator._publish_next()
+        assert read_published(orchestrator.broker) is None and orchestrator.broker.length(DOCUMENTS) == 0
     finally:
         orchestrator.client.close()
 

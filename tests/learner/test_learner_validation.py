@@ -7,6 +7,7 @@ are ignored without counting towards the orchestrator's pacing."""
 from __future__ import annotations
 
 import re
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,10 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from learner.checkpoint import latest_checkpoint, read_learner_state
 from learner.learner import Learner
 from refine.config import load_config
 from services.messages import DataCursor, DocumentBatch, ScoredBatch
 from services.progress import StepReport, read_progress, write_published
+from services.resilience import RedisStateLost
 from services.streams import (
     DOCUMENTS, LEARNER_GROUP, LEARNER_REPORTS, SCORED, document_batch_id_for, rollout_batch_id_for,
 )
@@ -286,3 +289,27 @@ def test_a_scored_batch_of_an_id_past_what_the_orchestrator_published_is_ignored
     learner.broker.publish(SCORED, _scored(documents))
     assert learner.run_once(block_ms=100) == 1
     assert learner.state.step == 1 and _finished(learner) == 1
+
+
+def test_a_published_batch_whose_documents_are_gone_ends_the_run_as_lost_state_after_a_checkpoint(
+        learner: Learner) -> None:
+    """The orchestrator stores a batch's documents before publishing it, and they go only when it is finished: a
+    published, unfinished batch without them means a Redis that lost the run's state (restarted empty, flushed).
+    Dropping it counted it finished, and the run went on past its documents, exit 0."""
+    write_published(learner.broker, 2)
+    documents = _documents(0)
+    learner.documents.put(documents)
+    learner.broker.publish(SCORED, _scored(documents))
+    learner.broker.publish(SCORED, _scored(_documents(1)))  # its documents are gone
+    learner.config.train.steps = 10
+    stop = threading.Timer(30, learner.broker.request_stop, ["test"])  # ends a learner that took the batch as done
+    stop.start()
+    try:
+        with pytest.raises(RedisStateLost, match=r"the documents of batch 'docs-1', published and not yet trained, "
+                                                 r"are gone from Redis"):
+            learner.run(block_ms=100)
+    finally:
+        stop.cancel()
+    assert learner.state.step == 1 and learner.finished == 1
+    assert read_learner_state(latest_checkpoint(learner.out_dir)).step == 1  # the step trained is kept
+    assert learner.broker.pending(SCORED, LEARNER_GROUP) == 1  # neither acknowledged nor counted

@@ -203,6 +203,48 @@ def test_group_is_recreated_if_the_stream_vanishes(broker: Broker) -> None:
     assert [m.doc_ids for _, m in broker.consume(STREAM, GROUP, "c", DocumentBatch)] == [["b"]]
 
 
+def test_a_read_blocked_on_a_stream_that_is_deleted_and_made_again_meanwhile_goes_on(broker: Broker) -> None:
+    """FLUSHALL (or a deleted key) under a blocked XREADGROUP, then a publish that makes the stream again: Redis
+    answers UNBLOCKED, which ended the role that read (the learner, a worker, the driver itself) with a raw error.
+    The group is made again, as for NOGROUP, and the read goes on."""
+    broker.ensure_group(STREAM, GROUP)
+    outcome: list = []
+
+    def read() -> None:
+        try:
+            outcome.append(broker.consume(STREAM, GROUP, "c", DocumentBatch, block_ms=3000))
+        except redis.ResponseError as exc:
+            outcome.append(exc)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    time.sleep(0.5)  # the read is blocked by now
+    broker.client.delete(broker.key("stream", STREAM))
+    broker.publish(STREAM, documents("lost"))  # what a role publishing after the flush does
+    reader.join(timeout=10)
+    assert len(outcome) == 1 and isinstance(outcome[0], list), outcome
+    broker.publish(STREAM, documents("after"))
+    assert ["after"] in [m.doc_ids for _, m in broker.consume(STREAM, GROUP, "c", DocumentBatch, count=10)]
+
+
+@pytest.mark.parametrize("error", ["UNBLOCKED the stream key no longer exists",
+                                   "NOGROUP No such key 'documents' or consumer group 'rollout-workers'"])
+def test_a_read_the_server_ends_for_a_lost_stream_or_group_is_made_again_and_retried(broker: Broker,
+                                                                                     error: str) -> None:
+    # Redis 7.0 answers UNBLOCKED in the case above (the test session's server may answer otherwise).
+    calls: list[str] = []
+
+    def command() -> list:
+        calls.append("read")
+        if len(calls) == 1:
+            raise redis.ResponseError(error)
+        return []
+
+    assert broker._with_group(STREAM, GROUP, command) == [] and len(calls) == 2
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        broker._with_group(STREAM, GROUP, lambda: (_ for _ in ()).throw(redis.ResponseError("WRONGTYPE other")))
+
+
 def test_mark_consumed_is_exactly_once_under_races(broker: Broker, redis_url: str, namespace: str) -> None:
     assert not broker.already_consumed("learner", "m1")
     assert broker.mark_consumed("learner", "m1") is True

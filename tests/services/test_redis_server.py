@@ -242,6 +242,16 @@ def test_password_is_not_leaked(closed_port: int) -> None:
     assert redact_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
 
 
+def test_a_password_given_as_a_query_parameter_is_not_leaked(closed_port: int) -> None:
+    url = f"redis://127.0.0.1:{closed_port}/0?socket_timeout=2&password=s3cret"
+    with pytest.raises(RedisUnavailableError) as info:
+        connect(url, timeout_s=0.5)
+    assert "s3cret" not in str(info.value)
+    assert f"redis://127.0.0.1:{closed_port}/0?socket_timeout=2&password=***" in str(info.value)
+    assert redact_url("unix:///run/redis.sock?Password=x&db=1") == "unix:///run/redis.sock?Password=***&db=1"
+    assert redact_url("redis://u:p@h:1/0?password=p") == "redis://u:***@h:1/0?password=***"
+
+
 @pytest.mark.parametrize("database", ["abc", "-1"])
 def test_a_database_that_is_not_a_number_is_refused(redis_url: str, database: str) -> None:
     """redis-py reads "/abc" as no database at all, and would use database 0 without a word."""
