@@ -42,7 +42,11 @@ def inspect_data(config: RunConfig, tokenizer: Tokenizer, max_documents: int | N
         lengths, first_ids = _lengths_and_first_ids(
             (doc.doc_id, doc.token_ids) for doc in islice(stream.iter_from(0), max_documents))
         read = stream.stats.model_dump(exclude={"documents", "tokens"})  # those are the summary's own
-        complete = max_documents is None or len(lengths) < max_documents or _ends_here(stream)
+        complete = max_documents is None or len(lengths) < max_documents
+        if not complete and _ends_here(stream):
+            # The rest of the pass held only records that give no document (too short, blank, bad rows):
+            # the counts of a whole pass include them.
+            complete, read = True, stream.stats.model_dump(exclude={"documents", "tokens"})
     if not lengths:
         raise ValueError(f"data.source={spec.source!r} gives no document of at least data.min_length="
                          f"{spec.min_length} tokens under these settings: {read}")

@@ -433,37 +433,37 @@ _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 def generate_mqar(config: MqarConfig, num_examples: int) -> list[TaskExample]:
     if num_examples < 1:
         raise ValueError(f"num_examples must be >= 1, got {num_examples}")
-    examples = []
-    for index in range(num_examples):
-        rng = _example_rng(config.seed, index, "mqar", config.purpose)
-        keys: list[str] = []
-        seen: set[str] = set()
-        while len(keys) < config.num_pairs:
-            key = "".join(rng.choice(_LETTERS) for _ in range(config.key_letters))
-            if key not in seen:
-                seen.add(key)
-                keys.append(key)
-        low = 10 ** (config.value_digits - 1)
-        values = [str(v) for v in rng.sample(range(low, 10 * low), config.num_pairs)]
-        queried = rng.sample(range(config.num_pairs), config.num_queries)
-        pairs = " ".join(f"{k}:{v}" for k, v in zip(keys, values))
-        queries = " ".join(keys[q] for q in queried)
-        prompt = (
-            f"Remember the value of every key.\nPairs: {pairs}\n"
-            f"Give the values of these keys, in order: {queries}\nValues:"
-        )
-        examples.append(
-            TaskExample(
-                example_id=f"mqar_{_set_name(config.seed, config.purpose)}_{index}",
-                task="mqar",
-                prompt=prompt,
-                answers=[values[q] for q in queried],
-                context=f"Pairs: {pairs}",
-                question=f"Give the values of these keys, in order: {queries}",
-                metadata={"keys": [keys[q] for q in queried]},
-            )
-        )
-    return examples
+    return [_mqar_example(config, index) for index in range(num_examples)]
+
+
+def _mqar_example(config: MqarConfig, index: int) -> TaskExample:
+    """Example `index` of the set `config` names: its own random stream, whatever the others are."""
+    rng = _example_rng(config.seed, index, "mqar", config.purpose)
+    keys: list[str] = []
+    seen: set[str] = set()
+    while len(keys) < config.num_pairs:
+        key = "".join(rng.choice(_LETTERS) for _ in range(config.key_letters))
+        if key not in seen:
+            seen.add(key)
+            keys.append(key)
+    low = 10 ** (config.value_digits - 1)
+    values = [str(v) for v in rng.sample(range(low, 10 * low), config.num_pairs)]
+    queried = rng.sample(range(config.num_pairs), config.num_queries)
+    pairs = " ".join(f"{k}:{v}" for k, v in zip(keys, values))
+    queries = " ".join(keys[q] for q in queried)
+    prompt = (
+        f"Remember the value of every key.\nPairs: {pairs}\n"
+        f"Give the values of these keys, in order: {queries}\nValues:"
+    )
+    return TaskExample(
+        example_id=f"mqar_{_set_name(config.seed, config.purpose)}_{index}",
+        task="mqar",
+        prompt=prompt,
+        answers=[values[q] for q in queried],
+        context=f"Pairs: {pairs}",
+        question=f"Give the values of these keys, in order: {queries}",
+        metadata={"keys": [keys[q] for q in queried]},
+    )
 
 
 # ---------------------------------------------------------------- fact-recall corpus
@@ -618,21 +618,35 @@ def mqar_for_length(length: int, tokenizer: Tokenizer, num_examples: int, seed: 
     """MQAR examples with as many key-value pairs as keep the prompt within `length` tokens; `purpose` salts
     their random streams (see NiahConfig.purpose)."""
 
-    def build(pairs: int, count: int) -> list[TaskExample]:
+    def build(pairs: int, index: int) -> TaskExample:
         digits = next(d for d in range(2, 10) if pairs <= 9 * 10 ** (d - 1))
         config = MqarConfig(num_pairs=pairs, num_queries=min(4, pairs), value_digits=max(3, digits), seed=seed,
                             purpose=purpose)
-        return generate_mqar(config, count)
+        return _mqar_example(config, index)
 
-    def fits(pairs: int) -> bool:
-        return len(tokenizer.encode(build(pairs, 1)[0].prompt)) <= length
+    def fits(pairs: int, index: int) -> bool:
+        return len(tokenizer.encode(build(pairs, index).prompt)) <= length
 
-    if not fits(1):
-        needed = len(tokenizer.encode(build(1, 1)[0].prompt))
-        raise LengthTooShortError(
-            f"--length {length} is too short for an MQAR prompt with a single key-value pair ({needed} tokens)", needed)
-    low, high = 1, 5000  # MqarConfig's own bound on num_pairs
-    while low < high:
-        middle = (low + high + 1) // 2
-        low, high = (middle, high) if fits(middle) else (low, middle - 1)
-    return build(low, num_examples)
+    def largest_count(index: int, guess: int) -> int:
+        # Each example its own count: a subword tokenizer splits random keys and values into more or fewer
+        # tokens, so a count that fits one example can overflow the next. The last example's count is tried
+        # first (with a byte tokenizer it is every example's).
+        if guess < 5000 and fits(guess, index) and not fits(guess + 1, index):
+            return guess
+        if not fits(1, index):
+            needed = len(tokenizer.encode(build(1, index).prompt))
+            raise LengthTooShortError(f"--length {length} is too short for an MQAR prompt with a single key-value "
+                                      f"pair ({needed} tokens)", needed)
+        low, high = 1, 5000  # MqarConfig's own bound on num_pairs
+        while low < high:
+            middle = (low + high + 1) // 2
+            low, high = (middle, high) if fits(middle, index) else (low, middle - 1)
+        return low
+
+    if num_examples < 1:
+        raise ValueError(f"num_examples must be >= 1, got {num_examples}")
+    examples, count = [], 1
+    for index in range(num_examples):
+        count = largest_count(index, count)
+        examples.append(build(count, index))
+    return examples

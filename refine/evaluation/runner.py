@@ -841,6 +841,12 @@ def main(args: argparse.Namespace) -> int:
     generated = synthetic_set(args.task, args.seed)
     if generated is not None:
         summary["synthetic_set"] = generated
+    # What made these prompts and answers, so that results of a sweep (over --length, say) tell apart.
+    summary["settings"] = {"max_new_tokens": args.max_new_tokens, "max_prompt_tokens": options.max_prompt_tokens}
+    if args.task in ("niah", "mqar"):
+        summary["settings"]["length"] = args.length if args.length is not None else DEFAULT_SYNTHETIC_LENGTH
+    if args.task == "niah":
+        summary["settings"]["niah_variant"] = options.niah_variant
     line = {key: summary[key] for key in ("task", "num_examples", "score", "ttt", "seconds")}
     try:
         write_atomically(output, json.dumps(results, indent=1, ensure_ascii=False))  # an earlier file survives a failure

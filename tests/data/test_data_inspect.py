@@ -76,6 +76,17 @@ def test_a_limited_read_counts_only_the_records_up_to_its_last_document(tmp_path
     assert summary["read"]["records_read"] == 11 and summary["read"]["bad_rows"] == 1
 
 
+def test_a_limited_read_that_reaches_the_end_of_the_pass_counts_the_whole_pass(tmp_path):
+    path = tmp_path / "tail.jsonl"
+    texts = ["a" * 30, "b" * 30, "c" * 30, "x", "   ", "y"]  # the last three give no document
+    path.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    config = load_config(None, [f"data.source={path}", "data.seq_len=40", "data.min_length=10", "train.mode=ntp"])
+    whole = inspect_data(config, run_tokenizer(config), max_documents=None)
+    limited = inspect_data(config, run_tokenizer(config), max_documents=3)
+    assert limited["whole_pass"] and limited["read"] == whole["read"]
+    assert (whole["read"]["records_read"], whole["read"]["too_short"], whole["read"]["blank"]) == (6, 2, 1)
+
+
 def test_the_synthetic_corpus_says_what_min_length_dropped():
     config = load_config(None, ["data.num_documents=12", "data.min_length=490", "train.mode=ntp"])
     summary = inspect_data(config, run_tokenizer(config), max_documents=None)

@@ -14,6 +14,7 @@ from refine.data.synthetic import (
     generate_niah,
     generate_recall_documents,
     generate_recall_examples,
+    mqar_for_length,
     prose_sentence,
     write_documents_jsonl,
 )
@@ -144,6 +145,18 @@ def test_mqar_answers_follow_the_pairs():
         queries = example.prompt.split("in order: ")[1].split("\n")[0].split()
         assert [pairs[q] for q in queries] == example.answers
         assert len(set(pairs.values())) == 20  # values too: no answer is right by chance
+
+
+@pytest.mark.parametrize("length", [128, 1000])
+def test_mqar_for_length_fits_every_example_a_subword_tokenizer_splits_differently(bpe_tokenizer, length):
+    # Random keys and values take more or fewer subword tokens: one count for every example overflowed some.
+    examples = mqar_for_length(length, bpe_tokenizer, 12, seed=1234, purpose="eval")
+    sizes = [len(bpe_tokenizer.encode(example.prompt)) for example in examples]
+    assert max(sizes) <= length
+    assert examples == mqar_for_length(length, bpe_tokenizer, 12, seed=1234, purpose="eval")
+    assert examples[3] == mqar_for_length(length, bpe_tokenizer, 4, seed=1234, purpose="eval")[3]  # per index
+    counts = [len(re.findall(r"[a-z]{3}:\d+", example.prompt.split("\n")[1])) for example in examples]
+    assert len(set(counts)) > 1  # the examples were fitted one by one
 
 
 def test_recall_documents_state_facts_early_and_restate_them_later(bpe_tokenizer):

@@ -66,6 +66,8 @@ def test_eval_results_say_which_seed_and_salt_made_the_set(task, model_dir, tmp_
     assert results["summary"]["synthetic_set"] == {
         "purpose": "eval", "seed": 77, "salt": f"eval/{task}", "streams": f"eval/{task}:77:<index>",
         "training_salt": task}
+    settings = {"max_new_tokens": 1, "max_prompt_tokens": None, "length": 320}
+    assert results["summary"]["settings"] == settings | ({"niah_variant": "single"} if task == "niah" else {})
     # Example ids name the set too, so that none is a training document's id (e.g. niah_single_77_0).
     prefix = {"niah": "niah_single", "mqar": "mqar"}[task]
     assert [r["id"] for r in results["examples"]] == [f"{prefix}_eval_77_{i}" for i in range(2)]
