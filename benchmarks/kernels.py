@@ -7,9 +7,10 @@ FLOP counting ("flop_count" in the output): the exact matmul FLOPs the chunked a
 its forward pass, per (batch, head, chunk) with chunk C (C' = C rounded up to a power of two), key dim
 K and value dim V: gram k k^T 2C^2K; inverse of the UT system by block doubling 2C'(C'^2 - 1)/3;
 W = T K 2C^2K and U0 = T V 2C^2V; u = u0 - W S 2CKV and the state update 2CKV in the loop over
-chunks; inter-chunk output q S 2CKV, scores q k^T 2C^2K, scores u 2C^2V. Elementwise work is not
-counted; the backward pass is counted as 2x the forward. "gflops_solve_count" counts the UT step as
-a triangular solve, C(C-1)(K+V), instead (the least work any WY implementation does for it).
+chunks (a T that fits in one chunk has no loop: no state update); inter-chunk output q S 2CKV, scores
+q k^T 2C^2K, scores u 2C^2V. Elementwise work is not counted; the backward pass is counted as 2x the
+forward. "gflops_solve_count" counts the UT step as a triangular solve, C(C-1)(K+V), instead (the
+least work any WY implementation does for it).
 
 The primary reference ("matmul_batched") multiplies the same number of C x K by K x V matrices as one
 batched torch.matmul, the shape the kernel's work comes in; "matmul_large" is one 1024^3 matmul, the
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -56,7 +58,9 @@ def chunk_forward_flops(
         ut_transform = c * (c - 1) * (k + v)
     else:
         ut_transform = 2 * padded * (padded * padded - 1) // 3 + 2 * c * c * (k + v)
-    per_chunk = 2 * c * c * k + ut_transform + 4 * c * k * v + 2 * c * k * v + 2 * c * c * k + 2 * c * c * v
+    state_update = 2 * c * k * v if num_chunks > 1 else 0  # one chunk: chunk_delta_rule skips the loop
+    per_chunk = (2 * c * c * k + ut_transform + 2 * c * k * v + state_update + 2 * c * k * v + 2 * c * c * k
+                 + 2 * c * c * v)
     return batch * heads * num_chunks * per_chunk
 
 
@@ -152,6 +156,8 @@ def main() -> None:
     parser.add_argument("--span-seconds", type=float, default=0.5,
                         help="seconds of back-to-back matmuls per reference measurement")
     args = parser.parse_args()
+    if not (math.isfinite(args.span_seconds) and args.span_seconds > 0):  # nan would never end a span
+        parser.error(f"--span-seconds must be a finite number above 0, got {args.span_seconds}")
     tune_allocator()  # as every refine process does
     if args.threads is not None:
         if args.threads < 1:

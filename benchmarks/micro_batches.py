@@ -42,15 +42,18 @@ def peak_rss_bytes() -> int:
 class SavedForBackward:
     """The bytes of the tensors autograd keeps for backward (activations: parameters excluded), counted as they
     are saved by a forward and released as the backward reads them; `peak` is the most held at once. Unlike a
-    process's resident memory it does not depend on what the allocator keeps for reuse."""
+    process's resident memory it does not depend on what the allocator keeps for reuse. `parameters`: the
+    storage addresses of the model's parameters, whose memory is no activation's."""
 
-    def __init__(self) -> None:
+    def __init__(self, parameters: set[int]) -> None:
+        self.parameters = parameters
         self.held: dict[int, tuple[int, int]] = {}  # storage address -> (tensors saved from it, its bytes)
         self.current = self.peak = 0
 
     def pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        if not (tensor.is_leaf and tensor.requires_grad):
-            storage = tensor.untyped_storage()
+        storage = tensor.untyped_storage()
+        # By storage, not by tensor: a layer saves views of its parameters too (nn.Linear saves weight.t()).
+        if storage.data_ptr() not in self.parameters:
             count, size = self.held.get(storage.data_ptr(), (0, storage.nbytes()))
             if count == 0:
                 self.current += size
@@ -96,7 +99,7 @@ def measure(args: argparse.Namespace, micro_batches: int) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     before = peak_rss_bytes()
-    saved = SavedForBackward()
+    saved = SavedForBackward({parameter.untyped_storage().data_ptr() for parameter in model.parameters()})
     with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
         outcome = rollout_batch_update("onepass", model, optimizer, ids, lengths, rollouts, config)
     if device.startswith("cuda"):
@@ -134,6 +137,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--one", type=positive_int, help=argparse.SUPPRESS)  # the child process: measure this count
     args = parser.parse_args()
+    if args.hidden_size % args.heads:  # the model config refuses it, in the child, with a whole traceback
+        parser.error(f"--heads {args.heads} must divide --hidden-size {args.hidden_size}")
     for count in args.micro_batches:  # settings the run config refuses: one line, before any process starts
         try:
             run_config(args, count)

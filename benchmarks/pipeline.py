@@ -33,7 +33,7 @@ from refine.cli import positive_int
 from refine.algorithm.losses import ntp_loss
 from refine.algorithm.rollout import snapshot_rollouts
 from refine.algorithm.update import LossResult, score_rollouts
-from refine.config import ConfigError, RunConfig, validate_config
+from refine.config import RunConfig, validate_config
 from refine.data.stream import document_batches
 from refine.loop import make_optimizer, optimizer_step, prepare_model, train
 from refine.runtime import tune_allocator
@@ -174,9 +174,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.steps < 2:  # the rates leave the first step out: its compile and warm-up
         parser.error(f"--steps must be at least 2, got {args.steps}")
-    try:  # settings the run config refuses: one line, before anything starts
-        bench_config(args, Path(tempfile.gettempdir()))
-    except ConfigError as error:
+    try:  # settings the run config or its synthetic corpus refuses: one line, before anything starts
+        next(document_batches(bench_config(args, Path(tempfile.gettempdir())), load_tokenizer(None)))
+    except ValueError as error:  # a ConfigError, or a data.seq_len too short for the recall documents
         parser.error(" ".join(str(error).split()))
     tune_allocator()  # as every refine process does
 

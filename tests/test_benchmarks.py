@@ -8,6 +8,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,6 +36,11 @@ def _run(script: str, *args: str) -> list[dict]:
     ("step.py", ["--heads", "3"], "--heads 3 must divide --hidden-size 128"),
     ("micro_batches.py", ["--length", "10"], "data.seq_len=10 is too short for refine.num_chunks=8"),
     ("pipeline.py", ["--seq-len", "10", "--steps", "2"], "data.seq_len=10 is too short for refine.num_chunks=8"),
+    # Long enough for the rollouts, too short for the synthetic corpus' recall documents.
+    ("pipeline.py", ["--seq-len", "100"], "data.seq_len=100 is too short for the recall documents"),
+    ("micro_batches.py", ["--heads", "3"], "--heads 3 must divide --hidden-size 128"),
+    ("kernels.py", ["--span-seconds", "nan"], "--span-seconds must be a finite number above 0, got nan"),
+    ("kernels.py", ["--span-seconds", "0"], "--span-seconds must be a finite number above 0, got 0.0"),
 ])
 def test_settings_a_benchmark_cannot_run_are_one_line_errors(script, args, error):
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True, text=True,
@@ -77,6 +85,53 @@ def test_micro_batches_benchmark_measures_each_count_in_its_own_process_with_the
     # Gradient accumulation takes the same step: the first update's loss and gradient norm agree to rounding.
     assert rows[1]["first_step_loss"] == pytest.approx(rows[0]["first_step_loss"], rel=1e-5)
     assert rows[1]["first_step_grad_norm"] == pytest.approx(rows[0]["first_step_grad_norm"], rel=1e-5)
+
+
+def test_saved_for_backward_counts_activations_not_parameters():
+    """nn.Linear saves weight.t(), a view of its parameter: counted by storage, parameters are left out."""
+    micro_batches = _module("micro_batches.py")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
+    x = torch.randn(2, 64)
+    saved = micro_batches.SavedForBackward({parameter.untyped_storage().data_ptr() for parameter in model.parameters()})
+    weight_views = []
+
+    def pack(tensor):
+        weight_views.append(tensor.untyped_storage().data_ptr() == model[1].weight.untyped_storage().data_ptr())
+        return saved.pack(tensor)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, saved.unpack):
+        loss = model(x).sum()
+    assert any(weight_views)  # the second layer saves its weight (for the gradient of its input)
+    # The activations: each layer's input, x and the first layer's output, 2 x 64 float32 each.
+    assert saved.peak == saved.current == 2 * (2 * 64 * 4)
+    loss.backward()
+    assert saved.current == 0 and not saved.held
+
+
+@pytest.mark.parametrize("seq_len, chunk, gated", [
+    (32, 32, False),  # one chunk: no loop over chunks, so no state update
+    (20, 32, True),  # one chunk, padded
+    (100, 24, False),  # 5 chunks, the last one padded, C not a power of two (the UT inverse pads it to 32)
+    (64, 16, True),
+])
+def test_kernel_flop_count_is_the_kernels_own(seq_len, chunk, gated):
+    """chunk_forward_flops against torch's FLOP counter on the real kernel's forward."""
+    kernels = _module("kernels.py")
+    batch, heads, dim = 1, 2, 16
+    gen = torch.Generator().manual_seed(0)
+    q = F.normalize(torch.randn(batch, seq_len, heads, dim, generator=gen), dim=-1)
+    k = F.normalize(torch.randn(batch, seq_len, heads, dim, generator=gen), dim=-1)
+    v = torch.randn(batch, seq_len, heads, dim, generator=gen)
+    beta = torch.rand(batch, seq_len, heads, generator=gen)
+    g = -F.softplus(torch.randn(batch, seq_len, heads, generator=gen)) if gated else None
+    with FlopCounterMode(display=False) as counter:
+        kernels.chunk_delta_rule(q, k, v, beta, g, chunk_size=chunk)
+    # The counter misses in-place baddbmm_: in the loop over chunks (ChunkRecurrence.forward) the update of
+    # u, 2CKV per chunk, and with a gate the state update too (without one it is baddbmm(out=), counted).
+    num_chunks = -(-seq_len // chunk)
+    missed = 0 if num_chunks == 1 else batch * heads * num_chunks * 2 * chunk * dim * dim * (2 if gated else 1)
+    assert kernels.chunk_forward_flops(batch, seq_len, heads, dim, dim, chunk) == counter.get_total_flops() + missed
 
 
 def test_step_breakdown_covers_the_timed_steps_only():
