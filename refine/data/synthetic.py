@@ -301,6 +301,25 @@ def generate_niah(config: NiahConfig, tokenizer: Tokenizer, num_examples: int) -
     return _every_example(lambda index: _niah_example(config, tokenizer, index), num_examples, config.length)
 
 
+def _look_alike_needles(config: NiahConfig, kind: str, rng: random.Random, taken: set[str]) -> Callable[[], str]:
+    """Haystack sentences that are needles of other keys and values, each new to the prompt while any are left
+    (the 2,500 word-pair keys run out past about 100K tokens of haystack); then keys and values may repeat among
+    them, never one of the example's own needles (those in `taken` now)."""
+    reserved = frozenset(taken)
+    exhausted = False
+
+    def draw(value_kind: str) -> str:
+        nonlocal exhausted
+        if not exhausted:
+            try:
+                return _distinct(value_kind, 1, rng, taken)[0]
+            except ValueError:
+                exhausted = True
+        return _distinct(value_kind, 1, rng, set(reserved))[0]
+
+    return lambda: _needle(kind, draw(config.key_type), draw(config.value_type))
+
+
 def _niah_example(config: NiahConfig, tokenizer: Tokenizer, index: int) -> TaskExample:
     rng = _example_rng(config.seed, index, "niah", config.purpose)
     kind = _KIND_NOUN[config.value_type]
@@ -321,9 +340,7 @@ def _niah_example(config: NiahConfig, tokenizer: Tokenizer, index: int) -> TaskE
         cycle = iter(range(10**9))
         make_sentence = lambda: _NOISE_SENTENCES[next(cycle) % len(_NOISE_SENTENCES)]  # noqa: E731
     else:  # a haystack of look-alike needles with other keys and values
-        make_sentence = lambda: _needle(  # noqa: E731
-            kind, _distinct(config.key_type, 1, rng, taken)[0], _distinct(config.value_type, 1, rng, taken)[0]
-        )
+        make_sentence = _look_alike_needles(config, kind, rng, taken)
 
     plural = len(answers) > 1
     prefix = (

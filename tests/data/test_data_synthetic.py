@@ -84,6 +84,18 @@ def test_niah_answers_are_recoverable_from_the_prompt(variant, haystack):
             assert len({key for _, key, _ in needles_of(example.context)}) >= 4
 
 
+def test_a_needles_haystack_of_the_longest_length_repeats_look_alike_keys_never_the_examples_own():
+    # Its 2,500 word-pair keys ran out ("cannot draw 1 distinct words") before the haystack filled 131072 tokens.
+    config = NiahConfig(variant="multikey", haystack="needles", length=131072, seed=3, purpose="eval")
+    [example] = generate_niah(config, BYTES, 1)
+    assert len(BYTES.encode(example.prompt)) <= 131072
+    needles = needles_of(example.context)
+    assert len(needles) > 2300  # nearly as many as there are keys: the last ones are hard to draw new
+    keys = queried_keys(example)
+    assert sorted(value for _, key, value in needles if key in keys) == sorted(example.answers)
+    assert sum(value in example.answers for _, _, value in needles) == len(example.answers)
+
+
 @pytest.mark.parametrize("depth", [0.0, 0.25, 0.5, 0.75, 1.0])
 def test_niah_needle_sits_at_the_asked_depth(depth):
     config = NiahConfig(variant="multikey", length=3000, depth=depth, seed=11)

@@ -64,7 +64,8 @@ def test_resume_is_advised_only_where_it_can_help(redis_url: str, tmp_path: Path
     finally:
         orchestrator.client.close()
     # The run's own command, as a stop prints it: with the addresses it was given.
-    command = ["refine", "train", str(tmp_path / "run" / "config.yaml"), "--redis-url", "redis://:***@h:1/0", "--resume"]
+    command = ["refine", "train", str(tmp_path / "run" / "config.yaml"), "--redis-url", "redis://:***@h:1/0",
+               "--resume"]
     orchestrator = Orchestrator(config, run_tokenizer(config), redis_url, config.service.namespace, resume=False,
                                 progress=False, resume_command=command)
     try:
