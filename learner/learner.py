@@ -467,7 +467,7 @@ class Learner:
             retry_redis(lambda: self.documents.delete(documents.batch_id), "delete documents", self.outage_timeout_s)
         cursor = documents.cursor
         self._batch_finished(documents.batch_id, cursor)
-        if state.step % self.config.service.sync_interval == 0:
+        if self.colocated or state.step % self.config.service.sync_interval == 0:  # colocated: every step's own
             self._publish_weights()
         self.finished += 1
         # One set of stats for Prometheus, the report (metrics.jsonl, the checkpoint) and the run's result.

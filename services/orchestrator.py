@@ -10,20 +10,23 @@ learner alone runs the fused on-policy step on the documents. (`train.mode` belo
 single-process loop; here `service.mode` decides: one-pass update or fused step.)
 
 Pacing. The learner's policy version is its step count, and it publishes weights every
-`sync_interval` steps. A document batch published while the learner has taken `step` steps and
-published version `v`, with `u` batches still unfinished ahead of it, is rolled out with weights
-of version >= v (workers pull the newest weights right before each batch) and trained at a step
-<= step + u. Its staleness is therefore at most `step + u - v`, so the orchestrator publishes only
-while `u <= max_staleness - (step - v)`, and never more than `batches_in_flight` unfinished batches.
+`sync_interval` steps. A document batch published while version `v` is out is rolled out with weights of
+version >= v (workers pull the newest weights right before each batch). With several workers batches
+finish in any order, so each unfinished batch may be trained after all the others: with the learner at
+`step` steps and `u` batches unfinished besides a new one, any of them is trained after at most
+`step + u` steps, with staleness at most `step + u - v` for its own `v`. The orchestrator therefore
+publishes only while `u <= max_staleness - (step - v_oldest)`, `v_oldest` the version out when the oldest
+unfinished batch was published, and never more than `batches_in_flight` unfinished batches: no batch is
+ever too stale to train.
 `u` counts every batch from the first one not finished yet, in publish order (LearnerProgress.unbroken):
 a batch that hangs holds publishing back, so at most `batches_in_flight` batches finish past it, and the
 checkpoint's data cursor, which stands before it, stays that close (a resume trains those again).
 With max_staleness = 0 (and sync_interval = 1) that means: one batch at a time, published only
 after the weights of the current step are out: strictly on-policy, one rollout batch per learner step
 (`train.mini_batches` > 1 then splits that step into optimizer steps on the same rollouts, as the paper's
-code does). More staleness lets rollouts of the next batches overlap the learner's step. (A batch overtaken by
-later ones, which can only happen with several batches in flight, may exceed the bound; the
-learner then drops and counts it.)
+code does). More staleness lets rollouts of the next batches overlap the learner's step. (A batch rolled out again
+after its worker was replaced gets the newest weights, within the bound too; one found too stale anyway
+is dropped and counted by the learner.)
 
 Supervision. Every role beats in Redis. A rollout worker or reward replica whose actor died, or
 whose heartbeat is older than `heartbeat_timeout_s`, is killed and replaced by a fresh consumer;
@@ -454,6 +457,7 @@ class Orchestrator:
         self.events_path: Path | None = None
         self.data: Iterator[LocalBatch] | None = None
         self.unpublished: DocumentBatch | None = None
+        self.publish_versions: dict[int, int] = {}  # unfinished batch index -> weight version out at its publish
         self.data_position = DataPosition(epoch=0, cursor=-1)
         self.recorded_through = 0  # every learner report numbered up to this one is written
         self.recorded_ahead: set[int] = set()  # reports written past a gap (redelivered after a Redis restart)
@@ -719,10 +723,16 @@ class Orchestrator:
         remaining = self.config.train.steps - progress.step
         unfinished = self.published - progress.unbroken  # those finished past a batch still unfinished count too
         allowed = service.batches_in_flight
+        for index in [index for index in self.publish_versions if index < progress.unbroken]:
+            del self.publish_versions[index]  # finished
         if not self.colocated:
-            unpublished_steps = progress.step - max(progress.weight_version, 0)
-            allowed = min(allowed, service.max_staleness + 1 - unpublished_steps)
+            # The oldest unfinished batch's version, not the newest: with several workers batches finish out of
+            # order, so any unfinished batch may be trained after all the others, and would be dropped as stale
+            # (its documents never trained) had the rule counted from newer weights.
+            version = min([max(progress.weight_version, 0), *self.publish_versions.values()])
+            allowed = min(allowed, service.max_staleness + 1 - (progress.step - version))
         while unfinished < min(allowed, remaining):
+            self.publish_versions[self.published] = max(progress.weight_version, 0)
             self._publish_next()
             unfinished += 1
 

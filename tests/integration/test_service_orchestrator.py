@@ -97,6 +97,38 @@ def test_a_batch_that_hangs_holds_publishing_back(redis_url: str, tmp_path: Path
         orchestrator.client.close()
 
 
+def test_pacing_counts_from_the_oldest_unfinished_batchs_weights(redis_url: str, tmp_path: Path, monkeypatch) -> None:
+    """With several workers a later batch can be trained first: pacing by the newest weights let docs-8 (rolled out
+    with version 7) go out while docs-7 (version 6) was unfinished, and docs-7, trained after docs-8 at step 8, was
+    dropped as stale (staleness 2 > 1), its documents never trained."""
+    config = tiny_config(tmp_path, "service.max_staleness=1", "service.batches_in_flight=2", "train.steps=1000")
+    orchestrator = Orchestrator(config, run_tokenizer(config), redis_url, config.service.namespace, resume=False,
+                                progress=False)
+    published = []
+
+    def publish() -> None:
+        published.append(orchestrator.published)
+        orchestrator.published += 1
+
+    monkeypatch.setattr(orchestrator, "_publish_next", publish)
+    try:
+        orchestrator.published = 6
+        write_progress(orchestrator.broker, LearnerProgress(step=6, finished=6, unbroken=6, weight_version=6))
+        orchestrator._feed()
+        assert published == [6, 7]  # both rolled out with version >= 6
+        # docs-6 trained: step 7, version 7 out; docs-7 (version 6) unfinished could be trained at step 8 at the
+        # latest if nothing more goes out: staleness 1.
+        write_progress(orchestrator.broker, LearnerProgress(step=7, finished=7, unbroken=7, weight_version=7))
+        orchestrator._feed()
+        assert published == [6, 7]
+        write_progress(orchestrator.broker, LearnerProgress(step=8, finished=8, unbroken=8, weight_version=8))
+        orchestrator._feed()
+        assert published == [6, 7, 8, 9]
+        assert orchestrator.publish_versions == {8: 8, 9: 8}  # the finished ones are forgotten
+    finally:
+        orchestrator.client.close()
+
+
 def test_a_redis_that_comes_back_empty_ends_the_run_naming_it(redis_url: str, tmp_path: Path) -> None:
     """Restarted without persistence, Redis lost the streams, the batches in flight and the weights: the run hung, or
     dropped every batch as stale, for ever."""

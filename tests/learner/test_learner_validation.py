@@ -313,3 +313,13 @@ def test_a_published_batch_whose_documents_are_gone_ends_the_run_as_lost_state_a
     assert learner.state.step == 1 and learner.finished == 1
     assert read_learner_state(latest_checkpoint(learner.out_dir)).step == 1  # the step trained is kept
     assert learner.broker.pending(SCORED, LEARNER_GROUP) == 1  # neither acknowledged nor counted
+
+
+def test_a_colocated_learners_weight_version_is_its_step_whatever_the_sync_interval(make_learner) -> None:
+    """The fused step samples from the current weights: rows and the gauge said 0, 0, 3 with sync_interval=3."""
+    colocated = make_learner("service.mode=colocated", "service.sync_interval=3", "service.max_staleness=2")
+    colocated.broker.ensure_group(DOCUMENTS, LEARNER_GROUP, start_id="0")
+    for index in range(2):
+        colocated.broker.publish(DOCUMENTS, _documents(index))
+        assert colocated.run_once(block_ms=100) == 1
+        assert colocated.state.step == colocated.state.weight_version == index + 1
