@@ -145,7 +145,7 @@ def main() -> None:
     settings = VllmEngineConfig(max_model_len=longest, max_num_seqs=256, max_num_batched_tokens=2048)
     for samples in args.samples:
         config = RunConfig.model_validate(dict(
-            model=MODELS[args.model], train=dict(dtype="bfloat16", seed=0),
+            model=MODELS[args.model], train=dict(dtype="bfloat16", seed=0), data=dict(seq_len=max(args.lengths)),
             refine=dict(num_chunks=8, rollout_len=5, num_samples=samples, temperature=1.0)))
         engine = VllmEngine(config, settings)
         try:

@@ -71,6 +71,18 @@ def main_job_resume_command(args: argparse.Namespace, config: RunConfig) -> list
     return command + (["--local"] if args.local else service_flags(args)) + ["--resume"]
 
 
+def unused_vllm_engine(config: RunConfig, args: argparse.Namespace) -> str | None:
+    """What makes a run sample its rollouts without the rollout workers that rollout.engine=vllm sets up, if
+    anything."""
+    if args.local:
+        return "--local"
+    if runs_locally(config.train.mode, args):
+        return f"train.mode={config.train.mode}"
+    if config.service.mode == "colocated":
+        return "service.mode='colocated'"
+    return None
+
+
 def _train(args: argparse.Namespace) -> int:
     from refine.loop import absolute_out_dir
 
@@ -82,6 +94,12 @@ def _train(args: argparse.Namespace) -> int:
         why = "--local" if args.local else f"train.mode={config.train.mode} (no rollouts to distribute)"
         print(f"refine: {' and '.join(unused)} unused: {why} trains in this process, without Ray or Redis",
               file=sys.stderr)
+    if config.demo is None and config.rollout.engine == "vllm":
+        where = unused_vllm_engine(config, args)
+        if where is not None:
+            print(f"refine: rollout.engine='vllm' unused: {where} samples its rollouts in the training process, "
+                  f"with the snapshot engine (vLLM serves the disaggregated service's rollout workers)",
+                  file=sys.stderr)
     if config.demo is not None:
         from refine.experiment import refine_stage_mode, run_comparison
 

@@ -30,7 +30,7 @@ from vllm.model_executor.layers.mamba.gdn.qwen_gdn_linear_attn import QwenGatedD
 from vllm.utils.torch_utils import _encode_layer_name
 
 from refine.models.config import DeltaNetConfig, GatedDeltaNetConfig
-from refine_vllm.servable import check_servable, cpu_head_dim_problems, mixer_dims
+from refine_vllm.servable import CPU_CONV_SIZE, check_servable, cpu_conv_problems, cpu_head_dim_problems, mixer_dims
 
 NO_DECAY_A_LOG = -1.0e4  # exp(-1e4) == 0.0 in float32: g = -exp(A_log) * softplus(.) == 0
 
@@ -41,12 +41,13 @@ def check_platform(config: DeltaNetConfig | GatedDeltaNetConfig, dtype: torch.dt
 
     if not current_platform.is_cpu():
         return
-    problems = cpu_head_dim_problems(config)
+    problems = cpu_head_dim_problems(config) + cpu_conv_problems(config)
     if dtype != torch.bfloat16:
         problems.append(f"dtype={dtype}")
     if problems:
-        raise ValueError(f"vLLM's CPU delta-rule kernels need bfloat16 and equal key and value head dims of 64 or "
-                         f"128; this {config.model_type} model has " + ", ".join(problems))
+        raise ValueError(f"vLLM's CPU delta-rule kernels need bfloat16, equal key and value head dims of 64 or 128 "
+                         f"and short convolutions of width {CPU_CONV_SIZE}; this {config.model_type} model has "
+                         + ", ".join(problems))
 
 
 def layer_config(config: DeltaNetConfig | GatedDeltaNetConfig) -> SimpleNamespace:

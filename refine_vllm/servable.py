@@ -18,6 +18,7 @@ SERVED_MODEL_TYPES = ("delta_net", "gated_deltanet")
 
 # The head dims vLLM's CPU delta-rule kernels are built for.
 CPU_HEAD_DIMS = (64, 128)
+CPU_CONV_SIZE = 4  # the one short-convolution width vLLM's CPU kernel takes
 
 
 def servable_problems(config: DeltaNetConfig | GatedDeltaNetConfig) -> list[str]:
@@ -75,6 +76,14 @@ def cpu_head_dim_problems(config: DeltaNetConfig | GatedDeltaNetConfig, prefix: 
     return [f"{', '.join(problems)} (from {source})"]
 
 
+def cpu_conv_problems(config: DeltaNetConfig | GatedDeltaNetConfig, prefix: str = "") -> list[str]:
+    """Why vLLM's CPU short-convolution kernel cannot run this model's convolutions (it takes width 4 only: other
+    widths fail on every rollout with "Unexpected block size")."""
+    if config.use_short_conv and config.conv_size != CPU_CONV_SIZE:
+        return [f"{prefix}conv_size={config.conv_size}"]
+    return []
+
+
 def check_engine(model: ModelConfigBase, settings: VllmEngineConfig, refine: RefineConfig, seq_len: int,
                  cpu: str | None) -> None:
     """Refuse, naming the fields and values, a run the vLLM engine would refuse once started or fail on every
@@ -86,18 +95,18 @@ def check_engine(model: ModelConfigBase, settings: VllmEngineConfig, refine: Ref
     if problems:
         raise ValueError("rollout.engine='vllm' cannot serve " + "; ".join(problems))
     if cpu is not None:
-        problems = cpu_head_dim_problems(model, prefix="model.")
+        problems = cpu_head_dim_problems(model, prefix="model.") + cpu_conv_problems(model, prefix="model.")
         if settings.dtype != "bfloat16":
             problems.append(f"rollout.vllm.dtype={settings.dtype!r}")
         if problems:
-            raise ValueError(f"rollout.engine='vllm' with {cpu}: vLLM's CPU delta-rule kernels need bfloat16 and "
-                             "equal key and value head dims of 64 or 128, got " + "; ".join(problems))
+            raise ValueError(f"rollout.engine='vllm' with {cpu}: vLLM's CPU delta-rule kernels need bfloat16, "
+                             f"equal key and value head dims of 64 or 128 and short convolutions of width "
+                             f"{CPU_CONV_SIZE}, got " + "; ".join(problems))
     if settings.behaviour_logprobs == "sampler" and (refine.top_p < 1.0 or refine.top_k > 0):
         raise ValueError(f"rollout.vllm.behaviour_logprobs='sampler' with refine.top_p={refine.top_p} / "
                          f"refine.top_k={refine.top_k}: vLLM would report the filtered distribution's log-probs; "
                          "use rollout.vllm.behaviour_logprobs='policy'")
-    longest = seq_len + refine.rollout_len
-    if longest > settings.max_model_len:
-        raise ValueError(f"data.seq_len={seq_len} + refine.rollout_len={refine.rollout_len} = {longest} tokens "
-                         f"exceeds rollout.vllm.max_model_len={settings.max_model_len} (a prefix plus its rollout "
-                         "must fit)")
+    # A rollout starts at most rollout_len tokens before a document's end: prefix plus rollout fit in seq_len.
+    if seq_len > settings.max_model_len:
+        raise ValueError(f"data.seq_len={seq_len} exceeds rollout.vllm.max_model_len={settings.max_model_len} (a "
+                         f"prefix plus its rollout is up to data.seq_len tokens)")

@@ -42,6 +42,9 @@ class RolloutEngine(Protocol):
 
     def rollout(self, input_ids: torch.Tensor, lengths: torch.Tensor, generator: torch.Generator) -> Rollouts: ...
 
+    def close(self) -> None:
+        """Release what the engine holds outside this process' memory (vLLM's engine, staged checkpoints)."""
+
 
 class SnapshotEngine:
     """Snapshot rollouts on our own model classes (any architecture, CPU or GPU)."""
@@ -63,6 +66,9 @@ class SnapshotEngine:
         ids = input_ids.to(self.device, dtype=torch.long)
         lens = lengths.to(self.device, dtype=torch.long)
         return snapshot_rollouts(self.model, ids, lens, self.config.refine, generator)
+
+    def close(self) -> None:
+        pass  # nothing outside this process' memory
 
 
 def engine_owner(namespace: str, worker_id: str) -> str:

@@ -189,6 +189,7 @@ class RolloutWorker:
                 except TRANSIENT as exc:
                     outage.failed(exc)
         finally:
+            self.engine.close()  # a vLLM engine's staged checkpoints live in a temporary folder otherwise left behind
             self.runtime.close()
         return json.dumps({"worker_id": self.worker_id, "batches": self.batches,
                            "first_version": self.versions[0] if self.versions else None,

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from refine.cli import main
+from refine.cli import build_parser, main, unused_vllm_engine
+from refine.config import load_config
 from refine.models import build_model, save_model
 
 
@@ -172,6 +173,19 @@ def test_local_says_the_service_addresses_it_was_given_go_unused(tmp_path, capsy
     assert main(argv) == 0
     assert ("--ray-address and --redis-url unused: train.mode=ntp (no rollouts to distribute) trains in this "
             "process, without Ray or Redis") in capsys.readouterr().err
+
+
+def test_a_run_that_samples_in_process_says_the_vllm_engine_goes_unused(tmp_path, capsys):
+    argv = ["train", "--local", "--no-progress", "--set", "demo=null", "--set", "train.mode=onepass", "--set",
+            "train.steps=1", "--set", "data.num_documents=4", "--set", f"train.out_dir={tmp_path}", "--set",
+            "rollout.engine=vllm"]
+    assert main(argv) == 0
+    assert "rollout.engine='vllm' unused: --local samples its rollouts in the training process" in \
+        capsys.readouterr().err
+    colocated = load_config(None, ["rollout.engine=vllm", "service.mode=colocated"])
+    assert unused_vllm_engine(colocated, build_parser().parse_args(["train"])) == "service.mode='colocated'"
+    disaggregated = load_config(None, ["rollout.engine=vllm"])
+    assert unused_vllm_engine(disaggregated, build_parser().parse_args(["train"])) is None
 
 
 @pytest.fixture

@@ -444,12 +444,13 @@ GATED_64 = ["model.model_type=gated_deltanet", "model.head_dim=64", "model.expan
      r"train.device='cpu'.* head_k_dim=64 != head_v_dim=128 \(from model.head_dim=64, model.expand_v=2.0\)"),
     (["model.num_heads=4"], r"head_k_dim=32, head_v_dim=32 \(from model.hidden_size=128, model.num_heads=4, "),
     (["rollout.vllm.dtype=float32"], r"train.device='cpu'.* rollout.vllm.dtype='float32'"),
+    (["model.conv_size=3"], r"train.device='cpu'.* short convolutions of width 4, got model.conv_size=3"),
     # log-probs vLLM would report of the filtered distribution
     (["refine.top_p=0.9"], r"rollout.vllm.behaviour_logprobs='sampler' with refine.top_p=0.9 / refine.top_k=0"),
     (["refine.top_k=50"], r"rollout.vllm.behaviour_logprobs='sampler' with refine.top_p=1.0 / refine.top_k=50"),
-    # a prefix plus its rollout must fit
-    (["data.seq_len=4096", "rollout.vllm.max_model_len=4100"],
-     r"data.seq_len=4096 \+ refine.rollout_len=5 = 4101 tokens exceeds rollout.vllm.max_model_len=4100"),
+    # a prefix plus its rollout must fit: up to data.seq_len tokens
+    (["data.seq_len=4096", "rollout.vllm.max_model_len=4095"],
+     r"data.seq_len=4096 exceeds rollout.vllm.max_model_len=4095"),
 ])
 def test_the_vllm_engine_refuses_up_front_what_it_would_refuse_later(sets, error):
     assert load_config(None, sets).rollout.engine == "snapshot"  # the snapshot engine serves them all
@@ -463,7 +464,8 @@ def test_what_the_vllm_engine_refuses_only_where_it_applies():
     # CPU kernel limits bind only CPU runs; filters only vLLM's own log-probs.
     load_config(None, vllm + ["train.device=cuda", "model.model_type=gated_deltanet", "rollout.vllm.dtype=float32"])
     load_config(None, vllm + ["refine.top_p=0.9", "refine.top_k=50", "rollout.vllm.behaviour_logprobs=policy"])
-    load_config(None, vllm + ["data.seq_len=4091", "rollout.vllm.max_model_len=4096"])
+    load_config(None, vllm + ["data.seq_len=4096", "rollout.vllm.max_model_len=4096"])
+    load_config(None, vllm + ["train.device=cuda", "model.conv_size=3"])  # the CPU limit binds CPU runs only
     load_config(None, vllm + GATED_64 + ["model.head_dim=128"])
 
 

@@ -278,6 +278,18 @@ def test_run_stops_at_once_when_the_stop_flag_is_already_set(config, broker, sto
     assert broker.length(ROLLOUTS) == 0 and delivered(broker) == "0-0"
 
 
+def test_run_closes_its_engine_on_the_way_out(config, broker, store, make_worker, monkeypatch) -> None:
+    """A vLLM engine stages its weights in a temporary folder that only close() removes: every run left one per
+    worker behind."""
+    store.publish(initial_weights(config), 0)
+    broker.request_stop("done")
+    worker = make_worker()
+    closed = []
+    monkeypatch.setattr(worker.engine, "close", lambda: closed.append(True))
+    worker.run(block_ms=100)
+    assert closed == [True]
+
+
 # A document batch of the tiny config (about 1.5 kB) fits; its rollouts (about 43 kB, 40960 bytes of them
 # hidden states) do not: the over-limit case of a real config (hundreds of MB) without building one.
 SMALL_LIMIT = 20_000
