@@ -43,6 +43,7 @@ from learner.data_parallel import DataParallelGroup, free_address, learner_devic
 from learner.checkpoint import LearnerState, latest_checkpoint, load_learner_checkpoint, save_learner_checkpoint
 from learner.update import LEARNER_PHASES, fused_update, onepass_update, rollouts_from_batch
 from refine.algorithm.rewards import check_run_reward
+from refine.algorithm.rollout import positions_problem
 from refine.config import RunConfig, run_tokenizer
 from refine.evaluation.heldout import heldout_evaluator
 from refine.loop import StepResult, finite_stats, make_optimizer, prepare_model
@@ -126,14 +127,9 @@ def misfit(batch: ScoredBatch, documents: DocumentBatch, vocab_size: int) -> str
     problem = documents.vocabulary_misfit(vocab_size)
     if problem is not None:
         return f"documents: {problem} (document batch {documents.batch_id!r})"
-    k = batch.rollout_len
-    lengths = documents.lengths.to(torch.long)
-    high = lengths[:, None] - k
-    outside = (batch.positions < 1) | (batch.positions > high)
-    if bool(outside.any()):
-        doc, chunk = outside.nonzero()[0].tolist()
-        return (f"positions[{doc}, {chunk}]={int(batch.positions[doc, chunk])} is outside 1..{int(high[doc, 0])} "
-                f"(document length {int(lengths[doc])}, rollout_len k={k})")
+    problem = positions_problem(batch.positions, documents.lengths, batch.rollout_len)
+    if problem is not None:
+        return problem
     if batch.rollout_tokens.numel() and int(batch.rollout_tokens.max()) >= vocab_size:
         return f"rollout_tokens: token id {int(batch.rollout_tokens.max())} is not below model.vocab_size={vocab_size}"
     return None
@@ -389,13 +385,13 @@ class Learner:
         return batch.token_ids.to(self.device, torch.long), batch.lengths.to(self.device, torch.long)
 
     def _drop(self, entry_id: str, batch: ScoredBatch, staleness: int, reason: str,
-              documents: DocumentBatch | None, error: str = "") -> None:
-        """Acknowledge and record a batch not trained on; `documents` (None: gone) give its cursor."""
+              documents: DocumentBatch, error: str = "") -> None:
+        """Acknowledge and record a batch not trained on; `documents` give its cursor."""
         rollout_id = batch.rollout_batch_id
         retry_redis(lambda: self.broker.ack_consumed(SCORED, LEARNER_GROUP, [entry_id], DROPPED_KEY, [rollout_id]),
                     "ack dropped batch", self.outage_timeout_s)
         retry_redis(lambda: self.documents.delete(batch.document_batch_id), "delete documents", self.outage_timeout_s)
-        self._batch_finished(batch.document_batch_id, documents.cursor if documents is not None else None)
+        self._batch_finished(batch.document_batch_id, documents.cursor)
         self.state.dropped_stale += reason == "stale"
         self.metrics.stale_dropped.inc(reason == "stale")
         self.state.dropped_invalid += reason == "invalid"
@@ -439,7 +435,7 @@ class Learner:
             stats["worker_id"] = worker_id
         self._send(self._new_report("dropped", stats))
 
-    def _batch_finished(self, document_batch_id: str, cursor: DataCursor | None) -> None:
+    def _batch_finished(self, document_batch_id: str, cursor: DataCursor) -> None:
         """Move the checkpoint's data cursor through the unbroken run of finished batches."""
         index = document_batch_index(document_batch_id)
         if index is None:

@@ -71,16 +71,23 @@ def main_job_resume_command(args: argparse.Namespace, config: RunConfig) -> list
     return command + (["--local"] if args.local else service_flags(args)) + ["--resume"]
 
 
+def in_process_reason(config: RunConfig, args: argparse.Namespace) -> str | None:
+    """Why this run trains in this process, without Ray or Redis, or None (the main job's REFINE stage runs on
+    the service unless --local)."""
+    if args.local:
+        return "--local"
+    if config.demo is None and runs_locally(config.train.mode, args):
+        return f"train.mode={config.train.mode} (no rollouts to distribute)"
+    return None
+
+
 def unused_vllm_engine(config: RunConfig, args: argparse.Namespace) -> str | None:
     """What makes a run sample its rollouts without the rollout workers that rollout.engine=vllm sets up, if
     anything."""
-    if args.local:
-        return "--local"
-    if runs_locally(config.train.mode, args):
-        return f"train.mode={config.train.mode}"
-    if config.service.mode == "colocated":
-        return "service.mode='colocated'"
-    return None
+    why = in_process_reason(config, args)
+    if why is None and config.service.mode == "colocated":
+        why = "service.mode='colocated'"
+    return why
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -89,9 +96,8 @@ def _train(args: argparse.Namespace) -> int:
     # No config file: the main job (REFINE vs NTP comparison) on its embedded defaults.
     config = load_config(args.config, args.set, defaults=DEMO_DEFAULTS)
     unused = [flag for flag, value in (("--ray-address", args.ray_address), ("--redis-url", args.redis_url)) if value]
-    # The single-process loop uses neither (the main job's REFINE stage runs on the service unless --local).
-    if unused and (args.local or (config.demo is None and runs_locally(config.train.mode, args))):
-        why = "--local" if args.local else f"train.mode={config.train.mode} (no rollouts to distribute)"
+    why = in_process_reason(config, args)
+    if unused and why is not None:  # the single-process loop uses neither
         print(f"refine: {' and '.join(unused)} unused: {why} trains in this process, without Ray or Redis",
               file=sys.stderr)
     if config.demo is None and config.rollout.engine == "vllm":

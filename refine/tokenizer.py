@@ -139,7 +139,7 @@ class HFTokenizer:
         # counts 12): such a tokenizer would pass the vocabulary checks, then fail the embedding lookup.
         ids = self._tokenizer.get_vocab(with_added_tokens=True).values()
         self._vocab_size = max(ids, default=-1) + 1
-        settings = _read_special_token_settings(self.directory)
+        settings = _read_special_token_settings(self.directory, self.files)
         self._bos_id = self._resolve("bos", settings, _FALLBACK_BOS)
         eos_id = self._resolve("eos", settings, _FALLBACK_EOS)
         if eos_id is None:
@@ -212,15 +212,16 @@ class HFTokenizer:
         return f"HFTokenizer({str(self.directory)!r}, vocab_size={self.vocab_size})"
 
 
-def _read_special_token_settings(directory: Path) -> dict[str, Any]:
-    """Merge the special-token fields of the usual files; earlier files win."""
+def _read_special_token_settings(directory: Path, read: dict[str, str]) -> dict[str, Any]:
+    """Merge the special-token fields of the usual files; earlier files win. `read`: the texts of those already
+    read (the special-token files a checkpoint saves), by name."""
     settings: dict[str, Any] = {}
     for name in ("tokenizer_config.json", "special_tokens_map.json", "config.json"):
         file = directory / name
-        if not file.is_file():
+        if name not in read and not file.is_file():
             continue
         try:
-            content = json.loads(file.read_text(encoding="utf-8"))
+            content = json.loads(read[name] if name in read else file.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise ValueError(f"cannot parse {str(file)!r}: {error}") from error
         if not isinstance(content, dict):

@@ -723,16 +723,17 @@ class Orchestrator:
         remaining = self.config.train.steps - progress.step
         unfinished = self.published - progress.unbroken  # those finished past a batch still unfinished count too
         allowed = service.batches_in_flight
+        current = max(progress.weight_version, 0)
         for index in [index for index in self.publish_versions if index < progress.unbroken]:
             del self.publish_versions[index]  # finished
         if not self.colocated:
             # The oldest unfinished batch's version, not the newest: with several workers batches finish out of
             # order, so any unfinished batch may be trained after all the others, and would be dropped as stale
             # (its documents never trained) had the rule counted from newer weights.
-            version = min([max(progress.weight_version, 0), *self.publish_versions.values()])
+            version = min([current, *self.publish_versions.values()])
             allowed = min(allowed, service.max_staleness + 1 - (progress.step - version))
         while unfinished < min(allowed, remaining):
-            self.publish_versions[self.published] = max(progress.weight_version, 0)
+            self.publish_versions[self.published] = current
             self._publish_next()
             unfinished += 1
 

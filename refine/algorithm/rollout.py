@@ -96,18 +96,27 @@ def choose_positions(logits: Tensor, lengths: Tensor, cfg: RefineConfig,
     )
 
 
+def positions_problem(positions: Tensor, lengths: Tensor, rollout_len: int) -> str | None:
+    """Why rollouts cannot start at `positions` [B, c] of documents of `lengths` [B], naming the first entry, or
+    None: each needs a prefix of at least one token (its first logits) and rollout_len ground-truth tokens after
+    it, 1 <= p <= length - rollout_len."""
+    lengths = lengths.to(device=positions.device, dtype=torch.long)
+    last = lengths[:, None] - rollout_len
+    outside = (positions < 1) | (positions > last)
+    if not bool(outside.any()):
+        return None
+    row, column = outside.nonzero()[0].tolist()
+    return (f"positions[{row}, {column}]={int(positions[row, column])} is outside 1..{int(last[row, 0])} "
+            f"(document length {int(lengths[row])}, rollout_len k={rollout_len})")
+
+
 def check_positions(positions: Tensor, lengths: Tensor, rollout_len: int) -> None:
-    """Refuse given rollout positions that a rollout cannot start at: each needs a prefix of at least one token
-    (its first logits) and rollout_len ground-truth tokens after it, 1 <= p <= length - rollout_len."""
+    """Refuse given rollout positions that a rollout cannot start at (see positions_problem)."""
     if positions.dim() != 2 or positions.shape[0] != lengths.shape[0]:
         raise ValueError(f"positions must be [batch={lengths.shape[0]}, chunks], got shape {tuple(positions.shape)}")
-    last = lengths.to(positions.device)[:, None] - rollout_len
-    bad = ((positions < 1) | (positions > last)).nonzero()
-    if len(bad):
-        row, column = bad[0].tolist()
-        raise ValueError(f"positions[{row}, {column}]={int(positions[row, column])} is outside [1, "
-                         f"{int(last[row, 0])}]: document {row} has {int(lengths[row])} tokens and a rollout needs a "
-                         f"prefix of at least 1 and refine.rollout_len={rollout_len} tokens after it")
+    problem = positions_problem(positions, lengths, rollout_len)
+    if problem is not None:
+        raise ValueError(problem)
 
 
 def first_token_entropy(first_logits: Tensor, positions: Tensor) -> Tensor:

@@ -422,13 +422,15 @@ def _niah_example(config: NiahConfig, tokenizer: Tokenizer, index: int) -> TaskE
 
 # ---------------------------------------------------------------- multi-query associative recall
 
+MAX_MQAR_PAIRS = 5000
+
 
 class MqarConfig(BaseModel):
     """Key-value pairs, then queries for some keys; answers are the queried values in order."""
 
     model_config = ConfigDict(extra="forbid")
 
-    num_pairs: int = Field(32, ge=1, le=5000)
+    num_pairs: int = Field(32, ge=1, le=MAX_MQAR_PAIRS)
     num_queries: int = Field(4, ge=1)
     key_letters: int = Field(3, ge=2, le=8)
     value_digits: int = Field(3, ge=2, le=9)
@@ -648,17 +650,14 @@ def mqar_for_length(length: int, tokenizer: Tokenizer, num_examples: int, seed: 
         # Each example its own count: a subword tokenizer splits random keys and values into more or fewer
         # tokens, so a count that fits one example can overflow the next. The last example's count is tried
         # first (with a byte tokenizer it is every example's).
-        if guess < 5000 and fits(guess, index) and not fits(guess + 1, index):
+        if guess < MAX_MQAR_PAIRS and fits(guess, index) and not fits(guess + 1, index):
             return guess
-        if not fits(1, index):
-            needed = len(tokenizer.encode(build(1, index).prompt))
+        try:  # 1 pair and `extra` more, up to MqarConfig's bound
+            return 1 + _largest_fitting(lambda extra: build(1 + extra, index).prompt, tokenizer, MAX_MQAR_PAIRS - 1,
+                                        length)
+        except LengthTooShortError as error:
             raise LengthTooShortError(f"--length {length} is too short for an MQAR prompt with a single key-value "
-                                      f"pair ({needed} tokens)", needed)
-        low, high = 1, 5000  # MqarConfig's own bound on num_pairs
-        while low < high:
-            middle = (low + high + 1) // 2
-            low, high = (middle, high) if fits(middle, index) else (low, middle - 1)
-        return low
+                                      f"pair ({error.needed} tokens)", error.needed) from None
 
     if num_examples < 1:
         raise ValueError(f"num_examples must be >= 1, got {num_examples}")

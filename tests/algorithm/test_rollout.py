@@ -165,8 +165,10 @@ def test_reprefill_takes_the_ground_truth_from_the_callers_document_pass() -> No
 
 
 @pytest.mark.parametrize("rollouts", [snapshot_rollouts, reprefill_rollouts])
-@pytest.mark.parametrize("bad, named", [([[0, 20], [9, 26]], r"positions\[0, 0\]=0 is outside \[1, 37\]"),
-                                        ([[3, 20], [9, 29]], r"positions\[1, 1\]=29 is outside \[1, 28\]")])
+@pytest.mark.parametrize("bad, named", [([[0, 20], [9, 26]], r"positions\[0, 0\]=0 is outside 1\.\.37 "
+                                                               r"\(document length 40, rollout_len k=3\)"),
+                                        ([[3, 20], [9, 29]], r"positions\[1, 1\]=29 is outside 1\.\.28 "
+                                                             r"\(document length 31, rollout_len k=3\)")])
 def test_given_positions_a_rollout_cannot_start_at_are_refused_naming_the_entry(rollouts, bad, named) -> None:
     # Position 0 has no prefix (its first logits would wrap to the row's end); past length - k the ground
     # truth would read padding.
