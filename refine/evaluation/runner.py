@@ -571,6 +571,13 @@ def check_answer_budget(value: int | None, name: str = "--max-new-tokens") -> No
                          f"model step per token, and LongBench's longest budget is 512")
 
 
+def synthetic_length(task: str, length: int | None) -> int | None:
+    """The prompts' length of a generated task (niah, mqar): --length, else the default. None for a task file."""
+    if task not in ("niah", "mqar"):
+        return None
+    return DEFAULT_SYNTHETIC_LENGTH if length is None else length
+
+
 def check_synthetic_length(task: str, length: int | None, num_examples: int | None = None) -> None:
     """Refuse, before any prompt is built, a niah / mqar --length past MAX_SYNTHETIC_LENGTH, or a set of more
     than MAX_SYNTHETIC_TOKENS tokens (see there; None: the default length or count), and a --length for a task
@@ -698,11 +705,13 @@ def check_model_dir(model_dir: Path) -> None:
 
 
 def default_output(model_dir: Path, task: str, ttt: bool, ttt_accumulate: bool = False,
-                   ttt_batch: int | None = None) -> Path:
-    """eval-TASK[-ttt[-accumulate | -batchN]].json in the model's directory, or in the run directory for a model
-    inside a run's checkpoints (RUN/checkpoints/latest/model): the run's next checkpoint replaces that folder
-    whole. A kept checkpoint's (RUN/checkpoints/step-NNNNNNNN/model) name ends in its folder's: -step-NNNNNNNN."""
+                   ttt_batch: int | None = None, length: int | None = None) -> Path:
+    """eval-TASK[-lenL][-ttt[-accumulate | -batchN]].json in the model's directory, or in the run directory for a
+    model inside a run's checkpoints (RUN/checkpoints/latest/model): the run's next checkpoint replaces that folder
+    whole. A kept checkpoint's (RUN/checkpoints/step-NNNNNNNN/model) name ends in its folder's: -step-NNNNNNNN.
+    `length` (niah / mqar: the prompts' length) is in the name, so that a sweep over --length keeps every result."""
     mode = "-accumulate" if ttt_accumulate else f"-batch{ttt_batch}" if ttt_batch is not None else ""
+    task = task if length is None else f"{task}-len{length}"
     resolved = model_dir.resolve()
     folder, checkpoints = resolved.parent.name, resolved.parent.parent  # a run's: checkpoints/FOLDER/model
     in_run = (resolved.name == "model" and checkpoints.name == "checkpoints"
@@ -815,7 +824,8 @@ def main(args: argparse.Namespace) -> int:
     model_dir = Path(args.model)
     check_model_dir(model_dir)  # first: the default results path lies in it
     output = (Path(args.output) if args.output
-              else default_output(model_dir, args.task, args.ttt, args.ttt_accumulate, args.ttt_batch))
+              else default_output(model_dir, args.task, args.ttt, args.ttt_accumulate, args.ttt_batch,
+                                  length=synthetic_length(args.task, args.length)))
     check_output(output, given=bool(args.output))
     check_output_spares_inputs(output, {"--data": args.data, "--tokenizer": args.tokenizer, "--config": args.config,
                                         "eval.prompt_templates": options.prompt_templates},
@@ -844,7 +854,7 @@ def main(args: argparse.Namespace) -> int:
     # What made these prompts and answers, so that results of a sweep (over --length, say) tell apart.
     summary["settings"] = {"max_new_tokens": args.max_new_tokens, "max_prompt_tokens": options.max_prompt_tokens}
     if args.task in ("niah", "mqar"):
-        summary["settings"]["length"] = args.length if args.length is not None else DEFAULT_SYNTHETIC_LENGTH
+        summary["settings"]["length"] = synthetic_length(args.task, args.length)
     if args.task == "niah":
         summary["settings"]["niah_variant"] = options.niah_variant
     line = {key: summary[key] for key in ("task", "num_examples", "score", "ttt", "seconds")}

@@ -133,8 +133,8 @@ def test_default_output_path_and_paper_test_time_defaults(model_dir, capsys):
             "--max-new-tokens", "4", "--ttt", "--ttt-steps", "1"]
     code, line, err = run_eval(capsys, *argv)
     assert code == 0, err
-    assert line["output"] == str(model_dir / "eval-mqar-ttt.json")
-    ttt_config = json.loads((model_dir / "eval-mqar-ttt.json").read_text())["summary"]["ttt_config"]
+    assert line["output"] == str(model_dir / "eval-mqar-len128-ttt.json")
+    ttt_config = json.loads((model_dir / "eval-mqar-len128-ttt.json").read_text())["summary"]["ttt_config"]
     assert ttt_config["reward"] == "binary" and ttt_config["lambda_nsp"] == 0.4
     code, line, err = run_eval(capsys, *argv, "--set", "refine.reward=cosine", "--output", str(model_dir / "c.json"))
     assert code == 0, err
@@ -195,6 +195,25 @@ def test_results_of_a_model_in_a_runs_checkpoints_go_to_the_run_directory(tmp_pa
     for name in ("delta_net-1.3B-100B", "other"):
         download = tmp_path / "checkpoints" / name
         assert default_output(download, "niah", ttt=False) == download / "eval-niah.json"
+
+
+def test_a_sweep_over_length_keeps_every_result(model_dir, capsys):
+    """The generated tasks' default results file names the prompts' length: each --length of a sweep has its own."""
+    outputs = []
+    for length in ("128", "160"):
+        code, line, err = run_eval(capsys, "--model", str(model_dir), "--task", "mqar", "--num-examples", "1",
+                                   "--length", length, "--max-new-tokens", "1")
+        assert code == 0, err
+        outputs.append(line["output"])
+        assert json.loads(Path(line["output"]).read_text())["summary"]["settings"]["length"] == int(length)
+    assert outputs == [str(model_dir / "eval-mqar-len128.json"), str(model_dir / "eval-mqar-len160.json")]
+    code, line, err = run_eval(capsys, "--model", str(model_dir), "--task", "niah", "--num-examples", "1",
+                               "--max-new-tokens", "1")
+    assert code == 0, err
+    assert line["output"] == str(model_dir / "eval-niah-len512.json")  # the default length, named as well
+    kept = model_dir.parent / "run" / "checkpoints" / "step-00000040" / "model"
+    assert default_output(kept, "niah", ttt=True, length=4096) == (
+        model_dir.parent / "run" / "eval-niah-len4096-ttt-step-00000040.json").resolve()
 
 
 def test_prompts_answered_in_batches_get_the_answers_they_get_alone(model_dir):
@@ -318,8 +337,8 @@ def test_ttt_accumulate_option_of_the_command(model_dir, capsys):
             "--max-new-tokens", "2", "--ttt", "--ttt-steps", "1", "--ttt-accumulate"]
     code, line, err = run_eval(capsys, *argv)
     assert code == 0, err
-    assert line["output"] == str(model_dir / "eval-mqar-ttt-accumulate.json")  # not the plain --ttt results file
-    assert json.loads((model_dir / "eval-mqar-ttt-accumulate.json").read_text())["summary"]["ttt_config"]["accumulate"]
+    assert line["output"] == str(model_dir / "eval-mqar-len128-ttt-accumulate.json")  # not the plain --ttt results file
+    assert json.loads((model_dir / "eval-mqar-len128-ttt-accumulate.json").read_text())["summary"]["ttt_config"]["accumulate"]
     code, _, err = run_eval(capsys, *[arg for arg in argv if arg != "--ttt"])
     assert code == 2 and "--ttt-accumulate needs --ttt" in err
 
@@ -394,8 +413,8 @@ def test_ttt_batch_option_of_the_command(model_dir, capsys):
             "--max-new-tokens", "2", "--ttt", "--ttt-batch", "2", "--set", "train.mini_batches=2"]
     code, line, err = run_eval(capsys, *argv)
     assert code == 0, err
-    assert line["output"] == str(model_dir / "eval-mqar-ttt-batch2.json")
-    summary = json.loads((model_dir / "eval-mqar-ttt-batch2.json").read_text())["summary"]
+    assert line["output"] == str(model_dir / "eval-mqar-len128-ttt-batch2.json")
+    summary = json.loads((model_dir / "eval-mqar-len128-ttt-batch2.json").read_text())["summary"]
     assert summary["ttt_config"]["batch"] == 2 and summary["ttt_config"]["mini_batches"] == 2
     for extra, message in [(["--ttt-accumulate"], "--ttt-batch=2 always carries the adaptation from batch to batch"),
                            (["--ttt-steps", "1"], "--ttt-steps=1 and --ttt-batch=2: a batch takes train.mini_batches"),
@@ -709,7 +728,7 @@ def test_a_model_path_that_is_not_a_model_directory_is_named_before_the_results_
     assert not absent.exists()  # the default results path did not create it
     code, _, err = run_eval(capsys, "--model", str(tmp_path), "--task", "niah")
     assert code == 2 and f"--model {str(tmp_path)!r} is not a model directory: it has no config.json" in err
-    assert not (tmp_path / "eval-niah.json").exists()
+    assert not list(tmp_path.glob("eval-*.json"))
 
 
 @pytest.fixture
