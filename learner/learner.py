@@ -193,6 +193,9 @@ class Learner:
         if resume and checkpoint.exists():
             self.state = load_learner_checkpoint(checkpoint, self.model, self.optimizer, self.generator)
             logger.info("resumed from %s at step %d", checkpoint, self.state.step)
+            # The run's totals, not this process's: the dashboard shows them, and a resume is no reset to 0.
+            self.metrics.skipped_steps.inc(self.state.skipped_steps)
+            self.metrics.stale_dropped.inc(self.state.dropped_stale)
         self.checkpointed_step = self.state.step if resume and checkpoint.exists() else -1
         self.resume_point = ResumePoint(epoch=self.state.epoch, cursor=self.state.cursor)
         self.finished = 0

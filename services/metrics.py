@@ -69,14 +69,14 @@ class Metrics:
                                 "when it read the last step's batch", registry=r)
         self.step_seconds = Histogram("refine_step_seconds", "Time per phase of a step", ["phase"],
                                       buckets=STEP_BUCKETS, registry=r)
-        self.skipped_steps = Counter("refine_skipped_steps", "Steps skipped for a non-finite loss or gradient",
-                                     registry=r)
+        self.skipped_steps = Counter("refine_skipped_steps", "Steps of the run (a resumed run's included) skipped "
+                                     "for a non-finite loss or gradient", registry=r)
         # Weights and staleness
         self.weight_version = Gauge("refine_weight_version", "Policy version this process holds", registry=r)
         self.staleness = Histogram("refine_rollout_staleness", "Learner version minus rollout version",
                                    buckets=(0, 1, 2, 3, 4, 8, 16), registry=r)
-        self.stale_dropped = Counter("refine_stale_rollouts_dropped", "Rollout batches dropped as too stale",
-                                     registry=r)
+        self.stale_dropped = Counter("refine_stale_rollouts_dropped", "Rollout batches of the run (a resumed run's "
+                                     "included) dropped as too stale", registry=r)
         # Transport and data
         self.stream_length = Gauge("refine_stream_length", "Entries in a Redis stream", ["stream"], registry=r)
         self.stream_pending = Gauge("refine_stream_pending", "Delivered but unacknowledged entries",
