@@ -9,6 +9,7 @@ from torch import Tensor
 
 from refine.algorithm.sampling import check_logits_finite, sample_tokens
 from refine.models import FastWeightLM
+from refine.models.base import check_token_ids
 
 
 @torch.no_grad()
@@ -23,8 +24,7 @@ def generate(model: FastWeightLM, prompt_ids: Tensor, max_new_tokens: int, eos_i
     `vocab_limit`: only ids below it are ever picked, for a model whose vocabulary is padded past its
     tokenizer's (ids the tokenizer cannot decode).
     """
-    if prompt_ids.dim() != 2 or prompt_ids.shape[1] == 0:
-        raise ValueError(f"prompt_ids must be a non-empty [B, T] tensor, got shape {tuple(prompt_ids.shape)}")
+    check_token_ids("prompt_ids", prompt_ids, model.config.vocab_size)
     # range() raises a TypeError for 2.5 and counts True as 1: refuse both, by name.
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")

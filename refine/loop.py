@@ -73,6 +73,7 @@ def train_step(model: FastWeightLM, optimizer: torch.optim.Optimizer, batch: Doc
     """One step of the configured mode on a document batch: its optimizer step, or for onepass/reference one
     per mini-batch (`train.mini_batches`). `times` collects seconds per stage (forward; the fused step's own
     stages; rollout, before the update forwards of onepass/reference; backward_step)."""
+    check_mini_batches(config)
     mode, cfg = config.train.mode, config.refine
     ids, lengths = batch.input_ids, batch.lengths
     if mode in ("onepass", "reference"):

@@ -14,6 +14,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import math
+import numbers
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -24,6 +27,9 @@ from refine.data.batches import DocumentBatch, pad_documents
 from refine.generate import generate
 from refine.loop import StepResult, make_optimizer, optimizer_step, train_step
 from refine.models import FastWeightLM
+from refine.models.base import check_token_ids
+
+MAX_SFT_COEF = torch.finfo(torch.float32).max  # the SFT loss is float32 at least: past this its product is inf
 
 
 @dataclass
@@ -38,6 +44,38 @@ def check_no_kl_term(cfg: RefineConfig, program: str) -> None:
     if cfg.kl_coef > 0:
         raise ValueError(f"refine.kl_coef={cfg.kl_coef}: {program} has no reference policy for a KL term; "
                          f"set refine.kl_coef=0")
+
+
+def check_sft_coef(sft_coef: float, name: str = "sft_coef") -> None:
+    """Refuse an SFT coefficient that is not a number from 0 to float32's largest: a negative one ascends the
+    answers' loss, and past float32's largest (or NaN) the loss is not finite, so every SFT update is skipped."""
+    if not (isinstance(sft_coef, numbers.Real) and math.isfinite(sft_coef) and 0 <= sft_coef <= MAX_SFT_COEF):
+        raise ValueError(f"{name} must be a number from 0 to {MAX_SFT_COEF:.4g} (float32's largest: the loss "
+                         f"is computed in float32 at least), got {sft_coef}")
+
+
+def check_examples(examples: Sequence[QAExample], vocab_size: int, with_answers: bool) -> None:
+    """Refuse, before any weight changes, examples a nested step cannot train on: none, an empty prompt, ids
+    that are not the model's, or (with_answers: an SFT step follows) answers that are all empty."""
+    if not examples:
+        raise ValueError("examples is empty: nothing to train on")
+    for index, example in enumerate(examples):
+        for part in ("prompt", "answer"):
+            values = getattr(example, part)
+            if len(values) == 0:
+                continue
+            tokens = torch.as_tensor(values if isinstance(values, Tensor) else list(values))
+            if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+                raise ValueError(f"examples[{index}].{part} holds {tokens.dtype} values, not token ids: "
+                                 f"{tokens[:8].tolist()}")
+            low, high = int(tokens.min()), int(tokens.max())
+            if low < 0 or high >= vocab_size:
+                raise ValueError(f"examples[{index}].{part} holds {low if low < 0 else high}, not a token id of the "
+                                 f"model (vocab_size={vocab_size}: ids 0..{vocab_size - 1})")
+        if len(example.prompt) == 0:
+            raise ValueError(f"examples[{index}].prompt is empty: REFINE runs on the prompt")
+    if with_answers and not any(len(example.answer) for example in examples):
+        raise ValueError("every answer is empty: nothing to train on")
 
 
 def answer_loss(logits: Tensor, input_ids: Tensor, answer_starts: Tensor, lengths: Tensor) -> Tensor:
@@ -78,6 +116,9 @@ def posttrain_step(model: FastWeightLM, optimizer: torch.optim.Optimizer, exampl
     Stats: the REFINE steps' (loss, ntp_loss, policy_loss, reward_mean, grad_norm, ...; means over the
     mini-batches), then sft_loss and the SFT step's sft_grad_norm. skipped: any step was skipped for a
     non-finite loss or gradient."""
+    check_sft_coef(sft_coef)
+    check_no_kl_term(config.refine, "posttrain_step")
+    check_examples(examples, model.config.vocab_size, with_answers=sft_coef != 0)
     ids, lengths = pad_documents([ex.prompt for ex in examples], pad_id)
     prompts = DocumentBatch(ids.to(model.device), lengths.to(model.device), [f"example-{i}" for i in range(len(ids))])
     inner = train_step(model, optimizer, prompts, config, generator)
@@ -105,13 +146,26 @@ def adapt_and_answer(model: FastWeightLM, prompt: list[int], cfg: RefineConfig, 
 
     Accumulating over prompts: restore=False keeps the adapted weights, and passing the same `optimizer`
     to every call keeps its state (AdamW moments, step count) too; without one a fresh optimizer is made.
-    `vocab_limit`: answer with ids below it only (see `generate`)."""
+    `vocab_limit`: answer with ids below it only (see `generate`). The weights' .grad are as they were after it
+    (restore=True)."""
     if restore and optimizer is not None:
         raise ValueError("adapt_and_answer: an optimizer is passed to carry adaptation over prompts (restore=False); "
                          "restored weights would not match its state")
-    saved = snapshot_weights(model) if restore else None
-    optimizer = optimizer if optimizer is not None else make_optimizer(model, optim)
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
+        raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
+    check_no_kl_term(cfg, "adapt_and_answer")
+    if not prompt:
+        raise ValueError("prompt is empty: test-time training adapts on the prompt's tokens")
+    if steps > 0 and not (torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters())):
+        raise ValueError("adapt_and_answer: test-time training takes gradient steps, but gradients are off ("
+                         + ("torch.no_grad() or torch.inference_mode() is active" if not torch.is_grad_enabled()
+                            else "no parameter of the model requires grad") + ")")
     ids = torch.tensor([prompt], device=model.device)
+    check_token_ids("prompt", ids, model.config.vocab_size)
+    saved = snapshot_weights(model) if restore else None
+    # optimizer_step sets .grad to None before each backward: the caller's gradient tensors stay untouched.
+    saved_grads = [(parameter, parameter.grad) for parameter in model.parameters()] if restore else None
+    optimizer = optimizer if optimizer is not None else make_optimizer(model, optim)
     lengths = torch.tensor([len(prompt)], device=model.device)
     history = []
     try:
@@ -123,5 +177,6 @@ def adapt_and_answer(model: FastWeightLM, prompt: list[int], cfg: RefineConfig, 
     finally:
         if saved is not None:
             model.load_state_dict(saved)
-            model.zero_grad(set_to_none=True)  # the adaptation's gradients: a model-sized copy, no longer of use
+            for parameter, grad in saved_grads:  # the adaptation's gradients go (a model-sized copy of no use)
+                parameter.grad = grad
     return answer, history

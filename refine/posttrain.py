@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import sys
 from collections.abc import Sequence
@@ -55,12 +54,11 @@ from refine.loop import (
     RUN_RECORDS, StepBatch, StepResult, absolute_out_dir, check_mini_batches, finished_run, make_optimizer,
     prepare_model, resume_from, run_steps, start_run_directory,
 )
-from refine.phases import QAExample, check_no_kl_term, posttrain_step
+from refine.phases import QAExample, check_no_kl_term, check_sft_coef, posttrain_step
 from refine.runtime import StageTimes, tune_allocator
 from refine.tokenizer import Tokenizer
 
 POSTTRAIN_TASKS = ("ruler-qa", "longbench")
-MAX_SFT_COEF = torch.finfo(torch.float32).max
 # Used when no config file is given (a config file states its own): the paper's post-training reward.
 POSTTRAIN_DEFAULTS: dict[str, Any] = {"refine": {"reward": "hybrid"}, "train": {"out_dir": "runs/posttrain"}}
 
@@ -103,9 +101,7 @@ def check_config(config: RunConfig, sft_coef: float) -> None:
                          f"data.source unset")
     check_no_kl_term(config.refine, "refine posttrain")
     # Beyond float32's largest number the coefficient is inf in the float32 loss: every SFT update is skipped.
-    if not (math.isfinite(sft_coef) and 0 <= sft_coef <= MAX_SFT_COEF):
-        raise ValueError(f"--sft-coef must be a number from 0 to {MAX_SFT_COEF:.4g} (float32's largest: the loss "
-                         f"is computed in float32 at least), got {sft_coef}")
+    check_sft_coef(sft_coef, "--sft-coef")
     # The nested step scores its rollouts in this process, from tokens and hidden states: no text.
     check_run_reward(config.refine.reward, config.refine.reward_modules, decodes_text=False)
 

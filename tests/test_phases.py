@@ -7,9 +7,9 @@ from refine.algorithm.update import LossResult, fused_refine_step
 from refine.algorithm.rollout import snapshot_rollouts
 from refine.algorithm.update import score_rollouts
 from refine.config import OptimConfig, RefineConfig, RunConfig
-from refine.data.batches import pad_documents
 from refine.generate import generate
-from refine.loop import make_optimizer, optimizer_step, rollout_batch_update
+from refine.data.batches import DocumentBatch, pad_documents
+from refine.loop import make_optimizer, optimizer_step, rollout_batch_update, train_step
 from refine.models import build_model
 from refine.phases import (
     QAExample, adapt_and_answer, answer_loss, answer_sft_loss, posttrain_step,
@@ -263,3 +263,78 @@ def test_restoring_weights_refuses_a_carried_optimizer():
     with pytest.raises(ValueError, match="restored weights would not match its state"):
         adapt_and_answer(model, [1, 2, 3], CFG, OptimConfig(), steps=1, max_new_tokens=1,
                          optimizer=torch.optim.AdamW(model.parameters()))
+
+
+def test_test_time_training_keeps_the_callers_gradients_when_it_restores():
+    model = _model()
+    model(torch.randint(0, 30, (1, 20)), output_state=False).logits.sum().backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    prompt = torch.randint(0, 30, (48,), generator=torch.Generator().manual_seed(2)).tolist()
+    adapt_and_answer(model, prompt, CFG, OptimConfig(lr=1e-2), steps=1, max_new_tokens=1)
+    assert all(torch.equal(p.grad, grads[name]) for name, p in model.named_parameters())
+
+
+def test_test_time_training_refuses_what_it_cannot_adapt_on_before_any_step():
+    model, optim = _model(), OptimConfig(lr=1e-2)
+    prompt = torch.randint(0, 30, (48,), generator=torch.Generator().manual_seed(2)).tolist()
+    for kwargs, message in (
+        (dict(prompt=[]), "prompt is empty"),
+        (dict(steps=-1), "steps must be an integer >= 0, got -1"),
+        (dict(prompt=prompt[:-1] + [30]), r"prompt\[0, 47\]=30 is not a token id of the model \(vocab_size=30"),
+        (dict(prompt=[0.5] * 48), "prompt must be an integer tensor, got dtype torch.float32"),
+        (dict(cfg=CFG.model_copy(update={"kl_coef": 0.1})), "refine.kl_coef=0.1: adapt_and_answer has no reference"),
+    ):
+        arguments = dict(model=model, prompt=prompt, cfg=CFG, optim=optim, steps=1, max_new_tokens=1) | kwargs
+        with pytest.raises(ValueError, match=message):
+            adapt_and_answer(**arguments)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"gradients are off \(torch.no_grad\(\)"):
+        adapt_and_answer(model, prompt, CFG, optim, steps=1, max_new_tokens=1)
+    frozen = _model().requires_grad_(False)
+    with pytest.raises(ValueError, match="no parameter of the model requires grad"):
+        adapt_and_answer(frozen, prompt, CFG, optim, steps=1, max_new_tokens=1)
+    assert len(adapt_and_answer(frozen, prompt, CFG, optim, steps=0, max_new_tokens=2)[0]) == 2  # answering only
+
+
+def test_posttrain_step_refuses_examples_and_settings_it_cannot_train_before_any_weight_changes():
+    optim = OptimConfig(lr=1e-2)
+    examples = _qa_examples()
+    for bad_examples, kwargs, message in (
+        ([QAExample(ex.prompt, []) for ex in examples], {}, "every answer is empty: nothing to train on"),
+        ([examples[0], QAExample(examples[1].prompt, [30])], {}, r"examples\[1\].answer holds 30, not a token id"),
+        ([QAExample([1.5] * 40, [3])], {}, r"examples\[0\].prompt holds torch.float32 values"),
+        ([QAExample([], [3])], {}, r"examples\[0\].prompt is empty"),
+        ([], {}, "examples is empty"),
+        (examples, dict(sft_coef=-1.0), "sft_coef must be a number from 0 to 3.403e\\+38 .* got -1.0"),
+        (examples, dict(sft_coef=float("nan")), "sft_coef must be a number from 0 .* got nan"),
+        (examples, dict(config=RunConfig(refine=CFG.model_copy(update={"kl_coef": 0.1}).model_dump())),
+         "refine.kl_coef=0.1: posttrain_step has no reference policy"),
+    ):
+        model = _model()
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        optimizer = make_optimizer(model, optim)
+        arguments = dict(config=_run_config(optim)) | kwargs
+        with pytest.raises(ValueError, match=message):
+            posttrain_step(model, optimizer, bad_examples, generator=torch.Generator().manual_seed(1), **arguments)
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), message
+        assert not optimizer.state, message  # no optimizer step was taken
+
+
+def test_a_fused_train_step_refuses_mini_and_micro_batches_it_would_ignore():
+    optim = OptimConfig(lr=1e-2)
+    model = _model()
+    ids, lengths = pad_documents([ex.prompt for ex in _qa_examples()])
+    for train, message in ((dict(mini_batches=2), "train.mini_batches=2 needs train.mode 'onepass' or 'reference'"),
+                           (dict(micro_batches=2), "train.micro_batches=2 needs train.mode 'onepass', 'reference'")):
+        config = _run_config(optim, mode="fused", **train)
+        with pytest.raises(ValueError, match=message):
+            train_step(model, make_optimizer(model, optim), DocumentBatch(ids, lengths, ["a", "b"]), config,
+                       torch.Generator())
+
+
+def test_pad_documents_refuses_values_that_are_not_token_ids():
+    with pytest.raises(ValueError, match=r"document 1 of the batch holds torch.float32 values, not token ids"):
+        pad_documents([[1, 2, 3], [1.5, 2.0]])
+    with pytest.raises(ValueError, match=r"document 0 of the batch holds torch.bool values"):
+        pad_documents([[True, False]])
+    ids, lengths = pad_documents([torch.tensor([4, 5]), (6,)])
+    assert ids.tolist() == [[4, 5], [6, 0]] and lengths.tolist() == [2, 1]

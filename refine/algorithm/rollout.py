@@ -27,6 +27,7 @@ from refine.algorithm.sampling import check_logits_finite, logprobs_from_logits,
 from refine.algorithm.selection import select_positions, token_entropy
 from refine.config import RefineConfig
 from refine.models import FastWeightLM, ModelState
+from refine.models.base import check_integer_tensor, check_token_ids
 
 
 @dataclass
@@ -112,6 +113,7 @@ def positions_problem(positions: Tensor, lengths: Tensor, rollout_len: int) -> s
 
 def check_positions(positions: Tensor, lengths: Tensor, rollout_len: int) -> None:
     """Refuse given rollout positions that a rollout cannot start at (see positions_problem)."""
+    check_integer_tensor("positions", positions)
     if positions.dim() != 2 or positions.shape[0] != lengths.shape[0]:
         raise ValueError(f"positions must be [batch={lengths.shape[0]}, chunks], got shape {tuple(positions.shape)}")
     problem = positions_problem(positions, lengths, rollout_len)
@@ -203,6 +205,7 @@ def batch_generator(seed: int, epoch: int, offset: int, device: str | torch.devi
 def snapshot_rollouts(model: FastWeightLM, input_ids: Tensor, lengths: Tensor, cfg: RefineConfig,
                       generator: torch.Generator | None = None, positions: Tensor | None = None) -> Rollouts:
     """One document pass, then all rollouts decoded together from the states at the chosen positions."""
+    check_token_ids("input_ids", input_ids, model.config.vocab_size)
     with torch.inference_mode():
         out = model(input_ids, lengths=lengths, output_state=False, defer_states=True)
         if positions is None:
@@ -285,5 +288,6 @@ def reprefill_rollouts(model: FastWeightLM, input_ids: Tensor, lengths: Tensor, 
     positions were chosen from; given, the ground truth's hidden states come from it (the paper
     takes entropies and hidden states from one pass) instead of one more document forward.
     """
+    check_token_ids("input_ids", input_ids, model.config.vocab_size)
     check_positions(positions, lengths, cfg.rollout_len)
     return _reprefill(model, input_ids, lengths, cfg, positions, generator, padded, document_hidden).ordinary()

@@ -24,11 +24,12 @@ from refine.algorithm.advantages import group_ids_for, grpo_advantages
 from refine.algorithm.losses import MASKED_MEAN_EPS, ntp_loss, policy_loss
 from refine.algorithm.rewards import RewardInputs, compute_reward
 from refine.algorithm.rollout import (
-    Rollouts, choose_positions, decode, first_token_entropy, gather_windows, prefix_rows,
+    Rollouts, check_positions, choose_positions, decode, first_token_entropy, gather_windows, prefix_rows,
 )
 from refine.algorithm.sampling import logprobs_from_logits
 from refine.config import RefineConfig
 from refine.models import FastWeightLM, ModelOutput, ModelState
+from refine.models.base import check_token_ids
 from refine.runtime import StageTimes, timed_stage
 
 
@@ -58,7 +59,9 @@ def rollout_stats(rollouts: Rollouts) -> dict[str, float]:
     return stats
 
 
-def advantages_for(rewards: Tensor, rollouts: Rollouts, cfg: RefineConfig) -> Tensor:
+def advantages_for(rewards: Tensor | None, rollouts: Rollouts, cfg: RefineConfig) -> Tensor:
+    if rewards is None:  # rollouts.rewards before score_rollouts
+        raise ValueError("rewards is None: score the rollouts first (rollouts.rewards = score_rollouts(rollouts, cfg))")
     batch, chunks = rollouts.positions.shape
     groups = group_ids_for(batch, chunks, rollouts.num_samples, cfg.groups).to(rewards.device)
     return grpo_advantages(rewards, groups, norm_by_std=cfg.norm_adv_by_std)
@@ -115,8 +118,11 @@ def _combine(ntp: Tensor, new_logprobs: Tensor, ref_logprobs: Tensor | None, rol
 
 def _ref_logprobs(ref_model: FastWeightLM | None, input_ids: Tensor, lengths: Tensor, rollouts: Rollouts,
                   cfg: RefineConfig) -> Tensor | None:
-    if ref_model is None or cfg.kl_coef == 0:
+    if cfg.kl_coef == 0:
         return None
+    if ref_model is None:  # the KL term would be left out without a word
+        raise ValueError(f"refine.kl_coef={cfg.kl_coef} needs ref_model, the frozen reference policy of the KL "
+                         f"term: pass one, or set refine.kl_coef=0")
     with torch.no_grad():
         out = ref_model(input_ids, lengths=lengths, state_positions=rollouts.positions, output_state=False)
         rows, starts = prefix_rows(rollouts.positions)
@@ -153,11 +159,22 @@ def reference_loss(model: FastWeightLM, input_ids: Tensor, lengths: Tensor, roll
     return _combine(ntp, torch.stack(new_logprobs), ref, rollouts, advantages, cfg)
 
 
+def check_rollouts_fit(rollouts: Rollouts, lengths: Tensor) -> None:
+    """Refuse rollouts made for other documents than those of `lengths` [B]: another batch size, or positions
+    whose prefix and k ground-truth tokens do not lie within the documents."""
+    if rollouts.positions.shape[0] != lengths.shape[0]:
+        raise ValueError(f"rollouts were made for {rollouts.positions.shape[0]} documents (rollouts.positions "
+                         f"{tuple(rollouts.positions.shape)}), but the batch holds {lengths.shape[0]}")
+    check_positions(rollouts.positions, lengths, rollouts.rollout_len)
+
+
 def refine_loss(mode: str, model: FastWeightLM, input_ids: Tensor, lengths: Tensor, rollouts: Rollouts,
                 advantages: Tensor, cfg: RefineConfig, ref_model: FastWeightLM | None = None) -> LossResult:
     paths: dict[str, Callable[..., LossResult]] = {"onepass": onepass_loss, "reference": reference_loss}
     if mode not in paths:
         raise ValueError(f"mode={mode!r} must be one of {sorted(paths)} (fused: use fused_refine_step)")
+    check_token_ids("input_ids", input_ids, model.config.vocab_size)
+    check_rollouts_fit(rollouts, lengths)
     return paths[mode](model, input_ids, lengths, rollouts, advantages, cfg, ref_model)
 
 
@@ -218,6 +235,9 @@ def fused_refine_step(model: FastWeightLM, input_ids: Tensor, lengths: Tensor, c
     `positions` overrides the entropy-based choice (used to compare paths on identical rollouts).
     `times` collects seconds per stage (forward, select, states, decode, teacher_forced, score).
     """
+    check_token_ids("input_ids", input_ids, model.config.vocab_size)
+    if positions is not None:
+        check_positions(positions, lengths, cfg.rollout_len)
     with timed_stage(times, "forward"):
         out = model(input_ids, lengths=lengths, output_state=False, defer_states=True)
         ntp = ntp_loss(out.logits, input_ids, lengths)

@@ -36,7 +36,12 @@ def pad_documents(docs: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[Tenso
         raise ValueError(f"document {int((lengths == 0).nonzero()[0])} of the batch is empty")
     ids = torch.full((len(docs), int(lengths.max())), pad_id, dtype=torch.long)
     for row, doc in enumerate(docs):
-        ids[row, : len(doc)] = torch.as_tensor(list(doc), dtype=torch.long)
+        tokens = torch.as_tensor(doc if isinstance(doc, torch.Tensor) else list(doc))
+        if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+            # A cast to long would truncate 1.5 to 1 (and read True as 1) without a word.
+            raise ValueError(f"document {row} of the batch holds {tokens.dtype} values, not token ids: "
+                             f"{tokens[:8].tolist()}...")
+        ids[row, : len(doc)] = tokens
     return ids, lengths
 
 

@@ -75,6 +75,24 @@ def check_integer_tensor(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be an integer tensor, got dtype {value.dtype}: {value.tolist()}")
 
 
+def check_token_ids(name: str, ids: Any, vocab_size: int) -> None:
+    """Raises ValueError naming `name` unless ids is an integer tensor [batch, time] of at least one row with
+    every id (padding included: every position is embedded) in [0, vocab_size). For the library's entry points:
+    one host sync (the min and max together), which the model's forward leaves out to stay sync-free; out of
+    range, the embedding would fail deep inside torch (on a GPU, as an asynchronous device-side assert)."""
+    check_integer_tensor(name, ids)
+    if ids.dim() != 2:
+        raise ValueError(f"{name} must be [batch, time], got shape {tuple(ids.shape)}")
+    if ids.shape[0] == 0 or ids.shape[1] == 0:
+        raise ValueError(f"{name} holds no tokens: shape {tuple(ids.shape)}")
+    low, high = torch.stack(torch.aminmax(ids)).tolist()
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        row, column = (ids == bad).nonzero()[0].tolist()
+        raise ValueError(f"{name}[{row}, {column}]={bad} is not a token id of the model (vocab_size={vocab_size}: "
+                         f"ids 0..{vocab_size - 1})")
+
+
 def check_lengths(lengths: Any, batch: int, seq_len: int, read_values: bool = True) -> bool:
     """Raises ValueError naming `lengths` unless it is an integer tensor [batch] (read_values: with
     values in [0, seq_len]). Returns whether every row is whole (all lengths seq_len); False when the
@@ -163,6 +181,8 @@ class FastWeightLM(nn.Module):
         defer_states: bool = False,
         logit_positions: Tensor | None = None,
     ) -> ModelOutput:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, time], got shape {tuple(input_ids.shape)}")
         batch, seq_len = input_ids.shape
         if state is not None:
             self._check_state(state, batch)
