@@ -52,6 +52,35 @@ return refreshed
 """
 
 
+# The run's claim on its namespace (see Broker.claim): renewed while ours, taken again if it lapsed and nobody
+# took it; the holder's value otherwise. One atomic step, so two drivers never both hold it.
+_RENEW_CLAIM_LUA = """
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return ''
+end
+if not holder then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return ''
+end
+return holder
+"""
+
+# Remove the claim only while ours: a claim another run took after ours lapsed stays.
+_RELEASE_CLAIM_LUA = """
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+if not holder then
+  return 1
+end
+return 0
+"""
+
+
 class DeadLetter(BaseModel):
     """An entry that could not be used, as kept in `<stream>:dead`."""
 
@@ -82,6 +111,8 @@ class Broker:
         self.limits = limits
         self._heartbeat_script = client.register_script(_HEARTBEAT_LUA)
         self._keep_alive_script = client.register_script(_KEEP_ALIVE_LUA)
+        self._renew_claim_script = client.register_script(_RENEW_CLAIM_LUA)
+        self._release_claim_script = client.register_script(_RELEASE_CLAIM_LUA)
         self._known_groups: set[tuple[str, str]] = set()
 
     # -- keys -------------------------------------------------------------------------------------
@@ -459,13 +490,49 @@ class Broker:
         seconds, micros = self.client.time()
         return seconds + micros / 1e6
 
+    # -- the run's claim on its namespace ---------------------------------------------------------------
+
+    def claim(self, holder: str, ttl_s: float) -> str | None:
+        """Claim this namespace for one run's driver (`holder`: its description) for `ttl_s` seconds, renewed by
+        `renew_claim`: two runs in one namespace would delete each other's streams and records. Returns None once
+        claimed, else the holder's description. `take_over` below claims one whose holder is known dead."""
+        while True:
+            if self.client.set(self.key("claim"), holder.encode(), nx=True, px=int(ttl_s * 1000)):
+                return None
+            current = self.claimed_by()
+            if current is not None:  # else it lapsed between the two commands: try again
+                return current
+
+    def claimed_by(self) -> str | None:
+        """The description of the namespace's holder, or None."""
+        current = self.client.get(self.key("claim"))
+        return None if current is None else _text(current)
+
+    def take_over(self, holder: str, ttl_s: float) -> None:
+        """Claim the namespace whoever holds it (a driver known to be dead)."""
+        self.client.set(self.key("claim"), holder.encode(), px=int(ttl_s * 1000))
+
+    def renew_claim(self, holder: str, ttl_s: float) -> str | None:
+        """Keep the claim for another `ttl_s` seconds (or take it again if it lapsed and nobody took it); returns
+        None, or the description of another holder that took it meanwhile."""
+        other = _text(self._renew_claim_script(keys=[self.key("claim")], args=[holder, int(ttl_s * 1000)]))
+        return other or None
+
+    def release_claim(self, holder: str) -> bool:
+        """Give up the claim; False when another run holds it now (the namespace is that run's)."""
+        return bool(self._release_claim_script(keys=[self.key("claim")], args=[holder]))
+
     # -- housekeeping ---------------------------------------------------------------------------------
 
-    def delete_namespace(self, batch: int = 500) -> int:
-        """Delete every key of this namespace (end of a run, tests); returns how many."""
+    def delete_namespace(self, batch: int = 500, keep: tuple[str, ...] = ()) -> int:
+        """Delete every key of this namespace (end of a run, tests) but the `keep` names (e.g. "claim"); returns
+        how many."""
         deleted = 0
         names: list[Any] = []
+        kept = {self.key(name).encode() for name in keep}
         for name in self.client.scan_iter(match=f"{_escape_glob(self.namespace)}:*", count=batch):
+            if name in kept:
+                continue
             names.append(name)
             if len(names) >= batch:
                 deleted += int(self.client.delete(*names))

@@ -20,6 +20,7 @@ import json
 import os
 import re
 import socket
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -161,10 +162,15 @@ def prepare_discovery_dir(discovery_dir: str | Path) -> Path:
     if problem is None:
         try:
             directory.mkdir(parents=True, exist_ok=True)
-            return directory
         except OSError as error:
             at = f" ({error.filename})" if error.filename and str(error.filename) != str(directory) else ""
             problem = f"cannot create the directory: {error.strerror or error}{at}"
+    if problem is None:
+        try:  # one that exists may still refuse files (another user's, on a shared node): try one, as roles write
+            with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-check-"):
+                return directory
+        except OSError as error:
+            problem = f"cannot write files in it: {error.strerror or error}"
     raise ValueError(f"{discovery_dir_setting(directory)}: {problem}")
 
 

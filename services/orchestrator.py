@@ -64,8 +64,10 @@ import json
 import logging
 import os
 import shlex
+import socket
 import sys
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -132,6 +134,11 @@ MAX_RESTARTS_PER_ROLE = 20
 # broken, while one preempted now and then over a week-long run is not.
 RESTART_WINDOW_S = 3600.0
 HOUSEKEEPING_INTERVAL_S = 2.0
+# The driver's claim on the run's Redis namespace lasts this long unless renewed (every housekeeping and start poll):
+# a second run in the namespace is refused while it holds, and a driver killed without cleaning up frees it after this
+# (at once for a resume on the same host, which sees that the driver's process is gone).
+CLAIM_TTL_S = 30.0
+_CLAIMS_HELD_HERE: set[str] = set()  # the claim ids of this process's runs that go on (runs on threads: tests, notebooks)
 # A run whose learner takes no step for this long is said to stall, once per such interval, with what each stream
 # holds and which consumer holds it: a role whose loop hangs keeps beating, and nothing else would say which it is.
 STALL_WARNING_S = 600.0
@@ -363,14 +370,69 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True, ray_addr
     config = fit_to_tokenizer(config, tokenizer)  # before any actor reads the model section
     check_rollout_message_size(config)  # the model section is final only now (train.init_from)
     plan = resolve_addresses(config, ray_address, redis_url)
-    if plan.redis_url:
-        connect(plan.redis_url).close()  # an unreachable Redis fails before a Ray is started (or a directory made)
     out_dir = Path(config.train.out_dir)
+    if plan.redis_url:  # an unreachable Redis, or a run going on in this namespace, fails before Ray starts
+        check_namespace_free(plan.redis_url, namespace_for(config, out_dir))
     out_dir.mkdir(parents=True, exist_ok=True)  # config.yaml: once the learner started (Orchestrator.run)
     with ray_for_run(config, plan.address) as multi_node, redis_for_run(plan.redis_url, multi_node) as url:
         orchestrator = Orchestrator(config, tokenizer, url, namespace_for(config, out_dir), resume=resume,
                                     progress=progress, resume_command=resume_command)
         return orchestrator.run()
+
+
+def check_namespace_free(redis_url: str, namespace: str) -> None:
+    """Refuse, before Ray starts, a run whose Redis namespace a run that is going on holds (see
+    Orchestrator._claim_namespace, which claims it)."""
+    client = connect(redis_url)
+    try:
+        other = Broker(client, namespace).claimed_by()
+    finally:
+        client.close()
+    if other is not None and not _driver_is_gone(other):
+        raise namespace_in_use(namespace, other)
+
+
+def namespace_in_use(namespace: str, other: str) -> ServiceError:
+    return ServiceError(f"the Redis namespace {namespace!r} (service.namespace, else derived from train.out_dir) is in "
+                        f"use by a run that is going on: {_describe_holder(other)}. Two runs in one namespace delete "
+                        f"each other's state, so this one does not start: wait for that run to end, or give this run "
+                        f"its own train.out_dir or service.namespace (a driver killed without cleaning up frees it "
+                        f"{CLAIM_TTL_S:.0f}s after its last renewal, at once for a run on its host)")
+
+
+def _holder(description: str) -> dict:
+    """A namespace claim's holder (Orchestrator.claim_holder), or {} for one this code did not write."""
+    try:
+        holder = json.loads(description)
+    except ValueError:
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _describe_holder(description: str) -> str:
+    holder = _holder(description)
+    if not holder:
+        return f"claimed as {description[:200]!r}"
+    return (f"train.out_dir={holder.get('out_dir')!r}, its driver pid {holder.get('pid')} on {holder.get('host')}, "
+            f"started {holder.get('started')}")
+
+
+def _driver_is_gone(description: str) -> bool:
+    """Whether a claim's holder is a driver process on this host that no longer runs (killed without cleaning up),
+    or a run of this very process that ended without giving the claim up."""
+    holder = _holder(description)
+    pid = holder.get("pid")
+    if holder.get("host") != socket.gethostname() or not isinstance(pid, int) or isinstance(pid, bool) or pid < 1:
+        return False
+    if pid == os.getpid():  # a run on another thread of this process holds it while it goes on
+        return holder.get("id") not in _CLAIMS_HELD_HERE
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # another user's process: alive
+        return False
+    return False
 
 
 def data_cursor(position: DataPosition, batch: LocalBatch, source: str) -> DataCursor:
@@ -471,6 +533,12 @@ class Orchestrator:
         # would wait out a socket timeout of a Redis that stopped answering.
         self.redis_lost = False
         self.stall_warning_s = STALL_WARNING_S
+        # This driver, as the namespace's claim holds it (Broker.claim): JSON, never unpickled.
+        self.claim_id = uuid.uuid4().hex
+        self.claim_holder = json.dumps({"out_dir": str(self.out_dir), "host": socket.gethostname(),
+                                        "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                                        "id": self.claim_id})
+        self.claimed = False
         self._last_step: int | None = None  # the learner's step when it last changed, and when that was
         self._step_changed_at = 0.0
         self._stall_said_at: float | None = None
@@ -478,15 +546,25 @@ class Orchestrator:
     # -- lifecycle ------------------------------------------------------------------------------
 
     def run(self) -> Stats:
-        self.broker.delete_namespace()  # durable state lives in the checkpoint, not in Redis
-        for stream, group in self._groups():
-            self.broker.ensure_group(stream, group, start_id="0")
+        self._claim_namespace()  # first: a run already in this namespace keeps its keys and its announcements
         discovery_dir = self.config.service.metrics_discovery_dir
-        # A driver of this run that was killed (SIGKILL) left its members' announcements behind: targets that
-        # stay down for good. No member of this run serves yet.
-        withdraw_run_announcements(discovery_dir, self.namespace)
-        self.endpoint = serve_metrics(self.metrics, role="orchestrator", instance=self.namespace,
-                                      discovery_dir=discovery_dir, run=self.namespace)
+        try:
+            # A driver of this run that was killed (SIGKILL) left its members' announcements behind: targets that
+            # stay down for good. No member of this run serves yet.
+            withdraw_run_announcements(discovery_dir, self.namespace)
+            self.endpoint = serve_metrics(self.metrics, role="orchestrator", instance=self.namespace,
+                                          discovery_dir=discovery_dir, run=self.namespace)
+            # Durable state lives in the checkpoint, not in Redis.
+            self.broker.delete_namespace(keep=("claim",))
+            for stream, group in self._groups():
+                self.broker.ensure_group(stream, group, start_id="0")
+        except BaseException:
+            if self.endpoint is not None:
+                self.endpoint.close()
+                self.endpoint = None
+            self._release_namespace()
+            raise
+        self._write_line(f"Redis namespace and Prometheus run label: {self.namespace}")
         # `ray job stop` and container runtimes send SIGTERM: stop as cleanly as on Ctrl-C (also when the run is
         # called in-process, without the CLI, which does the same).
         with sigterm_as_ctrl_c():
@@ -524,6 +602,34 @@ class Orchestrator:
                 if graceful:
                     self._let_learner_stop()
                 self._shutdown()
+
+    def _claim_namespace(self) -> None:
+        """Hold the run's Redis namespace, or refuse to start: two runs in one namespace (the same train.out_dir
+        started twice, or one service.namespace given to two runs) delete each other's streams and records."""
+        other = self.broker.claim(self.claim_holder, CLAIM_TTL_S)
+        if other is not None and _driver_is_gone(other):  # killed on this host without cleaning up: resume now
+            self.broker.take_over(self.claim_holder, CLAIM_TTL_S)
+            other = None
+        if other is not None:
+            raise namespace_in_use(self.namespace, other)
+        self.claimed = True
+        _CLAIMS_HELD_HERE.add(self.claim_id)
+
+    def _renew_claim(self) -> None:
+        other = self.broker.renew_claim(self.claim_holder, CLAIM_TTL_S)
+        if other is not None:  # ours lapsed (this driver stalled past CLAIM_TTL_S) and another run took it
+            self.claimed = False
+            _CLAIMS_HELD_HERE.discard(self.claim_id)
+            raise ServiceError(f"the Redis namespace {self.namespace!r} was taken by another run while this driver "
+                               f"did not renew its claim: {_describe_holder(other)}; this run stops{self._resume_hint(None)}")
+
+    def _release_namespace(self) -> bool:
+        """Give the claim up; False when another run holds the namespace now (its keys are then that run's)."""
+        if not self.claimed:
+            return True
+        self.claimed = False
+        _CLAIMS_HELD_HERE.discard(self.claim_id)
+        return self.broker.release_claim(self.claim_holder)
 
     def _groups(self) -> list[tuple[str, str]]:
         groups = [(LEARNER_REPORTS, ORCHESTRATOR_GROUP)]
@@ -581,6 +687,7 @@ class Orchestrator:
         run's actors once they fit the nodes together (one frees up or joins), and the wait is said so."""
         while True:
             ready, _ = ray.wait([future], timeout=START_POLL_S)
+            self._renew_claim()  # the start can take minutes (waiting for room on the cluster)
             if ready:
                 try:
                     return ray.get(future)
@@ -869,6 +976,7 @@ class Orchestrator:
         if now < self._next_housekeeping:
             return
         self._next_housekeeping = now + HOUSEKEEPING_INTERVAL_S
+        self._renew_claim()
         self._drain_reports(block_ms=None, reclaim_idle_ms=REPORT_RECLAIM_IDLE_MS)
         self._check_redis_kept_the_run()
         self._check_dead_letters()
@@ -1077,7 +1185,9 @@ class Orchestrator:
             logger.warning("Redis is unreachable: the run's keys (namespace %s) stay in it", self.namespace)
         else:
             try:
-                self.broker.delete_namespace()
+                self.broker.delete_namespace(keep=("claim",))
+                if not self._release_namespace():
+                    logger.warning("the Redis namespace %s is another run's now", self.namespace)
             except (redis.RedisError, OSError) as exc:
                 logger.warning("could not delete namespace %s: %s", self.namespace, exc)
         self.client.close()

@@ -219,6 +219,9 @@ def ray_for_run(config: RunConfig, address: str | None) -> Iterator[bool]:
                                      f"{reason}{hint}") from None
             else:
                 ray.init(
+                    # "local": a Ray of this run's own, even where another user's `ray start --head` left its
+                    # address in /tmp/ray (ray.init() would join that cluster, which refuses num_cpus).
+                    address="local",
                     num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)),
                     include_dashboard=False,
                     object_store_memory=LOCAL_OBJECT_STORE_BYTES,

@@ -44,9 +44,12 @@ def _free_ports(count: int) -> list[int]:
 
 
 @pytest.fixture
-def ray_head() -> Iterator[tuple[str, dict[str, str]]]:
-    """(dashboard URL, environment for Ray commands) of a one-node Ray cluster with a dashboard."""
-    temp_dir = tempfile.mkdtemp(prefix="rj-", dir="/tmp")  # short: Ray's socket paths have a length limit
+def ray_head() -> Iterator[tuple[str, dict[str, str], str]]:
+    """(dashboard URL, environment for Ray commands, the RAY_TMPDIR whose ray/ folder is its temp dir) of a one-node
+    Ray cluster with a dashboard."""
+    temp_root = tempfile.mkdtemp(prefix="rj-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    temp_dir = os.path.join(temp_root, "ray")  # as RAY_TMPDIR=temp_root lays it out (/tmp/ray by default)
+    os.mkdir(temp_dir)
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", RAY_AUTH_MODE="token",
                RAY_AUTH_TOKEN=secrets.token_hex(32))
     env.pop("RAY_ADDRESS", None)
@@ -75,7 +78,7 @@ def ray_head() -> Iterator[tuple[str, dict[str, str]]]:
                 if head.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"the Ray head did not start: {(Path(temp_dir) / 'head.log').read_text()[-2000:]}")
                 time.sleep(0.5)
-        yield url, env
+        yield url, env, temp_root
     finally:
         head.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started
         try:
@@ -84,11 +87,11 @@ def ray_head() -> Iterator[tuple[str, dict[str, str]]]:
             os.killpg(head.pid, signal.SIGKILL)  # its session: raylet, GCS and the dashboard, not just `ray start`
             head.wait()
         log.close()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        shutil.rmtree(temp_root, ignore_errors=True)
 
 
 def test_ray_job_submit_runs_refine_train(ray_head, redis_url: str, tmp_path: Path) -> None:
-    url, env = ray_head
+    url, env, _ = ray_head
     steps = 3
     entrypoint = ["refine", "train", str(SERVICE_TINY), "--no-progress", "--redis-url", redis_url,
                   "--set", f"train.steps={steps}"]
@@ -102,3 +105,23 @@ def test_ray_job_submit_runs_refine_train(ray_head, redis_url: str, tmp_path: Pa
     rows = step_rows(tmp_path / "run")
     assert [row["step"] for row in rows] == list(range(1, steps + 1))
     assert (tmp_path / "run" / "checkpoints" / "latest" / "learner_state.json").exists()
+
+
+def test_a_run_without_a_ray_address_starts_its_own_ray_beside_another_users_cluster(
+    ray_head, redis_url: str, tmp_path: Path
+) -> None:
+    """`ray start --head` leaves its address where a plain ray.init() looks (RAY_TMPDIR, /tmp/ray by default): a
+    run meant to start a local Ray joined that cluster instead, which refused the run's num_cpus."""
+    _, env, temp_root = ray_head
+    env = dict(env, RAY_TMPDIR=temp_root)  # where that cluster's address lies, as /tmp/ray holds another user's
+    env.pop("RAY_AUTH_MODE", None)
+    env.pop("RAY_AUTH_TOKEN", None)
+    command = [str(BIN / "refine"), "train", str(SERVICE_TINY), "--no-progress", "--redis-url", redis_url,
+               "--set", "train.steps=2"]
+    for item in tiny_overrides(tmp_path):
+        command += ["--set", item]
+    for extra in ([], ["--ray-address", "local"]):
+        result = subprocess.run(command + extra, env=env, capture_output=True, text=True, timeout=240)
+        assert result.returncode == 0, result.stderr[-4000:]
+        assert "num_cpus and num_gpus must not be provided" not in result.stderr
+        assert [row["step"] for row in step_rows(tmp_path / "run")] == [1, 2]

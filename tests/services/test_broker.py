@@ -350,3 +350,21 @@ def test_bad_arguments_are_refused(redis_client: redis.Redis) -> None:
         Broker(redis_client, "team:run2")
     with pytest.raises(ValueError, match="decode_responses=False"):
         Broker(redis.Redis(decode_responses=True), "ns")
+
+
+def test_a_namespace_is_claimed_by_one_run_at_a_time(broker: Broker, redis_client: redis.Redis) -> None:
+    assert broker.claim("run-a", ttl_s=30) is None and broker.claimed_by() == "run-a"
+    assert broker.claim("run-b", ttl_s=30) == "run-a"  # refused, naming the holder
+    assert broker.renew_claim("run-a", ttl_s=30) is None
+    assert broker.renew_claim("run-b", ttl_s=30) == "run-a"  # b never held it: a's stays
+    assert broker.delete_namespace(keep=("claim",)) == 0 and broker.claimed_by() == "run-a"
+    assert not broker.release_claim("run-b") and broker.claimed_by() == "run-a"
+    assert broker.release_claim("run-a") and broker.claimed_by() is None
+    # A claim that lapsed (its driver stalled) is taken again by its renewal while nobody else took it ...
+    assert broker.claim("run-a", ttl_s=0.05) is None
+    time.sleep(0.1)
+    assert broker.claimed_by() is None and broker.renew_claim("run-a", ttl_s=30) is None
+    assert 0 < redis_client.pttl(broker.key("claim")) <= 30_000
+    # ... and another run's once it did.
+    broker.take_over("run-b", ttl_s=30)
+    assert broker.renew_claim("run-a", ttl_s=30) == "run-b" and broker.claimed_by() == "run-b"

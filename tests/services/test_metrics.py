@@ -1,7 +1,11 @@
 """Prometheus discovery files: one per serving process, withdrawn by that process alone."""
 
 import json
+import os
+import shutil
 import socket
+import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -135,6 +139,27 @@ def test_a_discovery_dir_that_cannot_be_created_names_the_setting_and_the_reason
                                              r"the directory: \S.*\(/proc/refine-test\)$"):
             prepare_discovery_dir("/proc/refine-test/x")
     assert prepare_discovery_dir(tmp_path / "a" / "b") == tmp_path / "a" / "b" and (tmp_path / "a" / "b").is_dir()
+
+
+def test_a_discovery_dir_of_another_user_that_refuses_files_is_refused_naming_the_setting(tmp_path: Path) -> None:
+    """A shared node's /tmp/refine/prometheus made by another user (mode 755) exists, so creating it succeeds: the
+    roles' announcements would fail after Ray started, with a bare permission error."""
+    shared = tmp_path / "prometheus"
+    shared.mkdir()
+    shared.chmod(0o555)
+    check = ("from services.metrics import prepare_discovery_dir\n"
+             "try:\n    prepare_discovery_dir(%r)\nexcept ValueError as error:\n    print(error)\n" % str(shared))
+    command = [sys.executable, "-c", check]
+    if os.geteuid() == 0:  # root writes anywhere: drop its capabilities, as another user has none over the folder
+        if shutil.which("setpriv") is None:
+            pytest.fail("setpriv (util-linux) is needed to run this check as root without capabilities")
+        command = ["setpriv", "--inh-caps=-all", "--bounding-set=-all", *command]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60,
+                            cwd=Path(__file__).resolve().parents[2])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == (f"service.metrics_discovery_dir='{shared}': cannot write files in it: "
+                                     f"Permission denied"), result.stdout
+    assert not list(shared.iterdir())  # the check leaves nothing behind
 
 
 @pytest.mark.parametrize("value,problem", [

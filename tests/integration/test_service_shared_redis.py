@@ -1,0 +1,44 @@
+"""Runs that share one Redis: the same run started twice by mistake is refused while the first goes on, which
+finishes untouched (real Redis, a real local Ray per run, `refine train` as a user runs it)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from service_helpers import SERVICE_TINY, step_rows
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+
+
+def test_the_same_run_started_twice_is_refused_and_the_first_finishes(redis_url: str, tmp_path: Path) -> None:
+    steps = 30
+    out_dir = tmp_path / "run"
+    command = [str(BIN / "refine"), "train", str(SERVICE_TINY), "--no-progress", "--redis-url", redis_url,
+               "--set", f"train.steps={steps}", "--set", f"train.out_dir={out_dir}",
+               "--set", f"service.metrics_discovery_dir={tmp_path / 'prometheus'}"]  # the namespace: from out_dir
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 240
+            while not ((out_dir / "metrics.jsonl").exists() and step_rows(out_dir)):
+                assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "the first run took no step"
+                time.sleep(0.2)
+            second = subprocess.run(command, capture_output=True, text=True, timeout=180)
+            assert first.poll() is None, "the first run ended before the second was refused: raise steps"
+            assert second.returncode == 2, second.stderr[-3000:]
+            assert f"is in use by a run that is going on: train.out_dir='{out_dir}', its driver pid {first.pid}" \
+                in second.stderr, second.stderr[-3000:]
+            assert first.wait(timeout=300) == 0, (tmp_path / "first.log").read_text()[-3000:]
+        finally:
+            first.kill()
+            first.wait()
+    assert [row["step"] for row in step_rows(out_dir)] == list(range(1, steps + 1))
+    assert "Redis namespace and Prometheus run label: refine-" in (tmp_path / "first.log").read_text()

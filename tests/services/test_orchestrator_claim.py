@@ -1,0 +1,73 @@
+"""A run's claim on its Redis namespace: a run in a namespace that a run going on holds (the same train.out_dir
+started twice, one service.namespace given to two runs) is refused before it touches anything of that run's; a
+driver killed without cleaning up frees it at once for a run on its host (real Redis; nothing of Ray starts)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from refine.config import RunConfig
+from services.broker import Broker
+from services.orchestrator import Orchestrator, ServiceError, check_namespace_free
+
+
+def _holder(pid: int, host: str | None = None) -> str:
+    return json.dumps({"out_dir": "/runs/a", "host": host or socket.gethostname(), "pid": pid,
+                       "started": "2026-12-06 10:00:00 UTC", "id": "0" * 32})
+
+
+def test_a_run_is_refused_while_a_driver_that_goes_on_holds_its_namespace(
+    redis_url: str, broker: Broker, namespace: str, tmp_path: Path
+) -> None:
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # the other run's driver
+    try:
+        assert broker.claim(_holder(other.pid), ttl_s=30) is None
+        broker.client.set(broker.key("published"), b"7")  # a key of the other run's
+        message = (rf"the Redis namespace '{namespace}' \(service.namespace, else derived from train.out_dir\) is in "
+                   rf"use by a run that is going on: train.out_dir='/runs/a', its driver pid {other.pid} on "
+                   rf"{socket.gethostname()}, started 2026-12-06 10:00:00 UTC\. Two runs in one namespace")
+        with pytest.raises(ServiceError, match=message):
+            check_namespace_free(redis_url, namespace)  # before Ray starts
+        config = RunConfig(train={"out_dir": str(tmp_path / "b")},
+                           service={"metrics_discovery_dir": str(tmp_path / "prometheus")})
+        orchestrator = Orchestrator(config, None, redis_url, namespace, resume=False, progress=False)
+        try:
+            with pytest.raises(ServiceError, match=message):
+                orchestrator.run()  # the claim itself, for a run that passed the check before the other started
+        finally:
+            orchestrator.client.close()
+        assert broker.client.get(broker.key("published")) == b"7"  # nothing of the other run's deleted
+        assert not (tmp_path / "prometheus").exists() and broker.claimed_by() == _holder(other.pid)
+    finally:
+        other.kill()
+        other.wait()
+    check_namespace_free(redis_url, namespace)  # its driver is gone from this host: free at once
+    broker.take_over(_holder(other.pid, host="another-node"), ttl_s=30)  # gone from another node: cannot tell
+    with pytest.raises(ServiceError, match=r"its driver pid \d+ on another-node"):
+        check_namespace_free(redis_url, namespace)
+
+
+def test_a_claim_of_a_driver_of_this_process_that_ended_is_taken_over(
+    redis_url: str, broker: Broker, namespace: str, tmp_path: Path
+) -> None:
+    broker.take_over(_holder(os.getpid()), ttl_s=30)  # a run of this process that ended without giving it up
+    check_namespace_free(redis_url, namespace)
+    config = RunConfig(train={"out_dir": str(tmp_path / "b")},
+                       service={"metrics_discovery_dir": str(tmp_path / "prometheus")})
+    orchestrator = Orchestrator(config, None, redis_url, namespace, resume=False, progress=False)
+    try:
+        orchestrator._claim_namespace()
+        assert broker.claimed_by() == orchestrator.claim_holder
+        # While it holds the claim, another run of this process (a thread) is refused.
+        with pytest.raises(ServiceError, match="is in use by a run that is going on"):
+            check_namespace_free(redis_url, namespace)
+        assert orchestrator._release_namespace() and broker.claimed_by() is None
+    finally:
+        orchestrator.client.close()
