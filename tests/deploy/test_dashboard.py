@@ -495,3 +495,16 @@ def test_alert_rules_are_loaded_and_evaluate_on_the_scrape(prometheus: Any, scra
     for rule in evaluated():
         assert rule["health"] == "ok", (rule["name"], rule.get("lastError"))
         assert rule["query"] == defined[rule["name"]], rule["name"]
+
+
+def test_per_role_rollout_panels_leave_out_a_learner_that_samples_no_rollouts(prometheus: Any,
+                                                                              scraped_names: set[str]) -> None:
+    """A disaggregated learner exports refine_rollouts_total at 0 for good: it drew a flat 0 "learner" line beside
+    the workers'. A colocated learner, which samples its own rollouts, counts them and is shown."""
+    workers = {(run, "rollout_worker", instance) for run in RUNS for role, instance in FAKE_PROCESSES
+               if role == "rollout_worker"}
+    for title in ("Rollouts / s", "Rollout tokens / s"):
+        [expr] = [expr for t, ref_id, expr in QUERIES if t == title and "instance_id" in expr]
+        shown = {(s["metric"]["run"], s["metric"]["role"], s["metric"]["instance_id"])
+                 for s in prometheus.query(with_grafana_variables(expr))}
+        assert shown == workers, title
