@@ -134,10 +134,12 @@ MAX_RESTARTS_PER_ROLE = 20
 # broken, while one preempted now and then over a week-long run is not.
 RESTART_WINDOW_S = 3600.0
 HOUSEKEEPING_INTERVAL_S = 2.0
-# The driver's claim on the run's Redis namespace lasts this long unless renewed (every housekeeping and start poll):
-# a second run in the namespace is refused while it holds, and a driver killed without cleaning up frees it after this
-# (at once for a resume on the same host, which sees that the driver's process is gone).
-CLAIM_TTL_S = 30.0
+# The driver's claim on the run's Redis namespace lasts this much longer than the Redis outage every role rides out
+# (outage_timeout_s) unless renewed (every housekeeping and start poll): a driver cut off from Redis gives the run
+# up, its roles too, before its claim can lapse and let another run in. A second run in the namespace is refused
+# while the claim holds; a driver killed without cleaning up frees it after claim_ttl_s (at once for a run on its
+# host, which sees that the driver's process is gone).
+CLAIM_MARGIN_S = 30.0
 _CLAIMS_HELD_HERE: set[str] = set()  # the claim ids of this process's runs that go on (runs on threads: tests, notebooks)
 # A run whose learner takes no step for this long is said to stall, once per such interval, with what each stream
 # holds and which consumer holds it: a role whose loop hangs keeps beating, and nothing else would say which it is.
@@ -372,7 +374,7 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True, ray_addr
     plan = resolve_addresses(config, ray_address, redis_url)
     out_dir = Path(config.train.out_dir)
     if plan.redis_url:  # an unreachable Redis, or a run going on in this namespace, fails before Ray starts
-        check_namespace_free(plan.redis_url, namespace_for(config, out_dir))
+        check_namespace_free(plan.redis_url, namespace_for(config, out_dir), claim_ttl_s(config))
     out_dir.mkdir(parents=True, exist_ok=True)  # config.yaml: once the learner started (Orchestrator.run)
     with ray_for_run(config, plan.address) as multi_node, redis_for_run(plan.redis_url, multi_node) as url:
         orchestrator = Orchestrator(config, tokenizer, url, namespace_for(config, out_dir), resume=resume,
@@ -380,7 +382,12 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True, ray_addr
         return orchestrator.run()
 
 
-def check_namespace_free(redis_url: str, namespace: str) -> None:
+def claim_ttl_s(config: RunConfig) -> float:
+    """How long a driver's claim on its namespace lasts unless renewed (see CLAIM_MARGIN_S)."""
+    return outage_timeout_s(config.service.heartbeat_timeout_s) + CLAIM_MARGIN_S
+
+
+def check_namespace_free(redis_url: str, namespace: str, ttl_s: float) -> None:
     """Refuse, before Ray starts, a run whose Redis namespace a run that is going on holds (see
     Orchestrator._claim_namespace, which claims it)."""
     client = connect(redis_url)
@@ -389,15 +396,20 @@ def check_namespace_free(redis_url: str, namespace: str) -> None:
     finally:
         client.close()
     if other is not None and not _driver_is_gone(other):
-        raise namespace_in_use(namespace, other)
+        raise namespace_in_use(namespace, other, ttl_s)
 
 
-def namespace_in_use(namespace: str, other: str) -> ServiceError:
+def namespace_in_use(namespace: str, other: str, ttl_s: float) -> ServiceError:
+    if not _holder(other):  # not a driver's claim: nothing will renew it or let it lapse
+        return ServiceError(f"the Redis namespace {namespace!r} (service.namespace, else derived from train.out_dir) "
+                            f"holds a claim no run made ({namespace}:claim = {other[:200]!r}): if no run uses this "
+                            f"namespace, delete it (`redis-cli DEL {namespace}:claim`), or give this run its own "
+                            f"train.out_dir or service.namespace")
     return ServiceError(f"the Redis namespace {namespace!r} (service.namespace, else derived from train.out_dir) is in "
                         f"use by a run that is going on: {_describe_holder(other)}. Two runs in one namespace delete "
                         f"each other's state, so this one does not start: wait for that run to end, or give this run "
                         f"its own train.out_dir or service.namespace (a driver killed without cleaning up frees it "
-                        f"{CLAIM_TTL_S:.0f}s after its last renewal, at once for a run on its host)")
+                        f"{ttl_s:.0f}s after its last renewal, at once for a run on its host)")
 
 
 def _holder(description: str) -> dict:
@@ -406,7 +418,16 @@ def _holder(description: str) -> dict:
         holder = json.loads(description)
     except ValueError:
         return {}
-    return holder if isinstance(holder, dict) else {}
+    return holder if isinstance(holder, dict) and "id" in holder else {}
+
+
+def _pid_namespace() -> str:
+    """This process's PID namespace (Linux; "" elsewhere): a pid names the same process only within one, and
+    containers sharing a host name (`--net=host`) may each have their own."""
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return ""
 
 
 def _describe_holder(description: str) -> str:
@@ -422,7 +443,8 @@ def _driver_is_gone(description: str) -> bool:
     or a run of this very process that ended without giving the claim up."""
     holder = _holder(description)
     pid = holder.get("pid")
-    if holder.get("host") != socket.gethostname() or not isinstance(pid, int) or isinstance(pid, bool) or pid < 1:
+    if (holder.get("host") != socket.gethostname() or holder.get("pid_namespace") != _pid_namespace()
+            or not isinstance(pid, int) or isinstance(pid, bool) or pid < 1):
         return False
     if pid == os.getpid():  # a run on another thread of this process holds it while it goes on
         return holder.get("id") not in _CLAIMS_HELD_HERE
@@ -536,9 +558,13 @@ class Orchestrator:
         # This driver, as the namespace's claim holds it (Broker.claim): JSON, never unpickled.
         self.claim_id = uuid.uuid4().hex
         self.claim_holder = json.dumps({"out_dir": str(self.out_dir), "host": socket.gethostname(),
-                                        "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-                                        "id": self.claim_id})
+                                        "pid": os.getpid(), "pid_namespace": _pid_namespace(),
+                                        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "id": self.claim_id})
+        self.claim_ttl_s = claim_ttl_s(config)
         self.claimed = False
+        # Set once another run took the namespace (this driver's claim lapsed): the run's ending then leaves every key
+        # of it alone, and does not wait for its learner, which it could only stop through that run's keys.
+        self.namespace_taken = False
         self._last_step: int | None = None  # the learner's step when it last changed, and when that was
         self._step_changed_at = 0.0
         self._stall_said_at: float | None = None
@@ -606,22 +632,24 @@ class Orchestrator:
     def _claim_namespace(self) -> None:
         """Hold the run's Redis namespace, or refuse to start: two runs in one namespace (the same train.out_dir
         started twice, or one service.namespace given to two runs) delete each other's streams and records."""
-        other = self.broker.claim(self.claim_holder, CLAIM_TTL_S)
+        other = self.broker.claim(self.claim_holder, self.claim_ttl_s)
         if other is not None and _driver_is_gone(other):  # killed on this host without cleaning up: resume now
-            self.broker.take_over(self.claim_holder, CLAIM_TTL_S)
+            self.broker.take_over(self.claim_holder, self.claim_ttl_s)
             other = None
         if other is not None:
-            raise namespace_in_use(self.namespace, other)
+            raise namespace_in_use(self.namespace, other, self.claim_ttl_s)
         self.claimed = True
         _CLAIMS_HELD_HERE.add(self.claim_id)
 
     def _renew_claim(self) -> None:
-        other = self.broker.renew_claim(self.claim_holder, CLAIM_TTL_S)
-        if other is not None:  # ours lapsed (this driver stalled past CLAIM_TTL_S) and another run took it
+        other = self.broker.renew_claim(self.claim_holder, self.claim_ttl_s)
+        if other is not None:  # ours lapsed (this driver stalled past claim_ttl_s) and another run took it
             self.claimed = False
+            self.namespace_taken = True
             _CLAIMS_HELD_HERE.discard(self.claim_id)
             raise ServiceError(f"the Redis namespace {self.namespace!r} was taken by another run while this driver "
-                               f"did not renew its claim: {_describe_holder(other)}; this run stops{self._resume_hint(None)}")
+                               f"did not renew its claim: {_describe_holder(other)}; this run stops, leaving that "
+                               f"run's keys alone{self._resume_hint(None)}")
 
     def _release_namespace(self) -> bool:
         """Give the claim up; False when another run holds the namespace now (its keys are then that run's)."""
@@ -687,7 +715,12 @@ class Orchestrator:
         run's actors once they fit the nodes together (one frees up or joins), and the wait is said so."""
         while True:
             ready, _ = ray.wait([future], timeout=START_POLL_S)
-            self._renew_claim()  # the start can take minutes (waiting for room on the cluster)
+            try:
+                self._renew_claim()  # the start can take minutes (waiting for room on the cluster)
+            except TRANSIENT as exc:  # a Redis outage meanwhile is ridden out as the loop rides it out
+                self._redis_failed(exc)
+            else:
+                self._redis_back()
             if ready:
                 try:
                     return ray.get(future)
@@ -1063,6 +1096,8 @@ class Orchestrator:
     def _stop_flag(self, reason: str) -> None:
         if self.redis_lost:
             return  # the roles give up on Redis by themselves
+        if self.namespace_taken:
+            return  # another run's flag now: its roles would stop
         try:
             self.broker.request_stop(reason)
         except TRANSIENT as exc:
@@ -1130,8 +1165,8 @@ class Orchestrator:
         let a learner that is still training checkpoint before its actor is killed: set the stop flag
         and wait up to STOP_GRACE_S for it (and its other ranks) to return. Otherwise every step since
         the last checkpoint is lost, all of them with the default checkpoint_every=0."""
-        if self.learner_future is None:
-            return  # not training yet: nothing to save
+        if self.learner_future is None or self.namespace_taken:
+            return  # not training yet: nothing to save; or it could be told to stop only through another run's keys
         ready, _ = ray.wait([self.learner_future], timeout=0)
         if ready:
             return  # returned already (finished, stopped or failed): it stopped its other ranks itself
@@ -1183,11 +1218,15 @@ class Orchestrator:
             self.bar.close()
         if self.redis_lost:
             logger.warning("Redis is unreachable: the run's keys (namespace %s) stay in it", self.namespace)
+        elif self.namespace_taken:
+            logger.warning("the Redis namespace %s is another run's now: its keys stay", self.namespace)
         else:
             try:
+                self._renew_claim()  # still ours (taken again if it lapsed and nobody took it): its keys are ours
                 self.broker.delete_namespace(keep=("claim",))
-                if not self._release_namespace():
-                    logger.warning("the Redis namespace %s is another run's now", self.namespace)
+                self._release_namespace()
+            except ServiceError as exc:  # another run took it meanwhile
+                logger.warning("%s", exc)
             except (redis.RedisError, OSError) as exc:
                 logger.warning("could not delete namespace %s: %s", self.namespace, exc)
         self.client.close()

@@ -95,6 +95,49 @@ def test_redis_restart_with_append_only_file_loses_nothing(ray_session, tmp_path
     assert stats["step"] == steps
 
 
+def test_redis_restart_while_the_learner_starts_is_ridden_out(ray_session, tmp_path: Path, reserved_port: int) -> None:
+    """The driver renews its namespace claim while it waits for the learner to start: an outage then is ridden
+    out as one during training is (it crashed the run with a raw ConnectionError)."""
+    steps = 4
+    config = tiny_config(tmp_path, f"train.steps={steps}")
+    data_dir, port = tmp_path / "redis", reserved_port
+
+    def server() -> EmbeddedRedis:
+        return EmbeddedRedis(data_dir=data_dir, port=port, appendonly=True, appendfsync="always",
+                             die_with_parent=False)
+
+    servers = [server().start()]
+    url = servers[0].url
+    broker = Broker(connect(url), config.service.namespace)
+    restarted: dict = {}
+
+    def restart_redis_as_the_run_starts() -> None:
+        while True:  # the driver claimed the namespace; the learner has not published its progress yet
+            try:
+                if broker.claimed_by() is not None:
+                    restarted["learner_started"] = read_progress(broker) is not None
+                    break
+            except Exception:
+                pass
+            time.sleep(0.005)
+        servers[0].stop()
+        time.sleep(3.0)  # several start polls see connection errors
+        servers.append(server().start())
+        restarted["done"] = True
+
+    restarter = threading.Thread(target=restart_redis_as_the_run_starts, daemon=True)
+    restarter.start()
+    try:
+        stats = run(config, progress=False, redis_url=url)
+        restarter.join(timeout=30)
+    finally:
+        for redis_server in servers:
+            redis_server.stop()
+    assert restarted.get("done") and restarted["learner_started"] is False
+    assert stats["step"] == steps
+    assert [row["step"] for row in step_rows(tmp_path / "run")] == list(range(1, steps + 1))
+
+
 def _ctrl_c(signum, frame) -> None:
     raise KeyboardInterrupt
 

@@ -15,12 +15,16 @@ import pytest
 
 from refine.config import RunConfig
 from services.broker import Broker
-from services.orchestrator import Orchestrator, ServiceError, check_namespace_free
+from services.orchestrator import Orchestrator, ServiceError, _pid_namespace, check_namespace_free, claim_ttl_s
 
 
-def _holder(pid: int, host: str | None = None) -> str:
+def _holder(pid: int, host: str | None = None, pid_namespace: str | None = None) -> str:
     return json.dumps({"out_dir": "/runs/a", "host": host or socket.gethostname(), "pid": pid,
+                       "pid_namespace": _pid_namespace() if pid_namespace is None else pid_namespace,
                        "started": "2026-12-06 10:00:00 UTC", "id": "0" * 32})
+
+
+TTL_S = claim_ttl_s(RunConfig())
 
 
 def test_a_run_is_refused_while_a_driver_that_goes_on_holds_its_namespace(
@@ -34,7 +38,7 @@ def test_a_run_is_refused_while_a_driver_that_goes_on_holds_its_namespace(
                    rf"use by a run that is going on: train.out_dir='/runs/a', its driver pid {other.pid} on "
                    rf"{socket.gethostname()}, started 2026-12-06 10:00:00 UTC\. Two runs in one namespace")
         with pytest.raises(ServiceError, match=message):
-            check_namespace_free(redis_url, namespace)  # before Ray starts
+            check_namespace_free(redis_url, namespace, TTL_S)  # before Ray starts
         config = RunConfig(train={"out_dir": str(tmp_path / "b")},
                            service={"metrics_discovery_dir": str(tmp_path / "prometheus")})
         orchestrator = Orchestrator(config, None, redis_url, namespace, resume=False, progress=False)
@@ -48,17 +52,48 @@ def test_a_run_is_refused_while_a_driver_that_goes_on_holds_its_namespace(
     finally:
         other.kill()
         other.wait()
-    check_namespace_free(redis_url, namespace)  # its driver is gone from this host: free at once
+    check_namespace_free(redis_url, namespace, TTL_S)  # its driver is gone from this host: free at once
     broker.take_over(_holder(other.pid, host="another-node"), ttl_s=30)  # gone from another node: cannot tell
     with pytest.raises(ServiceError, match=r"its driver pid \d+ on another-node"):
-        check_namespace_free(redis_url, namespace)
+        check_namespace_free(redis_url, namespace, TTL_S)
+    # A container sharing this host's name but not its pids (--net=host): its pid says nothing here.
+    broker.take_over(_holder(other.pid, pid_namespace="4026531999"), ttl_s=30)
+    with pytest.raises(ServiceError, match=rf"frees it {TTL_S:.0f}s after its last renewal"):
+        check_namespace_free(redis_url, namespace, TTL_S)
+
+
+def test_a_claim_no_run_made_is_named_with_how_to_remove_it(redis_url: str, broker: Broker, namespace: str) -> None:
+    broker.client.set(broker.key("claim"), b"hello")  # no TTL: nothing would ever free it
+    with pytest.raises(ServiceError, match=rf"holds a claim no run made \({namespace}:claim = 'hello'\): if no run "
+                                           rf"uses this namespace, delete it \(`redis-cli DEL {namespace}:claim`\)"):
+        check_namespace_free(redis_url, namespace, TTL_S)
+
+
+def test_a_driver_whose_claim_another_run_took_leaves_that_runs_keys_alone(
+    redis_url: str, broker: Broker, namespace: str, tmp_path: Path
+) -> None:
+    config = RunConfig(train={"out_dir": str(tmp_path / "a")},
+                       service={"metrics_discovery_dir": str(tmp_path / "prometheus")})
+    orchestrator = Orchestrator(config, None, redis_url, namespace, resume=False, progress=False)
+    try:
+        orchestrator._claim_namespace()
+        assert orchestrator.claim_ttl_s == TTL_S > 60  # longer than the Redis outage the run rides out
+        broker.take_over(_holder(os.getppid()), ttl_s=30)  # its claim lapsed (cut off from Redis); run b took it
+        broker.client.set(broker.key("published"), b"3")  # run b's
+        with pytest.raises(ServiceError, match=r"was taken by another run .* leaving that run's keys alone"):
+            orchestrator._renew_claim()
+        orchestrator._shutdown()  # its ending: no stop flag, nothing deleted, the claim stays b's
+        assert broker.client.get(broker.key("published")) == b"3"
+        assert broker.stop_requested() is None and broker.claimed_by() == _holder(os.getppid())
+    finally:
+        orchestrator.client.close()
 
 
 def test_a_claim_of_a_driver_of_this_process_that_ended_is_taken_over(
     redis_url: str, broker: Broker, namespace: str, tmp_path: Path
 ) -> None:
     broker.take_over(_holder(os.getpid()), ttl_s=30)  # a run of this process that ended without giving it up
-    check_namespace_free(redis_url, namespace)
+    check_namespace_free(redis_url, namespace, TTL_S)
     config = RunConfig(train={"out_dir": str(tmp_path / "b")},
                        service={"metrics_discovery_dir": str(tmp_path / "prometheus")})
     orchestrator = Orchestrator(config, None, redis_url, namespace, resume=False, progress=False)
@@ -67,7 +102,7 @@ def test_a_claim_of_a_driver_of_this_process_that_ended_is_taken_over(
         assert broker.claimed_by() == orchestrator.claim_holder
         # While it holds the claim, another run of this process (a thread) is refused.
         with pytest.raises(ServiceError, match="is in use by a run that is going on"):
-            check_namespace_free(redis_url, namespace)
+            check_namespace_free(redis_url, namespace, TTL_S)
         assert orchestrator._release_namespace() and broker.claimed_by() is None
     finally:
         orchestrator.client.close()
