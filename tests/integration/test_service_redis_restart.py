@@ -7,7 +7,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -16,10 +16,10 @@ import ray
 
 import services.orchestrator as orchestrator_module
 import services.resilience as resilience_module
-from refine.config import run_tokenizer
+from refine.config import RunConfig, run_tokenizer
 from service_helpers import assert_every_batch_trained_once, events, step_rows, tiny_config
 from services.broker import Broker
-from services.orchestrator import REDIS_RETRY_PAUSE_S, Orchestrator, ServiceError, run
+from services.orchestrator import REDIS_RETRY_PAUSE_S, Orchestrator, ServiceError, Stats, run
 from services.progress import read_progress
 from services.redis_server import EmbeddedRedis, connect
 
@@ -49,11 +49,10 @@ def reserved_port() -> Iterator[int]:
         yield port
 
 
-def test_redis_restart_with_append_only_file_loses_nothing(ray_session, tmp_path: Path, reserved_port: int) -> None:
-    steps, batch = 8, 2
-    # A corpus smaller than the run: the data stream wraps around mid-run too.
-    config = tiny_config(tmp_path, f"train.steps={steps}", f"train.batch_size={batch}", "data.num_documents=12")
-    data_dir, port = tmp_path / "redis", reserved_port  # the restarted server must get the same port back
+def _run_through_a_restart(config: RunConfig, data_dir: Path, port: int, when: Callable[[Broker], bool],
+                           down_s: float) -> Stats:
+    """Run `config` on a Redis with append-only persistence that a helper thread stops once `when(broker)` holds
+    and starts again on the same data and port `down_s` seconds later; returns the run's stats."""
 
     def server() -> EmbeddedRedis:
         # Not tied to the thread that starts it: the restart happens on a helper thread.
@@ -61,34 +60,49 @@ def test_redis_restart_with_append_only_file_loses_nothing(ray_session, tmp_path
                              die_with_parent=False)
 
     servers = [server().start()]
-    url = servers[0].url
-    broker = Broker(connect(url), config.service.namespace)
-    restarted: dict = {}
+    broker = Broker(connect(servers[0].url), config.service.namespace)
+    restarted = threading.Event()
 
-    def restart_redis_mid_run() -> None:
+    def restart() -> None:
         while True:
             try:
-                progress = read_progress(broker)
-            except Exception:
-                progress = None
-            if progress is not None and progress.step >= 2:
-                break
-            time.sleep(0.01)
-        restarted["at_step"] = progress.step
+                if when(broker):
+                    break
+            except Exception:  # the run's keys are not there yet
+                pass
+            time.sleep(0.005)
         servers[0].stop()
-        time.sleep(1.0)  # every role sees connection errors for a while
+        time.sleep(down_s)  # every role sees connection errors for a while
         servers.append(server().start())
-        restarted["done"] = True
+        restarted.set()
 
-    restarter = threading.Thread(target=restart_redis_mid_run, daemon=True)
+    restarter = threading.Thread(target=restart, daemon=True)
     restarter.start()
     try:
-        stats = run(config, progress=False, redis_url=url)
+        stats = run(config, progress=False, redis_url=servers[0].url)
         restarter.join(timeout=30)
     finally:
         for redis_server in servers:
             redis_server.stop()
-    assert restarted.get("done") and restarted["at_step"] < steps
+    assert restarted.is_set()
+    return stats
+
+
+def test_redis_restart_with_append_only_file_loses_nothing(ray_session, tmp_path: Path, reserved_port: int) -> None:
+    steps, batch = 8, 2
+    # A corpus smaller than the run: the data stream wraps around mid-run too.
+    config = tiny_config(tmp_path, f"train.steps={steps}", f"train.batch_size={batch}", "data.num_documents=12")
+    at_step: list[int] = []
+
+    def mid_run(broker: Broker) -> bool:
+        progress = read_progress(broker)
+        if progress is not None and progress.step >= 2:
+            at_step.append(progress.step)
+        return bool(at_step)
+
+    # The restarted server must get the same port back.
+    stats = _run_through_a_restart(config, tmp_path / "redis", reserved_port, mid_run, down_s=1.0)
+    assert at_step[0] < steps
     rows = step_rows(tmp_path / "run")
     assert_every_batch_trained_once(rows, config)
     assert events(tmp_path / "run") == []  # nothing dropped, no role restarted
@@ -100,40 +114,17 @@ def test_redis_restart_while_the_learner_starts_is_ridden_out(ray_session, tmp_p
     out as one during training is (it crashed the run with a raw ConnectionError)."""
     steps = 4
     config = tiny_config(tmp_path, f"train.steps={steps}")
-    data_dir, port = tmp_path / "redis", reserved_port
+    learner_started: list[bool] = []
 
-    def server() -> EmbeddedRedis:
-        return EmbeddedRedis(data_dir=data_dir, port=port, appendonly=True, appendfsync="always",
-                             die_with_parent=False)
+    def as_the_run_starts(broker: Broker) -> bool:  # the driver claimed the namespace
+        if broker.claimed_by() is None:
+            return False
+        learner_started.append(read_progress(broker) is not None)
+        return True
 
-    servers = [server().start()]
-    url = servers[0].url
-    broker = Broker(connect(url), config.service.namespace)
-    restarted: dict = {}
-
-    def restart_redis_as_the_run_starts() -> None:
-        while True:  # the driver claimed the namespace; the learner has not published its progress yet
-            try:
-                if broker.claimed_by() is not None:
-                    restarted["learner_started"] = read_progress(broker) is not None
-                    break
-            except Exception:
-                pass
-            time.sleep(0.005)
-        servers[0].stop()
-        time.sleep(3.0)  # several start polls see connection errors
-        servers.append(server().start())
-        restarted["done"] = True
-
-    restarter = threading.Thread(target=restart_redis_as_the_run_starts, daemon=True)
-    restarter.start()
-    try:
-        stats = run(config, progress=False, redis_url=url)
-        restarter.join(timeout=30)
-    finally:
-        for redis_server in servers:
-            redis_server.stop()
-    assert restarted.get("done") and restarted["learner_started"] is False
+    # Several start polls see connection errors.
+    stats = _run_through_a_restart(config, tmp_path / "redis", reserved_port, as_the_run_starts, down_s=3.0)
+    assert learner_started == [False]
     assert stats["step"] == steps
     assert [row["step"] for row in step_rows(tmp_path / "run")] == list(range(1, steps + 1))
 
