@@ -9,7 +9,7 @@ steps one pass takes at train.batch_size.
 from __future__ import annotations
 
 import math
-import statistics
+from collections import Counter
 from collections.abc import Iterable
 from itertools import islice
 from typing import Any
@@ -20,14 +20,47 @@ from refine.data.stream import _source_stream, synthetic_documents
 from refine.tokenizer import Tokenizer
 
 
-def _percentile(sorted_values: list[int], share: float) -> int:
-    """The nearest-rank percentile: the smallest value at least `share` of the values are at or below."""
-    return sorted_values[max(0, math.ceil(share * len(sorted_values)) - 1)]
+class LengthCounts:
+    """How many documents have each length: the length statistics of a pass in memory bounded by data.seq_len
+    (a list of every length took some 46 bytes a document: gigabytes for a pass of 100 million)."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[int] = Counter()
+
+    def add(self, length: int) -> None:
+        self.counts[length] += 1
+
+    def __len__(self) -> int:
+        return sum(self.counts.values())
+
+    def total(self) -> int:
+        return sum(length * count for length, count in self.counts.items())
+
+    def nth(self, index: int) -> int:
+        """The length at `index` (0-based) in sorted order."""
+        seen = 0
+        for length in sorted(self.counts):
+            seen += self.counts[length]
+            if index < seen:
+                return length
+        raise IndexError(index)
+
+    def median(self) -> float | int:
+        """As statistics.median: the middle length, or the mean of the two middle ones."""
+        count = len(self)
+        if count % 2:
+            return self.nth(count // 2)
+        return (self.nth(count // 2 - 1) + self.nth(count // 2)) / 2
+
+    def percentile(self, share: float) -> int:
+        """The nearest-rank percentile: the smallest length at least `share` of the documents are at or below."""
+        return self.nth(max(0, math.ceil(share * len(self)) - 1))
 
 
 def inspect_data(config: RunConfig, tokenizer: Tokenizer, max_documents: int | None = 10_000) -> dict[str, Any]:
     """The summary of data.source under `config` (see the module docstring); `max_documents` None: one pass.
-    Only the documents' lengths are kept, so a whole pass over a large corpus takes little memory."""
+    Only a count of the documents of each length is kept, so a whole pass over a large corpus takes little
+    memory."""
     spec = config.data
     if spec.source == "synthetic":
         corpus = synthetic_documents(config, tokenizer)
@@ -47,19 +80,18 @@ def inspect_data(config: RunConfig, tokenizer: Tokenizer, max_documents: int | N
             # The rest of the pass held only records that give no document (too short, blank, bad rows):
             # the counts of a whole pass include them.
             complete, read = True, stream.stats.model_dump(exclude={"documents", "tokens"})
-    if not lengths:
+    documents = len(lengths)
+    if not documents:
         raise ValueError(f"data.source={spec.source!r} gives no document of at least data.min_length="
                          f"{spec.min_length} tokens under these settings: {read}")
-    lengths.sort()
     summary: dict[str, Any] = {
         "source": spec.source,
         "whole_pass": complete,
-        "documents": len(lengths),
-        "tokens": sum(lengths),
-        "document_tokens": {"min": lengths[0], "median": statistics.median(lengths),
-                            "p90": _percentile(lengths, 0.9), "max": lengths[-1],
-                            "mean": round(statistics.fmean(lengths), 1)},
-        "full_length_share": round(sum(length == spec.seq_len for length in lengths) / len(lengths), 4),
+        "documents": documents,
+        "tokens": lengths.total(),
+        "document_tokens": {"min": min(lengths.counts), "median": lengths.median(), "p90": lengths.percentile(0.9),
+                            "max": max(lengths.counts), "mean": round(lengths.total() / documents, 1)},
+        "full_length_share": round(lengths.counts[spec.seq_len] / documents, 4),
         "read": read,
         "first_documents": first_ids,
         "settings": {"seq_len": spec.seq_len, "min_length": spec.min_length, "max_windows": spec.max_windows,
@@ -67,15 +99,15 @@ def inspect_data(config: RunConfig, tokenizer: Tokenizer, max_documents: int | N
                      "tokenizer": type(tokenizer).__name__, "vocab_size": tokenizer.vocab_size},
     }
     if complete:
-        summary["steps_per_pass"] = -(-len(lengths) // config.train.batch_size)
+        summary["steps_per_pass"] = -(-documents // config.train.batch_size)
     return summary
 
 
-def _lengths_and_first_ids(documents: Iterable[tuple[str, list[int]]]) -> tuple[list[int], list[str]]:
-    """The documents' lengths and their first five ids: all a summary keeps of them."""
-    lengths, first_ids = [], []
+def _lengths_and_first_ids(documents: Iterable[tuple[str, list[int]]]) -> tuple[LengthCounts, list[str]]:
+    """The documents' length counts and their first five ids: all a summary keeps of them."""
+    lengths, first_ids = LengthCounts(), []
     for doc_id, ids in documents:
-        lengths.append(len(ids))
+        lengths.add(len(ids))
         if len(first_ids) < 5:
             first_ids.append(doc_id)
     return lengths, first_ids

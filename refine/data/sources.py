@@ -545,7 +545,7 @@ class _JsonlReader:
             # Without its line terminator, so an error at the end of the line reports a column on this line.
             record = json.loads(text.rstrip("\r\n"))
         except json.JSONDecodeError as error:
-            self.policy.reject(location, f"malformed JSON ({error.msg} at column {error.colno})")
+            self.policy.reject(location, f"malformed JSON ({error.msg}: column {error.colno})")
             return None
         except (ValueError, RecursionError) as error:
             # Valid JSON that Python cannot hold: an integer past the int-string limit, nesting past the stack.
@@ -777,6 +777,7 @@ def is_blank(text: str) -> bool:
 # Characters per token that a document's head may hold before it is cut (see DocumentStream._head); tokens
 # average about 4 characters of text, and one byte-level token never covers more than one character.
 HEAD_CHARS_PER_TOKEN = 32
+_LAST_WHITESPACE = re.compile(r"\s\S*\Z")  # searched within [start, end): the last whitespace there
 
 
 class DocumentStream:
@@ -888,11 +889,14 @@ class DocumentStream:
             self.cursor = (row.index + 1) * self.config.max_windows  # used, or filtered
 
     def _head(self, text: str) -> str:
-        """The text up to the last whitespace before max_length x max_windows x HEAD_CHARS_PER_TOKEN
-        characters: a document keeps at most max_length x max_windows tokens, and tokenizing a multi-megabyte
-        text whole takes some twenty times its size in memory for tokens thrown away. Tokenizers split words
-        at whitespace, so the tokens before a cut there are those of the whole text. Without such whitespace,
-        the whole text."""
+        """The text up to the last whitespace (any: an ideographic space too) before max_length x max_windows x
+        HEAD_CHARS_PER_TOKEN characters: a document keeps at most max_length x max_windows tokens, and tokenizing
+        a multi-megabyte text whole takes some twenty times its size in memory (hundreds of times for one long
+        word) for tokens thrown away. Tokenizers split words at whitespace, so the tokens before a cut there are
+        those of the whole text. Without whitespace in the limit's second half (text without spaces: Chinese or
+        Japanese, minified code), the cut is at the limit: a merge across it changes only tokens near it, some
+        HEAD_CHARS_PER_TOKEN times further than the tokens kept, which _flush trusts only when they overflow the
+        windows."""
         if self.config.max_length is None:
             return text
         limit = self.config.max_length * self.config.max_windows * HEAD_CHARS_PER_TOKEN
@@ -900,8 +904,8 @@ class DocumentStream:
             return text
         if isinstance(self.tokenizer, ByteTokenizer):  # each character becomes its own bytes: any cut is exact
             return text[:limit]
-        cut = max(text.rfind(space, 0, limit) for space in (" ", "\n", "\t"))
-        return text[:cut] if cut > limit // 2 else text
+        last_space = _LAST_WHITESPACE.search(text, limit // 2, limit)
+        return text[:last_space.start() if last_space is not None else limit]
 
     def _blank(self, text: str) -> bool:
         """Count and drop a blank text (is_blank): its tokens would be padding-like noise, trained on as text.

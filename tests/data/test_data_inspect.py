@@ -1,13 +1,16 @@
 """`refine data inspect`: a source summarized as training reads it."""
 
 import json
+import math
+import random
+import statistics
 from itertools import islice
 
 import pytest
 
 from refine.cli import main
 from refine.config import load_config, run_tokenizer
-from refine.data.inspect import inspect_data
+from refine.data.inspect import LengthCounts, inspect_data
 from refine.data.stream import document_stream
 
 
@@ -92,3 +95,18 @@ def test_the_synthetic_corpus_says_what_min_length_dropped():
     summary = inspect_data(config, run_tokenizer(config), max_documents=None)
     assert summary["read"]["generated"] == 12
     assert summary["read"]["too_short"] == 12 - summary["documents"] > 0
+
+
+def test_length_counts_give_the_statistics_of_the_lengths_themselves():
+    """A whole pass keeps a count per length (memory bounded by seq_len), not every length: same summary."""
+    rng = random.Random(0)
+    for size in (1, 2, 3, 10, 11, 1000):
+        lengths = [rng.choice([5, 64, 64, 100, 512, 512, 512, rng.randint(2, 512)]) for _ in range(size)]
+        counts = LengthCounts()
+        for length in lengths:
+            counts.add(length)
+        ordered = sorted(lengths)
+        assert len(counts) == size and counts.total() == sum(lengths)
+        assert counts.median() == statistics.median(lengths)
+        assert counts.percentile(0.9) == ordered[max(0, math.ceil(0.9 * size) - 1)]
+        assert (min(counts.counts), max(counts.counts)) == (ordered[0], ordered[-1])

@@ -238,7 +238,10 @@ def test_json_error_column_is_on_the_row_line(tmp_path):
     path = tmp_path / "docs.jsonl"
     path.write_text('{"text": "one"}\n{"text": "x"\n')
     # The row ends after 12 characters: the missing brace is at column 13 of line 2, not column 1 of line 3.
-    with pytest.raises(BadRowError, match=r"line 2: malformed JSON \(Expecting ',' delimiter at column 13\)"):
+    with pytest.raises(BadRowError, match=r"line 2: malformed JSON \(Expecting ',' delimiter: column 13\)"):
+        list(iter_documents(config(path), TOKENIZER))
+    path.write_text('{"text": "one"}\n{"text": "cut\n')  # json's own message ends in "at": not "at at column"
+    with pytest.raises(BadRowError, match=r"line 2: malformed JSON \(Unterminated string starting at: column 10\) \("):
         list(iter_documents(config(path), TOKENIZER))
 
 
@@ -336,7 +339,10 @@ def test_a_huge_document_is_tokenized_only_as_far_as_it_is_kept(tmp_path, monkey
 
     write_bpe_tokenizer(tmp_path / "tok")
     words = " ".join(f"word{i % 97} and some more text" for i in range(40_000))  # about 1.2 million characters
-    source = write_jsonl(tmp_path / "huge.jsonl", [words, "short text " * 20, "x" * 50_000])
+    # Text without ASCII whitespace: Japanese whose paragraphs open with an ideographic space, and one long word.
+    japanese = "".join(f"\u3000第{i}段落の文章です。次の文も続きます。" for i in range(5_000))
+    texts = [words, "short text " * 20, "x" * 50_000, japanese]
+    source = write_jsonl(tmp_path / "huge.jsonl", texts)
     for tokenizer in (TOKENIZER, load_tokenizer(tmp_path / "tok")):
         seen: list[int] = []
         encode_batch = tokenizer.encode_batch
@@ -346,12 +352,14 @@ def test_a_huge_document_is_tokenized_only_as_far_as_it_is_kept(tmp_path, monkey
                             or encode_batch(texts))
         stream = DocumentStream(config(source, max_length=64, min_length=4), tokenizer)
         documents = list(stream)
-        # The 1.2 MB text was not tokenized whole; a text without whitespace is, unless bytes are its tokens.
-        assert seen[0] <= 64 * 32 and seen[2] == (64 * 32 if tokenizer is TOKENIZER else 50_000)
-        for document, text in zip(documents, [words, "short text " * 20, "x" * 50_000]):
+        # No long text was tokenized whole: one with whitespace is cut at the last (an ideographic space too),
+        # one without at the limit; the tokens kept are those of the whole text.
+        assert seen[0] <= 64 * 32 and seen[2] == 64 * 32 and 64 * 16 <= seen[3] <= 64 * 32
+        assert len(texts[3]) > 10 * seen[3] and (tokenizer is TOKENIZER or texts[3][seen[3]] == "\u3000")
+        for document, text in zip(documents, texts):
             whole = [tokenizer.bos_id] + tokenizer.encode(text)
             assert document.token_ids == (whole[:64] if len(whole) > 64 else whole + [tokenizer.eos_id])
-        assert stream.stats.truncated == 3
+        assert stream.stats.truncated == 4
 
 
 # ---------------------------------------------------------------- windows of long documents
