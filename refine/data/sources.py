@@ -454,7 +454,7 @@ def _jsonl_records(path: str, size: int, mtime_ns: int) -> tuple[array, array]:
     offset = 0
     with open(path, "rb") as handle:
         for line_number, raw in enumerate(handle, start=1):
-            if (raw.removeprefix(codecs.BOM_UTF8) if line_number == 1 else raw).strip():
+            if _has_text(raw.removeprefix(codecs.BOM_UTF8) if line_number == 1 else raw):
                 offsets.append(offset)
                 line_numbers.append(line_number)
             offset += len(raw)
@@ -488,7 +488,7 @@ class _JsonlReader:
                 for line_number, raw in enumerate(handle, start=1):
                     if line_number == 1:
                         raw = raw.removeprefix(codecs.BOM_UTF8)  # editors on Windows start files with one
-                    if not raw.strip():  # blank lines (e.g. a trailing newline) are not records
+                    if not _has_text(raw):  # blank lines (e.g. a trailing newline) are not records
                         continue
                     if stop is not None and index >= stop:
                         return
@@ -542,10 +542,14 @@ class _JsonlReader:
             self.policy.reject(location, _undecodable(raw, error))
             return None
         try:
-            # Without its line terminator, so an error at the end of the line reports a column on this line.
-            record = json.loads(text.rstrip("\r\n"))
-        except json.JSONDecodeError as error:
-            self.policy.reject(location, f"malformed JSON ({error.msg}: column {error.colno})")
+            record = json.loads(text)
+        except json.JSONDecodeError:
+            # Again without its line terminator (a copy, made only here), so that an error at the end of the line
+            # reports a column on this line.
+            try:
+                json.loads(text.rstrip("\r\n"))
+            except json.JSONDecodeError as error:
+                self.policy.reject(location, f"malformed JSON ({error.msg}: column {error.colno})")
             return None
         except (ValueError, RecursionError) as error:
             # Valid JSON that Python cannot hold: an integer past the int-string limit, nesting past the stack.
@@ -743,15 +747,22 @@ def iter_rows(
     return source.rows(start, limit)
 
 
+def _has_text(raw: bytes) -> bool:
+    """Whether a line holds more than whitespace (no copy of it: a line may be hundreds of megabytes)."""
+    return bool(raw) and not raw.isspace()
+
+
+# A JSON escape such as "\ud800" decodes to a lone surrogate, which no tokenizer can encode.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def require_text(value: Any, column: str, location: str, policy: BadRowPolicy) -> str | None:
     """The column's value as str, or None after the policy rejected it (null, bytes that are not UTF-8, ...)."""
     if isinstance(value, str):
-        try:
-            # A JSON escape such as "\ud800" decodes to a lone surrogate, which no tokenizer can encode.
-            value.encode("utf-8")
-        except UnicodeEncodeError as error:
-            policy.reject(location, f"column {column!r} holds a lone surrogate {value[error.start]!r} "
-                                    f"at character {error.start}, not encodable as UTF-8")
+        surrogate = _SURROGATE.search(value)  # a search, not an encoded copy of a text of hundreds of megabytes
+        if surrogate is not None:
+            policy.reject(location, f"column {column!r} holds a lone surrogate {surrogate.group()!r} "
+                                    f"at character {surrogate.start()}, not encodable as UTF-8")
             return None
         return value
     if isinstance(value, (bytes, bytearray)):
