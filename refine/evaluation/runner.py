@@ -612,7 +612,7 @@ def build_examples(args: argparse.Namespace, tokenizer: Tokenizer, options: Eval
         raise ValueError(f"--num-examples must be >= 1, got {args.num_examples}")
     check_synthetic_length(args.task, args.length, args.num_examples)
     synthetic_count = args.num_examples if args.num_examples is not None else DEFAULT_SYNTHETIC_EXAMPLES
-    length = args.length if args.length is not None else DEFAULT_SYNTHETIC_LENGTH
+    length = synthetic_length(args.task, args.length)
     if args.task in ("niah", "mqar") and args.data is not None:
         raise ValueError(f"--task {args.task} generates its prompts and reads no --data (got {args.data!r}); "
                          "use --length, --num-examples and --seed")
