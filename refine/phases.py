@@ -28,6 +28,7 @@ from refine.generate import generate
 from refine.loop import StepResult, make_optimizer, optimizer_step, train_step
 from refine.models import FastWeightLM
 from refine.models.base import check_token_ids
+from refine.models.state import is_integer_dtype
 
 MAX_SFT_COEF = torch.finfo(torch.float32).max  # the SFT loss is float32 at least: past this its product is inf
 
@@ -65,7 +66,7 @@ def check_examples(examples: Sequence[QAExample], vocab_size: int, with_answers:
             if len(values) == 0:
                 continue
             tokens = torch.as_tensor(values if isinstance(values, Tensor) else list(values))
-            if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+            if not is_integer_dtype(tokens.dtype):
                 raise ValueError(f"examples[{index}].{part} holds {tokens.dtype} values, not token ids: "
                                  f"{tokens[:8].tolist()}")
             low, high = int(tokens.min()), int(tokens.max())

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from refine.models.state import is_integer_dtype
+
 
 @dataclass
 class DocumentBatch:
@@ -37,8 +39,7 @@ def pad_documents(docs: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[Tenso
     ids = torch.full((len(docs), int(lengths.max())), pad_id, dtype=torch.long)
     for row, doc in enumerate(docs):
         tokens = torch.as_tensor(doc if isinstance(doc, torch.Tensor) else list(doc))
-        if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
-            # A cast to long would truncate 1.5 to 1 (and read True as 1) without a word.
+        if not is_integer_dtype(tokens.dtype):
             raise ValueError(f"document {row} of the batch holds {tokens.dtype} values, not token ids: "
                              f"{tokens[:8].tolist()}...")
         ids[row, : len(doc)] = tokens

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from refine.models.common import RMSNorm, SwiGLUMLP, mlp_intermediate_size
-from refine.models.state import ModelState
+from refine.models.state import ModelState, is_integer_dtype
 
 
 @dataclass
@@ -71,7 +71,7 @@ def check_integer_tensor(name: str, value: Any) -> None:
     silently truncate 1.5 to 1 (and read True as 1)."""
     if not isinstance(value, Tensor):
         raise ValueError(f"{name} must be an integer tensor, got {type(value).__name__} {value!r}")
-    if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+    if not is_integer_dtype(value.dtype):
         raise ValueError(f"{name} must be an integer tensor, got dtype {value.dtype}: {value.tolist()}")
 
 

@@ -14,6 +14,12 @@ import torch
 from torch import Tensor
 
 
+def is_integer_dtype(dtype: torch.dtype) -> bool:
+    """Whether tensors of `dtype` hold integers: a cast of any other to long would truncate 1.5 to 1 (and read True
+    as 1) without a word. The one test of indices, lengths, positions and token ids before they are used."""
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
 @dataclass
 class ModelState:
     layers: list[dict[str, Tensor]]
@@ -35,7 +41,7 @@ class ModelState:
     def index(self, idx: Tensor | list[int]) -> "ModelState":
         """The states of rows `idx` (integers; a cast would read a bool mask as rows 0/1 and truncate 2.7 to 2)."""
         rows = torch.as_tensor(idx, device=self.device)
-        if rows.numel() and (rows.dtype.is_floating_point or rows.dtype.is_complex or rows.dtype == torch.bool):
+        if rows.numel() and not is_integer_dtype(rows.dtype):
             raise ValueError(f"idx must hold integer row numbers, got dtype {rows.dtype}: {rows.tolist()}")
         rows = rows.long()
         return self.map(lambda t: t.index_select(0, rows))
