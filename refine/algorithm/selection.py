@@ -184,6 +184,8 @@ def _as_batch(entropy: Tensor | Sequence[Tensor], lengths: Tensor | Sequence[int
         raise ValueError(f"entropy must be a floating tensor, got dtype {entropy.dtype}")
     entropy = entropy.to(torch.promote_types(entropy.dtype, torch.float32))  # bf16 would blur the pool
     batch, width = entropy.shape
+    if batch == 0:
+        raise ValueError(f"entropy: shape {[batch, width]}, a batch needs at least one document")
     if lengths is None:
         lengths = torch.full((batch,), width, dtype=torch.long, device=entropy.device)
     lengths = torch.as_tensor(lengths, device=entropy.device)

@@ -215,6 +215,8 @@ def test_bad_arguments_are_named():
     bad[0, 50] = float("nan")
     with pytest.raises(ValueError, match="document 0 .* index 50"):
         select_positions(bad, num_chunks=2, rollout_len=5)
+    with pytest.raises(ValueError, match=r"entropy: shape \[0, 100\], a batch needs at least one document"):
+        select_positions(torch.rand(0, 100), num_chunks=2, rollout_len=5)
 
 
 def test_token_entropy_values():
