@@ -21,6 +21,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from refine.models.state import is_integer_dtype
+
 GroupMode = Literal["document", "position"]
 SingletonMode = Literal["zero", "raw"]
 
@@ -35,7 +37,7 @@ def grpo_advantages(
     """Standardize rewards [N] within the groups named by group_ids [N] (any integer labels)."""
     if not isinstance(rewards, Tensor) or rewards.dim() != 1:
         raise ValueError(f"rewards must be a 1-D tensor, got {_describe(rewards)}")
-    if not isinstance(group_ids, Tensor) or group_ids.shape != rewards.shape or group_ids.is_floating_point():
+    if not isinstance(group_ids, Tensor) or group_ids.shape != rewards.shape or not is_integer_dtype(group_ids.dtype):
         raise ValueError(
             f"group_ids must be an integer tensor of shape {tuple(rewards.shape)}, got {_describe(group_ids)}"
         )

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from refine.models.state import is_integer_dtype
+
 AggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
 AGG_MODES: tuple[str, ...] = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 KLKind = Literal["k1", "k2", "k3", "low_var_kl", "abs"]
@@ -166,7 +168,7 @@ def ntp_loss(logits: Tensor, input_ids: Tensor, lengths: Tensor | None = None) -
     if lengths is None:
         lengths = torch.full((batch,), width, dtype=torch.long, device=logits.device)
     lengths = torch.as_tensor(lengths, device=logits.device)
-    if lengths.shape != (batch,) or lengths.is_floating_point() or (lengths < 0).any() or (lengths > width).any():
+    if lengths.shape != (batch,) or not is_integer_dtype(lengths.dtype) or (lengths < 0).any() or (lengths > width).any():
         raise ValueError(f"lengths must be integers in [0, {width}] of shape [{batch}], got {lengths.tolist()}")
     valid = torch.arange(1, width, device=logits.device)[None, :] < lengths[:, None]
     count = int(valid.sum())

@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
+from refine.models.state import is_integer_dtype
+
 RewardFn = Callable[["RewardInputs"], Tensor]
 
 _REGISTRY: dict[str, RewardFn] = {}
@@ -69,7 +71,7 @@ class RewardInputs(BaseModel):
             want = 2 if name.endswith("tokens") else 3
             if value.dim() != want:
                 raise ValueError(f"{name} must have {want} dimensions, got shape {tuple(value.shape)}")
-            if name.endswith("tokens") and value.is_floating_point():
+            if name.endswith("tokens") and not is_integer_dtype(value.dtype):
                 raise ValueError(f"{name} must hold integer token ids, got dtype {value.dtype}")
             if name.endswith("hidden"):
                 _check_finite(name, value)
@@ -237,7 +239,7 @@ def binary_reward(rollout_tokens: Tensor, ground_truth_tokens: Tensor, dtype: to
     """Fraction of the k rollout tokens equal to the ground truth: [N, k] x2 -> [N] of `dtype`."""
     _check_same_shape("rollout_tokens", rollout_tokens, "ground_truth_tokens", ground_truth_tokens, dims=2)
     for name, value in (("rollout_tokens", rollout_tokens), ("ground_truth_tokens", ground_truth_tokens)):
-        if value.is_floating_point():
+        if not is_integer_dtype(value.dtype):
             raise ValueError(f"{name} must hold integer token ids, got dtype {value.dtype}")
     return (rollout_tokens == ground_truth_tokens).to(dtype).mean(dim=-1)
 

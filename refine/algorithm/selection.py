@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from refine.models.state import is_integer_dtype
+
 SelectionStrategy = Literal["entropy", "uniform", "argmax", "argmin"]
 SELECTION_STRATEGIES: tuple[str, ...] = ("entropy", "uniform", "argmax", "argmin")
 DEFAULT_MARGIN = 20
@@ -189,7 +191,7 @@ def _as_batch(entropy: Tensor | Sequence[Tensor], lengths: Tensor | Sequence[int
     if lengths is None:
         lengths = torch.full((batch,), width, dtype=torch.long, device=entropy.device)
     lengths = torch.as_tensor(lengths, device=entropy.device)
-    if lengths.shape != (batch,) or lengths.is_floating_point():
+    if lengths.shape != (batch,) or not is_integer_dtype(lengths.dtype):
         raise ValueError(
             f"lengths must be an integer tensor of shape [{batch}], got {tuple(lengths.shape)} {lengths.dtype}"
         )

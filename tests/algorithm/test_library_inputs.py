@@ -99,3 +99,24 @@ def test_advantages_of_unscored_rollouts_say_to_score_them(model):
     rollouts = snapshot_rollouts(model, ids, lengths, CFG, torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match=r"rewards is None: score the rollouts first"):
         advantages_for(rollouts.rewards, rollouts, CFG)
+
+
+def test_boolean_lengths_group_ids_and_token_ids_are_not_read_as_integers(model):
+    """A bool tensor converts to 0s and 1s without a word: generate would cut the prompt to one token."""
+    from refine.algorithm.advantages import grpo_advantages
+    from refine.algorithm.losses import ntp_loss
+    from refine.algorithm.rewards import binary_reward
+    from refine.algorithm.selection import select_positions
+
+    ids, _ = _batch()
+    flags = torch.tensor([True, True])
+    with pytest.raises(ValueError, match=r"lengths must be 2 integers in \[1, 60\]"):
+        generate(model, ids, 2, lengths=flags)
+    with pytest.raises(ValueError, match=r"lengths must be integers in \[0, 60\] of shape \[2\]"):
+        ntp_loss(torch.zeros(2, 60, VOCAB), ids, flags)
+    with pytest.raises(ValueError, match=r"lengths must be an integer tensor of shape \[2\]"):
+        select_positions(torch.rand(2, 60), flags, num_chunks=2, rollout_len=3)
+    with pytest.raises(ValueError, match="group_ids must be an integer tensor of shape"):
+        grpo_advantages(torch.rand(4), torch.tensor([True, True, False, False]))
+    with pytest.raises(ValueError, match="rollout_tokens must hold integer token ids, got dtype torch.bool"):
+        binary_reward(torch.ones(2, 3, dtype=torch.bool), torch.ones(2, 3, dtype=torch.long))
