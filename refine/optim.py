@@ -51,13 +51,6 @@ class MasterWeightAdamW(torch.optim.AdamW):
             param.copy_(master)
             master.grad = None  # a float32 copy of every gradient, not needed until the next step
 
-    @torch.no_grad()
-    def reload_from_model(self) -> None:
-        """Take the model's weights as the masters, after something other than `step` changed them (a
-        broadcast from another rank); AdamW's moments are kept."""
-        for param, master in zip(self.model_params, self.masters):
-            master.copy_(param)
-
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state["master_weights"] = [master.detach().clone() for master in self.masters]

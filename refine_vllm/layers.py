@@ -12,7 +12,8 @@ decoding. What differs from Qwen's layer is only around that core:
   (exp underflows to exactly 0, so the decay factor is exactly 1) and a = 0;
 - DeltaNet without an output gate normalizes with a plain RMSNorm.
 
-Parameter names follow fla's checkpoints through `CHECKPOINT_TO_PARAM` (see `load_layer_weight`).
+Parameter names follow fla's checkpoints through `CHECKPOINT_TO_PARAM` (see `load_param` and
+`refine_vllm.models`' `load_weights`).
 """
 
 from __future__ import annotations

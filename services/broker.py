@@ -3,7 +3,8 @@
 Delivery is at-least-once: a consumer group hands each entry to one consumer, the entry stays
 pending until acknowledged, and entries a dead consumer held are reclaimed by another after an idle
 time. Acknowledge only after the message has been durably used. Exactly-once training on top of
-that is the consumed-set guard: `mark_consumed` answers atomically whether a message id is new.
+that is the consumed-set guard: a consumer skips a message id `already_consumed` reports, and records
+one it used with `ack_consumed`, which adds the id and acknowledges the entry in one transaction.
 
 Entries that cannot be decoded are moved to `<stream>:dead` (with the error) and acknowledged, so
 one bad message never blocks a group.
@@ -423,10 +424,6 @@ class Broker:
 
     # -- exactly-once guard ------------------------------------------------------------------------
 
-    def mark_consumed(self, key: str, message_id: str) -> bool:
-        """Atomically record `message_id` as consumed under `key`; False if it already was."""
-        return int(self.client.sadd(self.key("consumed", key), message_id)) == 1
-
     def already_consumed(self, key: str, message_id: str) -> bool:
         return bool(self.client.sismember(self.key("consumed", key), message_id))
 
@@ -445,15 +442,6 @@ class Broker:
 
     # -- run control --------------------------------------------------------------------------------
 
-    def set_paused(self, paused: bool) -> None:
-        if paused:
-            self.client.set(self.key("control", "paused"), b"1")
-        else:
-            self.client.delete(self.key("control", "paused"))
-
-    def paused(self) -> bool:
-        return bool(self.client.exists(self.key("control", "paused")))
-
     def request_stop(self, reason: str = "") -> None:
         self.client.set(self.key("control", "stop"), reason.encode() or b"stop requested")
 
@@ -461,9 +449,6 @@ class Broker:
         """The stop reason if a stop was requested, else None."""
         value = self.client.get(self.key("control", "stop"))
         return None if value is None else _text(value)
-
-    def clear_stop(self) -> None:
-        self.client.delete(self.key("control", "stop"))
 
     def heartbeat(self, role: str, member_id: str) -> float:
         """Record that `member_id` of `role` is alive now; returns the server time used."""

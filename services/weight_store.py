@@ -106,13 +106,6 @@ class WeightStore(ABC):
     def versions(self) -> list[int]:
         """Versions still available, oldest first."""
 
-    def fetch_if_newer(self, current: int | None) -> tuple[int, dict[str, torch.Tensor]] | None:
-        """The latest weights if they are newer than `current`, else None (cheap when up to date)."""
-        latest = self.latest_version()
-        if latest is None or (current is not None and latest <= current):
-            return None
-        return self.fetch(latest)
-
     def wait_for_version(self, min_version: int, timeout_s: float, poll_s: float = 0.05) -> int:
         """Block until a version >= `min_version` is published; returns it."""
         deadline = time.monotonic() + timeout_s

@@ -653,6 +653,7 @@ def test_sizes_that_would_exhaust_the_machine_are_refused(overrides, error):
     (["service.worker_cpus=100000"], "service.worker_cpus: Input should be less than or equal to 1024"),
     (["service.num_reward_replicas=100000"], "service.num_reward_replicas: Input should be less than or equal to 1024"),
     (["service.num_rollout_workers=100000"], "service.num_rollout_workers: Input should be less than or equal to 1024"),
+    (["service.num_learners=100000"], "service.num_learners: Input should be less than or equal to 1024"),
 ])
 def test_service_settings_that_reach_other_runs_or_exhaust_the_machine_are_refused(overrides, error):
     with pytest.raises(ConfigError, match=re.escape(error)):

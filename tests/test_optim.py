@@ -79,16 +79,11 @@ def test_make_optimizer_keeps_masters_only_for_low_precision_models():
         optimizer.load_state_dict(optimizer.state_dict() | {"master_weights": []})
 
 
-def test_masters_follow_weights_set_from_outside_and_hold_no_gradients_between_steps():
+def test_masters_hold_no_gradients_between_steps():
     param = torch.nn.Parameter(torch.full((4,), 0.02).bfloat16())
     optimizer = MasterWeightAdamW([param], **OPTIONS)
     _run(1, optimizer, [param])
     assert optimizer.masters[0].grad is None  # the float32 gradient copy is freed after the step
-    with torch.no_grad():
-        param.fill_(0.5)  # e.g. rank 0's weights broadcast into this rank
-    optimizer.reload_from_model()
-    _run(1, optimizer, [param], first=1)
-    assert torch.allclose(param.detach().float(), torch.full((4,), 0.5), atol=1e-2)  # not back near 0.02
 
 
 # ---------------------------------------------------------------- learning-rate schedule

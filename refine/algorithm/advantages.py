@@ -91,15 +91,6 @@ def group_ids_for(num_docs: int, num_positions: int, num_samples: int, mode: Gro
     raise ValueError(f"mode must be 'document' or 'position', got {mode!r}")
 
 
-def broadcast_advantages(advantages: Tensor, rollout_len: int) -> Tensor:
-    """Each rollout's advantage on each of its k tokens: [N] -> [N, k]."""
-    if not isinstance(advantages, Tensor) or advantages.dim() != 1:
-        raise ValueError(f"advantages must be a 1-D tensor, got {_describe(advantages)}")
-    if isinstance(rollout_len, bool) or not isinstance(rollout_len, int) or rollout_len < 1:
-        raise ValueError(f"rollout_len must be a positive integer, got {rollout_len!r}")
-    return advantages[:, None].expand(-1, rollout_len)
-
-
 def _describe(value: object) -> str:
     if isinstance(value, Tensor):
         return f"shape {tuple(value.shape)} dtype {value.dtype}"

@@ -1,4 +1,5 @@
-"""REFINE losses: the clipped policy-gradient loss (verl semantics), KL penalties, NTP, and their sum.
+"""REFINE losses: the clipped policy-gradient loss (verl semantics), KL penalties and NTP (summed in
+refine.algorithm.update by the run's lambda_ntp and lambda_nsp).
 
 Policy loss, per token, with ratio r = exp(clamp(new - old, -20, 20)) and advantage A:
     clipped = max(-A * r, -A * clip(r, 1 - clip_low, 1 + clip_high))
@@ -183,11 +184,3 @@ def ntp_loss(logits: Tensor, input_ids: Tensor, lengths: Tensor | None = None) -
     dtype = torch.promote_types(logits.dtype, torch.float32)
     flat = logits.to(dtype).reshape(-1, logits.shape[-1])
     return F.cross_entropy(flat, targets.reshape(-1), ignore_index=-100, reduction="sum") / count
-
-
-def combine(ntp: Tensor, policy: Tensor, lambda_ntp: float = 1.0, lambda_nsp: float = 0.2) -> Tensor:
-    """The REFINE objective: lambda_ntp * NTP + lambda_nsp * policy loss."""
-    for name, value in (("lambda_ntp", lambda_ntp), ("lambda_nsp", lambda_nsp)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise ValueError(f"{name} must be a number >= 0, got {value!r}")
-    return lambda_ntp * ntp + lambda_nsp * policy

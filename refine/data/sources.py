@@ -1,7 +1,7 @@
 """Document sources: parquet, JSON lines, plain-text directories and `datasets.save_to_disk` folders.
 
 Two layers:
-- `RowSource` / `iter_rows` read records (dicts of the asked columns) from any source with one bad-input policy:
+- `RowSource` reads records (dicts of the asked columns) from any source with one bad-input policy:
   a malformed or undecodable record raises `BadRowError` naming the file and row, or, with
   `skip_bad_rows`, is logged with its location, counted and skipped. Never silently.
 - `DocumentStream` turns records into `TokenizedDocument`s: tokenize in batches, add BOS / EOS, drop
@@ -729,22 +729,6 @@ class RowSource:
         for row in self.reader.rows_at(order[start:], start):
             if not row.rejected:
                 yield row
-
-
-def iter_rows(
-    path: str | Path,
-    *,
-    columns: list[str],
-    optional_columns: list[str] | tuple[str, ...] = (),
-    fmt: str = "auto",
-    policy: BadRowPolicy | None = None,
-    start: int = 0,
-    limit: int | None = None,
-    split: str | None = None,
-) -> Iterator[Row]:
-    """Records with the required `columns` (and the `optional_columns` present) from index `start`."""
-    source = RowSource(path, columns=columns, optional_columns=optional_columns, fmt=fmt, policy=policy, split=split)
-    return source.rows(start, limit)
 
 
 def _has_text(raw: bytes) -> bool:

@@ -2,7 +2,8 @@
 
 - `generate_niah`: needle in a haystack in RULER's spirit (single, multi-key, multi-query, multi-value),
   with the prompt's length in tokens of a given tokenizer and the needles' depth chosen;
-- `generate_mqar`: multi-query associative recall (key-value pairs, then queries);
+- `generate_mqar`: multi-query associative recall (key-value pairs, then queries); `mqar_for_length`, which
+  training and evaluation use, takes as many pairs as keep each prompt within a length in tokens;
 - `generate_recall_documents` / `generate_recall_examples`: a procedural corpus whose documents state
   facts early and restate them later, so predicting the later text needs memory of the earlier text.
 
@@ -489,8 +490,11 @@ def _mqar_example(config: MqarConfig, index: int) -> TaskExample:
 
 
 class RecallCorpusConfig(BaseModel):
-    """Documents of about `length` tokens: `num_facts` facts stated in the first `statement_zone` of the
-    document, each restated once in the second half among procedural prose."""
+    """Documents of about `length` tokens of procedural prose with `num_facts` facts, each stated once early and
+    restated once later. Places are drawn as fractions of the prose sentences: statements in [0, statement_zone),
+    restatements in [0.5, 1). In the text they fall a little later (the title, statements and restatements before
+    them take room too): with the defaults, statements reach about a quarter of the text, and a restatement can
+    start just before its middle."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -379,7 +379,6 @@ _PAIR_METRICS: dict[str, Callable[..., float]] = {
     "code_sim_score": code_sim_score,
 }
 
-LONGBENCH_TASKS = tuple(_LONGBENCH_METRICS)
 RULER_ALL_MATCH_TASKS = frozenset(
     {"niah", "vt", "cwe", "fwe", "variable_tracking", "common_words_extraction", "freq_words_extraction"}
 )

@@ -120,11 +120,6 @@ def _length(value: Any, where: str) -> int | None:
     return value
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a JSON lines file; a malformed line raises with its file and line number."""
-    return [row for row, _ in read_jsonl_lines(path)]
-
-
 def read_jsonl_lines(path: str | Path) -> list[tuple[dict[str, Any], int]]:
     """(row, its line number in the file) for each non-blank line, so errors can name the file line."""
     rows: list[tuple[dict[str, Any], int]] = []

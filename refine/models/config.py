@@ -129,6 +129,9 @@ class DeltaNetConfig(ModelConfigBase):
     """flash-linear-attention's DeltaNetConfig fields."""
 
     model_type: Literal["delta_net"] = "delta_net"
+    # Kept so that fla's config.json reads and writes back unchanged; not read here. attn_mode picks one of fla's
+    # kernels for the same recurrence (the GPU path picks its own); fla's layer ignores use_output_norm (its
+    # output is always normalized, as here).
     attn_mode: Literal["chunk", "fused_recurrent"] = "chunk"
     expand_k: float = Field(1.0, gt=0, le=MAX_EXPAND)
     expand_v: float = Field(1.0, gt=0, le=MAX_EXPAND)
@@ -158,7 +161,7 @@ class GatedDeltaNetConfig(ModelConfigBase):
     """flash-linear-attention's GatedDeltaNetConfig fields."""
 
     model_type: Literal["gated_deltanet"] = "gated_deltanet"
-    attn_mode: Literal["chunk", "fused_recurrent"] = "chunk"
+    attn_mode: Literal["chunk", "fused_recurrent"] = "chunk"  # fla's kernel choice, not read here (see DeltaNetConfig)
     expand_v: float = Field(2.0, gt=0, le=MAX_EXPAND)
     use_gate: bool = True
     output_gate_activation: Literal["swish", "silu", "sigmoid"] = "swish"  # silu is swish's other name

@@ -191,9 +191,9 @@ class GatedDeltaNetMixer(_QKVMixer):
         self.A_log = nn.Parameter(torch.empty(self.num_heads).uniform_(0, 16).log())
         dt = torch.exp(torch.rand(self.num_heads) * (math.log(0.1) - math.log(0.001)) + math.log(0.001))
         dt = dt.clamp(min=1e-4)
+        # fla marks these two `_no_weight_decay`; nothing here reads such a mark: the optimizer decays every
+        # parameter, as the paper's code does (refine.loop.make_optimizer).
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
-        self.A_log._no_weight_decay = True
-        self.dt_bias._no_weight_decay = True
         self._build_common(
             config.hidden_size, config.conv_size, config.use_short_conv, config.use_gate, config.norm_eps,
             qk_conv_activation="silu", gate_activation=config.output_gate_activation,

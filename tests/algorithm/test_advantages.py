@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from refine.algorithm.advantages import broadcast_advantages, group_ids_for, grpo_advantages
+from refine.algorithm.advantages import group_ids_for, grpo_advantages
 
 EPS = 1e-6
 
@@ -70,11 +70,6 @@ def test_group_ids_for_document_and_position_modes():
     assert group_ids_for(2, 3, 2, "position").tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
     # The paper's default (n = 1, group = document): all c rollouts of a document share a group.
     assert group_ids_for(3, 8, 1).tolist() == [d for d in range(3) for _ in range(8)]
-
-
-def test_broadcast_to_tokens():
-    out = broadcast_advantages(torch.tensor([1.0, -2.0]), 3)
-    assert out.tolist() == [[1.0, 1.0, 1.0], [-2.0, -2.0, -2.0]]
 
 
 def test_bad_inputs_are_named():

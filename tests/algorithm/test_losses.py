@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from refine.algorithm.losses import aggregate_loss, combine, kl_penalty, ntp_loss, policy_loss
+from refine.algorithm.losses import aggregate_loss, kl_penalty, ntp_loss, policy_loss
 
 # Five one-token rollouts, old log-prob 0, new log-prob log(r); clip 0.2, dual clip 3.
 RATIOS = [1.5, 0.5, 0.5, 5.0, 1.0]
@@ -145,10 +145,7 @@ def test_ntp_loss_matches_per_document_cross_entropy():
         ntp_loss(logits, ids, torch.tensor([1, 1, 0]))
 
 
-def test_combine_and_argument_checks():
-    assert combine(torch.tensor(2.0), torch.tensor(3.0), 1.0, 0.2).item() == pytest.approx(2.6)
-    with pytest.raises(ValueError, match="lambda_nsp"):
-        combine(torch.tensor(1.0), torch.tensor(1.0), 1.0, -0.1)
+def test_argument_checks():
     new, old, adv = one_token_batch()
     with pytest.raises(ValueError, match="dual_clip"):
         policy_loss(new, old, adv, dual_clip=1.0)

@@ -245,29 +245,6 @@ def test_a_read_the_server_ends_for_a_lost_stream_or_group_is_made_again_and_ret
         broker._with_group(STREAM, GROUP, lambda: (_ for _ in ()).throw(redis.ResponseError("WRONGTYPE other")))
 
 
-def test_mark_consumed_is_exactly_once_under_races(broker: Broker, redis_url: str, namespace: str) -> None:
-    assert not broker.already_consumed("learner", "m1")
-    assert broker.mark_consumed("learner", "m1") is True
-    assert broker.mark_consumed("learner", "m1") is False
-    assert broker.already_consumed("learner", "m1")
-
-    winners: list[bool] = []
-    barrier = threading.Barrier(8)
-
-    def race() -> None:
-        mine = Broker(connect(redis_url), namespace)
-        barrier.wait()
-        winners.append(mine.mark_consumed("learner", "contended"))
-
-    threads = [threading.Thread(target=race) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert sorted(winners) == [False] * 7 + [True]
-    assert broker.consumed_count("learner") == 2
-
-
 def test_learner_loop_trains_once_on_duplicates_and_redeliveries(broker: Broker) -> None:
     """A message published twice and redelivered after a crash is still used exactly once."""
     batches = [documents(f"d{i}") for i in range(4)]
@@ -287,7 +264,7 @@ def test_learner_loop_trains_once_on_duplicates_and_redeliveries(broker: Broker)
     # The first learner takes two entries and crashes after training on the first without acking.
     crashed = broker.consume(STREAM, GROUP, "learner-a", DocumentBatch, count=2)
     trained.append(crashed[0][1].batch_id)
-    broker.mark_consumed("learner", crashed[0][1].batch_id)  # its update was durably checkpointed
+    broker.ack_consumed(STREAM, GROUP, [], "learner", [crashed[0][1].batch_id])  # its update was durably checkpointed
     time.sleep(0.02)
     learner_step("learner-b", broker.reclaim(STREAM, GROUP, "learner-b", DocumentBatch, min_idle_ms=1))
     learner_step("learner-b", broker.consume(STREAM, GROUP, "learner-b", DocumentBatch, count=10))
@@ -303,16 +280,10 @@ def test_ack_consumed_records_and_acks_together(broker: Broker) -> None:
     assert broker.pending(STREAM, GROUP) == 0
 
 
-def test_pause_stop_and_heartbeats(broker: Broker) -> None:
-    assert not broker.paused() and broker.stop_requested() is None
-    broker.set_paused(True)
-    assert broker.paused()
-    broker.set_paused(False)
-    assert not broker.paused()
+def test_stop_and_heartbeats(broker: Broker) -> None:
+    assert broker.stop_requested() is None
     broker.request_stop("loss diverged")
     assert broker.stop_requested() == "loss diverged"
-    broker.clear_stop()
-    assert broker.stop_requested() is None
 
     broker.heartbeat("rollout", "w0")
     broker.heartbeat("rollout", "w1")
@@ -332,9 +303,9 @@ def test_namespaces_are_isolated(broker: Broker, redis_client: redis.Redis, name
     other = Broker(redis_client, namespace + "-other")
     try:
         broker.publish(STREAM, documents("mine"))
-        broker.set_paused(True)
-        broker.mark_consumed("learner", "m")
-        assert other.length(STREAM) == 0 and not other.paused() and not other.already_consumed("learner", "m")
+        broker.request_stop("mine")
+        broker.ack_consumed(STREAM, GROUP, [], "learner", ["m"])
+        assert other.length(STREAM) == 0 and other.stop_requested() is None and not other.already_consumed("learner", "m")
         assert other.consume(STREAM, GROUP, "c", DocumentBatch) == []
     finally:
         other.delete_namespace()

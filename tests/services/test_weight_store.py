@@ -55,7 +55,6 @@ def test_fifty_megabyte_state_dict_round_trips_in_chunks(redis_client: redis.Red
 def test_version_semantics_and_pruning(redis_client: redis.Redis, namespace: str) -> None:
     store = RedisWeightStore(redis_client, namespace, keep_last=2)
     assert store.latest_version() is None and store.versions() == []
-    assert store.fetch_if_newer(None) is None
     with pytest.raises(WeightVersionMissing, match="no weights published"):
         store.fetch()
 
@@ -78,10 +77,6 @@ def test_version_semantics_and_pruning(redis_client: redis.Redis, namespace: str
     with pytest.raises(WeightVersionError, match="non-negative integer"):
         store.publish(small_state(9), -1)
     assert store.latest_version() == 5 and store.versions() == [2, 5]
-
-    assert store.fetch_if_newer(5) is None
-    newer = store.fetch_if_newer(2)
-    assert newer is not None and newer[0] == 5
 
 
 def test_another_reader_sees_only_committed_versions(redis_client: redis.Redis, redis_url: str, namespace: str) -> None:
