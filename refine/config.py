@@ -865,7 +865,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         path = Path(path)
         if not path.exists():
-            raise ConfigError(f"config file {path} does not exist")
+            # The examples README names ship in the repository, not in an installed package.
+            hint = (" (the example configs are in the project's repository, configs/: run from a checkout)"
+                    if not path.is_absolute() and path.parts[:1] == ("configs",) else "")
+            raise ConfigError(f"config file {path} does not exist{hint}")
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as error:

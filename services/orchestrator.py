@@ -108,7 +108,8 @@ from services.progress import (
     LearnerProgress, StepReport, read_progress, read_published, write_published, write_recorded,
 )
 from services.ray_runtime import (
-    Placement, Reservation, actor_options, actor_requests, ray_for_run, redis_for_run, resolve_addresses,
+    Placement, Reservation, actor_options, actor_requests, check_no_hidden_packages, ray_for_run, redis_for_run,
+    resolve_addresses,
 )
 from services.redis_server import connect, redact_url
 from services.resilience import TRANSIENT, OutageTolerance, RedisOutage, RedisStateLost, outage_timeout_s
@@ -371,6 +372,7 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True, ray_addr
         check_resumed_tokenizer(config.train.out_dir, tokenizer)
     config = fit_to_tokenizer(config, tokenizer)  # before any actor reads the model section
     check_rollout_message_size(config)  # the model section is final only now (train.init_from)
+    check_no_hidden_packages()
     plan = resolve_addresses(config, ray_address, redis_url)
     out_dir = Path(config.train.out_dir)
     if plan.redis_url:  # an unreachable Redis, or a run going on in this namespace, fails before Ray starts

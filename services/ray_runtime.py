@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -43,7 +44,7 @@ from services.metrics import metrics_host, prepare_discovery_dir
 from services.redis_server import URL_SOURCES, EmbeddedRedis, connect, redact_url
 
 __all__ = ["ActorRequest", "Placement", "RayPlan", "Reservation", "actor_cpus", "actor_options", "actor_requests",
-           "check_placement", "check_ray_address", "fit_together", "free_per_node", "gpus_needed", "ray_for_run",
+           "check_no_hidden_packages", "check_placement", "check_ray_address", "fit_together", "free_per_node", "gpus_needed", "ray_for_run",
            "redis_for_run", "resolve_addresses", "resource_request"]
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,9 @@ LOCAL_OBJECT_STORE_BYTES = 256 * 1024 * 1024  # weights travel through Redis; th
 RAY_ADDRESS_SOURCES = "--ray-address, service.ray_address or RAY_ADDRESS"
 # Ray accounts resources in units of 1e-4; a request equal to a node's total fits it.
 RESOURCE_EPSILON = 1e-6
+# The project's top-level packages, which its actors import (services/, learner/, ... are top-level by design).
+PROJECT_PACKAGES = ("refine", "refine_vllm", "services", "learner", "rollout_workers", "reward")
+_INSTALLED_AT = Path(__file__).resolve().parents[1]
 
 
 class RayAddress(str):
@@ -246,6 +250,31 @@ def ray_for_run(config: RunConfig, address: str | None) -> Iterator[bool]:
         if started:
             ray.shutdown()
         keep_sigterm()
+
+
+def check_no_hidden_packages(directory: Path | None = None) -> None:
+    """Refuse a module in the run's working directory (default: the current one) named as one of the project's
+    packages, a user's own `reward.py` say: Ray's workers put that directory first on their import path (`ray job
+    submit --working-dir` uploads it and starts there), so the actors would import it in the package's place and
+    fail to start, far from the cause. A checkout of the project passes: its folders are the packages, or a copy of
+    them (every module of the imported package is there too, as in a checkout beside a `pip install .`)."""
+    directory = Path.cwd() if directory is None else Path(directory)
+    for name in PROJECT_PACKAGES:
+        ours = _INSTALLED_AT / name  # the packages are installed side by side
+        module, package = directory / f"{name}.py", directory / name / "__init__.py"
+        if module.is_file():
+            found = module
+        elif package.is_file() and not _holds_modules_of(package.parent, ours):
+            found = package
+        else:
+            continue  # a folder without __init__.py is no package: imports look past it
+        raise ValueError(f"{found} would hide the project's {name!r} package ({ours}) from the run's "
+                         f"Ray actors, which import from the working directory {directory} first: rename it, or "
+                         f"start the run from another directory")
+
+
+def _holds_modules_of(folder: Path, package: Path) -> bool:
+    return {path.name for path in package.glob("*.py")} <= {path.name for path in folder.glob("*.py")}
 
 
 def _sigterm_keeper() -> Callable[[], None]:

@@ -230,6 +230,18 @@ def test_a_metrics_discovery_dir_that_is_a_file_fails_before_ray_starts(tmp_path
     assert f"service.metrics_discovery_dir='{blocker}': it is a file, not a directory" in err and "Errno" not in err
 
 
+def test_a_users_module_named_as_a_project_package_fails_before_ray_starts(tmp_path, capsys, monkeypatch,
+                                                                          no_ray_start):
+    """Ray's actors import from the run's working directory first: a user's reward.py there broke them at start."""
+    (tmp_path / "reward.py").write_text("def distinct_tokens(inputs):\n    return None\n")
+    monkeypatch.chdir(tmp_path)
+    argv = ["train", *SMALL_SERVICE_RUN, "--set", f"train.out_dir={tmp_path / 'run'}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'reward.py'} would hide the project's 'reward' package" in err, err
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("setting", ["refine.selection_temperature=1e-38", "refine.temperature=1e-45",
                                      "service.heartbeat_timeout_s=1e300", "model.initializer_range=1e300",
                                      "model.norm_eps=1e300", "model.expand_k=1e306"])

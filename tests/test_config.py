@@ -120,8 +120,15 @@ def test_the_main_job_refuses_a_step_count_or_rate_its_stages_would_not_read(set
 def test_malformed_override_and_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="section.field=value"):
         load_config(None, ["refine.num_chunks"])
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(ConfigError, match=r"nope.yaml does not exist$"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_an_example_config_missing_outside_a_checkout_says_where_the_examples_are(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # as after a `pip install .`, elsewhere
+    with pytest.raises(ConfigError, match=r"config file configs/demo.yaml does not exist \(the example configs are in "
+                                          r"the project's repository, configs/: run from a checkout\)"):
+        load_config("configs/demo.yaml")
 
 
 def test_demo_file_spells_out_the_embedded_main_job():

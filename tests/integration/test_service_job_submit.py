@@ -28,6 +28,7 @@ from service_helpers import SERVICE_TINY, step_rows, tiny_overrides
 pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
+CHECKOUT = Path(__file__).resolve().parents[2]
 
 
 def _free_ports(count: int) -> list[int]:
@@ -97,8 +98,9 @@ def test_ray_job_submit_runs_refine_train(ray_head, redis_url: str, tmp_path: Pa
                   "--set", f"train.steps={steps}"]
     for item in tiny_overrides(tmp_path):
         entrypoint += ["--set", item]
-    result = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", url, "--", *entrypoint],
-                            env=env, capture_output=True, text=True, timeout=240)
+    # As README submits it: the checkout uploaded as the job's working directory, where its actors import from.
+    result = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", url, "--working-dir", str(CHECKOUT),
+                             "--", *entrypoint], env=env, capture_output=True, text=True, timeout=240)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     assert "succeeded" in output, output[-4000:]

@@ -1,6 +1,7 @@
 """Where a run's Ray comes from: an unreachable --ray-address fails fast, without starting Ray."""
 
 import http.server
+import shutil
 import subprocess
 import sys
 import socket
@@ -14,8 +15,11 @@ import ray
 
 from refine.config import RunConfig
 from services.ray_runtime import (
-    actor_options, address_source, check_gpus, check_ray_address, ray_for_run, resolve_addresses,
+    PROJECT_PACKAGES, actor_options, address_source, check_gpus, check_no_hidden_packages, check_ray_address,
+    ray_for_run, resolve_addresses,
 )
+
+CHECKOUT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -308,3 +312,30 @@ def test_a_run_keeps_the_drivers_sigterm_handler_through_ray_start_and_shutdown(
     out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=300,
                          cwd=Path(__file__).resolve().parents[2])
     assert "handler True True" in out.stdout, out.stdout + out.stderr
+
+
+def test_modules_named_as_the_projects_packages_in_the_working_directory_are_refused(tmp_path: Path) -> None:
+    check_no_hidden_packages(CHECKOUT)  # the checkout: its folders are the packages
+    check_no_hidden_packages(tmp_path)
+    (tmp_path / "reward").mkdir()  # a folder without __init__.py: imports look past it
+    check_no_hidden_packages(tmp_path)
+    (tmp_path / "reward.py").write_text("")
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'reward.py'} would hide the project's 'reward' package "
+                                         rf"\({CHECKOUT / 'reward'}\) from the run's Ray actors"):
+        check_no_hidden_packages(tmp_path)
+    (tmp_path / "reward.py").unlink()
+    (tmp_path / "services").mkdir()
+    (tmp_path / "services" / "__init__.py").write_text("")  # a user's own package of that name
+    (tmp_path / "services" / "api.py").write_text("")
+    with pytest.raises(ValueError, match=r"services/__init__.py would hide the project's 'services' package"):
+        check_no_hidden_packages(tmp_path)
+
+
+def test_a_copy_of_the_checkout_passes(tmp_path: Path) -> None:
+    """A checkout beside a `pip install .`, or uploaded by `ray job submit --working-dir`: the same modules."""
+    for name in PROJECT_PACKAGES:
+        shutil.copytree(CHECKOUT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    check_no_hidden_packages(tmp_path)
+    (tmp_path / "services" / "broker.py").unlink()  # an older copy: the actors would run other code than the driver
+    with pytest.raises(ValueError, match="services/__init__.py would hide"):
+        check_no_hidden_packages(tmp_path)
