@@ -13,6 +13,7 @@ import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
+from urllib.parse import parse_qsl, urlsplit
 
 import torch
 import yaml
@@ -428,6 +429,15 @@ class ServiceConfig(Strict):
     def _namespace(cls, value: str | None) -> str | None:
         return value if value is None else check_namespace(value, "service.namespace")
 
+    @field_validator("redis_url")
+    @classmethod
+    def _no_password(cls, value: str | None) -> str | None:
+        # The settings are saved in the run directory (config.yaml) and repeated in resume commands.
+        if value is not None and _holds_password(value):
+            raise ValueError("a URL with a password, which the run would save in its config.yaml: give it with "
+                             "--redis-url or REFINE_REDIS_URL instead, which are not saved")
+        return value
+
     @property
     def reclaim_idle_ms(self) -> int:
         """How long an entry stays pending before a live consumer of its group takes it over.
@@ -812,6 +822,17 @@ def _refuse_yaml11_number(text: str, node: yaml.ScalarNode, octal: bool) -> None
             f"{int(digits)} without the leading zero, or {int(digits, 8)} if octal was meant", node.start_mark)
 
 
+def _holds_password(url: str) -> bool:
+    """Whether a Redis URL carries a password: redis://user:PASSWORD@host or ?password=... ."""
+    parts = urlsplit(url)
+    try:
+        has_userinfo_password = parts.password is not None
+    except ValueError:  # a malformed port: connecting will say so
+        has_userinfo_password = ":" in parts.netloc.rpartition("@")[0]
+    query = {key.lower() for key, _ in parse_qsl(parts.query, keep_blank_values=True)}
+    return has_userinfo_password or "password" in query
+
+
 def parse_yaml(text: str, where: str) -> Any:
     """YAML with safe tags only and unique keys; any problem is a one-line ConfigError naming `where`."""
     try:
@@ -822,6 +843,9 @@ def parse_yaml(text: str, where: str) -> Any:
         raise ConfigError(f"{where}: {error.problem or error.context}{at}") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{where}: {' '.join(str(error).split())}") from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise ConfigError(f"{where}: lists or mappings nested too deeply to read (no setting nests more than a few "
+                          f"levels)") from None
 
 
 def set_path(tree: dict, dotted: str, raw: str) -> None:

@@ -728,3 +728,23 @@ def test_a_run_of_no_steps_is_refused():
     # It wrote config.yaml and an empty metrics.jsonl, no checkpoint, and exited 0.
     with pytest.raises(ConfigError, match=r"train.steps: Input should be greater than or equal to 1 \(got 0\)"):
         load_config(None, ["train.steps=0"])
+
+
+@pytest.mark.parametrize("url", ["redis://:secret@127.0.0.1:6400/0", "redis://user:secret@127.0.0.1:6400/0",
+                                 "redis://127.0.0.1:6400/0?password=secret", "unix:///tmp/r.sock?Password=secret"])
+def test_a_redis_password_in_the_saved_settings_is_refused(url):
+    with pytest.raises(ConfigError, match=r"service.redis_url: a URL with a password, which the run would save in its "
+                                          r"config.yaml: give it with --redis-url or REFINE_REDIS_URL instead") as error:
+        load_config(None, [f"service.redis_url={url}"])
+    assert "secret" not in str(error.value)
+    assert load_config(None, ["service.redis_url=redis://user@127.0.0.1:6400/0"]).service.redis_url
+
+
+@pytest.mark.parametrize("value", ["[" * 3000 + "]" * 3000, "{a: " * 3000 + "1" + "}" * 3000])
+def test_settings_nested_past_the_parser_are_one_line_errors(tmp_path, value):
+    with pytest.raises(ConfigError, match=r"--set train.steps: lists or mappings nested too deeply to read"):
+        load_config(None, [f"train.steps={value}"])
+    path = tmp_path / "deep.yaml"
+    path.write_text(f"train:\n  steps: {value}\n")
+    with pytest.raises(ConfigError, match=rf"config file {path}: lists or mappings nested too deeply to read"):
+        load_config(path)

@@ -74,6 +74,14 @@ def test_the_five_services(compose: dict[str, Any]) -> None:
     assert set(compose["services"]) == {"ray-head", "ray-worker", "redis", "prometheus", "grafana"}
 
 
+def test_published_ports_listen_on_this_host_only(compose: dict[str, Any]) -> None:
+    """The job API runs any command and Grafana starts as admin/admin: published on every interface, anyone who
+    reaches the machine could use them."""
+    published = [(name, port) for name, service in compose["services"].items() for port in service.get("ports", [])]
+    assert published, "the mini-cluster publishes its UIs"
+    assert all(str(port).startswith("127.0.0.1:") for _, port in published), published
+
+
 def test_redis_persists_with_append_only_file_on_a_named_volume(compose: dict[str, Any]) -> None:
     redis = compose["services"]["redis"]
     assert redis["image"].startswith("redis:7")
@@ -90,7 +98,7 @@ def test_ray_gcs_port_is_not_redis_port(compose: dict[str, Any]) -> None:
     assert gcs_port != REDIS_PORT
     assert flag_value(worker, "--address") == f"ray-head:{gcs_port}"
     assert flag_value(head, "--dashboard-port") == "8265"
-    assert "8265:8265" in compose["services"]["ray-head"]["ports"]
+    assert "127.0.0.1:8265:8265" in compose["services"]["ray-head"]["ports"]
 
 
 def test_ray_nodes_run_the_project_image_against_compose_redis(compose: dict[str, Any]) -> None:
@@ -126,7 +134,7 @@ def test_prometheus_runs_the_deployed_config(compose: dict[str, Any]) -> None:
     prometheus = compose["services"]["prometheus"]
     config_path = flag_value(command_text(prometheus), "--config.file")
     assert mounts(prometheus)[config_path] == "./deploy/prometheus.yml"
-    assert "9090:9090" in prometheus["ports"]
+    assert "127.0.0.1:9090:9090" in prometheus["ports"]
 
 
 def test_grafana_is_provisioned_with_prometheus_and_the_dashboard(compose: dict[str, Any]) -> None:
@@ -142,7 +150,7 @@ def test_grafana_is_provisioned_with_prometheus_and_the_dashboard(compose: dict[
     host, port = datasource["url"].removeprefix("http://").split(":")
     assert host in compose["services"]
     assert int(port) == 9090  # Prometheus' port inside the compose network
-    assert "3000:3000" in grafana["ports"]
+    assert "127.0.0.1:3000:3000" in grafana["ports"]
 
 
 def test_every_host_path_and_named_volume_exists(compose: dict[str, Any]) -> None:
