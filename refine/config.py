@@ -18,7 +18,7 @@ from urllib.parse import parse_qsl, urlsplit
 import torch
 import yaml
 from pydantic import (
-    BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, ValidationInfo, field_validator, model_validator,
+    BaseModel, Field, SerializeAsAny, ValidationError, field_validator, model_validator,
 )
 
 from refine.algorithm.selection import min_document_length
@@ -26,7 +26,7 @@ from refine.data.sources import MAX_WINDOWS, FormatName, check_min_length
 from refine.errors import shown, validation_problems
 from refine.models import config_from_dict
 from refine.models.config import (
-    LIBRARY_KEYS, UNSUPPORTED_FLA_FIELDS, DeltaNetConfig, ModelConfigBase, refuse_bool_for_number,
+    LIBRARY_KEYS, UNSUPPORTED_FLA_FIELDS, DeltaNetConfig, ModelConfigBase, Strict,
 )
 from refine.tokenizer import Tokenizer, check_eos_matches, check_vocab_fits, resolve_tokenizer
 from refine_vllm.servable import check_engine  # plain Python: importing it needs no vLLM
@@ -36,15 +36,6 @@ from refine_vllm.settings import VllmEngineConfig
 class ConfigError(ValueError):
     """A configuration value is wrong; the message names the field and the value."""
 
-
-class Strict(BaseModel):
-    # No field takes inf or NaN: they pass bounds such as ge=0 and fail late, far from the setting.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
-        return refuse_bool_for_number(value, cls.model_fields[info.field_name].annotation)
 
 
 # A path setting: "" would mean the current directory, never what was meant.

@@ -6,21 +6,14 @@ import shutil
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from refine.files import file_name_part
-from refine.models.config import refuse_bool_for_number
+from refine.models.config import Strict
 
 
-class VllmEngineConfig(BaseModel):
+class VllmEngineConfig(Strict):
     """Settings of the vLLM engine (`rollout.vllm` in a run config)."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
-        return refuse_bool_for_number(value, cls.model_fields[info.field_name].annotation)
 
     dtype: Literal["bfloat16", "float16", "float32"] = Field(
         "bfloat16", description="vLLM's compute dtype; its CPU delta-rule kernels need bfloat16")

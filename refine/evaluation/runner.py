@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import Field, ValidationError, field_validator
 from tqdm.auto import tqdm
 
 from refine.algorithm.rewards import check_run_reward
@@ -45,7 +45,7 @@ from refine.files import check_output_spares_inputs, write_atomically
 from refine.generate import generate
 from refine.loop import check_device, finite_stats, make_optimizer, mini_batch_bounds, train_step
 from refine.models import FastWeightLM, load_model, load_model_config
-from refine.models.config import ModelConfigBase, refuse_bool_for_number
+from refine.models.config import ModelConfigBase, Strict
 from refine.phases import adapt_and_answer, check_no_kl_term, snapshot_weights
 from refine.tokenizer import Tokenizer, check_eos_matches, check_vocab_fits, resolve_tokenizer
 
@@ -66,16 +66,8 @@ SYNTHETIC_PURPOSE: Purpose = "eval"
 TEST_TIME_DEFAULTS: dict[str, Any] = {"reward": "binary", "lambda_nsp": 0.4}
 
 
-class EvalOptions(BaseModel):
+class EvalOptions(Strict):
     """Runner options given as `--set eval.<field>=<value>`."""
-
-    # No inf or NaN (answer_temperature=.inf would reach the results JSON as Infinity), as in the run config.
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
-        return refuse_bool_for_number(value, cls.model_fields[info.field_name].annotation)
 
     max_prompt_tokens: int | None = Field(
         None, ge=2, description="cut longer prompts in the middle (start and end kept); None: never cut"

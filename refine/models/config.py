@@ -71,14 +71,21 @@ def refuse_bool_for_number(value: Any, annotation: Any) -> Any:
     return value
 
 
-class ModelConfigBase(BaseModel):
-    # No inf or NaN: a field such as norm_eps=inf passes gt=0 and turns every activation into NaN.
-    model_config = ConfigDict(extra="allow", validate_assignment=True, allow_inf_nan=False)
+class Strict(BaseModel):
+    """The base of every settings model: unknown keys, inf and NaN (they pass bounds such as gt=0 and fail late, far
+    from the setting: norm_eps=inf turns every activation into NaN) and booleans for numbers are refused, also when
+    a field is assigned after validation."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod
     def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
         return refuse_bool_for_number(value, cls.model_fields[info.field_name].annotation)
+
+
+class ModelConfigBase(Strict):
+    model_config = ConfigDict(extra="allow")  # fla's config.json keys this model does not read are kept
 
     model_type: str
     vocab_size: int = Field(32000, gt=0)
