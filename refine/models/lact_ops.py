@@ -39,6 +39,8 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def l2_normalize(x: Tensor, eps: float = 1e-5) -> Tensor:
+    """x / (||x|| + eps), as the LaCT release normalizes its fast-weight queries and keys: eps is added to
+    the norm, where DeltaNet's (refine.models.delta_mixers.l2_normalize, fla's) adds it under the square root."""
     return x / (x.norm(dim=-1, keepdim=True) + eps)
 
 
