@@ -341,7 +341,9 @@ def test_a_huge_document_is_tokenized_only_as_far_as_it_is_kept(tmp_path, monkey
     words = " ".join(f"word{i % 97} and some more text" for i in range(40_000))  # about 1.2 million characters
     # Text without ASCII whitespace: Japanese whose paragraphs open with an ideographic space, and one long word.
     japanese = "".join(f"\u3000第{i}段落の文章です。次の文も続きます。" for i in range(5_000))
-    texts = [words, "short text " * 20, "x" * 50_000, japanese]
+    # Whitespace only at its start: a cut there would keep too few characters, and the whole text be tokenized.
+    titled = "title " + "漢字" * 2_500
+    texts = [words, "short text " * 20, "x" * 50_000, japanese, titled]
     source = write_jsonl(tmp_path / "huge.jsonl", texts)
     for tokenizer in (TOKENIZER, load_tokenizer(tmp_path / "tok")):
         seen: list[int] = []
@@ -354,12 +356,18 @@ def test_a_huge_document_is_tokenized_only_as_far_as_it_is_kept(tmp_path, monkey
         documents = list(stream)
         # No long text was tokenized whole: one with whitespace is cut at the last (an ideographic space too),
         # one without at the limit; the tokens kept are those of the whole text.
-        assert seen[0] <= 64 * 32 and seen[2] == 64 * 32 and 64 * 16 <= seen[3] <= 64 * 32
-        assert len(texts[3]) > 10 * seen[3] and (tokenizer is TOKENIZER or texts[3][seen[3]] == "\u3000")
+        limit = 64 * 32
+        if tokenizer is TOKENIZER:  # bytes: any cut is exact
+            assert seen == [limit, len(texts[1]), limit, limit, limit]
+        else:  # the last whitespace before the limit, in the limit's second half, else the limit
+            assert seen == [texts[0].rfind(" ", 0, limit), len(texts[1]), limit, texts[3].rfind("\u3000", 0, limit),
+                            limit]
+            assert texts[3][limit] == "\u3000" and seen[3] < limit  # not the whitespace at the limit itself
+        assert seen[3] >= limit // 2 and len(texts[3]) > 10 * seen[3]
         for document, text in zip(documents, texts):
             whole = [tokenizer.bos_id] + tokenizer.encode(text)
             assert document.token_ids == (whole[:64] if len(whole) > 64 else whole + [tokenizer.eos_id])
-        assert stream.stats.truncated == 4
+        assert stream.stats.truncated == 5 and len(documents) == 5
 
 
 # ---------------------------------------------------------------- windows of long documents

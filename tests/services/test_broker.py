@@ -339,3 +339,18 @@ def test_a_namespace_is_claimed_by_one_run_at_a_time(broker: Broker, redis_clien
     # ... and another run's once it did.
     broker.take_over("run-b", ttl_s=30)
     assert broker.renew_claim("run-a", ttl_s=30) == "run-b" and broker.claimed_by() == "run-b"
+
+
+def test_a_claim_lasts_its_ttl_from_each_claim_renewal_and_take_over(broker: Broker, redis_client: redis.Redis) -> None:
+    """A claim that lapsed early would let a second run in beside a live one; one that never lapsed would keep a
+    dead driver's namespace for good."""
+    def lasts_ms() -> int:
+        return int(redis_client.pttl(broker.key("claim")))
+
+    assert broker.claim("run-a", ttl_s=30) is None
+    assert 28_000 < lasts_ms() <= 30_000
+    assert broker.renew_claim("run-a", ttl_s=600) is None  # a renewal of a live claim extends it
+    assert 598_000 < lasts_ms() <= 600_000
+    broker.take_over("run-b", ttl_s=45)
+    assert 43_000 < lasts_ms() <= 45_000 and broker.claimed_by() == "run-b"
+    assert broker.release_claim("run-b") and lasts_ms() == -2  # gone

@@ -28,8 +28,12 @@ TTL_S = claim_ttl_s(RunConfig())
 
 
 def test_a_run_is_refused_while_a_driver_that_goes_on_holds_its_namespace(
-    redis_url: str, broker: Broker, namespace: str, tmp_path: Path
+    redis_url: str, broker: Broker, namespace: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    def went_on(*args: object) -> None:  # fail here, not hang in a run that never gets its roles
+        raise AssertionError("the run went on past its claim")
+
+    monkeypatch.setattr("services.orchestrator.withdraw_run_announcements", went_on)
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # the other run's driver
     try:
         assert broker.claim(_holder(other.pid), ttl_s=30) is None
@@ -60,6 +64,28 @@ def test_a_run_is_refused_while_a_driver_that_goes_on_holds_its_namespace(
     broker.take_over(_holder(other.pid, pid_namespace="4026531999"), ttl_s=30)
     with pytest.raises(ServiceError, match=rf"frees it {TTL_S:.0f}s after its last renewal"):
         check_namespace_free(redis_url, namespace, TTL_S)
+
+
+def test_a_driver_of_another_user_counts_as_alive(redis_url: str, broker: Broker, namespace: str,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """os.kill(pid, 0) on another user's process raises PermissionError: the process runs, so does its run."""
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        assert broker.claim(_holder(other.pid), ttl_s=30) is None
+        real_kill = os.kill
+
+        def kill(pid: int, signal: int) -> None:
+            if pid == other.pid:
+                raise PermissionError(1, "Operation not permitted")
+            real_kill(pid, signal)
+
+        with monkeypatch.context() as patch, pytest.raises(
+                ServiceError, match=rf"its driver pid {other.pid} on {socket.gethostname()}"):
+            patch.setattr(os, "kill", kill)
+            check_namespace_free(redis_url, namespace, TTL_S)
+    finally:
+        other.kill()
+        other.wait()
 
 
 def test_a_claim_no_run_made_is_named_with_how_to_remove_it(redis_url: str, broker: Broker, namespace: str) -> None:
