@@ -2,25 +2,52 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import secrets
 from pathlib import Path
 
 
 def write_atomically(path: Path, text: str) -> None:
-    """Replace `path` whole or not at all: a run killed mid-write leaves the previous file, never half of one."""
-    temp = path.with_name(f".{path.name}.tmp")
+    """Replace `path` whole or not at all: a run killed mid-write leaves the previous file, never half of one.
+    The text goes to a new temporary file beside `path` first (`_create_temporary`: never an existing file or
+    a link another user planted in a shared directory), mode 0666 less the umask as open() gives a new file."""
+    temp: Path | None = None
     try:
-        with open(temp, "w", encoding="utf-8") as handle:
+        temp, descriptor = _create_temporary(path)
+        with open(descriptor, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())  # on disk before the rename, so that a machine crash cannot leave it empty
         os.replace(temp, path)
     except BaseException as error:  # text that cannot be encoded, a full disk: no half-written temporary file stays
-        temp.unlink(missing_ok=True)
+        if temp is not None:
+            temp.unlink(missing_ok=True)
         if isinstance(error, OSError):
             raise naming(error, path) from None
         raise
+
+
+# A temporary file's name: ".<name>.<random>.tmp", the name cut to this many bytes (a file name holds 255).
+_TEMP_NAME_BYTES = 200
+_CREATE_EXCLUSIVELY = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+
+
+def _create_temporary(path: Path) -> tuple[Path, int]:
+    """A new file beside `path`, opened for writing: its path and descriptor. Created exclusively (O_EXCL,
+    O_NOFOLLOW) under a name no one can guess, so a file or a symbolic link planted in a shared directory is
+    never written through (the fixed ".<name>.tmp" followed a link to any file the run's user can write). The
+    mode is 0666 less the umask (and a directory's default ACL), as open(path, "w") makes it: tempfile.mkstemp's
+    0600 would hide a discovery file from a Prometheus running as another user."""
+    stem = os.fsdecode(os.fsencode(path.name)[:_TEMP_NAME_BYTES])
+    for _ in range(100):
+        temp = path.with_name(f".{stem}.{secrets.token_hex(8)}.tmp")
+        try:
+            return temp, os.open(temp, _CREATE_EXCLUSIVELY, 0o666)
+        except FileExistsError:  # a name taken (planted, or 2**-64 bad luck): draw another
+            continue
+    raise FileExistsError(errno.EEXIST, "no unused temporary file name beside it", str(path))
 
 
 def check_output_spares_inputs(output: str | Path, inputs: dict[str, str | Path | None], flag: str = "--output",

@@ -11,6 +11,9 @@ removes its own file when it stops, a run removes those of the members it killed
 (`withdraw_announcements`), and a run starting removes every file its namespace's earlier driver left
 when it was killed (`withdraw_run_announcements`).
 deploy/prometheus.yml reads every such file (`file_sd_configs`). Metric names all start with `refine_`.
+A process listens on the loopback address it announces unless REFINE_METRICS_HOST names a host that other
+machines reach it at (`bind_address`): otherwise no other machine reads the run's metrics (the node's own
+users still reach its loopback ports).
 """
 
 from __future__ import annotations
@@ -143,6 +146,28 @@ def metrics_host() -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host  # an IPv6 address in a target
 
 
+def bind_address(host: str) -> str:
+    """The address to serve the metrics of announced target host `host` (as `metrics_host` gives it) at. A
+    loopback host (127.0.0.1 when REFINE_METRICS_HOST is unset; ::1, any 127.x.y.z, "localhost") is served at
+    that loopback address alone: a Prometheus on this node scrapes it at the announced target, and no other
+    machine or container reaches it. Any other host (the multi-node case: the node's address on the
+    network Prometheus scrapes from) is served on every interface of its family: "::" for an IPv6 address (an
+    IPv4-only server refuses an IPv6 target), else "0.0.0.0" (a host name is not resolved: the address
+    Prometheus finds for it may be none this node binds, such as a NAT's)."""
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = ipaddress.ip_address(bare)
+    except ValueError:
+        address = None
+    if address is None:
+        name = bare.lower().removesuffix(".")
+        return "127.0.0.1" if name == "localhost" or name.endswith(".localhost") else "0.0.0.0"
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+    if (mapped or address).is_loopback:  # ::ffff:127.0.0.1 is IPv4's loopback
+        return str(mapped or address)
+    return "::" if address.version == 6 else "0.0.0.0"
+
+
 def _file_stem(*parts: str) -> str:
     return file_name_part("-".join(parts))
 
@@ -178,14 +203,15 @@ def serve_metrics(metrics: Metrics, role: str, instance: str, discovery_dir: str
                   bind: str | None = None, run: str = "") -> MetricsEndpoint:
     """Serve `metrics` on a free port and announce it in `discovery_dir` (the run's
     service.metrics_discovery_dir; None: no announcement) for Prometheus file service discovery; `run` (the
-    service's namespace) lets the run withdraw the announcement of a member it killed. `bind`: every address
-    of the announced host's family by default ("::" for an IPv6 REFINE_METRICS_HOST, else "0.0.0.0")."""
+    service's namespace) lets the run withdraw the announcement of a member it killed. `bind`: by default
+    `bind_address` of the announced host: that loopback address alone when the host is loopback (without
+    REFINE_METRICS_HOST, 127.0.0.1), every interface of its family only for a host other machines reach."""
     # Before the server starts: a directory that cannot be created, or a host that is none, leaves no server
     # thread behind.
     directory = None if discovery_dir is None else prepare_discovery_dir(discovery_dir)
     host = metrics_host()
-    if bind is None:  # an IPv4-only server refuses an announced IPv6 target: Prometheus would see it down
-        bind = "::" if host.startswith("[") else "0.0.0.0"
+    if bind is None:
+        bind = bind_address(host)
     server, _ = start_http_server(0, addr=bind, registry=metrics.registry)
     port = server.server_port
     discovery_file = None

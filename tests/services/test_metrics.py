@@ -81,6 +81,81 @@ def test_an_ipv6_metrics_host_is_served_at_the_announced_target(tmp_path: Path, 
         endpoint.close()
 
 
+def _non_loopback_address() -> str | None:
+    """An IPv4 address of this machine other than loopback (the one its default route leaves from), or None."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect(("192.0.2.1", 9))  # TEST-NET-1: a UDP connect sends nothing, it only picks the route
+            address = probe.getsockname()[0]
+    except OSError:
+        return None
+    return None if address.startswith("127.") or address == "0.0.0.0" else address
+
+
+@pytest.mark.parametrize("value,bound", [
+    (None, "127.0.0.1"), ("", "127.0.0.1"), ("127.0.0.1", "127.0.0.1"), ("localhost", "127.0.0.1"),
+    ("127.0.0.2", "127.0.0.2"),
+])
+def test_metrics_are_served_on_loopback_alone_without_a_host_other_machines_reach(
+    tmp_path: Path, monkeypatch, value: str | None, bound: str
+) -> None:
+    """Every role listened on 0.0.0.0 while it announced 127.0.0.1: on a shared node anyone on its network read
+    the run's metrics."""
+    if value is None:
+        monkeypatch.delenv("REFINE_METRICS_HOST", raising=False)
+    else:
+        monkeypatch.setenv("REFINE_METRICS_HOST", value)
+    endpoint = serve_metrics(Metrics(), role="learner", instance="learner-0", discovery_dir=tmp_path)
+    try:
+        assert endpoint.server.socket.getsockname()[:2] == (bound, endpoint.port)
+        [[target]] = announced_targets(tmp_path).values()
+        with urllib.request.urlopen(f"http://{target}/metrics", timeout=10) as response:
+            assert response.status == 200 and b"refine_learner_steps_total" in response.read()
+        other = _non_loopback_address()
+        if other is not None:  # the node's network address finds nothing listening
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection((other, endpoint.port), timeout=5).close()
+    finally:
+        endpoint.close()
+
+
+@pytest.mark.parametrize("value,bound", [
+    ("10.0.0.5", "0.0.0.0"), ("node-1.cluster.local", "0.0.0.0"), ("refine_ray-head_1", "0.0.0.0"),
+    ("fd00::5", "::"),
+])
+def test_metrics_are_served_on_every_interface_for_a_host_other_machines_reach(
+    tmp_path: Path, monkeypatch, value: str, bound: str
+) -> None:
+    """The multi-node case (docker-compose's containers, deploy/ray/local-cluster.yaml's nodes): Prometheus scrapes
+    the announced REFINE_METRICS_HOST from another machine or container."""
+    if ":" in value and not _ipv6_loopback():
+        pytest.skip("this machine has no IPv6 to serve on")
+    monkeypatch.setenv("REFINE_METRICS_HOST", value)
+    endpoint = serve_metrics(Metrics(), role="learner", instance="learner-0", discovery_dir=tmp_path)
+    try:
+        assert endpoint.server.socket.getsockname()[:2] == (bound, endpoint.port)
+        loopback = "[::1]" if bound == "::" else "127.0.0.1"
+        with urllib.request.urlopen(f"http://{loopback}:{endpoint.port}/metrics", timeout=10) as response:
+            assert response.status == 200
+        other = _non_loopback_address()
+        if other is not None and bound == "0.0.0.0":  # the node's network address reaches it, as Prometheus does
+            socket.create_connection((other, endpoint.port), timeout=5).close()
+    finally:
+        endpoint.close()
+
+
+@pytest.mark.parametrize("host,bound", [
+    ("127.0.0.1", "127.0.0.1"), ("127.1.2.3", "127.1.2.3"), ("[::1]", "::1"), ("[::ffff:127.0.0.1]", "127.0.0.1"),
+    ("localhost", "127.0.0.1"), ("LOCALHOST.", "127.0.0.1"), ("grafana.localhost", "127.0.0.1"),
+    ("10.0.0.5", "0.0.0.0"), ("[fd00::5]", "::"), ("[::ffff:10.0.0.5]", "::"), ("node-1", "0.0.0.0"),
+    ("localhost-1", "0.0.0.0"),
+])
+def test_the_bind_address_of_an_announced_host(host: str, bound: str) -> None:
+    from services.metrics import bind_address
+
+    assert bind_address(host) == bound
+
+
 def test_a_run_withdraws_only_its_own_members_announcements(tmp_path: Path) -> None:
     # Two runs on one node with a member of the same id; run B killed its member, whose file stayed.
     run_a = serve_metrics(Metrics(), role="rollout_worker", instance="rollout_worker-0.0", discovery_dir=tmp_path,
