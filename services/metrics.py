@@ -30,7 +30,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from refine.config import discovery_dir_problem, discovery_dir_setting
+from refine.config import BUILT_IN_DISCOVERY_DIR, discovery_dir_problem, discovery_dir_setting
 from refine.files import file_name_part, write_atomically
 
 STEP_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -186,7 +186,13 @@ def prepare_discovery_dir(discovery_dir: str | Path) -> Path:
     problem = discovery_dir_problem(directory)
     if problem is None:
         try:
+            missing = [folder for folder in (directory, *directory.parents) if not folder.exists()]
             directory.mkdir(parents=True, exist_ok=True)
+            if directory == Path(BUILT_IN_DISCOVERY_DIR):
+                # Every user's runs on a node announce in this one folder: made as /tmp is (sticky, so that each
+                # removes only files of its own), not as the first user's alone, which refused everyone else's.
+                for folder in missing:
+                    folder.chmod(0o1777)
         except OSError as error:
             at = f" ({error.filename})" if error.filename and str(error.filename) != str(directory) else ""
             problem = f"cannot create the directory: {error.strerror or error}{at}"

@@ -288,3 +288,33 @@ def test_an_empty_discovery_dir_variable_leaves_the_run_config_its_default(monke
     assert ServiceConfig().metrics_discovery_dir == BUILT_IN_DISCOVERY_DIR
     monkeypatch.setenv("REFINE_METRICS_DISCOVERY_DIR", "/srv/discovery")  # set after the import: read per config
     assert ServiceConfig().metrics_discovery_dir == "/srv/discovery"
+
+
+def test_the_built_in_discovery_dir_is_made_shared_as_tmp_is(tmp_path: Path, monkeypatch) -> None:
+    """/tmp/refine/prometheus was made 0755 by the first user's run: every other user's default run was refused."""
+    import services.metrics
+
+    shared = tmp_path / "refine" / "prometheus"
+    monkeypatch.setattr(services.metrics, "BUILT_IN_DISCOVERY_DIR", str(shared))
+    assert prepare_discovery_dir(shared) == shared
+    assert (shared.stat().st_mode & 0o7777, shared.parent.stat().st_mode & 0o7777) == (0o1777, 0o1777)
+    assert tmp_path.stat().st_mode & 0o7777 != 0o1777  # a folder that was there already is left as it is
+    own = tmp_path / "mine" / "prometheus"  # a folder the user named is theirs
+    prepare_discovery_dir(own)
+    assert own.stat().st_mode & 0o1000 == 0 and own.stat().st_mode & 0o022 == 0o022 & ~_umask()
+    # Another user writes there (root without its capabilities stands for one: the folder is not theirs).
+    os.chown(shared, 65534, 65534)
+    check = "from services.metrics import prepare_discovery_dir\nprepare_discovery_dir(%r)\n" % str(shared)
+    command = [sys.executable, "-c", check]
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.fail("setpriv (util-linux) is needed to run this check as root without capabilities")
+        command = ["setpriv", "--inh-caps=-all", "--bounding-set=-all", *command]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[2])
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
