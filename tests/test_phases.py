@@ -319,6 +319,31 @@ def test_posttrain_step_refuses_examples_and_settings_it_cannot_train_before_any
         assert not optimizer.state, message  # no optimizer step was taken
 
 
+def test_posttrain_step_takes_empty_answers_it_does_not_train_on():
+    """No SFT step (sft_coef 0) reads no answer; an SFT step trains on the answers there are."""
+    optim, examples = OptimConfig(lr=1e-2), _qa_examples()
+    for batch, sft_coef in (([QAExample(ex.prompt, []) for ex in examples], 0.0),
+                            ([examples[0], QAExample(examples[1].prompt, [])], 0.5)):
+        model = _model()
+        outcome = posttrain_step(model, make_optimizer(model, optim), batch, _run_config(optim), sft_coef=sft_coef,
+                                 generator=torch.Generator().manual_seed(1))
+        assert ("sft_loss" in outcome.stats) == (sft_coef > 0)
+        assert not all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), _model().state_dict().values()))
+
+
+def test_test_time_training_adapts_a_model_with_frozen_parameters():
+    """Frozen embeddings (a common choice for test-time training): the rest adapts."""
+    model = _model()
+    model.model.embeddings.requires_grad_(False)
+    embeddings = model.model.embeddings.weight.clone()
+    prompt = torch.randint(0, 30, (48,), generator=torch.Generator().manual_seed(2)).tolist()
+    answer, stats = adapt_and_answer(model, prompt, CFG, OptimConfig(lr=1e-2), steps=1, max_new_tokens=2,
+                                     restore=False)
+    assert len(answer) == 2 and len(stats) == 1
+    assert torch.equal(model.model.embeddings.weight, embeddings)
+    assert not all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), _model().state_dict().values()))
+
+
 def test_a_fused_train_step_refuses_mini_and_micro_batches_it_would_ignore():
     optim = OptimConfig(lr=1e-2)
     model = _model()

@@ -76,13 +76,18 @@ def test_token_ids_the_model_does_not_have_are_named(model):
     for bad, value in (((1, 50), VOCAB), ((0, 3), -1)):  # padding is embedded too: (1, 50) lies past length 40
         wrong = ids.clone()
         wrong[bad] = value
-        message = rf"input_ids\[{bad[0]}, {bad[1]}\]={value} is not a token id of the model \(vocab_size={VOCAB}"
+        message = (rf"input_ids\[{bad[0]}, {bad[1]}\]={value} is not a token id of the model \(vocab_size={VOCAB}: "
+                   rf"ids 0..{VOCAB - 1}\)")
         with pytest.raises(ValueError, match=message):
             fused_refine_step(model, wrong, lengths, CFG, torch.Generator())
         with pytest.raises(ValueError, match=message):
             snapshot_rollouts(model, wrong, lengths, CFG, torch.Generator())
         with pytest.raises(ValueError, match=message.replace("input_ids", "prompt_ids")):
             generate(model, wrong, 2, lengths=lengths)
+    wrong = ids.clone()
+    wrong[0, 7] = wrong[1, 2] = VOCAB + 3  # the first of several is named
+    with pytest.raises(ValueError, match=rf"input_ids\[0, 7\]={VOCAB + 3} is not a token id"):
+        fused_refine_step(model, wrong, lengths, CFG, torch.Generator())
 
 
 def test_batches_without_tokens_and_one_dimensional_ids_are_named(model):
@@ -90,6 +95,8 @@ def test_batches_without_tokens_and_one_dimensional_ids_are_named(model):
         fused_refine_step(model, torch.zeros(0, 60, dtype=torch.long), torch.zeros(0, dtype=torch.long), CFG)
     with pytest.raises(ValueError, match=r"input_ids holds no tokens: shape \(0, 60\)"):
         snapshot_rollouts(model, torch.zeros(0, 60, dtype=torch.long), torch.zeros(0, dtype=torch.long), CFG)
+    with pytest.raises(ValueError, match=r"input_ids holds no tokens: shape \(2, 0\)"):
+        snapshot_rollouts(model, torch.zeros(2, 0, dtype=torch.long), torch.zeros(2, dtype=torch.long), CFG)
     with pytest.raises(ValueError, match=r"input_ids must be \[batch, time\], got shape \(60,\)"):
         model(torch.ones(60, dtype=torch.long))
 

@@ -104,11 +104,13 @@ def test_a_checkpointed_skipped_step_resumes_with_the_stats_it_reported(redis_ur
     # The resumed learner's counters continue the run's totals: the dashboard's "Skipped steps" does not drop to 0.
     state_file = latest_checkpoint(learner.out_dir) / "learner_state.json"
     state = json.loads(state_file.read_text())
-    state_file.write_text(json.dumps(state | {"dropped_stale": 2}))  # as if two batches had come too stale
+    # As if two batches had come too stale and two more steps had been skipped (3 skipped in 1 step, so that neither
+    # counter could pass by reading the other or the step).
+    state_file.write_text(json.dumps(state | {"dropped_stale": 2, "skipped_steps": 3}))
     resumed = Learner(config.model_dump_json(), redis_url, config.service.namespace, resume=True)
     try:
-        assert resumed.state.skipped_steps == 1
-        assert resumed.metrics.registry.get_sample_value("refine_skipped_steps_total") == 1.0
+        assert resumed.state.skipped_steps == 3
+        assert resumed.metrics.registry.get_sample_value("refine_skipped_steps_total") == 3.0
         assert resumed.metrics.registry.get_sample_value("refine_stale_rollouts_dropped_total") == 2.0
     finally:
         resumed.runtime.close()
