@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import sys
 from collections.abc import Callable
@@ -161,8 +162,17 @@ def _posttrain(args: argparse.Namespace) -> int:
     return posttrain_main(args)
 
 
+def _installed_version() -> str:
+    """The installed distribution's version (pyproject.toml's), or a note when the code runs uninstalled."""
+    try:
+        return importlib.metadata.version("refine-rl")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed: run from a source tree)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="refine", description="REFINE: next-sequence prediction RL for fast-weight LMs")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_installed_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a model (NTP or REFINE) from a config file")

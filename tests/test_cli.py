@@ -372,3 +372,12 @@ def test_resume_commands_carry_the_service_addresses_given_but_no_password(tmp_p
     assert command[6:] == [*service_flags(args), "--resume"]
     args.local = True
     assert main_job_resume_command(args, config)[-2:] == ["--local", "--resume"]
+
+
+def test_version_is_the_installed_distributions(capsys):
+    import importlib.metadata
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out == f"refine {importlib.metadata.version('refine-rl')}\n"
