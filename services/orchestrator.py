@@ -112,7 +112,9 @@ from services.ray_runtime import (
     resolve_addresses,
 )
 from services.redis_server import connect, redact_url
-from services.resilience import TRANSIENT, OutageTolerance, RedisOutage, RedisStateLost, outage_timeout_s
+from services.resilience import (
+    TRANSIENT, OutageTolerance, RedisOutage, RedisStateLost, outage_timeout_s, retry_redis,
+)
 from services.streams import (
     DOCUMENTS, LEARNER_GROUP, LEARNER_REPORTS, ORCHESTRATOR_GROUP, REWARD_GROUP, ROLLOUT_GROUP, ROLLOUTS, SCORED,
     DocumentStore, check_rollout_message_size, delete_idle_consumers, document_batch_id_for, release_consumer,
@@ -582,10 +584,8 @@ class Orchestrator:
             withdraw_run_announcements(discovery_dir, self.namespace)
             self.endpoint = serve_metrics(self.metrics, role="orchestrator", instance=self.namespace,
                                           discovery_dir=discovery_dir, run=self.namespace)
-            # Durable state lives in the checkpoint, not in Redis.
-            self.broker.delete_namespace(keep=("claim",))
-            for stream, group in self._groups():
-                self.broker.ensure_group(stream, group, start_id="0")
+            # Durable state lives in the checkpoint, not in Redis. A Redis restart now is ridden out, as later.
+            retry_redis(self._fresh_streams, "set up the run's streams", self.outage.timeout_s)
         except BaseException:
             if self.endpoint is not None:
                 self.endpoint.close()
@@ -630,6 +630,12 @@ class Orchestrator:
                 if graceful:
                     self._let_learner_stop()
                 self._shutdown()
+
+    def _fresh_streams(self) -> None:
+        """The namespace emptied of an earlier run's keys (the claim kept), and the run's consumer groups made."""
+        self.broker.delete_namespace(keep=("claim",))
+        for stream, group in self._groups():
+            self.broker.ensure_group(stream, group, start_id="0")
 
     def _claim_namespace(self) -> None:
         """Hold the run's Redis namespace, or refuse to start: two runs in one namespace (the same train.out_dir

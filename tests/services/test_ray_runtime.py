@@ -7,17 +7,20 @@ import sys
 import socket
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import ray
+import redis
 
 from refine.config import RunConfig
 from services.ray_runtime import (
     PROJECT_PACKAGES, actor_options, address_source, check_gpus, check_no_hidden_packages, check_ray_address,
-    ray_for_run, resolve_addresses,
+    ray_for_run, redis_for_run, resolve_addresses,
 )
+from services.redis_server import connect
 
 CHECKOUT = Path(__file__).resolve().parents[2]
 
@@ -237,6 +240,16 @@ def test_a_redis_url_given_as_the_ray_address_keeps_its_password_out_of_the_mess
     with pytest.raises(ValueError) as info:
         check_ray_address("redis://:hunter2@head:6379/0")
     assert "hunter2" not in str(info.value) and "redis:// is not a Ray address scheme" in str(info.value)
+
+
+def test_the_embedded_redis_of_a_run_answers_only_to_its_url() -> None:
+    """The URL every role of the run gets carries the embedded server's password; without it the server refuses."""
+    with redis_for_run(None, multi_node=False) as url:
+        assert connect(url).ping()
+        parts = urllib.parse.urlsplit(url)
+        assert parts.password
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(host=parts.hostname, port=parts.port).ping()
 
 
 def test_a_metrics_host_that_is_no_host_fails_before_ray_starts(

@@ -1,12 +1,14 @@
 """Embedded Redis: lifecycle, persistence across restarts, and clear errors for bad URLs."""
 
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
 import threading
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import torch
 from services.broker import Broker
 from services.messages import DocumentBatch
 from services.redis_server import (
+    PASSWORD_FILE,
     EmbeddedRedis,
     EmbeddedRedisError,
     RedisUnavailableError,
@@ -54,13 +57,14 @@ def test_start_answers_and_stop_cleans_up() -> None:
     with server:
         client = connect(server.url)
         assert client.ping() and server.running
-        assert client.config_get("bind")["bind"] == "127.0.0.1"
-        assert client.config_get("appendonly")["appendonly"] == "no"
+        arguments = server._process.args  # CONFIG GET is disabled (test_config_debug_and_module_are_disabled)
+        assert arguments[arguments.index("--bind") + 1] == "127.0.0.1"
+        assert client.info("persistence")["aof_enabled"] == 0
         data_dir = server.data_dir
         assert data_dir.is_dir()
         url = server.url
     assert not server.running and not data_dir.exists()
-    with pytest.raises(RedisUnavailableError, match=url.replace("/", r"/")):
+    with pytest.raises(RedisUnavailableError, match=re.escape(redact_url(url))):
         connect(url, timeout_s=0.5)
     with pytest.raises(EmbeddedRedisError, match="not running"):
         server.url
@@ -75,11 +79,47 @@ def test_the_server_is_out_of_reach_of_a_terminals_ctrl_c() -> None:
         assert connect(server.url).ping()
 
 
+def _password(url: str) -> str:
+    return urllib.parse.unquote(urllib.parse.urlsplit(url).password or "")
+
+
+def test_the_server_requires_the_password_its_url_carries() -> None:
+    """Any local user reaches 127.0.0.1: without the password nobody reads, writes or flushes the run's data."""
+    with EmbeddedRedis() as server:
+        password = _password(server.url)
+        assert len(password) >= 32 and server.url == f"redis://:{password}@127.0.0.1:{server.port}/0"
+        connect(server.url).set("k", "v")
+        for intruder in (redis.Redis(port=server.port), redis.Redis(port=server.port, password="guess")):
+            with pytest.raises(redis.AuthenticationError):
+                intruder.get("k")
+            with pytest.raises(redis.AuthenticationError):
+                intruder.flushall()
+        with pytest.raises(ValueError, match="refused the URL's settings: AuthenticationError"):
+            connect(f"redis://127.0.0.1:{server.port}/0")
+        assert connect(server.url).get("k") == b"v" and server.client().get("k") == b"v"
+        # Shown only redacted, and never on the command line other users see (ps).
+        assert password not in repr(server) and password not in redact_url(server.url)
+        if sys.platform == "linux":
+            assert password.encode() not in Path(f"/proc/{server._process.pid}/cmdline").read_bytes()
+
+
 def test_two_servers_run_side_by_side() -> None:
     with EmbeddedRedis() as first, EmbeddedRedis() as second:
         assert first.port != second.port
         connect(first.url).set("k", "first")
         assert connect(second.url).get("k") is None
+
+
+def test_config_debug_and_module_are_disabled() -> None:
+    """Even with the password, no client can make the server write a file where it likes (CONFIG SET dir +
+    dbfilename + SAVE) or load code (MODULE LOAD): the commands do not exist."""
+    with EmbeddedRedis() as server:
+        client = connect(server.url)
+        for command in (("CONFIG", "SET", "dir", "/tmp"), ("CONFIG", "GET", "dir"), ("DEBUG", "SLEEP", "0"),
+                        ("MODULE", "LIST")):
+            with pytest.raises(redis.ResponseError, match=f"unknown command `{command[0]}`"):
+                client.execute_command(*command)
+        assert client.ping()
 
 
 def test_taken_port_gives_a_clear_error(redis_url: str) -> None:
@@ -112,6 +152,37 @@ def test_appendonly_restart_keeps_unconsumed_entries(tmp_path: Path) -> None:
         assert [(i, m.batch_id) for i, m in reclaimed] == [(held[1][0], held[1][1].batch_id)]
         version, weights = RedisWeightStore(broker.client, "run").fetch()
         assert version == 4 and torch.equal(weights["w"], torch.arange(6.0))
+
+
+def test_a_restart_on_the_same_data_keeps_the_password(tmp_path: Path) -> None:
+    """The run's roles hold the URL with the password: a restart, by the same object or a new one on the same
+    data dir and port, must take it."""
+    server = EmbeddedRedis(data_dir=tmp_path, appendonly=True)
+    with server:
+        url, port = server.url, server.port
+        client = connect(url)
+        client.set("k", "v")
+    assert (tmp_path / PASSWORD_FILE).stat().st_mode & 0o777 == 0o600
+    assert _password(url) in (tmp_path / PASSWORD_FILE).read_text()
+    restarted = EmbeddedRedis(data_dir=tmp_path, port=port, appendonly=True)
+    with restarted:
+        assert restarted.url == url
+        assert client.get("k") == b"v"  # the client made before the restart reconnects with its password
+    with server:  # the first object again: it kept its password
+        assert _password(server.url) == _password(url)
+    temporary = EmbeddedRedis()  # no data dir: the password is kept on the object
+    with temporary:
+        first = temporary.url
+    with temporary:
+        assert _password(temporary.url) == _password(first) and connect(temporary.url).ping()
+
+
+def test_a_password_file_other_users_could_read_is_refused(tmp_path: Path) -> None:
+    with EmbeddedRedis(data_dir=tmp_path):
+        pass
+    (tmp_path / PASSWORD_FILE).chmod(0o644)
+    with pytest.raises(EmbeddedRedisError, match="is not private to this user"):
+        EmbeddedRedis(data_dir=tmp_path).start()
 
 
 def test_restart_without_appendonly_starts_empty(tmp_path: Path) -> None:
@@ -266,14 +337,35 @@ def test_a_database_the_server_refuses_is_a_wrong_setting_not_an_outage(redis_ur
     with pytest.raises(ValueError) as info:
         connect(url)
     assert not isinstance(info.value, RedisUnavailableError)
-    assert str(info.value).startswith(f"Redis at {url} (--redis-url, service.redis_url or REFINE_REDIS_URL) refused "
-                                      f"the URL's settings: ")
+    assert str(info.value).startswith(f"Redis at {redact_url(url)} (--redis-url, service.redis_url or "
+                                      f"REFINE_REDIS_URL) refused the URL's settings: ")
 
 
 def test_an_unparsable_url_is_redacted_and_named() -> None:
     with pytest.raises(ValueError) as info:
         connect("redis://user:s3cret@[::1:6379/0")
     assert "s3cret" not in str(info.value) and "redis://***@[::1:6379/0" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "url, shown, key",
+    [
+        ("redis://127.0.0.1:1/0?Password=s3cret", "redis://127.0.0.1:1/0?Password=***", "Password"),
+        ("redis://:s3cret@127.0.0.1:1/0?socket_timeout=2&sockettimeout=2",
+         "redis://:***@127.0.0.1:1/0?socket_timeout=2&sockettimeout=2", "sockettimeout"),
+        ("unix:///run/redis.sock?db=0&DB=1", "unix:///run/redis.sock?db=0&DB=1", "DB"),
+    ],
+)
+def test_an_unknown_query_key_is_named(url: str, shown: str, key: str) -> None:
+    """redis-py hands every query key to the connection it makes on the first command: an unknown one was a raw
+    TypeError from deep inside it."""
+    with pytest.raises(ValueError) as info:
+        connect(url, timeout_s=0.5)
+    scheme = url.partition("://")[0]
+    assert str(info.value) == (
+        f"invalid Redis URL {shown!r} (--redis-url, service.redis_url or REFINE_REDIS_URL): the query key {key!r} is "
+        f"not a setting of a {scheme}:// connection (keys are case-sensitive: password, db, socket_timeout, ...)")
+    assert "s3cret" not in str(info.value)
 
 
 @pytest.mark.parametrize("url", ["localhost:6379", "", None])
