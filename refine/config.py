@@ -397,8 +397,9 @@ class ServiceConfig(Strict):
     namespace: str | None = Field(None, description="Redis key prefix (letters, digits, '_', '-', '.'); None: "
                                                      "derived from the run directory")
     num_rollout_workers: int = Field(2, ge=1, le=MAX_ROLE_ACTORS)
-    num_learners: int = Field(1, ge=1, le=MAX_ROLE_ACTORS, description="data-parallel learner ranks (torch.distributed: gloo on CPU, "
-                              "NCCL on CUDA); each step's documents are split across them")
+    num_learners: int = Field(1, ge=1, le=MAX_ROLE_ACTORS,
+                              description="data-parallel learner ranks (torch.distributed: gloo on CPU, NCCL on CUDA); "
+                                          "each step's documents are split across them")
     num_reward_replicas: int = Field(1, ge=1, le=MAX_ROLE_ACTORS)
     max_staleness: int = Field(0, ge=0, description="drop rollouts more than this many versions (learner steps, each train.mini_batches optimizer steps) old; 0 = on-policy")
     sync_interval: int = Field(1, ge=1, description="learner publishes weights every this many steps")

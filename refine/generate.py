@@ -33,7 +33,8 @@ def generate(model: FastWeightLM, prompt_ids: Tensor, max_new_tokens: int, eos_i
     if lengths is None:
         lengths = torch.full((rows,), width, device=prompt_ids.device)
     lengths = torch.as_tensor(lengths, device=prompt_ids.device)
-    if lengths.shape != (rows,) or not is_integer_dtype(lengths.dtype) or bool(((lengths < 1) | (lengths > width)).any()):
+    if (lengths.shape != (rows,) or not is_integer_dtype(lengths.dtype)
+            or bool(((lengths < 1) | (lengths > width)).any())):
         raise ValueError(f"lengths must be {rows} integers in [1, {width}], got {lengths.tolist()}")
     lengths = lengths.long()
     if vocab_limit is not None and vocab_limit < 1:

@@ -44,8 +44,8 @@ from services.metrics import metrics_host, prepare_discovery_dir
 from services.redis_server import URL_SOURCES, EmbeddedRedis, connect, redact_url
 
 __all__ = ["ActorRequest", "Placement", "RayPlan", "Reservation", "actor_cpus", "actor_options", "actor_requests",
-           "check_no_hidden_packages", "check_placement", "check_ray_address", "fit_together", "free_per_node", "gpus_needed", "ray_for_run",
-           "redis_for_run", "resolve_addresses", "resource_request"]
+           "check_no_hidden_packages", "check_placement", "check_ray_address", "fit_together", "free_per_node",
+           "gpus_needed", "ray_for_run", "redis_for_run", "resolve_addresses", "resource_request"]
 
 logger = logging.getLogger(__name__)
 

@@ -169,7 +169,8 @@ def ntp_loss(logits: Tensor, input_ids: Tensor, lengths: Tensor | None = None) -
     if lengths is None:
         lengths = torch.full((batch,), width, dtype=torch.long, device=logits.device)
     lengths = torch.as_tensor(lengths, device=logits.device)
-    if lengths.shape != (batch,) or not is_integer_dtype(lengths.dtype) or (lengths < 0).any() or (lengths > width).any():
+    if (lengths.shape != (batch,) or not is_integer_dtype(lengths.dtype) or (lengths < 0).any()
+            or (lengths > width).any()):
         raise ValueError(f"lengths must be integers in [0, {width}] of shape [{batch}], got {lengths.tolist()}")
     valid = torch.arange(1, width, device=logits.device)[None, :] < lengths[:, None]
     count = int(valid.sum())

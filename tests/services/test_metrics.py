@@ -310,7 +310,8 @@ def test_the_built_in_discovery_dir_is_made_shared_as_tmp_is(tmp_path: Path, mon
         if shutil.which("setpriv") is None:
             pytest.fail("setpriv (util-linux) is needed to run this check as root without capabilities")
         command = ["setpriv", "--inh-caps=-all", "--bounding-set=-all", *command]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[2])
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60,
+                            cwd=Path(__file__).resolve().parents[2])
     assert result.returncode == 0, result.stderr[-2000:]
 
 
