@@ -125,13 +125,14 @@ def learner_vs_ntp(args: argparse.Namespace, root: Path) -> dict:
             "learner_step_s": round(learner, 4), "ratio": round(learner / ntp, 3)}
 
 
+# The Redis URL comes in the environment: it may hold a password, which a command line shows to every user (ps).
 _FETCHER = """
-import json, sys, time
+import json, os, sys, time
 from services.redis_server import connect
 from services.weight_store import RedisWeightStore
-store = RedisWeightStore(connect(sys.argv[1], socket_timeout_s=None), sys.argv[2])
+store = RedisWeightStore(connect(os.environ["REFINE_REDIS_URL"], socket_timeout_s=None), sys.argv[1])
 print("ready", flush=True)
-version = store.wait_for_version(int(sys.argv[3]), timeout_s=600, poll_s=0.002)
+version = store.wait_for_version(int(sys.argv[2]), timeout_s=600, poll_s=0.002)
 started = time.perf_counter()
 _, state_dict = store.fetch(version)
 fetched_at = time.time()
@@ -147,8 +148,8 @@ def weight_sync(megabytes: int, redis_url: str) -> dict:
     count = max(1, round(megabytes / 10))
     elements = round(megabytes * 250_000 / count)
     state_dict = {f"layer{i}.weight": torch.randn(elements) for i in range(count)}
-    fetcher = subprocess.Popen([sys.executable, "-c", _FETCHER, redis_url, namespace, "1"],
-                               stdout=subprocess.PIPE, text=True)
+    fetcher = subprocess.Popen([sys.executable, "-c", _FETCHER, namespace, "1"], stdout=subprocess.PIPE, text=True,
+                               env=dict(os.environ, REFINE_REDIS_URL=redis_url))
     assert fetcher.stdout is not None and fetcher.stdout.readline().strip() == "ready"
     started_at, started = time.time(), time.perf_counter()
     store.publish(state_dict, 1)
