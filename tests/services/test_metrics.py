@@ -222,16 +222,9 @@ def test_a_discovery_dir_of_another_user_that_refuses_files_is_refused_naming_th
     shared = tmp_path / "prometheus"
     shared.mkdir()
     shared.chmod(0o555)
-    check = ("from services.metrics import prepare_discovery_dir\n"
-             "try:\n    prepare_discovery_dir(%r)\nexcept ValueError as error:\n    print(error)\n" % str(shared))
-    command = [sys.executable, "-c", check]
-    if os.geteuid() == 0:  # root writes anywhere: drop its capabilities, as another user has none over the folder
-        if shutil.which("setpriv") is None:
-            pytest.fail("setpriv (util-linux) is needed to run this check as root without capabilities")
-        command = ["setpriv", "--inh-caps=-all", "--bounding-set=-all", *command]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=60,
-                            cwd=Path(__file__).resolve().parents[2])
-    assert result.returncode == 0, result.stderr[-2000:]
+    result = _as_another_user("from services.metrics import prepare_discovery_dir\n"
+                              "try:\n    prepare_discovery_dir(%r)\nexcept ValueError as error:\n    print(error)\n"
+                              % str(shared))
     assert result.stdout.strip() == (f"service.metrics_discovery_dir='{shared}': cannot write files in it: "
                                      f"Permission denied"), result.stdout
     assert not list(shared.iterdir())  # the check leaves nothing behind
@@ -304,8 +297,13 @@ def test_the_built_in_discovery_dir_is_made_shared_as_tmp_is(tmp_path: Path, mon
     assert own.stat().st_mode & 0o1000 == 0 and own.stat().st_mode & 0o022 == 0o022 & ~_umask()
     # Another user writes there (root without its capabilities stands for one: the folder is not theirs).
     os.chown(shared, 65534, 65534)
-    check = "from services.metrics import prepare_discovery_dir\nprepare_discovery_dir(%r)\n" % str(shared)
-    command = [sys.executable, "-c", check]
+    _as_another_user("from services.metrics import prepare_discovery_dir\nprepare_discovery_dir(%r)\n" % str(shared))
+
+
+def _as_another_user(code: str) -> subprocess.CompletedProcess:
+    """Run `code` in a Python that has no rights over files it does not own (checked to exit 0): root writes
+    anywhere, so as root it runs without capabilities, as another user has none over the folder."""
+    command = [sys.executable, "-c", code]
     if os.geteuid() == 0:
         if shutil.which("setpriv") is None:
             pytest.fail("setpriv (util-linux) is needed to run this check as root without capabilities")
@@ -313,6 +311,7 @@ def test_the_built_in_discovery_dir_is_made_shared_as_tmp_is(tmp_path: Path, mon
     result = subprocess.run(command, capture_output=True, text=True, timeout=60,
                             cwd=Path(__file__).resolve().parents[2])
     assert result.returncode == 0, result.stderr[-2000:]
+    return result
 
 
 def _umask() -> int:
