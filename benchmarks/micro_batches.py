@@ -30,9 +30,9 @@ from refine.cli import positive_int
 from refine.algorithm.rollout import snapshot_rollouts
 from refine.algorithm.update import score_rollouts
 from refine.config import ConfigError, RunConfig, load_config
-from refine.loop import make_optimizer, rollout_batch_update
 from refine.models import build_model
 from refine.runtime import tune_allocator
+from refine.step import make_optimizer, rollout_batch_update
 
 
 def peak_rss_bytes() -> int:

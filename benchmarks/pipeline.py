@@ -35,8 +35,9 @@ from refine.algorithm.rollout import snapshot_rollouts
 from refine.algorithm.update import LossResult, score_rollouts
 from refine.config import RunConfig, validate_config
 from refine.data.stream import document_batches
-from refine.loop import make_optimizer, optimizer_step, prepare_model, train
+from refine.loop import prepare_model, train
 from refine.runtime import tune_allocator
+from refine.step import make_optimizer, optimizer_step
 from refine.tokenizer import load_tokenizer
 from services.orchestrator import run
 from services.redis_server import EmbeddedRedis, connect

@@ -1,9 +1,9 @@
-"""Learner checkpoints: `refine.loop.save_checkpoint` (model, optimizer, RNG, data cursor) plus the
+"""Learner checkpoints: `refine.checkpoints.save_checkpoint` (model, optimizer, RNG, data cursor) plus the
 service's own state in `learner_state.json` (weight version, counters, the cursor's epoch), and in
 `reports.jsonl` the learner's reports the orchestrator had not confirmed writing yet (services/progress.py).
 
 A checkpoint is written into a fresh directory and then swapped in for `latest`
-(`refine.loop.save_run_checkpoint`), so a learner killed while writing leaves the previous checkpoint
+(`refine.checkpoints.save_run_checkpoint`), so a learner killed while writing leaves the previous checkpoint
 intact. The orchestrator reads only the small JSON file to know where the data stream resumes.
 """
 
@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from refine.checkpoints import RunPosition, latest_checkpoint, load_checkpoint, read_trainer_state, save_run_checkpoint
 from refine.errors import validation_problems
-from refine.loop import RunPosition, latest_checkpoint, load_checkpoint, read_trainer_state, save_run_checkpoint
 from refine.models import FastWeightLM
 from refine.tokenizer import Tokenizer
 from services.progress import StepReport
@@ -47,7 +47,7 @@ def save_learner_checkpoint(out_dir: str | Path, model: FastWeightLM, optimizer:
                             generator: torch.Generator, tokenizer: Tokenizer, state: LearnerState,
                             reports: list[StepReport] | None = None, keep: int = 0) -> Path:
     """Save a checkpoint; `reports`: those the orchestrator may not have written yet; `keep`:
-    train.keep_checkpoints (see refine.loop.save_run_checkpoint)."""
+    train.keep_checkpoints (see refine.checkpoints.save_run_checkpoint)."""
     position = RunPosition(state.step, state.cursor, state.skipped_steps)
     extra = {STATE_FILE: state.model_dump_json(indent=2),
              REPORTS_FILE: "".join(report.model_dump_json() + "\n" for report in reports or [])}

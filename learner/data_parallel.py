@@ -36,10 +36,10 @@ from learner.update import rollouts_from_batch
 from refine.algorithm.rollout import Rollouts
 from refine.algorithm.update import LossResult, SliceShares, advantages_for, rollout_stats, slice_loss
 from refine.config import RunConfig
-from refine.loop import StepResult, backward_slices, merge_steps, mini_batch_bounds, recombine_loss
 from refine.models import FastWeightLM
 from refine.optim import MasterWeightAdamW, clip_gradients
 from refine.runtime import StageTimes
+from refine.step import StepResult, backward_slices, merge_steps, mini_batch_bounds, recombine_loss
 from services.codec import decode, encode
 from services.messages import DocumentBatch, ScoredBatch
 
@@ -161,7 +161,7 @@ class DataParallelGroup:
     def _whole_batch_stats(self, stats: dict[str, float], shares: list[SliceShares],
                            config: RunConfig) -> dict[str, float]:
         """This rank's loss statistics (its slices' share-weighted means) as the whole (mini-)batch's: each weighted
-        by the rank's share of its term and added up over the ranks, as refine.loop.merge_slice_stats merges
+        by the rank's share of its term and added up over the ranks, as refine.step.merge_slice_stats merges
         micro-batches. The keys are rank 0's (it always has documents; a rank past the batch has none)."""
         keys = self._keys_of_rank_0(sorted(stats))
         share = SliceShares(sum(part.ntp for part in shares), sum(part.policy for part in shares))
@@ -197,7 +197,7 @@ class DataParallelGroup:
                documents: DocumentBatch, config: RunConfig, ref_model: FastWeightLM | None = None) -> StepResult:
         """Advantages on the whole batch, then per mini-batch (`train.mini_batches`): the loss on this rank's
         documents of it, summed gradients, clip, step. Every rank takes (or skips) the same steps. Stats are
-        the mini-batches' means (see refine.loop.rollout_batch_update)."""
+        the mini-batches' means (see refine.step.rollout_batch_update)."""
         times = StageTimes(self.device)
         with times.stage("forward"):
             rollouts = rollouts_from_batch(scored, self.device)

@@ -46,8 +46,9 @@ from refine.algorithm.rewards import check_run_reward
 from refine.algorithm.rollout import positions_problem
 from refine.config import RunConfig, run_tokenizer
 from refine.evaluation.heldout import heldout_evaluator
-from refine.loop import StepResult, finite_stats, make_optimizer, prepare_model
+from refine.loop import finite_stats, prepare_model
 from refine.optim import learning_rate, set_learning_rate
+from refine.step import StepResult, make_optimizer
 from services.messages import DataCursor, DocumentBatch, ScoredBatch
 from services.progress import LearnerProgress, StepReport, read_published, read_recorded, write_progress
 from services.resilience import (

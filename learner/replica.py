@@ -13,9 +13,10 @@ from learner.checkpoint import latest_checkpoint, load_learner_checkpoint
 from learner.data_parallel import DataParallelGroup, learner_device, weights_digest
 from refine.config import RunConfig, run_tokenizer
 from refine.evaluation.heldout import heldout_evaluator
-from refine.loop import make_optimizer, prepare_model
+from refine.loop import prepare_model
 from refine.optim import learning_rate, set_learning_rate
 from refine.runtime import tune_allocator
+from refine.step import make_optimizer
 
 __all__ = ["LearnerReplica"]
 

@@ -14,9 +14,9 @@ import torch
 from refine.algorithm.rollout import Rollouts
 from refine.algorithm.update import fused_refine_step
 from refine.config import RunConfig
-from refine.loop import StepResult, optimizer_step, rollout_batch_update
 from refine.models import FastWeightLM
 from refine.runtime import StageTimes
+from refine.step import StepResult, optimizer_step, rollout_batch_update
 from services.messages import ScoredBatch
 
 __all__ = ["LEARNER_PHASES", "fused_update", "onepass_update", "rollouts_from_batch"]

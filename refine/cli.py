@@ -63,7 +63,7 @@ def service_flags(args: argparse.Namespace) -> list[str]:
 def main_job_resume_command(args: argparse.Namespace, config: RunConfig) -> list[str]:
     """The main job's own command line with --resume: each stage goes on from its checkpoint (a finished one
     says so and trains nothing). A relative run directory is pinned, so that it resumes from anywhere."""
-    from refine.loop import absolute_out_dir
+    from refine.run_files import absolute_out_dir
 
     command = ["refine", "train"] + ([str(Path(args.config).resolve())] if args.config else [])
     pinned = [] if Path(config.train.out_dir).is_absolute() else [f"train.out_dir={absolute_out_dir(config)}"]
@@ -92,7 +92,7 @@ def unused_vllm_engine(config: RunConfig, args: argparse.Namespace) -> str | Non
 
 
 def _train(args: argparse.Namespace) -> int:
-    from refine.loop import absolute_out_dir
+    from refine.run_files import absolute_out_dir
 
     # No config file: the main job (REFINE vs NTP comparison) on its embedded defaults.
     config = load_config(args.config, args.set, defaults=DEMO_DEFAULTS)

@@ -21,6 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from refine.algorithm.rewards import check_run_reward  # noqa: E402
+from refine.checkpoints import checkpoint_step, clear_checkpoints, latest_checkpoint  # noqa: E402
 from refine.config import RunConfig, run_tokenizer, validate_config  # noqa: E402
 from refine.data.stream import recall_corpus_config  # noqa: E402
 from refine.data.synthetic import (  # noqa: E402
@@ -28,11 +29,9 @@ from refine.data.synthetic import (  # noqa: E402
 )
 from refine.evaluation.heldout import heldout_ntp_loss  # noqa: E402
 from refine.evaluation.runner import evaluate  # noqa: E402
-from refine.loop import (  # noqa: E402
-    check_mini_batches, checkpoint_step, clear_checkpoints, latest_checkpoint,
-)
 from refine.models import load_model  # noqa: E402
 from refine.plots import read_metrics  # noqa: E402
+from refine.step import check_mini_batches  # noqa: E402
 from refine.tokenizer import HFTokenizer, Tokenizer  # noqa: E402
 
 Trainer = Callable[[RunConfig], dict]

@@ -1,6 +1,6 @@
 """The three phases as library calls, all on the same one-pass machinery.
 
-- mid-training: `refine.loop.train_step` on long documents;
+- mid-training: `refine.step.train_step` on long documents;
 - post-training (`posttrain_step`): "nested", in the paper code's order: REFINE over the prompts (context
   and question, what test-time training adapts on) as `train_step` takes it on documents (one fused
   optimizer step, or rollouts sampled once and an optimizer step per mini-batch), then one optimizer step
@@ -25,10 +25,10 @@ from refine.algorithm.update import LossResult, fused_refine_step
 from refine.config import OptimConfig, RefineConfig, RunConfig
 from refine.data.batches import DocumentBatch, pad_documents
 from refine.generate import generate
-from refine.loop import StepResult, make_optimizer, optimizer_step, train_step
 from refine.models import FastWeightLM
 from refine.models.base import check_token_ids
 from refine.models.state import is_integer_dtype
+from refine.step import StepResult, make_optimizer, optimizer_step, train_step
 
 MAX_SFT_COEF = torch.finfo(torch.float32).max  # the SFT loss is float32 at least: past this its product is inf
 
@@ -107,7 +107,7 @@ def posttrain_step(model: FastWeightLM, optimizer: torch.optim.Optimizer, exampl
                    config: RunConfig, sft_coef: float = 1.0, generator: torch.Generator | None = None,
                    pad_id: int = 0) -> StepResult:
     """One nested post-training step on a batch of examples, as the paper's code runs it: REFINE over the
-    prompts in `train.mode` (`refine.loop.train_step` on the prompts as documents: fused, one on-policy
+    prompts in `train.mode` (`refine.step.train_step` on the prompts as documents: fused, one on-policy
     optimizer step; onepass, rollouts sampled once for the batch, then an optimizer step per
     `train.mini_batches` run of prompts, as the paper's code takes `ttt_ppo_mini_batch_size` prompts per
     update), then one optimizer step on the whole batch's SFT loss computed at the weights those produced,

@@ -46,16 +46,16 @@ from tqdm.auto import tqdm
 
 from refine.algorithm.rewards import check_run_reward
 from refine.algorithm.selection import min_document_length
+from refine.checkpoints import RUN_RECORDS, resume_from
 from refine.config import DataSpec, RunConfig, fit_to_tokenizer, load_config, run_tokenizer
 from refine.data.tasks import LoadReport, TaskExample, load_longbench, load_ruler_qa
 from refine.evaluation.runner import prompt_tokens
 from refine.files import write_atomically
-from refine.loop import (
-    RUN_RECORDS, StepBatch, StepResult, absolute_out_dir, check_mini_batches, finished_run, make_optimizer,
-    prepare_model, resume_from, run_steps, start_run_directory,
-)
+from refine.loop import StepBatch, prepare_model, run_steps
 from refine.phases import QAExample, check_no_kl_term, check_sft_coef, posttrain_step
+from refine.run_files import absolute_out_dir, finished_run, start_run_directory
 from refine.runtime import StageTimes, tune_allocator
+from refine.step import StepResult, check_mini_batches, make_optimizer
 from refine.tokenizer import Tokenizer
 
 POSTTRAIN_TASKS = ("ruler-qa", "longbench")

@@ -91,11 +91,12 @@ from refine.data.stream import (
 )
 from refine.evaluation.heldout import heldout_documents
 from refine.files import write_atomically
-from refine.loop import (
-    Divergence, RunInterrupted, absolute_out_dir, check_kept_without_latest, check_resumed_program,
-    check_resumed_tokenizer, clear_checkpoints, finished_run, fresh_run_message, interrupted_message, jsonl_rows,
-    plot_run, rate_change_warning, restart_metrics, warmup_warning, write_row,
+from refine.checkpoints import (
+    check_kept_without_latest, check_resumed_program, check_resumed_tokenizer, clear_checkpoints, fresh_run_message,
 )
+from refine.loop import RunInterrupted, interrupted_message, rate_change_warning, warmup_warning
+from refine.run_files import absolute_out_dir, finished_run, jsonl_rows, plot_run, restart_metrics, write_row
+from refine.step import Divergence
 from refine.optim import describe_rates
 from refine.runtime import sigterm_as_ctrl_c
 from refine.tokenizer import Tokenizer

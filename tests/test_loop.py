@@ -1,27 +1,19 @@
-"""The single-process loop: every mode trains, runs write their directory, resume is exact, bad steps skip."""
+"""The single-process loop: every mode trains, resume is exact, a run reads its data and checks its settings
+before it writes, Ctrl-C or SIGTERM stops it after a step with a checkpoint."""
 
 import json
 import os
 import re
-import shutil
 import signal
 from pathlib import Path
 
 import pytest
 import torch
 
-from refine.algorithm.rollout import snapshot_rollouts
-from refine.algorithm.update import LossResult, advantages_for, refine_loss, score_rollouts
-from refine.config import ConfigError, load_config
-from refine.algorithm.losses import ntp_loss
-from refine.config import run_tokenizer
-from refine.data.batches import DocumentBatch
-from refine.loop import (
-    MAX_SKIPPED_IN_A_ROW, NONFINITE_KEY, RunPosition, StepResult, make_optimizer, merge_steps, mini_batch_bounds,
-    optimizer_step, prepare_model, latest_checkpoint, read_trainer_state, resume_from, rollout_batch_update,
-    save_run_checkpoint, start_run_directory, step_checkpoints, train, train_step,
-)
-from refine.models import build_model, load_model
+from refine.checkpoints import read_trainer_state
+from refine.config import load_config, run_tokenizer
+from refine.loop import NONFINITE_KEY, prepare_model, train, train_step
+from refine.models import load_model
 
 
 def _config(tmp_path, mode, steps=2, extra=()):
@@ -103,39 +95,6 @@ def test_bfloat16_runs_train_on_float32_masters_and_resume_exactly(tmp_path):
     assert changed > 0.3 * sum(tensor.numel() for tensor in start.values())
 
 
-def test_resume_without_a_checkpoint_says_it_starts_over(tmp_path, capsys):
-    stats = train(_config(tmp_path, "ntp", steps=1), resume=True, progress=False)
-    assert stats["step"] == 1
-    assert f"no checkpoint at {tmp_path / 'checkpoints' / 'latest'} to resume from" in capsys.readouterr().err
-
-
-def test_a_resume_with_nothing_left_to_train_says_so_and_leaves_the_run_as_it_was(tmp_path, capsys):
-    train(_config(tmp_path, "ntp", steps=2), progress=False)
-    before = {name: (tmp_path / name).read_text() for name in ("config.yaml", "metrics.jsonl")}
-    stats = train(_config(tmp_path, "ntp", steps=1), resume=True, progress=False)
-    assert stats["step"] == 2 and stats == json.loads(before["metrics.jsonl"].splitlines()[-1])
-    assert f"nothing to train: the checkpoint in {tmp_path} is at step 2, train.steps=1" in capsys.readouterr().err
-    assert {name: (tmp_path / name).read_text() for name in before} == before  # config.yaml still says 2 steps
-
-
-def test_non_finite_steps_are_skipped_and_counted():
-    model = build_model(dict(model_type="delta_net", hidden_size=16, num_heads=2, num_hidden_layers=1, vocab_size=10))
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1.0)
-    bad = model.lm_head.weight.sum() * float("nan")
-    outcome = optimizer_step(model, optimizer, LossResult(bad, bad, bad, {}), grad_clip=1.0)
-    assert outcome.skipped and outcome.stats["skipped_nonfinite"] == 1.0
-    # A finite loss whose gradient is not finite is skipped too.
-    hook = model.lm_head.weight.register_hook(lambda grad: grad * float("inf"))
-    finite = model(torch.tensor([[1, 2, 3]])).logits.square().mean()
-    assert torch.isfinite(finite)
-    outcome = optimizer_step(model, optimizer, LossResult(finite, finite, finite, {}), grad_clip=1.0)
-    hook.remove()
-    assert outcome.skipped and outcome.stats["skipped_nonfinite"] == 1.0
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, before[k]), k
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("mode,dtype", [("ntp", "float32"), ("onepass", "float32"), ("fused", "float32"),
@@ -151,68 +110,10 @@ def test_every_mode_trains_on_cuda(tmp_path, mode, dtype):
         assert torch.isfinite(torch.tensor(stats["reward_mean"]))
 
 
-def test_checkpoints_carry_the_runs_tokenizer(tmp_path):
-    from test_tokenizer import write_bpe_tokenizer
-
-    from refine.tokenizer import load_tokenizer, resolve_tokenizer
-
-    write_bpe_tokenizer(tmp_path / "tok")
-    train(_config(tmp_path / "run", "ntp", steps=1, extra=(f"tokenizer={tmp_path / 'tok'}", "model.vocab_size=320")),
-          progress=False)
-    model_dir = tmp_path / "run" / "checkpoints" / "latest" / "model"
-    # What `refine eval --model` picks without --tokenizer: the run's tokenizer, not the byte fallback.
-    found, original = resolve_tokenizer(None, model_dir), load_tokenizer(tmp_path / "tok")
-    text = "a document about fast weights"
-    assert found.vocab_size == original.vocab_size == 320
-    assert found.encode(text) == original.encode(text) and found.eos_id == original.eos_id
-    # The model built from scratch took the tokenizer's special ids (no pad token: the model names none).
-    saved = load_model(model_dir).config
-    assert (saved.bos_token_id, saved.eos_token_id, saved.pad_token_id) == (original.bos_id, original.eos_id, None)
-
-
-def test_a_resume_refuses_a_tokenizer_other_than_the_checkpoints(tmp_path):
-    from test_tokenizer import write_bpe_tokenizer
-
-    write_bpe_tokenizer(tmp_path / "tok")
-    config = _config(tmp_path / "run", "ntp", steps=1, extra=(f"tokenizer={tmp_path / 'tok'}", "model.vocab_size=320"))
-    train(config, progress=False)
-    # The tokenizer file rewritten since, its size and special tokens unchanged: two tokens trade ids.
-    tree = json.loads((tmp_path / "tok" / "tokenizer.json").read_text())
-    vocab = tree["model"]["vocab"]
-    vocab["a"], vocab["b"] = vocab["b"], vocab["a"]
-    (tmp_path / "tok" / "tokenizer.json").write_text(json.dumps(tree))
-    model_dir = tmp_path / "run" / "checkpoints" / "latest" / "model"
-    longer = config.model_copy(update={"train": config.train.model_copy(update={"steps": 2})})
-    with pytest.raises(ValueError, match=f"--resume: tokenizer '{tmp_path / 'tok'}' is not the one checkpoint "
-                                         f"{model_dir.parent} was trained with: resume with the tokenizer saved there "
-                                         f"\\(--set tokenizer={model_dir}\\)"):
-        train(longer, resume=True, progress=False)
-    assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 1
-    train(longer.model_copy(update={"tokenizer": str(model_dir)}), resume=True, progress=False)  # the remedy
-    # A byte-level run resumed with a tokenizer file is refused alike.
-    byte_run = _config(tmp_path / "bytes", "ntp", steps=1, extra=("model.vocab_size=320",))
-    train(byte_run, progress=False)
-    with pytest.raises(ValueError, match=r"resume with the byte-level tokenizer \(--set tokenizer=byte\)"):
-        train(byte_run.model_copy(update={"tokenizer": str(model_dir)}), resume=True, progress=False)
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without a CUDA GPU")
 def test_a_cuda_device_without_a_gpu_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"train\.device='cuda', but this machine has no CUDA GPU .* train\.device=cpu"):
         prepare_model(_config(tmp_path, "ntp", extra=("train.device=cuda",)))
-
-
-def test_metrics_rows_are_one_per_step_across_reruns_and_resumes(tmp_path):
-    config = _config(tmp_path, "ntp", steps=2)
-    train(config, progress=False)
-    train(config, progress=False)  # the same command again, without --resume: a fresh run
-    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
-    # A run killed after logging step 3 but before a checkpoint there resumes from step 2: step 3's row goes.
-    with (tmp_path / "metrics.jsonl").open("a") as metrics:
-        metrics.write(json.dumps({"step": 3, "loss": 9.9}) + "\n" + '{"step": 4, "lo')
-    train(_config(tmp_path, "ntp", steps=4), resume=True, progress=False)
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [row["step"] for row in rows] == [1, 2, 3, 4] and rows[2]["loss"] != 9.9
 
 
 def test_a_resume_over_a_changed_source_says_so(tmp_path, capsys):
@@ -252,61 +153,6 @@ def test_a_bad_eval_source_fails_before_the_run_directory_is_written(tmp_path):
         train(_config(tmp_path / "run", "ntp", extra=(f"data.eval_source={tmp_path / 'missing.jsonl'}",)),
               progress=False)
     assert not (tmp_path / "run").exists()
-
-
-def _uneven_documents(tmp_path):
-    source = tmp_path / "uneven.jsonl"
-    source.write_text("".join(json.dumps({"text": f"document {i}: " + "words of text " * (8 + 5 * i)}) + "\n"
-                              for i in range(8)))
-    return source
-
-
-@pytest.mark.parametrize("mode,mini_batches", [("onepass", 1), ("onepass", 2), ("reference", 1), ("ntp", 2)])
-def test_micro_batches_take_the_whole_batchs_update(tmp_path, mode, mini_batches):
-    """Gradient accumulation is exact: the same steps (float64, to rounding) as the whole (mini-)batch at once,
-    with documents of unequal lengths; the stats are the whole batch's too."""
-    common = (f"data.source={_uneven_documents(tmp_path)}", "data.min_length=64", "train.dtype=float64",
-              "train.batch_size=4", f"train.mini_batches={mini_batches}")
-    for name, micro in (("whole", 1), ("micro", 4 // mini_batches)):
-        train(_config(tmp_path / name, mode, steps=3, extra=(*common, f"train.micro_batches={micro}")), progress=False)
-    whole, micro = _rows(tmp_path / "whole"), _rows(tmp_path / "micro")
-    keys = [key for key in whole[0] if not key.endswith("_seconds") and key in micro[0]]
-    assert {"loss", "ntp_loss", "grad_norm"} <= set(keys) and set(whole[0]) - set(micro[0]) == set()
-    for before, after in zip(whole, micro):
-        assert {key: after[key] for key in keys} == pytest.approx({key: before[key] for key in keys}, rel=1e-9,
-                                                                     abs=1e-12)
-    a = load_model(tmp_path / "whole" / "checkpoints/latest/model").state_dict()
-    b = load_model(tmp_path / "micro" / "checkpoints/latest/model").state_dict()
-    assert max(float((a[name] - b[name]).abs().max()) for name in a) < 1e-12
-
-
-def test_a_non_finite_slice_stops_the_backward_passes_but_not_the_stats():
-    """A non-finite slice skips the step; the slices after it still run forward (without gradient), so the row's
-    stats are the whole batch's, as an undivided step reports them, not those of the slices before the bad one."""
-    from refine.algorithm.update import SliceShares
-    from refine.loop import backward_slices
-
-    weight = torch.nn.Parameter(torch.tensor(2.0, dtype=torch.float64))
-    graphs = []
-
-    def loss_of(start: int, end: int):
-        loss = weight * start if start != 1 else weight * float("nan")
-        graphs.append(torch.is_grad_enabled())
-        stats = {"ntp_loss": float(start), "policy_loss": 10.0 * start}
-        return LossResult(loss, loss.detach(), loss.detach(), stats), SliceShares(ntp=1 / 3, policy=1 / 3)
-
-    stats, finite = backward_slices([(0, 1), (1, 2), (2, 3)], loss_of, load_config(None, []).refine)
-    assert not finite and graphs == [True, True, False]  # the slice after the bad one: forward only
-    assert stats["ntp_loss"] == pytest.approx(1.0) and stats["policy_loss"] == pytest.approx(10.0)
-    assert float(weight.grad) == 0.0  # slice 0's gradient (0); slice 1 was not backpropagated
-
-
-def test_micro_batches_are_refused_where_the_step_cannot_take_them(tmp_path):
-    with pytest.raises(ValueError, match="train.micro_batches=2 needs train.mode 'onepass', 'reference' or 'ntp'"):
-        train(_config(tmp_path, "fused", extra=("train.micro_batches=2",)), progress=False)
-    with pytest.raises(ConfigError, match=r"train.micro_batches=2 x train.mini_batches=2 is more than "
-                                          r"train.batch_size=2"):
-        _config(tmp_path, "onepass", extra=("train.micro_batches=2", "train.mini_batches=2"))
 
 
 def _rows(out_dir):
@@ -400,105 +246,6 @@ def test_a_shuffled_run_resumes_exactly_across_passes_and_refuses_a_resume_in_so
     assert _run_files(chained) == before
 
 
-def test_kept_checkpoints_are_the_newest_ones_hard_linked_and_a_fresh_run_removes_them(tmp_path):
-    run = tmp_path / "run"
-    keep = ("train.checkpoint_every=1", "train.keep_checkpoints=2")
-    train(_config(run, "ntp", steps=3, extra=keep), progress=False)
-    folder = run / "checkpoints"
-    assert sorted(path.name for path in folder.iterdir()) == ["latest", "step-00000002", "step-00000003"]
-    newest = folder / "step-00000003"
-    for file in (folder / "latest").rglob("*"):  # the same files as latest, not copies
-        if file.is_file():
-            assert (newest / file.relative_to(folder / "latest")).stat().st_ino == file.stat().st_ino
-    assert read_trainer_state(folder / "step-00000002" / "trainer.pt")["step"] == 2
-    older = load_model(folder / "step-00000002" / "model").state_dict()
-    assert any(not torch.equal(older[name], tensor) for name, tensor in load_model(newest / "model").state_dict().items())
-    # A resume keeps going; a kept checkpoint keeps its step's files after latest moved on.
-    train(_config(run, "ntp", steps=5, extra=keep), resume=True, progress=False)
-    assert sorted(path.name for path in folder.iterdir()) == ["latest", "step-00000004", "step-00000005"]
-    assert read_trainer_state(folder / "step-00000004" / "trainer.pt")["step"] == 4
-    assert read_trainer_state(folder / "latest" / "trainer.pt")["step"] == 5
-    train(_config(run, "ntp", steps=4, extra=("train.checkpoint_every=4", "train.keep_checkpoints=0")), progress=False)
-    assert sorted(path.name for path in folder.iterdir()) == ["latest"]  # a fresh run: the earlier run's are gone
-
-
-def test_a_kept_checkpoint_the_disk_refuses_names_it_and_leaves_latest_whole(tmp_path, monkeypatch):
-    import errno
-
-    import refine.loop
-
-    def full_disk(source, destination):
-        raise OSError(errno.ENOSPC, "No space left on device", destination)
-
-    monkeypatch.setattr(refine.loop, "_link_or_copy", full_disk)
-    with pytest.raises(OSError, match=r"cannot keep the step-2 checkpoint as .*step-00000002 \(No space left on "
-                                      r"device: .*\): .*latest is intact: `refine train --resume` continues from it"):
-        train(_config(tmp_path, "ntp", steps=2, extra=("train.keep_checkpoints=1",)), progress=False)
-    assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["latest"]
-    assert read_trainer_state(tmp_path / "checkpoints" / "latest" / "trainer.pt")["step"] == 2
-
-
-def test_kept_checkpoints_survive_kills_while_keeping_or_pruning_them(tmp_path, monkeypatch):
-    import refine.loop
-
-    keep = ("train.checkpoint_every=1", "train.keep_checkpoints=2")
-    # Killed after latest moved to step 2, before step 2 was kept: the resumed run's next save keeps it first.
-    real_keep = refine.loop.keep_step_checkpoint
-
-    def killed_at_step_2(latest, position, count):
-        if position.step == 2:
-            raise KeyboardInterrupt
-        real_keep(latest, position, count)
-
-    monkeypatch.setattr(refine.loop, "keep_step_checkpoint", killed_at_step_2)
-    with pytest.raises(KeyboardInterrupt):
-        train(_config(tmp_path, "ntp", steps=3, extra=keep), progress=False)
-    monkeypatch.setattr(refine.loop, "keep_step_checkpoint", real_keep)
-    folder = tmp_path / "checkpoints"
-    assert sorted(path.name for path in folder.iterdir()) == ["latest", "step-00000001"]
-    train(_config(tmp_path, "ntp", steps=3, extra=("train.checkpoint_every=1", "train.keep_checkpoints=3")),
-          resume=True, progress=False)
-    assert [path.name for path in step_checkpoints(folder)] == ["step-00000001", "step-00000002", "step-00000003"]
-    assert read_trainer_state(folder / "step-00000002" / "trainer.pt")["step"] == 2
-    # Killed halfway through removing an old one: what is left is no longer under a kept checkpoint's name.
-    real_rmtree = shutil.rmtree
-
-    def killed_halfway(path, *args, **kwargs):
-        if Path(path).name == "step-00000001.removed.partial" and Path(path).exists():
-            next(Path(path).rglob("*.safetensors")).unlink()
-            raise KeyboardInterrupt
-        real_rmtree(path, *args, **kwargs)
-
-    monkeypatch.setattr(shutil, "rmtree", killed_halfway)
-    with pytest.raises(KeyboardInterrupt):
-        train(_config(tmp_path, "ntp", steps=4, extra=("train.checkpoint_every=1", "train.keep_checkpoints=3")),
-              resume=True, progress=False)
-    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
-    assert [path.name for path in step_checkpoints(folder)] == ["step-00000002", "step-00000003", "step-00000004"]
-    train(_config(tmp_path, "ntp", steps=5, extra=("train.checkpoint_every=1", "train.keep_checkpoints=3")),
-          resume=True, progress=False)
-    assert sorted(path.name for path in folder.iterdir()) == [
-        "latest", "step-00000003", "step-00000004", "step-00000005"]  # the .partial leftover removed too
-
-
-def test_only_the_runs_own_step_folders_are_kept_checkpoints_in_step_order(tmp_path):
-    folder = tmp_path / "checkpoints"
-    for name in ("step-best", "step-00000002-best", "step-123456789", "step-00000007", "step-00000003.partial"):
-        (folder / name).mkdir(parents=True)
-    assert [path.name for path in step_checkpoints(folder)] == ["step-00000007", "step-123456789"]
-
-
-def test_a_resume_that_finds_kept_checkpoints_but_no_latest_removes_nothing(tmp_path):
-    train(_config(tmp_path, "ntp", steps=2, extra=("train.checkpoint_every=1", "train.keep_checkpoints=2")),
-          progress=False)
-    shutil.rmtree(tmp_path / "checkpoints" / "latest")
-    with pytest.raises(ValueError, match=r"--resume: .*latest does not exist, but the kept checkpoints step-00000001, "
-                                         r"step-00000002 do; a run starting over would remove them: to continue "
-                                         r"from one, rename it to .*checkpoints/latest"):
-        train(_config(tmp_path, "ntp", steps=3), resume=True, progress=False)
-    assert [path.name for path in step_checkpoints(tmp_path / "checkpoints")] == ["step-00000001", "step-00000002"]
-
-
 def _run_files(out_dir):
     return {path.name: path.read_bytes() for path in out_dir.iterdir() if path.is_file()}
 
@@ -530,195 +277,6 @@ def test_a_missing_or_unreadable_source_is_named_by_its_field(tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(ValueError, match=r"^data.source='.*empty.jsonl': "):
         train(_config(tmp_path / "run", "ntp", extra=(f"data.source={tmp_path / 'empty.jsonl'}",)), progress=False)
-
-
-def test_resume_into_another_model_names_the_fields_and_both_values(tmp_path):
-    train(_config(tmp_path, "ntp", steps=1), progress=False)
-    changed = _config(tmp_path, "ntp", steps=2, extra=("model.hidden_size=64", "model.num_hidden_layers=1"))
-    with pytest.raises(ValueError, match=r"was saved from another model \(model\.hidden_size=32 in the checkpoint, "
-                                         r"64 in this config; model\.num_hidden_layers=2 in the checkpoint, 1 in "
-                                         r"this config\)"):
-        train(changed, resume=True, progress=False)
-
-
-DAMAGED_TRAINER = {
-    "garbage": lambda good: bytes(range(256)) * 4,
-    "empty": lambda good: b"",
-    "truncated": lambda good: good[: len(good) // 2],
-    "not a trainer state": lambda good: _saved([1, 2]),
-}
-
-
-def _saved(value) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    torch.save(value, buffer)
-    return buffer.getvalue()
-
-
-@pytest.mark.parametrize("damage", DAMAGED_TRAINER.values(), ids=DAMAGED_TRAINER.keys())
-def test_a_damaged_trainer_state_is_one_line_without_torchs_unsafe_advice(tmp_path, damage):
-    train(_config(tmp_path, "ntp", steps=1), progress=False)
-    trainer = tmp_path / "checkpoints" / "latest" / "trainer.pt"
-    trainer.write_bytes(damage(trainer.read_bytes()))
-    before = _run_files(tmp_path)
-    with pytest.raises(ValueError, match=f"^{trainer}: not a readable training checkpoint \\(") as failure:
-        train(_config(tmp_path, "ntp", steps=2), resume=True, progress=False)
-    message = str(failure.value)
-    assert "\n" not in message and "weights_only" not in message and failure.value.__cause__ is None
-    assert _run_files(tmp_path) == before  # config.yaml (steps=1) not replaced by the failed run's (steps=2)
-
-
-@pytest.mark.parametrize("where", ["file", "file/sub"])
-def test_an_out_dir_that_cannot_be_a_directory_names_the_field(tmp_path, where):
-    (tmp_path / "file").write_text("keep me")
-    out_dir = tmp_path / where
-    with pytest.raises(ValueError, match=f"^train.out_dir='{out_dir}': cannot create the run directory"):
-        train(_config(out_dir, "ntp", steps=1), progress=False)
-    assert (tmp_path / "file").read_text() == "keep me"
-
-
-def test_mini_batch_bounds_cover_the_batch_in_near_equal_contiguous_runs():
-    for documents in range(1, 9):
-        for count in range(1, documents + 1):
-            bounds = mini_batch_bounds(documents, count)
-            assert [i for start, end in bounds for i in range(start, end)] == list(range(documents))
-            sizes = [end - start for start, end in bounds]
-            assert len(sizes) == count and min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
-    assert mini_batch_bounds(2, 3) == [(0, 1), (1, 2)]  # a short last batch: one document per mini-batch
-    with pytest.raises(ValueError, match=r"cannot split 0 documents into train.mini_batches=2"):
-        mini_batch_bounds(0, 2)
-
-
-def _scored_batch():
-    torch.manual_seed(0)
-    model = build_model(dict(model_type="delta_net", vocab_size=40, hidden_size=32, num_hidden_layers=1, num_heads=2,
-                             intermediate_size=32), dtype=torch.float64)
-    config = load_config(None, ["train.batch_size=3", "train.mini_batches=2", "optim.lr=0.05", "refine.num_chunks=2",
-                                "refine.margin=4", "refine.num_samples=2", "data.min_length=30"])
-    ids = torch.randint(0, 40, (3, 90), generator=torch.Generator().manual_seed(1))
-    lengths = torch.tensor([90, 60, 75])
-    rollouts = snapshot_rollouts(model, ids, lengths, config.refine, torch.Generator().manual_seed(2))
-    rollouts.rewards = score_rollouts(rollouts, config.refine)
-    return model, config, ids, lengths, rollouts
-
-
-@pytest.mark.parametrize("mode", ["onepass", "reference"])
-def test_mini_batches_are_optimizer_steps_in_turn_on_the_rollouts_sampled_before_the_first(mode):
-    model, config, ids, lengths, rollouts = _scored_batch()
-    outcome = rollout_batch_update(mode, model, make_optimizer(model, config.optim), ids, lengths, rollouts, config)
-
-    expected, _, _, _, _ = _scored_batch()
-    optimizer = make_optimizer(expected, config.optim)
-    advantages = advantages_for(rollouts.rewards, rollouts, config.refine)  # over the whole batch
-    by_hand = []
-    for (start, end), (lo, hi) in zip([(0, 2), (2, 3)], [(0, 8), (8, 12)]):  # 2 chunks x 2 samples per document
-        result = refine_loss(mode, expected, ids[start:end], lengths[start:end], rollouts.documents(start, end),
-                             advantages[lo:hi], config.refine)
-        by_hand.append(optimizer_step(expected, optimizer, result, config.optim.grad_clip))
-    for got, want in zip(model.state_dict().values(), expected.state_dict().values()):
-        torch.testing.assert_close(got, want)
-    assert outcome.stats["loss"] == pytest.approx((by_hand[0].stats["loss"] + by_hand[1].stats["loss"]) / 2)
-    # The first mini-batch is on-policy; the second trains on rollouts of the weights before the first step.
-    assert by_hand[0].stats["pg/approx_kl"] == pytest.approx(0.0, abs=1e-12)
-    assert abs(by_hand[1].stats["pg/approx_kl"]) > 1e-6
-    assert outcome.stats["pg/approx_kl"] == pytest.approx(by_hand[1].stats["pg/approx_kl"] / 2)
-
-
-def test_a_run_with_mini_batches_trains_and_a_fused_run_refuses_them(tmp_path):
-    stats = train(_config(tmp_path / "a", "onepass", extra=("train.mini_batches=2",)), progress=False)
-    assert stats["step"] == 2 and "pg/approx_kl" in stats
-    with pytest.raises(ValueError, match=r"train.mini_batches=2 needs train.mode 'onepass' or 'reference'.*samples "
-                                         r"them in every update"):
-        train(_config(tmp_path / "fused", "fused", extra=("train.mini_batches=2",)), progress=False)
-    assert not (tmp_path / "fused").exists()  # refused before anything is written
-
-
-def test_ntp_mini_batches_are_as_many_optimizer_steps_on_runs_of_the_documents(tmp_path):
-    """So that the main job's NTP branch takes as many updates as its REFINE branch."""
-    config = _config(tmp_path, "ntp", extra=("train.mini_batches=2", "train.batch_size=3"))
-    model = prepare_model(config)
-    expected = prepare_model(config)
-    optimizer, by_hand = make_optimizer(model, config.optim), make_optimizer(expected, config.optim)
-    ids = torch.randint(0, 256, (3, 40), generator=torch.Generator().manual_seed(0))
-    batch = DocumentBatch(ids, torch.tensor([40, 30, 35]), ["a", "b", "c"])
-    outcome = train_step(model, optimizer, batch, config, torch.Generator())
-    losses = []
-    for start, end in [(0, 2), (2, 3)]:  # mini_batch_bounds(3, 2)
-        loss = ntp_loss(expected(ids[start:end], lengths=batch.lengths[start:end], output_state=False).logits,
-                        ids[start:end], batch.lengths[start:end])
-        losses.append(float(loss.detach()))
-        optimizer_step(expected, by_hand, LossResult(loss, loss, loss.new_zeros(()), {}), config.optim.grad_clip)
-    assert outcome.stats["ntp_loss"] == pytest.approx(sum(losses) / 2)
-    for (name, got), want in zip(model.state_dict().items(), expected.state_dict().values()):
-        torch.testing.assert_close(got, want, msg=name)
-    assert optimizer.state_dict()["state"][0]["step"] == 2
-
-
-def test_merged_steps_average_each_stat_over_the_steps_that_report_it():
-    skipped = StepResult({"loss": 5.0, "skipped_nonfinite": 1.0}, True)
-    taken = StepResult({"loss": 3.0, "grad_norm": 2.0}, False)
-    merged = merge_steps([skipped, taken])
-    assert merged.skipped and merged.stats == {"loss": 4.0, "skipped_nonfinite": 0.5, "grad_norm": 2.0}
-
-
-def test_a_checkpoint_is_replaced_whole_or_not_at_all(tmp_path):
-    """A run killed while writing its checkpoint keeps the previous one: new weights beside the old optimizer,
-    step and data cursor would resume wrongly without a word."""
-    config = _config(tmp_path, "ntp")
-    model, tokenizer = prepare_model(config), run_tokenizer(config)
-    optimizer, generator = make_optimizer(model, config.optim), torch.Generator()
-    save_run_checkpoint(tmp_path, model, optimizer, RunPosition(2, 4, 1), generator, tokenizer)
-    at_step_2 = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(1.0)
-    # Fails after the weights and trainer state of step 3 are written.
-    with pytest.raises(OSError, match=r"^cannot save the step-3 checkpoint in .*checkpoints \(No such file or "
-                                      r"directory: .*no-such-folder/file'\): its partial files are removed; the earlier "
-                                      r"checkpoint .*checkpoints/latest is intact: `refine train --resume` continues"):
-        save_run_checkpoint(tmp_path, model, optimizer, RunPosition(3, 6, 1), generator, tokenizer,
-                            extra_files={"no-such-folder/file": ""})
-    assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["latest"]
-    resumed = prepare_model(config)
-    position = resume_from(tmp_path, True, resumed, make_optimizer(resumed, config.optim), torch.Generator(), "refine",
-                           tokenizer)
-    assert position == RunPosition(2, 4, 1)  # the step-2 checkpoint, skipped-step count included
-    for name, saved in resumed.state_dict().items():
-        assert torch.equal(saved, at_step_2[name]), name
-    (tmp_path / "checkpoints" / "step-00000003.partial" / "model").mkdir(parents=True)  # what a killed save leaves
-    save_run_checkpoint(tmp_path, model, optimizer, RunPosition(4, 8, 1), generator, tokenizer)
-    assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["latest"]
-
-
-def test_a_resume_trains_with_the_configs_optimizer_settings_and_the_checkpoints_moments(tmp_path):
-    """config.yaml says what the resumed run trains with: a lower lr given at resume is the one used."""
-    train(_config(tmp_path, "ntp", steps=2, extra=("optim.lr=0.01",)), progress=False)
-    config = _config(tmp_path, "ntp", steps=3, extra=("optim.lr=1e-5", "optim.weight_decay=0.5"))
-    model = prepare_model(config)
-    optimizer = make_optimizer(model, config.optim)
-    assert resume_from(tmp_path, True, model, optimizer, torch.Generator(), "refine", run_tokenizer(config)).step == 2
-    assert {(group["lr"], group["weight_decay"]) for group in optimizer.param_groups} == {(1e-5, 0.5)}
-    saved = torch.load(tmp_path / "checkpoints" / "latest" / "trainer.pt", weights_only=True)["optimizer"]
-    assert torch.equal(optimizer.state_dict()["state"][0]["exp_avg"], saved["state"][0]["exp_avg"])
-
-
-def test_a_fresh_run_removes_the_earlier_runs_checkpoint(tmp_path, capsys):
-    """Else a --resume after the fresh run died before its first checkpoint would continue the earlier run."""
-    train(_config(tmp_path, "ntp", steps=2), progress=False)
-    capsys.readouterr()
-    config = _config(tmp_path, "ntp", steps=1)
-    start_run_directory(config, fresh=False, program="refine")
-    assert (tmp_path / "checkpoints" / "latest").is_dir()  # a resumed run keeps it
-    (tmp_path / "checkpoints" / "step-00000009.partial").mkdir()  # a save the earlier run did not finish
-    (tmp_path / "eval-niah.json").write_text("{}")  # refine eval's results for the earlier run's checkpoint
-    start_run_directory(config, fresh=True, program="refine")
-    assert list((tmp_path / "checkpoints").iterdir()) == []
-    assert (f"a fresh run in {tmp_path}: removed the earlier run's checkpoints (--resume continues a run); the "
-            f"earlier run's eval results stay (eval-niah.json): they score its checkpoints, not this run's"
-            ) in capsys.readouterr().err
-    assert (tmp_path / "eval-niah.json").exists()
 
 
 def _write_reward_module(directory, module, reward, value):
@@ -758,112 +316,6 @@ def test_a_custom_reward_from_the_runs_reward_modules_trains(tmp_path, monkeypat
         sys.modules.pop("scratch_loop_rewards", None)
 
 
-def test_a_resume_refuses_a_checkpoint_another_program_wrote(tmp_path):
-    """`refine posttrain --resume` over a `refine train` run (or the reverse) would count its data cursor in other
-    records and splice its rows into the other run's metrics.jsonl. The checkpoint says which program wrote it:
-    a run record left behind in the directory does not decide."""
-    train(_config(tmp_path, "ntp", steps=1), progress=False)
-    config = _config(tmp_path, "ntp", steps=2)
-    model = prepare_model(config)
-
-    def resume(program):
-        return resume_from(tmp_path, True, model, make_optimizer(model, config.optim), torch.Generator(), program,
-                           run_tokenizer(config))
-
-    checkpoint = tmp_path / "checkpoints" / "latest"
-    (tmp_path / "posttrain.json").write_text("{}")  # a stale record beside the train run's own
-    with pytest.raises(ValueError) as refused:
-        resume("refine posttrain")
-    assert str(refused.value).startswith(
-        f"train.out_dir={str(tmp_path)!r} holds a `refine train` run (its checkpoint {checkpoint} was written by "
-        f"`refine train`): `refine posttrain --resume` continues only runs of `refine posttrain`")
-    assert resume("refine") == RunPosition(1, 2, 0, "refine")
-
-    tokenizer, generator = run_tokenizer(config), torch.Generator()
-    save_run_checkpoint(tmp_path, model, make_optimizer(model, config.optim), RunPosition(3, 6, 0, "refine posttrain"),
-                        generator, tokenizer)
-    (tmp_path / "posttrain.json").unlink()  # only the train run's record is left: still a posttrain checkpoint
-    with pytest.raises(ValueError, match="holds a `refine posttrain` run .*: `refine train --resume` continues only "
-                                         "runs of `refine train`"):
-        resume("refine")
-    assert resume("refine posttrain") == RunPosition(3, 6, 0, "refine posttrain")
-
-
-def test_a_checkpoint_that_names_no_program_is_judged_by_the_run_records(tmp_path):
-    """Checkpoints written before they named their program: the directory's run records decide, and a directory
-    that holds both programs' records (a fresh run left the other's behind) resumes neither."""
-    train(_config(tmp_path, "ntp", steps=1), progress=False)
-    (tmp_path / "checkpoints" / "latest" / "program.json").unlink(missing_ok=True)  # as such a checkpoint
-    config = _config(tmp_path, "ntp", steps=2)
-    model = prepare_model(config)
-
-    def resume(program):
-        return resume_from(tmp_path, True, model, make_optimizer(model, config.optim), torch.Generator(), program,
-                           run_tokenizer(config))
-
-    with pytest.raises(ValueError, match="holds the run record of `refine train` \\(data_source.json\\)"):
-        resume("refine posttrain")
-    assert resume("refine").step == 1
-    (tmp_path / "posttrain.json").write_text("{}")
-    for program in ("refine", "refine posttrain"):
-        with pytest.raises(ValueError, match="holds the run record of `refine train` \\(data_source.json\\) and "
-                                             "`refine posttrain` \\(posttrain.json\\), and its checkpoint .* does "
-                                             "not name the program that wrote it"):
-            resume(program)
-
-
-def test_a_fresh_run_removes_the_other_programs_run_record(tmp_path):
-    """A fresh run's directory says whose run it holds: the other program's record goes with the checkpoint."""
-    config = _config(tmp_path, "ntp", steps=1)
-    for record in ("data_source.json", "posttrain.json"):
-        (tmp_path / record).write_text("{}")
-    start_run_directory(config, fresh=False, program="refine")  # a resumed run touches neither
-    assert (tmp_path / "data_source.json").exists() and (tmp_path / "posttrain.json").exists()
-    start_run_directory(config, fresh=True, program="refine")
-    assert (tmp_path / "data_source.json").exists() and not (tmp_path / "posttrain.json").exists()
-    (tmp_path / "posttrain.json").write_text("{}")
-    start_run_directory(config, fresh=True, program="refine posttrain")
-    assert not (tmp_path / "data_source.json").exists() and (tmp_path / "posttrain.json").exists()
-
-
-def test_a_checkpoint_is_on_disk_before_it_is_published_and_before_the_previous_one_goes(tmp_path, monkeypatch):
-    """A machine crash (not only a killed process) must leave a whole checkpoint: every file and directory of the
-    new one is fsynced before the rename that publishes it, and checkpoints/ after that rename, while the
-    previous checkpoint still exists."""
-    config = _config(tmp_path, "ntp")
-    model, tokenizer = prepare_model(config), run_tokenizer(config)
-    optimizer, generator = make_optimizer(model, config.optim), torch.Generator()
-    folder = tmp_path / "checkpoints"
-    save_run_checkpoint(tmp_path, model, optimizer, RunPosition(1, 2, 0), generator, tokenizer)
-    events = []
-    real_fsync, real_replace = os.fsync, os.replace
-
-    def fsync(fd):
-        path = Path(os.readlink(f"/proc/self/fd/{fd}"))
-        events.append(("fsync", path, (folder / "previous").exists()))
-        real_fsync(fd)
-
-    def replace(source, target):
-        events.append(("replace", Path(source), Path(target)))
-        real_replace(source, target)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
-    save_run_checkpoint(tmp_path, model, optimizer, RunPosition(2, 4, 0), generator, tokenizer,
-                        extra_files={"learner_state.json": "{}"})
-    staging = folder / "step-00000002.partial"
-    publish = events.index(("replace", staging, folder / "latest"))
-    synced_before = {event[1] for event in events[:publish] if event[0] == "fsync"}
-    latest = folder / "latest"
-    written = {staging / path.relative_to(latest) for path in latest.rglob("*")} | {staging}
-    assert {"trainer.pt", "learner_state.json", "model/model.safetensors", "model/config.json"} <= {
-        str(path.relative_to(latest)) for path in latest.rglob("*")}
-    assert written <= synced_before, sorted(written - synced_before)
-    after = [event for event in events[publish + 1:] if event[0] == "fsync"]
-    assert ("fsync", folder, True) in after  # the rename on disk while the previous checkpoint is still there
-    assert not (folder / "previous").exists()
-
-
 def test_a_skipped_steps_metrics_row_is_strict_json(tmp_path):
     """An infinite loss was written as Infinity, which strict JSON readers (jq, browsers, pandas' default) refuse:
     the row leaves such stats out and names them, as the service's learner does."""
@@ -875,21 +327,6 @@ def test_a_skipped_steps_metrics_row_is_strict_json(tmp_path):
 
     row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1], parse_constant=refuse)
     assert row["skipped_steps"] == 1 and "loss" not in row
-
-
-def test_a_diverged_run_stops_naming_its_settings_and_keeps_its_last_checkpoint(tmp_path, capsys):
-    """Every step skipped for a non-finite loss: after MAX_SKIPPED_IN_A_ROW of them the run ends with an error,
-    instead of finishing as a success whose weights never moved."""
-    config = _config(tmp_path, "onepass", steps=MAX_SKIPPED_IN_A_ROW + 5,
-                     extra=("refine.lambda_ntp=1e300", "optim.warmup_steps=20"))
-    with pytest.raises(ValueError, match=re.escape(
-            f"steps 1..{MAX_SKIPPED_IN_A_ROW} were all skipped for a non-finite loss or gradient: the weights have "
-            f"diverged (learning rate 0.0005 at step 10, optim.lr=0.001 with optim.warmup_steps=20, "
-            f"optim.schedule='constant': each step's rate is its lr in metrics.jsonl; optim.grad_clip=1.0")):
-        train(config, progress=False)
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [row["step"] for row in rows] == list(range(1, MAX_SKIPPED_IN_A_ROW + 1))
-    assert not latest_checkpoint(tmp_path).exists()  # nothing worth keeping was written
 
 
 def test_a_run_with_skipped_steps_warns_when_it_ends(tmp_path, capsys):
@@ -934,24 +371,6 @@ def test_a_resume_whose_settings_change_the_learning_rate_says_so(tmp_path, caps
     train(_config(tmp_path / "constant", "ntp", steps=1), progress=False)
     train(_config(tmp_path / "constant", "ntp", steps=2), resume=True, progress=False)
     assert "learning rate changes" not in capsys.readouterr().err
-
-
-def test_a_row_that_cannot_be_written_names_its_file(tmp_path: Path) -> None:
-    """metrics.jsonl and events.jsonl (the service's driver writes both the same way): a refused row names the
-    file and the cause, and a file gone with its run directory says so."""
-    from refine.loop import write_row
-
-    events = tmp_path / "events.jsonl"
-    events.mkdir()  # any write refused by the file system
-    with pytest.raises(OSError, match=r"^cannot write a row to .*events\.jsonl \(Is a directory\): the run stops; "
-                                      r"the run has no earlier checkpoint: `refine train` starts it over$"):
-        write_row(events, {"event": "restart"}, "refine")
-    metrics = tmp_path / "metrics.jsonl"
-    metrics.mkdir()
-    with pytest.raises(OSError, match=r"^cannot write step 7's row to .*metrics\.jsonl"):
-        write_row(metrics, {"step": 7}, "refine")
-    with pytest.raises(OSError, match=r"its events\.jsonl is gone \(the run directory was removed or moved"):
-        write_row(tmp_path / "removed" / "events.jsonl", {"event": "restart"}, "refine")
 
 
 def _signalled_at(monkeypatch, step, signals):

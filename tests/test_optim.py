@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from refine.config import OptimConfig
-from refine.loop import make_optimizer
 from refine.models import build_model
 from pydantic import ValidationError
 
 from refine.optim import MasterWeightAdamW, clip_gradients, learning_rate, set_learning_rate
+from refine.step import make_optimizer
 
 OPTIONS = dict(lr=1e-6, weight_decay=0.01, betas=(0.9, 0.999))
 

@@ -9,11 +9,11 @@ from refine.algorithm.update import score_rollouts
 from refine.config import OptimConfig, RefineConfig, RunConfig
 from refine.generate import generate
 from refine.data.batches import DocumentBatch, pad_documents
-from refine.loop import make_optimizer, optimizer_step, rollout_batch_update, train_step
 from refine.models import build_model
 from refine.phases import (
     QAExample, adapt_and_answer, answer_loss, answer_sft_loss, posttrain_step,
 )
+from refine.step import make_optimizer, optimizer_step, rollout_batch_update, train_step
 
 CFG = RefineConfig(num_chunks=2, rollout_len=3, margin=4, reward="hybrid")
 

@@ -43,10 +43,11 @@ from refine.evaluation.metrics import LONGBENCH_FIRST_LINE_TASKS, LongBenchScori
 from refine.evaluation.score import score_predictions
 from refine.files import check_output_spares_inputs, write_atomically
 from refine.generate import generate
-from refine.loop import check_device, finite_stats, make_optimizer, mini_batch_bounds, train_step
+from refine.loop import check_device, finite_stats
 from refine.models import FastWeightLM, load_model, load_model_config
 from refine.models.config import ModelConfigBase, Strict
 from refine.phases import adapt_and_answer, check_no_kl_term, snapshot_weights
+from refine.step import make_optimizer, mini_batch_bounds, train_step
 from refine.tokenizer import Tokenizer, check_eos_matches, check_vocab_fits, resolve_tokenizer
 
 CLI_TASKS = ("niah", "mqar", "ruler-qa", "longbench")

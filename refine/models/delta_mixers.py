@@ -192,7 +192,7 @@ class GatedDeltaNetMixer(_QKVMixer):
         dt = torch.exp(torch.rand(self.num_heads) * (math.log(0.1) - math.log(0.001)) + math.log(0.001))
         dt = dt.clamp(min=1e-4)
         # fla marks these two `_no_weight_decay`; nothing here reads such a mark: the optimizer decays every
-        # parameter, as the paper's code does (refine.loop.make_optimizer).
+        # parameter, as the paper's code does (refine.step.make_optimizer).
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
         self._build_common(
             config.hidden_size, config.conv_size, config.use_short_conv, config.use_gate, config.norm_eps,

@@ -28,9 +28,9 @@ from refine.evaluation.runner import (
 )
 from refine.evaluation.score import score_predictions
 from refine.generate import generate
-from refine.loop import make_optimizer
 from refine.models import build_model, load_model, save_model
 from refine.phases import adapt_and_answer
+from refine.step import make_optimizer
 from refine.tokenizer import ByteTokenizer, load_tokenizer
 
 TOKENIZER = ByteTokenizer()

@@ -16,8 +16,8 @@ from learner.checkpoint import read_learner_state
 from refine.cli import main
 from refine.config import ConfigError
 from refine.data.sources import BadRowError
-from refine.loop import MAX_SKIPPED_IN_A_ROW
 from refine.models import load_model
+from refine.step import MAX_SKIPPED_IN_A_ROW
 from service_helpers import SERVICE_TINY, step_rows, tiny_config, tiny_overrides
 from services.broker import Broker
 from services.orchestrator import ServiceError, check_service_config, run

@@ -15,9 +15,9 @@ from learner.update import rollouts_from_batch
 from refine.algorithm.rollout import snapshot_rollouts
 from refine.algorithm.update import score_rollouts
 from refine.config import RunConfig
-from refine.loop import rollout_batch_update
 from refine.models import build_model
 from refine.optim import MasterWeightAdamW
+from refine.step import rollout_batch_update
 from services.messages import DocumentBatch, ScoredBatch
 
 MODEL = dict(model_type="delta_net", vocab_size=40, hidden_size=32, num_hidden_layers=1, num_heads=2)

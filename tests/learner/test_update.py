@@ -11,8 +11,8 @@ from learner.update import LEARNER_PHASES, fused_update, onepass_update, rollout
 from refine.algorithm.rollout import snapshot_rollouts
 from refine.algorithm.update import advantages_for, score_rollouts
 from refine.config import RunConfig
-from refine.loop import rollout_batch_update
 from refine.models import build_model
+from refine.step import rollout_batch_update
 from services.messages import DocumentBatch, ScoredBatch
 
 

@@ -42,7 +42,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:ShortConvolution is crucial:User
 COMMON = dict(hidden_size=32, num_heads=2, num_hidden_layers=2, vocab_size=60, intermediate_size=48)
 
 CASES = {
-    # the variants of tests/models/test_checkpoints.py
+    # the variants of tests/models/test_checkpoint_interop.py
     "dn-conv": ("delta_net", dict(use_short_conv=True, use_gate=False)),
     "dn-noconv-gate": ("delta_net", dict(use_short_conv=False, use_gate=True)),
     "dn-conv-gate-tied": ("delta_net", dict(use_short_conv=True, use_gate=True, tie_word_embeddings=True)),

@@ -1,0 +1,132 @@
+"""A run directory and its files other than the checkpoints (refine.checkpoints): config.yaml, the JSON-lines
+rows (metrics.jsonl, events.jsonl) and the PNG curves drawn from metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from refine.checkpoints import clear_checkpoints, fresh_run_message, kept_checkpoint, program_command
+from refine.config import RunConfig, dump_config
+from refine.files import write_atomically
+from refine.plots import plot_metrics
+
+
+def absolute_out_dir(config: RunConfig) -> str:
+    """train.out_dir as an absolute path: actors run in other working directories, and under `ray job submit`
+    a relative one lies in Ray's copy of the working directory, not where the command was typed."""
+    return str(Path(config.train.out_dir).expanduser().resolve())
+
+
+def start_run_directory(config: RunConfig, fresh: bool, program: str) -> Path:
+    """Create `train.out_dir` and write its config.yaml; a `fresh` run (not resumed from a checkpoint) also
+    removes an earlier run's checkpoint there and the other programs' run records (see clear_checkpoints).
+    Called only once the model, optimizer and any resumed state loaded: a run that cannot start leaves its
+    directory as it was (a later plain --resume still works)."""
+    out_dir = Path(config.train.out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a regular file there, a parent that is one, a path nobody may create
+        raise ValueError(f"train.out_dir={str(out_dir)!r}: cannot create the run directory ({error})") from None
+    if fresh:
+        message = fresh_run_message(out_dir, clear_checkpoints(out_dir, program))
+        if message is not None:
+            tqdm.write(f"{program}: {message}", file=sys.stderr)
+    write_atomically(out_dir / "config.yaml", dump_config(config))
+    return out_dir
+
+
+def jsonl_rows(path: Path) -> list[tuple[str, dict]]:
+    """(line, row) of a run's JSON-lines output (metrics.jsonl, events.jsonl); lines cut short by a killed run
+    and lines that hold no object are left out, as is a file not written yet."""
+    rows: list[tuple[str, dict]] = []
+    if not path.exists():
+        return rows
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append((line, row))
+    return rows
+
+
+def restart_metrics(path: Path, step: int) -> None:
+    """metrics.jsonl for a run starting at `step`: emptied for a fresh run (0); for a resumed one, the rows of
+    steps up to `step` kept (those logged after its checkpoint are about to be redone). Replaced whole: a
+    rewrite that a full disk cuts short keeps every row (a plain rewrite would have emptied the file first)."""
+    kept: list[str] = []
+    if step > 0:
+        for line, row in jsonl_rows(path):
+            row_step = row.get("step", 0)
+            if isinstance(row_step, int) and row_step <= step:
+                kept.append(line + "\n")
+    write_atomically(path, "".join(kept))
+
+
+def append_row(path: Path, row: dict) -> None:
+    """One JSON line appended to `path` (metrics.jsonl), whole or not at all: what a write the file system refused
+    (a full disk) got in is cut off again, so no half row stays. Opened for each row and never created: a run
+    directory removed or moved during the run fails here (rows written to a deleted file would be lost)."""
+    data = (json.dumps(row) + "\n").encode()
+    descriptor = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        size = os.fstat(descriptor).st_size
+        try:
+            written = 0
+            while written < len(data):  # a write to a regular file may stop short (a file size limit)
+                written += os.write(descriptor, data[written:])
+        except OSError:
+            os.ftruncate(descriptor, size)
+            raise
+    finally:
+        os.close(descriptor)
+
+
+def write_row(path: Path, row: dict, program: str) -> None:
+    """A row of a run's JSON-lines output (metrics.jsonl, events.jsonl); a row that cannot be written stops the
+    run, naming the file, the cause and the checkpoint it resumes from."""
+    try:
+        append_row(path, row)
+    except FileNotFoundError:
+        check_run_directory(path, program)
+        raise
+    except OSError as error:
+        step = f"step {row['step']}'s row" if "step" in row else "a row"
+        raise OSError(f"cannot write {step} to {path} ({error.strerror or error}): the run stops; "
+                      f"{kept_checkpoint(path.parent, program)}") from None
+
+
+def check_run_directory(path: Path, program: str) -> None:
+    """The run directory is still there, holding the output file `path` the run started (metrics.jsonl): a
+    directory removed or moved during a run would otherwise be made anew by its next checkpoint, without its
+    config and earlier rows."""
+    if not path.is_file():
+        raise OSError(f"train.out_dir={str(path.parent)!r}: its {path.name} is gone (the run directory was "
+                      f"removed or moved during the run): `{program_command(program)}` stops rather than write its "
+                      f"checkpoint into a new directory")
+
+
+def plot_run(out_dir: Path) -> str | None:
+    """Draw a finished run's curves from its metrics.jsonl; a warning to show when the file system refused them
+    (the run is complete, and the curves can be drawn again from metrics.jsonl), else None."""
+    try:
+        plot_metrics(out_dir / "metrics.jsonl", out_dir)
+    except OSError as error:
+        return f"warning: the plots were not written ({error}); the run's checkpoint and metrics.jsonl are complete"
+    return None
+
+
+def finished_run(out_dir: Path, step: int, steps: int, program: str = "refine") -> dict:
+    """A resume whose checkpoint already reached train.steps trains nothing: it says so and returns the last
+    step's metrics row, as the service does. `program` (a RUN_RECORDS key) names who says it."""
+    tqdm.write(f"{program}: nothing to train: the checkpoint in {out_dir} is at step {step}, train.steps={steps}",
+               file=sys.stderr)
+    rows = [row for _, row in jsonl_rows(out_dir / "metrics.jsonl") if row.get("step") == step]
+    return rows[-1] if rows else {"step": step}
