@@ -13,7 +13,8 @@ from refine.config import run_tokenizer
 from refine.data.stream import document_batches
 from service_helpers import run_in_background, step_rows, tiny_config, wait_for
 from services.broker import Broker
-from services.orchestrator import Orchestrator, RunInterrupted, ServiceError, run
+from services.failures import ServiceError
+from services.orchestrator import Orchestrator, RunInterrupted, run
 from services.progress import read_progress
 from services.redis_server import EmbeddedRedis, connect
 from services.streams import LEARNER_REPORTS
