@@ -267,12 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _reported_errors() -> tuple[type[BaseException], ...]:
     """Errors of bad input or an unusable setup: one line on stderr, exit code 2, no traceback. Service
-    errors count only once services.orchestrator was imported (a service run)."""
+    errors count only once services.failures was imported (a service run)."""
     # OSError: a path that cannot be read or written (missing, a directory, no permission); its message names it.
     errors: list[type[BaseException]] = [ConfigError, OSError, ValueError]
-    orchestrator = sys.modules.get("services.orchestrator")
-    if orchestrator is not None:
-        errors.append(orchestrator.ServiceError)
+    failures = sys.modules.get("services.failures")
+    if failures is not None:
+        errors.append(failures.ServiceError)
     redis_server = sys.modules.get("services.redis_server")
     if redis_server is not None:
         errors.append(redis_server.RedisUnavailableError)  # a --redis-url nobody answers at

@@ -59,16 +59,13 @@ checkpoint: a refused resume leaves the run's config as it was.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import shlex
 import socket
-import sys
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,32 +76,31 @@ import redis
 import torch
 from tqdm import tqdm
 
-from learner.checkpoint import latest_checkpoint, read_checkpoint_reports, read_learner_state
-from refine.config import (
-    BUILT_IN_DISCOVERY_DIR, ConfigError, RunConfig, TrainConfig, dump_config, fit_to_tokenizer, input_path_fields,
-    run_tokenizer,
-)
-from refine.data.batches import DocumentBatch as LocalBatch
-from refine.data.sources import RowSource
-from refine.data.stream import (
-    DataPosition, check_resumed_cursor, check_source, document_batches, shuffled_pass_span, synthetic_documents,
-)
-from refine.evaluation.heldout import heldout_documents
-from refine.files import write_atomically
+from learner.checkpoint import latest_checkpoint, read_learner_state
 from refine.checkpoints import (
     check_kept_without_latest, check_resumed_program, check_resumed_tokenizer, clear_checkpoints, fresh_run_message,
 )
+from refine.config import (
+    BUILT_IN_DISCOVERY_DIR, RunConfig, dump_config, fit_to_tokenizer, input_path_fields, run_tokenizer,
+)
+from refine.data.batches import DocumentBatch as LocalBatch
+from refine.data.stream import DataPosition, check_resumed_cursor, check_source, document_batches, shuffled_pass_span
+from refine.files import write_atomically
 from refine.loop import RunInterrupted, interrupted_message, rate_change_warning, warmup_warning
-from refine.run_files import absolute_out_dir, finished_run, jsonl_rows, plot_run, restart_metrics, write_row
-from refine.step import Divergence
 from refine.optim import describe_rates
+from refine.run_files import absolute_out_dir, finished_run, plot_run, restart_metrics, write_row
 from refine.runtime import sigterm_as_ctrl_c
+from refine.step import Divergence
 from refine.tokenizer import Tokenizer
-from refine_vllm.settings import remove_staging
-from rollout_workers.engines import engine_owner
 from services.broker import Broker
+from services.failures import ServiceError, actor_error, describe_failure
+from services.member_files import remove_member_files, remove_staged_checkpoints
 from services.messages import DataCursor, DocumentBatch
 from services.metrics import Metrics, serve_metrics, withdraw_announcements, withdraw_run_announcements
+from services.namespace_claim import (
+    CLAIMS_HELD_HERE, check_namespace_free, claim_ttl_s, current_pid_namespace, describe_holder, driver_is_gone,
+    namespace_for, namespace_in_use,
+)
 from services.progress import (
     LearnerProgress, StepReport, read_progress, read_published, write_published, write_recorded,
 )
@@ -113,17 +109,19 @@ from services.ray_runtime import (
     resolve_addresses,
 )
 from services.redis_server import connect, redact_url
+from services.report_files import event_row, logged, restart_events, restore_reports
 from services.resilience import (
     TRANSIENT, OutageTolerance, RedisOutage, RedisStateLost, outage_timeout_s, retry_redis,
 )
+from services.restart_limit import MAX_RESTARTS_PER_ROLE, RESTART_WINDOW_S, RestartWindow
+from services.run_checks import check_data_source, check_service_config
 from services.streams import (
     DOCUMENTS, LEARNER_GROUP, LEARNER_REPORTS, ORCHESTRATOR_GROUP, REWARD_GROUP, ROLLOUT_GROUP, ROLLOUTS, SCORED,
     DocumentStore, check_rollout_message_size, delete_idle_consumers, document_batch_id_for, release_consumer,
     trim_acknowledged,
 )
 
-__all__ = ["RestartWindow", "RunInterrupted", "ServiceError", "check_data_source", "data_cursor",
-           "check_service_config", "describe_failure", "namespace_for", "restart_events", "restore_reports", "run"]
+__all__ = ["data_cursor", "run"]
 
 logger = logging.getLogger(__name__)
 
@@ -133,18 +131,7 @@ ACTOR_START_TIMEOUT_S = 300.0  # from the actor's placement: waiting for room on
 # A run whose actors Ray has not placed after this long is said to wait (placing takes milliseconds when they fit).
 PLACEMENT_GRACE_S = 30.0
 START_POLL_S = 1.0
-MAX_RESTARTS_PER_ROLE = 20
-# Restarts count against MAX_RESTARTS_PER_ROLE for this long: a role failing 20 times within an hour is
-# broken, while one preempted now and then over a week-long run is not.
-RESTART_WINDOW_S = 3600.0
 HOUSEKEEPING_INTERVAL_S = 2.0
-# The driver's claim on the run's Redis namespace lasts this much longer than the Redis outage every role rides out
-# (outage_timeout_s) unless renewed (every housekeeping and start poll): a driver cut off from Redis gives the run
-# up, its roles too, before its claim can lapse and let another run in. A second run in the namespace is refused
-# while the claim holds; a driver killed without cleaning up frees it after claim_ttl_s (at once for a run on its
-# host, which sees that the driver's process is gone).
-CLAIM_MARGIN_S = 30.0
-_CLAIMS_HELD_HERE: set[str] = set()  # the claim ids of this process's runs that go on (runs on threads: tests, notebooks)
 # A run whose learner takes no step for this long is said to stall, once per such interval, with what each stream
 # holds and which consumer holds it: a role whose loop hangs keeps beating, and nothing else would say which it is.
 STALL_WARNING_S = 600.0
@@ -153,160 +140,6 @@ STOP_GRACE_S = 60.0
 # are read again by the housekeeping.
 REPORT_RECLAIM_IDLE_MS = 5000
 REDIS_RETRY_PAUSE_S = 0.5
-
-
-class ServiceError(RuntimeError):
-    """A role of the run failed in a way the orchestrator cannot repair."""
-
-
-def check_service_config(config: RunConfig) -> None:
-    """Reject combinations the service cannot run, naming the fields."""
-    service = config.service
-    if config.train.mode in ("ntp", "reference"):
-        raise ValueError(
-            f"train.mode={config.train.mode!r} runs only in the single-process loop (refine train --local); the "
-            f"service trains REFINE with service.mode='disaggregated' (one-pass) or 'colocated' (fused)"
-        )
-    if config.rollout.engine == "vllm":
-        from rollout_workers.vllm_engine import vllm_available
-
-        if not vllm_available():  # else every rollout worker dies on import, restarted until the run gives up
-            raise ValueError(f"rollout.engine='vllm' needs vLLM, which this Python ({sys.executable}) does not have: "
-                             f"create its environment with `bash scripts/setup_vllm_env.sh` and run "
-                             f"`.venv-vllm/bin/refine`")
-    from refine.algorithm.rewards import check_run_reward
-
-    # Both modes, before anything starts: imports refine.reward_modules, names the registered rewards, and
-    # refuses a text reward where no reward replica decodes text.
-    check_run_reward(config.refine.reward, config.refine.reward_modules, decodes_text=service.mode == "disaggregated")
-    if service.mode == "colocated" and config.train.mini_batches > 1:
-        raise ValueError(f"train.mini_batches={config.train.mini_batches} needs service.mode='disaggregated': the "
-                         f"colocated fused step samples its rollouts in every update (on-policy)")
-    if service.mode == "colocated" and config.train.micro_batches > 1:
-        raise ValueError(f"train.micro_batches={config.train.micro_batches} needs service.mode='disaggregated': the "
-                         f"colocated fused step samples its rollouts from the forward it trains, one per step")
-    if service.mode == "colocated" and service.num_learners > 1:
-        raise ValueError(f"service.num_learners={service.num_learners} needs service.mode='disaggregated': the "
-                         f"colocated fused step samples its own rollouts and is not split across ranks")
-    if service.mode == "disaggregated" and service.max_staleness < service.sync_interval - 1:
-        raise ValueError(
-            f"service.max_staleness={service.max_staleness} is below service.sync_interval - 1 = "
-            f"{service.sync_interval - 1}: rollouts made between two weight publishes would always be dropped"
-        )
-
-
-def logged(train: TrainConfig, report: StepReport) -> bool:
-    """Whether a step's report gets a metrics.jsonl row: every train.log_every steps, the last, and those that
-    measured the held-out loss."""
-    return train.logs_step(report.step) or "eval_ntp_loss" in report.stats
-
-
-def check_data_source(config: RunConfig) -> None:
-    """Open data.source and data.eval_source as the data layer does (a missing path, an unknown format, a
-    missing column fail here), before Ray, Redis and every actor start for nothing. The synthetic corpus is generated
-    (a second or so): a data.seq_len too short for data.synthetic_tasks, or a data.min_length that keeps
-    no document, fails here too."""
-    data = config.data
-    if data.eval_source is not None:  # the learner reads them: a bad source would fail it after Ray started
-        try:
-            heldout_documents(config, run_tokenizer(config))
-        except (OSError, ValueError, ImportError) as exc:
-            raise ConfigError(str(exc)) from None
-    if data.source == "synthetic":
-        tokenizer = run_tokenizer(config)  # outside the try: its own errors name the tokenizer setting
-        try:
-            synthetic_documents(config, tokenizer)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-        return
-    try:
-        RowSource(data.source, columns=[data.text_column], fmt=data.format)
-    except (OSError, ValueError, ImportError) as exc:
-        raise ConfigError(f"data.source={data.source!r}: {exc}") from None
-
-
-def actor_error(exc: BaseException) -> BaseException:
-    """What an actor raised, without Ray's wrapping: RayTaskError.cause, or for an actor whose __init__
-    raised, the creation task's RayTaskError that ActorDiedError carries (ray 2.x keeps it in args only)."""
-    for _ in range(8):  # wrappings nest a few levels at most
-        if isinstance(exc, ray.exceptions.RayTaskError) and isinstance(exc.cause, BaseException):
-            exc = exc.cause
-        elif (isinstance(exc, ray.exceptions.ActorDiedError) and exc.args
-              and isinstance(exc.args[0], ray.exceptions.RayTaskError)):
-            exc = exc.args[0]
-        else:
-            break
-    return exc
-
-
-def describe_failure(exc: BaseException) -> str:
-    """An actor's failure on one line: the message of what it raised, without Ray's remote traceback."""
-    cause = actor_error(exc)
-    if isinstance(cause, ray.exceptions.RayError):  # no Python error: killed, out of memory, node lost
-        lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
-        detail = f"{lines[0]} ({lines[-1]})" if len(lines) > 1 else "".join(lines)
-        return f"{type(cause).__name__}: {detail}"
-    message = " ".join(str(cause).split())
-    if message and isinstance(cause, (ValueError, OSError, ServiceError, RedisOutage)):
-        return message  # these name the field, path or address themselves
-    return f"{type(cause).__name__}: {message}" if message else type(cause).__name__
-
-
-class RestartWindow:
-    """When a role was restarted, over the last `window_s` seconds."""
-
-    def __init__(self, window_s: float = RESTART_WINDOW_S) -> None:
-        self.window_s = window_s
-        self.times: deque[float] = deque()
-
-    def add(self, now: float) -> int:
-        """Count a restart at `now` (time.monotonic()); returns the restarts within the window."""
-        self.times.append(now)
-        while self.times[0] <= now - self.window_s:
-            self.times.popleft()
-        return len(self.times)
-
-
-def _event_row(report: StepReport, at: float) -> dict:
-    """The events.jsonl row of a learner report that is no step (a dropped batch)."""
-    return {"time": round(at, 3), "event": report.kind, "step": report.step, "report": report.seq, **report.stats}
-
-
-def restart_events(path: Path, step: int, reports: int) -> None:
-    """events.jsonl for a run starting at `step`, from a checkpoint made after `reports` learner reports:
-    emptied for a fresh run (0); for a resumed one, the events of learner reports made after the checkpoint
-    removed (the learner redoes that work: they would appear twice) and the rest (restarts) kept. The rule of
-    metrics.jsonl (refine.loop.restart_metrics), by report number: a batch dropped at step `step` may come
-    before or after that step's checkpoint."""
-    kept = []
-    if step > 0 or reports > 0:
-        for line, row in jsonl_rows(path):
-            number = row.get("report")
-            if isinstance(number, int):
-                after = number > reports
-            else:  # written before reports were numbered
-                after = row.get("event") == "dropped" and row.get("step", 0) > step
-            if not after:
-                kept.append(line + "\n")
-    write_atomically(path, "".join(kept))  # replaced whole: a rewrite a full disk cuts short keeps every event
-
-
-def restore_reports(checkpoint: Path, out_dir: Path, train: TrainConfig) -> int:
-    """Append the learner reports `checkpoint` kept that metrics.jsonl (the steps `train` logs) and events.jsonl
-    lack (a driver that died between the learner's checkpoint and writing its reports); returns how many."""
-    reports = read_checkpoint_reports(checkpoint)
-    steps = {row.get("step") for _, row in jsonl_rows(out_dir / "metrics.jsonl")}
-    numbered = {row.get("report") for _, row in jsonl_rows(out_dir / "events.jsonl")}
-    restored = 0
-    for report in sorted(reports, key=lambda report: report.seq):
-        if report.kind == "step" and report.step not in steps and logged(train, report):
-            write_row(out_dir / "metrics.jsonl", report.stats, "refine")
-        elif report.kind != "step" and report.seq not in numbered:
-            write_row(out_dir / "events.jsonl", _event_row(report, report.created_at), "refine")
-        else:
-            continue
-        restored += 1
-    return restored
 
 
 def _finished_run(config: RunConfig) -> Stats | None:
@@ -323,13 +156,6 @@ def _finished_run(config: RunConfig) -> Stats | None:
     restart_events(out_dir / "events.jsonl", state.step, state.reports)
     restore_reports(checkpoint, out_dir, config.train)
     return finished_run(out_dir, state.step, config.train.steps)
-
-
-def namespace_for(config: RunConfig, out_dir: Path) -> str:
-    """The Redis key prefix: configured, or derived from the run directory."""
-    if config.service.namespace:
-        return config.service.namespace
-    return "refine-" + hashlib.sha1(str(out_dir).encode()).hexdigest()[:12]
 
 
 def _absolute_paths(config: RunConfig) -> RunConfig:
@@ -387,101 +213,9 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True, ray_addr
         return orchestrator.run()
 
 
-def claim_ttl_s(config: RunConfig) -> float:
-    """How long a driver's claim on its namespace lasts unless renewed (see CLAIM_MARGIN_S)."""
-    return outage_timeout_s(config.service.heartbeat_timeout_s) + CLAIM_MARGIN_S
-
-
-def check_namespace_free(redis_url: str, namespace: str, ttl_s: float) -> None:
-    """Refuse, before Ray starts, a run whose Redis namespace a run that is going on holds (see
-    Orchestrator._claim_namespace, which claims it)."""
-    client = connect(redis_url)
-    try:
-        other = Broker(client, namespace).claimed_by()
-    finally:
-        client.close()
-    if other is not None and not _driver_is_gone(other):
-        raise namespace_in_use(namespace, other, ttl_s)
-
-
-def namespace_in_use(namespace: str, other: str, ttl_s: float) -> ServiceError:
-    if not _holder(other):  # not a driver's claim: nothing will renew it or let it lapse
-        return ServiceError(f"the Redis namespace {namespace!r} (service.namespace, else derived from train.out_dir) "
-                            f"holds a claim no run made ({namespace}:claim = {other[:200]!r}): if no run uses this "
-                            f"namespace, delete it (`redis-cli DEL {namespace}:claim`), or give this run its own "
-                            f"train.out_dir or service.namespace")
-    return ServiceError(f"the Redis namespace {namespace!r} (service.namespace, else derived from train.out_dir) is in "
-                        f"use by a run that is going on: {_describe_holder(other)}. Two runs in one namespace delete "
-                        f"each other's state, so this one does not start: wait for that run to end, or give this run "
-                        f"its own train.out_dir or service.namespace (a driver killed without cleaning up frees it "
-                        f"{ttl_s:.0f}s after its last renewal, at once for a run on its host)")
-
-
-def _holder(description: str) -> dict:
-    """A namespace claim's holder (Orchestrator.claim_holder), or {} for one this code did not write."""
-    try:
-        holder = json.loads(description)
-    except ValueError:
-        return {}
-    return holder if isinstance(holder, dict) and "id" in holder else {}
-
-
-def _pid_namespace() -> str:
-    """This process's PID namespace (Linux; "" elsewhere): a pid names the same process only within one, and
-    containers sharing a host name (`--net=host`) may each have their own."""
-    try:
-        return str(os.stat("/proc/self/ns/pid").st_ino)
-    except OSError:
-        return ""
-
-
-def _describe_holder(description: str) -> str:
-    holder = _holder(description)
-    if not holder:
-        return f"claimed as {description[:200]!r}"
-    return (f"train.out_dir={holder.get('out_dir')!r}, its driver pid {holder.get('pid')} on {holder.get('host')}, "
-            f"started {holder.get('started')}")
-
-
-def _driver_is_gone(description: str) -> bool:
-    """Whether a claim's holder is a driver process on this host that no longer runs (killed without cleaning up),
-    or a run of this very process that ended without giving the claim up."""
-    holder = _holder(description)
-    pid = holder.get("pid")
-    if (holder.get("host") != socket.gethostname() or holder.get("pid_namespace") != _pid_namespace()
-            or not isinstance(pid, int) or isinstance(pid, bool) or pid < 1):
-        return False
-    if pid == os.getpid():  # a run on another thread of this process holds it while it goes on
-        return holder.get("id") not in _CLAIMS_HELD_HERE
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except OSError:  # another user's process: alive
-        return False
-    return False
-
-
 def data_cursor(position: DataPosition, batch: LocalBatch, source: str) -> DataCursor:
     """The DataCursor of the stream's next batch: its epoch (which `position` counts) and offset, and the source."""
     return DataCursor(epoch=position.advance(batch.cursor, batch.cursors), offset=batch.cursor, source=source[:200])
-
-
-def remove_member_files(config: RunConfig, namespace: str, role: str, member_id: str) -> None:
-    """What a killed member of run `namespace` could not remove itself: its metrics discovery files and, for a
-    rollout worker on the vLLM engine, its staged checkpoints in rollout.vllm.weights_dir (where this host
-    sees them)."""
-    withdraw_announcements(config.service.metrics_discovery_dir, role, member_id, namespace)
-    remove_staged_checkpoints(config, namespace, role, member_id)
-
-
-def remove_staged_checkpoints(config: RunConfig, namespace: str, role: str, member_id: str) -> None:
-    """A rollout worker's staged checkpoints on the vLLM engine (see remove_member_files); nothing for others."""
-    from rollout_workers.worker import ROLE as WORKER_ROLE
-
-    rollout = config.rollout
-    if role == WORKER_ROLE and rollout.engine == "vllm" and rollout.vllm.weights_dir is not None:
-        remove_staging(rollout.vllm.weights_dir, engine_owner(namespace, member_id))
 
 
 @dataclass
@@ -563,7 +297,7 @@ class Orchestrator:
         # This driver, as the namespace's claim holds it (Broker.claim): JSON, never unpickled.
         self.claim_id = uuid.uuid4().hex
         self.claim_holder = json.dumps({"out_dir": str(self.out_dir), "host": socket.gethostname(),
-                                        "pid": os.getpid(), "pid_namespace": _pid_namespace(),
+                                        "pid": os.getpid(), "pid_namespace": current_pid_namespace(),
                                         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "id": self.claim_id})
         self.claim_ttl_s = claim_ttl_s(config)
         self.claimed = False
@@ -642,22 +376,22 @@ class Orchestrator:
         """Hold the run's Redis namespace, or refuse to start: two runs in one namespace (the same train.out_dir
         started twice, or one service.namespace given to two runs) delete each other's streams and records."""
         other = self.broker.claim(self.claim_holder, self.claim_ttl_s)
-        if other is not None and _driver_is_gone(other):  # killed on this host without cleaning up: resume now
+        if other is not None and driver_is_gone(other):  # killed on this host without cleaning up: resume now
             self.broker.take_over(self.claim_holder, self.claim_ttl_s)
             other = None
         if other is not None:
             raise namespace_in_use(self.namespace, other, self.claim_ttl_s)
         self.claimed = True
-        _CLAIMS_HELD_HERE.add(self.claim_id)
+        CLAIMS_HELD_HERE.add(self.claim_id)
 
     def _renew_claim(self) -> None:
         other = self.broker.renew_claim(self.claim_holder, self.claim_ttl_s)
         if other is not None:  # ours lapsed (this driver stalled past claim_ttl_s) and another run took it
             self.claimed = False
             self.namespace_taken = True
-            _CLAIMS_HELD_HERE.discard(self.claim_id)
+            CLAIMS_HELD_HERE.discard(self.claim_id)
             raise ServiceError(f"the Redis namespace {self.namespace!r} was taken by another run while this driver "
-                               f"did not renew its claim: {_describe_holder(other)}; this run stops, leaving that "
+                               f"did not renew its claim: {describe_holder(other)}; this run stops, leaving that "
                                f"run's keys alone{self._resume_hint(None)}")
 
     def _release_namespace(self) -> bool:
@@ -665,7 +399,7 @@ class Orchestrator:
         if not self.claimed:
             return True
         self.claimed = False
-        _CLAIMS_HELD_HERE.discard(self.claim_id)
+        CLAIMS_HELD_HERE.discard(self.claim_id)
         return self.broker.release_claim(self.claim_holder)
 
     def _groups(self) -> list[tuple[str, str]]:
@@ -947,7 +681,7 @@ class Orchestrator:
 
     def _record(self, report: StepReport) -> None:
         if report.kind != "step":
-            self._write_event(_event_row(report, time.time()))
+            self._write_event(event_row(report, time.time()))
             return
         assert self.metrics_path is not None and self.bar is not None
         row = dict(report.stats)

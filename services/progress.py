@@ -7,7 +7,7 @@ directory. The progress record is a small hash the orchestrator polls to pace do
 Reports are numbered through the whole run (`seq`, continued from the checkpoint on resume). The
 orchestrator confirms, under `recorded`, the number up to which it has written every report; the
 learner keeps the reports after that number in its checkpoints, so a driver that died before writing
-them loses none (services/orchestrator.py restores them on resume).
+them loses none (services/report_files.py restores them on resume).
 """
 
 from __future__ import annotations

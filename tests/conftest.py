@@ -79,7 +79,8 @@ def make_batch() -> MakeBatch:
 def dead_letter_error(redis_url: str) -> Callable[[Any, str], str]:
     """The error a run ends with on the dead letters of Redis namespace `namespace`: (config, namespace) -> the
     orchestrator's ServiceError text (a real Orchestrator on the test Redis; nothing of Ray is started)."""
-    from services.orchestrator import Orchestrator, ServiceError
+    from services.failures import ServiceError
+    from services.orchestrator import Orchestrator
 
     def error(config: Any, namespace: str) -> str:
         orchestrator = Orchestrator(config, None, redis_url, namespace, resume=False, progress=False)

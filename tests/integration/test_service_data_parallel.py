@@ -13,7 +13,8 @@ from refine.evaluation.heldout import heldout_documents, heldout_ntp_loss
 from refine.loop import prepare_model
 from refine.models import load_model
 from service_helpers import step_rows, tiny_config
-from services.orchestrator import check_service_config, run
+from services.orchestrator import run
+from services.run_checks import check_service_config
 
 pytestmark = pytest.mark.slow
 

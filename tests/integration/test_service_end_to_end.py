@@ -20,8 +20,10 @@ from refine.models import load_model
 from refine.step import MAX_SKIPPED_IN_A_ROW
 from service_helpers import SERVICE_TINY, step_rows, tiny_config, tiny_overrides
 from services.broker import Broker
-from services.orchestrator import ServiceError, check_service_config, run
+from services.failures import ServiceError
+from services.orchestrator import run
 from services.redis_server import connect
+from services.run_checks import check_service_config
 from services.streams import DOCUMENTS
 from rollout_workers.vllm_engine import vllm_available
 

@@ -1,4 +1,4 @@
-"""The driver's own rules, without actors: failures on one line, restart budget, events and reports on
+"""The driver's own rules, without actors: failures on one line, events and reports on
 resume, and what is checked before Ray and Redis start."""
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ from refine_vllm.settings import staging_prefix
 from rollout_workers.engines import engine_owner
 from service_helpers import events, step_rows, tiny_config
 from refine.tokenizer import load_tokenizer
-from services.orchestrator import (
-    Orchestrator, RestartWindow, ServiceError, describe_failure, remove_member_files, restart_events,
-    restore_reports, run,
-)
+from services.failures import ServiceError, describe_failure
+from services.member_files import remove_member_files
 from services.messages import DataCursor, DocumentBatch
+from services.orchestrator import Orchestrator, run
 from services.progress import LearnerProgress, StepReport, read_published, write_progress, write_published
+from services.report_files import restore_reports
 from services.streams import DOCUMENTS, check_rollout_message_size
 
 UNREACHABLE_REDIS = "redis://127.0.0.1:1/0"  # a run that got as far as Redis would fail on it
@@ -171,30 +171,6 @@ def test_a_learner_failure_names_the_data_parallel_rank_that_failed(ray_session,
         assert orchestrator._failed_ranks(wait_s=60) == "learner rank 2 failed: ZeroDivisionError: division by zero"
     finally:
         orchestrator.client.close()
-
-
-def test_restarts_count_within_the_window_only() -> None:
-    window = RestartWindow(window_s=3600)
-    assert [window.add(now) for now in (0, 10, 20)] == [1, 2, 3]
-    assert window.add(3605) == 3  # the restart at 0 left the window
-    assert window.add(3700) == 2  # ... and those at 10 and 20
-    assert window.add(7400) == 1
-
-
-def _event(number: int | None, step: int, event: str = "dropped") -> str:
-    row = {"time": 1.0, "event": event, "step": step} | ({"report": number} if number is not None else {})
-    return json.dumps(row) + "\n"
-
-
-def test_events_of_reports_after_the_checkpoint_are_removed_on_resume(tmp_path: Path) -> None:
-    path = tmp_path / "events.jsonl"
-    restart = json.dumps({"time": 1.0, "event": "restart", "member": "rollout_worker-0.0"}) + "\n"
-    # Checkpoint at step 4 after 5 reports: a batch dropped at step 4 came before (report 5) or after it (6).
-    path.write_text(_event(2, 1) + restart + _event(5, 4) + _event(6, 4) + _event(None, 7) + "{cut sh")
-    restart_events(path, step=4, reports=5)
-    assert path.read_text() == _event(2, 1) + restart + _event(5, 4)
-    restart_events(path, step=0, reports=0)  # a fresh run
-    assert path.read_text() == ""
 
 
 def _checkpoint_with_reports(run_dir: Path, reports: list[StepReport], step: int) -> Path:

@@ -19,7 +19,8 @@ import services.resilience as resilience_module
 from refine.config import RunConfig, run_tokenizer
 from service_helpers import assert_every_batch_trained_once, events, step_rows, tiny_config
 from services.broker import Broker
-from services.orchestrator import REDIS_RETRY_PAUSE_S, Orchestrator, ServiceError, Stats, run
+from services.failures import ServiceError
+from services.orchestrator import REDIS_RETRY_PAUSE_S, Orchestrator, Stats, run
 from services.progress import read_progress
 from services.redis_server import EmbeddedRedis, connect, redact_url
 

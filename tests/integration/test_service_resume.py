@@ -11,9 +11,11 @@ import pytest
 from learner.checkpoint import latest_checkpoint, read_learner_state
 from refine.config import run_tokenizer
 from refine.data.stream import document_batches
+from refine.loop import RunInterrupted
 from service_helpers import run_in_background, step_rows, tiny_config, wait_for
 from services.broker import Broker
-from services.orchestrator import Orchestrator, RunInterrupted, ServiceError, run
+from services.failures import ServiceError
+from services.orchestrator import Orchestrator, run
 from services.progress import read_progress
 from services.redis_server import EmbeddedRedis, connect
 from services.streams import LEARNER_REPORTS

@@ -18,9 +18,9 @@ from refine.algorithm.update import score_rollouts
 from refine.config import RunConfig, load_config
 from refine.loop import NONFINITE_KEY
 from services.messages import DataCursor, DocumentBatch, ScoredBatch
-from services.orchestrator import restore_reports
 from services.progress import StepReport, write_recorded
 from services.redis_server import EmbeddedRedis
+from services.report_files import restore_reports
 from services.resilience import RedisOutage
 from services.streams import DOCUMENTS, LEARNER_GROUP, SCORED, document_batch_id_for, rollout_batch_id_for
 

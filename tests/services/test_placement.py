@@ -21,7 +21,8 @@ from ray.util.placement_group import PlacementGroup
 from refine.config import RunConfig, run_tokenizer
 from services import orchestrator as orchestrator_module
 from services import ray_runtime
-from services.orchestrator import Member, Orchestrator, ServiceError
+from services.failures import ServiceError
+from services.orchestrator import Member, Orchestrator
 from services.ray_runtime import (
     Placement, Reservation, actor_requests, check_placement, first_fit_decreasing, fit_together, free_per_node,
 )
