@@ -642,13 +642,16 @@ def _checkpoint_model_config(init_from: str) -> dict[str, Any]:
         config_file = Path(_expand_home(init_from)) / "config.json"
     except ValueError as error:  # read before the field's own check, which names it the same way
         raise ValueError(f"train.init_from={init_from!r}: {error}") from None
-    if not config_file.parent.exists():
-        raise ValueError(f"train.init_from={init_from!r} does not exist")
-    if not config_file.is_file():
-        raise ValueError(f"train.init_from={init_from!r} has no config.json: give a model directory "
-                         f"(a checkpoint's model/)")
     try:
+        if not config_file.parent.exists():
+            raise ValueError(f"train.init_from={init_from!r} does not exist")
+        if not config_file.is_file():
+            raise ValueError(f"train.init_from={init_from!r} has no config.json: give a model directory "
+                             f"(a checkpoint's model/)")
         values = json.loads(config_file.read_text())
+    except OSError as error:  # a name too long, no permission: pydantic would pass it on without the field
+        raise ValueError(f"train.init_from={init_from!r}: cannot read {config_file.name}: "
+                         f"{error.strerror or error}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"train.init_from={init_from!r}: cannot parse its config.json: {error}") from None
     if not isinstance(values, dict):
@@ -781,7 +784,22 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         _refuse_yaml11_number(self.construct_scalar(node), node, octal=False)
         return super().construct_yaml_float(node)
 
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        # PyYAML's constructors raise plain Python errors for a tagged value they cannot build (`!!int x`,
+        # `!!bool maybe`, `!!timestamp 5`): each becomes a YAML error at the value's place.
+        try:
+            return super().construct_object(node, deep)
+        except yaml.YAMLError:
+            raise
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError) as error:
+            value = f" {node.value!r}" if isinstance(node, yaml.ScalarNode) else ""
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{node.tag.replace('tag:yaml.org,2002:', '!!')}{value} cannot be read as its tag "
+                f"says ({type(error).__name__}: {error})", node.start_mark) from None
+
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if not isinstance(node, yaml.MappingNode):  # `!!set [1]`: PyYAML names what it expected
+            return super().construct_mapping(node, deep)
         lines: dict[Any, int] = {}
         for key_node, _ in node.value:
             # A merge key (<<) may be overridden on purpose; other keys are scalars in a config.

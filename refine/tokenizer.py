@@ -101,6 +101,12 @@ _FALLBACK_BOS = ("<s>", "<|begin_of_text|>", "<bos>", "[BOS]")
 _FALLBACK_EOS = ("</s>", "<|end_of_text|>", "<|endoftext|>", "<eos>", "[EOS]")
 
 
+def _is_rust_panic(error: BaseException) -> bool:
+    """Whether `error` is a Rust panic of the tokenizers library (a malformed tokenizer.json can cause one). pyo3
+    raises it as PanicException, a BaseException that `except Exception` and the command line's error report miss."""
+    return type(error).__name__ == "PanicException" and type(error).__module__ == "pyo3_runtime"
+
+
 class HFTokenizer:
     """A `tokenizer.json` (the `tokenizers` library's format) loaded from a local directory, never from a hub.
 
@@ -122,6 +128,11 @@ class HFTokenizer:
             self._tokenizer = _RustTokenizer.from_str(text)
         except Exception as error:  # the Rust library raises a bare Exception with its parse message
             raise ValueError(f"cannot read tokenizer file {str(file)!r}: {error}") from error
+        except BaseException as error:
+            if not _is_rust_panic(error):
+                raise
+            raise ValueError(f"cannot read tokenizer file {str(file)!r}: the tokenizers library fails on its "
+                             f"settings ({error})") from None
         # The files checkpoints save, as read now: a tokenizer directory moved or rewritten during a run must not
         # leave later checkpoints without them, or with another tokenizer than the one the run encodes with.
         self.files: dict[str, str] = {"tokenizer.json": text}

@@ -157,6 +157,9 @@ def test_a_run_from_a_checkpoint_takes_its_model_section(tmp_path):
         load_config(None, [f"train.init_from={tmp_path / 'nowhere'}"])
     with pytest.raises(ConfigError, match=r"\n  train\.init_from='.*' has no config\.json: give a model directory"):
         load_config(None, [f"train.init_from={tmp_path}"])  # the message alone, without pydantic's wrapping
+    # An OSError of the file system named no setting (pydantic passes it on as it is).
+    with pytest.raises(ConfigError, match=r"train\.init_from='a{300}': cannot read config\.json: File name too long"):
+        load_config(None, [f"train.init_from={'a' * 300}"])
 
 
 def test_the_model_agrees_with_the_tokenizer(tmp_path):
@@ -314,6 +317,24 @@ def test_a_merge_key_may_still_be_overridden(tmp_path):
 def test_yaml_problems_in_an_override_name_the_key(override, error):
     with pytest.raises(ConfigError, match=error):
         load_config(None, [override])
+
+
+@pytest.mark.parametrize("value,error", [
+    ("!!bool x", r"!!bool 'x' cannot be read as its tag says \(KeyError: 'x'\)"),
+    ("!!int ''", r"!!int '' cannot be read as its tag says \(IndexError"),
+    ("!!int x", r"!!int 'x' cannot be read as its tag says \(ValueError: invalid literal"),
+    ("!!timestamp 5", r"!!timestamp '5' cannot be read as its tag says \(AttributeError"),
+    ("!!timestamp 2020-13-45", r"!!timestamp '2020-13-45' cannot be read as its tag says \(ValueError: month"),
+    ("!!set [1]", r"expected a mapping node, but found sequence"),
+])
+def test_a_tagged_value_its_tag_cannot_build_names_the_setting(tmp_path, value, error):
+    """PyYAML raises plain KeyError/IndexError/... for these, which ended the command with a traceback."""
+    with pytest.raises(ConfigError, match=rf"^--set train\.seed: {error}.* at line 1, column 1$"):
+        load_config(None, [f"train.seed={value}"])
+    path = tmp_path / "run.yaml"
+    path.write_text(f"train:\n  seed: {value}\n")
+    with pytest.raises(ConfigError, match=rf"^config file {path}: {error}.* at line 2, column 9$"):
+        load_config(path)
 
 
 def test_unreadable_and_empty_config_files_name_the_file(tmp_path):

@@ -152,6 +152,18 @@ def test_load_tokenizer_defaults_and_errors(tmp_path):
         load_tokenizer(str(tmp_path / "broken"))
 
 
+def test_a_tokenizer_file_the_library_panics_on_is_a_plain_error(tmp_path):
+    """The tokenizers library panics (a BaseException, which no `except Exception` catches) on a byte-level BPE
+    with a subword prefix longer than some of its merges: the command would end with a Rust traceback."""
+    write_bpe_tokenizer(tmp_path / "bpe")
+    settings = json.loads((tmp_path / "bpe" / "tokenizer.json").read_text())
+    settings["model"]["continuing_subword_prefix"] = "##"
+    (tmp_path / "bpe" / "tokenizer.json").write_text(json.dumps(settings))
+    with pytest.raises(ValueError, match=r"cannot read tokenizer file '.*tokenizer\.json': the tokenizers library "
+                                         r"fails on its settings \(slice index"):
+        load_tokenizer(str(tmp_path / "bpe"))
+
+
 def test_save_tokenizer_files_copies_what_load_tokenizer_reads(tmp_path):
     rust = write_bpe_tokenizer(tmp_path / "src")
     (tmp_path / "src" / "tokenizer.json").rename(tmp_path / "src" / "custom.json")  # a file path, any name
