@@ -133,6 +133,9 @@ def connect(
         raise ValueError(f"invalid Redis URL {redact_url(url)!r} ({URL_SOURCES}): {exc}") from None
     try:
         probe.ping()
+    except UnicodeError as exc:  # a host name IDNA cannot encode (a label over 63 characters)
+        raise ValueError(f"invalid Redis URL {redact_url(url)!r} ({URL_SOURCES}): its host name cannot be "
+                         f"encoded: {exc}") from None
     except (redis.RedisError, OSError) as exc:
         answer = _first_answer(probe, timeout_s)
         if answer and answer[0] not in _RESP_FIRST_BYTES:
@@ -169,6 +172,8 @@ def _check_query_keys(client: redis.Redis, url: str) -> None:
     pool = client.connection_pool
     try:
         pool.connection_class(**pool.connection_kwargs)
+    except redis.RedisError as exc:  # a known key with a value redis-py refuses: ?protocol=9, ?ssl_cert_reqs=x
+        raise ValueError(f"its settings were refused: {exc}") from None
     except TypeError as exc:
         unknown = re.search(r"unexpected keyword argument '([^']*)'", str(exc))
         if unknown is None:

@@ -368,6 +368,25 @@ def test_an_unknown_query_key_is_named(url: str, shown: str, key: str) -> None:
     assert "s3cret" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "url, problem",
+    [
+        ("redis://:s3cret@127.0.0.1:1/0?protocol=9", "its settings were refused: protocol must be either 2 or 3"),
+        ("rediss://127.0.0.1:1/0?ssl_cert_reqs=bogus",
+         "its settings were refused: Invalid SSL Certificate Requirements Flag: bogus"),
+        (f"redis://{'a' * 70}.example:1/0", "its host name cannot be encoded: encoding with 'idna' codec failed"),
+    ],
+)
+def test_a_query_value_or_host_redis_py_refuses_is_named(url: str, problem: str) -> None:
+    """A known key with a value redis-py refuses, and a host name it cannot encode, were raw redis-py errors (the
+    first two) or a bare UnicodeError naming neither the URL nor the flag."""
+    with pytest.raises(ValueError) as info:
+        connect(url, timeout_s=0.5)
+    assert str(info.value).startswith(f"invalid Redis URL {redact_url(url)!r} (--redis-url, service.redis_url or "
+                                      f"REFINE_REDIS_URL): {problem}")
+    assert "s3cret" not in str(info.value)
+
+
 @pytest.mark.parametrize("url", ["localhost:6379", "", None])
 def test_malformed_url_is_refused(url: object) -> None:
     with pytest.raises(ValueError, match="Redis url must look like"):
