@@ -292,6 +292,11 @@ class RedisWeightStore(WeightStore):
         if chunks < 1:  # publish writes at least one chunk, an empty one for no bytes
             raise WeightStoreError(f"weight version {version}'s record {key!r}: chunks is 0, at least 1 expected")
         total = _number(meta[b"bytes"], f"the field bytes of weight version {version}'s record {key!r}")
+        # Every chunk holds a byte or more (one empty chunk for no bytes). A larger count, which something other
+        # than publish wrote, would have pruning list millions of chunk keys in one command.
+        if chunks > max(total, 1):
+            raise WeightStoreError(f"weight version {version}'s record {key!r}: {chunks} chunks for {total} bytes "
+                                   f"(each chunk holds at least one byte)")
         return blob.decode(), chunks, total
 
     def _redis(self, command: Callable[[str], T], key: str, kind: str) -> T:

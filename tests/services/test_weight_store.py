@@ -155,6 +155,9 @@ def chunk_keys(redis_client: redis.Redis, namespace: str) -> list[bytes]:
      r"the field bytes of weight version 1's record '{ns}:weights:meta:1' is b'-5', not a non-negative integer"),
     (lambda c, ns: c.hset(f"{ns}:weights:meta:1", "chunks", "0"),
      r"weight version 1's record '{ns}:weights:meta:1': chunks is 0, at least 1 expected"),
+    (lambda c, ns: c.hset(f"{ns}:weights:meta:1", "chunks", "2000000"),
+     r"weight version 1's record '{ns}:weights:meta:1': 2000000 chunks for \d+ bytes \(each chunk holds at least "
+     r"one byte\)"),
     (lambda c, ns: c.hset(f"{ns}:weights:meta:1", "blob", b"\xff:x"),
      r"weight version 1's record '{ns}:weights:meta:1': blob b'\\xff:x' is not a blob id"),
     (lambda c, ns: c.delete(chunk_keys(c, ns)[2]),
@@ -168,8 +171,8 @@ def chunk_keys(redis_client: redis.Redis, namespace: str) -> list[bytes]:
      r"says \d+"),
     (lambda c, ns: (c.delete(f"{ns}:weights:meta:1"), c.set(f"{ns}:weights:meta:1", "x")),
      r"weight store key '{ns}:weights:meta:1' holds a Redis string, not a hash"),
-], ids=["no-chunks-field", "no-blob-field", "chunks-not-a-number", "negative-bytes", "zero-chunks", "bad-blob-id",
-        "missing-chunk", "not-safetensors", "short-chunk", "record-not-a-hash"])
+], ids=["no-chunks-field", "no-blob-field", "chunks-not-a-number", "negative-bytes", "zero-chunks",
+        "more-chunks-than-bytes", "bad-blob-id", "missing-chunk", "not-safetensors", "short-chunk", "record-not-a-hash"])
 def test_a_corrupt_version_record_or_chunk_names_the_key(
     redis_client: redis.Redis, namespace: str, damage, error: str
 ) -> None:
@@ -182,6 +185,19 @@ def test_a_corrupt_version_record_or_chunk_names_the_key(
             fetch()
         # Not a version that went missing (fetch would retry it, a worker would take it for a pruning race).
         assert not isinstance(info.value, WeightVersionMissing)
+
+
+def test_pruning_a_record_that_claims_millions_of_chunks_is_refused_by_name(
+    redis_client: redis.Redis, namespace: str
+) -> None:
+    """Pruning listed every chunk key the record claimed in one command: a record rewritten to 2,000,000 chunks
+    took the publisher 4 s and 640 MB, and 100,000,000 got it killed for memory."""
+    store = RedisWeightStore(redis_client, namespace, keep_last=1)
+    store.publish(small_state(1), 1)
+    redis_client.hset(f"{namespace}:weights:meta:1", "chunks", "100000000")
+    with pytest.raises(WeightStoreError, match=rf"^weight version 1's record '{namespace}:weights:meta:1': "
+                                               r"100000000 chunks for \d+ bytes"):
+        store.publish(small_state(2), 2)  # keep_last=1: publishing version 2 prunes version 1
 
 
 @pytest.mark.parametrize("value,error", [
