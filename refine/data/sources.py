@@ -376,29 +376,30 @@ class _ParquetReader:
                 raise DataSourceError(f"parquet file {str(file)!r} cannot be opened ({error})") from error
             with parquet:
                 for batch in self._batches(number, parquet, group, first_row, rows):
-                    for column, column_values in batch.to_pydict().items():
+                    for column, column_values in batch.items():
                         values[column].extend(column_values)
         if len(values[columns[0]]) != rows:  # the file was replaced since its footer was read
             raise DataSourceError(f"parquet file {str(file)!r}, row group {group}: {len(values[columns[0]])} rows, "
                                   f"where the file had {rows} when this pass started: it changed during the run")
         return values
 
-    def _batches(self, number: int, parquet: Any, group: int, first_row: int, num_rows: int) -> Iterator[Any]:
-        """The record batches of one row group of file `number`; a damaged page fails naming the file, the group
-        and its rows."""
+    def _batches(self, number: int, parquet: Any, group: int, first_row: int,
+                 num_rows: int) -> Iterator[dict[str, list[Any]]]:
+        """The record batches of one row group of file `number`, as Python values by column; a damaged page, or a
+        value Python cannot hold (a date32 past year 9999), fails naming the file, the group and its rows."""
         import pyarrow as pa
 
         file = self.files[number][0]
         batches = parquet.iter_batches(row_groups=[group], columns=self.file_columns[number], batch_size=1024)
         while True:
             try:
-                batch = next(batches)
+                batch = next(batches).to_pydict()
             except StopIteration:
                 return
-            except (pa.ArrowException, OSError) as error:
+            except (pa.ArrowException, OSError, ValueError, OverflowError) as error:
                 raise DataSourceError(
                     f"parquet file {str(file)!r}, row group {group} (rows {first_row}-{first_row + num_rows - 1}): "
-                    f"cannot be read ({error})"
+                    f"cannot be read ({type(error).__name__}: {error})"
                 ) from error
             yield batch
 
@@ -425,9 +426,8 @@ class _ParquetReader:
                         index += group_rows
                         continue
                     row_in_file = index - file_start
-                    for batch in self._batches(number, parquet, group, row_in_file, group_rows):
-                        values = batch.to_pydict()
-                        for offset in range(batch.num_rows):
+                    for values in self._batches(number, parquet, group, row_in_file, group_rows):
+                        for offset in range(len(next(iter(values.values())))):
                             if stop is not None and index >= stop:
                                 return
                             if index >= start:
@@ -602,7 +602,13 @@ class _HFReader:
             import datasets
         except ImportError as error:
             raise ImportError("reading a save_to_disk dataset needs `datasets`: pip install datasets") from error
-        loaded = datasets.load_from_disk(str(path))
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except OSError:
+            raise
+        except Exception as error:  # a damaged dataset_dict.json / state.json: KeyError, JSONDecodeError, ...
+            raise DataSourceError(f"dataset {str(path)!r} cannot be read as a save_to_disk dataset: "
+                                  f"{type(error).__name__}: {error}") from None
         self.where = f"dataset {str(path)!r}"
         if isinstance(loaded, datasets.DatasetDict):
             splits = list(loaded.keys())

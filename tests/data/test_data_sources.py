@@ -139,6 +139,22 @@ def test_saved_hf_dataset_and_dataset_dict(tmp_path):
         list(iter_documents(config(tmp_path / "single"), TOKENIZER))
 
 
+@pytest.mark.parametrize("files", [
+    {"dataset_dict.json": "{}"},
+    {"dataset_dict.json": "garbage"},
+    {"state.json": "{}", "dataset_info.json": "{}"},
+], ids=["dict-without-splits", "dict-not-json", "state-without-files"])
+def test_a_damaged_save_to_disk_folder_names_the_folder(tmp_path, files):
+    """datasets.load_from_disk raised a bare KeyError: 'splits' / '_data_files', or a JSON error naming no file."""
+    pytest.importorskip("datasets", reason="the `datasets` package reads save_to_disk folders")
+    (tmp_path / "hf").mkdir()
+    for name, text in files.items():
+        (tmp_path / "hf" / name).write_text(text)
+    with pytest.raises(DataSourceError, match=rf"^dataset '{tmp_path / 'hf'}' cannot be read as a save_to_disk "
+                                              r"dataset: \w+Error"):
+        list(iter_documents(config(tmp_path / "hf"), TOKENIZER))
+
+
 def test_limit_reads_only_the_first_records(tmp_path):
     path = write_jsonl(tmp_path / "docs.jsonl", ["a1", "a2", "a3", "a4"])
     stream = DocumentStream(config(path, limit=2), TOKENIZER)
@@ -296,6 +312,18 @@ def test_a_damaged_parquet_row_group_names_the_file_and_group_after_the_good_one
         for document in iter_documents(config(path, tokenize_batch_size=1), TOKENIZER):
             received.append(document)
     assert texts_of(received) == texts[:3]
+
+
+def test_a_parquet_value_python_cannot_hold_names_the_file_and_group(tmp_path):
+    """A date32 past year 9999 (an int32 column cast) raised a raw OverflowError from pyarrow's conversion, even
+    with skip_bad_rows, on both the in-order and the shuffled reading."""
+    path = tmp_path / "date.parquet"
+    pq.write_table(pa.table({"text": pa.array([2**31 - 1], pa.int32()).cast(pa.date32())}), path)
+    error = r"parquet file '.*date\.parquet', row group 0 \(rows 0-0\): cannot be read \(OverflowError: "
+    with pytest.raises(DataSourceError, match=error):
+        list(iter_documents(config(path, skip_bad_rows=True), TOKENIZER))
+    with pytest.raises(DataSourceError, match=error):
+        list(RowSource(path, columns=["text"]).shuffled_rows(seed=7))
 
 
 def test_format_detection_errors(tmp_path):
