@@ -184,8 +184,8 @@ def _folder_files(folder: Path) -> list[Path]:
     Hidden files and folders (names starting with ".") are left out: .ipynb_checkpoints and the like hold
     copies, whose documents would be read twice. Linked folders are followed (shared storage is often linked
     in), each real folder once: the first path to it in sorted order names its files. A compressed data file
-    (part-0.jsonl.gz) fails naming it: a run that silently left it out would train on part of the data the user
-    pointed at. Other files are left out (README.md, a hub repository's dataset_infos.json), .json ones with a
+    (part-0.jsonl.gz) fails naming it, as does a link to a data file that is not there (its storage not mounted): a
+    run that silently left it out would train on part of the data the user pointed at. Other files are left out (README.md, a hub repository's dataset_infos.json), .json ones with a
     warning, since JSON lines are sometimes named so (they must end in .jsonl or .ndjson)."""
     files: list[Path] = []
     walked: set[Path] = set()  # real folders: a link to a folder walked already (or to an ancestor) is not walked
@@ -208,6 +208,10 @@ def _folder_files(folder: Path) -> list[Path]:
             file = Path(directory, name)
             if Path(name).suffix.lower() in _EXTENSIONS and file.is_file():
                 files.append(file)
+            elif Path(name).suffix.lower() in _EXTENSIONS and file.is_symlink():  # a shard on storage not mounted
+                raise DataSourceError(f"data folder {str(folder)!r} holds {str(file)!r}, a link to "
+                                      f"{os.readlink(file)!r}, which cannot be read: mount or restore its target, "
+                                      f"or remove the link")
             elif name.lower().endswith(".json"):
                 left_out_json.append(str(file))
     if left_out_json and files and str(folder) not in _warned_folders:  # once: a run lists its folders often

@@ -553,6 +553,18 @@ def test_folder_sources_read_any_case_skip_hidden_files_and_refuse_compressed_on
         detect_format(folder / "c.jsonl.GZ")
 
 
+def test_a_link_to_a_data_file_that_is_not_there_is_named(tmp_path):
+    """A shard linked from storage that is not mounted was left out without a word: the run trained on the other
+    shards only, and data_source.json listed them alone."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    write_jsonl(folder / "part-0.jsonl", ["from part 0"])
+    (folder / "part-1.jsonl").symlink_to(tmp_path / "unmounted" / "part-1.jsonl")
+    with pytest.raises(DataSourceError, match=rf"^data folder '{folder}' holds '{folder / 'part-1.jsonl'}', a link to "
+                                              rf"'{tmp_path / 'unmounted' / 'part-1.jsonl'}', which cannot be read"):
+        list(iter_documents(config(folder), TOKENIZER))
+
+
 def test_folder_sources_follow_linked_folders_once_and_read_ndjson(tmp_path, caplog):
     """Shared storage is often linked in: a linked folder's files are read (they were left out silently), a
     folder linked twice or a link back to an ancestor only once. .ndjson is JSON lines; a .json file is left out
