@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -205,6 +206,9 @@ def save_model(model: FastWeightLM, path: str | Path) -> Path:
     if model.config.tie_word_embeddings:
         tensors.pop("lm_head.weight")  # shared with the embeddings; safetensors refuses aliases
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    # safetensors makes its file 0600 whatever the umask: the weights take config.json's mode (the umask's), so
+    # those who may read a checkpoint's other files may read its weights too.
+    shutil.copymode(path / "config.json", path / "model.safetensors")
     sync_tree(path)  # on disk, not only in the page cache: a machine crash leaves no empty weight file
     return path
 

@@ -367,6 +367,21 @@ def test_save_model_puts_its_files_on_disk(tmp_path, monkeypatch):
     assert synced.index(path) > max(synced.index(path / "config.json"), synced.index(path / "model.safetensors"))
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_saved_weights_follow_the_umask_as_the_other_files_do(tmp_path, umask):
+    """safetensors writes its file 0600 whatever the umask: a teammate who could read a checkpoint's config.json
+    and trainer state could not read its weights."""
+    model = build_model(dict(model_type="delta_net", hidden_size=32, num_heads=2, num_hidden_layers=1,
+                             vocab_size=60, intermediate_size=48))
+    previous = os.umask(umask)
+    try:
+        path = save_model(model, tmp_path / "model")
+    finally:
+        os.umask(previous)
+    modes = {name: os.stat(path / name).st_mode & 0o777 for name in ("config.json", "model.safetensors")}
+    assert modes == {"config.json": 0o666 & ~umask, "model.safetensors": 0o666 & ~umask}
+
+
 def test_a_tied_config_whose_checkpoint_stores_its_own_output_layer_is_refused(tmp_path):
     # fla keeps such a file's lm_head (untied); dropping it would train and save another model, silently.
     model = build_model(dict(model_type="delta_net", hidden_size=32, num_heads=2, num_hidden_layers=1, vocab_size=60,
