@@ -29,6 +29,21 @@ def write_atomically(path: Path, text: str) -> None:
         raise
 
 
+def write_output(path: str | Path, text: str) -> None:
+    """Write a file the user named (an --output): replaced whole (write_atomically) when it is a regular file or
+    not there yet, written into when it is something else (a FIFO, /dev/stdout), and through a link to the file
+    it names. Replacing would put a regular file in place of the link, the FIFO or the device node."""
+    target = Path(os.path.realpath(path))
+    if target.exists() and not target.is_file():
+        try:
+            with open(target, "w", encoding="utf-8") as handle:
+                handle.write(text)
+        except OSError as error:
+            raise naming(error, target) from None
+        return
+    write_atomically(target, text)
+
+
 # A temporary file's name: ".<name>.<random>.tmp", the name cut to this many bytes (a file name holds 255).
 _TEMP_NAME_BYTES = 200
 _CREATE_EXCLUSIVELY = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)

@@ -19,7 +19,7 @@ from typing import Any
 from refine.evaluation.metrics import (
     FuzzBackend, LongBenchScoring, aggregate_by_length, longbench_task_name, task_metric,
 )
-from refine.files import check_output_spares_inputs, write_atomically
+from refine.files import check_output_spares_inputs, write_output
 
 PREDICTION_FIELDS = ("prediction", "pred")
 ANSWER_FIELDS = ("answers", "outputs", "answer")
@@ -188,7 +188,7 @@ def write_scores(path: str | Path, numbered: list[tuple[dict[str, Any], int]], s
             if key in row:
                 record[key] = row[key]
         lines.append(json.dumps(record, ensure_ascii=False) + "\n")
-    write_atomically(output, "".join(lines))
+    write_output(output, "".join(lines))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,7 @@
 import json
+import os
+import stat
+import threading
 
 import pytest
 
@@ -268,3 +271,23 @@ def test_per_example_scores_are_written_whole_or_not_at_all(tmp_path):
     with pytest.raises(UnicodeEncodeError):
         write_scores(output, numbered, [1.0, 0.0])
     assert output.read_text() == "earlier scores\n"
+
+
+def test_an_output_that_is_a_link_or_a_fifo_is_written_into_not_replaced(tmp_path, capsys):
+    """--output replaced whatever it named with a regular file: a link to shared/scores.jsonl became a file of its
+    own (the shared file kept its old scores), and a FIFO (or, as root, a device such as /dev/full) was replaced."""
+    predictions = write_jsonl(tmp_path / "preds.jsonl", [{"_id": "q1", "pred": "a b", "answers": ["a b"]}])
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "scores.jsonl").write_text("old\n")
+    link = tmp_path / "mine.jsonl"
+    link.symlink_to(tmp_path / "shared" / "scores.jsonl")
+    assert main(["--task", "hotpotqa", "--predictions", str(predictions), "--output", str(link)]) == 0
+    assert link.is_symlink() and json.loads((tmp_path / "shared" / "scores.jsonl").read_text())["_id"] == "q1"
+    fifo = tmp_path / "out.fifo"
+    os.mkfifo(fifo)
+    received: list[str] = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_text()), daemon=True)
+    reader.start()
+    assert main(["--task", "hotpotqa", "--predictions", str(predictions), "--output", str(fifo)]) == 0
+    reader.join(timeout=10)
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and json.loads(received[0])["_id"] == "q1"
