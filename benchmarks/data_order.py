@@ -27,6 +27,7 @@ import torch
 
 from refine.cli import positive_int
 from refine.data.sources import DataConfig, DocumentStream, RowSource, _jsonl_records
+from refine.runtime import sigterm_as_ctrl_c
 from refine.tokenizer import ByteTokenizer
 
 
@@ -97,4 +98,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with sigterm_as_ctrl_c():  # a stopped benchmark still removes its temporary files and child processes
+        main()

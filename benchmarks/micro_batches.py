@@ -31,7 +31,7 @@ from refine.algorithm.rollout import snapshot_rollouts
 from refine.algorithm.update import score_rollouts
 from refine.config import ConfigError, RunConfig, load_config
 from refine.models import build_model
-from refine.runtime import tune_allocator
+from refine.runtime import sigterm_as_ctrl_c, tune_allocator
 from refine.step import make_optimizer, rollout_batch_update
 
 
@@ -162,4 +162,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with sigterm_as_ctrl_c():  # a stopped benchmark still removes its temporary files and child processes
+        main()

@@ -36,7 +36,7 @@ from refine.algorithm.update import LossResult, score_rollouts
 from refine.config import RunConfig, validate_config
 from refine.data.stream import document_batches
 from refine.loop import prepare_model, train
-from refine.runtime import tune_allocator
+from refine.runtime import sigterm_as_ctrl_c, tune_allocator
 from refine.step import make_optimizer, optimizer_step
 from refine.tokenizer import load_tokenizer
 from services.orchestrator import run
@@ -197,4 +197,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with sigterm_as_ctrl_c():  # a stopped benchmark still removes its temporary files and child processes
+        main()

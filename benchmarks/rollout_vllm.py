@@ -31,6 +31,7 @@ from refine.cli import positive_int
 from refine.algorithm.rollout import snapshot_rollouts
 from refine.config import RunConfig
 from refine.generate import generate
+from refine.runtime import sigterm_as_ctrl_c
 from rollout_workers.vllm_engine import VllmEngine, VllmEngineConfig
 
 MODELS = {
@@ -159,4 +160,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with sigterm_as_ctrl_c():  # a stopped benchmark still removes its temporary files and child processes
+        main()
