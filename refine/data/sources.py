@@ -33,8 +33,8 @@ from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from tqdm.auto import tqdm
 
+from refine.runtime import progress_bar
 from refine.tokenizer import ByteTokenizer, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -184,9 +184,10 @@ def _folder_files(folder: Path) -> list[Path]:
     Hidden files and folders (names starting with ".") are left out: .ipynb_checkpoints and the like hold
     copies, whose documents would be read twice. Linked folders are followed (shared storage is often linked
     in), each real folder once: the first path to it in sorted order names its files. A compressed data file
-    (part-0.jsonl.gz) fails naming it, as does a link to a data file that is not there (its storage not mounted): a
-    run that silently left it out would train on part of the data the user pointed at. Other files are left out (README.md, a hub repository's dataset_infos.json), .json ones with a
-    warning, since JSON lines are sometimes named so (they must end in .jsonl or .ndjson)."""
+    (part-0.jsonl.gz) fails naming it, as does a link to a data file that is not there (its storage not mounted):
+    a run that silently left it out would train on part of the data the user pointed at. Other files are left out
+    (README.md, a hub repository's dataset_infos.json), .json ones with a warning, since JSON lines are sometimes
+    named so (they must end in .jsonl or .ndjson)."""
     files: list[Path] = []
     walked: set[Path] = set()  # real folders: a link to a folder walked already (or to an ancestor) is not walked
     left_out_json: list[str] = []
@@ -820,7 +821,7 @@ class DocumentStream:
         if known is not None and config.limit is not None:
             known = min(known, config.limit)
         total = None if known is None else max(known - record, 0)
-        progress = tqdm(total=total, desc="tokenizing", unit="doc", disable=not config.show_progress)
+        progress = progress_bar(total=total, desc="tokenizing", unit="doc", disable=not config.show_progress)
         bad_rows_before = self.stats.bad_rows
         records_before = self.stats.records_read
         documents_before = self.stats.documents
