@@ -9,17 +9,17 @@ import json
 import os
 import re
 import shutil
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
+from refine.config import RunConfig
 from refine.files import file_system_error, sync_directory, sync_tree
 from refine.models import FastWeightLM, load_model, load_model_config, save_model
+from refine.runtime import note
 from refine.tokenizer import Tokenizer, same_tokenizer, save_tokenizer_files, tokenizer_name
 
 
@@ -235,6 +235,18 @@ def _reason(error: OSError) -> str:
     return error.strerror if error.filename is None else f"{error.strerror}: {str(error.filename)!r}"
 
 
+def check_inputs_outside_checkpoints(config: RunConfig) -> None:
+    """Refuse, for a fresh run, a model or tokenizer to start from inside the run's own checkpoints folder: a fresh
+    run empties that folder (a killed first attempt could then not be started again). A resumed run may take its
+    checkpoint's tokenizer (the remedy check_resumed_tokenizer names)."""
+    checkpoints = Path(os.path.abspath(Path(config.train.out_dir) / "checkpoints"))
+    for field, value in (("train.init_from", config.train.init_from), ("tokenizer", config.tokenizer)):
+        if value is not None and Path(os.path.abspath(value)).resolve().is_relative_to(checkpoints.resolve()):
+            raise ValueError(f"{field}={value!r} lies in this run's own checkpoints folder {str(checkpoints)!r} "
+                             f"(train.out_dir={config.train.out_dir!r}), which a fresh run empties: copy it out "
+                             f"first, or give the run another train.out_dir")
+
+
 def clear_checkpoints(out_dir: str | Path, program: str = "refine") -> bool:
     """Remove an earlier run's checkpoint from a run directory that a fresh run of `program` (a RUN_RECORDS key;
     the service's `refine train` by default) starts over, as it starts metrics.jsonl over: else a `--resume`
@@ -341,7 +353,7 @@ def resume_from(out_dir: Path, resume: bool, model: FastWeightLM, optimizer: tor
         return replace(load_checkpoint(checkpoint, model, optimizer, generator), program=program)
     if resume:
         check_kept_without_latest(out_dir)
-        tqdm.write(f"{program}: no checkpoint at {checkpoint} to resume from: starting at step 0", file=sys.stderr)
+        note(f"{program}: no checkpoint at {checkpoint} to resume from: starting at step 0")
     return RunPosition(program=program)
 
 

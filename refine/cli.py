@@ -92,10 +92,12 @@ def unused_vllm_engine(config: RunConfig, args: argparse.Namespace) -> str | Non
 
 
 def _train(args: argparse.Namespace) -> int:
-    from refine.run_files import absolute_out_dir
+    from refine.run_files import absolute_out_dir, check_resumed_run
 
     # No config file: the main job (REFINE vs NTP comparison) on its embedded defaults.
     config = load_config(args.config, args.set, defaults=DEMO_DEFAULTS)
+    if args.resume:
+        check_resumed_run(args.config, config)
     unused = [flag for flag, value in (("--ray-address", args.ray_address), ("--redis-url", args.redis_url)) if value]
     why = in_process_reason(config, args)
     if unused and why is not None:  # the single-process loop uses neither

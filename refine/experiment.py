@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +30,7 @@ from refine.evaluation.heldout import heldout_ntp_loss  # noqa: E402
 from refine.evaluation.runner import evaluate  # noqa: E402
 from refine.models import load_model  # noqa: E402
 from refine.plots import read_metrics  # noqa: E402
+from refine.runtime import note  # noqa: E402
 from refine.step import check_mini_batches  # noqa: E402
 from refine.tokenizer import HFTokenizer, Tokenizer  # noqa: E402
 
@@ -205,7 +205,7 @@ def run_comparison(config: RunConfig, trainer: Trainer, decodes_text: bool = Fal
     else:
         message = start_over(out_dir)
         if message is not None:
-            print(f"refine: {message}", file=sys.stderr)
+            note(f"refine: {message}")
 
     pretrain = stage_config(config, "pretrain", "ntp", demo.pretrain_steps, demo.pretrain_lr, None, tokenizer)
     trainer(pretrain)

@@ -12,7 +12,6 @@ import math
 import os
 import shlex
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,11 +20,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from refine.algorithm.rewards import check_run_reward
 from refine.algorithm.rollout import batch_generator
-from refine.checkpoints import RunPosition, resume_from, save_run_checkpoint
+from refine.checkpoints import RunPosition, check_inputs_outside_checkpoints, resume_from, save_run_checkpoint
 from refine.config import DTYPES, RunConfig, fit_to_tokenizer, input_path_fields, run_tokenizer
 from refine.data.batches import DocumentBatch
 from refine.data.sources import DataSourceError
@@ -37,7 +35,7 @@ from refine.optim import describe_rates, learning_rate, set_learning_rate
 from refine.run_files import (
     check_run_directory, finished_run, jsonl_rows, plot_run, restart_metrics, start_run_directory, write_row,
 )
-from refine.runtime import StageTimes, tune_allocator
+from refine.runtime import StageTimes, note, progress_bar, tune_allocator
 from refine.step import Divergence, StepResult, check_mini_batches, make_optimizer, train_step
 from refine.tokenizer import Tokenizer
 
@@ -176,8 +174,8 @@ def run_steps(config: RunConfig, model: FastWeightLM, optimizer: torch.optim.Opt
     restart_metrics(metrics_path, position.step)
     for warning in (warmup_warning(config), rate_change_warning(config, metrics_path, position.step)):
         if warning is not None:
-            tqdm.write(f"{desc}: {warning}", file=sys.stderr)
-    with (tqdm(total=config.train.steps, initial=position.step, desc=desc, disable=not progress) as bar,
+            note(f"{desc}: {warning}")
+    with (progress_bar(total=config.train.steps, initial=position.step, desc=desc, disable=not progress) as bar,
           stop_requests(desc) as stop_requested):
         while position.step < config.train.steps and not stop_requested():
             batch = next_batch(position.cursor)
@@ -215,15 +213,14 @@ def run_steps(config: RunConfig, model: FastWeightLM, optimizer: torch.optim.Opt
             save_run_checkpoint(out_dir, model, optimizer, position, generator, tokenizer,
                                 keep=config.train.keep_checkpoints)
         if position.skipped_steps > start.skipped_steps:
-            tqdm.write(f"{desc}: warning: {position.skipped_steps - start.skipped_steps} of steps {start.step + 1}.."
-                       f"{position.step} skipped an update for a non-finite loss or gradient (skipped_nonfinite in "
-                       f"metrics.jsonl; {describe_rates(config.optim)})", file=sys.stderr)
+            note(f"{desc}: warning: {position.skipped_steps - start.skipped_steps} of steps {start.step + 1}.."
+                 f"{position.step} skipped an update for a non-finite loss or gradient (skipped_nonfinite in "
+                 f"metrics.jsonl; {describe_rates(config.optim)})")
         unplotted = plot_run(out_dir)
         if unplotted is not None:
-            tqdm.write(f"{desc}: {unplotted}", file=sys.stderr)
+            note(f"{desc}: {unplotted}")
     if position.step < config.train.steps:
-        tqdm.write(f"{desc}: {interrupted_message(position.step, config.train.steps, resume_command, config)}",
-                   file=sys.stderr)
+        note(f"{desc}: {interrupted_message(position.step, config.train.steps, resume_command, config)}")
         raise RunInterrupted
     return last
 
@@ -269,6 +266,8 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True,
     `resume_command` goes on (default: `refine train OUT_DIR/config.yaml --local --resume`)."""
     check_mini_batches(config)
     check_loop_reward(config)
+    if not resume:  # before the model loads: a tokenizer there may be what fails first
+        check_inputs_outside_checkpoints(config)
     tune_allocator()
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
@@ -299,7 +298,7 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True,
     out_dir = start_run_directory(config, fresh=start.step == 0, program="refine")
     changed = check_source(config, out_dir, resumed=start.step > 0)
     if changed:
-        tqdm.write(f"refine: warning: {changed}", file=sys.stderr)
+        note(f"refine: warning: {changed}")
 
     # The stream's passes, counted as the service's orchestrator counts them: onepass and reference runs sample
     # each batch's rollouts from its own stream (batch_generator), as the service's rollout workers do, so that

@@ -35,14 +35,12 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from pydantic import BaseModel
-from tqdm.auto import tqdm
 
 from refine.algorithm.rewards import check_run_reward
 from refine.algorithm.selection import min_document_length
@@ -53,8 +51,8 @@ from refine.evaluation.runner import prompt_tokens
 from refine.files import write_atomically
 from refine.loop import StepBatch, prepare_model, run_steps
 from refine.phases import QAExample, check_no_kl_term, check_sft_coef, posttrain_step
-from refine.run_files import absolute_out_dir, finished_run, start_run_directory
-from refine.runtime import StageTimes, tune_allocator
+from refine.run_files import absolute_out_dir, check_resumed_run, finished_run, start_run_directory
+from refine.runtime import StageTimes, note, tune_allocator
 from refine.step import StepResult, check_mini_batches, make_optimizer
 from refine.tokenizer import Tokenizer
 
@@ -289,13 +287,15 @@ def posttrain(config: RunConfig, data: str | Path, task: str, sft_coef: float = 
 
 
 def _note(message: str) -> None:
-    tqdm.write(f"refine posttrain: {message}", file=sys.stderr)
+    note(f"refine posttrain: {message}")
 
 
 def main(args: argparse.Namespace) -> int:
     """`refine posttrain`: load the config (the paper's post-training defaults without a file), train, print
     the last step's stats as one JSON line."""
     config = load_config(args.config, args.set, defaults=POSTTRAIN_DEFAULTS)
+    if args.resume:
+        check_resumed_run(args.config, config)
     stats = posttrain(config, args.data, args.task, sft_coef=args.sft_coef, resume=args.resume,
                       progress=not args.no_progress)
     print(json.dumps({"out_dir": absolute_out_dir(config), **stats}))

@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
-from tqdm import tqdm
 
-from refine.checkpoints import clear_checkpoints, fresh_run_message, kept_checkpoint, program_command
+from refine.checkpoints import (
+    check_inputs_outside_checkpoints, clear_checkpoints, fresh_run_message, kept_checkpoint, program_command,
+)
 from refine.config import RunConfig, dump_config
 from refine.files import write_atomically
 from refine.plots import plot_metrics
+from refine.runtime import note
 
 
 def absolute_out_dir(config: RunConfig) -> str:
@@ -23,11 +24,29 @@ def absolute_out_dir(config: RunConfig) -> str:
     return str(Path(config.train.out_dir).expanduser().resolve())
 
 
+def check_resumed_run(config_file: str | None, config: RunConfig) -> None:
+    """With --resume from a run's own config.yaml, the run to continue is the folder that file is in. A relative
+    train.out_dir resolves against the working directory, and a moved run's absolute one names its old place:
+    either continued another run, or started a new one from step 0, without a word."""
+    if config_file is None:
+        return
+    folder = Path(config_file).expanduser().resolve().parent
+    if not ((folder / "checkpoints").is_dir() or (folder / "metrics.jsonl").is_file()):
+        return  # a config file that is not a run's (configs/*.yaml): train.out_dir says where the run is
+    out_dir = Path(absolute_out_dir(config))
+    if out_dir != folder:
+        raise ValueError(f"--resume: {config_file} is the config of the run in {str(folder)!r}, but its "
+                         f"train.out_dir={config.train.out_dir!r} is {str(out_dir)!r} from here: add --set "
+                         f"train.out_dir={folder} to continue the run in {str(folder)!r}")
+
+
 def start_run_directory(config: RunConfig, fresh: bool, program: str) -> Path:
     """Create `train.out_dir` and write its config.yaml; a `fresh` run (not resumed from a checkpoint) also
     removes an earlier run's checkpoint there and the other programs' run records (see clear_checkpoints).
     Called only once the model, optimizer and any resumed state loaded: a run that cannot start leaves its
     directory as it was (a later plain --resume still works)."""
+    if fresh:
+        check_inputs_outside_checkpoints(config)
     out_dir = Path(config.train.out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -36,7 +55,7 @@ def start_run_directory(config: RunConfig, fresh: bool, program: str) -> Path:
     if fresh:
         message = fresh_run_message(out_dir, clear_checkpoints(out_dir, program))
         if message is not None:
-            tqdm.write(f"{program}: {message}", file=sys.stderr)
+            note(f"{program}: {message}")
     write_atomically(out_dir / "config.yaml", dump_config(config))
     return out_dir
 
@@ -126,7 +145,6 @@ def plot_run(out_dir: Path) -> str | None:
 def finished_run(out_dir: Path, step: int, steps: int, program: str = "refine") -> dict:
     """A resume whose checkpoint already reached train.steps trains nothing: it says so and returns the last
     step's metrics row, as the service does. `program` (a RUN_RECORDS key) names who says it."""
-    tqdm.write(f"{program}: nothing to train: the checkpoint in {out_dir} is at step {step}, train.steps={steps}",
-               file=sys.stderr)
+    note(f"{program}: nothing to train: the checkpoint in {out_dir} is at step {step}, train.steps={steps}")
     rows = [row for _, row in jsonl_rows(out_dir / "metrics.jsonl") if row.get("step") == step]
     return rows[-1] if rows else {"step": step}

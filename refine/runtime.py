@@ -17,6 +17,10 @@ as Ctrl-C does, for the CLI's commands and a service run's driver.
 `synchronize(device)` waits for a GPU's queued work, so that a wall-clock interval covers it;
 `StageTimes` adds up such intervals per named stage (the benchmarks' timings and breakdowns, the
 training steps' per-phase seconds).
+
+`progress_bar(...)` and `note(text)` draw progress bars and write notes (warnings, what a run is doing) on `PROGRESS`,
+the process's stderr for as long as it takes them: a stderr that is closed, full or piped to a reader that went
+away (`2>&-`, `2>/dev/full`, `2> >(head)`) ends the progress and notes, never the run.
 """
 
 from __future__ import annotations
@@ -29,9 +33,12 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from typing import ContextManager
+from typing import TYPE_CHECKING, Any, ContextManager
 
-import torch
+from tqdm import tqdm
+
+if TYPE_CHECKING:  # torch is imported where it is used: the `refine` command's entry point loads this module first
+    import torch
 
 ENV_SWITCH = "REFINE_MALLOC_TUNING"
 # mallopt parameter numbers from glibc's malloc.h.
@@ -90,6 +97,8 @@ def sigterm_as_ctrl_c() -> Iterator[None]:
 
 def synchronize(device: str | torch.device) -> None:
     """Wait for the device's queued work (CUDA runs asynchronously); nothing to wait for on CPU."""
+    import torch
+
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -98,6 +107,8 @@ class StageTimes:
     """Wall-clock seconds per named stage, added up over calls; device work is waited for at both ends."""
 
     def __init__(self, device: str | torch.device = "cpu"):
+        import torch
+
         self.device = torch.device(device)
         self.seconds: dict[str, float] = {}
 
@@ -119,3 +130,59 @@ class StageTimes:
 def timed_stage(times: StageTimes | None, name: str) -> ContextManager[None]:
     """`times.stage(name)`, or nothing at all when no one is timing (no device waits)."""
     return nullcontext() if times is None else times.stage(name)
+
+
+class ProgressStream:
+    """sys.stderr (looked up at each write: tests and notebooks swap it) until a write or flush fails or it is None;
+    from then on it takes every write and writes nothing. For progress and notes only: they are not worth a run,
+    whereas the error that ends a command keeps going to sys.stderr itself."""
+
+    def __init__(self) -> None:
+        self.lost = False
+
+    def _stream(self) -> Any:
+        stream = None if self.lost else sys.stderr
+        self.lost = stream is None
+        return stream
+
+    def write(self, text: str) -> int:
+        stream = self._stream()
+        if stream is not None:
+            try:
+                stream.write(text)
+            except (OSError, ValueError):  # a broken pipe, a full disk, a closed file: no more progress
+                self.lost = True
+        return len(text)
+
+    def flush(self) -> None:
+        stream = self._stream()
+        if stream is not None:
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                self.lost = True
+
+    def fileno(self) -> int:
+        """stderr's, for tqdm to measure the terminal's width (an OSError there means no terminal)."""
+        stream = self._stream()
+        if stream is None:
+            raise OSError("no stderr")
+        return stream.fileno()
+
+    @property
+    def encoding(self) -> str | None:  # tqdm draws its bar with Unicode blocks where this is UTF-8
+        return getattr(sys.stderr, "encoding", None)
+
+
+PROGRESS = ProgressStream()
+
+
+def progress_bar(**kwargs: Any) -> tqdm:
+    """A tqdm bar on PROGRESS; as wide as stderr's terminal (tqdm measures the terminal by itself only on sys.stderr,
+    so here at each refresh)."""
+    return tqdm(file=PROGRESS, dynamic_ncols=True, **kwargs)
+
+
+def note(text: str) -> None:
+    """A line on PROGRESS, above any progress bar (tqdm takes the bars off and draws them again below it)."""
+    tqdm.write(text, file=PROGRESS)

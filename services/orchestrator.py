@@ -78,7 +78,8 @@ from tqdm import tqdm
 
 from learner.checkpoint import latest_checkpoint, read_learner_state
 from refine.checkpoints import (
-    check_kept_without_latest, check_resumed_program, check_resumed_tokenizer, clear_checkpoints, fresh_run_message,
+    check_inputs_outside_checkpoints, check_kept_without_latest, check_resumed_program, check_resumed_tokenizer,
+    clear_checkpoints, fresh_run_message,
 )
 from refine.config import (
     BUILT_IN_DISCOVERY_DIR, RunConfig, dump_config, fit_to_tokenizer, input_path_fields, run_tokenizer,
@@ -89,7 +90,7 @@ from refine.files import write_atomically
 from refine.loop import RunInterrupted, interrupted_message, rate_change_warning, warmup_warning
 from refine.optim import describe_rates
 from refine.run_files import absolute_out_dir, finished_run, plot_run, restart_metrics, write_row
-from refine.runtime import sigterm_as_ctrl_c
+from refine.runtime import note, progress_bar, sigterm_as_ctrl_c
 from refine.step import Divergence
 from refine.tokenizer import Tokenizer
 from services.broker import Broker
@@ -195,6 +196,8 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True, ray_addr
             check_resumed_cursor(config, Path(config.train.out_dir))
         else:
             check_kept_without_latest(config.train.out_dir)
+    else:
+        check_inputs_outside_checkpoints(config)  # a fresh run empties its checkpoints folder
     check_data_source(config)
     tokenizer = run_tokenizer(config)
     if resume:
@@ -524,8 +527,8 @@ class Orchestrator:
         restored = 0
         if self.resume and (start_step or reports):
             restored = restore_reports(latest_checkpoint(self.out_dir), self.out_dir, self.config.train)
-        self.bar = tqdm(total=self.config.train.steps, initial=start_step,
-                        desc=f"train[service:{self.config.service.mode}]", disable=not self.show_progress)
+        self.bar = progress_bar(total=self.config.train.steps, initial=start_step,
+                                desc=f"train[service:{self.config.service.mode}]", disable=not self.show_progress)
         if self.resume and not start_step:
             self._write_line(f"no checkpoint in {self.out_dir / 'checkpoints'} to resume from: starting at step 0")
         if restored:
@@ -975,7 +978,9 @@ class Orchestrator:
         self.client.close()
 
     def _write_line(self, text: str) -> None:
+        """A note above the progress bar, or a log line without one; never raises (see refine.runtime.note): a
+        stderr gone is no reason to fail a run, nor to be taken for Redis' failure in _loop."""
         if self.bar is not None and self.show_progress:
-            self.bar.write(text)
+            note(text)
         else:
             logger.warning(text)

@@ -336,3 +336,23 @@ def test_a_checkpoint_is_on_disk_before_it_is_published_and_before_the_previous_
     after = [event for event in events[publish + 1:] if event[0] == "fsync"]
     assert ("fsync", folder, True) in after  # the rename on disk while the previous checkpoint is still there
     assert not (folder / "previous").exists()
+
+
+def test_a_run_may_not_start_from_a_model_in_its_own_checkpoints_folder(tmp_path):
+    """A fresh run empties its checkpoints folder: a run started from its own checkpoints/latest/model deleted the
+    model it started from, and a killed first attempt could then not be started again."""
+    train(_config(tmp_path / "run", "ntp", steps=1), progress=False)
+    model = tmp_path / "run" / "checkpoints" / "latest" / "model"
+    before = sorted(path.name for path in model.iterdir())
+    config = _config(tmp_path / "run", "ntp", steps=1)
+    for field, starting_from in (("train.init_from", config.model_copy(update={
+            "train": config.train.model_copy(update={"init_from": str(model)})})),
+            ("tokenizer", config.model_copy(update={"tokenizer": str(model)}))):
+        with pytest.raises(ValueError, match=rf"^{field}='{model}' lies in this run's own checkpoints folder "
+                                             rf"'{tmp_path / 'run' / 'checkpoints'}'"):
+            train(starting_from, progress=False)
+        assert sorted(path.name for path in model.iterdir()) == before
+    # The same model copied out of the run's folder is a model to start from.
+    shutil.copytree(model, tmp_path / "start")
+    train(config.model_copy(update={"train": config.train.model_copy(update={"init_from": str(tmp_path / "start")})}),
+          progress=False)

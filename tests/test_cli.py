@@ -381,3 +381,28 @@ def test_version_is_the_installed_distributions(capsys):
         main(["--version"])
     assert done.value.code == 0
     assert capsys.readouterr().out == f"refine {importlib.metadata.version('refine-rl')}\n"
+
+
+def test_a_resume_from_a_runs_config_continues_that_run_or_says_why_not(tmp_path, monkeypatch, capsys):
+    """A relative train.out_dir in a run's config.yaml resolved against the working directory: --resume from another
+    directory continued another run there with this one's settings, or trained a new run from step 0 in
+    runs/x/runs/x; a moved run's absolute out_dir named its old place and started a new run there."""
+    tiny = ["--local", "--no-progress", "--set", "demo=null", "--set", "train.mode=ntp", "--set", "model.hidden_size=32",
+            "--set", "model.intermediate_size=64"]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    assert main(["train", *tiny, "--set", "train.steps=1", "--set", "train.out_dir=runs/x"]) == 0
+    run = tmp_path / "a" / "runs" / "x"
+    for where, config_file in ((tmp_path / "b", str(run / "config.yaml")), (run, "config.yaml")):
+        monkeypatch.chdir(where)
+        capsys.readouterr()
+        assert main(["train", config_file, "--resume", *tiny, "--set", "train.steps=2"]) == 2
+        err = capsys.readouterr().err
+        assert err == (f"refine: error: --resume: {config_file} is the config of the run in '{run}', but its "
+                       f"train.out_dir='runs/x' is '{where / 'runs' / 'x'}' from here: add --set train.out_dir={run} "
+                       f"to continue the run in '{run}'\n")
+        assert not (where / "runs").exists()
+    assert main(["train", str(run / "config.yaml"), "--resume", *tiny, "--set", "train.steps=2", "--set",
+                 f"train.out_dir={run}"]) == 0  # the remedy it names
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]

@@ -486,3 +486,31 @@ def test_a_run_in_a_relative_out_dir_says_where_its_resume_command_runs(tmp_path
     monkeypatch.chdir(tmp_path)  # as the shell's `cd` would
     assert main(command.removeprefix(prefix).split()[1:] + ["--no-progress"]) == 0
     assert [row["step"] for row in _rows(tmp_path / "runs" / "r")] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("stderr", ["closed", "reader gone"])
+def test_a_run_whose_stderr_is_lost_trains_every_step_and_checkpoints(tmp_path, stderr):
+    """`2>&-`, or `2>&1 | head`: the progress bar and the notes stop; the run does not."""
+    import subprocess
+    import sys
+
+    steps = 30  # ~0.1 s each: the bar is still drawing when the reader below goes
+    argv = [sys.executable, "-m", "refine.cli", "train", "--local", "--set", "demo=null", "--set", "train.mode=ntp",
+            "--set", f"train.steps={steps}", "--set", "train.checkpoint_every=10", "--set", "train.batch_size=1",
+            "--set", "data.seq_len=384", "--set", "model.hidden_size=16", "--set", "model.intermediate_size=32",
+            "--set", f"train.out_dir={tmp_path}"]
+    if stderr == "closed":
+        run = subprocess.Popen(["bash", "-c", '"$@" 2>&-', "bash", *argv], stdout=subprocess.PIPE)
+    else:
+        run = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert run.stderr.read(1)  # the bar is up; writes from now on raise BrokenPipeError
+        run.stderr.close()
+    try:
+        out, _ = run.communicate(timeout=300)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 0, out
+    assert json.loads(out.splitlines()[-1])["step"] == steps
+    assert [row["step"] for row in _rows(tmp_path)] == list(range(1, steps + 1))
+    assert read_trainer_state(tmp_path / "checkpoints" / "latest" / "trainer.pt")["step"] == steps

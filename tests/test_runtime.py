@@ -1,6 +1,8 @@
 """refine.runtime: the allocator settings every entry point applies, and their switch; SIGTERM as Ctrl-C; stage
-timing."""
+timing; progress and notes that a lost stderr ends without ending the run."""
 
+import errno
+import io
 import os
 import signal
 import subprocess
@@ -10,7 +12,8 @@ import time
 
 import pytest
 
-from refine.runtime import StageTimes, sigterm_as_ctrl_c, timed_stage
+import refine.runtime as runtime
+from refine.runtime import ProgressStream, StageTimes, note, progress_bar, sigterm_as_ctrl_c, timed_stage
 
 PROBE = "from refine.runtime import tune_allocator; print(tune_allocator(), tune_allocator())"
 
@@ -77,3 +80,66 @@ def test_an_ignored_sigterm_stays_ignored_and_other_threads_change_nothing():
     thread.start()
     thread.join()
     assert seen == [previous]
+
+
+class FailingStream(io.StringIO):
+    """A stderr whose writes work `works` times, then raise `error` (a reader gone, a full disk)."""
+
+    def __init__(self, error: OSError, works: int = 1):
+        super().__init__()
+        self.error, self.works, self.calls = error, works, 0
+
+    def write(self, text: str) -> int:
+        self.calls += 1
+        if self.calls > self.works:
+            raise self.error
+        return super().write(text)
+
+
+@pytest.fixture
+def progress(monkeypatch) -> ProgressStream:
+    """A fresh PROGRESS: losing it here must not silence the other tests' notes."""
+    stream = ProgressStream()
+    monkeypatch.setattr(runtime, "PROGRESS", stream)
+    return stream
+
+
+def test_notes_and_progress_bars_reach_stderr(progress, capsys):
+    with progress_bar(total=2, desc="steps") as bar:
+        bar.update(1)
+        note("a note")
+        bar.update(1)
+    err = capsys.readouterr().err
+    assert "a note\n" in err and "steps: 100%" in err and not progress.lost
+
+
+@pytest.mark.parametrize("error", [BrokenPipeError(errno.EPIPE, "Broken pipe"),
+                                   OSError(errno.ENOSPC, "No space left on device")], ids=["pipe", "full"])
+def test_a_stderr_that_fails_ends_progress_and_notes_without_raising(progress, monkeypatch, error):
+    stderr = FailingStream(error)
+    monkeypatch.setattr(sys, "stderr", stderr)
+    with progress_bar(total=3, desc="steps") as bar:
+        for _ in range(3):
+            bar.update(1)
+            note("a note")
+    assert progress.lost and stderr.calls == 2  # the first write, then the failing one: none after it
+    assert stderr.getvalue().startswith("\rsteps:")
+
+
+def test_a_closed_stderr_ends_progress_and_notes_without_raising(progress, monkeypatch):
+    stderr = io.StringIO()
+    stderr.close()  # its writes raise ValueError
+    monkeypatch.setattr(sys, "stderr", stderr)
+    note("a note")
+    assert progress.lost
+
+
+def test_no_stderr_at_all_ends_progress_and_notes_without_raising(progress, monkeypatch):
+    monkeypatch.setattr(sys, "stderr", None)  # what `2>&-` leaves Python
+    with progress_bar(total=2, desc="steps") as bar:
+        bar.update(2)
+        note("a note")
+    assert progress.lost
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    note("lost for good")  # a stderr that comes back is not written to: the bars drawn are gone
+    assert sys.stderr.getvalue() == ""

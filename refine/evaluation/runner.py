@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import re
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from typing import Any
 
 import torch
 from pydantic import Field, ValidationError, field_validator
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from refine.algorithm.rewards import check_run_reward
 from refine.algorithm.selection import min_document_length
@@ -41,12 +40,13 @@ from refine.data.tasks import (
 )
 from refine.evaluation.metrics import LONGBENCH_FIRST_LINE_TASKS, LongBenchScoring, longbench_task_name, task_metric
 from refine.evaluation.score import score_predictions
-from refine.files import check_output_spares_inputs, write_atomically
+from refine.files import check_output_spares_inputs, write_output
 from refine.generate import generate
 from refine.loop import check_device, finite_stats
 from refine.models import FastWeightLM, load_model, load_model_config
 from refine.models.config import ModelConfigBase, Strict
 from refine.phases import adapt_and_answer, check_no_kl_term, snapshot_weights
+from refine.runtime import note, progress_bar
 from refine.step import make_optimizer, mini_batch_bounds, train_step
 from refine.tokenizer import Tokenizer, check_eos_matches, check_vocab_fits, resolve_tokenizer
 
@@ -333,50 +333,51 @@ def evaluate(
 
     answers: list[list[int]] = [[] for _ in examples]
     sampling = AnswerSampling(answer_temperature, answer_top_k)
-    bar = tqdm(total=len(examples), desc=f"eval[{task}{'+ttt' if ttt else ''}]", unit="ex", disable=not progress)
-    if ttt and ttt_batch is not None:
-        clamped, unadapted = _ttt_in_batches(model, tokenizer, prompts, budgets, records, answers, refine_cfg,
-                                             run_config, ttt_batch, seed, sampling, bar)
-    elif ttt:
-        # Accumulating: one optimizer for all examples; the caller's weights are put back at the end.
-        optimizer = make_optimizer(model, run_config.optim) if ttt_accumulate else None
-        initial = snapshot_weights(model) if ttt_accumulate else None
-        try:
-            for index, (ids, budget, record) in enumerate(zip(prompts, budgets, records)):
-                cfg, note = fit_refine_config(refine_cfg, len(ids))
-                if note:
-                    if not (clamped or unadapted):
-                        _note(note)
-                    clamped += cfg is not None
-                    unadapted += cfg is None
-                if cfg is not None:
-                    generator = torch.Generator(device=model.device).manual_seed(seed + index)
-                    answers[index], history = adapt_and_answer(
-                        model, ids, cfg, run_config.optim, ttt_steps, budget, eos_id=tokenizer.eos_id,
-                        restore=not ttt_accumulate, generator=generator, optimizer=optimizer,
-                        vocab_limit=tokenizer.vocab_size, temperature=sampling.temperature, top_k=sampling.top_k,
-                    )
-                    record["ttt_history"] = [finite_stats(stats) for stats in history]  # JSON has no inf or nan
-                    if cfg is not refine_cfg:
-                        record["ttt_fitted"] = {"num_chunks": cfg.num_chunks, "margin": cfg.margin}
-                else:
-                    generator = torch.Generator(device=model.device).manual_seed(seed + index)
-                    answers[index] = _answer_batch(model, [ids], [budget], tokenizer, sampling, generator)[0]
-                    record["ttt_history"] = []
-                bar.update(1)
-        finally:
-            if initial is not None:
-                model.load_state_dict(initial)
-                model.zero_grad(set_to_none=True)  # as the other modes leave it: no gradient of the last update
-    else:
-        generator = torch.Generator(device=model.device).manual_seed(seed)
-        for batch in answer_batches([len(ids) for ids in prompts], batch_size, model.device.type == "cuda"):
-            batch_answers = _answer_batch(model, [prompts[i] for i in batch], [budgets[i] for i in batch],
-                                          tokenizer, sampling, generator)
-            for index, tokens in zip(batch, batch_answers):
-                answers[index] = tokens
-            bar.update(len(batch))
-    bar.close()
+    # Closed however the answers end (a Ctrl-C too): an open bar is drawn again after the command's last words.
+    with progress_bar(total=len(examples), desc=f"eval[{task}{'+ttt' if ttt else ''}]", unit="ex",
+                      disable=not progress) as bar:
+        if ttt and ttt_batch is not None:
+            clamped, unadapted = _ttt_in_batches(model, tokenizer, prompts, budgets, records, answers, refine_cfg,
+                                                 run_config, ttt_batch, seed, sampling, bar)
+        elif ttt:
+            # Accumulating: one optimizer for all examples; the caller's weights are put back at the end.
+            optimizer = make_optimizer(model, run_config.optim) if ttt_accumulate else None
+            initial = snapshot_weights(model) if ttt_accumulate else None
+            try:
+                for index, (ids, budget, record) in enumerate(zip(prompts, budgets, records)):
+                    cfg, note = fit_refine_config(refine_cfg, len(ids))
+                    if note:
+                        if not (clamped or unadapted):
+                            _note(note)
+                        clamped += cfg is not None
+                        unadapted += cfg is None
+                    if cfg is not None:
+                        generator = torch.Generator(device=model.device).manual_seed(seed + index)
+                        answers[index], history = adapt_and_answer(
+                            model, ids, cfg, run_config.optim, ttt_steps, budget, eos_id=tokenizer.eos_id,
+                            restore=not ttt_accumulate, generator=generator, optimizer=optimizer,
+                            vocab_limit=tokenizer.vocab_size, temperature=sampling.temperature, top_k=sampling.top_k,
+                        )
+                        record["ttt_history"] = [finite_stats(stats) for stats in history]  # JSON has no inf or nan
+                        if cfg is not refine_cfg:
+                            record["ttt_fitted"] = {"num_chunks": cfg.num_chunks, "margin": cfg.margin}
+                    else:
+                        generator = torch.Generator(device=model.device).manual_seed(seed + index)
+                        answers[index] = _answer_batch(model, [ids], [budget], tokenizer, sampling, generator)[0]
+                        record["ttt_history"] = []
+                    bar.update(1)
+            finally:
+                if initial is not None:
+                    model.load_state_dict(initial)
+                    model.zero_grad(set_to_none=True)  # as the other modes leave it: no gradient of the last update
+        else:
+            generator = torch.Generator(device=model.device).manual_seed(seed)
+            for batch in answer_batches([len(ids) for ids in prompts], batch_size, model.device.type == "cuda"):
+                batch_answers = _answer_batch(model, [prompts[i] for i in batch], [budgets[i] for i in batch],
+                                              tokenizer, sampling, generator)
+                for index, tokens in zip(batch, batch_answers):
+                    answers[index] = tokens
+                bar.update(len(batch))
 
     predictions: list[str] = []
     for example, metric_name, tokens, record in zip(examples, metric_tasks, answers, records):
@@ -551,7 +552,7 @@ def _answer_batch(model: FastWeightLM, prompts: list[list[int]], budgets: list[i
 
 
 def _note(message: str) -> None:
-    tqdm.write(f"refine eval: {message}", file=sys.stderr)
+    note(f"refine eval: {message}")
 
 
 # ---------------------------------------------------------------- examples
@@ -829,14 +830,19 @@ def main(args: argparse.Namespace) -> int:
     model = load_model(model_dir, dtype=dtype, device=run_config.train.device)
     loaded = LoadReport()
     examples = build_examples(args, tokenizer, options, skip_bad_rows=run_config.data.skip_bad_rows, report=loaded)
-    results = evaluate(
-        model, tokenizer, examples, args.task, ttt=args.ttt, run_config=run_config,
-        ttt_steps=DEFAULT_TTT_STEPS if args.ttt_steps is None else args.ttt_steps, ttt_batch=args.ttt_batch,
-        max_new_tokens=args.max_new_tokens, max_prompt_tokens=options.max_prompt_tokens, seed=args.seed,
-        batch_size=options.batch_size, ttt_accumulate=args.ttt_accumulate, longbench_scoring=options.longbench_scoring,
-        answer_temperature=options.answer_temperature, answer_top_k=options.answer_top_k,
-        progress=not args.no_progress,
-    )
+    try:
+        results = evaluate(
+            model, tokenizer, examples, args.task, ttt=args.ttt, run_config=run_config,
+            ttt_steps=DEFAULT_TTT_STEPS if args.ttt_steps is None else args.ttt_steps, ttt_batch=args.ttt_batch,
+            max_new_tokens=args.max_new_tokens, max_prompt_tokens=options.max_prompt_tokens, seed=args.seed,
+            batch_size=options.batch_size, ttt_accumulate=args.ttt_accumulate,
+            longbench_scoring=options.longbench_scoring, answer_temperature=options.answer_temperature,
+            answer_top_k=options.answer_top_k, progress=not args.no_progress,
+        )
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM: the answers so far are not kept, say so
+        kept = " (the earlier file there is kept as it was)" if output.exists() else ""
+        _note(f"interrupted: nothing written to {str(output)!r}{kept}; the same command evaluates again")
+        raise
     summary = results["summary"]
     summary.update(model=str(model_dir), data=args.data, seed=args.seed, tokenizer=repr(tokenizer))
     if args.data is not None:  # rows of the task file skipped as malformed (data.skip_bad_rows), as posttrain.json
@@ -852,7 +858,8 @@ def main(args: argparse.Namespace) -> int:
         summary["settings"]["niah_variant"] = options.niah_variant
     line = {key: summary[key] for key in ("task", "num_examples", "score", "ttt", "seconds")}
     try:
-        write_atomically(output, json.dumps(results, indent=1, ensure_ascii=False))  # an earlier file survives a failure
+        # Replaced whole: an earlier file survives a failure (a link, a FIFO: written through, see write_output).
+        write_output(output, json.dumps(results, indent=1, ensure_ascii=False))
     except OSError as error:
         # A full disk after the whole evaluation: the summary line still gives its score (output null).
         print(json.dumps(line | {"metric": summary["metric"], "output": None}, ensure_ascii=False))

@@ -92,6 +92,32 @@ def test_eval_shows_its_progress_bar_unless_told_not_to(model_dir, tmp_path, cap
     assert code == 0 and "eval[niah]" not in err
 
 
+def test_an_interrupted_eval_says_nothing_was_written_and_closes_its_bar_first(model_dir, tmp_path, capsys,
+                                                                            monkeypatch, ctrl_c):
+    """Ctrl-C dropped every answer computed so far with only "refine: interrupted" (no word of the results file),
+    and the open progress bar was drawn again after it."""
+    import refine.evaluation.runner as answering
+
+    real_generate = answering.generate
+    calls = []
+
+    def generate_then_ctrl_c(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(answering, "generate", generate_then_ctrl_c)
+    output = tmp_path / "results.json"
+    output.write_text("earlier")
+    argv = ["--model", str(model_dir), "--task", "niah", "--num-examples", "3", "--length", "320",
+            "--max-new-tokens", "2", "--output", str(output), "--set", "eval.batch_size=1"]
+    code, _, err = run_eval(capsys, *argv)
+    assert code == 130 and output.read_text() == "earlier"
+    assert err.endswith(f"refine eval: interrupted: nothing written to '{output}' (the earlier file there is kept as "
+                        f"it was); the same command evaluates again\nrefine: interrupted\n"), err
+
+
 @pytest.mark.parametrize("ttt", [False, True], ids=["plain", "ttt"])
 @pytest.mark.parametrize("task", ["niah", "mqar", "ruler-qa", "longbench"])
 def test_eval_command_writes_scored_results(task, ttt, model_dir, task_files, tmp_path, capsys):

@@ -3,10 +3,15 @@ and without Ray."""
 
 from __future__ import annotations
 
+import errno
+import io
 import re
+import sys
 
+import pytest
 import torch
 
+import refine.runtime as runtime
 from refine.config import load_config
 from services.broker import Broker
 from services.messages import DocumentBatch
@@ -57,5 +62,36 @@ def test_a_run_whose_learner_takes_no_step_is_said_to_stall_naming_who_holds_wha
         clock[0] += 599
         orchestrator._check_stall(5, clock[0])
         assert len(said) == 2
+    finally:
+        orchestrator.client.close()
+
+
+class GoneReader(io.StringIO):
+    """A stderr piped to a reader that goes away after its first write (`2> >(head -c 100)`): later writes raise
+    BrokenPipeError."""
+
+    def write(self, text: str) -> int:
+        if self.tell():
+            raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+        return super().write(text)
+
+
+@pytest.mark.parametrize("stderr", [GoneReader(), None], ids=["reader gone", "closed"])
+def test_a_lost_stderr_ends_the_runs_progress_and_notes_not_the_run(tmp_path, redis_url, namespace, monkeypatch,
+                                                                   stderr):
+    """_write_line never raises: a BrokenPipeError there (a ConnectionError) was taken for Redis' failure, and
+    raised again while the learner was let stop, killing it mid-save."""
+    config = load_config("configs/service_tiny.yaml", [f"train.out_dir={tmp_path / 'run'}"])
+    orchestrator = Orchestrator(config, None, redis_url, namespace, resume=False, progress=True)
+    monkeypatch.setattr(runtime, "PROGRESS", runtime.ProgressStream())  # lost here only
+    try:
+        orchestrator.out_dir.mkdir(parents=True)
+        monkeypatch.setattr(sys, "stderr", stderr)
+        orchestrator._open_outputs({"step": 0, "reports": 0})  # the run's progress bar
+        orchestrator.bar.update(1)
+        orchestrator._write_line("the run failed: waiting up to 60s for the learner to checkpoint")
+        orchestrator.bar.update(1)
+        orchestrator.bar.close()
+        assert runtime.PROGRESS.lost
     finally:
         orchestrator.client.close()
