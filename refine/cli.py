@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import os
+import select
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -281,6 +283,21 @@ def _reported_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def _stdout_went_away() -> bool:
+    """Whether stdout is a pipe whose reader is gone (a BrokenPipeError may also come from a socket): poll says so
+    with POLLERR. If so, stdout is pointed at os.devnull, or the interpreter's last flush fails once more."""
+    try:
+        descriptor = sys.stdout.fileno()
+        poller = select.poll()
+        poller.register(descriptor, select.POLLOUT)
+        gone = any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no such stdout (a notebook's), or no poll on this system
+        return False
+    if gone:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), descriptor)
+    return gone
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = None if argv[:1] == ["score"] else build_parser().parse_args(argv)
@@ -293,6 +310,10 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:  # Ctrl-C: what was running already said how it stopped; no traceback
             print("refine: interrupted", file=sys.stderr)
             return 130
+        except BrokenPipeError:
+            if not _stdout_went_away():
+                raise
+            return 141  # as a shell reports a command its reader left (`refine data inspect ... | head`): no error
         except Exception as err:
             if not isinstance(err, _reported_errors()):
                 raise

@@ -2,6 +2,8 @@
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -406,3 +408,17 @@ def test_a_resume_from_a_runs_config_continues_that_run_or_says_why_not(tmp_path
     assert main(["train", str(run / "config.yaml"), "--resume", *tiny, "--set", "train.steps=2", "--set",
                  f"train.out_dir={run}"]) == 0  # the remedy it names
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_a_reader_of_stdout_that_goes_away_ends_the_command_quietly(tmp_path):
+    """`refine data inspect ... | head` ended with "refine: error: [Errno 32] Broken pipe" and exit code 2 (and, when
+    the pipe broke in a print, a traceback): the reader took what it wanted."""
+    save_model(build_model(dict(model_type="delta_net", hidden_size=32, num_heads=2, num_hidden_layers=1,
+                                vocab_size=50, intermediate_size=48)), tmp_path)
+    command = [sys.executable, "-c", "import sys; from refine.launcher import main; sys.exit(main())", "model",
+               "inspect", str(tmp_path)]
+    reader_gone = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    reader_gone.stdout.close()
+    assert (reader_gone.wait(timeout=120), reader_gone.stderr.read()) == (141, b"")
+    read = subprocess.run(command, capture_output=True, timeout=120)
+    assert read.returncode == 0 and json.loads(read.stdout)["model_type"] == "delta_net"
