@@ -65,6 +65,13 @@ def _create_temporary(path: Path) -> tuple[Path, int]:
     raise FileExistsError(errno.EEXIST, "no unused temporary file name beside it", str(path))
 
 
+def check_output_is_a_file_path(path: str, flag: str) -> None:
+    """Refuse an output path that ends in a separator: it names a folder, yet Path() drops the separator and the
+    output would be written to a file of the folder's name."""
+    if path.endswith(("/", os.sep)):
+        raise ValueError(f"{flag} {path!r} ends in {path[-1]!r}, which names a folder: give a file path")
+
+
 def check_output_spares_inputs(output: str | Path, inputs: dict[str, str | Path | None], flag: str = "--output",
                                model_dir: str | Path | None = None) -> None:
     """Refuse an output path that is one of a command's input files (`inputs`: flag -> path), or a file of the model

@@ -40,7 +40,7 @@ from refine.data.tasks import (
 )
 from refine.evaluation.metrics import LONGBENCH_FIRST_LINE_TASKS, LongBenchScoring, longbench_task_name, task_metric
 from refine.evaluation.score import score_predictions
-from refine.files import check_output_spares_inputs, write_output
+from refine.files import check_output_is_a_file_path, check_output_spares_inputs, write_output
 from refine.generate import generate
 from refine.loop import check_device, finite_stats
 from refine.models import FastWeightLM, load_model, load_model_config
@@ -817,6 +817,8 @@ def main(args: argparse.Namespace) -> int:
         torch.set_num_threads(run_config.train.threads)
     model_dir = Path(args.model)
     check_model_dir(model_dir)  # first: the default results path lies in it
+    if args.output:
+        check_output_is_a_file_path(args.output, "--output")
     output = (Path(args.output) if args.output
               else default_output(model_dir, args.task, args.ttt, args.ttt_accumulate, args.ttt_batch,
                                   length=synthetic_length(args.task, args.length)))

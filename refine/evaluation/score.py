@@ -19,7 +19,7 @@ from typing import Any
 from refine.evaluation.metrics import (
     FuzzBackend, LongBenchScoring, aggregate_by_length, longbench_task_name, task_metric,
 )
-from refine.files import check_output_spares_inputs, write_output
+from refine.files import check_output_is_a_file_path, check_output_spares_inputs, write_output
 
 PREDICTION_FIELDS = ("prediction", "pred")
 ANSWER_FIELDS = ("answers", "outputs", "answer")
@@ -223,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.output:  # before scoring: a row the per-example scores cannot hold fails naming its line
             for row, name in zip(rows, row_names):
                 check_ids(row, name)
+        if args.output:
+            check_output_is_a_file_path(args.output, "--output")
         if args.output and Path(args.output).is_dir():  # refused before scoring, not after
             raise ValueError(f"--output {args.output!r} is a directory; give a file path")
         if args.output:

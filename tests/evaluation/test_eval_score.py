@@ -291,3 +291,12 @@ def test_an_output_that_is_a_link_or_a_fifo_is_written_into_not_replaced(tmp_pat
     assert main(["--task", "hotpotqa", "--predictions", str(predictions), "--output", str(fifo)]) == 0
     reader.join(timeout=10)
     assert stat.S_ISFIFO(os.stat(fifo).st_mode) and json.loads(received[0])["_id"] == "q1"
+
+
+def test_an_output_ending_in_a_slash_is_refused_before_scoring(tmp_path, capsys):
+    """`--output newout/` wrote the scores to a file named newout."""
+    predictions = write_jsonl(tmp_path / "preds.jsonl", [{"_id": "q1", "pred": "a b", "answers": ["a b"]}])
+    assert main(["--task", "hotpotqa", "--predictions", str(predictions), "--output", f"{tmp_path / 'newout'}/"]) == 2
+    assert capsys.readouterr().err == (f"refine score: error: --output '{tmp_path / 'newout'}/' ends in '/', which "
+                                       f"names a folder: give a file path\n")
+    assert not (tmp_path / "newout").exists()

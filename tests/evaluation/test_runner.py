@@ -92,6 +92,15 @@ def test_eval_shows_its_progress_bar_unless_told_not_to(model_dir, tmp_path, cap
     assert code == 0 and "eval[niah]" not in err
 
 
+def test_an_output_ending_in_a_slash_is_refused_before_the_model_loads(model_dir, tmp_path, capsys):
+    """`--output newout/` wrote the results to a file named newout."""
+    code, _, err = run_eval(capsys, "--model", str(model_dir), "--task", "niah", "--num-examples", "1", "--length",
+                            "320", "--output", f"{tmp_path / 'newout'}/")
+    assert code == 2 and err == (f"refine: error: --output '{tmp_path / 'newout'}/' ends in '/', which names a "
+                                 f"folder: give a file path\n")
+    assert not (tmp_path / "newout").exists()
+
+
 def test_an_interrupted_eval_says_nothing_was_written_and_closes_its_bar_first(model_dir, tmp_path, capsys,
                                                                             monkeypatch, ctrl_c):
     """Ctrl-C dropped every answer computed so far with only "refine: interrupted" (no word of the results file),
