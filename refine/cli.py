@@ -283,6 +283,19 @@ def _reported_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def _check_arguments_are_text(argv: list[str]) -> None:
+    """Refuse an argument that is not valid UTF-8 (a file name in another encoding): every command records its
+    paths and settings in UTF-8 files (config.yaml, results JSON), which would fail only after the work, and after a
+    fresh run had cleared the earlier run's checkpoints."""
+    for argument in argv:
+        try:
+            argument.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = argument.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            raise ValueError(f"argument '{shown}' is not valid UTF-8 (a file name in another encoding?): the run "
+                             f"records its paths in UTF-8 files; rename it") from None
+
+
 def _stdout_went_away() -> bool:
     """Whether stdout is a pipe whose reader is gone (a BrokenPipeError may also come from a socket): poll says so
     with POLLERR. If so, stdout is pointed at os.devnull, or the interpreter's last flush fails once more."""
@@ -306,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     # the service's orchestrator).
     with sigterm_as_ctrl_c():
         try:
+            _check_arguments_are_text(argv)
             return _score(argv[1:]) if args is None else args.func(args)
         except KeyboardInterrupt:  # Ctrl-C: what was running already said how it stopped; no traceback
             print("refine: interrupted", file=sys.stderr)

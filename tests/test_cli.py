@@ -422,3 +422,17 @@ def test_a_reader_of_stdout_that_goes_away_ends_the_command_quietly(tmp_path):
     assert (reader_gone.wait(timeout=120), reader_gone.stderr.read()) == (141, b"")
     read = subprocess.run(command, capture_output=True, timeout=120)
     assert read.returncode == 0 and json.loads(read.stdout)["model_type"] == "delta_net"
+
+
+@pytest.mark.parametrize("command", [["score", "--task", "qasper", "--predictions", "{tmp}/qa\udce9.jsonl"],
+                                     ["train", "--local", "--set", "train.out_dir={tmp}/run\udce9"]])
+def test_an_argument_that_is_not_utf8_is_refused_before_any_work(tmp_path, capsys, command):
+    """A file name in another encoding (here the byte 0xe9, as Python passes it on) failed only when the path was
+    written into a UTF-8 file: after a whole evaluation, or after a fresh posttrain run had cleared the earlier run's
+    checkpoints."""
+    argv = [part.format(tmp=tmp_path) for part in command]
+    assert main(argv) == 2
+    shown = argv[-1].replace("\udce9", "\\xe9")
+    assert capsys.readouterr().err == (f"refine: error: argument '{shown}' is not valid UTF-8 (a file name in another "
+                                       f"encoding?): the run records its paths in UTF-8 files; rename it\n")
+    assert list(tmp_path.iterdir()) == []
