@@ -26,7 +26,9 @@ import pyarrow.parquet as pq
 import torch
 
 from refine.cli import positive_int
-from refine.data.sources import DataConfig, DocumentStream, RowSource, _jsonl_records
+from refine.data.documents import DocumentStream
+from refine.data.readers import RowSource, _jsonl_records
+from refine.data.sources import DataConfig
 from refine.runtime import sigterm_as_ctrl_c
 from refine.tokenizer import ByteTokenizer
 

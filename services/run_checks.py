@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 
 from refine.config import ConfigError, RunConfig, run_tokenizer
-from refine.data.sources import RowSource
+from refine.data.readers import RowSource
 from refine.data.stream import synthetic_documents
 from refine.evaluation.heldout import heldout_documents
 

@@ -15,7 +15,8 @@ from itertools import islice
 from typing import Any
 
 from refine.config import RunConfig
-from refine.data.sources import DataSourceError, DocumentStream
+from refine.data.documents import DocumentStream
+from refine.data.sources import DataSourceError
 from refine.data.stream import _source_stream, synthetic_documents
 from refine.tokenizer import Tokenizer
 

@@ -13,7 +13,9 @@ import numpy as np
 
 from refine.config import RunConfig
 from refine.data.batches import DocumentBatch, batch_documents
-from refine.data.sources import DataConfig, DocumentStream, detect_format, source_files
+from refine.data.documents import DocumentStream
+from refine.data.files import detect_format, source_files
+from refine.data.sources import DataConfig
 from refine.data.synthetic import (
     LengthTooShortError, NiahConfig, Purpose, RecallCorpusConfig, generate_niah, generate_recall_documents,
     mqar_for_length,

@@ -13,7 +13,7 @@ past MAX_GEN_TOKENS makes a bad row), else LongBench's per-dataset budget, else 
 The release's `max_answer_length` column is the gold answer's own length in tokens: generating up to it
 would tell the model how long the right answer is, so it is not read.
 
-Sources are JSON lines, parquet or `save_to_disk` folders, read with refine.data.sources, so bad input
+Sources are JSON lines, parquet or `save_to_disk` folders, read with refine.data.readers, so bad input
 behaves the same: a malformed row raises naming its file and row, or is logged, counted and skipped
 with `skip_bad_rows`.
 """
@@ -29,15 +29,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from refine.data.sources import (
-    BadRowPolicy,
-    DataSourceError,
-    MissingColumnError,
-    Row,
-    RowSource,
-    detect_format,
-    require_text,
-)
+from refine.data.files import detect_format
+from refine.data.readers import Row, RowSource
+from refine.data.sources import BadRowPolicy, DataSourceError, MissingColumnError, require_text
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,8 @@ from pydantic import ValidationError
 from tokenizers import Tokenizer as RustTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from refine.data.sources import DataConfig, iter_documents
+from refine.data.documents import iter_documents
+from refine.data.sources import DataConfig
 from refine.data.synthetic import (
     MqarConfig,
     NiahConfig,
