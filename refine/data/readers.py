@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from refine.data.files import detect_format, source_files
+from refine.data.formats import detect_format, source_files
 from refine.data.sources import BadRowPolicy, DataSourceError, EmptySourceError, MissingColumnError, SourceFormat
 
 

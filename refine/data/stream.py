@@ -14,7 +14,7 @@ import numpy as np
 from refine.config import RunConfig
 from refine.data.batches import DocumentBatch, batch_documents
 from refine.data.documents import DocumentStream
-from refine.data.files import detect_format, source_files
+from refine.data.formats import detect_format, source_files
 from refine.data.sources import DataConfig
 from refine.data.synthetic import (
     LengthTooShortError, NiahConfig, Purpose, RecallCorpusConfig, generate_niah, generate_recall_documents,

@@ -29,7 +29,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from refine.data.files import detect_format
+from refine.data.formats import detect_format
 from refine.data.readers import Row, RowSource
 from refine.data.sources import BadRowPolicy, DataSourceError, MissingColumnError, require_text
 

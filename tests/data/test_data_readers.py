@@ -9,7 +9,7 @@ import pytest
 from test_data_sources import TOKENIZER, config, texts_of, write_jsonl
 
 from refine.data.documents import DocumentStream, iter_documents
-from refine.data.files import detect_format
+from refine.data.formats import detect_format
 from refine.data.readers import RowSource, random_order
 from refine.data.sources import (
     BadRowError,

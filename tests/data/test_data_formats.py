@@ -5,7 +5,7 @@ import pytest
 from test_data_sources import TOKENIZER, config, texts_of, write_jsonl
 
 from refine.data.documents import iter_documents
-from refine.data.files import detect_format
+from refine.data.formats import detect_format
 from refine.data.sources import DataSourceError
 
 
@@ -81,11 +81,11 @@ def test_folder_sources_follow_linked_folders_once_and_read_ndjson(tmp_path, cap
     (folder / "more").symlink_to(shared, target_is_directory=True)
     (folder / "same").symlink_to(shared, target_is_directory=True)
     (folder / "loop").symlink_to(folder, target_is_directory=True)
-    with caplog.at_level(logging.WARNING, logger="refine.data.files"):
+    with caplog.at_level(logging.WARNING, logger="refine.data.formats"):
         assert [d.doc_id for d in iter_documents(config(folder), TOKENIZER)] == ["a.ndjson:1", "more/b.jsonl:1"]
     assert not caplog.records
     write_jsonl(folder / "c.json", ["JSON lines, misnamed"])
-    with caplog.at_level(logging.WARNING, logger="refine.data.files"):
+    with caplog.at_level(logging.WARNING, logger="refine.data.formats"):
         assert len(list(iter_documents(config(folder), TOKENIZER))) == 2
     assert "c.json" in caplog.text and "must end in .jsonl or .ndjson" in caplog.text
 
