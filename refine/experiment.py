@@ -26,8 +26,8 @@ from refine.data.stream import recall_corpus_config  # noqa: E402
 from refine.data.synthetic import (  # noqa: E402
     LengthTooShortError, NiahConfig, generate_niah, generate_recall_documents, mqar_for_length,
 )
+from refine.evaluation.answering import evaluate  # noqa: E402
 from refine.evaluation.heldout import heldout_ntp_loss  # noqa: E402
-from refine.evaluation.runner import evaluate  # noqa: E402
 from refine.models import load_model  # noqa: E402
 from refine.plots import read_metrics  # noqa: E402
 from refine.runtime import note  # noqa: E402

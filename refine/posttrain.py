@@ -47,7 +47,7 @@ from refine.algorithm.selection import min_document_length
 from refine.checkpoints import RUN_RECORDS, resume_from
 from refine.config import DataSpec, RunConfig, fit_to_tokenizer, load_config, run_tokenizer
 from refine.data.tasks import LoadReport, TaskExample, load_longbench, load_ruler_qa
-from refine.evaluation.runner import prompt_tokens
+from refine.evaluation.answering import prompt_tokens
 from refine.files import write_atomically
 from refine.loop import StepBatch, prepare_model, run_steps
 from refine.phases import QAExample, check_no_kl_term, check_sft_coef, posttrain_step

@@ -9,7 +9,7 @@ import torch
 
 from refine.cli import main
 from refine.data.tasks import TaskExample
-from refine.evaluation.runner import prompt_tokens
+from refine.evaluation.answering import prompt_tokens
 from refine.models import build_model, load_model, save_model
 from refine.posttrain import batch_indices, encode_example
 from refine.tokenizer import ByteTokenizer, HFTokenizer

@@ -4,26 +4,13 @@ import argparse
 import json
 
 import pytest
-import torch
+from eval_helpers import TOKENIZER
 
 from refine.cli import main as cli_main
 from refine.config import load_config
 from refine.data.stream import _synthetic_texts
 from refine.data.synthetic import NiahConfig, generate_niah, mqar_for_length
 from refine.evaluation.runner import EvalOptions, build_examples
-from refine.models import build_model, save_model
-from refine.tokenizer import ByteTokenizer
-
-TOKENIZER = ByteTokenizer()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    model = build_model(dict(model_type="delta_net", hidden_size=32, num_heads=2, num_hidden_layers=1,
-                             vocab_size=TOKENIZER.vocab_size, intermediate_size=64, tie_word_embeddings=True,
-                             bos_token_id=257, eos_token_id=258, pad_token_id=256))
-    return save_model(model, tmp_path_factory.mktemp("model") / "tiny")
 
 
 def training_texts(kind, seed, seq_len):

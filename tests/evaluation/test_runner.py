@@ -1,4 +1,5 @@
-"""`refine eval` end to end on a tiny model, and the runner's scoring, truncation and test-time pieces."""
+"""`refine eval` end to end on a tiny model: its options and the checks run before the model loads, the examples
+it builds, where it writes the results and what they hold."""
 
 import argparse
 import hashlib
@@ -7,77 +8,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from eval_helpers import LONGBENCH_ROWS, RULER_ROWS, TOKENIZER, run_eval, write_jsonl
 from test_tokenizer import write_gapped_tokenizer
 
-from refine.cli import main as cli_main
-from refine.config import OptimConfig, RefineConfig, RunConfig
+from refine.config import OptimConfig, RunConfig
 from refine.data.synthetic import NiahConfig, generate_niah, mqar_for_length
-from refine.data.tasks import MAX_GEN_TOKENS, TaskExample, load_longbench, load_ruler_qa
-from refine.evaluation import runner
-from refine.evaluation.runner import (
-    answer_batches,
-    answer_text,
-    default_output,
-    evaluate,
-    fit_refine_config,
-    metric_task_for,
-    prompt_tokens,
-    reads_first_line_only,
-    score_examples,
-    ttt_refine_config,
-)
-from refine.evaluation.score import score_predictions
-from refine.generate import generate
-from refine.models import build_model, load_model, save_model
-from refine.phases import adapt_and_answer
-from refine.step import make_optimizer
-from refine.tokenizer import ByteTokenizer, load_tokenizer
-
-TOKENIZER = ByteTokenizer()
-
-RULER_ROWS = [  # the REFINE release's RULER QA rows, then RULER's own output format
-    {"prompt": "Answer the question based on the documents.\nDocument 1: The capital of Norway is Oslo, a harbor "
-               "city.\nDocument 2: Bergen has rain.\nQuestion: What is the capital of Norway?\nAnswer:",
-     "answer": ["Oslo"], "max_gen_tokens": 3, "max_answer_length": 1, "task": "ruler_squadqa"},
-    {"index": 7, "input": "Document 1: The river Tana runs north to the Arctic sea past birch forests.\n"
-                          "Question: Where does the Tana run?", "outputs": ["north", "the Arctic sea"],
-     "answer_prefix": " Answer:", "length": 120},
-]
-LONGBENCH_ROWS = [  # LongBench's released rows: two datasets in one file
-    {"input": "Which city hosts the lighthouse museum?", "context": "Passage 1: The lighthouse museum stands in "
-     "Vardo, near the old fort. Passage 2: The fort was rebuilt twice.", "answers": ["Vardo"], "length": 21,
-     "dataset": "hotpotqa", "language": "en", "all_classes": None, "_id": "hq-1"},
-    {"input": "What is the capital of Peru?", "context": "Question: Who wrote Hamlet?\nType: Human\n"
-     "Question: How far is the Moon?\nType: Number", "answers": ["Location"], "length": 17,
-     "dataset": "trec", "language": "en", "all_classes": ["Human", "Number", "Location", "Entity"], "_id": "tr-1"},
-]
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    return path
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = build_model(dict(model_type="delta_net", hidden_size=32, num_heads=2, num_hidden_layers=1,
-                             vocab_size=TOKENIZER.vocab_size, intermediate_size=64, tie_word_embeddings=True,
-                             bos_token_id=257, eos_token_id=258, pad_token_id=256))
-    return save_model(model, tmp_path_factory.mktemp("model") / "tiny")
-
-
-@pytest.fixture
-def task_files(tmp_path) -> dict[str, Path]:
-    return {"ruler-qa": write_jsonl(tmp_path / "ruler_qa.jsonl", RULER_ROWS),
-            "longbench": write_jsonl(tmp_path / "longbench.jsonl", LONGBENCH_ROWS)}
-
-
-def run_eval(capsys, *argv: str) -> tuple[int, dict | None, str]:
-    code = cli_main(["eval", *argv])
-    captured = capsys.readouterr()
-    lines = [line for line in captured.out.splitlines() if line.strip()]
-    return code, (json.loads(lines[-1]) if lines else None), captured.err
+from refine.data.tasks import MAX_GEN_TOKENS, TaskExample
+from refine.evaluation import answering, runner
+from refine.evaluation.answering import evaluate
+from refine.evaluation.runner import default_output
+from refine.evaluation.task_scoring import score_examples
+from refine.models import load_model
+from refine.tokenizer import load_tokenizer
 
 
 # ---------------------------------------------------------------- the command
@@ -105,8 +47,6 @@ def test_an_interrupted_eval_says_nothing_was_written_and_closes_its_bar_first(m
                                                                             monkeypatch, ctrl_c):
     """Ctrl-C dropped every answer computed so far with only "refine: interrupted" (no word of the results file),
     and the open progress bar was drawn again after it."""
-    import refine.evaluation.runner as answering
-
     real_generate = answering.generate
     calls = []
 
@@ -198,26 +138,6 @@ def test_ttt_leaves_the_checkpoint_and_the_weights_unchanged(model_dir, tmp_path
     assert torch.equal(model(probe).logits, before)  # adapted weights were put back after every example
 
 
-@pytest.mark.parametrize("reward, problem", [("nope", "is not a registered reward"),
-                                             ("qa_f1", "scores decoded text")])
-def test_test_time_training_refuses_a_reward_it_cannot_score_before_answering(model_dir, reward, problem):
-    """Test-time training scores its rollouts in-process from tokens and hidden states: an unknown or a text
-    reward fails up front, naming refine.reward, instead of at the first example's first step."""
-    model = load_model(model_dir)
-    examples = generate_niah(NiahConfig(length=320, seed=3), TOKENIZER, 1)
-    config = RunConfig(refine=RefineConfig(reward=reward))
-    with pytest.raises(ValueError, match=f"refine.reward={reward!r} {problem}"):
-        evaluate(model, TOKENIZER, examples, "niah", ttt=True, run_config=config, progress=False)
-
-
-def test_test_time_training_refuses_a_kl_term_it_has_no_reference_for(model_dir):
-    model = load_model(model_dir)
-    examples = generate_niah(NiahConfig(length=320, seed=3), TOKENIZER, 1)
-    with pytest.raises(ValueError, match="refine.kl_coef=0.1: test-time training has no reference policy"):
-        evaluate(model, TOKENIZER, examples, "niah", ttt=True, run_config=RunConfig(refine=RefineConfig(kl_coef=0.1)),
-                 progress=False)
-
-
 def test_results_of_a_model_in_a_runs_checkpoints_go_to_the_run_directory(tmp_path):
     """The run's next checkpoint replaces checkpoints/latest whole: results written into it would be lost."""
     model = tmp_path / "run" / "checkpoints" / "latest" / "model"
@@ -251,40 +171,6 @@ def test_a_sweep_over_length_keeps_every_result(model_dir, capsys):
         model_dir.parent / "run" / "eval-niah-len4096-ttt-step-00000040.json").resolve()
 
 
-def test_prompts_answered_in_batches_get_the_answers_they_get_alone(model_dir):
-    model = load_model(model_dir, dtype=torch.float64)
-    # Prompts of different lengths and answer budgets, longest first: batches reorder them.
-    examples = (generate_niah(NiahConfig(length=600, variant="multivalue", seed=2), TOKENIZER, 2)
-                + generate_niah(NiahConfig(length=320, seed=2), TOKENIZER, 3))
-    alone, together = (evaluate(model, TOKENIZER, examples, "niah", progress=False, batch_size=size)["examples"]
-                       for size in (1, 3))
-    assert [record["id"] for record in together] == [example.example_id for example in examples]
-    assert together == alone
-    assert len({record["prompt_tokens"] for record in together}) > 1
-    assert all(record["generated_tokens"] > 0 for record in together)
-
-
-@pytest.mark.parametrize("ttt", [False, True], ids=["plain", "ttt"])
-def test_sampled_answers_follow_the_seed_and_top_1_sampling_is_greedy(model_dir, ttt):
-    """eval.answer_temperature / answer_top_k reach the decoding of plain and test-time-trained answers alike."""
-    model = load_model(model_dir, dtype=torch.float64)
-    examples = generate_niah(NiahConfig(length=320, seed=2), TOKENIZER, 3)
-    options = dict(progress=False, ttt=ttt, ttt_steps=1, max_new_tokens=12)
-
-    def answers(**kwargs) -> list[str]:
-        result = evaluate(model, TOKENIZER, examples, "niah", **options, **kwargs)
-        return [record["prediction"] for record in result["examples"]]
-
-    greedy = answers()
-    sampled = answers(answer_temperature=1.0, seed=5)
-    assert sampled == answers(answer_temperature=1.0, seed=5)  # seeded
-    assert sampled != greedy and sampled != answers(answer_temperature=1.0, seed=6)
-    assert answers(answer_temperature=1.0, answer_top_k=1, seed=5) == greedy  # the one most likely token
-    summary = evaluate(model, TOKENIZER, examples[:1], "niah", **options, answer_temperature=0.5, answer_top_k=50,
-                       seed=5)["summary"]
-    assert summary["answer_decoding"] == {"temperature": 0.5, "top_k": 50, "seed": 5}
-
-
 def test_answer_temperatures_that_sample_nothing_are_refused_by_name(model_dir, capsys):
     code, line, err = run_eval(capsys, "--model", str(model_dir), "--task", "niah", "--set",
                                "eval.answer_temperature=1e-6")
@@ -304,69 +190,6 @@ def test_num_examples_defaults_to_every_row_of_a_task_file(model_dir, tmp_path, 
     assert code == 0 and line["num_examples"] == 20, err  # synthetic tasks: 20 unless told
 
 
-def test_ttt_accumulate_carries_weights_and_one_optimizer_across_examples(model_dir, monkeypatch):
-    model = load_model(model_dir)
-    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    examples = generate_niah(NiahConfig(length=320, seed=3), TOKENIZER, 2)
-    config = RunConfig(optim=OptimConfig(lr=0.05))
-    optimizers = []
-
-    def counted_optimizer(*args):
-        optimizers.append(make_optimizer(*args))
-        return optimizers[-1]
-
-    monkeypatch.setattr(runner, "make_optimizer", counted_optimizer)
-    run = dict(ttt=True, run_config=config, ttt_steps=2, max_new_tokens=4, progress=False)
-    accumulated = evaluate(model, TOKENIZER, examples, "niah", ttt_accumulate=True, **run)
-    assert len(optimizers) == 1  # made once: its state (step count, moments) runs on over both examples
-    assert {int(state["step"]) for state in optimizers[0].state.values()} == {4}
-    assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
-    assert all(parameter.grad is None for parameter in model.parameters())  # as the other modes leave it
-    assert accumulated["summary"]["ttt_config"]["accumulate"] is True
-
-    # The second example starts from the first's adapted weights and optimizer state.
-    replay = load_model(model_dir)
-    optimizer = make_optimizer(replay, config.optim)
-    for index, (example, record) in enumerate(zip(examples, accumulated["examples"])):
-        ids, _ = prompt_tokens(TOKENIZER, example.prompt, None)
-        cfg, _ = fit_refine_config(ttt_refine_config(config.refine), len(ids))
-        _, history = adapt_and_answer(replay, ids, cfg, config.optim, 2, 4, eos_id=TOKENIZER.eos_id, restore=False,
-                                      generator=torch.Generator().manual_seed(index), optimizer=optimizer)
-        assert history == record["ttt_history"]
-    # Without accumulation each example starts from the original weights with a fresh optimizer.
-    separate = evaluate(model, TOKENIZER, examples, "niah", **run)
-    assert separate["examples"][0]["ttt_history"] == accumulated["examples"][0]["ttt_history"]
-    assert separate["examples"][1]["ttt_history"] != accumulated["examples"][1]["ttt_history"]
-    assert len(optimizers) == 1 and separate["summary"]["ttt_config"]["accumulate"] is False
-
-
-# Per prompt: 2 examples x 2 steps; 2 batches of 1 prompt, 1 update each; 1 batch of 2 prompts, 2 updates (counted
-# once as a batch before).
-@pytest.mark.parametrize("ttt_batch, mini_batches, skipped", [(None, 1, 4), (1, 1, 2), (2, 2, 2)])
-def test_ttt_updates_skipped_as_not_finite_are_counted_and_the_results_stay_json(ttt_batch, mini_batches, skipped):
-    """A model whose logits are finite but whose gradient is not (its output layer scaled by 1e20): every test-time
-    update is skipped. The results hold no Infinity (which strict JSON readers refuse), each skipped update is
-    marked in its example's history, and the summary counts them."""
-    torch.manual_seed(0)
-    model = build_model(dict(model_type="delta_net", hidden_size=32, num_heads=2, num_hidden_layers=1,
-                             vocab_size=TOKENIZER.vocab_size, intermediate_size=64, tie_word_embeddings=False,
-                             bos_token_id=257, eos_token_id=258, pad_token_id=256))
-    with torch.no_grad():
-        model.lm_head.weight.mul_(1e20)
-    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    examples = [TaskExample(example_id=str(i), task="ruler_qa", prompt="The capital of Norway is Oslo. " * 6,
-                            answers=["Oslo"], max_new_tokens=2) for i in range(2)]
-    results = evaluate(model, TOKENIZER, examples, "ruler-qa", ttt=True, ttt_steps=2, ttt_batch=ttt_batch,
-                       run_config=RunConfig(optim=OptimConfig(lr=1.0), train={"mini_batches": mini_batches}),
-                       progress=False)
-    json.dumps(results, allow_nan=False)
-    histories = [record["ttt_history"] for record in results["examples"]]
-    assert all(stats["skipped_nonfinite"] == 1.0 and "grad_norm" in stats["nonfinite_stats"]
-               for history in histories for stats in history)
-    assert results["summary"]["ttt_config"]["skipped_updates"] == skipped
-    assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
-
-
 def test_ttt_accumulate_option_of_the_command(model_dir, capsys):
     argv = ["--model", str(model_dir), "--task", "mqar", "--num-examples", "2", "--length", "128",
             "--max-new-tokens", "2", "--ttt", "--ttt-steps", "1", "--ttt-accumulate"]
@@ -376,71 +199,6 @@ def test_ttt_accumulate_option_of_the_command(model_dir, capsys):
     assert json.loads((model_dir / "eval-mqar-len128-ttt-accumulate.json").read_text())["summary"]["ttt_config"]["accumulate"]
     code, _, err = run_eval(capsys, *[arg for arg in argv if arg != "--ttt"])
     assert code == 2 and "--ttt-accumulate needs --ttt" in err
-
-
-def test_ttt_batches_update_once_per_mini_batch_answer_after_the_batch_and_carry_over(model_dir, monkeypatch):
-    """The paper's released schedule: per batch of prompts, rollouts sampled once, an update per mini-batch,
-    then the batch's answers; weights and one optimizer carry over to the next batch."""
-    model = load_model(model_dir)
-    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    examples = generate_niah(NiahConfig(length=320, seed=3), TOKENIZER, 3)
-    config = RunConfig(optim=OptimConfig(lr=0.05), train={"mini_batches": 2})
-    optimizers = []
-
-    def counted_optimizer(*args):
-        optimizers.append(make_optimizer(*args))
-        return optimizers[-1]
-
-    monkeypatch.setattr(runner, "make_optimizer", counted_optimizer)
-    run = dict(ttt=True, run_config=config, max_new_tokens=6, progress=False, seed=11)
-    batched = evaluate(model, TOKENIZER, examples, "niah", ttt_batch=2, **run)
-    # Batches [0, 1] and [2]: 2 updates, then 1 (one prompt makes one mini-batch), on one optimizer.
-    assert len(optimizers) == 1 and {int(state["step"]) for state in optimizers[0].state.values()} == {3}
-    assert [record["ttt_batch"] for record in batched["examples"]] == [0, 0, 1]
-    assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
-    ttt_config = batched["summary"]["ttt_config"]
-    assert (ttt_config["batch"], ttt_config["mini_batches"], ttt_config["accumulate"]) == (2, 2, True)
-
-    # The first batch's answers come after both of its updates: replayed by hand on a copy of the model.
-    replay = load_model(model_dir)
-    prompts = [prompt_tokens(TOKENIZER, example.prompt, None)[0] for example in examples]
-    ids, lengths = runner.pad_documents(prompts[:2])
-    generator = torch.Generator().manual_seed(11)
-    onepass = config.model_copy(update={"refine": ttt_refine_config(config.refine),
-                                        "train": config.train.model_copy(update={"mode": "onepass"})})
-    stats = runner.train_step(replay, make_optimizer(replay, config.optim),
-                              runner.DocumentBatch(ids, lengths, ["a", "b"]), onepass, generator).stats
-    assert batched["examples"][0]["ttt_history"] == [stats | {"optimizer_steps": 2.0}]  # 2 mini-batches
-    expected = generate(replay, ids, 6, eos_id=TOKENIZER.eos_id, lengths=lengths, generator=generator,
-                        vocab_limit=TOKENIZER.vocab_size)
-    assert [record["generated_tokens"] for record in batched["examples"][:2]] == [len(tokens) for tokens in expected]
-    assert [record["prediction"] for record in batched["examples"][:2]] == [
-        answer_text(TOKENIZER, tokens, "niah") for tokens in expected]
-    assert expected != generate(load_model(model_dir), ids, 6, eos_id=TOKENIZER.eos_id, lengths=lengths,
-                                vocab_limit=TOKENIZER.vocab_size)  # the updates changed the answers
-    # The last batch starts from the first's weights: its prompt's NTP loss (before its update, rollouts aside)
-    # differs from the one it has as the only batch.
-    alone = evaluate(model, TOKENIZER, examples[2:], "niah", ttt_batch=2, **run)
-    assert alone["examples"][0]["ttt_history"][0]["ntp_loss"] != batched["examples"][2]["ttt_history"][0]["ntp_loss"]
-
-
-def test_ttt_batches_fit_settings_to_their_shortest_prompt_and_answer_unadaptable_ones_as_they_are(model_dir,
-                                                                                                     capsys):
-    model = load_model(model_dir)
-    def example(name: str, prompt: str) -> TaskExample:
-        return TaskExample(example_id=name, task="ruler_qa", prompt=prompt, answers=["Ada"])
-
-    examples = [example("long", "The lighthouse keeper is Ada. " * 12 + "Keeper?"),
-                example("short", "Keeper of the light?"),  # 21 tokens: settings fitted to it
-                example("tiny", "Hi")]  # 3 tokens: no rollout fits
-    result = evaluate(model, TOKENIZER, examples, "ruler_qa", ttt=True, ttt_batch=3, max_new_tokens=2,
-                      progress=False)
-    long, short, tiny = result["examples"]
-    assert long["ttt_history"] == short["ttt_history"] != [] and tiny["ttt_history"] == []
-    assert long["ttt_fitted"] == short["ttt_fitted"] and "ttt_fitted" not in tiny
-    ttt_config = result["summary"]["ttt_config"]
-    assert (ttt_config["fitted_prompts"], ttt_config["unadapted_prompts"]) == (2, 1)
-    assert "prompt of 3 tokens is too short for a rollout" in capsys.readouterr().err
 
 
 def test_ttt_batch_option_of_the_command(model_dir, capsys):
@@ -459,128 +217,7 @@ def test_ttt_batch_option_of_the_command(model_dir, capsys):
     code, _, err = run_eval(capsys, *[arg for arg in argv if arg != "--ttt"])
     assert code == 2 and "--ttt-batch=2 needs --ttt" in err
 
-
-@pytest.mark.parametrize("ttt", [False, True], ids=["plain", "ttt"])
-def test_a_model_with_a_padded_vocabulary_answers_with_ids_the_tokenizer_decodes(ttt):
-    torch.manual_seed(0)
-    model = build_model(dict(model_type="delta_net", hidden_size=32, num_heads=2, num_hidden_layers=1,
-                             vocab_size=320, intermediate_size=64, bos_token_id=257, eos_token_id=258,
-                             pad_token_id=256))  # vocabulary padded past the byte tokenizer's 260 ids
-    examples = generate_niah(NiahConfig(length=320, seed=0), TOKENIZER, 3)
-    prompts = [torch.tensor([prompt_tokens(TOKENIZER, example.prompt, None)[0]]) for example in examples]
-    free = [generate(model, ids, 16, eos_id=TOKENIZER.eos_id)[0] for ids in prompts]
-    assert any(token >= TOKENIZER.vocab_size for answer in free for token in answer)  # it would pick them
-    results = evaluate(model, TOKENIZER, examples, "niah", ttt=ttt, ttt_steps=1, max_new_tokens=16, progress=False)
-    assert all(record["generated_tokens"] > 0 for record in results["examples"])
-    if not ttt:  # the answers are the best decodable ids
-        limited = [generate(model, ids, 16, eos_id=TOKENIZER.eos_id, vocab_limit=TOKENIZER.vocab_size)[0]
-                   for ids in prompts]
-        assert [record["prediction"] for record in results["examples"]] == [TOKENIZER.decode(a) for a in limited]
-
-
-@pytest.mark.parametrize("one_length", [False, True])
-def test_answer_batches_cover_every_prompt_once_shortest_first(one_length):
-    lengths = [5, 3, 3, 9, 3, 5, 4]
-    batches = answer_batches(lengths, 2, one_length)
-    assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
-    assert all(1 <= len(batch) <= 2 for batch in batches)
-    flat = [lengths[i] for batch in batches for i in batch]
-    assert flat == sorted(flat)
-    mixed = [batch for batch in batches if len({lengths[i] for i in batch}) > 1]
-    assert (mixed == []) == one_length  # on CUDA a batch is one length; on CPU lengths 3 and 4 share one
-
-
-# ---------------------------------------------------------------- scoring path
-
-
-def _task_examples(task: str, task_files) -> list:
-    if task == "niah":
-        return (generate_niah(NiahConfig(length=320, seed=1), TOKENIZER, 2)
-                + generate_niah(NiahConfig(length=600, variant="multivalue", seed=1), TOKENIZER, 2))
-    if task == "mqar":
-        return mqar_for_length(200, TOKENIZER, 3, seed=1)
-    return load_ruler_qa(task_files[task]) if task == "ruler-qa" else load_longbench(task_files[task])
-
-
-@pytest.mark.parametrize("task", ["niah", "mqar", "ruler-qa", "longbench"])
-def test_a_model_that_knows_the_answers_scores_100_and_a_wrong_one_0(task, task_files):
-    examples = _task_examples(task, task_files)
-    metric_tasks = [metric_task_for(task, ex) for ex in examples]
-    # The gold answers as generated text, then EOS; where the metric reads the first line only, the model
-    # rambles on after a line break first (the runner cuts the answer where the metric would).
-    generated = [TOKENIZER.encode(", ".join(ex.answers) + ("\nand then zzz" if reads_first_line_only(name) else ""))
-                 + [TOKENIZER.eos_id] for ex, name in zip(examples, metric_tasks)]
-    assert any(reads_first_line_only(name) for name in metric_tasks) == (task in ("ruler-qa", "longbench"))
-    predictions = [answer_text(TOKENIZER, tokens, name) for tokens, name in zip(generated, metric_tasks)]
-    summary, scores = score_examples(task, examples, predictions)
-    assert summary["score"] == 100.0 and scores == [100.0] * len(examples)
-    summary, scores = score_examples(task, examples, ["Qwxz"] * len(examples))
-    assert summary["score"] == 0.0 and scores == [0.0] * len(examples)
-
-
-def test_longbench_e_scores_by_length_reach_the_eval_summary():
-    examples = [TaskExample(example_id=str(i), task="hotpotqa_e", prompt="p", answers=["oslo"], length=n)
-                for i, n in enumerate([1000, 5000, 9000])]
-    summary, _ = score_examples("longbench", examples, ["oslo", "x", "oslo"])
-    assert summary["score_by_length"] == {"0-4k": 100.0, "4-8k": 0.0, "8k+": 100.0}
-    trec = TaskExample(example_id="t", task="trec_e", prompt="p", answers=["City"], all_classes=["City", "Food"],
-                       length=6000)
-    summary, _ = score_examples("longbench", examples + [trec], ["oslo", "x", "oslo", "City"])
-    assert "score_by_length" not in summary  # per task: the buckets of two metrics do not mix
-    assert summary["by_task"]["hotpotqa_e"]["score_by_length"] == {"0-4k": 100.0, "4-8k": 0.0, "8k+": 100.0}
-    assert summary["by_task"]["trec_e"]["score_by_length"] == {"0-4k": None, "4-8k": 100.0, "8k+": None}
-
-
-@pytest.mark.parametrize(
-    ("bad_row", "message"),
-    [
-        ({"dataset": "trec", "all_classes": None, "answers": ["Human"]},
-         "task 'trec' is a classification task and needs 'all_classes'"),
-        ({"dataset": "passage_retrieval_en", "answers": ["3"]},
-         "task 'passage_retrieval_en' needs every gold answer to contain 'Paragraph <n>', got '3'"),
-    ],
-    ids=["trec-without-classes", "retrieval-without-paragraph"],
-)
-def test_gold_answers_a_metric_cannot_score_fail_before_generation(bad_row, message, model_dir, tmp_path, capsys,
-                                                                   monkeypatch):
-    good = {"input": "q?", "context": "c", "answers": ["Paragraph 1"], "dataset": "passage_retrieval_en"}
-    data = write_jsonl(tmp_path / "lb.jsonl", [good, good, good | bad_row])
-    examples = load_longbench(data)
-    expected = f"example 'lb.jsonl:3' ({data}, line 3): {message}"
-    with pytest.raises(ValueError) as error:  # the example's own file line, not its place in a metric group
-        score_examples("longbench", examples, ["Paragraph 1"] * 3)
-    assert str(error.value).startswith(expected)
-
-    def no_generation(*args, **kwargs):
-        raise AssertionError("generation started before the examples were checked")
-
-    monkeypatch.setattr(runner, "generate", no_generation)
-    monkeypatch.setattr(runner, "adapt_and_answer", no_generation)
-    for ttt in ([], ["--ttt"]):
-        code, _, err = run_eval(capsys, "--model", str(model_dir), "--task", "longbench", "--data", str(data), *ttt)
-        assert code == 2 and expected in err
-
-
-@pytest.mark.parametrize("metric_task", ["ruler_qa", "trec", "triviaqa", "hotpotqa", "niah_single", "qa_1"])
-@pytest.mark.parametrize("raw", ["Oslo", "Oslo\nBergen", "\nOslo", "\n\nOslo\n", "Bergen\nOslo", ""])
-def test_cutting_the_answer_never_changes_its_score(metric_task, raw):
-    row = {"answers": ["Oslo"], "all_classes": ["Oslo", "Bergen"]}
-    cut = answer_text(TOKENIZER, TOKENIZER.encode(raw) + [TOKENIZER.eos_id], metric_task)
-    assert "\n" not in cut or metric_task in ("hotpotqa", "niah_single", "qa_1")
-    raw_score = score_predictions(metric_task, [row | {"prediction": raw}])[1]
-    assert score_predictions(metric_task, [row | {"prediction": cut}])[1] == raw_score
-
-
-# ---------------------------------------------------------------- prompts, test-time settings
-
-
-def test_long_prompts_are_cut_in_the_middle_keeping_start_and_question():
-    prompt = "INSTRUCTION " + "filler " * 100 + "QUESTION?"
-    ids, full = prompt_tokens(TOKENIZER, prompt, 40)
-    assert full == len(prompt) + 1 and len(ids) == 40
-    assert ids[0] == TOKENIZER.bos_id and TOKENIZER.decode(ids[1:13]) == "INSTRUCTION "
-    assert TOKENIZER.decode(ids).endswith("QUESTION?")
-    assert prompt_tokens(TOKENIZER, "short", 40) == ([TOKENIZER.bos_id] + TOKENIZER.encode("short"), 6)
+# ---------------------------------------------------------------- prompts
 
 
 def test_max_prompt_tokens_option_truncates_and_is_reported(model_dir, tmp_path, capsys):
@@ -599,32 +236,6 @@ def test_mqar_prompts_fill_the_requested_length():
         examples = mqar_for_length(length, TOKENIZER, 2, seed=0)
         sizes = [len(TOKENIZER.encode(ex.prompt)) for ex in examples]
         assert all(length - 16 < size <= length for size in sizes), sizes
-
-
-def test_ttt_defaults_fill_only_unset_fields():
-    assert ttt_refine_config(RefineConfig()).reward == "binary"
-    assert ttt_refine_config(RefineConfig()).lambda_nsp == 0.4
-    explicit = ttt_refine_config(RefineConfig(reward="hybrid", lambda_nsp=0.1))
-    assert (explicit.reward, explicit.lambda_nsp) == ("hybrid", 0.1)
-
-
-def test_short_prompts_get_fitted_refine_settings_that_run():
-    cfg = RefineConfig(num_chunks=8, rollout_len=5, margin=20)
-    assert fit_refine_config(cfg, 400) == (cfg, None)
-    fitted, note = fit_refine_config(cfg, 24)
-    assert fitted is not None and "24 tokens" in note and "margin=" in note
-    assert fitted.margin < 20 and fitted.margin + max(fitted.margin, 5) <= 24 and fitted.num_chunks == 8
-    torch.manual_seed(0)
-    model = build_model(dict(model_type="delta_net", hidden_size=16, num_heads=2, num_hidden_layers=1,
-                             vocab_size=32, intermediate_size=16))
-    prompt = torch.randint(0, 32, (24,), generator=torch.Generator().manual_seed(0)).tolist()
-    answer, history = adapt_and_answer(model, prompt, ttt_refine_config(fitted), OptimConfig(), 1, 2)
-    assert len(history) == 1 and len(answer) <= 2
-    tiny, note = fit_refine_config(cfg, 5)
-    assert tiny is None and "answered without adaptation" in note
-    few_tokens, _ = fit_refine_config(RefineConfig(num_chunks=8, rollout_len=1, margin=0), 3)
-    assert few_tokens.num_chunks == 3  # one position per token at most
-
 
 # ---------------------------------------------------------------- bad input
 
@@ -717,7 +328,6 @@ def test_eval_scores_longbench_with_the_release_rules_on_request(model_dir, task
             "--max-new-tokens", "2", "--set", "eval.longbench_scoring=refine-release"]
     code, line, _ = run_eval(capsys, *argv)
     assert code == 0 and line["metric"] == ["classification_score (REFINE release)", "qa_f1_score (REFINE release)"]
-
 
 # ---------------------------------------------------------------- the model's own tokenizer
 
@@ -827,7 +437,6 @@ def test_an_answer_budget_past_the_limit_is_refused_before_the_model_loads(model
     with pytest.raises(ValueError, match=rf"max_new_tokens must be in \[1, {MAX_GEN_TOKENS}\] tokens, got 0"):
         evaluate(load_model(model_dir), TOKENIZER, examples, "niah", max_new_tokens=0, progress=False)
 
-
 # ---------------------------------------------------------------- bad input: hints, options, rows
 
 
@@ -900,7 +509,7 @@ def test_a_seed_outside_its_range_is_refused_by_name_before_the_model_loads(mode
     example (--seed + 1)."""
     code, line, err = run_eval(capsys, "--model", str(model_dir), "--task", "niah", "--seed", str(seed), *ttt,
                                "--output", str(tmp_path / "r.json"))
-    low, high = runner.SEED_RANGE
+    low, high = answering.SEED_RANGE
     assert code == 2 and line is None and err.startswith(f"refine: error: --seed must be in [{low}, {high}], "
                                                          f"got {seed}")
     examples = [TaskExample(example_id="q", task="niah", prompt="the cat sat on", answers=["mat"])]
@@ -908,7 +517,7 @@ def test_a_seed_outside_its_range_is_refused_by_name_before_the_model_loads(mode
         evaluate(load_model(model_dir), TOKENIZER, examples, "niah", ttt=bool(ttt), seed=seed, progress=False)
 
 
-@pytest.mark.parametrize("seed", runner.SEED_RANGE)
+@pytest.mark.parametrize("seed", answering.SEED_RANGE)
 def test_every_seed_a_run_derives_from_a_seed_in_range_is_valid(model_dir, tmp_path, capsys, seed):
     for mode in (["--ttt-steps", "1"], ["--ttt-batch", "1"]):
         code, line, err = run_eval(capsys, "--model", str(model_dir), "--task", "mqar", "--num-examples", "2",
@@ -935,24 +544,15 @@ def test_eval_options_refuse_infinities_and_booleans_for_numbers(setting, proble
     (["--ttt", "--ttt-batch", "1", "--set", "train.mini_batches=2"],
      "--ttt-batch=1 is smaller than train.mini_batches=2"),
     (["--ttt-steps", "3"], "--ttt-steps=3 needs --ttt"),
-    (["--ttt", "--ttt-steps", "100000000000"], f"--ttt-steps must be in [0, {runner.MAX_TTT_STEPS}], got 100000000000"),
-    (["--ttt", "--ttt-steps", "-1"], f"--ttt-steps must be in [0, {runner.MAX_TTT_STEPS}], got -1"),
+    (["--ttt", "--ttt-steps", "100000000000"],
+     f"--ttt-steps must be in [0, {answering.MAX_TTT_STEPS}], got 100000000000"),
+    (["--ttt", "--ttt-steps", "-1"], f"--ttt-steps must be in [0, {answering.MAX_TTT_STEPS}], got -1"),
 ], ids=["batch-below-mini-batches", "steps-without-ttt", "steps-past-limit", "negative-steps"])
 def test_test_time_options_that_would_be_ignored_clamped_or_endless_are_refused(model_dir, tmp_path, capsys,
                                                                                nothing_expensive, extra, message):
     code, line, err = run_eval(capsys, "--model", str(model_dir), "--task", "niah", *extra,
                                "--output", str(tmp_path / "r.json"))
     assert code == 2 and line is None and err.startswith(f"refine: error: {message}")
-
-
-def test_evaluate_refuses_the_same_test_time_settings(model_dir):
-    model = load_model(model_dir)
-    examples = [TaskExample(example_id="q", task="niah", prompt="the cat sat on the mat " * 20, answers=["mat"])]
-    config = RunConfig.model_validate({"train": {"mini_batches": 2}})
-    with pytest.raises(ValueError, match="ttt_batch=1 is smaller than train.mini_batches=2"):
-        evaluate(model, TOKENIZER, examples, "niah", ttt=True, run_config=config, ttt_batch=1, progress=False)
-    with pytest.raises(ValueError, match=rf"ttt_steps must be in \[0, {runner.MAX_TTT_STEPS}\]"):
-        evaluate(model, TOKENIZER, examples, "niah", ttt=True, ttt_steps=runner.MAX_TTT_STEPS + 1, progress=False)
 
 
 @pytest.mark.parametrize("task", ["ruler-qa", "longbench"])
