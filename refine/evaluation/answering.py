@@ -66,9 +66,9 @@ def fit_refine_config(cfg: RefineConfig, length: int) -> tuple[RefineConfig | No
     while margin > 0 and margin + max(margin, cfg.rollout_len) > length:
         margin -= 1
     fitted = cfg.model_copy(update={"margin": margin, "num_chunks": min(cfg.num_chunks, length)})
-    note = (f"prompt of {length} tokens is shorter than {wanted}: using num_chunks={fitted.num_chunks}, "
-            f"margin={fitted.margin} for it")
-    return fitted, note
+    change = (f"prompt of {length} tokens is shorter than {wanted}: using num_chunks={fitted.num_chunks}, "
+              f"margin={fitted.margin} for it")
+    return fitted, change
 
 
 # ---------------------------------------------------------------- prompts and answers
@@ -178,10 +178,10 @@ def evaluate(
             initial = snapshot_weights(model) if ttt_accumulate else None
             try:
                 for index, (ids, budget, record) in enumerate(zip(prompts, budgets, records)):
-                    cfg, note = fit_refine_config(refine_cfg, len(ids))
-                    if note:
+                    cfg, change = fit_refine_config(refine_cfg, len(ids))
+                    if change:
                         if not (clamped or unadapted):
-                            eval_note(note)
+                            eval_note(change)
                         clamped += cfg is not None
                         unadapted += cfg is None
                     if cfg is not None:
@@ -284,8 +284,8 @@ def _ttt_in_batches(model: FastWeightLM, tokenizer: Tokenizer, prompts: list[lis
             stats: list[dict[str, float]] = []
             cfg = refine_cfg
             if adapted:
-                cfg, note = fit_refine_config(refine_cfg, min(len(prompts[i]) for i in adapted))
-                notes += [note] if note else []
+                cfg, change = fit_refine_config(refine_cfg, min(len(prompts[i]) for i in adapted))
+                notes += [change] if change else []
                 clamped += len(adapted) if cfg is not refine_cfg else 0
                 ids, lengths = pad_documents([prompts[i] for i in adapted])
                 documents = DocumentBatch(ids.to(model.device), lengths.to(model.device),

@@ -29,7 +29,7 @@ def test_a_model_that_knows_the_answers_scores_100_and_a_wrong_one_0(task, task_
     examples = _task_examples(task, task_files)
     metric_tasks = [metric_task_for(task, ex) for ex in examples]
     # The gold answers as generated text, then EOS; where the metric reads the first line only, the model
-    # rambles on after a line break first (the runner cuts the answer where the metric would).
+    # rambles on after a line break first (answer_text cuts the answer where the metric would).
     generated = [TOKENIZER.encode(", ".join(ex.answers) + ("\nand then zzz" if reads_first_line_only(name) else ""))
                  + [TOKENIZER.eos_id] for ex, name in zip(examples, metric_tasks)]
     assert any(reads_first_line_only(name) for name in metric_tasks) == (task in ("ruler-qa", "longbench"))
