@@ -172,6 +172,13 @@ def test_mqar_for_length_fits_every_example_a_subword_tokenizer_splits_different
     assert len(set(counts)) > 1  # the examples were fitted one by one
 
 
+def test_mqar_prompts_fill_the_requested_length():
+    for length in (128, 400):
+        examples = mqar_for_length(length, ByteTokenizer(), 2, seed=0)
+        sizes = [len(ByteTokenizer().encode(example.prompt)) for example in examples]
+        assert all(length - 16 < size <= length for size in sizes), sizes
+
+
 def test_recall_documents_state_facts_early_and_restate_them_later(bpe_tokenizer):
     config = RecallCorpusConfig(length=1500, num_facts=5, seed=4)
     for tokenizer in (BYTES, bpe_tokenizer):
