@@ -18,7 +18,7 @@ from urllib.parse import parse_qsl, urlsplit
 import torch
 import yaml
 from pydantic import (
-    BaseModel, Field, SerializeAsAny, ValidationError, field_validator, model_validator,
+    BaseModel, Field, SerializeAsAny, ValidationError, ValidationInfo, field_validator, model_validator,
 )
 
 from refine.algorithm.selection import min_document_length
@@ -551,7 +551,7 @@ class RunConfig(Strict):
         return self
 
     @model_validator(mode="after")
-    def _margins_fit(self) -> "RunConfig":
+    def _margins_fit(self, info: ValidationInfo) -> "RunConfig":
         needed = 2 * self.refine.margin + self.refine.rollout_len + self.refine.num_chunks
         if self.train.mode != "ntp" and self.data.seq_len < needed:
             raise ValueError(
@@ -559,7 +559,7 @@ class RunConfig(Strict):
                 f"rollout_len={self.refine.rollout_len} and margin={self.refine.margin} (needs >= {needed})"
             )
         shortest = min_document_length(self.refine.num_chunks, self.refine.rollout_len, self.refine.margin)
-        if self.train.mode != "ntp" and self.data.min_length < shortest:
+        if self.train.mode != "ntp" and self.data.min_length < shortest and _reads_documents(info):
             raise ValueError(
                 f"data.min_length={self.data.min_length} admits documents too short for refine.num_chunks="
                 f"{self.refine.num_chunks}, rollout_len={self.refine.rollout_len} and margin={self.refine.margin} "
@@ -611,13 +611,19 @@ class RunConfig(Strict):
         return self
 
     @model_validator(mode="after")
-    def _documents_fit(self) -> "RunConfig":
+    def _documents_fit(self, info: ValidationInfo) -> "RunConfig":
         # Documents are cut to seq_len tokens, so a longer minimum keeps none; the data layer would find
         # out only after reading the whole source.
-        if self.data.min_length > self.data.seq_len:
+        if self.data.min_length > self.data.seq_len and _reads_documents(info):
             raise ValueError(f"data.min_length={self.data.min_length} is larger than data.seq_len={self.data.seq_len}"
                              f" (documents are cut to seq_len tokens): no document would be kept")
         return self
+
+
+def _reads_documents(info: ValidationInfo) -> bool:
+    """Whether the command validating a config reads documents (data.source): `refine posttrain` and `refine eval`
+    read task files, whose prompts they measure against REFINE's needs themselves, and not data.min_length."""
+    return not (isinstance(info.context, dict) and info.context.get("reads_documents") is False)
 
 
 def input_path_fields(config: RunConfig) -> tuple[tuple[BaseModel, str], ...]:
@@ -893,8 +899,9 @@ DEMO_DEFAULTS: dict[str, Any] = {
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                defaults: dict[str, Any] | None = None) -> RunConfig:
-    """A config file (or `defaults` when there is none) with `section.field=value` overrides applied."""
+                defaults: dict[str, Any] | None = None, reads_documents: bool = True) -> RunConfig:
+    """A config file (or `defaults` when there is none) with `section.field=value` overrides applied.
+    `reads_documents=False` (a command that reads task files, not data.source) leaves data.min_length unchecked."""
     tree: dict[str, Any] = copy.deepcopy(defaults) if path is None and defaults else {}
     if path is not None:
         path = Path(path)
@@ -924,15 +931,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if init_from and model_keys:  # they would be dropped without a word: the checkpoint's config.json is the model
         raise ConfigError(f"--set {', '.join(model_keys)}: train.init_from={str(init_from)!r} supplies the model (its "
                           f"config.json replaces the model section), so model settings do not apply")
-    return validate_config(tree)
+    return validate_config(tree, reads_documents)
 
 
-def validate_config(tree: dict[str, Any]) -> RunConfig:
+def validate_config(tree: dict[str, Any], reads_documents: bool = True) -> RunConfig:
     model = tree.get("model")
     if isinstance(model, dict) and "model_type" not in model:  # overrides of the default model's fields
         tree = {**tree, "model": {**tiny_delta_net().to_json_dict(), **model}}
     try:
-        return RunConfig.model_validate(tree)
+        return RunConfig.model_validate(tree, context={"reads_documents": reads_documents})
     except ValidationError as err:
         raise ConfigError(_format_error(err)) from None
     except ValueError as err:  # raised inside the model-config dispatch

@@ -97,6 +97,10 @@ def check_config(config: RunConfig, sft_coef: float) -> None:
     if config.data.source != DataSpec.model_fields["source"].default:
         raise ValueError(f"data.source={config.data.source!r}: refine posttrain reads its examples from --data; leave "
                          f"data.source unset")
+    if config.data.min_length != DataSpec.model_fields["min_length"].default:
+        raise ValueError(f"data.min_length={config.data.min_length}: refine posttrain skips the examples whose prompt "
+                         f"is too short for REFINE's rollouts (refine.num_chunks, rollout_len and margin set how short)"
+                         f"; leave data.min_length unset")
     check_no_kl_term(config.refine, "refine posttrain")
     # Beyond float32's largest number the coefficient is inf in the float32 loss: every SFT update is skipped.
     check_sft_coef(sft_coef, "--sft-coef")
@@ -293,7 +297,7 @@ def _note(message: str) -> None:
 def main(args: argparse.Namespace) -> int:
     """`refine posttrain`: load the config (the paper's post-training defaults without a file), train, print
     the last step's stats as one JSON line."""
-    config = load_config(args.config, args.set, defaults=POSTTRAIN_DEFAULTS)
+    config = load_config(args.config, args.set, defaults=POSTTRAIN_DEFAULTS, reads_documents=False)
     if args.resume:
         check_resumed_run(args.config, config)
     stats = posttrain(config, args.data, args.task, sft_coef=args.sft_coef, resume=args.resume,

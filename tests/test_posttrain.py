@@ -163,8 +163,8 @@ def test_examples_cut_to_fit_are_counted_as_truncated_only_when_trained_on(tmp_p
     rows = _qa_rows(3)
     rows[2]["answer"] = ["A" * 14]
     out = tmp_path / "run"
-    assert main(_argv(_write(tmp_path / "qa.jsonl", rows), init, out, 1, "--set", "data.seq_len=20",
-                      "--set", "data.min_length=8")) == 0
+    # data.min_length (a document source's) is not read: its default of 64 above data.seq_len=20 is no error.
+    assert main(_argv(_write(tmp_path / "qa.jsonl", rows), init, out, 1, "--set", "data.seq_len=20")) == 0
     summary = json.loads((out / "posttrain.json").read_text())
     assert (summary["examples_used"], summary["skipped_short_prompt"], summary["truncated"]) == (2, 1, 2)
     err = capsys.readouterr().err
@@ -272,7 +272,7 @@ def test_a_posttrain_that_cannot_start_leaves_its_directory_as_it_was(tmp_path, 
     assert {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()} == before
 
 
-def test_an_eval_source_shuffling_or_a_data_source_is_refused_before_anything_is_written(tmp_path, capsys):
+def test_an_eval_source_shuffling_a_data_source_or_a_min_length_is_refused_before_anything_is_written(tmp_path, capsys):
     init = _init_model(tmp_path)
     data = _write(tmp_path / "qa.jsonl", _qa_rows(3))
     assert main(_argv(data, init, tmp_path / "run", 1, "--set", "data.eval_source=synthetic")) == 2
@@ -283,6 +283,9 @@ def test_an_eval_source_shuffling_or_a_data_source_is_refused_before_anything_is
     assert not (tmp_path / "run").exists()
     assert main(_argv(data, init, tmp_path / "run", 1, "--set", f"data.source={data}")) == 2
     assert f"data.source={str(data)!r}: refine posttrain reads its examples from --data" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    assert main(_argv(data, init, tmp_path / "run", 1, "--set", "data.min_length=8")) == 2
+    assert "data.min_length=8: refine posttrain skips the examples whose prompt is too short" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 

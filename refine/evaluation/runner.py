@@ -247,15 +247,17 @@ def default_output(model_dir: Path, task: str, ttt: bool, ttt_accumulate: bool =
 
 
 def check_output(output: Path, given: bool) -> None:
-    """Refuse, before any generation, a results path that could not be written after it."""
+    """Refuse, before any generation, a results path that could not be written after it. Its missing folders are
+    created only when the results are written: an evaluation stopped before then leaves no empty folder behind."""
     name = f"--output {str(output)!r}" if given else f"the results file {str(output)!r} (the default; set --output)"
     if output.is_dir():
         raise ValueError(f"{name} is a directory; give a file path")
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ValueError(f"{name}: cannot create its directory ({error})") from None
-    if not os.access(output.parent, os.W_OK) or (output.exists() and not os.access(output, os.W_OK)):
+    existing = output.parent
+    while not existing.exists() and existing != existing.parent:  # the nearest folder there is, to create the rest in
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{name}: cannot create its directory ({str(existing)!r} is a file, not a directory)")
+    if not os.access(existing, os.W_OK | os.X_OK) or (output.exists() and not os.access(output, os.W_OK)):
         raise ValueError(f"{name} is not writable")
 
 
@@ -323,7 +325,7 @@ def main(args: argparse.Namespace) -> int:
     overrides, options = split_overrides(args.set or [])
     # Eval reads --model: a run config's starting checkpoint (train.init_from, which supplies the model section it
     # does not read either) need not exist any more.
-    run_config = load_config(args.config, [*overrides, "train.init_from=null"])
+    run_config = load_config(args.config, [*overrides, "train.init_from=null"], reads_documents=False)
     if args.ttt_accumulate and not args.ttt:
         raise ValueError("--ttt-accumulate needs --ttt: it carries test-time adaptation across examples")
     if args.ttt_steps is not None:
@@ -391,6 +393,7 @@ def main(args: argparse.Namespace) -> int:
     line = {key: summary[key] for key in ("task", "num_examples", "score", "ttt", "seconds")}
     try:
         # Replaced whole: an earlier file survives a failure (a link, a FIFO: written through, see write_output).
+        output.parent.mkdir(parents=True, exist_ok=True)
         write_output(output, json.dumps(results, indent=1, ensure_ascii=False))
     except OSError as error:
         # A full disk after the whole evaluation: the summary line still gives its score (output null).

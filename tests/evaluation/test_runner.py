@@ -65,6 +65,11 @@ def test_an_interrupted_eval_says_nothing_was_written_and_closes_its_bar_first(m
     assert code == 130 and output.read_text() == "earlier"
     assert err.endswith(f"refine eval: interrupted: nothing written to '{output}' (the earlier file there is kept as "
                         f"it was); the same command evaluates again\nrefine: interrupted\n"), err
+    # An --output in folders not there yet: they are made when the results are written, so none is left behind.
+    calls.clear()
+    nested = tmp_path / "sweep" / "len320" / "results.json"
+    code, _, err = run_eval(capsys, *argv[:-4], "--output", str(nested), "--set", "eval.batch_size=1")
+    assert code == 130 and not (tmp_path / "sweep").exists(), err
 
 
 @pytest.mark.parametrize("ttt", [False, True], ids=["plain", "ttt"])
@@ -647,7 +652,8 @@ def test_what_eval_reads_of_a_run_config_is_accepted(model_dir, tmp_path, capsys
     assert code == 0, err
     # A run's config whose starting checkpoint is gone: eval reads --model, not train.init_from (it was refused).
     moved = tmp_path / "config.yaml"
-    moved.write_text(f"train:\n  init_from: {tmp_path / 'moved-away'}\noptim:\n  lr: 1.0e-5\n")
+    # Its data.seq_len is below data.min_length's default, as a posttrain run's may be (neither reads it).
+    moved.write_text(f"train:\n  init_from: {tmp_path / 'moved-away'}\noptim:\n  lr: 1.0e-5\ndata:\n  seq_len: 60\n")
     code, _, err = run_eval(capsys, *base, "--ttt", "--ttt-steps", "1", "--config", str(moved),
                             "--output", str(tmp_path / "c.json"))
     assert code == 0, err
