@@ -1,110 +1,28 @@
 """The HTTP API served for real by uvicorn on a loopback port: hundreds of malformed or oversized
 requests each get a 4xx JSON answer naming the problem, and correct requests still score right."""
 
-import contextlib
-import copy
 import json
-import math
 import random
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 import pytest
 import torch
-import uvicorn
 
-from refine.algorithm.rewards import RewardInputs, available_rewards, cosine_reward, register_reward, unregister_reward
+from http_helpers import (
+    JSON, MAX_BATCH, MAX_BODY, MAX_DIM, MAX_K, MAX_REFERENCES, MAX_TEXT, check_correct_requests, head, read_response,
+    request_with, rollouts, serving,
+)
+from refine.algorithm.rewards import RewardInputs, available_rewards, register_reward, unregister_reward
 from reward.__main__ import main
-from reward.http import JSONErrorH11Protocol, create_app
+from reward.http import create_app
 from reward.scoring import score_batch
-
-MAX_BATCH = 8
-MAX_K = 16
-MAX_DIM = 32
-MAX_TEXT = 2000
-MAX_REFERENCES = 4
-MAX_BODY = 64 * 1024
-JSON = {"content-type": "application/json"}
-
-# The hand-made vectors of the reward-math tests: cosine per rollout = [(1 + 1/sqrt 2) / 2, 0].
-HIDDEN = [[[1.0, 0.0], [0.0, 3.0]], [[1.0, 0.0], [-2.0, 0.0]]]
-TRUTH_HIDDEN = [[[5.0, 0.0], [1.0, 1.0]], [[-1.0, 0.0], [-1.0, 0.0]]]
-COSINE = [(1 + 1 / math.sqrt(2)) / 2, 0.0]
-TOKENS = [[4, 7], [1, 1]]
-TRUTH_TOKENS = [[4, 8], [1, 1]]
-BINARY = [0.5, 1.0]
-
-
-@contextlib.contextmanager
-def serving(app: Any) -> Iterator[httpx.Client]:
-    """`app` served by uvicorn with the HTTP protocol `serve` uses, on a loopback port, and a client of it."""
-    # The server keeps this socket: no race for the port. IPPROTO_TCP explicitly, or asyncio does not set
-    # TCP_NODELAY on the accepted connections and every response waits 40 ms for a delayed ACK.
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="critical", lifespan="off", http=JSONErrorH11Protocol))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
-            yield http
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
-
-
-@pytest.fixture(scope="module")
-def client() -> Iterator[httpx.Client]:
-    app = create_app(max_batch=MAX_BATCH, max_rollout_len=MAX_K, max_hidden_dim=MAX_DIM,
-                     max_text_chars=MAX_TEXT, max_references=MAX_REFERENCES, max_body_bytes=MAX_BODY)
-    with serving(app) as http:
-        yield http
-
-
-def rollouts(fields: tuple[str, ...] = ("tokens", "hidden")) -> list[dict[str, Any]]:
-    out = []
-    for row in range(2):
-        item: dict[str, Any] = {}
-        if "tokens" in fields:
-            item.update(rollout_tokens=list(TOKENS[row]), ground_truth_tokens=list(TRUTH_TOKENS[row]))
-        if "hidden" in fields:
-            item.update(rollout_hidden=copy.deepcopy(HIDDEN[row]), ground_truth_hidden=copy.deepcopy(TRUTH_HIDDEN[row]))
-        if "text" in fields:
-            item.update(rollout_text="The cat sat on the mat.", reference_texts=["a cat on a mat", "dog"])
-        out.append(item)
-    return out
-
-
-def check_correct_requests(client: httpx.Client) -> None:
-    expected = {"cosine": COSINE, "binary": BINARY, "hybrid": [c + b for c, b in zip(COSINE, BINARY)]}
-    for reward_type, values in expected.items():
-        response = client.post("/v1/score", json={"reward_type": reward_type, "rollouts": rollouts()})
-        assert response.status_code == 200, response.text
-        body = response.json()
-        assert body["reward_type"] == reward_type
-        assert body["rewards"] == pytest.approx(values)
-        assert body["latency_ms"] >= 0
-    response = client.post("/v1/score", json={"reward_type": "qa_f1", "rollouts": rollouts(("text",))})
-    assert response.status_code == 200, response.text
-    assert response.json()["rewards"] == pytest.approx([6 / 7, 6 / 7])
-    text_rollouts = [{"rollout_text": "It is Paris.\nNot Rome", "reference_texts": ["paris"]},
-                     {"rollout_text": "It is Paris.\nNot Rome", "reference_texts": ["rome"]}]
-    response = client.post("/v1/score", json={"reward_type": "substring_match", "rollouts": text_rollouts})
-    assert response.status_code == 200, response.text
-    assert response.json()["rewards"] == [1.0, 0.0]
 
 
 def test_endpoints_and_schema(client):
@@ -136,10 +54,6 @@ class Case:
     method: str = "POST"
     path: str = "/v1/score"
     chunked: bool = False
-
-
-def request_with(reward_type: str = "hybrid", **changes: Any) -> dict[str, Any]:
-    return {"reward_type": reward_type, "rollouts": rollouts(), **changes}
 
 
 WRONG_SCALARS = ["3", 1.5, True, None, [1], {"a": 1}, -1, 2**40]
@@ -406,22 +320,6 @@ def test_a_reward_plugin_returning_no_scores_is_a_500_naming_what_it_returned(cl
     check_correct_requests(client)
 
 
-def test_an_unexpected_error_is_a_json_500_that_closes_its_connection(client, monkeypatch):
-    """Starlette raises an unexpected error again after its 500 is sent, and uvicorn drops the connection: the
-    answer says so (Connection: close), or the client's next request on it would fail."""
-    import reward.http
-
-    def broken(*args: Any, **kwargs: Any) -> None:
-        raise RuntimeError("a bug")
-
-    monkeypatch.setattr(reward.http, "record_scored", broken)
-    response = client.post("/v1/score", json={"reward_type": "cosine", "rollouts": rollouts(("hidden",))})
-    assert response.status_code == 500 and response.headers["connection"] == "close"
-    assert response.json()["error"] == "server: internal error (RuntimeError)"
-    monkeypatch.undo()
-    check_correct_requests(client)
-
-
 def test_liveness_metrics_and_reward_list_answer_while_every_scoring_thread_is_busy():
     """Scoring runs in a pool of 40 threads; /healthz, /metrics and /v1/rewards answer on the event loop, so a
     probe gets its answer at once even when every thread is busy with a slow reward."""
@@ -585,170 +483,6 @@ def test_command_line_imports_reward_modules_first(capsys, tmp_path, monkeypatch
 # ------------------------------------------------------------------------ what a client can make the server hold
 
 
-@pytest.fixture(scope="module")
-def tight() -> Iterator[httpx.Client]:
-    """A server whose bodies in flight may hold one full-size body together, and that waits 1 s for a body."""
-    app = create_app(max_body_bytes=MAX_BODY, max_inflight_bytes=MAX_BODY, max_body_seconds=1)
-    with serving(app) as http:
-        yield http
-
-
-def padded(body: Any, size: int) -> bytes:
-    """`body` as JSON of exactly `size` bytes (trailing whitespace)."""
-    raw = json.dumps(body).encode()
-    assert len(raw) <= size
-    return raw + b" " * (size - len(raw))
-
-
-FULL_SIZE = padded(request_with("cosine"), MAX_BODY)
-
-
-def head(length: int | None, *, expect: bool = False) -> bytes:
-    lines = ["POST /v1/score HTTP/1.1", "Host: test", "Content-Type: application/json"]
-    lines += [f"Content-Length: {length}"] if length is not None else []
-    lines += ["Expect: 100-continue"] if expect else []
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
-
-
-def connect(client: httpx.Client) -> socket.socket:
-    return socket.create_connection(("127.0.0.1", client.base_url.port), timeout=10)
-
-
-def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
-    """The first response on `sock` (an interim 100 Continue included): status, headers, body."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        assert chunk, f"connection closed before a response: {data!r}"
-        data += chunk
-    head_bytes, _, body = data.partition(b"\r\n\r\n")
-    status_line, *lines = head_bytes.decode("latin-1").split("\r\n")
-    headers = {name.strip().lower(): value.strip() for name, value in (line.split(":", 1) for line in lines)}
-    length = int(headers.get("content-length", 0))
-    while len(body) < length and (chunk := sock.recv(65536)):
-        body += chunk
-    return int(status_line.split()[1]), headers, body[:length]
-
-
-def scores_full_size(client: httpx.Client, seconds: float = 5) -> httpx.Response:
-    """A request of the whole budget, retried while it is answered 503: it is scored once every earlier
-    request has given its bytes back (a client's disconnect reaches the server a moment later)."""
-    deadline = time.monotonic() + seconds
-    while True:
-        response = client.post("/v1/score", content=FULL_SIZE, headers=JSON)
-        if response.status_code != 503 or time.monotonic() > deadline:
-            return response
-        time.sleep(0.05)
-
-
-def test_requests_past_max_inflight_bytes_are_answered_503_with_retry_after(tight):
-    """Four 32 MB bodies at once took 4.6 GB: nothing bounded the requests in flight."""
-    holder = connect(tight)  # declares a full-size body and sends half of it
-    try:
-        holder.sendall(head(MAX_BODY) + b" " * (MAX_BODY // 2))
-        second = padded(request_with("cosine"), MAX_BODY // 2 + 1024)
-        deadline = time.monotonic() + 20
-        while True:  # until the server has received all the holder's bytes before this request's headers
-            response = tight.post("/v1/score", content=second, headers=JSON)
-            # 200: none of the holder's bytes were in yet; 503 "received so far": the rest came in during this body
-            refused_early = response.status_code == 503 and "Content-Length" in response.json()["error"]
-            if refused_early or response.status_code not in (200, 503) or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-        assert response.status_code == 503, response.text
-        assert response.headers["retry-after"] == "1"
-        detail = response.json()["detail"]
-        assert len(detail) == 1 and detail[0]["type"] == "busy"
-        assert response.json()["error"].startswith(f"body: server busy: its Content-Length {len(second)} on top of ")
-        assert f"would pass max_inflight_bytes ({MAX_BODY}); retry later" in response.json()["error"]
-        # Refused from its Content-Length before any of its body is sent: no 100 Continue comes first.
-        asker = connect(tight)
-        with asker:
-            asker.sendall(head(len(second), expect=True))
-            status, headers, body = read_response(asker)
-        assert status == 503 and headers["retry-after"] == "1", body
-        assert json.loads(body)["detail"][0]["type"] == "busy"
-        # A body sent without a Content-Length is refused once its bytes pass the bound.
-        pieces = [second[i:i + 4096] for i in range(0, len(second), 4096)]
-        response = tight.post("/v1/score", content=iter(pieces), headers=JSON)
-        assert response.status_code == 503 and "received so far" in response.json()["error"], response.text
-        # A small request still fits beside the held bytes.
-        response = tight.post("/v1/score", json=request_with("cosine"))
-        assert response.status_code == 200, response.text
-    finally:
-        holder.close()
-    response = scores_full_size(tight)
-    assert response.status_code == 200, response.text
-    assert response.json()["rewards"] == pytest.approx(COSINE)
-
-
-def test_the_bytes_in_flight_are_given_back_however_a_request_ends(tight):
-    """The budget holds one full-size body: after each way a request can end, a full-size request is scored."""
-
-    def failing(inputs: RewardInputs) -> torch.Tensor:
-        raise RuntimeError("plugin bug")
-
-    scoring = threading.Event()
-
-    def slow(inputs: RewardInputs) -> torch.Tensor:
-        scoring.set()
-        time.sleep(1.0)
-        return torch.zeros(inputs.num_rollouts)
-
-    def post(content: bytes, status: int, path: str = "/v1/score", chunked: bool = False) -> None:
-        sent: Any = iter([content[i:i + 8192] for i in range(0, len(content), 8192)]) if chunked else content
-        response = tight.post(path, content=sent, headers=JSON)
-        assert response.status_code == status, response.text
-
-    def disconnect_mid_body() -> None:
-        with connect(tight) as sock:
-            sock.sendall(head(MAX_BODY) + FULL_SIZE[: MAX_BODY // 2])
-
-    def disconnect_while_scored() -> None:
-        with connect(tight) as sock:
-            sock.sendall(head(MAX_BODY) + padded({"reward_type": "test_slow", "rollouts": rollouts()}, MAX_BODY))
-            assert scoring.wait(timeout=10)
-        # The bytes stay counted while the request is scored, answered to no one.
-        assert tight.post("/v1/score", content=FULL_SIZE, headers=JSON).status_code == 503
-
-    def stall() -> None:
-        with connect(tight) as sock:
-            sock.sendall(head(MAX_BODY) + b"{")
-            status, headers, body = read_response(sock)
-        assert status == 408 and headers["connection"] == "close", body
-        assert json.loads(body)["error"] == ("body: request body not received within max_body_seconds (1): "
-                                             "1 bytes came")
-
-    ways: list[tuple[str, Callable[[], None]]] = [
-        ("scored", lambda: post(FULL_SIZE, 200)),
-        ("scored, chunked", lambda: post(FULL_SIZE, 200, chunked=True)),
-        ("invalid JSON", lambda: post(b"{" + b" " * (MAX_BODY - 1), 422)),
-        ("duplicate key", lambda: post(padded({"rollouts": 1}, MAX_BODY).replace(b"{", b'{"rollouts": 2, ', 1)[
-            :MAX_BODY], 422)),
-        ("schema error", lambda: post(padded(request_with("cosine", dtype="float16"), MAX_BODY), 422)),
-        ("reward refused", lambda: post(padded({"reward_type": "binary", "rollouts": rollouts(("hidden",))},
-                                               MAX_BODY), 400)),
-        ("reward failed", lambda: post(padded({"reward_type": "test_failing", "rollouts": rollouts()}, MAX_BODY),
-                                       500)),
-        ("too large", lambda: post(FULL_SIZE + b" ", 413)),
-        ("too large, chunked", lambda: post(FULL_SIZE + b" ", 413, chunked=True)),
-        ("not found", lambda: post(FULL_SIZE, 404, path="/v1/nothing")),
-        ("client gone mid-body", disconnect_mid_body),
-        ("client gone while scored", disconnect_while_scored),
-        ("body stalled", stall),
-    ]
-    register_reward("test_failing")(failing)
-    register_reward("test_slow")(slow)
-    try:
-        for name, end in ways:
-            end()
-            response = scores_full_size(tight)
-            assert response.status_code == 200, (name, response.text)
-    finally:
-        unregister_reward("test_failing")
-        unregister_reward("test_slow")
-
-
 def test_a_body_of_many_bad_values_or_keys_is_refused_with_few_errors(client):
     """Pydantic reported every bad value and every unknown key: 30 MB of them took 10 GB and two minutes."""
     bad = {"rollout_hidden": [["x"] * MAX_DIM] * MAX_K, "ground_truth_hidden": [["x"] * MAX_DIM] * MAX_K}
@@ -764,61 +498,6 @@ def test_a_body_of_many_bad_values_or_keys_is_refused_with_few_errors(client):
         assert response.json()["error"] == (f"{where}: a JSON object of {len(body) if where == 'body' else 5000} "
                                             f"keys, more than the 64 any object of this API may hold")
     check_correct_requests(client)
-
-
-def test_a_key_given_twice_is_refused_naming_it(client):
-    """The last of two equal keys won silently."""
-    cases = [
-        ('{"reward_type": "binary", "reward_type": "cosine", "rollouts": @}', rollouts(),
-         "reward_type: duplicate key 'reward_type': given 2 times in one JSON object, each key may appear once"),
-        ('{"reward_type": "cosine", "rollouts": @}', [rollouts()[0], {**rollouts()[1], "@": 0}],
-         "rollouts.1.rollout_hidden: duplicate key 'rollout_hidden': given 2 times in one JSON object, each key "
-         "may appear once"),
-    ]
-    for template, items, error in cases:
-        raw = template.replace("@", json.dumps(items))
-        raw = raw.replace('"@": 0', '"rollout_hidden": [[1.0, 1.0], [1.0, 1.0]]')
-        response = client.post("/v1/score", content=raw.encode(), headers=JSON)
-        assert response.status_code == 422, response.text
-        assert response.json()["error"] == error
-    nested = '{"reward_type": "cosine", "rollouts": [{"extra": [{"a": 1, "a": 2, "a": 3}]}]}'
-    response = client.post("/v1/score", content=nested.encode(), headers=JSON)
-    assert response.status_code == 422, response.text
-    assert response.json()["detail"][0]["field"] == "rollouts.0.extra.0.a"
-    assert "given 3 times" in response.json()["error"]
-    check_correct_requests(client)
-
-
-def test_hidden_values_float32_cannot_hold_are_refused_and_float64_scores_them(client):
-    """1e-46 is 0 in float32: its cosine came out 0 silently. Subnormal float32 keeps too few bits to score
-    [1e-45, 2e-45] against [2e-45, 1e-45] (both become [1.4e-45, 1.4e-45]: cosine 1, not 0.8)."""
-    tiny = {"rollout_hidden": [[1e-46, 1e-46]], "ground_truth_hidden": [[1e-46, 1e-46]]}
-    coarse = {"rollout_hidden": [[1e-45, 2e-45]], "ground_truth_hidden": [[2e-45, 1e-45]]}
-    for item, error in [(tiny, "rollouts.0.rollout_hidden.0.0: 1e-46 is below the precision of dtype 'float32' "
-                               "(it becomes 0.0): send \"dtype\": \"float64\""),
-                        (coarse, "rollouts.0.rollout_hidden.0.0: 1e-45 is below the precision of dtype 'float32' "
-                                 "(it becomes 1.401298464324817e-45): send \"dtype\": \"float64\"")]:
-        response = client.post("/v1/score", json={"reward_type": "cosine", "rollouts": [item]})
-        assert response.status_code == 422, response.text
-        assert response.json()["error"] == error
-
-    def in_process(item: dict[str, Any], dtype: torch.dtype) -> list[float]:
-        return cosine_reward(torch.tensor([item["rollout_hidden"]], dtype=dtype),
-                             torch.tensor([item["ground_truth_hidden"]], dtype=dtype)).tolist()
-
-    for item, expected in [(tiny, 1.0), (coarse, 0.8)]:
-        response = client.post("/v1/score", json={"reward_type": "cosine", "dtype": "float64", "rollouts": [item]})
-        assert response.status_code == 200, response.text
-        assert response.json()["rewards"] == in_process(item, torch.float64) == pytest.approx([expected])
-    # What float32 holds is scored as the replicas score it, subnormals included; a value too small to matter
-    # beside the largest of its vector may round away.
-    sub = float(torch.tensor(1e-40, dtype=torch.float32))
-    held = {"rollout_hidden": [[sub, 3 * sub]], "ground_truth_hidden": [[3 * sub, sub]]}
-    negligible = {"rollout_hidden": [[1.0, 1e-46]], "ground_truth_hidden": [[1.0, -1e-46]]}
-    for item, expected in [(held, 0.6), (negligible, 1.0)]:
-        response = client.post("/v1/score", json={"reward_type": "cosine", "rollouts": [item]})
-        assert response.status_code == 200, response.text
-        assert response.json()["rewards"] == in_process(item, torch.float32) == pytest.approx([expected])
 
 
 def test_a_request_http_cannot_parse_gets_a_json_400_naming_the_header():
