@@ -6,12 +6,12 @@ from typing import Any
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from reward.errors import _detail, _error_response
+from reward.http_errors import error_detail, error_response
 
 _Refusal = tuple[int, list[dict[str, Any]]]  # (status, error details)
 
 
-class _BodyGuard:
+class BodyGuard:
     """Refuses oversized and non-JSON bodies before the app parses anything, and bounds the bytes in flight.
 
     A body is read only up to `max_body_bytes` and never parsed here; what is accepted is handed on
@@ -73,7 +73,7 @@ class _BodyGuard:
                     # wait_for, not asyncio.timeout: the project supports Python 3.10.
                     await asyncio.wait_for(read_body(), self.max_body_seconds)
                 except asyncio.TimeoutError:
-                    refusal = 408, [_detail(["body"], f"request body not received within max_body_seconds "
+                    refusal = 408, [error_detail(["body"], f"request body not received within max_body_seconds "
                                                       f"({self.max_body_seconds}): {held} bytes came", "timeout")]
                 if disconnected:
                     return
@@ -110,7 +110,7 @@ class _BodyGuard:
         answer_headers = {"Retry-After": "1"} if status == 503 else {}
         if not drained:
             answer_headers["Connection"] = "close"  # an undrained connection cannot carry another request
-        await _error_response(status, details, headers=answer_headers)(scope, receive, send)
+        await error_response(status, details, headers=answer_headers)(scope, receive, send)
 
     def _refuse_headers(self, scope: Scope, headers: Headers) -> tuple[_Refusal | None, int | None]:
         """(refusal as (status, details) or None, the declared Content-Length or None)."""
@@ -121,10 +121,10 @@ class _BodyGuard:
             media_type = (content_type or "").split(";")[0].strip().lower()
             if media_type != "application/json" and not media_type.endswith("+json"):
                 got = repr(content_type) if content_type is not None else "no Content-Type header"
-                return (415, [_detail(["header", "content-type"], f"must be application/json, got {got}",
+                return (415, [error_detail(["header", "content-type"], f"must be application/json, got {got}",
                                       "content_type")]), length
         if declared is not None and length is None:
-            return (400, [_detail(["header", "content-length"], f"not a byte count: {declared!r}",
+            return (400, [error_detail(["header", "content-length"], f"not a byte count: {declared!r}",
                                   "content_length")]), None
         if length is not None and length > self.max_body_bytes:
             return self._too_large(f"Content-Length is {length}"), length
@@ -132,12 +132,12 @@ class _BodyGuard:
 
     def _too_large(self, what: str) -> _Refusal:
         message = f"request body too large: {what}, max_body_bytes is {self.max_body_bytes}"
-        return 413, [_detail(["body"], message, "too_large")]
+        return 413, [error_detail(["body"], message, "too_large")]
 
     def _busy(self, what: str, others: int) -> _Refusal:
         message = (f"server busy: {what} on top of the {others} bytes of other requests in flight would pass "
                    f"max_inflight_bytes ({self.max_inflight_bytes}); retry later")
-        return 503, [_detail(["body"], message, "busy")]
+        return 503, [error_detail(["body"], message, "busy")]
 
 
 async def _drain(receive: Receive, budget: int) -> bool:

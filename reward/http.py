@@ -49,10 +49,10 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 import reward.functions  # noqa: F401  (registers the task rewards)
 from refine.algorithm.rewards import MissingRewardInput, RewardOutputError, available_rewards, compute_reward
-from reward.body_guard import _BodyGuard
-from reward.errors import ErrorResponse, _detail, _error_content, _error_response, _install_error_handlers
-from reward.rollout_inputs import _reward_inputs, _shape_errors, _stacked_hidden
-from reward.safe_json import _SafeJSONRoute
+from reward.body_guard import BodyGuard
+from reward.http_errors import ErrorResponse, error_content, error_detail, error_response, install_error_handlers
+from reward.rollout_inputs import reward_inputs, shape_errors, stacked_hidden
+from reward.safe_json import SafeJSONRoute
 from reward.scoring import record_scored
 from services.metrics import Metrics
 
@@ -200,24 +200,24 @@ def create_app(
             "full precision."
         ),
     )
-    app.router.route_class = _SafeJSONRoute
+    app.router.route_class = SafeJSONRoute
     app.state.limits = limits
     app.state.metrics = metrics
-    app.add_middleware(_BodyGuard, max_body_bytes=limits.max_body_bytes, max_inflight_bytes=limits.max_inflight_bytes,
+    app.add_middleware(BodyGuard, max_body_bytes=limits.max_body_bytes, max_inflight_bytes=limits.max_inflight_bytes,
                        max_body_seconds=limits.max_body_seconds, json_paths=frozenset({SCORE_PATH}))
-    _install_error_handlers(app)
+    install_error_handlers(app)
     errors = {status: {"model": ErrorResponse} for status in (400, 408, 413, 415, 422, 503)}
 
     def score(request: score_request) -> ScoreResponse:  # type: ignore[valid-type]
-        shape_errors = _shape_errors(request.rollouts)
-        if shape_errors:
-            raise RequestValidationError(shape_errors)
+        problems = shape_errors(request.rollouts)
+        if problems:
+            raise RequestValidationError(problems)
         dtype = _HIDDEN_DTYPES[request.dtype]
-        hidden = {name: _stacked_hidden(request.rollouts, name, dtype)
+        hidden = {name: stacked_hidden(request.rollouts, name, dtype)
                   for name in ("rollout_hidden", "ground_truth_hidden")}
         started = time.perf_counter()
         try:
-            rewards = compute_reward(request.reward_type, _reward_inputs(request.rollouts, hidden))
+            rewards = compute_reward(request.reward_type, reward_inputs(request.rollouts, hidden))
         except RewardOutputError as exc:  # the reward function's fault, not the request's
             logger.error("reward service: %s", exc)
             raise _RewardFailed(exc, str(exc)) from exc
@@ -238,11 +238,11 @@ def create_app(
 
     @app.exception_handler(_RewardRefused)
     async def _refused(_request: Request, exc: _RewardRefused) -> JSONResponse:
-        return _error_response(400, [_detail(["body", "rollouts"], exc.message, "reward_refused")])
+        return error_response(400, [error_detail(["body", "rollouts"], exc.message, "reward_refused")])
 
     @app.exception_handler(_RewardFailed)
     async def _failed(_request: Request, exc: _RewardFailed) -> JSONResponse:
-        return _error_response(500, [_detail(["server"], exc.message, "internal")])
+        return error_response(500, [error_detail(["server"], exc.message, "internal")])
 
     # These answer on the event loop (async def), never queued behind scoring in the worker threads: a liveness
     # probe must not time out while every thread scores a slow batch.
@@ -284,7 +284,8 @@ class JSONErrorH11Protocol(H11Protocol):
                 if found:
                     reason += ", got " + ", ".join(repr(value.decode("latin-1")) for value in found[:4])
         # As JSONResponse renders the app's errors.
-        content = JSONResponse(_error_content([_detail(loc, f"invalid HTTP request: {reason}", "http_invalid")])).body
+        detail = error_detail(loc, f"invalid HTTP request: {reason}", "http_invalid")
+        content = JSONResponse(error_content([detail])).body
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode()),
                    (b"connection", b"close")]
         self.transport.write(self.conn.send(h11.Response(status_code=400, headers=headers, reason=b"Bad Request")))

@@ -6,13 +6,13 @@ import torch
 from fastapi.exceptions import RequestValidationError
 
 from refine.algorithm.rewards import RewardInputs
-from reward.errors import _MAX_REPORTED_ERRORS, _detail
+from reward.http_errors import MAX_REPORTED_ERRORS, error_detail
 
 _SEQUENCE_FIELDS = ("rollout_tokens", "ground_truth_tokens", "rollout_hidden", "ground_truth_hidden")
 _ROLLOUT_FIELDS = (*_SEQUENCE_FIELDS, "rollout_text", "reference_texts")
 
 
-def _shape_errors(rollouts: list[Any]) -> list[dict[str, Any]]:
+def shape_errors(rollouts: list[Any]) -> list[dict[str, Any]]:
     """Every rollout must give the same fields, all with the same k; hidden vectors one size."""
     errors: list[dict[str, Any]] = []
     present = {name for name in _ROLLOUT_FIELDS if getattr(rollouts[0], name) is not None}
@@ -24,14 +24,15 @@ def _shape_errors(rollouts: list[Any]) -> list[dict[str, Any]]:
             loc = ["body", "rollouts", row, name]
             if (value is not None) != (name in present):
                 state = "given here but missing in" if value is not None else "missing here but given in"
-                errors.append(_detail(loc, f"{state} rollouts.0: every rollout must give the same fields", "fields"))
+                message = f"{state} rollouts.0: every rollout must give the same fields"
+                errors.append(error_detail(loc, message, "fields"))
                 continue
             if value is None or name not in _SEQUENCE_FIELDS:
                 continue
             if steps is None:
                 steps = (len(value), f"rollouts.{row}.{name}")
             elif len(value) != steps[0]:
-                errors.append(_detail(
+                errors.append(error_detail(
                     loc, f"has {len(value)} steps but {steps[1]} has {steps[0]}: every sequence needs the same k",
                     "ragged"))
             if name.endswith("hidden"):
@@ -39,16 +40,16 @@ def _shape_errors(rollouts: list[Any]) -> list[dict[str, Any]]:
                     if width is None:
                         width = (len(vector), f"rollouts.{row}.{name}.{step}")
                     elif len(vector) != width[0]:
-                        errors.append(_detail(
+                        errors.append(error_detail(
                             [*loc, step], f"ragged hidden states: {len(vector)} values but {width[1]} has {width[0]}",
                             "ragged"))
                         break
-        if len(errors) >= _MAX_REPORTED_ERRORS:
+        if len(errors) >= MAX_REPORTED_ERRORS:
             break
     return errors
 
 
-def _stacked_hidden(rollouts: list[Any], name: str, dtype: torch.dtype) -> torch.Tensor | None:
+def stacked_hidden(rollouts: list[Any], name: str, dtype: torch.dtype) -> torch.Tensor | None:
     """The rollouts' `name` hidden states as one [N, k, D] tensor of `dtype`; a value beyond the dtype's
     range (finite in JSON, infinite in float32), or one the dtype cannot hold to its precision beside the
     largest value of its vector, is a 422 naming it."""
@@ -61,7 +62,7 @@ def _stacked_hidden(rollouts: list[Any], name: str, dtype: torch.dtype) -> torch
     if not bool(finite.all()):
         row, step, index = (int(i) for i in (~finite).nonzero()[0])
         value = getattr(rollouts[row], name)[step][index]
-        raise RequestValidationError([_detail(
+        raise RequestValidationError([error_detail(
             ["body", "rollouts", row, name, step, index],
             f"{value!r} is outside the range of dtype {dtype_name!r}: send \"dtype\": \"float64\"", "dtype_range")])
     if dtype != torch.float64:
@@ -72,14 +73,14 @@ def _stacked_hidden(rollouts: list[Any], name: str, dtype: torch.dtype) -> torch
         if bool(lost.any()):
             row, step, index = (int(i) for i in lost.nonzero()[0])
             value = getattr(rollouts[row], name)[step][index]
-            raise RequestValidationError([_detail(
+            raise RequestValidationError([error_detail(
                 ["body", "rollouts", row, name, step, index],
                 f"{value!r} is below the precision of dtype {dtype_name!r} (it becomes "
                 f"{float(values[row, step, index])!r}): send \"dtype\": \"float64\"", "dtype_precision")])
     return values
 
 
-def _reward_inputs(rollouts: list[Any], hidden: dict[str, torch.Tensor | None]) -> RewardInputs:
+def reward_inputs(rollouts: list[Any], hidden: dict[str, torch.Tensor | None]) -> RewardInputs:
     first = rollouts[0]
 
     def tokens(name: str) -> torch.Tensor | None:

@@ -10,7 +10,7 @@ from fastapi import Request
 from fastapi.responses import Response
 from fastapi.routing import APIRoute
 
-from reward.errors import _MAX_REPORTED_ERRORS, _detail, _JSONRefused
+from reward.http_errors import MAX_REPORTED_ERRORS, JSONRefused, error_detail
 
 # No object of the request has more than 6 keys; pydantic reports every unknown key as an error of its own, so
 # one object of millions of keys took gigabytes to refuse.
@@ -48,7 +48,7 @@ def _flagged_details(document: Any) -> list[dict[str, Any]]:
     # Iterative (the document may nest as deep as the parser allowed) and with linked paths (key, parent),
     # that are spelled out for a problem only.
     stack: list[tuple[Any, tuple[Any, Any] | None]] = [(document, None)]
-    while stack and len(details) < _MAX_REPORTED_ERRORS:
+    while stack and len(details) < MAX_REPORTED_ERRORS:
         value, path = stack.pop()
         if isinstance(value, _FlaggedObject):
             loc: list[Any] = []
@@ -56,11 +56,11 @@ def _flagged_details(document: Any) -> list[dict[str, Any]]:
             while node is not None:
                 loc.insert(0, node[0])
                 node = node[1]
-            details.extend(_detail(["body", *loc, *below], msg, kind) for below, msg, kind in value.problems)
+            details.extend(error_detail(["body", *loc, *below], msg, kind) for below, msg, kind in value.problems)
         items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
         children = [(child, (key, path)) for key, child in items if isinstance(child, (dict, list))]
         stack.extend(reversed(children))
-    return details[:_MAX_REPORTED_ERRORS]
+    return details[:MAX_REPORTED_ERRORS]
 
 
 class _SafeJSONRequest(Request):
@@ -81,12 +81,12 @@ class _SafeJSONRequest(Request):
             except ValueError as exc:  # invalid UTF-8, integers over Python's digit limit
                 raise json.JSONDecodeError(str(exc)[:200], "", 0) from None
             if flagged:
-                raise _JSONRefused(_flagged_details(document))
+                raise JSONRefused(_flagged_details(document))
             self._json = document
         return self._json
 
 
-class _SafeJSONRoute(APIRoute):
+class SafeJSONRoute(APIRoute):
     def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
         handler = super().get_route_handler()
 

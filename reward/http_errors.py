@@ -15,7 +15,7 @@ __all__ = ["ErrorDetail", "ErrorResponse"]
 
 logger = logging.getLogger(__name__)
 
-_MAX_REPORTED_ERRORS = 20
+MAX_REPORTED_ERRORS = 20
 
 
 class ErrorDetail(BaseModel):
@@ -39,24 +39,24 @@ def _field_name(loc: tuple[Any, ...] | list[Any]) -> str:
     return ".".join(str(part) for part in parts) or "body"
 
 
-def _error_content(details: list[dict[str, Any]]) -> dict[str, Any]:
+def error_content(details: list[dict[str, Any]]) -> dict[str, Any]:
     summary = "; ".join(f"{item['field']}: {item['msg']}" for item in details[:5])
     if len(details) > 5:
         summary += f"; and {len(details) - 5} more"
     return {"error": summary, "detail": details}
 
 
-def _error_response(status: int, details: list[dict[str, Any]], headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(_error_content(details), status_code=status, headers=headers)
+def error_response(status: int, details: list[dict[str, Any]], headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_content(details), status_code=status, headers=headers)
 
 
-def _detail(loc: list[Any], msg: str, kind: str) -> dict[str, Any]:
+def error_detail(loc: list[Any], msg: str, kind: str) -> dict[str, Any]:
     return {"loc": loc, "field": _field_name(loc), "msg": msg, "type": kind}
 
 
 def _validation_details(errors: list[Any]) -> list[dict[str, Any]]:
     details = []
-    for error in errors[:_MAX_REPORTED_ERRORS]:
+    for error in errors[:MAX_REPORTED_ERRORS]:
         loc = [part if isinstance(part, int) else str(part) for part in error.get("loc", ())]
         # Our own checks' words without pydantic's "Value error, " prefix, as the CLI shows them.
         msg = str(error.get("msg", "invalid")).removeprefix("Value error, ")
@@ -69,13 +69,13 @@ def _validation_details(errors: list[Any]) -> list[dict[str, Any]]:
             value = shown(error["input"])
             # Our own checks' words name the value already ("got ..."); else as the CLI does.
             msg = msg if value in msg or "got " in msg else f"{msg} (got {value})"
-        details.append(_detail(loc, msg, kind))
-    if len(errors) > _MAX_REPORTED_ERRORS:
-        details.append(_detail(["body"], f"{len(errors) - _MAX_REPORTED_ERRORS} more errors not shown", "too_many"))
+        details.append(error_detail(loc, msg, kind))
+    if len(errors) > MAX_REPORTED_ERRORS:
+        details.append(error_detail(["body"], f"{len(errors) - MAX_REPORTED_ERRORS} more errors not shown", "too_many"))
     return details
 
 
-class _JSONRefused(StarletteHTTPException):
+class JSONRefused(StarletteHTTPException):
     """A JSON body refused with the locations of its problems. An HTTPException, because FastAPI turns any
     other exception of the body's parsing into a bare 400."""
 
@@ -84,26 +84,26 @@ class _JSONRefused(StarletteHTTPException):
         self.details = details
 
 
-def _install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _error_response(422, _validation_details(list(exc.errors())))
+        return error_response(422, _validation_details(list(exc.errors())))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = str(exc.detail) if exc.detail else "error"
         loc = ["path"] if exc.status_code in (404, 405) else ["body"]
-        detail = _detail(loc, f"{message} ({request.method} {request.url.path})", f"http_{exc.status_code}")
-        return _error_response(exc.status_code, [detail], headers=getattr(exc, "headers", None))
+        detail = error_detail(loc, f"{message} ({request.method} {request.url.path})", f"http_{exc.status_code}")
+        return error_response(exc.status_code, [detail], headers=getattr(exc, "headers", None))
 
-    @app.exception_handler(_JSONRefused)
-    async def _json_refused(_request: Request, exc: _JSONRefused) -> JSONResponse:
-        return _error_response(exc.status_code, exc.details)
+    @app.exception_handler(JSONRefused)
+    async def _json_refused(_request: Request, exc: JSONRefused) -> JSONResponse:
+        return error_response(exc.status_code, exc.details)
 
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
         logger.exception("reward service: unexpected error")
         # Starlette raises the exception again once this answer is sent, and uvicorn then drops the connection:
         # the client must not send its next request on it.
-        return _error_response(500, [_detail(["server"], f"internal error ({type(exc).__name__})", "internal")],
+        return error_response(500, [error_detail(["server"], f"internal error ({type(exc).__name__})", "internal")],
                                headers={"Connection": "close"})
