@@ -11,6 +11,7 @@ import difflib
 import json
 import os
 import re
+from collections.abc import Collection
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 from urllib.parse import parse_qsl, urlsplit
@@ -153,6 +154,26 @@ class RefineConfig(Strict):
                              f"position are one rollout repeated and per-position groups (group_by="
                              f"{self.group_by!r}) give every advantage 0: sample (temperature > 0, top_k not 1), or "
                              f"use num_samples=1 or group_by='document'")
+        if greedy and self.num_samples > 1 and self.num_chunks == 1:  # a document's group: one position's rollouts
+            raise ValueError(f"{greedy} decodes greedily, so with num_chunks=1 the num_samples={self.num_samples} "
+                             f"rollouts of a document are one rollout repeated and every advantage is 0: sample "
+                             f"(temperature > 0, top_k not 1), or use num_chunks > 1")
+        return self
+
+    @model_validator(mode="after")
+    def _settings_are_read(self) -> "RefineConfig":
+        # A value that the other settings leave unread changes nothing: refused (compared with the default, not
+        # by being given, so that a run's own config.yaml, which states every setting, is read back).
+        defaults = type(self).model_fields
+        if self.selection != "entropy" and self.selection_temperature != defaults["selection_temperature"].default:
+            raise ValueError(f"selection_temperature={self.selection_temperature} shapes selection='entropy' "
+                             f"(softmax(H / tau)); selection={self.selection!r} does not read it")
+        if self.temperature == 0:
+            for name in ("top_k", "top_p"):
+                if getattr(self, name) != defaults[name].default:
+                    raise ValueError(f"{name}={getattr(self, name)} narrows the tokens rollouts sample from, but "
+                                     f"temperature=0 decodes greedily (the likeliest token): drop {name}, or sample "
+                                     f"(temperature > 0)")
         return self
 
     @property
@@ -538,28 +559,40 @@ class RunConfig(Strict):
         return self
 
     @model_validator(mode="after")
+    def _loss_trains(self) -> "RunConfig":
+        # Every REFINE mode trains lambda_ntp * NTP + lambda_nsp * policy loss: with both 0 the loss is 0, and a
+        # run would sample and score rollouts, then take steps that only decay the weights (AdamW).
+        if self.train.mode != "ntp" and self.refine.lambda_ntp == 0 and self.refine.lambda_nsp == 0:
+            raise ValueError(f"refine.lambda_ntp=0 and refine.lambda_nsp=0 make the loss of train.mode="
+                             f"{self.train.mode!r} 0: nothing would be learned (the weights only decay); give either "
+                             f"a positive weight")
+        return self
+
+    @model_validator(mode="after")
     def _top_p_samples(self) -> "RunConfig":
         # The likeliest of vocab_size tokens has probability at least 1/vocab_size: a top_p at most that keeps it
         # alone, which is greedy decoding, refused with per-position groups as temperature=0 and top_k=1 are.
         refine, vocab_size = self.refine, self.model.vocab_size
-        if refine.num_samples > 1 and refine.groups == "position" and refine.top_p * vocab_size <= 1:
+        groups = "per position" if refine.groups == "position" else "per document, of one position: num_chunks=1"
+        if (refine.num_samples > 1 and (refine.groups == "position" or refine.num_chunks == 1)
+                and refine.top_p * vocab_size <= 1):
             raise ValueError(f"refine.top_p={refine.top_p} keeps only the likeliest of model.vocab_size={vocab_size} "
                              f"tokens (it has probability at least 1/{vocab_size}), so it decodes greedily: the "
                              f"num_samples={refine.num_samples} rollouts of a position are one rollout repeated and "
-                             f"per-position groups give every advantage 0: raise top_p above 1/{vocab_size}, or use "
-                             f"num_samples=1 or group_by='document'")
+                             f"their groups ({groups}) give every advantage 0: raise top_p above 1/{vocab_size}, or "
+                             f"use num_samples=1 or group_by='document' with num_chunks > 1")
         return self
 
     @model_validator(mode="after")
     def _margins_fit(self, info: ValidationInfo) -> "RunConfig":
         needed = 2 * self.refine.margin + self.refine.rollout_len + self.refine.num_chunks
-        if self.train.mode != "ntp" and self.data.seq_len < needed:
+        if self.train.mode != "ntp" and self.data.seq_len < needed and _reads(info, "data.seq_len"):
             raise ValueError(
                 f"data.seq_len={self.data.seq_len} is too short for refine.num_chunks={self.refine.num_chunks}, "
                 f"rollout_len={self.refine.rollout_len} and margin={self.refine.margin} (needs >= {needed})"
             )
         shortest = min_document_length(self.refine.num_chunks, self.refine.rollout_len, self.refine.margin)
-        if self.train.mode != "ntp" and self.data.min_length < shortest and _reads_documents(info):
+        if self.train.mode != "ntp" and self.data.min_length < shortest and _reads(info, "data.min_length"):
             raise ValueError(
                 f"data.min_length={self.data.min_length} admits documents too short for refine.num_chunks="
                 f"{self.refine.num_chunks}, rollout_len={self.refine.rollout_len} and margin={self.refine.margin} "
@@ -614,16 +647,17 @@ class RunConfig(Strict):
     def _documents_fit(self, info: ValidationInfo) -> "RunConfig":
         # Documents are cut to seq_len tokens, so a longer minimum keeps none; the data layer would find
         # out only after reading the whole source.
-        if self.data.min_length > self.data.seq_len and _reads_documents(info):
+        if self.data.min_length > self.data.seq_len and _reads(info, "data.min_length"):
             raise ValueError(f"data.min_length={self.data.min_length} is larger than data.seq_len={self.data.seq_len}"
                              f" (documents are cut to seq_len tokens): no document would be kept")
         return self
 
 
-def _reads_documents(info: ValidationInfo) -> bool:
-    """Whether the command validating a config reads documents (data.source): `refine posttrain` and `refine eval`
-    read task files, whose prompts they measure against REFINE's needs themselves, and not data.min_length."""
-    return not (isinstance(info.context, dict) and info.context.get("reads_documents") is False)
+def _reads(info: ValidationInfo, setting: str) -> bool:
+    """Whether the command validating a config reads `setting`: `refine posttrain` and `refine eval` read task
+    files, whose prompts they measure against REFINE's needs themselves, not data.min_length (nor, eval,
+    data.seq_len). The checks between settings skip one it does not read (load_config's `unread`)."""
+    return not (isinstance(info.context, dict) and setting in info.context.get("unread", ()))
 
 
 def input_path_fields(config: RunConfig) -> tuple[tuple[BaseModel, str], ...]:
@@ -899,9 +933,9 @@ DEMO_DEFAULTS: dict[str, Any] = {
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                defaults: dict[str, Any] | None = None, reads_documents: bool = True) -> RunConfig:
+                defaults: dict[str, Any] | None = None, unread: Collection[str] = ()) -> RunConfig:
     """A config file (or `defaults` when there is none) with `section.field=value` overrides applied.
-    `reads_documents=False` (a command that reads task files, not data.source) leaves data.min_length unchecked."""
+    `unread`: settings the command does not read (say "data.min_length"), left out of the checks between settings."""
     tree: dict[str, Any] = copy.deepcopy(defaults) if path is None and defaults else {}
     if path is not None:
         path = Path(path)
@@ -931,15 +965,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if init_from and model_keys:  # they would be dropped without a word: the checkpoint's config.json is the model
         raise ConfigError(f"--set {', '.join(model_keys)}: train.init_from={str(init_from)!r} supplies the model (its "
                           f"config.json replaces the model section), so model settings do not apply")
-    return validate_config(tree, reads_documents)
+    return validate_config(tree, unread)
 
 
-def validate_config(tree: dict[str, Any], reads_documents: bool = True) -> RunConfig:
+def validate_config(tree: dict[str, Any], unread: Collection[str] = ()) -> RunConfig:
     model = tree.get("model")
     if isinstance(model, dict) and "model_type" not in model:  # overrides of the default model's fields
         tree = {**tree, "model": {**tiny_delta_net().to_json_dict(), **model}}
     try:
-        return RunConfig.model_validate(tree, context={"reads_documents": reads_documents})
+        return RunConfig.model_validate(tree, context={"unread": frozenset(unread)})
     except ValidationError as err:
         raise ConfigError(_format_error(err)) from None
     except ValueError as err:  # raised inside the model-config dispatch

@@ -297,7 +297,7 @@ def _note(message: str) -> None:
 def main(args: argparse.Namespace) -> int:
     """`refine posttrain`: load the config (the paper's post-training defaults without a file), train, print
     the last step's stats as one JSON line."""
-    config = load_config(args.config, args.set, defaults=POSTTRAIN_DEFAULTS, reads_documents=False)
+    config = load_config(args.config, args.set, defaults=POSTTRAIN_DEFAULTS, unread={"data.min_length"})
     if args.resume:
         check_resumed_run(args.config, config)
     stats = posttrain(config, args.data, args.task, sft_coef=args.sft_coef, resume=args.resume,

@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from refine.config import ConfigError, dump_config, load_config
+from refine.config import ConfigError, dump_config, load_config, validate_config
 
 
 def test_defaults_are_the_paper_defaults():
@@ -104,6 +104,39 @@ def test_greedy_samples_of_a_position_in_groups_of_their_own_are_refused(greedy)
         load_config(None, [greedy, "refine.num_samples=4"])
     assert load_config(None, [greedy, "refine.num_samples=4", "refine.group_by=document"]).refine.groups == "document"
     assert load_config(None, [greedy]).refine.num_samples == 1
+
+
+@pytest.mark.parametrize("greedy", ["refine.temperature=0", "refine.top_k=1", "refine.top_p=0.001"])
+def test_greedy_samples_of_a_document_of_one_chunk_are_refused(greedy):
+    """With num_chunks=1 a document's group holds one position's rollouts: greedy ones are one rollout repeated, and
+    every advantage was 0 without a word."""
+    with pytest.raises(ConfigError, match="num_chunks=1") as refusal:
+        load_config(None, [greedy, "refine.num_samples=4", "refine.group_by=document", "refine.num_chunks=1"])
+    assert "every advantage" in str(refusal.value)
+    assert load_config(None, [greedy, "refine.num_samples=4", "refine.group_by=document"]).refine.num_chunks == 8
+
+
+def test_a_loss_of_zero_weights_is_refused_outside_ntp():
+    """lambda_ntp=0 with lambda_nsp=0 gave loss 0 every step (the weights only decayed), exit 0."""
+    with pytest.raises(ConfigError, match=re.escape("refine.lambda_ntp=0 and refine.lambda_nsp=0 make the loss of "
+                                                    "train.mode='onepass' 0")):
+        load_config(None, ["refine.lambda_ntp=0", "refine.lambda_nsp=0", "train.mode=onepass"])
+    assert load_config(None, ["refine.lambda_ntp=0", "refine.lambda_nsp=0", "train.mode=ntp"]).train.mode == "ntp"
+    assert load_config(None, ["refine.lambda_ntp=0"]).refine.lambda_nsp == 0.2
+
+
+@pytest.mark.parametrize("settings, named", [
+    (["refine.selection=argmax", "refine.selection_temperature=50"], "selection_temperature=50.0 shapes"),
+    (["refine.selection=uniform", "refine.selection_temperature=0.5"], "selection='uniform' does not read it"),
+    (["refine.temperature=0", "refine.top_k=5"], "top_k=5 narrows the tokens"),
+    (["refine.temperature=0", "refine.top_p=0.3"], "top_p=0.3 narrows the tokens"),
+])
+def test_a_rollout_setting_the_others_leave_unread_is_refused(settings, named):
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        load_config(None, settings)
+    # A run's config.yaml states every setting: its defaults are read back.
+    config = load_config(None, [settings[0]])
+    assert validate_config(config.model_dump(mode="json")) == config
 
 
 @pytest.mark.parametrize("setting, instead", [("train.steps=5", "demo.pretrain_steps and demo.branch_steps"),

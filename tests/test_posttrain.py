@@ -172,6 +172,16 @@ def test_examples_cut_to_fit_are_counted_as_truncated_only_when_trained_on(tmp_p
     assert "2 examples cut in the middle to data.seq_len=20 tokens" in err
 
 
+def test_rollout_settings_are_not_held_to_data_min_length(tmp_path):
+    """refine.margin=40 needs documents of 80 tokens: it was refused as data.min_length (64 by default) admitting
+    shorter ones, and data.min_length, which posttrain does not read, was refused too. Prompts are measured."""
+    init = _init_model(tmp_path)
+    data = _write(tmp_path / "qa.jsonl", _qa_rows(2))
+    out = tmp_path / "run"
+    assert main(_argv(data, init, out, 1) + ["--set", "refine.margin=40"]) == 0
+    assert json.loads((out / "posttrain.json").read_text())["min_prompt_tokens"] == 80
+
+
 def test_skipped_bad_rows_are_counted_in_the_run_summary(tmp_path):
     init = _init_model(tmp_path)
     data = _write(tmp_path / "qa.jsonl", _qa_rows(3))

@@ -325,7 +325,8 @@ def main(args: argparse.Namespace) -> int:
     overrides, options = split_overrides(args.set or [])
     # Eval reads --model: a run config's starting checkpoint (train.init_from, which supplies the model section it
     # does not read either) need not exist any more.
-    run_config = load_config(args.config, [*overrides, "train.init_from=null"], reads_documents=False)
+    run_config = load_config(args.config, [*overrides, "train.init_from=null"],
+                             unread={"data.min_length", "data.seq_len"})  # test-time training fits each prompt
     if args.ttt_accumulate and not args.ttt:
         raise ValueError("--ttt-accumulate needs --ttt: it carries test-time adaptation across examples")
     if args.ttt_steps is not None:

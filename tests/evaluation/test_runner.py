@@ -650,6 +650,10 @@ def test_what_eval_reads_of_a_run_config_is_accepted(model_dir, tmp_path, capsys
     code, _, err = run_eval(capsys, *base, "--ttt", "--ttt-steps", "1", "--config", "configs/ttt.yaml", "--set",
                             "optim.lr=1e-5", "--set", "refine.rollout_len=3", "--output", str(tmp_path / "b.json"))
     assert code == 0, err
+    # Margins no document length setting would admit (data.min_length, data.seq_len): eval fits them to each prompt.
+    code, _, err = run_eval(capsys, *base, "--ttt", "--ttt-steps", "1", "--set", "refine.margin=300",
+                            "--output", str(tmp_path / "margin.json"))
+    assert code == 0, err
     # A run's config whose starting checkpoint is gone: eval reads --model, not train.init_from (it was refused).
     moved = tmp_path / "config.yaml"
     # Its data.seq_len is below data.min_length's default, as a posttrain run's may be (neither reads it).
