@@ -44,7 +44,7 @@ from pydantic import BaseModel
 
 from refine.algorithm.rewards import check_run_reward
 from refine.algorithm.selection import min_document_length
-from refine.checkpoints import RUN_RECORDS, resume_from
+from refine.checkpoints import RUN_RECORDS, check_resumed_program, resume_from
 from refine.config import DataSpec, RunConfig, fit_to_tokenizer, load_config, run_tokenizer
 from refine.data.tasks import LoadReport, TaskExample, load_longbench, load_ruler_qa
 from refine.evaluation.answering import prompt_tokens
@@ -57,6 +57,8 @@ from refine.step import StepResult, check_mini_batches, make_optimizer
 from refine.tokenizer import Tokenizer
 
 POSTTRAIN_TASKS = ("ruler-qa", "longbench")
+# What posttrain reads of the data section: the rest describes a document source (refused when set).
+POSTTRAIN_DATA_READS = {"seq_len", "format", "skip_bad_rows"}
 # Used when no config file is given (a config file states its own): the paper's post-training reward.
 POSTTRAIN_DEFAULTS: dict[str, Any] = {"refine": {"reward": "hybrid"}, "train": {"out_dir": "runs/posttrain"}}
 
@@ -101,6 +103,12 @@ def check_config(config: RunConfig, sft_coef: float) -> None:
         raise ValueError(f"data.min_length={config.data.min_length}: refine posttrain skips the examples whose prompt "
                          f"is too short for REFINE's rollouts (refine.num_chunks, rollout_len and margin set how short)"
                          f"; leave data.min_length unset")
+    for name, field in DataSpec.model_fields.items():
+        if name not in POSTTRAIN_DATA_READS and getattr(config.data, name) != field.default:
+            raise ValueError(f"data.{name}={getattr(config.data, name)!r} is a setting of a document source "
+                             f"(data.source); refine posttrain reads its examples from --data and of the data "
+                             f"section only {', '.join(f'data.{read}' for read in sorted(POSTTRAIN_DATA_READS))}: "
+                             f"leave it unset")
     check_no_kl_term(config.refine, "refine posttrain")
     # Beyond float32's largest number the coefficient is inf in the float32 loss: every SFT update is skipped.
     check_sft_coef(sft_coef, "--sft-coef")
@@ -112,12 +120,13 @@ def check_config(config: RunConfig, sft_coef: float) -> None:
 
 
 def load_examples(task: str, path: str | Path, skip_bad_rows: bool = False,
-                  report: LoadReport | None = None) -> list[TaskExample]:
-    """The task file's examples; `report` receives how many were read and how many bad rows were skipped."""
+                  report: LoadReport | None = None, fmt: str = "auto") -> list[TaskExample]:
+    """The task file's examples (`fmt`: data.format); `report` receives how many were read and how many bad rows
+    were skipped."""
     if task == "ruler-qa":
-        return load_ruler_qa(path, skip_bad_rows=skip_bad_rows, report=report)
+        return load_ruler_qa(path, fmt=fmt, skip_bad_rows=skip_bad_rows, report=report)
     if task == "longbench":
-        return load_longbench(path, skip_bad_rows=skip_bad_rows, report=report)
+        return load_longbench(path, fmt=fmt, skip_bad_rows=skip_bad_rows, report=report)
     raise ValueError(f"--task must be one of {POSTTRAIN_TASKS}, got {task!r}")
 
 
@@ -247,13 +256,16 @@ def batch_indices(num_examples: int, seed: int, cursor: int, batch_size: int) ->
 def posttrain(config: RunConfig, data: str | Path, task: str, sft_coef: float = 1.0, resume: bool = False,
               progress: bool = True) -> dict[str, float]:
     """Run `config.train.steps` nested post-training steps on the task file; returns the last step's stats."""
+    if resume:  # first: another program's run explains every setting of its config that posttrain refuses
+        check_resumed_program(Path(absolute_out_dir(config)), "refine posttrain")
     check_config(config, sft_coef)
     tune_allocator()
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     tokenizer = run_tokenizer(config)
     loaded = LoadReport()
-    examples, summary = prepare_examples(load_examples(task, data, config.data.skip_bad_rows, loaded), tokenizer,
+    examples, summary = prepare_examples(load_examples(task, data, config.data.skip_bad_rows, loaded,
+                                                       config.data.format), tokenizer,
                                          config, data, task, sft_coef, bad_rows=loaded.bad_rows)
     config = fit_to_tokenizer(config, tokenizer)
     model = prepare_model(config)

@@ -172,6 +172,28 @@ def test_examples_cut_to_fit_are_counted_as_truncated_only_when_trained_on(tmp_p
     assert "2 examples cut in the middle to data.seq_len=20 tokens" in err
 
 
+def test_a_task_file_named_without_its_format_is_read_with_data_format(tmp_path, capsys):
+    """qa.data could not be read: the loader was not given data.format, which the error told the user to set."""
+    init = _init_model(tmp_path)
+    data = _write(tmp_path / "qa.data", _qa_rows(2))
+    assert main(_argv(data, init, tmp_path / "run", 1)) == 2
+    assert "or set data.format" in capsys.readouterr().err
+    assert main(_argv(data, init, tmp_path / "run", 1, "--set", "data.format=jsonl")) == 0
+    assert json.loads((tmp_path / "run" / "posttrain.json").read_text())["examples_used"] == 2
+
+
+@pytest.mark.parametrize("setting", ["data.text_column=foo", "data.num_documents=1", "data.synthetic_tasks=[niah]",
+                                     "data.max_windows=2", "data.eval_documents=3"])
+def test_a_document_source_setting_is_refused(setting, tmp_path, capsys):
+    """Each was accepted and changed nothing."""
+    init = _init_model(tmp_path)
+    data = _write(tmp_path / "qa.jsonl", _qa_rows(2))
+    assert main(_argv(data, init, tmp_path / "run", 1, "--set", setting)) == 2
+    name = setting.split("=")[0]
+    assert f"{name}=" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_rollout_settings_are_not_held_to_data_min_length(tmp_path):
     """refine.margin=40 needs documents of 80 tokens: it was refused as data.min_length (64 by default) admitting
     shorter ones, and data.min_length, which posttrain does not read, was refused too. Prompts are measured."""

@@ -85,7 +85,7 @@ def detect_format(path: str | Path) -> SourceFormat:
             raise DataSourceError(f"{str(path)!r} is a compressed file, which cannot be read: decompress it")
         raise DataSourceError(
             f"cannot tell the format of {str(path)!r} from its extension {suffix!r}: "
-            f"expected one of {sorted(_EXTENSIONS)} or set format explicitly"
+            f"expected one of {sorted(_EXTENSIONS)} or set data.format"
         )
     if not location.is_dir():  # a FIFO, a device (a link to /dev/zero): no records to count or resume in
         raise DataSourceError(f"data path {str(path)!r} is neither a regular file nor a folder")
@@ -97,7 +97,7 @@ def detect_format(path: str | Path) -> SourceFormat:
             f"data folder {str(path)!r} holds no {sorted(_EXTENSIONS)} files and no save_to_disk dataset"
         )
     if len(found) > 1:
-        raise DataSourceError(f"data folder {str(path)!r} mixes formats {found}: set format explicitly")
+        raise DataSourceError(f"data folder {str(path)!r} mixes formats {found}: set data.format")
     return found[0]
 
 

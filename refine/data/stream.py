@@ -194,6 +194,7 @@ def document_stream(config: RunConfig, tokenizer: Tokenizer, start_cursor: int =
     to draw its order."""
     if config.data.source == "synthetic":
         docs = synthetic_documents(config, tokenizer)
+        _warn_if_batches_repeat(config, len(docs))
         index = start_cursor % len(docs)
         while True:
             doc_id, ids = docs[index]
@@ -210,6 +211,8 @@ def document_stream(config: RunConfig, tokenizer: Tokenizer, start_cursor: int =
         if produced == 0 and epoch_cursor == 0:  # a resume at the very end of a pass yields nothing: fine
             raise ValueError(f"data.source={config.data.source!r} yielded no document of at least "
                              f"data.min_length={config.data.min_length} tokens")
+        if warn and epoch_cursor == 0:  # the first whole pass: how many documents one holds
+            _warn_if_batches_repeat(config, produced)
         warn = warn and epoch_cursor != 0  # a resumed pass counted only part of the source
         epoch_cursor = 0
         pass_number += 1
@@ -218,6 +221,16 @@ def document_stream(config: RunConfig, tokenizer: Tokenizer, start_cursor: int =
                              f"cursor counts passes of {span // config.data.max_windows} records, and it holds "
                              f"{now // config.data.max_windows} now; resume with --resume to count in the source "
                              f"as it is now")
+
+
+def _warn_if_batches_repeat(config: RunConfig, documents_per_pass: int) -> None:
+    """Say when a batch holds more documents than a pass over the source: the stream cycles within the batch, so
+    each batch trains on some documents twice or more (their rollouts are drawn apart)."""
+    if documents_per_pass < config.train.batch_size:
+        source = ("the synthetic corpus (data.num_documents)" if config.data.source == "synthetic"
+                  else f"a pass over data.source={config.data.source!r}")
+        logger.warning("%s holds %d documents, fewer than train.batch_size=%d: every batch holds some of them more "
+                       "than once", source, documents_per_pass, config.train.batch_size)
 
 
 SOURCE_RECORD = "data_source.json"  # in the run directory: what the run's data cursor counts records of

@@ -134,7 +134,8 @@ def check_synthetic_length(task: str, length: int | None, num_examples: int | No
 
 
 def build_examples(args: argparse.Namespace, tokenizer: Tokenizer, options: EvalOptions,
-                   skip_bad_rows: bool = False, report: LoadReport | None = None) -> list[TaskExample]:
+                   skip_bad_rows: bool = False, report: LoadReport | None = None, fmt: str = "auto"
+                   ) -> list[TaskExample]:
     """The examples `refine eval` answers: generated (niah, mqar) or read from --data; `report` receives how many
     rows of a task file were read and skipped as bad."""
     if args.num_examples is not None and args.num_examples < 1:
@@ -164,8 +165,9 @@ def build_examples(args: argparse.Namespace, tokenizer: Tokenizer, options: Eval
         raise ValueError(f"--task must be one of {CLI_TASKS}, got {args.task!r}")
     try:
         if args.task == "ruler-qa":
-            return load_ruler_qa(args.data, limit=args.num_examples, skip_bad_rows=skip_bad_rows, report=report)
-        return load_longbench(args.data, limit=args.num_examples, prompt_templates=options.prompt_templates,
+            return load_ruler_qa(args.data, fmt=fmt, limit=args.num_examples, skip_bad_rows=skip_bad_rows,
+                                 report=report)
+        return load_longbench(args.data, fmt=fmt, limit=args.num_examples, prompt_templates=options.prompt_templates,
                               skip_bad_rows=skip_bad_rows, report=report)
     except DataSourceError as err:
         raise DataSourceError(f"{err}{_column_hint(args.data, args.task)}") from None
@@ -280,9 +282,9 @@ def check_options_apply(options: EvalOptions, task: str, ttt: bool) -> None:
                          f"are greedy (eval.answer_temperature=0): set eval.answer_temperature too")
 
 
-# What `refine eval` reads of a run config: where and how the model runs, how bad task rows are met, and, with
+# What `refine eval` reads of a run config: where and how the model runs, how task files are read, and, with
 # --ttt, how it adapts (the refine and optim sections, and --ttt-batch's mini- and micro-batches).
-EVAL_READS = {"train.device", "train.threads", "train.dtype", "data.skip_bad_rows"}
+EVAL_READS = {"train.device", "train.threads", "train.dtype", "data.skip_bad_rows", "data.format"}
 TTT_READS = {"train.mini_batches", "train.micro_batches"}  # with --ttt-batch: they split its batches
 # Test-time updates take optim.lr as it is: no schedule (per prompt, a schedule over --ttt-steps would restart).
 TTT_UNSCHEDULED = {"optim.schedule", "optim.warmup_steps", "optim.min_lr_ratio"}
@@ -364,7 +366,8 @@ def main(args: argparse.Namespace) -> int:
     dtype = DTYPES[run_config.train.dtype] if "dtype" in run_config.train.model_fields_set else None
     model = load_model(model_dir, dtype=dtype, device=run_config.train.device)
     loaded = LoadReport()
-    examples = build_examples(args, tokenizer, options, skip_bad_rows=run_config.data.skip_bad_rows, report=loaded)
+    examples = build_examples(args, tokenizer, options, skip_bad_rows=run_config.data.skip_bad_rows, report=loaded,
+                              fmt=run_config.data.format)
     try:
         results = evaluate(
             model, tokenizer, examples, args.task, ttt=args.ttt, run_config=run_config,

@@ -25,12 +25,38 @@ def run_config(tmp_path, texts, *extra):
 
 
 EARLY = "the end of this pass reports the counts"
+REPEATS = "every batch holds some of them more than once"
 
 
 def pass_records(caplog):
-    """The corpus reports (a pass over a file source, the synthetic corpus), not the early warnings."""
+    """The corpus reports (a pass over a file source, the synthetic corpus), not the early warnings nor the
+    warning that batches repeat documents."""
     return [(record.levelno, record.getMessage()) for record in caplog.records
-            if record.name == "refine.data.stream" and EARLY not in record.getMessage()]
+            if record.name == "refine.data.stream" and EARLY not in record.getMessage()
+            and REPEATS not in record.getMessage()]
+
+
+def repeat_warnings(caplog):
+    return [record.getMessage() for record in caplog.records
+            if record.name == "refine.data.stream" and REPEATS in record.getMessage()]
+
+
+def test_a_batch_larger_than_a_pass_is_warned_of_once(tmp_path, caplog):
+    """train.batch_size=8 over a source of 3 kept documents put each in every batch two or three times, silently."""
+    caplog.set_level(logging.INFO, logger="refine.data.stream")
+    list(islice(document_stream(run_config(tmp_path, TEXTS, "train.batch_size=8"), TOKENIZER), 20))
+    (message,) = repeat_warnings(caplog)
+    assert message == (f"a pass over data.source='{tmp_path / 'docs.jsonl'}' holds 3 documents, fewer than "
+                       f"train.batch_size=8: {REPEATS}")
+    caplog.clear()
+    list(islice(document_stream(run_config(tmp_path, TEXTS, "train.batch_size=3"), TOKENIZER), 20))
+    assert repeat_warnings(caplog) == []
+    config = load_config(None, ["data.num_documents=2", "train.batch_size=4", "data.seq_len=256",
+                                "data.synthetic_tasks=[recall]"])
+    next(document_stream(config, TOKENIZER))
+    (message,) = repeat_warnings(caplog)
+    assert message.startswith("the synthetic corpus (data.num_documents) holds 2 documents, fewer than "
+                              "train.batch_size=4")
 
 
 def early_warnings(caplog):

@@ -628,7 +628,7 @@ def test_an_empty_class_list_is_refused_showing_it(model_dir, tmp_path, capsys):
     (["--ttt", "--set", "optim.warmup_steps=5"], "--set optim.warmup_steps=5: test-time training takes no "
                                                  "learning-rate schedule"),
     (["--ttt", "--ttt-batch", "2", "--set", "optim.schedule=cosine"], "takes no learning-rate schedule"),
-    (["--set", "data.source=docs.jsonl"], "does not read data.source; eval reads data.skip_bad_rows, train.device"),
+    (["--set", "data.source=docs.jsonl"], "does not read data.source; eval reads data.format, data.skip_bad_rows, train.device"),
     (["--config", "configs/ttt.yaml"], "--config configs/ttt.yaml: its refine and optim sections drive --ttt"),
     (["--set", "eval.longbench_scoring=refine-release"], "eval.longbench_scoring='refine-release' is an option of "
                                                          "--task longbench, not niah"),
@@ -649,6 +649,14 @@ def test_what_eval_reads_of_a_run_config_is_accepted(model_dir, tmp_path, capsys
     assert code == 0, err
     code, _, err = run_eval(capsys, *base, "--ttt", "--ttt-steps", "1", "--config", "configs/ttt.yaml", "--set",
                             "optim.lr=1e-5", "--set", "refine.rollout_len=3", "--output", str(tmp_path / "b.json"))
+    assert code == 0, err
+    # A task file whose name does not tell its format: data.format does (it was refused as not read).
+    qa = tmp_path / "qa.data"
+    qa.write_text(json.dumps({"prompt": "Q?", "answer": "A"}) + "\n")
+    qa_argv = ["--model", str(model_dir), "--task", "ruler-qa", "--data", str(qa), "--max-new-tokens", "1"]
+    code, _, err = run_eval(capsys, *qa_argv, "--output", str(tmp_path / "qa.json"))
+    assert code == 2 and "or set data.format" in err, err
+    code, _, err = run_eval(capsys, *qa_argv, "--set", "data.format=jsonl", "--output", str(tmp_path / "qa.json"))
     assert code == 0, err
     # Margins no document length setting would admit (data.min_length, data.seq_len): eval fits them to each prompt.
     code, _, err = run_eval(capsys, *base, "--ttt", "--ttt-steps", "1", "--set", "refine.margin=300",
