@@ -29,7 +29,8 @@ import torch
 from refine.cli import positive_int
 from refine.algorithm.rollout import snapshot_rollouts
 from refine.algorithm.update import score_rollouts
-from refine.config import ConfigError, RunConfig, load_config
+from refine.config import RunConfig, load_config
+from refine.config_parsing import ConfigError
 from refine.models import build_model
 from refine.runtime import sigterm_as_ctrl_c, tune_allocator
 from refine.step import make_optimizer, rollout_batch_update

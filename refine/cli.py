@@ -11,7 +11,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from refine.config import DEMO_DEFAULTS, ConfigError, RunConfig, load_config
+from refine.config import DEMO_DEFAULTS, RunConfig, load_config
+from refine.config_parsing import ConfigError
 from refine.runtime import sigterm_as_ctrl_c, tune_allocator
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import sys
 
-from refine.config import ConfigError, RunConfig, run_tokenizer
+from refine.config import RunConfig, run_tokenizer
+from refine.config_parsing import ConfigError
 from refine.data.readers import RowSource
 from refine.data.stream import synthetic_documents
 from refine.evaluation.heldout import heldout_documents

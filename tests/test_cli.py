@@ -261,8 +261,8 @@ def test_extreme_finite_floats_fail_at_the_config_naming_the_field(tmp_path, cap
 
 
 def test_a_yaml_alias_bomb_is_one_line_naming_the_limit(tmp_path, capsys, monkeypatch):
-    from refine import config as configs
     from refine.config import RunConfig
+    from refine.config_parsing import MAX_ALIAS_VALUES
 
     lines = ["data:", "  l0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
     lines += [f"  l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 8)]
@@ -275,7 +275,7 @@ def test_a_yaml_alias_bomb_is_one_line_naming_the_limit(tmp_path, capsys, monkey
     monkeypatch.setattr(RunConfig, "model_validate", validate)  # the old code walked all 9 ** 8 strings there
     assert main(["train", str(path), "--local"]) == 2
     err = capsys.readouterr().err
-    limit = configs.MAX_ALIAS_VALUES
+    limit = MAX_ALIAS_VALUES
     assert err.startswith(f"refine: error: config file {path}: YAML aliases stand for more than {limit} values")
     assert err.count("\n") == 1 and len(err) < 400, err
 

@@ -12,7 +12,8 @@ from refine.algorithm.losses import ntp_loss
 from refine.algorithm.rollout import snapshot_rollouts
 from refine.algorithm.update import LossResult, advantages_for, refine_loss, score_rollouts
 from refine.checkpoints import latest_checkpoint
-from refine.config import ConfigError, load_config
+from refine.config import load_config
+from refine.config_parsing import ConfigError
 from refine.data.batches import DocumentBatch
 from refine.loop import prepare_model, train
 from refine.models import build_model, load_model

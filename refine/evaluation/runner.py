@@ -22,9 +22,8 @@ from typing import Any
 import torch
 from pydantic import Field, ValidationError, field_validator
 
-from refine.config import (
-    DTYPES, MAX_SYNTHETIC_LENGTH, MAX_SYNTHETIC_TOKENS, ConfigError, greedy_or_sampled, load_config, parse_yaml,
-)
+from refine.config import DTYPES, MAX_SYNTHETIC_LENGTH, MAX_SYNTHETIC_TOKENS, greedy_or_sampled, load_config
+from refine.config_parsing import ConfigError, parse_yaml
 from refine.data.sources import DataSourceError
 from refine.data.synthetic import NiahConfig, NiahVariant, Purpose, generate_niah, mqar_for_length, stream_salt
 from refine.data.tasks import LoadReport, TaskExample, load_longbench, load_ruler_qa

@@ -5,7 +5,8 @@ from itertools import islice
 
 import pytest
 
-from refine.config import ConfigError, load_config
+from refine.config import load_config
+from refine.config_parsing import ConfigError
 from refine.data.stream import (
     SOURCE_RECORD, DataPosition, _synthetic_texts, check_resumed_cursor, check_source, document_stream,
     synthetic_documents,

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from refine.algorithm.losses import ntp_loss
-from refine.config import ConfigError, load_config, run_tokenizer
+from refine.config import load_config, run_tokenizer
+from refine.config_parsing import ConfigError
 from refine.data.batches import pad_documents
 from refine.data.stream import synthetic_documents
 from refine.evaluation.heldout import eval_batch_size, heldout_documents, heldout_evaluator, heldout_ntp_loss

@@ -14,7 +14,7 @@ import torch
 
 from learner.checkpoint import read_learner_state
 from refine.cli import main
-from refine.config import ConfigError
+from refine.config_parsing import ConfigError
 from refine.data.sources import BadRowError
 from refine.models import load_model
 from refine.step import MAX_SKIPPED_IN_A_ROW

@@ -14,7 +14,8 @@ import torch
 from ray.exceptions import ActorDiedError, RayTaskError
 
 from learner.checkpoint import LearnerState
-from refine.config import ConfigError, TrainConfig, load_config, run_tokenizer
+from refine.config import TrainConfig, load_config, run_tokenizer
+from refine.config_parsing import ConfigError
 from refine.data.stream import DataPosition, document_batches
 from refine_vllm.settings import staging_prefix
 from rollout_workers.engines import engine_owner
