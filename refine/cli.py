@@ -54,6 +54,32 @@ def run_training(config: RunConfig, args: argparse.Namespace, resume_command: li
                redis_url=args.redis_url, resume_command=resume_command)
 
 
+def as_trained(stage: RunConfig, args: argparse.Namespace) -> RunConfig:
+    """A main job's stage as it trains: the REFINE branch on the service takes the train.mode its service.mode
+    trains (one-pass disaggregated, fused colocated), which its config.yaml then records; the others run in this
+    process, in their own train.mode."""
+    if runs_locally(stage.train.mode, args):
+        return stage
+    from services.run_checks import with_service_train_mode
+
+    return with_service_train_mode(stage)
+
+
+def check_service_branch(config: RunConfig) -> None:
+    """Before the main job's NTP pre-training (minutes): the service can run its REFINE branch, in the train.mode
+    its service.mode trains (as_trained); a train.mode the config gives for the other is said, not refused: the
+    main job's configs/demo.yaml names fused for its --local run."""
+    from services.run_checks import check_service_config, with_service_train_mode
+
+    branch = with_service_train_mode(config)
+    check_service_config(branch)
+    given = config.train.mode
+    if "mode" in config.train.model_fields_set and given not in ("ntp", branch.train.mode):
+        print(f"refine: the main job's REFINE branch trains train.mode={branch.train.mode} on the service "
+              f"(service.mode={config.service.mode!r}), not train.mode={given}, and its config.yaml says so: "
+              f"--local trains it {given}", file=sys.stderr)
+
+
 def service_flags(args: argparse.Namespace) -> list[str]:
     """--ray-address and --redis-url as given (a Redis URL's password not printed), for a resume command: they
     are nowhere in a run's config.yaml."""
@@ -115,10 +141,13 @@ def _train(args: argparse.Namespace) -> int:
     if config.demo is not None:
         from refine.experiment import refine_stage_mode, run_comparison
 
+        on_service = not runs_locally(refine_stage_mode(config), args)
+        if on_service:
+            check_service_branch(config)
         # Only the service's disaggregated reward replicas decode text for a text reward.
-        decodes_text = not runs_locally(refine_stage_mode(config), args) and config.service.mode == "disaggregated"
+        decodes_text = on_service and config.service.mode == "disaggregated"
         resume_command = main_job_resume_command(args, config)
-        report = run_comparison(config, lambda stage: run_training(stage, args, resume_command),
+        report = run_comparison(config, lambda stage: run_training(as_trained(stage, args), args, resume_command),
                                 decodes_text=decodes_text, resume=args.resume)
         print(json.dumps({"out_dir": absolute_out_dir(config), "wall_seconds": report["wall_seconds"]}))
         return 0

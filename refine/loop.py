@@ -260,6 +260,20 @@ def check_loop_reward(config: RunConfig) -> None:
         check_run_reward(config.refine.reward, config.refine.reward_modules, decodes_text=False)
 
 
+def first_batch_read(config: RunConfig, tokenizer: Tokenizer, start_cursor: int) -> Iterator[DocumentBatch]:
+    """The run's document batches from `start_cursor`, the first one read already: a source that yields no
+    document (every one filtered out, a bad first row) fails here, naming data.source, before the run directory
+    is touched. The service's driver reads it too, before Ray starts (services.run_checks.check_data_source)."""
+    batches = document_batches(config, tokenizer, start_cursor=start_cursor)
+    try:
+        first = next(batches)
+    except (FileNotFoundError, DataSourceError) as error:
+        if config.data.source == "synthetic":  # its errors name the data.* settings that generate it
+            raise
+        raise DataSourceError(f"data.source={config.data.source!r}: {error}") from None
+    return itertools.chain([first], batches)
+
+
 def train(config: RunConfig, resume: bool = False, progress: bool = True,
           resume_command: list[str] | None = None) -> dict[str, float]:
     """Run `config.train.steps` steps; returns the last step's stats. A stop (Ctrl-C, SIGTERM) says that
@@ -285,15 +299,7 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True,
         return finished_run(Path(config.train.out_dir), start.step, config.train.steps)
     if start.step:
         check_resumed_cursor(config, Path(config.train.out_dir))
-    batches: Iterator[DocumentBatch] = document_batches(config, tokenizer, start_cursor=start.cursor)
-    if start.step < config.train.steps:  # read before anything is written: a source that yields nothing fails here
-        try:
-            first = next(batches)
-        except (FileNotFoundError, DataSourceError) as error:  # the service's check names the field alike
-            if config.data.source == "synthetic":
-                raise
-            raise DataSourceError(f"data.source={config.data.source!r}: {error}") from None
-        batches = itertools.chain([first], batches)
+    batches = first_batch_read(config, tokenizer, start.cursor)  # before anything is written
     evaluate = None if config.data.eval_source is None else heldout_evaluator(config, model, tokenizer)
     out_dir = start_run_directory(config, fresh=start.step == 0, program="refine")
     changed = check_source(config, out_dir, resumed=start.step > 0)

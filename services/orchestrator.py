@@ -6,8 +6,9 @@ as Ray actors, feeds them documents, supervises them and returns the learner's l
 
 Roles (disaggregated): N rollout workers (documents -> rollouts), M reward replicas
 (rollouts -> scored), one learner (scored -> optimizer steps, weights, checkpoints). Colocated: the
-learner alone runs the fused on-policy step on the documents. (`train.mode` belongs to the
-single-process loop; here `service.mode` decides: one-pass update or fused step.)
+learner alone runs the fused on-policy step on the documents. (Here `service.mode` decides: one-pass update or
+fused step. A `train.mode` given for the other is refused before anything starts, and config.yaml records the one
+trained: services/run_checks.py.)
 
 Pacing. The learner's policy version is its step count, and it publishes weights every
 `sync_interval` steps. A document batch published while version `v` is out is rolled out with weights of
@@ -115,7 +116,7 @@ from services.resilience import (
     TRANSIENT, OutageTolerance, RedisOutage, RedisStateLost, outage_timeout_s, retry_redis,
 )
 from services.restart_limit import MAX_RESTARTS_PER_ROLE, RESTART_WINDOW_S, RestartWindow
-from services.run_checks import check_data_source, check_service_config
+from services.run_checks import check_data_source, check_service_config, with_service_train_mode
 from services.streams import (
     DOCUMENTS, LEARNER_GROUP, LEARNER_REPORTS, ORCHESTRATOR_GROUP, REWARD_GROUP, ROLLOUT_GROUP, ROLLOUTS, SCORED,
     DocumentStore, check_rollout_message_size, delete_idle_consumers, document_batch_id_for, release_consumer,
@@ -186,23 +187,26 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True, ray_addr
     `resume_command` goes on (default: `refine train OUT_DIR/config.yaml --resume`).
     """
     check_service_config(config)
-    config = _absolute_paths(config)
+    config = _absolute_paths(with_service_train_mode(config))  # config.yaml says what the service trains
+    start_cursor = 0  # where the learner's data stream starts: a resume's checkpoint says
     if resume:
         check_resumed_program(Path(config.train.out_dir), "refine")  # not a `refine posttrain` run
         finished = _finished_run(config)
         if finished is not None:
             return finished
-        if latest_checkpoint(config.train.out_dir).exists():
+        checkpoint = latest_checkpoint(config.train.out_dir)
+        if checkpoint.exists():
             check_resumed_cursor(config, Path(config.train.out_dir))
+            start_cursor = read_learner_state(checkpoint).cursor
         else:
             check_kept_without_latest(config.train.out_dir)
     else:
         check_inputs_outside_checkpoints(config)  # a fresh run empties its checkpoints folder
-    check_data_source(config)
     tokenizer = run_tokenizer(config)
     if resume:
         check_resumed_tokenizer(config.train.out_dir, tokenizer)
     config = fit_to_tokenizer(config, tokenizer)  # before any actor reads the model section
+    check_data_source(config, tokenizer, start_cursor)  # its first batch: the run directory is not touched yet
     check_rollout_message_size(config)  # the model section is final only now (train.init_from)
     check_no_hidden_packages()
     plan = resolve_addresses(config, ray_address, redis_url)

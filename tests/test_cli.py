@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from refine.cli import build_parser, main, unused_vllm_engine
-from refine.config import load_config
+from refine.cli import as_trained, build_parser, check_service_branch, main, unused_vllm_engine
+from refine.config import DEMO_DEFAULTS, load_config, run_tokenizer
 from refine.models import build_model, save_model
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_model_inspect_reports_architecture_parameters_and_state(tmp_path, capsys):
@@ -129,6 +131,43 @@ def test_the_main_job_refuses_a_reward_it_cannot_score_before_training(tmp_path,
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("refine: error:") and all(word in err for word in words), err
+    assert not list(tmp_path.rglob("metrics.jsonl"))
+
+
+def test_the_main_jobs_refine_branch_on_the_service_records_the_mode_it_trains(tmp_path, capsys):
+    """The service trains one-pass (disaggregated) or fused (colocated) whatever train.mode says: the branch's
+    config, and so its config.yaml, says which; the stages in this process keep theirs."""
+    from refine.experiment import stage_config
+    from services.run_checks import check_service_config
+
+    service, local = build_parser().parse_args(["train"]), build_parser().parse_args(["train", "--local"])
+    for mode, trained in (("disaggregated", "onepass"), ("colocated", "fused")):
+        config = load_config(None, [f"train.out_dir={tmp_path}", f"service.mode={mode}"], defaults=DEMO_DEFAULTS)
+        tokenizer = run_tokenizer(config)
+        branch = stage_config(config, "refine", "fused", 1, 1e-3, None, tokenizer)
+        assert as_trained(branch, service).train.mode == trained
+        check_service_config(as_trained(branch, service))  # the service takes it: the mode it trains
+        assert as_trained(branch, local).train.mode == "fused"
+        ntp = stage_config(config, "ntp", "ntp", 1, 1e-3, None, tokenizer)
+        assert as_trained(ntp, service) is ntp
+    # A train.mode the config gives for the other service.mode is said before anything trains (configs/demo.yaml
+    # names fused for its --local run); left out (the main job's default), nothing is said.
+    check_service_branch(load_config(REPO / "configs" / "demo.yaml", [f"train.out_dir={tmp_path}"]))
+    assert ("the main job's REFINE branch trains train.mode=onepass on the service (service.mode='disaggregated'), "
+            "not train.mode=fused, and its config.yaml says so: --local trains it fused") in capsys.readouterr().err
+    check_service_branch(load_config(None, [f"train.out_dir={tmp_path}"], defaults=DEMO_DEFAULTS))
+    assert capsys.readouterr().err == ""
+
+
+def test_the_main_job_refuses_settings_its_service_branch_would_not_read_before_training(tmp_path, capsys):
+    """Not after the NTP pre-training stage (minutes), when the REFINE branch starts on the service."""
+    argv = ["train", "--no-progress", "--set", f"train.out_dir={tmp_path / 'run'}", "--set", "service.mode=colocated",
+            "--set", "service.max_staleness=2", "--redis-url", "redis://127.0.0.1:1/0"]  # never reached
+    for item in SHRUNK_DEMO:
+        argv += ["--set", item]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "refine: error: service.max_staleness=2 is not read with service.mode='colocated'" in err, err
     assert not list(tmp_path.rglob("metrics.jsonl"))
 
 

@@ -14,6 +14,7 @@ import torch
 
 from learner.checkpoint import read_learner_state
 from refine.cli import main
+from refine.config import load_config
 from refine.config_parsing import ConfigError
 from refine.data.sources import BadRowError
 from refine.models import load_model
@@ -23,7 +24,7 @@ from services.broker import Broker
 from services.failures import ServiceError
 from services.orchestrator import run
 from services.redis_server import connect
-from services.run_checks import check_service_config
+from services.run_checks import check_service_config, with_service_train_mode
 from services.streams import DOCUMENTS
 from rollout_workers.vllm_engine import vllm_available
 
@@ -71,6 +72,8 @@ def test_refine_train_disaggregated_end_to_end(ray_session, tmp_path: Path, caps
     model = load_model(checkpoint / "model")
     assert model.config.hidden_size == 64
     assert (run_dir / "config.yaml").exists() and (run_dir / "losses.png").exists()
+    # train.mode left out (fused by default): the run says what it trained.
+    assert load_config(run_dir / "config.yaml").train.mode == "onepass"
     # Every role served Prometheus metrics while it ran, and withdrew its discovery file on exit.
     assert set(scraped) == {"orchestrator", "learner", "rollout_worker", "reward"}
     for role, name in (("learner", "refine_learner_steps_total"), ("learner", "refine_ntp_loss"),
@@ -180,10 +183,45 @@ def test_a_bad_data_row_ends_the_run_after_the_learner_checkpoints(ray_session, 
     (["service.max_staleness=0", "service.sync_interval=3"], "service.max_staleness=0"),
     (["service.mode=colocated", "train.mini_batches=2"], "train.mini_batches=2 needs service.mode='disaggregated'"),
     (["service.mode=colocated", "train.micro_batches=2"], "train.micro_batches=2 needs service.mode='disaggregated'"),
+    # The service trains what service.mode says, one-pass or fused: a train.mode given for the other is refused.
+    (["service.mode=colocated", "train.mode=onepass"],
+     r"train.mode='onepass' is not what service.mode='colocated' trains \('fused', whatever train.mode says\): set "
+     r"service.mode='disaggregated' to train 'onepass' on the service, or train.mode='fused' \(or leave it out\), "
+     r"or train 'onepass' in one process with --local"),
+    (["train.mode=fused"], r"train.mode='fused' is not what service.mode='disaggregated' trains \('onepass', .*set "
+                           r"service.mode='colocated' to train 'fused' on the service, or train.mode='onepass'"),
+    # What only the disaggregated mode reads, given to a colocated run.
+    (["service.mode=colocated", "service.max_staleness=2"],
+     r"^service.max_staleness=2 is not read with service.mode='colocated': it paces the rollout workers and reward "
+     r"replicas of service.mode='disaggregated', .* leave it out, or set service.mode='disaggregated'$"),
+    (["service.mode=colocated", "service.sync_interval=2", "service.num_rollout_workers=3",
+      "service.num_reward_replicas=2"],
+     r"^service.num_rollout_workers=3, service.num_reward_replicas=2, service.sync_interval=2 are not read with "
+     r"service.mode='colocated'"),
 ])
 def test_configs_the_service_cannot_run_are_rejected(tmp_path: Path, overrides: list[str], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         check_service_config(tiny_config(tmp_path, *overrides))
+
+
+def test_a_train_mode_is_accepted_where_the_service_trains_it_and_recorded_when_left_out(tmp_path: Path) -> None:
+    check_service_config(tiny_config(tmp_path, "train.mode=onepass"))
+    check_service_config(tiny_config(tmp_path, "train.mode=fused", "service.mode=colocated"))
+    # Left at its default (fused): the disaggregated run records the one-pass update it trains.
+    config = tiny_config(tmp_path)
+    assert "mode" not in config.train.model_fields_set
+    check_service_config(config)
+    assert with_service_train_mode(config).train.mode == "onepass"
+    assert with_service_train_mode(tiny_config(tmp_path, "service.mode=colocated")).train.mode == "fused"
+    assert config.train.mode == "fused"  # a copy
+
+
+def test_a_colocated_run_takes_the_disaggregated_settings_at_their_defaults(tmp_path: Path) -> None:
+    """configs/service_tiny.yaml names them at their defaults (and service.worker_cpus, which is not judged: the
+    config sizes its workers with it); service.batches_in_flight paces the colocated learner's batches too."""
+    check_service_config(tiny_config(tmp_path, "service.mode=colocated", "service.batches_in_flight=4"))
+    check_service_config(tiny_config(tmp_path, "service.mode=colocated", "service.max_staleness=0",
+                                     "service.num_rollout_workers=2"))
 
 
 def test_task_rewards_are_accepted_where_their_text_is_decoded(tmp_path: Path) -> None:

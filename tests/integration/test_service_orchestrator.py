@@ -16,6 +16,7 @@ from ray.exceptions import ActorDiedError, RayTaskError
 from learner.checkpoint import LearnerState
 from refine.config import TrainConfig, load_config, run_tokenizer
 from refine.config_parsing import ConfigError
+from refine.data.sources import DataSourceError
 from refine.data.stream import DataPosition, document_batches
 from refine_vllm.settings import staging_prefix
 from rollout_workers.engines import engine_owner
@@ -238,6 +239,31 @@ def test_a_missing_data_source_fails_before_anything_starts(tmp_path: Path) -> N
     with pytest.raises(ConfigError, match=rf"data.source='{missing}': data path .* does not exist"):
         run(config, progress=False, redis_url=UNREACHABLE_REDIS)
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("rows, problem", [
+    ([{"text": "too short for data.min_length=96"}] * 3, r"no document of '.*short.jsonl' passed the filters "
+                                                          r"\(min_length=96\)"),
+    ([{"text": 5}, {"text": "a long document " * 20}], r".*short.jsonl, line 1: column 'text' must hold text, got int: 5"),
+])
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_source_that_yields_no_first_batch_fails_before_the_run_directory_is_touched(
+        tmp_path: Path, rows: list[dict], problem: str, resume: bool) -> None:
+    """The file opened, but its documents are all dropped, or its first row is bad: found only once the learner had
+    started, and the earlier run's checkpoint and metrics.jsonl replaced by a step-0 run's. Now it fails as the
+    local loop does (naming data.source), reading the first batch before Ray and Redis start."""
+    source = tmp_path / "short.jsonl"
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    run_dir = tmp_path / "run"
+    checkpoint = _checkpoint_with_reports(run_dir, [], step=2)  # the earlier run's
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.0}\n')
+    (run_dir / "config.yaml").write_text("earlier: run\n")
+    before = {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()}
+    config = tiny_config(tmp_path, f"data.source={source}")
+    with pytest.raises(DataSourceError, match=rf"^data.source='{source}': {problem}"):
+        run(config, resume=resume, progress=False, redis_url=UNREACHABLE_REDIS)
+    assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == before
+    assert checkpoint.is_dir()
 
 
 def test_rollout_batches_too_large_for_a_message_fail_before_anything_starts(tmp_path: Path) -> None:
