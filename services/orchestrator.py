@@ -214,9 +214,10 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True, ray_addr
     if plan.redis_url:  # an unreachable Redis, or a run going on in this namespace, fails before Ray starts
         check_namespace_free(plan.redis_url, namespace_for(config, out_dir), claim_ttl_s(config))
     out_dir.mkdir(parents=True, exist_ok=True)  # config.yaml: once the learner started (Orchestrator.run)
-    with ray_for_run(config, plan.address) as multi_node, redis_for_run(plan.redis_url, multi_node) as url:
+    with ray_for_run(config, plan.address) as cluster, redis_for_run(plan.redis_url, cluster.multi_node) as url:
         orchestrator = Orchestrator(config, tokenizer, url, namespace_for(config, out_dir), resume=resume,
-                                    progress=progress, resume_command=resume_command)
+                                    progress=progress, resume_command=resume_command,
+                                    ray_is_the_runs=cluster.started_here)
         return orchestrator.run()
 
 
@@ -253,8 +254,10 @@ class Member:
 
 class Orchestrator:
     def __init__(self, config: RunConfig, tokenizer: Tokenizer, redis_url: str, namespace: str, resume: bool,
-                 progress: bool, resume_command: list[str] | None = None) -> None:
+                 progress: bool, resume_command: list[str] | None = None, ray_is_the_runs: bool = False) -> None:
         self.config = config
+        # A local Ray of the run's own goes with the run (ray_for_run shuts it down, its placement group with it).
+        self.ray_is_the_runs = ray_is_the_runs
         self.tokenizer = tokenizer  # encodes the documents it publishes
         self.redis_url = redis_url
         self.namespace = namespace
@@ -957,15 +960,23 @@ class Orchestrator:
                     ray.kill(actor, no_restart=True)
                 except Exception:  # already gone
                     pass
-        if self.reservation is not None:
-            try:
-                self.reservation.release()  # every actor's bundle, once
-            except Exception as exc:  # Ray went away: it took the group with it
-                logger.warning("could not release the run's placement group: %s", exc)
         for role, member_id in members:  # the rest of what killed members leave (their targets went above)
             remove_staged_checkpoints(self.config, self.namespace, role, member_id)
         if self.bar is not None:
             self.bar.close()
+        self._delete_namespace()
+        # Last, and only on a cluster that outlives the run: with a SIGTERM to the whole process group, a local
+        # Ray's GCS is gone, and removing the group waited 60 s for it, then ended the process, the Redis keys
+        # (two copies of the weights among them) and the embedded Redis' folder left behind.
+        if self.reservation is not None and not self.ray_is_the_runs:
+            try:
+                self.reservation.release()  # every actor's bundle, once
+            except Exception as exc:  # Ray went away: it took the group with it
+                logger.warning("could not release the run's placement group: %s", exc)
+        self.client.close()
+
+    def _delete_namespace(self) -> None:
+        """The run's Redis keys, unless Redis is lost or another run holds the namespace now."""
         if self.redis_lost:
             logger.warning("Redis is unreachable: the run's keys (namespace %s) stay in it", self.namespace)
         elif self.namespace_taken:
@@ -979,7 +990,6 @@ class Orchestrator:
                 logger.warning("%s", exc)
             except (redis.RedisError, OSError) as exc:
                 logger.warning("could not delete namespace %s: %s", self.namespace, exc)
-        self.client.close()
 
     def _write_line(self, text: str) -> None:
         """A note above the progress bar, or a log line without one; never raises (see refine.runtime.note): a

@@ -43,7 +43,7 @@ from refine.config import RunConfig
 from services.metrics import metrics_host, prepare_discovery_dir
 from services.redis_server import URL_SOURCES, EmbeddedRedis, connect, redact_url
 
-__all__ = ["ActorRequest", "Placement", "RayPlan", "Reservation", "actor_cpus", "actor_options", "actor_requests",
+__all__ = ["ActorRequest", "Placement", "RayCluster", "RayPlan", "Reservation", "actor_cpus", "actor_options", "actor_requests",
            "check_no_hidden_packages", "check_placement", "check_ray_address", "fit_together", "free_per_node",
            "gpus_needed", "ray_for_run", "redis_for_run", "resolve_addresses", "resource_request"]
 
@@ -195,10 +195,17 @@ def check_ray_address(address: str, timeout_s: float = 2.0) -> None:
         raise ValueError(f"{where}: something listens there but does not answer as a Ray cluster (gRPC): {answer}")
 
 
+@dataclass(frozen=True)
+class RayCluster:
+    """The Ray a run uses."""
+
+    multi_node: bool  # more than one node: the actors reach Redis over the network
+    started_here: bool  # a local Ray of the run's own: its shutdown takes the run's actors and placement group
+
+
 @contextmanager
-def ray_for_run(config: RunConfig, address: str | None) -> Iterator[bool]:
-    """Ray for the run; yields whether Ray runs on more than one node. Shuts down (or disconnects
-    from) only a Ray this function started."""
+def ray_for_run(config: RunConfig, address: str | None) -> Iterator[RayCluster]:
+    """Ray for the run. Shuts down (or disconnects from) only a Ray this function started."""
     needed = cpus_needed(config)
     started = False
     connects = not ray.is_initialized() and bool(address) and address != "local"
@@ -245,7 +252,7 @@ def ray_for_run(config: RunConfig, address: str | None) -> Iterator[bool]:
         check_gpus(config, float(ray.cluster_resources().get("GPU", 0.0)))
         nodes = [node for node in ray.nodes() if node.get("Alive")]
         check_placement(config, nodes)
-        yield len(nodes) > 1
+        yield RayCluster(multi_node=len(nodes) > 1, started_here=started)
     finally:
         if started:
             ray.shutdown()

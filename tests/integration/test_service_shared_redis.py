@@ -1,14 +1,20 @@
 """Runs that share one Redis: the same run started twice by mistake is refused while the first goes on, which
-finishes untouched (real Redis, a real local Ray per run, `refine train` as a user runs it)."""
+finishes untouched; a run stopped as `timeout`, systemd or Slurm stop it leaves no key behind (real Redis, a real
+local Ray per run, `refine train` as a user runs it)."""
 
 from __future__ import annotations
 
+import os
+import re
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from services.redis_server import connect
 
 from service_helpers import SERVICE_TINY, step_rows
 
@@ -42,3 +48,37 @@ def test_the_same_run_started_twice_is_refused_and_the_first_finishes(redis_url:
             first.wait()
     assert [row["step"] for row in step_rows(out_dir)] == list(range(1, steps + 1))
     assert "Redis namespace and Prometheus run label: refine-" in (tmp_path / "first.log").read_text()
+
+
+def test_a_sigterm_to_the_whole_process_group_stops_the_run_cleanly_and_leaves_no_key(redis_url: str,
+                                                                                     tmp_path: Path) -> None:
+    """`timeout`, `systemctl stop` and `scancel` signal the driver's whole process group, its local Ray with it:
+    removing the run's placement group then waited 60 s for Ray's dead GCS and ended the process (exit 1), leaving
+    the run's keys in the shared Redis, two copies of the weights among them."""
+    out_dir = tmp_path / "run"
+    command = [str(BIN / "refine"), "train", str(SERVICE_TINY), "--no-progress", "--redis-url", redis_url,
+               "--set", "train.steps=400", "--set", f"train.out_dir={out_dir}",
+               "--set", f"service.metrics_discovery_dir={tmp_path / 'prometheus'}"]
+    log_path = tmp_path / "run.log"
+    with open(log_path, "w") as log:
+        run = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 240
+            while not ((out_dir / "metrics.jsonl").exists() and step_rows(out_dir)):
+                assert run.poll() is None, log_path.read_text()[-3000:]
+                assert time.monotonic() < deadline, "the run took no step"
+                time.sleep(0.2)
+            os.killpg(run.pid, signal.SIGTERM)
+            code = run.wait(timeout=45)
+        finally:
+            if run.poll() is None:
+                os.killpg(run.pid, signal.SIGKILL)
+                run.wait()
+    text = log_path.read_text()
+    assert code == 130 and "refine: interrupted" in text, text[-3000:]
+    namespace = re.search(r"Redis namespace and Prometheus run label: (\S+)", text).group(1)
+    client = connect(redis_url)
+    try:
+        assert list(client.scan_iter(match=f"{namespace}:*")) == []
+    finally:
+        client.close()
