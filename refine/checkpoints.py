@@ -350,6 +350,7 @@ def resume_from(out_dir: Path, resume: bool, model: FastWeightLM, optimizer: tor
     if resume and checkpoint.exists():
         check_resumed_program(out_dir, program)
         check_resumed_tokenizer(out_dir, tokenizer)
+        check_resumed_dtype(out_dir, next(model.parameters()).dtype)
         return replace(load_checkpoint(checkpoint, model, optimizer, generator), program=program)
     if resume:
         check_kept_without_latest(out_dir)
@@ -378,6 +379,24 @@ def check_resumed_tokenizer(out_dir: str | Path, tokenizer: Tokenizer) -> None:
     raise ValueError(f"--resume: tokenizer {tokenizer_name(tokenizer)!r} is not the one checkpoint {model_dir.parent} "
                      f"was trained with: resume with {saved}, or start a new run from the checkpoint "
                      f"(train.init_from={model_dir}) to change tokenizers")
+
+
+def check_resumed_dtype(out_dir: str | Path, dtype: torch.dtype) -> None:
+    """Refuse a --resume in another train.dtype than the latest checkpoint's model: a bfloat16 run's progress lives
+    in its optimizer's float32 master weights, which a float32 resume would drop for the rounded model (and a
+    bfloat16 resume of a float32 run would round its weights before taking their masters)."""
+    model_dir = latest_checkpoint(out_dir) / "model"
+    try:
+        values = json.loads((model_dir / "config.json").read_text())
+        saved = values.get("torch_dtype") or values.get("dtype")
+    except (OSError, ValueError, AttributeError):  # no checkpoint, or a damaged one: loading it says so
+        return
+    wanted = str(dtype).removeprefix("torch.")
+    if isinstance(saved, str) and saved != wanted:
+        raise ValueError(f"--resume: train.dtype={wanted}, but checkpoint {model_dir.parent} was trained in {saved} "
+                         f"(its weights, and a bfloat16 run's float32 master weights in trainer.pt, would not carry "
+                         f"over): resume with --set train.dtype={saved}, or start a new run from the checkpoint "
+                         f"(train.init_from={model_dir}) in {wanted}")
 
 
 def program_command(program: str) -> str:

@@ -545,6 +545,18 @@ class RunConfig(Strict):
         return self
 
     @model_validator(mode="after")
+    def _model_dtype_is_train_dtype(self) -> "RunConfig":
+        # A model section copied from a config.json may carry its dtype (transformers' key), which nothing reads:
+        # the run builds and trains the model in train.dtype. One that says otherwise is refused, not ignored.
+        if self.train.init_from is None:
+            for key in ("torch_dtype", "dtype"):
+                value = (self.model.model_extra or {}).get(key)
+                if value is not None and str(value).removeprefix("torch.") != self.train.dtype:
+                    raise ValueError(f"model.{key}={shown(value)} is not read: the model is built and trained in "
+                                     f"train.dtype={self.train.dtype!r}; set train.dtype instead")
+        return self
+
+    @model_validator(mode="after")
     def _engine_serves_model(self) -> "RunConfig":
         # What the vLLM engine would refuse only once a worker starts it (or fail on every rollout),
         # refused here with the checks that need no vLLM.

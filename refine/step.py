@@ -19,7 +19,7 @@ from refine.algorithm.update import (
     LossResult, SliceShares, advantages_for, fused_refine_step, refine_loss, rollout_stats, score_rollouts,
     slice_loss, target_share,
 )
-from refine.config import OptimConfig, RefineConfig, RunConfig
+from refine.config import DTYPES, OptimConfig, RefineConfig, RunConfig
 from refine.data.batches import DocumentBatch
 from refine.models import FastWeightLM
 from refine.optim import MasterWeightAdamW, clip_gradients, describe_rates, has_low_precision_weights, learning_rate
@@ -181,6 +181,17 @@ class Divergence:
         self.in_a_row = self.in_a_row + 1 if stats.get("skipped_nonfinite", 0.0) >= 1.0 else 0
         if self.in_a_row < MAX_SKIPPED_IN_A_ROW:
             return None
+        if step == self.in_a_row:  # no step ever taken: the weights are the run's start, no learning rate moved them
+            cfg, dtype = self.config.refine, DTYPES[self.config.train.dtype]
+            weights = ("" if self.config.train.mode == "ntp" else
+                       f"the loss weights (refine.lambda_ntp={cfg.lambda_ntp:g}, lambda_nsp={cfg.lambda_nsp:g}, "
+                       f"kl_coef={cfg.kl_coef:g}: train.dtype={self.config.train.dtype} holds at most "
+                       f"{torch.finfo(dtype).max:.3g}) or ")
+            return ValueError(
+                f"steps 1..{step} were all skipped for a non-finite loss or gradient, from the first: the loss is not "
+                f"finite at the weights the run started from, so check {weights}the starting weights ("
+                f"{f'train.init_from={self.config.train.init_from!r}' if self.config.train.init_from else 'a new model'}"
+                f"); the run stops")
         return ValueError(
             f"steps {step - self.in_a_row + 1}..{step} were all skipped for a non-finite loss or gradient: the "
             f"weights have diverged (learning rate {learning_rate(self.config.optim, step, self.config.train.steps):g}"

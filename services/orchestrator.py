@@ -79,11 +79,11 @@ from tqdm import tqdm
 
 from learner.checkpoint import latest_checkpoint, read_learner_state
 from refine.checkpoints import (
-    check_inputs_outside_checkpoints, check_kept_without_latest, check_resumed_program, check_resumed_tokenizer,
-    clear_checkpoints, fresh_run_message,
+    check_inputs_outside_checkpoints, check_kept_without_latest, check_resumed_dtype, check_resumed_program,
+    check_resumed_tokenizer, clear_checkpoints, fresh_run_message,
 )
 from refine.config import (
-    BUILT_IN_DISCOVERY_DIR, RunConfig, dump_config, fit_to_tokenizer, input_path_fields, run_tokenizer,
+    BUILT_IN_DISCOVERY_DIR, DTYPES, RunConfig, dump_config, fit_to_tokenizer, input_path_fields, run_tokenizer,
 )
 from refine.data.batches import DocumentBatch as LocalBatch
 from refine.data.stream import DataPosition, check_resumed_cursor, check_source, document_batches, shuffled_pass_span
@@ -205,6 +205,7 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True, ray_addr
     tokenizer = run_tokenizer(config)
     if resume:
         check_resumed_tokenizer(config.train.out_dir, tokenizer)
+        check_resumed_dtype(config.train.out_dir, DTYPES[config.train.dtype])
     config = fit_to_tokenizer(config, tokenizer)  # before any actor reads the model section
     check_data_source(config, tokenizer, start_cursor)  # its first batch: the run directory is not touched yet
     check_rollout_message_size(config)  # the model section is final only now (train.init_from)

@@ -68,6 +68,22 @@ def test_a_resume_refuses_a_tokenizer_other_than_the_checkpoints(tmp_path):
         train(byte_run.model_copy(update={"tokenizer": str(model_dir)}), resume=True, progress=False)
 
 
+def test_a_resume_refuses_another_dtype_than_the_checkpoints(tmp_path):
+    """A bfloat16 run resumed with train.dtype=float32 went on from the rounded model, its optimizer's float32
+    master weights (where the run's progress lives) dropped without a word."""
+    config = _config(tmp_path / "run", "ntp", steps=1, extra=("train.dtype=bfloat16",))
+    train(config, progress=False)
+    model_dir = tmp_path / "run" / "checkpoints" / "latest" / "model"
+    longer = config.model_copy(update={"train": config.train.model_copy(update={"steps": 2, "dtype": "float32"})})
+    with pytest.raises(ValueError, match=f"--resume: train.dtype=float32, but checkpoint {model_dir.parent} was "
+                                         f"trained in bfloat16 .*resume with --set train.dtype=bfloat16"):
+        train(longer, resume=True, progress=False)
+    assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 1
+    train(longer.model_copy(update={"train": longer.train.model_copy(update={"dtype": "bfloat16"})}), resume=True,
+          progress=False)  # the remedy
+    assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
+
+
 def test_kept_checkpoints_are_the_newest_ones_hard_linked_and_a_fresh_run_removes_them(tmp_path):
     run = tmp_path / "run"
     keep = ("train.checkpoint_every=1", "train.keep_checkpoints=2")

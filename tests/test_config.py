@@ -655,3 +655,13 @@ def test_a_redis_password_in_the_saved_settings_is_refused(url):
         load_config(None, [f"service.redis_url={url}"])
     assert "secret" not in str(error.value)
     assert load_config(None, ["service.redis_url=redis://user@127.0.0.1:6400/0"]).service.redis_url
+
+
+def test_a_model_dtype_other_than_train_dtype_is_refused_not_ignored():
+    """model.torch_dtype=bfloat16 trained in float32 without a word (train.dtype alone is read)."""
+    with pytest.raises(ConfigError, match=re.escape("model.torch_dtype='bfloat16' is not read: the model is built and "
+                                                    "trained in train.dtype='float32'; set train.dtype instead")):
+        load_config(None, ["model.torch_dtype=bfloat16"])
+    # A section copied from a config.json that agrees with train.dtype is fine.
+    assert load_config(None, ["model.torch_dtype=bfloat16", "train.dtype=bfloat16"]).train.dtype == "bfloat16"
+    assert load_config(None, ["model.dtype=float32"]).train.dtype == "float32"

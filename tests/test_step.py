@@ -18,7 +18,7 @@ from refine.data.batches import DocumentBatch
 from refine.loop import prepare_model, train
 from refine.models import build_model, load_model
 from refine.step import (
-    MAX_SKIPPED_IN_A_ROW, StepResult, make_optimizer, merge_steps, mini_batch_bounds, optimizer_step,
+    MAX_SKIPPED_IN_A_ROW, Divergence, StepResult, make_optimizer, merge_steps, mini_batch_bounds, optimizer_step,
     rollout_batch_update, train_step,
 )
 
@@ -180,15 +180,28 @@ def test_merged_steps_average_each_stat_over_the_steps_that_report_it():
     assert merged.skipped and merged.stats == {"loss": 4.0, "skipped_nonfinite": 0.5, "grad_norm": 2.0}
 
 
-def test_a_diverged_run_stops_naming_its_settings_and_keeps_its_last_checkpoint(tmp_path, capsys):
+def test_steps_skipped_after_trained_ones_say_the_weights_diverged_naming_the_rates(tmp_path):
+    config = _config(tmp_path, "onepass", steps=100, extra=("optim.warmup_steps=20",))
+    divergence = Divergence(config)
+    assert divergence.add(1, {"skipped_nonfinite": 0.0}) is None
+    errors = [divergence.add(step, {"skipped_nonfinite": 1.0}) for step in range(2, 2 + MAX_SKIPPED_IN_A_ROW)]
+    assert errors[:-1] == [None] * (MAX_SKIPPED_IN_A_ROW - 1)
+    assert str(errors[-1]).startswith(
+        f"steps 2..{MAX_SKIPPED_IN_A_ROW + 1} were all skipped for a non-finite loss or gradient: the weights have "
+        f"diverged (learning rate 0.00055 at step 11, optim.lr=0.001 with optim.warmup_steps=20, "
+        f"optim.schedule='constant': each step's rate is its lr in metrics.jsonl; optim.grad_clip=1.0")
+
+
+def test_a_run_whose_every_step_is_skipped_stops_naming_the_loss_weights_and_keeps_no_checkpoint(tmp_path, capsys):
     """Every step skipped for a non-finite loss: after MAX_SKIPPED_IN_A_ROW of them the run ends with an error,
-    instead of finishing as a success whose weights never moved."""
+    instead of finishing as a success whose weights never moved. From the first step, no learning rate is to blame
+    (it was named, as "the weights have diverged"): the loss weights overflow the dtype."""
     config = _config(tmp_path, "onepass", steps=MAX_SKIPPED_IN_A_ROW + 5,
                      extra=("refine.lambda_ntp=1e300", "optim.warmup_steps=20"))
     with pytest.raises(ValueError, match=re.escape(
-            f"steps 1..{MAX_SKIPPED_IN_A_ROW} were all skipped for a non-finite loss or gradient: the weights have "
-            f"diverged (learning rate 0.0005 at step 10, optim.lr=0.001 with optim.warmup_steps=20, "
-            f"optim.schedule='constant': each step's rate is its lr in metrics.jsonl; optim.grad_clip=1.0")):
+            f"steps 1..{MAX_SKIPPED_IN_A_ROW} were all skipped for a non-finite loss or gradient, from the first: the "
+            f"loss is not finite at the weights the run started from, so check the loss weights (refine.lambda_ntp="
+            f"1e+300, lambda_nsp=0.2, kl_coef=0: train.dtype=float32 holds at most 3.4e+38) or the starting weights")):
         train(config, progress=False)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == list(range(1, MAX_SKIPPED_IN_A_ROW + 1))

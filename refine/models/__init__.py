@@ -98,6 +98,9 @@ def load_model_config(path: str | Path) -> ModelConfigBase:
         raise ValueError(f"{config_file}: {error}") from None
 
 
+LOADABLE_FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
 def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
     """One safetensors file's tensors. A damaged file, or a NaN/Inf weight (which would only surface later as
     non-finite logits), fails naming the file and the tensor."""
@@ -109,6 +112,9 @@ def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{file}: not a readable safetensors file ({error})") from None
     for name in sorted(tensors):
         tensor = tensors[name]
+        if tensor.is_floating_point() and tensor.dtype not in LOADABLE_FLOATS:  # float8: quantized, and isfinite fails
+            raise ValueError(f"{file}: tensor {name!r} is {str(tensor.dtype).removeprefix('torch.')}: a quantized "
+                             f"checkpoint loads only dequantized (float32, bfloat16 or float16)")
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise ValueError(f"{file}: tensor {name!r} holds NaN or Inf values: the checkpoint is damaged")
     return tensors
