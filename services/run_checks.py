@@ -82,6 +82,12 @@ def check_service_config(config: RunConfig) -> None:
     if service.mode == "colocated" and service.num_learners > 1:
         raise ValueError(f"service.num_learners={service.num_learners} needs service.mode='disaggregated': the "
                          f"colocated fused step samples its own rollouts and is not split across ranks")
+    smallest = config.train.batch_size // config.train.mini_batches  # mini-batch sizes differ by at most one
+    if service.num_learners > smallest:
+        raise ValueError(f"service.num_learners={service.num_learners} splits each mini-batch's documents across the "
+                         f"learner ranks, but train.batch_size={config.train.batch_size} in train.mini_batches="
+                         f"{config.train.mini_batches} makes mini-batches of {smallest}: ranks {smallest} and up "
+                         f"would train on nothing; raise train.batch_size or lower service.num_learners")
     if service.mode == "disaggregated" and service.max_staleness < service.sync_interval - 1:
         raise ValueError(
             f"service.max_staleness={service.max_staleness} is below service.sync_interval - 1 = "

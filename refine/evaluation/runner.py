@@ -22,7 +22,9 @@ from typing import Any
 import torch
 from pydantic import Field, ValidationError, field_validator
 
-from refine.config import DTYPES, MAX_SYNTHETIC_LENGTH, MAX_SYNTHETIC_TOKENS, greedy_or_sampled, load_config
+from refine.config import (
+    DTYPES, MAX_SYNTHETIC_LENGTH, MAX_SYNTHETIC_TOKENS, OptimConfig, greedy_or_sampled, load_config,
+)
 from refine.config_parsing import ConfigError, parse_yaml
 from refine.data.sources import DataSourceError
 from refine.data.synthetic import NiahConfig, NiahVariant, Purpose, generate_niah, mqar_for_length, stream_salt
@@ -339,6 +341,12 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError(f"--ttt-steps={args.ttt_steps} and --ttt-batch={args.ttt_batch}: a batch takes "
                          f"train.mini_batches updates (one pass over its prompts), not --ttt-steps")
     check_overrides_apply(overrides, args.config, args.ttt, args.ttt_batch)
+    if args.config is not None and args.ttt:  # a run's config.yaml is welcome; its schedule is not taken (--set: refused)
+        schedule = [f"optim.{key}={getattr(run_config.optim, key)!r}" for key in ("schedule", "warmup_steps",
+                    "min_lr_ratio") if getattr(run_config.optim, key) != OptimConfig.model_fields[key].default]
+        if schedule:
+            eval_note(f"--config {args.config}: {', '.join(schedule)} not applied: test-time updates take optim.lr="
+                      f"{run_config.optim.lr:g} as it is, with no learning-rate schedule")
     check_options_apply(options, args.task, args.ttt)
     check_seed(args.seed)  # all of these before the model loads
     check_answer_budget(args.max_new_tokens)

@@ -669,3 +669,10 @@ def test_what_eval_reads_of_a_run_config_is_accepted(model_dir, tmp_path, capsys
     code, _, err = run_eval(capsys, *base, "--ttt", "--ttt-steps", "1", "--config", str(moved),
                             "--output", str(tmp_path / "c.json"))
     assert code == 0, err
+    # A training run's schedule in the file is said not to apply (--set of it is refused): it was silently flat.
+    scheduled = tmp_path / "scheduled.yaml"
+    scheduled.write_text("optim:\n  lr: 1.0e-5\n  schedule: cosine\n  warmup_steps: 100\n")
+    code, _, err = run_eval(capsys, *base, "--ttt", "--ttt-steps", "1", "--config", str(scheduled),
+                            "--output", str(tmp_path / "d.json"))
+    assert code == 0 and (f"refine eval: --config {scheduled}: optim.schedule='cosine', optim.warmup_steps=100 not "
+                          f"applied: test-time updates take optim.lr=1e-05 as it is") in err, err

@@ -68,3 +68,12 @@ def test_micro_batches_on_two_ranks_take_the_step_of_one_learner_on_the_whole_ba
 def test_several_learners_need_the_disaggregated_mode(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="service.num_learners=2"):
         check_service_config(tiny_config(tmp_path, "service.mode=colocated", "service.num_learners=2"))
+
+
+def test_more_learners_than_documents_in_a_mini_batch_are_refused(tmp_path: Path) -> None:
+    """Rank 1 of two trained on nothing when each mini-batch held one document, without a word."""
+    with pytest.raises(ValueError, match=r"service.num_learners=2 splits .* train.batch_size=2 in "
+                                         r"train.mini_batches=2 makes mini-batches of 1: ranks 1 and up"):
+        check_service_config(tiny_config(tmp_path, "service.num_learners=2", "train.mini_batches=2"))
+    check_service_config(tiny_config(tmp_path, "service.num_learners=2", "train.batch_size=4",
+                                     "train.mini_batches=2"))
