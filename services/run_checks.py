@@ -114,4 +114,9 @@ def check_data_source(config: RunConfig, tokenizer: Tokenizer, start_cursor: int
             RowSource(data.source, columns=[data.text_column], fmt=data.format)
         except (OSError, ValueError, ImportError) as exc:
             raise ConfigError(f"data.source={data.source!r}: {exc}") from None
-    first_batch_read(config, tokenizer, start_cursor)
+    try:
+        first_batch_read(config, tokenizer, start_cursor)  # a file source's errors name it (DataSourceError)
+    except ValueError as exc:
+        if data.source != "synthetic":
+            raise
+        raise ConfigError(str(exc)) from None  # the synthetic corpus' settings: its errors name them
