@@ -3,6 +3,7 @@ and data sources it can read."""
 
 from __future__ import annotations
 
+import logging
 import sys
 
 from refine.config import RunConfig, ServiceConfig
@@ -114,9 +115,14 @@ def check_data_source(config: RunConfig, tokenizer: Tokenizer, start_cursor: int
             RowSource(data.source, columns=[data.text_column], fmt=data.format)
         except (OSError, ValueError, ImportError) as exc:
             raise ConfigError(f"data.source={data.source!r}: {exc}") from None
+    stream_log = logging.getLogger("refine.data.stream")
+    level = stream_log.level
+    stream_log.setLevel(logging.ERROR)  # what it drops or cuts: the run's own stream reads the same and says it
     try:
         first_batch_read(config, tokenizer, start_cursor)  # a file source's errors name it (DataSourceError)
     except ValueError as exc:
         if data.source != "synthetic":
             raise
         raise ConfigError(str(exc)) from None  # the synthetic corpus' settings: its errors name them
+    finally:
+        stream_log.setLevel(level)
