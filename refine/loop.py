@@ -278,6 +278,10 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True,
           resume_command: list[str] | None = None) -> dict[str, float]:
     """Run `config.train.steps` steps; returns the last step's stats. A stop (Ctrl-C, SIGTERM) says that
     `resume_command` goes on (default: `refine train OUT_DIR/config.yaml --local --resume`)."""
+    if config.demo is not None:  # its stages' steps and rates are in the demo section, which one run does not read
+        raise ValueError("the config has a demo section: it describes the main job, NTP then REFINE vs NTP "
+                         "(refine.experiment.run_comparison, as `refine train` runs it); train() trains one run: set "
+                         "demo to None (--set demo=null)")
     check_mini_batches(config)
     check_loop_reward(config)
     if not resume:  # before the model loads: a tokenizer there may be what fails first

@@ -28,7 +28,7 @@ from refine.generate import generate
 from refine.models import FastWeightLM
 from refine.models.base import check_token_ids
 from refine.models.state import is_integer_dtype
-from refine.step import StepResult, make_optimizer, optimizer_step, train_step
+from refine.step import StepResult, check_gradients_on, make_optimizer, optimizer_step, train_step
 
 MAX_SFT_COEF = torch.finfo(torch.float32).max  # the SFT loss is float32 at least: past this its product is inf
 
@@ -65,7 +65,10 @@ def check_examples(examples: Sequence[QAExample], vocab_size: int, with_answers:
             values = getattr(example, part)
             if len(values) == 0:
                 continue
-            tokens = torch.as_tensor(values if isinstance(values, Tensor) else list(values))
+            if isinstance(values, Tensor):  # `prompt + answer` would add a tensor's ids, not join them
+                raise ValueError(f"examples[{index}].{part} is a tensor: QAExample holds lists of token ids "
+                                 f"(give {part}.tolist())")
+            tokens = torch.as_tensor(list(values))
             if not is_integer_dtype(tokens.dtype):
                 raise ValueError(f"examples[{index}].{part} holds {tokens.dtype} values, not token ids: "
                                  f"{tokens[:8].tolist()}")
@@ -118,6 +121,7 @@ def posttrain_step(model: FastWeightLM, optimizer: torch.optim.Optimizer, exampl
     mini-batches), then sft_loss and the SFT step's sft_grad_norm. skipped: any step was skipped for a
     non-finite loss or gradient."""
     check_sft_coef(sft_coef)
+    check_gradients_on(model, "posttrain_step")
     check_no_kl_term(config.refine, "posttrain_step")
     check_examples(examples, model.config.vocab_size, with_answers=sft_coef != 0)
     ids, lengths = pad_documents([ex.prompt for ex in examples], pad_id)
@@ -157,10 +161,8 @@ def adapt_and_answer(model: FastWeightLM, prompt: list[int], cfg: RefineConfig, 
     check_no_kl_term(cfg, "adapt_and_answer")
     if not prompt:
         raise ValueError("prompt is empty: test-time training adapts on the prompt's tokens")
-    if steps > 0 and not (torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters())):
-        raise ValueError("adapt_and_answer: test-time training takes gradient steps, but gradients are off ("
-                         + ("torch.no_grad() or torch.inference_mode() is active" if not torch.is_grad_enabled()
-                            else "no parameter of the model requires grad") + ")")
+    if steps > 0:
+        check_gradients_on(model, "adapt_and_answer: test-time training")
     ids = torch.tensor([prompt], device=model.device)
     check_token_ids("prompt", ids, model.config.vocab_size)
     saved = snapshot_weights(model) if restore else None

@@ -41,6 +41,16 @@ def make_optimizer(model: FastWeightLM, optim: OptimConfig) -> torch.optim.Optim
     return torch.optim.AdamW(model.parameters(), **options)
 
 
+def check_gradients_on(model: FastWeightLM, caller: str) -> None:
+    """Refuse gradient steps that autograd could not take (its own error names no cause): under torch.no_grad()
+    or torch.inference_mode(), or on a model none of whose parameters requires grad."""
+    if not torch.is_grad_enabled():
+        raise ValueError(f"{caller} takes gradient steps, but gradients are off: torch.no_grad() or "
+                         f"torch.inference_mode() is active")
+    if not any(parameter.requires_grad for parameter in model.parameters()):
+        raise ValueError(f"{caller} takes gradient steps, but no parameter of the model requires grad")
+
+
 def train_step(model: FastWeightLM, optimizer: torch.optim.Optimizer, batch: DocumentBatch, config: RunConfig,
                generator: torch.Generator, ref_model: FastWeightLM | None = None,
                times: StageTimes | None = None) -> StepResult:
@@ -48,6 +58,7 @@ def train_step(model: FastWeightLM, optimizer: torch.optim.Optimizer, batch: Doc
     per mini-batch (`train.mini_batches`). `times` collects seconds per stage (forward; the fused step's own
     stages; rollout, before the update forwards of onepass/reference; backward_step)."""
     check_mini_batches(config)
+    check_gradients_on(model, "train_step")
     mode, cfg = config.train.mode, config.refine
     ids, lengths = batch.input_ids, batch.lengths
     if mode in ("onepass", "reference"):

@@ -514,3 +514,14 @@ def test_a_run_whose_stderr_is_lost_trains_every_step_and_checkpoints(tmp_path, 
     assert json.loads(out.splitlines()[-1])["step"] == steps
     assert [row["step"] for row in _rows(tmp_path)] == list(range(1, steps + 1))
     assert read_trainer_state(tmp_path / "checkpoints" / "latest" / "trainer.pt")["step"] == steps
+
+
+def test_train_refuses_the_main_jobs_config_whose_stages_it_would_not_run(tmp_path):
+    """train(load_config("configs/demo.yaml")) trained train.steps at optim.lr, which that config's own checks say
+    the main job does not read, ignoring demo.pretrain_steps and demo.pretrain_lr without a word."""
+    from refine.config import DEMO_DEFAULTS
+
+    config = load_config(None, [f"train.out_dir={tmp_path}"], defaults=DEMO_DEFAULTS)
+    with pytest.raises(ValueError, match=r"the config has a demo section: .* set demo to None \(--set demo=null\)"):
+        train(config, progress=False)
+    assert not any(tmp_path.iterdir())

@@ -1,5 +1,7 @@
 """Post-training (nested) and test-time training as library calls."""
 
+import re
+
 import pytest
 import torch
 
@@ -287,7 +289,7 @@ def test_test_time_training_refuses_what_it_cannot_adapt_on_before_any_step():
         arguments = dict(model=model, prompt=prompt, cfg=CFG, optim=optim, steps=1, max_new_tokens=1) | kwargs
         with pytest.raises(ValueError, match=message):
             adapt_and_answer(**arguments)
-    with torch.no_grad(), pytest.raises(ValueError, match=r"gradients are off \(torch.no_grad\(\)"):
+    with torch.no_grad(), pytest.raises(ValueError, match=r"gradients are off: torch.no_grad\(\)"):
         adapt_and_answer(model, prompt, CFG, optim, steps=1, max_new_tokens=1)
     frozen = _model().requires_grad_(False)
     with pytest.raises(ValueError, match="no parameter of the model requires grad"):
@@ -303,6 +305,9 @@ def test_posttrain_step_refuses_examples_and_settings_it_cannot_train_before_any
         ([examples[0], QAExample(examples[1].prompt, [30])], {}, r"examples\[1\].answer holds 30, not a token id"),
         ([QAExample([1.5] * 40, [3])], {}, r"examples\[0\].prompt holds torch.float32 values"),
         ([QAExample([], [3])], {}, r"examples\[0\].prompt is empty"),
+        # A tensor's ids were added to the answer's, not joined with them (the SFT sequence silently wrong).
+        ([QAExample(torch.tensor(examples[0].prompt), torch.tensor([7]))], {},
+         r"examples\[0\].prompt is a tensor: QAExample holds lists of token ids \(give prompt.tolist\(\)\)"),
         ([], {}, "examples is empty"),
         (examples, dict(sft_coef=-1.0), "sft_coef must be a number from 0 to 3.403e\\+38 .* got -1.0"),
         (examples, dict(sft_coef=float("nan")), "sft_coef must be a number from 0 .* got nan"),
@@ -317,6 +322,23 @@ def test_posttrain_step_refuses_examples_and_settings_it_cannot_train_before_any
             posttrain_step(model, optimizer, bad_examples, generator=torch.Generator().manual_seed(1), **arguments)
         assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), message
         assert not optimizer.state, message  # no optimizer step was taken
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["no_grad", "frozen"])
+def test_gradient_steps_where_gradients_are_off_are_refused_naming_why(frozen):
+    """A raw autograd error ("element 0 of tensors does not require grad") from deep inside, in every mode."""
+    optim, examples = OptimConfig(lr=1e-2), _qa_examples()
+    model = _model().requires_grad_(not frozen)
+    optimizer = make_optimizer(model, optim)
+    why = "no parameter of the model requires grad" if frozen else "gradients are off: torch.no_grad()"
+    with torch.set_grad_enabled(frozen), pytest.raises(ValueError, match=re.escape(f"posttrain_step takes gradient "
+                                                                                    f"steps, but {why}")):
+        posttrain_step(model, optimizer, examples, _run_config(optim), generator=torch.Generator().manual_seed(1))
+    ids, lengths = pad_documents([ex.prompt for ex in examples], 0)
+    with torch.set_grad_enabled(frozen), pytest.raises(ValueError, match=re.escape(f"train_step takes gradient "
+                                                                                    f"steps, but {why}")):
+        train_step(model, optimizer, DocumentBatch(ids, lengths, ["a", "b"]), _run_config(optim),
+                   torch.Generator().manual_seed(1))
 
 
 def test_posttrain_step_takes_empty_answers_it_does_not_train_on():

@@ -48,6 +48,8 @@ def grpo_advantages(
         raise ValueError(f"eps must be a number >= 0, got {eps!r}")
     if singleton not in ("zero", "raw"):
         raise ValueError(f"singleton must be 'zero' or 'raw', got {singleton!r}")
+    if not rewards.is_floating_point():  # counts or bools: advantages are fractions, returned in float32
+        rewards = rewards.to(torch.float32)
     if rewards.numel() == 0:
         return rewards.clone()
 

@@ -200,6 +200,8 @@ def compute_reward(name: str, inputs: RewardInputs) -> Tensor:
         raise RewardOutputError(f"reward {name!r} must return a tensor of shape [{inputs.num_rollouts}], got {shape}")
     if scores.is_complex():
         raise RewardOutputError(f"reward {name!r} must return real scores, got dtype {scores.dtype}")
+    if not scores.is_floating_point():  # a match count, a bool per rollout: scores all the same, in float32
+        scores = scores.to(torch.float32)
     _check_finite(f"reward {name!r} output", scores, RewardOutputError)
     return scores
 

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from refine.algorithm.advantages import group_ids_for, grpo_advantages
 from refine.algorithm.losses import MASKED_MEAN_EPS, ntp_loss, policy_loss
-from refine.algorithm.rewards import RewardInputs, compute_reward
+from refine.algorithm.rewards import RewardInputs, compute_reward, import_reward_modules
 from refine.algorithm.rollout import (
     Rollouts, check_positions, choose_positions, decode, first_token_entropy, gather_windows, prefix_rows,
 )
@@ -49,6 +49,7 @@ def score_rollouts(rollouts: Rollouts, cfg: RefineConfig) -> Tensor:
         rollout_tokens=rollouts.tokens, ground_truth_tokens=rollouts.target_tokens,
         rollout_hidden=rollouts.hidden.to(dtype), ground_truth_hidden=rollouts.target_hidden.to(dtype),
     )
+    import_reward_modules(cfg.reward_modules)  # a library caller's config too: imported once, then a lookup
     return compute_reward(cfg.reward, inputs)
 
 

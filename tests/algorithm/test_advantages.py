@@ -83,3 +83,13 @@ def test_bad_inputs_are_named():
         group_ids_for(1, 2, 3, "sample")
     with pytest.raises(ValueError, match="num_samples"):
         group_ids_for(1, 2, 0)
+
+
+@pytest.mark.parametrize("rewards", [torch.tensor([1, 2, 3, 4]), torch.tensor([True, False, True, True])])
+def test_integer_and_bool_rewards_give_the_advantages_of_their_values(rewards):
+    """They were computed in float64, then cast back to the rewards' dtype: [0, 0, 0, 0], or all True."""
+    groups = torch.tensor([0, 0, 1, 1])
+    advantages = grpo_advantages(rewards, groups)
+    assert advantages.dtype == torch.float32
+    assert torch.equal(advantages, grpo_advantages(rewards.to(torch.float32), groups))
+    assert advantages.abs().sum() > 0

@@ -242,3 +242,26 @@ def test_the_run_check_names_the_field_and_where_text_is_scored(reward_module):
     check_run_reward(reward, [module], decodes_text=True)
     with pytest.raises(ValueError, match="scores decoded text"):
         check_run_reward(reward, [module], decodes_text=False)
+
+
+def test_a_library_step_imports_its_configs_reward_modules_and_takes_bool_scores(tmp_path, monkeypatch):
+    """score_rollouts (every training step) looked the reward up without importing refine.reward_modules, which
+    only the commands imported ("unknown reward"); a reward returning a bool per rollout passed the output check
+    and failed later in the stats' mean()."""
+    module, reward = f"scratch_rewards_{uuid.uuid4().hex[:8]}", f"test_match_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{module}.py").write_text(
+        "from refine.algorithm.rewards import register_reward\n\n\n"
+        f"@register_reward({reward!r})\n"
+        "def reward(inputs):\n"
+        "    return inputs.rollout_tokens[:, 0] == inputs.ground_truth_tokens[:, 0]\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    hidden = torch.randn(4, 3, 8)
+    rollouts = Rollouts(torch.tensor([[5, 9]]), torch.tensor([[1, 2, 3], [4, 5, 6], [1, 0, 0], [7, 7, 7]]),
+                        torch.zeros(4, 3), hidden, torch.tensor([[1, 2, 3]] * 4), hidden, torch.zeros(1, 2), 2)
+    try:
+        rewards = score_rollouts(rollouts, RefineConfig(reward=reward, reward_modules=[module]))
+    finally:
+        unregister_reward(reward)
+        sys.modules.pop(module, None)
+    assert rewards.dtype == torch.float32 and rewards.tolist() == [1.0, 0.0, 1.0, 0.0]
