@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
+import torch
 from pydantic import ValidationError
 
 matplotlib.use("Agg")
@@ -30,7 +31,7 @@ from refine.evaluation.answering import evaluate  # noqa: E402
 from refine.evaluation.heldout import heldout_ntp_loss  # noqa: E402
 from refine.models import load_model  # noqa: E402
 from refine.plots import read_metrics  # noqa: E402
-from refine.runtime import note  # noqa: E402
+from refine.runtime import callers_torch_state_kept, note  # noqa: E402
 from refine.step import check_mini_batches  # noqa: E402
 from refine.tokenizer import HFTokenizer, Tokenizer  # noqa: E402
 
@@ -100,12 +101,16 @@ def heldout_set(tokenizer: Tokenizer, config: RunConfig) -> list[list[int]]:
 
 def evaluate_model(path: Path, tokenizer: Tokenizer, config: RunConfig, sets: dict[str, list],
                    documents: list[list[int]]) -> dict[str, float]:
-    model = load_model(path).eval()
-    row = {"heldout_ntp_loss": round(heldout_ntp_loss(model, documents, len(documents), tokenizer.pad_id or 0), 4)}
-    for task, examples in sets.items():
-        result = evaluate(model, tokenizer, examples, task, ttt=False,
-                          run_config=config, ttt_steps=0, max_new_tokens=None, progress=False)
-        row[task] = result["summary"]["score"]
+    with callers_torch_state_kept("cpu"):  # the stages' train.threads, as they trained (train() leaves its own)
+        if config.train.threads:
+            torch.set_num_threads(config.train.threads)
+        model = load_model(path).eval()
+        row = {"heldout_ntp_loss": round(heldout_ntp_loss(model, documents, len(documents), tokenizer.pad_id or 0),
+                                         4)}
+        for task, examples in sets.items():
+            result = evaluate(model, tokenizer, examples, task, ttt=False,
+                              run_config=config, ttt_steps=0, max_new_tokens=None, progress=False)
+            row[task] = result["summary"]["score"]
     return row
 
 

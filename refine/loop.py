@@ -35,7 +35,7 @@ from refine.optim import describe_rates, learning_rate, set_learning_rate
 from refine.run_files import (
     check_run_directory, finished_run, jsonl_rows, plot_run, restart_metrics, start_run_directory, write_row,
 )
-from refine.runtime import StageTimes, note, progress_bar, tune_allocator
+from refine.runtime import StageTimes, callers_torch_state_kept, note, progress_bar, tune_allocator
 from refine.step import Divergence, StepResult, check_mini_batches, make_optimizer, train_step
 from refine.tokenizer import Tokenizer
 
@@ -277,7 +277,13 @@ def first_batch_read(config: RunConfig, tokenizer: Tokenizer, start_cursor: int)
 def train(config: RunConfig, resume: bool = False, progress: bool = True,
           resume_command: list[str] | None = None) -> dict[str, float]:
     """Run `config.train.steps` steps; returns the last step's stats. A stop (Ctrl-C, SIGTERM) says that
-    `resume_command` goes on (default: `refine train OUT_DIR/config.yaml --local --resume`)."""
+    `resume_command` goes on (default: `refine train OUT_DIR/config.yaml --local --resume`). torch's global
+    generator and thread count are the caller's again afterwards."""
+    with callers_torch_state_kept(config.train.device):
+        return _train(config, resume, progress, resume_command)
+
+
+def _train(config: RunConfig, resume: bool, progress: bool, resume_command: list[str] | None) -> dict[str, float]:
     if config.demo is not None:  # its stages' steps and rates are in the demo section, which one run does not read
         raise ValueError("the config has a demo section: it describes the main job, NTP then REFINE vs NTP "
                          "(refine.experiment.run_comparison, as `refine train` runs it); train() trains one run: set "

@@ -52,7 +52,7 @@ from refine.files import write_atomically
 from refine.loop import StepBatch, prepare_model, run_steps
 from refine.phases import QAExample, check_no_kl_term, check_sft_coef, posttrain_step
 from refine.run_files import absolute_out_dir, check_resumed_run, finished_run, start_run_directory
-from refine.runtime import StageTimes, note, tune_allocator
+from refine.runtime import StageTimes, callers_torch_state_kept, note, tune_allocator
 from refine.step import StepResult, check_mini_batches, make_optimizer
 from refine.tokenizer import Tokenizer
 
@@ -255,7 +255,14 @@ def batch_indices(num_examples: int, seed: int, cursor: int, batch_size: int) ->
 
 def posttrain(config: RunConfig, data: str | Path, task: str, sft_coef: float = 1.0, resume: bool = False,
               progress: bool = True) -> dict[str, float]:
-    """Run `config.train.steps` nested post-training steps on the task file; returns the last step's stats."""
+    """Run `config.train.steps` nested post-training steps on the task file; returns the last step's stats. torch's
+    global generator and thread count are the caller's again afterwards."""
+    with callers_torch_state_kept(config.train.device):
+        return _posttrain(config, data, task, sft_coef, resume, progress)
+
+
+def _posttrain(config: RunConfig, data: str | Path, task: str, sft_coef: float, resume: bool,
+               progress: bool) -> dict[str, float]:
     if resume:  # first: another program's run explains every setting of its config that posttrain refuses
         check_resumed_program(Path(absolute_out_dir(config)), "refine posttrain")
     check_config(config, sft_coef)

@@ -95,6 +95,22 @@ def sigterm_as_ctrl_c() -> Iterator[None]:
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
+@contextmanager
+def callers_torch_state_kept(device: str) -> Iterator[None]:
+    """A library call that seeds torch's global generator (a new model's initialization) and sets its thread count
+    (train.threads) leaves the caller's as they were: a notebook's own seeding and threads hold after it."""
+    import torch
+
+    threads = torch.get_num_threads()
+    place = torch.device(device)
+    cuda = [place.index or 0] if place.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def synchronize(device: str | torch.device) -> None:
     """Wait for the device's queued work (CUDA runs asynchronously); nothing to wait for on CPU."""
     import torch

@@ -525,3 +525,18 @@ def test_train_refuses_the_main_jobs_config_whose_stages_it_would_not_run(tmp_pa
     with pytest.raises(ValueError, match=r"the config has a demo section: .* set demo to None \(--set demo=null\)"):
         train(config, progress=False)
     assert not any(tmp_path.iterdir())
+
+
+def test_train_leaves_the_callers_global_generator_and_thread_count_as_they_were(tmp_path):
+    """A notebook's torch.manual_seed was replaced by train.seed (two runs after different seeds drew the same
+    numbers), and train.threads stayed set after the call."""
+    threads = torch.get_num_threads()
+    draws = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        expected = torch.rand(3, generator=torch.Generator().manual_seed(seed))
+        train(_config(tmp_path / str(seed), "ntp", steps=1, extra=("train.threads=1",)), progress=False)
+        draws.append(torch.rand(3))
+        assert torch.equal(draws[-1], expected)
+    assert not torch.equal(draws[0], draws[1])
+    assert torch.get_num_threads() == threads
