@@ -103,7 +103,8 @@ def callers_torch_state_kept(device: str) -> Iterator[None]:
 
     threads = torch.get_num_threads()
     place = torch.device(device)
-    cuda = [place.index or 0] if place.type == "cuda" else []
+    # A CUDA device where torch has none fails later, named (check_device), not in fork_rng.
+    cuda = [place.index or 0] if place.type == "cuda" and torch.cuda.is_available() else []
     try:
         with torch.random.fork_rng(devices=cuda):
             yield
