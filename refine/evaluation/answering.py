@@ -9,8 +9,10 @@ The checks of its settings (`check_ttt_steps`, `check_ttt_batch`, `check_seed`, 
 
 from __future__ import annotations
 
+import numbers
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,6 +124,11 @@ def evaluate(
     `task` is a CLI task name (niah, mqar, ruler-qa, longbench) or a metric task name (e.g. hotpotqa).
     `max_new_tokens` None: each example's own budget (see refine.data.tasks), else 32. `longbench_scoring`:
     LongBench's own rules, or "refine-release" (the paper's, to compare with its tables)."""
+    if isinstance(tokenizer, (str, Path)):
+        raise ValueError(f"tokenizer must be a tokenizer, got the path {str(tokenizer)!r}: load it with "
+                         f"refine.tokenizer.load_tokenizer")
+    if isinstance(examples, TaskExample) or not all(isinstance(example, TaskExample) for example in examples):
+        raise ValueError(f"examples must be a sequence of TaskExample, got {type(examples).__name__}")
     if not examples:
         raise ValueError("no examples to evaluate")
     if ttt:
@@ -132,6 +139,7 @@ def evaluate(
     check_ttt_batch(ttt_batch, ttt, ttt_accumulate, run_config.train.mini_batches, "ttt_batch")
     check_answer_budget(max_new_tokens, "max_new_tokens")
     check_seed(seed, "seed")
+    check_whole_number(batch_size, "batch_size")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     check_tokenizer_fits(model.config, tokenizer)
@@ -365,6 +373,7 @@ def check_ttt_batch(ttt_batch: int | None, ttt: bool, ttt_accumulate: bool, mini
     --ttt-accumulate, which batches imply, or that is too small to split into train.mini_batches updates."""
     if ttt_batch is None:
         return
+    check_whole_number(ttt_batch, name)
     if ttt_batch < 1:
         raise ValueError(f"{name} must be >= 1, got {ttt_batch}")
     if not ttt:
@@ -377,8 +386,15 @@ def check_ttt_batch(ttt_batch: int | None, ttt: bool, ttt_accumulate: bool, mini
                          f"{mini_batches} or lower train.mini_batches")
 
 
+def check_whole_number(value: object, name: str) -> None:
+    """Refuse a count or seed that is not a whole number (a library caller's 1.5 or True; the CLI parses ints)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+
+
 def check_ttt_steps(value: int, name: str = "--ttt-steps") -> None:
     """Refuse a count of REFINE updates on each prompt outside [0, MAX_TTT_STEPS] (see there)."""
+    check_whole_number(value, name)
     if not 0 <= value <= MAX_TTT_STEPS:
         raise ValueError(f"{name} must be in [0, {MAX_TTT_STEPS}], got {value}: each step samples rollouts over "
                          f"the whole prompt, for every example (the paper's scripts take 1 or 2)")
@@ -386,6 +402,7 @@ def check_ttt_steps(value: int, name: str = "--ttt-steps") -> None:
 
 def check_seed(value: int, name: str = "--seed") -> None:
     """Refuse a seed outside SEED_RANGE (see there), so that every seed the run derives from it is one torch takes."""
+    check_whole_number(value, name)
     low, high = SEED_RANGE
     if not low <= value <= high:
         raise ValueError(f"{name} must be in [{low}, {high}], got {value}: torch takes 64-bit seeds, and "
@@ -394,6 +411,8 @@ def check_seed(value: int, name: str = "--seed") -> None:
 
 def check_answer_budget(value: int | None, name: str = "--max-new-tokens") -> None:
     """Refuse a token budget for every answer outside [1, MAX_GEN_TOKENS] (refine.data.tasks says why)."""
+    if value is not None:
+        check_whole_number(value, name)
     if value is not None and not 1 <= value <= MAX_GEN_TOKENS:
         raise ValueError(f"{name} must be in [1, {MAX_GEN_TOKENS}] tokens, got {value}: answers are decoded one "
                          f"model step per token, and LongBench's longest budget is 512")

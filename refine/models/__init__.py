@@ -58,10 +58,17 @@ def config_from_dict(values: dict[str, Any]) -> ModelConfigBase:
     return config_class.model_validate(values)
 
 
+def _check_dtype(dtype: object) -> None:
+    """A library caller's dtype="bfloat16" failed inside torch.promote_types, naming no argument."""
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise ValueError(f"dtype must be a torch.dtype (torch.bfloat16, say), got {dtype!r}")
+
+
 def build_model(config: ModelConfigBase | dict[str, Any], dtype: torch.dtype | None = None,
                 config_file: str | None = None) -> FastWeightLM:
     """A new model of `config` with freshly initialised weights, refused first when its weights cannot fit this
     machine's memory (naming `config_file`'s fields where the config came from one)."""
+    _check_dtype(dtype)
     if isinstance(config, dict):
         config = config_from_dict(config)
     model_class, _, _ = _lookup(config.model_type)
@@ -156,6 +163,7 @@ def _checkpoint_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype | None:
 
 def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> FastWeightLM:
     """Load a checkpoint directory written by fla, the LaCT release, or `save_model`; every key must match."""
+    _check_dtype(dtype)
     path = Path(path)
     config = load_model_config(path)
     tensors = _read_state_dict(path)

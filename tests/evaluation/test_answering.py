@@ -2,6 +2,7 @@
 across prompts or in batches, prompts cut in the middle, and the test-time settings fitted to short prompts."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -286,3 +287,21 @@ def test_evaluate_refuses_the_same_test_time_settings(model_dir):
         evaluate(model, TOKENIZER, examples, "niah", ttt=True, run_config=config, ttt_batch=1, progress=False)
     with pytest.raises(ValueError, match=rf"ttt_steps must be in \[0, {answering.MAX_TTT_STEPS}\]"):
         evaluate(model, TOKENIZER, examples, "niah", ttt=True, ttt_steps=answering.MAX_TTT_STEPS + 1, progress=False)
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (dict(tokenizer="/models/tok"), "tokenizer must be a tokenizer, got the path '/models/tok'"),
+    (dict(examples="one"), "examples must be a sequence of TaskExample, got str"),
+    (dict(seed=1.5), "seed must be a whole number, got 1.5"),
+    (dict(batch_size=2.5), "batch_size must be a whole number, got 2.5"),
+    (dict(ttt=True, ttt_steps=1.5), "ttt_steps must be a whole number, got 1.5"),
+    (dict(max_new_tokens=True), "max_new_tokens must be a whole number, got True"),
+])
+def test_evaluate_names_a_wrong_argument_before_any_work(model_dir, arguments, message):
+    """Each gave a raw AttributeError or TypeError from deep inside, or (batch_size=2.5) was taken silently."""
+    examples = [TaskExample(example_id="q", task="niah", prompt="the cat sat on the mat " * 20, answers=["mat"])]
+    call = dict(tokenizer=TOKENIZER, examples=examples) | arguments
+    with pytest.raises(ValueError, match=re.escape(message)):
+        evaluate(load_model(model_dir), call.pop("tokenizer"), call.pop("examples"), "niah", progress=False, **call)
+    with pytest.raises(ValueError, match="examples must be a sequence of TaskExample, got TaskExample"):
+        evaluate(load_model(model_dir), TOKENIZER, examples[0], "niah", progress=False)

@@ -12,7 +12,6 @@ from safetensors.torch import load_file, save_file
 from refine.models import build_model, load_model, save_model
 
 
-
 def _fla():
     # Only the fla comparisons need fla; the LaCT layout test below writes the release's files itself.
     return pytest.importorskip("fla.models", reason="flash-linear-attention is a dev dependency")
@@ -412,3 +411,12 @@ def test_a_tied_config_whose_checkpoint_stores_its_own_output_layer_is_refused(t
     save_file(tensors, tmp_path / "model.safetensors")
     loaded = load_model(tmp_path)
     assert torch.equal(loaded.lm_head.weight, tensors["model.embeddings.weight"])
+
+
+def test_a_dtype_given_by_name_is_refused_naming_the_argument(tmp_path):
+    """dtype="bfloat16" failed inside torch.promote_types with a TypeError naming no argument."""
+    config = dict(model_type="delta_net", hidden_size=32, num_heads=2, num_hidden_layers=1, vocab_size=60)
+    save_model(build_model(config), tmp_path)
+    for call in (lambda: build_model(config, dtype="bfloat16"), lambda: load_model(tmp_path, dtype="bfloat16")):
+        with pytest.raises(ValueError, match=r"dtype must be a torch.dtype \(torch.bfloat16, say\), got 'bfloat16'"):
+            call()
