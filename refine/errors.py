@@ -1,4 +1,5 @@
-"""One-line reports of pydantic validation errors, shared by configs, checkpoints and wire messages."""
+"""One-line reports of pydantic validation errors, shared by configs, checkpoints and wire messages; the check of a
+library argument's type."""
 
 from __future__ import annotations
 
@@ -9,7 +10,14 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-__all__ = ["shown", "validation_problems"]
+__all__ = ["check_argument_type", "shown", "validation_problems"]
+
+
+def check_argument_type(value: Any, kind: type, name: str) -> None:
+    """Refuse a library argument of another type, naming it: a RunConfig where a RefineConfig is taken (or the
+    reverse) failed deep inside on a missing attribute."""
+    if not isinstance(value, kind):
+        raise ValueError(f"{name} must be a {kind.__name__}, got {type(value).__name__}")
 
 
 def validation_problems(errors: ValidationError | Iterable[Any], unnamed: str = "config") -> list[str]:

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from refine.algorithm.update import LossResult, fused_refine_step
 from refine.config import OptimConfig, RefineConfig, RunConfig
+from refine.errors import check_argument_type
 from refine.data.batches import DocumentBatch, pad_documents
 from refine.generate import generate
 from refine.models import FastWeightLM
@@ -120,6 +121,7 @@ def posttrain_step(model: FastWeightLM, optimizer: torch.optim.Optimizer, exampl
     Stats: the REFINE steps' (loss, ntp_loss, policy_loss, reward_mean, grad_norm, ...; means over the
     mini-batches), then sft_loss and the SFT step's sft_grad_norm. skipped: any step was skipped for a
     non-finite loss or gradient."""
+    check_argument_type(config, RunConfig, "config")
     check_sft_coef(sft_coef)
     check_gradients_on(model, "posttrain_step")
     check_no_kl_term(config.refine, "posttrain_step")
@@ -158,7 +160,10 @@ def adapt_and_answer(model: FastWeightLM, prompt: list[int], cfg: RefineConfig, 
                          "restored weights would not match its state")
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
         raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
+    check_argument_type(cfg, RefineConfig, "cfg")
     check_no_kl_term(cfg, "adapt_and_answer")
+    if isinstance(prompt, Tensor):  # `not prompt` is ambiguous for a tensor: one way, as QAExample's
+        raise ValueError("prompt is a tensor: adapt_and_answer takes a list of token ids (give prompt.tolist())")
     if not prompt:
         raise ValueError("prompt is empty: test-time training adapts on the prompt's tokens")
     if steps > 0:

@@ -20,6 +20,7 @@ from refine.algorithm.update import (
     slice_loss, target_share,
 )
 from refine.config import DTYPES, OptimConfig, RefineConfig, RunConfig
+from refine.errors import check_argument_type
 from refine.data.batches import DocumentBatch
 from refine.models import FastWeightLM
 from refine.optim import MasterWeightAdamW, clip_gradients, describe_rates, has_low_precision_weights, learning_rate
@@ -57,6 +58,7 @@ def train_step(model: FastWeightLM, optimizer: torch.optim.Optimizer, batch: Doc
     """One step of the configured mode on a document batch: its optimizer step, or for onepass/reference one
     per mini-batch (`train.mini_batches`). `times` collects seconds per stage (forward; the fused step's own
     stages; rollout, before the update forwards of onepass/reference; backward_step)."""
+    check_argument_type(config, RunConfig, "config")
     check_mini_batches(config)
     check_gradients_on(model, "train_step")
     mode, cfg = config.train.mode, config.refine

@@ -385,3 +385,23 @@ def test_pad_documents_refuses_values_that_are_not_token_ids():
         pad_documents([[True, False]])
     ids, lengths = pad_documents([torch.tensor([4, 5]), (6,)])
     assert ids.tolist() == [[4, 5], [6, 0]] and lengths.tolist() == [2, 1]
+
+
+def test_library_calls_name_an_argument_of_the_wrong_type():
+    """A RunConfig where a RefineConfig is taken (and the reverse), a tensor prompt, a list of ids: raw
+    AttributeErrors ('num_chunks', 'train', 'dim') or "Boolean value of Tensor ... is ambiguous" before."""
+    model, optim = _model(), OptimConfig(lr=1e-2)
+    ids, lengths = pad_documents([ex.prompt for ex in _qa_examples()], 0)
+    with pytest.raises(ValueError, match="cfg must be a RefineConfig, got RunConfig"):
+        fused_refine_step(model, ids, lengths, _run_config(optim))
+    with pytest.raises(ValueError, match="config must be a RunConfig, got RefineConfig"):
+        train_step(model, make_optimizer(model, optim), DocumentBatch(ids, lengths, ["a", "b"]), CFG,
+                   torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match="config must be a RunConfig, got RefineConfig"):
+        posttrain_step(model, make_optimizer(model, optim), _qa_examples(), CFG)
+    with pytest.raises(ValueError, match="cfg must be a RefineConfig, got RunConfig"):
+        adapt_and_answer(model, _qa_examples()[0].prompt, _run_config(optim), optim, steps=1, max_new_tokens=1)
+    with pytest.raises(ValueError, match=re.escape("prompt is a tensor: adapt_and_answer takes a list of token ids")):
+        adapt_and_answer(model, torch.tensor(_qa_examples()[0].prompt), CFG, optim, steps=1, max_new_tokens=1)
+    with pytest.raises(ValueError, match=r"input_ids must be an integer tensor \[batch, time\], got list"):
+        model([[1, 2, 3]])

@@ -28,6 +28,7 @@ from refine.algorithm.rollout import (
 )
 from refine.algorithm.sampling import logprobs_from_logits
 from refine.config import RefineConfig
+from refine.errors import check_argument_type
 from refine.models import FastWeightLM, ModelOutput, ModelState
 from refine.models.base import check_token_ids
 from refine.runtime import StageTimes, timed_stage
@@ -236,6 +237,7 @@ def fused_refine_step(model: FastWeightLM, input_ids: Tensor, lengths: Tensor, c
     `positions` overrides the entropy-based choice (used to compare paths on identical rollouts).
     `times` collects seconds per stage (forward, select, states, decode, teacher_forced, score).
     """
+    check_argument_type(cfg, RefineConfig, "cfg")
     check_token_ids("input_ids", input_ids, model.config.vocab_size)
     if positions is not None:
         check_positions(positions, lengths, cfg.rollout_len)

@@ -181,6 +181,8 @@ class FastWeightLM(nn.Module):
         defer_states: bool = False,
         logit_positions: Tensor | None = None,
     ) -> ModelOutput:
+        if not isinstance(input_ids, Tensor):  # a list of lists: "has no attribute 'dim'" named nothing
+            raise ValueError(f"input_ids must be an integer tensor [batch, time], got {type(input_ids).__name__}")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, time], got shape {tuple(input_ids.shape)}")
         batch, seq_len = input_ids.shape
