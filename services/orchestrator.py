@@ -863,6 +863,14 @@ class Orchestrator:
         except ray.exceptions.RayError as exc:
             if isinstance(actor_error(exc), RedisStateLost):  # the learner saw it first, and checkpointed
                 raise self._state_lost(f"{actor_error(exc)}: ") from exc
+            if self.stopping and isinstance(exc, ray.exceptions.RayActorError):
+                # A stop signal to the whole process group (timeout, systemd, Slurm) reaches a local Ray too: the
+                # learner may go with it, before its checkpoint. The run stopped as asked, from its last one.
+                checkpoint = latest_checkpoint(self.out_dir)
+                step = read_learner_state(checkpoint).step if checkpoint.exists() else 0
+                self._write_line("the learner stopped with Ray, before its checkpoint (the signal reached Ray too)")
+                self._write_line(interrupted_message(step, self.config.train.steps, self.resume_command))
+                raise RunInterrupted from exc
             ranks = self._failed_ranks()  # rank 0's own error is then often only the connection the rank lost
             cause = f" ({ranks})" if ranks else ""
             raise ServiceError(f"the learner failed: {describe_failure(exc)}{cause}{self._resume_hint(exc)}") from exc

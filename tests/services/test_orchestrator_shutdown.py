@@ -41,3 +41,66 @@ def test_prometheus_targets_are_withdrawn_before_any_call_to_ray(tmp_path, redis
     finally:
         learner.close()
         orchestrator.client.close()
+
+
+class Reservation:
+    """A placement group whose removal aborts the process, as Ray's core does once a local Ray's GCS is gone."""
+
+    def __init__(self) -> None:
+        self.released = False
+
+    def release(self) -> None:
+        self.released = True
+        raise RayAborted
+
+
+@pytest.mark.parametrize("ray_is_the_runs", [True, False], ids=["local_ray", "cluster"])
+def test_the_runs_keys_are_deleted_before_the_placement_group_is_released(tmp_path, redis_url, namespace,
+                                                                         redis_client, monkeypatch, ray_is_the_runs):
+    """Removing the group waited 60 s for a dead GCS and ended the process before the namespace was deleted: the
+    run's keys (two weight copies among them) stayed in Redis. A local Ray of the run's own is not asked at all:
+    its shutdown takes the group."""
+    config = load_config("configs/service_tiny.yaml", [f"train.out_dir={tmp_path / 'run'}",
+                                                       f"service.metrics_discovery_dir={tmp_path / 'prometheus'}"])
+    orchestrator = Orchestrator(config, None, redis_url, namespace, resume=False, progress=False,
+                                ray_is_the_runs=ray_is_the_runs)
+    orchestrator._claim_namespace()  # as a run holds it
+    orchestrator.reservation = reservation = Reservation()
+    monkeypatch.setattr(ray, "kill", lambda *args, **kwargs: None)
+    redis_client.set(f"{namespace}:weights:blob:1", b"x" * 1000)
+    try:
+        if ray_is_the_runs:
+            orchestrator._shutdown()
+        else:
+            with pytest.raises(RayAborted):
+                orchestrator._shutdown()
+        assert list(redis_client.scan_iter(match=f"{namespace}:*")) == []
+        assert reservation.released is not ray_is_the_runs
+    finally:
+        orchestrator.client.close()
+
+
+def test_a_learner_lost_with_ray_during_a_stop_is_an_interruption_not_a_failure(tmp_path, redis_url, namespace,
+                                                                                monkeypatch, caplog):
+    """A SIGTERM to the whole process group can take the local Ray's learner before its checkpoint: the run said
+    "the learner failed" and exited 2, though it stopped as asked."""
+    from refine.loop import RunInterrupted
+
+    config = load_config("configs/service_tiny.yaml", [f"train.out_dir={tmp_path / 'run'}",
+                                                       f"service.metrics_discovery_dir={tmp_path / 'prometheus'}"])
+    orchestrator = Orchestrator(config, None, redis_url, namespace, resume=False, progress=False)
+
+    def lost(*args, **kwargs):
+        raise ray.exceptions.ActorUnavailableError("Socket closed", None)
+
+    monkeypatch.setattr(ray, "get", lost)
+    try:
+        orchestrator.stopping = True
+        with pytest.raises(RunInterrupted):
+            orchestrator._finish()
+        orchestrator.stopping = False
+        with pytest.raises(Exception, match="the learner failed"):
+            orchestrator._finish()
+    finally:
+        orchestrator.client.close()
+    assert "interrupted at step 0 of train.steps=" in caplog.text
