@@ -1,8 +1,9 @@
 """One-line reports of pydantic validation errors, shared by configs, checkpoints and wire messages; the check of a
-library argument's type."""
+library argument's type or count."""
 
 from __future__ import annotations
 
+import numbers
 import reprlib
 from collections.abc import Iterable
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-__all__ = ["check_argument_type", "shown", "validation_problems"]
+__all__ = ["check_argument_type", "check_whole_number", "shown", "validation_problems"]
 
 
 def check_argument_type(value: Any, kind: type, name: str) -> None:
@@ -18,6 +19,15 @@ def check_argument_type(value: Any, kind: type, name: str) -> None:
     reverse) failed deep inside on a missing attribute."""
     if not isinstance(value, kind):
         raise ValueError(f"{name} must be a {kind.__name__}, got {type(value).__name__}")
+
+
+def check_whole_number(value: object, name: str, minimum: int | None = None) -> None:
+    """Refuse a library caller's count or seed that is not a whole number, or is below `minimum`: range() raises a
+    TypeError for 2.5 naming no argument, and True counts as 1 (the CLI and the configs parse ints themselves)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}")
 
 
 def validation_problems(errors: ValidationError | Iterable[Any], unnamed: str = "config") -> list[str]:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 from torch import Tensor
 
+from refine.errors import check_whole_number
 from refine.algorithm.sampling import check_logits_finite, sample_tokens
 from refine.models import FastWeightLM
 from refine.models.base import check_token_ids
@@ -26,9 +25,7 @@ def generate(model: FastWeightLM, prompt_ids: Tensor, max_new_tokens: int, eos_i
     tokenizer's (ids the tokenizer cannot decode).
     """
     check_token_ids("prompt_ids", prompt_ids, model.config.vocab_size)
-    # range() raises a TypeError for 2.5 and counts True as 1: refuse both, by name.
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    check_whole_number(max_new_tokens, "max_new_tokens", minimum=0)
     rows, width = prompt_ids.shape
     if lengths is None:
         lengths = torch.full((rows,), width, device=prompt_ids.device)

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from refine.algorithm.update import LossResult, fused_refine_step
 from refine.config import OptimConfig, RefineConfig, RunConfig
-from refine.errors import check_argument_type
+from refine.errors import check_argument_type, check_whole_number
 from refine.data.batches import DocumentBatch, pad_documents
 from refine.generate import generate
 from refine.models import FastWeightLM
@@ -158,8 +158,7 @@ def adapt_and_answer(model: FastWeightLM, prompt: list[int], cfg: RefineConfig, 
     if restore and optimizer is not None:
         raise ValueError("adapt_and_answer: an optimizer is passed to carry adaptation over prompts (restore=False); "
                          "restored weights would not match its state")
-    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
-        raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
+    check_whole_number(steps, "steps", minimum=0)
     check_argument_type(cfg, RefineConfig, "cfg")
     check_no_kl_term(cfg, "adapt_and_answer")
     if isinstance(prompt, Tensor):  # `not prompt` is ambiguous for a tensor: one way, as QAExample's

@@ -281,7 +281,8 @@ def test_test_time_training_refuses_what_it_cannot_adapt_on_before_any_step():
     prompt = torch.randint(0, 30, (48,), generator=torch.Generator().manual_seed(2)).tolist()
     for kwargs, message in (
         (dict(prompt=[]), "prompt is empty"),
-        (dict(steps=-1), "steps must be an integer >= 0, got -1"),
+        (dict(steps=-1), "steps must be a whole number >= 0, got -1"),
+        (dict(steps=1.5), "steps must be a whole number, got 1.5"),
         (dict(prompt=prompt[:-1] + [30]), r"prompt\[0, 47\]=30 is not a token id of the model \(vocab_size=30"),
         (dict(prompt=[0.5] * 48), "prompt must be an integer tensor, got dtype torch.float32"),
         (dict(cfg=CFG.model_copy(update={"kl_coef": 0.1})), "refine.kl_coef=0.1: adapt_and_answer has no reference"),

@@ -21,6 +21,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from refine.errors import check_whole_number
 from refine.models.state import is_integer_dtype
 
 GroupMode = Literal["document", "position"]
@@ -83,8 +84,7 @@ def group_ids_for(num_docs: int, num_positions: int, num_samples: int, mode: Gro
     rollouts of one position (label d * c + j).
     """
     for name, value in (("num_docs", num_docs), ("num_positions", num_positions), ("num_samples", num_samples)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_whole_number(value, name, minimum=1)
     rollout = torch.arange(num_docs * num_positions * num_samples)
     if mode == "document":
         return rollout // (num_positions * num_samples)

@@ -24,6 +24,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from refine.errors import check_whole_number
+
 
 def logprobs_from_logits(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
     """log_softmax(logits / temperature) at `tokens`: logits [..., V], tokens [...] -> [...].
@@ -141,8 +143,7 @@ def _check_temperature(temperature: float) -> None:
 def _check_filters(top_p: float, top_k: int) -> None:
     if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-        raise ValueError(f"top_k must be a non-negative integer (0 = off), got {top_k!r}")
+    check_whole_number(top_k, "top_k (0 = off)", minimum=0)
 
 
 def _check_token_range(ids: Tensor, vocab: int) -> None:

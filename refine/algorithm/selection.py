@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from refine.errors import check_whole_number
 from refine.models.state import is_integer_dtype
 
 SelectionStrategy = Literal["entropy", "uniform", "argmax", "argmin"]
@@ -73,7 +74,7 @@ def token_entropy(logits: Tensor, rows_per_chunk: int = 1024) -> Tensor:
 
 def smoothing_kernel_size(rollout_len: int) -> int:
     """The average-pool kernel for rollout length k: k if odd, k + 1 if even."""
-    _check_positive_int("rollout_len", rollout_len)
+    check_whole_number(rollout_len, "rollout_len", minimum=1)
     return rollout_len if rollout_len % 2 == 1 else rollout_len + 1
 
 
@@ -96,9 +97,9 @@ def smooth_entropy(entropy: Tensor, rollout_len: int, lengths: Tensor | None = N
 
 def min_document_length(num_chunks: int, rollout_len: int, margin: int = DEFAULT_MARGIN) -> int:
     """Shortest document that has c non-empty chunks and a non-empty clamp range."""
-    _check_positive_int("num_chunks", num_chunks)
-    _check_positive_int("rollout_len", rollout_len)
-    _check_non_negative_int("margin", margin)
+    check_whole_number(num_chunks, "num_chunks", minimum=1)
+    check_whole_number(rollout_len, "rollout_len", minimum=1)
+    check_whole_number(margin, "margin", minimum=0)
     return max(num_chunks, margin + max(margin, rollout_len), rollout_len + 1)
 
 
@@ -121,9 +122,9 @@ def select_positions(
     `generator` (which must live on the entropy's device) so a seed fixes the result.
     """
     entropy, lengths = _as_batch(entropy, lengths)
-    _check_positive_int("num_chunks", num_chunks)
-    _check_positive_int("rollout_len", rollout_len)
-    _check_non_negative_int("margin", margin)
+    check_whole_number(num_chunks, "num_chunks", minimum=1)
+    check_whole_number(rollout_len, "rollout_len", minimum=1)
+    check_whole_number(margin, "margin", minimum=0)
     if strategy not in SELECTION_STRATEGIES:
         raise ValueError(f"strategy must be one of {SELECTION_STRATEGIES}, got {strategy!r}")
     if strategy == "entropy" and not (isinstance(temperature, (int, float)) and temperature > 0):
@@ -215,13 +216,3 @@ def _check_lengths_fit(lengths: Tensor, num_chunks: int, rollout_len: int, margi
             f"document {doc} has length {int(lengths[doc])}, too short for num_chunks={num_chunks}, "
             f"rollout_len={rollout_len}, margin={margin}: need at least {need} tokens"
         )
-
-
-def _check_positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _check_non_negative_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")

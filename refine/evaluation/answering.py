@@ -9,7 +9,6 @@ The checks of its settings (`check_ttt_steps`, `check_ttt_batch`, `check_seed`, 
 
 from __future__ import annotations
 
-import numbers
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +22,7 @@ from refine.algorithm.rewards import check_run_reward
 from refine.algorithm.selection import min_document_length
 from refine.config import RefineConfig, RunConfig
 from refine.data.batches import DocumentBatch, pad_documents
+from refine.errors import check_whole_number
 from refine.data.tasks import DEFAULT_MAX_NEW_TOKENS, MAX_GEN_TOKENS, TaskExample
 from refine.evaluation.metrics import LongBenchScoring, task_metric
 from refine.evaluation.task_scoring import answer_text, example_name, metric_task_for, score_examples
@@ -384,12 +384,6 @@ def check_ttt_batch(ttt_batch: int | None, ttt: bool, ttt_accumulate: bool, mini
         raise ValueError(f"{name}={ttt_batch} is smaller than train.mini_batches={mini_batches}: each batch's "
                          f"prompts are split into train.mini_batches runs, one update each; give {name} >= "
                          f"{mini_batches} or lower train.mini_batches")
-
-
-def check_whole_number(value: object, name: str) -> None:
-    """Refuse a count or seed that is not a whole number (a library caller's 1.5 or True; the CLI parses ints)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be a whole number, got {value!r}")
 
 
 def check_ttt_steps(value: int, name: str = "--ttt-steps") -> None:

@@ -81,8 +81,10 @@ def test_bad_inputs_are_named():
         grpo_advantages(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 1.0]))
     with pytest.raises(ValueError, match="mode"):
         group_ids_for(1, 2, 3, "sample")
-    with pytest.raises(ValueError, match="num_samples"):
+    with pytest.raises(ValueError, match="num_samples must be a whole number >= 1, got 0"):
         group_ids_for(1, 2, 0)
+    with pytest.raises(ValueError, match="num_docs must be a whole number, got 1.0"):
+        group_ids_for(1.0, 2, 1)
 
 
 @pytest.mark.parametrize("rewards", [torch.tensor([1, 2, 3, 4]), torch.tensor([True, False, True, True])])

@@ -115,8 +115,10 @@ def test_bad_arguments_are_named():
     logits = torch.randn(3, 5)
     with pytest.raises(ValueError, match="top_p"):
         sample_tokens(logits, top_p=0.0)
-    with pytest.raises(ValueError, match="top_k"):
+    with pytest.raises(ValueError, match=r"top_k \(0 = off\) must be a whole number >= 0, got -1"):
         sample_tokens(logits, top_k=-1)
+    with pytest.raises(ValueError, match=r"top_k \(0 = off\) must be a whole number, got 2.0"):
+        sample_tokens(logits, top_k=2.0)
     with pytest.raises(ValueError, match="temperature"):
         sample_tokens(logits, temperature=-1.0)
     with pytest.raises(ValueError, match="finite"):

@@ -207,8 +207,12 @@ def test_bad_arguments_are_named():
         select_positions(entropy, num_chunks=2, rollout_len=5, strategy="max")
     with pytest.raises(ValueError, match="temperature"):
         select_positions(entropy, num_chunks=2, rollout_len=5, temperature=0.0)
-    with pytest.raises(ValueError, match="num_chunks"):
+    with pytest.raises(ValueError, match="num_chunks must be a whole number >= 1, got 0"):
         select_positions(entropy, num_chunks=0, rollout_len=5)
+    with pytest.raises(ValueError, match="rollout_len must be a whole number, got 5.0"):
+        select_positions(entropy, num_chunks=2, rollout_len=5.0)
+    with pytest.raises(ValueError, match="margin must be a whole number >= 0, got -1"):
+        select_positions(entropy, num_chunks=2, rollout_len=5, margin=-1)
     with pytest.raises(ValueError, match=r"lengths\[0\] = 101"):
         select_positions(entropy, torch.tensor([101]), num_chunks=2, rollout_len=5)
     bad = entropy.clone()
