@@ -26,7 +26,8 @@ How a task example becomes tokens (the same ones `refine eval` feeds the model, 
 The model is `train.init_from` (a checkpoint directory); the tokenizer is `tokenizer`, else the model
 directory's, else byte-level. The run directory (`train.out_dir`) gets config.yaml, posttrain.json (the
 data summary and --sft-coef), metrics.jsonl (a row per step) and checkpoints/latest/ (model/, with the
-tokenizer's files copied next to it, trainer.pt and program.json), as `refine train` writes them. One process runs it:
+tokenizer's files copied next to it, trainer.pt and program.json), as `refine train` writes them. Unset, the reward
+is the paper's post-training one (hybrid) and the run directory runs/posttrain (POSTTRAIN_DEFAULTS). One process runs it:
 the service (`service.*`) and `rollout.*` settings do not apply.
 """
 
@@ -59,8 +60,9 @@ from refine.tokenizer import Tokenizer
 POSTTRAIN_TASKS = ("ruler-qa", "longbench")
 # What posttrain reads of the data section: the rest describes a document source (refused when set).
 POSTTRAIN_DATA_READS = {"seq_len", "format", "skip_bad_rows"}
-# Used when no config file is given (a config file states its own): the paper's post-training reward.
-POSTTRAIN_DEFAULTS: dict[str, Any] = {"refine": {"reward": "hybrid"}, "train": {"out_dir": "runs/posttrain"}}
+# The paper's post-training reward, and the run's own folder, wherever the config leaves the field unset (as
+# `refine eval --ttt` takes the test-time defaults): a config file, --set or a library caller's RunConfig.
+POSTTRAIN_DEFAULTS: dict[str, dict[str, Any]] = {"refine": {"reward": "hybrid"}, "train": {"out_dir": "runs/posttrain"}}
 
 
 class DataSummary(BaseModel):
@@ -253,10 +255,23 @@ def batch_indices(num_examples: int, seed: int, cursor: int, batch_size: int) ->
 # ---------------------------------------------------------------- training
 
 
+def with_posttrain_defaults(config: RunConfig) -> RunConfig:
+    """`config` with POSTTRAIN_DEFAULTS in every field it leaves unset."""
+    sections = {}
+    for section, defaults in POSTTRAIN_DEFAULTS.items():
+        values = getattr(config, section)
+        unset = {name: value for name, value in defaults.items() if name not in values.model_fields_set}
+        if unset:
+            sections[section] = values.model_copy(update=unset)
+    return config.model_copy(update=sections)
+
+
 def posttrain(config: RunConfig, data: str | Path, task: str, sft_coef: float = 1.0, resume: bool = False,
               progress: bool = True) -> dict[str, float]:
-    """Run `config.train.steps` nested post-training steps on the task file; returns the last step's stats. torch's
+    """Run `config.train.steps` nested post-training steps on the task file; returns the last step's stats.
+    Settings the config leaves unset take POSTTRAIN_DEFAULTS (the hybrid reward, runs/posttrain). torch's
     global generator and thread count are the caller's again afterwards."""
+    config = with_posttrain_defaults(config)
     with callers_torch_state_kept(config.train.device):
         return _posttrain(config, data, task, sft_coef, resume, progress)
 
@@ -314,9 +329,9 @@ def _note(message: str) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    """`refine posttrain`: load the config (the paper's post-training defaults without a file), train, print
+    """`refine posttrain`: load the config, train (the paper's post-training defaults where it is silent), print
     the last step's stats as one JSON line."""
-    config = load_config(args.config, args.set, defaults=POSTTRAIN_DEFAULTS, unread={"data.min_length"})
+    config = with_posttrain_defaults(load_config(args.config, args.set, unread={"data.min_length"}))
     if args.resume:
         check_resumed_run(args.config, config)
     stats = posttrain(config, args.data, args.task, sft_coef=args.sft_coef, resume=args.resume,

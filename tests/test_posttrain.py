@@ -441,3 +441,33 @@ def test_ctrl_c_stops_after_the_step_with_a_checkpoint_and_the_printed_command_r
     b = load_model(straight / "checkpoints" / "latest" / "model").state_dict()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
+
+
+def test_a_config_silent_on_the_reward_trains_with_the_papers_hybrid_reward_library_and_config_file_alike(
+        tmp_path, capsys):
+    import yaml
+
+    from refine.config import RunConfig
+    from refine.posttrain import posttrain
+
+    init = _init_model(tmp_path)
+    data = _write(tmp_path / "qa.jsonl", _qa_rows(2))
+    small = {"num_chunks": 2, "rollout_len": 3, "margin": 4}
+    library = RunConfig.model_validate({"train": {"init_from": str(init), "out_dir": str(tmp_path / "library"),
+                                                  "steps": 1, "batch_size": 2}, "refine": small})
+    posttrain(library, data, "ruler-qa", progress=False)
+    recorded = yaml.safe_load((tmp_path / "library" / "config.yaml").read_text())
+    assert recorded["refine"]["reward"] == "hybrid"
+
+    config_file = tmp_path / "silent.yaml"
+    config_file.write_text(yaml.safe_dump({"refine": small, "train": {"steps": 1, "batch_size": 2}}))
+    cli_out = tmp_path / "cli"
+    assert main(["posttrain", "--data", str(data), "--task", "ruler-qa", "--no-progress", "--config",
+                 str(config_file), "--set", f"train.init_from={init}", "--set", f"train.out_dir={cli_out}"]) == 0
+    assert yaml.safe_load((cli_out / "config.yaml").read_text())["refine"]["reward"] == "hybrid"
+    # A reward the config names is kept.
+    config_file.write_text(yaml.safe_dump({"refine": small | {"reward": "binary"}, "train": {"steps": 1}}))
+    assert main(["posttrain", "--data", str(data), "--task", "ruler-qa", "--no-progress", "--config",
+                 str(config_file), "--set", f"train.init_from={init}", "--set", f"train.out_dir={tmp_path / 'b'}",
+                 "--set", "train.batch_size=2"]) == 0
+    assert yaml.safe_load((tmp_path / "b" / "config.yaml").read_text())["refine"]["reward"] == "binary"
