@@ -165,8 +165,9 @@ class Learner:
             check_run_reward(config.refine.reward, config.refine.reward_modules, decodes_text=False)
         config.train.device = learner_device(config.train.device)  # the GPU Ray gave this actor, if any
         self.member_id = member_id
+        # Served once a resumed run's totals are in the metrics (below).
         self.runtime = RoleRuntime(ROLE, member_id, redis_url, namespace, config.service.metrics_discovery_dir,
-                                   threads=config.train.threads or 1)
+                                   threads=config.train.threads or 1, serve_now=False)
         self.broker = self.runtime.broker
         self.metrics = self.runtime.metrics
         self.weights = RedisWeightStore(self.runtime.client, namespace)
@@ -197,6 +198,8 @@ class Learner:
             # The run's totals, not this process's: the dashboard shows them, and a resume is no reset to 0.
             self.metrics.skipped_steps.inc(self.state.skipped_steps)
             self.metrics.stale_dropped.inc(self.state.dropped_stale)
+            self.metrics.learner_step.set(self.state.step)
+            self.metrics.weight_version.set(self.state.weight_version)
         self.checkpointed_step = self.state.step if resume and checkpoint.exists() else -1
         self.resume_point = ResumePoint(epoch=self.state.epoch, cursor=self.state.cursor)
         self.finished = 0
@@ -204,6 +207,7 @@ class Learner:
         self.unrecorded: list[StepReport] = []  # reports the orchestrator has not confirmed writing
         self.last_stats: dict[str, float | int | str] = {}
         self.group: DataParallelGroup | None = None  # with service.num_learners > 1, this is rank 0
+        self.runtime.serve_metrics()
 
     def _sum_over_ranks(self, values: list[float]) -> list[float]:
         return values if self.group is None else self.group.sum(values)

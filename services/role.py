@@ -44,7 +44,11 @@ class RoleRuntime:
         heartbeat_interval_s: float = 1.0,
         threads: int = 1,
         outage_timeout_s: float = 120.0,
+        serve_now: bool = True,
     ) -> None:
+        """`serve_now=False`: the member calls `serve_metrics` itself, once its metrics hold what a scrape should
+        first see (a resumed learner's run totals: a counter seen at 0, then at the run's total, reads as new
+        events to Prometheus' increase() and rate())."""
         if heartbeat_interval_s <= 0:
             raise ValueError(f"heartbeat_interval_s must be > 0, got {heartbeat_interval_s}")
         tune_allocator()
@@ -60,11 +64,13 @@ class RoleRuntime:
         self.client = retry_redis(lambda: connect(redis_url), f"{member_id}: connect", outage_timeout_s)
         self.broker = Broker(self.client, namespace)
         self.metrics = Metrics()
-        self.endpoint: MetricsEndpoint | None = serve_metrics(
-            self.metrics, role=role, instance=member_id, discovery_dir=metrics_dir, run=namespace
-        )
+        self._metrics_dir = metrics_dir
+        self._namespace = namespace
+        self.endpoint: MetricsEndpoint | None = None
         self._interval = heartbeat_interval_s
         self._closed = threading.Event()
+        if serve_now:
+            self.serve_metrics()
         self._held: set[tuple[str, str, str]] = set()  # (stream, group, entry id) being worked on
         self._held_lock = threading.Lock()
         # Who is who, for operators (and fault drills): the process behind each member id.
@@ -74,6 +80,12 @@ class RoleRuntime:
         self._beat_once()
         self._thread = threading.Thread(target=self._beat_forever, name=f"heartbeat-{member_id}", daemon=True)
         self._thread.start()
+
+    def serve_metrics(self) -> None:
+        """Start the Prometheus endpoint, announced in the run's discovery folder."""
+        if self.endpoint is None and not self._closed.is_set():
+            self.endpoint = serve_metrics(self.metrics, role=self.role, instance=self.member_id,
+                                          discovery_dir=self._metrics_dir, run=self._namespace)
 
     def _beat_once(self) -> None:
         try:

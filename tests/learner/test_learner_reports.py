@@ -17,8 +17,10 @@ from refine.algorithm.rollout import snapshot_rollouts
 from refine.algorithm.update import score_rollouts
 from refine.config import RunConfig, load_config
 from refine.loop import NONFINITE_KEY
+import services.role
 from services.messages import DataCursor, DocumentBatch, ScoredBatch
 from services.progress import StepReport, write_recorded
+from services.metrics import serve_metrics
 from services.redis_server import EmbeddedRedis
 from services.report_files import restore_reports
 from services.resilience import RedisOutage
@@ -73,7 +75,8 @@ def _scored(learner: Learner, documents: DocumentBatch) -> ScoredBatch:
                        reward_type=cfg.reward)
 
 
-def test_a_checkpointed_skipped_step_resumes_with_the_stats_it_reported(redis_url: str, tmp_path: Path) -> None:
+def test_a_checkpointed_skipped_step_resumes_with_the_stats_it_reported(redis_url: str, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     # lambda_ntp=1e300 makes the loss infinite: the step is skipped, and checkpointed with its report.
     config = _config(tmp_path, "train.checkpoint_every=1", "refine.lambda_ntp=1e300")
     learner = Learner(config.model_dump_json(), redis_url, config.service.namespace)
@@ -107,8 +110,21 @@ def test_a_checkpointed_skipped_step_resumes_with_the_stats_it_reported(redis_ur
     # As if two batches had come too stale and two more steps had been skipped (3 skipped in 1 step, so that neither
     # counter could pass by reading the other or the step).
     state_file.write_text(json.dumps(state | {"dropped_stale": 2, "skipped_steps": 3}))
+    # What the endpoint shows from its first scrape: a counter seen at 0 and then at 3 is 3 new skips to Prometheus'
+    # increase(), and would fire the skipped-steps alert on every resume.
+    first_served = []
+
+    def serve_and_record(metrics, **kwargs):
+        first_served.append({name: metrics.registry.get_sample_value(name) for name in (
+            "refine_skipped_steps_total", "refine_stale_rollouts_dropped_total", "refine_learner_step")})
+        return serve_metrics(metrics, **kwargs)
+
+    monkeypatch.setattr(services.role, "serve_metrics", serve_and_record)
     resumed = Learner(config.model_dump_json(), redis_url, config.service.namespace, resume=True)
     try:
+        assert first_served == [{"refine_skipped_steps_total": 3.0, "refine_stale_rollouts_dropped_total": 2.0,
+                                 "refine_learner_step": 1.0}]
+        assert resumed.runtime.endpoint is not None
         assert resumed.state.skipped_steps == 3
         assert resumed.metrics.registry.get_sample_value("refine_skipped_steps_total") == 3.0
         assert resumed.metrics.registry.get_sample_value("refine_stale_rollouts_dropped_total") == 2.0
