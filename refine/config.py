@@ -520,7 +520,8 @@ class RunConfig(Strict):
         train = values.get("train")
         init_from = train.get("init_from") if isinstance(train, dict) else getattr(train, "init_from", None)
         if init_from:
-            values = {**values, "model": _checkpoint_model_config(str(init_from))}
+            out_dir = train.get("out_dir") if isinstance(train, dict) else getattr(train, "out_dir", None)
+            values = {**values, "model": _checkpoint_model_config(str(init_from), out_dir)}
         return values
 
     @field_validator("model", mode="before")
@@ -685,14 +686,14 @@ def _expand_home(path: str | None) -> str | None:
         raise ValueError(f"{path!r} starts with a home directory that cannot be found (no such user)") from None
 
 
-def _checkpoint_model_config(init_from: str) -> dict[str, Any]:
+def _checkpoint_model_config(init_from: str, out_dir: Any = None) -> dict[str, Any]:
     try:
         config_file = Path(_expand_home(init_from)) / "config.json"
     except ValueError as error:  # read before the field's own check, which names it the same way
         raise ValueError(f"train.init_from={init_from!r}: {error}") from None
     try:
         if not config_file.parent.exists():
-            raise ValueError(f"train.init_from={init_from!r} does not exist")
+            raise ValueError(f"train.init_from={init_from!r} does not exist{_resume_remedy(out_dir)}")
         if not config_file.is_file():
             raise ValueError(f"train.init_from={init_from!r} has no config.json: give a model directory "
                              f"(a checkpoint's model/)")
@@ -705,6 +706,20 @@ def _checkpoint_model_config(init_from: str) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise ValueError(f"train.init_from={init_from!r}: its config.json holds no mapping")
     return values
+
+
+def _resume_remedy(out_dir: Any) -> str:
+    """For a run whose starting checkpoint is gone (deleted, or the run moved to another machine): its --resume
+    reads that checkpoint's config.json and tokenizer, and can take them from the run's own last model instead."""
+    try:
+        model = Path(_expand_home(str(out_dir))) / "checkpoints" / "latest" / "model"
+        if out_dir is None or not (model / "config.json").is_file():
+            return ""
+    except (ValueError, OSError):
+        return ""
+    return (f": a --resume of the run in train.out_dir={str(out_dir)!r} reads its starting checkpoint's config.json "
+            f"and tokenizer (the weights come from the run's checkpoint); put it back, or continue from the run's "
+            f"own last model: --set train.init_from={model}")
 
 
 def run_tokenizer(config: RunConfig) -> Tokenizer:

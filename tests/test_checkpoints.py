@@ -11,7 +11,7 @@ import torch
 from test_loop import _config, _run_files
 
 from refine.checkpoints import RunPosition, read_trainer_state, resume_from, save_run_checkpoint, step_checkpoints
-from refine.config import run_tokenizer
+from refine.config import load_config, run_tokenizer
 from refine.loop import prepare_model, train
 from refine.models import load_model
 from refine.step import make_optimizer
@@ -372,3 +372,25 @@ def test_a_run_may_not_start_from_a_model_in_its_own_checkpoints_folder(tmp_path
     shutil.copytree(model, tmp_path / "start")
     train(config.model_copy(update={"train": config.train.model_copy(update={"init_from": str(tmp_path / "start")})}),
           progress=False)
+
+
+def test_a_run_whose_starting_model_is_gone_names_the_resume_that_continues_it(tmp_path, monkeypatch, capsys):
+    """A run moved to another machine, or whose base download was deleted: its config.yaml still names the model it
+    started from, which a --resume reads (config.json, tokenizer). The error says how to continue without it."""
+    from refine.cli import main
+
+    train(_config(tmp_path / "base", "ntp", steps=1), progress=False)
+    shutil.copytree(tmp_path / "base" / "checkpoints" / "latest" / "model", tmp_path / "start")
+    monkeypatch.chdir(tmp_path)
+    train(load_config(None, ["train.init_from=start", "train.out_dir=run", "train.mode=ntp", "train.steps=1",
+                             "train.batch_size=2", "data.seq_len=256", "data.num_documents=8"]), progress=False)
+    shutil.rmtree(tmp_path / "start")
+    model = Path("run") / "checkpoints" / "latest" / "model"
+    assert main(["train", "run/config.yaml", "--local", "--resume", "--no-progress", "--set", "train.steps=2"]) == 2
+    error = capsys.readouterr().err
+    assert ("train.init_from='start' does not exist: a --resume of the run in train.out_dir='run' reads its starting "
+            "checkpoint's config.json and tokenizer") in error
+    assert error.rstrip().endswith(f"--set train.init_from={model}")
+    assert main(["train", "run/config.yaml", "--local", "--resume", "--no-progress", "--set", "train.steps=2",
+                 "--set", f"train.init_from={model}"]) == 0
+    assert read_trainer_state(tmp_path / "run" / "checkpoints" / "latest" / "trainer.pt")["step"] == 2
