@@ -534,10 +534,11 @@ class RunConfig(Strict):
         return config_from_dict(value)
 
     @model_validator(mode="after")
-    def _model_keys_are_fields(self) -> "RunConfig":
+    def _model_keys_are_fields(self, info: ValidationInfo) -> "RunConfig":
         # A model section written by hand (no train.init_from, whose config.json may carry any library's keys)
         # holds fields only: model.num_layers would be kept as an unread extra and train the default depth.
-        if self.train.init_from is None:
+        # Not for a command that reads no model section (eval reads --model; a run config's is its checkpoint's).
+        if self.train.init_from is None and _reads(info, "model"):
             unknown = sorted(set(self.model.model_extra or {}) - LIBRARY_KEYS - set(UNSUPPORTED_FLA_FIELDS))
             if unknown:
                 key = unknown[0]
@@ -546,10 +547,10 @@ class RunConfig(Strict):
         return self
 
     @model_validator(mode="after")
-    def _model_dtype_is_train_dtype(self) -> "RunConfig":
+    def _model_dtype_is_train_dtype(self, info: ValidationInfo) -> "RunConfig":
         # A model section copied from a config.json may carry its dtype (transformers' key), which nothing reads:
         # the run builds and trains the model in train.dtype. One that says otherwise is refused, not ignored.
-        if self.train.init_from is None:
+        if self.train.init_from is None and _reads(info, "model"):
             for key in ("torch_dtype", "dtype"):
                 value = (self.model.model_extra or {}).get(key)
                 if value is not None and str(value).removeprefix("torch.") != self.train.dtype:

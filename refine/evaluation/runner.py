@@ -327,9 +327,10 @@ def main(args: argparse.Namespace) -> int:
     """`refine eval`: load, generate, score, print the summary line, write the results JSON."""
     overrides, options = split_overrides(args.set or [])
     # Eval reads --model: a run config's starting checkpoint (train.init_from, which supplies the model section it
-    # does not read either) need not exist any more.
+    # does not read either) need not exist any more, and that section (its config.json's: a dtype, other libraries'
+    # keys) is not held to the checks of one written by hand.
     run_config = load_config(args.config, [*overrides, "train.init_from=null"],
-                             unread={"data.min_length", "data.seq_len"})  # test-time training fits each prompt
+                             unread={"data.min_length", "data.seq_len", "model"})  # test-time training fits each prompt
     if args.ttt_accumulate and not args.ttt:
         raise ValueError("--ttt-accumulate needs --ttt: it carries test-time adaptation across examples")
     if args.ttt_steps is not None:

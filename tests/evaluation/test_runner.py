@@ -669,6 +669,13 @@ def test_what_eval_reads_of_a_run_config_is_accepted(model_dir, tmp_path, capsys
     code, _, err = run_eval(capsys, *base, "--ttt", "--ttt-steps", "1", "--config", str(moved),
                             "--output", str(tmp_path / "c.json"))
     assert code == 0, err
+    # Its model section, copied from the starting checkpoint's config.json, may hold that checkpoint's dtype (other
+    # than the run's train.dtype) and other libraries' keys: eval does not read it (it was refused, naming them).
+    moved.write_text(f"train:\n  init_from: {tmp_path / 'moved-away'}\noptim:\n  lr: 1.0e-5\n"
+                     f"model:\n  model_type: delta_net\n  torch_dtype: bfloat16\n  my_custom_flag: true\n")
+    code, _, err = run_eval(capsys, *base, "--ttt", "--ttt-steps", "1", "--config", str(moved),
+                            "--output", str(tmp_path / "c2.json"))
+    assert code == 0, err
     # A training run's schedule in the file is said not to apply (--set of it is refused): it was silently flat.
     scheduled = tmp_path / "scheduled.yaml"
     scheduled.write_text("optim:\n  lr: 1.0e-5\n  schedule: cosine\n  warmup_steps: 100\n")
