@@ -315,11 +315,28 @@ def load_tokenizer(path: str | Path | None) -> Tokenizer:
     return HFTokenizer(location)
 
 
+# Files of a Hugging Face tokenizer other than tokenizer.json: a model directory holding one of them came with a
+# tokenizer, and is not read as byte-level when its tokenizer.json is missing.
+OTHER_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "vocab.json",
+                         "merges.txt", "vocab.txt")
+
+
 def resolve_tokenizer(path: str | Path | None, model_dir: str | Path | None = None) -> Tokenizer:
     """`path` when given; else the tokenizer saved with the model in `model_dir` (every checkpoint's model/
-    holds its run's); else the byte tokenizer."""
+    holds its run's); else, for a model directory without any tokenizer file, the byte tokenizer."""
     if path is not None:
         return load_tokenizer(path)
-    if model_dir is not None and (Path(model_dir) / "tokenizer.json").is_file():
-        return load_tokenizer(model_dir)
+    if model_dir is None:
+        return ByteTokenizer()
+    directory = Path(model_dir)
+    if (directory / "tokenizer.json").is_file():
+        return load_tokenizer(directory)
+    others = [name for name in OTHER_TOKENIZER_FILES if (directory / name).is_file()]
+    if others:  # bytes would read its text as other ids than it was trained on, silently where the EOS ids agree
+        hint = (": a sentencepiece tokenizer.model converts once with transformers "
+                "(AutoTokenizer.from_pretrained(dir).save_pretrained(dir)) to write tokenizer.json"
+                if "tokenizer.model" in others else "")
+        raise FileNotFoundError(f"model directory {str(model_dir)!r} holds a tokenizer's {', '.join(others)} but no "
+                                f"tokenizer.json, which is what is read{hint}; or give the tokenizer yourself "
+                                f"(the config's tokenizer, eval's --tokenizer; 'byte' for the byte-level one)")
     return ByteTokenizer()

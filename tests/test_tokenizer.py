@@ -9,7 +9,8 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from refine.config import RunConfig, fit_to_tokenizer
 from refine.models import build_model
-from refine.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer, save_tokenizer_files
+from refine.tokenizer import (ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer, resolve_tokenizer,
+                             save_tokenizer_files)
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -150,6 +151,24 @@ def test_load_tokenizer_defaults_and_errors(tmp_path):
     (tmp_path / "broken" / "tokenizer.json").write_text("{not json")
     with pytest.raises(ValueError, match="cannot read tokenizer file"):
         load_tokenizer(str(tmp_path / "broken"))
+
+
+def test_a_model_directory_is_read_as_bytes_only_when_it_holds_no_tokenizer_file(tmp_path):
+    """A checkpoint whose tokenizer.json went missing (its tokenizer_config.json left) was read with the byte tokenizer:
+    other ids than it was trained on, silently where the EOS ids agreed."""
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    assert isinstance(resolve_tokenizer(None, model_dir), ByteTokenizer)
+    (model_dir / "tokenizer_config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=rf"model directory '{model_dir}' holds a tokenizer's "
+                                                r"tokenizer_config.json but no tokenizer.json.*'byte' for the byte"):
+        resolve_tokenizer(None, model_dir)
+    (model_dir / "tokenizer.model").write_bytes(b"\x00")
+    with pytest.raises(FileNotFoundError, match="tokenizer_config.json, tokenizer.model but no tokenizer.json.*"
+                                                "sentencepiece tokenizer.model converts once"):
+        resolve_tokenizer(None, model_dir)
+    assert isinstance(resolve_tokenizer("byte", model_dir), ByteTokenizer)  # the remedy named
 
 
 def test_a_tokenizer_file_the_library_panics_on_is_a_plain_error(tmp_path):
