@@ -176,14 +176,15 @@ def check_ids(row: dict[str, Any], where: str) -> None:
 
 
 def write_scores(path: str | Path, numbered: list[tuple[dict[str, Any], int]], scores: list[float]) -> None:
-    """Per-example scores as JSON lines: `row` counts the file's rows from 0, `line` is the file line
-    (from 1, blank lines counted) and the row's own identifier is carried when it has one. Written whole or not at
-    all: a failure leaves an earlier file as it was."""
+    """Per-example scores (`scores` in [0, 1]) as JSON lines, on the summary's scale (x 100), as `refine eval`
+    writes its examples' scores: `row` counts the file's rows from 0, `line` is the file line (from 1, blank lines
+    counted) and the row's own identifier is carried when it has one. Written whole or not at all: a failure leaves
+    an earlier file as it was."""
     output = Path(path)
     output.parent.mkdir(parents=True, exist_ok=True)
     lines = []
     for index, ((row, line_number), score) in enumerate(zip(numbered, scores)):
-        record: dict[str, Any] = {"row": index, "line": line_number, "score": score}
+        record: dict[str, Any] = {"row": index, "line": line_number, "score": 100.0 * score}
         for key in ID_FIELDS:
             if key in row:
                 record[key] = row[key]
