@@ -73,8 +73,9 @@ class Metrics:
                                 "when it read the last step's batch", registry=r)
         self.step_seconds = Histogram("refine_step_seconds", "Time per phase of a step", ["phase"],
                                       buckets=STEP_BUCKETS, registry=r)
-        self.skipped_steps = Counter("refine_skipped_steps", "Steps of the run (a resumed run's included) skipped "
-                                     "for a non-finite loss or gradient", registry=r)
+        self.skipped_steps = Counter("refine_skipped_steps", "Steps of the run (a resumed run's included) that left "
+                                     "out their update, or a mini-batch's, for a non-finite loss or gradient",
+                                     registry=r)
         # Weights and staleness
         self.weight_version = Gauge("refine_weight_version", "Policy version this process holds", registry=r)
         self.staleness = Histogram("refine_rollout_staleness", "Learner version minus rollout version",
