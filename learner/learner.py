@@ -54,6 +54,7 @@ from services.progress import LearnerProgress, StepReport, read_published, read_
 from services.resilience import (
     TRANSIENT, OutageTolerance, RedisOutage, RedisStateLost, outage_timeout_s, retry_redis,
 )
+from services.metrics import COLOCATED_LEARNER_FAMILIES, ROLE_FAMILIES
 from services.role import RoleRuntime
 from services.streams import (
     CONSUMED_KEY, DOCUMENTS, DROPPED_KEY, LEARNER_GROUP, LEARNER_REPORTS, SCORED, DocumentStore, document_batch_id_for,
@@ -166,8 +167,9 @@ class Learner:
         config.train.device = learner_device(config.train.device)  # the GPU Ray gave this actor, if any
         self.member_id = member_id
         # Served once a resumed run's totals are in the metrics (below).
+        families = ROLE_FAMILIES[ROLE] | (COLOCATED_LEARNER_FAMILIES if config.service.mode == "colocated" else set())
         self.runtime = RoleRuntime(ROLE, member_id, redis_url, namespace, config.service.metrics_discovery_dir,
-                                   threads=config.train.threads or 1, serve_now=False)
+                                   threads=config.train.threads or 1, serve_now=False, metric_families=families)
         self.broker = self.runtime.broker
         self.metrics = self.runtime.metrics
         self.weights = RedisWeightStore(self.runtime.client, namespace)

@@ -54,7 +54,7 @@ from reward.http_errors import ErrorResponse, error_content, error_detail, error
 from reward.rollout_inputs import reward_inputs, shape_errors, stacked_hidden
 from reward.safe_json import SafeJSONRoute
 from reward.scoring import record_scored
-from services.metrics import Metrics
+from services.metrics import ROLE_FAMILIES, Metrics
 
 __all__ = ["JSONErrorH11Protocol", "ScoreLimits", "ScoreResponse", "create_app", "serve"]
 
@@ -188,7 +188,7 @@ def create_app(
         max_text_chars=max_text_chars, max_references=max_references, max_body_bytes=max_body_bytes,
         max_inflight_bytes=max_inflight_bytes, max_body_seconds=max_body_seconds,
     )
-    metrics = metrics or Metrics()
+    metrics = metrics or Metrics(families=ROLE_FAMILIES["reward"])
     score_request = _request_models(limits)
     app = FastAPI(
         title="REFINE reward service",

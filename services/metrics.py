@@ -24,6 +24,7 @@ import os
 import re
 import socket
 import tempfile
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,56 +38,91 @@ STEP_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 
-class Metrics:
-    """All metric families; one instance per process, each role updates the ones it owns."""
+# The families each role sets (and exports). A colocated learner samples and scores its own rollouts:
+# it sets COLOCATED_LEARNER_FAMILIES too.
+ROLE_FAMILIES: dict[str, frozenset[str]] = {
+    "orchestrator": frozenset({"documents", "stream_length", "stream_pending"}),
+    "rollout_worker": frozenset({"rollouts", "rollout_tokens", "rollout_batches", "selected_entropy", "step_seconds",
+                                 "weight_version"}),
+    "reward": frozenset({"reward_mean", "reward_std", "reward_latency", "scored_batches"}),
+    "learner": frozenset({"learner_steps", "learner_step", "policy_loss", "ntp_loss", "eval_ntp_loss",
+                          "clip_fraction", "approx_kl", "grad_norm", "learning_rate", "data_epoch", "step_seconds",
+                          "skipped_steps", "weight_version", "staleness", "stale_dropped"}),
+}
+COLOCATED_LEARNER_FAMILIES = frozenset({"rollouts", "rollout_tokens", "selected_entropy", "reward_mean", "reward_std"})
+ALL_FAMILIES = frozenset().union(*ROLE_FAMILIES.values())
 
-    def __init__(self, registry: CollectorRegistry | None = None):
-        r = self.registry = registry or CollectorRegistry()
+
+class Metrics:
+    """Every metric family; one instance per process. `families` (ROLE_FAMILIES' of the process' role; None: all)
+    are the ones it exports: the others exist, unregistered, so that a scrape shows no 0 for what another role
+    measures (`avg(refine_ntp_loss)` would mix in every rollout worker's and reward replica's)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, families: Collection[str] | None = None):
+        self.registry = registry or CollectorRegistry()
+        unknown = set(families or ()) - ALL_FAMILIES
+        if unknown:
+            raise ValueError(f"unknown metric families {sorted(unknown)}; known: {sorted(ALL_FAMILIES)}")
+        self.families = frozenset(ALL_FAMILIES if families is None else families)
+
+        def r(name: str) -> CollectorRegistry | None:
+            return self.registry if name in self.families else None
+
         # Rollout workers
-        self.rollouts = Counter("refine_rollouts", "Rollouts produced", registry=r)
-        self.rollout_tokens = Counter("refine_rollout_tokens", "Rollout tokens produced", registry=r)
-        self.rollout_batches = Counter("refine_rollout_batches", "Rollout batches published", registry=r)
-        self.selected_entropy = Gauge("refine_selected_entropy", "Mean entropy at selected positions", registry=r)
+        self.rollouts = Counter("refine_rollouts", "Rollouts produced", registry=r("rollouts"))
+        self.rollout_tokens = Counter("refine_rollout_tokens", "Rollout tokens produced",
+                                      registry=r("rollout_tokens"))
+        self.rollout_batches = Counter("refine_rollout_batches", "Rollout batches published",
+                                       registry=r("rollout_batches"))
+        self.selected_entropy = Gauge("refine_selected_entropy", "Mean entropy at selected positions",
+                                      registry=r("selected_entropy"))
         # Reward service
-        self.reward_mean = Gauge("refine_reward_mean", "Mean reward of the last batch", ["reward_type"], registry=r)
-        self.reward_std = Gauge("refine_reward_std", "Reward std of the last batch", ["reward_type"], registry=r)
+        self.reward_mean = Gauge("refine_reward_mean", "Mean reward of the last batch", ["reward_type"],
+                                 registry=r("reward_mean"))
+        self.reward_std = Gauge("refine_reward_std", "Reward std of the last batch", ["reward_type"],
+                                registry=r("reward_std"))
         self.reward_latency = Histogram("refine_reward_latency_seconds",
                                         "Seconds a reward takes to score one batch (the scoring alone: not "
                                         "request parsing, publishing or acknowledging)",
-                                        buckets=LATENCY_BUCKETS, registry=r)
-        self.scored_batches = Counter("refine_scored_batches", "Rollout batches scored", registry=r)
+                                        buckets=LATENCY_BUCKETS, registry=r("reward_latency"))
+        self.scored_batches = Counter("refine_scored_batches", "Rollout batches scored", registry=r("scored_batches"))
         # Learner
         self.learner_steps = Counter("refine_learner_steps", "Learner steps taken by this process (batches: "
-                                     "train.mini_batches optimizer steps each)", registry=r)
+                                     "train.mini_batches optimizer steps each)", registry=r("learner_steps"))
         self.learner_step = Gauge("refine_learner_step", "The run's learner step (a resumed run continues it)",
-                                  registry=r)
-        self.policy_loss = Gauge("refine_policy_loss", "Clipped policy-gradient loss", registry=r)
-        self.ntp_loss = Gauge("refine_ntp_loss", "Next-token cross-entropy", registry=r)
+                                  registry=r("learner_step"))
+        self.policy_loss = Gauge("refine_policy_loss", "Clipped policy-gradient loss", registry=r("policy_loss"))
+        self.ntp_loss = Gauge("refine_ntp_loss", "Next-token cross-entropy", registry=r("ntp_loss"))
         self.eval_ntp_loss = Gauge("refine_eval_ntp_loss", "Next-token cross-entropy on data.eval_source's held-out "
-                                   "documents, at the last step that measured it (0 before)", registry=r)
-        self.clip_fraction = Gauge("refine_clip_fraction", "Fraction of clipped rollout tokens", registry=r)
-        self.approx_kl = Gauge("refine_approx_kl", "Approximate KL(behaviour || current)", registry=r)
-        self.grad_norm = Gauge("refine_grad_norm", "Gradient norm before clipping", registry=r)
+                                   "documents, at the last step that measured it (0 before)",
+                                   registry=r("eval_ntp_loss"))
+        self.clip_fraction = Gauge("refine_clip_fraction", "Fraction of clipped rollout tokens",
+                                   registry=r("clip_fraction"))
+        self.approx_kl = Gauge("refine_approx_kl", "Approximate KL(behaviour || current)", registry=r("approx_kl"))
+        self.grad_norm = Gauge("refine_grad_norm", "Gradient norm before clipping", registry=r("grad_norm"))
         self.learning_rate = Gauge("refine_learning_rate", "Learning rate of the last step (optim.schedule)",
-                                   registry=r)
+                                   registry=r("learning_rate"))
         self.data_epoch = Gauge("refine_data_epoch", "Passes over data.source the data stream had completed "
-                                "when it read the last step's batch", registry=r)
+                                "when it read the last step's batch", registry=r("data_epoch"))
         self.step_seconds = Histogram("refine_step_seconds", "Time per phase of a step", ["phase"],
-                                      buckets=STEP_BUCKETS, registry=r)
+                                      buckets=STEP_BUCKETS, registry=r("step_seconds"))
         self.skipped_steps = Counter("refine_skipped_steps", "Steps of the run (a resumed run's included) that left "
                                      "out their update, or a mini-batch's, for a non-finite loss or gradient",
-                                     registry=r)
+                                     registry=r("skipped_steps"))
         # Weights and staleness
-        self.weight_version = Gauge("refine_weight_version", "Policy version this process holds", registry=r)
+        self.weight_version = Gauge("refine_weight_version", "Policy version this process holds",
+                                    registry=r("weight_version"))
         self.staleness = Histogram("refine_rollout_staleness", "Learner version minus rollout version",
-                                   buckets=(0, 1, 2, 3, 4, 8, 16), registry=r)
+                                   buckets=(0, 1, 2, 3, 4, 8, 16), registry=r("staleness"))
         self.stale_dropped = Counter("refine_stale_rollouts_dropped", "Rollout batches of the run (a resumed run's "
-                                     "included) dropped as too stale", registry=r)
+                                     "included) dropped as too stale", registry=r("stale_dropped"))
         # Transport and data
-        self.stream_length = Gauge("refine_stream_length", "Entries in a Redis stream", ["stream"], registry=r)
+        self.stream_length = Gauge("refine_stream_length", "Entries in a Redis stream", ["stream"],
+                                   registry=r("stream_length"))
         self.stream_pending = Gauge("refine_stream_pending", "Delivered but unacknowledged entries",
-                                    ["stream", "group"], registry=r)
-        self.documents = Counter("refine_documents", "Documents published by the orchestrator", registry=r)
+                                    ["stream", "group"], registry=r("stream_pending"))
+        self.documents = Counter("refine_documents", "Documents published by the orchestrator",
+                                 registry=r("documents"))
 
 
 @dataclass

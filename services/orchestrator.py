@@ -98,7 +98,8 @@ from services.broker import Broker
 from services.failures import ServiceError, actor_error, describe_failure
 from services.member_files import remove_member_files, remove_staged_checkpoints
 from services.messages import DataCursor, DocumentBatch
-from services.metrics import Metrics, serve_metrics, withdraw_announcements, withdraw_run_announcements
+from services.metrics import (ROLE_FAMILIES, Metrics, serve_metrics, withdraw_announcements,
+                             withdraw_run_announcements)
 from services.namespace_claim import (
     CLAIMS_HELD_HERE, check_namespace_free, claim_ttl_s, current_pid_namespace, describe_holder, driver_is_gone,
     namespace_for, namespace_in_use,
@@ -271,7 +272,7 @@ class Orchestrator:
         self.client = connect(redis_url)
         self.broker = Broker(self.client, namespace)
         self.documents = DocumentStore(self.broker)
-        self.metrics = Metrics()
+        self.metrics = Metrics(families=ROLE_FAMILIES["orchestrator"])
         self.endpoint = None
         self.config_json = config.model_dump_json()
         self.members: list[Member] = []

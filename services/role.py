@@ -14,7 +14,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -22,7 +22,7 @@ import torch
 from refine.runtime import tune_allocator
 
 from services.broker import Broker
-from services.metrics import Metrics, MetricsEndpoint, serve_metrics
+from services.metrics import ROLE_FAMILIES, Metrics, MetricsEndpoint, serve_metrics
 from services.redis_server import connect
 from services.resilience import TRANSIENT, retry_redis
 
@@ -45,10 +45,11 @@ class RoleRuntime:
         threads: int = 1,
         outage_timeout_s: float = 120.0,
         serve_now: bool = True,
+        metric_families: Collection[str] | None = None,
     ) -> None:
         """`serve_now=False`: the member calls `serve_metrics` itself, once its metrics hold what a scrape should
         first see (a resumed learner's run totals: a counter seen at 0, then at the run's total, reads as new
-        events to Prometheus' increase() and rate())."""
+        events to Prometheus' increase() and rate()). `metric_families`: those it exports (default: its role's)."""
         if heartbeat_interval_s <= 0:
             raise ValueError(f"heartbeat_interval_s must be > 0, got {heartbeat_interval_s}")
         tune_allocator()
@@ -63,7 +64,7 @@ class RoleRuntime:
         # A member may start while Redis restarts: wait for it rather than die at birth.
         self.client = retry_redis(lambda: connect(redis_url), f"{member_id}: connect", outage_timeout_s)
         self.broker = Broker(self.client, namespace)
-        self.metrics = Metrics()
+        self.metrics = Metrics(families=ROLE_FAMILIES.get(role) if metric_families is None else metric_families)
         self._metrics_dir = metrics_dir
         self._namespace = namespace
         self.endpoint: MetricsEndpoint | None = None

@@ -1,7 +1,9 @@
-"""Prometheus discovery files: one per serving process, withdrawn by that process alone."""
+"""Prometheus metrics: each role exports its own families; discovery files: one per serving process, withdrawn by
+that process alone."""
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -11,9 +13,49 @@ from pathlib import Path
 
 import pytest
 
+from prometheus_client import generate_latest
+from prometheus_client.metrics import MetricWrapperBase
+
 from services.metrics import (
-    Metrics, metrics_host, prepare_discovery_dir, serve_metrics, withdraw_announcements, withdraw_run_announcements,
+    ALL_FAMILIES, COLOCATED_LEARNER_FAMILIES, ROLE_FAMILIES, Metrics, metrics_host, prepare_discovery_dir,
+    serve_metrics, withdraw_announcements, withdraw_run_announcements,
 )
+
+REPO = Path(__file__).resolve().parents[2]
+# Where each role's process updates its metrics (reward/scoring.py: a reward replica's and the HTTP API's).
+ROLE_CODE = {"orchestrator": ["services/orchestrator.py"], "rollout_worker": ["rollout_workers/worker.py"],
+             "reward": ["reward/scoring.py"], "learner": ["learner/learner.py"]}
+
+
+def test_every_metric_family_belongs_to_a_role():
+    families = {name for name, value in vars(Metrics()).items() if isinstance(value, MetricWrapperBase)}
+    assert families == ALL_FAMILIES
+    with pytest.raises(ValueError, match=r"unknown metric families \['ntp_los'\]"):
+        Metrics(families={"ntp_los"})
+
+
+def test_a_process_exports_its_roles_families_alone_and_may_still_update_the_others():
+    """Every process exported every family: an orchestrator's refine_ntp_loss 0 and a reward replica's
+    refine_weight_version 0 entered any query that does not filter on the role."""
+    metrics = Metrics(families=ROLE_FAMILIES["reward"])
+    metrics.ntp_loss.set(2.5)  # another role's family: kept out of the scrape, not an error
+    metrics.scored_batches.inc()
+    scrape = generate_latest(metrics.registry).decode()
+    exported = {family.name for family in metrics.registry.collect()}
+    assert exported == {"refine_reward_mean", "refine_reward_std", "refine_reward_latency_seconds",
+                        "refine_scored_batches"}
+    assert "refine_ntp_loss" not in scrape and "refine_scored_batches_total 1.0" in scrape
+    assert "refine_ntp_loss" in generate_latest(Metrics().registry).decode()  # the library default: all
+
+
+@pytest.mark.parametrize("role", sorted(ROLE_CODE))
+def test_each_roles_code_updates_only_families_its_process_exports(role):
+    allowed = ROLE_FAMILIES[role] | (COLOCATED_LEARNER_FAMILIES if role == "learner" else set())
+    used = set()
+    for path in ROLE_CODE[role]:
+        used |= set(re.findall(r"\b(?:metrics|m)\.(\w+)\.(?:inc|set|observe|labels)\(", (REPO / path).read_text()))
+    assert used and used <= ALL_FAMILIES
+    assert used <= allowed, f"{role} updates {sorted(used - allowed)}, which its process does not export"
 
 
 def announced_targets(directory: Path) -> dict[str, list[str]]:
