@@ -401,7 +401,7 @@ class Learner:
         retry_redis(lambda: self.broker.ack_consumed(SCORED, LEARNER_GROUP, [entry_id], DROPPED_KEY, [rollout_id]),
                     "ack dropped batch", self.outage_timeout_s)
         retry_redis(lambda: self.documents.delete(batch.document_batch_id), "delete documents", self.outage_timeout_s)
-        self._batch_finished(batch.document_batch_id, documents.cursor)
+        self._forget_consumed(self._batch_finished(batch.document_batch_id, documents.cursor))
         self.state.dropped_stale += reason == "stale"
         self.metrics.stale_dropped.inc(reason == "stale")
         self.state.dropped_invalid += reason == "invalid"
@@ -445,43 +445,44 @@ class Learner:
             stats["worker_id"] = worker_id
         self._send(self._new_report("dropped", stats))
 
-    def _batch_finished(self, document_batch_id: str, cursor: DataCursor) -> None:
-        """Move the checkpoint's data cursor through the unbroken run of finished batches."""
+    def _batch_finished(self, document_batch_id: str, cursor: DataCursor) -> list[str]:
+        """Move the checkpoint's data cursor through the unbroken run of finished batches; returns the ids whose
+        consumed records may go now (`_forget_consumed`)."""
         index = document_batch_index(document_batch_id)
         if index is None:
-            return  # not one of the run's data batches: no place in the data order
+            return []  # not one of the run's data batches: no place in the data order
         before = self.resume_point.next_index
         self.resume_point.finished(index, cursor)
         self.state.epoch, self.state.cursor = self.resume_point.epoch, self.resume_point.cursor
         # Batches now below the watermark are recognized by their index (seen()): their records go, or
         # the consumed sets would grow by one id per step for the whole run.
         closed = [document_batch_id_for(i) for i in range(before, self.resume_point.next_index)]
-        if closed:
-            ids = closed + [rollout_batch_id_for(batch_id) for batch_id in closed]
+        return closed + [rollout_batch_id_for(batch_id) for batch_id in closed]
+
+    def _forget_consumed(self, ids: list[str]) -> None:
+        if ids:
             retry_redis(lambda: self.broker.forget_consumed((CONSUMED_KEY, DROPPED_KEY), ids), "forget consumed",
                         self.outage_timeout_s)
 
     def _finish_step(self, stream: str, entry_id: str, message_id: str, documents: DocumentBatch,
                      outcome: StepResult, extra: dict) -> None:
         state = self.state
+        # What a checkpoint holds of the step (its count, the data cursor, its report) is settled before any Redis
+        # call: Redis lost in those calls checkpoints the step whole on the way out (run), never a step ahead of
+        # its report and cursor (--resume then had no row for it and trained its batch again).
         state.step += 1
         state.skipped_steps += outcome.skipped
-        # The step is in memory now; the record that it happened and the acknowledgement go together.
-        retry_redis(lambda: self.broker.ack_consumed(stream, LEARNER_GROUP, [entry_id], CONSUMED_KEY, [message_id]),
-                    "ack trained batch", self.outage_timeout_s)
-        if not self.colocated:
-            retry_redis(lambda: self.documents.delete(documents.batch_id), "delete documents", self.outage_timeout_s)
         cursor = documents.cursor
-        self._batch_finished(documents.batch_id, cursor)
-        if self.colocated or state.step % self.config.service.sync_interval == 0:  # colocated: every step's own
-            self._publish_weights()
+        forgettable = self._batch_finished(documents.batch_id, cursor)
+        publishes = self.colocated or state.step % self.config.service.sync_interval == 0  # colocated: every step's
         self.finished += 1
         # One set of stats for Prometheus, the report (metrics.jsonl, the checkpoint) and the run's result.
         evaluated = self.evaluate is not None and self.config.train.evaluates_step(state.step)
         held_out = self.evaluate() if evaluated else {}
         stats = finite_stats(dict(outcome.stats) | extra | held_out | {
-            "step": state.step, "weight_version": state.weight_version, "document_batch_id": documents.batch_id,
-            "cursor": cursor.offset, "data_epoch": cursor.epoch, "tokens": int(documents.lengths.sum()), "skipped_steps": state.skipped_steps,
+            "step": state.step, "weight_version": state.step if publishes else state.weight_version,
+            "document_batch_id": documents.batch_id, "cursor": cursor.offset, "data_epoch": cursor.epoch,
+            "tokens": int(documents.lengths.sum()), "skipped_steps": state.skipped_steps,
             "dropped_stale": state.dropped_stale, "dropped_invalid": state.dropped_invalid,
             "duplicates_skipped": self.duplicates,
             "wall_time": round(time.time(), 6),
@@ -489,6 +490,13 @@ class Learner:
         self._record(stats, outcome, num_documents=documents.lengths.shape[0])
         self.last_stats = stats
         report = self._new_report("step", stats)
+        retry_redis(lambda: self.broker.ack_consumed(stream, LEARNER_GROUP, [entry_id], CONSUMED_KEY, [message_id]),
+                    "ack trained batch", self.outage_timeout_s)
+        if not self.colocated:
+            retry_redis(lambda: self.documents.delete(documents.batch_id), "delete documents", self.outage_timeout_s)
+        self._forget_consumed(forgettable)
+        if publishes:
+            self._publish_weights()
         every = self.config.train.checkpoint_every
         if every and state.step % every == 0:
             self.checkpoint()  # with the report: it goes out only after the checkpoint

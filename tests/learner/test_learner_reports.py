@@ -205,3 +205,38 @@ def test_a_learner_whose_redis_is_gone_for_good_checkpoints_the_steps_it_trained
     finally:
         learner.runtime.close()
         server.stop()
+
+
+def test_redis_lost_while_a_step_is_acknowledged_checkpoints_that_step_with_its_report_and_cursor(tmp_path: Path) -> None:
+    """Redis went away between a step's update and its report: the checkpoint on the way out held the step's
+    weights and count, but the previous cursor and no report, so --resume had no row for it and trained its batch
+    again (seen with Redis stopped for 75 s under a live run)."""
+    server = EmbeddedRedis().start()  # this test's own server: it is stopped halfway
+    config = load_config(SERVICE_TINY, [f"train.out_dir={tmp_path / 'run'}", "service.mode=colocated",
+                                        f"service.metrics_discovery_dir={tmp_path / 'prometheus'}",
+                                        f"service.namespace=test-{uuid.uuid4().hex[:10]}", "train.checkpoint_every=0",
+                                        "train.steps=10"])
+    learner = Learner(config.model_dump_json(), server.url, config.service.namespace)
+    try:
+        learner.broker.ensure_group(DOCUMENTS, LEARNER_GROUP, start_id="0")
+        for index in range(2):
+            learner.broker.publish(DOCUMENTS, _documents(index))
+            assert learner.run_once(block_ms=100) == 1
+        learner.broker.publish(DOCUMENTS, _documents(2))
+        acknowledge = learner.broker.ack_consumed
+
+        def redis_gone_at_the_acknowledgement(*args, **kwargs):
+            server.stop()
+            return acknowledge(*args, **kwargs)
+
+        learner.broker.ack_consumed = redis_gone_at_the_acknowledgement
+        learner.outage_timeout_s = 1.0  # the run's tolerance is at least a minute
+        with pytest.raises(RedisOutage):
+            learner.run(block_ms=100)
+        checkpoint = latest_checkpoint(learner.out_dir)
+        state = read_learner_state(checkpoint)
+        assert (state.step, state.cursor) == (3, _documents(2).cursor.offset)
+        assert [report.step for report in read_checkpoint_reports(checkpoint)] == [1, 2, 3]
+    finally:
+        learner.runtime.close()
+        server.stop()
