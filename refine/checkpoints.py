@@ -8,8 +8,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -119,8 +120,7 @@ def save_run_checkpoint(out_dir: str | Path, model: FastWeightLM, optimizer: tor
         _keep_latest_if_missing(latest, position.program, keep)
     staging = latest.with_name(f"step-{position.step:08d}.partial")
     with _staged(staging, lambda reason: f"cannot save the step-{position.step} checkpoint in {latest.parent} "
-                                         f"({reason}): its partial files are removed; "
-                                         f"{kept_checkpoint(out_dir, position.program)}"):
+                                         f"({reason}): its partial files are removed; {kept_checkpoint(out_dir)}"):
         staging.mkdir(parents=True)
         save_checkpoint(staging, model, optimizer, position, generator, tokenizer)
         for name, text in (extra_files or {}).items():
@@ -146,7 +146,7 @@ KEPT_NAME = re.compile(r"step-(\d{8,})")  # checkpoints/step-NNNNNNNN: a kept ch
 @contextmanager
 def _staged(staging: Path, failure: Callable[[str], str]) -> Iterator[None]:
     """A checkpoint written into folder `staging`: a failure removes what it staged, and a write the file system
-    refused (a full disk, a file too large) becomes one OSError, `failure(the refusal's reason)`."""
+    refused (a full disk, a file too large) becomes one RunWriteError, `failure(the refusal's reason)`."""
     try:
         yield
     except BaseException as error:
@@ -154,7 +154,7 @@ def _staged(staging: Path, failure: Callable[[str], str]) -> Iterator[None]:
         cause = file_system_error(error)
         if cause is None:
             raise
-        raise OSError(failure(_reason(cause))) from None
+        raise RunWriteError(failure(_reason(cause))) from None
 
 
 def step_checkpoints(folder: Path) -> list[Path]:
@@ -196,8 +196,7 @@ def keep_step_checkpoint(latest: Path, position: RunPosition, keep: int) -> None
     kept = latest.with_name(f"step-{position.step:08d}")
     staging = kept.with_name(f"{kept.name}.partial")
     with _staged(staging, lambda reason: f"cannot keep the step-{position.step} checkpoint as {kept} ({reason}): "
-                                         f"{latest} is intact: `{program_command(position.program)} --resume` "
-                                         f"continues from it"):
+                                         f"the checkpoint {latest} is intact"):
         _remove_whole(kept)  # a resumed run's step again: the newer checkpoint replaces it
         for file in sorted(latest.rglob("*")):  # not copytree: it gathers errors into one unreadable shutil.Error
             target = staging / file.relative_to(latest)
@@ -220,12 +219,29 @@ def _link_or_copy(source: str, destination: str) -> None:
         shutil.copy2(source, destination)
 
 
-def kept_checkpoint(out_dir: str | Path, program: str) -> str:
+class RunWriteError(OSError):
+    """A file of the run (a checkpoint, a metrics.jsonl row) the file system refused: the run stops. The message
+    says what it resumes from; the command that runs it adds how (`resume_command_named`): only it knows its own
+    command line (a bare `refine train --resume` would run the main job instead)."""
+
+
+def kept_checkpoint(out_dir: str | Path) -> str:
     """What a run stopped by a failed write can resume from, for the end of its error message."""
     checkpoint = latest_checkpoint(out_dir)
     if checkpoint.exists():
-        return f"the earlier checkpoint {checkpoint} is intact: `{program_command(program)} --resume` continues from it"
-    return f"the run has no earlier checkpoint: `{program_command(program)}` starts it over"
+        return f"the earlier checkpoint {checkpoint} is intact"
+    return "the run has no earlier checkpoint"
+
+
+@contextmanager
+def resume_command_named(out_dir: str | Path, resume_command: Sequence[str]) -> Iterator[None]:
+    """A RunWriteError raised inside ends with the command that goes on: from the intact checkpoint, or from step 0
+    without one."""
+    try:
+        yield
+    except RunWriteError as error:
+        how = "continues from it" if latest_checkpoint(out_dir).exists() else "starts it over"
+        raise RunWriteError(f"{error}: `{shlex.join(resume_command)}` {how}") from None
 
 
 def _reason(error: OSError) -> str:

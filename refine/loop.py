@@ -23,7 +23,9 @@ import torch
 
 from refine.algorithm.rewards import check_run_reward
 from refine.algorithm.rollout import batch_generator
-from refine.checkpoints import RunPosition, check_inputs_outside_checkpoints, resume_from, save_run_checkpoint
+from refine.checkpoints import (
+    RunPosition, check_inputs_outside_checkpoints, resume_command_named, resume_from, save_run_checkpoint,
+)
 from refine.config import DTYPES, RunConfig, fit_to_tokenizer, input_path_fields, run_tokenizer
 from refine.data.batches import DocumentBatch
 from refine.data.sources import DataSourceError
@@ -175,7 +177,8 @@ def run_steps(config: RunConfig, model: FastWeightLM, optimizer: torch.optim.Opt
     for warning in (warmup_warning(config), rate_change_warning(config, metrics_path, position.step)):
         if warning is not None:
             note(f"{desc}: {warning}")
-    with (progress_bar(total=config.train.steps, initial=position.step, desc=desc, disable=not progress) as bar,
+    with (resume_command_named(out_dir, resume_command),
+          progress_bar(total=config.train.steps, initial=position.step, desc=desc, disable=not progress) as bar,
           stop_requests(desc) as stop_requested):
         while position.step < config.train.steps and not stop_requested():
             batch = next_batch(position.cursor)

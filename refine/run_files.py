@@ -10,7 +10,8 @@ from pathlib import Path
 
 
 from refine.checkpoints import (
-    check_inputs_outside_checkpoints, clear_checkpoints, fresh_run_message, kept_checkpoint, program_command,
+    RunWriteError, check_inputs_outside_checkpoints, clear_checkpoints, fresh_run_message, kept_checkpoint,
+    program_command,
 )
 from refine.config import RunConfig, dump_config
 from refine.files import write_atomically
@@ -118,8 +119,8 @@ def write_row(path: Path, row: dict, program: str) -> None:
         raise
     except OSError as error:
         step = f"step {row['step']}'s row" if "step" in row else "a row"
-        raise OSError(f"cannot write {step} to {path} ({error.strerror or error}): the run stops; "
-                      f"{kept_checkpoint(path.parent, program)}") from None
+        raise RunWriteError(f"cannot write {step} to {path} ({error.strerror or error}): the run stops; "
+                            f"{kept_checkpoint(path.parent)}") from None
 
 
 def check_run_directory(path: Path, program: str) -> None:

@@ -65,6 +65,7 @@ import logging
 import os
 import shlex
 import socket
+import textwrap
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -80,7 +81,7 @@ from tqdm import tqdm
 from learner.checkpoint import latest_checkpoint, read_learner_state
 from refine.checkpoints import (
     check_inputs_outside_checkpoints, check_kept_without_latest, check_resumed_dtype, check_resumed_program,
-    check_resumed_tokenizer, clear_checkpoints, fresh_run_message,
+    check_resumed_tokenizer, clear_checkpoints, fresh_run_message, resume_command_named,
 )
 from refine.config import (
     BUILT_IN_DISCOVERY_DIR, DTYPES, RunConfig, dump_config, fit_to_tokenizer, input_path_fields, run_tokenizer,
@@ -341,8 +342,9 @@ class Orchestrator:
             raise
         self._write_line(f"Redis namespace and Prometheus run label: {self.namespace}")
         # `ray job stop` and container runtimes send SIGTERM: stop as cleanly as on Ctrl-C (also when the run is
-        # called in-process, without the CLI, which does the same).
-        with sigterm_as_ctrl_c():
+        # called in-process, without the CLI, which does the same). A row the disk refuses names the command that
+        # resumes.
+        with sigterm_as_ctrl_c(), resume_command_named(self.out_dir, self.resume_command):
             graceful = True
             try:
                 setup = self._start_learner()
@@ -730,7 +732,8 @@ class Orchestrator:
                     ray.get(member.future)
                     reason = "its loop returned before the run ended"
                 except ray.exceptions.RayError as exc:
-                    reason = f"its actor died ({describe_failure(exc)[:300]})"
+                    # Cut at a word (a line of events.jsonl and of the console): Ray's texts run to pages.
+                    reason = f"its actor died ({textwrap.shorten(describe_failure(exc), 300, placeholder=' ...')})"
                     if not member.seen_alive:  # it failed while starting: a replacement would too
                         raise ServiceError(f"{member.member_id} failed to start: {describe_failure(exc)}") from exc
             elif not member.placement.placed():
@@ -746,7 +749,8 @@ class Orchestrator:
         count = self.restarts.setdefault(member.role, RestartWindow()).add(time.monotonic())
         if count > MAX_RESTARTS_PER_ROLE:
             raise ServiceError(f"{member.member_id} failed ({reason}); {member.role} restarted "
-                               f"{MAX_RESTARTS_PER_ROLE} times already within {RESTART_WINDOW_S / 60:.0f} minutes")
+                               f"{MAX_RESTARTS_PER_ROLE} times already within {RESTART_WINDOW_S / 60:.0f} minutes"
+                               f"{self._resume_hint(None)}")
         old = member.member_id
         ray.kill(member.actor, no_restart=True)
         remove_member_files(self.config, self.namespace, member.role, old)

@@ -116,7 +116,8 @@ def test_a_kept_checkpoint_the_disk_refuses_names_it_and_leaves_latest_whole(tmp
 
     monkeypatch.setattr(refine.checkpoints, "_link_or_copy", full_disk)
     with pytest.raises(OSError, match=r"cannot keep the step-2 checkpoint as .*step-00000002 \(No space left on "
-                                      r"device: .*\): .*latest is intact: `refine train --resume` continues from it"):
+                                      r"device: .*\): the checkpoint .*latest is intact: `refine train "
+                                      rf"{tmp_path / 'config.yaml'} --local --resume` continues from it$"):
         train(_config(tmp_path, "ntp", steps=2, extra=("train.keep_checkpoints=1",)), progress=False)
     assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["latest"]
     assert read_trainer_state(tmp_path / "checkpoints" / "latest" / "trainer.pt")["step"] == 2
@@ -235,7 +236,7 @@ def test_a_checkpoint_is_replaced_whole_or_not_at_all(tmp_path):
     # Fails after the weights and trainer state of step 3 are written.
     with pytest.raises(OSError, match=r"^cannot save the step-3 checkpoint in .*checkpoints \(No such file or "
                                       r"directory: .*no-such-folder/file'\): its partial files are removed; the earlier "
-                                      r"checkpoint .*checkpoints/latest is intact: `refine train --resume` continues"):
+                                      r"checkpoint .*checkpoints/latest is intact$"):  # its caller says how to resume
         save_run_checkpoint(tmp_path, model, optimizer, RunPosition(3, 6, 1), generator, tokenizer,
                             extra_files={"no-such-folder/file": ""})
     assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["latest"]
@@ -394,3 +395,22 @@ def test_a_run_whose_starting_model_is_gone_names_the_resume_that_continues_it(t
     assert main(["train", "run/config.yaml", "--local", "--resume", "--no-progress", "--set", "train.steps=2",
                  "--set", f"train.init_from={model}"]) == 0
     assert read_trainer_state(tmp_path / "run" / "checkpoints" / "latest" / "trainer.pt")["step"] == 2
+
+
+def test_a_refused_write_names_the_command_that_resumes_the_run(tmp_path):
+    """The messages said `refine train --resume`, which runs the main job (a --local run, a service run from its
+    config, posttrain need their own command line): the command running the run adds its own."""
+    from refine.checkpoints import RunWriteError, kept_checkpoint, resume_command_named
+
+    command = ["refine", "train", str(tmp_path / "config.yaml"), "--resume"]
+    with pytest.raises(RunWriteError) as error, resume_command_named(tmp_path, command):
+        raise RunWriteError(f"cannot write a row: {kept_checkpoint(tmp_path)}")
+    assert str(error.value) == (f"cannot write a row: the run has no earlier checkpoint: "
+                                f"`refine train {tmp_path / 'config.yaml'} --resume` starts it over")
+    train(_config(tmp_path, "ntp", steps=1), progress=False)
+    with pytest.raises(RunWriteError) as error, resume_command_named(tmp_path, command):
+        raise RunWriteError(f"cannot write a row: {kept_checkpoint(tmp_path)}")
+    assert str(error.value).endswith(f"the earlier checkpoint {tmp_path / 'checkpoints' / 'latest'} is intact: "
+                                     f"`refine train {tmp_path / 'config.yaml'} --resume` continues from it")
+    with pytest.raises(OSError, match="^other$"), resume_command_named(tmp_path, command):
+        raise OSError("other")  # not a run's write: left as it is

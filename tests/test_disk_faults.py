@@ -96,7 +96,7 @@ def test_a_checkpoint_the_disk_refuses_is_one_line_and_the_earlier_one_resumes(t
     error = _one_line_error(_train(config, out, 2, limit=limit[file]))
     assert error == (f"refine: error: cannot save the step-2 checkpoint in {out / 'checkpoints'} (File too large): "
                      f"its partial files are removed; the earlier checkpoint {latest} is intact: `refine train "
-                     f"--resume` continues from it")
+                     f"{out / 'config.yaml'} --local --resume` continues from it")
     assert sorted(path.name for path in (out / "checkpoints").iterdir()) == ["latest"]
     assert {path.name: path.read_bytes() for path in latest.rglob("*") if path.is_file()} == before
     assert _train(config, out, 2).returncode == 0
@@ -111,8 +111,8 @@ def test_a_metrics_row_the_disk_refuses_stops_the_run_without_a_half_row(tmp_pat
     error = _one_line_error(_train(config, out, 30, limit=limit))
     assert error.startswith("refine: error: cannot write step ")
     assert error.endswith(f"'s row to {out / 'metrics.jsonl'} (File too large): the run stops; the earlier "
-                          f"checkpoint {out / 'checkpoints' / 'latest'} is intact: `refine train --resume` "
-                          f"continues from it")
+                          f"checkpoint {out / 'checkpoints' / 'latest'} is intact: `refine train "
+                          f"{out / 'config.yaml'} --local --resume` continues from it")
     rows = _rows(out / "metrics.jsonl")
     assert [row["step"] for row in rows] == list(range(1, len(rows) + 1)) and len(rows) > 1
     assert _train(config, out, 3).returncode == 0
@@ -168,7 +168,7 @@ def test_a_posttrain_checkpoint_the_disk_refuses_names_its_own_resume(tmp_path):
     latest = out / "checkpoints" / "latest"
     assert error == (f"refine: error: cannot save the step-2 checkpoint in {out / 'checkpoints'} (File too large): "
                      f"its partial files are removed; the earlier checkpoint {latest} is intact: `refine posttrain "
-                     f"--resume` continues from it")
+                     f"--data {data} --task ruler-qa --config {out / 'config.yaml'} --resume` continues from it")
     assert sorted(path.name for path in (out / "checkpoints").iterdir()) == ["latest"]
     assert torch.load(latest / "trainer.pt", weights_only=True)["step"] == 1
     assert posttrain(2).returncode == 0

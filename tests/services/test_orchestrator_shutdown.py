@@ -104,3 +104,28 @@ def test_a_learner_lost_with_ray_during_a_stop_is_an_interruption_not_a_failure(
     finally:
         orchestrator.client.close()
     assert "interrupted at step 0 of train.steps=" in caplog.text
+
+
+def test_the_restart_limit_names_the_command_that_resumes_the_run(tmp_path, redis_url, namespace):
+    """Every other fatal error of a service run with a checkpoint ends with the resume command; the restart
+    limit's said only what failed."""
+    import time
+    from types import SimpleNamespace
+
+    from services.failures import ServiceError
+    from services.restart_limit import MAX_RESTARTS_PER_ROLE, RestartWindow
+
+    config = load_config("configs/service_tiny.yaml", [f"train.out_dir={tmp_path / 'run'}",
+                                                       f"service.metrics_discovery_dir={tmp_path / 'prometheus'}"])
+    orchestrator = Orchestrator(config, None, redis_url, namespace, resume=False, progress=False)
+    (tmp_path / "run" / "checkpoints" / "latest").mkdir(parents=True)
+    window = orchestrator.restarts["rollout_worker"] = RestartWindow()
+    for _ in range(MAX_RESTARTS_PER_ROLE):
+        window.add(time.monotonic())
+    try:
+        with pytest.raises(ServiceError, match=rf"rollout_worker restarted {MAX_RESTARTS_PER_ROLE} times already "
+                                               rf"within 60 minutes; resume from its last checkpoint with `refine "
+                                               rf"train {tmp_path / 'run' / 'config.yaml'} --resume`$"):
+            orchestrator._restart(SimpleNamespace(role="rollout_worker", member_id="rollout_worker-0.20"), "died")
+    finally:
+        orchestrator.client.close()
