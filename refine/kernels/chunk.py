@@ -138,12 +138,16 @@ def chunk_delta_rule(
     k_c = _to_chunks(k, num_chunks, size, dtype).view(-1, size, key_dim)
     v_c = _to_chunks(v, num_chunks, size, dtype).view(-1, size, value_dim)
     beta_c = _to_chunks(beta, num_chunks, size, dtype).view(-1, size, 1)
-    gamma = None if g is None else _to_chunks(g, num_chunks, size, dtype).view(-1, size).cumsum(-1)
+    # Cumulative log-decays in float64: exp(gamma_i - gamma_j) of two large, nearly equal sums keeps few digits of
+    # their difference in float32 once a chunk holds a strong decay (a gate's reset), which the per-token
+    # recurrence never forms. Differences are taken wide, then cast (the [C, C] matrix is wide only in passing).
+    gamma = None if g is None else _to_chunks(g, num_chunks, size, torch.float64).view(-1, size).cumsum(-1)
+    gamma_exp = None if gamma is None else gamma.to(dtype).exp()
 
     causal = torch.tril(torch.ones(size, size, dtype=torch.bool, device=k.device))  # j <= i
     decay = None  # exp(gamma_i - gamma_j) on j <= i, 0 above the diagonal
     if gamma is not None:
-        decay = (gamma[:, :, None] - gamma[:, None, :]).masked_fill(~causal, float("-inf")).exp()
+        decay = (gamma[:, :, None] - gamma[:, None, :]).to(dtype).masked_fill(~causal, float("-inf")).exp()
 
     # UT transform for every chunk at once: T = (I + A)^-1, W = T diag(beta exp(gamma)) K, U0 = T diag(beta) V.
     k_beta = k_c * beta_c
@@ -152,7 +156,7 @@ def chunk_delta_rule(
         k_weighted = k_beta
     else:
         lower = lower * decay
-        k_weighted = k_beta * gamma.exp()[..., None]
+        k_weighted = k_beta * gamma_exp[..., None]
     w, u0 = UTTransform.apply(lower, k_weighted, v_c * beta_c)
 
     state = (
@@ -171,8 +175,8 @@ def chunk_delta_rule(
             k_to_end = k_c.transpose(1, 2)
             chunk_decay = None
         else:
-            k_to_end = (k_c * (gamma[:, -1:] - gamma).exp()[..., None]).transpose(1, 2)
-            chunk_decay = gamma[:, -1].exp().view(num_chunks, batch * heads, 1, 1)
+            k_to_end = (k_c * (gamma[:, -1:] - gamma).to(dtype).exp()[..., None]).transpose(1, 2)
+            chunk_decay = gamma_exp[:, -1].view(num_chunks, batch * heads, 1, 1)
         per_chunk = (num_chunks, batch * heads)
         states, u_per_chunk = ChunkRecurrence.apply(
             u0.view(*per_chunk, size, value_dim),
@@ -187,7 +191,7 @@ def chunk_delta_rule(
     # Outputs for all chunks at once: inter-chunk (query x chunk-start state) + intra-chunk (masked attention).
     scores = torch.bmm(q_c, k_c.transpose(1, 2))
     scores = scores.masked_fill(~causal, 0) if decay is None else scores * decay
-    q_inter = q_c if gamma is None else q_c * gamma.exp()[..., None]
+    q_inter = q_c if gamma_exp is None else q_c * gamma_exp[..., None]
     o = torch.baddbmm(torch.bmm(scores, u), q_inter, chunk_states)
     o = o.view(*shape, value_dim).permute(1, 0, 3, 2, 4).reshape(batch, num_chunks * size, heads, value_dim)
     o = o[:, :seq_len].to(q.dtype)
@@ -353,7 +357,8 @@ def _states_at(
     """State after r = offset[b, j] tokens of a chunk: its start state plus the first r tokens' updates.
 
     offset [B, P]; start [B, P, H, K, V], keys [B, P, H, C, K], values (corrected, u) [B, P, H, C, V]
-    and cumulative log-decays [B, P, H, C] (None: no gate) of each position's chunk. Returns [B * P, H, K, V].
+    and cumulative log-decays [B, P, H, C] (float64; None: no gate) of each position's chunk. Returns
+    [B * P, H, K, V].
     """
     taken = torch.arange(size, device=keys.device) < offset[..., None]  # [B, P, C]: j < r
     taken = taken[:, :, None, :]  # broadcast over heads
@@ -362,7 +367,7 @@ def _states_at(
     else:
         with_zero = F.pad(cumulative, (1, 0))  # gamma after r tokens is with_zero[r]
         gamma_r = with_zero.gather(-1, offset[:, :, None, None].expand(-1, -1, cumulative.shape[2], 1))
-        weight = (gamma_r - cumulative).masked_fill(~taken, float("-inf")).exp()
-        start = start * gamma_r.exp()[..., None]
+        weight = (gamma_r - cumulative).to(keys.dtype).masked_fill(~taken, float("-inf")).exp()
+        start = start * gamma_r.to(start.dtype).exp()[..., None]
     state = start + (keys * weight[..., None]).transpose(-1, -2) @ values
     return state.flatten(0, 1)
