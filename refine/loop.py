@@ -37,6 +37,7 @@ from refine.optim import describe_rates, learning_rate, set_learning_rate
 from refine.run_files import (
     check_run_directory, finished_run, jsonl_rows, plot_run, restart_metrics, start_run_directory, write_row,
 )
+from refine.run_lock import run_directory_lock
 from refine.runtime import StageTimes, callers_torch_state_kept, note, progress_bar, tune_allocator
 from refine.step import Divergence, StepResult, check_mini_batches, make_optimizer, train_step
 from refine.tokenizer import Tokenizer
@@ -314,29 +315,31 @@ def _train(config: RunConfig, resume: bool, progress: bool, resume_command: list
         check_resumed_cursor(config, Path(config.train.out_dir))
     batches = first_batch_read(config, tokenizer, start.cursor)  # before anything is written
     evaluate = None if config.data.eval_source is None else heldout_evaluator(config, model, tokenizer)
-    out_dir = start_run_directory(config, fresh=start.step == 0, program="refine")
-    changed = check_source(config, out_dir, resumed=start.step > 0)
-    if changed:
-        note(f"refine: warning: {changed}")
+    with run_directory_lock(config.train.out_dir, "refine train --local"):  # held until the run ends
+        out_dir = start_run_directory(config, fresh=start.step == 0, program="refine")
+        changed = check_source(config, out_dir, resumed=start.step > 0)
+        if changed:
+            note(f"refine: warning: {changed}")
 
-    # The stream's passes, counted as the service's orchestrator counts them: onepass and reference runs sample
-    # each batch's rollouts from its own stream (batch_generator), as the service's rollout workers do, so that
-    # a service run at max_staleness=0 trains as this loop does. A fused run samples in the learner's forward,
-    # from the run's generator, as a colocated service run does.
-    passes = DataPosition(epoch=start.epoch, cursor=start.cursor if start.step else -1,
-                          span=shuffled_pass_span(config, tokenizer) if config.data.shuffle else 0)
+        # The stream's passes, counted as the service's orchestrator counts them: onepass and reference runs sample
+        # each batch's rollouts from its own stream (batch_generator), as the service's rollout workers do, so that
+        # a service run at max_staleness=0 trains as this loop does. A fused run samples in the learner's forward,
+        # from the run's generator, as a colocated service run does.
+        passes = DataPosition(epoch=start.epoch, cursor=start.cursor if start.step else -1,
+                              span=shuffled_pass_span(config, tokenizer) if config.data.shuffle else 0)
 
-    def next_batch(_: int) -> StepBatch:  # the stream carries its own cursor
-        batch = next(batches).to(config.train.device)
-        epoch = passes.advance(batch.cursor, batch.cursors)
-        sampling = (batch_generator(config.train.seed, epoch, batch.cursor, config.train.device)
-                    if config.train.mode in ("onepass", "reference") else generator)
-        return StepBatch(update=lambda times: train_step(model, optimizer, batch, config, sampling, ref_model, times),
-                         cursor=batch.cursor, tokens=int(batch.lengths.sum()), epoch=epoch)
+        def next_batch(_: int) -> StepBatch:  # the stream carries its own cursor
+            batch = next(batches).to(config.train.device)
+            epoch = passes.advance(batch.cursor, batch.cursors)
+            sampling = (batch_generator(config.train.seed, epoch, batch.cursor, config.train.device)
+                        if config.train.mode in ("onepass", "reference") else generator)
+            return StepBatch(
+                update=lambda times: train_step(model, optimizer, batch, config, sampling, ref_model, times),
+                cursor=batch.cursor, tokens=int(batch.lengths.sum()), epoch=epoch)
 
-    # --local: the command runs the loop whatever train.mode is (an NTP-only or reference run does without it).
-    resume_command = resume_command or ["refine", "train", str(out_dir.resolve() / "config.yaml"), "--local",
-                                        "--resume"]
-    return run_steps(config, model, optimizer, generator, tokenizer, next_batch, start,
-                     desc=f"train[{config.train.mode}]", shown=("loss", "reward_mean"), progress=progress,
-                     resume_command=resume_command, evaluate=evaluate)
+        # --local: the command runs the loop whatever train.mode is (an NTP-only or reference run does without it).
+        resume_command = resume_command or ["refine", "train", str(out_dir.resolve() / "config.yaml"), "--local",
+                                            "--resume"]
+        return run_steps(config, model, optimizer, generator, tokenizer, next_batch, start,
+                         desc=f"train[{config.train.mode}]", shown=("loss", "reward_mean"), progress=progress,
+                         resume_command=resume_command, evaluate=evaluate)

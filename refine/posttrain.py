@@ -27,8 +27,8 @@ The model is `train.init_from` (a checkpoint directory); the tokenizer is `token
 directory's, else byte-level. The run directory (`train.out_dir`) gets config.yaml, posttrain.json (the
 data summary and --sft-coef), metrics.jsonl (a row per step) and checkpoints/latest/ (model/, with the
 tokenizer's files copied next to it, trainer.pt and program.json), as `refine train` writes them. Unset, the reward
-is the paper's post-training one (hybrid) and the run directory runs/posttrain (POSTTRAIN_DEFAULTS). One process runs it:
-the service (`service.*`) and `rollout.*` settings do not apply.
+is the paper's post-training one (hybrid) and the run directory runs/posttrain (POSTTRAIN_DEFAULTS). One process
+runs it: the service (`service.*`) and `rollout.*` settings do not apply.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ from refine.files import write_atomically
 from refine.loop import StepBatch, prepare_model, run_steps
 from refine.phases import QAExample, check_no_kl_term, check_sft_coef, posttrain_step
 from refine.run_files import absolute_out_dir, check_resumed_run, finished_run, start_run_directory
+from refine.run_lock import run_directory_lock
 from refine.runtime import StageTimes, callers_torch_state_kept, note, tune_allocator
 from refine.step import StepResult, check_mini_batches, make_optimizer
 from refine.tokenizer import Tokenizer
@@ -300,28 +301,30 @@ def _posttrain(config: RunConfig, data: str | Path, task: str, sft_coef: float, 
     if start.step and start.step >= config.train.steps:  # the run directory (config.yaml too) stays as it is
         finished = finished_run(Path(config.train.out_dir), start.step, config.train.steps, "refine posttrain")
         return finished | data_counts
-    # Only now: a run that cannot start leaves the directory as it was.
-    out_dir = start_run_directory(config, fresh=start.step == 0, program="refine posttrain")
-    record_data(out_dir, summary, resumed=start.step > 0)
+    with run_directory_lock(config.train.out_dir, "refine posttrain"):  # held until the run ends
+        # Only now: a run that cannot start leaves the directory as it was.
+        out_dir = start_run_directory(config, fresh=start.step == 0, program="refine posttrain")
+        record_data(out_dir, summary, resumed=start.step > 0)
 
-    def next_batch(cursor: int) -> StepBatch:
-        batch = [examples[i] for i in batch_indices(len(examples), config.train.seed, cursor, config.train.batch_size)]
+        def next_batch(cursor: int) -> StepBatch:
+            indices = batch_indices(len(examples), config.train.seed, cursor, config.train.batch_size)
+            batch = [examples[i] for i in indices]
 
-        def update(times: StageTimes) -> StepResult:
-            # One stage for the whole nested step: posttrain_step takes no timer for its parts.
-            with times.stage("nested_step"):
-                return posttrain_step(model, optimizer, batch, config, sft_coef, generator, tokenizer.pad_id)
+            def update(times: StageTimes) -> StepResult:
+                # One stage for the whole nested step: posttrain_step takes no timer for its parts.
+                with times.stage("nested_step"):
+                    return posttrain_step(model, optimizer, batch, config, sft_coef, generator, tokenizer.pad_id)
 
-        tokens = sum(len(ex.prompt) + len(ex.answer) for ex in batch)
-        return StepBatch(update=update, cursor=cursor + len(batch), tokens=tokens)
+            tokens = sum(len(ex.prompt) + len(ex.answer) for ex in batch)
+            return StepBatch(update=update, cursor=cursor + len(batch), tokens=tokens)
 
-    resume_command = ["refine", "posttrain", "--data", summary.data, "--task", task,
-                      "--config", str(out_dir.resolve() / "config.yaml"), "--resume"]
-    if sft_coef != 1.0:
-        resume_command[-1:-1] = ["--sft-coef", repr(sft_coef)]
-    last = run_steps(config, model, optimizer, generator, tokenizer, next_batch, start, desc="posttrain",
-                     shown=("loss", "sft_loss", "reward_mean"), progress=progress, resume_command=resume_command)
-    return last | data_counts
+        resume_command = ["refine", "posttrain", "--data", summary.data, "--task", task,
+                          "--config", str(out_dir.resolve() / "config.yaml"), "--resume"]
+        if sft_coef != 1.0:
+            resume_command[-1:-1] = ["--sft-coef", repr(sft_coef)]
+        last = run_steps(config, model, optimizer, generator, tokenizer, next_batch, start, desc="posttrain",
+                         shown=("loss", "sft_loss", "reward_mean"), progress=progress, resume_command=resume_command)
+        return last | data_counts
 
 
 def _note(message: str) -> None:

@@ -79,15 +79,19 @@ def jsonl_rows(path: Path) -> list[tuple[str, dict]]:
 
 def restart_metrics(path: Path, step: int) -> None:
     """metrics.jsonl for a run starting at `step`: emptied for a fresh run (0); for a resumed one, the rows of
-    steps up to `step` kept (those logged after its checkpoint are about to be redone). Replaced whole: a
-    rewrite that a full disk cuts short keeps every row (a plain rewrite would have emptied the file first)."""
+    steps up to `step` kept (those logged after its checkpoint are about to be redone). Replaced whole when
+    rows go: a rewrite that a full disk cuts short keeps every row (a plain rewrite would have emptied the file
+    first)."""
     kept: list[str] = []
     if step > 0:
         for line, row in jsonl_rows(path):
             row_step = row.get("step", 0)
             if isinstance(row_step, int) and row_step <= step:
                 kept.append(line + "\n")
-    write_atomically(path, "".join(kept))
+    text = "".join(kept)
+    if step > 0 and path.is_file() and path.read_text() == text:
+        return  # nothing to drop: the same file goes on, so a `tail -f` started before the resume follows it
+    write_atomically(path, text)
 
 
 def append_row(path: Path, row: dict) -> None:

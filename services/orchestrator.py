@@ -92,6 +92,7 @@ from refine.files import write_atomically
 from refine.loop import RunInterrupted, interrupted_message, rate_change_warning, warmup_warning
 from refine.optim import describe_rates
 from refine.run_files import absolute_out_dir, finished_run, plot_run, restart_metrics, write_row
+from refine.run_lock import run_directory_lock
 from refine.runtime import note, progress_bar, sigterm_as_ctrl_c
 from refine.step import Divergence
 from refine.tokenizer import Tokenizer
@@ -216,8 +217,9 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True, ray_addr
     out_dir = Path(config.train.out_dir)
     if plan.redis_url:  # an unreachable Redis, or a run going on in this namespace, fails before Ray starts
         check_namespace_free(plan.redis_url, namespace_for(config, out_dir), claim_ttl_s(config))
-    out_dir.mkdir(parents=True, exist_ok=True)  # config.yaml: once the learner started (Orchestrator.run)
-    with ray_for_run(config, plan.address) as cluster, redis_for_run(plan.redis_url, cluster.multi_node) as url:
+    # The driver holds the run directory until the run ends (config.yaml is written once the learner started).
+    with (run_directory_lock(out_dir, "refine train (service)"), ray_for_run(config, plan.address) as cluster,
+          redis_for_run(plan.redis_url, cluster.multi_node) as url):
         orchestrator = Orchestrator(config, tokenizer, url, namespace_for(config, out_dir), resume=resume,
                                     progress=progress, resume_command=resume_command,
                                     ray_is_the_runs=cluster.started_here)

@@ -89,3 +89,22 @@ def test_a_row_that_cannot_be_written_names_its_file(tmp_path: Path) -> None:
         write_row(metrics, {"step": 7}, "refine")
     with pytest.raises(OSError, match=r"its events\.jsonl is gone \(the run directory was removed or moved"):
         write_row(tmp_path / "removed" / "events.jsonl", {"event": "restart"}, "refine")
+
+
+def test_a_resume_keeps_the_same_metrics_file_unless_rows_go(tmp_path):
+    """A resume replaced metrics.jsonl even when it dropped no row: a `tail -f` started before it saw nothing
+    more (it follows the replaced file)."""
+    from refine.run_files import restart_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n')
+    inode = path.stat().st_ino
+    restart_metrics(path, 2)
+    assert path.stat().st_ino == inode and path.read_text() == '{"step": 1}\n{"step": 2}\n'
+    restart_metrics(path, 1)  # the rows after the checkpoint are redone: dropped, the file replaced whole
+    assert path.read_text() == '{"step": 1}\n'
+    path.write_text('{"step": 1}\n{"step": 2')  # a row a killed run cut short
+    restart_metrics(path, 2)
+    assert path.read_text() == '{"step": 1}\n'
+    restart_metrics(path, 0)
+    assert path.read_text() == ""
