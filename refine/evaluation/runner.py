@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from pydantic import Field, ValidationError, field_validator
 
+from refine.checkpoints import PROGRAM_FILE
 from refine.config import (
     DTYPES, MAX_SYNTHETIC_LENGTH, MAX_SYNTHETIC_TOKENS, OptimConfig, greedy_or_sampled, load_config,
 )
@@ -249,6 +250,15 @@ def default_output(model_dir: Path, task: str, ttt: bool, ttt_accumulate: bool =
     return checkpoints.parent / f"eval-{task}{'-ttt' if ttt else ''}{mode}{kept}.json"
 
 
+def checkpoint_step(model_dir: Path) -> int | None:
+    """The step of the run's checkpoint whose model `model_dir` is (its program.json); None for any other model."""
+    try:
+        step = json.loads((model_dir.resolve().parent / PROGRAM_FILE).read_text()).get("step")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
 def check_output(output: Path, given: bool) -> None:
     """Refuse, before any generation, a results path that could not be written after it. Its missing folders are
     created only when the results are written: an evaluation stopped before then leaves no empty folder behind."""
@@ -372,7 +382,12 @@ def main(args: argparse.Namespace) -> int:
     tokenizer = resolve_tokenizer(args.tokenizer, model_dir)
     check_tokenizer_fits(load_model_config(model_dir), tokenizer, f"--model {str(model_dir)!r}")  # before the weights
     dtype = DTYPES[run_config.train.dtype] if "dtype" in run_config.train.model_fields_set else None
+    step = checkpoint_step(model_dir)
     model = load_model(model_dir, dtype=dtype, device=run_config.train.device)
+    if checkpoint_step(model_dir) != step:  # a live run's next checkpoint: its files and the last one's may mix
+        raise ValueError(f"--model {str(model_dir)!r}: the run replaced this checkpoint while it was read (step "
+                         f"{step}, then {checkpoint_step(model_dir)}): evaluate again, or a kept checkpoint "
+                         f"(train.keep_checkpoints: checkpoints/step-NNNNNNNN/model)")
     loaded = LoadReport()
     examples = build_examples(args, tokenizer, options, skip_bad_rows=run_config.data.skip_bad_rows, report=loaded,
                               fmt=run_config.data.format)
@@ -391,6 +406,8 @@ def main(args: argparse.Namespace) -> int:
         raise
     summary = results["summary"]
     summary.update(model=str(model_dir), data=args.data, seed=args.seed, tokenizer=repr(tokenizer))
+    if step is not None:  # a run's checkpoint: which one was scored (latest/ moves on with the run)
+        summary["checkpoint_step"] = step
     if args.data is not None:  # rows of the task file skipped as malformed (data.skip_bad_rows), as posttrain.json
         summary["skipped_bad_rows"] = loaded.bad_rows
     generated = synthetic_set(args.task, args.seed)

@@ -683,3 +683,31 @@ def test_what_eval_reads_of_a_run_config_is_accepted(model_dir, tmp_path, capsys
                             "--output", str(tmp_path / "d.json"))
     assert code == 0 and (f"refine eval: --config {scheduled}: optim.schedule='cosine', optim.warmup_steps=100 not "
                           f"applied: test-time updates take optim.lr=1e-05 as it is") in err, err
+
+
+def test_the_summary_names_the_checkpoint_step_it_scored_and_a_checkpoint_replaced_while_read_is_refused(
+        model_dir, tmp_path, capsys, monkeypatch):
+    """checkpoints/latest moves on with a live run: the results file (replaced by the next evaluation of it) said
+    neither which step it scored, nor that the checkpoint changed while its files were read."""
+    import shutil
+
+    latest = tmp_path / "run" / "checkpoints" / "latest"
+    shutil.copytree(model_dir, latest / "model")
+    (latest / "program.json").write_text(json.dumps({"program": "refine", "step": 7}))
+    argv = ["--model", str(latest / "model"), "--task", "mqar", "--num-examples", "1", "--length", "128",
+            "--max-new-tokens", "1"]
+    code, line, err = run_eval(capsys, *argv)
+    assert code == 0, err
+    assert json.loads(Path(line["output"]).read_text())["summary"]["checkpoint_step"] == 7
+    load = runner.load_model
+
+    def next_checkpoint_meanwhile(*args, **kwargs):
+        (latest / "program.json").write_text(json.dumps({"program": "refine", "step": 8}))
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "load_model", next_checkpoint_meanwhile)
+    code, line, err = run_eval(capsys, *argv)
+    assert code == 2 and "the run replaced this checkpoint while it was read (step 7, then 8)" in err, err
+    code, line, err = run_eval(capsys, "--model", str(model_dir), "--task", "mqar", "--num-examples", "1",
+                               "--length", "128", "--max-new-tokens", "1")
+    assert code == 0 and "checkpoint_step" not in json.loads(Path(line["output"]).read_text())["summary"]
