@@ -124,6 +124,9 @@ def test_a_resume_whose_metrics_rewrite_the_disk_refuses_keeps_every_row(tmp_pat
     """A resume rewrites metrics.jsonl (the rows up to its checkpoint): the plain rewrite emptied the file first,
     so a full disk lost the run's rows."""
     config, out = _trained_run(tmp_path, 12)
+    # A row logged after the checkpoint (a run killed before its next one): the resume drops it, rewriting the file.
+    with (out / "metrics.jsonl").open("a") as file:
+        file.write(json.dumps({"step": 13, "loss": 1.0}) + "\n")
     metrics = (out / "metrics.jsonl").read_text()
     limit = (out / "config.yaml").stat().st_size + 100
     assert len(metrics) > limit
