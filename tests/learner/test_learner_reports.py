@@ -184,14 +184,8 @@ def test_a_damaged_local_checkpoint_is_one_error_naming_its_file(tmp_path):
 def test_a_learner_whose_redis_is_gone_for_good_checkpoints_the_steps_it_trained(tmp_path: Path) -> None:
     """Redis stays away past the outage tolerance: the run ends, but the steps trained since the last checkpoint
     (and their reports, which the orchestrator could not write) are saved on the way out, for --resume."""
-    server = EmbeddedRedis().start()  # this test's own server: it is stopped halfway
-    config = load_config(SERVICE_TINY, [f"train.out_dir={tmp_path / 'run'}", "service.mode=colocated",
-                                        f"service.metrics_discovery_dir={tmp_path / 'prometheus'}",
-                                        f"service.namespace=test-{uuid.uuid4().hex[:10]}", "train.checkpoint_every=0",
-                                        "train.steps=10"])
-    learner = Learner(config.model_dump_json(), server.url, config.service.namespace)
+    server, learner = _colocated_learner_on_its_own_redis(tmp_path)
     try:
-        learner.broker.ensure_group(DOCUMENTS, LEARNER_GROUP, start_id="0")
         for index in range(3):
             learner.broker.publish(DOCUMENTS, _documents(index))
             assert learner.run_once(block_ms=100) == 1
@@ -211,14 +205,8 @@ def test_redis_lost_while_a_step_is_acknowledged_checkpoints_that_step_with_its_
     """Redis went away between a step's update and its report: the checkpoint on the way out held the step's
     weights and count, but the previous cursor and no report, so --resume had no row for it and trained its batch
     again (seen with Redis stopped for 75 s under a live run)."""
-    server = EmbeddedRedis().start()  # this test's own server: it is stopped halfway
-    config = load_config(SERVICE_TINY, [f"train.out_dir={tmp_path / 'run'}", "service.mode=colocated",
-                                        f"service.metrics_discovery_dir={tmp_path / 'prometheus'}",
-                                        f"service.namespace=test-{uuid.uuid4().hex[:10]}", "train.checkpoint_every=0",
-                                        "train.steps=10"])
-    learner = Learner(config.model_dump_json(), server.url, config.service.namespace)
+    server, learner = _colocated_learner_on_its_own_redis(tmp_path)
     try:
-        learner.broker.ensure_group(DOCUMENTS, LEARNER_GROUP, start_id="0")
         for index in range(2):
             learner.broker.publish(DOCUMENTS, _documents(index))
             assert learner.run_once(block_ms=100) == 1
@@ -240,3 +228,15 @@ def test_redis_lost_while_a_step_is_acknowledged_checkpoints_that_step_with_its_
     finally:
         learner.runtime.close()
         server.stop()
+
+
+def _colocated_learner_on_its_own_redis(tmp_path: Path) -> tuple[EmbeddedRedis, Learner]:
+    """A colocated learner reading documents, on a Redis server of the test's own (the test stops it halfway)."""
+    server = EmbeddedRedis().start()
+    config = load_config(SERVICE_TINY, [f"train.out_dir={tmp_path / 'run'}", "service.mode=colocated",
+                                        f"service.metrics_discovery_dir={tmp_path / 'prometheus'}",
+                                        f"service.namespace=test-{uuid.uuid4().hex[:10]}", "train.checkpoint_every=0",
+                                        "train.steps=10"])
+    learner = Learner(config.model_dump_json(), server.url, config.service.namespace)
+    learner.broker.ensure_group(DOCUMENTS, LEARNER_GROUP, start_id="0")
+    return server, learner
