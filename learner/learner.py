@@ -50,11 +50,11 @@ from refine.loop import finite_stats, prepare_model
 from refine.optim import learning_rate, set_learning_rate
 from refine.step import StepResult, make_optimizer
 from services.messages import DataCursor, DocumentBatch, ScoredBatch
+from services.metrics import COLOCATED_LEARNER_FAMILIES, ROLE_FAMILIES
 from services.progress import LearnerProgress, StepReport, read_published, read_recorded, write_progress
 from services.resilience import (
     TRANSIENT, OutageTolerance, RedisOutage, RedisStateLost, outage_timeout_s, retry_redis,
 )
-from services.metrics import COLOCATED_LEARNER_FAMILIES, ROLE_FAMILIES
 from services.role import RoleRuntime
 from services.streams import (
     CONSUMED_KEY, DOCUMENTS, DROPPED_KEY, LEARNER_GROUP, LEARNER_REPORTS, SCORED, DocumentStore, document_batch_id_for,
@@ -166,8 +166,8 @@ class Learner:
             check_run_reward(config.refine.reward, config.refine.reward_modules, decodes_text=False)
         config.train.device = learner_device(config.train.device)  # the GPU Ray gave this actor, if any
         self.member_id = member_id
-        # Served once a resumed run's totals are in the metrics (below).
         families = ROLE_FAMILIES[ROLE] | (COLOCATED_LEARNER_FAMILIES if config.service.mode == "colocated" else set())
+        # Its metrics are served once a resumed run's totals are in them (at the end of __init__).
         self.runtime = RoleRuntime(ROLE, member_id, redis_url, namespace, config.service.metrics_discovery_dir,
                                    threads=config.train.threads or 1, serve_now=False, metric_families=families)
         self.broker = self.runtime.broker
