@@ -1,12 +1,15 @@
 """Seconds per optimizer step: NTP only, REFINE one-pass, fused and reference, same model and batch.
 
-Prints one JSON object per (length, n) with the medians, the ratios and, per stage, where the time of
-the NTP, one-pass and fused steps goes (`*_breakdown_seconds`: medians over the timed steps only,
-zero_grad included, so a mode's stages add up to its step; a fused step's forward, backward and
-optimizer against an NTP step's show what its rollouts add to them; on a GPU every stage boundary
-waits for the device, a few more waits in a fused step than in an NTP step). "document_pass_over_ntp"
-is the one-pass step's no-grad document pass (exactly the pass `snapshot_rollouts` runs) against the
-NTP step, so 1 + that ratio is the one-pass step's floor.
+Prints one JSON object per (length, n) with the medians, the spread of the rounds (`min_seconds`,
+`iqr_seconds`, `round_seconds`), the ratios (each the median of per-round ratios, "ratio_estimate"),
+the machine and, per stage, where the time of the NTP, one-pass and fused steps goes
+(`*_breakdown_seconds`: the stages of the mode's median step, zero_grad included, and "unstaged", that
+step's time outside every stage, so they add up to the mode's `median_seconds`; with an even
+--repeats, the mean of the two middle steps. A fused step's forward, backward and optimizer against an
+NTP step's show what its rollouts add to them; on a GPU every stage boundary waits for the device, a
+few more waits in a fused step than in an NTP step). "document_pass_over_ntp" is the one-pass step's
+no-grad document pass (exactly the pass `snapshot_rollouts` runs) against the NTP step, so 1 + that
+ratio is the one-pass step's floor.
 
 The reference step is the paper's method done literally (re-prefill each prefix, recompute the
 log-probs, a separate forward per prefix in the update; entropies and ground-truth hidden states from
@@ -28,18 +31,23 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
-from refine.cli import int_at_least, positive_int
-from refine.algorithm.losses import ntp_loss
-from refine.algorithm.rollout import choose_positions, reprefill_rollouts, snapshot_rollouts
-from refine.algorithm.update import advantages_for, fused_refine_step, refine_loss, score_rollouts
-from refine.algorithm.selection import min_document_length
-from refine.config import DTYPES, RefineConfig
-from refine.models import build_model
-from refine.runtime import StageTimes, timed_stage, tune_allocator
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside it, also when imported by path
+
+from common import RATIO_ESTIMATE, device_arg, machine_info, spread  # noqa: E402
+from refine.cli import int_at_least, positive_int  # noqa: E402
+from refine.algorithm.losses import ntp_loss  # noqa: E402
+from refine.algorithm.rollout import choose_positions, reprefill_rollouts, snapshot_rollouts  # noqa: E402
+from refine.algorithm.update import advantages_for, fused_refine_step, refine_loss, score_rollouts  # noqa: E402
+from refine.algorithm.selection import min_document_length  # noqa: E402
+from refine.config import DTYPES, RefineConfig  # noqa: E402
+from refine.models import build_model  # noqa: E402
+from refine.runtime import StageTimes, timed_stage, tune_allocator  # noqa: E402
 
 
 # c = 8 chunks and k = 5-token rollouts, as this benchmark fixes them, need documents at least this long.
@@ -115,12 +123,15 @@ def run(length: int, samples: int, repeats: int, batch: int, size: dict[str, int
         "num_samples": samples, "device": device, "dtype": dtype, "threads": torch.get_num_threads(),
         "repeats": repeats,
         "median_seconds": {k: round(v, 4) for k, v in results.items()},
+        **spread(timings),
+        "ratio_estimate": RATIO_ESTIMATE,
         "onepass_over_ntp": round(ratio("onepass", "ntp"), 3),
         "fused_over_ntp": round(ratio("fused", "ntp"), 3),
         "document_pass_over_ntp": round(ratio("document_pass", "ntp"), 3),
         "reference_over_onepass": round(ratio("reference", "onepass"), 2),
         "reference_prefix_layout": "own_length",  # each prefix at its own length, not padded as the paper's
-        **{f"{mode}_breakdown_seconds": breakdown(stages[mode]) for mode in ("ntp", "onepass", "fused")},
+        **{f"{mode}_breakdown_seconds": breakdown(timings[mode], stages[mode])
+           for mode in ("ntp", "onepass", "fused")},
     }
 
 
@@ -149,9 +160,22 @@ def time_rounds(modes: dict[str, Mode], repeats: int,
     return seconds, stages
 
 
-def breakdown(runs: list[dict[str, float]]) -> dict[str, float]:
-    """Median seconds of every stage over the runs of one mode."""
-    return {name: round(statistics.median(run[name] for run in runs), 4) for name in runs[0]}
+def median_rounds(seconds: list[float]) -> list[int]:
+    """The rounds whose step is the median step: the middle one, or the middle two for an even count."""
+    order = sorted(range(len(seconds)), key=seconds.__getitem__)
+    middle = len(order) // 2
+    return order[middle:middle + 1] if len(order) % 2 else order[middle - 1:middle + 1]
+
+
+def breakdown(seconds: list[float], runs: list[dict[str, float]]) -> dict[str, float]:
+    """Seconds of every stage of one mode's median step (the mean of the middle two for an even count), and
+    "unstaged": that step's seconds outside every stage (argument checks, Python between stages). They add up
+    to the mode's median seconds, where per-stage medians over rounds need not: under load the slow round of
+    one stage is not the slow round of another."""
+    rounds = median_rounds(seconds)
+    stages = {name: statistics.fmean(runs[i][name] for i in rounds) for name in runs[rounds[0]]}
+    stages["unstaged"] = statistics.fmean(seconds[i] for i in rounds) - sum(stages.values())
+    return {name: round(value, 4) for name, value in stages.items()}
 
 
 def main() -> None:
@@ -164,7 +188,7 @@ def main() -> None:
     parser.add_argument("--hidden-size", type=positive_int, default=128)
     parser.add_argument("--layers", type=positive_int, default=2)
     parser.add_argument("--heads", type=positive_int, default=2)
-    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--device", type=device_arg, default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     args = parser.parse_args()
     if args.hidden_size % args.heads:
@@ -172,10 +196,11 @@ def main() -> None:
     size = {"hidden_size": args.hidden_size, "layers": args.layers, "heads": args.heads}
     tune_allocator()  # as every refine process does
     torch.set_num_threads(args.threads)
+    machine = machine_info(args.device)
     for length in args.lengths:
         for samples in args.samples:
-            print(json.dumps(run(length, samples, args.repeats, args.batch, size, args.device, args.dtype)),
-                  flush=True)
+            row = run(length, samples, args.repeats, args.batch, size, args.device, args.dtype)
+            print(json.dumps({**row, **machine}), flush=True)
 
 
 if __name__ == "__main__":

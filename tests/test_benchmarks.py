@@ -1,9 +1,13 @@
 """The step, rollout and kernels benchmarks run end to end on tiny inputs and print their JSON fields."""
 
+import datetime
 import importlib.util
 import json
 import os
+import platform
+import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -26,8 +30,8 @@ def _module(script: str):
     return module
 
 
-def _run(script: str, *args: str) -> list[dict]:
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args, "--repeats", "1",
+def _run(script: str, *args: str, repeats: int = 1) -> list[dict]:
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args, "--repeats", str(repeats),
                            "--threads", "1"], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     return [json.loads(line) for line in done.stdout.splitlines()]
@@ -44,11 +48,122 @@ def _run(script: str, *args: str) -> list[dict]:
     ("micro_batches.py", ["--heads", "3"], "--heads 3 must divide --hidden-size 128"),
     ("kernels.py", ["--span-seconds", "nan"], "--span-seconds must be a finite number above 0, got nan"),
     ("kernels.py", ["--span-seconds", "0"], "--span-seconds must be a finite number above 0, got 0.0"),
+    # torch raised a RuntimeError for an unknown device and an AssertionError for CUDA on a CPU-only build.
+    ("step.py", ["--device", "foo"], "argument --device: must be cpu or cuda[:N], got 'foo'"),
+    ("rollout.py", ["--device", "foo"], "argument --device: must be cpu or cuda[:N], got 'foo'"),
+    ("step.py", ["--device", "cuda:99"], "argument --device: got 'cuda:99', but torch"),
+    ("rollout.py", ["--device", "cuda:99"], "argument --device: got 'cuda:99', but torch"),
 ])
 def test_settings_a_benchmark_cannot_run_are_one_line_errors(script, args, error):
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True, text=True,
                           timeout=120, cwd=ROOT)
     assert done.returncode == 2 and error in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch that has no CUDA device")
+@pytest.mark.parametrize("script", ["step.py", "rollout.py"])
+def test_cuda_where_torch_has_none_is_a_one_line_error(script):
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--device", "cuda"], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "argument --device: got 'cuda', but torch" in done.stderr and "has no CUDA device" in done.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_rollout_benchmark_echoes_the_device_as_given():
+    """It printed the model's device, cuda:0 for --device cuda; step.py prints the flag's value."""
+    (row,) = _run("rollout.py", "--lengths", "40", "--samples", "1", "--device", "cuda")
+    assert row["device"] == "cuda" and row["device_name"] == torch.cuda.get_device_name()
+
+
+# Tiny runs of three rounds, shared by the tests of their rows' spread, breakdowns and machine.
+@pytest.fixture(scope="module")
+def step_row() -> dict:
+    (row,) = _run("step.py", "--lengths", "40", "--samples", "1", "--hidden-size", "16", repeats=3)
+    return row
+
+
+@pytest.fixture(scope="module")
+def rollout_row() -> dict:
+    (row,) = _run("rollout.py", "--lengths", "40", "--samples", "1", repeats=3)
+    return row
+
+
+@pytest.mark.parametrize("script, medians", [("step.py", "median_seconds"), ("rollout.py", "seconds")])
+def test_step_and_rollout_rows_show_the_spread_of_their_rounds(step_row, rollout_row, script, medians):
+    """Only medians were printed: a round 20x slower than the others left no trace in the row."""
+    row = step_row if script == "step.py" else rollout_row
+    modes = set(row[medians])
+    assert set(row["min_seconds"]) == set(row["iqr_seconds"]) == set(row["round_seconds"]) == modes
+    for mode in modes:
+        rounds = row["round_seconds"][mode]
+        assert len(rounds) == row["repeats"] == 3
+        assert row["min_seconds"][mode] == min(rounds) <= row[medians][mode] == sorted(rounds)[1]
+        assert 0 <= row["iqr_seconds"][mode] <= max(rounds) - min(rounds) + 1e-4
+    # Says which ratio it prints: dividing two medians gives another number under noise.
+    assert row["ratio_estimate"].startswith("median of per-round ratios")
+
+
+def test_step_breakdowns_add_up_to_the_median_step(step_row):
+    """They were per-stage medians over rounds, which under load did not add up to the median step (0.1149 s
+    against 0.2428 s): now the stages of the median step, and its time outside every stage."""
+    for mode in ("ntp", "onepass", "fused"):
+        stages = step_row[f"{mode}_breakdown_seconds"]
+        assert "unstaged" in stages and all(seconds >= 0 for seconds in stages.values()), stages
+        # Every printed number is rounded to 0.1 ms.
+        assert sum(stages.values()) == pytest.approx(step_row["median_seconds"][mode], abs=5e-5 * (len(stages) + 1))
+
+
+@pytest.mark.parametrize("rounds, expected", [
+    # Round 2 is the median step (2 s). The per-stage medians, a 0.9 and b 1.8, added up to 2.7 s.
+    ([1.0, 2.0, 10.0], {"a": 0.1, "b": 1.8, "unstaged": 0.1}),
+    # An even count: the median is the mean of the middle two steps (rounds 2 and 4: 2 and 4 s), and so is
+    # each stage.
+    ([1.0, 2.0, 10.0, 4.0], {"a": 0.55, "b": 2.3, "unstaged": 0.15}),
+])
+def test_step_breakdown_is_that_of_the_median_step(rounds, expected):
+    step = _module("step.py")
+    runs = [{"a": 0.9, "b": 0.05}, {"a": 0.1, "b": 1.8}, {"a": 5.0, "b": 5.0}, {"a": 1.0, "b": 2.8}][:len(rounds)]
+    got = step.breakdown(rounds, runs)
+    assert got == pytest.approx(expected, abs=1e-9)
+    assert sum(got.values()) == pytest.approx(statistics.median(rounds), abs=1e-9)
+
+
+@pytest.mark.parametrize("script", ["step.py", "rollout.py"])
+def test_step_and_rollout_rows_name_the_machine_and_the_code(step_row, rollout_row, script):
+    row = step_row if script == "step.py" else rollout_row
+    assert row["torch"] == torch.__version__ and row["python"] == platform.python_version()
+    assert row["platform"] == platform.platform()
+    assert row["cpu_count"] == os.cpu_count() and row["threads"] == 1
+    assert row["device"] == "cpu" and (row["device_name"] is None or row["device_name"].strip())
+    measured = datetime.datetime.strptime(row["date"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.timezone.utc)
+    assert abs(datetime.datetime.now(datetime.timezone.utc) - measured) < datetime.timedelta(hours=1)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True) \
+        if shutil.which("git") and (ROOT / ".git").exists() else None
+    assert row["git_commit"] == (head.stdout.strip() if head and head.returncode == 0 else None)
+    assert row["model"] == ({"hidden_size": 16, "layers": 2, "heads": 2} if script == "step.py"
+                            else {"hidden_size": 128, "layers": 2, "heads": 2})
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_git_commit_is_none_outside_the_top_of_a_checkout_and_never_an_error(tmp_path, monkeypatch):
+    common = _module("common.py")
+    top = tmp_path / "checkout"
+    (top / "benchmarks").mkdir(parents=True)
+    git = ["git", "-C", str(top), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    assert common.git_commit(top) is None  # no commit yet
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "c"], check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    assert common.git_commit(top) == head
+    assert common.git_commit(top / "benchmarks") is None  # a folder inside someone else's checkout
+    assert common.git_commit(tmp_path) is None  # no checkout
+
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(common.subprocess, "run", no_git)
+    assert common.git_commit(top) is None
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -58,15 +173,15 @@ def test_step_benchmark_prints_every_ratio(dtype):
     assert set(row["median_seconds"]) == {"ntp", "onepass", "fused", "reference", "document_pass"}
     for key in ("onepass_over_ntp", "fused_over_ntp", "document_pass_over_ntp", "reference_over_onepass"):
         assert row[key] > 0, key
-    # zero_grad is a stage of its own, so a mode's stages add up to its step.
-    assert set(row["ntp_breakdown_seconds"]) == {"forward", "zero_grad", "backward", "optimizer"}
+    # zero_grad is a stage of its own; "unstaged" is the step's time outside every stage.
+    assert set(row["ntp_breakdown_seconds"]) == {"forward", "zero_grad", "backward", "optimizer", "unstaged"}
     assert set(row["onepass_breakdown_seconds"]) == {"rollout_pass", "update_forward", "zero_grad", "backward",
-                                                     "optimizer"}
+                                                     "optimizer", "unstaged"}
     fused_stages = row["fused_breakdown_seconds"]
     assert set(fused_stages) == {"forward", "select", "states", "decode", "teacher_forced", "score", "zero_grad",
-                                 "backward", "optimizer"}
+                                 "backward", "optimizer", "unstaged"}
     assert row["reference_prefix_layout"] == "own_length"  # says the reference is the least-work layout
-    assert all(seconds > 0 for seconds in fused_stages.values()), fused_stages
+    assert all(seconds > 0 for name, seconds in fused_stages.items() if name != "unstaged"), fused_stages
 
 
 def test_rollout_benchmark_counts_the_rollout_tokens():
