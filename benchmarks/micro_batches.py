@@ -23,17 +23,21 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-from refine.cli import positive_int
-from refine.algorithm.rollout import snapshot_rollouts
-from refine.algorithm.update import score_rollouts
-from refine.config import RunConfig, load_config
-from refine.config_parsing import ConfigError
-from refine.models import build_model
-from refine.runtime import sigterm_as_ctrl_c, tune_allocator
-from refine.step import make_optimizer, rollout_batch_update
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py beside it, also when imported by path
+
+from common import device_arg  # noqa: E402
+from refine.cli import positive_int  # noqa: E402
+from refine.algorithm.rollout import snapshot_rollouts  # noqa: E402
+from refine.algorithm.update import score_rollouts  # noqa: E402
+from refine.config import RunConfig, load_config  # noqa: E402
+from refine.config_parsing import ConfigError  # noqa: E402
+from refine.models import build_model  # noqa: E402
+from refine.runtime import sigterm_as_ctrl_c, tune_allocator  # noqa: E402
+from refine.step import make_optimizer, rollout_batch_update  # noqa: E402
 
 
 def peak_rss_bytes() -> int:
@@ -135,7 +139,7 @@ def main() -> None:
     parser.add_argument("--hidden-size", type=positive_int, default=128)
     parser.add_argument("--layers", type=positive_int, default=2)
     parser.add_argument("--heads", type=positive_int, default=2)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", type=device_arg)
     parser.add_argument("--one", type=positive_int, help=argparse.SUPPRESS)  # the child process: measure this count
     args = parser.parse_args()
     if args.hidden_size % args.heads:  # the model config refuses it, in the child, with a whole traceback

@@ -53,6 +53,7 @@ def _run(script: str, *args: str, repeats: int = 1) -> list[dict]:
     ("rollout.py", ["--device", "foo"], "argument --device: must be cpu or cuda[:N], got 'foo'"),
     ("step.py", ["--device", "cuda:99"], "argument --device: got 'cuda:99', but torch"),
     ("rollout.py", ["--device", "cuda:99"], "argument --device: got 'cuda:99', but torch"),
+    ("micro_batches.py", ["--device", "foo"], "argument --device: must be cpu or cuda[:N], got 'foo'"),
 ])
 def test_settings_a_benchmark_cannot_run_are_one_line_errors(script, args, error):
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True, text=True,
