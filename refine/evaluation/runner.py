@@ -225,6 +225,12 @@ def check_model_dir(model_dir: Path) -> None:
     """Refuse, before anything is written next to it, a --model that is not a model directory."""
     name = f"--model {str(model_dir)!r}"
     if not model_dir.exists():
+        previous = model_dir.parent.with_name("previous") / model_dir.name
+        if model_dir.parent.name == "latest" and (previous / "config.json").is_file():
+            # A run swaps its new checkpoint in through checkpoints/previous: caught between, or killed there.
+            raise ValueError(f"{name} does not exist, but {str(previous)!r} does: the run is replacing its "
+                             f"checkpoint (evaluate again in a moment), or was killed while it did (evaluate that one; "
+                             f"its --resume continues from it)")
         raise ValueError(f"{name} does not exist")
     if not model_dir.is_dir():
         raise ValueError(f"{name} is a file, not a model directory (one with config.json)")

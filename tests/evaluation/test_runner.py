@@ -370,6 +370,13 @@ def test_a_model_path_that_is_not_a_model_directory_is_named_before_the_results_
     code, _, err = run_eval(capsys, "--model", str(absent), "--task", "niah")
     assert code == 2 and f"--model {str(absent)!r} does not exist" in err
     assert not absent.exists()  # the default results path did not create it
+    # A run caught swapping its checkpoint in (latest/ renamed to previous/ first), or killed between.
+    previous = tmp_path / "run" / "checkpoints" / "previous" / "model"
+    previous.mkdir(parents=True)
+    (previous / "config.json").write_text("{}")
+    latest = tmp_path / "run" / "checkpoints" / "latest" / "model"
+    code, _, err = run_eval(capsys, "--model", str(latest), "--task", "niah")
+    assert code == 2 and f"--model {str(latest)!r} does not exist, but {str(previous)!r} does: the run is " in err
     code, _, err = run_eval(capsys, "--model", str(tmp_path), "--task", "niah")
     assert code == 2 and f"--model {str(tmp_path)!r} is not a model directory: it has no config.json" in err
     assert not list(tmp_path.glob("eval-*.json"))
