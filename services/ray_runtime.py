@@ -23,6 +23,7 @@ redis-server for the lifetime of the run.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import signal
@@ -255,8 +256,22 @@ def ray_for_run(config: RunConfig, address: str | None) -> Iterator[RayCluster]:
         yield RayCluster(multi_node=len(nodes) > 1, started_here=started)
     finally:
         if started:
-            ray.shutdown()
+            _shutdown_local_ray()
         keep_sigterm()
+
+
+def _shutdown_local_ray() -> None:
+    """ray.shutdown() for the Ray this run started, unless a signal to the whole process group (`timeout`,
+    systemd, Slurm) has ended its control store already: shutting the driver down then waits 60 s for it and
+    ends the process from Ray's core (after the run had stopped cleanly). Its remaining processes are killed
+    instead, and Ray's own shutdown at exit is called off, for the same reason."""
+    node = getattr(ray._private.worker, "_global_node", None)
+    gcs = [] if node is None else node.all_processes.get(ray._private.ray_constants.PROCESS_TYPE_GCS_SERVER, [])
+    if gcs and all(info.process.poll() is not None for info in gcs):
+        node.kill_all_processes(check_alive=False, allow_graceful=False)
+        atexit.unregister(ray._private.worker.shutdown)
+        return
+    ray.shutdown()
 
 
 def check_no_hidden_packages(directory: Path | None = None) -> None:
