@@ -40,8 +40,8 @@ def claim_ttl_s(config: RunConfig) -> float:
     return outage_timeout_s(config.service.heartbeat_timeout_s) + CLAIM_MARGIN_S
 
 
-def check_namespace_free(redis_url: str, namespace: str, ttl_s: float) -> None:
-    """Refuse, before Ray starts, a run whose Redis namespace a run that is going on holds (see
+def check_namespace_free(redis_url: str, namespace: str, ttl_s: float, out_dir: str | None = None) -> None:
+    """Refuse, before Ray starts, a run (into `out_dir`) whose Redis namespace a run that is going on holds (see
     Orchestrator._claim_namespace, which claims it)."""
     client = connect(redis_url)
     try:
@@ -49,10 +49,11 @@ def check_namespace_free(redis_url: str, namespace: str, ttl_s: float) -> None:
     finally:
         client.close()
     if other is not None and not driver_is_gone(other):
-        raise namespace_in_use(namespace, other, ttl_s)
+        raise namespace_in_use(namespace, other, ttl_s, out_dir)
 
 
-def namespace_in_use(namespace: str, other: str, ttl_s: float) -> ServiceError:
+def namespace_in_use(namespace: str, other: str, ttl_s: float, out_dir: str | None = None) -> ServiceError:
+    """The refusal of a run (into `out_dir`) whose namespace `other` holds."""
     if not _holder(other):  # not a driver's claim: nothing will renew it or let it lapse
         return ServiceError(f"the Redis namespace {namespace!r} (service.namespace, else derived from train.out_dir) "
                             f"holds a claim no run made ({namespace}:claim = {other[:200]!r}): if no run uses this "
@@ -61,8 +62,17 @@ def namespace_in_use(namespace: str, other: str, ttl_s: float) -> ServiceError:
     return ServiceError(f"the Redis namespace {namespace!r} (service.namespace, else derived from train.out_dir) is in "
                         f"use by a run that is going on: {describe_holder(other)}. Two runs in one namespace delete "
                         f"each other's state, so this one does not start: wait for that run to end, or give this run "
-                        f"its own train.out_dir or service.namespace (a driver killed without cleaning up frees it "
+                        f"{_own_place(other, out_dir)} (a driver killed without cleaning up frees it "
                         f"{ttl_s:.0f}s after its last renewal, at once for a run on its host)")
+
+
+def _own_place(other: str, out_dir: str | None) -> str:
+    """What keeps a run apart from the holder of its namespace: another service.namespace only where their run
+    directories differ already (one directory takes one run at a time: refine.run_lock)."""
+    if out_dir is not None and _holder(other).get("out_dir") == str(out_dir):
+        return ("its own train.out_dir (that run trains into this one: another service.namespace would not keep "
+                "it apart)")
+    return "its own train.out_dir or service.namespace"
 
 
 def _holder(description: str) -> dict:

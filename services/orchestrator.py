@@ -216,7 +216,7 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True, ray_addr
     plan = resolve_addresses(config, ray_address, redis_url)
     out_dir = Path(config.train.out_dir)
     if plan.redis_url:  # an unreachable Redis, or a run going on in this namespace, fails before Ray starts
-        check_namespace_free(plan.redis_url, namespace_for(config, out_dir), claim_ttl_s(config))
+        check_namespace_free(plan.redis_url, namespace_for(config, out_dir), claim_ttl_s(config), str(out_dir))
     # The driver holds the run directory until the run ends (config.yaml is written once the learner started).
     with (run_directory_lock(out_dir, "refine train (service)"), ray_for_run(config, plan.address) as cluster,
           redis_for_run(plan.redis_url, cluster.multi_node) as url):
@@ -396,7 +396,7 @@ class Orchestrator:
             self.broker.take_over(self.claim_holder, self.claim_ttl_s)
             other = None
         if other is not None:
-            raise namespace_in_use(self.namespace, other, self.claim_ttl_s)
+            raise namespace_in_use(self.namespace, other, self.claim_ttl_s, str(self.out_dir))
         self.claimed = True
         CLAIMS_HELD_HERE.add(self.claim_id)
 

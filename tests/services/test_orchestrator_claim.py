@@ -36,6 +36,14 @@ def test_a_run_is_refused_while_a_driver_that_goes_on_holds_its_namespace(
                    rf"{socket.gethostname()}, started 2026-12-06 10:00:00 UTC\. Two runs in one namespace")
         with pytest.raises(ServiceError, match=message):
             check_namespace_free(redis_url, namespace, TTL_S)  # before Ray starts
+        # The same train.out_dir started twice: another service.namespace would not keep the runs apart (it led
+        # to two runs in one directory), so only another train.out_dir is advised.
+        with pytest.raises(ServiceError) as refused:
+            check_namespace_free(redis_url, namespace, TTL_S, "/runs/a")
+        assert "give this run its own train.out_dir (that run trains into this one" in str(refused.value)
+        assert "or service.namespace" not in str(refused.value)
+        with pytest.raises(ServiceError, match="give this run its own train.out_dir or service.namespace"):
+            check_namespace_free(redis_url, namespace, TTL_S, "/runs/b")
         config = RunConfig(train={"out_dir": str(tmp_path / "b")},
                            service={"metrics_discovery_dir": str(tmp_path / "prometheus")})
         orchestrator = Orchestrator(config, None, redis_url, namespace, resume=False, progress=False)
