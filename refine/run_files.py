@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -64,10 +65,12 @@ def start_run_directory(config: RunConfig, fresh: bool, program: str) -> Path:
 def jsonl_rows(path: Path) -> list[tuple[str, dict]]:
     """(line, row) of a run's JSON-lines output (metrics.jsonl, events.jsonl); lines cut short by a killed run
     and lines that hold no object are left out, as is a file not written yet."""
+    return _rows(path.read_text()) if path.exists() else []
+
+
+def _rows(text: str) -> list[tuple[str, dict]]:
     rows: list[tuple[str, dict]] = []
-    if not path.exists():
-        return rows
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
@@ -77,21 +80,27 @@ def jsonl_rows(path: Path) -> list[tuple[str, dict]]:
     return rows
 
 
+def keep_rows(path: Path, keep: Callable[[dict], bool] | None) -> None:
+    """A run's JSON-lines output with only the rows `keep` accepts (None: none, a fresh run's), for a run starting
+    or resuming. Replaced whole when rows go: a rewrite that a full disk cuts short keeps every row (a plain rewrite
+    would have emptied the file first). Left as it is when none goes, so that a `tail -f` started before the
+    resume follows it on."""
+    text = path.read_text() if path.exists() else ""
+    kept = "" if keep is None else "".join(line + "\n" for line, row in _rows(text) if keep(row))
+    if path.exists() and kept == text:
+        return
+    write_atomically(path, kept)
+
+
 def restart_metrics(path: Path, step: int) -> None:
     """metrics.jsonl for a run starting at `step`: emptied for a fresh run (0); for a resumed one, the rows of
-    steps up to `step` kept (those logged after its checkpoint are about to be redone). Replaced whole when
-    rows go: a rewrite that a full disk cuts short keeps every row (a plain rewrite would have emptied the file
-    first)."""
-    kept: list[str] = []
-    if step > 0:
-        for line, row in jsonl_rows(path):
-            row_step = row.get("step", 0)
-            if isinstance(row_step, int) and row_step <= step:
-                kept.append(line + "\n")
-    text = "".join(kept)
-    if step > 0 and path.is_file() and path.read_text() == text:
-        return  # nothing to drop: the same file goes on, so a `tail -f` started before the resume follows it
-    write_atomically(path, text)
+    steps up to `step` kept (those logged after its checkpoint are about to be redone). See keep_rows."""
+
+    def before_the_checkpoint(row: dict) -> bool:
+        row_step = row.get("step", 0)
+        return isinstance(row_step, int) and row_step <= step
+
+    keep_rows(path, before_the_checkpoint if step > 0 else None)
 
 
 def append_row(path: Path, row: dict) -> None:

@@ -7,8 +7,7 @@ from pathlib import Path
 
 from learner.checkpoint import read_checkpoint_reports
 from refine.config import TrainConfig
-from refine.files import write_atomically
-from refine.run_files import jsonl_rows, write_row
+from refine.run_files import jsonl_rows, keep_rows, write_row
 from services.progress import StepReport
 
 __all__ = ["event_row", "logged", "restart_events", "restore_reports"]
@@ -30,18 +29,16 @@ def restart_events(path: Path, step: int, reports: int) -> None:
     emptied for a fresh run (0); for a resumed one, the events of learner reports made after the checkpoint
     removed (the learner redoes that work: they would appear twice) and the rest (restarts) kept. The rule of
     metrics.jsonl (refine.run_files.restart_metrics), by report number: a batch dropped at step `step` may come
-    before or after that step's checkpoint."""
-    kept = []
-    if step > 0 or reports > 0:
-        for line, row in jsonl_rows(path):
-            number = row.get("report")
-            if isinstance(number, int):
-                after = number > reports
-            else:  # written before reports were numbered
-                after = row.get("event") == "dropped" and row.get("step", 0) > step
-            if not after:
-                kept.append(line + "\n")
-    write_atomically(path, "".join(kept))  # replaced whole: a rewrite a full disk cuts short keeps every event
+    before or after that step's checkpoint. See refine.run_files.keep_rows."""
+
+    def before_the_checkpoint(row: dict) -> bool:
+        number = row.get("report")
+        if isinstance(number, int):
+            return number <= reports
+        # Written before reports were numbered.
+        return not (row.get("event") == "dropped" and row.get("step", 0) > step)
+
+    keep_rows(path, before_the_checkpoint if step > 0 or reports > 0 else None)
 
 
 def restore_reports(checkpoint: Path, out_dir: Path, train: TrainConfig) -> int:
