@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from pydantic import Field, ValidationError, field_validator
 
-from refine.checkpoints import PROGRAM_FILE
+from refine.checkpoints import PROGRAM_FILE, checkpoint_step
 from refine.config import (
     DTYPES, MAX_SYNTHETIC_LENGTH, MAX_SYNTHETIC_TOKENS, OptimConfig, greedy_or_sampled, load_config,
 )
@@ -256,13 +256,11 @@ def default_output(model_dir: Path, task: str, ttt: bool, ttt_accumulate: bool =
     return checkpoints.parent / f"eval-{task}{'-ttt' if ttt else ''}{mode}{kept}.json"
 
 
-def checkpoint_step(model_dir: Path) -> int | None:
-    """The step of the run's checkpoint whose model `model_dir` is (its program.json); None for any other model."""
-    try:
-        step = json.loads((model_dir.resolve().parent / PROGRAM_FILE).read_text()).get("step")
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
-        return None
-    return step if isinstance(step, int) and not isinstance(step, bool) else None
+def run_checkpoint_step(model_dir: Path) -> int | None:
+    """The step of the run's checkpoint whose model `model_dir` is (one with a PROGRAM_FILE); None for any other
+    model."""
+    checkpoint = model_dir.resolve().parent
+    return checkpoint_step(checkpoint) if (checkpoint / PROGRAM_FILE).is_file() else None
 
 
 def check_output(output: Path, given: bool) -> None:
@@ -388,11 +386,12 @@ def main(args: argparse.Namespace) -> int:
     tokenizer = resolve_tokenizer(args.tokenizer, model_dir)
     check_tokenizer_fits(load_model_config(model_dir), tokenizer, f"--model {str(model_dir)!r}")  # before the weights
     dtype = DTYPES[run_config.train.dtype] if "dtype" in run_config.train.model_fields_set else None
-    step = checkpoint_step(model_dir)
+    step = run_checkpoint_step(model_dir)
     model = load_model(model_dir, dtype=dtype, device=run_config.train.device)
-    if checkpoint_step(model_dir) != step:  # a live run's next checkpoint: its files and the last one's may mix
+    step_after = run_checkpoint_step(model_dir)
+    if step_after != step:  # a live run's next checkpoint: its files and the last one's may mix
         raise ValueError(f"--model {str(model_dir)!r}: the run replaced this checkpoint while it was read (step "
-                         f"{step}, then {checkpoint_step(model_dir)}): evaluate again, or a kept checkpoint "
+                         f"{step}, then {step_after}): evaluate again, or a kept checkpoint "
                          f"(train.keep_checkpoints: checkpoints/step-NNNNNNNN/model)")
     loaded = LoadReport()
     examples = build_examples(args, tokenizer, options, skip_bad_rows=run_config.data.skip_bad_rows, report=loaded,
