@@ -712,9 +712,11 @@ def _checkpoint_model_config(init_from: str, out_dir: Any = None) -> dict[str, A
 def _resume_remedy(out_dir: Any) -> str:
     """For a run whose starting checkpoint is gone (deleted, or the run moved to another machine): its --resume
     reads that checkpoint's config.json and tokenizer, and can take them from the run's own last model instead."""
+    if out_dir is None:
+        return ""
     try:
         model = Path(_expand_home(str(out_dir))) / "checkpoints" / "latest" / "model"
-        if out_dir is None or not (model / "config.json").is_file():
+        if not (model / "config.json").is_file():
             return ""
     except (ValueError, OSError):
         return ""

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from refine.errors import check_whole_number
 from refine.algorithm.sampling import check_logits_finite, sample_tokens
+from refine.errors import check_whole_number
 from refine.models import FastWeightLM
 from refine.models.base import check_token_ids
 from refine.models.state import is_integer_dtype

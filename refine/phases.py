@@ -23,8 +23,8 @@ from torch import Tensor
 
 from refine.algorithm.update import LossResult, fused_refine_step
 from refine.config import OptimConfig, RefineConfig, RunConfig
-from refine.errors import check_argument_type, check_whole_number
 from refine.data.batches import DocumentBatch, pad_documents
+from refine.errors import check_argument_type, check_whole_number
 from refine.generate import generate
 from refine.models import FastWeightLM
 from refine.models.base import check_token_ids

@@ -20,8 +20,8 @@ from refine.algorithm.update import (
     slice_loss, target_share,
 )
 from refine.config import DTYPES, OptimConfig, RefineConfig, RunConfig
-from refine.errors import check_argument_type
 from refine.data.batches import DocumentBatch
+from refine.errors import check_argument_type
 from refine.models import FastWeightLM
 from refine.optim import MasterWeightAdamW, clip_gradients, describe_rates, has_low_precision_weights, learning_rate
 from refine.runtime import StageTimes, timed_stage

@@ -294,6 +294,11 @@ def check_eos_matches(model_eos_id: int | None, tokenizer: Tokenizer, model: str
                          f"documents with id {tokenizer.eos_id}: {remedy}")
 
 
+# How a sentencepiece tokenizer.model becomes the tokenizer.json that is read.
+CONVERT_TO_TOKENIZER_JSON = ("with transformers (AutoTokenizer.from_pretrained(dir).save_pretrained(dir)) to write "
+                             "tokenizer.json")
+
+
 def load_tokenizer(path: str | Path | None) -> Tokenizer:
     """None or "byte" -> the embedded ByteTokenizer; a directory (or file) with tokenizer.json -> HFTokenizer."""
     if path is None or str(path).strip().lower() in BYTE_TOKENIZER_NAMES:
@@ -307,10 +312,7 @@ def load_tokenizer(path: str | Path | None) -> Tokenizer:
         present = sorted(entry.name for entry in location.iterdir())
         hint = ""
         if "tokenizer.model" in present:
-            hint = (
-                "; it holds a sentencepiece tokenizer.model: convert it once with "
-                "transformers (AutoTokenizer.from_pretrained(dir).save_pretrained(dir)) to write tokenizer.json"
-            )
+            hint = f"; it holds a sentencepiece tokenizer.model: convert it once {CONVERT_TO_TOKENIZER_JSON}"
         raise FileNotFoundError(f"tokenizer directory {str(path)!r} has no tokenizer.json (found {present}){hint}")
     return HFTokenizer(location)
 
@@ -333,8 +335,7 @@ def resolve_tokenizer(path: str | Path | None, model_dir: str | Path | None = No
         return load_tokenizer(directory)
     others = [name for name in OTHER_TOKENIZER_FILES if (directory / name).is_file()]
     if others:  # bytes would read its text as other ids than it was trained on, silently where the EOS ids agree
-        hint = (": a sentencepiece tokenizer.model converts once with transformers "
-                "(AutoTokenizer.from_pretrained(dir).save_pretrained(dir)) to write tokenizer.json"
+        hint = (f": a sentencepiece tokenizer.model converts once {CONVERT_TO_TOKENIZER_JSON}"
                 if "tokenizer.model" in others else "")
         raise FileNotFoundError(f"model directory {str(model_dir)!r} holds a tokenizer's {', '.join(others)} but no "
                                 f"tokenizer.json, which is what is read{hint}; or give the tokenizer yourself "

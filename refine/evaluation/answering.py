@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,8 +22,8 @@ from refine.algorithm.rewards import check_run_reward
 from refine.algorithm.selection import min_document_length
 from refine.config import RefineConfig, RunConfig
 from refine.data.batches import DocumentBatch, pad_documents
-from refine.errors import check_whole_number
 from refine.data.tasks import DEFAULT_MAX_NEW_TOKENS, MAX_GEN_TOKENS, TaskExample
+from refine.errors import check_whole_number
 from refine.evaluation.metrics import LongBenchScoring, task_metric
 from refine.evaluation.task_scoring import answer_text, example_name, metric_task_for, score_examples
 from refine.generate import generate
