@@ -13,7 +13,7 @@ from pathlib import Path
 
 from refine.config import DEMO_DEFAULTS, RunConfig, load_config
 from refine.config_parsing import ConfigError
-from refine.runtime import sigterm_as_ctrl_c, tune_allocator
+from refine.runtime import command_exit, sigterm_as_ctrl_c, tune_allocator
 
 
 def positive_int(text: str) -> int:
@@ -366,4 +366,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(command_exit(main()))

@@ -26,6 +26,7 @@ away (`2>&-`, `2>/dev/full`, `2> >(head)`) ends the progress and notes, never th
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import signal
 import sys
@@ -76,8 +77,43 @@ def tune_allocator() -> bool:
     return _tuned
 
 
+# Set when a SIGTERM was raised as Ctrl-C: a signal to the whole process group (`timeout`, systemd, Slurm) reaches a
+# local Ray's processes too, unlike Ctrl-C, which they block; what tears such a Ray down asks (`sigterm_received`).
+_sigterm = threading.Event()
+
+
 def _raise_ctrl_c(signum: int, frame: object) -> None:
+    _sigterm.set()
     raise KeyboardInterrupt
+
+
+def sigterm_received() -> bool:
+    """Whether SIGTERM stopped what runs under the innermost `sigterm_as_ctrl_c` opened since."""
+    return _sigterm.is_set()
+
+
+# Set by what leaves this process holding a client that cannot be torn down: the Ray client of a local Ray whose
+# processes were killed (its C++ core would wait for them, then crash in the interpreter's finalization).
+_end_without_finalizing = threading.Event()
+
+
+def end_without_finalizing() -> None:
+    """Ask the command to end its process once its output is flushed, without the interpreter's finalization
+    (`command_exit`)."""
+    _end_without_finalizing.set()
+
+
+def command_exit(code: int) -> int:
+    """`code`, for sys.exit; or, when asked (`end_without_finalizing`), the process ends here with it."""
+    if not _end_without_finalizing.is_set():
+        return code
+    logging.shutdown()  # flushes the log handlers
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or gone: nothing left to flush
+            pass
+    os._exit(code)
 
 
 @contextmanager
@@ -89,6 +125,7 @@ def sigterm_as_ctrl_c() -> Iterator[None]:
         yield
         return
     previous = signal.signal(signal.SIGTERM, _raise_ctrl_c)
+    _sigterm.clear()
     try:
         yield
     finally:  # None: a handler set outside Python, which Python cannot put back

@@ -93,7 +93,7 @@ from refine.loop import RunInterrupted, interrupted_message, rate_change_warning
 from refine.optim import describe_rates
 from refine.run_files import absolute_out_dir, finished_run, plot_run, restart_metrics, write_row
 from refine.run_lock import run_directory_lock
-from refine.runtime import note, progress_bar, sigterm_as_ctrl_c
+from refine.runtime import note, progress_bar, sigterm_as_ctrl_c, sigterm_received
 from refine.step import Divergence
 from refine.tokenizer import Tokenizer
 from services.broker import Broker
@@ -141,6 +141,9 @@ HOUSEKEEPING_INTERVAL_S = 2.0
 # holds and which consumer holds it: a role whose loop hangs keeps beating, and nothing else would say which it is.
 STALL_WARNING_S = 600.0
 STOP_GRACE_S = 60.0
+# The same, after a SIGTERM with a local Ray: a signal to the whole process group reaches Ray's processes too (its
+# agents end, and its raylet with them), and the driver's Ray client ends the process 60 s after losing them.
+SIGNALLED_STOP_GRACE_S = 5.0
 # Reports delivered to the orchestrator this long ago and never acknowledged (their reply lost in a Redis outage)
 # are read again by the housekeeping.
 REPORT_RECLAIM_IDLE_MS = 5000
@@ -891,7 +894,7 @@ class Orchestrator:
         # for STOP_GRACE_S.
         futures = [m.future for m in self.members if m.future is not None and m.placement.placed()]
         if futures:
-            ray.wait(futures, num_returns=len(futures), timeout=STOP_GRACE_S)
+            ray.wait(futures, num_returns=len(futures), timeout=self._stop_grace_s())
         if self.metrics_path is not None:
             unplotted = plot_run(self.out_dir)
             if unplotted is not None:
@@ -921,13 +924,17 @@ class Orchestrator:
         """Learner ranks 1..R-1 end when rank 0 does, with bit-equal weights."""
         for rank, future in enumerate(self.replica_futures, start=1):
             try:
-                replica = json.loads(ray.get(future, timeout=STOP_GRACE_S))
+                replica = json.loads(ray.get(future, timeout=self._stop_grace_s()))
             except ray.exceptions.GetTimeoutError as exc:
-                raise ServiceError(f"learner rank {rank} did not end within {STOP_GRACE_S:.0f}s") from exc
+                raise ServiceError(f"learner rank {rank} did not end within {self._stop_grace_s():.0f}s") from exc
             except ray.exceptions.RayError as exc:
                 raise ServiceError(f"learner rank {rank} failed: {describe_failure(exc)}") from exc
             if replica["weights_digest"] != result.get("weights_digest"):
                 raise ServiceError(f"learner rank {rank} ended with weights that differ from rank 0's")
+
+    def _stop_grace_s(self) -> float:
+        """How long the run's end waits for an actor to return (see SIGNALLED_STOP_GRACE_S)."""
+        return SIGNALLED_STOP_GRACE_S if self.ray_is_the_runs and sigterm_received() else STOP_GRACE_S
 
     def _let_learner_stop(self) -> None:
         """On an error of the orchestrator (a bad data row, a dead letter, a role restarted too often),

@@ -36,11 +36,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import ray
 from ray.util import placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from refine.config import RunConfig
+from refine.runtime import end_without_finalizing, sigterm_received
 from services.metrics import metrics_host, prepare_discovery_dir
 from services.redis_server import URL_SOURCES, EmbeddedRedis, connect, redact_url
 
@@ -51,6 +53,7 @@ __all__ = ["ActorRequest", "Placement", "RayCluster", "RayPlan", "Reservation", 
 logger = logging.getLogger(__name__)
 
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024 * 1024  # weights travel through Redis; the store holds small results
+LOCAL_RAY_KILL_WAIT_S = 10.0  # for the kernel to end a local Ray's killed processes
 RAY_ADDRESS_SOURCES = "--ray-address, service.ray_address or RAY_ADDRESS"
 # Ray accounts resources in units of 1e-4; a request equal to a node's total fits it.
 RESOURCE_EPSILON = 1e-6
@@ -261,17 +264,40 @@ def ray_for_run(config: RunConfig, address: str | None) -> Iterator[RayCluster]:
 
 
 def _shutdown_local_ray() -> None:
-    """ray.shutdown() for the Ray this run started, unless a signal to the whole process group (`timeout`,
-    systemd, Slurm) has ended its control store already: shutting the driver down then waits 60 s for it and
-    ends the process from Ray's core (after the run had stopped cleanly). Its remaining processes are killed
-    instead, and Ray's own shutdown at exit is called off, for the same reason."""
+    """ray.shutdown() for the Ray this run started, unless a SIGTERM stopped the run or the Ray's control store is
+    gone. A signal to the whole process group (`timeout`, systemd, Slurm) reaches the local Ray's processes too,
+    unlike Ctrl-C, which they block (its agents end, and its raylet with them): shutting the driver down then waits
+    for them, seconds or 60 s, after which Ray's core ends the process (the run had stopped cleanly). Every process
+    of that Ray is killed instead (`_kill_local_ray`), and the command ends without the interpreter's finalization,
+    where Ray's client, never shut down, would crash (refine.runtime.command_exit)."""
     node = getattr(ray._private.worker, "_global_node", None)
     gcs = [] if node is None else node.all_processes.get(ray._private.ray_constants.PROCESS_TYPE_GCS_SERVER, [])
-    if gcs and all(info.process.poll() is not None for info in gcs):
-        node.kill_all_processes(check_alive=False, allow_graceful=False)
+    if node is not None and (sigterm_received() or (gcs and all(info.process.poll() is not None for info in gcs))):
+        _kill_local_ray(node)
         atexit.unregister(ray._private.worker.shutdown)
+        end_without_finalizing()
         return
     ray.shutdown()
+
+
+def _kill_local_ray(node: Any) -> None:
+    """SIGKILL every process of the local Ray `node` started, and their descendants: its workers (each in a process
+    group of its own, so a signal to the driver's misses them) and agents, which outlive a raylet killed alone."""
+    processes = []
+    for infos in node.all_processes.values():
+        for info in infos:
+            try:
+                root = psutil.Process(info.process.pid)
+                processes += [*root.children(recursive=True), root]  # before the parent dies: then they are init's
+            except psutil.NoSuchProcess:
+                continue
+    for process in processes:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(processes, timeout=LOCAL_RAY_KILL_WAIT_S)
+    node.kill_all_processes(check_alive=False, allow_graceful=False)  # reaps the ones this process started
 
 
 def check_no_hidden_packages(directory: Path | None = None) -> None:

@@ -13,7 +13,9 @@ import time
 import pytest
 
 import refine.runtime as runtime
-from refine.runtime import ProgressStream, StageTimes, note, progress_bar, sigterm_as_ctrl_c, timed_stage
+from refine.runtime import (
+    ProgressStream, StageTimes, command_exit, note, progress_bar, sigterm_as_ctrl_c, sigterm_received, timed_stage,
+)
 
 PROBE = "from refine.runtime import tune_allocator; print(tune_allocator(), tune_allocator())"
 
@@ -60,6 +62,36 @@ def test_sigterm_raises_ctrl_c_inside_and_the_handler_before_is_put_back():
         assert signal.getsignal(signal.SIGTERM) is before
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_sigterm_is_remembered_until_the_next_opening():
+    """What tears down a local Ray asks whether SIGTERM (which reaches Ray's processes, unlike Ctrl-C) stopped the run."""
+    with sigterm_as_ctrl_c():
+        assert not sigterm_received()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        assert sigterm_received()
+    assert sigterm_received()  # after the stop: what tears down runs then
+    with sigterm_as_ctrl_c():  # the next command or run of this process
+        assert not sigterm_received()
+
+
+def test_a_command_that_abandoned_a_client_ends_with_its_code_and_its_output_flushed():
+    assert command_exit(3) == 3  # nothing asked: the interpreter ends as usual
+    script = (
+        "import logging, sys\n"
+        "from refine.runtime import command_exit, end_without_finalizing\n"
+        "import atexit; atexit.register(lambda: print('finalized'))\n"
+        "logging.basicConfig(stream=sys.stderr)\n"
+        "print('written', end='')\n"
+        "logging.getLogger('x').warning('logged')\n"
+        "end_without_finalizing()\n"
+        "sys.exit(command_exit(130))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert (out.returncode, out.stdout) == (130, "written"), out.stderr
+    assert "logged" in out.stderr
 
 
 def test_an_ignored_sigterm_stays_ignored_and_other_threads_change_nothing():

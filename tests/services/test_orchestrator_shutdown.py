@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+
 import pytest
 import ray
 
 from learner.learner import MEMBER_ID, ROLE
 from refine.config import load_config
 from services.metrics import Metrics, serve_metrics
-from services.orchestrator import Orchestrator
+from refine.runtime import sigterm_as_ctrl_c
+from services.orchestrator import SIGNALLED_STOP_GRACE_S, STOP_GRACE_S, Orchestrator
 
 
 class RayAborted(BaseException):
@@ -127,5 +132,27 @@ def test_the_restart_limit_names_the_command_that_resumes_the_run(tmp_path, redi
                                                rf"within 60 minutes; resume from its last checkpoint with `refine "
                                                rf"train {tmp_path / 'run' / 'config.yaml'} --resume`$"):
             orchestrator._restart(SimpleNamespace(role="rollout_worker", member_id="rollout_worker-0.20"), "died")
+    finally:
+        orchestrator.client.close()
+
+
+@pytest.mark.parametrize("ray_is_the_runs", [True, False], ids=["local_ray", "cluster"])
+def test_after_a_sigterm_a_local_rays_actors_are_waited_for_briefly(tmp_path, redis_url, namespace, ray_is_the_runs):
+    """A SIGTERM to the whole process group reaches a local Ray's processes too, and the driver's Ray client ends the
+    process 60 s after losing them: waiting STOP_GRACE_S (60 s) for the rollout workers to return ended a stopped
+    run with exit 1. A cluster that outlives the run, or a Ctrl-C (which Ray's processes block), keeps the grace."""
+    config = load_config("configs/service_tiny.yaml", [f"train.out_dir={tmp_path / 'run'}",
+                                                       f"service.metrics_discovery_dir={tmp_path / 'prometheus'}"])
+    orchestrator = Orchestrator(config, None, redis_url, namespace, resume=False, progress=False,
+                                ray_is_the_runs=ray_is_the_runs)
+    try:
+        with sigterm_as_ctrl_c():
+            assert orchestrator._stop_grace_s() == STOP_GRACE_S
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)
+            expected = SIGNALLED_STOP_GRACE_S if ray_is_the_runs else STOP_GRACE_S
+            assert orchestrator._stop_grace_s() == expected
+            assert (expected < 60) == ray_is_the_runs
     finally:
         orchestrator.client.close()

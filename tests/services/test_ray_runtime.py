@@ -1,6 +1,7 @@
 """Where a run's Ray comes from: an unreachable --ray-address fails fast, without starting Ray."""
 
 import http.server
+import os
 import shutil
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 import ray
 import redis
@@ -325,6 +327,55 @@ def test_a_run_keeps_the_drivers_sigterm_handler_through_ray_start_and_shutdown(
     out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=300,
                          cwd=Path(__file__).resolve().parents[2])
     assert "handler True True" in out.stdout, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("signalled", ["group", "driver"])
+def test_a_sigterm_to_the_drivers_process_group_ends_its_local_ray_wholly(tmp_path: Path, signalled: str) -> None:
+    """`timeout`, systemd and Slurm signal the whole process group: the local Ray's processes get the SIGTERM too,
+    unlike Ctrl-C, and ray.shutdown() waited for them, seconds or 60 s and an abort (exit 1). Killing them instead
+    crashed the interpreter at exit (exit 139) and left the raylet's agents running. `kill PID` signals the driver
+    alone: its local Ray is ended the same way."""
+    script = (
+        "import os, signal, sys, time\n"
+        "from refine.config import RunConfig\n"
+        "from refine.runtime import command_exit, sigterm_as_ctrl_c\n"
+        "from services.ray_runtime import ray_for_run\n"
+        "config = RunConfig()\n"
+        "config.service.metrics_discovery_dir = sys.argv[1]\n"
+        "with sigterm_as_ctrl_c(), ray_for_run(config, None):\n"
+        "    try:\n"
+        "        print('started', flush=True)\n"
+        "        os.killpg(0, signal.SIGTERM) if sys.argv[2] == 'group' else os.kill(os.getpid(), signal.SIGTERM)\n"
+        "        time.sleep(30)\n"
+        "    except KeyboardInterrupt:\n"  # a run's graceful stop takes seconds: Ray's processes react meanwhile
+        "        print('stopping', flush=True)\n"
+        "        time.sleep(5)\n"
+        "sys.exit(command_exit(130))\n"
+    )
+    driver = subprocess.Popen([sys.executable, "-c", script, str(tmp_path), signalled], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, cwd=CHECKOUT, start_new_session=True)
+    try:
+        output, _ = driver.communicate(timeout=240)
+        # Ray's own processes stay in the driver's session (its workers each get a process group of their own).
+        deadline = time.monotonic() + 15
+        while (left := _session_processes(driver.pid)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        for process in _session_processes(driver.pid):
+            process.kill()
+    assert (driver.returncode, left) == (130, []), output[-3000:]
+    assert "started" in output and "stopping" in output
+
+
+def _session_processes(session: int) -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if os.getsid(process.pid) == session and process.status() != psutil.STATUS_ZOMBIE:
+                found.append(process)
+        except (OSError, psutil.Error):  # ended meanwhile
+            continue
+    return found
 
 
 def test_modules_named_as_the_projects_packages_in_the_working_directory_are_refused(tmp_path: Path) -> None:
