@@ -222,7 +222,7 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True, ray_addr
         check_namespace_free(plan.redis_url, namespace_for(config, out_dir), claim_ttl_s(config), str(out_dir))
     # The driver holds the run directory until the run ends (config.yaml is written once the learner started).
     with (run_directory_lock(out_dir, "refine train (service)"), ray_for_run(config, plan.address) as cluster,
-          redis_for_run(plan.redis_url, cluster.multi_node) as url):
+          redis_for_run(plan.redis_url, cluster) as url):
         orchestrator = Orchestrator(config, tokenizer, url, namespace_for(config, out_dir), resume=resume,
                                     progress=progress, resume_command=resume_command,
                                     ray_is_the_runs=cluster.started_here)

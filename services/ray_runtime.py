@@ -173,7 +173,9 @@ def check_ray_address(address: str, timeout_s: float = 2.0) -> None:
                          f"give {RAY_ADDRESS_FORMS}")
     host, sep, port = (rest if sep else str(address)).rpartition(":")
     host = host.strip("[]")  # an IPv6 literal, [::1]:6379
-    if not sep or not host or not (port.isascii() and port.isdigit()):
+    if sep and not host:  # ":6379": Ray fails on it with a traceback
+        raise ValueError(f"Ray address {str(address)!r} ({source}) names no host; give {RAY_ADDRESS_FORMS}")
+    if not sep or not (port.isascii() and port.isdigit()):
         return
     if not 0 < int(port) < 65536:
         raise ValueError(f"Ray address {str(address)!r} ({source}): port {port} is not in 1..65535")
@@ -204,6 +206,7 @@ class RayCluster:
     """The Ray a run uses."""
 
     multi_node: bool  # more than one node: the actors reach Redis over the network
+    client: bool  # connected through Ray Client (ray://): the driver runs off the cluster, its actors on it
     started_here: bool  # a local Ray of the run's own: its shutdown takes the run's actors and placement group
 
 
@@ -256,7 +259,7 @@ def ray_for_run(config: RunConfig, address: str | None) -> Iterator[RayCluster]:
         check_gpus(config, float(ray.cluster_resources().get("GPU", 0.0)))
         nodes = [node for node in ray.nodes() if node.get("Alive")]
         check_placement(config, nodes)
-        yield RayCluster(multi_node=len(nodes) > 1, started_here=started)
+        yield RayCluster(multi_node=len(nodes) > 1, client=ray.util.client.ray.is_connected(), started_here=started)
     finally:
         if started:
             _shutdown_local_ray()
@@ -686,16 +689,19 @@ class Placement:
 
 
 @contextmanager
-def redis_for_run(url: str | None, multi_node: bool) -> Iterator[str]:
-    """The run's Redis URL: checked with PING when given, else an embedded server started here."""
+def redis_for_run(url: str | None, cluster: RayCluster) -> Iterator[str]:
+    """The run's Redis URL: checked with PING when given, else an embedded server started here, where the actors can
+    reach it (one node, and the driver on it)."""
     if url:
         connect(url).close()  # fails fast, naming the URL, when it is unreachable
         yield url
         return
-    if multi_node:
+    if cluster.multi_node or cluster.client:
+        where = ("the Ray cluster has several nodes" if cluster.multi_node else
+                 "the run connects through Ray Client (ray://), so its actors run on the cluster, off this machine")
         raise ValueError(
-            "the Ray cluster has several nodes: give a Redis every node can reach "
-            "(--redis-url, service.redis_url or REFINE_REDIS_URL); the embedded one listens on 127.0.0.1 only"
+            f"{where}: give a Redis every node can reach (--redis-url, service.redis_url or REFINE_REDIS_URL); the "
+            f"embedded one listens on this machine's 127.0.0.1 only"
         )
     with EmbeddedRedis() as server:
         yield server.url

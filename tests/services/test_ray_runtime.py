@@ -2,6 +2,7 @@
 
 import http.server
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import redis
 
 from refine.config import RunConfig
 from services.ray_runtime import (
-    PROJECT_PACKAGES, actor_options, address_source, check_gpus, check_no_hidden_packages, check_ray_address,
+    PROJECT_PACKAGES, RayAddress, RayCluster, actor_options, address_source, check_gpus, check_no_hidden_packages, check_ray_address,
     ray_for_run, redis_for_run, resolve_addresses,
 )
 from services.redis_server import connect
@@ -171,6 +172,14 @@ def test_a_malformed_ray_address_is_refused_naming_the_setting_it_came_from(
     assert "\n" not in message
 
 
+@pytest.mark.parametrize("address", [":6380", "ray://:10001", "[]:6380"])
+def test_an_address_without_a_host_is_refused_naming_it(address: str, no_ray: None) -> None:
+    """Ray failed on ":6380" with a traceback and "Malformed host:", without the forms the flag takes."""
+    with pytest.raises(ValueError, match=rf"^Ray address '{re.escape(address)}' \(--ray-address\) names no host; "
+                                         r"give HOST:PORT of the head's GCS"):
+        check_ray_address(RayAddress(address, "--ray-address"))
+
+
 @pytest.mark.parametrize("address", ["http://127.0.0.1:8265", "https://head.example:8265/", "HTTP://head:8265"])
 def test_the_dashboard_address_is_refused_saying_what_the_flag_takes(address: str, no_ray: None) -> None:
     """README's `ray job submit --address http://HEAD:8265` is the dashboard's: given to --ray-address it was probed
@@ -246,12 +255,25 @@ def test_a_redis_url_given_as_the_ray_address_keeps_its_password_out_of_the_mess
 
 def test_the_embedded_redis_of_a_run_answers_only_to_its_url() -> None:
     """The URL every role of the run gets carries the embedded server's password; without it the server refuses."""
-    with redis_for_run(None, multi_node=False) as url:
+    with redis_for_run(None, RayCluster(multi_node=False, client=False, started_here=True)) as url:
         assert connect(url).ping()
         parts = urllib.parse.urlsplit(url)
         assert parts.password
         with pytest.raises(redis.AuthenticationError):
             redis.Redis(host=parts.hostname, port=parts.port).ping()
+
+
+@pytest.mark.parametrize("multi_node, client, where", [
+    (True, False, "the Ray cluster has several nodes"),
+    (False, True, r"the run connects through Ray Client \(ray://\), so its actors run on the cluster, off this machine"),
+])
+def test_no_redis_is_embedded_where_the_actors_could_not_reach_it(multi_node: bool, client: bool, where: str) -> None:
+    """A Ray Client driver runs off the cluster, on one node or several: an embedded Redis on its 127.0.0.1 was
+    started for actors that cannot reach it."""
+    with pytest.raises(ValueError, match=rf"^{where}: give a Redis every node can reach \(--redis-url, "
+                                         r"service.redis_url or REFINE_REDIS_URL\)"):
+        with redis_for_run(None, RayCluster(multi_node=multi_node, client=client, started_here=False)):
+            pass
 
 
 def test_a_metrics_host_that_is_no_host_fails_before_ray_starts(
