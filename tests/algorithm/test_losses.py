@@ -49,6 +49,20 @@ def test_without_dual_clip_and_with_asymmetric_clip():
     assert loss.item() == pytest.approx((-1.28 - 0.5 + 0.8 + 3.0 + 2.0) / 5)
 
 
+def test_clip_low_bounds_negative_advantages_and_clip_high_positive_ones() -> None:
+    """Without this, swapping clip_low and clip_high (DAPO's clip-higher) goes unnoticed: the
+    five-token batch above happens to give the same mean loss either way."""
+    one = torch.zeros(1, 1, dtype=torch.float64)
+    # r=1.5, A=+1: the upper bound 1 + clip_high = 1.28 applies: max(-1.5, -1.28) = -1.28.
+    loss, _ = policy_loss(one + math.log(1.5), one, torch.tensor([1.0], dtype=torch.float64),
+                          clip_low=0.2, clip_high=0.28, dual_clip=None)
+    assert loss.item() == pytest.approx(-1.28)
+    # r=0.5, A=-1: the lower bound 1 - clip_low = 0.8 applies: max(0.5, 0.8) = 0.8.
+    loss, _ = policy_loss(one + math.log(0.5), one, torch.tensor([-1.0], dtype=torch.float64),
+                          clip_low=0.2, clip_high=0.28, dual_clip=None)
+    assert loss.item() == pytest.approx(0.8)
+
+
 def test_aggregation_modes_with_a_mask():
     # Three rollouts of two tokens; per-token advantages; the r=5 token is masked out.
     new = torch.tensor([[1.5, 0.5], [0.5, 5.0], [1.0, 1.5]], dtype=torch.float64).log()
@@ -107,6 +121,15 @@ def test_kl_term_is_added_to_the_policy_loss():
     kl = sum(math.log(r) for r in RATIOS) / 5
     assert stats["kl_loss"].item() == pytest.approx(kl)
     assert loss.item() == pytest.approx(sum(PER_TOKEN) / 5 + 0.1 * kl)
+
+
+def test_sequence_mean_counts_a_rollout_with_an_empty_mask_as_zero() -> None:
+    """Without this, a rollout whose tokens are all masked (e.g. truncated to nothing) divides
+    0 by 0 and turns the whole seq-mean-token-mean loss into NaN."""
+    loss_mat = torch.tensor([[1.0, 3.0], [5.0, 7.0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1], [0, 0]])
+    loss = aggregate_loss(loss_mat, mask, "seq-mean-token-mean")
+    assert loss.item() == pytest.approx((2.0 + 0.0) / 2)
 
 
 def test_aggregate_rejects_unknown_mode():
