@@ -89,6 +89,15 @@ def test_rouge_l_union_over_sentences():
     assert rouge_score("a b. c d", "a c. d") == approx(2 * 0.75 / 1.75, abs=1e-7)
 
 
+def test_rouge_l_breaks_lcs_ties_as_the_rouge_package() -> None:
+    """Without this, a changed back-tracking tie-break goes unnoticed: with two LCSs of equal length the
+    traced word decides the union, and the score moves away from the rouge package's."""
+    # Reference [a b] against prediction sentence [b a]: two LCSs of length 1, {a} and {b}. The rouge
+    # package's _recon_lcs steps back along the prediction on a tie, so it keeps {b}; the second
+    # sentence [a] adds {a}: union {a, b} = m = n = 2, F = 1 (tracing {a} instead would give 0.5).
+    assert rouge_score("b a. a", "a b") == approx(1.0, abs=1e-7)
+
+
 def test_rouge_l_empty_and_identical():
     assert rouge_score("", "a summary") == 0.0
     assert rouge_score("...", "a summary") == 0.0  # only sentence separators: no sentence at all
@@ -187,6 +196,8 @@ def test_ordered_recall_compares_whole_values_in_their_places():
     assert ordered_recall_score("193 482", ["482", "193"]) == 0.0  # out of order
     assert ordered_recall_score(" Ada Lovelace. The rest", ["ada lovelace"]) == 1.0  # fact recall: several words
     assert ordered_recall_score(" Adam Lovelace", ["ada lovelace"]) == 0.0
+    # A value of several words moves the place past all of them: the next value is read after "york".
+    assert ordered_recall_score("new york paris", ["new york", "paris"]) == 1.0
     assert ordered_recall_score("", ["1"]) == 0.0
     with pytest.raises(ValueError):
         ordered_recall_score("x", [])
