@@ -147,6 +147,18 @@ def test_optional_tensor_and_maps_round_trip() -> None:
     assert decoded.counts == {"a": 1, "b": -2} and decoded.tags == ["x"]
 
 
+def test_integers_in_msgpack_range_round_trip_and_wider_ones_are_refused() -> None:
+    """Without this, narrowing the integer check to int64 would refuse the uint64 values msgpack
+    carries (a seed of 2**64 - 1 is valid in the config), and widening it would let msgpack fail
+    with its own OverflowError instead of a CodecError naming the field."""
+    for value in (2**64 - 1, 2**63, -(2**63)):
+        message = Sample(name="n", values=torch.zeros(1), counts={"seed": value})
+        assert decode(encode(message), Sample).counts == {"seed": value}
+    for value in (2**64, -(2**63) - 1):
+        with pytest.raises(CodecError, match=rf"field counts.seed: integer {value} does not fit in 64 bits"):
+            encode(Sample(name="n", values=torch.zeros(1), counts={"seed": value}))
+
+
 def test_pickle_payload_is_rejected_without_running_code(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
 
