@@ -11,7 +11,7 @@ from refine.algorithm.update import score_rollouts
 from refine.config import RefineConfig, tiny_delta_net
 from refine.models import build_model
 from refine.tokenizer import ByteTokenizer
-from reward.scoring import ScoringError, score_batch
+from reward.scoring import ScoringError, rewards_summary, score_batch
 from rollout_workers.worker import to_message
 from services.codec import decode as decode_message
 from services.codec import encode
@@ -170,3 +170,12 @@ def test_a_text_reward_registered_without_reads_text_is_told_so():
             score_batch(batch(), "test_undeclared_text", decode=decode)
     finally:
         unregister_reward("test_undeclared_text")
+
+
+def test_reward_summary_is_the_mean_and_population_std() -> None:
+    """Without this, the reward replica's refine_reward_std gauge could switch to the Bessel-corrected std
+    (0.7071 here, NaN for one rollout) and disagree with the learner's reward_std stat, which is the
+    population std (refine.algorithm.update)."""
+    assert rewards_summary(torch.tensor([0.0, 1.0])) == pytest.approx((0.5, 0.5))
+    assert rewards_summary(torch.tensor([2.0])) == (2.0, 0.0)
+    assert rewards_summary(torch.tensor([])) == (0.0, 0.0)
