@@ -4,6 +4,9 @@ import pytest
 import torch
 
 from refine.algorithm.advantages import group_ids_for, grpo_advantages
+from refine.algorithm.rollout import Rollouts
+from refine.algorithm.update import advantages_for
+from refine.config import RefineConfig
 
 EPS = 1e-6
 
@@ -26,6 +29,31 @@ def test_without_std_normalization_rewards_are_only_centered():
     adv = grpo_advantages(rewards, torch.tensor([1, 1, 1, 2, 2]), norm_by_std=False)
     # Group 1 mean 3 -> -2, -1, 3; group 2 mean 2 -> -2, 2.
     assert adv.tolist() == pytest.approx([-2.0, -1.0, 3.0, -2.0, 2.0])
+
+
+def _rollouts(num_docs: int, num_chunks: int, num_samples: int) -> Rollouts:
+    rows = num_docs * num_chunks * num_samples
+    return Rollouts(
+        positions=torch.ones(num_docs, num_chunks, dtype=torch.long), tokens=torch.zeros(rows, 1, dtype=torch.long),
+        logprobs=torch.zeros(rows, 1), hidden=torch.zeros(rows, 1, 1),
+        target_tokens=torch.zeros(rows, 1, dtype=torch.long), target_hidden=torch.zeros(rows, 1, 1),
+        entropies=torch.zeros(num_docs, num_chunks), num_samples=num_samples,
+    )
+
+
+def test_the_updates_advantages_follow_the_configs_norm_adv_by_std() -> None:
+    """Without this, advantages_for (what every update path calls with the run's refine config) could ignore
+    refine.norm_adv_by_std and always divide by the group std: a run asking for centred rewards (Dr. GRPO's
+    choice) would train on normalized ones without a word."""
+    rollouts = _rollouts(num_docs=2, num_chunks=1, num_samples=3)  # one group of 3 per document
+    rewards = torch.tensor([1.0, 2.0, 6.0, 0.0, 4.0, 2.0], dtype=torch.float64)
+    centred = RefineConfig(num_chunks=1, num_samples=3, norm_adv_by_std=False)
+    # Document 0: mean 3 -> -2, -1, 3; document 1: mean 2 -> -2, 2, 0.
+    assert advantages_for(rewards, rollouts, centred).tolist() == pytest.approx([-2.0, -1.0, 3.0, -2.0, 2.0, 0.0])
+    normalized = RefineConfig(num_chunks=1, num_samples=3)  # the default: over the unbiased std sqrt(7), then 2
+    expected = [-2 / (math.sqrt(7) + EPS), -1 / (math.sqrt(7) + EPS), 3 / (math.sqrt(7) + EPS),
+                -2 / (2 + EPS), 2 / (2 + EPS), 0.0]
+    assert advantages_for(rewards, rollouts, normalized).tolist() == pytest.approx(expected, abs=1e-12)
 
 
 def test_constant_group_is_exactly_zero_despite_round_off():
