@@ -57,11 +57,16 @@ def test_the_ntp_term_is_weighted_by_the_slices_targets_not_its_documents() -> N
     assert not torch.allclose(_gradient(model, by_documents), exact, rtol=1e-6, atol=1e-9)
 
 
-def test_seq_mean_slices_also_sum_to_the_whole_batch_loss() -> None:
-    cfg = RefineConfig(num_chunks=2, rollout_len=3, num_samples=2, lambda_nsp=0.7, kl_coef=0.0,
-                       loss_agg="seq-mean-token-sum")
+@pytest.mark.parametrize("loss_agg", ["seq-mean-token-sum", "seq-mean-token-mean"])
+def test_seq_mean_slices_also_sum_to_the_whole_batch_loss_and_gradient(loss_agg: str) -> None:
+    """Without the gradient check, a seq-mean slice weighted by its share of the rollouts instead of its share
+    of the documents would pass: on-policy each document's policy term is -mean(A) over its own groups, 0, so
+    only the loss's gradient, not its value, sees the policy weight."""
+    cfg = RefineConfig(num_chunks=2, rollout_len=3, num_samples=2, lambda_nsp=0.7, kl_coef=0.0, loss_agg=loss_agg)
     model, ids, lengths, rollouts, advantages = _batch(cfg, [90, 40, 70], layers=1)
     losses = [slice_loss("onepass", model, ids, lengths, rollouts, advantages, cfg, start, end)[0].loss
               for start, end in [(0, 2), (2, 3)]]
     whole = refine_loss("onepass", model, ids, lengths, rollouts, advantages, cfg).loss
     assert abs((sum(losses) - whole).item()) <= 1e-14 * abs(whole.item())
+    summed, exact = sum(_gradient(model, loss) for loss in losses), _gradient(model, whole)
+    assert float((summed - exact).norm() / exact.norm()) < 1e-13
