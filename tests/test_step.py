@@ -28,8 +28,15 @@ def test_non_finite_steps_are_skipped_and_counted():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1.0)
     bad = model.lm_head.weight.sum() * float("nan")
+    backward_ran = []
+    hook = model.lm_head.weight.register_hook(lambda grad: backward_ran.append(True))
     outcome = optimizer_step(model, optimizer, LossResult(bad, bad, bad, {}), grad_clip=1.0)
+    hook.remove()
     assert outcome.skipped and outcome.stats["skipped_nonfinite"] == 1.0
+    # A non-finite loss is skipped before its backward: no gradient is computed, and the step reports no
+    # grad_norm (a NaN one would poison merge_steps's mean over the steps that report it).
+    assert not backward_ran and "grad_norm" not in outcome.stats
+    assert all(parameter.grad is None for parameter in model.parameters())
     # A finite loss whose gradient is not finite is skipped too.
     hook = model.lm_head.weight.register_hook(lambda grad: grad * float("inf"))
     finite = model(torch.tensor([[1, 2, 3]])).logits.square().mean()
