@@ -99,6 +99,23 @@ def test_dead_consumer_entries_are_reclaimed(broker: Broker) -> None:
     assert [m.doc_ids for _, m in broker.consume(STREAM, GROUP, "survivor", DocumentBatch)] == [["d2"]]
 
 
+def test_reclaim_reads_past_a_page_of_live_entries_to_the_idle_one(broker: Broker) -> None:
+    """Without this, reclaim could stop after one XAUTOCLAIM page: Redis scans at most 10 * count pending entries
+    a call, so a dead consumer's entry behind 12 live ones would never be taken over at count=1."""
+    for i in range(13):
+        broker.publish(STREAM, documents(f"d{i}"))
+    live = broker.consume(STREAM, GROUP, "live", DocumentBatch, count=12)
+    [(dead_id, dead)] = broker.consume(STREAM, GROUP, "dies", DocumentBatch, count=1)
+    # The dead consumer's entry has been idle a minute (XCLAIM's IDLE sets that, no waiting); the 12 ahead of it
+    # in the pending list were just delivered.
+    broker.client.xclaim(broker.key("stream", STREAM), GROUP, "dies", 0, [dead_id], idle=60_000, justid=True)
+    taken = broker.reclaim(STREAM, GROUP, "survivor", DocumentBatch, min_idle_ms=30_000, count=1)
+    assert [(entry_id, message.doc_ids) for entry_id, message in taken] == [(dead_id, dead.doc_ids)]
+    details = broker.client.xpending_range(broker.key("stream", STREAM), GROUP, "-", "+", 20)
+    owners = {d["message_id"].decode(): d["consumer"] for d in details}
+    assert owners[dead_id] == b"survivor" and [owners[entry_id] for entry_id, _ in live] == [b"live"] * 12
+
+
 def test_entry_redelivered_too_often_goes_to_dead_letters(broker: Broker) -> None:
     broker.publish(STREAM, documents("poison"))
     broker.consume(STREAM, GROUP, "c0", DocumentBatch)
