@@ -79,6 +79,31 @@ def test_version_semantics_and_pruning(redis_client: redis.Redis, namespace: str
     assert store.latest_version() == 5 and store.versions() == [2, 5]
 
 
+def test_a_version_committed_by_another_publisher_after_the_check_is_refused_at_the_commit(
+        redis_client: redis.Redis, redis_url: str, namespace: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without this, the commit script could accept a version equal to the latest (>= weakened to >): two
+    publishers racing with the same version would both pass the Python pre-check, and the second would
+    silently replace the weights the first published, and that rollout workers may already have fetched."""
+    store = RedisWeightStore(redis_client, namespace)
+    rival = RedisWeightStore(redis.Redis.from_url(redis_url), namespace)
+    store.publish(small_state(1), 1)
+    checked = store.latest_version
+
+    def latest_then_rival_publishes() -> int | None:
+        latest = checked()  # the pre-check reads version 1 ...
+        rival.publish(small_state(2), 2)  # ... then the rival commits version 2 before this publish does
+        return latest
+
+    monkeypatch.setattr(store, "latest_version", latest_then_rival_publishes)
+    with pytest.raises(WeightVersionError, match="version 2 is not newer than the latest version 2"):
+        store.publish(small_state(9), 2)
+    monkeypatch.undo()
+    assert store.latest_version() == 2 and store.versions() == [1, 2]
+    assert_same(store.fetch(2)[1], small_state(2))  # the rival's weights, unchanged
+    blobs = {key.split(b":")[3] for key in redis_client.keys(f"{namespace}:weights:blob:*")}
+    assert len(blobs) == 2  # the refused upload's chunks are deleted
+
+
 def test_another_reader_sees_only_committed_versions(redis_client: redis.Redis, redis_url: str, namespace: str) -> None:
     writer = RedisWeightStore(redis_client, namespace)
     reader = RedisWeightStore(redis.Redis.from_url(redis_url), namespace)
