@@ -156,6 +156,29 @@ def test_a_newer_weight_version_is_loaded_before_the_next_batch(config, broker, 
     assert worker.refresh_weights() is True and worker.version == 3
 
 
+def test_rollouts_are_tagged_with_the_version_fetched_not_the_pointer_read_before(config, broker, store, make_worker,
+                                                                                  monkeypatch) -> None:
+    """The learner can publish between the worker's read of the latest pointer and its fetch, which loads the
+    newest weights. Without this, the worker could record the pointer it read: its rollouts would carry an older
+    policy_version than the weights that made them (the learner's staleness check and importance ratios would
+    be off by a version), and the next refresh would reload weights it already has."""
+    [batch] = orchestrator_batches(config, 1)
+    store.publish(initial_weights(config, seed=1), 1)
+    worker = make_worker()
+    read_pointer = worker.weights.latest_version
+
+    def pointer_then_the_learner_publishes() -> int | None:
+        latest = read_pointer()
+        if latest == 1:
+            store.publish(initial_weights(config, seed=2), 2)
+        return latest
+
+    monkeypatch.setattr(worker.weights, "latest_version", pointer_then_the_learner_publishes)
+    assert worker.refresh_weights() is True
+    assert worker.rollout(batch).policy_version == worker.engine.weight_version == 2
+    assert worker.refresh_weights() is False  # version 2 is what it holds
+
+
 def test_weights_published_while_waiting_for_a_batch_are_used_for_it(config, broker, store, redis_url, namespace,
                                                                        make_worker) -> None:
     """A version that lands while run_once blocks waiting for documents is loaded before the rollout."""
