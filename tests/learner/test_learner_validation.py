@@ -323,3 +323,42 @@ def test_a_colocated_learners_weight_version_is_its_step_whatever_the_sync_inter
         colocated.broker.publish(DOCUMENTS, _documents(index))
         assert colocated.run_once(block_ms=100) == 1
         assert colocated.state.step == colocated.state.weight_version == index + 1
+
+
+def test_a_disaggregated_learner_measures_staleness_in_steps_not_published_versions(make_learner) -> None:
+    """With sync_interval > 1 the published version lags the step: at step 3 with sync_interval=2 it is 2. Without
+    this, staleness taken from the published version would keep rollouts of version 0 at step 3 (2 old) under
+    max_staleness=2 although they are 3 steps old, and a run would train further off-policy than it allows."""
+    learner = make_learner("service.sync_interval=2", "service.max_staleness=2")
+    learner.broker.ensure_group(SCORED, LEARNER_GROUP, start_id="0")
+    for index in range(4):
+        documents = _documents(index)
+        learner.documents.put(documents)
+        learner.broker.publish(SCORED, _scored(documents))  # every batch rolled out with version 0
+        assert learner.run_once(block_ms=100) == 1
+        assert learner.state.step == min(index + 1, 3)  # 0, 1 and 2 steps old: trained; then 3 old: dropped
+    assert learner.state.weight_version == 2 and learner.state.dropped_stale == 1
+    dropped = _reports(learner)[-1]
+    assert (dropped.kind, dropped.stats["reason"], dropped.stats["staleness"]) == ("dropped", "stale", 3)
+
+
+def test_a_batch_dropped_past_an_unfinished_one_is_a_duplicate_when_delivered_again(learner: Learner) -> None:
+    """While docs-0 is unfinished, docs-1 lies past the run of finished batches, so only the dropped set remembers
+    that it was dropped. Without this, a redelivery of its rollouts (a reclaimed entry, a worker that rolled it out
+    twice) would not be known for a duplicate: its documents, deleted with the drop, would be taken for state
+    Redis lost, and the run would end (or, were they still stored, the batch would be trained a second time)."""
+    first, second = _documents(0), _documents(1)
+    learner.documents.put(first)
+    learner.documents.put(second)
+    ahead = _scored(second).model_copy(update={"policy_version": 5})  # from a version the learner has not reached
+    learner.broker.publish(SCORED, ahead)
+    assert learner.run_once(block_ms=100) == 1
+    assert learner.state.step == 0 and _reports(learner)[-1].stats["reason"] == "future_version"
+
+    learner.broker.publish(SCORED, _scored(second))  # the same rollout batch id, now of version 0
+    assert learner.run_once(block_ms=100) == 1
+    assert learner.state.step == 0 and learner.duplicates == 1
+
+    learner.broker.publish(SCORED, _scored(first))  # docs-0 is still trained
+    assert learner.run_once(block_ms=100) == 1
+    assert learner.state.step == 1 and _finished(learner) == 2
