@@ -34,7 +34,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from typing import TYPE_CHECKING, Any, ContextManager
+from typing import TYPE_CHECKING, Any, ContextManager, NoReturn
 
 from tqdm import tqdm
 
@@ -107,6 +107,12 @@ def command_exit(code: int) -> int:
     """`code`, for sys.exit; or, when asked (`end_without_finalizing`), the process ends here with it."""
     if not _end_without_finalizing.is_set():
         return code
+    command_exit_now(code)
+
+
+def command_exit_now(code: int) -> NoReturn:
+    """End the process with `code` once its output is flushed, without the interpreter's finalization: from any
+    thread, where the main one may be stuck in a client's call that never returns."""
     logging.shutdown()  # flushes the log handlers
     for stream in (sys.stdout, sys.stderr):
         try:

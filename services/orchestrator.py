@@ -226,6 +226,7 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True, ray_addr
         orchestrator = Orchestrator(config, tokenizer, url, namespace_for(config, out_dir), resume=resume,
                                     progress=progress, resume_command=resume_command,
                                     ray_is_the_runs=cluster.started_here)
+        cluster.last_resort.append(orchestrator.abandon)
         return orchestrator.run()
 
 
@@ -969,14 +970,10 @@ class Orchestrator:
         # systemd, Slurm) also ends a local Ray, whose next call aborts this process, and a target left announced
         # stays down for good (RefineRoleDown fires). Members that finished withdrew their own; killed ones could
         # not.
-        from learner.learner import MEMBER_ID, ROLE
-
-        members = [(ROLE, MEMBER_ID), *((m.role, m.member_id) for m in self.members)]
         if self.endpoint is not None:
             self.endpoint.close()
             self.endpoint = None
-        for role, member_id in members:
-            withdraw_announcements(self.config.service.metrics_discovery_dir, role, member_id, self.namespace)
+        members = self._withdraw_targets()
         for actor in [self.learner, *self.replicas, *(m.actor for m in self.members)]:
             if actor is not None:
                 try:
@@ -997,6 +994,22 @@ class Orchestrator:
             except Exception as exc:  # Ray went away: it took the group with it
                 logger.warning("could not release the run's placement group: %s", exc)
         self.client.close()
+
+    def abandon(self) -> None:
+        """What the run's end must do when the driver is abandoned, from another thread while this one is stuck in a
+        call to a Ray that a signal ended (services.ray_runtime): its Prometheus targets withdrawn and its Redis keys
+        deleted. Nothing here calls Ray."""
+        self._withdraw_targets()
+        self._delete_namespace()
+
+    def _withdraw_targets(self) -> list[tuple[str, str]]:
+        """Withdraw every role's Prometheus target of this run; returns the (role, member id) pairs."""
+        from learner.learner import MEMBER_ID, ROLE
+
+        members = [(ROLE, MEMBER_ID), *((m.role, m.member_id) for m in self.members)]
+        for role, member_id in members:
+            withdraw_announcements(self.config.service.metrics_discovery_dir, role, member_id, self.namespace)
+        return members
 
     def _delete_namespace(self) -> None:
         """The run's Redis keys, unless Redis is lost or another run holds the namespace now."""

@@ -28,11 +28,12 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,7 @@ from ray.util import placement_group, placement_group_table, remove_placement_gr
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from refine.config import RunConfig
-from refine.runtime import end_without_finalizing, sigterm_received
+from refine.runtime import command_exit_now, end_without_finalizing, sigterm_received
 from services.metrics import metrics_host, prepare_discovery_dir
 from services.redis_server import URL_SOURCES, EmbeddedRedis, connect, redact_url
 
@@ -54,6 +55,10 @@ logger = logging.getLogger(__name__)
 
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024 * 1024  # weights travel through Redis; the store holds small results
 LOCAL_RAY_KILL_WAIT_S = 10.0  # for the kernel to end a local Ray's killed processes
+# After a SIGTERM: how long a driver whose local Ray lost its control store or raylet may take to end (its own stop
+# takes 3-10 s), and how often that is looked at.
+SIGNALLED_RAY_DEADLINE_S = 15.0
+SIGNALLED_RAY_POLL_S = 0.5
 RAY_ADDRESS_SOURCES = "--ray-address, service.ray_address or RAY_ADDRESS"
 # Ray accounts resources in units of 1e-4; a request equal to a node's total fits it.
 RESOURCE_EPSILON = 1e-6
@@ -208,6 +213,8 @@ class RayCluster:
     multi_node: bool  # more than one node: the actors reach Redis over the network
     client: bool  # connected through Ray Client (ray://): the driver runs off the cluster, its actors on it
     started_here: bool  # a local Ray of the run's own: its shutdown takes the run's actors and placement group
+    # What must still be done if the driver is abandoned (`_SignalledRayDeadline`): never a call to Ray.
+    last_resort: list[Callable[[], None]] = field(default_factory=list)
 
 
 @contextmanager
@@ -259,7 +266,9 @@ def ray_for_run(config: RunConfig, address: str | None) -> Iterator[RayCluster]:
         check_gpus(config, float(ray.cluster_resources().get("GPU", 0.0)))
         nodes = [node for node in ray.nodes() if node.get("Alive")]
         check_placement(config, nodes)
-        yield RayCluster(multi_node=len(nodes) > 1, client=ray.util.client.ray.is_connected(), started_here=started)
+        cluster = RayCluster(multi_node=len(nodes) > 1, client=ray.util.client.ray.is_connected(), started_here=started)
+        with _SignalledRayDeadline(cluster) if started else nullcontext():
+            yield cluster
     finally:
         if started:
             _shutdown_local_ray()
@@ -301,6 +310,55 @@ def _kill_local_ray(node: Any) -> None:
             pass
     psutil.wait_procs(processes, timeout=LOCAL_RAY_KILL_WAIT_S)
     node.kill_all_processes(check_alive=False, allow_graceful=False)  # reaps the ones this process started
+
+
+class _SignalledRayDeadline:
+    """Ends the process if, after a SIGTERM, the run's local Ray lost its control store or raylet and the driver has
+    not ended within SIGNALLED_RAY_DEADLINE_S: a call to Ray then waits for them, or for Ray's core to end the process
+    60 s later (exit 1), and a KeyboardInterrupt raised meanwhile may never reach the run's code (measured: a group
+    SIGTERM while the learner starts, under load). The run's last-resort work is done (its Redis keys deleted, its
+    Prometheus targets withdrawn), the Ray killed, and the process ends as a stopped command does (exit 130)."""
+
+    def __init__(self, cluster: RayCluster) -> None:
+        self.cluster = cluster
+        self.node = ray._private.worker._global_node
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._watch, name="refine-signalled-ray-deadline", daemon=True)
+
+    def __enter__(self) -> None:
+        self.thread.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()  # the run's own end goes on from here (_shutdown_local_ray)
+        self.thread.join()
+
+    def _core_gone(self) -> bool:
+        return any(info.process.poll() is not None for kind in (ray._private.ray_constants.PROCESS_TYPE_GCS_SERVER,
+                                                                   ray._private.ray_constants.PROCESS_TYPE_RAYLET)
+                   for info in self.node.all_processes.get(kind, []))
+
+    def _watch(self) -> None:
+        gone_at = None
+        while not self.done.wait(SIGNALLED_RAY_POLL_S):
+            if gone_at is None:
+                if sigterm_received() and self._core_gone():
+                    gone_at = time.monotonic()
+            elif time.monotonic() - gone_at > SIGNALLED_RAY_DEADLINE_S:
+                self._abandon()
+
+    def _abandon(self) -> None:
+        for work in self.cluster.last_resort:
+            try:
+                work()
+            except Exception as exc:  # the rest still runs, and the process still ends
+                logger.warning("%s", exc)
+        _kill_local_ray(self.node)
+        try:
+            print(f"refine: interrupted: the run's local Ray ended with the signal, and the driver did not within "
+                  f"{SIGNALLED_RAY_DEADLINE_S:.0f}s; a --resume goes on from the run's last checkpoint", file=sys.stderr)
+        except (OSError, ValueError):  # no stderr left: the exit code says it
+            pass
+        command_exit_now(130)
 
 
 def check_no_hidden_packages(directory: Path | None = None) -> None:

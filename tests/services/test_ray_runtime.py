@@ -389,6 +389,49 @@ def test_a_sigterm_to_the_drivers_process_group_ends_its_local_ray_wholly(tmp_pa
     assert "started" in output and "stopping" in output
 
 
+def test_a_driver_stuck_after_a_sigterm_ended_its_local_ray_is_ended_after_the_last_resort_work(
+        tmp_path: Path) -> None:
+    """A group SIGTERM while the learner started, under load, ended the local Ray's raylet or control store while the
+    driver was inside a call to Ray that never returned (its KeyboardInterrupt lost): the process waited 60 s, Ray's
+    core ended it with exit 1, and the run's Redis keys stayed. Here the driver swallows its interrupt and the
+    raylet is killed: the deadline does the run's last-resort work, kills the Ray and ends the process with 130."""
+    script = (
+        "import os, signal, sys, time\n"
+        "import ray\n"
+        "from refine.config import RunConfig\n"
+        "from refine.runtime import sigterm_as_ctrl_c\n"
+        "from services.ray_runtime import ray_for_run\n"
+        "config = RunConfig()\n"
+        "config.service.metrics_discovery_dir = sys.argv[1]\n"
+        "with sigterm_as_ctrl_c(), ray_for_run(config, None) as cluster:\n"
+        "    cluster.last_resort.append(lambda: print('last resort', flush=True))\n"
+        "    node = ray._private.worker._global_node\n"
+        "    node.all_processes['raylet'][0].process.kill()\n"
+        "    signalled = False\n"
+        "    while True:\n"  # a call that never returns, and a KeyboardInterrupt that never reaches the run
+        "        try:\n"
+        "            if not signalled:\n"
+        "                signalled = True\n"
+        "                os.kill(os.getpid(), signal.SIGTERM)\n"
+        "            time.sleep(1000)\n"
+        "        except KeyboardInterrupt:\n"
+        "            print('stuck', flush=True)\n"
+    )
+    driver = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, cwd=CHECKOUT, start_new_session=True)
+    try:
+        output, _ = driver.communicate(timeout=240)
+        deadline = time.monotonic() + 15
+        while (left := _session_processes(driver.pid)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        for process in _session_processes(driver.pid):
+            process.kill()
+    assert (driver.returncode, left) == (130, []), output[-3000:]
+    assert output.index("stuck") < output.index("last resort") < output.index("refine: interrupted: the run's local "
+                                                                             "Ray ended with the signal"), output
+
+
 def _session_processes(session: int) -> list[psutil.Process]:
     found = []
     for process in psutil.process_iter():
