@@ -146,15 +146,32 @@ KEPT_NAME = re.compile(r"step-(\d{8,})")  # checkpoints/step-NNNNNNNN: a kept ch
 @contextmanager
 def _staged(staging: Path, failure: Callable[[str], str]) -> Iterator[None]:
     """A checkpoint written into folder `staging`: a failure removes what it staged, and a write the file system
-    refused (a full disk, a file too large) becomes one RunWriteError, `failure(the refusal's reason)`."""
+    refused (a full disk, a file too large) becomes one RunWriteError, `failure(the refusal's reason)`, and one a
+    Ctrl-C stopped is a KeyboardInterrupt again."""
     try:
         yield
     except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
+        if not isinstance(error, KeyboardInterrupt) and _interrupted(error):
+            # torch.save's zip writer, its write stopped by a Ctrl-C, fails again on closing ("unexpected pos"): that
+            # RuntimeError, raised in place of the Ctrl-C, would end the command with a traceback and exit 1.
+            raise KeyboardInterrupt from error
         cause = file_system_error(error)
         if cause is None:
             raise
         raise RunWriteError(failure(_reason(cause))) from None
+
+
+def _interrupted(error: BaseException) -> bool:
+    """Whether a KeyboardInterrupt is among the errors that `error` was raised from or while handling."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, KeyboardInterrupt):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def step_checkpoints(folder: Path) -> list[Path]:

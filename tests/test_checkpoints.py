@@ -251,6 +251,40 @@ def test_a_checkpoint_is_replaced_whole_or_not_at_all(tmp_path):
     assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["latest"]
 
 
+def test_a_ctrl_c_inside_torch_save_stops_as_a_ctrl_c_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """torch.save's zip writer turns a Ctrl-C in its write into "RuntimeError: ... unexpected pos": without the
+    KeyboardInterrupt restored, a second Ctrl-C during a checkpoint ended `refine train` with exit 1 and a torch
+    traceback instead of exit 130 and "refine: interrupted"."""
+    import io
+
+    import refine.checkpoints
+
+    config = _config(tmp_path, "ntp")
+    model, tokenizer = prepare_model(config), run_tokenizer(config)
+    optimizer, generator = make_optimizer(model, config.optim), torch.Generator()
+    save_run_checkpoint(tmp_path, model, optimizer, RunPosition(2, 4, 1), generator, tokenizer)
+
+    class CtrlCWhileWriting(io.FileIO):
+        writes = 0
+
+        def write(self, data) -> int:
+            CtrlCWhileWriting.writes += 1
+            if CtrlCWhileWriting.writes == 3:  # in the middle of trainer.pt, as a signal handler raises it
+                raise KeyboardInterrupt
+            return super().write(data)
+
+    monkeypatch.setattr(refine.checkpoints, "open", CtrlCWhileWriting, raising=False)  # save_checkpoint's open
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        save_run_checkpoint(tmp_path, model, optimizer, RunPosition(3, 6, 1), generator, tokenizer)
+    assert type(stopped.value) is KeyboardInterrupt
+    assert isinstance(stopped.value.__cause__, RuntimeError)  # torch did convert it: what the fix undoes
+    assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["latest"]
+    monkeypatch.undo()
+    resumed = prepare_model(config)
+    assert resume_from(tmp_path, True, resumed, make_optimizer(resumed, config.optim), torch.Generator(), "refine",
+                       tokenizer) == RunPosition(2, 4, 1)
+
+
 def test_a_resume_trains_with_the_configs_optimizer_settings_and_the_checkpoints_moments(tmp_path):
     """config.yaml says what the resumed run trains with: a lower lr given at resume is the one used."""
     train(_config(tmp_path, "ntp", steps=2, extra=("optim.lr=0.01",)), progress=False)
