@@ -41,13 +41,16 @@ def runs_locally(mode: str, args: argparse.Namespace) -> bool:
     return args.local or mode in ("ntp", "reference")
 
 
-def run_training(config: RunConfig, args: argparse.Namespace, resume_command: list[str] | None = None) -> dict:
+def run_training(config: RunConfig, args: argparse.Namespace, resume_command: list[str] | None = None,
+                 job_stage: bool = False) -> dict:
     """One training run: the single-process loop with --local, else the distributed service. `resume_command`:
-    what a stop (Ctrl-C, SIGTERM) says goes on (default: the run's own `refine train CONFIG --resume`)."""
+    what a stop (Ctrl-C, SIGTERM) says goes on (default: the run's own `refine train CONFIG --resume`);
+    `job_stage`: the run is a stage of the main job, which a stop during its last step ends too (refine.loop)."""
     if runs_locally(config.train.mode, args):
         from refine.loop import train
 
-        return train(config, resume=args.resume, progress=not args.no_progress, resume_command=resume_command)
+        return train(config, resume=args.resume, progress=not args.no_progress, resume_command=resume_command,
+                     job_stage=job_stage)
     from services.orchestrator import run  # whose first check, before Ray and Redis start, is the reward's
 
     return run(config, resume=args.resume, progress=not args.no_progress, ray_address=args.ray_address,
@@ -147,7 +150,8 @@ def _train(args: argparse.Namespace) -> int:
         # Only the service's disaggregated reward replicas decode text for a text reward.
         decodes_text = on_service and config.service.mode == "disaggregated"
         resume_command = main_job_resume_command(args, config)
-        report = run_comparison(config, lambda stage: run_training(as_trained(stage, args), args, resume_command),
+        report = run_comparison(config, lambda stage: run_training(as_trained(stage, args), args, resume_command,
+                                                                   job_stage=True),
                                 decodes_text=decodes_text, resume=args.resume)
         print(json.dumps({"out_dir": absolute_out_dir(config), "wall_seconds": report["wall_seconds"]}))
         return 0

@@ -158,7 +158,7 @@ def stop_requests(desc: str) -> Iterator[Callable[[], bool]]:
 def run_steps(config: RunConfig, model: FastWeightLM, optimizer: torch.optim.Optimizer, generator: torch.Generator,
               tokenizer: Tokenizer, next_batch: Callable[[int], StepBatch], start: RunPosition, desc: str,
               shown: tuple[str, ...], progress: bool, resume_command: list[str],
-              evaluate: Callable[[], dict[str, float]] | None = None) -> dict[str, float]:
+              evaluate: Callable[[], dict[str, float]] | None = None, job_stage: bool = False) -> dict[str, float]:
     """Steps `start.step + 1 .. config.train.steps`, each one batch, `next_batch(cursor)`, trained by its
     `update` (one or more optimizer steps: see RunPosition): a metrics.jsonl row every `log_every` steps (and
     the last), a checkpoint every `checkpoint_every` steps and at the end, then the plots; the progress bar
@@ -167,7 +167,9 @@ def run_steps(config: RunConfig, model: FastWeightLM, optimizer: torch.optim.Opt
 
     Ctrl-C or SIGTERM ends the run after the step under way (see stop_requests) as it ends at train.steps (that
     step's row and a checkpoint), then raises RunInterrupted, having said that `resume_command` (the run's command
-    line, with --resume) goes on."""
+    line, with --resume) goes on. A stop asked during the last step ends a run on its own as finished (its work is
+    done), but a `job_stage` (one stage of the main job) with RunInterrupted too: the job must not go on to its next
+    stage."""
     out_dir = Path(config.train.out_dir)
     metrics_path = out_dir / "metrics.jsonl"
     position = start  # replaced, not changed, after each step
@@ -223,7 +225,7 @@ def run_steps(config: RunConfig, model: FastWeightLM, optimizer: torch.optim.Opt
         unplotted = plot_run(out_dir)
         if unplotted is not None:
             note(f"{desc}: {unplotted}")
-    if position.step < config.train.steps:
+    if position.step < config.train.steps or (job_stage and stop_requested()):
         note(f"{desc}: {interrupted_message(position.step, config.train.steps, resume_command, config)}")
         raise RunInterrupted
     return last
@@ -278,16 +280,18 @@ def first_batch_read(config: RunConfig, tokenizer: Tokenizer, start_cursor: int)
     return itertools.chain([first], batches)
 
 
-def train(config: RunConfig, resume: bool = False, progress: bool = True,
-          resume_command: list[str] | None = None) -> dict[str, float]:
+def train(config: RunConfig, resume: bool = False, progress: bool = True, resume_command: list[str] | None = None,
+          job_stage: bool = False) -> dict[str, float]:
     """Run `config.train.steps` steps; returns the last step's stats. A stop (Ctrl-C, SIGTERM) says that
-    `resume_command` goes on (default: `refine train OUT_DIR/config.yaml --local --resume`). torch's global
+    `resume_command` goes on (default: `refine train OUT_DIR/config.yaml --local --resume`); a `job_stage` (of the
+    main job) raises RunInterrupted for a stop asked during its last step too (see run_steps). torch's global
     generator and thread count are the caller's again afterwards."""
     with callers_torch_state_kept(config.train.device):
-        return _train(config, resume, progress, resume_command)
+        return _train(config, resume, progress, resume_command, job_stage)
 
 
-def _train(config: RunConfig, resume: bool, progress: bool, resume_command: list[str] | None) -> dict[str, float]:
+def _train(config: RunConfig, resume: bool, progress: bool, resume_command: list[str] | None,
+           job_stage: bool) -> dict[str, float]:
     if config.demo is not None:  # its stages' steps and rates are in the demo section, which one run does not read
         raise ValueError("the config has a demo section: it describes the main job, NTP then REFINE vs NTP "
                          "(refine.experiment.run_comparison, as `refine train` runs it); train() trains one run: set "
@@ -342,4 +346,4 @@ def _train(config: RunConfig, resume: bool, progress: bool, resume_command: list
                                             "--resume"]
         return run_steps(config, model, optimizer, generator, tokenizer, next_batch, start,
                          desc=f"train[{config.train.mode}]", shown=("loss", "reward_mean"), progress=progress,
-                         resume_command=resume_command, evaluate=evaluate)
+                         resume_command=resume_command, evaluate=evaluate, job_stage=job_stage)

@@ -66,6 +66,36 @@ def test_a_fresh_main_job_starts_every_stage_over_and_a_resume_keeps_the_branche
     assert "removed the earlier run's checkpoints of pretrain, refine, ntp and comparison.json" in capsys.readouterr().err
 
 
+def test_a_stop_during_a_stages_last_step_ends_the_main_job_before_its_next_stage(tmp_path, monkeypatch, capfd,
+                                                                                  ctrl_c):
+    """The stage had trained all its steps, so its loop ended without RunInterrupted: the main job acknowledged the
+    stop, then started Ray, trained both branches and evaluated them, and exited 0."""
+    import signal
+
+    from test_loop import _signalled_at
+
+    from refine.checkpoints import read_trainer_state
+    from refine.loop import RunInterrupted
+
+    config = load_config(Path(__file__).parents[1] / "configs" / "demo.yaml", [f"train.out_dir={tmp_path}", *SHRUNK])
+    started = []
+
+    def stage_trainer(stage, resume: bool = False):
+        started.append(Path(stage.train.out_dir).name)
+        return train(stage, resume=resume, progress=False, job_stage=True)
+
+    _signalled_at(monkeypatch, 3, [signal.SIGINT])  # during the pre-training's last step (demo.pretrain_steps=3)
+    with pytest.raises(RunInterrupted):
+        run_comparison(config, stage_trainer)
+    assert started == ["pretrain"]
+    assert read_trainer_state(tmp_path / "pretrain" / "checkpoints" / "latest" / "trainer.pt")["step"] == 3
+    assert "interrupted at step 3 of train.steps=3; resume with" in capfd.readouterr().err
+    monkeypatch.undo()
+    report = run_comparison(config, lambda stage: stage_trainer(stage, resume=True), resume=True)
+    assert started == ["pretrain", "pretrain", "refine", "ntp"]  # the resume goes on with the next stages
+    assert [row["steps"] for row in report["rows"].values()] == [3, 5, 5]
+
+
 def test_every_stage_uses_the_comparisons_tokenizer(tmp_path):
     write_bpe_tokenizer(tmp_path / "tok")
     tokenizer = load_tokenizer(tmp_path / "tok")
@@ -111,8 +141,12 @@ def test_held_out_documents_too_long_for_data_seq_len_fail_before_anything_train
     assert stages == []
 
 
+# Ctrl-C in the REFINE branch's first step, after 3 of pre-training; or in the pre-training's last step, which ends
+# the main job too (the command's stages are job stages: it must not start the next one).
+@pytest.mark.parametrize("ctrl_c_at, stopped_at", [(4, "step 1 of train.steps=2"), (3, "step 3 of train.steps=3")])
 def test_a_stopped_main_job_prints_its_own_command_which_goes_on_from_each_stages_checkpoint(tmp_path, capsys,
-                                                                                             monkeypatch, ctrl_c):
+                                                                                             monkeypatch, ctrl_c,
+                                                                                             ctrl_c_at, stopped_at):
     import os
     import re
     import shlex
@@ -130,7 +164,7 @@ def test_a_stopped_main_job_prints_its_own_command_which_goes_on_from_each_stage
     def step_then_ctrl_c(*args, **kwargs):
         taken.append(1)
         result = real(*args, **kwargs)
-        if len(taken) == 4:  # the REFINE branch's first step, after 3 of pre-training
+        if len(taken) == ctrl_c_at:
             os.kill(os.getpid(), signal.SIGINT)
         return result
 
@@ -138,7 +172,7 @@ def test_a_stopped_main_job_prints_its_own_command_which_goes_on_from_each_stage
     argv = ["train", str(demo), *[arg for item in sets for arg in ("--set", item)], "--local", "--no-progress"]
     assert main(argv) == 130
     err = capsys.readouterr().err
-    command = shlex.split(re.search(r"interrupted at step 1 of train\.steps=2; resume with `(.+)`", err).group(1))
+    command = shlex.split(re.search(rf"interrupted at {re.escape(stopped_at)}; resume with `(.+)`", err).group(1))
     assert command == ["refine", "train", str(demo), *argv[2:-2], "--local", "--resume"]  # out_dir is absolute
     monkeypatch.undo()
     assert main(command[1:] + ["--no-progress"]) == 0
