@@ -54,7 +54,7 @@ def run_training(config: RunConfig, args: argparse.Namespace, resume_command: li
     from services.orchestrator import run  # whose first check, before Ray and Redis start, is the reward's
 
     return run(config, resume=args.resume, progress=not args.no_progress, ray_address=args.ray_address,
-               redis_url=args.redis_url, resume_command=resume_command)
+               redis_url=args.redis_url, resume_command=resume_command, job_stage=job_stage)
 
 
 def as_trained(stage: RunConfig, args: argparse.Namespace) -> RunConfig:

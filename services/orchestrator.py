@@ -184,13 +184,14 @@ def _absolute_paths(config: RunConfig) -> RunConfig:
 
 
 def run(config: RunConfig, resume: bool = False, progress: bool = True, ray_address: str | None = None,
-        redis_url: str | None = None, resume_command: list[str] | None = None) -> Stats:
+        redis_url: str | None = None, resume_command: list[str] | None = None, job_stage: bool = False) -> Stats:
     """Train with the distributed service; returns the learner's last step stats.
 
     Ray: `ray_address`, else `config.service.ray_address`, else RAY_ADDRESS, else a local Ray (an
     already initialized Ray is used as it is). Redis: `redis_url`, else `config.service.redis_url`,
     else REFINE_REDIS_URL, else an embedded server for this run. A stop (Ctrl-C, SIGTERM) says that
-    `resume_command` goes on (default: `refine train OUT_DIR/config.yaml --resume`).
+    `resume_command` goes on (default: `refine train OUT_DIR/config.yaml --resume`); a `job_stage` (of the main job)
+    raises RunInterrupted for a stop asked during its last step too (refine.loop.run_steps does the same).
     """
     check_service_config(config)
     config = _absolute_paths(with_service_train_mode(config))  # config.yaml says what the service trains
@@ -224,7 +225,7 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True, ray_addr
     with (run_directory_lock(out_dir, "refine train (service)"), ray_for_run(config, plan.address) as cluster,
           redis_for_run(plan.redis_url, cluster) as url):
         orchestrator = Orchestrator(config, tokenizer, url, namespace_for(config, out_dir), resume=resume,
-                                    progress=progress, resume_command=resume_command,
+                                    progress=progress, resume_command=resume_command, job_stage=job_stage,
                                     ray_is_the_runs=cluster.started_here)
         cluster.last_resort.append(orchestrator.abandon)
         return orchestrator.run()
@@ -263,8 +264,10 @@ class Member:
 
 class Orchestrator:
     def __init__(self, config: RunConfig, tokenizer: Tokenizer, redis_url: str, namespace: str, resume: bool,
-                 progress: bool, resume_command: list[str] | None = None, ray_is_the_runs: bool = False) -> None:
+                 progress: bool, resume_command: list[str] | None = None, ray_is_the_runs: bool = False,
+                 job_stage: bool = False) -> None:
         self.config = config
+        self.job_stage = job_stage  # a stage of the main job: a stop ends it even after its last step
         # A local Ray of the run's own goes with the run (ray_for_run shuts it down, its placement group with it).
         self.ray_is_the_runs = ray_is_the_runs
         self.tokenizer = tokenizer  # encodes the documents it publishes
@@ -370,7 +373,7 @@ class Orchestrator:
                 self.learner_future = self.learner.run.remote()
                 self._loop()
                 result = self._finish()
-                if self.stopping and int(result.get("step", 0) or 0) < self.config.train.steps:
+                if self._stopped_early(int(result.get("step", 0) or 0)):
                     # Ctrl-C or SIGTERM: it stopped cleanly, but did not finish; the command must not say it did.
                     self._write_line(interrupted_message(int(result.get("step", 0) or 0), self.config.train.steps,
                                                          self.resume_command))
@@ -932,6 +935,11 @@ class Orchestrator:
                 raise ServiceError(f"learner rank {rank} failed: {describe_failure(exc)}") from exc
             if replica["weights_digest"] != result.get("weights_digest"):
                 raise ServiceError(f"learner rank {rank} ended with weights that differ from rank 0's")
+
+    def _stopped_early(self, step: int) -> bool:
+        """Whether a stop (Ctrl-C, SIGTERM) ends the command as interrupted: before train.steps, or, for a stage of
+        the main job, at any step (the job must not go on to its next stage)."""
+        return self.stopping and (step < self.config.train.steps or self.job_stage)
 
     def _stop_grace_s(self) -> float:
         """How long the run's end waits for an actor to return (see SIGNALLED_STOP_GRACE_S)."""

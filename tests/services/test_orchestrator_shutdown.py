@@ -156,3 +156,19 @@ def test_after_a_sigterm_a_local_rays_actors_are_waited_for_briefly(tmp_path, re
             assert (expected < 60) == ray_is_the_runs
     finally:
         orchestrator.client.close()
+
+
+@pytest.mark.parametrize("job_stage", [False, True], ids=["own_run", "main_job_stage"])
+def test_a_stop_during_the_last_step_ends_a_main_job_stage_as_interrupted(tmp_path, redis_url, namespace, job_stage):
+    """A stop asked during a service run's last step finished that run as done (its work is), and the main job then
+    trained its next stage: a stage of the main job stops as interrupted, as its local stages do (refine.loop)."""
+    config = load_config("configs/service_tiny.yaml", [f"train.out_dir={tmp_path / 'run'}", "train.steps=5",
+                                                       f"service.metrics_discovery_dir={tmp_path / 'prometheus'}"])
+    orchestrator = Orchestrator(config, None, redis_url, namespace, resume=False, progress=False, job_stage=job_stage)
+    try:
+        assert not orchestrator._stopped_early(3)  # no stop asked
+        orchestrator.stopping = True
+        assert orchestrator._stopped_early(4)
+        assert orchestrator._stopped_early(5) == job_stage
+    finally:
+        orchestrator.client.close()
