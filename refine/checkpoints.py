@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from refine.config import RunConfig
-from refine.files import file_system_error, sync_directory, sync_tree
+from refine.files import error_chain, file_system_error, sync_directory, sync_tree
 from refine.models import FastWeightLM, load_model, load_model_config, save_model
 from refine.runtime import note
 from refine.tokenizer import Tokenizer, same_tokenizer, save_tokenizer_files, tokenizer_name
@@ -152,7 +152,8 @@ def _staged(staging: Path, failure: Callable[[str], str]) -> Iterator[None]:
         yield
     except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
-        if not isinstance(error, KeyboardInterrupt) and _interrupted(error):
+        interrupted = any(isinstance(earlier, KeyboardInterrupt) for earlier in error_chain(error))
+        if interrupted and not isinstance(error, KeyboardInterrupt):
             # torch.save's zip writer, its write stopped by a Ctrl-C, fails again on closing ("unexpected pos"): that
             # RuntimeError, raised in place of the Ctrl-C, would end the command with a traceback and exit 1.
             raise KeyboardInterrupt from error
@@ -160,18 +161,6 @@ def _staged(staging: Path, failure: Callable[[str], str]) -> Iterator[None]:
         if cause is None:
             raise
         raise RunWriteError(failure(_reason(cause))) from None
-
-
-def _interrupted(error: BaseException) -> bool:
-    """Whether a KeyboardInterrupt is among the errors that `error` was raised from or while handling."""
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, KeyboardInterrupt):
-            return True
-        current = current.__cause__ or current.__context__
-    return False
 
 
 def step_checkpoints(folder: Path) -> list[Path]:

@@ -6,6 +6,7 @@ import errno
 import os
 import re
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -109,18 +110,24 @@ def file_system_error(error: BaseException) -> OSError | None:
     itself, the OSError that torch.save met writing to a Python file (its RuntimeError only says "unexpected
     pos"; the OSError is in its context), or the one that safetensors' Rust code puts in its message
     ("I/O error: ... (os error 28)"). None for a failure of another kind."""
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
+    for current in error_chain(error):
         if isinstance(current, OSError):
             return current
         match = _RUST_OS_ERROR.search(str(current))
         if match:
             number = int(match.group(1))
             return OSError(number, os.strerror(number))
-        current = current.__cause__ or current.__context__
     return None
+
+
+def error_chain(error: BaseException) -> Iterator[BaseException]:
+    """`error`, then the errors it was raised from or while handling (its cause, else its context), each once."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
 
 
 def sync_tree(path: Path) -> None:

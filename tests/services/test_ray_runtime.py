@@ -374,18 +374,8 @@ def test_a_sigterm_to_the_drivers_process_group_ends_its_local_ray_wholly(tmp_pa
         "        time.sleep(5)\n"
         "sys.exit(command_exit(130))\n"
     )
-    driver = subprocess.Popen([sys.executable, "-c", script, str(tmp_path), signalled], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, cwd=CHECKOUT, start_new_session=True)
-    try:
-        output, _ = driver.communicate(timeout=240)
-        # Ray's own processes stay in the driver's session (its workers each get a process group of their own).
-        deadline = time.monotonic() + 15
-        while (left := _session_processes(driver.pid)) and time.monotonic() < deadline:
-            time.sleep(0.2)
-    finally:
-        for process in _session_processes(driver.pid):
-            process.kill()
-    assert (driver.returncode, left) == (130, []), output[-3000:]
+    code, output, left = _run_driver(script, str(tmp_path), signalled)
+    assert (code, left) == (130, []), output[-3000:]
     assert "started" in output and "stopping" in output
 
 
@@ -417,8 +407,17 @@ def test_a_driver_stuck_after_a_sigterm_ended_its_local_ray_is_ended_after_the_l
         "        except KeyboardInterrupt:\n"
         "            print('stuck', flush=True)\n"
     )
-    driver = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, cwd=CHECKOUT, start_new_session=True)
+    code, output, left = _run_driver(script, str(tmp_path))
+    assert (code, left) == (130, []), output[-3000:]
+    assert output.index("stuck") < output.index("last resort") < output.index("refine: interrupted: the run's local "
+                                                                             "Ray ended with the signal"), output
+
+
+def _run_driver(script: str, *args: str) -> tuple[int, str, list[psutil.Process]]:
+    """Run `script` as a driver in a session of its own: its exit code, its output, and the processes left in its
+    session once it ended (Ray's own stay there; its workers each get a process group of their own), killed after."""
+    driver = subprocess.Popen([sys.executable, "-c", script, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, cwd=CHECKOUT, start_new_session=True)
     try:
         output, _ = driver.communicate(timeout=240)
         deadline = time.monotonic() + 15
@@ -427,9 +426,9 @@ def test_a_driver_stuck_after_a_sigterm_ended_its_local_ray_is_ended_after_the_l
     finally:
         for process in _session_processes(driver.pid):
             process.kill()
-    assert (driver.returncode, left) == (130, []), output[-3000:]
-    assert output.index("stuck") < output.index("last resort") < output.index("refine: interrupted: the run's local "
-                                                                             "Ray ended with the signal"), output
+        driver.kill()
+        driver.wait()
+    return driver.returncode, output, left
 
 
 def _session_processes(session: int) -> list[psutil.Process]:
