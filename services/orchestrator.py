@@ -373,10 +373,10 @@ class Orchestrator:
                 self.learner_future = self.learner.run.remote()
                 self._loop()
                 result = self._finish()
-                if self._stopped_early(int(result.get("step", 0) or 0)):
+                step = int(result.get("step", 0) or 0)
+                if self._stopped_early(step):
                     # Ctrl-C or SIGTERM: it stopped cleanly, but did not finish; the command must not say it did.
-                    self._write_line(interrupted_message(int(result.get("step", 0) or 0), self.config.train.steps,
-                                                         self.resume_command))
+                    self._write_line(interrupted_message(step, self.config.train.steps, self.resume_command))
                     raise RunInterrupted
                 return result
             except RunInterrupted:

@@ -283,13 +283,18 @@ def _shutdown_local_ray() -> None:
     of that Ray is killed instead (`_kill_local_ray`), and the command ends without the interpreter's finalization,
     where Ray's client, never shut down, would crash (refine.runtime.command_exit)."""
     node = getattr(ray._private.worker, "_global_node", None)
-    gcs = [] if node is None else node.all_processes.get(ray._private.ray_constants.PROCESS_TYPE_GCS_SERVER, [])
-    if node is not None and (sigterm_received() or (gcs and all(info.process.poll() is not None for info in gcs))):
+    if node is not None and (sigterm_received() or _exited(node, ray._private.ray_constants.PROCESS_TYPE_GCS_SERVER)):
         _kill_local_ray(node)
         atexit.unregister(ray._private.worker.shutdown)
         end_without_finalizing()
         return
     ray.shutdown()
+
+
+def _exited(node: Any, *kinds: str) -> bool:
+    """Whether a process of one of `kinds` (Ray's process types: gcs_server, raylet) that local Ray `node` started
+    has exited."""
+    return any(info.process.poll() is not None for kind in kinds for info in node.all_processes.get(kind, []))
 
 
 def _kill_local_ray(node: Any) -> None:
@@ -332,16 +337,12 @@ class _SignalledRayDeadline:
         self.done.set()  # the run's own end goes on from here (_shutdown_local_ray)
         self.thread.join()
 
-    def _core_gone(self) -> bool:
-        return any(info.process.poll() is not None for kind in (ray._private.ray_constants.PROCESS_TYPE_GCS_SERVER,
-                                                                   ray._private.ray_constants.PROCESS_TYPE_RAYLET)
-                   for info in self.node.all_processes.get(kind, []))
-
     def _watch(self) -> None:
         gone_at = None
         while not self.done.wait(SIGNALLED_RAY_POLL_S):
             if gone_at is None:
-                if sigterm_received() and self._core_gone():
+                if sigterm_received() and _exited(self.node, ray._private.ray_constants.PROCESS_TYPE_GCS_SERVER,
+                                                  ray._private.ray_constants.PROCESS_TYPE_RAYLET):
                     gone_at = time.monotonic()
             elif time.monotonic() - gone_at > SIGNALLED_RAY_DEADLINE_S:
                 self._abandon()
