@@ -232,30 +232,9 @@ def ray_for_run(config: RunConfig, address: str | None) -> Iterator[RayCluster]:
     keep_sigterm = _sigterm_keeper()
     try:
         if not ray.is_initialized():
-            if connects:
-                try:
-                    ray.init(address=str(address), log_to_driver=True)
-                except ConnectionError as exc:  # something listens there, but no Ray cluster answered
-                    raise ValueError(f"Ray at {str(address)!r} ({address_source(address)}): {exc}") from None
-                except ValueError as exc:  # Ray's own refusal of the form: "Invalid address format: garbage"
-                    reason = " ".join(str(exc).split())
-                    hint = f"; give {RAY_ADDRESS_FORMS}" if "address" in reason.lower() else ""
-                    raise ValueError(f"Ray address {str(address)!r} ({address_source(address)}): "
-                                     f"{reason}{hint}") from None
-            else:
-                ray.init(
-                    # "local": a Ray of this run's own, even where another user's `ray start --head` left its
-                    # address in /tmp/ray (ray.init() would join that cluster, which refuses num_cpus).
-                    address="local",
-                    num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)),
-                    include_dashboard=False,
-                    object_store_memory=LOCAL_OBJECT_STORE_BYTES,
-                    log_to_driver=True,
-                )
-            started = True
-    finally:  # a failed ray.init may have replaced it too
-        keep_sigterm()
-    try:
+            with _signals_held_back():  # a stop that came meanwhile is raised here, with the Ray started stopped below
+                _start_ray(address, connects, needed)
+                started = True
         available = float(ray.cluster_resources().get("CPU", 0.0))
         if available < needed:
             raise ValueError(
@@ -273,6 +252,87 @@ def ray_for_run(config: RunConfig, address: str | None) -> Iterator[RayCluster]:
         if started:
             _shutdown_local_ray()
         keep_sigterm()
+
+
+def _start_ray(address: str | None, connects: bool, cpus: float) -> None:
+    """ray.init: connected to `address` when `connects`, else a local Ray of the run's own with `cpus` CPUs or more."""
+    if not connects:
+        ray.init(
+            # "local": a Ray of this run's own, even where another user's `ray start --head` left its
+            # address in /tmp/ray (ray.init() would join that cluster, which refuses num_cpus).
+            address="local",
+            num_cpus=max(os.cpu_count() or 1, int(cpus + 0.999)),
+            include_dashboard=False,
+            object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+            log_to_driver=True,
+        )
+        return
+    try:
+        ray.init(address=str(address), log_to_driver=True)
+    except ConnectionError as exc:  # something listens there, but no Ray cluster answered
+        raise ValueError(f"Ray at {str(address)!r} ({address_source(address)}): {exc}") from None
+    except ValueError as exc:  # Ray's own refusal of the form: "Invalid address format: garbage"
+        reason = " ".join(str(exc).split())
+        hint = f"; give {RAY_ADDRESS_FORMS}" if "address" in reason.lower() else ""
+        raise ValueError(f"Ray address {str(address)!r} ({address_source(address)}): {reason}{hint}") from None
+
+
+@contextmanager
+def _signals_held_back() -> Iterator[None]:
+    """While ray.init runs: Ctrl-C noted and raised once it returned; SIGTERM ends the process at once, with the
+    processes of the Ray being started.
+
+    ray.init puts in its own SIGTERM handler, which exits with 15 at once (no line, some of the Ray's processes
+    left), and whose SystemExit, raised inside the logging module's at-fork hook while Ray starts its processes, is
+    dropped: the signal was lost and the run trained on to its end. A KeyboardInterrupt there is dropped the same
+    way, hence Ctrl-C is held back. A SIGTERM is not: sent to the whole process group (`timeout`, systemd, Slurm)
+    it also ends the Ray's first processes, and ray.init then waits 60 s for them before Ray's core ends the process.
+    Nothing of the run began yet (no actor, no Redis key). A no-op off the main thread; a signal this process
+    ignores, or whose handler was set outside Python, keeps it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    kept = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    held = [signum for signum, handler in kept.items() if handler not in (None, signal.SIG_IGN)]
+    older = {process.pid for process in psutil.Process().children(recursive=True)}
+    ctrl_c = threading.Event()
+
+    def end_ray_start(signum: int, frame: object) -> None:  # in a thread: the main one may hold stderr's lock
+        threading.Thread(target=_end_ray_start, args=(older, kept[signal.SIGTERM]), daemon=True).start()
+
+    handlers = {signal.SIGTERM: end_ray_start, signal.SIGINT: lambda signum, frame: ctrl_c.set()}
+    for signum in held:
+        signal.signal(signum, handlers[signum])
+    set_sigterm_handler = ray._private.utils.set_sigterm_handler
+    ray._private.utils.set_sigterm_handler = lambda handler: None  # ray.init's, which would replace ours
+    try:
+        yield
+    finally:
+        ray._private.utils.set_sigterm_handler = set_sigterm_handler
+        for signum in held:
+            signal.signal(signum, kept[signum])
+        if ctrl_c.is_set():
+            kept[signal.SIGINT](signal.SIGINT, None)
+
+
+def _end_ray_start(older: set[int], handler: Any) -> None:
+    """Kill the processes this one started since `older` (those of the Ray being started), then end as SIGTERM ends
+    it: by the signal where it has no handler, else as a stopped command (exit 130)."""
+    started = [process for process in psutil.Process().children(recursive=True) if process.pid not in older]
+    for process in started:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(started, timeout=LOCAL_RAY_KILL_WAIT_S)  # reaps those that are this process's children
+    if handler is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.raise_signal(signal.SIGTERM)
+    try:
+        print("refine: interrupted while Ray started: the run had not begun", file=sys.stderr)
+    except (OSError, ValueError):  # no stderr left: the exit code says it
+        pass
+    command_exit_now(130)
 
 
 def _shutdown_local_ray() -> None:

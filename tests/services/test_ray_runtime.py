@@ -379,6 +379,44 @@ def test_a_sigterm_to_the_drivers_process_group_ends_its_local_ray_wholly(tmp_pa
     assert "started" in output and "stopping" in output
 
 
+@pytest.mark.parametrize("signalled", ["SIGTERM to the group", "SIGTERM to the driver", "SIGINT to the driver"])
+def test_a_stop_while_ray_starts_ends_the_driver_and_every_process_of_that_ray(tmp_path: Path, signalled: str) -> None:
+    """ray.init put in a SIGTERM handler that exited with 15 at once, leaving some of the Ray's processes, and whose
+    exception, raised in the logging module's at-fork hook, was dropped: the run trained on to its end. A group
+    SIGTERM also ended the Ray's first processes, and ray.init waited 60 s for them. Here the signal comes once the
+    raylet started: SIGTERM ends the driver at once with 130, Ctrl-C once ray.init returned, and no process of that
+    Ray is left."""
+    script = (
+        "import os, signal, sys\n"
+        "import ray._private.node\n"
+        "from refine.config import RunConfig\n"
+        "from refine.runtime import command_exit, sigterm_as_ctrl_c\n"
+        "from services.ray_runtime import ray_for_run\n"
+        "start_raylet = ray._private.node.Node.start_raylet\n"
+        "def start_raylet_then_signal(*args, **kwargs):\n"
+        "    start_raylet(*args, **kwargs)\n"
+        "    signum = signal.SIGINT if sys.argv[2].startswith('SIGINT') else signal.SIGTERM\n"
+        "    os.killpg(0, signum) if sys.argv[2].endswith('group') else os.kill(os.getpid(), signum)\n"
+        "ray._private.node.Node.start_raylet = start_raylet_then_signal\n"
+        "config = RunConfig()\n"
+        "config.service.metrics_discovery_dir = sys.argv[1]\n"
+        "with sigterm_as_ctrl_c():\n"
+        "    try:\n"
+        "        with ray_for_run(config, None):\n"
+        "            print('the run began', flush=True)\n"
+        "    except KeyboardInterrupt:\n"
+        "        print('interrupted', flush=True)\n"
+        "        sys.exit(command_exit(130))\n"
+    )
+    code, output, left = _run_driver(script, str(tmp_path), signalled)
+    assert (code, left) == (130, []), output[-3000:]
+    assert "the run began" not in output, output[-3000:]
+    if signalled.startswith("SIGTERM"):
+        assert "refine: interrupted while Ray started: the run had not begun" in output, output[-3000:]
+    else:
+        assert "interrupted" in output, output[-3000:]
+
+
 def test_a_driver_stuck_after_a_sigterm_ended_its_local_ray_is_ended_after_the_last_resort_work(
         tmp_path: Path) -> None:
     """A group SIGTERM while the learner started, under load, ended the local Ray's raylet or control store while the
