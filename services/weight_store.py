@@ -5,11 +5,14 @@ chunks below Redis' 512 MB value limit. A version becomes visible only after all
 written: the chunks go under a fresh blob id with an expiry, and one Lua script then checks that
 the version is newer than the latest, makes the chunks permanent, records the version and bumps
 the latest pointer. A crashed publish leaves nothing visible and its chunks expire. Only the last
-`keep_last` versions are kept.
+`keep_last` versions are kept. The record holds a sha256 digest of the bytes, and a fetch checks it: a chunk
+changed after publishing (same length, so safetensors would still parse it) is refused, not loaded as weights.
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
 import time
 import uuid
 from abc import ABC, abstractmethod
@@ -38,6 +41,7 @@ T = TypeVar("T")
 
 DEFAULT_CHUNK_BYTES = 64 * 1024 * 1024
 _REDIS_MAX_VALUE_BYTES = 512 * 1024 * 1024
+_DIGEST_PATTERN = re.compile(rb"sha256:[0-9a-f]{64}")
 
 
 class WeightStoreError(RuntimeError):
@@ -77,6 +81,12 @@ def state_dict_to_bytes(state_dict: Mapping[str, torch.Tensor]) -> bytes:
 
 def state_dict_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
     return safetensors_load(data)
+
+
+def _digest(data: bytes | memoryview) -> str:
+    """The digest a version record holds for its bytes, the algorithm named: "sha256:<64 hex digits>"."""
+    # sha256 over blake2b: OpenSSL's sha256 uses the CPU's SHA extensions, about 1.1 GB/s against 0.85 GB/s.
+    return f"sha256:{hashlib.sha256(data).hexdigest()}"
 
 
 def _number(value: bytes, what: str) -> int:
@@ -121,7 +131,7 @@ class WeightStore(ABC):
 
 
 # KEYS: latest, versions zset, meta hash of this version, then the chunk keys.
-# ARGV: version, blob id, chunk count, total bytes, publish time.
+# ARGV: version, blob id, chunk count, total bytes, digest of the bytes, publish time.
 _COMMIT_LUA = """
 local version = tonumber(ARGV[1])
 local latest = redis.call('GET', KEYS[1])
@@ -133,7 +143,8 @@ for i = 4, #KEYS do
     return redis.error_reply('MISSING chunk ' .. KEYS[i] .. ' expired before the commit')
   end
 end
-redis.call('HSET', KEYS[3], 'blob', ARGV[2], 'chunks', ARGV[3], 'bytes', ARGV[4], 'published_at', ARGV[5])
+redis.call('HSET', KEYS[3], 'blob', ARGV[2], 'chunks', ARGV[3], 'bytes', ARGV[4], 'digest', ARGV[5],
+           'published_at', ARGV[6])
 redis.call('ZADD', KEYS[2], version, ARGV[1])
 redis.call('SET', KEYS[1], ARGV[1])
 return 1
@@ -193,6 +204,7 @@ class RedisWeightStore(WeightStore):
         if latest is not None and version <= latest:
             raise WeightVersionError(f"version {version} is not newer than the latest version {latest}")
         data = memoryview(state_dict_to_bytes(state_dict))
+        digest = _digest(data)
         blob = uuid.uuid4().hex
         chunk_keys = []
         # One chunk per command: a pipeline of all chunks would buffer the whole model twice.
@@ -203,7 +215,7 @@ class RedisWeightStore(WeightStore):
         try:
             self._commit(
                 keys=[self._latest_key, self._versions_key, self._meta_key(version), *chunk_keys],
-                args=[version, blob, len(chunk_keys), len(data), f"{time.time():.6f}"],
+                args=[version, blob, len(chunk_keys), len(data), digest, f"{time.time():.6f}"],
             )
         except redis.ResponseError as exc:
             self.client.delete(*chunk_keys)
@@ -254,7 +266,7 @@ class RedisWeightStore(WeightStore):
         if record is None:
             available = self.versions()
             raise WeightVersionMissing(f"weight version {version} is not available (available: {available})")
-        blob, chunks, total = record
+        blob, chunks, total, digest = record
         parts = []
         for index in range(chunks):
             chunk_key = self._chunk_key(blob, index)
@@ -270,16 +282,23 @@ class RedisWeightStore(WeightStore):
         if len(data) != total:
             raise WeightStoreError(f"weight version {version} has {len(data)} bytes in its chunks "
                                    f"{self._chunk_key(blob, 0)!r}.., its record {meta_key!r} says {total}")
+        computed = _digest(data)
+        if computed != digest:
+            raise WeightStoreError(f"weight version {version}: its chunks {self._chunk_key(blob, 0)!r}.. have digest "
+                                   f"{computed}, its record {meta_key!r} says digest {digest} (the chunks changed "
+                                   f"after publishing)")
         return data
 
-    def _record(self, version: int) -> tuple[str, int, int] | None:
-        """(blob id, chunk count, total bytes) of `version`'s record, None when there is none; a WeightStoreError
-        naming the key when a field is missing or malformed."""
+    def _record(self, version: int, need_digest: bool = True) -> tuple[str, int, int, str] | None:
+        """(blob id, chunk count, total bytes, digest) of `version`'s record, None when there is none; a
+        WeightStoreError naming the key when a field is missing or malformed. Deleting a version needs no digest
+        (`need_digest=False`, digest ""): a record written before records held one can still be pruned."""
         key = self._meta_key(version)
         meta = self._redis(self.client.hgetall, key, "hash")
         if not meta:
             return None
-        missing = [field for field in ("blob", "chunks", "bytes") if field.encode() not in meta]
+        required = ("blob", "chunks", "bytes", "digest") if need_digest else ("blob", "chunks", "bytes")
+        missing = [field for field in required if field.encode() not in meta]
         if missing:
             raise WeightStoreError(f"weight version {version}'s record {key!r} has no field {', '.join(missing)} "
                                    f"(it has {sorted(field.decode(errors='replace') for field in meta)})")
@@ -297,7 +316,13 @@ class RedisWeightStore(WeightStore):
         if chunks > max(total, 1):
             raise WeightStoreError(f"weight version {version}'s record {key!r}: {chunks} chunks for {total} bytes "
                                    f"(each chunk holds at least one byte)")
-        return blob.decode(), chunks, total
+        if not need_digest:
+            return blob.decode(), chunks, total, ""
+        digest = meta[b"digest"]
+        if not _DIGEST_PATTERN.fullmatch(digest):
+            raise WeightStoreError(f"weight version {version}'s record {key!r}: digest {digest!r} is not a sha256 "
+                                   f"digest ('sha256:' and 64 lowercase hex digits)")
+        return blob.decode(), chunks, total, digest.decode()
 
     def _redis(self, command: Callable[[str], T], key: str, kind: str) -> T:
         """`command(key)`, with Redis' WRONGTYPE refusal named by the key (something else wrote there)."""
@@ -317,12 +342,12 @@ class RedisWeightStore(WeightStore):
             self._delete_version(version)
 
     def _delete_version(self, version: int) -> None:
-        record = self._record(version)
+        record = self._record(version, need_digest=False)
         pipe = self.client.pipeline(transaction=True)
         pipe.zrem(self._versions_key, str(version))
         pipe.delete(self._meta_key(version))
         if record is not None:
-            blob, chunks, _ = record
+            blob, chunks, _, _ = record
             pipe.delete(*[self._chunk_key(blob, i) for i in range(chunks)])
         pipe.execute()
 

@@ -1,5 +1,7 @@
-"""Versioned weights in a real Redis: chunked round trips, version order, pruning."""
+"""Versioned weights in a real Redis: chunked round trips, version order, pruning, the bytes' digest."""
 
+import hashlib
+import re
 import threading
 from typing import Any
 
@@ -13,6 +15,8 @@ from services.weight_store import (
     WeightStoreError,
     WeightVersionError,
     WeightVersionMissing,
+    state_dict_from_bytes,
+    state_dict_to_bytes,
 )
 
 
@@ -168,10 +172,25 @@ def chunk_keys(redis_client: redis.Redis, namespace: str) -> list[bytes]:
     return sorted(redis_client.keys(f"{namespace}:weights:blob:*"), key=lambda key: int(key.rsplit(b":", 1)[1]))
 
 
+def publish_other_bytes(redis_client: redis.Redis, namespace: str, fill: bytes) -> None:
+    """Version 1's chunks overwritten with `fill` bytes and its record's digest made to match them: bytes that are
+    not safetensors, published as if they were."""
+    keys = chunk_keys(redis_client, namespace)
+    for key in keys:
+        redis_client.set(key, fill * len(redis_client.get(key)))
+    data = b"".join(redis_client.get(key) for key in keys)
+    redis_client.hset(f"{namespace}:weights:meta:1", "digest", f"sha256:{hashlib.sha256(data).hexdigest()}")
+
+
 @pytest.mark.parametrize("damage,error", [
     (lambda c, ns: c.hdel(f"{ns}:weights:meta:1", "chunks"),
-     r"weight version 1's record '{ns}:weights:meta:1' has no field chunks \(it has \['blob', 'bytes', "
+     r"weight version 1's record '{ns}:weights:meta:1' has no field chunks \(it has \['blob', 'bytes', 'digest', "
      r"'published_at'\]\)"),
+    (lambda c, ns: c.hdel(f"{ns}:weights:meta:1", "digest"),
+     r"weight version 1's record '{ns}:weights:meta:1' has no field digest \(it has \['blob', 'bytes', 'chunks', "
+     r"'published_at'\]\)"),
+    (lambda c, ns: c.hset(f"{ns}:weights:meta:1", "digest", "md5:0123"),
+     r"weight version 1's record '{ns}:weights:meta:1': digest b'md5:0123' is not a sha256 digest"),
     (lambda c, ns: c.hdel(f"{ns}:weights:meta:1", "blob"),
      r"weight version 1's record '{ns}:weights:meta:1' has no field blob"),
     (lambda c, ns: c.hset(f"{ns}:weights:meta:1", "chunks", "three"),
@@ -188,7 +207,7 @@ def chunk_keys(redis_client: redis.Redis, namespace: str) -> list[bytes]:
     (lambda c, ns: c.delete(chunk_keys(c, ns)[2]),
      r"weight version 1: chunk '{ns}:weights:blob:\w+:2' \(3 of \d+\) is missing, though its record "
      r"'{ns}:weights:meta:1' lists it"),
-    (lambda c, ns: [c.set(key, b"x" * len(c.get(key))) for key in chunk_keys(c, ns)],
+    (lambda c, ns: publish_other_bytes(c, ns, b"x"),
      r"weight version 1 \(record '{ns}:weights:meta:1'\): its chunks do not make safetensors bytes: Error while "
      r"deserializing"),
     (lambda c, ns: c.set(chunk_keys(c, ns)[-1], b""),
@@ -196,8 +215,9 @@ def chunk_keys(redis_client: redis.Redis, namespace: str) -> list[bytes]:
      r"says \d+"),
     (lambda c, ns: (c.delete(f"{ns}:weights:meta:1"), c.set(f"{ns}:weights:meta:1", "x")),
      r"weight store key '{ns}:weights:meta:1' holds a Redis string, not a hash"),
-], ids=["no-chunks-field", "no-blob-field", "chunks-not-a-number", "negative-bytes", "zero-chunks",
-        "more-chunks-than-bytes", "bad-blob-id", "missing-chunk", "not-safetensors", "short-chunk", "record-not-a-hash"])
+], ids=["no-chunks-field", "no-digest-field", "digest-not-sha256", "no-blob-field", "chunks-not-a-number",
+        "negative-bytes", "zero-chunks", "more-chunks-than-bytes", "bad-blob-id", "missing-chunk", "not-safetensors",
+        "short-chunk", "record-not-a-hash"])
 def test_a_corrupt_version_record_or_chunk_names_the_key(
     redis_client: redis.Redis, namespace: str, damage, error: str
 ) -> None:
@@ -210,6 +230,62 @@ def test_a_corrupt_version_record_or_chunk_names_the_key(
             fetch()
         # Not a version that went missing (fetch would retry it, a worker would take it for a pruning race).
         assert not isinstance(info.value, WeightVersionMissing)
+
+
+def test_a_chunk_changed_after_publishing_is_refused_naming_both_digests(
+    redis_client: redis.Redis, namespace: str
+) -> None:
+    """Same-length bytes over a chunk (a flipped bit, an operator's SETRANGE) still parse as safetensors: a worker
+    loaded the wrong weights and said nothing."""
+    store = corrupt_store(redis_client, namespace)
+    meta_key = f"{namespace}:weights:meta:1"
+    published = f"sha256:{hashlib.sha256(state_dict_to_bytes(small_state(1))).hexdigest()}"
+    keys = chunk_keys(redis_client, namespace)
+    last = redis_client.get(keys[-1])
+    redis_client.setrange(keys[-1], len(last) - 1, bytes([last[-1] ^ 0x01]))  # a bit of the last tensor value
+    changed = b"".join(redis_client.get(key) for key in keys)
+    wrong = state_dict_from_bytes(changed)  # what a fetch returned: it parses, one value differs
+    assert set(wrong) == set(small_state(1)) and not all(torch.equal(wrong[n], small_state(1)[n]) for n in wrong)
+    computed = f"sha256:{hashlib.sha256(changed).hexdigest()}"
+    error = (f"weight version 1: its chunks {keys[0].decode()!r}.. have digest {computed}, its record {meta_key!r} "
+             f"says digest {published} (the chunks changed after publishing)")
+    for fetch in (store.fetch, lambda: store.fetch(1)):
+        with pytest.raises(WeightStoreError, match="^" + re.escape(error) + "$") as info:
+            fetch()
+        assert not isinstance(info.value, WeightVersionMissing)  # fetch does not retry it as a pruning race
+
+
+@pytest.mark.parametrize("state,chunk_bytes", [
+    ({}, 64),
+    (small_state(1), 64),
+    (small_state(1), 1024 * 1024),
+], ids=["empty", "multi-chunk", "one-chunk"])
+def test_the_record_holds_the_sha256_of_the_published_bytes(
+    redis_client: redis.Redis, namespace: str, state: dict[str, torch.Tensor], chunk_bytes: int
+) -> None:
+    store = RedisWeightStore(redis_client, namespace, chunk_bytes=chunk_bytes)
+    store.publish(state, 1)
+    data = state_dict_to_bytes(state)
+    record = redis_client.hgetall(f"{namespace}:weights:meta:1")
+    assert record[b"digest"] == f"sha256:{hashlib.sha256(data).hexdigest()}".encode()
+    assert int(record[b"chunks"]) == -(-len(data) // chunk_bytes) and int(record[b"bytes"]) == len(data)
+    for version, fetched in (store.fetch(), (1, store.fetch(1)[1])):
+        assert version == 1
+        assert_same(fetched, state)
+
+
+def test_a_record_without_a_digest_is_still_pruned_and_cleared(redis_client: redis.Redis, namespace: str) -> None:
+    """Deleting a version needs only its chunk keys: a record written before records held a digest does not stop
+    the publish that prunes it, nor the clear() of a reused namespace."""
+    store = RedisWeightStore(redis_client, namespace, keep_last=1)
+    store.publish(small_state(1), 1)
+    redis_client.hdel(f"{namespace}:weights:meta:1", "digest")
+    store.publish(small_state(2), 2)  # keep_last=1: prunes version 1
+    assert store.versions() == [2]
+    assert len({key.split(b":")[3] for key in redis_client.keys(f"{namespace}:weights:blob:*")}) == 1
+    redis_client.hdel(f"{namespace}:weights:meta:2", "digest")
+    store.clear()
+    assert redis_client.keys(f"{namespace}:weights:*") == []
 
 
 def test_pruning_a_record_that_claims_millions_of_chunks_is_refused_by_name(
