@@ -56,6 +56,7 @@ from services.resilience import (
     TRANSIENT, OutageTolerance, RedisOutage, RedisStateLost, outage_timeout_s, retry_redis,
 )
 from services.role import RoleRuntime
+from services.source_digest import check_sources
 from services.streams import (
     CONSUMED_KEY, DOCUMENTS, DROPPED_KEY, LEARNER_GROUP, LEARNER_REPORTS, SCORED, DocumentStore, document_batch_id_for,
     document_batch_index, rollout_batch_id_for, unusable_documents,
@@ -160,7 +161,9 @@ class Learner:
     """Learner rank 0 (a Ray actor in the service): with service.num_learners > 1 it leads ranks 1..R-1."""
 
     def __init__(self, config_json: str, redis_url: str, namespace: str, resume: bool = False,
-                 member_id: str = MEMBER_ID) -> None:
+                 member_id: str = MEMBER_ID, sources: str | None = None) -> None:
+        """`sources`: the driver's SourceStamp (JSON); other sources here refuse the start (services/source_digest)."""
+        check_sources(sources)  # first: another version of the code may not even read the config
         self.config = config = RunConfig.model_validate_json(config_json)
         if config.service.mode == "colocated":  # the fused step scores here: import refine.reward_modules
             check_run_reward(config.refine.reward, config.refine.reward_modules, decodes_text=False)

@@ -17,6 +17,7 @@ from refine.loop import prepare_model
 from refine.optim import learning_rate, set_learning_rate
 from refine.runtime import tune_allocator
 from refine.step import make_optimizer
+from services.source_digest import check_sources
 
 __all__ = ["LearnerReplica"]
 
@@ -24,7 +25,10 @@ logger = logging.getLogger(__name__)
 
 
 class LearnerReplica:
-    def __init__(self, config_json: str, rank: int, address: str, resume: bool = False) -> None:
+    def __init__(self, config_json: str, rank: int, address: str, resume: bool = False,
+                 sources: str | None = None) -> None:
+        """`sources`: the driver's SourceStamp (JSON); other sources here refuse the start (services/source_digest)."""
+        check_sources(sources)  # first: another version of the code may not even read the config
         self.config = config = RunConfig.model_validate_json(config_json)
         config.train.device = learner_device(config.train.device)  # the GPU Ray gave this rank, not cuda:0 of all
         self.rank = rank

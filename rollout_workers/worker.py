@@ -34,6 +34,7 @@ from services.codec import CodecError
 from services.messages import DocumentBatch, RolloutBatch
 from services.resilience import TRANSIENT, OutageTolerance, outage_timeout_s, retry_redis
 from services.role import RoleRuntime
+from services.source_digest import check_sources
 from services.streams import (
     DOCUMENTS, ROLLOUT_GROUP, ROLLOUTS, rollout_batch_id_for, unpublishable_reason, unusable_documents,
 )
@@ -69,7 +70,10 @@ def to_message(batch: DocumentBatch, rollouts, policy_version: int, worker_id: s
 class RolloutWorker:
     """One rollout worker (a Ray actor in the service; a plain object in a notebook)."""
 
-    def __init__(self, config_json: str, worker_id: str, redis_url: str, namespace: str) -> None:
+    def __init__(self, config_json: str, worker_id: str, redis_url: str, namespace: str,
+                 sources: str | None = None) -> None:
+        """`sources`: the driver's SourceStamp (JSON); other sources here refuse the start (services/source_digest)."""
+        check_sources(sources)  # first, before the heartbeat: the orchestrator takes the failure for a start's
         self.config = RunConfig.model_validate_json(config_json)
         service = self.config.service
         self.worker_id = worker_id

@@ -35,7 +35,9 @@ the entries it held are made reclaimable at once and the survivors take them ove
 Entries nobody released are taken over once idle for twice the heartbeat timeout
 (`ServiceConfig.reclaim_idle_ms`), so that fallback never races the orchestrator for a hung role's batch.
 A failed learner ends the run with its error; `refine train --resume` continues from its last
-checkpoint. Restarts count against MAX_RESTARTS_PER_ROLE within RESTART_WINDOW_S. Every actor's resources are
+checkpoint. An actor that failed as it started (before its first heartbeat) ends the run too, told once: a
+replacement would fail the same way, as one whose sources are not the driver's does (services/source_digest.py).
+Restarts count against MAX_RESTARTS_PER_ROLE within RESTART_WINDOW_S. Every actor's resources are
 reserved at once, before any actor is created, in one placement group that Ray places all or nothing
 (services/ray_runtime.py `Reservation`): a run whose actors do not fit the nodes together right now is no failure:
 it is said so once, after PLACEMENT_GRACE_S, with what each actor asks for and what each node has free, and waited
@@ -120,6 +122,7 @@ from services.resilience import (
 )
 from services.restart_limit import MAX_RESTARTS_PER_ROLE, RESTART_WINDOW_S, RestartWindow
 from services.run_checks import check_data_source, check_service_config, with_service_train_mode
+from services.source_digest import own_stamp
 from services.streams import (
     DOCUMENTS, LEARNER_GROUP, LEARNER_REPORTS, ORCHESTRATOR_GROUP, REWARD_GROUP, ROLLOUT_GROUP, ROLLOUTS, SCORED,
     DocumentStore, check_rollout_message_size, delete_idle_consumers, document_batch_id_for, release_consumer,
@@ -285,6 +288,9 @@ class Orchestrator:
         self.metrics = Metrics(families=ROLE_FAMILIES["orchestrator"])
         self.endpoint = None
         self.config_json = config.model_dump_json()
+        # Every actor compares its own sources with these, and refuses to start on others (a driver outside `ray job
+        # submit --working-dir` beside nodes with another version installed).
+        self.sources = own_stamp().model_dump_json()
         self.members: list[Member] = []
         self.reservation: Reservation | None = None  # every actor's bundle (`_reserve`)
         self.learner_placements: list[Placement] = []  # rank 0's, then the other ranks'
@@ -458,7 +464,7 @@ class Orchestrator:
 
         self._reserve()
         self.learner = self._remote("learner", Learner)(self._place_learner()).remote(
-            self.config_json, self.redis_url, self.namespace, self.resume)
+            self.config_json, self.redis_url, self.namespace, self.resume, sources=self.sources)
         ranks = self.config.service.num_learners
         if ranks == 1:
             return self.learner.setup.remote()
@@ -466,7 +472,8 @@ class Orchestrator:
 
         address = self._await_start(self.learner.data_parallel_address.remote(), self.learner_placements)
         replica_cls = self._remote("learner", LearnerReplica)
-        self.replicas = [replica_cls(self._place_learner()).remote(self.config_json, rank, address, self.resume)
+        self.replicas = [replica_cls(self._place_learner()).remote(self.config_json, rank, address, self.resume,
+                                                                   sources=self.sources)
                          for rank in range(1, ranks)]
         self.replica_futures = [replica.run.remote() for replica in self.replicas]
         return self.learner.setup.remote(address)
@@ -521,10 +528,12 @@ class Orchestrator:
         reward_cls = self._remote("reward", RewardReplica)
 
         def make_worker(member_id: str, placement: Placement) -> Any:
-            return worker_cls(placement).remote(self.config_json, member_id, self.redis_url, self.namespace)
+            return worker_cls(placement).remote(self.config_json, member_id, self.redis_url, self.namespace,
+                                                sources=self.sources)
 
         def make_reward(member_id: str, placement: Placement) -> Any:
-            return reward_cls(placement).remote(self.config_json, member_id, self.redis_url, self.namespace)
+            return reward_cls(placement).remote(self.config_json, member_id, self.redis_url, self.namespace,
+                                                sources=self.sources)
 
         reservation = self._reserve()
         for index in range(service.num_rollout_workers):

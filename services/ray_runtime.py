@@ -46,6 +46,7 @@ from refine.config import RunConfig
 from refine.runtime import command_exit_now, end_without_finalizing, sigterm_received
 from services.metrics import metrics_host, prepare_discovery_dir
 from services.redis_server import URL_SOURCES, EmbeddedRedis, connect, redact_url
+from services.source_digest import PROJECT_PACKAGES
 
 __all__ = ["ActorRequest", "Placement", "RayCluster", "RayPlan", "Reservation", "actor_cpus", "actor_options", "actor_requests",
            "check_no_hidden_packages", "check_placement", "check_ray_address", "fit_together", "free_per_node",
@@ -62,8 +63,6 @@ SIGNALLED_RAY_POLL_S = 0.5
 RAY_ADDRESS_SOURCES = "--ray-address, service.ray_address or RAY_ADDRESS"
 # Ray accounts resources in units of 1e-4; a request equal to a node's total fits it.
 RESOURCE_EPSILON = 1e-6
-# The project's top-level packages, which its actors import (services/, learner/, ... are top-level by design).
-PROJECT_PACKAGES = ("refine", "refine_vllm", "services", "learner", "rollout_workers", "reward")
 _INSTALLED_AT = Path(__file__).resolve().parents[1]
 
 

@@ -15,6 +15,7 @@ from refine.config import RunConfig, run_tokenizer
 from reward.worker import HEARTBEAT_ROLE, RewardWorker
 from services.resilience import retry_redis
 from services.role import RoleRuntime
+from services.source_digest import check_sources
 from services.streams import REWARD_GROUP, ROLLOUTS, SCORED
 
 __all__ = ["ROLE", "RewardReplica"]
@@ -23,7 +24,10 @@ ROLE = HEARTBEAT_ROLE
 
 
 class RewardReplica:
-    def __init__(self, config_json: str, replica_id: str, redis_url: str, namespace: str) -> None:
+    def __init__(self, config_json: str, replica_id: str, redis_url: str, namespace: str,
+                 sources: str | None = None) -> None:
+        """`sources`: the driver's SourceStamp (JSON); other sources here refuse the start (services/source_digest)."""
+        check_sources(sources)  # first, before the heartbeat: the orchestrator takes the failure for a start's
         self.config = config = RunConfig.model_validate_json(config_json)
         self.replica_id = replica_id
         # This process's registry, before anything starts: the run's reward modules (a custom reward

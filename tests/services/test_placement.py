@@ -26,11 +26,16 @@ from services.orchestrator import Member, Orchestrator
 from services.ray_runtime import (
     Placement, Reservation, actor_requests, check_placement, first_fit_decreasing, fit_together, free_per_node,
 )
+from services.source_digest import SourceStamp
 from services.streams import DOCUMENTS, LEARNER_REPORTS, ORCHESTRATOR_GROUP, ROLLOUT_GROUP
 
 WAITING = "the run's actors cannot all be placed together on the Ray cluster's nodes right now"
 # The local Ray's 2 CPUs hold this run's actors: learner 1, one rollout worker 0.5, one reward replica 0.25.
 RUN_REQUESTS = "learner (1 CPU), rollout_worker-0 (0.5 CPUs), reward-0 (0.25 CPUs)"
+# A driver's sources that no actor here has (services/source_digest.py), and what an actor then refuses with.
+OTHER_SOURCES = SourceStamp(digest="0" * 64, folder="/home/me/refine", host="laptop").model_dump_json()
+REFUSED = (r"this actor imports the project from \S+ \(sources \w{12}\), but the run's driver from "
+           r"laptop:/home/me/refine \(sources 000000000000\): two versions of the code")
 
 
 @pytest.fixture(scope="module")
@@ -391,3 +396,16 @@ def test_a_placed_learner_that_does_not_answer_times_out_from_its_placement(
     with pytest.raises(ServiceError, match=r"the learner did not start within 1s of its placement"):
         orchestrator._await_start(learner.answer.remote(), [placement])
     assert time.monotonic() - started < 5
+
+
+def test_members_with_other_sources_than_the_drivers_fail_the_start_once_and_are_not_restarted(
+    orchestrator: Orchestrator,
+) -> None:
+    """A rollout worker or reward replica whose sources are not the driver's refuses to start: a start that failed,
+    told once; a replacement would import the same sources."""
+    orchestrator.sources = OTHER_SOURCES
+    orchestrator._start_members()
+    with pytest.raises(ServiceError, match=rf"^(rollout_worker|reward)-0\.0 failed to start: {REFUSED}"):
+        _supervise_until(orchestrator, lambda: False, seconds=120)
+    assert not orchestrator.restarts and [member.incarnation for member in orchestrator.members] == [0, 0]
+
