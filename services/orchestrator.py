@@ -485,9 +485,14 @@ class Orchestrator:
     def _await_start(self, future: Any, placements: list[Placement]) -> Any:
         """ray.get(future), a call that needs the learner's actors (`placements`) started: it may take
         ACTOR_START_TIMEOUT_S from when Ray placed them. Time spent waiting for room does not count: Ray places the
-        run's actors once they fit the nodes together (one frees up or joins), and the wait is said so."""
+        run's actors once they fit the nodes together (one frees up or joins), and the wait is said so. A learner rank
+        1..R-1 that failed meanwhile ends the wait with its error: rank 0 would wait for it until its group's
+        timeout, and then tell only that."""
         while True:
             ready, _ = ray.wait([future], timeout=START_POLL_S)
+            failed_ranks = self._failed_ranks(wait_s=0)
+            if failed_ranks:
+                raise ServiceError(f"the learner failed to start: {failed_ranks}")
             try:
                 self._renew_claim()  # the start can take minutes (waiting for room on the cluster)
             except TRANSIENT as exc:  # a Redis outage meanwhile is ridden out as the loop rides it out

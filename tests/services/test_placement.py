@@ -18,6 +18,7 @@ import ray
 from ray.util import placement_group, placement_group_table, remove_placement_group
 from ray.util.placement_group import PlacementGroup
 
+from learner.replica import LearnerReplica
 from refine.config import RunConfig, run_tokenizer
 from services import orchestrator as orchestrator_module
 from services import ray_runtime
@@ -409,3 +410,18 @@ def test_members_with_other_sources_than_the_drivers_fail_the_start_once_and_are
         _supervise_until(orchestrator, lambda: False, seconds=120)
     assert not orchestrator.restarts and [member.incarnation for member in orchestrator.members] == [0, 0]
 
+
+def test_a_learner_rank_that_fails_to_start_ends_the_learners_start_with_its_error(
+    orchestrator: Orchestrator, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Rank 0 waits for its group's other ranks (300 s or more): a rank that failed to start (here: its sources are
+    not the driver's) ends the wait at once, with its own error."""
+    monkeypatch.setattr(orchestrator_module, "ACTOR_START_TIMEOUT_S", 60.0)
+    placement = orchestrator._place_learner()
+    learner = _silent_actor()("learner", placement)
+    learner.run.remote()  # busy, as rank 0 waiting for its group: its answer never comes
+    replica = ray.remote(LearnerReplica).options(num_cpus=0).remote(
+        orchestrator.config_json, 1, "127.0.0.1:1", False, sources=OTHER_SOURCES)
+    orchestrator.replicas, orchestrator.replica_futures = [replica], [replica.run.remote()]
+    with pytest.raises(ServiceError, match=rf"^the learner failed to start: learner rank 1 failed: {REFUSED}"):
+        orchestrator._await_start(learner.answer.remote(), [placement])
