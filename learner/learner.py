@@ -51,6 +51,7 @@ from refine.optim import learning_rate, set_learning_rate
 from refine.step import StepResult, make_optimizer
 from services.messages import DataCursor, DocumentBatch, ScoredBatch
 from services.metrics import COLOCATED_LEARNER_FAMILIES, ROLE_FAMILIES
+from services.namespace_claim import key_ttl_s
 from services.progress import LearnerProgress, StepReport, read_published, read_recorded, write_progress
 from services.resilience import (
     TRANSIENT, OutageTolerance, RedisOutage, RedisStateLost, outage_timeout_s, retry_redis,
@@ -172,10 +173,11 @@ class Learner:
         families = ROLE_FAMILIES[ROLE] | (COLOCATED_LEARNER_FAMILIES if config.service.mode == "colocated" else set())
         # Its metrics are served once a resumed run's totals are in them (at the end of __init__).
         self.runtime = RoleRuntime(ROLE, member_id, redis_url, namespace, config.service.metrics_discovery_dir,
-                                   threads=config.train.threads or 1, serve_now=False, metric_families=families)
+                                   threads=config.train.threads or 1, serve_now=False, metric_families=families,
+                                   key_ttl_s=key_ttl_s(config))
         self.broker = self.runtime.broker
         self.metrics = self.runtime.metrics
-        self.weights = RedisWeightStore(self.runtime.client, namespace)
+        self.weights = RedisWeightStore(self.runtime.client, namespace, key_ttl_s=key_ttl_s(config))
         self.documents = DocumentStore(self.broker)
         self.colocated = config.service.mode == "colocated"
         self.device = config.train.device

@@ -67,6 +67,9 @@ MAX_CLIP_RATIO_HIGH = 1e9
 # Roles beat once a second: a role silent for a day is gone. Twice the timeout, in milliseconds, is Redis'
 # XAUTOCLAIM min-idle-time (a 64-bit integer), ten times it the learners' torch.distributed timeout.
 MAX_HEARTBEAT_TIMEOUT_S = 86_400.0
+# The longest time a run's Redis keys outlive their driver's last refresh: a year (in milliseconds, Redis' PEXPIRE
+# argument, it stays far below a 64-bit integer).
+MAX_KEY_TTL_S = 365 * 86_400.0
 # Ray accounts resources in units of 1e-4 (it refuses a finer fraction). A local Ray is started with as many
 # logical CPUs as the actors ask for, and at 100000 of them its actors fail to start threads
 # ("pthread_create failed") and die unnamed; the largest nodes have a few hundred cores.
@@ -428,6 +431,14 @@ class ServiceConfig(Strict):
         30.0, ge=3, le=MAX_HEARTBEAT_TIMEOUT_S,
         description="a role silent this long is restarted; at most a day (twice it, in ms, is Redis' XAUTOCLAIM "
                     "min-idle-time, a 64-bit integer)")
+    key_ttl_s: float | None = Field(
+        None, gt=0, le=MAX_KEY_TTL_S,
+        description="every key of the run's Redis namespace (streams, weights, records) expires this long after it "
+                    "was last written or refreshed (the driver refreshes them all every minute, more often within a "
+                    "minute of the claim's TTL), so a driver killed without cleaning up leaves nothing in a shared "
+                    "Redis for good; None: an hour, or the namespace claim's TTL when longer. Not below the claim's "
+                    "TTL (max(60, 4 x heartbeat_timeout_s) + 30 s): a driver that still holds its namespace keeps its "
+                    "keys. A resume needs none of them: everything durable is in the learner's checkpoint")
     metrics_discovery_dir: PathStr = Field(
         default_factory=default_discovery_dir,
         description="where each role announces its metrics port for Prometheus (deploy/prometheus.yml reads it)",

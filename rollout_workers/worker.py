@@ -32,6 +32,7 @@ from refine.algorithm.rollout import batch_generator
 from rollout_workers.engines import RolloutEngine, build_engine, engine_owner
 from services.codec import CodecError
 from services.messages import DocumentBatch, RolloutBatch
+from services.namespace_claim import key_ttl_s
 from services.resilience import TRANSIENT, OutageTolerance, outage_timeout_s, retry_redis
 from services.role import RoleRuntime
 from services.source_digest import check_sources
@@ -79,7 +80,7 @@ class RolloutWorker:
         self.worker_id = worker_id
         # As many intra-op threads as whole CPUs reserved for it (at least one).
         self.runtime = RoleRuntime(ROLE, worker_id, redis_url, namespace, service.metrics_discovery_dir,
-                                   threads=max(1, int(service.worker_cpus)))
+                                   threads=max(1, int(service.worker_cpus)), key_ttl_s=key_ttl_s(self.config))
         self.broker = self.runtime.broker
         self.metrics = self.runtime.metrics
         self.weights = RedisWeightStore(self.runtime.client, namespace)

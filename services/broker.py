@@ -9,7 +9,9 @@ one it used with `ack_consumed`, which adds the id and acknowledges the entry in
 Entries that cannot be decoded are moved to `<stream>:dead` (with the error) and acknowledged, so
 one bad message never blocks a group.
 
-Every key lives under `<namespace>:`, so runs sharing one Redis never see each other's data.
+Every key lives under `<namespace>:`, so runs sharing one Redis never see each other's data. With `key_ttl_s` (a
+service run's roles and driver) every key the broker writes gets that expiry, and the driver refreshes it for the
+whole namespace while the run goes on (`expire_namespace`): a run whose driver was killed leaves nothing for good.
 """
 
 from __future__ import annotations
@@ -30,11 +32,15 @@ M = TypeVar("M", bound=BaseModel)
 _PAYLOAD = b"m"
 _TYPE = b"t"
 
-# One round trip, and the server's clock: heartbeats from machines with skewed clocks compare fairly.
+# One round trip, and the server's clock: heartbeats from machines with skewed clocks compare fairly. ARGV: the
+# member, the namespace's key expiry in ms (0: none).
 _HEARTBEAT_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 redis.call('ZADD', KEYS[1], now, ARGV[1])
+if tonumber(ARGV[2]) > 0 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
 return tostring(now)
 """
 
@@ -103,13 +109,18 @@ class Broker:
         client: redis.Redis,
         namespace: str,
         limits: CodecLimits = DEFAULT_LIMITS,
+        key_ttl_s: float | None = None,
     ) -> None:
         check_namespace(namespace)
+        if key_ttl_s is not None and not key_ttl_s > 0:
+            raise ValueError(f"key_ttl_s must be positive or None, got {key_ttl_s}")
         if client.connection_pool.connection_kwargs.get("decode_responses"):
             raise ValueError("Broker needs a Redis client with decode_responses=False (payloads are bytes)")
         self.client = client
         self.namespace = namespace
         self.limits = limits
+        # The expiry, in ms, of every key written here; None: keys created have none, and keys rewritten keep theirs.
+        self.key_ttl_ms = None if key_ttl_s is None else max(1, int(key_ttl_s * 1000))
         self._heartbeat_script = client.register_script(_HEARTBEAT_LUA)
         self._keep_alive_script = client.register_script(_KEEP_ALIVE_LUA)
         self._renew_claim_script = client.register_script(_RENEW_CLAIM_LUA)
@@ -127,6 +138,20 @@ class Broker:
 
     def _stream(self, stream: str) -> str:
         return self.key("stream", stream)
+
+    def expire_with(self, pipe: Any, *keys: str) -> None:
+        """Queue on `pipe` the namespace's key expiry for `keys` (nothing without one)."""
+        if self.key_ttl_ms is not None:
+            for key in keys:
+                pipe.pexpire(key, self.key_ttl_ms)
+
+    def set_value(self, key: str, value: bytes | str) -> None:
+        """SET `key` with the namespace's key expiry; without one, keeping the expiry the key has (a plain SET drops
+        it, and the driver's refresh may have given it one)."""
+        if self.key_ttl_ms is None:
+            self.client.set(key, value, keepttl=True)
+        else:
+            self.client.set(key, value, px=self.key_ttl_ms)
 
     def dead_letter_stream(self, stream: str) -> str:
         """Stream name (inside the namespace) that collects `stream`'s unusable entries."""
@@ -163,6 +188,9 @@ class Broker:
         except redis.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
+        else:
+            if self.key_ttl_ms is not None:  # XADD leaves a stream's expiry as it is: it comes from here, or the driver
+                self.client.pexpire(self._stream(stream), self.key_ttl_ms)
         self._known_groups.add((stream, group))
 
     def _with_group(self, stream: str, group: str, command: Any) -> Any:
@@ -253,10 +281,10 @@ class Broker:
             except CodecError:  # it was decoded under these limits, so this does not happen; keep the reason
                 payload = b""
         pipe = self.client.pipeline(transaction=True)
-        pipe.xadd(
-            self._stream(self.dead_letter_stream(stream)),
-            {b"stream": stream, b"entry_id": entry_id, b"group": group, b"error": error[:4000], _PAYLOAD: payload},
-        )
+        dead = self._stream(self.dead_letter_stream(stream))
+        pipe.xadd(dead, {b"stream": stream, b"entry_id": entry_id, b"group": group, b"error": error[:4000],
+                         _PAYLOAD: payload})
+        self.expire_with(pipe, dead)
         pipe.xack(self._stream(stream), group, entry_id)
         pipe.execute()
 
@@ -287,6 +315,7 @@ class Broker:
         pipe = self.client.pipeline(transaction=True)
         if message_ids:
             pipe.sadd(self.key("consumed", consumed_key), *message_ids)
+            self.expire_with(pipe, self.key("consumed", consumed_key))
         if entry_ids:
             pipe.xack(self._stream(stream), group, *entry_ids)
         results = pipe.execute()
@@ -443,7 +472,7 @@ class Broker:
     # -- run control --------------------------------------------------------------------------------
 
     def request_stop(self, reason: str = "") -> None:
-        self.client.set(self.key("control", "stop"), reason.encode() or b"stop requested")
+        self.set_value(self.key("control", "stop"), reason.encode() or b"stop requested")
 
     def stop_requested(self) -> str | None:
         """The stop reason if a stop was requested, else None."""
@@ -452,7 +481,7 @@ class Broker:
 
     def heartbeat(self, role: str, member_id: str) -> float:
         """Record that `member_id` of `role` is alive now; returns the server time used."""
-        return float(self._heartbeat_script(keys=[self.key("heartbeat", role)], args=[member_id]))
+        return float(self._heartbeat_script(keys=[self.key("heartbeat", role)], args=[member_id, self.key_ttl_ms or 0]))
 
     def heartbeats(self, role: str) -> dict[str, float]:
         """Seconds since each member of `role` last beat, by member id."""
@@ -508,6 +537,30 @@ class Broker:
         return bool(self._release_claim_script(keys=[self.key("claim")], args=[holder]))
 
     # -- housekeeping ---------------------------------------------------------------------------------
+
+    def expire_namespace(self, ttl_s: float, batch: int = 1000, keep: tuple[str, ...] = ()) -> int:
+        """Give every key of this namespace but the `keep` names (e.g. "claim", which has a TTL of its own) an expiry
+        `ttl_s` seconds from now; returns how many keys got one. SCAN's MATCH filters on the server and COUNT bounds
+        each call; a key deleted between the SCAN and its PEXPIRE is skipped."""
+        ttl_ms = max(1, int(ttl_s * 1000))
+        kept = {self.key(name).encode() for name in keep}
+        expired = 0
+        names: list[Any] = []
+        for name in self.client.scan_iter(match=f"{_escape_glob(self.namespace)}:*", count=batch):
+            if name not in kept:
+                names.append(name)
+            if len(names) >= batch:
+                expired += self._pexpire(names, ttl_ms)
+                names = []
+        if names:
+            expired += self._pexpire(names, ttl_ms)
+        return expired
+
+    def _pexpire(self, names: list[Any], ttl_ms: int) -> int:
+        pipe = self.client.pipeline(transaction=False)
+        for name in names:
+            pipe.pexpire(name, ttl_ms)
+        return sum(1 for result in pipe.execute() if result)
 
     def delete_namespace(self, batch: int = 500, keep: tuple[str, ...] = ()) -> int:
         """Delete every key of this namespace (end of a run, tests) but the `keep` names (e.g. "claim"); returns

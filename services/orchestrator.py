@@ -52,9 +52,12 @@ restarted too often) sets the stop flag too and gives the learner up to STOP_GRA
 checkpoint before the actors are killed; the error then ends the run.
 
 Resume. A run always starts from an empty namespace; everything durable is in the learner's
-checkpoint (weights, optimizer, RNG, data cursor, weight version). Rollouts are seeded per batch
-from the data cursor, so with max_staleness = 0 (or colocated) a resumed run repeats, step for
-step, what the uninterrupted run would have done. metrics.jsonl and events.jsonl keep what happened
+checkpoint (weights, optimizer, RNG, data cursor, weight version). So every key of the namespace may expire:
+each is written with an expiry of `service.key_ttl_s`, which the driver refreshes while the run goes on, and a
+driver killed without cleaning up (SIGKILL, a forced `ray job stop`, a node lost) leaves nothing in a shared Redis
+for good.
+Rollouts are seeded per batch from the data cursor, so with max_staleness = 0 (or colocated) a resumed run
+repeats, step for step, what the uninterrupted run would have done. metrics.jsonl and events.jsonl keep what happened
 up to the checkpoint, plus the learner's reports the checkpoint kept because this driver had not
 confirmed writing them (services/progress.py). config.yaml is written once the learner accepted the
 checkpoint: a refused resume leaves the run's config as it was.
@@ -106,7 +109,7 @@ from services.metrics import (ROLE_FAMILIES, Metrics, serve_metrics, withdraw_an
                              withdraw_run_announcements)
 from services.namespace_claim import (
     CLAIMS_HELD_HERE, check_namespace_free, claim_ttl_s, current_pid_namespace, describe_holder, driver_is_gone,
-    namespace_for, namespace_in_use,
+    key_refresh_interval_s, key_ttl_s, namespace_for, namespace_in_use,
 )
 from services.progress import (
     LearnerProgress, StepReport, read_progress, read_published, write_published, write_recorded,
@@ -283,7 +286,14 @@ class Orchestrator:
         self.resume_command = resume_command or ["refine", "train", str(self.out_dir / "config.yaml"), "--resume"]
         self.colocated = config.service.mode == "colocated"
         self.client = connect(redis_url)
-        self.broker = Broker(self.client, namespace)
+        # Every key of the namespace but the claim expires this long after it was last written or refreshed
+        # (_expire_keys).
+        self.key_ttl_s = key_ttl_s(config)
+        self.key_refresh_s = key_refresh_interval_s(config)
+        self._keys_refresh_due = 0.0
+        self._keys_refreshed_at: float | None = None  # time.monotonic() of the last refresh
+        self._longest_refresh_gap_s = 0.0  # between two refreshes: longer than key_ttl_s, the keys expired meanwhile
+        self.broker = Broker(self.client, namespace, key_ttl_s=self.key_ttl_s)
         self.documents = DocumentStore(self.broker)
         self.metrics = Metrics(families=ROLE_FAMILIES["orchestrator"])
         self.endpoint = None
@@ -400,6 +410,7 @@ class Orchestrator:
         self.broker.delete_namespace(keep=("claim",))
         for stream, group in self._groups():
             self.broker.ensure_group(stream, group, start_id="0")
+        self._expire_keys()  # the first refresh: the time since the last one tells whether keys expired
 
     def _claim_namespace(self) -> None:
         """Hold the run's Redis namespace, or refuse to start: two runs in one namespace (the same train.out_dir
@@ -422,6 +433,31 @@ class Orchestrator:
             raise ServiceError(f"the Redis namespace {self.namespace!r} was taken by another run while this driver "
                                f"did not renew its claim: {describe_holder(other)}; this run stops, leaving that "
                                f"run's keys alone{self._resume_hint(None)}")
+
+    def _refresh_key_expiry(self) -> None:
+        """Refresh the expiry of the namespace's keys when due (every key_refresh_s); called right after each
+        renewal of the claim, so that the keys outlive it (see namespace_claim.key_refresh_interval_s)."""
+        if time.monotonic() >= self._keys_refresh_due:
+            self._expire_keys()
+
+    def _expire_keys(self) -> None:
+        """Give every key of the namespace but the claim (whose TTL is the claim's) an expiry key_ttl_s from now.
+        Nothing a resume needs lives only in Redis (a run starts from an empty namespace and the learner's
+        checkpoint): keys that expire under a driver that stalled that long cost the run, not its resume."""
+        now = time.monotonic()
+        if self._keys_refreshed_at is not None:
+            self._longest_refresh_gap_s = max(self._longest_refresh_gap_s, now - self._keys_refreshed_at)
+        self.broker.expire_namespace(self.key_ttl_s, keep=("claim",))
+        self._keys_refreshed_at = now
+        self._keys_refresh_due = now + self.key_refresh_s
+
+    def _keys_expired_after_s(self) -> float | None:
+        """How long this driver once left its keys' expiry unrefreshed (up to now), when longer than key_ttl_s: they
+        expired meanwhile (the driver was suspended or stalled); else None."""
+        if self._keys_refreshed_at is None:
+            return None
+        gap = max(self._longest_refresh_gap_s, time.monotonic() - self._keys_refreshed_at)
+        return gap if gap > self.key_ttl_s else None
 
     def _release_namespace(self) -> bool:
         """Give the claim up; False when another run holds the namespace now (its keys are then that run's)."""
@@ -495,6 +531,7 @@ class Orchestrator:
                 raise ServiceError(f"the learner failed to start: {failed_ranks}")
             try:
                 self._renew_claim()  # the start can take minutes (waiting for room on the cluster)
+                self._refresh_key_expiry()
             except TRANSIENT as exc:  # a Redis outage meanwhile is ridden out as the loop rides it out
                 self._redis_failed(exc)
             else:
@@ -792,6 +829,7 @@ class Orchestrator:
             return
         self._next_housekeeping = now + HOUSEKEEPING_INTERVAL_S
         self._renew_claim()
+        self._refresh_key_expiry()
         self._drain_reports(block_ms=None, reclaim_idle_ms=REPORT_RECLAIM_IDLE_MS)
         self._check_redis_kept_the_run()
         self._check_dead_letters()
@@ -847,6 +885,12 @@ class Orchestrator:
             raise self._state_lost()
 
     def _state_lost(self, detail: str = "") -> ServiceError:
+        expired = self._keys_expired_after_s()
+        if expired is not None:  # no Redis failure: this driver let them expire
+            return ServiceError(f"Redis at {redact_url(self.redis_url)} no longer holds this run's state ({detail}its "
+                                f"keys expired: this driver did not refresh their expiry for {expired:.0f}s, longer "
+                                f"than their {self.key_ttl_s:g}s time to live (service.key_ttl_s), as it was "
+                                f"suspended or stalled); the run stopped{self._resume_hint(None)}")
         return ServiceError(f"Redis at {redact_url(self.redis_url)} lost this run's state ({detail}its streams and "
                             f"records are gone, or its last writes: restarted without persistence, flushed, or killed "
                             f"before its append-only file had them); the run stopped{self._resume_hint(None)}")

@@ -53,7 +53,10 @@ def _key(broker: Broker) -> str:
 
 
 def write_progress(broker: Broker, progress: LearnerProgress) -> None:
-    broker.client.hset(_key(broker), mapping={name: str(int(value)) for name, value in progress.model_dump().items()})
+    pipe = broker.client.pipeline(transaction=True)
+    pipe.hset(_key(broker), mapping={name: str(int(value)) for name, value in progress.model_dump().items()})
+    broker.expire_with(pipe, _key(broker))
+    pipe.execute()
 
 
 def read_progress(broker: Broker) -> LearnerProgress | None:
@@ -71,7 +74,7 @@ def _published_key(broker: Broker) -> str:
 
 def write_published(broker: Broker, count: int) -> None:
     """The orchestrator has issued document batches docs-0 .. docs-(count - 1) (written before each is published)."""
-    broker.client.set(_published_key(broker), str(count))
+    broker.set_value(_published_key(broker), str(count))
 
 
 def read_published(broker: Broker) -> int | None:
@@ -87,7 +90,7 @@ def _recorded_key(broker: Broker) -> str:
 
 def write_recorded(broker: Broker, seq: int) -> None:
     """The orchestrator has written every report numbered up to `seq`."""
-    broker.client.set(_recorded_key(broker), str(seq))
+    broker.set_value(_recorded_key(broker), str(seq))
 
 
 def read_recorded(broker: Broker) -> int:

@@ -13,6 +13,7 @@ import threading
 from refine.algorithm.rewards import check_run_reward, reward_reads_text
 from refine.config import RunConfig, run_tokenizer
 from reward.worker import HEARTBEAT_ROLE, RewardWorker
+from services.namespace_claim import key_ttl_s
 from services.resilience import retry_redis
 from services.role import RoleRuntime
 from services.source_digest import check_sources
@@ -33,7 +34,8 @@ class RewardReplica:
         # This process's registry, before anything starts: the run's reward modules (a custom reward
         # lives in one), then the reward itself.
         check_run_reward(config.refine.reward, config.refine.reward_modules, decodes_text=True)
-        self.runtime = RoleRuntime(ROLE, replica_id, redis_url, namespace, config.service.metrics_discovery_dir)
+        self.runtime = RoleRuntime(ROLE, replica_id, redis_url, namespace, config.service.metrics_discovery_dir,
+                                   key_ttl_s=key_ttl_s(config))
         # Only a reward that reads text needs the tokenizer (and ids it can decode).
         decode = run_tokenizer(config).decode if reward_reads_text(config.refine.reward) else None
         self.worker = retry_redis(lambda: RewardWorker(  # it creates its consumer group: Redis may be restarting

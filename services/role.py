@@ -46,10 +46,12 @@ class RoleRuntime:
         outage_timeout_s: float = 120.0,
         serve_now: bool = True,
         metric_families: Collection[str] | None = None,
+        key_ttl_s: float | None = None,
     ) -> None:
         """`serve_now=False`: the member calls `serve_metrics` itself, once its metrics hold what a scrape should
         first see (a resumed learner's run totals: a counter seen at 0, then at the run's total, reads as new
-        events to Prometheus' increase() and rate()). `metric_families`: those it exports (default: its role's)."""
+        events to Prometheus' increase() and rate()). `metric_families`: those it exports (default: its role's).
+        `key_ttl_s`: the expiry of every Redis key it writes (the run's, services.namespace_claim.key_ttl_s)."""
         if heartbeat_interval_s <= 0:
             raise ValueError(f"heartbeat_interval_s must be > 0, got {heartbeat_interval_s}")
         tune_allocator()
@@ -63,7 +65,7 @@ class RoleRuntime:
         self.member_id = member_id
         # A member may start while Redis restarts: wait for it rather than die at birth.
         self.client = retry_redis(lambda: connect(redis_url), f"{member_id}: connect", outage_timeout_s)
-        self.broker = Broker(self.client, namespace)
+        self.broker = Broker(self.client, namespace, key_ttl_s=key_ttl_s)
         self.metrics = Metrics(families=ROLE_FAMILIES.get(role) if metric_families is None else metric_families)
         self._metrics_dir = metrics_dir
         self._namespace = namespace
@@ -76,11 +78,17 @@ class RoleRuntime:
         self._held_lock = threading.Lock()
         # Who is who, for operators (and fault drills): the process behind each member id.
         record = {"role": role, "pid": os.getpid(), "node": socket.gethostname(), "started_at": f"{time.time():.3f}"}
-        retry_redis(lambda: self.client.hset(self.broker.key("members", member_id), mapping=record),
-                    f"{member_id}: register", outage_timeout_s)
+        retry_redis(lambda: self._register(record), f"{member_id}: register", outage_timeout_s)
         self._beat_once()
         self._thread = threading.Thread(target=self._beat_forever, name=f"heartbeat-{member_id}", daemon=True)
         self._thread.start()
+
+    def _register(self, record: dict[str, str | int]) -> None:
+        key = self.broker.key("members", self.member_id)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(key, mapping=record)
+        self.broker.expire_with(pipe, key)
+        pipe.execute()
 
     def serve_metrics(self) -> None:
         """Start the Prometheus endpoint, announced in the run's discovery folder."""

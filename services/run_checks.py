@@ -12,6 +12,7 @@ from refine.data.readers import RowSource
 from refine.evaluation.heldout import heldout_documents
 from refine.loop import first_batch_read
 from refine.tokenizer import Tokenizer
+from services.namespace_claim import check_key_ttl
 
 __all__ = ["SERVICE_TRAIN_MODES", "check_data_source", "check_service_config", "with_service_train_mode"]
 
@@ -38,6 +39,7 @@ def with_service_train_mode(config: RunConfig) -> RunConfig:
 def check_service_config(config: RunConfig) -> None:
     """Reject combinations the service cannot run, and settings it would not read, naming the fields."""
     service = config.service
+    check_key_ttl(config)
     if config.train.mode in ("ntp", "reference"):
         raise ValueError(
             f"train.mode={config.train.mode!r} runs only in the single-process loop (refine train --local); the "

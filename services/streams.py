@@ -95,7 +95,8 @@ class DocumentStore:
         return self.broker.key("document_batch", batch_id)
 
     def put(self, batch: DocumentBatch) -> None:
-        self.broker.client.set(self._key(batch.batch_id), encode(batch, self.broker.limits))
+        self.broker.client.set(self._key(batch.batch_id), encode(batch, self.broker.limits),
+                               px=self.broker.key_ttl_ms)
 
     def get(self, batch_id: str) -> DocumentBatch | None:
         data = self.broker.client.get(self._key(batch_id))

@@ -7,6 +7,9 @@ the version is newer than the latest, makes the chunks permanent, records the ve
 the latest pointer. A crashed publish leaves nothing visible and its chunks expire. Only the last
 `keep_last` versions are kept. The record holds a sha256 digest of the bytes, and a fetch checks it: a chunk
 changed after publishing (same length, so safetensors would still parse it) is refused, not loaded as weights.
+With `key_ttl_s` (a service run's: its driver refreshes the expiry of every key of its namespace) the commit
+gives the version's keys that expiry instead of making them permanent, so that a run whose driver was killed
+leaves no weights in Redis for good.
 """
 
 from __future__ import annotations
@@ -131,22 +134,35 @@ class WeightStore(ABC):
 
 
 # KEYS: latest, versions zset, meta hash of this version, then the chunk keys.
-# ARGV: version, blob id, chunk count, total bytes, digest of the bytes, publish time.
+# ARGV: version, blob id, chunk count, total bytes, digest of the bytes, publish time, the keys' expiry in ms
+# (0: none).
 _COMMIT_LUA = """
 local version = tonumber(ARGV[1])
+local ttl = tonumber(ARGV[7])
 local latest = redis.call('GET', KEYS[1])
 if latest and tonumber(latest) >= version then
   return redis.error_reply('STALE version ' .. ARGV[1] .. ' is not newer than the latest version ' .. latest)
 end
 for i = 4, #KEYS do
-  if redis.call('PERSIST', KEYS[i]) == 0 and redis.call('EXISTS', KEYS[i]) == 0 then
+  local missing
+  if ttl > 0 then
+    missing = redis.call('PEXPIRE', KEYS[i], ttl) == 0
+  else
+    missing = redis.call('PERSIST', KEYS[i]) == 0 and redis.call('EXISTS', KEYS[i]) == 0
+  end
+  if missing then
     return redis.error_reply('MISSING chunk ' .. KEYS[i] .. ' expired before the commit')
   end
 end
 redis.call('HSET', KEYS[3], 'blob', ARGV[2], 'chunks', ARGV[3], 'bytes', ARGV[4], 'digest', ARGV[5],
            'published_at', ARGV[6])
 redis.call('ZADD', KEYS[2], version, ARGV[1])
-redis.call('SET', KEYS[1], ARGV[1])
+redis.call('SET', KEYS[1], ARGV[1], 'KEEPTTL')
+if ttl > 0 then
+  for i = 1, 3 do
+    redis.call('PEXPIRE', KEYS[i], ttl)
+  end
+end
 return 1
 """
 
@@ -161,6 +177,7 @@ class RedisWeightStore(WeightStore):
         keep_last: int = 2,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         upload_ttl_s: int = 3600,
+        key_ttl_s: float | None = None,
     ) -> None:
         check_namespace(namespace)
         if keep_last < 1:
@@ -169,11 +186,14 @@ class RedisWeightStore(WeightStore):
             raise ValueError(f"chunk_bytes must be in 1..{_REDIS_MAX_VALUE_BYTES} (Redis' value limit), got {chunk_bytes}")
         if upload_ttl_s < 1:
             raise ValueError(f"upload_ttl_s must be >= 1, got {upload_ttl_s}")
+        if key_ttl_s is not None and not key_ttl_s > 0:
+            raise ValueError(f"key_ttl_s must be positive or None, got {key_ttl_s}")
         self.client = client
         self.namespace = namespace
         self.keep_last = keep_last
         self.chunk_bytes = chunk_bytes
         self.upload_ttl_s = upload_ttl_s
+        self.key_ttl_ms = 0 if key_ttl_s is None else max(1, int(key_ttl_s * 1000))  # 0: committed keys are permanent
         self._commit = client.register_script(_COMMIT_LUA)
 
     # -- keys -------------------------------------------------------------------------------------
@@ -215,7 +235,7 @@ class RedisWeightStore(WeightStore):
         try:
             self._commit(
                 keys=[self._latest_key, self._versions_key, self._meta_key(version), *chunk_keys],
-                args=[version, blob, len(chunk_keys), len(data), digest, f"{time.time():.6f}"],
+                args=[version, blob, len(chunk_keys), len(data), digest, f"{time.time():.6f}", self.key_ttl_ms],
             )
         except redis.ResponseError as exc:
             self.client.delete(*chunk_keys)

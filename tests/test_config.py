@@ -48,6 +48,10 @@ def test_stream_takeover_waits_out_the_orchestrators_restart():
     ("optim.lr=-1", "optim.lr", "-1"),
     ("refine.unknown=1", "refine.unknown", "1"),
     ("service.heartbeat_timeout_s=1", "service.heartbeat_timeout_s", "1"),
+    ("service.key_ttl_s=0", "service.key_ttl_s", "0"),
+    ("service.key_ttl_s=-60", "service.key_ttl_s", "-60"),
+    ("service.key_ttl_s=inf", "service.key_ttl_s", "inf"),
+    ("service.key_ttl_s=soon", "service.key_ttl_s", "soon"),
 ])
 def test_wrong_values_name_field_and_value(override, field, value):
     with pytest.raises(ConfigError) as err:
@@ -521,6 +525,7 @@ def test_a_long_value_of_an_unknown_model_key_is_shown_short():
     ("refine.temperature=0.00009", "refine.temperature", "9e-05"),
     ("service.heartbeat_timeout_s=1e300", "service.heartbeat_timeout_s", "1e300"),
     ("service.heartbeat_timeout_s=86401", "service.heartbeat_timeout_s", "86401"),
+    ("service.key_ttl_s=1e300", "service.key_ttl_s", "1e300"),
     ("optim.lr=1e300", "optim.lr", "1e300"),
     ("optim.weight_decay=1e300", "optim.weight_decay", "1e300"),
     ("demo.pretrain_lr=1e300", "demo.pretrain_lr", "1e300"),

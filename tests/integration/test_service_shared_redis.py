@@ -82,3 +82,36 @@ def test_a_sigterm_to_the_whole_process_group_stops_the_run_cleanly_and_leaves_n
         assert list(client.scan_iter(match=f"{namespace}:*")) == []
     finally:
         client.close()
+
+
+def test_a_driver_killed_without_cleaning_up_leaves_only_keys_that_expire(redis_url: str, tmp_path: Path) -> None:
+    """SIGKILL (a forced `ray job stop`, the out-of-memory killer, a node lost) runs no cleanup: the run's streams and
+    its two weight versions stayed in the shared Redis for good, until the same namespace ran again."""
+    out_dir = tmp_path / "run"
+    command = [str(BIN / "refine"), "train", str(SERVICE_TINY), "--no-progress", "--redis-url", redis_url,
+               "--set", "train.steps=400", "--set", f"train.out_dir={out_dir}",
+               "--set", f"service.metrics_discovery_dir={tmp_path / 'prometheus'}"]
+    log_path = tmp_path / "run.log"
+    with open(log_path, "w") as log:
+        run = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 240
+            while not ((out_dir / "metrics.jsonl").exists() and len(step_rows(out_dir)) >= 2):
+                assert run.poll() is None, log_path.read_text()[-3000:]
+                assert time.monotonic() < deadline, "the run took no step"
+                time.sleep(0.2)
+        finally:
+            os.killpg(run.pid, signal.SIGKILL)  # the driver and the local Ray it started
+            run.wait()
+    namespace = re.search(r"Redis namespace and Prometheus run label: (\S+)", log_path.read_text()).group(1)
+    client = connect(redis_url)
+    try:
+        ttls = {name.decode(): client.pttl(name) for name in client.scan_iter(match=f"{namespace}:*")}
+        claim = ttls.pop(f"{namespace}:claim")
+        assert 0 < claim <= 90_000  # its own TTL: max(60, 4 x service.heartbeat_timeout_s=10) + 30 s
+        assert any(":weights:blob:" in name for name in ttls) and any(":stream:" in name for name in ttls), ttls
+        assert all(0 < ttl <= 3_600_000 for ttl in ttls.values()), ttls  # service.key_ttl_s: an hour by default
+    finally:
+        for name in client.scan_iter(match=f"{namespace}:*"):
+            client.delete(name)
+        client.close()

@@ -2,9 +2,13 @@
 
 import json
 import logging
+import re
+
+import pytest
 
 from refine.config import load_config, run_tokenizer
-from services.run_checks import check_data_source
+from services.namespace_claim import claim_ttl_s, key_refresh_interval_s, key_ttl_s
+from services.run_checks import check_data_source, check_service_config
 
 
 def test_the_first_batch_check_leaves_the_data_report_to_the_runs_own_stream(tmp_path, caplog):
@@ -17,3 +21,27 @@ def test_the_first_batch_check_leaves_the_data_report_to_the_runs_own_stream(tmp
     check_data_source(config, run_tokenizer(config))
     assert [record for record in caplog.records if record.name == "refine.data.stream"] == []
     assert logging.getLogger("refine.data.stream").level == logging.INFO  # as it was
+
+
+def test_a_key_ttl_below_the_namespace_claims_is_refused_naming_both():
+    """Keys that expire before the claim lapses: a driver that still holds its namespace (riding out a Redis outage,
+    stopping slowly) would find its streams and weights gone."""
+    config = load_config(None, ["service.key_ttl_s=149.5"])
+    assert claim_ttl_s(config) == 150  # max(60, 4 x 30) + 30
+    error = ("service.key_ttl_s=149.5 is shorter than the run's claim on its Redis namespace (150s: max(60, 4 x "
+             "service.heartbeat_timeout_s=30) + 30): a driver that still holds its namespace would lose its keys; set "
+             "it to 150 or more, or leave it out")
+    with pytest.raises(ValueError, match=re.escape(error)):
+        check_service_config(config)
+    config = load_config(None, ["service.key_ttl_s=150"])
+    check_service_config(config)
+    assert key_ttl_s(config) == 150 and key_refresh_interval_s(config) == 0  # refreshed at each renewal of the claim
+
+
+def test_the_default_key_ttl_is_an_hour_or_the_claims_when_longer():
+    config = load_config(None, [])
+    assert config.service.key_ttl_s is None
+    assert key_ttl_s(config) == 3600 and key_refresh_interval_s(config) == 60
+    long_heartbeat = load_config(None, ["service.heartbeat_timeout_s=1000"])
+    check_service_config(long_heartbeat)
+    assert key_ttl_s(long_heartbeat) == claim_ttl_s(long_heartbeat) == 4030

@@ -150,11 +150,44 @@ def test_clear_removes_everything(redis_client: redis.Redis, namespace: str) -> 
     assert store.latest_version() == 1
 
 
+def test_a_store_with_a_key_ttl_commits_a_versions_keys_with_that_expiry(redis_client: redis.Redis,
+                                                                         namespace: str) -> None:
+    """A service run's store: the driver refreshes the expiry of every key of its namespace, and a driver killed
+    before its next refresh must not leave the newest weights (gigabytes) in Redis for good."""
+    store = RedisWeightStore(redis_client, namespace, chunk_bytes=40, key_ttl_s=600)
+    store.publish(small_state(1), 1)
+    store.publish(small_state(2), 2)
+    ttls = {name: redis_client.pttl(name) for name in redis_client.scan_iter(match=f"{namespace}:weights:*")}
+    assert len(ttls) > 6 and all(300_000 < ttl <= 600_000 for ttl in ttls.values()), ttls
+    assert_same(store.fetch(2)[1], small_state(2))
+    store.clear()
+    RedisWeightStore(redis_client, namespace, chunk_bytes=40).publish(small_state(3), 3)  # none: permanent
+    assert {redis_client.pttl(name) for name in redis_client.scan_iter(match=f"{namespace}:weights:*")} == {-1}
+
+
+@pytest.mark.parametrize("key_ttl_s", [None, 600])
+def test_a_chunk_that_expired_before_the_commit_fails_the_publish(redis_client: redis.Redis, namespace: str,
+                                                                  key_ttl_s: float | None) -> None:
+    store = RedisWeightStore(redis_client, namespace, chunk_bytes=40, key_ttl_s=key_ttl_s)
+    commit = store._commit
+
+    def commit_after_a_chunk_expired(keys: list[str], args: list[Any]) -> Any:
+        redis_client.delete(keys[4])
+        return commit(keys=keys, args=args)
+
+    store._commit = commit_after_a_chunk_expired
+    with pytest.raises(WeightStoreError, match=r"publishing weight version 1 failed: MISSING chunk \S+:1 expired"):
+        store.publish(small_state(1), 1)
+    assert store.latest_version() is None and redis_client.keys(f"{namespace}:weights:*") == []
+
+
 def test_bad_inputs_are_refused(redis_client: redis.Redis, namespace: str) -> None:
     with pytest.raises(ValueError, match="chunk_bytes must be in"):
         RedisWeightStore(redis_client, namespace, chunk_bytes=600 * 1024 * 1024)
     with pytest.raises(ValueError, match="keep_last must be >= 1"):
         RedisWeightStore(redis_client, namespace, keep_last=0)
+    with pytest.raises(ValueError, match="key_ttl_s must be positive or None, got 0"):
+        RedisWeightStore(redis_client, namespace, key_ttl_s=0)
     store = RedisWeightStore(redis_client, namespace)
     with pytest.raises(WeightStoreError, match=r"state_dict\['w'\] must be a torch tensor, got list"):
         store.publish({"w": [1.0]}, 1)  # type: ignore[dict-item]

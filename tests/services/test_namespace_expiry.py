@@ -1,0 +1,177 @@
+"""Every key of a run's Redis namespace expires some time after its driver last refreshed it: a driver killed without
+cleaning up (SIGKILL, a forced `ray job stop`, a node lost) leaves no streams or weights in a shared Redis for good
+(real Redis; nothing of Ray starts)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+import torch
+
+from refine.config import RunConfig
+from services.broker import Broker
+from services.failures import ServiceError
+from services.messages import DocumentBatch
+from services.orchestrator import Orchestrator
+from services.progress import LearnerProgress, write_progress, write_published, write_recorded
+from services.role import RoleRuntime
+from services.streams import DOCUMENTS, ROLLOUT_GROUP, DocumentStore
+from services.weight_store import RedisWeightStore
+
+HOUR_MS = 3600 * 1000
+
+
+def documents(batch_id: str) -> DocumentBatch:
+    return DocumentBatch(batch_id=batch_id, doc_ids=["d"], token_ids=torch.ones(1, 8, dtype=torch.long),
+                         lengths=torch.tensor([8]))
+
+
+def state_dict() -> dict[str, torch.Tensor]:
+    return {"w": torch.ones(4, 4)}
+
+
+def write_as_the_roles_do(orchestrator: Orchestrator, broker: Broker) -> None:
+    """The keys a run's roles write (streams, heartbeats, consumed sets, member records, the learner's progress, the
+    orchestrator's records and stop flag, weights), here with no expiry of their own (`broker` has no key_ttl_s)."""
+    for stream, group in orchestrator._groups():
+        broker.ensure_group(stream, group)
+    entry = broker.publish(DOCUMENTS, documents("docs-0"))
+    broker.heartbeat("rollout_worker", "rollout_worker-0.0")
+    broker.ack_consumed(DOCUMENTS, ROLLOUT_GROUP, [entry], "learner", ["docs-0.rollouts"])
+    broker.client.hset(broker.key("members", "rollout_worker-0.0"), mapping={"node": "n"})
+    write_progress(broker, LearnerProgress(step=1))
+    write_published(broker, 1)
+    write_recorded(broker, 1)
+    broker.request_stop("interrupted")
+    RedisWeightStore(broker.client, broker.namespace).publish(state_dict(), 0)
+
+
+def ttls_ms(broker: Broker) -> dict[str, int]:
+    return {name.decode(): int(broker.client.pttl(name))
+            for name in broker.client.scan_iter(match=f"{broker.namespace}:*", count=1000)}
+
+
+@pytest.fixture
+def other_namespace(redis_client: redis.Redis) -> Iterator[Broker]:
+    """Another run's namespace in the same Redis, with a stream and a record that have no expiry."""
+    other = Broker(redis_client, f"test-{uuid.uuid4().hex[:12]}")
+    other.ensure_group(DOCUMENTS, ROLLOUT_GROUP)
+    write_published(other, 5)
+    yield other
+    other.delete_namespace()
+
+
+def test_the_drivers_renewal_gives_every_key_of_its_namespace_an_expiry_and_no_other_namespace_one(
+    redis_url: str, broker: Broker, namespace: str, other_namespace: Broker, tmp_path: Path
+) -> None:
+    config = RunConfig(train={"out_dir": str(tmp_path / "run")},
+                       service={"metrics_discovery_dir": str(tmp_path / "prometheus")})
+    orchestrator = Orchestrator(config, None, redis_url, namespace, resume=False, progress=False)
+    try:
+        orchestrator._claim_namespace()
+        write_as_the_roles_do(orchestrator, broker)
+        orchestrator._housekeeping()  # where the driver renews its claim
+        ttls = ttls_ms(broker)
+        claim = ttls.pop(broker.key("claim"))
+        assert 0 < claim <= orchestrator.claim_ttl_s * 1000  # the claim keeps its own, shorter TTL
+        assert len(ttls) == 15, ttls  # 4 streams, 7 records, a version's 4 weight keys
+        assert all(HOUR_MS // 2 < ttl <= HOUR_MS for ttl in ttls.values()), ttls  # an hour by default
+        assert set(ttls_ms(other_namespace).values()) == {-1}  # another run's keys are left alone
+
+        # A live driver's next refresh sets the expiry again (one that ran down, here by hand).
+        stream = broker.key("stream", DOCUMENTS)
+        broker.client.pexpire(stream, 5000)
+        orchestrator._next_housekeeping = orchestrator._keys_refresh_due = 0.0
+        orchestrator._housekeeping()
+        assert broker.client.pttl(stream) > HOUR_MS // 2
+
+        # Rewrites keep a key's expiry, even by a broker without key_ttl_s (a plain SET drops it); the driver's own
+        # writes, and a service learner's weights (gigabytes), bring one.
+        write_published(broker, 2)
+        write_recorded(broker, 2)
+        broker.request_stop("shutdown")
+        orchestrator.documents.put(documents("docs-1"))
+        RedisWeightStore(broker.client, namespace, key_ttl_s=orchestrator.key_ttl_s).publish(state_dict(), 1)
+        ttls = ttls_ms(broker)
+        for name in ("orchestrator:published", "orchestrator:recorded", "control:stop", "document_batch:docs-1",
+                     "weights:latest", "weights:versions", "weights:meta:1"):
+            assert HOUR_MS // 2 < ttls[broker.key(*name.split(":"))] <= HOUR_MS, name
+        blobs = [ttl for name, ttl in ttls.items() if ":weights:blob:" in name]
+        assert len(blobs) == 2 and all(HOUR_MS // 2 < ttl <= HOUR_MS for ttl in blobs), ttls
+    finally:
+        orchestrator.client.close()
+
+
+def test_a_namespace_whose_driver_stops_refreshing_loses_its_keys_and_the_run_says_why(
+    redis_url: str, broker: Broker, namespace: str, other_namespace: Broker, tmp_path: Path
+) -> None:
+    """A driver that stalls (suspended, swapped out) longer than the keys' time to live finds them gone: the run
+    stops saying they expired, not that Redis lost them."""
+    config = RunConfig(train={"out_dir": str(tmp_path / "run")},
+                       service={"metrics_discovery_dir": str(tmp_path / "prometheus"), "key_ttl_s": 0.5})
+    orchestrator = Orchestrator(config, None, redis_url, namespace, resume=False, progress=False)
+    try:
+        orchestrator._claim_namespace()
+        write_as_the_roles_do(orchestrator, broker)
+        orchestrator.published = 1
+        orchestrator._housekeeping()
+        assert len(ttls_ms(broker)) == 16
+        time.sleep(1.0)  # the driver renews nothing for twice the keys' time to live
+        assert list(ttls_ms(broker)) == [broker.key("claim")]  # which lapses after its own TTL
+        assert ttls_ms(other_namespace) == {other_namespace.key("stream", DOCUMENTS): -1,
+                                            other_namespace.key("orchestrator", "published"): -1}
+        with pytest.raises(ServiceError, match=r"^Redis at redis://\S+ no longer holds this run's state \(its keys "
+                                               r"expired: this driver did not refresh their expiry for \d+s, longer "
+                                               r"than their 0.5s time to live \(service.key_ttl_s\), as it was "
+                                               r"suspended or stalled\); the run stopped$"):
+            orchestrator._check_redis_kept_the_run()
+    finally:
+        orchestrator.client.close()
+
+
+def test_a_redis_emptied_under_a_driver_that_refreshes_is_not_said_to_have_expired(
+    redis_url: str, broker: Broker, namespace: str, tmp_path: Path
+) -> None:
+    config = RunConfig(train={"out_dir": str(tmp_path / "run")},
+                       service={"metrics_discovery_dir": str(tmp_path / "prometheus")})
+    orchestrator = Orchestrator(config, None, redis_url, namespace, resume=False, progress=False)
+    try:
+        orchestrator._claim_namespace()
+        write_as_the_roles_do(orchestrator, broker)
+        orchestrator.published = 1
+        orchestrator._housekeeping()
+        broker.delete_namespace(keep=("claim",))  # flushed, or restarted without persistence
+        with pytest.raises(ServiceError, match=r"lost this run's state \(its streams and records are gone, or its "
+                                               r"last writes: restarted without persistence, flushed"):
+            orchestrator._check_redis_kept_the_run()
+    finally:
+        orchestrator.client.close()
+
+
+def test_a_service_roles_writes_bring_their_expiry_before_any_refresh(redis_url: str, namespace: str) -> None:
+    """Keys a role creates between two refreshes of the driver's (a minute apart): a driver killed meanwhile leaves
+    none without an expiry."""
+    runtime = RoleRuntime("rollout_worker", "rollout_worker-0.0", redis_url, namespace, None, serve_now=False,
+                          key_ttl_s=600)  # its heartbeat and member record
+    try:
+        broker = runtime.broker
+        broker.ensure_group(DOCUMENTS, ROLLOUT_GROUP)
+        entry = broker.publish(DOCUMENTS, documents("docs-0"))
+        broker.ack_consumed(DOCUMENTS, ROLLOUT_GROUP, [entry], "learner", ["docs-0.rollouts"])
+        broker.dead_letter(DOCUMENTS, ROLLOUT_GROUP, entry, b"", "unusable")
+        write_progress(broker, LearnerProgress(step=1))
+        write_published(broker, 1)
+        write_recorded(broker, 1)
+        broker.request_stop("interrupted")
+        DocumentStore(broker).put(documents("docs-1"))
+        RedisWeightStore(broker.client, namespace, key_ttl_s=600).publish(state_dict(), 0)
+        ttls = ttls_ms(broker)
+        assert len(ttls) == 14, ttls  # 2 streams, 2 role records, 5 run records, a version's 4 weight keys, 1 batch
+        assert all(300_000 < ttl <= 600_000 for ttl in ttls.values()), ttls
+    finally:
+        runtime.close()
