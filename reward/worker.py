@@ -74,7 +74,6 @@ class RewardWorker:
         self.holding = holding or (lambda entry_id: nullcontext())
         self.scored_count = 0
         self.dead_count = 0
-        broker.ensure_group(rollout_stream, group)
 
     # -- one step ---------------------------------------------------------------------------------
 

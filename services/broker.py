@@ -12,6 +12,11 @@ one bad message never blocks a group.
 Every key lives under `<namespace>:`, so runs sharing one Redis never see each other's data. With `key_ttl_s` (a
 service run's roles and driver) every key the broker writes gets that expiry, and the driver refreshes it for the
 whole namespace while the run goes on (`expire_namespace`): a run whose driver was killed leaves nothing for good.
+
+Streams are made by whoever sets a run up (`ensure_group`: the driver, before any role starts). A consumer group
+lost meanwhile is made again on its stream as it is: a stream that no longer exists is never brought back (a role
+still reading while its run's namespace is deleted would leave keys behind), it raises `StreamGone`. A broker made
+with `make_streams=False` (a role's) makes no stream at all, by its reads or its publishes.
 """
 
 from __future__ import annotations
@@ -24,8 +29,9 @@ from pydantic import BaseModel
 
 from refine.config import check_namespace
 from services.codec import DEFAULT_LIMITS, CodecError, CodecLimits, decode, encode
+from services.resilience import RedisStateLost
 
-__all__ = ["Broker", "DeadLetter"]
+__all__ = ["Broker", "DeadLetter", "StreamGone"]
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -88,6 +94,11 @@ return 0
 """
 
 
+class StreamGone(RedisStateLost):
+    """A stream the run made no longer exists: its namespace was deleted (the run ended), or Redis lost it
+    (restarted without persistence, flushed). Raised instead of making the stream again."""
+
+
 class DeadLetter(BaseModel):
     """An entry that could not be used, as kept in `<stream>:dead`."""
 
@@ -110,7 +121,10 @@ class Broker:
         namespace: str,
         limits: CodecLimits = DEFAULT_LIMITS,
         key_ttl_s: float | None = None,
+        make_streams: bool = True,
     ) -> None:
+        """`make_streams=False`: reads and publishes raise StreamGone for a stream that does not exist (a role of a
+        service run, whose driver made every stream before starting it), rather than make it."""
         check_namespace(namespace)
         if key_ttl_s is not None and not key_ttl_s > 0:
             raise ValueError(f"key_ttl_s must be positive or None, got {key_ttl_s}")
@@ -121,6 +135,7 @@ class Broker:
         self.limits = limits
         # The expiry, in ms, of every key written here; None: keys created have none, and keys rewritten keep theirs.
         self.key_ttl_ms = None if key_ttl_s is None else max(1, int(key_ttl_s * 1000))
+        self.make_streams = make_streams
         self._heartbeat_script = client.register_script(_HEARTBEAT_LUA)
         self._keep_alive_script = client.register_script(_KEEP_ALIVE_LUA)
         self._renew_claim_script = client.register_script(_RENEW_CLAIM_LUA)
@@ -175,37 +190,53 @@ class Broker:
             {_PAYLOAD: payload, _TYPE: type(message).__name__},
             maxlen=maxlen,
             approximate=approximate,
+            nomkstream=not self.make_streams,
         )
+        if entry_id is None:  # NOMKSTREAM: the stream does not exist
+            raise self._gone(stream)
         return _text(entry_id)
 
     def ensure_group(self, stream: str, group: str, start_id: str = "0") -> None:
         """Create the consumer group (and the stream) unless it exists. `start_id="0"`: the group
         sees everything already in the stream; `"$"`: only what is published from now on."""
+        self._make_group(stream, group, start_id, make_stream=True)
+
+    def _make_group(self, stream: str, group: str, start_id: str, make_stream: bool) -> None:
+        """The consumer group, made unless this broker knows it; without `make_stream`, only on a stream that exists
+        (StreamGone otherwise)."""
         if (stream, group) in self._known_groups:
             return
+        key = self._stream(stream)
         try:
-            self.client.xgroup_create(self._stream(stream), group, id=start_id, mkstream=True)
+            self.client.xgroup_create(key, group, id=start_id, mkstream=make_stream)
         except redis.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
+                if not make_stream and not self.client.exists(key):
+                    raise self._gone(stream, group) from exc
                 raise
         else:
             if self.key_ttl_ms is not None:  # XADD leaves a stream's expiry as it is: it comes from here, or the driver
-                self.client.pexpire(self._stream(stream), self.key_ttl_ms)
+                self.client.pexpire(key, self.key_ttl_ms)
         self._known_groups.add((stream, group))
 
+    def _gone(self, stream: str, group: str | None = None) -> StreamGone:
+        reader = "" if group is None else f" (read by consumer group {group!r})"
+        return StreamGone(f"stream {self._stream(stream)!r}{reader} no longer exists")
+
     def _with_group(self, stream: str, group: str, command: Any) -> Any:
-        # The group may vanish under us (stream deleted, Redis restarted without persistence):
-        # recreate it once rather than fail the consumer loop. A read blocked on a stream that is deleted
-        # meanwhile (FLUSHALL) gets UNBLOCKED from Redis 7 on: the same case. The run's lost-state check
-        # (services.orchestrator) then stops the run, naming it.
-        self.ensure_group(stream, group)
+        # The group may vanish under us (stream deleted, Redis restarted without persistence): made again on the
+        # stream, it is read from its start. A read blocked on a stream that is deleted meanwhile gets UNBLOCKED
+        # (newer Redis versions; older ones answer the next read NOGROUP): the same case. A stream gone is not made
+        # again (StreamGone): its run ended (a role killed late would leave it behind) or Redis lost the run's
+        # state, which services.orchestrator names.
+        self._make_group(stream, group, "0", make_stream=self.make_streams)
         try:
             return command()
         except redis.ResponseError as exc:
             if "NOGROUP" not in str(exc) and "UNBLOCKED" not in str(exc):
                 raise
             self._known_groups.discard((stream, group))
-            self.ensure_group(stream, group)
+            self._make_group(stream, group, "0", make_stream=False)
             return command()
 
     def consume(

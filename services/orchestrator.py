@@ -47,8 +47,9 @@ run ends with an error naming the Redis URL.
 
 Stopping. Ctrl-C (or SIGTERM, which `ray job stop` sends) sets the run's stop flag in Redis: the
 learner checkpoints and returns, the other roles leave their loops, and the run ends as usual. A
-second Ctrl-C kills the actors at once. A run that fails (a bad data row, a dead letter, a role
-restarted too often) sets the stop flag too and gives the learner up to STOP_GRACE_S to
+second Ctrl-C kills the actors at once. A role Ray has not killed yet when the run's keys are deleted makes none
+again (services.broker): its loop ends on the run's lost state. A run that fails (a bad data row, a dead letter, a
+role restarted too often) sets the stop flag too and gives the learner up to STOP_GRACE_S to
 checkpoint before the actors are killed; the error then ends the run.
 
 Resume. A run always starts from an empty namespace; everything durable is in the learner's
@@ -127,9 +128,9 @@ from services.restart_limit import MAX_RESTARTS_PER_ROLE, RESTART_WINDOW_S, Rest
 from services.run_checks import check_data_source, check_service_config, with_service_train_mode
 from services.source_digest import own_stamp
 from services.streams import (
-    DOCUMENTS, LEARNER_GROUP, LEARNER_REPORTS, ORCHESTRATOR_GROUP, REWARD_GROUP, ROLLOUT_GROUP, ROLLOUTS, SCORED,
-    DocumentStore, check_rollout_message_size, delete_idle_consumers, document_batch_id_for, release_consumer,
-    trim_acknowledged,
+    DOCUMENTS, LEARNER_REPORTS, ORCHESTRATOR_GROUP, REWARD_GROUP, ROLLOUT_GROUP, ROLLOUTS, SCORED, DocumentStore,
+    check_rollout_message_size, delete_idle_consumers, document_batch_id_for, make_run_streams, release_consumer,
+    run_groups, trim_acknowledged,
 )
 
 __all__ = ["data_cursor", "run"]
@@ -408,8 +409,7 @@ class Orchestrator:
     def _fresh_streams(self) -> None:
         """The namespace emptied of an earlier run's keys (the claim kept), and the run's consumer groups made."""
         self.broker.delete_namespace(keep=("claim",))
-        for stream, group in self._groups():
-            self.broker.ensure_group(stream, group, start_id="0")
+        make_run_streams(self.broker, self.colocated)
         self._expire_keys()  # the first refresh: the time since the last one tells whether keys expired
 
     def _claim_namespace(self) -> None:
@@ -468,10 +468,7 @@ class Orchestrator:
         return self.broker.release_claim(self.claim_holder)
 
     def _groups(self) -> list[tuple[str, str]]:
-        groups = [(LEARNER_REPORTS, ORCHESTRATOR_GROUP)]
-        if self.colocated:
-            return groups + [(DOCUMENTS, LEARNER_GROUP)]
-        return groups + [(DOCUMENTS, ROLLOUT_GROUP), (ROLLOUTS, REWARD_GROUP), (SCORED, LEARNER_GROUP)]
+        return run_groups(self.colocated)
 
     def _remote(self, role: str, cls: type) -> Callable[[Placement], Any]:
         """`cls` as `role`'s actor class, created in a given bundle: call .remote(...) on what it returns."""
@@ -729,16 +726,18 @@ class Orchestrator:
         reports = []
         if self.read_interrupted:  # the graceful stop's reads take back what the interrupted one was handed
             reclaim_idle_ms, self.read_interrupted = 0, False
-        if reclaim_idle_ms is not None:  # delivered while Redis went down (the reply lost), or before a Ctrl-C;
-            # read first: they are older than any new report, and metrics.jsonl keeps the steps in order
-            reports = self.broker.reclaim(LEARNER_REPORTS, ORCHESTRATOR_GROUP, "orchestrator", StepReport,
-                                          min_idle_ms=reclaim_idle_ms)
         try:
+            if reclaim_idle_ms is not None:  # delivered while Redis went down (the reply lost), or before a Ctrl-C;
+                # read first: they are older than any new report, and metrics.jsonl keeps the steps in order
+                reports = self.broker.reclaim(LEARNER_REPORTS, ORCHESTRATOR_GROUP, "orchestrator", StepReport,
+                                              min_idle_ms=reclaim_idle_ms)
             reports += self.broker.consume(LEARNER_REPORTS, ORCHESTRATOR_GROUP, "orchestrator", StepReport,
                                            count=100, block_ms=block_ms)
         except KeyboardInterrupt:
             self.read_interrupted = True
             raise
+        except RedisStateLost as exc:  # the reports' stream is gone: Redis lost the run's state
+            raise self._state_lost(f"{exc}: ") from exc
         confirmed = self.recorded_through
         for entry_id, report in reports:
             # A report recorded but not acknowledged comes back once.
@@ -792,6 +791,8 @@ class Orchestrator:
                     ray.get(member.future)
                     reason = "its loop returned before the run ended"
                 except ray.exceptions.RayError as exc:
+                    if isinstance(actor_error(exc), RedisStateLost):  # a replacement would find it gone too
+                        raise self._state_lost(f"{actor_error(exc)}: ") from exc
                     # Cut at a word (a line of events.jsonl and of the console): Ray's texts run to pages.
                     reason = f"its actor died ({textwrap.shorten(describe_failure(exc), 300, placeholder=' ...')})"
                     if not member.seen_alive:  # it failed while starting: a replacement would too
@@ -1027,7 +1028,7 @@ class Orchestrator:
             # The steps it took meanwhile go to metrics.jsonl too: it must match the checkpoint on resume.
             while self._drain_reports(block_ms=None, reclaim_idle_ms=0):
                 pass
-        except (redis.RedisError, OSError) as exc:
+        except (redis.RedisError, OSError, ServiceError) as exc:  # ServiceError: Redis lost the run's state
             logger.warning("could not read the learner's last reports: %s", exc)
 
     def _shutdown(self) -> None:

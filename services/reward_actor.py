@@ -14,7 +14,6 @@ from refine.algorithm.rewards import check_run_reward, reward_reads_text
 from refine.config import RunConfig, run_tokenizer
 from reward.worker import HEARTBEAT_ROLE, RewardWorker
 from services.namespace_claim import key_ttl_s
-from services.resilience import retry_redis
 from services.role import RoleRuntime
 from services.source_digest import check_sources
 from services.streams import REWARD_GROUP, ROLLOUTS, SCORED
@@ -38,11 +37,12 @@ class RewardReplica:
                                    key_ttl_s=key_ttl_s(config))
         # Only a reward that reads text needs the tokenizer (and ids it can decode).
         decode = run_tokenizer(config).decode if reward_reads_text(config.refine.reward) else None
-        self.worker = retry_redis(lambda: RewardWorker(  # it creates its consumer group: Redis may be restarting
+        # It joins the consumer group the driver made on its first read: a role makes no stream (services.role).
+        self.worker = RewardWorker(
             self.runtime.broker, config.refine.reward, rollout_stream=ROLLOUTS, scored_stream=SCORED,
             group=REWARD_GROUP, consumer=replica_id, metrics=self.runtime.metrics, decode=decode,
             holding=lambda entry_id: self.runtime.holding(ROLLOUTS, REWARD_GROUP, entry_id),
-        ), f"{replica_id}: start", 120.0)
+        )
 
     def run(self, block_ms: int = 500) -> str:
         """Score until the run's stop flag is set; returns a JSON summary."""

@@ -21,7 +21,7 @@ import torch
 
 from refine.runtime import tune_allocator
 
-from services.broker import Broker
+from services.broker import Broker, StreamGone
 from services.metrics import ROLE_FAMILIES, Metrics, MetricsEndpoint, serve_metrics
 from services.redis_server import connect
 from services.resilience import TRANSIENT, retry_redis
@@ -65,7 +65,9 @@ class RoleRuntime:
         self.member_id = member_id
         # A member may start while Redis restarts: wait for it rather than die at birth.
         self.client = retry_redis(lambda: connect(redis_url), f"{member_id}: connect", outage_timeout_s)
-        self.broker = Broker(self.client, namespace, key_ttl_s=key_ttl_s)
+        # The driver made every stream of the run before starting its roles: a member never makes one (one still
+        # running while the run's namespace is deleted would leave it behind).
+        self.broker = Broker(self.client, namespace, key_ttl_s=key_ttl_s, make_streams=False)
         self.metrics = Metrics(families=ROLE_FAMILIES.get(role) if metric_families is None else metric_families)
         self._metrics_dir = metrics_dir
         self._namespace = namespace
@@ -115,6 +117,8 @@ class RoleRuntime:
                 self.broker.keep_alive(stream, group, self.member_id, [entry_id])
             except TRANSIENT as exc:
                 logger.warning("keep-alive of %s entry %s failed: %s", stream, entry_id, exc)
+            except StreamGone:  # nothing left to keep: the member's own read ends its loop on it
+                pass
 
     @contextmanager
     def holding(self, stream: str, group: str, entry_id: str) -> Iterator[None]:

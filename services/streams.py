@@ -35,8 +35,10 @@ __all__ = [
     "SCORED",
     "document_batch_id_for",
     "document_batch_index",
+    "make_run_streams",
     "release_consumer",
     "rollout_batch_id_for",
+    "run_groups",
     "trim_acknowledged",
     "unpublishable_reason",
     "unusable_documents",
@@ -56,6 +58,21 @@ ORCHESTRATOR_GROUP = "orchestrator"
 # and those it dropped as too stale. A message id is in at most one of them.
 CONSUMED_KEY = "learner"
 DROPPED_KEY = "learner-dropped"
+
+
+def run_groups(colocated: bool) -> list[tuple[str, str]]:
+    """Every (stream, consumer group) of a run: the learner's reports, read by the orchestrator, then the pipeline."""
+    groups = [(LEARNER_REPORTS, ORCHESTRATOR_GROUP)]
+    if colocated:
+        return groups + [(DOCUMENTS, LEARNER_GROUP)]
+    return groups + [(DOCUMENTS, ROLLOUT_GROUP), (ROLLOUTS, REWARD_GROUP), (SCORED, LEARNER_GROUP)]
+
+
+def make_run_streams(broker: Broker, colocated: bool) -> None:
+    """The run's streams with their consumer groups, each reading its stream from the start: the driver makes them
+    before any role starts, as roles make no stream (services.role)."""
+    for stream, group in run_groups(colocated):
+        broker.ensure_group(stream, group, start_id="0")
 
 
 _DOCUMENT_BATCH_PREFIX = "docs-"

@@ -8,8 +8,10 @@ import json
 import shlex
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import ray
 import torch
 from ray.exceptions import ActorDiedError, RayTaskError
 
@@ -22,13 +24,16 @@ from refine_vllm.settings import staging_prefix
 from rollout_workers.engines import engine_owner
 from service_helpers import events, step_rows, tiny_config
 from refine.tokenizer import load_tokenizer
+from services.broker import Broker
 from services.failures import ServiceError, describe_failure
 from services.member_files import remove_member_files
 from services.messages import DataCursor, DocumentBatch
 from services.orchestrator import Orchestrator, run
 from services.progress import LearnerProgress, StepReport, read_published, write_progress, write_published
 from services.report_files import restore_reports
-from services.streams import DOCUMENTS, check_rollout_message_size
+from services.resilience import RedisStateLost
+from services.redis_server import connect
+from services.streams import DOCUMENTS, LEARNER_REPORTS, check_rollout_message_size
 
 UNREACHABLE_REDIS = "redis://127.0.0.1:1/0"  # a run that got as far as Redis would fail on it
 
@@ -153,6 +158,49 @@ def test_a_redis_that_comes_back_empty_ends_the_run_naming_it(redis_url: str, tm
         with pytest.raises(ServiceError, match="lost this run's state"):
             orchestrator._publish_next()
         assert read_published(orchestrator.broker) is None and orchestrator.broker.length(DOCUMENTS) == 0
+    finally:
+        orchestrator.client.close()
+
+
+def test_a_report_read_on_a_redis_that_came_back_empty_ends_the_run_naming_it(redis_url: str, tmp_path: Path) -> None:
+    """The driver's read of the learner's reports made their stream again on a Redis that lost it (restarted without
+    persistence): it names the lost state instead, as the check of the published batches does."""
+    config = tiny_config(tmp_path)
+    namespace = config.service.namespace
+    orchestrator = Orchestrator(config, run_tokenizer(config), redis_url, namespace, resume=False, progress=False)
+    try:
+        orchestrator._fresh_streams()
+        assert orchestrator._drain_reports(block_ms=None) == 0
+        Broker(connect(redis_url), namespace).delete_namespace()  # what a restart without persistence leaves: nothing
+        with pytest.raises(ServiceError, match=rf"^Redis at redis://\S+ lost this run's state \(stream '{namespace}:"
+                                               rf"stream:{LEARNER_REPORTS}' \(read by consumer group 'orchestrator'\) "
+                                               rf"no longer exists: its streams and records are gone, .*\); the run "
+                                               rf"stopped$"):
+            orchestrator._drain_reports(block_ms=None)
+        assert list(orchestrator.client.scan_iter(match=f"{namespace}:*")) == []
+    finally:
+        orchestrator.client.close()
+
+
+def test_a_role_that_ends_on_the_runs_lost_state_ends_the_run_naming_it(ray_session, redis_url: str,
+                                                                         tmp_path: Path) -> None:
+    """A rollout worker or reward replica whose stream is gone (Redis restarted without persistence) ends its loop on
+    it: a replacement would find it gone too, so the run ends with the lost state, restarting nothing."""
+    config = tiny_config(tmp_path)
+    namespace = config.service.namespace
+    orchestrator = Orchestrator(config, run_tokenizer(config), redis_url, namespace, resume=False, progress=False)
+    gone = RedisStateLost(f"stream '{namespace}:stream:{DOCUMENTS}' (read by consumer group 'rollout') no longer "
+                          f"exists")
+    future = ray.remote(num_cpus=0)(lambda: (_ for _ in ()).throw(gone)).remote()  # a worker's run that raised it
+    ray.wait([future])
+    orchestrator.members = [SimpleNamespace(role="rollout_worker", member_id="rollout_worker-0.0", seen_alive=True,
+                                            future=future)]
+    try:
+        with pytest.raises(ServiceError, match=rf"^Redis at redis://\S+ lost this run's state \(stream '{namespace}:"
+                                               rf"stream:{DOCUMENTS}' \(read by consumer group 'rollout'\) no longer "
+                                               rf"exists: its streams and records are gone"):
+            orchestrator._supervise()
+        assert orchestrator.restarts == {}
     finally:
         orchestrator.client.close()
 

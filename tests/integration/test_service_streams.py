@@ -25,7 +25,8 @@ from services.redis_server import connect
 from services.role import RoleRuntime
 from services.streams import (
     LEARNER_GROUP, LEARNER_REPORTS, SCORED, DocumentStore, document_batch_id_for, document_batch_index,
-    CONSUMED_KEY, DROPPED_KEY, delete_idle_consumers, release_consumer, rollout_batch_id_for, trim_acknowledged,
+    CONSUMED_KEY, DROPPED_KEY, delete_idle_consumers, make_run_streams, release_consumer, rollout_batch_id_for,
+    trim_acknowledged,
 )
 
 
@@ -267,6 +268,7 @@ DOCS_T, ROLLOUT_K, CHUNKS, SAMPLES = 64, 5, 4, 2
 def learner(redis_url: str, tmp_path: Path) -> Iterator[Learner]:
     config = tiny_config(tmp_path, "train.checkpoint_every=0", f"refine.rollout_len={ROLLOUT_K}")
     learner = Learner(config.model_dump_json(), redis_url, config.service.namespace)
+    make_run_streams(learner.broker, colocated=False)  # as the driver does before any role starts
     yield learner
     learner.runtime.close()
     Broker(connect(redis_url), config.service.namespace).delete_namespace()

@@ -24,7 +24,7 @@ from services.metrics import serve_metrics
 from services.redis_server import EmbeddedRedis
 from services.report_files import restore_reports
 from services.resilience import RedisOutage
-from services.streams import DOCUMENTS, LEARNER_GROUP, SCORED, document_batch_id_for, rollout_batch_id_for
+from services.streams import DOCUMENTS, SCORED, document_batch_id_for, make_run_streams, rollout_batch_id_for
 
 SERVICE_TINY = Path(__file__).resolve().parents[2] / "configs" / "service_tiny.yaml"
 
@@ -41,7 +41,7 @@ def test_checkpoint_keeps_the_reports_the_orchestrator_has_not_written(redis_url
                                         f"service.namespace=test-{uuid.uuid4().hex[:10]}", "train.checkpoint_every=0"])
     learner = Learner(config.model_dump_json(), redis_url, config.service.namespace)
     try:
-        learner.broker.ensure_group(DOCUMENTS, LEARNER_GROUP, start_id="0")
+        make_run_streams(learner.broker, colocated=True)  # as the driver does
         for index in range(3):
             learner.broker.publish(DOCUMENTS, _documents(index))
             assert learner.run_once(block_ms=100) == 1
@@ -82,7 +82,7 @@ def test_a_checkpointed_skipped_step_resumes_with_the_stats_it_reported(redis_ur
     learner = Learner(config.model_dump_json(), redis_url, config.service.namespace)
     try:
         learner.setup()
-        learner.broker.ensure_group(SCORED, LEARNER_GROUP, start_id="0")
+        make_run_streams(learner.broker, colocated=False)  # as the driver does
         documents = _documents(0)
         learner.documents.put(documents)
         learner.broker.publish(SCORED, _scored(learner, documents))
@@ -151,7 +151,7 @@ def test_a_colocated_learner_exports_its_rollouts_their_reward_and_entropy(redis
     config = _config(tmp_path, "service.mode=colocated", "train.checkpoint_every=0")
     learner = Learner(config.model_dump_json(), redis_url, config.service.namespace)
     try:
-        learner.broker.ensure_group(DOCUMENTS, LEARNER_GROUP, start_id="0")
+        make_run_streams(learner.broker, colocated=True)  # as the driver does
         learner.broker.publish(DOCUMENTS, _documents(0))
         assert learner.run_once(block_ms=100) == 1
         registry, stats = learner.metrics.registry, learner.last_stats
@@ -238,5 +238,5 @@ def _colocated_learner_on_its_own_redis(tmp_path: Path) -> tuple[EmbeddedRedis, 
                                         f"service.namespace=test-{uuid.uuid4().hex[:10]}", "train.checkpoint_every=0",
                                         "train.steps=10"])
     learner = Learner(config.model_dump_json(), server.url, config.service.namespace)
-    learner.broker.ensure_group(DOCUMENTS, LEARNER_GROUP, start_id="0")
+    make_run_streams(learner.broker, colocated=True)  # as the driver does
     return server, learner

@@ -22,7 +22,7 @@ from services.messages import DataCursor, DocumentBatch, ScoredBatch
 from services.progress import StepReport, read_progress, write_published
 from services.resilience import RedisStateLost
 from services.streams import (
-    DOCUMENTS, LEARNER_GROUP, LEARNER_REPORTS, SCORED, document_batch_id_for, rollout_batch_id_for,
+    DOCUMENTS, LEARNER_GROUP, LEARNER_REPORTS, SCORED, document_batch_id_for, make_run_streams, rollout_batch_id_for,
 )
 
 SERVICE_TINY = Path(__file__).resolve().parents[2] / "configs" / "service_tiny.yaml"
@@ -34,7 +34,9 @@ def _make_learner(redis_url: str, tmp_path: Path, *overrides: str) -> Learner:
     config = load_config(SERVICE_TINY, [f"train.out_dir={tmp_path / 'run'}", "train.checkpoint_every=0",
                                         f"service.namespace=test-{uuid.uuid4().hex[:10]}",
                                         f"service.metrics_discovery_dir={tmp_path / 'prometheus'}", *overrides])
-    return Learner(config.model_dump_json(), redis_url, config.service.namespace)
+    learner = Learner(config.model_dump_json(), redis_url, config.service.namespace)
+    make_run_streams(learner.broker, config.service.mode == "colocated")  # as the driver does before any role starts
+    return learner
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from services.broker import Broker
 from services.codec import TENSOR_EXT_CODE, encode
 from services.messages import DocumentBatch, RolloutBatch
 from services.redis_server import connect
+from services.resilience import RedisStateLost
 
 STREAM, GROUP = "documents", "rollout-workers"
 
@@ -220,7 +221,8 @@ def test_group_is_recreated_if_the_stream_vanishes(broker: Broker) -> None:
     assert [m.doc_ids for _, m in broker.consume(STREAM, GROUP, "c", DocumentBatch)] == [["b"]]
 
 
-def test_a_read_blocked_on_a_stream_that_is_deleted_and_made_again_meanwhile_goes_on(broker: Broker) -> None:
+def test_a_read_blocked_on_a_stream_that_is_deleted_and_made_again_meanwhile_goes_on(broker: Broker,
+                                                                                      wait_for_blocked_read) -> None:
     """FLUSHALL (or a deleted key) under a blocked XREADGROUP, then a publish that makes the stream again: Redis
     answers UNBLOCKED, which ended the role that read (the learner, a worker, the driver itself) with a raw error.
     The group is made again, as for NOGROUP, and the read goes on."""
@@ -235,13 +237,66 @@ def test_a_read_blocked_on_a_stream_that_is_deleted_and_made_again_meanwhile_goe
 
     reader = threading.Thread(target=read)
     reader.start()
-    time.sleep(0.5)  # the read is blocked by now
-    broker.client.delete(broker.key("stream", STREAM))
-    broker.publish(STREAM, documents("lost"))  # what a role publishing after the flush does
+    wait_for_blocked_read(broker.client)
+    # The publish that makes the stream again (a role's, after the flush) lands in the same transaction: the read
+    # is retried on a stream that exists (one that does not is not made again: the test below).
+    key = broker.key("stream", STREAM)
+    with broker.client.pipeline(transaction=True) as pipe:
+        pipe.delete(key)
+        pipe.xadd(key, {b"m": encode(documents("lost")), b"t": b"DocumentBatch"})
+        pipe.execute()
     reader.join(timeout=10)
     assert len(outcome) == 1 and isinstance(outcome[0], list), outcome
     broker.publish(STREAM, documents("after"))
     assert ["after"] in [m.doc_ids for _, m in broker.consume(STREAM, GROUP, "c", DocumentBatch, count=10)]
+
+
+def test_a_stream_deleted_under_a_blocked_read_is_not_made_again(broker: Broker, redis_url: str, namespace: str,
+                                                                  wait_for_blocked_read) -> None:
+    """A role still reading when its run's namespace is deleted (a second Ctrl-C: Ray kills actors asynchronously)
+    made its consumer group again with the stream, and the run's end left that key in Redis. The stream is not
+    made again: the read raises the run's lost state, which ends the role's loop."""
+    broker.ensure_group(STREAM, GROUP)  # the run's set-up
+    reader = Broker(connect(redis_url), namespace)
+    deleted = threading.Event()
+    outcome: list = []
+
+    def role_loop() -> None:
+        reads_after = 0
+        try:
+            while reads_after < 2:  # two reads that started after the deletion: enough to make it again
+                started_after = deleted.is_set()
+                reader.consume(STREAM, GROUP, "c", DocumentBatch, block_ms=200)
+                reads_after += started_after
+        except RedisStateLost as exc:
+            outcome.append(exc)
+
+    loop = threading.Thread(target=role_loop)
+    loop.start()
+    wait_for_blocked_read(broker.client)
+    broker.delete_namespace()  # the run's end
+    deleted.set()
+    loop.join(timeout=30)
+    assert not loop.is_alive()
+    assert list(broker.client.scan_iter(match=f"{namespace}:*")) == []
+    assert len(outcome) == 1, "the role read on from a stream it made again"
+    assert str(outcome[0]) == (f"stream '{namespace}:stream:{STREAM}' (read by consumer group '{GROUP}') no longer "
+                               f"exists")
+
+
+def test_a_roles_broker_makes_no_stream(broker: Broker, redis_url: str, namespace: str) -> None:
+    """A role's reads and publishes never make a stream (the run's set-up made them all): one that does not exist
+    is the run's state gone."""
+    role = Broker(connect(redis_url), namespace, make_streams=False)
+    with pytest.raises(RedisStateLost, match=rf"^stream '{namespace}:stream:{STREAM}' \(read by consumer group "
+                                         rf"'{GROUP}'\) no longer exists$"):
+        role.consume(STREAM, GROUP, "c", DocumentBatch)
+    with pytest.raises(RedisStateLost, match=rf"^stream '{namespace}:stream:{STREAM}' no longer exists$"):
+        role.publish(STREAM, documents("a"))
+    assert list(broker.client.scan_iter(match=f"{namespace}:*")) == []
+    broker.ensure_group(STREAM, GROUP)  # the set-up makes it
+    role.publish(STREAM, documents("b"))
+    assert [m.doc_ids for _, m in role.consume(STREAM, GROUP, "c", DocumentBatch)] == [["b"]]
 
 
 @pytest.mark.parametrize("error", ["UNBLOCKED the stream key no longer exists",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -13,7 +14,11 @@ from learner.learner import MEMBER_ID, ROLE
 from refine.config import load_config
 from services.metrics import Metrics, serve_metrics
 from refine.runtime import sigterm_as_ctrl_c
+from services.messages import DocumentBatch
 from services.orchestrator import SIGNALLED_STOP_GRACE_S, STOP_GRACE_S, Orchestrator
+from services.resilience import RedisStateLost
+from services.role import RoleRuntime
+from services.streams import DOCUMENTS, ROLLOUT_GROUP
 
 
 class RayAborted(BaseException):
@@ -83,6 +88,48 @@ def test_the_runs_keys_are_deleted_before_the_placement_group_is_released(tmp_pa
         assert reservation.released is not ray_is_the_runs
     finally:
         orchestrator.client.close()
+
+
+def test_a_role_still_reading_when_the_run_is_killed_leaves_no_stream_behind(tmp_path, redis_url, namespace,
+                                                                            redis_client, monkeypatch,
+                                                                            wait_for_blocked_read):
+    """A second Ctrl-C kills the actors, then deletes the run's keys; Ray carries a kill out asynchronously, and a
+    rollout worker still blocked in its read made its consumer group again, the stream with it: the key stayed in
+    Redis after the run. Its loop ends on the run's lost state instead, and no key of the run is left."""
+    config = load_config("configs/service_tiny.yaml", [f"train.out_dir={tmp_path / 'run'}",
+                                                       f"service.metrics_discovery_dir={tmp_path / 'prometheus'}"])
+    orchestrator = Orchestrator(config, None, redis_url, namespace, resume=False, progress=False)
+    orchestrator._claim_namespace()
+    orchestrator._fresh_streams()
+    monkeypatch.setattr(ray, "kill", lambda *args, **kwargs: None)  # a kill Ray has not carried out yet
+    # The role's reads are under test: its heartbeat thread does not beat meanwhile.
+    worker = RoleRuntime("rollout_worker", "rollout_worker-0.0", redis_url, namespace, None, heartbeat_interval_s=3600)
+    deleted = threading.Event()
+    outcome: list = []
+
+    def worker_loop() -> None:
+        reads_after = 0
+        try:
+            while reads_after < 2:  # two reads that started after the run's end: enough to make the stream again
+                started_after = deleted.is_set()
+                worker.broker.consume(DOCUMENTS, ROLLOUT_GROUP, worker.member_id, DocumentBatch, block_ms=200)
+                reads_after += started_after
+        except RedisStateLost as exc:
+            outcome.append(exc)
+
+    loop = threading.Thread(target=worker_loop)
+    loop.start()
+    try:
+        wait_for_blocked_read(redis_client)
+        orchestrator._shutdown()
+        deleted.set()
+        loop.join(timeout=30)
+        assert not loop.is_alive()
+    finally:
+        worker.close()
+        orchestrator.client.close()
+    assert [type(error).__name__ for error in outcome] == ["StreamGone"], "the worker read on from a stream it made"
+    assert list(redis_client.scan_iter(match=f"{namespace}:*")) == []
 
 
 def test_a_learner_lost_with_ray_during_a_stop_is_an_interruption_not_a_failure(tmp_path, redis_url, namespace,

@@ -2,6 +2,7 @@
 reward as the run does (refine.reward_modules first) and decodes text only for rewards that read it."""
 
 import sys
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -11,8 +12,9 @@ from refine.algorithm.rewards import unregister_reward
 from refine.config import load_config
 from services.broker import Broker
 from services.messages import ScoredBatch
+from services.resilience import RedisStateLost
 from services.reward_actor import RewardReplica
-from services.streams import ROLLOUTS, SCORED
+from services.streams import ROLLOUTS, SCORED, make_run_streams
 
 PLUGIN_MODULE = "scratch_replica_rewards"
 PLUGIN_REWARD = "test_replica_plugin"
@@ -40,6 +42,7 @@ def start_replica(redis_url: str, namespace: str, *overrides: str) -> RewardRepl
 
 
 def score_one(replica: RewardReplica, broker: Broker, batch) -> list[ScoredBatch]:
+    make_run_streams(broker, colocated=False)  # as the driver does before any role starts
     broker.publish(ROLLOUTS, batch)
     try:
         assert replica.worker.run_once(block_ms=None) == 1
@@ -79,3 +82,35 @@ def test_a_custom_reward_from_the_runs_reward_modules_is_served(redis_url, names
 def test_a_module_that_does_not_import_names_the_setting(redis_url, namespace):
     with pytest.raises(ValueError, match="refine.reward_modules: cannot import 'no_such_rewards_module'"):
         start_replica(redis_url, namespace, "refine.reward_modules=[no_such_rewards_module]")
+
+
+def test_a_replica_that_starts_after_its_run_ended_makes_no_stream(redis_url, namespace, redis_client):
+    """Ray kills actors asynchronously: a replica still starting when a second Ctrl-C killed its run made its consumer
+    group, and the rollouts stream with it, after the run had deleted its namespace; the key stayed in Redis. It
+    makes no stream: its loop ends on the run's lost state."""
+    replica = start_replica(redis_url, namespace)
+    stop = threading.Timer(30, Broker(redis_client, namespace).request_stop, ["test"])  # ends a loop that reads on
+    stop.start()
+    try:
+        with pytest.raises(RedisStateLost, match=rf"^stream '{namespace}:stream:{ROLLOUTS}' \(read by consumer group "
+                                                 rf"'reward'\) no longer exists$"):
+            replica.run()
+    finally:
+        stop.cancel()
+        replica.runtime.close()
+    assert list(redis_client.scan_iter(match=f"{namespace}:stream:*")) == []
+
+
+def test_a_replica_whose_scored_stream_is_gone_does_not_make_it_again(redis_url, namespace, broker, make_batch):
+    """The run's namespace deleted while the replica scored a batch: publishing the scored batch made the stream
+    again."""
+    replica = start_replica(redis_url, namespace)
+    make_run_streams(broker, colocated=False)
+    broker.publish(ROLLOUTS, make_batch(seed=3))
+    broker.client.delete(broker.key("stream", SCORED))
+    try:
+        with pytest.raises(RedisStateLost, match=rf"^stream '{namespace}:stream:{SCORED}' no longer exists$"):
+            replica.worker.run_once(block_ms=None)
+    finally:
+        replica.runtime.close()
+    assert not broker.client.exists(broker.key("stream", SCORED))
