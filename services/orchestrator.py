@@ -47,10 +47,11 @@ run ends with an error naming the Redis URL.
 
 Stopping. Ctrl-C (or SIGTERM, which `ray job stop` sends) sets the run's stop flag in Redis: the
 learner checkpoints and returns, the other roles leave their loops, and the run ends as usual. A
-second Ctrl-C kills the actors at once. A role Ray has not killed yet when the run's keys are deleted makes none
-again (services.broker): its loop ends on the run's lost state. A run that fails (a bad data row, a dead letter, a
-role restarted too often) sets the stop flag too and gives the learner up to STOP_GRACE_S to
-checkpoint before the actors are killed; the error then ends the run.
+second Ctrl-C kills the actors at once, then says which step the learner's last checkpoint holds and the resume
+command. A role Ray has not killed yet when the run's keys are deleted makes none again (services.broker): its
+loop ends on the run's lost state. A run that fails (a bad data row, a dead letter, a role restarted too often)
+sets the stop flag too and gives the learner up to STOP_GRACE_S to checkpoint before the actors are killed; the
+error then ends the run.
 
 Resume. A run always starts from an empty namespace; everything durable is in the learner's
 checkpoint (weights, optimizer, RNG, data cursor, weight version). So every key of the namespace may expire:
@@ -405,6 +406,8 @@ class Orchestrator:
                 if graceful:
                     self._let_learner_stop()
                 self._shutdown()
+                if not graceful:  # after the kill: with the checkpoint the learner left
+                    self._write_line(self._killed_message())
 
     def _fresh_streams(self) -> None:
         """The namespace emptied of an earlier run's keys (the claim kept), and the run's consumer groups made."""
@@ -919,6 +922,20 @@ class Orchestrator:
             return ""
         # The command a stop prints too: with the run's --redis-url and --ray-address (password hidden).
         return f"; resume from its last checkpoint with `{shlex.join(self.resume_command)}`"
+
+    def _killed_message(self) -> str:
+        """What a run killed at once (a second Ctrl-C, or one before it trains) says: the step its last checkpoint
+        holds, and how to go on."""
+        command = f"resume with `{shlex.join(self.resume_command)}`"
+        checkpoint = latest_checkpoint(self.out_dir)
+        if not checkpoint.exists():
+            return f"killed at once, before its first checkpoint (a resume starts at step 0); {command}"
+        try:
+            step = read_learner_state(checkpoint).step
+        except (OSError, ValueError) as exc:  # its message names the file
+            return f"killed at once (its last checkpoint: {exc}); {command}"
+        steps = self.config.train.steps
+        return f"killed at once: its last checkpoint holds step {step} of train.steps={steps}; {command}"
 
     def _stop_flag(self, reason: str) -> None:
         if self.redis_lost:

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from pathlib import Path
 
 import pytest
+import ray
 
 from learner.checkpoint import latest_checkpoint, read_learner_state
+from refine.cli import main
 from refine.config import run_tokenizer
 from refine.data.stream import document_batches
 from refine.loop import RunInterrupted
-from service_helpers import run_in_background, step_rows, tiny_config, wait_for
+from service_helpers import SERVICE_TINY, run_in_background, step_rows, tiny_config, tiny_overrides, wait_for
 from services.broker import Broker
 from services.failures import ServiceError
 from services.orchestrator import Orchestrator, run
@@ -183,3 +186,53 @@ def test_a_ctrl_c_during_a_report_read_still_writes_that_report(ray_session, tmp
     checkpoint = read_learner_state(latest_checkpoint(tmp_path / "run"))
     assert [row["step"] for row in step_rows(tmp_path / "run")] == list(range(1, checkpoint.step + 1))
     assert set(armed["interrupted"]) <= set(range(1, checkpoint.step + 1))
+
+
+def test_a_second_ctrl_c_kills_the_run_says_how_to_resume_it_and_leaves_no_key(ray_session, redis_url: str,
+                                                                                tmp_path: Path, monkeypatch, caplog,
+                                                                                capsys) -> None:
+    """The first Ctrl-C stops the run gracefully and says how to resume it; the second kills its actors at once, and
+    said neither which step its checkpoint holds nor the command that resumes it. The run's keys go with it: a role
+    Ray had not killed yet made its stream again after the run deleted its namespace."""
+    overrides = [*tiny_overrides(tmp_path), "train.steps=200"]
+    namespace = next(item.split("=", 1)[1] for item in overrides if item.startswith("service.namespace="))
+    args = ["train", str(SERVICE_TINY), "--no-progress", "--redis-url", redis_url]
+    for item in overrides:
+        args += ["--set", item]
+    consume, kill = Broker.consume, ray.kill
+    presses: list[str] = []
+    killed: list = []
+
+    def ctrl_c(self: Broker, stream: str, *args, **kwargs):
+        entries = consume(self, stream, *args, **kwargs)
+        if stream == LEARNER_REPORTS and not presses and entries:  # a step reported: the first Ctrl-C
+            presses.append("stop")
+            raise KeyboardInterrupt
+        if stream == LEARNER_REPORTS and presses == ["stop"] and getattr(read_progress(self), "done", False):
+            presses.append("kill")  # the second, once the learner checkpointed and returned: its step is known
+            raise KeyboardInterrupt
+        return entries
+
+    def recorded_kill(actor, *args, **kwargs) -> None:
+        killed.append(actor)
+        kill(actor, *args, **kwargs)
+
+    monkeypatch.setattr(Broker, "consume", ctrl_c)
+    monkeypatch.setattr(ray, "kill", recorded_kill)
+    assert main(args) == 130
+    assert presses == ["stop", "kill"]
+    assert capsys.readouterr().err.endswith("refine: interrupted\n")
+    run_dir = tmp_path / "run"
+    step = read_learner_state(latest_checkpoint(run_dir)).step
+    assert step >= 1 and "interrupted at step" not in caplog.text  # the graceful stop did not get to say it
+    [said] = [message for message in caplog.messages if message.startswith("killed")]
+    assert re.fullmatch(rf"killed at once: its last checkpoint holds step {step} of train.steps=200; resume with "
+                        rf"`refine train {re.escape(str(run_dir / 'config.yaml'))} --redis-url \S+ --resume`", said), said
+    for actor in killed:  # once every killed actor is gone, nothing can write to Redis any more
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(actor.__ray_ready__.remote(), timeout=60)
+    client = connect(redis_url)
+    try:
+        assert list(client.scan_iter(match=f"{namespace}:*")) == []
+    finally:
+        client.close()

@@ -10,6 +10,7 @@ import time
 import pytest
 import ray
 
+from learner.checkpoint import LearnerState
 from learner.learner import MEMBER_ID, ROLE
 from refine.config import load_config
 from services.metrics import Metrics, serve_metrics
@@ -156,6 +157,29 @@ def test_a_learner_lost_with_ray_during_a_stop_is_an_interruption_not_a_failure(
     finally:
         orchestrator.client.close()
     assert "interrupted at step 0 of train.steps=" in caplog.text
+
+
+def test_a_run_killed_at_once_names_its_checkpoints_step_and_the_command_that_resumes_it(tmp_path, redis_url,
+                                                                                           namespace):
+    """A second Ctrl-C kills the run at once: it said nothing after "refine: interrupted", neither where the run
+    stands nor how to resume it."""
+    config = load_config("configs/service_tiny.yaml", [f"train.out_dir={tmp_path / 'run'}", "train.steps=40",
+                                                       f"service.metrics_discovery_dir={tmp_path / 'prometheus'}"])
+    command = ["refine", "train", str(tmp_path / "run" / "config.yaml"), "--redis-url", "redis://h:1/0", "--resume"]
+    orchestrator = Orchestrator(config, None, redis_url, namespace, resume=False, progress=False,
+                                resume_command=command)
+    orchestrator.client.close()
+    resume = f"resume with `refine train {tmp_path / 'run' / 'config.yaml'} --redis-url redis://h:1/0 --resume`"
+    assert orchestrator._killed_message() == (
+        f"killed at once, before its first checkpoint (a resume starts at step 0); {resume}")
+    state_file = tmp_path / "run" / "checkpoints" / "latest" / "learner_state.json"
+    state_file.parent.mkdir(parents=True)
+    state_file.write_text(LearnerState(step=12, cursor=24, weight_version=12).model_dump_json())
+    assert orchestrator._killed_message() == (
+        f"killed at once: its last checkpoint holds step 12 of train.steps=40; {resume}")
+    state_file.write_text("{")
+    assert orchestrator._killed_message().startswith(f"killed at once (its last checkpoint: {state_file}: not a "
+                                                     f"readable learner state")
 
 
 def test_the_restart_limit_names_the_command_that_resumes_the_run(tmp_path, redis_url, namespace):
