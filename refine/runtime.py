@@ -139,6 +139,22 @@ def sigterm_as_ctrl_c() -> Iterator[None]:
 
 
 @contextmanager
+def ctrl_c_ignored() -> Iterator[None]:
+    """While open, Ctrl-C (SIGINT) does nothing: for a command's end that must not be cut short, where the outcome is
+    settled already (a service run killing its actors and deleting its Redis keys). Off the main thread, and where
+    SIGINT's handler is not Python's, it stays as it is."""
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or not callable(previous):
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextmanager
 def callers_torch_state_kept(device: str) -> Iterator[None]:
     """A library call that seeds torch's global generator (a new model's initialization) and sets its thread count
     (train.threads) leaves the caller's as they were: a notebook's own seeding and threads hold after it."""

@@ -100,7 +100,7 @@ from refine.loop import RunInterrupted, interrupted_message, rate_change_warning
 from refine.optim import describe_rates
 from refine.run_files import absolute_out_dir, finished_run, plot_run, restart_metrics, write_row
 from refine.run_lock import run_directory_lock
-from refine.runtime import note, progress_bar, sigterm_as_ctrl_c, sigterm_received
+from refine.runtime import ctrl_c_ignored, note, progress_bar, sigterm_as_ctrl_c, sigterm_received
 from refine.step import Divergence
 from refine.tokenizer import Tokenizer
 from services.broker import Broker
@@ -403,9 +403,11 @@ class Orchestrator:
                 graceful = False  # the second Ctrl-C (the loop takes the first one gracefully): kill at once
                 raise
             finally:
-                if graceful:
-                    self._let_learner_stop()
-                self._shutdown()
+                try:
+                    if graceful:
+                        self._let_learner_stop()
+                finally:  # a Ctrl-C outside its wait for the learner must not leave the actors and the keys
+                    self._shutdown()
                 if not graceful:  # after the kill: with the checkpoint the learner left
                     self._write_line(self._killed_message())
 
@@ -1049,35 +1051,39 @@ class Orchestrator:
             logger.warning("could not read the learner's last reports: %s", exc)
 
     def _shutdown(self) -> None:
-        self._stop_flag("shutdown")
-        # Prometheus's targets first, before any call to Ray: a SIGTERM to the whole process group (timeout,
-        # systemd, Slurm) also ends a local Ray, whose next call aborts this process, and a target left announced
-        # stays down for good (RefineRoleDown fires). Members that finished withdrew their own; killed ones could
-        # not.
-        if self.endpoint is not None:
-            self.endpoint.close()
-            self.endpoint = None
-        members = self._withdraw_targets()
-        for actor in [self.learner, *self.replicas, *(m.actor for m in self.members)]:
-            if actor is not None:
+        """Kill the actors and delete the run's keys. Ctrl-C does nothing meanwhile: the run's outcome is settled, and a
+        second Ctrl-C landing here (as a graceful stop ends) cut it short, every key of the run left in Redis. SIGTERM
+        still ends it."""
+        with ctrl_c_ignored():
+            self._stop_flag("shutdown")
+            # Prometheus's targets first, before any call to Ray: a SIGTERM to the whole process group (timeout,
+            # systemd, Slurm) also ends a local Ray, whose next call aborts this process, and a target left announced
+            # stays down for good (RefineRoleDown fires). Members that finished withdrew their own; killed ones could
+            # not.
+            if self.endpoint is not None:
+                self.endpoint.close()
+                self.endpoint = None
+            members = self._withdraw_targets()
+            for actor in [self.learner, *self.replicas, *(m.actor for m in self.members)]:
+                if actor is not None:
+                    try:
+                        ray.kill(actor, no_restart=True)
+                    except Exception:  # already gone
+                        pass
+            for role, member_id in members:  # the rest of what killed members leave (their targets went above)
+                remove_staged_checkpoints(self.config, self.namespace, role, member_id)
+            if self.bar is not None:
+                self.bar.close()
+            self._delete_namespace()
+            # Last, and only on a cluster that outlives the run: with a SIGTERM to the whole process group, a local
+            # Ray's GCS is gone, and removing the group waited 60 s for it, then ended the process, the Redis keys
+            # (two copies of the weights among them) and the embedded Redis' folder left behind.
+            if self.reservation is not None and not self.ray_is_the_runs:
                 try:
-                    ray.kill(actor, no_restart=True)
-                except Exception:  # already gone
-                    pass
-        for role, member_id in members:  # the rest of what killed members leave (their targets went above)
-            remove_staged_checkpoints(self.config, self.namespace, role, member_id)
-        if self.bar is not None:
-            self.bar.close()
-        self._delete_namespace()
-        # Last, and only on a cluster that outlives the run: with a SIGTERM to the whole process group, a local
-        # Ray's GCS is gone, and removing the group waited 60 s for it, then ended the process, the Redis keys
-        # (two copies of the weights among them) and the embedded Redis' folder left behind.
-        if self.reservation is not None and not self.ray_is_the_runs:
-            try:
-                self.reservation.release()  # every actor's bundle, once
-            except Exception as exc:  # Ray went away: it took the group with it
-                logger.warning("could not release the run's placement group: %s", exc)
-        self.client.close()
+                    self.reservation.release()  # every actor's bundle, once
+                except Exception as exc:  # Ray went away: it took the group with it
+                    logger.warning("could not release the run's placement group: %s", exc)
+            self.client.close()
 
     def abandon(self) -> None:
         """What the run's end must do when the driver is abandoned, from another thread while this one is stuck in a

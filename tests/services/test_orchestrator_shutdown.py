@@ -133,6 +133,35 @@ def test_a_role_still_reading_when_the_run_is_killed_leaves_no_stream_behind(tmp
     assert list(redis_client.scan_iter(match=f"{namespace}:*")) == []
 
 
+def test_a_ctrl_c_as_the_run_ends_still_kills_its_actors_and_deletes_its_keys(tmp_path, redis_url, namespace,
+                                                                              redis_client, monkeypatch):
+    """A second Ctrl-C that landed as a graceful stop ended, while the run killed its actors, cut the run's end short:
+    every key of the run stayed in Redis (its claim, its stop flag, its streams)."""
+    config = load_config("configs/service_tiny.yaml", [f"train.out_dir={tmp_path / 'run'}",
+                                                       f"service.metrics_discovery_dir={tmp_path / 'prometheus'}"])
+    orchestrator = Orchestrator(config, None, redis_url, namespace, resume=False, progress=False)
+    orchestrator._claim_namespace()
+    orchestrator._fresh_streams()
+    orchestrator.learner = object()  # an actor handle: the shutdown kills it through Ray
+    pressed: list[object] = []
+
+    def ctrl_c_as_it_kills(actor, **kwargs) -> None:
+        pressed.append(actor)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(ray, "kill", ctrl_c_as_it_kills)
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        orchestrator._shutdown()
+    except KeyboardInterrupt:
+        pytest.fail("the Ctrl-C cut the run's end short")
+    finally:
+        orchestrator.client.close()
+    assert pressed == [orchestrator.learner]
+    assert list(redis_client.scan_iter(match=f"{namespace}:*")) == []
+    assert signal.getsignal(signal.SIGINT) is handler  # Ctrl-C works again afterwards
+
+
 def test_a_learner_lost_with_ray_during_a_stop_is_an_interruption_not_a_failure(tmp_path, redis_url, namespace,
                                                                                 monkeypatch, caplog):
     """A SIGTERM to the whole process group can take the local Ray's learner before its checkpoint: the run said
