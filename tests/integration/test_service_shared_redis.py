@@ -10,6 +10,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -50,11 +52,10 @@ def test_the_same_run_started_twice_is_refused_and_the_first_finishes(redis_url:
     assert "Redis namespace and Prometheus run label: refine-" in (tmp_path / "first.log").read_text()
 
 
-def test_a_sigterm_to_the_whole_process_group_stops_the_run_cleanly_and_leaves_no_key(redis_url: str,
-                                                                                     tmp_path: Path) -> None:
-    """`timeout`, `systemctl stop` and `scancel` signal the driver's whole process group, its local Ray with it:
-    removing the run's placement group then waited 60 s for Ray's dead GCS and ended the process (exit 1), leaving
-    the run's keys in the shared Redis, two copies of the weights among them."""
+@contextmanager
+def service_run_with_steps(redis_url: str, tmp_path: Path, rows: int) -> Iterator[tuple[subprocess.Popen, Path]]:
+    """A 400-step `refine train` of the tiny service config in a session of its own, once its metrics.jsonl holds
+    `rows` step rows: the driver's process and its log. Killed with the Ray it started, if still going, after."""
     out_dir = tmp_path / "run"
     command = [str(BIN / "refine"), "train", str(SERVICE_TINY), "--no-progress", "--redis-url", redis_url,
                "--set", "train.steps=400", "--set", f"train.out_dir={out_dir}",
@@ -64,16 +65,25 @@ def test_a_sigterm_to_the_whole_process_group_stops_the_run_cleanly_and_leaves_n
         run = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             deadline = time.monotonic() + 240
-            while not ((out_dir / "metrics.jsonl").exists() and step_rows(out_dir)):
+            while not ((out_dir / "metrics.jsonl").exists() and len(step_rows(out_dir)) >= rows):
                 assert run.poll() is None, log_path.read_text()[-3000:]
-                assert time.monotonic() < deadline, "the run took no step"
+                assert time.monotonic() < deadline, f"the run took fewer than {rows} steps"
                 time.sleep(0.2)
-            os.killpg(run.pid, signal.SIGTERM)
-            code = run.wait(timeout=45)
+            yield run, log_path
         finally:
             if run.poll() is None:
                 os.killpg(run.pid, signal.SIGKILL)
                 run.wait()
+
+
+def test_a_sigterm_to_the_whole_process_group_stops_the_run_cleanly_and_leaves_no_key(redis_url: str,
+                                                                                     tmp_path: Path) -> None:
+    """`timeout`, `systemctl stop` and `scancel` signal the driver's whole process group, its local Ray with it:
+    removing the run's placement group then waited 60 s for Ray's dead GCS and ended the process (exit 1), leaving
+    the run's keys in the shared Redis, two copies of the weights among them."""
+    with service_run_with_steps(redis_url, tmp_path, rows=1) as (run, log_path):
+        os.killpg(run.pid, signal.SIGTERM)
+        code = run.wait(timeout=45)
     text = log_path.read_text()
     assert code == 130 and "refine: interrupted" in text, text[-3000:]
     namespace = re.search(r"Redis namespace and Prometheus run label: (\S+)", text).group(1)
@@ -87,22 +97,9 @@ def test_a_sigterm_to_the_whole_process_group_stops_the_run_cleanly_and_leaves_n
 def test_a_driver_killed_without_cleaning_up_leaves_only_keys_that_expire(redis_url: str, tmp_path: Path) -> None:
     """SIGKILL (a forced `ray job stop`, the out-of-memory killer, a node lost) runs no cleanup: the run's streams and
     its two weight versions stayed in the shared Redis for good, until the same namespace ran again."""
-    out_dir = tmp_path / "run"
-    command = [str(BIN / "refine"), "train", str(SERVICE_TINY), "--no-progress", "--redis-url", redis_url,
-               "--set", "train.steps=400", "--set", f"train.out_dir={out_dir}",
-               "--set", f"service.metrics_discovery_dir={tmp_path / 'prometheus'}"]
-    log_path = tmp_path / "run.log"
-    with open(log_path, "w") as log:
-        run = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            deadline = time.monotonic() + 240
-            while not ((out_dir / "metrics.jsonl").exists() and len(step_rows(out_dir)) >= 2):
-                assert run.poll() is None, log_path.read_text()[-3000:]
-                assert time.monotonic() < deadline, "the run took no step"
-                time.sleep(0.2)
-        finally:
-            os.killpg(run.pid, signal.SIGKILL)  # the driver and the local Ray it started
-            run.wait()
+    with service_run_with_steps(redis_url, tmp_path, rows=2) as (run, log_path):
+        os.killpg(run.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        run.wait()
     namespace = re.search(r"Redis namespace and Prometheus run label: (\S+)", log_path.read_text()).group(1)
     client = connect(redis_url)
     try:
