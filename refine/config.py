@@ -434,11 +434,12 @@ class ServiceConfig(Strict):
     key_ttl_s: float | None = Field(
         None, gt=0, le=MAX_KEY_TTL_S,
         description="every key of the run's Redis namespace (streams, weights, records) expires this long after it "
-                    "was last written or refreshed (the driver refreshes them all every minute, more often within a "
-                    "minute of the claim's TTL), so a driver killed without cleaning up leaves nothing in a shared "
-                    "Redis for good; None: an hour, or the namespace claim's TTL when longer. Not below the claim's "
-                    "TTL (max(60, 4 x heartbeat_timeout_s) + 30 s): a driver that still holds its namespace keeps its "
-                    "keys. A resume needs none of them: everything durable is in the learner's checkpoint")
+                    "was last written or refreshed (a thread of the driver refreshes them all every minute, or every "
+                    "third of this when shorter), so a driver killed without cleaning up leaves nothing in a shared "
+                    "Redis for good; None: an hour, or the shortest allowed when longer. At least the namespace "
+                    "claim's TTL (max(60, 4 x heartbeat_timeout_s) + 30 s) plus a minute: a driver that still holds "
+                    "its namespace keeps its keys. A resume needs none of them: everything durable is in the "
+                    "learner's checkpoint")
     metrics_discovery_dir: PathStr = Field(
         default_factory=default_discovery_dir,
         description="where each role announces its metrics port for Prometheus (deploy/prometheus.yml reads it)",

@@ -12,12 +12,13 @@ from pathlib import Path
 from refine.config import RunConfig
 from services.broker import Broker
 from services.failures import ServiceError
+from services.key_expiry import KEY_REFRESH_S
 from services.redis_server import connect
 from services.resilience import outage_timeout_s
 
-__all__ = ["CLAIMS_HELD_HERE", "CLAIM_MARGIN_S", "DEFAULT_KEY_TTL_S", "KEY_REFRESH_S", "check_key_ttl",
+__all__ = ["CLAIMS_HELD_HERE", "CLAIM_MARGIN_S", "DEFAULT_KEY_TTL_S", "check_key_ttl",
            "check_namespace_free", "claim_ttl_s", "current_pid_namespace", "describe_holder", "driver_is_gone",
-           "key_refresh_interval_s", "key_ttl_s", "namespace_for", "namespace_in_use"]
+           "key_ttl_s", "namespace_for", "namespace_in_use", "shortest_key_ttl_s"]
 
 # The driver's claim on the run's Redis namespace lasts this much longer than the Redis outage every role rides out
 # (outage_timeout_s) unless renewed (every housekeeping and start poll): a driver cut off from Redis gives the run
@@ -25,15 +26,12 @@ __all__ = ["CLAIMS_HELD_HERE", "CLAIM_MARGIN_S", "DEFAULT_KEY_TTL_S", "KEY_REFRE
 # while the claim holds; a driver killed without cleaning up frees it after claim_ttl_s (at once for a run on its
 # host, which sees that the driver's process is gone).
 CLAIM_MARGIN_S = 30.0
-# Every other key of the run's namespace expires service.key_ttl_s (by default this, or the claim's TTL when longer)
-# after it was last written (the roles' brokers write with that expiry) or refreshed by the driver: a driver killed
-# without cleaning up (SIGKILL, a node lost) leaves streams and weights (gigabytes) in a shared Redis only that long.
-# Nothing a resume needs lives only in Redis: a run starts from an empty namespace and its learner's checkpoint on
-# disk (services/orchestrator.py, "Resume").
+# Every other key of the run's namespace expires service.key_ttl_s (by default this, or the claim's TTL and a
+# refresh's interval when longer) after it was last written (the roles' brokers write with that expiry) or refreshed
+# by the driver (services.key_expiry): a driver killed without cleaning up (SIGKILL, a node lost) leaves streams and
+# weights (gigabytes) in a shared Redis only that long. Nothing a resume needs lives only in Redis: a run starts from
+# an empty namespace and its learner's checkpoint on disk (services/orchestrator.py, "Resume").
 DEFAULT_KEY_TTL_S = 3600.0
-# How often at most a run refreshes its keys' expiry: a SCAN of the whole keyspace, too much for every housekeeping
-# in a large shared Redis.
-KEY_REFRESH_S = 60.0
 # The claim ids of this process's runs that go on (runs on threads: tests, notebooks).
 CLAIMS_HELD_HERE: set[str] = set()
 
@@ -54,24 +52,25 @@ def key_ttl_s(config: RunConfig) -> float:
     """How long the run's keys outlive their last write or refresh (service.key_ttl_s, see DEFAULT_KEY_TTL_S)."""
     if config.service.key_ttl_s is not None:
         return config.service.key_ttl_s
-    return max(DEFAULT_KEY_TTL_S, claim_ttl_s(config))
+    return max(DEFAULT_KEY_TTL_S, shortest_key_ttl_s(config))
 
 
-def key_refresh_interval_s(config: RunConfig) -> float:
-    """How often the driver refreshes its keys' expiry: every KEY_REFRESH_S, more often when the keys outlive the
-    claim by less than that. The claim is renewed at each refresh, so the keys never expire before it lapses."""
-    return max(0.0, min(KEY_REFRESH_S, key_ttl_s(config) - claim_ttl_s(config)))
+def shortest_key_ttl_s(config: RunConfig) -> float:
+    """The claim's TTL and a refresh's interval: the keys of a driver that stalls (suspended, cut off from Redis)
+    then outlive its claim, refreshed as late as they may be."""
+    return claim_ttl_s(config) + KEY_REFRESH_S
 
 
 def check_key_ttl(config: RunConfig) -> None:
-    """Refuse a service.key_ttl_s below the claim's TTL: the keys of a driver that still holds its namespace (a
+    """Refuse a service.key_ttl_s below `shortest_key_ttl_s`: the keys of a driver that still holds its namespace (a
     Redis outage it rides out, a slow stop) would expire under it."""
-    given, claim = config.service.key_ttl_s, claim_ttl_s(config)
-    if given is not None and given < claim:
-        raise ValueError(f"service.key_ttl_s={given:g} is shorter than the run's claim on its Redis namespace "
-                         f"({claim:.0f}s: max(60, 4 x service.heartbeat_timeout_s="
-                         f"{config.service.heartbeat_timeout_s:g}) + {CLAIM_MARGIN_S:.0f}): a driver that still "
-                         f"holds its namespace would lose its keys; set it to {claim:.0f} or more, or leave it out")
+    given, shortest = config.service.key_ttl_s, shortest_key_ttl_s(config)
+    if given is not None and given < shortest:
+        raise ValueError(f"service.key_ttl_s={given:g} is shorter than the run's claim on its Redis namespace and a "
+                         f"refresh of its keys' expiry ({shortest:.0f}s: max(60, 4 x service.heartbeat_timeout_s="
+                         f"{config.service.heartbeat_timeout_s:g}) + {CLAIM_MARGIN_S:.0f}, plus "
+                         f"{KEY_REFRESH_S:.0f}): a driver that still holds its namespace would lose its keys; set it "
+                         f"to {shortest:.0f} or more, or leave it out")
 
 
 def check_namespace_free(redis_url: str, namespace: str, ttl_s: float, out_dir: str | None = None) -> None:

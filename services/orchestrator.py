@@ -105,13 +105,14 @@ from refine.step import Divergence
 from refine.tokenizer import Tokenizer
 from services.broker import Broker
 from services.failures import ServiceError, actor_error, describe_failure
+from services.key_expiry import KeyExpiryKeeper
 from services.member_files import remove_member_files, remove_staged_checkpoints
 from services.messages import DataCursor, DocumentBatch
 from services.metrics import (ROLE_FAMILIES, Metrics, serve_metrics, withdraw_announcements,
                              withdraw_run_announcements)
 from services.namespace_claim import (
     CLAIMS_HELD_HERE, check_namespace_free, claim_ttl_s, current_pid_namespace, describe_holder, driver_is_gone,
-    key_refresh_interval_s, key_ttl_s, namespace_for, namespace_in_use,
+    key_ttl_s, namespace_for, namespace_in_use,
 )
 from services.progress import (
     LearnerProgress, StepReport, read_progress, read_published, write_published, write_recorded,
@@ -289,12 +290,9 @@ class Orchestrator:
         self.colocated = config.service.mode == "colocated"
         self.client = connect(redis_url)
         # Every key of the namespace but the claim expires this long after it was last written or refreshed
-        # (_expire_keys).
+        # (services.key_expiry; the refresh starts with the run's streams).
         self.key_ttl_s = key_ttl_s(config)
-        self.key_refresh_s = key_refresh_interval_s(config)
-        self._keys_refresh_due = 0.0
-        self._keys_refreshed_at: float | None = None  # time.monotonic() of the last refresh
-        self._longest_refresh_gap_s = 0.0  # between two refreshes: longer than key_ttl_s, the keys expired meanwhile
+        self.key_expiry: KeyExpiryKeeper | None = None
         self.broker = Broker(self.client, namespace, key_ttl_s=self.key_ttl_s)
         self.documents = DocumentStore(self.broker)
         self.metrics = Metrics(families=ROLE_FAMILIES["orchestrator"])
@@ -415,7 +413,10 @@ class Orchestrator:
         """The namespace emptied of an earlier run's keys (the claim kept), and the run's consumer groups made."""
         self.broker.delete_namespace(keep=("claim",))
         make_run_streams(self.broker, self.colocated)
-        self._expire_keys()  # the first refresh: the time since the last one tells whether keys expired
+        # Nothing a resume needs lives only in Redis (a run starts from an empty namespace and the learner's
+        # checkpoint): keys that expire under a driver that stalled that long cost the run, not its resume.
+        self.key_expiry = KeyExpiryKeeper(self.redis_url, self.namespace, self.key_ttl_s)
+        self.key_expiry.start()
 
     def _claim_namespace(self) -> None:
         """Hold the run's Redis namespace, or refuse to start: two runs in one namespace (the same train.out_dir
@@ -438,31 +439,6 @@ class Orchestrator:
             raise ServiceError(f"the Redis namespace {self.namespace!r} was taken by another run while this driver "
                                f"did not renew its claim: {describe_holder(other)}; this run stops, leaving that "
                                f"run's keys alone{self._resume_hint(None)}")
-
-    def _refresh_key_expiry(self) -> None:
-        """Refresh the expiry of the namespace's keys when due (every key_refresh_s); called right after each
-        renewal of the claim, so that the keys outlive it (see namespace_claim.key_refresh_interval_s)."""
-        if time.monotonic() >= self._keys_refresh_due:
-            self._expire_keys()
-
-    def _expire_keys(self) -> None:
-        """Give every key of the namespace but the claim (whose TTL is the claim's) an expiry key_ttl_s from now.
-        Nothing a resume needs lives only in Redis (a run starts from an empty namespace and the learner's
-        checkpoint): keys that expire under a driver that stalled that long cost the run, not its resume."""
-        now = time.monotonic()
-        if self._keys_refreshed_at is not None:
-            self._longest_refresh_gap_s = max(self._longest_refresh_gap_s, now - self._keys_refreshed_at)
-        self.broker.expire_namespace(self.key_ttl_s, keep=("claim",))
-        self._keys_refreshed_at = now
-        self._keys_refresh_due = now + self.key_refresh_s
-
-    def _keys_expired_after_s(self) -> float | None:
-        """How long this driver once left its keys' expiry unrefreshed (up to now), when longer than key_ttl_s: they
-        expired meanwhile (the driver was suspended or stalled); else None."""
-        if self._keys_refreshed_at is None:
-            return None
-        gap = max(self._longest_refresh_gap_s, time.monotonic() - self._keys_refreshed_at)
-        return gap if gap > self.key_ttl_s else None
 
     def _release_namespace(self) -> bool:
         """Give the claim up; False when another run holds the namespace now (its keys are then that run's)."""
@@ -533,7 +509,6 @@ class Orchestrator:
                 raise ServiceError(f"the learner failed to start: {failed_ranks}")
             try:
                 self._renew_claim()  # the start can take minutes (waiting for room on the cluster)
-                self._refresh_key_expiry()
             except TRANSIENT as exc:  # a Redis outage meanwhile is ridden out as the loop rides it out
                 self._redis_failed(exc)
             else:
@@ -835,7 +810,6 @@ class Orchestrator:
             return
         self._next_housekeeping = now + HOUSEKEEPING_INTERVAL_S
         self._renew_claim()
-        self._refresh_key_expiry()
         self._drain_reports(block_ms=None, reclaim_idle_ms=REPORT_RECLAIM_IDLE_MS)
         self._check_redis_kept_the_run()
         self._check_dead_letters()
@@ -889,9 +863,11 @@ class Orchestrator:
         recorded = read_published(self.broker)
         if self.published and (recorded is None or recorded < self.published):
             raise self._state_lost()
+        if self.key_expiry is not None:
+            self.key_expiry.found_whole()
 
     def _state_lost(self, detail: str = "") -> ServiceError:
-        expired = self._keys_expired_after_s()
+        expired = None if self.key_expiry is None else self.key_expiry.expired_after_s()
         if expired is not None:  # no Redis failure: this driver let them expire
             return ServiceError(f"Redis at {redact_url(self.redis_url)} no longer holds this run's state ({detail}its "
                                 f"keys expired: this driver did not refresh their expiry for {expired:.0f}s, longer "
@@ -1103,6 +1079,8 @@ class Orchestrator:
 
     def _delete_namespace(self) -> None:
         """The run's Redis keys, unless Redis is lost or another run holds the namespace now."""
+        if self.key_expiry is not None:  # first: a refresh must not outlive the run's end
+            self.key_expiry.stop()
         if self.redis_lost:
             logger.warning("Redis is unreachable: the run's keys (namespace %s) stay in it", self.namespace)
         elif self.namespace_taken:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ import torch
 from refine.config import RunConfig
 from services.broker import Broker
 from services.failures import ServiceError
+from services.key_expiry import KeyExpiryKeeper
 from services.messages import DocumentBatch
 from services.orchestrator import Orchestrator
 from services.progress import LearnerProgress, write_progress, write_published, write_recorded
@@ -51,6 +53,25 @@ def write_as_the_roles_do(orchestrator: Orchestrator, broker: Broker) -> None:
     RedisWeightStore(broker.client, broker.namespace).publish(state_dict(), 0)
 
 
+@contextmanager
+def driver_with_the_roles_keys(redis_url: str, broker: Broker, tmp_path: Path, **service: object
+                               ) -> Iterator[Orchestrator]:
+    """A run's driver (nothing of Ray) holding `broker`'s namespace, whose streams it made, with the keys its roles
+    write there (without an expiry of their own); `service`: settings of the service section."""
+    config = RunConfig(train={"out_dir": str(tmp_path / "run")},
+                       service={"metrics_discovery_dir": str(tmp_path / "prometheus"), **service})
+    orchestrator = Orchestrator(config, None, redis_url, broker.namespace, resume=False, progress=False)
+    try:
+        orchestrator._claim_namespace()
+        orchestrator._fresh_streams()
+        write_as_the_roles_do(orchestrator, broker)
+        yield orchestrator
+    finally:
+        if orchestrator.key_expiry is not None:
+            orchestrator.key_expiry.stop()
+        orchestrator.client.close()
+
+
 def ttls_ms(broker: Broker) -> dict[str, int]:
     return {name.decode(): int(broker.client.pttl(name))
             for name in broker.client.scan_iter(match=f"{broker.namespace}:*", count=1000)}
@@ -69,13 +90,8 @@ def other_namespace(redis_client: redis.Redis) -> Iterator[Broker]:
 def test_the_drivers_renewal_gives_every_key_of_its_namespace_an_expiry_and_no_other_namespace_one(
     redis_url: str, broker: Broker, namespace: str, other_namespace: Broker, tmp_path: Path
 ) -> None:
-    config = RunConfig(train={"out_dir": str(tmp_path / "run")},
-                       service={"metrics_discovery_dir": str(tmp_path / "prometheus")})
-    orchestrator = Orchestrator(config, None, redis_url, namespace, resume=False, progress=False)
-    try:
-        orchestrator._claim_namespace()
-        write_as_the_roles_do(orchestrator, broker)
-        orchestrator._housekeeping()  # where the driver renews its claim
+    with driver_with_the_roles_keys(redis_url, broker, tmp_path) as orchestrator:
+        orchestrator.key_expiry.refresh()  # as its thread does every minute
         ttls = ttls_ms(broker)
         claim = ttls.pop(broker.key("claim"))
         assert 0 < claim <= orchestrator.claim_ttl_s * 1000  # the claim keeps its own, shorter TTL
@@ -86,8 +102,7 @@ def test_the_drivers_renewal_gives_every_key_of_its_namespace_an_expiry_and_no_o
         # A live driver's next refresh sets the expiry again (one that ran down, here by hand).
         stream = broker.key("stream", DOCUMENTS)
         broker.client.pexpire(stream, 5000)
-        orchestrator._next_housekeeping = orchestrator._keys_refresh_due = 0.0
-        orchestrator._housekeeping()
+        orchestrator.key_expiry.refresh()
         assert broker.client.pttl(stream) > HOUR_MS // 2
 
         # Rewrites keep a key's expiry, even by a broker without key_ttl_s (a plain SET drops it); the driver's own
@@ -103,25 +118,19 @@ def test_the_drivers_renewal_gives_every_key_of_its_namespace_an_expiry_and_no_o
             assert HOUR_MS // 2 < ttls[broker.key(*name.split(":"))] <= HOUR_MS, name
         blobs = [ttl for name, ttl in ttls.items() if ":weights:blob:" in name]
         assert len(blobs) == 2 and all(HOUR_MS // 2 < ttl <= HOUR_MS for ttl in blobs), ttls
-    finally:
-        orchestrator.client.close()
 
 
 def test_a_namespace_whose_driver_stops_refreshing_loses_its_keys_and_the_run_says_why(
-    redis_url: str, broker: Broker, namespace: str, other_namespace: Broker, tmp_path: Path
+    redis_url: str, broker: Broker, other_namespace: Broker, tmp_path: Path
 ) -> None:
     """A driver that stalls (suspended, swapped out) longer than the keys' time to live finds them gone: the run
     stops saying they expired, not that Redis lost them."""
-    config = RunConfig(train={"out_dir": str(tmp_path / "run")},
-                       service={"metrics_discovery_dir": str(tmp_path / "prometheus"), "key_ttl_s": 0.5})
-    orchestrator = Orchestrator(config, None, redis_url, namespace, resume=False, progress=False)
-    try:
-        orchestrator._claim_namespace()
-        write_as_the_roles_do(orchestrator, broker)
+    with driver_with_the_roles_keys(redis_url, broker, tmp_path, key_ttl_s=0.5) as orchestrator:
         orchestrator.published = 1
-        orchestrator._housekeeping()
+        orchestrator.key_expiry.refresh()
         assert len(ttls_ms(broker)) == 16
-        time.sleep(1.0)  # the driver renews nothing for twice the keys' time to live
+        orchestrator.key_expiry.stop()  # as a suspended driver's thread: no refresh
+        time.sleep(1.0)  # for twice the keys' time to live
         assert list(ttls_ms(broker)) == [broker.key("claim")]  # which lapses after its own TTL
         assert ttls_ms(other_namespace) == {other_namespace.key("stream", DOCUMENTS): -1,
                                             other_namespace.key("orchestrator", "published"): -1}
@@ -130,27 +139,49 @@ def test_a_namespace_whose_driver_stops_refreshing_loses_its_keys_and_the_run_sa
                                                r"than their 0.5s time to live \(service.key_ttl_s\), as it was "
                                                r"suspended or stalled\); the run stopped$"):
             orchestrator._check_redis_kept_the_run()
+
+
+def test_a_driver_whose_loop_is_busy_longer_than_the_keys_ttl_keeps_them(
+    redis_url: str, broker: Broker, tmp_path: Path
+) -> None:
+    """A step of the driver's loop that blocks (a large corpus built on the first batch took ~90 s) let every key of a
+    live run expire, the claim's too: the roles made their streams again, and the run went on without its member
+    records. The refresh runs on a thread of its own."""
+    with driver_with_the_roles_keys(redis_url, broker, tmp_path, key_ttl_s=0.6) as orchestrator:
+        time.sleep(2.0)  # the loop does nothing for over three times the keys' time to live
+        ttls = ttls_ms(broker)
+        assert len(ttls) == 16, ttls
+        assert all(0 < ttl <= 600 for name, ttl in ttls.items() if name != broker.key("claim")), ttls
+        orchestrator._check_redis_kept_the_run()
+
+
+def test_a_gap_between_refreshes_before_the_state_was_found_whole_says_nothing_of_a_later_loss(
+    redis_url: str, namespace: str
+) -> None:
+    """After one stall longer than the keys' TTL, a later loss of a run's state (a flushed Redis) was said to be
+    their expiry."""
+    keeper = KeyExpiryKeeper(redis_url, namespace, ttl_s=0.3)
+    try:
+        keeper.refresh()
+        time.sleep(0.5)
+        keeper.refresh()
+        assert keeper.expired_after_s() >= 0.5  # the keys may have expired in that gap
+        keeper.found_whole()  # the run checked: they had not, or were written again
+        assert keeper.expired_after_s() is None
     finally:
-        orchestrator.client.close()
+        keeper.stop()
 
 
 def test_a_redis_emptied_under_a_driver_that_refreshes_is_not_said_to_have_expired(
-    redis_url: str, broker: Broker, namespace: str, tmp_path: Path
+    redis_url: str, broker: Broker, tmp_path: Path
 ) -> None:
-    config = RunConfig(train={"out_dir": str(tmp_path / "run")},
-                       service={"metrics_discovery_dir": str(tmp_path / "prometheus")})
-    orchestrator = Orchestrator(config, None, redis_url, namespace, resume=False, progress=False)
-    try:
-        orchestrator._claim_namespace()
-        write_as_the_roles_do(orchestrator, broker)
+    with driver_with_the_roles_keys(redis_url, broker, tmp_path) as orchestrator:
         orchestrator.published = 1
         orchestrator._housekeeping()
         broker.delete_namespace(keep=("claim",))  # flushed, or restarted without persistence
         with pytest.raises(ServiceError, match=r"lost this run's state \(its streams and records are gone, or its "
                                                r"last writes: restarted without persistence, flushed"):
             orchestrator._check_redis_kept_the_run()
-    finally:
-        orchestrator.client.close()
 
 
 def test_a_service_roles_writes_bring_their_expiry_before_any_refresh(redis_url: str, namespace: str) -> None:
