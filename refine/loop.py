@@ -117,6 +117,19 @@ def interrupted_message(step: int, steps: int, resume_command: list[str], config
     return f"interrupted at step {step} of train.steps={steps}; resume with `{command}`"
 
 
+def killed_message(checkpoint_step: int | None, steps: int, resume_command: list[str],
+                   config: RunConfig | None = None) -> str:
+    """What a run killed at once (a second Ctrl-C) says: the step its last checkpoint holds (None: it has none yet),
+    and how to go on (see interrupted_message)."""
+    command = shlex.join(resume_command)
+    if config is not None and relative_paths(config):
+        command = f"cd {shlex.quote(os.getcwd())} && {command}"
+    if checkpoint_step is None:
+        return f"killed at once, before its first checkpoint (a resume starts at step 0); resume with `{command}`"
+    return (f"killed at once: its last checkpoint holds step {checkpoint_step} of train.steps={steps}; "
+            f"resume with `{command}`")
+
+
 def relative_paths(config: RunConfig) -> list[str]:
     """The paths of `config` that are relative to the working directory: train.out_dir, and train.init_from,
     tokenizer, data.source or data.eval_source where one names a file here (they may name no file: synthetic)."""
@@ -180,51 +193,56 @@ def run_steps(config: RunConfig, model: FastWeightLM, optimizer: torch.optim.Opt
     for warning in (warmup_warning(config), rate_change_warning(config, metrics_path, position.step)):
         if warning is not None:
             note(f"{desc}: {warning}")
-    with (resume_command_named(out_dir, resume_command),
-          progress_bar(total=config.train.steps, initial=position.step, desc=desc, disable=not progress) as bar,
-          stop_requests(desc) as stop_requested):
-        while position.step < config.train.steps and not stop_requested():
-            batch = next_batch(position.cursor)
-            started = time.perf_counter()  # the data's reading is not part of the step
-            times = StageTimes(config.train.device)
-            lr = learning_rate(config.optim, position.step + 1, config.train.steps)
-            set_learning_rate(optimizer, lr)
-            outcome = batch.update(times)
-            position = replace(position, step=position.step + 1, cursor=batch.cursor, epoch=batch.epoch or 0,
-                               skipped_steps=position.skipped_steps + outcome.skipped)
-            # Where the data stream stands after the batch, as a service run's rows say it.
-            counted = {} if batch.epoch is None else {"cursor": batch.cursor, "data_epoch": batch.epoch}
-            stats = outcome.stats | times.stats() | counted | {
-                "step": position.step, "step_seconds": time.perf_counter() - started,
-                "skipped_steps": position.skipped_steps, "tokens": batch.tokens, "lr": lr}
-            evaluated = evaluate is not None and config.train.evaluates_step(position.step)
-            if evaluated:
-                stats |= evaluate()
-            last = finite_stats(stats)
-            if config.train.logs_step(position.step) or evaluated or stop_requested():  # a stop's step: its last
-                write_row(metrics_path, last, start.program)
-            diverged = divergence.add(position.step, outcome.stats)
-            if diverged is not None:
-                raise diverged
-            bar.set_postfix({k: f"{last[k]:.3f}" for k in shown if k in last})
-            bar.update(1)
-            if config.train.checkpoint_every and position.step % config.train.checkpoint_every == 0:
+    try:
+        with (resume_command_named(out_dir, resume_command),
+              progress_bar(total=config.train.steps, initial=position.step, desc=desc, disable=not progress) as bar,
+              stop_requests(desc) as stop_requested):
+            while position.step < config.train.steps and not stop_requested():
+                batch = next_batch(position.cursor)
+                started = time.perf_counter()  # the data's reading is not part of the step
+                times = StageTimes(config.train.device)
+                lr = learning_rate(config.optim, position.step + 1, config.train.steps)
+                set_learning_rate(optimizer, lr)
+                outcome = batch.update(times)
+                position = replace(position, step=position.step + 1, cursor=batch.cursor, epoch=batch.epoch or 0,
+                                   skipped_steps=position.skipped_steps + outcome.skipped)
+                # Where the data stream stands after the batch, as a service run's rows say it.
+                counted = {} if batch.epoch is None else {"cursor": batch.cursor, "data_epoch": batch.epoch}
+                stats = outcome.stats | times.stats() | counted | {
+                    "step": position.step, "step_seconds": time.perf_counter() - started,
+                    "skipped_steps": position.skipped_steps, "tokens": batch.tokens, "lr": lr}
+                evaluated = evaluate is not None and config.train.evaluates_step(position.step)
+                if evaluated:
+                    stats |= evaluate()
+                last = finite_stats(stats)
+                if config.train.logs_step(position.step) or evaluated or stop_requested():  # a stop's step: its last
+                    write_row(metrics_path, last, start.program)
+                diverged = divergence.add(position.step, outcome.stats)
+                if diverged is not None:
+                    raise diverged
+                bar.set_postfix({k: f"{last[k]:.3f}" for k in shown if k in last})
+                bar.update(1)
+                if config.train.checkpoint_every and position.step % config.train.checkpoint_every == 0:
+                    check_run_directory(metrics_path, start.program)
+                    save_run_checkpoint(out_dir, model, optimizer, position, generator, tokenizer,
+                                        keep=config.train.keep_checkpoints)
+                    saved_at = position.step
+            # Still under stop_requests: a first Ctrl-C now lets the last checkpoint (often the only one) be written.
+            if saved_at != position.step:
                 check_run_directory(metrics_path, start.program)
                 save_run_checkpoint(out_dir, model, optimizer, position, generator, tokenizer,
                                     keep=config.train.keep_checkpoints)
-                saved_at = position.step
-        # Still under stop_requests: a first Ctrl-C now lets the last checkpoint (often the only one) be written.
-        if saved_at != position.step:
-            check_run_directory(metrics_path, start.program)
-            save_run_checkpoint(out_dir, model, optimizer, position, generator, tokenizer,
-                                keep=config.train.keep_checkpoints)
-        if position.skipped_steps > start.skipped_steps:
-            note(f"{desc}: warning: {position.skipped_steps - start.skipped_steps} of steps {start.step + 1}.."
-                 f"{position.step} skipped an update for a non-finite loss or gradient (skipped_nonfinite in "
-                 f"metrics.jsonl; {describe_rates(config.optim)})")
-        unplotted = plot_run(out_dir)
-        if unplotted is not None:
-            note(f"{desc}: {unplotted}")
+            if position.skipped_steps > start.skipped_steps:
+                note(f"{desc}: warning: {position.skipped_steps - start.skipped_steps} of steps {start.step + 1}.."
+                     f"{position.step} skipped an update for a non-finite loss or gradient (skipped_nonfinite in "
+                     f"metrics.jsonl; {describe_rates(config.optim)})")
+            unplotted = plot_run(out_dir)
+            if unplotted is not None:
+                note(f"{desc}: {unplotted}")
+    except KeyboardInterrupt:  # a second Ctrl-C: the run ends at once, with the last checkpoint it wrote
+        checkpoint_step = saved_at if saved_at or start.step else None  # step 0: a fresh run has none
+        note(f"{desc}: {killed_message(checkpoint_step, config.train.steps, resume_command, config)}")
+        raise
     if position.step < config.train.steps or (job_stage and stop_requested()):
         note(f"{desc}: {interrupted_message(position.step, config.train.steps, resume_command, config)}")
         raise RunInterrupted

@@ -96,7 +96,7 @@ from refine.config import (
 from refine.data.batches import DocumentBatch as LocalBatch
 from refine.data.stream import DataPosition, check_resumed_cursor, check_source, document_batches, shuffled_pass_span
 from refine.files import write_atomically
-from refine.loop import RunInterrupted, interrupted_message, rate_change_warning, warmup_warning
+from refine.loop import RunInterrupted, interrupted_message, killed_message, rate_change_warning, warmup_warning
 from refine.optim import describe_rates
 from refine.run_files import absolute_out_dir, finished_run, plot_run, restart_metrics, write_row
 from refine.run_lock import run_directory_lock
@@ -904,16 +904,14 @@ class Orchestrator:
     def _killed_message(self) -> str:
         """What a run killed at once (a second Ctrl-C, or one before it trains) says: the step its last checkpoint
         holds, and how to go on."""
-        command = f"resume with `{shlex.join(self.resume_command)}`"
         checkpoint = latest_checkpoint(self.out_dir)
         if not checkpoint.exists():
-            return f"killed at once, before its first checkpoint (a resume starts at step 0); {command}"
+            return killed_message(None, self.config.train.steps, self.resume_command)
         try:
             step = read_learner_state(checkpoint).step
         except (OSError, ValueError) as exc:  # its message names the file
-            return f"killed at once (its last checkpoint: {exc}); {command}"
-        steps = self.config.train.steps
-        return f"killed at once: its last checkpoint holds step {step} of train.steps={steps}; {command}"
+            return f"killed at once (its last checkpoint: {exc}); resume with `{shlex.join(self.resume_command)}`"
+        return killed_message(step, self.config.train.steps, self.resume_command)
 
     def _stop_flag(self, reason: str) -> None:
         if self.redis_lost:

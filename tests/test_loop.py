@@ -414,7 +414,8 @@ def test_ctrl_c_or_sigterm_stops_after_the_step_with_a_checkpoint_and_the_printe
     assert _rows(tmp_path / "run")[-1]["loss"] == pytest.approx(straight["loss"], rel=1e-6)
 
 
-def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tmp_path, monkeypatch, ctrl_c):
+def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint_naming_the_last_and_the_resume(
+        tmp_path, monkeypatch, capfd, ctrl_c):
     from refine.loop import RunInterrupted
 
     _signalled_at(monkeypatch, 2, [signal.SIGINT, signal.SIGINT])
@@ -423,6 +424,17 @@ def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tmp_path, monkeypatc
     assert not isinstance(stopped.value, RunInterrupted)
     assert read_trainer_state(tmp_path / "checkpoints" / "latest" / "trainer.pt")["step"] == 1  # step 2 wrote none
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert re.search(r"killed at once: its last checkpoint holds step 1 of train\.steps=4; resume with "
+                     r"`refine train \S+/config\.yaml --local --resume`", capfd.readouterr().err)
+
+
+def test_a_second_ctrl_c_before_the_first_checkpoint_says_a_resume_starts_at_step_0(
+        tmp_path, monkeypatch, capfd, ctrl_c):
+    _signalled_at(monkeypatch, 1, [signal.SIGINT, signal.SIGINT])
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(tmp_path, "ntp", steps=4), progress=False)
+    assert "killed at once, before its first checkpoint (a resume starts at step 0); resume with `refine train " \
+        in capfd.readouterr().err
 
 
 def test_stop_requests_leave_ignored_signals_and_other_threads_alone(ctrl_c):
