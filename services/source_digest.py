@@ -103,4 +103,5 @@ def check_sources(expected: str | None) -> None:
         f"driver from {driver.host}:{driver.folder} (sources {driver.digest[:12]}): two versions of the code, which "
         f"can disagree on the messages between roles, the algorithm or the checkpoint format. Submit the run with "
         f"`ray job submit --working-dir .` from the driver's checkout (its actors then import that copy), or install "
-        f"the same version of the project on every node")
+        f"the same version of the project on every node (a local Ray's actors import from the driver's working "
+        f"directory first: start the run from elsewhere)")

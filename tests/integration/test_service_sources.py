@@ -41,7 +41,8 @@ def test_actors_importing_another_copy_of_the_project_refuse_the_run(redis_url: 
              f"(sources {actor}), but the run's driver from {host}:{REPO} (sources {driver}): two versions of the "
              f"code, which can disagree on the messages between roles, the algorithm or the checkpoint format. Submit "
              f"the run with `ray job submit --working-dir .` from the driver's checkout (its actors then import that "
-             f"copy), or install the same version of the project on every node\n")
+             f"copy), or install the same version of the project on every node (a local Ray's actors import from "
+             f"the driver's working directory first: start the run from elsewhere)\n")
     assert result.stderr.endswith(error), output[-4000:]
     assert output.count("refine: error:") == 1
     assert "restarted as" not in output  # a start-up failure, not a crash to retry

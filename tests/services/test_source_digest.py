@@ -87,5 +87,6 @@ def test_an_actor_with_other_sources_refuses_naming_both_copies_and_the_remedy()
         f"driver from laptop:/home/me/refine (sources 000000000000): two versions of the code, which can disagree on "
         f"the messages between roles, the algorithm or the checkpoint format. Submit the run with `ray job submit "
         f"--working-dir .` from the driver's checkout (its actors then import that copy), or install the same version "
-        f"of the project on every node")
+        f"of the project on every node (a local Ray's actors import from the driver's working directory first: "
+        f"start the run from elsewhere)")
     assert isinstance(info.value, ValueError)  # a setup error: no resume is advised (it would fail the same way)
