@@ -359,19 +359,20 @@ class Orchestrator:
                                           discovery_dir=discovery_dir, run=self.namespace)
             # Durable state lives in the checkpoint, not in Redis. A Redis restart now is ridden out, as later.
             retry_redis(self._fresh_streams, "set up the run's streams", self.outage.timeout_s)
+            self._write_line(f"Redis namespace and Prometheus run label: {self.namespace}")
         except BaseException:
             if self.endpoint is not None:
                 self.endpoint.close()
                 self.endpoint = None
             self._release_namespace()
             raise
-        self._write_line(f"Redis namespace and Prometheus run label: {self.namespace}")
         # `ray job stop` and container runtimes send SIGTERM: stop as cleanly as on Ctrl-C (also when the run is
         # called in-process, without the CLI, which does the same). A row the disk refuses names the command that
         # resumes.
         with sigterm_as_ctrl_c(), resume_command_named(self.out_dir, self.resume_command):
             graceful = True
             try:
+                self._keep_keys_alive()  # here: whatever ends the run from now on stops it (_delete_namespace)
                 setup = self._start_learner()
                 if not self.colocated:
                     self._start_members()  # they start while the learner sets up; they wait for its weights
@@ -413,8 +414,11 @@ class Orchestrator:
         """The namespace emptied of an earlier run's keys (the claim kept), and the run's consumer groups made."""
         self.broker.delete_namespace(keep=("claim",))
         make_run_streams(self.broker, self.colocated)
-        # Nothing a resume needs lives only in Redis (a run starts from an empty namespace and the learner's
-        # checkpoint): keys that expire under a driver that stalled that long cost the run, not its resume.
+
+    def _keep_keys_alive(self) -> None:
+        """Start refreshing the expiry of the namespace's keys (services.key_expiry) until the run ends. Nothing a
+        resume needs lives only in Redis (a run starts from an empty namespace and the learner's checkpoint): keys
+        that expire under a driver that stalled that long cost the run, not its resume."""
         self.key_expiry = KeyExpiryKeeper(self.redis_url, self.namespace, self.key_ttl_s)
         self.key_expiry.start()
 

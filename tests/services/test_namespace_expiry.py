@@ -64,6 +64,7 @@ def driver_with_the_roles_keys(redis_url: str, broker: Broker, tmp_path: Path, *
     try:
         orchestrator._claim_namespace()
         orchestrator._fresh_streams()
+        orchestrator._keep_keys_alive()
         write_as_the_roles_do(orchestrator, broker)
         yield orchestrator
     finally:
