@@ -398,6 +398,7 @@ def test_a_stop_while_ray_starts_ends_the_driver_and_every_process_of_that_ray(t
         "    signum = signal.SIGINT if sys.argv[2].startswith('SIGINT') else signal.SIGTERM\n"
         "    os.killpg(0, signum) if sys.argv[2].endswith('group') else os.kill(os.getpid(), signum)\n"
         "ray._private.node.Node.start_raylet = start_raylet_then_signal\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"  # as in a terminal: CI may start it ignoring SIGINT
         "config = RunConfig()\n"
         "config.service.metrics_discovery_dir = sys.argv[1]\n"
         "with sigterm_as_ctrl_c():\n"
