@@ -4,6 +4,7 @@ cleaning up (SIGKILL, a forced `ray job stop`, a node lost) leaves no streams or
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -154,6 +155,32 @@ def test_a_driver_whose_loop_is_busy_longer_than_the_keys_ttl_keeps_them(
         assert len(ttls) == 16, ttls
         assert all(0 < ttl <= 600 for name, ttl in ttls.items() if name != broker.key("claim")), ttls
         orchestrator._check_redis_kept_the_run()
+
+
+def test_a_stop_before_the_run_is_guarded_leaves_no_refresh_behind(
+    redis_url: str, broker: Broker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Ctrl-C right after the run's streams were made (here at the line naming its namespace) left the refresh
+    thread going: for an in-process caller that goes on, the run's keys then never expired."""
+    config = RunConfig(train={"out_dir": str(tmp_path / "run")},
+                       service={"metrics_discovery_dir": str(tmp_path / "prometheus")})
+    orchestrator = Orchestrator(config, None, redis_url, broker.namespace, resume=False, progress=False)
+
+    def ctrl_c(text: str) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(orchestrator, "_write_line", ctrl_c)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            orchestrator.run()
+        assert [thread for thread in threading.enumerate() if thread.name == "refine-key-expiry"] == []
+        ttls = ttls_ms(broker)
+        assert broker.key("claim") not in ttls  # given up
+        assert ttls and all(0 < ttl <= HOUR_MS for ttl in ttls.values()), ttls  # its streams: they expire
+    finally:
+        if orchestrator.key_expiry is not None:
+            orchestrator.key_expiry.stop()
+        orchestrator.client.close()
 
 
 def test_a_gap_between_refreshes_before_the_state_was_found_whole_says_nothing_of_a_later_loss(
