@@ -21,7 +21,7 @@ with `make_streams=False` (a role's) makes no stream at all, by its reads or its
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import redis
@@ -571,21 +571,10 @@ class Broker:
 
     def expire_namespace(self, ttl_s: float, batch: int = 1000, keep: tuple[str, ...] = ()) -> int:
         """Give every key of this namespace but the `keep` names (e.g. "claim", which has a TTL of its own) an expiry
-        `ttl_s` seconds from now; returns how many keys got one. SCAN's MATCH filters on the server and COUNT bounds
-        each call; a key deleted between the SCAN and its PEXPIRE is skipped."""
+        `ttl_s` seconds from now; returns how many keys got one. A key deleted between the SCAN and its PEXPIRE is
+        skipped."""
         ttl_ms = max(1, int(ttl_s * 1000))
-        kept = {self.key(name).encode() for name in keep}
-        expired = 0
-        names: list[Any] = []
-        for name in self.client.scan_iter(match=f"{_escape_glob(self.namespace)}:*", count=batch):
-            if name not in kept:
-                names.append(name)
-            if len(names) >= batch:
-                expired += self._pexpire(names, ttl_ms)
-                names = []
-        if names:
-            expired += self._pexpire(names, ttl_ms)
-        return expired
+        return sum(self._pexpire(names, ttl_ms) for names in self._namespace_keys(batch, keep))
 
     def _pexpire(self, names: list[Any], ttl_ms: int) -> int:
         pipe = self.client.pipeline(transaction=False)
@@ -596,20 +585,24 @@ class Broker:
     def delete_namespace(self, batch: int = 500, keep: tuple[str, ...] = ()) -> int:
         """Delete every key of this namespace (end of a run, tests) but the `keep` names (e.g. "claim"); returns
         how many."""
-        deleted = 0
-        names: list[Any] = []
+        deleted = sum(int(self.client.delete(*names)) for names in self._namespace_keys(batch, keep))
+        self._known_groups.clear()
+        return deleted
+
+    def _namespace_keys(self, batch: int, keep: tuple[str, ...]) -> Iterator[list[Any]]:
+        """The keys of this namespace but the `keep` names, `batch` at a time: SCAN's MATCH filters on the server and
+        its COUNT bounds each call."""
         kept = {self.key(name).encode() for name in keep}
+        names: list[Any] = []
         for name in self.client.scan_iter(match=f"{_escape_glob(self.namespace)}:*", count=batch):
             if name in kept:
                 continue
             names.append(name)
             if len(names) >= batch:
-                deleted += int(self.client.delete(*names))
+                yield names
                 names = []
         if names:
-            deleted += int(self.client.delete(*names))
-        self._known_groups.clear()
-        return deleted
+            yield names
 
 
 def _escape_glob(text: str) -> str:
