@@ -59,7 +59,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from refine.algorithm.rollout import (
-    Rollouts, check_positions, choose_positions, eos_ids, first_token_entropy, gather_windows, prefix_rows,
+    Rollouts, check_positions, choose_positions, eos_ids, first_token_entropy, ground_truth, prefix_rows,
 )
 from refine.algorithm.sampling import logprobs_from_logits
 from refine.config import RunConfig
@@ -351,8 +351,7 @@ class VllmEngine:
         else:
             logits = torch.cat([first_logits.repeat_interleave(n, dim=0)[:, None], forced.logits[:, :-1]], dim=1)
             logprobs = logprobs_from_logits(logits, tokens, cfg.temperature).float()
-        target_tokens = gather_windows(ids, rows, starts, k).repeat_interleave(n, dim=0)
-        target_hidden = gather_windows(doc.hidden_states, rows, starts, k).repeat_interleave(n, dim=0)
+        target_tokens, target_hidden = ground_truth(ids, doc.hidden_states, positions, k, n)
         rollouts = Rollouts(positions, tokens, logprobs, forced.hidden_states, target_tokens, target_hidden,
                             first_token_entropy(first_logits, positions), n)
         rollouts.policy_version = self.weight_version

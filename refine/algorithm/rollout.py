@@ -187,7 +187,10 @@ def decode(model: FastWeightLM, states: ModelState, first_logits: Tensor, cfg: R
     return outputs[0], outputs[1], outputs[2] if with_hidden else None
 
 
-def _targets(input_ids: Tensor, hidden: Tensor, positions: Tensor, k: int, n: int) -> tuple[Tensor, Tensor]:
+def ground_truth(input_ids: Tensor, hidden: Tensor, positions: Tensor, k: int, n: int) -> tuple[Tensor, Tensor]:
+    """What the rollouts from `positions` [B, c] are scored against: the document's k tokens from each position
+    (input_ids[b, p : p + k]) and the document pass's final-layer `hidden` states there, each repeated for the n
+    samples: [B * c * n, k] and [B * c * n, k, D]."""
     rows, starts = prefix_rows(positions)
     target_tokens = gather_windows(input_ids, rows, starts, k).repeat_interleave(n, dim=0)
     target_hidden = gather_windows(hidden, rows, starts, k).repeat_interleave(n, dim=0)
@@ -215,7 +218,7 @@ def snapshot_rollouts(model: FastWeightLM, input_ids: Tensor, lengths: Tensor, c
         rows, starts = prefix_rows(positions)
         first_logits = out.logits[rows, starts - 1]
         tokens, logprobs, hidden = decode(model, out.states_at(positions), first_logits, cfg, generator)
-        target_tokens, target_hidden = _targets(input_ids, out.hidden_states, positions, cfg.rollout_len,
+        target_tokens, target_hidden = ground_truth(input_ids, out.hidden_states, positions, cfg.rollout_len,
                                                 cfg.num_samples)
         rollouts = Rollouts(positions, tokens, logprobs, hidden, target_tokens, target_hidden,
                             first_token_entropy(first_logits, positions), cfg.num_samples)
@@ -269,7 +272,7 @@ def _reprefill(model: FastWeightLM, input_ids: Tensor, lengths: Tensor, cfg: Ref
         hidden.append(full.hidden_states[:, start:start + k])
     if document_hidden is None:  # the ground truth's hidden states, unless the caller's pass has them
         document_hidden = model(input_ids, lengths=lengths, output_state=False).hidden_states
-    target_tokens, target_hidden = _targets(input_ids, document_hidden, positions, cfg.rollout_len,
+    target_tokens, target_hidden = ground_truth(input_ids, document_hidden, positions, cfg.rollout_len,
                                             cfg.num_samples)
     return Rollouts(positions, torch.cat(tokens), torch.cat(logprobs), torch.cat(hidden), target_tokens,
                     target_hidden, first_token_entropy(torch.stack(first), positions), cfg.num_samples)

@@ -24,7 +24,7 @@ from refine.algorithm.advantages import group_ids_for, grpo_advantages
 from refine.algorithm.losses import MASKED_MEAN_EPS, ntp_loss, policy_loss
 from refine.algorithm.rewards import RewardInputs, compute_reward, import_reward_modules
 from refine.algorithm.rollout import (
-    Rollouts, check_positions, choose_positions, decode, first_token_entropy, gather_windows, prefix_rows,
+    Rollouts, check_positions, choose_positions, decode, first_token_entropy, ground_truth, prefix_rows,
 )
 from refine.algorithm.sampling import logprobs_from_logits
 from refine.config import RefineConfig
@@ -248,7 +248,6 @@ def fused_refine_step(model: FastWeightLM, input_ids: Tensor, lengths: Tensor, c
         if positions is None:
             positions = choose_positions(out.logits, lengths, cfg, generator)
     with timed_stage(times, "states"):
-        rows, starts = prefix_rows(positions)
         first_logits = prefix_end_logits(model, out, positions)
         states = out.states_at(positions)
     n, k = cfg.num_samples, cfg.rollout_len
@@ -261,8 +260,7 @@ def fused_refine_step(model: FastWeightLM, input_ids: Tensor, lengths: Tensor, c
     with timed_stage(times, "score"):
         rollouts = Rollouts(
             positions, tokens, logprobs, forced.hidden_states.detach(),
-            gather_windows(input_ids, rows, starts, k).repeat_interleave(n, 0),
-            gather_windows(out.hidden_states.detach(), rows, starts, k).repeat_interleave(n, 0),
+            *ground_truth(input_ids, out.hidden_states.detach(), positions, k, n),
             first_token_entropy(first_logits, positions), n,
         )
         rollouts.rewards = score_rollouts(rollouts, cfg)

@@ -165,6 +165,22 @@ def test_reprefill_takes_the_ground_truth_from_the_callers_document_pass() -> No
 
 
 @pytest.mark.parametrize("rollouts", [snapshot_rollouts, reprefill_rollouts])
+def test_the_ground_truth_is_the_k_tokens_from_each_position_and_their_hidden_states(rollouts) -> None:
+    """A rollout from position p continues the prefix ids[:p]: its rewards compare it with ids[p : p + k] and
+    the full forward's final-layer hidden states there, each repeated for the n samples."""
+    model, ids, lengths, positions = _reprefill_batch()
+    cfg = RefineConfig(num_chunks=2, rollout_len=3, num_samples=2, temperature=0.8)
+    with torch.no_grad():
+        hidden = model(ids, lengths=lengths, output_state=False).hidden_states
+    out = rollouts(model, ids, lengths, cfg, positions=positions, generator=torch.Generator().manual_seed(1))
+    for i, (b, p) in enumerate((b, p) for b in range(2) for p in positions[b].tolist()):
+        for sample in range(cfg.num_samples):
+            row = i * cfg.num_samples + sample
+            assert torch.equal(out.target_tokens[row], ids[b, p:p + 3]), (b, p)
+            torch.testing.assert_close(out.target_hidden[row], hidden[b, p:p + 3], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("rollouts", [snapshot_rollouts, reprefill_rollouts])
 @pytest.mark.parametrize("bad, named", [([[0, 20], [9, 26]], r"positions\[0, 0\]=0 is outside 1\.\.37 "
                                                                r"\(document length 40, rollout_len k=3\)"),
                                         ([[3, 20], [9, 29]], r"positions\[1, 1\]=29 is outside 1\.\.28 "
