@@ -317,13 +317,7 @@ def _signals_held_back() -> Iterator[None]:
 def _end_ray_start(older: set[int], handler: Any) -> None:
     """Kill the processes this one started since `older` (those of the Ray being started), then end as SIGTERM ends
     it: by the signal where it has no handler, else as a stopped command (exit 130)."""
-    started = [process for process in psutil.Process().children(recursive=True) if process.pid not in older]
-    for process in started:
-        try:
-            process.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(started, timeout=LOCAL_RAY_KILL_WAIT_S)  # reaps those that are this process's children
+    _kill_processes([process for process in psutil.Process().children(recursive=True) if process.pid not in older])
     if handler is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.raise_signal(signal.SIGTERM)
@@ -367,13 +361,18 @@ def _kill_local_ray(node: Any) -> None:
                 processes += [*root.children(recursive=True), root]  # before the parent dies: then they are init's
             except psutil.NoSuchProcess:
                 continue
+    _kill_processes(processes)
+    node.kill_all_processes(check_alive=False, allow_graceful=False)  # reaps the ones this process started
+
+
+def _kill_processes(processes: list[psutil.Process]) -> None:
+    """SIGKILL `processes` and wait for them to end (reaping those that are this process's children)."""
     for process in processes:
         try:
             process.kill()
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(processes, timeout=LOCAL_RAY_KILL_WAIT_S)
-    node.kill_all_processes(check_alive=False, allow_graceful=False)  # reaps the ones this process started
 
 
 class _SignalledRayDeadline:
