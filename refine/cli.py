@@ -97,7 +97,9 @@ def main_job_resume_command(args: argparse.Namespace, config: RunConfig) -> list
     says so and trains nothing). A relative run directory is pinned, so that it resumes from anywhere."""
     from refine.run_files import absolute_out_dir
 
-    command = ["refine", "train"] + ([str(Path(args.config).resolve())] if args.config else [])
+    # absolute(), not resolve(): the file read, as the user named it (a checkout's configs/demo.yaml, not the package
+    # folder its configs/ links to).
+    command = ["refine", "train"] + ([str(Path(args.config).absolute())] if args.config else [])
     pinned = [] if Path(config.train.out_dir).is_absolute() else [f"train.out_dir={absolute_out_dir(config)}"]
     for item in [*args.set, *pinned]:
         command += ["--set", item]
