@@ -13,6 +13,7 @@ from pathlib import Path
 
 from refine.config import DEMO_DEFAULTS, RunConfig, load_config
 from refine.config_parsing import ConfigError
+from refine.example_configs import DEFAULT_DIR, copy_examples
 from refine.runtime import command_exit, sigterm_as_ctrl_c, tune_allocator
 
 
@@ -202,6 +203,16 @@ def _posttrain(args: argparse.Namespace) -> int:
     return posttrain_main(args)
 
 
+def _configs(args: argparse.Namespace) -> int:
+    report = copy_examples(args.directory, overwrite=args.force)
+    for path in report.already_shipped:
+        print(f"refine: {path} is the shipped example itself (a checkout's configs/): left as it is",
+              file=sys.stderr)
+    for path in report.written:
+        print(path)
+    return 0
+
+
 def _installed_version() -> str:
     """The installed distribution's version (pyproject.toml's), or a note when the code runs uninstalled."""
     try:
@@ -298,6 +309,13 @@ def build_parser() -> argparse.ArgumentParser:
     posttrain.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoints/latest")
     posttrain.add_argument("--no-progress", action="store_true", help="no progress bar")
     posttrain.set_defaults(func=_posttrain)
+
+    configs = sub.add_parser("configs", help="copy the example configs that ship with the package (the ones README "
+                                             "names) into a directory, listing the files written")
+    configs.add_argument("directory", nargs="?", default=DEFAULT_DIR,
+                         help=f"where to write them (default: ./{DEFAULT_DIR}, where README's commands look)")
+    configs.add_argument("--force", action="store_true", help="overwrite files of the same names there")
+    configs.set_defaults(func=_configs)
 
     # Listed for --help only: main() hands everything after "score" to refine.evaluation.score, which
     # parses its own options (argparse.REMAINDER would not pass on ones that start with "-").

@@ -26,6 +26,7 @@ from refine.algorithm.selection import min_document_length
 from refine.config_parsing import ConfigError, parse_overrides, parse_yaml, set_path
 from refine.data.sources import MAX_WINDOWS, FormatName, check_min_length
 from refine.errors import shown, validation_problems
+from refine.example_configs import COMMAND, DEFAULT_DIR, is_shipped_example
 from refine.models import config_from_dict
 from refine.models.config import (
     LIBRARY_KEYS, UNSUPPORTED_FLA_FIELDS, DeltaNetConfig, ModelConfigBase, Strict,
@@ -816,6 +817,14 @@ DEMO_DEFAULTS: dict[str, Any] = {
 }
 
 
+def _example_hint(path: Path) -> str:
+    """For a missing configs/NAME.yaml that names a shipped example (README's commands, run outside a checkout):
+    the command that puts the examples there."""
+    if len(path.parts) == 2 and path.parts[0] == DEFAULT_DIR and is_shipped_example(path.name):
+        return f" (the example configs ship with the package: `{COMMAND}` copies them into ./{DEFAULT_DIR}/)"
+    return ""
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 defaults: dict[str, Any] | None = None, unread: Collection[str] = ()) -> RunConfig:
     """A config file (or `defaults` when there is none) with `section.field=value` overrides applied.
@@ -824,10 +833,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         path = Path(path)
         if not path.exists():
-            # The examples README names ship in the repository, not in an installed package.
-            hint = (" (the example configs are in the project's repository, configs/: run from a checkout)"
-                    if not path.is_absolute() and path.parts[:1] == ("configs",) else "")
-            raise ConfigError(f"config file {path} does not exist{hint}")
+            raise ConfigError(f"config file {path} does not exist{_example_hint(path)}")
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as error:

@@ -475,3 +475,43 @@ def test_an_argument_that_is_not_utf8_is_refused_before_any_work(tmp_path, capsy
     assert capsys.readouterr().err == (f"refine: error: argument '{shown}' is not valid UTF-8 (a file name in another "
                                        f"encoding?): the run records its paths in UTF-8 files; rename it\n")
     assert list(tmp_path.iterdir()) == []
+
+
+EXAMPLE_NAMES = {"demo.yaml", "midtrain.yaml", "posttrain.yaml", "service_tiny.yaml", "ttt.yaml"}
+
+
+def test_configs_copies_the_shipped_examples_into_configs_and_each_loads(tmp_path, capsys, monkeypatch):
+    """What a user of an installed package does before README's commands: the copies are the examples, and each is
+    a valid run config (midtrain and posttrain start from fla's checkpoint, which README puts in checkpoints/)."""
+    monkeypatch.chdir(tmp_path)
+    save_model(build_model(dict(model_type="delta_net", hidden_size=32, num_heads=2, num_hidden_layers=1,
+                                vocab_size=260)), tmp_path / "checkpoints" / "delta_net-1.3B-100B")
+    assert main(["configs"]) == 0
+    written = capsys.readouterr().out.splitlines()
+    assert sorted(written) == sorted(f"configs/{name}" for name in EXAMPLE_NAMES)
+    for name in EXAMPLE_NAMES:
+        assert (tmp_path / "configs" / name).read_bytes() == (REPO / "configs" / name).read_bytes()
+        load_config(f"configs/{name}", [f"train.out_dir={tmp_path / 'runs'}"])
+
+
+def test_configs_refuses_to_overwrite_naming_the_file_unless_forced(tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "ttt.yaml").write_text("optim:\n  lr: 0.5\n")  # the user's own edits
+    assert main(["configs", str(mine)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"refine: error: {mine / 'ttt.yaml'} exists") and "--force" in err and err.count("\n") == 1
+    assert [path.name for path in mine.iterdir()] == ["ttt.yaml"]  # refused before anything was written
+    assert (mine / "ttt.yaml").read_text() == "optim:\n  lr: 0.5\n"
+    assert main(["configs", str(mine), "--force"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == len(EXAMPLE_NAMES)
+    assert (mine / "ttt.yaml").read_bytes() == (REPO / "configs" / "ttt.yaml").read_bytes()
+
+
+def test_configs_into_a_checkouts_own_configs_leaves_the_shipped_files_alone(capsys):
+    """A checkout's configs/ is the package's folder: even --force writes nothing there (it would empty them)."""
+    before = {path.name: path.read_bytes() for path in (REPO / "configs").iterdir()}
+    assert main(["configs", str(REPO / "configs"), "--force"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("is the shipped example itself") == len(EXAMPLE_NAMES)
+    assert {path.name: path.read_bytes() for path in (REPO / "configs").iterdir()} == before

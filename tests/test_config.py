@@ -162,11 +162,14 @@ def test_malformed_override_and_missing_file(tmp_path):
         load_config(tmp_path / "nope.yaml")
 
 
-def test_an_example_config_missing_outside_a_checkout_says_where_the_examples_are(tmp_path, monkeypatch):
+def test_an_example_config_missing_outside_a_checkout_names_the_command_that_copies_them(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # as after a `pip install .`, elsewhere
-    with pytest.raises(ConfigError, match=r"config file configs/demo.yaml does not exist \(the example configs are in "
-                                          r"the project's repository, configs/: run from a checkout\)"):
+    with pytest.raises(ConfigError, match=r"^config file configs/demo.yaml does not exist \(the example configs ship "
+                                          r"with the package: `refine configs` copies them into ./configs/\)$"):
         load_config("configs/demo.yaml")
+    # A name no example has (a typo, the user's own file): copying the examples would not make it.
+    with pytest.raises(ConfigError, match=r"^config file configs/dmeo.yaml does not exist$"):
+        load_config("configs/dmeo.yaml")
 
 
 def test_demo_file_spells_out_the_embedded_main_job():

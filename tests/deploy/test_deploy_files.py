@@ -74,3 +74,16 @@ def test_dockerfile_pins_the_ray_of_the_project() -> None:
     # The Ray cluster launcher's nodes install the same Ray with the project.
     setup = yaml.safe_load((DEPLOY / "ray" / "local-cluster.yaml").read_text())["setup_commands"]
     assert any(command.endswith(f'pip install -q -e ~/refine "ray[default]=={pin.group(1)}"') for command in setup), setup
+
+
+def test_the_image_copies_the_example_configs_from_a_real_folder() -> None:
+    """The runtime stage's /opt/refine/configs (deploy/README.md's commands) comes from the package's folder of
+    examples, not from the checkout's configs/: that is a relative symlink, and a builder that copied it as a link
+    (BuildKit follows it) would leave it dangling in a stage without /opt/refine/refine."""
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    copied = re.search(r"^COPY --from=builder /opt/refine/(\S+) /opt/refine/configs$", dockerfile, re.MULTILINE)
+    assert copied, "deploy/Dockerfile copies no example configs to /opt/refine/configs"
+    source = REPO_ROOT / copied.group(1)
+    assert source.is_dir() and not source.is_symlink(), source
+    examples = {path.name for path in (REPO_ROOT / "configs").glob("*.yaml")}
+    assert {path.name for path in source.glob("*.yaml")} == examples
