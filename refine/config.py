@@ -354,7 +354,7 @@ class RolloutConfig(Strict):
 
 
 # Where roles announce their metrics ports unless REFINE_METRICS_DISCOVERY_DIR (a deployment's) says otherwise.
-BUILT_IN_DISCOVERY_DIR = "/tmp/refine/prometheus"
+BUILT_IN_DISCOVERY_DIR = "/tmp/refine-prometheus"
 
 
 def default_discovery_dir() -> str:

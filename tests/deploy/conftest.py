@@ -2,7 +2,7 @@
 
 `prometheus_server` is a session fixture that returns a factory: `prometheus_server(discovery_dir)`
 starts a Prometheus whose file service discovery reads `<discovery_dir>/*.json` (instead of the
-deployed /tmp/refine/prometheus), listening on 127.0.0.1 on a free port, with its storage in a
+deployed /tmp/refine-prometheus), listening on 127.0.0.1 on a free port, with its storage in a
 temporary directory. Every server it started is stopped at the end of the session.
 
 The tests that need it are skipped only when no prometheus binary exists (install it with
@@ -31,7 +31,7 @@ from services.redis_server import parent_death_hook
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEPLOYED_PROMETHEUS_CONFIG = REPO_ROOT / "deploy" / "prometheus.yml"
-DEPLOYED_DISCOVERY_DIR = "/tmp/refine/prometheus"
+DEPLOYED_DISCOVERY_DIR = "/tmp/refine-prometheus"
 
 
 class PrometheusError(RuntimeError):

@@ -259,7 +259,7 @@ def test_a_discovery_dir_that_cannot_be_created_names_the_setting_and_the_reason
 
 
 def test_a_discovery_dir_of_another_user_that_refuses_files_is_refused_naming_the_setting(tmp_path: Path) -> None:
-    """A shared node's /tmp/refine/prometheus made by another user (mode 755) exists, so creating it succeeds: the
+    """A shared node's /tmp/refine-prometheus made by another user (mode 755) exists, so creating it succeeds: the
     roles' announcements would fail after Ray started, with a bare permission error."""
     shared = tmp_path / "prometheus"
     shared.mkdir()
@@ -326,7 +326,7 @@ def test_an_empty_discovery_dir_variable_leaves_the_run_config_its_default(monke
 
 
 def test_the_built_in_discovery_dir_is_made_shared_as_tmp_is(tmp_path: Path, monkeypatch) -> None:
-    """/tmp/refine/prometheus was made 0755 by the first user's run: every other user's default run was refused."""
+    """/tmp/refine-prometheus was made 0755 by the first user's run: every other user's default run was refused."""
     import services.metrics
 
     shared = tmp_path / "refine" / "prometheus"
@@ -360,3 +360,20 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_the_built_in_discovery_dir_shadows_no_package_of_the_project(tmp_path: Path) -> None:
+    """Python run from the discovery dir's root (a node's /tmp: `ray start` there gives its workers that working
+    directory) imports a folder there named like one of the project's packages as a namespace package before an
+    editable install's own: /tmp/refine/prometheus made `import refine.config` fail there."""
+    from refine.config import BUILT_IN_DISCOVERY_DIR
+
+    root = Path(BUILT_IN_DISCOVERY_DIR).parents[-2]  # /tmp
+    mirrored = tmp_path / Path(BUILT_IN_DISCOVERY_DIR).relative_to(root)
+    mirrored.mkdir(parents=True)
+    check = ("from services.source_digest import package_folders\nimport refine.config\n"
+             "print(sorted(str(folder.parent) for folder in package_folders().values()))")
+    result = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, capture_output=True, text=True,
+                            env={key: value for key, value in os.environ.items() if key != "PYTHONPATH"})
+    assert result.returncode == 0, result.stderr
+    assert str(tmp_path) not in result.stdout
