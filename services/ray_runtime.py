@@ -141,6 +141,8 @@ def cpus_needed(config: RunConfig) -> float:
 HTTP2_CLIENT_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])  # + empty SETTINGS
 HTTP2_FRAME_HEADER_BYTES = 9
 HTTP2_SETTINGS = 4
+# A GCS call any client may make first (ray.init's own first call): answered UNAUTHENTICATED without a valid token.
+GCS_CLUSTER_ID_METHOD = "/ray.rpc.NodeInfoGcsService/GetClusterId"
 
 
 # What --ray-address takes, for the messages that refuse something else.
@@ -175,6 +177,7 @@ def check_ray_address(address: str, timeout_s: float = 2.0) -> None:
             why = "the only scheme a run connects with is ray://, Ray Client's"
         raise ValueError(f"Ray address {shown!r} ({source}): {scheme}:// is not a Ray address scheme: {why}; "
                          f"give {RAY_ADDRESS_FORMS}")
+    ray_client = bool(sep)  # ray://: Ray Client's server, which has no GCS methods
     host, sep, port = (rest if sep else str(address)).rpartition(":")
     host = host.strip("[]")  # an IPv6 literal, [::1]:6379
     if sep and not host:  # ":6379": Ray fails on it with a traceback
@@ -203,6 +206,29 @@ def check_ray_address(address: str, timeout_s: float = 2.0) -> None:
     if len(header) < HTTP2_FRAME_HEADER_BYTES or header[3] != HTTP2_SETTINGS:
         answer = f"it answered {header[:16]!r}" if header else f"no answer within {timeout_s}s"
         raise ValueError(f"{where}: something listens there but does not answer as a Ray cluster (gRPC): {answer}")
+    if not ray_client:
+        _check_token_auth(host, int(port), where, timeout_s)
+
+
+def _check_token_auth(host: str, port: int, where: str, timeout_s: float) -> None:
+    """Refuse a cluster that requires Ray's token authentication when this process is not set up for it: ray.init
+    would print "Authentication token is missing or incorrect" once a second for about 20 s and then fail with
+    "Failed to connect", naming no setting. One unauthenticated GCS call tells."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
+        return  # ray.init sends the token; a wrong one is Ray's to report
+    import grpc  # Ray's own transport: installed with it
+
+    with grpc.insecure_channel(f"{host}:{port}") as channel:
+        call = channel.unary_unary(GCS_CLUSTER_ID_METHOD, request_serializer=None, response_deserializer=None)
+        try:
+            call(b"", timeout=timeout_s)  # an empty request message
+        except grpc.RpcError as error:
+            if error.code() == grpc.StatusCode.UNAUTHENTICATED:
+                raise ValueError(
+                    f"{where} requires Ray's token authentication ({error.details()}): set RAY_AUTH_MODE=token, with "
+                    f"the cluster's token in RAY_AUTH_TOKEN, in the file RAY_AUTH_TOKEN_PATH names, or in "
+                    f"~/.ray/auth_token") from None
+            # Anything else (an older Ray without that method, a slow head) is ray.init's to report.
 
 
 @dataclass(frozen=True)

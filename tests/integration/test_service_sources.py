@@ -28,6 +28,17 @@ def test_actors_importing_another_copy_of_the_project_refuse_the_run(redis_url: 
     for item in tiny_overrides(tmp_path):
         command += ["--set", item]
     with start_ray_head(node_env={"PYTHONPATH": str(installed)}) as head:
+        # This head requires Ray's token authentication: a driver not set up for it is refused at once, naming the
+        # settings (ray.init printed "token is missing" for about 20 s, then "Failed to connect").
+        no_token = {key: value for key, value in head.env.items() if not key.startswith("RAY_AUTH_")}
+        refused = subprocess.run(command + ["--ray-address", head.gcs_address], cwd=tmp_path, env=no_token,
+                                 capture_output=True, text=True, timeout=120)
+        assert refused.returncode == 2, refused.stderr[-4000:]
+        assert refused.stderr.endswith(
+            f"refine: error: Ray at '{head.gcs_address}' (--ray-address) requires Ray's token authentication "
+            f"(InvalidAuthToken: Authentication token is missing or incorrect): set RAY_AUTH_MODE=token, with the "
+            f"cluster's token in RAY_AUTH_TOKEN, in the file RAY_AUTH_TOKEN_PATH names, or in ~/.ray/auth_token\n"
+        ), refused.stderr[-4000:]
         # The driver imports the checkout, started in another folder: a driver's working directory comes first on
         # its actors' import path (on one machine the checkout's would be found there).
         result = subprocess.run(command + ["--ray-address", head.gcs_address], cwd=tmp_path,
