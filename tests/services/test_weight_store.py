@@ -3,6 +3,7 @@
 import hashlib
 import re
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -288,6 +289,36 @@ def test_a_chunk_changed_after_publishing_is_refused_naming_both_digests(
         assert not isinstance(info.value, WeightVersionMissing)  # fetch does not retry it as a pruning race
 
 
+def flip_a_bit_of_a_middle_chunk(redis_client: redis.Redis, keys: list[bytes]) -> None:
+    middle = keys[len(keys) // 2]
+    redis_client.setrange(middle, 0, bytes([redis_client.get(middle)[0] ^ 0x01]))
+
+
+def swap_two_middle_chunks(redis_client: redis.Redis, keys: list[bytes]) -> None:
+    first, second = redis_client.get(keys[1]), redis_client.get(keys[2])
+    assert len(first) == len(second) and first != second
+    redis_client.mset({keys[1]: second, keys[2]: first})
+
+
+@pytest.mark.parametrize("damage", [flip_a_bit_of_a_middle_chunk, swap_two_middle_chunks],
+                         ids=["bit-in-a-middle-chunk", "two-chunks-swapped"])
+def test_a_middle_chunk_changed_or_out_of_order_is_refused_naming_both_digests(
+    redis_client: redis.Redis, namespace: str, damage: Callable[[redis.Redis, list[bytes]], None]
+) -> None:
+    """Chunks are hashed one by one as they are read: every chunk counts, and in the record's order."""
+    store = corrupt_store(redis_client, namespace)
+    keys = chunk_keys(redis_client, namespace)
+    assert len(keys) >= 4
+    published = f"sha256:{hashlib.sha256(b''.join(redis_client.get(key) for key in keys)).hexdigest()}"
+    damage(redis_client, keys)
+    computed = f"sha256:{hashlib.sha256(b''.join(redis_client.get(key) for key in keys)).hexdigest()}"
+    assert computed != published
+    error = (f"weight version 1: its chunks {keys[0].decode()!r}.. have digest {computed}, its record "
+             f"'{namespace}:weights:meta:1' says digest {published} (the chunks changed after publishing)")
+    with pytest.raises(WeightStoreError, match="^" + re.escape(error) + "$"):
+        store.fetch(1)
+
+
 @pytest.mark.parametrize("state,chunk_bytes", [
     ({}, 64),
     (small_state(1), 64),
@@ -390,3 +421,22 @@ def test_a_version_pruned_while_read_is_still_told_apart_from_a_lost_chunk(redis
     version, state = reader.fetch()  # the latest: read again once replaced
     assert version == 3
     assert_same(state, small_state(3))
+
+
+class FailingSetClient(redis.Redis):
+    """A real client to the test Redis whose write of chunk `fail_at` fails: the connection dropped mid-publish."""
+
+    fail_at = 2
+
+    def set(self, name: Any, value: Any, *args: Any, **kwargs: Any) -> Any:
+        if str(name).endswith(f":{self.fail_at}"):
+            raise redis.ConnectionError("connection dropped")
+        return super().set(name, value, *args, **kwargs)
+
+
+def test_a_publish_whose_chunk_write_fails_raises_and_stops_hashing(redis_url: str, namespace: str) -> None:
+    store = RedisWeightStore(FailingSetClient.from_url(redis_url), namespace, chunk_bytes=64)
+    with pytest.raises(redis.ConnectionError, match="connection dropped"):
+        store.publish(small_state(1), 1)
+    assert store.latest_version() is None
+    assert not [thread for thread in threading.enumerate() if thread.name.startswith("weight-digest")]
