@@ -441,8 +441,10 @@ class ServiceConfig(Strict):
                     "claim's TTL (max(60, 4 x heartbeat_timeout_s) + 30 s) plus a minute: a driver that still holds "
                     "its namespace keeps its keys. A resume needs none of them: everything durable is in the "
                     "learner's checkpoint")
-    metrics_discovery_dir: PathStr = Field(
-        default_factory=default_discovery_dir,
+    # A plain str with min_length here, not PathStr: pydantic before 2.11.5 cannot merge an Annotated Field
+    # with a default_factory ("cannot specify both default and default_factory").
+    metrics_discovery_dir: str = Field(
+        default_factory=default_discovery_dir, min_length=1,
         description="where each role announces its metrics port for Prometheus (deploy/prometheus.yml reads it)",
     )
 

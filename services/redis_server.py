@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable, Literal
 
 import redis
-from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
+from redis.backoff import FullJitterBackoff, NoBackoff
 from redis.retry import Retry
 
 __all__ = [
@@ -156,7 +156,9 @@ def connect(
         url,
         socket_connect_timeout=timeout_s,
         socket_timeout=socket_timeout_s,
-        retry=Retry(ExponentialWithJitterBackoff(cap=1.0, base=0.05), retries,
+        # Full jitter (a uniform wait up to min(1 s, 0.05 s x 2^n)) is in every redis-py >= 5; its newer
+        # ExponentialWithJitterBackoff only from 5.3.
+        retry=Retry(FullJitterBackoff(cap=1.0, base=0.05), retries,
                     supported_errors=(redis.ConnectionError,)),
         health_check_interval=30,
         **_tcp_options(url),

@@ -85,7 +85,9 @@ class Strict(BaseModel):
 
 
 class ModelConfigBase(Strict):
-    model_config = ConfigDict(extra="allow")  # fla's config.json keys this model does not read are kept
+    # Extras: fla's config.json keys this model does not read are kept. No protected namespaces: pydantic before
+    # 2.10 warned at import that model_type (config.json's own key) starts with its reserved "model_".
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
 
     model_type: str
     vocab_size: int = Field(32000, gt=0)

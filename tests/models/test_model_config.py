@@ -1,13 +1,15 @@
 """Model configs refuse what the models cannot build, naming the field and the value."""
 
 import re
+import warnings
+from typing import Literal
 
 import pytest
 import torch
 from pydantic import ValidationError
 
 from refine.models import build_model, config_from_dict
-from refine.models.config import MAX_EXPAND, MAX_INITIALIZER_RANGE, MAX_NORM_EPS
+from refine.models.config import MAX_EXPAND, MAX_INITIALIZER_RANGE, MAX_NORM_EPS, ModelConfigBase
 from refine.models.lact import MAX_FW_INIT_GAIN
 
 DELTA_NET = dict(model_type="delta_net", hidden_size=32, num_heads=2, num_hidden_layers=1, vocab_size=50)
@@ -158,3 +160,16 @@ def test_the_limits_keep_every_fla_default():
     for config in (fla_models.DeltaNetConfig(), fla_models.GatedDeltaNetConfig()):
         ours = config_from_dict({k: v for k, v in config.to_dict().items() if k != "transformers_version"})
         assert ours.initializer_range == config.initializer_range and ours.norm_eps == config.norm_eps
+
+
+def test_a_model_config_class_defines_model_type_without_a_warning():
+    """pydantic 2.8 and 2.9 (within pyproject's bound) warned at import, once per model, that the field model_type
+    conflicts with the protected namespace "model_"."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+
+        class NewModelConfig(ModelConfigBase):
+            model_type: Literal["new_model"] = "new_model"
+
+    assert [str(warning.message) for warning in caught] == []
+    assert NewModelConfig().model_type == "new_model"
