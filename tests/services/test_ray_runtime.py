@@ -17,6 +17,7 @@ import psutil
 import pytest
 import ray
 import redis
+from packaging.version import Version
 
 from refine.config import RunConfig
 from services.ray_runtime import (
@@ -147,6 +148,10 @@ def rays_parser(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ray, "init", parse_only)
 
 
+# Before 2.49 Ray's address parsing (all that the rays_parser fixture runs of ray.init) let "garbage" through, and
+# ray.init refused it only while connecting ("Port is not specified for address garbage", the same ValueError path).
+@pytest.mark.skipif(Version(ray.__version__) < Version("2.49"),
+                    reason=f"Ray {ray.__version__} reads no malformed address before connecting; 2.49 does")
 @pytest.mark.parametrize("source", ["--ray-address", "service.ray_address", "RAY_ADDRESS"])
 def test_a_malformed_ray_address_is_refused_naming_the_setting_it_came_from(
     source: str, rays_parser: None, monkeypatch: pytest.MonkeyPatch, tmp_path
