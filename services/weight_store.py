@@ -93,9 +93,9 @@ class _ChunkDigest:
     chunk and hashed on a background thread in the order given.
 
     Hashing 500 MB takes about half a second, a large share of its publish or fetch; hashlib releases the GIL while
-    it hashes a large buffer, so a chunk is hashed on another core while Redis sends or receives the next one. The chunks are
-    hashed where they are, not copied. Use it as a context manager: leaving drops the chunks not yet hashed (a
-    failed transfer needs no digest) and waits for the one being hashed.
+    it hashes a large buffer, so a chunk is hashed on another core while Redis sends or receives the next one. The
+    chunks are hashed where they are, not copied. Use it as a context manager: leaving drops the chunks not yet hashed
+    (a failed transfer needs no digest) and waits for the one being hashed.
     """
 
     def __init__(self) -> None:

@@ -219,7 +219,7 @@ def snapshot_rollouts(model: FastWeightLM, input_ids: Tensor, lengths: Tensor, c
         first_logits = out.logits[rows, starts - 1]
         tokens, logprobs, hidden = decode(model, out.states_at(positions), first_logits, cfg, generator)
         target_tokens, target_hidden = ground_truth(input_ids, out.hidden_states, positions, cfg.rollout_len,
-                                                cfg.num_samples)
+                                                    cfg.num_samples)
         rollouts = Rollouts(positions, tokens, logprobs, hidden, target_tokens, target_hidden,
                             first_token_entropy(first_logits, positions), cfg.num_samples)
     return rollouts.ordinary()
@@ -273,7 +273,7 @@ def _reprefill(model: FastWeightLM, input_ids: Tensor, lengths: Tensor, cfg: Ref
     if document_hidden is None:  # the ground truth's hidden states, unless the caller's pass has them
         document_hidden = model(input_ids, lengths=lengths, output_state=False).hidden_states
     target_tokens, target_hidden = ground_truth(input_ids, document_hidden, positions, cfg.rollout_len,
-                                            cfg.num_samples)
+                                                cfg.num_samples)
     return Rollouts(positions, torch.cat(tokens), torch.cat(logprobs), torch.cat(hidden), target_tokens,
                     target_hidden, first_token_entropy(torch.stack(first), positions), cfg.num_samples)
 
