@@ -208,6 +208,8 @@ def test_driver_gives_up_on_redis_gone_for_good(ray_session, tmp_path: Path, res
     learner = ray.remote(num_cpus=0)(lambda: time.sleep(600)).remote()
     orchestrator.learner_future = learner
     orchestrator.outage.timeout_s = 2.0  # the rule's minute, shortened
+    # The learner here never checkpoints: giving up waits the whole grace for it, shortened too.
+    monkeypatch.setattr(orchestrator_module, "STOP_GRACE_S", 1.0)
     # Should the driver retry forever, the learner "returns" after a minute: the loop ends without the error
     # and the test fails instead of hanging (a guard against hanging only, not a speed limit).
     rescue = threading.Timer(60, lambda: ray.cancel(learner, force=True))

@@ -17,6 +17,8 @@ import psutil
 import pytest
 import ray
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from packaging.version import Version
 
 from refine.config import RunConfig
@@ -265,7 +267,7 @@ def test_the_embedded_redis_of_a_run_answers_only_to_its_url() -> None:
         parts = urllib.parse.urlsplit(url)
         assert parts.password
         with pytest.raises(redis.AuthenticationError):
-            redis.Redis(host=parts.hostname, port=parts.port).ping()
+            redis.Redis(host=parts.hostname, port=parts.port, retry=Retry(NoBackoff(), 0)).ping()  # no retries
 
 
 @pytest.mark.parametrize("multi_node, client, where", [

