@@ -15,7 +15,9 @@ leaves no weights in Redis for good.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
+import struct
 import time
 import uuid
 from abc import ABC, abstractmethod
@@ -61,27 +63,64 @@ class WeightVersionMissing(WeightStoreError, LookupError):
     """The requested version does not exist (never published, or already pruned)."""
 
 
-def state_dict_to_bytes(state_dict: Mapping[str, torch.Tensor]) -> bytes:
-    """safetensors bytes of a state dict (CPU copies; tied/shared tensors are stored separately)."""
+# safetensors' names for the dtypes a model's state holds; a state with any other goes through safetensors' writer.
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
+
+
+def state_dict_to_bytes(state_dict: Mapping[str, torch.Tensor]) -> bytearray | bytes:
+    """safetensors bytes of a state dict (tied/shared tensors are stored separately), read by safetensors' own loader.
+
+    Written here, each tensor copied once into the result: safetensors.torch.save copies every tensor to bytes and
+    then all of them into its result, which made this most of a publish (500 MB: 0.58 s, against the 0.4 s Redis
+    takes to receive them). The layout is safetensors' (a little-endian u64 header size, the JSON header padded with
+    spaces to 8 bytes, the tensors' bytes back to back)."""
     tensors: dict[str, torch.Tensor] = {}
-    seen_storages: set[int] = set()
     for name, tensor in state_dict.items():
         if not isinstance(name, str):
             raise WeightStoreError(f"state_dict keys must be strings, got {type(name).__name__} {name!r}")
         if not isinstance(tensor, torch.Tensor):
             raise WeightStoreError(f"state_dict[{name!r}] must be a torch tensor, got {type(tensor).__name__}")
-        tensor = tensor.detach().to("cpu").contiguous()
+        tensors[name] = tensor.detach()
+    if any(tensor.dtype not in _SAFETENSORS_DTYPES for tensor in tensors.values()):
+        return _library_bytes(tensors)
+    header, offset = {}, 0
+    # Wider elements first, as safetensors orders them: every tensor's bytes start aligned to its element size.
+    for name, tensor in sorted(tensors.items(), key=lambda item: (-item[1].element_size(), item[0])):
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    data = bytearray(8 + len(encoded) + offset)
+    data[:8] = struct.pack("<Q", len(encoded))
+    data[8 : 8 + len(encoded)] = encoded
+    start = 8 + len(encoded)
+    for name, tensor in tensors.items():
+        begin, end = header[name]["data_offsets"]
+        if end > begin:  # a tensor's bytes: its elements in order, whatever its strides or device
+            target = torch.frombuffer(data, dtype=torch.uint8, count=end - begin, offset=start + begin)
+            target.copy_(tensor.reshape(-1).view(torch.uint8))
+    return data
+
+
+def _library_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    """safetensors.torch.save's bytes, each tensor given its own memory (it refuses shared ones)."""
+    own: dict[str, torch.Tensor] = {}
+    seen_storages: set[int] = set()
+    for name, tensor in tensors.items():
+        tensor = tensor.to("cpu").contiguous()
         storage = tensor.untyped_storage()
-        whole = storage.nbytes() == tensor.numel() * tensor.element_size()
-        # safetensors refuses tensors that share memory (tied embeddings) or views into a larger
-        # buffer; give those their own copy.
-        if storage.data_ptr() in seen_storages or not whole:
+        if storage.data_ptr() in seen_storages or storage.nbytes() != tensor.numel() * tensor.element_size():
             tensor = tensor.clone()
             storage = tensor.untyped_storage()
         if tensor.numel():
             seen_storages.add(storage.data_ptr())
-        tensors[name] = tensor
-    return safetensors_save(tensors)
+        own[name] = tensor
+    return safetensors_save(own)
 
 
 def state_dict_from_bytes(data: bytes) -> dict[str, torch.Tensor]:

@@ -1,6 +1,7 @@
 """Versioned weights in a real Redis: chunked round trips, version order, pruning, the bytes' digest."""
 
 import hashlib
+import json
 import re
 import threading
 from collections.abc import Callable
@@ -9,6 +10,7 @@ from typing import Any
 import pytest
 import redis
 import torch
+from safetensors.torch import save as safetensors_save
 
 from services.weight_store import (
     RedisWeightStore,
@@ -126,6 +128,41 @@ def test_tied_and_view_tensors_are_stored(redis_client: redis.Redis, namespace: 
     _, fetched = store.fetch(0)
     assert torch.equal(fetched["embed.weight"], shared) and torch.equal(fetched["lm_head.weight"], shared)
     assert torch.equal(fetched["slice"], big[2:5])
+
+
+def test_the_bytes_are_safetensors_own_for_one_dtype_of_each_width() -> None:
+    """The store writes safetensors' layout itself (one copy of each tensor); with one dtype per element width its
+    bytes are those safetensors.torch.save writes for the same tensors, each given its own contiguous memory."""
+    shared = torch.randn(3, 5)
+    state = {
+        "embed.weight": shared, "lm_head.weight": shared,  # tied
+        "transposed": torch.randn(4, 6).t(), "slice": torch.randn(10, 4)[2:5], "expanded": torch.ones(3).expand(2, 3),
+        "step": torch.tensor(7), "empty": torch.empty(0, 4), "norm.weight": torch.randn(6).to(torch.bfloat16),
+        "mask": torch.tensor([True, False, True]), "héad.ünicode": torch.randn(2),
+    }
+    expected = safetensors_save({name: tensor.contiguous().clone() for name, tensor in state.items()})
+    assert bytes(state_dict_to_bytes(state)) == expected
+
+
+def test_mixed_dtypes_of_one_width_round_trip_with_each_tensor_aligned() -> None:
+    """float16, bfloat16 and int16 share a width (safetensors orders them its own way): the loader gets every tensor
+    back, and each tensor's bytes start at a multiple of its element size. A dtype outside the written ones
+    (float8) goes through safetensors' own writer."""
+    generator = torch.Generator().manual_seed(0)
+    state = {
+        "half": torch.randn(3, generator=generator).half(), "brain": torch.randn(5, generator=generator).bfloat16(),
+        "short": torch.arange(7, dtype=torch.int16), "byte": torch.arange(3, dtype=torch.uint8),
+        "signed": torch.arange(-2, 3, dtype=torch.int8), "double": torch.randn(2, generator=generator).double(),
+        "flag": torch.tensor([True]), "wide": torch.randn(2, 2, generator=generator),
+    }
+    data = bytes(state_dict_to_bytes(state))
+    assert_same(state_dict_from_bytes(data), state)
+    header_size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_size])
+    for name, entry in header.items():
+        assert (8 + header_size + entry["data_offsets"][0]) % state[name].element_size() == 0, name
+    with_float8 = {**state, "scale": torch.randn(4, generator=generator).to(torch.float8_e4m3fn)}
+    assert_same(state_dict_from_bytes(bytes(state_dict_to_bytes(with_float8))), with_float8)
 
 
 def test_wait_for_version(redis_client: redis.Redis, redis_url: str, namespace: str) -> None:
