@@ -124,9 +124,17 @@ def sample_tokens(
     else:
         # Gumbel-max: argmax(logits + Gumbel noise) is an exact draw from softmax(logits), and on CPU
         # uniform noise is several times cheaper than torch.multinomial's exponential draws.
-        uniform = torch.rand(filtered.shape, generator=generator, device=filtered.device, dtype=filtered.dtype)
-        tokens = (filtered - uniform.log().neg_().log_()).argmax(dim=-1)
+        tokens = gumbel_noise(filtered.shape, generator, filtered.device).add_(filtered).argmax(dim=-1)
     return tokens, _token_logprobs(logits, tokens, temperature)
+
+
+def gumbel_noise(shape: torch.Size | tuple[int, ...], generator: torch.Generator | None,
+                 device: torch.device | str) -> Tensor:
+    """Standard Gumbel noise, -log(-log(U)), in float64. Not float32: its uniforms lie on a 2^-24 grid, which caps
+    the noise at 16.6 and coarsens it near the cap, so Gumbel-max drew every token more than ~16 nats below the top
+    one too rarely (18 nats below: 12x too rarely) or never."""
+    uniform = torch.rand(shape, generator=generator, device=device, dtype=torch.float64)
+    return uniform.log_().neg_().log_().neg_()
 
 
 def check_logits_finite(all_finite: Tensor) -> None:

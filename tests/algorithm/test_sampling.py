@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from refine.algorithm.sampling import filter_logits, logprobs_from_logits, sample_tokens
+from refine.algorithm.sampling import filter_logits, gumbel_noise, logprobs_from_logits, sample_tokens
 
 
 def logits_of(probs: list[float], rows: int = 1) -> torch.Tensor:
@@ -92,6 +92,15 @@ def test_samples_follow_the_temperature_scaled_distribution():
     # Each frequency within 4.5 binomial standard deviations (two-sided tail ~7e-6 per token).
     sigma = (target * (1 - target) / draws).sqrt().double()
     assert ((freq - target.double()).abs() < 4.5 * sigma).all(), (freq, target)
+
+
+def test_the_sampling_noise_reaches_past_what_float32_uniforms_allow():
+    """Gumbel-max draws a token d nats below the top one only when its noise beats the top token's by d. Noise made
+    from float32 uniforms never exceeds -log(-log(1 - 2^-24)) = 16.64, so tokens far down the tail were drawn too
+    rarely or never. Of 1e8 exact draws the largest exceeds 16.7 with probability 1 - exp(-1e8 * e^-16.7) > 0.99."""
+    generator = torch.Generator().manual_seed(0)
+    largest = max(float(gumbel_noise((10**7,), generator, "cpu").max()) for _ in range(10))
+    assert 16.7 < largest < math.inf, largest
 
 
 def test_suppressed_tokens_are_never_emitted():
