@@ -35,7 +35,8 @@ from refine.models import FastWeightLM, build_model, load_model, load_model_conf
 from refine.models.size import check_model_fits
 from refine.optim import describe_rates, learning_rate, set_learning_rate
 from refine.run_files import (
-    check_run_directory, finished_run, jsonl_rows, plot_run, restart_metrics, start_run_directory, write_row,
+    check_data_apart_from_run, check_run_directory, finished_run, jsonl_rows, plot_run, restart_metrics,
+    start_run_directory, write_row,
 )
 from refine.run_lock import run_directory_lock
 from refine.runtime import StageTimes, callers_torch_state_kept, note, progress_bar, tune_allocator
@@ -316,6 +317,7 @@ def _train(config: RunConfig, resume: bool, progress: bool, resume_command: list
                          "demo to None (--set demo=null)")
     check_mini_batches(config)
     check_loop_reward(config)
+    check_data_apart_from_run(config)
     if not resume:  # before the model loads: a tokenizer there may be what fails first
         check_inputs_outside_checkpoints(config)
     tune_allocator()

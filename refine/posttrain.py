@@ -52,7 +52,9 @@ from refine.evaluation.answering import prompt_tokens
 from refine.files import write_atomically
 from refine.loop import StepBatch, prepare_model, run_steps
 from refine.phases import QAExample, check_no_kl_term, check_sft_coef, posttrain_step
-from refine.run_files import absolute_out_dir, check_resumed_run, finished_run, start_run_directory
+from refine.run_files import (
+    absolute_out_dir, check_data_apart_from_run, check_resumed_run, finished_run, start_run_directory,
+)
 from refine.run_lock import run_directory_lock
 from refine.runtime import StageTimes, callers_torch_state_kept, note, tune_allocator
 from refine.step import StepResult, check_mini_batches, make_optimizer
@@ -282,6 +284,7 @@ def _posttrain(config: RunConfig, data: str | Path, task: str, sft_coef: float, 
     if resume:  # first: another program's run explains every setting of its config that posttrain refuses
         check_resumed_program(Path(absolute_out_dir(config)), "refine posttrain")
     check_config(config, sft_coef)
+    check_data_apart_from_run(config, data)
     tune_allocator()
     if config.train.threads:
         torch.set_num_threads(config.train.threads)

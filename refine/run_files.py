@@ -42,6 +42,39 @@ def check_resumed_run(config_file: str | None, config: RunConfig) -> None:
                          f"train.out_dir={folder} to continue the run in {str(folder)!r}")
 
 
+# The JSON-lines files a run appends its rows to in train.out_dir: readable as data, so a data input must not be one.
+RUN_ROWS = ("metrics.jsonl", "events.jsonl")
+
+
+def check_data_apart_from_run(config: RunConfig, task_file: str | Path | None = None) -> None:
+    """Refuse data the run would write over or read back as documents, fresh or resumed: data.source,
+    data.eval_source or `task_file` (posttrain's --data) naming the run's own metrics.jsonl or events.jsonl or a
+    file in its checkpoints folder, or a folder that holds train.out_dir (its rows would be read as documents).
+    A fresh run overwrote such a metrics.jsonl with its own rows, without a word."""
+    out_dir = Path(absolute_out_dir(config))
+    inputs = [("data.source", config.data.source), ("data.eval_source", config.data.eval_source)]
+    if task_file is not None:
+        inputs.append(("--data", str(task_file)))
+    for field, value in inputs:
+        if not value or value == "synthetic":  # the generated corpus, whatever a file of that name holds
+            continue
+        path = Path(value).expanduser()
+        if not path.exists():  # the data layer names a missing source
+            continue
+        path = path.resolve()
+        if path.is_dir():
+            inside = out_dir.is_relative_to(path)
+            # The data layer leaves hidden folders out (refine.data.formats): a run in data/.runs/x is not read.
+            if inside and not any(part.startswith(".") for part in out_dir.relative_to(path).parts):
+                raise ValueError(f"{field}={value!r} is a folder that holds train.out_dir={config.train.out_dir!r}: "
+                                 f"the run's own files ({', '.join(RUN_ROWS)}) would be read as documents; give the "
+                                 f"run a train.out_dir outside it")
+        elif (path.parent == out_dir and path.name in RUN_ROWS) or path.is_relative_to(out_dir / "checkpoints"):
+            raise ValueError(f"{field}={value!r} is a file that this run writes (train.out_dir="
+                             f"{config.train.out_dir!r}): copy it out of the run directory first, or give the run "
+                             f"another train.out_dir")
+
+
 def start_run_directory(config: RunConfig, fresh: bool, program: str) -> Path:
     """Create `train.out_dir` and write its config.yaml; a `fresh` run (not resumed from a checkpoint) also
     removes an earlier run's checkpoint there and the other programs' run records (see clear_checkpoints).

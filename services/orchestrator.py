@@ -98,7 +98,9 @@ from refine.data.stream import DataPosition, check_resumed_cursor, check_source,
 from refine.files import write_atomically
 from refine.loop import RunInterrupted, interrupted_message, killed_message, rate_change_warning, warmup_warning
 from refine.optim import describe_rates
-from refine.run_files import absolute_out_dir, finished_run, plot_run, restart_metrics, write_row
+from refine.run_files import (
+    absolute_out_dir, check_data_apart_from_run, finished_run, plot_run, restart_metrics, write_row,
+)
 from refine.run_lock import run_directory_lock
 from refine.runtime import ctrl_c_ignored, note, progress_bar, sigterm_as_ctrl_c, sigterm_received
 from refine.step import Divergence
@@ -204,6 +206,7 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True, ray_addr
     """
     check_service_config(config)
     config = _absolute_paths(with_service_train_mode(config))  # config.yaml says what the service trains
+    check_data_apart_from_run(config)
     start_cursor = 0  # where the learner's data stream starts: a resume's checkpoint says
     if resume:
         check_resumed_program(Path(config.train.out_dir), "refine")  # not a `refine posttrain` run

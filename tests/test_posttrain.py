@@ -321,6 +321,18 @@ def test_an_eval_source_shuffling_a_data_source_or_a_min_length_is_refused_befor
     assert not (tmp_path / "run").exists()
 
 
+def test_a_task_file_that_the_run_writes_is_refused_and_left_as_it_was(tmp_path, capsys):
+    """`--data RUN/metrics.jsonl` with train.out_dir=RUN: the run overwrote the task file with its own rows."""
+    init = _init_model(tmp_path)
+    (tmp_path / "run").mkdir()
+    data = _write(tmp_path / "run" / "metrics.jsonl", _qa_rows(3))
+    before = data.read_bytes()
+    assert main(_argv(data, init, tmp_path / "run", 1)) == 2
+    assert capsys.readouterr().err.startswith(f"refine: error: --data='{data}' is a file that this run writes")
+    assert data.read_bytes() == before and sorted(path.name for path in (tmp_path / "run").iterdir()) == [
+        "metrics.jsonl"]
+
+
 def test_micro_batches_are_refused_before_anything_is_written(tmp_path, capsys):
     init = _init_model(tmp_path)
     data = _write(tmp_path / "qa.jsonl", _qa_rows(3))

@@ -108,3 +108,41 @@ def test_a_resume_keeps_the_same_metrics_file_unless_rows_go(tmp_path):
     assert path.read_text() == '{"step": 1}\n'
     restart_metrics(path, 0)
     assert path.read_text() == ""
+
+
+def _documents(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"text": f"document {i} " * 60}) + "\n" for i in range(8)))
+    return path
+
+
+@pytest.mark.parametrize("field", ["data.source", "data.eval_source"])
+@pytest.mark.parametrize("name", ["metrics.jsonl", "events.jsonl", "checkpoints/latest/docs.jsonl"])
+def test_data_that_the_run_writes_is_refused_fresh_or_resumed_and_left_as_it_was(tmp_path, field, name):
+    """A fresh run whose data.source was its own run directory's metrics.jsonl (copied there to look at, or a
+    finished run's folder reused) trained on it, then overwrote it with its own rows: exit 0, the data gone."""
+    data = _documents(tmp_path / "run" / name)
+    before = data.read_bytes()
+    config = _config(tmp_path / "run", "ntp", steps=1, extra=(f"{field}={data}",))
+    for resume in (False, True):
+        with pytest.raises(ValueError, match=rf"^{field}='{data}' is a file that this run writes \(train.out_dir="
+                                             rf"'{tmp_path / 'run'}'\): copy it out of the run directory first"):
+            train(config, resume=resume, progress=False)
+    assert data.read_bytes() == before and not (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_a_data_folder_that_holds_the_run_directory_is_refused_unless_hidden_from_the_data(tmp_path):
+    """A run in a folder of data.source read its own metrics.jsonl as documents once it existed, and stopped on its
+    first row ("column 'text' missing"), or, with data.skip_bad_rows, skipped more of them every pass."""
+    _documents(tmp_path / "data" / "docs.jsonl")
+    for out_dir in (tmp_path / "data" / "runs" / "a", tmp_path / "data"):
+        with pytest.raises(ValueError, match=rf"^data.source='{tmp_path / 'data'}' is a folder that holds "
+                                             rf"train.out_dir='{out_dir}': the run's own files \(metrics.jsonl, "
+                                             rf"events.jsonl\) would be read as documents"):
+            train(_config(out_dir, "ntp", steps=1, extra=(f"data.source={tmp_path / 'data'}",)), progress=False)
+    hidden = tmp_path / "data" / ".runs" / "a"  # the data layer leaves hidden folders out
+    train(_config(hidden, "ntp", steps=1, extra=(f"data.source={tmp_path / 'data'}",)), progress=False)
+    assert (hidden / "metrics.jsonl").exists()
+    # The run's own files beside, not inside, its data are fine: a sibling folder.
+    sibling = tmp_path / "runs" / "b"
+    train(_config(sibling, "ntp", steps=1, extra=(f"data.source={tmp_path / 'data'}",)), progress=False)

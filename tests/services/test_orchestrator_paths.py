@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from refine.config import BUILT_IN_DISCOVERY_DIR, load_config
 from services.orchestrator import _absolute_paths
 
@@ -32,3 +34,21 @@ def test_every_path_a_resume_reads_is_made_absolute(tmp_path, monkeypatch):
     assert (config.data.source, config.data.eval_source, config.train.out_dir) == (
         str(tmp_path / "docs.jsonl"), str(tmp_path / "heldout.jsonl"), str(tmp_path / "runs" / "r"))
     assert _absolute_paths(load_config(None, ["data.eval_source=synthetic"])).data.eval_source == "synthetic"
+
+
+def test_a_service_run_refuses_data_that_it_writes_before_ray_or_redis_start(tmp_path, monkeypatch):
+    """The service writes the same metrics.jsonl as the local loop (services.report_files): the same refusal, made
+    before a Ray or a Redis is started (the path named absolute: the service makes every input path so)."""
+    import ray
+
+    from services.orchestrator import run
+
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "run" / "metrics.jsonl"
+    data.parent.mkdir()
+    data.write_text('{"text": "a document"}\n')
+    config = load_config(None, ["train.out_dir=run", "data.source=run/metrics.jsonl", "train.mode=onepass"])
+    with pytest.raises(ValueError, match=rf"^data.source='{data}' is a file that this run writes \(train.out_dir="
+                                         rf"'{tmp_path / 'run'}'\)"):
+        run(config, progress=False)
+    assert not ray.is_initialized() and data.read_text() == '{"text": "a document"}\n'
