@@ -22,6 +22,16 @@ def positive_int(text: str) -> int:
     return int_at_least(1)(text)
 
 
+def address(started: str) -> Callable[[str], str]:
+    """An argparse type: a service address that is not empty. An empty "$VAR" in a job script would otherwise run on
+    `started` (the flag left out), unnoticed."""
+    def parse(text: str) -> str:
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"is empty ({text!r}): leave the flag out to start {started} for the run")
+        return text
+    return parse
+
+
 def int_at_least(least: int, why: str = "") -> Callable[[str], int]:
     """An argparse type: a whole number of at least `least`; `why` says why, in the error."""
     def parse(text: str) -> int:
@@ -232,9 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set model.hidden_size=256 (repeatable)")
     train.add_argument("--local", action="store_true", help="single-process loop (no Ray, no Redis)")
-    train.add_argument("--ray-address", default=None,
+    train.add_argument("--ray-address", default=None, type=address("a local Ray"),
                        help="Ray cluster to run on (default: service.ray_address, RAY_ADDRESS, else a local Ray)")
-    train.add_argument("--redis-url", default=None,
+    train.add_argument("--redis-url", default=None, type=address("an embedded Redis"),
                        help="Redis for the run's streams (default: service.redis_url, REFINE_REDIS_URL, "
                             "else an embedded server)")
     train.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoints/latest")

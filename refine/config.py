@@ -453,6 +453,15 @@ class ServiceConfig(Strict):
     def _namespace(cls, value: str | None) -> str | None:
         return value if value is None else check_namespace(value, "service.namespace")
 
+    @field_validator("ray_address", "redis_url")
+    @classmethod
+    def _not_empty(cls, value: str | None, info: ValidationInfo) -> str | None:
+        # An empty "$VAR" in a job script, which would otherwise run on a local Ray or Redis of its own, unnoticed.
+        if value is not None and not value.strip():
+            started = "a local Ray" if info.field_name == "ray_address" else "an embedded Redis"
+            raise ValueError(f"{value!r} is empty: leave it out (null) to start {started} for the run")
+        return value
+
     @field_validator("redis_url")
     @classmethod
     def _no_password(cls, value: str | None) -> str | None:

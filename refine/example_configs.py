@@ -40,11 +40,18 @@ def _is_the_shipped_file(target: Path, example: Traversable) -> bool:
 def copy_examples(directory: str | Path = DEFAULT_DIR, overwrite: bool = False) -> CopyReport:
     """Copy every shipped example into `directory` (made if missing). An existing file there is refused, naming it,
     before anything is written, unless `overwrite`: it may hold the user's own edits."""
+    if str(directory) == "":  # Path("") is the working directory, never what an empty "$DIR" meant
+        raise ValueError(f"the directory is empty (''): name one, or leave it out for ./{DEFAULT_DIR}")
     directory = Path(directory)
+    if (directory.exists() or directory.is_symlink()) and not directory.is_dir():
+        raise ValueError(f"{directory} is not a directory (a file, or a link to nothing): give a directory to write "
+                         f"the examples into")
     report = CopyReport()
     pending: list[tuple[Traversable, Path]] = []
     for example in shipped_examples():
         target = directory / example.name
+        if target.is_dir():  # not even --force replaces a folder
+            raise ValueError(f"{target} is a directory: move it away, or give another directory")
         if _is_the_shipped_file(target, example):
             report.already_shipped.append(target)
         elif target.exists() and not overwrite:

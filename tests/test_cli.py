@@ -218,6 +218,16 @@ def test_local_says_the_service_addresses_it_was_given_go_unused(tmp_path, capsy
             "process, without Ray or Redis") in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("flag", "started"), [("--ray-address", "a local Ray"), ("--redis-url", "an embedded Redis")])
+def test_an_empty_service_address_flag_is_refused(flag, started, tmp_path, capsys):
+    """`--redis-url "$REDIS_URL"` with the variable unset trained on an embedded Redis, exit 0, as if left out."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "configs/service_tiny.yaml", "--set", f"train.out_dir={tmp_path}", flag, ""])
+    assert exit_.value.code == 2
+    assert f"argument {flag}: is empty (''): leave the flag out to start {started} for the run" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_run_that_samples_in_process_says_the_vllm_engine_goes_unused(tmp_path, capsys):
     argv = ["train", "--local", "--no-progress", "--set", "demo=null", "--set", "train.mode=onepass", "--set",
             "train.steps=1", "--set", "data.num_documents=4", "--set", f"train.out_dir={tmp_path}", "--set",
@@ -511,6 +521,25 @@ def test_configs_refuses_to_overwrite_naming_the_file_unless_forced(tmp_path, ca
     assert main(["configs", str(mine), "--force"]) == 0
     assert len(capsys.readouterr().out.splitlines()) == len(EXAMPLE_NAMES)
     assert (mine / "ttt.yaml").read_bytes() == (REPO / "configs" / "ttt.yaml").read_bytes()
+
+
+def test_configs_refuses_an_empty_name_a_file_and_a_folder_where_an_example_goes(tmp_path, capsys, monkeypatch):
+    """`refine configs "$DIR"` with DIR unset wrote into the working directory; a file or a link to nothing given
+    as the directory, or a folder named like an example, failed with a bare "[Errno 17] File exists"."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["configs", ""]) == 2
+    assert "the directory is empty ('')" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
+    for name in ("notes.txt", "gone"):
+        assert main(["configs", name]) == 2
+        assert capsys.readouterr().err == (f"refine: error: {name} is not a directory (a file, or a link to nothing): "
+                                           f"give a directory to write the examples into\n")
+    (tmp_path / "mine" / "demo.yaml").mkdir(parents=True)
+    assert main(["configs", "mine", "--force"]) == 2
+    assert "mine/demo.yaml is a directory" in capsys.readouterr().err
+    assert [path.name for path in (tmp_path / "mine").iterdir()] == ["demo.yaml"]  # nothing written
 
 
 def test_configs_into_a_checkouts_own_configs_leaves_the_shipped_files_alone(capsys):

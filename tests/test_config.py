@@ -665,6 +665,15 @@ def test_a_redis_password_in_the_saved_settings_is_refused(url):
     assert load_config(None, ["service.redis_url=redis://user@127.0.0.1:6400/0"]).service.redis_url
 
 
+@pytest.mark.parametrize(("field", "started"), [("ray_address", "a local Ray"), ("redis_url", "an embedded Redis")])
+@pytest.mark.parametrize("value", ["''", "' '"])
+def test_an_empty_service_address_is_refused_not_taken_for_none(field, started, value):
+    """An empty "$VAR" in a job script ran on a local Ray or an embedded Redis of its own instead of the cluster's."""
+    with pytest.raises(ConfigError, match=rf"service.{field}: {value} is empty: leave it out \(null\) to start "
+                                          rf"{started} for the run"):
+        load_config(None, [f"service.{field}={value}"])
+
+
 def test_a_model_dtype_other_than_train_dtype_is_refused_not_ignored():
     """model.torch_dtype=bfloat16 trained in float32 without a word (train.dtype alone is read)."""
     with pytest.raises(ConfigError, match=re.escape("model.torch_dtype='bfloat16' is not read: the model is built and "
