@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import codecs
+import functools
 import json
 import os
 from array import array
@@ -318,8 +319,9 @@ class _JsonlReader:
         except UnicodeDecodeError as error:
             self.policy.reject(location, _undecodable(raw, error))
             return None
+        repeated: dict[int, list[str]] = {}
         try:
-            record = json.loads(text)
+            record = json.loads(text, object_pairs_hook=functools.partial(_json_object, repeated))
         except json.JSONDecodeError:
             # Again without its line terminator (a copy, made only here), so that an error at the end of the line
             # reports a column on this line.
@@ -340,7 +342,22 @@ class _JsonlReader:
                 self.policy.reject(location, f"column {column!r} missing; keys present: {sorted(record)}")
                 return None
         wanted = self.columns + [c for c in self.optional_columns if c in record and c not in self.columns]
+        twice = [column for column in repeated.get(id(record), []) if column in wanted]
+        if twice:  # which of the values was meant cannot be told; a repeated key the run does not read is harmless
+            self.policy.reject(location, f"column {twice[0]!r} given more than once in the row (JSON would keep the "
+                                         f"last silently)")
+            return None
         return {column: record[column] for column in wanted}
+
+
+def _json_object(repeated: dict[int, list[str]], pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json.loads' object_pairs_hook: the object as a dict (which keeps a repeated key's last value), its repeated
+    keys recorded in `repeated` under the dict's id; every object parsed stays alive in the row, so no id is reused."""
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        seen: set[str] = set()
+        repeated[id(value)] = [key for key, _ in pairs if key in seen or seen.add(key)]
+    return value
 
 
 class _TextReader:

@@ -485,6 +485,11 @@ class TaskMetric:
             for answer in answers:
                 if not re.search(pattern, answer):
                     return f"task {self.task!r} needs every gold answer to contain {shape}, got {answer!r:.120}"
+        if self.metric == "count_score":  # a prediction's numbers are compared with it as digits
+            for answer in answers:
+                if not re.fullmatch(r"\d+", answer):
+                    return (f"task {self.task!r} counts: every gold answer must be a whole number in digits, got "
+                            f"{answer!r:.120}")
         return None
 
 

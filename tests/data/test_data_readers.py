@@ -138,6 +138,19 @@ def test_jsonl_row_without_column_is_a_bad_row_naming_keys(tmp_path):
         list(iter_documents(config(path), TOKENIZER))
 
 
+def test_a_column_given_twice_in_a_row_is_a_bad_row_and_other_repeated_keys_are_harmless(tmp_path):
+    """{"text": "a", "text": "b"} was read as "b", counted as a good row: which value was meant cannot be told."""
+    path = tmp_path / "docs.jsonl"
+    path.write_text('{"text": "one", "meta": 1, "meta": 2}\n{"text": "two", "tag": {"x": 1, "x": 2}}\n'
+                    '{"text": "short", "id": 3, "text": "three"}\n')
+    received = []
+    with pytest.raises(BadRowError, match=r"docs.jsonl, line 3: column 'text' given more than once in the row"):
+        for document in iter_documents(config(path), TOKENIZER):
+            received.append(document)
+    assert texts_of(received) == ["one", "two"]
+    assert texts_of(iter_documents(config(path, skip_bad_rows=True), TOKENIZER)) == ["one", "two"]
+
+
 def test_malformed_jsonl_row_raises_with_line_after_yielding_earlier_documents(tmp_path):
     path = tmp_path / "docs.jsonl"
     path.write_text('{"text": "one"}\n{"text": "two"\n{"text": "three"}\n')

@@ -255,6 +255,10 @@ def test_gold_problem_names_what_a_metric_cannot_score():
     assert "'段落<n>'" in task_metric("passage_retrieval_zh").gold_problem(["Paragraph 7"], None)
     for name in ("hotpotqa", "passage_count", "ruler_qa", "niah_single"):
         assert task_metric(name).gold_problem(["3"], None) is None
+    # A count spelled out, or not a whole number, never equals a number in the prediction: it scored 0, silently.
+    for gold in ("three", "3.0", " 3"):
+        assert task_metric("passage_count_e").gold_problem(["12", gold], None) == (
+            f"task 'passage_count_e' counts: every gold answer must be a whole number in digits, got {gold!r}")
 
 
 def test_aggregation():
