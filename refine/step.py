@@ -182,7 +182,8 @@ MAX_SKIPPED_IN_A_ROW = 10
 
 
 class Divergence:
-    """Counts steps in a row whose every optimizer step was skipped as not finite; says when a run has diverged."""
+    """Counts steps in a row whose every optimizer step was skipped as not finite; says when a run has diverged, or
+    when a run ended without any step taken."""
 
     def __init__(self, config: RunConfig) -> None:
         self.config = config
@@ -192,7 +193,9 @@ class Divergence:
         """Record step `step`'s stats; after MAX_SKIPPED_IN_A_ROW fully skipped steps in a row, the error that ends
         the run (returned: the caller raises it where its own bookkeeping is done), else None."""
         self.in_a_row = self.in_a_row + 1 if stats.get("skipped_nonfinite", 0.0) >= 1.0 else 0
-        if self.in_a_row < MAX_SKIPPED_IN_A_ROW:
+        # A run shorter than that whose every step was skipped ends with the error too, not as a success whose
+        # weights never moved.
+        if self.in_a_row < MAX_SKIPPED_IN_A_ROW and not self.in_a_row == step == self.config.train.steps:
             return None
         if step == self.in_a_row:  # no step ever taken: the weights are the run's start, no learning rate moved them
             cfg, dtype = self.config.refine, DTYPES[self.config.train.dtype]

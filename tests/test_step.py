@@ -199,6 +199,17 @@ def test_steps_skipped_after_trained_ones_say_the_weights_diverged_naming_the_ra
         f"optim.schedule='constant': each step's rate is its lr in metrics.jsonl; optim.grad_clip=1.0")
 
 
+def test_a_run_shorter_than_the_limit_whose_every_step_is_skipped_ends_with_the_error(tmp_path):
+    """Three steps, all skipped: it exited 0 with a checkpoint of the weights it started from and a warning."""
+    config = _config(tmp_path, "onepass", steps=3, extra=("refine.lambda_ntp=1e300",))
+    with pytest.raises(ValueError, match=r"^steps 1..3 were all skipped for a non-finite loss or gradient, from the "
+                                         r"first: the loss is not finite at the weights the run started from"):
+        train(config, progress=False)
+    assert not latest_checkpoint(tmp_path).exists()
+    divergence = Divergence(config)  # one step taken among them: not an error
+    assert [divergence.add(step, {"skipped_nonfinite": float(step != 2)}) for step in (1, 2, 3)] == [None] * 3
+
+
 def test_a_run_whose_every_step_is_skipped_stops_naming_the_loss_weights_and_keeps_no_checkpoint(tmp_path, capsys):
     """Every step skipped for a non-finite loss: after MAX_SKIPPED_IN_A_ROW of them the run ends with an error,
     instead of finishing as a success whose weights never moved. From the first step, no learning rate is to blame
