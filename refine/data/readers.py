@@ -480,6 +480,9 @@ class RowSource:
                 raise DataSourceError(f"a plain-text source has one text per file; cannot provide columns {columns}")
             self.reader = _TextReader(location, columns[0], self.policy)
         elif resolved == "hf":
+            if not location.is_dir():  # datasets' own error ("neither a Dataset directory nor ...") names no format
+                raise DataSourceError(f"format 'hf' reads a folder written by datasets' save_to_disk, but data path "
+                                      f"{str(path)!r} is a file: give its format (or auto), or the folder")
             self.reader = _HFReader(location, columns, optional, split)
         else:
             raise DataSourceError(f"unknown data format {fmt!r}: expected auto, parquet, jsonl, text or hf")

@@ -97,6 +97,14 @@ def test_a_damaged_save_to_disk_folder_names_the_folder(tmp_path, files):
         list(iter_documents(config(tmp_path / "hf"), TOKENIZER))
 
 
+def test_format_hf_given_for_a_file_says_it_reads_a_folder(tmp_path):
+    """datasets' own error said the file was "neither a `Dataset` directory nor a `DatasetDict` directory"."""
+    path = write_jsonl(tmp_path / "docs.jsonl", ["one"])
+    with pytest.raises(DataSourceError, match=rf"^format 'hf' reads a folder written by datasets' save_to_disk, but "
+                                              rf"data path '{path}' is a file: give its format \(or auto\)"):
+        list(iter_documents(config(path, format="hf"), TOKENIZER))
+
+
 def test_limit_reads_only_the_first_records(tmp_path):
     path = write_jsonl(tmp_path / "docs.jsonl", ["a1", "a2", "a3", "a4"])
     stream = DocumentStream(config(path, limit=2), TOKENIZER)
