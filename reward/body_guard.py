@@ -123,6 +123,12 @@ class BodyGuard:
                 got = repr(content_type) if content_type is not None else "no Content-Type header"
                 return (415, [error_detail(["header", "content-type"], f"must be application/json, got {got}",
                                       "content_type")]), length
+            encoding = headers.get("content-encoding")
+            if encoding is not None and encoding.strip().lower() not in ("", "identity"):
+                # A compressed body read as JSON failed as "invalid JSON ... utf-8 codec", naming no header.
+                return (415, [error_detail(["header", "content-encoding"], f"must be absent or 'identity' (the body "
+                                           f"is read as plain JSON, not decompressed), got {encoding!r}",
+                                           "content_encoding")]), length
         if declared is not None and length is None:
             return (400, [error_detail(["header", "content-length"], f"not a byte count: {declared!r}",
                                   "content_length")]), None

@@ -8,7 +8,7 @@
 
 Every error is a JSON body {"error": "<field>: <problem>", "detail": [{loc, field, msg, type}]}
 with a 4xx status: 413 for a body over `max_body_bytes` (refused before it is read in full), 415 for
-a body that is not JSON, 422 for a request that does not match the schema (the pydantic error
+a body that is not JSON or is compressed (a Content-Encoding other than identity), 422 for a request that does not match the schema (the pydantic error
 locations) or repeats a key in a JSON object, 400 when the reward cannot score well-formed rollouts
 (a field it needs is missing) or for a request HTTP cannot parse (a bad Content-Length), 408 for a
 body that takes over `max_body_seconds` to arrive. The request bodies being received or scored at

@@ -1,6 +1,7 @@
 """The HTTP API served for real by uvicorn on a loopback port: hundreds of malformed or oversized
 requests each get a 4xx JSON answer naming the problem, and correct requests still score right."""
 
+import gzip
 import json
 import random
 import socket
@@ -201,6 +202,10 @@ def malformed_cases(rng: random.Random) -> list[Case]:
             add(Case(f"content type {content_type}", 415, ["content-type", "application/json"],
                      raw=json.dumps(request_with()).encode(), headers={"content-type": content_type}))
     add(Case("no content type", 415, ["content-type"], raw=json.dumps(request_with()).encode(), headers={}))
+    for encoding in ["gzip", "br", "deflate", "GZIP, identity"]:  # a compressed body was "invalid JSON"
+        add(Case(f"content encoding {encoding}", 415, ["content-encoding", encoding],
+                 raw=gzip.compress(json.dumps(request_with()).encode()),
+                 headers={"content-type": "application/json", "content-encoding": encoding}))
     # Wrong methods and paths.
     for method in ["GET", "PUT", "DELETE", "PATCH"]:
         add(Case(f"{method} /v1/score", 405, ["method not allowed"], method=method, body=request_with()))
@@ -244,6 +249,12 @@ def test_malformed_requests_get_a_4xx_naming_the_problem(client):
     # The server is still up and still right.
     assert client.get("/healthz").status_code == 200
     check_correct_requests(client)
+
+
+def test_a_body_declared_identity_encoded_is_scored(client):
+    response = client.post("/v1/score", content=json.dumps(request_with()).encode(),
+                           headers={"content-type": "application/json", "content-encoding": "identity"})
+    assert response.status_code == 200, response.text
 
 
 # sys.exit() in a plugin ends no server; a ValueError (torch raises many) is the plugin's fault, not the request's.
