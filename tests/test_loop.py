@@ -319,19 +319,22 @@ def test_a_custom_reward_from_the_runs_reward_modules_trains(tmp_path, monkeypat
 def test_a_skipped_steps_metrics_row_is_strict_json(tmp_path):
     """An infinite loss was written as Infinity, which strict JSON readers (jq, browsers, pandas' default) refuse:
     the row leaves such stats out and names them, as the service's learner does."""
-    stats = train(_config(tmp_path, "onepass", steps=1, extra=("refine.lambda_ntp=1e300",)), progress=False)
-    assert stats["skipped_nonfinite"] == 1.0 and "loss" in stats[NONFINITE_KEY].split(",")
+    with pytest.raises(ValueError, match=r"^steps 1..1 were all skipped for a non-finite loss or gradient"):
+        train(_config(tmp_path, "onepass", steps=1, extra=("refine.lambda_ntp=1e300",)), progress=False)
 
     def refuse(constant: str) -> None:
         raise ValueError(f"not JSON: {constant}")
 
     row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1], parse_constant=refuse)
-    assert row["skipped_steps"] == 1 and "loss" not in row
+    assert row["skipped_steps"] == 1 and row["skipped_nonfinite"] == 1.0 and "loss" not in row
+    assert "loss" in row[NONFINITE_KEY].split(",")
 
 
 def test_a_run_with_skipped_steps_warns_when_it_ends(tmp_path, capsys):
-    train(_config(tmp_path, "onepass", steps=2, extra=("refine.lambda_ntp=1e300",)), progress=False)
-    assert ("warning: 2 of steps 1..2 skipped an update for a non-finite loss or gradient (skipped_nonfinite in "
+    # Step 1 trains; the resumed steps 2 and 3 are skipped (a run whose every step is skipped ends with an error).
+    train(_config(tmp_path, "onepass", steps=1), progress=False)
+    train(_config(tmp_path, "onepass", steps=3, extra=("refine.lambda_ntp=1e300",)), resume=True, progress=False)
+    assert ("warning: 2 of steps 2..3 skipped an update for a non-finite loss or gradient (skipped_nonfinite in "
             "metrics.jsonl; optim.lr=0.001)") in capsys.readouterr().err
 
 

@@ -48,7 +48,9 @@ def test_a_service_run_refuses_data_that_it_writes_before_ray_or_redis_start(tmp
     data.parent.mkdir()
     data.write_text('{"text": "a document"}\n')
     config = load_config(None, ["train.out_dir=run", "data.source=run/metrics.jsonl", "train.mode=onepass"])
+    ray_before = ray.is_initialized()  # another test of the session may have started one
     with pytest.raises(ValueError, match=rf"^data.source='{data}' is a file that this run writes \(train.out_dir="
                                          rf"'{tmp_path / 'run'}'\)"):
         run(config, progress=False)
-    assert not ray.is_initialized() and data.read_text() == '{"text": "a document"}\n'
+    assert ray.is_initialized() == ray_before and data.read_text() == '{"text": "a document"}\n'
+    assert sorted(path.name for path in (tmp_path / "run").iterdir()) == ["metrics.jsonl"]
