@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import bisect
 import codecs
-import functools
 import json
 import os
 from array import array
@@ -319,9 +318,8 @@ class _JsonlReader:
         except UnicodeDecodeError as error:
             self.policy.reject(location, _undecodable(raw, error))
             return None
-        repeated: dict[int, list[str]] = {}
         try:
-            record = json.loads(text, object_pairs_hook=functools.partial(_json_object, repeated))
+            record = json.loads(text, object_pairs_hook=_json_object)
         except json.JSONDecodeError:
             # Again without its line terminator (a copy, made only here), so that an error at the end of the line
             # reports a column on this line.
@@ -342,7 +340,7 @@ class _JsonlReader:
                 self.policy.reject(location, f"column {column!r} missing; keys present: {sorted(record)}")
                 return None
         wanted = self.columns + [c for c in self.optional_columns if c in record and c not in self.columns]
-        twice = [column for column in repeated.get(id(record), []) if column in wanted]
+        twice = [column for column in getattr(record, "repeated", ()) if column in wanted]
         if twice:  # which of the values was meant cannot be told; a repeated key the run does not read is harmless
             self.policy.reject(location, f"column {twice[0]!r} given more than once in the row (JSON would keep the "
                                          f"last silently)")
@@ -350,14 +348,22 @@ class _JsonlReader:
         return {column: record[column] for column in wanted}
 
 
-def _json_object(repeated: dict[int, list[str]], pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """json.loads' object_pairs_hook: the object as a dict (which keeps a repeated key's last value), its repeated
-    keys recorded in `repeated` under the dict's id; every object parsed stays alive in the row, so no id is reused."""
+class _RepeatedKeys(dict[str, Any]):
+    """A parsed JSON object that gives a key more than once (a dict keeps the last value): `repeated` names those."""
+
+    repeated: list[str]
+
+
+def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json.loads' object_pairs_hook: the object as a dict, marked when it repeats a key (as the reward service's
+    reward.safe_json marks them)."""
     value = dict(pairs)
-    if len(value) != len(pairs):
-        seen: set[str] = set()
-        repeated[id(value)] = [key for key, _ in pairs if key in seen or seen.add(key)]
-    return value
+    if len(value) == len(pairs):
+        return value
+    marked = _RepeatedKeys(value)
+    seen: set[str] = set()
+    marked.repeated = [key for key, _ in pairs if key in seen or seen.add(key)]
+    return marked
 
 
 class _TextReader:
