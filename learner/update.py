@@ -12,11 +12,10 @@ from __future__ import annotations
 import torch
 
 from refine.algorithm.rollout import Rollouts
-from refine.algorithm.update import fused_refine_step
 from refine.config import RunConfig
 from refine.models import FastWeightLM
 from refine.runtime import StageTimes
-from refine.step import StepResult, optimizer_step, rollout_batch_update
+from refine.step import StepResult, fused_step, rollout_batch_update
 from services.messages import ScoredBatch
 
 __all__ = ["LEARNER_PHASES", "fused_update", "onepass_update", "rollouts_from_batch"]
@@ -65,8 +64,7 @@ def fused_update(model: FastWeightLM, optimizer: torch.optim.Optimizer, input_id
                  ref_model: FastWeightLM | None = None) -> StepResult:
     """The colocated on-policy step: select, sample, score and train from one document pass."""
     times = StageTimes(input_ids.device)
-    result, _ = fused_refine_step(model, input_ids, lengths, config.refine, generator, ref_model, times=times)
-    with times.stage("backward_step"):
-        outcome = optimizer_step(model, optimizer, result, config.optim.grad_clip)
+    outcome = fused_step(model, optimizer, input_ids, lengths, config.refine, config.optim.grad_clip, generator,
+                         ref_model, times)
     outcome.stats.update(times.stats())
     return outcome

@@ -11,7 +11,12 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-__all__ = ["check_argument_type", "check_whole_number", "shown", "validation_problems"]
+__all__ = ["NonFiniteOutputError", "check_argument_type", "check_whole_number", "shown", "validation_problems"]
+
+
+class NonFiniteOutputError(ValueError):
+    """A model's logits (or the entropies made of them) hold NaN or Inf. A training step treats it as a non-finite
+    loss: skipped and counted (refine.step), where the library calls that meet it raise."""
 
 
 def check_argument_type(value: Any, kind: type, name: str) -> None:

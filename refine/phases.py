@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from refine.algorithm.update import LossResult, fused_refine_step
+from refine.algorithm.update import LossResult
 from refine.config import OptimConfig, RefineConfig, RunConfig
 from refine.data.batches import DocumentBatch, pad_documents
 from refine.errors import check_argument_type, check_whole_number
@@ -29,7 +29,7 @@ from refine.generate import generate
 from refine.models import FastWeightLM
 from refine.models.base import check_token_ids
 from refine.models.state import is_integer_dtype
-from refine.step import StepResult, check_gradients_on, make_optimizer, optimizer_step, train_step
+from refine.step import StepResult, check_gradients_on, fused_step, make_optimizer, optimizer_step, train_step
 
 MAX_SFT_COEF = torch.finfo(torch.float32).max  # the SFT loss is float32 at least: past this its product is inf
 
@@ -170,15 +170,14 @@ def adapt_and_answer(model: FastWeightLM, prompt: list[int], cfg: RefineConfig, 
     ids = torch.tensor([prompt], device=model.device)
     check_token_ids("prompt", ids, model.config.vocab_size)
     saved = snapshot_weights(model) if restore else None
-    # optimizer_step sets .grad to None before each backward: the caller's gradient tensors stay untouched.
+    # Each step sets .grad to None before its backward: the caller's gradient tensors stay untouched.
     saved_grads = [(parameter, parameter.grad) for parameter in model.parameters()] if restore else None
     optimizer = optimizer if optimizer is not None else make_optimizer(model, optim)
     lengths = torch.tensor([len(prompt)], device=model.device)
     history = []
     try:
         for _ in range(steps):
-            result, _ = fused_refine_step(model, ids, lengths, cfg, generator)
-            history.append(optimizer_step(model, optimizer, result, optim.grad_clip).stats)
+            history.append(fused_step(model, optimizer, ids, lengths, cfg, optim.grad_clip, generator).stats)
         answer = generate(model, ids, max_new_tokens, eos_id=eos_id, temperature=temperature, top_k=top_k,
                           generator=generator, vocab_limit=vocab_limit)[0]
     finally:

@@ -21,7 +21,7 @@ from refine.algorithm.update import (
 )
 from refine.config import DTYPES, OptimConfig, RefineConfig, RunConfig
 from refine.data.batches import DocumentBatch
-from refine.errors import check_argument_type
+from refine.errors import NonFiniteOutputError, check_argument_type
 from refine.models import FastWeightLM
 from refine.optim import MasterWeightAdamW, clip_gradients, describe_rates, has_low_precision_weights, learning_rate
 from refine.runtime import StageTimes, timed_stage
@@ -65,20 +65,21 @@ def train_step(model: FastWeightLM, optimizer: torch.optim.Optimizer, batch: Doc
     ids, lengths = batch.input_ids, batch.lengths
     if mode in ("onepass", "reference"):
         with timed_stage(times, "rollout"):
-            if mode == "onepass":
-                rollouts = snapshot_rollouts(model, ids, lengths, cfg, generator)
-            else:
-                with torch.no_grad():  # one pass gives the entropies and the ground truth's hidden states
-                    document = model(ids, lengths=lengths, output_state=False)
-                    positions = choose_positions(document.logits, lengths, cfg, generator)
-                rollouts = reprefill_rollouts(model, ids, lengths, cfg, positions, generator,
-                                              document_hidden=document.hidden_states)
+            try:
+                if mode == "onepass":
+                    rollouts = snapshot_rollouts(model, ids, lengths, cfg, generator)
+                else:
+                    with torch.no_grad():  # one pass gives the entropies and the ground truth's hidden states
+                        document = model(ids, lengths=lengths, output_state=False)
+                        positions = choose_positions(document.logits, lengths, cfg, generator)
+                    rollouts = reprefill_rollouts(model, ids, lengths, cfg, positions, generator,
+                                                  document_hidden=document.hidden_states)
+            except NonFiniteOutputError:
+                return skipped_for_logits()
             rollouts.rewards = score_rollouts(rollouts, cfg)
         return rollout_batch_update(mode, model, optimizer, ids, lengths, rollouts, config, ref_model, times)
     if mode == "fused":
-        result, _ = fused_refine_step(model, ids, lengths, cfg, generator, ref_model, times=times)
-        with timed_stage(times, "backward_step"):
-            return optimizer_step(model, optimizer, result, config.optim.grad_clip)
+        return fused_step(model, optimizer, ids, lengths, cfg, config.optim.grad_clip, generator, ref_model, times)
     # ntp: train.mini_batches optimizer steps on runs of the batch's documents, as REFINE's mini-batches take
     # them, so that a comparison gives both the same number of updates.
     outcomes = []
@@ -96,6 +97,25 @@ def train_step(model: FastWeightLM, optimizer: torch.optim.Optimizer, batch: Doc
         with timed_stage(times, "backward_step"):
             outcomes.append(optimizer_step(model, optimizer, result, config.optim.grad_clip))
     return merge_steps(outcomes)
+
+
+def fused_step(model: FastWeightLM, optimizer: torch.optim.Optimizer, input_ids: torch.Tensor, lengths: torch.Tensor,
+               cfg: RefineConfig, grad_clip: float, generator: torch.Generator | None = None,
+               ref_model: FastWeightLM | None = None, times: StageTimes | None = None) -> StepResult:
+    """The fused on-policy step (refine.algorithm.update.fused_refine_step), then backward, clip and the optimizer
+    step; skipped when its loss, gradient or logits are not finite."""
+    try:
+        result, _ = fused_refine_step(model, input_ids, lengths, cfg, generator, ref_model, times=times)
+    except NonFiniteOutputError:
+        return skipped_for_logits()
+    with timed_stage(times, "backward_step"):
+        return optimizer_step(model, optimizer, result, grad_clip)
+
+
+def skipped_for_logits() -> StepResult:
+    """A step skipped because the model's logits held NaN or Inf where it selects positions or samples rollouts
+    (NonFiniteOutputError): counted as a non-finite loss is, as the NTP loss over those logits would be."""
+    return StepResult({"skipped_nonfinite": 1.0, "nonfinite_logits": 1.0}, True)
 
 
 def ntp_slice_loss(model: FastWeightLM, input_ids: torch.Tensor, lengths: torch.Tensor, start: int,

@@ -29,6 +29,7 @@ import torch
 
 from refine.config import RunConfig
 from refine.algorithm.rollout import batch_generator
+from refine.errors import NonFiniteOutputError
 from rollout_workers.engines import RolloutEngine, build_engine, engine_owner
 from services.codec import CodecError
 from services.messages import DocumentBatch, RolloutBatch
@@ -153,7 +154,13 @@ class RolloutWorker:
         # rollout (done twice, and with enough workers dead-lettered after MAX_DELIVERIES).
         with self.runtime.holding(DOCUMENTS, ROLLOUT_GROUP, entry_id):
             self.refresh_weights()
-            message = self.rollout(batch)
+            try:
+                message = self.rollout(batch)
+            except NonFiniteOutputError as exc:  # these weights give it every time: a retry would fail the same
+                self.dead_letter(entry_id, batch, f"rollout worker {self.worker_id} cannot roll out document batch "
+                                                  f"{batch.batch_id} at weight version {self.version}: the model's "
+                                                  f"{exc}")
+                return False
             try:
                 retry_redis(lambda: self.broker.publish(ROLLOUTS, message), "publish rollouts", self.outage_timeout_s)
             except CodecError as exc:  # too large (or unsendable) for the codec: every retry would fail the same

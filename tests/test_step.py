@@ -224,3 +224,43 @@ def test_a_run_whose_every_step_is_skipped_stops_naming_the_loss_weights_and_kee
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == list(range(1, MAX_SKIPPED_IN_A_ROW + 1))
     assert not latest_checkpoint(tmp_path).exists()  # nothing worth keeping was written
+
+
+def _nan_logits(model, where: str):
+    """A forward hook on lm_head that makes the model's logits NaN: over the second half of the document pass
+    (where="document": a recurrent state gone NaN stays NaN to the document's end) or in every one-token decode
+    step (where="decode"), the document's own logits finite."""
+    def hook(module, inputs, output):
+        if where == "document" and output.dim() == 3 and output.shape[1] > 8:
+            output = output.clone()
+            output[:, output.shape[1] // 2:] = float("nan")
+            return output
+        if where == "decode" and output.dim() == 3 and output.shape[1] == 1:
+            return torch.full_like(output, float("nan"))
+        return None
+    return model.lm_head.register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("where", ["document", "decode"])
+@pytest.mark.parametrize("mode", ["fused", "onepass", "reference"])
+def test_a_step_whose_logits_are_not_finite_is_skipped_and_counted(tmp_path, mode, where):
+    """NaN logits where positions are selected or rollouts sampled (weights gone bad in bfloat16, an overflow) end
+    the step as a non-finite loss does: skipped, counted (nonfinite_logits says why), the weights and the optimizer
+    untouched. They raised out of the step, ending the run on a single batch (the NTP loss over them skips it)."""
+    config = _config(tmp_path, mode)
+    model = prepare_model(config)
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    optimizer = make_optimizer(model, config.optim)
+    ids = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(0))
+    batch = DocumentBatch(ids, torch.tensor([64, 50]), ["a", "b"])
+    hook = _nan_logits(model, where)
+    try:
+        outcome = train_step(model, optimizer, batch, config, torch.Generator().manual_seed(1))
+    finally:
+        hook.remove()
+    assert outcome.skipped and outcome.stats == {"skipped_nonfinite": 1.0, "nonfinite_logits": 1.0}
+    assert all(parameter.grad is None for parameter in model.parameters()) and not optimizer.state
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    # The same batch without the fault trains.
+    assert not train_step(model, optimizer, batch, config, torch.Generator().manual_seed(1)).skipped

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from refine.errors import check_whole_number
+from refine.errors import NonFiniteOutputError, check_whole_number
 
 
 def logprobs_from_logits(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
@@ -140,7 +140,7 @@ def gumbel_noise(shape: torch.Size | tuple[int, ...], generator: torch.Generator
 def check_logits_finite(all_finite: Tensor) -> None:
     """Raise unless all_finite, a boolean tensor (`torch.isfinite(logits).all()`, possibly and-ed over steps)."""
     if not bool(all_finite):
-        raise ValueError("logits must be finite (found NaN or Inf)")
+        raise NonFiniteOutputError("logits must be finite (found NaN or Inf)")
 
 
 def _check_temperature(temperature: float) -> None:

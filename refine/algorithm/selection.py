@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from refine.errors import check_whole_number
+from refine.errors import NonFiniteOutputError, check_whole_number
 from refine.models.state import is_integer_dtype
 
 SelectionStrategy = Literal["entropy", "uniform", "argmax", "argmin"]
@@ -55,7 +55,7 @@ def token_entropy(logits: Tensor, rows_per_chunk: int = 1024) -> Tensor:
     """Natural-log entropy of softmax(logits) over the last axis: [..., V] -> [...].
 
     Computed in at least float32, in row chunks so a long document's [T, V] softmax is never
-    materialized twice. Masked (-inf) logits contribute zero rather than NaN.
+    materialized twice. Masked (-inf) logits contribute zero; a row with a NaN or +Inf logit gives NaN.
     """
     if logits.dim() < 1 or logits.shape[-1] < 1:
         raise ValueError(f"logits must have a vocabulary axis, got shape {tuple(logits.shape)}")
@@ -66,8 +66,9 @@ def token_entropy(logits: Tensor, rows_per_chunk: int = 1024) -> Tensor:
     out = torch.empty(flat.shape[0], dtype=dtype, device=logits.device)
     for start in range(0, flat.shape[0], rows_per_chunk):
         log_probs = torch.log_softmax(flat[start : start + rows_per_chunk].to(dtype), dim=-1)
-        # p * log p in place; the only NaNs are 0 * -inf from masked logits, whose term is 0.
-        terms = log_probs.exp().mul_(log_probs).nan_to_num_(nan=0.0)
+        # p * log p in place; a masked (-inf) logit's term is 0 * -inf = NaN, and is 0. A row with a NaN or +Inf
+        # logit stays NaN, so that select_positions refuses it (a step skips it) rather than see entropy 0.
+        terms = log_probs.exp().mul_(log_probs).masked_fill_(log_probs == float("-inf"), 0.0)
         out[start : start + rows_per_chunk] = -terms.sum(dim=-1)
     return out.reshape(logits.shape[:-1])
 
@@ -136,7 +137,7 @@ def select_positions(
     if not torch.isfinite(entropy[valid]).all():
         doc, index = (~torch.isfinite(entropy) & valid).nonzero()[0].tolist()
         value = entropy[doc, index].item()
-        raise ValueError(f"entropy must be finite; document {doc} has {value} at index {index}")
+        raise NonFiniteOutputError(f"entropy must be finite; document {doc} has {value} at index {index}")
 
     if strategy == "entropy":
         scores = smooth_entropy(entropy, rollout_len, lengths) / temperature

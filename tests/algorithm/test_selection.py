@@ -10,6 +10,7 @@ from refine.algorithm.selection import (
     smoothing_kernel_size,
     token_entropy,
 )
+from refine.errors import NonFiniteOutputError
 
 
 def chi2_sf(x: float, df: int) -> float:
@@ -244,3 +245,28 @@ def test_token_entropy_values():
     grad_logits = logits.clone().requires_grad_(True)
     assert not token_entropy(grad_logits).requires_grad
     assert token_entropy(logits.bfloat16()).dtype == torch.float32
+
+
+def test_a_row_of_non_finite_logits_has_a_nan_entropy_that_selection_refuses():
+    """A NaN or +Inf logit makes its row's entropy NaN (it was 0, the lowest score, so positions were drawn around
+    such rows and a chunk of them drew one at random); masked (-inf) logits still contribute 0. select_positions
+    then refuses the batch with NonFiniteOutputError, which a training step counts as a skipped step."""
+    logits = torch.randn(1, 48, 5, generator=torch.Generator().manual_seed(0))
+    logits[0, 3, 1] = float("-inf")
+    logits[0, 20, 2] = float("nan")
+    logits[0, 30, 0] = float("inf")
+    entropy = token_entropy(logits)
+    assert torch.isnan(entropy[0, 20]) and torch.isnan(entropy[0, 30])
+    finite = torch.ones(48, dtype=torch.bool)
+    finite[[20, 30]] = False
+    assert torch.isfinite(entropy[0, finite]).all()
+    p = torch.softmax(logits[0, 3, [0, 2, 3, 4]].double(), -1)
+    assert entropy[0, 3].item() == pytest.approx(float(-(p * p.log()).sum()), abs=1e-5)
+    assert torch.isnan(token_entropy(torch.full((1, 4), float("-inf")))).all()  # no distribution at all
+
+    with pytest.raises(NonFiniteOutputError, match=r"^entropy must be finite; document 0 has nan at index 20$"):
+        select_positions(entropy, num_chunks=4, rollout_len=2, margin=1, generator=torch.Generator().manual_seed(0))
+    # Past a document's length, the padding's entropies are never read.
+    padded = torch.cat([entropy[:, :20], torch.full((1, 28), float("nan"))], dim=1)
+    positions = select_positions(padded, torch.tensor([20]), num_chunks=4, rollout_len=2, margin=1)
+    assert positions.shape == (1, 4) and int(positions.max()) < 20

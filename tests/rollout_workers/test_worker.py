@@ -479,3 +479,26 @@ def test_the_run_ends_with_the_reason_of_documents_the_model_cannot_roll_out(con
     assert text.startswith("a message of stream 'documents' could not be used (entry ")
     assert text.endswith("): rollout worker worker-0 cannot roll out document batch docs-0: token_ids[1, 5]=300 "
                          "is not below model.vocab_size=260")
+
+
+def test_a_batch_whose_logits_are_not_finite_is_dead_lettered_at_once_naming_the_weight_version(
+        config, broker, store, make_worker) -> None:
+    """Finite weights whose logits overflow (the final norm's scale at 3e38): the rollout fails the same on every
+    retry at those weights, so the batch is dead-lettered at once, acknowledged, with the reason and the weight
+    version, rather than kill worker after worker until MAX_DELIVERIES."""
+    [batch] = orchestrator_batches(config, 1)
+    weights = {name: value.clone() for name, value in initial_weights(config).items()}
+    weights["model.norm.weight"].fill_(3e38)
+    assert all(bool(torch.isfinite(value).all()) for value in weights.values() if value.is_floating_point())
+    store.publish(weights, 7)
+    [entry] = start_run(broker, [batch])
+    worker = make_worker()
+
+    assert worker.run_once(block_ms=100) is False  # nothing escapes
+    [dead] = broker.dead_letters(DOCUMENTS)
+    assert dead.entry_id == entry
+    assert dead.error.startswith(f"rollout worker worker-0 cannot roll out document batch {batch.batch_id} at weight "
+                                 f"version 7: the model's "), dead.error
+    assert "must be finite" in dead.error and "nan" in dead.error.lower(), dead.error
+    assert broker.pending(DOCUMENTS, ROLLOUT_GROUP) == 0 and broker.length(ROLLOUTS) == 0
+    assert (worker.batches, worker.dead_lettered) == (0, 1)
