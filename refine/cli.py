@@ -12,9 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from refine.config import DEMO_DEFAULTS, RunConfig, load_config
-from refine.config_parsing import ConfigError
+from refine.config_parsing import ConfigError, parse_overrides
 from refine.example_configs import DEFAULT_DIR, copy_examples
 from refine.runtime import command_exit, sigterm_as_ctrl_c, tune_allocator
+from refine.unread_settings import unread_overrides
 
 
 def positive_int(text: str) -> int:
@@ -148,6 +149,8 @@ def _train(args: argparse.Namespace) -> int:
     if unused and why is not None:  # the single-process loop uses neither
         print(f"refine: {' and '.join(unused)} unused: {why} trains in this process, without Ray or Redis",
               file=sys.stderr)
+    for warning in unread_overrides(config, [key for key, _ in parse_overrides(args.set)], why):
+        print(f"refine: {warning}", file=sys.stderr)
     if config.demo is None and config.rollout.engine == "vllm":
         where = unused_vllm_engine(config, args)
         if where is not None:
