@@ -30,11 +30,18 @@ class PredictionRowError(ValueError):
     """A prediction row is missing a field or holds a value of the wrong type; names row and field."""
 
 
-def _pick(row: dict[str, Any], names: Sequence[str], where: str) -> tuple[str, Any]:
-    for name in names:
-        if name in row:
-            return name, row[name]
-    raise PredictionRowError(f"{where}: none of the fields {list(names)} present; fields: {sorted(row)}")
+def _pick(row: dict[str, Any], names: Sequence[str], where: str, must_agree: bool = False) -> tuple[str, Any]:
+    """The first of the alternative fields `names` that `row` has. must_agree: two of them with different values
+    are refused (scoring one would be a guess)."""
+    present = [name for name in names if name in row]
+    if not present:
+        raise PredictionRowError(f"{where}: none of the fields {list(names)} present; fields: {sorted(row)}")
+    first = present[0]
+    for other in present[1:] if must_agree else ():
+        if row[other] != row[first]:
+            raise PredictionRowError(f"{where}: fields {first!r} and {other!r} are alternatives but differ "
+                                     f"({row[first]!r:.60} and {row[other]!r:.60}): keep one")
+    return first, row[first]
 
 
 def _as_answers(value: Any, field: str, where: str) -> list[str]:
@@ -74,7 +81,7 @@ def score_predictions(
         where = row_names[row_number] if row_names is not None else f"row {row_number}"
         if not isinstance(row, dict):
             raise PredictionRowError(f"{where}: expected a JSON object, got {type(row).__name__}")
-        prediction_field, prediction = _pick(row, PREDICTION_FIELDS, where)
+        prediction_field, prediction = _pick(row, PREDICTION_FIELDS, where, must_agree=True)
         if prediction is None:
             prediction = ""  # a generation that produced nothing
         if not isinstance(prediction, str):

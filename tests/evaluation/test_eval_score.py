@@ -75,6 +75,19 @@ def test_bad_rows_name_row_and_field():
         score_predictions("unknown", [{"pred": "a", "answers": ["a"]}])
 
 
+def test_alternative_fields_that_differ_are_refused_and_equal_ones_scored():
+    """A row with both `prediction` and `pred` that differ was scored on `prediction` silently. Gold fields stay
+    alternatives in order: a release row's `answers` (the accepted answers) beside its `answer` is scored on
+    `answers`."""
+    with pytest.raises(PredictionRowError, match=r"^row 1: fields 'prediction' and 'pred' are alternatives but differ "
+                                                 r"\('Oslo' and 'Bergen'\): keep one$"):
+        score_predictions("hotpotqa", [{"pred": "a", "answers": ["a"]},
+                                       {"prediction": "Oslo", "pred": "Bergen", "answers": ["Oslo"]}])
+    _, scores = score_predictions("hotpotqa", [{"prediction": "Oslo", "pred": "Oslo", "answers": ["Oslo"]},
+                                               {"pred": "Bergen", "answers": ["Oslo", "Bergen"], "answer": "Oslo"}])
+    assert scores == [1.0, 1.0]
+
+
 def test_eval_cli_task_names_score_as_eval_does():
     """`refine eval --task ruler-qa` writes predictions that `refine score --task ruler-qa` must take."""
     rows = [{"pred": "Oslo\nmore text", "answers": ["Oslo"]}, {"pred": "Bergen", "answers": ["Oslo"]}]
