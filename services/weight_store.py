@@ -203,12 +203,16 @@ class WeightStore(ABC):
 
 # KEYS: latest, versions zset, meta hash of this version, then the chunk keys.
 # ARGV: version, blob id, chunk count, total bytes, digest of the bytes, publish time, the keys' expiry in ms
-# (0: none).
+# (0: none). Idempotent: redis-py re-sends a command whose reply a dropped connection lost, and a commit that ran
+# already is found by its blob id (fresh per publish) rather than refused as stale and its chunks deleted.
 _COMMIT_LUA = """
 local version = tonumber(ARGV[1])
 local ttl = tonumber(ARGV[7])
 local latest = redis.call('GET', KEYS[1])
 if latest and tonumber(latest) >= version then
+  if redis.call('HGET', KEYS[3], 'blob') == ARGV[2] then
+    return 1  -- this very commit, sent again by the client's retry after its reply was lost: done already
+  end
   return redis.error_reply('STALE version ' .. ARGV[1] .. ' is not newer than the latest version ' .. latest)
 end
 for i = 4, #KEYS do

@@ -111,6 +111,26 @@ def test_a_version_committed_by_another_publisher_after_the_check_is_refused_at_
     assert len(blobs) == 2  # the refused upload's chunks are deleted
 
 
+def test_a_commit_sent_again_after_its_reply_was_lost_keeps_the_version_it_committed(
+        redis_client: redis.Redis, namespace: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """redis-py's retry re-sends a command whose reply a dropped connection lost (a Redis restart, a network blip).
+    The re-sent commit was refused as stale, and publish then deleted the chunks of the version it had just
+    committed: every worker's fetch failed on a missing chunk while the learner counted the publish done."""
+    store = RedisWeightStore(redis_client, namespace)
+    commit = store._commit
+
+    def committed_then_sent_again(**kwargs: Any) -> Any:
+        commit(**kwargs)  # the server ran it; its reply was lost
+        return commit(**kwargs)  # the client's retry
+
+    monkeypatch.setattr(store, "_commit", committed_then_sent_again)
+    store.publish(small_state(1), 1)
+    monkeypatch.undo()
+    assert store.latest_version() == 1 and store.versions() == [1]
+    assert_same(store.fetch(1)[1], small_state(1))
+    # Another upload of the same version is still refused at the commit (its blob differs): see the test above.
+
+
 def test_another_reader_sees_only_committed_versions(redis_client: redis.Redis, redis_url: str, namespace: str) -> None:
     writer = RedisWeightStore(redis_client, namespace)
     reader = RedisWeightStore(redis.Redis.from_url(redis_url), namespace)
