@@ -52,7 +52,9 @@ from refine.step import StepResult, make_optimizer
 from services.messages import DataCursor, DocumentBatch, ScoredBatch
 from services.metrics import COLOCATED_LEARNER_FAMILIES, ROLE_FAMILIES
 from services.namespace_claim import key_ttl_s
-from services.progress import LearnerProgress, StepReport, read_published, read_recorded, write_progress
+from services.progress import (
+    LearnerProgress, StepReport, read_progress, read_published, read_recorded, write_progress,
+)
 from services.resilience import (
     TRANSIENT, OutageTolerance, RedisOutage, RedisStateLost, outage_timeout_s, retry_redis,
 )
@@ -211,6 +213,9 @@ class Learner:
         self.resume_point = ResumePoint(epoch=self.state.epoch, cursor=self.state.cursor)
         self.finished = 0
         self.duplicates = 0
+        # What this learner last wrote to Redis, checked while it waits (check_redis_kept_our_writes).
+        self.written_progress: LearnerProgress | None = None
+        self.published_version: int | None = None
         self.unrecorded: list[StepReport] = []  # reports the orchestrator has not confirmed writing
         self.last_stats: dict[str, float | int | str] = {}
         self.group: DataParallelGroup | None = None  # with service.num_learners > 1, this is rank 0
@@ -259,6 +264,7 @@ class Learner:
                     raise
 
         retry_redis(publish, f"publish weights v{version}", self.outage_timeout_s)
+        self.published_version = version
         self.state.weight_version = version
         self.metrics.weight_version.set(version)
         self.metrics.step_seconds.labels(phase="weight_publish").observe(time.perf_counter() - started)
@@ -267,6 +273,7 @@ class Learner:
         progress = LearnerProgress(step=self.state.step, finished=self.finished, unbroken=self.resume_point.next_index,
                                    weight_version=self.state.weight_version, done=done)
         retry_redis(lambda: write_progress(self.broker, progress), "write progress", self.outage_timeout_s)
+        self.written_progress = progress
 
     def _new_report(self, kind: str, stats: dict) -> StepReport:
         """The next report, numbered through the run and kept until the orchestrator confirms writing it."""
@@ -300,9 +307,29 @@ class Learner:
             # An entry delivered while Redis went down (its reply lost) stays pending for us: take it back.
             entries = self.broker.reclaim(stream, LEARNER_GROUP, self.member_id, message_type,
                                           min_idle_ms=self.config.service.reclaim_idle_ms, count=1)
+        if not entries:
+            self.check_redis_kept_our_writes()
         for entry_id, batch in entries:
             handle(entry_id, batch)
         return len(entries)
+
+    def check_redis_kept_our_writes(self) -> None:
+        """While it waits, the learner checks that Redis still holds its last progress record and weights. A Redis
+        killed before its append-only file had its last writes (appendfsync everysec) comes back without them, and
+        the run would stall without an error: the orchestrator, reading an older record, publishes no more batches;
+        or the workers roll out older weights, every batch of which is dropped as stale."""
+        written = self.written_progress
+        if written is not None:
+            progress = read_progress(self.broker)
+            if progress is None or progress.step < written.step or progress.finished < written.finished:
+                found = "none" if progress is None else f"step {progress.step}, {progress.finished} batches finished"
+                raise RedisStateLost(f"the learner's progress record is behind what it wrote (Redis holds {found}; "
+                                     f"it wrote step {written.step}, {written.finished} batches finished)")
+        if self.published_version is not None:
+            latest = self.weights.latest_version()
+            if latest is None or latest < self.published_version:
+                raise RedisStateLost(f"weight version {self.published_version}, the learner's last published, is gone "
+                                     f"from Redis (its latest version: {latest})")
 
     def seen(self, message_id: str, document_batch_id: str) -> bool:
         """Whether the batch was trained or dropped already: below the unbroken run of finished batches

@@ -19,7 +19,7 @@ from learner.checkpoint import latest_checkpoint, read_learner_state
 from learner.learner import Learner
 from refine.config import load_config
 from services.messages import DataCursor, DocumentBatch, ScoredBatch
-from services.progress import StepReport, read_progress, write_published
+from services.progress import LearnerProgress, StepReport, read_progress, write_progress, write_published
 from services.resilience import RedisStateLost
 from services.streams import (
     DOCUMENTS, LEARNER_GROUP, LEARNER_REPORTS, SCORED, document_batch_id_for, make_run_streams, rollout_batch_id_for,
@@ -364,3 +364,39 @@ def test_a_batch_dropped_past_an_unfinished_one_is_a_duplicate_when_delivered_ag
     learner.broker.publish(SCORED, _scored(first))  # docs-0 is still trained
     assert learner.run_once(block_ms=100) == 1
     assert learner.state.step == 1 and _finished(learner) == 2
+
+
+@pytest.mark.parametrize("lost", ["progress", "weights"])
+def test_a_learner_waiting_on_a_redis_that_lost_its_last_writes_ends_the_run_as_lost_state(
+        make_learner, lost: str) -> None:
+    """A Redis killed before its append-only file had its last writes (appendfsync everysec) came back with an older
+    progress record (the orchestrator then published no more batches: the run hung with stall warnings) or without
+    the newest weights (every batch rolled out with older ones was dropped as stale). Waiting for a batch, the learner
+    now finds what it wrote missing and ends the run as lost state, after a checkpoint of the step it trained."""
+    learner = make_learner()
+    learner.broker.ensure_group(SCORED, LEARNER_GROUP, start_id="0")
+    learner.setup()
+    assert learner.run_once(block_ms=100) == 0  # Redis holds what it wrote: it waits
+    write_published(learner.broker, 1)
+    documents = _documents(0)
+    learner.documents.put(documents)
+    learner.broker.publish(SCORED, _scored(documents))
+    assert learner.run_once(block_ms=100) == 1 and learner.state.step == learner.state.weight_version == 1
+    assert learner.run_once(block_ms=100) == 0
+    if lost == "progress":
+        write_progress(learner.broker, LearnerProgress(step=0, finished=0, unbroken=0, weight_version=0))
+        reason = (r"the learner's progress record is behind what it wrote \(Redis holds step 0, 0 batches finished; "
+                  r"it wrote step 1, 1 batches finished\)")
+    else:
+        learner.weights.clear()
+        learner.weights.publish(learner.model.state_dict(), 0)
+        reason = r"weight version 1, the learner's last published, is gone from Redis \(its latest version: 0\)"
+    learner.config.train.steps = 10
+    stop = threading.Timer(30, learner.broker.request_stop, ["test"])  # ends a learner that waits on regardless
+    stop.start()
+    try:
+        with pytest.raises(RedisStateLost, match=reason):
+            learner.run(block_ms=100)
+    finally:
+        stop.cancel()
+    assert read_learner_state(latest_checkpoint(learner.out_dir)).step == 1
