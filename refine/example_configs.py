@@ -48,6 +48,7 @@ def copy_examples(directory: str | Path = DEFAULT_DIR, overwrite: bool = False) 
                          f"the examples into")
     report = CopyReport()
     pending: list[tuple[Traversable, Path]] = []
+    edited: list[Path] = []
     for example in shipped_examples():
         target = directory / example.name
         if target.is_dir():  # not even --force replaces a folder
@@ -55,10 +56,14 @@ def copy_examples(directory: str | Path = DEFAULT_DIR, overwrite: bool = False) 
         if _is_the_shipped_file(target, example):
             report.already_shipped.append(target)
         elif target.exists() and not overwrite:
-            raise FileExistsError(f"{target} exists: `{COMMAND}` leaves existing files alone (they may hold your "
-                                  f"edits); pass --force to overwrite them, or give another directory")
+            edited.append(target)
         else:
             pending.append((example, target))
+    if edited:  # every one named: a user moving them away learns of all at once
+        names = ", ".join(str(target) for target in edited)
+        raise FileExistsError(f"{names} {'exists' if len(edited) == 1 else 'exist'}: `{COMMAND}` leaves existing "
+                              f"files alone (they may hold your edits); pass --force to overwrite them, or give "
+                              f"another directory")
     directory.mkdir(parents=True, exist_ok=True)
     for example, target in pending:
         # "x": a file made since the check above is refused too. Bytes, not shutil.copy: the new file takes the

@@ -33,8 +33,6 @@ def why_unread(config: RunConfig, key: str, in_process: str | None) -> str | Non
         return "train.mode='ntp' trains next-token prediction only"
     if key == "refine.kl_type" and config.refine.kl_coef == 0:
         return "refine.kl_coef=0 leaves out the KL term"
-    if key == "optim.min_lr_ratio" and config.optim.schedule == "constant":
-        return "optim.schedule='constant' keeps the learning rate at optim.lr"
     if _in_section(key, "service") and in_process is not None:
         return f"{in_process} trains in this process, without Ray or Redis"
     return None

@@ -448,3 +448,17 @@ def test_a_refused_write_names_the_command_that_resumes_the_run(tmp_path):
                                      f"`refine train {tmp_path / 'config.yaml'} --resume` continues from it")
     with pytest.raises(OSError, match="^other$"), resume_command_named(tmp_path, command):
         raise OSError("other")  # not a run's write: left as it is
+
+
+def test_a_run_directory_given_as_a_model_is_pointed_to_its_model(tmp_path):
+    """`refine model inspect RUN` and `refine eval --model RUN` said only that RUN/config.json does not exist."""
+    from refine.models import load_model_config
+
+    train(_config(tmp_path, "ntp", steps=1), progress=False)
+    model = tmp_path / "checkpoints" / "latest" / "model"
+    with pytest.raises(FileNotFoundError, match=rf"config.json does not exist: a model directory needs config.json "
+                                                rf"\(a run directory: its model is {model}\)$"):
+        load_model_config(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"needs config.json$"):  # no hint where there is no run
+        load_model_config(tmp_path / "checkpoints")
+    assert load_model_config(model).vocab_size > 0

@@ -523,6 +523,19 @@ def test_configs_refuses_to_overwrite_naming_the_file_unless_forced(tmp_path, ca
     assert (mine / "ttt.yaml").read_bytes() == (REPO / "configs" / "ttt.yaml").read_bytes()
 
 
+def test_configs_names_every_file_it_refuses_to_overwrite(tmp_path, capsys):
+    """Only the first was named: a user moved it away and was refused again for the next."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    edited = sorted(EXAMPLE_NAMES)[:2]
+    for name in edited:
+        (mine / name).write_text("# mine\n")
+    assert main(["configs", str(mine)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"refine: error: {mine / edited[0]}, {mine / edited[1]} exist: ") and err.count("\n") == 1
+    assert sorted(path.name for path in mine.iterdir()) == edited
+
+
 def test_configs_refuses_an_empty_name_a_file_and_a_folder_where_an_example_goes(tmp_path, capsys, monkeypatch):
     """`refine configs "$DIR"` with DIR unset wrote into the working directory; a file or a link to nothing given
     as the directory, or a folder named like an example, failed with a bare "[Errno 17] File exists"."""

@@ -19,7 +19,6 @@ from refine.unread_settings import unread_overrides, why_unread
     (["train.mode=ntp"], "refine.num_chunks", "train.mode='ntp' trains next-token prediction only"),
     (["train.mode=ntp"], "refine", "train.mode='ntp' trains next-token prediction only"),
     ([], "refine.kl_type", "refine.kl_coef=0 leaves out the KL term"),
-    ([], "optim.min_lr_ratio", "optim.schedule='constant' keeps the learning rate at optim.lr"),
 ])
 def test_a_setting_the_run_does_not_read_is_named_with_the_reason(overrides, key, why):
     assert why_unread(load_config(None, overrides), key, in_process=None) == why
@@ -34,6 +33,7 @@ def test_a_setting_the_run_does_not_read_is_named_with_the_reason(overrides, key
     (["train.mode=ntp", "demo={}"], "refine.num_chunks"),  # the main job trains a REFINE branch
     (["refine.kl_coef=0.1"], "refine.kl_type"),
     (["optim.schedule=cosine"], "optim.min_lr_ratio"),
+    ([], "optim.min_lr_ratio"),  # the config refuses it above 0 with the constant schedule
     ([], "service.num_rollout_workers"),  # on the service
     ([], "train.steps"),
     ([], "model.hidden_size"),

@@ -340,6 +340,9 @@ def check_overrides_apply(overrides: Sequence[str], config_file: str | None, ttt
 def main(args: argparse.Namespace) -> int:
     """`refine eval`: load, generate, score, print the summary line, write the results JSON."""
     overrides, options = split_overrides(args.set or [])
+    # Before the config's own checks: with --ttt, `--set optim.min_lr_ratio=0.5` was told to set optim.schedule=cosine,
+    # which this then refused.
+    check_overrides_apply(overrides, args.config, args.ttt, args.ttt_batch)
     # Eval reads --model: a run config's starting checkpoint (train.init_from, which supplies the model section it
     # does not read either) need not exist any more, and that section (its config.json's: a dtype, other libraries'
     # keys) is not held to the checks of one written by hand.
@@ -355,7 +358,6 @@ def main(args: argparse.Namespace) -> int:
     if args.ttt_batch is not None and args.ttt_steps is not None:
         raise ValueError(f"--ttt-steps={args.ttt_steps} and --ttt-batch={args.ttt_batch}: a batch takes "
                          f"train.mini_batches updates (one pass over its prompts), not --ttt-steps")
-    check_overrides_apply(overrides, args.config, args.ttt, args.ttt_batch)
     if args.config is not None and args.ttt:  # a run's config.yaml is welcome; its schedule is not taken (--set: refused)
         schedule = [f"optim.{key}={getattr(run_config.optim, key)!r}" for key in ("schedule", "warmup_steps",
                     "min_lr_ratio") if getattr(run_config.optim, key) != OptimConfig.model_fields[key].default]

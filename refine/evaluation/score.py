@@ -211,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--code-sim-backend",
         choices=["difflib", "levenshtein"],
         default="difflib",
-        help="fuzzy ratio for lcc / repobench-p: difflib as LongBench pins it, or Levenshtein (python-Levenshtein)",
+        help="fuzzy ratio for lcc / repobench-p: difflib as LongBench pins it, or the scores fuzzywuzzy gives with "
+             "python-Levenshtein installed (computed with rapidfuzz)",
     )
     parser.add_argument(
         "--longbench-scoring",

@@ -93,7 +93,9 @@ def load_model_config(path: str | Path) -> ModelConfigBase:
     """The model config of checkpoint directory `path` (its config.json); a damaged one fails naming the file."""
     config_file = Path(path) / "config.json"
     if not config_file.exists():
-        raise FileNotFoundError(f"{config_file} does not exist: a model directory needs config.json")
+        inside = Path(path) / "checkpoints" / "latest" / "model"
+        hint = f" (a run directory: its model is {inside})" if (inside / "config.json").exists() else ""
+        raise FileNotFoundError(f"{config_file} does not exist: a model directory needs config.json{hint}")
     values = _read_json(config_file)
     if not isinstance(values, dict):
         raise ValueError(f"{config_file} holds a {type(values).__name__}, not a mapping of config fields")

@@ -635,6 +635,9 @@ def test_an_empty_class_list_is_refused_showing_it(model_dir, tmp_path, capsys):
     (["--ttt", "--set", "optim.warmup_steps=5"], "--set optim.warmup_steps=5: test-time training takes no "
                                                  "learning-rate schedule"),
     (["--ttt", "--ttt-batch", "2", "--set", "optim.schedule=cosine"], "takes no learning-rate schedule"),
+    # Refused as eval's, not sent to set optim.schedule=cosine by the config's own check (then refused here).
+    (["--ttt", "--set", "optim.min_lr_ratio=0.5"], "--set optim.min_lr_ratio=0.5: test-time training takes no "
+                                                   "learning-rate schedule"),
     (["--set", "data.source=docs.jsonl"], "does not read data.source; eval reads data.format, data.skip_bad_rows, train.device"),
     (["--config", "configs/ttt.yaml"], "--config configs/ttt.yaml: its refine and optim sections drive --ttt"),
     (["--set", "eval.longbench_scoring=refine-release"], "eval.longbench_scoring='refine-release' is an option of "
