@@ -352,7 +352,6 @@ class Learner:
             self.duplicates += 1
             return
         staleness = self.state.step - batch.policy_version
-        self.metrics.staleness.observe(max(staleness, 0))
         # Read whatever happens next: a dropped batch is finished too, and its cursor moves the resume point.
         documents = self.documents.get(batch.document_batch_id)
         problem = None if documents is None else misfit(batch, documents, self.config.model.vocab_size)
@@ -370,6 +369,8 @@ class Learner:
             # skip its documents without a word.
             raise RedisStateLost(f"the documents of batch {batch.document_batch_id!r}, published and not yet trained, "
                                  f"are gone from Redis")
+        if staleness >= 0:  # the run's own rollouts (a future version is dropped as such, and counted in events)
+            self.metrics.staleness.observe(staleness)
         if staleness > self.config.service.max_staleness or staleness < 0:
             self._drop(entry_id, batch, staleness, "stale" if staleness > 0 else "future_version", documents)
             return

@@ -545,6 +545,8 @@ class Broker:
             if self.client.set(self.key("claim"), holder.encode(), nx=True, px=int(ttl_s * 1000)):
                 return None
             current = self.claimed_by()
+            if current == holder:  # ours: a SET the client's retry sent again after its reply was lost
+                return None
             if current is not None:  # else it lapsed between the two commands: try again
                 return current
 

@@ -178,10 +178,18 @@ def test_a_scored_batch_unlike_the_run_or_its_documents_is_ignored_and_the_runs_
     assert re.search(message, str(report.stats["error"])), report.stats["error"]
     assert "not this run's rollouts of document batch 'docs-0'" in str(report.stats["error"])
     assert _finished(learner) == 0 and learner.finished == 0
+    assert _staleness_observations(learner) == 0  # not the run's rollouts: their age is not the run's
 
     learner.broker.publish(SCORED, _scored(documents))  # the run's own rollouts of docs-0
     assert learner.run_once(block_ms=100) == 1
     assert learner.state.step == 1 and _finished(learner) == 1 and learner.duplicates == 0
+    assert _staleness_observations(learner) == 1
+
+
+def _staleness_observations(learner: Learner) -> float:
+    [count] = [sample.value for sample in learner.metrics.staleness.collect()[0].samples
+               if sample.name.endswith("_count")]
+    return count
 
 
 def test_a_scored_batch_whose_stored_documents_the_model_cannot_read_is_dropped(learner: Learner) -> None:

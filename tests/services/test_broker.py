@@ -396,6 +396,21 @@ def test_bad_arguments_are_refused(redis_client: redis.Redis) -> None:
         Broker(redis.Redis(decode_responses=True), "ns")
 
 
+def test_a_claim_whose_reply_was_lost_and_sent_again_is_the_runs_own(broker: Broker, redis_client: redis.Redis,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """redis-py's retry re-sends a command whose reply a dropped connection lost: the second SET NX found the first's
+    claim, and the run refused to start, naming itself as the holder."""
+    set_once = broker.client.set
+
+    def set_then_sent_again(*args, **kwargs):
+        set_once(*args, **kwargs)  # the server ran it; its reply was lost
+        return set_once(*args, **kwargs)
+
+    monkeypatch.setattr(broker.client, "set", set_then_sent_again)
+    assert broker.claim("run-a", ttl_s=30) is None and broker.claimed_by() == "run-a"
+    assert broker.claim("run-b", ttl_s=30) == "run-a"  # another run is still refused
+
+
 def test_a_namespace_is_claimed_by_one_run_at_a_time(broker: Broker, redis_client: redis.Redis) -> None:
     assert broker.claim("run-a", ttl_s=30) is None and broker.claimed_by() == "run-a"
     assert broker.claim("run-b", ttl_s=30) == "run-a"  # refused, naming the holder
