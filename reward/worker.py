@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 
 import redis
 
@@ -95,13 +95,15 @@ class RewardWorker:
         return self._handle_all(entries)
 
     def _handle_all(self, entries: list[tuple[str, RolloutBatch]]) -> int:
-        for entry_id, batch in entries:
-            self._handle(entry_id, batch)
+        # Every entry of a read is held from the start: the later ones wait their turn, and would otherwise look idle
+        # (a dead replica's) to the other replicas' reclaim while the earlier ones are scored. Keeping an entry
+        # already acknowledged fresh does nothing.
+        with ExitStack() as held:
+            for entry_id, _ in entries:
+                held.enter_context(self.holding(entry_id))
+            for entry_id, batch in entries:
+                self._score(entry_id, batch)
         return len(entries)
-
-    def _handle(self, entry_id: str, batch: RolloutBatch) -> None:
-        with self.holding(entry_id):
-            self._score(entry_id, batch)
 
     def _score(self, entry_id: str, batch: RolloutBatch) -> None:
         started = time.perf_counter()

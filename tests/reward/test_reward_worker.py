@@ -194,8 +194,9 @@ def test_bad_configuration_is_refused(broker):
 
 
 def test_an_entry_is_held_while_it_is_scored(broker, make_batch):
-    """The replica marks the entry it scores as held (the service then keeps it fresh in Redis), and
-    only for that long: a slow task reward is not reclaimed by other replicas as a dead one's."""
+    """The replica marks the entries it read as held until they are handled (the service then keeps them fresh
+    in Redis), and only for that long: a slow task reward is not reclaimed by other replicas as a dead one's, nor
+    are the entries of the same read waiting their turn."""
     publish(broker, [make_batch(seed=1)])
     active: set[str] = set()
     seen_while_scoring: list[set[str]] = []
@@ -215,6 +216,13 @@ def test_an_entry_is_held_while_it_is_scored(broker, make_batch):
     worker = RewardWorker(broker, "substring_match", consumer="reward-a", decode=decode, holding=holding)
     assert worker.run_once(block_ms=None) == 1
     assert seen_while_scoring and all(len(held) == 1 for held in seen_while_scoring)
+    assert not active and broker.pending("rollouts", "reward") == 0
+
+    # A read of several: each is held from the start, not only while its own turn comes.
+    publish(broker, [make_batch(seed=seed) for seed in (2, 3, 4)])
+    seen_while_scoring.clear()
+    assert worker.run_once(count=3, block_ms=None) == 3
+    assert seen_while_scoring and all(len(held) == 3 for held in seen_while_scoring)
     assert not active and broker.pending("rollouts", "reward") == 0
 
 
