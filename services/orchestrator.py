@@ -123,7 +123,7 @@ from services.ray_runtime import (
     Placement, Reservation, actor_options, actor_requests, check_no_hidden_packages, ray_for_run, redis_for_run,
     resolve_addresses,
 )
-from services.redis_server import connect, redact_url
+from services.redis_server import connect, eviction_warning, redact_url
 from services.report_files import event_row, logged, restart_events, restore_reports
 from services.resilience import (
     TRANSIENT, OutageTolerance, RedisOutage, RedisStateLost, outage_timeout_s, retry_redis,
@@ -233,6 +233,7 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True, ray_addr
     out_dir = Path(config.train.out_dir)
     if plan.redis_url:  # an unreachable Redis, or a run going on in this namespace, fails before Ray starts
         check_namespace_free(plan.redis_url, namespace_for(config, out_dir), claim_ttl_s(config), str(out_dir))
+        warn_if_redis_evicts(plan.redis_url)
     # The driver holds the run directory until the run ends (config.yaml is written once the learner started).
     with (run_directory_lock(out_dir, "refine train (service)"), ray_for_run(config, plan.address) as cluster,
           redis_for_run(plan.redis_url, cluster) as url):
@@ -272,6 +273,17 @@ class Member:
         self.actor = self.make(self.member_id, self.placement)
         self.future = self.actor.run.remote()
         self.seen_alive = False
+
+
+def warn_if_redis_evicts(redis_url: str) -> None:
+    """Say so when the user's Redis may evict the run's keys (services.redis_server.eviction_warning)."""
+    client = connect(redis_url)
+    try:
+        warning = eviction_warning(client, redis_url)
+    finally:
+        client.close()
+    if warning is not None:
+        note(f"refine: warning: {warning}")
 
 
 class Orchestrator:

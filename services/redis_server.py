@@ -165,6 +165,23 @@ def connect(
     )
 
 
+def eviction_warning(client: redis.Redis, url: str) -> str | None:
+    """What to tell a user whose Redis evicts keys when full (a maxmemory with a policy other than noeviction), or
+    None: every key of a run has an expiry, so the volatile-* policies may evict its streams, documents or weights
+    too, and the run then ends as lost state. A Redis that keeps its settings from us (INFO refused) gets None."""
+    try:
+        memory = client.info("memory")
+    except redis.ResponseError:
+        return None
+    policy, limit = memory.get("maxmemory_policy", "noeviction"), int(memory.get("maxmemory", 0) or 0)
+    if policy == "noeviction" or limit == 0:
+        return None
+    return (f"Redis at {redact_url(url)} evicts keys when its memory is full (maxmemory {limit} bytes, "
+            f"maxmemory-policy {policy}): a run's streams, documents or weights may be evicted, which ends it as lost "
+            f"state; a Redis for runs wants maxmemory-policy noeviction (writes are then refused when full, and the "
+            f"run says so)")
+
+
 def _check_query_keys(client: redis.Redis, url: str) -> None:
     """Raise ValueError for a URL query key redis-py does not know (e.g. `?Password=`: keys are case-sensitive).
 

@@ -454,3 +454,43 @@ def test_server_stops_when_its_owner_is_killed() -> None:
         time.sleep(0.05)
     with pytest.raises(RedisUnavailableError):
         connect(url, timeout_s=0.5)
+
+
+def test_a_redis_that_evicts_keys_when_full_is_named_in_a_warning(redis_url: str, capsys) -> None:
+    """Every key of a run has an expiry, so a volatile-* (or allkeys-*) policy may evict its streams, documents or
+    weights under memory pressure: the run starts, saying so (the service's own Redis evicts nothing)."""
+    from services.orchestrator import warn_if_redis_evicts
+    from services.redis_server import eviction_warning
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([str(redis_server_binary()), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                               "--appendonly", "no", "--maxmemory", "64mb", "--maxmemory-policy", "volatile-lru"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"redis://127.0.0.1:{port}/0"
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                client = redis.Redis.from_url(url)
+                client.ping()
+                break
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.1)
+        assert eviction_warning(client, url) == (
+            f"Redis at {url} evicts keys when its memory is full (maxmemory 67108864 bytes, maxmemory-policy "
+            f"volatile-lru): a run's streams, documents or weights may be evicted, which ends it as lost state; a "
+            f"Redis for runs wants maxmemory-policy noeviction (writes are then refused when full, and the run says so)")
+        warn_if_redis_evicts(url)
+        assert "refine: warning: Redis at" in capsys.readouterr().err
+        client.config_set("maxmemory-policy", "noeviction")
+        assert eviction_warning(client, url) is None
+        client.close()
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    assert eviction_warning(redis.Redis.from_url(redis_url), redis_url) is None
+    warn_if_redis_evicts(redis_url)
+    assert "warning" not in capsys.readouterr().err
