@@ -309,6 +309,14 @@ FLAGS_INSTEAD = {"tokenizer": "--tokenizer", "train.init_from": "--model", "trai
                  "train.seed": "--seed", "model": "--model (the model is the checkpoint's)"}
 
 
+def check_no_ttt_schedule(overrides: Sequence[str], ttt: bool) -> None:
+    """Refuse a learning-rate schedule setting (TTT_UNSCHEDULED) with --ttt: test-time updates take optim.lr."""
+    for item in overrides:
+        if ttt and item.split("=", 1)[0].strip() in TTT_UNSCHEDULED:
+            raise ValueError(f"--set {item}: test-time training takes no learning-rate schedule; its updates use "
+                             f"optim.lr as it is")
+
+
 def check_overrides_apply(overrides: Sequence[str], config_file: str | None, ttt: bool,
                           ttt_batch: int | None = None) -> None:
     """Refuse run-config settings `refine eval` would not read (it reads EVAL_READS, with --ttt the refine and
@@ -317,11 +325,9 @@ def check_overrides_apply(overrides: Sequence[str], config_file: str | None, ttt
     if config_file is not None and not ttt:
         raise ValueError(f"--config {config_file}: its refine and optim sections drive --ttt, which is not given; "
                          f"without --ttt, set what eval reads ({', '.join(sorted(EVAL_READS))}) with --set")
+    check_no_ttt_schedule(overrides, ttt)
     for item in overrides:
         key = item.split("=", 1)[0].strip()
-        if ttt and key in TTT_UNSCHEDULED:
-            raise ValueError(f"--set {item}: test-time training takes no learning-rate schedule; its updates use "
-                             f"optim.lr as it is")
         if ttt and ttt_batch is None and key in TTT_READS:
             raise ValueError(f"--set {item}: {key} splits the batches of --ttt-batch N (the released scripts' "
                              f"schedule), which is not given; --ttt alone adapts on each prompt, --ttt-steps times")
@@ -340,9 +346,9 @@ def check_overrides_apply(overrides: Sequence[str], config_file: str | None, ttt
 def main(args: argparse.Namespace) -> int:
     """`refine eval`: load, generate, score, print the summary line, write the results JSON."""
     overrides, options = split_overrides(args.set or [])
-    # Before the config's own checks: with --ttt, `--set optim.min_lr_ratio=0.5` was told to set optim.schedule=cosine,
-    # which this then refused.
-    check_overrides_apply(overrides, args.config, args.ttt, args.ttt_batch)
+    # Before the config's own checks: `--ttt --set optim.min_lr_ratio=0.5` was told to set optim.schedule=cosine,
+    # which check_overrides_apply then refused.
+    check_no_ttt_schedule(overrides, args.ttt)
     # Eval reads --model: a run config's starting checkpoint (train.init_from, which supplies the model section it
     # does not read either) need not exist any more, and that section (its config.json's: a dtype, other libraries'
     # keys) is not held to the checks of one written by hand.
@@ -358,6 +364,7 @@ def main(args: argparse.Namespace) -> int:
     if args.ttt_batch is not None and args.ttt_steps is not None:
         raise ValueError(f"--ttt-steps={args.ttt_steps} and --ttt-batch={args.ttt_batch}: a batch takes "
                          f"train.mini_batches updates (one pass over its prompts), not --ttt-steps")
+    check_overrides_apply(overrides, args.config, args.ttt, args.ttt_batch)
     if args.config is not None and args.ttt:  # a run's config.yaml is welcome; its schedule is not taken (--set: refused)
         schedule = [f"optim.{key}={getattr(run_config.optim, key)!r}" for key in ("schedule", "warmup_steps",
                     "min_lr_ratio") if getattr(run_config.optim, key) != OptimConfig.model_fields[key].default]
