@@ -682,3 +682,12 @@ def test_a_model_dtype_other_than_train_dtype_is_refused_not_ignored():
     # A section copied from a config.json that agrees with train.dtype is fine.
     assert load_config(None, ["model.torch_dtype=bfloat16", "train.dtype=bfloat16"]).train.dtype == "bfloat16"
     assert load_config(None, ["model.dtype=float32"]).train.dtype == "float32"
+
+
+def test_a_dual_clip_of_one_or_less_is_refused_at_load():
+    """The dual clip bounds the loss of a negative advantage at dual_clip x |A|: at 1 or below it would cut under the
+    ordinary clip, and policy_loss refused it only at the first step."""
+    for value in ("1", "0.5"):
+        with pytest.raises(ConfigError, match=r"refine.dual_clip"):
+            load_config(None, [f"refine.dual_clip={value}"])
+    assert load_config(None, ["refine.dual_clip=1.5"]).refine.dual_clip == 1.5

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from refine.algorithm.rollout import batch_generator
 from refine.checkpoints import read_trainer_state
 from refine.config import load_config, run_tokenizer
 from refine.loop import NONFINITE_KEY, prepare_model, train, train_step
@@ -555,3 +556,24 @@ def test_train_leaves_the_callers_global_generator_and_thread_count_as_they_were
         assert torch.equal(draws[-1], expected)
     assert not torch.equal(draws[0], draws[1])
     assert torch.get_num_threads() == threads
+
+
+@pytest.mark.parametrize("mode", ["onepass", "reference"])
+def test_rollout_modes_sample_each_batch_from_its_own_stream(tmp_path, monkeypatch, mode):
+    """onepass and reference runs draw a batch's rollouts from batch_generator(seed, epoch, cursor), as the
+    service's rollout workers do, so that a service run at max_staleness=0 trains as this loop does; fused runs
+    draw from the run's generator (checked in test_every_mode_writes_a_run_directory's runs)."""
+    states = []
+
+    def recording_step(model, optimizer, batch, config, generator, *args):
+        states.append(generator.get_state().clone())
+        return train_step(model, optimizer, batch, config, generator, *args)
+
+    monkeypatch.setattr("refine.loop.train_step", recording_step)
+    config = _config(tmp_path, mode, steps=3, extra=("train.seed=7",))
+    train(config, progress=False)
+    rows = _rows(tmp_path)
+    assert len(states) == len(rows) == 3 and len({bytes(state.numpy()) for state in states}) == 3
+    for state, row in zip(states, rows):
+        expected = batch_generator(7, row["data_epoch"], row["cursor"], "cpu").get_state()
+        assert torch.equal(state, expected), row["step"]

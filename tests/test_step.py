@@ -199,6 +199,21 @@ def test_steps_skipped_after_trained_ones_say_the_weights_diverged_naming_the_ra
         f"optim.schedule='constant': each step's rate is its lr in metrics.jsonl; optim.grad_clip=1.0")
 
 
+def test_only_fully_skipped_steps_in_a_row_count_towards_divergence(tmp_path):
+    """A step some of whose mini-batches trained (skipped_nonfinite < 1) moved the weights, and a trained step
+    starts the count over: neither ends a run, however many of them come."""
+    config = _config(tmp_path, "onepass", steps=100)
+    divergence = Divergence(config)
+    assert [divergence.add(step, {"skipped_nonfinite": 0.5}) for step in range(1, 2 * MAX_SKIPPED_IN_A_ROW)] == \
+        [None] * (2 * MAX_SKIPPED_IN_A_ROW - 1)
+    steps = range(2 * MAX_SKIPPED_IN_A_ROW, 4 * MAX_SKIPPED_IN_A_ROW)
+    assert [divergence.add(step, {"skipped_nonfinite": float(step % 2 == 0)}) for step in steps] == [None] * len(steps)
+    last = 4 * MAX_SKIPPED_IN_A_ROW
+    errors = [divergence.add(step, {"skipped_nonfinite": 1.0}) for step in range(last, last + MAX_SKIPPED_IN_A_ROW)]
+    assert errors[:-1] == [None] * (MAX_SKIPPED_IN_A_ROW - 1)
+    assert str(errors[-1]).startswith(f"steps {last}..{last + MAX_SKIPPED_IN_A_ROW - 1} were all skipped")
+
+
 def test_a_run_shorter_than_the_limit_whose_every_step_is_skipped_ends_with_the_error(tmp_path):
     """Three steps, all skipped: it exited 0 with a checkpoint of the weights it started from and a warning."""
     config = _config(tmp_path, "onepass", steps=3, extra=("refine.lambda_ntp=1e300",))

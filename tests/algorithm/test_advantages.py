@@ -5,7 +5,7 @@ import torch
 
 from refine.algorithm.advantages import group_ids_for, grpo_advantages
 from refine.algorithm.rollout import Rollouts
-from refine.algorithm.update import advantages_for
+from refine.algorithm.update import advantages_for, rollout_stats
 from refine.config import RefineConfig
 
 EPS = 1e-6
@@ -54,6 +54,21 @@ def test_the_updates_advantages_follow_the_configs_norm_adv_by_std() -> None:
     expected = [-2 / (math.sqrt(7) + EPS), -1 / (math.sqrt(7) + EPS), 3 / (math.sqrt(7) + EPS),
                 -2 / (2 + EPS), 2 / (2 + EPS), 0.0]
     assert advantages_for(rewards, rollouts, normalized).tolist() == pytest.approx(expected, abs=1e-12)
+
+
+def test_the_updates_advantages_follow_the_configs_groups() -> None:
+    """advantages_for groups by refine.group_by as the config resolves it: per position (auto with n > 1) or per
+    document. Without this, every update path could group per document whatever the config said."""
+    rollouts = _rollouts(num_docs=1, num_chunks=2, num_samples=2)
+    rewards = torch.tensor([1.0, 0.0, 5.0, 4.0], dtype=torch.float64)
+    per_position = RefineConfig(num_chunks=2, num_samples=2)  # group_by auto: positions, as the paper's code
+    assert per_position.groups == "position"
+    expected = grpo_advantages(rewards, torch.tensor([0, 0, 1, 1]))
+    assert advantages_for(rewards, rollouts, per_position).tolist() == pytest.approx(expected.tolist(), abs=1e-12)
+    per_document = RefineConfig(num_chunks=2, num_samples=2, group_by="document")
+    whole = grpo_advantages(rewards, torch.zeros(4, dtype=torch.long))
+    assert advantages_for(rewards, rollouts, per_document).tolist() == pytest.approx(whole.tolist(), abs=1e-12)
+    assert not torch.allclose(expected, whole)
 
 
 def test_constant_group_is_exactly_zero_despite_round_off():
@@ -123,3 +138,11 @@ def test_integer_and_bool_rewards_give_the_advantages_of_their_values(rewards):
     assert advantages.dtype == torch.float32
     assert torch.equal(advantages, grpo_advantages(rewards.to(torch.float32), groups))
     assert advantages.abs().sum() > 0
+
+
+def test_the_logged_reward_std_is_the_batchs_population_std() -> None:
+    """reward_std (metrics.jsonl, the refine_reward_std gauge) is over all of the step's rollouts, not a sample's
+    estimate: for rewards 0 and 1 it is 0.5 (the unbiased one would say 0.707)."""
+    rollouts = _rollouts(num_docs=1, num_chunks=1, num_samples=2)
+    rollouts.rewards = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    assert rollout_stats(rollouts) == {"entropy_selected": 0.0, "reward_mean": 0.5, "reward_std": 0.5}

@@ -194,3 +194,22 @@ def test_given_positions_a_rollout_cannot_start_at_are_refused_naming_the_entry(
         rollouts(model, ids, lengths, cfg, positions=torch.tensor(bad))
     edges = torch.tensor([[1, 37], [1, 28]])  # the first and last allowed
     assert rollouts(model, ids, lengths, cfg, positions=edges).tokens.shape == (8, 3)
+
+
+@pytest.mark.parametrize("filters", [dict(top_k=1), dict(top_p=1e-3)], ids=["top_k", "top_p"])
+def test_rollouts_are_sampled_under_the_configs_top_k_and_top_p(filters):
+    """decode passes refine.top_k and refine.top_p to the sampler: with only the likeliest token left, every one of
+    n = 4 samples at temperature 1 is the greedy rollout (the log-probs, unfiltered by design, cannot show it)."""
+    torch.manual_seed(0)
+    model = build_model(MODELS["delta_net"])
+    ids = torch.randint(0, 40, (1, 40), generator=torch.Generator().manual_seed(1))
+    lengths, positions = torch.tensor([40]), torch.tensor([[8, 25]])
+    greedy = snapshot_rollouts(model, ids, lengths, RefineConfig(num_chunks=2, rollout_len=4, margin=2,
+                                                                 temperature=0), positions=positions)
+    cfg = RefineConfig(num_chunks=2, rollout_len=4, margin=2, num_samples=4, temperature=1.0, group_by="document",
+                       **filters)  # per-position groups of one repeated rollout are refused
+    sampled = snapshot_rollouts(model, ids, lengths, cfg, torch.Generator().manual_seed(3), positions=positions)
+    assert torch.equal(sampled.tokens, greedy.tokens.repeat_interleave(4, dim=0))
+    unfiltered = RefineConfig(num_chunks=2, rollout_len=4, margin=2, num_samples=4, temperature=1.0)
+    free = snapshot_rollouts(model, ids, lengths, unfiltered, torch.Generator().manual_seed(3), positions=positions)
+    assert not torch.equal(free.tokens, sampled.tokens)  # without the filter the same seed draws otherwise

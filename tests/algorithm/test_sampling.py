@@ -136,3 +136,15 @@ def test_bad_arguments_are_named():
         sample_tokens(logits, suppress_tokens=[9])
     with pytest.raises(ValueError, match=r"\[N, V\]"):
         sample_tokens(torch.randn(2, 3, 5))
+
+
+def test_top_p_removes_a_token_whose_preceding_mass_reaches_top_p_exactly():
+    """Probabilities that are powers of two sum exactly: the boundary is where the kept mass first reaches top_p."""
+    logits = torch.tensor([[0.5, 0.25, 0.25]]).log()
+    assert torch.isfinite(filter_logits(logits, top_p=0.5)).tolist() == [[True, False, False]]
+    assert torch.isfinite(filter_logits(logits, top_p=0.75)).sum().item() == 2
+
+
+def test_top_k_one_below_the_vocabulary_removes_only_the_smallest():
+    logits = torch.tensor([[0.3, -1.0, 2.0, 0.1]])
+    assert torch.isinf(filter_logits(logits, top_k=3)).tolist() == [[False, True, False, False]]

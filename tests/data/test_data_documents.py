@@ -129,6 +129,15 @@ def test_windows_get_eos_only_where_the_record_ends_inside_them(tmp_path):
         [BOS, *b"cccc"], [*b"ccccc"], [*b"ccccc"]]
 
 
+def test_a_record_that_fills_its_last_window_gets_no_eos_window_of_its_own(tmp_path):
+    """BOS + 4 bytes fill a 5-token window: the EOS has no room and is left out, not made a one-token window of its
+    own that min_length then drops and counts as a short tail."""
+    path = write_jsonl(tmp_path / "docs.jsonl", ["abcd"])
+    stream = DocumentStream(config(path, min_length=2, max_length=5, max_windows=1, add_eos=True), TOKENIZER)
+    assert [d.token_ids for d in stream] == [[BOS, *b"abcd"]]
+    assert (stream.stats.split, stream.stats.short_tails, stream.stats.truncated) == (0, 0, 0)
+
+
 @pytest.mark.parametrize("max_windows", [1, 2, 4])
 def test_a_stream_resumes_exactly_after_every_document_even_inside_a_record(tmp_path, max_windows):
     rows = ["a" * 33, "", "b" * 7, "c" * 70, "   ", "d" * 15, "e" * 8]

@@ -146,6 +146,16 @@ def test_jsonl_row_without_column_is_a_bad_row_naming_keys(tmp_path):
         list(iter_documents(config(path), TOKENIZER))
 
 
+def test_a_jsonl_row_that_is_not_an_object_is_a_bad_row_naming_its_type(tmp_path):
+    """A string row holding the column name passed a substring check, a list was told its column is missing."""
+    path = tmp_path / "docs.jsonl"
+    path.write_text('{"text": "first"}\n[1, 2]\n"text"\n42\n{"text": "last"}\n')
+    with pytest.raises(BadRowError, match=r"docs.jsonl, line 2: expected a JSON object, got list"):
+        list(iter_documents(config(path), TOKENIZER))
+    stream = DocumentStream(config(path, skip_bad_rows=True), TOKENIZER)
+    assert texts_of(stream) == ["first", "last"] and stream.stats.bad_rows == 3
+
+
 def test_a_column_given_twice_in_a_row_is_a_bad_row_and_other_repeated_keys_are_harmless(tmp_path):
     """{"text": "a", "text": "b"} was read as "b", counted as a good row: which value was meant cannot be told."""
     path = tmp_path / "docs.jsonl"

@@ -211,6 +211,15 @@ def test_integral_floats_are_the_integers_a_dataframe_export_writes(tmp_path):
     assert example.max_new_tokens == 5 and type(example.max_new_tokens) is int
 
 
+@pytest.mark.parametrize("field", ["length", "max_gen_tokens"])
+def test_a_boolean_where_a_row_takes_a_whole_number_is_a_bad_row(tmp_path, field):
+    """JSON true is a Python int (True == 1): it is refused, not read as a length or an answer budget of 1."""
+    path = write_jsonl(tmp_path / "rows.jsonl", [GOOD_LONGBENCH, GOOD_LONGBENCH | {field: True}])
+    with pytest.raises(BadRowError, match=rf"line 2: field '{field}' must be an integer .* got True"):
+        load_longbench(path)
+    assert len(load_longbench(path, skip_bad_rows=True)) == 1
+
+
 def test_longbench_keeps_rows_without_a_question(tmp_path):
     """Summarization and code datasets (gov_report, lcc, ...) have an empty "input"."""
     rows = [{"input": "", "context": "A long report.", "answers": ["A summary."], "dataset": "gov_report"}]

@@ -317,3 +317,15 @@ def test_refine_release_longbench_scoring_follows_the_papers_rules():
     assert not task_metric("trec", longbench_scoring="refine-release").needs_all_classes
     with pytest.raises(ValueError, match="refine-release scoring has no rule for LongBench dataset 'passage_count'"):
         task_metric("passage_count", longbench_scoring="refine-release")
+
+
+def test_longbench_takes_the_best_gold_answer_wherever_it_stands():
+    """max over the gold answers, as eval.py's scorer: the best one first, then last."""
+    answers = ["Miller v. California", "Gates v. Collier"]
+    assert longbench_score("hotpotqa", "Miller", answers) == pytest.approx(0.5)  # F1 of 1 of 3 tokens
+    assert longbench_score("hotpotqa", "Miller", answers[::-1]) == pytest.approx(0.5)
+
+
+def test_longbench_e_length_buckets_start_at_4000_and_8000():
+    """eval.py's scorer_e: length < 4000, 4000 <= length < 8000, 8000 and more."""
+    assert aggregate_by_length([1, 0, 1, 0], [3999, 4000, 7999, 8000]) == {"0-4k": 100.0, "4-8k": 50.0, "8k+": 0.0}
