@@ -59,10 +59,13 @@ def test_a_kl_coefficient_trains_against_the_frozen_initial_policy(tmp_path, mod
     assert kl[0] == pytest.approx(0.0, abs=1e-12) and kl[1] > 1e-9 and kl[2] > 1e-9
 
 
-def test_resume_continues_exactly(tmp_path):
-    straight = train(_config(tmp_path / "a", "onepass", steps=4), progress=False)
-    train(_config(tmp_path / "b", "onepass", steps=2), progress=False)
-    resumed = train(_config(tmp_path / "b", "onepass", steps=4), resume=True, progress=False)
+@pytest.mark.parametrize("mode", ["onepass", "fused"])
+def test_resume_continues_exactly(tmp_path, mode):
+    """fused draws its positions and rollouts from the run's generator, restored from the checkpoint; onepass from
+    each batch's own stream."""
+    straight = train(_config(tmp_path / "a", mode, steps=4), progress=False)
+    train(_config(tmp_path / "b", mode, steps=2), progress=False)
+    resumed = train(_config(tmp_path / "b", mode, steps=4), resume=True, progress=False)
     assert resumed["step"] == 4
     assert resumed["loss"] == pytest.approx(straight["loss"], rel=1e-6)
     assert resumed["reward_mean"] == pytest.approx(straight["reward_mean"], rel=1e-6)
