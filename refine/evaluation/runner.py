@@ -225,8 +225,9 @@ def check_model_dir(model_dir: Path) -> None:
     """Refuse, before anything is written next to it, a --model that is not a model directory."""
     name = f"--model {str(model_dir)!r}"
     if not model_dir.exists():
-        previous = model_dir.parent.with_name("previous") / model_dir.name
-        if model_dir.parent.name == "latest" and (previous / "config.json").is_file():
+        # Only under .../latest/: a name-less parent ('.' or '/', for --model typo) takes no with_name().
+        previous = model_dir.parent.with_name("previous") / model_dir.name if model_dir.parent.name == "latest" else None
+        if previous is not None and (previous / "config.json").is_file():
             # A run swaps its new checkpoint in through checkpoints/previous: caught between, or killed there.
             raise ValueError(f"{name} does not exist, but {str(previous)!r} does: the run is replacing its "
                              f"checkpoint (evaluate again in a moment), or was killed while it did (evaluate that one; "

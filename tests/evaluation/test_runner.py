@@ -370,6 +370,10 @@ def test_a_model_path_that_is_not_a_model_directory_is_named_before_the_results_
     code, _, err = run_eval(capsys, "--model", str(absent), "--task", "niah")
     assert code == 2 and f"--model {str(absent)!r} does not exist" in err
     assert not absent.exists()  # the default results path did not create it
+    # A mistyped name in the working directory (its parent '.') said "PosixPath('.') has an empty name".
+    for typo in ("no_such_model", "/no_such_model"):
+        code, _, err = run_eval(capsys, "--model", typo, "--task", "niah")
+        assert code == 2 and f"--model {typo!r} does not exist" in err, err
     # A run caught swapping its checkpoint in (latest/ renamed to previous/ first), or killed between.
     previous = tmp_path / "run" / "checkpoints" / "previous" / "model"
     previous.mkdir(parents=True)
