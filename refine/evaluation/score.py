@@ -223,9 +223,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def unused_flags(args: argparse.Namespace) -> list[str]:
+    """The flags given that the task's metric does not read, each with why (they were taken without a word)."""
+    metric = task_metric(args.task, args.code_sim_backend, args.longbench_scoring)
+    unused = []
+    if args.all_classes and not metric.needs_all_classes:
+        unused.append(f"--all-classes unused: {args.task}'s metric ({metric.metric}) takes no class list")
+    if args.code_sim_backend != "difflib" and not metric.metric.startswith("code_sim_score"):
+        unused.append(f"--code-sim-backend unused: {args.task}'s metric ({metric.metric}) is not code similarity")
+    if args.longbench_scoring != "longbench" and longbench_task_name(args.task) is None:
+        unused.append(f"--longbench-scoring unused: {args.task} is not a LongBench dataset")
+    return unused
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        for line in unused_flags(args):
+            print(f"refine score: {line}", file=sys.stderr)
         numbered = read_jsonl_lines(args.predictions)
         rows = [row for row, _ in numbered]
         row_names = [f"{args.predictions}, line {line_number}" for _, line_number in numbered]

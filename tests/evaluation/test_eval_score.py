@@ -314,3 +314,23 @@ def test_an_output_ending_in_a_slash_is_refused_before_scoring(tmp_path, capsys)
     assert capsys.readouterr().err == (f"refine score: error: --output '{tmp_path / 'newout'}/' ends in '/', which "
                                        f"names a folder: give a file path\n")
     assert not (tmp_path / "newout").exists()
+
+
+def test_flags_the_tasks_metric_does_not_read_are_named_and_the_scores_kept(tmp_path, capsys):
+    """--all-classes for a QA task, --code-sim-backend for a task that is not code, --longbench-scoring for RULER were
+    taken without a word."""
+    predictions = tmp_path / "p.jsonl"
+    predictions.write_text(json.dumps({"pred": "Oslo", "answers": ["Oslo"]}) + "\n")
+    classes = tmp_path / "classes.json"
+    classes.write_text('["a", "b"]')
+    assert main(["--task", "qasper", "--predictions", str(predictions), "--all-classes", str(classes),
+                 "--code-sim-backend", "levenshtein"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["score"] == 100.0
+    assert captured.err.splitlines() == [
+        "refine score: --all-classes unused: qasper's metric (qa_f1_score) takes no class list",
+        "refine score: --code-sim-backend unused: qasper's metric (qa_f1_score) is not code similarity"]
+    assert main(["--task", "ruler_qa", "--predictions", str(predictions), "--longbench-scoring", "refine-release"]) == 0
+    assert capsys.readouterr().err == "refine score: --longbench-scoring unused: ruler_qa is not a LongBench dataset\n"
+    assert main(["--task", "lcc", "--predictions", str(predictions), "--code-sim-backend", "levenshtein"]) == 0
+    assert "unused" not in capsys.readouterr().err
