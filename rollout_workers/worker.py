@@ -129,8 +129,6 @@ class RolloutWorker:
             rollouts = self.engine.rollout(batch.token_ids, batch.lengths, generator)
         message = to_message(batch, rollouts, self.version, self.worker_id)
         self.metrics.step_seconds.labels(phase="rollout").observe(time.perf_counter() - started)
-        self.metrics.rollouts.inc(message.num_rollouts)
-        self.metrics.rollout_tokens.inc(message.num_rollouts * message.rollout_len)
         self.metrics.selected_entropy.set(float(rollouts.entropies.mean()))
         return message
 
@@ -171,7 +169,10 @@ class RolloutWorker:
             # Acknowledged only now that the rollouts are in Redis.
             retry_redis(lambda: self.broker.ack(DOCUMENTS, ROLLOUT_GROUP, [entry_id]), "ack documents",
                         self.outage_timeout_s)
+        # Counted once published: the rollouts of a batch dead-lettered because they cannot be sent reach no one.
         self.metrics.rollout_batches.inc()
+        self.metrics.rollouts.inc(message.num_rollouts)
+        self.metrics.rollout_tokens.inc(message.num_rollouts * message.rollout_len)
         self.batches += 1
         first = message.policy_version if self.versions is None else self.versions[0]
         self.versions = (first, message.policy_version)

@@ -66,6 +66,12 @@ def published_rollouts(broker: Broker) -> list[RolloutBatch]:
     return [message for _, message in broker.consume(ROLLOUTS, REWARD_GROUP, "reward-0", RolloutBatch, count=100)]
 
 
+def counted(counter) -> float:
+    """A Prometheus counter's total, as a scrape reads it."""
+    [total] = [sample.value for sample in counter.collect()[0].samples if sample.name.endswith("_total")]
+    return total
+
+
 def delivered(broker: Broker) -> str:
     """The last documents entry the rollout group handed to any consumer."""
     groups = broker.client.xinfo_groups(broker.key("stream", DOCUMENTS))
@@ -126,6 +132,7 @@ def test_run_once_publishes_the_rollouts_then_acknowledges_the_documents(config,
     assert broker.pending(DOCUMENTS, ROLLOUT_GROUP) == 0
     assert delivered(broker) != "0-0"  # delivered, then acknowledged
     assert (worker.batches, worker.versions) == (1, (3, 3))
+    assert counted(worker.metrics.rollouts) == rows and counted(worker.metrics.rollout_tokens) == rows * refine.rollout_len
     assert worker.run_once(block_ms=100) is False  # nothing left to do
     assert broker.length(ROLLOUTS) == 1
 
@@ -360,6 +367,8 @@ def test_rollouts_over_the_message_limit_dead_letter_their_documents_at_once(con
     assert broker.pending(DOCUMENTS, ROLLOUT_GROUP) == 0 and broker.length(ROLLOUTS) == 0
     assert broker.reclaim(DOCUMENTS, ROLLOUT_GROUP, "worker-1", DocumentBatch, min_idle_ms=0) == []
     assert (worker.batches, worker.dead_lettered) == (0, 1)
+    # refine_rollouts counts rollouts published: these reached no one (it counted them).
+    assert counted(worker.metrics.rollouts) == counted(worker.metrics.rollout_tokens) == 0
 
     # The worker's loop goes on with the next batch (dead-lettered too: same settings, same size) and
     # ends on the stop flag with its summary, as a Ray actor's run() must.
