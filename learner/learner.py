@@ -213,9 +213,8 @@ class Learner:
         self.resume_point = ResumePoint(epoch=self.state.epoch, cursor=self.state.cursor)
         self.finished = 0
         self.duplicates = 0
-        # What this learner last wrote to Redis, checked while it waits (check_redis_kept_our_writes).
+        # The progress record this learner last wrote to Redis, checked while it waits (check_redis_kept_our_writes).
         self.written_progress: LearnerProgress | None = None
-        self.published_version: int | None = None
         self.unrecorded: list[StepReport] = []  # reports the orchestrator has not confirmed writing
         self.last_stats: dict[str, float | int | str] = {}
         self.group: DataParallelGroup | None = None  # with service.num_learners > 1, this is rank 0
@@ -264,7 +263,6 @@ class Learner:
                     raise
 
         retry_redis(publish, f"publish weights v{version}", self.outage_timeout_s)
-        self.published_version = version
         self.state.weight_version = version
         self.metrics.weight_version.set(version)
         self.metrics.step_seconds.labels(phase="weight_publish").observe(time.perf_counter() - started)
@@ -319,17 +317,20 @@ class Learner:
         the run would stall without an error: the orchestrator, reading an older record, publishes no more batches;
         or the workers roll out older weights, every batch of which is dropped as stale."""
         written = self.written_progress
-        if written is not None:
-            progress = read_progress(self.broker)
-            if progress is None or progress.step < written.step or progress.finished < written.finished:
-                found = "none" if progress is None else f"step {progress.step}, {progress.finished} batches finished"
-                raise RedisStateLost(f"the learner's progress record is behind what it wrote (Redis holds {found}; "
-                                     f"it wrote step {written.step}, {written.finished} batches finished)")
-        if self.published_version is not None:
-            latest = self.weights.latest_version()
-            if latest is None or latest < self.published_version:
-                raise RedisStateLost(f"weight version {self.published_version}, the learner's last published, is gone "
-                                     f"from Redis (its latest version: {latest})")
+        if written is None:  # before setup: nothing written yet
+            return
+        progress = read_progress(self.broker)
+        if progress is None or progress.step < written.step or progress.finished < written.finished:
+            found = "none" if progress is None else f"step {progress.step}, {progress.finished} batches finished"
+            raise RedisStateLost(f"the learner's progress record is behind what it wrote (Redis holds {found}; "
+                                 f"it wrote step {written.step}, {written.finished} batches finished)")
+        if self.colocated:  # it publishes no weights
+            return
+        # The record names the last version published: each publish comes before the record that follows it.
+        latest = self.weights.latest_version()
+        if latest is None or latest < written.weight_version:
+            raise RedisStateLost(f"weight version {written.weight_version}, the learner's last published, is gone "
+                                 f"from Redis (its latest version: {latest})")
 
     def seen(self, message_id: str, document_batch_id: str) -> bool:
         """Whether the batch was trained or dropped already: below the unbroken run of finished batches

@@ -225,13 +225,14 @@ def check_model_dir(model_dir: Path) -> None:
     """Refuse, before anything is written next to it, a --model that is not a model directory."""
     name = f"--model {str(model_dir)!r}"
     if not model_dir.exists():
-        # Only under .../latest/: a name-less parent ('.' or '/', for --model typo) takes no with_name().
-        previous = model_dir.parent.with_name("previous") / model_dir.name if model_dir.parent.name == "latest" else None
-        if previous is not None and (previous / "config.json").is_file():
-            # A run swaps its new checkpoint in through checkpoints/previous: caught between, or killed there.
-            raise ValueError(f"{name} does not exist, but {str(previous)!r} does: the run is replacing its "
-                             f"checkpoint (evaluate again in a moment), or was killed while it did (evaluate that one; "
-                             f"its --resume continues from it)")
+        # A run swaps its new checkpoint in through checkpoints/previous: caught between, or killed there. (Only
+        # under .../latest/: the name-less parent of a typo in '.' or '/' takes no with_name().)
+        if model_dir.parent.name == "latest":
+            previous = model_dir.parent.with_name("previous") / model_dir.name
+            if (previous / "config.json").is_file():
+                raise ValueError(f"{name} does not exist, but {str(previous)!r} does: the run is replacing its "
+                                 f"checkpoint (evaluate again in a moment), or was killed while it did (evaluate that "
+                                 f"one; its --resume continues from it)")
         raise ValueError(f"{name} does not exist")
     if not model_dir.is_dir():
         raise ValueError(f"{name} is a file, not a model directory (one with config.json)")
@@ -312,8 +313,10 @@ FLAGS_INSTEAD = {"tokenizer": "--tokenizer", "train.init_from": "--model", "trai
 
 def check_no_ttt_schedule(overrides: Sequence[str], ttt: bool) -> None:
     """Refuse a learning-rate schedule setting (TTT_UNSCHEDULED) with --ttt: test-time updates take optim.lr."""
+    if not ttt:
+        return
     for item in overrides:
-        if ttt and item.split("=", 1)[0].strip() in TTT_UNSCHEDULED:
+        if item.split("=", 1)[0].strip() in TTT_UNSCHEDULED:
             raise ValueError(f"--set {item}: test-time training takes no learning-rate schedule; its updates use "
                              f"optim.lr as it is")
 
@@ -321,12 +324,11 @@ def check_no_ttt_schedule(overrides: Sequence[str], ttt: bool) -> None:
 def check_overrides_apply(overrides: Sequence[str], config_file: str | None, ttt: bool,
                           ttt_batch: int | None = None) -> None:
     """Refuse run-config settings `refine eval` would not read (it reads EVAL_READS, with --ttt the refine and
-    optim sections but for TTT_UNSCHEDULED, and with --ttt-batch TTT_READS): a --set train.steps=50 meant as
-    --ttt-steps would otherwise change nothing."""
+    optim sections but for TTT_UNSCHEDULED, which check_no_ttt_schedule refused before the config was read, and with
+    --ttt-batch TTT_READS): a --set train.steps=50 meant as --ttt-steps would otherwise change nothing."""
     if config_file is not None and not ttt:
         raise ValueError(f"--config {config_file}: its refine and optim sections drive --ttt, which is not given; "
                          f"without --ttt, set what eval reads ({', '.join(sorted(EVAL_READS))}) with --set")
-    check_no_ttt_schedule(overrides, ttt)
     for item in overrides:
         key = item.split("=", 1)[0].strip()
         if ttt and ttt_batch is None and key in TTT_READS:
